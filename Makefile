@@ -1,0 +1,49 @@
+# BranchGuard: `make demo` and `make test` each do the whole set-up on a fresh machine and are safe to
+# run twice. Set-up = Debian packages (scripts/setup.sh), a virtualenv at .venv with the project
+# installed, then the local stack (Kafka, Kafka Connect + Debezium, PostgreSQL, Redis) via `guard stack up`.
+
+VENV    ?= .venv
+PYTHON  ?= python3
+GUARD   := $(VENV)/bin/guard
+STAMP   := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup system venv stack demo test unit lint bench down clean
+
+setup: system venv
+
+system:
+	bash scripts/setup.sh
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+stack: setup
+	$(GUARD) stack up
+
+demo: stack
+	$(GUARD) demo
+
+test: stack
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+unit: venv
+	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check guard streams tests
+	$(VENV)/bin/mypy
+
+bench: stack
+	$(GUARD) bench
+
+down:
+	$(GUARD) stack down
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

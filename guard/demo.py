@@ -1,0 +1,133 @@
+"""`guard demo`: the main job end to end on the local stack, with a summary a person can read."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import click
+import orjson
+from confluent_kafka import Consumer, TopicPartition
+
+from guard.codec import decode
+from guard.config import Settings, load_settings
+from guard.masking import mask
+from guard.runner import SanitizerWorker, Stats
+from guard.runtime import build_sanitizer
+from guard.workload import run_workload
+
+
+def run_demo(settings: Settings, *, customers: int = 20) -> None:
+    from guard import stack
+
+    click.echo("== 1/4 local stack: Kafka, Kafka Connect + Debezium, PostgreSQL (branch 0101), Redis")
+    stack.up()
+    env = stack.env()
+    settings = load_settings(None, **{**settings.__dict__,
+                                      "kafka_bootstrap": env["GUARD_KAFKA_BOOTSTRAP"],
+                                      "branch_dsn": env["GUARD_BRANCH_DSN"],
+                                      "redis_url": env["GUARD_REDIS_URL"],
+                                      "raw_topic_prefix": env["GUARD_RAW_TOPIC_PREFIX"],
+                                      "worker_id": "demo"})
+    click.echo("== 2/4 starting the guard (exactly-once sanitizer) on " + settings.raw_topic_pattern)
+    worker = SanitizerWorker(settings, build_sanitizer(settings))
+    done = threading.Event()
+    thread = threading.Thread(target=worker.run, kwargs={"until": lambda _s: done.is_set()}, daemon=True)
+    thread.start()
+
+    click.echo(f"== 3/4 branch workload: {customers} new customers with accounts and transactions, "
+               "contact updates, deletes")
+    result = run_workload(settings.branch_dsn, customers=customers, delete=2, update=5)
+    _wait_until_quiet(worker.stats)
+    done.set()
+    thread.join(60)
+    _summary(settings, worker.stats, result.customers, result.deleted_customers)
+
+
+def _wait_until_quiet(stats: Stats, quiet_s: float = 6.0, limit_s: float = 180.0) -> None:
+    """Wait until the guard has seen the workload's events and then nothing new for `quiet_s`."""
+    start = time.monotonic()
+    last, last_change = -1, time.monotonic()
+    while time.monotonic() - start < limit_s:
+        if stats.events_in != last:
+            last, last_change = stats.events_in, time.monotonic()
+        elif stats.events_in > 0 and time.monotonic() - last_change > quiet_s:
+            return
+        time.sleep(0.5)
+
+
+def _summary(settings: Settings, stats: Stats, customers: list[int], deleted: list[int]) -> None:
+    click.echo("== 4/4 summary")
+    click.echo(f"events in             {stats.events_in}")
+    click.echo(f"records out           {stats.records_out} (in {stats.transactions} transactions)")
+    click.echo("fields protected      " + ", ".join(f"{k}: {v}" for k, v in sorted(stats.fields_by_class.items())))
+    click.echo("decisions             " + ", ".join(f"{k}: {v}" for k, v in sorted(stats.decisions.items())))
+    click.echo(f"DLQ                   {sum(stats.dlq_reasons.values())} "
+               + (str(stats.dlq_reasons) if stats.dlq_reasons else ""))
+    click.echo(f"erased customers      {deleted} (confirmations on {settings.deletions_topic})")
+    shown = next((c for c in customers if c not in deleted), None)
+    if shown is None:
+        return
+    raw_topic = f"{settings.raw_topic_prefix}.public.customers"
+    raw = _find(settings, raw_topic, shown)
+    sanitized = _find(settings, settings.sanitized_topic(raw_topic), shown, avro=True)
+    if raw is None or sanitized is None:
+        click.echo("(could not find the sample record pair)")
+        return
+    from guard.catalog import Catalog
+
+    catalog = Catalog.load(settings.catalog or None)
+    after = raw.get("after") or {}
+    masked_raw = {}
+    for column, value in after.items():
+        policy = catalog.column("public.customers", column)
+        if policy is None or policy.action.value != "clear":
+            kind = policy.mask if policy and policy.mask else None
+            masked_raw[column] = mask(kind, str(value)) if kind and value is not None else "[hidden]"
+        else:
+            masked_raw[column] = value
+    click.echo(f"\nraw {raw_topic} (customer {shown}; sensitive values masked here for display):")
+    click.echo(orjson.dumps(masked_raw, option=orjson.OPT_INDENT_2).decode())
+    click.echo(f"\nsanitized twin on {settings.sanitized_topic(raw_topic)}:")
+    shown_record = dict(sanitized)
+    for image in ("before", "after"):
+        if shown_record.get(image) and shown_record[image].get("sealed"):
+            sealed = dict(shown_record[image]["sealed"])
+            sealed["ct"] = f"<{len(sealed['ct'])} bytes AES-256-GCM>"
+            shown_record[image] = dict(shown_record[image], sealed=sealed)
+    click.echo(orjson.dumps(shown_record, option=orjson.OPT_INDENT_2).decode())
+
+
+def _find(settings: Settings, topic: str, customer_id: int, *, avro: bool = False) -> dict[str, Any] | None:
+    """The newest record of `topic` whose key names `customer_id` (reads the topic's recent tail)."""
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "guard-demo-reader",
+                         "enable.auto.commit": False, "isolation.level": "read_committed"})
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None or not meta.partitions:
+            return None
+        assignment = []
+        for p in meta.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            assignment.append(TopicPartition(topic, p, max(low, high - 2000)))
+        consumer.assign(assignment)
+        found = None
+        idle = 0
+        while idle < 3:
+            msgs = consumer.consume(500, 1.0)
+            if not msgs:
+                idle += 1
+                continue
+            for msg in msgs:
+                if msg.error() or msg.value() is None or msg.key() is None:
+                    continue
+                try:
+                    if orjson.loads(msg.key()).get("customer_id") != customer_id:
+                        continue
+                except orjson.JSONDecodeError:
+                    continue
+                found = decode(msg.value()) if avro else orjson.loads(msg.value())
+        return found
+    finally:
+        consumer.close()

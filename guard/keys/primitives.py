@@ -1,0 +1,136 @@
+"""Low-level cryptographic primitives, one per job, over `cryptography`'s vetted implementations.
+
+Nothing here chooses keys or knows about subjects or branches; `guard.keys.manager` does. Each class
+holds its key privately, has no method that returns it, and has a `__repr__` that never shows it.
+
+Sealed-value layout (`Aead.seal`), all integers big-endian:
+
+    +---------+-------------------+-------------+------------------------------+
+    | 0x01    | key version (u32) | nonce (12B) | AES-256-GCM ciphertext + tag |
+    +---------+-------------------+-------------+------------------------------+
+
+The first byte is the format version, so the layout can change without guessing. The key version tells
+the reader which version of the data key to fetch. The associated data is never stored: the reader
+rebuilds it from where the ciphertext sits (topic, table, row key, image, field names, key version), so a
+ciphertext copied anywhere else fails to authenticate.
+
+Wrapped-key layout (`KeyWrapper.wrap`) is the same shape with the wrapping key's version in the header.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import os
+import struct
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from guard.errors import IntegrityError
+
+FORMAT_V1 = 1
+_HEADER = struct.Struct(">BI")
+NONCE_BYTES = 12
+KEY_BYTES = 32
+HEADER_BYTES = _HEADER.size + NONCE_BYTES
+
+
+def random_key() -> bytes:
+    """A fresh 256-bit key from the OS CSPRNG."""
+    return os.urandom(KEY_BYTES)
+
+
+class Aead:
+    """AES-256-GCM with a random 96-bit nonce per message and a versioned header.
+
+    Random nonces are safe for up to 2^32 messages per key (NIST SP 800-38D); a data key per data subject
+    keeps every key far below that.
+    """
+
+    __slots__ = ("_aead", "version")
+
+    def __init__(self, key: bytes, version: int) -> None:
+        if len(key) != KEY_BYTES:
+            raise ValueError("AES-256-GCM needs a 32-byte key")
+        self._aead = AESGCM(key)
+        self.version = version
+
+    def __repr__(self) -> str:
+        return f"Aead(version={self.version}, key=<hidden>)"
+
+    def seal(self, plaintext: bytes, associated_data: bytes) -> bytes:
+        nonce = os.urandom(NONCE_BYTES)
+        return _HEADER.pack(FORMAT_V1, self.version) + nonce + self._aead.encrypt(nonce, plaintext, associated_data)
+
+    def open(self, sealed: bytes, associated_data: bytes) -> bytes:
+        fmt, version = sealed_header(sealed)
+        if version != self.version:
+            raise IntegrityError(f"ciphertext is for key version {version}, this key is version {self.version}")
+        nonce = sealed[_HEADER.size:HEADER_BYTES]
+        try:
+            return self._aead.decrypt(nonce, sealed[HEADER_BYTES:], associated_data)
+        except InvalidTag:
+            raise IntegrityError(
+                "ciphertext failed authentication: it was altered, moved to another field, row or topic, "
+                "or sealed under another key"
+            ) from None
+
+
+def sealed_header(sealed: bytes) -> tuple[int, int]:
+    """Return (format version, key version) of a sealed value, validating its framing."""
+    if len(sealed) < HEADER_BYTES + 16:
+        raise IntegrityError("ciphertext too short to be a sealed value")
+    fmt, version = _HEADER.unpack_from(sealed)
+    if fmt != FORMAT_V1:
+        raise IntegrityError(f"unknown ciphertext format {fmt}")
+    return fmt, version
+
+
+class KeyWrapper(Aead):
+    """AES-256-GCM used to wrap (encrypt) other keys; the associated data names the wrapped key."""
+
+    def wrap(self, key: bytes, key_name: str) -> bytes:
+        return self.seal(key, b"bg/wrap/v1|" + key_name.encode())
+
+    def unwrap(self, wrapped: bytes, key_name: str) -> bytes:
+        return self.open(wrapped, b"bg/wrap/v1|" + key_name.encode())
+
+
+class BlindIndex:
+    """Deterministic keyed token (HMAC-SHA256, 128 bits, base64url) for joins and equality search.
+
+    Equal inputs give equal tokens under the same key, which is the point; without the key a token can't
+    be computed, so low-entropy values (mobiles, 6-digit PINs) can't be found by brute force, unlike a
+    plain or statically salted hash (Debezium's column hashing).
+    """
+
+    __slots__ = ("_key",)
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def __repr__(self) -> str:
+        return "BlindIndex(key=<hidden>)"
+
+    def token(self, value: bytes) -> str:
+        return base64.urlsafe_b64encode(hmac.digest(self._key, value, "sha256")[:16]).rstrip(b"=").decode()
+
+
+class KeyedHash:
+    """Keyed one-way hash (HMAC-SHA256, full width) for C3 authentication data that must not be carried.
+
+    The secret key is the salt: a leaked hash of a 6-digit PIN can't be reversed offline without it.
+    """
+
+    __slots__ = ("_key",)
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def __repr__(self) -> str:
+        return "KeyedHash(key=<hidden>)"
+
+    def digest(self, domain: str, value: bytes) -> str:
+        mac = hmac.digest(self._key, domain.encode() + b"\x00" + value, "sha256")
+        return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()

@@ -1,0 +1,297 @@
+"""The sanitizer worker: an exactly-once consume-transform-produce loop on confluent-kafka.
+
+Each batch of raw records is transformed and its outputs (sanitized, audit, alerts, deletions, DLQ) are
+produced inside one Kafka transaction together with the consumed offsets, so downstream `read_committed`
+consumers see every input's outputs exactly once, or not at all.
+
+The parts that matter for "nothing lost, nothing duplicated":
+
+- **Offsets are explicit**: the transaction commits `last processed offset + 1` per partition, never the
+  consumer's position, which may run ahead of processing.
+- **Abort rewinds**: when a transaction must be aborted, every partition of the batch is sought back to
+  the first offset the batch processed, so the records are processed again, not skipped.
+- **Rebalance**: partitions can only be revoked inside `consume()`, i.e. between batches; the revoke
+  callback commits the open transaction while this worker still owns the partitions. If partitions are
+  *lost* (the session expired), their progress is not ours to commit: the transaction is aborted.
+- **Fencing**: the transactional id is `<group>-<worker id>`. A restarted worker with the same id fences
+  its crashed predecessor at `init_transactions()` and aborts its open transaction at once. Group
+  metadata in `send_offsets_to_transaction` (KIP-447) fences zombies across rebalances too.
+- **Key store outage**: `KeyUnavailableError` aborts the batch and retries it after a back-off, so an
+  unreachable key store delays the stream but never sends plaintext and never fills the DLQ.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from guard.config import Settings
+from guard.errors import KeyUnavailableError
+from guard.sanitizer import Outcome, Sanitizer
+
+log = logging.getLogger("guard.runner")
+
+OUTPUT_TOPIC_PARTITIONS = 3
+
+
+@dataclass
+class Stats:
+    """Running totals a worker reports (the demo's summary; metrics export reads the same numbers)."""
+
+    events_in: int = 0
+    records_out: int = 0
+    transactions: int = 0
+    aborts: int = 0
+    decisions: dict[str, int] = field(default_factory=dict)
+    fields_by_class: dict[str, int] = field(default_factory=dict)
+    dlq_reasons: dict[str, int] = field(default_factory=dict)
+
+    def add(self, outcome: Outcome) -> None:
+        self.events_in += 1
+        self.records_out += len(outcome.records)
+        self.decisions[outcome.decision] = self.decisions.get(outcome.decision, 0) + 1
+        for cls, n in outcome.classes.items():
+            self.fields_by_class[cls] = self.fields_by_class.get(cls, 0) + n
+        if outcome.dlq_reason:
+            self.dlq_reasons[outcome.dlq_reason] = self.dlq_reasons.get(outcome.dlq_reason, 0) + 1
+
+
+class TopicManager:
+    """Creates output topics on first use: sanitized topics get their raw topic's partition count."""
+
+    def __init__(self, admin: AdminClient) -> None:
+        self._admin = admin
+        self._partitions: dict[str, int] = {}
+
+    def partitions(self, topic: str) -> int | None:
+        if topic in self._partitions:
+            return self._partitions[topic]
+        meta = self._admin.list_topics(topic=topic, timeout=10).topics.get(topic)
+        if meta is None or meta.error is not None or not meta.partitions:
+            return None
+        self._partitions[topic] = len(meta.partitions)
+        return self._partitions[topic]
+
+    def ensure(self, topic: str, partitions: int, config: dict[str, str] | None = None) -> int:
+        existing = self.partitions(topic)
+        if existing is not None:
+            return existing
+        futures = self._admin.create_topics([NewTopic(topic, partitions, 1, config=config or {})])
+        try:
+            futures[topic].result(timeout=30)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            count = self.partitions(topic)
+            if count:
+                return count
+            time.sleep(0.2)
+        raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"topic {topic} did not appear"))
+
+
+class SanitizerWorker:
+    """Runs the sanitizer over the branch's raw topics until stopped."""
+
+    def __init__(self, settings: Settings, sanitizer: Sanitizer, *, on_batch: Callable[[Stats], None] | None = None):
+        self.settings = settings
+        self.sanitizer = sanitizer
+        self.stats = Stats()
+        self._on_batch = on_batch
+        self._running = True
+        common = {"bootstrap.servers": settings.kafka_bootstrap}
+        self.admin = AdminClient(common)
+        self.topics = TopicManager(self.admin)
+        self.consumer = Consumer(
+            {
+                **common,
+                "group.id": settings.group_id,
+                "client.id": f"guard-{settings.worker_id}",
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "isolation.level": "read_committed",
+                "auto.offset.reset": "earliest",
+                "topic.metadata.refresh.interval.ms": 3000,
+                "partition.assignment.strategy": "cooperative-sticky",
+                "session.timeout.ms": 15000,
+                "heartbeat.interval.ms": 1000,
+                "max.poll.interval.ms": 120000,
+                "fetch.wait.max.ms": 50,
+            }
+        )
+        self.producer = Producer(
+            {
+                **common,
+                "client.id": f"guard-{settings.worker_id}",
+                "transactional.id": settings.transactional_id(),
+                "transaction.timeout.ms": settings.transaction_timeout_ms,
+                "enable.idempotence": True,
+                "linger.ms": 5,
+                "compression.type": "lz4",
+                "queue.buffering.max.messages": 500_000,
+            }
+        )
+        self._in_txn = False
+        self._first: dict[tuple[str, int], int] = {}
+        self._last: dict[tuple[str, int], int] = {}
+        self._txn_started = 0.0
+        self._txn_records = 0
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    def stop(self, *_: object) -> None:
+        self._running = False
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def prepare_output_topics(self) -> None:
+        s = self.settings
+        for topic in (s.audit_topic, s.anomalies_topic, s.deletions_topic, s.dlq_topic):
+            self.topics.ensure(topic, OUTPUT_TOPIC_PARTITIONS)
+
+    def run(self, *, max_idle_s: float | None = None, until: Callable[[Stats], bool] | None = None) -> Stats:
+        """Process until stopped (SIGTERM), until `until(stats)` is true, or after `max_idle_s` idle."""
+        self.prepare_output_topics()
+        self.producer.init_transactions(30)
+        self.consumer.subscribe(
+            [self.settings.raw_topic_pattern], on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+        backoff = 0.5
+        idle_since = time.monotonic()
+        try:
+            while self._running:
+                msgs = self.consumer.consume(self.settings.batch_size, self.settings.batch_ms / 1000)
+                if msgs:
+                    idle_since = time.monotonic()
+                    try:
+                        self._process_batch(msgs)
+                        backoff = 0.5
+                    except KeyUnavailableError as exc:
+                        log.warning("key store unavailable, retrying the batch in %.1fs: %s", backoff, exc)
+                        self._abort()
+                        time.sleep(backoff)
+                        backoff = min(backoff * 2, 10.0)
+                        continue
+                if self._in_txn and (
+                    not msgs
+                    or self._txn_records >= self.settings.batch_size
+                    or (time.monotonic() - self._txn_started) * 1000 >= self.settings.batch_ms
+                ):
+                    self._commit()
+                if until is not None and until(self.stats):
+                    break
+                if max_idle_s is not None and not msgs and time.monotonic() - idle_since > max_idle_s:
+                    break
+        finally:
+            if self._in_txn:
+                try:
+                    self._commit()
+                except KafkaException:
+                    self._abort()
+            self.consumer.close()
+            self.producer.flush(10)
+        return self.stats
+
+    # --- one batch --------------------------------------------------------------------------------
+    def _process_batch(self, msgs: list[Message]) -> None:
+        produce = self.producer.produce
+        sanitizer = self.sanitizer
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    continue
+                if err.fatal():
+                    raise KafkaException(err)
+                log.warning("consumer error: %s", err)
+                continue
+            if not self._in_txn:
+                self.producer.begin_transaction()
+                self._in_txn = True
+                self._txn_started = time.monotonic()
+                self._txn_records = 0
+            topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+            outcome = sanitizer.process(topic, partition, offset, msg.key(), msg.value())
+            for rec in outcome.records:
+                if rec.partition is not None:
+                    count = self.topics.ensure(rec.topic, self.topics.partitions(topic) or 1)
+                    produce(rec.topic, rec.value, rec.key, partition=rec.partition % count, headers=rec.headers)
+                else:
+                    produce(rec.topic, rec.value, rec.key, headers=rec.headers)
+            tp = (topic, partition)
+            if tp not in self._first:
+                self._first[tp] = offset
+            self._last[tp] = offset
+            self._txn_records += 1
+            self.stats.add(outcome)
+        self.producer.poll(0)
+
+    def _commit(self) -> None:
+        if not self._in_txn:
+            return
+        if not self._last:
+            self.producer.abort_transaction(30)
+            self._in_txn = False
+            return
+        try:
+            self.sanitizer.keys.store.record_subject_topics(self.sanitizer.branch, self.sanitizer.subject_topics)
+            offsets = [TopicPartition(t, p, o + 1) for (t, p), o in self._last.items()]
+            self.producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(), 30)
+            self.producer.commit_transaction(30)
+        except KafkaException as exc:
+            error = exc.args[0]
+            if isinstance(error, KafkaError) and error.txn_requires_abort():
+                log.warning("transaction must be aborted (%s); the batch will be processed again", error)
+                self._abort()
+                return
+            raise
+        except KeyUnavailableError:
+            self._abort()
+            raise
+        self.sanitizer.subject_topics.clear()
+        self.stats.transactions += 1
+        self._in_txn = False
+        self._first.clear()
+        self._last.clear()
+        if self._on_batch is not None:
+            self._on_batch(self.stats)
+
+    def _abort(self) -> None:
+        """Abort the open transaction and rewind every partition it touched to its first record."""
+        if self._in_txn:
+            try:
+                self.producer.abort_transaction(30)
+            except KafkaException as exc:
+                log.error("abort failed: %s", exc)
+                raise
+        self.stats.aborts += 1
+        assigned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+        for (topic, partition), offset in self._first.items():
+            if (topic, partition) in assigned:
+                self.consumer.seek(TopicPartition(topic, partition, offset))
+        self.sanitizer.subject_topics.clear()
+        self._in_txn = False
+        self._first.clear()
+        self._last.clear()
+
+    # --- rebalance callbacks ----------------------------------------------------------------------
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self._in_txn:
+            try:
+                self._commit()
+            except (KafkaException, KeyUnavailableError) as exc:
+                log.warning("commit on revoke failed (%s); aborting, the new owner reprocesses", exc)
+                self._abort()
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.warning("partitions lost: %s; aborting the open transaction", partitions)
+        if self._in_txn:
+            self._abort()

@@ -1,0 +1,499 @@
+"""The sanitizer's transform: one raw Debezium record in, the records to produce out.
+
+This module knows nothing about Kafka clients or transactions (see `guard.runner`); it is a pure function
+of the input record plus the key manager and catalog, so the offline `guard sanitize` command and the
+live pipeline run exactly the same code.
+
+Per event the work is: decode the envelope, look up the cached table plan, resolve the data subject's key
+(cached), and per image: copy clear columns, compute display masks and blind indexes, and seal every
+protected column in **one** AES-256-GCM call whose associated data binds the ciphertext to its topic,
+table, row key, image, data subject, field list and key version.
+
+Failure policy (fail closed): anything that can't be decoded or protected goes to the DLQ with a reason
+code and the raw value sealed under the tenant's quarantine key, never in plaintext. Only an unreachable
+key store is *not* a per-record failure: `KeyUnavailableError` propagates so the runner aborts the
+transaction and retries the batch once the store is back, instead of flooding the DLQ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from guard.catalog import Catalog
+from guard.classify import Classifier, TablePlan
+from guard.codec import AvroCodec
+from guard.config import Settings
+from guard.envelope import ChangeEvent, decode_value
+from guard.errors import DecodeError, KeyShreddedError, KeyUnavailableError
+from guard.keys.manager import KeyManager
+from guard.keys.primitives import Aead
+from guard.masking import mask
+
+FORMAT_VERSION = 1
+_SCALARS = (str, int, float, bool, type(None))
+_LONG_MAX = 2**63 - 1
+
+
+@dataclass(slots=True)
+class OutRecord:
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    partition: int | None = None
+    headers: list[tuple[str, bytes]] | None = None
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one input record produced, plus the facts the runner turns into metrics."""
+
+    records: list[OutRecord]
+    decision: str
+    table: str | None = None
+    classes: Mapping[str, int] = field(default_factory=dict)
+    dlq_reason: str | None = None
+
+
+@dataclass(slots=True)
+class _Image:
+    clear: dict[str, Any]
+    masked: dict[str, str]
+    index: dict[str, str]
+    hashed: dict[str, str]
+    dropped: list[str]
+    erased: list[str]
+    sealed: dict[str, Any] | None
+
+    def as_record(self) -> dict[str, Any]:
+        return {
+            "clear": self.clear,
+            "masked": self.masked,
+            "index": self.index,
+            "hashed": self.hashed,
+            "dropped": self.dropped,
+            "erased": self.erased,
+            "sealed": self.sealed,
+        }
+
+
+def image_aad(
+    topic: str, table: str, row_key: bytes, image: str, subject: str, fields: list[str], version: int
+) -> bytes:
+    """Associated data of a sealed image; `guard.reveal` rebuilds it from the record's location."""
+    return b"|".join(
+        (
+            b"bg1",
+            topic.encode(),
+            table.encode(),
+            row_key,
+            image.encode(),
+            subject.encode(),
+            ",".join(fields).encode(),
+            str(version).encode(),
+        )
+    )
+
+
+class Sanitizer:
+    """Transforms raw change records of one branch into sanitized, audit, alert and DLQ records."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        keys: KeyManager,
+        catalog: Catalog,
+        *,
+        registry: Any = None,
+        alert_once: Callable[[str], bool] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.keys = keys
+        self.branch = settings.branch
+        self.classifier = Classifier(catalog)
+        self.sanitized_codec = AvroCodec("sanitized_change", registry=registry)
+        self.audit_codec = AvroCodec("audit_record", registry=registry)
+        self._alert_once = alert_once or _LocalOnce()
+        self._clock = clock
+        self._prefix_len = len(settings.raw_topic_prefix) + 1
+        self._key_cache: dict[tuple[str, bytes], bytes] = {}
+        #: (subject, sanitized topic) pairs seen since the last flush, for deletion confirmations.
+        self.subject_topics: set[tuple[str, str]] = set()
+        #: Whether a delete of a subject's root row erases the subject (False for offline runs).
+        self.act_on_deletes = True
+
+    # ------------------------------------------------------------------------------------------
+    def process(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+    ) -> Outcome:
+        try:
+            return self._process(topic, partition, offset, key, value)
+        except KeyShreddedError:
+            return self._dlq(topic, partition, offset, key, value, "subject_erased",
+                             "a write for a data subject whose key was destroyed (erased); not re-created")
+        except KeyUnavailableError:
+            raise
+        except DecodeError as exc:
+            return self._dlq(topic, partition, offset, key, value, exc.reason, exc.detail)
+        except Exception as exc:  # noqa: BLE001 - a bug must not stop the stream nor leak the record
+            return self._dlq(topic, partition, offset, key, value, "internal_error",
+                             f"unexpected {type(exc).__name__} while sanitizing")
+
+    def _process(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None) -> Outcome:
+        schema_table = topic[self._prefix_len:]
+        out_topic = self.settings.sanitized_prefix + topic
+        out_key = self.sanitize_key(schema_table, key)
+        event = decode_value(value)
+        if event is None:
+            # Tombstone: forward it with the sanitized key so compaction downstream still works.
+            return Outcome(
+                [OutRecord(out_topic, out_key, None, partition),
+                 self._audit(topic, partition, offset, schema_table, None, None, "tombstone", None, {}, {})],
+                "tombstone",
+                schema_table,
+            )
+        return self._sanitize_event(event, topic, partition, offset, out_topic, out_key)
+
+    def _sanitize_event(
+        self, event: ChangeEvent, topic: str, partition: int, offset: int, out_topic: str, out_key: bytes | None
+    ) -> Outcome:
+        row = event.after if event.after is not None else event.before
+        if event.op == "m" and event.message is not None:
+            row = {"prefix": event.message.get("prefix"), "content": event.message.get("content")}
+            event.after = row
+        if row is None:  # truncate
+            record = self._record(event, None, None, None, [])
+            return Outcome(
+                [OutRecord(out_topic, out_key, self.sanitized_codec.encode(record), partition),
+                 self._audit(topic, partition, offset, event.schema_table, event.op, None, "truncate", None, {}, {})],
+                "truncate",
+                event.schema_table,
+            )
+        plan = self.classifier.plan(event.schema_table, row)
+        extra: list[OutRecord] = []
+        if plan.unclassified:
+            extra.extend(self._drift_alerts(plan, topic))
+        subject_value = row.get(plan.subject_column) if plan.subject_column else None
+        subject = self.keys.subject_token(
+            subject_value if subject_value is not None else f"table:{event.schema_table}"
+        )
+        row_key = out_key or b""
+        decision = "protected"
+        try:
+            aead: Aead | None = self.keys.subject_aead(self.branch, subject)
+        except KeyShreddedError:
+            if event.op != "d":
+                raise
+            aead, decision = None, "erased_delete"
+        before = self._image(plan, event.before, aead, out_topic, event.schema_table, row_key, "before", subject)
+        after = self._image(plan, event.after, aead, out_topic, event.schema_table, row_key, "after", subject)
+        record = self._record(event, subject, before, after, [p.name for p in plan.unclassified])
+        self.subject_topics.add((subject, out_topic))
+        records = [OutRecord(out_topic, out_key, self.sanitized_codec.encode(record), partition)]
+        actions = _action_counts(plan, (event.before is not None) + (event.after is not None), aead is not None)
+        records.append(
+            self._audit(topic, partition, offset, event.schema_table, event.op, subject, decision, None,
+                        plan.class_counts, actions, [p.name for p in plan.unclassified])
+        )
+        records.extend(extra)
+        if event.op == "d" and plan.subject_root and decision == "protected" and self.act_on_deletes:
+            records.extend(self.erase(subject, trigger="cdc_delete", reason_code="art47_1_purpose_achieved",
+                                      reason="the data subject's root row was deleted in the branch database",
+                                      by=f"worker:{self.settings.worker_id}",
+                                      source=(topic, partition, offset)))
+        return Outcome(records, decision, event.schema_table, plan.class_counts)
+
+    # ------------------------------------------------------------------------------------------
+    def sanitize_key(self, schema_table: str, key: bytes | None) -> bytes | None:
+        """The Kafka key with every column the catalog doesn't allow in clear replaced by its blind index."""
+        if key is None:
+            return None
+        cached = self._key_cache.get((schema_table, key))
+        if cached is not None:
+            return cached
+        try:
+            doc = orjson.loads(key)
+        except orjson.JSONDecodeError:
+            doc = None
+        if isinstance(doc, dict) and "payload" in doc and "schema" in doc:
+            doc = doc["payload"]
+        if isinstance(doc, dict):
+            out = {}
+            for column, value in doc.items():
+                policy = self.classifier.key_policy(schema_table, column)
+                if policy is not None and policy.action.value == "clear" and isinstance(value, _SCALARS):
+                    out[column] = value
+                else:
+                    out[column] = self.keys.index.token(orjson.dumps(value))
+            result = orjson.dumps(out)
+        else:
+            result = orjson.dumps({"_key": self.keys.index.token(key)})
+        if len(self._key_cache) > 100_000:
+            self._key_cache.clear()
+        self._key_cache[(schema_table, key)] = result
+        return result
+
+    def _image(
+        self,
+        plan: TablePlan,
+        row: Mapping[str, Any] | None,
+        aead: Aead | None,
+        topic: str,
+        table: str,
+        row_key: bytes,
+        image: str,
+        subject: str,
+    ) -> _Image | None:
+        if row is None:
+            return None
+        if tuple(row) != plan.columns:
+            plan = self.classifier.plan(table, row)
+        clear: dict[str, Any] = {}
+        for column in plan.clear:
+            value = row[column]
+            if not isinstance(value, _SCALARS) or _too_long(value):
+                value = orjson.dumps(value).decode()
+            clear[column] = value
+        hashed = {c: self.keys.keyed_hash.digest(c, _bytes(row[c])) for c in plan.hashed if row[c] is not None}
+        if aead is None:
+            protected = [*plan.sealed]
+            return _Image(clear, {}, {}, hashed, list(plan.dropped), protected, None)
+        masked = {c: mask(kind, str(row[c])) for c, kind in plan.masks if row[c] is not None}
+        index = {c: self.keys.index.token(_bytes(row[c])) for c in plan.index if row[c] is not None}
+        sealed = None
+        if plan.sealed:
+            fields = list(plan.sealed)
+            aad = image_aad(topic, table, row_key, image, subject, fields, aead.version)
+            ct = aead.seal(orjson.dumps([row[c] for c in fields]), aad)
+            sealed = {"fields": fields, "ct": ct}
+        return _Image(clear, masked, index, hashed, list(plan.dropped), [], sealed)
+
+    def _record(
+        self,
+        event: ChangeEvent,
+        subject: str | None,
+        before: _Image | None,
+        after: _Image | None,
+        unclassified: list[str],
+    ) -> dict[str, Any]:
+        return {
+            "v": FORMAT_VERSION,
+            "op": event.op,
+            "table": event.schema_table,
+            "branch": self.branch,
+            "db": event.database,
+            "ts_ms": event.ts_ms,
+            "source_ts_ms": event.source_ts_ms,
+            "position": event.position,
+            "subject": subject,
+            "before": before.as_record() if before else None,
+            "after": after.as_record() if after else None,
+            "unclassified": unclassified,
+        }
+
+    # ------------------------------------------------------------------------------------------
+    def _audit(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        table: str | None,
+        op: str | None,
+        subject: str | None,
+        decision: str,
+        reason: str | None,
+        classes: Mapping[str, int],
+        actions: Mapping[str, int],
+        unclassified: list[str] | None = None,
+    ) -> OutRecord:
+        record = {
+            "v": FORMAT_VERSION,
+            "ts_ms": int(self._clock() * 1000),
+            "worker": self.settings.worker_id,
+            "branch": self.branch,
+            "source_topic": topic,
+            "source_partition": partition,
+            "source_offset": offset,
+            "table": table,
+            "op": op,
+            "subject": subject,
+            "decision": decision,
+            "reason": reason,
+            "classes": dict(classes),
+            "actions": dict(actions),
+            "unclassified": unclassified or [],
+            "trace_id": None,
+        }
+        return OutRecord(self.settings.audit_topic, f"{topic}:{partition}".encode(), self.audit_codec.encode(record))
+
+    def _dlq(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        reason: str,
+        detail: str,
+    ) -> Outcome:
+        """A DLQ record: the reason, where the input was, and the input sealed (never plaintext)."""
+        aad = f"bg-dlq|{topic}|{partition}|{offset}".encode()
+        body = {
+            "type": "dlq",
+            "reason": reason,
+            "detail": detail,
+            "source": {"topic": topic, "partition": partition, "offset": offset},
+            "branch": self.branch,
+            "worker": self.settings.worker_id,
+            "at_ms": int(self._clock() * 1000),
+            "value_bytes": None if value is None else len(value),
+            "value_sha256": None if value is None else hashlib.sha256(value).hexdigest(),
+            "quarantine": {
+                "aad": aad.decode(),
+                "key": None if key is None else self.keys.quarantine.seal(key, aad + b"|key").hex(),
+                "value": None if value is None else self.keys.quarantine.seal(value, aad + b"|value").hex(),
+            },
+            "action": "fix the producer or the catalog, then replay from the quarantine with `guard dlq replay`",
+        }
+        dlq_key = self.keys.index.token(key) if key is not None else None
+        records = [
+            OutRecord(self.settings.dlq_topic, None if dlq_key is None else dlq_key.encode(), orjson.dumps(body)),
+            self._audit(topic, partition, offset, topic[self._prefix_len:], None, None, "dlq", reason, {}, {}),
+        ]
+        if reason == "subject_erased":
+            records.append(self._anomaly("write_for_erased_subject", "high", topic[self._prefix_len:], None, {
+                "source": body["source"],
+                "what": "a create/update arrived for a data subject whose key was crypto-shredded",
+                "suggested_action": "check why the branch database still writes this customer's data after erasure",
+            }))
+        return Outcome(records, "dlq", topic[self._prefix_len:], dlq_reason=reason)
+
+    def _anomaly(self, rule: str, severity: str, table: str, column: str | None, evidence: dict[str, Any]) -> OutRecord:
+        alert = {
+            "type": "anomaly",
+            "id": str(uuid.uuid4()),
+            "rule": rule,
+            "severity": severity,
+            "branch": self.branch,
+            "table": table,
+            "column": column,
+            "at_ms": int(self._clock() * 1000),
+            "worker": self.settings.worker_id,
+            **evidence,
+        }
+        return OutRecord(self.settings.anomalies_topic, f"{rule}:{table}:{column}".encode(), orjson.dumps(alert))
+
+    def _drift_alerts(self, plan: TablePlan, topic: str) -> list[OutRecord]:
+        alerts = []
+        for policy in plan.unclassified:
+            if not self._alert_once(f"drift:{plan.schema_table}:{policy.name}"):
+                continue
+            alerts.append(self._anomaly("schema_drift_unclassified_column", "medium" if policy.category == "unknown"
+                                        else "high", plan.schema_table, policy.name, {
+                "detected": policy.detected_by,
+                "data_class": policy.data_class,
+                "category": policy.category,
+                "action_taken": f"{policy.action.value} (fail closed: the column is not in the catalog)",
+                "suggested_action": f"classify {plan.schema_table}.{policy.name} in schemas/catalog.toml "
+                                    "(class, category, action) and restart the guard",
+                "raw_topic": topic,
+            }))
+        return alerts
+
+    # ------------------------------------------------------------------------------------------
+    def erase(
+        self,
+        subject: str,
+        *,
+        trigger: str,
+        reason_code: str,
+        reason: str,
+        by: str,
+        source: tuple[str, int, int] | None = None,
+        topics: list[str] | None = None,
+    ) -> list[OutRecord]:
+        """Crypto-shred a data subject (or hold it storage-only) and return the confirmation records."""
+        now_ms = int(self._clock() * 1000)
+        confirmation_id = str(uuid.uuid4())
+        held = self.keys.store.is_held(self.branch, subject)
+        known_topics = sorted(set(topics or []) | {t for s, t in self.subject_topics if s == subject}
+                              | self.keys.store.subject_topics(self.branch, subject))
+        if held:
+            outcome, destroyed, already = "held_storage_only", 0, False
+            self.keys.store.set_storage_only(self.branch, subject, confirmation_id)
+        else:
+            record = orjson.dumps({"id": confirmation_id, "at_ms": now_ms, "reason_code": reason_code, "by": by})
+            result = self.keys.shred(self.branch, subject, record)
+            destroyed, already = result.versions_destroyed, result.already_erased
+            outcome = "already_erased" if already and destroyed == 0 else "shredded"
+        confirmation = {
+            "type": "deletion_confirmation",
+            "id": confirmation_id,
+            "subject": subject,
+            "branch": self.branch,
+            "tenant": self.keys.tenant,
+            "outcome": outcome,
+            "trigger": trigger,
+            "reason_code": reason_code,
+            "reason": reason,
+            "law": "PIPL Art. 47" + (" para. 2 (retention required by law: storage only)" if held else ""),
+            "method": "crypto-shredding: every version of the data subject's AES-256 key destroyed in the shared "
+                      "key store; ciphertexts in every topic, replica and backup become unreadable"
+                      if not held else "none: subject under legal hold; processing limited to storage",
+            "keys_destroyed": [f"dek/{self.branch}/{subject}/v{v}" for v in range(1, destroyed + 1)],
+            "unreadable_topics": known_topics if not held else [],
+            "at_ms": now_ms,
+            "by": by,
+            "source": None if source is None else {"topic": source[0], "partition": source[1], "offset": source[2]},
+            "audit": {"topic": self.settings.audit_topic, "decision": outcome},
+        }
+        body = orjson.dumps(confirmation)
+        audit_source = source or ("erase", 0, 0)
+        audit = self._audit(audit_source[0], audit_source[1], audit_source[2], None, "erase", subject,
+                            "held" if held else "shredded", f"{reason_code}; confirmation {confirmation_id}; "
+                            f"sha256 {hashlib.sha256(body).hexdigest()}", {}, {"keys_destroyed": destroyed})
+        return [OutRecord(self.settings.deletions_topic, subject.encode(), body), audit]
+
+
+def _action_counts(plan: TablePlan, images: int, sealed: bool) -> dict[str, int]:
+    counts = {
+        "sealed": len(plan.sealed) * images if sealed else 0,
+        "masked": len(plan.masks) * images if sealed else 0,
+        "index": len(plan.index) * images if sealed else 0,
+        "hashed": len(plan.hashed) * images,
+        "dropped": len(plan.dropped) * images,
+    }
+    return {k: v for k, v in counts.items() if v}
+
+
+def _bytes(value: Any) -> bytes:
+    return value.encode() if isinstance(value, str) else orjson.dumps(value)
+
+
+def _too_long(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) > _LONG_MAX
+
+
+class _LocalOnce:
+    """Deduplicates alerts within one process (the runner passes a Redis-backed one across workers)."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+
+    def __call__(self, key: str) -> bool:
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True

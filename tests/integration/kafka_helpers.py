@@ -1,0 +1,112 @@
+"""Test helpers over real Kafka: read committed records, start and stop guard workers as processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+REPO = Path(__file__).resolve().parents[2]
+GUARD = [sys.executable, "-m", "guard.cli"]
+
+
+@dataclass
+class Rec:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+def read_all(bootstrap: str, topic: str, *, timeout: float = 5.0) -> list[Rec]:
+    """Every committed record currently in `topic` (read_committed), from the beginning."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"test-{uuid.uuid4()}",
+                         "enable.auto.commit": False, "isolation.level": "read_committed",
+                         "auto.offset.reset": "earliest"})
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None or meta.error is not None or not meta.partitions:
+            return []
+        ends = {}
+        for p in meta.partitions:
+            _, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            ends[p] = high
+        consumer.assign([TopicPartition(topic, p, 0) for p in meta.partitions])
+        out: list[Rec] = []
+        deadline = time.monotonic() + timeout
+        done: set[int] = {p for p, h in ends.items() if h == 0}
+        while len(done) < len(ends) and time.monotonic() < deadline:
+            for msg in consumer.consume(1000, 0.5):
+                if msg.error():
+                    continue
+                out.append(Rec(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value()))
+            for p, high in ends.items():
+                pos = consumer.position([TopicPartition(topic, p)])[0].offset
+                if pos >= high:
+                    done.add(p)
+        return out
+    finally:
+        consumer.close()
+
+
+def wait_for(bootstrap: str, topic: str, predicate: Callable[[list[Rec]], bool], *, timeout: float = 90.0) -> list[Rec]:
+    """Poll `topic` until `predicate(records)` holds; fail with what was seen if it never does."""
+    deadline = time.monotonic() + timeout
+    records: list[Rec] = []
+    while time.monotonic() < deadline:
+        records = read_all(bootstrap, topic)
+        if predicate(records):
+            return records
+        time.sleep(1.0)
+    raise AssertionError(f"timed out waiting on {topic}; {len(records)} records seen")
+
+
+def produce_raw(bootstrap: str, topic: str, value: bytes | None, key: bytes | None = None) -> None:
+    producer = Producer({"bootstrap.servers": bootstrap})
+    producer.produce(topic, value, key)
+    assert producer.flush(10) == 0
+
+
+class GuardProcess:
+    """A `guard run` worker as a real OS process (so tests can SIGKILL it)."""
+
+    def __init__(self, env: dict[str, str], *, worker_id: str, group_id: str, log_dir: Path,
+                 extra_env: dict[str, str] | None = None) -> None:
+        self.worker_id = worker_id
+        self.env = {**os.environ, **env, "GUARD_GROUP_ID": group_id, **(extra_env or {})}
+        self.log_path = log_dir / f"guard-{worker_id}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> GuardProcess:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen([*GUARD, "run", "--worker-id", self.worker_id], cwd=REPO, env=self.env,
+                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
