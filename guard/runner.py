@@ -28,7 +28,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from guard.config import Settings
@@ -220,12 +228,17 @@ class SanitizerWorker:
                 self._txn_records = 0
             topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
             outcome = sanitizer.process(topic, partition, offset, msg.key(), msg.value())
+            # Outputs keep the change's timestamp: downstream sees when it happened, and end-to-end
+            # latency is measurable on the sanitized topic.
+            ts_type, ts = msg.timestamp()
+            ts = ts if ts_type != TIMESTAMP_NOT_AVAILABLE else 0
             for rec in outcome.records:
                 if rec.partition is not None:
                     count = self.topics.ensure(rec.topic, self.topics.partitions(topic) or 1)
-                    produce(rec.topic, rec.value, rec.key, partition=rec.partition % count, headers=rec.headers)
+                    produce(rec.topic, rec.value, rec.key, partition=rec.partition % count, timestamp=ts,
+                            headers=rec.headers)
                 else:
-                    produce(rec.topic, rec.value, rec.key, headers=rec.headers)
+                    produce(rec.topic, rec.value, rec.key, timestamp=ts, headers=rec.headers)
             tp = (topic, partition)
             if tp not in self._first:
                 self._first[tp] = offset

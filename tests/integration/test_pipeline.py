@@ -21,7 +21,6 @@ from guard.errors import KeyShreddedError
 from guard.reveal import open_image
 from guard.runtime import build_keys
 from guard.workload import run_workload
-
 from tests.integration.kafka_helpers import GuardProcess, produce_raw, read_all, wait_for
 
 pytestmark = pytest.mark.integration
