@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from guard.catalog import Action, Catalog, ColumnPolicy
+from guard.catalog import Action, Catalog, ColumnPolicy, TablePolicy
 from guard.detectors import detect_column
 
 #: Column names taken as the data-subject identifier of tables the catalog does not know.
@@ -41,6 +41,8 @@ class TablePlan:
     class_counts: Mapping[str, int] = field(default_factory=dict)
     #: True when the table is the root of its data subjects (a delete of its row erases the subject).
     subject_root: bool = False
+    #: Seconds a data subject's data in this table is kept after its last change (PIPL Art. 19/47).
+    retention_s: int = 5 * 365 * 86_400
 
     def protected_counts(self) -> Mapping[str, int]:
         return self.class_counts
@@ -71,7 +73,7 @@ class Classifier:
         for column, value in row.items():
             policy = self.catalog.column(schema_table, column) if table else None
             if policy is None:
-                policy = infer_policy(column, value)
+                policy = infer_policy(column, value, self.catalog.defaults.unknown_column_action)
                 unclassified.append(policy)
             policies[column] = policy
         subject = table.subject_column if table else None
@@ -91,12 +93,27 @@ class Classifier:
             policies=policies,
             unclassified=tuple(unclassified),
             class_counts=dict(classes),
-            subject_root=bool(table and getattr(table, "subject_root", False)),
+            subject_root=bool(table and table.subject_root),
+            retention_s=self._retention_days(table, classes) * 86_400,
         )
 
+    def _retention_days(self, table: TablePolicy | None, classes: Counter[str]) -> int:
+        """The table's retention, else the longest per-class default among the classes it protects."""
+        if table is not None and table.retention_days is not None:
+            return table.retention_days
+        per_class = self.catalog.defaults.retention_days
+        days = [per_class[c] for c in classes if c in per_class]
+        return max(days) if days else per_class.get("C2", 5 * 365)
 
-def infer_policy(column: str, sample: Any) -> ColumnPolicy:
-    """Fail-closed policy for a column the catalog does not know, described by what the detectors see."""
+
+def infer_policy(column: str, sample: Any, default: Action = Action.ENCRYPT) -> ColumnPolicy:
+    """Fail-closed policy for a column the catalog does not know, described by what the detectors see.
+
+    `default` is the catalog's `unknown_column_action` (encrypt, drop or hash; never clear). Detected
+    authentication secrets (C3) are always dropped.
+    """
+    if default is Action.CLEAR:
+        default = Action.ENCRYPT
     detection = detect_column(column, [sample] if sample is not None else [])
     if detection is None:
         return ColumnPolicy(
@@ -104,12 +121,12 @@ def infer_policy(column: str, sample: Any) -> ColumnPolicy:
             data_class="C2",
             category="unknown",
             sensitive=False,
-            action=Action.ENCRYPT,
+            action=default,
             mask=None,
             index=False,
             detected_by="no detector matched; encrypted by default (fail closed)",
         )
-    action = Action.DROP if detection.data_class == "C3" else Action.ENCRYPT
+    action = Action.DROP if detection.data_class == "C3" else default
     return ColumnPolicy(
         name=column,
         data_class=detection.data_class if detection.data_class != "C1" else "C2",

@@ -164,10 +164,10 @@ def sanitize(ctx: click.Context, input_file: Any, dlq_file: TextIO | None) -> No
             topic = f"{settings.raw_topic_prefix}.{event.schema_table}"
             outcome = sanitizer.process(topic, 0, number, None, line)
             if outcome.decision == "dlq":
-                dlq = orjson.loads(next(r.value for r in outcome.records if r.topic == settings.dlq_topic))
+                dlq = orjson.loads(next(r.value or b"{}" for r in outcome.records if r.topic == settings.dlq_topic))
                 reason, detail = dlq["reason"], dlq["detail"]
             else:
-                value = next(r.value for r in outcome.records if r.topic == settings.sanitized_topic(topic))
+                value = next(r.value or b"" for r in outcome.records if r.topic == settings.sanitized_topic(topic))
                 out.write(dumps_json(decode(value)) + b"\n")
                 continue
         failed += 1
@@ -237,6 +237,21 @@ def erase(ctx: click.Context, subject: str, reason: str, operator: str) -> None:
     except GuardError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(dumps_json(confirmation).decode())
+
+
+@main.command("retention")
+@click.option("--now", type=float, default=None, help="Pretend it is this unix time (drills, tests).")
+@click.option("--by", "operator", default="retention-sweep", show_default=True)
+@click.pass_context
+def retention(ctx: click.Context, now: float | None, operator: str) -> None:
+    """Erase every data subject whose retention period ran out; prints one confirmation per line."""
+    from guard.erasure import sweep_retention
+
+    try:
+        for confirmation in sweep_retention(_settings(ctx), now=now, by=operator):
+            click.echo(dumps_json(confirmation).decode())
+    except GuardError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @main.command("hold")

@@ -42,8 +42,8 @@ def schemas_dir() -> Path:
 @cache
 def load_schema(name: str) -> dict[str, Any]:
     path = schemas_dir() / f"{name}.avsc"
-    parsed: dict[str, Any] = parse_schema(json.loads(path.read_text()))
-    return parsed
+    parsed: Any = parse_schema(json.loads(path.read_text()))
+    return dict(parsed)
 
 
 @cache
@@ -99,9 +99,9 @@ def decode(data: bytes, *, registry: Any = None) -> dict[str, Any]:
         schema, body = load_schema(name), data[10:]
     elif data[:1] == CONFLUENT_MAGIC and registry is not None:
         (schema_id,) = struct.unpack(">I", data[1:5])
-        schema = parse_schema(json.loads(registry.get_schema(schema_id).schema_str))
+        schema = dict(parse_schema(json.loads(registry.get_schema(schema_id).schema_str)))  # type: ignore[arg-type]
         body = data[5:]
     else:
         raise DecodeError("unknown_framing", "not Avro single-object encoding nor Confluent wire format")
-    record: dict[str, Any] = fastavro.schemaless_reader(io.BytesIO(body), schema, None)  # type: ignore[call-arg]
-    return record
+    record: Any = fastavro.schemaless_reader(io.BytesIO(body), schema, None)
+    return dict(record)

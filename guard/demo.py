@@ -120,14 +120,15 @@ def _find(settings: Settings, topic: str, customer_id: int, *, avro: bool = Fals
                 idle += 1
                 continue
             for msg in msgs:
-                if msg.error() or msg.value() is None or msg.key() is None:
+                key, value = msg.key(), msg.value()
+                if msg.error() or value is None or key is None:
                     continue
                 try:
-                    if orjson.loads(msg.key()).get("customer_id") != customer_id:
+                    if orjson.loads(key).get("customer_id") != customer_id:
                         continue
                 except orjson.JSONDecodeError:
                     continue
-                found = decode(msg.value()) if avro else orjson.loads(msg.value())
+                found = decode(value) if avro else orjson.loads(value)
         return found
     finally:
         consumer.close()

@@ -27,6 +27,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 from confluent_kafka import (
     TIMESTAMP_NOT_AVAILABLE,
@@ -114,7 +115,7 @@ class SanitizerWorker:
         self.stats = Stats()
         self._on_batch = on_batch
         self._running = True
-        common = {"bootstrap.servers": settings.kafka_bootstrap}
+        common: dict[str, Any] = {"bootstrap.servers": settings.kafka_bootstrap}
         self.admin = AdminClient(common)
         self.topics = TopicManager(self.admin)
         self.consumer = Consumer(
@@ -226,7 +227,7 @@ class SanitizerWorker:
                 self._in_txn = True
                 self._txn_started = time.monotonic()
                 self._txn_records = 0
-            topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+            topic, partition, offset = cast(str, msg.topic()), cast(int, msg.partition()), cast(int, msg.offset())
             outcome = sanitizer.process(topic, partition, offset, msg.key(), msg.value())
             # Outputs keep the change's timestamp: downstream sees when it happened, and end-to-end
             # latency is measurable on the sanitized topic.
@@ -255,7 +256,7 @@ class SanitizerWorker:
             self._in_txn = False
             return
         try:
-            self.sanitizer.keys.store.record_subject_topics(self.sanitizer.branch, self.sanitizer.subject_topics)
+            self.sanitizer.keys.store.record_subject_activity(self.sanitizer.branch, self.sanitizer.subject_activity)
             offsets = [TopicPartition(t, p, o + 1) for (t, p), o in self._last.items()]
             self.producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(), 30)
             self.producer.commit_transaction(30)
@@ -269,7 +270,7 @@ class SanitizerWorker:
         except KeyUnavailableError:
             self._abort()
             raise
-        self.sanitizer.subject_topics.clear()
+        self.sanitizer.subject_activity.clear()
         self.stats.transactions += 1
         self._in_txn = False
         self._first.clear()
@@ -290,7 +291,7 @@ class SanitizerWorker:
         for (topic, partition), offset in self._first.items():
             if (topic, partition) in assigned:
                 self.consumer.seek(TopicPartition(topic, partition, offset))
-        self.sanitizer.subject_topics.clear()
+        self.sanitizer.subject_activity.clear()
         self._in_txn = False
         self._first.clear()
         self._last.clear()

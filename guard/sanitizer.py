@@ -47,7 +47,7 @@ class OutRecord:
     key: bytes | None
     value: bytes | None
     partition: int | None = None
-    headers: list[tuple[str, bytes]] | None = None
+    headers: list[tuple[str, str | bytes | None]] | None = None
 
 
 @dataclass(slots=True)
@@ -124,8 +124,9 @@ class Sanitizer:
         self._clock = clock
         self._prefix_len = len(settings.raw_topic_prefix) + 1
         self._key_cache: dict[tuple[str, bytes], bytes] = {}
-        #: (subject, sanitized topic) pairs seen since the last flush, for deletion confirmations.
-        self.subject_topics: set[tuple[str, str]] = set()
+        #: (subject, sanitized topic) → retention seconds, for the pairs seen since the last commit: where
+        #: each subject's ciphertexts went (deletion confirmations) and when its data expires (retention).
+        self.subject_activity: dict[tuple[str, str], int] = {}
         #: Whether a delete of a subject's root row erases the subject (False for offline runs).
         self.act_on_deletes = True
 
@@ -200,7 +201,7 @@ class Sanitizer:
         before = self._image(plan, event.before, aead, out_topic, event.schema_table, row_key, "before", subject)
         after = self._image(plan, event.after, aead, out_topic, event.schema_table, row_key, "after", subject)
         record = self._record(event, subject, before, after, [p.name for p in plan.unclassified])
-        self.subject_topics.add((subject, out_topic))
+        self.subject_activity[(subject, out_topic)] = plan.retention_s
         records = [OutRecord(out_topic, out_key, self.sanitized_codec.encode(record), partition)]
         actions = _action_counts(plan, (event.before is not None) + (event.after is not None), aead is not None)
         records.append(
@@ -428,7 +429,7 @@ class Sanitizer:
         now_ms = int(self._clock() * 1000)
         confirmation_id = str(uuid.uuid4())
         held = self.keys.store.is_held(self.branch, subject)
-        known_topics = sorted(set(topics or []) | {t for s, t in self.subject_topics if s == subject}
+        known_topics = sorted(set(topics or []) | {t for s, t in self.subject_activity if s == subject}
                               | self.keys.store.subject_topics(self.branch, subject))
         if held:
             outcome, destroyed, already = "held_storage_only", 0, False
@@ -436,6 +437,7 @@ class Sanitizer:
         else:
             record = orjson.dumps({"id": confirmation_id, "at_ms": now_ms, "reason_code": reason_code, "by": by})
             result = self.keys.shred(self.branch, subject, record)
+            self.keys.store.forget_expiry(self.branch, subject)
             destroyed, already = result.versions_destroyed, result.already_erased
             outcome = "already_erased" if already and destroyed == 0 else "shredded"
         confirmation = {

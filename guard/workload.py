@@ -38,7 +38,7 @@ def run_workload(dsn: str, *, customers: int = 20, seed: int | None = None, dele
         start = next_customer_id(conn)
         ids = list(range(start, start + customers))
         for cid in ids:
-            data = synth.demo_dataset(rng.randrange(1 << 30), 1)
+            data: Any = synth.demo_dataset(rng.randrange(1 << 30), 1)
             cust = dict(data["customers"][0], customer_id=cid)
             with conn.transaction():
                 _insert(conn, "customers", cust)

@@ -13,6 +13,7 @@ Redis layout (all names prefixed `bg:`):
     bg:hold:{branch}             set   subject tokens under legal hold (storage-only instead of shred)
     bg:storage-only:{b}:{s}      str   set when an erasure met a legal hold (PIPL Art. 47 para. 2)
     bg:topics:{branch}:{subject} set   sanitized topics holding the subject's ciphertexts
+    bg:expiry:{branch}           zset  subject → unix time its retention runs out (last change + retention)
     bg:alerted:{key}             str   alert deduplication across workers (expires)
     bg:invalidate                pub/sub channel: "{branch}:{subject}" after a shred or rotation
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import Any
 
 import redis
 
@@ -79,7 +81,7 @@ class RedisKeyStore:
     def __repr__(self) -> str:
         return "RedisKeyStore(<redis>)"
 
-    def _call(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except redis.RedisError as exc:
@@ -172,14 +174,27 @@ class RedisKeyStore:
         return bool(self._call(self.client.exists, f"bg:storage-only:{branch}:{subject}"))
 
     # --- where a subject's ciphertexts went (for deletion confirmations) --------------------------
-    def record_subject_topics(self, branch: str, pairs: set[tuple[str, str]]) -> None:
-        """Remember which sanitized topics hold each subject's ciphertexts (one pipelined round trip)."""
-        if not pairs:
+    def record_subject_activity(self, branch: str, activity: dict[tuple[str, str], int]) -> None:
+        """Remember where each subject's ciphertexts went and push back its retention expiry.
+
+        One pipelined round trip per transaction, whatever the number of events in it.
+        """
+        if not activity:
             return
+        now = int(time.time())
         pipe = self.client.pipeline(transaction=False)
-        for subject, topic in pairs:
+        for (subject, topic), retention_s in activity.items():
             pipe.sadd(f"bg:topics:{branch}:{subject}", topic)
+            pipe.zadd(f"bg:expiry:{branch}", {subject: now + retention_s}, gt=True)
         self._call(pipe.execute)
+
+    def expired_subjects(self, branch: str, now: float, limit: int = 1000) -> list[str]:
+        """Subjects whose retention ran out by `now` (oldest first)."""
+        found = self._call(self.client.zrangebyscore, f"bg:expiry:{branch}", "-inf", now, start=0, num=limit)
+        return [m.decode() for m in found]
+
+    def forget_expiry(self, branch: str, subject: str) -> None:
+        self._call(self.client.zrem, f"bg:expiry:{branch}", subject)
 
     def subject_topics(self, branch: str, subject: str) -> set[str]:
         return {m.decode() for m in self._call(self.client.smembers, f"bg:topics:{branch}:{subject}")}
