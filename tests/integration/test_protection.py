@@ -1,0 +1,240 @@
+"""The protection engine against the real key store (Redis): no plaintext survives, ciphertexts are bound
+to their place, keys are durable and shared, rotation keeps old data readable, erasure and legal hold."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from guard import synth
+from guard.codec import decode
+from guard.config import load_settings
+from guard.errors import IntegrityError, KeyShreddedError
+from guard.reveal import open_image
+from guard.runtime import build_keys, build_sanitizer
+from tests.integration.kafka_helpers import REPO, wait_for
+
+pytestmark = pytest.mark.integration
+
+SOURCE = {"connector": "postgresql", "db": "branch_0101", "schema": "public", "lsn": 1, "ts_ms": 1}
+
+
+def _settings(stack: dict[str, str], **overrides):
+    return load_settings(None, kafka_bootstrap=stack["GUARD_KAFKA_BOOTSTRAP"], redis_url=stack["GUARD_REDIS_URL"],
+                         **overrides)
+
+
+@pytest.fixture(scope="module")
+def branch_settings(stack):
+    """A branch of its own, so these tests' keys and erasures touch nobody else's."""
+    return _settings(stack, branch=f"t{uuid.uuid4().hex[:8]}", worker_id="test-protection")
+
+
+@pytest.fixture(scope="module")
+def sanitizer(branch_settings):
+    san = build_sanitizer(branch_settings)
+    san.act_on_deletes = False
+    return san
+
+
+def event(table: str, after: dict | None, before: dict | None = None, op: str = "c") -> bytes:
+    return json.dumps({"before": before, "after": after, "source": dict(SOURCE, table=table), "op": op,
+                       "ts_ms": 2}, ensure_ascii=False, default=str).encode()
+
+
+def customer(rng: random.Random, cid: int) -> dict:
+    row = synth.new_customer(rng, cid)
+    return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
+
+
+def sanitize(san, table: str, key: dict, value: bytes):
+    topic = f"br0101.public.{table}"
+    out = san.process(topic, 0, 1, json.dumps(key).encode(), value)
+    assert out.decision != "dlq", out
+    main = out.records[0]
+    return main, decode(main.value), out
+
+
+# --- no plaintext survives ------------------------------------------------------------------------
+identifier = st.sampled_from(["rid", "mobile", "card", "name", "addr", "email", "uscc", "text"])
+
+
+def _value(kind: str, seed: int) -> str:
+    rng = random.Random(seed)
+    return {"rid": synth.resident_id, "mobile": synth.mobile, "card": synth.bank_card, "name": synth.chinese_name,
+            "addr": synth.address, "email": synth.email, "uscc": synth.uscc,
+            "text": lambda r: "备注" + "".join(r.choice("abcdefg0123456789") for _ in range(12))}[kind](rng)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(columns=st.dictionaries(st.from_regex(r"[a-z][a-z0-9_]{2,10}", fullmatch=True),
+                               st.tuples(identifier, st.integers(0, 2**32)), min_size=1, max_size=6),
+       seed=st.integers(0, 2**32))
+def test_no_plaintext_of_generated_rows_survives(sanitizer, columns, seed):
+    rng = random.Random(seed)
+    cust = customer(rng, rng.randrange(10**6, 10**7))
+    # a catalogued table
+    main, record, out = sanitize(sanitizer, "customers", {"customer_id": cust["customer_id"]},
+                                 event("customers", cust))
+    secrets = [str(cust[c]) for c in ("name", "id_number", "mobile", "email", "address", "occupation")]
+    blob = b"".join((r.key or b"") + (r.value or b"") for r in out.records)
+    for s in secrets:
+        assert s.encode() not in blob
+    # an unknown table: every column is protected, whatever its name says
+    row = {name: _value(kind, s) for name, (kind, s) in columns.items()}
+    table = "drift_" + uuid.uuid4().hex[:6]
+    main, record, out = sanitize(sanitizer, table, {"id": 1}, event(table, row))
+    blob = b"".join((r.key or b"") + (r.value or b"") for r in out.records)
+    for value in row.values():
+        assert value.encode() not in blob
+    assert set(record["unclassified"]) == set(row)
+    assert set(record["after"]["sealed"]["fields"]) == set(row)
+
+
+# --- ciphertexts are bound to their place ---------------------------------------------------------
+def test_ciphertext_moved_between_rows_images_topics_or_fields_fails(sanitizer):
+    rng = random.Random(7)
+    topic = "sanitized.br0101.public.customers"
+    a, b = customer(rng, 9_000_001), customer(rng, 9_000_002)
+    rec_a, doc_a, _ = sanitize(sanitizer, "customers", {"customer_id": a["customer_id"]}, event("customers", a))
+    rec_b, doc_b, _ = sanitize(sanitizer, "customers", {"customer_id": b["customer_id"]}, event("customers", b))
+    assert open_image(sanitizer.keys, doc_a, "after", topic=topic, row_key=rec_a.key)["name"] == a["name"]
+    # row A's sealed fields pasted into row B's record (same table, same key material available)
+    swapped = {**doc_b, "after": {**doc_b["after"], "sealed": doc_a["after"]["sealed"]}}
+    with pytest.raises(IntegrityError):
+        open_image(sanitizer.keys, swapped, "after", topic=topic, row_key=rec_b.key)
+    # same subject, another row key
+    with pytest.raises(IntegrityError):
+        open_image(sanitizer.keys, doc_a, "after", topic=topic, row_key=rec_b.key)
+    # another topic
+    with pytest.raises(IntegrityError):
+        open_image(sanitizer.keys, doc_a, "after", topic=topic + "-copy", row_key=rec_a.key)
+    # fields relabelled (e.g. to read the ID number out as the name)
+    fields = list(doc_a["after"]["sealed"]["fields"])
+    fields[0], fields[1] = fields[1], fields[0]
+    relabelled = {**doc_a, "after": {**doc_a["after"], "sealed": {**doc_a["after"]["sealed"], "fields": fields}}}
+    with pytest.raises(IntegrityError):
+        open_image(sanitizer.keys, relabelled, "after", topic=topic, row_key=rec_a.key)
+    # after image presented as the before image
+    moved = {**doc_a, "before": doc_a["after"]}
+    with pytest.raises(IntegrityError):
+        open_image(sanitizer.keys, moved, "before", topic=topic, row_key=rec_a.key)
+
+
+# --- keys: rotation, durability, sharing ----------------------------------------------------------
+def test_rotation_new_version_encrypts_old_still_decrypts(sanitizer):
+    rng = random.Random(11)
+    topic = "sanitized.br0101.public.customers"
+    c = customer(rng, 9_100_001)
+    rec1, doc1, _ = sanitize(sanitizer, "customers", {"customer_id": c["customer_id"]}, event("customers", c))
+    v1 = doc1["after"]["sealed"]["ct"][1:5]
+    assert sanitizer.keys.rotate_subject_key(sanitizer.branch, doc1["subject"]) == 2
+    sanitizer.keys.rotate_branch_key(sanitizer.branch)
+    rec2, doc2, _ = sanitize(sanitizer, "customers", {"customer_id": c["customer_id"]}, event("customers", c))
+    assert doc2["after"]["sealed"]["ct"][1:5] != v1
+    assert open_image(sanitizer.keys, doc1, "after", topic=topic, row_key=rec1.key)["mobile"] == c["mobile"]
+    assert open_image(sanitizer.keys, doc2, "after", topic=topic, row_key=rec2.key)["mobile"] == c["mobile"]
+
+
+def test_keys_survive_a_guard_restart_and_a_redis_restart(stack, branch_settings, sanitizer):
+    from guard import stack as local_stack
+
+    rng = random.Random(13)
+    topic = "sanitized.br0101.public.customers"
+    c = customer(rng, 9_200_001)
+    rec, doc, _ = sanitize(sanitizer, "customers", {"customer_id": c["customer_id"]}, event("customers", c))
+    # a new process's key manager (a restarted guard) opens it
+    fresh = build_keys(branch_settings, listen=False)
+    assert open_image(fresh, doc, "after", topic=topic, row_key=rec.key)["id_number"] == c["id_number"]
+    local_stack.restart("redis")
+    after_restart = build_keys(branch_settings, listen=False)
+    assert open_image(after_restart, doc, "after", topic=topic, row_key=rec.key)["id_number"] == c["id_number"]
+
+
+def test_two_workers_share_keys_even_when_racing_to_create_them(branch_settings):
+    workers = [build_sanitizer(branch_settings) for _ in range(2)]
+    rng = random.Random(17)
+    rows = [customer(rng, 9_300_000 + i) for i in range(40)]
+    results: dict[int, list] = {0: [], 1: []}
+
+    def run(i: int) -> None:
+        for row in rows:
+            results[i].append(sanitize(workers[i], "customers", {"customer_id": row["customer_id"]},
+                                       event("customers", row)))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    topic = "sanitized.br0101.public.customers"
+    for i, other in ((0, 1), (1, 0)):
+        for (rec, doc, _), row in zip(results[i], rows, strict=True):
+            assert open_image(workers[other].keys, doc, "after", topic=topic, row_key=rec.key)["name"] == row["name"]
+
+
+# --- erasure on request, legal hold, retention ----------------------------------------------------
+def _guard(stack, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "guard.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_guard_erase_shreds_and_legal_hold_keeps_storage_only(stack, branch_settings, sanitizer):
+    import os
+
+    env = {**os.environ, **stack, "GUARD_BRANCH": branch_settings.branch}
+    rng = random.Random(19)
+    topic = "sanitized.br0101.public.customers"
+    erased, held = customer(rng, 9_400_001), customer(rng, 9_400_002)
+    rec_e, doc_e, _ = sanitize(sanitizer, "customers", {"customer_id": erased["customer_id"]},
+                               event("customers", erased))
+    rec_h, doc_h, _ = sanitize(sanitizer, "customers", {"customer_id": held["customer_id"]}, event("customers", held))
+    assert _guard(stack, "hold", "--subject", str(held["customer_id"]), env=env).returncode == 0
+    done = _guard(stack, "erase", "--subject", str(erased["customer_id"]), "--reason", "subject_request",
+                  "--by", "dpo@bank", env=env)
+    assert done.returncode == 0, done.stderr
+    confirmation = json.loads(done.stdout)
+    assert confirmation["outcome"] == "shredded" and confirmation["by"] == "dpo@bank"
+    assert confirmation["subject"] == doc_e["subject"] and confirmation["keys_destroyed"]
+    kept = _guard(stack, "erase", "--subject", str(held["customer_id"]), "--reason", "subject_request",
+                  "--by", "dpo@bank", env=env)
+    assert json.loads(kept.stdout)["outcome"] == "held_storage_only"
+    sanitizer.keys.forget(sanitizer.branch, doc_e["subject"])
+    with pytest.raises(KeyShreddedError):
+        open_image(sanitizer.keys, doc_e, "after", topic=topic, row_key=rec_e.key)
+    assert open_image(sanitizer.keys, doc_h, "after", topic=topic, row_key=rec_h.key)["name"] == held["name"]
+    deletions = wait_for(stack["GUARD_KAFKA_BOOTSTRAP"], "guard.deletions", lambda rs: {
+        orjson.loads(r.value)["subject"] for r in rs if r.value} >= {doc_e["subject"], doc_h["subject"]})
+    assert deletions
+    # a write for the erased subject is refused (DLQ), not silently re-keyed
+    out = sanitizer.process("br0101.public.customers", 0, 2, json.dumps({"customer_id": erased["customer_id"]})
+                            .encode(), event("customers", erased))
+    assert out.decision == "dlq" and out.dlq_reason == "subject_erased"
+
+
+def test_retention_sweep_erases_expired_subjects(stack, branch_settings):
+    settings = _settings(stack, branch=f"r{uuid.uuid4().hex[:8]}", worker_id="test-retention")
+    san = build_sanitizer(settings)
+    rng = random.Random(23)
+    c = customer(rng, 9_500_001)
+    _, doc, _ = sanitize(san, "customers", {"customer_id": c["customer_id"]}, event("customers", c))
+    san.keys.store.record_subject_activity(settings.branch, san.subject_activity)
+    from guard.erasure import sweep_retention
+
+    assert sweep_retention(settings, now=time.time()) == []  # nothing expired yet
+    far = time.time() + 1826 * 86_400  # the catalog keeps customers 1825 days
+    confirmations = sweep_retention(settings, now=far)
+    assert [c["subject"] for c in confirmations] == [doc["subject"]]
+    assert confirmations[0]["reason_code"] == "art47_2_retention_expired"
+    assert confirmations[0]["trigger"] == "retention_expiry"
+    assert san.keys.is_erased(settings.branch, doc["subject"])
