@@ -43,6 +43,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from guard.config import Settings
 from guard.errors import KeyUnavailableError
 from guard.sanitizer import Outcome, Sanitizer
+from guard.telemetry import Telemetry
 
 log = logging.getLogger("guard.runner")
 
@@ -51,7 +52,11 @@ OUTPUT_TOPIC_PARTITIONS = 3
 
 @dataclass
 class Stats:
-    """Running totals a worker reports (the demo's summary; metrics export reads the same numbers)."""
+    """Totals of committed work (the demo's summary and the metrics read the same numbers).
+
+    Counts move from the open batch into these totals only when its transaction commits, so an aborted
+    and reprocessed batch is never counted twice.
+    """
 
     events_in: int = 0
     records_out: int = 0
@@ -61,14 +66,39 @@ class Stats:
     fields_by_class: dict[str, int] = field(default_factory=dict)
     dlq_reasons: dict[str, int] = field(default_factory=dict)
 
-    def add(self, outcome: Outcome) -> None:
-        self.events_in += 1
-        self.records_out += len(outcome.records)
-        self.decisions[outcome.decision] = self.decisions.get(outcome.decision, 0) + 1
-        for cls, n in outcome.classes.items():
+    def merge(self, batch: BatchCounters) -> None:
+        self.events_in += batch.events
+        self.records_out += batch.records_out
+        self.transactions += 1
+        for (_, decision), n in batch.by_table_decision.items():
+            self.decisions[decision] = self.decisions.get(decision, 0) + n
+        for cls, n in batch.fields.items():
             self.fields_by_class[cls] = self.fields_by_class.get(cls, 0) + n
+        for reason, n in batch.dlq.items():
+            self.dlq_reasons[reason] = self.dlq_reasons.get(reason, 0) + n
+
+
+@dataclass
+class BatchCounters:
+    """What the open transaction has done so far (plain increments: this runs per event)."""
+
+    events: int = 0
+    records_out: int = 0
+    by_table_decision: dict[tuple[str, str], int] = field(default_factory=dict)
+    fields: dict[str, int] = field(default_factory=dict)
+    dlq: dict[str, int] = field(default_factory=dict)
+    timestamps_ms: list[int] = field(default_factory=list)
+
+    def add(self, outcome: Outcome, timestamp_ms: int) -> None:
+        self.events += 1
+        self.records_out += len(outcome.records)
+        key = (outcome.table or "", outcome.decision)
+        self.by_table_decision[key] = self.by_table_decision.get(key, 0) + 1
+        for cls, n in outcome.classes.items():
+            self.fields[cls] = self.fields.get(cls, 0) + n
         if outcome.dlq_reason:
-            self.dlq_reasons[outcome.dlq_reason] = self.dlq_reasons.get(outcome.dlq_reason, 0) + 1
+            self.dlq[outcome.dlq_reason] = self.dlq.get(outcome.dlq_reason, 0) + 1
+        self.timestamps_ms.append(timestamp_ms)
 
 
 class TopicManager:
@@ -109,10 +139,13 @@ class TopicManager:
 class SanitizerWorker:
     """Runs the sanitizer over the branch's raw topics until stopped."""
 
-    def __init__(self, settings: Settings, sanitizer: Sanitizer, *, on_batch: Callable[[Stats], None] | None = None):
+    def __init__(self, settings: Settings, sanitizer: Sanitizer, *, on_batch: Callable[[Stats], None] | None = None,
+                 telemetry: Telemetry | None = None):
         self.settings = settings
         self.sanitizer = sanitizer
         self.stats = Stats()
+        self.batch = BatchCounters()
+        self.telemetry = telemetry or Telemetry(settings)
         self._on_batch = on_batch
         self._running = True
         common: dict[str, Any] = {"bootstrap.servers": settings.kafka_bootstrap}
@@ -133,6 +166,8 @@ class SanitizerWorker:
                 "heartbeat.interval.ms": 1000,
                 "max.poll.interval.ms": 120000,
                 "fetch.wait.max.ms": 50,
+                "statistics.interval.ms": 5000 if settings.metrics_port or settings.otlp_endpoint else 0,
+                "stats_cb": self.telemetry.on_stats,
             }
         )
         self.producer = Producer(
@@ -207,12 +242,14 @@ class SanitizerWorker:
                     self._abort()
             self.consumer.close()
             self.producer.flush(10)
+            self.telemetry.shutdown()
         return self.stats
 
     # --- one batch --------------------------------------------------------------------------------
     def _process_batch(self, msgs: list[Message]) -> None:
         produce = self.producer.produce
         sanitizer = self.sanitizer
+        start_event, end_event = self.telemetry.start_event, self.telemetry.end_event
         for msg in msgs:
             err = msg.error()
             if err is not None:
@@ -228,7 +265,9 @@ class SanitizerWorker:
                 self._txn_started = time.monotonic()
                 self._txn_records = 0
             topic, partition, offset = cast(str, msg.topic()), cast(int, msg.partition()), cast(int, msg.offset())
-            outcome = sanitizer.process(topic, partition, offset, msg.key(), msg.value())
+            span, headers, trace_id = start_event(msg.headers(), topic, partition, offset)
+            outcome = sanitizer.process(topic, partition, offset, msg.key(), msg.value(), trace_id)
+            end_event(span, outcome.table, outcome.decision)
             # Outputs keep the change's timestamp: downstream sees when it happened, and end-to-end
             # latency is measurable on the sanitized topic.
             ts_type, ts = msg.timestamp()
@@ -237,15 +276,15 @@ class SanitizerWorker:
                 if rec.partition is not None:
                     count = self.topics.ensure(rec.topic, self.topics.partitions(topic) or 1)
                     produce(rec.topic, rec.value, rec.key, partition=rec.partition % count, timestamp=ts,
-                            headers=rec.headers)
+                            headers=headers)
                 else:
-                    produce(rec.topic, rec.value, rec.key, timestamp=ts, headers=rec.headers)
+                    produce(rec.topic, rec.value, rec.key, timestamp=ts, headers=headers)
             tp = (topic, partition)
             if tp not in self._first:
                 self._first[tp] = offset
             self._last[tp] = offset
             self._txn_records += 1
-            self.stats.add(outcome)
+            self.batch.add(outcome, ts)
         self.producer.poll(0)
 
     def _commit(self) -> None:
@@ -271,7 +310,10 @@ class SanitizerWorker:
             self._abort()
             raise
         self.sanitizer.subject_activity.clear()
-        self.stats.transactions += 1
+        batch, self.batch = self.batch, BatchCounters()
+        self.stats.merge(batch)
+        self.telemetry.on_commit(batch.by_table_decision, batch.fields, batch.dlq, batch.records_out,
+                                 batch.timestamps_ms)
         self._in_txn = False
         self._first.clear()
         self._last.clear()
@@ -287,6 +329,7 @@ class SanitizerWorker:
                 log.error("abort failed: %s", exc)
                 raise
         self.stats.aborts += 1
+        self.batch = BatchCounters()
         assigned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
         for (topic, partition), offset in self._first.items():
             if (topic, partition) in assigned:

@@ -129,6 +129,7 @@ class Sanitizer:
         self.subject_activity: dict[tuple[str, str], int] = {}
         #: Whether a delete of a subject's root row erases the subject (False for offline runs).
         self.act_on_deletes = True
+        self._trace_id: str | None = None
 
     # ------------------------------------------------------------------------------------------
     def process(
@@ -138,7 +139,9 @@ class Sanitizer:
         offset: int,
         key: bytes | None,
         value: bytes | None,
+        trace_id: str | None = None,
     ) -> Outcome:
+        self._trace_id = trace_id
         try:
             return self._process(topic, partition, offset, key, value)
         except KeyShreddedError:
@@ -335,7 +338,7 @@ class Sanitizer:
             "classes": dict(classes),
             "actions": dict(actions),
             "unclassified": unclassified or [],
-            "trace_id": None,
+            "trace_id": self._trace_id,
         }
         return OutRecord(self.settings.audit_topic, f"{topic}:{partition}".encode(), self.audit_codec.encode(record))
 
