@@ -25,6 +25,8 @@ class Rec:
     offset: int
     key: bytes | None
     value: bytes | None
+    headers: list[tuple[str, bytes]] | None = None
+    timestamp: int = 0
 
 
 def read_all(bootstrap: str, topic: str, *, timeout: float = 5.0) -> list[Rec]:
@@ -48,7 +50,8 @@ def read_all(bootstrap: str, topic: str, *, timeout: float = 5.0) -> list[Rec]:
             for msg in consumer.consume(1000, 0.5):
                 if msg.error():
                     continue
-                out.append(Rec(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value()))
+                out.append(Rec(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(),
+                               msg.headers(), msg.timestamp()[1]))
             for p, high in ends.items():
                 pos = consumer.position([TopicPartition(topic, p)])[0].offset
                 if pos >= high:
@@ -70,9 +73,10 @@ def wait_for(bootstrap: str, topic: str, predicate: Callable[[list[Rec]], bool],
     raise AssertionError(f"timed out waiting on {topic}; {len(records)} records seen")
 
 
-def produce_raw(bootstrap: str, topic: str, value: bytes | None, key: bytes | None = None) -> None:
+def produce_raw(bootstrap: str, topic: str, value: bytes | None, key: bytes | None = None,
+                headers: list[tuple[str, bytes]] | None = None) -> None:
     producer = Producer({"bootstrap.servers": bootstrap})
-    producer.produce(topic, value, key)
+    producer.produce(topic, value, key, headers=headers)
     assert producer.flush(10) == 0
 
 
