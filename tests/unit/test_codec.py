@@ -55,3 +55,28 @@ def test_audit_record_matches_fastavro(record):
 def test_self_describing_header():
     codec = AvroCodec("audit_record")
     assert codec.header[:2] == b"\xc3\x01" and len(codec.header) == 10
+
+
+class _StubRegistry:
+    """Pure-logic stand-in for a schema registry's two calls (framing test only; see README)."""
+
+    def __init__(self) -> None:
+        self.schemas: dict[int, object] = {}
+
+    def register_schema(self, subject: str, schema: object) -> int:
+        self.schemas[42] = schema
+        return 42
+
+    def get_schema(self, schema_id: int) -> object:
+        return self.schemas[schema_id]
+
+
+def test_confluent_wire_format_with_a_registry():
+    registry = _StubRegistry()
+    codec = AvroCodec("audit_record", registry=registry, subject="guard.audit-value")
+    record = {"v": 1, "ts_ms": 5, "worker": "w", "branch": "0101", "source_topic": "t", "source_partition": 0,
+              "source_offset": 9, "table": None, "op": None, "subject": None, "decision": "dlq", "reason": None,
+              "classes": {}, "actions": {}, "unclassified": [], "trace_id": None}
+    data = codec.encode(record)
+    assert data[:5] == b"\x00\x00\x00\x00\x2a"
+    assert decode(data, registry=registry) == record
