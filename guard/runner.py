@@ -111,11 +111,12 @@ class TopicManager:
     def partitions(self, topic: str) -> int | None:
         if topic in self._partitions:
             return self._partitions[topic]
-        meta = self._admin.list_topics(topic=topic, timeout=10).topics.get(topic)
-        if meta is None or meta.error is not None or not meta.partitions:
-            return None
-        self._partitions[topic] = len(meta.partitions)
-        return self._partitions[topic]
+        # List all topics rather than asking for this one: a metadata request naming a missing topic
+        # makes a broker with auto.create.topics.enable create it with the default partition count.
+        for name, meta in self._admin.list_topics(timeout=10).topics.items():
+            if meta.error is None and meta.partitions:
+                self._partitions[name] = len(meta.partitions)
+        return self._partitions.get(topic)
 
     def ensure(self, topic: str, partitions: int, config: dict[str, str] | None = None) -> int:
         existing = self.partitions(topic)

@@ -13,6 +13,7 @@ import uuid
 import orjson
 import psycopg
 import pytest
+from confluent_kafka.admin import AdminClient
 
 from guard import synth
 from guard.codec import decode
@@ -111,6 +112,9 @@ def test_table_created_during_the_test_is_captured_protected_and_alerted(guard_e
     topic = f"sanitized.br0101.public.{table}"
     records = wait_for(bootstrap, topic, lambda rs: len([r for r in rs if r.value]) >= 5, timeout=120)
     first = decode(next(r.value for r in records if r.value))
+    # the sanitized topic has its raw topic's partitions, so every record keeps its partition
+    topics = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10).topics
+    assert len(topics[topic].partitions) == len(topics[f"br0101.public.{table}"].partitions) == 3
     assert set(first["unclassified"]) >= {"remark2", "ref_code", "note", "nm", "loc"}
     assert set(first["after"]["sealed"]["fields"]) >= {"remark2", "ref_code", "note", "nm", "loc"}
     _assert_no_leak(bootstrap, [topic, "guard.anomalies", "guard.audit"], {v for row in rows for v in row})

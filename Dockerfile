@@ -1,0 +1,29 @@
+# BranchGuard guard image (used by the `guard` service in docker-compose.yml).
+# The local stack (`guard stack up`) does not need Docker; this is for users who prefer containers.
+FROM python:3.11-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    GUARD_CONNECTORS_DIR=/app/connectors \
+    GUARD_SCHEMAS_DIR=/app/schemas \
+    GUARD_CATALOG=/app/schemas/catalog.toml
+
+WORKDIR /app
+# dependencies first, so code edits don't invalidate the (slow) dependency layer
+COPY pyproject.toml README.md ./
+RUN mkdir -p guard streams && touch guard/__init__.py streams/__init__.py \
+    && pip install . && pip uninstall -y branchguard
+COPY guard ./guard
+COPY streams ./streams
+COPY schemas ./schemas
+COPY connectors ./connectors
+RUN pip install --no-deps . \
+    && useradd --system --uid 10001 --home-dir /app guard \
+    && mkdir -p /keys && chown guard /keys
+USER guard
+
+# Provision the branch database and register the Debezium connector (idempotent), then run CMD.
+ENTRYPOINT ["sh", "-c", "python -m guard.stack provision && exec \"$@\"", "--"]
+CMD ["guard", "--help"]

@@ -1,0 +1,59 @@
+"""``python -m guard.stack up|down|status|env|restart S|kill S|start S|connector|provision``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from guard.stack import orchestrator
+from guard.stack.connector import ensure_connector
+from guard.stack.errors import StackError
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m guard.stack", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("up", help="start everything (idempotent), register the connector")
+    sub.add_parser("down", help="stop everything, keep data")
+    sub.add_parser("status", help="what runs")
+    sub.add_parser("env", help="print GUARD_* settings as shell exports")
+    for name in ("restart", "kill", "start"):
+        sp = sub.add_parser(name, help=f"{name} one service")
+        sp.add_argument("service", choices=orchestrator.SERVICES)
+    sub.add_parser("connector", help="(re)register the Debezium connector only")
+    pv = sub.add_parser("provision", help="provision an external PostgreSQL + Connect (docker-compose)")
+    pv.add_argument("--admin-dsn", default=os.environ.get("GUARD_PG_ADMIN_DSN", ""))
+    pv.add_argument("--connect-url", default=os.environ.get("GUARD_CONNECT_URL", "http://connect:8083"))
+    pv.add_argument("--db-host", default=os.environ.get("GUARD_CONNECTOR_DB_HOST", "postgres"))
+    pv.add_argument("--db-port", type=int, default=int(os.environ.get("GUARD_CONNECTOR_DB_PORT", "5432")))
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "up":
+            orchestrator.up()
+        elif args.cmd == "down":
+            orchestrator.down()
+        elif args.cmd == "status":
+            rows = orchestrator.status()
+            for s in rows:
+                print(f"{s.name:<32} {'running' if s.running else 'STOPPED':<8} {s.detail}")
+            return 0 if all(s.running for s in rows) else 3
+        elif args.cmd == "env":
+            for k, v in orchestrator.env().items():
+                print(f"export {k}={v}")
+        elif args.cmd == "connector":
+            ensure_connector()
+        elif args.cmd == "provision":
+            if not args.admin_dsn:
+                p.error("--admin-dsn (or GUARD_PG_ADMIN_DSN) is required")
+            orchestrator.provision(args.admin_dsn, args.connect_url, args.db_host, args.db_port)
+        else:
+            getattr(orchestrator, args.cmd)(args.service)
+    except StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

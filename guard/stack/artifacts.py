@@ -1,0 +1,123 @@
+"""Fetch Kafka, Kafka Connect and Debezium jars from Maven Central into the cache, once.
+
+Why Maven and not tarballs: Maven Central is the one JVM registry reachable from the project machines,
+and ``maven-dependency-plugin`` resolves the exact transitive closure for us. Each target directory is
+filled in a temporary sibling and renamed only when Maven succeeded, and a ``.complete`` marker is written
+last, so an interrupted download is retried instead of being mistaken for a finished one.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from guard.stack.assets import read_asset
+from guard.stack.config import StackConfig
+from guard.stack.errors import StackError
+from guard.stack.procs import progress, tail
+
+DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1"
+MARKER = ".complete"
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    """Where the fetched jars are."""
+
+    broker_lib: Path
+    connect_lib: Path
+    plugin_path: Path
+
+
+def _mvn() -> str:
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise StackError("Maven (mvn) is not installed; run scripts/setup.sh (apt-get install maven).")
+    return mvn
+
+
+def _run_mvn(cfg: StackConfig, args: list[str], what: str) -> None:
+    log = cfg.logs / "maven.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [_mvn(), "-B", "-q", "-Dstyle.color=never", f"-Dmaven.repo.local={cfg.m2}", *args]
+    with open(log, "ab") as out:
+        out.write(f"\n===== {what}: {' '.join(cmd)}\n".encode())
+        out.flush()
+        rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            check=False).returncode
+    if rc != 0:
+        raise StackError(
+            f"Maven could not fetch {what} (exit {rc}). Check that Maven Central is reachable "
+            f"(proxy settings go in ~/.m2/settings.xml) and retry `guard stack up`.\n"
+            f"--- last lines of {log} ---\n{tail(log)}"
+        )
+
+
+def _copy_dependencies(cfg: StackConfig, pom_asset: str, version: str, dest: Path, what: str) -> Path:
+    """Resolve a throwaway pom's runtime closure into ``dest`` (skipped when already complete)."""
+    if (dest / MARKER).exists():
+        return dest
+    progress(f"fetching {what} with Maven into {dest} (first run only)")
+    pom = cfg.cache / "poms" / pom_asset
+    pom.parent.mkdir(parents=True, exist_ok=True)
+    pom.write_text(read_asset(pom_asset).replace("@VERSION@", version), encoding="utf-8")
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    _run_mvn(cfg, ["-f", str(pom), f"{DEPENDENCY_PLUGIN}:copy-dependencies",
+                   f"-DoutputDirectory={tmp}", "-DincludeScope=runtime"], what)
+    jars = sorted(p.name for p in tmp.glob("*.jar"))
+    if not jars:
+        raise StackError(f"Maven reported success for {what} but copied no jars into {tmp}; see maven.log.")
+    (tmp / MARKER).write_text("\n".join(jars) + "\n", encoding="utf-8")
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(dest)
+    return dest
+
+
+def _debezium_postgres(cfg: StackConfig, plugin_path: Path) -> None:
+    """Debezium's published plugin archive; falls back to copy-dependencies if it is missing."""
+    dest = plugin_path / "debezium-connector-postgres"
+    if (dest / MARKER).exists():
+        return
+    v = cfg.debezium_version
+    progress(f"fetching Debezium {v} PostgreSQL connector plugin (first run only)")
+    downloads = cfg.cache / "downloads"
+    archive = downloads / f"debezium-connector-postgres-{v}-plugin.tar.gz"
+    try:
+        if not archive.exists():
+            _run_mvn(cfg, [f"{DEPENDENCY_PLUGIN}:copy",
+                           f"-Dartifact=io.debezium:debezium-connector-postgres:{v}:tar.gz:plugin",
+                           f"-DoutputDirectory={downloads}"], "the Debezium PostgreSQL plugin archive")
+        tmp = plugin_path / ".extract.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        extracted = tmp / "debezium-connector-postgres"
+        if not any(extracted.glob("debezium-connector-postgres-*.jar")):
+            raise StackError(f"unexpected layout in {archive}")
+        (extracted / MARKER).write_text("plugin archive\n", encoding="utf-8")
+        shutil.rmtree(dest, ignore_errors=True)
+        extracted.rename(dest)
+        shutil.rmtree(tmp, ignore_errors=True)
+    except StackError as exc:
+        progress(f"plugin archive unusable ({str(exc).splitlines()[0]}); falling back to copy-dependencies")
+        _copy_dependencies(cfg, "debezium-postgres-pom.xml", v, dest,
+                           "the Debezium PostgreSQL connector jars")
+
+
+def ensure_artifacts(cfg: StackConfig) -> Artifacts:
+    """Make sure every jar the stack needs is in the cache; download what is missing."""
+    kv, cv = cfg.kafka_version, cfg.connect_version
+    broker_pom = "broker-pom-3x.xml" if kv.startswith("3.") else "broker-pom.xml"
+    broker_lib = _copy_dependencies(cfg, broker_pom, kv, cfg.cache / f"kafka-{kv}" / "broker",
+                                    f"the Kafka {kv} broker jars")
+    connect_lib = _copy_dependencies(cfg, "connect-pom.xml", cv, cfg.cache / f"kafka-{cv}" / "connect",
+                                     f"the Kafka Connect {cv} worker jars")
+    plugin_path = cfg.cache / f"debezium-{cfg.debezium_version}" / "plugins"
+    _debezium_postgres(cfg, plugin_path)
+    return Artifacts(broker_lib=broker_lib, connect_lib=connect_lib, plugin_path=plugin_path)

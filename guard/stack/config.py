@@ -1,0 +1,120 @@
+"""Where the local stack keeps things and which ports it uses.
+
+Two roots, on purpose:
+* the *cache* (``$GUARD_CACHE_DIR``, default ``~/.cache/branchguard``) holds downloads — the Maven
+  repository, Kafka/Connect jars and Debezium plugins. It can be wiped at any time (costs a re-download).
+* the *home* (``$GUARD_STACK_HOME``, default ``~/.local/share/branchguard``) holds runtime state —
+  Kafka log dirs, the PostgreSQL cluster, the Redis AOF, logs and pid files. Wiping it loses data.
+
+Neither lives in the repository, so a ``git clean`` never destroys a running stack's data.
+Ports are non-default (19092, 18083, 15432, 16379) to avoid clashing with a developer's own
+Kafka/PostgreSQL/Redis; each can be overridden by an environment variable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _int_env(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        from guard.stack.errors import StackError
+
+        raise StackError(f"{name}={raw!r} is not a port number; unset it or give an integer") from None
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """Immutable description of one local stack (paths, versions, ports, names)."""
+
+    home: Path
+    cache: Path
+    kafka_version: str = "4.3.1"
+    connect_version: str = "4.3.1"
+    debezium_version: str = "3.6.1.Final"
+    host: str = "127.0.0.1"
+    kafka_port: int = 19092
+    controller_port: int = 19093
+    connect_port: int = 18083
+    pg_port: int = 15432
+    redis_port: int = 16379
+    branch_db: str = "branch_0101"
+    app_user: str = "branch_app"
+    app_password: str = "branch_app"  # noqa: S105 - fixed demo credential, documented
+    cdc_user: str = "cdc"
+    cdc_password: str = "cdc"  # noqa: S105 - fixed demo credential, documented
+    topic_prefix: str = "br0101"
+    connector_name: str = "branch-0101-postgres"
+    slot_name: str = "dbz_branch_0101"
+    publication_name: str = "dbz_branch_0101"
+    seed: int = 101
+    seed_customers: int = 200
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> StackConfig:
+        """Build the config from ``GUARD_*`` environment variables (all optional)."""
+        e = os.environ if environ is None else environ
+        home = Path(e.get("GUARD_STACK_HOME") or Path.home() / ".local/share/branchguard").expanduser()
+        cache = Path(e.get("GUARD_CACHE_DIR") or Path.home() / ".cache/branchguard").expanduser()
+        kafka_version = e.get("GUARD_KAFKA_VERSION") or cls.kafka_version
+        return cls(
+            home=home.absolute(),
+            cache=cache.absolute(),
+            kafka_version=kafka_version,
+            kafka_port=_int_env(e, "GUARD_KAFKA_PORT", cls.kafka_port),
+            controller_port=_int_env(e, "GUARD_CONTROLLER_PORT", cls.controller_port),
+            connect_port=_int_env(e, "GUARD_CONNECT_PORT", cls.connect_port),
+            pg_port=_int_env(e, "GUARD_PG_PORT", cls.pg_port),
+            redis_port=_int_env(e, "GUARD_REDIS_PORT", cls.redis_port),
+        )
+
+    # --- derived locations -------------------------------------------------------------------
+    @property
+    def logs(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def run(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def m2(self) -> Path:
+        """Private Maven local repository, so the stack never depends on (or pollutes) ~/.m2."""
+        return self.cache / "m2"
+
+    # --- client-facing endpoints -------------------------------------------------------------
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.kafka_port}"
+
+    @property
+    def connect_url(self) -> str:
+        return f"http://{self.host}:{self.connect_port}"
+
+    @property
+    def branch_dsn(self) -> str:
+        return (
+            f"postgresql://{self.app_user}:{self.app_password}@{self.host}:{self.pg_port}/{self.branch_db}"
+        )
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://{self.host}:{self.redis_port}/0"
+
+    def env(self) -> dict[str, str]:
+        """The variables guard components read to find the stack (exactly these keys)."""
+        return {
+            "GUARD_KAFKA_BOOTSTRAP": self.bootstrap,
+            "GUARD_CONNECT_URL": self.connect_url,
+            "GUARD_BRANCH_DSN": self.branch_dsn,
+            "GUARD_REDIS_URL": self.redis_url,
+            "GUARD_RAW_TOPIC_PREFIX": self.topic_prefix,
+        }

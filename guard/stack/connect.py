@@ -1,0 +1,81 @@
+"""Kafka Connect worker (distributed mode, one worker) with Debezium on its plugin path.
+
+Distributed mode even for one worker: connector configs and source offsets are stored in Kafka
+topics, connectors are managed through the REST API exactly as in production, and a second worker
+could join the same ``group.id`` to scale out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+
+from guard.stack.artifacts import Artifacts
+from guard.stack.assets import render_asset, write_if_changed
+from guard.stack.config import StackConfig
+from guard.stack.errors import StackError
+from guard.stack.jvm import PERF_OPTS, classpath, java, logging_opts
+from guard.stack.service import Service
+
+HEAP_MIN, HEAP_MAX = "256m", "768m"
+POSTGRES_CONNECTOR_CLASS = "io.debezium.connector.postgresql.PostgresConnector"
+
+
+def connect_answers(url: str, required_plugin: str = POSTGRES_CONNECTOR_CLASS) -> bool:
+    """True once the REST API answers and the Debezium plugin has been loaded."""
+    with httpx.Client(base_url=url, timeout=3.0) as http:
+        if http.get("/").status_code != 200:
+            return False
+        plugins = http.get("/connector-plugins").json()
+    return any(p.get("class") == required_plugin for p in plugins)
+
+
+class Connect(Service):
+    name = "connect"
+    port_env = "GUARD_CONNECT_PORT"
+    ready_timeout = 240.0  # plugin scanning + joining the group takes a while on 2 cores
+
+    def __init__(self, cfg: StackConfig, artifacts: Artifacts | None = None) -> None:
+        super().__init__(cfg)
+        self.artifacts = artifacts
+        self.dir = cfg.home / "connect"
+
+    @property
+    def port(self) -> int:
+        return self.cfg.connect_port
+
+    @property
+    def properties(self) -> Path:
+        return self.dir / "connect-distributed.properties"
+
+    @property
+    def log_config(self) -> Path:
+        return self.dir / "log4j2.properties"
+
+    @property
+    def marker(self) -> str:
+        return str(self.properties)
+
+    def _artifacts(self) -> Artifacts:
+        if self.artifacts is None:
+            raise StackError("internal: connect started without fetched artifacts")
+        return self.artifacts
+
+    def prepare(self) -> None:
+        a = self._artifacts()
+        write_if_changed(self.properties, render_asset(
+            "connect-distributed.properties", connect_version=self.cfg.connect_version,
+            bootstrap=self.cfg.bootstrap, host=self.cfg.host, connect_port=self.cfg.connect_port,
+            plugin_path=a.plugin_path))
+        write_if_changed(self.log_config, render_asset("log4j2.properties", component="connect",
+                                                       log_file=self.cfg.logs / "connect.log"))
+
+    def argv(self) -> list[str]:
+        return [java(), f"-Xms{HEAP_MIN}", f"-Xmx{HEAP_MAX}", *PERF_OPTS, f"-Dkafka.logs.dir={self.cfg.logs}",
+                *logging_opts(self.cfg.connect_version, self.log_config),
+                "-cp", classpath(self._artifacts().connect_lib),
+                "org.apache.kafka.connect.cli.ConnectDistributed", str(self.properties)]
+
+    def ready(self) -> bool:
+        return connect_answers(self.cfg.connect_url)

@@ -1,0 +1,183 @@
+"""``up`` / ``down`` / ``status`` / ``env`` / ``restart`` / ``kill`` for the whole local stack.
+
+Start order follows the dependencies: Redis and PostgreSQL and the broker are spawned together (the
+JVM start dominates, so overlapping saves time), then PostgreSQL is provisioned, then Connect starts
+once the broker answers, then the Debezium connector is registered and its snapshot awaited.
+Everything is idempotent: running services are left alone and stored data is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import time
+from collections.abc import Iterator
+
+import httpx
+
+from guard.stack.artifacts import Artifacts, ensure_artifacts
+from guard.stack.broker import Broker
+from guard.stack.config import StackConfig
+from guard.stack.connect import Connect
+from guard.stack.connector import connector_state, ensure_connector, wait_snapshot
+from guard.stack.errors import StackError
+from guard.stack.postgres import SUPERUSER, Postgres
+from guard.stack.procs import progress
+from guard.stack.provision import bootstrap, seed
+from guard.stack.redisd import Redis
+from guard.stack.service import Service, ServiceStatus
+
+SERVICES = ("broker", "connect", "postgres", "redis")
+
+
+class Stack:
+    """The four services of one stack home, built from one config."""
+
+    def __init__(self, cfg: StackConfig | None = None, artifacts: Artifacts | None = None) -> None:
+        self.cfg = cfg or StackConfig.from_env()
+        self.redis = Redis(self.cfg)
+        self.postgres = Postgres(self.cfg)
+        self.broker = Broker(self.cfg, artifacts)
+        self.connect = Connect(self.cfg, artifacts)
+
+    def get(self, name: str) -> Service:
+        services: dict[str, Service] = {"broker": self.broker, "connect": self.connect,
+                                        "postgres": self.postgres, "redis": self.redis}
+        if name not in services:
+            raise StackError(f"unknown service {name!r}; choose one of {', '.join(SERVICES)}")
+        return services[name]
+
+    def with_artifacts(self) -> Stack:
+        """Download (once) what the JVM services need; nothing is started if that fails."""
+        a = ensure_artifacts(self.cfg)
+        self.broker.artifacts = a
+        self.connect.artifacts = a
+        return self
+
+    def provision_postgres(self) -> None:
+        pg = self.postgres
+        bootstrap(self.cfg, pg.admin_conninfo(), pg.admin_conninfo(self.cfg.branch_db), SUPERUSER)
+        seed(self.cfg, self.cfg.branch_dsn)
+
+
+@contextlib.contextmanager
+def _locked(cfg: StackConfig) -> Iterator[None]:
+    """Serialise lifecycle operations on one stack home (parallel test sessions call up() too)."""
+    cfg.run.mkdir(parents=True, exist_ok=True)
+    with open(cfg.run / "stack.lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress("another stack operation is in progress; waiting for it")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def up() -> None:
+    """Start (or confirm) every service, provision the branch DB, register the connector, wait."""
+    cfg = StackConfig.from_env()
+    with _locked(cfg):
+        _up(cfg)
+
+
+def _up(cfg: StackConfig) -> None:
+    t0 = time.monotonic()
+    progress(f"home {cfg.home}, cache {cfg.cache}")
+    for d in (cfg.home, cfg.logs, cfg.run):
+        d.mkdir(parents=True, exist_ok=True)
+    stack = Stack(cfg).with_artifacts()
+    for svc in (stack.redis, stack.postgres, stack.broker):
+        svc.start()
+    stack.redis.wait_ready()
+    stack.postgres.wait_ready()
+    stack.provision_postgres()
+    stack.broker.wait_ready()
+    stack.connect.start()
+    stack.connect.wait_ready()
+    ensure_connector(cfg)
+    wait_snapshot(cfg)
+    progress(f"up in {time.monotonic() - t0:.1f}s")
+    for k, v in cfg.env().items():
+        progress(f"  {k}={v}")
+
+
+def down() -> None:
+    """Stop what the stack started (Connect first, Redis last). Data stays in the stack home."""
+    stack = Stack()
+    with _locked(stack.cfg):
+        for name in ("connect", "broker", "postgres", "redis"):
+            outcome = stack.get(name).stop()
+            progress(f"{name}: {outcome}")
+
+
+def _connector_status(cfg: StackConfig) -> ServiceStatus:
+    name = f"connector {cfg.connector_name}"
+    try:
+        with httpx.Client(base_url=cfg.connect_url, timeout=3.0) as http:
+            state, tasks, trace = connector_state(http, cfg.connector_name)
+    except httpx.HTTPError:
+        return ServiceStatus(name, False, "Connect not reachable")
+    running = state == "RUNNING" and bool(tasks) and all(t == "RUNNING" for t in tasks)
+    detail = f"connector {state}, tasks {tasks}" + (f": {trace}" if trace else "")
+    return ServiceStatus(name, running, detail)
+
+
+def status() -> list[ServiceStatus]:
+    """What runs: one entry per service (pid and port) plus the Debezium connector."""
+    stack = Stack()
+    out = [stack.get(n).status() for n in SERVICES]
+    out.append(_connector_status(stack.cfg))
+    return out
+
+
+def env() -> dict[str, str]:
+    """Connection settings for guard components (GUARD_KAFKA_BOOTSTRAP, ...)."""
+    return StackConfig.from_env().env()
+
+
+def restart(service: str) -> None:
+    """Graceful stop then start of one service, waiting until it answers again."""
+    stack = Stack()
+    svc = stack.get(service)
+    with _locked(stack.cfg):
+        if service in ("broker", "connect"):
+            stack.with_artifacts()
+        progress(f"{service}: {svc.stop()}")
+        svc.start()
+        svc.wait_ready()
+
+
+def kill(service: str) -> None:
+    """SIGKILL one service (its whole process group): a crash, for reliability tests. No restart."""
+    svc = Stack().get(service)
+    svc.kill()
+    progress(f"{service}: killed")
+
+
+def start(service: str) -> None:
+    """Start one (stopped or killed) service and wait until it answers."""
+    stack = Stack()
+    svc = stack.get(service)
+    with _locked(stack.cfg):
+        if service in ("broker", "connect"):
+            stack.with_artifacts()
+        svc.start()
+        svc.wait_ready()
+
+
+def provision(admin_dsn: str, connect_url: str, db_host: str, db_port: int) -> None:
+    """Set up an externally run stack (docker-compose): provision PostgreSQL, register the connector.
+
+    ``admin_dsn`` is a superuser DSN for the ``postgres`` database; the branch database and roles are
+    created from it. Connect reaches the database at ``db_host:db_port`` (its own network view).
+    """
+    import psycopg.conninfo
+
+    cfg = StackConfig.from_env()
+    db_dsn = psycopg.conninfo.make_conninfo(admin_dsn, dbname=cfg.branch_db)
+    superuser = psycopg.conninfo.conninfo_to_dict(admin_dsn).get("user") or "postgres"
+    app_dsn = psycopg.conninfo.make_conninfo(admin_dsn, dbname=cfg.branch_db, user=cfg.app_user,
+                                             password=cfg.app_password)
+    bootstrap(cfg, admin_dsn, db_dsn, str(superuser))
+    seed(cfg, app_dsn)
+    ensure_connector(cfg, connect_url=connect_url, db_host=db_host, db_port=db_port)
