@@ -40,6 +40,8 @@ def main(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
     """BranchGuard: classify, encrypt, police and audit branch CDC streams."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not verbose:
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         ctx.obj = load_settings(config_path)
     except GuardError as exc:
