@@ -87,16 +87,31 @@ def _summary(settings: Settings, stats: Stats, customers: list[int], deleted: li
             masked_raw[column] = mask(kind, str(value)) if kind and value is not None else "[hidden]"
         else:
             masked_raw[column] = value
-    click.echo(f"\nraw {raw_topic} (customer {shown}; sensitive values masked here for display):")
-    click.echo(orjson.dumps(masked_raw, option=orjson.OPT_INDENT_2).decode())
-    click.echo(f"\nsanitized twin on {settings.sanitized_topic(raw_topic)}:")
-    shown_record = dict(sanitized)
-    for image in ("before", "after"):
-        if shown_record.get(image) and shown_record[image].get("sealed"):
-            sealed = dict(shown_record[image]["sealed"])
-            sealed["ct"] = f"<{len(sealed['ct'])} bytes AES-256-GCM>"
-            shown_record[image] = dict(shown_record[image], sealed=sealed)
-    click.echo(orjson.dumps(shown_record, option=orjson.OPT_INDENT_2).decode())
+    img = sanitized.get("after") or {}
+    sealed = set((img.get("sealed") or {}).get("fields", []))
+    click.echo(f"\ncustomer {shown}: raw {raw_topic} (values masked here for display)  beside  its sanitized twin on "
+               f"{settings.sanitized_topic(raw_topic)}")
+    click.echo(f"{'column':<13} {'raw (masked for display)':<34} sanitized")
+    for column, shown_raw in masked_raw.items():
+        if column in img.get("clear", {}):
+            twin = f"clear: {img['clear'][column]}"
+        elif column in sealed:
+            parts = ["sealed (AES-256-GCM)"]
+            if column in img.get("masked", {}):
+                parts.append(f"masked {img['masked'][column]}")
+            if column in img.get("index", {}):
+                parts.append(f"index {img['index'][column][:10]}…")
+            twin = ", ".join(parts)
+        elif column in img.get("hashed", {}):
+            twin = "keyed hash"
+        elif column in img.get("dropped", []):
+            twin = "dropped (C3)"
+        else:
+            twin = "?"
+        click.echo(f"{column:<13} {str(shown_raw)[:34]:<34} {twin}")
+    ct = (img.get("sealed") or {}).get("ct", b"")
+    click.echo(f"subject token {sanitized.get('subject')}; one {len(ct)}-byte ciphertext seals "
+               f"{len(sealed)} fields; key = this customer's data key (crypto-shreddable)")
 
 
 def _find(settings: Settings, topic: str, customer_id: int, *, avro: bool = False) -> dict[str, Any] | None:
@@ -128,7 +143,9 @@ def _find(settings: Settings, topic: str, customer_id: int, *, avro: bool = Fals
                         continue
                 except orjson.JSONDecodeError:
                     continue
-                found = decode(value) if avro else orjson.loads(value)
+                record = decode(value) if avro else orjson.loads(value)
+                if record.get("op") != "d":
+                    found = record
         return found
     finally:
         consumer.close()

@@ -130,6 +130,7 @@ class Sanitizer:
         #: Whether a delete of a subject's root row erases the subject (False for offline runs).
         self.act_on_deletes = True
         self._trace_id: str | None = None
+        self._erased_at: dict[str, int] = {}
 
     # ------------------------------------------------------------------------------------------
     def process(
@@ -198,9 +199,13 @@ class Sanitizer:
         try:
             aead: Aead | None = self.keys.subject_aead(self.branch, subject)
         except KeyShreddedError:
-            if event.op != "d":
+            # Tables travel on separate topics, so a customer's root-row delete can be processed before
+            # changes to its other rows that were committed earlier. Those belong to the erased subject:
+            # they flow without their protected fields. Only changes committed after the erasure are
+            # refused (DLQ + anomaly), because nothing should write an erased customer's data any more.
+            if event.op != "d" and not self._committed_before_erasure(subject, event.source_ts_ms):
                 raise
-            aead, decision = None, "erased_delete"
+            aead, decision = None, "erased_delete" if event.op == "d" else "erased_late"
         before = self._image(plan, event.before, aead, out_topic, event.schema_table, row_key, "before", subject)
         after = self._image(plan, event.after, aead, out_topic, event.schema_table, row_key, "after", subject)
         record = self._record(event, subject, before, after, [p.name for p in plan.unclassified])
@@ -216,8 +221,22 @@ class Sanitizer:
             records.extend(self.erase(subject, trigger="cdc_delete", reason_code="art47_1_purpose_achieved",
                                       reason="the data subject's root row was deleted in the branch database",
                                       by=f"worker:{self.settings.worker_id}",
-                                      source=(topic, partition, offset)))
+                                      source=(topic, partition, offset), effective_ms=event.source_ts_ms))
         return Outcome(records, decision, event.schema_table, plan.class_counts)
+
+    def _committed_before_erasure(self, subject: str, source_ts_ms: int | None) -> bool:
+        """Whether a change committed at `source_ts_ms` predates the erasure of `subject`."""
+        if source_ts_ms is None:
+            return False
+        effective = self._erased_at.get(subject)
+        if effective is None:
+            raw = self.keys.store.erased_record(self.branch, subject)
+            doc = orjson.loads(raw) if raw else {}
+            effective = int(doc.get("effective_ms") or doc.get("at_ms") or 0)
+            if len(self._erased_at) > 100_000:
+                self._erased_at.clear()
+            self._erased_at[subject] = effective
+        return source_ts_ms <= effective
 
     # ------------------------------------------------------------------------------------------
     def sanitize_key(self, schema_table: str, key: bytes | None) -> bytes | None:
@@ -427,6 +446,7 @@ class Sanitizer:
         by: str,
         source: tuple[str, int, int] | None = None,
         topics: list[str] | None = None,
+        effective_ms: int | None = None,
     ) -> list[OutRecord]:
         """Crypto-shred a data subject (or hold it storage-only) and return the confirmation records."""
         now_ms = int(self._clock() * 1000)
@@ -438,7 +458,8 @@ class Sanitizer:
             outcome, destroyed, already = "held_storage_only", 0, False
             self.keys.store.set_storage_only(self.branch, subject, confirmation_id)
         else:
-            record = orjson.dumps({"id": confirmation_id, "at_ms": now_ms, "reason_code": reason_code, "by": by})
+            record = orjson.dumps({"id": confirmation_id, "at_ms": now_ms, "reason_code": reason_code, "by": by,
+                                   "effective_ms": effective_ms or now_ms})
             result = self.keys.shred(self.branch, subject, record)
             self.keys.store.forget_expiry(self.branch, subject)
             destroyed, already = result.versions_destroyed, result.already_erased

@@ -47,9 +47,10 @@ def sanitizer(branch_settings):
     return san
 
 
-def event(table: str, after: dict | None, before: dict | None = None, op: str = "c") -> bytes:
-    return json.dumps({"before": before, "after": after, "source": dict(SOURCE, table=table), "op": op,
-                       "ts_ms": 2}, ensure_ascii=False, default=str).encode()
+def event(table: str, after: dict | None, before: dict | None = None, op: str = "c", source_ts_ms: int = 1) -> bytes:
+    return json.dumps({"before": before, "after": after, "op": op, "ts_ms": 2,
+                       "source": dict(SOURCE, table=table, ts_ms=source_ts_ms)}, ensure_ascii=False,
+                      default=str).encode()
 
 
 def customer(rng: random.Random, cid: int) -> dict:
@@ -98,7 +99,9 @@ def test_no_plaintext_of_generated_rows_survives(sanitizer, columns, seed):
     for value in row.values():
         assert value.encode() not in blob
     assert set(record["unclassified"]) == set(row)
-    assert set(record["after"]["sealed"]["fields"]) == set(row)
+    after = record["after"]
+    protected = set((after["sealed"] or {}).get("fields", [])) | set(after["dropped"]) | set(after["hashed"])
+    assert protected == set(row) and not after["clear"]  # names that look like secrets (e.g. *mm, 密码) are dropped
 
 
 # --- ciphertexts are bound to their place ---------------------------------------------------------
@@ -216,10 +219,20 @@ def test_guard_erase_shreds_and_legal_hold_keeps_storage_only(stack, branch_sett
     deletions = wait_for(stack["GUARD_KAFKA_BOOTSTRAP"], "guard.deletions", lambda rs: {
         orjson.loads(r.value)["subject"] for r in rs if r.value} >= {doc_e["subject"], doc_h["subject"]})
     assert deletions
-    # a write for the erased subject is refused (DLQ), not silently re-keyed
-    out = sanitizer.process("br0101.public.customers", 0, 2, json.dumps({"customer_id": erased["customer_id"]})
-                            .encode(), event("customers", erased))
+    # a change committed before the erasure but processed after it flows without its protected fields
+    key = json.dumps({"customer_id": erased["customer_id"]}).encode()
+    late = sanitizer.process("br0101.public.accounts", 0, 2, key, event("accounts", {
+        "account_no": "6222020200001234567", "customer_id": erased["customer_id"], "balance": "10.00"},
+        source_ts_ms=int(time.time() * 1000) - 60_000))
+    assert late.decision == "erased_late"
+    late_doc = decode(late.records[0].value)
+    assert late_doc["after"]["sealed"] is None and "account_no" in late_doc["after"]["erased"]
+    assert b"6222020200001234567" not in late.records[0].value
+    # a write committed after the erasure is refused (DLQ + anomaly), not silently re-keyed
+    out = sanitizer.process("br0101.public.customers", 0, 3, key, event(
+        "customers", erased, source_ts_ms=int(time.time() * 1000) + 60_000))
     assert out.decision == "dlq" and out.dlq_reason == "subject_erased"
+    assert any(r.topic == "guard.anomalies" for r in out.records)
 
 
 def test_retention_sweep_erases_expired_subjects(stack, branch_settings):
