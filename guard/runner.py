@@ -248,7 +248,6 @@ class SanitizerWorker:
 
     # --- one batch --------------------------------------------------------------------------------
     def _process_batch(self, msgs: list[Message]) -> None:
-        produce = self.producer.produce
         sanitizer = self.sanitizer
         start_event, end_event = self.telemetry.start_event, self.telemetry.end_event
         for msg in msgs:
@@ -273,13 +272,13 @@ class SanitizerWorker:
             # latency is measurable on the sanitized topic.
             ts_type, ts = msg.timestamp()
             ts = ts if ts_type != TIMESTAMP_NOT_AVAILABLE else 0
-            for rec in outcome.records:
-                if rec.partition is not None:
-                    count = self.topics.ensure(rec.topic, self.topics.partitions(topic) or 1)
-                    produce(rec.topic, rec.value, rec.key, partition=rec.partition % count, timestamp=ts,
-                            headers=headers)
-                else:
-                    produce(rec.topic, rec.value, rec.key, timestamp=ts, headers=headers)
+            try:
+                self._produce_all(outcome, topic, ts, headers)
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
+                    raise
+                outcome = sanitizer.too_large(topic, partition, offset, msg.key(), msg.value())
+                self._produce_all(outcome, topic, ts, headers)
             tp = (topic, partition)
             if tp not in self._first:
                 self._first[tp] = offset
@@ -287,6 +286,20 @@ class SanitizerWorker:
             self._txn_records += 1
             self.batch.add(outcome, ts)
         self.producer.poll(0)
+
+    def _produce_all(self, outcome: Outcome, source_topic: str, ts: int, headers: Any) -> None:
+        for rec in outcome.records:
+            partition = -1  # librdkafka's "use the partitioner"
+            if rec.partition is not None:
+                count = self.topics.ensure(rec.topic, self.topics.partitions(source_topic) or 1)
+                partition = rec.partition % count
+            while True:
+                try:
+                    self.producer.produce(rec.topic, rec.value, rec.key, partition=partition, timestamp=ts,
+                                          headers=headers)
+                    break
+                except BufferError:  # local queue full: let deliveries drain, then retry
+                    self.producer.poll(0.2)
 
     def _commit(self) -> None:
         if not self._in_txn:
@@ -313,6 +326,7 @@ class SanitizerWorker:
         self.sanitizer.subject_activity.clear()
         batch, self.batch = self.batch, BatchCounters()
         self.stats.merge(batch)
+        log.debug("committed a transaction of %d events over %d partitions", batch.events, len(self._last))
         self.telemetry.on_commit(batch.by_table_decision, batch.fields, batch.dlq, batch.records_out,
                                  batch.timestamps_ms)
         self._in_txn = False

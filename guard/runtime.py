@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import redis
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
 from guard.catalog import Catalog
 from guard.config import Settings
 from guard.errors import KeyUnavailableError
@@ -11,11 +14,15 @@ from guard.keys.store import RedisKeyStore
 from guard.sanitizer import Sanitizer
 
 
-def build_keys(settings: Settings, *, listen: bool = True) -> KeyManager:
+def build_keys(settings: Settings, *, listen: bool = True, wait_s: float = 30.0) -> KeyManager:
+    """The key manager; waits up to `wait_s` for the key store (a worker may start during a Redis restart)."""
     store = RedisKeyStore(settings.redis_url)
     try:
-        store.client.ping()
-    except Exception:
+        for attempt in Retrying(stop=stop_after_delay(wait_s), wait=wait_exponential(multiplier=0.2, max=3),
+                                retry=retry_if_exception_type(redis.RedisError), reraise=True):
+            with attempt:
+                store.client.ping()
+    except redis.RedisError:
         raise KeyUnavailableError(
             f"the key store (Redis at {settings.redis_url}) does not answer: run `guard stack up` "
             "or point GUARD_REDIS_URL at your Redis"

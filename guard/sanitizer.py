@@ -17,6 +17,7 @@ transaction and retries the batch once the store is back, instead of flooding th
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import time
 import uuid
@@ -37,6 +38,8 @@ from guard.keys.primitives import Aead
 from guard.masking import mask
 
 FORMAT_VERSION = 1
+#: Largest input copied (sealed) into a DLQ record; Kafka's default message limit is 1 MB.
+QUARANTINE_MAX_BYTES = 256 * 1024
 _SCALARS = (str, int, float, bool, type(None))
 _LONG_MAX = 2**63 - 1
 
@@ -371,8 +374,13 @@ class Sanitizer:
         reason: str,
         detail: str,
     ) -> Outcome:
-        """A DLQ record: the reason, where the input was, and the input sealed (never plaintext)."""
+        """A DLQ record: the reason, where the input was, and the input sealed (never plaintext).
+
+        Inputs larger than `QUARANTINE_MAX_BYTES` are not copied (the DLQ record would exceed Kafka's
+        message size); they stay at their source offset until the raw topic's retention ends.
+        """
         aad = f"bg-dlq|{topic}|{partition}|{offset}".encode()
+        copy = value is not None and len(value) <= QUARANTINE_MAX_BYTES
         body = {
             "type": "dlq",
             "reason": reason,
@@ -385,10 +393,15 @@ class Sanitizer:
             "value_sha256": None if value is None else hashlib.sha256(value).hexdigest(),
             "quarantine": {
                 "aad": aad.decode(),
-                "key": None if key is None else self.keys.quarantine.seal(key, aad + b"|key").hex(),
-                "value": None if value is None else self.keys.quarantine.seal(value, aad + b"|value").hex(),
+                "key": None if key is None else _b64(self.keys.quarantine.seal(key, aad + b"|key")),
+                "value": _b64(self.keys.quarantine.seal(value, aad + b"|value")) if copy and value else None,
+                "note": "AES-256-GCM under the tenant's quarantine key; associated data = aad + '|key' / '|value'"
+                        if copy or value is None else
+                        f"input larger than {QUARANTINE_MAX_BYTES} bytes: not copied; it stays at the source "
+                        "offset until the raw topic's retention ends",
             },
-            "action": "fix the producer or the catalog, then replay from the quarantine with `guard dlq replay`",
+            "action": "fix the producer (or classify the table in schemas/catalog.toml) and re-send the change; "
+                      "the quarantined input can be opened with the tenant's quarantine key",
         }
         dlq_key = self.keys.index.token(key) if key is not None else None
         records = [
@@ -402,6 +415,11 @@ class Sanitizer:
                 "suggested_action": "check why the branch database still writes this customer's data after erasure",
             }))
         return Outcome(records, "dlq", topic[self._prefix_len:], dlq_reason=reason)
+
+    def too_large(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None) -> Outcome:
+        """The DLQ outcome for an input whose sanitized output exceeds Kafka's message size."""
+        return self._dlq(topic, partition, offset, key, value, "output_too_large",
+                         "the sanitized record is larger than the producer's message.max.bytes")
 
     def _anomaly(self, rule: str, severity: str, table: str, column: str | None, evidence: dict[str, Any]) -> OutRecord:
         alert = {
@@ -502,6 +520,10 @@ def _action_counts(plan: TablePlan, images: int, sealed: bool) -> dict[str, int]
         "dropped": len(plan.dropped) * images,
     }
     return {k: v for k, v in counts.items() if v}
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
 
 
 def _bytes(value: Any) -> bytes:

@@ -80,6 +80,29 @@ def produce_raw(bootstrap: str, topic: str, value: bytes | None, key: bytes | No
     assert producer.flush(10) == 0
 
 
+def commit_group_at_end(bootstrap: str, group: str, pattern: str = r"^br0101\.[^.]+\.[^.]+$") -> None:
+    """Start `group` at the current end of every existing raw topic (topics created later: from the start).
+
+    Tests share one stack whose raw topics keep history from earlier tests; a fresh group would first
+    work through all of it. This is also how an operator starts a new group on a long-lived cluster.
+    """
+    import re
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        offsets = []
+        for topic, meta in consumer.list_topics(timeout=10).topics.items():
+            if not re.match(pattern, topic) or meta.error is not None:
+                continue
+            for p in meta.partitions:
+                _, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                offsets.append(TopicPartition(topic, p, high))
+        if offsets:
+            consumer.commit(offsets=offsets, asynchronous=False)
+    finally:
+        consumer.close()
+
+
 class GuardProcess:
     """A `guard run` worker as a real OS process (so tests can SIGKILL it)."""
 
@@ -90,7 +113,10 @@ class GuardProcess:
         self.log_path = log_dir / f"guard-{worker_id}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> GuardProcess:
+    def start(self, *, from_end: bool = False) -> GuardProcess:
+        """Start the worker; `from_end` first commits the group at the end of the existing raw topics."""
+        if from_end:
+            commit_group_at_end(self.env["GUARD_KAFKA_BOOTSTRAP"], self.env["GUARD_GROUP_ID"])
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen([*GUARD, "run", "--worker-id", self.worker_id], cwd=REPO, env=self.env,
                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

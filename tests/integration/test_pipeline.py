@@ -32,7 +32,7 @@ def guard_env(stack: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
     """One guard worker for the module, in its own consumer group so it sanitizes everything it sees."""
     group = f"e2e-{uuid.uuid4().hex[:8]}"
     worker = GuardProcess(stack, worker_id=f"{group}-w1", group_id=group,
-                          log_dir=tmp_path_factory.mktemp("guard-logs")).start()
+                          log_dir=tmp_path_factory.mktemp("guard-logs")).start(from_end=True)
     time.sleep(2)
     assert worker.alive(), worker.log()
     yield stack

@@ -57,7 +57,7 @@ def test_change_is_followable_by_trace_id_and_metrics_are_served(stack, tmp_path
     group = f"otel-{uuid.uuid4().hex[:8]}"
     worker = GuardProcess(stack, worker_id=group, group_id=group, log_dir=tmp_path, extra_env={
         "GUARD_OTLP_ENDPOINT": f"http://127.0.0.1:{server.server_port}",
-        "GUARD_METRICS_PORT": str(metrics_port)}).start()
+        "GUARD_METRICS_PORT": str(metrics_port)}).start(from_end=True)
     try:
         bootstrap = stack["GUARD_KAFKA_BOOTSTRAP"]
         table = f"trace_{uuid.uuid4().hex[:8]}"
