@@ -100,3 +100,11 @@ def test_stack_env_prints_exports(stack):
     for name in ("GUARD_KAFKA_BOOTSTRAP", "GUARD_CONNECT_URL", "GUARD_BRANCH_DSN", "GUARD_REDIS_URL",
                  "GUARD_RAW_TOPIC_PREFIX"):
         assert any(line.startswith(f"export {name}=") for line in lines)
+
+
+def test_classify_topic_sample(stack):
+    done = guard(stack, "classify", "--topic", "br0101.public.customers", "--sample", "50", "--json")
+    assert done.returncode == 0, done.stderr
+    report = {r["column"]: r for r in json.loads(done.stdout)}
+    assert report["mobile"]["why"].startswith("catalog") and report["mobile"]["action"] == "encrypt"
+    assert report["customer_id"]["action"] == "clear"
