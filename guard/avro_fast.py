@@ -22,11 +22,11 @@ _memo: dict[str, bytes] = {}
 _MEMO_LIMIT = 200_000
 
 
-def _long(n: int) -> bytes:
+def _varint(n: int) -> bytes:
     n = (n << 1) ^ (n >> 63)
     if n < 0x80:
         return bytes((n,))
-    out = bytearray()
+    out = []
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
         n >>= 7
@@ -34,7 +34,11 @@ def _long(n: int) -> bytes:
     return bytes(out)
 
 
-_SMALL = [_long(i) for i in range(1024)]
+_SMALL = [_varint(i) for i in range(1024)]
+
+
+def _long(n: int) -> bytes:
+    return _SMALL[n] if 0 <= n < 1024 else _varint(n)
 
 
 def _len(n: int) -> bytes:
@@ -176,6 +180,30 @@ def encode_audit_record(r: dict[str, Any]) -> bytes:
         _name_array(r["unclassified"]),
         _opt_str(r["trace_id"]),
     ))
+
+
+class AuditTemplate:
+    """Pre-encoded constant parts of audit records that differ only in time, offset, subject and trace.
+
+    Per event the sanitizer then encodes four values instead of sixteen fields; the bytes are identical
+    to `encode_audit_record` (tested).
+    """
+
+    __slots__ = ("_a", "_b", "_c")
+
+    def __init__(self, *, worker: str, branch: str, source_topic: str, source_partition: int, table: str | None,
+                 op: str | None, decision: str, reason: str | None, classes: dict[str, int],
+                 actions: dict[str, int], unclassified: list[str]) -> None:
+        self._a = b"".join((_name(worker), _name(branch), _name(source_topic), _long(source_partition)))
+        self._b = b"".join((b"\x00" if table is None else b"\x02" + _name(table),
+                            b"\x00" if op is None else b"\x02" + _name(op)))
+        self._c = b"".join((_name(decision), _opt_str(reason), _int_map(classes), _int_map(actions),
+                            _name_array(unclassified)))
+
+    def encode(self, ts_ms: int, offset: int, subject: str | None, trace_id: str | None) -> bytes:
+        return b"".join((b"\x02", _varint(ts_ms), self._a, _long(offset), self._b,
+                         b"\x00" if subject is None else b"\x02" + _str(subject), self._c,
+                         b"\x00" if trace_id is None else b"\x02" + _str(trace_id)))
 
 
 WRITERS = {"sanitized_change": encode_sanitized_change, "audit_record": encode_audit_record}

@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from guard.avro_fast import AuditTemplate
 from guard.catalog import Catalog
 from guard.classify import Classifier, TablePlan
 from guard.codec import AvroCodec
@@ -134,6 +135,8 @@ class Sanitizer:
         self.act_on_deletes = True
         self._trace_id: str | None = None
         self._erased_at: dict[str, int] = {}
+        self._subject_tokens: dict[Any, str] = {}
+        self._audit_templates: dict[tuple[Any, ...], AuditTemplate] = {}
 
     # ------------------------------------------------------------------------------------------
     def process(
@@ -194,9 +197,13 @@ class Sanitizer:
         if plan.unclassified:
             extra.extend(self._drift_alerts(plan, topic))
         subject_value = row.get(plan.subject_column) if plan.subject_column else None
-        subject = self.keys.subject_token(
-            subject_value if subject_value is not None else f"table:{event.schema_table}"
-        )
+        subject_id = subject_value if subject_value is not None else f"table:{event.schema_table}"
+        subject = self._subject_tokens.get(subject_id)
+        if subject is None:
+            subject = self.keys.subject_token(subject_id)
+            if len(self._subject_tokens) > 200_000:
+                self._subject_tokens.clear()
+            self._subject_tokens[subject_id] = subject
         row_key = out_key or b""
         decision = "protected"
         try:
@@ -215,10 +222,7 @@ class Sanitizer:
         self.subject_activity[(subject, out_topic)] = plan.retention_s
         records = [OutRecord(out_topic, out_key, self.sanitized_codec.encode(record), partition)]
         actions = _action_counts(plan, (event.before is not None) + (event.after is not None), aead is not None)
-        records.append(
-            self._audit(topic, partition, offset, event.schema_table, event.op, subject, decision, None,
-                        plan.class_counts, actions, [p.name for p in plan.unclassified])
-        )
+        records.append(self._audit_for_plan(topic, partition, offset, plan, event.op, subject, decision, actions))
         records.extend(extra)
         if event.op == "d" and plan.subject_root and decision == "protected" and self.act_on_deletes:
             records.extend(self.erase(subject, trigger="cdc_delete", reason_code="art47_1_purpose_achieved",
@@ -328,6 +332,22 @@ class Sanitizer:
             "after": after.as_record() if after else None,
             "unclassified": unclassified,
         }
+
+    def _audit_for_plan(self, topic: str, partition: int, offset: int, plan: TablePlan, op: str, subject: str,
+                        decision: str, actions: dict[str, int]) -> OutRecord:
+        """The per-event audit record, from a template cached per (partition, plan, op, decision)."""
+        key = (topic, partition, id(plan), op, decision, tuple(actions.items()))
+        template = self._audit_templates.get(key)
+        if template is None:
+            template = AuditTemplate(worker=self.settings.worker_id, branch=self.branch, source_topic=topic,
+                                     source_partition=partition, table=plan.schema_table, op=op,
+                                     decision=decision, reason=None, classes=dict(plan.class_counts),
+                                     actions=actions, unclassified=[p.name for p in plan.unclassified])
+            if len(self._audit_templates) > 50_000:
+                self._audit_templates.clear()
+            self._audit_templates[key] = template
+        value = self.audit_codec.header + template.encode(int(self._clock() * 1000), offset, subject, self._trace_id)
+        return OutRecord(self.settings.audit_topic, f"{topic}:{partition}".encode(), value)
 
     # ------------------------------------------------------------------------------------------
     def _audit(

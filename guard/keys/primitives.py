@@ -98,7 +98,7 @@ class KeyWrapper(Aead):
 
 
 class BlindIndex:
-    """Deterministic keyed token (HMAC-SHA256, 128 bits, base64url) for joins and equality search.
+    """Deterministic keyed token (HMAC-SHA256 truncated to 128 bits, 32 hex digits) for joins and search.
 
     Equal inputs give equal tokens under the same key, which is the point; without the key a token can't
     be computed, so low-entropy values (mobiles, 6-digit PINs) can't be found by brute force, unlike a
@@ -114,7 +114,7 @@ class BlindIndex:
         return "BlindIndex(key=<hidden>)"
 
     def token(self, value: bytes) -> str:
-        return base64.urlsafe_b64encode(hmac.digest(self._key, value, "sha256")[:16]).rstrip(b"=").decode()
+        return hmac.digest(self._key, value, "sha256")[:16].hex()
 
 
 class KeyedHash:

@@ -80,3 +80,16 @@ def test_confluent_wire_format_with_a_registry():
     data = codec.encode(record)
     assert data[:5] == b"\x00\x00\x00\x00\x2a"
     assert decode(data, registry=registry) == record
+
+
+@settings(max_examples=200, deadline=None)
+@given(audit)
+def test_audit_template_matches_the_full_writer(record):
+    from guard.avro_fast import AuditTemplate, encode_audit_record
+
+    template = AuditTemplate(worker=record["worker"], branch=record["branch"], source_topic=record["source_topic"],
+                             source_partition=record["source_partition"], table=record["table"], op=record["op"],
+                             decision=record["decision"], reason=record["reason"], classes=record["classes"],
+                             actions=record["actions"], unclassified=record["unclassified"])
+    encoded = template.encode(record["ts_ms"], record["source_offset"], record["subject"], record["trace_id"])
+    assert encoded == encode_audit_record(record)
