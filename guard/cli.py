@@ -287,13 +287,20 @@ def keys_init() -> None:
 @click.option("--partitions", default=2, show_default=True)
 @click.option("--workers", default=1, show_default=True)
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--latency-seconds", type=float, default=None, help="Length of each latency phase (default 20 s).")
+@click.option("--scaling", is_flag=True, help="Also run the guard with 1 then 2 workers on 2 partitions.")
+@click.option("--soak", type=float, default=0.0, metavar="SECONDS",
+              help="Also run a steady 50%-rate soak and report RSS drift (the memory target needs 600).")
+@click.option("--keep", is_flag=True, help="Keep the bench topics, groups and keys.")
 @click.pass_context
-def bench(ctx: click.Context, records: int, partitions: int, workers: int, json_out: Path | None) -> None:
+def bench(ctx: click.Context, records: int, partitions: int, workers: int, json_out: Path | None,
+          latency_seconds: float | None, scaling: bool, soak: float, keep: bool) -> None:
     """Plain consume-produce vs the guard on the same records; last line `ratio <guard/plain>`."""
     from guard.bench import run_bench
 
     try:
-        run_bench(_settings(ctx), records=records, partitions=partitions, workers=workers, json_out=json_out)
+        run_bench(_settings(ctx), records=records, partitions=partitions, workers=workers, json_out=json_out,
+                  latency_seconds=latency_seconds, scaling=scaling, soak_seconds=soak, keep=keep)
     except GuardError as exc:
         raise click.ClickException(str(exc)) from None
 

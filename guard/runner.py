@@ -211,26 +211,32 @@ class SanitizerWorker:
         )
         backoff = 0.5
         idle_since = time.monotonic()
+        window = self.settings.batch_ms / 1000
         try:
             while self._running:
-                msgs = self.consumer.consume(self.settings.batch_size, self.settings.batch_ms / 1000)
-                if msgs:
-                    idle_since = time.monotonic()
-                    try:
+                # While a transaction is open, wait only for what is left of its window, so a record
+                # waits at most ~batch_ms for its commit, not a full extra poll.
+                timeout = window
+                if self._in_txn:
+                    timeout = max(0.0, self._txn_started + window - time.monotonic())
+                msgs = self.consumer.consume(max(1, self.settings.batch_size - self._txn_records), timeout)
+                try:
+                    if msgs:
+                        idle_since = time.monotonic()
                         self._process_batch(msgs)
-                        backoff = 0.5
-                    except KeyUnavailableError as exc:
-                        log.warning("key store unavailable, retrying the batch in %.1fs: %s", backoff, exc)
-                        self._abort()
-                        time.sleep(backoff)
-                        backoff = min(backoff * 2, 10.0)
-                        continue
-                if self._in_txn and (
-                    not msgs
-                    or self._txn_records >= self.settings.batch_size
-                    or (time.monotonic() - self._txn_started) * 1000 >= self.settings.batch_ms
-                ):
-                    self._commit()
+                    if self._in_txn and (
+                        not msgs
+                        or self._txn_records >= self.settings.batch_size
+                        or time.monotonic() - self._txn_started >= window
+                    ):
+                        self._commit()
+                    backoff = 0.5
+                except KeyUnavailableError as exc:
+                    log.warning("key store unavailable, retrying the batch in %.1fs: %s", backoff, exc)
+                    self._abort()
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 10.0)
+                    continue
                 if until is not None and until(self.stats):
                     break
                 if max_idle_s is not None and not msgs and time.monotonic() - idle_since > max_idle_s:
@@ -239,7 +245,7 @@ class SanitizerWorker:
             if self._in_txn:
                 try:
                     self._commit()
-                except KafkaException:
+                except (KafkaException, KeyUnavailableError):
                     self._abort()
             self.consumer.close()
             self.producer.flush(10)
@@ -330,6 +336,7 @@ class SanitizerWorker:
         self.telemetry.on_commit(batch.by_table_decision, batch.fields, batch.dlq, batch.records_out,
                                  batch.timestamps_ms)
         self._in_txn = False
+        self._txn_records = 0
         self._first.clear()
         self._last.clear()
         if self._on_batch is not None:
@@ -351,6 +358,7 @@ class SanitizerWorker:
                 self.consumer.seek(TopicPartition(topic, partition, offset))
         self.sanitizer.subject_activity.clear()
         self._in_txn = False
+        self._txn_records = 0
         self._first.clear()
         self._last.clear()
 

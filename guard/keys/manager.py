@@ -15,6 +15,7 @@ how long a shredded key can linger in a running worker that missed the notificat
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections import OrderedDict
@@ -57,6 +58,7 @@ class KeyManager:
         self._deks: OrderedDict[tuple[str, str], tuple[Aead, float]] = OrderedDict()
         self._old: dict[tuple[str, str, int], Aead] = {}
         self._keks: dict[tuple[str, int], KeyWrapper] = {}
+        self._current_kek: dict[str, tuple[KeyWrapper, float]] = {}
         self._lock = threading.Lock()
         self.index = BlindIndex(self._tenant_key("index"))
         self.keyed_hash = KeyedHash(self._tenant_key("hash"))
@@ -83,6 +85,10 @@ class KeyManager:
     def _kek(self, branch: str, version: int | None = None) -> KeyWrapper:
         if version is not None and (branch, version) in self._keks:
             return self._keks[(branch, version)]
+        if version is None:
+            cached = self._current_kek.get(branch)
+            if cached is not None and cached[1] > time.monotonic():
+                return cached[0]
         current, wrapped = self.store.kek_versions(branch)
         if current == 0:
             self.store.create_kek_if_absent(branch, self._kms.wrap(random_key(), f"kek/{branch}/v1"))
@@ -92,6 +98,10 @@ class KeyManager:
             raise KeyUnavailableError(f"branch key version {want} of branch {branch} is not in the key store")
         kek = KeyWrapper(self._kms.unwrap(wrapped[want], f"kek/{branch}/v{want}"), version=want)
         self._keks[(branch, want)] = kek
+        if version is None:
+            # Other workers' rotations reach this one within a TTL; until then new data keys are still
+            # wrapped under the previous branch-key version, which stays valid.
+            self._current_kek[branch] = (kek, time.monotonic() + self._ttl)
         return kek
 
     def rotate_branch_key(self, branch: str) -> int:
@@ -99,6 +109,7 @@ class KeyManager:
         current, _ = self.store.kek_versions(branch)
         version = self.store.add_kek_version(branch, self._kms.wrap(random_key(), f"kek/{branch}/v{current + 1}"))
         self._keks.pop((branch, version), None)
+        self._current_kek.pop(branch, None)
         return version
 
     # --- data-subject keys ------------------------------------------------------------------------
@@ -121,7 +132,9 @@ class KeyManager:
         version, wrapped = found
         aead = Aead(self._unwrap_dek(branch, wrapped, name), version=version)
         with self._lock:
-            self._deks[cache_key] = (aead, now + self._ttl)
+            # Jitter spreads expiries, so keys fetched together (a snapshot, a burst) don't all expire
+            # in the same second and stall the stream with a wave of key-store round trips.
+            self._deks[cache_key] = (aead, now + self._ttl * (0.75 + 0.25 * random.random()))
             self._deks.move_to_end(cache_key)
             while len(self._deks) > self._cache_size:
                 self._deks.popitem(last=False)
