@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from guard.avro_fast import AuditTemplate
+from guard.avro_fast import AuditTemplate, ImageWriter, encode_change
 from guard.catalog import Catalog
 from guard.classify import Classifier, TablePlan
 from guard.codec import AvroCodec
@@ -63,28 +63,6 @@ class Outcome:
     table: str | None = None
     classes: Mapping[str, int] = field(default_factory=dict)
     dlq_reason: str | None = None
-
-
-@dataclass(slots=True)
-class _Image:
-    clear: dict[str, Any]
-    masked: dict[str, str]
-    index: dict[str, str]
-    hashed: dict[str, str]
-    dropped: list[str]
-    erased: list[str]
-    sealed: dict[str, Any] | None
-
-    def as_record(self) -> dict[str, Any]:
-        return {
-            "clear": self.clear,
-            "masked": self.masked,
-            "index": self.index,
-            "hashed": self.hashed,
-            "dropped": self.dropped,
-            "erased": self.erased,
-            "sealed": self.sealed,
-        }
 
 
 def image_aad(
@@ -136,6 +114,7 @@ class Sanitizer:
         self._trace_id: str | None = None
         self._erased_at: dict[str, int] = {}
         self._subject_tokens: dict[Any, str] = {}
+        self._writers: dict[int, ImageWriter] = {}
         self._audit_templates: dict[tuple[Any, ...], AuditTemplate] = {}
 
     # ------------------------------------------------------------------------------------------
@@ -185,9 +164,9 @@ class Sanitizer:
             row = {"prefix": event.message.get("prefix"), "content": event.message.get("content")}
             event.after = row
         if row is None:  # truncate
-            record = self._record(event, None, None, None, [])
+            value = self._change(event, None, None, None, [])
             return Outcome(
-                [OutRecord(out_topic, out_key, self.sanitized_codec.encode(record), partition),
+                [OutRecord(out_topic, out_key, value, partition),
                  self._audit(topic, partition, offset, event.schema_table, event.op, None, "truncate", None, {}, {})],
                 "truncate",
                 event.schema_table,
@@ -218,9 +197,9 @@ class Sanitizer:
             aead, decision = None, "erased_delete" if event.op == "d" else "erased_late"
         before = self._image(plan, event.before, aead, out_topic, event.schema_table, row_key, "before", subject)
         after = self._image(plan, event.after, aead, out_topic, event.schema_table, row_key, "after", subject)
-        record = self._record(event, subject, before, after, [p.name for p in plan.unclassified])
+        value = self._change(event, subject, before, after, [p.name for p in plan.unclassified])
         self.subject_activity[(subject, out_topic)] = plan.retention_s
-        records = [OutRecord(out_topic, out_key, self.sanitized_codec.encode(record), partition)]
+        records = [OutRecord(out_topic, out_key, value, partition)]
         actions = _action_counts(plan, (event.before is not None) + (event.after is not None), aead is not None)
         records.append(self._audit_for_plan(topic, partition, offset, plan, event.op, subject, decision, actions))
         records.extend(extra)
@@ -285,53 +264,40 @@ class Sanitizer:
         row_key: bytes,
         image: str,
         subject: str,
-    ) -> _Image | None:
+    ) -> bytes | None:
+        """One image as Avro bytes: one AES-GCM call seals every protected column (None: no image)."""
         if row is None:
             return None
         if tuple(row) != plan.columns:
             plan = self.classifier.plan(table, row)
-        clear: dict[str, Any] = {}
-        for column in plan.clear:
-            value = row[column]
-            if not isinstance(value, _SCALARS) or _too_long(value):
-                value = orjson.dumps(value).decode()
-            clear[column] = value
-        hashed = {c: self.keys.keyed_hash.digest(c, _bytes(row[c])) for c in plan.hashed if row[c] is not None}
-        if aead is None:
-            protected = [*plan.sealed]
-            return _Image(clear, {}, {}, hashed, list(plan.dropped), protected, None)
-        masked = {c: mask(kind, str(row[c])) for c, kind in plan.masks if row[c] is not None}
-        index = {c: self.keys.index.token(_bytes(row[c])) for c in plan.index if row[c] is not None}
-        sealed = None
-        if plan.sealed:
-            fields = list(plan.sealed)
-            aad = image_aad(topic, table, row_key, image, subject, fields, aead.version)
-            ct = aead.seal(orjson.dumps([row[c] for c in fields]), aad)
-            sealed = {"fields": fields, "ct": ct}
-        return _Image(clear, masked, index, hashed, list(plan.dropped), [], sealed)
+        writer = self._writers.get(id(plan))
+        if writer is None:
+            writer = ImageWriter(clear=plan.clear, masks=plan.masks, index=plan.index, hashed=plan.hashed,
+                                 dropped=plan.dropped, sealed=plan.sealed)
+            self._writers[id(plan)] = writer
+        ciphertext = None
+        if aead is not None:
+            fields = writer.sealed_fields
+            if fields:
+                aad = image_aad(topic, table, row_key, image, subject, fields, aead.version)
+                ciphertext = aead.seal(orjson.dumps([row[c] for c in fields]), aad)
+            else:
+                ciphertext = b""
+        return writer.write(row, mask=mask, token=self.keys.index.token, keyed_hash=self.keys.keyed_hash.digest,
+                            ciphertext=ciphertext)
 
-    def _record(
+    def _change(
         self,
         event: ChangeEvent,
         subject: str | None,
-        before: _Image | None,
-        after: _Image | None,
+        before: bytes | None,
+        after: bytes | None,
         unclassified: list[str],
-    ) -> dict[str, Any]:
-        return {
-            "v": FORMAT_VERSION,
-            "op": event.op,
-            "table": event.schema_table,
-            "branch": self.branch,
-            "db": event.database,
-            "ts_ms": event.ts_ms,
-            "source_ts_ms": event.source_ts_ms,
-            "position": event.position,
-            "subject": subject,
-            "before": before.as_record() if before else None,
-            "after": after.as_record() if after else None,
-            "unclassified": unclassified,
-        }
+    ) -> bytes:
+        return self.sanitized_codec.header + encode_change(
+            op=event.op, table=event.schema_table, branch=self.branch, db=event.database, ts_ms=event.ts_ms,
+            source_ts_ms=event.source_ts_ms, position=event.position, subject=subject, before=before,
+            after=after, unclassified=unclassified)
 
     def _audit_for_plan(self, topic: str, partition: int, offset: int, plan: TablePlan, op: str, subject: str,
                         decision: str, actions: dict[str, int]) -> OutRecord:
