@@ -44,9 +44,6 @@ class TablePlan:
     #: Seconds a data subject's data in this table is kept after its last change (PIPL Art. 19/47).
     retention_s: int = 5 * 365 * 86_400
 
-    def protected_counts(self) -> Mapping[str, int]:
-        return self.class_counts
-
 
 class Classifier:
     """Builds and caches table plans from the catalog and, for unknown columns, the detectors."""

@@ -42,7 +42,6 @@ FORMAT_VERSION = 1
 #: Largest input copied (sealed) into a DLQ record; Kafka's default message limit is 1 MB.
 QUARANTINE_MAX_BYTES = 256 * 1024
 _SCALARS = (str, int, float, bool, type(None))
-_LONG_MAX = 2**63 - 1
 
 
 @dataclass(slots=True)
@@ -510,14 +509,6 @@ def _action_counts(plan: TablePlan, images: int, sealed: bool) -> dict[str, int]
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-def _bytes(value: Any) -> bytes:
-    return value.encode() if isinstance(value, str) else orjson.dumps(value)
-
-
-def _too_long(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and abs(value) > _LONG_MAX
 
 
 class _LocalOnce:
