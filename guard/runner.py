@@ -256,6 +256,8 @@ class SanitizerWorker:
     def _process_batch(self, msgs: list[Message]) -> None:
         sanitizer = self.sanitizer
         start_event, end_event = self.telemetry.start_event, self.telemetry.end_event
+        sanitizer.prefetch((cast(str, m.topic()), cast(int, m.partition()), cast(int, m.offset()), m.value())
+                           for m in msgs if m.error() is None)
         for msg in msgs:
             err = msg.error()
             if err is not None:

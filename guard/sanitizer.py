@@ -21,7 +21,7 @@ import base64
 import hashlib
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,6 +114,7 @@ class Sanitizer:
         self._erased_at: dict[str, int] = {}
         self._subject_tokens: dict[Any, str] = {}
         self._writers: dict[int, ImageWriter] = {}
+        self._predecoded: dict[tuple[str, int, int], ChangeEvent] = {}
         self._audit_templates: dict[tuple[Any, ...], AuditTemplate] = {}
 
     # ------------------------------------------------------------------------------------------
@@ -140,11 +141,46 @@ class Sanitizer:
             return self._dlq(topic, partition, offset, key, value, "internal_error",
                              f"unexpected {type(exc).__name__} while sanitizing")
 
+    def prefetch(self, records: Iterable[tuple[str, int, int, bytes | None]]) -> None:
+        """Decode a batch ahead of `process` and load all the data keys it needs in one round trip.
+
+        The decoded events are kept for `process`, so nothing is decoded twice; records that don't decode
+        are left for `process` to send to the DLQ.
+        """
+        subjects: set[str] = set()
+        self._predecoded.clear()
+        for topic, partition, offset, value in records:
+            try:
+                event = decode_value(value)
+                if event is None:
+                    continue
+                row = event.after if event.after is not None else event.before
+                if row is not None and event.op != "m":
+                    subjects.add(self._subject(self.classifier.plan(event.schema_table, row), row,
+                                               event.schema_table))
+            except Exception:  # noqa: BLE001, S112 - `process` meets the same record and sends it to the DLQ
+                continue
+            self._predecoded[(topic, partition, offset)] = event
+        self.keys.prefetch(self.branch, subjects)
+
+    def _subject(self, plan: TablePlan, row: Mapping[str, Any], schema_table: str) -> str:
+        subject_value = row.get(plan.subject_column) if plan.subject_column else None
+        subject_id = subject_value if subject_value is not None else f"table:{schema_table}"
+        subject = self._subject_tokens.get(subject_id)
+        if subject is None:
+            subject = self.keys.subject_token(subject_id)
+            if len(self._subject_tokens) > 200_000:
+                self._subject_tokens.clear()
+            self._subject_tokens[subject_id] = subject
+        return subject
+
     def _process(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None) -> Outcome:
         schema_table = topic[self._prefix_len:]
         out_topic = self.settings.sanitized_prefix + topic
         out_key = self.sanitize_key(schema_table, key)
-        event = decode_value(value)
+        event = self._predecoded.pop((topic, partition, offset), None) if self._predecoded else None
+        if event is None:
+            event = decode_value(value)
         if event is None:
             # Tombstone: forward it with the sanitized key so compaction downstream still works.
             return Outcome(
@@ -174,14 +210,7 @@ class Sanitizer:
         extra: list[OutRecord] = []
         if plan.unclassified:
             extra.extend(self._drift_alerts(plan, topic))
-        subject_value = row.get(plan.subject_column) if plan.subject_column else None
-        subject_id = subject_value if subject_value is not None else f"table:{event.schema_table}"
-        subject = self._subject_tokens.get(subject_id)
-        if subject is None:
-            subject = self.keys.subject_token(subject_id)
-            if len(self._subject_tokens) > 200_000:
-                self._subject_tokens.clear()
-            self._subject_tokens[subject_id] = subject
+        subject = self._subject(plan, row, event.schema_table)
         row_key = out_key or b""
         decision = "protected"
         try:

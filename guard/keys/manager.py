@@ -131,14 +131,37 @@ class KeyManager:
             raise KeyShreddedError(f"data subject {subject} of branch {branch} was erased; its key is destroyed")
         version, wrapped = found
         aead = Aead(self._unwrap_dek(branch, wrapped, name), version=version)
+        self._remember(branch, subject, aead, now)
+        return aead
+
+    def prefetch(self, branch: str, subjects: set[str]) -> None:
+        """Load (or create) every uncached key of `subjects` in one key-store round trip.
+
+        Called once per batch, so a burst of new or long-idle customers costs one round trip instead of
+        one per event. Erased subjects are skipped; `subject_aead` reports them when they are used.
+        """
+        now = time.monotonic()
+        missing = [s for s in subjects if (hit := self._deks.get((branch, s))) is None or hit[1] <= now]
+        if not missing:
+            return
+        kek = self._kek(branch)
+        found = self.store.get_or_create_deks(
+            branch, [(s, kek.wrap(random_key(), f"dek/{branch}/{s}")) for s in missing])
+        for subject, result in zip(missing, found, strict=True):
+            if result is None:
+                continue
+            version, wrapped = result
+            aead = Aead(self._unwrap_dek(branch, wrapped, f"dek/{branch}/{subject}"), version=version)
+            self._remember(branch, subject, aead, now)
+
+    def _remember(self, branch: str, subject: str, aead: Aead, now: float) -> None:
         with self._lock:
             # Jitter spreads expiries, so keys fetched together (a snapshot, a burst) don't all expire
             # in the same second and stall the stream with a wave of key-store round trips.
-            self._deks[cache_key] = (aead, now + self._ttl * (0.75 + 0.25 * random.random()))
-            self._deks.move_to_end(cache_key)
+            self._deks[(branch, subject)] = (aead, now + self._ttl * (0.75 + 0.25 * random.random()))
+            self._deks.move_to_end((branch, subject))
             while len(self._deks) > self._cache_size:
                 self._deks.popitem(last=False)
-        return aead
 
     def subject_aead_for(self, branch: str, subject: str, sealed: bytes) -> Aead:
         """The key version that sealed `sealed` (for decryption of older records after a rotation)."""

@@ -124,6 +124,18 @@ class RedisKeyStore:
             return None
         return int(version), bytes(wrapped)
 
+    def get_or_create_deks(
+        self, branch: str, items: list[tuple[str, bytes]]
+    ) -> list[tuple[int, bytes] | None]:
+        """`get_or_create_dek` for many subjects in one pipelined round trip (a batch's key prefetch)."""
+        now = int(time.time())
+        pipe = self.client.pipeline(transaction=False)
+        for subject, wrapped in items:
+            self._create_dek(keys=[f"bg:dek:{branch}:{subject}", f"bg:erased:{branch}:{subject}"],
+                             args=[wrapped, now], client=pipe)
+        results = self._call(pipe.execute)
+        return [None if int(version) == -1 else (int(version), bytes(wrapped)) for version, wrapped in results]
+
     def dek_version(self, branch: str, subject: str, version: int) -> bytes | None:
         value = self._call(self.client.hget, f"bg:dek:{branch}:{subject}", f"v{version}")
         return None if value is None else bytes(value)

@@ -251,3 +251,24 @@ def test_retention_sweep_erases_expired_subjects(stack, branch_settings):
     assert confirmations[0]["reason_code"] == "art47_2_retention_expired"
     assert confirmations[0]["trigger"] == "retention_expiry"
     assert san.keys.is_erased(settings.branch, doc["subject"])
+
+
+def test_batch_prefetch_loads_every_key_in_one_round_trip(branch_settings):
+    san = build_sanitizer(branch_settings)
+    rng = random.Random(29)
+    rows = [customer(rng, 9_600_000 + i) for i in range(30)]
+    values = [event("customers", row) for row in rows]
+    topic = "br0101.public.customers"
+    batch = [(topic, 0, i, v) for i, v in enumerate(values)] + [(topic, 0, 99, b"{broken")]
+    calls = []
+    real = san.keys.store.get_or_create_deks
+    san.keys.store.get_or_create_deks = lambda *a, **k: calls.append(1) or real(*a, **k)
+    real_single = san.keys.store.get_or_create_dek
+    san.keys.store.get_or_create_dek = lambda *a, **k: calls.append("single") or real_single(*a, **k)
+    san.prefetch(batch)
+    outcomes = [san.process(topic, 0, i, json.dumps({"customer_id": r["customer_id"]}).encode(), v)
+                for i, (r, v) in enumerate(zip(rows, values, strict=True))]
+    broken = san.process(topic, 0, 99, None, b"{broken")
+    assert calls == [1], calls  # one pipelined round trip, no per-event key lookups
+    assert all(o.decision == "protected" for o in outcomes)
+    assert broken.decision == "dlq" and broken.dlq_reason == "invalid_json"
