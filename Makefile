@@ -8,7 +8,7 @@ GUARD   := $(VENV)/bin/guard
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup system venv stack demo test unit lint bench down clean
+.PHONY: setup system venv stack demo run test unit lint bench down clean
 
 setup: system venv
 
@@ -28,6 +28,11 @@ stack: setup
 
 demo: stack
 	$(GUARD) demo
+
+# Keep sanitizing: a worker in the foreground (Ctrl-C stops it cleanly) in the default group, so it
+# continues exactly where the demo stopped.
+run: stack
+	$(GUARD) run
 
 test: stack
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

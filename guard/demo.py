@@ -112,6 +112,8 @@ def _summary(settings: Settings, stats: Stats, customers: list[int], deleted: li
     ct = (img.get("sealed") or {}).get("ct", b"")
     click.echo(f"subject token {sanitized.get('subject')}; one {len(ct)}-byte ciphertext seals "
                f"{len(sealed)} fields; key = this customer's data key (crypto-shreddable)")
+    click.echo("\nThe demo's guard has stopped. To keep sanitizing new changes: `make run` (or `.venv/bin/guard run`);"
+               " it continues where the demo stopped.")
 
 
 def _find(settings: Settings, topic: str, customer_id: int, *, avro: bool = False) -> dict[str, Any] | None:
