@@ -1,0 +1,329 @@
+r"""Helpers for the reliability tests: complete committed reads, a steady producer, exactly-once checks.
+
+The exactly-once check matches outputs to inputs:
+
+- every input record (topic, partition, offset) has exactly one `guard.audit` record with a per-input
+  decision (protected / tombstone / dlq / truncate / erased_*; not the "erase" record a delete adds) written
+  by one of *this test's* workers
+  (other groups sanitize the same raw topics; the audit record names its worker);
+- for raw topics the test produced itself, every input key (a unique customer id) has exactly one
+  sanitized record, carrying the input's timestamp. Those topics use a raw-topic prefix of their own
+  (`rel<id>.public.customers`, guard setting GUARD_RAW_TOPIC_PREFIX), so no other group's guard (other
+  tests, other sessions: every guard subscribes to `^br0101\.[^.]+\.[^.]+$`) writes to the same sanitized
+  topic or competes for its partitions;
+- no sensitive plaintext value appears in the raw bytes (key + value) of any sanitized, audit, DLQ,
+  anomaly or deletion record.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from guard import synth
+from guard.codec import decode
+from tests.integration.kafka_helpers import Rec
+
+RAW_PREFIX = "br0101"
+AUDIT, DLQ, ANOMALIES, DELETIONS = "guard.audit", "guard.dlq", "guard.anomalies", "guard.deletions"
+WORKLOAD_TABLES = ("customers", "accounts", "transactions", "customer_auth")
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+def wait_until(predicate: Callable[[], Any], *, timeout: float, what: str, interval: float = 1.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+# --- topics and offsets ---------------------------------------------------------------------------
+def _list_all_topics(bootstrap: str) -> dict[str, Any]:
+    # Never name a topic in a metadata request: the broker auto-creates it (auto.create.topics.enable).
+    return AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=15).topics
+
+
+def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(topic, partitions, 1)])[topic].result(timeout=30)
+    wait_until(lambda: topic in _list_all_topics(bootstrap)
+               and len(_list_all_topics(bootstrap)[topic].partitions) == partitions,
+               timeout=30, what=f"topic {topic}", interval=0.2)
+
+
+def end_offsets(bootstrap: str, topics: Iterable[str]) -> dict[tuple[str, int], int]:
+    """High watermarks of every partition of `topics` that exist (missing topics are left out)."""
+    meta = _list_all_topics(bootstrap)
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("rel-probe-")})
+    try:
+        out = {}
+        for topic in topics:
+            if topic not in meta or meta[topic].error is not None:
+                continue
+            for p in meta[topic].partitions:
+                out[(topic, p)] = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=15)[1]
+        return out
+    finally:
+        consumer.close()
+
+
+def raw_topics(bootstrap: str) -> list[str]:
+    return [t for t in _list_all_topics(bootstrap) if t.startswith(RAW_PREFIX + ".") and t.count(".") == 2]
+
+
+def position_group_at_end(bootstrap: str, group: str) -> dict[tuple[str, int], int]:
+    """Commit the current end of every existing raw topic for `group`, so its workers skip history."""
+    ends = end_offsets(bootstrap, raw_topics(bootstrap))
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in ends.items()], asynchronous=False)
+    finally:
+        consumer.close()
+    return ends
+
+
+def read_from(bootstrap: str, topic: str, start: dict[tuple[str, int], int] | None = None, *,
+              timeout: float = 60.0) -> list[Rec]:
+    """Every committed record of `topic` from `start` (per partition; 0 where absent) to its current end.
+
+    Unlike `read_all`, this fails instead of returning a partial read: an open transaction holds the
+    read_committed position below the high watermark until it commits or aborts.
+    """
+    meta = _list_all_topics(bootstrap).get(topic)
+    if meta is None or meta.error is not None or not meta.partitions:
+        return []
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("rel-read-"),
+                         "enable.auto.commit": False, "isolation.level": "read_committed",
+                         "auto.offset.reset": "earliest", "fetch.wait.max.ms": 100})
+    try:
+        starts = {p: (start or {}).get((topic, p), 0) for p in meta.partitions}
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=15)[1] for p in meta.partitions}
+        pending = {p for p in meta.partitions if ends[p] > starts[p]}
+        if not pending:
+            return []
+        consumer.assign([TopicPartition(topic, p, starts[p]) for p in pending])
+        out: list[Rec] = []
+        deadline = time.monotonic() + timeout
+        while pending:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"could not read {topic} to its end within {timeout:.0f}s "
+                                     f"(partitions {sorted(pending)} held back, e.g. by an open transaction)")
+            for msg in consumer.consume(2000, 0.5):
+                if msg.error() is None:
+                    out.append(Rec(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(),
+                                   msg.headers(), msg.timestamp()[1]))
+            for tp in consumer.position([TopicPartition(topic, p) for p in list(pending)]):
+                if tp.offset >= ends[tp.partition]:
+                    pending.discard(tp.partition)
+        return [r for r in out if r.offset < ends[r.partition]]
+    finally:
+        consumer.close()
+
+
+# --- inputs -----------------------------------------------------------------------------------------
+_RARE = "龘龗龖齉靐麤鱻燚垚淼驫羴猋"
+
+
+def customer_row(cid: int, rng: random.Random) -> dict[str, Any]:
+    # 2-3 character names can occur by chance inside legitimate masked addresses (a province or district
+    # stays visible), so the names here get three rare characters: long enough to scan for safely.
+    name = synth.chinese_name(rng) + "".join(rng.choice(_RARE) for _ in range(3))
+    return {"customer_id": cid, "name": name, "id_number": synth.resident_id(rng), "mobile": synth.mobile(rng),
+            "email": synth.email(rng), "address": synth.address(rng), "gender": rng.choice("MF"),
+            "birth_date": rng.randrange(20000), "occupation": "教师", "risk_level": rng.randrange(1, 5),
+            "branch_code": "0101", "created_at": "2026-01-01T00:00:00Z"}
+
+
+def change_event(row: dict[str, Any], *, op: str = "c", table: str = "customers") -> bytes:
+    """A Debezium PostgreSQL change event (JSON converter without schemas), like the connector writes."""
+    now = int(time.time() * 1000)
+    return orjson.dumps({
+        "before": None, "after": row,
+        "source": {"version": "3.6.1.Final", "connector": "postgresql", "name": RAW_PREFIX, "ts_ms": now,
+                   "snapshot": "false", "db": "branch_0101", "schema": "public", "table": table,
+                   "txId": 1, "lsn": now, "xmin": None},
+        "transaction": None, "op": op, "ts_ms": now,
+    })
+
+
+def sensitive_of(row: dict[str, Any]) -> set[str]:
+    return {str(row[c]) for c in ("name", "id_number", "mobile", "email", "address")}
+
+
+@dataclass
+class Produced:
+    cid: int
+    partition: int
+    offset: int
+    timestamp: int
+
+
+@dataclass
+class SteadyProducer:
+    """Produces `count` customer inserts into `topic` at about `rate` records/s from a background thread.
+
+    Each record's key is a unique customer id; partitions are used round-robin. Delivery reports give
+    each input's partition, offset and timestamp. Survives a broker restart (idempotent, long timeouts).
+    """
+
+    bootstrap: str
+    topic: str
+    count: int
+    rate: float
+    partitions: int
+    first_cid: int = field(default_factory=lambda: random.randrange(10**9, 2 * 10**9))
+    produced: list[Produced] = field(default_factory=list)
+    sensitive: set[str] = field(default_factory=set)
+    errors: list[str] = field(default_factory=list)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> SteadyProducer:
+        self._thread = threading.Thread(target=self._run, name="steady-producer", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        producer = Producer({"bootstrap.servers": self.bootstrap, "enable.idempotence": True, "linger.ms": 5,
+                             "message.timeout.ms": 240_000, "reconnect.backoff.max.ms": 1000})
+        rng = random.Random(self.first_cid)
+
+        def report(err: KafkaError | None, msg: Any) -> None:
+            if err is not None:
+                self.errors.append(str(err))
+            else:
+                cid = orjson.loads(msg.key())["customer_id"]
+                self.produced.append(Produced(cid, msg.partition(), msg.offset(), msg.timestamp()[1]))
+
+        t0 = time.monotonic()
+        for i in range(self.count):
+            row = customer_row(self.first_cid + i, rng)
+            self.sensitive |= sensitive_of(row)
+            producer.produce(self.topic, change_event(row), orjson.dumps({"customer_id": row["customer_id"]}),
+                             partition=i % self.partitions, on_delivery=report)
+            producer.poll(0)
+            delay = t0 + (i + 1) / self.rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        producer.flush(240)
+
+    def join(self, timeout: float = 300) -> list[Produced]:
+        assert self._thread is not None
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the steady producer did not finish"
+        assert not self.errors, f"producer delivery errors: {self.errors[:5]}"
+        assert len(self.produced) == self.count, f"{len(self.produced)} of {self.count} inputs delivered"
+        return self.produced
+
+    @property
+    def sent(self) -> int:
+        return len(self.produced)
+
+
+# --- outputs and checks -----------------------------------------------------------------------------
+def audits(bootstrap: str, start: dict[tuple[str, int], int], *, workers: set[str] | None = None,
+           topics: set[str] | None = None) -> list[tuple[Rec, dict[str, Any]]]:
+    """Decoded `guard.audit` records since `start`, optionally only of `workers` and source `topics`."""
+    out = []
+    for rec in read_from(bootstrap, AUDIT, start):
+        if rec.value is None:
+            continue
+        doc = decode(rec.value)
+        if workers is not None and doc["worker"] not in workers:
+            continue
+        if topics is not None and doc["source_topic"] not in topics:
+            continue
+        out.append((rec, doc))
+    return out
+
+
+def per_input_counts(audit: list[tuple[Rec, dict[str, Any]]]) -> Counter[tuple[str, int, int]]:
+    """Per-input decisions (protected, tombstone, truncate, dlq, erased_delete, erased_late, ...) by input.
+
+    A delete of a subject's root row has a second audit record at the same source offset, for the erasure
+    it triggered (op "erase": shredded / held); that one is not a per-input decision.
+    """
+    return Counter((d["source_topic"], d["source_partition"], d["source_offset"]) for _, d in audit
+                   if d["op"] != "erase")
+
+
+def assert_exactly_once_audit(inputs: set[tuple[str, int, int]], audit: list[tuple[Rec, dict[str, Any]]]) -> None:
+    counts = per_input_counts(audit)
+    missing = sorted(inputs - set(counts))
+    duplicated = sorted(k for k, n in counts.items() if n > 1 and k in inputs)
+    assert not missing, f"{len(missing)} of {len(inputs)} inputs have no audit decision (LOST), e.g. {missing[:10]}"
+    assert not duplicated, (f"{len(duplicated)} inputs were decided more than once (DUPLICATED), e.g. "
+                            f"{[(k, counts[k]) for k in duplicated[:10]]}")
+
+
+def assert_sanitized_once(produced: list[Produced], sanitized: list[Rec]) -> None:
+    """Each input (unique customer id) has exactly one sanitized record, with the input's timestamp."""
+    mine = {p.cid for p in produced}
+    by_cid: dict[int, list[Rec]] = {}
+    for rec in sanitized:
+        assert rec.key is not None
+        cid = orjson.loads(rec.key)["customer_id"]
+        by_cid.setdefault(cid if cid in mine else -1, []).append(rec)
+    lost = [p.cid for p in produced if p.cid not in by_cid]
+    dup = {cid: len(rs) for cid, rs in by_cid.items() if len(rs) > 1}
+    assert not lost, f"{len(lost)} of {len(produced)} inputs have no sanitized record (LOST), e.g. {lost[:10]}"
+    assert not dup, f"{len(dup)} inputs have several sanitized records (DUPLICATED), e.g. {list(dup.items())[:10]}"
+    assert -1 not in by_cid, f"{len(by_cid[-1])} sanitized records match no input"
+    wrong_ts = [p.cid for p in produced if by_cid[p.cid][0].timestamp != p.timestamp]
+    assert not wrong_ts, f"{len(wrong_ts)} sanitized records lost their input's timestamp, e.g. {wrong_ts[:10]}"
+    for rec in sanitized:
+        assert rec.value is not None and decode(rec.value)["after"]["sealed"], "an insert was not sealed"
+
+
+def needles_of(values: Iterable[str]) -> list[bytes]:
+    """Sensitive values long enough not to match by chance: 4+ characters.
+
+    Shorter ones (the workload's 2-3 character names) are left out: they occur inside legitimate masked
+    display forms (e.g. a name "石家" in the visible "河北省石家庄市" prefix of a masked address).
+    """
+    return sorted({v.encode() for v in values if v and v != "None" and len(v) >= 4})
+
+
+def assert_no_leak(records: Iterable[Rec], values: Iterable[str]) -> int:
+    needles = needles_of(values)
+    assert needles
+    scanned = 0
+    for rec in records:
+        blob = (rec.key or b"") + b"\x00" + (rec.value or b"")
+        scanned += 1
+        for needle in needles:
+            assert needle not in blob, f"plaintext leaked into {rec.topic}[{rec.partition}]@{rec.offset}"
+    return scanned
+
+
+def dlq_records(bootstrap: str, start: dict[tuple[str, int], int], topics: set[str]) -> list[tuple[Rec, dict]]:
+    out = []
+    for rec in read_from(bootstrap, DLQ, start):
+        doc = orjson.loads(rec.value) if rec.value else {}
+        if doc.get("source", {}).get("topic") in topics:
+            out.append((rec, doc))
+    return out
+
+
+def log_tail(*workers: Any, chars: int = 4000) -> str:
+    """The end of each worker's log, without librdkafka's connection chatter (lines starting with %)."""
+    def tail(w: Any) -> str:
+        lines = [ln for ln in w.log().splitlines() if not ln.startswith("%")]
+        return "\n".join(lines)[-chars:]
+    return "\n".join(f"--- {w.worker_id} (alive={w.alive()}, log {w.log_path}) ---\n{tail(w)}" for w in workers)
