@@ -22,6 +22,7 @@ The parts that matter for "nothing lost, nothing duplicated":
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import signal
 import time
@@ -48,6 +49,10 @@ from guard.telemetry import Telemetry
 log = logging.getLogger("guard.runner")
 
 OUTPUT_TOPIC_PARTITIONS = 3
+
+
+class ProducerStuckError(Exception):
+    """A transactional producer call did not return within its deadline."""
 
 
 @dataclass
@@ -171,18 +176,21 @@ class SanitizerWorker:
                 "stats_cb": self.telemetry.on_stats,
             }
         )
-        self.producer = Producer(
-            {
-                **common,
-                "client.id": f"guard-{settings.worker_id}",
-                "transactional.id": settings.transactional_id(),
-                "transaction.timeout.ms": settings.transaction_timeout_ms,
-                "enable.idempotence": True,
-                "linger.ms": 5,
-                "compression.type": "lz4",
-                "queue.buffering.max.messages": 500_000,
-            }
-        )
+        self._producer_config: dict[str, Any] = {
+            **common,
+            "client.id": f"guard-{settings.worker_id}",
+            "transactional.id": settings.transactional_id(),
+            "transaction.timeout.ms": settings.transaction_timeout_ms,
+            "enable.idempotence": True,
+            "linger.ms": 5,
+            "compression.type": "lz4",
+            "queue.buffering.max.messages": 500_000,
+        }
+        self.producer = Producer(self._producer_config)
+        self._abandoned: list[Producer] = []
+        self._txn_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bg-txn")
+        #: Longest a transactional call may take before the producer is replaced.
+        self._txn_deadline_s = settings.transaction_timeout_ms / 1000 + 15
         self._in_txn = False
         self._first: dict[tuple[str, int], int] = {}
         self._last: dict[tuple[str, int], int] = {}
@@ -205,7 +213,7 @@ class SanitizerWorker:
     def run(self, *, max_idle_s: float | None = None, until: Callable[[Stats], bool] | None = None) -> Stats:
         """Process until stopped (SIGTERM), until `until(stats)` is true, or after `max_idle_s` idle."""
         self.prepare_output_topics()
-        self.producer.init_transactions(30)
+        self._txn("init", lambda: self.producer.init_transactions(10))
         self.consumer.subscribe(
             [self.settings.raw_topic_pattern], on_revoke=self._on_revoke, on_lost=self._on_lost
         )
@@ -245,8 +253,8 @@ class SanitizerWorker:
             if self._in_txn:
                 try:
                     self._commit()
-                except (KafkaException, KeyUnavailableError):
-                    self._abort()
+                except (KafkaException, KeyUnavailableError, ProducerStuckError) as exc:
+                    log.warning("final commit failed (%s); the next owner reprocesses the open batch", exc)
             self.consumer.close()
             self.producer.flush(10)
             self.telemetry.shutdown()
@@ -256,6 +264,11 @@ class SanitizerWorker:
     def _process_batch(self, msgs: list[Message]) -> None:
         sanitizer = self.sanitizer
         start_event, end_event = self.telemetry.start_event, self.telemetry.end_event
+        # Rewind points first: if any record of this batch fails (e.g. the key store is down), the abort
+        # must seek back every partition the batch touched, including the ones not reached yet.
+        for msg in msgs:
+            if msg.error() is None:
+                self._first.setdefault((cast(str, msg.topic()), cast(int, msg.partition())), cast(int, msg.offset()))
         sanitizer.prefetch((cast(str, m.topic()), cast(int, m.partition()), cast(int, m.offset()), m.value())
                            for m in msgs if m.error() is None)
         for msg in msgs:
@@ -268,7 +281,7 @@ class SanitizerWorker:
                 log.warning("consumer error: %s", err)
                 continue
             if not self._in_txn:
-                self.producer.begin_transaction()
+                self._txn("begin", self.producer.begin_transaction)
                 self._in_txn = True
                 self._txn_started = time.monotonic()
                 self._txn_records = 0
@@ -287,10 +300,7 @@ class SanitizerWorker:
                     raise
                 outcome = sanitizer.too_large(topic, partition, offset, msg.key(), msg.value())
                 self._produce_all(outcome, topic, ts, headers)
-            tp = (topic, partition)
-            if tp not in self._first:
-                self._first[tp] = offset
-            self._last[tp] = offset
+            self._last[(topic, partition)] = offset
             self._txn_records += 1
             self.batch.add(outcome, ts)
         self.producer.poll(0)
@@ -313,21 +323,27 @@ class SanitizerWorker:
         if not self._in_txn:
             return
         if not self._last:
-            self.producer.abort_transaction(30)
-            self._in_txn = False
+            self._abort()
             return
         try:
             self.sanitizer.keys.store.record_subject_activity(self.sanitizer.branch, self.sanitizer.subject_activity)
             offsets = [TopicPartition(t, p, o + 1) for (t, p), o in self._last.items()]
-            self.producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(), 30)
-            self.producer.commit_transaction(30)
+            metadata = self.consumer.consumer_group_metadata()
+            self._txn("send offsets", lambda: self.producer.send_offsets_to_transaction(offsets, metadata, 10))
+            self._txn("commit", lambda: self.producer.commit_transaction(10))
         except KafkaException as exc:
             error = exc.args[0]
             if isinstance(error, KafkaError) and error.txn_requires_abort():
                 log.warning("transaction must be aborted (%s); the batch will be processed again", error)
                 self._abort()
                 return
-            raise
+            log.error("commit failed (%s); replacing the producer and rewinding to the committed offsets", error)
+            self._recover()
+            return
+        except ProducerStuckError as exc:
+            log.error("%s; replacing the producer and rewinding to the committed offsets", exc)
+            self._recover()
+            return
         except KeyUnavailableError:
             self._abort()
             raise
@@ -337,10 +353,7 @@ class SanitizerWorker:
         log.debug("committed a transaction of %d events over %d partitions", batch.events, len(self._last))
         self.telemetry.on_commit(batch.by_table_decision, batch.fields, batch.dlq, batch.records_out,
                                  batch.timestamps_ms)
-        self._in_txn = False
-        self._txn_records = 0
-        self._first.clear()
-        self._last.clear()
+        self._reset_batch()
         if self._on_batch is not None:
             self._on_batch(self.stats)
 
@@ -348,21 +361,71 @@ class SanitizerWorker:
         """Abort the open transaction and rewind every partition it touched to its first record."""
         if self._in_txn:
             try:
-                self.producer.abort_transaction(30)
-            except KafkaException as exc:
-                log.error("abort failed: %s", exc)
-                raise
+                self._txn("abort", lambda: self.producer.abort_transaction(10))
+            except (KafkaException, ProducerStuckError) as exc:
+                log.error("abort failed (%s); replacing the producer and rewinding to the committed offsets", exc)
+                self._recover()
+                return
         self.stats.aborts += 1
-        self.batch = BatchCounters()
         assigned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
         for (topic, partition), offset in self._first.items():
             if (topic, partition) in assigned:
                 self.consumer.seek(TopicPartition(topic, partition, offset))
+        self._reset_batch()
+
+    def _reset_batch(self) -> None:
+        self.batch = BatchCounters()
         self.sanitizer.subject_activity.clear()
         self._in_txn = False
         self._txn_records = 0
         self._first.clear()
         self._last.clear()
+
+    # --- transactional calls that can't hang ------------------------------------------------------
+    def _txn(self, what: str, call: Callable[[], object]) -> None:
+        """Run a transactional producer call: retry retriable errors, and never wait past a deadline.
+
+        After a broker restart librdkafka's transactional calls can block far beyond their own timeout
+        (seen: commit_transaction(30) not returning after 150 s). The call runs in a helper thread; if
+        the deadline passes, `ProducerStuckError` makes the worker replace its producer (`_recover`).
+        """
+        deadline = time.monotonic() + self._txn_deadline_s
+        while True:
+            future = self._txn_pool.submit(call)
+            try:
+                future.result(timeout=max(0.1, deadline - time.monotonic()))
+                return
+            except concurrent.futures.TimeoutError:
+                raise ProducerStuckError(f"transactional {what} did not finish within "
+                                         f"{self._txn_deadline_s:.0f} s") from None
+            except KafkaException as exc:
+                error = exc.args[0]
+                if isinstance(error, KafkaError) and error.retriable() and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    continue
+                raise
+
+    def _recover(self) -> None:
+        """Replace a failed or stuck producer and rewind to what the group really committed.
+
+        The new producer's `init_transactions()` (same transactional id) fences the old one, and the
+        coordinator aborts its open transaction. Whether the last commit went through or not, the
+        group's committed offsets say where processing must resume, so nothing is lost or doubled.
+        """
+        self.stats.aborts += 1
+        self._abandoned.append(self.producer)  # destroying a stuck client can block: keep it aside
+        self._txn_pool.shutdown(wait=False)
+        self._txn_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bg-txn")
+        self.producer = Producer(self._producer_config)
+        self._txn("init", lambda: self.producer.init_transactions(10))
+        assigned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+        touched = [TopicPartition(t, p) for (t, p) in self._first if (t, p) in assigned]
+        if touched:
+            committed = self.consumer.committed(touched, timeout=30)
+            for tp in committed:
+                offset = tp.offset if tp.offset >= 0 else self._first[(tp.topic, tp.partition)]
+                self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+        self._reset_batch()
 
     # --- rebalance callbacks ----------------------------------------------------------------------
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
