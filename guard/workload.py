@@ -24,9 +24,12 @@ class WorkloadResult:
     statements: int = 0
 
 
-def next_customer_id(conn: psycopg.Connection[Any]) -> int:
-    row = conn.execute("SELECT coalesce(max(customer_id), 0) + 1 FROM customers").fetchone()
-    return int(row[0]) if row else 1
+def next_customer_ids(conn: psycopg.Connection[Any], count: int) -> list[int]:
+    """Customer ids never used before, from a sequence: an erased customer's id must not come back
+    (the guard refuses new writes for an erased data subject, as a bank would never reuse the id)."""
+    conn.execute("CREATE SEQUENCE IF NOT EXISTS workload_customer_id START WITH 1000000")
+    rows = conn.execute("SELECT nextval('workload_customer_id') FROM generate_series(1, %s)", (count,)).fetchall()
+    return [int(r[0]) for r in rows]
 
 
 def run_workload(dsn: str, *, customers: int = 20, seed: int | None = None, delete: int = 2,
@@ -35,8 +38,7 @@ def run_workload(dsn: str, *, customers: int = 20, seed: int | None = None, dele
     rng = random.Random(seed)
     result = WorkloadResult()
     with psycopg.connect(dsn, autocommit=True) as conn:
-        start = next_customer_id(conn)
-        ids = list(range(start, start + customers))
+        ids = next_customer_ids(conn, customers)
         for cid in ids:
             data: Any = synth.demo_dataset(rng.randrange(1 << 30), 1)
             cust = dict(data["customers"][0], customer_id=cid)
