@@ -107,7 +107,9 @@ def _run_stack(fn: Any) -> Any:
 @click.pass_context
 def run(ctx: click.Context, worker_id: str | None, max_idle: float | None) -> None:
     """Sanitize the branch's raw CDC topics into sanitized.* topics, exactly once, until SIGTERM."""
-    from guard.runner import SanitizerWorker
+    from confluent_kafka import KafkaException
+
+    from guard.runner import ProducerStuckError, SanitizerWorker
     from guard.runtime import build_sanitizer
 
     settings = _settings(ctx)
@@ -122,6 +124,12 @@ def run(ctx: click.Context, worker_id: str | None, max_idle: float | None) -> No
         stats = worker.run(max_idle_s=max_idle)
     except GuardError as exc:
         raise click.ClickException(str(exc)) from None
+    except (KafkaException, ProducerStuckError) as exc:
+        raise click.ClickException(
+            f"Kafka at {settings.kafka_bootstrap} failed the sanitizer ({exc}); check `guard stack status` or "
+            "GUARD_KAFKA_BOOTSTRAP. Restart the worker with the same --worker-id: it resumes from the last "
+            "committed transaction."
+        ) from None
     click.echo(dumps_json(stats.__dict__).decode(), err=True)
 
 
