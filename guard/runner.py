@@ -326,7 +326,9 @@ class SanitizerWorker:
             self._abort()
             return
         try:
-            self.sanitizer.keys.store.record_subject_activity(self.sanitizer.branch, self.sanitizer.subject_activity)
+            activity = self.sanitizer.pending_activity()
+            self.sanitizer.keys.store.record_subject_activity(self.sanitizer.branch, activity)
+            self.sanitizer.mark_recorded(activity)
             offsets = [TopicPartition(t, p, o + 1) for (t, p), o in self._last.items()]
             metadata = self.consumer.consumer_group_metadata()
             self._txn("send offsets", lambda: self.producer.send_offsets_to_transaction(offsets, metadata, 10))

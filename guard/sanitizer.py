@@ -39,6 +39,9 @@ from guard.keys.primitives import Aead
 from guard.masking import mask
 
 FORMAT_VERSION = 1
+#: A worker re-records a (subject, topic) pair's activity in the key store at most this often; expiries
+#: are padded by the same amount, so a retention sweep is never early, at most this much late.
+ACTIVITY_REFRESH_S = 3600
 #: Largest input copied (sealed) into a DLQ record; Kafka's default message limit is 1 MB.
 QUARANTINE_MAX_BYTES = 256 * 1024
 _SCALARS = (str, int, float, bool, type(None))
@@ -115,6 +118,7 @@ class Sanitizer:
         self._subject_tokens: dict[Any, str] = {}
         self._writers: dict[int, ImageWriter] = {}
         self._predecoded: dict[tuple[str, int, int], ChangeEvent] = {}
+        self._activity_recorded: dict[tuple[str, str], float] = {}
         self._audit_templates: dict[tuple[Any, ...], AuditTemplate] = {}
 
     # ------------------------------------------------------------------------------------------
@@ -162,6 +166,25 @@ class Sanitizer:
                 continue
             self._predecoded[(topic, partition, offset)] = event
         self.keys.prefetch(self.branch, subjects)
+
+    def pending_activity(self) -> dict[tuple[str, str], int]:
+        """The open batch's (subject, topic) → retention seconds not recorded in the last hour.
+
+        Steady traffic of known customers then costs the key store nothing at commit time; retention
+        expiries carry `ACTIVITY_REFRESH_S` of padding to stay on the safe side.
+        """
+        now = self._clock()
+        recorded = self._activity_recorded
+        return {pair: retention_s + ACTIVITY_REFRESH_S for pair, retention_s in self.subject_activity.items()
+                if (last := recorded.get(pair)) is None or now - last > ACTIVITY_REFRESH_S}
+
+    def mark_recorded(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """Note that the key store now has these pairs' activity (call after the write succeeded)."""
+        now = self._clock()
+        if len(self._activity_recorded) > 500_000:
+            self._activity_recorded.clear()
+        for pair in pairs:
+            self._activity_recorded[pair] = now
 
     def _subject(self, plan: TablePlan, row: Mapping[str, Any], schema_table: str) -> str:
         subject_value = row.get(plan.subject_column) if plan.subject_column else None
