@@ -363,7 +363,8 @@ class SanitizerWorker:
         """Abort the open transaction and rewind every partition it touched to its first record."""
         if self._in_txn:
             try:
-                self._txn("abort", lambda: self.producer.abort_transaction(10))
+                # A short deadline: when an abort can't finish quickly, replacing the producer is faster.
+                self._txn("abort", lambda: self.producer.abort_transaction(5), deadline_s=10)
             except (KafkaException, ProducerStuckError) as exc:
                 log.error("abort failed (%s); replacing the producer and rewinding to the committed offsets", exc)
                 self._recover()
@@ -384,22 +385,22 @@ class SanitizerWorker:
         self._last.clear()
 
     # --- transactional calls that can't hang ------------------------------------------------------
-    def _txn(self, what: str, call: Callable[[], object]) -> None:
+    def _txn(self, what: str, call: Callable[[], object], deadline_s: float | None = None) -> None:
         """Run a transactional producer call: retry retriable errors, and never wait past a deadline.
 
         After a broker restart librdkafka's transactional calls can block far beyond their own timeout
         (seen: commit_transaction(30) not returning after 150 s). The call runs in a helper thread; if
         the deadline passes, `ProducerStuckError` makes the worker replace its producer (`_recover`).
         """
-        deadline = time.monotonic() + self._txn_deadline_s
+        limit = deadline_s if deadline_s is not None else self._txn_deadline_s
+        deadline = time.monotonic() + limit
         while True:
             future = self._txn_pool.submit(call)
             try:
                 future.result(timeout=max(0.1, deadline - time.monotonic()))
                 return
             except concurrent.futures.TimeoutError:
-                raise ProducerStuckError(f"transactional {what} did not finish within "
-                                         f"{self._txn_deadline_s:.0f} s") from None
+                raise ProducerStuckError(f"transactional {what} did not finish within {limit:.0f} s") from None
             except KafkaException as exc:
                 error = exc.args[0]
                 if isinstance(error, KafkaError) and error.retriable() and time.monotonic() < deadline:
@@ -439,6 +440,10 @@ class SanitizerWorker:
                 self._abort()
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        log.warning("partitions lost: %s; aborting the open transaction", partitions)
+        log.warning("%d partitions lost (session expired, e.g. a broker restart)", len(partitions))
         if self._in_txn:
-            self._abort()
+            # The partitions are someone else's now: don't wait on an abort the broker may not answer
+            # for a while. A new producer with the same transactional id fences ours and the coordinator
+            # aborts the open transaction.
+            log.warning("replacing the producer: its open transaction covered lost partitions")
+            self._recover()
