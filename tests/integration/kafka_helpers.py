@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 REPO = Path(__file__).resolve().parents[2]
 GUARD = [sys.executable, "-m", "guard.cli"]
@@ -38,10 +38,7 @@ def read_all(bootstrap: str, topic: str, *, timeout: float = 5.0) -> list[Rec]:
         meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
         if meta is None or meta.error is not None or not meta.partitions:
             return []
-        ends = {}
-        for p in meta.partitions:
-            _, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            ends[p] = high
+        ends = {p: _high_watermark(consumer, topic, p) for p in meta.partitions}
         consumer.assign([TopicPartition(topic, p, 0) for p in meta.partitions])
         out: list[Rec] = []
         deadline = time.monotonic() + timeout
@@ -59,6 +56,18 @@ def read_all(bootstrap: str, topic: str, *, timeout: float = 5.0) -> list[Rec]:
         return out
     finally:
         consumer.close()
+
+
+def _high_watermark(consumer: Consumer, topic: str, partition: int, timeout: float = 20.0) -> int:
+    """High watermark, retrying transient errors (a topic created a moment ago may have no leader yet)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return int(consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)[1])
+        except KafkaException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def wait_for(bootstrap: str, topic: str, predicate: Callable[[list[Rec]], bool], *, timeout: float = 90.0) -> list[Rec]:
