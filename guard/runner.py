@@ -12,7 +12,11 @@ The parts that matter for "nothing lost, nothing duplicated":
   the first offset the batch processed, so the records are processed again, not skipped.
 - **Rebalance**: partitions can only be revoked inside `consume()`, i.e. between batches; the revoke
   callback commits the open transaction while this worker still owns the partitions. If partitions are
-  *lost* (the session expired), their progress is not ours to commit: the transaction is aborted.
+  *lost* (the session expired), their progress is not ours to commit: the producer is replaced, which
+  fences it and makes the coordinator abort its open transaction (waiting on an abort can take minutes
+  after a broker restart).
+- **Stuck calls**: transactional calls run under a deadline; a producer that doesn't answer is replaced
+  and every partition of the batch is rewound to the group's committed offset.
 - **Fencing**: the transactional id is `<group>-<worker id>`. A restarted worker with the same id fences
   its crashed predecessor at `init_transactions()` and aborts its open transaction at once. Group
   metadata in `send_offsets_to_transaction` (KIP-447) fences zombies across rebalances too.
