@@ -14,9 +14,15 @@ The parts that matter for "nothing lost, nothing duplicated":
   callback commits the open transaction while this worker still owns the partitions. If partitions are
   *lost* (the session expired), their progress is not ours to commit: the producer is replaced, which
   fences it and makes the coordinator abort its open transaction (waiting on an abort can take minutes
-  after a broker restart).
+  after a broker restart). Nothing is sought: whoever gets the partitions next starts from the group's
+  committed offsets.
 - **Stuck calls**: transactional calls run under a deadline; a producer that doesn't answer is replaced
   and every partition of the batch is rewound to the group's committed offset.
+- **Wedged clients**: if a recovery step itself fails (the coordinator doesn't answer an offset fetch, a
+  new producer can't initialise, a fatal client error), the worker rebuilds both clients (the old
+  consumer leaves the group, the new producer fences the old one) and resumes from the committed offsets,
+  retrying with a back-off while the cluster is unreachable. The worker never exits on a Kafka failure,
+  only on a stop request.
 - **Fencing**: the transactional id is `<group>-<worker id>`. A restarted worker with the same id fences
   its crashed predecessor at `init_transactions()` and aborts its open transaction at once. Group
   metadata in `send_offsets_to_transaction` (KIP-447) fences zombies across rebalances too.
@@ -161,25 +167,25 @@ class SanitizerWorker:
         common: dict[str, Any] = {"bootstrap.servers": settings.kafka_bootstrap}
         self.admin = AdminClient(common)
         self.topics = TopicManager(self.admin)
-        self.consumer = Consumer(
-            {
-                **common,
-                "group.id": settings.group_id,
-                "client.id": f"guard-{settings.worker_id}",
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "isolation.level": "read_committed",
-                "auto.offset.reset": "earliest",
-                "topic.metadata.refresh.interval.ms": 3000,
-                "partition.assignment.strategy": "cooperative-sticky",
-                "session.timeout.ms": 15000,
-                "heartbeat.interval.ms": 1000,
-                "max.poll.interval.ms": 120000,
-                "fetch.wait.max.ms": 50,
-                "statistics.interval.ms": 5000 if settings.metrics_port or settings.otlp_endpoint else 0,
-                "stats_cb": self.telemetry.on_stats,
-            }
-        )
+        self._consumer_config: dict[str, Any] = {
+            **common,
+            "group.id": settings.group_id,
+            "client.id": f"guard-{settings.worker_id}",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "isolation.level": "read_committed",
+            "auto.offset.reset": "earliest",
+            "topic.metadata.refresh.interval.ms": 3000,
+            "partition.assignment.strategy": "cooperative-sticky",
+            "session.timeout.ms": 15000,
+            "heartbeat.interval.ms": 1000,
+            "max.poll.interval.ms": 120000,
+            "fetch.wait.max.ms": 50,
+            "reconnect.backoff.max.ms": 1000,
+            "statistics.interval.ms": 5000 if settings.metrics_port or settings.otlp_endpoint else 0,
+            "stats_cb": self.telemetry.on_stats,
+        }
+        self.consumer = Consumer(self._consumer_config)
         self._producer_config: dict[str, Any] = {
             **common,
             "client.id": f"guard-{settings.worker_id}",
@@ -189,9 +195,10 @@ class SanitizerWorker:
             "linger.ms": 5,
             "compression.type": "lz4",
             "queue.buffering.max.messages": 500_000,
+            "reconnect.backoff.max.ms": 1000,
         }
         self.producer = Producer(self._producer_config)
-        self._abandoned: list[Producer] = []
+        self._abandoned: list[Producer | Consumer] = []
         self._txn_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bg-txn")
         #: Longest a transactional call may take before the producer is replaced.
         self._txn_deadline_s = settings.transaction_timeout_ms / 1000 + 15
@@ -218,21 +225,20 @@ class SanitizerWorker:
         """Process until stopped (SIGTERM), until `until(stats)` is true, or after `max_idle_s` idle."""
         self.prepare_output_topics()
         self._txn("init", lambda: self.producer.init_transactions(10))
-        self.consumer.subscribe(
-            [self.settings.raw_topic_pattern], on_revoke=self._on_revoke, on_lost=self._on_lost
-        )
+        self._subscribe()
         backoff = 0.5
         idle_since = time.monotonic()
         window = self.settings.batch_ms / 1000
         try:
             while self._running:
-                # While a transaction is open, wait only for what is left of its window, so a record
-                # waits at most ~batch_ms for its commit, not a full extra poll.
-                timeout = window
-                if self._in_txn:
-                    timeout = max(0.0, self._txn_started + window - time.monotonic())
-                msgs = self.consumer.consume(max(1, self.settings.batch_size - self._txn_records), timeout)
+                msgs: list[Message] = []
                 try:
+                    # While a transaction is open, wait only for what is left of its window, so a record
+                    # waits at most ~batch_ms for its commit, not a full extra poll.
+                    timeout = window
+                    if self._in_txn:
+                        timeout = max(0.0, self._txn_started + window - time.monotonic())
+                    msgs = self.consumer.consume(max(1, self.settings.batch_size - self._txn_records), timeout)
                     if msgs:
                         idle_since = time.monotonic()
                         self._process_batch(msgs)
@@ -249,6 +255,11 @@ class SanitizerWorker:
                     time.sleep(backoff)
                     backoff = min(backoff * 2, 10.0)
                     continue
+                except (KafkaException, ProducerStuckError) as exc:
+                    log.error("Kafka client failure (%s); rebuilding the clients, resuming from the committed "
+                              "offsets", exc)
+                    self._rebuild_clients()
+                    continue
                 if until is not None and until(self.stats):
                     break
                 if max_idle_s is not None and not msgs and time.monotonic() - idle_since > max_idle_s:
@@ -259,10 +270,18 @@ class SanitizerWorker:
                     self._commit()
                 except (KafkaException, KeyUnavailableError, ProducerStuckError) as exc:
                     log.warning("final commit failed (%s); the next owner reprocesses the open batch", exc)
-            self.consumer.close()
-            self.producer.flush(10)
+            self._close_consumer(self.consumer)
+            try:
+                self.producer.flush(10)
+            except KafkaException as exc:
+                log.warning("producer flush at exit failed (%s)", exc)
             self.telemetry.shutdown()
         return self.stats
+
+    def _subscribe(self) -> None:
+        self.consumer.subscribe(
+            [self.settings.raw_topic_pattern], on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
 
     # --- one batch --------------------------------------------------------------------------------
     def _process_batch(self, msgs: list[Message]) -> None:
@@ -417,14 +436,11 @@ class SanitizerWorker:
 
         The new producer's `init_transactions()` (same transactional id) fences the old one, and the
         coordinator aborts its open transaction. Whether the last commit went through or not, the
-        group's committed offsets say where processing must resume, so nothing is lost or doubled.
+        group's committed offsets say where processing must resume, so nothing is lost or doubled. If
+        the committed offsets can't be read, the exception reaches `run()`, which rebuilds the clients.
         """
         self.stats.aborts += 1
-        self._abandoned.append(self.producer)  # destroying a stuck client can block: keep it aside
-        self._txn_pool.shutdown(wait=False)
-        self._txn_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bg-txn")
-        self.producer = Producer(self._producer_config)
-        self._txn("init", lambda: self.producer.init_transactions(10))
+        self._replace_producer()
         assigned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
         touched = [TopicPartition(t, p) for (t, p) in self._first if (t, p) in assigned]
         if touched:
@@ -433,6 +449,53 @@ class SanitizerWorker:
                 offset = tp.offset if tp.offset >= 0 else self._first[(tp.topic, tp.partition)]
                 self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
         self._reset_batch()
+
+    def _replace_producer(self) -> None:
+        """Set the producer aside (destroying a stuck client can block) and initialise a new one."""
+        self._abandoned.append(self.producer)
+        self._txn_pool.shutdown(wait=False)
+        self._txn_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bg-txn")
+        self.producer = Producer(self._producer_config)
+        self._txn("init", lambda: self.producer.init_transactions(10))
+
+    def _rebuild_clients(self) -> None:
+        """Start over with a new consumer and producer, from the group's committed offsets.
+
+        The last resort when a recovery step fails: the old consumer leaves the group (its partitions
+        go back to the group with their committed offsets) and the new producer fences the old one, so
+        its open transaction is aborted. Retries with a back-off until the cluster answers or a stop is
+        requested.
+        """
+        self.stats.aborts += 1
+        self._reset_batch()
+        self._close_consumer(self.consumer)
+        backoff = 1.0
+        while self._running:
+            try:
+                self.consumer = Consumer(self._consumer_config)
+                self._replace_producer()
+                self._subscribe()
+                log.warning("Kafka clients rebuilt; resuming from the committed offsets")
+                return
+            except (KafkaException, ProducerStuckError) as exc:
+                log.error("rebuilding the Kafka clients failed (%s); retrying in %.0f s", exc, backoff)
+                self._close_consumer(self.consumer)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    def _close_consumer(self, consumer: Consumer, deadline_s: float = 30.0) -> None:
+        """Leave the group within a deadline; a consumer that can't close in time is set aside."""
+        closer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bg-close")
+        future = closer.submit(consumer.close)
+        try:
+            future.result(timeout=deadline_s)
+        except concurrent.futures.TimeoutError:
+            log.warning("the consumer did not close within %.0f s; set aside", deadline_s)
+            self._abandoned.append(consumer)
+        except (KafkaException, RuntimeError) as exc:
+            log.warning("closing the consumer reported %s", exc)
+        finally:
+            closer.shutdown(wait=False)
 
     # --- rebalance callbacks ----------------------------------------------------------------------
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -448,6 +511,9 @@ class SanitizerWorker:
         if self._in_txn:
             # The partitions are someone else's now: don't wait on an abort the broker may not answer
             # for a while. A new producer with the same transactional id fences ours and the coordinator
-            # aborts the open transaction.
+            # aborts the open transaction. Nothing to seek: the next owner of these partitions (maybe
+            # this worker again) starts from the group's committed offsets.
             log.warning("replacing the producer: its open transaction covered lost partitions")
-            self._recover()
+            self.stats.aborts += 1
+            self._replace_producer()
+            self._reset_batch()

@@ -44,6 +44,7 @@ from tests.integration.reliability_helpers import (
     log_tail,
     per_input_counts,
     position_group_at_end,
+    raw_inputs,
     read_from,
     sensitive_of,
     unique,
@@ -133,15 +134,18 @@ class Scenario:
     def check_own_topic(self, producer: SteadyProducer) -> None:
         """Exactly once and leak-free for the inputs the test produced into its own raw topic."""
         produced = producer.join()
-        inputs = {(self.topic, p.partition, p.offset) for p in produced}
+        raw = raw_inputs(self.bootstrap, self.topic)
+        inputs = {(self.topic, p.partition, p.offset) for p in raw}
+        missing = {(self.topic, p.partition, p.offset) for p in produced} - inputs
+        assert not missing, f"delivered inputs not in the raw topic: {sorted(missing)[:10]}"
         audit = audits(self.bootstrap, self.out_start, workers=self.worker_ids, topics={self.topic})
         assert_exactly_once_audit(inputs, audit)
         sanitized = read_from(self.bootstrap, self.sanitized)
-        assert_sanitized_once(produced, sanitized)
+        assert_sanitized_once(raw, sanitized)
         dlq = dlq_records(self.bootstrap, self.out_start, {self.topic})
         assert not dlq, f"inputs went to the DLQ: {[d['reason'] for _, d in dlq][:10]}"
         scanned = assert_no_leak([*sanitized, *(r for r, _ in audit)], producer.sensitive)
-        assert scanned >= 2 * len(produced)
+        assert scanned >= 2 * len(raw)
 
     def check_raw_inputs(self, topics: set[str], results: list[WorkloadResult]) -> None:
         """Exactly once for every raw record Debezium wrote since the test began, and the workload in it."""
@@ -293,6 +297,26 @@ def test_broker_restart_while_the_guard_runs(scenario: Scenario, restore_stack):
     sc.stop_all()
     sc.check_own_topic(producer)
     sc.check_raw_inputs(topics, results)
+
+
+def test_broker_down_longer_than_the_group_session(scenario: Scenario, restore_stack):
+    """The broker crashes and stays away past the consumer's 15 s session: partitions are lost, the
+    coordinator can't answer offset fetches, the producer's transaction can't finish. The worker must ride
+    it out (replace or rebuild its clients) and resume without loss, duplicates or a restart."""
+    sc = scenario
+    w1 = sc.worker(1).start()
+    producer = SteadyProducer(sc.bootstrap, sc.topic, count=900, rate=30, partitions=sc.partitions).start()
+    sc.wait_decided(30, timeout=60)
+    guard.stack.kill("broker")
+    try:
+        time.sleep(20)
+    finally:
+        guard.stack.start("broker")
+    producer.join()
+    sc.wait_decided(900, timeout=180)
+    assert w1.alive(), log_tail(w1)
+    sc.stop_all()
+    sc.check_own_topic(producer)
 
 
 def test_connect_restart_while_the_branch_db_is_written(scenario: Scenario, restore_stack):
