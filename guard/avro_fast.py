@@ -204,8 +204,9 @@ class AuditTemplate:
                             _name_array(unclassified)))
 
     def encode(self, ts_ms: int, offset: int, subject: str | None, trace_id: str | None) -> bytes:
+        # Subjects repeat (a customer's every change), so their encoding comes from the shared memo.
         return b"".join((b"\x02", _varint(ts_ms), self._a, _long(offset), self._b,
-                         b"\x00" if subject is None else b"\x02" + _str(subject), self._c,
+                         b"\x00" if subject is None else b"\x02" + _name(subject), self._c,
                          b"\x00" if trace_id is None else b"\x02" + _str(trace_id)))
 
 
@@ -231,12 +232,22 @@ class ImageWriter:
     Built once per table shape: the encoded column names, the field list of the sealed part and the
     arrays that never change are computed here, so per event only the values are encoded. The output is
     the same as `encode_sanitized_change` on the equivalent dict (tested).
+
+    Display masks and blind-index tokens are pure functions of the value under keys that don't change for
+    the writer's life, and CDC repeats values all the time (an update's before and after images, a
+    customer's rows in every table, the same account on every transaction). Their encoded map entries
+    are therefore memoised per column, up to `memo_limit` entries per writer (the memo is dropped when
+    full). C3 keyed hashes are never memoised: authentication secrets are not kept in memory longer
+    than the event that carries them.
     """
 
-    __slots__ = ("_clear", "_masks", "_index", "_hashed", "_dropped", "_sealed", "_sealed_head", "_erased")
+    __slots__ = ("_clear", "_masks", "_index", "_hashed", "_dropped", "_sealed", "_sealed_head", "_erased",
+                 "_mask", "_token", "_keyed_hash", "_memo", "_memo_limit")
 
     def __init__(self, *, clear: Sequence[str], masks: Sequence[tuple[str, str]], index: Sequence[str],
-                 hashed: Sequence[str], dropped: Sequence[str], sealed: Sequence[str]) -> None:
+                 hashed: Sequence[str], dropped: Sequence[str], sealed: Sequence[str],
+                 mask: Callable[[str, str], str], token: Callable[[bytes], str],
+                 keyed_hash: Callable[[str, bytes], str], memo_limit: int = 100_000) -> None:
         self._clear = [(c, _name(c)) for c in clear]
         self._masks = [(c, kind, _name(c)) for c, kind in masks]
         self._index = [(c, _name(c)) for c in index]
@@ -245,13 +256,15 @@ class ImageWriter:
         self._sealed = list(sealed)
         self._sealed_head = b"\x02" + _name_array(list(sealed))
         self._erased = _name_array(list(sealed))
+        self._mask, self._token, self._keyed_hash = mask, token, keyed_hash
+        self._memo: dict[tuple[int, Any], bytes] = {}
+        self._memo_limit = memo_limit
 
     @property
     def sealed_fields(self) -> list[str]:
         return self._sealed
 
-    def write(self, row: Mapping[str, Any], *, mask: Callable[[str, str], str], token: Callable[[bytes], str],
-              keyed_hash: Callable[[str, bytes], str], ciphertext: bytes | None) -> bytes:
+    def write(self, row: Mapping[str, Any], ciphertext: bytes | None) -> bytes:
         """Encode `row`; `ciphertext` is the sealed part, or None when the subject was erased."""
         parts: list[bytes] = [b"\x02"]
         clear = self._clear
@@ -262,9 +275,11 @@ class ImageWriter:
                 parts.append(_clear_value(row[column]))
         parts.append(b"\x00")
         erased = ciphertext is None
-        for entries in (() if erased else self._mask_entries(row, mask),
-                        () if erased else self._index_entries(row, token),
-                        self._hash_entries(row, keyed_hash)):
+        if len(self._memo) > self._memo_limit:
+            self._memo.clear()
+        for entries in (() if erased else self._mask_entries(row),
+                        () if erased else self._index_entries(row),
+                        self._hash_entries(row)):
             if entries:
                 parts.append(_len(len(entries)))
                 parts.extend(entries)
@@ -283,14 +298,38 @@ class ImageWriter:
                 parts.append(b"\x00")
         return b"".join(parts)
 
-    def _mask_entries(self, row: Mapping[str, Any], mask: Callable[[str, str], str]) -> list[bytes]:
-        return [key + _str(mask(kind, v if type(v) is str else str(v)))
-                for column, kind, key in self._masks if (v := row[column]) is not None]
+    def _mask_entries(self, row: Mapping[str, Any]) -> list[bytes]:
+        memo, mask, out = self._memo, self._mask, []
+        for slot, (column, kind, key) in enumerate(self._masks):
+            v = row[column]
+            if v is None:
+                continue
+            if type(v) is str:  # only strings are memoised: 1, 1.0 and True are equal as dict keys
+                entry = memo.get((slot, v))
+                if entry is None:
+                    entry = memo[(slot, v)] = key + _str(mask(kind, v))
+            else:
+                entry = key + _str(mask(kind, str(v)))
+            out.append(entry)
+        return out
 
-    def _index_entries(self, row: Mapping[str, Any], token: Callable[[bytes], str]) -> list[bytes]:
-        return [key + _str(token(_value_bytes(v))) for column, key in self._index if (v := row[column]) is not None]
+    def _index_entries(self, row: Mapping[str, Any]) -> list[bytes]:
+        memo, token, out = self._memo, self._token, []
+        for slot, (column, key) in enumerate(self._index, start=-len(self._index)):
+            v = row[column]
+            if v is None:
+                continue
+            if type(v) is str:
+                entry = memo.get((slot, v))
+                if entry is None:
+                    entry = memo[(slot, v)] = key + _str(token(v.encode()))
+            else:
+                entry = key + _str(token(_value_bytes(v)))
+            out.append(entry)
+        return out
 
-    def _hash_entries(self, row: Mapping[str, Any], keyed_hash: Callable[[str, bytes], str]) -> list[bytes]:
+    def _hash_entries(self, row: Mapping[str, Any]) -> list[bytes]:
+        keyed_hash = self._keyed_hash
         return [key + _str(keyed_hash(column, _value_bytes(v)))
                 for column, key in self._hashed if (v := row[column]) is not None]
 

@@ -119,7 +119,7 @@ class Sanitizer:
         self._writers: dict[int, ImageWriter] = {}
         self._predecoded: dict[tuple[str, int, int], ChangeEvent] = {}
         self._activity_recorded: dict[tuple[str, str], float] = {}
-        self._audit_templates: dict[tuple[Any, ...], AuditTemplate] = {}
+        self._audit_templates: dict[tuple[Any, ...], tuple[AuditTemplate, bytes]] = {}
 
     # ------------------------------------------------------------------------------------------
     def process(
@@ -251,8 +251,9 @@ class Sanitizer:
         value = self._change(event, subject, before, after, [p.name for p in plan.unclassified])
         self.subject_activity[(subject, out_topic)] = plan.retention_s
         records = [OutRecord(out_topic, out_key, value, partition)]
-        actions = _action_counts(plan, (event.before is not None) + (event.after is not None), aead is not None)
-        records.append(self._audit_for_plan(topic, partition, offset, plan, event.op, subject, decision, actions))
+        images = (event.before is not None) + (event.after is not None)
+        records.append(self._audit_for_plan(topic, partition, offset, plan, event.op, subject, decision, images,
+                                            aead is not None))
         records.extend(extra)
         if event.op == "d" and plan.subject_root and decision == "protected" and self.act_on_deletes:
             records.extend(self.erase(subject, trigger="cdc_delete", reason_code="art47_1_purpose_achieved",
@@ -324,7 +325,8 @@ class Sanitizer:
         writer = self._writers.get(id(plan))
         if writer is None:
             writer = ImageWriter(clear=plan.clear, masks=plan.masks, index=plan.index, hashed=plan.hashed,
-                                 dropped=plan.dropped, sealed=plan.sealed)
+                                 dropped=plan.dropped, sealed=plan.sealed, mask=mask, token=self.keys.index.token,
+                                 keyed_hash=self.keys.keyed_hash.digest)
             self._writers[id(plan)] = writer
         ciphertext = None
         if aead is not None:
@@ -334,8 +336,7 @@ class Sanitizer:
                 ciphertext = aead.seal(orjson.dumps([row[c] for c in fields]), aad)
             else:
                 ciphertext = b""
-        return writer.write(row, mask=mask, token=self.keys.index.token, keyed_hash=self.keys.keyed_hash.digest,
-                            ciphertext=ciphertext)
+        return writer.write(row, ciphertext)
 
     def _change(
         self,
@@ -351,20 +352,22 @@ class Sanitizer:
             after=after, unclassified=unclassified)
 
     def _audit_for_plan(self, topic: str, partition: int, offset: int, plan: TablePlan, op: str, subject: str,
-                        decision: str, actions: dict[str, int]) -> OutRecord:
-        """The per-event audit record, from a template cached per (partition, plan, op, decision)."""
-        key = (topic, partition, id(plan), op, decision, tuple(actions.items()))
-        template = self._audit_templates.get(key)
-        if template is None:
+                        decision: str, images: int, sealed: bool) -> OutRecord:
+        """The per-event audit record, from a template cached per (partition, plan, op, decision, shape)."""
+        key = (topic, partition, id(plan), op, decision, images, sealed)
+        cached = self._audit_templates.get(key)
+        if cached is None:
             template = AuditTemplate(worker=self.settings.worker_id, branch=self.branch, source_topic=topic,
                                      source_partition=partition, table=plan.schema_table, op=op,
                                      decision=decision, reason=None, classes=dict(plan.class_counts),
-                                     actions=actions, unclassified=[p.name for p in plan.unclassified])
+                                     actions=_action_counts(plan, images, sealed),
+                                     unclassified=[p.name for p in plan.unclassified])
             if len(self._audit_templates) > 50_000:
                 self._audit_templates.clear()
-            self._audit_templates[key] = template
+            cached = self._audit_templates[key] = (template, f"{topic}:{partition}".encode())
+        template, record_key = cached
         value = self.audit_codec.header + template.encode(int(self._clock() * 1000), offset, subject, self._trace_id)
-        return OutRecord(self.settings.audit_topic, f"{topic}:{partition}".encode(), value)
+        return OutRecord(self.settings.audit_topic, record_key, value)
 
     # ------------------------------------------------------------------------------------------
     def _audit(
