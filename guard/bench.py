@@ -50,6 +50,7 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from guard import synth
+from guard.batching import take
 from guard.config import Settings, load_settings
 from guard.errors import GuardError
 
@@ -549,9 +550,12 @@ class LatencyProbe:
         self._thread.start()
 
     def _run(self) -> None:
-        consume, ts_of, samples = self.consumer.consume, self.ts_of, self.samples
+        ts_of, samples = self.ts_of, self.samples
         while not self._stop.is_set():
-            for msg in consume(1000, 0.05):
+            # Block only until the first record arrives, then take what is fetched: a batch consume() would
+            # hold early records until its timeout and add that wait to their measured latency.
+            msgs, _ = take(self.consumer, 1000, 0.05)
+            for msg in msgs:
                 value = msg.value()
                 if msg.error() is not None or value is None:
                     continue

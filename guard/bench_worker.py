@@ -30,6 +30,7 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
+from guard.batching import commit_due, take
 from guard.config import Settings, load_settings
 
 log = logging.getLogger("guard.bench_worker")
@@ -109,14 +110,12 @@ class PlainLoop:
         batch_size, batch_s = self.settings.batch_size, self.settings.batch_ms / 1000
         try:
             while self._running:
-                msgs = self.consumer.consume(batch_size, batch_s)
+                limit = max(1, batch_size - self._txn_records) if self._in_txn else batch_size
+                msgs, drained = take(self.consumer, limit, 0 if self._in_txn else batch_s)
                 if msgs:
                     self._process(msgs)
-                if self._in_txn and (
-                    not msgs
-                    or self._txn_records >= batch_size
-                    or time.monotonic() - self._txn_started >= batch_s
-                ):
+                if self._in_txn and commit_due(drained=drained, records=self._txn_records, batch_size=batch_size,
+                                               age_s=time.monotonic() - self._txn_started, batch_s=batch_s):
                     self._commit()
         finally:
             if self._in_txn:

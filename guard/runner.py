@@ -51,6 +51,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from guard.batching import commit_due, take
 from guard.config import Settings
 from guard.errors import KeyUnavailableError
 from guard.sanitizer import Outcome, Sanitizer
@@ -233,20 +234,14 @@ class SanitizerWorker:
             while self._running:
                 msgs: list[Message] = []
                 try:
-                    # While a transaction is open, wait only for what is left of its window, so a record
-                    # waits at most ~batch_ms for its commit, not a full extra poll.
-                    timeout = window
-                    if self._in_txn:
-                        timeout = max(0.0, self._txn_started + window - time.monotonic())
-                    msgs = self.consumer.consume(max(1, self.settings.batch_size - self._txn_records), timeout)
+                    limit = max(1, self.settings.batch_size - self._txn_records)
+                    msgs, drained = take(self.consumer, limit, 0 if self._in_txn else window)
                     if msgs:
                         idle_since = time.monotonic()
                         self._process_batch(msgs)
-                    if self._in_txn and (
-                        not msgs
-                        or self._txn_records >= self.settings.batch_size
-                        or time.monotonic() - self._txn_started >= window
-                    ):
+                    if self._in_txn and commit_due(drained=drained, records=self._txn_records,
+                                                   batch_size=self.settings.batch_size,
+                                                   age_s=time.monotonic() - self._txn_started, batch_s=window):
                         self._commit()
                     backoff = 0.5
                 except KeyUnavailableError as exc:
