@@ -44,6 +44,23 @@ def _long(n: int) -> bytes:
     return _SMALL[n] if 0 <= n < 1024 else _varint(n)
 
 
+_ts_memo: dict[int, bytes] = {}
+
+
+def _ts(n: int) -> bytes:
+    """A millisecond timestamp as a long: memoised, since the events of a batch share a few milliseconds."""
+    enc = _ts_memo.get(n)
+    if enc is None:
+        if len(_ts_memo) > 4096:
+            _ts_memo.clear()
+        enc = _ts_memo[n] = _long(n)
+    return enc
+
+
+def _opt_ts(v: int | None) -> bytes:
+    return b"\x00" if v is None else b"\x02" + _ts(v)
+
+
 def _len(n: int) -> bytes:
     return _SMALL[n] if n < 1024 else _long(n)
 
@@ -205,7 +222,7 @@ class AuditTemplate:
 
     def encode(self, ts_ms: int, offset: int, subject: str | None, trace_id: str | None) -> bytes:
         # Subjects repeat (a customer's every change), so their encoding comes from the shared memo.
-        return b"".join((b"\x02", _varint(ts_ms), self._a, _long(offset), self._b,
+        return b"".join((b"\x02", _ts(ts_ms), self._a, _long(offset), self._b,
                          b"\x00" if subject is None else b"\x02" + _name(subject), self._c,
                          b"\x00" if trace_id is None else b"\x02" + _str(trace_id)))
 
@@ -348,10 +365,10 @@ def encode_change(*, op: str, table: str, branch: str, db: str, ts_ms: int | Non
         _name(table),
         _name(branch),
         _name(db),
-        _opt_long(ts_ms),
-        _opt_long(source_ts_ms),
+        _opt_ts(ts_ms),
+        _opt_ts(source_ts_ms),
         _str(position),
-        b"\x00" if subject is None else b"\x02" + _str(subject),
+        b"\x00" if subject is None else b"\x02" + _name(subject),
         before or b"\x00",
         after or b"\x00",
         _name_array(unclassified),
