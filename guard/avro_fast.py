@@ -281,6 +281,10 @@ class ImageWriter:
     def sealed_fields(self) -> list[str]:
         return self._sealed
 
+    def clear_memo(self) -> None:
+        """Forget memoised entries: their keys are plaintext values (see `Sanitizer.expire_value_caches`)."""
+        self._memo.clear()
+
     def write(self, row: Mapping[str, Any], ciphertext: bytes | None) -> bytes:
         """Encode `row`; `ciphertext` is the sealed part, or None when the subject was erased."""
         parts: list[bytes] = [b"\x02"]

@@ -146,6 +146,7 @@ class Sanitizer:
         self._activity_recorded: dict[tuple[str, str], float] = {}
         self._audit_templates: dict[tuple[Any, ...], tuple[AuditTemplate, bytes]] = {}
         self._aad = ImageAad()
+        self._value_caches_since = clock()
 
     # ------------------------------------------------------------------------------------------
     def process(
@@ -177,6 +178,7 @@ class Sanitizer:
         The decoded events are kept for `process`, so nothing is decoded twice; records that don't decode
         are left for `process` to send to the DLQ.
         """
+        self.expire_value_caches()
         subjects: set[str] = set()
         self._predecoded.clear()
         for topic, partition, offset, value in records:
@@ -192,6 +194,22 @@ class Sanitizer:
                 continue
             self._predecoded[(topic, partition, offset)] = event
         self.keys.prefetch(self.branch, subjects)
+
+    def expire_value_caches(self, *, force: bool = False) -> None:
+        """Drop the caches keyed by plaintext values at least every `key_cache_ttl` seconds.
+
+        The Kafka-key, subject-token and mask/index memos map customers' values (ids, card numbers) to
+        their protected forms. Emptying them as often as the data-key cache expires means a worker holds
+        an erased customer's values no longer than it may hold the customer's key (docs/keys.md).
+        """
+        now = self._clock()
+        if not force and now - self._value_caches_since < self.settings.key_cache_ttl:
+            return
+        self._value_caches_since = now
+        self._key_cache.clear()
+        self._subject_tokens.clear()
+        for writer in self._writers.values():
+            writer.clear_memo()
 
     def pending_activity(self) -> dict[tuple[str, str], int]:
         """The open batch's (subject, topic) → retention seconds not recorded in the last hour.
@@ -547,6 +565,7 @@ class Sanitizer:
             result = self.keys.shred(self.branch, subject, record)
             self.keys.store.forget_expiry(self.branch, subject)
             destroyed, already = result.versions_destroyed, result.already_erased
+            self.expire_value_caches(force=True)
             outcome = "already_erased" if already and destroyed == 0 else "shredded"
         confirmation = {
             "type": "deletion_confirmation",

@@ -272,3 +272,29 @@ def test_batch_prefetch_loads_every_key_in_one_round_trip(branch_settings):
     assert calls == [1], calls  # one pipelined round trip, no per-event key lookups
     assert all(o.decision == "protected" for o in outcomes)
     assert broken.decision == "dlq" and broken.dlq_reason == "invalid_json"
+
+
+def test_caches_keyed_by_plaintext_values_expire_with_the_key_cache(branch_settings):
+    """Memoised masks and tokens, sanitized Kafka keys and subject tokens are maps keyed by customers'
+    values: a worker must not hold them longer than it may hold a data key (docs/keys.md)."""
+    now = [1_000_000.0]
+    san = build_sanitizer(branch_settings)
+    san._clock = lambda: now[0]
+    san._value_caches_since = now[0]
+    rng = random.Random(31)
+    row = customer(rng, 9_700_001)
+    topic, key = "br0101.public.customers", json.dumps({"customer_id": row["customer_id"]}).encode()
+    first = san.process(topic, 0, 1, key, event("customers", row))
+    writers = list(san._writers.values())
+    assert first.decision == "protected" and any(w._memo for w in writers) and san._key_cache
+
+    now[0] += branch_settings.key_cache_ttl / 2
+    san.prefetch([])
+    assert any(w._memo for w in writers) and san._key_cache, "emptied too early"
+
+    now[0] += branch_settings.key_cache_ttl
+    san.prefetch([])
+    assert not any(w._memo for w in writers) and not san._key_cache and not san._subject_tokens
+
+    again = san.process(topic, 0, 2, key, event("customers", row))
+    assert decode(again.records[0].value)["after"]["masked"] == decode(first.records[0].value)["after"]["masked"]
