@@ -39,7 +39,7 @@ def read_all(bootstrap: str, topic: str, *, timeout: float = 5.0) -> list[Rec]:
         meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
         if meta is None or meta.error is not None or not meta.partitions:
             return []
-        ends = {p: _high_watermark(consumer, topic, p) for p in meta.partitions}
+        ends = {p: high_watermark(consumer, topic, p) for p in meta.partitions}
         consumer.assign([TopicPartition(topic, p, 0) for p in meta.partitions])
         out: list[Rec] = []
         deadline = time.monotonic() + timeout
@@ -59,8 +59,9 @@ def read_all(bootstrap: str, topic: str, *, timeout: float = 5.0) -> list[Rec]:
         consumer.close()
 
 
-def _high_watermark(consumer: Consumer, topic: str, partition: int, timeout: float = 20.0) -> int:
-    """High watermark, retrying transient errors (a topic created a moment ago may have no leader yet)."""
+def high_watermark(consumer: Consumer, topic: str, partition: int, timeout: float = 60.0) -> int:
+    """High watermark, retrying transient errors: a topic created a moment ago, or a broker just restarted
+    after a crash (partitions in leader recovery), may have no leader yet."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -105,8 +106,7 @@ def commit_group_at_end(bootstrap: str, group: str, pattern: str = r"^br0101\.[^
             if not re.match(pattern, topic) or meta.error is not None:
                 continue
             for p in meta.partitions:
-                _, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-                offsets.append(TopicPartition(topic, p, high))
+                offsets.append(TopicPartition(topic, p, high_watermark(consumer, topic, p)))
         if offsets:
             consumer.commit(offsets=offsets, asynchronous=False)
     finally:

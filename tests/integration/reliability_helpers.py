@@ -32,7 +32,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from guard import synth
 from guard.codec import decode
-from tests.integration.kafka_helpers import LeakScanner, Rec
+from tests.integration.kafka_helpers import LeakScanner, Rec, high_watermark
 
 RAW_PREFIX = "br0101"
 AUDIT, DLQ, ANOMALIES, DELETIONS = "guard.audit", "guard.dlq", "guard.anomalies", "guard.deletions"
@@ -78,7 +78,7 @@ def end_offsets(bootstrap: str, topics: Iterable[str]) -> dict[tuple[str, int], 
             if topic not in meta or meta[topic].error is not None:
                 continue
             for p in meta[topic].partitions:
-                out[(topic, p)] = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=15)[1]
+                out[(topic, p)] = high_watermark(consumer, topic, p)
         return out
     finally:
         consumer.close()
@@ -114,7 +114,7 @@ def read_from(bootstrap: str, topic: str, start: dict[tuple[str, int], int] | No
                          "auto.offset.reset": "earliest", "fetch.wait.max.ms": 100})
     try:
         starts = {p: (start or {}).get((topic, p), 0) for p in meta.partitions}
-        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=15)[1] for p in meta.partitions}
+        ends = {p: high_watermark(consumer, topic, p) for p in meta.partitions}
         pending = {p for p in meta.partitions if ends[p] > starts[p]}
         if not pending:
             return []

@@ -22,6 +22,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource
 
 from guard.stack import ServiceStatus, status, up
+from tests.integration.kafka_helpers import high_watermark
 
 pytestmark = pytest.mark.integration
 
@@ -43,8 +44,7 @@ def _partitions(bootstrap: str, topic: str, timeout: float = 60.0) -> list[int]:
 def _end_offsets(bootstrap: str, topic: str) -> list[TopicPartition]:
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4()}"})
     try:
-        return [TopicPartition(topic, p, c.get_watermark_offsets(TopicPartition(topic, p), timeout=5)[1])
-                for p in _partitions(bootstrap, topic)]
+        return [TopicPartition(topic, p, high_watermark(c, topic, p)) for p in _partitions(bootstrap, topic)]
     finally:
         c.close()
 
