@@ -450,7 +450,17 @@ class SanitizerWorker:
         self._reset_batch()
 
     def _replace_producer(self) -> None:
-        """Set the producer aside (destroying a stuck client can block) and initialise a new one."""
+        """Purge the producer, set it aside (destroying a stuck client can block), initialise a new one.
+
+        The purge matters: an abandoned producer that kept its queued and in-flight messages would retry
+        them once the broker answers again, after the new producer has fenced it and the coordinator has
+        aborted its transaction. A write landing then can leave a *hanging transaction* on an output
+        partition, whose last stable offset, and with it every `read_committed` reader, stops for good.
+        """
+        try:
+            self.producer.purge(in_queue=True, in_flight=True, blocking=False)
+        except (KafkaException, RuntimeError) as exc:
+            log.warning("purging the abandoned producer reported %s", exc)
         self._abandoned.append(self.producer)
         self._txn_pool.shutdown(wait=False)
         self._txn_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bg-txn")

@@ -54,6 +54,37 @@ def wait_until(predicate: Callable[[], Any], *, timeout: float, what: str, inter
         time.sleep(interval)
 
 
+def unstable_partitions(bootstrap: str, topics: Iterable[str]) -> dict[tuple[str, int], int]:
+    """Partitions whose last stable offset is behind the high watermark, with the gap.
+
+    A gap that outlives every writer's transaction timeout is a *hanging transaction*: `read_committed`
+    readers of that partition never get past it.
+    """
+    meta = _list_all_topics(bootstrap)
+    ends: dict[str, dict[tuple[str, int], int]] = {}
+    for isolation in ("read_uncommitted", "read_committed"):
+        consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"lso-{uuid.uuid4()}",
+                             "isolation.level": isolation})
+        try:
+            ends[isolation] = {(t, p): high_watermark(consumer, t, p)
+                               for t in topics if t in meta for p in meta[t].partitions}
+        finally:
+            consumer.close()
+    return {tp: hw - ends["read_committed"][tp] for tp, hw in ends["read_uncommitted"].items()
+            if hw > ends["read_committed"][tp]}
+
+
+def assert_no_hanging_transactions(bootstrap: str, topics: Iterable[str], timeout: float = 90.0) -> None:
+    """Every transaction on `topics` ends (commit or abort) within the transaction timeout and clean-up."""
+    topics = list(topics)
+    try:
+        wait_until(lambda: not unstable_partitions(bootstrap, topics), timeout=timeout, interval=3,
+                   what="the last stable offsets to reach the high watermarks")
+    except AssertionError:
+        raise AssertionError(f"hanging transactions (partition: records behind the LSO): "
+                             f"{unstable_partitions(bootstrap, topics)}") from None
+
+
 # --- topics and offsets ---------------------------------------------------------------------------
 def _list_all_topics(bootstrap: str) -> dict[str, Any]:
     # Never name a topic in a metadata request: the broker auto-creates it (auto.create.topics.enable).

@@ -33,6 +33,7 @@ from tests.integration.reliability_helpers import (
     WORKLOAD_TABLES,
     SteadyProducer,
     assert_exactly_once_audit,
+    assert_no_hanging_transactions,
     assert_no_leak,
     assert_sanitized_once,
     audits,
@@ -134,6 +135,7 @@ class Scenario:
     def check_own_topic(self, producer: SteadyProducer) -> None:
         """Exactly once and leak-free for the inputs the test produced into its own raw topic."""
         produced = producer.join()
+        assert_no_hanging_transactions(self.bootstrap, [AUDIT, self.sanitized])
         raw = raw_inputs(self.bootstrap, self.topic)
         inputs = {(self.topic, p.partition, p.offset) for p in raw}
         missing = {(self.topic, p.partition, p.offset) for p in produced} - inputs
@@ -161,6 +163,7 @@ class Scenario:
             want = ({(c, "c") for c in res.customers} | {(c, "u") for c in res.updated}
                     | {(c, "d") for c in res.deleted_customers} | {(c, "tombstone") for c in res.deleted_customers})
             assert want <= seen, f"Debezium lost workload changes: {sorted(want - seen)[:10]}"
+        assert_no_hanging_transactions(self.bootstrap, [AUDIT, *(f"sanitized.{t}" for t in topics)])
         audit = audits(self.bootstrap, self.out_start, workers=self.worker_ids, topics=topics)
         assert_exactly_once_audit(inputs, audit)
         sensitive = set().union(*(r.sensitive_values for r in results))
