@@ -259,7 +259,7 @@ class ImageWriter:
     """
 
     __slots__ = ("_clear", "_masks", "_index", "_hashed", "_dropped", "_sealed", "_sealed_head", "_erased",
-                 "_mask", "_token", "_keyed_hash", "_memo", "_memo_limit")
+                 "_mask", "_token", "_keyed_hash", "_mask_memo", "_index_memo", "_memo_limit")
 
     def __init__(self, *, clear: Sequence[str], masks: Sequence[tuple[str, str]], index: Sequence[str],
                  hashed: Sequence[str], dropped: Sequence[str], sealed: Sequence[str],
@@ -274,16 +274,23 @@ class ImageWriter:
         self._sealed_head = b"\x02" + _name_array(list(sealed))
         self._erased = _name_array(list(sealed))
         self._mask, self._token, self._keyed_hash = mask, token, keyed_hash
-        self._memo: dict[tuple[int, Any], bytes] = {}
+        #: (column slot, string value) -> encoded map entry, one memo per kind of entry.
+        self._mask_memo: dict[tuple[int, str], bytes] = {}
+        self._index_memo: dict[tuple[int, str], bytes] = {}
         self._memo_limit = memo_limit
 
     @property
     def sealed_fields(self) -> list[str]:
         return self._sealed
 
+    @property
+    def memo_size(self) -> int:
+        return len(self._mask_memo) + len(self._index_memo)
+
     def clear_memo(self) -> None:
         """Forget memoised entries: their keys are plaintext values (see `Sanitizer.expire_value_caches`)."""
-        self._memo.clear()
+        self._mask_memo.clear()
+        self._index_memo.clear()
 
     def write(self, row: Mapping[str, Any], ciphertext: bytes | None) -> bytes:
         """Encode `row`; `ciphertext` is the sealed part, or None when the subject was erased."""
@@ -296,8 +303,8 @@ class ImageWriter:
                 parts.append(_clear_value(row[column]))
         parts.append(b"\x00")
         erased = ciphertext is None
-        if len(self._memo) > self._memo_limit:
-            self._memo.clear()
+        if self.memo_size > self._memo_limit:
+            self.clear_memo()
         for entries in (() if erased else self._mask_entries(row),
                         () if erased else self._index_entries(row),
                         self._hash_entries(row)):
@@ -320,7 +327,7 @@ class ImageWriter:
         return b"".join(parts)
 
     def _mask_entries(self, row: Mapping[str, Any]) -> list[bytes]:
-        memo, mask, out = self._memo, self._mask, []
+        memo, mask, out = self._mask_memo, self._mask, []
         for slot, (column, kind, key) in enumerate(self._masks):
             v = row[column]
             if v is None:
@@ -335,8 +342,8 @@ class ImageWriter:
         return out
 
     def _index_entries(self, row: Mapping[str, Any]) -> list[bytes]:
-        memo, token, out = self._memo, self._token, []
-        for slot, (column, key) in enumerate(self._index, start=-len(self._index)):
+        memo, token, out = self._index_memo, self._token, []
+        for slot, (column, key) in enumerate(self._index):
             v = row[column]
             if v is None:
                 continue

@@ -32,6 +32,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from guard.batching import commit_due, take
 from guard.config import Settings, load_settings
+from guard.runner import consumer_config, producer_config
 
 log = logging.getLogger("guard.bench_worker")
 
@@ -40,44 +41,6 @@ def emit(event: str, **fields: Any) -> None:
     """Write one protocol line to the parent (flushed at once: the parent timestamps progress from it)."""
     sys.stdout.write(orjson.dumps({"ev": event, **fields}).decode() + "\n")
     sys.stdout.flush()
-
-
-def consumer_config(bootstrap: str, group: str, worker_id: str) -> dict[str, Any]:
-    """The runner's consumer settings (kept identical so the plain loop is a fair baseline)."""
-    return {
-        "bootstrap.servers": bootstrap,
-        "group.id": group,
-        "client.id": f"bench-{worker_id}",
-        "enable.auto.commit": False,
-        "enable.auto.offset.store": False,
-        "isolation.level": "read_committed",
-        "auto.offset.reset": "earliest",
-        "partition.assignment.strategy": "cooperative-sticky",
-        "session.timeout.ms": 15000,
-        "heartbeat.interval.ms": 1000,
-        "max.poll.interval.ms": 120000,
-        "fetch.wait.max.ms": 50,
-        "reconnect.backoff.max.ms": 1000,
-    }
-
-
-def producer_config(bootstrap: str, transactional_id: str, timeout_ms: int) -> dict[str, Any]:
-    """The runner's transactional producer settings."""
-    return {
-        "bootstrap.servers": bootstrap,
-        "client.id": f"bench-{transactional_id}",
-        "transactional.id": transactional_id,
-        "transaction.timeout.ms": timeout_ms,
-        "enable.idempotence": True,
-        "linger.ms": 5,
-        "compression.type": "lz4",
-        "queue.buffering.max.messages": 500_000,
-        # A transaction that starts right after the previous commit meets CONCURRENT_TRANSACTIONS until the
-        # coordinator has written the markers; librdkafka retries after retry.backoff.ms (default 100 ms,
-        # the Java client uses 20 ms here). 10 ms took the median commit cycle from ~45 ms to ~8 ms.
-        "retry.backoff.ms": 10,
-        "reconnect.backoff.max.ms": 1000,
-    }
 
 
 class PlainLoop:
@@ -101,10 +64,8 @@ class PlainLoop:
         self._first: dict[tuple[str, int], int] = {}
         self._last: dict[tuple[str, int], int] = {}
         self._seen_first = False
-        self.consumer = Consumer(consumer_config(settings.kafka_bootstrap, settings.group_id, settings.worker_id))
-        self.producer = Producer(
-            producer_config(settings.kafka_bootstrap, settings.transactional_id(), settings.transaction_timeout_ms)
-        )
+        self.consumer = Consumer(consumer_config(settings, f"bench-{settings.worker_id}"))
+        self.producer = Producer(producer_config(settings, f"bench-{settings.worker_id}"))
 
     def stop(self, *_: object) -> None:
         self._running = False

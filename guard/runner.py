@@ -62,6 +62,44 @@ log = logging.getLogger("guard.runner")
 OUTPUT_TOPIC_PARTITIONS = 3
 
 
+def consumer_config(settings: Settings, client_id: str) -> dict[str, Any]:
+    """A sanitizer worker's consumer settings (the bench's plain loop uses them too, for a fair baseline)."""
+    return {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "group.id": settings.group_id,
+        "client.id": client_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "isolation.level": "read_committed",
+        "auto.offset.reset": "earliest",
+        "partition.assignment.strategy": "cooperative-sticky",
+        "session.timeout.ms": 15000,
+        "heartbeat.interval.ms": 1000,
+        "max.poll.interval.ms": 120000,
+        "fetch.wait.max.ms": 50,
+        "reconnect.backoff.max.ms": 1000,
+    }
+
+
+def producer_config(settings: Settings, client_id: str) -> dict[str, Any]:
+    """A sanitizer worker's transactional producer settings (shared with the bench's plain loop)."""
+    return {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "client.id": client_id,
+        "transactional.id": settings.transactional_id(),
+        "transaction.timeout.ms": settings.transaction_timeout_ms,
+        "enable.idempotence": True,
+        "linger.ms": 5,
+        "compression.type": "lz4",
+        "queue.buffering.max.messages": 500_000,
+        # A transaction that starts right after the previous commit meets CONCURRENT_TRANSACTIONS until the
+        # coordinator has written the markers; librdkafka retries after retry.backoff.ms (default 100 ms,
+        # the Java client uses 20 ms here). 10 ms took the median commit cycle from ~45 ms to ~8 ms.
+        "retry.backoff.ms": 10,
+        "reconnect.backoff.max.ms": 1000,
+    }
+
+
 class ProducerStuckError(Exception):
     """A transactional producer call did not return within its deadline."""
 
@@ -165,43 +203,18 @@ class SanitizerWorker:
         self.telemetry = telemetry or Telemetry(settings)
         self._on_batch = on_batch
         self._running = True
-        common: dict[str, Any] = {"bootstrap.servers": settings.kafka_bootstrap}
-        self.admin = AdminClient(common)
+        self.admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
         self.topics = TopicManager(self.admin)
+        client_id = f"guard-{settings.worker_id}"
         self._consumer_config: dict[str, Any] = {
-            **common,
-            "group.id": settings.group_id,
-            "client.id": f"guard-{settings.worker_id}",
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "isolation.level": "read_committed",
-            "auto.offset.reset": "earliest",
+            **consumer_config(settings, client_id),
+            # A pattern subscription: new raw topics (tables created later) are noticed within 3 s.
             "topic.metadata.refresh.interval.ms": 3000,
-            "partition.assignment.strategy": "cooperative-sticky",
-            "session.timeout.ms": 15000,
-            "heartbeat.interval.ms": 1000,
-            "max.poll.interval.ms": 120000,
-            "fetch.wait.max.ms": 50,
-            "reconnect.backoff.max.ms": 1000,
             "statistics.interval.ms": 5000 if settings.metrics_port or settings.otlp_endpoint else 0,
             "stats_cb": self.telemetry.on_stats,
         }
         self.consumer = Consumer(self._consumer_config)
-        self._producer_config: dict[str, Any] = {
-            **common,
-            "client.id": f"guard-{settings.worker_id}",
-            "transactional.id": settings.transactional_id(),
-            "transaction.timeout.ms": settings.transaction_timeout_ms,
-            "enable.idempotence": True,
-            "linger.ms": 5,
-            "compression.type": "lz4",
-            "queue.buffering.max.messages": 500_000,
-            # A transaction that starts right after the previous commit meets CONCURRENT_TRANSACTIONS until the
-            # coordinator has written the markers; librdkafka retries after retry.backoff.ms (default 100 ms,
-            # the Java client uses 20 ms here). 10 ms took the median commit cycle from ~45 ms to ~8 ms.
-            "retry.backoff.ms": 10,
-            "reconnect.backoff.max.ms": 1000,
-        }
+        self._producer_config = producer_config(settings, client_id)
         self.producer = Producer(self._producer_config)
         self._abandoned: list[Producer | Consumer] = []
         self._txn_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bg-txn")

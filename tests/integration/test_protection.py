@@ -286,15 +286,15 @@ def test_caches_keyed_by_plaintext_values_expire_with_the_key_cache(branch_setti
     topic, key = "br0101.public.customers", json.dumps({"customer_id": row["customer_id"]}).encode()
     first = san.process(topic, 0, 1, key, event("customers", row))
     writers = list(san._writers.values())
-    assert first.decision == "protected" and any(w._memo for w in writers) and san._key_cache
+    assert first.decision == "protected" and any(w.memo_size for w in writers) and san._key_cache
 
     now[0] += branch_settings.key_cache_ttl / 2
     san.prefetch([])
-    assert any(w._memo for w in writers) and san._key_cache, "emptied too early"
+    assert any(w.memo_size for w in writers) and san._key_cache, "emptied too early"
 
     now[0] += branch_settings.key_cache_ttl
     san.prefetch([])
-    assert not any(w._memo for w in writers) and not san._key_cache and not san._subject_tokens
+    assert not any(w.memo_size for w in writers) and not san._key_cache and not san._subject_tokens
 
     again = san.process(topic, 0, 2, key, event("customers", row))
     assert decode(again.records[0].value)["after"]["masked"] == decode(first.records[0].value)["after"]["masked"]

@@ -306,20 +306,27 @@ def test_broker_down_longer_than_the_group_session(scenario: Scenario, restore_s
     """The broker crashes and stays away past the consumer's 15 s session: partitions are lost, the
     coordinator can't answer offset fetches, the producer's transaction can't finish. The worker must ride
     it out (replace or rebuild its clients) and resume without loss, duplicates or a restart."""
-    sc = scenario
-    w1 = sc.worker(1).start()
-    producer = SteadyProducer(sc.bootstrap, sc.topic, count=900, rate=30, partitions=sc.partitions).start()
-    sc.wait_decided(30, timeout=60)
-    guard.stack.kill("broker")
-    try:
-        time.sleep(20)
-    finally:
-        guard.stack.start("broker")
-    producer.join()
-    sc.wait_decided(900, timeout=180)
+    w1, producer = _outage_under_steady_load(scenario, "broker", down_s=20, rate=30)
+    scenario.wait_decided(900, timeout=180)
     assert w1.alive(), log_tail(w1)
-    sc.stop_all()
-    sc.check_own_topic(producer)
+    scenario.stop_all()
+    scenario.check_own_topic(producer)
+
+
+def _outage_under_steady_load(sc: Scenario, service: str, *, down_s: float,
+                              rate: float) -> tuple[GuardProcess, SteadyProducer]:
+    """A worker on the test's own topic while 900 inputs arrive; `service` is killed (SIGKILL) once the
+    worker is deciding, and started again `down_s` later. Returns once every input was delivered."""
+    w1 = sc.worker(1).start()
+    producer = SteadyProducer(sc.bootstrap, sc.topic, count=900, rate=rate, partitions=sc.partitions).start()
+    sc.wait_decided(30, timeout=60)
+    guard.stack.kill(service)
+    try:
+        time.sleep(down_s)  # records keep arriving while the service is down
+    finally:
+        guard.stack.start(service)
+    producer.join()
+    return w1, producer
 
 
 def test_connect_restart_while_the_branch_db_is_written(scenario: Scenario, restore_stack):
@@ -345,21 +352,12 @@ def test_connect_restart_while_the_branch_db_is_written(scenario: Scenario, rest
 
 
 def test_redis_outage_pauses_the_guard_without_dlq_loss_or_leak(scenario: Scenario, restore_stack):
-    sc = scenario
-    w1 = sc.worker(1).start()
-    producer = SteadyProducer(sc.bootstrap, sc.topic, count=900, rate=45, partitions=sc.partitions).start()
-    sc.wait_decided(50, timeout=60)
-    guard.stack.kill("redis")
-    try:
-        time.sleep(5)  # records keep arriving while the key store is down
-    finally:
-        guard.stack.start("redis")
-    producer.join()
-    sc.wait_decided(900, timeout=60, strict=False)
+    w1, producer = _outage_under_steady_load(scenario, "redis", down_s=5, rate=45)
+    scenario.wait_decided(900, timeout=60, strict=False)
     assert "key store unavailable" in w1.log(), "the outage was not noticed"
     assert w1.alive(), log_tail(w1)
-    sc.stop_all()
-    sc.check_own_topic(producer)
+    scenario.stop_all()
+    scenario.check_own_topic(producer)
 
 
 def test_postgres_restart_under_the_debezium_connector(scenario: Scenario, restore_stack):
