@@ -1,6 +1,7 @@
 # BranchGuard: `make demo` and `make test` each do the whole set-up on a fresh machine and are safe to
 # run twice. Set-up = Debian packages (scripts/setup.sh), a virtualenv at .venv with the project
-# installed, then the local stack (Kafka, Kafka Connect + Debezium, PostgreSQL, Redis) via `guard stack up`.
+# installed (plus the compiled hot path from native/, which needs cargo; NATIVE=0 skips it), then the
+# local stack (Kafka, Kafka Connect + Debezium, PostgreSQL, Redis) via `guard stack up`.
 
 VENV    ?= .venv
 PYTHON  ?= python3
@@ -17,10 +18,11 @@ system:
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml native/Cargo.toml native/pyproject.toml native/src/lib.rs
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -e '.[test]'
+	bash scripts/build-native.sh $(VENV)
 	touch $(STAMP)
 
 stack: setup

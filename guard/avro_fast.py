@@ -220,6 +220,11 @@ class AuditTemplate:
         self._c = b"".join((_name(decision), _opt_str(reason), _int_map(classes), _int_map(actions),
                             _name_array(unclassified)))
 
+    @property
+    def parts(self) -> tuple[bytes, bytes, bytes]:
+        """The three constant runs of the record, for writers that assemble it elsewhere (`guard_native`)."""
+        return self._a, self._b, self._c
+
     def encode(self, ts_ms: int, offset: int, subject: str | None, trace_id: str | None) -> bytes:
         # Subjects repeat (a customer's every change), so their encoding comes from the shared memo.
         return b"".join((b"\x02", _ts(ts_ms), self._a, _long(offset), self._b,

@@ -473,6 +473,19 @@ class WorkerSet:
                 return min(firsts), t
         return None
 
+    def per_second(self, start: float, end: float) -> list[int]:
+        """Events the workers committed in each whole second from `start` to `end`."""
+        merged = sorted((t, i, events) for i, p in enumerate(self.procs) for t, events in p.commits)
+        latest = [0] * len(self.procs)
+        totals = [0] * (int(end - start) + 1)
+        for t, i, events in merged:
+            latest[i] = events
+            if start <= t <= end:
+                totals[int(t - start)] = sum(latest)
+        for n in range(1, len(totals)):  # seconds without a commit keep the total reached before them
+            totals[n] = max(totals[n], totals[n - 1])
+        return [b - a for a, b in zip([0, *totals], totals, strict=False)]
+
 
 # --- committed progress ------------------------------------------------------------------------------
 class GroupProgress:
@@ -661,6 +674,8 @@ class ThroughputResult:
     seconds: float
     events_per_s: float
     workers: list[dict[str, Any]] = field(default_factory=list)
+    #: Events committed in each second of the window: tells a slow start (new keys) from a steady rate.
+    per_second: list[int] = field(default_factory=list)
 
 
 def drain_fresh(ctx: BenchContext, workers: WorkerSet) -> ThroughputResult:
@@ -680,7 +695,7 @@ def drain_fresh(ctx: BenchContext, workers: WorkerSet) -> ThroughputResult:
     if end > observed + 1:  # a worker's clock can't be ahead of the parent's observation of the same commit
         end = observed
     seconds = max(end - start, 1e-6)
-    return ThroughputResult(count, seconds, count / seconds)
+    return ThroughputResult(count, seconds, count / seconds, per_second=workers.per_second(start, end))
 
 
 def catch_up(ctx: BenchContext, workers: WorkerSet) -> None:
@@ -1034,7 +1049,8 @@ def run_mode_throughput(ctx: BenchContext, mode: str, workers: int) -> tuple[Wor
     except BaseException:
         group.stop()
         raise
-    log.info("%s: %d events in %.2fs = %.0f events/s", mode, result.events, result.seconds, result.events_per_s)
+    log.info("%s: %d events in %.2fs = %.0f events/s (per second: %s)", mode, result.events, result.seconds,
+             result.events_per_s, " ".join(map(str, result.per_second)))
     return group, result
 
 

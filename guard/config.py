@@ -59,6 +59,9 @@ class Settings:
     otlp_endpoint: str = ""
     #: Port of the local Prometheus metrics endpoint (0: off).
     metrics_port: int = 0
+    #: Which transform handles ordinary change events: `auto` (the compiled `guard_native` path when it is
+    #: installed, else Python), `native` (refuse to start without it) or `python` (the reference path).
+    hot_path: str = "auto"
 
     @property
     def raw_topic_pattern(self) -> str:

@@ -32,8 +32,9 @@ from guard.catalog import Catalog
 from guard.classify import Classifier, TablePlan
 from guard.codec import AvroCodec
 from guard.config import Settings
-from guard.envelope import ChangeEvent, decode_value
+from guard.envelope import MAX_VALUE_BYTES, ChangeEvent, decode_document, decode_value
 from guard.errors import DecodeError, KeyShreddedError, KeyUnavailableError
+from guard.fastpath import new_fast_path, use_native
 from guard.keys.manager import KeyManager
 from guard.keys.primitives import Aead
 from guard.masking import mask
@@ -142,11 +143,26 @@ class Sanitizer:
         self._erased_at: dict[str, int] = {}
         self._subject_tokens: dict[Any, str] = {}
         self._writers: dict[int, ImageWriter] = {}
-        self._predecoded: dict[tuple[str, int, int], ChangeEvent] = {}
+        #: Decoded ahead by `prefetch`: a ChangeEvent (Python path) or the parsed JSON (native path).
+        self._predecoded: dict[tuple[str, int, int], Any] = {}
         self._activity_recorded: dict[tuple[str, str], float] = {}
         self._audit_templates: dict[tuple[Any, ...], tuple[AuditTemplate, bytes]] = {}
         self._aad = ImageAad()
         self._value_caches_since = clock()
+        #: Plans registered with the native path, by id (it reports which one it used).
+        self._fast_plans: dict[int, TablePlan] = {}
+        self._fast: Any = None
+        if use_native(settings.hot_path):
+            self._fast = new_fast_path(
+                branch=self.branch, sanitized_header=self.sanitized_codec.header,
+                audit_header=self.audit_codec.header, subject_of=self._subject_for,
+                aead_for=self._subject_aead, audit_parts=self._fast_audit_parts, dumps=orjson.dumps, mask=mask,
+                token=keys.index.token, keyed_hash=keys.keyed_hash.digest)
+
+    @property
+    def hot_path(self) -> str:
+        """`native` or `python`: which transform handles ordinary events (for logs and the bench)."""
+        return "native" if self._fast is not None else "python"
 
     # ------------------------------------------------------------------------------------------
     def process(
@@ -181,9 +197,21 @@ class Sanitizer:
         self.expire_value_caches()
         subjects: set[str] = set()
         self._predecoded.clear()
+        fast = self._fast
         for topic, partition, offset, value in records:
             try:
-                event = decode_value(value)
+                if fast is not None:
+                    doc = _parse(value)
+                    if doc is None:
+                        continue
+                    hit = fast.subject_value(doc)
+                    if hit is not None:
+                        subjects.add(self._subject_for(hit[1], self._fast_plans[hit[0]].schema_table))
+                        self._predecoded[(topic, partition, offset)] = doc
+                        continue
+                    event = decode_document(doc)
+                else:
+                    event = decode_value(value)
                 if event is None:
                     continue
                 row = event.after if event.after is not None else event.before
@@ -210,6 +238,8 @@ class Sanitizer:
         self._subject_tokens.clear()
         for writer in self._writers.values():
             writer.clear_memo()
+        if self._fast is not None:
+            self._fast.clear_memos()
 
     def pending_activity(self) -> dict[tuple[str, str], int]:
         """The open batch's (subject, topic) → retention seconds not recorded in the last hour.
@@ -231,7 +261,10 @@ class Sanitizer:
             self._activity_recorded[pair] = now
 
     def _subject(self, plan: TablePlan, row: Mapping[str, Any], schema_table: str) -> str:
-        subject_value = row.get(plan.subject_column) if plan.subject_column else None
+        return self._subject_for(row.get(plan.subject_column) if plan.subject_column else None, schema_table)
+
+    def _subject_for(self, subject_value: Any, schema_table: str) -> str:
+        """The data subject's token: of its id column's value, or of the table for tables without one."""
         subject_id = subject_value if subject_value is not None else f"table:{schema_table}"
         subject = self._subject_tokens.get(subject_id)
         if subject is None:
@@ -245,8 +278,19 @@ class Sanitizer:
         schema_table = topic[self._prefix_len:]
         out_topic = self.settings.sanitized_prefix + topic
         out_key = self.sanitize_key(schema_table, key)
-        event = self._predecoded.pop((topic, partition, offset), None) if self._predecoded else None
-        if event is None:
+        pre = self._predecoded.pop((topic, partition, offset), None) if self._predecoded else None
+        if self._fast is not None and not isinstance(pre, ChangeEvent):
+            doc = pre if pre is not None else _parse(value)
+            if doc is not None:
+                outcome = self._fast_process(doc, topic, partition, offset, out_topic, out_key)
+                if outcome is not None:
+                    return outcome
+                pre = _Parsed(doc)
+        if isinstance(pre, ChangeEvent):
+            event: ChangeEvent | None = pre
+        elif isinstance(pre, _Parsed):
+            event = decode_document(pre.doc)
+        else:
             event = decode_value(value)
         if event is None:
             # Tombstone: forward it with the sanitized key so compaction downstream still works.
@@ -305,6 +349,50 @@ class Sanitizer:
                                       by=f"worker:{self.settings.worker_id}",
                                       source=(topic, partition, offset), effective_ms=event.source_ts_ms))
         return Outcome(records, decision, event.schema_table, plan.class_counts)
+
+    def _fast_process(self, doc: Any, topic: str, partition: int, offset: int, out_topic: str,
+                      out_key: bytes | None) -> Outcome | None:
+        """The native path's outcome for `doc`, or None when the event must take the Python path.
+
+        Any exception in the native path (an erased subject, an unreachable key store, a value it can't
+        read) also sends the event to the Python path, which meets the same condition and handles it
+        with its full policy (DLQ, erasure rules, abort and retry); nothing is produced twice, because
+        the native path returns its records instead of producing them.
+        """
+        try:
+            done = self._fast.process(doc, topic, partition, offset, out_topic, out_key or b"", self._trace_id,
+                                      int(self._clock() * 1000))
+        except Exception:  # noqa: BLE001 - the Python path decides what the condition means
+            return None
+        if done is None:
+            return None
+        value, audit_value, audit_key, subject, plan_id = done
+        plan = self._fast_plans[plan_id]
+        self.subject_activity[(subject, out_topic)] = plan.retention_s
+        return Outcome([OutRecord(out_topic, out_key, value, partition),
+                        OutRecord(self.settings.audit_topic, audit_key, audit_value)],
+                       "protected", plan.schema_table, plan.class_counts)
+
+    def _subject_aead(self, subject: str) -> Aead:
+        return self.keys.subject_aead(self.branch, subject)
+
+    def _fast_audit_parts(self, topic: str, partition: int, plan_id: int, op: str,
+                          images: int) -> tuple[bytes, bytes, bytes, bytes]:
+        """The constant parts of the native path's audit records (the same template as the Python path)."""
+        record = self._audit_for_plan(topic, partition, 0, self._fast_plans[plan_id], op, "", "protected", images,
+                                      True)
+        template, record_key = self._audit_templates[(topic, partition, plan_id, op, "protected", images, True)]
+        assert record.key == record_key
+        return (*template.parts, record_key)
+
+    def _register_fast(self, plan: TablePlan) -> None:
+        """Hand a plan the Python path has built to the native path (ordinary events of it go there next)."""
+        self._fast_plans[id(plan)] = plan
+        self._fast.register(
+            id(plan), plan.schema_table, list(plan.columns), subject_column=plan.subject_column,
+            usable=not plan.unclassified, subject_root=plan.subject_root, clear=list(plan.clear),
+            masks=list(plan.masks), index=list(plan.index), hashed=list(plan.hashed), dropped=list(plan.dropped),
+            sealed=list(plan.sealed))
 
     def _committed_before_erasure(self, subject: str, source_ts_ms: int | None) -> bool:
         """Whether a change committed at `source_ts_ms` predates the erasure of `subject`."""
@@ -372,6 +460,8 @@ class Sanitizer:
                                  dropped=plan.dropped, sealed=plan.sealed, mask=mask, token=self.keys.index.token,
                                  keyed_hash=self.keys.keyed_hash.digest)
             self._writers[id(plan)] = writer
+            if self._fast is not None:
+                self._register_fast(plan)
         ciphertext = None
         if aead is not None:
             fields = writer.sealed_fields
@@ -594,6 +684,23 @@ class Sanitizer:
                             "held" if held else "shredded", f"{reason_code}; confirmation {confirmation_id}; "
                             f"sha256 {hashlib.sha256(body).hexdigest()}", {}, {"keys_destroyed": destroyed})
         return [OutRecord(self.settings.deletions_topic, subject.encode(), body), audit]
+
+
+@dataclass(slots=True)
+class _Parsed:
+    """A value already parsed to JSON that the native path declined (the Python path decodes it)."""
+
+    doc: Any
+
+
+def _parse(value: bytes | None) -> Any:
+    """The parsed JSON of a value within the decoder's limits, else None (`decode_value` reports why)."""
+    if not value or len(value) > MAX_VALUE_BYTES:
+        return None
+    try:
+        return orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
 
 
 def _action_counts(plan: TablePlan, images: int, sealed: bool) -> dict[str, int]:

@@ -1,0 +1,53 @@
+"""The optional compiled shortcut for ordinary change events (`native/`, importable as `guard_native`).
+
+Why: the Python transform costs 60-100 µs per event on a small VM, nearly all of it interpreter
+bookkeeping rather than cryptography. `guard_native.FastPath` does that bookkeeping in Rust for the common
+event (create, read, update, delete of a row whose table plan the Python path has already built) and
+declines everything else, which then takes the Python path unchanged: schema wrappers, truncates, logical
+messages, drift, erased subjects, root-row deletes, anything malformed. Keys never cross into it:
+sealing, masks, tokens and keyed hashes are calls back into the same Python objects the Python path uses,
+so both paths produce identical bytes (`tests/unit/test_native.py` checks this on generated events).
+
+`hot_path` (setting `GUARD_HOT_PATH`): `auto` uses the native path when it is installed, `native` refuses
+to start without it, `python` never uses it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from guard.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+try:  # pragma: no cover - depends on whether the extension was built
+    import guard_native as _native
+except ImportError:  # pragma: no cover
+    _native = None
+
+HOT_PATHS = ("auto", "native", "python")
+
+
+def native_available() -> bool:
+    return _native is not None
+
+
+def use_native(hot_path: str) -> bool:
+    """Whether a sanitizer with this `hot_path` setting runs the native path (raises if it can't)."""
+    if hot_path not in HOT_PATHS:
+        raise ConfigError(f"hot_path must be one of {', '.join(HOT_PATHS)}, got {hot_path!r}")
+    if hot_path == "python":
+        return False
+    if _native is None:
+        if hot_path == "native":
+            raise ConfigError("hot_path=native but the guard_native extension is not installed: "
+                              "run `make venv` (needs cargo) or `pip install ./native`, or set GUARD_HOT_PATH=auto")
+        return False
+    return True
+
+
+def new_fast_path(**callbacks: Any) -> Any:
+    """A `guard_native.FastPath` (only call when `use_native` said yes)."""
+    assert _native is not None
+    return _native.FastPath(**callbacks)

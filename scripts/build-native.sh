@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Build and install the guard's compiled hot path (native/, module guard_native) into a virtualenv.
+#
+# Usage: scripts/build-native.sh VENV
+#
+# Needs a Rust toolchain (cargo >= 1.74; https://rustup.rs). Rust crates come from crates.io and maturin
+# from PyPI. Without cargo this fails and says how to go on: install Rust, or set NATIVE=0 to run the
+# guard on its pure-Python path (same output, 2-3x slower per event; see docs/benchmark.md).
+set -euo pipefail
+VENV=${1:?usage: scripts/build-native.sh VENV}
+cd "$(dirname "$0")/.."
+
+if [ "${NATIVE:-1}" = "0" ]; then
+  echo "build-native.sh: NATIVE=0, skipping the compiled hot path (the guard uses its Python path)"
+  "$VENV/bin/pip" uninstall --quiet -y branchguard-native 2>/dev/null || true
+  exit 0
+fi
+export PATH="$HOME/.cargo/bin:$PATH"
+if ! command -v cargo >/dev/null 2>&1; then
+  cat >&2 <<'MSG'
+build-native.sh: cargo not found, so the guard's compiled hot path (native/) can't be built.
+  Either install Rust (https://rustup.rs, then open a new shell) and run this again,
+  or run with NATIVE=0 (e.g. `NATIVE=0 make test`) to use the pure-Python path: same output, slower.
+MSG
+  exit 1
+fi
+echo "build-native.sh: building native/ with $(cargo --version)"
+"$VENV/bin/pip" install --quiet 'maturin>=1.8,<2'
+"$VENV/bin/pip" install --quiet --no-build-isolation ./native
+"$VENV/bin/python" -c "import guard_native; print('build-native.sh: guard_native installed')"

@@ -1,0 +1,253 @@
+"""The compiled hot path (`guard_native`) against the Python path: identical bytes, or a clean decline.
+
+Two sanitizers share one key manager (real Redis) and a fixed clock; AES-GCM nonces are made
+deterministic for the test, so a sealed image is the same bytes whichever path sealed it. Every generated
+event goes through both sanitizers twice (the first time registers the table plan with the native path,
+the second takes it when the event is ordinary); each pair of outcomes must be identical, and ordinary
+events must actually have taken the native path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import uuid
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from guard import synth
+from guard.config import load_settings
+from guard.fastpath import native_available
+from guard.keys import primitives
+from guard.runtime import build_catalog, build_keys
+from guard.sanitizer import Sanitizer
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.environ.get("NATIVE") == "0", reason="NATIVE=0: built without the compiled hot path"),
+]
+
+PREFIX = "br0101"
+TRACE = "0af7651916cd43dd8448eb211c80319c"
+
+
+class CountingFastPath:
+    """Delegates to the real FastPath and counts the events it served (did not decline)."""
+
+    def __init__(self, inner):
+        self.inner, self.served = inner, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def process(self, *args):
+        result = self.inner.process(*args)
+        self.served += result is not None
+        return result
+
+
+@pytest.fixture(scope="module")
+def pair(stack):
+    assert native_available(), "guard_native is not installed: run `make venv` (needs cargo), or NATIVE=0"
+    branch = f"n{uuid.uuid4().hex[:8]}"
+    common = dict(kafka_bootstrap=stack["GUARD_KAFKA_BOOTSTRAP"], redis_url=stack["GUARD_REDIS_URL"], branch=branch,
+                  worker_id="test-native", raw_topic_prefix=PREFIX)
+    py_settings = load_settings(None, hot_path="python", **common)
+    native_settings = load_settings(None, hot_path="native", **common)
+    keys = build_keys(py_settings, listen=False)
+    catalog = build_catalog(py_settings)
+    python = Sanitizer(py_settings, keys, catalog, clock=lambda: 1_800_000_000.25)
+    native = Sanitizer(native_settings, keys, catalog, clock=lambda: 1_800_000_000.25)
+    assert python.hot_path == "python" and native.hot_path == "native"
+    for san in (python, native):
+        san.act_on_deletes = False  # an erasure would destroy keys the other sanitizer still uses
+    native._fast = CountingFastPath(native._fast)
+    return python, native
+
+
+@pytest.fixture(autouse=True)
+def fixed_nonces(monkeypatch):
+    """AES-GCM nonces (12 bytes) become zeros so both paths' ciphertexts compare; other randomness stays."""
+    real = os.urandom
+    monkeypatch.setattr(primitives.os, "urandom", lambda n: bytes(12) if n == 12 else real(n))
+
+
+def comparable(outcome):
+    """The outcome as comparable data: exact bytes for sanitized/audit/DLQ, anomalies without their uuid."""
+    records = []
+    for rec in outcome.records:
+        value = rec.value
+        if rec.topic == "guard.anomalies" and value is not None:
+            value = {k: v for k, v in orjson.loads(value).items() if k != "id"}
+        records.append((rec.topic, rec.key, value, rec.partition, rec.headers))
+    return outcome.decision, outcome.table, dict(outcome.classes), outcome.dlq_reason, records
+
+
+def run_both(pair, table: str, key: bytes, value: bytes, *, prefetch: bool, trace_id: str | None):
+    python, native = pair
+    topic = f"{PREFIX}.{table}"
+    served_before = native._fast.served
+    for _ in range(2):  # twice: the second time, the native sanitizer knows the plan (and alerts were sent)
+        for san in pair:
+            if prefetch:
+                san.prefetch([(topic, 0, 7, value)])
+        expected = python.process(topic, 0, 7, key, value, trace_id)
+        assert comparable(native.process(topic, 0, 7, key, value, trace_id)) == comparable(expected)
+    return expected, native._fast.served - served_before
+
+
+# --- generated rows ---------------------------------------------------------------------------------
+texts = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=40)
+scalars = st.one_of(
+    st.none(), st.booleans(), texts,
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.integers(min_value=2**63, max_value=2**64 - 1),  # beyond a long: carried as text
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+nested = st.one_of(st.lists(st.integers(-5, 5), max_size=3), st.dictionaries(st.sampled_from("abc"), texts, max_size=2))
+
+
+def base_row(table: str, seed: int) -> dict:
+    rng = random.Random(seed)
+    if table == "public.customers":
+        row = synth.new_customer(rng, seed)
+    elif table == "public.accounts":
+        row = synth.new_account(rng, seed)
+    elif table == "public.transactions":
+        row = synth.new_transaction(rng, synth.new_account(rng, seed))
+    else:
+        row = {"customer_id": seed, "login_name": f"user{seed}", "password_hash": "x" * 20, "query_pin": "123456",
+               "updated_at": 1_700_000_000_000}
+    return {k: v if v is None or isinstance(v, (str, int, float)) else
+            v.isoformat() if hasattr(v, "isoformat") else str(v) for k, v in row.items()}
+
+
+@st.composite
+def ordinary_events(draw):
+    """Well-formed Debezium events of catalogued tables, with values of every JSON type in their columns."""
+    table = draw(st.sampled_from(["public.customers", "public.accounts", "public.transactions",
+                                  "public.customer_auth"]))
+    row = base_row(table, draw(st.integers(1, 10_000)))
+    for column in list(row):
+        if draw(st.integers(0, 3)) == 0:
+            row[column] = draw(st.one_of(scalars, nested) if draw(st.booleans()) else scalars)
+    op = draw(st.sampled_from(["c", "r", "u", "d"]))
+    other = dict(row)
+    if row and draw(st.booleans()):
+        column = draw(st.sampled_from(sorted(row)))
+        other[column] = draw(scalars)
+    before, after = {"c": (None, row), "r": (None, row), "u": (other, row), "d": (row, None)}[op]
+    source = {"version": "3.6.1.Final", "connector": "postgresql", "name": PREFIX, "db": "branch_0101",
+              "schema": "public", "table": table.split(".")[1], "ts_ms": draw(st.integers(0, 2**41)),
+              "lsn": draw(st.integers(0, 2**40)), "xmin": None}
+    event = {"before": before, "after": after, "source": source, "op": op, "ts_ms": draw(st.integers(0, 2**41)),
+             "transaction": None}
+    key = json.dumps({"customer_id": row.get("customer_id")}).encode()
+    return table, key, event
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ordinary_events(), st.booleans(), st.booleans())
+def test_ordinary_events_take_the_native_path_with_identical_output(pair, generated, prefetch, traced):
+    table, key, event = generated
+    value = json.dumps(event, ensure_ascii=bool(prefetch)).encode()
+    expected, served = run_both(pair, table, key, value, prefetch=prefetch, trace_id=TRACE if traced else None)
+    root_delete = event["op"] == "d" and table == "public.customers"
+    if expected.decision == "protected" and not root_delete:
+        assert served >= 1, "an ordinary event did not take the native path"
+    else:
+        assert served == 0, f"the native path served a {expected.decision} event"
+
+
+# --- envelopes the native path must decline (or handle identically) ------------------------------------
+def _customer_event(**changes) -> dict:
+    row = base_row("public.customers", 42)
+    source = {"connector": "postgresql", "db": "branch_0101", "schema": "public", "table": "customers",
+              "ts_ms": 5, "lsn": 99}
+    event = {"before": None, "after": row, "source": source, "op": "c", "ts_ms": 6}
+    for path, value in changes.items():
+        target = event
+        *parents, last = path.split("__")
+        for p in parents:
+            target = target[p]
+        if value is _DELETE:
+            target.pop(last, None)
+        else:
+            target[last] = value
+    return event
+
+
+_DELETE = object()
+
+ODD_ENVELOPES = {
+    "schema wrapper": {"schema": {"type": "struct", "fields": []}, "payload": _customer_event()},
+    "truncate": _customer_event(op="t", after=None),
+    "logical message": _customer_event(op="m", after=None, message={"prefix": "p", "content": "c"}),
+    "unknown op": _customer_event(op="x"),
+    "op not a string": _customer_event(op=1),
+    "no source": _customer_event(source=_DELETE),
+    "source a list": _customer_event(source=[1]),
+    "table missing": _customer_event(source__table=_DELETE),
+    "table empty": _customer_event(source__table=""),
+    "after a list": _customer_event(after=[1, 2]),
+    "create without after": _customer_event(after=None),
+    "namespace from db": _customer_event(source__schema=None),
+    "namespace not a string": _customer_event(source__schema=5),
+    "db not a string": _customer_event(source__db=5),
+    "ts_ms a string": _customer_event(ts_ms="6"),
+    "ts_ms a bool": _customer_event(ts_ms=True),
+    "ts_ms beyond a long": _customer_event(ts_ms=2**63),
+    "ts_ms beyond 64 bits": _customer_event(ts_ms=2**64),
+    "source ts_ms a float": _customer_event(source__ts_ms=1.5),
+    "lsn null, binlog position": _customer_event(source__lsn=None, source__file="mysql-bin.000003", source__pos=154),
+    "lsn a string": _customer_event(source__lsn="0/16B3748"),
+    "lsn a float": _customer_event(source__lsn=1.5),
+    "binlog file null": _customer_event(source__lsn=None, source__file=None, source__pos=1),
+    "no position": _customer_event(source__lsn=_DELETE),
+    "unknown column (drift)": _customer_event(after__nickname="小明"),
+    "column missing": _customer_event(after__email=_DELETE),
+    "subject null": _customer_event(after__customer_id=None),
+    "json null document": None,
+}
+
+
+@pytest.mark.parametrize("name", sorted(ODD_ENVELOPES))
+def test_odd_envelopes_give_the_same_outcome_on_both_paths(pair, name):
+    doc = ODD_ENVELOPES[name]
+    value = json.dumps(doc).encode()  # not orjson: it can't write integers beyond 64 bits
+    run_both(pair, "public.customers", b'{"customer_id": 42}', value, prefetch=False, trace_id=None)
+    run_both(pair, "public.customers", b'{"customer_id": 42}', value, prefetch=True, trace_id=TRACE)
+
+
+@pytest.mark.parametrize("value", [b"", b"{", b"\xff\xfe", b"[1, 2]", b'"text"', b"x" * 10])
+def test_undecodable_values_give_the_same_dlq_record(pair, value):
+    expected, served = run_both(pair, "public.customers", b'{"customer_id": 1}', value, prefetch=True, trace_id=None)
+    assert expected.decision == "dlq" and served == 0
+
+
+def test_erased_subject_takes_the_python_path_on_both(pair):
+    python, native = pair
+    row = base_row("public.customers", 777)
+    event = {"before": None, "after": row, "op": "c", "ts_ms": 6,
+             "source": {"connector": "postgresql", "db": "branch_0101", "schema": "public", "table": "customers",
+                        "ts_ms": 5, "lsn": 99}}
+    value, key = orjson.dumps(event), b'{"customer_id": 777}'
+    run_both(pair, "public.customers", key, value, prefetch=False, trace_id=None)
+    subject = python._subject_for(777, "public.customers")
+    python.erase(subject, trigger="test", reason_code="art47_1_purpose_achieved", reason="test", by="test")
+    later = dict(event, source=dict(event["source"], ts_ms=2**41))
+    expected, served = run_both(pair, "public.customers", key, orjson.dumps(later), prefetch=False, trace_id=None)
+    assert expected.decision == "dlq" and served == 0
+
+
+def test_memos_are_emptied_with_the_value_caches(pair):
+    _, native = pair
+    run_both(pair, "public.customers", b'{"customer_id": 5}',
+             orjson.dumps(_customer_event()), prefetch=False, trace_id=None)
+    assert native._fast.memo_size > 0
+    native.expire_value_caches(force=True)
+    assert native._fast.memo_size == 0
