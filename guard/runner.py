@@ -36,9 +36,9 @@ import concurrent.futures
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from confluent_kafka import (
     TIMESTAMP_NOT_AVAILABLE,
@@ -134,25 +134,49 @@ class Stats:
 
 @dataclass
 class BatchCounters:
-    """What the open transaction has done so far (plain increments: this runs per event)."""
+    """What the open transaction has done so far.
+
+    `add` runs per event, so it only counts outcome shapes (table, decision, class-count map); the
+    per-table and per-class totals are summed from the shapes once, at commit.
+    """
 
     events: int = 0
     records_out: int = 0
-    by_table_decision: dict[tuple[str, str], int] = field(default_factory=dict)
-    fields: dict[str, int] = field(default_factory=dict)
     dlq: dict[str, int] = field(default_factory=dict)
     timestamps_ms: list[int] = field(default_factory=list)
+    #: (table, decision, id of the outcome's class counts) -> events; the maps themselves in `_classes`.
+    _shapes: dict[tuple[str, str, int], int] = field(default_factory=dict)
+    _classes: dict[int, Mapping[str, int]] = field(default_factory=dict)
 
     def add(self, outcome: Outcome, timestamp_ms: int) -> None:
         self.events += 1
         self.records_out += len(outcome.records)
-        key = (outcome.table or "", outcome.decision)
-        self.by_table_decision[key] = self.by_table_decision.get(key, 0) + 1
-        for cls, n in outcome.classes.items():
-            self.fields[cls] = self.fields.get(cls, 0) + n
+        classes = outcome.classes
+        shape = (outcome.table or "", outcome.decision, id(classes))
+        n = self._shapes.get(shape)
+        if n is None:
+            self._shapes[shape] = 1
+            self._classes[id(classes)] = classes  # held, so the id can't be reused within the batch
+        else:
+            self._shapes[shape] = n + 1
         if outcome.dlq_reason:
             self.dlq[outcome.dlq_reason] = self.dlq.get(outcome.dlq_reason, 0) + 1
         self.timestamps_ms.append(timestamp_ms)
+
+    @property
+    def by_table_decision(self) -> dict[tuple[str, str], int]:
+        out: dict[tuple[str, str], int] = {}
+        for (table, decision, _), n in self._shapes.items():
+            out[(table, decision)] = out.get((table, decision), 0) + n
+        return out
+
+    @property
+    def fields(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for (_, _, classes_id), n in self._shapes.items():
+            for cls, count in self._classes[classes_id].items():
+                out[cls] = out.get(cls, 0) + count * n
+        return out
 
 
 class TopicManager:
@@ -225,6 +249,8 @@ class SanitizerWorker:
         self._last: dict[tuple[str, int], int] = {}
         self._txn_started = 0.0
         self._txn_records = 0
+        #: Output topic -> partition count (sanitized records go to their input's partition number).
+        self._partition_counts: dict[str, int] = {}
 
     # --- lifecycle --------------------------------------------------------------------------------
     def stop(self, *_: object) -> None:
@@ -297,15 +323,14 @@ class SanitizerWorker:
 
     # --- one batch --------------------------------------------------------------------------------
     def _process_batch(self, msgs: list[Message]) -> None:
+        """Sanitize and produce one fetched batch inside the open transaction (this loop runs per event)."""
         sanitizer = self.sanitizer
-        start_event, end_event = self.telemetry.start_event, self.telemetry.end_event
+        telemetry = self.telemetry
+        traced = telemetry.tracer is not None
+        first, last = self._first, self._last
         # Rewind points first: if any record of this batch fails (e.g. the key store is down), the abort
         # must seek back every partition the batch touched, including the ones not reached yet.
-        for msg in msgs:
-            if msg.error() is None:
-                self._first.setdefault((cast(str, msg.topic()), cast(int, msg.partition())), cast(int, msg.offset()))
-        sanitizer.prefetch((cast(str, m.topic()), cast(int, m.partition()), cast(int, m.offset()), m.value())
-                           for m in msgs if m.error() is None)
+        good: list[tuple[Message, str, int, int, bytes | None]] = []
         for msg in msgs:
             err = msg.error()
             if err is not None:
@@ -315,44 +340,69 @@ class SanitizerWorker:
                     raise KafkaException(err)
                 log.warning("consumer error: %s", err)
                 continue
-            if not self._in_txn:
-                self._txn("begin", self.producer.begin_transaction)
-                self._in_txn = True
-                self._txn_started = time.monotonic()
-                self._txn_records = 0
-            topic, partition, offset = cast(str, msg.topic()), cast(int, msg.partition()), cast(int, msg.offset())
-            span, headers, trace_id = start_event(msg.headers(), topic, partition, offset)
-            outcome = sanitizer.process(topic, partition, offset, msg.key(), msg.value(), trace_id)
-            end_event(span, outcome.table, outcome.decision)
+            # A message without an error always has its topic, partition and offset.
+            topic: str = msg.topic()  # type: ignore[assignment]
+            partition: int = msg.partition()  # type: ignore[assignment]
+            offset: int = msg.offset()  # type: ignore[assignment]
+            if (topic, partition) not in first:
+                first[(topic, partition)] = offset
+            good.append((msg, topic, partition, offset, msg.value()))
+        if not good:
+            return
+        sanitizer.prefetch([(topic, partition, offset, value) for _, topic, partition, offset, value in good])
+        if not self._in_txn:
+            self._txn("begin", self.producer.begin_transaction)
+            self._in_txn = True
+            self._txn_started = time.monotonic()
+            self._txn_records = 0
+        process, add = sanitizer.process, self.batch.add
+        for msg, topic, partition, offset, value in good:
+            headers = msg.headers()
+            if traced or headers:
+                span, out_headers, trace_id = telemetry.start_event(headers, topic, partition, offset)
+            else:
+                span = out_headers = trace_id = None
+            outcome = process(topic, partition, offset, msg.key(), value, trace_id)
+            if span is not None:
+                telemetry.end_event(span, outcome.table, outcome.decision)
             # Outputs keep the change's timestamp: downstream sees when it happened, and end-to-end
             # latency is measurable on the sanitized topic.
             ts_type, ts = msg.timestamp()
             ts = ts if ts_type != TIMESTAMP_NOT_AVAILABLE else 0
             try:
-                self._produce_all(outcome, topic, ts, headers)
+                self._produce_all(outcome, topic, ts, out_headers)
             except KafkaException as exc:
                 if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
                     raise
-                outcome = sanitizer.too_large(topic, partition, offset, msg.key(), msg.value())
-                self._produce_all(outcome, topic, ts, headers)
-            self._last[(topic, partition)] = offset
-            self._txn_records += 1
-            self.batch.add(outcome, ts)
+                outcome = sanitizer.too_large(topic, partition, offset, msg.key(), value)
+                self._produce_all(outcome, topic, ts, out_headers)
+            last[(topic, partition)] = offset
+            add(outcome, ts)
+        self._txn_records += len(good)
         self.producer.poll(0)
 
     def _produce_all(self, outcome: Outcome, source_topic: str, ts: int, headers: Any) -> None:
+        produce = self.producer.produce
         for rec in outcome.records:
-            partition = -1  # librdkafka's "use the partitioner"
-            if rec.partition is not None:
-                count = self.topics.ensure(rec.topic, self.topics.partitions(source_topic) or 1)
-                partition = rec.partition % count
-            while True:
-                try:
-                    self.producer.produce(rec.topic, rec.value, rec.key, partition=partition, timestamp=ts,
-                                          headers=headers)
-                    break
-                except BufferError:  # local queue full: let deliveries drain, then retry
+            partition = rec.partition
+            if partition is None:
+                partition = -1  # librdkafka's "use the partitioner"
+            else:
+                count = self._partition_counts.get(rec.topic)
+                if count is None:
+                    count = self.topics.ensure(rec.topic, self.topics.partitions(source_topic) or 1)
+                    self._partition_counts[rec.topic] = count
+                partition %= count
+            try:
+                produce(rec.topic, rec.value, rec.key, partition=partition, timestamp=ts, headers=headers)
+            except BufferError:  # local queue full: let deliveries drain, then retry
+                while True:
                     self.producer.poll(0.2)
+                    try:
+                        produce(rec.topic, rec.value, rec.key, partition=partition, timestamp=ts, headers=headers)
+                        break
+                    except BufferError:
+                        continue
 
     def _commit(self) -> None:
         if not self._in_txn:

@@ -21,7 +21,7 @@ import base64
 import hashlib
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,11 +152,14 @@ class Sanitizer:
         #: Plans registered with the native path, by id (it reports which one it used).
         self._fast_plans: dict[int, TablePlan] = {}
         self._fast: Any = None
+        #: Native path: the batch `prefetch` was given, until a key miss loads its keys (`_load_keys_from`).
+        self._batch: Sequence[tuple[str, int, int, bytes | None]] = ()
+        self._out_topics: dict[str, str] = {}
         if use_native(settings.hot_path):
             self._fast = new_fast_path(
                 branch=self.branch, sanitized_header=self.sanitized_codec.header,
                 audit_header=self.audit_codec.header, subject_of=self._subject_for,
-                aead_for=self._subject_aead, audit_parts=self._fast_audit_parts, dumps=orjson.dumps, mask=mask,
+                aead_for=self._cached_aead, audit_parts=self._fast_audit_parts, dumps=orjson.dumps, mask=mask,
                 token=keys.index.token, keyed_hash=keys.keyed_hash.digest)
 
     @property
@@ -175,6 +178,10 @@ class Sanitizer:
         trace_id: str | None = None,
     ) -> Outcome:
         self._trace_id = trace_id
+        if self._fast is not None and value is not None:
+            outcome = self._fast_process(topic, partition, offset, key, value)
+            if outcome is not None:
+                return outcome
         try:
             return self._process(topic, partition, offset, key, value)
         except KeyShreddedError:
@@ -188,15 +195,33 @@ class Sanitizer:
             return self._dlq(topic, partition, offset, key, value, "internal_error",
                              f"unexpected {type(exc).__name__} while sanitizing")
 
-    def prefetch(self, records: Iterable[tuple[str, int, int, bytes | None]]) -> None:
-        """Decode a batch ahead of `process` and load all the data keys it needs in one round trip.
+    def prefetch(self, records: Sequence[tuple[str, int, int, bytes | None]]) -> None:
+        """Make sure the data keys a batch needs are loaded with one key-store round trip, not one each.
 
-        The decoded events are kept for `process`, so nothing is decoded twice; records that don't decode
-        are left for `process` to send to the DLQ.
+        Python path: the batch is decoded here and its keys loaded; the decoded events are kept for
+        `process`, so nothing is decoded twice. Native path: nothing is done up front, because in steady
+        traffic every key is already cached; the first event whose key isn't loads the keys of the rest
+        of the batch at once (`_load_keys_from`). Records that don't decode are left for `process` to
+        send to the DLQ.
         """
         self.expire_value_caches()
-        subjects: set[str] = set()
         self._predecoded.clear()
+        if self._fast is not None:
+            self._batch = records
+            return
+        self._decode_and_load(records)
+
+    def _load_keys_from(self, topic: str, partition: int, offset: int, value: bytes | None) -> None:
+        """Native path: decode the batch from this record on and load its keys (once per batch)."""
+        batch, self._batch = self._batch, ()
+        for i, (t, p, o, _) in enumerate(batch):
+            if o == offset and p == partition and t == topic:
+                self._decode_and_load(batch[i:])
+                return
+        self._decode_and_load([(topic, partition, offset, value)])
+
+    def _decode_and_load(self, records: Iterable[tuple[str, int, int, bytes | None]]) -> None:
+        subjects: set[str] = set()
         fast = self._fast
         for topic, partition, offset, value in records:
             try:
@@ -279,13 +304,6 @@ class Sanitizer:
         out_topic = self.settings.sanitized_prefix + topic
         out_key = self.sanitize_key(schema_table, key)
         pre = self._predecoded.pop((topic, partition, offset), None) if self._predecoded else None
-        if self._fast is not None and not isinstance(pre, ChangeEvent):
-            doc = pre if pre is not None else _parse(value)
-            if doc is not None:
-                outcome = self._fast_process(doc, topic, partition, offset, out_topic, out_key)
-                if outcome is not None:
-                    return outcome
-                pre = _Parsed(doc)
         if isinstance(pre, ChangeEvent):
             event: ChangeEvent | None = pre
         elif isinstance(pre, _Parsed):
@@ -350,21 +368,41 @@ class Sanitizer:
                                       source=(topic, partition, offset), effective_ms=event.source_ts_ms))
         return Outcome(records, decision, event.schema_table, plan.class_counts)
 
-    def _fast_process(self, doc: Any, topic: str, partition: int, offset: int, out_topic: str,
-                      out_key: bytes | None) -> Outcome | None:
-        """The native path's outcome for `doc`, or None when the event must take the Python path.
+    def _fast_process(self, topic: str, partition: int, offset: int, key: bytes | None,
+                      value: bytes) -> Outcome | None:
+        """The native path's outcome for a record, or None when it must take the Python path.
 
         Any exception in the native path (an erased subject, an unreachable key store, a value it can't
         read) also sends the event to the Python path, which meets the same condition and handles it
         with its full policy (DLQ, erasure rules, abort and retry); nothing is produced twice, because
         the native path returns its records instead of producing them.
         """
+        predecoded = self._predecoded
+        doc = predecoded.get((topic, partition, offset)) if predecoded else None
+        if doc is None:
+            doc = _parse(value)
+            if doc is None:
+                return None  # not JSON: the Python path reports why
+        elif type(doc) is dict:
+            del predecoded[(topic, partition, offset)]
+        else:
+            return None  # decoded for the Python path by `_load_keys_from`
+        out_topic = self._out_topics.get(topic)
+        if out_topic is None:
+            out_topic = self._out_topics[topic] = self.settings.sanitized_prefix + topic
         try:
-            done = self._fast.process(doc, topic, partition, offset, out_topic, out_key or b"", self._trace_id,
-                                      int(self._clock() * 1000))
+            out_key = self.sanitize_key(topic[self._prefix_len:], key)
+            args = (doc, topic, partition, offset, out_topic, out_key or b"", self._trace_id,
+                    int(self._clock() * 1000))
+            try:
+                done = self._fast.process(*args)
+            except _KeyNotLoaded:
+                self._load_keys_from(topic, partition, offset, value)
+                done = self._fast.process(*args)
         except Exception:  # noqa: BLE001 - the Python path decides what the condition means
-            return None
+            done = None
         if done is None:
+            predecoded[(topic, partition, offset)] = _Parsed(doc)
             return None
         value, audit_value, audit_key, subject, plan_id = done
         plan = self._fast_plans[plan_id]
@@ -373,8 +411,12 @@ class Sanitizer:
                         OutRecord(self.settings.audit_topic, audit_key, audit_value)],
                        "protected", plan.schema_table, plan.class_counts)
 
-    def _subject_aead(self, subject: str) -> Aead:
-        return self.keys.subject_aead(self.branch, subject)
+    def _cached_aead(self, subject: str) -> Aead:
+        """The native path's key lookup: the cached key, or `_KeyNotLoaded` (never a round trip per event)."""
+        aead = self.keys.cached_subject_aead(self.branch, subject)
+        if aead is None:
+            raise _KeyNotLoaded
+        return aead
 
     def _fast_audit_parts(self, topic: str, partition: int, plan_id: int, op: str,
                           images: int) -> tuple[bytes, bytes, bytes, bytes]:
@@ -684,6 +726,10 @@ class Sanitizer:
                             "held" if held else "shredded", f"{reason_code}; confirmation {confirmation_id}; "
                             f"sha256 {hashlib.sha256(body).hexdigest()}", {}, {"keys_destroyed": destroyed})
         return [OutRecord(self.settings.deletions_topic, subject.encode(), body), audit]
+
+
+class _KeyNotLoaded(Exception):
+    """A data key is not in this worker's cache: load the batch's keys, then try again."""
 
 
 @dataclass(slots=True)

@@ -134,6 +134,11 @@ class KeyManager:
         self._remember(branch, subject, aead, now)
         return aead
 
+    def cached_subject_aead(self, branch: str, subject: str) -> Aead | None:
+        """The subject's data key if this worker holds it unexpired, else None (no key-store round trip)."""
+        hit = self._deks.get((branch, subject))
+        return hit[0] if hit is not None and hit[1] > time.monotonic() else None
+
     def prefetch(self, branch: str, subjects: set[str]) -> None:
         """Load (or create) every uncached key of `subjects` in one key-store round trip.
 

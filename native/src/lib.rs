@@ -124,13 +124,19 @@ fn put_clear_value(out: &mut Vec<u8>, v: &Bound<'_, PyAny>, dumps: &Bound<'_, Py
         // Nested JSON (objects, arrays): its compact JSON text, exactly as orjson writes it.
         let text = dumps.call1((v,))?;
         out.push(8);
-        put_str(out, text.downcast::<PyBytes>().map_err(PyErr::from)?.as_bytes());
+        put_str(
+            out,
+            text.downcast::<PyBytes>().map_err(PyErr::from)?.as_bytes(),
+        );
     }
     Ok(())
 }
 
 /// `avro_fast._value_bytes`: a string's UTF-8, anything else as orjson's JSON text.
-fn value_bytes<'py>(v: &Bound<'py, PyAny>, dumps: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+fn value_bytes<'py>(
+    v: &Bound<'py, PyAny>,
+    dumps: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
     if v.is_exact_instance_of::<PyString>() {
         let s = v.downcast::<PyString>()?.to_str()?;
         Ok(PyBytes::new(v.py(), s.as_bytes()).into_any())
@@ -145,13 +151,27 @@ struct Column {
     name: Py<PyString>,
     /// The column name as an Avro string (map key).
     key: Vec<u8>,
+    /// Position of the column in the plan's row layout (rows are read once, in order, into a vector).
+    idx: usize,
 }
 
 impl Column {
-    fn new(py: Python<'_>, name: &str) -> Self {
-        Column { name: PyString::intern(py, name).unbind(), key: str_enc(name) }
+    fn new(py: Python<'_>, name: &str, columns: &[String]) -> PyResult<Self> {
+        let idx = columns.iter().position(|c| c == name).ok_or_else(|| {
+            pyo3::exceptions::PyValueError::new_err(format!(
+                "column {name:?} is not in the plan's columns"
+            ))
+        })?;
+        Ok(Column {
+            name: PyString::intern(py, name).unbind(),
+            key: str_enc(name),
+            idx,
+        })
     }
 }
+
+/// A row's values in the plan's column order.
+type Values<'py> = Vec<Bound<'py, PyAny>>;
 
 struct Plan {
     id: u64,
@@ -160,7 +180,8 @@ struct Plan {
     /// The key objects of the last row that matched, held so that their addresses can't be reused: orjson
     /// hands out the same key objects for every document, so an identity check usually settles a column.
     seen_keys: Vec<Py<PyString>>,
-    subject_column: Option<Py<PyString>>,
+    /// Position of the subject column in the row layout (None: the table has none, or not in this layout).
+    subject_idx: Option<usize>,
     /// Whether events of this plan may take the native path at all (no unclassified columns).
     usable: bool,
     subject_root: bool,
@@ -190,22 +211,27 @@ impl Plan {
         self.memo_entries = 0;
     }
 
-    /// Whether `row`'s columns are exactly this plan's, in order (the Python key is `tuple(row)`).
-    fn matches(&mut self, row: &Bound<'_, PyDict>) -> PyResult<bool> {
+    /// The row's values in column order if its columns are exactly this plan's, in order (the Python
+    /// path's key is `tuple(row)`), else None.
+    fn bind<'py>(&mut self, row: &Bound<'py, PyDict>) -> PyResult<Option<Values<'py>>> {
         if row.len() != self.columns.len() {
-            return Ok(false);
+            return Ok(None);
         }
-        for (i, ((k, _), expected)) in row.iter().zip(self.columns.iter()).enumerate() {
-            if k.as_ptr() == self.seen_keys[i].as_ptr() {
-                continue; // the very object that matched before (kept alive by `seen_keys`)
+        let mut values = Vec::with_capacity(self.columns.len());
+        for (i, (k, v)) in row.iter().enumerate() {
+            if k.as_ptr() != self.seen_keys[i].as_ptr() {
+                // Not the very object that matched before (kept alive by `seen_keys`): compare the text.
+                let Ok(k) = k.downcast_into::<PyString>() else {
+                    return Ok(None);
+                };
+                if k.to_str()? != self.columns[i].as_str() {
+                    return Ok(None);
+                }
+                self.seen_keys[i] = k.unbind();
             }
-            let Ok(k) = k.downcast_into::<PyString>() else { return Ok(false) };
-            if k.to_str()? != expected.as_str() {
-                return Ok(false);
-            }
-            self.seen_keys[i] = k.unbind();
+            values.push(v);
         }
-        Ok(true)
+        Ok(Some(values))
     }
 }
 
@@ -217,11 +243,7 @@ struct Callbacks<'py> {
 }
 
 /// Map entries of one kind (masks or blind indexes), memoised per column for string values.
-fn put_entries(
-    out: &mut Vec<u8>,
-    entries: &mut Vec<u8>,
-    count: usize,
-) {
+fn put_entries(out: &mut Vec<u8>, entries: &mut Vec<u8>, count: usize) {
     if count > 0 {
         put_long(out, count as i64);
         out.extend_from_slice(entries);
@@ -232,20 +254,19 @@ fn put_entries(
 
 fn write_image(
     plan: &mut Plan,
-    row: &Bound<'_, PyDict>,
+    values: &Values<'_>,
     ciphertext: &[u8],
     cb: &Callbacks<'_>,
     memo_limit: usize,
 ) -> Step<Vec<u8>> {
-    let py = row.py();
+    let py = cb.dumps.py();
     let mut out = Vec::with_capacity(512 + ciphertext.len());
     out.push(2);
     if !plan.clear.is_empty() {
         put_long(&mut out, plan.clear.len() as i64);
         for col in &plan.clear {
             out.extend_from_slice(&col.key);
-            let v = row.get_item(col.name.bind(py))?.ok_or(Decline)?;
-            put_clear_value(&mut out, &v, &cb.dumps)?;
+            put_clear_value(&mut out, &values[col.idx], &cb.dumps)?;
         }
     }
     out.push(0);
@@ -256,7 +277,7 @@ fn write_image(
     // Display masks.
     let mut count = 0;
     for (slot, (col, kind)) in plan.masks.iter().enumerate() {
-        let v = row.get_item(col.name.bind(py))?.ok_or(Decline)?;
+        let v = &values[col.idx];
         if v.is_none() {
             continue;
         }
@@ -268,22 +289,34 @@ fn write_image(
             if let Some(enc) = memo.get(s) {
                 entries.extend_from_slice(enc);
             } else {
-                let masked = cb.mask.call1((kind.bind(py), &v))?;
-                let enc = str_enc(masked.downcast::<PyString>().map_err(PyErr::from)?.to_str()?);
+                let masked = cb.mask.call1((kind.bind(py), v))?;
+                let enc = str_enc(
+                    masked
+                        .downcast::<PyString>()
+                        .map_err(PyErr::from)?
+                        .to_str()?,
+                );
                 entries.extend_from_slice(&enc);
                 memo.insert(s.to_owned(), enc);
                 plan.memo_entries += 1;
             }
         } else {
             let masked = cb.mask.call1((kind.bind(py), v.str()?))?;
-            put_str(&mut entries, masked.downcast::<PyString>().map_err(PyErr::from)?.to_str()?.as_bytes());
+            put_str(
+                &mut entries,
+                masked
+                    .downcast::<PyString>()
+                    .map_err(PyErr::from)?
+                    .to_str()?
+                    .as_bytes(),
+            );
         }
     }
     put_entries(&mut out, &mut entries, count);
     // Blind indexes.
     count = 0;
     for (slot, col) in plan.index.iter().enumerate() {
-        let v = row.get_item(col.name.bind(py))?.ok_or(Decline)?;
+        let v = &values[col.idx];
         if v.is_none() {
             continue;
         }
@@ -296,28 +329,49 @@ fn write_image(
                 entries.extend_from_slice(enc);
             } else {
                 let token = cb.token.call1((PyBytes::new(py, s.as_bytes()),))?;
-                let enc = str_enc(token.downcast::<PyString>().map_err(PyErr::from)?.to_str()?);
+                let enc = str_enc(
+                    token
+                        .downcast::<PyString>()
+                        .map_err(PyErr::from)?
+                        .to_str()?,
+                );
                 entries.extend_from_slice(&enc);
                 memo.insert(s.to_owned(), enc);
                 plan.memo_entries += 1;
             }
         } else {
-            let token = cb.token.call1((value_bytes(&v, &cb.dumps)?,))?;
-            put_str(&mut entries, token.downcast::<PyString>().map_err(PyErr::from)?.to_str()?.as_bytes());
+            let token = cb.token.call1((value_bytes(v, &cb.dumps)?,))?;
+            put_str(
+                &mut entries,
+                token
+                    .downcast::<PyString>()
+                    .map_err(PyErr::from)?
+                    .to_str()?
+                    .as_bytes(),
+            );
         }
     }
     put_entries(&mut out, &mut entries, count);
     // C3 keyed hashes: never memoised (authentication data is not kept beyond its event).
     count = 0;
     for col in &plan.hashed {
-        let v = row.get_item(col.name.bind(py))?.ok_or(Decline)?;
+        let v = &values[col.idx];
         if v.is_none() {
             continue;
         }
         count += 1;
         entries.extend_from_slice(&col.key);
-        let digest = cb.keyed_hash.call1((col.name.bind(py), value_bytes(&v, &cb.dumps)?))?;
-        put_str(&mut entries, digest.downcast::<PyString>().map_err(PyErr::from)?.to_str()?.as_bytes());
+        let digest = cb
+            .keyed_hash
+            .call1((col.name.bind(py), value_bytes(v, &cb.dumps)?))?;
+        put_str(
+            &mut entries,
+            digest
+                .downcast::<PyString>()
+                .map_err(PyErr::from)?
+                .to_str()?
+                .as_bytes(),
+        );
     }
     put_entries(&mut out, &mut entries, count);
     out.extend_from_slice(&plan.dropped_enc);
@@ -349,7 +403,9 @@ struct Envelope<'py> {
 fn opt_ts(v: Option<Bound<'_, PyAny>>) -> Result<Option<i64>, Decline> {
     match v {
         None => Ok(None),
-        Some(v) if v.is_exact_instance_of::<PyInt>() => v.extract::<i64>().map(Some).map_err(|_| Decline),
+        Some(v) if v.is_exact_instance_of::<PyInt>() => {
+            v.extract::<i64>().map(Some).map_err(|_| Decline)
+        }
         Some(v) if v.is_instance_of::<PyInt>() => Err(Decline), // bool: the Python path decides
         Some(_) => Ok(None),
     }
@@ -361,7 +417,10 @@ fn scalar_text(v: &Bound<'_, PyAny>) -> Result<String, Decline> {
         return v.extract::<String>().map_err(|_| Decline);
     }
     if v.is_exact_instance_of::<PyInt>() {
-        return v.extract::<i64>().map(|n| n.to_string()).map_err(|_| Decline);
+        return v
+            .extract::<i64>()
+            .map(|n| n.to_string())
+            .map_err(|_| Decline);
     }
     Err(Decline)
 }
@@ -398,7 +457,9 @@ fn read_envelope<'py>(doc: &Bound<'py, PyAny>) -> Step<Envelope<'py>> {
         match doc.get_item(name)? {
             None => Ok(None),
             Some(v) if v.is_none() => Ok(None),
-            Some(v) => Ok(Some(v.downcast_into_exact::<PyDict>().map_err(|_| Decline)?)),
+            Some(v) => Ok(Some(
+                v.downcast_into_exact::<PyDict>().map_err(|_| Decline)?,
+            )),
         }
     };
     let before = image(intern!(py, "before"))?;
@@ -432,8 +493,13 @@ fn read_envelope<'py>(doc: &Bound<'py, PyAny>) -> Step<Envelope<'py>> {
     };
     let position = match source.get_item(intern!(py, "lsn"))? {
         Some(lsn) if !lsn.is_none() => format!("lsn:{}", scalar_text(&lsn)?),
-        _ => match (source.get_item(intern!(py, "file"))?, source.get_item(intern!(py, "pos"))?) {
-            (Some(file), Some(pos)) => format!("binlog:{}:{}", scalar_text(&file)?, scalar_text(&pos)?),
+        _ => match (
+            source.get_item(intern!(py, "file"))?,
+            source.get_item(intern!(py, "pos"))?,
+        ) {
+            (Some(file), Some(pos)) => {
+                format!("binlog:{}:{}", scalar_text(&file)?, scalar_text(&pos)?)
+            }
             _ => String::new(),
         },
     };
@@ -479,16 +545,21 @@ struct FastPath {
     audit: HashMap<(String, i64, u64, u8, u8), AuditParts>,
 }
 
-fn find_plan<'a>(plans: &'a mut HashMap<String, Vec<Plan>>, table: &str, row: &Bound<'_, PyDict>) -> Step<&'a mut Plan> {
-    let candidates = plans.get_mut(table).ok_or(Decline)?;
-    let mut found = None;
+/// The plan of `row` among a table's plans (its position) and the row's values, or a decline.
+fn find_plan<'py>(candidates: &mut [Plan], row: &Bound<'py, PyDict>) -> Step<(usize, Values<'py>)> {
     for (i, plan) in candidates.iter_mut().enumerate() {
-        if plan.matches(row)? {
-            found = Some(i);
-            break;
+        if let Some(values) = plan.bind(row)? {
+            return Ok((i, values));
         }
     }
-    Ok(&mut candidates[found.ok_or(Decline)?])
+    Err(Decline.into())
+}
+
+fn subject_value<'py>(py: Python<'py>, plan: &Plan, values: &Values<'py>) -> Bound<'py, PyAny> {
+    match plan.subject_idx {
+        Some(i) => values[i].clone(),
+        None => py.None().into_bound(py),
+    }
 }
 
 #[pymethods]
@@ -546,11 +617,23 @@ impl FastPath {
         hashed: Vec<String>,
         dropped: Vec<String>,
         sealed: Vec<String>,
-    ) {
+    ) -> PyResult<()> {
         let entry = self.plans.entry(schema_table.to_owned()).or_default();
-        if entry.iter().any(|p| p.id == plan_id || p.columns == columns) {
-            return;
+        if entry
+            .iter()
+            .any(|p| p.id == plan_id || p.columns == columns)
+        {
+            return Ok(());
         }
+        let col = |c: &String| Column::new(py, c, &columns);
+        let clear_cols = clear.iter().map(col).collect::<PyResult<Vec<_>>>()?;
+        let mask_cols = masks
+            .iter()
+            .map(|(c, k)| Ok((col(c)?, PyString::intern(py, k).unbind())))
+            .collect::<PyResult<Vec<_>>>()?;
+        let index_cols = index.iter().map(col).collect::<PyResult<Vec<_>>>()?;
+        let hashed_cols = hashed.iter().map(col).collect::<PyResult<Vec<_>>>()?;
+        let sealed_cols = sealed.iter().map(col).collect::<PyResult<Vec<_>>>()?;
         let mut sealed_csv = sealed.join(",").into_bytes();
         sealed_csv.push(b'|');
         let mut sealed_head = vec![2u8];
@@ -558,45 +641,55 @@ impl FastPath {
         entry.push(Plan {
             id: plan_id,
             schema_table_py: PyString::new(py, schema_table).unbind(),
-            seen_keys: columns.iter().map(|c| PyString::new(py, c).unbind()).collect(),
+            seen_keys: columns
+                .iter()
+                .map(|c| PyString::new(py, c).unbind())
+                .collect(),
+            subject_idx: subject_column.and_then(|c| columns.iter().position(|x| x == c)),
             columns,
-            subject_column: subject_column.map(|c| PyString::intern(py, c).unbind()),
             usable,
             subject_root,
-            clear: clear.iter().map(|c| Column::new(py, c)).collect(),
-            mask_memo: masks.iter().map(|_| HashMap::new()).collect(),
-            masks: masks.iter().map(|(c, k)| (Column::new(py, c), PyString::intern(py, k).unbind())).collect(),
-            index_memo: index.iter().map(|_| HashMap::new()).collect(),
-            index: index.iter().map(|c| Column::new(py, c)).collect(),
-            hashed: hashed.iter().map(|c| Column::new(py, c)).collect(),
+            clear: clear_cols,
+            mask_memo: mask_cols.iter().map(|_| HashMap::new()).collect(),
+            masks: mask_cols,
+            index_memo: index_cols.iter().map(|_| HashMap::new()).collect(),
+            index: index_cols,
+            hashed: hashed_cols,
             dropped_enc: name_array(&dropped),
-            sealed: sealed.iter().map(|c| Column::new(py, c)).collect(),
+            sealed: sealed_cols,
             sealed_head,
             sealed_csv,
             memo_entries: 0,
         });
+        Ok(())
     }
 
     /// (plan id, subject column value) of a decoded envelope whose plan is registered, else None.
-    fn subject_value<'py>(&mut self, doc: &Bound<'py, PyAny>) -> PyResult<Option<(u64, Bound<'py, PyAny>)>> {
+    fn subject_value<'py>(
+        &mut self,
+        doc: &Bound<'py, PyAny>,
+    ) -> PyResult<Option<(u64, Bound<'py, PyAny>)>> {
         let env = match read_envelope(doc) {
             Ok(env) => env,
             Err(Step2::Decline) => return Ok(None),
             Err(Step2::Py(e)) => return Err(e),
         };
-        let row = env.after.as_ref().or(env.before.as_ref()).expect("checked by read_envelope");
+        let row = env
+            .after
+            .as_ref()
+            .or(env.before.as_ref())
+            .expect("checked by read_envelope");
         let table = format!("{}.{}", env.namespace, env.table);
-        let plan = match find_plan(&mut self.plans, &table, row) {
-            Ok(plan) => plan,
+        let Some(candidates) = self.plans.get_mut(&table) else {
+            return Ok(None);
+        };
+        let (idx, values) = match find_plan(candidates, row) {
+            Ok(found) => found,
             Err(Step2::Decline) => return Ok(None),
             Err(Step2::Py(e)) => return Err(e),
         };
-        let py = doc.py();
-        let value = match &plan.subject_column {
-            Some(col) => row.get_item(col.bind(py))?.unwrap_or_else(|| py.None().into_bound(py)),
-            None => py.None().into_bound(py),
-        };
-        Ok(Some((plan.id, value)))
+        let plan = &candidates[idx];
+        Ok(Some((plan.id, subject_value(doc.py(), plan, &values))))
     }
 
     /// Sanitize one decoded change event: (sanitized value, audit value, audit key, subject, plan id),
@@ -614,7 +707,9 @@ impl FastPath {
         trace_id: Option<&str>,
         now_ms: i64,
     ) -> PyResult<Option<Bound<'py, PyTuple>>> {
-        match self.process_inner(doc, topic, partition, offset, out_topic, row_key, trace_id, now_ms) {
+        match self.process_inner(
+            doc, topic, partition, offset, out_topic, row_key, trace_id, now_ms,
+        ) {
             Ok(t) => Ok(Some(t)),
             Err(Step2::Decline) => Ok(None),
             Err(Step2::Py(e)) => Err(e),
@@ -650,20 +745,30 @@ impl FastPath {
         let py = doc.py();
         let env = read_envelope(doc)?;
         let schema_table = format!("{}.{}", env.namespace, env.table);
-        let row = env.after.as_ref().or(env.before.as_ref()).expect("checked by read_envelope");
-        let (plan_id, subject_value, table_py) = {
-            let plan = find_plan(&mut self.plans, &schema_table, row)?;
+        let row = env
+            .after
+            .as_ref()
+            .or(env.before.as_ref())
+            .expect("checked by read_envelope");
+        let candidates = self.plans.get_mut(&schema_table).ok_or(Decline)?;
+        let (row_idx, row_values) = find_plan(candidates, row)?;
+        let (plan_id, subject, table_py) = {
+            let plan = &candidates[row_idx];
             if !plan.usable || (env.op == b'd' && plan.subject_root) {
                 return Err(Decline.into());
             }
-            let value = match &plan.subject_column {
-                Some(col) => row.get_item(col.bind(py))?.unwrap_or_else(|| py.None().into_bound(py)),
-                None => py.None().into_bound(py),
-            };
-            (plan.id, value, plan.schema_table_py.clone_ref(py))
+            (
+                plan.id,
+                subject_value(py, plan, &row_values),
+                plan.schema_table_py.clone_ref(py),
+            )
         };
-        let subject_obj = self.subject_of.bind(py).call1((subject_value, table_py))?;
-        let subject = subject_obj.downcast::<PyString>().map_err(PyErr::from)?.to_str()?.to_owned();
+        let subject_obj = self.subject_of.bind(py).call1((subject, table_py))?;
+        let subject = subject_obj
+            .downcast::<PyString>()
+            .map_err(PyErr::from)?
+            .to_str()?
+            .to_owned();
         // Raises KeyShreddedError / KeyUnavailableError: the Python path then decides what they mean.
         let aead = self.aead_for.bind(py).call1((&subject_obj,))?;
         let version: i64 = aead.getattr(intern!(py, "version"))?.extract()?;
@@ -675,21 +780,32 @@ impl FastPath {
             keyed_hash: self.keyed_hash.bind(py).clone(),
         };
         let mut images: [Option<Vec<u8>>; 2] = [None, None];
-        for (slot, (name, image)) in [("before", &env.before), ("after", &env.after)].into_iter().enumerate() {
+        for (slot, (name, image)) in [("before", &env.before), ("after", &env.after)]
+            .into_iter()
+            .enumerate()
+        {
             let Some(image) = image else { continue };
-            let plan = find_plan(&mut self.plans, &schema_table, image)?;
+            let found;
+            let (plan_idx, values) = if image.is(row) {
+                (row_idx, &row_values)
+            } else {
+                found = find_plan(candidates, image)?;
+                (found.0, &found.1)
+            };
+            let plan = &mut candidates[plan_idx];
             if !plan.usable {
                 return Err(Decline.into());
             }
             let ciphertext = if plan.sealed.is_empty() {
                 Vec::new()
             } else {
-                let values = PyList::empty(py);
+                let sealed_values = PyList::empty(py);
                 for col in &plan.sealed {
-                    values.append(image.get_item(col.name.bind(py))?.ok_or(Decline)?)?;
+                    sealed_values.append(&values[col.idx])?;
                 }
-                let plaintext = cb.dumps.call1((values,))?;
-                let mut aad = Vec::with_capacity(96 + out_topic.len() + row_key.len() + subject.len());
+                let plaintext = cb.dumps.call1((sealed_values,))?;
+                let mut aad =
+                    Vec::with_capacity(96 + out_topic.len() + row_key.len() + subject.len());
                 aad.extend_from_slice(b"bg1|");
                 aad.extend_from_slice(out_topic.as_bytes());
                 aad.push(b'|');
@@ -704,13 +820,25 @@ impl FastPath {
                 aad.extend_from_slice(&plan.sealed_csv);
                 aad.extend_from_slice(version.to_string().as_bytes());
                 let sealed = seal.call1((plaintext, PyBytes::new(py, &aad)))?;
-                sealed.downcast::<PyBytes>().map_err(PyErr::from)?.as_bytes().to_vec()
+                sealed
+                    .downcast::<PyBytes>()
+                    .map_err(PyErr::from)?
+                    .as_bytes()
+                    .to_vec()
             };
-            images[slot] = Some(write_image(plan, image, &ciphertext, &cb, self.memo_limit)?);
+            images[slot] = Some(write_image(
+                plan,
+                values,
+                &ciphertext,
+                &cb,
+                self.memo_limit,
+            )?);
         }
         // The SanitizedChange record (`avro_fast.encode_change`).
         let mut value = Vec::with_capacity(
-            self.sanitized_header.len() + 128 + images.iter().flatten().map(Vec::len).sum::<usize>(),
+            self.sanitized_header.len()
+                + 128
+                + images.iter().flatten().map(Vec::len).sum::<usize>(),
         );
         value.extend_from_slice(&self.sanitized_header);
         value.push(2);
@@ -737,19 +865,28 @@ impl FastPath {
             }
         }
         value.push(0); // no unclassified columns on this path
-        // The AuditRecord (`avro_fast.AuditTemplate.encode`).
+                       // The AuditRecord (`avro_fast.AuditTemplate.encode`).
         let images_count = images.iter().flatten().count() as u8;
         let audit_key = (topic.to_owned(), partition, plan_id, env.op, images_count);
         if !self.audit.contains_key(&audit_key) {
-            let parts = self.audit_parts.bind(py).call1((topic, partition, plan_id, PyString::new(py, std::str::from_utf8(&[env.op]).unwrap()), images_count))?;
+            let parts = self.audit_parts.bind(py).call1((
+                topic,
+                partition,
+                plan_id,
+                PyString::new(py, std::str::from_utf8(&[env.op]).unwrap()),
+                images_count,
+            ))?;
             let (a, b, c, key): (Vec<u8>, Vec<u8>, Vec<u8>, Py<PyBytes>) = parts.extract()?;
             if self.audit.len() > 50_000 {
                 self.audit.clear();
             }
-            self.audit.insert(audit_key.clone(), AuditParts { a, b, c, key });
+            self.audit
+                .insert(audit_key.clone(), AuditParts { a, b, c, key });
         }
         let parts = &self.audit[&audit_key];
-        let mut audit = Vec::with_capacity(self.audit_header.len() + parts.a.len() + parts.b.len() + parts.c.len() + 160);
+        let mut audit = Vec::with_capacity(
+            self.audit_header.len() + parts.a.len() + parts.b.len() + parts.c.len() + 160,
+        );
         audit.extend_from_slice(&self.audit_header);
         audit.push(2);
         put_long(&mut audit, now_ms);
