@@ -1,5 +1,16 @@
 # BranchGuard guard image (used by the `guard` service in docker-compose.yml).
 # The local stack (`guard stack up`) does not need Docker; this is for users who prefer containers.
+
+# The compiled hot path (native/, see guard/fastpath.py), built as an abi3 wheel in the Rust image; the
+# guard image itself carries no compiler.
+FROM rust:1-slim-bookworm AS native
+RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/maturin && /opt/maturin/bin/pip install --no-cache-dir 'maturin>=1.8,<2'
+WORKDIR /src
+COPY native ./native
+RUN /opt/maturin/bin/maturin build --release --compatibility linux -i python3 -m native/Cargo.toml -o /wheels
+
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -19,7 +30,8 @@ COPY guard ./guard
 COPY streams ./streams
 COPY schemas ./schemas
 COPY connectors ./connectors
-RUN pip install --no-deps . \
+COPY --from=native /wheels /wheels
+RUN pip install --no-deps . /wheels/*.whl && rm -rf /wheels \
     && useradd --system --uid 10001 --home-dir /app guard \
     && mkdir -p /keys && chown guard /keys
 USER guard

@@ -268,6 +268,8 @@ class SanitizerWorker:
     def run(self, *, max_idle_s: float | None = None, until: Callable[[Stats], bool] | None = None) -> Stats:
         """Process until stopped (SIGTERM), until `until(stats)` is true, or after `max_idle_s` idle."""
         self.prepare_output_topics()
+        log.info("worker %s starting: group %s, %s hot path", self.settings.worker_id, self.settings.group_id,
+                 self.sanitizer.hot_path)
         self._txn("init", lambda: self.producer.init_transactions(10))
         self._subscribe()
         backoff = 0.5

@@ -143,8 +143,9 @@ class Sanitizer:
         self._erased_at: dict[str, int] = {}
         self._subject_tokens: dict[Any, str] = {}
         self._writers: dict[int, ImageWriter] = {}
-        #: Decoded ahead by `prefetch`: a ChangeEvent (Python path) or the parsed JSON (native path).
-        self._predecoded: dict[tuple[str, int, int], Any] = {}
+        #: Decoded ahead: (the value bytes object, its ChangeEvent or parsed JSON). An entry is only used
+        #: for that very bytes object, so a stale entry can never stand in for another record's value.
+        self._predecoded: dict[tuple[str, int, int], tuple[bytes | None, Any]] = {}
         self._activity_recorded: dict[tuple[str, str], float] = {}
         self._audit_templates: dict[tuple[Any, ...], tuple[AuditTemplate, bytes]] = {}
         self._aad = ImageAad()
@@ -217,8 +218,10 @@ class Sanitizer:
         for i, (t, p, o, _) in enumerate(batch):
             if o == offset and p == partition and t == topic:
                 self._decode_and_load(batch[i:])
-                return
-        self._decode_and_load([(topic, partition, offset, value)])
+                break
+        else:
+            self._decode_and_load([(topic, partition, offset, value)])
+        self._predecoded.pop((topic, partition, offset), None)  # this record is being processed already
 
     def _decode_and_load(self, records: Iterable[tuple[str, int, int, bytes | None]]) -> None:
         subjects: set[str] = set()
@@ -232,7 +235,7 @@ class Sanitizer:
                     hit = fast.subject_value(doc)
                     if hit is not None:
                         subjects.add(self._subject_for(hit[1], self._fast_plans[hit[0]].schema_table))
-                        self._predecoded[(topic, partition, offset)] = doc
+                        self._predecoded[(topic, partition, offset)] = (value, doc)
                         continue
                     event = decode_document(doc)
                 else:
@@ -245,7 +248,7 @@ class Sanitizer:
                                                event.schema_table))
             except Exception:  # noqa: BLE001, S112 - `process` meets the same record and sends it to the DLQ
                 continue
-            self._predecoded[(topic, partition, offset)] = event
+            self._predecoded[(topic, partition, offset)] = (value, event)
         self.keys.prefetch(self.branch, subjects)
 
     def expire_value_caches(self, *, force: bool = False) -> None:
@@ -303,7 +306,8 @@ class Sanitizer:
         schema_table = topic[self._prefix_len:]
         out_topic = self.settings.sanitized_prefix + topic
         out_key = self.sanitize_key(schema_table, key)
-        pre = self._predecoded.pop((topic, partition, offset), None) if self._predecoded else None
+        entry = self._predecoded.pop((topic, partition, offset), None) if self._predecoded else None
+        pre = entry[1] if entry is not None and entry[0] is value else None
         if isinstance(pre, ChangeEvent):
             event: ChangeEvent | None = pre
         elif isinstance(pre, _Parsed):
@@ -342,6 +346,8 @@ class Sanitizer:
         subject = self._subject(plan, row, event.schema_table)
         row_key = out_key or b""
         decision = "protected"
+        if self._batch and self.keys.cached_subject_aead(self.branch, subject) is None:
+            self._load_keys_from(topic, partition, offset, None)  # native mode: the batch's keys load lazily
         try:
             aead: Aead | None = self.keys.subject_aead(self.branch, subject)
         except KeyShreddedError:
@@ -378,7 +384,8 @@ class Sanitizer:
         the native path returns its records instead of producing them.
         """
         predecoded = self._predecoded
-        doc = predecoded.get((topic, partition, offset)) if predecoded else None
+        entry = predecoded.get((topic, partition, offset)) if predecoded else None
+        doc = entry[1] if entry is not None and entry[0] is value else None
         if doc is None:
             doc = _parse(value)
             if doc is None:
@@ -402,7 +409,7 @@ class Sanitizer:
         except Exception:  # noqa: BLE001 - the Python path decides what the condition means
             done = None
         if done is None:
-            predecoded[(topic, partition, offset)] = _Parsed(doc)
+            predecoded[(topic, partition, offset)] = (value, _Parsed(doc))
             return None
         value, audit_value, audit_key, subject, plan_id = done
         plan = self._fast_plans[plan_id]

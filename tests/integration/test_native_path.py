@@ -20,9 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from guard import synth
+from guard.codec import decode
 from guard.config import load_settings
 from guard.fastpath import native_available
 from guard.keys import primitives
+from guard.reveal import open_image
 from guard.runtime import build_catalog, build_keys
 from guard.sanitizer import Sanitizer
 
@@ -251,3 +253,22 @@ def test_memos_are_emptied_with_the_value_caches(pair):
     assert native._fast.memo_size > 0
     native.expire_value_caches(force=True)
     assert native._fast.memo_size == 0
+
+
+def test_a_decoded_value_is_never_used_for_another_record(pair):
+    """Same position, different bytes, keys not cached yet (the lazy key load decodes ahead): each output
+    must carry its own record's data. Guards against a stale decoded entry standing in for a new value."""
+    _, native = pair
+    topic = f"{PREFIX}.public.customers"
+    run_both(pair, "public.customers", b'{"customer_id": 42}', orjson.dumps(_customer_event()), prefetch=False,
+             trace_id=None)  # the plan is known to the native path from here on
+    served = native._fast.served
+    for cid in (9_100_001, 9_100_002, 9_100_003):  # new customers: their keys are not in the cache
+        name = f"客户{cid}"
+        value = orjson.dumps(_customer_event(after__customer_id=cid, after__name=name))
+        outcome = native.process(topic, 0, 7, f'{{"customer_id": {cid}}}'.encode(), value)
+        record = outcome.records[0]
+        opened = open_image(native.keys, decode(record.value), "after", topic=f"sanitized.{topic}",
+                            row_key=record.key)
+        assert opened["name"] == name
+    assert native._fast.served == served + 3
