@@ -45,6 +45,7 @@ unit: venv
 lint: venv
 	$(VENV)/bin/ruff check guard streams tests
 	$(VENV)/bin/mypy
+	cd native && PATH="$(HOME)/.cargo/bin:$$PATH" cargo fmt --check && PATH="$(HOME)/.cargo/bin:$$PATH" cargo clippy --release -- -D warnings
 
 bench: stack
 	$(GUARD) bench

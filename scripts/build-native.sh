@@ -15,7 +15,10 @@ if [ "${NATIVE:-1}" = "0" ]; then
   "$VENV/bin/pip" uninstall --quiet -y branchguard-native 2>/dev/null || true
   exit 0
 fi
-export PATH="$HOME/.cargo/bin:$PATH"
+VENV=$(cd "$VENV" && pwd)
+# maturin's build backend runs the `maturin` program it installs into the venv, so the venv's bin goes
+# on PATH (make calls this without an activated venv), and rustup's cargo after it.
+export PATH="$VENV/bin:$HOME/.cargo/bin:$PATH"
 if ! command -v cargo >/dev/null 2>&1; then
   cat >&2 <<'MSG'
 build-native.sh: cargo not found, so the guard's compiled hot path (native/) can't be built.
