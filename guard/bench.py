@@ -53,6 +53,7 @@ from guard import synth
 from guard.batching import take
 from guard.config import Settings, load_settings
 from guard.errors import GuardError
+from guard.fastpath import use_native
 
 log = logging.getLogger("guard.bench")
 
@@ -846,7 +847,8 @@ def render(report: dict[str, Any]) -> str:
     out = [
         f"BranchGuard bench {report['runid']}: {w['records']:,} change events of public.customers "
         f"({w['mean_value_bytes']:.0f} B mean, {w['customers']:,} customers, {w['updates']:,} updates), "
-        f"{report['partitions']} partition(s), {report['workers']} worker(s) per mode, exactly-once both",
+        f"{report['partitions']} partition(s), {report['workers']} worker(s) per mode, exactly-once both, "
+        f"guard on its {report['machine'].get('guard_hot_path', '?')} hot path",
         "",
         render_table(report),
         "",
@@ -1103,6 +1105,8 @@ def run(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
         raise BenchError(f"Kafka at {settings.kafka_bootstrap} does not answer: run `guard stack up`") from None
     names = Names(uuid.uuid4().hex[:8])
     machine = machine_facts()
+    # The workers inherit this environment, so they resolve GUARD_HOT_PATH the same way.
+    machine["guard_hot_path"] = "native" if use_native(settings.hot_path) else "python"
     workload = build_workload(opts.records, customers=opts.customers)
     alert_keys = missing_keys(settings.redis_url, drift_alert_keys(workload))
     sampler = RssSampler(0.5)
