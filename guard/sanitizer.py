@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -38,6 +39,8 @@ from guard.fastpath import new_fast_path, use_native
 from guard.keys.manager import KeyManager
 from guard.keys.primitives import Aead
 from guard.masking import mask
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 #: A worker re-records a (subject, topic) pair's activity in the key store at most this often; expiries
@@ -407,6 +410,11 @@ class Sanitizer:
                 self._load_keys_from(topic, partition, offset, value)
                 done = self._fast.process(*args)
         except Exception:  # noqa: BLE001 - the Python path decides what the condition means
+            done = None
+        except BaseException as exc:  # a Rust panic arrives as pyo3's PanicException, a BaseException
+            if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+                raise
+            log.error("native hot path failed (%s); this event takes the Python path", type(exc).__name__)
             done = None
         if done is None:
             predecoded[(topic, partition, offset)] = (value, _Parsed(doc))

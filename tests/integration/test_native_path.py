@@ -272,3 +272,22 @@ def test_a_decoded_value_is_never_used_for_another_record(pair):
                             row_key=record.key)
         assert opened["name"] == name
     assert native._fast.served == served + 3
+
+
+class _Panic(BaseException):
+    """Stands in for pyo3's PanicException (a BaseException, so `except Exception` doesn't catch it)."""
+
+
+def test_a_native_panic_falls_back_to_the_python_path(pair, monkeypatch):
+    python, native = pair
+    value = orjson.dumps(_customer_event(after__customer_id=43))
+    run_both(pair, "public.customers", b'{"customer_id": 43}', value, prefetch=False, trace_id=None)
+
+    def panic(*_):
+        raise _Panic("index out of bounds")
+
+    monkeypatch.setattr(native._fast, "process", panic)
+    topic = f"{PREFIX}.public.customers"
+    expected = python.process(topic, 0, 7, b'{"customer_id": 43}', value)
+    got = native.process(topic, 0, 7, b'{"customer_id": 43}', value)
+    assert expected.decision == "protected" and comparable(got) == comparable(expected)
