@@ -6,7 +6,8 @@ event (create, read, update, delete of a row whose table plan the Python path ha
 declines everything else, which then takes the Python path unchanged: schema wrappers, truncates, logical
 messages, drift, erased subjects, root-row deletes, anything malformed. Keys never cross into it:
 sealing, masks, tokens and keyed hashes are calls back into the same Python objects the Python path uses,
-so both paths produce identical bytes (`tests/unit/test_native.py` checks this on generated events).
+so both paths produce identical bytes (`tests/integration/test_native_path.py` checks this on generated
+events).
 
 `hot_path` (setting `GUARD_HOT_PATH`): `auto` uses the native path when it is installed, `native` refuses
 to start without it, `python` never uses it.
@@ -14,12 +15,9 @@ to start without it, `python` never uses it.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from guard.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 try:  # pragma: no cover - depends on whether the extension was built
     import guard_native as _native

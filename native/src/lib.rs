@@ -14,7 +14,7 @@
 //!   a delete of a subject's root row, a value of an unexpected type. The Python path then handles the
 //!   event in full, DLQ and erasure included. The native path is therefore never the only judge of an
 //!   input; it is a shortcut that must produce the same bytes as `guard.sanitizer.Sanitizer`'s Python
-//!   path, which the differential tests in `tests/unit/test_native.py` check.
+//!   path, which the differential tests in `tests/integration/test_native_path.py` check.
 //!
 //! The Avro encoding follows `guard/avro_fast.py` (zig-zag varints, length-prefixed strings, unions as
 //! branch index then value, maps and arrays as one block then 0).
@@ -59,26 +59,27 @@ fn name_array(items: &[String]) -> Vec<u8> {
     out
 }
 
-/// Why a value can't take the native path: the caller falls back to the Python path for the whole event.
+/// The event can't take the native path: the caller hands the whole event to the Python path.
 struct Decline;
 
-type Step<T> = Result<T, Step2>;
-
-/// Either a Python exception (propagated as is) or a decline (the event goes to the Python path).
-enum Step2 {
+/// Why the native path stopped: a decline, or a Python exception (from a callback) propagated as is.
+enum Stop {
     Decline,
     Py(PyErr),
 }
 
-impl From<PyErr> for Step2 {
+/// The result of a native step.
+type Step<T> = Result<T, Stop>;
+
+impl From<PyErr> for Stop {
     fn from(e: PyErr) -> Self {
-        Step2::Py(e)
+        Stop::Py(e)
     }
 }
 
-impl From<Decline> for Step2 {
+impl From<Decline> for Stop {
     fn from(_: Decline) -> Self {
-        Step2::Decline
+        Stop::Decline
     }
 }
 
@@ -671,8 +672,8 @@ impl FastPath {
     ) -> PyResult<Option<(u64, Bound<'py, PyAny>)>> {
         let env = match read_envelope(doc) {
             Ok(env) => env,
-            Err(Step2::Decline) => return Ok(None),
-            Err(Step2::Py(e)) => return Err(e),
+            Err(Stop::Decline) => return Ok(None),
+            Err(Stop::Py(e)) => return Err(e),
         };
         let row = env
             .after
@@ -685,8 +686,8 @@ impl FastPath {
         };
         let (idx, values) = match find_plan(candidates, row) {
             Ok(found) => found,
-            Err(Step2::Decline) => return Ok(None),
-            Err(Step2::Py(e)) => return Err(e),
+            Err(Stop::Decline) => return Ok(None),
+            Err(Stop::Py(e)) => return Err(e),
         };
         let plan = &candidates[idx];
         Ok(Some((plan.id, subject_value(doc.py(), plan, &values))))
@@ -711,8 +712,8 @@ impl FastPath {
             doc, topic, partition, offset, out_topic, row_key, trace_id, now_ms,
         ) {
             Ok(t) => Ok(Some(t)),
-            Err(Step2::Decline) => Ok(None),
-            Err(Step2::Py(e)) => Err(e),
+            Err(Stop::Decline) => Ok(None),
+            Err(Stop::Py(e)) => Err(e),
         }
     }
 
