@@ -243,14 +243,65 @@ struct Callbacks<'py> {
     keyed_hash: Bound<'py, PyAny>,
 }
 
-/// Map entries of one kind (masks or blind indexes), memoised per column for string values.
-fn put_entries(out: &mut Vec<u8>, entries: &mut Vec<u8>, count: usize) {
+/// A callback's result as text: masks, tokens and keyed hashes are Python `str`.
+fn text_of<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<&'a str> {
+    obj.downcast::<PyString>()?.to_str()
+}
+
+/// One map of the image (masks, blind indexes or keyed hashes): an entry per non-null column value,
+/// its text from `compute(slot, value, memo)`; `memo` is the column's memo for string values, if any.
+fn put_map<'py, C>(
+    out: &mut Vec<u8>,
+    entries: &mut Vec<u8>,
+    values: &Values<'py>,
+    columns: impl Iterator<Item = C>,
+    key: impl Fn(&C) -> (usize, &[u8]),
+    mut compute: impl FnMut(usize, &Bound<'py, PyAny>, &mut Vec<u8>) -> PyResult<()>,
+) -> PyResult<()> {
+    let mut count = 0;
+    for (slot, column) in columns.enumerate() {
+        let (idx, column_key) = key(&column);
+        let v = &values[idx];
+        if v.is_none() {
+            continue;
+        }
+        count += 1;
+        entries.extend_from_slice(column_key);
+        compute(slot, v, entries)?;
+    }
     if count > 0 {
         put_long(out, count as i64);
         out.extend_from_slice(entries);
     }
     out.push(0);
     entries.clear();
+    Ok(())
+}
+
+/// Appends the encoded text of `value` through `memo` when it is a string (computing and remembering it
+/// on a miss), else computes it each time: 1, 1.0 and True would be equal keys, and only strings repeat.
+fn put_memoised<'py>(
+    entries: &mut Vec<u8>,
+    value: &Bound<'py, PyAny>,
+    memo: &mut HashMap<String, Vec<u8>>,
+    memo_entries: &mut usize,
+    of_str: impl FnOnce(&str) -> PyResult<Bound<'py, PyAny>>,
+    of_other: impl FnOnce() -> PyResult<Bound<'py, PyAny>>,
+) -> PyResult<()> {
+    if value.is_exact_instance_of::<PyString>() {
+        let s = value.downcast::<PyString>()?.to_str()?;
+        if let Some(enc) = memo.get(s) {
+            entries.extend_from_slice(enc);
+        } else {
+            let enc = str_enc(text_of(&of_str(s)?)?);
+            entries.extend_from_slice(&enc);
+            memo.insert(s.to_owned(), enc);
+            *memo_entries += 1;
+        }
+    } else {
+        put_str(entries, text_of(&of_other()?)?.as_bytes());
+    }
+    Ok(())
 }
 
 fn write_image(
@@ -275,106 +326,58 @@ fn write_image(
         plan.clear_memo();
     }
     let mut entries = Vec::with_capacity(256);
-    // Display masks.
-    let mut count = 0;
-    for (slot, (col, kind)) in plan.masks.iter().enumerate() {
-        let v = &values[col.idx];
-        if v.is_none() {
-            continue;
-        }
-        count += 1;
-        entries.extend_from_slice(&col.key);
-        if v.is_exact_instance_of::<PyString>() {
-            let s = v.downcast::<PyString>().map_err(PyErr::from)?.to_str()?;
-            let memo = &mut plan.mask_memo[slot];
-            if let Some(enc) = memo.get(s) {
-                entries.extend_from_slice(enc);
-            } else {
-                let masked = cb.mask.call1((kind.bind(py), v))?;
-                let enc = str_enc(
-                    masked
-                        .downcast::<PyString>()
-                        .map_err(PyErr::from)?
-                        .to_str()?,
-                );
-                entries.extend_from_slice(&enc);
-                memo.insert(s.to_owned(), enc);
-                plan.memo_entries += 1;
-            }
-        } else {
-            let masked = cb.mask.call1((kind.bind(py), v.str()?))?;
-            put_str(
-                &mut entries,
-                masked
-                    .downcast::<PyString>()
-                    .map_err(PyErr::from)?
-                    .to_str()?
-                    .as_bytes(),
-            );
-        }
-    }
-    put_entries(&mut out, &mut entries, count);
-    // Blind indexes.
-    count = 0;
-    for (slot, col) in plan.index.iter().enumerate() {
-        let v = &values[col.idx];
-        if v.is_none() {
-            continue;
-        }
-        count += 1;
-        entries.extend_from_slice(&col.key);
-        if v.is_exact_instance_of::<PyString>() {
-            let s = v.downcast::<PyString>().map_err(PyErr::from)?.to_str()?;
-            let memo = &mut plan.index_memo[slot];
-            if let Some(enc) = memo.get(s) {
-                entries.extend_from_slice(enc);
-            } else {
-                let token = cb.token.call1((PyBytes::new(py, s.as_bytes()),))?;
-                let enc = str_enc(
-                    token
-                        .downcast::<PyString>()
-                        .map_err(PyErr::from)?
-                        .to_str()?,
-                );
-                entries.extend_from_slice(&enc);
-                memo.insert(s.to_owned(), enc);
-                plan.memo_entries += 1;
-            }
-        } else {
-            let token = cb.token.call1((value_bytes(v, &cb.dumps)?,))?;
-            put_str(
-                &mut entries,
-                token
-                    .downcast::<PyString>()
-                    .map_err(PyErr::from)?
-                    .to_str()?
-                    .as_bytes(),
-            );
-        }
-    }
-    put_entries(&mut out, &mut entries, count);
+    let (memos, memo_entries) = (&mut plan.mask_memo, &mut plan.memo_entries);
+    put_map(
+        &mut out,
+        &mut entries,
+        values,
+        plan.masks.iter(),
+        |(c, _)| (c.idx, &c.key[..]),
+        |slot, v, e| {
+            let kind = plan.masks[slot].1.bind(py);
+            put_memoised(
+                e,
+                v,
+                &mut memos[slot],
+                memo_entries,
+                |_| cb.mask.call1((kind, v)),
+                || cb.mask.call1((kind, v.str()?)),
+            )
+        },
+    )?;
+    let (memos, memo_entries) = (&mut plan.index_memo, &mut plan.memo_entries);
+    put_map(
+        &mut out,
+        &mut entries,
+        values,
+        plan.index.iter(),
+        |c| (c.idx, &c.key[..]),
+        |slot, v, e| {
+            put_memoised(
+                e,
+                v,
+                &mut memos[slot],
+                memo_entries,
+                |s| cb.token.call1((PyBytes::new(py, s.as_bytes()),)),
+                || cb.token.call1((value_bytes(v, &cb.dumps)?,)),
+            )
+        },
+    )?;
     // C3 keyed hashes: never memoised (authentication data is not kept beyond its event).
-    count = 0;
-    for col in &plan.hashed {
-        let v = &values[col.idx];
-        if v.is_none() {
-            continue;
-        }
-        count += 1;
-        entries.extend_from_slice(&col.key);
-        let digest = cb
-            .keyed_hash
-            .call1((col.name.bind(py), value_bytes(v, &cb.dumps)?))?;
-        put_str(
-            &mut entries,
-            digest
-                .downcast::<PyString>()
-                .map_err(PyErr::from)?
-                .to_str()?
-                .as_bytes(),
-        );
-    }
-    put_entries(&mut out, &mut entries, count);
+    put_map(
+        &mut out,
+        &mut entries,
+        values,
+        plan.hashed.iter(),
+        |c| (c.idx, &c.key[..]),
+        |slot, v, e| {
+            let digest = cb
+                .keyed_hash
+                .call1((plan.hashed[slot].name.bind(py), value_bytes(v, &cb.dumps)?))?;
+            put_str(e, text_of(&digest)?.as_bytes());
+            Ok(())
+        },
+    )?;
     out.extend_from_slice(&plan.dropped_enc);
     out.push(0); // erased: none
     if plan.sealed.is_empty() {
@@ -765,11 +768,7 @@ impl FastPath {
             )
         };
         let subject_obj = self.subject_of.bind(py).call1((subject, table_py))?;
-        let subject = subject_obj
-            .downcast::<PyString>()
-            .map_err(PyErr::from)?
-            .to_str()?
-            .to_owned();
+        let subject = text_of(&subject_obj)?.to_owned();
         // Raises KeyShreddedError / KeyUnavailableError: the Python path then decides what they mean.
         let aead = self.aead_for.bind(py).call1((&subject_obj,))?;
         let version: i64 = aead.getattr(intern!(py, "version"))?.extract()?;
