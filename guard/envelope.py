@@ -55,6 +55,11 @@ def decode_value(raw: bytes | None) -> ChangeEvent | None:
     """Decode a Kafka record value into a change event; `None` means a tombstone."""
     if raw is None:
         return None
+    return decode_document(parse_value(raw))
+
+
+def parse_value(raw: bytes) -> Any:
+    """The JSON document of a non-null record value, within the decoder's limits (else `DecodeError`)."""
     if len(raw) > MAX_VALUE_BYTES:
         raise DecodeError("too_large", f"value of {len(raw)} bytes exceeds the {MAX_VALUE_BYTES}-byte limit")
     if not raw:
@@ -64,7 +69,7 @@ def decode_value(raw: bytes | None) -> ChangeEvent | None:
     except orjson.JSONDecodeError as exc:
         reason = "invalid_utf8" if "utf-8" in str(exc).lower() else "invalid_json"
         raise DecodeError(reason, f"value is not valid JSON at byte {getattr(exc, 'pos', '?')}") from None
-    return decode_document(doc)
+    return doc
 
 
 def decode_document(doc: Any) -> ChangeEvent | None:

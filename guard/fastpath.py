@@ -47,5 +47,6 @@ def use_native(hot_path: str) -> bool:
 
 def new_fast_path(**callbacks: Any) -> Any:
     """A `guard_native.FastPath` (only call when `use_native` said yes)."""
-    assert _native is not None
+    if _native is None:
+        raise ConfigError("the guard_native extension is not installed (check use_native first)")
     return _native.FastPath(**callbacks)

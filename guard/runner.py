@@ -196,6 +196,13 @@ class TopicManager:
                 self._partitions[name] = len(meta.partitions)
         return self._partitions.get(topic)
 
+    def ensure_like(self, topic: str, source: str) -> int:
+        """Partition count of output `topic`, created with `source`'s count if missing (runs per record)."""
+        count = self._partitions.get(topic)
+        if count is None:
+            count = self.ensure(topic, self.partitions(source) or 1)
+        return count
+
     def ensure(self, topic: str, partitions: int, config: dict[str, str] | None = None) -> int:
         existing = self.partitions(topic)
         if existing is not None:
@@ -249,8 +256,6 @@ class SanitizerWorker:
         self._last: dict[tuple[str, int], int] = {}
         self._txn_started = 0.0
         self._txn_records = 0
-        #: Output topic -> partition count (sanitized records go to their input's partition number).
-        self._partition_counts: dict[str, int] = {}
 
     # --- lifecycle --------------------------------------------------------------------------------
     def stop(self, *_: object) -> None:
@@ -386,25 +391,15 @@ class SanitizerWorker:
     def _produce_all(self, outcome: Outcome, source_topic: str, ts: int, headers: Any) -> None:
         produce = self.producer.produce
         for rec in outcome.records:
-            partition = rec.partition
-            if partition is None:
-                partition = -1  # librdkafka's "use the partitioner"
-            else:
-                count = self._partition_counts.get(rec.topic)
-                if count is None:
-                    count = self.topics.ensure(rec.topic, self.topics.partitions(source_topic) or 1)
-                    self._partition_counts[rec.topic] = count
-                partition %= count
-            try:
-                produce(rec.topic, rec.value, rec.key, partition=partition, timestamp=ts, headers=headers)
-            except BufferError:  # local queue full: let deliveries drain, then retry
-                while True:
+            partition = -1  # librdkafka's "use the partitioner"
+            if rec.partition is not None:
+                partition = rec.partition % self.topics.ensure_like(rec.topic, source_topic)
+            while True:
+                try:
+                    produce(rec.topic, rec.value, rec.key, partition=partition, timestamp=ts, headers=headers)
+                    break
+                except BufferError:  # local queue full: let deliveries drain, then retry
                     self.producer.poll(0.2)
-                    try:
-                        produce(rec.topic, rec.value, rec.key, partition=partition, timestamp=ts, headers=headers)
-                        break
-                    except BufferError:
-                        continue
 
     def _commit(self) -> None:
         if not self._in_txn:

@@ -33,7 +33,7 @@ from guard.catalog import Catalog
 from guard.classify import Classifier, TablePlan
 from guard.codec import AvroCodec
 from guard.config import Settings
-from guard.envelope import MAX_VALUE_BYTES, ChangeEvent, decode_document, decode_value
+from guard.envelope import ChangeEvent, decode_document, decode_value, parse_value
 from guard.errors import DecodeError, KeyShreddedError, KeyUnavailableError
 from guard.fastpath import new_fast_path, use_native
 from guard.keys.manager import KeyManager
@@ -436,8 +436,8 @@ class Sanitizer:
     def _fast_audit_parts(self, topic: str, partition: int, plan_id: int, op: str,
                           images: int) -> tuple[bytes, bytes, bytes, bytes]:
         """The constant parts of the native path's audit records (the same template as the Python path)."""
-        self._audit_for_plan(topic, partition, 0, self._fast_plans[plan_id], op, "", "protected", images, True)
-        template, record_key = self._audit_templates[(topic, partition, plan_id, op, "protected", images, True)]
+        template, record_key = self._audit_template(topic, partition, self._fast_plans[plan_id], op, "protected",
+                                                    images, True)
         return (*template.parts, record_key)
 
     def _register_fast(self, plan: TablePlan) -> None:
@@ -543,6 +543,13 @@ class Sanitizer:
     def _audit_for_plan(self, topic: str, partition: int, offset: int, plan: TablePlan, op: str, subject: str,
                         decision: str, images: int, sealed: bool) -> OutRecord:
         """The per-event audit record, from a template cached per (partition, plan, op, decision, shape)."""
+        template, record_key = self._audit_template(topic, partition, plan, op, decision, images, sealed)
+        value = self.audit_codec.header + template.encode(int(self._clock() * 1000), offset, subject, self._trace_id)
+        return OutRecord(self.settings.audit_topic, record_key, value)
+
+    def _audit_template(self, topic: str, partition: int, plan: TablePlan, op: str, decision: str, images: int,
+                        sealed: bool) -> tuple[AuditTemplate, bytes]:
+        """(template, record key) of the audit records of one (partition, plan, op, decision, shape)."""
         key = (topic, partition, id(plan), op, decision, images, sealed)
         cached = self._audit_templates.get(key)
         if cached is None:
@@ -554,9 +561,7 @@ class Sanitizer:
             if len(self._audit_templates) > 50_000:
                 self._audit_templates.clear()
             cached = self._audit_templates[key] = (template, f"{topic}:{partition}".encode())
-        template, record_key = cached
-        value = self.audit_codec.header + template.encode(int(self._clock() * 1000), offset, subject, self._trace_id)
-        return OutRecord(self.settings.audit_topic, record_key, value)
+        return cached
 
     # ------------------------------------------------------------------------------------------
     def _audit(
@@ -754,11 +759,11 @@ class _Parsed:
 
 def _parse(value: bytes | None) -> Any:
     """The parsed JSON of a value within the decoder's limits, else None (`decode_value` reports why)."""
-    if not value or len(value) > MAX_VALUE_BYTES:
+    if value is None:
         return None
     try:
-        return orjson.loads(value)
-    except orjson.JSONDecodeError:
+        return parse_value(value)
+    except DecodeError:
         return None
 
 

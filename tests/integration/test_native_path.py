@@ -153,10 +153,10 @@ def ordinary_events(draw):
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ordinary_events(), st.booleans(), st.booleans())
-def test_ordinary_events_take_the_native_path_with_identical_output(pair, generated, prefetch, traced):
+@given(ordinary_events(), st.booleans(), st.booleans(), st.booleans())
+def test_ordinary_events_take_the_native_path_with_identical_output(pair, generated, prefetch, traced, escaped):
     table, key, event = generated
-    value = json.dumps(event, ensure_ascii=bool(prefetch)).encode()
+    value = json.dumps(event, ensure_ascii=escaped).encode()  # non-ASCII text as \u escapes or as UTF-8
     expected, served = run_both(pair, table, key, value, prefetch=prefetch, trace_id=TRACE if traced else None)
     root_delete = event["op"] == "d" and table == "public.customers"
     if expected.decision == "protected" and not root_delete:
