@@ -173,7 +173,10 @@ def run_plain(settings: Settings, input_topic: str, output_topic: str) -> dict[s
 
 
 def _mark_first(process: Callable[..., Any], restore: Callable[[Callable[..., Any]], None]) -> Callable[..., Any]:
-    """Wrap `Sanitizer.process` once: report the first call's time, then put the original back."""
+    """Wrap `Sanitizer.prefetch` once: report the first call's time, then put the original back.
+
+    `prefetch` starts the transform of every fetched batch, on the native and the Python path alike.
+    """
 
     def first(*args: Any) -> Any:
         emit("first", t=time.time())
@@ -191,9 +194,9 @@ def run_guard(settings: Settings) -> dict[str, Any]:
     sanitizer = build_sanitizer(settings)
 
     def restore(original: Callable[..., Any]) -> None:
-        sanitizer.process = original  # type: ignore[method-assign]
+        sanitizer.prefetch = original  # type: ignore[method-assign]
 
-    sanitizer.process = _mark_first(sanitizer.process, restore)  # type: ignore[method-assign]
+    sanitizer.prefetch = _mark_first(sanitizer.prefetch, restore)  # type: ignore[method-assign]
 
     def on_batch(stats: Stats) -> None:
         emit("commit", t=time.time(), events=stats.events_in)

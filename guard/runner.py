@@ -54,7 +54,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from guard.batching import commit_due, take
 from guard.config import Settings
 from guard.errors import KeyUnavailableError
-from guard.sanitizer import Outcome, Sanitizer
+from guard.sanitizer import NativeRun, Outcome, Sanitizer
 from guard.telemetry import Telemetry
 
 log = logging.getLogger("guard.runner")
@@ -163,6 +163,20 @@ class BatchCounters:
             self.dlq[outcome.dlq_reason] = self.dlq.get(outcome.dlq_reason, 0) + 1
         self.timestamps_ms.append(timestamp_ms)
 
+    def add_run(self, run: NativeRun) -> None:
+        """Count a native run's events (all protected, each with a sanitized and an audit record)."""
+        for table, classes, n in run.shapes:
+            self.events += n
+            self.records_out += n * run.RECORDS_PER_EVENT
+            shape = (table, "protected", id(classes))
+            count = self._shapes.get(shape)
+            if count is None:
+                self._shapes[shape] = n
+                self._classes[id(classes)] = classes
+            else:
+                self._shapes[shape] = count + n
+        self.timestamps_ms.extend(run.timestamps)
+
     @property
     def by_table_decision(self) -> dict[tuple[str, str], int]:
         out: dict[tuple[str, str], int] = {}
@@ -246,6 +260,9 @@ class SanitizerWorker:
         }
         self.consumer = Consumer(self._consumer_config)
         self._producer_config = producer_config(settings, client_id)
+        #: Outputs larger than this take the Python path, which turns librdkafka's MSG_SIZE_TOO_LARGE into a
+        #: DLQ record (the margin covers librdkafka's per-record overhead in its size check).
+        self._max_record_bytes = int(self._producer_config.get("message.max.bytes", 1_000_000)) - 1024
         self.producer = Producer(self._producer_config)
         self._abandoned: list[Producer | Consumer] = []
         self._txn_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bg-txn")
@@ -332,8 +349,7 @@ class SanitizerWorker:
     def _process_batch(self, msgs: list[Message]) -> None:
         """Sanitize and produce one fetched batch inside the open transaction (this loop runs per event)."""
         sanitizer = self.sanitizer
-        telemetry = self.telemetry
-        traced = telemetry.tracer is not None
+        traced = self.telemetry.tracer is not None
         first, last = self._first, self._last
         # Rewind points first: if any record of this batch fails (e.g. the key store is down), the abort
         # must seek back every partition the batch touched, including the ones not reached yet.
@@ -362,31 +378,53 @@ class SanitizerWorker:
             self._in_txn = True
             self._txn_started = time.monotonic()
             self._txn_records = 0
-        process, add = sanitizer.process, self.batch.add
-        for msg, topic, partition, offset, value in good:
-            headers = msg.headers()
-            if traced or headers:
-                span, out_headers, trace_id = telemetry.start_event(headers, topic, partition, offset)
-            else:
-                span = out_headers = trace_id = None
-            outcome = process(topic, partition, offset, msg.key(), value, trace_id)
-            if span is not None:
-                telemetry.end_event(span, outcome.table, outcome.decision)
-            # Outputs keep the change's timestamp: downstream sees when it happened, and end-to-end
-            # latency is measurable on the sanitized topic.
-            ts_type, ts = msg.timestamp()
-            ts = ts if ts_type != TIMESTAMP_NOT_AVAILABLE else 0
-            try:
-                self._produce_all(outcome, topic, ts, out_headers)
-            except KafkaException as exc:
-                if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
-                    raise
-                outcome = sanitizer.too_large(topic, partition, offset, msg.key(), value)
-                self._produce_all(outcome, topic, ts, out_headers)
-            last[(topic, partition)] = offset
-            add(outcome, ts)
+        if sanitizer.runs_native and not traced:
+            # Ordinary records are sanitized and produced natively; each record a run stops at (declined,
+            # headers to carry, too large, a callback error) goes through the full Python path.
+            i, n = 0, len(good)
+            producer = self.producer
+            while i < n:
+                run = sanitizer.run_native(good, i, produce=producer.produce, poll=producer.poll,
+                                           partitions=self.topics.ensure_like,
+                                           max_record_bytes=self._max_record_bytes)
+                for topic, partition, offset in run.last:
+                    last[(topic, partition)] = offset
+                self.batch.add_run(run)
+                i = run.end
+                if i < n:
+                    self._process_one(*good[i], traced)
+                    i += 1
+        else:
+            for msg, topic, partition, offset, value in good:
+                self._process_one(msg, topic, partition, offset, value, traced)
         self._txn_records += len(good)
         self.producer.poll(0)
+
+    def _process_one(self, msg: Message, topic: str, partition: int, offset: int, value: bytes | None,
+                     traced: bool) -> None:
+        """Sanitize one record with `Sanitizer.process` and produce its outputs (the full Python path)."""
+        sanitizer, telemetry = self.sanitizer, self.telemetry
+        headers = msg.headers()
+        if traced or headers:
+            span, out_headers, trace_id = telemetry.start_event(headers, topic, partition, offset)
+        else:
+            span = out_headers = trace_id = None
+        outcome = sanitizer.process(topic, partition, offset, msg.key(), value, trace_id)
+        if span is not None:
+            telemetry.end_event(span, outcome.table, outcome.decision)
+        # Outputs keep the change's timestamp: downstream sees when it happened, and end-to-end
+        # latency is measurable on the sanitized topic.
+        ts_type, ts = msg.timestamp()
+        ts = ts if ts_type != TIMESTAMP_NOT_AVAILABLE else 0
+        try:
+            self._produce_all(outcome, topic, ts, out_headers)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
+                raise
+            outcome = sanitizer.too_large(topic, partition, offset, msg.key(), value)
+            self._produce_all(outcome, topic, ts, out_headers)
+        self._last[(topic, partition)] = offset
+        self.batch.add(outcome, ts)
 
     def _produce_all(self, outcome: Outcome, source_topic: str, ts: int, headers: Any) -> None:
         produce = self.producer.produce

@@ -61,6 +61,21 @@ class OutRecord:
 
 
 @dataclass(slots=True)
+class NativeRun:
+    """What `Sanitizer.run_native` did: `records[start:end]` are sanitized and their outputs produced."""
+
+    end: int
+    #: (topic, partition, offset) of the last record of each partition in the run.
+    last: list[tuple[str, int, int]]
+    #: (table, class counts, events): what the runner's counters add, per table plan.
+    shapes: list[tuple[str, Mapping[str, int], int]]
+    #: The inputs' timestamps (ms), for the latency metrics.
+    timestamps: list[int]
+    #: Records produced per event: sanitized and audit.
+    RECORDS_PER_EVENT = 2
+
+
+@dataclass(slots=True)
 class Outcome:
     """What one input record produced, plus the facts the runner turns into metrics."""
 
@@ -165,6 +180,11 @@ class Sanitizer:
                 audit_header=self.audit_codec.header, subject_of=self._subject_for,
                 aead_for=self._cached_aead, audit_parts=self._fast_audit_parts, dumps=orjson.dumps, mask=mask,
                 token=keys.index.token, keyed_hash=keys.keyed_hash.digest)
+        self._native_hooks = _NativeHooks(
+            parse=_parse, out_topic=lambda topic: self.settings.sanitized_prefix + topic,
+            sanitize_key=lambda topic, key: self.sanitize_key(topic[self._prefix_len:], key),
+            load_keys=self._load_keys_from, key_not_loaded=_KeyNotLoaded, activity=self.subject_activity,
+            audit_topic=self.settings.audit_topic)
 
     @property
     def hot_path(self) -> str:
@@ -198,6 +218,31 @@ class Sanitizer:
         except Exception as exc:  # noqa: BLE001 - a bug must not stop the stream nor leak the record
             return self._dlq(topic, partition, offset, key, value, "internal_error",
                              f"unexpected {type(exc).__name__} while sanitizing")
+
+    @property
+    def runs_native(self) -> bool:
+        """Whether `run_native` may be used (the native path is on)."""
+        return self._fast is not None
+
+    def run_native(self, records: list[tuple[Any, str, int, int, bytes | None]], start: int, *,
+                   produce: Callable[..., None], poll: Callable[[float], int],
+                   partitions: Callable[[str, str], int], max_record_bytes: int) -> NativeRun:
+        """Sanitize and produce `records[start:]` natively up to the first record that needs `process`.
+
+        `records` are the runner's `(message, topic, partition, offset, value)` tuples of one fetched
+        batch (after `prefetch`); `produce`/`poll` are the transactional producer's methods and
+        `partitions(sanitized topic, raw topic)` the sanitized topic's partition count. The record at
+        `end` (if any) has produced nothing; the caller hands it to `process`, then calls again from
+        `end + 1`. Kafka errors other than a full local queue propagate (the runner aborts). Only for
+        records without Kafka headers and without tracing: those go through `process`, which carries
+        the trace context.
+        """
+        end, last, counts, stamps = self._fast.run(
+            records, start, produce=produce, poll=poll, partitions=partitions, hooks=self._native_hooks,
+            now_ms=int(self._clock() * 1000), max_record_bytes=max_record_bytes)
+        plans = self._fast_plans
+        shapes = [(plans[plan_id].schema_table, plans[plan_id].class_counts, n) for plan_id, n in counts]
+        return NativeRun(end, last, shapes, stamps)
 
     def prefetch(self, records: Sequence[tuple[str, int, int, bytes | None]]) -> None:
         """Make sure the data keys a batch needs are loaded with one key-store round trip, not one each.
@@ -447,7 +492,7 @@ class Sanitizer:
             id(plan), plan.schema_table, list(plan.columns), subject_column=plan.subject_column,
             usable=not plan.unclassified, subject_root=plan.subject_root, clear=list(plan.clear),
             masks=list(plan.masks), index=list(plan.index), hashed=list(plan.hashed), dropped=list(plan.dropped),
-            sealed=list(plan.sealed))
+            sealed=list(plan.sealed), retention_s=plan.retention_s)
 
     def _committed_before_erasure(self, subject: str, source_ts_ms: int | None) -> bool:
         """Whether a change committed at `source_ts_ms` predates the erasure of `subject`."""
@@ -744,6 +789,19 @@ class Sanitizer:
                             "held" if held else "shredded", f"{reason_code}; confirmation {confirmation_id}; "
                             f"sha256 {hashlib.sha256(body).hexdigest()}", {}, {"keys_destroyed": destroyed})
         return [OutRecord(self.settings.deletions_topic, subject.encode(), body), audit]
+
+
+@dataclass(slots=True, frozen=True)
+class _NativeHooks:
+    """The sanitizer's side of `guard_native.FastPath.run` (see `Sanitizer.run_native`)."""
+
+    parse: Callable[[bytes | None], Any]
+    out_topic: Callable[[str], str]
+    sanitize_key: Callable[[str, bytes], bytes | None]
+    load_keys: Callable[[str, int, int, bytes | None], None]
+    key_not_loaded: type[Exception]
+    activity: dict[tuple[str, str], int]
+    audit_topic: str
 
 
 class _KeyNotLoaded(Exception):

@@ -199,6 +199,8 @@ struct Plan {
     mask_memo: Vec<HashMap<String, Vec<u8>>>,
     index_memo: Vec<HashMap<String, Vec<u8>>>,
     memo_entries: usize,
+    /// How long the table's data is kept (seconds): the value of its subject-activity entries.
+    retention_s: i64,
 }
 
 impl Plan {
@@ -547,6 +549,43 @@ struct FastPath {
     /// schema.table → the plans registered for it (one per column layout).
     plans: HashMap<String, Vec<Plan>>,
     audit: HashMap<(String, i64, u64, u8, u8), AuditParts>,
+    /// Raw topic → where its records go (`run`), with the memo of its sanitized Kafka keys.
+    topics: HashMap<String, TopicOut>,
+}
+
+/// A raw topic's output in `run`: the sanitized topic, its partition count, and the sanitized Kafka key
+/// of each raw key seen (plaintext ids: emptied with the other memos, `clear_memos`).
+struct TopicOut {
+    out_topic: Py<PyString>,
+    partitions: i64,
+    keys: HashMap<Vec<u8>, Option<Py<PyBytes>>>,
+}
+
+/// What the native transform made of one event.
+struct Done<'py> {
+    sanitized: Vec<u8>,
+    audit: Vec<u8>,
+    audit_key: Bound<'py, PyBytes>,
+    subject: Bound<'py, PyAny>,
+    plan_id: u64,
+    retention_s: i64,
+}
+
+/// `produce(*args)`, polling and retrying while the producer's local queue is full.
+fn produce_retrying<'py>(
+    produce: &Bound<'py, PyAny>,
+    poll: &Bound<'py, PyAny>,
+    args: Bound<'py, PyTuple>,
+) -> PyResult<()> {
+    loop {
+        match produce.call1(&args) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.is_instance_of::<pyo3::exceptions::PyBufferError>(produce.py()) => {
+                poll.call1((0.2,))?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// The plan of `row` among a table's plans (its position) and the row's values, or a decline.
@@ -599,12 +638,13 @@ impl FastPath {
             memo_limit,
             plans: HashMap::new(),
             audit: HashMap::new(),
+            topics: HashMap::new(),
         }
     }
 
     /// Make a table plan known (called by the Python path the first time it meets the plan).
     #[pyo3(signature = (plan_id, schema_table, columns, *, subject_column, usable, subject_root, clear, masks,
-                        index, hashed, dropped, sealed))]
+                        index, hashed, dropped, sealed, retention_s))]
     #[allow(clippy::too_many_arguments)]
     fn register(
         &mut self,
@@ -621,6 +661,7 @@ impl FastPath {
         hashed: Vec<String>,
         dropped: Vec<String>,
         sealed: Vec<String>,
+        retention_s: i64,
     ) -> PyResult<()> {
         let entry = self.plans.entry(schema_table.to_owned()).or_default();
         if entry
@@ -664,6 +705,7 @@ impl FastPath {
             sealed_head,
             sealed_csv,
             memo_entries: 0,
+            retention_s,
         });
         Ok(())
     }
@@ -711,13 +753,222 @@ impl FastPath {
         trace_id: Option<&str>,
         now_ms: i64,
     ) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let py = doc.py();
         match self.process_inner(
             doc, topic, partition, offset, out_topic, row_key, trace_id, now_ms,
         ) {
-            Ok(t) => Ok(Some(t)),
+            Ok(done) => Ok(Some(PyTuple::new(
+                py,
+                [
+                    PyBytes::new(py, &done.sanitized).into_any(),
+                    PyBytes::new(py, &done.audit).into_any(),
+                    done.audit_key.into_any(),
+                    done.subject,
+                    PyInt::new(py, done.plan_id).into_any(),
+                ],
+            )?)),
             Err(Stop::Decline) => Ok(None),
             Err(Stop::Py(e)) => Err(e),
         }
+    }
+
+    /// Sanitize and produce a run of ordinary records of a fetched batch, from `start` until the first
+    /// record that needs the Python path; returns `(end, last offsets, events per plan, timestamps)`,
+    /// where `end` is that record's index (`len(records)` when the run reached the end).
+    ///
+    /// Why: with the transform native, most of a worker's time went to the per-record glue around it in
+    /// the runner (loop, outcome objects, two keyword `produce` calls, counters). Here a record costs a
+    /// few C calls into confluent-kafka and two positional `produce` calls.
+    ///
+    /// `records` are the runner's `(message, topic, partition, offset, value)` tuples. A record's two
+    /// outputs (sanitized, audit) are produced with the input's timestamp only after its transform has
+    /// succeeded, so the run always stops *before* a record it can't finish, having produced nothing for
+    /// it: declined by the transform, a callback error (an erased subject, a key store problem: the Python
+    /// path meets the same condition and applies its policy), Kafka headers to carry on, an output over
+    /// `max_record_bytes`, a panic. A `produce` error other than a full local queue (BufferError: poll,
+    /// then retry) propagates, and the runner aborts the transaction.
+    ///
+    /// `hooks` supplies the sanitizer's side: `parse(value)` (JSON within the decoder's limits, or None),
+    /// `out_topic(topic)`, `sanitize_key(topic, key)`, `load_keys(topic, partition, offset, value)`, the
+    /// exception type `key_not_loaded`, the `activity` dict ((subject, sanitized topic) -> retention s)
+    /// and `audit_topic`. `partitions(out_topic, topic)` is the sanitized topic's partition count.
+    #[pyo3(signature = (records, start, *, produce, poll, partitions, hooks, now_ms, max_record_bytes))]
+    #[allow(clippy::too_many_arguments)]
+    fn run<'py>(
+        slf: &Bound<'py, Self>,
+        records: &Bound<'py, PyList>,
+        start: usize,
+        produce: &Bound<'py, PyAny>,
+        poll: &Bound<'py, PyAny>,
+        partitions: &Bound<'py, PyAny>,
+        hooks: &Bound<'py, PyAny>,
+        now_ms: i64,
+        max_record_bytes: usize,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let py = records.py();
+        let parse = hooks.getattr(intern!(py, "parse"))?;
+        let out_topic_of = hooks.getattr(intern!(py, "out_topic"))?;
+        let sanitize_key = hooks.getattr(intern!(py, "sanitize_key"))?;
+        let load_keys = hooks.getattr(intern!(py, "load_keys"))?;
+        let key_not_loaded = hooks.getattr(intern!(py, "key_not_loaded"))?;
+        let activity = hooks.getattr(intern!(py, "activity"))?;
+        let activity = activity.downcast::<PyDict>()?;
+        let audit_topic = hooks.getattr(intern!(py, "audit_topic"))?;
+        let mut last: Vec<(Bound<'py, PyString>, i64, i64)> = Vec::new();
+        let mut counts: Vec<(u64, usize)> = Vec::new();
+        let mut stamps: Vec<i64> = Vec::new();
+        let mut i = start;
+        while i < records.len() {
+            let item = records.get_item(i)?;
+            let item = item.downcast::<PyTuple>()?;
+            let msg = item.get_item(0)?;
+            let topic_obj = item.get_item(1)?;
+            let topic_obj = topic_obj.downcast::<PyString>()?;
+            let partition: i64 = item.get_item(2)?.extract()?;
+            let offset: i64 = item.get_item(3)?.extract()?;
+            let value = item.get_item(4)?;
+            if value.is_none() || !msg.call_method0(intern!(py, "headers"))?.is_none() {
+                break;
+            }
+            let doc = parse.call1((&value,))?;
+            if doc.is_none() {
+                break;
+            }
+            let topic = topic_obj.to_str()?;
+            // The borrow of `self` is released while `load_keys` runs: it calls `subject_value`.
+            let mut this = slf.borrow_mut();
+            let memo_limit = this.memo_limit;
+            if !this.topics.contains_key(topic) {
+                let out = out_topic_of.call1((topic_obj,))?;
+                let count: i64 = partitions.call1((&out, topic_obj))?.extract()?;
+                let out = out.downcast_into::<PyString>()?.unbind();
+                this.topics.insert(
+                    topic.to_owned(),
+                    TopicOut {
+                        out_topic: out,
+                        partitions: count.max(1),
+                        keys: HashMap::new(),
+                    },
+                );
+            }
+            let state = this.topics.get_mut(topic).expect("inserted above");
+            let out_py = state.out_topic.bind(py).clone();
+            let out_partitions = state.partitions;
+            let key = msg.call_method0(intern!(py, "key"))?;
+            let out_key: Option<Bound<'py, PyBytes>> = if key.is_none() {
+                None
+            } else {
+                let raw = key.downcast::<PyBytes>()?.as_bytes();
+                match state.keys.get(raw) {
+                    Some(k) => k.as_ref().map(|k| k.bind(py).clone()),
+                    None => {
+                        let k = sanitize_key.call1((topic_obj, &key))?;
+                        let k = if k.is_none() {
+                            None
+                        } else {
+                            Some(k.downcast_into::<PyBytes>()?)
+                        };
+                        if state.keys.len() >= memo_limit {
+                            state.keys.clear();
+                        }
+                        state
+                            .keys
+                            .insert(raw.to_vec(), k.as_ref().map(|k| k.clone().unbind()));
+                        k
+                    }
+                }
+            };
+            let row_key = out_key.as_ref().map(|k| k.as_bytes()).unwrap_or(b"");
+            let out_topic = out_py.to_str()?;
+            let attempt = |this: &mut FastPath| {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    this.process_inner(
+                        &doc, topic, partition, offset, out_topic, row_key, None, now_ms,
+                    )
+                }))
+            };
+            let done = match attempt(&mut this) {
+                Ok(Ok(done)) => done,
+                Ok(Err(Stop::Py(e))) if e.is_instance(py, &key_not_loaded) => {
+                    drop(this);
+                    if load_keys
+                        .call1((topic_obj, partition, offset, &value))
+                        .is_err()
+                    {
+                        break;
+                    }
+                    match attempt(&mut slf.borrow_mut()) {
+                        Ok(Ok(done)) => done,
+                        _ => break,
+                    }
+                }
+                _ => break,
+            };
+            let audit_key_len = done.audit_key.as_bytes().len();
+            if done.sanitized.len() + row_key.len() > max_record_bytes
+                || done.audit.len() + audit_key_len > max_record_bytes
+            {
+                break;
+            }
+            let (kind, ts): (i64, i64) = msg.call_method0(intern!(py, "timestamp"))?.extract()?;
+            let ts = if kind == 0 { 0 } else { ts };
+            let none = py.None().into_bound(py);
+            let key_arg = match &out_key {
+                Some(k) => k.clone().into_any(),
+                None => none.clone(),
+            };
+            produce_retrying(
+                produce,
+                poll,
+                (
+                    &out_py,
+                    PyBytes::new(py, &done.sanitized),
+                    key_arg,
+                    partition.rem_euclid(out_partitions),
+                    &none,
+                    &none,
+                    ts,
+                )
+                    .into_pyobject(py)?,
+            )?;
+            produce_retrying(
+                produce,
+                poll,
+                (
+                    &audit_topic,
+                    PyBytes::new(py, &done.audit),
+                    &done.audit_key,
+                    -1,
+                    &none,
+                    &none,
+                    ts,
+                )
+                    .into_pyobject(py)?,
+            )?;
+            activity.set_item((&done.subject, &out_py), done.retention_s)?;
+            match last
+                .iter_mut()
+                .find(|(t, p, _)| *p == partition && t.to_str().ok() == Some(topic))
+            {
+                Some(entry) => entry.2 = offset,
+                None => last.push((topic_obj.clone(), partition, offset)),
+            }
+            match counts.iter_mut().find(|(id, _)| *id == done.plan_id) {
+                Some(entry) => entry.1 += 1,
+                None => counts.push((done.plan_id, 1)),
+            }
+            stamps.push(ts);
+            i += 1;
+        }
+        PyTuple::new(
+            py,
+            [
+                i.into_pyobject(py)?.into_any(),
+                PyList::new(py, last)?.into_any(),
+                PyList::new(py, counts)?.into_any(),
+                PyList::new(py, stamps)?.into_any(),
+            ],
+        )
     }
 
     /// Forget memoised masks and tokens: their keys are plaintext values (`Sanitizer.expire_value_caches`).
@@ -725,11 +976,17 @@ impl FastPath {
         for plans in self.plans.values_mut() {
             plans.iter_mut().for_each(Plan::clear_memo);
         }
+        self.topics.values_mut().for_each(|t| t.keys.clear());
     }
 
     #[getter]
     fn memo_size(&self) -> usize {
-        self.plans.values().flatten().map(Plan::memo_size).sum()
+        self.plans
+            .values()
+            .flatten()
+            .map(Plan::memo_size)
+            .sum::<usize>()
+            + self.topics.values().map(|t| t.keys.len()).sum::<usize>()
     }
 }
 
@@ -745,7 +1002,7 @@ impl FastPath {
         row_key: &[u8],
         trace_id: Option<&str>,
         now_ms: i64,
-    ) -> Step<Bound<'py, PyTuple>> {
+    ) -> Step<Done<'py>> {
         let py = doc.py();
         let env = read_envelope(doc)?;
         let schema_table = format!("{}.{}", env.namespace, env.table);
@@ -756,13 +1013,14 @@ impl FastPath {
             .expect("checked by read_envelope");
         let candidates = self.plans.get_mut(&schema_table).ok_or(Decline)?;
         let (row_idx, row_values) = find_plan(candidates, row)?;
-        let (plan_id, subject, table_py) = {
+        let (plan_id, retention_s, subject, table_py) = {
             let plan = &candidates[row_idx];
             if !plan.usable || (env.op == b'd' && plan.subject_root) {
                 return Err(Decline.into());
             }
             (
                 plan.id,
+                plan.retention_s,
                 subject_value(py, plan, &row_values),
                 plan.schema_table_py.clone_ref(py),
             )
@@ -903,17 +1161,14 @@ impl FastPath {
                 put_str(&mut audit, t.as_bytes());
             }
         }
-        let result = PyTuple::new(
-            py,
-            [
-                PyBytes::new(py, &value).into_any(),
-                PyBytes::new(py, &audit).into_any(),
-                parts.key.bind(py).clone().into_any(),
-                subject_obj,
-                PyInt::new(py, plan_id).into_any(),
-            ],
-        )?;
-        Ok(result)
+        Ok(Done {
+            sanitized: value,
+            audit,
+            audit_key: parts.key.bind(py).clone(),
+            subject: subject_obj,
+            plan_id,
+            retention_s,
+        })
     }
 }
 

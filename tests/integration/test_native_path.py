@@ -16,6 +16,7 @@ import uuid
 
 import orjson
 import pytest
+from confluent_kafka import KafkaError, KafkaException, Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,8 +26,10 @@ from guard.config import load_settings
 from guard.fastpath import native_available
 from guard.keys import primitives
 from guard.reveal import open_image
+from guard.runner import SanitizerWorker
 from guard.runtime import build_catalog, build_keys
 from guard.sanitizer import Sanitizer
+from guard.telemetry import Telemetry
 
 pytestmark = [
     pytest.mark.integration,
@@ -291,3 +294,124 @@ def test_a_native_panic_falls_back_to_the_python_path(pair, monkeypatch):
     expected = python.process(topic, 0, 7, b'{"customer_id": 43}', value)
     got = native.process(topic, 0, 7, b'{"customer_id": 43}', value)
     assert expected.decision == "protected" and comparable(got) == comparable(expected)
+
+
+# --- the runner's native runs (`Sanitizer.run_native` inside `SanitizerWorker._process_batch`) ---------------
+class RecordingProducer:
+    """Stands in for the transactional producer: records every `produce` as (topic, value, key, partition,
+    timestamp, headers), raises BufferError on every `full_every`-th call (once, then accepts the retry),
+    and raises librdkafka's MSG_SIZE_TOO_LARGE for a sanitized record over `max_bytes`, as the real client
+    does (with the limit set so low, only sanitized records are meant to meet it)."""
+
+    def __init__(self, *, full_every: int = 0, max_bytes: int = 1_000_000):
+        self.records: list[tuple] = []
+        self.calls = 0
+        self.polls = 0
+        self.full_every, self.max_bytes = full_every, max_bytes
+
+    def produce(self, topic, value=None, key=None, partition=-1, on_delivery=None, callback=None, timestamp=0,
+                headers=None):
+        self.calls += 1
+        if self.full_every and self.calls % self.full_every == 0:
+            raise BufferError("Local: Queue full")
+        if topic.startswith("sanitized.") and len(value or b"") + len(key or b"") > self.max_bytes:
+            raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
+        if topic == "guard.anomalies" and value is not None:
+            value = {k: v for k, v in orjson.loads(value).items() if k != "id"}
+        self.records.append((topic, value, key, partition, timestamp, headers))
+
+    def poll(self, timeout=0):
+        self.polls += 1
+        return 0
+
+
+class FixedTopics:
+    """`TopicManager.ensure_like` without an admin client: every sanitized topic has 3 partitions."""
+
+    def ensure_like(self, topic: str, source: str) -> int:
+        return 3
+
+
+def batch_worker(stack, sanitizer, producer):
+    """A real `SanitizerWorker` around `sanitizer`, its producer and topic admin replaced, a transaction open."""
+    settings = sanitizer.settings
+    worker = SanitizerWorker(settings, sanitizer, telemetry=Telemetry(settings))
+    worker.producer, worker.topics, worker._in_txn = producer, FixedTopics(), True
+    return worker
+
+
+def mixed_batch(seed: int) -> tuple[list[Message], set[int]]:
+    """Ordinary events of new customers between records each needing the Python path; also returns the
+    offsets of the plain ordinary ones (no headers), which native runs must take."""
+    rng = random.Random(seed)
+    topic = f"{PREFIX}.public.customers"
+    msgs, plain = [], set()
+    for n in range(40):
+        cid = 7_000_000 + seed * 100 + n
+        value = orjson.dumps(_customer_event(after__customer_id=cid, after__name=f"客户{cid}"))
+        key, headers, ts = f'{{"customer_id": {cid}}}'.encode(), None, (1, 1_700_000_000_000 + n)
+        kind = rng.random()
+        if n % 9 == 4:
+            value = orjson.dumps(ODD_ENVELOPES[sorted(ODD_ENVELOPES)[n % len(ODD_ENVELOPES)]])
+        elif n % 9 == 7:
+            value = None  # tombstone
+        elif kind < 0.1:
+            headers = [("traceparent", f"00-{TRACE}-00f067aa0ba902b7-01".encode())]
+        elif kind < 0.15:
+            value = b"{not json"
+        else:
+            plain.add(100 + n)
+            if kind < 0.2:
+                ts = (0, 0)  # no timestamp
+        msgs.append(Message(topic=topic, partition=n % 2, offset=100 + n, key=key, value=value, timestamp=ts,
+                            headers=headers))
+    return msgs, plain
+
+
+def process_batch(stack, sanitizer, msgs, **producer_options):
+    producer = RecordingProducer(**producer_options)
+    sanitizer.subject_activity.clear()  # what earlier tests left (a worker clears it at every commit)
+    worker = batch_worker(stack, sanitizer, producer)
+    worker._max_record_bytes = min(worker._max_record_bytes, producer.max_bytes - 64)
+    worker._process_batch(msgs)
+    batch = worker.batch
+    counts = (batch.events, batch.records_out, batch.by_table_decision, batch.fields, batch.dlq,
+              batch.timestamps_ms)
+    return producer, dict(worker._last), counts, dict(sanitizer.subject_activity)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_batch_through_native_runs_produces_what_the_python_path_produces(stack, pair, seed):
+    python, native = pair
+    msgs, plain = mixed_batch(seed)
+    run_both(pair, "public.customers", b'{"customer_id": 42}', orjson.dumps(_customer_event()), prefetch=False,
+             trace_id=None)  # the plan is registered with the native path
+    by_runs, by_process, loads = [], [], []
+    real_run, real_process, real_load = native.run_native, native.process, native.keys.store.get_or_create_deks
+
+    def run_native(records, start, **kwargs):
+        run = real_run(records, start, **kwargs)
+        by_runs.extend(offset for _, _, _, offset, _ in records[start:run.end])
+        return run
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(native, "run_native", run_native)
+        patch.setattr(native, "process", lambda t, p, o, *a: by_process.append(o) or real_process(t, p, o, *a))
+        patch.setattr(native.keys.store, "get_or_create_deks", lambda *a: loads.append(a) or real_load(*a))
+        got = process_batch(stack, native, msgs, full_every=7)
+    expected = process_batch(stack, python, msgs, full_every=7)
+    assert got[0].records == expected[0].records
+    assert got[1:] == expected[1:]
+    assert got[0].polls > 0, "a full queue was waited out"
+    assert len(loads) == 1, "the batch's new keys are loaded in one round trip"
+    assert plain <= set(by_runs), "every plain ordinary record was taken by a native run"
+    assert sorted(by_runs + by_process) == [m.offset() for m in msgs], "each record handled exactly once"
+
+
+def test_an_output_over_the_size_limit_goes_to_the_dlq_on_both_paths(stack, pair):
+    python, native = pair
+    msgs = mixed_batch(9)[0][:10]
+    got = process_batch(stack, native, msgs, max_bytes=300)
+    expected = process_batch(stack, python, msgs, max_bytes=300)
+    assert got[0].records == expected[0].records and got[1:] == expected[1:]
+    assert "output_too_large" in got[2][4]
