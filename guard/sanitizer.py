@@ -33,7 +33,7 @@ from guard.catalog import Catalog
 from guard.classify import Classifier, TablePlan
 from guard.codec import AvroCodec
 from guard.config import Settings
-from guard.envelope import ChangeEvent, decode_document, decode_value, parse_value
+from guard.envelope import MAX_VALUE_BYTES, ChangeEvent, decode_value
 from guard.errors import DecodeError, KeyShreddedError, KeyUnavailableError
 from guard.fastpath import new_fast_path, use_native
 from guard.keys.manager import KeyManager
@@ -178,10 +178,11 @@ class Sanitizer:
             self._fast = new_fast_path(
                 branch=self.branch, sanitized_header=self.sanitized_codec.header,
                 audit_header=self.audit_codec.header, subject_of=self._subject_for,
-                aead_for=self._cached_aead, audit_parts=self._fast_audit_parts, dumps=orjson.dumps, mask=mask,
-                token=keys.index.token, keyed_hash=keys.keyed_hash.digest)
+                aead_for=self._cached_aead, audit_parts=self._fast_audit_parts, dumps=orjson.dumps,
+                loads=orjson.loads, mask=mask, token=keys.index.token, keyed_hash=keys.keyed_hash.digest,
+                max_value_bytes=MAX_VALUE_BYTES)
         self._native_hooks = _NativeHooks(
-            parse=_parse, out_topic=lambda topic: self.settings.sanitized_prefix + topic,
+            out_topic=lambda topic: self.settings.sanitized_prefix + topic,
             sanitize_key=lambda topic, key: self.sanitize_key(topic[self._prefix_len:], key),
             load_keys=self._load_keys_from, key_not_loaded=_KeyNotLoaded, activity=self.subject_activity,
             audit_topic=self.settings.audit_topic)
@@ -276,18 +277,12 @@ class Sanitizer:
         fast = self._fast
         for topic, partition, offset, value in records:
             try:
-                if fast is not None:
-                    doc = _parse(value)
-                    if doc is None:
-                        continue
-                    hit = fast.subject_value(doc)
+                if fast is not None and value is not None:
+                    hit = fast.subject_value(value)
                     if hit is not None:
                         subjects.add(self._subject_for(hit[1], self._fast_plans[hit[0]].schema_table))
-                        self._predecoded[(topic, partition, offset)] = (value, doc)
                         continue
-                    event = decode_document(doc)
-                else:
-                    event = decode_value(value)
+                event = decode_value(value)
                 if event is None:
                     continue
                 row = event.after if event.after is not None else event.before
@@ -358,8 +353,6 @@ class Sanitizer:
         pre = entry[1] if entry is not None and entry[0] is value else None
         if isinstance(pre, ChangeEvent):
             event: ChangeEvent | None = pre
-        elif isinstance(pre, _Parsed):
-            event = decode_document(pre.doc)
         else:
             event = decode_value(value)
         if event is None:
@@ -431,23 +424,12 @@ class Sanitizer:
         with its full policy (DLQ, erasure rules, abort and retry); nothing is produced twice, because
         the native path returns its records instead of producing them.
         """
-        predecoded = self._predecoded
-        entry = predecoded.get((topic, partition, offset)) if predecoded else None
-        doc = entry[1] if entry is not None and entry[0] is value else None
-        if doc is None:
-            doc = _parse(value)
-            if doc is None:
-                return None  # not JSON: the Python path reports why
-        elif type(doc) is dict:
-            del predecoded[(topic, partition, offset)]
-        else:
-            return None  # decoded for the Python path by `_load_keys_from`
         out_topic = self._out_topics.get(topic)
         if out_topic is None:
             out_topic = self._out_topics[topic] = self.settings.sanitized_prefix + topic
         try:
             out_key = self.sanitize_key(topic[self._prefix_len:], key)
-            args = (doc, topic, partition, offset, out_topic, out_key or b"", self._trace_id,
+            args = (value, topic, partition, offset, out_topic, out_key or b"", self._trace_id,
                     int(self._clock() * 1000))
             try:
                 done = self._fast.process(*args)
@@ -462,7 +444,6 @@ class Sanitizer:
             log.error("native hot path failed (%s); this event takes the Python path", type(exc).__name__)
             done = None
         if done is None:
-            predecoded[(topic, partition, offset)] = (value, _Parsed(doc))
             return None
         sanitized, audit_value, audit_key, subject, plan_id = done
         plan = self._fast_plans[plan_id]
@@ -795,7 +776,6 @@ class Sanitizer:
 class _NativeHooks:
     """The sanitizer's side of `guard_native.FastPath.run` (see `Sanitizer.run_native`)."""
 
-    parse: Callable[[bytes | None], Any]
     out_topic: Callable[[str], str]
     sanitize_key: Callable[[str, bytes], bytes | None]
     load_keys: Callable[[str, int, int, bytes | None], None]
@@ -806,23 +786,6 @@ class _NativeHooks:
 
 class _KeyNotLoaded(Exception):
     """A data key is not in this worker's cache: load the batch's keys, then try again."""
-
-
-@dataclass(slots=True)
-class _Parsed:
-    """A value already parsed to JSON that the native path declined (the Python path decodes it)."""
-
-    doc: Any
-
-
-def _parse(value: bytes | None) -> Any:
-    """The parsed JSON of a value within the decoder's limits, else None (`decode_value` reports why)."""
-    if value is None:
-        return None
-    try:
-        return parse_value(value)
-    except DecodeError:
-        return None
 
 
 def _action_counts(plan: TablePlan, images: int, sealed: bool) -> dict[str, int]:

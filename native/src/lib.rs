@@ -1,75 +1,50 @@
 //! BranchGuard's compiled hot path.
 //!
-//! Why it exists: in CPython the sanitizer spent 60-100 µs per change event on bookkeeping (dict walks,
-//! Avro byte assembly, per-column dispatch), more than all its cryptography together. This module does
-//! that bookkeeping for the common event (a create, read, update or delete of a row whose table plan is
-//! known) and nothing else:
+//! Why it exists: in CPython the sanitizer spent 60-100 µs per change event on bookkeeping (JSON objects,
+//! dict walks, Avro byte assembly, per-column dispatch, the runner's per-record glue), more than all its
+//! cryptography together. This module does that bookkeeping for the common event (a create, read, update
+//! or delete of a row whose table plan is known) and nothing else:
 //!
 //! * it never touches key material: data keys stay inside Python's `cryptography` objects, and sealing is
 //!   a call back into `Aead.seal`; display masks, blind-index tokens and C3 keyed hashes are calls back
 //!   into the Python functions (masks and tokens of string values are memoised per column, as in
 //!   `guard.avro_fast.ImageWriter`);
-//! * it declines (returns `None`) whenever an event is anything but well formed and ordinary: a schema
-//!   wrapper, an unknown or special op, an unregistered column layout, a plan with unclassified columns,
-//!   a delete of a subject's root row, a value of an unexpected type. The Python path then handles the
+//! * it reads the record's JSON itself (`json`, `envelope`), building no Python object per field;
+//! * it declines whenever an event is anything but well formed and ordinary: a schema wrapper, an unknown
+//!   or special op, an unregistered column layout, a plan with unclassified columns, a delete of a
+//!   subject's root row, a value it doesn't read the way orjson does. The Python path then handles the
 //!   event in full, DLQ and erasure included. The native path is therefore never the only judge of an
 //!   input; it is a shortcut that must produce the same bytes as `guard.sanitizer.Sanitizer`'s Python
 //!   path, which the differential tests in `tests/integration/test_native_path.py` check.
 //!
-//! The Avro encoding follows `guard/avro_fast.py` (zig-zag varints, length-prefixed strings, unions as
-//! branch index then value, maps and arrays as one block then 0).
+//! Modules: `avro` (encoding primitives), `json` (reading values), `envelope` (the Debezium envelope),
+//! `image` (table plans and image writing); this file holds `FastPath`, the Python-facing class.
+
+mod avro;
+mod envelope;
+mod image;
+mod json;
 
 use std::collections::HashMap;
 
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyInt, PyList, PyString, PyTuple};
 
-// --- Avro primitives -------------------------------------------------------------------------------
-
-fn put_long(out: &mut Vec<u8>, n: i64) {
-    let mut z = ((n << 1) ^ (n >> 63)) as u64;
-    while z >= 0x80 {
-        out.push((z as u8 & 0x7f) | 0x80);
-        z >>= 7;
-    }
-    out.push(z as u8);
-}
-
-fn put_str(out: &mut Vec<u8>, s: &[u8]) {
-    put_long(out, s.len() as i64);
-    out.extend_from_slice(s);
-}
-
-fn str_enc(s: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(s.len() + 2);
-    put_str(&mut out, s.as_bytes());
-    out
-}
-
-fn name_array(items: &[String]) -> Vec<u8> {
-    let mut out = Vec::new();
-    if !items.is_empty() {
-        put_long(&mut out, items.len() as i64);
-        for item in items {
-            put_str(&mut out, item.as_bytes());
-        }
-    }
-    out.push(0);
-    out
-}
+use crate::avro::{name_array, put_long, put_str, str_enc};
+use crate::image::{find_plan, sealed_plaintext, write_image, Callbacks, Column, Plan};
 
 /// The event can't take the native path: the caller hands the whole event to the Python path.
-struct Decline;
+pub(crate) struct Decline;
 
 /// Why the native path stopped: a decline, or a Python exception (from a callback) propagated as is.
-enum Stop {
+pub(crate) enum Stop {
     Decline,
     Py(PyErr),
 }
 
 /// The result of a native step.
-type Step<T> = Result<T, Stop>;
+pub(crate) type Step<T> = Result<T, Stop>;
 
 impl From<PyErr> for Stop {
     fn from(e: PyErr) -> Self {
@@ -83,474 +58,12 @@ impl From<Decline> for Stop {
     }
 }
 
-/// Exact-type check (`type(v) is T`): orjson only produces exact built-in types, and the Python path
-/// dispatches on exact types too (a bool is not an int there).
-fn exact_i64(v: &Bound<'_, PyAny>) -> Option<Result<i64, ()>> {
-    if v.is_exact_instance_of::<PyInt>() {
-        Some(v.extract::<i64>().map_err(|_| ()))
-    } else {
-        None
-    }
-}
-
-/// A clear column as the ["null","boolean","long","double","string"] union (`avro_fast._clear_value`).
-fn put_clear_value(out: &mut Vec<u8>, v: &Bound<'_, PyAny>, dumps: &Bound<'_, PyAny>) -> Step<()> {
-    if v.is_none() {
-        out.push(0);
-    } else if v.is_exact_instance_of::<PyString>() {
-        out.push(8);
-        let s = v.downcast::<PyString>().map_err(PyErr::from)?.to_str()?;
-        put_str(out, s.as_bytes());
-    } else if v.is_exact_instance_of::<PyBool>() {
-        out.push(2);
-        out.push(if v.is_truthy()? { 1 } else { 0 });
-    } else if let Some(n) = exact_i64(v) {
-        match n {
-            Ok(n) => {
-                out.push(4);
-                put_long(out, n);
-            }
-            Err(()) => {
-                // Beyond a long: carried as its decimal text, like the Python path.
-                out.push(8);
-                let text = v.str()?;
-                put_str(out, text.to_str()?.as_bytes());
-            }
-        }
-    } else if v.is_exact_instance_of::<PyFloat>() {
-        out.push(6);
-        let f = v.downcast::<PyFloat>().map_err(PyErr::from)?.value();
-        out.extend_from_slice(&f.to_le_bytes());
-    } else {
-        // Nested JSON (objects, arrays): its compact JSON text, exactly as orjson writes it.
-        let text = dumps.call1((v,))?;
-        out.push(8);
-        put_str(
-            out,
-            text.downcast::<PyBytes>().map_err(PyErr::from)?.as_bytes(),
-        );
-    }
-    Ok(())
-}
-
-/// `avro_fast._value_bytes`: a string's UTF-8, anything else as orjson's JSON text.
-fn value_bytes<'py>(
-    v: &Bound<'py, PyAny>,
-    dumps: &Bound<'py, PyAny>,
-) -> PyResult<Bound<'py, PyAny>> {
-    if v.is_exact_instance_of::<PyString>() {
-        let s = v.downcast::<PyString>()?.to_str()?;
-        Ok(PyBytes::new(v.py(), s.as_bytes()).into_any())
-    } else {
-        dumps.call1((v,))
-    }
-}
-
-// --- one image writer per table plan ----------------------------------------------------------------
-
-struct Column {
-    name: Py<PyString>,
-    /// The column name as an Avro string (map key).
-    key: Vec<u8>,
-    /// Position of the column in the plan's row layout (rows are read once, in order, into a vector).
-    idx: usize,
-}
-
-impl Column {
-    fn new(py: Python<'_>, name: &str, columns: &[String]) -> PyResult<Self> {
-        let idx = columns.iter().position(|c| c == name).ok_or_else(|| {
-            pyo3::exceptions::PyValueError::new_err(format!(
-                "column {name:?} is not in the plan's columns"
-            ))
-        })?;
-        Ok(Column {
-            name: PyString::intern(py, name).unbind(),
-            key: str_enc(name),
-            idx,
-        })
-    }
-}
-
-/// A row's values in the plan's column order.
-type Values<'py> = Vec<Bound<'py, PyAny>>;
-
-struct Plan {
-    id: u64,
-    schema_table_py: Py<PyString>,
-    columns: Vec<String>,
-    /// The key objects of the last row that matched, held so that their addresses can't be reused: orjson
-    /// hands out the same key objects for every document, so an identity check usually settles a column.
-    seen_keys: Vec<Py<PyString>>,
-    /// Position of the subject column in the row layout (None: the table has none, or not in this layout).
-    subject_idx: Option<usize>,
-    /// Whether events of this plan may take the native path at all (no unclassified columns).
-    usable: bool,
-    subject_root: bool,
-    clear: Vec<Column>,
-    masks: Vec<(Column, Py<PyString>)>,
-    index: Vec<Column>,
-    hashed: Vec<Column>,
-    dropped_enc: Vec<u8>,
-    sealed: Vec<Column>,
-    /// Union branch 1 + the array of sealed field names (the `sealed.fields` of the image).
-    sealed_head: Vec<u8>,
-    /// `",".join(sealed)` followed by `|`: the field-list part of the associated data.
-    sealed_csv: Vec<u8>,
-    mask_memo: Vec<HashMap<String, Vec<u8>>>,
-    index_memo: Vec<HashMap<String, Vec<u8>>>,
-    memo_entries: usize,
-    /// How long the table's data is kept (seconds): the value of its subject-activity entries.
-    retention_s: i64,
-}
-
-impl Plan {
-    fn memo_size(&self) -> usize {
-        self.memo_entries
-    }
-
-    fn clear_memo(&mut self) {
-        self.mask_memo.iter_mut().for_each(HashMap::clear);
-        self.index_memo.iter_mut().for_each(HashMap::clear);
-        self.memo_entries = 0;
-    }
-
-    /// The row's values in column order if its columns are exactly this plan's, in order (the Python
-    /// path's key is `tuple(row)`), else None.
-    fn bind<'py>(&mut self, row: &Bound<'py, PyDict>) -> PyResult<Option<Values<'py>>> {
-        if row.len() != self.columns.len() {
-            return Ok(None);
-        }
-        let mut values = Vec::with_capacity(self.columns.len());
-        for (i, (k, v)) in row.iter().enumerate() {
-            if k.as_ptr() != self.seen_keys[i].as_ptr() {
-                // Not the very object that matched before (kept alive by `seen_keys`): compare the text.
-                let Ok(k) = k.downcast_into::<PyString>() else {
-                    return Ok(None);
-                };
-                if k.to_str()? != self.columns[i].as_str() {
-                    return Ok(None);
-                }
-                self.seen_keys[i] = k.unbind();
-            }
-            values.push(v);
-        }
-        Ok(Some(values))
-    }
-}
-
-struct Callbacks<'py> {
-    dumps: Bound<'py, PyAny>,
-    mask: Bound<'py, PyAny>,
-    token: Bound<'py, PyAny>,
-    keyed_hash: Bound<'py, PyAny>,
-}
-
-/// A callback's result as text: masks, tokens and keyed hashes are Python `str`.
-fn text_of<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<&'a str> {
-    obj.downcast::<PyString>()?.to_str()
-}
-
-/// One map of the image (masks, blind indexes or keyed hashes): an entry per non-null column value,
-/// its text from `compute(slot, value, memo)`; `memo` is the column's memo for string values, if any.
-fn put_map<'py, C>(
-    out: &mut Vec<u8>,
-    entries: &mut Vec<u8>,
-    values: &Values<'py>,
-    columns: impl Iterator<Item = C>,
-    key: impl Fn(&C) -> (usize, &[u8]),
-    mut compute: impl FnMut(usize, &Bound<'py, PyAny>, &mut Vec<u8>) -> PyResult<()>,
-) -> PyResult<()> {
-    let mut count = 0;
-    for (slot, column) in columns.enumerate() {
-        let (idx, column_key) = key(&column);
-        let v = &values[idx];
-        if v.is_none() {
-            continue;
-        }
-        count += 1;
-        entries.extend_from_slice(column_key);
-        compute(slot, v, entries)?;
-    }
-    if count > 0 {
-        put_long(out, count as i64);
-        out.extend_from_slice(entries);
-    }
-    out.push(0);
-    entries.clear();
-    Ok(())
-}
-
-/// Appends the encoded text of `value` through `memo` when it is a string (computing and remembering it
-/// on a miss), else computes it each time: 1, 1.0 and True would be equal keys, and only strings repeat.
-fn put_memoised<'py>(
-    entries: &mut Vec<u8>,
-    value: &Bound<'py, PyAny>,
-    memo: &mut HashMap<String, Vec<u8>>,
-    memo_entries: &mut usize,
-    of_str: impl FnOnce(&str) -> PyResult<Bound<'py, PyAny>>,
-    of_other: impl FnOnce() -> PyResult<Bound<'py, PyAny>>,
-) -> PyResult<()> {
-    if value.is_exact_instance_of::<PyString>() {
-        let s = value.downcast::<PyString>()?.to_str()?;
-        if let Some(enc) = memo.get(s) {
-            entries.extend_from_slice(enc);
-        } else {
-            let enc = str_enc(text_of(&of_str(s)?)?);
-            entries.extend_from_slice(&enc);
-            memo.insert(s.to_owned(), enc);
-            *memo_entries += 1;
-        }
-    } else {
-        put_str(entries, text_of(&of_other()?)?.as_bytes());
-    }
-    Ok(())
-}
-
-fn write_image(
-    plan: &mut Plan,
-    values: &Values<'_>,
-    ciphertext: &[u8],
-    cb: &Callbacks<'_>,
-    memo_limit: usize,
-) -> Step<Vec<u8>> {
-    let py = cb.dumps.py();
-    let mut out = Vec::with_capacity(512 + ciphertext.len());
-    out.push(2);
-    if !plan.clear.is_empty() {
-        put_long(&mut out, plan.clear.len() as i64);
-        for col in &plan.clear {
-            out.extend_from_slice(&col.key);
-            put_clear_value(&mut out, &values[col.idx], &cb.dumps)?;
-        }
-    }
-    out.push(0);
-    if plan.memo_size() > memo_limit {
-        plan.clear_memo();
-    }
-    let mut entries = Vec::with_capacity(256);
-    let (memos, memo_entries) = (&mut plan.mask_memo, &mut plan.memo_entries);
-    put_map(
-        &mut out,
-        &mut entries,
-        values,
-        plan.masks.iter(),
-        |(c, _)| (c.idx, &c.key[..]),
-        |slot, v, e| {
-            let kind = plan.masks[slot].1.bind(py);
-            put_memoised(
-                e,
-                v,
-                &mut memos[slot],
-                memo_entries,
-                |_| cb.mask.call1((kind, v)),
-                || cb.mask.call1((kind, v.str()?)),
-            )
-        },
-    )?;
-    let (memos, memo_entries) = (&mut plan.index_memo, &mut plan.memo_entries);
-    put_map(
-        &mut out,
-        &mut entries,
-        values,
-        plan.index.iter(),
-        |c| (c.idx, &c.key[..]),
-        |slot, v, e| {
-            put_memoised(
-                e,
-                v,
-                &mut memos[slot],
-                memo_entries,
-                |s| cb.token.call1((PyBytes::new(py, s.as_bytes()),)),
-                || cb.token.call1((value_bytes(v, &cb.dumps)?,)),
-            )
-        },
-    )?;
-    // C3 keyed hashes: never memoised (authentication data is not kept beyond its event).
-    put_map(
-        &mut out,
-        &mut entries,
-        values,
-        plan.hashed.iter(),
-        |c| (c.idx, &c.key[..]),
-        |slot, v, e| {
-            let digest = cb
-                .keyed_hash
-                .call1((plan.hashed[slot].name.bind(py), value_bytes(v, &cb.dumps)?))?;
-            put_str(e, text_of(&digest)?.as_bytes());
-            Ok(())
-        },
-    )?;
-    out.extend_from_slice(&plan.dropped_enc);
-    out.push(0); // erased: none
-    if plan.sealed.is_empty() {
-        out.push(0);
-    } else {
-        out.extend_from_slice(&plan.sealed_head);
-        put_str(&mut out, ciphertext);
-    }
-    Ok(out)
-}
-
-// --- the envelope ------------------------------------------------------------------------------------
-
-/// The parts of a Debezium envelope the sanitized record carries, for the ops the native path takes.
-struct Envelope<'py> {
-    op: u8,
-    before: Option<Bound<'py, PyDict>>,
-    after: Option<Bound<'py, PyDict>>,
-    namespace: String,
-    table: String,
-    database: String,
-    ts_ms: Option<i64>,
-    source_ts_ms: Option<i64>,
-    position: String,
-}
-
-fn opt_ts(v: Option<Bound<'_, PyAny>>) -> Result<Option<i64>, Decline> {
-    match v {
-        None => Ok(None),
-        Some(v) if v.is_exact_instance_of::<PyInt>() => {
-            v.extract::<i64>().map(Some).map_err(|_| Decline)
-        }
-        Some(v) if v.is_instance_of::<PyInt>() => Err(Decline), // bool: the Python path decides
-        Some(_) => Ok(None),
-    }
-}
-
-/// `str(v)` for the scalars a position is made of; anything else declines.
-fn scalar_text(v: &Bound<'_, PyAny>) -> Result<String, Decline> {
-    if v.is_exact_instance_of::<PyString>() {
-        return v.extract::<String>().map_err(|_| Decline);
-    }
-    if v.is_exact_instance_of::<PyInt>() {
-        return v
-            .extract::<i64>()
-            .map(|n| n.to_string())
-            .map_err(|_| Decline);
-    }
-    Err(Decline)
-}
-
-/// A strict reading of `guard.envelope.decode_document` for ops c/u/r/d without a schema wrapper.
-fn read_envelope<'py>(doc: &Bound<'py, PyAny>) -> Step<Envelope<'py>> {
-    let py = doc.py();
-    let doc = doc.downcast::<PyDict>().map_err(|_| Decline)?;
-    if doc.contains(intern!(py, "payload"))? || doc.contains(intern!(py, "schema"))? {
-        return Err(Decline.into());
-    }
-    let op = doc.get_item(intern!(py, "op"))?.ok_or(Decline)?;
-    if !op.is_exact_instance_of::<PyString>() {
-        return Err(Decline.into());
-    }
-    let op = match op.downcast::<PyString>().map_err(PyErr::from)?.to_str()? {
-        "c" => b'c',
-        "u" => b'u',
-        "r" => b'r',
-        "d" => b'd',
-        _ => return Err(Decline.into()),
-    };
-    let source = doc.get_item(intern!(py, "source"))?.ok_or(Decline)?;
-    let source = source.downcast::<PyDict>().map_err(|_| Decline)?;
-    let table = source.get_item(intern!(py, "table"))?.ok_or(Decline)?;
-    if !table.is_exact_instance_of::<PyString>() {
-        return Err(Decline.into());
-    }
-    let table: String = table.extract()?;
-    if table.is_empty() {
-        return Err(Decline.into());
-    }
-    let image = |name: &Bound<'py, PyString>| -> Step<Option<Bound<'py, PyDict>>> {
-        match doc.get_item(name)? {
-            None => Ok(None),
-            Some(v) if v.is_none() => Ok(None),
-            Some(v) => Ok(Some(
-                v.downcast_into_exact::<PyDict>().map_err(|_| Decline)?,
-            )),
-        }
-    };
-    let before = image(intern!(py, "before"))?;
-    let after = image(intern!(py, "after"))?;
-    match op {
-        b'c' | b'r' | b'u' if after.is_none() => return Err(Decline.into()),
-        b'd' if before.is_none() => return Err(Decline.into()),
-        _ => {}
-    }
-    // `source.get("schema") or source.get("db") or ""`, and it must be a string.
-    let mut namespace = String::new();
-    for key in [intern!(py, "schema"), intern!(py, "db")] {
-        if let Some(v) = source.get_item(key)? {
-            if v.is_truthy()? {
-                if !v.is_exact_instance_of::<PyString>() {
-                    return Err(Decline.into());
-                }
-                namespace = v.extract()?;
-                break;
-            }
-        }
-    }
-    let database = match source.get_item(intern!(py, "db"))? {
-        Some(v) if v.is_truthy()? => {
-            if !v.is_exact_instance_of::<PyString>() {
-                return Err(Decline.into());
-            }
-            v.extract()?
-        }
-        _ => String::new(),
-    };
-    let position = match source.get_item(intern!(py, "lsn"))? {
-        Some(lsn) if !lsn.is_none() => format!("lsn:{}", scalar_text(&lsn)?),
-        _ => match (
-            source.get_item(intern!(py, "file"))?,
-            source.get_item(intern!(py, "pos"))?,
-        ) {
-            (Some(file), Some(pos)) => {
-                format!("binlog:{}:{}", scalar_text(&file)?, scalar_text(&pos)?)
-            }
-            _ => String::new(),
-        },
-    };
-    Ok(Envelope {
-        op,
-        before,
-        after,
-        namespace,
-        table,
-        database,
-        ts_ms: opt_ts(doc.get_item(intern!(py, "ts_ms"))?)?,
-        source_ts_ms: opt_ts(source.get_item(intern!(py, "ts_ms"))?)?,
-        position,
-    })
-}
-
-// --- the fast path -----------------------------------------------------------------------------------
-
 /// Audit-record parts fixed per (source topic, partition, plan, op, images): see `AuditTemplate.parts`.
 struct AuditParts {
     a: Vec<u8>,
     b: Vec<u8>,
     c: Vec<u8>,
     key: Py<PyBytes>,
-}
-
-/// The sanitizer's native shortcut for ordinary change events; see the module documentation.
-#[pyclass(module = "guard_native")]
-struct FastPath {
-    branch_enc: Vec<u8>,
-    sanitized_header: Vec<u8>,
-    audit_header: Vec<u8>,
-    subject_of: PyObject,
-    aead_for: PyObject,
-    audit_parts: PyObject,
-    dumps: PyObject,
-    mask: PyObject,
-    token: PyObject,
-    keyed_hash: PyObject,
-    memo_limit: usize,
-    /// schema.table → the plans registered for it (one per column layout).
-    plans: HashMap<String, Vec<Plan>>,
-    audit: HashMap<(String, i64, u64, u8, u8), AuditParts>,
-    /// Raw topic → where its records go (`run`), with the memo of its sanitized Kafka keys.
-    topics: HashMap<String, TopicOut>,
 }
 
 /// A raw topic's output in `run`: the sanitized topic, its partition count, and the sanitized Kafka key
@@ -588,28 +101,35 @@ fn produce_retrying<'py>(
     }
 }
 
-/// The plan of `row` among a table's plans (its position) and the row's values, or a decline.
-fn find_plan<'py>(candidates: &mut [Plan], row: &Bound<'py, PyDict>) -> Step<(usize, Values<'py>)> {
-    for (i, plan) in candidates.iter_mut().enumerate() {
-        if let Some(values) = plan.bind(row)? {
-            return Ok((i, values));
-        }
-    }
-    Err(Decline.into())
-}
-
-fn subject_value<'py>(py: Python<'py>, plan: &Plan, values: &Values<'py>) -> Bound<'py, PyAny> {
-    match plan.subject_idx {
-        Some(i) => values[i].clone(),
-        None => py.None().into_bound(py),
-    }
+/// The sanitizer's native shortcut for ordinary change events; see the module documentation.
+#[pyclass(module = "guard_native")]
+struct FastPath {
+    branch_enc: Vec<u8>,
+    sanitized_header: Vec<u8>,
+    audit_header: Vec<u8>,
+    subject_of: PyObject,
+    aead_for: PyObject,
+    audit_parts: PyObject,
+    dumps: PyObject,
+    loads: PyObject,
+    mask: PyObject,
+    token: PyObject,
+    keyed_hash: PyObject,
+    memo_limit: usize,
+    /// Values longer than this are the Python path's (it sends them to the DLQ).
+    max_value_bytes: usize,
+    /// schema.table → the plans registered for it (one per column layout).
+    plans: HashMap<String, Vec<Plan>>,
+    audit: HashMap<(String, i64, u64, u8, u8), AuditParts>,
+    /// Raw topic → where its records go (`run`), with the memo of its sanitized Kafka keys.
+    topics: HashMap<String, TopicOut>,
 }
 
 #[pymethods]
 impl FastPath {
     #[new]
-    #[pyo3(signature = (*, branch, sanitized_header, audit_header, subject_of, aead_for, audit_parts, dumps, mask,
-                        token, keyed_hash, memo_limit = 100_000))]
+    #[pyo3(signature = (*, branch, sanitized_header, audit_header, subject_of, aead_for, audit_parts, dumps, loads,
+                        mask, token, keyed_hash, max_value_bytes, memo_limit = 100_000))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         branch: &str,
@@ -619,9 +139,11 @@ impl FastPath {
         aead_for: PyObject,
         audit_parts: PyObject,
         dumps: PyObject,
+        loads: PyObject,
         mask: PyObject,
         token: PyObject,
         keyed_hash: PyObject,
+        max_value_bytes: usize,
         memo_limit: usize,
     ) -> Self {
         FastPath {
@@ -632,10 +154,12 @@ impl FastPath {
             aead_for,
             audit_parts,
             dumps,
+            loads,
             mask,
             token,
             keyed_hash,
             memo_limit,
+            max_value_bytes,
             plans: HashMap::new(),
             audit: HashMap::new(),
             topics: HashMap::new(),
@@ -686,10 +210,6 @@ impl FastPath {
         entry.push(Plan {
             id: plan_id,
             schema_table_py: PyString::new(py, schema_table).unbind(),
-            seen_keys: columns
-                .iter()
-                .map(|c| PyString::new(py, c).unbind())
-                .collect(),
             subject_idx: subject_column.and_then(|c| columns.iter().position(|x| x == c)),
             columns,
             usable,
@@ -710,41 +230,45 @@ impl FastPath {
         Ok(())
     }
 
-    /// (plan id, subject column value) of a decoded envelope whose plan is registered, else None.
+    /// (plan id, subject column value) of a record value whose plan is registered, else None.
     fn subject_value<'py>(
-        &mut self,
-        doc: &Bound<'py, PyAny>,
+        &self,
+        py: Python<'py>,
+        value: &[u8],
     ) -> PyResult<Option<(u64, Bound<'py, PyAny>)>> {
-        let env = match read_envelope(doc) {
-            Ok(env) => env,
-            Err(Stop::Decline) => return Ok(None),
-            Err(Stop::Py(e)) => return Err(e),
-        };
-        let row = env
-            .after
-            .as_ref()
-            .or(env.before.as_ref())
-            .expect("checked by read_envelope");
-        let table = format!("{}.{}", env.namespace, env.table);
-        let Some(candidates) = self.plans.get_mut(&table) else {
+        if value.len() > self.max_value_bytes {
+            return Ok(None);
+        }
+        let Ok(env) = envelope::read(value) else {
             return Ok(None);
         };
-        let (idx, values) = match find_plan(candidates, row) {
-            Ok(found) => found,
-            Err(Stop::Decline) => return Ok(None),
-            Err(Stop::Py(e)) => return Err(e),
+        let Some(candidates) = self.plans.get(&format!("{}.{}", env.namespace, env.table)) else {
+            return Ok(None);
+        };
+        let row = env.row();
+        let Ok(idx) = find_plan(candidates, row) else {
+            return Ok(None);
         };
         let plan = &candidates[idx];
-        Ok(Some((plan.id, subject_value(doc.py(), plan, &values))))
+        let subject = match plan.subject_idx {
+            None => py.None().into_bound(py),
+            Some(i) => match json::Val::read(row.0[i].1, self.loads.bind(py)) {
+                Ok(v) => v.to_py(py)?,
+                Err(Stop::Decline) => return Ok(None),
+                Err(Stop::Py(e)) => return Err(e),
+            },
+        };
+        Ok(Some((plan.id, subject)))
     }
 
-    /// Sanitize one decoded change event: (sanitized value, audit value, audit key, subject, plan id),
-    /// or None when the event must take the Python path.
-    #[pyo3(signature = (doc, topic, partition, offset, out_topic, row_key, trace_id, now_ms))]
+    /// Sanitize one record value: (sanitized value, audit value, audit key, subject, plan id), or None
+    /// when the event must take the Python path.
+    #[pyo3(signature = (value, topic, partition, offset, out_topic, row_key, trace_id, now_ms))]
     #[allow(clippy::too_many_arguments)]
     fn process<'py>(
         &mut self,
-        doc: &Bound<'py, PyAny>,
+        py: Python<'py>,
+        value: &[u8],
         topic: &str,
         partition: i64,
         offset: i64,
@@ -753,9 +277,8 @@ impl FastPath {
         trace_id: Option<&str>,
         now_ms: i64,
     ) -> PyResult<Option<Bound<'py, PyTuple>>> {
-        let py = doc.py();
         match self.process_inner(
-            doc, topic, partition, offset, out_topic, row_key, trace_id, now_ms,
+            py, value, topic, partition, offset, out_topic, row_key, trace_id, now_ms,
         ) {
             Ok(done) => Ok(Some(PyTuple::new(
                 py,
@@ -788,8 +311,7 @@ impl FastPath {
     /// `max_record_bytes`, a panic. A `produce` error other than a full local queue (BufferError: poll,
     /// then retry) propagates, and the runner aborts the transaction.
     ///
-    /// `hooks` supplies the sanitizer's side: `parse(value)` (JSON within the decoder's limits, or None),
-    /// `out_topic(topic)`, `sanitize_key(topic, key)`, `load_keys(topic, partition, offset, value)`, the
+    /// `hooks` supplies the sanitizer's side: `out_topic(topic)`, `sanitize_key(topic, key)`, `load_keys(topic, partition, offset, value)`, the
     /// exception type `key_not_loaded`, the `activity` dict ((subject, sanitized topic) -> retention s)
     /// and `audit_topic`. `partitions(out_topic, topic)` is the sanitized topic's partition count.
     #[pyo3(signature = (records, start, *, produce, poll, partitions, hooks, now_ms, max_record_bytes))]
@@ -806,7 +328,6 @@ impl FastPath {
         max_record_bytes: usize,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let py = records.py();
-        let parse = hooks.getattr(intern!(py, "parse"))?;
         let out_topic_of = hooks.getattr(intern!(py, "out_topic"))?;
         let sanitize_key = hooks.getattr(intern!(py, "sanitize_key"))?;
         let load_keys = hooks.getattr(intern!(py, "load_keys"))?;
@@ -830,10 +351,7 @@ impl FastPath {
             if value.is_none() || !msg.call_method0(intern!(py, "headers"))?.is_none() {
                 break;
             }
-            let doc = parse.call1((&value,))?;
-            if doc.is_none() {
-                break;
-            }
+            let value_bytes = value.downcast::<PyBytes>()?.as_bytes();
             let topic = topic_obj.to_str()?;
             // The borrow of `self` is released while `load_keys` runs: it calls `subject_value`.
             let mut this = slf.borrow_mut();
@@ -883,7 +401,15 @@ impl FastPath {
             let attempt = |this: &mut FastPath| {
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     this.process_inner(
-                        &doc, topic, partition, offset, out_topic, row_key, None, now_ms,
+                        py,
+                        value_bytes,
+                        topic,
+                        partition,
+                        offset,
+                        out_topic,
+                        row_key,
+                        None,
+                        now_ms,
                     )
                 }))
             };
@@ -971,7 +497,8 @@ impl FastPath {
         )
     }
 
-    /// Forget memoised masks and tokens: their keys are plaintext values (`Sanitizer.expire_value_caches`).
+    /// Forget memoised masks, tokens and Kafka keys: they are keyed by plaintext values
+    /// (`Sanitizer.expire_value_caches`).
     fn clear_memos(&mut self) {
         for plans in self.plans.values_mut() {
             plans.iter_mut().for_each(Plan::clear_memo);
@@ -984,7 +511,7 @@ impl FastPath {
         self.plans
             .values()
             .flatten()
-            .map(Plan::memo_size)
+            .map(|p| p.memo_entries)
             .sum::<usize>()
             + self.topics.values().map(|t| t.keys.len()).sum::<usize>()
     }
@@ -994,7 +521,8 @@ impl FastPath {
     #[allow(clippy::too_many_arguments)]
     fn process_inner<'py>(
         &mut self,
-        doc: &Bound<'py, PyAny>,
+        py: Python<'py>,
+        value: &[u8],
         topic: &str,
         partition: i64,
         offset: i64,
@@ -1003,17 +531,16 @@ impl FastPath {
         trace_id: Option<&str>,
         now_ms: i64,
     ) -> Step<Done<'py>> {
-        let py = doc.py();
-        let env = read_envelope(doc)?;
+        if value.len() > self.max_value_bytes {
+            return Err(Stop::Decline);
+        }
+        let env = envelope::read(value)?;
         let schema_table = format!("{}.{}", env.namespace, env.table);
-        let row = env
-            .after
-            .as_ref()
-            .or(env.before.as_ref())
-            .expect("checked by read_envelope");
+        let row = env.row();
+        let loads = self.loads.bind(py).clone();
         let candidates = self.plans.get_mut(&schema_table).ok_or(Decline)?;
-        let (row_idx, row_values) = find_plan(candidates, row)?;
-        let (plan_id, retention_s, subject, table_py) = {
+        let row_idx = find_plan(candidates, row)?;
+        let (plan_id, retention_s, table_py, row_values) = {
             let plan = &candidates[row_idx];
             if !plan.usable || (env.op == b'd' && plan.subject_root) {
                 return Err(Decline.into());
@@ -1021,12 +548,20 @@ impl FastPath {
             (
                 plan.id,
                 plan.retention_s,
-                subject_value(py, plan, &row_values),
                 plan.schema_table_py.clone_ref(py),
+                plan.values(row, &loads)?,
             )
         };
-        let subject_obj = self.subject_of.bind(py).call1((subject, table_py))?;
-        let subject = text_of(&subject_obj)?.to_owned();
+        let subject_value = match candidates[row_idx].subject_idx {
+            Some(i) => row_values[i].to_py(py)?,
+            None => py.None().into_bound(py),
+        };
+        let subject_obj = self.subject_of.bind(py).call1((subject_value, table_py))?;
+        let subject = subject_obj
+            .downcast::<PyString>()
+            .map_err(PyErr::from)?
+            .to_str()?
+            .to_owned();
         // Raises KeyShreddedError / KeyUnavailableError: the Python path then decides what they mean.
         let aead = self.aead_for.bind(py).call1((&subject_obj,))?;
         let version: i64 = aead.getattr(intern!(py, "version"))?.extract()?;
@@ -1043,12 +578,13 @@ impl FastPath {
             .enumerate()
         {
             let Some(image) = image else { continue };
-            let found;
-            let (plan_idx, values) = if image.is(row) {
+            let other;
+            let (plan_idx, values) = if std::ptr::eq(image, row) {
                 (row_idx, &row_values)
             } else {
-                found = find_plan(candidates, image)?;
-                (found.0, &found.1)
+                let idx = find_plan(candidates, image)?;
+                other = candidates[idx].values(image, &loads)?;
+                (idx, &other)
             };
             let plan = &mut candidates[plan_idx];
             if !plan.usable {
@@ -1057,11 +593,7 @@ impl FastPath {
             let ciphertext = if plan.sealed.is_empty() {
                 Vec::new()
             } else {
-                let sealed_values = PyList::empty(py);
-                for col in &plan.sealed {
-                    sealed_values.append(&values[col.idx])?;
-                }
-                let plaintext = cb.dumps.call1((sealed_values,))?;
+                let plaintext = sealed_plaintext(plan, values, &cb.dumps)?;
                 let mut aad =
                     Vec::with_capacity(96 + out_topic.len() + row_key.len() + subject.len());
                 aad.extend_from_slice(b"bg1|");
@@ -1077,7 +609,7 @@ impl FastPath {
                 aad.push(b'|');
                 aad.extend_from_slice(&plan.sealed_csv);
                 aad.extend_from_slice(version.to_string().as_bytes());
-                let sealed = seal.call1((plaintext, PyBytes::new(py, &aad)))?;
+                let sealed = seal.call1((PyBytes::new(py, &plaintext), PyBytes::new(py, &aad)))?;
                 sealed
                     .downcast::<PyBytes>()
                     .map_err(PyErr::from)?

@@ -1,0 +1,301 @@
+//! One image writer per table plan: a row's values in, the image's Avro bytes out
+//! (`guard.avro_fast.ImageWriter`, whose output these bytes must equal).
+
+use std::collections::HashMap;
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyFloat, PyInt, PyString};
+
+use crate::avro::{put_long, put_str, str_enc};
+use crate::json::{Members, Val};
+use crate::{Decline, Step};
+
+pub struct Column {
+    pub name: Py<PyString>,
+    /// The column name as an Avro string (map key).
+    pub key: Vec<u8>,
+    /// Position of the column in the plan's row layout.
+    pub idx: usize,
+}
+
+impl Column {
+    pub fn new(py: Python<'_>, name: &str, columns: &[String]) -> PyResult<Self> {
+        let idx = columns.iter().position(|c| c == name).ok_or_else(|| {
+            pyo3::exceptions::PyValueError::new_err(format!(
+                "column {name:?} is not in the plan's columns"
+            ))
+        })?;
+        Ok(Column {
+            name: PyString::intern(py, name).unbind(),
+            key: str_enc(name),
+            idx,
+        })
+    }
+}
+
+/// A row's values in the plan's column order.
+pub type Values<'a, 'py> = Vec<Val<'a, 'py>>;
+
+pub struct Plan {
+    pub id: u64,
+    pub schema_table_py: Py<PyString>,
+    pub columns: Vec<String>,
+    /// Position of the subject column in the row layout (None: the table has none, or not in this layout).
+    pub subject_idx: Option<usize>,
+    /// Whether events of this plan may take the native path at all (no unclassified columns).
+    pub usable: bool,
+    pub subject_root: bool,
+    pub clear: Vec<Column>,
+    pub masks: Vec<(Column, Py<PyString>)>,
+    pub index: Vec<Column>,
+    pub hashed: Vec<Column>,
+    pub dropped_enc: Vec<u8>,
+    pub sealed: Vec<Column>,
+    /// Union branch 1 + the array of sealed field names (the `sealed.fields` of the image).
+    pub sealed_head: Vec<u8>,
+    /// `",".join(sealed)` followed by `|`: the field-list part of the associated data.
+    pub sealed_csv: Vec<u8>,
+    pub mask_memo: Vec<HashMap<String, Vec<u8>>>,
+    pub index_memo: Vec<HashMap<String, Vec<u8>>>,
+    pub memo_entries: usize,
+    /// How long the table's data is kept (seconds): the value of its subject-activity entries.
+    pub retention_s: i64,
+}
+
+impl Plan {
+    pub fn clear_memo(&mut self) {
+        self.mask_memo.iter_mut().for_each(HashMap::clear);
+        self.index_memo.iter_mut().for_each(HashMap::clear);
+        self.memo_entries = 0;
+    }
+
+    /// Whether the row's columns are exactly this plan's, in order (the Python path's key is
+    /// `tuple(row)`; a row with a repeated column never matches, so it declines).
+    pub fn matches(&self, row: &Members<'_>) -> bool {
+        row.0.len() == self.columns.len()
+            && row.0.iter().zip(&self.columns).all(|((k, _), c)| k == c)
+    }
+
+    /// The row's values in column order (the row must match the plan).
+    pub fn values<'a, 'py>(
+        &self,
+        row: &Members<'a>,
+        loads: &Bound<'py, PyAny>,
+    ) -> Step<Values<'a, 'py>> {
+        row.0.iter().map(|(_, raw)| Val::read(raw, loads)).collect()
+    }
+}
+
+/// The position of the plan among a table's plans that matches `row`, or a decline.
+pub fn find_plan(candidates: &[Plan], row: &Members<'_>) -> Result<usize, Decline> {
+    candidates
+        .iter()
+        .position(|p| p.matches(row))
+        .ok_or(Decline)
+}
+
+pub struct Callbacks<'py> {
+    pub dumps: Bound<'py, PyAny>,
+    pub mask: Bound<'py, PyAny>,
+    pub token: Bound<'py, PyAny>,
+    pub keyed_hash: Bound<'py, PyAny>,
+}
+
+/// A callback's result as text: masks, tokens and keyed hashes are Python `str`.
+fn text_of<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<&'a str> {
+    obj.downcast::<PyString>()?.to_str()
+}
+
+/// A clear column as the ["null","boolean","long","double","string"] union (`avro_fast._clear_value`).
+fn put_clear_value(out: &mut Vec<u8>, v: &Val<'_, '_>, dumps: &Bound<'_, PyAny>) -> PyResult<()> {
+    match v {
+        Val::Null => out.push(0),
+        Val::Bool(b) => {
+            out.push(2);
+            out.push(u8::from(*b));
+        }
+        Val::Int(n) => {
+            out.push(4);
+            put_long(out, *n);
+        }
+        Val::Str(s) => {
+            out.push(8);
+            put_str(out, s.as_bytes());
+        }
+        Val::Py(o) if o.is_exact_instance_of::<PyFloat>() => {
+            out.push(6);
+            let f = o.downcast::<PyFloat>()?.value();
+            out.extend_from_slice(&f.to_le_bytes());
+        }
+        Val::Py(o) if o.is_exact_instance_of::<PyInt>() => {
+            // Beyond a long: carried as its decimal text, like the Python path.
+            out.push(8);
+            put_str(out, o.str()?.to_str()?.as_bytes());
+        }
+        Val::Py(o) => {
+            // Nested JSON (objects, arrays): its compact JSON text, exactly as orjson writes it.
+            out.push(8);
+            put_str(out, dumps.call1((o,))?.downcast::<PyBytes>()?.as_bytes());
+        }
+    }
+    Ok(())
+}
+
+/// One map of the image (masks, blind indexes or keyed hashes): an entry per non-null column value,
+/// its text from `compute(slot, value, entries)`.
+fn put_map<'a, 'py, C>(
+    out: &mut Vec<u8>,
+    entries: &mut Vec<u8>,
+    values: &Values<'a, 'py>,
+    columns: impl Iterator<Item = C>,
+    key: impl Fn(&C) -> (usize, &[u8]),
+    mut compute: impl FnMut(usize, &Val<'a, 'py>, &mut Vec<u8>) -> PyResult<()>,
+) -> PyResult<()> {
+    let mut count = 0;
+    for (slot, column) in columns.enumerate() {
+        let (idx, column_key) = key(&column);
+        let v = &values[idx];
+        if v.is_null() {
+            continue;
+        }
+        count += 1;
+        entries.extend_from_slice(column_key);
+        compute(slot, v, entries)?;
+    }
+    if count > 0 {
+        put_long(out, count as i64);
+        out.extend_from_slice(entries);
+    }
+    out.push(0);
+    entries.clear();
+    Ok(())
+}
+
+/// Appends the encoded text of `value` through `memo` when it is a string (computing and remembering it
+/// on a miss), else computes it each time: 1, 1.0 and True would be equal keys, and only strings repeat.
+fn put_memoised<'py>(
+    entries: &mut Vec<u8>,
+    value: &Val<'_, 'py>,
+    memo: &mut HashMap<String, Vec<u8>>,
+    memo_entries: &mut usize,
+    of_str: impl FnOnce(&str) -> PyResult<Bound<'py, PyAny>>,
+    of_other: impl FnOnce() -> PyResult<Bound<'py, PyAny>>,
+) -> PyResult<()> {
+    if let Val::Str(s) = value {
+        if let Some(enc) = memo.get(s.as_ref()) {
+            entries.extend_from_slice(enc);
+        } else {
+            let enc = str_enc(text_of(&of_str(s)?)?);
+            entries.extend_from_slice(&enc);
+            memo.insert(s.clone().into_owned(), enc);
+            *memo_entries += 1;
+        }
+    } else {
+        put_str(entries, text_of(&of_other()?)?.as_bytes());
+    }
+    Ok(())
+}
+
+pub fn write_image(
+    plan: &mut Plan,
+    values: &Values<'_, '_>,
+    ciphertext: &[u8],
+    cb: &Callbacks<'_>,
+    memo_limit: usize,
+) -> Step<Vec<u8>> {
+    let py = cb.dumps.py();
+    let mut out = Vec::with_capacity(512 + ciphertext.len());
+    out.push(2);
+    if !plan.clear.is_empty() {
+        put_long(&mut out, plan.clear.len() as i64);
+        for col in &plan.clear {
+            out.extend_from_slice(&col.key);
+            put_clear_value(&mut out, &values[col.idx], &cb.dumps)?;
+        }
+    }
+    out.push(0);
+    if plan.memo_entries > memo_limit {
+        plan.clear_memo();
+    }
+    let mut entries = Vec::with_capacity(256);
+    let (memos, memo_entries) = (&mut plan.mask_memo, &mut plan.memo_entries);
+    put_map(
+        &mut out,
+        &mut entries,
+        values,
+        plan.masks.iter(),
+        |(c, _)| (c.idx, &c.key[..]),
+        |slot, v, e| {
+            let kind = plan.masks[slot].1.bind(py);
+            put_memoised(
+                e,
+                v,
+                &mut memos[slot],
+                memo_entries,
+                |s| cb.mask.call1((kind, s)),
+                || cb.mask.call1((kind, v.py_str(py)?)),
+            )
+        },
+    )?;
+    let (memos, memo_entries) = (&mut plan.index_memo, &mut plan.memo_entries);
+    put_map(
+        &mut out,
+        &mut entries,
+        values,
+        plan.index.iter(),
+        |c| (c.idx, &c.key[..]),
+        |slot, v, e| {
+            put_memoised(
+                e,
+                v,
+                &mut memos[slot],
+                memo_entries,
+                |s| cb.token.call1((PyBytes::new(py, s.as_bytes()),)),
+                || cb.token.call1((v.value_bytes(py, &cb.dumps)?,)),
+            )
+        },
+    )?;
+    // C3 keyed hashes: never memoised (authentication data is not kept beyond its event).
+    put_map(
+        &mut out,
+        &mut entries,
+        values,
+        plan.hashed.iter(),
+        |c| (c.idx, &c.key[..]),
+        |slot, v, e| {
+            let digest = cb.keyed_hash.call1((
+                plan.hashed[slot].name.bind(py),
+                v.value_bytes(py, &cb.dumps)?,
+            ))?;
+            put_str(e, text_of(&digest)?.as_bytes());
+            Ok(())
+        },
+    )?;
+    out.extend_from_slice(&plan.dropped_enc);
+    out.push(0); // erased: none
+    if plan.sealed.is_empty() {
+        out.push(0);
+    } else {
+        out.extend_from_slice(&plan.sealed_head);
+        put_str(&mut out, ciphertext);
+    }
+    Ok(out)
+}
+
+/// The JSON array of the sealed columns' values: the plaintext `Aead.seal` seals (`orjson.dumps(list)`).
+pub fn sealed_plaintext(
+    plan: &Plan,
+    values: &Values<'_, '_>,
+    dumps: &Bound<'_, PyAny>,
+) -> PyResult<Vec<u8>> {
+    let mut out = Vec::with_capacity(256);
+    out.push(b'[');
+    for (i, col) in plan.sealed.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        values[col.idx].put_json(&mut out, dumps)?;
+    }
+    out.push(b']');
+    Ok(out)
+}
