@@ -33,6 +33,7 @@ The parts that matter for "nothing lost, nothing duplicated":
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import logging
 import signal
 import time
@@ -98,6 +99,22 @@ def producer_config(settings: Settings, client_id: str) -> dict[str, Any]:
         "retry.backoff.ms": 10,
         "reconnect.backoff.max.ms": 1000,
     }
+
+
+def tune_gc(batch_size: int) -> None:
+    """Keep the cyclic garbage collector off the hot path; reference counting frees a batch's objects.
+
+    A fetched batch holds a few objects per record (the Message, the runner's tuples) until it is done.
+    With CPython's default threshold (700 allocations) the collector ran several times per batch, each
+    time walking the live batch and promoting it towards the oldest generation, whose full walks cover
+    every cache: 9% of a worker's time. A threshold above a batch's live objects lets the batch die by
+    reference count first; the objects built at start-up (catalog, plans, clients) are frozen out of the
+    walks altogether. Garbage cycles are still collected, only less often.
+    """
+    gc.collect()
+    gc.freeze()
+    threshold0, threshold1, threshold2 = gc.get_threshold()
+    gc.set_threshold(max(threshold0, 10 * batch_size), threshold1, threshold2)
 
 
 class ProducerStuckError(Exception):
@@ -294,6 +311,7 @@ class SanitizerWorker:
                  self.sanitizer.hot_path)
         self._txn("init", lambda: self.producer.init_transactions(10))
         self._subscribe()
+        tune_gc(self.settings.batch_size)
         backoff = 0.5
         idle_since = time.monotonic()
         window = self.settings.batch_ms / 1000
