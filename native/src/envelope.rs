@@ -5,10 +5,12 @@
 //! Python path then decodes the event itself.
 
 use std::borrow::Cow;
+use std::fmt;
 
+use serde::de;
 use serde_json::value::RawValue;
 
-use crate::json::{check, is_null, long, object, text, Members};
+use crate::json::{check, is_null, long, text, Members, Text};
 use crate::Decline;
 
 /// The parts of a Debezium envelope the sanitized record carries.
@@ -65,45 +67,72 @@ fn scalar_text(raw: &RawValue) -> Result<String, Decline> {
     long(raw).map(|n| n.to_string()).map_err(|()| Decline)
 }
 
-/// An image: absent or null is None, an object is its members, anything else declines.
-fn image(raw: Option<&RawValue>) -> Result<Option<Members<'_>>, Decline> {
-    match raw {
-        None => Ok(None),
-        Some(raw) if is_null(raw) => Ok(None),
-        Some(raw) => object(raw).map(Some),
+/// The top level of a record value, read in one pass: the images and the source as objects (anything
+/// else there fails the read, which declines), every other member kept as its JSON text. A repeated
+/// image or source fails too: Python would keep only the last one, which this reading can't follow.
+struct Doc<'a> {
+    /// None: absent; Some(None): null.
+    before: Option<Option<Members<'a>>>,
+    after: Option<Option<Members<'a>>>,
+    source: Option<Members<'a>>,
+    rest: Members<'a>,
+}
+
+impl<'de> de::Deserialize<'de> for Doc<'de> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct DocVisitor;
+        impl<'de> de::Visitor<'de> for DocVisitor {
+            type Value = Doc<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a Debezium change event")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Doc<'de>, A::Error> {
+                let mut doc = Doc {
+                    before: None,
+                    after: None,
+                    source: None,
+                    rest: Members(Vec::with_capacity(8)),
+                };
+                while let Some(Text(name)) = map.next_key::<Text<'de>>()? {
+                    let repeated = match name.as_ref() {
+                        "before" => doc.before.replace(map.next_value()?).is_some(),
+                        "after" => doc.after.replace(map.next_value()?).is_some(),
+                        "source" => doc.source.replace(map.next_value()?).is_some(),
+                        _ => {
+                            doc.rest.0.push((name, map.next_value::<&'de RawValue>()?));
+                            false
+                        }
+                    };
+                    if repeated {
+                        return Err(de::Error::custom("repeated image or source"));
+                    }
+                }
+                Ok(doc)
+            }
+        }
+        d.deserialize_map(DocVisitor)
     }
 }
 
 pub fn read(value: &[u8]) -> Result<Envelope<'_>, Decline> {
-    let doc: Members = serde_json::from_slice(value).map_err(|_| Decline)?;
-    if doc.get("payload").is_some() || doc.get("schema").is_some() {
+    let doc: Doc = serde_json::from_slice(value).map_err(|_| Decline)?;
+    let rest = &doc.rest;
+    if rest.get("payload").is_some() || rest.get("schema").is_some() {
         return Err(Decline);
     }
-    // The images' values are read in full later (`Plan::values`), the source's members below; every
-    // other member is checked here. A repeated image or source (only its last one would be read) declines.
-    let mut structural = 0;
-    for (name, raw) in &doc.0 {
-        if matches!(name.as_ref(), "before" | "after" | "source") {
-            structural += 1;
-        } else {
-            check(raw)?;
-        }
+    // The images' values are read in full later (`Plan::values`); every other value is checked here, so
+    // that what orjson would reject anywhere in the document declines.
+    for (_, raw) in &rest.0 {
+        check(raw)?;
     }
-    let distinct = ["before", "after", "source"]
-        .iter()
-        .filter(|n| doc.get(n).is_some())
-        .count();
-    if structural != distinct {
-        return Err(Decline);
-    }
-    let op = match text(doc.get("op").ok_or(Decline)?)?.as_ref() {
+    let op = match text(rest.get("op").ok_or(Decline)?)?.as_ref() {
         "c" => b'c',
         "u" => b'u',
         "r" => b'r',
         "d" => b'd',
         _ => return Err(Decline),
     };
-    let source = object(doc.get("source").ok_or(Decline)?)?;
+    let source = doc.source.ok_or(Decline)?;
     for (_, raw) in &source.0 {
         check(raw)?;
     }
@@ -111,8 +140,8 @@ pub fn read(value: &[u8]) -> Result<Envelope<'_>, Decline> {
     if table.is_empty() {
         return Err(Decline);
     }
-    let before = image(doc.get("before"))?;
-    let after = image(doc.get("after"))?;
+    let before = doc.before.flatten();
+    let after = doc.after.flatten();
     match op {
         b'c' | b'r' | b'u' if after.is_none() => return Err(Decline),
         b'd' if before.is_none() => return Err(Decline),
@@ -138,7 +167,7 @@ pub fn read(value: &[u8]) -> Result<Envelope<'_>, Decline> {
         namespace,
         table,
         database,
-        ts_ms: opt_ts(doc.get("ts_ms"))?,
+        ts_ms: opt_ts(rest.get("ts_ms"))?,
         source_ts_ms: opt_ts(source.get("ts_ms"))?,
         position,
     })

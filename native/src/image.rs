@@ -1,7 +1,7 @@
 //! One image writer per table plan: a row's values in, the image's Avro bytes out
 //! (`guard.avro_fast.ImageWriter`, whose output these bytes must equal).
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyFloat, PyInt, PyString};
@@ -204,7 +204,7 @@ pub fn write_image(
     memo_limit: usize,
 ) -> Step<Vec<u8>> {
     let py = cb.dumps.py();
-    let mut out = Vec::with_capacity(512 + ciphertext.len());
+    let mut out = Vec::with_capacity(1024 + ciphertext.len());
     out.push(2);
     if !plan.clear.is_empty() {
         put_long(&mut out, plan.clear.len() as i64);
@@ -288,7 +288,7 @@ pub fn sealed_plaintext(
     values: &Values<'_, '_>,
     dumps: &Bound<'_, PyAny>,
 ) -> PyResult<Vec<u8>> {
-    let mut out = Vec::with_capacity(256);
+    let mut out = Vec::with_capacity(512);
     out.push(b'[');
     for (i, col) in plan.sealed.iter().enumerate() {
         if i > 0 {

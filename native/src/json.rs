@@ -74,11 +74,6 @@ impl<'a> Members<'a> {
     }
 }
 
-/// A JSON object (else a decline).
-pub fn object(raw: &RawValue) -> Result<Members<'_>, Decline> {
-    serde_json::from_str(raw.get()).map_err(|_| Decline)
-}
-
 /// A JSON string (else a decline).
 pub fn text(raw: &RawValue) -> Result<Cow<'_, str>, Decline> {
     serde_json::from_str::<Text>(raw.get())

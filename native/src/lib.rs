@@ -25,7 +25,7 @@ mod envelope;
 mod image;
 mod json;
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 
 use pyo3::intern;
 use pyo3::prelude::*;
@@ -60,6 +60,7 @@ impl From<Decline> for Stop {
 
 /// Audit-record parts fixed per (source topic, partition, plan, op, images): see `AuditTemplate.parts`.
 struct AuditParts {
+    topic: String,
     a: Vec<u8>,
     b: Vec<u8>,
     c: Vec<u8>,
@@ -120,7 +121,9 @@ struct FastPath {
     max_value_bytes: usize,
     /// schema.table → the plans registered for it (one per column layout).
     plans: HashMap<String, Vec<Plan>>,
-    audit: HashMap<(String, i64, u64, u8, u8), AuditParts>,
+    /// Keyed by (plan, partition, op, images); the source topic is checked on use (a plan's table
+    /// normally arrives on one topic), so a lookup needs no allocation.
+    audit: HashMap<(u64, i64, u8, u8), AuditParts>,
     /// Raw topic → where its records go (`run`), with the memo of its sanitized Kafka keys.
     topics: HashMap<String, TopicOut>,
 }
@@ -160,9 +163,9 @@ impl FastPath {
             keyed_hash,
             memo_limit,
             max_value_bytes,
-            plans: HashMap::new(),
-            audit: HashMap::new(),
-            topics: HashMap::new(),
+            plans: HashMap::default(),
+            audit: HashMap::default(),
+            topics: HashMap::default(),
         }
     }
 
@@ -215,9 +218,9 @@ impl FastPath {
             usable,
             subject_root,
             clear: clear_cols,
-            mask_memo: mask_cols.iter().map(|_| HashMap::new()).collect(),
+            mask_memo: mask_cols.iter().map(|_| HashMap::default()).collect(),
             masks: mask_cols,
-            index_memo: index_cols.iter().map(|_| HashMap::new()).collect(),
+            index_memo: index_cols.iter().map(|_| HashMap::default()).collect(),
             index: index_cols,
             hashed: hashed_cols,
             dropped_enc: name_array(&dropped),
@@ -365,7 +368,7 @@ impl FastPath {
                     TopicOut {
                         out_topic: out,
                         partitions: count.max(1),
-                        keys: HashMap::new(),
+                        keys: HashMap::default(),
                     },
                 );
             }
@@ -590,8 +593,8 @@ impl FastPath {
             if !plan.usable {
                 return Err(Decline.into());
             }
-            let ciphertext = if plan.sealed.is_empty() {
-                Vec::new()
+            let sealed = if plan.sealed.is_empty() {
+                None
             } else {
                 let plaintext = sealed_plaintext(plan, values, &cb.dumps)?;
                 let mut aad =
@@ -609,20 +612,14 @@ impl FastPath {
                 aad.push(b'|');
                 aad.extend_from_slice(&plan.sealed_csv);
                 aad.extend_from_slice(version.to_string().as_bytes());
-                let sealed = seal.call1((PyBytes::new(py, &plaintext), PyBytes::new(py, &aad)))?;
-                sealed
-                    .downcast::<PyBytes>()
-                    .map_err(PyErr::from)?
-                    .as_bytes()
-                    .to_vec()
+                Some(
+                    seal.call1((PyBytes::new(py, &plaintext), PyBytes::new(py, &aad)))?
+                        .downcast_into::<PyBytes>()
+                        .map_err(PyErr::from)?,
+                )
             };
-            images[slot] = Some(write_image(
-                plan,
-                values,
-                &ciphertext,
-                &cb,
-                self.memo_limit,
-            )?);
+            let ciphertext = sealed.as_ref().map_or(&[][..], |b| b.as_bytes());
+            images[slot] = Some(write_image(plan, values, ciphertext, &cb, self.memo_limit)?);
         }
         // The SanitizedChange record (`avro_fast.encode_change`).
         let mut value = Vec::with_capacity(
@@ -655,10 +652,11 @@ impl FastPath {
             }
         }
         value.push(0); // no unclassified columns on this path
-                       // The AuditRecord (`avro_fast.AuditTemplate.encode`).
+
+        // The AuditRecord (`avro_fast.AuditTemplate.encode`).
         let images_count = images.iter().flatten().count() as u8;
-        let audit_key = (topic.to_owned(), partition, plan_id, env.op, images_count);
-        if !self.audit.contains_key(&audit_key) {
+        let audit_key = (plan_id, partition, env.op, images_count);
+        if self.audit.get(&audit_key).is_none_or(|p| p.topic != topic) {
             let parts = self.audit_parts.bind(py).call1((
                 topic,
                 partition,
@@ -670,8 +668,17 @@ impl FastPath {
             if self.audit.len() > 50_000 {
                 self.audit.clear();
             }
-            self.audit
-                .insert(audit_key.clone(), AuditParts { a, b, c, key });
+            let topic = topic.to_owned();
+            self.audit.insert(
+                audit_key,
+                AuditParts {
+                    topic,
+                    a,
+                    b,
+                    c,
+                    key,
+                },
+            );
         }
         let parts = &self.audit[&audit_key];
         let mut audit = Vec::with_capacity(
