@@ -4,10 +4,12 @@ Why: the Python transform costs 60-100 µs per event on a small VM, nearly all o
 bookkeeping rather than cryptography. `guard_native.FastPath` does that bookkeeping in Rust for the common
 event (create, read, update, delete of a row whose table plan the Python path has already built) and
 declines everything else, which then takes the Python path unchanged: schema wrappers, truncates, logical
-messages, drift, erased subjects, root-row deletes, anything malformed. Keys never cross into it:
-sealing, masks, tokens and keyed hashes are calls back into the same Python objects the Python path uses,
-so both paths produce identical bytes (`tests/integration/test_native_path.py` checks this on generated
-events).
+messages, drift, erased subjects, root-row deletes, anything malformed or read differently than orjson
+would read it. It reads the record's JSON itself (no Python object per field), and `FastPath.run` takes
+whole runs of a fetched batch, producing each record's sanitized and audit outputs through the runner's
+producer (`Sanitizer.run_native`). Keys never cross into it: sealing, masks, tokens and keyed hashes are
+calls back into the same Python objects the Python path uses, so both paths produce identical bytes
+(`tests/integration/test_native_path.py` checks this on generated events and through the real runner).
 
 `hot_path` (setting `GUARD_HOT_PATH`): `auto` uses the native path when it is installed, `native` refuses
 to start without it, `python` never uses it.

@@ -251,8 +251,8 @@ class Sanitizer:
         Python path: the batch is decoded here and its keys loaded; the decoded events are kept for
         `process`, so nothing is decoded twice. Native path: nothing is done up front, because in steady
         traffic every key is already cached; the first event whose key isn't loads the keys of the rest
-        of the batch at once (`_load_keys_from`). Records that don't decode are left for `process` to
-        send to the DLQ.
+        of the batch at once (`_load_keys_from`, which reads their subjects natively). Records that don't
+        decode are left for `process` to send to the DLQ.
         """
         self.expire_value_caches()
         self._predecoded.clear()
