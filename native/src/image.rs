@@ -58,6 +58,11 @@ pub struct Plan {
     pub mask_memo: Vec<HashMap<String, Vec<u8>>>,
     pub index_memo: Vec<HashMap<String, Vec<u8>>>,
     pub memo_entries: usize,
+    /// Data-subject tokens by subject id (the token of a null id or of a table without a subject column
+    /// is the table's, `table_subject`): `Sanitizer._subject_for` is called once per id, not per event.
+    pub subject_ints: HashMap<i64, Py<PyString>>,
+    pub subject_strs: HashMap<String, Py<PyString>>,
+    pub table_subject: Option<Py<PyString>>,
     /// How long the table's data is kept (seconds): the value of its subject-activity entries.
     pub retention_s: i64,
 }
@@ -66,7 +71,52 @@ impl Plan {
     pub fn clear_memo(&mut self) {
         self.mask_memo.iter_mut().for_each(HashMap::clear);
         self.index_memo.iter_mut().for_each(HashMap::clear);
+        self.subject_ints.clear();
+        self.subject_strs.clear();
+        self.table_subject = None;
         self.memo_entries = 0;
+    }
+
+    /// The data subject's token for a row of this plan, from the memo or from `compute(subject id)`.
+    /// Ids other than integers and strings (rare: booleans, floats, nested values) are never memoised.
+    pub fn subject_token<'py>(
+        &mut self,
+        py: Python<'py>,
+        values: &Values<'_, 'py>,
+        memo_limit: usize,
+        compute: impl FnOnce(Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let id = self.subject_idx.map(|i| &values[i]);
+        let hit = match id {
+            None | Some(Val::Null) => self.table_subject.as_ref(),
+            Some(Val::Int(n)) => self.subject_ints.get(n),
+            Some(Val::Str(s)) => self.subject_strs.get(s.as_ref()),
+            Some(_) => None,
+        };
+        if let Some(token) = hit {
+            return Ok(token.bind(py).clone().into_any());
+        }
+        let id_obj = match id {
+            None => py.None().into_bound(py),
+            Some(v) => v.to_py(py)?,
+        };
+        let token = compute(id_obj)?;
+        let memo = token.downcast::<PyString>()?.clone().unbind();
+        if self.memo_entries > memo_limit {
+            self.clear_memo();
+        }
+        match id {
+            None | Some(Val::Null) => self.table_subject = Some(memo),
+            Some(Val::Int(n)) => {
+                self.subject_ints.insert(*n, memo);
+            }
+            Some(Val::Str(s)) => {
+                self.subject_strs.insert(s.clone().into_owned(), memo);
+            }
+            Some(_) => return Ok(token),
+        }
+        self.memo_entries += 1;
+        Ok(token)
     }
 
     /// Whether the row's columns are exactly this plan's, in order (the Python path's key is

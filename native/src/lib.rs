@@ -228,6 +228,9 @@ impl FastPath {
             sealed_head,
             sealed_csv,
             memo_entries: 0,
+            subject_ints: HashMap::default(),
+            subject_strs: HashMap::default(),
+            table_subject: None,
             retention_s,
         });
         Ok(())
@@ -555,11 +558,11 @@ impl FastPath {
                 plan.values(row, &loads)?,
             )
         };
-        let subject_value = match candidates[row_idx].subject_idx {
-            Some(i) => row_values[i].to_py(py)?,
-            None => py.None().into_bound(py),
-        };
-        let subject_obj = self.subject_of.bind(py).call1((subject_value, table_py))?;
+        let subject_of = self.subject_of.bind(py);
+        let subject_obj =
+            candidates[row_idx].subject_token(py, &row_values, self.memo_limit, |v| {
+                subject_of.call1((v, table_py.bind(py)))
+            })?;
         let subject = subject_obj
             .downcast::<PyString>()
             .map_err(PyErr::from)?
