@@ -2,7 +2,8 @@
 
 This module knows nothing about Kafka clients or transactions (see `guard.runner`); it is a pure function
 of the input record plus the key manager and catalog, so the offline `guard sanitize` command and the
-live pipeline run exactly the same code.
+live pipeline run exactly the same code. (`run_native` is handed the runner's `produce` function so the
+native path can produce runs of a batch itself; it still never sees a client or a transaction.)
 
 Per event the work is: decode the envelope, look up the cached table plan, resolve the data subject's key
 (cached), and per image: copy clear columns, compute display masks and blind indexes, and seal every
@@ -24,7 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 
@@ -72,7 +73,7 @@ class NativeRun:
     #: The inputs' timestamps (ms), for the latency metrics.
     timestamps: list[int]
     #: Records produced per event: sanitized and audit.
-    RECORDS_PER_EVENT = 2
+    RECORDS_PER_EVENT: ClassVar[int] = 2
 
 
 @dataclass(slots=True)
