@@ -168,14 +168,7 @@ class BatchCounters:
     def add(self, outcome: Outcome, timestamp_ms: int) -> None:
         self.events += 1
         self.records_out += len(outcome.records)
-        classes = outcome.classes
-        shape = (outcome.table or "", outcome.decision, id(classes))
-        n = self._shapes.get(shape)
-        if n is None:
-            self._shapes[shape] = 1
-            self._classes[id(classes)] = classes  # held, so the id can't be reused within the batch
-        else:
-            self._shapes[shape] = n + 1
+        self._add_shape(outcome.table or "", outcome.decision, outcome.classes, 1)
         if outcome.dlq_reason:
             self.dlq[outcome.dlq_reason] = self.dlq.get(outcome.dlq_reason, 0) + 1
         self.timestamps_ms.append(timestamp_ms)
@@ -185,14 +178,17 @@ class BatchCounters:
         for table, classes, n in run.shapes:
             self.events += n
             self.records_out += n * run.RECORDS_PER_EVENT
-            shape = (table, "protected", id(classes))
-            count = self._shapes.get(shape)
-            if count is None:
-                self._shapes[shape] = n
-                self._classes[id(classes)] = classes
-            else:
-                self._shapes[shape] = count + n
+            self._add_shape(table, "protected", classes, n)
         self.timestamps_ms.extend(run.timestamps)
+
+    def _add_shape(self, table: str, decision: str, classes: Mapping[str, int], events: int) -> None:
+        shape = (table, decision, id(classes))
+        n = self._shapes.get(shape)
+        if n is None:
+            self._shapes[shape] = events
+            self._classes[id(classes)] = classes  # held, so the id can't be reused within the batch
+        else:
+            self._shapes[shape] = n + events
 
     @property
     def by_table_decision(self) -> dict[tuple[str, str], int]:

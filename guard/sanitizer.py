@@ -183,7 +183,7 @@ class Sanitizer:
                 loads=orjson.loads, mask=mask, token=keys.index.token, keyed_hash=keys.keyed_hash.digest,
                 max_value_bytes=MAX_VALUE_BYTES)
         self._native_hooks = _NativeHooks(
-            out_topic=lambda topic: self.settings.sanitized_prefix + topic,
+            out_topic=self._sanitized_topic,
             sanitize_key=lambda topic, key: self.sanitize_key(topic[self._prefix_len:], key),
             load_keys=self._load_keys_from, key_not_loaded=_KeyNotLoaded, activity=self.subject_activity,
             audit_topic=self.settings.audit_topic)
@@ -348,7 +348,7 @@ class Sanitizer:
 
     def _process(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None) -> Outcome:
         schema_table = topic[self._prefix_len:]
-        out_topic = self.settings.sanitized_prefix + topic
+        out_topic = self._sanitized_topic(topic)
         out_key = self.sanitize_key(schema_table, key)
         entry = self._predecoded.pop((topic, partition, offset), None) if self._predecoded else None
         pre = entry[1] if entry is not None and entry[0] is value else None
@@ -425,9 +425,7 @@ class Sanitizer:
         with its full policy (DLQ, erasure rules, abort and retry); nothing is produced twice, because
         the native path returns its records instead of producing them.
         """
-        out_topic = self._out_topics.get(topic)
-        if out_topic is None:
-            out_topic = self._out_topics[topic] = self.settings.sanitized_prefix + topic
+        out_topic = self._sanitized_topic(topic)
         try:
             out_key = self.sanitize_key(topic[self._prefix_len:], key)
             args = (value, topic, partition, offset, out_topic, out_key or b"", self._trace_id,
@@ -452,6 +450,13 @@ class Sanitizer:
         return Outcome([OutRecord(out_topic, out_key, sanitized, partition),
                         OutRecord(self.settings.audit_topic, audit_key, audit_value)],
                        "protected", plan.schema_table, plan.class_counts)
+
+    def _sanitized_topic(self, topic: str) -> str:
+        """Where a raw topic's sanitized records go (cached: this runs per event)."""
+        out_topic = self._out_topics.get(topic)
+        if out_topic is None:
+            out_topic = self._out_topics[topic] = self.settings.sanitized_prefix + topic
+        return out_topic
 
     def _cached_aead(self, subject: str) -> Aead:
         """The native path's key lookup: the cached key, or `_KeyNotLoaded` (never a round trip per event)."""

@@ -386,11 +386,18 @@ impl FastPath {
                 match state.keys.get(raw) {
                     Some(k) => k.as_ref().map(|k| k.bind(py).clone()),
                     None => {
-                        let k = sanitize_key.call1((topic_obj, &key))?;
+                        // A key the sanitizer can't handle: stop here, so that the Python path
+                        // meets the same error and sends the record to the DLQ.
+                        let Ok(k) = sanitize_key.call1((topic_obj, &key)) else {
+                            break;
+                        };
                         let k = if k.is_none() {
                             None
                         } else {
-                            Some(k.downcast_into::<PyBytes>()?)
+                            let Ok(k) = k.downcast_into::<PyBytes>() else {
+                                break;
+                            };
+                            Some(k)
                         };
                         if state.keys.len() >= memo_limit {
                             state.keys.clear();

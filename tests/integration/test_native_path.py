@@ -462,3 +462,29 @@ def test_an_output_over_the_size_limit_goes_to_the_dlq_on_both_paths(stack, pair
     expected = process_batch(stack, python, msgs, max_bytes=300)
     assert got[0].records == expected[0].records and got[1:] == expected[1:]
     assert "output_too_large" in got[2][4]
+
+
+def test_a_key_the_sanitizer_cannot_handle_goes_to_the_dlq_and_the_batch_goes_on(stack, pair):
+    """A callback error in a native run stops the run before that record; the Python path then applies its
+    policy (DLQ, internal_error) and the records after it are still processed, on both paths alike."""
+    python, native = pair
+    msgs = mixed_batch(11)[0][:12]
+    poisoned = msgs[5].key()
+
+    def failing(real):
+        def sanitize_key(schema_table, key):
+            if key == poisoned:
+                raise RuntimeError("boom")
+            return real(schema_table, key)
+        return sanitize_key
+
+    with pytest.MonkeyPatch.context() as patch:
+        for san in pair:
+            san.expire_value_caches(force=True)  # no memoised sanitized key for the poisoned one
+            patch.setattr(san, "sanitize_key", failing(san.sanitize_key))
+        got = process_batch(stack, native, msgs)
+        expected = process_batch(stack, python, msgs)
+    assert got[0].records == expected[0].records and got[1:] == expected[1:]
+    assert got[2][4].get("internal_error") == 1
+    assert got[1] == {(m.topic(), m.partition()): max(x.offset() for x in msgs if x.partition() == m.partition())
+                      for m in msgs}
