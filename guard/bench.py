@@ -12,6 +12,11 @@ Why it is built this way:
 - **Throughput window.** From the first record a worker hands to its transform to the commit that made the
   group's committed offsets cover every input record (workers report both; the parent confirms completion
   from the group's committed offsets). Process start-up and the group join are excluded for both modes.
+- **Trials.** The throughput of each mode is measured `--trials` times (default 3), alternating plain and
+  guard, each trial a fresh consumer group over the whole topic; a guard trial uses a branch of its own, so
+  every trial creates its customers' data keys as the first one did. Each mode's figure is its median trial,
+  and the ratio is median guard over median plain. On a shared machine one short plain window (about 2 s
+  for 200k records) moved by half between runs; alternating trials spread a slow spell over both modes.
 - **Latency.** With the workers caught up, a paced producer writes at half the guard's measured maximum rate
   and a read_committed consumer on the output topic computes `now - ts_ms` of the change event's envelope.
   The envelope time is stamped at send time, so this is true end to end (producer, broker, fetch, transform,
@@ -410,8 +415,10 @@ class BenchContext:
 class WorkerSet:
     """W worker processes of one mode in one consumer group."""
 
-    def __init__(self, ctx: BenchContext, mode: str, count: int, group: str, label: str) -> None:
+    def __init__(self, ctx: BenchContext, mode: str, count: int, group: str, label: str,
+                 branch_suffix: str = "") -> None:
         self.ctx, self.mode, self.count, self.group, self.label = ctx, mode, count, group, label
+        self.branch_suffix = branch_suffix
         self.procs: list[WorkerProc] = []
         ctx.groups.add(group)
 
@@ -430,7 +437,7 @@ class WorkerSet:
         cmd = [sys.executable, "-m", "guard.bench_worker", "--mode", self.mode, "--runid", ctx.names.runid,
                "--group", self.group, "--worker-id", worker_id, "--bootstrap", ctx.settings.kafka_bootstrap,
                "--redis-url", ctx.settings.redis_url, "--input-topic", ctx.names.input,
-               "--output-topic", ctx.names.plain_out]
+               "--output-topic", ctx.names.plain_out, "--branch-suffix", self.branch_suffix]
         log_path = ctx.log_dir / f"{worker_id}.log"
         with log_path.open("w") as log_file:
             popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True, bufsize=1)
@@ -721,11 +728,16 @@ class SoakResult:
     samples: list[tuple[float, float]]
 
 
-def soak(ctx: BenchContext, workload: Workload, workers: int, rate: float, seconds: float) -> SoakResult:
-    """Steady `rate` through restarted guard workers for `seconds`; RSS (sum over workers) every 5 s."""
+def soak(ctx: BenchContext, workload: Workload, workers: int, rate: float, seconds: float,
+         guard_group: tuple[str, str]) -> SoakResult:
+    """Steady `rate` through restarted guard workers for `seconds`; RSS (sum over workers) every 5 s.
+
+    `guard_group` is (group, branch suffix) of the guard workers that ran the latency phase, so the
+    restarted workers resume where they stopped, with the keys they created.
+    """
     sampler = RssSampler(5.0)
     soak_ctx = BenchContext(ctx.settings, ctx.names, ctx.partitions, sampler, ctx.log_dir, ctx.groups)
-    group = WorkerSet(soak_ctx, "guard", workers, ctx.names.group("guard"), "soak").start()
+    group = WorkerSet(soak_ctx, "guard", workers, guard_group[0], "soak", guard_group[1]).start()
     try:
         catch_up(soak_ctx, group)
         t0 = time.time()
@@ -852,8 +864,11 @@ def render(report: dict[str, Any]) -> str:
         "",
         render_table(report),
         "",
-        f"guard/plain throughput: {report['ratio']:.3f}   latency at {report['latency_rate']:.0f} events/s "
-        "(50% of the guard's max), envelope ts_ms to read_committed output",
+        f"guard/plain throughput: {report['ratio']:.3f} (median trial of each mode)   latency at "
+        f"{report['latency_rate']:.0f} events/s (50% of the guard's max), envelope ts_ms to read_committed output",
+        "trials (events/s): plain " + ", ".join(f"{v:,.0f}" for v in report["trials"]["plain_events_per_s"])
+        + "; guard " + ", ".join(f"{v:,.0f}" for v in report["trials"]["guard_events_per_s"])
+        + "; ratios " + ", ".join(f"{v:.3f}" for v in report["trials"]["ratios"]),
     ]
     if report.get("scaling"):
         s = report["scaling"]
@@ -1029,6 +1044,7 @@ class BenchOptions:
     records: int = 200_000
     partitions: int = 2
     workers: int = 1
+    trials: int = 3
     latency_seconds: float | None = None
     scaling: bool = False
     soak_seconds: float = 0.0
@@ -1043,31 +1059,66 @@ class BenchOptions:
         return 20.0 if self.records >= 50_000 else 5.0
 
 
-def run_mode_throughput(ctx: BenchContext, mode: str, workers: int) -> tuple[WorkerSet, ThroughputResult]:
-    """Start W workers of `mode` in the mode's group and drain the input; the workers keep running."""
-    group = WorkerSet(ctx, mode, workers, ctx.names.group(mode), mode).start()
+def trial_group(ctx: BenchContext, mode: str, trial: int) -> tuple[str, str]:
+    """(consumer group, guard branch suffix) of a mode's trial; the first trial keeps the plain names."""
+    if trial == 0:
+        return ctx.names.group(mode), ""
+    return ctx.names.group(f"{mode}-t{trial}"), f"t{trial}"
+
+
+def run_mode_throughput(ctx: BenchContext, mode: str, workers: int,
+                        trial: int = 0) -> tuple[WorkerSet, ThroughputResult]:
+    """Start W workers of `mode` in the trial's group and drain the input; the workers keep running."""
+    group_id, suffix = trial_group(ctx, mode, trial)
+    group = WorkerSet(ctx, mode, workers, group_id, mode, suffix).start()
     try:
         result = drain_fresh(ctx, group)
     except BaseException:
         group.stop()
         raise
-    log.info("%s: %d events in %.2fs = %.0f events/s (per second: %s)", mode, result.events, result.seconds,
-             result.events_per_s, " ".join(map(str, result.per_second)))
+    log.info("%s trial %d: %d events in %.2fs = %.0f events/s (per second: %s)", mode, trial + 1, result.events,
+             result.seconds, result.events_per_s, " ".join(map(str, result.per_second)))
     return group, result
 
 
+def median_trial(results: list[ThroughputResult]) -> ThroughputResult:
+    """The trial with the median rate (the lower middle one of an even count): a rate that was measured."""
+    ordered = sorted(results, key=lambda r: r.events_per_s)
+    return ordered[(len(ordered) - 1) // 2]
+
+
 def execute(ctx: BenchContext, workload: Workload, opts: BenchOptions) -> dict[str, Any]:
-    """The phases: plain throughput, guard throughput + latency, plain latency, then scaling and soak."""
-    plain, plain_tp = run_mode_throughput(ctx, "plain", opts.workers)
-    plain_tp.workers = plain.stop()
-    guard, guard_tp = run_mode_throughput(ctx, "guard", opts.workers)
+    """The phases: throughput trials (plain, guard, alternating), guard latency, plain latency, scaling, soak.
+
+    The last guard trial's workers stay up for the latency phase (caught up, keys warm), and the plain
+    latency phase resumes the last plain trial's group.
+    """
+    trials: dict[str, list[ThroughputResult]] = {"plain": [], "guard": []}
+    guard: WorkerSet | None = None
+    try:
+        for trial in range(opts.trials):
+            plain, result = run_mode_throughput(ctx, "plain", opts.workers, trial)
+            result.workers = plain.stop()
+            trials["plain"].append(result)
+            guard, result = run_mode_throughput(ctx, "guard", opts.workers, trial)
+            trials["guard"].append(result)
+            if trial < opts.trials - 1:
+                result.workers = guard.stop()
+                guard = None
+    except BaseException:
+        if guard is not None:
+            guard.stop()
+        raise
+    assert guard is not None
+    plain_tp, guard_tp = median_trial(trials["plain"]), median_trial(trials["guard"])
     rate = guard_tp.events_per_s / 2
     try:
         log.info("guard: latency at %.0f events/s for %.0fs", rate, opts.latency_s())
         guard_lat = measure_latency(ctx, guard, workload, rate, opts.latency_s())
     finally:
-        guard_tp.workers = guard.stop()
-    plain = WorkerSet(ctx, "plain", opts.workers, ctx.names.group("plain"), "plain").start()
+        trials["guard"][-1].workers = guard.stop()
+    plain_group, _ = trial_group(ctx, "plain", opts.trials - 1)
+    plain = WorkerSet(ctx, "plain", opts.workers, plain_group, "plain").start()
     try:
         catch_up(ctx, plain)
         log.info("plain: latency at %.0f events/s for %.0fs", rate, opts.latency_s())
@@ -1081,6 +1132,12 @@ def execute(ctx: BenchContext, workload: Workload, opts: BenchOptions) -> dict[s
         },
         "ratio": guard_tp.events_per_s / plain_tp.events_per_s,
         "latency_rate": rate,
+        "trials": {
+            "plain_events_per_s": [round(r.events_per_s, 1) for r in trials["plain"]],
+            "guard_events_per_s": [round(r.events_per_s, 1) for r in trials["guard"]],
+            "ratios": [round(g.events_per_s / p.events_per_s, 3)
+                       for p, g in zip(trials["plain"], trials["guard"], strict=True)],
+        },
     }
     for mode in ("plain", "guard"):
         report["modes"][mode]["events_per_s"] = round(report["modes"][mode]["events_per_s"], 1)
@@ -1088,7 +1145,8 @@ def execute(ctx: BenchContext, workload: Workload, opts: BenchOptions) -> dict[s
         report["scaling"] = scaling(ctx)
     if opts.soak_seconds > 0:
         log.info("soak: %.0fs at %.0f events/s", opts.soak_seconds, rate)
-        report["soak"] = asdict(soak(ctx, workload, opts.workers, rate, opts.soak_seconds))
+        report["soak"] = asdict(soak(ctx, workload, opts.workers, rate, opts.soak_seconds,
+                                     trial_group(ctx, "guard", opts.trials - 1)))
     return report
 
 
@@ -1096,8 +1154,8 @@ def run(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
     """Set up topics, fill, run every phase, clean up; returns the JSON report."""
     if opts.scaling and opts.partitions < 2:
         raise BenchError("--scaling needs at least 2 partitions")
-    if opts.records < 1 or opts.workers < 1 or opts.partitions < 1:
-        raise BenchError("--records, --workers and --partitions must be positive")
+    if opts.records < 1 or opts.workers < 1 or opts.partitions < 1 or opts.trials < 1:
+        raise BenchError("--records, --workers, --partitions and --trials must be positive")
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
     try:
         admin.list_topics(timeout=10)
@@ -1134,6 +1192,7 @@ def run(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
         "records": opts.records,
         "partitions": opts.partitions,
         "workers": opts.workers,
+        "trials_per_mode": opts.trials,
         "workload": {"records": opts.records, "customers": workload.customers, "updates": workload.updates,
                      "mean_value_bytes": round(workload.mean_value_bytes(), 1), "fill_events_per_s": round(fill_rate),
                      "topic": names.input},
@@ -1157,10 +1216,10 @@ def emit_report(report: dict[str, Any], json_out: Path | None) -> None:
 
 def run_bench(settings: Settings, *, records: int = 200_000, partitions: int = 2, workers: int = 1,
               json_out: Path | None = None, latency_seconds: float | None = None, scaling: bool = False,
-              soak_seconds: float = 0.0, keep: bool = False) -> dict[str, Any]:
+              soak_seconds: float = 0.0, keep: bool = False, trials: int = 3) -> dict[str, Any]:
     """Entry point of `guard bench` (and `python -m guard.bench`): run, print, write JSON, return it."""
     opts = BenchOptions(records=records, partitions=partitions, workers=workers, latency_seconds=latency_seconds,
-                        scaling=scaling, soak_seconds=soak_seconds, keep=keep, json_out=json_out)
+                        scaling=scaling, soak_seconds=soak_seconds, keep=keep, json_out=json_out, trials=trials)
     report = run(settings, opts)
     emit_report(report, json_out)
     return report
@@ -1171,6 +1230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--partitions", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--trials", type=int, default=3,
+                        help="throughput trials per mode, alternating plain and guard; the median counts")
     parser.add_argument("--latency-seconds", type=float, default=None,
                         help="length of each latency phase (default 20 s; 5 s below 50k records)")
     parser.add_argument("--scaling", action="store_true", help="also run the guard with 1 then 2 workers")
@@ -1192,7 +1253,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         run_bench(load_settings(None), records=args.records, partitions=args.partitions, workers=args.workers,
                   json_out=args.json_out, latency_seconds=args.latency_seconds, scaling=args.scaling,
-                  soak_seconds=args.soak, keep=args.keep)
+                  soak_seconds=args.soak, keep=args.keep, trials=args.trials)
     except GuardError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

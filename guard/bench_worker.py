@@ -20,6 +20,7 @@ not a difference in Kafka plumbing.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import logging
 import signal
 import sys
@@ -47,7 +48,9 @@ class PlainLoop:
     """A plain confluent-kafka consume-produce loop with transactions: values copied unchanged.
 
     Each input record goes to the same partition of the output topic with its timestamp, and the batch's
-    offsets are committed inside the transaction, exactly like `SanitizerWorker` minus the transform.
+    offsets are committed inside the transaction, exactly like `SanitizerWorker` minus the transform: the
+    offsets are sent to the transaction on a helper thread while the batch is produced, as the guard does
+    (`SanitizerWorker._send_offsets_early`), so both modes pay the same commit round trips.
     """
 
     def __init__(self, settings: Settings, input_topic: str, output_topic: str) -> None:
@@ -63,6 +66,8 @@ class PlainLoop:
         self._txn_records = 0
         self._first: dict[tuple[str, int], int] = {}
         self._last: dict[tuple[str, int], int] = {}
+        self._early: tuple[dict[tuple[str, int], int], concurrent.futures.Future[None]] | None = None
+        self._txn_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bg-txn")
         self._seen_first = False
         self.consumer = Consumer(consumer_config(settings, f"bench-{settings.worker_id}"))
         self.producer = Producer(producer_config(settings, f"bench-{settings.worker_id}"))
@@ -95,20 +100,31 @@ class PlainLoop:
 
     def _process(self, msgs: list[Message]) -> None:
         produce, out = self.producer.produce, self.output_topic
+        good = []
         for msg in msgs:
             err = msg.error()
             if err is not None:
                 if err.fatal():
                     raise KafkaException(err)
                 continue
-            if not self._seen_first:
-                self._seen_first = True
-                emit("first", t=time.time())
-            if not self._in_txn:
-                self.producer.begin_transaction()
-                self._in_txn = True
-                self._txn_started = time.monotonic()
-                self._txn_records = 0
+            good.append(msg)
+        if not good:
+            return
+        if not self._seen_first:
+            self._seen_first = True
+            emit("first", t=time.time())
+        if not self._in_txn:
+            self.producer.begin_transaction()
+            self._in_txn = True
+            self._txn_started = time.monotonic()
+            self._txn_records = 0
+        ends = dict(self._last)
+        for msg in good:
+            ends[(str(msg.topic()), int(msg.partition() or 0))] = int(msg.offset() or 0)
+        offsets = [TopicPartition(t, p, o + 1) for (t, p), o in ends.items()]
+        self._early = (ends, self._txn_pool.submit(self.producer.send_offsets_to_transaction, offsets,
+                                                   self.consumer.consumer_group_metadata(), 30))
+        for msg in good:
             partition, offset = int(msg.partition() or 0), int(msg.offset() or 0)
             produce(out, msg.value(), msg.key(), partition=partition, timestamp=msg.timestamp()[1])
             tp = (str(msg.topic()), partition)
@@ -118,6 +134,17 @@ class PlainLoop:
             self.events += 1
         self.producer.poll(0)
 
+    def _early_offsets_sent(self) -> bool:
+        early, self._early = self._early, None
+        if early is None:
+            return False
+        ends, future = early
+        try:
+            future.result(30)
+        except KafkaException:
+            return False
+        return ends == self._last
+
     def _commit(self) -> None:
         if not self._last:
             self.producer.abort_transaction(30)
@@ -125,7 +152,8 @@ class PlainLoop:
             return
         offsets = [TopicPartition(t, p, o + 1) for (t, p), o in self._last.items()]
         try:
-            self.producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(), 30)
+            if not self._early_offsets_sent():
+                self.producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(), 30)
             self.producer.commit_transaction(30)
         except KafkaException as exc:
             error = exc.args[0]
@@ -141,6 +169,9 @@ class PlainLoop:
 
     def _abort(self) -> None:
         """Abort and rewind, so the batch is processed again (its events are uncounted)."""
+        if self._early is not None:
+            concurrent.futures.wait([self._early[1]])
+            self._early = None
         if self._in_txn:
             self.producer.abort_transaction(30)
         self.aborts += 1
@@ -215,7 +246,8 @@ def run_guard(settings: Settings) -> dict[str, Any]:
     }
 
 
-def guard_settings(runid: str, *, bootstrap: str, redis_url: str, group: str, worker_id: str) -> Settings:
+def guard_settings(runid: str, *, bootstrap: str, redis_url: str, group: str, worker_id: str,
+                   branch_suffix: str = "") -> Settings:
     """Settings for a bench guard: its own raw prefix, branch (so its keys are separate) and output topics.
 
     Output topics are named `bench<runid>-guard.*`, which the raw pattern `^bench<runid>\\.[^.]+\\.[^.]+$`
@@ -225,7 +257,7 @@ def guard_settings(runid: str, *, bootstrap: str, redis_url: str, group: str, wo
     return load_settings(
         None,
         raw_topic_prefix=prefix,
-        branch=prefix,
+        branch=prefix + branch_suffix,
         group_id=group,
         worker_id=worker_id,
         kafka_bootstrap=bootstrap,
@@ -245,6 +277,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--worker-id", required=True)
     parser.add_argument("--bootstrap", required=True)
     parser.add_argument("--redis-url", required=True)
+    parser.add_argument("--branch-suffix", default="",
+                        help="guard mode: appended to the bench branch, so a new trial creates its own keys")
     parser.add_argument("--input-topic", help="plain mode: the raw topic")
     parser.add_argument("--output-topic", help="plain mode: where values are copied")
     return parser.parse_args(argv)
@@ -255,6 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = guard_settings(args.runid, bootstrap=args.bootstrap, redis_url=args.redis_url,
+                              branch_suffix=args.branch_suffix,
                               group=args.group, worker_id=args.worker_id)
     if args.mode == "plain":
         if not args.input_topic or not args.output_topic:

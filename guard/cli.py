@@ -294,6 +294,8 @@ def keys_init() -> None:
 @click.option("--records", default=200_000, show_default=True)
 @click.option("--partitions", default=2, show_default=True)
 @click.option("--workers", default=1, show_default=True)
+@click.option("--trials", default=3, show_default=True,
+              help="Throughput trials per mode, alternating plain and guard; each mode's median counts.")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--latency-seconds", type=float, default=None, help="Length of each latency phase (default 20 s).")
 @click.option("--scaling", is_flag=True, help="Also run the guard with 1 then 2 workers on 2 partitions.")
@@ -301,14 +303,14 @@ def keys_init() -> None:
               help="Also run a steady 50%-rate soak and report RSS drift (the memory target needs 600).")
 @click.option("--keep", is_flag=True, help="Keep the bench topics, groups and keys.")
 @click.pass_context
-def bench(ctx: click.Context, records: int, partitions: int, workers: int, json_out: Path | None,
+def bench(ctx: click.Context, records: int, partitions: int, workers: int, trials: int, json_out: Path | None,
           latency_seconds: float | None, scaling: bool, soak: float, keep: bool) -> None:
     """Plain consume-produce vs the guard on the same records; last line `ratio <guard/plain>`."""
     from guard.bench import run_bench
 
     try:
         run_bench(_settings(ctx), records=records, partitions=partitions, workers=workers, json_out=json_out,
-                  latency_seconds=latency_seconds, scaling=scaling, soak_seconds=soak, keep=keep)
+                  latency_seconds=latency_seconds, scaling=scaling, soak_seconds=soak, keep=keep, trials=trials)
     except GuardError as exc:
         raise click.ClickException(str(exc)) from None
 

@@ -46,6 +46,13 @@ def test_bench_measures_both_modes(stack: dict[str, str], tmp_path: Path) -> Non
         assert result["latency"]["samples"] > 0
         assert result["peak_rss_mib"] > 0
     assert f"{written['ratio']:.3f}" == lines[-1].split()[1]
+    # Three alternating trials per mode by default; each mode's figure is its median trial.
+    trials = written["trials"]
+    assert written["trials_per_mode"] == len(trials["plain_events_per_s"]) == len(trials["guard_events_per_s"]) == 3
+    for mode in ("plain", "guard"):
+        assert written["modes"][mode]["events_per_s"] == sorted(trials[f"{mode}_events_per_s"])[1]
+    medians = written["modes"]["guard"]["events_per_s"] / written["modes"]["plain"]["events_per_s"]
+    assert written["ratio"] == pytest.approx(medians, rel=1e-3)
     assert {t["status"] for t in written["targets"]} <= {"pass", "fail", "n/a", "not run"}
     assert written["machine"]["cores"] >= 1
 

@@ -352,6 +352,7 @@ class RecordingProducer:
 
     def __init__(self, *, full_every: int = 0, max_bytes: int = 1_000_000):
         self.records: list[tuple] = []
+        self.sent_offsets: list[dict[tuple[str, int], int]] = []
         self.calls = 0
         self.polls = 0
         self.full_every, self.max_bytes = full_every, max_bytes
@@ -370,6 +371,9 @@ class RecordingProducer:
     def poll(self, timeout=0):
         self.polls += 1
         return 0
+
+    def send_offsets_to_transaction(self, offsets, metadata, timeout=None):
+        self.sent_offsets.append({(tp.topic, tp.partition): tp.offset for tp in offsets})
 
 
 class FixedTopics:
@@ -421,6 +425,8 @@ def process_batch(stack, sanitizer, msgs, **producer_options):
     worker = batch_worker(stack, sanitizer, producer)
     worker._max_record_bytes = min(worker._max_record_bytes, producer.max_bytes - 64)
     worker._process_batch(msgs)
+    assert producer.sent_offsets[-1] == {tp: offset + 1 for tp, offset in worker._last.items()}
+    assert worker._early_offsets_cover_batch(), "the commit would use the offsets sent while the batch ran"
     batch = worker.batch
     counts = (batch.events, batch.records_out, batch.by_table_decision, batch.fields, batch.dlq,
               batch.timestamps_ms)
@@ -488,3 +494,34 @@ def test_a_key_the_sanitizer_cannot_handle_goes_to_the_dlq_and_the_batch_goes_on
     assert got[2][4].get("internal_error") == 1
     assert got[1] == {(m.topic(), m.partition()): max(x.offset() for x in msgs if x.partition() == m.partition())
                       for m in msgs}
+
+
+def test_offsets_sent_early_count_only_if_they_are_the_commits_own(stack, pair):
+    """`_commit` skips its own send_offsets only when the last early send succeeded with exactly the
+    offsets it would send; a failed, stale or missing early send makes it send them itself."""
+    import concurrent.futures
+
+    _, native = pair
+    msgs, _ = mixed_batch(4)
+    producer = RecordingProducer()
+    worker = batch_worker(stack, native, producer)
+    worker._process_batch(msgs[:20])
+    worker._process_batch(msgs[20:])
+    assert len(producer.sent_offsets) == 2, "one early send per fetched batch"
+    assert producer.sent_offsets[0] == {(m.topic(), m.partition()): max(x.offset() for x in msgs[:20]
+                                                                         if x.partition() == m.partition()) + 1
+                                        for m in msgs[:20]}
+    assert producer.sent_offsets[1] == {tp: offset + 1 for tp, offset in worker._last.items()}
+    assert worker._early_offsets_cover_batch()
+    assert not worker._early_offsets_cover_batch(), "used once"
+
+    failed: concurrent.futures.Future[None] = concurrent.futures.Future()
+    failed.set_exception(KafkaException(KafkaError(KafkaError.CONCURRENT_TRANSACTIONS)))
+    worker._early_offsets = (dict(worker._last), failed)
+    assert not worker._early_offsets_cover_batch()
+
+    done: concurrent.futures.Future[None] = concurrent.futures.Future()
+    done.set_result(None)
+    stale = {tp: offset - 1 for tp, offset in worker._last.items()}
+    worker._early_offsets = (stale, done)
+    assert not worker._early_offsets_cover_batch()
