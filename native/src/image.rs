@@ -132,7 +132,12 @@ impl Plan {
         row: &Members<'a>,
         loads: &Bound<'py, PyAny>,
     ) -> Step<Values<'a, 'py>> {
-        row.0.iter().map(|(_, raw)| Val::read(raw, loads)).collect()
+        // Not `collect()`: into a `Result` it loses the length hint and grows the vector four times.
+        let mut values = Vec::with_capacity(row.0.len());
+        for (_, raw) in &row.0 {
+            values.push(Val::read(raw, loads)?);
+        }
+        Ok(values)
     }
 }
 

@@ -52,7 +52,8 @@ impl<'de> de::Deserialize<'de> for Members<'de> {
                 f.write_str("an object")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut out = Vec::with_capacity(map.size_hint().unwrap_or(16));
+                // JSON gives no size hint; 32 holds a typical table row without growing.
+                let mut out = Vec::with_capacity(map.size_hint().unwrap_or(32));
                 while let Some(Text(name)) = map.next_key::<Text<'de>>()? {
                     out.push((name, map.next_value::<&'de RawValue>()?));
                 }

@@ -343,7 +343,7 @@ impl FastPath {
         let audit_topic = hooks.getattr(intern!(py, "audit_topic"))?;
         let mut last: Vec<(Bound<'py, PyString>, i64, i64)> = Vec::new();
         let mut counts: Vec<(u64, usize)> = Vec::new();
-        let mut stamps: Vec<i64> = Vec::new();
+        let mut stamps: Vec<i64> = Vec::with_capacity(records.len().saturating_sub(start));
         let mut i = start;
         while i < records.len() {
             let item = records.get_item(i)?;
