@@ -700,7 +700,10 @@ def drain_fresh(ctx: BenchContext, workers: WorkerSet) -> ThroughputResult:
         observed = progress.wait(targets, workers, timeout=120 + count / 500)
     finally:
         progress.close()
-    window = workers.window(count)
+    # The group's offsets can be seen committed a moment before the worker's "commit" line is read.
+    deadline = time.monotonic() + 10
+    while (window := workers.window(count)) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
     if window is None:
         raise BenchError(f"{workers.mode} workers reported no progress")
     start, end = window
