@@ -51,7 +51,7 @@ from typing import Any
 import confluent_kafka
 import orjson
 import psutil
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from guard import synth
@@ -519,7 +519,14 @@ class GroupProgress:
         """Block until every partition's committed offset reaches its target; returns when (epoch s)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            committed = self.committed()
+            try:
+                committed = self.committed()
+            except KafkaException as exc:  # a slow broker answer is not the end of the run
+                error = exc.args[0]
+                if not (isinstance(error, KafkaError) and (error.retriable() or error.code() == KafkaError._TIMED_OUT)):
+                    raise
+                log.warning("reading %s's committed offsets: %s; trying again", workers.group, error)
+                continue
             if all(committed.get(p, 0) >= end for p, end in targets.items()):
                 return time.time()
             workers.check_alive()
