@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from guard.batching import commit_due, take
+from guard.batching import EarlyOffsets, commit_due, take
 from guard.config import Settings, load_settings
 from guard.runner import consumer_config, producer_config
 
@@ -50,7 +50,7 @@ class PlainLoop:
     Each input record goes to the same partition of the output topic with its timestamp, and the batch's
     offsets are committed inside the transaction, exactly like `SanitizerWorker` minus the transform: the
     offsets are sent to the transaction on a helper thread while the batch is produced, as the guard does
-    (`SanitizerWorker._send_offsets_early`), so both modes pay the same commit round trips.
+    (`batching.EarlyOffsets`), so both modes pay the same commit round trips.
     """
 
     def __init__(self, settings: Settings, input_topic: str, output_topic: str) -> None:
@@ -66,7 +66,7 @@ class PlainLoop:
         self._txn_records = 0
         self._first: dict[tuple[str, int], int] = {}
         self._last: dict[tuple[str, int], int] = {}
-        self._early: tuple[dict[tuple[str, int], int], concurrent.futures.Future[None]] | None = None
+        self._early = EarlyOffsets()
         self._txn_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bg-txn")
         self._seen_first = False
         self.consumer = Consumer(consumer_config(settings, f"bench-{settings.worker_id}"))
@@ -121,9 +121,7 @@ class PlainLoop:
         ends = dict(self._last)
         for msg in good:
             ends[(str(msg.topic()), int(msg.partition() or 0))] = int(msg.offset() or 0)
-        offsets = [TopicPartition(t, p, o + 1) for (t, p), o in ends.items()]
-        self._early = (ends, self._txn_pool.submit(self.producer.send_offsets_to_transaction, offsets,
-                                                   self.consumer.consumer_group_metadata(), 30))
+        self._early.send(self._txn_pool, self.producer, self.consumer, ends, 30)
         for msg in good:
             partition, offset = int(msg.partition() or 0), int(msg.offset() or 0)
             produce(out, msg.value(), msg.key(), partition=partition, timestamp=msg.timestamp()[1])
@@ -134,17 +132,6 @@ class PlainLoop:
             self.events += 1
         self.producer.poll(0)
 
-    def _early_offsets_sent(self) -> bool:
-        early, self._early = self._early, None
-        if early is None:
-            return False
-        ends, future = early
-        try:
-            future.result(30)
-        except KafkaException:
-            return False
-        return ends == self._last
-
     def _commit(self) -> None:
         if not self._last:
             self.producer.abort_transaction(30)
@@ -152,7 +139,7 @@ class PlainLoop:
             return
         offsets = [TopicPartition(t, p, o + 1) for (t, p), o in self._last.items()]
         try:
-            if not self._early_offsets_sent():
+            if not self._early.cover(self._last, 30):
                 self.producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(), 30)
             self.producer.commit_transaction(30)
         except KafkaException as exc:
@@ -169,9 +156,7 @@ class PlainLoop:
 
     def _abort(self) -> None:
         """Abort and rewind, so the batch is processed again (its events are uncounted)."""
-        if self._early is not None:
-            concurrent.futures.wait([self._early[1]])
-            self._early = None
+        self._early.settle()
         if self._in_txn:
             self.producer.abort_transaction(30)
         self.aborts += 1

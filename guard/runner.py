@@ -52,7 +52,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from guard.batching import commit_due, take
+from guard.batching import EarlyOffsets, commit_due, take
 from guard.config import Settings
 from guard.errors import KeyUnavailableError
 from guard.sanitizer import NativeRun, Outcome, Sanitizer
@@ -289,8 +289,7 @@ class SanitizerWorker:
         self._in_txn = False
         self._first: dict[tuple[str, int], int] = {}
         self._last: dict[tuple[str, int], int] = {}
-        #: The last offsets sent to the open transaction ahead of its commit, and the call doing it.
-        self._early_offsets: tuple[dict[tuple[str, int], int], concurrent.futures.Future[None]] | None = None
+        self._early_offsets = EarlyOffsets()
         self._txn_started = 0.0
         self._txn_records = 0
 
@@ -401,7 +400,8 @@ class SanitizerWorker:
             self._in_txn = True
             self._txn_started = time.monotonic()
             self._txn_records = 0
-        self._send_offsets_early(ends)
+        # The commit then has only EndTxn left to wait for (`EarlyOffsets`).
+        self._early_offsets.send(self._txn_pool, self.producer, self.consumer, ends, 10)
         if sanitizer.runs_native and not traced:
             # Ordinary records are sanitized and produced natively; each record a run stops at (declined,
             # headers to carry, too large, a callback error) goes through the full Python path.
@@ -450,38 +450,13 @@ class SanitizerWorker:
         self._last[(topic, partition)] = offset
         self.batch.add(outcome, ts)
 
-    def _send_offsets_early(self, ends: dict[tuple[str, int], int]) -> None:
-        """Add the offsets the open transaction will commit, in the background, while the batch is transformed.
-
-        A commit used to be three round trips in a row with the worker idle: AddOffsetsToTxn, TxnOffsetCommit,
-        then EndTxn. The first two only need the offsets, which are known once the batch is fetched, so they
-        run on the transactional thread while the main thread transforms and produces; right after a commit
-        they also absorb the coordinator's CONCURRENT_TRANSACTIONS retries. Safe for exactly-once because
-        offsets sent to a transaction count only if it commits: an abort, a crash or a fenced producer
-        drops them with the records. `_commit` uses them only if they are exactly the offsets it would send
-        and the call succeeded; otherwise it sends them itself, as before.
-        """
-        offsets = [TopicPartition(t, p, o + 1) for (t, p), o in ends.items()]
-        metadata = self.consumer.consumer_group_metadata()
-        self._early_offsets = (ends, self._txn_pool.submit(self.producer.send_offsets_to_transaction, offsets,
-                                                            metadata, 10))
-
     def _early_offsets_cover_batch(self) -> bool:
-        """Whether the last early send finished and holds exactly the offsets this commit needs."""
-        early, self._early_offsets = self._early_offsets, None
-        if early is None:
-            return False
-        ends, future = early
+        """Whether the offsets sent while the batch ran are exactly the ones this commit needs."""
         try:
-            future.result(timeout=self._txn_deadline_s)
+            return self._early_offsets.cover(self._last, self._txn_deadline_s)
         except concurrent.futures.TimeoutError:
             raise ProducerStuckError(f"transactional send offsets did not finish within "
                                      f"{self._txn_deadline_s:.0f} s") from None
-        except KafkaException as exc:
-            # The synchronous send retries a retriable error and reports one that needs an abort.
-            log.info("sending the offsets early failed (%s); sending them with the commit", exc)
-            return False
-        return ends == self._last
 
     def _produce_all(self, outcome: Outcome, source_topic: str, ts: int, headers: Any) -> None:
         produce = self.producer.produce
@@ -555,7 +530,7 @@ class SanitizerWorker:
         self._reset_batch()
 
     def _reset_batch(self) -> None:
-        self._early_offsets = None
+        self._early_offsets.forget()
         self.batch = BatchCounters()
         self.sanitizer.subject_activity.clear()
         self._in_txn = False

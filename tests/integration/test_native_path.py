@@ -517,11 +517,11 @@ def test_offsets_sent_early_count_only_if_they_are_the_commits_own(stack, pair):
 
     failed: concurrent.futures.Future[None] = concurrent.futures.Future()
     failed.set_exception(KafkaException(KafkaError(KafkaError.CONCURRENT_TRANSACTIONS)))
-    worker._early_offsets = (dict(worker._last), failed)
+    worker._early_offsets.pending = (dict(worker._last), failed)
     assert not worker._early_offsets_cover_batch()
 
     done: concurrent.futures.Future[None] = concurrent.futures.Future()
     done.set_result(None)
     stale = {tp: offset - 1 for tp, offset in worker._last.items()}
-    worker._early_offsets = (stale, done)
+    worker._early_offsets.pending = (stale, done)
     assert not worker._early_offsets_cover_batch()
