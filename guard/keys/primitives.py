@@ -48,12 +48,13 @@ class Aead:
     keeps every key far below that.
     """
 
-    __slots__ = ("_aead", "version")
+    __slots__ = ("_aead", "_header", "version")
 
     def __init__(self, key: bytes, version: int) -> None:
         if len(key) != KEY_BYTES:
             raise ValueError("AES-256-GCM needs a 32-byte key")
         self._aead = AESGCM(key)
+        self._header = _HEADER.pack(FORMAT_V1, version)  # sealed once per event: packed once per key
         self.version = version
 
     def __repr__(self) -> str:
@@ -61,7 +62,7 @@ class Aead:
 
     def seal(self, plaintext: bytes, associated_data: bytes) -> bytes:
         nonce = os.urandom(NONCE_BYTES)
-        return _HEADER.pack(FORMAT_V1, self.version) + nonce + self._aead.encrypt(nonce, plaintext, associated_data)
+        return b"".join((self._header, nonce, self._aead.encrypt(nonce, plaintext, associated_data)))
 
     def open(self, sealed: bytes, associated_data: bytes) -> bytes:
         fmt, version = sealed_header(sealed)
