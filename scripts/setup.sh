@@ -4,7 +4,8 @@
 #
 # Installs:  PostgreSQL 15 (demo branch database), redis-server (durable key store / windows),
 #            OpenJDK 17 (Kafka 4.x broker + Connect need Java >= 17), Maven (fetches Kafka/Debezium jars
-#            from Maven Central), python3-venv (the guard's virtualenv).
+#            from Maven Central), python3-venv (the guard's virtualenv), gcc and libc6-dev (Rust links
+#            the compiled hot path with the C toolchain and builds its allocator, mimalloc, from C).
 # It does NOT start any service system-wide: `guard stack up` runs its own private PostgreSQL cluster
 # and Redis on non-default ports under ${GUARD_STACK_HOME:-~/.local/share/branchguard}; the Debian
 # default services are stopped/disabled where systemd is present so they don't hold ports/memory.
@@ -19,7 +20,8 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # acl: setfacl lets the `postgres` OS user traverse a root-owned stack home (e.g. /root is 0700)
-PKGS=(postgresql-15 postgresql-client-15 redis-server openjdk-17-jdk-headless maven python3-venv ca-certificates curl acl)
+PKGS=(postgresql-15 postgresql-client-15 redis-server openjdk-17-jdk-headless maven python3-venv ca-certificates curl acl
+      gcc libc6-dev)
 
 missing=()
 for p in "${PKGS[@]}"; do
