@@ -526,9 +526,10 @@ class GroupProgress:
                 if not (isinstance(error, KafkaError) and (error.retriable() or error.code() == KafkaError._TIMED_OUT)):
                     raise
                 log.warning("reading %s's committed offsets: %s; trying again", workers.group, error)
-                continue
-            if all(committed.get(p, 0) >= end for p, end in targets.items()):
-                return time.time()
+            else:
+                if all(committed.get(p, 0) >= end for p, end in targets.items()):
+                    return time.time()
+            # Also after a failed query: a dead worker ends the wait, and a fast error can't spin.
             workers.check_alive()
             time.sleep(0.1)
         raise BenchError(f"{workers.mode} workers did not commit up to {targets} within {timeout:.0f}s "
