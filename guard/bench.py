@@ -36,6 +36,7 @@ import logging
 import os
 import platform
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -414,6 +415,8 @@ class BenchContext:
     sampler: RssSampler
     log_dir: Path
     groups: set[str] = field(default_factory=set)
+    #: The local broker's GC log (`local_broker_gc_log`), or None.
+    broker_gc_log: Path | None = None
 
 
 class WorkerSet:
@@ -652,6 +655,9 @@ class LatencyResult:
     max_ms: float
     #: Per second of the phase: [second, records, p50 ms, max ms]; shows whether a p99 is one stall or drift.
     timeline: list[list[float]] = field(default_factory=list)
+    #: The local broker's GC pauses in the phase: [second (as in `timeline`, when the pause ended), ms]; None
+    #: when the bench's broker is not the local stack's (no GC log to read).
+    broker_gc_pauses: list[list[float]] | None = None
 
 
 def measure_latency(ctx: BenchContext, workers: WorkerSet, workload: Workload, rate: float, seconds: float,
@@ -674,8 +680,47 @@ def measure_latency(ctx: BenchContext, workers: WorkerSet, workload: Workload, r
     finally:
         probe.close()
     values = probe.samples
+    pauses = None
+    if ctx.broker_gc_log is not None:
+        pauses = broker_gc_pauses(ctx.broker_gc_log, probe.since_ms / 1000, time.time())
     return LatencyResult(rate, achieved, seconds, sent, len(values), percentile(values, 50), percentile(values, 99),
-                         max(values) if values else float("nan"), timeline(probe.sent_at, values, probe.since_ms))
+                         max(values) if values else float("nan"), timeline(probe.sent_at, values, probe.since_ms),
+                         pauses)
+
+
+#: `-Xlog:gc` with the `time` decorator: `[2026-12-01T17:07:26.112+0000][534.825s] GC(182) Pause Young
+#: (Normal) (G1 Evacuation Pause) 341M->142M(1024M) 125.970ms`; the time is when the pause ended.
+_GC_PAUSE = re.compile(r"^\[(\d{4}-\d\d-\d\dT[\d:.]+[+-]\d{4})\].* GC\(\d+\) Pause .* ([\d.]+)ms$")
+
+
+def local_broker_gc_log(bootstrap: str) -> Path | None:
+    """The GC log of the `guard stack up` broker, if that is the broker the bench runs against."""
+    from guard.stack.config import StackConfig
+
+    cfg = StackConfig.from_env()
+    path = cfg.logs / "kafka-gc.log"
+    return path if bootstrap == cfg.bootstrap and path.is_file() else None
+
+
+def broker_gc_pauses(log: Path, start_s: float, end_s: float) -> list[list[float]]:
+    """[seconds after `start_s`, ms] of every stop-the-world pause that ended between the two epoch times.
+
+    A latency phase's stall that lines up with one of these was the broker stopping every produce, fetch
+    and commit, not the worker (docs/benchmark.md, round 7).
+    """
+    pauses = []
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        m = _GC_PAUSE.match(line)
+        if m is None:
+            continue
+        ended = dt.datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
+        if start_s <= ended <= end_s:
+            pauses.append([round(ended - start_s, 3), float(m.group(2))])
+    return pauses
 
 
 def timeline(sent_at: list[int], latencies: list[float], since_ms: int) -> list[list[float]]:
@@ -751,7 +796,8 @@ def soak(ctx: BenchContext, workload: Workload, workers: int, rate: float, secon
     restarted workers resume where they stopped, with the keys they created.
     """
     sampler = RssSampler(5.0)
-    soak_ctx = BenchContext(ctx.settings, ctx.names, ctx.partitions, sampler, ctx.log_dir, ctx.groups)
+    soak_ctx = BenchContext(ctx.settings, ctx.names, ctx.partitions, sampler, ctx.log_dir, ctx.groups,
+                            ctx.broker_gc_log)
     group = WorkerSet(soak_ctx, "guard", workers, guard_group[0], "soak", guard_group[1]).start()
     try:
         catch_up(soak_ctx, group)
@@ -885,6 +931,10 @@ def render(report: dict[str, Any]) -> str:
         + "; guard " + ", ".join(f"{v:,.0f}" for v in report["trials"]["guard_events_per_s"])
         + "; ratios " + ", ".join(f"{v:.3f}" for v in report["trials"]["ratios"]),
     ]
+    pauses = {mode: report["modes"][mode]["latency"].get("broker_gc_pauses") for mode in ("guard", "plain")}
+    if all(p is not None for p in pauses.values()):
+        out.append("broker GC pauses in the latency phases (local stack): " + "; ".join(
+            f"{mode} {len(p)}, longest {max((ms for _, ms in p), default=0):.0f} ms" for mode, p in pauses.items()))
     if report.get("scaling"):
         s = report["scaling"]
         out.append(f"scaling (guard, 2 partitions): 1 worker {s['workers_1']['events_per_s']:,.0f}/s, "
@@ -1183,7 +1233,8 @@ def run(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
     workload = build_workload(opts.records, customers=opts.customers)
     alert_keys = missing_keys(settings.redis_url, drift_alert_keys(workload))
     sampler = RssSampler(0.5)
-    ctx = BenchContext(settings, names, opts.partitions, sampler, Path(tempfile.mkdtemp(prefix=f"{names.prefix}-")))
+    ctx = BenchContext(settings, names, opts.partitions, sampler, Path(tempfile.mkdtemp(prefix=f"{names.prefix}-")),
+                       broker_gc_log=local_broker_gc_log(settings.kafka_bootstrap))
     try:
         create_topic(admin, names.input, opts.partitions)
         # Both modes' output topics exist before the timed windows: a guard creates a table's sanitized

@@ -25,6 +25,17 @@ from guard.stack.service import Service
 #: second under the bench's load and G1 paused it 10-120 ms each time; at 1g it collects about half as often.
 HEAP = "1g"
 
+
+def gc_log_opts(logs: Path) -> list[str]:
+    """The broker's GC log beside its own log, rotated (3 x 10 MB), as `kafka-server-start.sh` writes it.
+
+    A young collection stops every produce, fetch and commit; on 2 shared cores some took 50-126 ms and
+    were the worst of the guard's commit stalls (docs/benchmark.md, round 7). With the log always on, a
+    latency spike can be matched to a pause afterwards, without restarting the broker to find out.
+    """
+    return [f"-Xlog:gc:file={logs / 'kafka-gc.log'}:time,uptime:filecount=3,filesize=10M"]
+
+
 _quiet = logging.getLogger("guard.stack.kafka-probe")
 _quiet.addHandler(logging.NullHandler())
 _quiet.propagate = False
@@ -117,7 +128,8 @@ class Broker(Service):
                              f"`guard stack down` and remove it.")
 
     def argv(self) -> list[str]:
-        return [java(), f"-Xms{HEAP}", f"-Xmx{HEAP}", *PERF_OPTS, f"-Dkafka.logs.dir={self.cfg.logs}",
+        return [java(), f"-Xms{HEAP}", f"-Xmx{HEAP}", *PERF_OPTS, *gc_log_opts(self.cfg.logs),
+                f"-Dkafka.logs.dir={self.cfg.logs}",
                 *logging_opts(self.cfg.kafka_version, self.log_config), "-cp", classpath(self._lib()),
                 "kafka.Kafka", str(self.properties)]
 

@@ -1,0 +1,30 @@
+"""The bench lines up latency stalls with the local broker's GC pauses: reading `kafka-gc.log`."""
+
+import datetime as dt
+
+from guard.bench import broker_gc_pauses
+
+LOG = """\
+[2026-12-01T17:07:18.482+0000][527.195s] Using G1
+[2026-12-01T17:07:19.609+0000][528.322s] GC(179) Pause Young (Normal) (G1 Evacuation Pause) 335M->141M(1024M) 15.447ms
+[2026-12-01T17:07:20.100+0000][528.813s] GC(180) Concurrent Mark Cycle 283.052ms
+[2026-12-01T17:07:21.250+0000][529.963s] GC(180) Pause Remark 518M->243M(1024M) 14.266ms
+[2026-12-01T19:07:26.112+0200][534.825s] GC(182) Pause Young (Normal) (G1 Evacuation Pause) 341M->142M(1024M) 125.970ms
+[2026-12-01T17:07:40.000+0000][548.713s] GC(190) Pause Young (Normal) (G1 Evacuation Pause) 341M->142M(1024M) 20.000ms
+"""
+
+
+def test_pauses_in_the_window_relative_to_its_start(tmp_path):
+    log = tmp_path / "kafka-gc.log"
+    log.write_text(LOG)
+    start = dt.datetime(2026, 12, 1, 17, 7, 19, tzinfo=dt.UTC).timestamp()
+
+    pauses = broker_gc_pauses(log, start, start + 10)
+
+    # Young and remark pauses stop the broker; the concurrent cycle does not; the +0200 line is 17:07:26 UTC;
+    # the pause at 17:07:40 ended after the window.
+    assert pauses == [[0.609, 15.447], [2.25, 14.266], [7.112, 125.97]]
+
+
+def test_a_missing_log_gives_no_pauses(tmp_path):
+    assert broker_gc_pauses(tmp_path / "absent.log", 0, 1e12) == []
