@@ -694,25 +694,35 @@ _GC_PAUSE = re.compile(r"^\[(\d{4}-\d\d-\d\dT[\d:.]+[+-]\d{4})\].* GC\(\d+\) Pau
 
 
 def local_broker_gc_log(bootstrap: str) -> Path | None:
-    """The GC log of the `guard stack up` broker, if that is the broker the bench runs against."""
+    """The GC log of the `guard stack up` broker, if that broker is running and is the one the bench uses.
+
+    A broker from `docker-compose.yml` listens on the same address, but a log left by an earlier local
+    stack is not its log: reporting "no pauses" from it would mislead.
+    """
+    from guard.stack.broker import Broker
     from guard.stack.config import StackConfig
 
     cfg = StackConfig.from_env()
     path = cfg.logs / "kafka-gc.log"
-    return path if bootstrap == cfg.bootstrap and path.is_file() else None
+    if bootstrap != cfg.bootstrap or not path.is_file() or Broker(cfg).pid() is None:
+        return None
+    return path
 
 
 def broker_gc_pauses(log: Path, start_s: float, end_s: float) -> list[list[float]]:
     """[seconds after `start_s`, ms] of every stop-the-world pause that ended between the two epoch times.
 
     A latency phase's stall that lines up with one of these was the broker stopping every produce, fetch
-    and commit, not the worker (docs/benchmark.md, round 7).
+    and commit, not the worker (docs/benchmark.md, round 7). The JVM rotates the log to `<name>.0`; that
+    file is read first, in case the rotation fell inside the window.
     """
-    pauses = []
-    try:
-        lines = log.read_text(errors="replace").splitlines()
-    except OSError:
-        return []
+    pauses: list[list[float]] = []
+    lines: list[str] = []
+    for path in (log.with_name(log.name + ".0"), log):
+        try:
+            lines += path.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
     for line in lines:
         m = _GC_PAUSE.match(line)
         if m is None:

@@ -28,3 +28,12 @@ def test_pauses_in_the_window_relative_to_its_start(tmp_path):
 
 def test_a_missing_log_gives_no_pauses(tmp_path):
     assert broker_gc_pauses(tmp_path / "absent.log", 0, 1e12) == []
+
+
+def test_a_pause_in_the_rotated_file_counts_too(tmp_path):
+    log = tmp_path / "kafka-gc.log"
+    (tmp_path / "kafka-gc.log.0").write_text(LOG.splitlines()[1] + "\n")
+    log.write_text(LOG.splitlines()[-1] + "\n")
+    start = dt.datetime(2026, 12, 1, 17, 7, 19, tzinfo=dt.UTC).timestamp()
+
+    assert broker_gc_pauses(log, start, start + 30) == [[0.609, 15.447], [21.0, 20.0]]
