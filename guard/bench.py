@@ -73,6 +73,8 @@ TARGET_P99_MS = 250.0
 TARGET_RSS_DRIFT_PCT = 10.0
 TARGET_SCALING = 1.6
 SOAK_TARGET_S = 600
+#: A broker younger than this when the bench starts gets a note in the report (docs/benchmark.md, round 7).
+FRESH_BROKER_S = 180
 
 
 class BenchError(GuardError):
@@ -693,20 +695,40 @@ def measure_latency(ctx: BenchContext, workers: WorkerSet, workload: Workload, r
 _GC_PAUSE = re.compile(r"^\[(\d{4}-\d\d-\d\dT[\d:.]+[+-]\d{4})\].* GC\(\d+\) Pause .* ([\d.]+)ms$")
 
 
-def local_broker_gc_log(bootstrap: str) -> Path | None:
-    """The GC log of the `guard stack up` broker, if that broker is running and is the one the bench uses.
+def local_broker_pid(bootstrap: str) -> int | None:
+    """Pid of the `guard stack up` broker, if it is running and is the broker at `bootstrap`.
 
-    A broker from `docker-compose.yml` listens on the same address, but a log left by an earlier local
-    stack is not its log: reporting "no pauses" from it would mislead.
+    A broker from `docker-compose.yml` listens on the same address, but a log or a pid file left by an
+    earlier local stack says nothing about it.
     """
     from guard.stack.broker import Broker
     from guard.stack.config import StackConfig
 
     cfg = StackConfig.from_env()
-    path = cfg.logs / "kafka-gc.log"
-    if bootstrap != cfg.bootstrap or not path.is_file() or Broker(cfg).pid() is None:
+    return Broker(cfg).pid() if bootstrap == cfg.bootstrap else None
+
+
+def local_broker_gc_log(bootstrap: str) -> Path | None:
+    """The GC log of the `guard stack up` broker, if that broker is the one the bench uses."""
+    from guard.stack.config import StackConfig
+
+    path = StackConfig.from_env().logs / "kafka-gc.log"
+    return path if path.is_file() and local_broker_pid(bootstrap) is not None else None
+
+
+def local_broker_uptime_s(bootstrap: str) -> float | None:
+    """Seconds since the `guard stack up` broker started, or None if the bench uses another broker.
+
+    A fresh broker is slower for its first minutes (its JIT compiler takes a good part of a core for about
+    a minute, docs/benchmark.md, round 7); the report says so rather than let a first run pass for typical.
+    """
+    pid = local_broker_pid(bootstrap)
+    if pid is None:
         return None
-    return path
+    try:
+        return round(time.time() - psutil.Process(pid).create_time(), 1)
+    except psutil.Error:
+        return None
 
 
 def broker_gc_pauses(log: Path, start_s: float, end_s: float) -> list[list[float]]:
@@ -956,8 +978,12 @@ def render(report: dict[str, Any]) -> str:
     m = report["machine"]
     out += ["", f"machine: {m['cores']} cores ({m['cpu_model']}), {m['memory_gib']} GiB, "
             f"load {m['load_avg_1m_at_start']} at start; python {m['python']}, "
-            f"confluent-kafka {m['confluent_kafka']}, librdkafka {m['librdkafka']}",
-            "", "targets:"]
+            f"confluent-kafka {m['confluent_kafka']}, librdkafka {m['librdkafka']}"]
+    uptime = m.get("broker_uptime_s_at_start")
+    if uptime is not None and uptime < FRESH_BROKER_S:
+        out.append(f"note: the local broker had been up {uptime:.0f} s when this run started; a fresh broker is "
+                   f"slower for its first minutes (JIT), so run the bench again for settled figures")
+    out += ["", "targets:"]
     out += [f"  [{c['status'].upper():>7}] {c['target']}: {c['note']}" for c in report["targets"]]
     return "\n".join(out)
 
@@ -1238,6 +1264,7 @@ def run(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
         raise BenchError(f"Kafka at {settings.kafka_bootstrap} does not answer: run `guard stack up`") from None
     names = Names(uuid.uuid4().hex[:8])
     machine = machine_facts()
+    machine["broker_uptime_s_at_start"] = local_broker_uptime_s(settings.kafka_bootstrap)
     # The workers inherit this environment, so they resolve GUARD_HOT_PATH the same way.
     machine["guard_hot_path"] = "native" if use_native(settings.hot_path) else "python"
     workload = build_workload(opts.records, customers=opts.customers)

@@ -55,6 +55,13 @@ def test_bench_measures_both_modes(stack: dict[str, str], tmp_path: Path) -> Non
     assert written["ratio"] == pytest.approx(medians, rel=1e-3)
     assert {t["status"] for t in written["targets"]} <= {"pass", "fail", "n/a", "not run"}
     assert written["machine"]["cores"] >= 1
+    # Against the local stack the bench knows its broker: how long it has been up, and its stop-the-world
+    # pauses in each latency phase (a list, empty if the broker did not collect), summed up in the text.
+    assert written["machine"]["broker_uptime_s_at_start"] > 0
+    for mode in ("plain", "guard"):
+        pauses = written["modes"][mode]["latency"]["broker_gc_pauses"]
+        assert isinstance(pauses, list) and all(len(p) == 2 and p[1] >= 0 for p in pauses)
+    assert any(line.startswith("broker GC pauses in the latency phases (local stack): guard ") for line in lines)
 
     guard_worker = written["modes"]["guard"]["workers"][0]
     assert guard_worker["decisions"] == {"protected": guard_worker["events"]}, "bench events must all be protected"
