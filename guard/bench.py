@@ -60,6 +60,8 @@ from guard.batching import take
 from guard.config import Settings, load_settings
 from guard.errors import GuardError
 from guard.fastpath import use_native
+from guard.stack.broker import Broker
+from guard.stack.config import StackConfig
 
 log = logging.getLogger("guard.bench")
 
@@ -417,7 +419,7 @@ class BenchContext:
     sampler: RssSampler
     log_dir: Path
     groups: set[str] = field(default_factory=set)
-    #: The local broker's GC log (`local_broker_gc_log`), or None.
+    #: The local broker's GC log, or None when the bench runs against another broker (`local_broker`).
     broker_gc_log: Path | None = None
 
 
@@ -695,34 +697,26 @@ def measure_latency(ctx: BenchContext, workers: WorkerSet, workload: Workload, r
 _GC_PAUSE = re.compile(r"^\[(\d{4}-\d\d-\d\dT[\d:.]+[+-]\d{4})\].* GC\(\d+\) Pause .* ([\d.]+)ms$")
 
 
-def local_broker_pid(bootstrap: str) -> int | None:
-    """Pid of the `guard stack up` broker, if it is running and is the broker at `bootstrap`.
+def local_broker(bootstrap: str) -> Broker | None:
+    """The `guard stack up` broker, if it is running and is the broker at `bootstrap`.
 
     A broker from `docker-compose.yml` listens on the same address, but a log or a pid file left by an
     earlier local stack says nothing about it.
     """
-    from guard.stack.broker import Broker
-    from guard.stack.config import StackConfig
-
     cfg = StackConfig.from_env()
-    return Broker(cfg).pid() if bootstrap == cfg.bootstrap else None
+    if bootstrap != cfg.bootstrap:
+        return None
+    broker = Broker(cfg)
+    return broker if broker.pid() is not None else None
 
 
-def local_broker_gc_log(bootstrap: str) -> Path | None:
-    """The GC log of the `guard stack up` broker, if that broker is the one the bench uses."""
-    from guard.stack.config import StackConfig
-
-    path = StackConfig.from_env().logs / "kafka-gc.log"
-    return path if path.is_file() and local_broker_pid(bootstrap) is not None else None
-
-
-def local_broker_uptime_s(bootstrap: str) -> float | None:
-    """Seconds since the `guard stack up` broker started, or None if the bench uses another broker.
+def broker_uptime_s(broker: Broker | None) -> float | None:
+    """Seconds since the local broker started, or None if the bench uses another broker.
 
     A fresh broker is slower for its first minutes (its JIT compiler takes a good part of a core for about
     a minute, docs/benchmark.md, round 7); the report says so rather than let a first run pass for typical.
     """
-    pid = local_broker_pid(bootstrap)
+    pid = broker.pid() if broker is not None else None
     if pid is None:
         return None
     try:
@@ -828,8 +822,7 @@ def soak(ctx: BenchContext, workload: Workload, workers: int, rate: float, secon
     restarted workers resume where they stopped, with the keys they created.
     """
     sampler = RssSampler(5.0)
-    soak_ctx = BenchContext(ctx.settings, ctx.names, ctx.partitions, sampler, ctx.log_dir, ctx.groups,
-                            ctx.broker_gc_log)
+    soak_ctx = BenchContext(ctx.settings, ctx.names, ctx.partitions, sampler, ctx.log_dir, ctx.groups)
     group = WorkerSet(soak_ctx, "guard", workers, guard_group[0], "soak", guard_group[1]).start()
     try:
         catch_up(soak_ctx, group)
@@ -1264,14 +1257,15 @@ def run(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
         raise BenchError(f"Kafka at {settings.kafka_bootstrap} does not answer: run `guard stack up`") from None
     names = Names(uuid.uuid4().hex[:8])
     machine = machine_facts()
-    machine["broker_uptime_s_at_start"] = local_broker_uptime_s(settings.kafka_bootstrap)
+    broker = local_broker(settings.kafka_bootstrap)
+    machine["broker_uptime_s_at_start"] = broker_uptime_s(broker)
     # The workers inherit this environment, so they resolve GUARD_HOT_PATH the same way.
     machine["guard_hot_path"] = "native" if use_native(settings.hot_path) else "python"
     workload = build_workload(opts.records, customers=opts.customers)
     alert_keys = missing_keys(settings.redis_url, drift_alert_keys(workload))
     sampler = RssSampler(0.5)
     ctx = BenchContext(settings, names, opts.partitions, sampler, Path(tempfile.mkdtemp(prefix=f"{names.prefix}-")),
-                       broker_gc_log=local_broker_gc_log(settings.kafka_bootstrap))
+                       broker_gc_log=broker.gc_log if broker is not None and broker.gc_log.is_file() else None)
     try:
         create_topic(admin, names.input, opts.partitions)
         # Both modes' output topics exist before the timed windows: a guard creates a table's sanitized

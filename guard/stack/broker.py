@@ -26,14 +26,18 @@ from guard.stack.service import Service
 HEAP = "1g"
 
 
-def gc_log_opts(logs: Path) -> list[str]:
-    """The broker's GC log beside its own log, rotated (3 x 10 MB), as `kafka-server-start.sh` writes it.
+#: The broker's GC log, in the stack's log directory (`Broker.gc_log`).
+GC_LOG = "kafka-gc.log"
+
+
+def gc_log_opts(path: Path) -> list[str]:
+    """The broker's GC log at `path`, rotated (3 x 10 MB), as `kafka-server-start.sh` writes it.
 
     A young collection stops every produce, fetch and commit; on 2 shared cores some took 50-126 ms and
     were the worst of the guard's commit stalls (docs/benchmark.md, round 7). With the log always on, a
     latency spike can be matched to a pause afterwards, without restarting the broker to find out.
     """
-    return [f"-Xlog:gc:file={logs / 'kafka-gc.log'}:time,uptime:filecount=3,filesize=10M"]
+    return [f"-Xlog:gc:file={path}:time,uptime:filecount=3,filesize=10M"]
 
 
 _quiet = logging.getLogger("guard.stack.kafka-probe")
@@ -127,8 +131,12 @@ class Broker(Service):
                              f"If {self.data_dir} holds data from another Kafka version, run "
                              f"`guard stack down` and remove it.")
 
+    @property
+    def gc_log(self) -> Path:
+        return self.cfg.logs / GC_LOG
+
     def argv(self) -> list[str]:
-        return [java(), f"-Xms{HEAP}", f"-Xmx{HEAP}", *PERF_OPTS, *gc_log_opts(self.cfg.logs),
+        return [java(), f"-Xms{HEAP}", f"-Xmx{HEAP}", *PERF_OPTS, *gc_log_opts(self.gc_log),
                 f"-Dkafka.logs.dir={self.cfg.logs}",
                 *logging_opts(self.cfg.kafka_version, self.log_config), "-cp", classpath(self._lib()),
                 "kafka.Kafka", str(self.properties)]
