@@ -75,8 +75,12 @@ TARGET_P99_MS = 250.0
 TARGET_RSS_DRIFT_PCT = 10.0
 TARGET_SCALING = 1.6
 SOAK_TARGET_S = 600
-#: A broker younger than this when the bench starts gets a note in the report (docs/benchmark.md, round 7).
+#: A broker younger than this when the bench starts gets a note in the report if the run had no warm-up
+#: (docs/benchmark.md, round 7).
 FRESH_BROKER_S = 180
+#: Default untimed warm-up before the trials (`warm_up`): a fresh broker's rates settled after ~60 s of
+#: intermittent load (docs/benchmark.md, round 8), and the fill and the trials are load too.
+WARMUP_S = 45.0
 
 
 class BenchError(GuardError):
@@ -956,6 +960,11 @@ def render(report: dict[str, Any]) -> str:
         + "; guard " + ", ".join(f"{v:,.0f}" for v in report["trials"]["guard_events_per_s"])
         + "; ratios " + ", ".join(f"{v:.3f}" for v in report["trials"]["ratios"]),
     ]
+    warmup = report.get("warmup")
+    if warmup:
+        out.append(f"warm-up before the trials (untimed): {warmup['seconds']:.0f} s, plain "
+                   + ", ".join(f"{v:,.0f}" for v in warmup["plain_events_per_s"]) + "; guard "
+                   + ", ".join(f"{v:,.0f}" for v in warmup["guard_events_per_s"]) + " events/s")
     pauses = {mode: report["modes"][mode]["latency"].get("broker_gc_pauses") for mode in ("guard", "plain")}
     if all(p is not None for p in pauses.values()):
         out.append("broker GC pauses in the latency phases (local stack): " + "; ".join(
@@ -973,9 +982,10 @@ def render(report: dict[str, Any]) -> str:
             f"load {m['load_avg_1m_at_start']} at start; python {m['python']}, "
             f"confluent-kafka {m['confluent_kafka']}, librdkafka {m['librdkafka']}"]
     uptime = m.get("broker_uptime_s_at_start")
-    if uptime is not None and uptime < FRESH_BROKER_S:
+    if uptime is not None and uptime < FRESH_BROKER_S and not warmup:
         out.append(f"note: the local broker had been up {uptime:.0f} s when this run started; a fresh broker is "
-                   f"slower for its first minutes (JIT), so run the bench again for settled figures")
+                   f"slower for its first minutes (JIT) and this run had no warm-up, so run the bench again (or with "
+        f"--warmup-seconds {WARMUP_S:.0f}) for settled figures")
     out += ["", "targets:"]
     out += [f"  [{c['status'].upper():>7}] {c['target']}: {c['note']}" for c in report["targets"]]
     return "\n".join(out)
@@ -1140,6 +1150,7 @@ class BenchOptions:
     workers: int = 1
     trials: int = 3
     latency_seconds: float | None = None
+    warmup_seconds: float | None = None
     scaling: bool = False
     soak_seconds: float = 0.0
     keep: bool = False
@@ -1152,27 +1163,72 @@ class BenchOptions:
             return self.latency_seconds
         return 20.0 if self.records >= 50_000 else 5.0
 
+    def warmup_s(self) -> float:
+        """`WARMUP_S` by default; smoke runs (< 50k records) skip the warm-up so tests stay short."""
+        if self.warmup_seconds is not None:
+            return self.warmup_seconds
+        return WARMUP_S if self.records >= 50_000 else 0.0
 
-def trial_group(ctx: BenchContext, mode: str, trial: int) -> tuple[str, str]:
-    """(consumer group, guard branch suffix) of a mode's trial; the first trial keeps the plain names."""
+
+def trial_group(ctx: BenchContext, mode: str, trial: int | str) -> tuple[str, str]:
+    """(consumer group, guard branch suffix) of a mode's trial; the first trial keeps the plain names.
+
+    A warm-up round is named by a string (`w1`, `w2`, ...) so its groups and keys never meet a trial's.
+    """
     if trial == 0:
         return ctx.names.group(mode), ""
-    return ctx.names.group(f"{mode}-t{trial}"), f"t{trial}"
+    tag = trial if isinstance(trial, str) else f"t{trial}"
+    return ctx.names.group(f"{mode}-{tag}"), tag
 
 
 def run_mode_throughput(ctx: BenchContext, mode: str, workers: int,
-                        trial: int = 0) -> tuple[WorkerSet, ThroughputResult]:
+                        trial: int | str = 0) -> tuple[WorkerSet, ThroughputResult]:
     """Start W workers of `mode` in the trial's group and drain the input; the workers keep running."""
     group_id, suffix = trial_group(ctx, mode, trial)
-    group = WorkerSet(ctx, mode, workers, group_id, mode, suffix).start()
+    # Warm-up workers are sampled under their own label: their RSS is not the mode's measured peak.
+    label = mode if isinstance(trial, int) else f"warmup-{mode}"
+    group = WorkerSet(ctx, mode, workers, group_id, label, suffix).start()
     try:
         result = drain_fresh(ctx, group)
     except BaseException:
         group.stop()
         raise
-    log.info("%s trial %d: %d events in %.2fs = %.0f events/s (per second: %s)", mode, trial + 1, result.events,
+    name = f"trial {trial + 1}" if isinstance(trial, int) else f"warm-up {trial}"
+    log.info("%s %s: %d events in %.2fs = %.0f events/s (per second: %s)", mode, name, result.events,
              result.seconds, result.events_per_s, " ".join(map(str, result.per_second)))
     return group, result
+
+
+@dataclass
+class WarmUp:
+    """The untimed rounds before the trials: how long they ran and each round's rate (for the reader)."""
+
+    seconds: float
+    plain_events_per_s: list[float]
+    guard_events_per_s: list[float]
+
+
+def warm_up(ctx: BenchContext, workers: int, seconds: float) -> WarmUp | None:
+    """Untimed rounds (a plain then a guard drain of the input) until `seconds` have passed, at least one.
+
+    The bench is meant to measure the two loops, not a JVM's warm-up. A broker just started by `guard
+    stack up` serves its first minute or so of load slower while its JIT compiles the hot paths: right
+    after a start, plain drains of 100k records measured 70k, 88k, then 168-192k events/s in runs 20 s
+    apart (docs/benchmark.md, round 8), and the first bench after a start failed the p99 target in about
+    half of the runs against 1 in 22 later runs. Both modes warm up alike, and the rounds are reported.
+    """
+    if seconds <= 0:
+        return None
+    start = time.monotonic()
+    rates: dict[str, list[float]] = {"plain": [], "guard": []}
+    rounds = 0
+    while rounds == 0 or time.monotonic() - start < seconds:
+        rounds += 1
+        for mode in ("plain", "guard"):
+            group, result = run_mode_throughput(ctx, mode, workers, f"w{rounds}")
+            group.stop()
+            rates[mode].append(round(result.events_per_s, 1))
+    return WarmUp(round(time.monotonic() - start, 1), rates["plain"], rates["guard"])
 
 
 def median_trial(results: list[ThroughputResult]) -> ThroughputResult:
@@ -1182,11 +1238,13 @@ def median_trial(results: list[ThroughputResult]) -> ThroughputResult:
 
 
 def execute(ctx: BenchContext, workload: Workload, opts: BenchOptions) -> dict[str, Any]:
-    """The phases: throughput trials (plain, guard, alternating), guard latency, plain latency, scaling, soak.
+    """The phases: warm-up, throughput trials (plain, guard, alternating), guard latency, plain latency,
+    scaling, soak.
 
     The last guard trial's workers stay up for the latency phase (caught up, keys warm), and the plain
     latency phase resumes the last plain trial's group.
     """
+    warmup = warm_up(ctx, opts.workers, opts.warmup_s())
     trials: dict[str, list[ThroughputResult]] = {"plain": [], "guard": []}
     guard: WorkerSet | None = None
     try:
@@ -1226,6 +1284,7 @@ def execute(ctx: BenchContext, workload: Workload, opts: BenchOptions) -> dict[s
         },
         "ratio": guard_tp.events_per_s / plain_tp.events_per_s,
         "latency_rate": rate,
+        "warmup": asdict(warmup) if warmup is not None else None,
         "trials": {
             "plain_events_per_s": [round(r.events_per_s, 1) for r in trials["plain"]],
             "guard_events_per_s": [round(r.events_per_s, 1) for r in trials["guard"]],
@@ -1313,10 +1372,12 @@ def emit_report(report: dict[str, Any], json_out: Path | None) -> None:
 
 def run_bench(settings: Settings, *, records: int = 200_000, partitions: int = 2, workers: int = 1,
               json_out: Path | None = None, latency_seconds: float | None = None, scaling: bool = False,
-              soak_seconds: float = 0.0, keep: bool = False, trials: int = 3) -> dict[str, Any]:
+              soak_seconds: float = 0.0, keep: bool = False, trials: int = 3,
+              warmup_seconds: float | None = None) -> dict[str, Any]:
     """Entry point of `guard bench` (and `python -m guard.bench`): run, print, write JSON, return it."""
     opts = BenchOptions(records=records, partitions=partitions, workers=workers, latency_seconds=latency_seconds,
-                        scaling=scaling, soak_seconds=soak_seconds, keep=keep, json_out=json_out, trials=trials)
+                        warmup_seconds=warmup_seconds, scaling=scaling, soak_seconds=soak_seconds, keep=keep,
+                        json_out=json_out, trials=trials)
     report = run(settings, opts)
     emit_report(report, json_out)
     return report
@@ -1331,6 +1392,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="throughput trials per mode, alternating plain and guard; the median counts")
     parser.add_argument("--latency-seconds", type=float, default=None,
                         help="length of each latency phase (default 20 s; 5 s below 50k records)")
+    parser.add_argument("--warmup-seconds", type=float, default=None,
+                        help=f"untimed plain and guard drains before the trials (default {WARMUP_S:.0f} s; "
+                             "none below 50k records; 0 for none)")
     parser.add_argument("--scaling", action="store_true", help="also run the guard with 1 then 2 workers")
     parser.add_argument("--soak", type=float, default=0.0, metavar="SECONDS",
                         help=f"also run a steady 50%%-rate soak for RSS drift (the target needs {SOAK_TARGET_S})")
@@ -1350,7 +1414,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         run_bench(load_settings(None), records=args.records, partitions=args.partitions, workers=args.workers,
                   json_out=args.json_out, latency_seconds=args.latency_seconds, scaling=args.scaling,
-                  soak_seconds=args.soak, keep=args.keep, trials=args.trials)
+                  soak_seconds=args.soak, keep=args.keep, trials=args.trials, warmup_seconds=args.warmup_seconds)
     except GuardError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

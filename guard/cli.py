@@ -298,19 +298,24 @@ def keys_init() -> None:
               help="Throughput trials per mode, alternating plain and guard; each mode's median counts.")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--latency-seconds", type=float, default=None, help="Length of each latency phase (default 20 s).")
+@click.option("--warmup-seconds", type=float, default=None,
+              help="Untimed plain and guard drains before the trials (default 45 s; none below 50k records; "
+                   "0 for none).")
 @click.option("--scaling", is_flag=True, help="Also run the guard with 1 then 2 workers on 2 partitions.")
 @click.option("--soak", type=float, default=0.0, metavar="SECONDS",
               help="Also run a steady 50%-rate soak and report RSS drift (the memory target needs 600).")
 @click.option("--keep", is_flag=True, help="Keep the bench topics, groups and keys.")
 @click.pass_context
 def bench(ctx: click.Context, records: int, partitions: int, workers: int, trials: int, json_out: Path | None,
-          latency_seconds: float | None, scaling: bool, soak: float, keep: bool) -> None:
+          latency_seconds: float | None, warmup_seconds: float | None, scaling: bool, soak: float,
+          keep: bool) -> None:
     """Plain consume-produce vs the guard on the same records; last line `ratio <guard/plain>`."""
     from guard.bench import run_bench
 
     try:
         run_bench(_settings(ctx), records=records, partitions=partitions, workers=workers, json_out=json_out,
-                  latency_seconds=latency_seconds, scaling=scaling, soak_seconds=soak, keep=keep, trials=trials)
+                  latency_seconds=latency_seconds, scaling=scaling, soak_seconds=soak, keep=keep, trials=trials,
+                  warmup_seconds=warmup_seconds)
     except GuardError as exc:
         raise click.ClickException(str(exc)) from None
 

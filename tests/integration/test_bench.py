@@ -26,7 +26,7 @@ def test_bench_measures_both_modes(stack: dict[str, str], tmp_path: Path) -> Non
     json_out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "guard.cli", "bench", "--records", "20000", "--partitions", "2", "--workers", "1",
-         "--json-out", str(json_out)],
+         "--warmup-seconds", "1", "--json-out", str(json_out)],
         cwd=REPO, env={**os.environ, **stack}, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -46,6 +46,11 @@ def test_bench_measures_both_modes(stack: dict[str, str], tmp_path: Path) -> Non
         assert result["latency"]["samples"] > 0
         assert result["peak_rss_mib"] > 0
     assert f"{written['ratio']:.3f}" == lines[-1].split()[1]
+    # A warm-up of 1 s still runs one whole untimed round (a plain and a guard drain) before the trials.
+    warmup = written["warmup"]
+    assert len(warmup["plain_events_per_s"]) == len(warmup["guard_events_per_s"]) == 1
+    assert warmup["seconds"] >= 1 and all(v > 0 for v in warmup["plain_events_per_s"] + warmup["guard_events_per_s"])
+    assert any(line.startswith("warm-up before the trials (untimed): ") for line in lines)
     # Three alternating trials per mode by default; each mode's figure is its median trial.
     trials = written["trials"]
     assert written["trials_per_mode"] == len(trials["plain_events_per_s"]) == len(trials["guard_events_per_s"]) == 3

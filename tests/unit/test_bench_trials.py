@@ -1,6 +1,8 @@
 """How `guard bench` turns its alternating throughput trials into one figure per mode (pure logic)."""
 
-from guard.bench import ThroughputResult, median_trial
+from types import SimpleNamespace
+
+from guard.bench import WARMUP_S, BenchOptions, Names, ThroughputResult, median_trial, trial_group
 
 
 def result(rate: float) -> ThroughputResult:
@@ -16,3 +18,18 @@ def test_the_median_trial_is_a_measured_one_and_ignores_one_outlier() -> None:
 def test_an_even_count_takes_the_lower_middle_trial() -> None:
     assert median_trial([result(30_000), result(10_000), result(20_000), result(40_000)]).events_per_s == 20_000
     assert median_trial([result(5.0)]).events_per_s == 5.0
+
+
+def test_full_runs_warm_up_and_smoke_runs_do_not_unless_asked() -> None:
+    assert BenchOptions(records=200_000).warmup_s() == WARMUP_S > 0
+    assert BenchOptions(records=20_000).warmup_s() == 0
+    assert BenchOptions(records=20_000, warmup_seconds=3).warmup_s() == 3
+    assert BenchOptions(records=200_000, warmup_seconds=0).warmup_s() == 0
+
+
+def test_warm_up_rounds_are_named_apart_from_the_trials() -> None:
+    ctx = SimpleNamespace(names=Names("abcd1234"))
+    groups = {trial_group(ctx, mode, trial) for mode in ("plain", "guard") for trial in (0, 1, 2, "w1", "w2")}
+    assert len(groups) == 10
+    assert trial_group(ctx, "guard", "w1")[1] == "w1"
+    assert trial_group(ctx, "guard", 2)[1] == "t2"
