@@ -17,14 +17,23 @@ from guard.stack.artifacts import Artifacts
 from guard.stack.assets import render_asset, write_if_changed
 from guard.stack.config import StackConfig
 from guard.stack.errors import StackError
-from guard.stack.jvm import PERF_OPTS, classpath, java, logging_opts
+from guard.stack.jvm import BASE_OPTS, classpath, java, logging_opts
 from guard.stack.procs import progress, tail
 from guard.stack.service import Service
 
 #: Kafka's own default (`kafka-server-start.sh`). At 512m the broker's young generation filled about once a
-#: second under the bench's load and G1 paused it 10-120 ms each time; at 1g it collects about half as often.
+#: second under the bench's load and G1 paused it 10-120 ms each time; at 1g it collected about half as
+#: often. With ZGC (below) 1g gives a concurrent cycle every ~10 s under that load, with no allocation stall.
 HEAP = "1g"
 
+
+#: The broker's collector: ZGC, which marks and moves objects while the broker runs, instead of Kafka's
+#: default G1, whose young collections stop it. On 2 cores shared with the guard and the bench, G1's
+#: pauses took 20-126 ms (the collector's threads waiting for a core), 4-22 of them in a 20-s latency
+#: phase, and every one stalled each produce, fetch and commit; the guard, busier per event than a plain
+#: loop, then needs longer to catch up, so one 100-ms pause cost it ~250 ms (docs/benchmark.md, rounds
+#: 7 and 8). ZGC's pauses are well under a millisecond; its marking runs on a core like any other thread.
+BROKER_GC_OPTS = ["-XX:+UseZGC"]
 
 #: The broker's GC log, in the stack's log directory (`Broker.gc_log`).
 GC_LOG = "kafka-gc.log"
@@ -33,11 +42,11 @@ GC_LOG = "kafka-gc.log"
 def gc_log_opts(path: Path) -> list[str]:
     """The broker's GC log at `path`, rotated (3 x 10 MB), as `kafka-server-start.sh` writes it.
 
-    A young collection stops every produce, fetch and commit; on 2 shared cores some took 50-126 ms and
-    were the worst of the guard's commit stalls (docs/benchmark.md, round 7). With the log always on, a
-    latency spike can be matched to a pause afterwards, without restarting the broker to find out.
+    `gc+phases` adds the pause lines of a concurrent collector (ZGC's `Pause Mark Start` and the like),
+    and G1's per-phase times if it is ever put back. With the log always on, a latency spike can be
+    matched to the broker's pauses afterwards, without restarting the broker to find out.
     """
-    return [f"-Xlog:gc:file={path}:time,uptime:filecount=3,filesize=10M"]
+    return [f"-Xlog:gc,gc+phases:file={path}:time,uptime:filecount=3,filesize=10M"]
 
 
 _quiet = logging.getLogger("guard.stack.kafka-probe")
@@ -136,7 +145,7 @@ class Broker(Service):
         return self.cfg.logs / GC_LOG
 
     def argv(self) -> list[str]:
-        return [java(), f"-Xms{HEAP}", f"-Xmx{HEAP}", *PERF_OPTS, *gc_log_opts(self.gc_log),
+        return [java(), f"-Xms{HEAP}", f"-Xmx{HEAP}", *BASE_OPTS, *BROKER_GC_OPTS, *gc_log_opts(self.gc_log),
                 f"-Dkafka.logs.dir={self.cfg.logs}",
                 *logging_opts(self.cfg.kafka_version, self.log_config), "-cp", classpath(self._lib()),
                 "kafka.Kafka", str(self.properties)]

@@ -37,3 +37,19 @@ def test_a_pause_in_the_rotated_file_counts_too(tmp_path):
     start = dt.datetime(2026, 12, 1, 17, 7, 19, tzinfo=dt.UTC).timestamp()
 
     assert broker_gc_pauses(log, start, start + 30) == [[0.609, 15.447], [21.0, 20.0]]
+
+
+def test_zgc_pauses_count_and_its_concurrent_phases_do_not(tmp_path):
+    """The stack's broker runs ZGC, logged with `gc+phases`: its three short pauses per cycle are pauses."""
+    log = tmp_path / "kafka-gc.log"
+    log.write_text("""\
+[2026-12-01T17:07:19.237+0000][0.237s] GC(0) Pause Mark Start 0.006ms
+[2026-12-01T17:07:19.240+0000][0.240s] GC(0) Concurrent Mark 2.815ms
+[2026-12-01T17:07:19.247+0000][0.247s] GC(0) Pause Mark End 0.007ms
+[2026-12-01T17:07:19.250+0000][0.250s] GC(0) Concurrent Relocate 1.532ms
+[2026-12-01T17:07:19.254+0000][0.254s] GC(0) Pause Relocate Start 0.005ms
+[2026-12-01T17:07:19.300+0000][0.300s] GC(0) Garbage Collection (Warmup) 946M(92%)->142M(14%)
+""")
+    start = dt.datetime(2026, 12, 1, 17, 7, 19, tzinfo=dt.UTC).timestamp()
+
+    assert broker_gc_pauses(log, start, start + 1) == [[0.237, 0.006], [0.247, 0.007], [0.254, 0.005]]
