@@ -1214,8 +1214,8 @@ def warm_up(ctx: BenchContext, workers: int, seconds: float) -> WarmUp | None:
     The bench is meant to measure the two loops, not a JVM's warm-up. A broker just started by `guard
     stack up` serves its first minute or so of load slower while its JIT compiles the hot paths: right
     after a start, plain drains of 100k records measured 70k, 88k, then 168-192k events/s in runs 20 s
-    apart (docs/benchmark.md, round 8), and the first bench after a start failed the p99 target in about
-    half of the runs against 1 in 22 later runs. Both modes warm up alike, and the rounds are reported.
+    apart (docs/benchmark.md, round 8), and the first bench after a start failed the p99 target in 4 of
+    8 runs against 1 of 22 later runs (round 7). Both modes warm up alike, and the rounds are reported.
     """
     if seconds <= 0:
         return None
