@@ -1309,6 +1309,8 @@ def run(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
         raise BenchError("--scaling needs at least 2 partitions")
     if opts.records < 1 or opts.workers < 1 or opts.partitions < 1 or opts.trials < 1:
         raise BenchError("--records, --workers, --partitions and --trials must be positive")
+    if not opts.warmup_s() >= 0:
+        raise BenchError("--warmup-seconds must be 0 (no warm-up) or more")
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
     try:
         admin.list_topics(timeout=10)

@@ -2,7 +2,9 @@
 
 from types import SimpleNamespace
 
-from guard.bench import WARMUP_S, BenchOptions, Names, ThroughputResult, median_trial, trial_group
+import pytest
+
+from guard.bench import WARMUP_S, BenchError, BenchOptions, Names, ThroughputResult, median_trial, run, trial_group
 
 
 def result(rate: float) -> ThroughputResult:
@@ -33,3 +35,8 @@ def test_warm_up_rounds_are_named_apart_from_the_trials() -> None:
     assert len(groups) == 10
     assert trial_group(ctx, "guard", "w1")[1] == "w1"
     assert trial_group(ctx, "guard", 2)[1] == "t2"
+
+
+def test_a_negative_warm_up_is_refused_before_anything_runs() -> None:
+    with pytest.raises(BenchError, match="--warmup-seconds"):
+        run(None, BenchOptions(warmup_seconds=-1))  # type: ignore[arg-type]  # refused before settings are read
