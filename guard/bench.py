@@ -984,8 +984,8 @@ def render(report: dict[str, Any]) -> str:
     uptime = m.get("broker_uptime_s_at_start")
     if uptime is not None and uptime < FRESH_BROKER_S and not warmup:
         out.append(f"note: the local broker had been up {uptime:.0f} s when this run started; a fresh broker is "
-                   f"slower for its first minutes (JIT) and this run had no warm-up, so run the bench again (or with "
-        f"--warmup-seconds {WARMUP_S:.0f}) for settled figures")
+                   f"slower for its first minutes (JIT) and this run had no warm-up, so run the bench again (or "
+                   f"with --warmup-seconds {WARMUP_S:.0f}) for settled figures")
     out += ["", "targets:"]
     out += [f"  [{c['status'].upper():>7}] {c['target']}: {c['note']}" for c in report["targets"]]
     return "\n".join(out)
@@ -1309,7 +1309,7 @@ def run(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
         raise BenchError("--scaling needs at least 2 partitions")
     if opts.records < 1 or opts.workers < 1 or opts.partitions < 1 or opts.trials < 1:
         raise BenchError("--records, --workers, --partitions and --trials must be positive")
-    if not opts.warmup_s() >= 0:
+    if not opts.warmup_s() >= 0:  # written so that NaN is refused too
         raise BenchError("--warmup-seconds must be 0 (no warm-up) or more")
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
     try:
