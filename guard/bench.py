@@ -612,11 +612,28 @@ class LatencyProbe:
         starts = [TopicPartition(topic, p, self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1])
                   for p in range(count)]
         self.consumer.assign(starts)
+        self._partitions = starts
+        self._fetching = threading.Event()
+        started = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="latency-probe", daemon=True)
         self._thread.start()
+        # Until every partition has had a fetch answered, the probe would stamp records late by its own
+        # start-up (connecting, the first read_committed fetch) and the phase would measure the instrument.
+        self._fetching.wait(10)
+        self.ready_s = time.monotonic() - started
+
+    def _fetched_everywhere(self) -> bool:
+        """Whether each partition's watermarks are known: librdkafka caches them from fetch responses."""
+        return all(self.consumer.get_watermark_offsets(tp, cached=True)[1] >= 0 for tp in self._partitions)
 
     def _run(self) -> None:
         ts_of, samples = self.ts_of, self.samples
+        # The consumer is used from this thread only (a second thread's calls could wait behind poll()).
+        while not self._stop.is_set() and not self._fetching.is_set():
+            # Whatever this takes was written before the phase (`since_ms` is set once the probe is ready).
+            take(self.consumer, 1000, 0.01)
+            if self._fetched_everywhere():
+                self._fetching.set()
         while not self._stop.is_set():
             # Block only until the first record arrives, then take what is fetched: a batch consume() would
             # hold early records until its timeout and add that wait to their measured latency.
@@ -666,6 +683,8 @@ class LatencyResult:
     #: The local broker's GC pauses in the phase: [second (as in `timeline`, when the pause ended), ms]; None
     #: when the bench's broker is not the local stack's (no GC log to read).
     broker_gc_pauses: list[list[float]] | None = None
+    #: How long the probe took to have a fetch answered on every partition, before the pacer started.
+    probe_ready_s: float = 0.0
 
 
 def measure_latency(ctx: BenchContext, workers: WorkerSet, workload: Workload, rate: float, seconds: float,
@@ -693,7 +712,7 @@ def measure_latency(ctx: BenchContext, workers: WorkerSet, workload: Workload, r
         pauses = broker_gc_pauses(ctx.broker_gc_log, probe.since_ms / 1000, time.time())
     return LatencyResult(rate, achieved, seconds, sent, len(values), percentile(values, 50), percentile(values, 99),
                          max(values) if values else float("nan"), timeline(probe.sent_at, values, probe.since_ms),
-                         pauses)
+                         pauses, round(probe.ready_s, 3))
 
 
 #: `-Xlog:gc` with the `time` decorator: `[2026-12-01T17:07:26.112+0000][534.825s] GC(182) Pause Young

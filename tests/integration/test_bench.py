@@ -44,6 +44,7 @@ def test_bench_measures_both_modes(stack: dict[str, str], tmp_path: Path) -> Non
         assert result["events_per_s"] > 0
         assert result["events"] >= 20000
         assert result["latency"]["samples"] > 0
+        assert 0 <= result["latency"]["probe_ready_s"] < 10, "the probe was fetching before the pacer started"
         assert result["peak_rss_mib"] > 0
     assert f"{written['ratio']:.3f}" == lines[-1].split()[1]
     # A warm-up of 1 s still runs one whole untimed round (a plain and a guard drain) before the trials.
