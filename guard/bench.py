@@ -81,6 +81,11 @@ FRESH_BROKER_S = 180
 #: Default untimed warm-up before the trials (`warm_up`): a fresh broker's rates settled after ~60 s of
 #: intermittent load (docs/benchmark.md, round 8), and the fill and the trials are load too.
 WARMUP_S = 45.0
+#: Paced seconds before each latency phase's measured window. The phase starts right after a drain of the
+#: whole input; in 2 of 14 first runs the guard then needed ~2 s to settle into the paced rhythm (a
+#: backlog of full 2,000-record batches at 25-46 us per event, a 130-ms offsets send), and with a 1-s
+#: warm-up that transient alone decided the p99 (390 and 299 ms; docs/benchmark.md, round 8).
+LATENCY_WARMUP_S = 5.0
 
 
 class BenchError(GuardError):
@@ -685,18 +690,21 @@ class LatencyResult:
     broker_gc_pauses: list[list[float]] | None = None
     #: How long the probe took to have a fetch answered on every partition, before the pacer started.
     probe_ready_s: float = 0.0
+    #: Paced seconds before the measured window (`seconds`), not counted.
+    warmup_s: float = 0.0
 
 
 def measure_latency(ctx: BenchContext, workers: WorkerSet, workload: Workload, rate: float, seconds: float,
                     warmup_s: float = 1.0) -> LatencyResult:
-    """Pace `rate` events/s for `seconds` through caught-up workers; latency of records sent after warm-up."""
+    """Pace `rate` events/s for `warmup_s` + `seconds` through caught-up workers; the latency of the
+    records sent in the last `seconds` (the steady state at that rate, not the switch from a drain)."""
     names, bootstrap = ctx.names, ctx.settings.kafka_bootstrap
     is_guard = workers.mode == "guard"
     out_topic = names.sanitized if is_guard else names.plain_out
     probe = LatencyProbe(bootstrap, out_topic, ctx.partitions, sanitized_ts if is_guard else plain_ts)
     probe.since_ms = int((time.time() + warmup_s) * 1000)
     try:
-        sent, achieved = pace(bootstrap, names.input, workload, rate, seconds, workers.check_alive)
+        sent, achieved = pace(bootstrap, names.input, workload, rate, warmup_s + seconds, workers.check_alive)
         expected = max(int(sent - warmup_s * achieved) - 5, 1)
         progress = GroupProgress(bootstrap, workers.group, names.input, ctx.partitions)
         try:
@@ -712,7 +720,7 @@ def measure_latency(ctx: BenchContext, workers: WorkerSet, workload: Workload, r
         pauses = broker_gc_pauses(ctx.broker_gc_log, probe.since_ms / 1000, time.time())
     return LatencyResult(rate, achieved, seconds, sent, len(values), percentile(values, 50), percentile(values, 99),
                          max(values) if values else float("nan"), timeline(probe.sent_at, values, probe.since_ms),
-                         pauses, round(probe.ready_s, 3))
+                         pauses, round(probe.ready_s, 3), warmup_s)
 
 
 #: `-Xlog:gc` with the `time` decorator: `[2026-12-01T17:07:26.112+0000][534.825s] GC(182) Pause Young
@@ -1182,6 +1190,10 @@ class BenchOptions:
             return self.latency_seconds
         return 20.0 if self.records >= 50_000 else 5.0
 
+    def latency_warmup_s(self) -> float:
+        """Paced seconds before a latency phase's measured window: `LATENCY_WARMUP_S`, 1 s for smoke runs."""
+        return LATENCY_WARMUP_S if self.records >= 50_000 else 1.0
+
     def warmup_s(self) -> float:
         """`WARMUP_S` by default; smoke runs (< 50k records) skip the warm-up so tests stay short."""
         if self.warmup_seconds is not None:
@@ -1285,7 +1297,7 @@ def execute(ctx: BenchContext, workload: Workload, opts: BenchOptions) -> dict[s
     rate = guard_tp.events_per_s / 2
     try:
         log.info("guard: latency at %.0f events/s for %.0fs", rate, opts.latency_s())
-        guard_lat = measure_latency(ctx, guard, workload, rate, opts.latency_s())
+        guard_lat = measure_latency(ctx, guard, workload, rate, opts.latency_s(), opts.latency_warmup_s())
     finally:
         trials["guard"][-1].workers = guard.stop()
     plain_group, _ = trial_group(ctx, "plain", opts.trials - 1)
@@ -1293,7 +1305,7 @@ def execute(ctx: BenchContext, workload: Workload, opts: BenchOptions) -> dict[s
     try:
         catch_up(ctx, plain)
         log.info("plain: latency at %.0f events/s for %.0fs", rate, opts.latency_s())
-        plain_lat = measure_latency(ctx, plain, workload, rate, opts.latency_s())
+        plain_lat = measure_latency(ctx, plain, workload, rate, opts.latency_s(), opts.latency_warmup_s())
     finally:
         plain.stop()
     report: dict[str, Any] = {
