@@ -82,7 +82,7 @@ FRESH_BROKER_S = 180
 #: intermittent load (docs/benchmark.md, round 8), and the fill and the trials are load too.
 WARMUP_S = 45.0
 #: Paced seconds before each latency phase's measured window. The phase starts right after a drain of the
-#: whole input; in 2 of 14 first runs the guard then needed ~2 s to settle into the paced rhythm (a
+#: whole input; in 2 of 12 first runs the guard then needed ~2 s to settle into the paced rhythm (a
 #: backlog of full 2,000-record batches at 25-46 us per event, a 130-ms offsets send), and with a 1-s
 #: warm-up that transient alone decided the p99 (390 and 299 ms; docs/benchmark.md, round 8).
 LATENCY_WARMUP_S = 5.0
