@@ -75,6 +75,8 @@ TARGET_P99_MS = 250.0
 TARGET_RSS_DRIFT_PCT = 10.0
 TARGET_SCALING = 1.6
 SOAK_TARGET_S = 600
+#: Below this many records a run is a smoke run (tests): shorter latency phases, no warm-up before the trials.
+SMOKE_BELOW_RECORDS = 50_000
 #: A broker younger than this when the bench starts gets a note in the report if the run had no warm-up
 #: (docs/benchmark.md, round 7).
 FRESH_BROKER_S = 180
@@ -624,7 +626,10 @@ class LatencyProbe:
         self._thread.start()
         # Until every partition has had a fetch answered, the probe would stamp records late by its own
         # start-up (connecting, the first read_committed fetch) and the phase would measure the instrument.
-        self._fetching.wait(10)
+        if not self._fetching.wait(10):
+            log.warning("latency probe on %s: no fetch answered on every partition within 10 s; measuring "
+                        "anyway (its start-up may count as latency)", topic)
+            self._fetching.set()  # the probe thread stops discarding and measures from here on
         self.ready_s = time.monotonic() - started
 
     def _fetched_everywhere(self) -> bool:
@@ -1184,21 +1189,26 @@ class BenchOptions:
     customers: int = 4000
     json_out: Path | None = None
 
+    @property
+    def smoke(self) -> bool:
+        """A short run (tests): fewer than `SMOKE_BELOW_RECORDS` records."""
+        return self.records < SMOKE_BELOW_RECORDS
+
     def latency_s(self) -> float:
-        """20 s by default; smoke runs (< 50k records) use 5 s so tests stay short."""
+        """Measured seconds of a latency phase: 20 by default, 5 for smoke runs so tests stay short."""
         if self.latency_seconds is not None:
             return self.latency_seconds
-        return 20.0 if self.records >= 50_000 else 5.0
+        return 5.0 if self.smoke else 20.0
 
     def latency_warmup_s(self) -> float:
         """Paced seconds before a latency phase's measured window: `LATENCY_WARMUP_S`, 1 s for smoke runs."""
-        return LATENCY_WARMUP_S if self.records >= 50_000 else 1.0
+        return 1.0 if self.smoke else LATENCY_WARMUP_S
 
     def warmup_s(self) -> float:
-        """`WARMUP_S` by default; smoke runs (< 50k records) skip the warm-up so tests stay short."""
+        """`WARMUP_S` by default; smoke runs skip the warm-up so tests stay short."""
         if self.warmup_seconds is not None:
             return self.warmup_seconds
-        return WARMUP_S if self.records >= 50_000 else 0.0
+        return 0.0 if self.smoke else WARMUP_S
 
 
 def trial_group(ctx: BenchContext, mode: str, trial: int | str) -> tuple[str, str]:
@@ -1424,7 +1434,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=3,
                         help="throughput trials per mode, alternating plain and guard; the median counts")
     parser.add_argument("--latency-seconds", type=float, default=None,
-                        help="length of each latency phase (default 20 s; 5 s below 50k records)")
+                        help=f"measured seconds of each latency phase, after {LATENCY_WARMUP_S:.0f} s of paced "
+                             "warm-up (default 20 s; 5 s after 1 s below 50k records)")
     parser.add_argument("--warmup-seconds", type=float, default=None,
                         help=f"untimed plain and guard drains before the trials (default {WARMUP_S:.0f} s; "
                              "none below 50k records; 0 for none)")

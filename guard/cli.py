@@ -297,7 +297,8 @@ def keys_init() -> None:
 @click.option("--trials", default=3, show_default=True,
               help="Throughput trials per mode, alternating plain and guard; each mode's median counts.")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None)
-@click.option("--latency-seconds", type=float, default=None, help="Length of each latency phase (default 20 s).")
+@click.option("--latency-seconds", type=float, default=None,
+              help="Measured seconds of each latency phase, after 5 s of paced warm-up (default 20 s).")
 @click.option("--warmup-seconds", type=float, default=None,
               help="Untimed plain and guard drains before the trials (default 45 s; none below 50k records; "
                    "0 for none).")
