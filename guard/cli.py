@@ -281,6 +281,23 @@ def hold(ctx: click.Context, subject: str, release: bool) -> None:
     click.echo(f"subject {keys.subject_token(subject)} {'released' if release else 'held'}")
 
 
+@main.command("doctor")
+@click.option("--settle", type=float, default=None, metavar="SECONDS",
+              help="How long an unstable output partition may stand still before it counts as a hanging "
+                   "transaction. Default: the transaction timeout plus 30 s.")
+@click.pass_context
+def doctor(ctx: click.Context, settle: float | None) -> None:
+    """Check the deployment: one line per check, what to do on failure; exit 1 on any failure."""
+    from guard.doctor import run_checks
+
+    failed = 0
+    for check in run_checks(_settings(ctx), settle_s=settle):
+        click.echo(check.line())
+        failed += not check.ok
+    if failed:
+        raise SystemExit(1)
+
+
 @main.command("keys-init")
 def keys_init() -> None:
     """Create the local master key file (mode 0600) if there is none."""

@@ -55,6 +55,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from guard.batching import EarlyOffsets, commit_due, take
 from guard.config import Settings
 from guard.errors import KeyUnavailableError
+from guard.hanging import COORDINATOR_MARGIN_S, Hanging, HangingReporter, HangingWatcher, group_offsets_partition
 from guard.sanitizer import NativeRun, Outcome, Sanitizer
 from guard.telemetry import Telemetry
 
@@ -228,6 +229,10 @@ class TopicManager:
                 self._partitions[name] = len(meta.partitions)
         return self._partitions.get(topic)
 
+    def known(self, prefix: str) -> list[tuple[str, int]]:
+        """Every (topic, partition) of the topics seen so far whose name starts with `prefix`."""
+        return [(t, p) for t, n in list(self._partitions.items()) if t.startswith(prefix) for p in range(n)]
+
     def ensure_like(self, topic: str, source: str) -> int:
         """Partition count of output `topic`, created with `source`'s count if missing (runs per record)."""
         count = self._partitions.get(topic)
@@ -239,7 +244,10 @@ class TopicManager:
         existing = self.partitions(topic)
         if existing is not None:
             return existing
-        futures = self._admin.create_topics([NewTopic(topic, partitions, 1, config=config or {})])
+        # Replication factor -1: the cluster's `default.replication.factor`. A single-replica output
+        # partition is leaderless whenever its broker restarts, and a transaction's markers sent at that
+        # moment are skipped by the coordinator (a hanging transaction; guard.hanging).
+        futures = self._admin.create_topics([NewTopic(topic, partitions, -1, config=config or {})])
         try:
             futures[topic].result(timeout=30)
         except KafkaException as exc:
@@ -292,6 +300,7 @@ class SanitizerWorker:
         self._early_offsets = EarlyOffsets()
         self._txn_started = 0.0
         self._txn_records = 0
+        self._watcher: HangingWatcher | None = None
 
     # --- lifecycle --------------------------------------------------------------------------------
     def stop(self, *_: object) -> None:
@@ -313,6 +322,7 @@ class SanitizerWorker:
                  self.sanitizer.hot_path)
         self._txn("init", lambda: self.producer.init_transactions(10))
         self._subscribe()
+        self._watcher = self._start_hanging_watch()
         tune_gc(self.settings.batch_size)
         backoff = 0.5
         idle_since = time.monotonic()
@@ -352,6 +362,8 @@ class SanitizerWorker:
                     self._commit()
                 except (KafkaException, KeyUnavailableError, ProducerStuckError) as exc:
                     log.warning("final commit failed (%s); the next owner reprocesses the open batch", exc)
+            if self._watcher is not None:
+                self._watcher.stop()
             self._close_consumer(self.consumer)
             try:
                 self.producer.flush(10)
@@ -359,6 +371,30 @@ class SanitizerWorker:
                 log.warning("producer flush at exit failed (%s)", exc)
             self.telemetry.shutdown()
         return self.stats
+
+    def _output_partitions(self) -> list[tuple[str, int]]:
+        """What the hanging-transaction watch covers: every output partition, and the group's offsets."""
+        s = self.settings
+        out = [tp for topic in (s.audit_topic, s.anomalies_topic, s.deletions_topic, s.dlq_topic)
+               for tp in self.topics.known(topic) if tp[0] == topic]
+        out += self.topics.known(s.sanitized_prefix)
+        offsets_partitions = self.topics.partitions("__consumer_offsets")
+        if offsets_partitions:
+            out.append(("__consumer_offsets", group_offsets_partition(s.group_id, offsets_partitions)))
+        return out
+
+    def _start_hanging_watch(self) -> HangingWatcher:
+        s = self.settings
+        reporter = HangingReporter(
+            {"bootstrap.servers": s.kafka_bootstrap, "enable.idempotence": True,
+             "client.id": f"guard-{s.worker_id}-alerts"},
+            s.anomalies_topic, branch=s.branch, worker=s.worker_id, partitions_of=self.topics.partitions,
+            on_count=self._on_hanging)
+        return HangingWatcher(self.admin, self._output_partitions, reporter,
+                              limit_s=s.transaction_timeout_ms / 1000 + COORDINATOR_MARGIN_S).start()
+
+    def _on_hanging(self, hanging: list[Hanging]) -> None:
+        self.telemetry.on_hanging({f"{h.topic}[{h.partition}]": h.high_watermark - h.last_stable for h in hanging})
 
     def _subscribe(self) -> None:
         self.consumer.subscribe(

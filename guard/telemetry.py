@@ -58,6 +58,9 @@ class Telemetry:
         self._prom: dict[str, Any] = {}
         self.lag: dict[str, int] = {}
         self._lag_lock = threading.Lock()
+        #: Output partitions whose last stable offset is stuck (hanging transactions), with the records
+        #: read_committed consumers can't reach (`on_hanging`, from the worker's hanging-transaction watch).
+        self.hanging: dict[str, int] = {}
         if settings.otlp_endpoint:
             self._setup_otlp(settings)
         if settings.metrics_port:
@@ -102,6 +105,9 @@ class Telemetry:
         }
         meter.create_observable_gauge("guard.consumer.lag", callbacks=[self._observe_lag],
                                       description="Records behind the end of each raw partition")
+        meter.create_observable_gauge("guard.hanging.transactions", callbacks=[self._observe_hanging],
+                                      description="Records stuck behind a hanging transaction, per output "
+                                                  "partition (0 once resolved)")
         del otel_metrics
 
     def _observe_lag(self, _options: Any) -> Any:
@@ -109,6 +115,12 @@ class Telemetry:
 
         with self._lag_lock:
             return [Observation(v, {"partition": k}) for k, v in self.lag.items()]
+
+    def _observe_hanging(self, _options: Any) -> Any:
+        from opentelemetry.metrics import Observation
+
+        with self._lag_lock:
+            return [Observation(v, {"partition": k}) for k, v in self.hanging.items()]
 
     def start_event(self, headers: Any, topic: str, partition: int,
                     offset: int) -> tuple[Any, Headers | None, str | None]:
@@ -154,6 +166,9 @@ class Telemetry:
                                  buckets=(5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000), registry=registry),
             "lag": Gauge("guard_consumer_lag", "Records behind the end of each raw partition", ["partition"],
                          registry=registry),
+            "hanging": Gauge("guard_hanging_transaction_records",
+                             "Records stuck behind a hanging transaction, per output partition (0: resolved)",
+                             ["partition"], registry=registry),
         }
         start_http_server(port, addr="127.0.0.1", registry=registry)
 
@@ -206,6 +221,17 @@ class Telemetry:
         if self._prom:
             for key, value in lag.items():
                 self._prom["lag"].labels(key).set(value)
+
+    def on_hanging(self, hanging: Mapping[str, int]) -> None:
+        """The hanging-transaction watch's latest finding: output partition -> records stuck behind it."""
+        with self._lag_lock:
+            resolved = {key: 0 for key in self.hanging if key not in hanging}
+            self.hanging = {**resolved, **hanging}
+            current = dict(self.hanging)
+            self.hanging = dict(hanging)
+        if self._prom:
+            for key, value in current.items():
+                self._prom["hanging"].labels(key).set(value)
 
     def shutdown(self) -> None:
         for name in ("_tracer_provider", "_meter_provider"):
