@@ -297,10 +297,10 @@ class SteadyProducer:
 
 # --- outputs and checks -----------------------------------------------------------------------------
 def audits(bootstrap: str, start: dict[tuple[str, int], int], *, workers: set[str] | None = None,
-           topics: set[str] | None = None) -> list[tuple[Rec, dict[str, Any]]]:
-    """Decoded `guard.audit` records since `start`, optionally only of `workers` and source `topics`."""
+           topics: set[str] | None = None, audit_topic: str = AUDIT) -> list[tuple[Rec, dict[str, Any]]]:
+    """Decoded audit records since `start`, optionally only of `workers` and source `topics`."""
     out = []
-    for rec in read_from(bootstrap, AUDIT, start):
+    for rec in read_from(bootstrap, audit_topic, start):
         if rec.value is None:
             continue
         doc = decode(rec.value)
@@ -376,9 +376,10 @@ def assert_no_leak(records: Iterable[Rec], values: Iterable[str]) -> int:
     return scanned
 
 
-def dlq_records(bootstrap: str, start: dict[tuple[str, int], int], topics: set[str]) -> list[tuple[Rec, dict]]:
+def dlq_records(bootstrap: str, start: dict[tuple[str, int], int], topics: set[str], *,
+                dlq_topic: str = DLQ) -> list[tuple[Rec, dict]]:
     out = []
-    for rec in read_from(bootstrap, DLQ, start):
+    for rec in read_from(bootstrap, dlq_topic, start):
         doc = orjson.loads(rec.value) if rec.value else {}
         if doc.get("source", {}).get("topic") in topics:
             out.append((rec, doc))

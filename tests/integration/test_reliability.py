@@ -1,20 +1,25 @@
 """Reliability on the real stack: crashes, rebalances, restarts of every service, poison records.
 
 Every test proves, in the `read_committed` view: nothing lost, nothing duplicated, nothing leaked.
-Each test runs its own consumer group, positioned at the current end of the existing raw topics, and
-(where it produces its inputs itself) its own raw topic `br0101.public.rel_<id>`, whose events name
+Each test runs its own consumer group, positioned at the current end of the existing raw topics, its own
+output topics (audit, DLQ, anomalies, deletions and sanitized topics named after the test), so a
+failure in one test (say, a hanging transaction after a broker crash) can't fail the next, and (where it
+produces its inputs itself) its own raw topic `rel<id>.public.customers`, whose events name
 `public.customers` in their source block so the catalog classifies them. See reliability_helpers.py for
 how outputs are matched to inputs.
 """
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
 import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -24,12 +29,8 @@ from confluent_kafka import Producer
 import guard.stack
 from guard.codec import decode
 from guard.workload import WorkloadResult, run_workload
-from tests.integration.kafka_helpers import GuardProcess
+from tests.integration.kafka_helpers import GUARD, GuardProcess
 from tests.integration.reliability_helpers import (
-    ANOMALIES,
-    AUDIT,
-    DELETIONS,
-    DLQ,
     WORKLOAD_TABLES,
     SteadyProducer,
     assert_exactly_once_audit,
@@ -54,9 +55,6 @@ from tests.integration.reliability_helpers import (
 
 pytestmark = pytest.mark.integration
 
-OUTPUTS = (AUDIT, DLQ, ANOMALIES, DELETIONS)
-
-
 class Scenario:
     """One test's groups, workers, own raw topic and the output offsets before it started.
 
@@ -71,18 +69,34 @@ class Scenario:
         self.group = unique("rel-")
         self.prefix = unique("rel")
         self.topic = f"{self.prefix}.public.customers"
-        self.sanitized = "sanitized." + self.topic
+        # Output topics of this test alone. Their names must not match a raw-topic pattern
+        # (`^<prefix>\.[^.]+\.[^.]+$`), or the workers would consume their own outputs.
+        self.sanitized_prefix = f"sanitized.{self.prefix}."
+        self.sanitized = self.sanitized_prefix + self.topic
+        self.audit, self.dlq = f"guard.audit.{self.prefix}", f"guard.dlq.{self.prefix}"
+        self.anomalies, self.deletions = f"guard.anomalies.{self.prefix}", f"guard.deletions.{self.prefix}"
         self.partitions = partitions
         self.workers: list[GuardProcess] = []
         self.in_process_ids: set[str] = set()
-        self.out_start = end_offsets(self.bootstrap, OUTPUTS)
+        self.out_start: dict[tuple[str, int], int] = {}  # the output topics are new: read them whole
         self.raw_start: dict[tuple[str, int], int] = {}
         self.cdc_group = ""
         create_topic(self.bootstrap, self.topic, partitions)
 
+    @property
+    def output_env(self) -> dict[str, str]:
+        """The settings that send a worker's outputs to this test's own topics."""
+        return {"GUARD_SANITIZED_PREFIX": self.sanitized_prefix, "GUARD_AUDIT_TOPIC": self.audit,
+                "GUARD_DLQ_TOPIC": self.dlq, "GUARD_ANOMALIES_TOPIC": self.anomalies,
+                "GUARD_DELETIONS_TOPIC": self.deletions}
+
+    @property
+    def outputs(self) -> list[str]:
+        return [self.audit, self.dlq, self.anomalies, self.deletions]
+
     def worker(self, n: int = 1) -> GuardProcess:
         w = GuardProcess(self.env, worker_id=f"{self.group}-w{n}", group_id=self.group, log_dir=self.log_dir,
-                         extra_env={"GUARD_RAW_TOPIC_PREFIX": self.prefix})
+                         extra_env={"GUARD_RAW_TOPIC_PREFIX": self.prefix, **self.output_env})
         self.workers.append(w)
         return w
 
@@ -92,7 +106,7 @@ class Scenario:
             self.cdc_group = unique("rel-cdc-")
             self.raw_start = position_group_at_end(self.bootstrap, self.cdc_group)
         w = GuardProcess(self.env, worker_id=f"{self.cdc_group}-w{n}", group_id=self.cdc_group,
-                         log_dir=self.log_dir)
+                         log_dir=self.log_dir, extra_env=self.output_env)
         self.workers.append(w)
         return w
 
@@ -102,8 +116,7 @@ class Scenario:
 
     def decided(self, topics: set[str] | None = None) -> int:
         """How many distinct inputs of `topics` (default: the own raw topic) this test's workers decided."""
-        return len(per_input_counts(audits(self.bootstrap, self.out_start, workers=self.worker_ids,
-                                           topics=topics or {self.topic})))
+        return len(per_input_counts(self.audits(topics or {self.topic})))
 
     def wait_decided(self, n: int, *, timeout: float, topics: set[str] | None = None, strict: bool = True) -> None:
         """Wait until `n` inputs are decided; with strict=False a timeout is left to the exact checks."""
@@ -113,6 +126,13 @@ class Scenario:
             if strict:
                 raise AssertionError(f"{exc}; only {self.decided(topics)}\n{log_tail(*self.workers)}") from None
             print(f"{exc}; only {self.decided(topics)}; group offsets {self.committed()}")
+
+    def audits(self, topics: set[str], workers: set[str] | None = None) -> list[tuple[Any, dict[str, Any]]]:
+        return audits(self.bootstrap, self.out_start, workers=self.worker_ids if workers is None else workers,
+                      topics=topics, audit_topic=self.audit)
+
+    def dlq_records(self, topics: set[str]) -> list[tuple[Any, dict[str, Any]]]:
+        return dlq_records(self.bootstrap, self.out_start, topics, dlq_topic=self.dlq)
 
     def committed(self) -> dict[int, int]:
         from confluent_kafka import Consumer, TopicPartition
@@ -135,16 +155,16 @@ class Scenario:
     def check_own_topic(self, producer: SteadyProducer) -> None:
         """Exactly once and leak-free for the inputs the test produced into its own raw topic."""
         produced = producer.join()
-        assert_no_hanging_transactions(self.bootstrap, [AUDIT, self.sanitized])
+        assert_no_hanging_transactions(self.bootstrap, [*self.outputs, self.sanitized])
         raw = raw_inputs(self.bootstrap, self.topic)
         inputs = {(self.topic, p.partition, p.offset) for p in raw}
         missing = {(self.topic, p.partition, p.offset) for p in produced} - inputs
         assert not missing, f"delivered inputs not in the raw topic: {sorted(missing)[:10]}"
-        audit = audits(self.bootstrap, self.out_start, workers=self.worker_ids, topics={self.topic})
+        audit = self.audits({self.topic})
         assert_exactly_once_audit(inputs, audit)
         sanitized = read_from(self.bootstrap, self.sanitized)
         assert_sanitized_once(raw, sanitized)
-        dlq = dlq_records(self.bootstrap, self.out_start, {self.topic})
+        dlq = self.dlq_records({self.topic})
         assert not dlq, f"inputs went to the DLQ: {[d['reason'] for _, d in dlq][:10]}"
         scanned = assert_no_leak([*sanitized, *(r for r, _ in audit)], producer.sensitive)
         assert scanned >= 2 * len(raw)
@@ -163,13 +183,14 @@ class Scenario:
             want = ({(c, "c") for c in res.customers} | {(c, "u") for c in res.updated}
                     | {(c, "d") for c in res.deleted_customers} | {(c, "tombstone") for c in res.deleted_customers})
             assert want <= seen, f"Debezium lost workload changes: {sorted(want - seen)[:10]}"
-        assert_no_hanging_transactions(self.bootstrap, [AUDIT, *(f"sanitized.{t}" for t in topics)])
-        audit = audits(self.bootstrap, self.out_start, workers=self.worker_ids, topics=topics)
+        sanitized = [self.sanitized_prefix + t for t in topics]
+        assert_no_hanging_transactions(self.bootstrap, [*self.outputs, *sanitized])
+        audit = self.audits(topics)
         assert_exactly_once_audit(inputs, audit)
         sensitive = set().union(*(r.sensitive_values for r in results))
         outputs = [r for r, _ in audit]
-        for topic in [*(f"sanitized.{t}" for t in topics), DLQ, ANOMALIES, DELETIONS]:
-            outputs += read_from(self.bootstrap, topic, self.out_start if topic in OUTPUTS else None)
+        for topic in [*sanitized, self.dlq, self.anomalies, self.deletions]:
+            outputs += read_from(self.bootstrap, topic)
         assert_no_leak(outputs, sensitive)
 
 
@@ -265,15 +286,14 @@ def test_second_worker_joins_then_leaves_while_input_flows(scenario: Scenario):
     sc.wait_decided(30, timeout=60)
     w2 = sc.worker(2).start()
     # w2 must really take partitions over before it leaves
-    wait_until(lambda: len(audits(sc.bootstrap, sc.out_start, workers={w2.worker_id}, topics={sc.topic})) > 20,
+    wait_until(lambda: len(sc.audits({sc.topic}, workers={w2.worker_id})) > 20,
                timeout=60, what="the second worker to process records", interval=2)
     w2.stop()  # SIGTERM: revoke → commit, then leave the group
     assert w2.proc is not None and w2.proc.returncode == 0, log_tail(w2)
     producer.join()
     sc.wait_decided(1200, timeout=90)
     assert w1.alive(), log_tail(w1)
-    by_worker = {d["worker"] for _, d in audits(sc.bootstrap, sc.out_start, workers=sc.worker_ids,
-                                                 topics={sc.topic})}
+    by_worker = {d["worker"] for _, d in sc.audits({sc.topic})}
     assert by_worker == sc.worker_ids
     sc.stop_all()
     sc.check_own_topic(producer)
@@ -311,6 +331,79 @@ def test_broker_down_longer_than_the_group_session(scenario: Scenario, restore_s
     assert w1.alive(), log_tail(w1)
     scenario.stop_all()
     scenario.check_own_topic(producer)
+
+
+def test_broker_killed_repeatedly_under_load_leaves_no_hanging_transaction(scenario: Scenario, restore_stack):
+    """SIGKILL the broker three times at unplanned moments while transactions flow, with downtimes short
+    and long; afterwards every output partition and the group's offsets partition must be readable to the
+    end by `read_committed` consumers (no hanging transaction), with nothing lost or doubled.
+
+    On the combined broker+controller node this left a transaction open forever on every output partition
+    and on `__consumer_offsets` in the first of three runs (docs/reliability.md, "Hanging transactions"):
+    the restarted broker acted on its dead incarnation's registration and the coordinator skipped the
+    markers of partitions that went leaderless when the controller fenced it.
+    """
+    sc = scenario
+    rng = random.Random()
+    w1 = sc.worker(1).start()
+    producer = SteadyProducer(sc.bootstrap, sc.topic, count=1500, rate=40, partitions=sc.partitions).start()
+    sc.wait_decided(30, timeout=60)
+    for down_s in rng.sample([0.5, 3.0, 12.0], 3):
+        time.sleep(rng.uniform(0.2, 4.0))  # mid-transaction, mid-commit or between: not chosen
+        guard.stack.kill("broker")
+        time.sleep(down_s)
+        guard.stack.start("broker")
+        before = sc.decided()
+        sc.wait_decided(before + 20, timeout=180)  # the worker decides again after each restart
+    producer.join()
+    sc.wait_decided(1500, timeout=180)
+    assert w1.alive(), log_tail(w1)
+    assert_no_hanging_transactions(sc.bootstrap, [*sc.outputs, sc.sanitized, "__consumer_offsets"])
+    sc.stop_all()
+    assert "hanging transaction" not in w1.log(), log_tail(w1)
+    sc.check_own_topic(producer)
+
+
+def test_a_stuck_output_partition_is_alerted_once_and_named_by_doctor(scenario: Scenario):
+    """Another writer holds a transaction open on the test's audit topic past the guard's transaction
+    timeout (as a hanging transaction would): the worker raises one critical alert, readable on another
+    partition of the anomalies topic; `guard doctor` names the partition and the abort command and exits
+    1; once the transaction ends, doctor passes."""
+    sc = scenario
+    sc.env = {**sc.env, "GUARD_TRANSACTION_TIMEOUT_MS": "5000"}  # the watch's limit: 5 s + 30 s margin
+    w1 = sc.worker(1).start()
+    producer = SteadyProducer(sc.bootstrap, sc.topic, count=5, rate=50, partitions=sc.partitions).start()
+    producer.join()
+    sc.wait_decided(5, timeout=60)
+    blocker = Producer({"bootstrap.servers": sc.bootstrap, "transactional.id": unique("blocker-"),
+                        "transaction.timeout.ms": 600_000})
+    blocker.init_transactions(30)
+    blocker.begin_transaction()
+    blocker.produce(sc.audit, b"not an audit record", partition=0)
+    blocker.flush(30)
+    try:
+        def alerts() -> list[dict[str, Any]]:
+            return [d for d in (orjson.loads(r.value) for r in read_from(sc.bootstrap, sc.anomalies) if r.value)
+                    if d.get("rule") == "hanging_transaction"]
+
+        wait_until(lambda: alerts(), timeout=120, interval=3, what="the hanging-transaction alert")
+        time.sleep(12)  # another watch round: the same finding is not alerted again
+        [alert] = alerts()
+        assert (alert["topic"], alert["partition"], alert["severity"]) == (sc.audit, 0, "critical")
+        assert f"--partition 0 --start-offset {alert['last_stable_offset']}" in alert["suggested_action"]
+        env = {**sc.env, **sc.output_env, "GUARD_TRANSACTION_TIMEOUT_MS": "5000",
+               "GUARD_GROUP_ID": sc.group}
+        doctor = subprocess.run([*GUARD, "doctor", "--settle", "5"], env={**os.environ, **env},
+                                capture_output=True, text=True, timeout=120)
+        assert doctor.returncode == 1, doctor.stdout + doctor.stderr
+        assert f"FAIL  hanging transaction: {sc.audit}[0]" in doctor.stdout
+        assert "--start-offset" in doctor.stdout
+    finally:
+        blocker.abort_transaction(30)
+    doctor = subprocess.run([*GUARD, "doctor", "--settle", "5"], env={**os.environ, **sc.env, **sc.output_env},
+                            capture_output=True, text=True, timeout=120)
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    assert w1.alive(), log_tail(w1)
 
 
 def _outage_under_steady_load(sc: Scenario, service: str, *, down_s: float,
@@ -443,7 +536,7 @@ def test_poison_records_go_to_the_dlq_with_reason_and_offset_and_the_guard_keeps
         sc.wait_decided(len(offsets), timeout=60)
         assert w1.alive(), log_tail(w1)
         sc.stop_all()
-        dlq = {d["source"]["offset"]: (r, d) for r, d in dlq_records(sc.bootstrap, sc.out_start, {sc.topic})}
+        dlq = {d["source"]["offset"]: (r, d) for r, d in sc.dlq_records({sc.topic})}
         for (reason, raw), offset in zip(poison, offsets[:-1], strict=True):
             assert offset in dlq, f"poison record {reason} at offset {offset} is not in the DLQ"
             rec, doc = dlq[offset]
@@ -452,7 +545,7 @@ def test_poison_records_go_to_the_dlq_with_reason_and_offset_and_the_guard_keeps
             assert doc["value_bytes"] == len(raw)
             assert bool(doc["quarantine"]["value"]) == bool(raw), "the DLQ keeps the input, sealed"
         assert len(dlq) == len(poison), "each poison record goes to the DLQ exactly once"
-        audit = audits(sc.bootstrap, sc.out_start, workers=sc.worker_ids, topics={sc.topic})
+        audit = sc.audits({sc.topic})
         assert_exactly_once_audit({(sc.topic, 0, o) for o in offsets}, audit)
         assert {d["decision"] for _, d in audit if d["source_offset"] in offsets[:-1]} == {"dlq"}
         sanitized = read_from(sc.bootstrap, sc.sanitized)
@@ -478,7 +571,7 @@ def test_huge_poison_value_goes_to_the_dlq_without_stopping_the_guard(stack, log
             alive = w1.alive()
         assert alive, "the guard died on a 900 KB poison record:\n" + log_tail(w1)
         sc.stop_all()
-        dlq = dlq_records(sc.bootstrap, sc.out_start, {sc.topic})
+        dlq = sc.dlq_records({sc.topic})
         assert [(d["reason"], d["source"]["offset"]) for _, d in dlq] == [("invalid_json", offsets[0])]
         sanitized = read_from(sc.bootstrap, sc.sanitized)
         assert [orjson.loads(r.key)["customer_id"] for r in sanitized] == [cid]
@@ -521,7 +614,9 @@ def test_key_store_failure_at_commit_time_is_retried_not_fatal(stack, log_dir):
 
     sc = Scenario(stack, log_dir, partitions=1)
     settings = load_settings(None, kafka_bootstrap=sc.bootstrap, redis_url=stack["GUARD_REDIS_URL"],
-                             raw_topic_prefix=sc.prefix, group_id=sc.group, worker_id=f"{sc.group}-inproc")
+                             raw_topic_prefix=sc.prefix, group_id=sc.group, worker_id=f"{sc.group}-inproc",
+                             sanitized_prefix=sc.sanitized_prefix, audit_topic=sc.audit, dlq_topic=sc.dlq,
+                             anomalies_topic=sc.anomalies, deletions_topic=sc.deletions)
     sanitizer = build_sanitizer(settings)
     store = sanitizer.keys.store
     real = store.record_subject_activity
