@@ -7,15 +7,19 @@ generous absolute time that the old code missed by a factor of 40 or more.
 
 from __future__ import annotations
 
+import base64
 import re
 import time
 from collections.abc import Callable
 
+import orjson
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from guard import masking
+from guard.envelope import MAX_DECIMAL_BYTES, MAX_DECIMAL_SCALE, decode_value
+from guard.errors import DecodeError
 from guard.masking import MASK_KINDS, MAX_MASK_CHARS, mask
 
 
@@ -97,3 +101,37 @@ _mobile_like = st.text(alphabet=st.sampled_from(list("0123456789+-  \n\t\u3000ï¼
 @settings(max_examples=1000, deadline=None)
 def test_the_linear_mobile_rule_masks_exactly_like_the_old_one(value: str) -> None:
     assert masking._mask_mobile(value) == _old_mask_mobile(value)
+
+
+# --- decimals of schema-wrapped events ---------------------------------------------------------------
+
+def _wrapped_decimal_event(unscaled: bytes, scale: int) -> bytes:
+    schema = {"type": "struct", "fields": [
+        {"field": "after", "type": "struct", "optional": True, "fields": [
+            {"field": "amount", "type": "struct", "name": "io.debezium.data.VariableScaleDecimal"}]}]}
+    amount = {"scale": scale, "value": base64.b64encode(unscaled).decode()}
+    payload = {"before": None, "after": {"id": 1, "amount": amount},
+               "source": {"connector": "postgresql", "db": "d", "schema": "public", "table": "t", "lsn": 1},
+               "op": "c", "ts_ms": 1}
+    return orjson.dumps({"schema": schema, "payload": payload})
+
+
+def test_a_decimal_at_the_size_limit_decodes_quickly() -> None:
+    unscaled = b"\x7f" + b"\xff" * (MAX_DECIMAL_BYTES - 1)
+    raw = _wrapped_decimal_event(unscaled, 2)
+    start = time.perf_counter()
+    event = decode_value(raw)
+    assert time.perf_counter() - start < 0.05
+    assert event is not None and event.after is not None and isinstance(event.after["amount"], str)
+
+
+@pytest.mark.parametrize(("size", "scale"), [(MAX_DECIMAL_BYTES + 1, 2), (100_000, 0), (2_000_000, 0),
+                                             (4, MAX_DECIMAL_SCALE + 1), (4, -MAX_DECIMAL_SCALE - 1)])
+def test_a_decimal_over_the_limit_is_refused_at_once_with_a_reason(size: int, scale: int) -> None:
+    raw = _wrapped_decimal_event(b"\x7f" + b"\x01" * (size - 1), scale)
+    start = time.perf_counter()
+    with pytest.raises(DecodeError) as err:
+        decode_value(raw)
+    assert time.perf_counter() - start < 0.2  # parsing a 2.7 MB JSON value is most of it
+    assert err.value.reason == "decimal_too_large"
+    assert "\x01" not in err.value.detail
