@@ -213,4 +213,6 @@ def _decode_decimal(encoded: Any, scale: Any, column: str) -> str:
         raise DecodeError("wrong_shape", f"decimal column {column!r} is not valid base64") from None
     if unscaled.bit_length() > 8 * MAX_DECIMAL_BYTES:
         raise DecodeError("decimal_too_large", f"decimal column {column!r} exceeds {MAX_DECIMAL_BYTES} bytes")
-    return str(Decimal(unscaled).scaleb(-scale))
+    # Exponent set directly: `scaleb` would round to the decimal context's 28 significant digits.
+    sign, digits, _exp = Decimal(unscaled).as_tuple()
+    return str(Decimal((sign, digits, -scale)))

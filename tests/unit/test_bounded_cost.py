@@ -116,13 +116,15 @@ def _wrapped_decimal_event(unscaled: bytes, scale: int) -> bytes:
     return orjson.dumps({"schema": schema, "payload": payload})
 
 
-def test_a_decimal_at_the_size_limit_decodes_quickly() -> None:
+def test_a_decimal_at_the_size_limit_decodes_quickly_and_exactly() -> None:
     unscaled = b"\x7f" + b"\xff" * (MAX_DECIMAL_BYTES - 1)
     raw = _wrapped_decimal_event(unscaled, 2)
     start = time.perf_counter()
     event = decode_value(raw)
     assert time.perf_counter() - start < 0.05
-    assert event is not None and event.after is not None and isinstance(event.after["amount"], str)
+    assert event is not None and event.after is not None
+    digits = str(int.from_bytes(unscaled, "big", signed=True))
+    assert event.after["amount"] == digits[:-2] + "." + digits[-2:]
 
 
 @pytest.mark.parametrize(("size", "scale"), [(MAX_DECIMAL_BYTES + 1, 2), (100_000, 0), (2_000_000, 0),
