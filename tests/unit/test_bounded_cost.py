@@ -18,6 +18,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from guard import masking
+from guard.detectors import detect_column, detect_value
 from guard.envelope import MAX_DECIMAL_BYTES, MAX_DECIMAL_SCALE, decode_value
 from guard.errors import DecodeError
 from guard.masking import MASK_KINDS, MAX_MASK_CHARS, mask
@@ -137,3 +138,12 @@ def test_a_decimal_over_the_limit_is_refused_at_once_with_a_reason(size: int, sc
     assert time.perf_counter() - start < 0.2  # parsing a 2.7 MB JSON value is most of it
     assert err.value.reason == "decimal_too_large"
     assert "\x01" not in err.value.detail
+
+
+# --- detectors (run once per table shape, on one sampled value) -----------------------------------------
+
+@pytest.mark.parametrize("n", [16_000, 1_000_000])
+def test_detectors_cost_is_bounded_on_adversarial_values(n: int) -> None:
+    for value in _adversarial(n):
+        assert _cost(detect_value, value, repeat=1) < 0.05, value[:12]
+        assert _cost(detect_column, "remark", [value], repeat=1) < 0.05, value[:12]
