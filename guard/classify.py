@@ -2,9 +2,12 @@
 
 A plan says, for every column of a row of one table: pass it in clear, seal it (with an optional masked
 display form and blind index), hash it, or drop it. Catalogued columns follow the catalog. Columns the
-catalog does not know are **encrypted whatever the detectors say** (fail closed); the detectors only
-decide how the drift alert describes them and which display mask to offer. The plan is cached by the
-exact column list of the row, so the per-event cost of classification is one dictionary lookup.
+catalog does not know are **encrypted whatever the detectors say** (fail closed; or dropped/hashed per
+the catalog's `unknown_column_action`) and get **no display form**: the detectors only decide how the
+drift alert describes them. A mask chosen from a column name or one sampled value would be applied to
+every later value of the column, whatever it holds (free text in `remark` would show its first and last
+characters). The plan is cached by the exact column list of the row, so the per-event cost of
+classification is one dictionary lookup.
 """
 
 from __future__ import annotations
@@ -19,8 +22,6 @@ from guard.detectors import detect_column
 
 #: Column names taken as the data-subject identifier of tables the catalog does not know.
 SUBJECT_COLUMN_GUESSES = ("customer_id", "cust_id", "customer_no", "cust_no", "client_id", "khh", "kh_id")
-#: Detection confidence from which an inferred display mask is offered for an unknown column.
-MASK_CONFIDENCE = 0.6
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +108,8 @@ def infer_policy(column: str, sample: Any, default: Action = Action.ENCRYPT) -> 
     """Fail-closed policy for a column the catalog does not know, described by what the detectors see.
 
     `default` is the catalog's `unknown_column_action` (encrypt, drop or hash; never clear). Detected
-    authentication secrets (C3) are always dropped.
+    authentication secrets (C3) are always dropped. The policy never has a display mask nor a blind
+    index: what the detectors saw describes the column in the drift alert, nothing more.
     """
     if default is Action.CLEAR:
         default = Action.ENCRYPT
@@ -130,7 +132,7 @@ def infer_policy(column: str, sample: Any, default: Action = Action.ENCRYPT) -> 
         category=detection.category,
         sensitive=detection.sensitive,
         action=action,
-        mask=detection.mask if action is Action.ENCRYPT and detection.confidence >= MASK_CONFIDENCE else None,
+        mask=None,
         index=False,
         detected_by=f"{detection.kind}: {detection.reason}",
     )

@@ -1,8 +1,9 @@
 """Content and column-name detectors for personal information in columns the catalog does not know.
 
 The catalog classifies every known column; these detectors only describe *unknown* ones (schema
-drift), so the guard can alert with a useful description and offer a display mask.  The guard fails
-closed regardless: an unknown column is encrypted whether or not anything here matches.
+drift), so the guard can alert with a useful description.  The guard fails closed regardless: an
+unknown column is encrypted whether or not anything here matches, and never gets a display mask from
+what is found here (``Detection.mask`` names the mask a catalog entry for such a column could use).
 
 Two entry points:
 

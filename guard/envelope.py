@@ -8,7 +8,9 @@ Shapes handled:
 - ops `c` (create), `u` (update), `d` (delete), `r` (snapshot read), `t` (truncate), `m` (logical message);
 - tombstones (a null Kafka value after a delete) are reported as `None`;
 - the `schema`/`payload` wrapper of `value.converter.schemas.enable=true`, with Kafka Connect `Decimal`
-  and Debezium `VariableScaleDecimal` fields turned back into exact decimal strings;
+  and Debezium `VariableScaleDecimal` fields turned back into exact decimal strings (up to
+  `MAX_DECIMAL_BYTES` and `MAX_DECIMAL_SCALE`; larger ones are refused with `decimal_too_large`, because
+  decoding them costs quadratic time);
 - PostgreSQL (`schema`, `table`, `lsn`) and MariaDB/MySQL (`db`, `table`, `file`, `pos`) `source` blocks.
 """
 
@@ -27,6 +29,13 @@ VALID_OPS = frozenset({"c", "u", "d", "r", "t", "m"})
 #: Largest change-event value accepted, in bytes. Kafka's default max message size is 1 MiB; larger values
 #: are almost certainly a misconfiguration or an attack on the decoder's memory.
 MAX_VALUE_BYTES = 4 * 1024 * 1024
+
+#: Largest unscaled value of a decimal column, in bytes (two's complement): 512 bytes is 1,233 decimal
+#: digits, more than PostgreSQL's largest declared precision (1,000). Turning the bytes into decimal text
+#: costs time quadratic in their length, so a larger value is refused (`decimal_too_large`), not decoded.
+MAX_DECIMAL_BYTES = 512
+#: Largest scale (digits after the point, either sign) of a decimal column; PostgreSQL's is 16,383.
+MAX_DECIMAL_SCALE = 16_383
 
 Row = dict[str, Any]
 
@@ -194,8 +203,16 @@ def _restore_decimals(row: Row | None, columns: dict[str, int | None]) -> Row | 
 def _decode_decimal(encoded: Any, scale: Any, column: str) -> str:
     if not isinstance(encoded, str) or not isinstance(scale, int):
         raise DecodeError("wrong_shape", f"decimal column {column!r} is not base64 with an integer scale")
+    # 4 base64 characters per 3 bytes: anything longer can't decode to MAX_DECIMAL_BYTES or fewer.
+    if len(encoded) > 4 * -(-MAX_DECIMAL_BYTES // 3) or abs(scale) > MAX_DECIMAL_SCALE:
+        raise DecodeError("decimal_too_large", f"decimal column {column!r} exceeds {MAX_DECIMAL_BYTES} bytes "
+                          f"or a scale of {MAX_DECIMAL_SCALE}")
     try:
         unscaled = int.from_bytes(base64.b64decode(encoded, validate=True), "big", signed=True)
     except ValueError:
         raise DecodeError("wrong_shape", f"decimal column {column!r} is not valid base64") from None
-    return str(Decimal(unscaled).scaleb(-scale))
+    if unscaled.bit_length() > 8 * MAX_DECIMAL_BYTES:
+        raise DecodeError("decimal_too_large", f"decimal column {column!r} exceeds {MAX_DECIMAL_BYTES} bytes")
+    # Exponent set directly: `scaleb` would round to the decimal context's 28 significant digits.
+    sign, digits, _exp = Decimal(unscaled).as_tuple()
+    return str(Decimal((sign, digits, -scale)))

@@ -28,7 +28,9 @@ not contain it.  When a rule would keep too much (a short or malformed value, or
 already masked) the function keeps less, falling back to the generic mask.
 
 This runs per field per event, so the common shapes take a slicing fast path and regexes are
-compiled once at import.
+compiled once at import.  Every rule runs in time linear in its input, and inputs longer than
+:data:`MAX_MASK_CHARS` are not inspected at all: they get the generic mask (``******``), so no value
+can stall a worker or push a long stretch of itself into a display form.
 """
 
 from __future__ import annotations
@@ -36,10 +38,20 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-__all__ = ["COMPOUND_SURNAMES", "MASK_KINDS", "mask"]
+__all__ = ["COMPOUND_SURNAMES", "MASK_KINDS", "MAX_MASK_CHARS", "mask"]
+
+#: Longest value (in characters) a rule looks at; longer values get the generic mask. Every display
+#: form in the catalog (mobile, card, ID, name, address, e-mail, ...) is far shorter.
+MAX_MASK_CHARS = 256
 
 _SEPARATORS = re.compile(r"[\s\-\u00a0]+")
-_MOBILE = re.compile(r"^\s*(\+\s*86|0086|86(?=1[3-9]\d{9}$))?[\s\-]*(\d[\d\s\-]*\d)\s*$")
+# Applied to the value without its surrounding whitespace (`_mask_mobile` strips it), so no two `\s*`
+# compete for the same run of spaces: each quantifier is followed by something it cannot match, which
+# keeps the match linear. The `86` prefix without `+` counts only when the 11 digits end the value
+# (or are followed by nothing but a final newline); `_MOBILE_NO_86` is used when trailing whitespace
+# says otherwise.
+_MOBILE = re.compile(r"(\+\s*86|0086|86(?=1[3-9]\d{9}$))?[\s\-]*(\d[\d\s\-]*\d)")
+_MOBILE_NO_86 = re.compile(r"(\+\s*86|0086)?[\s\-]*(\d[\d\s\-]*\d)")
 _LANDLINE = re.compile(
     r"^\s*(\(?0(?:10|2\d|[3-9]\d{2})\)?)([\s\-]?)(\d{7,8})(?:\s*(?:转|-|#|ext\.?)\s*\d{1,6})?\s*$"
 )
@@ -97,7 +109,9 @@ def _compact_digits(value: str) -> str | None:
 def _mask_mobile(value: str) -> str:
     if len(value) == 11 and value.isdigit():
         return value[:3] + "****" + value[7:]
-    m = _MOBILE.match(value)
+    s = value.strip()
+    tail = value[len(value.rstrip()) :]
+    m = (_MOBILE if tail in ("", "\n") else _MOBILE_NO_86).fullmatch(s)
     if m:
         digits = _SEPARATORS.sub("", m.group(2))
         prefix = m.group(1)
@@ -204,6 +218,8 @@ def mask(kind: str, value: str) -> str:
         ) from None
     if not isinstance(value, str):
         value = value.decode("utf-8", "replace") if isinstance(value, bytes | bytearray) else str(value)
+    if len(value) > MAX_MASK_CHARS:
+        return _generic(value)
     out = fn(value)
     # Safety net for already-masked or degenerate input: never hand back something that reveals it.
     if len(value) >= 2 and value in out:

@@ -9,11 +9,13 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+
+from tests.leak_scanner import LeakScanner  # noqa: F401 - the integration tests import it from here
 
 REPO = Path(__file__).resolve().parents[2]
 GUARD = [sys.executable, "-m", "guard.cli"]
@@ -97,8 +99,6 @@ def commit_group_at_end(bootstrap: str, group: str, pattern: str = r"^br0101\.[^
     Tests share one stack whose raw topics keep history from earlier tests; a fresh group would first
     work through all of it. This is also how an operator starts a new group on a long-lived cluster.
     """
-    import re
-
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
     try:
         offsets = []
@@ -153,44 +153,3 @@ class GuardProcess:
 
 
 # --- leak scans ---------------------------------------------------------------------------------------
-#: All-digit values shorter than this (query PINs, postal codes) are matched as whole tokens only.
-_SHORT_NUMERIC = 10
-
-
-@dataclass(frozen=True)
-class LeakScanner:
-    """Finds a workload's sensitive plaintext values in the raw bytes of output records.
-
-    Values shorter than 4 characters are left out: they occur inside legitimate masked display forms
-    (e.g. a 2-character name inside the visible "河北省石家庄市" prefix of a masked address). Short
-    all-digit values, such as a 6-digit query PIN, are matched only where no letter or digit touches them:
-    as bare substrings they turn up by chance inside log positions ("lsn:27272368"), timestamps and hex
-    blind indexes. A real leak of such a value is a whole token: a JSON string, or an Avro string whose
-    length prefix is not alphanumeric.
-    """
-
-    substrings: tuple[bytes, ...]
-    tokens: re.Pattern[bytes] | None
-
-    @classmethod
-    def of(cls, values: Iterable[str]) -> LeakScanner:
-        needles = sorted({v for v in values if v and v != "None" and len(v) >= 4})
-        short = [v for v in needles if v.isdigit() and v.isascii() and len(v) < _SHORT_NUMERIC]
-        long = [v.encode() for v in needles if v not in short]
-        tokens = None
-        if short:
-            alternatives = b"|".join(re.escape(v.encode()) for v in short)
-            tokens = re.compile(rb"(?<![0-9A-Za-z])(?:" + alternatives + rb")(?![0-9A-Za-z])")
-        return cls(tuple(long), tokens)
-
-    def __bool__(self) -> bool:
-        return bool(self.substrings) or self.tokens is not None
-
-    def find(self, blob: bytes) -> bytes | None:
-        """The first sensitive value found in `blob`, or None."""
-        for needle in self.substrings:
-            if needle in blob:
-                return needle
-        if self.tokens is not None and (match := self.tokens.search(blob)) is not None:
-            return match.group(0)
-        return None

@@ -32,7 +32,8 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from guard import synth
 from guard.codec import decode
-from tests.integration.kafka_helpers import LeakScanner, Rec, high_watermark
+from tests.integration.kafka_helpers import Rec, high_watermark
+from tests.leak_scanner import LeakScanner, find_leak, sensitive_of
 
 RAW_PREFIX = "br0101"
 AUDIT, DLQ, ANOMALIES, DELETIONS = "guard.audit", "guard.dlq", "guard.anomalies", "guard.deletions"
@@ -194,8 +195,6 @@ def change_event(row: dict[str, Any], *, op: str = "c", table: str = "customers"
     })
 
 
-def sensitive_of(row: dict[str, Any]) -> set[str]:
-    return {str(row[c]) for c in ("name", "id_number", "mobile", "email", "address")}
 
 
 @dataclass
@@ -224,7 +223,7 @@ class SteadyProducer:
     partitions: int
     first_cid: int = field(default_factory=lambda: random.randrange(10**9, 2 * 10**9))
     produced: list[Produced] = field(default_factory=list)
-    sensitive: set[str] = field(default_factory=set)
+    sensitive: set[Any] = field(default_factory=set)
     errors: list[str] = field(default_factory=list)
     resent: int = 0
     _thread: threading.Thread | None = None
@@ -364,16 +363,16 @@ def assert_sanitized_once(inputs: list[Produced], sanitized: list[Rec]) -> None:
         assert rec.value is not None and decode(rec.value)["after"]["sealed"], "an insert was not sealed"
 
 
-def assert_no_leak(records: Iterable[Rec], values: Iterable[str]) -> int:
-    scanner = LeakScanner.of(values)
-    assert scanner
-    scanned = 0
-    for rec in records:
-        blob = (rec.key or b"") + b"\x00" + (rec.value or b"")
-        scanned += 1
-        found = scanner.find(blob)
-        assert found is None, f"plaintext leaked into {rec.topic}[{rec.partition}]@{rec.offset}"
-    return scanned
+def assert_no_leak(records: Iterable[Rec], values: Iterable[Any]) -> int:
+    """Every record's key and value scanned for every form of the values (`tests.leak_scanner`)."""
+    records = list(records)
+    values = set(values)
+    assert LeakScanner.of(values), "nothing to scan for"
+    found = find_leak(records, values)
+    if found is not None:
+        rec = records[found[0]]
+        raise AssertionError(f"plaintext leaked into {rec.topic}[{rec.partition}]@{rec.offset}")
+    return len(records)
 
 
 def dlq_records(bootstrap: str, start: dict[tuple[str, int], int], topics: set[str], *,

@@ -62,6 +62,7 @@ def test_sanitize_offline_in_order_with_failures_reported(stack):
     for secret in secrets:
         assert secret not in done.stdout.decode() and secret not in errors
     assert set(out[0]["unclassified"]) == {"id", "zjhm", "lxdh", "kh", "xm"}
+    assert out[0]["after"]["masked"] == {} and out[1]["after"]["masked"] == {}  # no display form for unknown columns
     assert out[4]["after"]["clear"] == {"customer_id": 77, "branch_code": "0101"}
     assert out[4]["after"]["masked"]["mobile"].startswith(rows[3]["lxdh"][:3])
     base64.b64decode(out[0]["after"]["sealed"]["ct"])

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guard.envelope import MAX_VALUE_BYTES, decode_value
+from guard.envelope import MAX_VALUE_BYTES, _decode_decimal, decode_value
 from guard.errors import DecodeError
 
 PG_SOURCE = {"version": "3.6.1.Final", "connector": "postgresql", "name": "br0101", "ts_ms": 1700000000000,
@@ -123,3 +123,16 @@ def test_fuzz_bytes_never_crash(raw):
 def test_fuzz_shapes_never_crash(doc):
     with contextlib.suppress(DecodeError):
         decode_value(json.dumps(doc).encode())
+
+
+@pytest.mark.parametrize(("unscaled", "scale", "text"), [
+    (10**40 + 1, 2, "100000000000000000000000000000000000000.01"),
+    (-(10**30) - 7, 0, "-1000000000000000000000000000007"),
+    (123456789012345678901234567890123, 33, "0.123456789012345678901234567890123"),
+    (-123456, 2, "-1234.56"),
+    (0, 3, "0.000"),
+    (5, -2, "5E+2"),
+])
+def test_decimals_keep_every_digit(unscaled, scale, text):
+    encoded = base64.b64encode(unscaled.to_bytes(20, "big", signed=True)).decode()
+    assert _decode_decimal(encoded, scale, "amount") == text
