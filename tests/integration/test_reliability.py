@@ -166,7 +166,7 @@ class Scenario:
         assert_sanitized_once(raw, sanitized)
         dlq = self.dlq_records({self.topic})
         assert not dlq, f"inputs went to the DLQ: {[d['reason'] for _, d in dlq][:10]}"
-        others = [r for t in (DLQ, ANOMALIES, DELETIONS) for r in read_from(self.bootstrap, t, self.out_start)]
+        others = [r for t in (self.dlq, self.anomalies, self.deletions) for r in read_from(self.bootstrap, t)]
         scanned = assert_no_leak([*sanitized, *(r for r, _ in audit), *others], producer.sensitive)
         assert scanned >= 2 * len(raw)
 
@@ -552,7 +552,7 @@ def test_poison_records_go_to_the_dlq_with_reason_and_offset_and_the_guard_keeps
         sanitized = read_from(sc.bootstrap, sc.sanitized)
         assert [orjson.loads(r.key)["customer_id"] for r in sanitized] == [cid], "the normal insert is sanitized"
         assert decode(sanitized[0].value)["after"]["sealed"]
-        anomalies = read_from(sc.bootstrap, ANOMALIES, sc.out_start)
+        anomalies = read_from(sc.bootstrap, sc.anomalies)
         assert_no_leak([*sanitized, *(r for r, _ in audit), *(r for r, _ in dlq.values()), *anomalies],
                        {MARKER, *sensitive})
     finally:
@@ -578,7 +578,7 @@ def test_huge_poison_value_goes_to_the_dlq_without_stopping_the_guard(stack, log
         assert [(d["reason"], d["source"]["offset"]) for _, d in dlq] == [("invalid_json", offsets[0])]
         sanitized = read_from(sc.bootstrap, sc.sanitized)
         assert [orjson.loads(r.key)["customer_id"] for r in sanitized] == [cid]
-        anomalies = read_from(sc.bootstrap, ANOMALIES, sc.out_start)
+        anomalies = read_from(sc.bootstrap, sc.anomalies)
         assert_no_leak([*sanitized, *(r for r, _ in dlq), *anomalies], {MARKER, *sensitive})
     finally:
         sc.kill_all()
