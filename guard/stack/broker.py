@@ -162,7 +162,7 @@ class Broker(Service):
         wait = fence_wait_seconds(time.time(), died_at, Controller(self.cfg).since(),
                                   self.cfg.broker_session_timeout_ms)
         if wait > 0:
-            when = "an unknown time (pid file of a dead process)" if died_at is None else \
+            when = "at an unknown time (pid file of a dead process)" if died_at is None else \
                 f"{time.time() - died_at:.1f}s ago"
             progress(f"broker: crashed {when}; waiting {wait:.1f}s until the controller has fenced the dead "
                      f"incarnation (broker.session.timeout.ms={self.cfg.broker_session_timeout_ms} + margin), "
