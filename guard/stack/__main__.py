@@ -1,4 +1,4 @@
-"""``python -m guard.stack up|down|status|env|restart S|kill S|start S|connector|provision``."""
+"""``python -m guard.stack up|down|status|env|restart S|kill S|start S|connector|provision|transactions``."""
 
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
         sp = sub.add_parser(name, help=f"{name} one service")
         sp.add_argument("service", choices=orchestrator.SERVICES)
     sub.add_parser("connector", help="(re)register the Debezium connector only")
+    tx = sub.add_parser("transactions", help="list hanging Kafka transactions (exit 4 if any); --abort aborts them")
+    tx.add_argument("--abort", action="store_true", help="abort every hanging transaction found")
+    tx.add_argument("--max-transaction-timeout", type=int, default=1, metavar="MINUTES",
+                    help="only transactions open longer than this (minutes, default 1)")
     pv = sub.add_parser("provision", help="provision an external PostgreSQL + Connect (docker-compose)")
     pv.add_argument("--admin-dsn", default=os.environ.get("GUARD_PG_ADMIN_DSN", ""))
     pv.add_argument("--connect-url", default=os.environ.get("GUARD_CONNECT_URL", "http://connect:8083"))
@@ -43,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"export {k}={v}")
         elif args.cmd == "connector":
             ensure_connector()
+        elif args.cmd == "transactions":
+            return _transactions(args.abort, args.max_transaction_timeout)
         elif args.cmd == "provision":
             if not args.admin_dsn:
                 p.error("--admin-dsn (or GUARD_PG_ADMIN_DSN) is required")
@@ -53,6 +59,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _transactions(do_abort: bool, max_timeout_minutes: int) -> int:
+    """One line per hanging transaction (and per abort); 0 when none (or all aborted), 4 when some hang."""
+    from guard.stack import transactions
+    from guard.stack.config import StackConfig
+
+    cfg = StackConfig.from_env()
+    hanging = transactions.find_hanging(cfg, max_timeout_minutes)
+    if not hanging:
+        print(f"no hanging transactions (open > {max_timeout_minutes} min, unknown to their coordinator)")
+        return 0
+    for h in hanging:
+        print(f"{h.topic}-{h.partition}: hanging transaction of producer {h.producer_id} (epoch "
+              f"{h.producer_epoch}) from offset {h.start_offset}, last write at {h.last_timestamp_ms} ms")
+        if do_abort:
+            transactions.abort(cfg, h.topic, h.partition, h.start_offset)
+            print(f"{h.topic}-{h.partition}: aborted the transaction from offset {h.start_offset}")
+    return 0 if do_abort else 4
 
 
 if __name__ == "__main__":

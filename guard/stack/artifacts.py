@@ -8,6 +8,7 @@ last, so an interrupted download is retried instead of being mistaken for a fini
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 import tarfile
@@ -21,6 +22,9 @@ from guard.stack.procs import progress, tail
 
 DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1"
 MARKER = ".complete"
+#: sha256 of the rendered pom a directory was filled from; a changed pom (e.g. kafka-tools added to the
+#: broker's) is fetched again.
+POM_STAMP = ".pom.sha256"
 
 
 @dataclass(frozen=True)
@@ -57,13 +61,23 @@ def _run_mvn(cfg: StackConfig, args: list[str], what: str) -> None:
 
 
 def _copy_dependencies(cfg: StackConfig, pom_asset: str, version: str, dest: Path, what: str) -> Path:
-    """Resolve a throwaway pom's runtime closure into ``dest`` (skipped when already complete)."""
-    if (dest / MARKER).exists():
+    """Resolve a throwaway pom's runtime closure into ``dest`` (skipped when complete for this very pom).
+
+    When the pom changed since ``dest`` was filled and the new closure only *adds* jars (the usual case:
+    a dependency appended to the pom), the new jars are copied next to the old ones instead of replacing
+    the directory, so JVMs of another stack running from this shared cache keep every jar they opened.
+    """
+    pom_text = read_asset(pom_asset).replace("@VERSION@", version)
+    digest = hashlib.sha256(pom_text.encode()).hexdigest()
+    stamp = dest / POM_STAMP
+    complete = (dest / MARKER).exists()
+    if complete and stamp.exists() and stamp.read_text(encoding="utf-8").strip() == digest:
         return dest
-    progress(f"fetching {what} with Maven into {dest} (first run only)")
+    progress(f"fetching {what} with Maven into {dest}"
+             + (" (its pom changed)" if complete else " (first run only)"))
     pom = cfg.cache / "poms" / pom_asset
     pom.parent.mkdir(parents=True, exist_ok=True)
-    pom.write_text(read_asset(pom_asset).replace("@VERSION@", version), encoding="utf-8")
+    pom.write_text(pom_text, encoding="utf-8")
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     _run_mvn(cfg, ["-f", str(pom), f"{DEPENDENCY_PLUGIN}:copy-dependencies",
@@ -71,7 +85,20 @@ def _copy_dependencies(cfg: StackConfig, pom_asset: str, version: str, dest: Pat
     jars = sorted(p.name for p in tmp.glob("*.jar"))
     if not jars:
         raise StackError(f"Maven reported success for {what} but copied no jars into {tmp}; see maven.log.")
+    old = {p.name for p in dest.glob("*.jar")} if complete else set()
+    if complete and old <= set(jars):
+        added = [j for j in jars if j not in old]
+        for name in added:
+            shutil.copy2(tmp / name, dest / f".{name}.partial")
+            (dest / f".{name}.partial").rename(dest / name)
+        (dest / MARKER).write_text("\n".join(jars) + "\n", encoding="utf-8")
+        stamp.write_text(digest + "\n", encoding="utf-8")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if added:
+            progress(f"added {len(added)} jars to {dest} ({', '.join(added[:4])}{', ...' if len(added) > 4 else ''})")
+        return dest
     (tmp / MARKER).write_text("\n".join(jars) + "\n", encoding="utf-8")
+    (tmp / POM_STAMP).write_text(digest + "\n", encoding="utf-8")
     shutil.rmtree(dest, ignore_errors=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(dest)

@@ -1,15 +1,22 @@
-"""Kafka broker: single node, KRaft (combined broker + controller), jars from the Maven cache.
+"""Kafka broker (``process.roles=broker``, node 1) of a KRaft cluster whose controller is its own process.
 
 Storage is formatted once (the ``meta.properties`` in the log dir is the proof) and kept across
 restarts, so topics, offsets and Debezium's Connect state survive ``guard stack down``/``up``.
+
+Crash-aware start (`Broker.start`): after a crash — ``kill()`` recorded the time of death in
+``<home>/run/broker.killed``, or the pid file names a process that is gone — a new broker is launched only
+once the controller has fenced the dead incarnation, i.e. ``broker.session.timeout.ms`` plus a margin after
+the death (or after the controller's own start, if that is later). Started earlier, the new broker could
+find its old incarnation still registered and unfenced in the metadata image and act on it (partition
+leader, transaction coordinator sending markers) until the controller fenced it; markers sent in the
+~1.5 s leaderless window that follows are skipped by Kafka and leave hanging transactions
+(`guard.stack.kraft` has the full story).
 """
 
 from __future__ import annotations
 
-import base64
 import logging
-import subprocess
-import uuid
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +25,15 @@ from guard.stack.assets import render_asset, write_if_changed
 from guard.stack.config import StackConfig
 from guard.stack.errors import StackError
 from guard.stack.jvm import BASE_OPTS, classpath, java, logging_opts
-from guard.stack.procs import progress, tail
+from guard.stack.kraft import (
+    broker_properties,
+    cluster_id,
+    fence_wait_seconds,
+    format_storage,
+    is_combined_layout,
+    meta_node_id,
+)
+from guard.stack.procs import pid_alive, progress, read_pid
 from guard.stack.service import Service
 
 #: Kafka's own default (`kafka-server-start.sh`). At 512m the broker's young generation filled about once a
@@ -52,11 +67,6 @@ def gc_log_opts(path: Path) -> list[str]:
 _quiet = logging.getLogger("guard.stack.kafka-probe")
 _quiet.addHandler(logging.NullHandler())
 _quiet.propagate = False
-
-
-def new_cluster_id() -> str:
-    """Same format as ``kafka-storage random-uuid`` (url-safe base64 of 16 bytes), without a JVM start."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
 
 
 def broker_answers(bootstrap: str, timeout: float = 3.0) -> bool:
@@ -105,40 +115,80 @@ class Broker(Service):
             raise StackError("internal: broker started without fetched artifacts")
         return self.artifacts.broker_lib
 
-    def prepare(self) -> None:
-        from guard.stack.procs import ensure_port_free
+    @property
+    def killed_file(self) -> Path:
+        """Wall-clock time of the last crash `kill()` caused (removed once a new broker was started)."""
+        return self.cfg.run / "broker.killed"
 
-        ensure_port_free("broker (controller listener)", self.cfg.host, self.cfg.controller_port,
-                         "GUARD_CONTROLLER_PORT")
+    def combined_layout(self) -> bool:
+        """True when ``<home>/kafka`` still holds the combined broker+controller node of before stack-18."""
+        from guard.stack.controller import Controller
+
+        return is_combined_layout(self.data_dir, Controller(self.cfg).data_dir, self.properties)
+
+    def prepare(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        write_if_changed(self.properties, render_asset(
-            "server.properties", kafka_version=self.cfg.kafka_version, host=self.cfg.host,
-            kafka_port=self.cfg.kafka_port, controller_port=self.cfg.controller_port, data_dir=self.data_dir))
+        write_if_changed(self.properties, broker_properties(self.cfg, self.data_dir))
         template = "log4j.properties" if self.cfg.kafka_version.startswith("3.") else "log4j2.properties"
         write_if_changed(self.log_config, render_asset(template, component="kafka",
                                                        log_file=self.cfg.logs / "kafka-server.log"))
-        self._format_once()
+        if meta_node_id(self.data_dir) is None:
+            format_storage(self.cfg, self._lib(), self.properties, self.data_dir, self.log_config,
+                           self.name, cluster_id(self.dir))
 
-    def _format_once(self) -> None:
-        """Format KRaft storage on first start only; an existing meta.properties means keep the data."""
-        if (self.data_dir / "meta.properties").exists():
-            return
-        id_file = self.dir / "cluster.id"
-        if not id_file.exists():
-            id_file.write_text(new_cluster_id() + "\n", encoding="utf-8")
-        cluster_id = id_file.read_text(encoding="utf-8").strip()
-        progress(f"broker: formatting KRaft storage in {self.data_dir} (cluster {cluster_id})")
-        log = self.cfg.logs / "kafka-format.log"
-        with open(log, "ab") as out:
-            rc = subprocess.run(
-                [java(), *logging_opts(self.cfg.kafka_version, self.log_config),
-                 "-cp", classpath(self._lib()), "kafka.tools.StorageTool", "format",
-                 "-t", cluster_id, "-c", str(self.properties), "--ignore-formatted"],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, check=False).returncode
-        if rc != 0:
-            raise StackError(f"broker: formatting storage failed (exit {rc}).\n{tail(log)}\n"
-                             f"If {self.data_dir} holds data from another Kafka version, run "
-                             f"`guard stack down` and remove it.")
+    # --- crash-aware start ---------------------------------------------------------------------
+    def crash_record(self) -> tuple[bool, float | None]:
+        """(crashed, time of death): from `kill()`'s record, or a pid file naming a dead process (time unknown)."""
+        try:
+            return True, float(self.killed_file.read_text(encoding="utf-8").split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+        pid = read_pid(self.pidfile)
+        if pid is not None and not pid_alive(pid, self.marker):
+            return True, None
+        return False, None
+
+    def _record_death(self) -> None:
+        self.cfg.run.mkdir(parents=True, exist_ok=True)
+        self.killed_file.write_text(f"{time.time():.3f}\n", encoding="utf-8")
+
+    def wait_until_fenced(self) -> float:
+        """Before starting after a crash: sleep until the controller has fenced the dead incarnation."""
+        from guard.stack.controller import Controller
+
+        crashed, died_at = self.crash_record()
+        if not crashed:
+            return 0.0
+        wait = fence_wait_seconds(time.time(), died_at, Controller(self.cfg).since(),
+                                  self.cfg.broker_session_timeout_ms)
+        if wait > 0:
+            when = "at an unknown time (pid file of a dead process)" if died_at is None else \
+                f"{time.time() - died_at:.1f}s ago"
+            progress(f"broker: crashed {when}; waiting {wait:.1f}s until the controller has fenced the dead "
+                     f"incarnation (broker.session.timeout.ms={self.cfg.broker_session_timeout_ms} + margin), "
+                     f"so the new broker never acts on a stale registration")
+            time.sleep(wait)
+        return wait
+
+    def start(self) -> bool:
+        if self.pid() is None:
+            self.wait_until_fenced()
+        started = super().start()
+        if started:
+            self.killed_file.unlink(missing_ok=True)
+        return started
+
+    def kill(self) -> None:
+        alive = self.pid() is not None
+        super().kill()
+        if alive:
+            self._record_death()
+
+    def stop(self) -> str:
+        outcome = super().stop()
+        if outcome == "killed after timeout":
+            self._record_death()
+        return outcome
 
     @property
     def gc_log(self) -> Path:

@@ -43,6 +43,11 @@ class StackConfig:
     host: str = "127.0.0.1"
     kafka_port: int = 19092
     controller_port: int = 19093
+    #: KRaft node ids: the broker is node 1, the separate controller process node 100 (guard.stack.kraft).
+    broker_node_id: int = 1
+    controller_node_id: int = 100
+    #: The controller fences a broker whose heartbeats stop for this long (Kafka's default, set explicitly).
+    broker_session_timeout_ms: int = 9000
     connect_port: int = 18083
     pg_port: int = 15432
     redis_port: int = 16379

@@ -1,8 +1,11 @@
 """``up`` / ``down`` / ``status`` / ``env`` / ``restart`` / ``kill`` for the whole local stack.
 
-Start order follows the dependencies: Redis and PostgreSQL and the broker are spawned together (the
-JVM start dominates, so overlapping saves time), then PostgreSQL is provisioned, then Connect starts
-once the broker answers, then the Debezium connector is registered and its snapshot awaited.
+Start order follows the dependencies: Redis, PostgreSQL and the KRaft controller are spawned together (the
+JVM start dominates, so overlapping saves time), the broker once the controller answers, then PostgreSQL
+is provisioned, then Connect starts once the broker answers, then the Debezium connector is registered and
+its snapshot awaited. Stop order is the reverse: Connect, broker, controller, PostgreSQL, Redis.
+A home that still holds the combined broker+controller node of before stack-18 is migrated first
+(`migrate_combined_kafka`).
 Everything is idempotent: running services are left alone and stored data is kept.
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import shutil
 import time
 from collections.abc import Iterator
 
@@ -20,6 +24,7 @@ from guard.stack.broker import Broker
 from guard.stack.config import StackConfig
 from guard.stack.connect import Connect
 from guard.stack.connector import connector_state, ensure_connector, wait_snapshot
+from guard.stack.controller import Controller
 from guard.stack.errors import StackError
 from guard.stack.postgres import SUPERUSER, Postgres
 from guard.stack.procs import progress
@@ -27,21 +32,25 @@ from guard.stack.provision import bootstrap, seed
 from guard.stack.redisd import Redis
 from guard.stack.service import Service, ServiceStatus
 
-SERVICES = ("broker", "connect", "postgres", "redis")
+SERVICES = ("controller", "broker", "connect", "postgres", "redis")
+
+#: Services that run on the fetched Kafka jars.
+_JVM_SERVICES = ("controller", "broker", "connect")
 
 
 class Stack:
-    """The four services of one stack home, built from one config."""
+    """The five services of one stack home, built from one config."""
 
     def __init__(self, cfg: StackConfig | None = None, artifacts: Artifacts | None = None) -> None:
         self.cfg = cfg or StackConfig.from_env()
         self.redis = Redis(self.cfg)
         self.postgres = Postgres(self.cfg)
+        self.controller = Controller(self.cfg, artifacts)
         self.broker = Broker(self.cfg, artifacts)
         self.connect = Connect(self.cfg, artifacts)
 
     def get(self, name: str) -> Service:
-        services: dict[str, Service] = {"broker": self.broker, "connect": self.connect,
+        services: dict[str, Service] = {"controller": self.controller, "broker": self.broker, "connect": self.connect,
                                         "postgres": self.postgres, "redis": self.redis}
         if name not in services:
             raise StackError(f"unknown service {name!r}; choose one of {', '.join(SERVICES)}")
@@ -50,9 +59,38 @@ class Stack:
     def with_artifacts(self) -> Stack:
         """Download (once) what the JVM services need; nothing is started if that fails."""
         a = ensure_artifacts(self.cfg)
+        self.controller.artifacts = a
         self.broker.artifacts = a
         self.connect.artifacts = a
         return self
+
+    def migrate_combined_kafka(self) -> bool:
+        """Replace a combined broker+controller node (the layout before stack-18) by controller + broker.
+
+        The old node's metadata log names node 1 as the only voter, which the separate controller (node 100)
+        cannot take over, so the Kafka data is removed and both nodes are formatted anew: topics and
+        consumer offsets are re-created by their users, Connect re-creates its internal topics and the
+        Debezium connector re-snapshots (its offsets lived in Kafka). A local dev stack; nothing else is lost.
+        """
+        if not self.broker.combined_layout():
+            return False
+        progress(f"kafka: {self.broker.dir} holds a combined broker+controller node (layout before stack-18); "
+                 f"stopping Connect and the broker and removing the Kafka data to run a separate controller "
+                 f"(node {self.cfg.controller_node_id}) and broker (node {self.cfg.broker_node_id}); topics are "
+                 f"re-created and the Debezium connector re-snapshots")
+        for svc in (self.connect, self.broker, self.controller):
+            svc.stop()
+        for d in (self.broker.data_dir, self.controller.data_dir):
+            shutil.rmtree(d, ignore_errors=True)
+        self.broker.killed_file.unlink(missing_ok=True)
+        self.broker.pidfile.unlink(missing_ok=True)
+        return True
+
+    def start_kafka(self) -> None:
+        """Controller first (and wait until it answers), then the broker (crash-aware, see `Broker.start`)."""
+        self.controller.start()
+        self.controller.wait_ready()
+        self.broker.start()
 
     def provision_postgres(self) -> None:
         pg = self.postgres
@@ -86,8 +124,10 @@ def _up(cfg: StackConfig) -> None:
     for d in (cfg.home, cfg.logs, cfg.run):
         d.mkdir(parents=True, exist_ok=True)
     stack = Stack(cfg).with_artifacts()
-    for svc in (stack.redis, stack.postgres, stack.broker):
+    stack.migrate_combined_kafka()
+    for svc in (stack.redis, stack.postgres):
         svc.start()
+    stack.start_kafka()
     stack.redis.wait_ready()
     stack.postgres.wait_ready()
     stack.provision_postgres()
@@ -105,7 +145,7 @@ def down() -> None:
     """Stop what the stack started (Connect first, Redis last). Data stays in the stack home."""
     stack = Stack()
     with _locked(stack.cfg):
-        for name in ("connect", "broker", "postgres", "redis"):
+        for name in ("connect", "broker", "controller", "postgres", "redis"):
             outcome = stack.get(name).stop()
             progress(f"{name}: {outcome}")
 
@@ -140,15 +180,22 @@ def restart(service: str) -> None:
     stack = Stack()
     svc = stack.get(service)
     with _locked(stack.cfg):
-        if service in ("broker", "connect"):
+        if service in _JVM_SERVICES:
             stack.with_artifacts()
+        if service in ("controller", "broker") and stack.migrate_combined_kafka():
+            stack.start_kafka()
+            stack.broker.wait_ready()
+            return
         progress(f"{service}: {svc.stop()}")
         svc.start()
         svc.wait_ready()
 
 
 def kill(service: str) -> None:
-    """SIGKILL one service (its whole process group): a crash, for reliability tests. No restart."""
+    """SIGKILL one service (its whole process group): a crash, for reliability tests. No restart.
+
+    Killing the broker records the time of death (``<home>/run/broker.killed``) for its crash-aware start.
+    """
     svc = Stack().get(service)
     svc.kill()
     progress(f"{service}: killed")
@@ -159,8 +206,14 @@ def start(service: str) -> None:
     stack = Stack()
     svc = stack.get(service)
     with _locked(stack.cfg):
-        if service in ("broker", "connect"):
+        if service in _JVM_SERVICES:
             stack.with_artifacts()
+        if service in ("controller", "broker"):
+            stack.migrate_combined_kafka()
+        if service == "broker" and stack.controller.pid() is None:
+            progress("broker: the controller is not running; starting it first")
+            stack.controller.start()
+            stack.controller.wait_ready()
         svc.start()
         svc.wait_ready()
 

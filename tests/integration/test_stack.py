@@ -111,6 +111,20 @@ def test_env_keys(stack: dict[str, str]) -> None:
     assert stack["GUARD_RAW_TOPIC_PREFIX"] == "br0101"
 
 
+def test_kafka_runs_as_a_controller_and_a_broker_process(stack: dict[str, str]) -> None:
+    """KRaft controller (node 100) and broker (node 1) are separate processes (guard/stack/kraft.py)."""
+    from guard.stack.config import StackConfig
+    from guard.stack.controller import controller_answers
+
+    rows = {s.name: s for s in status()}
+    assert rows["controller"].running and rows["broker"].running, rows
+    assert rows["controller"].detail.split(",")[0] != rows["broker"].detail.split(",")[0], "one pid for both"
+    cfg = StackConfig.from_env()
+    assert controller_answers(cfg.host, cfg.controller_port)
+    md = AdminClient({"bootstrap.servers": stack["GUARD_KAFKA_BOOTSTRAP"]}).list_topics(timeout=10)
+    assert set(md.brokers) == {1}
+
+
 def test_each_service_answers(stack: dict[str, str]) -> None:
     md = AdminClient({"bootstrap.servers": stack["GUARD_KAFKA_BOOTSTRAP"]}).list_topics(timeout=10)
     assert md.brokers
@@ -330,7 +344,7 @@ def _assert_event_flows(stack: dict[str, str], timeout: float = 120.0) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("service", ["postgres", "broker", "connect"])
+@pytest.mark.parametrize("service", ["postgres", "broker", "controller", "connect"])
 def test_pipeline_recovers_after_sigkill(stack: dict[str, str], service: str) -> None:
     """SIGKILL one service, start it again: CDC events flow again without manual steps."""
     from guard.stack import kill, start
