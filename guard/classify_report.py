@@ -14,10 +14,10 @@ from confluent_kafka import Consumer, TopicPartition
 from psycopg import sql
 
 from guard.catalog import Catalog, ColumnPolicy
+from guard.cdc.envelope import decode_value
 from guard.classify import infer_policy
 from guard.config import Settings
 from guard.detectors import detect_column
-from guard.envelope import decode_value
 from guard.errors import ConfigError, DecodeError
 
 

@@ -145,8 +145,8 @@ def sanitize(ctx: click.Context, input_file: Any, dlq_file: TextIO | None) -> No
     processed goes to stderr (or --dlq) with its line number and reason; the exit code is then 1.
     Offline runs never shred keys: a delete of a customer row is sanitized but triggers no erasure.
     """
+    from guard.cdc.envelope import decode_value
     from guard.codec import decode
-    from guard.envelope import decode_value
     from guard.errors import DecodeError
     from guard.runtime import build_sanitizer
 

@@ -31,10 +31,10 @@ import orjson
 
 from guard.avro_fast import AuditTemplate, ImageWriter, encode_change
 from guard.catalog import Catalog
+from guard.cdc.envelope import MAX_VALUE_BYTES, ChangeEvent, decode_value
 from guard.classify import Classifier, TablePlan
 from guard.codec import AvroCodec
 from guard.config import Settings
-from guard.envelope import MAX_VALUE_BYTES, ChangeEvent, decode_value
 from guard.errors import DecodeError, KeyShreddedError, KeyUnavailableError
 from guard.fastpath import new_fast_path, use_native
 from guard.keys.manager import KeyManager
