@@ -59,7 +59,7 @@ from guard import synth
 from guard.batching import take
 from guard.config import Settings, load_settings
 from guard.errors import GuardError
-from guard.fastpath import use_native
+from guard.protect.fastpath import use_native
 from guard.stack.broker import Broker
 from guard.stack.config import StackConfig
 

@@ -22,7 +22,7 @@ from types import MappingProxyType
 from typing import Any
 
 from guard.errors import ConfigError
-from guard.masking import MASK_KINDS
+from guard.protect.masking import MASK_KINDS
 
 __all__ = [
     "DATA_CLASSES",
@@ -58,7 +58,7 @@ class Action(StrEnum):
 class ColumnPolicy:
     """Protection policy of one column.
 
-    ``mask`` is a :data:`guard.masking.MASK_KINDS` kind for a display form carried next to the
+    ``mask`` is a :data:`guard.protect.masking.MASK_KINDS` kind for a display form carried next to the
     ciphertext; ``index`` asks for a deterministic blind index so downstream systems can join or search
     without decrypting.  ``detected_by`` is None for catalogued columns and the detector's reason
     for columns whose policy was inferred.

@@ -12,7 +12,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from guard.codec import decode
 from guard.config import Settings, load_settings
-from guard.masking import mask
+from guard.protect.masking import mask
 from guard.runner import SanitizerWorker, Stats
 from guard.runtime import build_sanitizer
 from guard.workload import run_workload

@@ -31,7 +31,7 @@ from functools import lru_cache
 from stdnum import numdb
 from stdnum.cn import uscc as _stdnum_uscc
 
-from guard.masking import COMPOUND_SURNAMES
+from guard.protect.masking import COMPOUND_SURNAMES
 
 __all__ = ["KINDS", "Detection", "detect_column", "detect_value", "hint_for_column"]
 

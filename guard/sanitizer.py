@@ -36,10 +36,10 @@ from guard.classify import Classifier, TablePlan
 from guard.codec import AvroCodec
 from guard.config import Settings
 from guard.errors import DecodeError, KeyShreddedError, KeyUnavailableError
-from guard.fastpath import new_fast_path, use_native
 from guard.keys.manager import KeyManager
 from guard.keys.primitives import Aead
-from guard.masking import mask
+from guard.protect.fastpath import new_fast_path, use_native
+from guard.protect.masking import mask
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from guard import synth
 from guard.codec import decode
 from guard.config import load_settings
-from guard.fastpath import native_available
 from guard.keys import primitives
+from guard.protect.fastpath import native_available
 from guard.reveal import open_image
 from guard.runner import SanitizerWorker
 from guard.runtime import build_catalog, build_keys

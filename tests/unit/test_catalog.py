@@ -10,7 +10,7 @@ import pytest
 from guard import synth
 from guard.catalog import Action, Catalog, CatalogError, ColumnPolicy, default_catalog_path
 from guard.errors import ConfigError
-from guard.masking import MASK_KINDS
+from guard.protect.masking import MASK_KINDS
 
 REPO = Path(__file__).resolve().parents[2]
 

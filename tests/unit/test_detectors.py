@@ -23,7 +23,7 @@ from guard.detectors import (
     luhn_valid,
     uscc_valid,
 )
-from guard.masking import MASK_KINDS
+from guard.protect.masking import MASK_KINDS
 
 
 def kind_of(value: object) -> str | None:

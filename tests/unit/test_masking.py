@@ -9,7 +9,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from guard import synth
-from guard.masking import MASK_KINDS, mask
+from guard.protect.masking import MASK_KINDS, mask
 
 
 @pytest.mark.parametrize(
