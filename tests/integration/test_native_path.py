@@ -25,7 +25,7 @@ from guard.codec import decode
 from guard.config import load_settings
 from guard.keys import primitives
 from guard.protect.fastpath import native_available
-from guard.reveal import open_image
+from guard.protect.reveal import open_image
 from guard.runner import SanitizerWorker
 from guard.runtime import build_catalog, build_keys
 from guard.sanitizer import Sanitizer

@@ -19,7 +19,7 @@ from guard import synth
 from guard.codec import decode
 from guard.config import load_settings
 from guard.errors import KeyShreddedError
-from guard.reveal import open_image
+from guard.protect.reveal import open_image
 from guard.runtime import build_keys
 from guard.workload import run_workload
 from tests.integration.kafka_helpers import GuardProcess, LeakScanner, produce_raw, read_all, wait_for

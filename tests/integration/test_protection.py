@@ -20,7 +20,7 @@ from guard import synth
 from guard.codec import decode
 from guard.config import load_settings
 from guard.errors import IntegrityError, KeyShreddedError
-from guard.reveal import open_image
+from guard.protect.reveal import open_image
 from guard.runtime import build_keys, build_sanitizer
 from tests.integration.kafka_helpers import REPO, wait_for
 

@@ -15,7 +15,7 @@ import orjson
 from guard.errors import IntegrityError
 from guard.keys.manager import KeyManager
 from guard.keys.primitives import sealed_header
-from guard.sanitizer import image_aad
+from guard.protect.aad import image_aad
 
 
 def open_image(
