@@ -226,8 +226,8 @@ def drift_alert_keys(workload: Workload) -> list[str]:
     The sanitizer deduplicates drift alerts per table and column (not per branch), so the bench's events
     share these marks with the live pipeline; see `cleanup_redis`.
     """
-    from guard.catalog import Catalog
-    from guard.classify import Classifier
+    from guard.classify.catalog import Catalog
+    from guard.classify.plans import Classifier
 
     row = orjson.loads(workload.value(0, 0))["after"]
     plan = Classifier(Catalog.load(None)).plan("public.customers", row)

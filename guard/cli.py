@@ -214,7 +214,7 @@ def demo(ctx: click.Context, customers: int) -> None:
 @click.pass_context
 def classify(ctx: click.Context, table: str | None, topic: str | None, sample: int, as_json: bool) -> None:
     """Report what each column of a table (or topic sample) is classified as, and why."""
-    from guard.classify_report import classify_table, classify_topic
+    from guard.classify.report import classify_table, classify_topic
 
     if bool(table) == bool(topic):
         raise click.UsageError("give exactly one of --table or --topic")

@@ -75,7 +75,7 @@ def _summary(settings: Settings, stats: Stats, customers: list[int], deleted: li
     if raw is None or sanitized is None:
         click.echo("(could not find the sample record pair)")
         return
-    from guard.catalog import Catalog
+    from guard.classify.catalog import Catalog
 
     catalog = Catalog.load(settings.catalog or None)
     after = raw.get("after") or {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import redis
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from guard.catalog import Catalog
+from guard.classify.catalog import Catalog
 from guard.config import Settings
 from guard.errors import KeyUnavailableError
 from guard.keys.kms import LocalKeyring

@@ -30,9 +30,9 @@ from typing import Any, ClassVar
 import orjson
 
 from guard.avro_fast import AuditTemplate, ImageWriter, encode_change
-from guard.catalog import Catalog
 from guard.cdc.envelope import MAX_VALUE_BYTES, ChangeEvent, decode_value
-from guard.classify import Classifier, TablePlan
+from guard.classify.catalog import Catalog
+from guard.classify.plans import Classifier, TablePlan
 from guard.codec import AvroCodec
 from guard.config import Settings
 from guard.errors import DecodeError, KeyShreddedError, KeyUnavailableError

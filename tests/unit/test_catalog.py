@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from guard import synth
-from guard.catalog import Action, Catalog, CatalogError, ColumnPolicy, default_catalog_path
+from guard.classify.catalog import Action, Catalog, CatalogError, ColumnPolicy, default_catalog_path
 from guard.errors import ConfigError
 from guard.protect.masking import MASK_KINDS
 

@@ -14,7 +14,7 @@ from stdnum import luhn
 from stdnum.cn import uscc as stdnum_uscc
 
 from guard import synth
-from guard.detectors import (
+from guard.classify.detectors import (
     KINDS,
     Detection,
     detect_column,

@@ -15,7 +15,7 @@ from stdnum.cn import ric
 from stdnum.cn import uscc as stdnum_uscc
 
 from guard import synth
-from guard.detectors import detect_column, detect_value, uscc_valid
+from guard.classify.detectors import detect_column, detect_value, uscc_valid
 
 COLUMNS = {
     "customers": {

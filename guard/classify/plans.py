@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from guard.catalog import Action, Catalog, ColumnPolicy, TablePolicy
-from guard.detectors import detect_column
+from guard.classify.catalog import Action, Catalog, ColumnPolicy, TablePolicy
+from guard.classify.detectors import detect_column
 
 #: Column names taken as the data-subject identifier of tables the catalog does not know.
 SUBJECT_COLUMN_GUESSES = ("customer_id", "cust_id", "customer_no", "cust_no", "client_id", "khh", "kh_id")

@@ -13,11 +13,11 @@ import psycopg
 from confluent_kafka import Consumer, TopicPartition
 from psycopg import sql
 
-from guard.catalog import Catalog, ColumnPolicy
 from guard.cdc.envelope import decode_value
-from guard.classify import infer_policy
+from guard.classify.catalog import Catalog, ColumnPolicy
+from guard.classify.detectors import detect_column
+from guard.classify.plans import infer_policy
 from guard.config import Settings
-from guard.detectors import detect_column
 from guard.errors import ConfigError, DecodeError
 
 

@@ -5,7 +5,7 @@ with its JR/T 0171-2020 class (C1/C2/C3, or ``none`` for non-personal data), a c
 PIPL Art. 28 sensitive PI, and a protection action.  It is validated when loaded so that a policy
 mistake (a C2 column left in clear, a C3 secret encrypted instead of dropped, a typo in a mask name)
 stops the guard at start-up with an error that names the table and column, rather than leaking data
-at run time.  Columns the catalog does not know are handled by :mod:`guard.classify` (fail closed).
+at run time.  Columns the catalog does not know are handled by :mod:`guard.classify.plans` (fail closed).
 
 Objects are frozen: the catalog is shared by every worker thread and cached in table plans.
 """
@@ -250,7 +250,7 @@ def default_catalog_path() -> Path:
     env = os.environ.get(ENV_VAR)
     if env:
         return Path(env)
-    beside_package = Path(__file__).resolve().parent.parent / "schemas" / "catalog.toml"
+    beside_package = Path(__file__).resolve().parents[2] / "schemas" / "catalog.toml"
     if beside_package.is_file():
         return beside_package
     return Path.cwd() / "schemas" / "catalog.toml"
