@@ -146,8 +146,8 @@ def sanitize(ctx: click.Context, input_file: Any, dlq_file: TextIO | None) -> No
     Offline runs never shred keys: a delete of a customer row is sanitized but triggers no erasure.
     """
     from guard.cdc.envelope import decode_value
-    from guard.codec import decode
     from guard.errors import DecodeError
+    from guard.records.codec import decode
     from guard.runtime import build_sanitizer
 
     settings = _settings(ctx)

@@ -10,9 +10,9 @@ import click
 import orjson
 from confluent_kafka import Consumer, TopicPartition
 
-from guard.codec import decode
 from guard.config import Settings, load_settings
 from guard.protect.masking import mask
+from guard.records.codec import decode
 from guard.runner import SanitizerWorker, Stats
 from guard.runtime import build_sanitizer
 from guard.workload import run_workload

@@ -29,11 +29,9 @@ from typing import Any, ClassVar
 
 import orjson
 
-from guard.avro_fast import AuditTemplate, ImageWriter, encode_change
 from guard.cdc.envelope import MAX_VALUE_BYTES, ChangeEvent, decode_value
 from guard.classify.catalog import Catalog
 from guard.classify.plans import Classifier, TablePlan
-from guard.codec import AvroCodec
 from guard.config import Settings
 from guard.errors import DecodeError, KeyShreddedError, KeyUnavailableError
 from guard.keys.manager import KeyManager
@@ -41,6 +39,8 @@ from guard.keys.primitives import Aead
 from guard.protect.aad import ImageAad
 from guard.protect.fastpath import new_fast_path, use_native
 from guard.protect.masking import mask
+from guard.records.codec import AvroCodec
+from guard.records.encoders import AuditTemplate, ImageWriter, encode_change
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@
 //! * it never touches key material: data keys stay inside Python's `cryptography` objects, and sealing is
 //!   a call back into `Aead.seal`; display masks, blind-index tokens and C3 keyed hashes are calls back
 //!   into the Python functions (masks and tokens of string values are memoised per column, as in
-//!   `guard.avro_fast.ImageWriter`);
+//!   `guard.records.encoders.ImageWriter`);
 //! * it reads the record's JSON itself (`json`, `envelope`), building no Python object per field;
 //! * it declines whenever an event is anything but well formed and ordinary: a schema wrapper, an unknown
 //!   or special op, an unregistered column layout, a plan with unclassified columns, a delete of a

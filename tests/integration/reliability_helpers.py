@@ -31,7 +31,7 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from guard import synth
-from guard.codec import decode
+from guard.records.codec import decode
 from tests.integration.kafka_helpers import LeakScanner, Rec, high_watermark
 
 RAW_PREFIX = "br0101"

@@ -22,7 +22,7 @@ import pytest
 from confluent_kafka import Producer
 
 import guard.stack
-from guard.codec import decode
+from guard.records.codec import decode
 from guard.workload import WorkloadResult, run_workload
 from tests.integration.kafka_helpers import GuardProcess
 from tests.integration.reliability_helpers import (

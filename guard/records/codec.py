@@ -22,8 +22,8 @@ from typing import Any
 import fastavro
 from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
 
-from guard.avro_fast import WRITERS
 from guard.errors import ConfigError, DecodeError
+from guard.records.encoders import WRITERS
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 CONFLUENT_MAGIC = b"\x00"
@@ -33,7 +33,7 @@ def schemas_dir() -> Path:
     env = os.environ.get("GUARD_SCHEMAS_DIR")
     if env:
         return Path(env)
-    here = Path(__file__).resolve().parent.parent / "schemas"
+    here = Path(__file__).resolve().parents[2] / "schemas"
     if here.is_dir():
         return here
     raise ConfigError("cannot find the schemas/ directory; set GUARD_SCHEMAS_DIR")

@@ -5,7 +5,7 @@ call, which costs ~60 µs for one sanitized customer record, more than all the c
 record together. These schemas are fixed, so this writer emits the same bytes with straight-line code and
 memoised encodings of the strings that repeat (column names, table names, field lists, tokens of the
 branch), about 10x faster. fastavro stays the reference: the tests check that both produce identical
-bytes for generated records, and every reader (`guard.codec.decode`) uses fastavro.
+bytes for generated records, and every reader (`guard.records.codec.decode`) uses fastavro.
 
 Avro binary encoding in brief: int/long are zig-zag varints; strings and bytes are a long length then
 the bytes; a union is the branch index then the value; maps and arrays are one block (count, items) then
