@@ -1061,7 +1061,7 @@ class StageTimer:
 
 def _instrument(sanitizer: Any, timer: StageTimer) -> Callable[[], None]:
     """Wrap the sanitizer's stages in place; returns a function that undoes the class/module patches."""
-    import guard.sanitizer as sanitizer_module
+    import guard.pipeline.sanitizer as sanitizer_module
     from guard.keys.primitives import Aead, BlindIndex
 
     module_patches = {"decode_value": "decode (JSON envelope)", "mask": "display masks"}
@@ -1101,7 +1101,7 @@ def profile_local(settings: Settings, records: int, *, cprofile_out: Path | None
     cost on this machine: check `redis-cli --latency` when comparing machines.
     """
     from guard.bench_worker import guard_settings
-    from guard.runtime import build_sanitizer
+    from guard.pipeline.runtime import build_sanitizer
 
     names = Names("prof" + uuid.uuid4().hex[:6])
     workload = build_workload(records)

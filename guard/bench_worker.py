@@ -204,8 +204,8 @@ def _mark_first(process: Callable[..., Any], restore: Callable[[Callable[..., An
 
 def run_guard(settings: Settings) -> dict[str, Any]:
     """Run the real `SanitizerWorker` over the bench's raw topic until SIGTERM and return its counts."""
+    from guard.pipeline.runtime import build_sanitizer
     from guard.runner import SanitizerWorker, Stats
-    from guard.runtime import build_sanitizer
 
     sanitizer = build_sanitizer(settings)
 

@@ -109,8 +109,8 @@ def run(ctx: click.Context, worker_id: str | None, max_idle: float | None) -> No
     """Sanitize the branch's raw CDC topics into sanitized.* topics, exactly once, until SIGTERM."""
     from confluent_kafka import KafkaException
 
+    from guard.pipeline.runtime import build_sanitizer
     from guard.runner import ProducerStuckError, SanitizerWorker
-    from guard.runtime import build_sanitizer
 
     settings = _settings(ctx)
     if worker_id:
@@ -147,8 +147,8 @@ def sanitize(ctx: click.Context, input_file: Any, dlq_file: TextIO | None) -> No
     """
     from guard.cdc.envelope import decode_value
     from guard.errors import DecodeError
+    from guard.pipeline.runtime import build_sanitizer
     from guard.records.codec import decode
-    from guard.runtime import build_sanitizer
 
     settings = _settings(ctx)
     try:
@@ -270,7 +270,7 @@ def retention(ctx: click.Context, now: float | None, operator: str) -> None:
 @click.pass_context
 def hold(ctx: click.Context, subject: str, release: bool) -> None:
     """Put a data subject under legal hold: erasure then keeps it storage-only (PIPL Art. 47 para. 2)."""
-    from guard.runtime import build_keys
+    from guard.pipeline.runtime import build_keys
 
     settings = _settings(ctx)
     try:

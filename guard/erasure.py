@@ -10,8 +10,8 @@ from confluent_kafka import Producer
 
 from guard.config import Settings
 from guard.errors import GuardError
-from guard.runtime import build_sanitizer
-from guard.sanitizer import OutRecord
+from guard.pipeline.runtime import build_sanitizer
+from guard.pipeline.sanitizer import OutRecord
 
 REASONS = {
     "art47_1_purpose_achieved": "processing purpose achieved, unachievable or no longer necessary",

@@ -55,7 +55,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from guard.batching import EarlyOffsets, commit_due, take
 from guard.config import Settings
 from guard.errors import KeyUnavailableError
-from guard.sanitizer import NativeRun, Outcome, Sanitizer
+from guard.pipeline.sanitizer import NativeRun, Outcome, Sanitizer
 from guard.telemetry import Telemetry
 
 log = logging.getLogger("guard.runner")

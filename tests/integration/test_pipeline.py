@@ -18,9 +18,9 @@ from confluent_kafka.admin import AdminClient
 from guard import synth
 from guard.config import load_settings
 from guard.errors import KeyShreddedError
+from guard.pipeline.runtime import build_keys
 from guard.protect.reveal import open_image
 from guard.records.codec import decode
-from guard.runtime import build_keys
 from guard.workload import run_workload
 from tests.integration.kafka_helpers import GuardProcess, LeakScanner, produce_raw, read_all, wait_for
 

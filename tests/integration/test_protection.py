@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from guard import synth
 from guard.config import load_settings
 from guard.errors import IntegrityError, KeyShreddedError
+from guard.pipeline.runtime import build_keys, build_sanitizer
 from guard.protect.reveal import open_image
 from guard.records.codec import decode
-from guard.runtime import build_keys, build_sanitizer
 from tests.integration.kafka_helpers import REPO, wait_for
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,7 @@ from guard.errors import KeyUnavailableError
 from guard.keys.kms import LocalKeyring
 from guard.keys.manager import KeyManager
 from guard.keys.store import RedisKeyStore
-from guard.sanitizer import Sanitizer
+from guard.pipeline.sanitizer import Sanitizer
 
 
 def build_keys(settings: Settings, *, listen: bool = True, wait_s: float = 30.0) -> KeyManager:
