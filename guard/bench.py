@@ -56,9 +56,9 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from guard import synth
-from guard.batching import take
 from guard.config import Settings, load_settings
 from guard.errors import GuardError
+from guard.kafka.batching import take
 from guard.protect.fastpath import use_native
 from guard.stack.broker import Broker
 from guard.stack.config import StackConfig

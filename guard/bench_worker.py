@@ -31,8 +31,8 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from guard.batching import EarlyOffsets, commit_due, take
 from guard.config import Settings, load_settings
+from guard.kafka.batching import EarlyOffsets, commit_due, take
 from guard.runner import consumer_config, producer_config
 
 log = logging.getLogger("guard.bench_worker")

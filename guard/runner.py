@@ -52,9 +52,9 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from guard.batching import EarlyOffsets, commit_due, take
 from guard.config import Settings
 from guard.errors import KeyUnavailableError
+from guard.kafka.batching import EarlyOffsets, commit_due, take
 from guard.pipeline.sanitizer import NativeRun, Outcome, Sanitizer
 from guard.telemetry import Telemetry
 
