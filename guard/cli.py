@@ -109,8 +109,8 @@ def run(ctx: click.Context, worker_id: str | None, max_idle: float | None) -> No
     """Sanitize the branch's raw CDC topics into sanitized.* topics, exactly once, until SIGTERM."""
     from confluent_kafka import KafkaException
 
+    from guard.kafka.runner import ProducerStuckError, SanitizerWorker
     from guard.pipeline.runtime import build_sanitizer
-    from guard.runner import ProducerStuckError, SanitizerWorker
 
     settings = _settings(ctx)
     if worker_id:

@@ -1,6 +1,6 @@
 """The sanitizer's transform: one raw Debezium record in, the records to produce out.
 
-This module knows nothing about Kafka clients or transactions (see `guard.runner`); it is a pure function
+This module knows nothing about Kafka clients or transactions (see `guard.kafka.runner`); it is a pure function
 of the input record plus the key manager and catalog, so the offline `guard sanitize` command and the
 live pipeline run exactly the same code. (`run_native` is handed the runner's `produce` function so the
 native path can produce runs of a batch itself; it still never sees a client or a transaction.)

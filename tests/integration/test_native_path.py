@@ -22,13 +22,13 @@ from hypothesis import strategies as st
 
 from guard import synth
 from guard.config import load_settings
+from guard.kafka.runner import SanitizerWorker
 from guard.keys import primitives
 from guard.pipeline.runtime import build_catalog, build_keys
 from guard.pipeline.sanitizer import Sanitizer
 from guard.protect.fastpath import native_available
 from guard.protect.reveal import open_image
 from guard.records.codec import decode
-from guard.runner import SanitizerWorker
 from guard.telemetry import Telemetry
 
 pytestmark = [

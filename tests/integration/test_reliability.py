@@ -516,8 +516,8 @@ def test_key_store_failure_at_commit_time_is_retried_not_fatal(stack, log_dir):
     """
     from guard.config import load_settings
     from guard.errors import KeyUnavailableError
+    from guard.kafka.runner import SanitizerWorker
     from guard.pipeline.runtime import build_sanitizer
-    from guard.runner import SanitizerWorker
 
     sc = Scenario(stack, log_dir, partitions=1)
     settings = load_settings(None, kafka_bootstrap=sc.bootstrap, redis_url=stack["GUARD_REDIS_URL"],
