@@ -240,7 +240,7 @@ def classify(ctx: click.Context, table: str | None, topic: str | None, sample: i
 @click.pass_context
 def erase(ctx: click.Context, subject: str, reason: str, operator: str) -> None:
     """Crypto-shred a data subject's keys and write the confirmation to guard.deletions."""
-    from guard.erasure import erase_subject
+    from guard.erasure.service import erase_subject
 
     try:
         confirmation = erase_subject(_settings(ctx), subject, reason, operator)
@@ -255,7 +255,7 @@ def erase(ctx: click.Context, subject: str, reason: str, operator: str) -> None:
 @click.pass_context
 def retention(ctx: click.Context, now: float | None, operator: str) -> None:
     """Erase every data subject whose retention period ran out; prints one confirmation per line."""
-    from guard.erasure import sweep_retention
+    from guard.erasure.service import sweep_retention
 
     try:
         for confirmation in sweep_retention(_settings(ctx), now=now, by=operator):

@@ -242,7 +242,7 @@ def test_retention_sweep_erases_expired_subjects(stack, branch_settings):
     c = customer(rng, 9_500_001)
     _, doc, _ = sanitize(san, "customers", {"customer_id": c["customer_id"]}, event("customers", c))
     san.keys.store.record_subject_activity(settings.branch, san.subject_activity)
-    from guard.erasure import sweep_retention
+    from guard.erasure.service import sweep_retention
 
     assert sweep_retention(settings, now=time.time()) == []  # nothing expired yet
     far = time.time() + 1826 * 86_400  # the catalog keeps customers 1825 days
