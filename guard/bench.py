@@ -55,13 +55,13 @@ import psutil
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from guard import synth
 from guard.config import Settings, load_settings
 from guard.errors import GuardError
 from guard.kafka.batching import take
 from guard.protect.fastpath import use_native
 from guard.stack.broker import Broker
 from guard.stack.config import StackConfig
+from guard.workload import synth
 
 log = logging.getLogger("guard.bench")
 

@@ -15,7 +15,7 @@ from guard.kafka.runner import SanitizerWorker, Stats
 from guard.pipeline.runtime import build_sanitizer
 from guard.protect.masking import mask
 from guard.records.codec import decode
-from guard.workload import run_workload
+from guard.workload.branch import run_workload
 
 
 def run_demo(settings: Settings, *, customers: int = 20) -> None:

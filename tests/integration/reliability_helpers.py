@@ -30,8 +30,8 @@ import orjson
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from guard import synth
 from guard.records.codec import decode
+from guard.workload import synth
 from tests.integration.kafka_helpers import LeakScanner, Rec, high_watermark
 
 RAW_PREFIX = "br0101"

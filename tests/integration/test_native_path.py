@@ -20,7 +20,6 @@ from confluent_kafka import KafkaError, KafkaException, Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guard import synth
 from guard.config import load_settings
 from guard.kafka.runner import SanitizerWorker
 from guard.keys import primitives
@@ -30,6 +29,7 @@ from guard.protect.fastpath import native_available
 from guard.protect.reveal import open_image
 from guard.records.codec import decode
 from guard.telemetry import Telemetry
+from guard.workload import synth
 
 pytestmark = [
     pytest.mark.integration,

@@ -16,12 +16,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guard import synth
 from guard.config import load_settings
 from guard.errors import IntegrityError, KeyShreddedError
 from guard.pipeline.runtime import build_keys, build_sanitizer
 from guard.protect.reveal import open_image
 from guard.records.codec import decode
+from guard.workload import synth
 from tests.integration.kafka_helpers import REPO, wait_for
 
 pytestmark = pytest.mark.integration

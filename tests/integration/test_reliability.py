@@ -23,7 +23,7 @@ from confluent_kafka import Producer
 
 import guard.stack
 from guard.records.codec import decode
-from guard.workload import WorkloadResult, run_workload
+from guard.workload.branch import WorkloadResult, run_workload
 from tests.integration.kafka_helpers import GuardProcess
 from tests.integration.reliability_helpers import (
     ANOMALIES,

@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from stdnum import luhn
 from stdnum.cn import uscc as stdnum_uscc
 
-from guard import synth
 from guard.classify.detectors import (
     KINDS,
     Detection,
@@ -24,6 +23,7 @@ from guard.classify.detectors import (
     uscc_valid,
 )
 from guard.protect.masking import MASK_KINDS
+from guard.workload import synth
 
 
 def kind_of(value: object) -> str | None:

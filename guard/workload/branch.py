@@ -9,7 +9,7 @@ from typing import Any
 
 import psycopg
 
-from guard import synth
+from guard.workload import synth
 
 
 @dataclass
