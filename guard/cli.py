@@ -197,7 +197,7 @@ def sanitize(ctx: click.Context, input_file: Any, dlq_file: TextIO | None) -> No
 @click.pass_context
 def demo(ctx: click.Context, customers: int) -> None:
     """Start the stack if needed, run the guard over a short branch workload, and print a summary."""
-    from guard.demo import run_demo
+    from guard.demo.run import run_demo
 
     try:
         run_demo(_settings(ctx), customers=customers)
