@@ -311,7 +311,7 @@ def bench(ctx: click.Context, records: int, partitions: int, workers: int, trial
           latency_seconds: float | None, warmup_seconds: float | None, scaling: bool, soak: float,
           keep: bool) -> None:
     """Plain consume-produce vs the guard on the same records; last line `ratio <guard/plain>`."""
-    from guard.bench import run_bench
+    from guard.bench.run import run_bench
 
     try:
         run_bench(_settings(ctx), records=records, partitions=partitions, workers=workers, json_out=json_out,

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from guard.bench import WARMUP_S, BenchError, BenchOptions, Names, ThroughputResult, median_trial, run, trial_group
+from guard.bench.run import WARMUP_S, BenchError, BenchOptions, Names, ThroughputResult, median_trial, run, trial_group
 
 
 def result(rate: float) -> ThroughputResult:

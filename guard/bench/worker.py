@@ -1,6 +1,6 @@
 """One benchmark worker process: the plain exactly-once loop (`plain`) or the real guard (`guard`).
 
-`guard.bench` starts these as separate OS processes so each one's RSS can be measured on its own and so
+`guard.bench.run` starts these as separate OS processes so each one's RSS can be measured on its own and so
 W workers really run in parallel (no shared GIL). A worker talks to its parent through stdout, one JSON
 object per line and nothing else on stdout (logs go to stderr):
 

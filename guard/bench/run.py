@@ -5,7 +5,7 @@ Why it is built this way:
 - **Same records, same plumbing.** One raw-looking topic `bench<runid>.public.customers` is filled once with
   Debezium JSON change events of the demo `customers` table (shape of the live connector: no schema wrapper,
   `birth_date` as days since the epoch, the table's `created_at` column included). Both modes read it with
-  the same consumer settings, batch policy and exactly-once protocol (see `guard.bench_worker`); only the
+  the same consumer settings, batch policy and exactly-once protocol (see `guard.bench.worker`); only the
   transform differs. The plain loop copies values unchanged; the guard runs the real `SanitizerWorker`.
 - **Processes, not threads.** Every worker is its own OS process, so W workers really run in parallel and
   each one's RSS is sampled on its own (psutil, from this parent).
@@ -344,7 +344,7 @@ def pace(bootstrap: str, topic: str, workload: Workload, rate: float, seconds: f
 # --- worker processes ------------------------------------------------------------------------------
 @dataclass
 class WorkerProc:
-    """One `guard.bench_worker` process and what it reported on stdout."""
+    """One `guard.bench.worker` process and what it reported on stdout."""
 
     mode: str
     worker_id: str
@@ -356,7 +356,7 @@ class WorkerProc:
     ready: threading.Event = field(default_factory=threading.Event)
 
     def read(self) -> None:
-        """Reader thread: parse the worker's protocol lines (see `guard.bench_worker`)."""
+        """Reader thread: parse the worker's protocol lines (see `guard.bench.worker`)."""
         assert self.popen.stdout is not None
         for line in self.popen.stdout:
             try:
@@ -456,7 +456,7 @@ class WorkerSet:
 
     def _spawn(self, worker_id: str) -> WorkerProc:
         ctx = self.ctx
-        cmd = [sys.executable, "-m", "guard.bench_worker", "--mode", self.mode, "--runid", ctx.names.runid,
+        cmd = [sys.executable, "-m", "guard.bench.worker", "--mode", self.mode, "--runid", ctx.names.runid,
                "--group", self.group, "--worker-id", worker_id, "--bootstrap", ctx.settings.kafka_bootstrap,
                "--redis-url", ctx.settings.redis_url, "--input-topic", ctx.names.input,
                "--output-topic", ctx.names.plain_out, "--branch-suffix", self.branch_suffix]
@@ -1100,7 +1100,7 @@ def profile_local(settings: Settings, records: int, *, cprofile_out: Path | None
     Keys go to a throw-away branch `benchprof*` that is deleted afterwards. Redis round trips cost what they
     cost on this machine: check `redis-cli --latency` when comparing machines.
     """
-    from guard.bench_worker import guard_settings
+    from guard.bench.worker import guard_settings
     from guard.pipeline.runtime import build_sanitizer
 
     names = Names("prof" + uuid.uuid4().hex[:6])
