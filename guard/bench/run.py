@@ -1061,13 +1061,17 @@ class StageTimer:
 
 def _instrument(sanitizer: Any, timer: StageTimer) -> Callable[[], None]:
     """Wrap the sanitizer's stages in place; returns a function that undoes the class/module patches."""
+    import guard.pipeline.decode as decode_module
+    import guard.pipeline.protect as protect_module
     import guard.pipeline.sanitizer as sanitizer_module
     from guard.keys.primitives import Aead, BlindIndex
 
-    module_patches = {"decode_value": "decode (JSON envelope)", "mask": "display masks"}
-    originals = {name: getattr(sanitizer_module, name) for name in module_patches}
-    for name, stage in module_patches.items():
-        setattr(sanitizer_module, name, timer.wrap(stage, originals[name]))
+    module_patches = [(decode_module, "decode_value", "decode (JSON envelope)"),
+                      (sanitizer_module, "decode_value", "decode (JSON envelope)"),
+                      (protect_module, "mask", "display masks")]
+    originals = [(module, name, getattr(module, name)) for module, name, _ in module_patches]
+    for (module, name, stage), (_, _, original) in zip(module_patches, originals, strict=True):
+        setattr(module, name, timer.wrap(stage, original))
     seal, token = Aead.seal, BlindIndex.token
     Aead.seal = timer.wrap("AES-GCM seal (one call per image)", seal)  # type: ignore[method-assign]
     BlindIndex.token = timer.wrap("blind index / token HMAC", token)  # type: ignore[method-assign]
@@ -1078,13 +1082,13 @@ def _instrument(sanitizer: Any, timer: StageTimer) -> Callable[[], None]:
     keys.subject_aead = timer.wrap("data-subject key lookup", keys.subject_aead)
     sanitizer.sanitized_codec.encode = timer.wrap("Avro encode (sanitized)", sanitizer.sanitized_codec.encode)
     sanitizer.audit_codec.encode = timer.wrap("Avro encode (audit)", sanitizer.audit_codec.encode)
-    sanitizer._audit = timer.wrap("audit record (build)", sanitizer._audit)
-    sanitizer._alert_once = timer.wrap("drift-alert dedup (Redis SET NX)", sanitizer._alert_once)
-    sanitizer._image = timer.wrap("image assembly (clear copy, dicts)", sanitizer._image)
+    sanitizer.emitter.audit = timer.wrap("audit record (build)", sanitizer.emitter.audit)
+    sanitizer.emitter._alert_once = timer.wrap("drift-alert dedup (Redis SET NX)", sanitizer.emitter._alert_once)
+    sanitizer.protector.image = timer.wrap("image assembly (clear copy, dicts)", sanitizer.protector.image)
 
     def undo() -> None:
-        for name, fn in originals.items():
-            setattr(sanitizer_module, name, fn)
+        for module, name, fn in originals:
+            setattr(module, name, fn)
         Aead.seal = seal  # type: ignore[method-assign]
         BlindIndex.token = token  # type: ignore[method-assign]
 

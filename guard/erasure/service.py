@@ -11,7 +11,7 @@ from confluent_kafka import Producer
 from guard.config import Settings
 from guard.errors import GuardError
 from guard.pipeline.runtime import build_sanitizer
-from guard.pipeline.sanitizer import OutRecord
+from guard.records.builders import OutRecord
 
 REASONS = {
     "art47_1_purpose_achieved": "processing purpose achieved, unachievable or no longer necessary",
