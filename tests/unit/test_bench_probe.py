@@ -3,7 +3,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guard.bench.run import sanitized_ts
+from guard.bench.latency import sanitized_ts
 from guard.records.codec import AvroCodec, decode
 
 
