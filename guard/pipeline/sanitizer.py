@@ -106,7 +106,7 @@ class Sanitizer:
         self.sanitized_codec = self.emitter.sanitized_codec
         self.audit_codec = self.emitter.audit_codec
         self.sanitize_key: Callable[[str, bytes | None], bytes | None] = self.protector.sanitize_key
-        #: The data subject's token of an id value (`Planner.subject_for`; tests and erasure drills name it).
+        #: The data subject's token of an id value (`Planner.subject_for`; the native-path tests name it).
         self._subject_for = self.planner.subject_for
         self._clock = clock
         self._prefix_len = len(settings.raw_topic_prefix) + 1
