@@ -33,7 +33,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from guard.config import Settings, load_settings
 from guard.kafka.batching import EarlyOffsets, commit_due, take
-from guard.kafka.runner import consumer_config, producer_config
+from guard.kafka.clients import consumer_config, producer_config
 
 log = logging.getLogger("guard.bench_worker")
 
@@ -204,7 +204,8 @@ def _mark_first(process: Callable[..., Any], restore: Callable[[Callable[..., An
 
 def run_guard(settings: Settings) -> dict[str, Any]:
     """Run the real `SanitizerWorker` over the bench's raw topic until SIGTERM and return its counts."""
-    from guard.kafka.runner import SanitizerWorker, Stats
+    from guard.kafka.runner import SanitizerWorker
+    from guard.kafka.stats import Stats
     from guard.pipeline.runtime import build_sanitizer
 
     sanitizer = build_sanitizer(settings)

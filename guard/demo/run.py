@@ -11,7 +11,8 @@ import orjson
 from confluent_kafka import Consumer, TopicPartition
 
 from guard.config import Settings, load_settings
-from guard.kafka.runner import SanitizerWorker, Stats
+from guard.kafka.runner import SanitizerWorker
+from guard.kafka.stats import Stats
 from guard.pipeline.runtime import build_sanitizer
 from guard.protect.masking import mask
 from guard.records.codec import decode

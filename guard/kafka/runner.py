@@ -37,8 +37,7 @@ import gc
 import logging
 import signal
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import (
@@ -50,61 +49,17 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
 
 from guard.config import Settings
 from guard.errors import KeyUnavailableError
 from guard.kafka.batching import EarlyOffsets, commit_due, take
-from guard.pipeline.sanitizer import NativeRun, Outcome, Sanitizer
+from guard.kafka.clients import OUTPUT_TOPIC_PARTITIONS, TopicManager, consumer_config, producer_config
+from guard.kafka.stats import BatchCounters, Stats
+from guard.pipeline.sanitizer import Outcome, Sanitizer
 from guard.telemetry import Telemetry
 
 log = logging.getLogger("guard.runner")
-
-OUTPUT_TOPIC_PARTITIONS = 3
-
-
-def consumer_config(settings: Settings, client_id: str) -> dict[str, Any]:
-    """A sanitizer worker's consumer settings (the bench's plain loop uses them too, for a fair baseline)."""
-    return {
-        "bootstrap.servers": settings.kafka_bootstrap,
-        "group.id": settings.group_id,
-        "client.id": client_id,
-        "enable.auto.commit": False,
-        "enable.auto.offset.store": False,
-        "isolation.level": "read_committed",
-        "auto.offset.reset": "earliest",
-        "partition.assignment.strategy": "cooperative-sticky",
-        "session.timeout.ms": 15000,
-        "heartbeat.interval.ms": 1000,
-        "max.poll.interval.ms": 120000,
-        "fetch.wait.max.ms": 50,
-        "reconnect.backoff.max.ms": 1000,
-    }
-
-
-def producer_config(settings: Settings, client_id: str) -> dict[str, Any]:
-    """A sanitizer worker's transactional producer settings (shared with the bench's plain loop)."""
-    return {
-        "bootstrap.servers": settings.kafka_bootstrap,
-        "client.id": client_id,
-        "transactional.id": settings.transactional_id(),
-        "transaction.timeout.ms": settings.transaction_timeout_ms,
-        "enable.idempotence": True,
-        "linger.ms": 5,
-        "compression.type": "lz4",
-        "queue.buffering.max.messages": 500_000,
-        # A transaction that starts right after the previous commit meets CONCURRENT_TRANSACTIONS until the
-        # coordinator has written the markers; librdkafka retries after retry.backoff.ms (default 100 ms,
-        # the Java client uses 20 ms here). 10 ms took the median commit cycle from ~45 ms to ~8 ms.
-        "retry.backoff.ms": 10,
-        # librdkafka doubles the back-off on each retry of the same request (up to 1 s by default): a
-        # commit whose AddOffsetsToTxn met CONCURRENT_TRANSACTIONS four times in a row waited 10+20+40+80
-        # ms, and such 60-150 ms stalls made most of the guard's p99 at half rate. Capped at 20 ms, a
-        # retry waits no longer than the markers it is waiting for usually take.
-        "retry.backoff.max.ms": 20,
-        "reconnect.backoff.max.ms": 1000,
-    }
-
 
 def tune_gc(batch_size: int) -> None:
     """Keep the cyclic garbage collector off the hot path; reference counting frees a batch's objects.
@@ -124,134 +79,6 @@ def tune_gc(batch_size: int) -> None:
 
 class ProducerStuckError(Exception):
     """A transactional producer call did not return within its deadline."""
-
-
-@dataclass
-class Stats:
-    """Totals of committed work (the demo's summary and the metrics read the same numbers).
-
-    Counts move from the open batch into these totals only when its transaction commits, so an aborted
-    and reprocessed batch is never counted twice.
-    """
-
-    events_in: int = 0
-    records_out: int = 0
-    transactions: int = 0
-    aborts: int = 0
-    decisions: dict[str, int] = field(default_factory=dict)
-    fields_by_class: dict[str, int] = field(default_factory=dict)
-    dlq_reasons: dict[str, int] = field(default_factory=dict)
-
-    def merge(self, batch: BatchCounters) -> None:
-        self.events_in += batch.events
-        self.records_out += batch.records_out
-        self.transactions += 1
-        for (_, decision), n in batch.by_table_decision.items():
-            self.decisions[decision] = self.decisions.get(decision, 0) + n
-        for cls, n in batch.fields.items():
-            self.fields_by_class[cls] = self.fields_by_class.get(cls, 0) + n
-        for reason, n in batch.dlq.items():
-            self.dlq_reasons[reason] = self.dlq_reasons.get(reason, 0) + n
-
-
-@dataclass
-class BatchCounters:
-    """What the open transaction has done so far.
-
-    `add` runs per event, so it only counts outcome shapes (table, decision, class-count map); the
-    per-table and per-class totals are summed from the shapes once, at commit.
-    """
-
-    events: int = 0
-    records_out: int = 0
-    dlq: dict[str, int] = field(default_factory=dict)
-    timestamps_ms: list[int] = field(default_factory=list)
-    #: (table, decision, id of the outcome's class counts) -> events; the maps themselves in `_classes`.
-    _shapes: dict[tuple[str, str, int], int] = field(default_factory=dict)
-    _classes: dict[int, Mapping[str, int]] = field(default_factory=dict)
-
-    def add(self, outcome: Outcome, timestamp_ms: int) -> None:
-        self.events += 1
-        self.records_out += len(outcome.records)
-        self._add_shape(outcome.table or "", outcome.decision, outcome.classes, 1)
-        if outcome.dlq_reason:
-            self.dlq[outcome.dlq_reason] = self.dlq.get(outcome.dlq_reason, 0) + 1
-        self.timestamps_ms.append(timestamp_ms)
-
-    def add_run(self, run: NativeRun) -> None:
-        """Count a native run's events (all protected, each with a sanitized and an audit record)."""
-        for table, classes, n in run.shapes:
-            self.events += n
-            self.records_out += n * run.RECORDS_PER_EVENT
-            self._add_shape(table, "protected", classes, n)
-        self.timestamps_ms.extend(run.timestamps)
-
-    def _add_shape(self, table: str, decision: str, classes: Mapping[str, int], events: int) -> None:
-        shape = (table, decision, id(classes))
-        n = self._shapes.get(shape)
-        if n is None:
-            self._shapes[shape] = events
-            self._classes[id(classes)] = classes  # held, so the id can't be reused within the batch
-        else:
-            self._shapes[shape] = n + events
-
-    @property
-    def by_table_decision(self) -> dict[tuple[str, str], int]:
-        out: dict[tuple[str, str], int] = {}
-        for (table, decision, _), n in self._shapes.items():
-            out[(table, decision)] = out.get((table, decision), 0) + n
-        return out
-
-    @property
-    def fields(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for (_, _, classes_id), n in self._shapes.items():
-            for cls, count in self._classes[classes_id].items():
-                out[cls] = out.get(cls, 0) + count * n
-        return out
-
-
-class TopicManager:
-    """Creates output topics on first use: sanitized topics get their raw topic's partition count."""
-
-    def __init__(self, admin: AdminClient) -> None:
-        self._admin = admin
-        self._partitions: dict[str, int] = {}
-
-    def partitions(self, topic: str) -> int | None:
-        if topic in self._partitions:
-            return self._partitions[topic]
-        # List all topics rather than asking for this one: a metadata request naming a missing topic
-        # makes a broker with auto.create.topics.enable create it with the default partition count.
-        for name, meta in self._admin.list_topics(timeout=10).topics.items():
-            if meta.error is None and meta.partitions:
-                self._partitions[name] = len(meta.partitions)
-        return self._partitions.get(topic)
-
-    def ensure_like(self, topic: str, source: str) -> int:
-        """Partition count of output `topic`, created with `source`'s count if missing (runs per record)."""
-        count = self._partitions.get(topic)
-        if count is None:
-            count = self.ensure(topic, self.partitions(source) or 1)
-        return count
-
-    def ensure(self, topic: str, partitions: int, config: dict[str, str] | None = None) -> int:
-        existing = self.partitions(topic)
-        if existing is not None:
-            return existing
-        futures = self._admin.create_topics([NewTopic(topic, partitions, 1, config=config or {})])
-        try:
-            futures[topic].result(timeout=30)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            count = self.partitions(topic)
-            if count:
-                return count
-            time.sleep(0.2)
-        raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"topic {topic} did not appear"))
 
 
 class SanitizerWorker:
