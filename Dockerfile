@@ -1,7 +1,7 @@
 # BranchGuard guard image (used by the `guard` service in docker-compose.yml).
 # The local stack (`guard stack up`) does not need Docker; this is for users who prefer containers.
 
-# The compiled hot path (native/, see guard/fastpath.py), built as an abi3 wheel in the Rust image; the
+# The compiled hot path (native/, see guard/protect/fastpath.py), built as an abi3 wheel in the Rust image; the
 # guard image itself carries no compiler.
 FROM rust:1-slim-bookworm AS native
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \

@@ -1,6 +1,7 @@
 # BranchGuard: `make demo` and `make test` each do the whole set-up on a fresh machine and are safe to
 # run twice. Set-up = Debian packages (scripts/setup.sh), a virtualenv at .venv with the project
-# installed (plus the compiled hot path from native/, which needs cargo; NATIVE=0 skips it), then the
+# installed (plus the compiled hot path from native/, which needs cargo; without cargo, or with NATIVE=0,
+# the guard runs its pure-Python path: same output, slower), then the
 # local stack (Kafka, Kafka Connect + Debezium, PostgreSQL, Redis) via `guard stack up`.
 
 VENV    ?= .venv
@@ -18,7 +19,10 @@ system:
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml native/Cargo.toml native/pyproject.toml native/src/lib.rs
+# The compiled extension is rebuilt when any of its sources changes, not only lib.rs.
+NATIVE_SRC := $(wildcard native/src/*.rs) native/Cargo.toml native/Cargo.lock native/pyproject.toml
+
+$(STAMP): pyproject.toml $(NATIVE_SRC)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -e '.[test]'

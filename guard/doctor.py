@@ -14,7 +14,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from guard.config import Settings
-from guard.hanging import COORDINATOR_MARGIN_S, Partition, StuckTracker, group_offsets_partition, read_ends
+from guard.kafka.hanging import COORDINATOR_MARGIN_S, Partition, StuckTracker, group_offsets_partition, read_ends
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,9 @@
 # Usage: scripts/build-native.sh VENV
 #
 # Needs a Rust toolchain (cargo >= 1.74; https://rustup.rs). Rust crates come from crates.io and maturin
-# from PyPI. Without cargo this fails and says how to go on: install Rust, or set NATIVE=0 to run the
-# guard on its pure-Python path (same output, 2-3x slower per event; see docs/benchmark.md).
+# from PyPI. Without cargo (or with NATIVE=0) it says so in one line, removes any earlier build so a stale
+# one can't run, and succeeds: the guard then runs its pure-Python path (GUARD_HOT_PATH=auto; same output,
+# 2-3x slower per event; see docs/benchmark.md).
 set -euo pipefail
 VENV=${1:?usage: scripts/build-native.sh VENV}
 cd "$(dirname "$0")/.."
@@ -20,12 +21,9 @@ VENV=$(cd "$VENV" && pwd)
 # on PATH (make calls this without an activated venv), and rustup's cargo after it.
 export PATH="$VENV/bin:$HOME/.cargo/bin:$PATH"
 if ! command -v cargo >/dev/null 2>&1; then
-  cat >&2 <<'MSG'
-build-native.sh: cargo not found, so the guard's compiled hot path (native/) can't be built.
-  Either install Rust (https://rustup.rs, then open a new shell) and run this again,
-  or run with NATIVE=0 (e.g. `NATIVE=0 make test`) to use the pure-Python path: same output, slower.
-MSG
-  exit 1
+  echo "build-native.sh: cargo not found: the guard runs its pure-Python path (same output, slower); install Rust (https://rustup.rs) and run \`bash scripts/build-native.sh $VENV\` for the compiled one"
+  "$VENV/bin/pip" uninstall --quiet -y branchguard-native 2>/dev/null || true
+  exit 0
 fi
 echo "build-native.sh: building native/ with $(cargo --version)"
 "$VENV/bin/pip" install --quiet 'maturin>=1.8,<2'

@@ -56,9 +56,9 @@ def bootstrap(cfg: StackConfig, admin_conninfo: str, admin_conninfo_db: str, sup
 def seed(cfg: StackConfig, dsn: str) -> int:
     """Insert the synthetic demo rows when ``customers`` is empty; returns rows inserted (0 if seeded)."""
     try:
-        from guard.synth import demo_dataset
+        from guard.workload.synth import demo_dataset
     except ImportError as exc:
-        raise StackError(f"guard.synth.demo_dataset is not importable ({exc}); the demo database cannot "
+        raise StackError(f"guard.workload.synth.demo_dataset is not importable ({exc}); the demo database cannot "
                          f"be seeded. Pull the latest code and run `guard stack up` again.") from exc
     with psycopg.connect(dsn) as conn:
         count = conn.execute("SELECT count(*) FROM public.customers").fetchone()

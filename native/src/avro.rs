@@ -1,4 +1,4 @@
-//! Avro binary primitives, as `guard/avro_fast.py` writes them: zig-zag varints, length-prefixed
+//! Avro binary primitives, as `guard/records/encoders.py` writes them: zig-zag varints, length-prefixed
 //! strings, unions as branch index then value, maps and arrays as one block then 0.
 
 pub fn put_long(out: &mut Vec<u8>, n: i64) {

@@ -1,4 +1,4 @@
-//! A strict reading of `guard.envelope.decode_document` for ops c/u/r/d without a schema wrapper.
+//! A strict reading of `guard.cdc.envelope.decode_document` for ops c/u/r/d without a schema wrapper.
 //!
 //! Anything the Python decoder would treat differently, report as an error, or that is merely unusual
 //! (a schema wrapper, a non-string namespace, a boolean timestamp, an odd position) is a decline: the

@@ -1,5 +1,5 @@
 //! One image writer per table plan: a row's values in, the image's Avro bytes out
-//! (`guard.avro_fast.ImageWriter`, whose output these bytes must equal).
+//! (`guard.records.encoders.ImageWriter`, whose output these bytes must equal).
 
 use foldhash::HashMap;
 

@@ -8,14 +8,15 @@
 //! * it never touches key material: data keys stay inside Python's `cryptography` objects, and sealing is
 //!   a call back into `Aead.seal`; display masks, blind-index tokens and C3 keyed hashes are calls back
 //!   into the Python functions (masks and tokens of string values are memoised per column, as in
-//!   `guard.avro_fast.ImageWriter`);
+//!   `guard.records.encoders.ImageWriter`);
 //! * it reads the record's JSON itself (`json`, `envelope`), building no Python object per field;
 //! * it declines whenever an event is anything but well formed and ordinary: a schema wrapper, an unknown
 //!   or special op, an unregistered column layout, a plan with unclassified columns, a delete of a
 //!   subject's root row, a value it doesn't read the way orjson does. The Python path then handles the
 //!   event in full, DLQ and erasure included. The native path is therefore never the only judge of an
-//!   input; it is a shortcut that must produce the same bytes as `guard.sanitizer.Sanitizer`'s Python
-//!   path, which the differential tests in `tests/integration/test_native_path.py` check.
+//!   input; it is a shortcut that must produce the same bytes as the Python path of
+//!   `guard.pipeline.sanitizer.Sanitizer`, which the differential tests in
+//!   `tests/integration/test_native_path.py` check.
 //!
 //! Modules: `avro` (encoding primitives), `json` (reading values), `envelope` (the Debezium envelope),
 //! `image` (table plans and image writing); this file holds `FastPath`, the Python-facing class.

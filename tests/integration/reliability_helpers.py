@@ -30,8 +30,8 @@ import orjson
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from guard import synth
-from guard.codec import decode
+from guard.records.codec import decode
+from guard.workload import synth
 from tests.integration.kafka_helpers import Rec, high_watermark
 from tests.leak_scanner import LeakScanner, find_leak, sensitive_of
 

@@ -3,7 +3,7 @@
 import psycopg
 import pytest
 
-from guard.catalog import Catalog
+from guard.classify.catalog import Catalog
 
 pytestmark = pytest.mark.integration
 

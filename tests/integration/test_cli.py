@@ -14,7 +14,7 @@ import uuid
 import psycopg
 import pytest
 
-from guard import synth
+from guard.workload import synth
 from tests.integration.kafka_helpers import REPO
 
 pytestmark = pytest.mark.integration

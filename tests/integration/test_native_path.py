@@ -20,16 +20,16 @@ from confluent_kafka import KafkaError, KafkaException, Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guard import synth
-from guard.codec import decode
 from guard.config import load_settings
-from guard.fastpath import native_available
+from guard.kafka.runner import SanitizerWorker
 from guard.keys import primitives
-from guard.reveal import open_image
-from guard.runner import SanitizerWorker
-from guard.runtime import build_catalog, build_keys
-from guard.sanitizer import Sanitizer
+from guard.pipeline.runtime import build_catalog, build_keys
+from guard.pipeline.sanitizer import Sanitizer
+from guard.protect.fastpath import native_available
+from guard.protect.reveal import open_image
+from guard.records.codec import decode
 from guard.telemetry import Telemetry
+from guard.workload import synth
 
 pytestmark = [
     pytest.mark.integration,

@@ -15,13 +15,13 @@ import psycopg
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from guard import synth
-from guard.codec import decode
 from guard.config import load_settings
 from guard.errors import KeyShreddedError
-from guard.reveal import open_image
-from guard.runtime import build_keys
-from guard.workload import run_workload
+from guard.pipeline.runtime import build_keys
+from guard.protect.reveal import open_image
+from guard.records.codec import decode
+from guard.workload import synth
+from guard.workload.branch import run_workload
 from tests.integration.kafka_helpers import GuardProcess, LeakScanner, produce_raw, read_all, wait_for
 
 pytestmark = pytest.mark.integration

@@ -16,12 +16,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guard import synth
-from guard.codec import decode
 from guard.config import load_settings
 from guard.errors import IntegrityError, KeyShreddedError
-from guard.reveal import open_image
-from guard.runtime import build_keys, build_sanitizer
+from guard.pipeline.runtime import build_keys, build_sanitizer
+from guard.protect.reveal import open_image
+from guard.records.codec import decode
+from guard.workload import synth
 from tests.integration.kafka_helpers import REPO, wait_for
 
 pytestmark = pytest.mark.integration
@@ -242,7 +242,7 @@ def test_retention_sweep_erases_expired_subjects(stack, branch_settings):
     c = customer(rng, 9_500_001)
     _, doc, _ = sanitize(san, "customers", {"customer_id": c["customer_id"]}, event("customers", c))
     san.keys.store.record_subject_activity(settings.branch, san.subject_activity)
-    from guard.erasure import sweep_retention
+    from guard.erasure.service import sweep_retention
 
     assert sweep_retention(settings, now=time.time()) == []  # nothing expired yet
     far = time.time() + 1826 * 86_400  # the catalog keeps customers 1825 days

@@ -27,8 +27,8 @@ import pytest
 from confluent_kafka import Producer
 
 import guard.stack
-from guard.codec import decode
-from guard.workload import WorkloadResult, run_workload
+from guard.records.codec import decode
+from guard.workload.branch import WorkloadResult, run_workload
 from tests.integration.kafka_helpers import GUARD, GuardProcess
 from tests.integration.reliability_helpers import (
     WORKLOAD_TABLES,
@@ -614,8 +614,8 @@ def test_key_store_failure_at_commit_time_is_retried_not_fatal(stack, log_dir):
     """
     from guard.config import load_settings
     from guard.errors import KeyUnavailableError
-    from guard.runner import SanitizerWorker
-    from guard.runtime import build_sanitizer
+    from guard.kafka.runner import SanitizerWorker
+    from guard.pipeline.runtime import build_sanitizer
 
     sc = Scenario(stack, log_dir, partitions=1)
     settings = load_settings(None, kafka_bootstrap=sc.bootstrap, redis_url=stack["GUARD_REDIS_URL"],

@@ -15,8 +15,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from guard.codec import decode
 from guard.errors import DecodeError
+from guard.records.codec import decode
 from tests.integration.kafka_helpers import GuardProcess, produce_raw, wait_for
 
 pytestmark = pytest.mark.integration

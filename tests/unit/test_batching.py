@@ -1,6 +1,6 @@
 """The shared batch policy: block only for the first record, then take what is fetched; commit when caught up."""
 
-from guard.batching import commit_due, take
+from guard.kafka.batching import commit_due, take
 
 
 class _Queue:

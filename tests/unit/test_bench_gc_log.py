@@ -2,7 +2,7 @@
 
 import datetime as dt
 
-from guard.bench import broker_gc_pauses
+from guard.bench.latency import broker_gc_pauses
 
 LOG = """\
 [2026-12-01T17:07:18.482+0000][527.195s] Using G1

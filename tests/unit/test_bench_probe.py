@@ -3,8 +3,8 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guard.bench import sanitized_ts
-from guard.codec import AvroCodec, decode
+from guard.bench.latency import sanitized_ts
+from guard.records.codec import AvroCodec, decode
 
 
 @settings(max_examples=200, deadline=None)

@@ -4,7 +4,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from guard.bench import WARMUP_S, BenchError, BenchOptions, Names, ThroughputResult, median_trial, run, trial_group
+from guard.bench.common import WARMUP_S, BenchError
+from guard.bench.topics import Names
+from guard.bench.trials import BenchOptions, ThroughputResult, median_trial, run, trial_group
 
 
 def result(rate: float) -> ThroughputResult:

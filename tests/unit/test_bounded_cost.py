@@ -17,11 +17,11 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from guard import masking
-from guard.detectors import detect_column, detect_value
-from guard.envelope import MAX_DECIMAL_BYTES, MAX_DECIMAL_SCALE, decode_value
+from guard.cdc.envelope import MAX_DECIMAL_BYTES, MAX_DECIMAL_SCALE, decode_value
+from guard.classify.detectors import detect_column, detect_value
 from guard.errors import DecodeError
-from guard.masking import MASK_KINDS, MAX_MASK_CHARS, mask
+from guard.protect import masking
+from guard.protect.masking import MASK_KINDS, MAX_MASK_CHARS, mask
 
 
 def _cost(fn: Callable[..., object], *args: object, repeat: int = 3) -> float:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from guard import synth
-from guard.catalog import Action, Catalog, CatalogError, ColumnPolicy, default_catalog_path
+from guard.classify.catalog import Action, Catalog, CatalogError, ColumnPolicy, default_catalog_path
 from guard.errors import ConfigError
-from guard.masking import MASK_KINDS
+from guard.protect.masking import MASK_KINDS
+from guard.workload import synth
 
 REPO = Path(__file__).resolve().parents[2]
 

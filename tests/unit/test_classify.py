@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from guard.catalog import Action, Catalog
-from guard.classify import Classifier, infer_policy
+from guard.classify.catalog import Action, Catalog
+from guard.classify.plans import Classifier, infer_policy
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -3,7 +3,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guard.codec import AvroCodec, decode
+from guard.records.codec import AvroCodec, decode
 
 names = st.text(min_size=1, max_size=12)
 scalars = st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**63 - 1) | \
@@ -85,7 +85,7 @@ def test_confluent_wire_format_with_a_registry():
 @settings(max_examples=200, deadline=None)
 @given(audit)
 def test_audit_template_matches_the_full_writer(record):
-    from guard.avro_fast import AuditTemplate, encode_audit_record
+    from guard.records.encoders import AuditTemplate, encode_audit_record
 
     template = AuditTemplate(worker=record["worker"], branch=record["branch"], source_topic=record["source_topic"],
                              source_partition=record["source_partition"], table=record["table"], op=record["op"],

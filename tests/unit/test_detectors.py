@@ -13,8 +13,7 @@ from hypothesis import strategies as st
 from stdnum import luhn
 from stdnum.cn import uscc as stdnum_uscc
 
-from guard import synth
-from guard.detectors import (
+from guard.classify.detectors import (
     KINDS,
     Detection,
     detect_column,
@@ -23,7 +22,8 @@ from guard.detectors import (
     luhn_valid,
     uscc_valid,
 )
-from guard.masking import MASK_KINDS
+from guard.protect.masking import MASK_KINDS
+from guard.workload import synth
 
 
 def kind_of(value: object) -> str | None:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guard.envelope import MAX_VALUE_BYTES, _decode_decimal, decode_value
+from guard.cdc.envelope import MAX_VALUE_BYTES, _decode_decimal, decode_value
 from guard.errors import DecodeError
 
 PG_SOURCE = {"version": "3.6.1.Final", "connector": "postgresql", "name": "br0101", "ts_ms": 1700000000000,

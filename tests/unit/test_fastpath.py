@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from guard import fastpath
 from guard.errors import ConfigError
+from guard.protect import fastpath
 
 
 def test_python_never_uses_the_native_path():

@@ -7,7 +7,7 @@ import pytest
 
 import guard.doctor as doctor
 from guard.config import Settings
-from guard.hanging import (
+from guard.kafka.hanging import (
     Hanging,
     PartitionEnds,
     StuckTracker,

@@ -3,7 +3,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guard.sanitizer import ImageAad, image_aad
+from guard.protect.aad import ImageAad, image_aad
 
 text = st.text(max_size=20)
 

@@ -5,7 +5,7 @@ import hashlib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guard.avro_fast import ImageWriter, encode_change, encode_sanitized_change
+from guard.records.encoders import ImageWriter, encode_change, encode_sanitized_change
 
 COLUMNS = ["a", "b", "c", "d", "e"]
 values = st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False) | st.text(max_size=12)

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from fastavro import schemaless_writer
 
-from guard import synth
-from guard.masking import mask
+from guard.protect.masking import mask
+from guard.workload import synth
 from tests.leak_scanner import LeakScanner, find_leak, sensitive_of
 
 

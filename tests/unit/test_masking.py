@@ -8,8 +8,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from guard import synth
-from guard.masking import MASK_KINDS, mask
+from guard.protect.masking import MASK_KINDS, mask
+from guard.workload import synth
 
 
 @pytest.mark.parametrize(

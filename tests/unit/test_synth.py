@@ -14,8 +14,8 @@ from stdnum import luhn
 from stdnum.cn import ric
 from stdnum.cn import uscc as stdnum_uscc
 
-from guard import synth
-from guard.detectors import detect_column, detect_value, uscc_valid
+from guard.classify.detectors import detect_column, detect_value, uscc_valid
+from guard.workload import synth
 
 COLUMNS = {
     "customers": {

@@ -1,0 +1,38 @@
+"""What every part of the benchmark shares: its logger, its error, the targets it checks and its durations."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+from guard.errors import GuardError
+
+log = logging.getLogger("guard.bench")
+
+#: 13 digits, so every event's value ends in `"ts_ms":<13 digits>}` and the send time can be spliced in.
+TS_SENTINEL = 9_999_999_999_999
+TS_TAIL = len(b"9999999999999}")
+EPOCH_DAY = dt.date(1970, 1, 1)
+
+TARGET_RATIO = 0.30
+TARGET_P99_MS = 250.0
+TARGET_RSS_DRIFT_PCT = 10.0
+TARGET_SCALING = 1.6
+SOAK_TARGET_S = 600
+#: Below this many records a run is a smoke run (tests): shorter latency phases, no warm-up before the trials.
+SMOKE_BELOW_RECORDS = 50_000
+#: A broker younger than this when the bench starts gets a note in the report if the run had no warm-up
+#: (docs/benchmark.md, round 7).
+FRESH_BROKER_S = 180
+#: Default untimed warm-up before the trials (`warm_up`): a fresh broker's rates settled after ~60 s of
+#: intermittent load (docs/benchmark.md, round 8), and the fill and the trials are load too.
+WARMUP_S = 45.0
+#: Paced seconds before each latency phase's measured window. The phase starts right after a drain of the
+#: whole input; in 2 of 12 first runs the guard then needed ~2 s to settle into the paced rhythm (a
+#: backlog of full 2,000-record batches at 25-46 us per event, a 130-ms offsets send), and with a 1-s
+#: warm-up that transient alone decided the p99 (390 and 299 ms; docs/benchmark.md, round 8).
+LATENCY_WARMUP_S = 5.0
+
+
+class BenchError(GuardError):
+    """The benchmark could not run or a phase did not finish; the message says which and why."""

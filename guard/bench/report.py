@@ -1,0 +1,158 @@
+"""The report: machine facts, target checks, the table and text a run prints, the JSON it writes."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import confluent_kafka
+import orjson
+import psutil
+
+from guard.bench.common import (
+    FRESH_BROKER_S,
+    SOAK_TARGET_S,
+    TARGET_P99_MS,
+    TARGET_RATIO,
+    TARGET_RSS_DRIFT_PCT,
+    TARGET_SCALING,
+    WARMUP_S,
+)
+
+
+# --- report ----------------------------------------------------------------------------------------
+def machine_facts() -> dict[str, Any]:
+    model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
+        "python": platform.python_version(),
+        "confluent_kafka": confluent_kafka.__version__,
+        "librdkafka": confluent_kafka.libversion()[0],
+        "platform": platform.platform(),
+    }
+
+
+def check(name: str, status: str, value: Any, note: str) -> dict[str, Any]:
+    return {"target": name, "status": status, "value": value, "note": note}
+
+
+def target_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's four targets; a target that can't be meaningful here says so instead of passing."""
+    ratio = report["ratio"]
+    guard_lat = report["modes"]["guard"]["latency"]
+    cores = report["machine"]["cores"] or 1
+    checks = [
+        check("guard throughput >= 30% of plain (exactly-once both)", "pass" if ratio >= TARGET_RATIO else "fail",
+              round(ratio, 3), f"ratio {ratio:.3f}"),
+        check(f"guard p99 end-to-end < {TARGET_P99_MS:.0f} ms at 50% of its max rate",
+              "pass" if guard_lat["p99_ms"] < TARGET_P99_MS else "fail", round(guard_lat["p99_ms"], 1),
+              f"at {guard_lat['rate_achieved']:.0f} events/s"),
+    ]
+    soak_result = report.get("soak")
+    if soak_result is None:
+        checks.append(check("RSS flat within 10% over a 10-minute run", "not run", None,
+                            f"use --soak {SOAK_TARGET_S}"))
+    else:
+        drift = soak_result["drift_pct"]
+        short = soak_result["seconds"] < SOAK_TARGET_S
+        status = "pass" if abs(drift) <= TARGET_RSS_DRIFT_PCT else "fail"
+        checks.append(check("RSS flat within 10% over a 10-minute run", status, round(drift, 2),
+                            f"drift {drift:+.1f}% over {soak_result['seconds']:.0f}s"
+                            + (" (shorter than 10 minutes: indicative only)" if short else "")))
+    scale = report.get("scaling")
+    name = f"2 workers on 2 partitions >= {TARGET_SCALING}x one worker"
+    if scale is None:
+        checks.append(check(name, "not run", None, "use --scaling"))
+    elif cores < 4:
+        checks.append(check(name, "n/a", round(scale["speedup"], 2),
+                            f"machine has {cores} cores shared with the broker, Connect and PostgreSQL "
+                            "(needs >= 4: one per worker plus the broker); measured "
+                            f"{scale['speedup']:.2f}x"))
+    else:
+        checks.append(check(name, "pass" if scale["speedup"] >= TARGET_SCALING else "fail",
+                            round(scale["speedup"], 2), f"{scale['speedup']:.2f}x"))
+    return checks
+
+
+def render_table(report: dict[str, Any]) -> str:
+    rows = [("mode", "workers", "events/s", "p50 ms", "p99 ms", "peak RSS MiB")]
+    for mode in ("plain", "guard"):
+        m = report["modes"][mode]
+        rows.append((mode, str(report["workers"]), f"{m['events_per_s']:,.0f}", f"{m['latency']['p50_ms']:.1f}",
+                     f"{m['latency']['p99_ms']:.1f}", f"{m['peak_rss_mib']:.1f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+             for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def render(report: dict[str, Any]) -> str:
+    """The human report; the caller prints JSON and the `ratio` line after it."""
+    w = report["workload"]
+    out = [
+        f"BranchGuard bench {report['runid']}: {w['records']:,} change events of public.customers "
+        f"({w['mean_value_bytes']:.0f} B mean, {w['customers']:,} customers, {w['updates']:,} updates), "
+        f"{report['partitions']} partition(s), {report['workers']} worker(s) per mode, exactly-once both, "
+        f"guard on its {report['machine'].get('guard_hot_path', '?')} hot path",
+        "",
+        render_table(report),
+        "",
+        f"guard/plain throughput: {report['ratio']:.3f} (median trial of each mode)   latency at "
+        f"{report['latency_rate']:.0f} events/s (50% of the guard's max), envelope ts_ms to read_committed output",
+        "trials (events/s): plain " + ", ".join(f"{v:,.0f}" for v in report["trials"]["plain_events_per_s"])
+        + "; guard " + ", ".join(f"{v:,.0f}" for v in report["trials"]["guard_events_per_s"])
+        + "; ratios " + ", ".join(f"{v:.3f}" for v in report["trials"]["ratios"]),
+    ]
+    warmup = report.get("warmup")
+    if warmup:
+        out.append(f"warm-up before the trials (untimed): {warmup['seconds']:.0f} s, plain "
+                   + ", ".join(f"{v:,.0f}" for v in warmup["plain_events_per_s"]) + "; guard "
+                   + ", ".join(f"{v:,.0f}" for v in warmup["guard_events_per_s"]) + " events/s")
+    pauses = {mode: report["modes"][mode]["latency"].get("broker_gc_pauses") for mode in ("guard", "plain")}
+    if all(p is not None for p in pauses.values()):
+        out.append("broker GC pauses in the latency phases (local stack): " + "; ".join(
+            f"{mode} {len(p)}, longest {max((ms for _, ms in p), default=0):.0f} ms" for mode, p in pauses.items()))
+    if report.get("scaling"):
+        s = report["scaling"]
+        out.append(f"scaling (guard, 2 partitions): 1 worker {s['workers_1']['events_per_s']:,.0f}/s, "
+                   f"2 workers {s['workers_2']['events_per_s']:,.0f}/s, speed-up {s['speedup']:.2f}x")
+    if report.get("soak"):
+        s = report["soak"]
+        out.append(f"soak: {s['seconds']:.0f}s at {s['rate']:.0f}/s, RSS {s['first_mib']:.1f} MiB after warm-up -> "
+                   f"{s['last_mib']:.1f} MiB in the last {s['window_s']:.0f}s ({s['drift_pct']:+.1f}%)")
+    m = report["machine"]
+    out += ["", f"machine: {m['cores']} cores ({m['cpu_model']}), {m['memory_gib']} GiB, "
+            f"load {m['load_avg_1m_at_start']} at start; python {m['python']}, "
+            f"confluent-kafka {m['confluent_kafka']}, librdkafka {m['librdkafka']}"]
+    uptime = m.get("broker_uptime_s_at_start")
+    if uptime is not None and uptime < FRESH_BROKER_S and not warmup:
+        out.append(f"note: the local broker had been up {uptime:.0f} s when this run started; a fresh broker is "
+                   f"slower for its first minutes (JIT) and this run had no warm-up, so run the bench again (or "
+                   f"with --warmup-seconds {WARMUP_S:.0f}) for settled figures")
+    out += ["", "targets:"]
+    out += [f"  [{c['status'].upper():>7}] {c['target']}: {c['note']}" for c in report["targets"]]
+    return "\n".join(out)
+
+
+def emit_report(report: dict[str, Any], json_out: Path | None) -> None:
+    """Table, JSON, and the last line `ratio <x.xxx>`."""
+    text = orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode()
+    if json_out is not None:
+        json_out.write_text(text + "\n")
+    print(render(report))
+    print("\nJSON:")
+    print(text)
+    print(f"ratio {report['ratio']:.3f}", flush=True)

@@ -1,0 +1,102 @@
+"""`guard bench`: the guard's sanitizer against a plain exactly-once loop, on the same records, in one run.
+
+Why it is built this way:
+
+- **Same records, same plumbing.** One raw-looking topic `bench<runid>.public.customers` is filled once with
+  Debezium JSON change events of the demo `customers` table (shape of the live connector: no schema wrapper,
+  `birth_date` as days since the epoch, the table's `created_at` column included). Both modes read it with
+  the same consumer settings, batch policy and exactly-once protocol (see `guard.bench.worker`); only the
+  transform differs. The plain loop copies values unchanged; the guard runs the real `SanitizerWorker`.
+- **Processes, not threads.** Every worker is its own OS process, so W workers really run in parallel and
+  each one's RSS is sampled on its own (psutil, from this parent).
+- **Throughput window.** From the first record a worker hands to its transform to the commit that made the
+  group's committed offsets cover every input record (workers report both; the parent confirms completion
+  from the group's committed offsets). Process start-up and the group join are excluded for both modes.
+- **Trials.** The throughput of each mode is measured `--trials` times (default 3), alternating plain and
+  guard, each trial a fresh consumer group over the whole topic; a guard trial uses a branch of its own, so
+  every trial creates its customers' data keys as the first one did. Each mode's figure is its median trial,
+  and the ratio is median guard over median plain. On a shared machine one short plain window (about 2 s
+  for 200k records) moved by half between runs; alternating trials spread a slow spell over both modes.
+- **Latency.** With the workers caught up, a paced producer writes at half the guard's measured maximum rate
+  and a read_committed consumer on the output topic computes `now - ts_ms` of the change event's envelope.
+  The envelope time is stamped at send time, so this is true end to end (producer, broker, fetch, transform,
+  transaction commit, LSO, downstream fetch) and doesn't depend on the runner carrying record timestamps.
+- **Noise.** The machine is shared with the broker, Connect and PostgreSQL; numbers are only comparable
+  within one run, which is why the ratio, not the absolute rate, is the headline (the last line printed).
+
+Run `python -m guard.bench --help` for every option; `guard bench` exposes records, partitions, workers and
+the JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from guard.bench.common import LATENCY_WARMUP_S, SOAK_TARGET_S, WARMUP_S
+from guard.bench.profile import profile_local, render_profile
+from guard.bench.report import emit_report
+from guard.bench.trials import BenchOptions, run
+from guard.config import Settings, load_settings
+from guard.errors import GuardError
+
+
+def run_bench(settings: Settings, *, records: int = 200_000, partitions: int = 2, workers: int = 1,
+              json_out: Path | None = None, latency_seconds: float | None = None, scaling: bool = False,
+              soak_seconds: float = 0.0, keep: bool = False, trials: int = 3,
+              warmup_seconds: float | None = None) -> dict[str, Any]:
+    """Entry point of `guard bench` (and `python -m guard.bench`): run, print, write JSON, return it."""
+    opts = BenchOptions(records=records, partitions=partitions, workers=workers, latency_seconds=latency_seconds,
+                        warmup_seconds=warmup_seconds, scaling=scaling, soak_seconds=soak_seconds, keep=keep,
+                        json_out=json_out, trials=trials)
+    report = run(settings, opts)
+    emit_report(report, json_out)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m guard.bench", description="Plain EOS loop vs the guard.")
+    parser.add_argument("--records", type=int, default=200_000)
+    parser.add_argument("--partitions", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--trials", type=int, default=3,
+                        help="throughput trials per mode, alternating plain and guard; the median counts")
+    parser.add_argument("--latency-seconds", type=float, default=None,
+                        help=f"measured seconds of each latency phase, after {LATENCY_WARMUP_S:.0f} s of paced "
+                             "warm-up (default 20 s; 5 s after 1 s below 50k records)")
+    parser.add_argument("--warmup-seconds", type=float, default=None,
+                        help=f"untimed plain and guard drains before the trials (default {WARMUP_S:.0f} s; "
+                             "none below 50k records; 0 for none)")
+    parser.add_argument("--scaling", action="store_true", help="also run the guard with 1 then 2 workers")
+    parser.add_argument("--soak", type=float, default=0.0, metavar="SECONDS",
+                        help=f"also run a steady 50%%-rate soak for RSS drift (the target needs {SOAK_TARGET_S})")
+    parser.add_argument("--keep", action="store_true", help="keep the bench topics, groups and keys")
+    parser.add_argument("--json-out", type=Path, default=None)
+    parser.add_argument("--profile-local", type=int, default=0, metavar="RECORDS",
+                        help="instead: profile the sanitizer over RECORDS bench events in a loop, no Kafka")
+    parser.add_argument("--cprofile-out", type=Path, default=None, help="with --profile-local: cProfile dump")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        if args.profile_local:
+            result = profile_local(load_settings(None), args.profile_local, cprofile_out=args.cprofile_out)
+            print(render_profile(result))
+            if args.json_out is not None:
+                args.json_out.write_text(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
+            return 0
+        run_bench(load_settings(None), records=args.records, partitions=args.partitions, workers=args.workers,
+                  json_out=args.json_out, latency_seconds=args.latency_seconds, scaling=args.scaling,
+                  soak_seconds=args.soak, keep=args.keep, trials=args.trials, warmup_seconds=args.warmup_seconds)
+    except GuardError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

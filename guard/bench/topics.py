@@ -1,0 +1,195 @@
+"""The topics, consumer groups and keys a run creates and removes, and filling or pacing its input topic."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import orjson
+from confluent_kafka import KafkaException, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from guard.bench.common import BenchError, log
+from guard.bench.workload import Workload
+
+
+# --- topics and groups ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Names:
+    """Every topic and group of one run, all carrying `bench<runid>` so cleanup can find them."""
+
+    runid: str
+
+    @property
+    def prefix(self) -> str:
+        return f"bench{self.runid}"
+
+    @property
+    def input(self) -> str:
+        return f"{self.prefix}.public.customers"
+
+    @property
+    def plain_out(self) -> str:
+        # Not `<prefix>.plain.out`: that would match the guard's raw pattern `^<prefix>\.[^.]+\.[^.]+$`.
+        return f"{self.prefix}-plain.out"
+
+    @property
+    def sanitized(self) -> str:
+        return f"sanitized.{self.input}"
+
+    def group(self, mode: str) -> str:
+        return f"{self.prefix}-{mode}"
+
+
+def create_topic(admin: AdminClient, topic: str, partitions: int) -> None:
+    """Create `topic` and wait until its metadata shows every partition."""
+    futures = admin.create_topics([NewTopic(topic, partitions, 1)])
+    futures[topic].result(timeout=30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        meta = admin.list_topics(topic=topic, timeout=10).topics.get(topic)
+        if meta is not None and meta.error is None and len(meta.partitions) == partitions:
+            return
+        time.sleep(0.2)
+    raise BenchError(f"topic {topic} did not appear with {partitions} partitions")
+
+
+def cleanup_kafka(admin: AdminClient, names: Names, groups: Iterable[str]) -> list[str]:
+    """Delete the run's topics (any topic naming `bench<runid>`) and consumer groups."""
+    topics = [t for t in admin.list_topics(timeout=10).topics if names.prefix in t]
+    if topics:
+        for topic, future in admin.delete_topics(topics, operation_timeout=30).items():
+            try:
+                future.result(timeout=60)
+            except KafkaException as exc:
+                log.warning("could not delete topic %s: %s", topic, exc)
+    group_list = list(groups)
+    if group_list:
+        for group, future in admin.delete_consumer_groups(group_list, request_timeout=30).items():
+            try:
+                future.result(timeout=60)
+            except KafkaException as exc:
+                log.debug("could not delete group %s: %s", group, exc)
+    return topics
+
+
+def drift_alert_keys(workload: Workload) -> list[str]:
+    """Redis marks of the drift alerts the bench can raise: one per column the catalog doesn't know.
+
+    The sanitizer deduplicates drift alerts per table and column (not per branch), so the bench's events
+    share these marks with the live pipeline; see `cleanup_redis`.
+    """
+    from guard.classify.catalog import Catalog
+    from guard.classify.plans import Classifier
+
+    row = orjson.loads(workload.value(0, 0))["after"]
+    plan = Classifier(Catalog.load(None)).plan("public.customers", row)
+    return [f"bg:alerted:drift:public.customers:{p.name}" for p in plan.unclassified]
+
+
+def cleanup_redis(redis_url: str, names: Names, fresh_alert_keys: list[str]) -> int:
+    """Delete the run's keys (its branch is `bench<runid>`) and drift-alert marks it created.
+
+    Alert marks are shared across branches (keyed by table and column), so only marks that did not exist
+    before the run are removed; the live pipeline's marks are left alone.
+    """
+    try:
+        return _delete_keys(redis_url, f"bg:*:{names.prefix}*", fresh_alert_keys)
+    except Exception as exc:  # noqa: BLE001 - cleanup must not hide the run's own result or error
+        log.warning("could not remove the bench's Redis keys (bg:*:%s*): %s", names.prefix, exc)
+        return 0
+
+
+def _delete_keys(redis_url: str, pattern: str, extra: list[str]) -> int:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    deleted = 0
+    batch: list[bytes] = []
+    for key in client.scan_iter(match=pattern, count=2000):
+        batch.append(key)
+        if len(batch) >= 1000:
+            deleted += int(client.delete(*batch))
+            batch.clear()
+    if batch:
+        deleted += int(client.delete(*batch))
+    if extra:
+        deleted += int(client.delete(*extra))
+    return deleted
+
+
+def missing_keys(redis_url: str, keys: list[str]) -> list[str]:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    return [k for k in keys if not client.exists(k)]
+
+
+# --- filling and pacing -----------------------------------------------------------------------------
+def _fill_producer(bootstrap: str, linger_ms: int) -> Producer:
+    """A plain producer like Kafka Connect's (acks=all, Java's murmur2 partitioner, no compression)."""
+    return Producer({
+        "bootstrap.servers": bootstrap,
+        "acks": "all",
+        "enable.idempotence": True,
+        "linger.ms": linger_ms,
+        "partitioner": "murmur2_random",
+        "queue.buffering.max.messages": 1_000_000,
+        "queue.buffering.max.kbytes": 1_048_576,
+    })
+
+
+def _produce(producer: Producer, topic: str, key: bytes, value: bytes) -> None:
+    while True:
+        try:
+            producer.produce(topic, value, key)
+            return
+        except BufferError:
+            producer.poll(0.05)
+
+
+def fill(bootstrap: str, topic: str, workload: Workload) -> float:
+    """Produce every record of the workload once; returns records/s (not timed against either mode)."""
+    producer = _fill_producer(bootstrap, 20)
+    start = time.monotonic()
+    ts_ms = int(time.time() * 1000)
+    for n, template in enumerate(workload.order):
+        _produce(producer, topic, workload.templates[template][0], workload.value(template, ts_ms))
+        if n % 10_000 == 0:
+            producer.poll(0)
+    if producer.flush(120) != 0:
+        raise BenchError(f"could not write the workload to {topic}")
+    return len(workload.order) / (time.monotonic() - start)
+
+
+def pace(bootstrap: str, topic: str, workload: Workload, rate: float, seconds: float,
+         check: Callable[[], None] | None = None) -> tuple[int, float]:
+    """Send at `rate` events/s for `seconds`, stamping each envelope with its send time.
+
+    Returns (events sent, achieved rate). Sends in 2 ms ticks so bursts stay far below one batch;
+    `check` (e.g. "are the workers still alive?") runs about once a second and may raise to stop early.
+    The producer lingers 5 ms, Kafka 4's default and so what Debezium's Connect producer does: the 1 ms
+    used before sent several times more produce requests, and that load on the broker and this process
+    (all on the same 2 cores as the worker under test) was part of what the latency phase measured. The
+    linger counts in the measured latency (the envelope is stamped before it).
+    """
+    producer = _fill_producer(bootstrap, 5)
+    order, n_order = workload.order, len(workload.order)
+    start = time.monotonic()
+    sent, checked = 0, start
+    while (elapsed := time.monotonic() - start) < seconds:
+        if check is not None and start + elapsed - checked >= 1.0:
+            checked = start + elapsed
+            check()
+        due = int(elapsed * rate)
+        now_ms = int(time.time() * 1000)
+        while sent < due:
+            template = order[sent % n_order]
+            _produce(producer, topic, workload.templates[template][0], workload.value(template, now_ms))
+            sent += 1
+        producer.poll(0)
+        time.sleep(0.002)
+    took = time.monotonic() - start
+    producer.flush(30)
+    return sent, sent / took

@@ -1,0 +1,364 @@
+"""The phases and trials of a run: throughput drains, warm-ups, latency, soak and scaling; `run`."""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
+
+from guard.bench.common import LATENCY_WARMUP_S, SMOKE_BELOW_RECORDS, WARMUP_S, BenchError, log
+from guard.bench.latency import broker_uptime_s, local_broker, measure_latency
+from guard.bench.report import machine_facts, target_checks
+from guard.bench.topics import (
+    Names,
+    cleanup_kafka,
+    cleanup_redis,
+    create_topic,
+    drift_alert_keys,
+    fill,
+    missing_keys,
+    pace,
+)
+from guard.bench.workers import BenchContext, GroupProgress, RssSampler, WorkerSet
+from guard.bench.workload import Workload, build_workload
+from guard.config import Settings
+from guard.protect.fastpath import use_native
+
+
+# --- phases ----------------------------------------------------------------------------------------
+@dataclass
+class ThroughputResult:
+    events: int
+    seconds: float
+    events_per_s: float
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    #: Events committed in each second of the window: tells a slow start (new keys) from a steady rate.
+    per_second: list[int] = field(default_factory=list)
+
+
+def drain_fresh(ctx: BenchContext, workers: WorkerSet) -> ThroughputResult:
+    """Let a fresh group consume the whole input topic; time it with the workers' own timestamps."""
+    bootstrap, names = ctx.settings.kafka_bootstrap, ctx.names
+    progress = GroupProgress(bootstrap, workers.group, names.input, ctx.partitions)
+    try:
+        targets = progress.ends()
+        count = sum(targets.values())
+        observed = progress.wait(targets, workers, timeout=120 + count / 500)
+    finally:
+        progress.close()
+    # The group's offsets can be seen committed a moment before the worker's "commit" line is read.
+    deadline = time.monotonic() + 10
+    while (window := workers.window(count)) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if window is None:
+        raise BenchError(f"{workers.mode} workers reported no progress")
+    start, end = window
+    if end > observed + 1:  # a worker's clock can't be ahead of the parent's observation of the same commit
+        end = observed
+    seconds = max(end - start, 1e-6)
+    return ThroughputResult(count, seconds, count / seconds, per_second=workers.per_second(start, end))
+
+
+def catch_up(ctx: BenchContext, workers: WorkerSet) -> None:
+    """Wait until a (re)started group has committed everything currently in the input topic."""
+    progress = GroupProgress(ctx.settings.kafka_bootstrap, workers.group, ctx.names.input, ctx.partitions)
+    try:
+        targets = progress.ends()
+        progress.wait(targets, workers, timeout=120 + sum(targets.values()) / 500)
+    finally:
+        progress.close()
+
+
+@dataclass
+class SoakResult:
+    seconds: float
+    rate: float
+    warmup_s: float
+    window_s: float
+    first_mib: float
+    last_mib: float
+    drift_pct: float
+    samples: list[tuple[float, float]]
+
+
+def soak(ctx: BenchContext, workload: Workload, workers: int, rate: float, seconds: float,
+         guard_group: tuple[str, str]) -> SoakResult:
+    """Steady `rate` through restarted guard workers for `seconds`; RSS (sum over workers) every 5 s.
+
+    `guard_group` is (group, branch suffix) of the guard workers that ran the latency phase, so the
+    restarted workers resume where they stopped, with the keys they created.
+    """
+    sampler = RssSampler(5.0)
+    soak_ctx = BenchContext(ctx.settings, ctx.names, ctx.partitions, sampler, ctx.log_dir, ctx.groups)
+    group = WorkerSet(soak_ctx, "guard", workers, guard_group[0], "soak", guard_group[1]).start()
+    try:
+        catch_up(soak_ctx, group)
+        t0 = time.time()
+        pace(ctx.settings.kafka_bootstrap, ctx.names.input, workload, rate, seconds, group.check_alive)
+    finally:
+        group.stop()
+        sampler.close()
+    per_t: dict[float, float] = {}
+    for t, _, _, rss in sampler.samples:
+        per_t[round(t - t0, 1)] = per_t.get(round(t - t0, 1), 0.0) + rss / 2**20
+    series = sorted((t, mib) for t, mib in per_t.items() if 0 <= t <= seconds)
+    warmup = 60.0 if seconds >= 180 else seconds / 3
+    window = min(60.0, (seconds - warmup) / 2)
+    first = [m for t, m in series if warmup <= t < warmup + window]
+    last = [m for t, m in series if seconds - window <= t <= seconds]
+    first_mib = statistics.fmean(first) if first else float("nan")
+    last_mib = statistics.fmean(last) if last else float("nan")
+    drift = (last_mib - first_mib) / first_mib * 100 if first_mib > 0 else float("nan")
+    return SoakResult(seconds, rate, warmup, window, first_mib, last_mib, drift, series)
+
+
+def scaling(ctx: BenchContext) -> dict[str, Any]:
+    """Guard throughput with 1 then 2 workers, each a fresh group over every record now in the topic."""
+    results: dict[str, Any] = {}
+    for count in (1, 2):
+        workers = WorkerSet(ctx, "guard", count, ctx.names.group(f"scale{count}"), f"scale{count}").start()
+        try:
+            result = drain_fresh(ctx, workers)
+        finally:
+            result_workers = workers.stop()
+        result.workers = result_workers
+        results[f"workers_{count}"] = asdict(result)
+        log.info("scaling: %d worker(s) %.0f events/s", count, result.events_per_s)
+    one, two = results["workers_1"]["events_per_s"], results["workers_2"]["events_per_s"]
+    results["speedup"] = two / one if one else float("nan")
+    return results
+
+
+# --- the run ---------------------------------------------------------------------------------------
+@dataclass
+class BenchOptions:
+    records: int = 200_000
+    partitions: int = 2
+    workers: int = 1
+    trials: int = 3
+    latency_seconds: float | None = None
+    warmup_seconds: float | None = None
+    scaling: bool = False
+    soak_seconds: float = 0.0
+    keep: bool = False
+    customers: int = 4000
+    json_out: Path | None = None
+
+    @property
+    def smoke(self) -> bool:
+        """A short run (tests): fewer than `SMOKE_BELOW_RECORDS` records."""
+        return self.records < SMOKE_BELOW_RECORDS
+
+    def latency_s(self) -> float:
+        """Measured seconds of a latency phase: 20 by default, 5 for smoke runs so tests stay short."""
+        if self.latency_seconds is not None:
+            return self.latency_seconds
+        return 5.0 if self.smoke else 20.0
+
+    def latency_warmup_s(self) -> float:
+        """Paced seconds before a latency phase's measured window: `LATENCY_WARMUP_S`, 1 s for smoke runs."""
+        return 1.0 if self.smoke else LATENCY_WARMUP_S
+
+    def warmup_s(self) -> float:
+        """`WARMUP_S` by default; smoke runs skip the warm-up so tests stay short."""
+        if self.warmup_seconds is not None:
+            return self.warmup_seconds
+        return 0.0 if self.smoke else WARMUP_S
+
+
+def trial_group(ctx: BenchContext, mode: str, trial: int | str) -> tuple[str, str]:
+    """(consumer group, guard branch suffix) of a mode's trial; the first trial keeps the plain names.
+
+    A warm-up round is named by a string (`w1`, `w2`, ...) so its groups and keys never meet a trial's.
+    """
+    if trial == 0:
+        return ctx.names.group(mode), ""
+    tag = trial if isinstance(trial, str) else f"t{trial}"
+    return ctx.names.group(f"{mode}-{tag}"), tag
+
+
+def run_mode_throughput(ctx: BenchContext, mode: str, workers: int,
+                        trial: int | str = 0) -> tuple[WorkerSet, ThroughputResult]:
+    """Start W workers of `mode` in the trial's group and drain the input; the workers keep running."""
+    group_id, suffix = trial_group(ctx, mode, trial)
+    # Warm-up workers are sampled under their own label: their RSS is not the mode's measured peak.
+    label = mode if isinstance(trial, int) else f"warmup-{mode}"
+    group = WorkerSet(ctx, mode, workers, group_id, label, suffix).start()
+    try:
+        result = drain_fresh(ctx, group)
+    except BaseException:
+        group.stop()
+        raise
+    name = f"trial {trial + 1}" if isinstance(trial, int) else f"warm-up {trial}"
+    log.info("%s %s: %d events in %.2fs = %.0f events/s (per second: %s)", mode, name, result.events,
+             result.seconds, result.events_per_s, " ".join(map(str, result.per_second)))
+    return group, result
+
+
+@dataclass
+class WarmUp:
+    """The untimed rounds before the trials: how long they ran and each round's rate (for the reader)."""
+
+    seconds: float
+    plain_events_per_s: list[float]
+    guard_events_per_s: list[float]
+
+
+def warm_up(ctx: BenchContext, workers: int, seconds: float) -> WarmUp | None:
+    """Untimed rounds (a plain then a guard drain of the input) until `seconds` have passed, at least one.
+
+    The bench is meant to measure the two loops, not a JVM's warm-up. A broker just started by `guard
+    stack up` serves its first minute or so of load slower while its JIT compiles the hot paths: right
+    after a start, plain drains of 100k records measured 70k, 88k, then 168-192k events/s in runs 20 s
+    apart (docs/benchmark.md, round 8), and the first bench after a start failed the p99 target in 4 of
+    8 runs against 1 of 22 later runs (round 7). Both modes warm up alike, and the rounds are reported.
+    """
+    if seconds <= 0:
+        return None
+    start = time.monotonic()
+    rates: dict[str, list[float]] = {"plain": [], "guard": []}
+    rounds = 0
+    while rounds == 0 or time.monotonic() - start < seconds:
+        rounds += 1
+        for mode in ("plain", "guard"):
+            group, result = run_mode_throughput(ctx, mode, workers, f"w{rounds}")
+            group.stop()
+            rates[mode].append(round(result.events_per_s, 1))
+    return WarmUp(round(time.monotonic() - start, 1), rates["plain"], rates["guard"])
+
+
+def median_trial(results: list[ThroughputResult]) -> ThroughputResult:
+    """The trial with the median rate (the lower middle one of an even count): a rate that was measured."""
+    ordered = sorted(results, key=lambda r: r.events_per_s)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def execute(ctx: BenchContext, workload: Workload, opts: BenchOptions) -> dict[str, Any]:
+    """The phases: warm-up, throughput trials (plain, guard, alternating), guard latency, plain latency,
+    scaling, soak.
+
+    The last guard trial's workers stay up for the latency phase (caught up, keys warm), and the plain
+    latency phase resumes the last plain trial's group.
+    """
+    warmup = warm_up(ctx, opts.workers, opts.warmup_s())
+    trials: dict[str, list[ThroughputResult]] = {"plain": [], "guard": []}
+    guard: WorkerSet | None = None
+    try:
+        for trial in range(opts.trials):
+            plain, result = run_mode_throughput(ctx, "plain", opts.workers, trial)
+            result.workers = plain.stop()
+            trials["plain"].append(result)
+            guard, result = run_mode_throughput(ctx, "guard", opts.workers, trial)
+            trials["guard"].append(result)
+            if trial < opts.trials - 1:
+                result.workers = guard.stop()
+                guard = None
+    except BaseException:
+        if guard is not None:
+            guard.stop()
+        raise
+    assert guard is not None
+    plain_tp, guard_tp = median_trial(trials["plain"]), median_trial(trials["guard"])
+    rate = guard_tp.events_per_s / 2
+    try:
+        log.info("guard: latency at %.0f events/s for %.0fs", rate, opts.latency_s())
+        guard_lat = measure_latency(ctx, guard, workload, rate, opts.latency_s(), opts.latency_warmup_s())
+    finally:
+        trials["guard"][-1].workers = guard.stop()
+    plain_group, _ = trial_group(ctx, "plain", opts.trials - 1)
+    plain = WorkerSet(ctx, "plain", opts.workers, plain_group, "plain").start()
+    try:
+        catch_up(ctx, plain)
+        log.info("plain: latency at %.0f events/s for %.0fs", rate, opts.latency_s())
+        plain_lat = measure_latency(ctx, plain, workload, rate, opts.latency_s(), opts.latency_warmup_s())
+    finally:
+        plain.stop()
+    report: dict[str, Any] = {
+        "modes": {
+            "plain": {**asdict(plain_tp), "latency": asdict(plain_lat), "peak_rss_mib": ctx.sampler.peak_mib("plain")},
+            "guard": {**asdict(guard_tp), "latency": asdict(guard_lat), "peak_rss_mib": ctx.sampler.peak_mib("guard")},
+        },
+        "ratio": guard_tp.events_per_s / plain_tp.events_per_s,
+        "latency_rate": rate,
+        "warmup": asdict(warmup) if warmup is not None else None,
+        "trials": {
+            "plain_events_per_s": [round(r.events_per_s, 1) for r in trials["plain"]],
+            "guard_events_per_s": [round(r.events_per_s, 1) for r in trials["guard"]],
+            "ratios": [round(g.events_per_s / p.events_per_s, 3)
+                       for p, g in zip(trials["plain"], trials["guard"], strict=True)],
+        },
+    }
+    for mode in ("plain", "guard"):
+        report["modes"][mode]["events_per_s"] = round(report["modes"][mode]["events_per_s"], 1)
+    if opts.scaling:
+        report["scaling"] = scaling(ctx)
+    if opts.soak_seconds > 0:
+        log.info("soak: %.0fs at %.0f events/s", opts.soak_seconds, rate)
+        report["soak"] = asdict(soak(ctx, workload, opts.workers, rate, opts.soak_seconds,
+                                     trial_group(ctx, "guard", opts.trials - 1)))
+    return report
+
+
+def run(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
+    """Set up topics, fill, run every phase, clean up; returns the JSON report."""
+    if opts.scaling and opts.partitions < 2:
+        raise BenchError("--scaling needs at least 2 partitions")
+    if opts.records < 1 or opts.workers < 1 or opts.partitions < 1 or opts.trials < 1:
+        raise BenchError("--records, --workers, --partitions and --trials must be positive")
+    if not opts.warmup_s() >= 0:  # written so that NaN is refused too
+        raise BenchError("--warmup-seconds must be 0 (no warm-up) or more")
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    try:
+        admin.list_topics(timeout=10)
+    except KafkaException:
+        raise BenchError(f"Kafka at {settings.kafka_bootstrap} does not answer: run `guard stack up`") from None
+    names = Names(uuid.uuid4().hex[:8])
+    machine = machine_facts()
+    broker = local_broker(settings.kafka_bootstrap)
+    machine["broker_uptime_s_at_start"] = broker_uptime_s(broker)
+    # The workers inherit this environment, so they resolve GUARD_HOT_PATH the same way.
+    machine["guard_hot_path"] = "native" if use_native(settings.hot_path) else "python"
+    workload = build_workload(opts.records, customers=opts.customers)
+    alert_keys = missing_keys(settings.redis_url, drift_alert_keys(workload))
+    sampler = RssSampler(0.5)
+    ctx = BenchContext(settings, names, opts.partitions, sampler, Path(tempfile.mkdtemp(prefix=f"{names.prefix}-")),
+                       broker_gc_log=broker.gc_log if broker is not None and broker.gc_log.is_file() else None)
+    try:
+        create_topic(admin, names.input, opts.partitions)
+        # Both modes' output topics exist before the timed windows: a guard creates a table's sanitized
+        # topic once in its life (`TopicManager.ensure_like`), which is not per-event work.
+        create_topic(admin, names.plain_out, opts.partitions)
+        create_topic(admin, names.sanitized, opts.partitions)
+        fill_rate = fill(settings.kafka_bootstrap, names.input, workload)
+        log.info("filled %s with %d events (%.0f/s); worker logs in %s", names.input, opts.records, fill_rate,
+                 ctx.log_dir)
+        report = execute(ctx, workload, opts)
+    finally:
+        sampler.close()
+        if not opts.keep:
+            try:
+                cleanup_kafka(admin, names, ctx.groups)
+            except KafkaException as exc:
+                log.warning("could not delete the bench topics of %s: %s", names.prefix, exc)
+            cleanup_redis(settings.redis_url, names, alert_keys)
+    report.update({
+        "runid": names.runid,
+        "records": opts.records,
+        "partitions": opts.partitions,
+        "workers": opts.workers,
+        "trials_per_mode": opts.trials,
+        "workload": {"records": opts.records, "customers": workload.customers, "updates": workload.updates,
+                     "mean_value_bytes": round(workload.mean_value_bytes(), 1), "fill_events_per_s": round(fill_rate),
+                     "topic": names.input},
+        "machine": machine,
+        "kept_topics": opts.keep,
+    })
+    report["targets"] = target_checks(report)
+    return report

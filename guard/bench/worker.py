@@ -1,0 +1,291 @@
+"""One benchmark worker process: the plain exactly-once loop (`plain`) or the real guard (`guard`).
+
+`guard.bench.run` starts these as separate OS processes so each one's RSS can be measured on its own and so
+W workers really run in parallel (no shared GIL). A worker talks to its parent through stdout, one JSON
+object per line and nothing else on stdout (logs go to stderr):
+
+- `{"ev": "ready", "pid": ...}` once the clients are built (before the group join);
+- `{"ev": "first", "t": <epoch s>}` when the first record reaches the transform: the start of the timed
+  window, so process start-up and the group join are not counted against either mode;
+- `{"ev": "commit", "t": <epoch s>, "events": <processed so far>}` after every committed transaction, from
+  which the parent finds the moment the last input record was committed;
+- `{"ev": "done", ...counts}` at exit. Counts only: never keys, values or field contents.
+
+Both modes run the same consumer settings, the same batch policy (Settings.batch_size / batch_ms, commit
+when the batch is full, `batch_ms` old, or the topic is idle) and the same exactly-once protocol
+(`send_offsets_to_transaction` + `commit_transaction` per batch), so the ratio measures the sanitizer and
+not a difference in Kafka plumbing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import orjson
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from guard.config import Settings, load_settings
+from guard.kafka.batching import EarlyOffsets, commit_due, take
+from guard.kafka.clients import consumer_config, producer_config
+
+log = logging.getLogger("guard.bench_worker")
+
+
+def emit(event: str, **fields: Any) -> None:
+    """Write one protocol line to the parent (flushed at once: the parent timestamps progress from it)."""
+    sys.stdout.write(orjson.dumps({"ev": event, **fields}).decode() + "\n")
+    sys.stdout.flush()
+
+
+class PlainLoop:
+    """A plain confluent-kafka consume-produce loop with transactions: values copied unchanged.
+
+    Each input record goes to the same partition of the output topic with its timestamp, and the batch's
+    offsets are committed inside the transaction, exactly like `SanitizerWorker` minus the transform: the
+    offsets are sent to the transaction on a helper thread while the batch is produced, as the guard does
+    (`batching.EarlyOffsets`), so both modes pay the same commit round trips.
+    """
+
+    def __init__(self, settings: Settings, input_topic: str, output_topic: str) -> None:
+        self.settings = settings
+        self.input_topic = input_topic
+        self.output_topic = output_topic
+        self.events = 0
+        self.transactions = 0
+        self.aborts = 0
+        self._running = True
+        self._in_txn = False
+        self._txn_started = 0.0
+        self._txn_records = 0
+        self._first: dict[tuple[str, int], int] = {}
+        self._last: dict[tuple[str, int], int] = {}
+        self._early = EarlyOffsets()
+        self._txn_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bg-txn")
+        self._seen_first = False
+        self.consumer = Consumer(consumer_config(settings, f"bench-{settings.worker_id}"))
+        self.producer = Producer(producer_config(settings, f"bench-{settings.worker_id}"))
+
+    def stop(self, *_: object) -> None:
+        self._running = False
+
+    def run(self) -> None:
+        """Loop until SIGTERM; commit policy identical to the runner's."""
+        self.producer.init_transactions(30)
+        self.consumer.subscribe([self.input_topic], on_revoke=self._on_revoke, on_lost=self._on_lost)
+        batch_size, batch_s = self.settings.batch_size, self.settings.batch_ms / 1000
+        try:
+            while self._running:
+                limit = max(1, batch_size - self._txn_records) if self._in_txn else batch_size
+                msgs, drained = take(self.consumer, limit, 0 if self._in_txn else batch_s)
+                if msgs:
+                    self._process(msgs)
+                if self._in_txn and commit_due(drained=drained, records=self._txn_records, batch_size=batch_size,
+                                               age_s=time.monotonic() - self._txn_started, batch_s=batch_s):
+                    self._commit()
+        finally:
+            if self._in_txn:
+                try:
+                    self._commit()
+                except KafkaException:
+                    self._abort()
+            self.consumer.close()
+            self.producer.flush(10)
+
+    def _process(self, msgs: list[Message]) -> None:
+        produce, out = self.producer.produce, self.output_topic
+        good = []
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                if err.fatal():
+                    raise KafkaException(err)
+                continue
+            good.append(msg)
+        if not good:
+            return
+        if not self._seen_first:
+            self._seen_first = True
+            emit("first", t=time.time())
+        if not self._in_txn:
+            self.producer.begin_transaction()
+            self._in_txn = True
+            self._txn_started = time.monotonic()
+            self._txn_records = 0
+        ends = dict(self._last)
+        for msg in good:
+            ends[(str(msg.topic()), int(msg.partition() or 0))] = int(msg.offset() or 0)
+        self._early.send(self._txn_pool, self.producer, self.consumer, ends, 30)
+        for msg in good:
+            partition, offset = int(msg.partition() or 0), int(msg.offset() or 0)
+            produce(out, msg.value(), msg.key(), partition=partition, timestamp=msg.timestamp()[1])
+            tp = (str(msg.topic()), partition)
+            self._first.setdefault(tp, offset)
+            self._last[tp] = offset
+            self._txn_records += 1
+            self.events += 1
+        self.producer.poll(0)
+
+    def _commit(self) -> None:
+        if not self._last:
+            self.producer.abort_transaction(30)
+            self._in_txn = False
+            return
+        offsets = [TopicPartition(t, p, o + 1) for (t, p), o in self._last.items()]
+        try:
+            if not self._early.cover(self._last, 30):
+                self.producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(), 30)
+            self.producer.commit_transaction(30)
+        except KafkaException as exc:
+            error = exc.args[0]
+            if isinstance(error, KafkaError) and error.txn_requires_abort():
+                self._abort()
+                return
+            raise
+        self.transactions += 1
+        self._in_txn = False
+        self._first.clear()
+        self._last.clear()
+        emit("commit", t=time.time(), events=self.events)
+
+    def _abort(self) -> None:
+        """Abort and rewind, so the batch is processed again (its events are uncounted)."""
+        self._early.settle()
+        if self._in_txn:
+            self.producer.abort_transaction(30)
+        self.aborts += 1
+        self.events -= self._txn_records
+        assigned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+        for (topic, partition), offset in self._first.items():
+            if (topic, partition) in assigned:
+                self.consumer.seek(TopicPartition(topic, partition, offset))
+        self._in_txn = False
+        self._first.clear()
+        self._last.clear()
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self._in_txn:
+            self._commit()
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self._in_txn:
+            self._abort()
+
+
+def run_plain(settings: Settings, input_topic: str, output_topic: str) -> dict[str, Any]:
+    """Run the plain loop until SIGTERM and return its counts."""
+    loop = PlainLoop(settings, input_topic, output_topic)
+    signal.signal(signal.SIGTERM, loop.stop)
+    signal.signal(signal.SIGINT, loop.stop)
+    emit("ready", pid_mode="plain")
+    loop.run()
+    return {"events": loop.events, "transactions": loop.transactions, "aborts": loop.aborts}
+
+
+def _mark_first(process: Callable[..., Any], restore: Callable[[Callable[..., Any]], None]) -> Callable[..., Any]:
+    """Wrap `Sanitizer.prefetch` once: report the first call's time, then put the original back.
+
+    `prefetch` starts the transform of every fetched batch, on the native and the Python path alike.
+    """
+
+    def first(*args: Any) -> Any:
+        emit("first", t=time.time())
+        restore(process)
+        return process(*args)
+
+    return first
+
+
+def run_guard(settings: Settings) -> dict[str, Any]:
+    """Run the real `SanitizerWorker` over the bench's raw topic until SIGTERM and return its counts."""
+    from guard.kafka.runner import SanitizerWorker
+    from guard.kafka.stats import Stats
+    from guard.pipeline.runtime import build_sanitizer
+
+    sanitizer = build_sanitizer(settings)
+
+    def restore(original: Callable[..., Any]) -> None:
+        sanitizer.prefetch = original  # type: ignore[method-assign]
+
+    sanitizer.prefetch = _mark_first(sanitizer.prefetch, restore)  # type: ignore[method-assign]
+
+    def on_batch(stats: Stats) -> None:
+        emit("commit", t=time.time(), events=stats.events_in)
+
+    worker = SanitizerWorker(settings, sanitizer, on_batch=on_batch)
+    worker.install_signal_handlers()
+    emit("ready", pid_mode="guard")
+    stats = worker.run()
+    return {
+        "events": stats.events_in,
+        "transactions": stats.transactions,
+        "aborts": stats.aborts,
+        "records_out": stats.records_out,
+        "decisions": stats.decisions,
+        "dlq_reasons": stats.dlq_reasons,
+    }
+
+
+def guard_settings(runid: str, *, bootstrap: str, redis_url: str, group: str, worker_id: str,
+                   branch_suffix: str = "") -> Settings:
+    """Settings for a bench guard: its own raw prefix, branch (so its keys are separate) and output topics.
+
+    Output topics are named `bench<runid>-guard.*`, which the raw pattern `^bench<runid>\\.[^.]+\\.[^.]+$`
+    does not match, so the guard never consumes its own audit records.
+    """
+    prefix = f"bench{runid}"
+    return load_settings(
+        None,
+        raw_topic_prefix=prefix,
+        branch=prefix + branch_suffix,
+        group_id=group,
+        worker_id=worker_id,
+        kafka_bootstrap=bootstrap,
+        redis_url=redis_url,
+        audit_topic=f"{prefix}-guard.audit",
+        anomalies_topic=f"{prefix}-guard.anomalies",
+        deletions_topic=f"{prefix}-guard.deletions",
+        dlq_topic=f"{prefix}-guard.dlq",
+    )
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--mode", choices=("plain", "guard"), required=True)
+    parser.add_argument("--runid", required=True)
+    parser.add_argument("--group", required=True)
+    parser.add_argument("--worker-id", required=True)
+    parser.add_argument("--bootstrap", required=True)
+    parser.add_argument("--redis-url", required=True)
+    parser.add_argument("--branch-suffix", default="",
+                        help="guard mode: appended to the bench branch, so a new trial creates its own keys")
+    parser.add_argument("--input-topic", help="plain mode: the raw topic")
+    parser.add_argument("--output-topic", help="plain mode: where values are copied")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = guard_settings(args.runid, bootstrap=args.bootstrap, redis_url=args.redis_url,
+                              branch_suffix=args.branch_suffix,
+                              group=args.group, worker_id=args.worker_id)
+    if args.mode == "plain":
+        if not args.input_topic or not args.output_topic:
+            raise SystemExit("plain mode needs --input-topic and --output-topic")
+        counts = run_plain(settings, args.input_topic, args.output_topic)
+    else:
+        counts = run_guard(settings)
+    emit("done", **counts)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""The measured worker processes (`guard.bench.worker`), their RSS, and the groups' committed progress."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+from guard.bench.common import BenchError, log
+from guard.bench.topics import Names
+from guard.config import Settings
+
+
+# --- worker processes ------------------------------------------------------------------------------
+@dataclass
+class WorkerProc:
+    """One `guard.bench.worker` process and what it reported on stdout."""
+
+    mode: str
+    worker_id: str
+    popen: subprocess.Popen[str]
+    log_path: Path
+    first_t: float | None = None
+    commits: list[tuple[float, int]] = field(default_factory=list)
+    done: dict[str, Any] | None = None
+    ready: threading.Event = field(default_factory=threading.Event)
+
+    def read(self) -> None:
+        """Reader thread: parse the worker's protocol lines (see `guard.bench.worker`)."""
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            try:
+                msg = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            event = msg.get("ev")
+            if event == "ready":
+                self.ready.set()
+            elif event == "first" and self.first_t is None:
+                self.first_t = float(msg["t"])
+            elif event == "commit":
+                self.commits.append((float(msg["t"]), int(msg["events"])))
+            elif event == "done":
+                self.done = msg
+
+    def log_tail(self, lines: int = 15) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+class RssSampler:
+    """Samples the RSS of registered processes every `interval` seconds from a daemon thread."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.samples: list[tuple[float, str, int, int]] = []  # (t, label, pid, rss bytes)
+        self._procs: dict[int, tuple[str, psutil.Process]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._thread.start()
+
+    def add(self, label: str, pid: int) -> None:
+        with self._lock:
+            self._procs[pid] = (label, psutil.Process(pid))
+
+    def remove(self, pid: int) -> None:
+        with self._lock:
+            self._procs.pop(pid, None)
+
+    def peak_mib(self, label: str) -> float:
+        values = [rss for _, lab, _, rss in self.samples if lab == label]
+        return max(values) / 2**20 if values else 0.0
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            with self._lock:
+                procs = list(self._procs.items())
+            now = time.time()
+            for pid, (label, proc) in procs:
+                try:
+                    if proc.status() == psutil.STATUS_ZOMBIE:  # exited, not yet reaped: RSS reads as 0
+                        continue
+                    self.samples.append((now, label, pid, proc.memory_info().rss))
+                except psutil.Error:
+                    continue
+
+
+@dataclass
+class BenchContext:
+    """What every phase needs: addresses, names, the sampler and a directory for worker logs."""
+
+    settings: Settings
+    names: Names
+    partitions: int
+    sampler: RssSampler
+    log_dir: Path
+    groups: set[str] = field(default_factory=set)
+    #: The local broker's GC log, or None when the bench runs against another broker (`local_broker`).
+    broker_gc_log: Path | None = None
+
+
+class WorkerSet:
+    """W worker processes of one mode in one consumer group."""
+
+    def __init__(self, ctx: BenchContext, mode: str, count: int, group: str, label: str,
+                 branch_suffix: str = "") -> None:
+        self.ctx, self.mode, self.count, self.group, self.label = ctx, mode, count, group, label
+        self.branch_suffix = branch_suffix
+        self.procs: list[WorkerProc] = []
+        ctx.groups.add(group)
+
+    def start(self) -> WorkerSet:
+        for n in range(self.count):
+            self.procs.append(self._spawn(f"{self.label}-{n}-{uuid.uuid4().hex[:4]}"))
+        deadline = time.monotonic() + 60
+        for proc in self.procs:
+            if not proc.ready.wait(max(deadline - time.monotonic(), 0.1)):
+                self.stop()
+                raise BenchError(f"{self.mode} worker {proc.worker_id} did not start:\n{proc.log_tail()}")
+        return self
+
+    def _spawn(self, worker_id: str) -> WorkerProc:
+        ctx = self.ctx
+        cmd = [sys.executable, "-m", "guard.bench.worker", "--mode", self.mode, "--runid", ctx.names.runid,
+               "--group", self.group, "--worker-id", worker_id, "--bootstrap", ctx.settings.kafka_bootstrap,
+               "--redis-url", ctx.settings.redis_url, "--input-topic", ctx.names.input,
+               "--output-topic", ctx.names.plain_out, "--branch-suffix", self.branch_suffix]
+        log_path = ctx.log_dir / f"{worker_id}.log"
+        with log_path.open("w") as log_file:
+            popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True, bufsize=1)
+        proc = WorkerProc(self.mode, worker_id, popen, log_path)
+        threading.Thread(target=proc.read, name=f"read-{worker_id}", daemon=True).start()
+        ctx.sampler.add(self.label, popen.pid)
+        return proc
+
+    def check_alive(self) -> None:
+        for proc in self.procs:
+            if proc.popen.poll() is not None:
+                raise BenchError(f"{self.mode} worker {proc.worker_id} exited with {proc.popen.returncode}:\n"
+                                 f"{proc.log_tail()}")
+
+    def stop(self, timeout: float = 30) -> list[dict[str, Any]]:
+        """SIGTERM every worker (each commits its open transaction) and collect the final counts."""
+        for proc in self.procs:
+            if proc.popen.poll() is None:
+                proc.popen.terminate()
+        for proc in self.procs:
+            try:
+                proc.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("worker %s did not stop in %.0fs; killing it", proc.worker_id, timeout)
+                proc.popen.kill()
+                proc.popen.wait(10)
+            self.ctx.sampler.remove(proc.popen.pid)
+        time.sleep(0.2)  # let the reader threads take the final line
+        return [dict(p.done or {"ev": "missing"}, worker_id=p.worker_id) for p in self.procs]
+
+    def window(self, count: int) -> tuple[float, float] | None:
+        """(first record handed to a transform, commit at which the workers' total reached `count`)."""
+        firsts = [p.first_t for p in self.procs if p.first_t is not None]
+        if not firsts:
+            return None
+        merged = sorted((t, i, events) for i, p in enumerate(self.procs) for t, events in p.commits)
+        latest = [0] * len(self.procs)
+        for t, i, events in merged:
+            latest[i] = events
+            if sum(latest) >= count:
+                return min(firsts), t
+        return None
+
+    def per_second(self, start: float, end: float) -> list[int]:
+        """Events the workers committed in each whole second from `start` to `end`."""
+        merged = sorted((t, i, events) for i, p in enumerate(self.procs) for t, events in p.commits)
+        latest = [0] * len(self.procs)
+        totals = [0] * (int(end - start) + 1)
+        for t, i, events in merged:
+            latest[i] = events
+            if start <= t <= end:
+                totals[int(t - start)] = sum(latest)
+        for n in range(1, len(totals)):  # seconds without a commit keep the total reached before them
+            totals[n] = max(totals[n], totals[n - 1])
+        return [b - a for a, b in zip([0, *totals], totals, strict=False)]
+
+
+# --- committed progress ------------------------------------------------------------------------------
+class GroupProgress:
+    """Reads a group's committed offsets on the input topic without joining the group."""
+
+    def __init__(self, bootstrap: str, group: str, topic: str, partitions: int) -> None:
+        self.topic, self.partitions = topic, partitions
+        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+
+    def committed(self) -> dict[int, int]:
+        tps = [TopicPartition(self.topic, p) for p in range(self.partitions)]
+        return {tp.partition: max(tp.offset, 0) for tp in self.consumer.committed(tps, timeout=10)}
+
+    def ends(self) -> dict[int, int]:
+        return {p: self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)[1]
+                for p in range(self.partitions)}
+
+    def wait(self, targets: dict[int, int], workers: WorkerSet, timeout: float) -> float:
+        """Block until every partition's committed offset reaches its target; returns when (epoch s)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                committed = self.committed()
+            except KafkaException as exc:  # a slow broker answer is not the end of the run
+                error = exc.args[0]
+                if not (isinstance(error, KafkaError) and (error.retriable() or error.code() == KafkaError._TIMED_OUT)):
+                    raise
+                log.warning("reading %s's committed offsets: %s; trying again", workers.group, error)
+            else:
+                if all(committed.get(p, 0) >= end for p, end in targets.items()):
+                    return time.time()
+            # Also after a failed query: a dead worker ends the wait, and a fast error can't spin.
+            workers.check_alive()
+            time.sleep(0.1)
+        raise BenchError(f"{workers.mode} workers did not commit up to {targets} within {timeout:.0f}s "
+                         f"(committed {self.committed()})")
+
+    def close(self) -> None:
+        self.consumer.close()

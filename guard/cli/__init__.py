@@ -1,0 +1,21 @@
+"""The `guard` command line: one module per command group, all registered on `main`.
+
+Owns: `main` (the group, settings and logging), `stack`, `sanitize` (`run`, `sanitize`), `demo`,
+`classify`, `erasure` (`erase`, `retention`, `hold`), `keys` (`keys-init`), `doctor`, `bench`. Commands import
+what they run inside their function, so `guard --help` stays quick.
+May import: anything in `guard` (the top of docs/architecture.md); nothing imports it but entry points.
+"""
+
+from guard.cli import (  # noqa: F401 (registers the commands)
+    bench,
+    classify,
+    demo,
+    doctor,
+    erasure,
+    keys,
+    sanitize,
+    stack,
+)
+from guard.cli.main import main
+
+__all__ = ["main"]

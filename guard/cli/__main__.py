@@ -1,0 +1,5 @@
+"""`python -m guard.cli`: the `guard` command."""
+
+from guard.cli import main
+
+main()

@@ -1,0 +1,524 @@
+"""The sanitizer worker: an exactly-once consume-transform-produce loop on confluent-kafka.
+
+Each batch of raw records is transformed and its outputs (sanitized, audit, alerts, deletions, DLQ) are
+produced inside one Kafka transaction together with the consumed offsets, so downstream `read_committed`
+consumers see every input's outputs exactly once, or not at all.
+
+The parts that matter for "nothing lost, nothing duplicated":
+
+- **Offsets are explicit**: the transaction commits `last processed offset + 1` per partition, never the
+  consumer's position, which may run ahead of processing.
+- **Abort rewinds**: when a transaction must be aborted, every partition of the batch is sought back to
+  the first offset the batch processed, so the records are processed again, not skipped.
+- **Rebalance**: partitions can only be revoked inside `consume()`, i.e. between batches; the revoke
+  callback commits the open transaction while this worker still owns the partitions. If partitions are
+  *lost* (the session expired), their progress is not ours to commit: the producer is replaced, which
+  fences it and makes the coordinator abort its open transaction (waiting on an abort can take minutes
+  after a broker restart). Nothing is sought: whoever gets the partitions next starts from the group's
+  committed offsets.
+- **Stuck calls**: transactional calls run under a deadline; a producer that doesn't answer is replaced
+  and every partition of the batch is rewound to the group's committed offset.
+- **Wedged clients**: if a recovery step itself fails (the coordinator doesn't answer an offset fetch, a
+  new producer can't initialise, a fatal client error), the worker rebuilds both clients (the old
+  consumer leaves the group, the new producer fences the old one) and resumes from the committed offsets,
+  retrying with a back-off while the cluster is unreachable. The worker never exits on a Kafka failure,
+  only on a stop request.
+- **Fencing**: the transactional id is `<group>-<worker id>`. A restarted worker with the same id fences
+  its crashed predecessor at `init_transactions()` and aborts its open transaction at once. Group
+  metadata in `send_offsets_to_transaction` (KIP-447) fences zombies across rebalances too.
+- **Key store outage**: `KeyUnavailableError` aborts the batch and retries it after a back-off, so an
+  unreachable key store delays the stream but never sends plaintext and never fills the DLQ.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import gc
+import logging
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient
+
+from guard.config import Settings
+from guard.errors import KeyUnavailableError
+from guard.kafka.batching import EarlyOffsets, commit_due, take
+from guard.kafka.clients import OUTPUT_TOPIC_PARTITIONS, TopicManager, consumer_config, producer_config
+from guard.kafka.hanging import (
+    COORDINATOR_MARGIN_S,
+    Hanging,
+    HangingReporter,
+    HangingWatcher,
+    group_offsets_partition,
+)
+from guard.kafka.stats import BatchCounters, Stats
+from guard.pipeline.sanitizer import Outcome, Sanitizer
+from guard.telemetry import Telemetry
+
+log = logging.getLogger("guard.runner")
+
+def tune_gc(batch_size: int) -> None:
+    """Keep the cyclic garbage collector off the hot path; reference counting frees a batch's objects.
+
+    A fetched batch holds a few objects per record (the Message, the runner's tuples) until it is done.
+    With CPython's default threshold (700 allocations) the collector ran several times per batch, each
+    time walking the live batch and promoting it towards the oldest generation, whose full walks cover
+    every cache: 9% of a worker's time. A threshold above a batch's live objects lets the batch die by
+    reference count first; the objects built at start-up (catalog, plans, clients) are frozen out of the
+    walks altogether. Garbage cycles are still collected, only less often.
+    """
+    gc.collect()
+    gc.freeze()
+    threshold0, threshold1, threshold2 = gc.get_threshold()
+    gc.set_threshold(max(threshold0, 10 * batch_size), threshold1, threshold2)
+
+
+class ProducerStuckError(Exception):
+    """A transactional producer call did not return within its deadline."""
+
+
+class SanitizerWorker:
+    """Runs the sanitizer over the branch's raw topics until stopped."""
+
+    def __init__(self, settings: Settings, sanitizer: Sanitizer, *, on_batch: Callable[[Stats], None] | None = None,
+                 telemetry: Telemetry | None = None):
+        self.settings = settings
+        self.sanitizer = sanitizer
+        self.stats = Stats()
+        self.batch = BatchCounters()
+        self.telemetry = telemetry or Telemetry(settings)
+        self._on_batch = on_batch
+        self._running = True
+        self.admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+        self.topics = TopicManager(self.admin)
+        client_id = f"guard-{settings.worker_id}"
+        self._consumer_config: dict[str, Any] = {
+            **consumer_config(settings, client_id),
+            # A pattern subscription: new raw topics (tables created later) are noticed within 3 s.
+            "topic.metadata.refresh.interval.ms": 3000,
+            "statistics.interval.ms": 5000 if settings.metrics_port or settings.otlp_endpoint else 0,
+            "stats_cb": self.telemetry.on_stats,
+        }
+        self.consumer = Consumer(self._consumer_config)
+        self._producer_config = producer_config(settings, client_id)
+        #: Outputs larger than this take the Python path, which turns librdkafka's MSG_SIZE_TOO_LARGE into a
+        #: DLQ record (the margin covers librdkafka's per-record overhead in its size check).
+        self._max_record_bytes = int(self._producer_config.get("message.max.bytes", 1_000_000)) - 1024
+        self.producer = Producer(self._producer_config)
+        self._abandoned: list[Producer | Consumer] = []
+        self._txn_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bg-txn")
+        #: Longest a transactional call may take before the producer is replaced.
+        self._txn_deadline_s = settings.transaction_timeout_ms / 1000 + 15
+        self._in_txn = False
+        self._first: dict[tuple[str, int], int] = {}
+        self._last: dict[tuple[str, int], int] = {}
+        self._early_offsets = EarlyOffsets()
+        self._txn_started = 0.0
+        self._txn_records = 0
+        self._watcher: HangingWatcher | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    def stop(self, *_: object) -> None:
+        self._running = False
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def prepare_output_topics(self) -> None:
+        s = self.settings
+        for topic in (s.audit_topic, s.anomalies_topic, s.deletions_topic, s.dlq_topic):
+            self.topics.ensure(topic, OUTPUT_TOPIC_PARTITIONS)
+
+    def run(self, *, max_idle_s: float | None = None, until: Callable[[Stats], bool] | None = None) -> Stats:
+        """Process until stopped (SIGTERM), until `until(stats)` is true, or after `max_idle_s` idle."""
+        self.prepare_output_topics()
+        log.info("worker %s starting: group %s, %s hot path", self.settings.worker_id, self.settings.group_id,
+                 self.sanitizer.hot_path)
+        self._txn("init", lambda: self.producer.init_transactions(10))
+        self._subscribe()
+        self._watcher = self._start_hanging_watch()
+        tune_gc(self.settings.batch_size)
+        backoff = 0.5
+        idle_since = time.monotonic()
+        window = self.settings.batch_ms / 1000
+        try:
+            while self._running:
+                msgs: list[Message] = []
+                try:
+                    limit = max(1, self.settings.batch_size - self._txn_records)
+                    msgs, drained = take(self.consumer, limit, 0 if self._in_txn else window)
+                    if msgs:
+                        idle_since = time.monotonic()
+                        self._process_batch(msgs)
+                    if self._in_txn and commit_due(drained=drained, records=self._txn_records,
+                                                   batch_size=self.settings.batch_size,
+                                                   age_s=time.monotonic() - self._txn_started, batch_s=window):
+                        self._commit()
+                    backoff = 0.5
+                except KeyUnavailableError as exc:
+                    log.warning("key store unavailable, retrying the batch in %.1fs: %s", backoff, exc)
+                    self._abort()
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 10.0)
+                    continue
+                except (KafkaException, ProducerStuckError) as exc:
+                    log.error("Kafka client failure (%s); rebuilding the clients, resuming from the committed "
+                              "offsets", exc)
+                    self._rebuild_clients()
+                    continue
+                if until is not None and until(self.stats):
+                    break
+                if max_idle_s is not None and not msgs and time.monotonic() - idle_since > max_idle_s:
+                    break
+        finally:
+            if self._in_txn:
+                try:
+                    self._commit()
+                except (KafkaException, KeyUnavailableError, ProducerStuckError) as exc:
+                    log.warning("final commit failed (%s); the next owner reprocesses the open batch", exc)
+            if self._watcher is not None:
+                self._watcher.stop()
+            self._close_consumer(self.consumer)
+            try:
+                self.producer.flush(10)
+            except KafkaException as exc:
+                log.warning("producer flush at exit failed (%s)", exc)
+            self.telemetry.shutdown()
+        return self.stats
+
+    def _output_partitions(self) -> list[tuple[str, int]]:
+        """What the hanging-transaction watch covers: every output partition, and the group's offsets."""
+        s = self.settings
+        out = [tp for topic in (s.audit_topic, s.anomalies_topic, s.deletions_topic, s.dlq_topic)
+               for tp in self.topics.known(topic) if tp[0] == topic]
+        out += self.topics.known(s.sanitized_prefix)
+        offsets_partitions = self.topics.partitions("__consumer_offsets")
+        if offsets_partitions:
+            out.append(("__consumer_offsets", group_offsets_partition(s.group_id, offsets_partitions)))
+        return out
+
+    def _start_hanging_watch(self) -> HangingWatcher:
+        s = self.settings
+        reporter = HangingReporter(
+            {"bootstrap.servers": s.kafka_bootstrap, "enable.idempotence": True,
+             "client.id": f"guard-{s.worker_id}-alerts"},
+            s.anomalies_topic, branch=s.branch, worker=s.worker_id, partitions_of=self.topics.partitions,
+            on_count=self._on_hanging)
+        return HangingWatcher(self.admin, self._output_partitions, reporter,
+                              limit_s=s.transaction_timeout_ms / 1000 + COORDINATOR_MARGIN_S).start()
+
+    def _on_hanging(self, hanging: list[Hanging]) -> None:
+        self.telemetry.on_hanging({f"{h.topic}[{h.partition}]": h.high_watermark - h.last_stable for h in hanging})
+
+    def _subscribe(self) -> None:
+        self.consumer.subscribe(
+            [self.settings.raw_topic_pattern], on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+
+    # --- one batch --------------------------------------------------------------------------------
+    def _process_batch(self, msgs: list[Message]) -> None:
+        """Sanitize and produce one fetched batch inside the open transaction (this loop runs per event)."""
+        sanitizer = self.sanitizer
+        traced = self.telemetry.tracer is not None
+        first, last = self._first, self._last
+        # Rewind points first: if any record of this batch fails (e.g. the key store is down), the abort
+        # must seek back every partition the batch touched, including the ones not reached yet.
+        good: list[tuple[Message, str, int, int, bytes | None]] = []
+        ends = dict(last)  # where the transaction's offsets will stand once this batch is done
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    continue
+                if err.fatal():
+                    raise KafkaException(err)
+                log.warning("consumer error: %s", err)
+                continue
+            # A message without an error always has its topic, partition and offset.
+            topic: str = msg.topic()  # type: ignore[assignment]
+            partition: int = msg.partition()  # type: ignore[assignment]
+            offset: int = msg.offset()  # type: ignore[assignment]
+            if (topic, partition) not in first:
+                first[(topic, partition)] = offset
+            ends[(topic, partition)] = offset
+            good.append((msg, topic, partition, offset, msg.value()))
+        if not good:
+            return
+        sanitizer.prefetch([(topic, partition, offset, value) for _, topic, partition, offset, value in good])
+        if not self._in_txn:
+            self.producer.begin_transaction()  # local to the client: no broker round trip, nothing to wait for
+            self._in_txn = True
+            self._txn_started = time.monotonic()
+            self._txn_records = 0
+        # The commit then has only EndTxn left to wait for (`EarlyOffsets`).
+        self._early_offsets.send(self._txn_pool, self.producer, self.consumer, ends, 10)
+        if sanitizer.runs_native and not traced:
+            # Ordinary records are sanitized and produced natively; each record a run stops at (declined,
+            # headers to carry, too large, a callback error) goes through the full Python path.
+            i, n = 0, len(good)
+            producer = self.producer
+            while i < n:
+                run = sanitizer.run_native(good, i, produce=producer.produce, poll=producer.poll,
+                                           partitions=self.topics.ensure_like,
+                                           max_record_bytes=self._max_record_bytes)
+                for topic, partition, offset in run.last:
+                    last[(topic, partition)] = offset
+                self.batch.add_run(run)
+                i = run.end
+                if i < n:
+                    self._process_one(*good[i], traced)
+                    i += 1
+        else:
+            for msg, topic, partition, offset, value in good:
+                self._process_one(msg, topic, partition, offset, value, traced)
+        self._txn_records += len(good)
+        self.producer.poll(0)
+
+    def _process_one(self, msg: Message, topic: str, partition: int, offset: int, value: bytes | None,
+                     traced: bool) -> None:
+        """Sanitize one record with `Sanitizer.process` and produce its outputs (the full Python path)."""
+        sanitizer, telemetry = self.sanitizer, self.telemetry
+        headers = msg.headers()
+        if traced or headers:
+            span, out_headers, trace_id = telemetry.start_event(headers, topic, partition, offset)
+        else:
+            span = out_headers = trace_id = None
+        outcome = sanitizer.process(topic, partition, offset, msg.key(), value, trace_id)
+        if span is not None:
+            telemetry.end_event(span, outcome.table, outcome.decision)
+        # Outputs keep the change's timestamp: downstream sees when it happened, and end-to-end
+        # latency is measurable on the sanitized topic.
+        ts_type, ts = msg.timestamp()
+        ts = ts if ts_type != TIMESTAMP_NOT_AVAILABLE else 0
+        try:
+            self._produce_all(outcome, topic, ts, out_headers)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
+                raise
+            outcome = sanitizer.too_large(topic, partition, offset, msg.key(), value)
+            self._produce_all(outcome, topic, ts, out_headers)
+        self._last[(topic, partition)] = offset
+        self.batch.add(outcome, ts)
+
+    def _early_offsets_cover_batch(self) -> bool:
+        """Whether the offsets sent while the batch ran are exactly the ones this commit needs."""
+        try:
+            return self._early_offsets.cover(self._last, self._txn_deadline_s)
+        except concurrent.futures.TimeoutError:
+            raise ProducerStuckError(f"transactional send offsets did not finish within "
+                                     f"{self._txn_deadline_s:.0f} s") from None
+
+    def _produce_all(self, outcome: Outcome, source_topic: str, ts: int, headers: Any) -> None:
+        produce = self.producer.produce
+        for rec in outcome.records:
+            partition = -1  # librdkafka's "use the partitioner"
+            if rec.partition is not None:
+                partition = rec.partition % self.topics.ensure_like(rec.topic, source_topic)
+            while True:
+                try:
+                    produce(rec.topic, rec.value, rec.key, partition=partition, timestamp=ts, headers=headers)
+                    break
+                except BufferError:  # local queue full: let deliveries drain, then retry
+                    self.producer.poll(0.2)
+
+    def _commit(self) -> None:
+        if not self._in_txn:
+            return
+        if not self._last:
+            self._abort()
+            return
+        try:
+            activity = self.sanitizer.pending_activity()
+            self.sanitizer.keys.store.record_subject_activity(self.sanitizer.branch, activity)
+            self.sanitizer.mark_recorded(activity)
+            if not self._early_offsets_cover_batch():
+                offsets = [TopicPartition(t, p, o + 1) for (t, p), o in self._last.items()]
+                metadata = self.consumer.consumer_group_metadata()
+                self._txn("send offsets", lambda: self.producer.send_offsets_to_transaction(offsets, metadata, 10))
+            self._txn("commit", lambda: self.producer.commit_transaction(10))
+        except KafkaException as exc:
+            error = exc.args[0]
+            if isinstance(error, KafkaError) and error.txn_requires_abort():
+                log.warning("transaction must be aborted (%s); the batch will be processed again", error)
+                self._abort()
+                return
+            log.error("commit failed (%s); replacing the producer and rewinding to the committed offsets", error)
+            self._recover()
+            return
+        except ProducerStuckError as exc:
+            log.error("%s; replacing the producer and rewinding to the committed offsets", exc)
+            self._recover()
+            return
+        except KeyUnavailableError:
+            self._abort()
+            raise
+        self.sanitizer.subject_activity.clear()
+        batch, self.batch = self.batch, BatchCounters()
+        self.stats.merge(batch)
+        log.debug("committed a transaction of %d events over %d partitions", batch.events, len(self._last))
+        self.telemetry.on_commit(batch.by_table_decision, batch.fields, batch.dlq, batch.records_out,
+                                 batch.timestamps_ms)
+        self._reset_batch()
+        if self._on_batch is not None:
+            self._on_batch(self.stats)
+
+    def _abort(self) -> None:
+        """Abort the open transaction and rewind every partition it touched to its first record."""
+        if self._in_txn:
+            try:
+                # A short deadline: when an abort can't finish quickly, replacing the producer is faster.
+                self._txn("abort", lambda: self.producer.abort_transaction(5), deadline_s=10)
+            except (KafkaException, ProducerStuckError) as exc:
+                log.error("abort failed (%s); replacing the producer and rewinding to the committed offsets", exc)
+                self._recover()
+                return
+        self.stats.aborts += 1
+        assigned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+        for (topic, partition), offset in self._first.items():
+            if (topic, partition) in assigned:
+                self.consumer.seek(TopicPartition(topic, partition, offset))
+        self._reset_batch()
+
+    def _reset_batch(self) -> None:
+        self._early_offsets.forget()
+        self.batch = BatchCounters()
+        self.sanitizer.subject_activity.clear()
+        self._in_txn = False
+        self._txn_records = 0
+        self._first.clear()
+        self._last.clear()
+
+    # --- transactional calls that can't hang ------------------------------------------------------
+    def _txn(self, what: str, call: Callable[[], object], deadline_s: float | None = None) -> None:
+        """Run a transactional producer call: retry retriable errors, and never wait past a deadline.
+
+        After a broker restart librdkafka's transactional calls can block far beyond their own timeout
+        (seen: commit_transaction(30) not returning after 150 s). The call runs in a helper thread; if
+        the deadline passes, `ProducerStuckError` makes the worker replace its producer (`_recover`).
+        """
+        limit = deadline_s if deadline_s is not None else self._txn_deadline_s
+        deadline = time.monotonic() + limit
+        while True:
+            future = self._txn_pool.submit(call)
+            try:
+                future.result(timeout=max(0.1, deadline - time.monotonic()))
+                return
+            except concurrent.futures.TimeoutError:
+                raise ProducerStuckError(f"transactional {what} did not finish within {limit:.0f} s") from None
+            except KafkaException as exc:
+                error = exc.args[0]
+                if isinstance(error, KafkaError) and error.retriable() and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    continue
+                raise
+
+    def _recover(self) -> None:
+        """Replace a failed or stuck producer and rewind to what the group really committed.
+
+        The new producer's `init_transactions()` (same transactional id) fences the old one, and the
+        coordinator aborts its open transaction. Whether the last commit went through or not, the
+        group's committed offsets say where processing must resume, so nothing is lost or doubled. If
+        the committed offsets can't be read, the exception reaches `run()`, which rebuilds the clients.
+        """
+        self.stats.aborts += 1
+        self._replace_producer()
+        assigned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+        touched = [TopicPartition(t, p) for (t, p) in self._first if (t, p) in assigned]
+        if touched:
+            committed = self.consumer.committed(touched, timeout=30)
+            for tp in committed:
+                offset = tp.offset if tp.offset >= 0 else self._first[(tp.topic, tp.partition)]
+                self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+        self._reset_batch()
+
+    def _replace_producer(self) -> None:
+        """Purge the producer, set it aside (destroying a stuck client can block), initialise a new one.
+
+        The purge matters: an abandoned producer that kept its queued and in-flight messages would retry
+        them once the broker answers again, after the new producer has fenced it and the coordinator has
+        aborted its transaction. A write landing then can leave a *hanging transaction* on an output
+        partition, whose last stable offset, and with it every `read_committed` reader, stops for good.
+        """
+        try:
+            self.producer.purge(in_queue=True, in_flight=True, blocking=False)
+        except (KafkaException, RuntimeError) as exc:
+            log.warning("purging the abandoned producer reported %s", exc)
+        self._abandoned.append(self.producer)
+        self._txn_pool.shutdown(wait=False)
+        self._txn_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bg-txn")
+        self.producer = Producer(self._producer_config)
+        self._txn("init", lambda: self.producer.init_transactions(10))
+
+    def _rebuild_clients(self) -> None:
+        """Start over with a new consumer and producer, from the group's committed offsets.
+
+        The last resort when a recovery step fails: the old consumer leaves the group (its partitions
+        go back to the group with their committed offsets) and the new producer fences the old one, so
+        its open transaction is aborted. Retries with a back-off until the cluster answers or a stop is
+        requested.
+        """
+        self.stats.aborts += 1
+        self._reset_batch()
+        self._close_consumer(self.consumer)
+        backoff = 1.0
+        while self._running:
+            try:
+                self.consumer = Consumer(self._consumer_config)
+                self._replace_producer()
+                self._subscribe()
+                log.warning("Kafka clients rebuilt; resuming from the committed offsets")
+                return
+            except (KafkaException, ProducerStuckError) as exc:
+                log.error("rebuilding the Kafka clients failed (%s); retrying in %.0f s", exc, backoff)
+                self._close_consumer(self.consumer)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    def _close_consumer(self, consumer: Consumer, deadline_s: float = 30.0) -> None:
+        """Leave the group within a deadline; a consumer that can't close in time is set aside."""
+        closer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bg-close")
+        future = closer.submit(consumer.close)
+        try:
+            future.result(timeout=deadline_s)
+        except concurrent.futures.TimeoutError:
+            log.warning("the consumer did not close within %.0f s; set aside", deadline_s)
+            self._abandoned.append(consumer)
+        except BaseException as exc:  # noqa: BLE001 - best effort; close() re-raises a rebalance callback's error
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            log.warning("closing the consumer reported %s", exc)
+        finally:
+            closer.shutdown(wait=False)
+
+    # --- rebalance callbacks ----------------------------------------------------------------------
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self._in_txn:
+            try:
+                self._commit()
+            except (KafkaException, KeyUnavailableError) as exc:
+                log.warning("commit on revoke failed (%s); aborting, the new owner reprocesses", exc)
+                self._abort()
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.warning("%d partitions lost (session expired, e.g. a broker restart)", len(partitions))
+        if self._in_txn:
+            # The partitions are someone else's now: don't wait on an abort the broker may not answer
+            # for a while. A new producer with the same transactional id fences ours and the coordinator
+            # aborts the open transaction. Nothing to seek: the next owner of these partitions (maybe
+            # this worker again) starts from the group's committed offsets.
+            log.warning("replacing the producer: its open transaction covered lost partitions")
+            self.stats.aborts += 1
+            self._replace_producer()
+            self._reset_batch()

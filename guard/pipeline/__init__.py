@@ -1,0 +1,9 @@
+"""The sanitizer: one raw change record in, the records to produce out, with no Kafka client in sight.
+
+Owns: the stages `decode` (`Decoder`), `plan` (`Planner`), `protect` (`Protector`) (the emit stage is
+`guard.records.builders.RecordBuilder`); `sanitizer` (`Sanitizer`, which runs an event down
+decode -> plan -> protect -> emit once, and hands ordinary events to the compiled path); `runtime`
+(wiring: key manager, catalog and sanitizer built from settings).
+May import: `guard.errors`, `guard.config`, `guard.cdc`, `guard.keys`, `guard.protect`, `guard.classify`,
+`guard.records`. Layer 5 of docs/architecture.md.
+"""

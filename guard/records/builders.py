@@ -1,0 +1,293 @@
+"""The emit stage: the records one change event produces, as bytes ready for Kafka.
+
+`RecordBuilder` writes the sanitized change (Avro), the per-event audit record (from templates cached per
+partition, plan, op and shape), schema-drift and erased-subject anomalies, DLQ records (the input sealed
+under the tenant's quarantine key, never in plaintext) and deletion confirmations. It decides nothing:
+what an event becomes was settled by the plan and protect stages; this stage only writes it down.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from guard.cdc.envelope import ChangeEvent
+from guard.classify.plans import TablePlan
+from guard.config import Settings
+from guard.keys.manager import KeyManager
+from guard.records.codec import AvroCodec
+from guard.records.encoders import AuditTemplate, encode_change
+
+FORMAT_VERSION = 1
+#: Largest input copied (sealed) into a DLQ record; Kafka's default message limit is 1 MB.
+QUARANTINE_MAX_BYTES = 256 * 1024
+
+
+@dataclass(slots=True)
+class OutRecord:
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    partition: int | None = None
+    headers: list[tuple[str, str | bytes | None]] | None = None
+
+
+class RecordBuilder:
+    """Builds the sanitized, audit, anomaly, DLQ and deletion records of one branch's worker."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        keys: KeyManager,
+        *,
+        registry: Any = None,
+        alert_once: Callable[[str], bool] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.keys = keys
+        self.branch = settings.branch
+        self.sanitized_codec = AvroCodec("sanitized_change", registry=registry)
+        self.audit_codec = AvroCodec("audit_record", registry=registry)
+        self._alert_once = alert_once or LocalOnce()
+        self._clock = clock
+        self._prefix_len = len(settings.raw_topic_prefix) + 1
+        #: The trace id of the event in hand (the sanitizer sets it per event; audit records carry it).
+        self.trace_id: str | None = None
+        self._audit_templates: dict[tuple[Any, ...], tuple[AuditTemplate, bytes]] = {}
+
+    def change(
+        self,
+        event: ChangeEvent,
+        subject: str | None,
+        before: bytes | None,
+        after: bytes | None,
+        unclassified: list[str],
+    ) -> bytes:
+        return self.sanitized_codec.header + encode_change(
+            op=event.op, table=event.schema_table, branch=self.branch, db=event.database, ts_ms=event.ts_ms,
+            source_ts_ms=event.source_ts_ms, position=event.position, subject=subject, before=before,
+            after=after, unclassified=unclassified)
+
+    def audit_for_plan(self, topic: str, partition: int, offset: int, plan: TablePlan, op: str, subject: str,
+                       decision: str, images: int, sealed: bool) -> OutRecord:
+        """The per-event audit record, from a template cached per (partition, plan, op, decision, shape)."""
+        template, record_key = self.audit_template(topic, partition, plan, op, decision, images, sealed)
+        value = self.audit_codec.header + template.encode(int(self._clock() * 1000), offset, subject, self.trace_id)
+        return OutRecord(self.settings.audit_topic, record_key, value)
+
+    def audit_template(self, topic: str, partition: int, plan: TablePlan, op: str, decision: str, images: int,
+                       sealed: bool) -> tuple[AuditTemplate, bytes]:
+        """(template, record key) of the audit records of one (partition, plan, op, decision, shape)."""
+        key = (topic, partition, id(plan), op, decision, images, sealed)
+        cached = self._audit_templates.get(key)
+        if cached is None:
+            template = AuditTemplate(worker=self.settings.worker_id, branch=self.branch, source_topic=topic,
+                                     source_partition=partition, table=plan.schema_table, op=op,
+                                     decision=decision, reason=None, classes=dict(plan.class_counts),
+                                     actions=_action_counts(plan, images, sealed),
+                                     unclassified=[p.name for p in plan.unclassified])
+            if len(self._audit_templates) > 50_000:
+                self._audit_templates.clear()
+            cached = self._audit_templates[key] = (template, f"{topic}:{partition}".encode())
+        return cached
+
+    # ------------------------------------------------------------------------------------------
+    def audit(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        table: str | None,
+        op: str | None,
+        subject: str | None,
+        decision: str,
+        reason: str | None,
+        classes: Mapping[str, int],
+        actions: Mapping[str, int],
+        unclassified: list[str] | None = None,
+    ) -> OutRecord:
+        record = {
+            "v": FORMAT_VERSION,
+            "ts_ms": int(self._clock() * 1000),
+            "worker": self.settings.worker_id,
+            "branch": self.branch,
+            "source_topic": topic,
+            "source_partition": partition,
+            "source_offset": offset,
+            "table": table,
+            "op": op,
+            "subject": subject,
+            "decision": decision,
+            "reason": reason,
+            "classes": dict(classes),
+            "actions": dict(actions),
+            "unclassified": unclassified or [],
+            "trace_id": self.trace_id,
+        }
+        return OutRecord(self.settings.audit_topic, f"{topic}:{partition}".encode(), self.audit_codec.encode(record))
+
+    def dlq(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        reason: str,
+        detail: str,
+    ) -> list[OutRecord]:
+        """A DLQ record: the reason, where the input was, and the input sealed (never plaintext).
+
+        Inputs larger than `QUARANTINE_MAX_BYTES` are not copied (the DLQ record would exceed Kafka's
+        message size); they stay at their source offset until the raw topic's retention ends.
+        """
+        aad = f"bg-dlq|{topic}|{partition}|{offset}".encode()
+        copy = value is not None and len(value) <= QUARANTINE_MAX_BYTES
+        body = {
+            "type": "dlq",
+            "reason": reason,
+            "detail": detail,
+            "source": {"topic": topic, "partition": partition, "offset": offset},
+            "branch": self.branch,
+            "worker": self.settings.worker_id,
+            "at_ms": int(self._clock() * 1000),
+            "value_bytes": None if value is None else len(value),
+            "value_sha256": None if value is None else hashlib.sha256(value).hexdigest(),
+            "quarantine": {
+                "aad": aad.decode(),
+                "key": None if key is None else _b64(self.keys.quarantine.seal(key, aad + b"|key")),
+                "value": _b64(self.keys.quarantine.seal(value, aad + b"|value")) if copy and value else None,
+                "note": "AES-256-GCM under the tenant's quarantine key; associated data = aad + '|key' / '|value'"
+                        if copy or value is None else
+                        f"input larger than {QUARANTINE_MAX_BYTES} bytes: not copied; it stays at the source "
+                        "offset until the raw topic's retention ends",
+            },
+            "action": "fix the producer (or classify the table in schemas/catalog.toml) and re-send the change; "
+                      "the quarantined input can be opened with the tenant's quarantine key",
+        }
+        dlq_key = self.keys.index.token(key) if key is not None else None
+        records = [
+            OutRecord(self.settings.dlq_topic, None if dlq_key is None else dlq_key.encode(), orjson.dumps(body)),
+            self.audit(topic, partition, offset, topic[self._prefix_len:], None, None, "dlq", reason, {}, {}),
+        ]
+        if reason == "subject_erased":
+            records.append(self.anomaly("write_for_erased_subject", "high", topic[self._prefix_len:], None, {
+                "source": body["source"],
+                "what": "a create/update arrived for a data subject whose key was crypto-shredded",
+                "suggested_action": "check why the branch database still writes this customer's data after erasure",
+            }))
+        return records
+
+    def anomaly(self, rule: str, severity: str, table: str, column: str | None, evidence: dict[str, Any]) -> OutRecord:
+        alert = {
+            "type": "anomaly",
+            "id": str(uuid.uuid4()),
+            "rule": rule,
+            "severity": severity,
+            "branch": self.branch,
+            "table": table,
+            "column": column,
+            "at_ms": int(self._clock() * 1000),
+            "worker": self.settings.worker_id,
+            **evidence,
+        }
+        return OutRecord(self.settings.anomalies_topic, f"{rule}:{table}:{column}".encode(), orjson.dumps(alert))
+
+    def drift_alerts(self, plan: TablePlan, topic: str) -> list[OutRecord]:
+        alerts = []
+        for policy in plan.unclassified:
+            if not self._alert_once(f"drift:{plan.schema_table}:{policy.name}"):
+                continue
+            alerts.append(self.anomaly("schema_drift_unclassified_column", "medium" if policy.category == "unknown"
+                                       else "high", plan.schema_table, policy.name, {
+                "detected": policy.detected_by,
+                "data_class": policy.data_class,
+                "category": policy.category,
+                "action_taken": f"{policy.action.value} (fail closed: the column is not in the catalog)",
+                "suggested_action": f"classify {plan.schema_table}.{policy.name} in schemas/catalog.toml "
+                                    "(class, category, action) and restart the guard",
+                "raw_topic": topic,
+            }))
+        return alerts
+
+    # ------------------------------------------------------------------------------------------
+    def deletion(
+        self,
+        subject: str,
+        *,
+        confirmation_id: str,
+        outcome: str,
+        held: bool,
+        destroyed: int,
+        known_topics: list[str],
+        trigger: str,
+        reason_code: str,
+        reason: str,
+        by: str,
+        source: tuple[str, int, int] | None,
+        now_ms: int,
+    ) -> list[OutRecord]:
+        """The deletion confirmation of an erasure (or a hold) and its audit record."""
+        confirmation = {
+            "type": "deletion_confirmation",
+            "id": confirmation_id,
+            "subject": subject,
+            "branch": self.branch,
+            "tenant": self.keys.tenant,
+            "outcome": outcome,
+            "trigger": trigger,
+            "reason_code": reason_code,
+            "reason": reason,
+            "law": "PIPL Art. 47" + (" para. 2 (retention required by law: storage only)" if held else ""),
+            "method": "crypto-shredding: every version of the data subject's AES-256 key destroyed in the shared "
+                      "key store; ciphertexts in every topic, replica and backup become unreadable"
+                      if not held else "none: subject under legal hold; processing limited to storage",
+            "keys_destroyed": [f"dek/{self.branch}/{subject}/v{v}" for v in range(1, destroyed + 1)],
+            "unreadable_topics": known_topics if not held else [],
+            "at_ms": now_ms,
+            "by": by,
+            "source": None if source is None else {"topic": source[0], "partition": source[1], "offset": source[2]},
+            "audit": {"topic": self.settings.audit_topic, "decision": outcome},
+        }
+        body = orjson.dumps(confirmation)
+        audit_source = source or ("erase", 0, 0)
+        audit = self.audit(audit_source[0], audit_source[1], audit_source[2], None, "erase", subject,
+                           "held" if held else "shredded", f"{reason_code}; confirmation {confirmation_id}; "
+                           f"sha256 {hashlib.sha256(body).hexdigest()}", {}, {"keys_destroyed": destroyed})
+        return [OutRecord(self.settings.deletions_topic, subject.encode(), body), audit]
+
+
+def _action_counts(plan: TablePlan, images: int, sealed: bool) -> dict[str, int]:
+    counts = {
+        "sealed": len(plan.sealed) * images if sealed else 0,
+        "masked": len(plan.masks) * images if sealed else 0,
+        "index": len(plan.index) * images if sealed else 0,
+        "hashed": len(plan.hashed) * images,
+        "dropped": len(plan.dropped) * images,
+    }
+    return {k: v for k, v in counts.items() if v}
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+class LocalOnce:
+    """Deduplicates alerts within one process (the runner passes a Redis-backed one across workers)."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+
+    def __call__(self, key: str) -> bool:
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True
