@@ -1,7 +1,8 @@
 """The `guard` command line: one module per command group, all registered on `main`.
 
 Owns: `main` (the group, settings and logging), `stack`, `sanitize` (`run`, `sanitize`), `demo`,
-`classify`, `erasure` (`erase`, `retention`, `hold`), `keys` (`keys-init`), `doctor`, `bench`. Commands import
+`classify`, `connector` (`render`, `apply`), `erasure` (`erase`, `retention`, `hold`), `keys` (`keys-init`),
+`doctor`, `bench`. Commands import
 what they run inside their function, so `guard --help` stays quick.
 May import: anything in `guard` (the top of docs/architecture.md); nothing imports it but entry points.
 """
@@ -9,6 +10,7 @@ May import: anything in `guard` (the top of docs/architecture.md); nothing impor
 from guard.cli import (  # noqa: F401 (registers the commands)
     bench,
     classify,
+    connector,
     demo,
     doctor,
     erasure,

@@ -4,7 +4,8 @@ The CLI (``guard stack up|down|status|env``) and ``python -m guard.stack`` call 
 Downloads go to ``$GUARD_CACHE_DIR`` (default ``~/.cache/branchguard``); runtime data, logs and pid
 files to ``$GUARD_STACK_HOME`` (default ``~/.local/share/branchguard``). See guard/stack/README.md.
 
-May import: nothing of ``guard`` but ``guard.workload.synth`` (the demo database's seed data). Layer 8 of
+May import: nothing of ``guard`` but ``guard.workload.synth`` (the demo database's seed data) and
+``guard.classify`` (the catalog, from which ``connector`` renders the Debezium connector). Layer 8 of
 docs/architecture.md (tools); no product module imports it.
 """
 

@@ -1,14 +1,19 @@
 """Register the branch database's Debezium connector through the Connect REST API, idempotently.
 
-The connector config lives in ``connectors/branch-postgres.json`` (documented option by option in
-``connectors/README.md``) with ``${NAME}`` placeholders, resolved here, so the same file serves the
-local stack (127.0.0.1:15432) and docker-compose (postgres:5432).
+The connector config is rendered: the template ``connectors/branch-postgres.json`` (documented option by
+option in ``connectors/README.md``) plus the options that keep the catalog's C3 columns out of the raw
+topics (``guard.classify.source``). It has ``${NAME}`` placeholders, resolved here (in option names too:
+the hash salt is part of one), so the same template serves the local stack (127.0.0.1:15432) and
+docker-compose (postgres:5432). ``guard connector render`` prints the rendered document, secrets still
+placeholders.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
+import stat
 import string
 import time
 from pathlib import Path
@@ -16,6 +21,8 @@ from typing import Any
 
 import httpx
 
+from guard.classify.catalog import Catalog
+from guard.classify.source import source_options, source_rules
 from guard.stack.config import StackConfig
 from guard.stack.errors import StackError
 from guard.stack.procs import progress
@@ -47,6 +54,7 @@ def placeholder_values(cfg: StackConfig, db_host: str | None = None, db_port: in
         "PUBLICATION_NAME": cfg.publication_name,
         "CONNECTOR_NAME": cfg.connector_name,
         "KAFKA_BOOTSTRAP": bootstrap or cfg.bootstrap,
+        "CONNECTOR_HASH_SALT": connector_hash_salt(cfg),
     }
 
 
@@ -78,31 +86,44 @@ def connector_state(http: httpx.Client, name: str) -> tuple[str, list[str], str]
 
 def ensure_connector(cfg: StackConfig | None = None, *, connect_url: str | None = None,
                      db_host: str | None = None, db_port: int | None = None,
-                     timeout: float = 180.0) -> None:
+                     timeout: float = 180.0, catalog: Catalog | None = None, check_db: bool = True,
+                     db_dsn: str | None = None) -> str:
     """Create or update the connector (only if its config differs) and wait until it and its task run.
+
+    The config is rendered from the template and the catalog (``render_connector``); a catalog change
+    therefore updates the running connector (``PUT /connectors/<name>/config``). Before that, the
+    database's C3 columns to be hashed are checked (``check_hash_columns``, through ``db_dsn``, default the
+    branch DSN) unless ``check_db`` is false.
+    Returns what was done: "created", "updated" or "unchanged".
 
     A FAILED connector/task is restarted once, since the usual cause on a laptop is the database
     having been down while Connect started.
     """
     cfg = cfg or StackConfig.from_env()
     url = connect_url or cfg.connect_url
-    name, config = load_connector(placeholder_values(cfg, db_host, db_port))
+    catalog = catalog or Catalog.load()
+    if check_db:
+        check_hash_columns(db_dsn or cfg.branch_dsn, catalog)
+    name, config = resolve_connector(render_connector(catalog), placeholder_values(cfg, db_host, db_port))
     with httpx.Client(base_url=url, timeout=30.0) as http:
         current = http.get(f"/connectors/{name}/config")
         if current.status_code == 200 and current.json() == config:
+            outcome = "unchanged"
             progress(f"connector {name}: config unchanged")
         else:
             r = http.put(f"/connectors/{name}/config", json=config)
             if r.status_code >= 400:
-                raise StackError(f"Connect rejected connector {name}: HTTP {r.status_code} {r.text[:2000]}")
-            progress(f"connector {name}: {'created' if r.status_code == 201 else 'updated'}")
+                raise StackError(f"Connect rejected connector {name}: HTTP {r.status_code} "
+                                 f"{redact(r.text[:2000], config)}")
+            outcome = "created" if r.status_code == 201 else "updated"
+            progress(f"connector {name}: {outcome} ({describe_source_rules(catalog)})")
         restarted = False
         deadline = time.monotonic() + timeout
         while True:
             state, tasks, trace = connector_state(http, name)
             if state == "RUNNING" and tasks and all(t == "RUNNING" for t in tasks):
                 progress(f"connector {name}: RUNNING (tasks {tasks})")
-                return
+                return outcome
             if "FAILED" in (state, *tasks) and not restarted:
                 progress(f"connector {name}: FAILED ({trace}); restarting it once")
                 http.post(f"/connectors/{name}/restart",
@@ -151,3 +172,120 @@ def wait_snapshot(cfg: StackConfig, table: str = "customers", timeout: float = 1
             raise StackError(f"no records on {topic} after {timeout:.0f}s; is the table seeded? "
                              f"See {cfg.logs / 'connect.log'}.")
         time.sleep(1.0)
+
+
+# ---- rendering from the catalog (issue 20: C3 never leaves the database in clear) ----------------------
+
+#: Where the salt of Debezium's hash mask is read from (default: ``<stack home>/secrets/connector-hash.salt``).
+SALT_FILE_ENV = "GUARD_CONNECTOR_SALT_FILE"
+_CATALOG_OWNED = ("column.exclude.list", "column.include.list", "column.mask.hash.")
+
+
+def salt_file(cfg: StackConfig) -> Path:
+    override = os.environ.get(SALT_FILE_ENV)
+    return Path(override) if override else cfg.home / "secrets" / "connector-hash.salt"
+
+
+def connector_hash_salt(cfg: StackConfig) -> str:
+    """The salt of the connector's hash mask: read from a 0600 file, created (64 hex characters) if missing.
+
+    A file readable by group or others is refused, not used: the salt is what keeps a hashed C3 value from
+    being checked against guesses. It reaches Connect inside the connector config (an option *name*, so no
+    config provider can stand in for it); Connect keeps it in its config topic.
+    """
+    path = salt_file(cfg)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32) + "\n")
+        progress(f"connector: created the hash salt {path} (mode 0600)")
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise StackError(f"{path} has mode {mode:04o}: the connector's hash salt must be readable by its owner "
+                         f"only; run `chmod 600 {path}`")
+    salt = path.read_text(encoding="utf-8").strip()
+    if not salt or not all(c in "0123456789abcdefABCDEF" for c in salt) or len(salt) < 32:
+        raise StackError(f"{path} must hold at least 32 hex characters (the connector's hash salt); "
+                         f"remove it to have a new one made")
+    return salt
+
+
+def render_connector(catalog: Catalog, template: Path | None = None) -> dict[str, Any]:
+    """The connector document of the template plus the catalog's C3 options, placeholders unresolved.
+
+    Nothing secret is in it: the CDC password and the hash salt stay ``${CDC_PASSWORD}`` and
+    ``${CONNECTOR_HASH_SALT}``. A template that sets a column filter itself is refused: the catalog owns them.
+    """
+    path = template or connectors_dir() / CONFIG_FILE
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    owned = [k for k in doc["config"] if k.startswith(_CATALOG_OWNED)]
+    if owned:
+        raise StackError(f"{path} sets {owned}: column filters are rendered from the catalog "
+                         f"({catalog.source}); remove them from the template")
+    config = dict(doc["config"])
+    config.update(source_options(catalog))
+    return {"name": doc["name"], "config": config}
+
+
+def resolve_connector(doc: dict[str, Any], values: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """Fill the ``${...}`` placeholders of a rendered document (names and values); returns (name, config)."""
+    try:
+        name = string.Template(doc["name"]).substitute(values)
+        config = {string.Template(k).substitute(values): string.Template(str(v)).substitute(values)
+                  for k, v in doc["config"].items()}
+    except KeyError as exc:
+        raise StackError(f"connector document: unknown placeholder ${{{exc.args[0]}}}") from None
+    config["name"] = name
+    return name, config
+
+
+def redact(text: str, config: dict[str, str]) -> str:
+    """`text` (an error from Connect) without the password or the hash salt of `config`."""
+    for key, value in config.items():
+        if key.startswith("column.mask.hash."):
+            salt = key.rsplit(".with.salt.", 1)[-1]
+            text = text.replace(salt, "<salt>")
+        if key.endswith("password") and value:
+            text = text.replace(value, "<password>")
+    return text
+
+
+def describe_source_rules(catalog: Catalog) -> str:
+    """One phrase per C3 column: what Debezium does with it."""
+    rules = source_rules(catalog)
+    if not rules:
+        return "the catalog has no C3 column"
+    return "; ".join(f"{r.table}.{r.column}: {'excluded' if r.action.value == 'drop' else 'hashed'}"
+                     for r in rules)
+
+
+def check_hash_columns(dsn: str, catalog: Catalog) -> None:
+    """Refuse to register when a C3 column to be hashed would not be hashed by Debezium in full.
+
+    Debezium's hash mask passes non-character columns through in clear and cuts the digest to a declared
+    length below 64 (``guard.classify.source.hash_column_problem``). Columns missing from the database
+    are fine (nothing to send). Raises StackError naming the column and what to change in the catalog.
+    """
+    import psycopg
+
+    from guard.classify.source import hash_column_problem
+
+    hashed = [r for r in source_rules(catalog) if r.action.value == "hash"]
+    if not hashed:
+        return
+    problems = []
+    with psycopg.connect(dsn, connect_timeout=10) as conn:
+        for rule in hashed:
+            schema, table = rule.table.split(".", 1)
+            row = conn.execute("SELECT data_type, character_maximum_length FROM information_schema.columns "
+                               "WHERE table_schema = %s AND table_name = %s AND column_name = %s",
+                               (schema, table, rule.column)).fetchone()
+            if row is None:
+                continue
+            problem = hash_column_problem(str(row[0]), row[1])
+            if problem:
+                problems.append(f"{rule.table}.{rule.column}: {problem}")
+    if problems:
+        raise StackError("the connector was not registered, a C3 column would reach Kafka in clear or "
+                         "guessable: " + "; ".join(problems))

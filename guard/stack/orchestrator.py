@@ -233,4 +233,4 @@ def provision(admin_dsn: str, connect_url: str, db_host: str, db_port: int) -> N
                                              password=cfg.app_password)
     bootstrap(cfg, admin_dsn, db_dsn, str(superuser))
     seed(cfg, app_dsn)
-    ensure_connector(cfg, connect_url=connect_url, db_host=db_host, db_port=db_port)
+    ensure_connector(cfg, connect_url=connect_url, db_host=db_host, db_port=db_port, db_dsn=app_dsn)
