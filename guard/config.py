@@ -63,6 +63,21 @@ class Settings:
     #: installed, else Python), `native` (refuse to start without it) or `python` (the reference path).
     hot_path: str = "auto"
 
+    # ---- evidence topics: retention and replication of guard.audit and guard.deletions (guard/kafka/evidence.py)
+    #: How long `guard.audit` keeps its records, in ms (-1: forever). Default 7 years: PIPL Art. 56 asks for at
+    #: least 3 years for processing records, and the AML identity and transaction records they account for are
+    #: kept at least 5 years after the relationship ends (PBOC 2022 Order No. 1), with a margin.
+    audit_retention_ms: int = 7 * 365 * 86_400_000
+    #: How long `guard.deletions` keeps destruction records, in ms (-1: forever); never shorter than the audit
+    #: topic's. Default 10 years: a destruction record proves what was erased for as long as anyone may ask,
+    #: and the revised AML law may lengthen the 5-year period to 10 (docs/reliability.md, "Evidence topics").
+    deletions_retention_ms: int = 10 * 365 * 86_400_000
+    #: Replication factor of the evidence topics when the guard creates them (-1: the cluster's
+    #: `default.replication.factor`). Production: 3.
+    evidence_replication_factor: int = -1
+    #: `min.insync.replicas` of the evidence topics (0: the broker's default). Production: 2 with 3 replicas.
+    evidence_min_insync_replicas: int = 0
+
     @property
     def raw_topic_pattern(self) -> str:
         return "^" + self.raw_topic_prefix.replace(".", r"\.") + r"\.[^.]+\.[^.]+$"

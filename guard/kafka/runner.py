@@ -55,6 +55,7 @@ from guard.config import Settings
 from guard.errors import KeyUnavailableError
 from guard.kafka.batching import EarlyOffsets, commit_due, take
 from guard.kafka.clients import OUTPUT_TOPIC_PARTITIONS, TopicManager, consumer_config, producer_config
+from guard.kafka.evidence import prepare_evidence_topics
 from guard.kafka.hanging import (
     COORDINATOR_MARGIN_S,
     Hanging,
@@ -138,6 +139,7 @@ class SanitizerWorker:
 
     def prepare_output_topics(self) -> None:
         s = self.settings
+        prepare_evidence_topics(self.admin, s, OUTPUT_TOPIC_PARTITIONS)
         for topic in (s.audit_topic, s.anomalies_topic, s.deletions_topic, s.dlq_topic):
             self.topics.ensure(topic, OUTPUT_TOPIC_PARTITIONS)
 
