@@ -77,4 +77,162 @@ def run_checks(settings: Settings, *, settle_s: float | None = None) -> Iterator
                     "start the cluster (`guard stack up` locally) or set GUARD_KAFKA_BOOTSTRAP")
         return
     yield Check("kafka", True, f"{settings.kafka_bootstrap} answers ({len(brokers)} broker(s))")
+    yield from check_evidence_topics(admin, settings)
+    yield from check_c3_absent(admin, settings)
     yield from check_hanging_transactions(admin, settings, settle_s=settle_s)
+
+
+# ---- evidence retention and C3 in the raw topics (issue 20 items 5 and 7, issue 13 item 8) --------------
+
+#: Records read from the end of each raw partition by the C3 check.
+C3_SAMPLE = 200
+
+
+def check_evidence_topics(admin: AdminClient, settings: Settings) -> list[Check]:
+    """`guard.audit` and `guard.deletions` keep at least the configured retention, on enough replicas."""
+    from guard.errors import ConfigError
+    from guard.kafka.evidence import describe_ms, evidence_policies, replication_factors, shortfalls, topic_configs
+
+    try:
+        policies = evidence_policies(settings)
+    except ConfigError as exc:
+        return [Check("evidence settings", False, str(exc), "fix the setting named above")]
+    existing = set(admin.list_topics(timeout=10).topics)
+    present = [p.topic for p in policies if p.topic in existing]
+    configs = topic_configs(admin, present) if present else {}
+    replicas = replication_factors(admin, present) if present else {}
+    out = []
+    for p in policies:
+        name = f"retention of {p.topic}"
+        if p.topic not in existing:
+            out.append(Check(name, False, "the topic does not exist",
+                             "start a guard worker once (`guard run`): it creates the topic with the configured "
+                             "retention"))
+            continue
+        low = shortfalls(p, configs[p.topic])
+        if p.replication_factor > 0 and replicas.get(p.topic, 0) < p.replication_factor:
+            low["replicas"] = (str(replicas.get(p.topic, 0)), str(p.replication_factor))
+        have = describe_ms(int(configs[p.topic].get("retention.ms", "604800000")))
+        if low:
+            what = ", ".join(f"{k} {cur} < {want}" if k != "cleanup.policy" else f"{k} {cur} (must be {want})"
+                             for k, (cur, want) in low.items())
+            out.append(Check(name, False, f"{what} (configured: {describe_ms(p.retention_ms)})",
+                             "restart a guard worker (it raises retention and min.insync.replicas at start), or "
+                             f"`kafka-configs.sh --alter --entity-type topics --entity-name {p.topic} --add-config "
+                             f"retention.ms={p.retention_ms},retention.bytes=-1,cleanup.policy=delete`; fewer "
+                             "replicas need kafka-reassign-partitions.sh"))
+        else:
+            out.append(Check(name, True, f"{have} (configured at least {describe_ms(p.retention_ms)}), "
+                                         f"{replicas.get(p.topic, 0)} replica(s)"))
+    return out
+
+
+def _raw_table(settings: Settings, topic: str) -> str:
+    """`br0101.public.customer_auth` -> `public.customer_auth`."""
+    return topic[len(settings.raw_topic_prefix) + 1:]
+
+
+def c3_violations(image: object, drop: set[str], hashed: set[str]) -> list[str]:
+    """The C3 columns of one `before`/`after` image that reached Kafka in clear (pure; unit-tested)."""
+    from guard.classify.source import is_source_hash
+
+    if not isinstance(image, dict):
+        return []
+    found = sorted(c for c in drop if c in image)
+    found += sorted(c for c in hashed if image.get(c) is not None and not is_source_hash(image[c]))
+    return found
+
+
+def latest_records(settings: Settings, topic: str, partitions: list[int], sample: int,
+                   timeout: float = 20.0) -> list[tuple[int, int, bytes | None]]:
+    """(partition, offset, value) of the last `sample` records of each partition."""
+    import uuid
+
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"guard-doctor-{uuid.uuid4()}",
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+    try:
+        ends: dict[int, int] = {}
+        starts = []
+        for p in partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            if high > low:
+                ends[p] = high
+                starts.append(TopicPartition(topic, p, max(low, high - sample)))
+        out: list[tuple[int, int, bytes | None]] = []
+        if not starts:
+            return out
+        consumer.assign(starts)
+        done: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while len(done) < len(ends) and time.monotonic() < deadline:
+            for msg in consumer.consume(500, 0.5):
+                if msg.error():
+                    continue
+                part, off = msg.partition(), msg.offset()
+                if part is None or off is None:
+                    continue
+                if off < ends[part]:
+                    out.append((part, off, msg.value()))
+                if off + 1 >= ends[part]:
+                    done.add(part)
+        return out
+    finally:
+        consumer.close()
+
+
+def check_c3_absent(admin: AdminClient, settings: Settings, *, sample: int = C3_SAMPLE) -> list[Check]:
+    """No C3 column of the catalog is in the latest records of a raw topic: `drop` columns are not keys of
+    `before`/`after`, `hash` columns hold only Debezium's 64-hex digest."""
+    import re
+
+    import orjson
+
+    from guard.classify.catalog import Action, Catalog
+    from guard.errors import ConfigError
+
+    try:
+        catalog = Catalog.load(settings.catalog or None)
+    except ConfigError as exc:
+        return [Check("C3 in raw topics", False, str(exc), "fix the catalog (GUARD_CATALOG)")]
+    pattern = re.compile(settings.raw_topic_pattern)
+    topics = admin.list_topics(timeout=10).topics
+    raw = sorted(t for t, meta in topics.items() if pattern.match(t) and meta.error is None)
+    out: list[Check] = []
+    scanned = 0
+    for topic in raw:
+        policy = catalog.table(_raw_table(settings, topic))
+        if policy is None:
+            continue
+        drop = {c for c, col in policy.columns.items() if col.data_class == "C3" and col.action is Action.DROP}
+        hashed = {c for c, col in policy.columns.items() if col.data_class == "C3" and col.action is Action.HASH}
+        if not drop and not hashed:
+            continue
+        bad: dict[str, tuple[int, int]] = {}
+        records = latest_records(settings, topic, sorted(topics[topic].partitions), sample)
+        scanned += len(records)
+        for partition, offset, value in records:
+            try:
+                doc = orjson.loads(value) if value else None
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(doc, dict) and isinstance(doc.get("payload"), dict):
+                doc = doc["payload"]
+            if not isinstance(doc, dict):
+                continue
+            for image in ("before", "after"):
+                for column in c3_violations(doc.get(image), drop, hashed):
+                    bad.setdefault(column, (partition, offset))
+        for column, (partition, offset) in sorted(bad.items()):
+            how = "excluded" if column in drop else "hashed"
+            out.append(Check(f"C3 in {topic}", False,
+                             f"column {column} is in clear in the raw records (first seen: partition {partition}, "
+                             f"offset {offset}); the catalog says it is {how} at the source",
+                             "render and register the connector from the catalog: `guard connector apply` (local "
+                             "stack: `guard stack up`); records already written stay until the raw topics' "
+                             "retention (3 days) removes them, or delete the raw topic"))
+    if not out:
+        out.append(Check("C3 in raw topics", True, f"no C3 column of the catalog in the latest {sample} records "
+                                                   f"of each raw partition ({scanned} records, {len(raw)} topics)"))
+    return out
