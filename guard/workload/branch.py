@@ -21,6 +21,9 @@ class WorkloadResult:
     deleted_transactions: int = 0
     #: Every sensitive plaintext value the workload wrote (for leak scans).
     sensitive_values: set[str] = field(default_factory=set)
+    #: The authentication data it wrote (query PINs, password hashes: C3 in the demo catalog), also in
+    #: `sensitive_values`; none of it may reach a raw topic (tests/integration/test_c3_source.py).
+    c3_values: set[str] = field(default_factory=set)
     statements: int = 0
 
 
@@ -58,6 +61,7 @@ def run_workload(dsn: str, *, customers: int = 20, seed: int | None = None, dele
                 for auth in data.get("customer_auth", []):
                     _insert(conn, "customer_auth", dict(auth, customer_id=cid))
                     result.sensitive_values.update({str(auth["password_hash"]), str(auth["query_pin"])})
+                    result.c3_values.update({str(auth["password_hash"]), str(auth["query_pin"])})
             result.customers.append(cid)
             result.sensitive_values.update(
                 str(cust[c]) for c in ("name", "id_number", "mobile", "email", "address")
