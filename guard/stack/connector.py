@@ -121,6 +121,7 @@ def ensure_connector(cfg: StackConfig | None = None, *, connect_url: str | None 
         deadline = time.monotonic() + timeout
         while True:
             state, tasks, trace = connector_state(http, name)
+            trace = redact(trace, config)
             if state == "RUNNING" and tasks and all(t == "RUNNING" for t in tasks):
                 progress(f"connector {name}: RUNNING (tasks {tasks})")
                 return outcome
