@@ -202,7 +202,8 @@ def test_columns_unknown_to_the_catalog_reach_the_guard_which_seals_them(stack: 
 def test_doctor_fails_on_a_c3_column_in_a_raw_topic_and_passes_otherwise(stack: dict[str, str]) -> None:
     bootstrap = stack["GUARD_KAFKA_BOOTSTRAP"]
     admin = _admin(bootstrap)
-    # the stack's own raw topics: clean
+    # the stack's own raw topics: clean (a stack home whose raw topics predate the rendered connector
+    # fails here, rightly, until the 3-day raw retention has removed the older records)
     checks = check_c3_absent(admin, Settings(kafka_bootstrap=bootstrap))
     assert [c.ok for c in checks] == [True], [c.line() for c in checks]
     assert "no C3 column of the catalog" in checks[0].detail
@@ -226,7 +227,11 @@ def test_doctor_fails_on_a_c3_column_in_a_raw_topic_and_passes_otherwise(stack: 
 
     # the command: one line per check, exit 1 naming the cause
     env = {**__import__("os").environ, **stack, "GUARD_RAW_TOPIC_PREFIX": prefix}
-    run = subprocess.run([*GUARD, "doctor", "--settle", "5"], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 1, run.stdout + run.stderr
-    assert f"FAIL  C3 in {topic}: column query_pin is in clear" in run.stdout
+    try:
+        run = subprocess.run([*GUARD, "doctor", "--settle", "5"], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 1, run.stdout + run.stderr
+        assert f"FAIL  C3 in {topic}: column query_pin is in clear" in run.stdout
+    finally:
+        for fut in admin.delete_topics([topic], operation_timeout=30).values():
+            fut.result(timeout=60)

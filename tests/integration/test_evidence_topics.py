@@ -26,24 +26,36 @@ YEAR_MS = 365 * 86_400_000
 WEEK_MS = 7 * 86_400_000
 
 
+@pytest.fixture
+def topics(stack: dict[str, str]):
+    """Names for this test's evidence topics; deleted afterwards (they keep records for years)."""
+    admin = AdminClient({"bootstrap.servers": stack["GUARD_KAFKA_BOOTSTRAP"]})
+    uid = uuid.uuid4().hex[:8]
+    names = (f"ev-{uid}.audit", f"ev-{uid}.deletions")
+    yield names
+    existing = [t for t in names if t in admin.list_topics(timeout=10).topics]
+    for fut in admin.delete_topics(existing, operation_timeout=30).values() if existing else []:
+        fut.result(timeout=60)
+
+
 def _week_topic(admin: AdminClient, name: str) -> None:
     """A topic as the guard used to get it: the broker's defaults (retention.ms = 7 days)."""
     admin.create_topics([NewTopic(name, 3, 1)])[name].result(timeout=30)
     assert topic_configs(admin, [name])[name]["retention.ms"] == str(WEEK_MS)
 
 
-def test_a_worker_creates_and_raises_the_evidence_topics(stack: dict[str, str], tmp_path: Path) -> None:
+def test_a_worker_creates_and_raises_the_evidence_topics(stack: dict[str, str], tmp_path: Path,
+                                                        topics: tuple[str, str]) -> None:
     bootstrap = stack["GUARD_KAFKA_BOOTSTRAP"]
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    uid = uuid.uuid4().hex[:8]
-    audit, deletions = f"ev-{uid}.audit", f"ev-{uid}.deletions"
+    audit, deletions = topics
     _week_topic(admin, audit)  # exists with a week: raised at start; deletions is missing: created
     extra = {"GUARD_AUDIT_TOPIC": audit, "GUARD_DELETIONS_TOPIC": deletions,
              "GUARD_AUDIT_RETENTION_MS": str(8 * YEAR_MS)}
     settings = Settings(kafka_bootstrap=bootstrap, audit_topic=audit, deletions_topic=deletions,
                         audit_retention_ms=8 * YEAR_MS)
     assert [c.ok for c in check_evidence_topics(admin, settings)] == [False, False]
-    worker = GuardProcess(stack, worker_id=f"ev-{uid}", group_id=f"ev-{uid}", log_dir=tmp_path,
+    worker = GuardProcess(stack, worker_id=audit, group_id=audit, log_dir=tmp_path,
                           extra_env=extra).start(from_end=True)
     try:
         deadline = time.monotonic() + 60
@@ -63,11 +75,11 @@ def test_a_worker_creates_and_raises_the_evidence_topics(stack: dict[str, str], 
         worker.stop()
 
 
-def test_an_operators_longer_retention_is_kept_and_min_insync_raised(stack: dict[str, str]) -> None:
+def test_an_operators_longer_retention_is_kept_and_min_insync_raised(stack: dict[str, str],
+                                                                     topics: tuple[str, str]) -> None:
     bootstrap = stack["GUARD_KAFKA_BOOTSTRAP"]
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    uid = uuid.uuid4().hex[:8]
-    audit, deletions = f"ev-{uid}.audit", f"ev-{uid}.deletions"
+    audit, deletions = topics
     futures = admin.create_topics([
         NewTopic(audit, 3, 1, config={"retention.ms": "-1"}),
         NewTopic(deletions, 3, 1, config={"retention.ms": str(WEEK_MS), "cleanup.policy": "compact",
@@ -88,11 +100,11 @@ def test_an_operators_longer_retention_is_kept_and_min_insync_raised(stack: dict
     assert prepare_evidence_topics(admin, settings, 3) == []  # idempotent
 
 
-def test_guard_doctor_fails_on_a_week_long_evidence_topic_and_passes_otherwise(stack: dict[str, str]) -> None:
+def test_guard_doctor_fails_on_a_week_long_evidence_topic_and_passes_otherwise(stack: dict[str, str],
+                                                                               topics: tuple[str, str]) -> None:
     bootstrap = stack["GUARD_KAFKA_BOOTSTRAP"]
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    uid = uuid.uuid4().hex[:8]
-    audit, deletions = f"ev-{uid}.audit", f"ev-{uid}.deletions"
+    audit, deletions = topics
     _week_topic(admin, audit)
     _week_topic(admin, deletions)
     env = {**os.environ, **stack, "GUARD_AUDIT_TOPIC": audit, "GUARD_DELETIONS_TOPIC": deletions}
