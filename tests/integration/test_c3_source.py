@@ -8,6 +8,7 @@ reach the guard, which seals them; `guard doctor` fails on a C3 column in a raw 
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import secrets
@@ -66,8 +67,12 @@ def test_stack_up_registers_the_rendered_connector(stack: dict[str, str]) -> Non
     assert running == expected
     assert running["column.exclude.list"] == r"public\.customer_auth\.query_pin"
     assert any(k.startswith("column.mask.hash.v2.SHA-256.with.salt.") for k in running)
-    # registering again changes nothing
+    # registering again changes nothing, from the API or the command
     assert ensure_connector(cfg) == "unchanged"
+    env = {**os.environ, **stack}
+    run = subprocess.run([*GUARD, "connector", "apply"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "connector unchanged", run.stdout + run.stderr
 
 
 def test_no_c3_value_of_the_workload_in_any_raw_topic(stack: dict[str, str]) -> None:
@@ -226,7 +231,7 @@ def test_doctor_fails_on_a_c3_column_in_a_raw_topic_and_passes_otherwise(stack: 
     assert "123456" not in " ".join(c.line() for c in failed)  # the doctor never prints a value
 
     # the command: one line per check, exit 1 naming the cause
-    env = {**__import__("os").environ, **stack, "GUARD_RAW_TOPIC_PREFIX": prefix}
+    env = {**os.environ, **stack, "GUARD_RAW_TOPIC_PREFIX": prefix}
     try:
         run = subprocess.run([*GUARD, "doctor", "--settle", "5"], cwd=REPO, env=env, capture_output=True,
                              text=True, timeout=300)
