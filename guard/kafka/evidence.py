@@ -143,6 +143,9 @@ def prepare_evidence_topics(admin: AdminClient, settings: Settings, partitions: 
     policies = evidence_policies(settings)
     existing = set(admin.list_topics(timeout=10).topics)
     missing = [p for p in policies if p.topic not in existing]
+    # topics created here have the policy already; describing them at once could meet a broker whose
+    # metadata has not caught up yet, so only topics that existed (or that another worker just made) are read
+    check = [p.topic for p in policies if p.topic in existing]
     if missing:
         futures = admin.create_topics([NewTopic(p.topic, partitions, p.replication_factor, config=p.create_config())
                                        for p in missing])
@@ -156,12 +159,13 @@ def prepare_evidence_topics(admin: AdminClient, settings: Settings, partitions: 
                     raise EvidenceTopicError(f"cannot create evidence topic {topic}: {exc.args[0].str()}; the "
                                              f"guard's principal needs CreateTopics on it (or create it with "
                                              f"{config})") from None
+                check.append(topic)
     by_topic = {p.topic: p for p in policies}
     changes: list[str] = []
     try:
-        configs = topic_configs(admin, list(by_topic))
+        configs = topic_configs(admin, check) if check else {}
     except KafkaException as exc:
-        raise EvidenceTopicError(f"cannot read the configs of {sorted(by_topic)}: {exc.args[0].str()}; the "
+        raise EvidenceTopicError(f"cannot read the configs of {sorted(check)}: {exc.args[0].str()}; the "
                                  f"guard's principal needs DescribeConfigs on them") from None
     for topic, config in configs.items():
         low = shortfalls(by_topic[topic], config)
@@ -183,7 +187,7 @@ def prepare_evidence_topics(admin: AdminClient, settings: Settings, partitions: 
         line = f"{topic}: raised {_describe(low)}"
         log.warning("%s (it kept less than the configured evidence retention)", line)
         changes.append(line)
-    for topic, replicas in replication_factors(admin, list(by_topic)).items():
+    for topic, replicas in replication_factors(admin, check).items():
         wanted_rf = by_topic[topic].replication_factor
         if wanted_rf > 0 and replicas < wanted_rf:
             log.error("%s has %d replica(s), fewer than evidence_replication_factor=%d; reassign its partitions "
