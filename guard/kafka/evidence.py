@@ -19,8 +19,10 @@ If the broker refuses the change (no AlterConfigs permission, say), the worker d
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import (
@@ -47,6 +49,7 @@ __all__ = [
 ]
 
 MS_PER_DAY = 86_400_000
+T = TypeVar("T")
 
 
 class EvidenceTopicError(GuardError):
@@ -163,7 +166,7 @@ def prepare_evidence_topics(admin: AdminClient, settings: Settings, partitions: 
     by_topic = {p.topic: p for p in policies}
     changes: list[str] = []
     try:
-        configs = topic_configs(admin, check) if check else {}
+        configs = _with_retries(lambda: topic_configs(admin, check) if check else {})
     except KafkaException as exc:
         raise EvidenceTopicError(f"cannot read the configs of {sorted(check)}: {exc.args[0].str()}; the "
                                  f"guard's principal needs DescribeConfigs on them") from None
@@ -193,6 +196,23 @@ def prepare_evidence_topics(admin: AdminClient, settings: Settings, partitions: 
             log.error("%s has %d replica(s), fewer than evidence_replication_factor=%d; reassign its partitions "
                       "(kafka-reassign-partitions.sh), a config cannot change it", topic, replicas, wanted_rf)
     return changes
+
+
+_DENIED = frozenset({"TOPIC_AUTHORIZATION_FAILED", "CLUSTER_AUTHORIZATION_FAILED", "POLICY_VIOLATION"})
+
+
+def _with_retries(call: Callable[[], T], deadline_s: float = 30.0) -> T:
+    """`call()`, retried for up to `deadline_s` on Kafka errors other than a refusal (a broker restarting
+    while the worker starts); a refusal or the last error is raised."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            return call()
+        except KafkaException as exc:
+            if exc.args[0].name() in _DENIED or time.monotonic() > deadline:
+                raise
+            log.info("reading the evidence topics' configs failed (%s); retrying", exc.args[0].str())
+            time.sleep(1.0)
 
 
 def _describe(low: Mapping[str, tuple[str, str]]) -> str:
