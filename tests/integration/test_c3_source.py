@@ -3,7 +3,7 @@
 The connector registered by `guard stack up` is the one rendered from the catalog; the workload's query
 PINs and password hashes appear in no byte of any raw topic; a catalog change re-renders and updates the
 running connector, and the column disappears from new raw records; columns the catalog doesn't know still
-reach the guard, which seals them; `guard doctor` fails on a C3 column in a raw topic and passes otherwise.
+reach the guard, which protects them; `guard doctor` fails on a C3 column in a raw topic and passes otherwise.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def test_a_catalog_change_updates_the_connector_and_the_column_disappears(stack:
             conn.execute("DELETE FROM customer_auth WHERE customer_id = ANY(%s)", (used,))
 
 
-def test_columns_unknown_to_the_catalog_reach_the_guard_which_seals_them(stack: dict[str, str],
+def test_columns_unknown_to_the_catalog_reach_the_guard_which_protects_them(stack: dict[str, str],
                                                                           tmp_path: Path) -> None:
     bootstrap, dsn = stack["GUARD_KAFKA_BOOTSTRAP"], stack["GUARD_BRANCH_DSN"]
     group = f"c3-{uuid.uuid4().hex[:8]}"
@@ -192,11 +192,15 @@ def test_columns_unknown_to_the_catalog_reach_the_guard_which_seals_them(stack: 
         raw = wait_for(bootstrap, f"br0101.public.{table}", lambda rs: len(rs) >= 3)
         # the source filter names catalogued columns only: unknown ones are not dropped at the source ...
         assert {orjson.loads(r.value)["after"]["query_pin"] for r in raw} == {pin for pin, _ in values}
-        # ... they reach the guard, which seals them (fail closed), as before
+        # ... they reach the guard, which protects them as before: names that look like secrets are dropped
+        # by the detectors, anything else unknown is sealed (fail closed); nothing is in clear
         out = wait_for(bootstrap, f"sanitized.br0101.public.{table}",
                        lambda rs: len([r for r in rs if r.value]) >= 3, timeout=120)
         first = decode(next(r.value for r in out if r.value))
-        assert set(first["after"]["sealed"]["fields"]) >= {"query_pin", "password_hash"}
+        after = first["after"]
+        assert set(first["unclassified"]) >= {"query_pin", "password_hash"}
+        protected = set((after["sealed"] or {}).get("fields", [])) | set(after["dropped"]) | set(after["hashed"])
+        assert protected >= {"query_pin", "password_hash"} and not {"query_pin", "password_hash"} & set(after["clear"])
         scanner = LeakScanner.of([v for row in values for v in row])
         assert all(scanner.find((r.key or b"") + b"\x00" + (r.value or b"")) is None for r in out)
     finally:
