@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from guard.config import Settings
@@ -41,7 +42,14 @@ def topics(stack: dict[str, str]):
 def _week_topic(admin: AdminClient, name: str) -> None:
     """A topic as the guard used to get it: the broker's defaults (retention.ms = 7 days)."""
     admin.create_topics([NewTopic(name, 3, 1)])[name].result(timeout=30)
-    assert topic_configs(admin, [name])[name]["retention.ms"] == str(WEEK_MS)
+    deadline = time.monotonic() + 30
+    while True:  # the broker's metadata may lag the controller's answer for a moment
+        try:
+            assert topic_configs(admin, [name])[name]["retention.ms"] == str(WEEK_MS)
+            return
+        except KafkaException:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
 
 
 def test_a_worker_creates_and_raises_the_evidence_topics(stack: dict[str, str], tmp_path: Path,
