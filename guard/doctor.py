@@ -200,7 +200,7 @@ def check_c3_absent(admin: AdminClient, settings: Settings, *, sample: int = C3_
     topics = admin.list_topics(timeout=10).topics
     raw = sorted(t for t, meta in topics.items() if pattern.match(t) and meta.error is None)
     out: list[Check] = []
-    scanned = 0
+    scanned = checked = 0
     for topic in raw:
         policy = catalog.table(_raw_table(settings, topic))
         if policy is None:
@@ -210,6 +210,7 @@ def check_c3_absent(admin: AdminClient, settings: Settings, *, sample: int = C3_
         if not drop and not hashed:
             continue
         bad: dict[str, tuple[int, int]] = {}
+        checked += 1
         records = latest_records(settings, topic, sorted(topics[topic].partitions), sample)
         scanned += len(records)
         for partition, offset, value in records:
@@ -234,5 +235,6 @@ def check_c3_absent(admin: AdminClient, settings: Settings, *, sample: int = C3_
                              "retention (3 days) removes them, or delete the raw topic"))
     if not out:
         out.append(Check("C3 in raw topics", True, f"no C3 column of the catalog in the latest {sample} records "
-                                                   f"of each raw partition ({scanned} records, {len(raw)} topics)"))
+                                                   f"of each partition ({scanned} records of {checked} raw topics "
+                                                   f"with C3 columns; {len(raw)} raw topics)"))
     return out
