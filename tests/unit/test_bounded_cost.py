@@ -2,7 +2,9 @@
 
 Timing tests are written for a slow, shared CPU: they compare the cost of the same step at N and 4N
 (linear: ~4x, the old quadratic patterns: 13x and more) with a wide margin, or bound one call by a
-generous absolute time that the old code missed by a factor of 40 or more.
+budget that the old code missed by a factor of 40 or more. Each cost is the best of several calls (a
+preempted call says nothing about the code), and the budget grows with the cost of a fixed reference
+workload measured in the same run, so a machine slowed down by other work doesn't fail them.
 """
 
 from __future__ import annotations
@@ -33,6 +35,19 @@ def _cost(fn: Callable[..., object], *args: object, repeat: int = 3) -> float:
     return best
 
 
+def _reference_work() -> None:
+    sum(len(str(i)) for i in range(5_000))
+
+
+#: What one bounded call may cost: 50 ms on a quiet machine, more when the same run measures the
+#: reference workload as slower (a loaded or slower CPU). The old patterns took seconds.
+BUDGET_S = max(0.05, 60 * _cost(_reference_work, repeat=7))
+
+
+def _within_budget(fn: Callable[..., object], *args: object) -> bool:
+    return _cost(fn, *args, repeat=3) < BUDGET_S
+
+
 def _adversarial(n: int) -> list[str]:
     """Inputs that make backtracking patterns explode: long runs a quantifier can split many ways."""
     return [" " * n + "x", "1" + " " * n + "x", "+86" + " " * n + "x", "010-12345678" + " " * n + "x",
@@ -52,16 +67,14 @@ def test_every_mask_rule_is_linear_in_its_input(kind: str) -> None:
 @pytest.mark.parametrize("size", [MAX_MASK_CHARS, MAX_MASK_CHARS + 1, 16_000])
 def test_mask_cost_is_bounded_at_and_beyond_the_length_limit(kind: str, size: int) -> None:
     for value in _adversarial(size):
-        assert _cost(mask, kind, value[:size], repeat=1) < 0.05, (kind, size, value[:12])
+        assert _within_budget(mask, kind, value[:size]), (kind, size, value[:12])
 
 
 @pytest.mark.parametrize("kind", sorted(MASK_KINDS))
 def test_a_megabyte_value_is_masked_at_once_and_shows_nothing(kind: str) -> None:
     for value in ("张" * 1_000_000, "1" * 1_000_000, "上海市浦东新区" + "路" * 1_000_000, "a" * 1_000_000 + "@qq.com"):
-        start = time.perf_counter()
-        out = mask(kind, value)
-        assert time.perf_counter() - start < 0.05, kind
-        assert out == "******", kind
+        assert _within_budget(mask, kind, value), kind
+        assert mask(kind, value) == "******", kind
 
 
 def test_values_over_the_limit_get_the_generic_mask() -> None:
@@ -120,9 +133,8 @@ def _wrapped_decimal_event(unscaled: bytes, scale: int) -> bytes:
 def test_a_decimal_at_the_size_limit_decodes_quickly_and_exactly() -> None:
     unscaled = b"\x7f" + b"\xff" * (MAX_DECIMAL_BYTES - 1)
     raw = _wrapped_decimal_event(unscaled, 2)
-    start = time.perf_counter()
+    assert _within_budget(decode_value, raw)
     event = decode_value(raw)
-    assert time.perf_counter() - start < 0.05
     assert event is not None and event.after is not None
     digits = str(int.from_bytes(unscaled, "big", signed=True))
     assert event.after["amount"] == digits[:-2] + "." + digits[-2:]
@@ -132,10 +144,15 @@ def test_a_decimal_at_the_size_limit_decodes_quickly_and_exactly() -> None:
                                              (4, MAX_DECIMAL_SCALE + 1), (4, -MAX_DECIMAL_SCALE - 1)])
 def test_a_decimal_over_the_limit_is_refused_at_once_with_a_reason(size: int, scale: int) -> None:
     raw = _wrapped_decimal_event(b"\x7f" + b"\x01" * (size - 1), scale)
-    start = time.perf_counter()
+    def refused() -> None:
+        with pytest.raises(DecodeError) as err:
+            decode_value(raw)
+        assert err.value.reason == "decimal_too_large"
+        assert "\x01" not in err.value.detail
+
+    assert _cost(refused, repeat=3) < 4 * BUDGET_S  # parsing a 2.7 MB JSON value is most of it
     with pytest.raises(DecodeError) as err:
         decode_value(raw)
-    assert time.perf_counter() - start < 0.2  # parsing a 2.7 MB JSON value is most of it
     assert err.value.reason == "decimal_too_large"
     assert "\x01" not in err.value.detail
 
@@ -145,5 +162,5 @@ def test_a_decimal_over_the_limit_is_refused_at_once_with_a_reason(size: int, sc
 @pytest.mark.parametrize("n", [16_000, 1_000_000])
 def test_detectors_cost_is_bounded_on_adversarial_values(n: int) -> None:
     for value in _adversarial(n):
-        assert _cost(detect_value, value, repeat=1) < 0.05, value[:12]
-        assert _cost(detect_column, "remark", [value], repeat=1) < 0.05, value[:12]
+        assert _within_budget(detect_value, value), value[:12]
+        assert _within_budget(detect_column, "remark", [value]), value[:12]
