@@ -290,3 +290,63 @@ def check_hash_columns(dsn: str, catalog: Catalog) -> None:
     if problems:
         raise StackError("the connector was not registered, a C3 column would reach Kafka in clear or "
                          "guessable: " + "; ".join(problems))
+
+
+# --- raw records written before the C3 filter (local stack) ----------------------------------------------
+def c3_filter_marker(cfg: StackConfig) -> Path:
+    """Where the stack remembers which C3 filter its raw topics have been cleaned for."""
+    return cfg.run / "c3-filter.applied"
+
+
+def purge_raw_written_before_filter(cfg: StackConfig, catalog: Catalog, outcome: str) -> list[str]:
+    """Delete the raw records of C3 tables that a connector without today's C3 filter wrote (local stack).
+
+    A connector registered before the catalog's C3 columns were filtered at the source (or with fewer of
+    them) left those values in clear in the raw topics, where they would stay for the raw retention (3
+    days). On the local stack, whose database still holds every row, the stack removes them once:
+    when the filter it registers differs from the one it last cleaned for, every record of the raw topics
+    of tables with C3 columns up to their current end is deleted (Admin API DeleteRecords) after the
+    connector runs with the new filter. A stack whose connector was just created has nothing to clean.
+    In production the raw topics age out instead (connectors/README.md).
+    """
+    from confluent_kafka import TopicPartition
+    from confluent_kafka.admin import AdminClient
+
+    marker = c3_filter_marker(cfg)
+    digest = json.dumps(source_options(catalog), sort_keys=True)
+    if marker.exists() and marker.read_text(encoding="utf-8") == digest:
+        return []
+    cleaned: list[str] = []
+    if outcome != "created":
+        admin = AdminClient({"bootstrap.servers": cfg.bootstrap})
+        topics = admin.list_topics(timeout=15).topics
+        for table in sorted({rule.table for rule in source_rules(catalog)}):
+            name = f"{cfg.topic_prefix}.{table}"
+            meta = topics.get(name)
+            if meta is None or meta.error is not None:
+                continue
+            ends = [TopicPartition(name, p, _partition_end(cfg.bootstrap, name, p)) for p in meta.partitions]
+            ends = [tp for tp in ends if tp.offset > 0]
+            if not ends:
+                continue
+            for fut in admin.delete_records(ends, request_timeout=30).values():
+                fut.result(timeout=60)
+            cleaned.append(name)
+            progress(f"connector: {name} held records written before the C3 filter; deleted them "
+                     f"(the branch database keeps the rows; the guard's outputs keep their sanitized form)")
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(digest, encoding="utf-8")
+    return cleaned
+
+
+def _partition_end(bootstrap: str, topic: str, partition: int) -> int:
+    """High watermark of one partition."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from guard.stack.broker import _quiet
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "branchguard-stack-probe", "logger": _quiet})
+    try:
+        return int(consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=15)[1])
+    finally:
+        consumer.close()

@@ -19,11 +19,17 @@ from collections.abc import Iterator
 
 import httpx
 
+from guard.classify.catalog import Catalog
 from guard.stack.artifacts import Artifacts, ensure_artifacts
 from guard.stack.broker import Broker
 from guard.stack.config import StackConfig
 from guard.stack.connect import Connect
-from guard.stack.connector import connector_state, ensure_connector, wait_snapshot
+from guard.stack.connector import (
+    connector_state,
+    ensure_connector,
+    purge_raw_written_before_filter,
+    wait_snapshot,
+)
 from guard.stack.controller import Controller
 from guard.stack.errors import StackError
 from guard.stack.postgres import SUPERUSER, Postgres
@@ -134,7 +140,8 @@ def _up(cfg: StackConfig) -> None:
     stack.broker.wait_ready()
     stack.connect.start()
     stack.connect.wait_ready()
-    ensure_connector(cfg)
+    outcome = ensure_connector(cfg)
+    purge_raw_written_before_filter(cfg, Catalog.load(), outcome)
     wait_snapshot(cfg)
     progress(f"up in {time.monotonic() - t0:.1f}s")
     for k, v in cfg.env().items():
