@@ -23,10 +23,12 @@ from dataclasses import dataclass
 
 import redis
 
-from guard.errors import KeyShreddedError, KeyUnavailableError
+from guard.errors import KeyShreddedError, KeyUnavailableError, SubjectRestrictedError
 from guard.keys.kms import Kms
-from guard.keys.primitives import Aead, BlindIndex, KeyedHash, KeyWrapper, random_key, sealed_header
+from guard.keys.primitives import Aead, BlindIndex, Hmac, KeyedHash, KeyWrapper, random_key, sealed_header
 from guard.keys.store import INVALIDATE_CHANNEL, RedisKeyStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +65,11 @@ class KeyManager:
         self.index = BlindIndex(self._tenant_key("index"))
         self.keyed_hash = KeyedHash(self._tenant_key("hash"))
         self.quarantine = Aead(self._tenant_key("quarantine"), version=1)
+        #: Fingerprints of DLQ inputs (HMAC-SHA256): comparable by the guard, not confirmable by a guesser.
+        self.dlq_hash = Hmac(self._tenant_key("dlq-hash"))
         self._listener: threading.Thread | None = None
+        self._compactor: threading.Thread | None = None
+        self._compact_wanted = threading.Event()
         if listen:
             self._start_listener()
 

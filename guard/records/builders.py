@@ -147,10 +147,23 @@ class RecordBuilder:
         """A DLQ record: the reason, where the input was, and the input sealed (never plaintext).
 
         Inputs larger than `QUARANTINE_MAX_BYTES` are not copied (the DLQ record would exceed Kafka's
-        message size); they stay at their source offset until the raw topic's retention ends.
+        message size); they stay at their source offset until the raw topic's retention ends. A write for
+        an erased data subject (`subject_erased`) is never copied either: the quarantine key is the
+        tenant's, which no erasure destroys, so a copy would keep the erased customer readable. Only its
+        position, reason and keyed fingerprints (HMAC-SHA256 under the guard's DLQ hash key) are kept.
         """
         aad = f"bg-dlq|{topic}|{partition}|{offset}".encode()
-        copy = value is not None and len(value) <= QUARANTINE_MAX_BYTES
+        erased = reason == "subject_erased"
+        copy = value is not None and len(value) <= QUARANTINE_MAX_BYTES and not erased
+        if erased:
+            note = ("not copied: a write for an erased data subject; it stays at the source offset until the raw "
+                    "topic's retention ends")
+        elif copy or value is None:
+            note = "AES-256-GCM under the tenant's quarantine key; associated data = aad + '|key' / '|value'"
+        else:
+            note = (f"input larger than {QUARANTINE_MAX_BYTES} bytes: not copied; it stays at the source offset "
+                    "until the raw topic's retention ends")
+        fingerprint = self.keys.dlq_hash.hexdigest
         body = {
             "type": "dlq",
             "reason": reason,
@@ -160,15 +173,13 @@ class RecordBuilder:
             "worker": self.settings.worker_id,
             "at_ms": int(self._clock() * 1000),
             "value_bytes": None if value is None else len(value),
-            "value_sha256": None if value is None else hashlib.sha256(value).hexdigest(),
+            "value_hmac": None if value is None else fingerprint("bg-dlq-value", value),
+            "key_hmac": None if key is None else fingerprint("bg-dlq-key", key),
             "quarantine": {
                 "aad": aad.decode(),
-                "key": None if key is None else _b64(self.keys.quarantine.seal(key, aad + b"|key")),
+                "key": None if key is None or erased else _b64(self.keys.quarantine.seal(key, aad + b"|key")),
                 "value": _b64(self.keys.quarantine.seal(value, aad + b"|value")) if copy and value else None,
-                "note": "AES-256-GCM under the tenant's quarantine key; associated data = aad + '|key' / '|value'"
-                        if copy or value is None else
-                        f"input larger than {QUARANTINE_MAX_BYTES} bytes: not copied; it stays at the source "
-                        "offset until the raw topic's retention ends",
+                "note": note,
             },
             "action": "fix the producer (or classify the table in schemas/catalog.toml) and re-send the change; "
                       "the quarantined input can be opened with the tenant's quarantine key",
