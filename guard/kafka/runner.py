@@ -37,9 +37,11 @@ import gc
 import logging
 import signal
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from confluent_kafka import (
     TIMESTAMP_NOT_AVAILABLE,
     Consumer,
@@ -53,6 +55,7 @@ from confluent_kafka.admin import AdminClient
 
 from guard.config import Settings
 from guard.errors import KeyUnavailableError
+from guard.kafka import confirmations
 from guard.kafka.batching import EarlyOffsets, commit_due, take
 from guard.kafka.clients import OUTPUT_TOPIC_PARTITIONS, TopicManager, consumer_config, producer_config
 from guard.kafka.hanging import (
@@ -63,10 +66,14 @@ from guard.kafka.hanging import (
     group_offsets_partition,
 )
 from guard.kafka.stats import BatchCounters, Stats
-from guard.pipeline.sanitizer import Outcome, Sanitizer
+from guard.keys.manager import TxnMark
+from guard.pipeline.sanitizer import Outcome, Sanitizer, pending_records
 from guard.telemetry import Telemetry
 
 log = logging.getLogger("guard.runner")
+
+#: How often a worker looks for deletion confirmations left pending by a crash (`_redeliver_pending`).
+PENDING_CHECK_S = 30.0
 
 def tune_gc(batch_size: int) -> None:
     """Keep the cyclic garbage collector off the hot path; reference counting frees a batch's objects.
@@ -127,6 +134,10 @@ class SanitizerWorker:
         self._txn_started = 0.0
         self._txn_records = 0
         self._watcher: HangingWatcher | None = None
+        #: This incarnation's name in pending confirmations (transactional id + a fresh uuid).
+        sanitizer.owner = f"{settings.transactional_id()}#{uuid.uuid4()}"
+        self._txn_mark: TxnMark = sanitizer.keys.mark()
+        self._pending_checked = 0.0
 
     # --- lifecycle --------------------------------------------------------------------------------
     def stop(self, *_: object) -> None:
@@ -148,6 +159,8 @@ class SanitizerWorker:
                  self.sanitizer.hot_path)
         self._txn("init", lambda: self.producer.init_transactions(10))
         self._subscribe()
+        self.sanitizer.keys.start_compactor()
+        self._redeliver_pending()
         self._watcher = self._start_hanging_watch()
         tune_gc(self.settings.batch_size)
         backoff = 0.5
@@ -166,6 +179,8 @@ class SanitizerWorker:
                                                    batch_size=self.settings.batch_size,
                                                    age_s=time.monotonic() - self._txn_started, batch_s=window):
                         self._commit()
+                    if not self._in_txn and time.monotonic() - self._pending_checked > PENDING_CHECK_S:
+                        self._redeliver_pending()
                     backoff = 0.5
                 except KeyUnavailableError as exc:
                     log.warning("key store unavailable, retrying the batch in %.1fs: %s", backoff, exc)
@@ -259,6 +274,7 @@ class SanitizerWorker:
         sanitizer.prefetch([(topic, partition, offset, value) for _, topic, partition, offset, value in good])
         if not self._in_txn:
             self.producer.begin_transaction()  # local to the client: no broker round trip, nothing to wait for
+            self._txn_mark = sanitizer.keys.mark()
             self._in_txn = True
             self._txn_started = time.monotonic()
             self._txn_records = 0
@@ -328,7 +344,8 @@ class SanitizerWorker:
                 partition = rec.partition % self.topics.ensure_like(rec.topic, source_topic)
             while True:
                 try:
-                    produce(rec.topic, rec.value, rec.key, partition=partition, timestamp=ts, headers=headers)
+                    produce(rec.topic, rec.value, rec.key, partition=partition,
+                            timestamp=ts if rec.timestamp is None else rec.timestamp, headers=headers)
                     break
                 except BufferError:  # local queue full: let deliveries drain, then retry
                     self.producer.poll(0.2)
@@ -340,9 +357,20 @@ class SanitizerWorker:
             self._abort()
             return
         try:
-            activity = self.sanitizer.pending_activity()
-            self.sanitizer.keys.store.record_subject_activity(self.sanitizer.branch, activity)
-            self.sanitizer.mark_recorded(activity)
+            sanitizer = self.sanitizer
+            stale = sanitizer.keys.erased_since(self._txn_mark, sanitizer.branch,
+                                                {subject for subject, _ in sanitizer.subject_activity})
+            if stale:
+                # Data of these subjects was sealed with a cached key that an erasure (by another worker
+                # or `guard erase`) destroyed meanwhile: never commit it. The replay meets the erasure.
+                log.warning("%d data subjects of this transaction were erased while it ran; aborting it so "
+                            "their changes are processed again after the erasure", len(stale))
+                self.stats.erased_during_txn += len(stale)
+                self._abort()
+                return
+            activity = sanitizer.pending_activity()
+            sanitizer.keys.store.record_subject_activity(sanitizer.branch, activity)
+            sanitizer.mark_recorded(activity)
             if not self._early_offsets_cover_batch():
                 offsets = [TopicPartition(t, p, o + 1) for (t, p), o in self._last.items()]
                 metadata = self.consumer.consumer_group_metadata()
@@ -364,6 +392,7 @@ class SanitizerWorker:
         except KeyUnavailableError:
             self._abort()
             raise
+        self._confirm_delivered(self.sanitizer.pending_in_txn)
         self.sanitizer.subject_activity.clear()
         batch, self.batch = self.batch, BatchCounters()
         self.stats.merge(batch)
@@ -373,6 +402,69 @@ class SanitizerWorker:
         self._reset_batch()
         if self._on_batch is not None:
             self._on_batch(self.stats)
+
+    def _confirm_delivered(self, carried: dict[str, str]) -> None:
+        """After a commit: the confirmations it carried are delivered; forget their pending entries.
+
+        Best effort: if the key store can't be reached, the entries stay and `_redeliver_pending` finds
+        the confirmations on the deletions topic later and removes them then, without a second copy.
+        """
+        if not carried:
+            return
+        try:
+            self.sanitizer.keys.store.confirm_delivered(self.sanitizer.branch, dict(carried))
+        except KeyUnavailableError as exc:
+            log.warning("%d delivered confirmations stay pending in the key store (%s); they are checked "
+                        "against %s later", len(carried), exc, self.settings.deletions_topic)
+
+    def _redeliver_pending(self) -> None:
+        """Deliver, once, the confirmations a crash or an error left pending (`guard.kafka.confirmations`).
+
+        Runs between transactions, at start-up and every `PENDING_CHECK_S`. Entries already on the
+        deletions topic are forgotten; the others are re-emitted with their id in a transaction of their
+        own, then forgotten. A failure leaves them for the next check.
+        """
+        self._pending_checked = time.monotonic()
+        if self._in_txn:
+            return
+        s, store = self.settings, self.sanitizer.keys.store
+        try:
+            entries = confirmations.due(store.pending_confirmations(s.branch), owner=self.sanitizer.owner,
+                                        carried=self.sanitizer.pending_in_txn, now_ms=int(time.time() * 1000),
+                                        transaction_timeout_ms=s.transaction_timeout_ms)
+            if not entries:
+                return
+            ids = {e["id"] for e in entries.values()}
+            there = confirmations.delivered(s.kafka_bootstrap, s.deletions_topic, ids,
+                                            min(int(e["at_ms"]) for e in entries.values()))
+            store.confirm_delivered(s.branch, {subj: e["id"] for subj, e in entries.items() if e["id"] in there})
+            missing = {subj: e for subj, e in entries.items() if e["id"] not in there}
+            if not missing:
+                return
+            for subject, entry in missing.items():
+                entry["owner"], entry["claimed_ms"] = self.sanitizer.owner, int(time.time() * 1000)
+                store.update_pending(s.branch, subject, orjson.dumps(entry))
+            self.producer.begin_transaction()
+            self._in_txn = True
+            for entry in missing.values():
+                for rec in pending_records(entry):
+                    self.producer.produce(rec.topic, rec.value, rec.key, timestamp=rec.timestamp or 0)
+            self._txn("commit", lambda: self.producer.commit_transaction(10))
+            self._in_txn = False
+            self.stats.confirmations_redelivered += len(missing)
+            log.warning("re-emitted %d deletion confirmations that a crash or an error had left undelivered",
+                        len(missing))
+            self._confirm_delivered({subj: e["id"] for subj, e in missing.items()})
+        except (KafkaException, ProducerStuckError) as exc:
+            log.warning("pending deletion confirmations not delivered yet (%s); retrying later", exc)
+            if self._in_txn:
+                self._in_txn = False
+                try:
+                    self._txn("abort", lambda: self.producer.abort_transaction(5), deadline_s=10)
+                except (KafkaException, ProducerStuckError):
+                    self._replace_producer()
+        except KeyUnavailableError as exc:
+            log.warning("pending deletion confirmations not checked (%s); retrying later", exc)
 
     def _abort(self) -> None:
         """Abort the open transaction and rewind every partition it touched to its first record."""
@@ -395,6 +487,7 @@ class SanitizerWorker:
         self._early_offsets.forget()
         self.batch = BatchCounters()
         self.sanitizer.subject_activity.clear()
+        self.sanitizer.pending_in_txn.clear()
         self._in_txn = False
         self._txn_records = 0
         self._first.clear()

@@ -25,6 +25,7 @@ transaction and retries the batch once the store is back, instead of flooding th
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 import uuid
@@ -119,6 +120,10 @@ class Sanitizer:
         self.subject_activity: dict[tuple[str, str], int] = {}
         #: Whether a delete of a subject's root row erases the subject (False for offline runs).
         self.act_on_deletes = True
+        #: Who writes pending confirmations (`erase`): the runner sets its transactional id + incarnation.
+        self.owner = f"worker:{settings.worker_id}#{uuid.uuid4()}"
+        #: subject → confirmation id of the pending confirmations the open transaction carries.
+        self.pending_in_txn: dict[str, str] = {}
         self._activity_recorded: dict[tuple[str, str], float] = {}
         self._value_caches_since = clock()
         #: Plans registered with the native path, by id (it reports which one it used).
@@ -328,13 +333,16 @@ class Sanitizer:
         before = protect.image(plan, event.before, aead, out_topic, event.schema_table, row_key, "before", subject)
         after = protect.image(plan, event.after, aead, out_topic, event.schema_table, row_key, "after", subject)
         value = self.emitter.change(event, subject, before, after, [p.name for p in plan.unclassified])
-        self.subject_activity[(subject, out_topic)] = plan.retention_s
+        if aead is not None:  # where the subject's ciphertexts went; none went anywhere without a key
+            self.subject_activity[(subject, out_topic)] = plan.retention_s
         records = [OutRecord(out_topic, out_key, value, partition)]
         images = (event.before is not None) + (event.after is not None)
         records.append(self.emitter.audit_for_plan(topic, partition, offset, plan, event.op, subject, decision,
                                                    images, aead is not None))
         records.extend(extra)
-        if event.op == "d" and plan.subject_root and decision == "protected" and self.act_on_deletes:
+        if event.op == "d" and plan.subject_root and decision in ("protected", "erased_delete") and self.act_on_deletes:
+            # `erased_delete`: the replay of a delete whose shred ran before a crash re-emits its pending
+            # confirmation; any other delete of an erased subject gets only an `already_erased` audit.
             records.extend(self.erase(subject, trigger="cdc_delete", reason_code="art47_1_purpose_achieved",
                                       reason="the data subject's root row was deleted in the branch database",
                                       by=f"worker:{self.settings.worker_id}",
@@ -433,26 +441,86 @@ class Sanitizer:
         topics: list[str] | None = None,
         effective_ms: int | None = None,
     ) -> list[OutRecord]:
-        """Crypto-shred a data subject (or hold it storage-only) and return the confirmation records."""
+        """Crypto-shred a data subject (or hold it storage-only) and return the records to write.
+
+        The confirmation and its audit record are written into the key store in the same script as the
+        shred (`bg:pending`), so they outlive a crash before the Kafka transaction commits: the replay of
+        the same delete re-emits them (same id), and `SanitizerWorker` re-emits what no replay will
+        (`guard.kafka.runner`), until a committed transaction carries them. Outcomes say what happened:
+        `shredded` (keys destroyed), `no_keys` (the guard never held a key for the subject: nothing was
+        sealed under one; the subject is marked erased all the same), `held_storage_only`, and for a
+        subject erased before no new confirmation at all, only an `already_erased` audit record.
+        """
         now_ms = int(self._clock() * 1000)
         confirmation_id = str(uuid.uuid4())
-        held = self.keys.store.is_held(self.branch, subject)
         known_topics = sorted(set(topics or []) | {t for s, t in self.subject_activity if s == subject}
                               | self.keys.store.subject_topics(self.branch, subject))
-        if held:
-            outcome, destroyed, already = "held_storage_only", 0, False
+        record = orjson.dumps({"id": confirmation_id, "at_ms": now_ms, "reason_code": reason_code, "by": by,
+                               "trigger": trigger, "effective_ms": effective_ms or now_ms})
+        built: list[OutRecord] = []
+
+        def pending(versions: int, already: bool) -> bytes:
+            built[:] = self.emitter.deletion(
+                subject, confirmation_id=confirmation_id, outcome="shredded" if versions else "no_keys",
+                held=False, destroyed=versions, known_topics=known_topics, trigger=trigger,
+                reason_code=reason_code, reason=reason, by=by, source=source, now_ms=now_ms)
+            return pending_entry(confirmation_id, now_ms, self.owner, source, built, now_ms)
+
+        result = self.keys.shred(self.branch, subject, record, pending)
+        if result.status == "held":
             self.keys.store.set_storage_only(self.branch, subject, confirmation_id)
-        else:
-            record = orjson.dumps({"id": confirmation_id, "at_ms": now_ms, "reason_code": reason_code, "by": by,
-                                   "effective_ms": effective_ms or now_ms})
-            result = self.keys.shred(self.branch, subject, record)
-            self.keys.store.forget_expiry(self.branch, subject)
-            destroyed, already = result.versions_destroyed, result.already_erased
+            return self.emitter.deletion(
+                subject, confirmation_id=confirmation_id, outcome="held_storage_only", held=True, destroyed=0,
+                known_topics=known_topics, trigger=trigger, reason_code=reason_code, reason=reason, by=by,
+                source=source, now_ms=now_ms)
+        self._drop_activity(subject)
+        if result.status == "done":
             self.expire_value_caches(force=True)
-            outcome = "already_erased" if already and destroyed == 0 else "shredded"
-        return self.emitter.deletion(subject, confirmation_id=confirmation_id, outcome=outcome, held=held,
-                                     destroyed=destroyed, known_topics=known_topics, trigger=trigger,
-                                     reason_code=reason_code, reason=reason, by=by, source=source, now_ms=now_ms)
+            self.pending_in_txn[subject] = confirmation_id
+            return built
+        return self._already_erased(subject, trigger=trigger, reason_code=reason_code, source=source)
+
+    def _already_erased(self, subject: str, *, trigger: str, reason_code: str,
+                        source: tuple[str, int, int] | None) -> list[OutRecord]:
+        """An erasure of a subject erased before: re-emit its pending confirmation if this is the replay of
+        the change that wrote it, else no new confirmation, only an audit record naming the first one."""
+        raw = self.keys.store.pending_confirmation(self.branch, subject)
+        entry = orjson.loads(raw) if raw else None
+        if entry is not None and source is not None and entry.get("source") == list(source):
+            entry["owner"], entry["claimed_ms"] = self.owner, int(self._clock() * 1000)
+            self.keys.store.update_pending(self.branch, subject, orjson.dumps(entry))
+            self.pending_in_txn[subject] = entry["id"]
+            return pending_records(entry)
+        first = self.keys.store.erased_record(self.branch, subject)
+        first_id = orjson.loads(first).get("id") if first else None
+        where = source or ("erase", 0, 0)
+        return [self.emitter.audit(where[0], where[1], where[2], None, "erase", subject, "already_erased",
+                                   f"{reason_code} ({trigger}); erased before by confirmation {first_id}; "
+                                   "no new confirmation", {}, {})]
+
+    def _drop_activity(self, subject: str) -> None:
+        """An erased subject's activity must not be recorded at the commit (it would set a new expiry)."""
+        for pair in [p for p in self.subject_activity if p[0] == subject]:
+            del self.subject_activity[pair]
+            self._activity_recorded.pop(pair, None)
+
+
+def pending_entry(confirmation_id: str, at_ms: int, owner: str, source: tuple[str, int, int] | None,
+                  records: Sequence[OutRecord], claimed_ms: int) -> bytes:
+    """The key store's copy of a confirmation and its audit record, until a committed write carries them."""
+    return orjson.dumps({
+        "id": confirmation_id, "at_ms": at_ms, "owner": owner, "claimed_ms": claimed_ms,
+        "source": None if source is None else list(source),
+        "records": [[r.topic, None if r.key is None else base64.b64encode(r.key).decode(),
+                     None if r.value is None else base64.b64encode(r.value).decode()] for r in records]})
+
+
+def pending_records(entry: Mapping[str, Any]) -> list[OutRecord]:
+    """The records of a pending entry, with the confirmation's time as their timestamp (so a reader can
+    find them from `at_ms` on)."""
+    return [OutRecord(topic, None if key is None else base64.b64decode(key),
+                      None if value is None else base64.b64decode(value), timestamp=int(entry["at_ms"]))
+            for topic, key, value in entry["records"]]
 
 
 @dataclass(slots=True, frozen=True)
