@@ -47,9 +47,10 @@ def erase_subject(settings: Settings, subject_id: str, reason_code: str, by: str
                 "first_confirmation": orjson.loads(first).get("id") if first else None,
                 "confirmation_pending": sanitizer.keys.store.pending_confirmation(settings.branch, subject) is not None}
     _forget_pending(sanitizer)
-    _compact(sanitizer)
     confirmation: dict[str, Any] = orjson.loads(next(r.value for r in records
                                                      if r.topic == settings.deletions_topic) or b"{}")
+    if confirmation.get("keys_destroyed"):
+        _compact(sanitizer)
     return confirmation
 
 
@@ -95,6 +96,35 @@ def sweep_retention(
     finally:
         if confirmations:
             _compact(sanitizer)
+
+
+def release_hold(settings: Settings, subject_id: str, by: str) -> dict[str, Any] | None:
+    """Lift a legal hold; an erasure the hold deferred (storage-only) is carried out now.
+
+    Returns that erasure's confirmation, or None when none was deferred. The erasure keeps the reason it
+    was requested with; a deferred erasure recorded without one (before this version) is not guessed:
+    the error says to run `guard erase` with the right reason.
+    """
+    sanitizer = build_sanitizer(settings)
+    sanitizer.owner = f"cli:{by}#{uuid.uuid4()}"
+    store, subject = sanitizer.keys.store, sanitizer.keys.subject_token(subject_id)
+    store.set_hold(settings.branch, subject, False)
+    raw = store.storage_only(settings.branch, subject)
+    if raw is None:
+        return None
+    try:
+        deferred = orjson.loads(raw)
+        reason_code, reason = deferred["reason_code"], deferred["reason"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        raise GuardError("the hold is released, but the deferred erasure was recorded without its reason: run "
+                         "`guard erase --subject ID --reason ... --by WHO` to erase the customer") from None
+    records = sanitizer.erase(subject, trigger="hold_released", reason_code=reason_code,
+                              reason=f"{reason} (deferred by a legal hold until its release)", by=by)
+    _publish(settings, records)
+    _forget_pending(sanitizer)
+    store.clear_storage_only(settings.branch, subject)
+    _compact(sanitizer)
+    return next((orjson.loads(r.value) for r in records if r.topic == settings.deletions_topic and r.value), None)
 
 
 def _forget_pending(sanitizer: Sanitizer) -> None:

@@ -159,7 +159,6 @@ class SanitizerWorker:
                  self.sanitizer.hot_path)
         self._txn("init", lambda: self.producer.init_transactions(10))
         self._subscribe()
-        self.sanitizer.keys.start_compactor()
         self._redeliver_pending()
         self._watcher = self._start_hanging_watch()
         tune_gc(self.settings.batch_size)
@@ -427,6 +426,7 @@ class SanitizerWorker:
         self._pending_checked = time.monotonic()
         if self._in_txn:
             return
+        self.sanitizer.keys.start_compactor()  # a compaction that a crashed shredder left due
         s, store = self.settings, self.sanitizer.keys.store
         try:
             entries = confirmations.due(store.pending_confirmations(s.branch), owner=self.sanitizer.owner,

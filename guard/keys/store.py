@@ -11,7 +11,7 @@ Redis layout (all names prefixed `bg:`):
     bg:dek:{branch}:{subject}    hash  current → n, v<n> → data key wrapped by the branch key, created → unix s
     bg:erased:{branch}:{subject} str   JSON shred record; blocks re-creation of the subject's key
     bg:hold:{branch}             set   subject tokens under legal hold (storage-only instead of shred)
-    bg:storage-only:{b}:{s}      str   set when an erasure met a legal hold (PIPL Art. 47 para. 2)
+    bg:storage-only:{b}:{s}      str   the erasure a legal hold deferred (JSON; PIPL Art. 47 para. 2)
     bg:topics:{branch}:{subject} set   sanitized topics holding the subject's ciphertexts
     bg:expiry:{branch}           zset  subject → unix time its retention runs out (last change + retention)
     bg:pending:{branch}          hash  subject → confirmation written with the shred, until a committed write
@@ -347,8 +347,17 @@ class RedisKeyStore:
     def is_held(self, branch: str, subject: str) -> bool:
         return bool(self._call(self.client.sismember, f"bg:hold:{branch}", subject))
 
-    def set_storage_only(self, branch: str, subject: str, confirmation_id: str) -> None:
-        self._call(self.client.set, f"bg:storage-only:{branch}:{subject}", confirmation_id)
+    def set_storage_only(self, branch: str, subject: str, deferred: bytes) -> None:
+        """Record the erasure a legal hold deferred (JSON: confirmation id, trigger, reason, by)."""
+        self._call(self.client.set, f"bg:storage-only:{branch}:{subject}", deferred)
+
+    def storage_only(self, branch: str, subject: str) -> bytes | None:
+        """The deferred erasure of a storage-only subject, or None."""
+        value = self._call(self.client.get, f"bg:storage-only:{branch}:{subject}")
+        return None if value is None else bytes(value)
+
+    def clear_storage_only(self, branch: str, subject: str) -> None:
+        self._call(self.client.delete, f"bg:storage-only:{branch}:{subject}")
 
     def is_storage_only(self, branch: str, subject: str) -> bool:
         return bool(self._call(self.client.exists, f"bg:storage-only:{branch}:{subject}"))

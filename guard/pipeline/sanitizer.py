@@ -312,14 +312,7 @@ class Sanitizer:
             row = {"prefix": event.message.get("prefix"), "content": event.message.get("content")}
             event.after = row
         if row is None:  # truncate
-            value = self.emitter.change(event, None, None, None, [])
-            return Outcome(
-                [OutRecord(out_topic, out_key, value, partition),
-                 self.emitter.audit(topic, partition, offset, event.schema_table, event.op, None, "truncate", None,
-                                    {}, {})],
-                "truncate",
-                event.schema_table,
-            )
+            return self._truncate(event, topic, partition, offset, out_topic, out_key)
         plan = self.classifier.plan(event.schema_table, row)
         extra: list[OutRecord] = []
         if plan.unclassified:
@@ -348,6 +341,33 @@ class Sanitizer:
                                       by=f"worker:{self.settings.worker_id}",
                                       source=(topic, partition, offset), effective_ms=event.source_ts_ms))
         return Outcome(records, decision, event.schema_table, plan.class_counts)
+
+    def _truncate(self, event: ChangeEvent, topic: str, partition: int, offset: int, out_topic: str,
+                  out_key: bytes | None) -> Outcome:
+        """A TRUNCATE: forwarded, audited, and for a table whose rows are data subjects, an alert.
+
+        A truncate names no row, so it erases nobody: a root table emptied in one statement (a maintenance
+        reload, an operator's mistake, a purge after a transfer) is not an erasure of every customer in it.
+        The audit record and a high-severity anomaly say so and name the table; erasing its customers takes
+        an explicit `guard erase` per customer (docs/keys.md, "What is an erasure").
+        """
+        value = self.emitter.change(event, None, None, None, [])
+        table = self.classifier.catalog.table(event.schema_table)
+        root = table is not None and table.subject_root
+        reason = ("root table truncated: no data subject erased; erase customers explicitly with guard erase"
+                  if root else None)
+        records = [OutRecord(out_topic, out_key, value, partition),
+                   self.emitter.audit(topic, partition, offset, event.schema_table, event.op, None, "truncate",
+                                      reason, {}, {})]
+        if root:
+            records.append(self.emitter.anomaly("root_table_truncated", "high", event.schema_table, None, {
+                "source": {"topic": topic, "partition": partition, "offset": offset},
+                "what": "TRUNCATE of a table whose rows are the data subjects; no customer was erased and no "
+                        "deletion confirmation was written",
+                "suggested_action": "if the customers must be erased, run `guard erase --subject ID --reason ... "
+                                    "--by WHO` for each; otherwise check who truncated the table and why",
+            }))
+        return Outcome(records, "truncate", event.schema_table)
 
     def _fast_process(self, topic: str, partition: int, offset: int, key: bytes | None,
                       value: bytes) -> Outcome | None:
@@ -468,7 +488,9 @@ class Sanitizer:
 
         result = self.keys.shred(self.branch, subject, record, pending)
         if result.status == "held":
-            self.keys.store.set_storage_only(self.branch, subject, confirmation_id)
+            self.keys.store.set_storage_only(self.branch, subject, orjson.dumps({
+                "id": confirmation_id, "at_ms": now_ms, "trigger": trigger, "reason_code": reason_code,
+                "reason": reason, "by": by}))
             return self.emitter.deletion(
                 subject, confirmation_id=confirmation_id, outcome="held_storage_only", held=True, destroyed=0,
                 known_topics=known_topics, trigger=trigger, reason_code=reason_code, reason=reason, by=by,

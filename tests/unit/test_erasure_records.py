@@ -148,3 +148,24 @@ def test_a_key_fetched_across_an_invalidation_is_not_cached():
     keys._on_invalidation(b"0101:s1:3")  # the shred's invalidation is applied while the fetch is in flight
     keys._remember("0101", "s1", Aead(b"d" * 32, version=1), _time.monotonic(), seen)
     assert keys.cached_subject_aead("0101", "s1") is None
+
+
+def _truncate(table: str) -> bytes:
+    return orjson.dumps({"op": "t", "before": None, "after": None, "ts_ms": 1,
+                         "source": {"db": "branch_0101", "schema": "public", "table": table, "lsn": 10, "ts_ms": 1}})
+
+
+def test_truncating_a_root_table_erases_nobody_and_raises_an_alert_naming_it():
+    from guard.classify.catalog import Catalog
+    from guard.pipeline.sanitizer import Sanitizer
+
+    sanitizer = Sanitizer(Settings(worker_id="w1", hot_path="python"), _manager(), Catalog.load(None))
+    out = sanitizer.process("br0101.public.customers", 0, 3, None, _truncate("customers"))
+    assert out.decision == "truncate"
+    topics = [r.topic for r in out.records]
+    assert "guard.deletions" not in topics
+    alerts = [orjson.loads(r.value or b"") for r in out.records if r.topic == "guard.anomalies"]
+    assert [(a["rule"], a["table"], a["severity"]) for a in alerts] == [
+        ("root_table_truncated", "public.customers", "high")]
+    other = sanitizer.process("br0101.public.accounts", 0, 4, None, _truncate("accounts"))
+    assert other.decision == "truncate" and not [r for r in other.records if r.topic == "guard.anomalies"]
