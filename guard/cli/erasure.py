@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import click
 
+from guard.classify.catalog import ERASURE_REASONS
 from guard.cli.main import _settings, dumps_json, main
 from guard.errors import GuardError
 
 
 @main.command("erase")
 @click.option("--subject", required=True, help="The data subject's id in the branch database (customer_id).")
-@click.option("--reason", required=True, type=click.Choice([
-    "art47_1_purpose_achieved", "art47_2_retention_expired", "art47_3_consent_withdrawn",
-    "art47_4_unlawful_processing", "art47_5_other_legal", "subject_request"]),
-    help="PIPL Art. 47 trigger.")
+@click.option("--reason", required=True, type=click.Choice(list(ERASURE_REASONS)), help="PIPL Art. 47 trigger.")
 @click.option("--by", "operator", required=True, help="Who orders the erasure (recorded in the confirmation).")
 @click.pass_context
 def erase(ctx: click.Context, subject: str, reason: str, operator: str) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 from confluent_kafka import KafkaError, Message, Producer
 
+from guard.classify.catalog import ERASURE_REASONS
 from guard.config import Settings
 from guard.errors import GuardError
 from guard.pipeline.runtime import build_sanitizer
@@ -18,14 +19,7 @@ from guard.records.builders import OutRecord
 
 log = logging.getLogger(__name__)
 
-REASONS = {
-    "art47_1_purpose_achieved": "processing purpose achieved, unachievable or no longer necessary",
-    "art47_2_retention_expired": "service ended or retention period expired",
-    "art47_3_consent_withdrawn": "the individual withdrew consent",
-    "art47_4_unlawful_processing": "processing violated a law, regulation or agreement",
-    "art47_5_other_legal": "another case provided by law",
-    "subject_request": "the individual requested deletion (PIPL Art. 47, last sentence)",
-}
+REASONS = ERASURE_REASONS
 
 
 def erase_subject(settings: Settings, subject_id: str, reason_code: str, by: str) -> dict[str, Any]:

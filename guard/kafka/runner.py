@@ -72,8 +72,9 @@ from guard.telemetry import Telemetry
 
 log = logging.getLogger("guard.runner")
 
-#: How often a worker looks for deletion confirmations left pending by a crash (`_redeliver_pending`).
-PENDING_CHECK_S = 30.0
+#: How often a worker looks for deletion confirmations left pending by a crash, due erasures and a due
+#: compaction (`_maintenance`: three key-store round trips).
+PENDING_CHECK_S = 5.0
 
 def tune_gc(batch_size: int) -> None:
     """Keep the cyclic garbage collector off the hot path; reference counting frees a batch's objects.
@@ -159,7 +160,7 @@ class SanitizerWorker:
                  self.sanitizer.hot_path)
         self._txn("init", lambda: self.producer.init_transactions(10))
         self._subscribe()
-        self._redeliver_pending()
+        self._maintenance()
         self._watcher = self._start_hanging_watch()
         tune_gc(self.settings.batch_size)
         backoff = 0.5
@@ -179,7 +180,7 @@ class SanitizerWorker:
                                                    age_s=time.monotonic() - self._txn_started, batch_s=window):
                         self._commit()
                     if not self._in_txn and time.monotonic() - self._pending_checked > PENDING_CHECK_S:
-                        self._redeliver_pending()
+                        self._maintenance()
                     backoff = 0.5
                 except KeyUnavailableError as exc:
                     log.warning("key store unavailable, retrying the batch in %.1fs: %s", backoff, exc)
@@ -357,8 +358,10 @@ class SanitizerWorker:
             return
         try:
             sanitizer = self.sanitizer
+            store = sanitizer.keys.store
+            epoch, watched = store.commit_view(sanitizer.branch)
             stale = sanitizer.keys.erased_since(self._txn_mark, sanitizer.branch,
-                                                {subject for subject, _ in sanitizer.subject_activity})
+                                                {subject for subject, _ in sanitizer.subject_activity}, epoch)
             if stale:
                 # Data of these subjects was sealed with a cached key that an erasure (by another worker
                 # or `guard erase`) destroyed meanwhile: never commit it. The replay meets the erasure.
@@ -367,8 +370,15 @@ class SanitizerWorker:
                 self.stats.erased_during_txn += len(stale)
                 self._abort()
                 return
+            roots = sanitizer.root_changes()
+            if roots and watched:
+                # Root rows that exist again: cancel their scheduled erasures and stopped relationships,
+                # before the commit (a crash after it must not leave a re-inserted customer to be shredded).
+                cancelled, resumed = store.root_changed(sanitizer.branch, roots)
+                self._produce_root_audits(cancelled, resumed)
+            store.set_expiry(sanitizer.branch, sanitizer.take_expiries(roots))
             activity = sanitizer.pending_activity()
-            sanitizer.keys.store.record_subject_activity(sanitizer.branch, activity)
+            store.record_subject_activity(sanitizer.branch, activity)
             sanitizer.mark_recorded(activity)
             if not self._early_offsets_cover_batch():
                 offsets = [TopicPartition(t, p, o + 1) for (t, p), o in self._last.items()]
@@ -402,6 +412,55 @@ class SanitizerWorker:
         if self._on_batch is not None:
             self._on_batch(self.stats)
 
+    def _produce_root_audits(self, cancelled: list[str], resumed: list[str]) -> None:
+        """Audit records, in the open transaction, for erasures and retentions a re-insert cancelled."""
+        emit = self.sanitizer.emitter.audit
+        for subject in cancelled:
+            self._produce_all(Outcome([emit("erase", 0, 0, None, "c", subject, "erasure_cancelled",
+                                            "the root row came back within the grace period", {}, {})], "audit"),
+                              "", 0, None)
+        for subject in resumed:
+            self._produce_all(Outcome([emit("erase", 0, 0, None, "c", subject, "retention_stopped",
+                                            "the root row came back: the relationship continues", {}, {})], "audit"),
+                              "", 0, None)
+
+    def _maintenance(self) -> None:
+        """Between transactions, every `PENDING_CHECK_S`: finish a compaction left due, deliver pending
+        confirmations, carry out the erasures whose grace period is over."""
+        self._pending_checked = time.monotonic()
+        if self._in_txn:
+            return
+        self.sanitizer.keys.start_compactor()
+        self._redeliver_pending()
+        self._run_due_erasures()
+
+    def _run_due_erasures(self) -> None:
+        """Scheduled erasures (root delete + grace) that are due, in a transaction of their own."""
+        sanitizer = self.sanitizer
+        try:
+            records = sanitizer.run_due_erasures()
+            if not records:
+                return
+            self.producer.begin_transaction()
+            self._in_txn = True
+            for rec in records:
+                self.producer.produce(rec.topic, rec.value, rec.key, timestamp=rec.timestamp or 0)
+            self._txn("commit", lambda: self.producer.commit_transaction(10))
+            self._in_txn = False
+            self._confirm_delivered(sanitizer.pending_in_txn)
+        except (KafkaException, ProducerStuckError) as exc:
+            log.warning("scheduled erasures: confirmations not delivered yet (%s); they stay pending", exc)
+            if self._in_txn:
+                self._in_txn = False
+                try:
+                    self._txn("abort", lambda: self.producer.abort_transaction(5), deadline_s=10)
+                except (KafkaException, ProducerStuckError):
+                    self._replace_producer()
+        except KeyUnavailableError as exc:
+            log.warning("scheduled erasures not carried out yet (%s); retrying later", exc)
+        finally:
+            sanitizer.pending_in_txn.clear()
+
     def _confirm_delivered(self, carried: dict[str, str]) -> None:
         """After a commit: the confirmations it carried are delivered; forget their pending entries.
 
@@ -423,10 +482,6 @@ class SanitizerWorker:
         deletions topic are forgotten; the others are re-emitted with their id in a transaction of their
         own, then forgotten. A failure leaves them for the next check.
         """
-        self._pending_checked = time.monotonic()
-        if self._in_txn:
-            return
-        self.sanitizer.keys.start_compactor()  # a compaction that a crashed shredder left due
         s, store = self.settings, self.sanitizer.keys.store
         try:
             entries = confirmations.due(store.pending_confirmations(s.branch), owner=self.sanitizer.owner,

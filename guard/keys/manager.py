@@ -314,18 +314,20 @@ class KeyManager:
         """Call when a transaction begins; `erased_since` then says which of its subjects were erased."""
         return TxnMark(self._invalidations)
 
-    def erased_since(self, mark: TxnMark, branch: str, subjects: set[str]) -> list[str]:
+    def erased_since(self, mark: TxnMark, branch: str, subjects: set[str], epoch: int | None = None) -> list[str]:
         """The subjects among `subjects` (whose keys sealed data since `mark`) that are erased by now.
 
         Call just before committing. A key used from the cache may have been destroyed if an
         invalidation arrived since the mark (the listener forgot the key after the use) or if the key
         store has counted a shred whose invalidation this worker has not applied yet; only then is the
         key store asked about each subject (one pipelined round trip). Otherwise the answer costs one
-        GET of the erasure epoch.
+        GET of the erasure epoch (none when the caller read it already: `epoch`).
         """
         if not subjects:
             return []
-        if self._invalidations == mark.invalidations and self.store.erasure_epoch() <= self._applied_epoch:
+        if epoch is None:
+            epoch = self.store.erasure_epoch()
+        if self._invalidations == mark.invalidations and epoch <= self._applied_epoch:
             return []
         return self.store.erased_among(branch, sorted(subjects))
 

@@ -13,7 +13,9 @@ Redis layout (all names prefixed `bg:`):
     bg:hold:{branch}             set   subject tokens under legal hold (storage-only instead of shred)
     bg:storage-only:{b}:{s}      str   the erasure a legal hold deferred (JSON; PIPL Art. 47 para. 2)
     bg:topics:{branch}:{subject} set   sanitized topics holding the subject's ciphertexts
-    bg:expiry:{branch}           zset  subject → unix time its retention runs out (last change + retention)
+    bg:expiry:{branch}           zset  subject → unix time its retention runs out (relationship end + retention)
+    bg:erasure-due:{branch}      zset  subject → when a scheduled erasure (root delete + grace) is carried out
+    bg:erasure-due-info:{branch} hash  subject → the scheduled erasure (JSON: trigger, reason, source, …)
     bg:pending:{branch}          hash  subject → confirmation written with the shred, until a committed write
                                        carries it (JSON: id, owner, source, the records)
     bg:erasure-epoch             str   counter: +1 per shred (workers check it before committing)
@@ -57,7 +59,7 @@ return nxt
 
 _SHRED = """
 -- KEYS: dek hash, erased marker, pending confirmations hash, erasure epoch, compaction-due counter, expiry zset,
---       hold set
+--       hold set, scheduled erasures zset, scheduled erasures hash
 -- ARGV: shred record, subject, expected number of key versions, pending entry (JSON, '' for none), channel,
 --       invalidation message (the epoch is appended)
 local versions = 0
@@ -71,6 +73,8 @@ redis.call('DEL', KEYS[1])
 redis.call('SET', KEYS[2], ARGV[1])
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[3], ARGV[2], ARGV[4]) end
 redis.call('ZREM', KEYS[6], ARGV[2])
+redis.call('ZREM', KEYS[8], ARGV[2])
+redis.call('HDEL', KEYS[9], ARGV[2])
 local epoch = redis.call('INCR', KEYS[4])
 if versions > 0 then redis.call('INCR', KEYS[5]) end
 redis.call('PUBLISH', ARGV[5], ARGV[6] .. ':' .. epoch)
@@ -94,6 +98,26 @@ for i = 1, #ARGV, 2 do
   end
 end
 return removed
+"""
+
+_SCHEDULE_ERASURE = """
+-- KEYS: due zset, info hash, erased marker. ARGV: subject, due time, info. Keeps an earlier schedule.
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+return 1
+"""
+
+_ROOT_CHANGED = """
+-- KEYS: due zset, info hash, expiry zset. ARGV: subjects whose root row exists again (re-inserted/updated).
+-- Cancels their scheduled erasures and the retention that a relationship_end delete started.
+local cancelled, resumed = {}, {}
+for _, s in ipairs(ARGV) do
+  if redis.call('ZREM', KEYS[1], s) == 1 then redis.call('HDEL', KEYS[2], s); table.insert(cancelled, s) end
+  if redis.call('ZREM', KEYS[3], s) == 1 then table.insert(resumed, s) end
+end
+return {cancelled, resumed}
 """
 
 _RECORD_ACTIVITY = """
@@ -147,6 +171,8 @@ class RedisKeyStore:
         self._shred_preview = self.client.register_script(_SHRED_PREVIEW)
         self._confirm_delivered = self.client.register_script(_CONFIRM_DELIVERED)
         self._record_activity = self.client.register_script(_RECORD_ACTIVITY)
+        self._schedule_erasure = self.client.register_script(_SCHEDULE_ERASURE)
+        self._root_changed = self.client.register_script(_ROOT_CHANGED)
         self._add_version = self.client.register_script(_ADD_VERSION)
 
     def __repr__(self) -> str:
@@ -242,7 +268,8 @@ class RedisKeyStore:
         versions, already, epoch = self._call(
             self._shred,
             keys=[f"bg:dek:{branch}:{subject}", f"bg:erased:{branch}:{subject}", f"bg:pending:{branch}",
-                  EPOCH_KEY, COMPACT_DUE_KEY, f"bg:expiry:{branch}", f"bg:hold:{branch}"],
+                  EPOCH_KEY, COMPACT_DUE_KEY, f"bg:expiry:{branch}", f"bg:hold:{branch}",
+                  f"bg:erasure-due:{branch}", f"bg:erasure-due-info:{branch}"],
             args=[record, subject, expected_versions, pending or b"", INVALIDATE_CHANNEL, f"{branch}:{subject}"],
         )
         versions = int(versions)
@@ -379,6 +406,50 @@ class RedisKeyStore:
             keys += [f"bg:topics:{branch}:{subject}", f"bg:erased:{branch}:{subject}"]
             args += [subject, topic, "" if retention_s is None else now + retention_s]
         self._call(self._record_activity, keys=keys, args=args)
+
+    def commit_view(self, branch: str) -> tuple[int, int]:
+        """(erasure epoch, scheduled erasures + retention expiries): what a commit must check, one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(EPOCH_KEY)
+        pipe.zcard(f"bg:erasure-due:{branch}")
+        pipe.zcard(f"bg:expiry:{branch}")
+        epoch, due, expiring = self._call(pipe.execute)
+        return int(epoch or 0), int(due) + int(expiring)
+
+    def set_expiry(self, branch: str, expiries: Mapping[str, float | None]) -> None:
+        """Set (or, for None, remove) subjects' retention expiry: when the relationship end says so."""
+        if not expiries:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for subject, at in expiries.items():
+            if at is None:
+                pipe.zrem(f"bg:expiry:{branch}", subject)
+            else:
+                pipe.zadd(f"bg:expiry:{branch}", {subject: at})
+        self._call(pipe.execute)
+
+    def schedule_erasure(self, branch: str, subject: str, due: float, info: bytes) -> bool:
+        """Schedule a subject's erasure at `due` (an earlier schedule stands); False if erased or scheduled."""
+        return bool(self._call(self._schedule_erasure, keys=[
+            f"bg:erasure-due:{branch}", f"bg:erasure-due-info:{branch}", f"bg:erased:{branch}:{subject}"],
+            args=[subject, due, info]))
+
+    def due_erasures(self, branch: str, now: float, limit: int = 100) -> dict[str, bytes]:
+        """subject → schedule info of the erasures due by `now`."""
+        found = self._call(self.client.zrangebyscore, f"bg:erasure-due:{branch}", "-inf", now, start=0, num=limit)
+        subjects = [m.decode() for m in found]
+        if not subjects:
+            return {}
+        infos = self._call(self.client.hmget, f"bg:erasure-due-info:{branch}", subjects)
+        return {s: bytes(i or b"{}") for s, i in zip(subjects, infos, strict=True)}
+
+    def root_changed(self, branch: str, subjects: list[str]) -> tuple[list[str], list[str]]:
+        """Root rows back for `subjects`: (scheduled erasures cancelled, relationship retentions stopped)."""
+        if not subjects:
+            return [], []
+        cancelled, resumed = self._call(self._root_changed, keys=[
+            f"bg:erasure-due:{branch}", f"bg:erasure-due-info:{branch}", f"bg:expiry:{branch}"], args=subjects)
+        return [c.decode() for c in cancelled], [r.decode() for r in resumed]
 
     def expired_subjects(self, branch: str, now: float, limit: int = 1000) -> list[str]:
         """Subjects whose retention ran out by `now` (oldest first)."""

@@ -31,12 +31,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import orjson
 
 from guard.cdc.envelope import MAX_VALUE_BYTES, ChangeEvent, decode_value
-from guard.classify.catalog import Catalog
+from guard.classify.catalog import ERASURE_REASONS, Catalog
 from guard.classify.plans import TablePlan
 from guard.config import Settings
 from guard.errors import DecodeError, KeyShreddedError, KeyUnavailableError
@@ -118,6 +119,12 @@ class Sanitizer:
         #: (subject, sanitized topic) → retention seconds, for the pairs seen since the last commit: where
         #: each subject's ciphertexts went (deletion confirmations) and when its data expires (retention).
         self.subject_activity: dict[tuple[str, str], int] = {}
+        #: Sanitized topics of root tables (`subject_root`): activity there means the root row exists.
+        self.root_topics: set[str] = set()
+        #: subject → retention expiry (unix s) a relationship-end delete of the open batch started.
+        self.delete_expiries: dict[str, float] = {}
+        #: subject → retention expiry from a root row's relationship-end column (None: not ended).
+        self.column_expiries: dict[str, float | None] = {}
         #: Whether a delete of a subject's root row erases the subject (False for offline runs).
         self.act_on_deletes = True
         #: Who writes pending confirmations (`erase`): the runner sets its transactional id + incarnation.
@@ -270,16 +277,33 @@ class Sanitizer:
         if self._fast is not None:
             self._fast.clear_memos()
 
-    def pending_activity(self) -> dict[tuple[str, str], int]:
-        """The open batch's (subject, topic) → retention seconds not recorded in the last hour.
+    def pending_activity(self) -> dict[tuple[str, str], int | None]:
+        """The open batch's (subject, topic) pairs not recorded in the last hour → None (no expiry change).
 
-        Steady traffic of known customers then costs the key store nothing at commit time; retention
-        expiries carry `ACTIVITY_REFRESH_S` of padding to stay on the safe side.
+        Activity only says where a subject's ciphertexts went; it never moves a retention expiry: retention
+        runs from the end of the relationship as the data says it (`take_expiries`). Steady traffic of
+        known customers then costs the key store nothing at commit time.
         """
         now = self._clock()
         recorded = self._activity_recorded
-        return {pair: retention_s + ACTIVITY_REFRESH_S for pair, retention_s in self.subject_activity.items()
+        return {pair: None for pair in self.subject_activity
                 if (last := recorded.get(pair)) is None or now - last > ACTIVITY_REFRESH_S}
+
+    def root_changes(self) -> list[str]:
+        """Subjects whose root row was created or changed in the open batch after any delete of it in the
+        batch: their scheduled erasure (grace period) or relationship-end retention is cancelled."""
+        roots = self.root_topics
+        return sorted({subject for subject, topic in self.subject_activity if topic in roots})
+
+    def take_expiries(self, root_changed: Iterable[str]) -> dict[str, float | None]:
+        """The retention expiries the open batch sets (unix s; None: the relationship is ongoing), and forget
+        them. A relationship-end delete followed by a change of the same root row counts for nothing."""
+        changed = set(root_changed)
+        out: dict[str, float | None] = {s: at for s, at in self.delete_expiries.items() if s not in changed}
+        out.update(self.column_expiries)
+        self.delete_expiries.clear()
+        self.column_expiries.clear()
+        return out
 
     def mark_recorded(self, pairs: Iterable[tuple[str, str]]) -> None:
         """Note that the key store now has these pairs' activity (call after the write succeeded)."""
@@ -333,14 +357,77 @@ class Sanitizer:
         records.append(self.emitter.audit_for_plan(topic, partition, offset, plan, event.op, subject, decision,
                                                    images, aead is not None))
         records.extend(extra)
-        if event.op == "d" and plan.subject_root and decision in ("protected", "erased_delete") and self.act_on_deletes:
-            # `erased_delete`: the replay of a delete whose shred ran before a crash re-emits its pending
-            # confirmation; any other delete of an erased subject gets only an `already_erased` audit.
-            records.extend(self.erase(subject, trigger="cdc_delete", reason_code="art47_1_purpose_achieved",
-                                      reason="the data subject's root row was deleted in the branch database",
-                                      by=f"worker:{self.settings.worker_id}",
-                                      source=(topic, partition, offset), effective_ms=event.source_ts_ms))
+        if plan.subject_root:
+            self.root_topics.add(out_topic)
+            if event.op != "d" and plan.relationship_end_column is not None and event.after is not None:
+                end = relationship_end_s(event.after.get(plan.relationship_end_column))
+                self.column_expiries[subject] = None if end is None else end + plan.retention_s
+            if event.op == "d" and decision in ("protected", "erased_delete") and self.act_on_deletes:
+                records.extend(self._root_deleted(plan, subject, event, (topic, partition, offset), out_topic,
+                                                  decision))
         return Outcome(records, decision, event.schema_table, plan.class_counts)
+
+    def _root_deleted(self, plan: TablePlan, subject: str, event: ChangeEvent, source: tuple[str, int, int],
+                      out_topic: str, decision: str) -> list[OutRecord]:
+        """What a delete of a subject's root row means: the table's `on_delete` in the catalog, nothing else.
+
+        `erasure`: shred now (grace 0) or schedule it (`bg:erasure-due`; a re-insert before it is due
+        cancels it at the commit); `relationship_end`: the retention runs from the delete; `none`: nothing;
+        not configured: audited as such, no erasure (the guard never invents a reason). The replay of a
+        delete whose shred ran before a crash (`erased_delete`) re-emits the pending confirmation.
+        """
+        od = plan.on_delete
+        if decision == "erased_delete":
+            return self._already_erased(subject, trigger="cdc_delete", reason_code=od.reason_code or od.meaning
+                                        if od else "unconfigured", source=source)
+        # A change of the root row after this delete (same batch) reads as a re-insert at the commit.
+        self.subject_activity.pop((subject, out_topic), None)
+        self.delete_expiries.pop(subject, None)
+        self.column_expiries.pop(subject, None)
+        now = self._clock()
+        audit = self.emitter.audit
+        if od is None:
+            records = [audit(*source, event.schema_table, "d", subject, "root_delete_unconfigured",
+                             "no on_delete meaning in the catalog: not an erasure", {}, {})]
+            if self.emitter.alert_once(f"root_delete_unconfigured:{event.schema_table}"):
+                records.append(self.emitter.anomaly("root_delete_unconfigured", "medium", event.schema_table, None, {
+                    "source": {"topic": source[0], "partition": source[1], "offset": source[2]},
+                    "what": "a root row was deleted and the catalog does not say what that means; nobody was erased",
+                    "suggested_action": f"set [tables.\"{event.schema_table}\".on_delete] in schemas/catalog.toml "
+                                        "(meaning = erasure with a reason_code, relationship_end, or none)"}))
+            return records
+        if od.meaning == "none":
+            return []
+        if od.meaning == "relationship_end":
+            ended = (event.source_ts_ms / 1000) if event.source_ts_ms else now
+            self.delete_expiries[subject] = ended + plan.retention_s
+            return [audit(*source, event.schema_table, "d", subject, "retention_started",
+                          f"relationship ended (root row deleted); erasure due after {plan.retention_s // 86_400} "
+                          "days unless the row comes back", {}, {})]
+        reason_code = od.reason_code or ""
+        reason = f"{ERASURE_REASONS[reason_code]} (the root row was deleted in the branch database)"
+        by = f"worker:{self.settings.worker_id}"
+        if od.grace_s == 0:
+            return self.erase(subject, trigger="cdc_delete", reason_code=reason_code, reason=reason, by=by,
+                              source=source, effective_ms=event.source_ts_ms)
+        info = orjson.dumps({"trigger": "cdc_delete", "reason_code": reason_code, "reason": reason, "by": by,
+                             "source": list(source), "effective_ms": event.source_ts_ms,
+                             "scheduled_ms": int(now * 1000), "table": event.schema_table})
+        self.keys.store.schedule_erasure(self.branch, subject, now + od.grace_s, info)
+        return [audit(*source, event.schema_table, "d", subject, "erasure_scheduled",
+                      f"{reason_code}; erased in {od.grace_s} s unless the root row comes back", {}, {})]
+
+    def run_due_erasures(self, now: float | None = None) -> list[OutRecord]:
+        """Carry out the scheduled erasures whose grace period is over (the runner calls this between
+        transactions and writes the records in a transaction of their own)."""
+        records: list[OutRecord] = []
+        for subject, raw in self.keys.store.due_erasures(self.branch, self._clock() if now is None else now).items():
+            info = orjson.loads(raw)
+            records.extend(self.erase(subject, trigger=info.get("trigger", "cdc_delete"),
+                                      reason_code=info["reason_code"], reason=info["reason"], by=info["by"],
+                                      source=tuple(info["source"]) if info.get("source") else None,
+                                      effective_ms=info.get("effective_ms")))
+        return records
 
     def _truncate(self, event: ChangeEvent, topic: str, partition: int, offset: int, out_topic: str,
                   out_key: bytes | None) -> Outcome:
@@ -423,7 +510,9 @@ class Sanitizer:
         self._fast_plans[id(plan)] = plan
         self._fast.register(
             id(plan), plan.schema_table, list(plan.columns), subject_column=plan.subject_column,
-            usable=not plan.unclassified, subject_root=plan.subject_root, clear=list(plan.clear),
+            # a relationship-end column is read by the Python path (`Sanitizer._sanitize_event`)
+            usable=not plan.unclassified and plan.relationship_end_column is None,
+            subject_root=plan.subject_root, clear=list(plan.clear),
             masks=list(plan.masks), index=list(plan.index), hashed=list(plan.hashed), dropped=list(plan.dropped),
             sealed=list(plan.sealed), retention_s=plan.retention_s)
 
@@ -525,6 +614,33 @@ class Sanitizer:
         for pair in [p for p in self.subject_activity if p[0] == subject]:
             del self.subject_activity[pair]
             self._activity_recorded.pop(pair, None)
+
+
+def relationship_end_s(value: Any) -> float | None:
+    """When a relationship-end column's value says the relationship ended (unix s), or None (not ended,
+    or unreadable: then the data is kept, never erased on a guess).
+
+    Debezium's forms: ISO-8601 text (timestamptz, or any column read as text), days since the epoch (date),
+    milliseconds or microseconds since the epoch (timestamp).
+    """
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        v = float(value)
+        if abs(v) < 1e6:
+            return v * 86_400
+        if abs(v) < 1e14:
+            return v / 1000
+        return v / 1_000_000
+    if isinstance(value, str) and len(value) <= 64:
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        return parsed.timestamp()
+    return None
 
 
 def pending_entry(confirmation_id: str, at_ms: int, owner: str, source: tuple[str, int, int] | None,

@@ -65,6 +65,10 @@ class RecordBuilder:
         self.trace_id: str | None = None
         self._audit_templates: dict[tuple[Any, ...], tuple[AuditTemplate, bytes]] = {}
 
+    def alert_once(self, key: str) -> bool:
+        """True for the first alert of `key` (across workers when the runner shares the key store's)."""
+        return self._alert_once(key)
+
     def change(
         self,
         event: ChangeEvent,
