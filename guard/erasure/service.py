@@ -8,7 +8,7 @@ import uuid
 from typing import Any
 
 import orjson
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from guard.classify.catalog import ERASURE_REASONS
 from guard.config import Settings
@@ -150,7 +150,10 @@ def _publish(settings: Settings, records: list[OutRecord]) -> None:
             failures.append(f"{msg.topic()}: {err.str()}")
 
     for rec in records:
-        producer.produce(rec.topic, rec.value, rec.key, timestamp=rec.timestamp or 0, on_delivery=on_delivery)
+        try:
+            producer.produce(rec.topic, rec.value, rec.key, timestamp=rec.timestamp or 0, on_delivery=on_delivery)
+        except (KafkaException, BufferError) as exc:
+            failures.append(f"{rec.topic}: {exc}")
     left = producer.flush(30)
     if left or failures:
         raise GuardError(

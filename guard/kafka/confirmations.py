@@ -55,6 +55,15 @@ def due(entries: Mapping[str, bytes], *, owner: str, carried: Iterable[str], now
     return out
 
 
+def by_topic(entries: Mapping[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Entries grouped by the topic of their confirmation (the first record of each entry)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for entry in entries.values():
+        records = entry.get("records") or [[""]]
+        out.setdefault(str(records[0][0]), []).append(entry)
+    return out
+
+
 def delivered(bootstrap: str, topic: str, ids: set[str], since_ms: int, *, timeout_s: float = 30.0) -> set[str]:
     """Which confirmation ids of `ids` a committed record of `topic` carries (records from `since_ms` on)."""
     if not ids:

@@ -489,9 +489,11 @@ class SanitizerWorker:
                                         transaction_timeout_ms=s.transaction_timeout_ms)
             if not entries:
                 return
-            ids = {e["id"] for e in entries.values()}
-            there = confirmations.delivered(s.kafka_bootstrap, s.deletions_topic, ids,
-                                            min(int(e["at_ms"]) for e in entries.values()))
+            there: set[str] = set()
+            # Each entry names the topic its confirmation goes to (the shredder's setting, maybe not ours).
+            for topic, group in confirmations.by_topic(entries).items():
+                there |= confirmations.delivered(s.kafka_bootstrap, topic, {e["id"] for e in group},
+                                                 min(int(e["at_ms"]) for e in group))
             store.confirm_delivered(s.branch, {subj: e["id"] for subj, e in entries.items() if e["id"] in there})
             missing = {subj: e for subj, e in entries.items() if e["id"] not in there}
             if not missing:
@@ -541,8 +543,7 @@ class SanitizerWorker:
     def _reset_batch(self) -> None:
         self._early_offsets.forget()
         self.batch = BatchCounters()
-        self.sanitizer.subject_activity.clear()
-        self.sanitizer.pending_in_txn.clear()
+        self.sanitizer.reset_batch()
         self._in_txn = False
         self._txn_records = 0
         self._first.clear()

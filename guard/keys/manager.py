@@ -293,9 +293,9 @@ class KeyManager:
             try:
                 self.store.compact()
                 backoff = 1.0
-            except KeyUnavailableError as exc:
+            except Exception as exc:  # noqa: BLE001 - keep retrying whatever Redis answers; never lose the request
                 log.warning("append-only-file rewrite after a shred not done yet (%s); retrying in %.0f s",
-                            exc, backoff)
+                            type(exc).__name__ if not isinstance(exc, KeyUnavailableError) else exc, backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 60.0)
                 self._compact_wanted.set()

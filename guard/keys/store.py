@@ -66,9 +66,9 @@ local versions = 0
 local fields = redis.call('HKEYS', KEYS[1])
 for _, f in ipairs(fields) do if string.sub(f, 1, 1) == 'v' then versions = versions + 1 end end
 local already = redis.call('EXISTS', KEYS[2])
+if versions == 0 and already == 1 then return {0, 1, 0} end
 if redis.call('SISMEMBER', KEYS[7], ARGV[2]) == 1 then return {-2, already, 0} end
 if versions ~= tonumber(ARGV[3]) then return {-1, already, 0} end
-if versions == 0 and already == 1 then return {0, 1, 0} end
 redis.call('DEL', KEYS[1])
 redis.call('SET', KEYS[2], ARGV[1])
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[3], ARGV[2], ARGV[4]) end

@@ -289,6 +289,13 @@ class Sanitizer:
         return {pair: None for pair in self.subject_activity
                 if (last := recorded.get(pair)) is None or now - last > ACTIVITY_REFRESH_S}
 
+    def reset_batch(self) -> None:
+        """Forget what the open batch collected (its transaction committed or was aborted)."""
+        self.subject_activity.clear()
+        self.pending_in_txn.clear()
+        self.delete_expiries.clear()
+        self.column_expiries.clear()
+
     def root_changes(self) -> list[str]:
         """Subjects whose root row was created or changed in the open batch after any delete of it in the
         batch: their scheduled erasure (grace period) or relationship-end retention is cancelled."""
