@@ -350,7 +350,8 @@ class RedisKeyStore:
                 raise KeyUnavailableError(f"key store unreachable ({type(exc).__name__}) while compacting") from None
             while True:
                 info = self._call(self.client.info, "persistence")
-                if (int(info.get("aof_rewrites", 0)) > before and not int(info.get("aof_rewrite_in_progress", 0))
+                counted = "aof_rewrites" not in info or int(info["aof_rewrites"]) > before
+                if (counted and not int(info.get("aof_rewrite_in_progress", 0))
                         and not int(info.get("aof_rewrite_scheduled", 0))):
                     break
                 self._wait(deadline, poll_s, "the append-only-file rewrite to complete")

@@ -23,7 +23,7 @@ import redis
 
 from guard.config import load_settings
 from guard.erasure.service import erase_subject, release_hold, sweep_retention
-from guard.errors import GuardError, KeyUnavailableError, SubjectRestrictedError
+from guard.errors import GuardError, KeyShreddedError, KeyUnavailableError, SubjectRestrictedError
 from guard.keys.primitives import Aead
 from guard.keys.store import RedisKeyStore
 from guard.pipeline.runtime import build_keys, build_sanitizer
@@ -210,6 +210,7 @@ def test_a_delivery_error_of_a_confirmation_is_reported_and_the_confirmation_sta
 def test_a_key_fetched_while_it_is_shredded_is_not_cached_and_the_commit_check_sees_it(stack):
     settings = _settings(stack, worker_id="test-erasure")
     worker, eraser = build_keys(settings), build_keys(settings, listen=False)
+    wait_until(lambda: worker._invalidations > 0, timeout=10, what="the listener subscribed", interval=0.05)
     subject = worker.subject_token("7400001")
     real = worker.store.get_or_create_dek
     before = worker._invalidations
@@ -236,12 +237,19 @@ def test_concurrent_erasures_and_writes_never_pass_the_commit_check(stack):
     subjects = [worker.subject_token(f"74002{i:02d}") for i in range(40)]
     worker.prefetch(settings.branch, set(subjects))
     missed: list[str] = []
+    errors: list[BaseException] = []
     erased: set[str] = set()
+    sealed = 0
 
     def write(subject: str) -> None:
+        nonlocal sealed
         mark = worker.mark()
-        aead = worker.cached_subject_aead(settings.branch, subject) or worker.subject_aead(settings.branch, subject)
+        try:
+            aead = worker.cached_subject_aead(settings.branch, subject) or worker.subject_aead(settings.branch, subject)
+        except KeyShreddedError:
+            return  # the erasure came first and was seen: nothing sealed
         aead.seal(b"x", b"aad")
+        sealed += 1
         while subject not in erased:  # hold the "transaction" open until the erasure has happened
             time.sleep(0.001)
         if worker.erased_since(mark, settings.branch, {subject}) != [subject]:
@@ -251,11 +259,18 @@ def test_concurrent_erasures_and_writes_never_pass_the_commit_check(stack):
         eraser.shred(settings.branch, subject, b"{}")
         erased.add(subject)
 
-    threads = [threading.Thread(target=f, args=(s,)) for s in subjects for f in (write, erase)]
+    def guarded(fn, subject: str) -> None:
+        try:
+            fn(subject)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(f, s)) for s in subjects for f in (write, erase)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
+    assert errors == [] and sealed > 0
     assert missed == []
 
 
