@@ -416,11 +416,11 @@ class SanitizerWorker:
         """Audit records, in the open transaction, for erasures and retentions a re-insert cancelled."""
         emit = self.sanitizer.emitter.audit
         for subject in cancelled:
-            self._produce_all(Outcome([emit("erase", 0, 0, None, "c", subject, "erasure_cancelled",
+            self._produce_all(Outcome([emit("erase", 0, 0, None, "erase", subject, "erasure_cancelled",
                                             "the root row came back within the grace period", {}, {})], "audit"),
                               "", 0, None)
         for subject in resumed:
-            self._produce_all(Outcome([emit("erase", 0, 0, None, "c", subject, "retention_stopped",
+            self._produce_all(Outcome([emit("erase", 0, 0, None, "erase", subject, "retention_stopped",
                                             "the root row came back: the relationship continues", {}, {})], "audit"),
                               "", 0, None)
 

@@ -109,6 +109,20 @@ redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 return 1
 """
 
+_CLAIM_DUE = """
+-- KEYS: due zset, info hash. ARGV: now, lease end, limit. Moves each due erasure's time to the lease end
+-- (so no other worker takes it meanwhile; after a crash it is due again when the lease ends) and returns
+-- subject, info pairs. The shred script removes the entry.
+local out = {}
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, s in ipairs(due) do
+  redis.call('ZADD', KEYS[1], 'XX', ARGV[2], s)
+  table.insert(out, s)
+  table.insert(out, redis.call('HGET', KEYS[2], s) or '{}')
+end
+return out
+"""
+
 _ROOT_CHANGED = """
 -- KEYS: due zset, info hash, expiry zset. ARGV: subjects whose root row exists again (re-inserted/updated).
 -- Cancels their scheduled erasures and the retention that a relationship_end delete started.
@@ -173,6 +187,7 @@ class RedisKeyStore:
         self._record_activity = self.client.register_script(_RECORD_ACTIVITY)
         self._schedule_erasure = self.client.register_script(_SCHEDULE_ERASURE)
         self._root_changed = self.client.register_script(_ROOT_CHANGED)
+        self._claim_due = self.client.register_script(_CLAIM_DUE)
         self._add_version = self.client.register_script(_ADD_VERSION)
 
     def __repr__(self) -> str:
@@ -435,14 +450,13 @@ class RedisKeyStore:
             f"bg:erasure-due:{branch}", f"bg:erasure-due-info:{branch}", f"bg:erased:{branch}:{subject}"],
             args=[subject, due, info]))
 
-    def due_erasures(self, branch: str, now: float, limit: int = 100) -> dict[str, bytes]:
-        """subject → schedule info of the erasures due by `now`."""
-        found = self._call(self.client.zrangebyscore, f"bg:erasure-due:{branch}", "-inf", now, start=0, num=limit)
-        subjects = [m.decode() for m in found]
-        if not subjects:
-            return {}
-        infos = self._call(self.client.hmget, f"bg:erasure-due-info:{branch}", subjects)
-        return {s: bytes(i or b"{}") for s, i in zip(subjects, infos, strict=True)}
+    def due_erasures(self, branch: str, now: float, *, lease_s: float = 120.0, limit: int = 100) -> dict[str, bytes]:
+        """Claim the erasures due by `now`: subject → schedule info. A claimed erasure is not handed to
+        another worker for `lease_s` (one shred, one confirmation); one whose claimer crashed is due again
+        after it."""
+        flat = self._call(self._claim_due, keys=[f"bg:erasure-due:{branch}", f"bg:erasure-due-info:{branch}"],
+                          args=[now, now + lease_s, limit])
+        return {flat[i].decode(): bytes(flat[i + 1]) for i in range(0, len(flat), 2)}
 
     def root_changed(self, branch: str, subjects: list[str]) -> tuple[list[str], list[str]]:
         """Root rows back for `subjects`: (scheduled erasures cancelled, relationship retentions stopped)."""

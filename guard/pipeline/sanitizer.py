@@ -394,7 +394,7 @@ class Sanitizer:
         now = self._clock()
         audit = self.emitter.audit
         if od is None:
-            records = [audit(*source, event.schema_table, "d", subject, "root_delete_unconfigured",
+            records = [audit(*source, event.schema_table, "erase", subject, "root_delete_unconfigured",
                              "no on_delete meaning in the catalog: not an erasure", {}, {})]
             if self.emitter.alert_once(f"root_delete_unconfigured:{event.schema_table}"):
                 records.append(self.emitter.anomaly("root_delete_unconfigured", "medium", event.schema_table, None, {
@@ -408,7 +408,7 @@ class Sanitizer:
         if od.meaning == "relationship_end":
             ended = (event.source_ts_ms / 1000) if event.source_ts_ms else now
             self.delete_expiries[subject] = ended + plan.retention_s
-            return [audit(*source, event.schema_table, "d", subject, "retention_started",
+            return [audit(*source, event.schema_table, "erase", subject, "retention_started",
                           f"relationship ended (root row deleted); erasure due after {plan.retention_s // 86_400} "
                           "days unless the row comes back", {}, {})]
         reason_code = od.reason_code or ""
@@ -421,7 +421,7 @@ class Sanitizer:
                              "source": list(source), "effective_ms": event.source_ts_ms,
                              "scheduled_ms": int(now * 1000), "table": event.schema_table})
         self.keys.store.schedule_erasure(self.branch, subject, now + od.grace_s, info)
-        return [audit(*source, event.schema_table, "d", subject, "erasure_scheduled",
+        return [audit(*source, event.schema_table, "erase", subject, "erasure_scheduled",
                       f"{reason_code}; erased in {od.grace_s} s unless the root row comes back", {}, {})]
 
     def run_due_erasures(self, now: float | None = None) -> list[OutRecord]:
