@@ -28,6 +28,13 @@ The parts that matter for "nothing lost, nothing duplicated":
   metadata in `send_offsets_to_transaction` (KIP-447) fences zombies across rebalances too.
 - **Key store outage**: `KeyUnavailableError` aborts the batch and retries it after a back-off, so an
   unreachable key store delays the stream but never sends plaintext and never fills the DLQ.
+- **Erasures racing the batch**: before committing, the subjects whose keys sealed data in the
+  transaction are checked against erasures that happened meanwhile (`KeyManager.erased_since`); if one
+  was erased, the transaction is aborted and the replay meets the erasure. Root rows that came back
+  cancel scheduled erasures before the commit.
+- **Deletion confirmations**: written into the key store with each shred; a committed transaction that
+  carries one removes it; between transactions (`_maintenance`) the worker re-emits those a crash left
+  behind (`guard.kafka.confirmations`), carries out due erasures and finishes a due compaction.
 """
 
 from __future__ import annotations
