@@ -19,7 +19,7 @@ import logging
 import random
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,6 +31,9 @@ from guard.keys.primitives import Aead, BlindIndex, Hmac, KeyedHash, KeyWrapper,
 from guard.keys.store import INVALIDATE_CHANNEL, RedisKeyStore
 
 log = logging.getLogger(__name__)
+
+#: How long a commit-time check waits for the listener to apply a shred the key store has counted.
+CATCH_UP_S = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +80,8 @@ class KeyManager:
         self._invalidations = 0
         #: The highest erasure epoch whose invalidation this worker has applied.
         self._applied_epoch = 0
+        #: The last invalidations applied, in order: (branch, subject), or None for "everything".
+        self._invalidated: deque[tuple[str, str] | None] = deque(maxlen=100_000)
         self._keks: dict[tuple[str, int], KeyWrapper] = {}
         self._current_kek: dict[str, tuple[KeyWrapper, float]] = {}
         self._lock = threading.Lock()
@@ -319,17 +324,33 @@ class KeyManager:
 
         Call just before committing. A key used from the cache may have been destroyed if an
         invalidation arrived since the mark (the listener forgot the key after the use) or if the key
-        store has counted a shred whose invalidation this worker has not applied yet; only then is the
-        key store asked about each subject (one pipelined round trip). Otherwise the answer costs one
-        GET of the erasure epoch (none when the caller read it already: `epoch`).
+        store has counted a shred whose invalidation this worker has not applied yet. The check waits up
+        to `CATCH_UP_S` for the listener to apply such a shred; then only the subjects the invalidations
+        since the mark name are asked about (one pipelined round trip, usually none); if the listener is
+        still behind, or dropped everything since (reconnect, unreadable message), every subject is.
+        Otherwise the answer costs one GET of the erasure epoch (none when the caller read it already).
         """
         if not subjects:
             return []
         if epoch is None:
             epoch = self.store.erasure_epoch()
-        if self._invalidations == mark.invalidations and epoch <= self._applied_epoch:
-            return []
-        return self.store.erased_among(branch, sorted(subjects))
+        if epoch > self._applied_epoch:
+            # The shred's invalidation is published by the shred script itself: it is usually milliseconds
+            # away. Waiting a little for it lets the check below stay local.
+            deadline = time.monotonic() + CATCH_UP_S
+            while epoch > self._applied_epoch and time.monotonic() < deadline:
+                time.sleep(0.002)
+            if epoch > self._applied_epoch:
+                return self.store.erased_among(branch, sorted(subjects))
+        with self._lock:
+            since = self._invalidations - mark.invalidations
+            if since == 0:
+                return []
+            named = list(self._invalidated)[-since:] if since <= len(self._invalidated) else None
+        if named is None or any(entry is None for entry in named):
+            return self.store.erased_among(branch, sorted(subjects))  # a reconnect or garbage dropped everything
+        candidates = subjects & {subject for b, subject in named if b == branch}  # type: ignore[misc]
+        return self.store.erased_among(branch, sorted(candidates)) if candidates else []
 
     # --- cross-worker invalidation ----------------------------------------------------------------
     def _on_invalidation(self, data: object) -> None:
@@ -344,6 +365,7 @@ class KeyManager:
             return
         with self._lock:
             self._invalidations += 1
+            self._invalidated.append((branch, subject))
             self._deks.pop((branch, subject), None)
             for key in [k for k in self._old if k[0] == branch and k[1] == subject]:
                 del self._old[key]
@@ -353,6 +375,7 @@ class KeyManager:
     def _drop_all(self, epoch: int | None = None) -> None:
         with self._lock:
             self._invalidations += 1
+            self._invalidated.append(None)
             self._deks.clear()
             self._old.clear()
             if epoch is not None and epoch > self._applied_epoch:
