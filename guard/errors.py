@@ -35,5 +35,9 @@ class KeyShreddedError(KeyUnavailableError):
     """The data subject's key was destroyed (crypto-shredded); its ciphertexts are unreadable by design."""
 
 
+class SubjectRestrictedError(GuardError):
+    """The data subject is under legal hold or storage-only: its data is kept sealed, not revealed."""
+
+
 class IntegrityError(GuardError):
     """A ciphertext failed authentication: tampered with, moved to another field/row/topic, or wrong key."""

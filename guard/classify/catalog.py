@@ -74,6 +74,35 @@ class ColumnPolicy:
     detected_by: str | None = None
 
 
+#: The erasure reasons of PIPL Art. 47 a trigger may name (`guard erase --reason`, a table's `on_delete`).
+ERASURE_REASONS: Mapping[str, str] = MappingProxyType({
+    "art47_1_purpose_achieved": "processing purpose achieved, unachievable or no longer necessary",
+    "art47_2_retention_expired": "service ended or retention period expired",
+    "art47_3_consent_withdrawn": "the individual withdrew consent",
+    "art47_4_unlawful_processing": "processing violated a law, regulation or agreement",
+    "art47_5_other_legal": "another case provided by law",
+    "subject_request": "the individual requested deletion (PIPL Art. 47, last sentence)",
+})
+
+#: What a delete of a root row can mean (`on_delete.meaning`).
+DELETE_MEANINGS = ("erasure", "relationship_end", "none")
+
+
+@dataclass(frozen=True, slots=True)
+class OnDelete:
+    """What a delete of one of the table's rows means (``[tables."…".on_delete]``).
+
+    ``erasure``: the subject is crypto-shredded with ``reason_code``, ``grace_s`` seconds after the
+    delete unless the row comes back (a re-insert cancels it). ``relationship_end``: the relationship
+    ended; the subject's retention (the table's ``retention_days``) runs from the delete, and a
+    re-insert within it stops it. ``none``: no effect on the subject's keys.
+    """
+
+    meaning: str
+    reason_code: str | None = None
+    grace_s: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class TablePolicy:
     """Policy of one table (``schema.table``).
@@ -88,6 +117,11 @@ class TablePolicy:
     columns: Mapping[str, ColumnPolicy]
     retention_days: int | None
     subject_root: bool = False
+    #: Root tables only: what a delete of a row means; None: nothing configured (audited, no erasure).
+    on_delete: OnDelete | None = None
+    #: Root tables only: the column that says when the relationship ended (null: it has not); the
+    #: subject's retention runs from its value.
+    relationship_end_column: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +134,8 @@ class CatalogDefaults:
 
 # ---- validation --------------------------------------------------------------------------------------
 
-_TABLE_KEYS = frozenset({"subject_column", "subject_root", "retention_days", "columns", "description"})
+_TABLE_KEYS = frozenset({"subject_column", "subject_root", "retention_days", "columns", "description", "on_delete",
+                         "relationship_end_column"})
 _COLUMN_KEYS = frozenset({"class", "category", "sensitive", "action", "mask", "index", "description"})
 _REQUIRED_COLUMN_KEYS = ("class", "category", "action")
 
@@ -206,13 +241,45 @@ def _parse_table(source: str, name: str, data: object) -> TablePolicy:
         raise _fail(where, "subject_root must be true or false")
     if subject_root and subject is None:
         raise _fail(where, "subject_root = true needs a subject_column")
+    on_delete = _parse_on_delete(f"{where} on_delete", data.get("on_delete"))
+    end_column = data.get("relationship_end_column")
+    if (on_delete is not None or end_column is not None) and not subject_root:
+        raise _fail(where, "on_delete and relationship_end_column are for root tables (subject_root = true): "
+                           "only a root row's delete or end says something about the person")
+    if end_column is not None and end_column not in columns:
+        raise _fail(where, f"relationship_end_column {end_column!r} is not one of its columns")
     return TablePolicy(
         table=name,
         subject_column=subject,
         columns=MappingProxyType(columns),
         retention_days=_retention(where, data.get("retention_days")),
         subject_root=subject_root,
+        on_delete=on_delete,
+        relationship_end_column=end_column,
     )
+
+
+def _parse_on_delete(where: str, data: object) -> OnDelete | None:
+    if data is None:
+        return None
+    if not isinstance(data, Mapping):
+        raise _fail(where, "must be a table: { meaning = \"erasure\", reason_code = \"art47_…\", grace_s = 0 }")
+    _check_keys(where, data, frozenset({"meaning", "reason_code", "grace_s", "description"}))
+    meaning = data.get("meaning")
+    if meaning not in DELETE_MEANINGS:
+        raise _fail(where, f"meaning must be one of {list(DELETE_MEANINGS)}, got {meaning!r}")
+    reason = data.get("reason_code")
+    if meaning == "erasure" and reason not in ERASURE_REASONS:
+        raise _fail(where, f"meaning = \"erasure\" needs a reason_code, one of {list(ERASURE_REASONS)} "
+                           f"(got {reason!r}); the guard never invents a reason")
+    if meaning != "erasure" and reason is not None:
+        raise _fail(where, "reason_code is only for meaning = \"erasure\"")
+    grace = data.get("grace_s", 0)
+    if isinstance(grace, bool) or not isinstance(grace, int) or grace < 0:
+        raise _fail(where, "grace_s must be a non-negative integer (seconds)")
+    if grace and meaning != "erasure":
+        raise _fail(where, "grace_s is only for meaning = \"erasure\"")
+    return OnDelete(meaning=str(meaning), reason_code=reason, grace_s=grace)
 
 
 def _parse_defaults(source: str, data: object) -> CatalogDefaults:

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from guard.classify.catalog import Action, Catalog, ColumnPolicy, TablePolicy
+from guard.classify.catalog import Action, Catalog, ColumnPolicy, OnDelete, TablePolicy
 from guard.classify.detectors import detect_column
 
 #: Column names taken as the data-subject identifier of tables the catalog does not know.
@@ -42,8 +42,12 @@ class TablePlan:
     class_counts: Mapping[str, int] = field(default_factory=dict)
     #: True when the table is the root of its data subjects (a delete of its row erases the subject).
     subject_root: bool = False
-    #: Seconds a data subject's data in this table is kept after its last change (PIPL Art. 19/47).
+    #: Seconds a data subject's data in this table is kept after the relationship ended (PIPL Art. 19/47).
     retention_s: int = 5 * 365 * 86_400
+    #: Root tables: what a delete of a row means (None: not configured; audited, no erasure).
+    on_delete: OnDelete | None = None
+    #: Root tables: the column saying when the relationship ended (its events take the Python path).
+    relationship_end_column: str | None = None
 
 
 class Classifier:
@@ -93,6 +97,8 @@ class Classifier:
             class_counts=dict(classes),
             subject_root=bool(table and table.subject_root),
             retention_s=self._retention_days(table, classes) * 86_400,
+            on_delete=table.on_delete if table else None,
+            relationship_end_column=table.relationship_end_column if table else None,
         )
 
     def _retention_days(self, table: TablePolicy | None, classes: Counter[str]) -> int:

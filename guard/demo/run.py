@@ -66,7 +66,8 @@ def _summary(settings: Settings, stats: Stats, customers: list[int], deleted: li
     click.echo("decisions             " + ", ".join(f"{k}: {v}" for k, v in sorted(stats.decisions.items())))
     click.echo(f"DLQ                   {sum(stats.dlq_reasons.values())} "
                + (str(stats.dlq_reasons) if stats.dlq_reasons else ""))
-    click.echo(f"erased customers      {deleted} (confirmations on {settings.deletions_topic})")
+    click.echo(f"erased customers      {deleted} (deleted in the branch database: crypto-shredded after the "
+               f"catalog's grace period by a running worker; confirmations on {settings.deletions_topic})")
     shown = next((c for c in customers if c not in deleted), None)
     if shown is None:
         return

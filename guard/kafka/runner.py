@@ -28,6 +28,13 @@ The parts that matter for "nothing lost, nothing duplicated":
   metadata in `send_offsets_to_transaction` (KIP-447) fences zombies across rebalances too.
 - **Key store outage**: `KeyUnavailableError` aborts the batch and retries it after a back-off, so an
   unreachable key store delays the stream but never sends plaintext and never fills the DLQ.
+- **Erasures racing the batch**: before committing, the subjects whose keys sealed data in the
+  transaction are checked against erasures that happened meanwhile (`KeyManager.erased_since`); if one
+  was erased, the transaction is aborted and the replay meets the erasure. Root rows that came back
+  cancel scheduled erasures before the commit.
+- **Deletion confirmations**: written into the key store with each shred; a committed transaction that
+  carries one removes it; between transactions (`_maintenance`) the worker re-emits those a crash left
+  behind (`guard.kafka.confirmations`), carries out due erasures and finishes a due compaction.
 """
 
 from __future__ import annotations
@@ -37,9 +44,11 @@ import gc
 import logging
 import signal
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from confluent_kafka import (
     TIMESTAMP_NOT_AVAILABLE,
     Consumer,
@@ -53,6 +62,7 @@ from confluent_kafka.admin import AdminClient
 
 from guard.config import Settings
 from guard.errors import KeyUnavailableError
+from guard.kafka import confirmations
 from guard.kafka.batching import EarlyOffsets, commit_due, take
 from guard.kafka.clients import OUTPUT_TOPIC_PARTITIONS, TopicManager, consumer_config, producer_config
 from guard.kafka.evidence import prepare_evidence_topics
@@ -64,10 +74,15 @@ from guard.kafka.hanging import (
     group_offsets_partition,
 )
 from guard.kafka.stats import BatchCounters, Stats
-from guard.pipeline.sanitizer import Outcome, Sanitizer
+from guard.keys.manager import TxnMark
+from guard.pipeline.sanitizer import Outcome, Sanitizer, pending_records
 from guard.telemetry import Telemetry
 
 log = logging.getLogger("guard.runner")
+
+#: How often a worker looks for deletion confirmations left pending by a crash, due erasures and a due
+#: compaction (`_maintenance`: three key-store round trips).
+PENDING_CHECK_S = 5.0
 
 def tune_gc(batch_size: int) -> None:
     """Keep the cyclic garbage collector off the hot path; reference counting frees a batch's objects.
@@ -128,6 +143,10 @@ class SanitizerWorker:
         self._txn_started = 0.0
         self._txn_records = 0
         self._watcher: HangingWatcher | None = None
+        #: This incarnation's name in pending confirmations (transactional id + a fresh uuid).
+        sanitizer.owner = f"{settings.transactional_id()}#{uuid.uuid4()}"
+        self._txn_mark: TxnMark = sanitizer.keys.mark()
+        self._pending_checked = 0.0
 
     # --- lifecycle --------------------------------------------------------------------------------
     def stop(self, *_: object) -> None:
@@ -150,6 +169,7 @@ class SanitizerWorker:
                  self.sanitizer.hot_path)
         self._txn("init", lambda: self.producer.init_transactions(10))
         self._subscribe()
+        self._maintenance()
         self._watcher = self._start_hanging_watch()
         tune_gc(self.settings.batch_size)
         backoff = 0.5
@@ -168,6 +188,8 @@ class SanitizerWorker:
                                                    batch_size=self.settings.batch_size,
                                                    age_s=time.monotonic() - self._txn_started, batch_s=window):
                         self._commit()
+                    if not self._in_txn and time.monotonic() - self._pending_checked > PENDING_CHECK_S:
+                        self._maintenance()
                     backoff = 0.5
                 except KeyUnavailableError as exc:
                     log.warning("key store unavailable, retrying the batch in %.1fs: %s", backoff, exc)
@@ -261,6 +283,7 @@ class SanitizerWorker:
         sanitizer.prefetch([(topic, partition, offset, value) for _, topic, partition, offset, value in good])
         if not self._in_txn:
             self.producer.begin_transaction()  # local to the client: no broker round trip, nothing to wait for
+            self._txn_mark = sanitizer.keys.mark()
             self._in_txn = True
             self._txn_started = time.monotonic()
             self._txn_records = 0
@@ -330,7 +353,8 @@ class SanitizerWorker:
                 partition = rec.partition % self.topics.ensure_like(rec.topic, source_topic)
             while True:
                 try:
-                    produce(rec.topic, rec.value, rec.key, partition=partition, timestamp=ts, headers=headers)
+                    produce(rec.topic, rec.value, rec.key, partition=partition,
+                            timestamp=ts if rec.timestamp is None else rec.timestamp, headers=headers)
                     break
                 except BufferError:  # local queue full: let deliveries drain, then retry
                     self.producer.poll(0.2)
@@ -342,9 +366,29 @@ class SanitizerWorker:
             self._abort()
             return
         try:
-            activity = self.sanitizer.pending_activity()
-            self.sanitizer.keys.store.record_subject_activity(self.sanitizer.branch, activity)
-            self.sanitizer.mark_recorded(activity)
+            sanitizer = self.sanitizer
+            store = sanitizer.keys.store
+            epoch, watched = store.commit_view(sanitizer.branch)
+            stale = sanitizer.keys.erased_since(self._txn_mark, sanitizer.branch,
+                                                {subject for subject, _ in sanitizer.subject_activity}, epoch)
+            if stale:
+                # Data of these subjects was sealed with a cached key that an erasure (by another worker
+                # or `guard erase`) destroyed meanwhile: never commit it. The replay meets the erasure.
+                log.warning("%d data subjects of this transaction were erased while it ran; aborting it so "
+                            "their changes are processed again after the erasure", len(stale))
+                self.stats.erased_during_txn += len(stale)
+                self._abort()
+                return
+            roots = sanitizer.root_changes()
+            if roots and watched:
+                # Root rows that exist again: cancel their scheduled erasures and stopped relationships,
+                # before the commit (a crash after it must not leave a re-inserted customer to be shredded).
+                cancelled, resumed = store.root_changed(sanitizer.branch, roots)
+                self._produce_root_audits(cancelled, resumed)
+            store.set_expiry(sanitizer.branch, sanitizer.take_expiries(roots))
+            activity = sanitizer.pending_activity()
+            store.record_subject_activity(sanitizer.branch, activity)
+            sanitizer.mark_recorded(activity)
             if not self._early_offsets_cover_batch():
                 offsets = [TopicPartition(t, p, o + 1) for (t, p), o in self._last.items()]
                 metadata = self.consumer.consumer_group_metadata()
@@ -366,6 +410,7 @@ class SanitizerWorker:
         except KeyUnavailableError:
             self._abort()
             raise
+        self._confirm_delivered(self.sanitizer.pending_in_txn)
         self.sanitizer.subject_activity.clear()
         batch, self.batch = self.batch, BatchCounters()
         self.stats.merge(batch)
@@ -375,6 +420,117 @@ class SanitizerWorker:
         self._reset_batch()
         if self._on_batch is not None:
             self._on_batch(self.stats)
+
+    def _produce_root_audits(self, cancelled: list[str], resumed: list[str]) -> None:
+        """Audit records, in the open transaction, for erasures and retentions a re-insert cancelled."""
+        emit = self.sanitizer.emitter.audit
+        for subject in cancelled:
+            self._produce_all(Outcome([emit("erase", 0, 0, None, "erase", subject, "erasure_cancelled",
+                                            "the root row came back within the grace period", {}, {})], "audit"),
+                              "", 0, None)
+        for subject in resumed:
+            self._produce_all(Outcome([emit("erase", 0, 0, None, "erase", subject, "retention_stopped",
+                                            "the root row came back: the relationship continues", {}, {})], "audit"),
+                              "", 0, None)
+
+    def _maintenance(self) -> None:
+        """Between transactions, every `PENDING_CHECK_S`: finish a compaction left due, deliver pending
+        confirmations, carry out the erasures whose grace period is over."""
+        self._pending_checked = time.monotonic()
+        if self._in_txn:
+            return
+        self.sanitizer.keys.start_compactor()
+        self._redeliver_pending()
+        self._run_due_erasures()
+
+    def _run_due_erasures(self) -> None:
+        """Scheduled erasures (root delete + grace) that are due, in a transaction of their own."""
+        sanitizer = self.sanitizer
+        try:
+            records = sanitizer.run_due_erasures()
+            if not records:
+                return
+            self.producer.begin_transaction()
+            self._in_txn = True
+            for rec in records:
+                self.producer.produce(rec.topic, rec.value, rec.key, timestamp=rec.timestamp or 0)
+            self._txn("commit", lambda: self.producer.commit_transaction(10))
+            self._in_txn = False
+            self._confirm_delivered(sanitizer.pending_in_txn)
+        except (KafkaException, ProducerStuckError) as exc:
+            log.warning("scheduled erasures: confirmations not delivered yet (%s); they stay pending", exc)
+            if self._in_txn:
+                self._in_txn = False
+                try:
+                    self._txn("abort", lambda: self.producer.abort_transaction(5), deadline_s=10)
+                except (KafkaException, ProducerStuckError):
+                    self._replace_producer()
+        except KeyUnavailableError as exc:
+            log.warning("scheduled erasures not carried out yet (%s); retrying later", exc)
+        finally:
+            sanitizer.pending_in_txn.clear()
+
+    def _confirm_delivered(self, carried: dict[str, str]) -> None:
+        """After a commit: the confirmations it carried are delivered; forget their pending entries.
+
+        Best effort: if the key store can't be reached, the entries stay and `_redeliver_pending` finds
+        the confirmations on the deletions topic later and removes them then, without a second copy.
+        """
+        if not carried:
+            return
+        try:
+            self.sanitizer.keys.store.confirm_delivered(self.sanitizer.branch, dict(carried))
+        except KeyUnavailableError as exc:
+            log.warning("%d delivered confirmations stay pending in the key store (%s); they are checked "
+                        "against %s later", len(carried), exc, self.settings.deletions_topic)
+
+    def _redeliver_pending(self) -> None:
+        """Deliver, once, the confirmations a crash or an error left pending (`guard.kafka.confirmations`).
+
+        Runs between transactions, at start-up and every `PENDING_CHECK_S`. Entries already on the
+        deletions topic are forgotten; the others are re-emitted with their id in a transaction of their
+        own, then forgotten. A failure leaves them for the next check.
+        """
+        s, store = self.settings, self.sanitizer.keys.store
+        try:
+            entries = confirmations.due(store.pending_confirmations(s.branch), owner=self.sanitizer.owner,
+                                        carried=self.sanitizer.pending_in_txn, now_ms=int(time.time() * 1000),
+                                        transaction_timeout_ms=s.transaction_timeout_ms)
+            if not entries:
+                return
+            there: set[str] = set()
+            # Each entry names the topic its confirmation goes to (the shredder's setting, maybe not ours).
+            for topic, group in confirmations.by_topic(entries).items():
+                there |= confirmations.delivered(s.kafka_bootstrap, topic, {e["id"] for e in group},
+                                                 min(int(e["at_ms"]) for e in group))
+            store.confirm_delivered(s.branch, {subj: e["id"] for subj, e in entries.items() if e["id"] in there})
+            missing = {subj: e for subj, e in entries.items() if e["id"] not in there}
+            if not missing:
+                return
+            for subject, entry in missing.items():
+                entry["owner"], entry["claimed_ms"] = self.sanitizer.owner, int(time.time() * 1000)
+                store.update_pending(s.branch, subject, orjson.dumps(entry))
+            self.producer.begin_transaction()
+            self._in_txn = True
+            for entry in missing.values():
+                for rec in pending_records(entry):
+                    self.producer.produce(rec.topic, rec.value, rec.key, timestamp=rec.timestamp or 0)
+            self._txn("commit", lambda: self.producer.commit_transaction(10))
+            self._in_txn = False
+            self.stats.confirmations_redelivered += len(missing)
+            log.warning("re-emitted %d deletion confirmations that a crash or an error had left undelivered",
+                        len(missing))
+            self._confirm_delivered({subj: e["id"] for subj, e in missing.items()})
+        except (KafkaException, ProducerStuckError) as exc:
+            log.warning("pending deletion confirmations not delivered yet (%s); retrying later", exc)
+            if self._in_txn:
+                self._in_txn = False
+                try:
+                    self._txn("abort", lambda: self.producer.abort_transaction(5), deadline_s=10)
+                except (KafkaException, ProducerStuckError):
+                    self._replace_producer()
+        except KeyUnavailableError as exc:
+            log.warning("pending deletion confirmations not checked (%s); retrying later", exc)
 
     def _abort(self) -> None:
         """Abort the open transaction and rewind every partition it touched to its first record."""
@@ -396,7 +552,7 @@ class SanitizerWorker:
     def _reset_batch(self) -> None:
         self._early_offsets.forget()
         self.batch = BatchCounters()
-        self.sanitizer.subject_activity.clear()
+        self.sanitizer.reset_batch()
         self._in_txn = False
         self._txn_records = 0
         self._first.clear()

@@ -21,6 +21,10 @@ class Stats:
     records_out: int = 0
     transactions: int = 0
     aborts: int = 0
+    #: Data subjects found erased when a transaction that sealed their data was about to commit (aborted).
+    erased_during_txn: int = 0
+    #: Deletion confirmations re-emitted after a crash left them pending.
+    confirmations_redelivered: int = 0
     decisions: dict[str, int] = field(default_factory=dict)
     fields_by_class: dict[str, int] = field(default_factory=dict)
     dlq_reasons: dict[str, int] = field(default_factory=dict)

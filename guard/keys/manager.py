@@ -15,18 +15,25 @@ how long a shredded key can linger in a running worker that missed the notificat
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
 
-from guard.errors import KeyShreddedError, KeyUnavailableError
+from guard.errors import KeyShreddedError, KeyUnavailableError, SubjectRestrictedError
 from guard.keys.kms import Kms
-from guard.keys.primitives import Aead, BlindIndex, KeyedHash, KeyWrapper, random_key, sealed_header
+from guard.keys.primitives import Aead, BlindIndex, Hmac, KeyedHash, KeyWrapper, random_key, sealed_header
 from guard.keys.store import INVALIDATE_CHANNEL, RedisKeyStore
+
+log = logging.getLogger(__name__)
+
+#: How long a commit-time check waits for the listener to apply a shred the key store has counted.
+CATCH_UP_S = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +42,16 @@ class ShredResult:
     subject: str
     versions_destroyed: int
     already_erased: bool
+    #: `done` (the key destroyed, or none existed: `versions_destroyed` says which), `already` (erased
+    #: before; nothing written), `held` (under legal hold; nothing destroyed).
+    status: str = "done"
+
+
+@dataclass(frozen=True, slots=True)
+class TxnMark:
+    """Where a worker's view of erasures stood when a transaction began (`KeyManager.mark`)."""
+
+    invalidations: int
 
 
 class KeyManager:
@@ -56,14 +73,26 @@ class KeyManager:
         self._ttl = cache_ttl
         self._cache_size = cache_size
         self._deks: OrderedDict[tuple[str, str], tuple[Aead, float]] = OrderedDict()
-        self._old: dict[tuple[str, str, int], Aead] = {}
+        #: Older key versions opened by the reveal path, with the same TTL as current keys.
+        self._old: dict[tuple[str, str, int], tuple[Aead, float]] = {}
+        #: Invalidations this worker has applied (pub/sub messages and reconnects): a key fetch that saw
+        #: this number change is not cached, and a transaction during which it changed is checked.
+        self._invalidations = 0
+        #: The highest erasure epoch whose invalidation this worker has applied.
+        self._applied_epoch = 0
+        #: The last invalidations applied, in order: (branch, subject), or None for "everything".
+        self._invalidated: deque[tuple[str, str] | None] = deque(maxlen=100_000)
         self._keks: dict[tuple[str, int], KeyWrapper] = {}
         self._current_kek: dict[str, tuple[KeyWrapper, float]] = {}
         self._lock = threading.Lock()
         self.index = BlindIndex(self._tenant_key("index"))
         self.keyed_hash = KeyedHash(self._tenant_key("hash"))
         self.quarantine = Aead(self._tenant_key("quarantine"), version=1)
+        #: Fingerprints of DLQ inputs (HMAC-SHA256): comparable by the guard, not confirmable by a guesser.
+        self.dlq_hash = Hmac(self._tenant_key("dlq-hash"))
         self._listener: threading.Thread | None = None
+        self._compactor: threading.Thread | None = None
+        self._compact_wanted = threading.Event()
         if listen:
             self._start_listener()
 
@@ -118,7 +147,10 @@ class KeyManager:
         return self.index.token(b"subject\x00" + str(subject_id).encode())
 
     def subject_aead(self, branch: str, subject: str) -> Aead:
-        """The subject's current data key, created on first use; raises if the subject was erased."""
+        """The subject's current data key, created on first use; raises if the subject was erased.
+
+        Creating it is what sealing needs; readers use `subject_aead_for`, which never creates a key.
+        """
         now = time.monotonic()
         cache_key = (branch, subject)
         hit = self._deks.get(cache_key)
@@ -126,12 +158,13 @@ class KeyManager:
             return hit[0]
         kek = self._kek(branch)
         name = f"dek/{branch}/{subject}"
+        seen = self._invalidations
         found = self.store.get_or_create_dek(branch, subject, kek.wrap(random_key(), name))
         if found is None:
             raise KeyShreddedError(f"data subject {subject} of branch {branch} was erased; its key is destroyed")
         version, wrapped = found
         aead = Aead(self._unwrap_dek(branch, wrapped, name), version=version)
-        self._remember(branch, subject, aead, now)
+        self._remember(branch, subject, aead, now, seen)
         return aead
 
     def cached_subject_aead(self, branch: str, subject: str) -> Aead | None:
@@ -150,6 +183,7 @@ class KeyManager:
         if not missing:
             return
         kek = self._kek(branch)
+        seen = self._invalidations
         found = self.store.get_or_create_deks(
             branch, [(s, kek.wrap(random_key(), f"dek/{branch}/{s}")) for s in missing])
         for subject, result in zip(missing, found, strict=True):
@@ -157,10 +191,14 @@ class KeyManager:
                 continue
             version, wrapped = result
             aead = Aead(self._unwrap_dek(branch, wrapped, f"dek/{branch}/{subject}"), version=version)
-            self._remember(branch, subject, aead, now)
+            self._remember(branch, subject, aead, now, seen)
 
-    def _remember(self, branch: str, subject: str, aead: Aead, now: float) -> None:
+    def _remember(self, branch: str, subject: str, aead: Aead, now: float, seen: int) -> None:
         with self._lock:
+            if self._invalidations != seen:
+                # An invalidation arrived while the key was fetched: it may name this very key, and the
+                # listener has already forgotten it. Caching it now would keep a destroyed key for a TTL.
+                return
             # Jitter spreads expiries, so keys fetched together (a snapshot, a burst) don't all expire
             # in the same second and stall the stream with a wave of key-store round trips.
             self._deks[(branch, subject)] = (aead, now + self._ttl * (0.75 + 0.25 * random.random()))
@@ -169,21 +207,33 @@ class KeyManager:
                 self._deks.popitem(last=False)
 
     def subject_aead_for(self, branch: str, subject: str, sealed: bytes) -> Aead:
-        """The key version that sealed `sealed` (for decryption of older records after a rotation)."""
+        """The key version that sealed `sealed`, for reading (the reveal path). Never creates a key.
+
+        Refuses a subject under legal hold or storage-only (`SubjectRestrictedError`): its data is kept,
+        not revealed (docs/keys.md, "Legal hold"). Opened versions are cached for `cache_ttl`, like
+        current keys, and dropped on an invalidation.
+        """
         _, version = sealed_header(sealed)
-        current = self.subject_aead(branch, subject) if self.store.erased_record(branch, subject) is None else None
-        if current is not None and current.version == version:
-            return current
+        if self.store.is_restricted(branch, subject):
+            raise SubjectRestrictedError(
+                f"data subject {subject} of branch {branch} is under legal hold or storage-only: its data is "
+                "kept sealed and cannot be revealed until the hold is released")
+        now = time.monotonic()
         cached = self._old.get((branch, subject, version))
-        if cached is not None:
-            return cached
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        seen = self._invalidations
         wrapped = self.store.dek_version(branch, subject, version)
         if wrapped is None:
             if self.store.erased_record(branch, subject) is not None:
                 raise KeyShreddedError(f"data subject {subject} of branch {branch} was erased")
             raise KeyUnavailableError(f"key version {version} of subject {subject} is not in the key store")
         aead = Aead(self._unwrap_dek(branch, wrapped, f"dek/{branch}/{subject}"), version=version)
-        self._old[(branch, subject, version)] = aead
+        with self._lock:
+            if self._invalidations == seen:
+                if len(self._old) > 10_000:
+                    self._old.clear()
+                self._old[(branch, subject, version)] = (aead, now + self._ttl)
         return aead
 
     def _unwrap_dek(self, branch: str, wrapped: bytes, name: str) -> bytes:
@@ -198,13 +248,62 @@ class KeyManager:
         self.forget(branch, subject)
         return version
 
-    def shred(self, branch: str, subject: str, record: bytes) -> ShredResult:
-        """Destroy all versions of the subject's key, everywhere, and block its re-creation."""
-        already = self.store.erased_record(branch, subject) is not None
-        destroyed = self.store.shred(branch, subject, record)
-        self.forget(branch, subject)
-        self.store.compact()
-        return ShredResult(branch, subject, destroyed, already)
+    def shred(self, branch: str, subject: str, record: bytes,
+              pending: Callable[[int, bool], bytes | None] | None = None) -> ShredResult:
+        """Destroy all versions of the subject's key, everywhere, and block its re-creation.
+
+        `pending(versions, already_erased)` builds the confirmation entry that the key store writes in
+        the same script as the shred (`RedisKeyStore.shred`), so a crash can't separate the two. Once
+        the script has run, nothing here raises: the invalidation went out with it, and the append-only
+        file rewrite is requested in the background (`request_compaction`), its failures retried there.
+        """
+        for _ in range(10):
+            versions, already = self.store.shred_preview(branch, subject)
+            entry = pending(versions, already) if pending is not None and not (already and versions == 0) else None
+            done = self.store.shred(branch, subject, record, expected_versions=versions, pending=entry)
+            if done.status != "changed":
+                break
+        else:
+            raise KeyUnavailableError(f"the key of subject {subject} kept changing while it was being shredded")
+        if done.status == "done":
+            self.forget(branch, subject)
+            if done.versions_destroyed:
+                self.request_compaction()
+        return ShredResult(branch, subject, done.versions_destroyed, done.already_erased, done.status)
+
+    def request_compaction(self) -> None:
+        """Have the append-only file rewritten after the shreds so far, in a background thread.
+
+        The key store's compaction-due counter survives a crash, so a worker that starts with it above
+        zero compacts too (`start_compactor`).
+        """
+        with self._lock:
+            self._compact_wanted.set()
+            if self._compactor is None or not self._compactor.is_alive():
+                self._compactor = threading.Thread(target=self._compact_loop, name="bg-aof-compaction", daemon=True)
+                self._compactor.start()
+
+    def start_compactor(self) -> None:
+        """At start-up: finish the compaction a crashed predecessor may have left due."""
+        try:
+            if self.store.compaction_due():
+                self.request_compaction()
+        except KeyUnavailableError as exc:
+            log.warning("could not check whether an append-only-file rewrite is due (%s)", exc)
+
+    def _compact_loop(self) -> None:
+        backoff = 1.0
+        while self._compact_wanted.wait(timeout=600):
+            self._compact_wanted.clear()
+            try:
+                self.store.compact()
+                backoff = 1.0
+            except Exception as exc:  # noqa: BLE001 - keep retrying whatever Redis answers; never lose the request
+                log.warning("append-only-file rewrite after a shred not done yet (%s); retrying in %.0f s",
+                            type(exc).__name__ if not isinstance(exc, KeyUnavailableError) else exc, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 60.0)
+                self._compact_wanted.set()
 
     def is_erased(self, branch: str, subject: str) -> bool:
         return self.store.erased_record(branch, subject) is not None
@@ -215,21 +314,89 @@ class KeyManager:
             for key in [k for k in self._old if k[0] == branch and k[1] == subject]:
                 del self._old[key]
 
+    # --- erasures racing with writes -------------------------------------------------------------------
+    def mark(self) -> TxnMark:
+        """Call when a transaction begins; `erased_since` then says which of its subjects were erased."""
+        return TxnMark(self._invalidations)
+
+    def erased_since(self, mark: TxnMark, branch: str, subjects: set[str], epoch: int | None = None) -> list[str]:
+        """The subjects among `subjects` (whose keys sealed data since `mark`) that are erased by now.
+
+        Call just before committing. A key used from the cache may have been destroyed if an
+        invalidation arrived since the mark (the listener forgot the key after the use) or if the key
+        store has counted a shred whose invalidation this worker has not applied yet. The check waits up
+        to `CATCH_UP_S` for the listener to apply such a shred; then only the subjects the invalidations
+        since the mark name are asked about (one pipelined round trip, usually none); if the listener is
+        still behind, or dropped everything since (reconnect, unreadable message), every subject is.
+        Otherwise the answer costs one GET of the erasure epoch (none when the caller read it already).
+        """
+        if not subjects:
+            return []
+        if epoch is None:
+            epoch = self.store.erasure_epoch()
+        if epoch > self._applied_epoch:
+            # The shred's invalidation is published by the shred script itself: it is usually milliseconds
+            # away. Waiting a little for it lets the check below stay local.
+            deadline = time.monotonic() + CATCH_UP_S
+            while epoch > self._applied_epoch and time.monotonic() < deadline:
+                time.sleep(0.002)
+            if epoch > self._applied_epoch:
+                return self.store.erased_among(branch, sorted(subjects))
+        with self._lock:
+            since = self._invalidations - mark.invalidations
+            if since == 0:
+                return []
+            named = list(self._invalidated)[-since:] if since <= len(self._invalidated) else None
+        if named is None or any(entry is None for entry in named):
+            return self.store.erased_among(branch, sorted(subjects))  # a reconnect or garbage dropped everything
+        candidates = subjects & {subject for b, subject in named if b == branch}  # type: ignore[misc]
+        return self.store.erased_among(branch, sorted(candidates)) if candidates else []
+
     # --- cross-worker invalidation ----------------------------------------------------------------
+    def _on_invalidation(self, data: object) -> None:
+        """Apply one invalidation message; anything malformed drops the whole cache (never raises)."""
+        try:
+            text = data.decode("utf-8") if isinstance(data, bytes) else str(data)
+            branch, subject, *rest = text.split(":")
+            epoch = int(rest[0]) if rest else None
+        except (UnicodeDecodeError, ValueError):
+            log.warning("malformed message on the key invalidation channel; dropping every cached key")
+            self._drop_all()
+            return
+        with self._lock:
+            self._invalidations += 1
+            self._invalidated.append((branch, subject))
+            self._deks.pop((branch, subject), None)
+            for key in [k for k in self._old if k[0] == branch and k[1] == subject]:
+                del self._old[key]
+            if epoch is not None and epoch > self._applied_epoch:
+                self._applied_epoch = epoch
+
+    def _drop_all(self, epoch: int | None = None) -> None:
+        with self._lock:
+            self._invalidations += 1
+            self._invalidated.append(None)
+            self._deks.clear()
+            self._old.clear()
+            if epoch is not None and epoch > self._applied_epoch:
+                self._applied_epoch = epoch
+
     def _start_listener(self) -> None:
         def run() -> None:
             while True:
                 try:
                     pubsub = self.store.client.pubsub(ignore_subscribe_messages=True)
                     pubsub.subscribe(INVALIDATE_CHANNEL)
-                    # A reconnect may have missed messages: drop the whole cache to stay correct.
-                    with self._lock:
-                        self._deks.clear()
-                        self._old.clear()
+                    # A reconnect may have missed messages: drop the whole cache to stay correct. Every
+                    # shred up to the epoch read after subscribing is covered by that.
+                    self._drop_all(self.store.erasure_epoch())
                     for message in pubsub.listen():
-                        branch, _, subject = message["data"].decode().partition(":")
-                        self.forget(branch, subject)
-                except redis.RedisError:
+                        self._on_invalidation(message.get("data"))
+                except (redis.RedisError, KeyUnavailableError):
+                    time.sleep(1.0)
+                except Exception:  # noqa: BLE001 - the listener must outlive anything it is sent
+                    log.exception("key invalidation listener failed; resubscribing")
+                    self._drop_all()
                     time.sleep(1.0)
 
         self._listener = threading.Thread(target=run, name="bg-key-invalidation", daemon=True)

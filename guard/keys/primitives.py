@@ -25,6 +25,7 @@ import os
 import struct
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from guard.errors import IntegrityError
@@ -136,3 +137,24 @@ class KeyedHash:
     def digest(self, domain: str, value: bytes) -> str:
         mac = hashlib.blake2b(domain.encode() + b"\x00" + value, key=self._key, digest_size=32).digest()
         return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+
+class Hmac:
+    """HMAC-SHA256 (`cryptography`) under a key of the guard's: fingerprints that only the guard can recompute.
+
+    For the DLQ: two failed inputs can be compared ("is this the same record again?") without a hash that
+    anyone could confirm a guessed plaintext against, as they could with a plain SHA-256.
+    """
+
+    __slots__ = ("_key",)
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def __repr__(self) -> str:
+        return "Hmac(key=<hidden>)"
+
+    def hexdigest(self, domain: str, value: bytes) -> str:
+        mac = hmac.HMAC(self._key, hashes.SHA256())
+        mac.update(domain.encode() + b"\x00" + value)
+        return mac.finalize().hex()

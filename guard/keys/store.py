@@ -11,21 +11,30 @@ Redis layout (all names prefixed `bg:`):
     bg:dek:{branch}:{subject}    hash  current → n, v<n> → data key wrapped by the branch key, created → unix s
     bg:erased:{branch}:{subject} str   JSON shred record; blocks re-creation of the subject's key
     bg:hold:{branch}             set   subject tokens under legal hold (storage-only instead of shred)
-    bg:storage-only:{b}:{s}      str   set when an erasure met a legal hold (PIPL Art. 47 para. 2)
+    bg:storage-only:{b}:{s}      str   the erasure a legal hold deferred (JSON; PIPL Art. 47 para. 2)
     bg:topics:{branch}:{subject} set   sanitized topics holding the subject's ciphertexts
-    bg:expiry:{branch}           zset  subject → unix time its retention runs out (last change + retention)
+    bg:expiry:{branch}           zset  subject → unix time its retention runs out (relationship end + retention)
+    bg:erasure-due:{branch}      zset  subject → when a scheduled erasure (root delete + grace) is carried out
+    bg:erasure-due-info:{branch} hash  subject → the scheduled erasure (JSON: trigger, reason, source, …)
+    bg:pending:{branch}          hash  subject → confirmation written with the shred, until a committed write
+                                       carries it (JSON: id, owner, source, the records)
+    bg:erasure-epoch             str   counter: +1 per shred (workers check it before committing)
+    bg:compact-due               str   counter: shreds not yet covered by a completed AOF rewrite
     bg:alerted:{key}             str   alert deduplication across workers (expires)
-    bg:invalidate                pub/sub channel: "{branch}:{subject}" after a shred or rotation
+    bg:invalidate                pub/sub channel: "{branch}:{subject}" after a rotation,
+                                 "{branch}:{subject}:{epoch}" after a shred
 
 Durability: the stack runs Redis with `appendonly yes` and `appendfsync always`, so a key acknowledged
 here is on disk before any record encrypted under it is committed to Kafka. Deleted keys can linger in
-the append-only file until it is rewritten; `shred` calls BGREWRITEAOF for that reason (see README).
+the append-only file until it is rewritten; `compact` makes sure a rewrite that started after the shred
+completes (docs/keys.md).
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -49,12 +58,95 @@ return nxt
 """
 
 _SHRED = """
+-- KEYS: dek hash, erased marker, pending confirmations hash, erasure epoch, compaction-due counter, expiry zset,
+--       hold set, scheduled erasures zset, scheduled erasures hash
+-- ARGV: shred record, subject, expected number of key versions, pending entry (JSON, '' for none), channel,
+--       invalidation message (the epoch is appended)
 local versions = 0
 local fields = redis.call('HKEYS', KEYS[1])
 for _, f in ipairs(fields) do if string.sub(f, 1, 1) == 'v' then versions = versions + 1 end end
+local already = redis.call('EXISTS', KEYS[2])
+if versions == 0 and already == 1 then return {0, 1, 0} end
+if redis.call('SISMEMBER', KEYS[7], ARGV[2]) == 1 then return {-2, already, 0} end
+if versions ~= tonumber(ARGV[3]) then return {-1, already, 0} end
 redis.call('DEL', KEYS[1])
-if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('SET', KEYS[2], ARGV[1]) end
-return versions
+redis.call('SET', KEYS[2], ARGV[1])
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[3], ARGV[2], ARGV[4]) end
+redis.call('ZREM', KEYS[6], ARGV[2])
+redis.call('ZREM', KEYS[8], ARGV[2])
+redis.call('HDEL', KEYS[9], ARGV[2])
+local epoch = redis.call('INCR', KEYS[4])
+if versions > 0 then redis.call('INCR', KEYS[5]) end
+redis.call('PUBLISH', ARGV[5], ARGV[6] .. ':' .. epoch)
+return {versions, already, epoch}
+"""
+
+_SHRED_PREVIEW = """
+local versions = 0
+local fields = redis.call('HKEYS', KEYS[1])
+for _, f in ipairs(fields) do if string.sub(f, 1, 1) == 'v' then versions = versions + 1 end end
+return {versions, redis.call('EXISTS', KEYS[2])}
+"""
+
+_CONFIRM_DELIVERED = """
+-- KEYS[1]: pending hash; ARGV: subject, id pairs. Removes an entry only if it is still that confirmation.
+local removed = 0
+for i = 1, #ARGV, 2 do
+  local raw = redis.call('HGET', KEYS[1], ARGV[i])
+  if raw and cjson.decode(raw)['id'] == ARGV[i + 1] then
+    redis.call('HDEL', KEYS[1], ARGV[i]); removed = removed + 1
+  end
+end
+return removed
+"""
+
+_SCHEDULE_ERASURE = """
+-- KEYS: due zset, info hash, erased marker. ARGV: subject, due time, info. Keeps an earlier schedule.
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+return 1
+"""
+
+_CLAIM_DUE = """
+-- KEYS: due zset, info hash. ARGV: now, lease end, limit. Moves each due erasure's time to the lease end
+-- (so no other worker takes it meanwhile; after a crash it is due again when the lease ends) and returns
+-- subject, info pairs. The shred script removes the entry.
+local out = {}
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, s in ipairs(due) do
+  redis.call('ZADD', KEYS[1], 'XX', ARGV[2], s)
+  table.insert(out, s)
+  table.insert(out, redis.call('HGET', KEYS[2], s) or '{}')
+end
+return out
+"""
+
+_ROOT_CHANGED = """
+-- KEYS: due zset, info hash, expiry zset. ARGV: subjects whose root row exists again (re-inserted/updated).
+-- Cancels their scheduled erasures and the retention that a relationship_end delete started.
+local cancelled, resumed = {}, {}
+for _, s in ipairs(ARGV) do
+  if redis.call('ZREM', KEYS[1], s) == 1 then redis.call('HDEL', KEYS[2], s); table.insert(cancelled, s) end
+  if redis.call('ZREM', KEYS[3], s) == 1 then table.insert(resumed, s) end
+end
+return {cancelled, resumed}
+"""
+
+_RECORD_ACTIVITY = """
+-- KEYS[1]: expiry zset; then per item: topics set, erased marker. ARGV: now, then per item: subject, topic, expiry
+-- An erased subject's activity is not recorded: its expiry would make the retention sweep erase it again.
+local n = 0
+for i = 2, #KEYS, 2 do
+  local a = 2 + (i - 2) / 2 * 3
+  if redis.call('EXISTS', KEYS[i + 1]) == 0 then
+    redis.call('SADD', KEYS[i], ARGV[a + 1])
+    if ARGV[a + 2] ~= '' then redis.call('ZADD', KEYS[1], 'GT', ARGV[a + 2], ARGV[a]) end
+    n = n + 1
+  end
+end
+return n
 """
 
 _ADD_VERSION = """
@@ -65,6 +157,20 @@ return nxt
 """
 
 INVALIDATE_CHANNEL = "bg:invalidate"
+#: Incremented by every shred (in the same script): workers compare it before committing (docs/keys.md).
+EPOCH_KEY = "bg:erasure-epoch"
+#: Shreds not yet covered by a completed append-only-file rewrite.
+COMPACT_DUE_KEY = "bg:compact-due"
+
+
+@dataclass(frozen=True, slots=True)
+class ShredOutcome:
+    """What the shred script did: `done`, `already` (erased before, no key left), `held`, `changed`."""
+
+    status: str
+    versions_destroyed: int
+    already_erased: bool
+    epoch: int
 
 
 class RedisKeyStore:
@@ -76,6 +182,12 @@ class RedisKeyStore:
         self._create_dek = self.client.register_script(_CREATE_DEK)
         self._rotate_dek = self.client.register_script(_ROTATE_DEK)
         self._shred = self.client.register_script(_SHRED)
+        self._shred_preview = self.client.register_script(_SHRED_PREVIEW)
+        self._confirm_delivered = self.client.register_script(_CONFIRM_DELIVERED)
+        self._record_activity = self.client.register_script(_RECORD_ACTIVITY)
+        self._schedule_erasure = self.client.register_script(_SCHEDULE_ERASURE)
+        self._root_changed = self.client.register_script(_ROOT_CHANGED)
+        self._claim_due = self.client.register_script(_CLAIM_DUE)
         self._add_version = self.client.register_script(_ADD_VERSION)
 
     def __repr__(self) -> str:
@@ -151,25 +263,124 @@ class RedisKeyStore:
         self.publish_invalidation(branch, subject)
         return None if result == -1 else result
 
-    def shred(self, branch: str, subject: str, record: bytes) -> int:
-        """Destroy every version of the subject's key; returns how many versions were destroyed."""
-        destroyed = int(
-            self._call(
-                self._shred, keys=[f"bg:dek:{branch}:{subject}", f"bg:erased:{branch}:{subject}"], args=[record]
-            )
+    def shred_preview(self, branch: str, subject: str) -> tuple[int, bool]:
+        """(how many key versions the subject has, whether it is already erased), read atomically."""
+        versions, erased = self._call(
+            self._shred_preview, keys=[f"bg:dek:{branch}:{subject}", f"bg:erased:{branch}:{subject}"])
+        return int(versions), bool(erased)
+
+    def shred(self, branch: str, subject: str, record: bytes, *, expected_versions: int,
+              pending: bytes | None) -> ShredOutcome:
+        """Destroy every version of the subject's key, atomically with what must survive it.
+
+        One Lua script: refuses a held subject (`held`) and a subject whose number of key versions is no
+        longer `expected_versions` (`changed`: a rotation raced; preview again), else deletes the key,
+        writes the erased marker (blocks re-creation), stores `pending` (the confirmation to deliver,
+        `pending_confirmations`), drops the subject's retention expiry, counts the shred in the erasure
+        epoch and the compaction-due counter, and publishes the invalidation. A subject already erased
+        with no key left is not touched (`already`).
+        """
+        versions, already, epoch = self._call(
+            self._shred,
+            keys=[f"bg:dek:{branch}:{subject}", f"bg:erased:{branch}:{subject}", f"bg:pending:{branch}",
+                  EPOCH_KEY, COMPACT_DUE_KEY, f"bg:expiry:{branch}", f"bg:hold:{branch}",
+                  f"bg:erasure-due:{branch}", f"bg:erasure-due-info:{branch}"],
+            args=[record, subject, expected_versions, pending or b"", INVALIDATE_CHANNEL, f"{branch}:{subject}"],
         )
-        self.publish_invalidation(branch, subject)
-        return destroyed
+        versions = int(versions)
+        status = {-2: "held", -1: "changed"}.get(versions)
+        if status is None:
+            status = "already" if versions == 0 and already and not int(epoch) else "done"
+        return ShredOutcome(status, max(versions, 0), bool(already), int(epoch))
 
     def erased_record(self, branch: str, subject: str) -> bytes | None:
         value = self._call(self.client.get, f"bg:erased:{branch}:{subject}")
         return None if value is None else bytes(value)
 
-    def compact(self) -> None:
-        """Ask Redis to rewrite its append-only file so destroyed keys leave the disk too."""
-        # A rewrite already in progress answers with an error; it won't contain the destroyed key either.
-        with contextlib.suppress(redis.ResponseError):
-            self.client.bgrewriteaof()
+    def erased_among(self, branch: str, subjects: list[str]) -> list[str]:
+        """The subjects of `subjects` that are erased (one pipelined round trip)."""
+        if not subjects:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for subject in subjects:
+            pipe.exists(f"bg:erased:{branch}:{subject}")
+        found = self._call(pipe.execute)
+        return [s for s, hit in zip(subjects, found, strict=True) if hit]
+
+    def erasure_epoch(self) -> int:
+        """How many shreds the key store has seen (every shred increments it, atomically with the shred)."""
+        return int(self._call(self.client.get, EPOCH_KEY) or 0)
+
+    # --- confirmations waiting for a committed transaction ---------------------------------------
+    def pending_confirmations(self, branch: str) -> dict[str, bytes]:
+        """subject → pending entry (JSON) of every confirmation not yet known to be delivered."""
+        raw = self._call(self.client.hgetall, f"bg:pending:{branch}")
+        return {k.decode(): bytes(v) for k, v in raw.items()}
+
+    def pending_confirmation(self, branch: str, subject: str) -> bytes | None:
+        value = self._call(self.client.hget, f"bg:pending:{branch}", subject)
+        return None if value is None else bytes(value)
+
+    def update_pending(self, branch: str, subject: str, entry: bytes) -> None:
+        self._call(self.client.hset, f"bg:pending:{branch}", subject, entry)
+
+    def confirm_delivered(self, branch: str, delivered: dict[str, str]) -> int:
+        """Forget the pending entries `subject → confirmation id` that a committed write now carries."""
+        if not delivered:
+            return 0
+        args = [x for pair in delivered.items() for x in pair]
+        return int(self._call(self._confirm_delivered, keys=[f"bg:pending:{branch}"], args=args))
+
+    # --- append-only file compaction ---------------------------------------------------------------
+    def compaction_due(self) -> int:
+        """Shreds since the last completed append-only-file rewrite (0: the files hold no destroyed key)."""
+        return int(self._call(self.client.get, COMPACT_DUE_KEY) or 0)
+
+    def compact(self, *, timeout_s: float = 300.0, poll_s: float = 0.05) -> bool:
+        """Make sure an append-only-file rewrite that *started after this call* completes.
+
+        A rewrite already running when a key was destroyed may have forked before the delete and then
+        still holds the wrapped key, and Redis refuses BGREWRITEAOF while one runs. So: wait until no
+        rewrite runs, start one (or have Redis schedule it behind a running RDB save), and wait until the
+        rewrite counter has moved past it with status `ok`; a failed rewrite is started again. Returns
+        True when done (and lowers the compaction-due counter by the shreds it covered), False when
+        append-only persistence is off (nothing to compact). Raises `KeyUnavailableError` on a Redis
+        error or after `timeout_s`.
+        """
+        deadline = time.monotonic() + timeout_s
+        due = self.compaction_due()
+        while True:
+            info = self._call(self.client.info, "persistence")
+            if not int(info.get("aof_enabled", 0)):
+                return False
+            if int(info.get("aof_rewrite_in_progress", 0)) or int(info.get("aof_rewrite_scheduled", 0)):
+                self._wait(deadline, poll_s, "a running append-only-file rewrite to finish")
+                continue
+            before = int(info.get("aof_rewrites", 0))
+            try:
+                self.client.bgrewriteaof()
+            except redis.ResponseError:
+                continue  # another client started one between INFO and here: wait for it, then ours
+            except redis.RedisError as exc:
+                raise KeyUnavailableError(f"key store unreachable ({type(exc).__name__}) while compacting") from None
+            while True:
+                info = self._call(self.client.info, "persistence")
+                counted = "aof_rewrites" not in info or int(info["aof_rewrites"]) > before
+                if (counted and not int(info.get("aof_rewrite_in_progress", 0))
+                        and not int(info.get("aof_rewrite_scheduled", 0))):
+                    break
+                self._wait(deadline, poll_s, "the append-only-file rewrite to complete")
+            if info.get("aof_last_bgrewrite_status") == "ok":
+                if due:
+                    self._call(self.client.decrby, COMPACT_DUE_KEY, due)
+                return True
+
+    @staticmethod
+    def _wait(deadline: float, poll_s: float, what: str) -> None:
+        if time.monotonic() > deadline:
+            raise KeyUnavailableError(f"timed out waiting for {what}; check the Redis log (disk space, "
+                                      "permissions of the append-only directory)")
+        time.sleep(poll_s)
 
     # --- legal hold -------------------------------------------------------------------------------
     def set_hold(self, branch: str, subject: str, held: bool) -> None:
@@ -179,26 +390,81 @@ class RedisKeyStore:
     def is_held(self, branch: str, subject: str) -> bool:
         return bool(self._call(self.client.sismember, f"bg:hold:{branch}", subject))
 
-    def set_storage_only(self, branch: str, subject: str, confirmation_id: str) -> None:
-        self._call(self.client.set, f"bg:storage-only:{branch}:{subject}", confirmation_id)
+    def set_storage_only(self, branch: str, subject: str, deferred: bytes) -> None:
+        """Record the erasure a legal hold deferred (JSON: confirmation id, trigger, reason, by)."""
+        self._call(self.client.set, f"bg:storage-only:{branch}:{subject}", deferred)
+
+    def storage_only(self, branch: str, subject: str) -> bytes | None:
+        """The deferred erasure of a storage-only subject, or None."""
+        value = self._call(self.client.get, f"bg:storage-only:{branch}:{subject}")
+        return None if value is None else bytes(value)
+
+    def clear_storage_only(self, branch: str, subject: str) -> None:
+        self._call(self.client.delete, f"bg:storage-only:{branch}:{subject}")
 
     def is_storage_only(self, branch: str, subject: str) -> bool:
         return bool(self._call(self.client.exists, f"bg:storage-only:{branch}:{subject}"))
 
     # --- where a subject's ciphertexts went (for deletion confirmations) --------------------------
-    def record_subject_activity(self, branch: str, activity: dict[tuple[str, str], int]) -> None:
+    def record_subject_activity(self, branch: str, activity: Mapping[tuple[str, str], int | None]) -> None:
         """Remember where each subject's ciphertexts went and push back its retention expiry.
 
-        One pipelined round trip per transaction, whatever the number of events in it.
+        `activity`: (subject, topic) → seconds from now until the subject's retention runs out, or None
+        to leave its expiry as it is. One script call per transaction, whatever the number of events in
+        it; subjects erased meanwhile are skipped, so an erasure is never followed by a new expiry.
         """
         if not activity:
             return
         now = int(time.time())
-        pipe = self.client.pipeline(transaction=False)
+        keys = [f"bg:expiry:{branch}"]
+        args: list[object] = [now]
         for (subject, topic), retention_s in activity.items():
-            pipe.sadd(f"bg:topics:{branch}:{subject}", topic)
-            pipe.zadd(f"bg:expiry:{branch}", {subject: now + retention_s}, gt=True)
+            keys += [f"bg:topics:{branch}:{subject}", f"bg:erased:{branch}:{subject}"]
+            args += [subject, topic, "" if retention_s is None else now + retention_s]
+        self._call(self._record_activity, keys=keys, args=args)
+
+    def commit_view(self, branch: str) -> tuple[int, int]:
+        """(erasure epoch, scheduled erasures + retention expiries): what a commit must check, one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(EPOCH_KEY)
+        pipe.zcard(f"bg:erasure-due:{branch}")
+        pipe.zcard(f"bg:expiry:{branch}")
+        epoch, due, expiring = self._call(pipe.execute)
+        return int(epoch or 0), int(due) + int(expiring)
+
+    def set_expiry(self, branch: str, expiries: Mapping[str, float | None]) -> None:
+        """Set (or, for None, remove) subjects' retention expiry: when the relationship end says so."""
+        if not expiries:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for subject, at in expiries.items():
+            if at is None:
+                pipe.zrem(f"bg:expiry:{branch}", subject)
+            else:
+                pipe.zadd(f"bg:expiry:{branch}", {subject: at})
         self._call(pipe.execute)
+
+    def schedule_erasure(self, branch: str, subject: str, due: float, info: bytes) -> bool:
+        """Schedule a subject's erasure at `due` (an earlier schedule stands); False if erased or scheduled."""
+        return bool(self._call(self._schedule_erasure, keys=[
+            f"bg:erasure-due:{branch}", f"bg:erasure-due-info:{branch}", f"bg:erased:{branch}:{subject}"],
+            args=[subject, due, info]))
+
+    def due_erasures(self, branch: str, now: float, *, lease_s: float = 120.0, limit: int = 100) -> dict[str, bytes]:
+        """Claim the erasures due by `now`: subject → schedule info. A claimed erasure is not handed to
+        another worker for `lease_s` (one shred, one confirmation); one whose claimer crashed is due again
+        after it."""
+        flat = self._call(self._claim_due, keys=[f"bg:erasure-due:{branch}", f"bg:erasure-due-info:{branch}"],
+                          args=[now, now + lease_s, limit])
+        return {flat[i].decode(): bytes(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+    def root_changed(self, branch: str, subjects: list[str]) -> tuple[list[str], list[str]]:
+        """Root rows back for `subjects`: (scheduled erasures cancelled, relationship retentions stopped)."""
+        if not subjects:
+            return [], []
+        cancelled, resumed = self._call(self._root_changed, keys=[
+            f"bg:erasure-due:{branch}", f"bg:erasure-due-info:{branch}", f"bg:expiry:{branch}"], args=subjects)
+        return [c.decode() for c in cancelled], [r.decode() for r in resumed]
 
     def expired_subjects(self, branch: str, now: float, limit: int = 1000) -> list[str]:
         """Subjects whose retention ran out by `now` (oldest first)."""
@@ -218,3 +484,11 @@ class RedisKeyStore:
     # --- cache invalidation -----------------------------------------------------------------------
     def publish_invalidation(self, branch: str, subject: str) -> None:
         self._call(self.client.publish, INVALIDATE_CHANNEL, f"{branch}:{subject}")
+
+    def is_restricted(self, branch: str, subject: str) -> bool:
+        """Whether the subject is under legal hold or storage-only (its data may be stored, not revealed)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.sismember(f"bg:hold:{branch}", subject)
+        pipe.exists(f"bg:storage-only:{branch}:{subject}")
+        held, storage_only = self._call(pipe.execute)
+        return bool(held) or bool(storage_only)

@@ -25,17 +25,19 @@ transaction and retries the batch once the store is back, instead of flooding th
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import orjson
 
 from guard.cdc.envelope import MAX_VALUE_BYTES, ChangeEvent, decode_value
-from guard.classify.catalog import Catalog
+from guard.classify.catalog import ERASURE_REASONS, Catalog
 from guard.classify.plans import TablePlan
 from guard.config import Settings
 from guard.errors import DecodeError, KeyShreddedError, KeyUnavailableError
@@ -117,8 +119,18 @@ class Sanitizer:
         #: (subject, sanitized topic) → retention seconds, for the pairs seen since the last commit: where
         #: each subject's ciphertexts went (deletion confirmations) and when its data expires (retention).
         self.subject_activity: dict[tuple[str, str], int] = {}
+        #: Sanitized topics of root tables (`subject_root`): activity there means the root row exists.
+        self.root_topics: set[str] = set()
+        #: subject → retention expiry (unix s) a relationship-end delete of the open batch started.
+        self.delete_expiries: dict[str, float] = {}
+        #: subject → retention expiry from a root row's relationship-end column (None: not ended).
+        self.column_expiries: dict[str, float | None] = {}
         #: Whether a delete of a subject's root row erases the subject (False for offline runs).
         self.act_on_deletes = True
+        #: Who writes pending confirmations (`erase`): the runner sets its transactional id + incarnation.
+        self.owner = f"worker:{settings.worker_id}#{uuid.uuid4()}"
+        #: subject → confirmation id of the pending confirmations the open transaction carries.
+        self.pending_in_txn: dict[str, str] = {}
         self._activity_recorded: dict[tuple[str, str], float] = {}
         self._value_caches_since = clock()
         #: Plans registered with the native path, by id (it reports which one it used).
@@ -265,16 +277,40 @@ class Sanitizer:
         if self._fast is not None:
             self._fast.clear_memos()
 
-    def pending_activity(self) -> dict[tuple[str, str], int]:
-        """The open batch's (subject, topic) → retention seconds not recorded in the last hour.
+    def pending_activity(self) -> dict[tuple[str, str], int | None]:
+        """The open batch's (subject, topic) pairs not recorded in the last hour → None (no expiry change).
 
-        Steady traffic of known customers then costs the key store nothing at commit time; retention
-        expiries carry `ACTIVITY_REFRESH_S` of padding to stay on the safe side.
+        Activity only says where a subject's ciphertexts went; it never moves a retention expiry: retention
+        runs from the end of the relationship as the data says it (`take_expiries`). Steady traffic of
+        known customers then costs the key store nothing at commit time.
         """
         now = self._clock()
         recorded = self._activity_recorded
-        return {pair: retention_s + ACTIVITY_REFRESH_S for pair, retention_s in self.subject_activity.items()
+        return {pair: None for pair in self.subject_activity
                 if (last := recorded.get(pair)) is None or now - last > ACTIVITY_REFRESH_S}
+
+    def reset_batch(self) -> None:
+        """Forget what the open batch collected (its transaction committed or was aborted)."""
+        self.subject_activity.clear()
+        self.pending_in_txn.clear()
+        self.delete_expiries.clear()
+        self.column_expiries.clear()
+
+    def root_changes(self) -> list[str]:
+        """Subjects whose root row was created or changed in the open batch after any delete of it in the
+        batch: their scheduled erasure (grace period) or relationship-end retention is cancelled."""
+        roots = self.root_topics
+        return sorted({subject for subject, topic in self.subject_activity if topic in roots})
+
+    def take_expiries(self, root_changed: Iterable[str]) -> dict[str, float | None]:
+        """The retention expiries the open batch sets (unix s; None: the relationship is ongoing), and forget
+        them. A relationship-end delete followed by a change of the same root row counts for nothing."""
+        changed = set(root_changed)
+        out: dict[str, float | None] = {s: at for s, at in self.delete_expiries.items() if s not in changed}
+        out.update(self.column_expiries)
+        self.delete_expiries.clear()
+        self.column_expiries.clear()
+        return out
 
     def mark_recorded(self, pairs: Iterable[tuple[str, str]]) -> None:
         """Note that the key store now has these pairs' activity (call after the write succeeded)."""
@@ -307,14 +343,7 @@ class Sanitizer:
             row = {"prefix": event.message.get("prefix"), "content": event.message.get("content")}
             event.after = row
         if row is None:  # truncate
-            value = self.emitter.change(event, None, None, None, [])
-            return Outcome(
-                [OutRecord(out_topic, out_key, value, partition),
-                 self.emitter.audit(topic, partition, offset, event.schema_table, event.op, None, "truncate", None,
-                                    {}, {})],
-                "truncate",
-                event.schema_table,
-            )
+            return self._truncate(event, topic, partition, offset, out_topic, out_key)
         plan = self.classifier.plan(event.schema_table, row)
         extra: list[OutRecord] = []
         if plan.unclassified:
@@ -328,18 +357,111 @@ class Sanitizer:
         before = protect.image(plan, event.before, aead, out_topic, event.schema_table, row_key, "before", subject)
         after = protect.image(plan, event.after, aead, out_topic, event.schema_table, row_key, "after", subject)
         value = self.emitter.change(event, subject, before, after, [p.name for p in plan.unclassified])
-        self.subject_activity[(subject, out_topic)] = plan.retention_s
+        if aead is not None:  # where the subject's ciphertexts went; none went anywhere without a key
+            self.subject_activity[(subject, out_topic)] = plan.retention_s
         records = [OutRecord(out_topic, out_key, value, partition)]
         images = (event.before is not None) + (event.after is not None)
         records.append(self.emitter.audit_for_plan(topic, partition, offset, plan, event.op, subject, decision,
                                                    images, aead is not None))
         records.extend(extra)
-        if event.op == "d" and plan.subject_root and decision == "protected" and self.act_on_deletes:
-            records.extend(self.erase(subject, trigger="cdc_delete", reason_code="art47_1_purpose_achieved",
-                                      reason="the data subject's root row was deleted in the branch database",
-                                      by=f"worker:{self.settings.worker_id}",
-                                      source=(topic, partition, offset), effective_ms=event.source_ts_ms))
+        if plan.subject_root:
+            self.root_topics.add(out_topic)
+            if event.op != "d" and plan.relationship_end_column is not None and event.after is not None:
+                end = relationship_end_s(event.after.get(plan.relationship_end_column))
+                self.column_expiries[subject] = None if end is None else end + plan.retention_s
+            if event.op == "d" and decision in ("protected", "erased_delete") and self.act_on_deletes:
+                records.extend(self._root_deleted(plan, subject, event, (topic, partition, offset), out_topic,
+                                                  decision))
         return Outcome(records, decision, event.schema_table, plan.class_counts)
+
+    def _root_deleted(self, plan: TablePlan, subject: str, event: ChangeEvent, source: tuple[str, int, int],
+                      out_topic: str, decision: str) -> list[OutRecord]:
+        """What a delete of a subject's root row means: the table's `on_delete` in the catalog, nothing else.
+
+        `erasure`: shred now (grace 0) or schedule it (`bg:erasure-due`; a re-insert before it is due
+        cancels it at the commit); `relationship_end`: the retention runs from the delete; `none`: nothing;
+        not configured: audited as such, no erasure (the guard never invents a reason). The replay of a
+        delete whose shred ran before a crash (`erased_delete`) re-emits the pending confirmation.
+        """
+        od = plan.on_delete
+        if decision == "erased_delete":
+            return self._already_erased(subject, trigger="cdc_delete", reason_code=od.reason_code or od.meaning
+                                        if od else "unconfigured", source=source)
+        # A change of the root row after this delete (same batch) reads as a re-insert at the commit.
+        self.subject_activity.pop((subject, out_topic), None)
+        self.delete_expiries.pop(subject, None)
+        self.column_expiries.pop(subject, None)
+        now = self._clock()
+        audit = self.emitter.audit
+        if od is None:
+            records = [audit(*source, event.schema_table, "erase", subject, "root_delete_unconfigured",
+                             "no on_delete meaning in the catalog: not an erasure", {}, {})]
+            if self.emitter.alert_once(f"root_delete_unconfigured:{event.schema_table}"):
+                records.append(self.emitter.anomaly("root_delete_unconfigured", "medium", event.schema_table, None, {
+                    "source": {"topic": source[0], "partition": source[1], "offset": source[2]},
+                    "what": "a root row was deleted and the catalog does not say what that means; nobody was erased",
+                    "suggested_action": f"set [tables.\"{event.schema_table}\".on_delete] in schemas/catalog.toml "
+                                        "(meaning = erasure with a reason_code, relationship_end, or none)"}))
+            return records
+        if od.meaning == "none":
+            return []
+        if od.meaning == "relationship_end":
+            ended = (event.source_ts_ms / 1000) if event.source_ts_ms else now
+            self.delete_expiries[subject] = ended + plan.retention_s
+            return [audit(*source, event.schema_table, "erase", subject, "retention_started",
+                          f"relationship ended (root row deleted); erasure due after {plan.retention_s // 86_400} "
+                          "days unless the row comes back", {}, {})]
+        reason_code = od.reason_code or ""
+        reason = f"{ERASURE_REASONS[reason_code]} (the root row was deleted in the branch database)"
+        by = f"worker:{self.settings.worker_id}"
+        if od.grace_s == 0:
+            return self.erase(subject, trigger="cdc_delete", reason_code=reason_code, reason=reason, by=by,
+                              source=source, effective_ms=event.source_ts_ms)
+        info = orjson.dumps({"trigger": "cdc_delete", "reason_code": reason_code, "reason": reason, "by": by,
+                             "source": list(source), "effective_ms": event.source_ts_ms,
+                             "scheduled_ms": int(now * 1000), "table": event.schema_table})
+        self.keys.store.schedule_erasure(self.branch, subject, now + od.grace_s, info)
+        return [audit(*source, event.schema_table, "erase", subject, "erasure_scheduled",
+                      f"{reason_code}; erased in {od.grace_s} s unless the root row comes back", {}, {})]
+
+    def run_due_erasures(self, now: float | None = None) -> list[OutRecord]:
+        """Carry out the scheduled erasures whose grace period is over (the runner calls this between
+        transactions and writes the records in a transaction of their own)."""
+        records: list[OutRecord] = []
+        for subject, raw in self.keys.store.due_erasures(self.branch, self._clock() if now is None else now).items():
+            info = orjson.loads(raw)
+            records.extend(self.erase(subject, trigger=info.get("trigger", "cdc_delete"),
+                                      reason_code=info["reason_code"], reason=info["reason"], by=info["by"],
+                                      source=tuple(info["source"]) if info.get("source") else None,
+                                      effective_ms=info.get("effective_ms")))
+        return records
+
+    def _truncate(self, event: ChangeEvent, topic: str, partition: int, offset: int, out_topic: str,
+                  out_key: bytes | None) -> Outcome:
+        """A TRUNCATE: forwarded, audited, and for a table whose rows are data subjects, an alert.
+
+        A truncate names no row, so it erases nobody: a root table emptied in one statement (a maintenance
+        reload, an operator's mistake, a purge after a transfer) is not an erasure of every customer in it.
+        The audit record and a high-severity anomaly say so and name the table; erasing its customers takes
+        an explicit `guard erase` per customer (docs/keys.md, "What is an erasure").
+        """
+        value = self.emitter.change(event, None, None, None, [])
+        table = self.classifier.catalog.table(event.schema_table)
+        root = table is not None and table.subject_root
+        reason = ("root table truncated: no data subject erased; erase customers explicitly with guard erase"
+                  if root else None)
+        records = [OutRecord(out_topic, out_key, value, partition),
+                   self.emitter.audit(topic, partition, offset, event.schema_table, event.op, None, "truncate",
+                                      reason, {}, {})]
+        if root:
+            records.append(self.emitter.anomaly("root_table_truncated", "high", event.schema_table, None, {
+                "source": {"topic": topic, "partition": partition, "offset": offset},
+                "what": "TRUNCATE of a table whose rows are the data subjects; no customer was erased and no "
+                        "deletion confirmation was written",
+                "suggested_action": "if the customers must be erased, run `guard erase --subject ID --reason ... "
+                                    "--by WHO` for each; otherwise check who truncated the table and why",
+            }))
+        return Outcome(records, "truncate", event.schema_table)
 
     def _fast_process(self, topic: str, partition: int, offset: int, key: bytes | None,
                       value: bytes) -> Outcome | None:
@@ -395,7 +517,9 @@ class Sanitizer:
         self._fast_plans[id(plan)] = plan
         self._fast.register(
             id(plan), plan.schema_table, list(plan.columns), subject_column=plan.subject_column,
-            usable=not plan.unclassified, subject_root=plan.subject_root, clear=list(plan.clear),
+            # a relationship-end column is read by the Python path (`Sanitizer._sanitize_event`)
+            usable=not plan.unclassified and plan.relationship_end_column is None,
+            subject_root=plan.subject_root, clear=list(plan.clear),
             masks=list(plan.masks), index=list(plan.index), hashed=list(plan.hashed), dropped=list(plan.dropped),
             sealed=list(plan.sealed), retention_s=plan.retention_s)
 
@@ -433,26 +557,115 @@ class Sanitizer:
         topics: list[str] | None = None,
         effective_ms: int | None = None,
     ) -> list[OutRecord]:
-        """Crypto-shred a data subject (or hold it storage-only) and return the confirmation records."""
+        """Crypto-shred a data subject (or hold it storage-only) and return the records to write.
+
+        The confirmation and its audit record are written into the key store in the same script as the
+        shred (`bg:pending`), so they outlive a crash before the Kafka transaction commits: the replay of
+        the same delete re-emits them (same id), and `SanitizerWorker` re-emits what no replay will
+        (`guard.kafka.runner`), until a committed transaction carries them. Outcomes say what happened:
+        `shredded` (keys destroyed), `no_keys` (the guard never held a key for the subject: nothing was
+        sealed under one; the subject is marked erased all the same), `held_storage_only`, and for a
+        subject erased before no new confirmation at all, only an `already_erased` audit record.
+        """
         now_ms = int(self._clock() * 1000)
         confirmation_id = str(uuid.uuid4())
-        held = self.keys.store.is_held(self.branch, subject)
         known_topics = sorted(set(topics or []) | {t for s, t in self.subject_activity if s == subject}
                               | self.keys.store.subject_topics(self.branch, subject))
-        if held:
-            outcome, destroyed, already = "held_storage_only", 0, False
-            self.keys.store.set_storage_only(self.branch, subject, confirmation_id)
-        else:
-            record = orjson.dumps({"id": confirmation_id, "at_ms": now_ms, "reason_code": reason_code, "by": by,
-                                   "effective_ms": effective_ms or now_ms})
-            result = self.keys.shred(self.branch, subject, record)
-            self.keys.store.forget_expiry(self.branch, subject)
-            destroyed, already = result.versions_destroyed, result.already_erased
+        record = orjson.dumps({"id": confirmation_id, "at_ms": now_ms, "reason_code": reason_code, "by": by,
+                               "trigger": trigger, "effective_ms": effective_ms or now_ms})
+        built: list[OutRecord] = []
+
+        def pending(versions: int, already: bool) -> bytes:
+            built[:] = self.emitter.deletion(
+                subject, confirmation_id=confirmation_id, outcome="shredded" if versions else "no_keys",
+                held=False, destroyed=versions, known_topics=known_topics, trigger=trigger,
+                reason_code=reason_code, reason=reason, by=by, source=source, now_ms=now_ms)
+            return pending_entry(confirmation_id, now_ms, self.owner, source, built, now_ms)
+
+        result = self.keys.shred(self.branch, subject, record, pending)
+        if result.status == "held":
+            self.keys.store.set_storage_only(self.branch, subject, orjson.dumps({
+                "id": confirmation_id, "at_ms": now_ms, "trigger": trigger, "reason_code": reason_code,
+                "reason": reason, "by": by}))
+            return self.emitter.deletion(
+                subject, confirmation_id=confirmation_id, outcome="held_storage_only", held=True, destroyed=0,
+                known_topics=known_topics, trigger=trigger, reason_code=reason_code, reason=reason, by=by,
+                source=source, now_ms=now_ms)
+        self._drop_activity(subject)
+        if result.status == "done":
             self.expire_value_caches(force=True)
-            outcome = "already_erased" if already and destroyed == 0 else "shredded"
-        return self.emitter.deletion(subject, confirmation_id=confirmation_id, outcome=outcome, held=held,
-                                     destroyed=destroyed, known_topics=known_topics, trigger=trigger,
-                                     reason_code=reason_code, reason=reason, by=by, source=source, now_ms=now_ms)
+            self.pending_in_txn[subject] = confirmation_id
+            return built
+        return self._already_erased(subject, trigger=trigger, reason_code=reason_code, source=source)
+
+    def _already_erased(self, subject: str, *, trigger: str, reason_code: str,
+                        source: tuple[str, int, int] | None) -> list[OutRecord]:
+        """An erasure of a subject erased before: re-emit its pending confirmation if this is the replay of
+        the change that wrote it, else no new confirmation, only an audit record naming the first one."""
+        raw = self.keys.store.pending_confirmation(self.branch, subject)
+        entry = orjson.loads(raw) if raw else None
+        if entry is not None and source is not None and entry.get("source") == list(source):
+            entry["owner"], entry["claimed_ms"] = self.owner, int(self._clock() * 1000)
+            self.keys.store.update_pending(self.branch, subject, orjson.dumps(entry))
+            self.pending_in_txn[subject] = entry["id"]
+            return pending_records(entry)
+        first = self.keys.store.erased_record(self.branch, subject)
+        first_id = orjson.loads(first).get("id") if first else None
+        where = source or ("erase", 0, 0)
+        return [self.emitter.audit(where[0], where[1], where[2], None, "erase", subject, "already_erased",
+                                   f"{reason_code} ({trigger}); erased before by confirmation {first_id}; "
+                                   "no new confirmation", {}, {})]
+
+    def _drop_activity(self, subject: str) -> None:
+        """An erased subject's activity must not be recorded at the commit (it would set a new expiry)."""
+        for pair in [p for p in self.subject_activity if p[0] == subject]:
+            del self.subject_activity[pair]
+            self._activity_recorded.pop(pair, None)
+
+
+def relationship_end_s(value: Any) -> float | None:
+    """When a relationship-end column's value says the relationship ended (unix s), or None (not ended,
+    or unreadable: then the data is kept, never erased on a guess).
+
+    Debezium's forms: ISO-8601 text (timestamptz, or any column read as text), days since the epoch (date),
+    milliseconds or microseconds since the epoch (timestamp).
+    """
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        v = float(value)
+        if abs(v) < 1e6:
+            return v * 86_400
+        if abs(v) < 1e14:
+            return v / 1000
+        return v / 1_000_000
+    if isinstance(value, str) and len(value) <= 64:
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        return parsed.timestamp()
+    return None
+
+
+def pending_entry(confirmation_id: str, at_ms: int, owner: str, source: tuple[str, int, int] | None,
+                  records: Sequence[OutRecord], claimed_ms: int) -> bytes:
+    """The key store's copy of a confirmation and its audit record, until a committed write carries them."""
+    return orjson.dumps({
+        "id": confirmation_id, "at_ms": at_ms, "owner": owner, "claimed_ms": claimed_ms,
+        "source": None if source is None else list(source),
+        "records": [[r.topic, None if r.key is None else base64.b64encode(r.key).decode(),
+                     None if r.value is None else base64.b64encode(r.value).decode()] for r in records]})
+
+
+def pending_records(entry: Mapping[str, Any]) -> list[OutRecord]:
+    """The records of a pending entry, with the confirmation's time as their timestamp (so a reader can
+    find them from `at_ms` on)."""
+    return [OutRecord(topic, None if key is None else base64.b64decode(key),
+                      None if value is None else base64.b64decode(value), timestamp=int(entry["at_ms"]))
+            for topic, key, value in entry["records"]]
 
 
 @dataclass(slots=True, frozen=True)

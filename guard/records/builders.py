@@ -37,6 +37,8 @@ class OutRecord:
     value: bytes | None
     partition: int | None = None
     headers: list[tuple[str, str | bytes | None]] | None = None
+    #: The record's timestamp (ms); None: the input's (the runner's default).
+    timestamp: int | None = None
 
 
 class RecordBuilder:
@@ -62,6 +64,10 @@ class RecordBuilder:
         #: The trace id of the event in hand (the sanitizer sets it per event; audit records carry it).
         self.trace_id: str | None = None
         self._audit_templates: dict[tuple[Any, ...], tuple[AuditTemplate, bytes]] = {}
+
+    def alert_once(self, key: str) -> bool:
+        """True for the first alert of `key` (across workers when the runner shares the key store's)."""
+        return self._alert_once(key)
 
     def change(
         self,
@@ -147,10 +153,23 @@ class RecordBuilder:
         """A DLQ record: the reason, where the input was, and the input sealed (never plaintext).
 
         Inputs larger than `QUARANTINE_MAX_BYTES` are not copied (the DLQ record would exceed Kafka's
-        message size); they stay at their source offset until the raw topic's retention ends.
+        message size); they stay at their source offset until the raw topic's retention ends. A write for
+        an erased data subject (`subject_erased`) is never copied either: the quarantine key is the
+        tenant's, which no erasure destroys, so a copy would keep the erased customer readable. Only its
+        position, reason and keyed fingerprints (HMAC-SHA256 under the guard's DLQ hash key) are kept.
         """
         aad = f"bg-dlq|{topic}|{partition}|{offset}".encode()
-        copy = value is not None and len(value) <= QUARANTINE_MAX_BYTES
+        erased = reason == "subject_erased"
+        copy = value is not None and len(value) <= QUARANTINE_MAX_BYTES and not erased
+        if erased:
+            note = ("not copied: a write for an erased data subject; it stays at the source offset until the raw "
+                    "topic's retention ends")
+        elif copy or value is None:
+            note = "AES-256-GCM under the tenant's quarantine key; associated data = aad + '|key' / '|value'"
+        else:
+            note = (f"input larger than {QUARANTINE_MAX_BYTES} bytes: not copied; it stays at the source offset "
+                    "until the raw topic's retention ends")
+        fingerprint = self.keys.dlq_hash.hexdigest
         body = {
             "type": "dlq",
             "reason": reason,
@@ -160,15 +179,13 @@ class RecordBuilder:
             "worker": self.settings.worker_id,
             "at_ms": int(self._clock() * 1000),
             "value_bytes": None if value is None else len(value),
-            "value_sha256": None if value is None else hashlib.sha256(value).hexdigest(),
+            "value_hmac": None if value is None else fingerprint("bg-dlq-value", value),
+            "key_hmac": None if key is None else fingerprint("bg-dlq-key", key),
             "quarantine": {
                 "aad": aad.decode(),
-                "key": None if key is None else _b64(self.keys.quarantine.seal(key, aad + b"|key")),
+                "key": None if key is None or erased else _b64(self.keys.quarantine.seal(key, aad + b"|key")),
                 "value": _b64(self.keys.quarantine.seal(value, aad + b"|value")) if copy and value else None,
-                "note": "AES-256-GCM under the tenant's quarantine key; associated data = aad + '|key' / '|value'"
-                        if copy or value is None else
-                        f"input larger than {QUARANTINE_MAX_BYTES} bytes: not copied; it stays at the source "
-                        "offset until the raw topic's retention ends",
+                "note": note,
             },
             "action": "fix the producer (or classify the table in schemas/catalog.toml) and re-send the change; "
                       "the quarantined input can be opened with the tenant's quarantine key",
@@ -235,7 +252,21 @@ class RecordBuilder:
         source: tuple[str, int, int] | None,
         now_ms: int,
     ) -> list[OutRecord]:
-        """The deletion confirmation of an erasure (or a hold) and its audit record."""
+        """The deletion confirmation of an erasure (or a hold) and its audit record.
+
+        `outcome`: `shredded`, `no_keys` (no key existed: nothing was sealed for the subject) or
+        `held_storage_only`. `remains` lists every place the subject's data can still be, in what form and
+        until when, so the confirmation claims no more than crypto-shredding achieves.
+        """
+        s = self.settings
+        if held:
+            method = "none: subject under legal hold; processing limited to storage (docs/keys.md, Legal hold)"
+        elif destroyed:
+            method = ("crypto-shredding: every version of the data subject's AES-256 key destroyed in the shared "
+                      "key store; the sealed fields in every topic, replica and backup become unreadable")
+        else:
+            method = ("none needed: the guard never held a key for this data subject, so nothing was sealed "
+                      "under one; the subject is marked erased so no key is ever created for it")
         confirmation = {
             "type": "deletion_confirmation",
             "id": confirmation_id,
@@ -247,22 +278,46 @@ class RecordBuilder:
             "reason_code": reason_code,
             "reason": reason,
             "law": "PIPL Art. 47" + (" para. 2 (retention required by law: storage only)" if held else ""),
-            "method": "crypto-shredding: every version of the data subject's AES-256 key destroyed in the shared "
-                      "key store; ciphertexts in every topic, replica and backup become unreadable"
-                      if not held else "none: subject under legal hold; processing limited to storage",
+            "method": method,
             "keys_destroyed": [f"dek/{self.branch}/{subject}/v{v}" for v in range(1, destroyed + 1)],
-            "unreadable_topics": known_topics if not held else [],
+            "unreadable_topics": known_topics if destroyed and not held else [],
+            "remains": [] if held else _remains(s, known_topics, destroyed),
             "at_ms": now_ms,
             "by": by,
             "source": None if source is None else {"topic": source[0], "partition": source[1], "offset": source[2]},
-            "audit": {"topic": self.settings.audit_topic, "decision": outcome},
+            "audit": {"topic": s.audit_topic, "decision": outcome},
         }
         body = orjson.dumps(confirmation)
         audit_source = source or ("erase", 0, 0)
         audit = self.audit(audit_source[0], audit_source[1], audit_source[2], None, "erase", subject,
-                           "held" if held else "shredded", f"{reason_code}; confirmation {confirmation_id}; "
+                           "held" if held else outcome, f"{reason_code}; confirmation {confirmation_id}; "
                            f"sha256 {hashlib.sha256(body).hexdigest()}", {}, {"keys_destroyed": destroyed})
-        return [OutRecord(self.settings.deletions_topic, subject.encode(), body), audit]
+        audit.timestamp = now_ms
+        return [OutRecord(s.deletions_topic, subject.encode(), body, timestamp=now_ms), audit]
+
+
+def _remains(s: Settings, topics: list[str], destroyed: int) -> list[dict[str, str]]:
+    """Where an erased subject's data can remain after the shred, in what form, until when."""
+    sealed = "sealed fields unreadable (key destroyed); " if destroyed else ""
+    return [
+        *({"where": t, "what": sealed + "display masks, blind indexes and the subject token remain "
+           "(pseudonymised, PIPL Art. 73)", "until": "the topic's retention or compaction"} for t in topics),
+        {"where": s.audit_topic, "what": "the subject token and the decisions taken, never a value",
+         "until": "the audit topic's retention"},
+        {"where": s.dlq_topic, "what": "inputs of this subject that failed before the erasure, sealed under the "
+         "tenant's quarantine key (not covered by the shred); after the erasure only positions, reasons and "
+         "keyed hashes", "until": "the DLQ topic's retention"},
+        {"where": f"{s.raw_topic_prefix}.* (raw CDC topics)", "what": "the branch database's changes in plaintext "
+         "(guard-only topics)", "until": "the raw topics' retention"},
+        {"where": "key store append-only file", "what": "the wrapped key (useless without the branch key)"
+         if destroyed else "nothing", "until": "the append-only-file rewrite the shred schedules completes"},
+        {"where": "key store backups and RDB snapshots", "what": "the wrapped key if taken before the shred",
+         "until": "the backups' retention"},
+        {"where": "running workers' caches", "what": "the unwrapped key and memoised protected forms",
+         "until": f"at most {s.key_cache_ttl:.0f} s (invalidated at once when notified)"},
+        {"where": "the branch database", "what": "whatever the branch system keeps", "until": "not the guard's "
+         "to delete"},
+    ]
 
 
 def _action_counts(plan: TablePlan, images: int, sealed: bool) -> dict[str, int]:

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from guard.config import load_settings
-from guard.errors import IntegrityError, KeyShreddedError
+from guard.errors import IntegrityError, KeyShreddedError, SubjectRestrictedError
 from guard.pipeline.runtime import build_keys, build_sanitizer
 from guard.protect.reveal import open_image
 from guard.records.codec import decode
@@ -215,7 +215,10 @@ def test_guard_erase_shreds_and_legal_hold_keeps_storage_only(stack, branch_sett
     sanitizer.keys.forget(sanitizer.branch, doc_e["subject"])
     with pytest.raises(KeyShreddedError):
         open_image(sanitizer.keys, doc_e, "after", topic=topic, row_key=rec_e.key)
-    assert open_image(sanitizer.keys, doc_h, "after", topic=topic, row_key=rec_h.key)["name"] == held["name"]
+    # changed with issue 13 (finding 7): a held customer is storage-only, its data is kept but not revealed
+    with pytest.raises(SubjectRestrictedError):
+        open_image(sanitizer.keys, doc_h, "after", topic=topic, row_key=rec_h.key)
+    assert not sanitizer.keys.is_erased(sanitizer.branch, doc_h["subject"])
     deletions = wait_for(stack["GUARD_KAFKA_BOOTSTRAP"], "guard.deletions", lambda rs: {
         orjson.loads(r.value)["subject"] for r in rs if r.value} >= {doc_e["subject"], doc_h["subject"]})
     assert deletions
@@ -235,17 +238,28 @@ def test_guard_erase_shreds_and_legal_hold_keeps_storage_only(stack, branch_sett
     assert any(r.topic == "guard.anomalies" for r in out.records)
 
 
-def test_retention_sweep_erases_expired_subjects(stack, branch_settings):
-    settings = _settings(stack, branch=f"r{uuid.uuid4().hex[:8]}", worker_id="test-retention")
+def test_retention_sweep_erases_expired_subjects(stack, branch_settings, tmp_path):
+    """Retention runs from the end of the relationship as the data says it (changed with issue 13, finding
+    3: it used to run from the last change, so a dormant customer whose relationship lasts was erased)."""
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text((REPO / "schemas" / "catalog.toml").read_text().replace(
+        'on_delete = { meaning = "erasure", reason_code = "art47_1_purpose_achieved", grace_s = 30 }',
+        'on_delete = { meaning = "relationship_end" }'))
+    settings = _settings(stack, branch=f"r{uuid.uuid4().hex[:8]}", worker_id="test-retention", catalog=str(catalog))
     san = build_sanitizer(settings)
     rng = random.Random(23)
     c = customer(rng, 9_500_001)
     _, doc, _ = sanitize(san, "customers", {"customer_id": c["customer_id"]}, event("customers", c))
-    san.keys.store.record_subject_activity(settings.branch, san.subject_activity)
+    san.keys.store.record_subject_activity(settings.branch, san.pending_activity())
     from guard.erasure.service import sweep_retention
 
-    assert sweep_retention(settings, now=time.time()) == []  # nothing expired yet
     far = time.time() + 1826 * 86_400  # the catalog keeps customers 1825 days
+    assert sweep_retention(settings, now=far) == []  # the relationship goes on: kept, however dormant
+    ended = san.process("br0101.public.customers", 0, 2, json.dumps({"customer_id": c["customer_id"]}).encode(),
+                        event("customers", None, before=c, op="d", source_ts_ms=int(time.time() * 1000)))
+    assert ended.decision == "protected"
+    san.keys.store.set_expiry(settings.branch, san.take_expiries(san.root_changes()))
+    assert sweep_retention(settings, now=time.time()) == []  # nothing expired yet
     confirmations = sweep_retention(settings, now=far)
     assert [c["subject"] for c in confirmations] == [doc["subject"]]
     assert confirmations[0]["reason_code"] == "art47_2_retention_expired"

@@ -1,0 +1,398 @@
+"""Erasure that holds (issue 13, findings 2, 3, 5, 7, 8, 9) on the real Kafka and Redis of the local stack.
+
+Each test uses a branch (and, where a worker runs, a raw-topic prefix and output topics) of its own, so
+its keys, pending confirmations and records touch no other test's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import orjson
+import pytest
+import redis
+
+from guard.config import load_settings
+from guard.erasure.service import erase_subject, release_hold, sweep_retention
+from guard.errors import GuardError, KeyShreddedError, KeyUnavailableError, SubjectRestrictedError
+from guard.keys.primitives import Aead
+from guard.keys.store import RedisKeyStore
+from guard.pipeline.runtime import build_keys, build_sanitizer
+from guard.protect.reveal import open_image
+from guard.records.codec import decode
+from tests.integration.kafka_helpers import REPO, GuardProcess, read_all
+from tests.integration.reliability_helpers import create_topic, customer_row, unique, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def _settings(stack: dict[str, str], **overrides):
+    return load_settings(None, kafka_bootstrap=stack["GUARD_KAFKA_BOOTSTRAP"], redis_url=stack["GUARD_REDIS_URL"],
+                         branch=f"e{uuid.uuid4().hex[:8]}", **overrides)
+
+
+def _event(row: dict, op: str, *, table: str = "customers") -> bytes:
+    now = int(time.time() * 1000)
+    return orjson.dumps({
+        "before": row if op == "d" else None, "after": None if op == "d" else row, "op": op, "ts_ms": now,
+        "source": {"connector": "postgresql", "db": "branch_0101", "schema": "public", "table": table,
+                   "lsn": now, "ts_ms": now}})
+
+
+def _confirmations(bootstrap: str, topic: str) -> list[dict]:
+    return [orjson.loads(r.value) for r in read_all(bootstrap, topic) if r.value]
+
+
+class _Run:
+    """Raw topic, output topics, branch and catalog of one worker test."""
+
+    def __init__(self, stack: dict[str, str], tmp_path: Path, *, grace_s: int) -> None:
+        self.stack, self.bootstrap, self.tmp = stack, stack["GUARD_KAFKA_BOOTSTRAP"], tmp_path
+        self.prefix = unique("era")
+        self.raw = f"{self.prefix}.public.customers"
+        self.deletions, self.audit = f"guard.deletions.{self.prefix}", f"guard.audit.{self.prefix}"
+        self.branch = f"e{uuid.uuid4().hex[:8]}"
+        self.group = unique("era-")
+        catalog = (REPO / "schemas" / "catalog.toml").read_text()
+        assert "grace_s = 30" in catalog
+        self.catalog = tmp_path / "catalog.toml"
+        self.catalog.write_text(catalog.replace("grace_s = 30", f"grace_s = {grace_s}"))
+        create_topic(self.bootstrap, self.raw, 1)
+        self.env = {"GUARD_RAW_TOPIC_PREFIX": self.prefix, "GUARD_BRANCH": self.branch,
+                    "GUARD_CATALOG": str(self.catalog), "GUARD_SANITIZED_PREFIX": f"sanitized.{self.prefix}.",
+                    "GUARD_AUDIT_TOPIC": self.audit, "GUARD_DLQ_TOPIC": f"guard.dlq.{self.prefix}",
+                    "GUARD_ANOMALIES_TOPIC": f"guard.anomalies.{self.prefix}",
+                    "GUARD_DELETIONS_TOPIC": self.deletions}
+        self.settings = load_settings(None, kafka_bootstrap=self.bootstrap, redis_url=stack["GUARD_REDIS_URL"],
+                                      branch=self.branch, worker_id="test-erasure")
+        self.keys = build_keys(self.settings, listen=False)
+        self.store = self.keys.store
+
+    def produce(self, events: list[tuple[int, bytes]]) -> None:
+        from confluent_kafka import Producer
+
+        producer = Producer({"bootstrap.servers": self.bootstrap, "enable.idempotence": True})
+        for cid, value in events:
+            producer.produce(self.raw, value, json.dumps({"customer_id": cid}).encode(), partition=0)
+        assert producer.flush(30) == 0
+
+    def worker(self, worker_id: str) -> GuardProcess:
+        return GuardProcess(self.stack, worker_id=worker_id, group_id=self.group, log_dir=self.tmp,
+                            extra_env=self.env)
+
+    def token(self, cid: int) -> str:
+        return self.keys.subject_token(cid)
+
+
+# --- finding 2: a crash between the shred and the commit -------------------------------------------------
+_KILL_AFTER_SHRED = """
+import os, signal, sys
+from guard.keys import manager
+real = manager.KeyManager.shred
+def shred(self, *args, **kwargs):
+    result = real(self, *args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)  # after the shred, before the transaction carrying its confirmation
+    return result
+manager.KeyManager.shred = shred
+from guard.cli.main import main
+main(["run", "--worker-id", sys.argv[1]])
+"""
+
+
+@pytest.mark.parametrize("restart_as", ["same_worker", "other_worker"])
+def test_a_worker_killed_between_shred_and_commit_confirms_each_erasure_exactly_once(stack, tmp_path, restart_as):
+    """SIGKILL right after the key is destroyed: the open transaction with the confirmation is lost. After a
+    restart (the same worker id: its start-up re-emits its predecessor's entry; another worker: the replay
+    of the delete re-emits it), every erased customer has exactly one confirmation (read_committed), with
+    the id recorded at the shred, and nothing stays pending."""
+    run = _Run(stack, tmp_path, grace_s=0)
+    rng = random.Random(2)
+    rows = [customer_row(7_100_000 + i, rng) for i in range(3)]
+    run.produce([(r["customer_id"], _event(r, "c")) for r in rows] + [(r["customer_id"], _event(r, "d")) for r in rows])
+    env = {**os.environ, **stack, **run.env, "GUARD_GROUP_ID": run.group}
+    killed = subprocess.run([sys.executable, "-c", _KILL_AFTER_SHRED, "w-killed"], cwd=REPO, env=env,
+                            capture_output=True, timeout=180)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    pending = run.store.pending_confirmations(run.branch)
+    assert len(pending) == 1, "the shred wrote its confirmation into the key store with it"
+    (subject, entry), = pending.items()
+    first_id = orjson.loads(entry)["id"]
+    assert run.keys.is_erased(run.branch, subject)
+    assert not [c for c in _confirmations(run.bootstrap, run.deletions) if c["subject"] == subject]
+
+    worker = run.worker("w-killed" if restart_as == "same_worker" else "w-other").start()
+    try:
+        tokens = {run.token(r["customer_id"]) for r in rows}
+        wait_until(lambda: {c["subject"] for c in _confirmations(run.bootstrap, run.deletions)} >= tokens,
+                   timeout=120, what="a confirmation per erased customer")
+        time.sleep(12)  # two more maintenance rounds: nothing may be re-emitted a second time
+        found = _confirmations(run.bootstrap, run.deletions)
+    finally:
+        worker.stop()
+    assert sorted(c["subject"] for c in found) == sorted(tokens), found
+    assert [c["id"] for c in found if c["subject"] == subject] == [first_id]
+    assert all(c["outcome"] == "shredded" and c["keys_destroyed"] for c in found)
+    assert run.store.pending_confirmations(run.branch) == {}
+
+
+def test_a_key_store_error_after_the_shred_does_not_send_the_delete_to_the_dlq(stack, tmp_path):
+    """Compaction after the shred used to run inline and unguarded: a Redis error there sent the delete to
+    the DLQ (internal_error) although the key was already gone and no confirmation was written."""
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text((REPO / "schemas" / "catalog.toml").read_text().replace("grace_s = 30", "grace_s = 0"))
+    settings = _settings(stack, worker_id="test-erasure", catalog=str(catalog))
+    san = build_sanitizer(settings)
+    row = customer_row(7_200_001, random.Random(3))
+    key = json.dumps({"customer_id": row["customer_id"]}).encode()
+    assert san.process("br0101.public.customers", 0, 1, key, _event(row, "c")).decision == "protected"
+
+    def broken_compaction(**_: object) -> bool:
+        raise redis.ConnectionError("Connection reset by peer")
+
+    san.keys.store.compact = broken_compaction  # type: ignore[method-assign]
+    out = san.process("br0101.public.customers", 0, 2, key, _event(row, "d"))
+    assert out.decision == "protected" and out.dlq_reason is None
+    assert [orjson.loads(r.value or b"")["outcome"] for r in out.records if r.topic == settings.deletions_topic] == [
+        "shredded"]
+    assert san.keys.store.compaction_due() > 0, "the rewrite stays due until one completes"
+
+
+# --- finding 8: outcomes, no second confirmation, no activity after the erasure ----------------------------
+def test_outcomes_say_what_happened_and_an_erased_subject_gets_no_second_confirmation(stack):
+    deletions = f"guard.deletions.{uuid.uuid4().hex[:8]}"
+    settings = _settings(stack, worker_id="test-erasure", deletions_topic=deletions)
+    first = erase_subject(settings, "7300001", "subject_request", "dpo@bank")
+    assert first["outcome"] == "no_keys" and first["keys_destroyed"] == [] and first["unreadable_topics"] == []
+    again = erase_subject(settings, "7300001", "subject_request", "dpo@bank")
+    assert again["outcome"] == "already_erased" and again["first_confirmation"] == first["id"]
+    found = wait_until(lambda: _confirmations(settings.kafka_bootstrap, deletions), timeout=30, what="confirmation")
+    time.sleep(2)
+    found = _confirmations(settings.kafka_bootstrap, deletions)
+    assert [c["id"] for c in found] == [first["id"]]
+    keys = build_keys(settings, listen=False)
+    assert keys.store.pending_confirmations(settings.branch) == {}
+
+
+def test_the_commit_records_no_activity_for_a_subject_erased_in_it(stack):
+    """The commit used to re-record activity (and a retention expiry) for the subject just erased, so the
+    next retention sweep issued a second confirmation."""
+    settings = _settings(stack, worker_id="test-erasure")
+    san = build_sanitizer(settings)
+    row = customer_row(7_300_002, random.Random(4))
+    key = json.dumps({"customer_id": row["customer_id"]}).encode()
+    san.process("br0101.public.customers", 0, 1, key, _event(row, "c"))
+    subject = san.keys.subject_token(row["customer_id"])
+    san.erase(subject, trigger="erase_command", reason_code="subject_request", reason="r", by="t")
+    san.keys.store.record_subject_activity(settings.branch, san.pending_activity())
+    san.keys.store.record_subject_activity(settings.branch, {(subject, "sanitized.x"): 100})  # a late writer
+    assert san.keys.store.expired_subjects(settings.branch, time.time() + 10**10) == []
+    assert sweep_retention(settings, now=time.time() + 10**10) == []
+
+
+def test_a_delivery_error_of_a_confirmation_is_reported_and_the_confirmation_stays_pending(stack):
+    settings = _settings(stack, worker_id="test-erasure", deletions_topic="guard.deletions." + "x" * 260)
+    with pytest.raises(GuardError, match="kept in the key store"):
+        erase_subject(settings, "7300003", "subject_request", "dpo@bank")
+    keys = build_keys(settings, listen=False)
+    assert list(keys.store.pending_confirmations(settings.branch)) == [keys.subject_token("7300003")]
+
+
+# --- finding 9: a stale key used after erasure ------------------------------------------------------
+def test_a_key_fetched_while_it_is_shredded_is_not_cached_and_the_commit_check_sees_it(stack):
+    settings = _settings(stack, worker_id="test-erasure")
+    worker, eraser = build_keys(settings), build_keys(settings, listen=False)
+    wait_until(lambda: worker._invalidations > 0, timeout=10, what="the listener subscribed", interval=0.05)
+    subject = worker.subject_token("7400001")
+    real = worker.store.get_or_create_dek
+    before = worker._invalidations
+
+    def fetch_then_shred(*args, **kwargs):
+        found = real(*args, **kwargs)  # the worker has read the key ...
+        eraser.shred(settings.branch, subject, b"{}")  # ... another process destroys it ...
+        wait_until(lambda: worker._invalidations > before, timeout=10, what="the invalidation", interval=0.01)
+        return found  # ... and the listener forgot it before the worker remembers it
+
+    worker.store.get_or_create_dek = fetch_then_shred  # type: ignore[method-assign]
+    mark = worker.mark()
+    worker.subject_aead(settings.branch, subject)  # the event in hand may still use it (before the commit)
+    assert worker.cached_subject_aead(settings.branch, subject) is None, "a destroyed key must not be cached"
+    assert worker.erased_since(mark, settings.branch, {subject}) == [subject]
+
+
+def test_concurrent_erasures_and_writes_never_pass_the_commit_check(stack):
+    """Writers seal with cached keys while another process erases their subjects: for every subject erased
+    before a writer's commit check, the check reports it (so the transaction is aborted), whether or not
+    the worker's listener has applied the invalidation yet."""
+    settings = _settings(stack, worker_id="test-erasure")
+    worker, eraser = build_keys(settings), build_keys(settings, listen=False)
+    subjects = [worker.subject_token(f"74002{i:02d}") for i in range(40)]
+    worker.prefetch(settings.branch, set(subjects))
+    missed: list[str] = []
+    errors: list[BaseException] = []
+    erased: set[str] = set()
+    sealed = 0
+
+    def write(subject: str) -> None:
+        nonlocal sealed
+        mark = worker.mark()
+        try:
+            aead = worker.cached_subject_aead(settings.branch, subject) or worker.subject_aead(settings.branch, subject)
+        except KeyShreddedError:
+            return  # the erasure came first and was seen: nothing sealed
+        aead.seal(b"x", b"aad")
+        sealed += 1
+        while subject not in erased:  # hold the "transaction" open until the erasure has happened
+            time.sleep(0.001)
+        if worker.erased_since(mark, settings.branch, {subject}) != [subject]:
+            missed.append(subject)
+
+    def erase(subject: str) -> None:
+        eraser.shred(settings.branch, subject, b"{}")
+        erased.add(subject)
+
+    def guarded(fn, subject: str) -> None:
+        try:
+            fn(subject)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(f, s)) for s in subjects for f in (write, erase)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == [] and sealed > 0
+    assert missed == []
+
+
+def test_the_invalidation_listener_survives_a_non_utf8_message(stack):
+    settings = _settings(stack, worker_id="test-erasure")
+    worker = build_keys(settings)
+    subject = worker.subject_token("7400301")
+    worker.subject_aead(settings.branch, subject)
+    wait_until(lambda: worker._listener is not None and worker._invalidations > 0, timeout=10,
+               what="the listener subscribed", interval=0.05)
+    worker.store.client.publish("bg:invalidate", b"\xff\xfe\x00garbage")
+    time.sleep(0.5)
+    assert worker._listener is not None and worker._listener.is_alive()
+    worker.subject_aead(settings.branch, subject)
+    worker.store.publish_invalidation(settings.branch, subject)  # a rotation elsewhere, say
+    wait_until(lambda: worker.cached_subject_aead(settings.branch, subject) is None, timeout=10,
+               what="the listener to apply the next invalidation", interval=0.05)
+
+
+def test_reading_never_creates_a_key_and_old_versions_expire(stack):
+    settings = _settings(stack, worker_id="test-erasure")
+    keys = build_keys(settings, listen=False)
+    subject = keys.subject_token("7400401")
+    sealed = Aead(b"k" * 32, version=1).seal(b"x", b"a")
+    with pytest.raises(KeyUnavailableError):
+        keys.subject_aead_for(settings.branch, subject, sealed)
+    assert not keys.store.client.exists(f"bg:dek:{settings.branch}:{subject}"), "a read created a key"
+    keys.subject_aead(settings.branch, subject)
+    keys._ttl = 0.2
+    keys.subject_aead_for(settings.branch, subject, sealed)
+    assert (settings.branch, subject, 1) in keys._old
+    eraser = build_keys(settings, listen=False)
+    eraser.shred(settings.branch, subject, b"{}")
+    time.sleep(0.3)  # no invalidation reaches this listener-less manager: only the TTL bounds the cache
+    with pytest.raises(KeyUnavailableError):
+        keys.subject_aead_for(settings.branch, subject, sealed)
+
+
+# --- finding 7: legal hold --------------------------------------------------------------------------
+def test_a_held_customer_flows_sealed_is_not_revealable_and_is_erased_after_release(stack):
+    deletions = f"guard.deletions.{uuid.uuid4().hex[:8]}"
+    settings = _settings(stack, worker_id="test-erasure", deletions_topic=deletions)
+    san = build_sanitizer(settings)
+    row = customer_row(7_500_001, random.Random(5))
+    key = json.dumps({"customer_id": row["customer_id"]}).encode()
+    subject = san.keys.subject_token(row["customer_id"])
+    san.keys.store.set_hold(settings.branch, subject, True)
+    out = san.process("br0101.public.customers", 0, 1, key, _event(row, "c"))
+    assert out.decision == "protected"
+    doc = decode(out.records[0].value)
+    assert doc["after"]["sealed"]["ct"], "a held customer's data keeps flowing, sealed"
+    with pytest.raises(SubjectRestrictedError):
+        open_image(san.keys, doc, "after", topic="sanitized.br0101.public.customers", row_key=key)
+    held = erase_subject(settings, str(row["customer_id"]), "art47_3_consent_withdrawn", "dpo@bank")
+    assert held["outcome"] == "held_storage_only" and not san.keys.is_erased(settings.branch, subject)
+    san.keys.store.set_expiry(settings.branch, {subject: time.time() - 1})
+    assert sweep_retention(settings) == []
+    assert san.keys.store.expired_subjects(settings.branch, time.time()) == [subject], "expiry kept while held"
+    done = release_hold(settings, str(row["customer_id"]), "dpo@bank")
+    assert done is not None and done["outcome"] == "shredded" and done["trigger"] == "hold_released"
+    assert done["reason_code"] == "art47_3_consent_withdrawn"
+    assert san.keys.is_erased(settings.branch, subject)
+    assert san.keys.store.expired_subjects(settings.branch, time.time()) == []
+
+
+# --- finding 5: the append-only file after a shred ---------------------------------------------------
+def test_a_rewrite_running_at_the_shred_is_followed_by_one_that_drops_the_key(stack):
+    """BGREWRITEAOF is refused while a rewrite runs, and a rewrite forked before the delete writes the
+    wrapped key into the new base file: compact() must see a later rewrite complete."""
+    client = redis.Redis.from_url(stack["GUARD_REDIS_URL"])
+    if client.config_get("appendonly").get("appendonly") != "yes":
+        pytest.fail("the stack's Redis must run with appendonly yes")
+    store = RedisKeyStore(stack["GUARD_REDIS_URL"])
+    branch, subject = f"e{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    marker = b"WRAPPED-KEY-" + uuid.uuid4().hex.encode()
+    assert store.get_or_create_dek(branch, subject, marker) == (1, marker)
+    filler = f"bg:test-filler:{uuid.uuid4().hex}"
+    pipe = client.pipeline(transaction=False)
+    for i in range(20_000):
+        pipe.set(f"{filler}:{i}", b"x")
+    pipe.execute()
+    wait_until(lambda: not int(client.info("persistence")["aof_rewrite_in_progress"]), timeout=60,
+               what="no rewrite running", interval=0.1)
+    try:
+        client.config_set("rdb-key-save-delay", 200)  # µs per key: the rewrite below runs for seconds
+        client.bgrewriteaof()
+        wait_until(lambda: int(client.info("persistence")["aof_rewrite_in_progress"]), timeout=10,
+                   what="the slow rewrite to start", interval=0.05)
+        done = store.shred(branch, subject, b"{}", expected_versions=1, pending=None)
+        assert done.status == "done" and done.versions_destroyed == 1
+        client.config_set("rdb-key-save-delay", 0)
+        assert store.compact(timeout_s=120)
+    finally:
+        client.config_set("rdb-key-save-delay", 0)
+        for start in range(0, 20_000, 1000):
+            client.delete(*[f"{filler}:{i}" for i in range(start, start + 1000)])
+    directory = Path(client.config_get("dir")["dir"]) / client.config_get("appenddirname")["appenddirname"]
+    contents = b"".join(p.read_bytes() for p in directory.iterdir() if p.is_file())
+    assert marker not in contents, "the destroyed key is still in the append-only files"
+
+
+# --- finding 3: a re-insert within the grace period ----------------------------------------------------
+def test_a_reinsert_within_the_grace_period_cancels_the_erasure_and_a_plain_delete_is_erased_after_it(
+        stack, tmp_path):
+    run = _Run(stack, tmp_path, grace_s=8)
+    rng = random.Random(6)
+    kept, gone = customer_row(7_600_001, rng), customer_row(7_600_002, rng)
+    run.produce([(kept["customer_id"], _event(kept, "c")), (gone["customer_id"], _event(gone, "c")),
+                 (kept["customer_id"], _event(kept, "d")), (gone["customer_id"], _event(gone, "d")),
+                 (kept["customer_id"], _event(kept, "c"))])  # a maintenance delete-and-reinsert of `kept`
+    worker = run.worker("w-grace").start()
+    try:
+        wait_until(lambda: [c for c in _confirmations(run.bootstrap, run.deletions)], timeout=90,
+                   what="the erasure after the grace period")
+        time.sleep(10)  # past `kept`'s grace period too
+        found = _confirmations(run.bootstrap, run.deletions)
+        audit = [decode(r.value) for r in read_all(run.bootstrap, run.audit) if r.value]
+    finally:
+        worker.stop()
+    assert [c["subject"] for c in found] == [run.token(gone["customer_id"])]
+    assert found[0]["reason_code"] == "art47_1_purpose_achieved" and found[0]["trigger"] == "cdc_delete"
+    assert not run.keys.is_erased(run.branch, run.token(kept["customer_id"]))
+    decisions = {(a["subject"], a["decision"]) for a in audit}
+    assert (run.token(kept["customer_id"]), "erasure_cancelled") in decisions
+    assert (run.token(gone["customer_id"]), "erasure_scheduled") in decisions
