@@ -157,7 +157,7 @@ class Image:
     opened: dict[str, Any] | None  # None: not opened (shredded key or erased form)
     hashed: dict[str, str]
     dropped: list[str]
-    state: str  # opened | shredded | erased
+    state: str  # opened | shredded (key destroyed) | erased (sealed part left out) | broken
 
     @property
     def values(self) -> dict[str, Any]:
@@ -217,7 +217,10 @@ class Comparison:
             return None
         opened: dict[str, Any] | None = None
         if img.get("sealed") is None:
-            state = "erased"
+            # No sealed part: the subject was erased before this change was processed (the columns are
+            # named in `erased`), or the table has no protected column at all (nothing to open).
+            state = "erased" if img["erased"] else "opened"
+            opened = None if img["erased"] else {}
         else:
             try:
                 opened = open_image(self.keys, doc, name, topic=rec.topic, row_key=rec.key)
