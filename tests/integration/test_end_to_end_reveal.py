@@ -8,8 +8,10 @@ for every table the workload touched, every record of the sanitized topic is dec
 image is opened with `guard.protect.reveal.open_image`, the only way back to plaintext. A row's value is
 its image's `clear` columns plus its opened sealed columns; `masked` and `index` are display forms and
 search tokens, not data, and are not compared. C3 columns are compared as the catalog says they travel:
-`hash` columns as the tenant's keyed hash of the database value (recomputed here), `drop` columns only
-as named in `dropped`.
+`hash` columns as the tenant's keyed hash of what reached the guard (recomputed here: Debezium's salted
+SHA-256 digest of the database value, since the connector hashes C3 columns at the source), `drop`
+columns as absent from every record (the connector excludes them at the source; a `drop` column without
+a source rule must be named in `dropped`).
 
 What is checked, per Kafka key (one row) in offset order:
 
@@ -60,12 +62,15 @@ import pytest
 from psycopg.rows import dict_row
 
 from guard.classify.catalog import Action, Catalog
+from guard.classify.source import source_rules
 from guard.config import load_settings
 from guard.errors import KeyShreddedError
 from guard.keys.manager import KeyManager
 from guard.pipeline.runtime import build_keys
 from guard.protect.reveal import open_image
 from guard.records.codec import decode
+from guard.stack.config import StackConfig
+from guard.stack.connector import connector_hash_salt
 from guard.workload.branch import WorkloadResult, run_workload
 from tests.integration.kafka_helpers import Rec
 from tests.integration.reliability_helpers import WORKLOAD_TABLES, log_tail, read_from, wait_until
@@ -204,6 +209,9 @@ class Comparison:
         self.sc = sc
         self.keys = keys
         self.catalog = catalog
+        #: C3 columns the connector drops or hashes at the source (rendered from the same catalog).
+        self.source_rules = {(rule.table, rule.column) for rule in source_rules(catalog)}
+        self.salt = connector_hash_salt(StackConfig.from_env())
         self.customers = {c for r in results for c in r.customers}
         self.deleted = {c for r in results for c in r.deleted_customers}
         self.counts: dict[str, int] = defaultdict(int)
@@ -279,9 +287,14 @@ class Comparison:
                 elif not same(value, carried[column]):
                     problems.append(f"{where}: column {column} differs")
             elif policy.action is Action.HASH:
+                if value is not None and (f"public.{table}", column) in self.source_rules:
+                    value = hashlib.sha256((self.salt + value).encode()).hexdigest()  # Debezium's digest
                 want = None if value is None else self.keys.keyed_hash.digest(column, _value_bytes(value, column))
                 if img.hashed.get(column) != want:
                     problems.append(f"{where}: keyed hash of column {column} differs")
+            elif (f"public.{table}", column) in self.source_rules:  # Action.DROP, excluded at the source
+                if column in img.dropped:
+                    problems.append(f"{where}: column {column}, excluded at the source, reached the guard")
             elif column not in img.dropped:  # Action.DROP
                 problems.append(f"{where}: column {column} is not named as dropped")
             carried_anywhere = column in img.clear or column in opened or column in img.hashed
