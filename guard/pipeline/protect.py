@@ -2,8 +2,8 @@
 
 Per image: clear columns copied, display masks and blind indexes computed, and every protected column
 sealed in **one** AES-256-GCM call whose associated data binds the ciphertext to its topic, table, row
-key, image, data subject, field list and key version (`guard.protect.aad`). The data subject's key is
-resolved here too, with the rule for changes that meet an erased subject.
+key, image, data subject, op, source position, field list and key version (`guard.protect.aad`). The data
+subject's key is resolved here too, with the rule for changes that meet an erased subject.
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ class Protector:
         row_key: bytes,
         image: str,
         subject: str,
+        op: str,
+        position: str,
     ) -> bytes | None:
         """One image as Avro bytes: one AES-GCM call seals every protected column (None: no image)."""
         if row is None:
@@ -69,7 +71,7 @@ class Protector:
         if aead is not None:
             fields = writer.sealed_fields
             if fields:
-                aad = self._aad(topic, table, row_key, image, subject, fields, aead.version)
+                aad = self._aad(topic, table, row_key, image, subject, op, position, fields, aead.version)
                 ciphertext = aead.seal(orjson.dumps([row[c] for c in fields]), aad)
             else:
                 ciphertext = b""

@@ -325,8 +325,10 @@ class Sanitizer:
             self._load_keys_from(topic, partition, offset, None)  # native mode: the batch's keys load lazily
         protect = self.protector
         aead, decision = protect.subject_aead(subject, event)
-        before = protect.image(plan, event.before, aead, out_topic, event.schema_table, row_key, "before", subject)
-        after = protect.image(plan, event.after, aead, out_topic, event.schema_table, row_key, "after", subject)
+        before = protect.image(plan, event.before, aead, out_topic, event.schema_table, row_key, "before", subject,
+                               event.op, event.position)
+        after = protect.image(plan, event.after, aead, out_topic, event.schema_table, row_key, "after", subject,
+                              event.op, event.position)
         value = self.emitter.change(event, subject, before, after, [p.name for p in plan.unclassified])
         self.subject_activity[(subject, out_topic)] = plan.retention_s
         records = [OutRecord(out_topic, out_key, value, partition)]

@@ -20,6 +20,8 @@ from typing import Any
 
 import orjson
 
+from guard.protect.aad import RECORD_VERSION
+
 _DOUBLE = struct.Struct("<d")
 _memo: dict[str, bytes] = {}
 _MEMO_LIMIT = 200_000
@@ -371,12 +373,15 @@ def _value_bytes(v: Any) -> bytes:
     return v.encode() if type(v) is str else orjson.dumps(v)
 
 
+_RECORD_V = bytes((RECORD_VERSION * 2,))  # `v`, an Avro int (zig-zag): images sealed with AAD format 2
+
+
 def encode_change(*, op: str, table: str, branch: str, db: str, ts_ms: int | None, source_ts_ms: int | None,
                   position: str, subject: str | None, before: bytes | None, after: bytes | None,
                   unclassified: list[str]) -> bytes:
     """A `SanitizedChange` from images already written by `ImageWriter` (None = no image)."""
     return b"".join((
-        b"\x02",
+        _RECORD_V,
         _name(op),
         _name(table),
         _name(branch),

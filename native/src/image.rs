@@ -53,8 +53,8 @@ pub struct Plan {
     pub sealed: Vec<Column>,
     /// Union branch 1 + the array of sealed field names (the `sealed.fields` of the image).
     pub sealed_head: Vec<u8>,
-    /// `",".join(sealed)` followed by `|`: the field-list part of the associated data.
-    pub sealed_csv: Vec<u8>,
+    /// The field-list part of the associated data, length-prefixed (`guard.protect.aad.field_list_part`).
+    pub sealed_fields_part: Vec<u8>,
     pub mask_memo: Vec<HashMap<String, Vec<u8>>>,
     pub index_memo: Vec<HashMap<String, Vec<u8>>>,
     pub memo_entries: usize,

@@ -58,7 +58,7 @@ def test_writer_with_memo_matches_the_reference_encoder(batch, erased):
         fast = encode_change(op="u", table="t", branch="b", db="d", ts_ms=1, source_ts_ms=2, position="p",
                              subject="s", before=None, after=writer.write(row, ct), unclassified=[])
         reference = encode_sanitized_change({
-            "v": 1, "op": "u", "table": "t", "branch": "b", "db": "d", "ts_ms": 1, "source_ts_ms": 2,
+            "v": 2, "op": "u", "table": "t", "branch": "b", "db": "d", "ts_ms": 1, "source_ts_ms": 2,
             "position": "p", "subject": "s", "before": None, "after": _reference_image(row, ct), "unclassified": []})
         assert fast == reference
 
