@@ -53,7 +53,7 @@ def hold(ctx: click.Context, subject: str, release: bool) -> None:
     settings = _settings(ctx)
     try:
         keys = build_keys(settings, listen=False)
-        keys.store.set_hold(settings.branch, keys.subject_token(subject), not release)
+        keys.store.set_hold(settings.branch, keys.subject_token(settings.branch, subject), not release)
     except GuardError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"subject {keys.subject_token(subject)} {'released' if release else 'held'}")
+    click.echo(f"subject {keys.subject_token(settings.branch, subject)} {'released' if release else 'held'}")

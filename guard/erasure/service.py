@@ -26,7 +26,7 @@ REASONS = {
 def erase_subject(settings: Settings, subject_id: str, reason_code: str, by: str) -> dict[str, Any]:
     """Shred (or hold) the subject, write confirmation + audit record, wait until Kafka has them."""
     sanitizer = build_sanitizer(settings)
-    subject = sanitizer.keys.subject_token(subject_id)
+    subject = sanitizer.keys.subject_token(settings.branch, subject_id)
     records = sanitizer.erase(subject, trigger="erase_command", reason_code=reason_code,
                               reason=REASONS[reason_code], by=by)
     _publish(settings, records)

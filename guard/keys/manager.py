@@ -16,6 +16,7 @@ how long a shredded key can linger in a running worker that missed the notificat
 from __future__ import annotations
 
 import random
+import struct
 import threading
 import time
 from collections import OrderedDict
@@ -27,6 +28,8 @@ from guard.errors import KeyShreddedError, KeyUnavailableError
 from guard.keys.kms import Kms
 from guard.keys.primitives import Aead, BlindIndex, KeyedHash, KeyWrapper, random_key, sealed_header
 from guard.keys.store import INVALIDATE_CHANNEL, RedisKeyStore
+
+_U32 = struct.Struct(">I")
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,9 +116,15 @@ class KeyManager:
         return version
 
     # --- data-subject keys ------------------------------------------------------------------------
-    def subject_token(self, subject_id: object) -> str:
-        """The pseudonymous, keyed token that names a data subject everywhere outside the branch DB."""
-        return self.index.token(b"subject\x00" + str(subject_id).encode())
+    def subject_token(self, branch: str, subject_id: object) -> str:
+        """The pseudonymous, keyed token that names a data subject everywhere outside the branch DB.
+
+        Customer ids are per-branch surrogates (customer 17 of branch 0101 and customer 17 of branch 0202
+        are different people), so the token is of (branch, id), length-prefixed; the tenant is the key's.
+        It is stable for a person within a branch (every table's `customer_id` gives the same token).
+        """
+        branch_b, id_b = branch.encode(), str(subject_id).encode()
+        return self.index.token(b"subject\x00" + _U32.pack(len(branch_b)) + branch_b + _U32.pack(len(id_b)) + id_b)
 
     def subject_aead(self, branch: str, subject: str) -> Aead:
         """The subject's current data key, created on first use; raises if the subject was erased."""

@@ -35,7 +35,7 @@ class Planner:
         subject_id = subject_value if subject_value is not None else f"table:{schema_table}"
         subject = self.subject_tokens.get(subject_id)
         if subject is None:
-            subject = self.keys.subject_token(subject_id)
+            subject = self.keys.subject_token(self.settings.branch, subject_id)
             if len(self.subject_tokens) > 200_000:
                 self.subject_tokens.clear()
             self.subject_tokens[subject_id] = subject

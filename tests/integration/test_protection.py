@@ -134,6 +134,49 @@ def test_ciphertext_moved_between_rows_images_topics_or_fields_fails(sanitizer):
         open_image(sanitizer.keys, moved, "before", topic=topic, row_key=rec_a.key)
 
 
+def test_an_older_image_of_the_same_row_cannot_be_replayed_into_a_newer_record(sanitizer):
+    """Finding 13: the associated data binds op and source position, so an old image of a row (an earlier
+    update, at an earlier LSN) pasted into a newer record of the same row, subject and fields fails."""
+    rng = random.Random(13)
+    topic = "sanitized.br0101.public.customers"
+    c = customer(rng, 9_000_013)
+    key = {"customer_id": c["customer_id"]}
+
+    def update(name: str, lsn: int) -> bytes:
+        doc = json.loads(event("customers", {**c, "name": name}, op="u"))
+        doc["source"]["lsn"] = lsn
+        return json.dumps(doc, ensure_ascii=False).encode()
+
+    rec_old, doc_old, _ = sanitize(sanitizer, "customers", key, update("旧名字", 1000))
+    rec_new, doc_new, _ = sanitize(sanitizer, "customers", key, update("新名字", 2000))
+    assert rec_old.key == rec_new.key and doc_old["subject"] == doc_new["subject"]
+    assert doc_new["v"] == 2 and doc_new["position"] != doc_old["position"]
+    assert open_image(sanitizer.keys, doc_new, "after", topic=topic, row_key=rec_new.key)["name"] == "新名字"
+    replayed = {**doc_new, "after": doc_old["after"]}
+    with pytest.raises(IntegrityError):
+        open_image(sanitizer.keys, replayed, "after", topic=topic, row_key=rec_new.key)
+    with pytest.raises(IntegrityError):  # nor relabelled as another op
+        open_image(sanitizer.keys, {**doc_new, "op": "c"}, "after", topic=topic, row_key=rec_new.key)
+
+
+def test_the_same_customer_id_in_two_branches_names_two_people(stack):
+    """Finding 10: customer ids are per-branch surrogates, so the subject token is of (branch, id): the same
+    id in two branches gives two tokens (two keys), and one person keeps one token across a branch's tables."""
+    rng = random.Random(10)
+    first = build_sanitizer(_settings(stack, branch=f"t{uuid.uuid4().hex[:8]}", worker_id="t10-a"))
+    second = build_sanitizer(_settings(stack, branch=f"t{uuid.uuid4().hex[:8]}", worker_id="t10-b"))
+    for san in (first, second):
+        san.act_on_deletes = False
+    c = customer(rng, 4242)
+    _, doc_1, _ = sanitize(first, "customers", {"customer_id": 4242}, event("customers", c))
+    _, doc_2, _ = sanitize(second, "customers", {"customer_id": 4242}, event("customers", c))
+    assert doc_1["subject"] != doc_2["subject"]
+    assert first.keys.subject_token(first.branch, 4242) != first.keys.subject_token(second.branch, 4242)
+    account = {"account_no": synth.bank_card(rng), "customer_id": 4242, "status": "active"}
+    _, doc_acc, _ = sanitize(first, "accounts", {"account_id": 77}, event("accounts", account))
+    assert doc_acc["subject"] == doc_1["subject"]
+
+
 # --- keys: rotation, durability, sharing ----------------------------------------------------------
 def test_rotation_new_version_encrypts_old_still_decrypts(sanitizer):
     rng = random.Random(11)
