@@ -126,6 +126,15 @@ class KeyManager:
         branch_b, id_b = branch.encode(), str(subject_id).encode()
         return self.index.token(b"subject\x00" + _U32.pack(len(branch_b)) + branch_b + _U32.pack(len(id_b)) + id_b)
 
+    def row_subject_token(self, branch: str, table: str, row_key: bytes) -> str:
+        """The token of a row that names no data subject: the row is its own subject (per-row key).
+
+        Of (branch, table, the row's sanitized Kafka key), length-prefixed, in a domain of its own, so it
+        never equals a person's token.
+        """
+        parts = [branch.encode(), table.encode(), row_key]
+        return self.index.token(b"row\x00" + b"".join(_U32.pack(len(p)) + p for p in parts))
+
     def subject_aead(self, branch: str, subject: str) -> Aead:
         """The subject's current data key, created on first use; raises if the subject was erased."""
         now = time.monotonic()

@@ -93,6 +93,14 @@ class Protector:
                 raise
             return None, "erased_delete" if event.op == "d" else "erased_late"
 
+    def other_image_aead(self, subject: str) -> Aead | None:
+        """The key of a before image whose subject differs from the event's (a row moved between subjects):
+        None if that subject was erased (its old image then flows without its protected fields)."""
+        try:
+            return self.keys.subject_aead(self.branch, subject)
+        except KeyShreddedError:
+            return None
+
     def _committed_before_erasure(self, subject: str, source_ts_ms: int | None) -> bool:
         """Whether a change committed at `source_ts_ms` predates the erasure of `subject`."""
         if source_ts_ms is None:

@@ -42,7 +42,7 @@ from guard.errors import DecodeError, KeyShreddedError, KeyUnavailableError
 from guard.keys.manager import KeyManager
 from guard.keys.primitives import Aead
 from guard.pipeline.decode import Decoder
-from guard.pipeline.plan import Planner
+from guard.pipeline.plan import Planner, is_subject_id
 from guard.pipeline.protect import Protector
 from guard.protect.fastpath import new_fast_path, use_native
 from guard.protect.masking import mask
@@ -233,15 +233,18 @@ class Sanitizer:
                 if fast is not None and value is not None:
                     hit = fast.subject_value(value)
                     if hit is not None:
-                        subjects.add(self.planner.subject_for(hit[1], self._fast_plans[hit[0]].schema_table))
+                        if is_subject_id(hit[1]):  # rows without a subject load their per-row key on use
+                            subjects.add(self.planner.subject_for(hit[1], self._fast_plans[hit[0]].schema_table))
                         continue
                 event = decode_value(value)
                 if event is None:
                     continue
                 row = event.after if event.after is not None else event.before
                 if row is not None and event.op != "m":
-                    subjects.add(self.planner.subject(self.classifier.plan(event.schema_table, row), row,
-                                                      event.schema_table))
+                    person = self.planner.person_subject(self.classifier.plan(event.schema_table, row), row,
+                                                         event.schema_table)
+                    if person is not None:
+                        subjects.add(person)
             except Exception:  # noqa: BLE001, S112 - `process` meets the same record and sends it to the DLQ
                 continue
             self.decoder.keep(topic, partition, offset, value, event)
@@ -319,18 +322,32 @@ class Sanitizer:
         extra: list[OutRecord] = []
         if plan.unclassified:
             extra.extend(self.emitter.drift_alerts(plan, topic))
-        subject = self.planner.subject(plan, row, event.schema_table)
+        person = self.planner.person_subject(plan, row, event.schema_table)
+        subject = person if person is not None else self.planner.row_subject(event.schema_table, out_key)
+        # Each image is sealed under its own subject: an update that moves a row from customer A to B seals
+        # the before image under A's key (erasing A makes it unreadable), the after image under B's.
+        before_subject = subject
+        if event.before is not None and event.after is not None:
+            before_plan = plan if tuple(event.before) == plan.columns else \
+                self.classifier.plan(event.schema_table, event.before)
+            before_subject = self.planner.subject(before_plan, event.before, event.schema_table, out_key)
         row_key = out_key or b""
         if self._batch and self.keys.cached_subject_aead(self.branch, subject) is None:
             self._load_keys_from(topic, partition, offset, None)  # native mode: the batch's keys load lazily
         protect = self.protector
         aead, decision = protect.subject_aead(subject, event)
-        before = protect.image(plan, event.before, aead, out_topic, event.schema_table, row_key, "before", subject,
-                               event.op, event.position)
+        before_aead = aead if before_subject == subject else protect.other_image_aead(before_subject)
+        before = protect.image(plan, event.before, before_aead, out_topic, event.schema_table, row_key, "before",
+                               before_subject, event.op, event.position)
         after = protect.image(plan, event.after, aead, out_topic, event.schema_table, row_key, "after", subject,
                               event.op, event.position)
-        value = self.emitter.change(event, subject, before, after, [p.name for p in plan.unclassified])
+        value = self.emitter.change(event, subject, before, after, [p.name for p in plan.unclassified],
+                                    before_subject=None if before_subject == subject else before_subject)
         self.subject_activity[(subject, out_topic)] = plan.retention_s
+        if before_subject != subject and before_aead is not None:
+            self.subject_activity[(before_subject, out_topic)] = plan.retention_s
+        if person is None:
+            extra.extend(self.emitter.rows_without_subject(plan, topic))
         records = [OutRecord(out_topic, out_key, value, partition)]
         images = (event.before is not None) + (event.after is not None)
         records.append(self.emitter.audit_for_plan(topic, partition, offset, plan, event.op, subject, decision,
@@ -339,6 +356,13 @@ class Sanitizer:
         if event.op == "d" and plan.subject_root and decision == "protected" and self.act_on_deletes:
             records.extend(self.erase(subject, trigger="cdc_delete", reason_code="art47_1_purpose_achieved",
                                       reason="the data subject's root row was deleted in the branch database",
+                                      by=f"worker:{self.settings.worker_id}",
+                                      source=(topic, partition, offset), effective_ms=event.source_ts_ms))
+        elif event.op == "d" and person is None and decision == "protected" and self.act_on_deletes:
+            # A row without a data subject is its own subject: its delete destroys its per-row key.
+            records.extend(self.erase(subject, trigger="row_delete", reason_code="row_deleted",
+                                      reason="a row without a data subject was deleted in the branch database; "
+                                             "it was sealed under its own per-row key",
                                       by=f"worker:{self.settings.worker_id}",
                                       source=(topic, partition, offset), effective_ms=event.source_ts_ms))
         return Outcome(records, decision, event.schema_table, plan.class_counts)

@@ -70,11 +70,14 @@ class RecordBuilder:
         before: bytes | None,
         after: bytes | None,
         unclassified: list[str],
+        *,
+        before_subject: str | None = None,
     ) -> bytes:
+        """The sanitized change; `before_subject` names the before image's subject when it differs."""
         return self.sanitized_codec.header + encode_change(
             op=event.op, table=event.schema_table, branch=self.branch, db=event.database, ts_ms=event.ts_ms,
             source_ts_ms=event.source_ts_ms, position=event.position, subject=subject, before=before,
-            after=after, unclassified=unclassified)
+            after=after, unclassified=unclassified, before_subject=before_subject)
 
     def audit_for_plan(self, topic: str, partition: int, offset: int, plan: TablePlan, op: str, subject: str,
                        decision: str, images: int, sealed: bool) -> OutRecord:
@@ -200,6 +203,18 @@ class RecordBuilder:
             **evidence,
         }
         return OutRecord(self.settings.anomalies_topic, f"{rule}:{table}:{column}".encode(), orjson.dumps(alert))
+
+    def rows_without_subject(self, plan: TablePlan, topic: str) -> list[OutRecord]:
+        """An anomaly (once per table) when rows name no data subject: each is sealed under its own key."""
+        if not self._alert_once(f"no_subject:{plan.schema_table}"):
+            return []
+        return [self.anomaly("rows_without_data_subject", "medium", plan.schema_table, plan.subject_column, {
+            "what": "rows whose subject column is null, unusable or absent: each is sealed under a per-row key "
+                    "(of branch, table and row key) that its delete or retention erases",
+            "suggested_action": f"give {plan.schema_table} a subject column in schemas/catalog.toml, or check why "
+                                "its rows have no customer",
+            "raw_topic": topic,
+        })]
 
     def drift_alerts(self, plan: TablePlan, topic: str) -> list[OutRecord]:
         alerts = []

@@ -169,6 +169,7 @@ def encode_sanitized_change(r: dict[str, Any]) -> bytes:
         _image(r["before"]),
         _image(r["after"]),
         _name_array(r["unclassified"]),
+        _opt_str(r.get("before_subject")),
     ))
 
 
@@ -378,7 +379,7 @@ _RECORD_V = bytes((RECORD_VERSION * 2,))  # `v`, an Avro int (zig-zag): images s
 
 def encode_change(*, op: str, table: str, branch: str, db: str, ts_ms: int | None, source_ts_ms: int | None,
                   position: str, subject: str | None, before: bytes | None, after: bytes | None,
-                  unclassified: list[str]) -> bytes:
+                  unclassified: list[str], before_subject: str | None = None) -> bytes:
     """A `SanitizedChange` from images already written by `ImageWriter` (None = no image)."""
     return b"".join((
         _RECORD_V,
@@ -393,4 +394,5 @@ def encode_change(*, op: str, table: str, branch: str, db: str, ts_ms: int | Non
         before or b"\x00",
         after or b"\x00",
         _name_array(unclassified),
+        b"\x00" if before_subject is None else b"\x02" + _name(before_subject),
     ))

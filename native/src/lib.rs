@@ -252,7 +252,6 @@ impl FastPath {
             memo_entries: 0,
             subject_ints: HashMap::default(),
             subject_strs: HashMap::default(),
-            table_subject: None,
             retention_s,
         });
         Ok(())
@@ -621,6 +620,22 @@ impl FastPath {
                 other = candidates[idx].values(image, &loads)?;
                 (idx, &other)
             };
+            if !std::ptr::eq(image, row) {
+                // Each image is sealed under its own subject; a row that moved to another subject (or
+                // whose other image names none) takes the Python path, which seals them apart.
+                let other_subject =
+                    candidates[plan_idx].subject_token(py, values, self.memo_limit, |v| {
+                        subject_of.call1((v, table_py.bind(py)))
+                    })?;
+                if other_subject
+                    .downcast::<PyString>()
+                    .map_err(PyErr::from)?
+                    .to_str()?
+                    != subject
+                {
+                    return Err(Decline.into());
+                }
+            }
             let plan = &mut candidates[plan_idx];
             if !plan.usable {
                 return Err(Decline.into());
@@ -632,7 +647,10 @@ impl FastPath {
                 // Associated data format 2 (`guard.protect.aad.image_aad`): version byte, then every
                 // part as a u32 big-endian length and its bytes.
                 let mut aad = Vec::with_capacity(
-                    160 + out_topic.len() + row_key.len() + subject.len() + env.position.len()
+                    160 + out_topic.len()
+                        + row_key.len()
+                        + subject.len()
+                        + env.position.len()
                         + plan.sealed_fields_part.len(),
                 );
                 aad.push(AAD_VERSION);
@@ -685,6 +703,7 @@ impl FastPath {
             }
         }
         value.push(0); // no unclassified columns on this path
+        value.push(0); // before_subject: null (both images have `subject`, or this path declined)
 
         // The AuditRecord (`avro_fast.AuditTemplate.encode`).
         let images_count = images.iter().flatten().count() as u8;

@@ -177,6 +177,62 @@ def test_the_same_customer_id_in_two_branches_names_two_people(stack):
     assert doc_acc["subject"] == doc_1["subject"]
 
 
+def test_each_image_is_sealed_under_its_own_subject(stack):
+    """Finding 6: an update that moves a row from customer A to customer B seals the before image under
+    A's key and the after image under B's, so erasing A leaves A's old data unreadable (it was readable
+    with B's key) and B's data readable."""
+    san = build_sanitizer(_settings(stack, branch=f"t{uuid.uuid4().hex[:8]}", worker_id="t6-move"))
+    san.act_on_deletes = False
+    topic = "sanitized.br0101.public.accounts"
+    a_row = {"account_no": "6222020200006000001", "customer_id": 601, "status": "active", "balance": "5.00"}
+    b_row = {**a_row, "customer_id": 602, "balance": "7.00"}
+    rec, doc, _ = sanitize(san, "accounts", {"account_id": 60}, event("accounts", b_row, before=a_row, op="u"))
+    token_a, token_b = san.keys.subject_token(san.branch, 601), san.keys.subject_token(san.branch, 602)
+    assert doc["subject"] == token_b and doc["before_subject"] == token_a
+    assert open_image(san.keys, doc, "before", topic=topic, row_key=rec.key)["balance"] == "5.00"
+    assert open_image(san.keys, doc, "after", topic=topic, row_key=rec.key)["balance"] == "7.00"
+    # the before image does not open under B's key (as if it named B)
+    with pytest.raises(IntegrityError):
+        open_image(san.keys, {**doc, "before_subject": None}, "before", topic=topic, row_key=rec.key)
+    san.erase(token_a, trigger="erase_command", reason_code="subject_request", reason="test", by="test")
+    with pytest.raises(KeyShreddedError):
+        open_image(san.keys, doc, "before", topic=topic, row_key=rec.key)
+    assert open_image(san.keys, doc, "after", topic=topic, row_key=rec.key)["balance"] == "7.00"
+    # an update of a row that stays with one customer names no before subject
+    _, same, _ = sanitize(san, "accounts", {"account_id": 61}, event("accounts", b_row, before=b_row, op="u"))
+    assert same["before_subject"] is None
+
+
+def test_rows_without_a_subject_get_a_key_of_their_own_that_their_delete_erases(stack):
+    """Finding 6: rows whose subject column is null or unusable no longer share a table-wide key that no
+    erasure reaches: each is sealed under a per-row key (of branch, table, row key), an anomaly names the
+    table once, the row's delete destroys its key, and a row with neither subject nor key goes to the DLQ."""
+    san = build_sanitizer(_settings(stack, branch=f"t{uuid.uuid4().hex[:8]}", worker_id="t6-rows"))
+    topic = "sanitized.br0101.public.accounts"
+    rows = [{"account_no": f"622202020000700000{i}", "customer_id": cid, "status": "active", "balance": f"{i}.00"}
+            for i, cid in enumerate([None, None, "", True])]
+    out = [sanitize(san, "accounts", {"account_id": 700 + i}, event("accounts", row)) for i, row in enumerate(rows)]
+    subjects = [doc["subject"] for _, doc, _ in out]
+    assert len(set(subjects)) == len(rows)  # one key per row, not one per table
+    assert san.keys.subject_token(san.branch, "table:public.accounts") not in subjects
+    alerts = [orjson.loads(r.value) for _, _, o in out for r in o.records if r.topic == "guard.anomalies"]
+    assert [a["rule"] for a in alerts] == ["rows_without_data_subject"]
+    for (rec, doc, _), row in zip(out, rows, strict=True):
+        assert open_image(san.keys, doc, "after", topic=topic, row_key=rec.key)["balance"] == row["balance"]
+    # the delete of row 0 erases its own key, and only its own
+    key0 = json.dumps({"account_id": 700}).encode()
+    deleted = san.process("br0101.public.accounts", 0, 9, key0, event("accounts", None, before=rows[0], op="d"))
+    confirmations = [orjson.loads(r.value) for r in deleted.records if r.topic == "guard.deletions"]
+    assert [(c["subject"], c["trigger"]) for c in confirmations] == [(subjects[0], "row_delete")]
+    san.keys.forget(san.branch, subjects[0])
+    with pytest.raises(KeyShreddedError):
+        open_image(san.keys, out[0][1], "after", topic=topic, row_key=out[0][0].key)
+    assert open_image(san.keys, out[1][1], "after", topic=topic, row_key=out[1][0].key)["balance"] == "1.00"
+    # no subject and no primary key: nothing to key the row by, so it is refused
+    keyless = san.process("br0101.public.accounts", 0, 10, None, event("accounts", rows[1]))
+    assert keyless.decision == "dlq" and keyless.dlq_reason == "no_data_subject"
+
+
 # --- keys: rotation, durability, sharing ----------------------------------------------------------
 def test_rotation_new_version_encrypts_old_still_decrypts(sanitizer):
     rng = random.Random(11)
