@@ -4,8 +4,10 @@
   makes every copy of those fields unreadable: in every topic, replica, backup and downstream system.
 - A **branch key** (KEK) wraps the DEKs of the customers of one branch. A branch transfer re-wraps DEKs
   under the new owner's branch key without touching the data.
-- **Tenant keys** (per organisation) key the blind indexes (so tokens join across that tenant's branches),
-  the keyed hash for C3 data, and the quarantine of DLQ records.
+- **Tenant keys** (per organisation): the index root key, from which one blind-index key per (field,
+  purpose) is derived with HKDF (`index_for`; tokens of one field join across the tenant's branches), the
+  keyed hash for C3 data, and the quarantine of DLQ records. Only the sanitizer derives index keys: a
+  manager built with `indexes=False` (the reveal side) never loads the root.
 - The **master key** stays in the KMS and only wraps branch and tenant keys.
 
 Hot-path cost: DEKs are cached unwrapped in this process for at most `cache_ttl` seconds (default 60),
@@ -23,6 +25,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import redis
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from guard.errors import KeyShreddedError, KeyUnavailableError
 from guard.keys.kms import Kms
@@ -52,6 +56,7 @@ class KeyManager:
         cache_ttl: float = 60.0,
         cache_size: int = 200_000,
         listen: bool = True,
+        indexes: bool = True,
     ) -> None:
         self._kms = kms
         self.store = store
@@ -63,7 +68,10 @@ class KeyManager:
         self._keks: dict[tuple[str, int], KeyWrapper] = {}
         self._current_kek: dict[str, tuple[KeyWrapper, float]] = {}
         self._lock = threading.Lock()
-        self.index = BlindIndex(self._tenant_key("index"))
+        #: Whether this manager may derive blind-index keys (the sanitizer's); the reveal side may not.
+        self.indexes = indexes
+        self._index_root: bytes | None = self._tenant_key("index") if indexes else None
+        self._indexes: dict[tuple[str, str], BlindIndex] = {}
         self.keyed_hash = KeyedHash(self._tenant_key("hash"))
         self.quarantine = Aead(self._tenant_key("quarantine"), version=1)
         self._listener: threading.Thread | None = None
@@ -115,6 +123,41 @@ class KeyManager:
         self._current_kek.pop(branch, None)
         return version
 
+    # --- blind-index keys (the sanitizer's only) ---------------------------------------------------
+    def index_for(self, field: str, purpose: str) -> BlindIndex:
+        """The blind index of one field for one purpose: its key is HKDF-SHA256 of the tenant's index root
+        key with info `bg/index/v1 | tenant | field | purpose` (each u32-length-prefixed).
+
+        One key per (tenant, field, purpose): a token of one field (a mobile) says nothing about another
+        (an ID number, a subject), and a key, were one ever exposed, opens one field only. Raises for a
+        manager built with `indexes=False` (the reveal side never holds an index key).
+        """
+        index = self._indexes.get((field, purpose))
+        if index is not None:
+            return index
+        if self._index_root is None:
+            raise KeyUnavailableError(
+                "blind-index keys stay inside the sanitizer: this key manager was built without them "
+                "(indexes=False, the reveal side); search goes through the guard")
+        info = b"bg/index/v1" + b"".join(_U32.pack(len(p)) + p for p in (
+            self.tenant.encode(), field.encode(), purpose.encode()))
+        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(self._index_root)
+        index = BlindIndex(key)
+        if len(self._indexes) > 10_000:  # fields are column names: bounded in practice
+            self._indexes.clear()
+        self._indexes[(field, purpose)] = index
+        return index
+
+    def search_token(self, column: str, value: bytes) -> str:
+        """The blind index of a column's value in sanitized images (purpose `search`, one key per column)."""
+        index = self._indexes.get((column, "search"))
+        return (index or self.index_for(column, "search")).token(value)
+
+    def key_token(self, column: str, value: bytes) -> str:
+        """The token of a Kafka key column's value (purpose `row_key`, one key per column)."""
+        index = self._indexes.get((column, "row_key"))
+        return (index or self.index_for(column, "row_key")).token(value)
+
     # --- data-subject keys ------------------------------------------------------------------------
     def subject_token(self, branch: str, subject_id: object) -> str:
         """The pseudonymous, keyed token that names a data subject everywhere outside the branch DB.
@@ -124,7 +167,8 @@ class KeyManager:
         It is stable for a person within a branch (every table's `customer_id` gives the same token).
         """
         branch_b, id_b = branch.encode(), str(subject_id).encode()
-        return self.index.token(b"subject\x00" + _U32.pack(len(branch_b)) + branch_b + _U32.pack(len(id_b)) + id_b)
+        return self.index_for("subject", "subject_token").token(
+            b"subject\x00" + _U32.pack(len(branch_b)) + branch_b + _U32.pack(len(id_b)) + id_b)
 
     def row_subject_token(self, branch: str, table: str, row_key: bytes) -> str:
         """The token of a row that names no data subject: the row is its own subject (per-row key).
@@ -133,7 +177,8 @@ class KeyManager:
         never equals a person's token.
         """
         parts = [branch.encode(), table.encode(), row_key]
-        return self.index.token(b"row\x00" + b"".join(_U32.pack(len(p)) + p for p in parts))
+        return self.index_for("subject", "subject_token").token(
+            b"row\x00" + b"".join(_U32.pack(len(p)) + p for p in parts))
 
     def subject_aead(self, branch: str, subject: str) -> Aead:
         """The subject's current data key, created on first use; raises if the subject was erased."""

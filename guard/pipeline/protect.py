@@ -62,7 +62,7 @@ class Protector:
         writer = self.writers.get(id(plan))
         if writer is None:
             writer = ImageWriter(clear=plan.clear, masks=plan.masks, index=plan.index, hashed=plan.hashed,
-                                 dropped=plan.dropped, sealed=plan.sealed, mask=mask, token=self.keys.index.token,
+                                 dropped=plan.dropped, sealed=plan.sealed, mask=mask, token=self.keys.search_token,
                                  keyed_hash=self.keys.keyed_hash.digest)
             self.writers[id(plan)] = writer
             if self.on_new_plan is not None:
@@ -135,10 +135,10 @@ class Protector:
                 if policy is not None and policy.action.value == "clear" and isinstance(value, _SCALARS):
                     out[column] = value
                 else:
-                    out[column] = self.keys.index.token(orjson.dumps(value))
+                    out[column] = self.keys.key_token(column, orjson.dumps(value))
             result = orjson.dumps(out)
         else:
-            result = orjson.dumps({"_key": self.keys.index.token(key)})
+            result = orjson.dumps({"_key": self.keys.key_token("_key", key)})
         if len(self.key_cache) > 100_000:
             self.key_cache.clear()
         self.key_cache[(schema_table, key)] = result

@@ -131,7 +131,7 @@ class Sanitizer:
                 branch=self.branch, sanitized_header=self.sanitized_codec.header,
                 audit_header=self.audit_codec.header, subject_of=self.planner.subject_for,
                 aead_for=self._cached_aead, audit_parts=self._fast_audit_parts, dumps=orjson.dumps,
-                loads=orjson.loads, mask=mask, token=keys.index.token, keyed_hash=keys.keyed_hash.digest,
+                loads=orjson.loads, mask=mask, token=keys.search_token, keyed_hash=keys.keyed_hash.digest,
                 max_value_bytes=MAX_VALUE_BYTES)
             self.protector.on_new_plan = self._register_fast
         self._native_hooks = _NativeHooks(

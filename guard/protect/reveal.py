@@ -10,6 +10,11 @@ each reveal before calling it.
 Records of format 1 (`v = 1`: associated data joined with `|`, not bound to op or position) are refused
 with an `IntegrityError` that says so: their images could have been replayed, so they are not trusted.
 Re-sanitize them from the raw topic if they must be read.
+
+Only data keys are used here: build the key manager with `indexes=False`
+(`guard.pipeline.runtime.build_keys(settings, indexes=False)`), so the reveal side never holds a blind-index
+key. Search by identifier goes through the guard (a rate-limited, audited reveal service), never through an
+index key held outside the sanitizer.
 """
 
 from __future__ import annotations

@@ -176,7 +176,7 @@ class RecordBuilder:
             "action": "fix the producer (or classify the table in schemas/catalog.toml) and re-send the change; "
                       "the quarantined input can be opened with the tenant's quarantine key",
         }
-        dlq_key = self.keys.index.token(key) if key is not None else None
+        dlq_key = self.keys.index_for("_dlq_key", "dlq").token(key) if key is not None else None
         records = [
             OutRecord(self.settings.dlq_topic, None if dlq_key is None else dlq_key.encode(), orjson.dumps(body)),
             self.audit(topic, partition, offset, topic[self._prefix_len:], None, None, "dlq", reason, {}, {}),

@@ -271,7 +271,7 @@ class ImageWriter:
 
     def __init__(self, *, clear: Sequence[str], masks: Sequence[tuple[str, str]], index: Sequence[str],
                  hashed: Sequence[str], dropped: Sequence[str], sealed: Sequence[str],
-                 mask: Callable[[str, str], str], token: Callable[[bytes], str],
+                 mask: Callable[[str, str], str], token: Callable[[str, bytes], str],
                  keyed_hash: Callable[[str, bytes], str], memo_limit: int = 100_000) -> None:
         self._clear = [(c, _name(c)) for c in clear]
         self._masks = [(c, kind, _name(c)) for c, kind in masks]
@@ -358,9 +358,9 @@ class ImageWriter:
             if type(v) is str:
                 entry = memo.get((slot, v))
                 if entry is None:
-                    entry = memo[(slot, v)] = key + _str(token(v.encode()))
+                    entry = memo[(slot, v)] = key + _str(token(column, v.encode()))
             else:
-                entry = key + _str(token(_value_bytes(v)))
+                entry = key + _str(token(column, _value_bytes(v)))
             out.append(entry)
         return out
 

@@ -302,13 +302,15 @@ pub fn write_image(
         plan.index.iter(),
         |c| (c.idx, &c.key[..]),
         |slot, v, e| {
+            // One blind-index key per column (`KeyManager.search_token(column, value)`).
+            let column = plan.index[slot].name.bind(py);
             put_memoised(
                 e,
                 v,
                 &mut memos[slot],
                 memo_entries,
-                |s| cb.token.call1((PyBytes::new(py, s.as_bytes()),)),
-                || cb.token.call1((v.value_bytes(py, &cb.dumps)?,)),
+                |s| cb.token.call1((column, PyBytes::new(py, s.as_bytes()))),
+                || cb.token.call1((column, v.value_bytes(py, &cb.dumps)?)),
             )
         },
     )?;

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from guard.config import load_settings
-from guard.errors import IntegrityError, KeyShreddedError
+from guard.errors import IntegrityError, KeyShreddedError, KeyUnavailableError
 from guard.pipeline.runtime import build_keys, build_sanitizer
 from guard.protect.reveal import open_image
 from guard.records.codec import decode
@@ -231,6 +231,22 @@ def test_rows_without_a_subject_get_a_key_of_their_own_that_their_delete_erases(
     # no subject and no primary key: nothing to key the row by, so it is refused
     keyless = san.process("br0101.public.accounts", 0, 10, None, event("accounts", rows[1]))
     assert keyless.decision == "dlq" and keyless.dlq_reason == "no_data_subject"
+
+
+def test_the_reveal_side_opens_images_without_any_index_key(stack, branch_settings, sanitizer):
+    """Finding 1: blind-index keys stay in the sanitizer; a reveal-side key manager opens images but can
+    neither load the index root nor compute a token (so it can't test guesses of a masked mobile)."""
+    rng = random.Random(101)
+    c = customer(rng, 9_000_101)
+    rec, doc, _ = sanitize(sanitizer, "customers", {"customer_id": c["customer_id"]}, event("customers", c))
+    reveal = build_keys(branch_settings, listen=False, indexes=False)
+    topic = "sanitized.br0101.public.customers"
+    assert open_image(reveal, doc, "after", topic=topic, row_key=rec.key)["mobile"] == c["mobile"]
+    with pytest.raises(KeyUnavailableError):
+        reveal.search_token("mobile", c["mobile"].encode())
+    # per-field keys: the same digits indexed as another field give another token
+    assert doc["after"]["index"]["mobile"] == sanitizer.keys.search_token("mobile", c["mobile"].encode())
+    assert doc["after"]["index"]["mobile"] != sanitizer.keys.search_token("id_number", c["mobile"].encode())
 
 
 # --- keys: rotation, durability, sharing ----------------------------------------------------------
