@@ -7,10 +7,12 @@ from typing import Any
 
 import orjson
 from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 
 from guard.config import Settings
 from guard.errors import GuardError
 from guard.pipeline.runtime import build_sanitizer
+from guard.pipeline.sanitizer import Sanitizer
 from guard.records.builders import OutRecord
 
 REASONS = {
@@ -25,7 +27,7 @@ REASONS = {
 
 def erase_subject(settings: Settings, subject_id: str, reason_code: str, by: str) -> dict[str, Any]:
     """Shred (or hold) the subject, write confirmation + audit record, wait until Kafka has them."""
-    sanitizer = build_sanitizer(settings)
+    sanitizer = _sanitizer(settings)
     subject = sanitizer.keys.subject_token(settings.branch, subject_id)
     records = sanitizer.erase(subject, trigger="erase_command", reason_code=reason_code,
                               reason=REASONS[reason_code], by=by)
@@ -42,7 +44,7 @@ def sweep_retention(
     Expiry is last change + the retention of the tables the subject's data sits in (catalog, per table or
     per class). Run it from cron or a scheduler; it is idempotent and safe to run from several places.
     """
-    sanitizer = build_sanitizer(settings)
+    sanitizer = _sanitizer(settings)
     now = time.time() if now is None else now
     confirmations: list[dict[str, Any]] = []
     while True:
@@ -57,10 +59,33 @@ def sweep_retention(
             confirmations.append(orjson.loads(records[0].value or b"{}"))
 
 
+def _sanitizer(settings: Settings) -> Sanitizer:
+    """A sanitizer that reads the sanitized topics' configurations (compaction, retention) from Kafka."""
+    sanitizer = build_sanitizer(settings)
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    cache: dict[str, dict[str, str] | None] = {}
+
+    def topic_configs(topic: str) -> dict[str, str] | None:
+        if topic not in cache:
+            try:
+                future = next(iter(admin.describe_configs([ConfigResource(ResourceType.TOPIC, topic)]).values()))
+                cache[topic] = {n: e.value for n, e in future.result(timeout=10).items() if e.value is not None}
+            except Exception:  # noqa: BLE001 - unknown topic, timeout: the confirmation says "unknown"
+                cache[topic] = None
+        return cache[topic]
+
+    sanitizer.topic_configs = topic_configs
+    return sanitizer
+
+
 def _publish(settings: Settings, records: list[OutRecord]) -> None:
     producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True})
     for rec in records:
-        producer.produce(rec.topic, rec.value, rec.key)
+        # Tombstones go to the partition of the record they remove (the raw record's partition).
+        if rec.partition is None:
+            producer.produce(rec.topic, rec.value, rec.key)
+        else:
+            producer.produce(rec.topic, rec.value, rec.key, partition=rec.partition)
     if producer.flush(30):
         raise GuardError("the deletion confirmation could not be written to Kafka within 30 s; the key is "
                          "already destroyed: re-run the command to re-issue the confirmation")

@@ -102,6 +102,7 @@ class SanitizerWorker:
         self._running = True
         self.admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
         self.topics = TopicManager(self.admin)
+        sanitizer.topic_configs = self.topics.configs  # compacted topics, retention in confirmations
         client_id = f"guard-{settings.worker_id}"
         self._consumer_config: dict[str, Any] = {
             **consumer_config(settings, client_id),

@@ -121,6 +121,11 @@ class Sanitizer:
         self.act_on_deletes = True
         self._activity_recorded: dict[tuple[str, str], float] = {}
         self._value_caches_since = clock()
+        #: The configuration of a sanitized topic (cleanup.policy, retention.ms, …) or None if unknown; the
+        #: runner and `guard erase` set it (`TopicManager.configs`). Compacted topics get erasure tombstones,
+        #: and deletion confirmations say until when each topic keeps what remains of a customer.
+        self.topic_configs: Callable[[str], Mapping[str, str] | None] = lambda _topic: None
+        self._compacted: dict[str, bool] = {}
         #: Plans registered with the native path, by id (it reports which one it used).
         self._fast_plans: dict[int, TablePlan] = {}
         self._fast: Any = None
@@ -191,9 +196,16 @@ class Sanitizer:
         records without Kafka headers and without tracing: those go through `process`, which carries
         the trace context.
         """
+        # Records bound for a compacted sanitized topic take the Python path (their keys are recorded for
+        # erasure tombstones): the native run stops before the first one.
+        stop = next((j for j in range(start, len(records))
+                     if self._is_compacted(self.planner.sanitized_topic(records[j][1]))), len(records))
+        if stop == start:
+            return NativeRun(start, [], [], [])
         end, last, counts, stamps = self._fast.run(
-            records, start, produce=produce, poll=poll, partitions=partitions, hooks=self._native_hooks,
-            now_ms=int(self._clock() * 1000), max_record_bytes=max_record_bytes)
+            records if stop == len(records) else records[:stop], start, produce=produce, poll=poll,
+            partitions=partitions, hooks=self._native_hooks, now_ms=int(self._clock() * 1000),
+            max_record_bytes=max_record_bytes)
         plans = self._fast_plans
         shapes = [(plans[plan_id].schema_table, plans[plan_id].class_counts, n) for plan_id, n in counts]
         return NativeRun(end, last, shapes, stamps)
@@ -263,6 +275,7 @@ class Sanitizer:
         self._value_caches_since = now
         self._key_cache.clear()
         self._subject_tokens.clear()
+        self._compacted.clear()
         for writer in self._writers.values():
             writer.clear_memo()
         if self._fast is not None:
@@ -348,6 +361,10 @@ class Sanitizer:
             self.subject_activity[(before_subject, out_topic)] = plan.retention_s
         if person is None:
             extra.extend(self.emitter.rows_without_subject(plan, topic))
+        if out_key and self._is_compacted(out_topic):
+            # Compaction keeps a key's latest record forever: remember whose it is, so that the subject's
+            # erasure can write the tombstone that makes compaction remove it.
+            self.keys.store.record_compacted_key(self.branch, subject, out_topic, partition, out_key)
         records = [OutRecord(out_topic, out_key, value, partition)]
         images = (event.before is not None) + (event.after is not None)
         records.append(self.emitter.audit_for_plan(topic, partition, offset, plan, event.op, subject, decision,
@@ -377,6 +394,8 @@ class Sanitizer:
         the native path returns its records instead of producing them.
         """
         out_topic = self.planner.sanitized_topic(topic)
+        if self._is_compacted(out_topic):
+            return None  # the Python path records the key for erasure tombstones
         try:
             out_key = self.sanitize_key(topic[self._prefix_len:], key)
             args = (value, topic, partition, offset, out_topic, out_key or b"", self.emitter.trace_id,
@@ -401,6 +420,15 @@ class Sanitizer:
         return Outcome([OutRecord(out_topic, out_key, sanitized, partition),
                         OutRecord(self.settings.audit_topic, audit_key, audit_value)],
                        "protected", plan.schema_table, plan.class_counts)
+
+    def _is_compacted(self, out_topic: str) -> bool:
+        """Whether a sanitized topic's cleanup.policy includes compact (memoised; refreshed with the
+        value caches, every `key_cache_ttl`)."""
+        compacted = self._compacted.get(out_topic)
+        if compacted is None:
+            configs = self.topic_configs(out_topic) or {}
+            compacted = self._compacted[out_topic] = "compact" in configs.get("cleanup.policy", "")
+        return compacted
 
     def _cached_aead(self, subject: str) -> Aead:
         """The native path's key lookup: the cached key, or `_KeyNotLoaded` (never a round trip per event)."""
@@ -476,9 +504,70 @@ class Sanitizer:
             destroyed, already = result.versions_destroyed, result.already_erased
             self.expire_value_caches(force=True)
             outcome = "already_erased" if already and destroyed == 0 else "shredded"
-        return self.emitter.deletion(subject, confirmation_id=confirmation_id, outcome=outcome, held=held,
-                                     destroyed=destroyed, known_topics=known_topics, trigger=trigger,
-                                     reason_code=reason_code, reason=reason, by=by, source=source, now_ms=now_ms)
+        # Compacted topics keep each key's latest record until a tombstone for the key is compacted in:
+        # write one for every key whose latest record is the erased subject's.
+        tombstones = [] if held else [OutRecord(topic, key, None, partition) for topic, partition, key
+                                      in self.keys.store.compacted_keys(self.branch, subject)]
+        remains = None if held else what_remains(known_topics, self.topic_configs, tombstones, now_ms)
+        return [*self.emitter.deletion(subject, confirmation_id=confirmation_id, outcome=outcome, held=held,
+                                       destroyed=destroyed, known_topics=known_topics, trigger=trigger,
+                                       reason_code=reason_code, reason=reason, by=by, source=source, now_ms=now_ms,
+                                       remains=remains),
+                *tombstones]
+
+
+#: What a sanitized record keeps readable of a customer once the data key is destroyed.
+REMAINING_FORMS = [
+    "display masks of masked columns (e.g. 138****1234, first 6 + last 4 of a card, surname only, district)",
+    "blind indexes of indexed columns (keyed tokens: their keys never leave the guard)",
+    "the subject token and the tokenised Kafka keys",
+    "columns the catalog allows in clear (C1: surrogate ids, dates, status codes)",
+]
+
+
+def what_remains(topics: Iterable[str], topic_configs: Callable[[str], Mapping[str, str] | None],
+                 tombstones: Sequence[OutRecord], now_ms: int) -> list[dict[str, Any]]:
+    """Per topic: what stays readable of an erased customer, and until when (from the topic's configuration).
+
+    Sealed fields are unreadable everywhere once the key is gone; masks and tokens remain until the records
+    that carry them leave the topic: by retention (a `delete` topic: at the latest `retention.ms` after the
+    newest record of a segment, and a segment closes `segment.ms` after it opened) or by compaction (a
+    `compact` topic: the erasure's tombstones make the cleaner drop the customer's records, within
+    `max.compaction.lag.ms` when that is set).
+    """
+    tombstoned: dict[str, int] = {}
+    for record in tombstones:
+        tombstoned[record.topic] = tombstoned.get(record.topic, 0) + 1
+    out = []
+    for topic in sorted(topics):
+        configs = topic_configs(topic)
+        entry: dict[str, Any] = {"topic": topic, "sealed_fields": "unreadable: key destroyed",
+                                 "readable": REMAINING_FORMS}
+        if configs is None:
+            entry["until"] = "unknown: the topic's configuration could not be read; ask the Kafka operator"
+            out.append(entry)
+            continue
+        policy = configs.get("cleanup.policy", "delete")
+        entry["cleanup_policy"] = policy
+        if "compact" in policy:
+            entry["tombstones_written"] = tombstoned.get(topic, 0)
+            lag = int(configs.get("max.compaction.lag.ms", "9223372036854775807"))
+            if lag < 2**62:
+                entry["until_ms"] = now_ms + lag
+                entry["until"] = "compaction removes them within max.compaction.lag.ms"
+            else:
+                entry["until"] = ("when the log cleaner next compacts the topic (no max.compaction.lag.ms set: "
+                                  "no upper bound; set one to bound it)")
+        if "delete" in policy:
+            retention = int(configs.get("retention.ms", "604800000"))
+            if retention < 0:
+                entry.setdefault("until", "indefinitely: retention.ms = -1 (the topic keeps records forever)")
+            else:
+                segment = int(configs.get("segment.ms", "604800000"))
+                entry["until_ms"] = min(entry.get("until_ms", 2**62), now_ms + segment + retention)
+                entry["until"] = "deleted by retention at the latest by until_ms (retention.ms + segment.ms)"
+        out.append(entry)
+    return out
 
 
 @dataclass(slots=True, frozen=True)

@@ -249,8 +249,13 @@ class RecordBuilder:
         by: str,
         source: tuple[str, int, int] | None,
         now_ms: int,
+        remains: list[dict[str, Any]] | None = None,
     ) -> list[OutRecord]:
-        """The deletion confirmation of an erasure (or a hold) and its audit record."""
+        """The deletion confirmation of an erasure (or a hold) and its audit record.
+
+        `remains` (per topic: what stays readable of the customer, until when) is the honest counterpart of
+        `unreadable_topics`: the sealed fields are unreadable, the masks and tokens are not.
+        """
         confirmation = {
             "type": "deletion_confirmation",
             "id": confirmation_id,
@@ -267,6 +272,7 @@ class RecordBuilder:
                       if not held else "none: subject under legal hold; processing limited to storage",
             "keys_destroyed": [f"dek/{self.branch}/{subject}/v{v}" for v in range(1, destroyed + 1)],
             "unreadable_topics": known_topics if not held else [],
+            "remains": remains or [],
             "at_ms": now_ms,
             "by": by,
             "source": None if source is None else {"topic": source[0], "partition": source[1], "offset": source[2]},

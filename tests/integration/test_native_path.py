@@ -301,6 +301,33 @@ def test_erased_subject_takes_the_python_path_on_both(pair):
     assert expected.decision == "dlq" and served == 0
 
 
+def test_records_for_a_compacted_topic_take_the_python_path(pair):
+    """Records bound for a compacted sanitized topic go through the Python path, which remembers their keys
+    for erasure tombstones (finding 1); both paths still give the same bytes."""
+    def compacted(topic: str):
+        return {"cleanup.policy": "compact"} if topic.endswith(".public.accounts") else None
+
+    for san in pair:
+        san.topic_configs = compacted
+        san._compacted.clear()
+    try:
+        row = base_row("public.accounts", 4711)
+        value = json.dumps({"before": None, "after": row, "op": "c", "ts_ms": 6, "source": {
+            "connector": "postgresql", "db": "branch_0101", "schema": "public", "table": "accounts", "ts_ms": 5,
+            "lsn": 42}}).encode()
+        key = json.dumps({"account_id": 4711}).encode()
+        expected, served = run_both(pair, "public.accounts", key, value, prefetch=False, trace_id=None)
+        assert expected.decision == "protected" and served == 0
+        _, native = pair
+        run = native.run_native([(None, f"{PREFIX}.public.accounts", 0, 7, value)], 0, produce=None, poll=None,
+                                partitions=None, max_record_bytes=10**6)
+        assert run.end == 0 and not run.last  # the native run stops before it
+    finally:
+        for san in pair:
+            san.topic_configs = lambda _topic: None
+            san._compacted.clear()
+
+
 def test_memos_are_emptied_with_the_value_caches(pair):
     _, native = pair
     run_both(pair, "public.customers", b'{"customer_id": 5}',

@@ -249,6 +249,75 @@ def test_the_reveal_side_opens_images_without_any_index_key(stack, branch_settin
     assert doc["after"]["index"]["mobile"] != sanitizer.keys.search_token("id_number", c["mobile"].encode())
 
 
+def test_erasure_tombstones_a_compacted_topic_until_compaction_removes_the_customer(stack):
+    """Finding 1: no sanitized topic is compacted by default (the guard creates them with the broker's
+    `delete` policy), but where one is, its latest record per key would stay forever. Erasure writes a
+    tombstone for every key whose latest record is the erased customer's (not for a row that moved to
+    another customer), the confirmation says so, and the log cleaner then removes the customer's records."""
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from guard.kafka.clients import TopicManager
+    from tests.integration.kafka_helpers import read_all
+
+    bootstrap = stack["GUARD_KAFKA_BOOTSTRAP"]
+    prefix = f"bc{uuid.uuid4().hex[:8]}"
+    settings = _settings(stack, branch=f"t{uuid.uuid4().hex[:8]}", worker_id="t1-compact", raw_topic_prefix=prefix)
+    raw_topic = f"{prefix}.public.accounts"
+    out_topic = settings.sanitized_prefix + raw_topic
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(out_topic, 1, 1, config={
+        "cleanup.policy": "compact", "segment.ms": "1000", "min.cleanable.dirty.ratio": "0.001",
+        "delete.retention.ms": "1000", "min.compaction.lag.ms": "0", "max.compaction.lag.ms": "5000"})])[
+        out_topic].result(timeout=30)
+    san = build_sanitizer(settings)
+    san.act_on_deletes = False
+    san.topic_configs = TopicManager(admin).configs
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+
+    def publish(records) -> None:
+        for r in records:
+            if r.topic == out_topic:
+                producer.produce(r.topic, r.value, r.key, partition=r.partition or 0)
+        assert producer.flush(30) == 0
+
+    def account(account_id: int, customer_id: int, before: int | None = None) -> tuple[bytes, bytes]:
+        row = {"account_no": f"62220202000{account_id:08d}", "customer_id": customer_id, "status": "active"}
+        old = None if before is None else {**row, "customer_id": before}
+        return json.dumps({"account_id": account_id}).encode(), event("accounts", row, before=old,
+                                                                      op="c" if before is None else "u")
+
+    x, y = 8101, 8102
+    changes = [account(1, x), account(2, x), account(3, x), account(4, y), account(3, y, before=x)]
+    outputs = [san.process(raw_topic, 0, i, k, v) for i, (k, v) in enumerate(changes)]
+    assert all(o.decision == "protected" for o in outputs)
+    publish([r for o in outputs for r in o.records])
+    keys = {o.records[0].key for o in outputs}
+    x_keys = {outputs[0].records[0].key, outputs[1].records[0].key}  # account 3 moved to y: not x's any more
+    token_x = san.keys.subject_token(settings.branch, x)
+    records = san.erase(token_x, trigger="erase_command", reason_code="subject_request", reason="test", by="test")
+    tombstones = [r for r in records if r.topic == out_topic]
+    assert {r.key for r in tombstones} == x_keys and all(r.value is None and r.partition == 0 for r in tombstones)
+    confirmation = orjson.loads(records[0].value)
+    [remains] = [e for e in confirmation["remains"] if e["topic"] == out_topic]
+    assert remains["cleanup_policy"] == "compact" and remains["tombstones_written"] == 2
+    assert remains["until_ms"] == confirmation["at_ms"] + 5000
+    publish(records)
+
+    def x_values(recs) -> set[bytes]:
+        return {r.key for r in recs if r.value is not None and r.key in x_keys}
+
+    assert x_values(read_all(bootstrap, out_topic)) == x_keys  # until the cleaner runs
+    deadline = time.monotonic() + 120
+    while x_values(read_all(bootstrap, out_topic)) and time.monotonic() < deadline:
+        producer.produce(out_topic, b"roll", b"roll", partition=0)  # a new record rolls the active segment
+        producer.flush(10)
+        time.sleep(2)
+    remaining = read_all(bootstrap, out_topic)
+    assert not x_values(remaining), "compaction did not remove the erased customer's records"
+    assert {r.key for r in remaining if r.value is not None} >= keys - x_keys  # y's records stay
+
+
 # --- keys: rotation, durability, sharing ----------------------------------------------------------
 def test_rotation_new_version_encrypts_old_still_decrypts(sanitizer):
     rng = random.Random(11)
