@@ -89,6 +89,8 @@ impl Plan {
         let id = match self.subject_idx.map(|i| &values[i]) {
             Some(v @ Val::Int(_)) => v,
             Some(v @ Val::Str(s)) if !s.is_empty() => v,
+            // An integer beyond a long is an id too (Python's `int`), computed each time, never memoised.
+            Some(v @ Val::Py(o)) if o.is_exact_instance_of::<PyInt>() => v,
             _ => return Err(Decline.into()),
         };
         let hit = match id {
@@ -115,7 +117,7 @@ impl Plan {
             Val::Str(s) => {
                 self.subject_strs.insert(s.clone().into_owned(), memo);
             }
-            _ => {}
+            _ => return Ok(token),
         }
         self.memo_entries += 1;
         Ok(token)
