@@ -206,7 +206,7 @@ class RecordBuilder:
 
     def rows_without_subject(self, plan: TablePlan, topic: str) -> list[OutRecord]:
         """An anomaly (once per table) when rows name no data subject: each is sealed under its own key."""
-        if not self._alert_once(f"no_subject:{plan.schema_table}"):
+        if not self._alert_once(f"no_subject:{self.branch}:{plan.schema_table}"):
             return []
         return [self.anomaly("rows_without_data_subject", "medium", plan.schema_table, plan.subject_column, {
             "what": "rows whose subject column is null, unusable or absent: each is sealed under a per-row key "
