@@ -28,7 +28,8 @@ class Planner:
         self.subject_tokens: dict[Any, str] = {}
         self._out_topics: dict[str, str] = {}
 
-    def subject(self, plan: TablePlan, row: Mapping[str, Any], schema_table: str, row_key: bytes | None) -> str:
+    def subject(self, plan: TablePlan, row: Mapping[str, Any], schema_table: str, row_key: bytes | None,
+                where: tuple[str, int, int] | None = None) -> str:
         """The token of the data subject whose key seals this row (image).
 
         A row whose subject column holds a usable id (`is_subject_id`) belongs to that person. A row
@@ -37,22 +38,31 @@ class Planner:
         retention, and never shared with other rows (docs/keys.md, "Rows without a data subject").
         """
         person = self.person_subject(plan, row, schema_table)
-        return person if person is not None else self.row_subject(schema_table, row_key)
+        return person if person is not None else self.row_subject(schema_table, row_key, where)
 
     def person_subject(self, plan: TablePlan, row: Mapping[str, Any], schema_table: str) -> str | None:
         """The person's token if the row's subject column holds a usable id, else None."""
         value = row.get(plan.subject_column) if plan.subject_column else None
         return self.subject_for(value, schema_table) if is_subject_id(value) else None
 
-    def row_subject(self, schema_table: str, row_key: bytes | None) -> str:
-        """The per-row subject of a row without a data subject: of its (sanitized) Kafka key."""
-        if not row_key:
+    def row_subject(self, schema_table: str, row_key: bytes | None, where: tuple[str, int, int] | None = None) -> str:
+        """The per-row subject of a row without a data subject: of its (sanitized) Kafka key.
+
+        A row without a Kafka key either (a table without a primary key, an offline run) is keyed per
+        change, by where the change was read (raw topic, partition, offset): its key is erased by retention.
+        """
+        if row_key:
+            return self.keys.row_subject_token(self.settings.branch, schema_table, row_key)
+        if where is None:
             raise DecodeError(
                 "no_data_subject",
                 f"a row of {schema_table} names no data subject (its subject column is null, unusable or absent) "
                 "and has no primary key to key it by: give the table a primary key, or a subject column in "
                 "schemas/catalog.toml")
-        return self.keys.row_subject_token(self.settings.branch, schema_table, row_key)
+        topic, partition, offset = where
+        # A leading 0x00 never starts a sanitized key (JSON), so a change's token never equals a row's.
+        return self.keys.row_subject_token(self.settings.branch, schema_table,
+                                           b"\x00change\x00" + f"{topic}\x00{partition}\x00{offset}".encode())
 
     def subject_for(self, subject_value: Any, schema_table: str) -> str:
         """The data subject's token of a usable id value (`is_subject_id`) of its id column."""

@@ -336,14 +336,15 @@ class Sanitizer:
         if plan.unclassified:
             extra.extend(self.emitter.drift_alerts(plan, topic))
         person = self.planner.person_subject(plan, row, event.schema_table)
-        subject = person if person is not None else self.planner.row_subject(event.schema_table, out_key)
+        where = (topic, partition, offset)
+        subject = person if person is not None else self.planner.row_subject(event.schema_table, out_key, where)
         # Each image is sealed under its own subject: an update that moves a row from customer A to B seals
         # the before image under A's key (erasing A makes it unreadable), the after image under B's.
         before_subject = subject
         if event.before is not None and event.after is not None:
             before_plan = plan if tuple(event.before) == plan.columns else \
                 self.classifier.plan(event.schema_table, event.before)
-            before_subject = self.planner.subject(before_plan, event.before, event.schema_table, out_key)
+            before_subject = self.planner.subject(before_plan, event.before, event.schema_table, out_key, where)
         row_key = out_key or b""
         if self._batch and self.keys.cached_subject_aead(self.branch, subject) is None:
             self._load_keys_from(topic, partition, offset, None)  # native mode: the batch's keys load lazily

@@ -206,7 +206,7 @@ def test_each_image_is_sealed_under_its_own_subject(stack):
 def test_rows_without_a_subject_get_a_key_of_their_own_that_their_delete_erases(stack):
     """Finding 6: rows whose subject column is null or unusable no longer share a table-wide key that no
     erasure reaches: each is sealed under a per-row key (of branch, table, row key), an anomaly names the
-    table once, the row's delete destroys its key, and a row with neither subject nor key goes to the DLQ."""
+    table once, the row's delete destroys its key, and a row with neither subject nor key is keyed per change."""
     san = build_sanitizer(_settings(stack, branch=f"t{uuid.uuid4().hex[:8]}", worker_id="t6-rows"))
     topic = "sanitized.br0101.public.accounts"
     rows = [{"account_no": f"622202020000700000{i}", "customer_id": cid, "status": "active", "balance": f"{i}.00"}
@@ -227,9 +227,12 @@ def test_rows_without_a_subject_get_a_key_of_their_own_that_their_delete_erases(
     with pytest.raises(KeyShreddedError):
         open_image(san.keys, out[0][1], "after", topic=topic, row_key=out[0][0].key)
     assert open_image(san.keys, out[1][1], "after", topic=topic, row_key=out[1][0].key)["balance"] == "1.00"
-    # no subject and no primary key: nothing to key the row by, so it is refused
+    # no subject and no primary key (or an offline run): keyed per change, by where it was read
     keyless = san.process("br0101.public.accounts", 0, 10, None, event("accounts", rows[1]))
-    assert keyless.decision == "dlq" and keyless.dlq_reason == "no_data_subject"
+    again = san.process("br0101.public.accounts", 0, 11, None, event("accounts", rows[1]))
+    subjects_keyless = {decode(o.records[0].value)["subject"] for o in (keyless, again)}
+    assert keyless.decision == again.decision == "protected"
+    assert len(subjects_keyless) == 2 and not subjects_keyless & set(subjects)
 
 
 def test_the_reveal_side_opens_images_without_any_index_key(stack, branch_settings, sanitizer):
