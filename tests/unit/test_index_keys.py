@@ -85,3 +85,19 @@ def test_the_reveal_side_never_loads_or_derives_an_index_key(master):
     with pytest.raises(KeyUnavailableError):
         reveal.subject_token("0101", 17)
     assert not hasattr(reveal, "index")  # no tenant-wide index object to hand around any more
+
+
+def test_dlq_fingerprints_use_one_derived_key_that_the_reveal_side_cannot_derive(master):
+    """One DLQ fingerprint key (merged erasure-13 + crypto-13): HKDF of the index root with field `dlq`,
+    purpose `fingerprint`, an HMAC key of its own; no separate tenant key, none on the reveal side."""
+    store = _TenantKeys()
+    keys = _manager(master, store)
+    root = master.unwrap(store.keys[("bank-a", "index")], "tenant/bank-a/index")
+    info = b"bg/index/v1" + b"".join(struct.pack(">I", len(p)) + p for p in (b"bank-a", b"dlq", b"fingerprint"))
+    derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(root)
+    from guard.keys.primitives import Hmac
+    assert keys.dlq_hash.hexdigest("bg-dlq-key", b"k") == Hmac(derived).hexdigest("bg-dlq-key", b"k")
+    assert "dlq-hash" not in store.asked
+    reveal = _manager(master, _TenantKeys(), indexes=False)
+    with pytest.raises(KeyUnavailableError):
+        reveal.dlq_hash  # noqa: B018 - the property derives on access
