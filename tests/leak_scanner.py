@@ -36,7 +36,7 @@ MIN_ENCODED = 8
 #: JSON keys whose numbers are the guard's own metadata, never a column value.
 METADATA_KEYS = frozenset({
     "offset", "partition", "source_offset", "source_partition", "at_ms", "ts_ms", "source_ts_ms", "value_bytes",
-    "effective_ms", "v", "keys_destroyed", "count", "events",
+    "effective_ms", "v", "keys_destroyed", "count", "events", "until_ms", "tombstones_written",
 })
 _ANCHOR = 4
 _AVRO_LONG_IN_MAP = re.compile(rb"([\x02-\x7e])([A-Za-z_][A-Za-z0-9_]{0,62})\x04([\x80-\xff]{0,9}[\x00-\x7f])")

@@ -60,12 +60,12 @@ def hold(ctx: click.Context, subject: str, release: bool, operator: str) -> None
         if release:
             confirmation = release_hold(settings, subject, operator)
             keys = build_keys(settings, listen=False)
-            click.echo(f"subject {keys.subject_token(subject)} released")
+            click.echo(f"subject {keys.subject_token(settings.branch, subject)} released")
             if confirmation is not None:
                 click.echo(dumps_json(confirmation).decode())
             return
         keys = build_keys(settings, listen=False)
-        keys.store.set_hold(settings.branch, keys.subject_token(subject), True)
+        keys.store.set_hold(settings.branch, keys.subject_token(settings.branch, subject), True)
     except GuardError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"subject {keys.subject_token(subject)} held")
+    click.echo(f"subject {keys.subject_token(settings.branch, subject)} held")

@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 
 from guard.classify.catalog import ERASURE_REASONS
 from guard.config import Settings
@@ -29,9 +30,9 @@ def erase_subject(settings: Settings, subject_id: str, reason_code: str, by: str
     fails, running workers deliver it (once) instead (`guard.kafka.confirmations`). A subject erased
     before gets no second confirmation: the answer names the first one.
     """
-    sanitizer = build_sanitizer(settings)
+    sanitizer = _sanitizer(settings)
     sanitizer.owner = f"cli:{by}#{uuid.uuid4()}"
-    subject = sanitizer.keys.subject_token(subject_id)
+    subject = sanitizer.keys.subject_token(settings.branch, subject_id)
     records = sanitizer.erase(subject, trigger="erase_command", reason_code=reason_code,
                               reason=REASONS[reason_code], by=by)
     _publish(settings, records)
@@ -58,7 +59,7 @@ def sweep_retention(
     A subject under legal hold is skipped and keeps its expiry entry, so it is erased by the first sweep
     after the hold is released; a subject erased before is only removed from the expiry set.
     """
-    sanitizer = build_sanitizer(settings)
+    sanitizer = _sanitizer(settings)
     sanitizer.owner = f"cli:{by}#{uuid.uuid4()}"
     store = sanitizer.keys.store
     now = time.time() if now is None else now
@@ -99,9 +100,9 @@ def release_hold(settings: Settings, subject_id: str, by: str) -> dict[str, Any]
     was requested with; a deferred erasure recorded without one (before this version) is not guessed:
     the error says to run `guard erase` with the right reason.
     """
-    sanitizer = build_sanitizer(settings)
+    sanitizer = _sanitizer(settings)
     sanitizer.owner = f"cli:{by}#{uuid.uuid4()}"
-    store, subject = sanitizer.keys.store, sanitizer.keys.subject_token(subject_id)
+    store, subject = sanitizer.keys.store, sanitizer.keys.subject_token(settings.branch, subject_id)
     store.set_hold(settings.branch, subject, False)
     raw = store.storage_only(settings.branch, subject)
     if raw is None:
@@ -140,6 +141,25 @@ def _compact(sanitizer: Sanitizer) -> None:
                     "it due (bg:compact-due) and running workers finish it", exc)
 
 
+def _sanitizer(settings: Settings) -> Sanitizer:
+    """A sanitizer that reads the sanitized topics' configurations (compaction, retention) from Kafka."""
+    sanitizer = build_sanitizer(settings)
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    cache: dict[str, dict[str, str] | None] = {}
+
+    def topic_configs(topic: str) -> dict[str, str] | None:
+        if topic not in cache:
+            try:
+                future = next(iter(admin.describe_configs([ConfigResource(ResourceType.TOPIC, topic)]).values()))
+                cache[topic] = {n: e.value for n, e in future.result(timeout=10).items() if e.value is not None}
+            except Exception:  # noqa: BLE001 - unknown topic, timeout: the confirmation says "unknown"
+                cache[topic] = None
+        return cache[topic]
+
+    sanitizer.topic_configs = topic_configs
+    return sanitizer
+
+
 def _publish(settings: Settings, records: list[OutRecord]) -> None:
     """Write the records and wait for each delivery report; any failure raises (none is ignored)."""
     producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True})
@@ -151,7 +171,9 @@ def _publish(settings: Settings, records: list[OutRecord]) -> None:
 
     for rec in records:
         try:
-            producer.produce(rec.topic, rec.value, rec.key, timestamp=rec.timestamp or 0, on_delivery=on_delivery)
+            # Tombstones go to the partition of the record they remove (the raw record's partition).
+            producer.produce(rec.topic, rec.value, rec.key, partition=-1 if rec.partition is None else rec.partition,
+                             timestamp=rec.timestamp or 0, on_delivery=on_delivery)
         except (KafkaException, BufferError) as exc:
             failures.append(f"{rec.topic}: {exc}")
     left = producer.flush(30)

@@ -11,7 +11,7 @@ from confluent_kafka import (
     KafkaError,
     KafkaException,
 )
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
 from guard.config import Settings
 
@@ -64,9 +64,28 @@ def producer_config(settings: Settings, client_id: str) -> dict[str, Any]:
 class TopicManager:
     """Creates output topics on first use: sanitized topics get their raw topic's partition count."""
 
-    def __init__(self, admin: AdminClient) -> None:
+    def __init__(self, admin: AdminClient, *, config_ttl_s: float = 60.0) -> None:
         self._admin = admin
         self._partitions: dict[str, int] = {}
+        self._configs: dict[str, tuple[dict[str, str] | None, float]] = {}
+        self._config_ttl_s = config_ttl_s
+
+    def configs(self, topic: str) -> dict[str, str] | None:
+        """The topic's configuration (cleanup.policy, retention.ms, …), cached; None if it can't be read
+        (the topic doesn't exist yet, or the broker doesn't answer)."""
+        now = time.monotonic()
+        cached = self._configs.get(topic)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        result: dict[str, str] | None
+        try:
+            futures = self._admin.describe_configs([ConfigResource(ResourceType.TOPIC, topic)])
+            entries = next(iter(futures.values())).result(timeout=10)
+            result = {name: entry.value for name, entry in entries.items() if entry.value is not None}
+        except Exception:  # noqa: BLE001 - unknown topic, timeout, broker error: "can't be read" (None)
+            result = None
+        self._configs[topic] = (result, now + self._config_ttl_s)
+        return result
 
     def partitions(self, topic: str) -> int | None:
         if topic in self._partitions:

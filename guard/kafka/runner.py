@@ -76,6 +76,7 @@ from guard.kafka.hanging import (
 from guard.kafka.stats import BatchCounters, Stats
 from guard.keys.manager import TxnMark
 from guard.pipeline.sanitizer import Outcome, Sanitizer, pending_records
+from guard.records.builders import OutRecord
 from guard.telemetry import Telemetry
 
 log = logging.getLogger("guard.runner")
@@ -118,6 +119,7 @@ class SanitizerWorker:
         self._running = True
         self.admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
         self.topics = TopicManager(self.admin)
+        sanitizer.topic_configs = self.topics.configs  # compacted topics, retention in confirmations
         client_id = f"guard-{settings.worker_id}"
         self._consumer_config: dict[str, Any] = {
             **consumer_config(settings, client_id),
@@ -359,6 +361,12 @@ class SanitizerWorker:
                 except BufferError:  # local queue full: let deliveries drain, then retry
                     self.producer.poll(0.2)
 
+    def _produce_own(self, rec: OutRecord) -> None:
+        """A record of the guard's own transactions (erasures, re-emitted confirmations): an erasure's
+        tombstones go to the partition of the record they remove, everything else by the partitioner."""
+        self.producer.produce(rec.topic, rec.value, rec.key, partition=-1 if rec.partition is None else rec.partition,
+                              timestamp=rec.timestamp or 0)
+
     def _commit(self) -> None:
         if not self._in_txn:
             return
@@ -453,7 +461,7 @@ class SanitizerWorker:
             self.producer.begin_transaction()
             self._in_txn = True
             for rec in records:
-                self.producer.produce(rec.topic, rec.value, rec.key, timestamp=rec.timestamp or 0)
+                self._produce_own(rec)
             self._txn("commit", lambda: self.producer.commit_transaction(10))
             self._in_txn = False
             self._confirm_delivered(sanitizer.pending_in_txn)
@@ -514,7 +522,7 @@ class SanitizerWorker:
             self._in_txn = True
             for entry in missing.values():
                 for rec in pending_records(entry):
-                    self.producer.produce(rec.topic, rec.value, rec.key, timestamp=rec.timestamp or 0)
+                    self._produce_own(rec)
             self._txn("commit", lambda: self.producer.commit_transaction(10))
             self._in_txn = False
             self.stats.confirmations_redelivered += len(missing)

@@ -4,8 +4,10 @@
   makes every copy of those fields unreadable: in every topic, replica, backup and downstream system.
 - A **branch key** (KEK) wraps the DEKs of the customers of one branch. A branch transfer re-wraps DEKs
   under the new owner's branch key without touching the data.
-- **Tenant keys** (per organisation) key the blind indexes (so tokens join across that tenant's branches),
-  the keyed hash for C3 data, and the quarantine of DLQ records.
+- **Tenant keys** (per organisation): the index root key, from which one blind-index key per (field,
+  purpose) is derived with HKDF (`index_for`; tokens of one field join across the tenant's branches), the
+  keyed hash for C3 data, and the quarantine of DLQ records. Only the sanitizer derives index keys: a
+  manager built with `indexes=False` (the reveal side) never loads the root.
 - The **master key** stays in the KMS and only wraps branch and tenant keys.
 
 Hot-path cost: DEKs are cached unwrapped in this process for at most `cache_ttl` seconds (default 60),
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import random
+import struct
 import threading
 import time
 from collections import OrderedDict, deque
@@ -24,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from guard.errors import KeyShreddedError, KeyUnavailableError, SubjectRestrictedError
 from guard.keys.kms import Kms
@@ -34,6 +39,7 @@ log = logging.getLogger(__name__)
 
 #: How long a commit-time check waits for the listener to apply a shred the key store has counted.
 CATCH_UP_S = 0.2
+_U32 = struct.Struct(">I")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +72,7 @@ class KeyManager:
         cache_ttl: float = 60.0,
         cache_size: int = 200_000,
         listen: bool = True,
+        indexes: bool = True,
     ) -> None:
         self._kms = kms
         self.store = store
@@ -85,11 +92,13 @@ class KeyManager:
         self._keks: dict[tuple[str, int], KeyWrapper] = {}
         self._current_kek: dict[str, tuple[KeyWrapper, float]] = {}
         self._lock = threading.Lock()
-        self.index = BlindIndex(self._tenant_key("index"))
+        #: Whether this manager may derive blind-index keys (the sanitizer's); the reveal side may not.
+        self.indexes = indexes
+        self._index_root: bytes | None = self._tenant_key("index") if indexes else None
+        self._indexes: dict[tuple[str, str], BlindIndex] = {}
         self.keyed_hash = KeyedHash(self._tenant_key("hash"))
         self.quarantine = Aead(self._tenant_key("quarantine"), version=1)
-        #: Fingerprints of DLQ inputs (HMAC-SHA256): comparable by the guard, not confirmable by a guesser.
-        self.dlq_hash = Hmac(self._tenant_key("dlq-hash"))
+        self._dlq_hash: Hmac | None = None
         self._listener: threading.Thread | None = None
         self._compactor: threading.Thread | None = None
         self._compact_wanted = threading.Event()
@@ -141,10 +150,74 @@ class KeyManager:
         self._current_kek.pop(branch, None)
         return version
 
+    # --- blind-index keys (the sanitizer's only) ---------------------------------------------------
+    def index_for(self, field: str, purpose: str) -> BlindIndex:
+        """The blind index of one field for one purpose: its key is HKDF-SHA256 of the tenant's index root
+        key with info `bg/index/v1 | tenant | field | purpose` (each u32-length-prefixed).
+
+        One key per (tenant, field, purpose): a token of one field (a mobile) says nothing about another
+        (an ID number, a subject), and a key, were one ever exposed, opens one field only. Raises for a
+        manager built with `indexes=False` (the reveal side never holds an index key).
+        """
+        index = self._indexes.get((field, purpose))
+        if index is not None:
+            return index
+        index = BlindIndex(self._derive_index_key(field, purpose))
+        if len(self._indexes) > 10_000:  # fields are column names: bounded in practice
+            self._indexes.clear()
+        self._indexes[(field, purpose)] = index
+        return index
+
+    def _derive_index_key(self, field: str, purpose: str) -> bytes:
+        if self._index_root is None:
+            raise KeyUnavailableError(
+                "blind-index keys stay inside the sanitizer: this key manager was built without them "
+                "(indexes=False, the reveal side); search goes through the guard")
+        info = b"bg/index/v1" + b"".join(_U32.pack(len(p)) + p for p in (
+            self.tenant.encode(), field.encode(), purpose.encode()))
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(self._index_root)
+
+    @property
+    def dlq_hash(self) -> Hmac:
+        """Fingerprints of DLQ inputs (HMAC-SHA256: `value_hmac`, `key_hmac`, and the DLQ record's Kafka key):
+        comparable by the guard, not confirmable by a guesser. Its key is derived like the index keys
+        (field `dlq`, purpose `fingerprint`), so it stays inside the sanitizer too.
+        """
+        if self._dlq_hash is None:
+            self._dlq_hash = Hmac(self._derive_index_key("dlq", "fingerprint"))
+        return self._dlq_hash
+
+    def search_token(self, column: str, value: bytes) -> str:
+        """The blind index of a column's value in sanitized images (purpose `search`, one key per column)."""
+        index = self._indexes.get((column, "search"))
+        return (index or self.index_for(column, "search")).token(value)
+
+    def key_token(self, column: str, value: bytes) -> str:
+        """The token of a Kafka key column's value (purpose `row_key`, one key per column)."""
+        index = self._indexes.get((column, "row_key"))
+        return (index or self.index_for(column, "row_key")).token(value)
+
     # --- data-subject keys ------------------------------------------------------------------------
-    def subject_token(self, subject_id: object) -> str:
-        """The pseudonymous, keyed token that names a data subject everywhere outside the branch DB."""
-        return self.index.token(b"subject\x00" + str(subject_id).encode())
+    def subject_token(self, branch: str, subject_id: object) -> str:
+        """The pseudonymous, keyed token that names a data subject everywhere outside the branch DB.
+
+        Customer ids are per-branch surrogates (customer 17 of branch 0101 and customer 17 of branch 0202
+        are different people), so the token is of (branch, id), length-prefixed; the tenant is the key's.
+        It is stable for a person within a branch (every table's `customer_id` gives the same token).
+        """
+        branch_b, id_b = branch.encode(), str(subject_id).encode()
+        return self.index_for("subject", "subject_token").token(
+            b"subject\x00" + _U32.pack(len(branch_b)) + branch_b + _U32.pack(len(id_b)) + id_b)
+
+    def row_subject_token(self, branch: str, table: str, row_key: bytes) -> str:
+        """The token of a row that names no data subject: the row is its own subject (per-row key).
+
+        Of (branch, table, the row's sanitized Kafka key), length-prefixed, in a domain of its own, so it
+        never equals a person's token.
+        """
+        parts = [branch.encode(), table.encode(), row_key]
+        return self.index_for("subject", "subject_token").token(
+            b"row\x00" + b"".join(_U32.pack(len(p)) + p for p in parts))
 
     def subject_aead(self, branch: str, subject: str) -> Aead:
         """The subject's current data key, created on first use; raises if the subject was erased.

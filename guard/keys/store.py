@@ -32,6 +32,7 @@ completes (docs/keys.md).
 
 from __future__ import annotations
 
+import struct
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -477,6 +478,33 @@ class RedisKeyStore:
     def subject_topics(self, branch: str, subject: str) -> set[str]:
         return {m.decode() for m in self._call(self.client.smembers, f"bg:topics:{branch}:{subject}")}
 
+    # --- a subject's records on compacted sanitized topics (erasure writes tombstones for them) --------
+    def record_compacted_key(self, branch: str, subject: str, topic: str, partition: int, key: bytes) -> None:
+        """Remember that `subject`'s latest record under `key` sits on compacted `topic`, `partition`.
+
+        Two maps, one round trip: the subject's (topic, partition, key) set, and per topic which subject
+        each key's latest record belongs to (a row that moved to another customer is no longer the
+        erased customer's to tombstone). Keys are sanitized Kafka keys (tokens), never plaintext.
+        """
+        member = _compacted_member(topic, partition, key)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.sadd(f"bg:ckeys:{branch}:{subject}", member)
+        pipe.hset(f"bg:ckey-owner:{branch}", member, subject)
+        self._call(pipe.execute)
+
+    def compacted_keys(self, branch: str, subject: str) -> list[tuple[str, int, bytes]]:
+        """(topic, partition, key) of the subject's latest records on compacted topics (still its own)."""
+        members = sorted(self._call(self.client.smembers, f"bg:ckeys:{branch}:{subject}"))
+        if not members:
+            return []
+        owners = self._call(self.client.hmget, f"bg:ckey-owner:{branch}", members)
+        out = []
+        for member, owner in zip(members, owners, strict=True):
+            if owner is not None and owner.decode() == subject:
+                topic, partition, key = _parse_compacted_member(bytes(member))
+                out.append((topic, partition, key))
+        return out
+
     def alert_once(self, key: str, ttl_s: int = 86_400) -> bool:
         """True for the first caller across all workers within `ttl_s` (alert deduplication)."""
         return bool(self._call(self.client.set, f"bg:alerted:{key}", 1, nx=True, ex=ttl_s))
@@ -492,3 +520,13 @@ class RedisKeyStore:
         pipe.exists(f"bg:storage-only:{branch}:{subject}")
         held, storage_only = self._call(pipe.execute)
         return bool(held) or bool(storage_only)
+
+
+def _compacted_member(topic: str, partition: int, key: bytes) -> bytes:
+    t = topic.encode()
+    return struct.pack(">II", len(t), partition) + t + key
+
+
+def _parse_compacted_member(member: bytes) -> tuple[str, int, bytes]:
+    length, partition = struct.unpack_from(">II", member)
+    return member[8:8 + length].decode(), partition, member[8 + length:]

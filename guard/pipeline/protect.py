@@ -2,8 +2,8 @@
 
 Per image: clear columns copied, display masks and blind indexes computed, and every protected column
 sealed in **one** AES-256-GCM call whose associated data binds the ciphertext to its topic, table, row
-key, image, data subject, field list and key version (`guard.protect.aad`). The data subject's key is
-resolved here too, with the rule for changes that meet an erased subject.
+key, image, data subject, op, source position, field list and key version (`guard.protect.aad`). The data
+subject's key is resolved here too, with the rule for changes that meet an erased subject.
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ class Protector:
         row_key: bytes,
         image: str,
         subject: str,
+        op: str,
+        position: str,
     ) -> bytes | None:
         """One image as Avro bytes: one AES-GCM call seals every protected column (None: no image)."""
         if row is None:
@@ -60,7 +62,7 @@ class Protector:
         writer = self.writers.get(id(plan))
         if writer is None:
             writer = ImageWriter(clear=plan.clear, masks=plan.masks, index=plan.index, hashed=plan.hashed,
-                                 dropped=plan.dropped, sealed=plan.sealed, mask=mask, token=self.keys.index.token,
+                                 dropped=plan.dropped, sealed=plan.sealed, mask=mask, token=self.keys.search_token,
                                  keyed_hash=self.keys.keyed_hash.digest)
             self.writers[id(plan)] = writer
             if self.on_new_plan is not None:
@@ -69,7 +71,7 @@ class Protector:
         if aead is not None:
             fields = writer.sealed_fields
             if fields:
-                aad = self._aad(topic, table, row_key, image, subject, fields, aead.version)
+                aad = self._aad(topic, table, row_key, image, subject, op, position, fields, aead.version)
                 ciphertext = aead.seal(orjson.dumps([row[c] for c in fields]), aad)
             else:
                 ciphertext = b""
@@ -90,6 +92,14 @@ class Protector:
             if event.op != "d" and not self._committed_before_erasure(subject, event.source_ts_ms):
                 raise
             return None, "erased_delete" if event.op == "d" else "erased_late"
+
+    def other_image_aead(self, subject: str) -> Aead | None:
+        """The key of a before image whose subject differs from the event's (a row moved between subjects):
+        None if that subject was erased (its old image then flows without its protected fields)."""
+        try:
+            return self.keys.subject_aead(self.branch, subject)
+        except KeyShreddedError:
+            return None
 
     def _committed_before_erasure(self, subject: str, source_ts_ms: int | None) -> bool:
         """Whether a change committed at `source_ts_ms` predates the erasure of `subject`."""
@@ -125,10 +135,10 @@ class Protector:
                 if policy is not None and policy.action.value == "clear" and isinstance(value, _SCALARS):
                     out[column] = value
                 else:
-                    out[column] = self.keys.index.token(orjson.dumps(value))
+                    out[column] = self.keys.key_token(column, orjson.dumps(value))
             result = orjson.dumps(out)
         else:
-            result = orjson.dumps({"_key": self.keys.index.token(key)})
+            result = orjson.dumps({"_key": self.keys.key_token("_key", key)})
         if len(self.key_cache) > 100_000:
             self.key_cache.clear()
         self.key_cache[(schema_table, key)] = result

@@ -14,8 +14,11 @@ from guard.keys.store import RedisKeyStore
 from guard.pipeline.sanitizer import Sanitizer
 
 
-def build_keys(settings: Settings, *, listen: bool = True, wait_s: float = 30.0) -> KeyManager:
-    """The key manager; waits up to `wait_s` for the key store (a worker may start during a Redis restart)."""
+def build_keys(settings: Settings, *, listen: bool = True, wait_s: float = 30.0, indexes: bool = True) -> KeyManager:
+    """The key manager; waits up to `wait_s` for the key store (a worker may start during a Redis restart).
+
+    `indexes=False` for anything that only opens images (the reveal side): it never holds a blind-index key.
+    """
     store = RedisKeyStore(settings.redis_url)
     try:
         for attempt in Retrying(stop=stop_after_delay(wait_s), wait=wait_exponential(multiplier=0.2, max=3),
@@ -33,6 +36,7 @@ def build_keys(settings: Settings, *, listen: bool = True, wait_s: float = 30.0)
         settings.tenant,
         cache_ttl=settings.key_cache_ttl,
         listen=listen,
+        indexes=indexes,
     )
 
 

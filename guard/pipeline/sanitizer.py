@@ -44,7 +44,7 @@ from guard.errors import DecodeError, KeyShreddedError, KeyUnavailableError
 from guard.keys.manager import KeyManager
 from guard.keys.primitives import Aead
 from guard.pipeline.decode import Decoder
-from guard.pipeline.plan import Planner
+from guard.pipeline.plan import Planner, is_subject_id
 from guard.pipeline.protect import Protector
 from guard.protect.fastpath import new_fast_path, use_native
 from guard.protect.masking import mask
@@ -133,6 +133,11 @@ class Sanitizer:
         self.pending_in_txn: dict[str, str] = {}
         self._activity_recorded: dict[tuple[str, str], float] = {}
         self._value_caches_since = clock()
+        #: The configuration of a sanitized topic (cleanup.policy, retention.ms, …) or None if unknown; the
+        #: runner and `guard erase` set it (`TopicManager.configs`). Compacted topics get erasure tombstones,
+        #: and deletion confirmations say until when each topic keeps what remains of a customer.
+        self.topic_configs: Callable[[str], Mapping[str, str] | None] = lambda _topic: None
+        self._compacted: dict[str, bool] = {}
         #: Plans registered with the native path, by id (it reports which one it used).
         self._fast_plans: dict[int, TablePlan] = {}
         self._fast: Any = None
@@ -143,7 +148,7 @@ class Sanitizer:
                 branch=self.branch, sanitized_header=self.sanitized_codec.header,
                 audit_header=self.audit_codec.header, subject_of=self.planner.subject_for,
                 aead_for=self._cached_aead, audit_parts=self._fast_audit_parts, dumps=orjson.dumps,
-                loads=orjson.loads, mask=mask, token=keys.index.token, keyed_hash=keys.keyed_hash.digest,
+                loads=orjson.loads, mask=mask, token=keys.search_token, keyed_hash=keys.keyed_hash.digest,
                 max_value_bytes=MAX_VALUE_BYTES)
             self.protector.on_new_plan = self._register_fast
         self._native_hooks = _NativeHooks(
@@ -203,9 +208,16 @@ class Sanitizer:
         records without Kafka headers and without tracing: those go through `process`, which carries
         the trace context.
         """
+        # Records bound for a compacted sanitized topic take the Python path (their keys are recorded for
+        # erasure tombstones): the native run stops before the first one.
+        stop = next((j for j in range(start, len(records))
+                     if self._is_compacted(self.planner.sanitized_topic(records[j][1]))), len(records))
+        if stop == start:
+            return NativeRun(start, [], [], [])
         end, last, counts, stamps = self._fast.run(
-            records, start, produce=produce, poll=poll, partitions=partitions, hooks=self._native_hooks,
-            now_ms=int(self._clock() * 1000), max_record_bytes=max_record_bytes)
+            records if stop == len(records) else records[:stop], start, produce=produce, poll=poll,
+            partitions=partitions, hooks=self._native_hooks, now_ms=int(self._clock() * 1000),
+            max_record_bytes=max_record_bytes)
         plans = self._fast_plans
         shapes = [(plans[plan_id].schema_table, plans[plan_id].class_counts, n) for plan_id, n in counts]
         return NativeRun(end, last, shapes, stamps)
@@ -245,15 +257,18 @@ class Sanitizer:
                 if fast is not None and value is not None:
                     hit = fast.subject_value(value)
                     if hit is not None:
-                        subjects.add(self.planner.subject_for(hit[1], self._fast_plans[hit[0]].schema_table))
+                        if is_subject_id(hit[1]):  # rows without a subject load their per-row key on use
+                            subjects.add(self.planner.subject_for(hit[1], self._fast_plans[hit[0]].schema_table))
                         continue
                 event = decode_value(value)
                 if event is None:
                     continue
                 row = event.after if event.after is not None else event.before
                 if row is not None and event.op != "m":
-                    subjects.add(self.planner.subject(self.classifier.plan(event.schema_table, row), row,
-                                                      event.schema_table))
+                    person = self.planner.person_subject(self.classifier.plan(event.schema_table, row), row,
+                                                         event.schema_table)
+                    if person is not None:
+                        subjects.add(person)
             except Exception:  # noqa: BLE001, S112 - `process` meets the same record and sends it to the DLQ
                 continue
             self.decoder.keep(topic, partition, offset, value, event)
@@ -272,6 +287,7 @@ class Sanitizer:
         self._value_caches_since = now
         self._key_cache.clear()
         self._subject_tokens.clear()
+        self._compacted.clear()
         for writer in self._writers.values():
             writer.clear_memo()
         if self._fast is not None:
@@ -348,17 +364,39 @@ class Sanitizer:
         extra: list[OutRecord] = []
         if plan.unclassified:
             extra.extend(self.emitter.drift_alerts(plan, topic))
-        subject = self.planner.subject(plan, row, event.schema_table)
+        person = self.planner.person_subject(plan, row, event.schema_table)
+        where = (topic, partition, offset)
+        subject = person if person is not None else self.planner.row_subject(event.schema_table, out_key, where)
+        # Each image is sealed under its own subject: an update that moves a row from customer A to B seals
+        # the before image under A's key (erasing A makes it unreadable), the after image under B's.
+        before_subject = subject
+        if event.before is not None and event.after is not None:
+            before_plan = plan if tuple(event.before) == plan.columns else \
+                self.classifier.plan(event.schema_table, event.before)
+            before_subject = self.planner.subject(before_plan, event.before, event.schema_table, out_key, where)
         row_key = out_key or b""
         if self._batch and self.keys.cached_subject_aead(self.branch, subject) is None:
             self._load_keys_from(topic, partition, offset, None)  # native mode: the batch's keys load lazily
         protect = self.protector
         aead, decision = protect.subject_aead(subject, event)
-        before = protect.image(plan, event.before, aead, out_topic, event.schema_table, row_key, "before", subject)
-        after = protect.image(plan, event.after, aead, out_topic, event.schema_table, row_key, "after", subject)
-        value = self.emitter.change(event, subject, before, after, [p.name for p in plan.unclassified])
-        if aead is not None:  # where the subject's ciphertexts went; none went anywhere without a key
+        before_aead = aead if before_subject == subject else protect.other_image_aead(before_subject)
+        before = protect.image(plan, event.before, before_aead, out_topic, event.schema_table, row_key, "before",
+                               before_subject, event.op, event.position)
+        after = protect.image(plan, event.after, aead, out_topic, event.schema_table, row_key, "after", subject,
+                              event.op, event.position)
+        value = self.emitter.change(event, subject, before, after, [p.name for p in plan.unclassified],
+                                    before_subject=None if before_subject == subject else before_subject)
+        # Where each subject's ciphertexts went; none went anywhere without a key.
+        if aead is not None:
             self.subject_activity[(subject, out_topic)] = plan.retention_s
+        if before_subject != subject and before_aead is not None:
+            self.subject_activity[(before_subject, out_topic)] = plan.retention_s
+        if person is None:
+            extra.extend(self.emitter.rows_without_subject(plan, topic))
+        if out_key and self._is_compacted(out_topic):
+            # Compaction keeps a key's latest record forever: remember whose it is, so that the subject's
+            # erasure can write the tombstone that makes compaction remove it.
+            self.keys.store.record_compacted_key(self.branch, subject, out_topic, partition, out_key)
         records = [OutRecord(out_topic, out_key, value, partition)]
         images = (event.before is not None) + (event.after is not None)
         records.append(self.emitter.audit_for_plan(topic, partition, offset, plan, event.op, subject, decision,
@@ -372,6 +410,19 @@ class Sanitizer:
             if event.op == "d" and decision in ("protected", "erased_delete") and self.act_on_deletes:
                 records.extend(self._root_deleted(plan, subject, event, (topic, partition, offset), out_topic,
                                                   decision))
+        elif event.op == "d" and person is None and self.act_on_deletes:
+            # A row without a data subject is its own subject: its delete destroys its per-row key (the
+            # replay of a delete whose shred ran before a crash re-emits the pending confirmation).
+            source = (topic, partition, offset)
+            if decision == "protected":
+                records.extend(self.erase(subject, trigger="row_delete", reason_code="row_deleted",
+                                          reason="a row without a data subject was deleted in the branch database; "
+                                                 "it was sealed under its own per-row key",
+                                          by=f"worker:{self.settings.worker_id}",
+                                          source=source, effective_ms=event.source_ts_ms))
+            elif decision == "erased_delete":
+                records.extend(self._already_erased(subject, trigger="row_delete", reason_code="row_deleted",
+                                                    source=source))
         return Outcome(records, decision, event.schema_table, plan.class_counts)
 
     def _root_deleted(self, plan: TablePlan, subject: str, event: ChangeEvent, source: tuple[str, int, int],
@@ -473,6 +524,8 @@ class Sanitizer:
         the native path returns its records instead of producing them.
         """
         out_topic = self.planner.sanitized_topic(topic)
+        if self._is_compacted(out_topic):
+            return None  # the Python path records the key for erasure tombstones
         try:
             out_key = self.sanitize_key(topic[self._prefix_len:], key)
             args = (value, topic, partition, offset, out_topic, out_key or b"", self.emitter.trace_id,
@@ -497,6 +550,15 @@ class Sanitizer:
         return Outcome([OutRecord(out_topic, out_key, sanitized, partition),
                         OutRecord(self.settings.audit_topic, audit_key, audit_value)],
                        "protected", plan.schema_table, plan.class_counts)
+
+    def _is_compacted(self, out_topic: str) -> bool:
+        """Whether a sanitized topic's cleanup.policy includes compact (memoised; refreshed with the
+        value caches, every `key_cache_ttl`)."""
+        compacted = self._compacted.get(out_topic)
+        if compacted is None:
+            configs = self.topic_configs(out_topic) or {}
+            compacted = self._compacted[out_topic] = "compact" in configs.get("cleanup.policy", "")
+        return compacted
 
     def _cached_aead(self, subject: str) -> Aead:
         """The native path's key lookup: the cached key, or `_KeyNotLoaded` (never a round trip per event)."""
@@ -576,10 +638,17 @@ class Sanitizer:
         built: list[OutRecord] = []
 
         def pending(versions: int, already: bool) -> bytes:
-            built[:] = self.emitter.deletion(
+            # Compacted topics keep each key's latest record until a tombstone for the key is compacted in:
+            # one for every key whose latest record is the subject's, carried (and re-emitted) with the
+            # confirmation, whose `remains` says per topic what stays readable and until when.
+            tombstones = [OutRecord(topic, key, None, partition) for topic, partition, key
+                          in self.keys.store.compacted_keys(self.branch, subject)]
+            remains = what_remains(known_topics, self.topic_configs, tombstones, now_ms, sealed=versions > 0)
+            built[:] = [*self.emitter.deletion(
                 subject, confirmation_id=confirmation_id, outcome="shredded" if versions else "no_keys",
                 held=False, destroyed=versions, known_topics=known_topics, trigger=trigger,
-                reason_code=reason_code, reason=reason, by=by, source=source, now_ms=now_ms)
+                reason_code=reason_code, reason=reason, by=by, source=source, now_ms=now_ms, remains=remains),
+                *tombstones]
             return pending_entry(confirmation_id, now_ms, self.owner, source, built, now_ms)
 
         result = self.keys.shred(self.branch, subject, record, pending)
@@ -657,15 +726,80 @@ def pending_entry(confirmation_id: str, at_ms: int, owner: str, source: tuple[st
         "id": confirmation_id, "at_ms": at_ms, "owner": owner, "claimed_ms": claimed_ms,
         "source": None if source is None else list(source),
         "records": [[r.topic, None if r.key is None else base64.b64encode(r.key).decode(),
-                     None if r.value is None else base64.b64encode(r.value).decode()] for r in records]})
+                     None if r.value is None else base64.b64encode(r.value).decode(), r.partition]
+                    for r in records]})
 
 
 def pending_records(entry: Mapping[str, Any]) -> list[OutRecord]:
     """The records of a pending entry, with the confirmation's time as their timestamp (so a reader can
     find them from `at_ms` on)."""
     return [OutRecord(topic, None if key is None else base64.b64decode(key),
-                      None if value is None else base64.b64decode(value), timestamp=int(entry["at_ms"]))
-            for topic, key, value in entry["records"]]
+                      None if value is None else base64.b64decode(value),
+                      partition=rest[0] if rest else None, timestamp=int(entry["at_ms"]))
+            for topic, key, value, *rest in entry["records"]]
+
+
+#: What a sanitized record keeps readable of a customer once the data key is destroyed.
+REMAINING_FORMS = [
+    "display masks of masked columns (e.g. 138****1234, first 6 + last 4 of a card, surname only, district)",
+    "blind indexes of indexed columns (keyed tokens: their keys never leave the guard)",
+    "the subject token and the tokenised Kafka keys",
+    "columns the catalog allows in clear (C1: surrogate ids, dates, status codes)",
+]
+
+
+def what_remains(topics: Iterable[str], topic_configs: Callable[[str], Mapping[str, str] | None],
+                 tombstones: Sequence[OutRecord], now_ms: int, *, sealed: bool = True) -> list[dict[str, Any]]:
+    """Per topic: what stays readable of an erased customer, and until when (from the topic's configuration).
+
+    Each entry has the confirmation's common `where` / `what` / `until` (`RecordBuilder.deletion` adds the
+    places outside the sanitized topics) and, per topic, `sealed_fields`, `readable`, `cleanup_policy`,
+    `until_ms` and, for a compacted topic, `tombstones_written`. `sealed=False`: no key was ever destroyed
+    (outcome `no_keys`), so no sealed field is claimed unreadable.
+
+    Sealed fields are unreadable everywhere once the key is gone; masks and tokens remain until the records
+    that carry them leave the topic: by retention (a `delete` topic: at the latest `retention.ms` after the
+    newest record of a segment, and a segment closes `segment.ms` after it opened) or by compaction (a
+    `compact` topic: the erasure's tombstones make the cleaner drop the customer's records, within
+    `max.compaction.lag.ms` when that is set).
+    """
+    tombstoned: dict[str, int] = {}
+    for record in tombstones:
+        tombstoned[record.topic] = tombstoned.get(record.topic, 0) + 1
+    out = []
+    for topic in sorted(topics):
+        configs = topic_configs(topic)
+        entry: dict[str, Any] = {
+            "where": topic, "topic": topic,
+            "what": ("sealed fields unreadable (key destroyed); " if sealed else "")
+            + "display masks, blind indexes and the subject token remain (pseudonymised, PIPL Art. 73)",
+            "sealed_fields": "unreadable: key destroyed" if sealed else "none: no key was held for the subject",
+            "readable": REMAINING_FORMS}
+        if configs is None:
+            entry["until"] = "unknown: the topic's configuration could not be read; ask the Kafka operator"
+            out.append(entry)
+            continue
+        policy = configs.get("cleanup.policy", "delete")
+        entry["cleanup_policy"] = policy
+        if "compact" in policy:
+            entry["tombstones_written"] = tombstoned.get(topic, 0)
+            lag = int(configs.get("max.compaction.lag.ms", "9223372036854775807"))
+            if lag < 2**62:
+                entry["until_ms"] = now_ms + lag
+                entry["until"] = "compaction removes them within max.compaction.lag.ms"
+            else:
+                entry["until"] = ("when the log cleaner next compacts the topic (no max.compaction.lag.ms set: "
+                                  "no upper bound; set one to bound it)")
+        if "delete" in policy:
+            retention = int(configs.get("retention.ms", "604800000"))
+            if retention < 0:
+                entry.setdefault("until", "indefinitely: retention.ms = -1 (the topic keeps records forever)")
+            else:
+                segment = int(configs.get("segment.ms", "604800000"))
+                entry["until_ms"] = min(entry.get("until_ms", 2**62), now_ms + segment + retention)
+                entry["until"] = "deleted by retention at the latest by until_ms (retention.ms + segment.ms)"
+        out.append(entry)
+    return out
 
 
 @dataclass(slots=True, frozen=True)

@@ -76,11 +76,14 @@ class RecordBuilder:
         before: bytes | None,
         after: bytes | None,
         unclassified: list[str],
+        *,
+        before_subject: str | None = None,
     ) -> bytes:
+        """The sanitized change; `before_subject` names the before image's subject when it differs."""
         return self.sanitized_codec.header + encode_change(
             op=event.op, table=event.schema_table, branch=self.branch, db=event.database, ts_ms=event.ts_ms,
             source_ts_ms=event.source_ts_ms, position=event.position, subject=subject, before=before,
-            after=after, unclassified=unclassified)
+            after=after, unclassified=unclassified, before_subject=before_subject)
 
     def audit_for_plan(self, topic: str, partition: int, offset: int, plan: TablePlan, op: str, subject: str,
                        decision: str, images: int, sealed: bool) -> OutRecord:
@@ -170,6 +173,8 @@ class RecordBuilder:
             note = (f"input larger than {QUARANTINE_MAX_BYTES} bytes: not copied; it stays at the source offset "
                     "until the raw topic's retention ends")
         fingerprint = self.keys.dlq_hash.hexdigest
+        # The DLQ's Kafka key is the same keyed fingerprint of the input's key, never the raw key.
+        dlq_key = None if key is None else fingerprint("bg-dlq-key", key)
         body = {
             "type": "dlq",
             "reason": reason,
@@ -180,7 +185,7 @@ class RecordBuilder:
             "at_ms": int(self._clock() * 1000),
             "value_bytes": None if value is None else len(value),
             "value_hmac": None if value is None else fingerprint("bg-dlq-value", value),
-            "key_hmac": None if key is None else fingerprint("bg-dlq-key", key),
+            "key_hmac": dlq_key,
             "quarantine": {
                 "aad": aad.decode(),
                 "key": None if key is None or erased else _b64(self.keys.quarantine.seal(key, aad + b"|key")),
@@ -190,7 +195,6 @@ class RecordBuilder:
             "action": "fix the producer (or classify the table in schemas/catalog.toml) and re-send the change; "
                       "the quarantined input can be opened with the tenant's quarantine key",
         }
-        dlq_key = self.keys.index.token(key) if key is not None else None
         records = [
             OutRecord(self.settings.dlq_topic, None if dlq_key is None else dlq_key.encode(), orjson.dumps(body)),
             self.audit(topic, partition, offset, topic[self._prefix_len:], None, None, "dlq", reason, {}, {}),
@@ -217,6 +221,18 @@ class RecordBuilder:
             **evidence,
         }
         return OutRecord(self.settings.anomalies_topic, f"{rule}:{table}:{column}".encode(), orjson.dumps(alert))
+
+    def rows_without_subject(self, plan: TablePlan, topic: str) -> list[OutRecord]:
+        """An anomaly (once per table) when rows name no data subject: each is sealed under its own key."""
+        if not self._alert_once(f"no_subject:{self.branch}:{plan.schema_table}"):
+            return []
+        return [self.anomaly("rows_without_data_subject", "medium", plan.schema_table, plan.subject_column, {
+            "what": "rows whose subject column is null, unusable or absent: each is sealed under a per-row key "
+                    "(of branch, table and row key) that its delete or retention erases",
+            "suggested_action": f"give {plan.schema_table} a subject column in schemas/catalog.toml, or check why "
+                                "its rows have no customer",
+            "raw_topic": topic,
+        })]
 
     def drift_alerts(self, plan: TablePlan, topic: str) -> list[OutRecord]:
         alerts = []
@@ -251,12 +267,17 @@ class RecordBuilder:
         by: str,
         source: tuple[str, int, int] | None,
         now_ms: int,
+        remains: list[dict[str, Any]] | None = None,
     ) -> list[OutRecord]:
         """The deletion confirmation of an erasure (or a hold) and its audit record.
 
         `outcome`: `shredded`, `no_keys` (no key existed: nothing was sealed for the subject) or
-        `held_storage_only`. `remains` lists every place the subject's data can still be, in what form and
-        until when, so the confirmation claims no more than crypto-shredding achieves.
+        `held_storage_only`. The confirmation's `remains` lists every place the subject's data can still be,
+        in what form and until when, so the confirmation claims no more than crypto-shredding achieves:
+        `remains` given here (`what_remains`: per sanitized topic, from its configuration, with the
+        retention or compaction date and the tombstones written) replaces the generic per-topic entries,
+        and the places outside the sanitized topics (audit, DLQ, raw topics, key store, caches, branch DB)
+        are always added.
         """
         s = self.settings
         if held:
@@ -281,7 +302,7 @@ class RecordBuilder:
             "method": method,
             "keys_destroyed": [f"dek/{self.branch}/{subject}/v{v}" for v in range(1, destroyed + 1)],
             "unreadable_topics": known_topics if destroyed and not held else [],
-            "remains": [] if held else _remains(s, known_topics, destroyed),
+            "remains": [] if held else _remains(s, known_topics, destroyed, remains),
             "at_ms": now_ms,
             "by": by,
             "source": None if source is None else {"topic": source[0], "partition": source[1], "offset": source[2]},
@@ -296,12 +317,18 @@ class RecordBuilder:
         return [OutRecord(s.deletions_topic, subject.encode(), body, timestamp=now_ms), audit]
 
 
-def _remains(s: Settings, topics: list[str], destroyed: int) -> list[dict[str, str]]:
-    """Where an erased subject's data can remain after the shred, in what form, until when."""
+def _remains(s: Settings, topics: list[str], destroyed: int,
+             per_topic: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Where an erased subject's data can remain after the shred, in what form, until when.
+
+    `per_topic`: the sanitized topics' entries with their dates (`what_remains`); without them (no topic
+    configuration at hand), one generic entry per topic.
+    """
     sealed = "sealed fields unreadable (key destroyed); " if destroyed else ""
     return [
-        *({"where": t, "what": sealed + "display masks, blind indexes and the subject token remain "
-           "(pseudonymised, PIPL Art. 73)", "until": "the topic's retention or compaction"} for t in topics),
+        *(per_topic if per_topic is not None else (
+            {"where": t, "what": sealed + "display masks, blind indexes and the subject token remain "
+             "(pseudonymised, PIPL Art. 73)", "until": "the topic's retention or compaction"} for t in topics)),
         {"where": s.audit_topic, "what": "the subject token and the decisions taken, never a value",
          "until": "the audit topic's retention"},
         {"where": s.dlq_topic, "what": "inputs of this subject that failed before the erasure, sealed under the "

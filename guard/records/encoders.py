@@ -20,6 +20,8 @@ from typing import Any
 
 import orjson
 
+from guard.protect.aad import RECORD_VERSION
+
 _DOUBLE = struct.Struct("<d")
 _memo: dict[str, bytes] = {}
 _MEMO_LIMIT = 200_000
@@ -167,6 +169,7 @@ def encode_sanitized_change(r: dict[str, Any]) -> bytes:
         _image(r["before"]),
         _image(r["after"]),
         _name_array(r["unclassified"]),
+        _opt_str(r.get("before_subject")),
     ))
 
 
@@ -268,7 +271,7 @@ class ImageWriter:
 
     def __init__(self, *, clear: Sequence[str], masks: Sequence[tuple[str, str]], index: Sequence[str],
                  hashed: Sequence[str], dropped: Sequence[str], sealed: Sequence[str],
-                 mask: Callable[[str, str], str], token: Callable[[bytes], str],
+                 mask: Callable[[str, str], str], token: Callable[[str, bytes], str],
                  keyed_hash: Callable[[str, bytes], str], memo_limit: int = 100_000) -> None:
         self._clear = [(c, _name(c)) for c in clear]
         self._masks = [(c, kind, _name(c)) for c, kind in masks]
@@ -355,9 +358,9 @@ class ImageWriter:
             if type(v) is str:
                 entry = memo.get((slot, v))
                 if entry is None:
-                    entry = memo[(slot, v)] = key + _str(token(v.encode()))
+                    entry = memo[(slot, v)] = key + _str(token(column, v.encode()))
             else:
-                entry = key + _str(token(_value_bytes(v)))
+                entry = key + _str(token(column, _value_bytes(v)))
             out.append(entry)
         return out
 
@@ -371,12 +374,15 @@ def _value_bytes(v: Any) -> bytes:
     return v.encode() if type(v) is str else orjson.dumps(v)
 
 
+_RECORD_V = bytes((RECORD_VERSION * 2,))  # `v`, an Avro int (zig-zag): images sealed with AAD format 2
+
+
 def encode_change(*, op: str, table: str, branch: str, db: str, ts_ms: int | None, source_ts_ms: int | None,
                   position: str, subject: str | None, before: bytes | None, after: bytes | None,
-                  unclassified: list[str]) -> bytes:
+                  unclassified: list[str], before_subject: str | None = None) -> bytes:
     """A `SanitizedChange` from images already written by `ImageWriter` (None = no image)."""
     return b"".join((
-        b"\x02",
+        _RECORD_V,
         _name(op),
         _name(table),
         _name(branch),
@@ -388,4 +394,5 @@ def encode_change(*, op: str, table: str, branch: str, db: str, ts_ms: int | Non
         before or b"\x00",
         after or b"\x00",
         _name_array(unclassified),
+        b"\x00" if before_subject is None else b"\x02" + _name(before_subject),
     ))

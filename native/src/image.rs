@@ -53,16 +53,16 @@ pub struct Plan {
     pub sealed: Vec<Column>,
     /// Union branch 1 + the array of sealed field names (the `sealed.fields` of the image).
     pub sealed_head: Vec<u8>,
-    /// `",".join(sealed)` followed by `|`: the field-list part of the associated data.
-    pub sealed_csv: Vec<u8>,
+    /// The field-list part of the associated data, length-prefixed (`guard.protect.aad.field_list_part`).
+    pub sealed_fields_part: Vec<u8>,
     pub mask_memo: Vec<HashMap<String, Vec<u8>>>,
     pub index_memo: Vec<HashMap<String, Vec<u8>>>,
     pub memo_entries: usize,
-    /// Data-subject tokens by subject id (the token of a null id or of a table without a subject column
-    /// is the table's, `table_subject`): `Sanitizer._subject_for` is called once per id, not per event.
+    /// Data-subject tokens by subject id: `Sanitizer._subject_for` is called once per id, not per event.
+    /// Rows without a usable id (null, empty, another type, no subject column) decline: the Python path
+    /// gives them their per-row subject.
     pub subject_ints: HashMap<i64, Py<PyString>>,
     pub subject_strs: HashMap<String, Py<PyString>>,
-    pub table_subject: Option<Py<PyString>>,
     /// How long the table's data is kept (seconds): the value of its subject-activity entries.
     pub retention_s: i64,
 }
@@ -73,47 +73,51 @@ impl Plan {
         self.index_memo.iter_mut().for_each(HashMap::clear);
         self.subject_ints.clear();
         self.subject_strs.clear();
-        self.table_subject = None;
         self.memo_entries = 0;
     }
 
     /// The data subject's token for a row of this plan, from the memo or from `compute(subject id)`.
-    /// Ids other than integers and strings (rare: booleans, floats, nested values) are never memoised.
+    /// Only integer and non-empty string ids name a person (`guard.pipeline.plan.is_subject_id`); any
+    /// other row declines (the Python path seals it under its per-row key).
     pub fn subject_token<'py>(
         &mut self,
         py: Python<'py>,
         values: &Values<'_, 'py>,
         memo_limit: usize,
         compute: impl FnOnce(Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let id = self.subject_idx.map(|i| &values[i]);
+    ) -> Step<Bound<'py, PyAny>> {
+        let id = match self.subject_idx.map(|i| &values[i]) {
+            Some(v @ Val::Int(_)) => v,
+            Some(v @ Val::Str(s)) if !s.is_empty() => v,
+            // An integer beyond a long is an id too (Python's `int`), computed each time, never memoised.
+            Some(v @ Val::Py(o)) if o.is_exact_instance_of::<PyInt>() => v,
+            _ => return Err(Decline.into()),
+        };
         let hit = match id {
-            None | Some(Val::Null) => self.table_subject.as_ref(),
-            Some(Val::Int(n)) => self.subject_ints.get(n),
-            Some(Val::Str(s)) => self.subject_strs.get(s.as_ref()),
-            Some(_) => None,
+            Val::Int(n) => self.subject_ints.get(n),
+            Val::Str(s) => self.subject_strs.get(s.as_ref()),
+            _ => None,
         };
         if let Some(token) = hit {
             return Ok(token.bind(py).clone().into_any());
         }
-        let id_obj = match id {
-            None => py.None().into_bound(py),
-            Some(v) => v.to_py(py)?,
-        };
-        let token = compute(id_obj)?;
-        let memo = token.downcast::<PyString>()?.clone().unbind();
+        let token = compute(id.to_py(py)?)?;
+        let memo = token
+            .downcast::<PyString>()
+            .map_err(PyErr::from)?
+            .clone()
+            .unbind();
         if self.memo_entries > memo_limit {
             self.clear_memo();
         }
         match id {
-            None | Some(Val::Null) => self.table_subject = Some(memo),
-            Some(Val::Int(n)) => {
+            Val::Int(n) => {
                 self.subject_ints.insert(*n, memo);
             }
-            Some(Val::Str(s)) => {
+            Val::Str(s) => {
                 self.subject_strs.insert(s.clone().into_owned(), memo);
             }
-            Some(_) => return Ok(token),
+            _ => return Ok(token),
         }
         self.memo_entries += 1;
         Ok(token)
@@ -300,13 +304,15 @@ pub fn write_image(
         plan.index.iter(),
         |c| (c.idx, &c.key[..]),
         |slot, v, e| {
+            // One blind-index key per column (`KeyManager.search_token(column, value)`).
+            let column = plan.index[slot].name.bind(py);
             put_memoised(
                 e,
                 v,
                 &mut memos[slot],
                 memo_entries,
-                |s| cb.token.call1((PyBytes::new(py, s.as_bytes()),)),
-                || cb.token.call1((v.value_bytes(py, &cb.dumps)?,)),
+                |s| cb.token.call1((column, PyBytes::new(py, s.as_bytes()))),
+                || cb.token.call1((column, v.value_bytes(py, &cb.dumps)?)),
             )
         },
     )?;

@@ -40,6 +40,17 @@ use crate::avro::{name_array, put_long, put_str, str_enc};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use crate::image::{find_plan, sealed_plaintext, write_image, Callbacks, Column, Plan};
 
+/// Version byte of sealed images' associated data (`guard.protect.aad.AAD_VERSION`).
+const AAD_VERSION: u8 = 2;
+/// `v` of the sanitized change records this writes (`guard.protect.aad.RECORD_VERSION`).
+const RECORD_VERSION: u8 = 2;
+
+/// One length-prefixed part of the associated data: u32 big-endian length, then the bytes.
+fn put_part(out: &mut Vec<u8>, data: &[u8]) {
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+}
+
 /// The event can't take the native path: the caller hands the whole event to the Python path.
 pub(crate) struct Decline;
 
@@ -212,8 +223,13 @@ impl FastPath {
         let index_cols = index.iter().map(col).collect::<PyResult<Vec<_>>>()?;
         let hashed_cols = hashed.iter().map(col).collect::<PyResult<Vec<_>>>()?;
         let sealed_cols = sealed.iter().map(col).collect::<PyResult<Vec<_>>>()?;
-        let mut sealed_csv = sealed.join(",").into_bytes();
-        sealed_csv.push(b'|');
+        // The field-list part of the associated data (`guard.protect.aad.field_list_part`).
+        let mut fields_blob = (sealed.len() as u32).to_be_bytes().to_vec();
+        for f in &sealed {
+            put_part(&mut fields_blob, f.as_bytes());
+        }
+        let mut sealed_fields_part = Vec::with_capacity(4 + fields_blob.len());
+        put_part(&mut sealed_fields_part, &fields_blob);
         let mut sealed_head = vec![2u8];
         sealed_head.extend(name_array(&sealed));
         entry.push(Plan {
@@ -232,11 +248,10 @@ impl FastPath {
             dropped_enc: name_array(&dropped),
             sealed: sealed_cols,
             sealed_head,
-            sealed_csv,
+            sealed_fields_part,
             memo_entries: 0,
             subject_ints: HashMap::default(),
             subject_strs: HashMap::default(),
-            table_subject: None,
             retention_s,
         });
         Ok(())
@@ -583,7 +598,7 @@ impl FastPath {
             .to_owned();
         // Raises KeyShreddedError / KeyUnavailableError: the Python path then decides what they mean.
         let aead = self.aead_for.bind(py).call1((&subject_obj,))?;
-        let version: i64 = aead.getattr(intern!(py, "version"))?.extract()?;
+        let version: u32 = aead.getattr(intern!(py, "version"))?.extract()?;
         let seal = aead.getattr(intern!(py, "seal"))?;
         let cb = Callbacks {
             dumps: self.dumps.bind(py).clone(),
@@ -605,6 +620,22 @@ impl FastPath {
                 other = candidates[idx].values(image, &loads)?;
                 (idx, &other)
             };
+            if !std::ptr::eq(image, row) {
+                // Each image is sealed under its own subject; a row that moved to another subject (or
+                // whose other image names none) takes the Python path, which seals them apart.
+                let other_subject =
+                    candidates[plan_idx].subject_token(py, values, self.memo_limit, |v| {
+                        subject_of.call1((v, table_py.bind(py)))
+                    })?;
+                if other_subject
+                    .downcast::<PyString>()
+                    .map_err(PyErr::from)?
+                    .to_str()?
+                    != subject
+                {
+                    return Err(Decline.into());
+                }
+            }
             let plan = &mut candidates[plan_idx];
             if !plan.usable {
                 return Err(Decline.into());
@@ -613,21 +644,25 @@ impl FastPath {
                 None
             } else {
                 let plaintext = sealed_plaintext(plan, values, &cb.dumps)?;
-                let mut aad =
-                    Vec::with_capacity(96 + out_topic.len() + row_key.len() + subject.len());
-                aad.extend_from_slice(b"bg1|");
-                aad.extend_from_slice(out_topic.as_bytes());
-                aad.push(b'|');
-                aad.extend_from_slice(schema_table.as_bytes());
-                aad.push(b'|');
-                aad.extend_from_slice(row_key);
-                aad.push(b'|');
-                aad.extend_from_slice(name.as_bytes());
-                aad.push(b'|');
-                aad.extend_from_slice(subject.as_bytes());
-                aad.push(b'|');
-                aad.extend_from_slice(&plan.sealed_csv);
-                aad.extend_from_slice(version.to_string().as_bytes());
+                // Associated data format 2 (`guard.protect.aad.image_aad`): version byte, then every
+                // part as a u32 big-endian length and its bytes.
+                let mut aad = Vec::with_capacity(
+                    160 + out_topic.len()
+                        + row_key.len()
+                        + subject.len()
+                        + env.position.len()
+                        + plan.sealed_fields_part.len(),
+                );
+                aad.push(AAD_VERSION);
+                put_part(&mut aad, out_topic.as_bytes());
+                put_part(&mut aad, schema_table.as_bytes());
+                put_part(&mut aad, row_key);
+                put_part(&mut aad, name.as_bytes());
+                put_part(&mut aad, subject.as_bytes());
+                put_part(&mut aad, &[env.op]);
+                put_part(&mut aad, env.position.as_bytes());
+                aad.extend_from_slice(&plan.sealed_fields_part);
+                put_part(&mut aad, &version.to_be_bytes());
                 Some(
                     seal.call1((PyBytes::new(py, &plaintext), PyBytes::new(py, &aad)))?
                         .downcast_into::<PyBytes>()
@@ -644,7 +679,7 @@ impl FastPath {
                 + images.iter().flatten().map(Vec::len).sum::<usize>(),
         );
         value.extend_from_slice(&self.sanitized_header);
-        value.push(2);
+        value.push(2 * RECORD_VERSION); // `v` (an Avro int: zig-zag)
         put_str(&mut value, &[env.op]);
         put_str(&mut value, schema_table.as_bytes());
         value.extend_from_slice(&self.branch_enc);
@@ -668,6 +703,7 @@ impl FastPath {
             }
         }
         value.push(0); // no unclassified columns on this path
+        value.push(0); // before_subject: null (both images have `subject`, or this path declined)
 
         // The AuditRecord (`avro_fast.AuditTemplate.encode`).
         let images_count = images.iter().flatten().count() as u8;

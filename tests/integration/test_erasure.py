@@ -90,7 +90,7 @@ class _Run:
                             extra_env=self.env)
 
     def token(self, cid: int) -> str:
-        return self.keys.subject_token(cid)
+        return self.keys.subject_token(self.branch, cid)
 
 
 # --- finding 2: a crash between the shred and the commit -------------------------------------------------
@@ -190,7 +190,7 @@ def test_the_commit_records_no_activity_for_a_subject_erased_in_it(stack):
     row = customer_row(7_300_002, random.Random(4))
     key = json.dumps({"customer_id": row["customer_id"]}).encode()
     san.process("br0101.public.customers", 0, 1, key, _event(row, "c"))
-    subject = san.keys.subject_token(row["customer_id"])
+    subject = san.keys.subject_token(settings.branch, row["customer_id"])
     san.erase(subject, trigger="erase_command", reason_code="subject_request", reason="r", by="t")
     san.keys.store.record_subject_activity(settings.branch, san.pending_activity())
     san.keys.store.record_subject_activity(settings.branch, {(subject, "sanitized.x"): 100})  # a late writer
@@ -203,7 +203,7 @@ def test_a_delivery_error_of_a_confirmation_is_reported_and_the_confirmation_sta
     with pytest.raises(GuardError, match="kept in the key store"):
         erase_subject(settings, "7300003", "subject_request", "dpo@bank")
     keys = build_keys(settings, listen=False)
-    assert list(keys.store.pending_confirmations(settings.branch)) == [keys.subject_token("7300003")]
+    assert list(keys.store.pending_confirmations(settings.branch)) == [keys.subject_token(settings.branch, "7300003")]
 
 
 # --- finding 9: a stale key used after erasure ------------------------------------------------------
@@ -211,7 +211,7 @@ def test_a_key_fetched_while_it_is_shredded_is_not_cached_and_the_commit_check_s
     settings = _settings(stack, worker_id="test-erasure")
     worker, eraser = build_keys(settings), build_keys(settings, listen=False)
     wait_until(lambda: worker._invalidations > 0, timeout=10, what="the listener subscribed", interval=0.05)
-    subject = worker.subject_token("7400001")
+    subject = worker.subject_token(settings.branch, "7400001")
     real = worker.store.get_or_create_dek
     before = worker._invalidations
 
@@ -234,7 +234,7 @@ def test_concurrent_erasures_and_writes_never_pass_the_commit_check(stack):
     the worker's listener has applied the invalidation yet."""
     settings = _settings(stack, worker_id="test-erasure")
     worker, eraser = build_keys(settings), build_keys(settings, listen=False)
-    subjects = [worker.subject_token(f"74002{i:02d}") for i in range(40)]
+    subjects = [worker.subject_token(settings.branch, f"74002{i:02d}") for i in range(40)]
     worker.prefetch(settings.branch, set(subjects))
     missed: list[str] = []
     errors: list[BaseException] = []
@@ -277,7 +277,7 @@ def test_concurrent_erasures_and_writes_never_pass_the_commit_check(stack):
 def test_the_invalidation_listener_survives_a_non_utf8_message(stack):
     settings = _settings(stack, worker_id="test-erasure")
     worker = build_keys(settings)
-    subject = worker.subject_token("7400301")
+    subject = worker.subject_token(settings.branch, "7400301")
     worker.subject_aead(settings.branch, subject)
     wait_until(lambda: worker._listener is not None and worker._invalidations > 0, timeout=10,
                what="the listener subscribed", interval=0.05)
@@ -293,7 +293,7 @@ def test_the_invalidation_listener_survives_a_non_utf8_message(stack):
 def test_reading_never_creates_a_key_and_old_versions_expire(stack):
     settings = _settings(stack, worker_id="test-erasure")
     keys = build_keys(settings, listen=False)
-    subject = keys.subject_token("7400401")
+    subject = keys.subject_token(settings.branch, "7400401")
     sealed = Aead(b"k" * 32, version=1).seal(b"x", b"a")
     with pytest.raises(KeyUnavailableError):
         keys.subject_aead_for(settings.branch, subject, sealed)
@@ -316,7 +316,7 @@ def test_a_held_customer_flows_sealed_is_not_revealable_and_is_erased_after_rele
     san = build_sanitizer(settings)
     row = customer_row(7_500_001, random.Random(5))
     key = json.dumps({"customer_id": row["customer_id"]}).encode()
-    subject = san.keys.subject_token(row["customer_id"])
+    subject = san.keys.subject_token(settings.branch, row["customer_id"])
     san.keys.store.set_hold(settings.branch, subject, True)
     out = san.process("br0101.public.customers", 0, 1, key, _event(row, "c"))
     assert out.decision == "protected"

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from guard.config import load_settings
-from guard.errors import IntegrityError, KeyShreddedError, SubjectRestrictedError
+from guard.errors import IntegrityError, KeyShreddedError, KeyUnavailableError, SubjectRestrictedError
 from guard.pipeline.runtime import build_keys, build_sanitizer
 from guard.protect.reveal import open_image
 from guard.records.codec import decode
@@ -132,6 +132,192 @@ def test_ciphertext_moved_between_rows_images_topics_or_fields_fails(sanitizer):
     moved = {**doc_a, "before": doc_a["after"]}
     with pytest.raises(IntegrityError):
         open_image(sanitizer.keys, moved, "before", topic=topic, row_key=rec_a.key)
+
+
+def test_an_older_image_of_the_same_row_cannot_be_replayed_into_a_newer_record(sanitizer):
+    """Finding 13: the associated data binds op and source position, so an old image of a row (an earlier
+    update, at an earlier LSN) pasted into a newer record of the same row, subject and fields fails."""
+    rng = random.Random(13)
+    topic = "sanitized.br0101.public.customers"
+    c = customer(rng, 9_000_013)
+    key = {"customer_id": c["customer_id"]}
+
+    def update(name: str, lsn: int) -> bytes:
+        doc = json.loads(event("customers", {**c, "name": name}, op="u"))
+        doc["source"]["lsn"] = lsn
+        return json.dumps(doc, ensure_ascii=False).encode()
+
+    rec_old, doc_old, _ = sanitize(sanitizer, "customers", key, update("旧名字", 1000))
+    rec_new, doc_new, _ = sanitize(sanitizer, "customers", key, update("新名字", 2000))
+    assert rec_old.key == rec_new.key and doc_old["subject"] == doc_new["subject"]
+    assert doc_new["v"] == 2 and doc_new["position"] != doc_old["position"]
+    assert open_image(sanitizer.keys, doc_new, "after", topic=topic, row_key=rec_new.key)["name"] == "新名字"
+    replayed = {**doc_new, "after": doc_old["after"]}
+    with pytest.raises(IntegrityError):
+        open_image(sanitizer.keys, replayed, "after", topic=topic, row_key=rec_new.key)
+    with pytest.raises(IntegrityError):  # nor relabelled as another op
+        open_image(sanitizer.keys, {**doc_new, "op": "c"}, "after", topic=topic, row_key=rec_new.key)
+
+
+def test_the_same_customer_id_in_two_branches_names_two_people(stack):
+    """Finding 10: customer ids are per-branch surrogates, so the subject token is of (branch, id): the same
+    id in two branches gives two tokens (two keys), and one person keeps one token across a branch's tables."""
+    rng = random.Random(10)
+    first = build_sanitizer(_settings(stack, branch=f"t{uuid.uuid4().hex[:8]}", worker_id="t10-a"))
+    second = build_sanitizer(_settings(stack, branch=f"t{uuid.uuid4().hex[:8]}", worker_id="t10-b"))
+    for san in (first, second):
+        san.act_on_deletes = False
+    c = customer(rng, 4242)
+    _, doc_1, _ = sanitize(first, "customers", {"customer_id": 4242}, event("customers", c))
+    _, doc_2, _ = sanitize(second, "customers", {"customer_id": 4242}, event("customers", c))
+    assert doc_1["subject"] != doc_2["subject"]
+    assert first.keys.subject_token(first.branch, 4242) != first.keys.subject_token(second.branch, 4242)
+    account = {"account_no": synth.bank_card(rng), "customer_id": 4242, "status": "active"}
+    _, doc_acc, _ = sanitize(first, "accounts", {"account_id": 77}, event("accounts", account))
+    assert doc_acc["subject"] == doc_1["subject"]
+
+
+def test_each_image_is_sealed_under_its_own_subject(stack):
+    """Finding 6: an update that moves a row from customer A to customer B seals the before image under
+    A's key and the after image under B's, so erasing A leaves A's old data unreadable (it was readable
+    with B's key) and B's data readable."""
+    san = build_sanitizer(_settings(stack, branch=f"t{uuid.uuid4().hex[:8]}", worker_id="t6-move"))
+    san.act_on_deletes = False
+    topic = "sanitized.br0101.public.accounts"
+    a_row = {"account_no": "6222020200006000001", "customer_id": 601, "status": "active", "balance": "5.00"}
+    b_row = {**a_row, "customer_id": 602, "balance": "7.00"}
+    rec, doc, _ = sanitize(san, "accounts", {"account_id": 60}, event("accounts", b_row, before=a_row, op="u"))
+    token_a, token_b = san.keys.subject_token(san.branch, 601), san.keys.subject_token(san.branch, 602)
+    assert doc["subject"] == token_b and doc["before_subject"] == token_a
+    assert open_image(san.keys, doc, "before", topic=topic, row_key=rec.key)["balance"] == "5.00"
+    assert open_image(san.keys, doc, "after", topic=topic, row_key=rec.key)["balance"] == "7.00"
+    # the before image does not open under B's key (as if it named B)
+    with pytest.raises(IntegrityError):
+        open_image(san.keys, {**doc, "before_subject": None}, "before", topic=topic, row_key=rec.key)
+    san.erase(token_a, trigger="erase_command", reason_code="subject_request", reason="test", by="test")
+    with pytest.raises(KeyShreddedError):
+        open_image(san.keys, doc, "before", topic=topic, row_key=rec.key)
+    assert open_image(san.keys, doc, "after", topic=topic, row_key=rec.key)["balance"] == "7.00"
+    # an update of a row that stays with one customer names no before subject
+    _, same, _ = sanitize(san, "accounts", {"account_id": 61}, event("accounts", b_row, before=b_row, op="u"))
+    assert same["before_subject"] is None
+
+
+def test_rows_without_a_subject_get_a_key_of_their_own_that_their_delete_erases(stack):
+    """Finding 6: rows whose subject column is null or unusable no longer share a table-wide key that no
+    erasure reaches: each is sealed under a per-row key (of branch, table, row key), an anomaly names the
+    table once, the row's delete destroys its key, and a row with neither subject nor key is keyed per change."""
+    san = build_sanitizer(_settings(stack, branch=f"t{uuid.uuid4().hex[:8]}", worker_id="t6-rows"))
+    topic = "sanitized.br0101.public.accounts"
+    rows = [{"account_no": f"622202020000700000{i}", "customer_id": cid, "status": "active", "balance": f"{i}.00"}
+            for i, cid in enumerate([None, None, "", True])]
+    out = [sanitize(san, "accounts", {"account_id": 700 + i}, event("accounts", row)) for i, row in enumerate(rows)]
+    subjects = [doc["subject"] for _, doc, _ in out]
+    assert len(set(subjects)) == len(rows)  # one key per row, not one per table
+    alerts = [orjson.loads(r.value) for _, _, o in out for r in o.records if r.topic == "guard.anomalies"]
+    assert [a["rule"] for a in alerts] == ["rows_without_data_subject"]
+    for (rec, doc, _), row in zip(out, rows, strict=True):
+        assert open_image(san.keys, doc, "after", topic=topic, row_key=rec.key)["balance"] == row["balance"]
+    # the delete of row 0 erases its own key, and only its own
+    key0 = json.dumps({"account_id": 700}).encode()
+    deleted = san.process("br0101.public.accounts", 0, 9, key0, event("accounts", None, before=rows[0], op="d"))
+    confirmations = [orjson.loads(r.value) for r in deleted.records if r.topic == "guard.deletions"]
+    assert [(c["subject"], c["trigger"]) for c in confirmations] == [(subjects[0], "row_delete")]
+    san.keys.forget(san.branch, subjects[0])
+    with pytest.raises(KeyShreddedError):
+        open_image(san.keys, out[0][1], "after", topic=topic, row_key=out[0][0].key)
+    assert open_image(san.keys, out[1][1], "after", topic=topic, row_key=out[1][0].key)["balance"] == "1.00"
+    # no subject and no primary key (or an offline run): keyed per change, by where it was read
+    keyless = san.process("br0101.public.accounts", 0, 10, None, event("accounts", rows[1]))
+    again = san.process("br0101.public.accounts", 0, 11, None, event("accounts", rows[1]))
+    subjects_keyless = {decode(o.records[0].value)["subject"] for o in (keyless, again)}
+    assert keyless.decision == again.decision == "protected"
+    assert len(subjects_keyless) == 2 and not subjects_keyless & set(subjects)
+
+
+def test_the_reveal_side_opens_images_without_any_index_key(stack, branch_settings, sanitizer):
+    """Finding 1: blind-index keys stay in the sanitizer; a reveal-side key manager opens images but can
+    neither load the index root nor compute a token (so it can't test guesses of a masked mobile)."""
+    rng = random.Random(101)
+    c = customer(rng, 9_000_101)
+    rec, doc, _ = sanitize(sanitizer, "customers", {"customer_id": c["customer_id"]}, event("customers", c))
+    reveal = build_keys(branch_settings, listen=False, indexes=False)
+    topic = "sanitized.br0101.public.customers"
+    assert open_image(reveal, doc, "after", topic=topic, row_key=rec.key)["mobile"] == c["mobile"]
+    with pytest.raises(KeyUnavailableError):
+        reveal.search_token("mobile", c["mobile"].encode())
+    # per-field keys: the same digits indexed as another field give another token
+    assert doc["after"]["index"]["mobile"] == sanitizer.keys.search_token("mobile", c["mobile"].encode())
+    assert doc["after"]["index"]["mobile"] != sanitizer.keys.search_token("id_number", c["mobile"].encode())
+
+
+def test_erasure_tombstones_a_compacted_topic_until_compaction_removes_the_customer(stack):
+    """Finding 1: no sanitized topic is compacted by default (the guard creates them with the broker's
+    `delete` policy), but where one is, its latest record per key would stay forever. Erasure writes a
+    tombstone for every key whose latest record is the erased customer's (not for a row that moved to
+    another customer), the confirmation says so, and the log cleaner then removes the customer's records."""
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from guard.kafka.clients import TopicManager
+    from tests.integration.kafka_helpers import read_all
+
+    bootstrap = stack["GUARD_KAFKA_BOOTSTRAP"]
+    prefix = f"bc{uuid.uuid4().hex[:8]}"
+    settings = _settings(stack, branch=f"t{uuid.uuid4().hex[:8]}", worker_id="t1-compact", raw_topic_prefix=prefix)
+    raw_topic = f"{prefix}.public.accounts"
+    out_topic = settings.sanitized_prefix + raw_topic
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(out_topic, 1, 1, config={
+        "cleanup.policy": "compact", "segment.ms": "1000", "min.cleanable.dirty.ratio": "0.001",
+        "delete.retention.ms": "1000", "min.compaction.lag.ms": "0", "max.compaction.lag.ms": "5000"})])[
+        out_topic].result(timeout=30)
+    san = build_sanitizer(settings)
+    san.act_on_deletes = False
+    san.topic_configs = TopicManager(admin).configs
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+
+    def publish(records) -> None:
+        for r in records:
+            if r.topic == out_topic:
+                producer.produce(r.topic, r.value, r.key, partition=r.partition or 0)
+        assert producer.flush(30) == 0
+
+    def account(account_id: int, customer_id: int, before: int | None = None) -> tuple[bytes, bytes]:
+        row = {"account_no": f"62220202000{account_id:08d}", "customer_id": customer_id, "status": "active"}
+        old = None if before is None else {**row, "customer_id": before}
+        return json.dumps({"account_id": account_id}).encode(), event("accounts", row, before=old,
+                                                                      op="c" if before is None else "u")
+
+    x, y = 8101, 8102
+    changes = [account(1, x), account(2, x), account(3, x), account(4, y), account(3, y, before=x)]
+    outputs = [san.process(raw_topic, 0, i, k, v) for i, (k, v) in enumerate(changes)]
+    assert all(o.decision == "protected" for o in outputs)
+    publish([r for o in outputs for r in o.records])
+    keys = {o.records[0].key for o in outputs}
+    x_keys = {outputs[0].records[0].key, outputs[1].records[0].key}  # account 3 moved to y: not x's any more
+    token_x = san.keys.subject_token(settings.branch, x)
+    records = san.erase(token_x, trigger="erase_command", reason_code="subject_request", reason="test", by="test")
+    tombstones = [r for r in records if r.topic == out_topic]
+    assert {r.key for r in tombstones} == x_keys and all(r.value is None and r.partition == 0 for r in tombstones)
+    confirmation = orjson.loads(records[0].value)
+    [remains] = [e for e in confirmation["remains"] if e.get("topic") == out_topic]
+    assert remains["cleanup_policy"] == "compact" and remains["tombstones_written"] == 2
+    assert remains["until_ms"] == confirmation["at_ms"] + 5000
+    publish(records)
+
+    def x_values(recs) -> set[bytes]:
+        return {r.key for r in recs if r.value is not None and r.key in x_keys}
+
+    assert x_values(read_all(bootstrap, out_topic)) == x_keys  # until the cleaner runs
+    deadline = time.monotonic() + 120
+    while x_values(read_all(bootstrap, out_topic)) and time.monotonic() < deadline:
+        producer.produce(out_topic, b"roll", b"roll", partition=0)  # a new record rolls the active segment
+        producer.flush(10)
+        time.sleep(2)
+    remaining = read_all(bootstrap, out_topic)
+    assert not x_values(remaining), "compaction did not remove the erased customer's records"
+    assert {r.key for r in remaining if r.value is not None} >= keys - x_keys  # y's records stay
 
 
 # --- keys: rotation, durability, sharing ----------------------------------------------------------

@@ -16,8 +16,8 @@ def _mask(kind: str, value: str) -> str:
     return f"{kind}:{value[:1]}***"
 
 
-def _token(value: bytes) -> str:
-    return hashlib.blake2b(value, key=b"k" * 16, digest_size=16).hexdigest()
+def _token(column: str, value: bytes) -> str:  # one key per column, like KeyManager.search_token
+    return hashlib.blake2b(value, key=column.encode().ljust(16, b"k"), digest_size=16).hexdigest()
 
 
 def _keyed_hash(column: str, value: bytes) -> str:
@@ -37,7 +37,7 @@ def _reference_image(row: dict, ct: bytes | None) -> dict:
         "clear": {"a": row["a"]} if row["a"] is None or type(row["a"]) in (str, bool, int, float) else {},
         "masked": {} if erased else {c: _mask("k" + c, v if type(v) is str else str(v))
                                      for c in ("b", "c") if (v := row[c]) is not None},
-        "index": {} if erased else {c: _token(_value_bytes(v)) for c in ("c", "d") if (v := row[c]) is not None},
+        "index": {} if erased else {c: _token(c, _value_bytes(v)) for c in ("c", "d") if (v := row[c]) is not None},
         "hashed": {c: _keyed_hash(c, _value_bytes(v)) for c in ("e",) if (v := row[c]) is not None},
         "dropped": [],
         "erased": ["b", "c"] if erased else [],
@@ -58,7 +58,7 @@ def test_writer_with_memo_matches_the_reference_encoder(batch, erased):
         fast = encode_change(op="u", table="t", branch="b", db="d", ts_ms=1, source_ts_ms=2, position="p",
                              subject="s", before=None, after=writer.write(row, ct), unclassified=[])
         reference = encode_sanitized_change({
-            "v": 1, "op": "u", "table": "t", "branch": "b", "db": "d", "ts_ms": 1, "source_ts_ms": 2,
+            "v": 2, "op": "u", "table": "t", "branch": "b", "db": "d", "ts_ms": 1, "source_ts_ms": 2,
             "position": "p", "subject": "s", "before": None, "after": _reference_image(row, ct), "unclassified": []})
         assert fast == reference
 
