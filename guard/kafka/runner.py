@@ -467,12 +467,7 @@ class SanitizerWorker:
             self._confirm_delivered(sanitizer.pending_in_txn)
         except (KafkaException, ProducerStuckError) as exc:
             log.warning("scheduled erasures: confirmations not delivered yet (%s); they stay pending", exc)
-            if self._in_txn:
-                self._in_txn = False
-                try:
-                    self._txn("abort", lambda: self.producer.abort_transaction(5), deadline_s=10)
-                except (KafkaException, ProducerStuckError):
-                    self._replace_producer()
+            self._abort_side_transaction()
         except KeyUnavailableError as exc:
             log.warning("scheduled erasures not carried out yet (%s); retrying later", exc)
         finally:
@@ -531,14 +526,23 @@ class SanitizerWorker:
             self._confirm_delivered({subj: e["id"] for subj, e in missing.items()})
         except (KafkaException, ProducerStuckError) as exc:
             log.warning("pending deletion confirmations not delivered yet (%s); retrying later", exc)
-            if self._in_txn:
-                self._in_txn = False
-                try:
-                    self._txn("abort", lambda: self.producer.abort_transaction(5), deadline_s=10)
-                except (KafkaException, ProducerStuckError):
-                    self._replace_producer()
+            self._abort_side_transaction()
         except KeyUnavailableError as exc:
             log.warning("pending deletion confirmations not checked (%s); retrying later", exc)
+
+    def _abort_side_transaction(self) -> None:
+        """End a maintenance transaction (scheduled erasures, re-emitted confirmations) that failed.
+
+        It carries no consumed records, so nothing is rewound; a producer that can't abort is replaced,
+        which fences it and has the coordinator abort the transaction.
+        """
+        if not self._in_txn:
+            return
+        self._in_txn = False
+        try:
+            self._txn("abort", lambda: self.producer.abort_transaction(5), deadline_s=10)
+        except (KafkaException, ProducerStuckError):
+            self._replace_producer()
 
     def _abort(self) -> None:
         """Abort the open transaction and rewind every partition it touched to its first record."""
