@@ -7,7 +7,7 @@ import os
 import sys
 
 from guard.stack import orchestrator
-from guard.stack.connector import ensure_connector
+from guard.stack.connector import ENGINES, ensure_connector
 from guard.stack.errors import StackError
 
 
@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in orchestrator.env().items():
                 print(f"export {k}={v}")
         elif args.cmd == "connector":
-            ensure_connector()
+            for engine in ENGINES:
+                ensure_connector(engine=engine)
         elif args.cmd == "transactions":
             return _transactions(args.abort, args.max_transaction_timeout)
         elif args.cmd == "provision":

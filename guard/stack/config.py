@@ -62,6 +62,22 @@ class StackConfig:
     publication_name: str = "dbz_branch_0101"
     seed: int = 101
     seed_customers: int = 200
+    # --- the second branch, on MariaDB (guard/stack/mariadb.py, connectors/branch-mariadb.json) --------------
+    #: Debezium's MariaDB connector: 3.5.0.Final, the newest on Maven Central (3.6.x is not published there);
+    #: it runs as a plugin of its own (own directory, own class loader) beside the 3.6.1 PostgreSQL plugin.
+    mariadb_debezium_version: str = "3.5.0.Final"
+    mariadb_port: int = 13306
+    mariadb_db: str = "branch_0202"
+    mariadb_branch: str = "0202"
+    mariadb_topic_prefix: str = "br0202"
+    mariadb_connector_name: str = "branch-0202-mariadb"
+    #: The binlog's server id (GTID domain 0): unique in the replication topology; Debezium reads as
+    #: another server id (``database.server.id`` in the connector).
+    mariadb_server_id: int = 202
+    mariadb_app_user: str = "branch_app"
+    mariadb_app_password: str = "branch_app"  # noqa: S105 - fixed demo credential of the app role, documented
+    mariadb_cdc_user: str = "cdc"
+    mariadb_seed: int = 202
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> StackConfig:
@@ -79,6 +95,7 @@ class StackConfig:
             connect_port=_int_env(e, "GUARD_CONNECT_PORT", cls.connect_port),
             pg_port=_int_env(e, "GUARD_PG_PORT", cls.pg_port),
             redis_port=_int_env(e, "GUARD_REDIS_PORT", cls.redis_port),
+            mariadb_port=_int_env(e, "GUARD_MARIADB_PORT", cls.mariadb_port),
         )
 
     # --- derived locations -------------------------------------------------------------------
@@ -111,6 +128,21 @@ class StackConfig:
         )
 
     @property
+    def mariadb_dsn(self) -> str:
+        """The MariaDB branch's application account (what the workload writes with)."""
+        return (f"mysql://{self.mariadb_app_user}:{self.mariadb_app_password}@{self.host}:{self.mariadb_port}"
+                f"/{self.mariadb_db}")
+
+    @property
+    def secrets(self) -> Path:
+        return self.home / "secrets"
+
+    @property
+    def mariadb_cdc_password_file(self) -> Path:
+        """The CDC account's password (random, mode 0600, made by the first ``up``; guard.stack.mariadb)."""
+        return self.secrets / "mariadb-cdc.password"
+
+    @property
     def redis_url(self) -> str:
         return f"redis://{self.host}:{self.redis_port}/0"
 
@@ -122,4 +154,9 @@ class StackConfig:
             "GUARD_BRANCH_DSN": self.branch_dsn,
             "GUARD_REDIS_URL": self.redis_url,
             "GUARD_RAW_TOPIC_PREFIX": self.topic_prefix,
+            # the second branch (MariaDB): a second worker runs with GUARD_BRANCH / GUARD_RAW_TOPIC_PREFIX /
+            # GUARD_GROUP_ID set from these (guard.config.Settings.for_branch)
+            "GUARD_BRANCH2": self.mariadb_branch,
+            "GUARD_BRANCH2_DSN": self.mariadb_dsn,
+            "GUARD_BRANCH2_RAW_TOPIC_PREFIX": self.mariadb_topic_prefix,
         }

@@ -20,15 +20,18 @@ from guard.stack.service import Service
 
 HEAP_MIN, HEAP_MAX = "256m", "768m"
 POSTGRES_CONNECTOR_CLASS = "io.debezium.connector.postgresql.PostgresConnector"
+MARIADB_CONNECTOR_CLASS = "io.debezium.connector.mariadb.MariaDbConnector"
 
 
-def connect_answers(url: str, required_plugin: str = POSTGRES_CONNECTOR_CLASS) -> bool:
-    """True once the REST API answers and the Debezium plugin has been loaded."""
+def connect_answers(url: str, required_plugins: tuple[str, ...] = (POSTGRES_CONNECTOR_CLASS,
+                                                                  MARIADB_CONNECTOR_CLASS)) -> bool:
+    """True once the REST API answers and both Debezium plugins have been loaded."""
     with httpx.Client(base_url=url, timeout=3.0) as http:
         if http.get("/").status_code != 200:
             return False
         plugins = http.get("/connector-plugins").json()
-    return any(p.get("class") == required_plugin for p in plugins)
+    loaded = {p.get("class") for p in plugins}
+    return all(required in loaded for required in required_plugins)
 
 
 class Connect(Service):
@@ -67,7 +70,7 @@ class Connect(Service):
         write_if_changed(self.properties, render_asset(
             "connect-distributed.properties", connect_version=self.cfg.connect_version,
             bootstrap=self.cfg.bootstrap, host=self.cfg.host, connect_port=self.cfg.connect_port,
-            plugin_path=a.plugin_path))
+            plugin_path=a.plugin_paths))
         write_if_changed(self.log_config, render_asset("log4j2.properties", component="connect",
                                                        log_file=self.cfg.logs / "connect.log"))
 

@@ -28,6 +28,30 @@ from guard.stack.errors import StackError
 from guard.stack.procs import progress
 
 CONFIG_FILE = "branch-postgres.json"
+MARIADB_CONFIG_FILE = "branch-mariadb.json"
+#: The engines of the stack's branch databases: the PostgreSQL branch (0101) and the MariaDB branch (0202).
+ENGINES = ("postgres", "mariadb")
+
+
+def config_file(engine: str) -> str:
+    """The connector template of an engine's branch."""
+    if engine not in ENGINES:
+        raise StackError(f"unknown branch engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    return CONFIG_FILE if engine == "postgres" else MARIADB_CONFIG_FILE
+
+
+def namespace(cfg: StackConfig, engine: str) -> str:
+    """Where the branch's tables live: the PostgreSQL schema or the MariaDB database (the catalog's
+    ``<namespace>.<table>`` and the raw topics' ``<prefix>.<namespace>.<table>``)."""
+    return "public" if engine == "postgres" else cfg.mariadb_db
+
+
+def topic_prefix(cfg: StackConfig, engine: str) -> str:
+    return cfg.topic_prefix if engine == "postgres" else cfg.mariadb_topic_prefix
+
+
+def connector_name(cfg: StackConfig, engine: str) -> str:
+    return cfg.connector_name if engine == "postgres" else cfg.mariadb_connector_name
 
 
 def connectors_dir() -> Path:
@@ -41,8 +65,24 @@ def connectors_dir() -> Path:
 
 
 def placeholder_values(cfg: StackConfig, db_host: str | None = None, db_port: int | None = None,
-                       bootstrap: str | None = None) -> dict[str, str]:
-    """Values for the ``${...}`` placeholders in the connector file."""
+                       bootstrap: str | None = None, engine: str = "postgres") -> dict[str, str]:
+    """Values for the ``${...}`` placeholders in the connector file of an engine's branch."""
+    if engine == "mariadb":
+        from guard.stack.mariadb import read_secret
+
+        return {
+            "DB_HOST": db_host or cfg.host,
+            "DB_PORT": str(db_port or cfg.mariadb_port),
+            "DB_NAME": cfg.mariadb_db,
+            "CDC_USER": cfg.mariadb_cdc_user,
+            "CDC_PASSWORD": read_secret(cfg.mariadb_cdc_password_file),
+            # the id the connector reads the binlog as: another server's than the branch server's own
+            "CONNECTOR_SERVER_ID": str(cfg.mariadb_server_id * 100 + 1),
+            "TOPIC_PREFIX": cfg.mariadb_topic_prefix,
+            "CONNECTOR_NAME": cfg.mariadb_connector_name,
+            "KAFKA_BOOTSTRAP": bootstrap or cfg.bootstrap,
+            "CONNECTOR_HASH_SALT": connector_hash_salt(cfg),
+        }
     return {
         "DB_HOST": db_host or cfg.host,
         "DB_PORT": str(db_port or cfg.pg_port),
@@ -87,7 +127,7 @@ def connector_state(http: httpx.Client, name: str) -> tuple[str, list[str], str]
 def ensure_connector(cfg: StackConfig | None = None, *, connect_url: str | None = None,
                      db_host: str | None = None, db_port: int | None = None,
                      timeout: float = 180.0, catalog: Catalog | None = None, check_db: bool = True,
-                     db_dsn: str | None = None) -> str:
+                     db_dsn: str | None = None, engine: str = "postgres", bootstrap: str | None = None) -> str:
     """Create or update the connector (only if its config differs) and wait until it and its task run.
 
     The config is rendered from the template and the catalog (``render_connector``); a catalog change
@@ -97,14 +137,19 @@ def ensure_connector(cfg: StackConfig | None = None, *, connect_url: str | None 
     Returns what was done: "created", "updated" or "unchanged".
 
     A FAILED connector/task is restarted once, since the usual cause on a laptop is the database
-    having been down while Connect started.
+    having been down while Connect started. `engine` picks the branch: ``postgres`` (0101, the default) or
+    ``mariadb`` (0202, ``connectors/branch-mariadb.json``).
     """
     cfg = cfg or StackConfig.from_env()
     url = connect_url or cfg.connect_url
     catalog = catalog or Catalog.load()
+    ns = namespace(cfg, engine)
     if check_db:
-        check_hash_columns(db_dsn or cfg.branch_dsn, catalog)
-    name, config = resolve_connector(render_connector(catalog), placeholder_values(cfg, db_host, db_port))
+        default_dsn = cfg.branch_dsn if engine == "postgres" else cfg.mariadb_dsn
+        check_hash_columns(db_dsn or default_dsn, catalog, ns)
+    template = connectors_dir() / config_file(engine)
+    name, config = resolve_connector(render_connector(catalog, template, ns),
+                                     placeholder_values(cfg, db_host, db_port, bootstrap, engine))
     with httpx.Client(base_url=url, timeout=30.0) as http:
         current = http.get(f"/connectors/{name}/config")
         if current.status_code == 200 and current.json() == config:
@@ -116,7 +161,7 @@ def ensure_connector(cfg: StackConfig | None = None, *, connect_url: str | None 
                 raise StackError(f"Connect rejected connector {name}: HTTP {r.status_code} "
                                  f"{redact(r.text[:2000], config)}")
             outcome = "created" if r.status_code == 201 else "updated"
-            progress(f"connector {name}: {outcome} ({describe_source_rules(catalog)})")
+            progress(f"connector {name}: {outcome} ({describe_source_rules(catalog, ns)})")
         restarted = False
         deadline = time.monotonic() + timeout
         while True:
@@ -160,9 +205,10 @@ def topic_message_count(bootstrap: str, topic: str) -> int:
         c.close()
 
 
-def wait_snapshot(cfg: StackConfig, table: str = "customers", timeout: float = 180.0) -> int:
-    """Wait until Debezium's initial snapshot has produced to ``<prefix>.public.<table>``."""
-    topic = f"{cfg.topic_prefix}.public.{table}"
+def wait_snapshot(cfg: StackConfig, table: str = "customers", timeout: float = 180.0,
+                  engine: str = "postgres") -> int:
+    """Wait until Debezium's initial snapshot has produced to ``<prefix>.<namespace>.<table>``."""
+    topic = f"{topic_prefix(cfg, engine)}.{namespace(cfg, engine)}.{table}"
     deadline = time.monotonic() + timeout
     while True:
         n = topic_message_count(cfg.bootstrap, topic)
@@ -212,8 +258,9 @@ def connector_hash_salt(cfg: StackConfig) -> str:
     return salt
 
 
-def render_connector(catalog: Catalog, template: Path | None = None) -> dict[str, Any]:
-    """The connector document of the template plus the catalog's C3 options, placeholders unresolved.
+def render_connector(catalog: Catalog, template: Path | None = None, namespace: str = "public") -> dict[str, Any]:
+    """The connector document of the template plus the catalog's C3 options of `namespace`'s tables (the
+    PostgreSQL schema or MariaDB database the connector captures), placeholders unresolved.
 
     Nothing secret is in it: the CDC password and the hash salt stay ``${CDC_PASSWORD}`` and
     ``${CONNECTOR_HASH_SALT}``. A template that sets a column filter itself is refused: the catalog owns them.
@@ -225,7 +272,7 @@ def render_connector(catalog: Catalog, template: Path | None = None) -> dict[str
         raise StackError(f"{path} sets {owned}: column filters are rendered from the catalog "
                          f"({catalog.source}); remove them from the template")
     config = dict(doc["config"])
-    config.update(source_options(catalog))
+    config.update(source_options(catalog, namespace))
     return {"name": doc["name"], "config": config}
 
 
@@ -252,16 +299,16 @@ def redact(text: str, config: dict[str, str]) -> str:
     return text
 
 
-def describe_source_rules(catalog: Catalog) -> str:
+def describe_source_rules(catalog: Catalog, namespace: str | None = None) -> str:
     """One phrase per C3 column: what Debezium does with it."""
-    rules = source_rules(catalog)
+    rules = source_rules(catalog, namespace)
     if not rules:
         return "the catalog has no C3 column"
     return "; ".join(f"{r.table}.{r.column}: {'excluded' if r.action.value == 'drop' else 'hashed'}"
                      for r in rules)
 
 
-def check_hash_columns(dsn: str, catalog: Catalog) -> None:
+def check_hash_columns(dsn: str, catalog: Catalog, namespace: str = "public") -> None:
     """Refuse to register when a C3 column to be hashed would not be hashed by Debezium in full.
 
     Debezium's hash mask passes non-character columns through in clear and cuts the digest to a declared
@@ -271,12 +318,14 @@ def check_hash_columns(dsn: str, catalog: Catalog) -> None:
     import psycopg
 
     from guard.classify.source import hash_column_problem
+    from guard.workload.branch import connect, is_mariadb
 
-    hashed = [r for r in source_rules(catalog) if r.action.value == "hash"]
+    hashed = [r for r in source_rules(catalog, namespace) if r.action.value == "hash"]
     if not hashed:
         return
     problems = []
-    with psycopg.connect(dsn, connect_timeout=10) as conn:
+    opened = connect(dsn) if is_mariadb(dsn) else psycopg.connect(dsn, connect_timeout=10)
+    with opened as conn:
         for rule in hashed:
             schema, table = rule.table.split(".", 1)
             row = conn.execute("SELECT data_type, character_maximum_length FROM information_schema.columns "
@@ -293,12 +342,13 @@ def check_hash_columns(dsn: str, catalog: Catalog) -> None:
 
 
 # --- raw records written before the C3 filter (local stack) ----------------------------------------------
-def c3_filter_marker(cfg: StackConfig) -> Path:
+def c3_filter_marker(cfg: StackConfig, engine: str = "postgres") -> Path:
     """Where the stack remembers which C3 filter its raw topics have been cleaned for."""
-    return cfg.run / "c3-filter.applied"
+    return cfg.run / ("c3-filter.applied" if engine == "postgres" else f"c3-filter-{engine}.applied")
 
 
-def purge_raw_written_before_filter(cfg: StackConfig, catalog: Catalog, outcome: str) -> list[str]:
+def purge_raw_written_before_filter(cfg: StackConfig, catalog: Catalog, outcome: str,
+                                    engine: str = "postgres") -> list[str]:
     """Delete the raw records of C3 tables that a connector without today's C3 filter wrote (local stack).
 
     A connector registered before the catalog's C3 columns were filtered at the source (or with fewer of
@@ -312,16 +362,17 @@ def purge_raw_written_before_filter(cfg: StackConfig, catalog: Catalog, outcome:
     from confluent_kafka import TopicPartition
     from confluent_kafka.admin import AdminClient
 
-    marker = c3_filter_marker(cfg)
-    digest = json.dumps(source_options(catalog), sort_keys=True)
+    marker = c3_filter_marker(cfg, engine)
+    ns = namespace(cfg, engine)
+    digest = json.dumps(source_options(catalog, ns), sort_keys=True)
     if marker.exists() and marker.read_text(encoding="utf-8") == digest:
         return []
     cleaned: list[str] = []
     if outcome != "created":
         admin = AdminClient({"bootstrap.servers": cfg.bootstrap})
         topics = admin.list_topics(timeout=15).topics
-        for table in sorted({rule.table for rule in source_rules(catalog)}):
-            name = f"{cfg.topic_prefix}.{table}"
+        for table in sorted({rule.table for rule in source_rules(catalog, ns)}):
+            name = f"{topic_prefix(cfg, engine)}.{table}"
             meta = topics.get(name)
             if meta is None or meta.error is not None:
                 continue

@@ -25,6 +25,8 @@ from guard.stack.broker import Broker
 from guard.stack.config import StackConfig
 from guard.stack.connect import Connect
 from guard.stack.connector import (
+    ENGINES,
+    connector_name,
     connector_state,
     ensure_connector,
     purge_raw_written_before_filter,
@@ -32,32 +34,34 @@ from guard.stack.connector import (
 )
 from guard.stack.controller import Controller
 from guard.stack.errors import StackError
+from guard.stack.mariadb import MariaDB, provision_mariadb
 from guard.stack.postgres import SUPERUSER, Postgres
 from guard.stack.procs import progress
 from guard.stack.provision import bootstrap, seed
 from guard.stack.redisd import Redis
 from guard.stack.service import Service, ServiceStatus
 
-SERVICES = ("controller", "broker", "connect", "postgres", "redis")
+SERVICES = ("controller", "broker", "connect", "postgres", "mariadb", "redis")
 
 #: Services that run on the fetched Kafka jars.
 _JVM_SERVICES = ("controller", "broker", "connect")
 
 
 class Stack:
-    """The five services of one stack home, built from one config."""
+    """The six services of one stack home, built from one config."""
 
     def __init__(self, cfg: StackConfig | None = None, artifacts: Artifacts | None = None) -> None:
         self.cfg = cfg or StackConfig.from_env()
         self.redis = Redis(self.cfg)
         self.postgres = Postgres(self.cfg)
+        self.mariadb = MariaDB(self.cfg)
         self.controller = Controller(self.cfg, artifacts)
         self.broker = Broker(self.cfg, artifacts)
         self.connect = Connect(self.cfg, artifacts)
 
     def get(self, name: str) -> Service:
         services: dict[str, Service] = {"controller": self.controller, "broker": self.broker, "connect": self.connect,
-                                        "postgres": self.postgres, "redis": self.redis}
+                                        "postgres": self.postgres, "mariadb": self.mariadb, "redis": self.redis}
         if name not in services:
             raise StackError(f"unknown service {name!r}; choose one of {', '.join(SERVICES)}")
         return services[name]
@@ -103,6 +107,9 @@ class Stack:
         bootstrap(self.cfg, pg.admin_conninfo(), pg.admin_conninfo(self.cfg.branch_db), SUPERUSER)
         seed(self.cfg, self.cfg.branch_dsn)
 
+    def provision_mariadb(self) -> None:
+        provision_mariadb(self.cfg, self.mariadb)
+
 
 @contextlib.contextmanager
 def _locked(cfg: StackConfig) -> Iterator[None]:
@@ -131,18 +138,23 @@ def _up(cfg: StackConfig) -> None:
         d.mkdir(parents=True, exist_ok=True)
     stack = Stack(cfg).with_artifacts()
     stack.migrate_combined_kafka()
-    for svc in (stack.redis, stack.postgres):
+    for svc in (stack.redis, stack.postgres, stack.mariadb):
         svc.start()
     stack.start_kafka()
     stack.redis.wait_ready()
     stack.postgres.wait_ready()
     stack.provision_postgres()
+    stack.mariadb.wait_ready()
+    stack.provision_mariadb()
     stack.broker.wait_ready()
     stack.connect.start()
     stack.connect.wait_ready()
-    outcome = ensure_connector(cfg)
-    purge_raw_written_before_filter(cfg, Catalog.load(), outcome)
-    wait_snapshot(cfg)
+    catalog = Catalog.load()
+    for engine in ENGINES:
+        outcome = ensure_connector(cfg, catalog=catalog, engine=engine)
+        purge_raw_written_before_filter(cfg, catalog, outcome, engine)
+    for engine in ENGINES:
+        wait_snapshot(cfg, engine=engine)
     progress(f"up in {time.monotonic() - t0:.1f}s")
     for k, v in cfg.env().items():
         progress(f"  {k}={v}")
@@ -152,16 +164,16 @@ def down() -> None:
     """Stop what the stack started (Connect first, Redis last). Data stays in the stack home."""
     stack = Stack()
     with _locked(stack.cfg):
-        for name in ("connect", "broker", "controller", "postgres", "redis"):
+        for name in ("connect", "broker", "controller", "postgres", "mariadb", "redis"):
             outcome = stack.get(name).stop()
             progress(f"{name}: {outcome}")
 
 
-def _connector_status(cfg: StackConfig) -> ServiceStatus:
-    name = f"connector {cfg.connector_name}"
+def _connector_status(cfg: StackConfig, connector: str) -> ServiceStatus:
+    name = f"connector {connector}"
     try:
         with httpx.Client(base_url=cfg.connect_url, timeout=3.0) as http:
-            state, tasks, trace = connector_state(http, cfg.connector_name)
+            state, tasks, trace = connector_state(http, connector)
     except httpx.HTTPError:
         return ServiceStatus(name, False, "Connect not reachable")
     running = state == "RUNNING" and bool(tasks) and all(t == "RUNNING" for t in tasks)
@@ -173,7 +185,7 @@ def status() -> list[ServiceStatus]:
     """What runs: one entry per service (pid and port) plus the Debezium connector."""
     stack = Stack()
     out = [stack.get(n).status() for n in SERVICES]
-    out.append(_connector_status(stack.cfg))
+    out.extend(_connector_status(stack.cfg, connector_name(stack.cfg, e)) for e in ENGINES)
     return out
 
 

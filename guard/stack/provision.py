@@ -85,3 +85,89 @@ def seed(cfg: StackConfig, dsn: str) -> int:
         progress(f"postgres: seeded {total} rows into {cfg.branch_db} "
                  + ", ".join(f"{t}={len(data.get(t, []))}" for t in SEED_TABLES))
         return total
+
+
+# --- the MariaDB branch (branch 0202) ------------------------------------------------------------------------
+#: What Debezium's MariaDB connector needs and nothing more (its documentation lists SELECT, RELOAD, SHOW
+#: DATABASES, REPLICATION SLAVE, REPLICATION CLIENT): SELECT on the branch database only (the snapshot reads
+#: it), RELOAD for the snapshot's FLUSH TABLES ... WITH READ LOCK (snapshot.locking.mode=minimal), REPLICATION
+#: SLAVE to read the binlog, BINLOG MONITOR (MariaDB's name of REPLICATION CLIENT since 10.5) for SHOW MASTER
+#: STATUS / SHOW BINARY LOGS. Not SHOW DATABASES: without it the account sees the databases it has a grant
+#: on, which is exactly the branch database the connector captures.
+MARIADB_CDC_GLOBAL_GRANTS = ("RELOAD", "REPLICATION SLAVE", "BINLOG MONITOR")
+
+
+def _sql_str(value: str) -> str:
+    """A MariaDB string literal (DDL takes no bind parameters); the values here are our own names and hex."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def _sql_ident(value: str) -> str:
+    return "`" + value.replace("`", "``") + "`"
+
+
+def mariadb_bootstrap_sql(cfg: StackConfig, cdc_password: str, client_host: str = "127.0.0.1") -> str:
+    """The idempotent SQL that makes the branch database, its two accounts and their grants.
+
+    ``client_host`` is where the accounts may log in from: 127.0.0.1 on the local stack (the server listens
+    there only), '%' in docker-compose (Connect and the guard are other containers). Anonymous accounts are
+    removed: every login names a user and proves a password (or, for root, is the OS root on the socket).
+    """
+    db = _sql_ident(cfg.mariadb_db)
+    app = f"{_sql_str(cfg.mariadb_app_user)}@{_sql_str(client_host)}"
+    cdc = f"{_sql_str(cfg.mariadb_cdc_user)}@{_sql_str(client_host)}"
+    return "\n".join([
+        "DROP USER IF EXISTS ''@'localhost', ''@'%', ''@'127.0.0.1';",
+        f"CREATE DATABASE IF NOT EXISTS {db} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci;",
+        f"CREATE USER IF NOT EXISTS {app} IDENTIFIED BY {_sql_str(cfg.mariadb_app_password)};",
+        f"ALTER USER {app} IDENTIFIED BY {_sql_str(cfg.mariadb_app_password)};",
+        f"GRANT ALL PRIVILEGES ON {db}.* TO {app};",
+        f"CREATE USER IF NOT EXISTS {cdc} IDENTIFIED BY {_sql_str(cdc_password)};",
+        f"ALTER USER {cdc} IDENTIFIED BY {_sql_str(cdc_password)};",
+        f"GRANT SELECT ON {db}.* TO {cdc};",
+        f"GRANT {', '.join(MARIADB_CDC_GLOBAL_GRANTS)} ON *.* TO {cdc};",
+        "FLUSH PRIVILEGES;",
+    ]) + "\n"
+
+
+def seed_mariadb(cfg: StackConfig, dsn: str) -> int:
+    """Create the MariaDB branch's tables and insert its synthetic customers when ``customers`` is empty.
+
+    Other customers than branch 0101's (another seed, branch code 0202), each login with a binary device
+    fingerprint. Returns the rows inserted (0 if already seeded).
+    """
+    import random
+
+    from guard.workload.branch import MariaConnection, device_fingerprint
+    from guard.workload.synth import demo_dataset
+
+    with MariaConnection(dsn) as conn:
+        for statement in read_asset("branch_schema_mariadb.sql").split(";\n"):
+            body = "\n".join(line for line in statement.splitlines() if not line.strip().startswith("--")).strip()
+            if body:
+                conn.execute(body)
+        count = conn.execute("SELECT count(*) FROM customers").fetchone()
+        if count and count[0] > 0:
+            progress(f"mariadb: {cfg.mariadb_db} already seeded ({count[0]} customers)")
+            return 0
+        data = demo_dataset(seed=cfg.mariadb_seed, customers=cfg.seed_customers, branch_code=cfg.mariadb_branch)
+        rng = random.Random(cfg.mariadb_seed)
+        for row in data["customer_auth"]:
+            row["device_fp"] = device_fingerprint(rng)
+        total = 0
+        with conn.transaction():
+            for table in SEED_TABLES:
+                rows = data.get(table, [])
+                if not rows:
+                    continue
+                cols = list(rows[0].keys())
+                stmt = (f"INSERT INTO {table} ({', '.join(cols)}) "  # noqa: S608 - fixed names
+                        f"VALUES ({', '.join(['%s'] * len(cols))})")
+                cur = conn.conn.cursor()
+                from guard.workload.branch import _mariadb_value
+
+                cur.executemany(stmt, [[_mariadb_value(r[c]) for c in cols] for r in rows])
+                total += len(rows)
+        progress(f"mariadb: seeded {total} rows into {cfg.mariadb_db} "
+                 + ", ".join(f"{t}={len(data.get(t, []))}" for t in SEED_TABLES))
+        return total
