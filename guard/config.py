@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,16 @@ class Settings:
 
     def transactional_id(self) -> str:
         return f"{self.group_id}-{self.worker_id}"
+
+    def for_branch(self, branch: str, raw_topic_prefix: str) -> Settings:
+        """The settings of a worker for another branch (the local stack's MariaDB branch 0202, `br0202`).
+
+        A worker serves one branch: the branch id names its subject tokens, data keys and branch key, and
+        the raw prefix its input topics. Its consumer group (and so its transactional id) is the branch's
+        own, ``<group_id>-<branch>``, so the two branches' workers never fence each other or share offsets.
+        """
+        return replace(self, branch=branch, raw_topic_prefix=raw_topic_prefix,
+                       group_id=f"{self.group_id}-{branch}")
 
 
 def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:

@@ -126,7 +126,9 @@ class GuardProcess:
     def start(self, *, from_end: bool = False) -> GuardProcess:
         """Start the worker; `from_end` first commits the group at the end of the existing raw topics."""
         if from_end:
-            commit_group_at_end(self.env["GUARD_KAFKA_BOOTSTRAP"], self.env["GUARD_GROUP_ID"])
+            prefix = re.escape(self.env.get("GUARD_RAW_TOPIC_PREFIX") or "br0101")
+            commit_group_at_end(self.env["GUARD_KAFKA_BOOTSTRAP"], self.env["GUARD_GROUP_ID"],
+                                rf"^{prefix}\.[^.]+\.[^.]+$")
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen([*GUARD, "run", "--worker-id", self.worker_id], cwd=REPO, env=self.env,
                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
