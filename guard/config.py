@@ -31,6 +31,17 @@ class Settings:
     raw_topic_prefix: str = "br0101"
     #: The branch code the raw topics belong to (keys are per branch).
     branch: str = "0101"
+    #: A second branch this deployment serves, on another engine (the local stack's MariaDB branch: `0202`,
+    #: raw prefix `br0202`, `guard stack env` prints them). A worker serves one branch: run a second one with
+    #: `guard run --branch <branch2> --raw-topic-prefix <branch2_raw_topic_prefix>`. `guard doctor` checks it.
+    branch2: str = ""
+    branch2_raw_topic_prefix: str = ""
+    #: `mysql://user:password@host:port/db` of the second branch's MariaDB (the application account), for
+    #: `guard doctor`'s database checks.
+    branch2_dsn: str = ""
+    #: File holding the password of the second branch's CDC account (`cdc`), mode 0600; `guard doctor` logs in
+    #: with it to check the account's grants.
+    branch2_cdc_password_file: str = ""
     #: The organisation owning the branch (blind indexes and C3 hashes are keyed per tenant).
     tenant: str = "demo-bank"
     #: Prefix of output topics: `sanitized.<raw topic>`.

@@ -64,7 +64,8 @@ def run_demo(settings: Settings, *, customers: int = 20) -> None:
     for branch in branches:
         click.echo(f"== 3/4 branch {branch.settings.branch} workload ({branch.engine}): {customers} new customers "
                    "with accounts and transactions, contact updates, deletes")
-        results.append(run_workload(branch.dsn, customers=customers, delete=2, update=5))
+        results.append(run_workload(branch.dsn, customers=customers, delete=2, update=5,
+                                    branch_code=branch.settings.branch))
     for branch in branches:
         assert branch.worker is not None
         _wait_until_quiet(branch.worker.stats)

@@ -155,8 +155,9 @@ class StackConfig:
             "GUARD_REDIS_URL": self.redis_url,
             "GUARD_RAW_TOPIC_PREFIX": self.topic_prefix,
             # the second branch (MariaDB): a second worker runs with GUARD_BRANCH / GUARD_RAW_TOPIC_PREFIX /
-            # GUARD_GROUP_ID set from these (guard.config.Settings.for_branch)
+            # GUARD_GROUP_ID set from these (guard.config.Settings.for_branch); `guard doctor` checks it
             "GUARD_BRANCH2": self.mariadb_branch,
             "GUARD_BRANCH2_DSN": self.mariadb_dsn,
             "GUARD_BRANCH2_RAW_TOPIC_PREFIX": self.mariadb_topic_prefix,
+            "GUARD_BRANCH2_CDC_PASSWORD_FILE": str(self.mariadb_cdc_password_file),
         }

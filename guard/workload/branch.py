@@ -107,15 +107,17 @@ def next_customer_ids(conn: Any, count: int) -> list[int]:
 
 
 def run_workload(dsn: str, *, customers: int = 20, seed: int | None = None, delete: int = 2,
-                 update: int = 5) -> WorkloadResult:
-    """Insert `customers` customers (with accounts and transactions), update some, delete some."""
+                 update: int = 5, branch_code: str = "0101") -> WorkloadResult:
+    """Insert `customers` customers (with accounts and transactions), update some, delete some.
+
+    `branch_code` is what the rows' `branch_code` columns say (the MariaDB branch's is 0202)."""
     rng = random.Random(seed)
     result = WorkloadResult()
     mariadb = is_mariadb(dsn)
     with connect(dsn) as conn:
         ids = next_customer_ids(conn, customers)
         for cid in ids:
-            data: Any = synth.demo_dataset(rng.randrange(1 << 30), 1)
+            data: Any = synth.demo_dataset(rng.randrange(1 << 30), 1, branch_code)
             cust = dict(data["customers"][0], customer_id=cid)
             with conn.transaction():
                 _insert(conn, "customers", cust)

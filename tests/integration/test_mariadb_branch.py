@@ -202,7 +202,8 @@ def test_stack_registers_the_rendered_mariadb_connector_beside_the_postgres_one(
 # --- C3 at the source ---------------------------------------------------------------------------------------
 def test_no_c3_value_of_the_workload_in_any_raw_topic_of_the_branch(stack: dict[str, str]):
     bootstrap = stack["GUARD_KAFKA_BOOTSTRAP"]
-    result = run_workload(stack["GUARD_BRANCH2_DSN"], customers=8, update=2, delete=2, seed=random.randrange(1 << 30))
+    result = run_workload(stack["GUARD_BRANCH2_DSN"], customers=8, update=2, delete=2, seed=random.randrange(1 << 30),
+                          branch_code=BRANCH)
     ids, deleted = set(result.customers), set(result.deleted_customers)
     records = wait_for(bootstrap, raw_topic("customer_auth"), lambda rs: {
         orjson.loads(r.key)["customer_id"] for r in rs if r.key and r.value and orjson.loads(r.value)["op"] == "d"
@@ -283,7 +284,8 @@ def test_the_workload_flows_through_protected_and_opens_to_what_mariadb_holds(st
     catalog = Catalog.load()
     salt = connector_hash_salt(StackConfig.from_env())
     c3 = {(r.table, r.column): r.action for r in source_rules(catalog, DB)}
-    result = run_workload(stack["GUARD_BRANCH2_DSN"], customers=6, update=2, delete=2, seed=random.randrange(1 << 30))
+    result = run_workload(stack["GUARD_BRANCH2_DSN"], customers=6, update=2, delete=2, seed=random.randrange(1 << 30),
+                          branch_code=BRANCH)
     ids, deleted = set(result.customers), set(result.deleted_customers)
     survivors = sorted(ids - deleted)
     with _db(stack) as conn:
@@ -389,7 +391,7 @@ def _customer(doc: dict[str, Any]) -> Any:
 
 def test_deleting_a_mariadb_customer_shreds_its_key_and_confirms(stack, branch_worker, keys):
     bootstrap = stack["GUARD_KAFKA_BOOTSTRAP"]
-    result = run_workload(stack["GUARD_BRANCH2_DSN"], customers=2, update=0, delete=0)
+    result = run_workload(stack["GUARD_BRANCH2_DSN"], customers=2, update=0, delete=0, branch_code=BRANCH)
     victim, survivor = result.customers
     topic = sanitized_topic("customers")
     records = wait_for(bootstrap, topic, lambda rs: len(_created(rs, {victim, survivor})) >= 2, timeout=120)
@@ -426,3 +428,39 @@ def _topics(bootstrap: str) -> list[str]:
 
     return list(AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10).topics)
 
+
+
+# --- guard doctor -------------------------------------------------------------------------------------------
+def test_doctor_checks_the_mariadb_branch_and_names_what_is_wrong(stack: dict[str, str]):
+    from confluent_kafka.admin import AdminClient
+
+    from guard.config import Settings
+    from guard.doctor import check_c3_absent, check_mariadb
+
+    cfg = StackConfig.from_env()
+    settings = Settings(kafka_bootstrap=stack["GUARD_KAFKA_BOOTSTRAP"], branch2=BRANCH, branch2_raw_topic_prefix=PREFIX,
+                        branch2_dsn=stack["GUARD_BRANCH2_DSN"],
+                        branch2_cdc_password_file=stack["GUARD_BRANCH2_CDC_PASSWORD_FILE"])
+    checks = check_mariadb(settings)
+    assert [(c.name, c.ok) for c in checks] == [("mariadb", True), ("mariadb binlog", True),
+                                                ("mariadb logins", True), ("mariadb cdc account", True)], \
+        [c.line() for c in checks]
+    assert "BINLOG MONITOR, RELOAD, REPLICATION SLAVE on *.*, SELECT on `branch_0202`.*" in checks[3].detail
+    c3 = check_c3_absent(AdminClient({"bootstrap.servers": settings.kafka_bootstrap}),
+                         settings.for_branch(BRANCH, PREFIX))
+    assert [c.ok for c in c3] == [True] and "of 1 raw topics with C3 columns" in c3[0].detail, c3[0].line()
+
+    wrong = dict(settings.__dict__, branch2_dsn=stack["GUARD_BRANCH2_DSN"].replace(":branch_app@", ":nope@"))
+    assert [(c.ok, "refused" in c.detail) for c in check_mariadb(Settings(**wrong))] == [(False, True)]
+    down = dict(settings.__dict__, branch2_dsn=f"mysql://branch_app:x@127.0.0.1:1/{DB}")
+    assert [(c.ok, "does not answer" in c.detail) for c in check_mariadb(Settings(**down))] == [(False, True)]
+
+    server = MariaDB(cfg)
+    try:
+        server.admin("CREATE USER ''@'127.0.0.1'; GRANT SHOW DATABASES ON *.* TO 'cdc'@'127.0.0.1';")
+        failed = {c.name: c for c in check_mariadb(settings) if not c.ok}
+        assert set(failed) == {"mariadb logins", "mariadb cdc account"}, [c.line() for c in failed.values()]
+        assert "extra global privileges ['SHOW DATABASES']" in failed["mariadb cdc account"].detail
+    finally:
+        server.admin("DROP USER IF EXISTS ''@'127.0.0.1'; REVOKE SHOW DATABASES ON *.* FROM 'cdc'@'127.0.0.1';")
+    assert all(c.ok for c in check_mariadb(settings))

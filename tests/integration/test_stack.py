@@ -108,7 +108,7 @@ def test_up_is_idempotent(stack: dict[str, str]) -> None:
 def test_env_keys(stack: dict[str, str]) -> None:
     assert set(stack) == {"GUARD_KAFKA_BOOTSTRAP", "GUARD_CONNECT_URL", "GUARD_BRANCH_DSN",
                           "GUARD_REDIS_URL", "GUARD_RAW_TOPIC_PREFIX", "GUARD_BRANCH2", "GUARD_BRANCH2_DSN",
-                          "GUARD_BRANCH2_RAW_TOPIC_PREFIX"}
+                          "GUARD_BRANCH2_RAW_TOPIC_PREFIX", "GUARD_BRANCH2_CDC_PASSWORD_FILE"}
     assert stack["GUARD_RAW_TOPIC_PREFIX"] == "br0101"
     assert (stack["GUARD_BRANCH2"], stack["GUARD_BRANCH2_RAW_TOPIC_PREFIX"]) == ("0202", "br0202")
 
