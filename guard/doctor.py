@@ -107,7 +107,7 @@ def check_mariadb(settings: Settings) -> list[Check]:
     common = {"host": host, "port": port, "connect_timeout": 5}
     try:
         conn = pymysql.connect(user=unquote(url.username or ""), password=unquote(url.password or ""),
-                               database=url.path.lstrip("/") or None, **common)  # type: ignore[arg-type]
+                               database=url.path.lstrip("/") or None, **common)
     except pymysql.err.OperationalError as exc:
         code = exc.args[0] if exc.args else 0
         if code in (1045, 1698):
@@ -132,7 +132,7 @@ def check_mariadb(settings: Settings) -> list[Check]:
     refused = []
     for user in ("", "root", unquote(url.username or "")):
         try:
-            pymysql.connect(user=user, password="", **common).close()  # type: ignore[arg-type]
+            pymysql.connect(user=user, password="", **common).close()
         except pymysql.err.OperationalError as exc:
             if exc.args and exc.args[0] in (1045, 1698):
                 refused.append(user or "anonymous")
@@ -164,7 +164,7 @@ def _check_mariadb_cdc(settings: Settings, common: dict[str, object]) -> Check:
     if mode & 0o077:
         return Check("mariadb cdc account", False, f"{path} has mode {mode:04o}", f"chmod 600 {path}")
     try:
-        conn = pymysql.connect(user="cdc", password=password, **common)  # type: ignore[arg-type]
+        conn = pymysql.connect(user="cdc", password=password, **common)
     except pymysql.err.OperationalError as exc:
         return Check("mariadb cdc account", False, f"login refused (error {exc.args[0] if exc.args else '?'})",
                      "re-provision the account (`guard stack up` locally)")
@@ -348,7 +348,7 @@ def check_c3_absent(admin: AdminClient, settings: Settings, *, sample: int = C3_
                              "stack: `guard stack up`); records already written stay until the raw topics' "
                              "retention (3 days) removes them, or delete the raw topic"))
     if not out:
-        out.append(Check("C3 in raw topics", True, f"no C3 column of the catalog in the latest {sample} records "
-                                                   f"of each partition ({scanned} records of {checked} raw topics "
-                                                   f"with C3 columns; {len(raw)} raw topics)"))
+        out.append(Check(f"C3 in raw topics {settings.raw_topic_prefix}.*", True,
+                         f"no C3 column of the catalog in the latest {sample} records of each partition ({scanned} "
+                         f"records of {checked} raw topics with C3 columns; {len(raw)} raw topics)"))
     return out

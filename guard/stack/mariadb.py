@@ -154,7 +154,8 @@ class MariaDB(Service):
             rc = subprocess.run(
                 [_tool(INSTALL_DB), f"--defaults-file={self.conf}", "--auth-root-authentication-method=socket",
                  "--skip-test-db", *([f"--user={OS_USER}"] if self.as_root else [])],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, check=False, cwd=str(self.dir)).returncode
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, check=False,
+                cwd=str(self.dir)).returncode
         if rc != 0:
             raise StackError(f"mariadb: mariadb-install-db failed (exit {rc}).\n{tail(log)}")
 

@@ -326,7 +326,7 @@ def test_the_workload_flows_through_protected_and_opens_to_what_mariadb_holds(st
                         doc["before"] is not None and doc["before"]["clear"].get("customer_id") in ids):
                     last[rec.key] = (rec, doc)
             matched = set()
-            for key, entry in last.items():
+            for entry in last.values():
                 if entry is None:
                     continue  # a tombstone: checked below through the deleted rows
                 rec, doc = entry
