@@ -138,7 +138,7 @@ def seed_mariadb(cfg: StackConfig, dsn: str) -> int:
     """
     import random
 
-    from guard.workload.branch import MariaConnection, device_fingerprint
+    from guard.workload.branch import MariaConnection, device_fingerprint, mariadb_value
     from guard.workload.synth import demo_dataset
 
     with MariaConnection(dsn) as conn:
@@ -163,10 +163,7 @@ def seed_mariadb(cfg: StackConfig, dsn: str) -> int:
                 cols = list(rows[0].keys())
                 stmt = (f"INSERT INTO {table} ({', '.join(cols)}) "  # noqa: S608 - fixed names
                         f"VALUES ({', '.join(['%s'] * len(cols))})")
-                cur = conn.conn.cursor()
-                from guard.workload.branch import _mariadb_value
-
-                cur.executemany(stmt, [[_mariadb_value(r[c]) for c in cols] for r in rows])
+                conn.conn.cursor().executemany(stmt, [[mariadb_value(r[c]) for c in cols] for r in rows])
                 total += len(rows)
         progress(f"mariadb: seeded {total} rows into {cfg.mariadb_db} "
                  + ", ".join(f"{t}={len(data.get(t, []))}" for t in SEED_TABLES))

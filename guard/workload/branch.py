@@ -52,7 +52,7 @@ class MariaConnection:
 
     def execute(self, query: str, params: Any = None) -> Any:
         cur = self.conn.cursor()
-        cur.execute(query, [_mariadb_value(v) for v in params] if isinstance(params, list | tuple) else params)
+        cur.execute(query, [mariadb_value(v) for v in params] if isinstance(params, list | tuple) else params)
         return cur
 
     @contextlib.contextmanager
@@ -75,7 +75,7 @@ class MariaConnection:
         self.close()
 
 
-def _mariadb_value(value: Any) -> Any:
+def mariadb_value(value: Any) -> Any:
     """Aware datetimes as UTC wall-clock time (the session's time zone is UTC; MariaDB has no zone type)."""
     if isinstance(value, _dt.datetime) and value.tzinfo is not None:
         return value.astimezone(_dt.UTC).replace(tzinfo=None)
