@@ -31,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     pv.add_argument("--connect-url", default=os.environ.get("GUARD_CONNECT_URL", "http://connect:8083"))
     pv.add_argument("--db-host", default=os.environ.get("GUARD_CONNECTOR_DB_HOST", "postgres"))
     pv.add_argument("--db-port", type=int, default=int(os.environ.get("GUARD_CONNECTOR_DB_PORT", "5432")))
+    pv.add_argument("--mariadb-admin-dsn", default=os.environ.get("GUARD_MARIADB_ADMIN_DSN", ""),
+                    help="mysql://root:...@mariadb:3306/ of the MariaDB branch (docker-compose); empty: skip it")
+    pv.add_argument("--kafka-bootstrap", default=os.environ.get("GUARD_KAFKA_BOOTSTRAP", "kafka:9092"),
+                    help="the broker as Connect sees it (the MariaDB connector's schema history)")
     args = p.parse_args(argv)
     try:
         if args.cmd == "up":
@@ -54,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             if not args.admin_dsn:
                 p.error("--admin-dsn (or GUARD_PG_ADMIN_DSN) is required")
             orchestrator.provision(args.admin_dsn, args.connect_url, args.db_host, args.db_port)
+            if args.mariadb_admin_dsn:
+                orchestrator.provision_mariadb_external(args.mariadb_admin_dsn, args.connect_url, args.kafka_bootstrap)
         else:
             getattr(orchestrator, args.cmd)(args.service)
     except StackError as exc:

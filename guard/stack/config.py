@@ -77,6 +77,8 @@ class StackConfig:
     mariadb_app_user: str = "branch_app"
     mariadb_app_password: str = "branch_app"  # noqa: S105 - fixed demo credential of the app role, documented
     mariadb_cdc_user: str = "cdc"
+    #: ``GUARD_BRANCH2_CDC_PASSWORD_FILE``: another place for the CDC password file (empty: under the home).
+    mariadb_cdc_password_path: str = ""
     mariadb_seed: int = 202
 
     @classmethod
@@ -96,6 +98,7 @@ class StackConfig:
             pg_port=_int_env(e, "GUARD_PG_PORT", cls.pg_port),
             redis_port=_int_env(e, "GUARD_REDIS_PORT", cls.redis_port),
             mariadb_port=_int_env(e, "GUARD_MARIADB_PORT", cls.mariadb_port),
+            mariadb_cdc_password_path=e.get("GUARD_BRANCH2_CDC_PASSWORD_FILE") or "",
         )
 
     # --- derived locations -------------------------------------------------------------------
@@ -139,8 +142,10 @@ class StackConfig:
 
     @property
     def mariadb_cdc_password_file(self) -> Path:
-        """The CDC account's password (random, mode 0600, made by the first ``up``; guard.stack.mariadb)."""
-        return self.secrets / "mariadb-cdc.password"
+        """The CDC account's password (random, mode 0600, made by the first ``up``; guard.stack.mariadb);
+        ``GUARD_BRANCH2_CDC_PASSWORD_FILE`` overrides the place (docker-compose keeps it on a volume)."""
+        return Path(self.mariadb_cdc_password_path) if self.mariadb_cdc_password_path else (
+            self.secrets / "mariadb-cdc.password")
 
     @property
     def redis_url(self) -> str:

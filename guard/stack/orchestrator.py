@@ -253,3 +253,31 @@ def provision(admin_dsn: str, connect_url: str, db_host: str, db_port: int) -> N
     bootstrap(cfg, admin_dsn, db_dsn, str(superuser))
     seed(cfg, app_dsn)
     ensure_connector(cfg, connect_url=connect_url, db_host=db_host, db_port=db_port, db_dsn=app_dsn)
+
+
+def provision_mariadb_external(admin_dsn: str, connect_url: str, bootstrap: str) -> None:
+    """Set up the MariaDB branch of an externally run stack (docker-compose): accounts, schema, seed, connector.
+
+    ``admin_dsn`` (``mysql://root:<password>@mariadb:3306/``) is an account that may create databases and users;
+    the accounts are made for logins from any host of the compose network ('%'). The CDC password is read
+    from (or made in) ``GUARD_BRANCH2_CDC_PASSWORD_FILE``, kept on a volume. Connect reaches the server and
+    the broker at the admin DSN's host and port and at ``bootstrap`` (its own network view).
+    """
+    from urllib.parse import urlsplit
+
+    from guard.stack.mariadb import read_secret
+    from guard.stack.provision import mariadb_bootstrap_sql, seed_mariadb
+    from guard.workload.branch import MariaConnection
+
+    cfg = StackConfig.from_env()
+    url = urlsplit(admin_dsn)
+    host, port = url.hostname or "mariadb", url.port or 3306
+    password = read_secret(cfg.mariadb_cdc_password_file, create=True)
+    with MariaConnection(admin_dsn) as conn:
+        for statement in mariadb_bootstrap_sql(cfg, password, client_host="%").split(";\n"):
+            if statement.strip():
+                conn.execute(statement)
+    app_dsn = f"mysql://{cfg.mariadb_app_user}:{cfg.mariadb_app_password}@{host}:{port}/{cfg.mariadb_db}"
+    seed_mariadb(cfg, app_dsn)
+    ensure_connector(cfg, connect_url=connect_url, db_host=host, db_port=port, db_dsn=app_dsn, engine="mariadb",
+                     bootstrap=bootstrap)

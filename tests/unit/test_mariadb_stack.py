@@ -51,8 +51,11 @@ def test_accounts_sql_grants_the_cdc_account_only_what_debezium_needs(cfg: Stack
     assert "IDENTIFIED BY 'it''s-a-long-password'" in mariadb_bootstrap_sql(cfg, "it's-a-long-password")
 
 
-def test_the_cdc_password_file_is_made_0600_and_a_readable_one_is_refused(cfg: StackConfig) -> None:
+def test_the_cdc_password_file_is_made_0600_and_a_readable_one_is_refused(cfg: StackConfig, tmp_path: Path) -> None:
     path = cfg.mariadb_cdc_password_file
+    assert path == tmp_path / "home" / "secrets" / "mariadb-cdc.password"
+    moved = StackConfig.from_env({"GUARD_STACK_HOME": str(tmp_path), "GUARD_BRANCH2_CDC_PASSWORD_FILE": "/keys/cdc"})
+    assert moved.mariadb_cdc_password_file == Path("/keys/cdc")
     with pytest.raises(StackError, match="missing"):
         read_secret(path)
     first = read_secret(path, create=True)
