@@ -18,6 +18,7 @@ import httpx
 
 from guard.stack.config import StackConfig
 from guard.stack.errors import StackError
+from guard.stack.kafka_auth import client_config as kafka_client_config
 from guard.stack.procs import progress
 
 CONFIG_FILE = "branch-postgres.json"
@@ -117,14 +118,17 @@ def ensure_connector(cfg: StackConfig | None = None, *, connect_url: str | None 
             time.sleep(1.0)
 
 
-def topic_message_count(bootstrap: str, topic: str) -> int:
-    """Sum of high watermarks over the topic's partitions (0 if the topic does not exist yet)."""
+def topic_message_count(client: dict[str, Any], topic: str) -> int:
+    """Sum of high watermarks over the topic's partitions (0 if the topic does not exist yet).
+
+    `client`: bootstrap and security settings (the stack's admin: `guard.stack.kafka_auth.client_config`).
+    """
     from confluent_kafka import Consumer, TopicPartition
     from confluent_kafka.admin import AdminClient
 
     from guard.stack.broker import _quiet
 
-    common: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": _quiet}
+    common: dict[str, Any] = {**client, "logger": _quiet}
     # List *all* topics: a metadata request naming the topic would auto-create it (producer-type
     # librdkafka handles allow auto-creation) with 1 partition, before Debezium creates it with 3.
     md = AdminClient(common).list_topics(timeout=5)
@@ -143,7 +147,7 @@ def wait_snapshot(cfg: StackConfig, table: str = "customers", timeout: float = 1
     topic = f"{cfg.topic_prefix}.public.{table}"
     deadline = time.monotonic() + timeout
     while True:
-        n = topic_message_count(cfg.bootstrap, topic)
+        n = topic_message_count(kafka_client_config(cfg, "admin"), topic)
         if n > 0:
             progress(f"snapshot: {topic} has {n} records")
             return n

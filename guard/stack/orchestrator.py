@@ -26,6 +26,7 @@ from guard.stack.connect import Connect
 from guard.stack.connector import connector_state, ensure_connector, wait_snapshot
 from guard.stack.controller import Controller
 from guard.stack.errors import StackError
+from guard.stack.kafka_auth import ensure_security as ensure_kafka_security
 from guard.stack.postgres import SUPERUSER, Postgres
 from guard.stack.procs import progress
 from guard.stack.provision import bootstrap, seed
@@ -132,6 +133,7 @@ def _up(cfg: StackConfig) -> None:
     stack.postgres.wait_ready()
     stack.provision_postgres()
     stack.broker.wait_ready()
+    ensure_kafka_security(cfg)  # issue 20: SCRAM users and ACLs, before any SASL client (Connect) comes
     stack.connect.start()
     stack.connect.wait_ready()
     ensure_connector(cfg)
