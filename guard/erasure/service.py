@@ -10,6 +10,7 @@ from confluent_kafka import Producer
 
 from guard.config import Settings
 from guard.errors import GuardError
+from guard.kafka_security import client_config
 from guard.pipeline.runtime import build_sanitizer
 from guard.records.builders import OutRecord
 
@@ -58,7 +59,7 @@ def sweep_retention(
 
 
 def _publish(settings: Settings, records: list[OutRecord]) -> None:
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True})
+    producer = Producer(client_config(settings, **{"enable.idempotence": True}))
     for rec in records:
         producer.produce(rec.topic, rec.value, rec.key)
     if producer.flush(30):

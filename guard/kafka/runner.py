@@ -63,6 +63,7 @@ from guard.kafka.hanging import (
     group_offsets_partition,
 )
 from guard.kafka.stats import BatchCounters, Stats
+from guard.kafka_security import client_config
 from guard.pipeline.sanitizer import Outcome, Sanitizer
 from guard.telemetry import Telemetry
 
@@ -100,7 +101,7 @@ class SanitizerWorker:
         self.telemetry = telemetry or Telemetry(settings)
         self._on_batch = on_batch
         self._running = True
-        self.admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+        self.admin = AdminClient(client_config(settings))
         self.topics = TopicManager(self.admin)
         client_id = f"guard-{settings.worker_id}"
         self._consumer_config: dict[str, Any] = {
@@ -212,8 +213,7 @@ class SanitizerWorker:
     def _start_hanging_watch(self) -> HangingWatcher:
         s = self.settings
         reporter = HangingReporter(
-            {"bootstrap.servers": s.kafka_bootstrap, "enable.idempotence": True,
-             "client.id": f"guard-{s.worker_id}-alerts"},
+            client_config(s, **{"enable.idempotence": True, "client.id": f"guard-{s.worker_id}-alerts"}),
             s.anomalies_topic, branch=s.branch, worker=s.worker_id, partitions_of=self.topics.partitions,
             on_count=self._on_hanging)
         return HangingWatcher(self.admin, self._output_partitions, reporter,
