@@ -217,3 +217,54 @@ def ensure_security(cfg: StackConfig, timeout: float = 30.0) -> None:
                          f"({exc}). See {cfg.logs / 'kafka-server.log'}.") from exc
     progress(f"kafka: SCRAM users {', '.join(USERS)} and {len(bindings)} ACLs in place "
              f"(authorizer: StandardAuthorizer, allow.everyone.if.no.acl.found=false)")
+
+
+# --- docker-compose (docker-compose.yml's kafka-secrets and kafka-init one-shot services) -------------------
+def compose_secrets(directory: Path, hosts: list[str], owners: dict[str, int]) -> None:
+    """The CA, certificates and passwords for the compose stack, in `directory` (a volume).
+
+    Each container runs as its own user, so each file belongs to the user of the container that reads it
+    (`owners`: ``kafka`` = the apache/kafka image's user, ``connect`` = Debezium's, ``guard`` = the guard
+    image's) and stays 0600; the CA certificate is public (0644) and the directories can be traversed (0711).
+    Existing files are kept, so a password file put in the volume before the first start is used as given.
+    """
+    import dataclasses
+
+    cfg = dataclasses.replace(StackConfig.from_env(), home=directory)
+    ca = LocalCA(cfg.tls_dir)
+    ca.ensure_leaf("broker", hosts)
+    ca.ensure_leaf("controller", hosts)
+    ca.ensure_leaf("admin", server=False)
+    passwords = ensure_passwords(cfg)
+    # Connect's clients read their credentials from a JAAS file (KAFKA_OPTS=-Djava.security.auth.login.config)
+    jaas = cfg.kafka_secrets_dir / "connect.jaas"
+    _write_private(jaas, ('KafkaClient {\n  org.apache.kafka.common.security.scram.ScramLoginModule required\n'
+                          f'  username="connect" password="{passwords["connect"]}";\n}};\n').encode())
+    # the broker's health check: its own certificate on its mutual-TLS listener
+    health = cfg.tls_dir / "broker-client.properties"
+    _write_private(health, ("security.protocol=SSL\nssl.keystore.type=PEM\n"
+                            f"ssl.keystore.location={ca.keystore('broker')}\n"
+                            f"ssl.truststore.type=PEM\nssl.truststore.location={ca.ca_cert}\n").encode())
+    belongs = {
+        "kafka": [ca.keystore("broker"), ca.keystore("controller"), health],
+        "connect": [jaas, cfg.kafka_password_file("connect")],
+        "guard": [cfg.kafka_password_file("guard")],
+    }
+    for who, files in belongs.items():
+        if who in owners:
+            for f in files:
+                os.chown(f, owners[who], owners[who])
+    os.chmod(ca.ca_cert, 0o644)  # noqa: S103 - a CA certificate is public
+    for d in (directory, cfg.tls_dir, cfg.kafka_secrets_dir):
+        os.chmod(d, 0o711)  # noqa: S103 - traverse only: the files inside stay 0600, each its reader's
+    progress(f"kafka-secrets: CA, certificates ({', '.join(hosts)}) and passwords of {', '.join(USERS)} in "
+             f"{directory}")
+
+
+def compose_init(directory: Path, host: str, port: int, internal_port: int) -> None:
+    """SCRAM users and ACLs on the compose broker (as admin over its mutual-TLS listener)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(StackConfig.from_env(), home=directory, host=host, kafka_port=port,
+                              kafka_internal_port=internal_port)
+    ensure_security(cfg)
