@@ -73,13 +73,17 @@ class Connect(Service):
             raise StackError("internal: connect started without fetched artifacts")
         return self.artifacts
 
-    def prepare(self) -> None:
+    def rendered_properties(self) -> str:
+        """The worker config `prepare` writes (`guard.stack.orchestrator` compares it with the running one)."""
         a = self._artifacts()
-        # 0600: the Kafka security block holds the connect principal's password (issue 20)
-        write_if_changed(self.properties, render_asset(
+        return render_asset(
             "connect-distributed.properties", connect_version=self.cfg.connect_version,
             bootstrap=self.cfg.bootstrap, host=self.cfg.host, connect_port=self.cfg.connect_port,
-            plugin_path=a.plugin_path) + kafka_security_properties(self.cfg), mode=0o600)
+            plugin_path=a.plugin_path) + kafka_security_properties(self.cfg)
+
+    def prepare(self) -> None:
+        # 0600: the Kafka security block holds the connect principal's password (issue 20)
+        write_if_changed(self.properties, self.rendered_properties(), mode=0o600)
         write_if_changed(self.log_config, render_asset("log4j2.properties", component="connect",
                                                        log_file=self.cfg.logs / "connect.log"))
 
