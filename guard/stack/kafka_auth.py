@@ -189,8 +189,27 @@ def acl_bindings(cfg: StackConfig) -> list[Any]:
             for principal, rtype, ptype, name, op in acl_plan(cfg)]
 
 
+def _password_stamp(cfg: StackConfig) -> str:
+    """When each password file last changed (mtime and size, no secret): a changed file means a new password."""
+    parts = []
+    for user in USERS:
+        st = cfg.kafka_password_file(user).stat()
+        parts.append(f"{user} {st.st_mtime_ns} {st.st_size}")
+    return "\n".join(parts) + "\n"
+
+
+def _stamp_file(cfg: StackConfig) -> Path:
+    return cfg.kafka_secrets_dir / ".scram-applied"
+
+
 def ensure_security(cfg: StackConfig, timeout: float = 30.0) -> None:
-    """Upsert every SCRAM user and create every ACL of the plan (both idempotent), as admin over mTLS."""
+    """Upsert the SCRAM users whose password is new or missing in Kafka and create every ACL of the plan
+    (idempotent), as admin over the broker's mutual-TLS listener.
+
+    Credentials are upserted only when a password file changed since the last upsert (``secrets/.scram-applied``)
+    or a user has no SCRAM-SHA-512 credential: upserting on every `up` would change the salt under clients that
+    are authenticating at that moment.
+    """
     from confluent_kafka.admin import (
         AdminClient,
         ScramCredentialInfo,
@@ -203,20 +222,47 @@ def ensure_security(cfg: StackConfig, timeout: float = 30.0) -> None:
 
     conf: dict[str, Any] = {**mtls_admin_config(cfg), "logger": _quiet}
     admin = AdminClient(conf)
-    info = ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, SCRAM_ITERATIONS)
-    upserts: list[UserScramCredentialAlteration] = [UserScramCredentialUpsertion(user, info, password.encode())
-               for user, password in ensure_passwords(cfg).items()]
+    passwords = ensure_passwords(cfg)
+    stamp = _password_stamp(cfg)
     try:
-        for fut in admin.alter_user_scram_credentials(upserts, request_timeout=timeout).values():
-            fut.result()
+        known = _scram_users(admin, timeout)
+        try:
+            applied = _stamp_file(cfg).read_text(encoding="utf-8") == stamp
+        except OSError:
+            applied = False
+        missing = [u for u in USERS if u not in known]
+        todo = list(USERS) if not applied else missing
+        if todo:
+            info = ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, SCRAM_ITERATIONS)
+            upserts: list[UserScramCredentialAlteration] = [
+                UserScramCredentialUpsertion(user, info, passwords[user].encode()) for user in todo]
+            for fut in admin.alter_user_scram_credentials(upserts, request_timeout=timeout).values():
+                fut.result()
+            _write_private(_stamp_file(cfg), stamp.encode())
         bindings = acl_bindings(cfg)
         for fut in admin.create_acls(bindings, request_timeout=timeout).values():
             fut.result()
     except Exception as exc:  # KafkaException and the futures' errors
         raise StackError(f"kafka: creating the SCRAM users and ACLs as admin on {cfg.internal_bootstrap} failed "
                          f"({exc}). See {cfg.logs / 'kafka-server.log'}.") from exc
-    progress(f"kafka: SCRAM users {', '.join(USERS)} and {len(bindings)} ACLs in place "
-             f"(authorizer: StandardAuthorizer, allow.everyone.if.no.acl.found=false)")
+    what = f"SCRAM users {', '.join(todo)} set" if todo else f"SCRAM users {', '.join(USERS)} unchanged"
+    progress(f"kafka: {what}; {len(bindings)} ACLs in place (StandardAuthorizer, "
+             f"allow.everyone.if.no.acl.found=false)")
+
+
+def _scram_users(admin: Any, timeout: float) -> set[str]:
+    """Users that have a SCRAM-SHA-512 credential."""
+    from confluent_kafka import KafkaException
+
+    out: set[str] = set()
+    for user, fut in admin.describe_user_scram_credentials(list(USERS), request_timeout=timeout).items():
+        try:
+            desc = fut.result()
+        except KafkaException:  # RESOURCE_NOT_FOUND: no credential yet
+            continue
+        if any(i.mechanism.name == "SCRAM_SHA_512" for i in desc.scram_credential_infos):
+            out.add(user)
+    return out
 
 
 # --- docker-compose (docker-compose.yml's kafka-secrets and kafka-init one-shot services) -------------------
