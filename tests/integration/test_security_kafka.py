@@ -50,7 +50,11 @@ def _fetch_error(conf: dict[str, Any], topic: str, group: str, timeout: float = 
     """Read `topic` from its start: None when a record arrives, else the error the broker answered."""
     consumer = Consumer({**conf, "group.id": group, "enable.auto.commit": False, "auto.offset.reset": "earliest"})
     try:
-        consumer.assign([TopicPartition(topic, 0, 0)])
+        # every partition the principal may see (a record may sit in any); an unauthorized topic is not even
+        # listed, so partition 0 is asked for to get the broker's answer
+        meta = consumer.list_topics(timeout=10).topics.get(topic)
+        partitions = list(meta.partitions) if meta is not None and meta.partitions else [0]
+        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             msg = consumer.poll(1.0)
