@@ -211,3 +211,38 @@ def test_a_plaintext_listener_is_detected_by_its_answer() -> None:
     free = closed.getsockname()[1]
     closed.close()
     assert not answers_plaintext("127.0.0.1", free)
+
+
+# --- a stack still running with the configuration of before (CI keeps its stack up between runs) -----------
+def _fake_running(stack, monkeypatch: pytest.MonkeyPatch, running: set[str], stopped: list[str]) -> None:
+    for name in ("controller", "broker", "connect"):
+        svc = stack.get(name)
+        monkeypatch.setattr(svc, "pid", lambda n=name: 4242 if n in running else None)
+        monkeypatch.setattr(svc, "stop", lambda n=name: stopped.append(n) or "stopped")
+
+
+def test_a_running_plaintext_broker_is_stopped_to_start_with_tls(cfg: StackConfig,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from guard.stack.orchestrator import Stack, restart_stale_jvm_services
+
+    stack = Stack(cfg)
+    stack.controller.properties.parent.mkdir(parents=True, exist_ok=True)
+    stack.controller.properties.write_text(controller_properties(cfg, stack.controller.data_dir))
+    stack.broker.properties.write_text("process.roles=broker\nlisteners=PLAINTEXT://127.0.0.1:29092\n")
+    stopped: list[str] = []
+    _fake_running(stack, monkeypatch, {"controller", "broker"}, stopped)
+    assert restart_stale_jvm_services(stack) == ["broker"]
+    assert stopped == ["connect", "broker", "controller"]
+
+
+def test_an_up_to_date_kafka_is_left_alone(cfg: StackConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    from guard.stack.orchestrator import Stack, restart_stale_jvm_services
+
+    stack = Stack(cfg)
+    stack.controller.properties.parent.mkdir(parents=True, exist_ok=True)
+    stack.controller.properties.write_text(controller_properties(cfg, stack.controller.data_dir))
+    stack.broker.properties.write_text(broker_properties(cfg, stack.broker.data_dir))
+    stopped: list[str] = []
+    _fake_running(stack, monkeypatch, {"controller", "broker"}, stopped)
+    assert restart_stale_jvm_services(stack) == []
+    assert stopped == []
