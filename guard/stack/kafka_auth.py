@@ -184,7 +184,9 @@ def acl_bindings(cfg: StackConfig) -> list[Any]:
         ResourceType,
     )
 
-    return [AclBinding(ResourceType[rtype], name, ResourcePatternType[ptype], principal, "*",
+    # librdkafka calls Kafka's CLUSTER resource type BROKER (same wire value, 4)
+    return [AclBinding(ResourceType["BROKER" if rtype == "CLUSTER" else rtype], name, ResourcePatternType[ptype],
+                       principal, "*",
                        AclOperation[op], AclPermissionType.ALLOW)
             for principal, rtype, ptype, name, op in acl_plan(cfg)]
 
