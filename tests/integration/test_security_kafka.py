@@ -50,11 +50,9 @@ def _fetch_error(conf: dict[str, Any], topic: str, group: str, timeout: float = 
     """Read `topic` from its start: None when a record arrives, else the error the broker answered."""
     consumer = Consumer({**conf, "group.id": group, "enable.auto.commit": False, "auto.offset.reset": "earliest"})
     try:
-        # every partition the principal may see (a record may sit in any); an unauthorized topic is not even
-        # listed, so partition 0 is asked for to get the broker's answer
-        meta = consumer.list_topics(timeout=10).topics.get(topic)
-        partitions = list(meta.partitions) if meta is not None and meta.partitions else [0]
-        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+        # a subscription (not an assignment): librdkafka reports a subscribed topic the broker refuses to
+        # describe as TOPIC_AUTHORIZATION_FAILED, while an assigned one it can't see just stays silent
+        consumer.subscribe([topic])
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             msg = consumer.poll(1.0)
