@@ -7,7 +7,7 @@ Principals (SASL/SCRAM-SHA-512 users on the broker's ``SASL_SSL`` listener; `acl
   its consumer groups and transactional ids (``branchguard-sanitizer*``); its tools' groups (``guard-*``:
   classify, demo); idempotent writes; describe the cluster, its configs and ACLs (for `guard doctor`) and
   ``__consumer_offsets`` (end offsets only: the hanging-transaction check); everything on ``bench*`` (the
-  benchmark's own topics, groups and transactional ids) and deleting ``sanitized.bench*``.
+  benchmark's own topics, groups and transactional ids) and reading and deleting ``sanitized.bench*``.
 * ``connect``: write, create and describe the raw topics and Debezium's heartbeat topics; its internal topics
   ``_branchguard-connect-*`` and its group ``branchguard-connect``; idempotent writes; describe the cluster.
 * ``downstream``: read ``sanitized.*`` and its own groups ``downstream-*``.
@@ -158,7 +158,8 @@ def acl_plan(cfg: StackConfig) -> list[tuple[str, str, str, str, str]]:
     # the benchmark's own topics (raw-like input, plain output, guard.* outputs), groups, transactional ids
     for rtype in ("TOPIC", "GROUP", "TRANSACTIONAL_ID"):
         grant("guard", rtype, "PREFIXED", BENCH_PREFIX, "ALL")
-    grant("guard", "TOPIC", "PREFIXED", SANITIZED_PREFIX + BENCH_PREFIX, "DELETE")
+    # the bench's own sanitized topic: its latency probe reads it, its clean-up deletes it
+    grant("guard", "TOPIC", "PREFIXED", SANITIZED_PREFIX + BENCH_PREFIX, "READ", "DELETE")
     # connect: produce the raw topics, its internal topics and group
     grant("connect", "TOPIC", "PREFIXED", raw, "WRITE", "CREATE", "DESCRIBE", "DESCRIBE_CONFIGS")
     grant("connect", "TOPIC", "PREFIXED", HEARTBEAT_PREFIX, "WRITE", "CREATE", "DESCRIBE", "DESCRIBE_CONFIGS")
