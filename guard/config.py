@@ -72,6 +72,9 @@ class Settings:
     kafka_password_file: str = ""
     #: CA certificate (PEM) the brokers' certificates are checked against; empty: `<stack home>/tls/ca.crt`.
     kafka_ca_file: str = ""
+    #: The principal the guard's workers run as, the only one `guard doctor` accepts as a reader of the raw
+    #: topics; empty: `User:<kafka_username>` (set it when doctor runs as another principal, e.g. an admin).
+    kafka_guard_principal: str = ""
     # --- end of Kafka client security ---------------------------------------------------------------
 
     @property

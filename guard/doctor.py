@@ -237,7 +237,7 @@ def check_anonymous_refused(settings: Settings) -> Check:
 
 def check_raw_readers(admin: AdminClient, settings: Settings) -> Check:
     name = "kafka: raw topics readable by the guard only"
-    expected = f"User:{settings.kafka_username}"
+    expected = settings.kafka_guard_principal or f"User:{settings.kafka_username}"
     pattern = AclBindingFilter(ResourceType.TOPIC, None, ResourcePatternType.ANY, None, None,  # type: ignore[arg-type]
                                AclOperation.ANY, AclPermissionType.ANY)
     try:

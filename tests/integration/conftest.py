@@ -19,6 +19,7 @@ def stack() -> dict[str, str]:
     from guard.stack.config import StackConfig
 
     up()
+    # the deployment's guard principal stays User:guard: `guard doctor` run as admin checks it reads raw alone
     admin = StackConfig.from_env().kafka_env("admin")
-    os.environ.update(admin)
+    os.environ.update({**admin, "GUARD_KAFKA_GUARD_PRINCIPAL": "User:guard"})
     return {**env(), **admin}
