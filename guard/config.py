@@ -62,6 +62,20 @@ class Settings:
     #: Which transform handles ordinary change events: `auto` (the compiled `guard_native` path when it is
     #: installed, else Python), `native` (refuse to start without it) or `python` (the reference path).
     hot_path: str = "auto"
+    # --- Kafka client security (issue 20, kafka part; read by guard.kafka_security) --------------------
+    #: `SASL_SSL` (TLS + SASL, the local stack's only listener), `SSL`, `SASL_PLAINTEXT` or `PLAINTEXT`.
+    kafka_security_protocol: str = "SASL_SSL"
+    kafka_sasl_mechanism: str = "SCRAM-SHA-512"
+    #: The guard's Kafka principal (the local stack's `guard` user: read raw topics, write its outputs).
+    kafka_username: str = "guard"
+    #: File holding the password (mode 0600); empty: `<stack home>/secrets/kafka-<username>.password`.
+    kafka_password_file: str = ""
+    #: CA certificate (PEM) the brokers' certificates are checked against; empty: `<stack home>/tls/ca.crt`.
+    kafka_ca_file: str = ""
+    #: The principal the guard's workers run as, the only one `guard doctor` accepts as a reader of the raw
+    #: topics; empty: `User:<kafka_username>` (set it when doctor runs as another principal, e.g. an admin).
+    kafka_guard_principal: str = ""
+    # --- end of Kafka client security ---------------------------------------------------------------
 
     # ---- evidence topics: retention and replication of guard.audit and guard.deletions (guard/kafka/evidence.py)
     #: How long `guard.audit` keeps its records, in ms (-1: forever). Default 7 years: PIPL Art. 56 asks for at

@@ -64,11 +64,14 @@ def by_topic(entries: Mapping[str, dict[str, Any]]) -> dict[str, list[dict[str, 
     return out
 
 
-def delivered(bootstrap: str, topic: str, ids: set[str], since_ms: int, *, timeout_s: float = 30.0) -> set[str]:
-    """Which confirmation ids of `ids` a committed record of `topic` carries (records from `since_ms` on)."""
+def delivered(client: Mapping[str, Any], topic: str, ids: set[str], since_ms: int, *,
+              timeout_s: float = 30.0) -> set[str]:
+    """Which confirmation ids of `ids` a committed record of `topic` carries (records from `since_ms` on).
+
+    `client`: bootstrap and security settings (`guard.kafka_security.client_config`)."""
     if not ids:
         return set()
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "guard-confirmations-check",
+    consumer = Consumer({**client, "group.id": "guard-confirmations-check",
                          "enable.auto.commit": False, "isolation.level": "read_committed",
                          "enable.partition.eof": True})
     found: set[str] = set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from guard.stack import orchestrator
 from guard.stack.connector import ensure_connector
@@ -31,6 +32,18 @@ def main(argv: list[str] | None = None) -> int:
     pv.add_argument("--connect-url", default=os.environ.get("GUARD_CONNECT_URL", "http://connect:8083"))
     pv.add_argument("--db-host", default=os.environ.get("GUARD_CONNECTOR_DB_HOST", "postgres"))
     pv.add_argument("--db-port", type=int, default=int(os.environ.get("GUARD_CONNECTOR_DB_PORT", "5432")))
+    # --- Kafka security for docker-compose (issue 20, kafka part) ---
+    ks = sub.add_parser("kafka-secrets", help="compose: make the Kafka CA, certificates and passwords in --dir")
+    ks.add_argument("--dir", required=True, type=Path)
+    ks.add_argument("--host", action="append", default=[], help="a name the brokers are reached by (repeat)")
+    ks.add_argument("--owner", action="append", default=[], metavar="WHO=UID",
+                    help="kafka|connect|guard=<uid>: the user of the container reading those files")
+    ki = sub.add_parser("kafka-init", help="compose: create the Kafka SCRAM users and ACLs as admin (mTLS)")
+    ki.add_argument("--dir", required=True, type=Path)
+    ki.add_argument("--host", required=True)
+    ki.add_argument("--port", type=int, default=9092)
+    ki.add_argument("--internal-port", type=int, default=9094)
+    # --- end of Kafka security for docker-compose ---
     args = p.parse_args(argv)
     try:
         if args.cmd == "up":
@@ -49,6 +62,15 @@ def main(argv: list[str] | None = None) -> int:
             ensure_connector()
         elif args.cmd == "transactions":
             return _transactions(args.abort, args.max_transaction_timeout)
+        elif args.cmd == "kafka-secrets":
+            from guard.stack.kafka_auth import compose_secrets
+
+            owners = {k: int(v) for k, _, v in (o.partition("=") for o in args.owner)}
+            compose_secrets(args.dir, args.host, owners)
+        elif args.cmd == "kafka-init":
+            from guard.stack.kafka_auth import compose_init
+
+            compose_init(args.dir, args.host, args.port, args.internal_port)
         elif args.cmd == "provision":
             if not args.admin_dsn:
                 p.error("--admin-dsn (or GUARD_PG_ADMIN_DSN) is required")

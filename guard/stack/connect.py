@@ -31,6 +31,17 @@ def connect_answers(url: str, required_plugin: str = POSTGRES_CONNECTOR_CLASS) -
     return any(p.get("class") == required_plugin for p in plugins)
 
 
+# --- Kafka security of the worker (issue 20, kafka part) ------------------------------------------------
+def kafka_security_properties(cfg: StackConfig) -> str:
+    """SASL_SSL as the ``connect`` principal for the worker itself and for the producers, consumers and admin
+    clients it makes for connectors (Debezium's records and heartbeats go through the worker's producer)."""
+    from guard.stack.kafka_auth import java_client_properties
+
+    blocks = [java_client_properties(cfg, "connect", prefix) for prefix in ("", "producer.", "consumer.", "admin.")]
+    return "\n# Kafka security: SASL_SSL as User:connect (guard.stack.kafka_auth)\n" + "".join(blocks)
+# --- end of Kafka security of the worker ------------------------------------------------------------------
+
+
 class Connect(Service):
     name = "connect"
     port_env = "GUARD_CONNECT_PORT"
@@ -62,12 +73,17 @@ class Connect(Service):
             raise StackError("internal: connect started without fetched artifacts")
         return self.artifacts
 
-    def prepare(self) -> None:
+    def rendered_properties(self) -> str:
+        """The worker config `prepare` writes (`guard.stack.orchestrator` compares it with the running one)."""
         a = self._artifacts()
-        write_if_changed(self.properties, render_asset(
+        return render_asset(
             "connect-distributed.properties", connect_version=self.cfg.connect_version,
             bootstrap=self.cfg.bootstrap, host=self.cfg.host, connect_port=self.cfg.connect_port,
-            plugin_path=a.plugin_path))
+            plugin_path=a.plugin_path) + kafka_security_properties(self.cfg)
+
+    def prepare(self) -> None:
+        # 0600: the Kafka security block holds the connect principal's password (issue 20)
+        write_if_changed(self.properties, self.rendered_properties(), mode=0o600)
         write_if_changed(self.log_config, render_asset("log4j2.properties", component="connect",
                                                        log_file=self.cfg.logs / "connect.log"))
 

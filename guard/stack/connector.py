@@ -25,6 +25,7 @@ from guard.classify.catalog import Catalog
 from guard.classify.source import source_options, source_rules
 from guard.stack.config import StackConfig
 from guard.stack.errors import StackError
+from guard.stack.kafka_auth import client_config as kafka_client_config
 from guard.stack.procs import progress
 
 CONFIG_FILE = "branch-postgres.json"
@@ -139,14 +140,17 @@ def ensure_connector(cfg: StackConfig | None = None, *, connect_url: str | None 
             time.sleep(1.0)
 
 
-def topic_message_count(bootstrap: str, topic: str) -> int:
-    """Sum of high watermarks over the topic's partitions (0 if the topic does not exist yet)."""
+def topic_message_count(client: dict[str, Any], topic: str) -> int:
+    """Sum of high watermarks over the topic's partitions (0 if the topic does not exist yet).
+
+    `client`: bootstrap and security settings (the stack's admin: `guard.stack.kafka_auth.client_config`).
+    """
     from confluent_kafka import Consumer, TopicPartition
     from confluent_kafka.admin import AdminClient
 
     from guard.stack.broker import _quiet
 
-    common: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": _quiet}
+    common: dict[str, Any] = {**client, "logger": _quiet}
     # List *all* topics: a metadata request naming the topic would auto-create it (producer-type
     # librdkafka handles allow auto-creation) with 1 partition, before Debezium creates it with 3.
     md = AdminClient(common).list_topics(timeout=5)
@@ -165,7 +169,7 @@ def wait_snapshot(cfg: StackConfig, table: str = "customers", timeout: float = 1
     topic = f"{cfg.topic_prefix}.public.{table}"
     deadline = time.monotonic() + timeout
     while True:
-        n = topic_message_count(cfg.bootstrap, topic)
+        n = topic_message_count(kafka_client_config(cfg, "admin"), topic)
         if n > 0:
             progress(f"snapshot: {topic} has {n} records")
             return n
@@ -318,14 +322,14 @@ def purge_raw_written_before_filter(cfg: StackConfig, catalog: Catalog, outcome:
         return []
     cleaned: list[str] = []
     if outcome != "created":
-        admin = AdminClient({"bootstrap.servers": cfg.bootstrap})
+        admin = AdminClient(kafka_client_config(cfg))
         topics = admin.list_topics(timeout=15).topics
         for table in sorted({rule.table for rule in source_rules(catalog)}):
             name = f"{cfg.topic_prefix}.{table}"
             meta = topics.get(name)
             if meta is None or meta.error is not None:
                 continue
-            ends = [TopicPartition(name, p, _partition_end(cfg.bootstrap, name, p)) for p in meta.partitions]
+            ends = [TopicPartition(name, p, _partition_end(cfg, name, p)) for p in meta.partitions]
             ends = [tp for tp in ends if tp.offset > 0]
             if not ends:
                 continue
@@ -339,13 +343,13 @@ def purge_raw_written_before_filter(cfg: StackConfig, catalog: Catalog, outcome:
     return cleaned
 
 
-def _partition_end(bootstrap: str, topic: str, partition: int) -> int:
-    """High watermark of one partition."""
+def _partition_end(cfg: StackConfig, topic: str, partition: int) -> int:
+    """High watermark of one partition (read as the stack's admin)."""
     from confluent_kafka import Consumer, TopicPartition
 
     from guard.stack.broker import _quiet
 
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "branchguard-stack-probe", "logger": _quiet})
+    consumer = Consumer({**kafka_client_config(cfg), "group.id": "branchguard-stack-probe", "logger": _quiet})
     try:
         return int(consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=15)[1])
     finally:

@@ -16,6 +16,7 @@ import fcntl
 import shutil
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 
@@ -32,6 +33,7 @@ from guard.stack.connector import (
 )
 from guard.stack.controller import Controller
 from guard.stack.errors import StackError
+from guard.stack.kafka_auth import ensure_security as ensure_kafka_security
 from guard.stack.postgres import SUPERUSER, Postgres
 from guard.stack.procs import progress
 from guard.stack.provision import bootstrap, seed
@@ -104,6 +106,51 @@ class Stack:
         seed(self.cfg, self.cfg.branch_dsn)
 
 
+# --- issue 20 (kafka part): JVM services still running with an older configuration ------------------------
+def _rendered_now(stack: Stack, name: str) -> tuple[Path, str]:
+    """(properties file, what `prepare` would write now) of controller, broker or connect."""
+    from guard.stack.kraft import broker_properties, controller_properties
+
+    cfg = stack.cfg
+    if name == "controller":
+        return stack.controller.properties, controller_properties(cfg, stack.controller.data_dir)
+    if name == "broker":
+        return stack.broker.properties, broker_properties(cfg, stack.broker.data_dir)
+    text = stack.connect.rendered_properties() if cfg.kafka_password_file("connect").exists() else ""
+    return stack.connect.properties, text
+
+
+def restart_stale_jvm_services(stack: Stack) -> list[str]:
+    """Stop the running controller, broker and Connect when their configuration is not what `up` writes now.
+
+    A machine that keeps its stack running between runs (CI: `make test` leaves it up) would otherwise keep
+    a broker from before issue 20 with its plaintext listener, and `up` would wait for a TLS listener that
+    never comes. They are stopped gracefully (Connect, broker, controller) and started again by `up` with the
+    new configuration; data is kept.
+    """
+    stale = []
+    for name in ("controller", "broker", "connect"):
+        svc = stack.get(name)
+        if svc.pid() is None:
+            continue
+        path, text = _rendered_now(stack, name)
+        try:
+            current = path.read_text(encoding="utf-8")
+        except OSError:
+            current = ""
+        if current != text:
+            stale.append(name)
+    if not stale:
+        return []
+    progress(f"kafka: {', '.join(stale)} run(s) with an older configuration (e.g. the plaintext listeners of "
+             f"before TLS/SASL); stopping Connect, the broker and the controller to start them with the new one "
+             f"(data is kept)")
+    for name in ("connect", "broker", "controller") if {"controller", "broker"} & set(stale) else ("connect",):
+        progress(f"{name}: {stack.get(name).stop()}")
+    return stale
+# --- end of issue 20 (kafka part) ---------------------------------------------------------------------------
+
+
 @contextlib.contextmanager
 def _locked(cfg: StackConfig) -> Iterator[None]:
     """Serialise lifecycle operations on one stack home (parallel test sessions call up() too)."""
@@ -131,6 +178,7 @@ def _up(cfg: StackConfig) -> None:
         d.mkdir(parents=True, exist_ok=True)
     stack = Stack(cfg).with_artifacts()
     stack.migrate_combined_kafka()
+    restart_stale_jvm_services(stack)
     for svc in (stack.redis, stack.postgres):
         svc.start()
     stack.start_kafka()
@@ -138,6 +186,7 @@ def _up(cfg: StackConfig) -> None:
     stack.postgres.wait_ready()
     stack.provision_postgres()
     stack.broker.wait_ready()
+    ensure_kafka_security(cfg)  # issue 20: SCRAM users and ACLs, before any SASL client (Connect) comes
     stack.connect.start()
     stack.connect.wait_ready()
     outcome = ensure_connector(cfg)

@@ -29,7 +29,7 @@ from guard.keys.store import RedisKeyStore
 from guard.pipeline.runtime import build_keys, build_sanitizer
 from guard.protect.reveal import open_image
 from guard.records.codec import decode
-from tests.integration.kafka_helpers import REPO, GuardProcess, read_all
+from tests.integration.kafka_helpers import REPO, GuardProcess, kafka_conf, read_all
 from tests.integration.reliability_helpers import create_topic, customer_row, unique, wait_until
 
 pytestmark = pytest.mark.integration
@@ -80,7 +80,7 @@ class _Run:
     def produce(self, events: list[tuple[int, bytes]]) -> None:
         from confluent_kafka import Producer
 
-        producer = Producer({"bootstrap.servers": self.bootstrap, "enable.idempotence": True})
+        producer = Producer({**kafka_conf(self.bootstrap), "enable.idempotence": True})
         for cid, value in events:
             producer.produce(self.raw, value, json.dumps({"customer_id": cid}).encode(), partition=0)
         assert producer.flush(30) == 0
