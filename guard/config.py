@@ -62,6 +62,13 @@ class Settings:
     #: Which transform handles ordinary change events: `auto` (the compiled `guard_native` path when it is
     #: installed, else Python), `native` (refuse to start without it) or `python` (the reference path).
     hot_path: str = "auto"
+    # --- access (issue 20): where credentials are, never the credentials themselves -----------------
+    #: File (0600) holding the password of the Redis user named in `redis_url` (`rediss://guard@host:port/0`);
+    #: read at every (re)connection, so a rotated password is picked up without a restart.
+    redis_password_file: str = ""
+    #: File (0600) holding `user:password` for the Kafka Connect REST API (HTTP basic authentication).
+    connect_credentials_file: str = ""
+    # --- end access (issue 20) ------------------------------------------------------------------------
 
     @property
     def raw_topic_pattern(self) -> str:
@@ -103,3 +110,32 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
         except (TypeError, ValueError):
             raise ConfigError(f"setting {name} must be a {kind.__name__}, got {value!r}") from None
     return Settings(**typed)
+
+
+# --- access (issue 20): secrets are read from 0600 files, never from command lines or printed ----------
+def read_secret_file(path: str | os.PathLike[str], what: str) -> str:
+    """The first line of a secret file; refuses a file other users can read. Never echoes the content."""
+    p = Path(path)
+    try:
+        mode = p.stat().st_mode
+    except OSError:
+        raise ConfigError(f"{what}: {p} does not exist; run `guard stack up` (local stack) or create it "
+                          f"with mode 0600") from None
+    if mode & 0o077:
+        raise ConfigError(f"{what}: {p} is readable by other users; run `chmod 600 {p}`")
+    value = p.read_text(encoding="utf-8").strip()
+    if not value:
+        raise ConfigError(f"{what}: {p} is empty")
+    return value
+
+
+def connect_credentials(path: str | None = None) -> tuple[str, str] | None:
+    """(user, password) for the Connect REST API from `path` or GUARD_CONNECT_CREDENTIALS_FILE; None if unset."""
+    path = path or os.environ.get("GUARD_CONNECT_CREDENTIALS_FILE") or ""
+    if not path:
+        return None
+    user, sep, password = read_secret_file(path, "Kafka Connect REST credentials").partition(":")
+    if not sep or not user or not password:
+        raise ConfigError(f"Kafka Connect REST credentials: {path} must hold one line `user:password`")
+    return user, password
+# --- end access (issue 20) ----------------------------------------------------------------------------

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 import redis
 
-from guard.errors import KeyShreddedError, KeyUnavailableError
+from guard.errors import KeyShreddedError, KeyUnavailableError, TenantKeyMissingError
 from guard.keys.kms import Kms
 from guard.keys.primitives import Aead, BlindIndex, KeyedHash, KeyWrapper, random_key, sealed_header
-from guard.keys.store import INVALIDATE_CHANNEL, RedisKeyStore
+from guard.keys.store import RedisKeyStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +49,7 @@ class KeyManager:
         cache_ttl: float = 60.0,
         cache_size: int = 200_000,
         listen: bool = True,
+        tenant_check_s: float = 5.0,
     ) -> None:
         self._kms = kms
         self.store = store
@@ -60,9 +61,12 @@ class KeyManager:
         self._keks: dict[tuple[str, int], KeyWrapper] = {}
         self._current_kek: dict[str, tuple[KeyWrapper, float]] = {}
         self._lock = threading.Lock()
-        self.index = BlindIndex(self._tenant_key("index"))
-        self.keyed_hash = KeyedHash(self._tenant_key("hash"))
-        self.quarantine = Aead(self._tenant_key("quarantine"), version=1)
+        tenant_keys = self._tenant_keys()
+        self.index = BlindIndex(tenant_keys["index"])
+        self.keyed_hash = KeyedHash(tenant_keys["hash"])
+        self.quarantine = Aead(tenant_keys["quarantine"], version=1)
+        self._tenant_check_s = tenant_check_s
+        self._tenant_checked = time.monotonic()
         self._listener: threading.Thread | None = None
         if listen:
             self._start_listener()
@@ -71,16 +75,33 @@ class KeyManager:
         return f"KeyManager(tenant={self.tenant!r})"
 
     # --- tenant and branch keys -------------------------------------------------------------------
-    def _tenant_key(self, purpose: str) -> bytes:
-        name = f"tenant/{self.tenant}/{purpose}"
-        wrapped = self.store.tenant_key(self.tenant, purpose, self._kms.wrap(random_key(), name))
+    TENANT_PURPOSES = ("index", "hash", "quarantine")
+
+    def _tenant_keys(self) -> dict[str, bytes]:
+        """The tenant's keys, minted only for a tenant without key-store data (else TenantKeyMissingError)."""
+        names = {p: f"tenant/{self.tenant}/{p}" for p in self.TENANT_PURPOSES}
+        wrapped = self.store.tenant_keys({p: self._kms.wrap(random_key(), n) for p, n in names.items()})
         try:
-            return self._kms.unwrap(wrapped, name)
+            return {p: self._kms.unwrap(wrapped[p], names[p]) for p in self.TENANT_PURPOSES}
         except Exception:
             raise KeyUnavailableError(
                 "the master key cannot unwrap this tenant's keys: the key store was written under another "
                 "master key (check GUARD_MASTER_KEY / GUARD_MASTER_KEY_FILE)"
             ) from None
+
+    def check_tenant_keys(self, *, force: bool = False) -> None:
+        """Raise `TenantKeyMissingError` if a tenant key vanished from the key store (at most every few s).
+
+        A running worker keeps its tenant keys in memory, so it would go on deciding with keys that no
+        other (restarted) worker can get any more; it calls this once per batch and stops instead.
+        """
+        now = time.monotonic()
+        if not force and now - self._tenant_checked < self._tenant_check_s:
+            return
+        missing = self.store.missing_tenant_keys(list(self.TENANT_PURPOSES))
+        self._tenant_checked = now
+        if missing:
+            raise TenantKeyMissingError(self.tenant, missing)
 
     def _kek(self, branch: str, version: int | None = None) -> KeyWrapper:
         if version is not None and (branch, version) in self._keks:
@@ -145,6 +166,7 @@ class KeyManager:
         Called once per batch, so a burst of new or long-idle customers costs one round trip instead of
         one per event. Erased subjects are skipped; `subject_aead` reports them when they are used.
         """
+        self.check_tenant_keys()
         now = time.monotonic()
         missing = [s for s in subjects if (hit := self._deks.get((branch, s))) is None or hit[1] <= now]
         if not missing:
@@ -221,7 +243,7 @@ class KeyManager:
             while True:
                 try:
                     pubsub = self.store.client.pubsub(ignore_subscribe_messages=True)
-                    pubsub.subscribe(INVALIDATE_CHANNEL)
+                    pubsub.subscribe(self.store.invalidate_channel)
                     # A reconnect may have missed messages: drop the whole cache to stay correct.
                     with self._lock:
                         self._deks.clear()

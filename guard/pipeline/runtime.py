@@ -16,7 +16,8 @@ from guard.pipeline.sanitizer import Sanitizer
 
 def build_keys(settings: Settings, *, listen: bool = True, wait_s: float = 30.0) -> KeyManager:
     """The key manager; waits up to `wait_s` for the key store (a worker may start during a Redis restart)."""
-    store = RedisKeyStore(settings.redis_url)
+    store = RedisKeyStore(settings.redis_url, settings.tenant,
+                          password_file=settings.redis_password_file or None)
     try:
         for attempt in Retrying(stop=stop_after_delay(wait_s), wait=wait_exponential(multiplier=0.2, max=3),
                                 retry=retry_if_exception_type(redis.RedisError), reraise=True):

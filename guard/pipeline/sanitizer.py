@@ -207,6 +207,7 @@ class Sanitizer:
         of the batch at once (`_load_keys_from`, which reads their subjects natively). Records that don't
         decode are left for `process` to send to the DLQ.
         """
+        self.keys.check_tenant_keys()  # a vanished tenant key stops the worker (at most every few seconds)
         self.expire_value_caches()
         self.decoder.clear()
         if self._fast is not None:
