@@ -45,11 +45,20 @@ def stack_status() -> None:
 
 @stack.command("env")
 def stack_env() -> None:
-    """Print `export` lines for the stack's addresses (eval "$(guard stack env)")."""
+    """Print `export` lines for the stack's addresses and where its credentials are (never their values)."""
     from guard import stack as s
 
     for key, value in _run_stack(s.env).items():
         click.echo(f"export {key}={value}")
+
+
+@stack.command("rotate")
+@click.argument("what", type=click.Choice(["redis", "postgres"]))
+def stack_rotate(what: str) -> None:
+    """New passwords for Redis (guard, admin) or PostgreSQL (branch_app, cdc), applied to the running stack."""
+    from guard.stack.orchestrator import rotate
+
+    _run_stack(lambda: rotate(what))
 
 
 def _run_stack(fn: Any) -> Any:

@@ -1,4 +1,4 @@
-"""``python -m guard.stack up|down|status|env|restart S|kill S|start S|connector|provision|transactions``."""
+"""``python -m guard.stack up|down|status|env|restart S|kill S|start S|connector|rotate R|provision|transactions``."""
 
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
         sp = sub.add_parser(name, help=f"{name} one service")
         sp.add_argument("service", choices=orchestrator.SERVICES)
     sub.add_parser("connector", help="(re)register the Debezium connector only")
+    rot = sub.add_parser("rotate", help="new passwords for redis (guard, admin) or postgres (branch_app, cdc), "
+                                        "applied to the running stack")
+    rot.add_argument("what", choices=orchestrator.ROTATABLE)
     tx = sub.add_parser("transactions", help="list hanging Kafka transactions (exit 4 if any); --abort aborts them")
     tx.add_argument("--abort", action="store_true", help="abort every hanging transaction found")
     tx.add_argument("--max-transaction-timeout", type=int, default=1, metavar="MINUTES",
@@ -45,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "env":
             for k, v in orchestrator.env().items():
                 print(f"export {k}={v}")
+        elif args.cmd == "rotate":
+            orchestrator.rotate(args.what)
         elif args.cmd == "connector":
             ensure_connector()
         elif args.cmd == "transactions":
