@@ -99,8 +99,15 @@ def test_stack_env_prints_exports(stack):
     done = guard(stack, "stack", "env")
     lines = done.stdout.decode().splitlines()
     for name in ("GUARD_KAFKA_BOOTSTRAP", "GUARD_CONNECT_URL", "GUARD_BRANCH_DSN", "GUARD_REDIS_URL",
-                 "GUARD_RAW_TOPIC_PREFIX"):
+                 "GUARD_RAW_TOPIC_PREFIX", "GUARD_REDIS_PASSWORD_FILE", "GUARD_CONNECT_CREDENTIALS_FILE"):
         assert any(line.startswith(f"export {name}=") for line in lines)
+    # issue 20: where the credentials are, never their values
+    from guard.stack.config import StackConfig
+    from guard.stack.secrets import StackSecrets
+
+    secrets = StackSecrets(StackConfig.from_env())
+    for name in ("redis-guard", "redis-admin", "pg-app", "pg-cdc", "pg-superuser", "connect-rest"):
+        assert secrets.password(name) not in done.stdout.decode()
 
 
 def test_classify_topic_sample(stack):
