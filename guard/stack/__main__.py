@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     rot = sub.add_parser("rotate", help="new passwords for redis (guard, admin) or postgres (branch_app, cdc), "
                                         "applied to the running stack")
     rot.add_argument("what", choices=orchestrator.ROTATABLE)
+    cs = sub.add_parser("compose-secrets", help="docker-compose: CA, certificates, passwords, ACL and users files")
+    cs.add_argument("home", help="the volume every compose service mounts (/stack)")
     tx = sub.add_parser("transactions", help="list hanging Kafka transactions (exit 4 if any); --abort aborts them")
     tx.add_argument("--abort", action="store_true", help="abort every hanging transaction found")
     tx.add_argument("--max-transaction-timeout", type=int, default=1, metavar="MINUTES",
@@ -48,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "env":
             for k, v in orchestrator.env().items():
                 print(f"export {k}={v}")
+        elif args.cmd == "compose-secrets":
+            from pathlib import Path
+
+            from guard.stack.compose import compose_secrets
+
+            compose_secrets(Path(args.home))
         elif args.cmd == "rotate":
             orchestrator.rotate(args.what)
         elif args.cmd == "connector":
