@@ -27,7 +27,7 @@ from guard.stack.tls import ensure_server_cert
 #: checked against the same rules), MULTI/EXEC, PUBLISH/SUBSCRIBE (cache invalidation) and SCAN (only
 #: `guard bench`'s clean-up: SCAN lists key *names* of every tenant, never values).
 GUARD_COMMANDS = ("+@all -@dangerous -@admin -flushall -flushdb -config -debug -keys -shutdown "
-                  "-acl +acl|whoami +bgrewriteaof +client|setinfo +client|setname +client|id +scan")
+                  "-acl +acl|whoami +bgrewriteaof +scan")
 
 
 def stack_tenants() -> list[str]:

@@ -110,11 +110,11 @@ def test_postgres_requires_tls_and_a_password(stack: dict[str, str], cfg: StackC
         row = conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()
         assert row == (True,)
     assert "no encryption" in _refused(make_conninfo(dsn, sslmode="disable"))
-    assert "password" in _refused(make_conninfo(dsn, password="", passfile=os.devnull))
+    assert "password" in _refused(make_conninfo(dsn, password="", passfile="/dev/null/none"))
     assert "password authentication failed" in _refused(make_conninfo(dsn, password="wrong",  # noqa: S106
-                                                                                passfile=os.devnull))
+                                                                                passfile="/dev/null/none"))
     for user in ("postgres", "cdc"):  # the superuser over TCP, Debezium's user without its password
-        _refused(make_conninfo(dsn, user=user, password="", passfile=os.devnull))
+        _refused(make_conninfo(dsn, user=user, password="", passfile="/dev/null/none"))
     # the Unix socket trusts nobody either
     _refused(f"host={cfg.home / 'postgres' / 'run'} port={cfg.pg_port} user=postgres dbname=postgres "
              f"passfile={os.devnull}")
@@ -124,7 +124,7 @@ def test_postgres_cdc_role_is_least_privilege_and_logical_messages_are_revoked(s
                                                                                 cfg: StackConfig) -> None:
     cdc_password = StackSecrets(cfg).password("pg-cdc")
     cdc_dsn = make_conninfo(stack["GUARD_BRANCH_DSN"], user=cfg.cdc_user, password=cdc_password,
-                            passfile=os.devnull)
+                            passfile="/dev/null/none")
     with psycopg.connect(cdc_dsn, autocommit=True) as conn:
         attrs = conn.execute("SELECT rolsuper, rolcreatedb, rolcreaterole, rolreplication, rolbypassrls "
                              "FROM pg_roles WHERE rolname = current_user").fetchone()
@@ -265,7 +265,7 @@ def test_password_rotation_on_the_running_stack(stack: dict[str, str], cfg: Stac
     assert long_lived.ping()
     with psycopg.connect(stack["GUARD_BRANCH_DSN"]) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
-    _refused(make_conninfo(stack["GUARD_BRANCH_DSN"], password=old["pg-app"], passfile=os.devnull))
+    _refused(make_conninfo(stack["GUARD_BRANCH_DSN"], password=old["pg-app"], passfile="/dev/null/none"))
     # Debezium reconnected with its new password: a new row reaches its raw topic
     from guard.stack.connector import ensure_connector, topic_message_count
 
