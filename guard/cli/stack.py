@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from typing import Any
 
@@ -49,7 +50,7 @@ def stack_env() -> None:
     from guard import stack as s
 
     for key, value in _run_stack(s.env).items():
-        click.echo(f"export {key}={value}")
+        click.echo(f"export {key}={shlex.quote(value)}")  # DSNs and URLs carry '&': quoted for eval
 
 
 @stack.command("rotate")

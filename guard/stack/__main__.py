@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 from guard.stack import orchestrator
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if all(s.running for s in rows) else 3
         elif args.cmd == "env":
             for k, v in orchestrator.env().items():
-                print(f"export {k}={v}")
+                print(f"export {k}={shlex.quote(v)}")  # DSNs and URLs carry '&': quoted for eval
         elif args.cmd == "compose-secrets":
             from pathlib import Path
 
