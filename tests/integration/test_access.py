@@ -207,10 +207,10 @@ def test_missing_tenant_key_stops_workers_and_is_not_minted(stack: dict[str, str
     raw = f"{prefix}.public.customers"
     env = {**stack, "GUARD_RAW_TOPIC_PREFIX": prefix}
     index = f"{tenant_prefix(TENANT)}tkey:index"
+    produce_raw(stack["GUARD_KAFKA_BOOTSTRAP"], raw, _customer_event(1), b'{"customer_id": 1}')
     running = GuardProcess(env, worker_id=f"{prefix}-a", group_id=f"{prefix}-group", log_dir=tmp_path).start()
     saved: bytes | None = None
     try:
-        produce_raw(stack["GUARD_KAFKA_BOOTSTRAP"], raw, _customer_event(1), b'{"customer_id": 1}')
         wait_for(stack["GUARD_KAFKA_BOOTSTRAP"], f"sanitized.{raw}", lambda rs: len(rs) >= 1, timeout=120)
         assert running.alive(), running.log()
         saved = admin.dump(index)
