@@ -109,3 +109,44 @@ def test_services_get_no_inherited_secrets(monkeypatch: pytest.MonkeyPatch) -> N
     env = child_env({"LANG": "C.UTF-8"})
     assert "GUARD_MASTER_KEY" not in env and "GUARD_PG_ADMIN_DSN" not in env and "PGPASSWORD" not in env
     assert env["LANG"] == "C.UTF-8" and env.get("PATH") == os.environ.get("PATH")
+
+
+class _Store:
+    """Stand-in for RedisKeyStore's tenant-key calls (the Lua script itself is tested on the real stack)."""
+
+    def __init__(self) -> None:
+        self.missing: list[str] = []
+        self.checks = 0
+
+    def tenant_keys(self, wrapped: dict[str, bytes]) -> dict[str, bytes]:
+        return wrapped
+
+    def missing_tenant_keys(self, purposes: list[str]) -> list[str]:
+        self.checks += 1
+        return [p for p in purposes if p in self.missing]
+
+
+def test_running_key_manager_stops_when_a_tenant_key_vanishes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from guard.errors import TenantKeyMissingError
+    from guard.keys.kms import LocalKeyring
+    from guard.keys.manager import KeyManager
+
+    store = _Store()
+    now = [1000.0]
+    km = KeyManager(LocalKeyring(os.urandom(32)), store, "demo-bank", listen=False,  # type: ignore[arg-type]
+                    tenant_check_s=5.0)
+    import guard.keys.manager as manager
+
+    monkeypatch.setattr(manager.time, "monotonic", lambda: now[0])
+    km._tenant_checked = now[0]
+    km.check_tenant_keys()
+    assert store.checks == 0  # at most every 5 s
+    now[0] += 6
+    km.check_tenant_keys()
+    assert store.checks == 1
+    store.missing = ["index"]
+    km.check_tenant_keys()  # throttled: the next check is due 5 s later
+    assert store.checks == 1
+    now[0] += 6
+    with pytest.raises(TenantKeyMissingError, match="index are missing from Redis; the guard refuses"):
+        km.check_tenant_keys()
