@@ -112,11 +112,13 @@ class _FileCredentials(redis.CredentialProvider):
 def redis_client(url: str, password_file: str | None = None, **kwargs: Any) -> redis.Redis:
     """A Redis client for `url` (`rediss://user@host:port/db?ssl_ca_certs=...`), password from a file.
 
-    `password_file` defaults to GUARD_REDIS_PASSWORD_FILE. A password inside the URL is used as is (not
-    recommended: URLs end up in process listings and logs).
+    `password_file` defaults to GUARD_REDIS_PASSWORD_FILE, then to the setting's default (the local stack's
+    file). A password inside the URL is used as is (not recommended: URLs end up in process listings and logs).
     """
+    from guard.config import Settings
+
     parts = urlsplit(url)
-    password_file = password_file or os.environ.get("GUARD_REDIS_PASSWORD_FILE") or ""
+    password_file = password_file or os.environ.get("GUARD_REDIS_PASSWORD_FILE") or Settings().redis_password_file
     if parts.password is not None or not parts.username or not password_file:
         return redis.Redis.from_url(url, **kwargs)
     netloc = parts.hostname or ""
