@@ -75,7 +75,7 @@ def cleanup_kafka(admin: AdminClient, names: Names, groups: Iterable[str]) -> li
     return topics
 
 
-def drift_alert_keys(workload: Workload) -> list[str]:
+def drift_alert_keys(workload: Workload, tenant: str = "demo-bank") -> list[str]:
     """Redis marks of the drift alerts the bench can raise: one per column the catalog doesn't know.
 
     The sanitizer deduplicates drift alerts per table and column (not per branch), so the bench's events
@@ -86,7 +86,9 @@ def drift_alert_keys(workload: Workload) -> list[str]:
 
     row = orjson.loads(workload.value(0, 0))["after"]
     plan = Classifier(Catalog.load(None)).plan("public.customers", row)
-    return [f"bg:alerted:drift:public.customers:{p.name}" for p in plan.unclassified]
+    from guard.keys.store import tenant_prefix
+
+    return [f"{tenant_prefix(tenant)}alerted:drift:public.customers:{p.name}" for p in plan.unclassified]
 
 
 def cleanup_redis(redis_url: str, names: Names, fresh_alert_keys: list[str]) -> int:
@@ -103,9 +105,9 @@ def cleanup_redis(redis_url: str, names: Names, fresh_alert_keys: list[str]) -> 
 
 
 def _delete_keys(redis_url: str, pattern: str, extra: list[str]) -> int:
-    import redis
+    from guard.keys.store import redis_client
 
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     deleted = 0
     batch: list[bytes] = []
     for key in client.scan_iter(match=pattern, count=2000):
@@ -121,9 +123,9 @@ def _delete_keys(redis_url: str, pattern: str, extra: list[str]) -> int:
 
 
 def missing_keys(redis_url: str, keys: list[str]) -> list[str]:
-    import redis
+    from guard.keys.store import redis_client
 
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     return [k for k in keys if not client.exists(k)]
 
 

@@ -327,7 +327,7 @@ def run(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
     # The workers inherit this environment, so they resolve GUARD_HOT_PATH the same way.
     machine["guard_hot_path"] = "native" if use_native(settings.hot_path) else "python"
     workload = build_workload(opts.records, customers=opts.customers)
-    alert_keys = missing_keys(settings.redis_url, drift_alert_keys(workload))
+    alert_keys = missing_keys(settings.redis_url, drift_alert_keys(workload, settings.tenant))
     sampler = RssSampler(0.5)
     ctx = BenchContext(settings, names, opts.partitions, sampler, Path(tempfile.mkdtemp(prefix=f"{names.prefix}-")),
                        broker_gc_log=broker.gc_log if broker is not None and broker.gc_log.is_file() else None)

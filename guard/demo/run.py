@@ -31,6 +31,9 @@ def run_demo(settings: Settings, *, customers: int = 20) -> None:
                                       "kafka_bootstrap": env["GUARD_KAFKA_BOOTSTRAP"],
                                       "branch_dsn": env["GUARD_BRANCH_DSN"],
                                       "redis_url": env["GUARD_REDIS_URL"],
+                                      "redis_password_file": env["GUARD_REDIS_PASSWORD_FILE"],
+                                      "connect_url": env["GUARD_CONNECT_URL"],
+                                      "connect_credentials_file": env["GUARD_CONNECT_CREDENTIALS_FILE"],
                                       "raw_topic_prefix": env["GUARD_RAW_TOPIC_PREFIX"],
                                       **{k.removeprefix("GUARD_").lower(): v for k, v in env.items()
                                          if k.startswith("GUARD_KAFKA_")},

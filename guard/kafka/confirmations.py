@@ -1,7 +1,7 @@
 """Deletion confirmations that a crash separated from their shred: found, checked and delivered once.
 
 A shred writes its confirmation (and the confirmation's audit record) into the key store in the same
-script (`bg:pending:{branch}`, `Sanitizer.erase`); the worker that carries them in a transaction removes
+script (`bg:{t}:pending:{branch}`, `Sanitizer.erase`); the worker that carries them in a transaction removes
 the entry once that transaction has committed. An entry still there was not (known to be) delivered:
 
 * the worker crashed, was fenced or lost its partitions before the commit; the replay of the same delete

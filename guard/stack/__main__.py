@@ -1,9 +1,10 @@
-"""``python -m guard.stack up|down|status|env|restart S|kill S|start S|connector|provision|transactions``."""
+"""``python -m guard.stack up|down|status|env|restart S|kill S|start S|connector|rotate R|provision|transactions``."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -23,6 +24,11 @@ def main(argv: list[str] | None = None) -> int:
         sp = sub.add_parser(name, help=f"{name} one service")
         sp.add_argument("service", choices=orchestrator.SERVICES)
     sub.add_parser("connector", help="(re)register the Debezium connector only")
+    rot = sub.add_parser("rotate", help="new passwords for redis (guard, admin) or postgres (branch_app, cdc), "
+                                        "applied to the running stack")
+    rot.add_argument("what", choices=orchestrator.ROTATABLE)
+    cs = sub.add_parser("compose-secrets", help="docker-compose: CA, certificates, passwords, ACL and users files")
+    cs.add_argument("home", help="the volume every compose service mounts (/stack)")
     tx = sub.add_parser("transactions", help="list hanging Kafka transactions (exit 4 if any); --abort aborts them")
     tx.add_argument("--abort", action="store_true", help="abort every hanging transaction found")
     tx.add_argument("--max-transaction-timeout", type=int, default=1, metavar="MINUTES",
@@ -57,16 +63,22 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if all(s.running for s in rows) else 3
         elif args.cmd == "env":
             for k, v in orchestrator.env().items():
-                print(f"export {k}={v}")
+                print(f"export {k}={shlex.quote(v)}")  # DSNs and URLs carry '&': quoted for eval
+        elif args.cmd == "compose-secrets":
+            from guard.stack.compose import compose_secrets
+
+            compose_secrets(Path(args.home))
+        elif args.cmd == "rotate":
+            orchestrator.rotate(args.what)
         elif args.cmd == "connector":
             ensure_connector()
         elif args.cmd == "transactions":
             return _transactions(args.abort, args.max_transaction_timeout)
         elif args.cmd == "kafka-secrets":
-            from guard.stack.kafka_auth import compose_secrets
+            from guard.stack.kafka_auth import compose_secrets as kafka_compose_secrets
 
             owners = {k: int(v) for k, _, v in (o.partition("=") for o in args.owner)}
-            compose_secrets(args.dir, args.host, owners)
+            kafka_compose_secrets(args.dir, args.host, owners)
         elif args.cmd == "kafka-init":
             from guard.stack.kafka_auth import compose_init
 

@@ -56,9 +56,7 @@ class StackConfig:
     redis_port: int = 16379
     branch_db: str = "branch_0101"
     app_user: str = "branch_app"
-    app_password: str = "branch_app"  # noqa: S105 - fixed demo credential, documented
     cdc_user: str = "cdc"
-    cdc_password: str = "cdc"  # noqa: S105 - fixed demo credential, documented
     topic_prefix: str = "br0101"
     connector_name: str = "branch-0101-postgres"
     slot_name: str = "dbz_branch_0101"
@@ -104,19 +102,30 @@ class StackConfig:
     def bootstrap(self) -> str:
         return f"{self.host}:{self.kafka_port}"
 
+    # --- access (issue 20): TLS, credentials by file path (guard.stack.secrets, guard.stack.tls) --------
+    @property
+    def secrets_dir(self) -> Path:
+        return self.home / "secrets"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.home / "tls" / "ca.crt"
+
     @property
     def connect_url(self) -> str:
         return f"http://{self.host}:{self.connect_port}"
 
     @property
     def branch_dsn(self) -> str:
-        return (
-            f"postgresql://{self.app_user}:{self.app_password}@{self.host}:{self.pg_port}/{self.branch_db}"
-        )
+        """TLS verified against the stack CA; the password comes from the 0600 ``passfile``, not the DSN."""
+        return (f"postgresql://{self.app_user}@{self.host}:{self.pg_port}/{self.branch_db}"
+                f"?sslmode=verify-full&sslrootcert={self.ca_file}&passfile={self.secrets_dir / 'pgpass'}")
 
     @property
     def redis_url(self) -> str:
-        return f"redis://{self.host}:{self.redis_port}/0"
+        """The guard's ACL user over TLS; its password is in GUARD_REDIS_PASSWORD_FILE."""
+        return (f"rediss://guard@{self.host}:{self.redis_port}/0"
+                f"?ssl_ca_certs={self.ca_file}&ssl_cert_reqs=required")
 
     # --- Kafka security (issue 20, kafka part) ---------------------------------------------------------
     @property
@@ -151,12 +160,16 @@ class StackConfig:
     # --- end of Kafka security ------------------------------------------------------------------------
 
     def env(self) -> dict[str, str]:
-        """The variables guard components read to find the stack (exactly these keys)."""
+        """The variables guard components read to find the stack (exactly these keys): where credentials
+        are, never their values."""
         return {
             "GUARD_KAFKA_BOOTSTRAP": self.bootstrap,
             "GUARD_CONNECT_URL": self.connect_url,
+            "GUARD_CONNECT_CREDENTIALS_FILE": str(self.secrets_dir / "connect-rest.credentials"),
             "GUARD_BRANCH_DSN": self.branch_dsn,
             "GUARD_REDIS_URL": self.redis_url,
+            "GUARD_REDIS_PASSWORD_FILE": str(self.secrets_dir / "redis-guard.password"),
             "GUARD_RAW_TOPIC_PREFIX": self.topic_prefix,
             **self.kafka_env(),
         }
+    # --- end access (issue 20) ----------------------------------------------------------------------------

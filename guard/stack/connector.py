@@ -42,14 +42,20 @@ def connectors_dir() -> Path:
 
 
 def placeholder_values(cfg: StackConfig, db_host: str | None = None, db_port: int | None = None,
-                       bootstrap: str | None = None) -> dict[str, str]:
+                       bootstrap: str | None = None, *, cdc_password_file: str | None = None,
+                       ca_file: str | None = None) -> dict[str, str]:
     """Values for the ``${...}`` placeholders in the connector file."""
     return {
         "DB_HOST": db_host or cfg.host,
         "DB_PORT": str(db_port or cfg.pg_port),
         "DB_NAME": cfg.branch_db,
         "CDC_USER": cfg.cdc_user,
-        "CDC_PASSWORD": cfg.cdc_password,
+        # access (issue 20): the password stays in a 0600 file that Connect's FileConfigProvider reads
+        # when it starts the task; the connector config (REST, the configs topic) holds only the reference
+        "CDC_PASSWORD": "${file:" + str(cdc_password_file or cfg.secrets_dir / "connect-cdc.properties")
+                        + ":password}",
+        "DB_SSLMODE": "verify-full",
+        "DB_SSLROOTCERT": str(ca_file or cfg.ca_file),
         "TOPIC_PREFIX": cfg.topic_prefix,
         "SLOT_NAME": cfg.slot_name,
         "PUBLICATION_NAME": cfg.publication_name,
@@ -72,6 +78,26 @@ def load_connector(values: dict[str, str], path: Path | None = None) -> tuple[st
     return name, config
 
 
+# --- access (issue 20): every REST call authenticates ------------------------------------------------------
+def rest_auth(cfg: StackConfig | None = None) -> tuple[str, str] | None:
+    """(user, password) for Connect's REST API: GUARD_CONNECT_CREDENTIALS_FILE, else the stack's own file."""
+    from guard.config import connect_credentials
+
+    found = connect_credentials()
+    if found is None and cfg is not None and (cfg.secrets_dir / "connect-rest.credentials").exists():
+        found = connect_credentials(str(cfg.secrets_dir / "connect-rest.credentials"))
+    return found
+
+
+def restart_connector(cfg: StackConfig, connect_url: str | None = None) -> None:
+    """Restart the connector and its tasks (they re-read ${file:...} secrets, e.g. after a rotation)."""
+    with httpx.Client(base_url=connect_url or cfg.connect_url, timeout=30.0, auth=rest_auth(cfg)) as http:
+        r = http.post(f"/connectors/{cfg.connector_name}/restart", params={"includeTasks": "true"})
+        if r.status_code >= 400:
+            raise StackError(f"restarting connector {cfg.connector_name}: HTTP {r.status_code} {r.text[:500]}")
+# --- end access (issue 20) -----------------------------------------------------------------------------
+
+
 def connector_state(http: httpx.Client, name: str) -> tuple[str, list[str], str]:
     """(connector state, task states, first error trace line) or ("MISSING", [], "")."""
     r = http.get(f"/connectors/{name}/status")
@@ -88,9 +114,11 @@ def connector_state(http: httpx.Client, name: str) -> tuple[str, list[str], str]
 def ensure_connector(cfg: StackConfig | None = None, *, connect_url: str | None = None,
                      db_host: str | None = None, db_port: int | None = None,
                      timeout: float = 180.0, catalog: Catalog | None = None, check_db: bool = True,
-                     db_dsn: str | None = None) -> str:
+                     db_dsn: str | None = None, cdc_password_file: str | None = None, ca_file: str | None = None,
+                     auth: tuple[str, str] | None = None) -> str:
     """Create or update the connector (only if its config differs) and wait until it and its task run.
 
+    Every REST call authenticates (`auth`, default `rest_auth`: HTTP basic, issue 20).
     The config is rendered from the template and the catalog (``render_connector``); a catalog change
     therefore updates the running connector (``PUT /connectors/<name>/config``). Before that, the
     database's C3 columns to be hashed are checked (``check_hash_columns``, through ``db_dsn``, default the
@@ -105,8 +133,9 @@ def ensure_connector(cfg: StackConfig | None = None, *, connect_url: str | None 
     catalog = catalog or Catalog.load()
     if check_db:
         check_hash_columns(db_dsn or cfg.branch_dsn, catalog)
-    name, config = resolve_connector(render_connector(catalog), placeholder_values(cfg, db_host, db_port))
-    with httpx.Client(base_url=url, timeout=30.0) as http:
+    name, config = resolve_connector(render_connector(catalog), placeholder_values(
+        cfg, db_host, db_port, cdc_password_file=cdc_password_file, ca_file=ca_file))
+    with httpx.Client(base_url=url, timeout=30.0, auth=auth or rest_auth(cfg)) as http:
         current = http.get(f"/connectors/{name}/config")
         if current.status_code == 200 and current.json() == config:
             outcome = "unchanged"

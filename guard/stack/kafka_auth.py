@@ -292,10 +292,17 @@ def compose_secrets(directory: Path, hosts: list[str], owners: dict[str, int]) -
     ca.ensure_leaf("controller", hosts)
     ca.ensure_leaf("admin", server=False)
     passwords = ensure_passwords(cfg)
-    # Connect's clients read their credentials from a JAAS file (KAFKA_OPTS=-Djava.security.auth.login.config)
+    # Connect's clients read their credentials from a JAAS file (KAFKA_OPTS=-Djava.security.auth.login.config);
+    # Java takes one such file, so it also holds the REST API's login section when `compose-secrets` (run
+    # first, guard.stack.compose) made the REST users file
     jaas = cfg.kafka_secrets_dir / "connect.jaas"
-    _write_private(jaas, ('KafkaClient {\n  org.apache.kafka.common.security.scram.ScramLoginModule required\n'
-                          f'  username="connect" password="{passwords["connect"]}";\n}};\n').encode())
+    text = ('KafkaClient {\n  org.apache.kafka.common.security.scram.ScramLoginModule required\n'
+            f'  username="connect" password="{passwords["connect"]}";\n}};\n')
+    rest_users = directory / "connect-rest-users.properties"
+    if rest_users.exists():
+        text += ("KafkaConnect {\n  org.apache.kafka.connect.rest.basic.auth.extension.PropertyFileLoginModule "
+                 f'required\n  file="{rest_users}";\n}};\n')
+    _write_private(jaas, text.encode())
     # the broker's health check: its own certificate on its mutual-TLS listener
     health = cfg.tls_dir / "broker-client.properties"
     _write_private(health, ("security.protocol=SSL\nssl.keystore.type=PEM\n"

@@ -1,4 +1,4 @@
-"""The local stack's private CA and certificates (``<home>/tls``), made with `cryptography` (no openssl/keytool).
+"""The local stack's one private CA and the certificates it signs (``<home>/tls``), made with `cryptography`.
 
 * ``ca.crt`` / ``ca.key``: a self-signed CA (ECDSA P-256, 10 years) that signs everything below. Clients
   trust ``ca.crt`` only (``ssl.ca.location`` / ``ssl.truststore.location``).
@@ -7,6 +7,9 @@
   (``CN=broker``, ``CN=controller``) become the principals ``User:broker`` and ``User:controller`` on the
   mutual-TLS listeners (``ssl.principal.mapping.rules``), where the broker talks to the controller and to
   itself (transaction markers).
+* ``redis.crt`` / ``redis.key``, ``postgres.crt`` / ``postgres.key``: the other servers' certificates
+  (`ensure_server_cert`); Redis and PostgreSQL clients verify them against ``ca.crt`` (``GUARD_REDIS_URL``'s
+  ``ssl_ca_certs``, ``GUARD_BRANCH_DSN``'s ``sslrootcert``, Debezium's ``database.sslrootcert``).
 * ``admin.crt`` / ``admin.key``: a client certificate, ``CN=admin`` (``User:admin``), with which
   `guard stack up` reaches the broker's mutual-TLS listener to create the SCRAM users and the ACLs: it works
   before any SCRAM credential exists (a home formatted before SASL was introduced) and after a password file
@@ -187,3 +190,24 @@ class LocalCA:
 def _valid_for(cert: x509.Certificate, margin: dt.timedelta) -> bool:
     now = dt.datetime.now(dt.UTC)
     return cert.not_valid_before_utc <= now and cert.not_valid_after_utc - margin > now
+
+
+# --- the home-based helpers the Redis, PostgreSQL and compose code use (same CA, same files) --------------
+def tls_dir(home: Path) -> Path:
+    return home / "tls"
+
+
+def ensure_ca(home: Path) -> tuple[Path, Path]:
+    """(ca.crt, ca.key) under ``<home>/tls``, created once (idempotent); 0600 files in a 0700 directory."""
+    ca = LocalCA(tls_dir(home))
+    ca.ensure_ca()
+    os.chmod(ca.dir, 0o700)
+    return ca.ca_cert, ca.ca_key
+
+
+def ensure_server_cert(home: Path, name: str, hosts: Sequence[str] = DEFAULT_HOSTS) -> tuple[Path, Path]:
+    """(``<name>.crt``, ``<name>.key``) signed by the stack CA for `hosts` (plus `DEFAULT_HOSTS`); issued
+    again when a name is missing, it expires within 30 days or another CA signed it."""
+    ca = LocalCA(tls_dir(home))
+    ca.ensure_leaf(name, hosts)
+    return ca.cert(name), ca.key(name)

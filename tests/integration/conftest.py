@@ -14,12 +14,17 @@ def stack() -> dict[str, str]:
     Kafka is reached as the admin principal (issue 20: tests use the admin unless they test a principal):
     the returned variables name the admin's password file, and so does this process's environment, so that
     settings loaded in-process and the guard workers tests start as subprocesses connect as admin too.
+    Redis and Connect REST: the guard's own user and the stack's REST user, found through the credential
+    files `guard stack env` names (paths, not secrets), as a shell after `eval "$(guard stack env)"` would.
     """
     from guard.stack import env, up
     from guard.stack.config import StackConfig
 
     up()
+    found = env()
+    for name in ("GUARD_REDIS_PASSWORD_FILE", "GUARD_CONNECT_CREDENTIALS_FILE"):
+        os.environ[name] = found[name]
     # the deployment's guard principal stays User:guard: `guard doctor` run as admin checks it reads raw alone
     admin = StackConfig.from_env().kafka_env("admin")
     os.environ.update({**admin, "GUARD_KAFKA_GUARD_PRINCIPAL": "User:guard"})
-    return {**env(), **admin}
+    return {**found, **admin}

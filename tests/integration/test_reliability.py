@@ -222,7 +222,10 @@ def _raw_customer_ops(bootstrap: str, start: dict[tuple[str, int], int]) -> set[
 
 
 def _connector(env: dict[str, str]) -> tuple[str, list[str]]:
-    with httpx.Client(base_url=env["GUARD_CONNECT_URL"], timeout=10) as http:
+    from guard.config import connect_credentials
+
+    with httpx.Client(base_url=env["GUARD_CONNECT_URL"], timeout=10,
+                      auth=connect_credentials(env.get("GUARD_CONNECT_CREDENTIALS_FILE"))) as http:
         name = http.get("/connectors").json()[0]
         st = http.get(f"/connectors/{name}/status").json()
         return st["connector"]["state"], [t["state"] for t in st["tasks"]]
@@ -469,7 +472,10 @@ def test_postgres_restart_under_the_debezium_connector(scenario: Scenario, resto
         recovered = False
     if not recovered:
         # The documented user action: restart the connector and its tasks through the Connect REST API.
-        with httpx.Client(base_url=sc.env["GUARD_CONNECT_URL"], timeout=30) as http:
+        from guard.config import connect_credentials
+
+        with httpx.Client(base_url=sc.env["GUARD_CONNECT_URL"], timeout=30,
+                          auth=connect_credentials(sc.env.get("GUARD_CONNECT_CREDENTIALS_FILE"))) as http:
             name = http.get("/connectors").json()[0]
             r = http.post(f"/connectors/{name}/restart", params={"includeTasks": "true"})
             assert r.status_code < 300, r.text

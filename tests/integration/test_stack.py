@@ -17,10 +17,10 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-import redis as redis_client
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource
 
+from guard.keys.store import redis_client
 from guard.stack import ServiceStatus, env, status, up
 from tests.integration.kafka_helpers import high_watermark, kafka_conf
 
@@ -106,10 +106,13 @@ def test_up_is_idempotent(stack: dict[str, str]) -> None:
 
 
 def test_env_keys(stack: dict[str, str]) -> None:
-    # issue 20: the Kafka security settings joined the list (paths, never the password)
+    # issue 20: where the Kafka, Redis and Connect REST credentials are (paths, never values)
     assert set(stack) == {"GUARD_KAFKA_BOOTSTRAP", "GUARD_CONNECT_URL", "GUARD_BRANCH_DSN",
                           "GUARD_REDIS_URL", "GUARD_RAW_TOPIC_PREFIX", "GUARD_KAFKA_SECURITY_PROTOCOL",
-                          "GUARD_KAFKA_USERNAME", "GUARD_KAFKA_PASSWORD_FILE", "GUARD_KAFKA_CA_FILE"}
+                          "GUARD_KAFKA_USERNAME", "GUARD_KAFKA_PASSWORD_FILE", "GUARD_KAFKA_CA_FILE",
+                          "GUARD_REDIS_PASSWORD_FILE", "GUARD_CONNECT_CREDENTIALS_FILE"}
+    for name in ("GUARD_REDIS_PASSWORD_FILE", "GUARD_CONNECT_CREDENTIALS_FILE", "GUARD_KAFKA_PASSWORD_FILE"):
+        assert os.stat(stack[name]).st_mode & 0o077 == 0
     assert stack["GUARD_RAW_TOPIC_PREFIX"] == "br0101"
     assert env()["GUARD_KAFKA_USERNAME"] == "guard"  # what `guard stack env` gives the product
 
@@ -131,15 +134,23 @@ def test_kafka_runs_as_a_controller_and_a_broker_process(stack: dict[str, str]) 
 def test_each_service_answers(stack: dict[str, str]) -> None:
     md = AdminClient(kafka_conf(stack["GUARD_KAFKA_BOOTSTRAP"])).list_topics(timeout=10)
     assert md.brokers
-    root = httpx.get(stack["GUARD_CONNECT_URL"] + "/", timeout=10).json()
+    from guard.config import connect_credentials
+
+    auth = connect_credentials(stack["GUARD_CONNECT_CREDENTIALS_FILE"])  # issue 20: the REST API needs them
+    root = httpx.get(stack["GUARD_CONNECT_URL"] + "/", timeout=10, auth=auth).json()
     assert root["version"].startswith("4.")
-    plugins = httpx.get(stack["GUARD_CONNECT_URL"] + "/connector-plugins", timeout=10).json()
+    plugins = httpx.get(stack["GUARD_CONNECT_URL"] + "/connector-plugins", timeout=10, auth=auth).json()
     assert any(p["class"] == "io.debezium.connector.postgresql.PostgresConnector" for p in plugins)
     with psycopg.connect(stack["GUARD_BRANCH_DSN"]) as conn:
         assert conn.execute("SHOW wal_level").fetchone() == ("logical",)
         n = conn.execute("SELECT count(*) FROM customers").fetchone()
         assert n is not None and n[0] >= 200
-    r = redis_client.Redis.from_url(stack["GUARD_REDIS_URL"], decode_responses=True)
+    from guard.stack.config import StackConfig
+    from guard.stack.redisd import Redis
+
+    # issue 20: the guard's user answers but may not read the configuration; the admin user may
+    assert redis_client(stack["GUARD_REDIS_URL"], stack["GUARD_REDIS_PASSWORD_FILE"]).ping()
+    r = Redis(StackConfig.from_env()).admin_client(decode_responses=True)
     assert r.ping()
     assert r.config_get("appendfsync") == {"appendfsync": "always"}
     assert r.config_get("appendonly") == {"appendonly": "yes"}
@@ -224,12 +235,13 @@ def test_redis_survives_sigkill(stack: dict[str, str]) -> None:
     """appendfsync always: an acknowledged write survives a crash of the Redis process."""
     from guard.stack import kill, start
 
-    r = redis_client.Redis.from_url(stack["GUARD_REDIS_URL"], decode_responses=True)
-    key = f"test:durable:{uuid.uuid4()}"
+    # issue 20: the guard's own user, on a key under its tenant's prefix (the only keys it may write)
+    r = redis_client(stack["GUARD_REDIS_URL"], stack["GUARD_REDIS_PASSWORD_FILE"], decode_responses=True)
+    key = f"bg:demo-bank:test:durable:{uuid.uuid4()}"
     r.set(key, "wrapped-data-key")
     kill("redis")
     start("redis")
-    r2 = redis_client.Redis.from_url(stack["GUARD_REDIS_URL"], decode_responses=True)
+    r2 = redis_client(stack["GUARD_REDIS_URL"], stack["GUARD_REDIS_PASSWORD_FILE"], decode_responses=True)
     assert r2.get(key) == "wrapped-data-key"
     r2.delete(key)
 
