@@ -15,10 +15,10 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import psycopg
 
+from guard.config import mariadb_connect_args
 from guard.workload import synth
 
 
@@ -44,10 +44,7 @@ class MariaConnection:
     def __init__(self, dsn: str) -> None:
         import pymysql
 
-        url = urlsplit(dsn)
-        self.conn = pymysql.connect(host=url.hostname or "127.0.0.1", port=url.port or 3306,
-                                    user=unquote(url.username or ""), password=unquote(url.password or ""),
-                                    database=url.path.lstrip("/"), autocommit=True, charset="utf8mb4",
+        self.conn = pymysql.connect(**mariadb_connect_args(dsn), autocommit=True, charset="utf8mb4",
                                     connect_timeout=10, init_command="SET time_zone = '+00:00'")
 
     def execute(self, query: str, params: Any = None) -> Any:

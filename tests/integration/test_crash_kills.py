@@ -28,7 +28,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 import guard.stack
 from guard.workload.branch import WorkloadResult, run_workload
-from tests.integration.kafka_helpers import GuardProcess, high_watermark
+from tests.integration.kafka_helpers import GuardProcess, high_watermark, kafka_conf
 from tests.integration.reliability_helpers import (
     SteadyProducer,
     assert_no_hanging_transactions,
@@ -126,9 +126,9 @@ class OpenTransactions:
 
     def __init__(self, bootstrap: str, partitions: list[tuple[str, int]]) -> None:
         self.partitions = partitions
-        self._hw = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("probe-hw-"),
+        self._hw = Consumer({**kafka_conf(bootstrap), "group.id": unique("probe-hw-"),
                              "isolation.level": "read_uncommitted"})
-        self._lso = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("probe-lso-"),
+        self._lso = Consumer({**kafka_conf(bootstrap), "group.id": unique("probe-lso-"),
                               "isolation.level": "read_committed"})
 
     def now(self) -> dict[tuple[str, int], tuple[int, int]]:

@@ -164,19 +164,25 @@ def test_mariadb_runs_on_loopback_with_the_binlog_debezium_needs_and_least_privi
     assert "GRANT RELOAD, REPLICATION SLAVE, BINLOG MONITOR ON *.*" in grants
     assert f"GRANT SELECT ON `{DB}`.*" in grants
     assert "ALL PRIVILEGES" not in grants and "SUPER" not in grants and "SHOW DATABASES" not in grants
-    secret = cfg.mariadb_cdc_password_file
-    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
-    password = secret.read_text().strip()
-    # the CDC account logs in with its password, and without it (or anonymously) nobody does
-    ok = pymysql.connect(host=cfg.host, port=cfg.mariadb_port, user=cfg.mariadb_cdc_user, password=password)
-    ok.close()
+    for secret in (cfg.mariadb_cdc_password_file, cfg.mariadb_app_password_file, cfg.mariadb_connect_cdc_file,
+                   cfg.mariadb_truststore_properties):
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
+    password = cfg.mariadb_cdc_password_file.read_text().strip()
+    assert password not in stack["GUARD_BRANCH2_DSN"] and "password_file=" in stack["GUARD_BRANCH2_DSN"]
+    tls = {"ssl_ca": str(cfg.ca_file), "ssl_verify_cert": True, "ssl_verify_identity": True}
+    where = {"host": cfg.host, "port": cfg.mariadb_port, "connect_timeout": 5}
+    # the CDC account logs in with its password over verified TLS, and without it (or anonymously) nobody does
+    pymysql.connect(**where, **tls, user=cfg.mariadb_cdc_user, password=password).close()
     for user, pw in ((cfg.mariadb_cdc_user, ""), (cfg.mariadb_cdc_user, "wrong-" + password[:6]), ("", ""),
                      ("root", "")):
         with pytest.raises(pymysql.err.OperationalError) as err:
-            pymysql.connect(host=cfg.host, port=cfg.mariadb_port, user=user, password=pw, connect_timeout=5)
+            pymysql.connect(**where, **tls, user=user, password=pw)
         assert err.value.args[0] in (1045, 1698)  # access denied (1698: root is unix_socket only)
+    # without TLS, not even the right password gets in
+    with pytest.raises(pymysql.err.OperationalError):
+        pymysql.connect(**where, user=cfg.mariadb_cdc_user, password=password)
     # the CDC account cannot write the branch database
-    with pymysql.connect(host=cfg.host, port=cfg.mariadb_port, user=cfg.mariadb_cdc_user, password=password,
+    with pymysql.connect(**where, **tls, user=cfg.mariadb_cdc_user, password=password,
                          database=DB) as conn, conn.cursor() as cur, pytest.raises(pymysql.err.OperationalError):
         cur.execute("DELETE FROM customers WHERE customer_id = -1")
 
@@ -431,7 +437,7 @@ def _topics(bootstrap: str) -> list[str]:
 
 
 # --- guard doctor -------------------------------------------------------------------------------------------
-def test_doctor_checks_the_mariadb_branch_and_names_what_is_wrong(stack: dict[str, str]):
+def test_doctor_checks_the_mariadb_branch_and_names_what_is_wrong(stack: dict[str, str], tmp_path):
     from confluent_kafka.admin import AdminClient
 
     from guard.config import Settings
@@ -443,23 +449,27 @@ def test_doctor_checks_the_mariadb_branch_and_names_what_is_wrong(stack: dict[st
                         branch2_cdc_password_file=stack["GUARD_BRANCH2_CDC_PASSWORD_FILE"])
     checks = check_mariadb(settings)
     assert [(c.name, c.ok) for c in checks] == [("mariadb", True), ("mariadb binlog", True),
-                                                ("mariadb logins", True), ("mariadb cdc account", True)], \
-        [c.line() for c in checks]
-    assert "BINLOG MONITOR, RELOAD, REPLICATION SLAVE on *.*, SELECT on `branch_0202`.*" in checks[3].detail
+                                                ("mariadb logins", True), ("mariadb tls", True),
+                                                ("mariadb cdc account", True)], [c.line() for c in checks]
+    assert "BINLOG MONITOR, RELOAD, REPLICATION SLAVE on *.*, SELECT on `branch_0202`.*" in checks[4].detail
     c3 = check_c3_absent(AdminClient({"bootstrap.servers": settings.kafka_bootstrap}),
                          settings.for_branch(BRANCH, PREFIX))
     assert [c.ok for c in c3] == [True] and "of 1 raw topics with C3 columns" in c3[0].detail, c3[0].line()
 
-    wrong = dict(settings.__dict__, branch2_dsn=stack["GUARD_BRANCH2_DSN"].replace(":branch_app@", ":nope@"))
+    bad_password = tmp_path / "wrong.password"
+    bad_password.write_text("not-the-password\n")
+    wrong = dict(settings.__dict__, branch2_dsn=stack["GUARD_BRANCH2_DSN"].replace(
+        str(cfg.mariadb_app_password_file), str(bad_password)))
     assert [(c.ok, "refused" in c.detail) for c in check_mariadb(Settings(**wrong))] == [(False, True)]
     down = dict(settings.__dict__, branch2_dsn=f"mysql://branch_app:x@127.0.0.1:1/{DB}")
     assert [(c.ok, "does not answer" in c.detail) for c in check_mariadb(Settings(**down))] == [(False, True)]
 
     server = MariaDB(cfg)
     try:
-        server.admin("CREATE USER ''@'127.0.0.1'; GRANT SHOW DATABASES ON *.* TO 'cdc'@'127.0.0.1';")
+        server.admin("CREATE USER ''@'127.0.0.1' REQUIRE SSL; GRANT SHOW DATABASES ON *.* TO 'cdc'@'127.0.0.1';")
         failed = {c.name: c for c in check_mariadb(settings) if not c.ok}
         assert set(failed) == {"mariadb logins", "mariadb cdc account"}, [c.line() for c in failed.values()]
+        assert "without a password" in failed["mariadb logins"].detail
         assert "extra global privileges ['SHOW DATABASES']" in failed["mariadb cdc account"].detail
     finally:
         server.admin("DROP USER IF EXISTS ''@'127.0.0.1'; REVOKE SHOW DATABASES ON *.* FROM 'cdc'@'127.0.0.1';")

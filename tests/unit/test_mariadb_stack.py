@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from guard.config import Settings
+from guard.config import Settings, mariadb_connect_args
 from guard.stack.artifacts import Artifacts
 from guard.stack.assets import render_asset
 from guard.stack.config import StackConfig
@@ -27,28 +27,36 @@ def cfg(tmp_path: Path) -> StackConfig:
 
 def test_the_server_config_binds_loopback_and_writes_the_binlog_debezium_reads(cfg: StackConfig) -> None:
     text = render_asset("mariadb.cnf", data_dir="/d", socket="/s", pid_file="/p", log_error="/l", port=cfg.mariadb_port,
-                        host=cfg.host, binlog="/d/binlog", server_id=cfg.mariadb_server_id)
+                        host=cfg.host, binlog="/d/binlog", server_id=cfg.mariadb_server_id, ssl_ca="/t/ca.crt",
+                        ssl_cert="/t/server.crt", ssl_key="/t/server.key")
     lines = {line.split("=", 1)[0].strip(): line.split("=", 1)[1].strip() for line in text.splitlines()
              if "=" in line and not line.lstrip().startswith("#")}
     assert lines["bind-address"] == "127.0.0.1" and lines["port"] == "24306"
     assert (lines["binlog_format"], lines["binlog_row_image"], lines["server_id"]) == ("ROW", "FULL", "202")
     assert lines["log-bin"] == "/d/binlog" and lines["gtid_strict_mode"] == "ON"
+    # TCP with TLS only, with the stack CA's certificate
+    assert (lines["require_secure_transport"], lines["ssl_cert"], lines["ssl_key"]) == ("ON", "/t/server.crt",
+                                                                                        "/t/server.key")
 
 
 def test_accounts_sql_grants_the_cdc_account_only_what_debezium_needs(cfg: StackConfig) -> None:
-    sql = mariadb_bootstrap_sql(cfg, "0123456789abcdef0123")
+    sql = mariadb_bootstrap_sql(cfg)
+    cdc, app = (read_secret(cfg.mariadb_cdc_password_file), read_secret(cfg.mariadb_app_password_file))
     assert "DROP USER IF EXISTS ''@'localhost', ''@'%', ''@'127.0.0.1';" in sql
     assert "GRANT SELECT ON `branch_0202`.* TO 'cdc'@'127.0.0.1';" in sql
     assert "GRANT RELOAD, REPLICATION SLAVE, BINLOG MONITOR ON *.* TO 'cdc'@'127.0.0.1';" in sql
     assert set(MARIADB_CDC_GLOBAL_GRANTS) == {"RELOAD", "REPLICATION SLAVE", "BINLOG MONITOR"}
-    assert "IDENTIFIED BY '0123456789abcdef0123'" in sql
+    assert f"'cdc'@'127.0.0.1' IDENTIFIED BY '{cdc}' REQUIRE SSL;" in sql
+    assert f"'branch_app'@'127.0.0.1' IDENTIFIED BY '{app}' REQUIRE SSL;" in sql
+    assert mariadb_bootstrap_sql(cfg) == sql  # the passwords are made once
     # the application account owns its database and nothing else
     assert "GRANT ALL PRIVILEGES ON `branch_0202`.* TO 'branch_app'@'127.0.0.1';" in sql
     assert sql.count("ON *.*") == 1
     # docker-compose: the accounts log in from other containers
-    assert "TO 'cdc'@'%'" in mariadb_bootstrap_sql(cfg, "0123456789abcdef0123", client_host="%")
+    assert "TO 'cdc'@'%'" in mariadb_bootstrap_sql(cfg, client_host="%")
     # a quote in a value cannot end the literal
-    assert "IDENTIFIED BY 'it''s-a-long-password'" in mariadb_bootstrap_sql(cfg, "it's-a-long-password")
+    cfg.mariadb_cdc_password_file.write_text("it's-a-long-password\n")
+    assert "IDENTIFIED BY 'it''s-a-long-password'" in mariadb_bootstrap_sql(cfg)
 
 
 def test_the_cdc_password_file_is_made_0600_and_a_readable_one_is_refused(cfg: StackConfig, tmp_path: Path) -> None:
@@ -83,7 +91,8 @@ def test_a_second_branch_worker_has_its_own_branch_topics_and_group() -> None:
 def test_stack_env_names_the_second_branch_for_the_guard(cfg: StackConfig) -> None:
     env = cfg.env()
     assert env["GUARD_BRANCH2"] == "0202" and env["GUARD_BRANCH2_RAW_TOPIC_PREFIX"] == "br0202"
-    assert env["GUARD_BRANCH2_DSN"] == "mysql://branch_app:branch_app@127.0.0.1:24306/branch_0202"
+    assert env["GUARD_BRANCH2_DSN"] == (f"mysql://branch_app@127.0.0.1:24306/branch_0202?password_file="
+                                        f"{cfg.mariadb_app_password_file}&ssl_ca={cfg.ca_file}")
     assert env["GUARD_BRANCH2_CDC_PASSWORD_FILE"].endswith("/secrets/mariadb-cdc.password")
     # every one is a setting of the guard (`guard doctor` reads them)
     assert {k.removeprefix("GUARD_").lower() for k in env} <= set(Settings.__dataclass_fields__)
@@ -102,3 +111,12 @@ def test_aware_times_are_written_to_mariadb_as_utc_wall_clock() -> None:
     assert mariadb_value(dt.datetime(2026, 1, 2, 8, 0, tzinfo=shanghai)) == dt.datetime(2026, 1, 2, 0, 0)
     assert mariadb_value(dt.date(2026, 1, 2)) == dt.date(2026, 1, 2)
     assert mariadb_value(b"\x00") == b"\x00"
+
+
+def test_a_dsn_names_the_password_file_and_the_ca_never_the_password(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret-value\n")
+    args = mariadb_connect_args(f"mysql://app@127.0.0.1:24306/db?password_file={secret}&ssl_ca=/tls/ca.crt")
+    assert (args["user"], args["password"], args["database"], args["port"]) == ("app", "s3cret-value", "db", 24306)
+    assert (args["ssl_ca"], args["ssl_verify_cert"], args["ssl_verify_identity"]) == ("/tls/ca.crt", True, True)
+    assert "ssl_ca" not in mariadb_connect_args("mysql://app:pw@h:1/db")
