@@ -51,7 +51,14 @@ from guard.stack.connector import connector_hash_salt, placeholder_values, rende
 from guard.stack.connector import connectors_dir as _connectors_dir
 from guard.stack.mariadb import MariaDB
 from guard.workload.branch import MariaConnection, run_workload
-from tests.integration.kafka_helpers import GuardProcess, LeakScanner, read_all, wait_for
+from tests.integration.kafka_helpers import (
+    GuardProcess,
+    LeakScanner,
+    admin_kafka_settings,
+    kafka_conf,
+    read_all,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -432,7 +439,7 @@ def _created(records: list, ids: set[int]) -> list:
 def _topics(bootstrap: str) -> list[str]:
     from confluent_kafka.admin import AdminClient
 
-    return list(AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10).topics)
+    return list(AdminClient(kafka_conf(bootstrap)).list_topics(timeout=10).topics)
 
 
 
@@ -444,7 +451,8 @@ def test_doctor_checks_the_mariadb_branch_and_names_what_is_wrong(stack: dict[st
     from guard.doctor import check_c3_absent, check_mariadb
 
     cfg = StackConfig.from_env()
-    settings = Settings(kafka_bootstrap=stack["GUARD_KAFKA_BOOTSTRAP"], branch2=BRANCH, branch2_raw_topic_prefix=PREFIX,
+    settings = Settings(**admin_kafka_settings(), kafka_bootstrap=stack["GUARD_KAFKA_BOOTSTRAP"], branch2=BRANCH,
+                        branch2_raw_topic_prefix=PREFIX,
                         branch2_dsn=stack["GUARD_BRANCH2_DSN"],
                         branch2_cdc_password_file=stack["GUARD_BRANCH2_CDC_PASSWORD_FILE"])
     checks = check_mariadb(settings)
@@ -452,7 +460,7 @@ def test_doctor_checks_the_mariadb_branch_and_names_what_is_wrong(stack: dict[st
                                                 ("mariadb logins", True), ("mariadb tls", True),
                                                 ("mariadb cdc account", True)], [c.line() for c in checks]
     assert "BINLOG MONITOR, RELOAD, REPLICATION SLAVE on *.*, SELECT on `branch_0202`.*" in checks[4].detail
-    c3 = check_c3_absent(AdminClient({"bootstrap.servers": settings.kafka_bootstrap}),
+    c3 = check_c3_absent(AdminClient(kafka_conf(settings.kafka_bootstrap)),
                          settings.for_branch(BRANCH, PREFIX))
     assert [c.ok for c in c3] == [True] and "of 1 raw topics with C3 columns" in c3[0].detail, c3[0].line()
 
@@ -461,7 +469,7 @@ def test_doctor_checks_the_mariadb_branch_and_names_what_is_wrong(stack: dict[st
     wrong = dict(settings.__dict__, branch2_dsn=stack["GUARD_BRANCH2_DSN"].replace(
         str(cfg.mariadb_app_password_file), str(bad_password)))
     assert [(c.ok, "refused" in c.detail) for c in check_mariadb(Settings(**wrong))] == [(False, True)]
-    down = dict(settings.__dict__, branch2_dsn=f"mysql://branch_app:x@127.0.0.1:1/{DB}")
+    down = dict(settings.__dict__, branch2_dsn=f"mysql://branch_app@127.0.0.1:1/{DB}?password_file={bad_password}")
     assert [(c.ok, "does not answer" in c.detail) for c in check_mariadb(Settings(**down))] == [(False, True)]
 
     server = MariaDB(cfg)
