@@ -176,7 +176,7 @@ def check_mariadb(settings: Settings) -> list[Check]:
     if tls:
         try:
             pymysql.connect(host=host, port=port, user=args["user"], password=args["password"],
-                            connect_timeout=5).close()
+                            connect_timeout=5, ssl_disabled=True).close()
             out.append(Check("mariadb tls", False, f"{where} let {args['user']} in without TLS",
                              "set require_secure_transport = ON (guard/stack/assets/mariadb.cnf) and REQUIRE SSL "
                              "on the accounts"))

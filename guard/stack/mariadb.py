@@ -58,7 +58,7 @@ def read_secret(path: Path, *, create: bool = False) -> str:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(secrets.token_hex(24) + "\n")
-        progress(f"mariadb: created the CDC password file {path} (mode 0600)")
+        progress(f"mariadb: created the password file {path} (mode 0600)")
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         raise StackError(f"{path} has mode {mode:04o}: a password file must be readable by its owner only; "

@@ -47,7 +47,13 @@ from guard.pipeline.runtime import build_keys, build_sanitizer
 from guard.protect.reveal import open_image
 from guard.records.codec import decode
 from guard.stack.config import StackConfig
-from guard.stack.connector import connector_hash_salt, placeholder_values, render_connector, resolve_connector
+from guard.stack.connector import (
+    connector_hash_salt,
+    placeholder_values,
+    render_connector,
+    resolve_connector,
+    rest_auth,
+)
 from guard.stack.connector import connectors_dir as _connectors_dir
 from guard.stack.mariadb import MariaDB
 from guard.workload.branch import MariaConnection, run_workload
@@ -185,9 +191,9 @@ def test_mariadb_runs_on_loopback_with_the_binlog_debezium_needs_and_least_privi
         with pytest.raises(pymysql.err.OperationalError) as err:
             pymysql.connect(**where, **tls, user=user, password=pw)
         assert err.value.args[0] in (1045, 1698)  # access denied (1698: root is unix_socket only)
-    # without TLS, not even the right password gets in
+    # without TLS, not even the right password gets in (PyMySQL would use TLS unasked: refused explicitly)
     with pytest.raises(pymysql.err.OperationalError):
-        pymysql.connect(**where, user=cfg.mariadb_cdc_user, password=password)
+        pymysql.connect(**where, user=cfg.mariadb_cdc_user, password=password, ssl_disabled=True)
     # the CDC account cannot write the branch database
     with pymysql.connect(**where, **tls, user=cfg.mariadb_cdc_user, password=password,
                          database=DB) as conn, conn.cursor() as cur, pytest.raises(pymysql.err.OperationalError):
@@ -199,15 +205,15 @@ def test_stack_registers_the_rendered_mariadb_connector_beside_the_postgres_one(
     template = _connectors_dir() / "branch-mariadb.json"
     name, expected = resolve_connector(render_connector(Catalog.load(), template, DB),
                                        placeholder_values(cfg, engine="mariadb"))
-    url = stack["GUARD_CONNECT_URL"]
-    running = httpx.get(f"{url}/connectors/{name}/config", timeout=10).json()
+    url, auth = stack["GUARD_CONNECT_URL"], rest_auth(cfg)
+    running = httpx.get(f"{url}/connectors/{name}/config", timeout=10, auth=auth).json()
     assert running == expected
     assert running["column.exclude.list"] == rf"{DB}\.customer_auth\.query_pin"
     hashed = [v for k, v in running.items() if k.startswith("column.mask.hash.v2.SHA-256.with.salt.")]
     assert hashed == [rf"{DB}\.customer_auth\.password_hash"]
-    status = httpx.get(f"{url}/connectors/{name}/status", timeout=10).json()
+    status = httpx.get(f"{url}/connectors/{name}/status", timeout=10, auth=auth).json()
     assert status["connector"]["state"] == "RUNNING" and [t["state"] for t in status["tasks"]] == ["RUNNING"]
-    plugins = {p["class"]: p["version"] for p in httpx.get(f"{url}/connector-plugins", timeout=10).json()}
+    plugins = {p["class"]: p["version"] for p in httpx.get(f"{url}/connector-plugins", timeout=10, auth=auth).json()}
     assert plugins["io.debezium.connector.mariadb.MariaDbConnector"] == "3.5.0.Final"
     assert plugins["io.debezium.connector.postgresql.PostgresConnector"] == "3.6.1.Final"
 
