@@ -45,12 +45,21 @@ def stack_tenants() -> list[str]:
 
 
 def acl_text(guard_hashes: list[str], admin_hashes: list[str], tenants: list[str]) -> str:
-    """The ACL file: default user off, `admin` with everything, `guard` limited (see GUARD_COMMANDS)."""
+    """The ACL file: default user off, `admin` with everything, `guard` limited (see GUARD_COMMANDS).
+
+    The default user is `off` with no password (`resetpass`, not `nopass`): no connection can ever log in as
+    it, so a client without credentials gets NOAUTH. Its *rules* are nevertheless `~* &* +@all`, because
+    Redis 7.0 replays the append-only file with a client that runs as the default user and checks the
+    commands of each MULTI/EXEC against that user's rules at EXEC: with `-@all`, every transaction and every
+    multi-command Lua script in the AOF (key creation, shred, the tenant keys) is refused on restart
+    ("NOPERM ACLs rules changed ...") and its keys are silently lost. Measured on the Debian 7.0.15 server:
+    `-@all` lost both a MULTI/EXEC and a two-SET EVAL across a SIGKILL; these rules kept both.
+    """
     from guard.keys.store import tenant_prefix
 
     keys = " ".join(f"~{tenant_prefix(t)}*" for t in tenants)
     channels = " ".join(f"&{tenant_prefix(t)}*" for t in tenants)
-    return (f"user default off resetpass resetkeys resetchannels -@all\n"
+    return (f"user default off resetpass resetkeys resetchannels ~* &* +@all\n"
             f"user {REDIS_ADMIN_USER} on {' '.join('#' + h for h in admin_hashes)} ~* &* +@all\n"
             f"user {REDIS_GUARD_USER} on {' '.join('#' + h for h in guard_hashes)} resetkeys {keys} "
             f"resetchannels {channels} {GUARD_COMMANDS}\n")

@@ -27,7 +27,7 @@ from guard.keys.store import redis_client, tenant_prefix
 from guard.stack.config import StackConfig
 from guard.stack.redisd import Redis
 from guard.stack.secrets import StackSecrets
-from tests.integration.kafka_helpers import GUARD, REPO, GuardProcess, produce_raw, wait_for
+from tests.integration.kafka_helpers import GUARD, REPO, GuardProcess, kafka_conf, produce_raw, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -282,12 +282,12 @@ def test_password_rotation_on_the_running_stack(stack: dict[str, str], cfg: Stac
 
     ensure_connector(cfg, timeout=120)
     topic = f"{cfg.topic_prefix}.public.customers"
-    before = topic_message_count(stack["GUARD_KAFKA_BOOTSTRAP"], topic)
+    before = topic_message_count(kafka_conf(stack["GUARD_KAFKA_BOOTSTRAP"]), topic)
     with psycopg.connect(stack["GUARD_BRANCH_DSN"], autocommit=True) as conn:
         conn.execute("UPDATE customers SET occupation = occupation WHERE customer_id = "
                      "(SELECT min(customer_id) FROM customers)")
     deadline = time.monotonic() + 60
-    while topic_message_count(stack["GUARD_KAFKA_BOOTSTRAP"], topic) <= before:
+    while topic_message_count(kafka_conf(stack["GUARD_KAFKA_BOOTSTRAP"]), topic) <= before:
         assert time.monotonic() < deadline, "Debezium did not stream after the cdc password rotation"
         time.sleep(1)
 

@@ -28,7 +28,13 @@ from guard.config import Settings
 from guard.doctor import check_c3_absent
 from guard.records.codec import decode
 from guard.stack.config import StackConfig
-from guard.stack.connector import ensure_connector, placeholder_values, render_connector, resolve_connector
+from guard.stack.connector import (
+    ensure_connector,
+    placeholder_values,
+    render_connector,
+    resolve_connector,
+    rest_auth,
+)
 from guard.workload.branch import next_customer_ids, run_workload
 from tests.integration.kafka_helpers import (
     GUARD,
@@ -73,7 +79,8 @@ def _auth_rows(bootstrap: str, ids: set[int]) -> list[dict]:
 def test_stack_up_registers_the_rendered_connector(stack: dict[str, str]) -> None:
     cfg = StackConfig.from_env()
     name, expected = resolve_connector(render_connector(Catalog.load()), placeholder_values(cfg))
-    running = httpx.get(f"{stack['GUARD_CONNECT_URL']}/connectors/{name}/config", timeout=10).json()
+    running = httpx.get(f"{stack['GUARD_CONNECT_URL']}/connectors/{name}/config", timeout=10,
+                        auth=rest_auth(cfg)).json()
     assert running == expected
     assert running["column.exclude.list"] == r"public\.customer_auth\.query_pin"
     assert any(k.startswith("column.mask.hash.v2.SHA-256.with.salt.") for k in running)
@@ -166,7 +173,8 @@ def test_a_catalog_change_updates_the_connector_and_the_column_disappears(stack:
     try:
         assert ensure_connector(cfg, catalog=changed) == "updated"
         assert ensure_connector(cfg, catalog=changed) == "unchanged"
-        running = httpx.get(f"{cfg.connect_url}/connectors/{cfg.connector_name}/config", timeout=10).json()
+        running = httpx.get(f"{cfg.connect_url}/connectors/{cfg.connector_name}/config", timeout=10,
+                            auth=rest_auth(cfg)).json()
         assert running["column.exclude.list"] == (r"public\.customer_auth\.login_name,"
                                                   r"public\.customer_auth\.query_pin")
         write_until(False, "the changed catalog")

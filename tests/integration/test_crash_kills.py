@@ -292,7 +292,10 @@ def _connector_running(env: dict[str, str]) -> bool:
 # --- PostgreSQL --------------------------------------------------------------------------------------
 def _restart_connector(env: dict[str, str]) -> None:
     """The documented user action: restart the connector and its tasks through the Connect REST API."""
-    with httpx.Client(base_url=env["GUARD_CONNECT_URL"], timeout=30) as http:
+    from guard.config import connect_credentials
+
+    with httpx.Client(base_url=env["GUARD_CONNECT_URL"], timeout=30,
+                      auth=connect_credentials(env.get("GUARD_CONNECT_CREDENTIALS_FILE"))) as http:
         name = http.get("/connectors").json()[0]
         r = http.post(f"/connectors/{name}/restart", params={"includeTasks": "true"})
         assert r.status_code < 300, r.text
