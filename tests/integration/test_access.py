@@ -158,7 +158,8 @@ def test_connect_rest_requires_credentials_and_listens_on_loopback_only(stack: d
     assert httpx.get(url + "/connectors", timeout=10).status_code == 401
     assert httpx.get(url + "/connectors", timeout=10, auth=("guard-admin", "wrong")).status_code == 401
     user, _, password = Path(stack["GUARD_CONNECT_CREDENTIALS_FILE"]).read_text().strip().partition(":")
-    assert httpx.get(url + "/connectors", timeout=10, auth=(user, password)).json() == [cfg.connector_name]
+    assert sorted(httpx.get(url + "/connectors", timeout=10, auth=(user, password)).json()) == sorted(
+        [cfg.connector_name, cfg.mariadb_connector_name])
     listening = {c.laddr.ip for c in psutil.net_connections(kind="tcp")
                  if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == cfg.connect_port}
     import ipaddress
