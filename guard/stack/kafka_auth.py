@@ -174,6 +174,8 @@ def acl_plan(cfg: StackConfig) -> list[tuple[str, str, str, str, str]]:
     grant("connect", "TOPIC", "PREFIXED", HEARTBEAT_PREFIX, "WRITE", "CREATE", "DESCRIBE", "DESCRIBE_CONFIGS")
     grant("connect", "TOPIC", "PREFIXED", CONNECT_INTERNAL_PREFIX, "ALL")
     grant("connect", "GROUP", "LITERAL", CONNECT_GROUP, "READ", "DESCRIBE")
+    # the MariaDB connector's schema history consumer (its group is named after its topic, under Connect's prefix)
+    grant("connect", "GROUP", "PREFIXED", CONNECT_INTERNAL_PREFIX, "READ", "DESCRIBE")
     grant("connect", "CLUSTER", "LITERAL", "kafka-cluster", "IDEMPOTENT_WRITE", "DESCRIBE")
     # downstream: sanitized only
     grant("downstream", "TOPIC", "PREFIXED", SANITIZED_PREFIX, "READ", "DESCRIBE")
