@@ -315,3 +315,45 @@ def test_doctor_passes_and_names_a_reenabled_default_user(stack: dict[str, str],
     assert "FAIL  redis anonymous refused: a client without credentials was served" in weak.stdout, weak.stdout
     assert "user default off" in weak.stdout
     assert _doctor(stack).returncode == 0
+
+
+# --- migration of a key store from before issue 20 ---------------------------------------------------------
+def test_old_layout_keys_survive_a_restart_and_all_move_under_the_tenant_prefix(
+        stack: dict[str, str], cfg: StackConfig, admin: redis.Redis, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every kind of the old layout moves, a branch key written in MULTI/EXEC included, after Redis replayed
+    it from the AOF under the ACL (a `-@all` default user once dropped that transaction: 4 of 5 keys moved);
+    a key whose new name is taken stays where it is and is named."""
+    from guard.stack import kill, start
+    from guard.stack.redisd import OLD_KINDS
+
+    branch, owner = f"m{uuid.uuid4().hex[:8]}", f"mig{uuid.uuid4().hex[:6]}"
+    new = tenant_prefix(TENANT)
+    with admin.pipeline(transaction=True) as pipe:  # as the old create_kek_if_absent wrote it
+        pipe.hsetnx(f"bg:kek:{branch}", "v1", b"wrapped").hsetnx(f"bg:kek:{branch}", "current", 1).execute()
+    old = {f"bg:kek:{branch}": f"{new}kek:{branch}", f"bg:tkey:{owner}:index": f"{tenant_prefix(owner)}tkey:index"}
+    admin.set(f"bg:tkey:{owner}:index", b"wrapped-index")
+    for kind in OLD_KINDS:
+        if kind != "kek":
+            name = f"bg:{kind}:{branch}:s1"
+            admin.set(name, kind)
+            old[name] = f"{new}{kind}:{branch}:s1"
+    taken = f"bg:hold:{branch}"
+    admin.set(taken, "old")
+    admin.set(f"{new}hold:{branch}", "new")
+    kill("redis")
+    start("redis")
+    admin = Redis(cfg).admin_client(socket_timeout=10)
+    try:
+        assert all(admin.exists(name) for name in old), "a key of the old layout was lost on the restart"
+        moved = Redis(cfg).migrate_keys()
+        assert moved >= len(old)
+        for name, target in old.items():
+            assert not admin.exists(name) and admin.exists(target), (name, target)
+        assert admin.hget(f"{tenant_prefix(owner)}tenant", "index") is not None
+        assert admin.sismember(f"{new}branches", branch)
+        assert admin.get(taken) == b"old" and admin.get(f"{new}hold:{branch}") == b"new"
+        assert taken in capsys.readouterr().out
+    finally:
+        admin.delete(taken, f"{new}hold:{branch}", f"{tenant_prefix(owner)}tenant", *old.values())
+        admin.srem(f"{new}branches", branch)
+        admin.close()

@@ -226,8 +226,10 @@ def _connector(env: dict[str, str]) -> tuple[str, list[str]]:
 
     with httpx.Client(base_url=env["GUARD_CONNECT_URL"], timeout=10,
                       auth=connect_credentials(env.get("GUARD_CONNECT_CREDENTIALS_FILE"))) as http:
-        name = http.get("/connectors").json()[0]
-        st = http.get(f"/connectors/{name}/status").json()
+        names = http.get("/connectors").json()
+        if not names:  # a restarted worker lists connectors once it has read its config topic again
+            return "MISSING", []
+        st = http.get(f"/connectors/{names[0]}/status").json()
         return st["connector"]["state"], [t["state"] for t in st["tasks"]]
 
 

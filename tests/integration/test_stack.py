@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource
 
 from guard.keys.store import redis_client
@@ -34,7 +34,11 @@ def _partitions(bootstrap: str, topic: str, timeout: float = 60.0) -> list[int]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         # never name the topic in the metadata request: that would auto-create it (1 partition)
-        t = admin.list_topics(timeout=5).topics.get(topic)
+        try:
+            t = admin.list_topics(timeout=10).topics.get(topic)
+        except KafkaException:  # a broker just restarted: TLS + SCRAM handshakes are slow on a loaded machine
+            time.sleep(0.5)
+            continue
         if t is not None and t.error is None and t.partitions:
             return sorted(t.partitions)
         time.sleep(0.5)
