@@ -53,7 +53,12 @@ class Rec:
 
 
 def read_all(bootstrap: str, topic: str, *, timeout: float = 5.0) -> list[Rec]:
-    """Every committed record currently in `topic` (read_committed), from the beginning."""
+    """Every committed record currently in `topic` (read_committed), from the beginning.
+
+    `timeout` is how long the read may go WITHOUT PROGRESS (no record, no position moving) before it gives
+    up and returns what it has: a partition held at an open transaction's last stable offset stops there.
+    A fixed deadline instead cut long reads short on a loaded machine (a reliability test's 14,000 audit
+    records over TLS took longer than 5 s, and its tail looked LOST)."""
     consumer = Consumer({**kafka_conf(bootstrap), "group.id": f"test-{uuid.uuid4()}",
                          "enable.auto.commit": False, "isolation.level": "read_committed",
                          "auto.offset.reset": "earliest"})
@@ -66,14 +71,19 @@ def read_all(bootstrap: str, topic: str, *, timeout: float = 5.0) -> list[Rec]:
         out: list[Rec] = []
         deadline = time.monotonic() + timeout
         done: set[int] = {p for p, h in ends.items() if h == 0}
+        positions: dict[int, int] = {}
         while len(done) < len(ends) and time.monotonic() < deadline:
             for msg in consumer.consume(1000, 0.5):
                 if msg.error():
                     continue
                 out.append(Rec(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(),
                                msg.headers(), msg.timestamp()[1]))
+                deadline = time.monotonic() + timeout
             for p, high in ends.items():
                 pos = consumer.position([TopicPartition(topic, p)])[0].offset
+                if pos > positions.get(p, -1):
+                    positions[p] = pos
+                    deadline = time.monotonic() + timeout
                 if pos >= high:
                     done.add(p)
         return out
