@@ -1,0 +1,55 @@
+"""Wiring: the analyzer, its shared state and the topics it reads, from the guard's settings.
+
+Redis is reached through the key store's client (`RedisKeyStore`), so the analyzers use the same
+connection settings (and, after issue 20, the same credentials and tenant prefix) as the sanitizer.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from guard.anomaly.engine import Analyzer
+from guard.anomaly.facts import FACTS_TOPIC
+from guard.anomaly.rules import RuleConfig
+from guard.anomaly.state import AnomalyState
+from guard.config import Settings
+from guard.keys.store import RedisKeyStore
+
+
+@dataclass(frozen=True)
+class AnalyzerTopics:
+    """The topics one analyzer reads (roles → names) and writes (alerts)."""
+
+    audit: str
+    dlq: str
+    anomalies: str
+    deletions: str
+    facts: str
+    #: Sanitized topics whose contact-detail changes the takeover rules read (tokens only).
+    contact: tuple[str, ...]
+
+    def roles(self) -> dict[str, str]:
+        return {"audit": self.audit, "dlq": self.dlq, "anomalies": self.anomalies, "deletions": self.deletions,
+                "facts": self.facts}
+
+    def sources(self) -> list[str]:
+        return [self.audit, self.dlq, self.anomalies, self.deletions, self.facts, *self.contact]
+
+
+def analyzer_topics(settings: Settings) -> AnalyzerTopics:
+    """From the settings; `GUARD_FACTS_TOPIC` and `GUARD_CONTACT_TOPICS` (comma-separated) override the
+    facts topic and the sanitized customers topic of the branch."""
+    contact = os.environ.get("GUARD_CONTACT_TOPICS")
+    return AnalyzerTopics(
+        audit=settings.audit_topic, dlq=settings.dlq_topic, anomalies=settings.anomalies_topic,
+        deletions=settings.deletions_topic, facts=os.environ.get("GUARD_FACTS_TOPIC") or FACTS_TOPIC,
+        contact=tuple(t for t in contact.split(",") if t) if contact is not None else
+        (settings.sanitized_topic(f"{settings.raw_topic_prefix}.public.customers"),))
+
+
+def build_analyzer(settings: Settings, rules: RuleConfig | None = None) -> Analyzer:
+    """An analyzer over the tenant's shared state; legal holds are read from the key store."""
+    store = RedisKeyStore(settings.redis_url)
+    state = AnomalyState(store.client, settings.tenant)
+    return Analyzer(state, rules or RuleConfig.load(), is_held=store.is_held)

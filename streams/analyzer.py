@@ -1,0 +1,104 @@
+"""The anomaly analyzer on faust-streaming: `python -m streams.analyzer worker -l info` (or `guard alerts analyze`).
+
+One agent, concurrency 1, at-least-once (faust's exactly-once is experimental, and with concurrency > 1 it
+can commit past a message still in flight: faust-streaming issue #606). It reads the guard's evidence
+topics, `guard.facts` and the sanitized customers topic, turns each record into facts
+(guard/anomaly/facts.py), runs the rules (guard/anomaly/engine.py, state in Redis, idempotent per fact) and
+writes alerts to `guard.anomalies`, keyed by the alert id. An alert is marked written only after Kafka
+acknowledged it, and the source offset is committed only after the agent finished the record, so a crash
+anywhere re-sends the same alert id, never a second alert. Critical alerts also go to the webhook of the
+branch's `[delivery] webhook_url` (guard/anomaly/delivery.py).
+
+Scale: more workers with the same app id share the source partitions (faust's consumer group); all
+counters are in Redis, so they agree whatever partition a fact arrives on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+
+import faust
+
+from guard.anomaly.delivery import WebhookError, deliver
+from guard.anomaly.engine import Emit
+from guard.anomaly.facts import facts_from_record
+from guard.anomaly.runtime import analyzer_topics, build_analyzer
+from guard.config import load_settings
+from guard.errors import DecodeError
+
+log = logging.getLogger("branchguard.analyzer")
+
+settings = load_settings()
+topics = analyzer_topics(settings)
+analyzer = build_analyzer(settings)
+APP_ID = os.environ.get("GUARD_ANALYZER_APP_ID", "branchguard-analyzer")
+FLUSH_S = float(os.environ.get("GUARD_ANALYZER_FLUSH_S", "30"))
+
+app = faust.App(
+    APP_ID,
+    broker="kafka://" + settings.kafka_bootstrap,
+    store="memory://",  # no faust tables: the shared state is in Redis (guard/anomaly/state.py says why)
+    processing_guarantee="at_least_once",
+    web_enabled=False,
+    topic_replication_factor=1,
+    consumer_auto_offset_reset="earliest",
+    datadir=os.environ.get("GUARD_ANALYZER_DATADIR", os.path.join(os.environ.get("GUARD_STACK_HOME", "."), APP_ID)),
+    producer_acks=-1,
+)
+sources = app.topic(*topics.sources(), key_type=bytes, value_type=bytes, key_serializer="raw",
+                    value_serializer="raw")
+alerts_out = app.topic(topics.anomalies, key_type=bytes, value_type=bytes, key_serializer="raw",
+                       value_serializer="raw")
+_stats = {"facts": 0, "records": 0, "alerts": 0, "undecodable": 0, "since": time.monotonic()}
+
+
+async def _write(emits: list[Emit]) -> None:
+    for emit in emits:
+        fut = await alerts_out.send(key=emit.id.encode(), value=emit.value)
+        await fut  # the broker's acknowledgement (acks=all), before the state says "written"
+        analyzer.emitted(emit)
+        _stats["alerts"] += 1
+        print(f"ALERT {emit.record['rule']} {emit.id} v{emit.version} {emit.record['state']} count={emit.count}",
+              flush=True)
+        if emit.severity == "critical":
+            url = str(analyzer.rules.rule(emit.record["branch"], "delivery").get("webhook_url") or "")
+            if url:
+                try:
+                    tries = await asyncio.to_thread(deliver, url, emit.record)
+                    print(f"WEBHOOK {emit.id} v{emit.version} delivered after {tries} attempt(s)", flush=True)
+                except WebhookError as exc:
+                    log.error("%s", exc)
+
+
+@app.agent(sources, concurrency=1)
+async def analyze(stream: faust.StreamT) -> None:
+    roles = topics.roles()
+    async for event in stream.events():
+        msg = event.message
+        _stats["records"] += 1
+        try:
+            facts = facts_from_record(msg.topic, msg.partition, msg.offset, int(msg.timestamp * 1000),
+                                      event.value, topics=roles)
+        except (DecodeError, ValueError, KeyError, TypeError) as exc:
+            _stats["undecodable"] += 1
+            log.warning("skipped %s:%s:%s: %s", msg.topic, msg.partition, msg.offset, type(exc).__name__)
+            continue
+        for fact in facts:
+            _stats["facts"] += 1
+            await _write(analyzer.process(fact))
+
+
+@app.timer(interval=FLUSH_S)
+async def flush() -> None:
+    """Write held-back updates and resolve alerts whose window ended; log the throughput."""
+    await _write(analyzer.flush())
+    elapsed = time.monotonic() - _stats["since"]
+    print(f"STATS facts={_stats['facts']} records={_stats['records']} alerts={_stats['alerts']} "
+          f"undecodable={_stats['undecodable']} facts_per_s={_stats['facts'] / max(elapsed, 1e-9):.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    app.main()
