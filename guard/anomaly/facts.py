@@ -201,7 +201,8 @@ def from_sanitized(rec: Mapping[str, Any], ref: str) -> list[Fact]:
     principal from the row's `updated_by` column when the branch database records it (issue 14)."""
     op, after, before = rec.get("op"), rec.get("after") or {}, rec.get("before") or {}
     base: dict[str, Any] = {"ts_ms": int(rec.get("source_ts_ms") or rec.get("ts_ms") or 0),
-                            "branch": str(rec.get("branch")), "table": rec.get("table"), "subject": rec.get("subject"), "ref": ref}
+                            "branch": str(rec.get("branch")), "table": rec.get("table"),
+                            "subject": rec.get("subject"), "ref": ref}
     image = after if op != "d" else before
     principal = ((image.get("clear") or {}).get("updated_by")) if image else None
     if op == "d":
