@@ -91,6 +91,14 @@ async def analyze(stream: faust.StreamT) -> None:
             await _write(analyzer.process(fact))
 
 
+@app.on_partitions_assigned.connect
+async def on_assigned(sender: faust.App, assigned: set[object], **kwargs: object) -> None:
+    """Log which source partitions this worker owns (operators and tests read it)."""
+    mine = sorted(f"{tp.topic}:{tp.partition}" for tp in assigned  # type: ignore[attr-defined]
+                  if tp.topic in topics.sources())  # type: ignore[attr-defined]
+    print(f"ASSIGNED {' '.join(mine) or '-'}", flush=True)
+
+
 @app.timer(interval=FLUSH_S)
 async def flush() -> None:
     """Write held-back updates and resolve alerts whose window ended; log the throughput."""

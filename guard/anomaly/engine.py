@@ -192,7 +192,10 @@ class Analyzer:
             return []
         out = []
         sev = cfg.get("severity", "medium")
-        if self.state.claim_first(f"branch:{f.branch}", str(f.principal), f.id):
+        # a new deployment learns who uses the branch for `learn_s` from its first access fact before alerting
+        start = self.state.first_time(f"learn:{f.branch}", f.ts_ms)
+        learning = f.ts_ms < start + int(cfg.get("learn_s", 0)) * 1000
+        if self.state.claim_first(f"branch:{f.branch}", str(f.principal), f.id) and not learning:
             out.append(Condition("first_access_branch", sev, f.branch, f"principal={f.principal}", 1, 1, 0, NO_END,
                                  f.ts_ms, f.ts_ms, "first access of this principal to the branch",
                                  "Confirm with the branch manager that the principal's access to this branch is "
@@ -200,7 +203,7 @@ class Analyzer:
                                  principal=f.principal, evidence=_ev(f)))
         watched = set(cfg.get("categories") or [])
         for category in sorted(set(f.categories) & watched):
-            if self.state.claim_first(f"category:{f.branch}", f"{f.principal}|{category}", f.id):
+            if self.state.claim_first(f"category:{f.branch}", f"{f.principal}|{category}", f.id) and not learning:
                 out.append(Condition("first_access_category", sev, f.branch,
                                      f"principal={f.principal}|category={category}", 1, 1, 0, NO_END, f.ts_ms, f.ts_ms,
                                      f"first access of this principal to {category} data",

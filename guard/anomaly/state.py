@@ -126,6 +126,14 @@ class AnomalyState:
         _, owner = pipe.execute()
         return bool(owner is not None and owner.decode() == fact_id)
 
+    def first_time(self, name: str, ts_ms: int) -> int:
+        """The earliest time ever offered under `name` (kept as the minimum); used as a learning start."""
+        k = self.key("time", name)
+        return int(self.client.eval("local c = redis.call('GET', KEYS[1]) "
+                                    "if (not c) or tonumber(ARGV[1]) < tonumber(c) then "
+                                    "redis.call('SET', KEYS[1], ARGV[1]) return tonumber(ARGV[1]) end "
+                                    "return tonumber(c)", 1, k, ts_ms))
+
     def mark_time(self, name: str, ts_ms: int, ttl_s: int) -> None:
         """Remember the latest time of something (monotonic across replays)."""
         k = self.key("time", name)

@@ -8,6 +8,7 @@ the Kafka path (faust agents reading real topics) is tested in test_anomaly_stre
 from __future__ import annotations
 
 import itertools
+import tomllib
 import uuid
 from collections import Counter
 from datetime import datetime
@@ -44,7 +45,10 @@ def analyzer(stack: dict[str, str]) -> Analyzer:
     store = RedisKeyStore(stack["GUARD_REDIS_URL"])
     state = AnomalyState(store.client, f"t{uuid.uuid4().hex[:10]}")
     clock = [T0 / 1000]
-    a = Analyzer(state, RuleConfig.load(default_rules_path()), is_held=store.is_held, clock=lambda: clock[0])
+    # a one-day learning period for first accesses (the shipped default is 7 days)
+    rules = RuleConfig(tomllib.loads(default_rules_path().read_text() + '\n[branches."0101".first_access]\n'
+                                     'learn_s = 86400\n'))
+    a = Analyzer(state, rules, is_held=store.is_held, clock=lambda: clock[0])
     for p in ("teller-1", "teller-2", "teller-3", "mgr-9"):  # the principal registry
         a.process(Fact("principal", f"reg:{p}", T0 - 86_400_000, "0101", principal=p,
                        attrs={"state": "active", "owner": "bank-a"}))
@@ -96,6 +100,10 @@ def test_first_access_to_branch_and_category(analyzer: Analyzer) -> None:
     emits = run(analyzer, [fact("access", principal="teller-3", action="reveal", categories={"credit": 1}),
                            fact("access", principal="teller-3", action="reveal", categories={"credit": 1})])
     assert rules_of(emits) == Counter({"first_access_branch": 1, "first_access_category": 1})
+    # within the learning period (a day from the branch's first access fact) a newcomer is only recorded
+    learned = run(analyzer, [fact("access", ts=T0 - 2 * 86_400_000 + 3_600_000, principal="teller-4",
+                                  action="reveal", categories={"credit": 1})])
+    assert not [e for e in learned if e.record["rule"].startswith("first_access")]
 
 
 def test_unknown_and_disabled_principals(analyzer: Analyzer) -> None:
