@@ -85,8 +85,9 @@ class Env:
                "GUARD_ANALYZER_FLUSH_S": "2", "GUARD_ANOMALY_RULES": str(self.rules())}
         log = self.tmp / f"worker-{tag}.log"
         with open(log, "ab") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "streams.analyzer", "worker", "--without-web", "-l", "info"], cwd=REPO,
-                                    env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen([sys.executable, "-m", "streams.analyzer", "worker", "--without-web", "-l",
+                                     "info"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
         self.workers.append((proc, log))
         return proc
 
@@ -94,7 +95,8 @@ class Env:
         """Keyed by principal (a principal's facts stay in order, as the policy engine writes them)."""
         p = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5})
         for f in facts:
-            p.produce(self.topic("facts"), json.dumps(f).encode(), key=str(f.get("key") or f.get("principal") or f["branch"]).encode())
+            key = str(f.get("key") or f.get("principal") or f["branch"]).encode()
+            p.produce(self.topic("facts"), json.dumps(f).encode(), key=key)
         assert p.flush(30) == 0
 
     def alerts(self) -> list[dict[str, Any]]:
