@@ -20,8 +20,9 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # acl: setfacl lets the `postgres` OS user traverse a root-owned stack home (e.g. /root is 0700)
+# chromium: the status page's test renders it headless and saves a screenshot (tests/integration/test_anomaly_oncall.py)
 PKGS=(postgresql-15 postgresql-client-15 redis-server openjdk-17-jdk-headless maven python3-venv ca-certificates curl acl
-      gcc libc6-dev)
+      gcc libc6-dev chromium)
 
 missing=()
 for p in "${PKGS[@]}"; do

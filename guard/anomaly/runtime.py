@@ -13,6 +13,7 @@ from guard.anomaly.engine import Analyzer
 from guard.anomaly.facts import FACTS_TOPIC
 from guard.anomaly.rules import RuleConfig
 from guard.anomaly.state import AnomalyState
+from guard.anomaly.status import StatusSource
 from guard.config import Settings
 from guard.keys.store import RedisKeyStore
 
@@ -53,3 +54,14 @@ def build_analyzer(settings: Settings, rules: RuleConfig | None = None) -> Analy
     store = RedisKeyStore(settings.redis_url)
     state = AnomalyState(store.client, settings.tenant)
     return Analyzer(state, rules or RuleConfig.load(), is_held=store.is_held)
+
+
+def status_source(settings: Settings) -> StatusSource:
+    """The status page's sources: the tenant's alert state; the sanitizer's and the analyzer's lag."""
+    store = RedisKeyStore(settings.redis_url)
+    app_id = os.environ.get("GUARD_ANALYZER_APP_ID", "branchguard-analyzer")
+    topics = analyzer_topics(settings)
+    return StatusSource(settings, AnomalyState(store.client, settings.tenant), groups=[
+        ("sanitizer", settings.group_id, settings.raw_topic_prefix + "."),
+        ("analyzer", app_id, topics.facts),
+    ])
