@@ -88,7 +88,7 @@ def anomaly_prefix(tenant: str) -> str:
 class AnomalyState:
     """The analyzers' state in Redis for one tenant. Every method is one round trip (a script or a pipeline)."""
 
-    def __init__(self, client: redis.Redis, tenant: str) -> None:
+    def __init__(self, client: redis.Redis, tenant: str, *, cache_s: float = 5.0) -> None:
         #: typed Any: redis-py's replies are bytes (no decode_responses), its stubs say bytes | str
         self.client: Any = client
         self.tenant = tenant
@@ -96,6 +96,12 @@ class AnomalyState:
         self._add = client.register_script(_ADD)
         self._upsert = client.register_script(_UPSERT)
         self._emitted = client.register_script(_EMITTED)
+        #: Reads that may be up to `cache_s` old (entities, learning starts): a principal disabled in the
+        #: registry is seen as disabled within that time. First-seen claims owned by another fact are cached
+        #: for good (a claim never changes owner). Both keep a fact at about one Redis write.
+        self.cache_s = cache_s
+        self._cache: dict[tuple[str, ...], tuple[float, Any]] = {}
+        self._claims: dict[tuple[str, str], str] = {}
 
     def key(self, *parts: object) -> str:
         return self.prefix + ":".join(str(p) for p in parts)
@@ -104,6 +110,13 @@ class AnomalyState:
     def add(self, name: str, fact_id: str, n: int, ttl_s: int) -> int:
         """Add `n` for `fact_id` once (a replayed fact adds nothing); the counter's total."""
         return int(self._add(keys=[self.key("cnt", name)], args=[fact_id, n, ttl_s]))
+
+    def add_many(self, adds: list[tuple[str, str, int, int]]) -> list[int]:
+        """`add` for many (name, fact id, n, ttl) in one pipeline, in order; the running totals."""
+        pipe = self.client.pipeline(transaction=False)
+        for name, fact_id, n, ttl_s in adds:
+            self._add(keys=[self.key("cnt", name)], args=[fact_id, n, ttl_s], client=pipe)
+        return [int(x) for x in pipe.execute()]
 
     def distinct(self, name: str, member: str, ttl_s: int) -> int:
         """Add `member` to a set (idempotent); the set's size."""
@@ -117,22 +130,45 @@ class AnomalyState:
     def members(self, name: str) -> list[str]:
         return sorted(m.decode() for m in self.client.smembers(self.key("set", name)))
 
+    def _cached(self, key: tuple[str, ...], load: Any) -> Any:
+        now = time.monotonic()
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        value = load()
+        if len(self._cache) > 100_000:
+            self._cache.clear()
+        self._cache[key] = (now + self.cache_s, value)
+        return value
+
     def claim_first(self, name: str, member: str, fact_id: str) -> bool:
         """True when `fact_id` is the first fact ever to claim `member` (its replays too): first-seen rules."""
+        owner_known = self._claims.get((name, member))
+        if owner_known is not None and owner_known != fact_id:
+            return False
         k = self.key("first", name)
         pipe = self.client.pipeline(transaction=True)
         pipe.hsetnx(k, member, fact_id)
         pipe.hget(k, member)
         _, owner = pipe.execute()
+        if owner is not None:
+            if len(self._claims) > 1_000_000:
+                self._claims.clear()
+            self._claims[(name, member)] = owner.decode()
         return bool(owner is not None and owner.decode() == fact_id)
 
     def first_time(self, name: str, ts_ms: int) -> int:
         """The earliest time ever offered under `name` (kept as the minimum); used as a learning start."""
+        cached = self._cache.get(("first_time", name))
+        if cached is not None and cached[0] > time.monotonic() and int(cached[1]) <= ts_ms:
+            return int(cached[1])
         k = self.key("time", name)
-        return int(self.client.eval("local c = redis.call('GET', KEYS[1]) "
+        value = int(self.client.eval("local c = redis.call('GET', KEYS[1]) "
                                     "if (not c) or tonumber(ARGV[1]) < tonumber(c) then "
                                     "redis.call('SET', KEYS[1], ARGV[1]) return tonumber(ARGV[1]) end "
                                     "return tonumber(c)", 1, k, ts_ms))
+        self._cache[("first_time", name)] = (time.monotonic() + self.cache_s, value)
+        return value
 
     def mark_time(self, name: str, ts_ms: int, ttl_s: int) -> None:
         """Remember the latest time of something (monotonic across replays)."""
@@ -153,16 +189,21 @@ class AnomalyState:
         if raw is not None and int(orjson.loads(raw).get("ts_ms", 0)) > ts_ms:
             return
         self.client.hset(k, name, orjson.dumps({**doc, "ts_ms": ts_ms}))
+        self._cache.pop(("entity", kind, name), None)
+        self._cache.pop(("has", kind), None)
 
-    def entity(self, kind: str, name: str) -> dict[str, Any] | None:
-        raw = self.client.hget(self.key("entity", kind), name)
-        return None if raw is None else dict(orjson.loads(raw))
+    def entity(self, kind: str, name: str, *, fresh: bool = False) -> dict[str, Any] | None:
+        """An entity's state (at most `cache_s` old unless `fresh`)."""
+        def load() -> dict[str, Any] | None:
+            raw = self.client.hget(self.key("entity", kind), name)
+            return None if raw is None else dict(orjson.loads(raw))
+        return load() if fresh else self._cached(("entity", kind, name), load)
 
     def entities(self, kind: str) -> dict[str, dict[str, Any]]:
         return {k.decode(): dict(orjson.loads(v)) for k, v in self.client.hgetall(self.key("entity", kind)).items()}
 
     def has_entities(self, kind: str) -> bool:
-        return bool(self.client.exists(self.key("entity", kind)))
+        return bool(self._cached(("has", kind), lambda: self.client.exists(self.key("entity", kind))))
 
     # --- alerts ---------------------------------------------------------------------------------------
     def upsert_alert(self, alert_id: str, static: dict[str, Any], count: int, first_ms: int, last_ms: int,

@@ -263,3 +263,15 @@ def test_state_keys_carry_the_tenant_prefix(analyzer: Analyzer, stack: dict[str,
     client = redis.Redis.from_url(stack["GUARD_REDIS_URL"])
     keys = [k.decode() for k in client.scan_iter(match=f"*{analyzer.state.tenant}*")]
     assert keys and all(k.startswith(f"bg:{analyzer.state.tenant}:anomaly:") for k in keys)
+
+
+def test_a_batch_counts_like_one_fact_at_a_time(analyzer: Analyzer) -> None:
+    """process_batch (the agent's path: one pipeline per batch) gives the counts and alerts of process."""
+    exports = [fact("access", ts=T0 + i, principal="teller-1", action="export", count=3, categories={"account": 3})
+               for i in range(20)]
+    emits = analyzer.process_batch(exports[:10]) + analyzer.process_batch(exports[10:] + exports[:5])  # a replay
+    for e in emits:
+        analyzer.emitted(e)
+    assert {e.record["rule"] for e in emits} == {"bulk_access"}
+    assert len({e.id for e in emits}) == 1
+    assert analyzer.state.alert_state(emits[0].id)["count"] == 60  # type: ignore[index]

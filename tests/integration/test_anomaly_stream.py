@@ -269,3 +269,40 @@ def test_two_workers_agree_on_counts(env: Env, stack: dict[str, str]) -> None:
         handled[tag] = int(lines[-1].split("facts=")[1].split()[0]) if lines else 0
     print("facts handled per worker:", handled)
     assert all(handled.values()), f"both workers must have counted facts: {handled}"
+
+
+def test_throughput_of_one_worker(env: Env) -> None:
+    """One worker reads a backlog of sanitizer audit records (most yield no fact) and access facts; every fact
+    is counted exactly (the alert's count), and the worker's rate is printed (docs/anomalies.md, "Throughput")."""
+    from guard.records.codec import AvroCodec
+
+    t0 = _now_in_hours()
+    codec = AvroCodec("audit_record")
+    audits, facts_n = 20_000, 3_000
+    p = Producer({"bootstrap.servers": env.bootstrap, "linger.ms": 20})
+    for i in range(audits):  # what the sanitizer writes per change event
+        p.produce(env.topic("audit"), codec.encode({
+            "v": 1, "ts_ms": t0 + i, "worker": "w", "branch": "0101", "source_topic": "br0101.public.accounts",
+            "source_partition": 0, "source_offset": i, "table": "public.accounts", "op": "u",
+            "subject": f"s{i % 500}", "decision": "protected", "reason": None, "classes": {"C2": 3},
+            "actions": {"sealed": 3}, "unclassified": [], "trace_id": None}))
+    assert p.flush(60) == 0
+    env.produce(_registry(t0, *(f"teller-{i}" for i in range(30))) + [
+        _fact("access", t0 + i, principal=f"teller-{i % 30}", action="reveal", subject=f"s{i}",
+              categories={"transaction": 1}) for i in range(facts_n)])
+    env.start_worker("a")
+    total = audits + facts_n + 30
+
+    def done() -> str | None:
+        lines = [x for x in env.workers[0][1].read_text(errors="replace").splitlines() if "STATS facts=" in x]
+        return lines[-1] if lines and f"records={total} " in lines[-1] else None
+
+    deadline = time.monotonic() + 300
+    while done() is None and time.monotonic() < deadline:
+        time.sleep(1)
+    line = done()
+    assert line, "the worker did not finish the backlog"
+    print("analyzer throughput:", line.split("STATS ", 1)[1])
+    assert f"facts={facts_n + 30} " in line
+    # 3,000 transaction reveals by 30 tellers: 100 each, under the daily 250: no bulk alert
+    assert not _by_rule(env.alerts(), "bulk_access")
