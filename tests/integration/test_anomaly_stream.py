@@ -76,13 +76,13 @@ class Env:
         path.write_text(text)
         return path
 
-    def start_worker(self, tag: str) -> subprocess.Popen[bytes]:
+    def start_worker(self, tag: str, extra: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         env = {**os.environ, **self.stack, "PYTHONPATH": str(REPO), "GUARD_TENANT": self.name,
                "GUARD_AUDIT_TOPIC": self.topic("audit"), "GUARD_DLQ_TOPIC": self.topic("dlq"),
                "GUARD_ANOMALIES_TOPIC": self.topic("anomalies"), "GUARD_DELETIONS_TOPIC": self.topic("deletions"),
                "GUARD_FACTS_TOPIC": self.topic("facts"), "GUARD_CONTACT_TOPICS": self.topic("contact"),
                "GUARD_ANALYZER_APP_ID": self.name, "GUARD_ANALYZER_DATADIR": str(self.tmp / f"data-{tag}"),
-               "GUARD_ANALYZER_FLUSH_S": "2", "GUARD_ANOMALY_RULES": str(self.rules())}
+               "GUARD_ANALYZER_FLUSH_S": "2", "GUARD_ANOMALY_RULES": str(self.rules()), **(extra or {})}
         log = self.tmp / f"worker-{tag}.log"
         with open(log, "ab") as out:
             proc = subprocess.Popen([sys.executable, "-m", "streams.analyzer", "worker", "--without-web", "-l",
