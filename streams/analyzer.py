@@ -49,7 +49,26 @@ app = faust.App(
     datadir=os.environ.get("GUARD_ANALYZER_DATADIR", os.path.join(os.environ.get("GUARD_STACK_HOME", "."), APP_ID)),
     producer_acks=-1,
 )
-sources = app.topic(*topics.sources(), key_type=bytes, value_type=bytes, key_serializer="raw",
+
+def _existing(names: list[str]) -> list[str]:
+    """The source topics that exist: subscribing to a missing one would make a broker with
+    auto.create.topics.enable create it with one partition (a sanitized topic must get its raw topic's)."""
+    from confluent_kafka.admin import AdminClient
+
+    from guard.kafka.clients import OUTPUT_TOPIC_PARTITIONS, TopicManager
+
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    manager = TopicManager(admin)
+    for own in (topics.facts, topics.anomalies):  # the facts topic and the alerts' topic: created if missing
+        manager.ensure(own, OUTPUT_TOPIC_PARTITIONS)
+    present = admin.list_topics(timeout=30).topics
+    missing = [n for n in names if n not in present]
+    if missing:
+        print(f"MISSING {' '.join(missing)} (not read; restart the analyzer once they exist)", flush=True)
+    return [n for n in names if n in present]
+
+
+sources = app.topic(*_existing(topics.sources()), key_type=bytes, value_type=bytes, key_serializer="raw",
                     value_serializer="raw")
 alerts_out = app.topic(topics.anomalies, key_type=bytes, value_type=bytes, key_serializer="raw",
                        value_serializer="raw")

@@ -122,6 +122,8 @@ class Analyzer:
             conditions += self._delete(fact)
         if kind in ("dlq", "integrity", "drift"):
             conditions += self._pipeline(fact)
+        if kind == "anomaly":
+            conditions += self._anomaly(fact)
         return conditions
 
     def _merge(self, conditions: list[Condition]) -> list[Emit]:
@@ -182,22 +184,38 @@ class Analyzer:
                           principal=f.principal, evidence=_ev(f))]
 
     def _transfer(self, f: Fact) -> list[Condition]:
+        """After a transfer's cut-off: a principal of the former owner (`from_owner`), or of any organisation
+        other than the owner from the cut-off on (`to_owner`), touching the branch is critical at once."""
         cfg = self.rules.rule(f.branch, "transfer")
         transfer = self.state.entity("transfer", f.branch)
-        if not cfg.get("enabled", True) or not transfer or not transfer.get("from_owner"):
+        if not cfg.get("enabled", True) or not transfer or not transfer.get("cutoff_ms"):
             return []
-        cutoff = int(transfer.get("cutoff_ms") or 0)
-        principal = self.state.entity("principal", str(f.principal)) or {}
-        if principal.get("owner") != transfer["from_owner"] or f.ts_ms < cutoff:
+        cutoff = int(transfer["cutoff_ms"])
+        owner = (self.state.entity("principal", str(f.principal)) or {}).get("owner")
+        from_owner, to_owner = transfer.get("from_owner"), transfer.get("to_owner")
+        if f.ts_ms < cutoff or owner is None:
+            return []
+        if not ((from_owner and owner == from_owner) or (to_owner and owner != to_owner)):
             return []
         total = self.state.add(f"transfer:{f.branch}:{f.principal}:{cutoff}", f.id, f.count, 400 * 86400)
         return [Condition("access_after_transfer_cutoff", cfg.get("severity", "critical"), f.branch,
                           f"principal={f.principal}|cutoff={cutoff}", total, 1, cutoff, NO_END, f.ts_ms, f.ts_ms,
-                          f"{f.action or f.kind} by a principal of the former owner {transfer['from_owner']} after "
-                          "the transfer cut-off",
+                          f"{f.action or f.kind} by a principal of {owner} after the branch's transfer cut-off "
+                          f"(owner from the cut-off: {to_owner or '-'}, former owner: {from_owner or '-'})",
                           "Critical (PIPL Art. 22): revoke the principal's access to this branch at once, keep the "
                           "evidence records, and tell the new owner's DPO; check for an approved, time-boxed "
                           "exception before closing.", principal=f.principal, evidence=_ev(f))]
+
+    def _anomaly(self, f: Fact) -> list[Condition]:
+        """One of the sanitizer's anomalies, re-issued with a stable id: one alert per rule, table and day."""
+        start, end = _window(f.ts_ms, 86400)
+        rule = str(f.reason or "sanitizer_anomaly")
+        total = self.state.add(f"anomaly:{f.branch}:{rule}:{f.table}:{start}", f.id, 1, 2 * 86400)
+        what = str(f.attrs.get("what") or rule.replace("_", " "))
+        return [Condition(rule, str(f.attrs.get("severity") or "medium"), f.branch, f"table={f.table}", total, 1,
+                          start, end, f.ts_ms, f.ts_ms, f"{what} ({f.table})",
+                          str(f.attrs.get("suggested_action") or "Read the anomaly's evidence records."),
+                          principal=f.principal, counts={"occurrences": total}, evidence=_ev(f))]
 
     def _bulk(self, f: Fact) -> list[Condition]:
         cfg = self.rules.rule(f.branch, "bulk_access")

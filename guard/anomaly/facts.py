@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -39,6 +40,7 @@ KINDS = frozenset({
     "principal",    # a principal's state (active | disabled) and the organisation (owner) it belongs to
     "transfer",     # a branch transfer's state: from_owner, to_owner, cutoff_ms
     "denied",       # a decision that refused an action (policy engine)
+    "anomaly",      # one of the sanitizer's own anomalies (re-issued as an alert with a stable id)
 })
 
 
@@ -125,21 +127,53 @@ def facts_from_record(topic: str, partition: int, offset: int, ts_ms: int, value
 _INTEGRITY_REASONS = ("decrypt", "integrity", "aad", "tamper", "chain")
 
 
-def from_audit(rec: Mapping[str, Any], ref: str) -> list[Fact]:
-    """Facts of an audit record: the sanitizer's decisions today; with the policy engine's fields
-    (`principal`, `action`, `columns`, `policies`, `decision` allow/deny) when the record has them.
+def principal_name(text: Any) -> str | None:
+    """A principal as the policy engine names it: `Staff:<id>` or `Service:<id>` (a bare id is staff)."""
+    if not isinstance(text, str) or not text.strip():
+        return None
+    kind, sep, ident = text.strip().partition(":")
+    return f"{kind}:{ident}" if sep else f"Staff:{kind}"
 
-    The policy engine (issue 14) adds who did what to the audit record; any field it adds under these names
-    is taken as is, so the analyzers work with both formats (docs/anomalies.md, "Adapting other formats").
+
+#: The policy engine's write decisions on guard.audit (issue 14, docs/policy.md): `reason` holds the
+#: decision as JSON ({"decision", "principal", "action", "policies", "reason", "errors"}).
+WRITE_DECISIONS = ("write_allowed", "write_denied", "unattributed")
+
+
+def from_audit(rec: Mapping[str, Any], ref: str) -> list[Fact]:
+    """Facts of an audit record (schemas/audit_record.avsc).
+
+    * the sanitizer's per-event decisions: a delete (`op` d) is a `delete` fact; an erasure (`op` erase) an
+      `erasure` fact, except `root_delete_unconfigured`: a delete of a customer's root row that nothing
+      explains; a DLQ decision whose reason names an integrity failure is an `integrity` fact;
+    * the policy engine's write decisions (issue 14): `write_allowed` → `write` (or `delete`) by its
+      principal, `write_denied` → `denied`; the decision JSON in `reason` names principal, action and
+      policies. (The change's own audit record, at the same source offset, carries the subject and is the
+      one the delete counters count, so a delete is counted once.)
+    * reads decided by the policy engine or the reveal service (`reveal`, `search`, `export`, `view`), when
+      written to the audit topic with `principal`, `action`, `count` and `categories` fields.
     """
     ts, branch = int(rec["ts_ms"]), str(rec["branch"])
     decision, op, reason = rec.get("decision"), rec.get("op"), rec.get("reason")
-    principal = rec.get("principal")
-    common: dict[str, Any] = {"ts_ms": ts, "branch": branch, "principal": principal, "table": rec.get("table"),
-                              "subject": rec.get("subject"), "ref": ref, "policies": list(rec.get("policies") or [])}
+    common: dict[str, Any] = {"ts_ms": ts, "branch": branch, "principal": principal_name(rec.get("principal")),
+                              "table": rec.get("table"), "subject": rec.get("subject"), "ref": ref,
+                              "policies": list(rec.get("policies") or [])}
+    if decision in WRITE_DECISIONS:
+        try:
+            detail = orjson.loads(reason or "{}")
+        except orjson.JSONDecodeError:
+            detail = {}
+        common.update(principal=principal_name(detail.get("principal")), policies=list(detail.get("policies") or []))
+        action = str(detail.get("action") or ("delete" if op == "d" else "write"))
+        if decision == "write_denied":
+            return [Fact("denied", ref + ":policy", action=action, decision="deny", reason=detail.get("reason"),
+                         **common)]
+        if decision == "write_allowed" and common["principal"]:
+            # a decision, not the change: counted by the principal and transfer rules only
+            return [Fact("write", ref + ":policy", action=action, decision="allow", **common)]
+        return []
     if decision in ("deny", "denied"):
-        return [Fact("denied", ref, action=rec.get("action") or op, decision="deny", reason=reason,
-                     **common)]
+        return [Fact("denied", ref, action=rec.get("action") or op, decision="deny", reason=reason, **common)]
     if op == "d" and decision in ("protected", "erased_delete"):
         return [Fact("delete", ref, action="delete", decision=decision, reason=rec.get("ticket") or None,
                      columns=list(rec.get("columns") or []), **common)]
@@ -152,7 +186,7 @@ def from_audit(rec: Mapping[str, Any], ref: str) -> list[Fact]:
                      **common)]
     if decision == "dlq" and reason and any(word in reason for word in _INTEGRITY_REASONS):
         return [Fact("integrity", ref, reason=reason, **common)]
-    if rec.get("action") in ("reveal", "search", "export", "view") and principal:
+    if rec.get("action") in ("reveal", "search", "export", "view") and common["principal"]:
         cats = dict(rec.get("categories") or {}) or {c: 1 for c in rec.get("classes") or {}}
         return [Fact("access", ref, action=rec["action"], count=int(rec.get("count") or 1), categories=cats,
                      columns=list(rec.get("columns") or []), decision="allow", **common)]
@@ -170,15 +204,20 @@ def from_dlq(doc: Mapping[str, Any], ref: str, ts_ms: int) -> list[Fact]:
 
 
 def from_legacy_anomaly(doc: Mapping[str, Any], ref: str, ts_ms: int) -> list[Fact]:
-    """The sanitizer's JSON anomalies (schema drift, writes for erased subjects, root truncates, ...)."""
+    """The sanitizer's JSON anomalies: schema drift → `drift`; every other one (writes for erased subjects,
+    root truncates, rows without a subject, unconfigured root deletes, the policy engine's `write_denied`
+    and `write_unattributed`) → `anomaly`, which the analyzer re-issues as an alert with a stable id (one
+    per rule, table and day), so on-call sees one format and a repeated condition once."""
     if doc.get("type") != "anomaly":
         return []
     rule = str(doc.get("rule") or "")
-    kind = "drift" if rule.startswith("schema_drift") else "integrity"
     column = doc.get("column")
+    kind = "drift" if rule.startswith("schema_drift") else "anomaly"
     return [Fact(kind, ref, int(doc.get("at_ms") or ts_ms), str(doc.get("branch") or ""), table=doc.get("table"),
                  columns=[column] if column else [], reason=rule, ref=ref,
-                 attrs={"severity": doc.get("severity"), "category": doc.get("category")})]
+                 principal=principal_name(doc.get("principal")), action=doc.get("action"),
+                 attrs={"severity": doc.get("severity"), "category": doc.get("category"),
+                        "what": doc.get("what"), "suggested_action": doc.get("suggested_action")})]
 
 
 def from_deletion(doc: Mapping[str, Any], ref: str, ts_ms: int) -> list[Fact]:
@@ -189,6 +228,51 @@ def from_deletion(doc: Mapping[str, Any], ref: str, ts_ms: int) -> list[Fact]:
                  subject=doc.get("subject"), action=str(doc.get("outcome")), decision=str(doc.get("outcome")),
                  reason=str(doc.get("reason_code") or ""), ref=ref,
                  attrs={"trigger": doc.get("trigger"), "confirmation": doc.get("id")})]
+
+
+#: The branch database's staff table (issue 14): its rows are the policy's Staff entities, in clear.
+STAFF_TABLE = "public.staff"
+
+
+def from_staff(rec: Mapping[str, Any], ref: str) -> list[Fact]:
+    """A change of `public.staff` (sanitized; staff_id, organisation, active are clear columns): the
+    principal registry's feed — a member of staff disabled or moved to another organisation."""
+    op = rec.get("op")
+    image = (rec.get("before") if op == "d" else rec.get("after")) or {}
+    clear = image.get("clear") or {}
+    staff = clear.get("staff_id")
+    if not staff:
+        return []
+    active = op != "d" and str(clear.get("active")).lower() in ("true", "1", "t")
+    return [Fact("principal", ref, int(rec.get("source_ts_ms") or rec.get("ts_ms") or 0), str(rec.get("branch")),
+                 principal=f"Staff:{staff}", ref=ref,
+                 attrs={"state": "active" if active else "disabled", "owner": clear.get("organisation")})]
+
+
+def facts_from_policy_entities(entities: list[Mapping[str, Any]], ts_ms: int) -> list[Fact]:
+    """The policy's entities (policy/entities.json, Cedar JSON) as registry facts: every `Staff` and
+    `Service` a `principal` fact (state from `active`, owner = its organisation), every `Branch` with a
+    `cutoff` a `transfer` fact (`to_owner` = its `owner`: from the cut-off on nobody outside it may touch
+    the branch's customers; `state` = its `transfer_state`)."""
+    out: list[Fact] = []
+    for e in entities:
+        kind = str(e["uid"]["type"]).rsplit("::", 1)[-1]
+        ident, attrs = str(e["uid"]["id"]), e.get("attrs") or {}
+        if kind in ("Staff", "Service"):
+            org = (attrs.get("organisation") or {}).get("__entity", {}).get("id")
+            branch = (attrs.get("branch") or {}).get("__entity", {}).get("id") or ""
+            out.append(Fact("principal", f"entity:{kind}:{ident}:{ts_ms}", ts_ms, str(branch),
+                            principal=f"{kind}:{ident}",
+                            attrs={"state": "active" if attrs.get("active", True) else "disabled", "owner": org}))
+        elif kind == "Branch" and attrs.get("cutoff"):
+            cutoff = (attrs["cutoff"].get("__extn") or {}).get("arg") if isinstance(attrs["cutoff"], dict) \
+                else attrs["cutoff"]
+            owner = (attrs.get("owner") or {}).get("__entity", {}).get("id")
+            cutoff_ms = int(datetime.fromisoformat(str(cutoff).replace("Z", "+00:00")).timestamp() * 1000)
+            out.append(Fact("transfer", f"entity:Branch:{ident}:{ts_ms}", ts_ms, ident,
+                            attrs={"to_owner": owner, "from_owner": attrs.get("previous_owner"),
+                                   "cutoff_ms": cutoff_ms, "state": attrs.get("transfer_state")}))
+    return out
 
 
 #: Columns whose change is a contact-detail change (takeover patterns); the catalog's contact and location.
@@ -204,7 +288,9 @@ def from_sanitized(rec: Mapping[str, Any], ref: str) -> list[Fact]:
                             "branch": str(rec.get("branch")), "table": rec.get("table"),
                             "subject": rec.get("subject"), "ref": ref}
     image = after if op != "d" else before
-    principal = ((image.get("clear") or {}).get("updated_by")) if image else None
+    principal = principal_name((image.get("clear") or {}).get("updated_by")) if image else None
+    if rec.get("table") == STAFF_TABLE:
+        return from_staff(rec, ref)
     if op == "d":
         return [Fact("delete", ref, action="delete", principal=principal, **base)]
     if op not in ("c", "u", "r"):

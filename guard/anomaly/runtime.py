@@ -27,7 +27,8 @@ class AnalyzerTopics:
     anomalies: str
     deletions: str
     facts: str
-    #: Sanitized topics whose contact-detail changes the takeover rules read (tokens only).
+    #: Sanitized topics the analyzer reads (tokens and clear columns only): customers (contact-detail
+    #: changes for the takeover rules) and staff (the principal registry, issue 14).
     contact: tuple[str, ...]
 
     def roles(self) -> dict[str, str]:
@@ -40,13 +41,13 @@ class AnalyzerTopics:
 
 def analyzer_topics(settings: Settings) -> AnalyzerTopics:
     """From the settings; `GUARD_FACTS_TOPIC` and `GUARD_CONTACT_TOPICS` (comma-separated) override the
-    facts topic and the sanitized customers topic of the branch."""
+    facts topic and the sanitized topics (default: the branch's customers and staff tables)."""
     contact = os.environ.get("GUARD_CONTACT_TOPICS")
     return AnalyzerTopics(
         audit=settings.audit_topic, dlq=settings.dlq_topic, anomalies=settings.anomalies_topic,
         deletions=settings.deletions_topic, facts=os.environ.get("GUARD_FACTS_TOPIC") or FACTS_TOPIC,
         contact=tuple(t for t in contact.split(",") if t) if contact is not None else
-        (settings.sanitized_topic(f"{settings.raw_topic_prefix}.public.customers"),))
+        tuple(settings.sanitized_topic(f"{settings.raw_topic_prefix}.public.{t}") for t in ("customers", "staff")))
 
 
 def build_analyzer(settings: Settings, rules: RuleConfig | None = None) -> Analyzer:

@@ -226,7 +226,7 @@ def test_sanitized_update_yields_a_contact_write_with_tokens_only() -> None:
            "subject": "subj", "before": {"index": {"mobile": "old", "email": "e"}, "clear": {}},
            "after": {"index": {"mobile": "new", "email": "e"}, "clear": {"updated_by": "teller-1"}}}
     [f] = from_sanitized(rec, "sanitized.br0101.public.customers:0:7")
-    assert (f.kind, f.columns, f.tokens, f.principal) == ("write", ["mobile"], {"mobile": "new"}, "teller-1")
+    assert (f.kind, f.columns, f.tokens, f.principal) == ("write", ["mobile"], {"mobile": "new"}, "Staff:teller-1")
     assert not from_sanitized({**rec, "after": rec["before"]}, "x:0:1"), "no contact column changed"
 
 
@@ -275,3 +275,28 @@ def test_a_batch_counts_like_one_fact_at_a_time(analyzer: Analyzer) -> None:
     assert {e.record["rule"] for e in emits} == {"bulk_access"}
     assert len({e.id for e in emits}) == 1
     assert analyzer.state.alert_state(emits[0].id)["count"] == 60  # type: ignore[index]
+
+
+def test_sanitizer_anomalies_are_reissued_once_per_rule_table_and_day(analyzer: Analyzer) -> None:
+    """The policy engine's write_denied anomalies (issue 14) of one table: one alert, counted, not one each."""
+    docs = [{"type": "anomaly", "rule": "write_denied", "severity": "high", "branch": "0101",
+             "table": "public.customers", "column": None, "at_ms": T0 + i, "principal": "t0101-09",
+             "what": "a change was written by a principal the access policy does not allow to",
+             "suggested_action": "check who made the change"} for i in range(4)]
+    facts = [f for i, d in enumerate(docs) for f in from_legacy_anomaly(d, f"guard.anomalies:0:{i}", T0)]
+    emits = run(analyzer, facts)
+    assert {e.record["rule"] for e in emits} == {"write_denied"} and len({e.id for e in emits}) == 1
+    assert analyzer.state.alert_state(emits[0].id)["count"] == 4  # type: ignore[index]
+
+
+def test_transfer_owner_from_the_cutoff(analyzer: Analyzer) -> None:
+    """The policy's Branch entity names the owner from the cut-off on (to_owner): anyone else is critical."""
+    cutoff = T0 + 60_000
+    analyzer.process(Fact("principal", "r:b", T0, "0101", principal="Staff:b-1", attrs={"owner": "bank-b"}))
+    analyzer.process(Fact("principal", "r:a", T0, "0101", principal="Staff:a-1", attrs={"owner": "bank-a"}))
+    analyzer.process(Fact("transfer", "tr", T0, "0101", attrs={"to_owner": "bank-b", "cutoff_ms": cutoff}))
+    ok = run(analyzer, [fact("write", ts=cutoff + 1000, principal="Staff:b-1", action="write"),
+                        fact("write", ts=cutoff - 1000, principal="Staff:a-1", action="write")])
+    assert not [e for e in ok if e.record["rule"] == "access_after_transfer_cutoff"]
+    bad = run(analyzer, [fact("write", ts=cutoff + 2000, principal="Staff:a-1", action="delete")])
+    assert [e.record["rule"] for e in bad if e.severity == "critical"] == ["access_after_transfer_cutoff"]
