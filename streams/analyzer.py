@@ -36,7 +36,7 @@ topics = analyzer_topics(settings)
 analyzer = build_analyzer(settings)
 APP_ID = os.environ.get("GUARD_ANALYZER_APP_ID", "branchguard-analyzer")
 FLUSH_S = float(os.environ.get("GUARD_ANALYZER_FLUSH_S", "30"))
-BATCH = int(os.environ.get("GUARD_ANALYZER_BATCH", "500"))
+BATCH = int(os.environ.get("GUARD_ANALYZER_BATCH", "2000"))
 
 app = faust.App(
     APP_ID,
