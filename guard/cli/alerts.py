@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import click
 
@@ -103,3 +104,27 @@ def serve(ctx: click.Context, host: str, port: int) -> None:
         server.httpd.serve_forever()
     except KeyboardInterrupt:
         server.stop()
+
+
+@alerts.command("publish-entities")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False), default="policy/entities.json")
+@click.pass_context
+def publish_entities(ctx: click.Context, path: str) -> None:
+    """Publish the access policy's entities (Cedar JSON) to the facts topic: staff and services as the
+    principal registry (owner = organisation, active/disabled), branches with a cut-off as transfers."""
+    import orjson
+    from confluent_kafka import Producer
+
+    from guard.anomaly.facts import facts_from_policy_entities
+    from guard.anomaly.runtime import analyzer_topics
+
+    s = _settings(ctx)
+    facts = facts_from_policy_entities(orjson.loads(Path(path).read_bytes()), int(time.time() * 1000))
+    topic = analyzer_topics(s).facts
+    producer = Producer({"bootstrap.servers": s.kafka_bootstrap, "enable.idempotence": True})
+    for f in facts:
+        producer.produce(topic, f.to_json(), key=(f.principal or f.branch).encode())
+    if producer.flush(30):
+        raise click.ClickException(f"not every fact reached {topic}")
+    kinds = {k: sum(1 for f in facts if f.kind == k) for k in ("principal", "transfer")}
+    click.echo(f"{kinds['principal']} principals and {kinds['transfer']} transfers published to {topic}")

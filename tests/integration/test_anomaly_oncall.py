@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import subprocess
 import sys
 import uuid
@@ -47,7 +46,6 @@ def _plant(stack: dict[str, str], tenant: str) -> list[Emit]:
     return emits
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is installed by scripts/setup.sh")
 def test_status_page_shows_a_planted_critical_alert(stack: dict[str, str], tmp_path: Path) -> None:
     tenant = f"st{uuid.uuid4().hex[:8]}"
     emits = _plant(stack, tenant)
@@ -104,5 +102,36 @@ def test_alerts_tail_filters_and_prints(stack: dict[str, str], tmp_path: Path) -
         out = subprocess.run([*base, "--rule", "bulk_access"], env=env, capture_output=True, text=True,
                              timeout=120, check=True).stdout
         assert "bulk_access" in out and "CRITICAL" not in out
+    finally:
+        admin.delete_topics([topic])
+
+
+def test_publish_entities_feeds_the_registry(stack: dict[str, str], tmp_path: Path) -> None:
+    """`guard alerts publish-entities` writes the policy's staff and branches as principal/transfer facts."""
+    name = f"pe{uuid.uuid4().hex[:8]}"
+    topic = f"{name}.facts"
+    admin = AdminClient({"bootstrap.servers": stack["GUARD_KAFKA_BOOTSTRAP"]})
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
+    entities = tmp_path / "entities.json"
+    entities.write_text(json.dumps([
+        {"uid": {"type": "BranchGuard::Branch", "id": "0101"}, "attrs": {
+            "code": "0101", "owner": {"__entity": {"type": "BranchGuard::Organisation", "id": "bank-b"}},
+            "transfer_state": "transferring", "cutoff": {"__extn": {"fn": "datetime", "arg": "2027-03-31T16:00:00Z"}}}},
+        {"uid": {"type": "BranchGuard::Staff", "id": "t0101-01"}, "attrs": {
+            "branch": {"__entity": {"type": "BranchGuard::Branch", "id": "0101"}},
+            "organisation": {"__entity": {"type": "BranchGuard::Organisation", "id": "bank-a"}}, "active": False}},
+    ]))
+    try:
+        env = {**os.environ, **stack, "PYTHONPATH": str(REPO), "GUARD_FACTS_TOPIC": topic}
+        out = subprocess.run([sys.executable, "-m", "guard.cli", "alerts", "publish-entities", str(entities)],
+                             env=env, capture_output=True, text=True, timeout=120, check=True).stdout
+        assert "1 principals and 1 transfers" in out
+        from tests.integration.kafka_helpers import read_all
+
+        docs = {d["kind"]: d for d in (json.loads(r.value) for r in read_all(stack["GUARD_KAFKA_BOOTSTRAP"], topic)
+                                       if r.value)}
+        assert docs["principal"]["principal"] == "Staff:t0101-01"
+        assert docs["principal"]["attrs"] == {"state": "disabled", "owner": "bank-a"}
+        assert docs["transfer"]["attrs"]["to_owner"] == "bank-b"
     finally:
         admin.delete_topics([topic])
