@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -40,7 +40,7 @@ def _now_in_hours() -> int:
     """A fact time inside the branch's business hours (today 10:00 Shanghai, or a recent weekday)."""
     day = datetime.now(SH).replace(hour=10, minute=0, second=0, microsecond=0)
     while day.isoweekday() > 5:
-        day = day.replace(day=day.day - 1) if day.day > 1 else day.replace(month=day.month - 1, day=28)
+        day -= timedelta(days=1)
     return int(day.timestamp() * 1000)
 
 
