@@ -18,16 +18,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import time
 
 import faust
+import redis
+from aiokafka.errors import KafkaError
 
 from guard.anomaly.delivery import WebhookError, deliver
 from guard.anomaly.engine import Emit
-from guard.anomaly.facts import facts_from_record
+from guard.anomaly.facts import Fact, facts_from_record
 from guard.anomaly.runtime import analyzer_topics, build_analyzer
 from guard.config import load_settings
-from guard.errors import DecodeError
+from guard.errors import DecodeError, KeyUnavailableError
 
 log = logging.getLogger("branchguard.analyzer")
 
@@ -113,8 +116,28 @@ async def analyze(stream: faust.StreamT) -> None:
                 log.warning("skipped %s:%s:%s: %s", msg.topic, msg.partition, msg.offset, type(exc).__name__)
         _stats["facts"] += len(facts)
         if facts:
-            await _write(analyzer.process_batch(facts))
+            await _settle(facts)
         _stats["last"] = time.monotonic()
+
+
+async def _settle(facts: list[Fact]) -> None:
+    """Process a batch until it is done. Never raise out of the agent: faust's `take_events` acks the batch
+    in a `finally`, so an exception would commit offsets of facts never counted. Redis or Kafka being away
+    pauses the stream (retried with back-off); anything else ends the process without acking, and the
+    restarted worker replays the batch (counts are idempotent)."""
+    delay = 0.5
+    while True:
+        try:
+            await _write(analyzer.process_batch(facts))
+            return
+        except (redis.RedisError, KeyUnavailableError, KafkaError) as exc:
+            log.error("paused: %s (retrying in %.1f s)", type(exc).__name__, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+        except Exception as exc:  # noqa: BLE001 - see the docstring: die unacked rather than ack unprocessed
+            log.critical("analyzer stopped on %s; the batch will be replayed", type(exc).__name__)
+            sys.stdout.flush()
+            os._exit(70)
 
 
 @app.on_partitions_assigned.connect
@@ -128,7 +151,10 @@ async def on_assigned(sender: faust.App, assigned: set[object], **kwargs: object
 @app.timer(interval=FLUSH_S)
 async def flush() -> None:
     """Write held-back updates and resolve alerts whose window ended; log the throughput."""
-    await _write(analyzer.flush())
+    try:
+        await _write(analyzer.flush())
+    except (redis.RedisError, KafkaError) as exc:  # the next tick tries again
+        log.error("flush skipped: %s", type(exc).__name__)
     busy = max(_stats["last"] - _stats["since"], 1e-9)  # first record read → last record finished
     print(f"STATS facts={_stats['facts']:.0f} records={_stats['records']:.0f} alerts={_stats['alerts']:.0f} "
           f"undecodable={_stats['undecodable']:.0f} busy_s={busy:.2f} records_per_s={_stats['records'] / busy:.0f} "
