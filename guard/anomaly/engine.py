@@ -187,16 +187,19 @@ class Analyzer:
         """After a transfer's cut-off: a principal of the former owner (`from_owner`), or of any organisation
         other than the owner from the cut-off on (`to_owner`), touching the branch is critical at once."""
         cfg = self.rules.rule(f.branch, "transfer")
-        transfer = self.state.entity("transfer", f.branch)
-        if not cfg.get("enabled", True) or not transfer or not transfer.get("cutoff_ms"):
+        if not cfg.get("enabled", True):
             return []
-        cutoff = int(transfer["cutoff_ms"])
-        owner = (self.state.entity("principal", str(f.principal)) or {}).get("owner")
+        transfer = self.state.entity("transfer", f.branch) or {}
         from_owner, to_owner = transfer.get("from_owner"), transfer.get("to_owner")
-        if f.ts_ms < cutoff or owner is None:
-            return []
-        if not ((from_owner and owner == from_owner) or (to_owner and owner != to_owner)):
-            return []
+        owner = (self.state.entity("principal", str(f.principal)) or {}).get("owner")
+        # the policy engine's own verdict (issue 14: a denial by the cut-off policy) needs no registry
+        by_policy = bool(set(f.policies) & set(cfg.get("policy_ids") or []))
+        cutoff = int(transfer.get("cutoff_ms") or 0)
+        if not by_policy:
+            if not cutoff or f.ts_ms < cutoff or owner is None:
+                return []
+            if not ((from_owner and owner == from_owner) or (to_owner and owner != to_owner)):
+                return []
         total = self.state.add(f"transfer:{f.branch}:{f.principal}:{cutoff}", f.id, f.count, 400 * 86400)
         return [Condition("access_after_transfer_cutoff", cfg.get("severity", "critical"), f.branch,
                           f"principal={f.principal}|cutoff={cutoff}", total, 1, cutoff, NO_END, f.ts_ms, f.ts_ms,

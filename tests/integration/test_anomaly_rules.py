@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import orjson
 import pytest
 import redis
 
@@ -300,3 +301,15 @@ def test_transfer_owner_from_the_cutoff(analyzer: Analyzer) -> None:
     assert not [e for e in ok if e.record["rule"] == "access_after_transfer_cutoff"]
     bad = run(analyzer, [fact("write", ts=cutoff + 2000, principal="Staff:a-1", action="delete")])
     assert [e.record["rule"] for e in bad if e.severity == "critical"] == ["access_after_transfer_cutoff"]
+
+
+def test_a_denial_by_the_cutoff_policy_is_a_transfer_alert(analyzer: Analyzer) -> None:
+    """Issue 14's write decision denied by `nobody-outside-owner-after-cutoff`: critical, no registry needed."""
+    detail = {"decision": "write_denied", "principal": "Staff:x-9", "action": "write",
+              "policies": ["nobody-outside-owner-after-cutoff"], "reason": "forbidden", "errors": []}
+    rec = {"ts_ms": T0, "branch": "0101", "table": "public.customers", "op": "u", "subject": None,
+           "decision": "write_denied", "reason": orjson.dumps(detail).decode()}
+    other = {**rec, "reason": orjson.dumps({**detail, "principal": "Staff:teller-1", "policies": []}).decode()}
+    emits = run(analyzer, from_audit(rec, "guard.audit:0:50") + from_audit(other, "guard.audit:0:51"))
+    transfer = [e for e in emits if e.record["rule"] == "access_after_transfer_cutoff"]
+    assert len(transfer) == 1 and transfer[0].record["principal"] == "Staff:x-9"
