@@ -31,6 +31,7 @@ from guard.anomaly.facts import Fact, facts_from_record
 from guard.anomaly.runtime import analyzer_topics, build_analyzer
 from guard.config import load_settings
 from guard.errors import DecodeError, KeyUnavailableError
+from guard.kafka_security import client_config, sasl_credentials
 
 log = logging.getLogger("branchguard.analyzer")
 
@@ -41,9 +42,13 @@ APP_ID = os.environ.get("GUARD_ANALYZER_APP_ID", "branchguard-analyzer")
 FLUSH_S = float(os.environ.get("GUARD_ANALYZER_FLUSH_S", "30"))
 BATCH = int(os.environ.get("GUARD_ANALYZER_BATCH", "2000"))
 
+_mechanism, _username, _password, _tls = sasl_credentials(settings)  # SASL_SSL only: never plaintext
 app = faust.App(
     APP_ID,
     broker="kafka://" + settings.kafka_bootstrap,
+    # the principal of GUARD_KAFKA_USERNAME (on the local stack: `analyzer`, guard/stack/kafka_auth.py)
+    broker_credentials=faust.SASLCredentials(username=_username, password=_password, mechanism=_mechanism,
+                                             ssl_context=_tls),
     store="memory://",  # no faust tables: the shared state is in Redis (guard/anomaly/state.py says why)
     processing_guarantee="at_least_once",
     web_enabled=False,
@@ -60,7 +65,7 @@ def _existing(names: list[str]) -> list[str]:
 
     from guard.kafka.clients import OUTPUT_TOPIC_PARTITIONS, TopicManager
 
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    admin = AdminClient(client_config(settings))
     manager = TopicManager(admin)
     for own in (topics.facts, topics.anomalies):  # the facts topic and the alerts' topic: created if missing
         manager.ensure(own, OUTPUT_TOPIC_PARTITIONS)

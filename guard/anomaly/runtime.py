@@ -1,7 +1,8 @@
 """Wiring: the analyzer, its shared state and the topics it reads, from the guard's settings.
 
 Redis is reached through the key store's client (`RedisKeyStore`), so the analyzers use the same
-connection settings (and, after issue 20, the same credentials and tenant prefix) as the sanitizer.
+connection settings, credentials (`GUARD_REDIS_PASSWORD_FILE`) and tenant prefix (`bg:{tenant}:`) as the
+sanitizer; its keys are under `bg:{tenant}:anomaly:`, inside the guard's Redis ACL patterns.
 """
 
 from __future__ import annotations
@@ -50,16 +51,20 @@ def analyzer_topics(settings: Settings) -> AnalyzerTopics:
         tuple(settings.sanitized_topic(f"{settings.raw_topic_prefix}.public.{t}") for t in ("customers", "staff")))
 
 
+def _store(settings: Settings) -> RedisKeyStore:
+    return RedisKeyStore(settings.redis_url, settings.tenant, password_file=settings.redis_password_file or None)
+
+
 def build_analyzer(settings: Settings, rules: RuleConfig | None = None) -> Analyzer:
     """An analyzer over the tenant's shared state; legal holds are read from the key store."""
-    store = RedisKeyStore(settings.redis_url)
+    store = _store(settings)
     state = AnomalyState(store.client, settings.tenant)
     return Analyzer(state, rules or RuleConfig.load(), is_held=store.is_held)
 
 
 def status_source(settings: Settings) -> StatusSource:
     """The status page's sources: the tenant's alert state; the sanitizer's and the analyzer's lag."""
-    store = RedisKeyStore(settings.redis_url)
+    store = _store(settings)
     app_id = os.environ.get("GUARD_ANALYZER_APP_ID", "branchguard-analyzer")
     topics = analyzer_topics(settings)
     return StatusSource(settings, AnomalyState(store.client, settings.tenant), groups=[

@@ -25,6 +25,7 @@ from confluent_kafka.admin import AdminClient
 from guard.anomaly.alerts import SEVERITIES
 from guard.anomaly.state import AnomalyState
 from guard.config import Settings
+from guard.kafka_security import client_config
 
 #: A sanitizer group whose lag exceeds this many records is shown as lagging.
 LAG_WARN = 10_000
@@ -48,9 +49,9 @@ class StatusSource:
     def pipeline(self) -> list[dict[str, Any]]:
         """Per group: committed offsets against the end of its topics (lag), and a health word."""
         s = self.settings
-        consumer = Consumer({"bootstrap.servers": s.kafka_bootstrap, "group.id": f"status-{uuid.uuid4().hex[:8]}",
-                             "enable.auto.commit": False})
-        admin = AdminClient({"bootstrap.servers": s.kafka_bootstrap})
+        consumer = Consumer(client_config(s, **{"group.id": f"oncall-status-{uuid.uuid4().hex[:8]}",
+                                                "enable.auto.commit": False}))
+        admin = AdminClient(client_config(s))
         rows = []
         try:
             topics = consumer.list_topics(timeout=10).topics
@@ -75,8 +76,8 @@ class StatusSource:
     def erasures(self, limit: int = 10) -> list[dict[str, Any]]:
         """The latest deletion confirmations (subject tokens, outcome, trigger; never a value)."""
         s = self.settings
-        consumer = Consumer({"bootstrap.servers": s.kafka_bootstrap, "group.id": f"status-{uuid.uuid4().hex[:8]}",
-                             "enable.auto.commit": False})
+        consumer = Consumer(client_config(s, **{"group.id": f"oncall-status-{uuid.uuid4().hex[:8]}",
+                                                "enable.auto.commit": False}))
         out: list[dict[str, Any]] = []
         try:
             meta = consumer.list_topics(timeout=10).topics.get(s.deletions_topic)

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from guard.cli.main import _settings, dumps_json, main
+from guard.kafka_security import client_config
 
 
 @main.group("alerts")
@@ -40,8 +41,8 @@ def tail(ctx: click.Context, follow: bool, lines: int, from_beginning: bool, sev
     from guard.errors import DecodeError
 
     s = _settings(ctx)
-    consumer = Consumer({"bootstrap.servers": s.kafka_bootstrap, "group.id": f"alerts-tail-{uuid.uuid4().hex[:8]}",
-                         "enable.auto.commit": False, "isolation.level": "read_committed"})
+    consumer = Consumer(client_config(s, **{"group.id": f"oncall-tail-{uuid.uuid4().hex[:8]}",
+                                            "enable.auto.commit": False, "isolation.level": "read_committed"}))
     try:
         meta = consumer.list_topics(timeout=10).topics.get(s.anomalies_topic)
         if meta is None or meta.error is not None:
@@ -121,7 +122,7 @@ def publish_entities(ctx: click.Context, path: str) -> None:
     s = _settings(ctx)
     facts = facts_from_policy_entities(orjson.loads(Path(path).read_bytes()), int(time.time() * 1000))
     topic = analyzer_topics(s).facts
-    producer = Producer({"bootstrap.servers": s.kafka_bootstrap, "enable.idempotence": True})
+    producer = Producer(client_config(s, **{"enable.idempotence": True}))
     for f in facts:
         producer.produce(topic, f.to_json(), key=(f.principal or f.branch).encode())
     if producer.flush(30):

@@ -18,7 +18,7 @@ from confluent_kafka.admin import AdminClient
 
 from guard.config import load_settings
 from guard.pipeline.runtime import build_keys
-from tests.integration.kafka_helpers import GuardProcess
+from tests.integration.kafka_helpers import GuardProcess, kafka_conf
 from tests.integration.test_anomaly_stream import Env, _by_rule
 
 pytestmark = pytest.mark.integration
@@ -55,7 +55,7 @@ def test_same_mobile_on_several_customers_and_delete_under_legal_hold(
             conn.execute("INSERT INTO customers (customer_id, name, mobile, branch_code) VALUES (%s, '测试', %s, "
                          "'0101')", (cid, f"1380000{cid % 10_000:04d}"))
     # the analyzer starts once the sanitizer has written the inserts (its contact topic exists by then)
-    admin = AdminClient({"bootstrap.servers": env.bootstrap})
+    admin = AdminClient(kafka_conf(env.bootstrap))
     deadline = time.monotonic() + 180
     while contact_topic not in admin.list_topics(timeout=10).topics:
         assert guard.alive() and time.monotonic() < deadline, guard.log()[-3000:]

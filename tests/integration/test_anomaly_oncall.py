@@ -24,7 +24,7 @@ from guard.anomaly.state import AnomalyState
 from guard.anomaly.status import StatusServer
 from guard.config import load_settings
 from guard.keys.store import RedisKeyStore
-from tests.integration.kafka_helpers import REPO
+from tests.integration.kafka_helpers import REPO, kafka_conf
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +33,7 @@ T0 = 1_796_000_000_000  # Monday 2026-11-30, 08:53 in Shanghai (before the branc
 
 def _plant(stack: dict[str, str], tenant: str) -> list[Emit]:
     """A transfer, a former owner's teller after its cut-off (critical) and a bulk export (high)."""
-    store = RedisKeyStore(stack["GUARD_REDIS_URL"])
+    store = RedisKeyStore(stack["GUARD_REDIS_URL"], "demo-bank", password_file=stack["GUARD_REDIS_PASSWORD_FILE"])
     a = Analyzer(AnomalyState(store.client, tenant), RuleConfig.load())
     a.process(Fact("principal", "p1", T0 - 10, "0101", principal="old-teller", attrs={"owner": "bank-old"}))
     a.process(Fact("principal", "p2", T0 - 10, "0101", principal="teller-1", attrs={"owner": "bank-a"}))
@@ -78,11 +78,11 @@ def test_status_page_shows_a_planted_critical_alert(stack: dict[str, str], tmp_p
 def test_alerts_tail_filters_and_prints(stack: dict[str, str], tmp_path: Path) -> None:
     tenant = f"tl{uuid.uuid4().hex[:8]}"
     topic = f"{tenant}.anomalies"
-    admin = AdminClient({"bootstrap.servers": stack["GUARD_KAFKA_BOOTSTRAP"]})
+    admin = AdminClient(kafka_conf(stack["GUARD_KAFKA_BOOTSTRAP"]))
     admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
     try:
         emits = _plant(stack, tenant)
-        p = Producer({"bootstrap.servers": stack["GUARD_KAFKA_BOOTSTRAP"]})
+        p = Producer(kafka_conf(stack["GUARD_KAFKA_BOOTSTRAP"]))
         for e in emits:
             p.produce(topic, e.value, key=e.id.encode())
         # one of the sanitizer's JSON anomalies on the same topic
@@ -110,7 +110,7 @@ def test_publish_entities_feeds_the_registry(stack: dict[str, str], tmp_path: Pa
     """`guard alerts publish-entities` writes the policy's staff and branches as principal/transfer facts."""
     name = f"pe{uuid.uuid4().hex[:8]}"
     topic = f"{name}.facts"
-    admin = AdminClient({"bootstrap.servers": stack["GUARD_KAFKA_BOOTSTRAP"]})
+    admin = AdminClient(kafka_conf(stack["GUARD_KAFKA_BOOTSTRAP"]))
     admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
     entities = tmp_path / "entities.json"
     entities.write_text(json.dumps([

@@ -18,14 +18,13 @@ from zoneinfo import ZoneInfo
 
 import orjson
 import pytest
-import redis
 
 from guard.anomaly.alerts import alert_id
 from guard.anomaly.engine import Analyzer, Emit
 from guard.anomaly.facts import Fact, from_audit, from_dlq, from_legacy_anomaly, from_sanitized
 from guard.anomaly.rules import RuleConfig, default_rules_path
 from guard.anomaly.state import AnomalyState
-from guard.keys.store import RedisKeyStore
+from guard.keys.store import RedisKeyStore, redis_client
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +42,7 @@ def fact(kind: str, *, ts: int = T0, branch: str = "0101", **kw: Any) -> Fact:
 @pytest.fixture()
 def analyzer(stack: dict[str, str]) -> Analyzer:
     """An analyzer over a fresh tenant (its own Redis keys) with the shipped default rules."""
-    store = RedisKeyStore(stack["GUARD_REDIS_URL"])
+    store = RedisKeyStore(stack["GUARD_REDIS_URL"], "demo-bank", password_file=stack["GUARD_REDIS_PASSWORD_FILE"])
     state = AnomalyState(store.client, f"t{uuid.uuid4().hex[:10]}")
     clock = [T0 / 1000]
     # a one-day learning period for first accesses (the shipped default is 7 days)
@@ -174,7 +173,7 @@ def test_deletion_spike_unexplained_and_legal_hold(analyzer: Analyzer, stack: di
     assert [f.kind for f in from_audit(explained, "guard.audit:0:2")] == ["erasure"]
     emits = run(analyzer, from_audit(explained, "guard.audit:0:2") + from_audit(audit, "guard.audit:0:1"))
     assert rules_of(emits) == Counter({"unexplained_delete": 1})
-    store = RedisKeyStore(stack["GUARD_REDIS_URL"])
+    store = RedisKeyStore(stack["GUARD_REDIS_URL"], "demo-bank", password_file=stack["GUARD_REDIS_PASSWORD_FILE"])
     held = f"held-{uuid.uuid4().hex[:8]}"
     store.set_hold("0101", held, True)
     try:
@@ -261,7 +260,7 @@ def test_rules_file_overrides_per_branch(tmp_path: Path) -> None:
 
 def test_state_keys_carry_the_tenant_prefix(analyzer: Analyzer, stack: dict[str, str]) -> None:
     run(analyzer, normal_reveals(3))
-    client = redis.Redis.from_url(stack["GUARD_REDIS_URL"])
+    client = redis_client(stack["GUARD_REDIS_URL"], stack["GUARD_REDIS_PASSWORD_FILE"])
     keys = [k.decode() for k in client.scan_iter(match=f"*{analyzer.state.tenant}*")]
     assert keys and all(k.startswith(f"bg:{analyzer.state.tenant}:anomaly:") for k in keys)
 

@@ -23,13 +23,13 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-import redis
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from guard.anomaly.alerts import read_anomaly
 from guard.anomaly.rules import default_rules_path
-from tests.integration.kafka_helpers import REPO, read_all
+from guard.keys.store import redis_client
+from tests.integration.kafka_helpers import REPO, kafka_conf, read_all
 
 pytestmark = pytest.mark.integration
 
@@ -62,7 +62,7 @@ class Env:
         return f"{self.name}.{role}"
 
     def create_topics(self) -> None:
-        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        admin = AdminClient(kafka_conf(self.bootstrap))
         new = [NewTopic(self.topic("facts"), 3, 1)] + [NewTopic(self.topic(r), 1, 1) for r in
                                                         ("audit", "dlq", "anomalies", "deletions", "contact")]
         for fut in admin.create_topics(new).values():
@@ -93,7 +93,7 @@ class Env:
 
     def produce(self, facts: list[dict[str, Any]]) -> None:
         """Keyed by principal (a principal's facts stay in order, as the policy engine writes them)."""
-        p = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5})
+        p = Producer({**kafka_conf(self.bootstrap), "linger.ms": 5})
         for f in facts:
             key = str(f.get("key") or f.get("principal") or f["branch"]).encode()
             p.produce(self.topic("facts"), json.dumps(f).encode(), key=key)
@@ -140,7 +140,7 @@ class Env:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
-        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        admin = AdminClient(kafka_conf(self.bootstrap))
         admin.delete_topics([self.topic(r) for r in ("facts", "audit", "dlq", "anomalies", "deletions", "contact")])
 
 
@@ -262,7 +262,7 @@ def test_two_workers_agree_on_counts(env: Env, stack: dict[str, str]) -> None:
     alerts = env.wait_alerts(lambda a: any(x["count"] == n for x in _by_rule(a, "bulk_access")))
     assert len({a["id"] for a in _by_rule(alerts, "bulk_access")}) == 1
     assert max(a["count"] for a in _by_rule(alerts, "bulk_access")) == n == 420
-    client = redis.Redis.from_url(stack["GUARD_REDIS_URL"])
+    client = redis_client(stack["GUARD_REDIS_URL"], stack["GUARD_REDIS_PASSWORD_FILE"])
     totals = [int(client.hget(k, "__total") or 0) for k in client.scan_iter(f"bg:{env.name}:anomaly:cnt:bulk:*")]
     assert totals == [n + 1] or sorted(totals) == [1, n], totals
     handled = {}
@@ -281,7 +281,7 @@ def test_throughput_of_one_worker(env: Env) -> None:
     t0 = _now_in_hours()
     codec = AvroCodec("audit_record")
     audits, facts_n = 20_000, 3_000
-    p = Producer({"bootstrap.servers": env.bootstrap, "linger.ms": 20})
+    p = Producer({**kafka_conf(env.bootstrap), "linger.ms": 20})
     for i in range(audits):  # what the sanitizer writes per change event
         p.produce(env.topic("audit"), codec.encode({
             "v": 1, "ts_ms": t0 + i, "worker": "w", "branch": "0101", "source_topic": "br0101.public.accounts",
