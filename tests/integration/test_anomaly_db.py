@@ -18,10 +18,16 @@ from confluent_kafka.admin import AdminClient
 
 from guard.config import load_settings
 from guard.pipeline.runtime import build_keys
-from tests.integration.kafka_helpers import GuardProcess, kafka_conf
+from tests.integration.kafka_helpers import GuardProcess, admin_redis_env, kafka_conf
 from tests.integration.test_anomaly_stream import Env, _by_rule
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def stack(stack: dict[str, str]) -> dict[str, str]:
+    """The stack with Redis as its admin: these tests give each test a tenant of its own."""
+    return {**stack, **admin_redis_env(stack)}
 
 
 @pytest.fixture()
@@ -46,7 +52,8 @@ def test_same_mobile_on_several_customers_and_delete_under_legal_hold(
     contact_topic = f"{env.name}.sanitized.br0101.public.customers"
     base = 700_000_000 + uuid.uuid4().int % 10_000_000
     ids = [base + i for i in range(8)]
-    settings = load_settings(None, redis_url=stack["GUARD_REDIS_URL"])
+    settings = load_settings(None, redis_url=stack["GUARD_REDIS_URL"],
+                             redis_password_file=stack["GUARD_REDIS_PASSWORD_FILE"])
     keys = build_keys(settings, listen=False)
     held, free = ids[6], ids[7]
     keys.store.set_hold(settings.branch, keys.subject_token(settings.branch, str(held)), True)

@@ -24,16 +24,23 @@ from guard.anomaly.state import AnomalyState
 from guard.anomaly.status import StatusServer
 from guard.config import load_settings
 from guard.keys.store import RedisKeyStore
-from tests.integration.kafka_helpers import REPO, kafka_conf
+from tests.integration.kafka_helpers import REPO, admin_redis_env, kafka_conf
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def stack(stack: dict[str, str]) -> dict[str, str]:
+    """The stack with Redis as its admin: these tests give each test a tenant of its own."""
+    return {**stack, **admin_redis_env(stack)}
 
 T0 = 1_796_000_000_000  # Monday 2026-11-30, 08:53 in Shanghai (before the branch opens)
 
 
 def _plant(stack: dict[str, str], tenant: str) -> list[Emit]:
     """A transfer, a former owner's teller after its cut-off (critical) and a bulk export (high)."""
-    store = RedisKeyStore(stack["GUARD_REDIS_URL"], "demo-bank", password_file=stack["GUARD_REDIS_PASSWORD_FILE"])
+    store = RedisKeyStore(stack["GUARD_REDIS_URL"], "demo-bank",
+                          password_file=stack["GUARD_REDIS_PASSWORD_FILE"])
     a = Analyzer(AnomalyState(store.client, tenant), RuleConfig.load())
     a.process(Fact("principal", "p1", T0 - 10, "0101", principal="old-teller", attrs={"owner": "bank-old"}))
     a.process(Fact("principal", "p2", T0 - 10, "0101", principal="teller-1", attrs={"owner": "bank-a"}))
@@ -52,7 +59,8 @@ def test_status_page_shows_a_planted_critical_alert(stack: dict[str, str], tmp_p
     critical = [e for e in emits if e.severity == "critical"]
     assert critical
     settings = dataclasses.replace(load_settings(), kafka_bootstrap=stack["GUARD_KAFKA_BOOTSTRAP"],
-                                   redis_url=stack["GUARD_REDIS_URL"], tenant=tenant)
+                                   redis_url=stack["GUARD_REDIS_URL"], tenant=tenant,
+                                   redis_password_file=stack["GUARD_REDIS_PASSWORD_FILE"])
     server = StatusServer(status_source(settings).snapshot).start()
     url = f"http://127.0.0.1:{server.port}/"
     shot = tmp_path / "status-page.png"

@@ -25,8 +25,15 @@ from guard.anomaly.facts import Fact, from_audit, from_dlq, from_legacy_anomaly,
 from guard.anomaly.rules import RuleConfig, default_rules_path
 from guard.anomaly.state import AnomalyState
 from guard.keys.store import RedisKeyStore, redis_client
+from tests.integration.kafka_helpers import admin_redis_env
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def stack(stack: dict[str, str]) -> dict[str, str]:
+    """The stack with Redis as its admin: these tests give each test a tenant of its own."""
+    return {**stack, **admin_redis_env(stack)}
 
 SH = ZoneInfo("Asia/Shanghai")
 #: Tuesday 2026-12-01, 10:00 in Shanghai: inside business hours.
@@ -42,7 +49,8 @@ def fact(kind: str, *, ts: int = T0, branch: str = "0101", **kw: Any) -> Fact:
 @pytest.fixture()
 def analyzer(stack: dict[str, str]) -> Analyzer:
     """An analyzer over a fresh tenant (its own Redis keys) with the shipped default rules."""
-    store = RedisKeyStore(stack["GUARD_REDIS_URL"], "demo-bank", password_file=stack["GUARD_REDIS_PASSWORD_FILE"])
+    store = RedisKeyStore(stack["GUARD_REDIS_URL"], "demo-bank",
+                          password_file=stack["GUARD_REDIS_PASSWORD_FILE"])
     state = AnomalyState(store.client, f"t{uuid.uuid4().hex[:10]}")
     clock = [T0 / 1000]
     # a one-day learning period for first accesses (the shipped default is 7 days)
@@ -173,7 +181,8 @@ def test_deletion_spike_unexplained_and_legal_hold(analyzer: Analyzer, stack: di
     assert [f.kind for f in from_audit(explained, "guard.audit:0:2")] == ["erasure"]
     emits = run(analyzer, from_audit(explained, "guard.audit:0:2") + from_audit(audit, "guard.audit:0:1"))
     assert rules_of(emits) == Counter({"unexplained_delete": 1})
-    store = RedisKeyStore(stack["GUARD_REDIS_URL"], "demo-bank", password_file=stack["GUARD_REDIS_PASSWORD_FILE"])
+    store = RedisKeyStore(stack["GUARD_REDIS_URL"], "demo-bank",
+                          password_file=stack["GUARD_REDIS_PASSWORD_FILE"])
     held = f"held-{uuid.uuid4().hex[:8]}"
     store.set_hold("0101", held, True)
     try:

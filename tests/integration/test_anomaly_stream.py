@@ -29,9 +29,15 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from guard.anomaly.alerts import read_anomaly
 from guard.anomaly.rules import default_rules_path
 from guard.keys.store import redis_client
-from tests.integration.kafka_helpers import REPO, kafka_conf, read_all
+from tests.integration.kafka_helpers import REPO, admin_redis_env, kafka_conf, read_all
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def stack(stack: dict[str, str]) -> dict[str, str]:
+    """The stack with Redis as its admin: these tests give each test a tenant of its own."""
+    return {**stack, **admin_redis_env(stack)}
 
 SH = ZoneInfo("Asia/Shanghai")
 
