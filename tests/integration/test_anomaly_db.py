@@ -17,6 +17,7 @@ import pytest
 from confluent_kafka.admin import AdminClient
 
 from guard.config import load_settings
+from guard.keys.store import RedisKeyStore
 from guard.pipeline.runtime import build_keys
 from tests.integration.kafka_helpers import GuardProcess, admin_redis_env, kafka_conf
 from tests.integration.test_anomaly_stream import Env, _by_rule
@@ -56,7 +57,12 @@ def test_same_mobile_on_several_customers_and_delete_under_legal_hold(
                              redis_password_file=stack["GUARD_REDIS_PASSWORD_FILE"])
     keys = build_keys(settings, listen=False)
     held, free = ids[6], ids[7]
-    keys.store.set_hold(settings.branch, keys.subject_token(settings.branch, str(held)), True)
+    held_token = keys.subject_token(settings.branch, str(held))
+    # the hold in the guard's tenant (the sanitizer's) and in the analyzer's (a tenant of this test's own:
+    # its counters start from zero); in a deployment both are the one GUARD_TENANT
+    analyzer_store = RedisKeyStore(stack["GUARD_REDIS_URL"], env.name, password_file=stack["GUARD_REDIS_PASSWORD_FILE"])
+    for store in (keys.store, analyzer_store):
+        store.set_hold(settings.branch, held_token, True)
     with psycopg.connect(stack["GUARD_BRANCH_DSN"], autocommit=True) as conn:
         for cid in ids:
             conn.execute("INSERT INTO customers (customer_id, name, mobile, branch_code) VALUES (%s, '测试', %s, "
@@ -78,13 +84,13 @@ def test_same_mobile_on_several_customers_and_delete_under_legal_hold(
         alerts = env.wait_alerts(lambda a: _by_rule(a, "contact_same_value_many_customers")
                                  and _by_rule(a, "delete_under_legal_hold"), timeout=240)
     finally:
-        keys.store.set_hold(settings.branch, keys.subject_token(settings.branch, str(held)), False)
+        for store in (keys.store, analyzer_store):
+            store.set_hold(settings.branch, held_token, False)
     same = _by_rule(alerts, "contact_same_value_many_customers")
     assert len({a["id"] for a in same}) == 1 and max(a["count"] for a in same) == 3
     assert any(e["kind"] == "token" for e in same[-1]["evidence"])
     hold = _by_rule(alerts, "delete_under_legal_hold")
     assert len({a["id"] for a in hold}) == 1 and hold[0]["severity"] == "critical"
-    held_token = keys.subject_token(settings.branch, str(held))
     assert {"kind": "subject", "ref": held_token} in hold[0]["evidence"]
     assert not _by_rule(alerts, "unexplained_delete"), "customers' deletes are erasures by the catalog"
     # no plaintext in any alert: neither the numbers nor the names
