@@ -104,6 +104,27 @@ def client_config(settings: Settings, **extra: Any) -> dict[str, Any]:
     return {"bootstrap.servers": settings.kafka_bootstrap, **security_config(settings), **extra}
 
 
+def tls_context(settings: Settings) -> ssl.SSLContext:
+    """A client TLS context that verifies the brokers against the configured CA (host names checked)."""
+    ca = ca_file(settings)
+    if not ca.is_file():
+        raise ConfigError(f"Kafka CA file {ca} does not exist; run `guard stack up` (local stack) or set "
+                          f"GUARD_KAFKA_CA_FILE to the CA certificate (PEM) that signed the brokers' certificates")
+    return ssl.create_default_context(cafile=str(ca))
+
+
+def sasl_credentials(settings: Settings) -> tuple[str, str, str, ssl.SSLContext | None]:
+    """(mechanism, username, password, TLS context) for clients that are not librdkafka (faust/aiokafka:
+    `streams/analyzer.py`); the same principal, password file and CA as `client_config`. Fails closed:
+    only ``SASL_SSL`` (the mechanisms SCRAM-SHA-512/256), never plaintext."""
+    protocol = settings.kafka_security_protocol.upper()
+    mechanism = settings.kafka_sasl_mechanism.upper()
+    if protocol != "SASL_SSL" or not mechanism.startswith("SCRAM-"):
+        raise ConfigError(f"GUARD_KAFKA_SECURITY_PROTOCOL={protocol!r}, GUARD_KAFKA_SASL_MECHANISM={mechanism!r}: "
+                          "the analyzer connects with SASL_SSL and SCRAM-SHA-512 or SCRAM-SHA-256 only")
+    return mechanism, settings.kafka_username, read_password(password_file(settings)), tls_context(settings)
+
+
 def settings_env(settings: Settings) -> dict[str, str]:
     """The `GUARD_KAFKA_*` security variables of `settings` (for child processes; paths, no password)."""
     return {

@@ -22,8 +22,9 @@ fi
 
 # acl: setfacl lets the `postgres` and `mysql` OS users traverse a root-owned stack home (e.g. /root is 0700)
 # mariadb-server (10.11) + mariadb-client: the second branch database (branch 0202), run privately by the stack
+# chromium: the status page's test renders it headless and saves a screenshot (tests/integration/test_anomaly_oncall.py)
 PKGS=(postgresql-15 postgresql-client-15 redis-server openjdk-17-jdk-headless maven python3-venv ca-certificates curl acl
-      gcc libc6-dev mariadb-server mariadb-client)
+      gcc libc6-dev mariadb-server mariadb-client chromium)
 
 missing=()
 for p in "${PKGS[@]}"; do

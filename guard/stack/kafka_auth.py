@@ -15,6 +15,11 @@ Principals (SASL/SCRAM-SHA-512 users on the broker's ``SASL_SSL`` listener; `acl
 * ``downstream``: read ``sanitized.*`` and its own groups ``downstream-*``.
 * ``oncall``: read ``guard.anomalies``, ``guard.audit``, ``guard.deletions`` and its own groups ``oncall-*``;
   no write.
+* ``analyzer`` (the anomaly analyzer, `streams/analyzer.py`): read the evidence topics (``guard.audit``,
+  ``guard.dlq``, ``guard.deletions``), ``guard.facts``, ``guard.anomalies`` (its own alerts: DLQ spikes of
+  the alert topic) and the sanitized customers and staff topics; write and create ``guard.anomalies`` and
+  ``guard.facts``; faust's own topics and consumer group (``branchguard-analyzer*``: the app id); describe the
+  cluster. Nothing raw, no other sanitized topic.
 
 Super users besides ``admin``: ``broker`` and ``controller``, the certificate principals of the two nodes on
 their mutual-TLS listeners (no password; `guard.stack.tls`). ``allow.everyone.if.no.acl.found=false``: what is
@@ -42,7 +47,7 @@ from guard.stack.errors import StackError
 from guard.stack.procs import progress
 from guard.stack.tls import LocalCA, _write_private
 
-USERS = ("admin", "guard", "connect", "downstream", "oncall")
+USERS = ("admin", "guard", "connect", "downstream", "oncall", "analyzer")
 #: Certificate principals of the nodes and of the stack's own admin client (mutual TLS).
 CERT_SUPER_USERS = ("admin", "broker", "controller")
 SCRAM_MECHANISM = "SCRAM-SHA-512"
@@ -60,6 +65,11 @@ CONNECT_INTERNAL_PREFIX = "_branchguard-connect-"
 HEARTBEAT_PREFIX = "__debezium-heartbeat"
 DOWNSTREAM_GROUPS = "downstream-"
 ONCALL_GROUPS = "oncall-"
+#: The analyzer's inputs and outputs (guard.config / guard.anomaly.facts defaults) and its faust app id.
+ANALYZER_READS = ("guard.audit", "guard.dlq", DELETIONS_TOPIC, "guard.facts", "guard.anomalies")
+ANALYZER_WRITES = ("guard.anomalies", "guard.facts")
+ANALYZER_SANITIZED_TABLES = ("customers", "staff")
+ANALYZER_APP = "branchguard-analyzer"
 
 
 def super_users() -> str:
@@ -184,6 +194,17 @@ def acl_plan(cfg: StackConfig) -> list[tuple[str, str, str, str, str]]:
     for topic in ONCALL_TOPICS:
         grant("oncall", "TOPIC", "LITERAL", topic, "READ", "DESCRIBE")
     grant("oncall", "GROUP", "PREFIXED", ONCALL_GROUPS, "READ", "DESCRIBE")
+    # analyzer: the evidence, facts and alerts, the sanitized contact and staff topics; writes alerts and facts
+    for topic in ANALYZER_READS:
+        grant("analyzer", "TOPIC", "LITERAL", topic, "READ", "DESCRIBE")
+    for table in ANALYZER_SANITIZED_TABLES:
+        grant("analyzer", "TOPIC", "LITERAL", f"{SANITIZED_PREFIX}{raw}public.{table}", "READ", "DESCRIBE")
+    for topic in ANALYZER_WRITES:
+        grant("analyzer", "TOPIC", "LITERAL", topic, "WRITE", "CREATE", "DESCRIBE_CONFIGS")
+    # faust's internal topics (<app id>-__assignor-__leader, ...) and its consumer group are named by the app id
+    grant("analyzer", "TOPIC", "PREFIXED", ANALYZER_APP, "ALL")
+    grant("analyzer", "GROUP", "PREFIXED", ANALYZER_APP, "READ", "DESCRIBE")
+    grant("analyzer", "CLUSTER", "LITERAL", "kafka-cluster", "IDEMPOTENT_WRITE", "DESCRIBE")
     return plan
 
 

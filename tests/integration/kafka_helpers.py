@@ -41,6 +41,18 @@ def admin_kafka_settings() -> dict[str, Any]:
             "kafka_password_file": str(cfg.kafka_password_file("admin")), "kafka_ca_file": str(cfg.tls_dir / "ca.crt")}
 
 
+def admin_redis_env(stack: dict[str, str]) -> dict[str, str]:
+    """`GUARD_REDIS_URL` and `GUARD_REDIS_PASSWORD_FILE` of the stack's Redis admin user: for tests that use
+    tenants of their own (isolated counters), which the guard's Redis user may not touch (its ACL allows
+    the keys of the stack's tenants only, guard/stack/redisd.py)."""
+    from guard.stack.config import StackConfig
+    from guard.stack.secrets import REDIS_ADMIN_USER, REDIS_GUARD_USER
+
+    cfg = StackConfig.from_env()
+    url = stack["GUARD_REDIS_URL"].replace(f"://{REDIS_GUARD_USER}@", f"://{REDIS_ADMIN_USER}@", 1)
+    return {"GUARD_REDIS_URL": url, "GUARD_REDIS_PASSWORD_FILE": str(cfg.secrets_dir / "redis-admin.password")}
+
+
 @dataclass
 class Rec:
     topic: str

@@ -23,6 +23,7 @@ from confluent_kafka.admin import (
     AlterConfigOpType,
     ConfigEntry,
     ConfigResource,
+    NewTopic,
     ResourcePatternType,
     ResourceType,
 )
@@ -130,6 +131,27 @@ def test_guard_principal_sanitizes_downstream_reads_and_oncall_reads_alerts_only
     assert err is not None and err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED, err
     err = _produce_error(_as(cfg, "downstream"), sanitized)
     assert err is not None and err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED, err
+
+
+def test_analyzer_principal_reads_evidence_writes_alerts_and_nothing_else(stack: dict[str, str],
+                                                                          cfg: StackConfig) -> None:
+    """`analyzer` (the anomaly analyzer, least privilege): reads the evidence and writes alerts and facts;
+    no raw topic, no other sanitized topic, no other topic to write."""
+    admin = AdminClient(kafka_conf(stack["GUARD_KAFKA_BOOTSTRAP"]))
+    for topic in ("guard.audit", "guard.anomalies", "guard.facts"):
+        admin.create_topics([NewTopic(topic, 1, 1)])
+    p = Producer(kafka_conf(stack["GUARD_KAFKA_BOOTSTRAP"]))
+    p.produce("guard.audit", b"{}")
+    assert p.flush(30) == 0
+    group = f"branchguard-analyzer-t-{uuid.uuid4().hex[:6]}"
+    assert _fetch_error(_as(cfg, "analyzer"), "guard.audit", group, timeout=60) is None
+    assert _produce_error(_as(cfg, "analyzer"), "guard.anomalies") is None
+    assert _produce_error(_as(cfg, "analyzer"), "guard.facts") is None
+    err = _fetch_error(_as(cfg, "analyzer"), RAW, group)
+    assert err is not None and err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED, err
+    for topic in ("guard.audit", "sanitized.br0101.public.customers"):
+        err = _produce_error(_as(cfg, "analyzer"), topic)
+        assert err is not None and err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED, (topic, err)
 
 
 # --- guard doctor ---------------------------------------------------------------------------------------------

@@ -158,6 +158,21 @@ def test_acl_plan_is_least_privilege(cfg: StackConfig) -> None:
     assert not [g for g in _grants(cfg, "guard") if g[2] == "sanitized." and g[3] == "READ"]
 
 
+def test_the_analyzer_reads_evidence_and_writes_only_alerts_and_facts(cfg: StackConfig) -> None:
+    analyzer = _grants(cfg, "analyzer")
+    topics = {(pt, n, op) for r, pt, n, op in analyzer if r == "TOPIC"}
+    written = {n for pt, n, op in topics if op in ("WRITE", "ALL")}
+    assert written == {"guard.anomalies", "guard.facts", "branchguard-analyzer"}
+    assert ("PREFIXED", "branchguard-analyzer", "ALL") in topics  # faust's internal topics only
+    read = {n for pt, n, op in topics if op == "READ"}
+    assert read == {"guard.audit", "guard.dlq", "guard.deletions", "guard.facts", "guard.anomalies",
+                    "sanitized.br0101.public.customers", "sanitized.br0101.public.staff"}
+    assert all(pt == "LITERAL" for pt, n, op in topics if n != "branchguard-analyzer")
+    assert {n for r, pt, n, op in analyzer if r == "GROUP"} == {"branchguard-analyzer"}
+    # on-call reads alerts and cannot write them; the analyzer is the only other principal that may
+    assert not [g for g in _grants(cfg, "oncall") if g[3] in ("WRITE", "ALL", "CREATE")]
+
+
 # --- guard doctor's pure parts ------------------------------------------------------------------------------
 def test_listeners_map_to_their_protocols() -> None:
     listeners = parse_listeners("SASL_SSL://127.0.0.1:9092,INTERNAL://127.0.0.1:9094,PLAINTEXT://:9095,"

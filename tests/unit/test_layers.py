@@ -27,6 +27,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("4", ("guard.records",)),
     ("5", ("guard.pipeline",)),
     ("6", ("guard.kafka", "guard.erasure")),
+    # anomaly detection: facts from the evidence topics, rules, state in Redis, alerts (streams/analyzer.py runs it)
+    ("6b", ("guard.anomaly",)),
     # tools: data, the local stack, the demo and the benchmark, the command line
     ("7", ("guard.workload", "guard.doctor")),
     ("8", ("guard.stack",)),
