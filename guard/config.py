@@ -78,6 +78,23 @@ class Settings:
     #: `min.insync.replicas` of the evidence topics (0: the broker's default). Production: 2 with 3 replicas.
     evidence_min_insync_replicas: int = 0
 
+    # ---- the reveal service (guard/reveal/, docs/reveal.md)
+    #: Address and port `guard reveal serve` listens on (loopback by default: put TLS in front, or set the
+    #: certificate below, before exposing it).
+    reveal_host: str = "127.0.0.1"
+    reveal_port: int = 8443
+    #: Server certificate and key (PEM) for HTTPS; empty: plain HTTP (loopback only).
+    reveal_tls_cert: str = ""
+    reveal_tls_key: str = ""
+    #: The 0600 file with the server key of token hashes (HMAC-SHA256); default
+    #: ~/.config/branchguard/reveal-token.key, created by `guard reveal token create`.
+    reveal_token_key_file: str = ""
+    #: Records (reveal) or values (search) a principal may ask for per sliding window of `reveal_rate_window_s`.
+    reveal_rate_limit: int = 600
+    reveal_rate_window_s: int = 60
+    #: Largest request body accepted (bytes); larger ones are refused with 413 before they are parsed.
+    reveal_max_body_bytes: int = 65_536
+
     @property
     def raw_topic_pattern(self) -> str:
         return "^" + self.raw_topic_prefix.replace(".", r"\.") + r"\.[^.]+\.[^.]+$"

@@ -21,6 +21,8 @@ Redis layout (all names prefixed `bg:`):
     bg:erasure-epoch             str   counter: +1 per shred (workers check it before committing)
     bg:compact-due               str   counter: shreds not yet covered by a completed AOF rewrite
     bg:alerted:{key}             str   alert deduplication across workers (expires)
+    bg:reveal:tokens             hash  keyed hash of a reveal token → JSON (principal, id, created, expires)
+    bg:reveal:rate:{principal}:{window}  str  records revealed or searched by a principal in one window (expires)
     bg:invalidate                pub/sub channel: "{branch}:{subject}" after a rotation,
                                  "{branch}:{subject}:{epoch}" after a shred
 
@@ -504,6 +506,11 @@ class RedisKeyStore:
                 topic, partition, key = _parse_compacted_member(bytes(member))
                 out.append((topic, partition, key))
         return out
+
+    def name(self, *parts: str) -> str:
+        """The Redis name of a key owned by another part of the guard (the reveal service's tokens and rate
+        windows: `bg:reveal:…`), so every name the guard uses comes from the key store's one layout."""
+        return "bg:" + ":".join(parts)
 
     def alert_once(self, key: str, ttl_s: int = 86_400) -> bool:
         """True for the first caller across all workers within `ttl_s` (alert deduplication)."""
