@@ -63,6 +63,20 @@ class Settings:
     #: installed, else Python), `native` (refuse to start without it) or `python` (the reference path).
     hot_path: str = "auto"
 
+    # ---- access policy (guard/policy, docs/policy.md)
+    #: `on`: every CDC write is checked against the Cedar policy and the decision audited; `off`: not checked.
+    policy: str = "on"
+    #: The policy directory (schema.cedarschema, *.cedar, entities.json; default: policy/ of the checkout).
+    policy_dir: str = ""
+    #: Where staff entities come from: `db` (the branch database's staff and staff_roles tables, at
+    #: `branch_dsn`, refreshed every 30 s) or `file` (entities.json only).
+    policy_staff: str = "db"
+    #: Width of a decision-cache bucket in seconds: a decision holds for the bucket its time falls in.
+    policy_bucket_s: float = 1.0
+    #: How long a delete waits for the logical-decoding message naming its principal before it is
+    #: decided `unattributed` (seconds since this worker first met it).
+    attribution_wait_s: float = 10.0
+
     # ---- evidence topics: retention and replication of guard.audit and guard.deletions (guard/kafka/evidence.py)
     #: How long `guard.audit` keeps its records, in ms (-1: forever). Default 7 years: PIPL Art. 56 asks for at
     #: least 3 years for processing records, and the AML identity and transaction records they account for are

@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("1", ("guard.cdc", "guard.keys")),
     ("2", ("guard.protect",)),
     ("3", ("guard.classify",)),
+    ("3b", ("guard.policy",)),
     ("4", ("guard.records",)),
     ("5", ("guard.pipeline",)),
     ("6", ("guard.kafka", "guard.erasure")),
