@@ -16,30 +16,35 @@ def reveal() -> None:
 @click.option("--host", default=None, help="Address to listen on (default: reveal_host, 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (default: reveal_port, 8443).")
 @click.option("--policy", "policy_dir", type=click.Path(file_okay=False), default=None,
-              help="Policy directory (default: the policy setting, `policy/` of the checkout).")
+              help="Policy directory (default: policy_dir, `policy/` of the checkout).")
+@click.option("--staff", type=click.Choice(["db", "file"]), help="Staff entities from the branch database or "
+              "entities.json only (default: the policy_staff setting).")
 @click.pass_context
-def serve(ctx: click.Context, host: str | None, port: int | None, policy_dir: str | None) -> None:
+def serve(ctx: click.Context, host: str | None, port: int | None, policy_dir: str | None, staff: str | None) -> None:
     """Serve the reveal API (HTTP, or HTTPS with reveal_tls_cert/key) until Ctrl-C or SIGTERM."""
     import dataclasses
+    from pathlib import Path
 
     from guard.errors import GuardError
     from guard.policy import PolicyEngine
+    from guard.policy.engine import default_directory
+    from guard.policy.sources import database_source
     from guard.reveal.server import serve as run
 
     settings = _settings(ctx)
     settings = dataclasses.replace(settings, reveal_host=host or settings.reveal_host,
                                    reveal_port=port or settings.reveal_port)
+    use_db = (staff or settings.policy_staff) == "db"
     try:
-        engine = PolicyEngine(policy_directory(settings, policy_dir))
+        engine = PolicyEngine(Path(policy_dir or settings.policy_dir or default_directory()),
+                              entity_source=database_source(settings.branch_dsn) if use_db else None,
+                              bucket_s=settings.policy_bucket_s)
         run(settings, engine)
     except (GuardError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
-
-
-def policy_directory(settings: object, given: str | None) -> str:
-    from guard.policy.engine import default_policy_dir
-
-    return given or getattr(settings, "policy_dir", "") or str(default_policy_dir())
+    except OSError as exc:  # the branch database for staff entities
+        raise click.ClickException(f"staff entities could not be read from the branch database ({exc}); "
+                                   "use --staff file") from None
 
 
 @reveal.group("token")

@@ -13,8 +13,8 @@ Errors say what was wrong (which part of the request, which code) and never repe
 validation handler keeps only the location (known field names and list positions) and the error type.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads the routes' annotations at run time, and the
+# dependency `principal` is local to `create_app`.
 import logging
 import uuid
 from typing import Annotated, Any, Literal
@@ -150,7 +150,7 @@ def create_app(service: RevealService, *, max_body_bytes: int = 65_536) -> FastA
                 for r in body.records]
         results = _call(service.reveal, rid, who.principal, body.purpose, refs, rid)
         out = RevealOut(request_id=rid, results=[RecordOut(
-            **res.ref.where(), decision=res.decision, fields=res.values, refused=res.refused,  # type: ignore[arg-type]
+            **res.ref.where(), decision=res.decision, fields=res.values, refused=res.refused,
             policies=res.policies, reason=res.reason) for res in results])
         decisions = {res.decision for res in results}
         status = (200 if any(res.values for res in results) else 404 if decisions == {"not_found"}
@@ -204,7 +204,7 @@ def create_app(service: RevealService, *, max_body_bytes: int = 65_536) -> FastA
         log.error("reveal request failed: %s", type(exc).__name__)  # never the message: it could hold a value
         return JSONResponse({"error": "internal", "detail": "internal error (logged by type)"}, status_code=500)
 
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)  # type: ignore[arg-type]
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     return app
 
 

@@ -35,7 +35,7 @@ from guard.errors import ConfigError, KeyUnavailableError
 from guard.keys.store import RedisKeyStore
 
 DEFAULT_TOKEN_KEY_FILE = Path.home() / ".config" / "branchguard" / "reveal-token.key"
-TOKEN_PREFIX = "bgr_"
+TOKEN_PREFIX = "bgr_"  # noqa: S105 - the token format's prefix, not a secret
 #: Principal names: a Cedar entity reference `Kind::id` (`Staff::m0101`, `Service::crm`), as audit records carry it.
 PRINCIPAL_RE = re.compile(r"^[A-Z][A-Za-z]{0,31}::[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 _TOKEN_RE = re.compile(r"^bgr_[0-9a-f]{8}_[A-Za-z0-9_-]{43}$")

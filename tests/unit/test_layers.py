@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("4", ("guard.records",)),
     ("5", ("guard.pipeline",)),
     ("6", ("guard.kafka", "guard.erasure")),
+    ("6b", ("guard.reveal",)),
     # tools: data, the local stack, the demo and the benchmark, the command line
     ("7", ("guard.workload", "guard.doctor")),
     ("8", ("guard.stack",)),
