@@ -73,7 +73,9 @@ def reveal_consumer_config(settings: Settings, client_id: str) -> dict[str, Any]
         "enable.partition.eof": True,
         "isolation.level": "read_committed",
         "auto.offset.reset": "error",
-        "fetch.wait.max.ms": 50,
+        # Each read assigns one partition at one offset: with the worker's 50 ms a single record took ~55 ms
+        # to arrive, with 5 ms ~8 ms (the broker answers a fetch at a fresh position after this wait).
+        "fetch.wait.max.ms": 5,
         "reconnect.backoff.max.ms": 1000,
     }
 

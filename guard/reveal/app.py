@@ -55,7 +55,7 @@ class RecordRefIn(_Strict):
 
     topic: str = Field(min_length=1, max_length=249, description="A sanitized topic (`sanitized.<raw topic>`).")
     partition: int = Field(ge=0, le=100_000)
-    offset: int = Field(ge=0)
+    offset: int = Field(ge=0, le=2**63 - 1)
     image: Literal["after", "before"] = "after"
     fields: list[FieldName] = Field(min_length=1, max_length=MAX_FIELDS)
 
@@ -131,7 +131,11 @@ def create_app(service: RevealService, *, max_body_bytes: int = 65_536) -> FastA
         if info is None:
             action = "search" if request.url.path.endswith("/search") else "reveal"
             client = request.client.host if request.client else None
-            service.audit_unauthenticated(action, "no_token" if creds is None else "unknown_token", rid, client)
+            try:
+                service.audit_unauthenticated(action, "no_token" if creds is None else "unknown_token", rid, client)
+            except AuditUnavailableError:
+                raise _Problem(503, "audit_unavailable", "the audit trail can't be written", rid,
+                               headers={"Retry-After": "5"}) from None
             raise _Problem(401, "unauthenticated", "a valid bearer token is required", rid,
                            headers={"WWW-Authenticate": "Bearer"})
         return info
@@ -233,7 +237,11 @@ def _call(fn: Any, rid: str, *args: Any) -> Any:
 
 
 class BodyLimit:
-    """Refuses request bodies over `max_bytes` (413) before the application reads them, declared or not."""
+    """Refuses request bodies over `max_bytes` (413) before the application sees them, declared or not.
+
+    The body is read here first (at most `max_bytes`, which is small) and handed on in one piece, so the
+    application is never called with a body that turns out too large halfway.
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -247,28 +255,33 @@ class BodyLimit:
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             await self._too_large(send)
             return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        chunks: list[bytes] = []
+        size = 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge
-            return message
+            if message["type"] != "http.request":
+                break  # the client went away: let the application see it
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                await self._too_large(send)
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                break
+        replayed = False
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._too_large(send)
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return message
+            return await receive()
+
+        await self.app(scope, replay, send)
 
     async def _too_large(self, send: Send) -> None:
         body = b'{"error":"too_large","detail":"request body over the limit"}'
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):  # noqa: N818
-    pass

@@ -336,13 +336,13 @@ class RevealService:
     def _audit(self, branch: str, topic: str, partition: int, offset: int, table: str | None, op: str,
                subject: str | None, decision: str, detail: Mapping[str, Any], classes: Mapping[str, int],
                actions: Mapping[str, int], request_id: str) -> OutRecord:
-        builder = self._builders.get(branch)
-        if builder is None:
-            if len(self._builders) > 1000:
-                self._builders.clear()
-            builder = self._builders[branch] = RecordBuilder(
-                dataclasses.replace(self.settings, branch=branch, worker_id=self.worker), self.keys)
-        with self._lock:
+        with self._lock:  # a builder carries the trace id of the record in hand: one record at a time
+            builder = self._builders.get(branch)
+            if builder is None:
+                if len(self._builders) > 1000:
+                    self._builders.clear()
+                builder = self._builders[branch] = RecordBuilder(
+                    dataclasses.replace(self.settings, branch=branch, worker_id=self.worker), self.keys)
             builder.trace_id = request_id
             out = builder.audit(topic[:249], partition, offset, table, op, subject, decision,
                                 orjson.dumps(detail).decode(), classes, actions)

@@ -284,6 +284,9 @@ def test_rate_limit_counts_records_and_refuses_the_excess(served: Served) -> Non
             client.reveal("kyc_review", refs[:11])
         assert err.value.status == 429 and err.value.code == "rate_limited" and err.value.retry_after_s
         assert client.reveal("kyc_review", refs[:10]).status == 200  # exactly the limit is still allowed
+        with pytest.raises(RevealError) as searched:  # searches share the budget, one per value
+            client.search("customer_service", "public.customers", "mobile", ["0"])
+        assert searched.value.status == 429
     audits = served.audit(err.value.request_id, count=11)
     assert {a["decision"] for a in audits} == {"denied"}
     assert {_reason(a)["why"] for a in audits} == {"rate_limited"}
@@ -340,6 +343,19 @@ def test_tokens_are_stored_only_as_keyed_hashes(served: Served) -> None:
     for token in served.tokens.values():
         assert token.encode() not in stored and token.rsplit("_", 1)[1].encode() not in stored
     assert oct(served.token_key_file.stat().st_mode & 0o777) == "0o600"
+
+
+def test_token_cli_lists_without_secrets_and_revokes(served: Served) -> None:
+    store = TokenStore(RedisKeyStore(served.env["GUARD_REDIS_URL"]), load_token_key(served.token_key_file))
+    token, info = store.create("Staff::cli0101", ttl_s=3600)
+    listed = subprocess.run([*GUARD, "reveal", "token", "list"], cwd=REPO, env=served.env, capture_output=True,
+                            text=True, timeout=120, check=True).stdout
+    line = next(ln for ln in listed.splitlines() if ln.startswith(info.id))
+    assert "Staff::cli0101" in line and "expires 20" in line
+    assert token not in listed and token.rsplit("_", 1)[1] not in listed
+    revoked = subprocess.run([*GUARD, "reveal", "token", "revoke", "--principal", "Staff::cli0101"], cwd=REPO,
+                             env=served.env, capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "revoked 1 token" in revoked and store.verify(token) is None
 
 
 def test_openapi_document_is_served(served: Served) -> None:
