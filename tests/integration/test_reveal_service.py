@@ -47,6 +47,9 @@ STAFF = staff_entities([
     ("t0101", "0101", "bank-a", True, ["teller"]),
     ("m0102", "0102", "bank-a", True, ["manager"]),
     ("r0101", "0101", "bank-a", True, ["manager"]),
+    ("b0101", "0101", "bank-a", True, ["manager"]),
+    ("c0101", "0101", "bank-a", True, ["compliance"]),
+    ("p0101", "0101", "bank-a", True, ["manager"]),
 ])
 
 
@@ -60,11 +63,13 @@ class Served:
     """The running service, its tokens, the records it is asked about, and the audit topic's start."""
 
     def __init__(self, url: str, tokens: dict[str, str], env: dict[str, str], audit_start: list[TopicPartition],
-                 customers: dict[int, Any], auth: dict[int, Any], dsn: str, token_key_file: Path) -> None:
+                 customers: dict[int, Any], auth: dict[int, Any], dsn: str, token_key_file: Path,
+                 policy: Path) -> None:
         self.url, self.tokens, self.env = url, tokens, env
         self.audit_start = audit_start
         self.customers, self.auth, self.dsn = customers, auth, dsn
         self.token_key_file = token_key_file
+        self.policy = policy
 
     def client(self, who: str) -> RevealClient:
         return RevealClient(self.url, self.tokens[who])
@@ -132,7 +137,7 @@ def served(stack: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
                          capture_output=True, text=True, timeout=120, check=True)
     tokens = {"m0101": out.stdout.strip()}
     store = TokenStore(RedisKeyStore(stack["GUARD_REDIS_URL"]), load_token_key(token_key_file))
-    for who in ("t0101", "m0102", "r0101"):
+    for who in ("t0101", "m0102", "r0101", "b0101", "c0101", "p0101"):
         tokens[who] = store.create(f"Staff::{who}")[0]
     log_path = tmp / "reveal.log"
     with log_path.open("wb") as log:
@@ -150,7 +155,8 @@ def served(stack: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
                 pass
             assert time.monotonic() < deadline, "the reveal service did not answer in 120 s"
             time.sleep(0.5)
-        yield Served(url, tokens, env, audit_start, customers, auth, stack["GUARD_BRANCH_DSN"], token_key_file)
+        yield Served(url, tokens, env, audit_start, customers, auth, stack["GUARD_BRANCH_DSN"], token_key_file,
+                     policy)
     finally:
         proc.terminate()
         try:
@@ -388,3 +394,50 @@ def test_the_service_opens_what_a_data_key_reader_opens(served: Served) -> None:
     with served.client("m0101") as client:
         answer = client.reveal("kyc_review", [_ref(rec, ["email", "address"])])
     assert answer.results[0]["fields"] == {"email": opened["email"], "address": opened["address"]}
+
+
+def test_bulk_reveals_need_compliance(served: Served) -> None:
+    """policy/reveal.cedar: more than 20 records in one call only for compliance (volume in the context)."""
+    recs = list(served.customers.values())
+    refs = [_ref(recs[i % len(recs)], ["mobile"]) for i in range(21)]
+    with served.client("b0101") as client:
+        manager = client.reveal("kyc_review", refs)
+    assert manager.status == 403
+    assert all(r["refused"] == {"mobile": "policy"} for r in manager.results)
+    assert all("bulk-reveal-needs-compliance" in r["policies"] for r in manager.results)
+    with served.client("c0101") as client:
+        compliance = client.reveal("aml_investigation", refs)
+    assert compliance.status == 200 and all(r["decision"] == "allowed" for r in compliance.results)
+    audits = served.audit(manager.request_id, count=21)
+    assert all("bulk-reveal-needs-compliance" in _reason(a)["policies"] for a in audits)
+
+
+def test_policy_changes_apply_without_restart_and_a_bad_reload_is_refused(served: Served) -> None:
+    rec = next(iter(served.customers.values()))
+    extra, broken = served.policy / "zz-test.cedar", served.policy / "zz-broken.cedar"
+
+    def decision(client: RevealClient) -> tuple[str, list[str]]:
+        res = client.reveal("kyc_review", [_ref(rec, ["gender"])]).results[0]
+        return res["decision"], res["policies"]
+
+    try:
+        with served.client("p0101") as client:
+            assert decision(client)[0] == "allowed"
+            extra.write_text('@id("test-p0101-paused")\nforbid (principal == BranchGuard::Staff::"p0101", '
+                             'action == BranchGuard::Action::"reveal", resource);\n')
+            deadline = time.monotonic() + 60
+            while decision(client) != ("denied", ["test-p0101-paused"]):
+                assert time.monotonic() < deadline, "the policy change did not take effect"
+                time.sleep(1)
+            broken.write_text("permit (principal, action, resource) when { this is not cedar };\n")
+            time.sleep(3)  # the engine looks at the directory at most every second
+            assert decision(client) == ("denied", ["test-p0101-paused"])  # the running policy stays
+            broken.unlink()
+            extra.unlink()
+            deadline = time.monotonic() + 60
+            while decision(client)[0] != "allowed":
+                assert time.monotonic() < deadline, "removing the policy did not take effect"
+                time.sleep(1)
+    finally:
+        for path in (extra, broken):
+            path.unlink(missing_ok=True)
