@@ -119,8 +119,13 @@ class AuditSink:
                 failures.append(err.name())
 
         with self._lock:
-            for rec in records:
-                self._producer.produce(rec.topic, rec.value, rec.key, on_delivery=delivered)
+            try:
+                for rec in records:
+                    self._producer.produce(rec.topic, rec.value, rec.key, on_delivery=delivered)
+            except (KafkaException, BufferError) as exc:
+                self._producer.flush(self._timeout_s)  # what was queued goes out or fails; it is not answered on
+                raise AuditUnavailableError(f"audit records not accepted by the producer ({type(exc).__name__})") \
+                    from None
             left = self._producer.flush(self._timeout_s)
         if left or failures:
             raise AuditUnavailableError(

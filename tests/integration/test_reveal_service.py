@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 import uuid
@@ -139,31 +140,43 @@ def served(stack: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
     store = TokenStore(RedisKeyStore(stack["GUARD_REDIS_URL"]), load_token_key(token_key_file))
     for who in ("t0101", "m0102", "r0101", "b0101", "c0101", "p0101"):
         tokens[who] = store.create(f"Staff::{who}")[0]
-    log_path = tmp / "reveal.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([*GUARD, "reveal", "serve", "--port", str(port), "--policy", str(policy)],
-                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = _start(env, port, policy, tmp / "reveal.log")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]
-            try:
-                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the reveal service did not answer in 120 s"
-            time.sleep(0.5)
         yield Served(url, tokens, env, audit_start, customers, auth, stack["GUARD_BRANCH_DSN"], token_key_file,
                      policy)
     finally:
-        proc.terminate()
+        _stop(proc, tmp / "reveal.log")
+
+
+def _start(env: dict[str, str], port: int, policy: Path, log_path: Path, *, scheme: str = "http",
+           verify: Any = True) -> tuple[subprocess.Popen[bytes], str]:
+    """`guard reveal serve` as a process, once it answers /healthz."""
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([*GUARD, "reveal", "serve", "--port", str(port), "--policy", str(policy)],
+                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"{scheme}://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(log_path.read_text(errors="replace")[-3000:])
         try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        print(log_path.read_text(errors="replace")[-3000:])
+            if httpx.get(url + "/healthz", timeout=2, verify=verify).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            _stop(proc, log_path)
+            raise AssertionError("the reveal service did not answer in 120 s")
+        time.sleep(0.5)
+
+
+def _stop(proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    print(log_path.read_text(errors="replace")[-3000:])
 
 
 def _ref(rec: Any, fields: list[str], image: str = "after") -> Ref:
@@ -441,3 +454,52 @@ def test_policy_changes_apply_without_restart_and_a_bad_reload_is_refused(served
     finally:
         for path in (extra, broken):
             path.unlink(missing_ok=True)
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (PEM), made here with `cryptography`."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "reveal-test")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp / "reveal.crt", tmp / "reveal.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
+def test_https_and_no_plaintext_without_its_audit_record(served: Served, tmp_path: Path) -> None:
+    """A second service with a certificate (HTTPS) whose audit topic can't be written (an illegal topic
+    name): the call is answered 503 `audit_unavailable` and carries no value."""
+    cert, key = _self_signed(tmp_path)
+    env = {**served.env, "GUARD_REVEAL_TLS_CERT": str(cert), "GUARD_REVEAL_TLS_KEY": str(key),
+           "GUARD_AUDIT_TOPIC": "guard audit (unwritable)"}
+    trust = ssl.create_default_context(cafile=str(cert))
+    proc, url = _start(env, _free_port(), served.policy, tmp_path / "tls.log", scheme="https", verify=trust)
+    try:
+        assert url.startswith("https://")
+        with pytest.raises(httpx.HTTPError):  # nobody speaks plain HTTP to it
+            httpx.get(url.replace("https://", "http://") + "/healthz", timeout=5)
+        cid, rec = next(iter(served.customers.items()))
+        mobile = _db_row(served.dsn, cid)["mobile"]
+        with RevealClient(url, served.tokens["m0101"], verify=trust) as client, \
+                pytest.raises(RevealError) as err:
+            client.reveal("kyc_review", [_ref(rec, ["mobile"])])
+        assert err.value.status == 503 and err.value.code == "audit_unavailable"
+        assert mobile not in str(err.value) and mobile not in err.value.detail
+    finally:
+        _stop(proc, tmp_path / "tls.log")
