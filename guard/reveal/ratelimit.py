@@ -27,18 +27,18 @@ _HIT = """
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 local prev = tonumber(redis.call('GET', KEYS[2]) or '0')
 local cost = tonumber(ARGV[1])
-local used = math.floor(prev * tonumber(ARGV[3])) + cur
-if used + cost > tonumber(ARGV[2]) then return {0, used} end
+local used = prev * tonumber(ARGV[3]) + cur
+if used + cost > tonumber(ARGV[2]) then return {0, math.ceil(used)} end
 local n = redis.call('INCRBY', KEYS[1], cost)
 if n == cost then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
-return {1, used + cost}
+return {1, math.ceil(used + cost)}
 """
 
 
 @dataclass(frozen=True, slots=True)
 class RateDecision:
     allowed: bool
-    #: Records counted in the sliding window, this request included when allowed.
+    #: Records counted in the sliding window (rounded up), this request included when allowed.
     used: int
     limit: int
     #: Seconds until the oldest counted window has slid out (a `Retry-After` hint when refused).

@@ -43,15 +43,19 @@ pytestmark = pytest.mark.integration
 CUSTOMERS = "sanitized.br0101.public.customers"
 AUTH = "sanitized.br0101.public.customer_auth"
 RATE_LIMIT = 30
-STAFF = staff_entities([
-    ("m0101", "0101", "bank-a", True, ["manager"]),
-    ("t0101", "0101", "bank-a", True, ["teller"]),
-    ("m0102", "0102", "bank-a", True, ["manager"]),
-    ("r0101", "0101", "bank-a", True, ["manager"]),
-    ("b0101", "0101", "bank-a", True, ["manager"]),
-    ("c0101", "0101", "bank-a", True, ["compliance"]),
-    ("p0101", "0101", "bank-a", True, ["manager"]),
-])
+#: Per run: rate windows and tokens of earlier runs (same Redis) don't count against this one.
+RUN = uuid.uuid4().hex[:6]
+ROLES = {"m0101": ("0101", "manager"), "t0101": ("0101", "teller"), "m0102": ("0102", "manager"),
+         "r0101": ("0101", "manager"), "b0101": ("0101", "manager"), "c0101": ("0101", "compliance"),
+         "p0101": ("0101", "manager")}
+
+
+def principal(who: str) -> str:
+    """The Cedar principal of a test's member of staff (`Staff::m0101-<run>`)."""
+    return f"Staff::{who}-{RUN}"
+
+
+STAFF = staff_entities([(f"{who}-{RUN}", branch, "bank-a", True, [role]) for who, (branch, role) in ROLES.items()])
 
 
 def _free_port() -> int:
@@ -89,7 +93,7 @@ class Served:
                     continue
                 doc = decode(msg.value())
                 if doc.get("trace_id") == request_id:
-                    found.append(doc)
+                    found.append({**doc, "_key": (msg.key() or b"").decode()})
         finally:
             consumer.close()
         assert len(found) == count, f"{len(found)} audit records of request {request_id}, {count} expected"
@@ -134,12 +138,12 @@ def served(stack: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
     env = {**os.environ, **stack, "GUARD_REVEAL_TOKEN_KEY_FILE": str(token_key_file),
            "GUARD_REVEAL_RATE_LIMIT": str(RATE_LIMIT), "GUARD_POLICY_STAFF": "file"}
     # One token through the command line (printed once, only its keyed hash stored), the others in-process.
-    out = subprocess.run([*GUARD, "reveal", "token", "create", "--principal", "Staff::m0101"], cwd=REPO, env=env,
+    out = subprocess.run([*GUARD, "reveal", "token", "create", "--principal", principal("m0101")], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120, check=True)
     tokens = {"m0101": out.stdout.strip()}
     store = TokenStore(RedisKeyStore(stack["GUARD_REDIS_URL"]), load_token_key(token_key_file))
-    for who in ("t0101", "m0102", "r0101", "b0101", "c0101", "p0101"):
-        tokens[who] = store.create(f"Staff::{who}")[0]
+    for who in ROLES:
+        tokens.setdefault(who, store.create(principal(who))[0])
     proc, url = _start(env, port, policy, tmp / "reveal.log")
     try:
         yield Served(url, tokens, env, audit_start, customers, auth, stack["GUARD_BRANCH_DSN"], token_key_file,
@@ -209,11 +213,12 @@ def test_allowed_reveal_returns_exactly_the_asked_fields_matching_the_source(ser
     assert not differ, f"revealed fields differ from the branch database: {differ}"
     [audit] = served.audit(answer.request_id)
     why = _reason(audit)
-    assert audit["op"] == "reveal" and audit["decision"] == "allowed"
+    assert audit["op"] == "reveal" and audit["decision"] == "allowed" and audit["worker"].startswith("reveal@")
+    assert audit["_key"] == "reveal:0101" and audit["branch"] == "0101"
     assert (audit["source_topic"], audit["source_partition"], audit["source_offset"]) == (
         rec.topic, rec.partition, rec.offset)
     assert audit["table"] == "public.customers" and audit["subject"] == decode(rec.value)["subject"]
-    assert why["principal"] == "Staff::m0101" and why["purpose"] == "kyc_review"
+    assert why["principal"] == principal("m0101") and why["purpose"] == "kyc_review"
     assert why["asked"] == ["name", "mobile", "customer_id", "gender"] and why["given"] == why["asked"]
     assert "manager-reveals-c2-for-service" in why["policies"]
     assert audit["actions"] == {"asked": 4, "given": 4} and audit["classes"] == {"C1": 2, "C2": 2}
@@ -241,7 +246,7 @@ def test_fields_outside_the_principals_classes_are_refused(served: Served) -> No
     assert teller.status == 403 and teller.results[0]["refused"] == {"mobile": "policy", "name": "policy"}
     [audit] = served.audit(teller.request_id)
     assert audit["decision"] == "denied" and "c2-reveal-needs-manager-or-compliance" in _reason(audit)["policies"]
-    assert _reason(audit)["principal"] == "Staff::t0101"
+    assert _reason(audit)["principal"] == principal("t0101")
 
     auth = next(iter(served.auth.values()))
     with served.client("m0101") as client:
@@ -265,7 +270,7 @@ def test_other_branches_records_are_refused(served: Served) -> None:
     assert answer.status == 403 and answer.results[0]["refused"] == {"mobile": "policy"}
     [audit] = served.audit(answer.request_id)
     assert audit["decision"] == "denied" and audit["branch"] == "0101"
-    assert _reason(audit)["principal"] == "Staff::m0102" and _reason(audit)["given"] == []
+    assert _reason(audit)["principal"] == principal("m0102") and _reason(audit)["given"] == []
 
 
 def test_unknown_and_missing_tokens_are_refused_and_audited(served: Served) -> None:
@@ -278,9 +283,14 @@ def test_unknown_and_missing_tokens_are_refused_and_audited(served: Served) -> N
     [audit] = served.audit(err.value.request_id)
     assert audit["op"] == "reveal" and audit["decision"] == "denied"
     assert _reason(audit)["reason"] == "unknown_token" and _reason(audit)["principal"] is None
-    # a revoked token is an unknown token
+    assert _reason(audit)["client"] == "127.0.0.1"
+    # an expired token and a revoked token are unknown tokens
     store = TokenStore(RedisKeyStore(served.env["GUARD_REDIS_URL"]), load_token_key(served.token_key_file))
-    token, info = store.create("Staff::m0101")
+    expired, _ = store.create(principal("m0101"), ttl_s=60, now_ms=int(time.time() * 1000) - 120_000)
+    with RevealClient(served.url, expired) as client, pytest.raises(RevealError) as err:
+        client.reveal("kyc_review", [_ref(rec, ["gender"])])
+    assert err.value.status == 401
+    token, info = store.create(principal("m0101"))
     with RevealClient(served.url, token) as client:
         assert client.reveal("kyc_review", [_ref(rec, ["gender"])]).status == 200
         assert store.revoke(token_id=info.id) == 1
@@ -309,7 +319,7 @@ def test_rate_limit_counts_records_and_refuses_the_excess(served: Served) -> Non
     audits = served.audit(err.value.request_id, count=11)
     assert {a["decision"] for a in audits} == {"denied"}
     assert {_reason(a)["why"] for a in audits} == {"rate_limited"}
-    assert {_reason(a)["principal"] for a in audits} == {"Staff::r0101"}
+    assert {_reason(a)["principal"] for a in audits} == {principal("r0101")}
     assert len(served.audit(first.request_id, count=20)) == 20
 
 
@@ -366,13 +376,13 @@ def test_tokens_are_stored_only_as_keyed_hashes(served: Served) -> None:
 
 def test_token_cli_lists_without_secrets_and_revokes(served: Served) -> None:
     store = TokenStore(RedisKeyStore(served.env["GUARD_REDIS_URL"]), load_token_key(served.token_key_file))
-    token, info = store.create("Staff::cli0101", ttl_s=3600)
+    token, info = store.create(principal("cli0101"), ttl_s=3600)
     listed = subprocess.run([*GUARD, "reveal", "token", "list"], cwd=REPO, env=served.env, capture_output=True,
                             text=True, timeout=120, check=True).stdout
     line = next(ln for ln in listed.splitlines() if ln.startswith(info.id))
-    assert "Staff::cli0101" in line and "expires 20" in line
+    assert principal("cli0101") in line and "expires 20" in line
     assert token not in listed and token.rsplit("_", 1)[1] not in listed
-    revoked = subprocess.run([*GUARD, "reveal", "token", "revoke", "--principal", "Staff::cli0101"], cwd=REPO,
+    revoked = subprocess.run([*GUARD, "reveal", "token", "revoke", "--principal", principal("cli0101")], cwd=REPO,
                              env=served.env, capture_output=True, text=True, timeout=120, check=True).stdout
     assert "revoked 1 token" in revoked and store.verify(token) is None
 
@@ -436,7 +446,8 @@ def test_policy_changes_apply_without_restart_and_a_bad_reload_is_refused(served
     try:
         with served.client("p0101") as client:
             assert decision(client)[0] == "allowed"
-            extra.write_text('@id("test-p0101-paused")\nforbid (principal == BranchGuard::Staff::"p0101", '
+            paused = principal("p0101").removeprefix("Staff::")
+            extra.write_text(f'@id("test-p0101-paused")\nforbid (principal == BranchGuard::Staff::"{paused}", '
                              'action == BranchGuard::Action::"reveal", resource);\n')
             deadline = time.monotonic() + 60
             while decision(client) != ("denied", ["test-p0101-paused"]):
@@ -503,3 +514,45 @@ def test_https_and_no_plaintext_without_its_audit_record(served: Served, tmp_pat
         assert mobile not in str(err.value) and mobile not in err.value.detail
     finally:
         _stop(proc, tmp_path / "tls.log")
+
+
+def test_sliding_window_refuses_twice_the_limit_across_a_window_boundary(served: Served) -> None:
+    from guard.reveal.ratelimit import RateLimiter
+
+    limiter = RateLimiter(RedisKeyStore(served.env["GUARD_REDIS_URL"]), limit=10, window_s=60)
+    who = f"Staff::rl{uuid.uuid4().hex[:8]}"
+    start = (time.time() // 60 + 1) * 60  # a window boundary
+    assert limiter.hit(who, 10, now=start - 1).allowed  # the whole limit at the end of one window
+    late = limiter.hit(who, 1, now=start + 1)  # just after the boundary: the previous window still counts
+    assert not late.allowed and late.used == 10 and late.retry_after_s >= 1
+    assert limiter.hit(who, 5, now=start + 31).allowed  # half a window later, half of it has slid out
+    assert not limiter.hit(who, 1, now=start + 31).allowed
+
+
+def test_held_and_erased_subjects_are_not_opened(served: Served) -> None:
+    """A subject under legal hold: its sealed fields are refused (`restricted`) while its clear fields,
+    which need no decryption, are given. A crypto-shredded subject: `erased`. Runs last: it shreds."""
+    keys = build_keys(load_settings(None, redis_url=served.env["GUARD_REDIS_URL"]), listen=False)
+    cid, rec = list(served.customers.items())[-1]
+    subject = decode(rec.value)["subject"]
+    keys.store.set_hold("0101", subject, True)
+    try:
+        with served.client("m0101") as client:
+            held = client.reveal("kyc_review", [_ref(rec, ["gender", "mobile"])]).results[0]
+            assert held["decision"] == "denied" and held["reason"] == "restricted" and held["fields"] == {}
+            clear = client.reveal("kyc_review", [_ref(rec, ["gender"])]).results[0]
+            assert clear["decision"] == "allowed" and set(clear["fields"]) == {"gender"}
+    finally:
+        keys.store.set_hold("0101", subject, False)
+    keys.shred("0101", subject, orjson.dumps({"test": "reveal service"}))
+    deadline = time.monotonic() + 60
+    with served.client("m0101") as client:
+        while True:
+            answer = client.reveal("kyc_review", [_ref(rec, ["mobile"])])
+            if answer.results[0]["reason"] == "erased":
+                break
+            assert time.monotonic() < deadline, "the service still opens a shredded subject after 60 s"
+            time.sleep(1)
+    assert answer.status == 403 and answer.results[0]["refused"] == {"mobile": "erased"}
+    [audit] = served.audit(answer.request_id)
+    assert audit["decision"] == "denied" and _reason(audit)["why"] == "erased"
