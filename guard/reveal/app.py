@@ -89,8 +89,6 @@ class SearchIn(_Strict):
     table: str = Field(pattern=_TABLE, description="`schema.table` of the catalog, e.g. `public.customers`.")
     column: FieldName
     values: list[Annotated[str, Field(max_length=1024)] | int] = Field(min_length=1, max_length=MAX_VALUES)
-    branch: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,32}$",
-                               description="The branch the search is for (default: the service's).")
 
 
 class SearchOut(BaseModel):
@@ -168,8 +166,7 @@ def create_app(service: RevealService, *, max_body_bytes: int = 65_536) -> FastA
         """The blind-index token of each value: find records by identifier without any index key leaving
         the guard. Each value counts once against the rate limit."""
         rid = request_id(request)
-        result = _call(service.search, rid, who.principal, body.purpose, body.table, body.column, body.values,
-                       rid, body.branch)
+        result = _call(service.search, rid, who.principal, body.purpose, body.table, body.column, body.values, rid)
         if result.decision != "allowed":
             raise _Problem(403, "denied", f"search refused: {result.reason}", rid, policies=result.policies)
         out = SearchOut(request_id=rid, column=body.column, tokens=[t for t in result.tokens if t is not None],

@@ -79,12 +79,9 @@ class RevealClient:
             return RevealAnswer(resp.status_code, doc["request_id"], doc["results"])
         raise _error(resp)
 
-    def search(self, purpose: str, table: str, column: str, values: list[str | int],
-               branch: str | None = None) -> list[str]:
+    def search(self, purpose: str, table: str, column: str, values: list[str | int]) -> list[str]:
         """The blind-index token of each value (as in sanitized images' `index` entries)."""
         body: dict[str, Any] = {"purpose": purpose, "table": table, "column": column, "values": values}
-        if branch:
-            body["branch"] = branch
         resp = self._http.post("/v1/search", json=body)
         if resp.status_code == 200:
             return list(resp.json()["tokens"])

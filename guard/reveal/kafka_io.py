@@ -121,7 +121,7 @@ class AuditSink:
         with self._lock:
             try:
                 for rec in records:
-                    self._producer.produce(rec.topic, rec.value, rec.key, on_delivery=delivered)
+                    self._producer.produce(rec.topic, rec.value, rec.key, headers=rec.headers, on_delivery=delivered)
             except (KafkaException, BufferError) as exc:
                 self._producer.flush(self._timeout_s)  # what was queued goes out or fails; it is not answered on
                 raise AuditUnavailableError(f"audit records not accepted by the producer ({type(exc).__name__})") \

@@ -283,11 +283,15 @@ class RevealService:
 
     # --- search --------------------------------------------------------------------------------------
     def search(self, principal: str, purpose: str, table: str, column: str, values: Sequence[str | int],
-               request_id: str, branch: str | None = None) -> SearchResult:
-        """The blind-index tokens of `values` in `table.column` (sanitized images' `index` entries)."""
+               request_id: str) -> SearchResult:
+        """The blind-index tokens of `values` in `table.column` (sanitized images' `index` entries).
+
+        A token is the tenant's, not a branch's, so the request names no branch: the policy sees the
+        service's branch (`settings.branch`), never one the caller chose.
+        """
         self.policy.maybe_reload()
         now = self._clock()
-        branch = branch or self.settings.branch
+        branch = self.settings.branch
         detail: dict[str, Any] = {"principal": principal, "purpose": purpose, "asked": [column], "given": [],
                                   "values": len(values), "request": request_id}
         rate = self.limiter.hit(principal, len(values))
