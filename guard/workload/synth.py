@@ -498,5 +498,5 @@ def demo_staff() -> dict[str, list[dict[str, object]]]:
     """Rows of `staff` and `staff_roles` for the demo branch database (the policy's Staff entities)."""
     staff = [{"staff_id": s, "name": n, "branch_code": b, "organisation": o, "active": a}
              for s, n, b, o, a, _ in DEMO_STAFF]
-    roles = [{"staff_id": s, "role": r} for s, *_, rs in DEMO_STAFF for r in rs]
+    roles: list[dict[str, object]] = [{"staff_id": s, "role": r} for s, *_, rs in DEMO_STAFF for r in rs]
     return {"staff": staff, "staff_roles": roles}
