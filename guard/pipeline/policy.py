@@ -107,6 +107,7 @@ class WriteChecker:
         self.engine = engine
         self.store = store
         self.branch = settings.branch
+        self.policy_branch = settings.policy_branch or settings.branch
         self.wait_s = settings.attribution_wait_s
         self._clock = clock
         self._memo: dict[tuple[str | None, str, str, int], WriteDecision] = {}
@@ -153,12 +154,12 @@ class WriteChecker:
             made = WriteDecision("unattributed", principal, action, (), "the principal is not of the form "
                                  "Staff:<id> or Service:<id>")
         else:
-            resource = f"{self.branch}:{schema_table}"
+            resource = f"{self.policy_branch}:{schema_table}"
             if schema_table not in self._tables:
-                self.engine.add_entities([entity("Table", resource, {"branch": ref("Branch", self.branch),
+                self.engine.add_entities([entity("Table", resource, {"branch": ref("Branch", self.policy_branch),
                                                                      "name": schema_table,
                                                                      "subject_root": subject_root},
-                                                 [("Branch", self.branch)])])
+                                                 [("Branch", self.policy_branch)])])
                 self._tables.add(schema_table)
                 self.refresh()
             d = self.engine.decide(uid, action, ("Table", resource),
