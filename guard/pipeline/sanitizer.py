@@ -493,7 +493,9 @@ class Sanitizer:
         detail = write.as_dict()
         text = orjson.dumps(detail).decode()
         name = {"allow": "write_allowed", "deny": "write_denied"}.get(write.decision, "unattributed")
-        out = [self.emitter.write_decision(topic, partition, offset, table, op, subject, name, text)]
+        # No subject here, on either path (the native path doesn't hand it out): the change's own audit
+        # record at the same source position names it.
+        out = [self.emitter.write_decision(topic, partition, offset, table, op, None, name, text)]
         if not write.allowed:
             out.append(self.emitter.write_alert("write_denied" if write.decision == "deny" else "write_unattributed",
                                                 table, (topic, partition, offset), detail))
