@@ -71,6 +71,8 @@ class Settings:
     #: Where staff entities come from: `db` (the branch database's staff and staff_roles tables, at
     #: `branch_dsn`, refreshed every 30 s) or `file` (entities.json only).
     policy_staff: str = "db"
+    #: The `Branch` entity of the policy this worker's tables belong to (default: `branch`).
+    policy_branch: str = ""
     #: Width of a decision-cache bucket in seconds: a decision holds for the bucket its time falls in.
     policy_bucket_s: float = 1.0
     #: How long a delete waits for the logical-decoding message naming its principal before it is

@@ -159,7 +159,11 @@ class PolicyEngine:
         self._fingerprint = _fingerprint(self.directory)
         self._refused: str | None = None
         if entity_source is not None:
-            self._source_docs = entity_source()
+            try:
+                self._source_docs = entity_source()
+            except Exception as exc:  # noqa: BLE001 - fail closed: without its staff, the policy denies them
+                log.warning("policy entities could not be read from the source (%s); staff from it are "
+                            "unknown (denied) until a refresh reads them", type(exc).__name__)
             self._source_digest = _digest_docs(self._source_docs)
         self._loaded = load_directory(self.directory)
         self._entities = self._build_entities(self._loaded)

@@ -27,6 +27,19 @@ class WorkloadResult:
     statements: int = 0
 
 
+#: Who the workload's transactions are attributed to (`guard.principal`, docs/policy.md): a teller opens
+#: customers, another teller updates contact details, the manager deletes (policy/branch.cedar).
+OPENER = "Staff:t0101-01"
+UPDATER = "Staff:t0101-02"
+DELETER = "Staff:m0101-01"
+
+
+def attribute(conn: psycopg.Connection[Any], principal: str | None) -> None:
+    """Name the open transaction's principal (the attribution contract; None: leave it unattributed)."""
+    if principal is not None:
+        conn.execute("SELECT set_config('guard.principal', %s, true)", (principal,))
+
+
 def next_customer_ids(conn: psycopg.Connection[Any], count: int) -> list[int]:
     """Customer ids never used before, from a sequence: an erased customer's id must not come back
     (the guard refuses new writes for an erased data subject, as a bank would never reuse the id)."""
@@ -36,8 +49,12 @@ def next_customer_ids(conn: psycopg.Connection[Any], count: int) -> list[int]:
 
 
 def run_workload(dsn: str, *, customers: int = 20, seed: int | None = None, delete: int = 2,
-                 update: int = 5) -> WorkloadResult:
-    """Insert `customers` customers (with accounts and transactions), update some, delete some."""
+                 update: int = 5, opener: str | None = OPENER, updater: str | None = UPDATER,
+                 deleter: str | None = DELETER) -> WorkloadResult:
+    """Insert `customers` customers (with accounts and transactions), update some, delete some.
+
+    Each transaction names its principal (`opener`, `updater`, `deleter`; None: unattributed).
+    """
     rng = random.Random(seed)
     result = WorkloadResult()
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -46,6 +63,7 @@ def run_workload(dsn: str, *, customers: int = 20, seed: int | None = None, dele
             data: Any = synth.demo_dataset(rng.randrange(1 << 30), 1)
             cust = dict(data["customers"][0], customer_id=cid)
             with conn.transaction():
+                attribute(conn, opener)
                 _insert(conn, "customers", cust)
                 renamed: dict[str, str] = {}
                 for acct in data["accounts"]:
@@ -69,12 +87,15 @@ def run_workload(dsn: str, *, customers: int = 20, seed: int | None = None, dele
         for cid in ids[:update]:
             mobile = synth.mobile(rng)
             address = synth.address(rng)
-            conn.execute("UPDATE customers SET mobile = %s, address = %s WHERE customer_id = %s",
-                         (mobile, address, cid))
+            with conn.transaction():
+                attribute(conn, updater)
+                conn.execute("UPDATE customers SET mobile = %s, address = %s WHERE customer_id = %s",
+                             (mobile, address, cid))
             result.updated.append(cid)
             result.sensitive_values.update({mobile, address})
         for cid in ids[len(ids) - delete:] if delete else []:
             with conn.transaction():
+                attribute(conn, deleter)
                 cur = conn.execute("DELETE FROM transactions WHERE customer_id = %s", (cid,))
                 result.deleted_transactions += cur.rowcount
                 conn.execute("DELETE FROM accounts WHERE customer_id = %s", (cid,))

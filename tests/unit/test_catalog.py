@@ -34,13 +34,18 @@ def test_env_var_overrides_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
 
 
 def test_demo_schema_fully_catalogued(catalog: Catalog) -> None:
-    assert catalog.tables() == ["public.accounts", "public.customer_auth", "public.customers", "public.transactions"]
+    assert catalog.tables() == ["public.accounts", "public.customer_auth", "public.customers", "public.staff",
+                                "public.staff_roles", "public.transactions"]
     data = synth.demo_dataset(1, 5)
     for table, rows in data.items():
         policy = catalog.table(f"public.{table}")
         assert policy is not None
         assert set(rows[0]) <= set(policy.columns), f"uncatalogued demo columns in {table}"
         assert policy.subject_column == "customer_id"
+        assert catalog.column(f"public.{table}", "updated_by") is not None  # the attribution column
+    for table, rows in synth.demo_staff().items():
+        policy = catalog.table(f"public.{table}")
+        assert policy is not None and set(rows[0]) | {"updated_by"} <= set(policy.columns)
     assert catalog.column("public.transactions", "txn_id") is not None  # bigserial key, not in synth rows
     assert catalog.table("public.customers").subject_root  # type: ignore[union-attr]
 
