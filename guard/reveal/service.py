@@ -14,9 +14,11 @@
 
 Every call, allowed or not, writes audit records (one per record reference or searched column) to
 `guard.audit` through `RecordBuilder.audit` and waits for the broker's acknowledgement before anything is
-returned: `op` is `reveal` or `search`, `decision` is `allowed`, `partial`, `denied`, `not_found` or
-`error`, and `reason` is a JSON object naming the principal, purpose, fields asked and given, why each
-other field was refused, the policies that decided, and the request id. Never a value, never a token.
+returned: `op` is `reveal` or `search`, `decision` is `reveal_allowed`, `reveal_partial`,
+`reveal_denied`, `reveal_not_found`, `reveal_error`, `search_allowed` or `search_denied` (named like the
+write decisions, `write_allowed`, …), and `reason` is a JSON object naming the action, principal,
+purpose, fields asked and given, why each other field was refused, the policies that decided, and the
+request id. Never a value, never a token.
 
 Rate limits are counted per principal in records (reveal) or values (search) before anything is read.
 """
@@ -340,6 +342,10 @@ class RevealService:
     def _audit(self, branch: str, topic: str, partition: int, offset: int, table: str | None, op: str,
                subject: str | None, decision: str, detail: Mapping[str, Any], classes: Mapping[str, int],
                actions: Mapping[str, int], request_id: str) -> OutRecord:
+        # As the write decisions' audit records (`write_allowed`, …): the action in the decision's name, the
+        # decision's details as JSON in `reason`.
+        decision = f"{op}_{decision}"
+        detail = {"action": op, **detail}
         with self._lock:  # a builder carries the trace id of the record in hand: one record at a time
             builder = self._builders.get(branch)
             if builder is None:

@@ -213,12 +213,13 @@ def test_allowed_reveal_returns_exactly_the_asked_fields_matching_the_source(ser
     assert not differ, f"revealed fields differ from the branch database: {differ}"
     [audit] = served.audit(answer.request_id)
     why = _reason(audit)
-    assert audit["op"] == "reveal" and audit["decision"] == "allowed" and audit["worker"].startswith("reveal@")
+    assert audit["op"] == "reveal" and audit["decision"] == "reveal_allowed"
+    assert audit["worker"].startswith("reveal@")
     assert audit["_key"] == "reveal:0101" and audit["branch"] == "0101"
     assert (audit["source_topic"], audit["source_partition"], audit["source_offset"]) == (
         rec.topic, rec.partition, rec.offset)
     assert audit["table"] == "public.customers" and audit["subject"] == decode(rec.value)["subject"]
-    assert why["principal"] == principal("m0101") and why["purpose"] == "kyc_review"
+    assert why["principal"] == principal("m0101") and why["purpose"] == "kyc_review" and why["action"] == "reveal"
     assert why["asked"] == ["name", "mobile", "customer_id", "gender"] and why["given"] == why["asked"]
     assert "manager-reveals-c2-for-service" in why["policies"]
     assert audit["actions"] == {"asked": 4, "given": 4} and audit["classes"] == {"C1": 2, "C2": 2}
@@ -234,7 +235,7 @@ def test_wrong_purpose_is_refused_and_audited(served: Served) -> None:
     assert res["decision"] == "denied" and res["fields"] == {} and res["refused"] == {"mobile": "policy"}
     [audit] = served.audit(answer.request_id)
     why = _reason(audit)
-    assert audit["decision"] == "denied" and why["purpose"] == "curiosity"
+    assert audit["decision"] == "reveal_denied" and why["purpose"] == "curiosity"
     assert why["asked"] == ["mobile"] and why["given"] == [] and why["refused"] == {"mobile": "policy"}
 
 
@@ -245,7 +246,8 @@ def test_fields_outside_the_principals_classes_are_refused(served: Served) -> No
         teller = client.reveal("kyc_review", [_ref(rec, ["mobile", "name"])])
     assert teller.status == 403 and teller.results[0]["refused"] == {"mobile": "policy", "name": "policy"}
     [audit] = served.audit(teller.request_id)
-    assert audit["decision"] == "denied" and "c2-reveal-needs-manager-or-compliance" in _reason(audit)["policies"]
+    assert audit["decision"] == "reveal_denied"
+    assert "c2-reveal-needs-manager-or-compliance" in _reason(audit)["policies"]
     assert _reason(audit)["principal"] == principal("t0101")
 
     auth = next(iter(served.auth.values()))
@@ -258,7 +260,7 @@ def test_fields_outside_the_principals_classes_are_refused(served: Served) -> No
     assert "c3-never-revealed" in res["policies"]
     [audit] = served.audit(manager.request_id)
     why = _reason(audit)
-    assert audit["decision"] == "partial" and why["given"] == ["login_name"]
+    assert audit["decision"] == "reveal_partial" and why["given"] == ["login_name"]
     assert why["refused"] == {"password_hash": "policy", "query_pin": "policy"}
     assert "c3-never-revealed" in why["policies"] and audit["classes"] == {"C2": 1, "C3": 2}
 
@@ -269,7 +271,7 @@ def test_other_branches_records_are_refused(served: Served) -> None:
         answer = client.reveal("kyc_review", [_ref(rec, ["mobile"])])
     assert answer.status == 403 and answer.results[0]["refused"] == {"mobile": "policy"}
     [audit] = served.audit(answer.request_id)
-    assert audit["decision"] == "denied" and audit["branch"] == "0101"
+    assert audit["decision"] == "reveal_denied" and audit["branch"] == "0101"
     assert _reason(audit)["principal"] == principal("m0102") and _reason(audit)["given"] == []
 
 
@@ -281,7 +283,7 @@ def test_unknown_and_missing_tokens_are_refused_and_audited(served: Served) -> N
     assert err.value.status == 401 and err.value.code == "unauthenticated" and err.value.request_id
     assert forged not in str(err.value)
     [audit] = served.audit(err.value.request_id)
-    assert audit["op"] == "reveal" and audit["decision"] == "denied"
+    assert audit["op"] == "reveal" and audit["decision"] == "reveal_denied"
     assert _reason(audit)["reason"] == "unknown_token" and _reason(audit)["principal"] is None
     assert _reason(audit)["client"] == "127.0.0.1"
     # an expired token and a revoked token are unknown tokens
@@ -317,7 +319,7 @@ def test_rate_limit_counts_records_and_refuses_the_excess(served: Served) -> Non
             client.search("customer_service", "public.customers", "mobile", ["0"])
         assert searched.value.status == 429
     audits = served.audit(err.value.request_id, count=11)
-    assert {a["decision"] for a in audits} == {"denied"}
+    assert {a["decision"] for a in audits} == {"reveal_denied"}
     assert {_reason(a)["why"] for a in audits} == {"rate_limited"}
     assert {_reason(a)["principal"] for a in audits} == {principal("r0101")}
     assert len(served.audit(first.request_id, count=20)) == 20
@@ -333,7 +335,7 @@ def test_search_returns_the_blind_index_token(served: Served) -> None:
         client.search("marketing", "public.customers", "mobile", [mobile])
     assert err.value.status == 403 and mobile not in str(err.value) and err.value.detail
     [audit] = served.audit(err.value.request_id)
-    assert audit["op"] == "search" and audit["decision"] == "denied" and _reason(audit)["asked"] == ["mobile"]
+    assert audit["op"] == "search" and audit["decision"] == "search_denied" and _reason(audit)["asked"] == ["mobile"]
     assert mobile not in orjson.dumps(audit).decode()
 
 
@@ -404,7 +406,7 @@ def test_a_position_without_a_record_is_not_found(served: Served) -> None:
         gone = client.reveal("kyc_review", [Ref(rec.topic, rec.partition, 10**12, ["mobile"])])
     assert gone.status == 404 and gone.results[0]["decision"] == "not_found"
     [audit] = served.audit(gone.request_id)
-    assert audit["decision"] == "not_found" and _reason(audit)["given"] == []
+    assert audit["decision"] == "reveal_not_found" and _reason(audit)["given"] == []
 
 
 def test_the_service_opens_what_a_data_key_reader_opens(served: Served) -> None:
@@ -555,4 +557,4 @@ def test_held_and_erased_subjects_are_not_opened(served: Served) -> None:
             time.sleep(1)
     assert answer.status == 403 and answer.results[0]["refused"] == {"mobile": "erased"}
     [audit] = served.audit(answer.request_id)
-    assert audit["decision"] == "denied" and _reason(audit)["why"] == "erased"
+    assert audit["decision"] == "reveal_denied" and _reason(audit)["why"] == "erased"
