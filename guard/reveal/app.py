@@ -125,7 +125,11 @@ def create_app(service: RevealService, *, max_body_bytes: int = 65_536) -> FastA
     def principal(request: Request,
                   creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> TokenInfo:
         rid = request_id(request)
-        info = service.authenticate(creds.credentials if creds else None)
+        try:
+            info = service.authenticate(creds.credentials if creds else None)
+        except KeyUnavailableError:
+            raise _Problem(503, "key_store_unavailable", "tokens can't be checked: the key store does not answer",
+                           rid, headers={"Retry-After": "5"}) from None
         if info is None:
             action = "search" if request.url.path.endswith("/search") else "reveal"
             client = request.client.host if request.client else None
