@@ -531,6 +531,19 @@ def test_sliding_window_refuses_twice_the_limit_across_a_window_boundary(served:
     assert not limiter.hit(who, 1, now=start + 31).allowed
 
 
+def test_unknown_columns_and_missing_images_are_named_not_guessed(served: Served) -> None:
+    rec = next(iter(served.customers.values()))
+    assert decode(rec.value)["before"] is None  # the workload only inserted this customer
+    with served.client("m0101") as client:
+        answer = client.reveal("kyc_review", [_ref(rec, ["nickname", "gender"]), _ref(rec, ["mobile"], "before")])
+    unknown, before = answer.results
+    assert unknown["decision"] == "partial" and unknown["refused"] == {"nickname": "unclassified"}
+    assert set(unknown["fields"]) == {"gender"}
+    assert before["decision"] == "not_found" and before["reason"] == "no_such_image"  # a create has no before
+    audits = served.audit(answer.request_id, count=2)
+    assert sorted(a["decision"] for a in audits) == ["reveal_not_found", "reveal_partial"]
+
+
 def test_held_and_erased_subjects_are_not_opened(served: Served) -> None:
     """A subject under legal hold: its sealed fields are refused (`restricted`) while its clear fields,
     which need no decryption, are given. A crypto-shredded subject: `erased`. Runs last: it shreds."""
