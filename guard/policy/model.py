@@ -64,3 +64,14 @@ def entity(kind: str, ident: str, attrs: Mapping[str, Any] | None = None,
     """An entity document (`uid`, `attrs`, `parents`) for an entities file or `PolicyEngine.add_entities`."""
     return {"uid": entity_uid(kind, ident), "attrs": dict(attrs or {}),
             "parents": [entity_uid(k, i) for k, i in parents]}
+
+
+def subject_entity(branch: str, customer_id: str | int, *, consent: Iterable[str] = (), legal_hold: bool = False,
+                   retention_until: datetime | float | None = None) -> dict[str, Any]:
+    """The `DataSubject` entity of a customer (id `<branch>:<customer id>`), for requests about one customer
+    (reveal, export, search, shred): pass it in `PolicyEngine.decide(..., entities=[...])`. Consent is the
+    set of purposes the customer agreed to; legal hold from the key store (`RedisKeyStore.is_held`)."""
+    attrs: dict[str, Any] = {"branch": ref("Branch", branch), "consent": sorted(consent), "legal_hold": legal_hold}
+    if retention_until is not None:
+        attrs["retention_until"] = cedar_datetime(retention_until)
+    return entity("DataSubject", f"{branch}:{customer_id}", attrs, [("Branch", branch)])

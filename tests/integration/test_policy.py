@@ -324,13 +324,16 @@ def test_a_delete_read_before_its_message_waits_for_it_bounded(stack: dict[str, 
     env = {"GUARD_RAW_TOPIC_PREFIX": prefix, "GUARD_SANITIZED_PREFIX": f"sanitized.{prefix}.",
            "GUARD_AUDIT_TOPIC": audit, "GUARD_ANOMALIES_TOPIC": f"guard.anomalies.{prefix}",
            "GUARD_DLQ_TOPIC": f"guard.dlq.{prefix}", "GUARD_DELETIONS_TOPIC": f"guard.deletions.{prefix}",
-           "GUARD_POLICY_STAFF": "db", "GUARD_ATTRIBUTION_WAIT_S": "8"}
+           "GUARD_POLICY_STAFF": "db", "GUARD_ATTRIBUTION_WAIT_S": "8",
+           # keys of a branch of its own (the deletes erase these customers), the policy's branch 0101
+           "GUARD_BRANCH": unique("ph"), "GUARD_POLICY_BRANCH": "0101"}
     waited_tx, lost_tx = (int.from_bytes(os.urandom(4), "big") + 2**40 for _ in range(2))
-    row = {"customer_id": 9_100_001, "branch_code": "0101", "updated_by": "Staff:t0101-01"}
+    first = 9_100_000 + int.from_bytes(os.urandom(2), "big") * 10
+    row = {"customer_id": first + 1, "branch_code": "0101", "updated_by": "Staff:t0101-01"}
     producer = Producer({"bootstrap.servers": bootstrap})
-    for value in (_event("c", row, 1), _event("d", row, waited_tx), _event("c", dict(row, customer_id=9_100_002), 2),
-                  _event("d", dict(row, customer_id=9_100_002), lost_tx),
-                  _event("c", dict(row, customer_id=9_100_003), 3)):
+    for value in (_event("c", row, 1), _event("d", row, waited_tx), _event("c", dict(row, customer_id=first + 2), 2),
+                  _event("d", dict(row, customer_id=first + 2), lost_tx),
+                  _event("c", dict(row, customer_id=first + 3), 3)):
         producer.produce(raw, value, partition=0)
     assert producer.flush(30) == 0
     worker = GuardProcess(stack, worker_id=unique("ph-"), group_id=unique("policy-hold-"), log_dir=tmp_path,

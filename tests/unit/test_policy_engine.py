@@ -97,6 +97,23 @@ def test_c3_never_revealed_and_legal_hold_blocks_shred(policy_dir: Path) -> None
     assert not shred.allowed and shred.policies == ("legal-hold-blocks-shred",)
 
 
+def test_request_entities_decide_without_being_cached(policy_dir: Path) -> None:
+    """A reveal about one customer passes the customer's entity with the request (consent, legal hold)."""
+    from guard.policy.model import subject_entity
+
+    engine = PolicyEngine(policy_dir)
+    engine.add_entities([entity("Staff", "mk1", {"branch": ref("Branch", "0101"),
+                                                 "organisation": ref("Organisation", "bank-a"), "active": True},
+                                [("Role", "marketing")])])
+    ask = ctx(purpose="marketing", volume=10)
+    agreed = subject_entity("0101", 8, consent=["marketing"], retention_until=AFTER)
+    refused = subject_entity("0101", 9)
+    yes = engine.decide(("Staff", "mk1"), "export", ("DataSubject", "0101:8"), ask, entities=[agreed])
+    no = engine.decide(("Staff", "mk1"), "export", ("DataSubject", "0101:9"), ask, entities=[refused])
+    assert yes.allowed and yes.policies == ("marketing-export-needs-consent",) and not no.allowed
+    assert engine.stats.hits == 0 and engine.stats.evaluations == 2
+
+
 def test_unknown_principal_is_denied_with_the_error(policy_dir: Path) -> None:
     decision = PolicyEngine(policy_dir).decide(("Staff", "nobody"), "write", CUSTOMERS, ctx())
     assert not decision.allowed and decision.errors
