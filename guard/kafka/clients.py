@@ -14,6 +14,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
 from guard.config import Settings
+from guard.kafka_security import client_config
 
 OUTPUT_TOPIC_PARTITIONS = 3
 
@@ -21,7 +22,7 @@ OUTPUT_TOPIC_PARTITIONS = 3
 def consumer_config(settings: Settings, client_id: str) -> dict[str, Any]:
     """A sanitizer worker's consumer settings (the bench's plain loop uses them too, for a fair baseline)."""
     return {
-        "bootstrap.servers": settings.kafka_bootstrap,
+        **client_config(settings),
         "group.id": settings.group_id,
         "client.id": client_id,
         "enable.auto.commit": False,
@@ -40,7 +41,7 @@ def consumer_config(settings: Settings, client_id: str) -> dict[str, Any]:
 def producer_config(settings: Settings, client_id: str) -> dict[str, Any]:
     """A sanitizer worker's transactional producer settings (shared with the bench's plain loop)."""
     return {
-        "bootstrap.servers": settings.kafka_bootstrap,
+        **client_config(settings),
         "client.id": client_id,
         "transactional.id": settings.transactional_id(),
         "transaction.timeout.ms": settings.transaction_timeout_ms,
@@ -64,8 +65,7 @@ def producer_config(settings: Settings, client_id: str) -> dict[str, Any]:
 def reveal_consumer_config(settings: Settings, client_id: str) -> dict[str, Any]:
     """The reveal service's reader of sanitized records: assigned partitions only (no group membership, no
     commits), read_committed so an aborted or still-open transaction's record is never revealed."""
-    return {
-        "bootstrap.servers": settings.kafka_bootstrap,
+    return client_config(settings, **{
         "group.id": "branchguard-reveal",
         "client.id": client_id,
         "enable.auto.commit": False,
@@ -77,21 +77,20 @@ def reveal_consumer_config(settings: Settings, client_id: str) -> dict[str, Any]
         # to arrive, with 5 ms ~8 ms (the broker answers a fetch at a fresh position after this wait).
         "fetch.wait.max.ms": 5,
         "reconnect.backoff.max.ms": 1000,
-    }
+    })
 
 
 def audit_producer_config(settings: Settings, client_id: str) -> dict[str, Any]:
     """The reveal service's audit producer: idempotent, every in-sync replica acknowledges, so an audit
     record acknowledged before plaintext is returned survives a broker failure."""
-    return {
-        "bootstrap.servers": settings.kafka_bootstrap,
+    return client_config(settings, **{
         "client.id": client_id,
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 2,
         "message.timeout.ms": 15000,
         "reconnect.backoff.max.ms": 1000,
-    }
+    })
 
 
 class TopicManager:

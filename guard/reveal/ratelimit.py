@@ -1,6 +1,6 @@
 """Per-principal rate limits of the reveal service, shared by every instance through the key store's Redis.
 
-A sliding-window counter: one counter per principal and window (`bg:reveal:rate:{principal}:{n}`, n =
+A sliding-window counter: one counter per principal and window (`bg:{tenant}:reveal:rate:{principal}:{n}`, n =
 unix time // window), and a request of cost c is allowed when
 
     previous window's count × (the part of it still inside the sliding window) + this window's count + c

@@ -36,7 +36,8 @@ class Built:
 def token_store(settings: Settings, *, create_key: bool = False) -> TokenStore:
     """The token store of the settings' key store and token key file."""
     key = load_token_key(settings.reveal_token_key_file or None, create=create_key)
-    return TokenStore(RedisKeyStore(settings.redis_url), key)
+    return TokenStore(RedisKeyStore(settings.redis_url, settings.tenant,
+                                    password_file=settings.redis_password_file or None), key)
 
 
 def build_service(settings: Settings, policy: Policy) -> Built:

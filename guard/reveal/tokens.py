@@ -2,7 +2,7 @@
 
 A token is `bgr_<id>_<secret>`: `id` (8 hex digits) names it in listings and audit-free management
 (`guard reveal token list/revoke`), `secret` is 32 random bytes (base64url). The key store keeps only
-HMAC-SHA256(server key, token) → (principal, id, created, expires) in one Redis hash (`bg:reveal:tokens`).
+HMAC-SHA256(server key, token) → (principal, id, created, expires) in one Redis hash (`bg:{tenant}:reveal:tokens`).
 The server key is 32 random bytes in a 0600 file (`reveal_token_key_file`) that Redis never sees, so:
 
 - a copy of Redis (or of its append-only file, or a backup) gives no usable token: the hashes can't be
