@@ -13,6 +13,8 @@ Principals (SASL/SCRAM-SHA-512 users on the broker's ``SASL_SSL`` listener; `acl
 * ``connect``: write, create and describe the raw topics and Debezium's heartbeat topics; its internal topics
   ``_branchguard-connect-*`` and its group ``branchguard-connect``; idempotent writes; describe the cluster.
 * ``downstream``: read ``sanitized.*`` and its own groups ``downstream-*``.
+* ``reveal``: the reveal service (guard/reveal): read ``sanitized.*`` (assigned partitions, its own group
+  ``branchguard-reveal`` named but never joined) and write ``guard.audit`` (idempotent); nothing else.
 * ``oncall``: read ``guard.anomalies``, ``guard.audit``, ``guard.deletions`` and its own groups ``oncall-*``;
   no write.
 
@@ -42,7 +44,7 @@ from guard.stack.errors import StackError
 from guard.stack.procs import progress
 from guard.stack.tls import LocalCA, _write_private
 
-USERS = ("admin", "guard", "connect", "downstream", "oncall")
+USERS = ("admin", "guard", "connect", "downstream", "reveal", "oncall")
 #: Certificate principals of the nodes and of the stack's own admin client (mutual TLS).
 CERT_SUPER_USERS = ("admin", "broker", "controller")
 SCRAM_MECHANISM = "SCRAM-SHA-512"
@@ -60,6 +62,8 @@ CONNECT_INTERNAL_PREFIX = "_branchguard-connect-"
 HEARTBEAT_PREFIX = "__debezium-heartbeat"
 DOWNSTREAM_GROUPS = "downstream-"
 ONCALL_GROUPS = "oncall-"
+AUDIT_TOPIC = "guard.audit"
+REVEAL_GROUP = "branchguard-reveal"
 
 
 def super_users() -> str:
@@ -176,6 +180,11 @@ def acl_plan(cfg: StackConfig) -> list[tuple[str, str, str, str, str]]:
     # downstream: sanitized only
     grant("downstream", "TOPIC", "PREFIXED", SANITIZED_PREFIX, "READ", "DESCRIBE")
     grant("downstream", "GROUP", "PREFIXED", DOWNSTREAM_GROUPS, "READ", "DESCRIBE")
+    # reveal: read sanitized records, write its audit decisions before any plaintext leaves
+    grant("reveal", "TOPIC", "PREFIXED", SANITIZED_PREFIX, "READ", "DESCRIBE")
+    grant("reveal", "GROUP", "LITERAL", REVEAL_GROUP, "READ", "DESCRIBE")
+    grant("reveal", "TOPIC", "LITERAL", AUDIT_TOPIC, "WRITE", "DESCRIBE")
+    grant("reveal", "CLUSTER", "LITERAL", "kafka-cluster", "IDEMPOTENT_WRITE")
     # on-call: the alert, audit and deletion topics, read only
     for topic in ONCALL_TOPICS:
         grant("oncall", "TOPIC", "LITERAL", topic, "READ", "DESCRIBE")
@@ -311,7 +320,8 @@ def compose_secrets(directory: Path, hosts: list[str], owners: dict[str, int]) -
     belongs = {
         "kafka": [ca.keystore("broker"), ca.keystore("controller"), health],
         "connect": [jaas, cfg.kafka_password_file("connect")],
-        "guard": [cfg.kafka_password_file("guard")],
+        # the reveal service runs from the guard image
+        "guard": [cfg.kafka_password_file("guard"), cfg.kafka_password_file("reveal")],
     }
     for who, files in belongs.items():
         if who in owners:

@@ -36,7 +36,7 @@ from guard.records.codec import decode
 from guard.reveal.client import Ref, RevealClient, RevealError
 from guard.reveal.tokens import TokenStore, load_token_key
 from guard.workload.branch import run_workload
-from tests.integration.kafka_helpers import GUARD, REPO, GuardProcess, high_watermark, wait_for
+from tests.integration.kafka_helpers import GUARD, REPO, GuardProcess, high_watermark, kafka_conf, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -56,6 +56,18 @@ def principal(who: str) -> str:
 
 
 STAFF = staff_entities([(f"{who}-{RUN}", branch, "bank-a", True, [role]) for who, (branch, role) in ROLES.items()])
+
+
+def _store(env: dict[str, str]) -> RedisKeyStore:
+    """The key store as the guard's Redis user sees it: the deployment's tenant, its key prefix."""
+    return RedisKeyStore(env["GUARD_REDIS_URL"], load_settings().tenant)
+
+
+def _reveal_kafka_env() -> dict[str, str]:
+    """The reveal service runs as its own Kafka principal (`reveal`: read sanitized.*, write guard.audit)."""
+    from guard.stack.config import StackConfig
+
+    return StackConfig.from_env().kafka_env("reveal")
 
 
 def _free_port() -> int:
@@ -81,7 +93,7 @@ class Served:
 
     def audit(self, request_id: str, *, count: int = 1, timeout: float = 60.0) -> list[dict[str, Any]]:
         """The audit records of one call (by request id, the audit record's trace id), decoded."""
-        consumer = Consumer({"bootstrap.servers": self.env["GUARD_KAFKA_BOOTSTRAP"], "group.id": "unused",
+        consumer = Consumer({**kafka_conf(self.env["GUARD_KAFKA_BOOTSTRAP"]), "group.id": "unused",
                              "enable.auto.commit": False, "isolation.level": "read_committed"})
         found: list[dict[str, Any]] = []
         try:
@@ -111,7 +123,7 @@ def served(stack: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
     (policy / "entities.json").write_text(json.dumps(entities + STAFF))
     token_key_file = tmp / "reveal-token.key"
     # Where the audit topic is now: the test reads its calls' records from here on.
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "unused"})
+    consumer = Consumer({**kafka_conf(bootstrap), "group.id": "unused"})
     try:
         meta = consumer.list_topics("guard.audit", timeout=10).topics["guard.audit"]
         audit_start = [TopicPartition("guard.audit", p, high_watermark(consumer, "guard.audit", p))
@@ -135,13 +147,13 @@ def served(stack: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
     finally:
         worker.stop()
     port = int(os.environ.get("GUARD_REVEAL_PORT") or _free_port())
-    env = {**os.environ, **stack, "GUARD_REVEAL_TOKEN_KEY_FILE": str(token_key_file),
+    env = {**os.environ, **stack, **_reveal_kafka_env(), "GUARD_REVEAL_TOKEN_KEY_FILE": str(token_key_file),
            "GUARD_REVEAL_RATE_LIMIT": str(RATE_LIMIT), "GUARD_POLICY_STAFF": "file"}
     # One token through the command line (printed once, only its keyed hash stored), the others in-process.
     out = subprocess.run([*GUARD, "reveal", "token", "create", "--principal", principal("m0101")], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120, check=True)
     tokens = {"m0101": out.stdout.strip()}
-    store = TokenStore(RedisKeyStore(stack["GUARD_REDIS_URL"]), load_token_key(token_key_file))
+    store = TokenStore(_store(stack), load_token_key(token_key_file))
     for who in ROLES:
         tokens.setdefault(who, store.create(principal(who))[0])
     proc, url = _start(env, port, policy, tmp / "reveal.log")
@@ -287,7 +299,7 @@ def test_unknown_and_missing_tokens_are_refused_and_audited(served: Served) -> N
     assert _reason(audit)["reason"] == "unknown_token" and _reason(audit)["principal"] is None
     assert _reason(audit)["client"] == "127.0.0.1"
     # an expired token and a revoked token are unknown tokens
-    store = TokenStore(RedisKeyStore(served.env["GUARD_REDIS_URL"]), load_token_key(served.token_key_file))
+    store = TokenStore(_store(served.env), load_token_key(served.token_key_file))
     expired, _ = store.create(principal("m0101"), ttl_s=60, now_ms=int(time.time() * 1000) - 120_000)
     with RevealClient(served.url, expired) as client, pytest.raises(RevealError) as err:
         client.reveal("kyc_review", [_ref(rec, ["gender"])])
@@ -368,7 +380,8 @@ def test_errors_never_echo_values(served: Served) -> None:
 
 
 def test_tokens_are_stored_only_as_keyed_hashes(served: Served) -> None:
-    raw = RedisKeyStore(served.env["GUARD_REDIS_URL"]).client.hgetall("bg:reveal:tokens")
+    store = _store(served.env)
+    raw = store.client.hgetall(store.name("reveal", "tokens"))
     assert len(raw) >= len(served.tokens)
     stored = b"".join(k + v for k, v in raw.items())
     for token in served.tokens.values():
@@ -377,7 +390,7 @@ def test_tokens_are_stored_only_as_keyed_hashes(served: Served) -> None:
 
 
 def test_token_cli_lists_without_secrets_and_revokes(served: Served) -> None:
-    store = TokenStore(RedisKeyStore(served.env["GUARD_REDIS_URL"]), load_token_key(served.token_key_file))
+    store = TokenStore(_store(served.env), load_token_key(served.token_key_file))
     token, info = store.create(principal("cli0101"), ttl_s=3600)
     listed = subprocess.run([*GUARD, "reveal", "token", "list"], cwd=REPO, env=served.env, capture_output=True,
                             text=True, timeout=120, check=True).stdout
@@ -521,7 +534,7 @@ def test_https_and_no_plaintext_without_its_audit_record(served: Served, tmp_pat
 def test_sliding_window_refuses_twice_the_limit_across_a_window_boundary(served: Served) -> None:
     from guard.reveal.ratelimit import RateLimiter
 
-    limiter = RateLimiter(RedisKeyStore(served.env["GUARD_REDIS_URL"]), limit=10, window_s=60)
+    limiter = RateLimiter(_store(served.env), limit=10, window_s=60)
     who = f"Staff::rl{uuid.uuid4().hex[:8]}"
     start = (time.time() // 60 + 1) * 60  # a window boundary
     assert limiter.hit(who, 10, now=start - 1).allowed  # the whole limit at the end of one window
