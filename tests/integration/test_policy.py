@@ -26,7 +26,7 @@ from guard.policy.engine import default_directory
 from guard.policy.model import cedar_datetime
 from guard.records.codec import decode
 from guard.workload.branch import next_customer_ids
-from tests.integration.kafka_helpers import GuardProcess, read_all
+from tests.integration.kafka_helpers import GuardProcess, kafka_conf, read_all
 from tests.integration.reliability_helpers import unique, wait_until
 
 pytestmark = pytest.mark.integration
@@ -330,7 +330,7 @@ def test_a_delete_read_before_its_message_waits_for_it_bounded(stack: dict[str, 
     waited_tx, lost_tx = (int.from_bytes(os.urandom(4), "big") + 2**40 for _ in range(2))
     first = 9_100_000 + int.from_bytes(os.urandom(2), "big") * 10
     row = {"customer_id": first + 1, "branch_code": "0101", "updated_by": "Staff:t0101-01"}
-    producer = Producer({"bootstrap.servers": bootstrap})
+    producer = Producer(kafka_conf(bootstrap))
     for value in (_event("c", row, 1), _event("d", row, waited_tx), _event("c", dict(row, customer_id=first + 2), 2),
                   _event("d", dict(row, customer_id=first + 2), lost_tx),
                   _event("c", dict(row, customer_id=first + 3), 3)):
