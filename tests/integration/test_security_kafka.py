@@ -94,8 +94,8 @@ def test_a_wrong_password_is_refused(stack: dict[str, str], cfg: StackConfig) ->
     assert AdminClient(_as(cfg, "guard")).list_topics(timeout=10).brokers
 
 
-def test_downstream_and_oncall_cannot_read_raw_topics(stack: dict[str, str], cfg: StackConfig) -> None:
-    for user in ("downstream", "oncall"):
+def test_downstream_oncall_and_reveal_cannot_read_raw_topics(stack: dict[str, str], cfg: StackConfig) -> None:
+    for user in ("downstream", "oncall", "reveal"):
         err = _fetch_error(_as(cfg, user), RAW, f"{user}-t-{uuid.uuid4().hex[:6]}")
         assert err is not None and err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED, (user, err)
         # nor are raw topics even listed to them
@@ -129,6 +129,14 @@ def test_guard_principal_sanitizes_downstream_reads_and_oncall_reads_alerts_only
     err = _produce_error(_as(cfg, "oncall"), "guard.anomalies")
     assert err is not None and err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED, err
     err = _produce_error(_as(cfg, "downstream"), sanitized)
+    assert err is not None and err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED, err
+    # the reveal service's principal reads sanitized records and writes audit decisions (what
+    # test_reveal_service.py's service, run as `reveal`, does), nothing else
+    assert _fetch_error(_as(cfg, "reveal"), sanitized, "branchguard-reveal") is None
+    for topic in (sanitized, "guard.anomalies", "guard.deletions"):
+        err = _produce_error(_as(cfg, "reveal"), topic)
+        assert err is not None and err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED, (topic, err)
+    err = _fetch_error(_as(cfg, "reveal"), "guard.audit", "branchguard-reveal")
     assert err is not None and err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED, err
 
 

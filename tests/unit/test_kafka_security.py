@@ -156,6 +156,12 @@ def test_acl_plan_is_least_privilege(cfg: StackConfig) -> None:
     assert {op for r, pt, n, op in oncall} == {"READ", "DESCRIBE"}
     assert ("TRANSACTIONAL_ID", "PREFIXED", "branchguard-sanitizer", "WRITE") in _grants(cfg, "guard")
     assert not [g for g in _grants(cfg, "guard") if g[2] == "sanitized." and g[3] == "READ"]
+    # the reveal service: reads sanitized records, writes only its audit decisions, joins no other group
+    assert _grants(cfg, "reveal") == {
+        ("TOPIC", "PREFIXED", "sanitized.", "READ"), ("TOPIC", "PREFIXED", "sanitized.", "DESCRIBE"),
+        ("GROUP", "LITERAL", "branchguard-reveal", "READ"), ("GROUP", "LITERAL", "branchguard-reveal", "DESCRIBE"),
+        ("TOPIC", "LITERAL", "guard.audit", "WRITE"), ("TOPIC", "LITERAL", "guard.audit", "DESCRIBE"),
+        ("CLUSTER", "LITERAL", "kafka-cluster", "IDEMPOTENT_WRITE")}
 
 
 # --- guard doctor's pure parts ------------------------------------------------------------------------------
