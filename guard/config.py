@@ -89,6 +89,22 @@ class Settings:
     kafka_guard_principal: str = ""
     # --- end of Kafka client security ---------------------------------------------------------------
 
+    # ---- access policy (guard/policy, docs/policy.md)
+    #: `on`: every CDC write is checked against the Cedar policy and the decision audited; `off`: not checked.
+    policy: str = "on"
+    #: The policy directory (schema.cedarschema, *.cedar, entities.json; default: policy/ of the checkout).
+    policy_dir: str = ""
+    #: Where staff entities come from: `db` (the branch database's staff and staff_roles tables, at
+    #: `branch_dsn`, refreshed every 30 s) or `file` (entities.json only).
+    policy_staff: str = "db"
+    #: The `Branch` entity of the policy this worker's tables belong to (default: `branch`).
+    policy_branch: str = ""
+    #: Width of a decision-cache bucket in seconds: a decision holds for the bucket its time falls in.
+    policy_bucket_s: float = 1.0
+    #: How long a delete waits for the logical-decoding message naming its principal before it is
+    #: decided `unattributed` (seconds since this worker first met it).
+    attribution_wait_s: float = 10.0
+
     # ---- evidence topics: retention and replication of guard.audit and guard.deletions (guard/kafka/evidence.py)
     #: How long `guard.audit` keeps its records, in ms (-1: forever). Default 7 years: PIPL Art. 56 asks for at
     #: least 3 years for processing records, and the AML identity and transaction records they account for are
@@ -104,6 +120,22 @@ class Settings:
     #: `min.insync.replicas` of the evidence topics (0: the broker's default). Production: 2 with 3 replicas.
     evidence_min_insync_replicas: int = 0
 
+    # ---- the reveal service (guard/reveal/, docs/reveal.md)
+    #: Address and port `guard reveal serve` listens on (loopback by default: put TLS in front, or set the
+    #: certificate below, before exposing it).
+    reveal_host: str = "127.0.0.1"
+    reveal_port: int = 8443
+    #: Server certificate and key (PEM) for HTTPS; empty: plain HTTP (loopback only).
+    reveal_tls_cert: str = ""
+    reveal_tls_key: str = ""
+    #: The 0600 file with the server key of token hashes (HMAC-SHA256); default
+    #: ~/.config/branchguard/reveal-token.key, created by `guard reveal token create`.
+    reveal_token_key_file: str = ""
+    #: Records (reveal) or values (search) a principal may ask for per sliding window of `reveal_rate_window_s`.
+    reveal_rate_limit: int = 600
+    reveal_rate_window_s: int = 60
+    #: Largest request body accepted (bytes); larger ones are refused with 413 before they are parsed.
+    reveal_max_body_bytes: int = 65_536
     # --- access (issue 20): where credentials are, never the credentials themselves -----------------
     #: File (0600) holding the password of the Redis user named in `redis_url` (`rediss://guard@host:port/0`);
     #: read at every (re)connection, so a rotated password is picked up without a restart.

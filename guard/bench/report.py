@@ -116,6 +116,16 @@ def render(report: dict[str, Any]) -> str:
         + "; guard " + ", ".join(f"{v:,.0f}" for v in report["trials"]["guard_events_per_s"])
         + "; ratios " + ", ".join(f"{v:.3f}" for v in report["trials"]["ratios"]),
     ]
+    policy = report.get("policy")
+    if policy:
+        cost = policy["decision_cost"]
+        out.append(f"policy checks: guard with checks {report['modes']['guard']['events_per_s']:,.0f}/s, without "
+                   f"{policy['guard_nopolicy_events_per_s']:,.0f}/s (on/off {policy['on_vs_off']:.3f}; "
+                   f"guard/plain with checks off {policy['ratio_policy_off']:.3f}); trials without "
+                   + ", ".join(f"{v:,.0f}" for v in policy["trials_nopolicy_events_per_s"]))
+        out.append(f"cost per decision (us, best of {cost['repeat']} x {cost['n']}): uncached {cost['uncached_us']}, "
+                   f"uncached in one batch {cost['uncached_batch_us']}, engine cache {cost['engine_cache_us']}, "
+                   f"checker memo {cost['checker_memo_us']}, native pre-pass scan + memo {cost['scan_us']}")
     warmup = report.get("warmup")
     if warmup:
         out.append(f"warm-up before the trials (untimed): {warmup['seconds']:.0f} s, plain "

@@ -174,6 +174,13 @@ class BenchOptions:
         return 0.0 if self.smoke else WARMUP_S
 
 
+def decision_cost() -> dict[str, Any]:
+    """The cost of one write decision, measured in this process (`guard.bench.policy_cost`)."""
+    from guard.bench.policy_cost import measure
+
+    return measure()
+
+
 def trial_group(ctx: BenchContext, mode: str, trial: int | str) -> tuple[str, str]:
     """(consumer group, guard branch suffix) of a mode's trial; the first trial keeps the plain names.
 
@@ -249,13 +256,17 @@ def execute(ctx: BenchContext, workload: Workload, opts: BenchOptions) -> dict[s
     latency phase resumes the last plain trial's group.
     """
     warmup = warm_up(ctx, opts.workers, opts.warmup_s())
-    trials: dict[str, list[ThroughputResult]] = {"plain": [], "guard": []}
+    trials: dict[str, list[ThroughputResult]] = {"plain": [], "guard": [], "guard-nopolicy": []}
     guard: WorkerSet | None = None
     try:
         for trial in range(opts.trials):
             plain, result = run_mode_throughput(ctx, "plain", opts.workers, trial)
             result.workers = plain.stop()
             trials["plain"].append(result)
+            # The guard with policy checks off, in the same run: what checking every write costs.
+            off, result = run_mode_throughput(ctx, "guard-nopolicy", opts.workers, trial)
+            result.workers = off.stop()
+            trials["guard-nopolicy"].append(result)
             guard, result = run_mode_throughput(ctx, "guard", opts.workers, trial)
             trials["guard"].append(result)
             if trial < opts.trials - 1:
@@ -267,6 +278,7 @@ def execute(ctx: BenchContext, workload: Workload, opts: BenchOptions) -> dict[s
         raise
     assert guard is not None
     plain_tp, guard_tp = median_trial(trials["plain"]), median_trial(trials["guard"])
+    off_tp = median_trial(trials["guard-nopolicy"])
     rate = guard_tp.events_per_s / 2
     try:
         log.info("guard: latency at %.0f events/s for %.0fs", rate, opts.latency_s())
@@ -294,6 +306,14 @@ def execute(ctx: BenchContext, workload: Workload, opts: BenchOptions) -> dict[s
             "guard_events_per_s": [round(r.events_per_s, 1) for r in trials["guard"]],
             "ratios": [round(g.events_per_s / p.events_per_s, 3)
                        for p, g in zip(trials["plain"], trials["guard"], strict=True)],
+        },
+        # Policy checks on (the `guard` mode) against off (`guard-nopolicy`), same records, same run.
+        "policy": {
+            "guard_nopolicy_events_per_s": round(off_tp.events_per_s, 1),
+            "ratio_policy_off": off_tp.events_per_s / plain_tp.events_per_s,
+            "on_vs_off": guard_tp.events_per_s / off_tp.events_per_s,
+            "trials_nopolicy_events_per_s": [round(r.events_per_s, 1) for r in trials["guard-nopolicy"]],
+            "decision_cost": decision_cost(),
         },
     }
     for mode in ("plain", "guard"):

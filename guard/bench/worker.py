@@ -26,6 +26,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -252,12 +253,16 @@ def guard_settings(runid: str, *, bootstrap: str, redis_url: str, group: str, wo
         anomalies_topic=f"{prefix}-guard.anomalies",
         deletions_topic=f"{prefix}-guard.deletions",
         dlq_topic=f"{prefix}-guard.dlq",
+        # The bench's tables belong to the demo branch of the policy (policy/entities.json), whose tellers
+        # may write them; the key-store branch stays the bench's own.
+        policy_branch="0101",
     )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--mode", choices=("plain", "guard"), required=True)
+    parser.add_argument("--mode", choices=("plain", "guard", "guard-nopolicy"), required=True,
+                        help="guard-nopolicy: the guard with policy checks off (setting policy = off)")
     parser.add_argument("--runid", required=True)
     parser.add_argument("--group", required=True)
     parser.add_argument("--worker-id", required=True)
@@ -281,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.input_topic or not args.output_topic:
             raise SystemExit("plain mode needs --input-topic and --output-topic")
         counts = run_plain(settings, args.input_topic, args.output_topic)
+    elif args.mode == "guard-nopolicy":
+        counts = run_guard(replace(settings, policy="off"))
     else:
         counts = run_guard(settings)
     emit("done", **counts)

@@ -32,6 +32,10 @@ class Workload:
         return sum(len(self.templates[i][1]) + TS_TAIL for i in sample) / max(len(sample), 1)
 
 
+#: Who the bench's changes are attributed to (policy/branch.cedar allows a teller to write her branch).
+BENCH_PRINCIPAL = "Staff:t0101-01"
+
+
 def _debezium_row(row: dict[str, object], created_at: str) -> dict[str, object]:
     """A synth customer as the PostgreSQL connector emits it (adaptive time: a date is days since epoch)."""
     out = dict(row)
@@ -39,6 +43,8 @@ def _debezium_row(row: dict[str, object], created_at: str) -> dict[str, object]:
     if isinstance(birth, dt.date):
         out["birth_date"] = (birth - EPOCH_DAY).days
     out["created_at"] = created_at
+    # The attribution column of the live schema: a teller of the branch, whom the demo policy allows.
+    out["updated_by"] = BENCH_PRINCIPAL
     return out
 
 

@@ -54,6 +54,9 @@ class ChangeEvent:
     source_ts_ms: int | None
     position: str
     message: Row | None = None
+    #: The source transaction's id (PostgreSQL xid, `source.txId`): what joins a delete with the logical
+    #: decoding message naming its principal (docs/policy.md). None when the connector gives none.
+    tx_id: int | None = None
 
     @property
     def table(self) -> str:
@@ -138,6 +141,7 @@ def decode_document(doc: Any) -> ChangeEvent | None:
         source_ts_ms=source_ts if isinstance(source_ts, int) else None,
         position=_position(source),
         message=message,
+        tx_id=tx_id if isinstance(tx_id := source.get("txId"), int) and not isinstance(tx_id, bool) else None,
     )
 
 

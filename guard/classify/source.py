@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from guard.classify.catalog import Action, Catalog
 
 __all__ = [
+    "ATTRIBUTION_MESSAGE_PREFIX",
+    "MESSAGE_PREFIX_OPTION",
     "EXCLUDE_OPTION",
     "HASH_ALGORITHM",
     "HASH_HEX_LENGTH",
@@ -45,6 +47,11 @@ __all__ = [
     "source_options",
     "source_rules",
 ]
+
+#: Debezium's option naming the logical decoding message prefixes it publishes on `<topic.prefix>.message`,
+#: and the one prefix the guard needs: the attribution of deletes (docs/policy.md, "Attribution contract").
+MESSAGE_PREFIX_OPTION = "message.prefix.include.list"
+ATTRIBUTION_MESSAGE_PREFIX = "guard.principal"
 
 #: Debezium's option for columns left out of change events (comma-separated regexes, full match).
 EXCLUDE_OPTION = "column.exclude.list"

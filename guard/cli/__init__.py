@@ -2,7 +2,8 @@
 
 Owns: `main` (the group, settings and logging), `stack`, `sanitize` (`run`, `sanitize`), `demo`,
 `classify`, `connector` (`render`, `apply`), `erasure` (`erase`, `retention`, `hold`), `keys` (`keys-init`),
-`doctor`, `bench`, `alerts` (`tail`, `analyze`, `serve`). Commands import
+`doctor`, `bench`, `alerts` (`tail`, `analyze`, `serve`), `policy` (`validate`, `check`), `reveal` (`serve`,
+`token`). Commands import
 what they run inside their function, so `guard --help` stays quick.
 May import: anything in `guard` (the top of docs/architecture.md); nothing imports it but entry points.
 """
@@ -16,6 +17,8 @@ from guard.cli import (  # noqa: F401 (registers the commands)
     doctor,
     erasure,
     keys,
+    policy,
+    reveal,
     sanitize,
     stack,
 )

@@ -62,6 +62,37 @@ def producer_config(settings: Settings, client_id: str) -> dict[str, Any]:
     }
 
 
+def reveal_consumer_config(settings: Settings, client_id: str) -> dict[str, Any]:
+    """The reveal service's reader of sanitized records: assigned partitions only (no group membership, no
+    commits), read_committed so an aborted or still-open transaction's record is never revealed."""
+    return client_config(settings, **{
+        "group.id": "branchguard-reveal",
+        "client.id": client_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "enable.partition.eof": True,
+        "isolation.level": "read_committed",
+        "auto.offset.reset": "error",
+        # Each read assigns one partition at one offset: with the worker's 50 ms a single record took ~55 ms
+        # to arrive, with 5 ms ~8 ms (the broker answers a fetch at a fresh position after this wait).
+        "fetch.wait.max.ms": 5,
+        "reconnect.backoff.max.ms": 1000,
+    })
+
+
+def audit_producer_config(settings: Settings, client_id: str) -> dict[str, Any]:
+    """The reveal service's audit producer: idempotent, every in-sync replica acknowledges, so an audit
+    record acknowledged before plaintext is returned survives a broker failure."""
+    return client_config(settings, **{
+        "client.id": client_id,
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 2,
+        "message.timeout.ms": 15000,
+        "reconnect.backoff.max.ms": 1000,
+    })
+
+
 class TopicManager:
     """Creates output topics on first use: sanitized topics get their raw topic's partition count."""
 

@@ -76,6 +76,7 @@ from guard.kafka.hanging import (
 from guard.kafka.stats import BatchCounters, Stats
 from guard.kafka_security import client_config
 from guard.keys.manager import TxnMark
+from guard.pipeline.policy import AttributionPending
 from guard.pipeline.sanitizer import Outcome, Sanitizer, pending_records
 from guard.records.builders import OutRecord
 from guard.telemetry import Telemetry
@@ -142,6 +143,9 @@ class SanitizerWorker:
         self._in_txn = False
         self._first: dict[tuple[str, int], int] = {}
         self._last: dict[tuple[str, int], int] = {}
+        #: Partitions of the batch in hand held back at a delete waiting for its attribution message: the
+        #: delete and what follows it are sought back and fetched again (`_hold`).
+        self._held: dict[tuple[str, int], int] = {}
         self._early_offsets = EarlyOffsets()
         self._txn_started = 0.0
         self._txn_records = 0
@@ -249,9 +253,11 @@ class SanitizerWorker:
         self.telemetry.on_hanging({f"{h.topic}[{h.partition}]": h.high_watermark - h.last_stable for h in hanging})
 
     def _subscribe(self) -> None:
-        self.consumer.subscribe(
-            [self.settings.raw_topic_pattern], on_revoke=self._on_revoke, on_lost=self._on_lost
-        )
+        topics = [self.settings.raw_topic_pattern]
+        if self.sanitizer.checker is not None:
+            # The logical decoding messages that attribute deletes (docs/policy.md, "Attribution contract").
+            topics.append(self.sanitizer.checker.message_topic)
+        self.consumer.subscribe(topics, on_revoke=self._on_revoke, on_lost=self._on_lost)
 
     # --- one batch --------------------------------------------------------------------------------
     def _process_batch(self, msgs: list[Message]) -> None:
@@ -291,12 +297,13 @@ class SanitizerWorker:
             self._txn_records = 0
         # The commit then has only EndTxn left to wait for (`EarlyOffsets`).
         self._early_offsets.send(self._txn_pool, self.producer, self.consumer, ends, 10)
+        self._held.clear()
         if sanitizer.runs_native and not traced:
             # Ordinary records are sanitized and produced natively; each record a run stops at (declined,
             # headers to carry, too large, a callback error) goes through the full Python path.
             i, n = 0, len(good)
             producer = self.producer
-            while i < n:
+            while i < n and not self._held:
                 run = sanitizer.run_native(good, i, produce=producer.produce, poll=producer.poll,
                                            partitions=self.topics.ensure_like,
                                            max_record_bytes=self._max_record_bytes)
@@ -307,22 +314,52 @@ class SanitizerWorker:
                 if i < n:
                     self._process_one(*good[i], traced)
                     i += 1
+            # A partition held back: the rest of the batch takes the Python path, which skips its records.
+            for record in good[i:]:
+                self._process_one(*record, traced)
         else:
             for msg, topic, partition, offset, value in good:
                 self._process_one(msg, topic, partition, offset, value, traced)
+        if self._held:
+            self._hold()
         self._txn_records += len(good)
         self.producer.poll(0)
+
+    def _hold(self) -> None:
+        """Seek each held partition back to its waiting delete, so it is fetched again with what follows it.
+
+        Nothing of a held partition after the delete was processed, and its committed offset stays before
+        the delete, so exactly-once holds; the wait is bounded (`attribution_wait_s`, then the delete is
+        decided `unattributed`). A short pause keeps a worker whose whole batch waits from spinning.
+        """
+        assigned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+        for (topic, partition), offset in self._held.items():
+            if (topic, partition) in assigned:
+                self.consumer.seek(TopicPartition(topic, partition, offset))
+            # Commit exactly up to the delete: an offset sent early for this partition (`EarlyOffsets`,
+            # past the delete) is overwritten by this one at the commit, never left standing.
+            self._last[(topic, partition)] = offset - 1
+        self.stats.attribution_waits += len(self._held)
+        time.sleep(0.05)
 
     def _process_one(self, msg: Message, topic: str, partition: int, offset: int, value: bytes | None,
                      traced: bool) -> None:
         """Sanitize one record with `Sanitizer.process` and produce its outputs (the full Python path)."""
+        if (topic, partition) in self._held:
+            return  # after a delete waiting for its attribution: fetched again with it
         sanitizer, telemetry = self.sanitizer, self.telemetry
         headers = msg.headers()
         if traced or headers:
             span, out_headers, trace_id = telemetry.start_event(headers, topic, partition, offset)
         else:
             span = out_headers = trace_id = None
-        outcome = sanitizer.process(topic, partition, offset, msg.key(), value, trace_id)
+        try:
+            outcome = sanitizer.process(topic, partition, offset, msg.key(), value, trace_id)
+        except AttributionPending:
+            self._held[(topic, partition)] = offset
+            if span is not None:
+                telemetry.end_event(span, None, "attribution_pending")
+            return
         if span is not None:
             telemetry.end_event(span, outcome.table, outcome.decision)
         # Outputs keep the change's timestamp: downstream sees when it happened, and end-to-end
@@ -353,10 +390,11 @@ class SanitizerWorker:
             partition = -1  # librdkafka's "use the partitioner"
             if rec.partition is not None:
                 partition = rec.partition % self.topics.ensure_like(rec.topic, source_topic)
+            both = headers if rec.headers is None else [*(headers or []), *rec.headers]
             while True:
                 try:
                     produce(rec.topic, rec.value, rec.key, partition=partition,
-                            timestamp=ts if rec.timestamp is None else rec.timestamp, headers=headers)
+                            timestamp=ts if rec.timestamp is None else rec.timestamp, headers=both)
                     break
                 except BufferError:  # local queue full: let deliveries drain, then retry
                     self.producer.poll(0.2)

@@ -25,6 +25,8 @@ class Stats:
     erased_during_txn: int = 0
     #: Deletion confirmations re-emitted after a crash left them pending.
     confirmations_redelivered: int = 0
+    #: Times a partition was held back at a delete waiting for its attribution message (docs/policy.md).
+    attribution_waits: int = 0
     decisions: dict[str, int] = field(default_factory=dict)
     fields_by_class: dict[str, int] = field(default_factory=dict)
     dlq_reasons: dict[str, int] = field(default_factory=dict)

@@ -28,6 +28,10 @@ every key they touch in KEYS, so the ACL's key patterns apply to them too:
     bg:{t}:erasure-epoch             str   counter: +1 per shred (workers check it before committing)
     bg:{t}:compact-due               str   counter: shreds not yet covered by a completed AOF rewrite
     bg:{t}:alerted:{key}             str   alert deduplication across workers (expires)
+    bg:{t}:attrib:{branch}:{txid}    set   principals the transaction's guard.principal messages named (expires
+                                           after ATTRIBUTION_TTL_S; docs/policy.md, "Attribution contract")
+    bg:{t}:reveal:tokens             hash  keyed hash of a reveal token → JSON (principal, id, created, expires)
+    bg:{t}:reveal:rate:{principal}:{window}  str  records revealed or searched by a principal in one window (expires)
     bg:{t}:invalidate                pub/sub channel: "{branch}:{subject}" after a rotation,
                                      "{branch}:{subject}:{epoch}" after a shred
 
@@ -56,6 +60,10 @@ import redis
 
 from guard.config import read_secret_file
 from guard.errors import KeyUnavailableError, TenantKeyMissingError
+
+#: How long a transaction's attribution is kept: far longer than a delete waits for it
+#: (`attribution_wait_s`) and than a worker's replay after a crash reaches back.
+ATTRIBUTION_TTL_S = 7 * 86_400
 
 _CREATE_DEK = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return {-1, false} end
@@ -517,6 +525,30 @@ class RedisKeyStore:
     def is_storage_only(self, branch: str, subject: str) -> bool:
         return bool(self._call(self.client.exists, self._k("storage-only", branch, subject)))
 
+    # --- attribution of deletes (docs/policy.md) -------------------------------------------------------
+    def record_attribution(self, branch: str, tx_id: int, principal: str) -> None:
+        """Remember that source transaction `tx_id` named `principal` ("" for none), for ATTRIBUTION_TTL_S.
+
+        Shared by every worker: the message and the deletes of one transaction are on different topics,
+        which different workers may own. Idempotent (a set), so a replayed message changes nothing.
+        """
+        name = self._k("attrib", branch, str(tx_id))
+        pipe = self.client.pipeline(transaction=True)
+        pipe.sadd(name, principal)
+        pipe.expire(name, ATTRIBUTION_TTL_S)
+        self._call(pipe.execute)
+
+    def attributions(self, branch: str, tx_ids: list[int]) -> dict[int, set[str]]:
+        """The principals recorded for each of `tx_ids` (absent: no message seen yet), in one round trip."""
+        if not tx_ids:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        for tx_id in tx_ids:
+            pipe.smembers(self._k("attrib", branch, str(tx_id)))
+        found = self._call(pipe.execute)
+        return {tx_id: {m.decode() if isinstance(m, bytes) else str(m) for m in members}
+                for tx_id, members in zip(tx_ids, found, strict=True) if members}
+
     # --- where a subject's ciphertexts went (for deletion confirmations) --------------------------
     def record_subject_activity(self, branch: str, activity: Mapping[tuple[str, str], int | None]) -> None:
         """Remember where each subject's ciphertexts went and push back its retention expiry.
@@ -616,6 +648,12 @@ class RedisKeyStore:
                 topic, partition, key = _parse_compacted_member(bytes(member))
                 out.append((topic, partition, key))
         return out
+
+    def name(self, *parts: str) -> str:
+        """The Redis name of a key owned by another part of the guard (the reveal service's tokens and rate
+        windows: `bg:{tenant}:reveal:…`), so every name the guard uses comes from the key store's one layout
+        and stays inside the tenant's Redis ACL patterns."""
+        return self._k(*parts)
 
     def alert_once(self, key: str, ttl_s: int = 86_400) -> bool:
         """True for the first caller across all workers within `ttl_s` (alert deduplication)."""

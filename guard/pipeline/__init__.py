@@ -2,8 +2,9 @@
 
 Owns: the stages `decode` (`Decoder`), `plan` (`Planner`), `protect` (`Protector`) (the emit stage is
 `guard.records.builders.RecordBuilder`); `sanitizer` (`Sanitizer`, which runs an event down
-decode -> plan -> protect -> emit once, and hands ordinary events to the compiled path); `runtime`
-(wiring: key manager, catalog and sanitizer built from settings).
+decode -> plan -> protect -> emit once, and hands ordinary events to the compiled path); `policy`
+(`WriteChecker`: every write's access-policy decision, the attribution of deletes by their transaction's
+message); `runtime` (wiring: key manager, catalog, policy and sanitizer built from settings).
 May import: `guard.errors`, `guard.config`, `guard.cdc`, `guard.keys`, `guard.protect`, `guard.classify`,
-`guard.records`. Layer 5 of docs/architecture.md.
+`guard.policy`, `guard.records`. Layer 5 of docs/architecture.md.
 """

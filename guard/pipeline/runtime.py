@@ -11,6 +11,7 @@ from guard.errors import KeyUnavailableError
 from guard.keys.kms import LocalKeyring
 from guard.keys.manager import KeyManager
 from guard.keys.store import RedisKeyStore
+from guard.pipeline.policy import WriteChecker
 from guard.pipeline.sanitizer import Sanitizer
 
 
@@ -52,10 +53,13 @@ def build_sanitizer(settings: Settings, keys: KeyManager | None = None, *, share
         from confluent_kafka.schema_registry import SchemaRegistryClient
 
         registry = SchemaRegistryClient({"url": settings.schema_registry_url})
-    return Sanitizer(
+    sanitizer = Sanitizer(
         settings,
         keys,
         build_catalog(settings),
         registry=registry,
         alert_once=keys.store.alert_once if shared_alerts else None,
     )
+    # Every write checked against the access policy (docs/policy.md); `policy = "off"` leaves it out.
+    sanitizer.checker = WriteChecker.from_settings(settings, keys.store)
+    return sanitizer

@@ -45,12 +45,17 @@ from guard.keys.manager import KeyManager
 from guard.keys.primitives import Aead
 from guard.pipeline.decode import Decoder
 from guard.pipeline.plan import Planner, is_subject_id
+from guard.pipeline.policy import NOT_A_WRITE, AttributionPending, WriteChecker, WriteDecision
 from guard.pipeline.protect import Protector
 from guard.protect.fastpath import new_fast_path, use_native
 from guard.protect.masking import mask
 from guard.records.builders import OutRecord, RecordBuilder
 
 log = logging.getLogger(__name__)
+
+#: The Kafka header of a sanitized record whose write the policy did not allow (JSON: decision, principal,
+#: action, policies, reason, errors). Records without it were allowed (docs/policy.md).
+POLICY_HEADER = "bg-policy"
 
 #: A worker re-records a (subject, topic) pair's activity in the key store at most this often; expiries
 #: are padded by the same amount, so a retention sweep is never early, at most this much late.
@@ -138,6 +143,8 @@ class Sanitizer:
         #: and deletion confirmations say until when each topic keeps what remains of a customer.
         self.topic_configs: Callable[[str], Mapping[str, str] | None] = lambda _topic: None
         self._compacted: dict[str, bool] = {}
+        #: The access-policy check of every write (None: policy off); `runtime.build_sanitizer` sets it.
+        self.checker: WriteChecker | None = None
         #: Plans registered with the native path, by id (it reports which one it used).
         self._fast_plans: dict[int, TablePlan] = {}
         self._fast: Any = None
@@ -173,12 +180,16 @@ class Sanitizer:
         trace_id: str | None = None,
     ) -> Outcome:
         self.emitter.trace_id = trace_id
-        if self._fast is not None and value is not None:
+        if self._fast is not None and value is not None and self.checker is None:
+            # With the policy on, what reaches `process` is what the native run declined (a write not
+            # allowed, a delete, a message): it takes the Python path, which decides it.
             outcome = self._fast_process(topic, partition, offset, key, value)
             if outcome is not None:
                 return outcome
         try:
             return self._process(topic, partition, offset, key, value)
+        except AttributionPending:
+            raise
         except KeyShreddedError:
             return self._dlq(topic, partition, offset, key, value, "subject_erased",
                              "a write for a data subject whose key was destroyed (erased); not re-created")
@@ -212,15 +223,55 @@ class Sanitizer:
         # erasure tombstones): the native run stops before the first one.
         stop = next((j for j in range(start, len(records))
                      if self._is_compacted(self.planner.sanitized_topic(records[j][1]))), len(records))
+        checker = self.checker
+        decided: list[tuple[str, WriteDecision]] = []
+        if checker is not None and stop > start:
+            # The batch's write decisions first (cached: a dict lookup per event in steady traffic); the run
+            # stops before the first record that needs the Python path to decide it (a write not allowed,
+            # a delete, a message, anything the scan can't read).
+            prefix = self._prefix_len
+            for j in range(start, stop):
+                _, rtopic, _, _, rvalue = records[j]
+                found = None if rvalue is None else checker.scan(rvalue, rtopic[prefix:])
+                if found is None or (found[1] is not NOT_A_WRITE and not found[1].allowed):
+                    stop = j
+                    break
+                decided.append(found)
         if stop == start:
             return NativeRun(start, [], [], [])
         end, last, counts, stamps = self._fast.run(
             records if stop == len(records) else records[:stop], start, produce=produce, poll=poll,
             partitions=partitions, hooks=self._native_hooks, now_ms=int(self._clock() * 1000),
             max_record_bytes=max_record_bytes)
+        if decided:
+            self._produce_decisions(records, start, end, decided, produce, poll)
         plans = self._fast_plans
         shapes = [(plans[plan_id].schema_table, plans[plan_id].class_counts, n) for plan_id, n in counts]
         return NativeRun(end, last, shapes, stamps)
+
+    def _produce_decisions(self, records: list[tuple[Any, str, int, int, bytes | None]], start: int, end: int,
+                           decided: list[tuple[str, WriteDecision]], produce: Callable[..., None],
+                           poll: Callable[[float], int]) -> None:
+        """The audit records of the write decisions of `records[start:end]` (handled natively)."""
+        emit = self.emitter.write_decision
+        prefix = self._prefix_len
+        details: dict[int, str] = {}
+        for j in range(start, end):
+            op, write = decided[j - start]
+            if write is NOT_A_WRITE:
+                continue
+            msg, topic, partition, offset, _ = records[j]
+            text = details.get(id(write))
+            if text is None:
+                text = details[id(write)] = orjson.dumps(write.as_dict()).decode()
+            rec = emit(topic, partition, offset, topic[prefix:], op, None, "write_allowed", text)
+            ts_type, ts = msg.timestamp()
+            while True:
+                try:
+                    produce(rec.topic, rec.value, rec.key, partition=-1, timestamp=ts if ts_type else 0)
+                    break
+                except BufferError:
+                    poll(0.2)
 
     def prefetch(self, records: Sequence[tuple[str, int, int, bytes | None]]) -> None:
         """Make sure the data keys a batch needs are loaded with one key-store round trip, not one each.
@@ -234,6 +285,8 @@ class Sanitizer:
         self.keys.check_tenant_keys()  # a vanished tenant key stops the worker (at most every few seconds)
         self.expire_value_caches()
         self.decoder.clear()
+        if self.checker is not None:
+            self.checker.refresh()
         if self._fast is not None:
             self._batch = records
             return
@@ -355,6 +408,9 @@ class Sanitizer:
     def _sanitize_event(
         self, event: ChangeEvent, topic: str, partition: int, offset: int, out_topic: str, out_key: bytes | None
     ) -> Outcome:
+        checker = self.checker
+        if event.op == "m" and checker is not None and topic == checker.message_topic:
+            return self._attribution_message(event, topic, partition, offset)
         row = event.after if event.after is not None else event.before
         if event.op == "m" and event.message is not None:
             row = {"prefix": event.message.get("prefix"), "content": event.message.get("content")}
@@ -362,6 +418,8 @@ class Sanitizer:
         if row is None:  # truncate
             return self._truncate(event, topic, partition, offset, out_topic, out_key)
         plan = self.classifier.plan(event.schema_table, row)
+        write = None if checker is None else checker.decide_event(event, (topic, partition, offset),
+                                                                  subject_root=plan.subject_root)
         extra: list[OutRecord] = []
         if plan.unclassified:
             extra.extend(self.emitter.drift_alerts(plan, topic))
@@ -402,6 +460,9 @@ class Sanitizer:
         images = (event.before is not None) + (event.after is not None)
         records.append(self.emitter.audit_for_plan(topic, partition, offset, plan, event.op, subject, decision,
                                                    images, aead is not None))
+        if write is not None:
+            records.extend(self._write_records(write, topic, partition, offset, event.schema_table, event.op,
+                                               subject, records[0]))
         records.extend(extra)
         if plan.subject_root:
             self.root_topics.add(out_topic)
@@ -425,6 +486,34 @@ class Sanitizer:
                 records.extend(self._already_erased(subject, trigger="row_delete", reason_code="row_deleted",
                                                     source=source))
         return Outcome(records, decision, event.schema_table, plan.class_counts)
+
+    def _write_records(self, write: WriteDecision, topic: str, partition: int, offset: int, table: str, op: str,
+                       subject: str | None, sanitized: OutRecord | None) -> list[OutRecord]:
+        """A write's decision in `guard.audit`; for one not allowed, an anomaly and the decision in the
+        sanitized record's `bg-policy` header (the change happened in the branch database all the same)."""
+        detail = write.as_dict()
+        text = orjson.dumps(detail).decode()
+        name = {"allow": "write_allowed", "deny": "write_denied"}.get(write.decision, "unattributed")
+        # No subject here, on either path (the native path doesn't hand it out): the change's own audit
+        # record at the same source position names it.
+        out = [self.emitter.write_decision(topic, partition, offset, table, op, None, name, text)]
+        if not write.allowed:
+            out.append(self.emitter.write_alert("write_denied" if write.decision == "deny" else "write_unattributed",
+                                                table, (topic, partition, offset), detail))
+            if sanitized is not None:
+                sanitized.headers = [*(sanitized.headers or []), (POLICY_HEADER, text.encode())]
+        return out
+
+    def _attribution_message(self, event: ChangeEvent, topic: str, partition: int, offset: int) -> Outcome:
+        """A `guard.principal` message: its principal recorded for its transaction (the join of deletes),
+        and an audit record of it; nothing goes to a sanitized topic (it holds no customer data)."""
+        assert self.checker is not None
+        principal = self.checker.record_message(event)
+        detail = orjson.dumps({"tx_id": event.tx_id, "principal": principal, "prefix": (event.message or {})
+                               .get("prefix")}).decode()
+        return Outcome([self.emitter.audit(topic, partition, offset, None, "m", None,
+                                           "attribution" if principal is not None else "message_ignored", detail,
+                                           {}, {})], "attribution", None)
 
     def _root_deleted(self, plan: TablePlan, subject: str, event: ChangeEvent, source: tuple[str, int, int],
                       out_topic: str, decision: str) -> list[OutRecord]:

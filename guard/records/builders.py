@@ -108,6 +108,41 @@ class RecordBuilder:
             cached = self._audit_templates[key] = (template, f"{topic}:{partition}".encode())
         return cached
 
+    def write_decision(self, topic: str, partition: int, offset: int, table: str, op: str, subject: str | None,
+                       decision: str, detail: str) -> OutRecord:
+        """The audit record of a write's policy decision (`write_allowed`, `write_denied`, `unattributed`).
+
+        `detail` is the decision as JSON text (principal, action, policies, reason, errors) in the record's
+        `reason`; encoded from a template cached per (partition, table, op, decision, detail), as the
+        per-event audit records are, so deciding every write costs four encoded values per event.
+        """
+        key = ("write", topic, partition, table, op, decision, detail)
+        cached = self._audit_templates.get(key)
+        if cached is None:
+            template = AuditTemplate(worker=self.settings.worker_id, branch=self.branch, source_topic=topic,
+                                     source_partition=partition, table=table, op=op, decision=decision,
+                                     reason=detail, classes={}, actions={}, unclassified=[])
+            if len(self._audit_templates) > 50_000:
+                self._audit_templates.clear()
+            cached = self._audit_templates[key] = (template, f"{topic}:{partition}".encode())
+        template, record_key = cached
+        value = self.audit_codec.header + template.encode(int(self._clock() * 1000), offset, subject, self.trace_id)
+        return OutRecord(self.settings.audit_topic, record_key, value)
+
+    def write_alert(self, rule: str, table: str, source: tuple[str, int, int],
+                    decision: Mapping[str, Any]) -> OutRecord:
+        """An anomaly for a write the policy did not allow (`write_denied`) or that names nobody
+        (`write_unattributed`): it happened in the branch database and can't be undone, so someone must look."""
+        return self.anomaly(rule, "high", table, None, {
+            "source": {"topic": source[0], "partition": source[1], "offset": source[2]},
+            "principal": decision.get("principal"), "action": decision.get("action"),
+            "policies": decision.get("policies", []), "reason": decision.get("reason"),
+            "what": "a change was written in the branch database " + (
+                "by a principal the access policy does not allow to" if rule == "write_denied" else
+                "without naming its principal (no guard.principal in its transaction)"),
+            "suggested_action": "check who made the change and why; the sanitized record carries the decision "
+                                "in its bg-policy header (docs/policy.md)"})
+
     # ------------------------------------------------------------------------------------------
     def audit(
         self,

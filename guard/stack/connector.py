@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 
 from guard.classify.catalog import Catalog
-from guard.classify.source import source_options, source_rules
+from guard.classify.source import ATTRIBUTION_MESSAGE_PREFIX, MESSAGE_PREFIX_OPTION, source_options, source_rules
 from guard.stack.config import StackConfig
 from guard.stack.errors import StackError
 from guard.stack.kafka_auth import client_config as kafka_client_config
@@ -314,6 +314,10 @@ def render_connector(catalog: Catalog, template: Path | None = None, namespace: 
                          f"({catalog.source}); remove them from the template")
     config = dict(doc["config"])
     config.update(source_options(catalog, namespace))
+    if config.get("connector.class", "").endswith("PostgresConnector"):
+        # Deletes are attributed by a logical decoding message (guard.principal) the connector must publish;
+        # any other message stays out of Kafka (docs/policy.md). PostgreSQL only: MariaDB has no such messages.
+        config[MESSAGE_PREFIX_OPTION] = ATTRIBUTION_MESSAGE_PREFIX
     return {"name": doc["name"], "config": config}
 
 

@@ -13,6 +13,8 @@ Principals (SASL/SCRAM-SHA-512 users on the broker's ``SASL_SSL`` listener; `acl
 * ``connect``: write, create and describe the raw topics and Debezium's heartbeat topics; its internal topics
   ``_branchguard-connect-*`` and its group ``branchguard-connect``; idempotent writes; describe the cluster.
 * ``downstream``: read ``sanitized.*`` and its own groups ``downstream-*``.
+* ``reveal``: the reveal service (guard/reveal): read ``sanitized.*`` (assigned partitions, its own group
+  ``branchguard-reveal`` named but never joined) and write ``guard.audit`` (idempotent); nothing else.
 * ``oncall``: read ``guard.anomalies``, ``guard.audit``, ``guard.deletions`` and its own groups ``oncall-*``;
   no write.
 * ``analyzer`` (the anomaly analyzer, `streams/analyzer.py`): read the evidence topics (``guard.audit``,
@@ -47,7 +49,7 @@ from guard.stack.errors import StackError
 from guard.stack.procs import progress
 from guard.stack.tls import LocalCA, _write_private
 
-USERS = ("admin", "guard", "connect", "downstream", "oncall", "analyzer")
+USERS = ("admin", "guard", "connect", "downstream", "reveal", "oncall", "analyzer")
 #: Certificate principals of the nodes and of the stack's own admin client (mutual TLS).
 CERT_SUPER_USERS = ("admin", "broker", "controller")
 SCRAM_MECHANISM = "SCRAM-SHA-512"
@@ -70,6 +72,8 @@ ANALYZER_READS = ("guard.audit", "guard.dlq", DELETIONS_TOPIC, "guard.facts", "g
 ANALYZER_WRITES = ("guard.anomalies", "guard.facts")
 ANALYZER_SANITIZED_TABLES = ("customers", "staff")
 ANALYZER_APP = "branchguard-analyzer"
+AUDIT_TOPIC = "guard.audit"
+REVEAL_GROUP = "branchguard-reveal"
 
 
 def super_users() -> str:
@@ -190,6 +194,11 @@ def acl_plan(cfg: StackConfig) -> list[tuple[str, str, str, str, str]]:
     # downstream: sanitized only
     grant("downstream", "TOPIC", "PREFIXED", SANITIZED_PREFIX, "READ", "DESCRIBE")
     grant("downstream", "GROUP", "PREFIXED", DOWNSTREAM_GROUPS, "READ", "DESCRIBE")
+    # reveal: read sanitized records, write its audit decisions before any plaintext leaves
+    grant("reveal", "TOPIC", "PREFIXED", SANITIZED_PREFIX, "READ", "DESCRIBE")
+    grant("reveal", "GROUP", "LITERAL", REVEAL_GROUP, "READ", "DESCRIBE")
+    grant("reveal", "TOPIC", "LITERAL", AUDIT_TOPIC, "WRITE", "DESCRIBE")
+    grant("reveal", "CLUSTER", "LITERAL", "kafka-cluster", "IDEMPOTENT_WRITE")
     # on-call: the alert, audit and deletion topics, read only
     for topic in ONCALL_TOPICS:
         grant("oncall", "TOPIC", "LITERAL", topic, "READ", "DESCRIBE")
@@ -197,8 +206,12 @@ def acl_plan(cfg: StackConfig) -> list[tuple[str, str, str, str, str]]:
     # analyzer: the evidence, facts and alerts, the sanitized contact and staff topics; writes alerts and facts
     for topic in ANALYZER_READS:
         grant("analyzer", "TOPIC", "LITERAL", topic, "READ", "DESCRIBE")
-    for table in ANALYZER_SANITIZED_TABLES:
-        grant("analyzer", "TOPIC", "LITERAL", f"{SANITIZED_PREFIX}{raw}public.{table}", "READ", "DESCRIBE")
+    for table in ANALYZER_SANITIZED_TABLES:  # branch 0101 (PostgreSQL): customers and staff
+        grant("analyzer", "TOPIC", "LITERAL", f"{SANITIZED_PREFIX}{cfg.topic_prefix}.public.{table}",
+              "READ", "DESCRIBE")
+    # branch 0202 (MariaDB, database branch_0202): customers only, it has no staff table
+    grant("analyzer", "TOPIC", "LITERAL", f"{SANITIZED_PREFIX}{cfg.mariadb_topic_prefix}.branch_0202.customers",
+          "READ", "DESCRIBE")
     for topic in ANALYZER_WRITES:
         grant("analyzer", "TOPIC", "LITERAL", topic, "WRITE", "CREATE", "DESCRIBE_CONFIGS")
     # faust's internal topics (<app id>-__assignor-__leader, ...) and its consumer group are named by the app id
@@ -336,7 +349,8 @@ def compose_secrets(directory: Path, hosts: list[str], owners: dict[str, int]) -
     belongs = {
         "kafka": [ca.keystore("broker"), ca.keystore("controller"), health],
         "connect": [jaas, cfg.kafka_password_file("connect")],
-        "guard": [cfg.kafka_password_file("guard")],
+        # the reveal service runs from the guard image
+        "guard": [cfg.kafka_password_file("guard"), cfg.kafka_password_file("reveal")],
     }
     for who, files in belongs.items():
         if who in owners:

@@ -18,6 +18,8 @@ from guard.stack.procs import progress
 
 # insertion order respects the foreign key accounts.customer_id -> customers
 SEED_TABLES = ("customers", "accounts", "transactions", "customer_auth")
+#: Who the seed's writes are attributed to (the branch's batch service, policy/entities.json).
+SEED_PRINCIPAL = "Service:eod-batch"
 
 
 def _ensure_role(cur: psycopg.Cursor[Any], role: str, password: str, replication: bool) -> None:
@@ -74,7 +76,7 @@ def bootstrap(cfg: StackConfig, admin_conninfo: str, admin_conninfo_db: str, sup
 def seed(cfg: StackConfig, dsn: str) -> int:
     """Insert the synthetic demo rows when ``customers`` is empty; returns rows inserted (0 if seeded)."""
     try:
-        from guard.workload.synth import demo_dataset
+        from guard.workload.synth import demo_dataset, demo_staff
     except ImportError as exc:
         raise StackError(f"guard.workload.synth.demo_dataset is not importable ({exc}); the demo database cannot "
                          f"be seeded. Pull the latest code and run `guard stack up` again.") from exc
@@ -83,10 +85,11 @@ def seed(cfg: StackConfig, dsn: str) -> int:
         if count and count[0] > 0:
             progress(f"postgres: {cfg.branch_db} already seeded ({count[0]} customers)")
             return 0
-        data = demo_dataset(seed=cfg.seed, customers=cfg.seed_customers)
+        data = {**demo_dataset(seed=cfg.seed, customers=cfg.seed_customers), **demo_staff()}
         total = 0
         with conn.transaction(), conn.cursor() as cur:
-            for table in SEED_TABLES:
+            cur.execute("SELECT set_config('guard.principal', %s, true)", (SEED_PRINCIPAL,))
+            for table in (*SEED_TABLES, "staff", "staff_roles"):
                 rows = data.get(table, [])
                 if not rows:
                     continue

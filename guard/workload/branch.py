@@ -93,6 +93,22 @@ def device_fingerprint(rng: random.Random) -> bytes:
     return rng.randbytes(32)
 
 
+#: Who the workload's transactions are attributed to (`guard.principal`, docs/policy.md): a teller opens
+#: customers, another teller updates contact details, the manager deletes (policy/branch.cedar).
+OPENER = "Staff:t0101-01"
+UPDATER = "Staff:t0101-02"
+DELETER = "Staff:m0101-01"
+
+
+def attribute(conn: Any, principal: str | None) -> None:
+    """Name the open transaction's principal (the attribution contract; None: leave it unattributed).
+
+    PostgreSQL only: the MariaDB branch has no attribution contract yet (no `updated_by` trigger, no
+    logical messages), so its writes are decided `unattributed` by the policy checks."""
+    if principal is not None and not isinstance(conn, MariaConnection):
+        conn.execute("SELECT set_config('guard.principal', %s, true)", (principal,))
+
+
 def next_customer_ids(conn: Any, count: int) -> list[int]:
     """Customer ids never used before, from a sequence: an erased customer's id must not come back
     (the guard refuses new writes for an erased data subject, as a bank would never reuse the id)."""
@@ -104,10 +120,13 @@ def next_customer_ids(conn: Any, count: int) -> list[int]:
 
 
 def run_workload(dsn: str, *, customers: int = 20, seed: int | None = None, delete: int = 2,
-                 update: int = 5, branch_code: str = "0101") -> WorkloadResult:
+                 update: int = 5, branch_code: str = "0101", opener: str | None = OPENER,
+                 updater: str | None = UPDATER, deleter: str | None = DELETER) -> WorkloadResult:
     """Insert `customers` customers (with accounts and transactions), update some, delete some.
 
-    `branch_code` is what the rows' `branch_code` columns say (the MariaDB branch's is 0202)."""
+    `branch_code` is what the rows' `branch_code` columns say (the MariaDB branch's is 0202). Each
+    transaction names its principal (`opener`, `updater`, `deleter`; None: unattributed).
+    """
     rng = random.Random(seed)
     result = WorkloadResult()
     mariadb = is_mariadb(dsn)
@@ -117,6 +136,7 @@ def run_workload(dsn: str, *, customers: int = 20, seed: int | None = None, dele
             data: Any = synth.demo_dataset(rng.randrange(1 << 30), 1, branch_code)
             cust = dict(data["customers"][0], customer_id=cid)
             with conn.transaction():
+                attribute(conn, opener)
                 _insert(conn, "customers", cust)
                 renamed: dict[str, str] = {}
                 for acct in data["accounts"]:
@@ -142,12 +162,15 @@ def run_workload(dsn: str, *, customers: int = 20, seed: int | None = None, dele
         for cid in ids[:update]:
             mobile = synth.mobile(rng)
             address = synth.address(rng)
-            conn.execute("UPDATE customers SET mobile = %s, address = %s WHERE customer_id = %s",
-                         (mobile, address, cid))
+            with conn.transaction():
+                attribute(conn, updater)
+                conn.execute("UPDATE customers SET mobile = %s, address = %s WHERE customer_id = %s",
+                             (mobile, address, cid))
             result.updated.append(cid)
             result.sensitive_values.update({mobile, address})
         for cid in ids[len(ids) - delete:] if delete else []:
             with conn.transaction():
+                attribute(conn, deleter)
                 cur = conn.execute("DELETE FROM transactions WHERE customer_id = %s", (cid,))
                 result.deleted_transactions += cur.rowcount
                 conn.execute("DELETE FROM accounts WHERE customer_id = %s", (cid,))

@@ -476,3 +476,27 @@ def demo_dataset(seed: int, customers: int, branch_code: str = "0101") -> dict[s
             txns.append(new_transaction(rng, a, others or None))
 
     return {"customers": custs, "accounts": accts, "transactions": txns, "customer_auth": auth}
+
+
+#: The demo branch's staff: (staff_id, name, branch_code, organisation, active, roles). Branch 0101 belongs to
+#: bank-a (policy/entities.json); bank-b is the acquiring bank of a transfer, whose manager is posted at 0101
+#: to prepare it; t0102-01 works at another branch; x0101-01 has left.
+DEMO_STAFF: tuple[tuple[str, str, str, str, bool, tuple[str, ...]], ...] = (
+    ("t0101-01", "柜员甲", "0101", "bank-a", True, ("teller",)),
+    ("t0101-02", "柜员乙", "0101", "bank-a", True, ("teller",)),
+    ("m0101-01", "主管丙", "0101", "bank-a", True, ("manager",)),
+    ("c0101-01", "合规丁", "0101", "bank-a", True, ("compliance",)),
+    ("d0101-01", "数据保护戊", "0101", "bank-a", True, ("dpo",)),
+    ("a0101-01", "审计己", "0101", "bank-a", True, ("auditor",)),
+    ("x0101-01", "离职庚", "0101", "bank-a", False, ("teller",)),
+    ("t0102-01", "柜员辛", "0102", "bank-a", True, ("teller",)),
+    ("b0101-01", "收购方主管壬", "0101", "bank-b", True, ("manager",)),
+)
+
+
+def demo_staff() -> dict[str, list[dict[str, object]]]:
+    """Rows of `staff` and `staff_roles` for the demo branch database (the policy's Staff entities)."""
+    staff = [{"staff_id": s, "name": n, "branch_code": b, "organisation": o, "active": a}
+             for s, n, b, o, a, _ in DEMO_STAFF]
+    roles: list[dict[str, object]] = [{"staff_id": s, "role": r} for s, *_, rs in DEMO_STAFF for r in rs]
+    return {"staff": staff, "staff_roles": roles}

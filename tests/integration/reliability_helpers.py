@@ -318,7 +318,12 @@ def per_input_counts(audit: list[tuple[Rec, dict[str, Any]]]) -> Counter[tuple[s
     it triggered (op "erase": shredded / held); that one is not a per-input decision.
     """
     return Counter((d["source_topic"], d["source_partition"], d["source_offset"]) for _, d in audit
-                   if d["op"] != "erase")
+                   if d["op"] != "erase" and d["decision"] not in WRITE_DECISIONS)
+
+
+#: The access-policy decision a write gets besides its sanitization decision (docs/policy.md): a second
+#: audit record at the same source offset, counted on its own (`assert_exactly_once_audit`).
+WRITE_DECISIONS = frozenset({"write_allowed", "write_denied", "unattributed"})
 
 
 def assert_exactly_once_audit(inputs: set[tuple[str, int, int]], audit: list[tuple[Rec, dict[str, Any]]]) -> None:
@@ -328,6 +333,10 @@ def assert_exactly_once_audit(inputs: set[tuple[str, int, int]], audit: list[tup
     assert not missing, f"{len(missing)} of {len(inputs)} inputs have no audit decision (LOST), e.g. {missing[:10]}"
     assert not duplicated, (f"{len(duplicated)} inputs were decided more than once (DUPLICATED), e.g. "
                             f"{[(k, counts[k]) for k in duplicated[:10]]}")
+    writes = Counter((d["source_topic"], d["source_partition"], d["source_offset"]) for _, d in audit
+                     if d["decision"] in WRITE_DECISIONS)
+    twice = sorted(k for k, n in writes.items() if n > 1 and k in inputs)
+    assert not twice, f"{len(twice)} writes got more than one policy decision, e.g. {twice[:10]}"
 
 
 def raw_inputs(bootstrap: str, topic: str) -> list[Produced]:

@@ -574,3 +574,64 @@ def test_offsets_sent_early_count_only_if_they_are_the_commits_own(stack, pair):
     stale = {tp: offset - 1 for tp, offset in worker._last.items()}
     worker._early_offsets.pending = (stale, done)
     assert not worker._early_offsets_cover_batch()
+
+
+def test_write_decisions_are_the_same_on_both_paths(stack, pair):
+    """With the access policy on, every write handled by a native run still gets its decision (audited once,
+    in the same transaction), and writes not allowed take the Python path: both sanitizers produce the same
+    records (decisions, anomalies, `bg-policy` headers), whatever path each event took."""
+    from guard.pipeline.policy import WriteChecker
+    from guard.policy.engine import PolicyEngine, default_directory
+    from guard.policy.sources import staff_entities
+
+    staff = staff_entities([("t0101-01", "0101", "bank-a", True, ["teller"]),
+                            ("t0102-01", "0102", "bank-a", True, ["teller"])])
+    python, native = pair
+    for san in pair:
+        engine = PolicyEngine(default_directory(), entity_source=lambda: staff)
+        san.checker = WriteChecker(san.settings, engine, None)
+        san.checker.policy_branch = "0101"
+    try:
+        topic = f"{PREFIX}.public.customers"
+        principals = ["Staff:t0101-01", "Staff:t0101-01", "Staff:t0102-01", None, "Staff:t0101-01", "nobody:x"]
+        msgs = []
+        for n in range(36):
+            cid = 7_500_000 + n
+            event = _customer_event(after__customer_id=cid, after__name=f"客户{cid}", source__ts_ms=1_800_000_000_000)
+            who = principals[n % len(principals)]
+            if who is not None:
+                event["after"]["updated_by"] = who
+            if n % 4 == 3:
+                event["op"], event["before"] = "u", dict(event["after"], mobile="13800000000")
+            msgs.append(Message(topic=topic, partition=n % 2, offset=200 + n, key=f'{{"customer_id": {cid}}}'.encode(),
+                                value=orjson.dumps(event), timestamp=(1, 1_700_000_000_000 + n)))
+        run_both(pair, "public.customers", b'{"customer_id": 42}', orjson.dumps(_customer_event()), prefetch=False,
+                 trace_id=None)  # the plan is registered with the native path
+        by_runs: list[int] = []
+        real_run = native.run_native
+
+        def run_native(records, start, **kwargs):
+            run = real_run(records, start, **kwargs)
+            by_runs.extend(offset for _, _, _, offset, _ in records[start:run.end])
+            return run
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(native, "run_native", run_native)
+            got = process_batch(stack, native, msgs)
+        expected = process_batch(stack, python, msgs)
+        assert len(by_runs) >= 12, "allowed writes were sanitized natively"
+
+        def key(record):
+            return repr(record)
+        assert sorted(got[0].records, key=key) == sorted(expected[0].records, key=key)
+        decisions = [decode(v) for t, v, *_ in expected[0].records if t == "guard.audit"]
+        decisions = [d for d in decisions if d["decision"] in ("write_allowed", "write_denied", "unattributed")]
+        assert len(decisions) == 36 and {d["source_offset"] for d in decisions} == {m.offset() for m in msgs}
+        by_decision = {}
+        for d in decisions:
+            by_decision[d["decision"]] = by_decision.get(d["decision"], 0) + 1
+        assert by_decision == {"write_allowed": 18, "write_denied": 6, "unattributed": 12}
+        flagged = [h for t, _, _, _, _, h in expected[0].records if t.startswith("sanitized.") and h]
+        assert len(flagged) == 18 and all(dict(h)["bg-policy"] for h in flagged)
+    finally:
+        for san in pair:
+            san.checker = None

@@ -215,7 +215,9 @@ def test_rows_without_a_subject_get_a_key_of_their_own_that_their_delete_erases(
     subjects = [doc["subject"] for _, doc, _ in out]
     assert len(set(subjects)) == len(rows)  # one key per row, not one per table
     alerts = [orjson.loads(r.value) for _, _, o in out for r in o.records if r.topic == "guard.anomalies"]
-    assert [a["rule"] for a in alerts] == ["rows_without_data_subject"]
+    # (these synthetic changes name no principal: the access policy's `write_unattributed` alerts are
+    # tests/integration/test_policy.py's concern)
+    assert [a["rule"] for a in alerts if a["rule"] != "write_unattributed"] == ["rows_without_data_subject"]
     for (rec, doc, _), row in zip(out, rows, strict=True):
         assert open_image(san.keys, doc, "after", topic=topic, row_key=rec.key)["balance"] == row["balance"]
     # the delete of row 0 erases its own key, and only its own

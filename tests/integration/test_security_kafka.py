@@ -95,9 +95,11 @@ def test_a_wrong_password_is_refused(stack: dict[str, str], cfg: StackConfig) ->
     assert AdminClient(_as(cfg, "guard")).list_topics(timeout=10).brokers
 
 
-def test_downstream_and_oncall_cannot_read_raw_topics(stack: dict[str, str], cfg: StackConfig) -> None:
-    for user in ("downstream", "oncall"):
-        err = _fetch_error(_as(cfg, user), RAW, f"{user}-t-{uuid.uuid4().hex[:6]}")
+def test_downstream_oncall_and_reveal_cannot_read_raw_topics(stack: dict[str, str], cfg: StackConfig) -> None:
+    for user in ("downstream", "oncall", "reveal"):
+        # a group each may use (the reveal service's is one fixed name), so the refusal is the topic's
+        group = "branchguard-reveal" if user == "reveal" else f"{user}-t-{uuid.uuid4().hex[:6]}"
+        err = _fetch_error(_as(cfg, user), RAW, group)
         assert err is not None and err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED, (user, err)
         # nor are raw topics even listed to them
         topics = AdminClient(_as(cfg, user)).list_topics(timeout=10).topics
@@ -130,6 +132,14 @@ def test_guard_principal_sanitizes_downstream_reads_and_oncall_reads_alerts_only
     err = _produce_error(_as(cfg, "oncall"), "guard.anomalies")
     assert err is not None and err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED, err
     err = _produce_error(_as(cfg, "downstream"), sanitized)
+    assert err is not None and err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED, err
+    # the reveal service's principal reads sanitized records and writes audit decisions (what
+    # test_reveal_service.py's service, run as `reveal`, does), nothing else
+    assert _fetch_error(_as(cfg, "reveal"), sanitized, "branchguard-reveal") is None
+    for topic in (sanitized, "guard.anomalies", "guard.deletions"):
+        err = _produce_error(_as(cfg, "reveal"), topic)
+        assert err is not None and err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED, (topic, err)
+    err = _fetch_error(_as(cfg, "reveal"), "guard.audit", "branchguard-reveal")
     assert err is not None and err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED, err
 
 

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from guard.classify.catalog import Action, Catalog
 from guard.classify.source import (
+    MESSAGE_PREFIX_OPTION,
     SALT_PLACEHOLDER,
     column_pattern,
     hash_column_problem,
@@ -36,8 +37,8 @@ REPO = Path(__file__).resolve().parents[2]
 CATALOG = REPO / "schemas" / "catalog.toml"
 
 EXTRA_C3 = """
-[tables."public.staff"]
-[tables."public.staff".columns]
+[tables."public.staff_tokens"]
+[tables."public.staff_tokens".columns]
 staff_id = { class = "C1", category = "identifier", action = "clear" }
 otp_seed = { class = "C3", category = "authentication", action = "drop" }
 """
@@ -100,7 +101,7 @@ def test_patterns_match_only_their_column() -> None:
 def test_a_catalog_change_changes_the_options(catalog: Catalog) -> None:
     more = Catalog.from_toml(CATALOG.read_text() + EXTRA_C3)
     assert source_options(more, "public")["column.exclude.list"] == (r"public\.customer_auth\.query_pin,"
-                                                          r"public\.staff\.otp_seed")
+                                                          r"public\.staff_tokens\.otp_seed")
 
 
 def test_no_c3_column_no_options() -> None:
@@ -114,7 +115,8 @@ def test_rendered_document_is_the_template_plus_the_catalog_options(catalog: Cat
     doc = render_connector(catalog)
     assert doc["name"] == template["name"]
     assert {k: v for k, v in doc["config"].items() if k in template["config"]} == template["config"]
-    assert set(doc["config"]) - set(template["config"]) == set(source_options(catalog))
+    assert set(doc["config"]) - set(template["config"]) == set(source_options(catalog)) | {MESSAGE_PREFIX_OPTION}
+    assert doc["config"][MESSAGE_PREFIX_OPTION] == "guard.principal"  # the attribution of deletes
 
 
 def test_every_rendered_option_is_documented(catalog: Catalog) -> None:

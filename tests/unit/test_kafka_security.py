@@ -156,6 +156,12 @@ def test_acl_plan_is_least_privilege(cfg: StackConfig) -> None:
     assert {op for r, pt, n, op in oncall} == {"READ", "DESCRIBE"}
     assert ("TRANSACTIONAL_ID", "PREFIXED", "branchguard-sanitizer", "WRITE") in _grants(cfg, "guard")
     assert not [g for g in _grants(cfg, "guard") if g[2] == "sanitized." and g[3] == "READ"]
+    # the reveal service: reads sanitized records, writes only its audit decisions, joins no other group
+    assert _grants(cfg, "reveal") == {
+        ("TOPIC", "PREFIXED", "sanitized.", "READ"), ("TOPIC", "PREFIXED", "sanitized.", "DESCRIBE"),
+        ("GROUP", "LITERAL", "branchguard-reveal", "READ"), ("GROUP", "LITERAL", "branchguard-reveal", "DESCRIBE"),
+        ("TOPIC", "LITERAL", "guard.audit", "WRITE"), ("TOPIC", "LITERAL", "guard.audit", "DESCRIBE"),
+        ("CLUSTER", "LITERAL", "kafka-cluster", "IDEMPOTENT_WRITE")}
 
 
 def test_the_analyzer_reads_evidence_and_writes_only_alerts_and_facts(cfg: StackConfig) -> None:
@@ -166,7 +172,8 @@ def test_the_analyzer_reads_evidence_and_writes_only_alerts_and_facts(cfg: Stack
     assert ("PREFIXED", "branchguard-analyzer", "ALL") in topics  # faust's internal topics only
     read = {n for pt, n, op in topics if op == "READ"}
     assert read == {"guard.audit", "guard.dlq", "guard.deletions", "guard.facts", "guard.anomalies",
-                    "sanitized.br0101.public.customers", "sanitized.br0101.public.staff"}
+                    "sanitized.br0101.public.customers", "sanitized.br0101.public.staff",
+                    "sanitized.br0202.branch_0202.customers"}
     assert all(pt == "LITERAL" for pt, n, op in topics if n != "branchguard-analyzer")
     assert {n for r, pt, n, op in analyzer if r == "GROUP"} == {"branchguard-analyzer"}
     # on-call reads alerts and cannot write them; the analyzer is the only other principal that may

@@ -24,11 +24,12 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("1", ("guard.cdc", "guard.keys")),
     ("2", ("guard.protect",)),
     ("3", ("guard.classify",)),
+    ("3b", ("guard.policy",)),
     ("4", ("guard.records",)),
     ("5", ("guard.pipeline",)),
     ("6", ("guard.kafka", "guard.erasure")),
-    # anomaly detection: facts from the evidence topics, rules, state in Redis, alerts (streams/analyzer.py runs it)
-    ("6b", ("guard.anomaly",)),
+    # anomaly detection (facts, rules, state in Redis, alerts; streams/analyzer.py runs it) and the reveal service
+    ("6b", ("guard.anomaly", "guard.reveal")),
     # tools: data, the local stack, the demo and the benchmark, the command line
     ("7", ("guard.workload", "guard.doctor")),
     ("8", ("guard.stack",)),

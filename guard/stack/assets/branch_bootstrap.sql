@@ -56,3 +56,22 @@ BEGIN
     END IF;
 END
 $do$;
+
+-- Attribution of deletes (docs/policy.md, "Attribution contract"): a delete's before-image names the row,
+-- not who deleted it. The branch application sets the principal per transaction
+-- (SELECT set_config('guard.principal', 'Staff:<id>', true)); a statement trigger on every table calls
+-- this function, which writes it into the WAL as a transactional logical decoding message (prefix
+-- guard.principal) that Debezium publishes on <topic.prefix>.message with the transaction's id.
+-- pg_logical_emit_message is revoked from PUBLIC on a secured stack: this function runs as its owner
+-- (the superuser), takes no argument and emits only the transaction's own setting, so the application
+-- can't write any other message into the WAL.
+CREATE OR REPLACE FUNCTION guard_admin.emit_principal() RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
+BEGIN
+    PERFORM pg_logical_emit_message(true, 'guard.principal',
+        json_build_object('principal', nullif(current_setting('guard.principal', true), ''))::text);
+END
+$fn$;
+REVOKE ALL ON FUNCTION guard_admin.emit_principal() FROM PUBLIC;
+GRANT USAGE ON SCHEMA guard_admin TO {app};
+GRANT EXECUTE ON FUNCTION guard_admin.emit_principal() TO {app};

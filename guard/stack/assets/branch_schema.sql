@@ -56,3 +56,56 @@ ALTER TABLE public.customers     REPLICA IDENTITY FULL;
 ALTER TABLE public.accounts      REPLICA IDENTITY FULL;
 ALTER TABLE public.transactions  REPLICA IDENTITY FULL;
 ALTER TABLE public.customer_auth REPLICA IDENTITY FULL;
+
+-- Staff and their roles: the source of the access policy's Staff entities (guard/policy/sources.py).
+CREATE TABLE IF NOT EXISTS public.staff (
+    staff_id      text PRIMARY KEY,
+    name          text,
+    branch_code   varchar(8) NOT NULL,
+    organisation  text NOT NULL,
+    active        boolean NOT NULL DEFAULT true
+);
+
+CREATE TABLE IF NOT EXISTS public.staff_roles (
+    staff_id  text NOT NULL REFERENCES public.staff (staff_id),
+    role      text NOT NULL,
+    PRIMARY KEY (staff_id, role)
+);
+
+ALTER TABLE public.staff       REPLICA IDENTITY FULL;
+ALTER TABLE public.staff_roles REPLICA IDENTITY FULL;
+
+-- Attribution contract (docs/policy.md): every transaction that writes sets its principal first,
+--     SELECT set_config('guard.principal', 'Staff:t0101-01', true);   -- = SET LOCAL guard.principal = '...'
+-- Inserts and updates carry it in updated_by, filled here from the setting whatever the statement says
+-- (NULL when unset: the guard decides such a change `unattributed`); deletes emit it as a transactional
+-- logical decoding message (guard_admin.emit_principal, branch_bootstrap.sql) joined on the transaction id.
+CREATE OR REPLACE FUNCTION public.guard_stamp_principal() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog AS $fn$
+BEGIN
+    NEW.updated_by := nullif(current_setting('guard.principal', true), '');
+    RETURN NEW;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION public.guard_attribute_delete() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog AS $fn$
+BEGIN
+    PERFORM guard_admin.emit_principal();
+    RETURN NULL;
+END
+$fn$;
+
+DO $do$
+DECLARE
+    t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['customers', 'accounts', 'transactions', 'customer_auth', 'staff', 'staff_roles'] LOOP
+        EXECUTE format('ALTER TABLE public.%I ADD COLUMN IF NOT EXISTS updated_by text', t);
+        EXECUTE format('CREATE OR REPLACE TRIGGER guard_principal BEFORE INSERT OR UPDATE ON public.%I '
+                       'FOR EACH ROW EXECUTE FUNCTION public.guard_stamp_principal()', t);
+        EXECUTE format('CREATE OR REPLACE TRIGGER guard_principal_delete AFTER DELETE ON public.%I '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION public.guard_attribute_delete()', t);
+    END LOOP;
+END
+$do$;

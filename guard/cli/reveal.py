@@ -1,0 +1,101 @@
+"""`guard reveal`: the reveal service (`serve`) and its tokens (`token create`, `token list`, `token revoke`)."""
+
+from __future__ import annotations
+
+import click
+
+from guard.cli.main import _settings, main
+
+
+@main.group("reveal")
+def reveal() -> None:
+    """The reveal service: the only path from a sanitized record to plaintext (docs/reveal.md)."""
+
+
+@reveal.command("serve")
+@click.option("--host", default=None, help="Address to listen on (default: reveal_host, 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port (default: reveal_port, 8443).")
+@click.option("--policy", "policy_dir", type=click.Path(file_okay=False), default=None,
+              help="Policy directory (default: policy_dir, `policy/` of the checkout).")
+@click.option("--staff", type=click.Choice(["db", "file"]), help="Staff entities from the branch database or "
+              "entities.json only (default: the policy_staff setting).")
+@click.pass_context
+def serve(ctx: click.Context, host: str | None, port: int | None, policy_dir: str | None, staff: str | None) -> None:
+    """Serve the reveal API (HTTP, or HTTPS with reveal_tls_cert/key) until Ctrl-C or SIGTERM."""
+    import dataclasses
+    from pathlib import Path
+
+    from guard.errors import GuardError
+    from guard.policy import PolicyEngine
+    from guard.policy.engine import default_directory
+    from guard.policy.sources import database_source
+    from guard.reveal.server import serve as run
+
+    settings = _settings(ctx)
+    settings = dataclasses.replace(settings, reveal_host=host or settings.reveal_host,
+                                   reveal_port=port or settings.reveal_port)
+    use_db = (staff or settings.policy_staff) == "db"
+    try:
+        engine = PolicyEngine(Path(policy_dir or settings.policy_dir or default_directory()),
+                              entity_source=database_source(settings.branch_dsn) if use_db else None,
+                              bucket_s=settings.policy_bucket_s)
+        run(settings, engine)
+    except (GuardError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:  # the branch database for staff entities
+        raise click.ClickException(f"staff entities could not be read from the branch database ({exc}); "
+                                   "use --staff file") from None
+
+
+@reveal.group("token")
+def token() -> None:
+    """Bearer tokens of the reveal service (stored only as keyed hashes)."""
+
+
+@token.command("create")
+@click.option("--principal", required=True, help="Who the token is for: Staff::<id> or Service::<id> of the policy.")
+@click.option("--ttl-days", type=int, default=None, help="Expire after this many days (default: never).")
+@click.pass_context
+def token_create(ctx: click.Context, principal: str, ttl_days: int | None) -> None:
+    """Create a token and print it once: only its keyed hash is stored."""
+    from guard.errors import GuardError
+    from guard.reveal.server import token_store
+
+    try:
+        tok, info = token_store(_settings(ctx), create_key=True).create(
+            principal, ttl_s=None if ttl_days is None else ttl_days * 86_400)
+    except GuardError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"token id {info.id} for {info.principal} (shown once; keep it secret):", err=True)
+    click.echo(tok)
+
+
+@token.command("list")
+@click.pass_context
+def token_list(ctx: click.Context) -> None:
+    """Token ids, principals and dates (never a token or a hash)."""
+    import time
+
+    from guard.reveal.server import token_store
+
+    for info in token_store(_settings(ctx)).list():
+        expires = "never" if info.expires_ms is None else time.strftime(
+            "%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.expires_ms / 1000))
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.created_ms / 1000))
+        click.echo(f"{info.id}  {info.principal}  created {created}  expires {expires}")
+
+
+@token.command("revoke")
+@click.option("--id", "token_id", default=None, help="The token id (from `create` or `list`).")
+@click.option("--principal", default=None, help="Every token of this principal.")
+@click.pass_context
+def token_revoke(ctx: click.Context, token_id: str | None, principal: str | None) -> None:
+    """Delete tokens: the next call with them is refused."""
+    from guard.errors import GuardError
+    from guard.reveal.server import token_store
+
+    try:
+        n = token_store(_settings(ctx)).revoke(token_id=token_id, principal=principal)
+    except GuardError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"revoked {n} token(s)")

@@ -1,0 +1,77 @@
+"""`guard reveal serve`: the service built from settings and run on uvicorn.
+
+The process holds the key manager with blind-index keys (for search) and the data keys it opens images
+with; none of them leaves it. It reads the policy directory (reloaded when it changes, a bad reload keeps
+the running policy), the catalog, the token key file, and talks to Kafka (sanitized topics read
+`read_committed`, audit records to `guard.audit`) and Redis (keys, tokens, rate windows).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from guard.config import Settings
+from guard.keys.store import RedisKeyStore
+from guard.reveal.kafka_io import AuditSink, RecordFetcher
+from guard.reveal.ratelimit import RateLimiter
+from guard.reveal.service import Policy, RevealService
+from guard.reveal.tokens import TokenStore, load_token_key
+
+log = logging.getLogger("guard.reveal")
+
+
+@dataclass
+class Built:
+    service: RevealService
+    fetcher: RecordFetcher
+    sink: AuditSink
+
+    def close(self) -> None:
+        self.fetcher.close()
+        self.sink.close()
+
+
+def token_store(settings: Settings, *, create_key: bool = False) -> TokenStore:
+    """The token store of the settings' key store and token key file."""
+    key = load_token_key(settings.reveal_token_key_file or None, create=create_key)
+    return TokenStore(RedisKeyStore(settings.redis_url, settings.tenant,
+                                    password_file=settings.redis_password_file or None), key)
+
+
+def build_service(settings: Settings, policy: Policy) -> Built:
+    """Everything the service needs, from settings; fails early with errors that say what to do."""
+    from guard.pipeline.runtime import build_catalog, build_keys
+
+    keys = build_keys(settings, listen=True, indexes=True)
+    tokens = token_store(settings, create_key=True)
+    limiter = RateLimiter(keys.store, limit=settings.reveal_rate_limit, window_s=settings.reveal_rate_window_s)
+    fetcher = RecordFetcher(settings)
+    sink = AuditSink(settings)
+    service = RevealService(settings, keys, build_catalog(settings), policy, fetcher, sink, tokens, limiter)
+    return Built(service, fetcher, sink)
+
+
+def serve(settings: Settings, policy: Policy) -> None:
+    """Run the API until SIGINT/SIGTERM (uvicorn's graceful shutdown), then close the Kafka clients."""
+    import uvicorn
+
+    from guard.reveal.app import create_app
+
+    built = build_service(settings, policy)
+    app = create_app(built.service, max_body_bytes=settings.reveal_max_body_bytes)
+    tls = {}
+    if settings.reveal_tls_cert or settings.reveal_tls_key:
+        for what in (settings.reveal_tls_cert, settings.reveal_tls_key):
+            if not what or not Path(what).is_file():
+                raise FileNotFoundError("reveal_tls_cert and reveal_tls_key must both name PEM files")
+        tls = {"ssl_certfile": settings.reveal_tls_cert, "ssl_keyfile": settings.reveal_tls_key}
+    scheme = "https" if tls else "http"
+    log.info("reveal service on %s://%s:%d (OpenAPI at /openapi.json)", scheme, settings.reveal_host,
+             settings.reveal_port)
+    try:
+        uvicorn.run(app, host=settings.reveal_host, port=settings.reveal_port, log_level="info",
+                    server_header=False, date_header=True, timeout_graceful_shutdown=10, **tls)  # type: ignore[arg-type]
+    finally:
+        built.close()

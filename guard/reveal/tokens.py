@@ -1,0 +1,148 @@
+"""Bearer tokens of the reveal service, stored only as keyed hashes.
+
+A token is `bgr_<id>_<secret>`: `id` (8 hex digits) names it in listings and audit-free management
+(`guard reveal token list/revoke`), `secret` is 32 random bytes (base64url). The key store keeps only
+HMAC-SHA256(server key, token) → (principal, id, created, expires) in one Redis hash (`bg:{tenant}:reveal:tokens`).
+The server key is 32 random bytes in a 0600 file (`reveal_token_key_file`) that Redis never sees, so:
+
+- a copy of Redis (or of its append-only file, or a backup) gives no usable token: the hashes can't be
+  reversed, and without the server key they can't be recomputed from a guessed token either;
+- someone who can write Redis can't mint a token: a hash they add matches no token they know, unless they
+  also hold the server key.
+
+The token itself is printed once, by `guard reveal token create`, and never stored, logged or audited.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+
+from guard.errors import ConfigError, KeyUnavailableError
+from guard.keys.store import RedisKeyStore
+
+DEFAULT_TOKEN_KEY_FILE = Path.home() / ".config" / "branchguard" / "reveal-token.key"
+TOKEN_PREFIX = "bgr_"  # noqa: S105 - the token format's prefix, not a secret
+#: Principal names: a Cedar entity reference `Kind::id` (`Staff::m0101`, `Service::crm`), as audit records carry it.
+PRINCIPAL_RE = re.compile(r"^[A-Z][A-Za-z]{0,31}::[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+_TOKEN_RE = re.compile(r"^bgr_[0-9a-f]{8}_[A-Za-z0-9_-]{43}$")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenInfo:
+    """What the key store knows about a token: never the token, never its hash."""
+
+    id: str
+    principal: str
+    created_ms: int
+    expires_ms: int | None
+
+    def expired(self, now_ms: int) -> bool:
+        return self.expires_ms is not None and now_ms >= self.expires_ms
+
+
+def load_token_key(path: str | os.PathLike[str] | None = None, *, create: bool = False) -> bytes:
+    """The server key of token hashes from its 0600 file (created with 32 random bytes when `create`)."""
+    file = Path(path) if path else DEFAULT_TOKEN_KEY_FILE
+    if not file.exists():
+        if not create:
+            raise ConfigError(f"no reveal token key at {file}: `guard reveal token create` writes one (mode 0600)")
+        file.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another process created it meanwhile: use theirs
+        else:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(base64.b64encode(secrets.token_bytes(32)) + b"\n")
+    if file.stat().st_mode & 0o077:
+        raise ConfigError(f"reveal token key file {file} is readable by other users; run `chmod 600 {file}`")
+    try:
+        key = base64.b64decode(file.read_text().strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(f"reveal token key file {file} is not base64") from None
+    if len(key) != 32:
+        raise ConfigError(f"reveal token key file {file} must hold 32 bytes (base64)")
+    return key
+
+
+class TokenStore:
+    """Creates, checks, lists and revokes reveal tokens; holds the server key, hands out no hash."""
+
+    def __init__(self, store: RedisKeyStore, key: bytes) -> None:
+        self._client = store.client
+        self._name = store.name("reveal", "tokens")
+        self._key = key
+
+    def __repr__(self) -> str:
+        return "TokenStore(<key hidden>)"
+
+    def _hash(self, token: str) -> str:
+        return hmac.new(self._key, token.encode(), hashlib.sha256).hexdigest()
+
+    def create(self, principal: str, *, ttl_s: int | None = None, now_ms: int | None = None) -> tuple[str, TokenInfo]:
+        """A new token for `principal` (returned once) and what is stored about it."""
+        if not PRINCIPAL_RE.match(principal):
+            raise ConfigError("a principal is Kind::id, e.g. Staff::m0101 or Service::crm (an id of 1-64 letters, "
+                              "digits and . _ @ -): the policy's entity it is decided as")
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        token_id = secrets.token_hex(4)
+        token = f"{TOKEN_PREFIX}{token_id}_{secrets.token_urlsafe(32)}"
+        info = TokenInfo(token_id, principal, now_ms, None if ttl_s is None else now_ms + ttl_s * 1000)
+        entry = orjson.dumps({"id": info.id, "principal": principal, "created_ms": info.created_ms,
+                              "expires_ms": info.expires_ms})
+        self._call(self._client.hset, self._name, self._hash(token), entry)
+        return token, info
+
+    def verify(self, token: str, *, now_ms: int | None = None) -> TokenInfo | None:
+        """The token's entry if it is one of ours and not expired; None otherwise (never says why)."""
+        if not _TOKEN_RE.match(token):
+            return None
+        raw = self._call(self._client.hget, self._name, self._hash(token))
+        if raw is None:
+            return None
+        info = _info(raw)
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        return None if info.expired(now_ms) else info
+
+    def list(self) -> list[TokenInfo]:
+        """Every stored token's entry (id, principal, dates), oldest first."""
+        found = [_info(v) for _, v in self._call(lambda: list(self._client.hscan_iter(self._name)))]
+        return sorted(found, key=lambda i: (i.created_ms, i.id))
+
+    def revoke(self, *, token_id: str | None = None, principal: str | None = None) -> int:
+        """Delete the tokens with this id or of this principal; returns how many were deleted."""
+        if not token_id and not principal:
+            raise ConfigError("say which tokens to revoke: --id or --principal")
+        doomed = [h for h, v in self._call(lambda: list(self._client.hscan_iter(self._name)))
+                  if (token_id and _info(v).id == token_id) or (principal and _info(v).principal == principal)]
+        if not doomed:
+            return 0
+        return int(self._call(self._client.hdel, self._name, *doomed))
+
+    @staticmethod
+    def _call(fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except redis.RedisError as exc:
+            raise KeyUnavailableError(f"key store unreachable ({type(exc).__name__}): reveal tokens can't be "
+                                      "checked") from None
+
+
+def _info(raw: bytes) -> TokenInfo:
+    doc = orjson.loads(raw)
+    return TokenInfo(str(doc["id"]), str(doc["principal"]), int(doc["created_ms"]),
+                     None if doc.get("expires_ms") is None else int(doc["expires_ms"]))

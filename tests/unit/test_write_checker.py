@@ -1,0 +1,126 @@
+"""The write checker without Kafka: principals of changes, the raw-bytes scan of the native path against the
+decoded event, the attribution messages, the memo dropped with the policy's generation."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import orjson
+import pytest
+
+from guard.cdc.envelope import decode_value
+from guard.config import load_settings
+from guard.pipeline.policy import NOT_A_WRITE, AttributionPending, WriteChecker, message_principal, principal_uid
+from guard.policy.engine import PolicyEngine, default_directory
+from guard.policy.sources import staff_entities
+
+STAFF = staff_entities([("t1", "0101", "bank-a", True, ["teller"]), ("m1", "0101", "bank-a", True, ["manager"])])
+
+
+class Attributions:
+    """The key store's attribution sets, in memory (the real ones: tests/integration/test_policy.py)."""
+
+    def __init__(self) -> None:
+        self.sets: dict[int, set[str]] = {}
+
+    def record_attribution(self, branch: str, tx_id: int, principal: str) -> None:
+        self.sets.setdefault(tx_id, set()).add(principal)
+
+    def attributions(self, branch: str, tx_ids: list[int]) -> dict[int, set[str]]:
+        return {t: set(self.sets[t]) for t in tx_ids if t in self.sets}
+
+
+@pytest.fixture
+def checker() -> WriteChecker:
+    settings = load_settings(None, branch="0101", policy_staff="file", attribution_wait_s=0.5)
+    return WriteChecker(settings, PolicyEngine(default_directory(), entity_source=lambda: STAFF),
+                        Attributions())  # type: ignore[arg-type]
+
+
+def event(op: str, principal: object = "Staff:t1", **extra: object) -> bytes:
+    row = {"customer_id": 1, "name": "x", "updated_by": principal, **extra}
+    doc = {"before": row if op in ("u", "d") else None, "after": None if op == "d" else row,
+           "source": {"connector": "postgresql", "db": "b", "schema": "public", "table": "customers",
+                      "ts_ms": 1_800_000_000_000, "txId": 77, "lsn": 5}, "op": op, "ts_ms": 1_800_000_000_500}
+    return orjson.dumps(doc)
+
+
+def test_principal_forms() -> None:
+    assert principal_uid("Staff:t1") == ("Staff", "t1")
+    assert principal_uid("Service:eod-batch") == ("Service", "eod-batch")
+    assert principal_uid("t1") == ("Staff", "t1")
+    assert principal_uid("Admin:root") is None and principal_uid("") is None
+
+
+@pytest.mark.parametrize("op,principal,expected", [
+    ("c", "Staff:t1", "allow"), ("u", "Staff:t1", "allow"), ("c", "Staff:nobody", "deny"),
+    ("c", None, "unattributed"), ("c", "Root:x", "unattributed")])
+def test_the_scan_decides_as_the_decoded_event(checker: WriteChecker, op: str, principal: object,
+                                               expected: str) -> None:
+    raw = event(op, principal)
+    scanned = checker.scan(raw, "public.customers")
+    assert scanned is not None
+    decoded = checker.decide_event(decode_value(raw), ("t", 0, 1))  # type: ignore[arg-type]
+    assert scanned == (op, decoded) and decoded is not None and decoded.decision == expected
+
+
+def test_the_scan_reads_the_after_image_and_declines_what_it_cannot_read(checker: WriteChecker) -> None:
+    # an update whose before image was by someone else: the after image's principal counts
+    raw = orjson.loads(event("u", "Staff:t1"))
+    raw["before"]["updated_by"] = "Staff:nobody"
+    found = checker.scan(orjson.dumps(raw), "public.customers")
+    assert found is not None and found[1].principal == "Staff:t1"
+    assert checker.scan(event("r"), "public.customers") == ("r", NOT_A_WRITE)
+    assert checker.scan(event("d"), "public.customers") is None  # deletes are joined with their message
+    assert checker.scan(event("c", 'Staff:"t1"'), "public.customers") is None  # an escape: decoded instead
+    assert checker.scan(event("c", 5), "public.customers") is None  # not a string
+    # a value that merely contains the key's text doesn't fool it (its quotes are escaped in JSON)
+    sneaky = event("c", None, name='"updated_by":"Staff:m1"')
+    found = checker.scan(sneaky, "public.customers")
+    assert found is not None and found[1].decision == "unattributed"
+
+
+def test_a_delete_waits_for_its_message_then_is_unattributed(checker: WriteChecker) -> None:
+    import time
+
+    delete = decode_value(event("d"))
+    assert delete is not None
+    with pytest.raises(AttributionPending):
+        checker.decide_event(delete, ("t", 0, 9))
+    time.sleep(0.6)
+    late = checker.decide_event(delete, ("t", 0, 9))
+    assert late is not None and late.decision == "unattributed" and "0.5 s" in late.reason
+    # the message arrives: the delete is its principal's; two principals in one transaction: nobody's
+    store = checker.store
+    store.record_attribution("0101", 77, "Staff:m1")  # type: ignore[union-attr]
+    attributed = checker.decide_event(delete, ("t", 0, 11))
+    assert attributed is not None and attributed.decision == "allow" and attributed.principal == "Staff:m1"
+    store.record_attribution("0101", 77, "Staff:t1")  # type: ignore[union-attr]
+    assert checker.decide_event(delete, ("t", 0, 12)).decision == "unattributed"  # type: ignore[union-attr]
+    no_tx = decode_value(event("d"))
+    assert no_tx is not None
+    no_tx.tx_id = None
+    assert checker.decide_event(no_tx, ("t", 0, 10)).decision == "unattributed"  # type: ignore[union-attr]
+
+
+def test_attribution_messages() -> None:
+    def msg(content: object, prefix: str = "guard.principal") -> bytes:
+        text = base64.b64encode(json.dumps(content).encode()).decode() if not isinstance(content, str) else content
+        return orjson.dumps({"op": "m", "ts_ms": 1, "message": {"prefix": prefix, "content": text},
+                             "source": {"connector": "postgresql", "db": "b", "txId": 5, "lsn": 1}})
+    assert message_principal(decode_value(msg({"principal": "Staff:m1"}))) == "Staff:m1"  # type: ignore[arg-type]
+    assert message_principal(decode_value(msg({"principal": None}))) == ""  # type: ignore[arg-type]
+    assert message_principal(decode_value(msg("not base64!"))) == ""  # type: ignore[arg-type]
+    assert message_principal(decode_value(msg({"principal": "x"}, prefix="other"))) is None  # type: ignore[arg-type]
+    assert decode_value(msg({"principal": "x"})).tx_id == 5  # type: ignore[union-attr]
+
+
+def test_the_memo_is_dropped_with_the_policy(checker: WriteChecker) -> None:
+    assert checker.decide("c", "Staff:t1", "public.customers", 1_800_000_000_000).allowed
+    assert not checker.decide("d", "Staff:t1", "public.customers", 1_800_000_000_000).allowed
+    generation = checker.engine.generation
+    checker.engine.add_entities(staff_entities([("t9", "0101", "bank-a", True, ["manager"])]))
+    assert checker.engine.generation == generation + 1
+    checker.refresh()
+    assert checker.decide("d", "Staff:t9", "public.customers", 1_800_000_000_000).allowed
