@@ -21,6 +21,7 @@ Redis layout (all names prefixed `bg:`):
     bg:erasure-epoch             str   counter: +1 per shred (workers check it before committing)
     bg:compact-due               str   counter: shreds not yet covered by a completed AOF rewrite
     bg:alerted:{key}             str   alert deduplication across workers (expires)
+    bg:audit-ckpt:{audit topic}  hash  "{chain} {size}" → signed checkpoint note (the audit chain's second store)
     bg:invalidate                pub/sub channel: "{branch}:{subject}" after a rotation,
                                  "{branch}:{subject}:{epoch}" after a shred
 
@@ -158,6 +159,12 @@ return nxt
 """
 
 INVALIDATE_CHANNEL = "bg:invalidate"
+
+
+def audit_checkpoints_key(audit_topic: str) -> str:
+    """The second store of an audit topic's checkpoints (named here, with the key store's other keys)."""
+    return f"bg:audit-ckpt:{audit_topic}"
+
 #: Incremented by every shred (in the same script): workers compare it before committing (docs/keys.md).
 EPOCH_KEY = "bg:erasure-epoch"
 #: Shreds not yet covered by a completed append-only-file rewrite.
@@ -201,6 +208,18 @@ class RedisKeyStore:
             raise KeyUnavailableError(
                 f"key store unreachable ({type(exc).__name__}); check GUARD_REDIS_URL and that Redis runs"
             ) from None
+
+    # --- the audit chain's second store (guard.audit, docs/audit.md) -------------------------------
+    def put_audit_checkpoints(self, audit_topic: str, notes: list[tuple[str, int, str]]) -> None:
+        """Keep signed checkpoints (chain, tree size, note) outside Kafka; one field per chain and size."""
+        if notes:
+            self._call(self.client.hset, audit_checkpoints_key(audit_topic),
+                       mapping={f"{chain} {size}": note for chain, size, note in notes})
+
+    def audit_checkpoints(self, audit_topic: str) -> dict[str, str]:
+        """Every kept checkpoint of the chains writing `audit_topic`: "{chain} {size}" → signed note."""
+        raw = self._call(self.client.hgetall, audit_checkpoints_key(audit_topic))
+        return {k.decode(): v.decode() for k, v in raw.items()}
 
     # --- branch and tenant keys -------------------------------------------------------------------
     def kek_versions(self, branch: str) -> tuple[int, dict[int, bytes]]:

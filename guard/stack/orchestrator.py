@@ -16,6 +16,7 @@ import fcntl
 import shutil
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 
@@ -129,6 +130,7 @@ def _up(cfg: StackConfig) -> None:
     progress(f"home {cfg.home}, cache {cfg.cache}")
     for d in (cfg.home, cfg.logs, cfg.run):
         d.mkdir(parents=True, exist_ok=True)
+    ensure_audit_key(cfg)
     stack = Stack(cfg).with_artifacts()
     stack.migrate_combined_kafka()
     for svc in (stack.redis, stack.postgres):
@@ -146,6 +148,21 @@ def _up(cfg: StackConfig) -> None:
     progress(f"up in {time.monotonic() - t0:.1f}s")
     for k, v in cfg.env().items():
         progress(f"  {k}={v}")
+
+
+def audit_key_file(cfg: StackConfig) -> Path:
+    """The local stack's audit signing key: ``<home>/secrets/audit-signing.key`` (guard.audit.writer's default)."""
+    return cfg.home / "secrets" / "audit-signing.key"
+
+
+def ensure_audit_key(cfg: StackConfig) -> None:
+    """Create the audit chain's Ed25519 signing key (0600) and its verifier key (`.pub`) once."""
+    from guard.audit.note import generate_key_files
+
+    path = audit_key_file(cfg)
+    if not path.exists():
+        generate_key_files(path)
+        progress(f"audit: created the signing key {path} (mode 0600) and its verifier key {path.with_suffix('.pub')}")
 
 
 def down() -> None:

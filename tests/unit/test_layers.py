@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("0", ("guard.errors",)),
     ("0", ("guard.config",)),
     ("0", ("guard.telemetry",)),
-    ("1", ("guard.cdc", "guard.keys")),
+    ("1", ("guard.cdc", "guard.keys", "guard.audit")),
     ("2", ("guard.protect",)),
     ("3", ("guard.classify",)),
     ("4", ("guard.records",)),
