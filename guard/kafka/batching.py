@@ -69,7 +69,8 @@ class EarlyOffsets:
         """Send `ends` (partition -> last offset taken) to the open transaction on `pool`'s thread, with
         each partition's commit `metadata` if given (the audit chains' tails)."""
         meta = metadata or {}
-        offsets = [TopicPartition(t, p, o + 1, meta.get((t, p))) for (t, p), o in ends.items()]
+        offsets = [TopicPartition(t, p, o + 1, meta[(t, p)]) if (t, p) in meta else TopicPartition(t, p, o + 1)
+                   for (t, p), o in ends.items()]
         self.pending = (dict(ends), pool.submit(producer.send_offsets_to_transaction, offsets,
                                           consumer.consumer_group_metadata(), timeout_s))
 
