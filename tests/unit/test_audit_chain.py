@@ -182,3 +182,22 @@ def test_prove_gives_an_offline_checkable_path() -> None:
     assert cp.size == out["tree_size"] == 11
     assert merkle.verify_inclusion(merkle.leaf_hash(leaf), 6, cp.size, [bytes.fromhex(p) for p in out["proof"]],
                                    cp.root)
+
+
+def test_a_missing_key_refuses_to_start(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no audit signing key"):
+        load_signer(tmp_path / "absent.key")
+
+
+def test_the_committed_tails_fit_kafkas_offset_metadata_limit() -> None:
+    from guard.kafka.audit_chain import METADATA_MAX_BYTES, decode_metadata, encode_metadata
+
+    size = 2**32 - 1  # the worst case up to 2^32 records: 32 frontier nodes
+    chains = [Chain(f"{kind}/br0101.public.customer_transactions:11/0123abcd",
+                    merkle.Frontier(size, [bytes([i]) * 32 for i in range(size.bit_count())]), bytes(32))
+              for kind in ("audit", "deletions")]
+    text = encode_metadata(chains)
+    assert len(text.encode()) < METADATA_MAX_BYTES
+    back = decode_metadata(text)
+    assert set(back) == {"audit", "deletions"} and back["audit"].root() == chains[0].root()
+    assert decode_metadata(None) == {} and decode_metadata("") == {}
