@@ -201,3 +201,13 @@ def test_the_committed_tails_fit_kafkas_offset_metadata_limit() -> None:
     back = decode_metadata(text)
     assert set(back) == {"audit", "deletions"} and back["audit"].root() == chains[0].root()
     assert decode_metadata(None) == {} and decode_metadata("") == {}
+
+
+@pytest.mark.parametrize(("key", "value"), [(b"k", b"v"), (None, b"v"), (b"k", None), (None, None), (b"", b"")])
+def test_the_hot_path_stamp_hashes_the_documented_leaf(key: bytes | None, value: bytes | None) -> None:
+    chain = Chain("audit/t:1/x")
+    chain.stamp(b"first", b"record")
+    prev = chain.prev
+    prefix = chain.stamp(key, value)
+    assert parse_prefix(prefix).prev == prev
+    assert chain.prev == merkle.leaf_hash(leaf_bytes(prefix, key, value))
