@@ -300,6 +300,11 @@ class SanitizerWorker:
             self._in_txn = True
             self._txn_started = time.monotonic()
             self._txn_records = 0
+        # The audit chains of partitions new to this worker, read with their committed offsets *before* this
+        # transaction sends offsets for them: a read_committed offset fetch waits on pending offsets.
+        unloaded = [tp for tp in ends if tp not in self.chains.partitions]
+        if unloaded:
+            self.chains.load(unloaded)
         # The commit then has only EndTxn left to wait for (`EarlyOffsets`).
         self._early_offsets.send(self._txn_pool, self.producer, self.consumer, ends, 10)
         if sanitizer.runs_native and not traced:
