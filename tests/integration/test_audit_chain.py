@@ -244,7 +244,7 @@ def test_the_chain_verifies_proves_and_names_every_tampering(scenario: Scenario)
 def test_a_worker_killed_mid_transaction_continues_its_chains(scenario: Scenario):
     sc = scenario
     sc.env = {**sc.env, "GUARD_TRANSACTION_TIMEOUT_MS": "60000"}
-    count = 1600
+    count = 2400  # 30 s at 80/s: still flowing through three attempts
     w1 = sc.worker(1).start()
     producer = SteadyProducer(sc.bootstrap, sc.topic, count=count, rate=80, partitions=sc.partitions).start()
     sc.wait_decided(40, timeout=90)
@@ -256,7 +256,7 @@ def test_a_worker_killed_mid_transaction_continues_its_chains(scenario: Scenario
             time.sleep(random.uniform(0.2, 2.0))
             deadline = time.monotonic() + 30
             while not probe.now():
-                assert time.monotonic() < deadline and producer.sent < count, "no open transaction seen"
+                assert time.monotonic() < deadline, "no open transaction seen in 30 s"
             worker.kill()
             time.sleep(2)
             witnessed = probe.now()
