@@ -211,3 +211,18 @@ def test_the_hot_path_stamp_hashes_the_documented_leaf(key: bytes | None, value:
     prefix = chain.stamp(key, value)
     assert parse_prefix(prefix).prev == prev
     assert chain.prev == merkle.leaf_hash(leaf_bytes(prefix, key, value))
+
+
+def test_keygen_makes_a_private_key_once(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from guard.cli import main
+
+    out = tmp_path / "k" / "audit.key"
+    first = CliRunner().invoke(main, ["audit", "keygen", "--out", str(out)])
+    assert first.exit_code == 0, first.output
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert load_verifier(out.with_suffix(".pub")).id == load_signer(out).id
+    assert "PRIVATE" not in first.output
+    again = CliRunner().invoke(main, ["audit", "keygen", "--out", str(out)])
+    assert again.exit_code != 0 and "exists" in again.output
