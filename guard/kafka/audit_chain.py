@@ -26,7 +26,6 @@ or its last checkpoint is `audit_checkpoint_s` old, and between transactions for
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable, Iterable
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, TopicPartition
@@ -239,7 +238,8 @@ def read_topic(bootstrap: str, topic: str, *, since_ms: int = 0, confirmations: 
     A record with a ``bg-checkpoint`` header is a checkpoint (an audit record whose reason is the
     signed note); every other record is a leaf candidate (`Observed`, its ``bg-leaf`` header if any).
     """
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"guard-audit-verify-{uuid.uuid4().hex[:8]}",
+    # One fixed group id (for ACLs): the reader only assigns partitions, so it never joins or commits.
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "guard-audit-verify",
                          "enable.auto.commit": False, "isolation.level": "read_committed",
                          "enable.partition.eof": True})
     leaves: list[Observed] = []
