@@ -23,10 +23,10 @@ class Settings:
     kafka_bootstrap: str = "127.0.0.1:19092"
     #: Kafka Connect REST URL (for `guard stack`, `guard demo`, status).
     connect_url: str = "http://127.0.0.1:18083"
-    #: libpq URL of the demo branch database.
-    branch_dsn: str = "postgresql://branch_app:branch_app@127.0.0.1:15432/branch_0101"
-    #: Redis URL of the shared, durable key store and windows.
-    redis_url: str = "redis://127.0.0.1:16379/0"
+    #: libpq URL of the demo branch database (TLS verified against the stack CA, password from `passfile`).
+    branch_dsn: str = field(default_factory=lambda: _default_branch_dsn())
+    #: Redis URL of the shared, durable key store and windows (TLS, ACL user `guard`).
+    redis_url: str = field(default_factory=lambda: _default_redis_url())
     #: Debezium `topic.prefix` of the branch connector; raw topics are `<prefix>.<schema>.<table>`.
     raw_topic_prefix: str = "br0101"
     #: The branch code the raw topics belong to (keys are per branch).
@@ -62,6 +62,20 @@ class Settings:
     #: Which transform handles ordinary change events: `auto` (the compiled `guard_native` path when it is
     #: installed, else Python), `native` (refuse to start without it) or `python` (the reference path).
     hot_path: str = "auto"
+    # --- Kafka client security (issue 20, kafka part; read by guard.kafka_security) --------------------
+    #: `SASL_SSL` (TLS + SASL, the local stack's only listener), `SSL`, `SASL_PLAINTEXT` or `PLAINTEXT`.
+    kafka_security_protocol: str = "SASL_SSL"
+    kafka_sasl_mechanism: str = "SCRAM-SHA-512"
+    #: The guard's Kafka principal (the local stack's `guard` user: read raw topics, write its outputs).
+    kafka_username: str = "guard"
+    #: File holding the password (mode 0600); empty: `<stack home>/secrets/kafka-<username>.password`.
+    kafka_password_file: str = ""
+    #: CA certificate (PEM) the brokers' certificates are checked against; empty: `<stack home>/tls/ca.crt`.
+    kafka_ca_file: str = ""
+    #: The principal the guard's workers run as, the only one `guard doctor` accepts as a reader of the raw
+    #: topics; empty: `User:<kafka_username>` (set it when doctor runs as another principal, e.g. an admin).
+    kafka_guard_principal: str = ""
+    # --- end of Kafka client security ---------------------------------------------------------------
 
     # ---- the audit chain (guard/audit, guard/kafka/audit_chain.py, docs/audit.md)
     #: The Ed25519 private key (PKCS#8 PEM, mode 0600) that signs checkpoints and deletion confirmations
@@ -86,6 +100,15 @@ class Settings:
     evidence_replication_factor: int = -1
     #: `min.insync.replicas` of the evidence topics (0: the broker's default). Production: 2 with 3 replicas.
     evidence_min_insync_replicas: int = 0
+
+    # --- access (issue 20): where credentials are, never the credentials themselves -----------------
+    #: File (0600) holding the password of the Redis user named in `redis_url` (`rediss://guard@host:port/0`);
+    #: read at every (re)connection, so a rotated password is picked up without a restart.
+    redis_password_file: str = field(default_factory=lambda: str(_stack_home() / "secrets/redis-guard.password"))
+    #: File (0600) holding `user:password` for the Kafka Connect REST API (HTTP basic authentication).
+    connect_credentials_file: str = field(
+        default_factory=lambda: str(_stack_home() / "secrets/connect-rest.credentials"))
+    # --- end access (issue 20) ------------------------------------------------------------------------
 
     @property
     def raw_topic_pattern(self) -> str:
@@ -127,3 +150,47 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
         except (TypeError, ValueError):
             raise ConfigError(f"setting {name} must be a {kind.__name__}, got {value!r}") from None
     return Settings(**typed)
+
+
+# --- access (issue 20): secrets are read from 0600 files, never from command lines or printed ----------
+def _stack_home() -> Path:
+    """The local stack's home (guard.stack.config.StackConfig.home): defaults point at its CA and secrets."""
+    return Path(os.environ.get("GUARD_STACK_HOME") or Path.home() / ".local/share/branchguard").expanduser()
+
+
+def _default_branch_dsn() -> str:
+    home = _stack_home()
+    return (f"postgresql://branch_app@127.0.0.1:15432/branch_0101?sslmode=verify-full"
+            f"&sslrootcert={home / 'tls/ca.crt'}&passfile={home / 'secrets/pgpass'}")
+
+
+def _default_redis_url() -> str:
+    return f"rediss://guard@127.0.0.1:16379/0?ssl_ca_certs={_stack_home() / 'tls/ca.crt'}&ssl_cert_reqs=required"
+
+
+def read_secret_file(path: str | os.PathLike[str], what: str) -> str:
+    """The first line of a secret file; refuses a file other users can read. Never echoes the content."""
+    p = Path(path)
+    try:
+        mode = p.stat().st_mode
+    except OSError:
+        raise ConfigError(f"{what}: {p} does not exist; run `guard stack up` (local stack) or create it "
+                          f"with mode 0600") from None
+    if mode & 0o077:
+        raise ConfigError(f"{what}: {p} is readable by other users; run `chmod 600 {p}`")
+    value = p.read_text(encoding="utf-8").strip()
+    if not value:
+        raise ConfigError(f"{what}: {p} is empty")
+    return value
+
+
+def connect_credentials(path: str | None = None) -> tuple[str, str] | None:
+    """(user, password) for the Connect REST API from `path` or GUARD_CONNECT_CREDENTIALS_FILE; None if unset."""
+    path = path or os.environ.get("GUARD_CONNECT_CREDENTIALS_FILE") or ""
+    if not path:
+        return None
+    user, sep, password = read_secret_file(path, "Kafka Connect REST credentials").partition(":")
+    if not sep or not user or not password:
+        raise ConfigError(f"Kafka Connect REST credentials: {path} must hold one line `user:password`")
+    return user, password
+# --- end access (issue 20) ----------------------------------------------------------------------------

@@ -7,7 +7,6 @@ checkpointed in the same write, so the run leaves no unanchored leaf behind.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +15,7 @@ from guard.audit.chain import LEAF_HEADER, Chain
 from guard.audit.note import Checkpoint, Signer, load_signer
 from guard.audit.verify import origin
 from guard.config import Settings
+from guard.kafka_security import stack_home
 
 Headers = list[tuple[str, str | bytes | None]]
 
@@ -24,8 +24,7 @@ def signing_key_path(settings: Settings) -> Path:
     """The signing key file: the setting, else ``<stack home>/secrets/audit-signing.key``."""
     if settings.audit_signing_key:
         return Path(settings.audit_signing_key).expanduser()
-    home = os.environ.get("GUARD_STACK_HOME") or str(Path.home() / ".local/share/branchguard")
-    return Path(home).expanduser() / "secrets" / "audit-signing.key"
+    return stack_home() / "secrets" / "audit-signing.key"
 
 
 def load_audit_signer(settings: Settings) -> Signer:

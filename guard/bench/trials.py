@@ -29,6 +29,7 @@ from guard.bench.topics import (
 from guard.bench.workers import BenchContext, GroupProgress, RssSampler, WorkerSet
 from guard.bench.workload import Workload, build_workload
 from guard.config import Settings
+from guard.kafka_security import client_config
 from guard.protect.fastpath import use_native
 
 
@@ -45,8 +46,8 @@ class ThroughputResult:
 
 def drain_fresh(ctx: BenchContext, workers: WorkerSet) -> ThroughputResult:
     """Let a fresh group consume the whole input topic; time it with the workers' own timestamps."""
-    bootstrap, names = ctx.settings.kafka_bootstrap, ctx.names
-    progress = GroupProgress(bootstrap, workers.group, names.input, ctx.partitions)
+    names = ctx.names
+    progress = GroupProgress(client_config(ctx.settings), workers.group, names.input, ctx.partitions)
     try:
         targets = progress.ends()
         count = sum(targets.values())
@@ -68,7 +69,7 @@ def drain_fresh(ctx: BenchContext, workers: WorkerSet) -> ThroughputResult:
 
 def catch_up(ctx: BenchContext, workers: WorkerSet) -> None:
     """Wait until a (re)started group has committed everything currently in the input topic."""
-    progress = GroupProgress(ctx.settings.kafka_bootstrap, workers.group, ctx.names.input, ctx.partitions)
+    progress = GroupProgress(client_config(ctx.settings), workers.group, ctx.names.input, ctx.partitions)
     try:
         targets = progress.ends()
         progress.wait(targets, workers, timeout=120 + sum(targets.values()) / 500)
@@ -101,7 +102,7 @@ def soak(ctx: BenchContext, workload: Workload, workers: int, rate: float, secon
     try:
         catch_up(soak_ctx, group)
         t0 = time.time()
-        pace(ctx.settings.kafka_bootstrap, ctx.names.input, workload, rate, seconds, group.check_alive)
+        pace(client_config(ctx.settings), ctx.names.input, workload, rate, seconds, group.check_alive)
     finally:
         group.stop()
         sampler.close()
@@ -314,7 +315,7 @@ def run(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
         raise BenchError("--records, --workers, --partitions and --trials must be positive")
     if not opts.warmup_s() >= 0:  # written so that NaN is refused too
         raise BenchError("--warmup-seconds must be 0 (no warm-up) or more")
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    admin = AdminClient(client_config(settings))
     try:
         admin.list_topics(timeout=10)
     except KafkaException:
@@ -326,7 +327,7 @@ def run(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
     # The workers inherit this environment, so they resolve GUARD_HOT_PATH the same way.
     machine["guard_hot_path"] = "native" if use_native(settings.hot_path) else "python"
     workload = build_workload(opts.records, customers=opts.customers)
-    alert_keys = missing_keys(settings.redis_url, drift_alert_keys(workload))
+    alert_keys = missing_keys(settings.redis_url, drift_alert_keys(workload, settings.tenant))
     sampler = RssSampler(0.5)
     ctx = BenchContext(settings, names, opts.partitions, sampler, Path(tempfile.mkdtemp(prefix=f"{names.prefix}-")),
                        broker_gc_log=broker.gc_log if broker is not None and broker.gc_log.is_file() else None)
@@ -336,7 +337,7 @@ def run(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
         # topic once in its life (`TopicManager.ensure_like`), which is not per-event work.
         create_topic(admin, names.plain_out, opts.partitions)
         create_topic(admin, names.sanitized, opts.partitions)
-        fill_rate = fill(settings.kafka_bootstrap, names.input, workload)
+        fill_rate = fill(client_config(settings), names.input, workload)
         log.info("filled %s with %d events (%.0f/s); worker logs in %s", names.input, opts.records, fill_rate,
                  ctx.log_dir)
         report = execute(ctx, workload, opts)

@@ -53,13 +53,13 @@ def _read(ctx: click.Context, audit_topic: str | None, deletions_topic: str | No
 
     s = _settings(ctx)
     audit_topic = audit_topic or s.audit_topic
-    leaves, kept = read_topic(s.kafka_bootstrap, audit_topic, since_ms=since_ms)
+    leaves, kept = read_topic(s, audit_topic, since_ms=since_ms)
     deletions = s.deletions_topic if deletions_topic is None else deletions_topic
     if deletions:
-        more, kept_more = read_topic(s.kafka_bootstrap, deletions, since_ms=since_ms, confirmations=True)
+        more, kept_more = read_topic(s, deletions, since_ms=since_ms, confirmations=True)
         leaves += more
         kept += kept_more
-    kept += second_store(RedisKeyStore(s.redis_url).audit_checkpoints(store_topic or audit_topic))
+    kept += second_store(RedisKeyStore(s.redis_url, s.tenant, password_file=s.redis_password_file or None).audit_checkpoints(store_topic or audit_topic))
     return leaves, kept
 
 

@@ -39,8 +39,9 @@ def run(ctx: click.Context, worker_id: str | None, max_idle: float | None) -> No
         raise click.ClickException(str(exc)) from None
     except (KafkaException, ProducerStuckError) as exc:
         raise click.ClickException(
-            f"Kafka at {settings.kafka_bootstrap} failed the sanitizer ({exc}); check `guard stack status` or "
-            "GUARD_KAFKA_BOOTSTRAP. Restart the worker with the same --worker-id: it resumes from the last "
+            f"Kafka at {settings.kafka_bootstrap} failed the sanitizer ({exc}); check `guard stack status`, "
+            "GUARD_KAFKA_BOOTSTRAP and the credentials (GUARD_KAFKA_USERNAME, _PASSWORD_FILE, _CA_FILE; "
+            "`guard doctor` checks them). Restart the worker with the same --worker-id: it resumes from the last "
             "committed transaction."
         ) from None
     click.echo(dumps_json(stats.__dict__).decode(), err=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from typing import Any
@@ -13,6 +14,7 @@ from confluent_kafka import Consumer, TopicPartition
 from guard.config import Settings, load_settings
 from guard.kafka.runner import SanitizerWorker
 from guard.kafka.stats import Stats
+from guard.kafka_security import client_config, default_password_file
 from guard.pipeline.runtime import build_sanitizer
 from guard.protect.masking import mask
 from guard.records.codec import decode
@@ -29,7 +31,12 @@ def run_demo(settings: Settings, *, customers: int = 20) -> None:
                                       "kafka_bootstrap": env["GUARD_KAFKA_BOOTSTRAP"],
                                       "branch_dsn": env["GUARD_BRANCH_DSN"],
                                       "redis_url": env["GUARD_REDIS_URL"],
+                                      "redis_password_file": env["GUARD_REDIS_PASSWORD_FILE"],
+                                      "connect_url": env["GUARD_CONNECT_URL"],
+                                      "connect_credentials_file": env["GUARD_CONNECT_CREDENTIALS_FILE"],
                                       "raw_topic_prefix": env["GUARD_RAW_TOPIC_PREFIX"],
+                                      **{k.removeprefix("GUARD_").lower(): v for k, v in env.items()
+                                         if k.startswith("GUARD_KAFKA_")},
                                       "worker_id": "demo"})
     click.echo("== 2/4 starting the guard (exactly-once sanitizer) on " + settings.raw_topic_pattern)
     worker = SanitizerWorker(settings, build_sanitizer(settings))
@@ -73,7 +80,11 @@ def _summary(settings: Settings, stats: Stats, customers: list[int], deleted: li
         return
     raw_topic = f"{settings.raw_topic_prefix}.public.customers"
     raw = _find(settings, raw_topic, shown)
-    sanitized = _find(settings, settings.sanitized_topic(raw_topic), shown, avro=True)
+    # read back as a consumer downstream would: the `downstream` principal may read sanitized topics only
+    downstream = dataclasses.replace(settings, kafka_username="downstream",
+                                     kafka_password_file=str(default_password_file("downstream")))
+    sanitized = _find(downstream, settings.sanitized_topic(raw_topic), shown, avro=True,
+                      group="downstream-demo-reader")
     if raw is None or sanitized is None:
         click.echo("(could not find the sample record pair)")
         return
@@ -118,10 +129,11 @@ def _summary(settings: Settings, stats: Stats, customers: list[int], deleted: li
                " it continues where the demo stopped.")
 
 
-def _find(settings: Settings, topic: str, customer_id: int, *, avro: bool = False) -> dict[str, Any] | None:
+def _find(settings: Settings, topic: str, customer_id: int, *, avro: bool = False,
+          group: str = "guard-demo-reader") -> dict[str, Any] | None:
     """The newest record of `topic` whose key names `customer_id` (reads the topic's recent tail)."""
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "guard-demo-reader",
-                         "enable.auto.commit": False, "isolation.level": "read_committed"})
+    consumer = Consumer(client_config(settings, **{"group.id": group, "enable.auto.commit": False,
+                                                   "isolation.level": "read_committed"}))
     try:
         meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
         if meta is None or not meta.partitions:

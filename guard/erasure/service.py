@@ -15,6 +15,7 @@ from guard.audit.writer import OneShotChains, load_audit_signer
 from guard.classify.catalog import ERASURE_REASONS
 from guard.config import Settings
 from guard.errors import GuardError
+from guard.kafka_security import client_config
 from guard.pipeline.runtime import build_sanitizer
 from guard.pipeline.sanitizer import Sanitizer
 from guard.records.builders import OutRecord
@@ -139,14 +140,14 @@ def _compact(sanitizer: Sanitizer) -> None:
         sanitizer.keys.store.compact()
     except GuardError as exc:
         log.warning("the append-only-file rewrite after the shred did not complete (%s); the key store keeps "
-                    "it due (bg:compact-due) and running workers finish it", exc)
+                    "it due (bg:{t}:compact-due) and running workers finish it", exc)
 
 
 def _sanitizer(settings: Settings) -> Sanitizer:
     """A sanitizer that reads the sanitized topics' configurations (compaction, retention) from Kafka."""
     sanitizer = build_sanitizer(settings)
     sanitizer.emitter.signer = load_audit_signer(settings)  # confirmations are signed; no key, no erasure
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    admin = AdminClient(client_config(settings))
     cache: dict[str, dict[str, str] | None] = {}
 
     def topic_configs(topic: str) -> dict[str, str] | None:
@@ -178,7 +179,7 @@ def _publish(settings: Settings, records: list[OutRecord], sanitizer: Sanitizer,
     if chains is not None:
         checkpoints, notes = chains.checkpoints(sanitizer.emitter.checkpoint)
         stamped += [(rec, rec.headers) for rec in checkpoints if isinstance(rec, OutRecord)]
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True})
+    producer = Producer(client_config(settings, **{"enable.idempotence": True}))
     failures: list[str] = []
 
     def on_delivery(err: KafkaError | None, msg: Message) -> None:

@@ -36,6 +36,7 @@ from guard.audit.verify import Kept, Observed
 from guard.audit.writer import new_chain_id, note_for
 from guard.config import Settings
 from guard.errors import GuardError
+from guard.kafka_security import client_config
 from guard.records.builders import OutRecord
 from guard.records.codec import decode
 
@@ -231,17 +232,28 @@ class AuditChains:
 
 
 # ---- reading a chained topic back (guard audit verify / prove) ----------------------------------------------
-def read_topic(bootstrap: str, topic: str, *, since_ms: int = 0, confirmations: bool = False,
+def verify_group(settings: Settings) -> str:
+    """The reader's one fixed group id, inside the prefix its principal's ACLs allow.
+
+    `guard audit verify|prove` is meant to run as ``oncall`` (read-only on the audit and deletions
+    topics, groups ``oncall-*``: least privilege); run as ``guard`` or ``admin`` it uses the guard's tool
+    prefix ``guard-*``. The reader only assigns partitions at explicit offsets, so it never joins the group
+    or commits; the id is fixed so that a group ACL, if the broker asks for one, can name it.
+    """
+    return "oncall-audit-verify" if settings.kafka_username == "oncall" else "guard-audit-verify"
+
+
+def read_topic(settings: Settings, topic: str, *, since_ms: int = 0, confirmations: bool = False,
                timeout_s: float = 120.0) -> tuple[list[Observed], list[Kept]]:
     """Every committed record of `topic` (read_committed, from `since_ms` on): leaves and checkpoints.
 
     A record with a ``bg-checkpoint`` header is a checkpoint (an audit record whose reason is the
     signed note); every other record is a leaf candidate (`Observed`, its ``bg-leaf`` header if any).
     """
-    # One fixed group id (for ACLs): the reader only assigns partitions, so it never joins or commits.
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "guard-audit-verify",
-                         "enable.auto.commit": False, "isolation.level": "read_committed",
-                         "enable.partition.eof": True})
+    # Security settings from kafka_security (the settings' principal); one fixed group id (verify_group).
+    consumer = Consumer(client_config(settings, **{"group.id": verify_group(settings), "enable.auto.commit": False,
+                                                   "isolation.level": "read_committed",
+                                                   "enable.partition.eof": True}))
     leaves: list[Observed] = []
     kept: list[Kept] = []
     try:

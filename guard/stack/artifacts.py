@@ -86,6 +86,12 @@ def _copy_dependencies(cfg: StackConfig, pom_asset: str, version: str, dest: Pat
     if not jars:
         raise StackError(f"Maven reported success for {what} but copied no jars into {tmp}; see maven.log.")
     old = {p.name for p in dest.glob("*.jar")} if complete else set()
+    if complete and set(jars) <= old:
+        # an older pom (another branch's stack on this shared cache): every jar it needs is there already;
+        # the extra ones (e.g. connect-basic-auth-extension) are inert unless configured, so keep them
+        # rather than pull jars from under the JVMs of the stack that added them
+        shutil.rmtree(tmp, ignore_errors=True)
+        return dest
     if complete and old <= set(jars):
         added = [j for j in jars if j not in old]
         for name in added:

@@ -25,6 +25,7 @@ from guard.classify.catalog import Catalog
 from guard.classify.source import source_options, source_rules
 from guard.stack.config import StackConfig
 from guard.stack.errors import StackError
+from guard.stack.kafka_auth import client_config as kafka_client_config
 from guard.stack.procs import progress
 
 CONFIG_FILE = "branch-postgres.json"
@@ -41,14 +42,20 @@ def connectors_dir() -> Path:
 
 
 def placeholder_values(cfg: StackConfig, db_host: str | None = None, db_port: int | None = None,
-                       bootstrap: str | None = None) -> dict[str, str]:
+                       bootstrap: str | None = None, *, cdc_password_file: str | None = None,
+                       ca_file: str | None = None) -> dict[str, str]:
     """Values for the ``${...}`` placeholders in the connector file."""
     return {
         "DB_HOST": db_host or cfg.host,
         "DB_PORT": str(db_port or cfg.pg_port),
         "DB_NAME": cfg.branch_db,
         "CDC_USER": cfg.cdc_user,
-        "CDC_PASSWORD": cfg.cdc_password,
+        # access (issue 20): the password stays in a 0600 file that Connect's FileConfigProvider reads
+        # when it starts the task; the connector config (REST, the configs topic) holds only the reference
+        "CDC_PASSWORD": "${file:" + str(cdc_password_file or cfg.secrets_dir / "connect-cdc.properties")
+                        + ":password}",
+        "DB_SSLMODE": "verify-full",
+        "DB_SSLROOTCERT": str(ca_file or cfg.ca_file),
         "TOPIC_PREFIX": cfg.topic_prefix,
         "SLOT_NAME": cfg.slot_name,
         "PUBLICATION_NAME": cfg.publication_name,
@@ -71,6 +78,26 @@ def load_connector(values: dict[str, str], path: Path | None = None) -> tuple[st
     return name, config
 
 
+# --- access (issue 20): every REST call authenticates ------------------------------------------------------
+def rest_auth(cfg: StackConfig | None = None) -> tuple[str, str] | None:
+    """(user, password) for Connect's REST API: GUARD_CONNECT_CREDENTIALS_FILE, else the stack's own file."""
+    from guard.config import connect_credentials
+
+    found = connect_credentials()
+    if found is None and cfg is not None and (cfg.secrets_dir / "connect-rest.credentials").exists():
+        found = connect_credentials(str(cfg.secrets_dir / "connect-rest.credentials"))
+    return found
+
+
+def restart_connector(cfg: StackConfig, connect_url: str | None = None) -> None:
+    """Restart the connector and its tasks (they re-read ${file:...} secrets, e.g. after a rotation)."""
+    with httpx.Client(base_url=connect_url or cfg.connect_url, timeout=30.0, auth=rest_auth(cfg)) as http:
+        r = http.post(f"/connectors/{cfg.connector_name}/restart", params={"includeTasks": "true"})
+        if r.status_code >= 400:
+            raise StackError(f"restarting connector {cfg.connector_name}: HTTP {r.status_code} {r.text[:500]}")
+# --- end access (issue 20) -----------------------------------------------------------------------------
+
+
 def connector_state(http: httpx.Client, name: str) -> tuple[str, list[str], str]:
     """(connector state, task states, first error trace line) or ("MISSING", [], "")."""
     r = http.get(f"/connectors/{name}/status")
@@ -87,9 +114,11 @@ def connector_state(http: httpx.Client, name: str) -> tuple[str, list[str], str]
 def ensure_connector(cfg: StackConfig | None = None, *, connect_url: str | None = None,
                      db_host: str | None = None, db_port: int | None = None,
                      timeout: float = 180.0, catalog: Catalog | None = None, check_db: bool = True,
-                     db_dsn: str | None = None) -> str:
+                     db_dsn: str | None = None, cdc_password_file: str | None = None, ca_file: str | None = None,
+                     auth: tuple[str, str] | None = None) -> str:
     """Create or update the connector (only if its config differs) and wait until it and its task run.
 
+    Every REST call authenticates (`auth`, default `rest_auth`: HTTP basic, issue 20).
     The config is rendered from the template and the catalog (``render_connector``); a catalog change
     therefore updates the running connector (``PUT /connectors/<name>/config``). Before that, the
     database's C3 columns to be hashed are checked (``check_hash_columns``, through ``db_dsn``, default the
@@ -104,8 +133,9 @@ def ensure_connector(cfg: StackConfig | None = None, *, connect_url: str | None 
     catalog = catalog or Catalog.load()
     if check_db:
         check_hash_columns(db_dsn or cfg.branch_dsn, catalog)
-    name, config = resolve_connector(render_connector(catalog), placeholder_values(cfg, db_host, db_port))
-    with httpx.Client(base_url=url, timeout=30.0) as http:
+    name, config = resolve_connector(render_connector(catalog), placeholder_values(
+        cfg, db_host, db_port, cdc_password_file=cdc_password_file, ca_file=ca_file))
+    with httpx.Client(base_url=url, timeout=30.0, auth=auth or rest_auth(cfg)) as http:
         current = http.get(f"/connectors/{name}/config")
         if current.status_code == 200 and current.json() == config:
             outcome = "unchanged"
@@ -139,14 +169,17 @@ def ensure_connector(cfg: StackConfig | None = None, *, connect_url: str | None 
             time.sleep(1.0)
 
 
-def topic_message_count(bootstrap: str, topic: str) -> int:
-    """Sum of high watermarks over the topic's partitions (0 if the topic does not exist yet)."""
+def topic_message_count(client: dict[str, Any], topic: str) -> int:
+    """Sum of high watermarks over the topic's partitions (0 if the topic does not exist yet).
+
+    `client`: bootstrap and security settings (the stack's admin: `guard.stack.kafka_auth.client_config`).
+    """
     from confluent_kafka import Consumer, TopicPartition
     from confluent_kafka.admin import AdminClient
 
     from guard.stack.broker import _quiet
 
-    common: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": _quiet}
+    common: dict[str, Any] = {**client, "logger": _quiet}
     # List *all* topics: a metadata request naming the topic would auto-create it (producer-type
     # librdkafka handles allow auto-creation) with 1 partition, before Debezium creates it with 3.
     md = AdminClient(common).list_topics(timeout=5)
@@ -165,7 +198,7 @@ def wait_snapshot(cfg: StackConfig, table: str = "customers", timeout: float = 1
     topic = f"{cfg.topic_prefix}.public.{table}"
     deadline = time.monotonic() + timeout
     while True:
-        n = topic_message_count(cfg.bootstrap, topic)
+        n = topic_message_count(kafka_client_config(cfg, "admin"), topic)
         if n > 0:
             progress(f"snapshot: {topic} has {n} records")
             return n
@@ -318,14 +351,14 @@ def purge_raw_written_before_filter(cfg: StackConfig, catalog: Catalog, outcome:
         return []
     cleaned: list[str] = []
     if outcome != "created":
-        admin = AdminClient({"bootstrap.servers": cfg.bootstrap})
+        admin = AdminClient(kafka_client_config(cfg))
         topics = admin.list_topics(timeout=15).topics
         for table in sorted({rule.table for rule in source_rules(catalog)}):
             name = f"{cfg.topic_prefix}.{table}"
             meta = topics.get(name)
             if meta is None or meta.error is not None:
                 continue
-            ends = [TopicPartition(name, p, _partition_end(cfg.bootstrap, name, p)) for p in meta.partitions]
+            ends = [TopicPartition(name, p, _partition_end(cfg, name, p)) for p in meta.partitions]
             ends = [tp for tp in ends if tp.offset > 0]
             if not ends:
                 continue
@@ -339,13 +372,13 @@ def purge_raw_written_before_filter(cfg: StackConfig, catalog: Catalog, outcome:
     return cleaned
 
 
-def _partition_end(bootstrap: str, topic: str, partition: int) -> int:
-    """High watermark of one partition."""
+def _partition_end(cfg: StackConfig, topic: str, partition: int) -> int:
+    """High watermark of one partition (read as the stack's admin)."""
     from confluent_kafka import Consumer, TopicPartition
 
     from guard.stack.broker import _quiet
 
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "branchguard-stack-probe", "logger": _quiet})
+    consumer = Consumer({**kafka_client_config(cfg), "group.id": "branchguard-stack-probe", "logger": _quiet})
     try:
         return int(consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=15)[1])
     finally:

@@ -23,17 +23,34 @@ SEED_TABLES = ("customers", "accounts", "transactions", "customer_auth")
 def _ensure_role(cur: psycopg.Cursor[Any], role: str, password: str, replication: bool) -> None:
     exists = cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
     verb = "ALTER" if exists else "CREATE"
-    attrs = sql.SQL("LOGIN REPLICATION" if replication else "LOGIN")
+    # least privilege, stated explicitly (an older cluster's roles are brought to it too)
+    attrs = sql.SQL("LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS "
+                    + ("REPLICATION" if replication else "NOREPLICATION"))
     # passwords are sent as literals (DDL takes no bind parameters); statements are never logged
     cur.execute(sql.SQL("{} ROLE {} WITH {} PASSWORD {}").format(
         sql.SQL(verb), sql.Identifier(role), attrs, sql.Literal(password)))
 
 
-def bootstrap(cfg: StackConfig, admin_conninfo: str, admin_conninfo_db: str, superuser: str) -> None:
+def revoke_logical_messages(conn: psycopg.Connection[Any]) -> None:
+    """`pg_logical_emit_message` (every overload) is no longer executable by PUBLIC in this database.
+
+    Logical messages reach Debezium's stream as they are; the policy work attributes writes with them,
+    so an ordinary role must not be able to emit (spoof) one. Superusers keep it.
+    """
+    rows = conn.execute("SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = "
+                        "p.pronamespace WHERE n.nspname = 'pg_catalog' AND p.proname = "
+                        "'pg_logical_emit_message'").fetchall()
+    for (signature,) in rows:
+        conn.execute(sql.SQL("REVOKE EXECUTE ON FUNCTION {} FROM PUBLIC").format(sql.SQL(signature)))
+
+
+def bootstrap(cfg: StackConfig, admin_conninfo: str, admin_conninfo_db: str, superuser: str,
+              app_password: str, cdc_password: str) -> None:
     """Roles ``branch_app`` (owner) and ``cdc`` (REPLICATION), database, publication, event trigger."""
     with psycopg.connect(admin_conninfo, autocommit=True) as conn, conn.cursor() as cur:
-        _ensure_role(cur, cfg.app_user, cfg.app_password, replication=False)
-        _ensure_role(cur, cfg.cdc_user, cfg.cdc_password, replication=True)
+        _ensure_role(cur, cfg.app_user, app_password, replication=False)
+        _ensure_role(cur, cfg.cdc_user, cdc_password, replication=True)
+        revoke_logical_messages(conn)
         if not cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (cfg.branch_db,)).fetchone():
             progress(f"postgres: creating database {cfg.branch_db}")
             cur.execute(sql.SQL("CREATE DATABASE {} OWNER {} ENCODING 'UTF8'").format(
@@ -46,6 +63,7 @@ def bootstrap(cfg: StackConfig, admin_conninfo: str, admin_conninfo_db: str, sup
             publication=sql.Identifier(cfg.publication_name),
             publication_literal=sql.Literal(cfg.publication_name))
         conn.execute(boot)
+        revoke_logical_messages(conn)
         # 2) schema as the owner role, so branch_app owns the tables it writes (and the default
         #    privileges granted above give cdc SELECT on them)
         with conn.transaction():

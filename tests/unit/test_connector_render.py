@@ -115,6 +115,7 @@ def test_no_secret_in_the_rendered_document(catalog: Catalog, cfg: StackConfig) 
     name, config = resolve_connector(render_connector(catalog), {
         "CONNECTOR_NAME": "c", "DB_HOST": "h", "DB_PORT": "1", "DB_NAME": "d", "CDC_USER": "u",
         "CDC_PASSWORD": "pw-secret", "TOPIC_PREFIX": "br", "SLOT_NAME": "s", "PUBLICATION_NAME": "p",
+            "DB_SSLMODE": "verify-full", "DB_SSLROOTCERT": "/ca.crt",
         "CONNECTOR_HASH_SALT": salt})
     assert config[hash_option(salt)] == r"public\.customer_auth\.password_hash"
     assert config["database.password"] == "pw-secret" and name == "c"
