@@ -59,7 +59,9 @@ def _read(ctx: click.Context, audit_topic: str | None, deletions_topic: str | No
         more, kept_more = read_topic(s, deletions, since_ms=since_ms, confirmations=True)
         leaves += more
         kept += kept_more
-    kept += second_store(RedisKeyStore(s.redis_url, s.tenant, password_file=s.redis_password_file or None).audit_checkpoints(store_topic or audit_topic))
+    # The guard's Redis user: the checkpoints are under its tenant's prefix, which its ACL allows.
+    store = RedisKeyStore(s.redis_url, s.tenant, password_file=s.redis_password_file or None)
+    kept += second_store(store.audit_checkpoints(store_topic or audit_topic))
     return leaves, kept
 
 

@@ -226,3 +226,30 @@ def test_keygen_makes_a_private_key_once(tmp_path: Path) -> None:
     assert "PRIVATE" not in first.output
     again = CliRunner().invoke(main, ["audit", "keygen", "--out", str(out)])
     assert again.exit_code != 0 and "exists" in again.output
+
+
+def test_doctor_checks_the_signing_key_exists_with_mode_0600(tmp_path: Path) -> None:
+    from guard.audit.note import generate_key_files
+    from guard.config import Settings
+    from guard.doctor import check_audit_signing_key
+
+    key = tmp_path / "secrets" / "audit-signing.key"
+    settings = Settings(audit_signing_key=str(key))
+    missing = check_audit_signing_key(settings)
+    assert not missing.ok and "does not exist" in missing.detail
+    key.parent.mkdir()
+    generate_key_files(key)
+    good = check_audit_signing_key(settings)
+    assert good.ok and "0600" in good.detail
+    key.chmod(0o640)
+    loose = check_audit_signing_key(settings)
+    assert not loose.ok and "0640" in loose.detail and loose.action == f"chmod 600 {key}"
+
+
+def test_the_audit_reader_uses_a_group_its_principal_may_use() -> None:
+    from guard.config import Settings
+    from guard.kafka.audit_chain import verify_group
+    from guard.stack.kafka_auth import GUARD_TOOL_GROUPS, ONCALL_GROUPS
+
+    assert verify_group(Settings(kafka_username="oncall")).startswith(ONCALL_GROUPS)
+    assert verify_group(Settings(kafka_username="guard")).startswith(GUARD_TOOL_GROUPS)
