@@ -26,7 +26,7 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from tests.integration.kafka_helpers import GUARD, REPO, Rec, high_watermark
+from tests.integration.kafka_helpers import GUARD, REPO, Rec, high_watermark, kafka_conf
 from tests.integration.reliability_helpers import (
     SteadyProducer,
     create_topic,
@@ -87,7 +87,7 @@ def copy_topic(bootstrap: str, records: list[Rec], partitions: int) -> str:
     """A new topic holding `records` in the given order, each in its partition, with key and headers."""
     topic = unique("audit-copy-")
     create_topic(bootstrap, topic, partitions)
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+    producer = Producer({**kafka_conf(bootstrap), "enable.idempotence": True})
     for rec in records:
         producer.produce(topic, rec.value, rec.key, partition=rec.partition, headers=rec.headers)
     assert producer.flush(60) == 0
@@ -285,7 +285,7 @@ def test_a_worker_killed_mid_transaction_continues_its_chains(scenario: Scenario
 
 
 def _read_uncommitted(bootstrap: str, topic: str) -> list[Rec]:
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("audit-ru-"),
+    c = Consumer({**kafka_conf(bootstrap), "group.id": unique("audit-ru-"),
                   "isolation.level": "read_uncommitted", "enable.auto.commit": False})
     try:
         meta = c.list_topics(topic, timeout=10).topics[topic]
