@@ -259,7 +259,8 @@ def read_topic(settings: Settings, topic: str, *, since_ms: int = 0, confirmatio
     try:
         meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
         if meta is None or meta.error is not None:
-            raise GuardError(f"topic {topic} does not exist")
+            raise GuardError(f"topic {topic} does not exist or {settings.kafka_username} may not describe it "
+                             "(verify as oncall reads the audit and deletions topics only: docs/audit.md)")
         parts = sorted(meta.partitions)
         ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
         starts = consumer.offsets_for_times([TopicPartition(topic, p, since_ms) for p in parts], timeout=10) \

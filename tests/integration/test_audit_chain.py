@@ -24,9 +24,12 @@ from pathlib import Path
 import orjson
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from tests.integration.kafka_helpers import GUARD, REPO, Rec, high_watermark, kafka_conf
+from guard.config import Settings
+from guard.kafka.evidence import prepare_evidence_topics
+from tests.integration.kafka_helpers import GUARD, REPO, Rec, admin_kafka_settings, high_watermark, kafka_conf
 from tests.integration.reliability_helpers import (
     SteadyProducer,
     create_topic,
@@ -157,6 +160,16 @@ def test_the_chain_verifies_proves_and_names_every_tampering(scenario: Scenario)
     ok = verify(sc, "--json")
     report = orjson.loads(ok.stdout)
     assert report["ok"] and report["breaks"] == [], ok.stdout
+    # least privilege: as `oncall`, verify reads the evidence topics but the test's own topics are refused
+    oncall = {**sc.env, "GUARD_KAFKA_USERNAME": "oncall", "GUARD_KAFKA_PASSWORD_FILE":
+              str(Path(os.environ["GUARD_STACK_HOME"]) / "secrets" / "kafka-oncall.password")}
+    refused = guard_cli(oncall, "audit", "verify", "--audit-topic", sc.audit, "--deletions-topic", sc.deletions)
+    assert refused.returncode != 0 and "oncall may not describe it" in refused.stderr, refused.stderr[-2000:]
+    prepare_evidence_topics(AdminClient(kafka_conf(sc.bootstrap)),
+                            Settings(**admin_kafka_settings(), kafka_bootstrap=sc.bootstrap), 1)
+    evidence = guard_cli(oncall, "audit", "verify", "--since-ms", str(int(time.time() * 1000) + 60_000))
+    assert evidence.returncode == 0 and "OK" in evidence.stdout, evidence.stderr[-2000:]
+
     audit = read_from(sc.bootstrap, sc.audit)
     chains = Counter(info[0] for r in audit if (info := leaf_info(r)) is not None)
     per_partition = [c for c in chains if c.startswith(f"audit/{sc.topic}:")]
