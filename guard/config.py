@@ -104,6 +104,14 @@ class Settings:
     #: How long a delete waits for the logical-decoding message naming its principal before it is
     #: decided `unattributed` (seconds since this worker first met it).
     attribution_wait_s: float = 10.0
+    # ---- the audit chain (guard/audit, guard/kafka/audit_chain.py, docs/audit.md)
+    #: The Ed25519 private key (PKCS#8 PEM, mode 0600) that signs checkpoints and deletion confirmations
+    #: (empty: `<stack home>/secrets/audit-signing.key`, which `guard stack up` creates).
+    audit_signing_key: str = ""
+    #: A writer checkpoints a chain after this many new records, or after `audit_checkpoint_s` seconds
+    #: (idle included), whichever comes first.
+    audit_checkpoint_records: int = 1000
+    audit_checkpoint_s: float = 30.0
 
     # ---- evidence topics: retention and replication of guard.audit and guard.deletions (guard/kafka/evidence.py)
     #: How long `guard.audit` keeps its records, in ms (-1: forever). Default 7 years: PIPL Art. 56 asks for at

@@ -7,6 +7,7 @@ the real components with the guard's own settings, so a pass means the guard its
 from __future__ import annotations
 
 import logging
+import stat
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -88,6 +89,7 @@ def check_hanging_transactions(admin: AdminClient, settings: Settings, *, settle
 
 def run_checks(settings: Settings, *, settle_s: float | None = None) -> Iterator[Check]:
     yield from access_checks(settings)  # Redis, PostgreSQL, Connect REST (issue 20)
+    yield check_audit_signing_key(settings)
     try:
         admin = AdminClient(client_config(settings))
     except ConfigError as exc:
@@ -241,6 +243,31 @@ def _check_mariadb_cdc(settings: Settings, common: dict[str, object]) -> Check:
 
 #: Records read from the end of each raw partition by the C3 check.
 C3_SAMPLE = 200
+
+
+def check_audit_signing_key(settings: Settings) -> Check:
+    """The audit chain's Ed25519 key exists, is a regular file and only its owner can read it (0600).
+
+    Without it the guard can't sign checkpoints or deletion confirmations (it refuses to run, docs/audit.md);
+    a key others can read lets them forge checkpoints, so a wider mode fails too.
+    """
+    from guard.audit.writer import signing_key_path
+
+    name = "audit signing key"
+    path = signing_key_path(settings)
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return Check(name, False, f"{path} does not exist",
+                     "run `guard stack up` (local stack) or `guard audit keygen`, or set GUARD_AUDIT_SIGNING_KEY")
+    except OSError as exc:
+        return Check(name, False, f"{path} can't be read ({type(exc).__name__})", "check the file's owner and mode")
+    if not stat.S_ISREG(st.st_mode):
+        return Check(name, False, f"{path} is not a regular file", "point GUARD_AUDIT_SIGNING_KEY at the key file")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        return Check(name, False, f"{path} has mode {mode:04o}: others may read the key", f"chmod 600 {path}")
+    return Check(name, True, f"{path} (mode {mode:04o})")
 
 
 def check_evidence_topics(admin: AdminClient, settings: Settings) -> list[Check]:

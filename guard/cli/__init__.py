@@ -10,6 +10,7 @@ May import: anything in `guard` (the top of docs/architecture.md); nothing impor
 
 from guard.cli import (  # noqa: F401 (registers the commands)
     alerts,
+    audit,
     bench,
     classify,
     connector,

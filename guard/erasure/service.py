@@ -11,6 +11,7 @@ import orjson
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 
+from guard.audit.writer import OneShotChains, load_audit_signer
 from guard.classify.catalog import ERASURE_REASONS
 from guard.config import Settings
 from guard.errors import GuardError
@@ -36,7 +37,7 @@ def erase_subject(settings: Settings, subject_id: str, reason_code: str, by: str
     subject = sanitizer.keys.subject_token(settings.branch, subject_id)
     records = sanitizer.erase(subject, trigger="erase_command", reason_code=reason_code,
                               reason=REASONS[reason_code], by=by)
-    _publish(settings, records)
+    _publish(settings, records, sanitizer, by)
     if not any(r.topic == settings.deletions_topic for r in records):
         first = sanitizer.keys.store.erased_record(settings.branch, subject)
         return {"type": "already_erased", "subject": subject, "branch": settings.branch, "outcome": "already_erased",
@@ -79,7 +80,7 @@ def sweep_retention(
                 records = sanitizer.erase(subject, trigger="retention_expiry",
                                           reason_code="art47_2_retention_expired",
                                           reason=REASONS["art47_2_retention_expired"], by=by)
-                _publish(settings, records)
+                _publish(settings, records, sanitizer, by)
                 _forget_pending(sanitizer)
                 for rec in records:
                     if rec.topic == settings.deletions_topic and rec.value:
@@ -116,7 +117,7 @@ def release_hold(settings: Settings, subject_id: str, by: str) -> dict[str, Any]
                          "`guard erase --subject ID --reason ... --by WHO` to erase the customer") from None
     records = sanitizer.erase(subject, trigger="hold_released", reason_code=reason_code,
                               reason=f"{reason} (deferred by a legal hold until its release)", by=by)
-    _publish(settings, records)
+    _publish(settings, records, sanitizer, by)
     _forget_pending(sanitizer)
     store.clear_storage_only(settings.branch, subject)
     _compact(sanitizer)
@@ -145,6 +146,7 @@ def _compact(sanitizer: Sanitizer) -> None:
 def _sanitizer(settings: Settings) -> Sanitizer:
     """A sanitizer that reads the sanitized topics' configurations (compaction, retention) from Kafka."""
     sanitizer = build_sanitizer(settings)
+    sanitizer.emitter.signer = load_audit_signer(settings)  # confirmations are signed; no key, no erasure
     admin = AdminClient(client_config(settings))
     cache: dict[str, dict[str, str] | None] = {}
 
@@ -161,8 +163,22 @@ def _sanitizer(settings: Settings) -> Sanitizer:
     return sanitizer
 
 
-def _publish(settings: Settings, records: list[OutRecord]) -> None:
-    """Write the records and wait for each delivery report; any failure raises (none is ignored)."""
+def _publish(settings: Settings, records: list[OutRecord], sanitizer: Sanitizer, by: str) -> None:
+    """Write the records and wait for each delivery report; any failure raises (none is ignored).
+
+    The audit and deletion records form chains of this run (`OneShotChains`), checkpointed in the same
+    write; once Kafka has them, the checkpoints are copied to the second store (docs/audit.md).
+    """
+    if not records:
+        return
+    signer = sanitizer.emitter.signer
+    chains = OneShotChains(settings, signer, by) if signer is not None else None
+    stamped = [(rec, chains.headers(rec.topic, rec.key, rec.value, rec.headers) if chains else rec.headers)
+               for rec in records]
+    notes: list[tuple[str, int, str]] = []
+    if chains is not None:
+        checkpoints, notes = chains.checkpoints(sanitizer.emitter.checkpoint)
+        stamped += [(rec, rec.headers) for rec in checkpoints if isinstance(rec, OutRecord)]
     producer = Producer(client_config(settings, **{"enable.idempotence": True}))
     failures: list[str] = []
 
@@ -170,11 +186,11 @@ def _publish(settings: Settings, records: list[OutRecord]) -> None:
         if err is not None:
             failures.append(f"{msg.topic()}: {err.str()}")
 
-    for rec in records:
+    for rec, headers in stamped:
         try:
             # Tombstones go to the partition of the record they remove (the raw record's partition).
             producer.produce(rec.topic, rec.value, rec.key, partition=-1 if rec.partition is None else rec.partition,
-                             timestamp=rec.timestamp or 0, on_delivery=on_delivery)
+                             timestamp=rec.timestamp or 0, on_delivery=on_delivery, headers=headers)
         except (KafkaException, BufferError) as exc:
             failures.append(f"{rec.topic}: {exc}")
     left = producer.flush(30)
@@ -183,3 +199,8 @@ def _publish(settings: Settings, records: list[OutRecord]) -> None:
             f"the deletion confirmation was not written to Kafka ({'; '.join(failures) or f'{left} undelivered'}); "
             "the key is already destroyed and the confirmation is kept in the key store: a running worker "
             "delivers it once (within the transaction timeout + 60 s), or re-run `guard erase` to see its state")
+    try:
+        sanitizer.keys.store.put_audit_checkpoints(settings.audit_topic, notes)
+    except GuardError as exc:
+        log.warning("the audit checkpoints of this run are on %s but not in the second store (%s)",
+                    settings.audit_topic, exc)

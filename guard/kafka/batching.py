@@ -64,10 +64,14 @@ class EarlyOffsets:
         self.pending: _Pending | None = None
 
     def send(self, pool: concurrent.futures.Executor, producer: Producer, consumer: Consumer,
-             ends: dict[tuple[str, int], int], timeout_s: float) -> None:
-        """Send `ends` (partition -> last offset taken) to the open transaction on `pool`'s thread."""
-        offsets = [TopicPartition(t, p, o + 1) for (t, p), o in ends.items()]
-        self.pending = (ends, pool.submit(producer.send_offsets_to_transaction, offsets,
+             ends: dict[tuple[str, int], int], timeout_s: float,
+             metadata: dict[tuple[str, int], str] | None = None) -> None:
+        """Send `ends` (partition -> last offset taken) to the open transaction on `pool`'s thread, with
+        each partition's commit `metadata` if given (the audit chains' tails)."""
+        meta = metadata or {}
+        offsets = [TopicPartition(t, p, o + 1, meta[(t, p)]) if (t, p) in meta else TopicPartition(t, p, o + 1)
+                   for (t, p), o in ends.items()]
+        self.pending = (dict(ends), pool.submit(producer.send_offsets_to_transaction, offsets,
                                           consumer.consumer_group_metadata(), timeout_s))
 
     def cover(self, last: dict[tuple[str, int], int], wait_s: float) -> bool:

@@ -60,9 +60,11 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 
+from guard.audit.writer import load_audit_signer
 from guard.config import Settings
 from guard.errors import KeyUnavailableError
 from guard.kafka import confirmations
+from guard.kafka.audit_chain import AuditChains
 from guard.kafka.batching import EarlyOffsets, commit_due, take
 from guard.kafka.clients import OUTPUT_TOPIC_PARTITIONS, TopicManager, consumer_config, producer_config
 from guard.kafka.evidence import prepare_evidence_topics
@@ -154,6 +156,12 @@ class SanitizerWorker:
         sanitizer.owner = f"{settings.transactional_id()}#{uuid.uuid4()}"
         self._txn_mark: TxnMark = sanitizer.keys.mark()
         self._pending_checked = 0.0
+        # The audit chains (docs/audit.md): no signing key, no worker (fail closed).
+        signer = load_audit_signer(settings)
+        sanitizer.emitter.signer = signer
+        self.chains = AuditChains(settings, signer, sanitizer.emitter.checkpoint,
+                                  lambda tps: self.consumer.committed(tps, timeout=30))
+        self._idle_checked = 0.0
 
     # --- lifecycle --------------------------------------------------------------------------------
     def stop(self, *_: object) -> None:
@@ -197,6 +205,9 @@ class SanitizerWorker:
                         self._commit()
                     if not self._in_txn and time.monotonic() - self._pending_checked > PENDING_CHECK_S:
                         self._maintenance()
+                    if not self._in_txn and time.monotonic() - self._idle_checked > min(
+                            PENDING_CHECK_S, self.settings.audit_checkpoint_s / 2):
+                        self._idle_checkpoints()
                     backoff = 0.5
                 except KeyUnavailableError as exc:
                     log.warning("key store unavailable, retrying the batch in %.1fs: %s", backoff, exc)
@@ -295,6 +306,11 @@ class SanitizerWorker:
             self._in_txn = True
             self._txn_started = time.monotonic()
             self._txn_records = 0
+        # The audit chains of partitions new to this worker, read with their committed offsets *before* this
+        # transaction sends offsets for them: a read_committed offset fetch waits on pending offsets.
+        unloaded = [tp for tp in ends if tp not in self.chains.partitions]
+        if unloaded:
+            self.chains.load(unloaded)
         # The commit then has only EndTxn left to wait for (`EarlyOffsets`).
         self._early_offsets.send(self._txn_pool, self.producer, self.consumer, ends, 10)
         self._held.clear()
@@ -303,8 +319,9 @@ class SanitizerWorker:
             # headers to carry, too large, a callback error) goes through the full Python path.
             i, n = 0, len(good)
             producer = self.producer
+            produce = self.chains.wrap_produce(producer.produce)
             while i < n and not self._held:
-                run = sanitizer.run_native(good, i, produce=producer.produce, poll=producer.poll,
+                run = sanitizer.run_native(good, i, produce=produce, poll=producer.poll,
                                            partitions=self.topics.ensure_like,
                                            max_record_bytes=self._max_record_bytes)
                 for topic, partition, offset in run.last:
@@ -367,12 +384,12 @@ class SanitizerWorker:
         ts_type, ts = msg.timestamp()
         ts = ts if ts_type != TIMESTAMP_NOT_AVAILABLE else 0
         try:
-            self._produce_all(outcome, topic, ts, out_headers)
+            self._produce_all(outcome, topic, ts, out_headers, (topic, partition))
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
                 raise
             outcome = sanitizer.too_large(topic, partition, offset, msg.key(), value)
-            self._produce_all(outcome, topic, ts, out_headers)
+            self._produce_all(outcome, topic, ts, out_headers, (topic, partition))
         self._last[(topic, partition)] = offset
         self.batch.add(outcome, ts)
 
@@ -384,17 +401,24 @@ class SanitizerWorker:
             raise ProducerStuckError(f"transactional send offsets did not finish within "
                                      f"{self._txn_deadline_s:.0f} s") from None
 
-    def _produce_all(self, outcome: Outcome, source_topic: str, ts: int, headers: Any) -> None:
+    def _produce_all(self, outcome: Outcome, source_topic: str, ts: int, headers: Any,
+                     source: tuple[str, int] | None) -> None:
+        """Produce an outcome's records; audit and deletion records join the chain of `source` (the input
+        partition; None: this worker's side chain), stamped once before any retry."""
         produce = self.producer.produce
+        chained = self.chains.kinds
         for rec in outcome.records:
             partition = -1  # librdkafka's "use the partitioner"
             if rec.partition is not None:
                 partition = rec.partition % self.topics.ensure_like(rec.topic, source_topic)
             both = headers if rec.headers is None else [*(headers or []), *rec.headers]
+            out_headers = both
+            if rec.topic in chained:
+                out_headers = self.chains.headers(rec.topic, rec.key, rec.value, source, both)
             while True:
                 try:
                     produce(rec.topic, rec.value, rec.key, partition=partition,
-                            timestamp=ts if rec.timestamp is None else rec.timestamp, headers=both)
+                            timestamp=ts if rec.timestamp is None else rec.timestamp, headers=out_headers)
                     break
                 except BufferError:  # local queue full: let deliveries drain, then retry
                     self.producer.poll(0.2)
@@ -402,8 +426,45 @@ class SanitizerWorker:
     def _produce_own(self, rec: OutRecord) -> None:
         """A record of the guard's own transactions (erasures, re-emitted confirmations): an erasure's
         tombstones go to the partition of the record they remove, everything else by the partitioner."""
+        headers = self.chains.headers(rec.topic, rec.key, rec.value, None, rec.headers)
         self.producer.produce(rec.topic, rec.value, rec.key, partition=-1 if rec.partition is None else rec.partition,
-                              timestamp=rec.timestamp or 0)
+                              timestamp=rec.timestamp or 0, headers=headers)
+
+    def _produce_checkpoints(self, records: list[OutRecord]) -> None:
+        """Checkpoint records (not leaves themselves) into the open transaction."""
+        for rec in records:
+            self.producer.produce(rec.topic, rec.value, rec.key, timestamp=rec.timestamp or 0, headers=rec.headers)
+
+    def _chains_committed(self) -> None:
+        """After a commit: the checkpoints it carried go to the second store too (best effort: the topic
+        has them; a checkpoint missing from the second store weakens only what a later cut can hide)."""
+        notes = self.chains.committed()
+        if not notes:
+            return
+        try:
+            self.sanitizer.keys.store.put_audit_checkpoints(self.settings.audit_topic, notes)
+        except KeyUnavailableError as exc:
+            log.warning("%d audit checkpoints not copied to the second store (%s); they are on %s",
+                        len(notes), exc, self.settings.audit_topic)
+
+    def _idle_checkpoints(self) -> None:
+        """Between transactions: checkpoints of the chains whose last one is `audit_checkpoint_s` old, in a
+        transaction of their own, so a quiet chain is still checkpointed every T seconds."""
+        self._idle_checked = time.monotonic()
+        try:
+            self.chains.load([(tp.topic, tp.partition) for tp in self.consumer.assignment()])
+            records = self.chains.checkpoints(idle=True)
+            if not records:
+                return
+            self.producer.begin_transaction()
+            self._in_txn = True
+            self._produce_checkpoints(records)
+            self._txn("commit", lambda: self.producer.commit_transaction(10))
+            self._in_txn = False
+            self._chains_committed()
+        except (KafkaException, ProducerStuckError) as exc:
+            log.warning("idle audit checkpoints not written (%s); retrying later", exc)
+            self._abort_side_transaction()
 
     def _commit(self) -> None:
         if not self._in_txn:
@@ -412,6 +473,11 @@ class SanitizerWorker:
             self._abort()
             return
         try:
+            # The chains' checkpoints, and the offsets with the chains' tails as their metadata, sent while
+            # the key store is asked below: the tails commit atomically with the records (docs/audit.md).
+            self._produce_checkpoints(self.chains.checkpoints())
+            tails = self.chains.metadata(self._last)
+            self._early_offsets.send(self._txn_pool, self.producer, self.consumer, self._last, 10, tails)
             sanitizer = self.sanitizer
             store = sanitizer.keys.store
             epoch, watched = store.commit_view(sanitizer.branch)
@@ -431,12 +497,13 @@ class SanitizerWorker:
                 # before the commit (a crash after it must not leave a re-inserted customer to be shredded).
                 cancelled, resumed = store.root_changed(sanitizer.branch, roots)
                 self._produce_root_audits(cancelled, resumed)
+                self._produce_checkpoints(self.chains.checkpoints())  # the side chain's, if it grew
             store.set_expiry(sanitizer.branch, sanitizer.take_expiries(roots))
             activity = sanitizer.pending_activity()
             store.record_subject_activity(sanitizer.branch, activity)
             sanitizer.mark_recorded(activity)
             if not self._early_offsets_cover_batch():
-                offsets = [TopicPartition(t, p, o + 1) for (t, p), o in self._last.items()]
+                offsets = [TopicPartition(t, p, o + 1, tails[(t, p)]) for (t, p), o in self._last.items()]
                 metadata = self.consumer.consumer_group_metadata()
                 self._txn("send offsets", lambda: self.producer.send_offsets_to_transaction(offsets, metadata, 10))
             self._txn("commit", lambda: self.producer.commit_transaction(10))
@@ -458,6 +525,7 @@ class SanitizerWorker:
             raise
         self._confirm_delivered(self.sanitizer.pending_in_txn)
         self.sanitizer.subject_activity.clear()
+        self._chains_committed()
         batch, self.batch = self.batch, BatchCounters()
         self.stats.merge(batch)
         log.debug("committed a transaction of %d events over %d partitions", batch.events, len(self._last))
@@ -473,11 +541,11 @@ class SanitizerWorker:
         for subject in cancelled:
             self._produce_all(Outcome([emit("erase", 0, 0, None, "erase", subject, "erasure_cancelled",
                                             "the root row came back within the grace period", {}, {})], "audit"),
-                              "", 0, None)
+                              "", 0, None, None)
         for subject in resumed:
             self._produce_all(Outcome([emit("erase", 0, 0, None, "erase", subject, "retention_stopped",
                                             "the root row came back: the relationship continues", {}, {})], "audit"),
-                              "", 0, None)
+                              "", 0, None, None)
 
     def _maintenance(self) -> None:
         """Between transactions, every `PENDING_CHECK_S`: finish a compaction left due, deliver pending
@@ -500,8 +568,10 @@ class SanitizerWorker:
             self._in_txn = True
             for rec in records:
                 self._produce_own(rec)
+            self._produce_checkpoints(self.chains.checkpoints())
             self._txn("commit", lambda: self.producer.commit_transaction(10))
             self._in_txn = False
+            self._chains_committed()
             self._confirm_delivered(sanitizer.pending_in_txn)
         except (KafkaException, ProducerStuckError) as exc:
             log.warning("scheduled erasures: confirmations not delivered yet (%s); they stay pending", exc)
@@ -556,8 +626,10 @@ class SanitizerWorker:
             for entry in missing.values():
                 for rec in pending_records(entry):
                     self._produce_own(rec)
+            self._produce_checkpoints(self.chains.checkpoints())
             self._txn("commit", lambda: self.producer.commit_transaction(10))
             self._in_txn = False
+            self._chains_committed()
             self.stats.confirmations_redelivered += len(missing)
             log.warning("re-emitted %d deletion confirmations that a crash or an error had left undelivered",
                         len(missing))
@@ -574,6 +646,7 @@ class SanitizerWorker:
         It carries no consumed records, so nothing is rewound; a producer that can't abort is replaced,
         which fences it and has the coordinator abort the transaction.
         """
+        self.chains.aborted()
         if not self._in_txn:
             return
         self._in_txn = False
@@ -584,6 +657,7 @@ class SanitizerWorker:
 
     def _abort(self) -> None:
         """Abort the open transaction and rewind every partition it touched to its first record."""
+        self.chains.aborted()
         if self._in_txn:
             try:
                 # A short deadline: when an abort can't finish quickly, replacing the producer is faster.
@@ -642,6 +716,7 @@ class SanitizerWorker:
         """
         self.stats.aborts += 1
         self._replace_producer()
+        self.chains.reset(outcome_unknown=True)
         assigned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
         touched = [TopicPartition(t, p) for (t, p) in self._first if (t, p) in assigned]
         if touched:
@@ -679,6 +754,7 @@ class SanitizerWorker:
         """
         self.stats.aborts += 1
         self._reset_batch()
+        self.chains.reset(outcome_unknown=True)
         self._close_consumer(self.consumer)
         backoff = 1.0
         while self._running:
@@ -718,6 +794,8 @@ class SanitizerWorker:
             except (KafkaException, KeyUnavailableError) as exc:
                 log.warning("commit on revoke failed (%s); aborting, the new owner reprocesses", exc)
                 self._abort()
+        # The revoked partitions' chains continue with their next owner: reload the tails when needed.
+        self.chains.reset()
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.warning("%d partitions lost (session expired, e.g. a broker restart)", len(partitions))
@@ -730,3 +808,4 @@ class SanitizerWorker:
             self.stats.aborts += 1
             self._replace_producer()
             self._reset_batch()
+        self.chains.reset(outcome_unknown=True)

@@ -32,6 +32,7 @@ every key they touch in KEYS, so the ACL's key patterns apply to them too:
                                            after ATTRIBUTION_TTL_S; docs/policy.md, "Attribution contract")
     bg:{t}:reveal:tokens             hash  keyed hash of a reveal token → JSON (principal, id, created, expires)
     bg:{t}:reveal:rate:{principal}:{window}  str  records revealed or searched by a principal in one window (expires)
+    bg:{t}:audit-ckpt:{audit topic}  hash  "{chain} {size}" → signed checkpoint note (the audit chain's second store)
     bg:{t}:invalidate                pub/sub channel: "{branch}:{subject}" after a rotation,
                                      "{branch}:{subject}:{epoch}" after a shred
 
@@ -303,6 +304,22 @@ class RedisKeyStore:
 
     def _k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
+
+    # --- the audit chain's second store (guard.audit, docs/audit.md) -------------------------------
+    def audit_checkpoints_key(self, audit_topic: str) -> str:
+        """The second store of an audit topic's checkpoints, under the tenant's prefix (its Redis ACL)."""
+        return self._k("audit-ckpt", audit_topic)
+
+    def put_audit_checkpoints(self, audit_topic: str, notes: list[tuple[str, int, str]]) -> None:
+        """Keep signed checkpoints (chain, tree size, note) outside Kafka; one field per chain and size."""
+        if notes:
+            self._call(self.client.hset, self.audit_checkpoints_key(audit_topic),
+                       mapping={f"{chain} {size}": note for chain, size, note in notes})
+
+    def audit_checkpoints(self, audit_topic: str) -> dict[str, str]:
+        """Every kept checkpoint of the chains writing `audit_topic`: "{chain} {size}" → signed note."""
+        raw = self._call(self.client.hgetall, self.audit_checkpoints_key(audit_topic))
+        return {k.decode(): v.decode() for k, v in raw.items()}
 
     # --- branch and tenant keys -------------------------------------------------------------------
     def kek_versions(self, branch: str) -> tuple[int, dict[int, bytes]]:

@@ -18,6 +18,8 @@ from typing import Any
 
 import orjson
 
+from guard.audit.chain import CHECKPOINT_HEADER
+from guard.audit.note import Signer
 from guard.cdc.envelope import ChangeEvent
 from guard.classify.plans import TablePlan
 from guard.config import Settings
@@ -64,6 +66,8 @@ class RecordBuilder:
         #: The trace id of the event in hand (the sanitizer sets it per event; audit records carry it).
         self.trace_id: str | None = None
         self._audit_templates: dict[tuple[Any, ...], tuple[AuditTemplate, bytes]] = {}
+        #: Signs deletion confirmations (`guard.audit.note`); the worker and `guard erase` set it.
+        self.signer: Signer | None = None
 
     def alert_once(self, key: str) -> bool:
         """True for the first alert of `key` (across workers when the runner shares the key store's)."""
@@ -177,6 +181,14 @@ class RecordBuilder:
             "trace_id": self.trace_id,
         }
         return OutRecord(self.settings.audit_topic, f"{topic}:{partition}".encode(), self.audit_codec.encode(record))
+
+    def checkpoint(self, chain: str, size: int, note: str) -> OutRecord:
+        """A chain's signed checkpoint as an audit record (decision and op ``checkpoint``, the note as
+        reason), so every record of the audit topic still decodes with the one audit schema."""
+        rec = self.audit(chain, -1, size, None, "checkpoint", None, "checkpoint", note, {}, {})
+        rec.key = chain.encode()
+        rec.headers = [(CHECKPOINT_HEADER, chain.encode())]
+        return rec
 
     def dlq(
         self,
@@ -343,6 +355,8 @@ class RecordBuilder:
             "source": None if source is None else {"topic": source[0], "partition": source[1], "offset": source[2]},
             "audit": {"topic": s.audit_topic, "decision": outcome},
         }
+        if self.signer is not None:
+            confirmation = self.signer.sign_confirmation(confirmation)
         body = orjson.dumps(confirmation)
         audit_source = source or ("erase", 0, 0)
         audit = self.audit(audit_source[0], audit_source[1], audit_source[2], None, "erase", subject,

@@ -210,6 +210,7 @@ def _up(cfg: StackConfig) -> None:
     progress(f"home {cfg.home}, cache {cfg.cache}")
     for d in (cfg.home, cfg.logs, cfg.run):
         d.mkdir(parents=True, exist_ok=True)
+    ensure_audit_key(cfg)
     stack = Stack(cfg).with_artifacts()
     stack.migrate_combined_kafka()
     stack.secure_home()
@@ -237,6 +238,21 @@ def _up(cfg: StackConfig) -> None:
     progress(f"up in {time.monotonic() - t0:.1f}s")
     for k, v in cfg.env().items():
         progress(f"  {k}={v}")
+
+
+def audit_key_file(cfg: StackConfig) -> Path:
+    """The local stack's audit signing key: ``<home>/secrets/audit-signing.key`` (guard.audit.writer's default)."""
+    return cfg.home / "secrets" / "audit-signing.key"
+
+
+def ensure_audit_key(cfg: StackConfig) -> None:
+    """Create the audit chain's Ed25519 signing key (0600) and its verifier key (`.pub`) once."""
+    from guard.audit.note import generate_key_files
+
+    path = audit_key_file(cfg)
+    if not path.exists():
+        generate_key_files(path)
+        progress(f"audit: created the signing key {path} (mode 0600) and its verifier key {path.with_suffix('.pub')}")
 
 
 def down() -> None:

@@ -471,9 +471,13 @@ def mixed_batch(seed: int) -> tuple[list[Message], set[int]]:
 def process_batch(stack, sanitizer, msgs, **producer_options):
     producer = RecordingProducer(**producer_options)
     sanitizer.subject_activity.clear()  # what earlier tests left (a worker clears it at every commit)
-    worker = batch_worker(stack, sanitizer, producer)
-    worker._max_record_bytes = min(worker._max_record_bytes, producer.max_bytes - 64)
-    worker._process_batch(msgs)
+    with pytest.MonkeyPatch.context() as patch:
+        # Both paths' audit chains get the same ids, so their audit records must be identical, the chain's
+        # `bg-leaf` header (sequence number, link to the previous leaf) included.
+        patch.setattr("guard.kafka.audit_chain.new_chain_id", lambda kind, base: f"{kind}/{base}/same")
+        worker = batch_worker(stack, sanitizer, producer)
+        worker._max_record_bytes = min(worker._max_record_bytes, producer.max_bytes - 64)
+        worker._process_batch(msgs)
     assert producer.sent_offsets[-1] == {tp: offset + 1 for tp, offset in worker._last.items()}
     assert worker._early_offsets_cover_batch(), "the commit would use the offsets sent while the batch ran"
     batch = worker.batch

@@ -1,0 +1,329 @@
+"""What `guard audit verify` concludes from the records and checkpoints it read, and `prove`'s proofs.
+
+Input: the records of the chained topics as read (`Observed`, in offset order per topic partition) and
+every kept checkpoint (`Kept`: the checkpoint records of the audit topic and the copies of the second
+store). Per chain the verifier:
+
+1. checks each checkpoint's signature (one that fails is a ``forged_checkpoint``) and that no two
+   checkpoints of one size disagree (``fork``);
+2. groups the records by sequence number: a second record with the same number is ``inserted`` (of two,
+   the one whose hash the neighbours' links vouch for is kept); a record without a valid ``bg-leaf``
+   header in a chained topic is ``inserted`` too;
+3. in each topic partition the sequence numbers must rise: one lower than a record before it is
+   ``reordered``;
+4. a missing number below the chain's highest one is ``removed``; a chain shorter than a checkpoint says
+   is ``truncated`` (a checkpoint with no record left at all: the whole chain was removed);
+5. each record's link must be the previous record's leaf hash, else the previous record was ``altered``;
+6. the root of the first `size` leaves must equal every checkpoint's root. A mismatch the steps before
+   did not explain is reported as ``altered`` somewhere in the interval since the last matching checkpoint.
+
+Per chain the first break (lowest sequence number) is reported. Leaves after a chain's last checkpoint
+are *unanchored*: counted, not a break (a writer checkpoints every N records or T seconds), unless
+`strict` is set.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from guard.audit import merkle
+from guard.audit.chain import ZERO_HASH, leaf_bytes, parse_prefix
+from guard.audit.note import Checkpoint, Verifier, open_checkpoint, verify_confirmation
+
+#: Checkpoint origins are this prefix + the chain id.
+ORIGIN_PREFIX = "branchguard.audit/"
+
+
+def origin(chain: str) -> str:
+    return ORIGIN_PREFIX + chain
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    """One record as read: where it is, its ``bg-leaf`` header (None: absent), key and value."""
+
+    topic: str
+    partition: int
+    offset: int
+    header: bytes | None
+    key: bytes | None
+    value: bytes | None
+    #: A deletion confirmation: its Ed25519 signature is checked too.
+    confirmation: bool = False
+
+    @property
+    def where(self) -> str:
+        return f"{self.topic}[{self.partition}]@{self.offset}"
+
+
+@dataclass(frozen=True, slots=True)
+class Kept:
+    """A kept checkpoint (signed note) and where it was found."""
+
+    note: str
+    where: str
+
+
+@dataclass(frozen=True, slots=True)
+class Break:
+    kind: str
+    chain: str | None
+    seq: int | None
+    where: str
+    detail: str
+
+    def line(self) -> str:
+        at = "" if self.seq is None else f" seq {self.seq}"
+        return f"{self.kind.upper()}: chain {self.chain or '-'}{at} at {self.where}: {self.detail}"
+
+
+@dataclass
+class ChainSummary:
+    chain: str
+    records: int
+    checkpointed: int
+    unanchored: int
+
+
+@dataclass
+class Report:
+    breaks: list[Break] = field(default_factory=list)
+    chains: list[ChainSummary] = field(default_factory=list)
+    records: int = 0
+    checkpoints: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.breaks
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "records": self.records, "checkpoints": self.checkpoints,
+                "chains": len(self.chains), "unanchored": sum(c.unanchored for c in self.chains),
+                "breaks": [{name: getattr(b, name) for name in ("kind", "chain", "seq", "where", "detail")}
+                           for b in self.breaks]}
+
+
+@dataclass(slots=True)
+class _Leaf:
+    rec: Observed
+    seq: int
+    prev: bytes
+    hash: bytes
+    index: int  # position in its stream
+
+
+def _leaf(rec: Observed, index: int) -> tuple[str, _Leaf] | None:
+    if rec.header is None:
+        return None
+    try:
+        p = parse_prefix(rec.header)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return p.chain, _Leaf(rec, p.seq, p.prev, merkle.leaf_hash(leaf_bytes(rec.header, rec.key, rec.value)), index)
+
+
+def checkpoints_by_chain(kept: Iterable[Kept], verifier: Verifier,
+                         breaks: list[Break]) -> dict[str, dict[int, list[tuple[Checkpoint, str]]]]:
+    """Verified checkpoints per chain and size; a bad signature or origin becomes a break."""
+    out: dict[str, dict[int, list[tuple[Checkpoint, str]]]] = defaultdict(lambda: defaultdict(list))
+    for k in kept:
+        try:
+            cp = open_checkpoint(k.note, verifier)
+        except ValueError as exc:
+            breaks.append(Break("forged_checkpoint", None, None, k.where, f"checkpoint rejected: {exc}"))
+            continue
+        if not cp.origin.startswith(ORIGIN_PREFIX):
+            breaks.append(Break("forged_checkpoint", None, None, k.where, f"foreign origin {cp.origin!r}"))
+            continue
+        out[cp.origin[len(ORIGIN_PREFIX):]][cp.size].append((cp, k.where))
+    return out
+
+
+def chain_leaves(records: Iterable[Observed]) -> tuple[dict[str, list[_Leaf]], list[Observed]]:
+    """The leaves of each chain in read order, and the records that carry no valid leaf header."""
+    chains: dict[str, list[_Leaf]] = defaultdict(list)
+    unchained: list[Observed] = []
+    for i, rec in enumerate(records):
+        got = _leaf(rec, i)
+        if got is None:
+            unchained.append(rec)
+        else:
+            chains[got[0]].append(got[1])
+    return chains, unchained
+
+
+def verify(records: Iterable[Observed], kept: Iterable[Kept], verifier: Verifier, *,
+           strict: bool = False, chains_filter: set[str] | None = None) -> Report:
+    """Verify every chain found in `records` or named by a checkpoint (optionally only `chains_filter`)."""
+    report = Report()
+    records = list(records)
+    report.records = len(records)
+    kept = list(kept)
+    report.checkpoints = len(kept)
+    cps = checkpoints_by_chain(kept, verifier, report.breaks)
+    chains, unchained = chain_leaves(records)
+    for rec in unchained:
+        report.breaks.append(Break("inserted", None, None, rec.where, "a record without a valid bg-leaf header"))
+        break
+    for rec in records:
+        if rec.confirmation and rec.value is not None:
+            try:
+                doc = orjson.loads(rec.value)
+            except orjson.JSONDecodeError:
+                doc = None
+            if not isinstance(doc, dict) or not verify_confirmation(doc, verifier):
+                report.breaks.append(Break("altered", None, None, rec.where,
+                                           "a deletion confirmation whose signature does not verify"))
+                break
+    names = set(chains) | set(cps)
+    if chains_filter is not None:
+        names &= chains_filter
+    for name in sorted(names):
+        brk, summary = _verify_chain(name, chains.get(name, []), cps.get(name, {}), strict)
+        report.chains.append(summary)
+        if brk is not None:
+            report.breaks.append(brk)
+    return report
+
+
+def _verify_chain(name: str, leaves: list[_Leaf], cps: dict[int, list[tuple[Checkpoint, str]]],
+                  strict: bool) -> tuple[Break | None, ChainSummary]:
+    specific: list[Break] = []
+    # 1. forks: two checkpoints of one size with different roots
+    for size, same_size in sorted(cps.items()):
+        if len({cp.root for cp, _ in same_size}) > 1:
+            specific.append(Break("fork", name, size, " and ".join(w for _, w in same_size[:2]),
+                                  f"two checkpoints of size {size} with different roots"))
+    # 2. one record per sequence number; the others were inserted
+    by_seq: dict[int, list[_Leaf]] = defaultdict(list)
+    for leaf in leaves:
+        by_seq[leaf.seq].append(leaf)
+    genuine: dict[int, _Leaf] = {}
+    for seq in sorted(by_seq):
+        group = by_seq[seq]
+        if len(group) == 1:
+            genuine[seq] = group[0]
+            continue
+        nexts = {leaf.prev for leaf in by_seq.get(seq + 1, [])}
+        before = genuine.get(seq - 1)
+
+        def score(leaf: _Leaf, nexts: set[bytes] = nexts, before: _Leaf | None = before) -> tuple[int, int]:
+            links = (leaf.hash in nexts) + (before is not None and leaf.prev == before.hash)
+            return (-links, leaf.index)
+
+        ranked = sorted(group, key=score)
+        genuine[seq] = ranked[0]
+        for extra in ranked[1:]:
+            same = " (a copy of it)" if extra.hash == ranked[0].hash else ""
+            specific.append(Break("inserted", name, seq, extra.rec.where,
+                                  f"a second record with sequence number {seq}{same}; the chain's own is at "
+                                  f"{ranked[0].rec.where}"))
+    # 3. order within each topic partition
+    top: dict[tuple[str, int], _Leaf] = {}
+    for leaf in sorted(genuine.values(), key=lambda x: x.index):
+        stream = (leaf.rec.topic, leaf.rec.partition)
+        last = top.get(stream)
+        if last is not None and leaf.seq < last.seq:
+            specific.append(Break("reordered", name, leaf.seq, leaf.rec.where,
+                                  f"sequence number {leaf.seq} comes after {last.seq} ({last.rec.where})"))
+        elif last is None or leaf.seq > last.seq:
+            top[stream] = leaf
+    # 4. gaps and truncation
+    n = len(genuine)
+    highest = max(genuine) + 1 if genuine else 0
+    contiguous = next((s for s in range(highest) if s not in genuine), highest)
+    if contiguous < highest:
+        after = genuine.get(next(s for s in range(contiguous, highest) if s in genuine))
+        before_leaf = genuine.get(contiguous - 1)
+        specific.append(Break("removed", name, contiguous,
+                              f"between {before_leaf.rec.where if before_leaf else 'the start'} and "
+                              f"{after.rec.where if after else 'the end'}",
+                              f"sequence number {contiguous} is missing"))
+    kept_max = max(cps) if cps else 0
+    if kept_max > highest:
+        where = " and ".join(w for _, w in cps[kept_max][:2])
+        if highest == 0:
+            specific.append(Break("removed", name, 0, where,
+                                  f"no record of the chain is left; a checkpoint says it had {kept_max}"))
+        else:
+            specific.append(Break("truncated", name, highest, where,
+                                  f"the chain ends after {highest} records; a checkpoint says it had {kept_max}"))
+    # 5. links
+    for seq in range(min(contiguous, highest)):
+        leaf = genuine[seq]
+        want = ZERO_HASH if seq == 0 else genuine[seq - 1].hash
+        if leaf.prev != want:
+            culprit = genuine.get(seq - 1, leaf)
+            specific.append(Break("altered", name, max(seq - 1, 0), culprit.rec.where,
+                                  f"its leaf hash is not the one sequence number {seq} ({leaf.rec.where}) "
+                                  "links to"))
+            break
+    # 6. roots against every checkpoint
+    root_break: Break | None = None
+    frontier = merkle.Frontier()
+    good = 0
+    sizes = sorted(s for s in cps if s <= contiguous)
+    for size in sizes:
+        while frontier.size < size:
+            frontier.append(genuine[frontier.size].hash)
+        got = frontier.root()
+        bad = [w for cp, w in cps[size] if cp.root != got]
+        if bad:
+            root_break = Break("altered", name, good, bad[0],
+                               f"the first {size} records do not hash to the checkpoint's root: a record with "
+                               f"sequence number in [{good}, {size}) was altered")
+            break
+        good = size
+    summary = ChainSummary(name, n, kept_max, max(0, highest - kept_max))
+    if strict and summary.unanchored:
+        specific.append(Break("unanchored", name, kept_max, "after the last checkpoint",
+                              f"{summary.unanchored} records no checkpoint covers yet"))
+    if specific:
+        return min(specific, key=lambda b: (b.seq if b.seq is not None else -1)), summary
+    return root_break, summary
+
+
+# ---- inclusion proofs ------------------------------------------------------------------------------
+def prove(records: Iterable[Observed], kept: Iterable[Kept], verifier: Verifier, chain: str,
+          seq: int) -> dict[str, Any]:
+    """An RFC 6962 inclusion proof of record `seq` of `chain` against its largest verified checkpoint.
+
+    ValueError if the chain does not verify up to that checkpoint or no checkpoint covers the record.
+    """
+    kept = list(kept)
+    breaks: list[Break] = []
+    cps = checkpoints_by_chain(kept, verifier, breaks).get(chain, {})
+    leaves = {leaf.seq: leaf for leaf in chain_leaves(records)[0].get(chain, [])}
+    covering = sorted(s for s in cps if s > seq)
+    if not covering or seq not in leaves:
+        raise ValueError(f"no checkpoint of chain {chain} covers sequence number {seq} yet")
+    for size in reversed(covering):
+        if all(s in leaves for s in range(size)):
+            hashes = [leaves[s].hash for s in range(size)]
+            cp, where = cps[size][0]
+            if merkle.root(hashes) != cp.root:
+                continue
+            leaf = leaves[seq]
+            proof = merkle.inclusion_proof(hashes, seq)
+            note = next(k.note for k in kept_notes(kept, cp, verifier))
+            return {"chain": chain, "seq": seq, "where": leaf.rec.where, "tree_size": size,
+                    "leaf": leaf_bytes(leaf.rec.header or b"", leaf.rec.key, leaf.rec.value).hex(),
+                    "leaf_hash": leaf.hash.hex(), "root": cp.root.hex(), "proof": [p.hex() for p in proof],
+                    "checkpoint": note, "checkpoint_at": where, "verifier_key": f"{verifier.name}+{verifier.id.hex()}"}
+    raise ValueError(f"chain {chain} does not verify up to any checkpoint covering sequence number {seq}")
+
+
+def kept_notes(kept: Iterable[Kept], cp: Checkpoint, verifier: Verifier) -> Sequence[Kept]:
+    out = []
+    for k in kept:
+        try:
+            if open_checkpoint(k.note, verifier) == cp:
+                out.append(k)
+        except ValueError:
+            continue
+    return out
