@@ -12,14 +12,18 @@ returns plaintext only after the audit records of the call are stored, and fails
 
 from __future__ import annotations
 
+import logging
 import re
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
+from guard.audit.note import Signer
+from guard.audit.writer import OneShotChains
 from guard.config import Settings
 from guard.errors import GuardError
 from guard.kafka.clients import audit_producer_config, reveal_consumer_config
@@ -103,15 +107,38 @@ class RecordFetcher:
             self._consumer.close()
 
 
-class AuditSink:
-    """Writes a call's audit records and returns once the broker has acknowledged every one."""
+#: Where a call's checkpoints go besides the topic: (audit topic, [(chain, size, note)]) → None.
+CheckpointStore = Callable[[str, list[tuple[str, int, str]]], None]
 
-    def __init__(self, settings: Settings, *, timeout_s: float = 15.0) -> None:
+
+class AuditSink:
+    """Writes a call's audit records and returns once the broker has acknowledged every one.
+
+    With a signer, each call's records are a chain of their own (`OneShotChains`, as `guard erase` writes
+    them: ``audit/cli:reveal-<host>/<random>``), checkpointed in the same write, so `guard audit verify`
+    covers every reveal and search; once Kafka has them the checkpoints go to the second store too.
+    """
+
+    def __init__(self, settings: Settings, *, timeout_s: float = 15.0, signer: Signer | None = None,
+                 checkpoint: Callable[[str, int, str], OutRecord] | None = None,
+                 store: CheckpointStore | None = None) -> None:
+        self._settings = settings
         self._producer = Producer(audit_producer_config(settings, f"reveal-audit-{socket.gethostname()}"))
         self._timeout_s = timeout_s
         self._lock = threading.Lock()
+        self._signer, self._checkpoint, self._store = signer, checkpoint, store
+
+    def _chained(self, records: list[OutRecord]) -> tuple[list[OutRecord], list[tuple[str, int, str]]]:
+        if self._signer is None or self._checkpoint is None:
+            return records, []
+        chains = OneShotChains(self._settings, self._signer, f"reveal-{socket.gethostname()}")
+        out = [OutRecord(r.topic, r.key, r.value, partition=r.partition, timestamp=r.timestamp,
+                         headers=chains.headers(r.topic, r.key, r.value, r.headers)) for r in records]
+        checkpoints, notes = chains.checkpoints(self._checkpoint)
+        return out + [c for c in checkpoints if isinstance(c, OutRecord)], notes
 
     def write(self, records: list[OutRecord]) -> None:
+        records, notes = self._chained(records)
         failures: list[str] = []
 
         def delivered(err: KafkaError | None, _msg: object) -> None:
@@ -130,6 +157,13 @@ class AuditSink:
         if left or failures:
             raise AuditUnavailableError(
                 f"audit records not acknowledged ({left} pending, failures: {sorted(set(failures))})")
+        if notes and self._store is not None:
+            try:
+                self._store(self._settings.audit_topic, notes)
+            except GuardError as exc:  # the topic has them; a missing copy weakens only what a later cut can hide
+                logging.getLogger("guard.reveal").warning(
+                    "the audit checkpoints of a reveal call are on %s but not in the second store (%s)",
+                    self._settings.audit_topic, exc)
 
     def close(self) -> None:
         self._producer.flush(self._timeout_s)

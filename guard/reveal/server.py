@@ -48,7 +48,13 @@ def build_service(settings: Settings, policy: Policy) -> Built:
     tokens = token_store(settings, create_key=True)
     limiter = RateLimiter(keys.store, limit=settings.reveal_rate_limit, window_s=settings.reveal_rate_window_s)
     fetcher = RecordFetcher(settings)
-    sink = AuditSink(settings)
+    # Every call's audit records are chained and checkpointed (docs/audit.md): no signing key, no service,
+    # as for the worker and `guard erase`.
+    from guard.audit.writer import load_audit_signer
+    from guard.records.builders import RecordBuilder
+
+    sink = AuditSink(settings, signer=load_audit_signer(settings), checkpoint=RecordBuilder(settings, keys).checkpoint,
+                     store=keys.store.put_audit_checkpoints)
     service = RevealService(settings, keys, build_catalog(settings), policy, fetcher, sink, tokens, limiter)
     return Built(service, fetcher, sink)
 

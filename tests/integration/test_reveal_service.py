@@ -27,6 +27,7 @@ import psycopg
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
+from guard.audit.chain import LEAF_HEADER, parse_prefix
 from guard.config import load_settings
 from guard.keys.store import RedisKeyStore
 from guard.pipeline.runtime import build_keys
@@ -105,10 +106,14 @@ class Served:
                     continue
                 doc = decode(msg.value())
                 if doc.get("trace_id") == request_id:
-                    found.append({**doc, "_key": (msg.key() or b"").decode()})
+                    found.append({**doc, "_key": (msg.key() or b"").decode(),
+                                  "_leaf": dict(msg.headers() or []).get(LEAF_HEADER)})
         finally:
             consumer.close()
         assert len(found) == count, f"{len(found)} audit records of request {request_id}, {count} expected"
+        # Every call's records are leaves of an audit chain (docs/audit.md), or `guard audit verify` would
+        # report them as inserted.
+        assert all(doc["_leaf"] for doc in found), f"audit records of request {request_id} carry no {LEAF_HEADER}"
         return found
 
 
@@ -210,6 +215,33 @@ def _db_row(dsn: str, customer: int) -> dict[str, Any]:
         row = cur.fetchone()
         assert row is not None
         return dict(zip([d.name for d in cur.description or []], row, strict=True))
+
+
+def test_a_calls_audit_records_are_a_checkpointed_chain(served: Served) -> None:
+    """A call's audit records are a chain of their own, checkpointed in the same write: the signed note is on
+    the audit topic (key = chain id) and in the second store outside Kafka (docs/audit.md)."""
+    _, rec = next(iter(served.customers.items()))
+    with served.client("m0101") as client:
+        answer = client.reveal("kyc_review", [_ref(rec, ["name"])])
+    assert answer.status == 200
+    [audit] = served.audit(answer.request_id)
+    leaf = parse_prefix(audit["_leaf"])
+    assert leaf.chain.startswith("audit/cli:reveal-") and leaf.seq == 0
+    kept = _store(served.env).audit_checkpoints("guard.audit")
+    assert f"{leaf.chain} 1" in kept, "the call's checkpoint is not in the second store"
+    consumer = Consumer({**kafka_conf(served.env["GUARD_KAFKA_BOOTSTRAP"]), "group.id": "unused",
+                         "enable.auto.commit": False, "isolation.level": "read_committed"})
+    notes = []
+    try:
+        consumer.assign(served.audit_start)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not notes:
+            msg = consumer.poll(0.5)
+            if msg is not None and not msg.error() and msg.key() == leaf.chain.encode():
+                notes.append(decode(msg.value())["reason"])
+    finally:
+        consumer.close()
+    assert notes == [kept[f"{leaf.chain} 1"]], "the topic's checkpoint differs from the second store's"
 
 
 def test_allowed_reveal_returns_exactly_the_asked_fields_matching_the_source(served: Served) -> None:
