@@ -107,7 +107,7 @@ class Served:
                 doc = decode(msg.value())
                 if doc.get("trace_id") == request_id:
                     found.append({**doc, "_key": (msg.key() or b"").decode(),
-                                  "_leaf": dict(msg.headers() or []).get(LEAF_HEADER)})
+                                  "_leaf": (dict(msg.headers() or []).get(LEAF_HEADER) or b"").hex()})
         finally:
             consumer.close()
         assert len(found) == count, f"{len(found)} audit records of request {request_id}, {count} expected"
@@ -225,7 +225,7 @@ def test_a_calls_audit_records_are_a_checkpointed_chain(served: Served) -> None:
         answer = client.reveal("kyc_review", [_ref(rec, ["name"])])
     assert answer.status == 200
     [audit] = served.audit(answer.request_id)
-    leaf = parse_prefix(audit["_leaf"])
+    leaf = parse_prefix(bytes.fromhex(audit["_leaf"]))
     assert leaf.chain.startswith("audit/cli:reveal-") and leaf.seq == 0
     kept = _store(served.env).audit_checkpoints("guard.audit")
     assert f"{leaf.chain} 1" in kept, "the call's checkpoint is not in the second store"
