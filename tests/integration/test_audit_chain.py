@@ -19,7 +19,6 @@ import random
 import subprocess
 import time
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import orjson
 import pytest
@@ -29,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from guard.config import Settings
 from guard.kafka.evidence import prepare_evidence_topics
+from guard.kafka_security import stack_home
 from tests.integration.kafka_helpers import GUARD, REPO, Rec, admin_kafka_settings, high_watermark, kafka_conf
 from tests.integration.reliability_helpers import (
     SteadyProducer,
@@ -162,7 +162,7 @@ def test_the_chain_verifies_proves_and_names_every_tampering(scenario: Scenario)
     assert report["ok"] and report["breaks"] == [], ok.stdout
     # least privilege: as `oncall`, verify reads the evidence topics but the test's own topics are refused
     oncall = {**sc.env, "GUARD_KAFKA_USERNAME": "oncall", "GUARD_KAFKA_PASSWORD_FILE":
-              str(Path(os.environ["GUARD_STACK_HOME"]) / "secrets" / "kafka-oncall.password")}
+              str(stack_home() / "secrets" / "kafka-oncall.password")}
     refused = guard_cli(oncall, "audit", "verify", "--audit-topic", sc.audit, "--deletions-topic", sc.deletions)
     assert refused.returncode != 0 and "oncall may not describe it" in refused.stderr, refused.stderr[-2000:]
     prepare_evidence_topics(AdminClient(kafka_conf(sc.bootstrap)),
@@ -210,7 +210,7 @@ def test_the_chain_verifies_proves_and_names_every_tampering(scenario: Scenario)
     h = header(target, "bg-leaf")
     assert h is not None and leaf.startswith(h) and leaf.endswith(target.value or b"")
     assert (target.key or b"") in leaf
-    vkey = (Path(os.environ.get("GUARD_STACK_HOME", "")) / "secrets" / "audit-signing.pub").read_text()
+    vkey = (stack_home() / "secrets" / "audit-signing.pub").read_text()  # the default home too (make test)
     origin, size, root = _check_note(proof["checkpoint"], vkey)
     assert origin.endswith(leaf_info(target)[0]) and size == proof["tree_size"]  # type: ignore[index]
     seq = leaf_info(target)[1]  # type: ignore[index]
