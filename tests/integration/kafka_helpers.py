@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from tests.leak_scanner import LeakScanner  # noqa: F401 - the integration tests import it from here
@@ -126,6 +127,23 @@ def wait_for(bootstrap: str, topic: str, predicate: Callable[[list[Rec]], bool],
             return records
         time.sleep(1.0)
     raise AssertionError(f"timed out waiting on {topic}; {len(records)} records seen")
+
+
+def sanitizer_anomalies(records: list[Rec]) -> list[dict[str, Any]]:
+    """The sanitizer's anomalies among `records` of `guard.anomalies`, decoded.
+
+    The topic has more than one writer: the sanitizer writes JSON objects, the analyzer Avro alerts
+    (docs/anomalies.md), and other tests write probes with the analyzer's grant. A test looking for the
+    sanitizer's anomalies decodes the JSON objects and passes over the rest, as `guard alerts tail` does.
+    """
+    out = []
+    for r in records:
+        if r.value and r.value[:1] == b"{":
+            try:
+                out.append(dict(orjson.loads(r.value)))
+            except orjson.JSONDecodeError:
+                continue
+    return out
 
 
 def produce_raw(bootstrap: str, topic: str, value: bytes | None, key: bytes | None = None,

@@ -29,7 +29,7 @@ from confluent_kafka import Producer
 import guard.stack
 from guard.records.codec import decode
 from guard.workload.branch import WorkloadResult, run_workload
-from tests.integration.kafka_helpers import GUARD, GuardProcess, kafka_conf
+from tests.integration.kafka_helpers import GUARD, GuardProcess, kafka_conf, sanitizer_anomalies
 from tests.integration.reliability_helpers import (
     WORKLOAD_TABLES,
     SteadyProducer,
@@ -397,7 +397,7 @@ def test_a_stuck_output_partition_is_alerted_once_and_named_by_doctor(scenario: 
     blocker.flush(30)
     try:
         def alerts() -> list[dict[str, Any]]:
-            return [d for d in (orjson.loads(r.value) for r in read_from(sc.bootstrap, sc.anomalies) if r.value)
+            return [d for d in sanitizer_anomalies(read_from(sc.bootstrap, sc.anomalies))
                     if d.get("rule") == "hanging_transaction"]
 
         wait_until(lambda: alerts(), timeout=120, interval=3, what="the hanging-transaction alert")
