@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from guard.errors import ConfigError
+from guard.secretfile import create_private, refuse_loose
 
 #: The name the guard's key signs under (it appears in every signature line).
 DEFAULT_KEY_NAME = "branchguard-audit"
@@ -193,9 +192,8 @@ def generate_key_files(private_path: Path, name: str = DEFAULT_KEY_NAME) -> Sign
     private_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pem)
+    if not create_private(private_path, pem):
+        raise FileExistsError(f"{private_path} exists already: a signing key is never overwritten")
     signer = Signer(private, name)
     public_path(private_path).write_text(signer.vkey() + "\n", encoding="utf-8")
     return signer
@@ -207,14 +205,10 @@ def public_path(private_path: Path) -> Path:
 
 def load_signer(path: Path, name: str = DEFAULT_KEY_NAME) -> Signer:
     """The private key of a 0600 file; a file others can read is refused (fail closed)."""
-    try:
-        mode = stat.S_IMODE(path.stat().st_mode)
-    except FileNotFoundError:
+    if not path.exists():
         raise ConfigError(f"no audit signing key at {path}: `guard stack up` makes one for the local stack, "
-                          f"`guard audit keygen --out {path}` elsewhere") from None
-    if mode & 0o077:
-        raise ConfigError(f"{path} has mode {mode:04o}: the audit signing key must be readable by its owner only; "
-                          f"run `chmod 600 {path}`")
+                          f"`guard audit keygen --out {path}` elsewhere")
+    refuse_loose(path, "the audit signing key", ConfigError)
     try:
         private = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (ValueError, TypeError):

@@ -19,6 +19,7 @@ from typing import Protocol
 
 from guard.errors import ConfigError, KeyUnavailableError
 from guard.keys.primitives import KEY_BYTES, KeyWrapper, random_key
+from guard.secretfile import create_private, read_private_text
 
 DEFAULT_KEY_FILE = Path.home() / ".config" / "branchguard" / "master.key"
 
@@ -57,13 +58,9 @@ class LocalKeyring:
                     f"no master key: set GUARD_MASTER_KEY or create {path} "
                     "(`guard keys init` writes a new one with mode 0600)"
                 )
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(base64.b64encode(random_key()) + b"\n")
-        if path.stat().st_mode & 0o077:
-            raise ConfigError(f"master key file {path} is readable by other users; run `chmod 600 {path}`")
-        return cls(_decode_key(path.read_text().strip(), str(path)), key_id=f"file:{path}")
+            create_private(path, base64.b64encode(random_key()) + b"\n")
+        return cls(_decode_key(read_private_text(path, "master key file", ConfigError), str(path)),
+                   key_id=f"file:{path}")
 
     def wrap(self, key: bytes, key_name: str) -> bytes:
         return self._wrapper.wrap(key, key_name)

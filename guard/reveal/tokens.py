@@ -33,6 +33,7 @@ import redis
 
 from guard.errors import ConfigError, KeyUnavailableError
 from guard.keys.store import RedisKeyStore
+from guard.secretfile import create_private, read_private_text
 
 DEFAULT_TOKEN_KEY_FILE = Path.home() / ".config" / "branchguard" / "reveal-token.key"
 TOKEN_PREFIX = "bgr_"  # noqa: S105 - the token format's prefix, not a secret
@@ -60,18 +61,9 @@ def load_token_key(path: str | os.PathLike[str] | None = None, *, create: bool =
     if not file.exists():
         if not create:
             raise ConfigError(f"no reveal token key at {file}: `guard reveal token create` writes one (mode 0600)")
-        file.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass  # another process created it meanwhile: use theirs
-        else:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(base64.b64encode(secrets.token_bytes(32)) + b"\n")
-    if file.stat().st_mode & 0o077:
-        raise ConfigError(f"reveal token key file {file} is readable by other users; run `chmod 600 {file}`")
+        create_private(file, base64.b64encode(secrets.token_bytes(32)) + b"\n")  # False: another process won
     try:
-        key = base64.b64decode(file.read_text().strip(), validate=True)
+        key = base64.b64decode(read_private_text(file, "reveal token key file", ConfigError), validate=True)
     except (binascii.Error, ValueError):
         raise ConfigError(f"reveal token key file {file} is not base64") from None
     if len(key) != 32:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import stat
 import string
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import httpx
 
 from guard.classify.catalog import Catalog
 from guard.classify.source import ATTRIBUTION_MESSAGE_PREFIX, MESSAGE_PREFIX_OPTION, source_options, source_rules
+from guard.secretfile import create_private, read_private_text
 from guard.stack.config import StackConfig
 from guard.stack.errors import StackError
 from guard.stack.kafka_auth import client_config as kafka_client_config
@@ -282,17 +282,9 @@ def connector_hash_salt(cfg: StackConfig) -> str:
     config provider can stand in for it); Connect keeps it in its config topic.
     """
     path = salt_file(cfg)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_hex(32) + "\n")
+    if create_private(path, secrets.token_hex(32) + "\n"):  # False: it exists (or another process won)
         progress(f"connector: created the hash salt {path} (mode 0600)")
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise StackError(f"{path} has mode {mode:04o}: the connector's hash salt must be readable by its owner "
-                         f"only; run `chmod 600 {path}`")
-    salt = path.read_text(encoding="utf-8").strip()
+    salt = read_private_text(path, "the connector's hash salt", StackError)
     if not salt or not all(c in "0123456789abcdefABCDEF" for c in salt) or len(salt) < 32:
         raise StackError(f"{path} must hold at least 32 hex characters (the connector's hash salt); "
                          f"remove it to have a new one made")

@@ -44,10 +44,11 @@ from pathlib import Path
 from typing import Any
 
 from guard.kafka_security import sasl_ssl_config
+from guard.secretfile import write_private
 from guard.stack.config import StackConfig
 from guard.stack.errors import StackError
 from guard.stack.procs import progress
-from guard.stack.tls import LocalCA, _write_private
+from guard.stack.tls import LocalCA
 
 USERS = ("admin", "guard", "connect", "downstream", "reveal", "oncall", "analyzer")
 #: Certificate principals of the nodes and of the stack's own admin client (mutual TLS).
@@ -100,7 +101,7 @@ def ensure_passwords(cfg: StackConfig) -> dict[str, str]:
     for user in USERS:
         path = cfg.kafka_password_file(user)
         if not path.exists() or not path.read_text(encoding="utf-8").strip():
-            _write_private(path, secrets.token_hex(24).encode())
+            write_private(path, secrets.token_hex(24).encode())
         os.chmod(path, 0o600)
         out[user] = path.read_text(encoding="utf-8").strip()
     return out
@@ -150,7 +151,7 @@ def write_command_config(cfg: StackConfig, user: str = "admin") -> Path:
     path = cfg.kafka_secrets_dir / f"kafka-{user}-client.properties"
     text = java_client_properties(cfg, user)
     if not path.exists() or path.read_text(encoding="utf-8") != text:
-        _write_private(path, text.encode())
+        write_private(path, text.encode())
     return path
 
 
@@ -286,7 +287,7 @@ def ensure_security(cfg: StackConfig, timeout: float = 30.0) -> None:
                 UserScramCredentialUpsertion(user, info, passwords[user].encode()) for user in todo]
             for fut in admin.alter_user_scram_credentials(upserts, request_timeout=timeout).values():
                 fut.result()
-            _write_private(_stamp_file(cfg), stamp.encode())
+            write_private(_stamp_file(cfg), stamp.encode())
         bindings = acl_bindings(cfg)
         for fut in admin.create_acls(bindings, request_timeout=timeout).values():
             fut.result()
@@ -340,10 +341,10 @@ def compose_secrets(directory: Path, hosts: list[str], owners: dict[str, int]) -
     if rest_users.exists():
         text += ("KafkaConnect {\n  org.apache.kafka.connect.rest.basic.auth.extension.PropertyFileLoginModule "
                  f'required\n  file="{rest_users}";\n}};\n')
-    _write_private(jaas, text.encode())
+    write_private(jaas, text.encode())
     # the broker's health check: its own certificate on its mutual-TLS listener
     health = cfg.tls_dir / "broker-client.properties"
-    _write_private(health, ("security.protocol=SSL\nssl.keystore.type=PEM\n"
+    write_private(health, ("security.protocol=SSL\nssl.keystore.type=PEM\n"
                             f"ssl.keystore.location={ca.keystore('broker')}\n"
                             f"ssl.truststore.type=PEM\nssl.truststore.location={ca.ca_cert}\n").encode())
     belongs = {

@@ -21,15 +21,14 @@ import os
 import pwd
 import secrets
 import shutil
-import stat
 import subprocess
 from pathlib import Path
 
+from guard.secretfile import create_private, read_private_text, write_private
 from guard.stack.assets import render_asset, write_if_changed
 from guard.stack.config import StackConfig
 from guard.stack.errors import StackError
 from guard.stack.procs import pid_alive, progress, read_pid, tail
-from guard.stack.secrets import write_private
 from guard.stack.service import Service
 from guard.stack.tls import ensure_server_cert
 
@@ -54,16 +53,9 @@ def read_secret(path: Path, *, create: bool = False) -> str:
     if not path.exists():
         if not create:
             raise StackError(f"{path} is missing; run `guard stack up` to create it")
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_hex(24) + "\n")
-        progress(f"mariadb: created the password file {path} (mode 0600)")
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise StackError(f"{path} has mode {mode:04o}: a password file must be readable by its owner only; "
-                         f"run `chmod 600 {path}`")
-    value = path.read_text(encoding="utf-8").strip()
+        if create_private(path, secrets.token_hex(24) + "\n"):
+            progress(f"mariadb: created the password file {path} (mode 0600)")
+    value = read_private_text(path, "the password file", StackError)
     if len(value) < 16:
         raise StackError(f"{path} holds no usable password (16 characters at least); remove it to have one made")
     return value

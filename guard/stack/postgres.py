@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psutil
 
+from guard.secretfile import write_private
 from guard.stack.assets import render_asset, write_if_changed
 from guard.stack.config import StackConfig
 from guard.stack.errors import StackError
@@ -184,10 +185,7 @@ class Postgres(Service):
     # --- access (issue 20): TLS certificate, superuser password, migration of older data dirs ----------
     def _write_owned(self, path: Path, text: str) -> None:
         """A 0600 file owned by the cluster's OS user (it must read it; nobody else may)."""
-        path.unlink(missing_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        write_private(path, text)
         self._chown(path)
 
     def secured(self) -> bool:

@@ -24,23 +24,13 @@ import os
 import secrets as _random
 from pathlib import Path
 
+from guard.secretfile import write_private
 from guard.stack.config import StackConfig
 
 REDIS_GUARD_USER = "guard"
 REDIS_ADMIN_USER = "admin"
 CONNECT_REST_USER = "guard-admin"
 PG_SUPERUSER = "postgres"
-
-
-def write_private(path: Path, text: str) -> None:
-    """Atomically replace ``path`` with ``text``, mode 0600 from the first byte."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def new_password() -> str:

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from guard.secretfile import write_private
 from guard.stack.procs import progress
 
 CA_DAYS = 3650
@@ -42,15 +43,9 @@ DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Write `data` atomically with mode 0600 (created that way, never readable by others in between)."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Write `data` atomically with mode 0600, in a directory only the owner may list."""
+    write_private(path, data)
     os.chmod(path.parent, 0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    tmp.replace(path)
 
 
 def _name(cn: str) -> x509.Name:

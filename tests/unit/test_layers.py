@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("0", ("guard.config",)),
     ("0", ("guard.kafka_security",)),
     ("0", ("guard.telemetry",)),
+    ("0", ("guard.secretfile",)),
     ("1", ("guard.cdc", "guard.keys", "guard.audit")),
     ("2", ("guard.protect",)),
     ("3", ("guard.classify",)),
