@@ -28,7 +28,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 
 from guard.audit.chain import CHECKPOINT_HEADER, LEAF_HEADER, Chain
 from guard.audit.note import Signer
@@ -36,6 +36,7 @@ from guard.audit.verify import Kept, Observed
 from guard.audit.writer import new_chain_id, note_for
 from guard.config import Settings
 from guard.errors import GuardError
+from guard.kafka.reading import READER_SETTINGS, TopicMissingError, read_to_end
 from guard.kafka_security import client_config
 from guard.records.builders import OutRecord
 from guard.records.codec import decode
@@ -244,60 +245,35 @@ def verify_group(settings: Settings) -> str:
 
 
 def read_topic(settings: Settings, topic: str, *, since_ms: int = 0, confirmations: bool = False,
-               timeout_s: float = 120.0) -> tuple[list[Observed], list[Kept]]:
+               stall_s: float = 120.0) -> tuple[list[Observed], list[Kept]]:
     """Every committed record of `topic` (read_committed, from `since_ms` on): leaves and checkpoints.
 
     A record with a ``bg-checkpoint`` header is a checkpoint (an audit record whose reason is the
     signed note); every other record is a leaf candidate (`Observed`, its ``bg-leaf`` header if any).
     """
     # Security settings from kafka_security (the settings' principal); one fixed group id (verify_group).
-    consumer = Consumer(client_config(settings, **{"group.id": verify_group(settings), "enable.auto.commit": False,
-                                                   "isolation.level": "read_committed",
-                                                   "enable.partition.eof": True}))
+    consumer = Consumer(client_config(settings, **{"group.id": verify_group(settings), **READER_SETTINGS}))
     leaves: list[Observed] = []
     kept: list[Kept] = []
     try:
-        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
-        if meta is None or meta.error is not None:
-            raise GuardError(f"topic {topic} does not exist or {settings.kafka_username} may not describe it "
-                             "(verify as oncall reads the audit and deletions topics only: docs/audit.md)")
-        parts = sorted(meta.partitions)
-        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
-        starts = consumer.offsets_for_times([TopicPartition(topic, p, since_ms) for p in parts], timeout=10) \
-            if since_ms else [TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts]
-        assign = [tp for tp in starts if tp.offset != OFFSET_END and (tp.offset < 0 or tp.offset < ends[tp.partition])
-                  and ends[tp.partition] > 0]
-        if not assign:
-            return leaves, kept
-        consumer.assign(assign)
-        open_parts = {tp.partition for tp in assign}
-        deadline = time.monotonic() + timeout_s
-        while open_parts:
-            if time.monotonic() > deadline:
-                raise GuardError(f"reading {topic} did not finish within {timeout_s:.0f} s")
-            for msg in consumer.consume(1000, 0.5):
-                err = msg.error()
-                partition: int = msg.partition()  # type: ignore[assignment]
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        open_parts.discard(partition)
-                        continue
-                    raise GuardError(f"reading {topic}: {err}")
-                offset: int = msg.offset()  # type: ignore[assignment]
-                headers = dict(msg.headers() or [])
-                where = f"{topic}[{partition}]@{offset}"
-                if CHECKPOINT_HEADER in headers:
-                    try:
-                        kept.append(Kept(str(decode(msg.value() or b"")["reason"]), where))
-                    except Exception:  # noqa: BLE001 - an undecodable checkpoint is a forged one
-                        kept.append(Kept("", where))
-                else:
-                    header = headers.get(LEAF_HEADER)
-                    leaves.append(Observed(topic, partition, offset, header if isinstance(header, bytes) else None,
-                                           msg.key(), msg.value(), confirmations))
-                if offset + 1 >= ends[partition]:
-                    open_parts.discard(partition)
+        for msg in read_to_end(consumer, topic, since_ms=since_ms, stall_s=stall_s):
+            partition: int = msg.partition()  # type: ignore[assignment]
+            offset: int = msg.offset()  # type: ignore[assignment]
+            headers = dict(msg.headers() or [])
+            where = f"{topic}[{partition}]@{offset}"
+            if CHECKPOINT_HEADER in headers:
+                try:
+                    kept.append(Kept(str(decode(msg.value() or b"")["reason"]), where))
+                except Exception:  # noqa: BLE001 - an undecodable checkpoint is a forged one
+                    kept.append(Kept("", where))
+            else:
+                header = headers.get(LEAF_HEADER)
+                leaves.append(Observed(topic, partition, offset, header if isinstance(header, bytes) else None,
+                                       msg.key(), msg.value(), confirmations))
         return leaves, kept
+    except TopicMissingError:
+        raise GuardError(f"topic {topic} does not exist or {settings.kafka_username} may not describe it "
+                         "(verify as oncall reads the audit and deletions topics only: docs/audit.md)") from None
     finally:
         consumer.close()
 

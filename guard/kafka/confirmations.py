@@ -20,12 +20,13 @@ the others, with the same id, in a transaction of their own.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import orjson
-from confluent_kafka import OFFSET_END, Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaException
+
+from guard.kafka.reading import READER_SETTINGS, TopicMissingError, TopicReadError, read_to_end
 
 #: Added to the transaction timeout before an entry of another live worker is taken over.
 TAKEOVER_MARGIN_MS = 30_000
@@ -65,42 +66,16 @@ def by_topic(entries: Mapping[str, dict[str, Any]]) -> dict[str, list[dict[str, 
 
 
 def delivered(client: Mapping[str, Any], topic: str, ids: set[str], since_ms: int, *,
-              timeout_s: float = 30.0) -> set[str]:
+              stall_s: float = 30.0) -> set[str]:
     """Which confirmation ids of `ids` a committed record of `topic` carries (records from `since_ms` on).
 
     `client`: bootstrap and security settings (`guard.kafka_security.client_config`)."""
     if not ids:
         return set()
-    consumer = Consumer({**client, "group.id": "guard-confirmations-check",
-                         "enable.auto.commit": False, "isolation.level": "read_committed",
-                         "enable.partition.eof": True})
+    consumer = Consumer({**client, "group.id": "guard-confirmations-check", **READER_SETTINGS})
     found: set[str] = set()
     try:
-        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
-        if meta is None or meta.error is not None or not meta.partitions:
-            return found
-        wanted = [TopicPartition(topic, p, max(0, since_ms - READ_BACK_MS)) for p in meta.partitions]
-        starts = consumer.offsets_for_times(wanted, timeout=10)
-        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in meta.partitions}
-        assign = [tp for tp in starts if tp.offset not in (OFFSET_END, -1) and tp.offset < ends[tp.partition]]
-        if not assign:
-            return found
-        consumer.assign(assign)
-        open_parts = {tp.partition for tp in assign}
-        deadline = time.monotonic() + timeout_s
-        while open_parts:
-            if time.monotonic() > deadline:
-                raise KafkaException(f"reading {topic} back did not finish within {timeout_s:.0f} s")
-            msg = consumer.poll(0.5)
-            if msg is None:
-                continue
-            err = msg.error()
-            partition: int = msg.partition()  # type: ignore[assignment]
-            if err is not None:
-                if err.code() == err._PARTITION_EOF:
-                    open_parts.discard(partition)
-                    continue
-                raise KafkaException(err)
+        for msg in read_to_end(consumer, topic, since_ms=max(0, since_ms - READ_BACK_MS), stall_s=stall_s):
             value = msg.value()
             if value:
                 try:
@@ -109,9 +84,10 @@ def delivered(client: Mapping[str, Any], topic: str, ids: set[str], since_ms: in
                     cid = None
                 if cid in ids:
                     found.add(cid)
-            offset: int = msg.offset()  # type: ignore[assignment]
-            if offset + 1 >= ends[partition]:
-                open_parts.discard(partition)
         return found
+    except TopicMissingError:
+        return found  # nothing delivered yet: the topic is made by the first confirmation
+    except TopicReadError as exc:  # the caller retries later on a KafkaException (guard/kafka/runner.py)
+        raise KafkaException(str(exc)) from None
     finally:
         consumer.close()
