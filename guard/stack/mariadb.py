@@ -18,7 +18,6 @@ the truststore's password through its FileConfigProvider, so neither is in the c
 from __future__ import annotations
 
 import os
-import pwd
 import secrets
 import shutil
 import subprocess
@@ -28,8 +27,8 @@ from guard.secretfile import create_private, read_private_text, write_private
 from guard.stack.assets import render_asset, write_if_changed
 from guard.stack.config import StackConfig
 from guard.stack.errors import StackError
+from guard.stack.osuser import OsUserService
 from guard.stack.procs import pid_alive, progress, read_pid, tail
-from guard.stack.service import Service
 from guard.stack.tls import ensure_server_cert
 
 OS_USER = "mysql"
@@ -61,15 +60,14 @@ def read_secret(path: Path, *, create: bool = False) -> str:
     return value
 
 
-class MariaDB(Service):
+class MariaDB(OsUserService):
     name = "mariadb"
+    os_user = OS_USER
     port_env = "GUARD_MARIADB_PORT"
     ready_timeout = 90.0
 
     def __init__(self, cfg: StackConfig) -> None:
-        super().__init__(cfg)
-        self.dir = cfg.home / "mariadb"
-        self.as_root = os.geteuid() == 0
+        super().__init__(cfg, "mariadb")
 
     @property
     def port(self) -> int:
@@ -124,28 +122,6 @@ class MariaDB(Service):
         if pid is not None and pid_alive(pid, self.marker):
             return pid
         return None
-
-    def _chown(self, path: Path) -> None:
-        if self.as_root:
-            pw = pwd.getpwnam(OS_USER)
-            os.chown(path, pw.pw_uid, pw.pw_gid)
-
-    def _grant_traverse(self) -> None:
-        """Let the mysql OS user reach a stack home below a private directory (search permission only)."""
-        def reach(path: Path, flag: str) -> bool:
-            return subprocess.run(["runuser", "-u", OS_USER, "--", "test", flag, str(path)],
-                                  check=False, capture_output=True).returncode == 0
-
-        if reach(self.dir, "-w"):
-            return
-        setfacl = shutil.which("setfacl")
-        if setfacl is None:
-            raise StackError(f"the '{OS_USER}' OS user cannot reach {self.dir}. Install the acl package "
-                             f"(scripts/setup.sh) or set GUARD_STACK_HOME to a directory outside /root.")
-        for parent in reversed(self.dir.parents):
-            if not reach(parent, "-x"):
-                progress(f"mariadb: granting user {OS_USER} search (x) access on {parent} via ACL")
-                subprocess.run([setfacl, "-m", f"u:{OS_USER}:x", str(parent)], check=True)
 
     def prepare(self) -> None:
         for d in (self.dir, self.socket_dir, self.data_dir):

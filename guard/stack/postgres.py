@@ -8,8 +8,6 @@ are root the cluster belongs to the ``postgres`` OS user and its commands run th
 from __future__ import annotations
 
 import os
-import pwd
-import shutil
 import signal
 import subprocess
 import time
@@ -21,9 +19,9 @@ from guard.secretfile import write_private
 from guard.stack.assets import render_asset, write_if_changed
 from guard.stack.config import StackConfig
 from guard.stack.errors import StackError
+from guard.stack.osuser import OsUserService
 from guard.stack.procs import child_env, pid_alive, progress, read_pid, tail
 from guard.stack.secrets import StackSecrets
-from guard.stack.service import Service
 from guard.stack.tls import ensure_server_cert
 
 PG_MAJOR = "15"
@@ -41,8 +39,9 @@ def _bin(name: str) -> str:
     return str(path)
 
 
-class Postgres(Service):
+class Postgres(OsUserService):
     name = "postgres"
+    os_user = SUPERUSER
     port_env = "GUARD_PG_PORT"
     # SIGINT = "fast" shutdown. SIGTERM ("smart") would wait forever for Debezium's replication
     # connection to go away.
@@ -50,9 +49,7 @@ class Postgres(Service):
     ready_timeout = 60.0
 
     def __init__(self, cfg: StackConfig) -> None:
-        super().__init__(cfg)
-        self.dir = cfg.home / "postgres"
-        self.as_root = os.geteuid() == 0
+        super().__init__(cfg, "postgres")
 
     @property
     def port(self) -> int:
@@ -100,42 +97,6 @@ class Postgres(Service):
         if psutil.pid_exists(pid):  # a zombie: PostgreSQL's own kill(pid, 0) check would see it alive
             progress(f"postgres: removing stale postmaster.pid of crashed pid {pid}")
             lock.unlink(missing_ok=True)
-
-    # --- OS user handling --------------------------------------------------------------------
-    def _as_owner(self, argv: list[str]) -> list[str]:
-        return ["runuser", "-u", SUPERUSER, "--", *argv] if self.as_root else argv
-
-    def _chown(self, path: Path) -> None:
-        if self.as_root:
-            pw = pwd.getpwnam(SUPERUSER)
-            os.chown(path, pw.pw_uid, pw.pw_gid)
-
-    def _owner_can_reach(self, path: Path) -> bool:
-        return subprocess.run(["runuser", "-u", SUPERUSER, "--", "test", "-w", str(path)],
-                              check=False, capture_output=True).returncode == 0
-
-    def _grant_traverse(self) -> None:
-        """Let the postgres user reach a stack home below a private dir (e.g. /root is 0700).
-
-        Only the search (x) permission is added, for that one user, via an ACL on each ancestor.
-        """
-        if self._owner_can_reach(self.dir):
-            return
-        setfacl = shutil.which("setfacl")
-        if setfacl is None:
-            raise StackError(f"the '{SUPERUSER}' OS user cannot reach {self.dir}. Install the acl package "
-                             f"(scripts/setup.sh) or set GUARD_STACK_HOME to a directory outside /root.")
-        for parent in reversed(self.dir.parents):
-            if not self._owner_can_reach_dir(parent):
-                progress(f"postgres: granting user {SUPERUSER} search (x) access on {parent} via ACL")
-                subprocess.run([setfacl, "-m", f"u:{SUPERUSER}:x", str(parent)], check=True)
-        if not self._owner_can_reach(self.dir):
-            raise StackError(f"the '{SUPERUSER}' OS user still cannot write {self.dir}; "
-                             f"set GUARD_STACK_HOME to a directory it can reach.")
-
-    def _owner_can_reach_dir(self, path: Path) -> bool:
-        return subprocess.run(["runuser", "-u", SUPERUSER, "--", "test", "-x", str(path)],
-                              check=False, capture_output=True).returncode == 0
 
     # --- Service hooks -----------------------------------------------------------------------
     def prepare(self) -> None:
