@@ -25,7 +25,11 @@ if ! command -v cargo >/dev/null 2>&1; then
   "$VENV/bin/pip" uninstall --quiet -y branchguard-native 2>/dev/null || true
   exit 0
 fi
-echo "build-native.sh: building native/ with $(cargo --version)"
+# Compiled crates are kept next to the stack's other downloads (as pip keeps its wheels), so a fresh
+# clone rebuilds only the extension itself, not pyo3 and the other dependencies (~2 min on a slow machine).
+# Cargo's fingerprints decide what is stale; CARGO_TARGET_DIR set by the caller wins.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/branchguard/native-target}"
+echo "build-native.sh: building native/ with $(cargo --version) (build cache $CARGO_TARGET_DIR)"
 "$VENV/bin/pip" install --quiet 'maturin>=1.8,<2'
 "$VENV/bin/pip" install --quiet --no-build-isolation ./native
 "$VENV/bin/python" -c "import guard_native; print('build-native.sh: guard_native installed')"
