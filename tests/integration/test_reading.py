@@ -22,7 +22,15 @@ def _reader(bootstrap: str) -> Consumer:
 def test_reads_to_the_end_it_had_past_markers_and_from_a_time(stack: dict[str, str]) -> None:
     bootstrap = stack["GUARD_KAFKA_BOOTSTRAP"]
     topic = f"guard-read-test-{uuid.uuid4().hex[:8]}"
-    AdminClient(kafka_conf(bootstrap)).create_topics([NewTopic(topic, 3, 1)])[topic].result(30)
+    admin = AdminClient(kafka_conf(bootstrap))  # kept: a collected client cancels its pending requests
+    admin.create_topics([NewTopic(topic, 3, 1)])[topic].result(30)
+    try:
+        _check_reads(bootstrap, topic)
+    finally:
+        admin.delete_topics([topic])
+
+
+def _check_reads(bootstrap: str, topic: str) -> None:
     producer = Producer({**kafka_conf(bootstrap), "transactional.id": f"guard-read-test-{uuid.uuid4().hex[:6]}"})
     producer.init_transactions(30)
     producer.begin_transaction()
