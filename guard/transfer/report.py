@@ -217,7 +217,7 @@ def build(settings: Settings, state: dict[str, Any],
         "destroyed": [{"subject": s, "confirmation": d.get("id"), "outcome": d.get("outcome")}
                       for s, d in sorted(destroyed.items())],
         "held": [{"subject": s, **r} for s, r in sorted((state.get("retained") or {}).items())],
-        "keys": {"handover": state.get("kek"), "rewrap": state.get("rewrap"), "retire": steps.get("retire"),
+        "keys": {"handover": state.get("kek"), "rewrap": steps.get("rewrap"), "retire": steps.get("retire"),
                  "tenant_keys": "unchanged: subject tokens and blind indexes stay stable (docs/transfer.md)"},
         "policy": steps.get("policy"),
         "access_after_cutoff": {"former_staff": sorted(former), "attempts": attempts, "by_decision": by_decision,

@@ -11,6 +11,7 @@ topic `transfer/<id>`, the details as JSON in `reason`), chained and checkpointe
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import logging
 import time
@@ -38,16 +39,24 @@ from guard.transfer.plan import DESTROY, MOVE, RETAIN, Plan, resolve
 log = logging.getLogger(__name__)
 
 class Publisher:
-    """One producer and one pair of audit chains for a run: every batch is stamped, written, flushed and
-    checkpointed (topic and second store) before the caller records the batch done."""
+    """One transactional producer and one pair of audit chains for a run. Every batch (its records and the
+    checkpoints of the chains after it) is one Kafka transaction: a run killed mid-batch leaves nothing of
+    that batch for `read_committed` readers (its chain simply ends at the last committed checkpoint), and
+    the rerun's producer, same transactional id, fences it. The checkpoints go to the second store after
+    the commit."""
 
-    def __init__(self, settings: Settings, sanitizer: Sanitizer, writer: str) -> None:
+    def __init__(self, settings: Settings, sanitizer: Sanitizer, writer: str, transactional_id: str) -> None:
         self.settings, self.sanitizer = settings, sanitizer
         signer = sanitizer.emitter.signer
         if signer is None:
             raise GuardError("the audit signing key is needed to record a transfer (docs/audit.md)")
         self.chains = OneShotChains(settings, signer, writer)
-        self.producer = Producer(client_config(settings, **{"enable.idempotence": True}))
+        self.producer = Producer(client_config(settings, **{"enable.idempotence": True,
+                                                            "transactional.id": transactional_id}))
+        try:
+            self.producer.init_transactions(60)
+        except KafkaException as exc:
+            raise GuardError(f"the transfer's Kafka producer could not start ({exc})") from None
 
     def publish(self, records: list[OutRecord]) -> None:
         if not records:
@@ -58,22 +67,28 @@ class Publisher:
             if err is not None:
                 failures.append(f"{msg.topic()}: {err.str()}")
 
-        def send(batch: list[tuple[OutRecord, Any]]) -> None:
-            for rec, headers in batch:
-                try:
-                    self.producer.produce(rec.topic, rec.value, rec.key,
-                                          partition=-1 if rec.partition is None else rec.partition,
-                                          timestamp=rec.timestamp or 0, on_delivery=on_delivery, headers=headers)
-                except (KafkaException, BufferError) as exc:
-                    failures.append(f"{rec.topic}: {exc}")
+        stamped = [(r, self.chains.headers(r.topic, r.key, r.value, r.headers)) for r in records]
+        checkpoints, notes = self.chains.checkpoints(self.sanitizer.emitter.checkpoint)
+        stamped += [(r, r.headers) for r in checkpoints if isinstance(r, OutRecord)]
+        problem = ""
+        try:
+            self.producer.begin_transaction()
+            for rec, headers in stamped:
+                self.producer.produce(rec.topic, rec.value, rec.key,
+                                      partition=-1 if rec.partition is None else rec.partition,
+                                      timestamp=rec.timestamp or 0, on_delivery=on_delivery, headers=headers)
             left = self.producer.flush(60)
             if left or failures:
-                raise GuardError(f"the transfer's records were not all written to Kafka "
-                                 f"({'; '.join(failures) or f'{left} undelivered'}); run the step again")
-
-        send([(r, self.chains.headers(r.topic, r.key, r.value, r.headers)) for r in records])
-        checkpoints, notes = self.chains.checkpoints(self.sanitizer.emitter.checkpoint)
-        send([(r, r.headers) for r in checkpoints if isinstance(r, OutRecord)])
+                problem = "; ".join(failures) or f"{left} undelivered"
+            else:
+                self.producer.commit_transaction(60)
+        except (KafkaException, BufferError) as exc:
+            problem = str(exc)
+        if problem:
+            with contextlib.suppress(KafkaException):
+                self.producer.abort_transaction(30)
+            raise GuardError(f"the transfer's records were not written to Kafka ({problem}); nothing of this "
+                             "batch is committed: run the command again")
         try:
             self.sanitizer.keys.store.put_audit_checkpoints(self.settings.audit_topic, notes)
         except GuardError as exc:
@@ -107,7 +122,8 @@ class TransferService:
     @property
     def publisher(self) -> Publisher:
         if self._publisher is None:
-            self._publisher = Publisher(self.settings, self.sanitizer, f"transfer-{self.plan.id}")
+            self._publisher = Publisher(self.settings, self.sanitizer, f"transfer-{self.plan.id}",
+                                        f"{self.settings.group_id}-transfer-{self.plan.id}")
         return self._publisher
 
     @property
@@ -149,6 +165,7 @@ class TransferService:
             else:
                 assert existing is not None
                 state = existing
+                self.states.set_active(branch, self.plan.id)  # a crash may have come between save and this
             changed = entities.write(self.policy_dir, entities.at_start(
                 docs, branch, self.plan.from_org, self.plan.cutoff_ms)) if entities.owner_of(
                 docs, branch) == self.plan.from_org else False
@@ -326,29 +343,21 @@ class TransferService:
         are unchanged: nothing is re-encrypted). The floor installed by the `key` step refuses new wraps
         under the outgoing versions, so a pass that finds none left is final."""
         branch = self.plan.branch
-        moving = set(state["scope"][MOVE])
-        retained = {r["subject"] for r in state["scope"][RETAIN]}
-        counts = {"customers_rewrapped": 0, "retained_rewrapped": 0, "other_rewrapped": 0, "versions": 0}
-        for _ in range(5):
-            left = 0
-            for subject in self.store.dek_subjects(branch):
-                versions, status = self.keys.rewrap_subject(branch, subject)
-                if status != "rewrapped":
-                    continue
-                left += 1
-                counts["versions"] += versions
-                kind = ("customers_rewrapped" if subject in moving else "retained_rewrapped" if subject in retained
-                        else "other_rewrapped")
-                counts[kind] += 1
-            if not left and not self.outgoing_wrapped(branch):
+        passes = 0
+        while True:
+            passes += 1
+            rewrapped = sum(self.keys.rewrap_subject(branch, subject)[1] == "rewrapped"
+                            for subject in self.store.dek_subjects(branch))
+            if not rewrapped and not self.outgoing_wrapped(branch):
                 break
-        else:
-            raise GuardError("data keys under the outgoing branch key remain after five passes; run cutover again")
-        state.setdefault("rewrap", {})
-        for k, v in counts.items():
-            state["rewrap"][k] = state["rewrap"].get(k, 0) + v
-        self.states.save(state)
-        return dict(state["rewrap"])
+            if passes >= 5:
+                raise GuardError("data keys under the outgoing branch key remain after five passes; run cutover "
+                                 "again")
+        # counted from the key store as it ends up (a rerun after a crash counts the same)
+        with_keys = set(self.store.dek_subjects(branch))
+        moving, retained = set(state["scope"][MOVE]), {r["subject"] for r in state["scope"][RETAIN]}
+        return {"moved_with_keys": len(with_keys & moving), "retained_with_keys": len(with_keys & retained),
+                "other_keys": len(with_keys - moving - retained), "passes": passes}
 
     def outgoing_wrapped(self, branch: str) -> list[str]:
         """Subjects with a data-key version still wrapped under a branch-key version below the floor."""
@@ -375,7 +384,8 @@ class TransferService:
             if not sm.may_complete(state):
                 return state
             destroyed = list(state["scope"][DESTROY])
-            not_erased = sorted(set(destroyed) - set(self.store.erased_among(branch, destroyed)))
+            held = {s for s, d in state["destroyed"].items() if d.get("outcome") == "held_storage_only"}
+            not_erased = sorted(set(destroyed) - held - set(self.store.erased_among(branch, destroyed)))
             if not_erased:
                 raise GuardError(f"{len(not_erased)} out-of-scope customers are not erased; run cutover again")
             index = {s: i for i, s in enumerate(destroyed)}

@@ -15,7 +15,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 
@@ -24,7 +24,7 @@ from guard.errors import GuardError
 STARTED, CUTTING_OVER, CUT_OVER, COMPLETED = "started", "cutting_over", "cut_over", "completed"
 PHASES = (STARTED, CUTTING_OVER, CUT_OVER, COMPLETED)
 #: The cut-over's steps, in order (docs/transfer.md says what each does and what a crash in it leaves).
-CUTOVER_STEPS = ("policy", "scope", "key", "destroy", "retain", "rewrap", "retire")
+CUTOVER_STEPS = ("scope", "destroy", "retain", "key", "rewrap", "retire", "policy")
 
 
 class TransferStateError(GuardError):
@@ -118,20 +118,13 @@ def complete(state: dict[str, Any], now_ms: int, verification: dict[str, Any]) -
     return out
 
 
-class Redisish(Protocol):
-    def get(self, name: str) -> Any: ...
-
-    def set(self, name: str, value: Any, ex: int | None = None, nx: bool = False) -> Any: ...
-
-    def delete(self, *names: str) -> Any: ...
-
-
 class StateStore:
     """The transfer's state in the key store: `transfer:<id>` (the JSON state), `transfer-active:<branch>`
     (the id of the branch's transfer in progress) and `transfer-lock:<branch>` (the process running a
     step: `<host> <pid>`, so a second process waits and a rerun after a SIGKILL takes over at once)."""
 
-    def __init__(self, client: Redisish, name: Callable[..., str]) -> None:
+    def __init__(self, client: Any, name: Callable[..., str]) -> None:
+        """`client`: a Redis client (get, set with ex/nx, delete); `name`: the key store's `name`."""
         self.client = client
         self.name = name
         self.owner = f"{socket.gethostname()} {os.getpid()}"

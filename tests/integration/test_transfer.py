@@ -262,6 +262,11 @@ roles = ["manager"]
     after = _latest(bootstrap, CUSTOMERS_0101, {moved[3]}, after=before[moved[3]].offset)[moved[3]]
     fresh = _reveal(new, after, ["mobile"])
     assert fresh["decision"] == "allowed" and fresh["fields"]["mobile"] == "13900000003"
+    # a customer the new owner opens after the cut-over gets a data key wrapped under the new owner's key
+    opened = run_workload(dsn, customers=1, update=0, delete=0, opener=f"Staff:{NEW}").customers[0]
+    _latest(bootstrap, CUSTOMERS_0101, {opened})
+    wrapped = store.dek_fields("0101", keys.subject_token("0101", opened))
+    assert wrapped and {keys.kek_version_of(w) for w in wrapped.values()} == {current}
 
     # --- complete and report ---------------------------------------------------------------------------------
     completed = _guard(env, "transfer", "complete", str(plan))

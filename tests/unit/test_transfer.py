@@ -143,13 +143,13 @@ def test_steps_run_in_order_and_resume_where_they_stopped() -> None:
     state = sm.begin_cutover(started(), 2_000)
     assert state["phase"] == sm.CUTTING_OVER and state["cutover_started_ms"] == 2_000
     assert sm.remaining_steps(state) == list(sm.CUTOVER_STEPS)
-    with pytest.raises(sm.TransferStateError, match="before policy"):
-        sm.step_done(state, "scope", 3_000, 1, {})
-    state = sm.step_done(state, "policy", 3_000, 5, {"x": 1})
-    state = sm.step_done(state, "scope", 3_100, 5, {})
-    # a crash here: the rerun resumes at "key" and keeps the first run's start time
+    with pytest.raises(sm.TransferStateError, match="before scope"):
+        sm.step_done(state, "destroy", 3_000, 1, {})
+    state = sm.step_done(state, "scope", 3_000, 5, {"x": 1})
+    state = sm.step_done(state, "destroy", 3_100, 5, {})
+    # a crash here: the rerun resumes at "retain" and keeps the first run's start time
     rerun = sm.begin_cutover(state, 9_000)
-    assert sm.remaining_steps(rerun) == ["key", "destroy", "retain", "rewrap", "retire"]
+    assert sm.remaining_steps(rerun) == ["retain", "key", "rewrap", "retire", "policy"]
     assert rerun["cutover_started_ms"] == 2_000 and len(rerun["runs"]) == 2
     with pytest.raises(sm.TransferStateError, match="run cutover to its end"):
         sm.may_complete(rerun)
