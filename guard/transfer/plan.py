@@ -105,11 +105,24 @@ class Plan:
         """The plan as the report and the state show it (ids as sorted lists)."""
         return {"id": self.id, "branch": self.branch, "from": self.from_org, "to": self.to_org,
                 "cutoff": iso(self.cutoff), "by": self.by, "digest": self.digest,
-                "scope": {"default": self.default, "classes": list(self.classes), "move": sorted(self.move),
-                          "destroy": sorted(self.destroy), "destroy_reason": self.destroy_reason,
-                          "retain": [{"customers": sorted(r.customers), "legal_basis": r.legal_basis,
+                "scope": {"default": self.default, "classes": list(self.classes), "move": compact(self.move),
+                          "destroy": compact(self.destroy), "destroy_reason": self.destroy_reason,
+                          "retain": [{"customers": compact(r.customers), "legal_basis": r.legal_basis,
                                       "until": iso(r.until) if r.until else None} for r in self.retain]},
                 "incoming_staff": [{"id": s.id, "roles": list(s.roles)} for s in self.incoming_staff]}
+
+
+def compact(ids: Iterable[int]) -> list[int | str]:
+    """Sorted ids with runs of three or more written as "a-b" ranges (the plan file's own form)."""
+    out: list[int | str] = []
+    run: list[int] = []
+    for c in sorted(ids):
+        if run and c != run[-1] + 1:
+            out += run if len(run) < 3 else [f"{run[0]}-{run[-1]}"]
+            run = []
+        run.append(c)
+    out += run if len(run) < 3 else [f"{run[0]}-{run[-1]}"]
+    return out
 
 
 def iso(when: datetime) -> str:

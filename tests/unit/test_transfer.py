@@ -20,7 +20,7 @@ from guard.policy.engine import PolicyEngine, default_directory
 from guard.policy.sources import staff_entities
 from guard.transfer import entities
 from guard.transfer import state as sm
-from guard.transfer.plan import parse_plan, resolve
+from guard.transfer.plan import compact, parse_plan, resolve
 from guard.transfer.report import build, to_html, to_json
 
 VALID: dict[str, Any] = {
@@ -62,7 +62,9 @@ def test_a_valid_plan_reads_every_field() -> None:
     assert plan.disposition(11) == ("destroy", None)
     assert plan.disposition(20)[0] == "retain" and plan.disposition(20)[1] is plan.retain[0]
     assert plan.disposition(99) == ("move", None)  # the default
-    assert plan.as_dict()["scope"]["destroy"] == [10, 11, 12] and plan.as_dict()["digest"] == "d1"
+    assert plan.as_dict()["scope"]["destroy"] == ["10-12"] and plan.as_dict()["digest"] == "d1"
+    assert compact([7, 1, 2, 3, 4, 9, 10]) == ["1-4", 7, 9, 10] and compact([]) == []
+    assert parse_plan(plan_doc(scope__move=compact(range(100, 200_100)))).move == frozenset(range(100, 200_100))
 
 
 def test_resolve_covers_the_database_and_the_plan() -> None:
