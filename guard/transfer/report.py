@@ -24,7 +24,7 @@ import orjson
 from confluent_kafka import OFFSET_END, Consumer, KafkaError, TopicPartition
 
 from guard.anomaly.alerts import read_anomaly
-from guard.audit.verify import Kept, Observed, chain_leaves, verify
+from guard.audit.verify import Observed, chain_leaves, verify
 from guard.config import Settings
 from guard.errors import GuardError
 from guard.kafka.audit_chain import read_topic, second_store
@@ -309,4 +309,4 @@ Plan digest (SHA-256 of the plan file): <code>{esc(p.get('digest') or '')}</code
 """
 
 
-__all__ = ["Kept", "build", "to_html", "to_json", "verify_span"]
+__all__ = ["build", "to_html", "to_json", "verify_span"]

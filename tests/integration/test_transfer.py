@@ -38,6 +38,7 @@ from guard.keys.store import RedisKeyStore
 from guard.pipeline.runtime import build_keys
 from guard.policy.engine import default_directory
 from guard.policy.sources import staff_entities
+from guard.records.codec import decode
 from guard.reveal.client import Ref, RevealClient
 from guard.reveal.tokens import TokenStore, load_token_key
 from guard.workload.branch import run_workload
@@ -217,11 +218,13 @@ roles = ["manager"]
         raw = store.client.get(state_key)
         return orjson.loads(raw) if raw else {}
 
-    proc = subprocess.Popen([*GUARD, "transfer", "cutover", str(plan)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    killed_log = world["tmp"] / "cutover-killed.log"
+    with killed_log.open("wb") as log:
+        proc = subprocess.Popen([*GUARD, "transfer", "cutover", str(plan)], cwd=REPO, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
     while len(state().get("destroyed") or {}) < 2:
-        assert proc.poll() is None, f"the cut-over ended before it could be killed: {proc.communicate()}"
+        assert proc.poll() is None, f"the cut-over ended before it could be killed: {killed_log.read_text()[-3000:]}"
         assert time.monotonic() < deadline, "the cut-over shredded nothing in 300 s"
         time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -267,6 +270,13 @@ roles = ["manager"]
     _latest(bootstrap, CUSTOMERS_0101, {opened})
     wrapped = store.dek_fields("0101", keys.subject_token("0101", opened))
     assert wrapped and {keys.kek_version_of(w) for w in wrapped.values()} == {current}
+
+    # the former staff's two writes are decided (write_denied) by the worker before the transfer closes
+    def denied_writes(recs: list[Rec]) -> int:
+        docs = [decode(r.value) for r in recs if r.value and not dict(r.headers or []).get("bg-checkpoint")]
+        return sum(1 for d in docs if d.get("decision") == "write_denied" and f"Staff:{OLD}" in (d.get("reason") or ""))
+
+    wait_for(bootstrap, AUDIT, lambda rs: denied_writes(rs) >= 2, timeout=180)
 
     # --- complete and report ---------------------------------------------------------------------------------
     completed = _guard(env, "transfer", "complete", str(plan))
