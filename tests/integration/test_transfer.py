@@ -113,6 +113,7 @@ def world(stack: dict[str, str], tmp_path: Path):
     w1.start(from_end=True)
     w2.start(from_end=True)
     token_key = tmp_path / "reveal-token.key"
+    load_token_key(token_key, create=True)
     port = _free_port()
     reveal_env = {**full, "GUARD_REVEAL_TOKEN_KEY_FILE": str(token_key)}
     log = (tmp_path / "reveal.log").open("wb")
@@ -302,6 +303,9 @@ roles = ["manager"]
     assert {a["decision"] for a in mine} >= {"write_denied", "reveal_denied"} and len(mine) >= 4
     assert report["access_after_cutoff"]["allowed"] == 0
     assert report["verification"]["ok"] and report["verification"]["transfer_chains"]
+    assert any(a["rule"] == "write_denied" and a["principal"] == f"Staff:{OLD}" for a in report["anomalies"])
+    status = _guard(env, "transfer", "status", str(plan))
+    assert status.returncode == 0 and json.loads(status.stdout)["phase"] == "completed"
     assert "Staff:" + OLD in out[0].with_suffix(".html").read_text()
 
     # --- branch 0202: not affected ---------------------------------------------------------------------------
