@@ -315,3 +315,30 @@ roles = ["manager"]
     more = run_workload(stack["GUARD_BRANCH2_DSN"], customers=1, update=0, delete=0, branch_code="0202")
     _latest(bootstrap, CUSTOMERS_0202, set(more.customers))
     print(f"transfer test took {time.monotonic() - began:.0f} s")
+
+
+def test_the_key_handover_refuses_stale_branch_keys_and_keeps_data_keys(stack: dict[str, str]) -> None:
+    """The key store's part of the cut-over, on the real Redis (no Kafka): a process whose cached branch key a
+    transfer retires can't wrap a new data key under it; re-wrapping keeps every data key, so what was
+    sealed before opens afterwards; the outgoing versions are deleted; one handover per branch at a time."""
+    env = admin_redis_env(stack)
+    settings = dataclasses.replace(load_settings(), tenant=f"trk{RUN}", redis_url=env["GUARD_REDIS_URL"],
+                                   redis_password_file=env["GUARD_REDIS_PASSWORD_FILE"])
+    stale, operator = build_keys(settings, listen=False), build_keys(settings, listen=False)
+    branch = "0909"
+    sealed = stale.subject_aead(branch, "s1").seal(b"before the cut-over", b"ad")  # caches branch key v1
+    prepared = operator.prepare_transfer_key(branch, "t1")
+    assert operator.install_transfer_key(branch, "t1", prepared) == 2
+    assert operator.install_transfer_key(branch, "t1", prepared) == 2  # a rerun: the same version
+    with pytest.raises(Exception, match="another transfer"):
+        operator.install_transfer_key(branch, "t2", operator.prepare_transfer_key(branch, "t2"))
+    stale.subject_aead(branch, "s2")  # the floor refuses its cached v1: it re-reads the branch key
+    assert {stale.kek_version_of(w) for w in stale.store.dek_fields(branch, "s2").values()} == {2}
+    assert operator.rewrap_subject(branch, "s1") == (1, "rewrapped")
+    assert operator.rewrap_subject(branch, "s1") == (0, "current")
+    assert operator.retire_transfer_keys(branch) == 1
+    assert set(operator.store.kek_versions(branch)[1]) == {2}
+    fresh = build_keys(settings, listen=False)
+    assert fresh.subject_aead_for(branch, "s1", sealed).open(sealed, b"ad") == b"before the cut-over"
+    operator.store.end_kek_handover(branch, "t1")
+    assert operator.store.kek_handover(branch) == (2, None)
