@@ -77,7 +77,7 @@ def plan_cmd(ctx: click.Context, plan_file: Path, no_db: bool) -> None:
         raise click.ClickException(str(exc)) from None
     resolved = resolve(plan, ids)
     counts = {d: sum(1 for v in resolved.values() if v == d) for d in ("move", "destroy", "retain")}
-    _echo({"valid": True, "plan": plan.as_dict() | {"scope": None}, "customers": len(resolved),
+    _echo({"valid": True, "plan": plan.as_dict(), "customers": len(resolved),
            "customers_in_database": None if no_db else len(set(ids)), **counts})
 
 

@@ -156,8 +156,8 @@ def build(settings: Settings, state: dict[str, Any],
         if str(doc.get("branch")) != branch or doc.get("decision") == "checkpoint":
             continue
         at = int(doc.get("ts_ms") or ts)
-        if doc.get("op") == "transfer" and doc.get("source_topic") == f"transfer/{state['id']}":
-            steps_audited.append({"at_ms": at, "decision": doc.get("decision"), "where": where,
+        if doc.get("op") in ("transfer", "erase") and doc.get("source_topic") == f"transfer/{state['id']}":
+            steps_audited.append({"at_ms": at, "op": doc.get("op"), "decision": doc.get("decision"), "where": where,
                                   "subject": doc.get("subject")})
             continue
         decision = str(doc.get("decision") or "")
@@ -304,7 +304,7 @@ Plan digest (SHA-256 of the plan file): <code>{esc(p.get('digest') or '')}</code
     'verified' if v.get('ok') else 'NOT verified'}</p>
 {_rows([{"what": k, "value": val} for k, val in sorted(v.items())], ["what", "value"])}
 <h2>The transfer's own audit records</h2>
-{_rows(r['audit_records_of_the_transfer'], ["at_ms", "decision", "subject", "where"])}
+{_rows(r['audit_records_of_the_transfer'], ["at_ms", "op", "decision", "subject", "where"])}
 </body></html>
 """
 
