@@ -225,7 +225,7 @@ roles = ["manager"]
     while len(state().get("destroyed") or {}) < 2:
         assert proc.poll() is None, f"the cut-over ended before it could be killed: {killed_log.read_text()[-3000:]}"
         assert time.monotonic() < deadline, "the cut-over shredded nothing in 300 s"
-        time.sleep(0.005)
+        time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
     mid = state()
