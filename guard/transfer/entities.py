@@ -1,13 +1,14 @@
 """The policy entities a transfer changes (policy/entities.json, Cedar JSON), and writing them safely.
 
-* `start`: the branch becomes `transferring` with the plan's `cutoff`; its owner stays the outgoing
-  organisation. From the cut-off until the cut-over's policy step, the policy's freeze
-  (`freeze-between-cutoff-and-cutover`) denies everybody but compliance: neither owner's staff act on the
-  branch in between, whenever the cut-over actually runs.
+* `start`: the branch becomes `transferring` with the plan's `cutoff` and `freeze_from` (= the cut-off);
+  its owner stays the outgoing organisation. From then until the cut-over's policy step, the policy's
+  freeze (`freeze-between-cutoff-and-cutover`) denies everybody but compliance: neither owner's staff act
+  on the branch in between, whenever the cut-over actually runs. (A branch made `transferring` by hand,
+  without `freeze_from`, is not frozen: its owner keeps working after the cut-off.)
 * the cut-over's `policy` step: `owner` → the incoming organisation, `previous_owner` → the outgoing one,
-  `transfer_state` → `transferred`, the branch a member of its new owner; the incoming staff the plan names
-  become `Staff` entities of the branch (organisation: the incoming owner). The former owner's staff keep
-  their entities (organisation: the former owner): `nobody-outside-owner-after-cutoff` denies them from the
+  `transfer_state` → `transferred`, `freeze_from` removed, the branch a member of its new owner; the
+  incoming staff the plan names become `Staff` entities of the branch (organisation: the incoming owner).
+  The former owner's staff keep their entities (organisation: the former owner): `nobody-outside-owner-after-cutoff` denies them from the
   cut-off on, and decisions name that policy (the analyzer's `access_after_transfer_cutoff`).
 
 The engine reloads a changed directory within a second (`PolicyEngine.maybe_reload`); the file is replaced
@@ -54,6 +55,7 @@ def at_start(docs: list[dict[str, Any]], branch: str, from_org: str, cutoff_ms: 
         raise GuardError(f"branch {branch} is owned by {owner}, not by the plan's outgoing owner {from_org}")
     b["attrs"]["transfer_state"] = "transferring"
     b["attrs"]["cutoff"] = cedar_datetime(cutoff_ms / 1000)
+    b["attrs"]["freeze_from"] = cedar_datetime(cutoff_ms / 1000)
     return out
 
 
@@ -66,6 +68,7 @@ def at_cutover(docs: list[dict[str, Any]], branch: str, from_org: str, to_org: s
     b = branch_entity(out, branch)
     b["attrs"].update({"owner": ref("Organisation", to_org), "previous_owner": ref("Organisation", from_org),
                        "transfer_state": "transferred", "cutoff": cedar_datetime(cutoff_ms / 1000)})
+    b["attrs"].pop("freeze_from", None)  # handed over: the freeze ends
     b["parents"] = [p for p in b.get("parents") or [] if not str(p.get("type", "")).endswith("Organisation")]
     b["parents"].append({"type": NS + "Organisation", "id": to_org})
     for sid, roles in staff:
