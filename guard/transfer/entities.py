@@ -8,8 +8,9 @@
 * the cut-over's `policy` step: `owner` → the incoming organisation, `previous_owner` → the outgoing one,
   `transfer_state` → `transferred`, `freeze_from` removed, the branch a member of its new owner; the
   incoming staff the plan names become `Staff` entities of the branch (organisation: the incoming owner).
-  The former owner's staff keep their entities (organisation: the former owner): `nobody-outside-owner-after-cutoff` denies them from the
-  cut-off on, and decisions name that policy (the analyzer's `access_after_transfer_cutoff`).
+  The former owner's staff keep their entities (organisation: the former owner):
+  `nobody-outside-owner-after-cutoff` denies them from the cut-off on, and decisions name that policy (the
+  analyzer's `access_after_transfer_cutoff`).
 
 The engine reloads a changed directory within a second (`PolicyEngine.maybe_reload`); the file is replaced
 atomically (write a temporary file, fsync, rename), so a reader never sees half a file.
