@@ -334,13 +334,16 @@ class KeyManager:
         hit = self._deks.get(cache_key)
         if hit is not None and hit[1] > now:
             return hit[0]
+        kek = self._kek(branch)
         name = f"dek/{branch}/{subject}"
         seen = self._invalidations
         try:
-            found = self.store.get_or_create_dek(branch, subject, self._kek(branch).wrap(random_key(), name))
+            found = self.store.get_or_create_dek(branch, subject, kek.wrap(random_key(), name))
         except StaleBranchKeyError:  # a transfer retired the cached branch key: read it again, wrap again
             self.drop_branch_keys(branch)
-            found = self.store.get_or_create_dek(branch, subject, self._kek(branch).wrap(random_key(), name))
+            kek = self._kek(branch)
+            seen = self._invalidations
+            found = self.store.get_or_create_dek(branch, subject, kek.wrap(random_key(), name))
         if found is None:
             raise KeyShreddedError(f"data subject {subject} of branch {branch} was erased; its key is destroyed")
         version, wrapped = found
@@ -364,14 +367,15 @@ class KeyManager:
         missing = [s for s in subjects if (hit := self._deks.get((branch, s))) is None or hit[1] <= now]
         if not missing:
             return
+        kek = self._kek(branch)
         seen = self._invalidations
         try:
-            kek = self._kek(branch)
             found = self.store.get_or_create_deks(
                 branch, [(s, kek.wrap(random_key(), f"dek/{branch}/{s}")) for s in missing])
         except StaleBranchKeyError:  # a transfer retired the cached branch key: read it again, wrap again
             self.drop_branch_keys(branch)
             kek = self._kek(branch)
+            seen = self._invalidations
             found = self.store.get_or_create_deks(
                 branch, [(s, kek.wrap(random_key(), f"dek/{branch}/{s}")) for s in missing])
         for subject, result in zip(missing, found, strict=True):
