@@ -112,9 +112,17 @@ def cutover_cmd(ctx: click.Context, plan_file: Path, policy_dir: Path | None) ->
 @transfer.command("complete")
 @PLAN
 @POLICY
+@click.option("--reader-username", default=None,
+              help="The Kafka principal that reads guard.audit and guard.deletions for the verification (the "
+                   "secured stack: oncall; default: the settings' principal).")
+@click.option("--reader-password-file", type=click.Path(dir_okay=False), default=None,
+              help="That principal's password file.")
 @click.pass_context
-def complete_cmd(ctx: click.Context, plan_file: Path, policy_dir: Path | None) -> None:
+def complete_cmd(ctx: click.Context, plan_file: Path, policy_dir: Path | None, reader_username: str | None,
+                 reader_password_file: str | None) -> None:
     """Check the cut-over's promises, verify the audit chains over the transfer's span, close it."""
+    import dataclasses
+
     from guard.audit.note import load_verifier, public_path
     from guard.audit.writer import signing_key_path
     from guard.transfer.report import verify_span
@@ -122,9 +130,13 @@ def complete_cmd(ctx: click.Context, plan_file: Path, policy_dir: Path | None) -
 
     try:
         service = _service(ctx, plan_file, policy_dir)
+        reader = service.settings
+        if reader_username:
+            reader = dataclasses.replace(reader, kafka_username=reader_username,
+                                         kafka_password_file=reader_password_file or reader.kafka_password_file)
         verifier = load_verifier(public_path(signing_key_path(service.settings)))
         state = service.complete(lambda st: verify_span(
-            service.settings, st, verifier, service.store.audit_checkpoints(service.settings.audit_topic)))
+            reader, st, verifier, service.store.audit_checkpoints(service.settings.audit_topic)))
         _echo({**status(state), "verification": state.get("verification")})
     except GuardError as exc:
         raise click.ClickException(str(exc)) from None

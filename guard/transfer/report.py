@@ -38,10 +38,16 @@ SKEW_MS = 60_000
 CUTOFF_POLICIES = ("nobody-outside-owner-after-cutoff", "freeze-between-cutoff-and-cutover")
 
 
+def reader_group(settings: Settings) -> str:
+    """The reader's fixed group id (it assigns partitions and never commits): `oncall-transfer-report` as the
+    `oncall` principal, whose group ACL covers `oncall-*`; `guard-transfer-report` (the guard's tools) else."""
+    return "oncall-transfer-report" if settings.kafka_username == "oncall" else "guard-transfer-report"
+
+
 def read_window(settings: Settings, topic: str, since_ms: int, *, timeout_s: float = 120.0
                 ) -> list[tuple[int, str, bytes | None, bytes | None]]:
     """(Kafka timestamp, where, key, value) of every committed record of `topic` from `since_ms` on."""
-    consumer = Consumer(client_config(settings, **{"group.id": "guard-transfer-report", "enable.auto.commit": False,
+    consumer = Consumer(client_config(settings, **{"group.id": reader_group(settings), "enable.auto.commit": False,
                                                    "isolation.level": "read_committed",
                                                    "enable.partition.eof": True}))
     out: list[tuple[int, str, bytes | None, bytes | None]] = []

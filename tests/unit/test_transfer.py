@@ -22,7 +22,7 @@ from guard.policy.sources import staff_entities
 from guard.transfer import entities
 from guard.transfer import state as sm
 from guard.transfer.plan import compact, parse_plan, resolve
-from guard.transfer.report import build, to_html, to_json
+from guard.transfer.report import build, reader_group, to_html, to_json
 
 VALID: dict[str, Any] = {
     "transfer": {"id": "t-0101", "branch": "0101", "from": "bank-a", "to": "bank-b",
@@ -277,3 +277,10 @@ def test_the_report_is_deterministic_and_names_former_staff_attempts() -> None:
     again = build(settings, state, reader=lambda topic, since: records[topic])
     assert to_json(report) == to_json(again) and to_html(report) == to_html(again)
     assert "Staff:old-m" in to_html(report) and "provisional" not in to_html(report)
+
+
+def test_the_report_reads_under_the_principals_own_group() -> None:
+    import dataclasses
+
+    assert reader_group(Settings()) == "guard-transfer-report"
+    assert reader_group(dataclasses.replace(Settings(), kafka_username="oncall")) == "oncall-transfer-report"
