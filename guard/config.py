@@ -104,6 +104,10 @@ class Settings:
     #: How long a delete waits for the logical-decoding message naming its principal before it is
     #: decided `unattributed` (seconds since this worker first met it).
     attribution_wait_s: float = 10.0
+    # ---- the branch transfer (guard/transfer, docs/transfer.md)
+    #: Out-of-scope customers shredded per batch of `guard transfer cutover` (one Kafka write and one saved
+    #: state per batch: a crash repeats at most one batch's confirmations, with the same ids).
+    transfer_destroy_batch: int = 16
     # ---- the audit chain (guard/audit, guard/kafka/audit_chain.py, docs/audit.md)
     #: The Ed25519 private key (PKCS#8 PEM, mode 0600) that signs checkpoints and deletion confirmations
     #: (empty: `<stack home>/secrets/audit-signing.key`, which `guard stack up` creates).

@@ -3,7 +3,7 @@
 Owns: `main` (the group, settings and logging), `stack`, `sanitize` (`run`, `sanitize`), `demo`,
 `classify`, `connector` (`render`, `apply`), `erasure` (`erase`, `retention`, `hold`), `keys` (`keys-init`),
 `doctor`, `bench`, `alerts` (`tail`, `analyze`, `serve`), `policy` (`validate`, `check`), `reveal` (`serve`,
-`token`). Commands import
+`token`), `transfer` (`plan`, `start`, `cutover`, `complete`, `status`, `report`). Commands import
 what they run inside their function, so `guard --help` stays quick.
 May import: anything in `guard` (the top of docs/architecture.md); nothing imports it but entry points.
 """
@@ -22,6 +22,7 @@ from guard.cli import (  # noqa: F401 (registers the commands)
     reveal,
     sanitize,
     stack,
+    transfer,
 )
 from guard.cli.main import main
 

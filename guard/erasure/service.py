@@ -32,7 +32,7 @@ def erase_subject(settings: Settings, subject_id: str, reason_code: str, by: str
     fails, running workers deliver it (once) instead (`guard.kafka.confirmations`). A subject erased
     before gets no second confirmation: the answer names the first one.
     """
-    sanitizer = _sanitizer(settings)
+    sanitizer = erasure_sanitizer(settings)
     sanitizer.owner = f"cli:{by}#{uuid.uuid4()}"
     subject = sanitizer.keys.subject_token(settings.branch, subject_id)
     records = sanitizer.erase(subject, trigger="erase_command", reason_code=reason_code,
@@ -61,7 +61,7 @@ def sweep_retention(
     A subject under legal hold is skipped and keeps its expiry entry, so it is erased by the first sweep
     after the hold is released; a subject erased before is only removed from the expiry set.
     """
-    sanitizer = _sanitizer(settings)
+    sanitizer = erasure_sanitizer(settings)
     sanitizer.owner = f"cli:{by}#{uuid.uuid4()}"
     store = sanitizer.keys.store
     now = time.time() if now is None else now
@@ -102,7 +102,7 @@ def release_hold(settings: Settings, subject_id: str, by: str) -> dict[str, Any]
     was requested with; a deferred erasure recorded without one (before this version) is not guessed:
     the error says to run `guard erase` with the right reason.
     """
-    sanitizer = _sanitizer(settings)
+    sanitizer = erasure_sanitizer(settings)
     sanitizer.owner = f"cli:{by}#{uuid.uuid4()}"
     store, subject = sanitizer.keys.store, sanitizer.keys.subject_token(settings.branch, subject_id)
     store.set_hold(settings.branch, subject, False)
@@ -143,7 +143,7 @@ def _compact(sanitizer: Sanitizer) -> None:
                     "it due (bg:{t}:compact-due) and running workers finish it", exc)
 
 
-def _sanitizer(settings: Settings) -> Sanitizer:
+def erasure_sanitizer(settings: Settings) -> Sanitizer:
     """A sanitizer that reads the sanitized topics' configurations (compaction, retention) from Kafka."""
     sanitizer = build_sanitizer(settings)
     sanitizer.emitter.signer = load_audit_signer(settings)  # confirmations are signed; no key, no erasure

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from guard.errors import KeyShreddedError, KeyUnavailableError, SubjectRestrictedError, TenantKeyMissingError
 from guard.keys.kms import Kms
 from guard.keys.primitives import Aead, BlindIndex, Hmac, KeyedHash, KeyWrapper, random_key, sealed_header
-from guard.keys.store import RedisKeyStore
+from guard.keys.store import RedisKeyStore, StaleBranchKeyError
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +176,85 @@ class KeyManager:
         self._current_kek.pop(branch, None)
         return version
 
+    def drop_branch_keys(self, branch: str) -> None:
+        """Forget this process's branch keys of `branch` (a transfer installed a new one, retired old ones)."""
+        with self._lock:
+            self._current_kek.pop(branch, None)
+            for key in [k for k in self._keks if k[0] == branch]:
+                del self._keks[key]
+
+    # --- a branch transfer: the incoming owner's branch key, re-wrapping, retiring (guard/transfer) ------
+    def prepare_transfer_key(self, branch: str, transfer_id: str) -> bytes:
+        """A new branch key for the incoming owner, wrapped by the master key under a name of its own
+        (`kek/<branch>/transfer/<id>`): kept by the transfer until the cut-over installs it."""
+        return self._kms.wrap(random_key(), f"kek/{branch}/transfer/{transfer_id}")
+
+    def install_transfer_key(self, branch: str, transfer_id: str, prepared: bytes) -> int:
+        """Install the prepared key as the branch's current version and floor (once per transfer; a rerun
+        returns the version installed before), then tell every worker to drop its cached branch keys.
+
+        From here on no data key can be wrapped under an older version (the key store refuses it), so one
+        pass of `rewrap_subject` over the branch's subjects leaves none under a retiring version.
+        """
+        key = self._kms.unwrap(prepared, f"kek/{branch}/transfer/{transfer_id}")
+        try:
+            for _ in range(10):
+                current, _ = self.store.kek_versions(branch)
+                version = self.store.install_handover_kek(branch, transfer_id, current,
+                                                          self._kms.wrap(key, f"kek/{branch}/v{current + 1}"))
+                if version == -2:
+                    raise KeyUnavailableError(f"another transfer of branch {branch} is re-keying it "
+                                              f"({self.store.kek_handover(branch)[1]}); finish that one first")
+                if version > 0:
+                    break
+            else:
+                raise KeyUnavailableError(f"the branch key of branch {branch} kept changing during the handover")
+        finally:
+            del key
+        self.drop_branch_keys(branch)
+        self.store.publish_branch_invalidation(branch)
+        return version
+
+    def rewrap_subject(self, branch: str, subject: str) -> tuple[int, str]:
+        """Re-wrap every version of the subject's data key that is wrapped under a branch-key version below
+        the floor, under the floor version (the incoming owner's key). The data key itself is unchanged, so
+        every record sealed under it still opens. Returns (versions re-wrapped, `rewrapped` | `current` |
+        `erased` | `no_key`); a compare-and-set, so a concurrent rotation or shred is never overwritten."""
+        floor, _ = self.store.kek_handover(branch)
+        name = f"dek/{branch}/{subject}"
+        for _ in range(10):
+            fields = self.store.dek_fields(branch, subject)
+            if not fields:
+                return 0, "erased" if self.is_erased(branch, subject) else "no_key"
+            changes = []
+            for field, wrapped in sorted(fields.items()):
+                _, kek_version = sealed_header(wrapped)
+                if kek_version < floor:
+                    dek = self._kek(branch, kek_version).unwrap(wrapped, name)
+                    changes.append((field, wrapped, self._kek(branch, floor).wrap(dek, name)))
+                    del dek
+            if not changes:
+                return 0, "current"
+            done = self.store.rewrap_dek(branch, subject, changes)
+            if done == -1:
+                return 0, "erased"
+            if done > 0:
+                self.forget(branch, subject)
+                return done, "rewrapped"
+        raise KeyUnavailableError(f"the key of subject {subject} kept changing while it was being re-wrapped")
+
+    def retire_transfer_keys(self, branch: str) -> int:
+        """Delete the branch-key versions below the floor (none may still wrap a data key: the caller checks)
+        and tell every worker to drop its cached branch keys; returns how many versions were deleted."""
+        retired = self.store.retire_kek_below_floor(branch)
+        self.drop_branch_keys(branch)
+        self.store.publish_branch_invalidation(branch)
+        return retired
+
+    def kek_version_of(self, wrapped: bytes) -> int:
+        """The branch-key version a wrapped data key names in its header."""
+        return sealed_header(wrapped)[1]
+
     # --- blind-index keys (the sanitizer's only) ---------------------------------------------------
     def index_for(self, field: str, purpose: str) -> BlindIndex:
         """The blind index of one field for one purpose: its key is HKDF-SHA256 of the tenant's index root
@@ -258,7 +337,13 @@ class KeyManager:
         kek = self._kek(branch)
         name = f"dek/{branch}/{subject}"
         seen = self._invalidations
-        found = self.store.get_or_create_dek(branch, subject, kek.wrap(random_key(), name))
+        try:
+            found = self.store.get_or_create_dek(branch, subject, kek.wrap(random_key(), name))
+        except StaleBranchKeyError:  # a transfer retired the cached branch key: read it again, wrap again
+            self.drop_branch_keys(branch)
+            kek = self._kek(branch)
+            seen = self._invalidations
+            found = self.store.get_or_create_dek(branch, subject, kek.wrap(random_key(), name))
         if found is None:
             raise KeyShreddedError(f"data subject {subject} of branch {branch} was erased; its key is destroyed")
         version, wrapped = found
@@ -284,8 +369,15 @@ class KeyManager:
             return
         kek = self._kek(branch)
         seen = self._invalidations
-        found = self.store.get_or_create_deks(
-            branch, [(s, kek.wrap(random_key(), f"dek/{branch}/{s}")) for s in missing])
+        try:
+            found = self.store.get_or_create_deks(
+                branch, [(s, kek.wrap(random_key(), f"dek/{branch}/{s}")) for s in missing])
+        except StaleBranchKeyError:  # a transfer retired the cached branch key: read it again, wrap again
+            self.drop_branch_keys(branch)
+            kek = self._kek(branch)
+            seen = self._invalidations
+            found = self.store.get_or_create_deks(
+                branch, [(s, kek.wrap(random_key(), f"dek/{branch}/{s}")) for s in missing])
         for subject, result in zip(missing, found, strict=True):
             if result is None:
                 continue
@@ -341,8 +433,13 @@ class KeyManager:
         return self._kek(branch, kek_version).unwrap(wrapped, name)
 
     def rotate_subject_key(self, branch: str, subject: str) -> int:
-        kek = self._kek(branch)
-        version = self.store.rotate_dek(branch, subject, kek.wrap(random_key(), f"dek/{branch}/{subject}"))
+        try:
+            version = self.store.rotate_dek(branch, subject,
+                                            self._kek(branch).wrap(random_key(), f"dek/{branch}/{subject}"))
+        except StaleBranchKeyError:
+            self.drop_branch_keys(branch)
+            version = self.store.rotate_dek(branch, subject,
+                                            self._kek(branch).wrap(random_key(), f"dek/{branch}/{subject}"))
         if version is None:
             raise KeyShreddedError(f"data subject {subject} of branch {branch} was erased")
         self.forget(branch, subject)
@@ -462,6 +559,9 @@ class KeyManager:
         except (UnicodeDecodeError, ValueError):
             log.warning("malformed message on the key invalidation channel; dropping every cached key")
             self._drop_all()
+            return
+        if not subject:  # "<branch>:": a transfer changed the branch's keys
+            self.drop_branch_keys(branch)
             return
         with self._lock:
             self._invalidations += 1

@@ -10,7 +10,9 @@ every key they touch in KEYS, so the ACL's key patterns apply to them too:
 
     bg:{t}:tenant                    hash  purpose → unix s: which tenant keys were ever minted (the registry)
     bg:{t}:branches                  set   branches that have a branch key (data exists for the tenant)
-    bg:{t}:kek:{branch}              hash  current → n, v<n> → branch key wrapped by the master key
+    bg:{t}:kek:{branch}              hash  current → n, v<n> → branch key wrapped by the master key; floor → the
+                                           lowest version new data keys may be wrapped under, handover →
+                                           "<transfer id> <version>" while a transfer retires the versions below
     bg:{t}:tkey:{purpose}            str   tenant key (blind index root, keyed hash, quarantine) wrapped by the
                                            master key
     bg:{t}:dek:{branch}:{subject}    hash  current → n, v<n> → data key wrapped by the branch key, created → unix s
@@ -66,16 +68,30 @@ from guard.errors import KeyUnavailableError, TenantKeyMissingError
 #: (`attribution_wait_s`) and than a worker's replay after a crash reaches back.
 ATTRIBUTION_TTL_S = 7 * 86_400
 
-_CREATE_DEK = """
+# A new data key wrapped under a branch-key version below the branch key's `floor` (versions a transfer is
+# retiring) is refused ({-2}): the writer's cached branch key is stale; it re-reads it and wraps again.
+# The wrapped key's header is 0x01 | branch-key version (u32, big-endian) | ...
+_FLOOR_CHECK = """
+local function below_floor(kek, wrapped)
+  local floor = tonumber(redis.call('HGET', kek, 'floor') or '0')
+  if floor == 0 then return false end
+  local b1, b2, b3, b4 = string.byte(wrapped, 2, 5)
+  return ((b1 * 256 + b2) * 256 + b3) * 256 + b4 < floor
+end
+"""
+
+_CREATE_DEK = _FLOOR_CHECK + """
 if redis.call('EXISTS', KEYS[2]) == 1 then return {-1, false} end
 local cur = redis.call('HGET', KEYS[1], 'current')
 if cur then return {tonumber(cur), redis.call('HGET', KEYS[1], 'v' .. cur)} end
+if KEYS[3] and below_floor(KEYS[3], ARGV[1]) then return {-2, false} end
 redis.call('HSET', KEYS[1], 'current', 1, 'v1', ARGV[1], 'created', ARGV[2])
 return {1, ARGV[1]}
 """
 
-_ROTATE_DEK = """
+_ROTATE_DEK = _FLOOR_CHECK + """
 if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+if KEYS[3] and below_floor(KEYS[3], ARGV[1]) then return -2 end
 local cur = tonumber(redis.call('HGET', KEYS[1], 'current') or '0')
 local nxt = cur + 1
 redis.call('HSET', KEYS[1], 'current', nxt, 'v' .. nxt, ARGV[1])
@@ -174,6 +190,46 @@ end
 return n
 """
 
+_INSTALL_HANDOVER_KEK = """
+-- KEYS[1]: the branch key hash. ARGV: transfer id, the current version the caller saw, the new key wrapped
+-- by the master key under the name of version current + 1. Idempotent per transfer id: a rerun gets the
+-- version it installed. The new version becomes current and the floor (below it: retiring, no new wraps).
+local h = redis.call('HGET', KEYS[1], 'handover')
+if h then
+  local sp = string.find(h, ' ', 1, true)
+  if string.sub(h, 1, sp - 1) == ARGV[1] then return tonumber(string.sub(h, sp + 1)) end
+  return -2
+end
+local cur = tonumber(redis.call('HGET', KEYS[1], 'current') or '0')
+if cur ~= tonumber(ARGV[2]) then return -1 end
+local nxt = cur + 1
+redis.call('HSET', KEYS[1], 'current', nxt, 'v' .. nxt, ARGV[3], 'floor', nxt, 'handover', ARGV[1] .. ' ' .. nxt)
+return nxt
+"""
+
+_RETIRE_BELOW_FLOOR = """
+-- KEYS[1]: the branch key hash. Deletes every version below the floor; returns how many it deleted.
+local floor = tonumber(redis.call('HGET', KEYS[1], 'floor') or '0')
+local n = 0
+for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(f, 1, 1) == 'v' and tonumber(string.sub(f, 2)) and tonumber(string.sub(f, 2)) < floor then
+    redis.call('HDEL', KEYS[1], f); n = n + 1
+  end
+end
+return n
+"""
+
+_REWRAP_DEK = """
+-- KEYS: dek hash, erased marker. ARGV: field, expected wrapped, new wrapped, ... Compare-and-set of every
+-- field at once: 0 if one changed meanwhile (read again), -1 if the subject was erased, else the count.
+if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+for i = 1, #ARGV, 3 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) ~= ARGV[i + 1] then return 0 end
+end
+for i = 1, #ARGV, 3 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2]) end
+return #ARGV / 3
+"""
+
 _ADD_VERSION = """
 local cur = tonumber(redis.call('HGET', KEYS[1], 'current') or '0')
 local nxt = cur + 1
@@ -263,6 +319,15 @@ class ShredOutcome:
     epoch: int
 
 
+class StaleBranchKeyError(KeyUnavailableError):
+    """A data key was wrapped under a branch-key version that a transfer retires: re-read the branch key."""
+
+    def __init__(self, branch: str) -> None:
+        super().__init__(f"the branch key of branch {branch} changed (a transfer retires the version used); "
+                         "wrap under the current version")
+        self.branch = branch
+
+
 class RedisKeyStore:
     """Wrapped-key persistence; every method is one round trip (or one script) to Redis."""
 
@@ -285,6 +350,9 @@ class RedisKeyStore:
         self._root_changed = self.client.register_script(_ROOT_CHANGED)
         self._claim_due = self.client.register_script(_CLAIM_DUE)
         self._add_version = self.client.register_script(_ADD_VERSION)
+        self._install_handover = self.client.register_script(_INSTALL_HANDOVER_KEK)
+        self._retire_below_floor = self.client.register_script(_RETIRE_BELOW_FLOOR)
+        self._rewrap_dek = self.client.register_script(_REWRAP_DEK)
 
     def __repr__(self) -> str:
         return "RedisKeyStore(<redis>)"
@@ -325,7 +393,58 @@ class RedisKeyStore:
     def kek_versions(self, branch: str) -> tuple[int, dict[int, bytes]]:
         raw = self._call(self.client.hgetall, self._k("kek", branch))
         current = int(raw.pop(b"current", b"0"))
-        return current, {int(k[1:]): v for k, v in raw.items() if k.startswith(b"v")}
+        return current, {int(k[1:]): v for k, v in raw.items() if k.startswith(b"v") and k[1:].isdigit()}
+
+    def kek_handover(self, branch: str) -> tuple[int, str | None]:
+        """(floor, handover) of the branch key: versions below `floor` are being retired by the transfer
+        `handover` names ("<transfer id> <version>"); (0, None) when no transfer ever installed a key."""
+        floor, handover = self._call(self.client.hmget, self._k("kek", branch), ["floor", "handover"])
+        return int(floor or 0), None if handover is None else handover.decode()
+
+    def install_handover_kek(self, branch: str, transfer_id: str, seen_current: int, wrapped: bytes) -> int:
+        """Make `wrapped` (version `seen_current` + 1) the branch's current key and its floor, once per
+        transfer: -1 if the current version is no longer `seen_current` (wrap again), -2 if another
+        transfer's handover is in progress, else the version (the one installed before, on a rerun)."""
+        return int(self._call(self._install_handover, keys=[self._k("kek", branch)],
+                              args=[transfer_id, seen_current, wrapped]))
+
+    def retire_kek_below_floor(self, branch: str) -> int:
+        """Delete every branch-key version below the floor (after no data key is wrapped under one)."""
+        return int(self._call(self._retire_below_floor, keys=[self._k("kek", branch)]))
+
+    def end_kek_handover(self, branch: str, transfer_id: str) -> None:
+        """Forget the handover marker of `transfer_id` (the floor stays: retired versions stay refused)."""
+        name = self._k("kek", branch)
+        handover = self._call(self.client.hget, name, "handover")
+        if handover is not None and handover.decode().split(" ", 1)[0] == transfer_id:
+            self._call(self.client.hdel, name, "handover")
+
+    def publish_branch_invalidation(self, branch: str) -> None:
+        """Tell every worker to drop its cached branch keys of `branch` (message `<branch>:`)."""
+        self._call(self.client.publish, self.invalidate_channel, f"{branch}:")
+
+    def dek_subjects(self, branch: str) -> list[str]:
+        """Every subject of the branch that has a data key (SCAN over `dek:{branch}:*`), sorted."""
+        prefix = self._k("dek", branch, "")
+        found: set[str] = set()
+        cursor = 0
+        while True:
+            cursor, names = self._call(self.client.scan, cursor, match=prefix + "*", count=1000)
+            found.update(n.decode()[len(prefix):] for n in names)
+            if int(cursor) == 0:
+                return sorted(found)
+
+    def dek_fields(self, branch: str, subject: str) -> dict[str, bytes]:
+        """The subject's data-key versions as stored: `v<n>` → wrapped key."""
+        raw = self._call(self.client.hgetall, self._k("dek", branch, subject))
+        return {k.decode(): bytes(v) for k, v in raw.items() if k.startswith(b"v")}
+
+    def rewrap_dek(self, branch: str, subject: str, changes: list[tuple[str, bytes, bytes]]) -> int:
+        """Replace wrapped versions (field, expected, new) all at once if none changed: 0 if one did,
+        -1 if the subject was erased meanwhile, else how many were replaced."""
+        args = [x for change in changes for x in change]
+        return int(self._call(self._rewrap_dek, keys=[self._k("dek", branch, subject),
+                                                      self._k("erased", branch, subject)], args=args))
 
     def add_kek_version(self, branch: str, wrapped: bytes) -> int:
         return int(self._call(self._add_version, keys=[self._k("kek", branch)], args=[wrapped]))
@@ -366,9 +485,11 @@ class RedisKeyStore:
         """(version, wrapped key) of the subject's current key; None if the subject was erased."""
         version, wrapped = self._call(
             self._create_dek,
-            keys=[self._k("dek", branch, subject), self._k("erased", branch, subject)],
+            keys=[self._k("dek", branch, subject), self._k("erased", branch, subject), self._k("kek", branch)],
             args=[wrapped_if_absent, int(time.time())],
         )
+        if version == -2:
+            raise StaleBranchKeyError(branch)
         if version == -1:
             return None
         return int(version), bytes(wrapped)
@@ -380,9 +501,11 @@ class RedisKeyStore:
         now = int(time.time())
         pipe = self.client.pipeline(transaction=False)
         for subject, wrapped in items:
-            self._create_dek(keys=[self._k("dek", branch, subject), self._k("erased", branch, subject)],
-                             args=[wrapped, now], client=pipe)
+            self._create_dek(keys=[self._k("dek", branch, subject), self._k("erased", branch, subject),
+                                   self._k("kek", branch)], args=[wrapped, now], client=pipe)
         results = self._call(pipe.execute)
+        if any(int(version) == -2 for version, _ in results):
+            raise StaleBranchKeyError(branch)  # the keys created meanwhile are the winners': a retry reads them
         return [None if int(version) == -1 else (int(version), bytes(wrapped)) for version, wrapped in results]
 
     def dek_version(self, branch: str, subject: str, version: int) -> bytes | None:
@@ -393,10 +516,12 @@ class RedisKeyStore:
         result = int(
             self._call(
                 self._rotate_dek,
-                keys=[self._k("dek", branch, subject), self._k("erased", branch, subject)],
+                keys=[self._k("dek", branch, subject), self._k("erased", branch, subject), self._k("kek", branch)],
                 args=[wrapped],
             )
         )
+        if result == -2:
+            raise StaleBranchKeyError(branch)
         self.publish_invalidation(branch, subject)
         return None if result == -1 else result
 

@@ -31,6 +31,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("6", ("guard.kafka", "guard.erasure")),
     # anomaly detection (facts, rules, state in Redis, alerts; streams/analyzer.py runs it) and the reveal service
     ("6b", ("guard.anomaly", "guard.reveal")),
+    # the branch transfer: keys, policy entities, erasure, audit, and the anomalies it reports
+    ("6c", ("guard.transfer",)),
     # tools: data, the local stack, the demo and the benchmark, the command line
     ("7", ("guard.workload", "guard.doctor")),
     ("8", ("guard.stack",)),
