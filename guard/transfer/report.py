@@ -21,13 +21,13 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-from confluent_kafka import OFFSET_END, Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer
 
 from guard.anomaly.alerts import read_anomaly
 from guard.audit.verify import Observed, chain_leaves, verify
 from guard.config import Settings
-from guard.errors import GuardError
 from guard.kafka.audit_chain import read_topic, second_store
+from guard.kafka.reading import READER_SETTINGS, read_to_end
 from guard.kafka_security import client_config
 from guard.records.codec import decode
 from guard.transfer.plan import DESTROY, MOVE, RETAIN
@@ -44,41 +44,14 @@ def reader_group(settings: Settings) -> str:
     return "oncall-transfer-report" if settings.kafka_username == "oncall" else "guard-transfer-report"
 
 
-def read_window(settings: Settings, topic: str, since_ms: int, *, timeout_s: float = 120.0
+def read_window(settings: Settings, topic: str, since_ms: int, *, stall_s: float = 120.0
                 ) -> list[tuple[int, str, bytes | None, bytes | None]]:
     """(Kafka timestamp, where, key, value) of every committed record of `topic` from `since_ms` on."""
-    consumer = Consumer(client_config(settings, **{"group.id": reader_group(settings), "enable.auto.commit": False,
-                                                   "isolation.level": "read_committed",
-                                                   "enable.partition.eof": True}))
+    consumer = Consumer(client_config(settings, **{"group.id": reader_group(settings), **READER_SETTINGS}))
     out: list[tuple[int, str, bytes | None, bytes | None]] = []
     try:
-        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
-        if meta is None or meta.error is not None:
-            raise GuardError(f"topic {topic} can't be read")
-        parts = sorted(meta.partitions)
-        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
-        starts = consumer.offsets_for_times([TopicPartition(topic, p, max(0, since_ms)) for p in parts], timeout=10)
-        assign = [tp for tp in starts if tp.offset not in (OFFSET_END, -1) and tp.offset < ends[tp.partition]]
-        if not assign:
-            return out
-        consumer.assign(assign)
-        open_parts = {tp.partition for tp in assign}
-        deadline = time.monotonic() + timeout_s
-        while open_parts:
-            if time.monotonic() > deadline:
-                raise GuardError(f"reading {topic} did not finish within {timeout_s:.0f} s")
-            for msg in consumer.consume(1000, 0.5):
-                err = msg.error()
-                partition: int = msg.partition()  # type: ignore[assignment]
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        open_parts.discard(partition)
-                        continue
-                    raise GuardError(f"reading {topic}: {err}")
-                offset: int = msg.offset()  # type: ignore[assignment]
-                out.append((int(msg.timestamp()[1]), f"{topic}[{partition}]@{offset}", msg.key(), msg.value()))
-                if offset + 1 >= ends[partition]:
-                    open_parts.discard(partition)
+        for msg in read_to_end(consumer, topic, since_ms=max(0, since_ms), stall_s=stall_s):
+            out.append((int(msg.timestamp()[1]), f"{topic}[{msg.partition()}]@{msg.offset()}", msg.key(), msg.value()))
         return out
     finally:
         consumer.close()
