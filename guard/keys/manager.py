@@ -102,6 +102,11 @@ class KeyManager:
         self._listener: threading.Thread | None = None
         self._compactor: threading.Thread | None = None
         self._compact_wanted = threading.Event()
+        #: Counters for the benchmark (`counters`): integer adds on the hot path, nothing more.
+        self.key_lookups = 0
+        self.key_hits = 0
+        self.keys_fetched = 0
+        self.keys_created = 0
         if listen:
             self._start_listener()
 
@@ -227,15 +232,20 @@ class KeyManager:
         now = time.monotonic()
         cache_key = (branch, subject)
         hit = self._deks.get(cache_key)
+        self.key_lookups += 1
         if hit is not None and hit[1] > now:
+            self.key_hits += 1
             return hit[0]
         kek = self._kek(branch)
         name = f"dek/{branch}/{subject}"
         seen = self._invalidations
-        found = self.store.get_or_create_dek(branch, subject, kek.wrap(random_key(), name))
+        offered = kek.wrap(random_key(), name)
+        found = self.store.get_or_create_dek(branch, subject, offered)
+        self.keys_fetched += 1
         if found is None:
             raise KeyShreddedError(f"data subject {subject} of branch {branch} was erased; its key is destroyed")
         version, wrapped = found
+        self.keys_created += wrapped == offered
         aead = Aead(self._unwrap_dek(branch, wrapped, name), version=version)
         self._remember(branch, subject, aead, now, seen)
         return aead
@@ -243,7 +253,11 @@ class KeyManager:
     def cached_subject_aead(self, branch: str, subject: str) -> Aead | None:
         """The subject's data key if this worker holds it unexpired, else None (no key-store round trip)."""
         hit = self._deks.get((branch, subject))
-        return hit[0] if hit is not None and hit[1] > time.monotonic() else None
+        self.key_lookups += 1
+        if hit is not None and hit[1] > time.monotonic():
+            self.key_hits += 1
+            return hit[0]
+        return None
 
     def prefetch(self, branch: str, subjects: set[str]) -> None:
         """Load (or create) every uncached key of `subjects` in one key-store round trip.
@@ -257,12 +271,14 @@ class KeyManager:
             return
         kek = self._kek(branch)
         seen = self._invalidations
-        found = self.store.get_or_create_deks(
-            branch, [(s, kek.wrap(random_key(), f"dek/{branch}/{s}")) for s in missing])
-        for subject, result in zip(missing, found, strict=True):
+        offered = [(s, kek.wrap(random_key(), f"dek/{branch}/{s}")) for s in missing]
+        found = self.store.get_or_create_deks(branch, offered)
+        self.keys_fetched += len(missing)
+        for (subject, mine), result in zip(offered, found, strict=True):
             if result is None:
                 continue
             version, wrapped = result
+            self.keys_created += wrapped == mine
             aead = Aead(self._unwrap_dek(branch, wrapped, f"dek/{branch}/{subject}"), version=version)
             self._remember(branch, subject, aead, now, seen)
 
@@ -278,6 +294,19 @@ class KeyManager:
             self._deks.move_to_end((branch, subject))
             while len(self._deks) > self._cache_size:
                 self._deks.popitem(last=False)
+
+    def counters(self) -> dict[str, int]:
+        """What this manager's data-key cache and key store did so far (the benchmark reports them).
+
+        `key_lookups`/`key_hits`: per-event lookups of a subject's current key and those the cache answered
+        (on the native path a miss is looked up again once the batch's keys are loaded); `keys_fetched`:
+        subjects whose key came from the key store, `keys_created` of them minted by this worker;
+        `store_round_trips`: requests to the key store (a pipeline counts once), from every thread;
+        `invalidations`: shreds and rotations applied from the invalidation channel.
+        """
+        return {"key_lookups": self.key_lookups, "key_hits": self.key_hits, "keys_fetched": self.keys_fetched,
+                "keys_created": self.keys_created, "store_round_trips": self.store.round_trips,
+                "invalidations": self._invalidations, "cached_keys": len(self._deks)}
 
     def subject_aead_for(self, branch: str, subject: str, sealed: bytes) -> Aead:
         """The key version that sealed `sealed`, for reading (the reveal path). Never creates a key.
