@@ -50,12 +50,15 @@ def check(name: str, status: str, value: Any, note: str) -> dict[str, Any]:
 
 def target_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's four targets; a target that can't be meaningful here says so instead of passing."""
-    ratio = report["ratio"]
+    ratio, first = report["ratio"], report["ratio_first_sight"]
     guard_lat = report["modes"]["guard"]["latency"]
     cores = report["machine"]["cores"] or 1
+    kind = report.get("workload", {}).get("kind", "?")
     checks = [
-        check("guard throughput >= 30% of plain (exactly-once both)", "pass" if ratio >= TARGET_RATIO else "fail",
-              round(ratio, 3), f"ratio {ratio:.3f}"),
+        check("guard throughput >= 30% of plain (exactly-once both), steady state",
+              "pass" if ratio >= TARGET_RATIO else "fail", round(ratio, 3), f"ratio {ratio:.3f} ({kind} workload)"),
+        check("guard throughput >= 30% of plain (exactly-once both), first sight",
+              "pass" if first >= TARGET_RATIO else "fail", round(first, 3), f"ratio {first:.3f} ({kind} workload)"),
         check(f"guard p99 end-to-end < {TARGET_P99_MS:.0f} ms at 50% of its max rate",
               "pass" if guard_lat["p99_ms"] < TARGET_P99_MS else "fail", round(guard_lat["p99_ms"], 1),
               f"at {guard_lat['rate_achieved']:.0f} events/s"),
@@ -87,11 +90,18 @@ def target_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def render_table(report: dict[str, Any]) -> str:
-    rows = [("mode", "workers", "events/s", "p50 ms", "p99 ms", "peak RSS MiB")]
-    for mode in ("plain", "guard"):
+    rows = [("mode", "workers", "events/s", "us/event", "p50 ms", "p99 ms", "peak RSS MiB", "key hits",
+             "store trips/ev", "new keys/ev")]
+    names = {"plain": "plain", "guard": "guard", "guard_first_sight": "guard first sight"}
+    for mode in ("plain", "guard", "guard_first_sight"):
         m = report["modes"][mode]
-        rows.append((mode, str(report["workers"]), f"{m['events_per_s']:,.0f}", f"{m['latency']['p50_ms']:.1f}",
-                     f"{m['latency']['p99_ms']:.1f}", f"{m['peak_rss_mib']:.1f}"))
+        lat, keys = m.get("latency"), m.get("keys") or {}
+        hit = keys.get("cache_hit_rate")
+        rows.append((names[mode], str(report["workers"]), f"{m['events_per_s']:,.0f}", f"{m['us_per_event']:.1f}",
+                     f"{lat['p50_ms']:.1f}" if lat else "-", f"{lat['p99_ms']:.1f}" if lat else "-",
+                     f"{m['peak_rss_mib']:.1f}", "-" if hit is None else f"{hit:.1%}",
+                     f"{keys['round_trips_per_event']:.4f}" if keys else "-",
+                     f"{keys['keys_created_per_event']:.4f}" if keys else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
              for r in rows]
@@ -102,18 +112,23 @@ def render_table(report: dict[str, Any]) -> str:
 def render(report: dict[str, Any]) -> str:
     """The human report; the caller prints JSON and the `ratio` line after it."""
     w = report["workload"]
+    ttl = w.get("key_cache_ttl_s")
     out = [
-        f"BranchGuard bench {report['runid']}: {w['records']:,} change events of public.customers "
-        f"({w['mean_value_bytes']:.0f} B mean, {w['customers']:,} customers, {w['updates']:,} updates), "
+        f"BranchGuard bench {report['runid']}: {w['kind']} workload, {w['records']:,} change events of "
+        f"{', '.join(w['tables'])} ({w['mean_value_bytes']:.0f} B mean; {w['distinct_customers']:,} distinct "
+        f"customers of a population of {w['customers']:,}; {w['updates']:,} updates), "
         f"{report['partitions']} partition(s), {report['workers']} worker(s) per mode, exactly-once both, "
-        f"guard on its {report['machine'].get('guard_hot_path', '?')} hot path",
+        f"guard on its {report['machine'].get('guard_hot_path', '?')} hot path, data-key cache TTL "
+        + (f"{ttl:g} s" if ttl is not None else "the guard's default"),
         "",
         render_table(report),
         "",
-        f"guard/plain throughput: {report['ratio']:.3f} (median trial of each mode)   latency at "
+        f"guard/plain throughput: {report['ratio']:.3f} steady state (keys exist, not cached), "
+        f"{report['ratio_first_sight']:.3f} first sight (every key new); median trial of each mode. Latency at "
         f"{report['latency_rate']:.0f} events/s (50% of the guard's max), envelope ts_ms to read_committed output",
         "trials (events/s): plain " + ", ".join(f"{v:,.0f}" for v in report["trials"]["plain_events_per_s"])
         + "; guard " + ", ".join(f"{v:,.0f}" for v in report["trials"]["guard_events_per_s"])
+        + "; guard first sight " + ", ".join(f"{v:,.0f}" for v in report["trials"]["guard_first_sight_events_per_s"])
         + "; ratios " + ", ".join(f"{v:.3f}" for v in report["trials"]["ratios"]),
     ]
     warmup = report.get("warmup")

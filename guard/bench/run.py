@@ -38,10 +38,11 @@ from typing import Any
 
 import orjson
 
-from guard.bench.common import LATENCY_WARMUP_S, SOAK_TARGET_S, WARMUP_S
+from guard.bench.common import BENCH_KEY_CACHE_TTL_S, LATENCY_WARMUP_S, SOAK_TARGET_S, WARMUP_S
 from guard.bench.profile import profile_local, render_profile
 from guard.bench.report import emit_report
 from guard.bench.trials import BenchOptions, run
+from guard.bench.workload import HOT_CUSTOMERS, REALISTIC_CUSTOMERS, WORKLOADS
 from guard.config import Settings, load_settings
 from guard.errors import GuardError
 
@@ -49,11 +50,13 @@ from guard.errors import GuardError
 def run_bench(settings: Settings, *, records: int = 200_000, partitions: int = 2, workers: int = 1,
               json_out: Path | None = None, latency_seconds: float | None = None, scaling: bool = False,
               soak_seconds: float = 0.0, keep: bool = False, trials: int = 3,
-              warmup_seconds: float | None = None) -> dict[str, Any]:
+              warmup_seconds: float | None = None, workload: str = "realistic", customers: int | None = None,
+              key_cache_ttl: float | None = None) -> dict[str, Any]:
     """Entry point of `guard bench` (and `python -m guard.bench`): run, print, write JSON, return it."""
     opts = BenchOptions(records=records, partitions=partitions, workers=workers, latency_seconds=latency_seconds,
                         warmup_seconds=warmup_seconds, scaling=scaling, soak_seconds=soak_seconds, keep=keep,
-                        json_out=json_out, trials=trials)
+                        json_out=json_out, trials=trials, workload=workload, customers=customers,
+                        key_cache_ttl=key_cache_ttl)
     report = run(settings, opts)
     emit_report(report, json_out)
     return report
@@ -76,6 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--soak", type=float, default=0.0, metavar="SECONDS",
                         help=f"also run a steady 50%%-rate soak for RSS drift (the target needs {SOAK_TARGET_S})")
     parser.add_argument("--keep", action="store_true", help="keep the bench topics, groups and keys")
+    parser.add_argument("--workload", choices=WORKLOADS, default="realistic",
+                        help="realistic: a branch day over every demo table (default); hot: customers only, "
+                             "4,000 customers, nearly every key cached")
+    parser.add_argument("--customers", type=int, default=None,
+                        help=f"customer population (default {REALISTIC_CUSTOMERS:,} realistic, {HOT_CUSTOMERS:,} hot)")
+    parser.add_argument("--key-cache-ttl", type=float, default=None,
+                        help=f"guard workers' data-key cache TTL in s (default {BENCH_KEY_CACHE_TTL_S:.0f} "
+                             "realistic, the guard's default for hot)")
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument("--profile-local", type=int, default=0, metavar="RECORDS",
                         help="instead: profile the sanitizer over RECORDS bench events in a loop, no Kafka")
@@ -91,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         run_bench(load_settings(None), records=args.records, partitions=args.partitions, workers=args.workers,
                   json_out=args.json_out, latency_seconds=args.latency_seconds, scaling=args.scaling,
-                  soak_seconds=args.soak, keep=args.keep, trials=args.trials, warmup_seconds=args.warmup_seconds)
+                  soak_seconds=args.soak, keep=args.keep, trials=args.trials, warmup_seconds=args.warmup_seconds,
+                  workload=args.workload, customers=args.customers, key_cache_ttl=args.key_cache_ttl)
     except GuardError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
