@@ -14,6 +14,7 @@ import psutil
 from guard.bench.common import (
     FRESH_BROKER_S,
     SOAK_TARGET_S,
+    TARGET_ADDED_P99_MS,
     TARGET_P99_MS,
     TARGET_RATIO,
     TARGET_RSS_DRIFT_PCT,
@@ -63,6 +64,16 @@ def target_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
               "pass" if guard_lat["p99_ms"] < TARGET_P99_MS else "fail", round(guard_lat["p99_ms"], 1),
               f"at {guard_lat['rate_achieved']:.0f} events/s"),
     ]
+    db = report.get("db_latency")
+    name = f"guard adds < {TARGET_ADDED_P99_MS:.0f} ms p99 to Debezium's commit-to-topic latency at 50% of its max rate"
+    if db is None:
+        checks.append(check(name, "not run", None, "use --db-latency 60"))
+    else:
+        short = db["rate_achieved"] < 0.9 * db["rate_target"]
+        checks.append(check(name, "pass" if db["added_p99_ms"] < TARGET_ADDED_P99_MS else "fail", db["added_p99_ms"],
+                            f"p99 added {db['added_p99_ms']:.1f} ms at {db['rate_achieved']:.0f} rows/s"
+                            + (f" (the writer reached only {db['rate_achieved']:.0f} of {db['rate_target']:.0f} "
+                               "rows/s)" if short else "")))
     soak_result = report.get("soak")
     if soak_result is None:
         checks.append(check("RSS flat within 10% over a 10-minute run", "not run", None,
@@ -148,6 +159,23 @@ def render(report: dict[str, Any]) -> str:
         s = report["soak"]
         out.append(f"soak: {s['seconds']:.0f}s at {s['rate']:.0f}/s, RSS {s['first_mib']:.1f} MiB after warm-up -> "
                    f"{s['last_mib']:.1f} MiB in the last {s['window_s']:.0f}s ({s['drift_pct']:+.1f}%)")
+    db = report.get("db_latency")
+    if db:
+        out += ["", f"latency from the database commit (source.ts_ms), {db['matched']:,} rows at "
+                f"{db['rate_achieved']:.0f} rows/s (target {db['rate_target']:.0f}), one row per transaction:",
+                f"  commit -> raw record readable (Debezium):         p50 {db['raw_p50_ms']:.1f}  p95 "
+                f"{db['raw_p95_ms']:.1f}  p99 {db['raw_p99_ms']:.1f} ms",
+                f"  commit -> sanitized record readable (guard):     p50 {db['sanitized_p50_ms']:.1f}  p95 "
+                f"{db['sanitized_p95_ms']:.1f}  p99 {db['sanitized_p99_ms']:.1f} ms",
+                f"  added by the guard (per row):                    p50 {db['added_p50_ms']:.1f}  p95 "
+                f"{db['added_p95_ms']:.1f}  p99 {db['added_p99_ms']:.1f} ms"]
+    scale = report.get("memory_scale")
+    if scale:
+        out += ["", "memory and key state at scale (first-sight snapshot, one worker):",
+                "  customers   events/s  peak RSS MiB  RSS at end MiB  key store B/customer  keys created"]
+        out += [f"  {r['customers']:>9,}  {r['events_per_s']:>9,.0f}  {r['peak_rss_mib']:>12.1f}  "
+                f"{(r['rss_at_end_mib'] or 0):>14.1f}  {r['redis_bytes_per_customer']:>20.0f}  "
+                f"{r['keys'].get('keys_created', 0):>12,}" for r in scale]
     m = report["machine"]
     out += ["", f"machine: {m['cores']} cores ({m['cpu_model']}), {m['memory_gib']} GiB, "
             f"load {m['load_avg_1m_at_start']} at start; python {m['python']}, "

@@ -51,15 +51,28 @@ def run_bench(settings: Settings, *, records: int = 200_000, partitions: int = 2
               json_out: Path | None = None, latency_seconds: float | None = None, scaling: bool = False,
               soak_seconds: float = 0.0, keep: bool = False, trials: int = 3,
               warmup_seconds: float | None = None, workload: str = "realistic", customers: int | None = None,
-              key_cache_ttl: float | None = None) -> dict[str, Any]:
+              key_cache_ttl: float | None = None, memory_scale: list[int] | None = None,
+              db_latency_seconds: float = 0.0, db_rate: float | None = None) -> dict[str, Any]:
     """Entry point of `guard bench` (and `python -m guard.bench`): run, print, write JSON, return it."""
     opts = BenchOptions(records=records, partitions=partitions, workers=workers, latency_seconds=latency_seconds,
                         warmup_seconds=warmup_seconds, scaling=scaling, soak_seconds=soak_seconds, keep=keep,
                         json_out=json_out, trials=trials, workload=workload, customers=customers,
-                        key_cache_ttl=key_cache_ttl)
+                        key_cache_ttl=key_cache_ttl, memory_scale=memory_scale or [],
+                        db_latency_seconds=db_latency_seconds, db_rate=db_rate)
     report = run(settings, opts)
     emit_report(report, json_out)
     return report
+
+
+def _sizes(text: str) -> list[int]:
+    """`100000,300000,1000000` -> [100000, 300000, 1000000] (each positive)."""
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of customer counts: {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError("customer counts must be positive")
+    return sizes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key-cache-ttl", type=float, default=None,
                         help=f"guard workers' data-key cache TTL in s (default {BENCH_KEY_CACHE_TTL_S:.0f} "
                              "realistic, the guard's default for hot)")
+    parser.add_argument("--memory-scale", type=_sizes, default=[], metavar="N,N,...",
+                        help="also measure peak RSS and key-store memory per customer after a first-sight "
+                             "snapshot of N customers, for each N (e.g. 100000,300000,1000000)")
+    parser.add_argument("--db-latency", type=float, default=0.0, metavar="SECONDS",
+                        help="also measure commit-to-raw and commit-to-sanitized latency on the local stack's "
+                             "branch database for SECONDS (after 10 s of warm-up)")
+    parser.add_argument("--db-rate", type=float, default=None,
+                        help="rows/s written in --db-latency (default: half the guard's measured max rate)")
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument("--profile-local", type=int, default=0, metavar="RECORDS",
                         help="instead: profile the sanitizer over RECORDS bench events in a loop, no Kafka")
@@ -103,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         run_bench(load_settings(None), records=args.records, partitions=args.partitions, workers=args.workers,
                   json_out=args.json_out, latency_seconds=args.latency_seconds, scaling=args.scaling,
                   soak_seconds=args.soak, keep=args.keep, trials=args.trials, warmup_seconds=args.warmup_seconds,
-                  workload=args.workload, customers=args.customers, key_cache_ttl=args.key_cache_ttl)
+                  workload=args.workload, customers=args.customers, key_cache_ttl=args.key_cache_ttl,
+                  memory_scale=args.memory_scale, db_latency_seconds=args.db_latency, db_rate=args.db_rate)
     except GuardError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -185,6 +185,12 @@ class BenchOptions:
     #: The guard workers' data-key cache TTL; None: `BENCH_KEY_CACHE_TTL_S` for the realistic workload
     #: (so keys expire inside every measured window), the guard's default for `hot`.
     key_cache_ttl: float | None = None
+    #: Population sizes of the memory-and-key-state phase (`guard.bench.scale`); empty: not run.
+    memory_scale: list[int] = field(default_factory=list)
+    #: Measured seconds of the latency-from-the-database phase (`guard.bench.dblatency`); 0: not run.
+    db_latency_seconds: float = 0.0
+    #: Rows/s written into the branch database in that phase; None: half the guard's measured max rate.
+    db_rate: float | None = None
     json_out: Path | None = None
 
     @property
@@ -434,5 +440,16 @@ def run(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
         "machine": machine,
         "kept_topics": opts.keep,
     })
+    if opts.db_latency_seconds > 0:
+        from guard.bench.dblatency import measure_db_latency
+
+        db_rate = opts.db_rate if opts.db_rate is not None else report["latency_rate"]
+        log.info("latency from the database: %.0f rows/s for %.0fs", db_rate, opts.db_latency_seconds)
+        report["db_latency"] = asdict(measure_db_latency(settings, db_rate, opts.db_latency_seconds,
+                                                         log_path=str(ctx.log_dir / "guard-db-latency.log")))
+    if opts.memory_scale:
+        from guard.bench.scale import measure_scale
+
+        report["memory_scale"] = measure_scale(settings, opts.memory_scale, partitions=opts.partitions)
     report["targets"] = target_checks(report)
     return report

@@ -166,6 +166,72 @@ def build_hot(records: int, *, customers: int = HOT_CUSTOMERS, update_share: flo
 
 
 # --- the realistic branch day ----------------------------------------------------------------------------
+class _Personas:
+    """Pools of synth values (names, addresses, counterparties, memos), generated once, lazily.
+
+    `synth` makes every value valid (check digits, real area codes) at about a millisecond per customer;
+    a million customers would take many minutes. Customers are therefore built from a persona of the
+    pool plus the values that identify a person, derived from the customer id so they are unique per
+    customer (mobile, resident ID with its check digit, e-mail, account and Luhn-valid card numbers):
+    the guard's per-value caches (masks, blind indexes) then see as many distinct values as customers.
+    """
+
+    def __init__(self, size: int = 2048, seed: int = 17) -> None:
+        self.size, self.seed = size, seed
+        self._built = False
+
+    def _build(self) -> None:
+        rng = random.Random(self.seed)
+        self.customers = [synth.new_customer(rng, 0) for _ in range(self.size)]
+        self.addresses = [synth.address(rng) for _ in range(self.size)]
+        self.counterparties = [(synth.chinese_name(rng), synth.bank_card(rng)) for _ in range(self.size)]
+        memo_rng = random.Random(self.seed + 1)
+        account = {"account_no": "0", "customer_id": 0, "opened_at": dt.datetime(2020, 1, 1, tzinfo=dt.UTC)}
+        self.memos = [str(synth.new_transaction(memo_rng, account)["memo"]) for _ in range(self.size)]
+        self.bins = [b for b in ("622202", "621700", "622848", "621226", "622588", "620522")]
+        self._built = True
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or self._built:
+            raise AttributeError(name)
+        self._build()
+        return getattr(self, name)
+
+
+_PERSONAS = _Personas()
+
+
+def _mobile(n: int) -> str:
+    return f"1{3 + n % 7}{n % 10}{n % 10**8:08d}"
+
+
+def customer_rows(cid: int, seed: int, now_ms: int) -> list[Any]:
+    """[customers row, accounts rows, customer_auth row] of customer `cid`, as the connector sends them."""
+    h = (cid * 2_654_435_761 + seed) & 0xFFFFFFFF
+    persona = _PERSONAS.customers[h % _PERSONAS.size]
+    idn17 = str(persona["id_number"])[:14] + f"{(cid * 7 + h) % 1000:03d}"
+    idn = idn17 + synth.resident_id_check_char(idn17)
+    created = dt.datetime.fromtimestamp(now_ms / 1000 - 86_400 - h % (86_400 * 3650), dt.UTC)
+    customer = {"customer_id": cid, "name": persona["name"], "id_number": idn, "mobile": _mobile(cid * 48_271 + h),
+                "email": f"c{cid}.{h % 997}@{('qq.com', '163.com', 'example.cn')[h % 3]}",
+                "address": _PERSONAS.addresses[(h >> 11) % _PERSONAS.size], "gender": "M" if int(idn[16]) % 2 else "F",
+                "birth_date": (dt.date(int(idn[6:10]), int(idn[10:12]), int(idn[12:14])) - EPOCH_DAY).days,
+                "occupation": persona["occupation"], "risk_level": 1 + h % 5, "branch_code": "0101",
+                "created_at": created.strftime(_ISO)}
+    accounts = []
+    for k in range(1 + (h % 3 == 0)):
+        card = _PERSONAS.bins[(h + k) % len(_PERSONAS.bins)] + f"{cid:09d}{k}"
+        accounts.append({"account_no": f"0101{cid:011d}{k:02d}", "customer_id": cid,
+                         "card_no": card + synth.luhn_check_digit(card),
+                         "account_type": ("savings", "savings", "current", "credit")[(h >> 3) % 4],
+                         "balance": f"{(h >> 5) % 50_000_000 / 100:.2f}", "currency": "CNY",
+                         "status": "active" if h % 50 else "dormant", "branch_code": "0101",
+                         "opened_at": created.strftime(_ISO)})
+    auth = {"customer_id": cid, "login_name": f"u{cid:09d}{h % 100:02d}",
+            "password_hash": hashlib.sha256(b"$2b$12$%d.%d" % (cid, h)).hexdigest(), "updated_at": _iso(created)}
+    return [customer, accounts, auth]
+
+
 class ZipfRanks:
     """Popularity ranks 1..n drawn with P(k) ~ k^-s (inverse CDF of the continuous law, then floored)."""
 
@@ -212,16 +278,7 @@ class BranchDay:
     # rows ----------------------------------------------------------------------------------------
     def _rows(self, cid: int) -> list[Any]:
         """A customer's rows: derived from its id for a customer that existed before the day."""
-        rng = random.Random(self.seed * 1_000_003 + cid)
-        created = dt.datetime.fromtimestamp(self.now_ms / 1000 - rng.randint(86_400, 86_400 * 3650), dt.UTC)
-        customer = _debezium_row(synth.new_customer(rng, cid), created.strftime(_ISO))
-        accounts = []
-        for k in range(rng.choice((1, 1, 2))):
-            body = f"0101{cid:011d}{k:02d}"
-            accounts.append(_debezium_row(synth.new_account(rng, cid, acct_no=body)))
-        auth = {"customer_id": cid, "login_name": f"u{cid:09d}{rng.randrange(100):02d}",
-                "password_hash": self._digest(rng), "updated_at": _iso(created)}
-        return [customer, accounts, auth]
+        return customer_rows(cid, self.seed, self.now_ms)
 
     @staticmethod
     def _digest(rng: random.Random) -> str:
@@ -244,9 +301,12 @@ class BranchDay:
     def _posting(self, cid: int, rows: list[Any]) -> None:
         rng = self.rng
         account = rng.choice(rows[1])
-        txn = _debezium_row(synth.new_transaction(rng, {**account, "opened_at": dt.datetime.now(dt.UTC)}))
-        txn["account_no"], txn["txn_id"] = account["account_no"], self.next_txn
-        txn["created_at"] = _iso(dt.datetime.fromtimestamp(self.now_ms / 1000, dt.UTC))
+        name, counterparty = rng.choice(_PERSONAS.counterparties)
+        txn = {"account_no": account["account_no"], "customer_id": cid,
+               "amount": f"{rng.randrange(100, 2_000_000) / 100:.2f}", "direction": rng.choice("DC"),
+               "counterparty_name": name, "counterparty_account": counterparty,
+               "channel": rng.choice(("counter", "atm", "mobile", "online")), "memo": rng.choice(_PERSONAS.memos),
+               "created_at": _iso(dt.datetime.fromtimestamp(self.now_ms / 1000, dt.UTC)), "txn_id": self.next_txn}
         self.next_txn += 1
         self._emit(cid, "transactions", "c", {"txn_id": txn["txn_id"]}, None, txn)
         sign = 1 if txn["direction"] == "C" else -1
@@ -257,13 +317,14 @@ class BranchDay:
 
     def _contact_update(self, cid: int, rows: list[Any]) -> None:
         before = rows[0]
-        after = dict(before, mobile=synth.mobile(self.rng), address=synth.address(self.rng))
+        after = dict(before, mobile=_mobile(self.rng.randrange(10**8)), address=self.rng.choice(_PERSONAS.addresses))
         self._emit(cid, "customers", "u", {"customer_id": cid}, before, after)
         rows[0] = after
 
     def _password_change(self, cid: int, rows: list[Any]) -> None:
         before = rows[2]
-        after = dict(before, password_hash=self._digest(self.rng), updated_at=_iso(dt.datetime.now(dt.UTC)))
+        after = dict(before, password_hash=self._digest(self.rng),
+                     updated_at=_iso(dt.datetime.fromtimestamp(self.now_ms / 1000, dt.UTC)))
         self._emit(cid, "customer_auth", "u", {"customer_id": cid}, before, after)
         rows[2] = after
 

@@ -53,6 +53,23 @@ class ShredResult:
     status: str = "done"
 
 
+class _Spoiled:
+    """The subjects whose freshly fetched keys must not be cached (`KeyManager._invalidated_since`)."""
+
+    __slots__ = ("everything", "subjects")
+
+    def __init__(self, subjects: set[str] | None) -> None:
+        self.everything = subjects is None
+        self.subjects = subjects or set()
+
+    def __contains__(self, subject: object) -> bool:
+        return self.everything or subject in self.subjects
+
+
+_NOTHING = _Spoiled(set())
+_EVERYTHING = _Spoiled(None)
+
+
 @dataclass(frozen=True, slots=True)
 class TxnMark:
     """Where a worker's view of erasures stood when a transaction began (`KeyManager.mark`)."""
@@ -274,26 +291,58 @@ class KeyManager:
         offered = [(s, kek.wrap(random_key(), f"dek/{branch}/{s}")) for s in missing]
         found = self.store.get_or_create_deks(branch, offered)
         self.keys_fetched += len(missing)
+        loaded: list[tuple[str, Aead]] = []
         for (subject, mine), result in zip(offered, found, strict=True):
             if result is None:
                 continue
             version, wrapped = result
             self.keys_created += wrapped == mine
-            aead = Aead(self._unwrap_dek(branch, wrapped, f"dek/{branch}/{subject}"), version=version)
-            self._remember(branch, subject, aead, now, seen)
+            key = self._unwrap_dek(branch, wrapped, f"dek/{branch}/{subject}")
+            loaded.append((subject, Aead(key, version=version)))
+        self._remember_many(branch, loaded, now, seen)
 
     def _remember(self, branch: str, subject: str, aead: Aead, now: float, seen: int) -> None:
         with self._lock:
-            if self._invalidations != seen:
-                # An invalidation arrived while the key was fetched: it may name this very key, and the
-                # listener has already forgotten it. Caching it now would keep a destroyed key for a TTL.
+            if subject in self._invalidated_since(seen, branch):
                 return
-            # Jitter spreads expiries, so keys fetched together (a snapshot, a burst) don't all expire
-            # in the same second and stall the stream with a wave of key-store round trips.
-            self._deks[(branch, subject)] = (aead, now + self._ttl * (0.75 + 0.25 * random.random()))
-            self._deks.move_to_end((branch, subject))
-            while len(self._deks) > self._cache_size:
-                self._deks.popitem(last=False)
+            self._cache(branch, subject, aead, now)
+
+    def _remember_many(self, branch: str, keys: list[tuple[str, Aead]], now: float, seen: int) -> None:
+        with self._lock:
+            spoiled = self._invalidated_since(seen, branch)
+            for subject, aead in keys:
+                if subject not in spoiled:
+                    self._cache(branch, subject, aead, now)
+
+    def _invalidated_since(self, seen: int, branch: str) -> _Spoiled:
+        """Subjects of `branch` that invalidations applied since `seen` name (call with the lock held).
+
+        An invalidation that arrives while keys are fetched may name one of them, and the listener has
+        already forgotten it: caching that key now would keep a destroyed key for a TTL. Only the named
+        subjects are refused; a dropped cache (reconnect, unreadable message) or more invalidations than
+        remembered refuse every key. (Refusing every key on any invalidation made each shred during a
+        batch's prefetch cost the rest of the batch a key-store round trip per record.)
+        """
+        since = self._invalidations - seen
+        if since == 0:
+            return _NOTHING
+        if since > len(self._invalidated):
+            return _EVERYTHING
+        named: set[str] = set()
+        for entry in list(self._invalidated)[-since:]:
+            if entry is None:
+                return _EVERYTHING
+            if entry[0] == branch:
+                named.add(entry[1])
+        return _Spoiled(named)
+
+    def _cache(self, branch: str, subject: str, aead: Aead, now: float) -> None:
+        # Jitter spreads expiries, so keys fetched together (a snapshot, a burst) don't all expire
+        # in the same second and stall the stream with a wave of key-store round trips.
+        self._deks[(branch, subject)] = (aead, now + self._ttl * (0.75 + 0.25 * random.random()))
+        self._deks.move_to_end((branch, subject))
+        while len(self._deks) > self._cache_size:
+            self._deks.popitem(last=False)
 
     def counters(self) -> dict[str, int]:
         """What this manager's data-key cache and key store did so far (the benchmark reports them).
