@@ -179,11 +179,11 @@ def measure_db_latency(settings: Settings, rate: float, seconds: float, *, warmu
             raise BenchError(f"guard run exited with {guard.returncode}; see {log_path}")
         since_ms = (time.time() + warmup_s) * 1000
         written, achieved = write_paced(settings.branch_dsn, rate, warmup_s + seconds)
+        # Wait until every row the raw probe saw in the window is sanitized too (or a minute has passed).
         deadline = time.monotonic() + 60
-        expected = int(seconds * achieved * 0.98)
         while time.monotonic() < deadline:
-            done = [p for p, (_, c) in sanitized.samples.items() if c >= since_ms]
-            if len(done) >= expected:
+            seen_raw = {p for p, (_, c) in list(raw.samples.items()) if c >= since_ms}
+            if seen_raw and seen_raw <= set(sanitized.samples) and len(seen_raw) >= seconds * achieved * 0.95:
                 break
             time.sleep(0.5)
     finally:
