@@ -98,7 +98,7 @@ def profile_local(settings: Settings, records: int, *, cprofile_out: Path | None
     from guard.pipeline.runtime import build_sanitizer
 
     names = Names("prof" + uuid.uuid4().hex[:6])
-    workload = build_workload(records)
+    workload = build_workload(records, kind="hot")  # the profile's figures (docs/benchmark.md) are of `hot`
     alert_keys = missing_keys(settings.redis_url, drift_alert_keys(workload))
     bench = guard_settings(names.runid, bootstrap=settings.kafka_bootstrap, redis_url=settings.redis_url,
                            group="profile", worker_id="profile")
