@@ -99,3 +99,34 @@ def measure_scale(settings: Settings, sizes: list[int], *, partitions: int = 2,
             cleanup_redis(settings.redis_url, names, [])
     return rows
 
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m guard.bench.scale 100000,300000,1000000 [--json-out F]`: only the memory-scale phase."""
+    import argparse
+    import logging
+    import sys
+
+    import orjson
+
+    from guard.bench.report import machine_facts
+    from guard.config import load_settings
+
+    parser = argparse.ArgumentParser(prog="python -m guard.bench.scale", description=__doc__.splitlines()[0])
+    parser.add_argument("sizes", help="comma-separated customer counts, e.g. 100000,300000,1000000")
+    parser.add_argument("--partitions", type=int, default=2)
+    parser.add_argument("--json-out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    sizes = [int(part) for part in args.sizes.split(",") if part.strip()]
+    rows = measure_scale(load_settings(None), sizes, partitions=args.partitions)
+    report = {"memory_scale": rows, "machine": machine_facts()}
+    text = orjson.dumps(report, option=orjson.OPT_INDENT_2).decode()
+    if args.json_out is not None:
+        args.json_out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
