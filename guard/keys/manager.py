@@ -37,6 +37,8 @@ from guard.keys.store import INVALIDATE_CHANNEL, RedisKeyStore
 
 log = logging.getLogger(__name__)
 
+#: Share of the TTL before its expiry in which a batch's prefetch fetches a cached key again (`prefetch`).
+REFRESH_MARGIN = 0.25
 #: How long a commit-time check waits for the listener to apply a shred the key store has counted.
 CATCH_UP_S = 0.2
 _U32 = struct.Struct(">I")
@@ -281,9 +283,15 @@ class KeyManager:
 
         Called once per batch, so a burst of new or long-idle customers costs one round trip instead of
         one per event. Erased subjects are skipped; `subject_aead` reports them when they are used.
+
+        Keys that expire within `REFRESH_MARGIN` of their TTL are fetched again with the batch: a key that
+        expired while the batch was being processed would otherwise cost a round trip of its own (with a
+        10-s TTL and batches of a second, a hundred per batch: `guard bench`, docs/benchmark.md round 9).
+        The refreshed key comes from the key store, so the TTL still bounds how long a shredded key lingers.
         """
         now = time.monotonic()
-        missing = [s for s in subjects if (hit := self._deks.get((branch, s))) is None or hit[1] <= now]
+        horizon = now + self._ttl * REFRESH_MARGIN
+        missing = [s for s in subjects if (hit := self._deks.get((branch, s))) is None or hit[1] <= horizon]
         if not missing:
             return
         kek = self._kek(branch)
