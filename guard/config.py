@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import socket
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from guard.errors import ConfigError
 
@@ -23,14 +24,25 @@ class Settings:
     kafka_bootstrap: str = "127.0.0.1:19092"
     #: Kafka Connect REST URL (for `guard stack`, `guard demo`, status).
     connect_url: str = "http://127.0.0.1:18083"
-    #: libpq URL of the demo branch database.
-    branch_dsn: str = "postgresql://branch_app:branch_app@127.0.0.1:15432/branch_0101"
-    #: Redis URL of the shared, durable key store and windows.
-    redis_url: str = "redis://127.0.0.1:16379/0"
+    #: libpq URL of the demo branch database (TLS verified against the stack CA, password from `passfile`).
+    branch_dsn: str = field(default_factory=lambda: _default_branch_dsn())
+    #: Redis URL of the shared, durable key store and windows (TLS, ACL user `guard`).
+    redis_url: str = field(default_factory=lambda: _default_redis_url())
     #: Debezium `topic.prefix` of the branch connector; raw topics are `<prefix>.<schema>.<table>`.
     raw_topic_prefix: str = "br0101"
     #: The branch code the raw topics belong to (keys are per branch).
     branch: str = "0101"
+    #: A second branch this deployment serves, on another engine (the local stack's MariaDB branch: `0202`,
+    #: raw prefix `br0202`, `guard stack env` prints them). A worker serves one branch: run a second one with
+    #: `guard run --branch <branch2> --raw-topic-prefix <branch2_raw_topic_prefix>`. `guard doctor` checks it.
+    branch2: str = ""
+    branch2_raw_topic_prefix: str = ""
+    #: `mysql://user:password@host:port/db` of the second branch's MariaDB (the application account), for
+    #: `guard doctor`'s database checks.
+    branch2_dsn: str = ""
+    #: File holding the password of the second branch's CDC account (`cdc`), mode 0600; `guard doctor` logs in
+    #: with it to check the account's grants.
+    branch2_cdc_password_file: str = ""
     #: The organisation owning the branch (blind indexes and C3 hashes are keyed per tenant).
     tenant: str = "demo-bank"
     #: Prefix of output topics: `sanitized.<raw topic>`.
@@ -62,6 +74,20 @@ class Settings:
     #: Which transform handles ordinary change events: `auto` (the compiled `guard_native` path when it is
     #: installed, else Python), `native` (refuse to start without it) or `python` (the reference path).
     hot_path: str = "auto"
+    # --- Kafka client security (issue 20, kafka part; read by guard.kafka_security) --------------------
+    #: `SASL_SSL` (TLS + SASL, the local stack's only listener), `SSL`, `SASL_PLAINTEXT` or `PLAINTEXT`.
+    kafka_security_protocol: str = "SASL_SSL"
+    kafka_sasl_mechanism: str = "SCRAM-SHA-512"
+    #: The guard's Kafka principal (the local stack's `guard` user: read raw topics, write its outputs).
+    kafka_username: str = "guard"
+    #: File holding the password (mode 0600); empty: `<stack home>/secrets/kafka-<username>.password`.
+    kafka_password_file: str = ""
+    #: CA certificate (PEM) the brokers' certificates are checked against; empty: `<stack home>/tls/ca.crt`.
+    kafka_ca_file: str = ""
+    #: The principal the guard's workers run as, the only one `guard doctor` accepts as a reader of the raw
+    #: topics; empty: `User:<kafka_username>` (set it when doctor runs as another principal, e.g. an admin).
+    kafka_guard_principal: str = ""
+    # --- end of Kafka client security ---------------------------------------------------------------
 
     # ---- evidence topics: retention and replication of guard.audit and guard.deletions (guard/kafka/evidence.py)
     #: How long `guard.audit` keeps its records, in ms (-1: forever). Default 7 years: PIPL Art. 56 asks for at
@@ -78,6 +104,15 @@ class Settings:
     #: `min.insync.replicas` of the evidence topics (0: the broker's default). Production: 2 with 3 replicas.
     evidence_min_insync_replicas: int = 0
 
+    # --- access (issue 20): where credentials are, never the credentials themselves -----------------
+    #: File (0600) holding the password of the Redis user named in `redis_url` (`rediss://guard@host:port/0`);
+    #: read at every (re)connection, so a rotated password is picked up without a restart.
+    redis_password_file: str = field(default_factory=lambda: str(_stack_home() / "secrets/redis-guard.password"))
+    #: File (0600) holding `user:password` for the Kafka Connect REST API (HTTP basic authentication).
+    connect_credentials_file: str = field(
+        default_factory=lambda: str(_stack_home() / "secrets/connect-rest.credentials"))
+    # --- end access (issue 20) ------------------------------------------------------------------------
+
     @property
     def raw_topic_pattern(self) -> str:
         return "^" + self.raw_topic_prefix.replace(".", r"\.") + r"\.[^.]+\.[^.]+$"
@@ -87,6 +122,16 @@ class Settings:
 
     def transactional_id(self) -> str:
         return f"{self.group_id}-{self.worker_id}"
+
+    def for_branch(self, branch: str, raw_topic_prefix: str) -> Settings:
+        """The settings of a worker for another branch (the local stack's MariaDB branch 0202, `br0202`).
+
+        A worker serves one branch: the branch id names its subject tokens, data keys and branch key, and
+        the raw prefix its input topics. Its consumer group (and so its transactional id) is the branch's
+        own, ``<group_id>-<branch>``, so the two branches' workers never fence each other or share offsets.
+        """
+        return replace(self, branch=branch, raw_topic_prefix=raw_topic_prefix,
+                       group_id=f"{self.group_id}-{branch}")
 
 
 def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
@@ -118,3 +163,66 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
         except (TypeError, ValueError):
             raise ConfigError(f"setting {name} must be a {kind.__name__}, got {value!r}") from None
     return Settings(**typed)
+
+
+# --- access (issue 20): secrets are read from 0600 files, never from command lines or printed ----------
+def _stack_home() -> Path:
+    """The local stack's home (guard.stack.config.StackConfig.home): defaults point at its CA and secrets."""
+    return Path(os.environ.get("GUARD_STACK_HOME") or Path.home() / ".local/share/branchguard").expanduser()
+
+
+def _default_branch_dsn() -> str:
+    home = _stack_home()
+    return (f"postgresql://branch_app@127.0.0.1:15432/branch_0101?sslmode=verify-full"
+            f"&sslrootcert={home / 'tls/ca.crt'}&passfile={home / 'secrets/pgpass'}")
+
+
+def _default_redis_url() -> str:
+    return f"rediss://guard@127.0.0.1:16379/0?ssl_ca_certs={_stack_home() / 'tls/ca.crt'}&ssl_cert_reqs=required"
+
+
+def read_secret_file(path: str | os.PathLike[str], what: str) -> str:
+    """The first line of a secret file; refuses a file other users can read. Never echoes the content."""
+    p = Path(path)
+    try:
+        mode = p.stat().st_mode
+    except OSError:
+        raise ConfigError(f"{what}: {p} does not exist; run `guard stack up` (local stack) or create it "
+                          f"with mode 0600") from None
+    if mode & 0o077:
+        raise ConfigError(f"{what}: {p} is readable by other users; run `chmod 600 {p}`")
+    value = p.read_text(encoding="utf-8").strip()
+    if not value:
+        raise ConfigError(f"{what}: {p} is empty")
+    return value
+
+
+def connect_credentials(path: str | None = None) -> tuple[str, str] | None:
+    """(user, password) for the Connect REST API from `path` or GUARD_CONNECT_CREDENTIALS_FILE; None if unset."""
+    path = path or os.environ.get("GUARD_CONNECT_CREDENTIALS_FILE") or ""
+    if not path:
+        return None
+    user, sep, password = read_secret_file(path, "Kafka Connect REST credentials").partition(":")
+    if not sep or not user or not password:
+        raise ConfigError(f"Kafka Connect REST credentials: {path} must hold one line `user:password`")
+    return user, password
+# --- end access (issue 20) ----------------------------------------------------------------------------
+
+
+def mariadb_connect_args(dsn: str) -> dict[str, Any]:
+    """PyMySQL's arguments for ``mysql://user[:password]@host:port/db?password_file=...&ssl_ca=...``.
+
+    ``password_file``: the password is read from that file (the DSN then holds no secret); ``ssl_ca``: TLS,
+    the server's certificate and host name verified against that CA."""
+    url = urlsplit(dsn)
+    query = parse_qs(url.query)
+    password = unquote(url.password or "")
+    if "password_file" in query:
+        with open(query["password_file"][0], encoding="utf-8") as fh:
+            password = fh.read().strip()
+    args: dict[str, Any] = {"host": url.hostname or "127.0.0.1", "port": url.port or 3306,
+                            "user": unquote(url.username or ""), "password": password,
+                            "database": url.path.lstrip("/") or None}
+    if "ssl_ca" in query:
+        args.update(ssl_ca=query["ssl_ca"][0], ssl_verify_cert=True, ssl_verify_identity=True)
+    return args

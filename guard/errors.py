@@ -39,5 +39,22 @@ class SubjectRestrictedError(GuardError):
     """The data subject is under legal hold or storage-only: its data is kept sealed, not revealed."""
 
 
+class TenantKeyMissingError(GuardError):
+    """A tenant key is gone from the key store although the tenant has data there: the guard stops.
+
+    Not a `KeyUnavailableError` on purpose: that one pauses and retries, this one needs an operator.
+    """
+
+    def __init__(self, tenant: str, purposes: list[str]) -> None:
+        super().__init__(
+            f"tenant {tenant!r} has key-store data but its tenant key(s) {', '.join(purposes)} are missing "
+            "from Redis; the guard refuses to mint new ones (blind indexes, keyed hashes and quarantined "
+            "records would stop matching and erasures would report keys that never existed). Restore the "
+            "key(s) from the Redis backup (AOF) of the key store, then start the workers again; see "
+            "docs/keys.md, 'Missing tenant key'.")
+        self.tenant = tenant
+        self.purposes = purposes
+
+
 class IntegrityError(GuardError):
     """A ciphertext failed authentication: tampered with, moved to another field/row/topic, or wrong key."""

@@ -2,12 +2,13 @@
 # BranchGuard local-stack prerequisites (Debian 12 / bookworm). Idempotent: re-running is a no-op
 # when everything is already installed.
 #
-# Installs:  PostgreSQL 15 (demo branch database), redis-server (durable key store / windows),
+# Installs:  PostgreSQL 15 (demo branch database 0101), MariaDB 10.11 (demo branch database 0202),
+#            redis-server (durable key store / windows),
 #            OpenJDK 17 (Kafka 4.x broker + Connect need Java >= 17), Maven (fetches Kafka/Debezium jars
 #            from Maven Central), python3-venv (the guard's virtualenv), gcc and libc6-dev (Rust links
 #            the compiled hot path with the C toolchain and builds its allocator, mimalloc, from C).
-# It does NOT start any service system-wide: `guard stack up` runs its own private PostgreSQL cluster
-# and Redis on non-default ports under ${GUARD_STACK_HOME:-~/.local/share/branchguard}; the Debian
+# It does NOT start any service system-wide: `guard stack up` runs its own private PostgreSQL cluster,
+# MariaDB server and Redis on non-default ports under ${GUARD_STACK_HOME:-~/.local/share/branchguard}; the Debian
 # default services are stopped/disabled where systemd is present so they don't hold ports/memory.
 #
 # Usage: scripts/setup.sh [--with-venv]     (--with-venv also creates .venv and installs '.[test]')
@@ -19,9 +20,10 @@ if [ "$(id -u)" -ne 0 ]; then
     echo "setup.sh: not root and sudo is missing; run as root or install sudo" >&2; exit 1; fi
 fi
 
-# acl: setfacl lets the `postgres` OS user traverse a root-owned stack home (e.g. /root is 0700)
+# acl: setfacl lets the `postgres` and `mysql` OS users traverse a root-owned stack home (e.g. /root is 0700)
+# mariadb-server (10.11) + mariadb-client: the second branch database (branch 0202), run privately by the stack
 PKGS=(postgresql-15 postgresql-client-15 redis-server openjdk-17-jdk-headless maven python3-venv ca-certificates curl acl
-      gcc libc6-dev)
+      gcc libc6-dev mariadb-server mariadb-client)
 
 missing=()
 for p in "${PKGS[@]}"; do
@@ -43,7 +45,7 @@ fi
 # The Debian packages enable system services on default ports (5432, 6379). The stack does not use
 # them; stop them if systemd manages them, so they don't compete for the 2 cores / memory.
 if [ -d /run/systemd/system ]; then
-  for svc in redis-server postgresql; do
+  for svc in redis-server postgresql mariadb; do
     if systemctl is-enabled --quiet "$svc" 2>/dev/null; then
       $SUDO systemctl disable --now "$svc" >/dev/null 2>&1 || true
     fi
@@ -52,7 +54,8 @@ fi
 
 # Sanity checks: the binaries the stack calls.
 PG_BIN=/usr/lib/postgresql/15/bin
-for b in "$PG_BIN/initdb" "$PG_BIN/pg_ctl" "$PG_BIN/postgres" /usr/bin/redis-server /usr/sbin/runuser java mvn; do
+for b in "$PG_BIN/initdb" "$PG_BIN/pg_ctl" "$PG_BIN/postgres" /usr/bin/redis-server /usr/sbin/runuser java mvn \
+         /usr/sbin/mariadbd /usr/bin/mariadb-install-db /usr/bin/mariadb; do
   command -v "$b" >/dev/null 2>&1 || { echo "setup.sh: missing $b after install" >&2; exit 1; }
 done
 java_major=$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1)

@@ -35,6 +35,7 @@ from guard.bench.common import BenchError, log
 from guard.bench.latency import percentile, topic_partitions
 from guard.config import Settings
 from guard.kafka.batching import take
+from guard.kafka_security import client_config
 
 
 def sanitized_source(value: bytes) -> tuple[int | None, str]:
@@ -71,11 +72,11 @@ def sanitized_source(value: bytes) -> tuple[int | None, str]:
 class CommitProbe:
     """A read_committed consumer from the end of `topic`: readable time minus commit time per record."""
 
-    def __init__(self, bootstrap: str, topic: str, parse: Any) -> None:
+    def __init__(self, client: dict[str, Any], topic: str, parse: Any) -> None:
         self.parse = parse
         self.samples: dict[str, tuple[float, int]] = {}  # position -> (latency ms, commit ms)
         self._stop = threading.Event()
-        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-commit-{uuid.uuid4().hex}",
+        self.consumer = Consumer({**client, "group.id": f"bench-commit-{uuid.uuid4().hex}",
                                   "enable.auto.commit": False, "isolation.level": "read_committed",
                                   "fetch.wait.max.ms": 10, "fetch.min.bytes": 1})
         count = topic_partitions(self.consumer, topic, timeout=60)
@@ -172,8 +173,8 @@ def measure_db_latency(settings: Settings, rate: float, seconds: float, *, warmu
     raw = sanitized = None
     try:
         # The guard catches up with what the topics hold before the probes start from their ends.
-        raw = CommitProbe(settings.kafka_bootstrap, raw_topic, raw_source)
-        sanitized = CommitProbe(settings.kafka_bootstrap, f"sanitized.{raw_topic}", sanitized_source)
+        raw = CommitProbe(client_config(settings), raw_topic, raw_source)
+        sanitized = CommitProbe(client_config(settings), f"sanitized.{raw_topic}", sanitized_source)
         time.sleep(5)
         if guard.poll() is not None:
             raise BenchError(f"guard run exited with {guard.returncode}; see {log_path}")

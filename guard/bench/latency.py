@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 from confluent_kafka import Consumer, TopicPartition
@@ -19,6 +20,7 @@ from guard.bench.topics import pace
 from guard.bench.workers import BenchContext, GroupProgress, WorkerSet
 from guard.bench.workload import Workload
 from guard.kafka.batching import take
+from guard.kafka_security import client_config
 from guard.stack.broker import Broker
 from guard.stack.config import StackConfig
 
@@ -72,13 +74,14 @@ def topic_partitions(consumer: Consumer, topic: str, timeout: float = 30) -> int
 class LatencyProbe:
     """A read_committed consumer on an output topic computing now - envelope ts_ms for new records."""
 
-    def __init__(self, bootstrap: str, topics: list[str], partitions: int, ts_of: Callable[[bytes], int]) -> None:
+    def __init__(self, client: dict[str, Any], topics: list[str], partitions: int,
+                 ts_of: Callable[[bytes], int]) -> None:
         self.ts_of = ts_of
         self.samples: list[float] = []
         self.sent_at: list[int] = []
         self.since_ms = 0
         self._stop = threading.Event()
-        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-probe-{uuid.uuid4().hex}",
+        self.consumer = Consumer({**client, "group.id": f"bench-probe-{uuid.uuid4().hex}",
                                   "enable.auto.commit": False, "isolation.level": "read_committed",
                                   "fetch.wait.max.ms": 10, "fetch.min.bytes": 1})
         starts = [TopicPartition(topic, p, self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1])
@@ -168,15 +171,15 @@ def measure_latency(ctx: BenchContext, workers: WorkerSet, workload: Workload, r
                     warmup_s: float = 1.0) -> LatencyResult:
     """Pace `rate` events/s for `warmup_s` + `seconds` through caught-up workers; the latency of the
     records sent in the last `seconds` (the steady state at that rate, not the switch from a drain)."""
-    names, bootstrap = ctx.names, ctx.settings.kafka_bootstrap
+    names, client = ctx.names, client_config(ctx.settings)
     is_guard = workers.mode == "guard"
     out_topics = [names.sanitized(t) for t in ctx.tables] if is_guard else [names.plain_out]
-    probe = LatencyProbe(bootstrap, out_topics, ctx.partitions, sanitized_ts if is_guard else plain_ts)
+    probe = LatencyProbe(client, out_topics, ctx.partitions, sanitized_ts if is_guard else plain_ts)
     probe.since_ms = int((time.time() + warmup_s) * 1000)
     try:
-        sent, achieved = pace(bootstrap, names, workload, rate, warmup_s + seconds, workers.check_alive)
+        sent, achieved = pace(client, names, workload, rate, warmup_s + seconds, workers.check_alive)
         expected = max(int(sent - warmup_s * achieved) - 5, 1)
-        progress = GroupProgress(bootstrap, workers.group, ctx.inputs, ctx.partitions)
+        progress = GroupProgress(client, workers.group, ctx.inputs, ctx.partitions)
         try:
             progress.wait(progress.ends(), workers, timeout=60)
         finally:

@@ -99,7 +99,7 @@ def profile_local(settings: Settings, records: int, *, cprofile_out: Path | None
 
     names = Names("prof" + uuid.uuid4().hex[:6])
     workload = build_workload(records, kind="hot")  # the profile's figures (docs/benchmark.md) are of `hot`
-    alert_keys = missing_keys(settings.redis_url, drift_alert_keys(workload))
+    alert_keys = missing_keys(settings.redis_url, drift_alert_keys(workload, settings.tenant))
     bench = guard_settings(names.runid, bootstrap=settings.kafka_bootstrap, redis_url=settings.redis_url,
                            group="profile", worker_id="profile")
     result: dict[str, Any] = {"records": records, "mean_value_bytes": round(workload.mean_value_bytes(), 1),

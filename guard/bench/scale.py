@@ -27,6 +27,7 @@ from guard.bench.trials import drain_fresh
 from guard.bench.workers import BenchContext, RssSampler, WorkerSet
 from guard.bench.workload import _envelope, customer_rows
 from guard.config import Settings
+from guard.kafka_security import client_config
 
 
 def snapshot_events(customers: int, seed: int = 7) -> Iterator[tuple[bytes, bytes]]:
@@ -38,9 +39,9 @@ def snapshot_events(customers: int, seed: int = 7) -> Iterator[tuple[bytes, byte
         yield orjson.dumps({"customer_id": cid}), prefix + b"%d}" % now_ms
 
 
-def fill_stream(bootstrap: str, topic: str, events: Iterator[tuple[bytes, bytes]]) -> int:
-    """Produce `events` to `topic` as they are generated; returns how many."""
-    producer = _fill_producer(bootstrap, 20)
+def fill_stream(client: dict[str, Any], topic: str, events: Iterator[tuple[bytes, bytes]]) -> int:
+    """Produce `events` to `topic` as they are generated; returns how many. `client`: `client_config`'s."""
+    producer = _fill_producer(client, 20)
     count = 0
     for key, value in events:
         _produce(producer, topic, key, value)
@@ -52,16 +53,17 @@ def fill_stream(bootstrap: str, topic: str, events: Iterator[tuple[bytes, bytes]
     return count
 
 
-def redis_used_memory(redis_url: str) -> int:
-    import redis
+def redis_used_memory(settings: Settings) -> int:
+    """Redis's `used_memory`, asked as the guard's (authenticated, TLS) Redis user."""
+    from guard.keys.store import redis_client
 
-    return int(redis.Redis.from_url(redis_url).info("memory")["used_memory"])
+    return int(redis_client(settings.redis_url, settings.redis_password_file).info("memory")["used_memory"])
 
 
 def measure_scale(settings: Settings, sizes: list[int], *, partitions: int = 2,
                   key_cache_ttl: float | None = None) -> list[dict[str, Any]]:
     """One first-sight snapshot drain per size in `sizes`; what the worker and the key store hold."""
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    admin = AdminClient(client_config(settings))
     rows: list[dict[str, Any]] = []
     for size in sizes:
         names = Names(uuid.uuid4().hex[:8])
@@ -72,17 +74,17 @@ def measure_scale(settings: Settings, sizes: list[int], *, partitions: int = 2,
             create_topic(admin, names.input(), partitions)
             create_topic(admin, names.sanitized(), partitions)
             started = time.monotonic()
-            filled = fill_stream(settings.kafka_bootstrap, names.input(), snapshot_events(size))
+            filled = fill_stream(client_config(settings), names.input(), snapshot_events(size))
             log.info("memory scale: %d snapshot events of %d customers written in %.0fs", filled, size,
                      time.monotonic() - started)
-            before = redis_used_memory(settings.redis_url)
+            before = redis_used_memory(settings)
             workers = WorkerSet(ctx, "guard", 1, names.group("scale"), "guard").start()
             try:
                 result = drain_fresh(ctx, workers)
                 idle_rss = [rss for _, label, _, rss in sampler.samples if label == "guard"][-1:]
             finally:
                 result_workers = workers.stop()
-            after = redis_used_memory(settings.redis_url)
+            after = redis_used_memory(settings)
             row = {"customers": size, "events": result.events, "events_per_s": round(result.events_per_s, 1),
                    "seconds": round(result.seconds, 1), "peak_rss_mib": round(sampler.peak_mib("guard"), 1),
                    "rss_at_end_mib": round(idle_rss[0] / 2**20, 1) if idle_rss else None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from confluent_kafka import KafkaException, Producer
@@ -76,7 +77,7 @@ def cleanup_kafka(admin: AdminClient, names: Names, groups: Iterable[str]) -> li
     return topics
 
 
-def drift_alert_keys(workload: Workload) -> list[str]:
+def drift_alert_keys(workload: Workload, tenant: str = "demo-bank") -> list[str]:
     """Redis marks of the drift alerts the bench can raise: one per column the catalog doesn't know.
 
     The sanitizer deduplicates drift alerts per table and column (not per branch), so the bench's events
@@ -84,6 +85,7 @@ def drift_alert_keys(workload: Workload) -> list[str]:
     """
     from guard.classify.catalog import Catalog
     from guard.classify.plans import Classifier
+    from guard.keys.store import tenant_prefix
 
     classifier, keys = Classifier(Catalog.load(None)), []
     first: dict[str, int] = {}
@@ -92,7 +94,8 @@ def drift_alert_keys(workload: Workload) -> list[str]:
             first.setdefault(table, n)
     for table, n in first.items():
         row = orjson.loads(workload.value(n, 0) or b"{}")["after"]
-        keys += [f"bg:alerted:drift:{table}:{p.name}" for p in classifier.plan(table, row).unclassified]
+        keys += [f"{tenant_prefix(tenant)}alerted:drift:{table}:{p.name}"
+                 for p in classifier.plan(table, row).unclassified]
     return keys
 
 
@@ -110,9 +113,9 @@ def cleanup_redis(redis_url: str, names: Names, fresh_alert_keys: list[str]) -> 
 
 
 def _delete_keys(redis_url: str, pattern: str, extra: list[str]) -> int:
-    import redis
+    from guard.keys.store import redis_client
 
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     deleted = 0
     batch: list[bytes] = []
     for key in client.scan_iter(match=pattern, count=2000):
@@ -128,17 +131,17 @@ def _delete_keys(redis_url: str, pattern: str, extra: list[str]) -> int:
 
 
 def missing_keys(redis_url: str, keys: list[str]) -> list[str]:
-    import redis
+    from guard.keys.store import redis_client
 
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     return [k for k in keys if not client.exists(k)]
 
 
 # --- filling and pacing -----------------------------------------------------------------------------
-def _fill_producer(bootstrap: str, linger_ms: int) -> Producer:
+def _fill_producer(client: dict[str, Any], linger_ms: int) -> Producer:
     """A plain producer like Kafka Connect's (acks=all, Java's murmur2 partitioner, no compression)."""
     return Producer({
-        "bootstrap.servers": bootstrap,
+        **client,
         "acks": "all",
         "enable.idempotence": True,
         "linger.ms": linger_ms,
@@ -157,10 +160,10 @@ def _produce(producer: Producer, topic: str, key: bytes, value: bytes | None) ->
             producer.poll(0.05)
 
 
-def fill(bootstrap: str, names: Names, workload: Workload) -> float:
+def fill(client: dict[str, Any], names: Names, workload: Workload) -> float:
     """Produce every record of the workload once, each to its table's raw topic; returns records/s (not
     timed against either mode)."""
-    producer = _fill_producer(bootstrap, 20)
+    producer = _fill_producer(client, 20)
     topics = {table: names.input(table) for table in workload.tables}
     templates = workload.templates
     start = time.monotonic()
@@ -175,7 +178,7 @@ def fill(bootstrap: str, names: Names, workload: Workload) -> float:
     return len(workload.order) / (time.monotonic() - start)
 
 
-def pace(bootstrap: str, names: Names, workload: Workload, rate: float, seconds: float,
+def pace(client: dict[str, Any], names: Names, workload: Workload, rate: float, seconds: float,
          check: Callable[[], None] | None = None) -> tuple[int, float]:
     """Send at `rate` events/s for `seconds`, stamping each envelope with its send time.
 
@@ -187,7 +190,7 @@ def pace(bootstrap: str, names: Names, workload: Workload, rate: float, seconds:
     (all on the same 2 cores as the worker under test) was part of what the latency phase measured. The
     linger counts in the measured latency (the envelope is stamped before it).
     """
-    producer = _fill_producer(bootstrap, 5)
+    producer = _fill_producer(client, 5)
     order, n_order = workload.replay, len(workload.replay)
     topics = {table: names.input(table) for table in workload.tables}
     templates = workload.templates

@@ -37,6 +37,7 @@ from guard.bench.topics import (
 from guard.bench.workers import BenchContext, GroupProgress, RssSampler, WorkerSet
 from guard.bench.workload import WORKLOADS, Workload, build_workload
 from guard.config import Settings
+from guard.kafka_security import client_config
 from guard.protect.fastpath import use_native
 
 
@@ -74,8 +75,7 @@ def key_figures(counts: dict[str, int], events: int) -> dict[str, Any]:
 
 def drain_fresh(ctx: BenchContext, workers: WorkerSet) -> ThroughputResult:
     """Let a fresh group consume the whole input topic; time it with the workers' own timestamps."""
-    bootstrap = ctx.settings.kafka_bootstrap
-    progress = GroupProgress(bootstrap, workers.group, ctx.inputs, ctx.partitions)
+    progress = GroupProgress(client_config(ctx.settings), workers.group, ctx.inputs, ctx.partitions)
     try:
         targets = progress.ends()
         count = sum(targets.values())
@@ -98,7 +98,7 @@ def drain_fresh(ctx: BenchContext, workers: WorkerSet) -> ThroughputResult:
 
 def catch_up(ctx: BenchContext, workers: WorkerSet) -> None:
     """Wait until a (re)started group has committed everything currently in the input topic."""
-    progress = GroupProgress(ctx.settings.kafka_bootstrap, workers.group, ctx.inputs, ctx.partitions)
+    progress = GroupProgress(client_config(ctx.settings), workers.group, ctx.inputs, ctx.partitions)
     try:
         targets = progress.ends()
         progress.wait(targets, workers, timeout=120 + sum(targets.values()) / 500)
@@ -131,7 +131,7 @@ def soak(ctx: BenchContext, workload: Workload, workers: int, rate: float, secon
     try:
         catch_up(soak_ctx, group)
         t0 = time.time()
-        pace(ctx.settings.kafka_bootstrap, ctx.names, workload, rate, seconds, group.check_alive)
+        pace(client_config(ctx.settings), ctx.names, workload, rate, seconds, group.check_alive)
     finally:
         group.stop()
         sampler.close()
@@ -388,7 +388,7 @@ def run(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
         raise BenchError("--warmup-seconds must be 0 (no warm-up) or more")
     if opts.workload not in WORKLOADS:
         raise BenchError(f"--workload must be one of {', '.join(WORKLOADS)}")
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    admin = AdminClient(client_config(settings))
     try:
         admin.list_topics(timeout=10)
     except KafkaException:
@@ -403,7 +403,7 @@ def run(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
     workload = build_workload(opts.records, customers=opts.customers, kind=opts.workload)
     log.info("built the %s workload: %d events of %d distinct customers (population %d) in %.1fs", opts.workload,
              len(workload.order), workload.facts["distinct_customers"], workload.customers, time.monotonic() - started)
-    alert_keys = missing_keys(settings.redis_url, drift_alert_keys(workload))
+    alert_keys = missing_keys(settings.redis_url, drift_alert_keys(workload, settings.tenant))
     sampler = RssSampler(0.5)
     ctx = BenchContext(settings, names, opts.partitions, sampler, Path(tempfile.mkdtemp(prefix=f"{names.prefix}-")),
                        broker_gc_log=broker.gc_log if broker is not None and broker.gc_log.is_file() else None,
@@ -415,7 +415,7 @@ def run(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
             # topic once in its life (`TopicManager.ensure_like`), which is not per-event work.
             create_topic(admin, names.sanitized(table), opts.partitions)
         create_topic(admin, names.plain_out, opts.partitions)
-        fill_rate = fill(settings.kafka_bootstrap, names, workload)
+        fill_rate = fill(client_config(settings), names, workload)
         log.info("filled %s with %d events (%.0f/s); worker logs in %s", ", ".join(ctx.inputs), opts.records,
                  fill_rate, ctx.log_dir)
         report = execute(ctx, workload, opts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from guard.bench.common import BenchError, log
 from guard.bench.topics import Names
 from guard.config import Settings
+from guard.kafka_security import settings_env
 
 
 # --- worker processes ------------------------------------------------------------------------------
@@ -156,7 +158,9 @@ class WorkerSet:
             cmd += ["--key-cache-ttl", str(ctx.key_cache_ttl)]
         log_path = ctx.log_dir / f"{worker_id}.log"
         with log_path.open("w") as log_file:
-            popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True, bufsize=1)
+            # the workers reach Kafka as this process does (settings from a --config file included)
+            env = {**os.environ, **settings_env(ctx.settings)}
+            popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True, bufsize=1, env=env)
         proc = WorkerProc(self.mode, worker_id, popen, log_path)
         threading.Thread(target=proc.read, name=f"read-{worker_id}", daemon=True).start()
         ctx.sampler.add(self.label, popen.pid)
@@ -224,9 +228,9 @@ class WorkerSet:
 class GroupProgress:
     """Reads a group's committed offsets on the input topics without joining the group."""
 
-    def __init__(self, bootstrap: str, group: str, topics: list[str], partitions: int) -> None:
+    def __init__(self, client: dict[str, Any], group: str, topics: list[str], partitions: int) -> None:
         self.topics, self.partitions = topics, partitions
-        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+        self.consumer = Consumer({**client, "group.id": group, "enable.auto.commit": False})
 
     def committed(self) -> dict[tuple[str, int], int]:
         tps = [TopicPartition(t, p) for t in self.topics for p in range(self.partitions)]

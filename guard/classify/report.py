@@ -19,6 +19,7 @@ from guard.classify.detectors import detect_column
 from guard.classify.plans import infer_policy
 from guard.config import Settings
 from guard.errors import ConfigError, DecodeError
+from guard.kafka_security import client_config
 
 
 def _report(catalog: Catalog, schema_table: str, samples: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -60,8 +61,7 @@ def classify_table(settings: Settings, schema_table: str, sample: int) -> list[d
 
 def classify_topic(settings: Settings, topic: str, sample: int) -> list[dict[str, Any]]:
     catalog = Catalog.load(settings.catalog or None)
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "guard-classify",
-                         "enable.auto.commit": False})
+    consumer = Consumer(client_config(settings, **{"group.id": "guard-classify", "enable.auto.commit": False}))
     samples: dict[str, list[Any]] = {}
     schema_table = topic.partition(".")[2]
     try:

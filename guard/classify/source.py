@@ -54,8 +54,9 @@ HASH_HEX_LENGTH = 64
 #: Placeholder for the salt in the rendered document; the stack fills it in from the salt file.
 SALT_PLACEHOLDER = "${CONNECTOR_HASH_SALT}"
 
-#: PostgreSQL types Debezium's hash mask applies to (JDBC CHAR/VARCHAR/LONGVARCHAR/N*/CLOB families).
-_HASHABLE_TYPES = frozenset({"text", "character varying", "varchar", "character", "char", "bpchar", "citext"})
+#: PostgreSQL and MariaDB types Debezium's hash mask applies to (JDBC CHAR/VARCHAR/LONGVARCHAR/N*/CLOB families).
+_HASHABLE_TYPES = frozenset({"text", "character varying", "varchar", "character", "char", "bpchar", "citext",
+                             "tinytext", "mediumtext", "longtext"})
 _HEX_DIGEST = re.compile(rf"[0-9a-f]{{{HASH_HEX_LENGTH}}}")
 
 
@@ -97,10 +98,13 @@ def is_source_hash(value: object) -> bool:
     return isinstance(value, str) and _HEX_DIGEST.fullmatch(value) is not None
 
 
-def source_rules(catalog: Catalog) -> list[SourceRule]:
-    """One rule per C3 column of the catalog, sorted by table and column."""
+def source_rules(catalog: Catalog, namespace: str | None = None) -> list[SourceRule]:
+    """One rule per C3 column of the catalog, sorted by table and column; with `namespace` (a PostgreSQL
+    schema or a MariaDB database), only that namespace's tables: one connector's share."""
     rules = []
     for table in catalog.tables():
+        if namespace is not None and table.partition(".")[0] != namespace:
+            continue
         policy = catalog.table(table)
         assert policy is not None
         for name, col in sorted(policy.columns.items()):
@@ -115,20 +119,20 @@ def source_rules(catalog: Catalog) -> list[SourceRule]:
     return rules
 
 
-def source_options(catalog: Catalog) -> dict[str, str]:
+def source_options(catalog: Catalog, namespace: str | None = None) -> dict[str, str]:
     """The connector options that keep the catalog's C3 columns out of the raw topics (salt as placeholder).
 
     Empty when the catalog has no C3 column (the options are then absent, not empty strings, which
-    Debezium would read as "exclude nothing" anyway).
+    Debezium would read as "exclude nothing" anyway). `namespace` limits them to one connector's tables.
     """
     out: dict[str, list[str]] = {}
-    for rule in source_rules(catalog):
+    for rule in source_rules(catalog, namespace):
         out.setdefault(rule.option, []).append(rule.pattern)
     return {option: ",".join(patterns) for option, patterns in out.items()}
 
 
 def hash_column_problem(data_type: str, max_length: int | None) -> str | None:
-    """Why Debezium would not hash a column of this PostgreSQL type (information_schema ``data_type``,
+    """Why Debezium would not hash a column of this PostgreSQL or MariaDB type (information_schema ``data_type``,
     ``character_maximum_length``), or None when it would send the full digest."""
     if data_type.lower() not in _HASHABLE_TYPES:
         return (f"type {data_type!r} is not a character type: Debezium's hash mask would pass the value through "

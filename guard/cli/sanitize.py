@@ -17,9 +17,18 @@ from guard.errors import GuardError
 @main.command("run")
 @click.option("--worker-id", help="Stable id of this worker (names its transactional id). Default: hostname.")
 @click.option("--max-idle", type=float, default=None, help="Exit after this many idle seconds (tests, batch).")
+@click.option("--branch", "branch", default=None, metavar="CODE",
+              help="Serve this other branch (e.g. 0202, the stack's MariaDB branch) with --raw-topic-prefix; its "
+                   "consumer group is <group id>-<CODE>.")
+@click.option("--raw-topic-prefix", "raw_prefix", default=None, metavar="PREFIX",
+              help="With --branch: the branch's raw topic prefix (e.g. br0202).")
 @click.pass_context
-def run(ctx: click.Context, worker_id: str | None, max_idle: float | None) -> None:
-    """Sanitize the branch's raw CDC topics into sanitized.* topics, exactly once, until SIGTERM."""
+def run(ctx: click.Context, worker_id: str | None, max_idle: float | None, branch: str | None,
+        raw_prefix: str | None) -> None:
+    """Sanitize the branch's raw CDC topics into sanitized.* topics, exactly once, until SIGTERM.
+
+    One worker serves one branch; run one per branch (`guard run` and `guard run --branch 0202
+    --raw-topic-prefix br0202` on the local stack)."""
     from confluent_kafka import KafkaException
 
     from guard.kafka.runner import ProducerStuckError, SanitizerWorker
@@ -28,6 +37,10 @@ def run(ctx: click.Context, worker_id: str | None, max_idle: float | None) -> No
     settings = _settings(ctx)
     if worker_id:
         settings = load_settings(None, **{**settings.__dict__, "worker_id": worker_id})
+    if (branch is None) != (raw_prefix is None):
+        raise click.UsageError("--branch and --raw-topic-prefix go together")
+    if branch is not None and raw_prefix is not None:
+        settings = settings.for_branch(branch, raw_prefix)
     try:
         worker = SanitizerWorker(settings, build_sanitizer(settings))
         worker.install_signal_handlers()
@@ -39,8 +52,9 @@ def run(ctx: click.Context, worker_id: str | None, max_idle: float | None) -> No
         raise click.ClickException(str(exc)) from None
     except (KafkaException, ProducerStuckError) as exc:
         raise click.ClickException(
-            f"Kafka at {settings.kafka_bootstrap} failed the sanitizer ({exc}); check `guard stack status` or "
-            "GUARD_KAFKA_BOOTSTRAP. Restart the worker with the same --worker-id: it resumes from the last "
+            f"Kafka at {settings.kafka_bootstrap} failed the sanitizer ({exc}); check `guard stack status`, "
+            "GUARD_KAFKA_BOOTSTRAP and the credentials (GUARD_KAFKA_USERNAME, _PASSWORD_FILE, _CA_FILE; "
+            "`guard doctor` checks them). Restart the worker with the same --worker-id: it resumes from the last "
             "committed transaction."
         ) from None
     click.echo(dumps_json(stats.__dict__).decode(), err=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from typing import Any
 
@@ -45,11 +46,20 @@ def stack_status() -> None:
 
 @stack.command("env")
 def stack_env() -> None:
-    """Print `export` lines for the stack's addresses (eval "$(guard stack env)")."""
+    """Print `export` lines for the stack's addresses and where its credentials are (never their values)."""
     from guard import stack as s
 
     for key, value in _run_stack(s.env).items():
-        click.echo(f"export {key}={value}")
+        click.echo(f"export {key}={shlex.quote(value)}")  # DSNs and URLs carry '&': quoted for eval
+
+
+@stack.command("rotate")
+@click.argument("what", type=click.Choice(["redis", "postgres"]))
+def stack_rotate(what: str) -> None:
+    """New passwords for Redis (guard, admin) or PostgreSQL (branch_app, cdc), applied to the running stack."""
+    from guard.stack.orchestrator import rotate
+
+    _run_stack(lambda: rotate(what))
 
 
 def _run_stack(fn: Any) -> Any:

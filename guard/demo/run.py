@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import click
@@ -13,37 +15,78 @@ from confluent_kafka import Consumer, TopicPartition
 from guard.config import Settings, load_settings
 from guard.kafka.runner import SanitizerWorker
 from guard.kafka.stats import Stats
+from guard.kafka_security import client_config, default_password_file
 from guard.pipeline.runtime import build_sanitizer
 from guard.protect.masking import mask
 from guard.records.codec import decode
 from guard.workload.branch import run_workload
 
 
+@dataclass
+class DemoBranch:
+    """One branch of the demo: its engine, database, where its tables live, and its worker's settings."""
+
+    engine: str
+    settings: Settings
+    dsn: str
+    namespace: str
+    worker: SanitizerWorker | None = None
+
+
 def run_demo(settings: Settings, *, customers: int = 20) -> None:
     from guard import stack
 
-    click.echo("== 1/4 local stack: Kafka, Kafka Connect + Debezium, PostgreSQL (branch 0101), Redis")
+    click.echo("== 1/4 local stack: Kafka, Kafka Connect + Debezium, PostgreSQL (branch 0101), "
+               "MariaDB (branch 0202), Redis")
     stack.up()
     env = stack.env()
     settings = load_settings(None, **{**settings.__dict__,
                                       "kafka_bootstrap": env["GUARD_KAFKA_BOOTSTRAP"],
                                       "branch_dsn": env["GUARD_BRANCH_DSN"],
                                       "redis_url": env["GUARD_REDIS_URL"],
+                                      "redis_password_file": env["GUARD_REDIS_PASSWORD_FILE"],
+                                      "connect_url": env["GUARD_CONNECT_URL"],
+                                      "connect_credentials_file": env["GUARD_CONNECT_CREDENTIALS_FILE"],
                                       "raw_topic_prefix": env["GUARD_RAW_TOPIC_PREFIX"],
+                                      **{k.removeprefix("GUARD_").lower(): v for k, v in env.items()
+                                         if k.startswith("GUARD_KAFKA_")},
                                       "worker_id": "demo"})
-    click.echo("== 2/4 starting the guard (exactly-once sanitizer) on " + settings.raw_topic_pattern)
-    worker = SanitizerWorker(settings, build_sanitizer(settings))
+    maria_dsn = env["GUARD_BRANCH2_DSN"]
+    branches = [
+        DemoBranch("PostgreSQL", settings, settings.branch_dsn, "public"),
+        DemoBranch("MariaDB", settings.for_branch(env["GUARD_BRANCH2"], env["GUARD_BRANCH2_RAW_TOPIC_PREFIX"]),
+                   maria_dsn, maria_dsn.rsplit("/", 1)[-1]),
+    ]
     done = threading.Event()
-    thread = threading.Thread(target=worker.run, kwargs={"until": lambda _s: done.is_set()}, daemon=True)
-    thread.start()
+    threads = []
+    for branch in branches:
+        click.echo(f"== 2/4 starting the guard (exactly-once sanitizer) for branch {branch.settings.branch} "
+                   f"({branch.engine}) on {branch.settings.raw_topic_pattern}")
+        branch.worker = SanitizerWorker(branch.settings, build_sanitizer(branch.settings))
+        thread = threading.Thread(target=branch.worker.run, kwargs={"until": lambda _s: done.is_set()}, daemon=True)
+        thread.start()
+        threads.append(thread)
 
-    click.echo(f"== 3/4 branch workload: {customers} new customers with accounts and transactions, "
-               "contact updates, deletes")
-    result = run_workload(settings.branch_dsn, customers=customers, delete=2, update=5)
-    _wait_until_quiet(worker.stats)
+    results = []
+    for branch in branches:
+        click.echo(f"== 3/4 branch {branch.settings.branch} workload ({branch.engine}): {customers} new customers "
+                   "with accounts and transactions, contact updates, deletes")
+        results.append(run_workload(branch.dsn, customers=customers, delete=2, update=5,
+                                    branch_code=branch.settings.branch))
+    for branch in branches:
+        assert branch.worker is not None
+        _wait_until_quiet(branch.worker.stats)
     done.set()
-    thread.join(60)
-    _summary(settings, worker.stats, result.customers, result.deleted_customers)
+    for thread in threads:
+        thread.join(60)
+    for branch, result in zip(branches, results, strict=True):
+        assert branch.worker is not None
+        click.echo(f"\n== 4/4 summary of branch {branch.settings.branch} ({branch.engine}, "
+                   f"raw topics {branch.settings.raw_topic_prefix}.{branch.namespace}.*)")
+        _summary(branch.settings, branch.worker.stats, result.customers, result.deleted_customers, branch.namespace)
+    click.echo("\nThe demo's guard has stopped. To keep sanitizing new changes: `make run` (or `.venv/bin/guard run`, "
+               "and `guard run --branch 0202 --raw-topic-prefix br0202` for the MariaDB branch); "
+               "each continues where the demo stopped.")
 
 
 def _wait_until_quiet(stats: Stats, quiet_s: float = 6.0, limit_s: float = 180.0) -> None:
@@ -58,8 +101,8 @@ def _wait_until_quiet(stats: Stats, quiet_s: float = 6.0, limit_s: float = 180.0
         time.sleep(0.5)
 
 
-def _summary(settings: Settings, stats: Stats, customers: list[int], deleted: list[int]) -> None:
-    click.echo("== 4/4 summary")
+def _summary(settings: Settings, stats: Stats, customers: list[int], deleted: list[int],
+             namespace: str = "public") -> None:
     click.echo(f"events in             {stats.events_in}")
     click.echo(f"records out           {stats.records_out} (in {stats.transactions} transactions)")
     click.echo("fields protected      " + ", ".join(f"{k}: {v}" for k, v in sorted(stats.fields_by_class.items())))
@@ -71,9 +114,13 @@ def _summary(settings: Settings, stats: Stats, customers: list[int], deleted: li
     shown = next((c for c in customers if c not in deleted), None)
     if shown is None:
         return
-    raw_topic = f"{settings.raw_topic_prefix}.public.customers"
+    raw_topic = f"{settings.raw_topic_prefix}.{namespace}.customers"
     raw = _find(settings, raw_topic, shown)
-    sanitized = _find(settings, settings.sanitized_topic(raw_topic), shown, avro=True)
+    # read back as a consumer downstream would: the `downstream` principal may read sanitized topics only
+    downstream = dataclasses.replace(settings, kafka_username="downstream",
+                                     kafka_password_file=str(default_password_file("downstream")))
+    sanitized = _find(downstream, settings.sanitized_topic(raw_topic), shown, avro=True,
+                      group="downstream-demo-reader")
     if raw is None or sanitized is None:
         click.echo("(could not find the sample record pair)")
         return
@@ -83,7 +130,7 @@ def _summary(settings: Settings, stats: Stats, customers: list[int], deleted: li
     after = raw.get("after") or {}
     masked_raw = {}
     for column, value in after.items():
-        policy = catalog.column("public.customers", column)
+        policy = catalog.column(f"{namespace}.customers", column)
         if policy is None or policy.action.value != "clear":
             kind = policy.mask if policy and policy.mask else None
             masked_raw[column] = mask(kind, str(value)) if kind and value is not None else "[hidden]"
@@ -112,16 +159,15 @@ def _summary(settings: Settings, stats: Stats, customers: list[int], deleted: li
             twin = "?"
         click.echo(f"{column:<13} {str(shown_raw)[:34]:<34} {twin}")
     ct = (img.get("sealed") or {}).get("ct", b"")
-    click.echo(f"subject token {sanitized.get('subject')}; one {len(ct)}-byte ciphertext seals "
-               f"{len(sealed)} fields; key = this customer's data key (crypto-shreddable)")
-    click.echo("\nThe demo's guard has stopped. To keep sanitizing new changes: `make run` (or `.venv/bin/guard run`);"
-               " it continues where the demo stopped.")
+    click.echo(f"subject token {sanitized.get('subject')} (branch {sanitized.get('branch')}); one {len(ct)}-byte "
+               f"ciphertext seals {len(sealed)} fields; key = this customer's data key (crypto-shreddable)")
 
 
-def _find(settings: Settings, topic: str, customer_id: int, *, avro: bool = False) -> dict[str, Any] | None:
+def _find(settings: Settings, topic: str, customer_id: int, *, avro: bool = False,
+          group: str = "guard-demo-reader") -> dict[str, Any] | None:
     """The newest record of `topic` whose key names `customer_id` (reads the topic's recent tail)."""
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "guard-demo-reader",
-                         "enable.auto.commit": False, "isolation.level": "read_committed"})
+    consumer = Consumer(client_config(settings, **{"group.id": group, "enable.auto.commit": False,
+                                                   "isolation.level": "read_committed"}))
     try:
         meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
         if meta is None or not meta.partitions:

@@ -14,6 +14,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 from guard.classify.catalog import ERASURE_REASONS
 from guard.config import Settings
 from guard.errors import GuardError
+from guard.kafka_security import client_config
 from guard.pipeline.runtime import build_sanitizer
 from guard.pipeline.sanitizer import Sanitizer
 from guard.records.builders import OutRecord
@@ -138,13 +139,13 @@ def _compact(sanitizer: Sanitizer) -> None:
         sanitizer.keys.store.compact()
     except GuardError as exc:
         log.warning("the append-only-file rewrite after the shred did not complete (%s); the key store keeps "
-                    "it due (bg:compact-due) and running workers finish it", exc)
+                    "it due (bg:{t}:compact-due) and running workers finish it", exc)
 
 
 def _sanitizer(settings: Settings) -> Sanitizer:
     """A sanitizer that reads the sanitized topics' configurations (compaction, retention) from Kafka."""
     sanitizer = build_sanitizer(settings)
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    admin = AdminClient(client_config(settings))
     cache: dict[str, dict[str, str] | None] = {}
 
     def topic_configs(topic: str) -> dict[str, str] | None:
@@ -162,7 +163,7 @@ def _sanitizer(settings: Settings) -> Sanitizer:
 
 def _publish(settings: Settings, records: list[OutRecord]) -> None:
     """Write the records and wait for each delivery report; any failure raises (none is ignored)."""
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True})
+    producer = Producer(client_config(settings, **{"enable.idempotence": True}))
     failures: list[str] = []
 
     def on_delivery(err: KafkaError | None, msg: Message) -> None:

@@ -14,6 +14,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
 from guard.config import Settings
+from guard.kafka_security import client_config
 
 OUTPUT_TOPIC_PARTITIONS = 3
 
@@ -21,7 +22,7 @@ OUTPUT_TOPIC_PARTITIONS = 3
 def consumer_config(settings: Settings, client_id: str) -> dict[str, Any]:
     """A sanitizer worker's consumer settings (the bench's plain loop uses them too, for a fair baseline)."""
     return {
-        "bootstrap.servers": settings.kafka_bootstrap,
+        **client_config(settings),
         "group.id": settings.group_id,
         "client.id": client_id,
         "enable.auto.commit": False,
@@ -40,7 +41,7 @@ def consumer_config(settings: Settings, client_id: str) -> dict[str, Any]:
 def producer_config(settings: Settings, client_id: str) -> dict[str, Any]:
     """A sanitizer worker's transactional producer settings (shared with the bench's plain loop)."""
     return {
-        "bootstrap.servers": settings.kafka_bootstrap,
+        **client_config(settings),
         "client.id": client_id,
         "transactional.id": settings.transactional_id(),
         "transaction.timeout.ms": settings.transaction_timeout_ms,

@@ -1,7 +1,7 @@
 """Deletion confirmations that a crash separated from their shred: found, checked and delivered once.
 
 A shred writes its confirmation (and the confirmation's audit record) into the key store in the same
-script (`bg:pending:{branch}`, `Sanitizer.erase`); the worker that carries them in a transaction removes
+script (`bg:{t}:pending:{branch}`, `Sanitizer.erase`); the worker that carries them in a transaction removes
 the entry once that transaction has committed. An entry still there was not (known to be) delivered:
 
 * the worker crashed, was fenced or lost its partitions before the commit; the replay of the same delete
@@ -64,11 +64,14 @@ def by_topic(entries: Mapping[str, dict[str, Any]]) -> dict[str, list[dict[str, 
     return out
 
 
-def delivered(bootstrap: str, topic: str, ids: set[str], since_ms: int, *, timeout_s: float = 30.0) -> set[str]:
-    """Which confirmation ids of `ids` a committed record of `topic` carries (records from `since_ms` on)."""
+def delivered(client: Mapping[str, Any], topic: str, ids: set[str], since_ms: int, *,
+              timeout_s: float = 30.0) -> set[str]:
+    """Which confirmation ids of `ids` a committed record of `topic` carries (records from `since_ms` on).
+
+    `client`: bootstrap and security settings (`guard.kafka_security.client_config`)."""
     if not ids:
         return set()
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "guard-confirmations-check",
+    consumer = Consumer({**client, "group.id": "guard-confirmations-check",
                          "enable.auto.commit": False, "isolation.level": "read_committed",
                          "enable.partition.eof": True})
     found: set[str] = set()

@@ -83,8 +83,9 @@ class Hanging:
 
     @property
     def abort_command(self) -> str:
-        return (f"kafka-transactions.sh --bootstrap-server <broker> abort --topic {self.topic} "
-                f"--partition {self.partition} --start-offset {self.last_stable}")
+        # the cluster requires TLS + SASL: the tool needs an administrator's client properties
+        return (f"kafka-transactions.sh --bootstrap-server <broker> --command-config <admin client properties> "
+                f"abort --topic {self.topic} --partition {self.partition} --start-offset {self.last_stable}")
 
 
 class StuckTracker:

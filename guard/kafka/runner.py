@@ -74,6 +74,7 @@ from guard.kafka.hanging import (
     group_offsets_partition,
 )
 from guard.kafka.stats import BatchCounters, Stats
+from guard.kafka_security import client_config
 from guard.keys.manager import TxnMark
 from guard.pipeline.sanitizer import Outcome, Sanitizer, pending_records
 from guard.records.builders import OutRecord
@@ -117,7 +118,7 @@ class SanitizerWorker:
         self.telemetry = telemetry or Telemetry(settings)
         self._on_batch = on_batch
         self._running = True
-        self.admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+        self.admin = AdminClient(client_config(settings))
         self.topics = TopicManager(self.admin)
         sanitizer.topic_configs = self.topics.configs  # compacted topics, retention in confirmations
         client_id = f"guard-{settings.worker_id}"
@@ -238,8 +239,7 @@ class SanitizerWorker:
     def _start_hanging_watch(self) -> HangingWatcher:
         s = self.settings
         reporter = HangingReporter(
-            {"bootstrap.servers": s.kafka_bootstrap, "enable.idempotence": True,
-             "client.id": f"guard-{s.worker_id}-alerts"},
+            client_config(s, **{"enable.idempotence": True, "client.id": f"guard-{s.worker_id}-alerts"}),
             s.anomalies_topic, branch=s.branch, worker=s.worker_id, partitions_of=self.topics.partitions,
             on_count=self._on_hanging)
         return HangingWatcher(self.admin, self._output_partitions, reporter,
@@ -504,7 +504,7 @@ class SanitizerWorker:
             there: set[str] = set()
             # Each entry names the topic its confirmation goes to (the shredder's setting, maybe not ours).
             for topic, group in confirmations.by_topic(entries).items():
-                there |= confirmations.delivered(s.kafka_bootstrap, topic, {e["id"] for e in group},
+                there |= confirmations.delivered(client_config(s), topic, {e["id"] for e in group},
                                                  min(int(e["at_ms"]) for e in group))
             store.confirm_delivered(s.branch, {subj: e["id"] for subj, e in entries.items() if e["id"] in there})
             missing = {subj: e for subj, e in entries.items() if e["id"] not in there}

@@ -30,10 +30,10 @@ import redis
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from guard.errors import KeyShreddedError, KeyUnavailableError, SubjectRestrictedError
+from guard.errors import KeyShreddedError, KeyUnavailableError, SubjectRestrictedError, TenantKeyMissingError
 from guard.keys.kms import Kms
 from guard.keys.primitives import Aead, BlindIndex, Hmac, KeyedHash, KeyWrapper, random_key, sealed_header
-from guard.keys.store import INVALIDATE_CHANNEL, RedisKeyStore
+from guard.keys.store import RedisKeyStore
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ class KeyManager:
         cache_size: int = 200_000,
         listen: bool = True,
         indexes: bool = True,
+        tenant_check_s: float = 5.0,
     ) -> None:
         self._kms = kms
         self.store = store
@@ -111,13 +112,20 @@ class KeyManager:
         self._keks: dict[tuple[str, int], KeyWrapper] = {}
         self._current_kek: dict[str, tuple[KeyWrapper, float]] = {}
         self._lock = threading.Lock()
-        #: Whether this manager may derive blind-index keys (the sanitizer's); the reveal side may not.
+        # The tenant's keys are read (or, for a tenant without data, minted) together: fail closed on a
+        # missing one (TenantKeyMissingError).
+        #: Whether this manager may derive blind-index keys (the sanitizer's); the reveal side may not: it
+        #: never unwraps the index root (the store hands over all wrapped tenant keys, to fail closed).
         self.indexes = indexes
-        self._index_root: bytes | None = self._tenant_key("index") if indexes else None
+        tenant_keys = self._tenant_keys(self.TENANT_PURPOSES if indexes else ("hash", "quarantine"))
+        self._index_root: bytes | None = tenant_keys.get("index")
         self._indexes: dict[tuple[str, str], BlindIndex] = {}
-        self.keyed_hash = KeyedHash(self._tenant_key("hash"))
-        self.quarantine = Aead(self._tenant_key("quarantine"), version=1)
+        self.keyed_hash = KeyedHash(tenant_keys["hash"])
+        self.quarantine = Aead(tenant_keys["quarantine"], version=1)
+        del tenant_keys
         self._dlq_hash: Hmac | None = None
+        self._tenant_check_s = tenant_check_s
+        self._tenant_checked = time.monotonic()
         self._listener: threading.Thread | None = None
         self._compactor: threading.Thread | None = None
         self._compact_wanted = threading.Event()
@@ -133,16 +141,34 @@ class KeyManager:
         return f"KeyManager(tenant={self.tenant!r})"
 
     # --- tenant and branch keys -------------------------------------------------------------------
-    def _tenant_key(self, purpose: str) -> bytes:
-        name = f"tenant/{self.tenant}/{purpose}"
-        wrapped = self.store.tenant_key(self.tenant, purpose, self._kms.wrap(random_key(), name))
+    TENANT_PURPOSES = ("index", "hash", "quarantine")
+
+    def _tenant_keys(self, unwrap: tuple[str, ...]) -> dict[str, bytes]:
+        """The tenant's keys of the purposes `unwrap`; all of them are minted together, and only for a tenant
+        without key-store data, else read (TenantKeyMissingError when one of them is gone)."""
+        names = {p: f"tenant/{self.tenant}/{p}" for p in self.TENANT_PURPOSES}
+        wrapped = self.store.tenant_keys({p: self._kms.wrap(random_key(), n) for p, n in names.items()})
         try:
-            return self._kms.unwrap(wrapped, name)
+            return {p: self._kms.unwrap(wrapped[p], names[p]) for p in unwrap}
         except Exception:
             raise KeyUnavailableError(
                 "the master key cannot unwrap this tenant's keys: the key store was written under another "
                 "master key (check GUARD_MASTER_KEY / GUARD_MASTER_KEY_FILE)"
             ) from None
+
+    def check_tenant_keys(self, *, force: bool = False) -> None:
+        """Raise `TenantKeyMissingError` if a tenant key vanished from the key store (at most every few s).
+
+        A running worker keeps its tenant keys in memory, so it would go on deciding with keys that no
+        other (restarted) worker can get any more; it calls this once per batch and stops instead.
+        """
+        now = time.monotonic()
+        if not force and now - self._tenant_checked < self._tenant_check_s:
+            return
+        missing = self.store.missing_tenant_keys(list(self.TENANT_PURPOSES))
+        self._tenant_checked = now
+        if missing:
+            raise TenantKeyMissingError(self.tenant, missing)
 
     def _kek(self, branch: str, version: int | None = None) -> KeyWrapper:
         if version is not None and (branch, version) in self._keks:
@@ -289,6 +315,7 @@ class KeyManager:
         10-s TTL and batches of a second, a hundred per batch: `guard bench`, docs/benchmark.md round 9).
         The refreshed key comes from the key store, so the TTL still bounds how long a shredded key lingers.
         """
+        self.check_tenant_keys()
         now = time.monotonic()
         horizon = now + self._ttl * REFRESH_MARGIN
         missing = [s for s in subjects if (hit := self._deks.get((branch, s))) is None or hit[1] <= horizon]
@@ -545,7 +572,7 @@ class KeyManager:
             while True:
                 try:
                     pubsub = self.store.client.pubsub(ignore_subscribe_messages=True)
-                    pubsub.subscribe(INVALIDATE_CHANNEL)
+                    pubsub.subscribe(self.store.invalidate_channel)
                     # A reconnect may have missed messages: drop the whole cache to stay correct. Every
                     # shred up to the epoch read after subscribing is covered by that.
                     self._drop_all(self.store.erasure_epoch())

@@ -4,25 +4,37 @@ Only wrapped (encrypted) keys are stored; unwrapping needs the KMS master key, w
 Every worker of a deployment talks to the same Redis, so they share keys: the first worker that needs a
 data subject's key creates it atomically (a Lua script), the others read the winner's key.
 
-Redis layout (all names prefixed `bg:`):
+Redis layout: every name starts with `bg:{tenant}:` (the tenant's prefix), so one Redis ACL user per
+tenant can be limited to its own keys (`~bg:{tenant}:*`) and channel (`&bg:{tenant}:*`); Lua scripts name
+every key they touch in KEYS, so the ACL's key patterns apply to them too:
 
-    bg:kek:{branch}              hash  current → n, v<n> → branch key wrapped by the master key
-    bg:tkey:{tenant}:{purpose}   str   tenant key (blind index, keyed hash, quarantine) wrapped by the master key
-    bg:dek:{branch}:{subject}    hash  current → n, v<n> → data key wrapped by the branch key, created → unix s
-    bg:erased:{branch}:{subject} str   JSON shred record; blocks re-creation of the subject's key
-    bg:hold:{branch}             set   subject tokens under legal hold (storage-only instead of shred)
-    bg:storage-only:{b}:{s}      str   the erasure a legal hold deferred (JSON; PIPL Art. 47 para. 2)
-    bg:topics:{branch}:{subject} set   sanitized topics holding the subject's ciphertexts
-    bg:expiry:{branch}           zset  subject → unix time its retention runs out (relationship end + retention)
-    bg:erasure-due:{branch}      zset  subject → when a scheduled erasure (root delete + grace) is carried out
-    bg:erasure-due-info:{branch} hash  subject → the scheduled erasure (JSON: trigger, reason, source, …)
-    bg:pending:{branch}          hash  subject → confirmation written with the shred, until a committed write
-                                       carries it (JSON: id, owner, source, the records)
-    bg:erasure-epoch             str   counter: +1 per shred (workers check it before committing)
-    bg:compact-due               str   counter: shreds not yet covered by a completed AOF rewrite
-    bg:alerted:{key}             str   alert deduplication across workers (expires)
-    bg:invalidate                pub/sub channel: "{branch}:{subject}" after a rotation,
-                                 "{branch}:{subject}:{epoch}" after a shred
+    bg:{t}:tenant                    hash  purpose → unix s: which tenant keys were ever minted (the registry)
+    bg:{t}:branches                  set   branches that have a branch key (data exists for the tenant)
+    bg:{t}:kek:{branch}              hash  current → n, v<n> → branch key wrapped by the master key
+    bg:{t}:tkey:{purpose}            str   tenant key (blind index root, keyed hash, quarantine) wrapped by the
+                                           master key
+    bg:{t}:dek:{branch}:{subject}    hash  current → n, v<n> → data key wrapped by the branch key, created → unix s
+    bg:{t}:erased:{branch}:{subject} str   JSON shred record; blocks re-creation of the subject's key
+    bg:{t}:hold:{branch}             set   subject tokens under legal hold (storage-only instead of shred)
+    bg:{t}:storage-only:{b}:{s}      str   the erasure a legal hold deferred (JSON; PIPL Art. 47 para. 2)
+    bg:{t}:topics:{branch}:{subject} set   sanitized topics holding the subject's ciphertexts
+    bg:{t}:expiry:{branch}           zset  subject → unix time its retention runs out (relationship end + retention)
+    bg:{t}:erasure-due:{branch}      zset  subject → when a scheduled erasure (root delete + grace) is carried out
+    bg:{t}:erasure-due-info:{branch} hash  subject → the scheduled erasure (JSON: trigger, reason, source, …)
+    bg:{t}:pending:{branch}          hash  subject → confirmation written with the shred, until a committed write
+                                           carries it (JSON: id, owner, source, the records)
+    bg:{t}:ckeys:{branch}:{subject}  set   (topic, partition, key) of the subject's records on compacted topics
+    bg:{t}:ckey-owner:{branch}       hash  (topic, partition, key) → the subject whose record it is
+    bg:{t}:erasure-epoch             str   counter: +1 per shred (workers check it before committing)
+    bg:{t}:compact-due               str   counter: shreds not yet covered by a completed AOF rewrite
+    bg:{t}:alerted:{key}             str   alert deduplication across workers (expires)
+    bg:{t}:invalidate                pub/sub channel: "{branch}:{subject}" after a rotation,
+                                     "{branch}:{subject}:{epoch}" after a shred
+
+Tenant keys fail closed: they are minted once, together, and only for a tenant without any key-store data
+(no registry, no branch key). If the registry or a branch key exists but a tenant key is gone, minting a
+new one would make every blind index, keyed hash and quarantined record of the tenant unmatched and let
+erasures "succeed" on keys that were never used, so `tenant_keys` raises `TenantKeyMissingError` instead.
 
 Durability: the stack runs Redis with `appendonly yes` and `appendfsync always`, so a key acknowledged
 here is on disk before any record encrypted under it is committed to Kafka. Deleted keys can linger in
@@ -32,15 +44,18 @@ completes (docs/keys.md).
 
 from __future__ import annotations
 
+import os
 import struct
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis
 
-from guard.errors import KeyUnavailableError
+from guard.config import read_secret_file
+from guard.errors import KeyUnavailableError, TenantKeyMissingError
 
 _CREATE_DEK = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return {-1, false} end
@@ -157,11 +172,76 @@ redis.call('HSET', KEYS[1], 'current', nxt, 'v' .. nxt, ARGV[1])
 return nxt
 """
 
-INVALIDATE_CHANNEL = "bg:invalidate"
 #: Incremented by every shred (in the same script): workers compare it before committing (docs/keys.md).
-EPOCH_KEY = "bg:erasure-epoch"
+#: (Names below the tenant's prefix: `RedisKeyStore.epoch_key`, `compact_due_key`, `invalidate_channel`.)
+EPOCH_KEY = "erasure-epoch"
 #: Shreds not yet covered by a completed append-only-file rewrite.
-COMPACT_DUE_KEY = "bg:compact-due"
+COMPACT_DUE_KEY = "compact-due"
+INVALIDATE_CHANNEL = "invalidate"
+
+# KEYS: registry, branches, tkey<purpose>...; ARGV: now, then (purpose, wrapped) pairs in KEYS order.
+# Returns {1, v1, v2, ...} (all present or all minted now) or {-1, missing purposes...} (fail closed).
+_TENANT_KEYS = """
+local n = #KEYS - 2
+local values, missing, present = {}, {}, 0
+for i = 1, n do
+  local v = redis.call('GET', KEYS[i + 2])
+  values[i] = v
+  if v then present = present + 1 else table.insert(missing, ARGV[2 * i]) end
+end
+if present == n then return {1, unpack(values)} end
+if present > 0 or redis.call('EXISTS', KEYS[1]) == 1 or redis.call('SCARD', KEYS[2]) > 0 then
+  return {-1, unpack(missing)}
+end
+for i = 1, n do
+  redis.call('SET', KEYS[i + 2], ARGV[2 * i + 1])
+  redis.call('HSET', KEYS[1], ARGV[2 * i], ARGV[1])
+  values[i] = ARGV[2 * i + 1]
+end
+return {1, unpack(values)}
+"""
+
+
+class _FileCredentials(redis.CredentialProvider):
+    """Username from the URL, password read from its 0600 file at every (re)connection (rotation-safe)."""
+
+    def __init__(self, username: str, path: str) -> None:
+        self.username = username
+        self.path = path
+
+    def get_credentials(self) -> tuple[str, str]:
+        return self.username, read_secret_file(self.path, "Redis password (GUARD_REDIS_PASSWORD_FILE)")
+
+
+def redis_client(url: str, password_file: str | None = None, **kwargs: Any) -> redis.Redis:
+    """A Redis client for `url` (`rediss://user@host:port/db?ssl_ca_certs=...`), password from a file.
+
+    `password_file` defaults to GUARD_REDIS_PASSWORD_FILE, then to the setting's default (the local stack's
+    file). A password inside the URL is used as is (not recommended: URLs end up in process listings and logs).
+    """
+    from guard.config import Settings
+
+    parts = urlsplit(url)
+    password_file = password_file or os.environ.get("GUARD_REDIS_PASSWORD_FILE") or Settings().redis_password_file
+    if parts.password is not None or not parts.username or not password_file:
+        return redis.Redis.from_url(url, **kwargs)
+    netloc = parts.hostname or ""
+    if ":" in netloc:
+        netloc = f"[{netloc}]"
+    if parts.port:
+        netloc += f":{parts.port}"
+    bare = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return redis.Redis.from_url(bare, credential_provider=_FileCredentials(unquote(parts.username), password_file),
+                                **kwargs)
+
+
+def tenant_prefix(tenant: str) -> str:
+    """`bg:{tenant}:`: every key and channel of the tenant starts with it (its Redis ACL pattern)."""
+    if not tenant or any(c in tenant for c in ":*?[]{} "):
+        raise ValueError(f"tenant {tenant!r} must be non-empty without ':', spaces or glob characters")
+    return f"bg:{tenant}:"
+
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,9 +257,15 @@ class ShredOutcome:
 class RedisKeyStore:
     """Wrapped-key persistence; every method is one round trip (or one script) to Redis."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, tenant: str, *, password_file: str | None = None) -> None:
         self.url = url
-        self.client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self.tenant = tenant
+        self.prefix = tenant_prefix(tenant)
+        self.invalidate_channel = self.prefix + INVALIDATE_CHANNEL
+        self.epoch_key = self.prefix + EPOCH_KEY
+        self.compact_due_key = self.prefix + COMPACT_DUE_KEY
+        self.client = redis_client(url, password_file, socket_timeout=5, socket_connect_timeout=5)
+        self._tenant_keys = self.client.register_script(_TENANT_KEYS)
         #: Requests made through `_call` (every method's round trip; a pipeline counts once), for the bench.
         self.round_trips = 0
         self._create_dek = self.client.register_script(_CREATE_DEK)
@@ -200,40 +286,65 @@ class RedisKeyStore:
         self.round_trips += 1
         try:
             return fn(*args, **kwargs)
+        except redis.exceptions.NoPermissionError as exc:
+            raise KeyUnavailableError(
+                f"the key store refused a command to this Redis user ({exc}); check the user's ACL (the local "
+                "stack's: guard/stack/redisd.py)") from None
         except redis.RedisError as exc:
             raise KeyUnavailableError(
-                f"key store unreachable ({type(exc).__name__}); check GUARD_REDIS_URL and that Redis runs"
+                f"key store unreachable ({type(exc).__name__}); check GUARD_REDIS_URL, "
+                "GUARD_REDIS_PASSWORD_FILE and that Redis runs"
             ) from None
+
+    def _k(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
 
     # --- branch and tenant keys -------------------------------------------------------------------
     def kek_versions(self, branch: str) -> tuple[int, dict[int, bytes]]:
-        raw = self._call(self.client.hgetall, f"bg:kek:{branch}")
+        raw = self._call(self.client.hgetall, self._k("kek", branch))
         current = int(raw.pop(b"current", b"0"))
         return current, {int(k[1:]): v for k, v in raw.items() if k.startswith(b"v")}
 
     def add_kek_version(self, branch: str, wrapped: bytes) -> int:
-        return int(self._call(self._add_version, keys=[f"bg:kek:{branch}"], args=[wrapped]))
+        return int(self._call(self._add_version, keys=[self._k("kek", branch)], args=[wrapped]))
 
     def create_kek_if_absent(self, branch: str, wrapped: bytes) -> None:
         pipe = self.client.pipeline(transaction=True)
-        pipe.hsetnx(f"bg:kek:{branch}", "v1", wrapped)
-        pipe.hsetnx(f"bg:kek:{branch}", "current", 1)
+        pipe.hsetnx(self._k("kek", branch), "v1", wrapped)
+        pipe.hsetnx(self._k("kek", branch), "current", 1)
+        pipe.sadd(self._k("branches"), branch)
         self._call(pipe.execute)
 
-    def tenant_key(self, tenant: str, purpose: str, wrapped_if_absent: bytes) -> bytes:
-        name = f"bg:tkey:{tenant}:{purpose}"
-        self._call(self.client.set, name, wrapped_if_absent, nx=True)
-        value = self._call(self.client.get, name)
-        if value is None:
-            raise KeyUnavailableError(f"tenant key {purpose!r} vanished from the key store")
-        return bytes(value)
+    def tenant_keys(self, wrapped_if_absent: dict[str, bytes]) -> dict[str, bytes]:
+        """The tenant's keys by purpose: minted together on a tenant without data, else read.
+
+        Raises `TenantKeyMissingError` when the tenant has key-store data but one of these keys is gone.
+        """
+        purposes = list(wrapped_if_absent)
+        args: list[Any] = [int(time.time())]
+        for p in purposes:
+            args += [p, wrapped_if_absent[p]]
+        result = self._call(self._tenant_keys,
+                            keys=[self._k("tenant"), self._k("branches"), *(self._k("tkey", p) for p in purposes)],
+                            args=args)
+        if int(result[0]) != 1:
+            raise TenantKeyMissingError(self.tenant, [m.decode() for m in result[1:]])
+        return {p: bytes(v) for p, v in zip(purposes, result[1:], strict=True)}
+
+    def missing_tenant_keys(self, purposes: list[str]) -> list[str]:
+        """Purposes whose tenant key is absent (one round trip; a running worker's periodic check)."""
+        pipe = self.client.pipeline(transaction=False)
+        for p in purposes:
+            pipe.exists(self._k("tkey", p))
+        found = self._call(pipe.execute)
+        return [p for p, n in zip(purposes, found, strict=True) if not n]
 
     # --- data-subject keys ------------------------------------------------------------------------
     def get_or_create_dek(self, branch: str, subject: str, wrapped_if_absent: bytes) -> tuple[int, bytes] | None:
         """(version, wrapped key) of the subject's current key; None if the subject was erased."""
         version, wrapped = self._call(
             self._create_dek,
-            keys=[f"bg:dek:{branch}:{subject}", f"bg:erased:{branch}:{subject}"],
+            keys=[self._k("dek", branch, subject), self._k("erased", branch, subject)],
             args=[wrapped_if_absent, int(time.time())],
         )
         if version == -1:
@@ -247,20 +358,20 @@ class RedisKeyStore:
         now = int(time.time())
         pipe = self.client.pipeline(transaction=False)
         for subject, wrapped in items:
-            self._create_dek(keys=[f"bg:dek:{branch}:{subject}", f"bg:erased:{branch}:{subject}"],
+            self._create_dek(keys=[self._k("dek", branch, subject), self._k("erased", branch, subject)],
                              args=[wrapped, now], client=pipe)
         results = self._call(pipe.execute)
         return [None if int(version) == -1 else (int(version), bytes(wrapped)) for version, wrapped in results]
 
     def dek_version(self, branch: str, subject: str, version: int) -> bytes | None:
-        value = self._call(self.client.hget, f"bg:dek:{branch}:{subject}", f"v{version}")
+        value = self._call(self.client.hget, self._k("dek", branch, subject), f"v{version}")
         return None if value is None else bytes(value)
 
     def rotate_dek(self, branch: str, subject: str, wrapped: bytes) -> int | None:
         result = int(
             self._call(
                 self._rotate_dek,
-                keys=[f"bg:dek:{branch}:{subject}", f"bg:erased:{branch}:{subject}"],
+                keys=[self._k("dek", branch, subject), self._k("erased", branch, subject)],
                 args=[wrapped],
             )
         )
@@ -270,7 +381,7 @@ class RedisKeyStore:
     def shred_preview(self, branch: str, subject: str) -> tuple[int, bool]:
         """(how many key versions the subject has, whether it is already erased), read atomically."""
         versions, erased = self._call(
-            self._shred_preview, keys=[f"bg:dek:{branch}:{subject}", f"bg:erased:{branch}:{subject}"])
+            self._shred_preview, keys=[self._k("dek", branch, subject), self._k("erased", branch, subject)])
         return int(versions), bool(erased)
 
     def shred(self, branch: str, subject: str, record: bytes, *, expected_versions: int,
@@ -286,10 +397,10 @@ class RedisKeyStore:
         """
         versions, already, epoch = self._call(
             self._shred,
-            keys=[f"bg:dek:{branch}:{subject}", f"bg:erased:{branch}:{subject}", f"bg:pending:{branch}",
-                  EPOCH_KEY, COMPACT_DUE_KEY, f"bg:expiry:{branch}", f"bg:hold:{branch}",
-                  f"bg:erasure-due:{branch}", f"bg:erasure-due-info:{branch}"],
-            args=[record, subject, expected_versions, pending or b"", INVALIDATE_CHANNEL, f"{branch}:{subject}"],
+            keys=[self._k("dek", branch, subject), self._k("erased", branch, subject), self._k("pending", branch),
+                  self.epoch_key, self.compact_due_key, self._k("expiry", branch), self._k("hold", branch),
+                  self._k("erasure-due", branch), self._k("erasure-due-info", branch)],
+            args=[record, subject, expected_versions, pending or b"", self.invalidate_channel, f"{branch}:{subject}"],
         )
         versions = int(versions)
         status = {-2: "held", -1: "changed"}.get(versions)
@@ -298,7 +409,7 @@ class RedisKeyStore:
         return ShredOutcome(status, max(versions, 0), bool(already), int(epoch))
 
     def erased_record(self, branch: str, subject: str) -> bytes | None:
-        value = self._call(self.client.get, f"bg:erased:{branch}:{subject}")
+        value = self._call(self.client.get, self._k("erased", branch, subject))
         return None if value is None else bytes(value)
 
     def erased_among(self, branch: str, subjects: list[str]) -> list[str]:
@@ -307,38 +418,38 @@ class RedisKeyStore:
             return []
         pipe = self.client.pipeline(transaction=False)
         for subject in subjects:
-            pipe.exists(f"bg:erased:{branch}:{subject}")
+            pipe.exists(self._k("erased", branch, subject))
         found = self._call(pipe.execute)
         return [s for s, hit in zip(subjects, found, strict=True) if hit]
 
     def erasure_epoch(self) -> int:
         """How many shreds the key store has seen (every shred increments it, atomically with the shred)."""
-        return int(self._call(self.client.get, EPOCH_KEY) or 0)
+        return int(self._call(self.client.get, self.epoch_key) or 0)
 
     # --- confirmations waiting for a committed transaction ---------------------------------------
     def pending_confirmations(self, branch: str) -> dict[str, bytes]:
         """subject → pending entry (JSON) of every confirmation not yet known to be delivered."""
-        raw = self._call(self.client.hgetall, f"bg:pending:{branch}")
+        raw = self._call(self.client.hgetall, self._k("pending", branch))
         return {k.decode(): bytes(v) for k, v in raw.items()}
 
     def pending_confirmation(self, branch: str, subject: str) -> bytes | None:
-        value = self._call(self.client.hget, f"bg:pending:{branch}", subject)
+        value = self._call(self.client.hget, self._k("pending", branch), subject)
         return None if value is None else bytes(value)
 
     def update_pending(self, branch: str, subject: str, entry: bytes) -> None:
-        self._call(self.client.hset, f"bg:pending:{branch}", subject, entry)
+        self._call(self.client.hset, self._k("pending", branch), subject, entry)
 
     def confirm_delivered(self, branch: str, delivered: dict[str, str]) -> int:
         """Forget the pending entries `subject → confirmation id` that a committed write now carries."""
         if not delivered:
             return 0
         args = [x for pair in delivered.items() for x in pair]
-        return int(self._call(self._confirm_delivered, keys=[f"bg:pending:{branch}"], args=args))
+        return int(self._call(self._confirm_delivered, keys=[self._k("pending", branch)], args=args))
 
     # --- append-only file compaction ---------------------------------------------------------------
     def compaction_due(self) -> int:
         """Shreds since the last completed append-only-file rewrite (0: the files hold no destroyed key)."""
-        return int(self._call(self.client.get, COMPACT_DUE_KEY) or 0)
+        return int(self._call(self.client.get, self.compact_due_key) or 0)
 
     def compact(self, *, timeout_s: float = 300.0, poll_s: float = 0.05) -> bool:
         """Make sure an append-only-file rewrite that *started after this call* completes.
@@ -376,7 +487,7 @@ class RedisKeyStore:
                 self._wait(deadline, poll_s, "the append-only-file rewrite to complete")
             if info.get("aof_last_bgrewrite_status") == "ok":
                 if due:
-                    self._call(self.client.decrby, COMPACT_DUE_KEY, due)
+                    self._call(self.client.decrby, self.compact_due_key, due)
                 return True
 
     @staticmethod
@@ -389,25 +500,25 @@ class RedisKeyStore:
     # --- legal hold -------------------------------------------------------------------------------
     def set_hold(self, branch: str, subject: str, held: bool) -> None:
         fn = self.client.sadd if held else self.client.srem
-        self._call(fn, f"bg:hold:{branch}", subject)
+        self._call(fn, self._k("hold", branch), subject)
 
     def is_held(self, branch: str, subject: str) -> bool:
-        return bool(self._call(self.client.sismember, f"bg:hold:{branch}", subject))
+        return bool(self._call(self.client.sismember, self._k("hold", branch), subject))
 
     def set_storage_only(self, branch: str, subject: str, deferred: bytes) -> None:
         """Record the erasure a legal hold deferred (JSON: confirmation id, trigger, reason, by)."""
-        self._call(self.client.set, f"bg:storage-only:{branch}:{subject}", deferred)
+        self._call(self.client.set, self._k("storage-only", branch, subject), deferred)
 
     def storage_only(self, branch: str, subject: str) -> bytes | None:
         """The deferred erasure of a storage-only subject, or None."""
-        value = self._call(self.client.get, f"bg:storage-only:{branch}:{subject}")
+        value = self._call(self.client.get, self._k("storage-only", branch, subject))
         return None if value is None else bytes(value)
 
     def clear_storage_only(self, branch: str, subject: str) -> None:
-        self._call(self.client.delete, f"bg:storage-only:{branch}:{subject}")
+        self._call(self.client.delete, self._k("storage-only", branch, subject))
 
     def is_storage_only(self, branch: str, subject: str) -> bool:
-        return bool(self._call(self.client.exists, f"bg:storage-only:{branch}:{subject}"))
+        return bool(self._call(self.client.exists, self._k("storage-only", branch, subject)))
 
     # --- where a subject's ciphertexts went (for deletion confirmations) --------------------------
     def record_subject_activity(self, branch: str, activity: Mapping[tuple[str, str], int | None]) -> None:
@@ -420,19 +531,19 @@ class RedisKeyStore:
         if not activity:
             return
         now = int(time.time())
-        keys = [f"bg:expiry:{branch}"]
+        keys = [self._k("expiry", branch)]
         args: list[object] = [now]
         for (subject, topic), retention_s in activity.items():
-            keys += [f"bg:topics:{branch}:{subject}", f"bg:erased:{branch}:{subject}"]
+            keys += [self._k("topics", branch, subject), self._k("erased", branch, subject)]
             args += [subject, topic, "" if retention_s is None else now + retention_s]
         self._call(self._record_activity, keys=keys, args=args)
 
     def commit_view(self, branch: str) -> tuple[int, int]:
         """(erasure epoch, scheduled erasures + retention expiries): what a commit must check, one round trip."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.get(EPOCH_KEY)
-        pipe.zcard(f"bg:erasure-due:{branch}")
-        pipe.zcard(f"bg:expiry:{branch}")
+        pipe.get(self.epoch_key)
+        pipe.zcard(self._k("erasure-due", branch))
+        pipe.zcard(self._k("expiry", branch))
         epoch, due, expiring = self._call(pipe.execute)
         return int(epoch or 0), int(due) + int(expiring)
 
@@ -443,22 +554,22 @@ class RedisKeyStore:
         pipe = self.client.pipeline(transaction=False)
         for subject, at in expiries.items():
             if at is None:
-                pipe.zrem(f"bg:expiry:{branch}", subject)
+                pipe.zrem(self._k("expiry", branch), subject)
             else:
-                pipe.zadd(f"bg:expiry:{branch}", {subject: at})
+                pipe.zadd(self._k("expiry", branch), {subject: at})
         self._call(pipe.execute)
 
     def schedule_erasure(self, branch: str, subject: str, due: float, info: bytes) -> bool:
         """Schedule a subject's erasure at `due` (an earlier schedule stands); False if erased or scheduled."""
         return bool(self._call(self._schedule_erasure, keys=[
-            f"bg:erasure-due:{branch}", f"bg:erasure-due-info:{branch}", f"bg:erased:{branch}:{subject}"],
+            self._k("erasure-due", branch), self._k("erasure-due-info", branch), self._k("erased", branch, subject)],
             args=[subject, due, info]))
 
     def due_erasures(self, branch: str, now: float, *, lease_s: float = 120.0, limit: int = 100) -> dict[str, bytes]:
         """Claim the erasures due by `now`: subject → schedule info. A claimed erasure is not handed to
         another worker for `lease_s` (one shred, one confirmation); one whose claimer crashed is due again
         after it."""
-        flat = self._call(self._claim_due, keys=[f"bg:erasure-due:{branch}", f"bg:erasure-due-info:{branch}"],
+        flat = self._call(self._claim_due, keys=[self._k("erasure-due", branch), self._k("erasure-due-info", branch)],
                           args=[now, now + lease_s, limit])
         return {flat[i].decode(): bytes(flat[i + 1]) for i in range(0, len(flat), 2)}
 
@@ -467,19 +578,20 @@ class RedisKeyStore:
         if not subjects:
             return [], []
         cancelled, resumed = self._call(self._root_changed, keys=[
-            f"bg:erasure-due:{branch}", f"bg:erasure-due-info:{branch}", f"bg:expiry:{branch}"], args=subjects)
+            self._k("erasure-due", branch), self._k("erasure-due-info", branch), self._k("expiry", branch)],
+            args=subjects)
         return [c.decode() for c in cancelled], [r.decode() for r in resumed]
 
     def expired_subjects(self, branch: str, now: float, limit: int = 1000) -> list[str]:
         """Subjects whose retention ran out by `now` (oldest first)."""
-        found = self._call(self.client.zrangebyscore, f"bg:expiry:{branch}", "-inf", now, start=0, num=limit)
+        found = self._call(self.client.zrangebyscore, self._k("expiry", branch), "-inf", now, start=0, num=limit)
         return [m.decode() for m in found]
 
     def forget_expiry(self, branch: str, subject: str) -> None:
-        self._call(self.client.zrem, f"bg:expiry:{branch}", subject)
+        self._call(self.client.zrem, self._k("expiry", branch), subject)
 
     def subject_topics(self, branch: str, subject: str) -> set[str]:
-        return {m.decode() for m in self._call(self.client.smembers, f"bg:topics:{branch}:{subject}")}
+        return {m.decode() for m in self._call(self.client.smembers, self._k("topics", branch, subject))}
 
     # --- a subject's records on compacted sanitized topics (erasure writes tombstones for them) --------
     def record_compacted_key(self, branch: str, subject: str, topic: str, partition: int, key: bytes) -> None:
@@ -491,16 +603,16 @@ class RedisKeyStore:
         """
         member = _compacted_member(topic, partition, key)
         pipe = self.client.pipeline(transaction=False)
-        pipe.sadd(f"bg:ckeys:{branch}:{subject}", member)
-        pipe.hset(f"bg:ckey-owner:{branch}", member, subject)
+        pipe.sadd(self._k("ckeys", branch, subject), member)
+        pipe.hset(self._k("ckey-owner", branch), member, subject)
         self._call(pipe.execute)
 
     def compacted_keys(self, branch: str, subject: str) -> list[tuple[str, int, bytes]]:
         """(topic, partition, key) of the subject's latest records on compacted topics (still its own)."""
-        members = sorted(self._call(self.client.smembers, f"bg:ckeys:{branch}:{subject}"))
+        members = sorted(self._call(self.client.smembers, self._k("ckeys", branch, subject)))
         if not members:
             return []
-        owners = self._call(self.client.hmget, f"bg:ckey-owner:{branch}", members)
+        owners = self._call(self.client.hmget, self._k("ckey-owner", branch), members)
         out = []
         for member, owner in zip(members, owners, strict=True):
             if owner is not None and owner.decode() == subject:
@@ -510,17 +622,17 @@ class RedisKeyStore:
 
     def alert_once(self, key: str, ttl_s: int = 86_400) -> bool:
         """True for the first caller across all workers within `ttl_s` (alert deduplication)."""
-        return bool(self._call(self.client.set, f"bg:alerted:{key}", 1, nx=True, ex=ttl_s))
+        return bool(self._call(self.client.set, self._k("alerted", key), 1, nx=True, ex=ttl_s))
 
     # --- cache invalidation -----------------------------------------------------------------------
     def publish_invalidation(self, branch: str, subject: str) -> None:
-        self._call(self.client.publish, INVALIDATE_CHANNEL, f"{branch}:{subject}")
+        self._call(self.client.publish, self.invalidate_channel, f"{branch}:{subject}")
 
     def is_restricted(self, branch: str, subject: str) -> bool:
         """Whether the subject is under legal hold or storage-only (its data may be stored, not revealed)."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.sismember(f"bg:hold:{branch}", subject)
-        pipe.exists(f"bg:storage-only:{branch}:{subject}")
+        pipe.sismember(self._k("hold", branch), subject)
+        pipe.exists(self._k("storage-only", branch, subject))
         held, storage_only = self._call(pipe.execute)
         return bool(held) or bool(storage_only)
 

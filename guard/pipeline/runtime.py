@@ -19,7 +19,8 @@ def build_keys(settings: Settings, *, listen: bool = True, wait_s: float = 30.0,
 
     `indexes=False` for anything that only opens images (the reveal side): it never holds a blind-index key.
     """
-    store = RedisKeyStore(settings.redis_url)
+    store = RedisKeyStore(settings.redis_url, settings.tenant,
+                          password_file=settings.redis_password_file or None)
     try:
         for attempt in Retrying(stop=stop_after_delay(wait_s), wait=wait_exponential(multiplier=0.2, max=3),
                                 retry=retry_if_exception_type(redis.RedisError), reraise=True):

@@ -231,6 +231,7 @@ class Sanitizer:
         of the batch at once (`_load_keys_from`, which reads their subjects natively). Records that don't
         decode are left for `process` to send to the DLQ.
         """
+        self.keys.check_tenant_keys()  # a vanished tenant key stops the worker (at most every few seconds)
         self.expire_value_caches()
         self.decoder.clear()
         if self._fast is not None:
@@ -429,7 +430,7 @@ class Sanitizer:
                       out_topic: str, decision: str) -> list[OutRecord]:
         """What a delete of a subject's root row means: the table's `on_delete` in the catalog, nothing else.
 
-        `erasure`: shred now (grace 0) or schedule it (`bg:erasure-due`; a re-insert before it is due
+        `erasure`: shred now (grace 0) or schedule it (`bg:{t}:erasure-due`; a re-insert before it is due
         cancels it at the commit); `relationship_end`: the retention runs from the delete; `none`: nothing;
         not configured: audited as such, no erasure (the guard never invents a reason). The replay of a
         delete whose shred ran before a crash (`erased_delete`) re-emits the pending confirmation.
@@ -622,7 +623,7 @@ class Sanitizer:
         """Crypto-shred a data subject (or hold it storage-only) and return the records to write.
 
         The confirmation and its audit record are written into the key store in the same script as the
-        shred (`bg:pending`), so they outlive a crash before the Kafka transaction commits: the replay of
+        shred (`bg:{t}:pending`), so they outlive a crash before the Kafka transaction commits: the replay of
         the same delete re-emits them (same id), and `SanitizerWorker` re-emits what no replay will
         (`guard.kafka.runner`), until a committed transaction carries them. Outcomes say what happened:
         `shredded` (keys destroyed), `no_keys` (the guard never held a key for the subject: nothing was

@@ -34,6 +34,14 @@ class Artifacts:
     broker_lib: Path
     connect_lib: Path
     plugin_path: Path
+    #: Debezium's MariaDB connector, a version of its own (3.5.0.Final: 3.6.x is not on Maven Central) in a
+    #: plugin directory of its own, so Connect gives it its own class loader and its own Debezium jars.
+    mariadb_plugin_path: Path | None = None
+
+    @property
+    def plugin_paths(self) -> str:
+        """Connect's ``plugin.path``: every plugin root, comma-separated."""
+        return ",".join(str(p) for p in (self.plugin_path, self.mariadb_plugin_path) if p is not None)
 
 
 def _mvn() -> str:
@@ -86,6 +94,12 @@ def _copy_dependencies(cfg: StackConfig, pom_asset: str, version: str, dest: Pat
     if not jars:
         raise StackError(f"Maven reported success for {what} but copied no jars into {tmp}; see maven.log.")
     old = {p.name for p in dest.glob("*.jar")} if complete else set()
+    if complete and set(jars) <= old:
+        # an older pom (another branch's stack on this shared cache): every jar it needs is there already;
+        # the extra ones (e.g. connect-basic-auth-extension) are inert unless configured, so keep them
+        # rather than pull jars from under the JVMs of the stack that added them
+        shutil.rmtree(tmp, ignore_errors=True)
+        return dest
     if complete and old <= set(jars):
         added = [j for j in jars if j not in old]
         for name in added:
@@ -105,27 +119,28 @@ def _copy_dependencies(cfg: StackConfig, pom_asset: str, version: str, dest: Pat
     return dest
 
 
-def _debezium_postgres(cfg: StackConfig, plugin_path: Path) -> None:
-    """Debezium's published plugin archive; falls back to copy-dependencies if it is missing."""
-    dest = plugin_path / "debezium-connector-postgres"
+def _debezium_plugin(cfg: StackConfig, plugin_path: Path, engine: str, version: str, what: str) -> None:
+    """Debezium's published plugin archive of ``debezium-connector-<engine>``; falls back to copy-dependencies
+    (``assets/debezium-<engine>-pom.xml``) if it is missing."""
+    artifact = f"debezium-connector-{engine}"
+    dest = plugin_path / artifact
     if (dest / MARKER).exists():
         return
-    v = cfg.debezium_version
-    progress(f"fetching Debezium {v} PostgreSQL connector plugin (first run only)")
+    progress(f"fetching Debezium {version} {what} connector plugin (first run only)")
     downloads = cfg.cache / "downloads"
-    archive = downloads / f"debezium-connector-postgres-{v}-plugin.tar.gz"
+    archive = downloads / f"{artifact}-{version}-plugin.tar.gz"
     try:
         if not archive.exists():
             _run_mvn(cfg, [f"{DEPENDENCY_PLUGIN}:copy",
-                           f"-Dartifact=io.debezium:debezium-connector-postgres:{v}:tar.gz:plugin",
-                           f"-DoutputDirectory={downloads}"], "the Debezium PostgreSQL plugin archive")
+                           f"-Dartifact=io.debezium:{artifact}:{version}:tar.gz:plugin",
+                           f"-DoutputDirectory={downloads}"], f"the Debezium {what} plugin archive")
         tmp = plugin_path / ".extract.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         with tarfile.open(archive) as tar:
             tar.extractall(tmp, filter="data")
-        extracted = tmp / "debezium-connector-postgres"
-        if not any(extracted.glob("debezium-connector-postgres-*.jar")):
+        extracted = tmp / artifact
+        if not any(extracted.glob(f"{artifact}-*.jar")):
             raise StackError(f"unexpected layout in {archive}")
         (extracted / MARKER).write_text("plugin archive\n", encoding="utf-8")
         shutil.rmtree(dest, ignore_errors=True)
@@ -133,8 +148,7 @@ def _debezium_postgres(cfg: StackConfig, plugin_path: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     except StackError as exc:
         progress(f"plugin archive unusable ({str(exc).splitlines()[0]}); falling back to copy-dependencies")
-        _copy_dependencies(cfg, "debezium-postgres-pom.xml", v, dest,
-                           "the Debezium PostgreSQL connector jars")
+        _copy_dependencies(cfg, f"debezium-{engine}-pom.xml", version, dest, f"the Debezium {what} connector jars")
 
 
 def ensure_artifacts(cfg: StackConfig) -> Artifacts:
@@ -146,5 +160,9 @@ def ensure_artifacts(cfg: StackConfig) -> Artifacts:
     connect_lib = _copy_dependencies(cfg, "connect-pom.xml", cv, cfg.cache / f"kafka-{cv}" / "connect",
                                      f"the Kafka Connect {cv} worker jars")
     plugin_path = cfg.cache / f"debezium-{cfg.debezium_version}" / "plugins"
-    _debezium_postgres(cfg, plugin_path)
-    return Artifacts(broker_lib=broker_lib, connect_lib=connect_lib, plugin_path=plugin_path)
+    _debezium_plugin(cfg, plugin_path, "postgres", cfg.debezium_version, "PostgreSQL")
+    # its own root: Debezium 3.5.0's core jars must not sit beside 3.6.1's in one class loader
+    mariadb_plugin_path = cfg.cache / f"debezium-{cfg.mariadb_debezium_version}" / "plugins"
+    _debezium_plugin(cfg, mariadb_plugin_path, "mariadb", cfg.mariadb_debezium_version, "MariaDB")
+    return Artifacts(broker_lib=broker_lib, connect_lib=connect_lib, plugin_path=plugin_path,
+                     mariadb_plugin_path=mariadb_plugin_path)

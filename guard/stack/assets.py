@@ -28,7 +28,11 @@ def write_if_changed(path: Path, text: str, mode: int = 0o644) -> bool:
     if path.exists() and path.read_text(encoding="utf-8") == text:
         return False
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    tmp.unlink(missing_ok=True)
+    # created with its final mode: a 0600 file (secrets, ACLs) is never readable by others, not even briefly
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
     os.chmod(tmp, mode)
     tmp.replace(path)
     return True

@@ -25,6 +25,7 @@ from guard.stack.assets import render_asset, write_if_changed
 from guard.stack.config import StackConfig
 from guard.stack.errors import StackError
 from guard.stack.jvm import BASE_OPTS, classpath, java, logging_opts
+from guard.stack.kafka_auth import ensure_tls, mtls_admin_config
 from guard.stack.kraft import (
     broker_properties,
     cluster_id,
@@ -33,7 +34,7 @@ from guard.stack.kraft import (
     is_combined_layout,
     meta_node_id,
 )
-from guard.stack.procs import pid_alive, progress, read_pid
+from guard.stack.procs import ensure_port_free, pid_alive, progress, read_pid
 from guard.stack.service import Service
 
 #: Kafka's own default (`kafka-server-start.sh`). At 512m the broker's young generation filled about once a
@@ -69,11 +70,15 @@ _quiet.addHandler(logging.NullHandler())
 _quiet.propagate = False
 
 
-def broker_answers(bootstrap: str, timeout: float = 3.0) -> bool:
-    """True when the broker serves metadata (a TCP connect alone says nothing about KRaft readiness)."""
+def broker_answers(client: dict[str, Any], timeout: float = 3.0) -> bool:
+    """True when the broker serves metadata (a TCP connect alone says nothing about KRaft readiness).
+
+    `client`: bootstrap and security of the probe (the stack uses its admin certificate on the mutual-TLS
+    listener, which answers before any SCRAM user exists; `guard.stack.kafka_auth.mtls_admin_config`).
+    """
     from confluent_kafka.admin import AdminClient
 
-    conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": _quiet, "socket.timeout.ms": 3000}
+    conf: dict[str, Any] = {**client, "logger": _quiet, "socket.timeout.ms": 3000}
     admin = AdminClient(conf)
     md = admin.list_topics(timeout=timeout)
     return bool(md.brokers)
@@ -128,6 +133,8 @@ class Broker(Service):
 
     def prepare(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        ensure_port_free(self.name, self.cfg.host, self.cfg.internal_port, "GUARD_KAFKA_INTERNAL_PORT")
+        ensure_tls(self.cfg)
         write_if_changed(self.properties, broker_properties(self.cfg, self.data_dir))
         template = "log4j.properties" if self.cfg.kafka_version.startswith("3.") else "log4j2.properties"
         write_if_changed(self.log_config, render_asset(template, component="kafka",
@@ -201,4 +208,4 @@ class Broker(Service):
                 "kafka.Kafka", str(self.properties)]
 
     def ready(self) -> bool:
-        return broker_answers(self.cfg.bootstrap)
+        return broker_answers(mtls_admin_config(self.cfg))

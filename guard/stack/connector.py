@@ -25,9 +25,34 @@ from guard.classify.catalog import Catalog
 from guard.classify.source import source_options, source_rules
 from guard.stack.config import StackConfig
 from guard.stack.errors import StackError
+from guard.stack.kafka_auth import client_config as kafka_client_config
 from guard.stack.procs import progress
 
 CONFIG_FILE = "branch-postgres.json"
+MARIADB_CONFIG_FILE = "branch-mariadb.json"
+#: The engines of the stack's branch databases: the PostgreSQL branch (0101) and the MariaDB branch (0202).
+ENGINES = ("postgres", "mariadb")
+
+
+def config_file(engine: str) -> str:
+    """The connector template of an engine's branch."""
+    if engine not in ENGINES:
+        raise StackError(f"unknown branch engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    return CONFIG_FILE if engine == "postgres" else MARIADB_CONFIG_FILE
+
+
+def namespace(cfg: StackConfig, engine: str) -> str:
+    """Where the branch's tables live: the PostgreSQL schema or the MariaDB database (the catalog's
+    ``<namespace>.<table>`` and the raw topics' ``<prefix>.<namespace>.<table>``)."""
+    return "public" if engine == "postgres" else cfg.mariadb_db
+
+
+def topic_prefix(cfg: StackConfig, engine: str) -> str:
+    return cfg.topic_prefix if engine == "postgres" else cfg.mariadb_topic_prefix
+
+
+def connector_name(cfg: StackConfig, engine: str) -> str:
+    return cfg.connector_name if engine == "postgres" else cfg.mariadb_connector_name
 
 
 def connectors_dir() -> Path:
@@ -41,14 +66,44 @@ def connectors_dir() -> Path:
 
 
 def placeholder_values(cfg: StackConfig, db_host: str | None = None, db_port: int | None = None,
-                       bootstrap: str | None = None) -> dict[str, str]:
-    """Values for the ``${...}`` placeholders in the connector file."""
+                       bootstrap: str | None = None, engine: str = "postgres", *,
+                       cdc_password_file: str | None = None, ca_file: str | None = None) -> dict[str, str]:
+    """Values for the ``${...}`` placeholders in the connector file of an engine's branch."""
+    if engine == "mariadb":
+        return {
+            "DB_HOST": db_host or cfg.host,
+            "DB_PORT": str(db_port or cfg.mariadb_port),
+            "DB_NAME": cfg.mariadb_db,
+            "CDC_USER": cfg.mariadb_cdc_user,
+            # access (issue 20): the password stays in a 0600 file that Connect's FileConfigProvider reads
+            "CDC_PASSWORD": "${file:" + str(cdc_password_file or cfg.mariadb_connect_cdc_file) + ":password}",
+            # TLS to MariaDB, verified (certificate chain and host name) against the stack CA as PKCS#12
+            "DB_SSL_MODE": "verify-full",
+            "DB_TRUSTSTORE": str(cfg.mariadb_truststore),
+            "DB_TRUSTSTORE_PASSWORD": "${file:" + str(cfg.mariadb_truststore_properties) + ":password}",
+            # the id the connector reads the binlog as: another server's than the branch server's own
+            "CONNECTOR_SERVER_ID": str(cfg.mariadb_server_id * 100 + 1),
+            "TOPIC_PREFIX": cfg.mariadb_topic_prefix,
+            "CONNECTOR_NAME": cfg.mariadb_connector_name,
+            "KAFKA_BOOTSTRAP": bootstrap or cfg.bootstrap,
+            # the schema history's Kafka clients log in as Connect does; the JAAS line (with Connect's password)
+            # is read from the worker's own 0600 properties file by the FileConfigProvider
+            "KAFKA_JAAS": "${file:" + str(cfg.home / "connect" / "connect-distributed.properties")
+                          + ":sasl.jaas.config}",
+            "KAFKA_CA_FILE": str(ca_file or cfg.ca_file),
+            "CONNECTOR_HASH_SALT": connector_hash_salt(cfg),
+        }
     return {
         "DB_HOST": db_host or cfg.host,
         "DB_PORT": str(db_port or cfg.pg_port),
         "DB_NAME": cfg.branch_db,
         "CDC_USER": cfg.cdc_user,
-        "CDC_PASSWORD": cfg.cdc_password,
+        # access (issue 20): the password stays in a 0600 file that Connect's FileConfigProvider reads
+        # when it starts the task; the connector config (REST, the configs topic) holds only the reference
+        "CDC_PASSWORD": "${file:" + str(cdc_password_file or cfg.secrets_dir / "connect-cdc.properties")
+                        + ":password}",
+        "DB_SSLMODE": "verify-full",
+        "DB_SSLROOTCERT": str(ca_file or cfg.ca_file),
         "TOPIC_PREFIX": cfg.topic_prefix,
         "SLOT_NAME": cfg.slot_name,
         "PUBLICATION_NAME": cfg.publication_name,
@@ -71,6 +126,26 @@ def load_connector(values: dict[str, str], path: Path | None = None) -> tuple[st
     return name, config
 
 
+# --- access (issue 20): every REST call authenticates ------------------------------------------------------
+def rest_auth(cfg: StackConfig | None = None) -> tuple[str, str] | None:
+    """(user, password) for Connect's REST API: GUARD_CONNECT_CREDENTIALS_FILE, else the stack's own file."""
+    from guard.config import connect_credentials
+
+    found = connect_credentials()
+    if found is None and cfg is not None and (cfg.secrets_dir / "connect-rest.credentials").exists():
+        found = connect_credentials(str(cfg.secrets_dir / "connect-rest.credentials"))
+    return found
+
+
+def restart_connector(cfg: StackConfig, connect_url: str | None = None) -> None:
+    """Restart the connector and its tasks (they re-read ${file:...} secrets, e.g. after a rotation)."""
+    with httpx.Client(base_url=connect_url or cfg.connect_url, timeout=30.0, auth=rest_auth(cfg)) as http:
+        r = http.post(f"/connectors/{cfg.connector_name}/restart", params={"includeTasks": "true"})
+        if r.status_code >= 400:
+            raise StackError(f"restarting connector {cfg.connector_name}: HTTP {r.status_code} {r.text[:500]}")
+# --- end access (issue 20) -----------------------------------------------------------------------------
+
+
 def connector_state(http: httpx.Client, name: str) -> tuple[str, list[str], str]:
     """(connector state, task states, first error trace line) or ("MISSING", [], "")."""
     r = http.get(f"/connectors/{name}/status")
@@ -87,9 +162,12 @@ def connector_state(http: httpx.Client, name: str) -> tuple[str, list[str], str]
 def ensure_connector(cfg: StackConfig | None = None, *, connect_url: str | None = None,
                      db_host: str | None = None, db_port: int | None = None,
                      timeout: float = 180.0, catalog: Catalog | None = None, check_db: bool = True,
-                     db_dsn: str | None = None) -> str:
+                     db_dsn: str | None = None, engine: str = "postgres", bootstrap: str | None = None,
+                     cdc_password_file: str | None = None, ca_file: str | None = None,
+                     auth: tuple[str, str] | None = None) -> str:
     """Create or update the connector (only if its config differs) and wait until it and its task run.
 
+    Every REST call authenticates (`auth`, default `rest_auth`: HTTP basic, issue 20).
     The config is rendered from the template and the catalog (``render_connector``); a catalog change
     therefore updates the running connector (``PUT /connectors/<name>/config``). Before that, the
     database's C3 columns to be hashed are checked (``check_hash_columns``, through ``db_dsn``, default the
@@ -97,15 +175,20 @@ def ensure_connector(cfg: StackConfig | None = None, *, connect_url: str | None 
     Returns what was done: "created", "updated" or "unchanged".
 
     A FAILED connector/task is restarted once, since the usual cause on a laptop is the database
-    having been down while Connect started.
+    having been down while Connect started. `engine` picks the branch: ``postgres`` (0101, the default) or
+    ``mariadb`` (0202, ``connectors/branch-mariadb.json``).
     """
     cfg = cfg or StackConfig.from_env()
     url = connect_url or cfg.connect_url
     catalog = catalog or Catalog.load()
+    ns = namespace(cfg, engine)
     if check_db:
-        check_hash_columns(db_dsn or cfg.branch_dsn, catalog)
-    name, config = resolve_connector(render_connector(catalog), placeholder_values(cfg, db_host, db_port))
-    with httpx.Client(base_url=url, timeout=30.0) as http:
+        default_dsn = cfg.branch_dsn if engine == "postgres" else cfg.mariadb_dsn
+        check_hash_columns(db_dsn or default_dsn, catalog, ns)
+    template = connectors_dir() / config_file(engine)
+    name, config = resolve_connector(render_connector(catalog, template, ns), placeholder_values(
+        cfg, db_host, db_port, bootstrap, engine, cdc_password_file=cdc_password_file, ca_file=ca_file))
+    with httpx.Client(base_url=url, timeout=30.0, auth=auth or rest_auth(cfg)) as http:
         current = http.get(f"/connectors/{name}/config")
         if current.status_code == 200 and current.json() == config:
             outcome = "unchanged"
@@ -116,7 +199,7 @@ def ensure_connector(cfg: StackConfig | None = None, *, connect_url: str | None 
                 raise StackError(f"Connect rejected connector {name}: HTTP {r.status_code} "
                                  f"{redact(r.text[:2000], config)}")
             outcome = "created" if r.status_code == 201 else "updated"
-            progress(f"connector {name}: {outcome} ({describe_source_rules(catalog)})")
+            progress(f"connector {name}: {outcome} ({describe_source_rules(catalog, ns)})")
         restarted = False
         deadline = time.monotonic() + timeout
         while True:
@@ -139,14 +222,17 @@ def ensure_connector(cfg: StackConfig | None = None, *, connect_url: str | None 
             time.sleep(1.0)
 
 
-def topic_message_count(bootstrap: str, topic: str) -> int:
-    """Sum of high watermarks over the topic's partitions (0 if the topic does not exist yet)."""
+def topic_message_count(client: dict[str, Any], topic: str) -> int:
+    """Sum of high watermarks over the topic's partitions (0 if the topic does not exist yet).
+
+    `client`: bootstrap and security settings (the stack's admin: `guard.stack.kafka_auth.client_config`).
+    """
     from confluent_kafka import Consumer, TopicPartition
     from confluent_kafka.admin import AdminClient
 
     from guard.stack.broker import _quiet
 
-    common: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": _quiet}
+    common: dict[str, Any] = {**client, "logger": _quiet}
     # List *all* topics: a metadata request naming the topic would auto-create it (producer-type
     # librdkafka handles allow auto-creation) with 1 partition, before Debezium creates it with 3.
     md = AdminClient(common).list_topics(timeout=5)
@@ -160,12 +246,13 @@ def topic_message_count(bootstrap: str, topic: str) -> int:
         c.close()
 
 
-def wait_snapshot(cfg: StackConfig, table: str = "customers", timeout: float = 180.0) -> int:
-    """Wait until Debezium's initial snapshot has produced to ``<prefix>.public.<table>``."""
-    topic = f"{cfg.topic_prefix}.public.{table}"
+def wait_snapshot(cfg: StackConfig, table: str = "customers", timeout: float = 180.0,
+                  engine: str = "postgres") -> int:
+    """Wait until Debezium's initial snapshot has produced to ``<prefix>.<namespace>.<table>``."""
+    topic = f"{topic_prefix(cfg, engine)}.{namespace(cfg, engine)}.{table}"
     deadline = time.monotonic() + timeout
     while True:
-        n = topic_message_count(cfg.bootstrap, topic)
+        n = topic_message_count(kafka_client_config(cfg, "admin"), topic)
         if n > 0:
             progress(f"snapshot: {topic} has {n} records")
             return n
@@ -212,8 +299,9 @@ def connector_hash_salt(cfg: StackConfig) -> str:
     return salt
 
 
-def render_connector(catalog: Catalog, template: Path | None = None) -> dict[str, Any]:
-    """The connector document of the template plus the catalog's C3 options, placeholders unresolved.
+def render_connector(catalog: Catalog, template: Path | None = None, namespace: str = "public") -> dict[str, Any]:
+    """The connector document of the template plus the catalog's C3 options of `namespace`'s tables (the
+    PostgreSQL schema or MariaDB database the connector captures), placeholders unresolved.
 
     Nothing secret is in it: the CDC password and the hash salt stay ``${CDC_PASSWORD}`` and
     ``${CONNECTOR_HASH_SALT}``. A template that sets a column filter itself is refused: the catalog owns them.
@@ -225,7 +313,7 @@ def render_connector(catalog: Catalog, template: Path | None = None) -> dict[str
         raise StackError(f"{path} sets {owned}: column filters are rendered from the catalog "
                          f"({catalog.source}); remove them from the template")
     config = dict(doc["config"])
-    config.update(source_options(catalog))
+    config.update(source_options(catalog, namespace))
     return {"name": doc["name"], "config": config}
 
 
@@ -252,16 +340,16 @@ def redact(text: str, config: dict[str, str]) -> str:
     return text
 
 
-def describe_source_rules(catalog: Catalog) -> str:
+def describe_source_rules(catalog: Catalog, namespace: str | None = None) -> str:
     """One phrase per C3 column: what Debezium does with it."""
-    rules = source_rules(catalog)
+    rules = source_rules(catalog, namespace)
     if not rules:
         return "the catalog has no C3 column"
     return "; ".join(f"{r.table}.{r.column}: {'excluded' if r.action.value == 'drop' else 'hashed'}"
                      for r in rules)
 
 
-def check_hash_columns(dsn: str, catalog: Catalog) -> None:
+def check_hash_columns(dsn: str, catalog: Catalog, namespace: str = "public") -> None:
     """Refuse to register when a C3 column to be hashed would not be hashed by Debezium in full.
 
     Debezium's hash mask passes non-character columns through in clear and cuts the digest to a declared
@@ -271,12 +359,14 @@ def check_hash_columns(dsn: str, catalog: Catalog) -> None:
     import psycopg
 
     from guard.classify.source import hash_column_problem
+    from guard.workload.branch import connect, is_mariadb
 
-    hashed = [r for r in source_rules(catalog) if r.action.value == "hash"]
+    hashed = [r for r in source_rules(catalog, namespace) if r.action.value == "hash"]
     if not hashed:
         return
     problems = []
-    with psycopg.connect(dsn, connect_timeout=10) as conn:
+    opened = connect(dsn) if is_mariadb(dsn) else psycopg.connect(dsn, connect_timeout=10)
+    with opened as conn:
         for rule in hashed:
             schema, table = rule.table.split(".", 1)
             row = conn.execute("SELECT data_type, character_maximum_length FROM information_schema.columns "
@@ -293,12 +383,13 @@ def check_hash_columns(dsn: str, catalog: Catalog) -> None:
 
 
 # --- raw records written before the C3 filter (local stack) ----------------------------------------------
-def c3_filter_marker(cfg: StackConfig) -> Path:
+def c3_filter_marker(cfg: StackConfig, engine: str = "postgres") -> Path:
     """Where the stack remembers which C3 filter its raw topics have been cleaned for."""
-    return cfg.run / "c3-filter.applied"
+    return cfg.run / ("c3-filter.applied" if engine == "postgres" else f"c3-filter-{engine}.applied")
 
 
-def purge_raw_written_before_filter(cfg: StackConfig, catalog: Catalog, outcome: str) -> list[str]:
+def purge_raw_written_before_filter(cfg: StackConfig, catalog: Catalog, outcome: str,
+                                    engine: str = "postgres") -> list[str]:
     """Delete the raw records of C3 tables that a connector without today's C3 filter wrote (local stack).
 
     A connector registered before the catalog's C3 columns were filtered at the source (or with fewer of
@@ -312,20 +403,21 @@ def purge_raw_written_before_filter(cfg: StackConfig, catalog: Catalog, outcome:
     from confluent_kafka import TopicPartition
     from confluent_kafka.admin import AdminClient
 
-    marker = c3_filter_marker(cfg)
-    digest = json.dumps(source_options(catalog), sort_keys=True)
+    marker = c3_filter_marker(cfg, engine)
+    ns = namespace(cfg, engine)
+    digest = json.dumps(source_options(catalog, ns), sort_keys=True)
     if marker.exists() and marker.read_text(encoding="utf-8") == digest:
         return []
     cleaned: list[str] = []
     if outcome != "created":
-        admin = AdminClient({"bootstrap.servers": cfg.bootstrap})
+        admin = AdminClient(kafka_client_config(cfg))
         topics = admin.list_topics(timeout=15).topics
-        for table in sorted({rule.table for rule in source_rules(catalog)}):
-            name = f"{cfg.topic_prefix}.{table}"
+        for table in sorted({rule.table for rule in source_rules(catalog, ns)}):
+            name = f"{topic_prefix(cfg, engine)}.{table}"
             meta = topics.get(name)
             if meta is None or meta.error is not None:
                 continue
-            ends = [TopicPartition(name, p, _partition_end(cfg.bootstrap, name, p)) for p in meta.partitions]
+            ends = [TopicPartition(name, p, _partition_end(cfg, name, p)) for p in meta.partitions]
             ends = [tp for tp in ends if tp.offset > 0]
             if not ends:
                 continue
@@ -339,13 +431,13 @@ def purge_raw_written_before_filter(cfg: StackConfig, catalog: Catalog, outcome:
     return cleaned
 
 
-def _partition_end(bootstrap: str, topic: str, partition: int) -> int:
-    """High watermark of one partition."""
+def _partition_end(cfg: StackConfig, topic: str, partition: int) -> int:
+    """High watermark of one partition (read as the stack's admin)."""
     from confluent_kafka import Consumer, TopicPartition
 
     from guard.stack.broker import _quiet
 
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "branchguard-stack-probe", "logger": _quiet})
+    consumer = Consumer({**kafka_client_config(cfg), "group.id": "branchguard-stack-probe", "logger": _quiet})
     try:
         return int(consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=15)[1])
     finally:

@@ -7,16 +7,17 @@ controller, so the controller's view of the dead broker expires on its own (it f
 
 from __future__ import annotations
 
-import socket
-import struct
+import ssl
 import time
 from pathlib import Path
 
+from guard.kafka_security import api_versions_answered
 from guard.stack.artifacts import Artifacts
 from guard.stack.assets import render_asset, write_if_changed
 from guard.stack.config import StackConfig
 from guard.stack.errors import StackError
 from guard.stack.jvm import BASE_OPTS, G1_OPTS, classpath, java, logging_opts
+from guard.stack.kafka_auth import ensure_tls, scram_format_args
 from guard.stack.kraft import cluster_id, controller_properties, format_storage, meta_node_id
 from guard.stack.procs import pid_alive, read_pid
 from guard.stack.service import Service
@@ -24,36 +25,19 @@ from guard.stack.service import Service
 #: The controller holds the metadata of one broker and a few hundred partitions: 256 MB is plenty.
 HEAP = "256m"
 
-#: ApiVersions (api key 18), version 0: every Kafka listener answers it, the controller's included.
-_API_VERSIONS = 18
+def admin_tls_context(cfg: StackConfig) -> ssl.SSLContext:
+    """TLS as the stack's admin (client certificate CN=admin), trusting only the stack's CA."""
+    from guard.stack.kafka_auth import local_ca
+
+    ca = local_ca(cfg)
+    ctx = ssl.create_default_context(cafile=str(ca.ca_cert))
+    ctx.load_cert_chain(str(ca.cert("admin")), str(ca.key("admin")))
+    return ctx
 
 
-def controller_answers(host: str, port: int, timeout: float = 3.0) -> bool:
-    """True when the controller's listener answers a Kafka ApiVersions request with error code 0.
-
-    librdkafka cannot talk to a controller listener, so this speaks the protocol directly: request header v1
-    (api key, version 0, correlation id, client id) and the response's correlation id and error code.
-    """
-    client = b"guard-stack"
-    body = struct.pack(">hhih", _API_VERSIONS, 0, 7, len(client)) + client
-    with socket.create_connection((host, port), timeout=timeout) as s:
-        s.settimeout(timeout)
-        s.sendall(struct.pack(">i", len(body)) + body)
-        head = _recv_exact(s, 4)
-        size = struct.unpack(">i", head)[0]
-        resp = _recv_exact(s, min(size, 64))
-    correlation, error = struct.unpack(">ih", resp[:6])
-    return correlation == 7 and error == 0
-
-
-def _recv_exact(s: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("controller closed the connection")
-        buf += chunk
-    return buf
+def controller_answers(cfg: StackConfig, timeout: float = 3.0) -> bool:
+    """True when the controller's mutual-TLS listener answers ApiVersions."""
+    return api_versions_answered(cfg.host, cfg.controller_port, timeout, admin_tls_context(cfg))
 
 
 class Controller(Service):
@@ -99,13 +83,14 @@ class Controller(Service):
 
     def prepare(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        ensure_tls(self.cfg)
         write_if_changed(self.properties, controller_properties(self.cfg, self.data_dir))
         template = "log4j.properties" if self.cfg.kafka_version.startswith("3.") else "log4j2.properties"
         write_if_changed(self.log_config, render_asset(template, component="kafka-controller",
                                                        log_file=self.cfg.logs / "kafka-controller.log"))
         if meta_node_id(self.data_dir) is None:
             format_storage(self.cfg, self._lib(), self.properties, self.data_dir, self.log_config,
-                           self.name, cluster_id(self.dir))
+                           self.name, cluster_id(self.dir), scram_format_args(self.cfg))
 
     def argv(self) -> list[str]:
         return [java(), f"-Xms{HEAP}", f"-Xmx{HEAP}", *BASE_OPTS, *G1_OPTS, f"-Dkafka.logs.dir={self.cfg.logs}",
@@ -113,7 +98,7 @@ class Controller(Service):
                 "kafka.Kafka", str(self.properties)]
 
     def ready(self) -> bool:
-        return controller_answers(self.cfg.host, self.cfg.controller_port)
+        return controller_answers(self.cfg)
 
     def wait_ready(self) -> None:
         super().wait_ready()

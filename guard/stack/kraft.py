@@ -40,12 +40,42 @@ def new_cluster_id() -> str:
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
 
 
+#: Certificate subjects (``CN=<name>,O=...`` in RFC 2253 order, guard.stack.tls) map to the principal
+#: ``User:<name>`` on the mutual-TLS listeners.
+PRINCIPAL_MAPPING = r"RULE:^CN=([a-zA-Z0-9._-]+),.*$/$1/,DEFAULT"
+
+
+def tls_properties(cfg: StackConfig, node: str) -> str:
+    """The node's PEM keystore (its key and certificate chain) and truststore (the stack's CA)."""
+    tls = cfg.tls_dir
+    return "\n".join([
+        "ssl.keystore.type=PEM",
+        f"ssl.keystore.location={tls / (node + '.pem')}",
+        "ssl.truststore.type=PEM",
+        f"ssl.truststore.location={tls / 'ca.crt'}",
+        "ssl.endpoint.identification.algorithm=https",
+        f"ssl.principal.mapping.rules={PRINCIPAL_MAPPING}",
+    ])
+
+
+def authorizer_properties() -> str:
+    """KRaft's StandardAuthorizer, deny by default; super users: the admin and the two nodes' certificates."""
+    from guard.stack.kafka_auth import super_users
+
+    return "\n".join([
+        "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+        "allow.everyone.if.no.acl.found=false",
+        f"super.users={super_users()}",
+    ])
+
+
 def broker_properties(cfg: StackConfig, data_dir: Path) -> str:
     """``server.properties`` of the broker-only node."""
     return render_asset(
         "server.properties", kafka_version=cfg.kafka_version, host=cfg.host, kafka_port=cfg.kafka_port,
         controller_port=cfg.controller_port, controller_id=cfg.controller_node_id, data_dir=data_dir,
-        session_timeout_ms=cfg.broker_session_timeout_ms)
+        session_timeout_ms=cfg.broker_session_timeout_ms, internal_port=cfg.internal_port,
+        tls=tls_properties(cfg, "broker"), authorizer=authorizer_properties())
 
 
 def controller_properties(cfg: StackConfig, data_dir: Path) -> str:
@@ -53,7 +83,8 @@ def controller_properties(cfg: StackConfig, data_dir: Path) -> str:
     return render_asset(
         "controller.properties", kafka_version=cfg.kafka_version, host=cfg.host,
         controller_port=cfg.controller_port, controller_id=cfg.controller_node_id, data_dir=data_dir,
-        session_timeout_ms=cfg.broker_session_timeout_ms)
+        session_timeout_ms=cfg.broker_session_timeout_ms, tls=tls_properties(cfg, "controller"),
+        authorizer=authorizer_properties())
 
 
 def parse_properties(text: str) -> dict[str, str]:
@@ -114,15 +145,21 @@ def fence_wait_seconds(now: float, died_at: float | None, controller_since: floa
 
 
 def format_storage(cfg: StackConfig, lib: Path, properties: Path, data_dir: Path, log_config: Path,
-                   who: str, cluster_id: str) -> None:
-    """``kafka.tools.StorageTool format`` for one node (static quorum: no --standalone/--initial-controllers)."""
-    progress(f"{who}: formatting KRaft storage in {data_dir} (cluster {cluster_id})")
+                   who: str, cluster_id: str, extra_args: list[str] | None = None) -> None:
+    """``kafka.tools.StorageTool format`` for one node (static quorum: no --standalone/--initial-controllers).
+
+    `extra_args`: the controller's ``--add-scram`` users (their passwords are on this short-lived command
+    line for the format's duration; `guard.stack.kafka_auth` upserts them again at every `up` anyway).
+    """
+    progress(f"{who}: formatting KRaft storage in {data_dir} (cluster {cluster_id})"
+             + (" with the SCRAM users" if extra_args else ""))
     log = cfg.logs / "kafka-format.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         rc = subprocess.run(
             [java(), *logging_opts(cfg.kafka_version, log_config), "-cp", classpath(lib),
-             "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(properties), "--ignore-formatted"],
+             "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(properties), "--ignore-formatted",
+             *(extra_args or [])],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, check=False).returncode
     if rc != 0:
         raise StackError(f"{who}: formatting storage failed (exit {rc}).\n{tail(log)}\n"

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import shutil
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 
@@ -25,39 +27,48 @@ from guard.stack.broker import Broker
 from guard.stack.config import StackConfig
 from guard.stack.connect import Connect
 from guard.stack.connector import (
+    ENGINES,
+    connector_name,
     connector_state,
     ensure_connector,
     purge_raw_written_before_filter,
+    rest_auth,
+    restart_connector,
     wait_snapshot,
 )
 from guard.stack.controller import Controller
 from guard.stack.errors import StackError
+from guard.stack.kafka_auth import ensure_security as ensure_kafka_security
+from guard.stack.mariadb import MariaDB, provision_mariadb
 from guard.stack.postgres import SUPERUSER, Postgres
 from guard.stack.procs import progress
 from guard.stack.provision import bootstrap, seed
 from guard.stack.redisd import Redis
+from guard.stack.secrets import REDIS_ADMIN_USER, REDIS_GUARD_USER, StackSecrets, new_password
 from guard.stack.service import Service, ServiceStatus
+from guard.stack.tls import ensure_ca
 
-SERVICES = ("controller", "broker", "connect", "postgres", "redis")
+SERVICES = ("controller", "broker", "connect", "postgres", "mariadb", "redis")
 
 #: Services that run on the fetched Kafka jars.
 _JVM_SERVICES = ("controller", "broker", "connect")
 
 
 class Stack:
-    """The five services of one stack home, built from one config."""
+    """The six services of one stack home, built from one config."""
 
     def __init__(self, cfg: StackConfig | None = None, artifacts: Artifacts | None = None) -> None:
         self.cfg = cfg or StackConfig.from_env()
         self.redis = Redis(self.cfg)
         self.postgres = Postgres(self.cfg)
+        self.mariadb = MariaDB(self.cfg)
         self.controller = Controller(self.cfg, artifacts)
         self.broker = Broker(self.cfg, artifacts)
         self.connect = Connect(self.cfg, artifacts)
 
     def get(self, name: str) -> Service:
         services: dict[str, Service] = {"controller": self.controller, "broker": self.broker, "connect": self.connect,
-                                        "postgres": self.postgres, "redis": self.redis}
+                                        "postgres": self.postgres, "mariadb": self.mariadb, "redis": self.redis}
         if name not in services:
             raise StackError(f"unknown service {name!r}; choose one of {', '.join(SERVICES)}")
         return services[name]
@@ -100,8 +111,78 @@ class Stack:
 
     def provision_postgres(self) -> None:
         pg = self.postgres
-        bootstrap(self.cfg, pg.admin_conninfo(), pg.admin_conninfo(self.cfg.branch_db), SUPERUSER)
+        sec = StackSecrets(self.cfg)
+        bootstrap(self.cfg, pg.admin_conninfo(), pg.admin_conninfo(self.cfg.branch_db), SUPERUSER,
+                  sec.password("pg-app"), sec.password("pg-cdc"))
         seed(self.cfg, self.cfg.branch_dsn)
+
+    def provision_mariadb(self) -> None:
+        provision_mariadb(self.cfg, self.mariadb)
+
+    # --- access (issue 20): credentials, CA, and the migration of a home from before it ------------------
+    def secure_home(self) -> None:
+        """Passwords, client files and the CA exist; services still running an open configuration restart.
+
+        A home from before issue 20 runs Redis on a plaintext port with its default user, PostgreSQL with
+        a trusted socket and no TLS, and Connect with an open REST API: each is stopped here (one line
+        each) and started again below with the secured configuration.
+        """
+        StackSecrets(self.cfg).write_client_files()
+        ensure_ca(self.cfg.home)
+        for svc, was in ((self.connect, "an unauthenticated REST API"),
+                         (self.postgres, "a trusted socket and no TLS"),
+                         (self.mariadb, "plaintext TCP logins"),
+                         (self.redis, "a plaintext port and its default user")):
+            if svc.pid() is not None and not svc.secured():
+                progress(f"{svc.name}: running with {was} (configured before issue 20); restarting it with "
+                         f"TLS and passwords")
+                progress(f"{svc.name}: {svc.stop()}")
+    # --- end access (issue 20) -------------------------------------------------------------------------
+
+
+# --- issue 20 (kafka part): JVM services still running with an older configuration ------------------------
+def _rendered_now(stack: Stack, name: str) -> tuple[Path, str]:
+    """(properties file, what `prepare` would write now) of controller, broker or connect."""
+    from guard.stack.kraft import broker_properties, controller_properties
+
+    cfg = stack.cfg
+    if name == "controller":
+        return stack.controller.properties, controller_properties(cfg, stack.controller.data_dir)
+    if name == "broker":
+        return stack.broker.properties, broker_properties(cfg, stack.broker.data_dir)
+    text = stack.connect.rendered_properties() if cfg.kafka_password_file("connect").exists() else ""
+    return stack.connect.properties, text
+
+
+def restart_stale_jvm_services(stack: Stack) -> list[str]:
+    """Stop the running controller, broker and Connect when their configuration is not what `up` writes now.
+
+    A machine that keeps its stack running between runs (CI: `make test` leaves it up) would otherwise keep
+    a broker from before issue 20 with its plaintext listener, and `up` would wait for a TLS listener that
+    never comes. They are stopped gracefully (Connect, broker, controller) and started again by `up` with the
+    new configuration; data is kept.
+    """
+    stale = []
+    for name in ("controller", "broker", "connect"):
+        svc = stack.get(name)
+        if svc.pid() is None:
+            continue
+        path, text = _rendered_now(stack, name)
+        try:
+            current = path.read_text(encoding="utf-8")
+        except OSError:
+            current = ""
+        if current != text:
+            stale.append(name)
+    if not stale:
+        return []
+    progress(f"kafka: {', '.join(stale)} run(s) with an older configuration (e.g. the plaintext listeners of "
+             f"before TLS/SASL); stopping Connect, the broker and the controller to start them with the new one "
+             f"(data is kept)")
+    for name in ("connect", "broker", "controller") if {"controller", "broker"} & set(stale) else ("connect",):
+        progress(f"{name}: {stack.get(name).stop()}")
+    return stale
+# --- end of issue 20 (kafka part) ---------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -131,18 +212,28 @@ def _up(cfg: StackConfig) -> None:
         d.mkdir(parents=True, exist_ok=True)
     stack = Stack(cfg).with_artifacts()
     stack.migrate_combined_kafka()
-    for svc in (stack.redis, stack.postgres):
+    stack.secure_home()
+    restart_stale_jvm_services(stack)
+    for svc in (stack.redis, stack.postgres, stack.mariadb):
         svc.start()
     stack.start_kafka()
     stack.redis.wait_ready()
+    stack.redis.reload_acl()
+    stack.redis.migrate_keys()
     stack.postgres.wait_ready()
     stack.provision_postgres()
+    stack.mariadb.wait_ready()
+    stack.provision_mariadb()
     stack.broker.wait_ready()
+    ensure_kafka_security(cfg)  # issue 20: SCRAM users and ACLs, before any SASL client (Connect) comes
     stack.connect.start()
     stack.connect.wait_ready()
-    outcome = ensure_connector(cfg)
-    purge_raw_written_before_filter(cfg, Catalog.load(), outcome)
-    wait_snapshot(cfg)
+    catalog = Catalog.load()
+    for engine in ENGINES:
+        outcome = ensure_connector(cfg, catalog=catalog, engine=engine)
+        purge_raw_written_before_filter(cfg, catalog, outcome, engine)
+    for engine in ENGINES:
+        wait_snapshot(cfg, engine=engine)
     progress(f"up in {time.monotonic() - t0:.1f}s")
     for k, v in cfg.env().items():
         progress(f"  {k}={v}")
@@ -152,16 +243,16 @@ def down() -> None:
     """Stop what the stack started (Connect first, Redis last). Data stays in the stack home."""
     stack = Stack()
     with _locked(stack.cfg):
-        for name in ("connect", "broker", "controller", "postgres", "redis"):
+        for name in ("connect", "broker", "controller", "postgres", "mariadb", "redis"):
             outcome = stack.get(name).stop()
             progress(f"{name}: {outcome}")
 
 
-def _connector_status(cfg: StackConfig) -> ServiceStatus:
-    name = f"connector {cfg.connector_name}"
+def _connector_status(cfg: StackConfig, connector: str) -> ServiceStatus:
+    name = f"connector {connector}"
     try:
-        with httpx.Client(base_url=cfg.connect_url, timeout=3.0) as http:
-            state, tasks, trace = connector_state(http, cfg.connector_name)
+        with httpx.Client(base_url=cfg.connect_url, timeout=3.0, auth=rest_auth(cfg)) as http:
+            state, tasks, trace = connector_state(http, connector)
     except httpx.HTTPError:
         return ServiceStatus(name, False, "Connect not reachable")
     running = state == "RUNNING" and bool(tasks) and all(t == "RUNNING" for t in tasks)
@@ -173,13 +264,77 @@ def status() -> list[ServiceStatus]:
     """What runs: one entry per service (pid and port) plus the Debezium connector."""
     stack = Stack()
     out = [stack.get(n).status() for n in SERVICES]
-    out.append(_connector_status(stack.cfg))
+    out.extend(_connector_status(stack.cfg, connector_name(stack.cfg, e)) for e in ENGINES)
     return out
 
 
 def env() -> dict[str, str]:
-    """Connection settings for guard components (GUARD_KAFKA_BOOTSTRAP, ...)."""
+    """Connection settings for guard components (GUARD_KAFKA_BOOTSTRAP, ...): where credentials are, not
+    their values."""
     return StackConfig.from_env().env()
+
+
+# --- access (issue 20): password rotation on the running stack ------------------------------------------
+ROTATABLE = ("redis", "postgres")
+
+
+def rotate(what: str) -> None:
+    """New passwords for Redis (users guard and admin) or PostgreSQL (branch_app and cdc), applied live.
+
+    Redis: the ACL file first accepts old and new passwords (ACL LOAD), then the password files are
+    replaced, then only the new ones are accepted; connections keep working, new connections read the
+    new file (the guard's client reads its password file at every connection). PostgreSQL: ALTER ROLE,
+    the pgpass / Connect secret files are replaced, and the connector's task restarts to read its new
+    password. Nothing is printed but the outcome.
+    """
+    if what not in ROTATABLE:
+        raise StackError(f"cannot rotate {what!r}; choose one of {', '.join(ROTATABLE)}")
+    stack = Stack()
+    with _locked(stack.cfg):
+        if what == "redis":
+            _rotate_redis(stack)
+        else:
+            _rotate_postgres(stack)
+
+
+def _rotate_redis(stack: Stack) -> None:
+    redis_svc, sec = stack.redis, StackSecrets(stack.cfg)
+    if redis_svc.pid() is None:
+        raise StackError("redis is not running; start it (`guard stack up`) before rotating its passwords")
+    new = {REDIS_GUARD_USER: new_password(), REDIS_ADMIN_USER: new_password()}
+    admin = redis_svc.admin_client(socket_timeout=10)
+    try:
+        redis_svc.write_acl(also=new)  # old and new both valid
+        admin.execute_command("ACL", "LOAD")
+        sec.set_password("redis-guard", new[REDIS_GUARD_USER])
+        sec.set_password("redis-admin", new[REDIS_ADMIN_USER])
+        redis_svc.write_acl()  # new only
+        admin.execute_command("ACL", "LOAD")
+    finally:
+        admin.close()
+    progress(f"redis: passwords of users {REDIS_GUARD_USER} and {REDIS_ADMIN_USER} rotated "
+             f"(files in {sec.dir})")
+
+
+def _rotate_postgres(stack: Stack) -> None:
+    import psycopg
+    from psycopg import sql
+
+    cfg, pg, sec = stack.cfg, stack.postgres, StackSecrets(stack.cfg)
+    if pg.pid() is None:
+        raise StackError("postgres is not running; start it (`guard stack up`) before rotating its passwords")
+    new = {"pg-app": (cfg.app_user, new_password()), "pg-cdc": (cfg.cdc_user, new_password())}
+    with psycopg.connect(pg.admin_conninfo(), autocommit=True) as conn:
+        for role, password in new.values():
+            conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(role), sql.Literal(password)))
+    for name, (_, password) in new.items():
+        sec.set_password(name, password)
+    sec.write_client_files()
+    if stack.connect.pid() is not None:
+        restart_connector(cfg)
+    progress(f"postgres: passwords of roles {cfg.app_user} and {cfg.cdc_user} rotated (files in {sec.dir}); "
+             f"the connector restarted with its new password")
+# --- end access (issue 20) -------------------------------------------------------------------------------
 
 
 def restart(service: str) -> None:
@@ -234,10 +389,42 @@ def provision(admin_dsn: str, connect_url: str, db_host: str, db_port: int) -> N
     import psycopg.conninfo
 
     cfg = StackConfig.from_env()
+    sec = StackSecrets(cfg)  # docker-compose mounts the secrets directory (GUARD_STACK_HOME/secrets)
     db_dsn = psycopg.conninfo.make_conninfo(admin_dsn, dbname=cfg.branch_db)
     superuser = psycopg.conninfo.conninfo_to_dict(admin_dsn).get("user") or "postgres"
     app_dsn = psycopg.conninfo.make_conninfo(admin_dsn, dbname=cfg.branch_db, user=cfg.app_user,
-                                             password=cfg.app_password)
-    bootstrap(cfg, admin_dsn, db_dsn, str(superuser))
+                                             password=sec.password("pg-app"))
+    bootstrap(cfg, admin_dsn, db_dsn, str(superuser), sec.password("pg-app"), sec.password("pg-cdc"))
     seed(cfg, app_dsn)
-    ensure_connector(cfg, connect_url=connect_url, db_host=db_host, db_port=db_port, db_dsn=app_dsn)
+    ensure_connector(cfg, connect_url=connect_url, db_host=db_host, db_port=db_port, db_dsn=app_dsn,
+                     cdc_password_file=os.environ.get("GUARD_CONNECT_CDC_PASSWORD_FILE"),
+                     ca_file=os.environ.get("GUARD_CONNECTOR_CA_FILE"),
+                     auth=rest_auth(cfg))
+
+
+def provision_mariadb_external(admin_dsn: str, connect_url: str, bootstrap: str) -> None:
+    """Set up the MariaDB branch of an externally run stack (docker-compose): accounts, schema, seed, connector.
+
+    ``admin_dsn`` (``mysql://root:<password>@mariadb:3306/``) is an account that may create databases and users;
+    the accounts are made for logins from any host of the compose network ('%'). The CDC and application
+    passwords are read from (or made in) their files under the secrets directory (a volume). Connect reaches
+    the server and the broker at the admin DSN's host and port and at ``bootstrap`` (its own network view).
+    """
+    from urllib.parse import urlsplit
+
+    from guard.stack.mariadb import write_connect_cdc_file
+    from guard.stack.provision import mariadb_bootstrap_sql, seed_mariadb
+    from guard.workload.branch import MariaConnection
+
+    cfg = StackConfig.from_env()
+    url = urlsplit(admin_dsn)
+    host, port = url.hostname or "mariadb", url.port or 3306
+    with MariaConnection(admin_dsn) as conn:
+        for statement in mariadb_bootstrap_sql(cfg, client_host="%").split(";\n"):
+            if statement.strip():
+                conn.execute(statement)
+    write_connect_cdc_file(cfg)
+    app_dsn = cfg.mariadb_dsn_at(host, port)
+    seed_mariadb(cfg, app_dsn)
+    ensure_connector(cfg, connect_url=connect_url, db_host=host, db_port=port, db_dsn=app_dsn, engine="mariadb",
+                     bootstrap=bootstrap, auth=rest_auth(cfg))

@@ -20,13 +20,17 @@ import psutil
 from guard.stack.assets import render_asset, write_if_changed
 from guard.stack.config import StackConfig
 from guard.stack.errors import StackError
-from guard.stack.procs import pid_alive, progress, read_pid, tail
+from guard.stack.procs import child_env, pid_alive, progress, read_pid, tail
+from guard.stack.secrets import StackSecrets
 from guard.stack.service import Service
+from guard.stack.tls import ensure_server_cert
 
 PG_MAJOR = "15"
 PG_BIN = Path(f"/usr/lib/postgresql/{PG_MAJOR}/bin")
 SUPERUSER = "postgres"
 INCLUDE_LINE = "include = 'branchguard.conf'"
+#: In the data dir once the superuser has a password (initdb --pwfile, or the migration of an older cluster).
+AUTH_MARKER = "branchguard-auth"
 
 
 def _bin(name: str) -> str:
@@ -142,6 +146,7 @@ class Postgres(Service):
             self._grant_traverse()
         if not (self.data_dir / "PG_VERSION").exists():
             self._initdb()
+        self._secure_data_dir()
         conf = self.data_dir / "postgresql.conf"
         if INCLUDE_LINE not in conf.read_text(encoding="utf-8"):
             with open(conf, "a", encoding="utf-8") as fh:
@@ -158,15 +163,62 @@ class Postgres(Service):
         progress(f"postgres: initdb {self.data_dir}")
         log = self.cfg.logs / "postgres-initdb.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "ab") as out:
-            rc = subprocess.run(
-                self._as_owner([_bin("initdb"), "-D", str(self.data_dir), "-U", SUPERUSER, "-E", "UTF8",
-                                "--locale=C.UTF-8", "--auth-local=trust", "--auth-host=scram-sha-256",
-                                "--no-instructions"]),
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, check=False,
-                cwd=str(self.dir)).returncode
+        # the superuser's password from the start (initdb reads it from a file the postgres user can read,
+        # removed right after); no connection is ever trusted
+        pwfile = self.dir / ".initdb-pw"
+        self._write_owned(pwfile, StackSecrets(self.cfg).password("pg-superuser") + "\n")
+        try:
+            with open(log, "ab") as out:
+                rc = subprocess.run(
+                    self._as_owner([_bin("initdb"), "-D", str(self.data_dir), "-U", SUPERUSER, "-E", "UTF8",
+                                    "--locale=C.UTF-8", "--auth-local=scram-sha-256", "--auth-host=scram-sha-256",
+                                    f"--pwfile={pwfile}", "--no-instructions"]),
+                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, check=False,
+                    cwd=str(self.dir), env=child_env(self.spawn_env())).returncode
+        finally:
+            pwfile.unlink(missing_ok=True)
         if rc != 0:
             raise StackError(f"postgres: initdb failed (exit {rc}).\n{tail(log)}")
+        self._write_owned(self.data_dir / AUTH_MARKER, "superuser password set by initdb\n")
+
+    # --- access (issue 20): TLS certificate, superuser password, migration of older data dirs ----------
+    def _write_owned(self, path: Path, text: str) -> None:
+        """A 0600 file owned by the cluster's OS user (it must read it; nobody else may)."""
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        self._chown(path)
+
+    def secured(self) -> bool:
+        """False for a cluster configured before issue 20 (trusted socket, no TLS): `up` restarts it."""
+        hba = self.data_dir / "pg_hba.conf"
+        try:
+            return "hostssl" in hba.read_text(encoding="utf-8") and (self.data_dir / AUTH_MARKER).exists()
+        except OSError:
+            return False
+
+    def _secure_data_dir(self) -> None:
+        """Server certificate into the data dir; a superuser password for a cluster that had none."""
+        crt, key = ensure_server_cert(self.cfg.home, "postgres")
+        for src, dest in ((crt, "server.crt"), (key, "server.key")):
+            data = src.read_text(encoding="utf-8")
+            target = self.data_dir / dest
+            if not target.exists() or target.read_text(encoding="utf-8") != data:
+                self._write_owned(target, data)
+        if (self.data_dir / AUTH_MARKER).exists():
+            return
+        progress("postgres: this cluster predates scram-only access (its socket was trusted); setting a "
+                 "superuser password (single-user mode) before switching to scram-sha-256 + TLS")
+        password = StackSecrets(self.cfg).password("pg-superuser")
+        stmt = f"ALTER ROLE {SUPERUSER} PASSWORD '{password}'\n"  # token_urlsafe: no quote to escape
+        proc = subprocess.run(self._as_owner([_bin("postgres"), "--single", "-D", str(self.data_dir), "postgres"]),
+                              input=stmt.encode(), capture_output=True, check=False, cwd=str(self.dir),
+                              env=child_env(self.spawn_env()))
+        if proc.returncode != 0:
+            raise StackError(f"postgres: setting the superuser password failed (exit {proc.returncode}); is the "
+                             f"cluster still running? Stop it (`guard stack down`) and run `guard stack up` again.")
+        self._write_owned(self.data_dir / AUTH_MARKER, "superuser password set by guard.stack (migration)\n")
 
     def argv(self) -> list[str]:
         return self._as_owner([_bin("postgres"), "-D", str(self.data_dir)])
@@ -175,8 +227,9 @@ class Postgres(Service):
         return {"LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
 
     def admin_conninfo(self, dbname: str = "postgres") -> str:
-        """Superuser connection over the private Unix socket (no password exists for it)."""
-        return f"host={self.socket_dir} port={self.cfg.pg_port} user={SUPERUSER} dbname={dbname}"
+        """Superuser connection over the private Unix socket; scram password from its 0600 pgpass file."""
+        return (f"host={self.socket_dir} port={self.cfg.pg_port} user={SUPERUSER} dbname={dbname} "
+                f"passfile={StackSecrets(self.cfg).superuser_pgpass}")
 
     def ready(self) -> bool:
         import psycopg

@@ -57,6 +57,20 @@ def read_pid(pidfile: Path) -> int | None:
         return None
 
 
+#: The only variables a service inherits from whoever runs `guard stack`: what a process needs to run at all.
+#: Everything else (GUARD_MASTER_KEY, GUARD_PG_ADMIN_DSN, PGPASSWORD, REDISCLI_AUTH, cloud credentials, ...)
+#: stays out of the broker's, Connect's, PostgreSQL's and Redis's environment; each service adds what it
+#: needs itself (`Service.spawn_env`) and reads its secrets from files named in its own configuration.
+INHERITED_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "JAVA_HOME")
+
+
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a service: INHERITED_ENV from ours plus ``extra``, nothing else."""
+    env = {k: v for k, v in os.environ.items() if k in INHERITED_ENV}
+    env.update(extra or {})
+    return env
+
+
 def spawn(
     argv: Sequence[str],
     *,
@@ -67,9 +81,7 @@ def spawn(
 ) -> int:
     """Start ``argv`` detached (own session), stdout+stderr appended to ``log_path``; return its pid."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    full_env = dict(os.environ)
-    if env:
-        full_env.update(env)
+    full_env = child_env(env)
     with open(log_path, "ab") as log:
         log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {argv[0]} =====\n".encode())
         log.flush()

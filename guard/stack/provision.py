@@ -23,17 +23,34 @@ SEED_TABLES = ("customers", "accounts", "transactions", "customer_auth")
 def _ensure_role(cur: psycopg.Cursor[Any], role: str, password: str, replication: bool) -> None:
     exists = cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
     verb = "ALTER" if exists else "CREATE"
-    attrs = sql.SQL("LOGIN REPLICATION" if replication else "LOGIN")
+    # least privilege, stated explicitly (an older cluster's roles are brought to it too)
+    attrs = sql.SQL("LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS "
+                    + ("REPLICATION" if replication else "NOREPLICATION"))
     # passwords are sent as literals (DDL takes no bind parameters); statements are never logged
     cur.execute(sql.SQL("{} ROLE {} WITH {} PASSWORD {}").format(
         sql.SQL(verb), sql.Identifier(role), attrs, sql.Literal(password)))
 
 
-def bootstrap(cfg: StackConfig, admin_conninfo: str, admin_conninfo_db: str, superuser: str) -> None:
+def revoke_logical_messages(conn: psycopg.Connection[Any]) -> None:
+    """`pg_logical_emit_message` (every overload) is no longer executable by PUBLIC in this database.
+
+    Logical messages reach Debezium's stream as they are; the policy work attributes writes with them,
+    so an ordinary role must not be able to emit (spoof) one. Superusers keep it.
+    """
+    rows = conn.execute("SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = "
+                        "p.pronamespace WHERE n.nspname = 'pg_catalog' AND p.proname = "
+                        "'pg_logical_emit_message'").fetchall()
+    for (signature,) in rows:
+        conn.execute(sql.SQL("REVOKE EXECUTE ON FUNCTION {} FROM PUBLIC").format(sql.SQL(signature)))
+
+
+def bootstrap(cfg: StackConfig, admin_conninfo: str, admin_conninfo_db: str, superuser: str,
+              app_password: str, cdc_password: str) -> None:
     """Roles ``branch_app`` (owner) and ``cdc`` (REPLICATION), database, publication, event trigger."""
     with psycopg.connect(admin_conninfo, autocommit=True) as conn, conn.cursor() as cur:
-        _ensure_role(cur, cfg.app_user, cfg.app_password, replication=False)
-        _ensure_role(cur, cfg.cdc_user, cfg.cdc_password, replication=True)
+        _ensure_role(cur, cfg.app_user, app_password, replication=False)
+        _ensure_role(cur, cfg.cdc_user, cdc_password, replication=True)
+        revoke_logical_messages(conn)
         if not cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (cfg.branch_db,)).fetchone():
             progress(f"postgres: creating database {cfg.branch_db}")
             cur.execute(sql.SQL("CREATE DATABASE {} OWNER {} ENCODING 'UTF8'").format(
@@ -46,6 +63,7 @@ def bootstrap(cfg: StackConfig, admin_conninfo: str, admin_conninfo_db: str, sup
             publication=sql.Identifier(cfg.publication_name),
             publication_literal=sql.Literal(cfg.publication_name))
         conn.execute(boot)
+        revoke_logical_messages(conn)
         # 2) schema as the owner role, so branch_app owns the tables it writes (and the default
         #    privileges granted above give cdc SELECT on them)
         with conn.transaction():
@@ -83,5 +101,93 @@ def seed(cfg: StackConfig, dsn: str) -> int:
                 cur.execute("SELECT setval(pg_get_serial_sequence('public.transactions', 'txn_id'), "
                             "(SELECT max(txn_id) FROM public.transactions))")
         progress(f"postgres: seeded {total} rows into {cfg.branch_db} "
+                 + ", ".join(f"{t}={len(data.get(t, []))}" for t in SEED_TABLES))
+        return total
+
+
+# --- the MariaDB branch (branch 0202) ------------------------------------------------------------------------
+#: What Debezium's MariaDB connector needs and nothing more (its documentation lists SELECT, RELOAD, SHOW
+#: DATABASES, REPLICATION SLAVE, REPLICATION CLIENT): SELECT on the branch database only (the snapshot reads
+#: it), RELOAD for the snapshot's FLUSH TABLES ... WITH READ LOCK (snapshot.locking.mode=minimal), REPLICATION
+#: SLAVE to read the binlog, BINLOG MONITOR (MariaDB's name of REPLICATION CLIENT since 10.5) for SHOW MASTER
+#: STATUS / SHOW BINARY LOGS. Not SHOW DATABASES: without it the account sees the databases it has a grant
+#: on, which is exactly the branch database the connector captures.
+MARIADB_CDC_GLOBAL_GRANTS = ("RELOAD", "REPLICATION SLAVE", "BINLOG MONITOR")
+
+
+def _sql_str(value: str) -> str:
+    """A MariaDB string literal (DDL takes no bind parameters); the values here are our own names and hex."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def _sql_ident(value: str) -> str:
+    return "`" + value.replace("`", "``") + "`"
+
+
+def mariadb_bootstrap_sql(cfg: StackConfig, client_host: str = "127.0.0.1") -> str:
+    """The idempotent SQL that makes the branch database, its two accounts and their grants; the accounts'
+    passwords are read from (or made in) their 0600 files (``guard.stack.mariadb.read_secret``).
+
+    ``client_host`` is where the accounts may log in from: 127.0.0.1 on the local stack (the server listens
+    there only), '%' in docker-compose (Connect and the guard are other containers). Anonymous accounts are
+    removed: every login names a user and proves a password (or, for root, is the OS root on the socket).
+    """
+    from guard.stack.mariadb import read_secret
+
+    app_password = read_secret(cfg.mariadb_app_password_file, create=True)
+    cdc_password = read_secret(cfg.mariadb_cdc_password_file, create=True)
+    db = _sql_ident(cfg.mariadb_db)
+    app = f"{_sql_str(cfg.mariadb_app_user)}@{_sql_str(client_host)}"
+    cdc = f"{_sql_str(cfg.mariadb_cdc_user)}@{_sql_str(client_host)}"
+    return "\n".join([
+        "DROP USER IF EXISTS ''@'localhost', ''@'%', ''@'127.0.0.1';",
+        f"CREATE DATABASE IF NOT EXISTS {db} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci;",
+        f"CREATE USER IF NOT EXISTS {app} IDENTIFIED BY {_sql_str(app_password)} REQUIRE SSL;",
+        f"ALTER USER {app} IDENTIFIED BY {_sql_str(app_password)} REQUIRE SSL;",
+        f"GRANT ALL PRIVILEGES ON {db}.* TO {app};",
+        f"CREATE USER IF NOT EXISTS {cdc} IDENTIFIED BY {_sql_str(cdc_password)} REQUIRE SSL;",
+        f"ALTER USER {cdc} IDENTIFIED BY {_sql_str(cdc_password)} REQUIRE SSL;",
+        f"GRANT SELECT ON {db}.* TO {cdc};",
+        f"GRANT {', '.join(MARIADB_CDC_GLOBAL_GRANTS)} ON *.* TO {cdc};",
+        "FLUSH PRIVILEGES;",
+    ]) + "\n"
+
+
+def seed_mariadb(cfg: StackConfig, dsn: str) -> int:
+    """Create the MariaDB branch's tables and insert its synthetic customers when ``customers`` is empty.
+
+    Other customers than branch 0101's (another seed, branch code 0202), each login with a binary device
+    fingerprint. Returns the rows inserted (0 if already seeded).
+    """
+    import random
+
+    from guard.workload.branch import MariaConnection, device_fingerprint, mariadb_value
+    from guard.workload.synth import demo_dataset
+
+    with MariaConnection(dsn) as conn:
+        for statement in read_asset("branch_schema_mariadb.sql").split(";\n"):
+            body = "\n".join(line for line in statement.splitlines() if not line.strip().startswith("--")).strip()
+            if body:
+                conn.execute(body)
+        count = conn.execute("SELECT count(*) FROM customers").fetchone()
+        if count and count[0] > 0:
+            progress(f"mariadb: {cfg.mariadb_db} already seeded ({count[0]} customers)")
+            return 0
+        data = demo_dataset(seed=cfg.mariadb_seed, customers=cfg.seed_customers, branch_code=cfg.mariadb_branch)
+        rng = random.Random(cfg.mariadb_seed)
+        for row in data["customer_auth"]:
+            row["device_fp"] = device_fingerprint(rng)
+        total = 0
+        with conn.transaction():
+            for table in SEED_TABLES:
+                rows = data.get(table, [])
+                if not rows:
+                    continue
+                cols = list(rows[0].keys())
+                stmt = (f"INSERT INTO {table} ({', '.join(cols)}) "  # noqa: S608 - fixed names
+                        f"VALUES ({', '.join(['%s'] * len(cols))})")
+                conn.conn.cursor().executemany(stmt, [[mariadb_value(r[c]) for c in cols] for r in rows])
+                total += len(rows)
+        progress(f"mariadb: seeded {total} rows into {cfg.mariadb_db} "
                  + ", ".join(f"{t}={len(data.get(t, []))}" for t in SEED_TABLES))
         return total

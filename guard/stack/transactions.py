@@ -22,6 +22,7 @@ from guard.stack.assets import render_asset, write_if_changed
 from guard.stack.config import StackConfig
 from guard.stack.errors import StackError
 from guard.stack.jvm import classpath, java, logging_opts
+from guard.stack.kafka_auth import write_command_config
 
 TOOL = "org.apache.kafka.tools.TransactionsCommand"
 #: A short-lived admin client: a small heap is enough and starts faster.
@@ -104,7 +105,8 @@ def _run(cfg: StackConfig, args: list[str], timeout: float = 120.0) -> str:
         write_if_changed(log_config, render_asset("log4j2.properties", component="kafka-tools",
                                                   log_file=cfg.logs / "kafka-tools.log"))
     cmd = [java(), f"-Xmx{TOOL_HEAP}", *logging_opts(cfg.kafka_version, log_config),
-           "-cp", classpath(_lib(cfg)), TOOL, "--bootstrap-server", cfg.bootstrap, *args]
+           "-cp", classpath(_lib(cfg)), TOOL, "--bootstrap-server", cfg.bootstrap,
+           "--command-config", str(write_command_config(cfg, "admin")), *args]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
                               check=False)

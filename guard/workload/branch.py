@@ -1,14 +1,24 @@
 """A branch workload on the demo database: new customers with accounts and transactions, contact-detail
-updates, and deletes. Used by `guard demo`, the end-to-end tests and the reliability tests."""
+updates, and deletes. Used by `guard demo`, the end-to-end tests and the reliability tests.
+
+One workload for both engines: a ``postgresql://`` DSN runs it on the PostgreSQL branch (psycopg), a
+``mysql://`` DSN on the MariaDB branch (PyMySQL, through :class:`MariaConnection`, which offers the few
+calls of a psycopg connection the workload uses). On MariaDB the customer's login also gets a binary
+device fingerprint (``customer_auth.device_fp``, VARBINARY), a column only that branch's schema has.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import datetime as _dt
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 
+from guard.config import mariadb_connect_args
 from guard.workload import synth
 
 
@@ -27,23 +37,84 @@ class WorkloadResult:
     statements: int = 0
 
 
-def next_customer_ids(conn: psycopg.Connection[Any], count: int) -> list[int]:
+class MariaConnection:
+    """A PyMySQL connection (autocommit) with the psycopg calls the workload uses: ``execute`` returning
+    the cursor, and ``transaction()`` as a context manager (commit, or rollback on an exception)."""
+
+    def __init__(self, dsn: str) -> None:
+        import pymysql
+
+        self.conn = pymysql.connect(**mariadb_connect_args(dsn), autocommit=True, charset="utf8mb4",
+                                    connect_timeout=10, init_command="SET time_zone = '+00:00'")
+
+    def execute(self, query: str, params: Any = None) -> Any:
+        cur = self.conn.cursor()
+        cur.execute(query, [mariadb_value(v) for v in params] if isinstance(params, list | tuple) else params)
+        return cur
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        self.conn.begin()
+        try:
+            yield
+        except BaseException:
+            self.conn.rollback()
+            raise
+        self.conn.commit()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> MariaConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def mariadb_value(value: Any) -> Any:
+    """Aware datetimes as UTC wall-clock time (the session's time zone is UTC; MariaDB has no zone type)."""
+    if isinstance(value, _dt.datetime) and value.tzinfo is not None:
+        return value.astimezone(_dt.UTC).replace(tzinfo=None)
+    return value
+
+
+def is_mariadb(dsn: str) -> bool:
+    return dsn.startswith(("mysql://", "mariadb://"))
+
+
+def connect(dsn: str) -> Any:
+    """A connection to the branch database of `dsn` (autocommit): psycopg, or :class:`MariaConnection`."""
+    return MariaConnection(dsn) if is_mariadb(dsn) else psycopg.connect(dsn, autocommit=True)
+
+
+def device_fingerprint(rng: random.Random) -> bytes:
+    """A teller terminal's 32-byte binary fingerprint (MariaDB's ``customer_auth.device_fp``)."""
+    return rng.randbytes(32)
+
+
+def next_customer_ids(conn: Any, count: int) -> list[int]:
     """Customer ids never used before, from a sequence: an erased customer's id must not come back
     (the guard refuses new writes for an erased data subject, as a bank would never reuse the id)."""
     conn.execute("CREATE SEQUENCE IF NOT EXISTS workload_customer_id START WITH 1000000")
+    if isinstance(conn, MariaConnection):
+        return [int(conn.execute("SELECT NEXTVAL(workload_customer_id)").fetchone()[0]) for _ in range(count)]
     rows = conn.execute("SELECT nextval('workload_customer_id') FROM generate_series(1, %s)", (count,)).fetchall()
     return [int(r[0]) for r in rows]
 
 
 def run_workload(dsn: str, *, customers: int = 20, seed: int | None = None, delete: int = 2,
-                 update: int = 5) -> WorkloadResult:
-    """Insert `customers` customers (with accounts and transactions), update some, delete some."""
+                 update: int = 5, branch_code: str = "0101") -> WorkloadResult:
+    """Insert `customers` customers (with accounts and transactions), update some, delete some.
+
+    `branch_code` is what the rows' `branch_code` columns say (the MariaDB branch's is 0202)."""
     rng = random.Random(seed)
     result = WorkloadResult()
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    mariadb = is_mariadb(dsn)
+    with connect(dsn) as conn:
         ids = next_customer_ids(conn, customers)
         for cid in ids:
-            data: Any = synth.demo_dataset(rng.randrange(1 << 30), 1)
+            data: Any = synth.demo_dataset(rng.randrange(1 << 30), 1, branch_code)
             cust = dict(data["customers"][0], customer_id=cid)
             with conn.transaction():
                 _insert(conn, "customers", cust)
@@ -59,6 +130,8 @@ def run_workload(dsn: str, *, customers: int = 20, seed: int | None = None, dele
                     _insert(conn, "transactions", dict(txn, customer_id=cid, account_no=number))
                     result.sensitive_values.update({str(txn["counterparty_name"]), str(txn["counterparty_account"])})
                 for auth in data.get("customer_auth", []):
+                    if mariadb:
+                        auth = dict(auth, device_fp=device_fingerprint(rng))
                     _insert(conn, "customer_auth", dict(auth, customer_id=cid))
                     result.sensitive_values.update({str(auth["password_hash"]), str(auth["query_pin"])})
                     result.c3_values.update({str(auth["password_hash"]), str(auth["query_pin"])})
@@ -85,7 +158,7 @@ def run_workload(dsn: str, *, customers: int = 20, seed: int | None = None, dele
     return result
 
 
-def _insert(conn: psycopg.Connection[Any], table: str, row: dict[str, Any]) -> None:
+def _insert(conn: Any, table: str, row: dict[str, Any]) -> None:
     columns = list(row)
     placeholders = ", ".join(["%s"] * len(columns))
     conn.execute(

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
@@ -19,6 +20,25 @@ from tests.leak_scanner import LeakScanner  # noqa: F401 - the integration tests
 
 REPO = Path(__file__).resolve().parents[2]
 GUARD = [sys.executable, "-m", "guard.cli"]
+
+
+def kafka_conf(bootstrap: str) -> dict[str, Any]:
+    """`bootstrap` and the admin principal's TLS + SASL settings: tests use the admin unless they test a
+    principal (tests/integration/test_security_kafka.py does)."""
+    from guard.stack.config import StackConfig
+    from guard.stack.kafka_auth import client_config
+
+    return {**client_config(StackConfig.from_env(), "admin"), "bootstrap.servers": bootstrap}
+
+
+def admin_kafka_settings() -> dict[str, Any]:
+    """The Kafka security fields of `guard.config.Settings` for the admin principal (tests that build
+    Settings directly; `load_settings` gets the same from the environment the `stack` fixture sets)."""
+    from guard.stack.config import StackConfig
+
+    cfg = StackConfig.from_env()
+    return {"kafka_security_protocol": "SASL_SSL", "kafka_username": "admin",
+            "kafka_password_file": str(cfg.kafka_password_file("admin")), "kafka_ca_file": str(cfg.tls_dir / "ca.crt")}
 
 
 @dataclass
@@ -34,7 +54,7 @@ class Rec:
 
 def read_all(bootstrap: str, topic: str, *, timeout: float = 5.0) -> list[Rec]:
     """Every committed record currently in `topic` (read_committed), from the beginning."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"test-{uuid.uuid4()}",
+    consumer = Consumer({**kafka_conf(bootstrap), "group.id": f"test-{uuid.uuid4()}",
                          "enable.auto.commit": False, "isolation.level": "read_committed",
                          "auto.offset.reset": "earliest"})
     try:
@@ -88,7 +108,7 @@ def wait_for(bootstrap: str, topic: str, predicate: Callable[[list[Rec]], bool],
 
 def produce_raw(bootstrap: str, topic: str, value: bytes | None, key: bytes | None = None,
                 headers: list[tuple[str, bytes]] | None = None) -> None:
-    producer = Producer({"bootstrap.servers": bootstrap})
+    producer = Producer(kafka_conf(bootstrap))
     producer.produce(topic, value, key, headers=headers)
     assert producer.flush(10) == 0
 
@@ -99,7 +119,7 @@ def commit_group_at_end(bootstrap: str, group: str, pattern: str = r"^br0101\.[^
     Tests share one stack whose raw topics keep history from earlier tests; a fresh group would first
     work through all of it. This is also how an operator starts a new group on a long-lived cluster.
     """
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    consumer = Consumer({**kafka_conf(bootstrap), "group.id": group, "enable.auto.commit": False})
     try:
         offsets = []
         for topic, meta in consumer.list_topics(timeout=10).topics.items():
@@ -126,7 +146,9 @@ class GuardProcess:
     def start(self, *, from_end: bool = False) -> GuardProcess:
         """Start the worker; `from_end` first commits the group at the end of the existing raw topics."""
         if from_end:
-            commit_group_at_end(self.env["GUARD_KAFKA_BOOTSTRAP"], self.env["GUARD_GROUP_ID"])
+            prefix = re.escape(self.env.get("GUARD_RAW_TOPIC_PREFIX") or "br0101")
+            commit_group_at_end(self.env["GUARD_KAFKA_BOOTSTRAP"], self.env["GUARD_GROUP_ID"],
+                                rf"^{prefix}\.[^.]+\.[^.]+$")
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen([*GUARD, "run", "--worker-id", self.worker_id], cwd=REPO, env=self.env,
                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

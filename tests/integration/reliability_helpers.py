@@ -32,7 +32,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from guard.records.codec import decode
 from guard.workload import synth
-from tests.integration.kafka_helpers import Rec, high_watermark
+from tests.integration.kafka_helpers import Rec, high_watermark, kafka_conf
 from tests.leak_scanner import LeakScanner, find_leak, sensitive_of
 
 RAW_PREFIX = "br0101"
@@ -64,7 +64,7 @@ def unstable_partitions(bootstrap: str, topics: Iterable[str]) -> dict[tuple[str
     meta = _list_all_topics(bootstrap)
     ends: dict[str, dict[tuple[str, int], int]] = {}
     for isolation in ("read_uncommitted", "read_committed"):
-        consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"lso-{uuid.uuid4()}",
+        consumer = Consumer({**kafka_conf(bootstrap), "group.id": f"lso-{uuid.uuid4()}",
                              "isolation.level": isolation})
         try:
             ends[isolation] = {(t, p): high_watermark(consumer, t, p)
@@ -89,11 +89,11 @@ def assert_no_hanging_transactions(bootstrap: str, topics: Iterable[str], timeou
 # --- topics and offsets ---------------------------------------------------------------------------
 def _list_all_topics(bootstrap: str) -> dict[str, Any]:
     # Never name a topic in a metadata request: the broker auto-creates it (auto.create.topics.enable).
-    return AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=15).topics
+    return AdminClient(kafka_conf(bootstrap)).list_topics(timeout=15).topics
 
 
 def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(kafka_conf(bootstrap))
     admin.create_topics([NewTopic(topic, partitions, 1)])[topic].result(timeout=30)
     wait_until(lambda: topic in _list_all_topics(bootstrap)
                and len(_list_all_topics(bootstrap)[topic].partitions) == partitions,
@@ -103,7 +103,7 @@ def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
 def end_offsets(bootstrap: str, topics: Iterable[str]) -> dict[tuple[str, int], int]:
     """High watermarks of every partition of `topics` that exist (missing topics are left out)."""
     meta = _list_all_topics(bootstrap)
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("rel-probe-")})
+    consumer = Consumer({**kafka_conf(bootstrap), "group.id": unique("rel-probe-")})
     try:
         out = {}
         for topic in topics:
@@ -123,7 +123,7 @@ def raw_topics(bootstrap: str) -> list[str]:
 def position_group_at_end(bootstrap: str, group: str) -> dict[tuple[str, int], int]:
     """Commit the current end of every existing raw topic for `group`, so its workers skip history."""
     ends = end_offsets(bootstrap, raw_topics(bootstrap))
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    consumer = Consumer({**kafka_conf(bootstrap), "group.id": group, "enable.auto.commit": False})
     try:
         consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in ends.items()], asynchronous=False)
     finally:
@@ -141,7 +141,7 @@ def read_from(bootstrap: str, topic: str, start: dict[tuple[str, int], int] | No
     meta = _list_all_topics(bootstrap).get(topic)
     if meta is None or meta.error is not None or not meta.partitions:
         return []
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("rel-read-"),
+    consumer = Consumer({**kafka_conf(bootstrap), "group.id": unique("rel-read-"),
                          "enable.auto.commit": False, "isolation.level": "read_committed",
                          "auto.offset.reset": "earliest", "fetch.wait.max.ms": 100})
     try:
@@ -234,7 +234,7 @@ class SteadyProducer:
         return self
 
     def _producer(self) -> Producer:
-        return Producer({"bootstrap.servers": self.bootstrap, "enable.idempotence": True, "linger.ms": 5,
+        return Producer({**kafka_conf(self.bootstrap), "enable.idempotence": True, "linger.ms": 5,
                          "message.timeout.ms": 45_000, "reconnect.backoff.max.ms": 1000})
 
     def _run(self) -> None:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.kafka_helpers import kafka_conf
+
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
@@ -117,7 +119,7 @@ def test_bench_leaves_no_topics(stack: dict[str, str], tmp_path: Path) -> None:
     assert report["workload"]["kind"] == "hot" and report["workload"]["tables"] == ["public.customers"]
     guard_worker = report["modes"]["guard_first_sight"]["workers"][0]
     assert guard_worker["decisions"] == {"protected": guard_worker["events"]}, "bench events must all be protected"
-    admin = AdminClient({"bootstrap.servers": stack["GUARD_KAFKA_BOOTSTRAP"]})
+    admin = AdminClient(kafka_conf(stack["GUARD_KAFKA_BOOTSTRAP"]))
     left: list[str] = []
     for _ in range(20):  # metadata may trail the deletion by a moment
         left = [t for t in admin.list_topics(timeout=10).topics if f"bench{runid}" in t]

@@ -28,9 +28,25 @@ from guard.config import Settings
 from guard.doctor import check_c3_absent
 from guard.records.codec import decode
 from guard.stack.config import StackConfig
-from guard.stack.connector import ensure_connector, placeholder_values, render_connector, resolve_connector
+from guard.stack.connector import (
+    ensure_connector,
+    placeholder_values,
+    render_connector,
+    resolve_connector,
+    rest_auth,
+)
 from guard.workload.branch import next_customer_ids, run_workload
-from tests.integration.kafka_helpers import GUARD, REPO, GuardProcess, LeakScanner, produce_raw, read_all, wait_for
+from tests.integration.kafka_helpers import (
+    GUARD,
+    REPO,
+    GuardProcess,
+    LeakScanner,
+    admin_kafka_settings,
+    kafka_conf,
+    produce_raw,
+    read_all,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +60,7 @@ DECIMAL = re.compile(rb'"-?\d+\.\d+"')
 def _admin(bootstrap: str):  # type: ignore[no-untyped-def]
     from confluent_kafka.admin import AdminClient
 
-    return AdminClient({"bootstrap.servers": bootstrap})
+    return AdminClient(kafka_conf(bootstrap))
 
 
 def _raw_topics(bootstrap: str) -> list[str]:
@@ -63,7 +79,8 @@ def _auth_rows(bootstrap: str, ids: set[int]) -> list[dict]:
 def test_stack_up_registers_the_rendered_connector(stack: dict[str, str]) -> None:
     cfg = StackConfig.from_env()
     name, expected = resolve_connector(render_connector(Catalog.load()), placeholder_values(cfg))
-    running = httpx.get(f"{stack['GUARD_CONNECT_URL']}/connectors/{name}/config", timeout=10).json()
+    running = httpx.get(f"{stack['GUARD_CONNECT_URL']}/connectors/{name}/config", timeout=10,
+                        auth=rest_auth(cfg)).json()
     assert running == expected
     assert running["column.exclude.list"] == r"public\.customer_auth\.query_pin"
     assert any(k.startswith("column.mask.hash.v2.SHA-256.with.salt.") for k in running)
@@ -156,7 +173,8 @@ def test_a_catalog_change_updates_the_connector_and_the_column_disappears(stack:
     try:
         assert ensure_connector(cfg, catalog=changed) == "updated"
         assert ensure_connector(cfg, catalog=changed) == "unchanged"
-        running = httpx.get(f"{cfg.connect_url}/connectors/{cfg.connector_name}/config", timeout=10).json()
+        running = httpx.get(f"{cfg.connect_url}/connectors/{cfg.connector_name}/config", timeout=10,
+                            auth=rest_auth(cfg)).json()
         assert running["column.exclude.list"] == (r"public\.customer_auth\.login_name,"
                                                   r"public\.customer_auth\.query_pin")
         write_until(False, "the changed catalog")
@@ -164,7 +182,7 @@ def test_a_catalog_change_updates_the_connector_and_the_column_disappears(stack:
             after = write("after")
             assert "login_name" not in after and "query_pin" not in after and is_source_hash(after["password_hash"])
         # the doctor, reading the changed catalog, finds the records written before the change
-        settings = Settings(kafka_bootstrap=bootstrap, catalog=str(changed_path))
+        settings = Settings(**admin_kafka_settings(), kafka_bootstrap=bootstrap, catalog=str(changed_path))
         failed = [c for c in check_c3_absent(_admin(bootstrap), settings) if not c.ok]
         assert [c.name for c in failed] == [f"C3 in {AUTH_TOPIC}"]
         assert "column login_name is in clear" in failed[0].detail
@@ -213,7 +231,7 @@ def test_doctor_fails_on_a_c3_column_in_a_raw_topic_and_passes_otherwise(stack: 
     admin = _admin(bootstrap)
     # the stack's own raw topics: clean (a stack home whose raw topics predate the rendered connector
     # fails here, rightly, until the 3-day raw retention has removed the older records)
-    checks = check_c3_absent(admin, Settings(kafka_bootstrap=bootstrap))
+    checks = check_c3_absent(admin, Settings(**admin_kafka_settings(), kafka_bootstrap=bootstrap))
     assert [c.ok for c in checks] == [True], [c.line() for c in checks]
     assert "no C3 column of the catalog" in checks[0].detail
 
@@ -223,7 +241,7 @@ def test_doctor_fails_on_a_c3_column_in_a_raw_topic_and_passes_otherwise(stack: 
     clean = {"before": None, "after": {"customer_id": 1, "login_name": "x", "password_hash": "0" * 64,
                                        "updated_at": None}, "op": "c"}
     produce_raw(bootstrap, topic, orjson.dumps(clean), b'{"customer_id":1}')
-    settings = Settings(kafka_bootstrap=bootstrap, raw_topic_prefix=prefix)
+    settings = Settings(**admin_kafka_settings(), kafka_bootstrap=bootstrap, raw_topic_prefix=prefix)
     wait_for(bootstrap, topic, lambda rs: len(rs) >= 1)
     assert all(c.ok for c in check_c3_absent(admin, settings))
     leaked = {"before": None, "after": {"customer_id": 2, "login_name": "y", "password_hash": "$2b$12$" + "a" * 53,

@@ -10,6 +10,7 @@ import random
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -99,8 +100,22 @@ def test_stack_env_prints_exports(stack):
     done = guard(stack, "stack", "env")
     lines = done.stdout.decode().splitlines()
     for name in ("GUARD_KAFKA_BOOTSTRAP", "GUARD_CONNECT_URL", "GUARD_BRANCH_DSN", "GUARD_REDIS_URL",
-                 "GUARD_RAW_TOPIC_PREFIX"):
+                 "GUARD_RAW_TOPIC_PREFIX", "GUARD_REDIS_PASSWORD_FILE", "GUARD_CONNECT_CREDENTIALS_FILE"):
         assert any(line.startswith(f"export {name}=") for line in lines)
+    # issue 20: where the guard's Kafka credentials are, never the password itself
+    exports = dict(line.removeprefix("export ").split("=", 1) for line in lines if line.startswith("export "))
+    assert exports["GUARD_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL" and exports["GUARD_KAFKA_USERNAME"] == "guard"
+    password_file = Path(exports["GUARD_KAFKA_PASSWORD_FILE"])
+    assert password_file.stat().st_mode & 0o077 == 0
+    assert password_file.read_text().strip() not in done.stdout.decode()
+    assert Path(exports["GUARD_KAFKA_CA_FILE"]).is_file()
+    # and where the other credentials are, never their values
+    from guard.stack.config import StackConfig
+    from guard.stack.secrets import StackSecrets
+
+    secrets = StackSecrets(StackConfig.from_env())
+    for name in ("redis-guard", "redis-admin", "pg-app", "pg-cdc", "pg-superuser", "connect-rest"):
+        assert secrets.password(name) not in done.stdout.decode()
 
 
 def test_classify_topic_sample(stack):

@@ -28,7 +28,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 import guard.stack
 from guard.workload.branch import WorkloadResult, run_workload
-from tests.integration.kafka_helpers import GuardProcess, high_watermark
+from tests.integration.kafka_helpers import GuardProcess, high_watermark, kafka_conf
 from tests.integration.reliability_helpers import (
     SteadyProducer,
     assert_no_hanging_transactions,
@@ -126,9 +126,9 @@ class OpenTransactions:
 
     def __init__(self, bootstrap: str, partitions: list[tuple[str, int]]) -> None:
         self.partitions = partitions
-        self._hw = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("probe-hw-"),
+        self._hw = Consumer({**kafka_conf(bootstrap), "group.id": unique("probe-hw-"),
                              "isolation.level": "read_uncommitted"})
-        self._lso = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("probe-lso-"),
+        self._lso = Consumer({**kafka_conf(bootstrap), "group.id": unique("probe-lso-"),
                               "isolation.level": "read_committed"})
 
     def now(self) -> dict[tuple[str, int], tuple[int, int]]:
@@ -292,7 +292,10 @@ def _connector_running(env: dict[str, str]) -> bool:
 # --- PostgreSQL --------------------------------------------------------------------------------------
 def _restart_connector(env: dict[str, str]) -> None:
     """The documented user action: restart the connector and its tasks through the Connect REST API."""
-    with httpx.Client(base_url=env["GUARD_CONNECT_URL"], timeout=30) as http:
+    from guard.config import connect_credentials
+
+    with httpx.Client(base_url=env["GUARD_CONNECT_URL"], timeout=30,
+                      auth=connect_credentials(env.get("GUARD_CONNECT_CREDENTIALS_FILE"))) as http:
         name = http.get("/connectors").json()[0]
         r = http.post(f"/connectors/{name}/restart", params={"includeTasks": "true"})
         assert r.status_code < 300, r.text

@@ -19,7 +19,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from guard.config import Settings
 from guard.doctor import check_evidence_topics
 from guard.kafka.evidence import prepare_evidence_topics, topic_configs
-from tests.integration.kafka_helpers import GUARD, REPO, GuardProcess
+from tests.integration.kafka_helpers import GUARD, REPO, GuardProcess, admin_kafka_settings, kafka_conf
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +30,7 @@ WEEK_MS = 7 * 86_400_000
 @pytest.fixture
 def topics(stack: dict[str, str]):
     """Names for this test's evidence topics; deleted afterwards (they keep records for years)."""
-    admin = AdminClient({"bootstrap.servers": stack["GUARD_KAFKA_BOOTSTRAP"]})
+    admin = AdminClient(kafka_conf(stack["GUARD_KAFKA_BOOTSTRAP"]))
     uid = uuid.uuid4().hex[:8]
     names = (f"ev-{uid}.audit", f"ev-{uid}.deletions")
     yield names
@@ -55,13 +55,13 @@ def _week_topic(admin: AdminClient, name: str) -> None:
 def test_a_worker_creates_and_raises_the_evidence_topics(stack: dict[str, str], tmp_path: Path,
                                                         topics: tuple[str, str]) -> None:
     bootstrap = stack["GUARD_KAFKA_BOOTSTRAP"]
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(kafka_conf(bootstrap))
     audit, deletions = topics
     _week_topic(admin, audit)  # exists with a week: raised at start; deletions is missing: created
     extra = {"GUARD_AUDIT_TOPIC": audit, "GUARD_DELETIONS_TOPIC": deletions,
              "GUARD_AUDIT_RETENTION_MS": str(8 * YEAR_MS)}
-    settings = Settings(kafka_bootstrap=bootstrap, audit_topic=audit, deletions_topic=deletions,
-                        audit_retention_ms=8 * YEAR_MS)
+    settings = Settings(**admin_kafka_settings(), kafka_bootstrap=bootstrap, audit_topic=audit,
+                        deletions_topic=deletions, audit_retention_ms=8 * YEAR_MS)
     assert [c.ok for c in check_evidence_topics(admin, settings)] == [False, False]
     worker = GuardProcess(stack, worker_id=audit, group_id=audit, log_dir=tmp_path,
                           extra_env=extra).start(from_end=True)
@@ -86,7 +86,7 @@ def test_a_worker_creates_and_raises_the_evidence_topics(stack: dict[str, str], 
 def test_an_operators_longer_retention_is_kept_and_min_insync_raised(stack: dict[str, str],
                                                                      topics: tuple[str, str]) -> None:
     bootstrap = stack["GUARD_KAFKA_BOOTSTRAP"]
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(kafka_conf(bootstrap))
     audit, deletions = topics
     futures = admin.create_topics([
         NewTopic(audit, 3, 1, config={"retention.ms": "-1"}),
@@ -94,8 +94,8 @@ def test_an_operators_longer_retention_is_kept_and_min_insync_raised(stack: dict
                                           "retention.bytes": "1048576"})])
     for fut in futures.values():
         fut.result(timeout=30)
-    settings = Settings(kafka_bootstrap=bootstrap, audit_topic=audit, deletions_topic=deletions,
-                        evidence_min_insync_replicas=2)
+    settings = Settings(**admin_kafka_settings(), kafka_bootstrap=bootstrap, audit_topic=audit,
+                        deletions_topic=deletions, evidence_min_insync_replicas=2)
     changes = prepare_evidence_topics(admin, settings, 3)
     assert set(changes) == {
         f"{audit}: raised min.insync.replicas 1 -> 2",
@@ -111,7 +111,7 @@ def test_an_operators_longer_retention_is_kept_and_min_insync_raised(stack: dict
 def test_guard_doctor_fails_on_a_week_long_evidence_topic_and_passes_otherwise(stack: dict[str, str],
                                                                                topics: tuple[str, str]) -> None:
     bootstrap = stack["GUARD_KAFKA_BOOTSTRAP"]
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(kafka_conf(bootstrap))
     audit, deletions = topics
     _week_topic(admin, audit)
     _week_topic(admin, deletions)
@@ -123,8 +123,9 @@ def test_guard_doctor_fails_on_a_week_long_evidence_topic_and_passes_otherwise(s
     assert f"FAIL  retention of {deletions}: retention.ms {WEEK_MS} < {10 * YEAR_MS}" in run.stdout
     assert "do: restart a guard worker" in run.stdout
     # what a worker does at start fixes it, and the whole doctor passes on the stack
-    prepare_evidence_topics(admin, Settings(kafka_bootstrap=bootstrap, audit_topic=audit, deletions_topic=deletions), 3)
-    prepare_evidence_topics(admin, Settings(kafka_bootstrap=bootstrap), 3)
+    prepare_evidence_topics(admin, Settings(**admin_kafka_settings(), kafka_bootstrap=bootstrap, audit_topic=audit,
+                                            deletions_topic=deletions), 3)
+    prepare_evidence_topics(admin, Settings(**admin_kafka_settings(), kafka_bootstrap=bootstrap), 3)
     run = subprocess.run([*GUARD, "doctor", "--settle", "5"], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr

@@ -31,6 +31,7 @@ from guard.protect.reveal import open_image
 from guard.records.codec import decode
 from guard.telemetry import Telemetry
 from guard.workload import synth
+from tests.integration.kafka_helpers import read_all
 
 pytestmark = [
     pytest.mark.integration,
@@ -171,6 +172,22 @@ def test_ordinary_events_take_the_native_path_with_identical_output(pair, genera
         assert served >= 1, "an ordinary event did not take the native path"
     else:
         assert served == 0, f"the native path served a {expected.decision} event"
+
+
+def test_the_mariadb_branchs_events_take_the_native_path_with_identical_output(stack, pair):
+    """Real events of the MariaDB branch (source `db`/`file`/`pos`/`gtid`, no `schema`/`lsn`; base64 binary,
+    DATETIME as epoch microseconds, TIMESTAMP as ISO strings, decimals as strings): same bytes on both paths,
+    and the compiled path serves them."""
+    bootstrap = stack["GUARD_KAFKA_BOOTSTRAP"]
+    for table in ("customers", "accounts", "transactions", "customer_auth"):
+        records = [r for r in read_all(bootstrap, f"br0202.branch_0202.{table}", timeout=30)
+                   if r.value and orjson.loads(r.value)["op"] in ("r", "c", "u")][:15]
+        assert records, table
+        for rec in records:
+            expected, served = run_both(pair, f"branch_0202.{table}", rec.key, rec.value, prefetch=False,
+                                        trace_id=None)
+            assert expected.decision == "protected" and expected.table == f"branch_0202.{table}"
+            assert served >= 1, f"a MariaDB {table} event did not take the native path"
 
 
 # --- envelopes the native path must decline (or handle identically) ------------------------------------

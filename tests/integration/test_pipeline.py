@@ -22,7 +22,7 @@ from guard.protect.reveal import open_image
 from guard.records.codec import decode
 from guard.workload import synth
 from guard.workload.branch import run_workload
-from tests.integration.kafka_helpers import GuardProcess, LeakScanner, produce_raw, read_all, wait_for
+from tests.integration.kafka_helpers import GuardProcess, LeakScanner, kafka_conf, produce_raw, read_all, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -113,7 +113,7 @@ def test_table_created_during_the_test_is_captured_protected_and_alerted(guard_e
     records = wait_for(bootstrap, topic, lambda rs: len([r for r in rs if r.value]) >= 5, timeout=120)
     first = decode(next(r.value for r in records if r.value))
     # the sanitized topic has its raw topic's partitions, so every record keeps its partition
-    topics = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10).topics
+    topics = AdminClient(kafka_conf(bootstrap)).list_topics(timeout=10).topics
     assert len(topics[topic].partitions) == len(topics[f"br0101.public.{table}"].partitions) == 3
     assert set(first["unclassified"]) >= {"remark2", "ref_code", "note", "nm", "loc"}
     assert set(first["after"]["sealed"]["fields"]) >= {"remark2", "ref_code", "note", "nm", "loc"}

@@ -22,7 +22,7 @@ from guard.pipeline.runtime import build_keys, build_sanitizer
 from guard.protect.reveal import open_image
 from guard.records.codec import decode
 from guard.workload import synth
-from tests.integration.kafka_helpers import REPO, wait_for
+from tests.integration.kafka_helpers import REPO, kafka_conf, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -267,7 +267,7 @@ def test_erasure_tombstones_a_compacted_topic_until_compaction_removes_the_custo
     settings = _settings(stack, branch=f"t{uuid.uuid4().hex[:8]}", worker_id="t1-compact", raw_topic_prefix=prefix)
     raw_topic = f"{prefix}.public.accounts"
     out_topic = settings.sanitized_prefix + raw_topic
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(kafka_conf(bootstrap))
     admin.create_topics([NewTopic(out_topic, 1, 1, config={
         "cleanup.policy": "compact", "segment.ms": "1000", "min.cleanable.dirty.ratio": "0.001",
         "delete.retention.ms": "1000", "min.compaction.lag.ms": "0", "max.compaction.lag.ms": "5000"})])[
@@ -275,7 +275,7 @@ def test_erasure_tombstones_a_compacted_topic_until_compaction_removes_the_custo
     san = build_sanitizer(settings)
     san.act_on_deletes = False
     san.topic_configs = TopicManager(admin).configs
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+    producer = Producer({**kafka_conf(bootstrap), "enable.idempotence": True})
 
     def publish(records) -> None:
         for r in records:

@@ -29,7 +29,7 @@ from confluent_kafka import Producer
 import guard.stack
 from guard.records.codec import decode
 from guard.workload.branch import WorkloadResult, run_workload
-from tests.integration.kafka_helpers import GUARD, GuardProcess
+from tests.integration.kafka_helpers import GUARD, GuardProcess, kafka_conf
 from tests.integration.reliability_helpers import (
     WORKLOAD_TABLES,
     SteadyProducer,
@@ -137,7 +137,7 @@ class Scenario:
     def committed(self) -> dict[int, int]:
         from confluent_kafka import Consumer, TopicPartition
 
-        c = Consumer({"bootstrap.servers": self.bootstrap, "group.id": self.group})
+        c = Consumer({**kafka_conf(self.bootstrap), "group.id": self.group})
         try:
             tps = c.committed([TopicPartition(self.topic, p) for p in range(self.partitions)], timeout=10)
             return {tp.partition: tp.offset for tp in tps}
@@ -222,9 +222,14 @@ def _raw_customer_ops(bootstrap: str, start: dict[tuple[str, int], int]) -> set[
 
 
 def _connector(env: dict[str, str]) -> tuple[str, list[str]]:
-    with httpx.Client(base_url=env["GUARD_CONNECT_URL"], timeout=10) as http:
-        name = http.get("/connectors").json()[0]
-        st = http.get(f"/connectors/{name}/status").json()
+    from guard.config import connect_credentials
+
+    with httpx.Client(base_url=env["GUARD_CONNECT_URL"], timeout=10,
+                      auth=connect_credentials(env.get("GUARD_CONNECT_CREDENTIALS_FILE"))) as http:
+        names = http.get("/connectors").json()
+        if not names:  # a restarted worker lists connectors once it has read its config topic again
+            return "MISSING", []
+        st = http.get(f"/connectors/{names[0]}/status").json()
         return st["connector"]["state"], [t["state"] for t in st["tasks"]]
 
 
@@ -377,7 +382,7 @@ def test_a_stuck_output_partition_is_alerted_once_and_named_by_doctor(scenario: 
     producer = SteadyProducer(sc.bootstrap, sc.topic, count=5, rate=50, partitions=sc.partitions).start()
     producer.join()
     sc.wait_decided(5, timeout=60)
-    blocker = Producer({"bootstrap.servers": sc.bootstrap, "transactional.id": unique("blocker-"),
+    blocker = Producer({**kafka_conf(sc.bootstrap), "transactional.id": unique("blocker-"),
                         "transaction.timeout.ms": 600_000})
     blocker.init_transactions(30)
     blocker.begin_transaction()
@@ -469,7 +474,10 @@ def test_postgres_restart_under_the_debezium_connector(scenario: Scenario, resto
         recovered = False
     if not recovered:
         # The documented user action: restart the connector and its tasks through the Connect REST API.
-        with httpx.Client(base_url=sc.env["GUARD_CONNECT_URL"], timeout=30) as http:
+        from guard.config import connect_credentials
+
+        with httpx.Client(base_url=sc.env["GUARD_CONNECT_URL"], timeout=30,
+                          auth=connect_credentials(sc.env.get("GUARD_CONNECT_CREDENTIALS_FILE"))) as http:
             name = http.get("/connectors").json()[0]
             r = http.post(f"/connectors/{name}/restart", params={"includeTasks": "true"})
             assert r.status_code < 300, r.text
@@ -512,7 +520,7 @@ def _poison() -> list[tuple[str, bytes]]:
 
 def _produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes | None]]) -> list[int]:
     offsets: list[int] = []
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True,
+    producer = Producer({**kafka_conf(bootstrap), "enable.idempotence": True,
                          "message.max.bytes": 1_000_000})
     for key, value in records:
         producer.produce(topic, value, key, partition=0,

@@ -17,12 +17,12 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-import redis as redis_client
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource
 
-from guard.stack import ServiceStatus, status, up
-from tests.integration.kafka_helpers import high_watermark
+from guard.keys.store import redis_client
+from guard.stack import ServiceStatus, env, status, up
+from tests.integration.kafka_helpers import high_watermark, kafka_conf
 
 pytestmark = pytest.mark.integration
 
@@ -30,11 +30,15 @@ pytestmark = pytest.mark.integration
 # --- helpers ---------------------------------------------------------------------------------------
 def _partitions(bootstrap: str, topic: str, timeout: float = 60.0) -> list[int]:
     """Wait until ``topic`` exists; return its partition ids."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(kafka_conf(bootstrap))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         # never name the topic in the metadata request: that would auto-create it (1 partition)
-        t = admin.list_topics(timeout=5).topics.get(topic)
+        try:
+            t = admin.list_topics(timeout=10).topics.get(topic)
+        except KafkaException:  # a broker just restarted: TLS + SCRAM handshakes are slow on a loaded machine
+            time.sleep(0.5)
+            continue
         if t is not None and t.error is None and t.partitions:
             return sorted(t.partitions)
         time.sleep(0.5)
@@ -42,7 +46,7 @@ def _partitions(bootstrap: str, topic: str, timeout: float = 60.0) -> list[int]:
 
 
 def _end_offsets(bootstrap: str, topic: str) -> list[TopicPartition]:
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4()}"})
+    c = Consumer({**kafka_conf(bootstrap), "group.id": f"t-{uuid.uuid4()}"})
     try:
         return [TopicPartition(topic, p, high_watermark(c, topic, p)) for p in _partitions(bootstrap, topic)]
     finally:
@@ -53,7 +57,7 @@ def _collect(bootstrap: str, assignment: list[TopicPartition],
              done: Callable[[list[tuple[Any, Any]]], bool], timeout: float = 60.0,
              extra: dict[str, Any] | None = None) -> list[tuple[Any, Any]]:
     """Read (key, value) JSON pairs from ``assignment`` until ``done(records)`` or timeout."""
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4()}",
+    c = Consumer({**kafka_conf(bootstrap), "group.id": f"t-{uuid.uuid4()}",
                   "enable.auto.commit": False, "auto.offset.reset": "earliest", **(extra or {})})
     c.assign(assignment)
     out: list[tuple[Any, Any]] = []
@@ -73,7 +77,7 @@ def _collect(bootstrap: str, assignment: list[TopicPartition],
 
 
 def _delete_topics(bootstrap: str, topics: list[str]) -> None:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(kafka_conf(bootstrap))
     existing = set(admin.list_topics(timeout=5).topics)
     doomed = [t for t in topics if t in existing]
     for fut in admin.delete_topics(doomed, operation_timeout=10).values() if doomed else []:
@@ -106,9 +110,18 @@ def test_up_is_idempotent(stack: dict[str, str]) -> None:
 
 
 def test_env_keys(stack: dict[str, str]) -> None:
+    # issue 20: where the Kafka, Redis and Connect REST credentials are (paths, never values)
     assert set(stack) == {"GUARD_KAFKA_BOOTSTRAP", "GUARD_CONNECT_URL", "GUARD_BRANCH_DSN",
-                          "GUARD_REDIS_URL", "GUARD_RAW_TOPIC_PREFIX"}
+                          "GUARD_REDIS_URL", "GUARD_RAW_TOPIC_PREFIX", "GUARD_KAFKA_SECURITY_PROTOCOL",
+                          "GUARD_KAFKA_USERNAME", "GUARD_KAFKA_PASSWORD_FILE", "GUARD_KAFKA_CA_FILE",
+                          "GUARD_REDIS_PASSWORD_FILE", "GUARD_CONNECT_CREDENTIALS_FILE", "GUARD_BRANCH2",
+                          "GUARD_BRANCH2_DSN", "GUARD_BRANCH2_RAW_TOPIC_PREFIX", "GUARD_BRANCH2_CDC_PASSWORD_FILE"}
+    for name in ("GUARD_REDIS_PASSWORD_FILE", "GUARD_CONNECT_CREDENTIALS_FILE", "GUARD_KAFKA_PASSWORD_FILE",
+                 "GUARD_BRANCH2_CDC_PASSWORD_FILE"):
+        assert os.stat(stack[name]).st_mode & 0o077 == 0
     assert stack["GUARD_RAW_TOPIC_PREFIX"] == "br0101"
+    assert (stack["GUARD_BRANCH2"], stack["GUARD_BRANCH2_RAW_TOPIC_PREFIX"]) == ("0202", "br0202")
+    assert env()["GUARD_KAFKA_USERNAME"] == "guard"  # what `guard stack env` gives the product
 
 
 def test_kafka_runs_as_a_controller_and_a_broker_process(stack: dict[str, str]) -> None:
@@ -120,23 +133,31 @@ def test_kafka_runs_as_a_controller_and_a_broker_process(stack: dict[str, str]) 
     assert rows["controller"].running and rows["broker"].running, rows
     assert rows["controller"].detail.split(",")[0] != rows["broker"].detail.split(",")[0], "one pid for both"
     cfg = StackConfig.from_env()
-    assert controller_answers(cfg.host, cfg.controller_port)
-    md = AdminClient({"bootstrap.servers": stack["GUARD_KAFKA_BOOTSTRAP"]}).list_topics(timeout=10)
+    assert controller_answers(cfg)
+    md = AdminClient(kafka_conf(stack["GUARD_KAFKA_BOOTSTRAP"])).list_topics(timeout=10)
     assert set(md.brokers) == {1}
 
 
 def test_each_service_answers(stack: dict[str, str]) -> None:
-    md = AdminClient({"bootstrap.servers": stack["GUARD_KAFKA_BOOTSTRAP"]}).list_topics(timeout=10)
+    md = AdminClient(kafka_conf(stack["GUARD_KAFKA_BOOTSTRAP"])).list_topics(timeout=10)
     assert md.brokers
-    root = httpx.get(stack["GUARD_CONNECT_URL"] + "/", timeout=10).json()
+    from guard.config import connect_credentials
+
+    auth = connect_credentials(stack["GUARD_CONNECT_CREDENTIALS_FILE"])  # issue 20: the REST API needs them
+    root = httpx.get(stack["GUARD_CONNECT_URL"] + "/", timeout=10, auth=auth).json()
     assert root["version"].startswith("4.")
-    plugins = httpx.get(stack["GUARD_CONNECT_URL"] + "/connector-plugins", timeout=10).json()
+    plugins = httpx.get(stack["GUARD_CONNECT_URL"] + "/connector-plugins", timeout=10, auth=auth).json()
     assert any(p["class"] == "io.debezium.connector.postgresql.PostgresConnector" for p in plugins)
     with psycopg.connect(stack["GUARD_BRANCH_DSN"]) as conn:
         assert conn.execute("SHOW wal_level").fetchone() == ("logical",)
         n = conn.execute("SELECT count(*) FROM customers").fetchone()
         assert n is not None and n[0] >= 200
-    r = redis_client.Redis.from_url(stack["GUARD_REDIS_URL"], decode_responses=True)
+    from guard.stack.config import StackConfig
+    from guard.stack.redisd import Redis
+
+    # issue 20: the guard's user answers but may not read the configuration; the admin user may
+    assert redis_client(stack["GUARD_REDIS_URL"], stack["GUARD_REDIS_PASSWORD_FILE"]).ping()
+    r = Redis(StackConfig.from_env()).admin_client(decode_responses=True)
     assert r.ping()
     assert r.config_get("appendfsync") == {"appendfsync": "always"}
     assert r.config_get("appendonly") == {"appendonly": "yes"}
@@ -221,24 +242,39 @@ def test_redis_survives_sigkill(stack: dict[str, str]) -> None:
     """appendfsync always: an acknowledged write survives a crash of the Redis process."""
     from guard.stack import kill, start
 
-    r = redis_client.Redis.from_url(stack["GUARD_REDIS_URL"], decode_responses=True)
-    key = f"test:durable:{uuid.uuid4()}"
+    # issue 20: the guard's own user, on a key under its tenant's prefix (the only keys it may write)
+    r = redis_client(stack["GUARD_REDIS_URL"], stack["GUARD_REDIS_PASSWORD_FILE"], decode_responses=True)
+    key = f"bg:demo-bank:test:durable:{uuid.uuid4()}"
     r.set(key, "wrapped-data-key")
+    # transactions and multi-command scripts too: Redis 7.0 replays them from the AOF under the default
+    # user's rules (guard/stack/redisd.py acl_text), which once made every one of them vanish on restart
+    multi = f"bg:demo-bank:test:durable-multi:{uuid.uuid4()}"
+    with r.pipeline(transaction=True) as pipe:
+        pipe.set(multi + ":a", "1").set(multi + ":b", "2").execute()
+    r.eval("redis.call('SET', KEYS[1], 'x') redis.call('SET', KEYS[2], 'y') return 1", 2,
+           multi + ":c", multi + ":d")
     kill("redis")
     start("redis")
-    r2 = redis_client.Redis.from_url(stack["GUARD_REDIS_URL"], decode_responses=True)
+    r2 = redis_client(stack["GUARD_REDIS_URL"], stack["GUARD_REDIS_PASSWORD_FILE"], decode_responses=True)
     assert r2.get(key) == "wrapped-data-key"
-    r2.delete(key)
+    assert [r2.get(f"{multi}:{k}") for k in "abcd"] == ["1", "2", "x", "y"]
+    r2.delete(key, *(f"{multi}:{k}" for k in "abcd"))
 
 
 # --- faust-streaming compatibility ------------------------------------------------------------------
 FAUST_APP = textwrap.dedent('''
     import os
+    import ssl
     import faust
 
+    credentials = faust.SASLCredentials(
+        username=os.environ["GUARD_KAFKA_USERNAME"], mechanism="SCRAM-SHA-512",
+        password=open(os.environ["GUARD_KAFKA_PASSWORD_FILE"]).read().strip(),
+        ssl_context=ssl.create_default_context(cafile=os.environ["GUARD_KAFKA_CA_FILE"]))
     app = faust.App(
         os.environ["APP_ID"],
         broker="kafka://" + os.environ["BOOTSTRAP"],
+        broker_credentials=credentials,
         store="memory://",
         processing_guarantee=os.environ["GUARANTEE"],
         topic_partitions=1,
@@ -271,14 +307,14 @@ def test_faust_table_changelog_roundtrip(stack: dict[str, str], tmp_path: Path, 
     changelog = f"{app_id}-counts-changelog"
     app_file = tmp_path / "smoke_app.py"
     app_file.write_text(FAUST_APP, encoding="utf-8")
-    env = {**os.environ, "APP_ID": app_id, "BOOTSTRAP": bootstrap, "GUARANTEE": guarantee,
+    env = {**os.environ, **stack, "APP_ID": app_id, "BOOTSTRAP": bootstrap, "GUARANTEE": guarantee,
            "IN_TOPIC": in_topic, "DATADIR": str(tmp_path / "data")}
     log = tmp_path / "worker.log"
     with open(log, "wb") as out:
         worker = subprocess.Popen([sys.executable, str(app_file), "worker", "-l", "info"], cwd=tmp_path,
                                   env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        p = Producer({"bootstrap.servers": bootstrap})
+        p = Producer(kafka_conf(bootstrap))
         deadline = time.monotonic() + 120
         sent = 0
         seen: dict[str, int] = {}
@@ -304,7 +340,7 @@ def test_faust_table_changelog_roundtrip(stack: dict[str, str], tmp_path: Path, 
         assert worker.poll() is None, f"faust worker died:\n{log.read_text()[-3000:]}"
         assert seen.get("k1") == sent, f"changelog never reached {sent}:\n{log.read_text()[-3000:]}"
         res = ConfigResource(ConfigResource.Type.TOPIC, changelog)
-        admin = AdminClient({"bootstrap.servers": bootstrap})
+        admin = AdminClient(kafka_conf(bootstrap))
         cfg = admin.describe_configs([res])[res].result(timeout=10)
         assert cfg["cleanup.policy"].value == "compact"
     finally:

@@ -34,7 +34,9 @@ def test_env_var_overrides_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
 
 
 def test_demo_schema_fully_catalogued(catalog: Catalog) -> None:
-    assert catalog.tables() == ["public.accounts", "public.customer_auth", "public.customers", "public.transactions"]
+    assert catalog.tables() == ["branch_0202.accounts", "branch_0202.customer_auth", "branch_0202.customers",
+                                "branch_0202.transactions", "public.accounts", "public.customer_auth",
+                                "public.customers", "public.transactions"]
     data = synth.demo_dataset(1, 5)
     for table, rows in data.items():
         policy = catalog.table(f"public.{table}")
@@ -43,6 +45,20 @@ def test_demo_schema_fully_catalogued(catalog: Catalog) -> None:
         assert policy.subject_column == "customer_id"
     assert catalog.column("public.transactions", "txn_id") is not None  # bigserial key, not in synth rows
     assert catalog.table("public.customers").subject_root  # type: ignore[union-attr]
+
+
+def test_the_mariadb_branch_tables_agree_with_the_postgresql_ones(catalog: Catalog) -> None:
+    """Branch 0202 (MariaDB database branch_0202) has the same tables as branch 0101, classified the same way;
+    its one extra column is the binary device fingerprint, sealed."""
+    for table in ("customers", "accounts", "transactions", "customer_auth"):
+        pg, maria = catalog.table(f"public.{table}"), catalog.table(f"branch_0202.{table}")
+        assert pg is not None and maria is not None
+        assert {k: v for k, v in maria.columns.items() if k in pg.columns} == pg.columns, table
+        extra = set(maria.columns) - set(pg.columns)
+        assert extra == ({"device_fp"} if table == "customer_auth" else set()), table
+        assert dataclasses.replace(maria, table=pg.table, columns=pg.columns) == pg, table
+    device = catalog.column("branch_0202.customer_auth", "device_fp")
+    assert device is not None and device.data_class == "C2" and device.action is Action.ENCRYPT
 
 
 @pytest.mark.parametrize(

@@ -59,13 +59,31 @@ def test_every_c3_column_of_the_catalog_gets_a_source_rule(catalog: Catalog) -> 
     c3 = {(t, c) for t in catalog.tables() for c, col in catalog.table(t).columns.items()  # type: ignore[union-attr]
           if col.data_class == "C3"}
     assert set(rules) == c3
-    # the demo catalog: the PIN is dropped (excluded), the password verifier hashed
+    # the demo catalog: the PIN is dropped (excluded), the password verifier hashed, in both branches
     assert rules == {("public.customer_auth", "password_hash"): Action.HASH,
-                     ("public.customer_auth", "query_pin"): Action.DROP}
+                     ("public.customer_auth", "query_pin"): Action.DROP,
+                     ("branch_0202.customer_auth", "password_hash"): Action.HASH,
+                     ("branch_0202.customer_auth", "query_pin"): Action.DROP}
+
+
+def test_each_connector_gets_the_rules_of_its_own_namespace_only(catalog: Catalog) -> None:
+    """The PostgreSQL connector (schema public) and the MariaDB one (database branch_0202) each filter their own
+    tables' C3 columns: Debezium's patterns name `<schema or database>.<table>.<column>` for both."""
+    assert all(p.startswith("public") for v in source_options(catalog, "public").values() for p in v.split(","))
+    assert source_options(catalog, "branch_0202") == {
+        "column.exclude.list": r"branch_0202\.customer_auth\.query_pin",
+        f"column.mask.hash.v2.SHA-256.with.salt.{SALT_PLACEHOLDER}": r"branch_0202\.customer_auth\.password_hash",
+    }
+    template = json.loads((REPO / "connectors" / "branch-mariadb.json").read_text())
+    doc = render_connector(catalog, REPO / "connectors" / "branch-mariadb.json", "branch_0202")
+    assert {k: v for k, v in doc["config"].items() if k in template["config"]} == template["config"]
+    assert set(doc["config"]) - set(template["config"]) == set(source_options(catalog, "branch_0202"))
+    assert doc["config"]["connector.class"] == "io.debezium.connector.mariadb.MariaDbConnector"
+    assert "public" not in json.dumps(doc)
 
 
 def test_options_exclude_drop_columns_and_hash_hash_columns(catalog: Catalog) -> None:
-    options = source_options(catalog)
+    options = source_options(catalog, "public")
     assert options == {
         "column.exclude.list": r"public\.customer_auth\.query_pin",
         f"column.mask.hash.v2.SHA-256.with.salt.{SALT_PLACEHOLDER}": r"public\.customer_auth\.password_hash",
@@ -81,7 +99,7 @@ def test_patterns_match_only_their_column() -> None:
 
 def test_a_catalog_change_changes_the_options(catalog: Catalog) -> None:
     more = Catalog.from_toml(CATALOG.read_text() + EXTRA_C3)
-    assert source_options(more)["column.exclude.list"] == (r"public\.customer_auth\.query_pin,"
+    assert source_options(more, "public")["column.exclude.list"] == (r"public\.customer_auth\.query_pin,"
                                                           r"public\.staff\.otp_seed")
 
 
@@ -101,7 +119,9 @@ def test_rendered_document_is_the_template_plus_the_catalog_options(catalog: Cat
 
 def test_every_rendered_option_is_documented(catalog: Catalog) -> None:
     readme = (REPO / "connectors" / "README.md").read_text()
-    for option in render_connector(catalog)["config"]:
+    rendered = [*render_connector(catalog)["config"],
+                *render_connector(catalog, REPO / "connectors" / "branch-mariadb.json", "branch_0202")["config"]]
+    for option in rendered:
         documented = option.replace(SALT_PLACEHOLDER, "<salt>")
         assert f"`{documented}`" in readme, f"{documented} is not documented in connectors/README.md"
 
@@ -115,6 +135,7 @@ def test_no_secret_in_the_rendered_document(catalog: Catalog, cfg: StackConfig) 
     name, config = resolve_connector(render_connector(catalog), {
         "CONNECTOR_NAME": "c", "DB_HOST": "h", "DB_PORT": "1", "DB_NAME": "d", "CDC_USER": "u",
         "CDC_PASSWORD": "pw-secret", "TOPIC_PREFIX": "br", "SLOT_NAME": "s", "PUBLICATION_NAME": "p",
+            "DB_SSLMODE": "verify-full", "DB_SSLROOTCERT": "/ca.crt",
         "CONNECTOR_HASH_SALT": salt})
     assert config[hash_option(salt)] == r"public\.customer_auth\.password_hash"
     assert config["database.password"] == "pw-secret" and name == "c"

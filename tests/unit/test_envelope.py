@@ -136,3 +136,22 @@ def test_fuzz_shapes_never_crash(doc):
 def test_decimals_keep_every_digit(unscaled, scale, text):
     encoded = base64.b64encode(unscaled.to_bytes(20, "big", signed=True)).decode()
     assert _decode_decimal(encoded, scale, "amount") == text
+
+
+def test_a_mariadb_connector_event_as_debezium_3_5_writes_it():
+    """A snapshot read of the MariaDB branch as the connector wrote it (values pass through as they are)."""
+    value = (b'{"before":null,"after":{"customer_id":1,"login_name":"haoli9366","password_hash":"37f6bb0a89622f1c7b08b6'
+             b'58c9dcfbb2c2dbdb925df8db05553fcc176ce26020","device_fp":"Mb6Nw9G7smL6WRClFksMeBzv0GhTR4Hfw9u1Mpd9KzI=",'
+             b'"updated_at":1672616129000000},"source":{"version":"3.5.0.Final","connector":"mariadb","name":"br0202",'
+             b'"ts_ms":1796302969000,"snapshot":"first_in_data_collection","db":"branch_0202","sequence":null,'
+             b'"ts_us":1796302969000000,"ts_ns":1796302969000000000,"table":"customer_auth","server_id":0,"gtid":null,'
+             b'"file":"binlog.000001","pos":369287,"row":0,"thread":null,"query":null},"transaction":null,"op":"r",'
+             b'"ts_ms":1796302969588,"ts_us":1796302969588670,"ts_ns":1796302969588670623}')
+    ev = decode_value(value)
+    assert ev is not None
+    assert (ev.op, ev.schema_table, ev.database, ev.connector) == ("r", "branch_0202.customer_auth", "branch_0202",
+                                                                   "mariadb")
+    assert ev.position == "binlog:binlog.000001:369287" and ev.source_ts_ms == 1796302969000
+    assert ev.after == {"customer_id": 1, "login_name": "haoli9366",
+                        "password_hash": "37f6bb0a89622f1c7b08b658c9dcfbb2c2dbdb925df8db05553fcc176ce26020",
+                        "device_fp": "Mb6Nw9G7smL6WRClFksMeBzv0GhTR4Hfw9u1Mpd9KzI=", "updated_at": 1672616129000000}

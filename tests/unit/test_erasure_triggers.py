@@ -75,8 +75,11 @@ class _Store:
         self.scheduled: dict[str, tuple[float, dict]] = {}
         self.wrapped: dict[str, bytes] = {}
 
-    def tenant_key(self, tenant: str, purpose: str, wrapped_if_absent: bytes) -> bytes:
-        return self.wrapped.setdefault(purpose, wrapped_if_absent)
+    def tenant_keys(self, wrapped_if_absent: dict[str, bytes]) -> dict[str, bytes]:
+        return {p: self.wrapped.setdefault(p, w) for p, w in wrapped_if_absent.items()}
+
+    def missing_tenant_keys(self, purposes: list[str]) -> list[str]:
+        return [p for p in purposes if p not in self.wrapped]
 
     def schedule_erasure(self, branch: str, subject: str, due: float, info: bytes) -> bool:
         self.scheduled[subject] = (due, orjson.loads(info))

@@ -20,15 +20,28 @@ from guard.keys.primitives import BlindIndex, random_key
 
 
 class _TenantKeys:
-    """Create-if-absent of wrapped tenant keys, as `RedisKeyStore.tenant_key` does."""
+    """Create-if-absent of wrapped tenant keys, all together, as `RedisKeyStore.tenant_keys` does (one store
+    per tenant: the real store's names carry the tenant prefix)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tenant: str = "bank-a") -> None:
+        self.tenant = tenant
         self.keys: dict[tuple[str, str], bytes] = {}
-        self.asked: list[str] = []
 
-    def tenant_key(self, tenant: str, purpose: str, wrapped_if_absent: bytes) -> bytes:
-        self.asked.append(purpose)
-        return self.keys.setdefault((tenant, purpose), wrapped_if_absent)
+    def tenant_keys(self, wrapped_if_absent: dict[str, bytes]) -> dict[str, bytes]:
+        return {p: self.keys.setdefault((self.tenant, p), w) for p, w in wrapped_if_absent.items()}
+
+    def missing_tenant_keys(self, purposes: list[str]) -> list[str]:
+        return [p for p in purposes if (self.tenant, p) not in self.keys]
+
+
+class _RecordingKeyring(LocalKeyring):
+    """The local keyring, remembering the name of every key it unwraps."""
+
+    unwrapped: list[str]
+
+    def unwrap(self, wrapped: bytes, key_name: str) -> bytes:
+        self.unwrapped = [*getattr(self, "unwrapped", []), key_name]
+        return super().unwrap(wrapped, key_name)
 
 
 @pytest.fixture()
@@ -61,8 +74,7 @@ def test_the_derivation_is_hkdf_of_the_root_with_tenant_field_and_purpose(master
 
 
 def test_tenants_get_different_keys_for_the_same_field(master):
-    store = _TenantKeys()
-    a, b = _manager(master, store, "bank-a"), _manager(master, store, "bank-b")
+    a, b = _manager(master, _TenantKeys("bank-a"), "bank-a"), _manager(master, _TenantKeys("bank-b"), "bank-b")
     assert a.search_token("mobile", b"13812345678") != b.search_token("mobile", b"13812345678")
 
 
@@ -76,10 +88,13 @@ def test_subject_tokens_name_one_person_per_branch(master):
     assert keys.subject_token("0101", 17) != keys.row_subject_token("0101", "public.t", b"17")
 
 
-def test_the_reveal_side_never_loads_or_derives_an_index_key(master):
+def test_the_reveal_side_never_loads_or_derives_an_index_key():
+    master = _RecordingKeyring(random_key())
     store = _TenantKeys()
     reveal = _manager(master, store, indexes=False)
-    assert "index" not in store.asked
+    assert ("bank-a", "index") in store.keys  # minted with the others (fail closed: all or none) ...
+    assert "tenant/bank-a/index" not in master.unwrapped  # ... but never unwrapped on the reveal side
+    assert reveal._index_root is None
     with pytest.raises(KeyUnavailableError, match="stay inside the sanitizer"):
         reveal.search_token("mobile", b"13812345678")
     with pytest.raises(KeyUnavailableError):
@@ -97,7 +112,7 @@ def test_dlq_fingerprints_use_one_derived_key_that_the_reveal_side_cannot_derive
     derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(root)
     from guard.keys.primitives import Hmac
     assert keys.dlq_hash.hexdigest("bg-dlq-key", b"k") == Hmac(derived).hexdigest("bg-dlq-key", b"k")
-    assert "dlq-hash" not in store.asked
+    assert all(purpose != "dlq-hash" for _, purpose in store.keys)
     reveal = _manager(master, _TenantKeys(), indexes=False)
     with pytest.raises(KeyUnavailableError):
         reveal.dlq_hash  # noqa: B018 - the property derives on access

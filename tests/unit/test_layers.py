@@ -19,6 +19,7 @@ GUARD = Path(__file__).resolve().parents[2] / "guard"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("0", ("guard.errors",)),
     ("0", ("guard.config",)),
+    ("0", ("guard.kafka_security",)),
     ("0", ("guard.telemetry",)),
     ("1", ("guard.cdc", "guard.keys")),
     ("2", ("guard.protect",)),

@@ -25,9 +25,10 @@ def test_broker_is_broker_only_and_votes_for_the_separate_controller(cfg: StackC
     assert p["process.roles"] == "broker"
     assert p["node.id"] == "1"
     assert p["controller.quorum.voters"] == "100@127.0.0.1:29093"
-    assert p["listeners"] == "PLAINTEXT://127.0.0.1:29092"  # no CONTROLLER listener on the broker
+    # no CONTROLLER listener on the broker; issue 20: SASL_SSL for clients, mutual TLS inside, no PLAINTEXT
+    assert p["listeners"] == "SASL_SSL://127.0.0.1:29092,INTERNAL://127.0.0.1:29094"
     assert p["controller.listener.names"] == "CONTROLLER"
-    assert "CONTROLLER:PLAINTEXT" in p["listener.security.protocol.map"]
+    assert "CONTROLLER:SSL" in p["listener.security.protocol.map"]
     assert p["log.dirs"] == "/d/data"
     assert p["broker.session.timeout.ms"] == "9000"
     assert p["transaction.state.log.replication.factor"] == "1"

@@ -35,8 +35,11 @@ BEGIN
 END
 $do$;
 
--- Debezium's role reads (snapshot) every table in public, including tables created later by the
--- application owner or by a superuser.
+-- Debezium's role reads (snapshot) the published tables: the publication below is FOR ALL TABLES and the
+-- branch's tables live in public (guard_admin holds none), so SELECT on public's tables is exactly that,
+-- including tables created later by the application owner or by a superuser. Besides REPLICATION and
+-- LOGIN (guard.stack.provision) it has nothing else: no CREATE anywhere, no other schema.
+REVOKE CREATE ON SCHEMA public FROM PUBLIC;
 GRANT CONNECT ON DATABASE {db} TO {cdc};
 GRANT USAGE ON SCHEMA public TO {cdc};
 GRANT SELECT ON ALL TABLES IN SCHEMA public TO {cdc};
