@@ -312,7 +312,7 @@ class KeyManager:
 
         Keys that expire within `REFRESH_MARGIN` of their TTL are fetched again with the batch: a key that
         expired while the batch was being processed would otherwise cost a round trip of its own (with a
-        10-s TTL and batches of a second, a hundred per batch: `guard bench`, docs/benchmark.md round 9).
+        10-s TTL and batches of a second, a hundred per batch: `guard bench`, docs/benchmark.md round 10).
         The refreshed key comes from the key store, so the TTL still bounds how long a shredded key lingers.
         """
         self.check_tenant_keys()
