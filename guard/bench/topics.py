@@ -26,18 +26,20 @@ class Names:
     def prefix(self) -> str:
         return f"bench{self.runid}"
 
-    @property
-    def input(self) -> str:
-        return f"{self.prefix}.public.customers"
+    def input(self, table: str = "public.customers") -> str:
+        """The raw topic of `table` (`schema.table`), named as the connector names it."""
+        return f"{self.prefix}.{table}"
+
+    def inputs(self, tables: Iterable[str]) -> list[str]:
+        return [self.input(t) for t in tables]
 
     @property
     def plain_out(self) -> str:
         # Not `<prefix>.plain.out`: that would match the guard's raw pattern `^<prefix>\.[^.]+\.[^.]+$`.
         return f"{self.prefix}-plain.out"
 
-    @property
-    def sanitized(self) -> str:
-        return f"sanitized.{self.input}"
+    def sanitized(self, table: str = "public.customers") -> str:
+        return f"sanitized.{self.input(table)}"
 
     def group(self, mode: str) -> str:
         return f"{self.prefix}-{mode}"
@@ -83,12 +85,18 @@ def drift_alert_keys(workload: Workload, tenant: str = "demo-bank") -> list[str]
     """
     from guard.classify.catalog import Catalog
     from guard.classify.plans import Classifier
-
-    row = orjson.loads(workload.value(0, 0))["after"]
-    plan = Classifier(Catalog.load(None)).plan("public.customers", row)
     from guard.keys.store import tenant_prefix
 
-    return [f"{tenant_prefix(tenant)}alerted:drift:public.customers:{p.name}" for p in plan.unclassified]
+    classifier, keys = Classifier(Catalog.load(None)), []
+    first: dict[str, int] = {}
+    for n, (table, _, value) in enumerate(workload.templates):
+        if value is not None and orjson.loads(workload.value(n, 0) or b"{}").get("after") is not None:
+            first.setdefault(table, n)
+    for table, n in first.items():
+        row = orjson.loads(workload.value(n, 0) or b"{}")["after"]
+        keys += [f"{tenant_prefix(tenant)}alerted:drift:{table}:{p.name}"
+                 for p in classifier.plan(table, row).unclassified]
+    return keys
 
 
 def cleanup_redis(redis_url: str, names: Names, fresh_alert_keys: list[str]) -> int:
@@ -143,7 +151,7 @@ def _fill_producer(client: dict[str, Any], linger_ms: int) -> Producer:
     })
 
 
-def _produce(producer: Producer, topic: str, key: bytes, value: bytes) -> None:
+def _produce(producer: Producer, topic: str, key: bytes, value: bytes | None) -> None:
     while True:
         try:
             producer.produce(topic, value, key)
@@ -152,25 +160,30 @@ def _produce(producer: Producer, topic: str, key: bytes, value: bytes) -> None:
             producer.poll(0.05)
 
 
-def fill(client: dict[str, Any], topic: str, workload: Workload) -> float:
-    """Produce every record of the workload once; returns records/s (not timed against either mode)."""
+def fill(client: dict[str, Any], names: Names, workload: Workload) -> float:
+    """Produce every record of the workload once, each to its table's raw topic; returns records/s (not
+    timed against either mode)."""
     producer = _fill_producer(client, 20)
+    topics = {table: names.input(table) for table in workload.tables}
+    templates = workload.templates
     start = time.monotonic()
     ts_ms = int(time.time() * 1000)
     for n, template in enumerate(workload.order):
-        _produce(producer, topic, workload.templates[template][0], workload.value(template, ts_ms))
+        table, key, _ = templates[template]
+        _produce(producer, topics[table], key, workload.value(template, ts_ms))
         if n % 10_000 == 0:
             producer.poll(0)
     if producer.flush(120) != 0:
-        raise BenchError(f"could not write the workload to {topic}")
+        raise BenchError(f"could not write the workload to {names.prefix}'s raw topics")
     return len(workload.order) / (time.monotonic() - start)
 
 
-def pace(client: dict[str, Any], topic: str, workload: Workload, rate: float, seconds: float,
+def pace(client: dict[str, Any], names: Names, workload: Workload, rate: float, seconds: float,
          check: Callable[[], None] | None = None) -> tuple[int, float]:
     """Send at `rate` events/s for `seconds`, stamping each envelope with its send time.
 
-    Returns (events sent, achieved rate). Sends in 2 ms ticks so bursts stay far below one batch;
+    Sends `workload.replay` over and over (never a write for a customer who left), each event to its
+    table's raw topic. Returns (events sent, achieved rate). Sends in 2 ms ticks so bursts stay far below one batch;
     `check` (e.g. "are the workers still alive?") runs about once a second and may raise to stop early.
     The producer lingers 5 ms, Kafka 4's default and so what Debezium's Connect producer does: the 1 ms
     used before sent several times more produce requests, and that load on the broker and this process
@@ -178,7 +191,9 @@ def pace(client: dict[str, Any], topic: str, workload: Workload, rate: float, se
     linger counts in the measured latency (the envelope is stamped before it).
     """
     producer = _fill_producer(client, 5)
-    order, n_order = workload.order, len(workload.order)
+    order, n_order = workload.replay, len(workload.replay)
+    topics = {table: names.input(table) for table in workload.tables}
+    templates = workload.templates
     start = time.monotonic()
     sent, checked = 0, start
     while (elapsed := time.monotonic() - start) < seconds:
@@ -189,7 +204,8 @@ def pace(client: dict[str, Any], topic: str, workload: Workload, rate: float, se
         now_ms = int(time.time() * 1000)
         while sent < due:
             template = order[sent % n_order]
-            _produce(producer, topic, workload.templates[template][0], workload.value(template, now_ms))
+            table, key, _ = templates[template]
+            _produce(producer, topics[table], key, workload.value(template, now_ms))
             sent += 1
         producer.poll(0)
         time.sleep(0.002)
