@@ -148,7 +148,13 @@ def render(report: dict[str, Any]) -> str:
         out.append(f"policy checks: guard with checks {report['modes']['guard']['events_per_s']:,.0f}/s, without "
                    f"{policy['guard_nopolicy_events_per_s']:,.0f}/s (on/off {policy['on_vs_off']:.3f}; "
                    f"guard/plain with checks off {policy['ratio_policy_off']:.3f}); trials without "
-                   + ", ".join(f"{v:,.0f}" for v in policy["trials_nopolicy_events_per_s"]))
+                   + ", ".join(f"{v:,.0f}" for v in policy["trials_nopolicy_events_per_s"])
+                   + " (both steady state)")
+        alerts = policy.get("write_alerts")
+        if alerts is not None:
+            out.append(f"write decisions not allowed, whole run: {alerts.get('write_unattributed', 0)} unattributed, "
+                       f"{alerts.get('write_denied', 0)} denied; partitions held at a delete for its attribution "
+                       f"message: {policy.get('attribution_waits', 0)} times")
         out.append(f"cost per decision (us, best of {cost['repeat']} x {cost['n']}): uncached {cost['uncached_us']}, "
                    f"uncached in one batch {cost['uncached_batch_us']}, engine cache {cost['engine_cache_us']}, "
                    f"checker memo {cost['checker_memo_us']}, native pre-pass scan + memo {cost['scan_us']}")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from guard.bench.common import BenchError, log
@@ -75,6 +75,57 @@ def cleanup_kafka(admin: AdminClient, names: Names, groups: Iterable[str]) -> li
             except KafkaException as exc:
                 log.debug("could not delete group %s: %s", group, exc)
     return topics
+
+
+#: The anomalies a guard raises for a write its policy checks did not allow (`Emitter.write_alert`).
+WRITE_ALERT_RULES = ("write_unattributed", "write_denied")
+
+
+def write_alerts(client: dict[str, Any], names: Names, timeout: float = 60) -> dict[str, int]:
+    """How many writes the run's guards decided `unattributed` or denied: the `write_unattributed` and
+    `write_denied` anomalies committed on the run's anomalies topic (`bench<runid>-guard.anomalies`), read
+    with read_committed after every worker stopped. Each such write is alerted once (no deduplication),
+    so the counts are decisions, whatever mode or trial made them; a rule never raised counts 0.
+    """
+    topic = f"{names.prefix}-guard.anomalies"
+    counts = dict.fromkeys(WRITE_ALERT_RULES, 0)
+    consumer = Consumer({**client, "group.id": names.group("alerts"), "enable.auto.commit": False,
+                         "isolation.level": "read_committed", "auto.offset.reset": "earliest"})
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None or meta.error is not None or not meta.partitions:
+            return counts  # no guard raised any anomaly
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in meta.partitions}
+        consumer.assign([TopicPartition(topic, p, 0) for p in ends])
+        deadline = time.monotonic() + timeout
+        idle_since = time.monotonic()
+        while True:
+            msgs = consumer.consume(1000, 0.5)
+            if msgs:
+                idle_since = time.monotonic()
+            for msg in msgs:
+                value = msg.value()
+                if msg.error() is not None or not value or value[:1] != b"{":
+                    continue  # only the sanitizer's JSON anomalies are counted
+                try:
+                    rule = orjson.loads(value).get("rule")
+                except orjson.JSONDecodeError:
+                    continue
+                if rule in counts:
+                    counts[rule] += 1
+            positions = {tp.partition: tp.offset for tp in consumer.position(
+                [TopicPartition(topic, p) for p in ends])}
+            filled = [(positions.get(p, -1), end) for p, end in ends.items() if end > 0]
+            if all(pos >= end for pos, end in filled):
+                return counts
+            # A transaction marker may end a partition, and it is never handed out: with every writer
+            # stopped, 5 s without a record after a record of every partition was read is the end too.
+            if all(pos > 0 for pos, _ in filled) and time.monotonic() - idle_since > 5:
+                return counts
+            if time.monotonic() > deadline:
+                raise BenchError(f"could not read {topic} to its end within {timeout:.0f}s")
+    finally:
+        consumer.close()
 
 
 def drift_alert_keys(workload: Workload, tenant: str = "demo-bank") -> list[str]:
@@ -161,10 +212,10 @@ def _produce(producer: Producer, topic: str, key: bytes, value: bytes | None) ->
 
 
 def fill(client: dict[str, Any], names: Names, workload: Workload) -> float:
-    """Produce every record of the workload once, each to its table's raw topic; returns records/s (not
-    timed against either mode)."""
+    """Produce every record of the workload once, each to its table's raw topic (a logical decoding
+    message to `<prefix>.message`); returns records/s (not timed against either mode)."""
     producer = _fill_producer(client, 20)
-    topics = {table: names.input(table) for table in workload.tables}
+    topics = {table: names.input(table) for table in workload.topics}
     templates = workload.templates
     start = time.monotonic()
     ts_ms = int(time.time() * 1000)
@@ -192,7 +243,7 @@ def pace(client: dict[str, Any], names: Names, workload: Workload, rate: float, 
     """
     producer = _fill_producer(client, 5)
     order, n_order = workload.replay, len(workload.replay)
-    topics = {table: names.input(table) for table in workload.tables}
+    topics = {table: names.input(table) for table in workload.topics}
     templates = workload.templates
     start = time.monotonic()
     sent, checked = 0, start

@@ -33,9 +33,10 @@ from guard.bench.topics import (
     fill,
     missing_keys,
     pace,
+    write_alerts,
 )
 from guard.bench.workers import BenchContext, GroupProgress, RssSampler, WorkerSet
-from guard.bench.workload import WORKLOADS, Workload, build_workload
+from guard.bench.workload import MESSAGE_TOPIC, WORKLOADS, Workload, build_workload
 from guard.config import Settings
 from guard.kafka_security import client_config
 from guard.protect.fastpath import use_native
@@ -75,7 +76,8 @@ def key_figures(counts: dict[str, int], events: int) -> dict[str, Any]:
 
 def drain_fresh(ctx: BenchContext, workers: WorkerSet) -> ThroughputResult:
     """Let a fresh group consume the whole input topic; time it with the workers' own timestamps."""
-    progress = GroupProgress(client_config(ctx.settings), workers.group, ctx.inputs, ctx.partitions)
+    progress = GroupProgress(client_config(ctx.settings), workers.group, ctx.inputs_of(workers.mode),
+                             ctx.partitions)
     try:
         targets = progress.ends()
         count = sum(targets.values())
@@ -98,7 +100,8 @@ def drain_fresh(ctx: BenchContext, workers: WorkerSet) -> ThroughputResult:
 
 def catch_up(ctx: BenchContext, workers: WorkerSet) -> None:
     """Wait until a (re)started group has committed everything currently in the input topic."""
-    progress = GroupProgress(client_config(ctx.settings), workers.group, ctx.inputs, ctx.partitions)
+    progress = GroupProgress(client_config(ctx.settings), workers.group, ctx.inputs_of(workers.mode),
+                             ctx.partitions)
     try:
         targets = progress.ends()
         progress.wait(targets, workers, timeout=120 + sum(targets.values()) / 500)
@@ -388,6 +391,9 @@ def execute(ctx: BenchContext, workload: Workload, opts: BenchOptions) -> dict[s
             "on_vs_off": guard_tp.events_per_s / off_tp.events_per_s,
             "trials_nopolicy_events_per_s": [round(r.events_per_s, 1) for r in trials["guard-nopolicy"]],
             "peak_rss_mib_nopolicy": ctx.sampler.peak_mib("guard-nopolicy-steady"),
+            # Times a guard held a partition at a delete whose attribution message it had not read yet.
+            "attribution_waits": sum(int(w.get("attribution_waits", 0)) for mode in ("guard_first_sight", "guard")
+                                     for r in trials[mode] for w in r.workers),
             "decision_cost": decision_cost(),
         },
     }
@@ -431,18 +437,25 @@ def run(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
     sampler = RssSampler(0.5)
     ctx = BenchContext(settings, names, opts.partitions, sampler, Path(tempfile.mkdtemp(prefix=f"{names.prefix}-")),
                        broker_gc_log=broker.gc_log if broker is not None and broker.gc_log.is_file() else None,
-                       tables=workload.tables, key_cache_ttl=opts.cache_ttl())
+                       tables=workload.tables, key_cache_ttl=opts.cache_ttl(), messages=workload.has_messages)
     try:
         for table in workload.tables:
             create_topic(admin, names.input(table), opts.partitions)
             # Both modes' output topics exist before the timed windows: a guard creates a table's sanitized
             # topic once in its life (`TopicManager.ensure_like`), which is not per-event work.
             create_topic(admin, names.sanitized(table), opts.partitions)
+        if workload.has_messages:
+            # Where Debezium publishes the logical decoding messages that attribute deletes (policy on).
+            create_topic(admin, names.input(MESSAGE_TOPIC), opts.partitions)
         create_topic(admin, names.plain_out, opts.partitions)
         fill_rate = fill(client_config(settings), names, workload)
         log.info("filled %s with %d events (%.0f/s); worker logs in %s", ", ".join(ctx.inputs), opts.records,
                  fill_rate, ctx.log_dir)
         report = execute(ctx, workload, opts)
+        # Every write the workload names its principal for: a write decided `unattributed` or denied by
+        # any guard of the run is a fault of the bench's records (or of the guard), not a figure.
+        report["policy"]["write_alerts"] = write_alerts(client_config(settings), names)
+        ctx.groups.add(names.group("alerts"))
     finally:
         sampler.close()
         if not opts.keep:

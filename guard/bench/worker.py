@@ -230,6 +230,8 @@ def run_guard(settings: Settings) -> dict[str, Any]:
         "records_out": stats.records_out,
         "decisions": stats.decisions,
         "dlq_reasons": stats.dlq_reasons,
+        # Times a partition was held at a delete whose attribution message was not read yet (policy on).
+        "attribution_waits": stats.attribution_waits,
         "keys": counters(),
     }
 
@@ -257,7 +259,7 @@ def guard_settings(runid: str, *, bootstrap: str, redis_url: str, group: str, wo
         deletions_topic=f"{prefix}-guard.deletions",
         dlq_topic=f"{prefix}-guard.dlq",
         # The bench's tables belong to the demo branch of the policy (policy/entities.json), whose tellers
-        # may write them; the key-store branch stays the bench's own.
+        # may write them and whose manager may delete; the key-store branch stays the bench's own.
         policy_branch="0101",
     )
 

@@ -18,6 +18,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from guard.bench.common import BenchError, log
 from guard.bench.topics import Names
+from guard.bench.workload import MESSAGE_TOPIC
 from guard.config import Settings
 from guard.kafka_security import settings_env
 
@@ -121,11 +122,20 @@ class BenchContext:
     tables: list[str] = field(default_factory=lambda: ["public.customers"])
     #: The guard workers' data-key cache TTL (s); None: the guard's default (`Settings.key_cache_ttl`).
     key_cache_ttl: float | None = None
+    #: Whether the workload has logical decoding messages on `<prefix>.message` (the attribution of deletes).
+    messages: bool = False
 
     @property
     def inputs(self) -> list[str]:
-        """The raw topics the workers read."""
-        return self.names.inputs(self.tables)
+        """The raw topics the workers read: the tables' and, if there are messages, `<prefix>.message`."""
+        return self.names.inputs([*self.tables, MESSAGE_TOPIC] if self.messages else self.tables)
+
+    def inputs_of(self, mode: str) -> list[str]:
+        """The raw topics a mode's workers consume and commit: a guard with policy checks off does not
+        read `<prefix>.message` (nothing to attribute), the plain loop and the guard read every topic."""
+        if mode == "guard-nopolicy":
+            return self.names.inputs(self.tables)
+        return self.inputs
 
 
 class WorkerSet:

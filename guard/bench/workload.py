@@ -12,21 +12,29 @@ Two workloads (`--workload`):
   the distinct count). Each draw is one of a branch day's changes (`MIX`): a posting (a transaction
   inserted and its account's balance updated), a contact-detail update, a password change, a new
   customer (customer, 1-2 accounts, authentication row: keys the key store has never seen), or a
-  customer leaving (authentication row, accounts, then the customer deleted, each delete followed by
-  its tombstone, as the connector sends them; the customer delete schedules the customer's erasure).
+  customer leaving (one transaction: authentication row, accounts, then the customer deleted, each delete
+  followed by its tombstone, as the connector sends them, and each DELETE statement by its attribution
+  message on `<prefix>.message`; the customer delete schedules the customer's erasure).
   A customer drawn before it exists in the branch already existed before the day began (its rows are
   derived from its id, so its updates carry whole before images, REPLICA IDENTITY FULL).
 - `hot`: the cache-friendly workload of the earlier benches: `customers` only, 4,000 customers, ~85%
   creates and ~15% updates drawn uniformly, so nearly every key lookup hits a cache.
 
-`templates[i]` is (table, key, value without its closing `ts_ms}`; None for a tombstone); `order` is the
-sequence of templates the raw topics are filled with; `replay` is what the paced phases (latency, soak)
-send over and over: `order` without the events of customers who leave, so a replay never writes for a
+In both, every event names its principal as the attribution contract has it (docs/policy.md): creates
+and updates carry `updated_by` = `BENCH_PRINCIPAL` on every table, and each delete's transaction has its
+`guard.principal` logical decoding message naming `BENCH_DELETER` (`message_envelope`), so the guard's
+policy checks allow every write and no delete waits for its attribution.
+
+`templates[i]` is (table, key, value without its closing `ts_ms}`; None for a tombstone; table
+`MESSAGE_TOPIC` for a logical decoding message); `order` is the sequence of templates the raw topics are
+filled with; `replay` is what the paced phases (latency, soak) send over and over: `order` without the
+events of customers who leave (their deletes' messages included), so a replay never writes for a
 customer whose key was destroyed.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
 import math
@@ -39,6 +47,7 @@ from typing import Any
 import orjson
 
 from guard.bench.common import EPOCH_DAY, TS_SENTINEL, TS_TAIL, BenchError
+from guard.pipeline.policy import ATTRIBUTION_PREFIX, PRINCIPAL_COLUMN
 from guard.workload import synth
 
 WORKLOADS = ("realistic", "hot")
@@ -51,6 +60,17 @@ ZIPF_S = 0.8
 MIX = (("posting", 0.76), ("contact_update", 0.12), ("password_change", 0.05), ("new_customer", 0.067),
        ("customer_leaves", 0.003))
 TABLES = ("public.customers", "public.accounts", "public.transactions", "public.customer_auth")
+#: Who the bench's changes are attributed to (the attribution contract, docs/policy.md): every create and
+#: update names a teller of the branch in `updated_by` (policy/branch.cedar: a teller writes her branch);
+#: every delete is named by its transaction's logical decoding message, as the branch manager (only a
+#: manager may delete). So the guard decides every write `allow`, none `unattributed`.
+BENCH_PRINCIPAL = "Staff:t0101-01"
+BENCH_DELETER = "Staff:m0101-01"
+#: The "table" of a template that is a logical decoding message: its raw topic is `<prefix>.message`,
+#: where Debezium publishes them (and where the guard reads the attribution of deletes).
+MESSAGE_TOPIC = "message"
+#: The most events a customer leaving writes: 3-4 deletes with their tombstones and 3 messages.
+_LEAVING_MAX_EVENTS = 11
 _ISO = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
@@ -75,11 +95,22 @@ class Workload:
 
     @property
     def tables(self) -> list[str]:
-        """The tables the events are of, in first-seen order (one raw topic each)."""
+        """The tables the change events are of, in first-seen order (one raw topic each)."""
         seen: dict[str, None] = {}
         for table, _, _ in self.templates:
-            seen.setdefault(table, None)
+            if table != MESSAGE_TOPIC:
+                seen.setdefault(table, None)
         return list(seen)
+
+    @property
+    def has_messages(self) -> bool:
+        """Whether the workload has logical decoding messages (the attribution of its deletes)."""
+        return any(table == MESSAGE_TOPIC for table, _, _ in self.templates)
+
+    @property
+    def topics(self) -> list[str]:
+        """What `Names.input` makes the raw topics of: the tables, then `MESSAGE_TOPIC` if there are messages."""
+        return [*self.tables, MESSAGE_TOPIC] if self.has_messages else self.tables
 
     def value(self, template: int, ts_ms: int) -> bytes | None:
         """The event's value with the envelope's `ts_ms` set (the latency phase stamps the send time)."""
@@ -89,10 +120,6 @@ class Workload:
     def mean_value_bytes(self) -> float:
         sample = [i for i in self.order[:4000] if self.templates[i][2] is not None]
         return sum(len(self.templates[i][2] or b"") + TS_TAIL for i in sample) / max(len(sample), 1)
-
-
-#: Who the bench's changes are attributed to (policy/branch.cedar allows a teller to write her branch).
-BENCH_PRINCIPAL = "Staff:t0101-01"
 
 
 def _iso(ts: dt.datetime) -> str:
@@ -117,21 +144,50 @@ def _debezium_row(row: dict[str, object], created_at: str | None = None) -> dict
     return out
 
 
-def _envelope(op: str, before: dict[str, object] | None, after: dict[str, object] | None, lsn: int, ts_ms: int,
-              table: str = "customers") -> bytes:
-    """One change event, `ts_ms` last so it can be replaced by byte splicing (see `Workload.value`)."""
-    source = {
+def _source(lsn: int, ts_ms: int, schema: str, table: str, tx_id: int | None) -> dict[str, object]:
+    return {
         "version": "3.6.1.Final", "connector": "postgresql", "name": "br0101", "ts_ms": ts_ms,
         "snapshot": "false", "db": "branch_0101", "sequence": f'["{lsn - 8}","{lsn}"]',
-        "ts_us": ts_ms * 1000, "ts_ns": ts_ms * 1_000_000, "schema": "public", "table": table,
-        "txId": lsn // 64, "lsn": lsn, "xmin": None,
+        "ts_us": ts_ms * 1000, "ts_ns": ts_ms * 1_000_000, "schema": schema, "table": table,
+        "txId": lsn // 64 if tx_id is None else tx_id, "lsn": lsn, "xmin": None,
     }
-    event = {"before": before, "after": after, "source": source, "transaction": None, "op": op,
-             "ts_ms": TS_SENTINEL}
+
+
+def _spliceable(event: dict[str, object]) -> bytes:
+    """`event` encoded without its closing `ts_ms}` (the last key), so `Workload.value` can splice it."""
     value = orjson.dumps(event)
     if not value.endswith(b'"ts_ms":%d}' % TS_SENTINEL):
         raise BenchError("internal: change event does not end with the ts_ms sentinel")
     return value[:-TS_TAIL]
+
+
+def _envelope(op: str, before: dict[str, object] | None, after: dict[str, object] | None, lsn: int, ts_ms: int,
+              table: str = "customers", tx_id: int | None = None) -> bytes:
+    """One change event, `ts_ms` last so it can be replaced by byte splicing (see `Workload.value`).
+
+    `tx_id` is the source transaction's id (`source.txId`); None: one of its own, derived from `lsn`.
+    """
+    source = _source(lsn, ts_ms, "public", table, tx_id)
+    return _spliceable({"before": before, "after": after, "source": source, "transaction": None, "op": op,
+                        "ts_ms": TS_SENTINEL})
+
+
+#: The key Debezium gives a logical decoding message record (its prefix).
+MESSAGE_KEY = orjson.dumps({"prefix": ATTRIBUTION_PREFIX})
+
+
+def message_envelope(principal: str, tx_id: int, lsn: int, ts_ms: int) -> bytes:
+    """The attribution of a delete statement as Debezium publishes it on `<prefix>.message` (without the
+    closing `ts_ms}`, like `_envelope`): the transactional logical decoding message that the branch
+    database's statement trigger writes after each DELETE (`guard_admin.emit_principal`,
+    branch_bootstrap.sql), prefix `guard.principal`, content `json_build_object('principal', ...)::text`
+    (PostgreSQL's spacing) base64-encoded, `source.txId` the deleting transaction's (what the guard joins
+    the delete on), empty schema and table.
+    """
+    content = b'{"principal" : ' + orjson.dumps(principal) + b"}"
+    return _spliceable({"op": "m", "source": _source(lsn, ts_ms, "", "", tx_id),
+                        "message": {"prefix": ATTRIBUTION_PREFIX, "content": base64.b64encode(content).decode()},
+                        "ts_ms": TS_SENTINEL})
 
 
 def build_workload(records: int, *, customers: int | None = None, kind: str = "realistic", update_share: float = 0.15,
@@ -157,7 +213,7 @@ def build_hot(records: int, *, customers: int = HOT_CUSTOMERS, update_share: flo
     for cid in range(1, customers + 1):
         created = dt.datetime.fromtimestamp(now_ms / 1000 - rng.randint(0, 86_400 * 365), dt.UTC)
         row = _debezium_row(synth.new_customer(rng, cid), created.strftime(_ISO))
-        row["updated_by"] = BENCH_PRINCIPAL  # the live schema's attribution column (trigger-filled)
+        row[PRINCIPAL_COLUMN] = BENCH_PRINCIPAL  # the live schema's attribution column (trigger-filled)
         changed = dict(row, mobile=synth.mobile(rng), address=synth.address(rng))
         key = orjson.dumps({"customer_id": cid})
         lsn = 26_735_008 + cid * 4096
@@ -211,7 +267,8 @@ def _mobile(n: int) -> str:
 
 
 def customer_rows(cid: int, seed: int, now_ms: int) -> list[Any]:
-    """[customers row, accounts rows, customer_auth row] of customer `cid`, as the connector sends them."""
+    """[customers row, accounts rows, customer_auth row] of customer `cid`, as the connector sends them
+    (`updated_by`, the last column since the attribution contract added it, names `BENCH_PRINCIPAL`)."""
     h = (cid * 2_654_435_761 + seed) & 0xFFFFFFFF
     persona = _PERSONAS.customers[h % _PERSONAS.size]
     idn17 = str(persona["id_number"])[:14] + f"{(cid * 7 + h) % 1000:03d}"
@@ -222,7 +279,7 @@ def customer_rows(cid: int, seed: int, now_ms: int) -> list[Any]:
                 "address": _PERSONAS.addresses[(h >> 11) % _PERSONAS.size], "gender": "M" if int(idn[16]) % 2 else "F",
                 "birth_date": (dt.date(int(idn[6:10]), int(idn[10:12]), int(idn[12:14])) - EPOCH_DAY).days,
                 "occupation": persona["occupation"], "risk_level": 1 + h % 5, "branch_code": "0101",
-                "created_at": created.strftime(_ISO)}
+                "created_at": created.strftime(_ISO), PRINCIPAL_COLUMN: BENCH_PRINCIPAL}
     accounts = []
     for k in range(1 + (h % 3 == 0)):
         card = _PERSONAS.bins[(h + k) % len(_PERSONAS.bins)] + f"{cid:09d}{k}"
@@ -231,9 +288,10 @@ def customer_rows(cid: int, seed: int, now_ms: int) -> list[Any]:
                          "account_type": ("savings", "savings", "current", "credit")[(h >> 3) % 4],
                          "balance": f"{(h >> 5) % 50_000_000 / 100:.2f}", "currency": "CNY",
                          "status": "active" if h % 50 else "dormant", "branch_code": "0101",
-                         "opened_at": created.strftime(_ISO)})
+                         "opened_at": created.strftime(_ISO), PRINCIPAL_COLUMN: BENCH_PRINCIPAL})
     auth = {"customer_id": cid, "login_name": f"u{cid:09d}{h % 100:02d}",
-            "password_hash": hashlib.sha256(b"$2b$12$%d.%d" % (cid, h)).hexdigest(), "updated_at": _iso(created)}
+            "password_hash": hashlib.sha256(b"$2b$12$%d.%d" % (cid, h)).hexdigest(), "updated_at": _iso(created),
+            PRINCIPAL_COLUMN: BENCH_PRINCIPAL}
     return [customer, accounts, auth]
 
 
@@ -290,17 +348,28 @@ class BranchDay:
         """`password_hash` as the connector sends it: column.mask.hash.v2 SHA-256 (hex) of a bcrypt verifier."""
         return hashlib.sha256(f"$2b$12${rng.getrandbits(256):064x}".encode()).hexdigest()
 
-    def _emit(self, cid: int, table: str, op: str, key: dict[str, object], before: Any, after: Any) -> None:
+    def _emit(self, cid: int, table: str, op: str, key: dict[str, object], before: Any, after: Any,
+              tx_id: int | None = None) -> None:
         self.lsn += 96
         key_b = orjson.dumps(key)
         schema_table = f"public.{table}"
-        self.templates.append((schema_table, key_b, _envelope(op, before, after, self.lsn, self.now_ms, table)))
+        self.templates.append((schema_table, key_b,
+                               _envelope(op, before, after, self.lsn, self.now_ms, table, tx_id)))
         self.owner.append(cid)
         self.ops.append(op)
         if op == "d":  # tombstones.on.delete=true: the connector follows a delete with a tombstone
             self.templates.append((schema_table, key_b, None))
             self.owner.append(cid)
             self.ops.append("tombstone")
+
+    def _attribute(self, cid: int, tx_id: int) -> None:
+        """The message the branch database's statement trigger writes after a DELETE statement of
+        transaction `tx_id` (`message_envelope`): what attributes its deletes to `BENCH_DELETER`."""
+        self.lsn += 96
+        self.templates.append((MESSAGE_TOPIC, MESSAGE_KEY, message_envelope(BENCH_DELETER, tx_id, self.lsn,
+                                                                             self.now_ms)))
+        self.owner.append(cid)
+        self.ops.append("m")
 
     # changes -------------------------------------------------------------------------------------
     def _posting(self, cid: int, rows: list[Any]) -> None:
@@ -311,7 +380,8 @@ class BranchDay:
                "amount": f"{rng.randrange(100, 2_000_000) / 100:.2f}", "direction": rng.choice("DC"),
                "counterparty_name": name, "counterparty_account": counterparty,
                "channel": rng.choice(("counter", "atm", "mobile", "online")), "memo": rng.choice(_PERSONAS.memos),
-               "created_at": _iso(dt.datetime.fromtimestamp(self.now_ms / 1000, dt.UTC)), "txn_id": self.next_txn}
+               "created_at": _iso(dt.datetime.fromtimestamp(self.now_ms / 1000, dt.UTC)), "txn_id": self.next_txn,
+               PRINCIPAL_COLUMN: BENCH_PRINCIPAL}
         self.next_txn += 1
         self._emit(cid, "transactions", "c", {"txn_id": txn["txn_id"]}, None, txn)
         sign = 1 if txn["direction"] == "C" else -1
@@ -344,10 +414,16 @@ class BranchDay:
         self._emit(cid, "customer_auth", "c", {"customer_id": cid}, None, rows[2])
 
     def _customer_leaves(self, cid: int, rows: list[Any]) -> None:
-        self._emit(cid, "customer_auth", "d", {"customer_id": cid}, rows[2], None)
+        """One transaction of three DELETE statements (authentication row, accounts, customer), each
+        followed by its attribution message with the transaction's id."""
+        tx_id = (self.lsn + 96) // 64  # as `_envelope` derives ids: no other event of the day has this one
+        self._emit(cid, "customer_auth", "d", {"customer_id": cid}, rows[2], None, tx_id)
+        self._attribute(cid, tx_id)
         for account in rows[1]:
-            self._emit(cid, "accounts", "d", {"account_no": account["account_no"]}, account, None)
-        self._emit(cid, "customers", "d", {"customer_id": cid}, rows[0], None)
+            self._emit(cid, "accounts", "d", {"account_no": account["account_no"]}, account, None, tx_id)
+        self._attribute(cid, tx_id)
+        self._emit(cid, "customers", "d", {"customer_id": cid}, rows[0], None, tx_id)
+        self._attribute(cid, tx_id)
         self.gone.add(cid)
         del self.state[cid]
 
@@ -359,7 +435,8 @@ class BranchDay:
                 return cid
 
     def build(self, records: int) -> Workload:
-        """Exactly `records` events (the last change may be cut short at `records`)."""
+        """Exactly `records` events (the last change may be cut short at `records`, but never a customer
+        leaving: a delete cut off from its attribution message would wait for it in vain)."""
         rng = self.rng
         cumulative, acc = [], 0.0
         for name, share in MIX:
@@ -371,6 +448,8 @@ class BranchDay:
             if change == "new_customer":
                 self._new_customer()
                 continue
+            if change == "customer_leaves" and records - len(self.templates) < _LEAVING_MAX_EVENTS:
+                continue
             cid = self._draw_customer()
             rows = self.state.get(cid)
             if rows is None:
@@ -381,7 +460,8 @@ class BranchDay:
         replay = [i for i in order if self.owner[i] not in self.gone]
         counts: dict[str, dict[str, int]] = {t: {} for t in TABLES}
         for (table, _, _), op in zip(self.templates, self.ops, strict=True):
-            counts[table][op] = counts[table].get(op, 0) + 1
+            ops = counts.setdefault(table, {})  # MESSAGE_TOPIC: the attribution messages ("m")
+            ops[op] = ops.get(op, 0) + 1
         updates = sum(c.get("u", 0) for c in counts.values())
         customers = counts["public.customers"]
         facts = {"distinct_customers": len(set(self.owner)), "customers_created": customers.get("c", 0),

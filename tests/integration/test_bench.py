@@ -91,8 +91,11 @@ def test_bench_measures_both_modes(stack: dict[str, str], tmp_path: Path) -> Non
     # First sight: a fresh branch, so each distinct customer's key is created once, with the batch's keys
     # fetched in one round trip (far fewer round trips than keys); every event protected or a tombstone.
     first_worker = written["modes"]["guard_first_sight"]["workers"][0]
-    assert set(first_worker["decisions"]) <= {"protected", "tombstone"}
+    assert set(first_worker["decisions"]) <= {"protected", "tombstone", "attribution"}
     assert sum(first_worker["decisions"].values()) == first_worker["events"] and first_worker["dlq_reasons"] == {}
+    # Every delete's transaction has its guard.principal message on <prefix>.message, read by the guard
+    # (policy on), each recorded as an attribution.
+    assert first_worker["decisions"]["attribution"] == workload["events"]["message"]["m"] > 0
     keys = written["modes"]["guard_first_sight"]["keys"]
     assert keys["keys_created"] == workload["distinct_customers"] <= keys["keys_fetched"]
     assert keys["store_round_trips"] < keys["keys_fetched"] / 10
@@ -101,6 +104,17 @@ def test_bench_measures_both_modes(stack: dict[str, str], tmp_path: Path) -> Non
     # Steady state: the same branch, a new worker: every key exists (none created), none is cached.
     steady = written["modes"]["guard"]["keys"]
     assert steady["keys_created"] == 0 and steady["keys_fetched"] >= workload["distinct_customers"]
+
+    # Policy checks: the guard with them off in the same state, every trial; and every write of the run
+    # named its principal (updated_by, or its delete's message), so no guard decided one `unattributed`
+    # (nor denied one: the demo policy allows the bench's teller to write and its manager to delete).
+    policy = written["policy"]
+    assert len(policy["trials_nopolicy_events_per_s"]) == 3 and policy["guard_nopolicy_events_per_s"] > 0
+    assert policy["on_vs_off"] == pytest.approx(written["modes"]["guard"]["events_per_s"]
+                                                / policy["guard_nopolicy_events_per_s"], rel=1e-2)
+    assert policy["write_alerts"] == {"write_unattributed": 0, "write_denied": 0}
+    assert any(line.startswith("write decisions not allowed, whole run: 0 unattributed, 0 denied")
+               for line in lines)
 
 
 def test_bench_leaves_no_topics(stack: dict[str, str], tmp_path: Path) -> None:
@@ -127,3 +141,41 @@ def test_bench_leaves_no_topics(stack: dict[str, str], tmp_path: Path) -> None:
             break
         time.sleep(0.5)
     assert left == []
+
+
+def test_write_alerts_counts_the_committed_write_anomalies(stack: dict[str, str]) -> None:
+    """The bench's count of writes not allowed (`write_alerts`) reads what the guards committed: a zero
+    in a report means none, not a reader that saw nothing. Two partitions, a committed transaction with
+    each kind, an aborted one, other anomalies and a non-JSON record (the analyzer writes Avro)."""
+    import uuid
+
+    import orjson
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient
+
+    from guard.bench.topics import Names, write_alerts
+    from tests.integration.reliability_helpers import create_topic
+
+    bootstrap = stack["GUARD_KAFKA_BOOTSTRAP"]
+    names = Names(uuid.uuid4().hex[:8])
+    topic = f"{names.prefix}-guard.anomalies"
+    assert write_alerts(kafka_conf(bootstrap), names) == {"write_unattributed": 0, "write_denied": 0}  # no topic
+    create_topic(bootstrap, topic, 2)
+    try:
+        producer = Producer({**kafka_conf(bootstrap), "transactional.id": f"{names.prefix}-alerts-test"})
+        producer.init_transactions(30)
+
+        def send(rules: list[str], commit: bool) -> None:
+            producer.begin_transaction()
+            for n, rule in enumerate(rules):
+                producer.produce(topic, orjson.dumps({"type": "anomaly", "rule": rule}), partition=n % 2)
+            producer.produce(topic, b"\x00avro", partition=1)
+            producer.flush(30)
+            (producer.commit_transaction if commit else producer.abort_transaction)(30)
+
+        send(["write_unattributed", "write_denied", "write_unattributed", "rows_without_data_subject"], True)
+        send(["write_unattributed", "write_denied"], False)
+        send(["write_denied"], True)
+        assert write_alerts(kafka_conf(bootstrap), names) == {"write_unattributed": 2, "write_denied": 2}
+    finally:
+        AdminClient(kafka_conf(bootstrap)).delete_topics([topic])[topic].result(timeout=60)

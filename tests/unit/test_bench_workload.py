@@ -6,7 +6,22 @@ import orjson
 import pytest
 
 from guard.bench.common import BenchError
-from guard.bench.workload import TABLES, BranchDay, ZipfRanks, build_workload
+from guard.bench.workload import (
+    BENCH_DELETER,
+    BENCH_PRINCIPAL,
+    MESSAGE_KEY,
+    MESSAGE_TOPIC,
+    TABLES,
+    BranchDay,
+    ZipfRanks,
+    build_workload,
+)
+from guard.cdc.envelope import decode_value
+from guard.config import load_settings
+from guard.pipeline.policy import WriteChecker
+from guard.policy.engine import PolicyEngine, default_directory
+from guard.policy.sources import staff_entities
+from guard.workload.synth import DEMO_STAFF
 
 
 def test_zipf_ranks_stay_in_the_population_and_favour_low_ranks() -> None:
@@ -41,6 +56,8 @@ def test_events_are_debezium_envelopes_with_the_c3_columns_as_the_connector_send
         if prefix is None:
             assert value is None  # a tombstone follows every delete
             continue
+        if table == MESSAGE_TOPIC:
+            continue  # a delete's attribution (test_every_event_names_its_principal_...)
         event = orjson.loads(value)
         assert event["ts_ms"] == 1234567890123 and event["source"]["table"] == table.split(".")[1]
         row = event["after"] or event["before"]
@@ -60,7 +77,8 @@ def test_no_event_of_a_customer_after_it_left_and_replays_skip_leaving_customers
     assert left_at
     for n, owner in enumerate(day.owner):
         if owner in left_at:
-            assert n <= left_at[owner] + 1  # the delete's tombstone is the customer's last event
+            # the delete's tombstone and its statement's attribution message are the customer's last events
+            assert n <= left_at[owner] + 2
     assert all(day.owner[i] not in left_at for i in workload.replay)
     assert len(workload.replay) == workload.facts["replayed_events"] < len(workload.order)
 
@@ -79,3 +97,87 @@ def test_hot_is_customers_only_creates_and_updates() -> None:
     assert set(workload.facts["events"]["public.customers"]) == {"c", "u"}
     with pytest.raises(BenchError, match="unknown workload"):
         build_workload(10, kind="cold")
+
+
+# --- attribution (issue 14's policy checks): every write names its principal -----------------------------
+class Attributions:
+    """The key store's attribution sets (`record_attribution`, `attributions`), in memory."""
+
+    def __init__(self) -> None:
+        self.sets: dict[int, set[str]] = {}
+
+    def record_attribution(self, branch: str, tx_id: int, principal: str) -> None:
+        self.sets.setdefault(tx_id, set()).add(principal)
+
+    def attributions(self, branch: str, tx_ids: list[int]) -> dict[int, set[str]]:
+        return {t: set(self.sets[t]) for t in tx_ids if t in self.sets}
+
+
+def _demo_checker() -> tuple[WriteChecker, Attributions]:
+    """The guard's write checker on the demo policy and the demo branch's staff, as a bench guard has it
+    (policy branch 0101), with the key store's attribution sets in memory."""
+    settings = load_settings(None, branch="bench", policy_branch="0101", policy_staff="file", attribution_wait_s=0)
+    staff = staff_entities([(s, b, o, a, list(r)) for s, _, b, o, a, r in DEMO_STAFF])
+    store = Attributions()
+    return WriteChecker(settings, PolicyEngine(default_directory(), entity_source=lambda: staff),
+                        store), store  # type: ignore[arg-type]
+
+
+def test_every_event_names_its_principal_and_every_delete_has_its_message() -> None:
+    """What a bench guard decides on the realistic workload: every create and update carries `updated_by`
+    (read as the native path's scan reads it, and decoded), every delete is joined with the message of its
+    transaction on `<prefix>.message`, and the demo policy allows them all: none `unattributed`."""
+    workload = build_workload(20_000, customers=5000, seed=3)
+    assert workload.has_messages and workload.topics == [*workload.tables, MESSAGE_TOPIC]
+    checker, store = _demo_checker()
+    events = {n: decode_value(workload.value(n, 1_800_000_000_000)) for n in workload.order
+              if workload.templates[n][2] is not None}
+    messages = {n: e for n, e in events.items() if e is not None and e.op == "m"}
+    assert len(messages) == workload.facts["events"][MESSAGE_TOPIC]["m"]
+    for n, message in messages.items():
+        assert workload.templates[n][:2] == (MESSAGE_TOPIC, MESSAGE_KEY) and message.tx_id is not None
+        assert checker.record_message(message) == BENCH_DELETER
+    decisions: Counter[str] = Counter()
+    deletes = 0
+    for n, event in events.items():
+        assert event is not None
+        table = workload.templates[n][0]
+        if event.op == "m":
+            continue
+        assert table in TABLES and event.schema_table == table
+        if event.op == "d":
+            deletes += 1
+            # its message follows its statement's rows (the AFTER DELETE statement trigger), same txId
+            tx_id = event.tx_id
+            assert tx_id is not None and store.sets[tx_id] == {BENCH_DELETER}
+            assert any(m > n and messages[m].tx_id == tx_id for m in messages if m - n <= 8)
+        else:
+            assert (event.after or {})["updated_by"] == BENCH_PRINCIPAL
+            scanned = checker.scan(workload.value(n, 1_800_000_000_000) or b"", table)
+            assert scanned is not None and scanned[1].principal == BENCH_PRINCIPAL
+        decision = checker.decide_event(event, (table, 0, n))
+        assert decision is not None
+        decisions[decision.decision] += 1
+    assert deletes == sum(ops.get("d", 0) for ops in workload.facts["events"].values()) > 0
+    assert decisions == {"allow": len(events) - len(messages)}, decisions
+
+
+def test_a_cut_workload_never_ends_between_a_delete_and_its_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last change may be cut at `records`, but never a customer leaving (its deletes would wait for
+    their attribution in vain)."""
+    monkeypatch.setattr("guard.bench.workload.MIX", (("contact_update", 0.5), ("customer_leaves", 0.5)))
+    for records in range(20, 60):
+        workload = BranchDay(500, seed=records).build(records)
+        assert len(workload.order) == records
+        values = [workload.value(n, 1) for n in workload.order]
+        deleted = {e.tx_id for v in values if v and (e := decode_value(v)) is not None and e.op == "d"}
+        attributed = {e.tx_id for v in values if v and (e := decode_value(v)) is not None and e.op == "m"}
+        assert deleted and deleted <= attributed
+
+
+def test_the_hot_workload_names_its_principal_too() -> None:
+    workload = build_workload(500, kind="hot")
+    assert not workload.has_messages and workload.topics == ["public.customers"]
+    for n in set(workload.order):
+        event = decode_value(workload.value(n, 1))
+        assert event is not None and (event.after or {})["updated_by"] == BENCH_PRINCIPAL
