@@ -33,6 +33,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from guard.bench.common import BenchError, log
 from guard.bench.latency import percentile, topic_partitions
+from guard.bench.workload import BENCH_PRINCIPAL
 from guard.config import Settings
 from guard.kafka.batching import take
 from guard.kafka_security import client_config
@@ -143,6 +144,10 @@ def write_paced(dsn: str, rate: float, seconds: float) -> tuple[int, float]:
     accounts = _customers(dsn)
     written = 0
     with psycopg.connect(dsn, autocommit=True) as conn:
+        # The attribution contract (docs/policy.md): the trigger stamps `updated_by` from guard.principal.
+        # Set once for the session (each autocommit INSERT is its own transaction), so the measured commits
+        # carry no extra statement; the guard decides every row `allow`, none `unattributed`.
+        conn.execute("SELECT set_config('guard.principal', %s, false)", (BENCH_PRINCIPAL,))
         insert = ("INSERT INTO transactions (account_no, customer_id, amount, direction, counterparty_name, "
                   "counterparty_account, channel, memo) VALUES (%s, %s, %s, 'D', %s, %s, 'mobile', %s)")
         start = time.monotonic()
