@@ -92,7 +92,8 @@ def write_alerts(client: dict[str, Any], names: Names, timeout: float = 60) -> d
     consumer = Consumer({**client, "group.id": names.group("alerts"), "enable.auto.commit": False,
                          "isolation.level": "read_committed", "auto.offset.reset": "earliest"})
     try:
-        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        # Every topic's metadata: asking for one named topic may auto-create it (guard/stack/README.md).
+        meta = consumer.list_topics(timeout=10).topics.get(topic)
         if meta is None or meta.error is not None or not meta.partitions:
             return counts  # no guard raised any anomaly
         ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in meta.partitions}
