@@ -166,13 +166,15 @@ def test_a_cut_workload_never_ends_between_a_delete_and_its_message(monkeypatch:
     """The last change may be cut at `records`, but never a customer leaving (its deletes would wait for
     their attribution in vain)."""
     monkeypatch.setattr("guard.bench.workload.MIX", (("contact_update", 0.5), ("customer_leaves", 0.5)))
+    with_deletes = 0
     for records in range(20, 60):
         workload = BranchDay(500, seed=records).build(records)
         assert len(workload.order) == records
-        values = [workload.value(n, 1) for n in workload.order]
-        deleted = {e.tx_id for v in values if v and (e := decode_value(v)) is not None and e.op == "d"}
-        attributed = {e.tx_id for v in values if v and (e := decode_value(v)) is not None and e.op == "m"}
-        assert deleted and deleted <= attributed
+        events = [e for n in workload.order if (v := workload.value(n, 1)) and (e := decode_value(v)) is not None]
+        deleted = {e.tx_id for e in events if e.op == "d"}
+        assert deleted <= {e.tx_id for e in events if e.op == "m"}
+        with_deletes += bool(deleted)
+    assert with_deletes > 30  # most sizes end with a customer who left, not one cut off
 
 
 def test_the_hot_workload_names_its_principal_too() -> None:
