@@ -157,6 +157,7 @@ def test_write_alerts_counts_the_committed_write_anomalies(stack: dict[str, str]
     from tests.integration.reliability_helpers import create_topic
 
     bootstrap = stack["GUARD_KAFKA_BOOTSTRAP"]
+    admin = AdminClient(kafka_conf(bootstrap))
     names = Names(uuid.uuid4().hex[:8])
     topic = f"{names.prefix}-guard.anomalies"
     assert write_alerts(kafka_conf(bootstrap), names) == {"write_unattributed": 0, "write_denied": 0}  # no topic
@@ -178,4 +179,4 @@ def test_write_alerts_counts_the_committed_write_anomalies(stack: dict[str, str]
         send(["write_denied"], True)
         assert write_alerts(kafka_conf(bootstrap), names) == {"write_unattributed": 2, "write_denied": 2}
     finally:
-        AdminClient(kafka_conf(bootstrap)).delete_topics([topic])[topic].result(timeout=60)
+        admin.delete_topics([topic])[topic].result(timeout=60)
