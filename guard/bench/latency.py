@@ -74,7 +74,8 @@ def topic_partitions(consumer: Consumer, topic: str, timeout: float = 30) -> int
 class LatencyProbe:
     """A read_committed consumer on an output topic computing now - envelope ts_ms for new records."""
 
-    def __init__(self, client: dict[str, Any], topic: str, partitions: int, ts_of: Callable[[bytes], int]) -> None:
+    def __init__(self, client: dict[str, Any], topics: list[str], partitions: int,
+                 ts_of: Callable[[bytes], int]) -> None:
         self.ts_of = ts_of
         self.samples: list[float] = []
         self.sent_at: list[int] = []
@@ -83,9 +84,8 @@ class LatencyProbe:
         self.consumer = Consumer({**client, "group.id": f"bench-probe-{uuid.uuid4().hex}",
                                   "enable.auto.commit": False, "isolation.level": "read_committed",
                                   "fetch.wait.max.ms": 10, "fetch.min.bytes": 1})
-        count = topic_partitions(self.consumer, topic) or partitions
         starts = [TopicPartition(topic, p, self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1])
-                  for p in range(count)]
+                  for topic in topics for p in range(topic_partitions(self.consumer, topic) or partitions)]
         self.consumer.assign(starts)
         self._partitions = starts
         self._fetching = threading.Event()
@@ -96,7 +96,7 @@ class LatencyProbe:
         # start-up (connecting, the first read_committed fetch) and the phase would measure the instrument.
         if not self._fetching.wait(10):
             log.warning("latency probe on %s: no fetch answered on every partition within 10 s; measuring "
-                        "anyway (its start-up may count as latency)", topic)
+                        "anyway (its start-up may count as latency)", ", ".join(topics))
             self._fetching.set()  # the probe thread stops discarding and measures from here on
         self.ready_s = time.monotonic() - started
 
@@ -173,13 +173,13 @@ def measure_latency(ctx: BenchContext, workers: WorkerSet, workload: Workload, r
     records sent in the last `seconds` (the steady state at that rate, not the switch from a drain)."""
     names, client = ctx.names, client_config(ctx.settings)
     is_guard = workers.mode == "guard"
-    out_topic = names.sanitized if is_guard else names.plain_out
-    probe = LatencyProbe(client, out_topic, ctx.partitions, sanitized_ts if is_guard else plain_ts)
+    out_topics = [names.sanitized(t) for t in ctx.tables] if is_guard else [names.plain_out]
+    probe = LatencyProbe(client, out_topics, ctx.partitions, sanitized_ts if is_guard else plain_ts)
     probe.since_ms = int((time.time() + warmup_s) * 1000)
     try:
-        sent, achieved = pace(client, names.input, workload, rate, warmup_s + seconds, workers.check_alive)
+        sent, achieved = pace(client, names, workload, rate, warmup_s + seconds, workers.check_alive)
         expected = max(int(sent - warmup_s * achieved) - 5, 1)
-        progress = GroupProgress(client, workers.group, names.input, ctx.partitions)
+        progress = GroupProgress(client, workers.group, ctx.inputs_of(workers.mode), ctx.partitions)
         try:
             progress.wait(progress.ends(), workers, timeout=60)
         finally:

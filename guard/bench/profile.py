@@ -98,7 +98,7 @@ def profile_local(settings: Settings, records: int, *, cprofile_out: Path | None
     from guard.pipeline.runtime import build_sanitizer
 
     names = Names("prof" + uuid.uuid4().hex[:6])
-    workload = build_workload(records)
+    workload = build_workload(records, kind="hot")  # the profile's figures (docs/benchmark.md) are of `hot`
     alert_keys = missing_keys(settings.redis_url, drift_alert_keys(workload, settings.tenant))
     bench = guard_settings(names.runid, bootstrap=settings.kafka_bootstrap, redis_url=settings.redis_url,
                            group="profile", worker_id="profile")
@@ -108,15 +108,15 @@ def profile_local(settings: Settings, records: int, *, cprofile_out: Path | None
         for phase in ("cold", "warm"):
             plain_run, timed_run = build_sanitizer(bench), build_sanitizer(bench)
             if phase == "warm":
-                _process_all(plain_run, names.input, workload)
-                _process_all(timed_run, names.input, workload)
-            seconds = _process_all(plain_run, names.input, workload)
+                _process_all(plain_run, names, workload)
+                _process_all(timed_run, names, workload)
+            seconds = _process_all(plain_run, names, workload)
             if phase == "cold":
                 cleanup_redis(settings.redis_url, names, [])  # the timed run must create the keys again
             timer = StageTimer()
             undo = _instrument(timed_run, timer)
             try:
-                instrumented = _process_all(timed_run, names.input, workload)
+                instrumented = _process_all(timed_run, names, workload)
             finally:
                 undo()
             result[phase] = _stage_report(records, seconds, instrumented, timer)
@@ -124,9 +124,9 @@ def profile_local(settings: Settings, records: int, *, cprofile_out: Path | None
             import cProfile
 
             sanitizer = build_sanitizer(bench)
-            _process_all(sanitizer, names.input, workload)
+            _process_all(sanitizer, names, workload)
             profiler = cProfile.Profile()
-            profiler.runcall(_process_all, sanitizer, names.input, workload)
+            profiler.runcall(_process_all, sanitizer, names, workload)
             profiler.dump_stats(str(cprofile_out))
             result["cprofile"] = str(cprofile_out)
     finally:
@@ -134,13 +134,15 @@ def profile_local(settings: Settings, records: int, *, cprofile_out: Path | None
     return result
 
 
-def _process_all(sanitizer: Any, topic: str, workload: Workload) -> float:
+def _process_all(sanitizer: Any, names: Names, workload: Workload) -> float:
     """Seconds to run every workload record through `sanitizer.process` (the live path's transform)."""
     templates, ts_ms = workload.templates, int(time.time() * 1000)
+    topics = {table: names.input(table) for table in workload.tables}
     process = sanitizer.process
     start = time.perf_counter()
     for offset, template in enumerate(workload.order):
-        process(topic, 0, offset, templates[template][0], workload.value(template, ts_ms))
+        table, key, _ = templates[template]
+        process(topics[table], 0, offset, key, workload.value(template, ts_ms))
     return time.perf_counter() - start
 
 

@@ -2,21 +2,25 @@
 
 Why it is built this way:
 
-- **Same records, same plumbing.** One raw-looking topic `bench<runid>.public.customers` is filled once with
-  Debezium JSON change events of the demo `customers` table (shape of the live connector: no schema wrapper,
-  `birth_date` as days since the epoch, the table's `created_at` column included). Both modes read it with
-  the same consumer settings, batch policy and exactly-once protocol (see `guard.bench.worker`); only the
-  transform differs. The plain loop copies values unchanged; the guard runs the real `SanitizerWorker`.
+- **Same records, same plumbing.** The raw-looking topics `bench<runid>.public.<table>` are filled once
+  with Debezium JSON change events (`guard.bench.workload`: by default a realistic branch day over every
+  table of the demo schema, Zipf-skewed over a million customers; `--workload hot` the earlier
+  customers-only, 4,000-customer workload), shaped as the live connector writes them. Both modes read
+  them with the same consumer settings, batch policy and exactly-once protocol (see `guard.bench.worker`);
+  only the transform differs. The plain loop (the lean loop: one pass, positional `produce`) copies values
+  unchanged; the guard runs the real `SanitizerWorker`.
 - **Processes, not threads.** Every worker is its own OS process, so W workers really run in parallel and
   each one's RSS is sampled on its own (psutil, from this parent).
 - **Throughput window.** From the first record a worker hands to its transform to the commit that made the
   group's committed offsets cover every input record (workers report both; the parent confirms completion
   from the group's committed offsets). Process start-up and the group join are excluded for both modes.
 - **Trials.** The throughput of each mode is measured `--trials` times (default 3), alternating plain and
-  guard, each trial a fresh consumer group over the whole topic; a guard trial uses a branch of its own, so
-  every trial creates its customers' data keys as the first one did. Each mode's figure is its median trial,
-  and the ratio is median guard over median plain. On a shared machine one short plain window (about 2 s
-  for 200k records) moved by half between runs; alternating trials spread a slow spell over both modes.
+  guard, each trial a fresh consumer group over the whole input. A guard trial is two drains: first sight
+  (a branch of its own, so every customer's data key is created) and steady state (a new worker on that
+  branch: every key exists in the key store, none is cached). Each mode's figure is its median trial; the
+  ratio is the steady state's median over the plain loop's, `ratio_first_sight` the first sight's. On a
+  shared machine one short plain window (about 2 s for 200k records) moved by half between runs;
+  alternating trials spread a slow spell over both modes.
 - **Latency.** With the workers caught up, a paced producer writes at half the guard's measured maximum rate
   and a read_committed consumer on the output topic computes `now - ts_ms` of the change event's envelope.
   The envelope time is stamped at send time, so this is true end to end (producer, broker, fetch, transform,
@@ -38,10 +42,11 @@ from typing import Any
 
 import orjson
 
-from guard.bench.common import LATENCY_WARMUP_S, SOAK_TARGET_S, WARMUP_S
+from guard.bench.common import BENCH_KEY_CACHE_TTL_S, LATENCY_WARMUP_S, SOAK_TARGET_S, WARMUP_S
 from guard.bench.profile import profile_local, render_profile
 from guard.bench.report import emit_report
 from guard.bench.trials import BenchOptions, run
+from guard.bench.workload import HOT_CUSTOMERS, REALISTIC_CUSTOMERS, WORKLOADS
 from guard.config import Settings, load_settings
 from guard.errors import GuardError
 
@@ -49,14 +54,29 @@ from guard.errors import GuardError
 def run_bench(settings: Settings, *, records: int = 200_000, partitions: int = 2, workers: int = 1,
               json_out: Path | None = None, latency_seconds: float | None = None, scaling: bool = False,
               soak_seconds: float = 0.0, keep: bool = False, trials: int = 3,
-              warmup_seconds: float | None = None) -> dict[str, Any]:
+              warmup_seconds: float | None = None, workload: str = "realistic", customers: int | None = None,
+              key_cache_ttl: float | None = None, memory_scale: list[int] | None = None,
+              db_latency_seconds: float = 0.0, db_rate: float | None = None) -> dict[str, Any]:
     """Entry point of `guard bench` (and `python -m guard.bench`): run, print, write JSON, return it."""
     opts = BenchOptions(records=records, partitions=partitions, workers=workers, latency_seconds=latency_seconds,
                         warmup_seconds=warmup_seconds, scaling=scaling, soak_seconds=soak_seconds, keep=keep,
-                        json_out=json_out, trials=trials)
+                        json_out=json_out, trials=trials, workload=workload, customers=customers,
+                        key_cache_ttl=key_cache_ttl, memory_scale=memory_scale or [],
+                        db_latency_seconds=db_latency_seconds, db_rate=db_rate)
     report = run(settings, opts)
     emit_report(report, json_out)
     return report
+
+
+def _sizes(text: str) -> list[int]:
+    """`100000,300000,1000000` -> [100000, 300000, 1000000] (each positive)."""
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of customer counts: {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError("customer counts must be positive")
+    return sizes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +96,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--soak", type=float, default=0.0, metavar="SECONDS",
                         help=f"also run a steady 50%%-rate soak for RSS drift (the target needs {SOAK_TARGET_S})")
     parser.add_argument("--keep", action="store_true", help="keep the bench topics, groups and keys")
+    parser.add_argument("--workload", choices=WORKLOADS, default="realistic",
+                        help="realistic: a branch day over every demo table (default); hot: customers only, "
+                             "4,000 customers, nearly every key cached")
+    parser.add_argument("--customers", type=int, default=None,
+                        help=f"customer population (default {REALISTIC_CUSTOMERS:,} realistic, {HOT_CUSTOMERS:,} hot)")
+    parser.add_argument("--key-cache-ttl", type=float, default=None,
+                        help=f"guard workers' data-key cache TTL in s (default {BENCH_KEY_CACHE_TTL_S:.0f} "
+                             "realistic, the guard's default for hot)")
+    parser.add_argument("--memory-scale", type=_sizes, default=[], metavar="N,N,...",
+                        help="also measure peak RSS and key-store memory per customer after a first-sight "
+                             "snapshot of N customers, for each N (e.g. 100000,300000,1000000)")
+    parser.add_argument("--db-latency", type=float, default=0.0, metavar="SECONDS",
+                        help="also measure commit-to-raw and commit-to-sanitized latency on the local stack's "
+                             "branch database for SECONDS (after 10 s of warm-up)")
+    parser.add_argument("--db-rate", type=float, default=None,
+                        help="rows/s written in --db-latency (default: half the guard's measured max rate)")
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument("--profile-local", type=int, default=0, metavar="RECORDS",
                         help="instead: profile the sanitizer over RECORDS bench events in a loop, no Kafka")
@@ -91,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         run_bench(load_settings(None), records=args.records, partitions=args.partitions, workers=args.workers,
                   json_out=args.json_out, latency_seconds=args.latency_seconds, scaling=args.scaling,
-                  soak_seconds=args.soak, keep=args.keep, trials=args.trials, warmup_seconds=args.warmup_seconds)
+                  soak_seconds=args.soak, keep=args.keep, trials=args.trials, warmup_seconds=args.warmup_seconds,
+                  workload=args.workload, customers=args.customers, key_cache_ttl=args.key_cache_ttl,
+                  memory_scale=args.memory_scale, db_latency_seconds=args.db_latency, db_rate=args.db_rate)
     except GuardError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

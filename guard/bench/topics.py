@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from guard.bench.common import BenchError, log
@@ -26,18 +26,20 @@ class Names:
     def prefix(self) -> str:
         return f"bench{self.runid}"
 
-    @property
-    def input(self) -> str:
-        return f"{self.prefix}.public.customers"
+    def input(self, table: str = "public.customers") -> str:
+        """The raw topic of `table` (`schema.table`), named as the connector names it."""
+        return f"{self.prefix}.{table}"
+
+    def inputs(self, tables: Iterable[str]) -> list[str]:
+        return [self.input(t) for t in tables]
 
     @property
     def plain_out(self) -> str:
         # Not `<prefix>.plain.out`: that would match the guard's raw pattern `^<prefix>\.[^.]+\.[^.]+$`.
         return f"{self.prefix}-plain.out"
 
-    @property
-    def sanitized(self) -> str:
-        return f"sanitized.{self.input}"
+    def sanitized(self, table: str = "public.customers") -> str:
+        return f"sanitized.{self.input(table)}"
 
     def group(self, mode: str) -> str:
         return f"{self.prefix}-{mode}"
@@ -75,6 +77,58 @@ def cleanup_kafka(admin: AdminClient, names: Names, groups: Iterable[str]) -> li
     return topics
 
 
+#: The anomalies a guard raises for a write its policy checks did not allow (`Emitter.write_alert`).
+WRITE_ALERT_RULES = ("write_unattributed", "write_denied")
+
+
+def write_alerts(client: dict[str, Any], names: Names, timeout: float = 60) -> dict[str, int]:
+    """How many writes the run's guards decided `unattributed` or denied: the `write_unattributed` and
+    `write_denied` anomalies committed on the run's anomalies topic (`bench<runid>-guard.anomalies`), read
+    with read_committed after every worker stopped. Each such write is alerted once (no deduplication),
+    so the counts are decisions, whatever mode or trial made them; a rule never raised counts 0.
+    """
+    topic = f"{names.prefix}-guard.anomalies"
+    counts = dict.fromkeys(WRITE_ALERT_RULES, 0)
+    consumer = Consumer({**client, "group.id": names.group("alerts"), "enable.auto.commit": False,
+                         "isolation.level": "read_committed", "auto.offset.reset": "earliest"})
+    try:
+        # Every topic's metadata: asking for one named topic may auto-create it (guard/stack/README.md).
+        meta = consumer.list_topics(timeout=10).topics.get(topic)
+        if meta is None or meta.error is not None or not meta.partitions:
+            return counts  # no guard raised any anomaly
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in meta.partitions}
+        consumer.assign([TopicPartition(topic, p, 0) for p in ends])
+        deadline = time.monotonic() + timeout
+        idle_since = time.monotonic()
+        while True:
+            msgs = consumer.consume(1000, 0.5)
+            if msgs:
+                idle_since = time.monotonic()
+            for msg in msgs:
+                value = msg.value()
+                if msg.error() is not None or not value or value[:1] != b"{":
+                    continue  # only the sanitizer's JSON anomalies are counted
+                try:
+                    rule = orjson.loads(value).get("rule")
+                except orjson.JSONDecodeError:
+                    continue
+                if rule in counts:
+                    counts[rule] += 1
+            positions = {tp.partition: tp.offset for tp in consumer.position(
+                [TopicPartition(topic, p) for p in ends])}
+            filled = [(positions.get(p, -1), end) for p, end in ends.items() if end > 0]
+            if all(pos >= end for pos, end in filled):
+                return counts
+            # A transaction marker may end a partition, and it is never handed out: with every writer
+            # stopped, 5 s without a record after a record of every partition was read is the end too.
+            if all(pos > 0 for pos, _ in filled) and time.monotonic() - idle_since > 5:
+                return counts
+            if time.monotonic() > deadline:
+                raise BenchError(f"could not read {topic} to its end within {timeout:.0f}s")
+    finally:
+        consumer.close()
+
+
 def drift_alert_keys(workload: Workload, tenant: str = "demo-bank") -> list[str]:
     """Redis marks of the drift alerts the bench can raise: one per column the catalog doesn't know.
 
@@ -83,12 +137,18 @@ def drift_alert_keys(workload: Workload, tenant: str = "demo-bank") -> list[str]
     """
     from guard.classify.catalog import Catalog
     from guard.classify.plans import Classifier
-
-    row = orjson.loads(workload.value(0, 0))["after"]
-    plan = Classifier(Catalog.load(None)).plan("public.customers", row)
     from guard.keys.store import tenant_prefix
 
-    return [f"{tenant_prefix(tenant)}alerted:drift:public.customers:{p.name}" for p in plan.unclassified]
+    classifier, keys = Classifier(Catalog.load(None)), []
+    first: dict[str, int] = {}
+    for n, (table, _, value) in enumerate(workload.templates):
+        if value is not None and orjson.loads(workload.value(n, 0) or b"{}").get("after") is not None:
+            first.setdefault(table, n)
+    for table, n in first.items():
+        row = orjson.loads(workload.value(n, 0) or b"{}")["after"]
+        keys += [f"{tenant_prefix(tenant)}alerted:drift:{table}:{p.name}"
+                 for p in classifier.plan(table, row).unclassified]
+    return keys
 
 
 def cleanup_redis(redis_url: str, names: Names, fresh_alert_keys: list[str]) -> int:
@@ -143,7 +203,7 @@ def _fill_producer(client: dict[str, Any], linger_ms: int) -> Producer:
     })
 
 
-def _produce(producer: Producer, topic: str, key: bytes, value: bytes) -> None:
+def _produce(producer: Producer, topic: str, key: bytes, value: bytes | None) -> None:
     while True:
         try:
             producer.produce(topic, value, key)
@@ -152,25 +212,30 @@ def _produce(producer: Producer, topic: str, key: bytes, value: bytes) -> None:
             producer.poll(0.05)
 
 
-def fill(client: dict[str, Any], topic: str, workload: Workload) -> float:
-    """Produce every record of the workload once; returns records/s (not timed against either mode)."""
+def fill(client: dict[str, Any], names: Names, workload: Workload) -> float:
+    """Produce every record of the workload once, each to its table's raw topic (a logical decoding
+    message to `<prefix>.message`); returns records/s (not timed against either mode)."""
     producer = _fill_producer(client, 20)
+    topics = {table: names.input(table) for table in workload.topics}
+    templates = workload.templates
     start = time.monotonic()
     ts_ms = int(time.time() * 1000)
     for n, template in enumerate(workload.order):
-        _produce(producer, topic, workload.templates[template][0], workload.value(template, ts_ms))
+        table, key, _ = templates[template]
+        _produce(producer, topics[table], key, workload.value(template, ts_ms))
         if n % 10_000 == 0:
             producer.poll(0)
     if producer.flush(120) != 0:
-        raise BenchError(f"could not write the workload to {topic}")
+        raise BenchError(f"could not write the workload to {names.prefix}'s raw topics")
     return len(workload.order) / (time.monotonic() - start)
 
 
-def pace(client: dict[str, Any], topic: str, workload: Workload, rate: float, seconds: float,
+def pace(client: dict[str, Any], names: Names, workload: Workload, rate: float, seconds: float,
          check: Callable[[], None] | None = None) -> tuple[int, float]:
     """Send at `rate` events/s for `seconds`, stamping each envelope with its send time.
 
-    Returns (events sent, achieved rate). Sends in 2 ms ticks so bursts stay far below one batch;
+    Sends `workload.replay` over and over (never a write for a customer who left), each event to its
+    table's raw topic. Returns (events sent, achieved rate). Sends in 2 ms ticks so bursts stay far below one batch;
     `check` (e.g. "are the workers still alive?") runs about once a second and may raise to stop early.
     The producer lingers 5 ms, Kafka 4's default and so what Debezium's Connect producer does: the 1 ms
     used before sent several times more produce requests, and that load on the broker and this process
@@ -178,7 +243,9 @@ def pace(client: dict[str, Any], topic: str, workload: Workload, rate: float, se
     linger counts in the measured latency (the envelope is stamped before it).
     """
     producer = _fill_producer(client, 5)
-    order, n_order = workload.order, len(workload.order)
+    order, n_order = workload.replay, len(workload.replay)
+    topics = {table: names.input(table) for table in workload.topics}
+    templates = workload.templates
     start = time.monotonic()
     sent, checked = 0, start
     while (elapsed := time.monotonic() - start) < seconds:
@@ -189,7 +256,8 @@ def pace(client: dict[str, Any], topic: str, workload: Workload, rate: float, se
         now_ms = int(time.time() * 1000)
         while sent < due:
             template = order[sent % n_order]
-            _produce(producer, topic, workload.templates[template][0], workload.value(template, now_ms))
+            table, key, _ = templates[template]
+            _produce(producer, topics[table], key, workload.value(template, now_ms))
             sent += 1
         producer.poll(0)
         time.sleep(0.002)

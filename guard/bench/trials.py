@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -13,7 +14,14 @@ from typing import Any
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from guard.bench.common import LATENCY_WARMUP_S, SMOKE_BELOW_RECORDS, WARMUP_S, BenchError, log
+from guard.bench.common import (
+    BENCH_KEY_CACHE_TTL_S,
+    LATENCY_WARMUP_S,
+    SMOKE_BELOW_RECORDS,
+    WARMUP_S,
+    BenchError,
+    log,
+)
 from guard.bench.latency import broker_uptime_s, local_broker, measure_latency
 from guard.bench.report import machine_facts, target_checks
 from guard.bench.topics import (
@@ -25,9 +33,10 @@ from guard.bench.topics import (
     fill,
     missing_keys,
     pace,
+    write_alerts,
 )
 from guard.bench.workers import BenchContext, GroupProgress, RssSampler, WorkerSet
-from guard.bench.workload import Workload, build_workload
+from guard.bench.workload import MESSAGE_TOPIC, WORKLOADS, Workload, build_workload
 from guard.config import Settings
 from guard.kafka_security import client_config
 from guard.protect.fastpath import use_native
@@ -42,12 +51,33 @@ class ThroughputResult:
     workers: list[dict[str, Any]] = field(default_factory=list)
     #: Events committed in each second of the window: tells a slow start (new keys) from a steady rate.
     per_second: list[int] = field(default_factory=list)
+    #: Guard: the key manager's counters over the window (`KeyManager.counters`) and what they make per
+    #: event (`key_figures`); empty for the plain loop.
+    keys: dict[str, Any] = field(default_factory=dict)
+
+
+def key_figures(counts: dict[str, int], events: int) -> dict[str, Any]:
+    """Per-event key figures of a guard window: cache hit rate, key-store round trips, keys fetched/created.
+
+    The data-key cache's hit rate is the share of per-event key lookups whose key did not come from the
+    key store in the window: 1 - keys fetched / lookups. (`key_hits` alone would count a key the batch's
+    prefetch loaded a moment before as a hit.) Compare `keys_fetched` with the workload's distinct customers.
+    """
+    if not counts:
+        return {}
+    lookups = counts.get("key_lookups", 0)
+    per = max(events, 1)
+    return {**counts,
+            "cache_hit_rate": round(max(0.0, 1 - counts.get("keys_fetched", 0) / lookups), 4) if lookups else None,
+            "round_trips_per_event": round(counts.get("store_round_trips", 0) / per, 4),
+            "keys_fetched_per_event": round(counts.get("keys_fetched", 0) / per, 4),
+            "keys_created_per_event": round(counts.get("keys_created", 0) / per, 4)}
 
 
 def drain_fresh(ctx: BenchContext, workers: WorkerSet) -> ThroughputResult:
     """Let a fresh group consume the whole input topic; time it with the workers' own timestamps."""
-    names = ctx.names
-    progress = GroupProgress(client_config(ctx.settings), workers.group, names.input, ctx.partitions)
+    progress = GroupProgress(client_config(ctx.settings), workers.group, ctx.inputs_of(workers.mode),
+                             ctx.partitions)
     try:
         targets = progress.ends()
         count = sum(targets.values())
@@ -64,12 +94,14 @@ def drain_fresh(ctx: BenchContext, workers: WorkerSet) -> ThroughputResult:
     if end > observed + 1:  # a worker's clock can't be ahead of the parent's observation of the same commit
         end = observed
     seconds = max(end - start, 1e-6)
-    return ThroughputResult(count, seconds, count / seconds, per_second=workers.per_second(start, end))
+    keys = key_figures(workers.key_counters(end), count) if workers.mode != "plain" else {}
+    return ThroughputResult(count, seconds, count / seconds, per_second=workers.per_second(start, end), keys=keys)
 
 
 def catch_up(ctx: BenchContext, workers: WorkerSet) -> None:
     """Wait until a (re)started group has committed everything currently in the input topic."""
-    progress = GroupProgress(client_config(ctx.settings), workers.group, ctx.names.input, ctx.partitions)
+    progress = GroupProgress(client_config(ctx.settings), workers.group, ctx.inputs_of(workers.mode),
+                             ctx.partitions)
     try:
         targets = progress.ends()
         progress.wait(targets, workers, timeout=120 + sum(targets.values()) / 500)
@@ -97,12 +129,12 @@ def soak(ctx: BenchContext, workload: Workload, workers: int, rate: float, secon
     restarted workers resume where they stopped, with the keys they created.
     """
     sampler = RssSampler(5.0)
-    soak_ctx = BenchContext(ctx.settings, ctx.names, ctx.partitions, sampler, ctx.log_dir, ctx.groups)
+    soak_ctx = dataclasses.replace(ctx, sampler=sampler)
     group = WorkerSet(soak_ctx, "guard", workers, guard_group[0], "soak", guard_group[1]).start()
     try:
         catch_up(soak_ctx, group)
         t0 = time.time()
-        pace(client_config(ctx.settings), ctx.names.input, workload, rate, seconds, group.check_alive)
+        pace(client_config(ctx.settings), ctx.names, workload, rate, seconds, group.check_alive)
     finally:
         group.stop()
         sampler.close()
@@ -149,13 +181,30 @@ class BenchOptions:
     scaling: bool = False
     soak_seconds: float = 0.0
     keep: bool = False
-    customers: int = 4000
+    #: `realistic` (a branch day over every table, a million customers) or `hot` (customers only, 4,000).
+    workload: str = "realistic"
+    #: The workload's customer population; None: the workload's default.
+    customers: int | None = None
+    #: The guard workers' data-key cache TTL; None: `BENCH_KEY_CACHE_TTL_S` for the realistic workload
+    #: (so keys expire inside every measured window), the guard's default for `hot`.
+    key_cache_ttl: float | None = None
+    #: Population sizes of the memory-and-key-state phase (`guard.bench.scale`); empty: not run.
+    memory_scale: list[int] = field(default_factory=list)
+    #: Measured seconds of the latency-from-the-database phase (`guard.bench.dblatency`); 0: not run.
+    db_latency_seconds: float = 0.0
+    #: Rows/s written into the branch database in that phase; None: half the guard's measured max rate.
+    db_rate: float | None = None
     json_out: Path | None = None
 
     @property
     def smoke(self) -> bool:
         """A short run (tests): fewer than `SMOKE_BELOW_RECORDS` records."""
         return self.records < SMOKE_BELOW_RECORDS
+
+    def cache_ttl(self) -> float | None:
+        if self.key_cache_ttl is not None:
+            return self.key_cache_ttl
+        return BENCH_KEY_CACHE_TTL_S if self.workload == "realistic" else None
 
     def latency_s(self) -> float:
         """Measured seconds of a latency phase: 20 by default, 5 for smoke runs so tests stay short."""
@@ -192,12 +241,18 @@ def trial_group(ctx: BenchContext, mode: str, trial: int | str) -> tuple[str, st
     return ctx.names.group(f"{mode}-{tag}"), tag
 
 
-def run_mode_throughput(ctx: BenchContext, mode: str, workers: int,
-                        trial: int | str = 0) -> tuple[WorkerSet, ThroughputResult]:
-    """Start W workers of `mode` in the trial's group and drain the input; the workers keep running."""
+def run_mode_throughput(ctx: BenchContext, mode: str, workers: int, trial: int | str = 0,
+                        phase: str = "") -> tuple[WorkerSet, ThroughputResult]:
+    """Start W workers of `mode` in the trial's group and drain the input; the workers keep running.
+
+    `phase` "steady" runs a guard in a group of its own on the branch of the trial's first-sight guard:
+    its keys exist in the key store, none is in the new worker's cache.
+    """
     group_id, suffix = trial_group(ctx, mode, trial)
+    if phase:
+        group_id = f"{group_id}-{phase}"
     # Warm-up workers are sampled under their own label: their RSS is not the mode's measured peak.
-    label = mode if isinstance(trial, int) else f"warmup-{mode}"
+    label = (mode if not phase else f"{mode}-{phase}") if isinstance(trial, int) else f"warmup-{mode}"
     group = WorkerSet(ctx, mode, workers, group_id, label, suffix).start()
     try:
         result = drain_fresh(ctx, group)
@@ -205,8 +260,12 @@ def run_mode_throughput(ctx: BenchContext, mode: str, workers: int,
         group.stop()
         raise
     name = f"trial {trial + 1}" if isinstance(trial, int) else f"warm-up {trial}"
-    log.info("%s %s: %d events in %.2fs = %.0f events/s (per second: %s)", mode, name, result.events,
-             result.seconds, result.events_per_s, " ".join(map(str, result.per_second)))
+    keys = result.keys
+    log.info("%s%s %s: %d events in %.2fs = %.0f events/s%s (per second: %s)", mode, f" {phase}" if phase else "",
+             name, result.events, result.seconds, result.events_per_s,
+             f"; key cache hits {keys['cache_hit_rate']}, {keys['round_trips_per_event']} key-store round trips "
+             f"and {keys['keys_created_per_event']} new keys per event" if keys else "",
+             " ".join(map(str, result.per_second)))
     return group, result
 
 
@@ -249,25 +308,32 @@ def median_trial(results: list[ThroughputResult]) -> ThroughputResult:
 
 
 def execute(ctx: BenchContext, workload: Workload, opts: BenchOptions) -> dict[str, Any]:
-    """The phases: warm-up, throughput trials (plain, guard, alternating), guard latency, plain latency,
-    scaling, soak.
+    """The phases: warm-up, throughput trials, guard latency, plain latency, scaling, soak.
 
-    The last guard trial's workers stay up for the latency phase (caught up, keys warm), and the plain
-    latency phase resumes the last plain trial's group.
+    A trial is a plain drain, a first-sight guard drain (a new branch: every data key is created), a
+    steady-state drain of the guard with policy checks off (`guard-nopolicy`) and one with them on (the
+    `guard` mode; each a new worker on that branch: every key exists, none is cached). The last
+    trial's steady-state workers stay up for the latency phase, and the plain latency phase resumes the
+    last plain trial's group.
     """
     warmup = warm_up(ctx, opts.workers, opts.warmup_s())
-    trials: dict[str, list[ThroughputResult]] = {"plain": [], "guard": [], "guard-nopolicy": []}
+    trials: dict[str, list[ThroughputResult]] = {"plain": [], "guard_first_sight": [], "guard-nopolicy": [],
+                                                  "guard": []}
     guard: WorkerSet | None = None
     try:
         for trial in range(opts.trials):
             plain, result = run_mode_throughput(ctx, "plain", opts.workers, trial)
             result.workers = plain.stop()
             trials["plain"].append(result)
-            # The guard with policy checks off, in the same run: what checking every write costs.
-            off, result = run_mode_throughput(ctx, "guard-nopolicy", opts.workers, trial)
+            first, result = run_mode_throughput(ctx, "guard", opts.workers, trial)
+            result.workers = first.stop()
+            trials["guard_first_sight"].append(result)
+            # The guard with policy checks off, in the same state (keys exist, none cached): what checking
+            # every write costs, against the steady-state drain that follows.
+            off, result = run_mode_throughput(ctx, "guard-nopolicy", opts.workers, trial, "steady")
             result.workers = off.stop()
             trials["guard-nopolicy"].append(result)
-            guard, result = run_mode_throughput(ctx, "guard", opts.workers, trial)
+            guard, result = run_mode_throughput(ctx, "guard", opts.workers, trial, "steady")
             trials["guard"].append(result)
             if trial < opts.trials - 1:
                 result.workers = guard.stop()
@@ -278,6 +344,7 @@ def execute(ctx: BenchContext, workload: Workload, opts: BenchOptions) -> dict[s
         raise
     assert guard is not None
     plain_tp, guard_tp = median_trial(trials["plain"]), median_trial(trials["guard"])
+    first_tp = median_trial(trials["guard_first_sight"])
     off_tp = median_trial(trials["guard-nopolicy"])
     rate = guard_tp.events_per_s / 2
     try:
@@ -293,19 +360,29 @@ def execute(ctx: BenchContext, workload: Workload, opts: BenchOptions) -> dict[s
         plain_lat = measure_latency(ctx, plain, workload, rate, opts.latency_s(), opts.latency_warmup_s())
     finally:
         plain.stop()
+    plain_us = 1e6 / plain_tp.events_per_s
     report: dict[str, Any] = {
         "modes": {
-            "plain": {**asdict(plain_tp), "latency": asdict(plain_lat), "peak_rss_mib": ctx.sampler.peak_mib("plain")},
-            "guard": {**asdict(guard_tp), "latency": asdict(guard_lat), "peak_rss_mib": ctx.sampler.peak_mib("guard")},
+            "plain": {**asdict(plain_tp), "latency": asdict(plain_lat), "peak_rss_mib": ctx.sampler.peak_mib("plain"),
+                      "us_per_event": round(plain_us, 2)},
+            "guard": {**asdict(guard_tp), "latency": asdict(guard_lat),
+                      "peak_rss_mib": ctx.sampler.peak_mib("guard-steady"),
+                      "us_per_event": round(1e6 / guard_tp.events_per_s, 2)},
+            "guard_first_sight": {**asdict(first_tp), "peak_rss_mib": ctx.sampler.peak_mib("guard"),
+                                  "us_per_event": round(1e6 / first_tp.events_per_s, 2)},
         },
         "ratio": guard_tp.events_per_s / plain_tp.events_per_s,
+        "ratio_first_sight": first_tp.events_per_s / plain_tp.events_per_s,
         "latency_rate": rate,
         "warmup": asdict(warmup) if warmup is not None else None,
         "trials": {
             "plain_events_per_s": [round(r.events_per_s, 1) for r in trials["plain"]],
             "guard_events_per_s": [round(r.events_per_s, 1) for r in trials["guard"]],
+            "guard_first_sight_events_per_s": [round(r.events_per_s, 1) for r in trials["guard_first_sight"]],
             "ratios": [round(g.events_per_s / p.events_per_s, 3)
                        for p, g in zip(trials["plain"], trials["guard"], strict=True)],
+            "ratios_first_sight": [round(g.events_per_s / p.events_per_s, 3)
+                                   for p, g in zip(trials["plain"], trials["guard_first_sight"], strict=True)],
         },
         # Policy checks on (the `guard` mode) against off (`guard-nopolicy`), same records, same run.
         "policy": {
@@ -313,17 +390,21 @@ def execute(ctx: BenchContext, workload: Workload, opts: BenchOptions) -> dict[s
             "ratio_policy_off": off_tp.events_per_s / plain_tp.events_per_s,
             "on_vs_off": guard_tp.events_per_s / off_tp.events_per_s,
             "trials_nopolicy_events_per_s": [round(r.events_per_s, 1) for r in trials["guard-nopolicy"]],
+            "peak_rss_mib_nopolicy": ctx.sampler.peak_mib("guard-nopolicy-steady"),
+            # Times a guard held a partition at a delete whose attribution message it had not read yet.
+            "attribution_waits": sum(int(w.get("attribution_waits", 0)) for mode in ("guard_first_sight", "guard")
+                                     for r in trials[mode] for w in r.workers),
             "decision_cost": decision_cost(),
         },
     }
-    for mode in ("plain", "guard"):
+    for mode in ("plain", "guard", "guard_first_sight"):
         report["modes"][mode]["events_per_s"] = round(report["modes"][mode]["events_per_s"], 1)
     if opts.scaling:
         report["scaling"] = scaling(ctx)
     if opts.soak_seconds > 0:
         log.info("soak: %.0fs at %.0f events/s", opts.soak_seconds, rate)
-        report["soak"] = asdict(soak(ctx, workload, opts.workers, rate, opts.soak_seconds,
-                                     trial_group(ctx, "guard", opts.trials - 1)))
+        group, suffix = trial_group(ctx, "guard", opts.trials - 1)
+        report["soak"] = asdict(soak(ctx, workload, opts.workers, rate, opts.soak_seconds, (f"{group}-steady", suffix)))
     return report
 
 
@@ -335,6 +416,8 @@ def run(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
         raise BenchError("--records, --workers, --partitions and --trials must be positive")
     if not opts.warmup_s() >= 0:  # written so that NaN is refused too
         raise BenchError("--warmup-seconds must be 0 (no warm-up) or more")
+    if opts.workload not in WORKLOADS:
+        raise BenchError(f"--workload must be one of {', '.join(WORKLOADS)}")
     admin = AdminClient(client_config(settings))
     try:
         admin.list_topics(timeout=10)
@@ -346,21 +429,33 @@ def run(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
     machine["broker_uptime_s_at_start"] = broker_uptime_s(broker)
     # The workers inherit this environment, so they resolve GUARD_HOT_PATH the same way.
     machine["guard_hot_path"] = "native" if use_native(settings.hot_path) else "python"
-    workload = build_workload(opts.records, customers=opts.customers)
+    started = time.monotonic()
+    workload = build_workload(opts.records, customers=opts.customers, kind=opts.workload)
+    log.info("built the %s workload: %d events of %d distinct customers (population %d) in %.1fs", opts.workload,
+             len(workload.order), workload.facts["distinct_customers"], workload.customers, time.monotonic() - started)
     alert_keys = missing_keys(settings.redis_url, drift_alert_keys(workload, settings.tenant))
     sampler = RssSampler(0.5)
     ctx = BenchContext(settings, names, opts.partitions, sampler, Path(tempfile.mkdtemp(prefix=f"{names.prefix}-")),
-                       broker_gc_log=broker.gc_log if broker is not None and broker.gc_log.is_file() else None)
+                       broker_gc_log=broker.gc_log if broker is not None and broker.gc_log.is_file() else None,
+                       tables=workload.tables, key_cache_ttl=opts.cache_ttl(), messages=workload.has_messages)
     try:
-        create_topic(admin, names.input, opts.partitions)
-        # Both modes' output topics exist before the timed windows: a guard creates a table's sanitized
-        # topic once in its life (`TopicManager.ensure_like`), which is not per-event work.
+        for table in workload.tables:
+            create_topic(admin, names.input(table), opts.partitions)
+            # Both modes' output topics exist before the timed windows: a guard creates a table's sanitized
+            # topic once in its life (`TopicManager.ensure_like`), which is not per-event work.
+            create_topic(admin, names.sanitized(table), opts.partitions)
+        if workload.has_messages:
+            # Where Debezium publishes the logical decoding messages that attribute deletes (policy on).
+            create_topic(admin, names.input(MESSAGE_TOPIC), opts.partitions)
         create_topic(admin, names.plain_out, opts.partitions)
-        create_topic(admin, names.sanitized, opts.partitions)
-        fill_rate = fill(client_config(settings), names.input, workload)
-        log.info("filled %s with %d events (%.0f/s); worker logs in %s", names.input, opts.records, fill_rate,
-                 ctx.log_dir)
+        fill_rate = fill(client_config(settings), names, workload)
+        log.info("filled %s with %d events (%.0f/s); worker logs in %s", ", ".join(ctx.inputs), opts.records,
+                 fill_rate, ctx.log_dir)
         report = execute(ctx, workload, opts)
+        # Every write the workload names its principal for: a write decided `unattributed` or denied by
+        # any guard of the run is a fault of the bench's records (or of the guard), not a figure.
+        report["policy"]["write_alerts"] = write_alerts(client_config(settings), names)
+        ctx.groups.add(names.group("alerts"))
     finally:
         sampler.close()
         if not opts.keep:
@@ -375,11 +470,23 @@ def run(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
         "partitions": opts.partitions,
         "workers": opts.workers,
         "trials_per_mode": opts.trials,
-        "workload": {"records": opts.records, "customers": workload.customers, "updates": workload.updates,
-                     "mean_value_bytes": round(workload.mean_value_bytes(), 1), "fill_events_per_s": round(fill_rate),
-                     "topic": names.input},
+        "workload": {"kind": workload.kind, "records": opts.records, "customers": workload.customers,
+                     "updates": workload.updates, "mean_value_bytes": round(workload.mean_value_bytes(), 1),
+                     "fill_events_per_s": round(fill_rate), "topics": ctx.inputs,
+                     "key_cache_ttl_s": opts.cache_ttl(), **workload.facts},
         "machine": machine,
         "kept_topics": opts.keep,
     })
+    if opts.db_latency_seconds > 0:
+        from guard.bench.dblatency import measure_db_latency
+
+        db_rate = opts.db_rate if opts.db_rate is not None else report["latency_rate"]
+        log.info("latency from the database: %.0f rows/s for %.0fs", db_rate, opts.db_latency_seconds)
+        report["db_latency"] = asdict(measure_db_latency(settings, db_rate, opts.db_latency_seconds,
+                                                         log_path=str(ctx.log_dir / "guard-db-latency.log")))
+    if opts.memory_scale:
+        from guard.bench.scale import measure_scale
+
+        report["memory_scale"] = measure_scale(settings, opts.memory_scale, partitions=opts.partitions)
     report["targets"] = target_checks(report)
     return report

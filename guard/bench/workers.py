@@ -18,6 +18,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from guard.bench.common import BenchError, log
 from guard.bench.topics import Names
+from guard.bench.workload import MESSAGE_TOPIC
 from guard.config import Settings
 from guard.kafka_security import settings_env
 
@@ -33,6 +34,8 @@ class WorkerProc:
     log_path: Path
     first_t: float | None = None
     commits: list[tuple[float, int]] = field(default_factory=list)
+    #: Guard workers: the key manager's counters at each commit (`KeyManager.counters`).
+    key_counts: list[tuple[float, dict[str, int]]] = field(default_factory=list)
     done: dict[str, Any] | None = None
     ready: threading.Event = field(default_factory=threading.Event)
 
@@ -51,6 +54,8 @@ class WorkerProc:
                 self.first_t = float(msg["t"])
             elif event == "commit":
                 self.commits.append((float(msg["t"]), int(msg["events"])))
+                if "keys" in msg:
+                    self.key_counts.append((float(msg["t"]), msg["keys"]))
             elif event == "done":
                 self.done = msg
 
@@ -113,6 +118,24 @@ class BenchContext:
     groups: set[str] = field(default_factory=set)
     #: The local broker's GC log, or None when the bench runs against another broker (`local_broker`).
     broker_gc_log: Path | None = None
+    #: The workload's tables (`schema.table`): one raw topic each.
+    tables: list[str] = field(default_factory=lambda: ["public.customers"])
+    #: The guard workers' data-key cache TTL (s); None: the guard's default (`Settings.key_cache_ttl`).
+    key_cache_ttl: float | None = None
+    #: Whether the workload has logical decoding messages on `<prefix>.message` (the attribution of deletes).
+    messages: bool = False
+
+    @property
+    def inputs(self) -> list[str]:
+        """The raw topics the workers read: the tables' and, if there are messages, `<prefix>.message`."""
+        return self.names.inputs([*self.tables, MESSAGE_TOPIC] if self.messages else self.tables)
+
+    def inputs_of(self, mode: str) -> list[str]:
+        """The raw topics a mode's workers consume and commit: a guard with policy checks off does not
+        read `<prefix>.message` (nothing to attribute), the plain loop and the guard read every topic."""
+        if mode == "guard-nopolicy":
+            return self.names.inputs(self.tables)
+        return self.inputs
 
 
 class WorkerSet:
@@ -139,8 +162,10 @@ class WorkerSet:
         ctx = self.ctx
         cmd = [sys.executable, "-m", "guard.bench.worker", "--mode", self.mode, "--runid", ctx.names.runid,
                "--group", self.group, "--worker-id", worker_id, "--bootstrap", ctx.settings.kafka_bootstrap,
-               "--redis-url", ctx.settings.redis_url, "--input-topic", ctx.names.input,
+               "--redis-url", ctx.settings.redis_url, "--input-topic", ",".join(ctx.inputs),
                "--output-topic", ctx.names.plain_out, "--branch-suffix", self.branch_suffix]
+        if ctx.key_cache_ttl is not None:
+            cmd += ["--key-cache-ttl", str(ctx.key_cache_ttl)]
         log_path = ctx.log_dir / f"{worker_id}.log"
         with log_path.open("w") as log_file:
             # the workers reach Kafka as this process does (settings from a --config file included)
@@ -186,6 +211,15 @@ class WorkerSet:
                 return min(firsts), t
         return None
 
+    def key_counters(self, end: float) -> dict[str, int]:
+        """The guard workers' key counters summed, each worker's as of its last commit at or before `end`."""
+        total: dict[str, int] = {}
+        for proc in self.procs:
+            last = [counts for t, counts in proc.key_counts if t <= end + 1e-6]
+            for name, value in (last[-1] if last else {}).items():
+                total[name] = total.get(name, 0) + int(value)
+        return total
+
     def per_second(self, start: float, end: float) -> list[int]:
         """Events the workers committed in each whole second from `start` to `end`."""
         merged = sorted((t, i, events) for i, p in enumerate(self.procs) for t, events in p.commits)
@@ -202,21 +236,21 @@ class WorkerSet:
 
 # --- committed progress ------------------------------------------------------------------------------
 class GroupProgress:
-    """Reads a group's committed offsets on the input topic without joining the group."""
+    """Reads a group's committed offsets on the input topics without joining the group."""
 
-    def __init__(self, client: dict[str, Any], group: str, topic: str, partitions: int) -> None:
-        self.topic, self.partitions = topic, partitions
+    def __init__(self, client: dict[str, Any], group: str, topics: list[str], partitions: int) -> None:
+        self.topics, self.partitions = topics, partitions
         self.consumer = Consumer({**client, "group.id": group, "enable.auto.commit": False})
 
-    def committed(self) -> dict[int, int]:
-        tps = [TopicPartition(self.topic, p) for p in range(self.partitions)]
-        return {tp.partition: max(tp.offset, 0) for tp in self.consumer.committed(tps, timeout=10)}
+    def committed(self) -> dict[tuple[str, int], int]:
+        tps = [TopicPartition(t, p) for t in self.topics for p in range(self.partitions)]
+        return {(tp.topic, tp.partition): max(tp.offset, 0) for tp in self.consumer.committed(tps, timeout=10)}
 
-    def ends(self) -> dict[int, int]:
-        return {p: self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)[1]
-                for p in range(self.partitions)}
+    def ends(self) -> dict[tuple[str, int], int]:
+        return {(t, p): self.consumer.get_watermark_offsets(TopicPartition(t, p), timeout=10)[1]
+                for t in self.topics for p in range(self.partitions)}
 
-    def wait(self, targets: dict[int, int], workers: WorkerSet, timeout: float) -> float:
+    def wait(self, targets: dict[tuple[str, int], int], workers: WorkerSet, timeout: float) -> float:
         """Block until every partition's committed offset reaches its target; returns when (epoch s)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

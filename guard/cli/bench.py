@@ -26,16 +26,25 @@ from guard.errors import GuardError
 @click.option("--soak", type=float, default=0.0, metavar="SECONDS",
               help="Also run a steady 50%-rate soak and report RSS drift (the memory target needs 600).")
 @click.option("--keep", is_flag=True, help="Keep the bench topics, groups and keys.")
+@click.option("--workload", type=click.Choice(["realistic", "hot"]), default="realistic", show_default=True,
+              help="realistic: a branch day over every demo table, Zipf-skewed over --customers; hot: customers "
+                   "only, 4,000 customers, nearly every key cached (the earlier benches' workload).")
+@click.option("--customers", type=int, default=None,
+              help="Customer population (default 1,000,000 for realistic, 4,000 for hot).")
+@click.option("--key-cache-ttl", type=float, default=None,
+              help="The guard workers' data-key cache TTL in seconds (default 10 for realistic, so keys expire "
+                   "inside the measured windows; the guard's default for hot).")
 @click.pass_context
 def bench(ctx: click.Context, records: int, partitions: int, workers: int, trials: int, json_out: Path | None,
           latency_seconds: float | None, warmup_seconds: float | None, scaling: bool, soak: float,
-          keep: bool) -> None:
+          keep: bool, workload: str, customers: int | None, key_cache_ttl: float | None) -> None:
     """Plain consume-produce vs the guard on the same records; last line `ratio <guard/plain>`."""
     from guard.bench.run import run_bench
 
     try:
         run_bench(_settings(ctx), records=records, partitions=partitions, workers=workers, json_out=json_out,
                   latency_seconds=latency_seconds, scaling=scaling, soak_seconds=soak, keep=keep, trials=trials,
-                  warmup_seconds=warmup_seconds)
+                  warmup_seconds=warmup_seconds, workload=workload, customers=customers,
+                  key_cache_ttl=key_cache_ttl)
     except GuardError as exc:
         raise click.ClickException(str(exc)) from None

@@ -37,6 +37,8 @@ from guard.keys.store import RedisKeyStore, StaleBranchKeyError
 
 log = logging.getLogger(__name__)
 
+#: Share of the TTL before its expiry in which a batch's prefetch fetches a cached key again (`prefetch`).
+REFRESH_MARGIN = 0.25
 #: How long a commit-time check waits for the listener to apply a shred the key store has counted.
 CATCH_UP_S = 0.2
 _U32 = struct.Struct(">I")
@@ -51,6 +53,23 @@ class ShredResult:
     #: `done` (the key destroyed, or none existed: `versions_destroyed` says which), `already` (erased
     #: before; nothing written), `held` (under legal hold; nothing destroyed).
     status: str = "done"
+
+
+class _Spoiled:
+    """The subjects whose freshly fetched keys must not be cached (`KeyManager._invalidated_since`)."""
+
+    __slots__ = ("everything", "subjects")
+
+    def __init__(self, subjects: set[str] | None) -> None:
+        self.everything = subjects is None
+        self.subjects = subjects or set()
+
+    def __contains__(self, subject: object) -> bool:
+        return self.everything or subject in self.subjects
+
+
+_NOTHING = _Spoiled(set())
+_EVERYTHING = _Spoiled(None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +129,11 @@ class KeyManager:
         self._listener: threading.Thread | None = None
         self._compactor: threading.Thread | None = None
         self._compact_wanted = threading.Event()
+        #: Counters for the benchmark (`counters`): integer adds on the hot path, nothing more.
+        self.key_lookups = 0
+        self.key_hits = 0
+        self.keys_fetched = 0
+        self.keys_created = 0
         if listen:
             self._start_listener()
 
@@ -332,21 +356,27 @@ class KeyManager:
         now = time.monotonic()
         cache_key = (branch, subject)
         hit = self._deks.get(cache_key)
+        self.key_lookups += 1
         if hit is not None and hit[1] > now:
+            self.key_hits += 1
             return hit[0]
         kek = self._kek(branch)
         name = f"dek/{branch}/{subject}"
         seen = self._invalidations
+        offered = kek.wrap(random_key(), name)
         try:
-            found = self.store.get_or_create_dek(branch, subject, kek.wrap(random_key(), name))
+            found = self.store.get_or_create_dek(branch, subject, offered)
         except StaleBranchKeyError:  # a transfer retired the cached branch key: read it again, wrap again
             self.drop_branch_keys(branch)
             kek = self._kek(branch)
             seen = self._invalidations
-            found = self.store.get_or_create_dek(branch, subject, kek.wrap(random_key(), name))
+            offered = kek.wrap(random_key(), name)
+            found = self.store.get_or_create_dek(branch, subject, offered)
+        self.keys_fetched += 1
         if found is None:
             raise KeyShreddedError(f"data subject {subject} of branch {branch} was erased; its key is destroyed")
         version, wrapped = found
+        self.keys_created += wrapped == offered
         aead = Aead(self._unwrap_dek(branch, wrapped, name), version=version)
         self._remember(branch, subject, aead, now, seen)
         return aead
@@ -354,49 +384,106 @@ class KeyManager:
     def cached_subject_aead(self, branch: str, subject: str) -> Aead | None:
         """The subject's data key if this worker holds it unexpired, else None (no key-store round trip)."""
         hit = self._deks.get((branch, subject))
-        return hit[0] if hit is not None and hit[1] > time.monotonic() else None
+        self.key_lookups += 1
+        if hit is not None and hit[1] > time.monotonic():
+            self.key_hits += 1
+            return hit[0]
+        return None
 
     def prefetch(self, branch: str, subjects: set[str]) -> None:
         """Load (or create) every uncached key of `subjects` in one key-store round trip.
 
         Called once per batch, so a burst of new or long-idle customers costs one round trip instead of
         one per event. Erased subjects are skipped; `subject_aead` reports them when they are used.
+
+        Keys that expire within `REFRESH_MARGIN` of their TTL are fetched again with the batch: a key that
+        expired while the batch was being processed would otherwise cost a round trip of its own (with a
+        10-s TTL and batches of a second, a hundred per batch: `guard bench`, docs/benchmark.md round 10).
+        The refreshed key comes from the key store, so the TTL still bounds how long a shredded key lingers.
         """
         self.check_tenant_keys()
         now = time.monotonic()
-        missing = [s for s in subjects if (hit := self._deks.get((branch, s))) is None or hit[1] <= now]
+        horizon = now + self._ttl * REFRESH_MARGIN
+        missing = [s for s in subjects if (hit := self._deks.get((branch, s))) is None or hit[1] <= horizon]
         if not missing:
             return
         kek = self._kek(branch)
         seen = self._invalidations
+        offered = [(s, kek.wrap(random_key(), f"dek/{branch}/{s}")) for s in missing]
         try:
-            found = self.store.get_or_create_deks(
-                branch, [(s, kek.wrap(random_key(), f"dek/{branch}/{s}")) for s in missing])
+            found = self.store.get_or_create_deks(branch, offered)
         except StaleBranchKeyError:  # a transfer retired the cached branch key: read it again, wrap again
             self.drop_branch_keys(branch)
             kek = self._kek(branch)
             seen = self._invalidations
-            found = self.store.get_or_create_deks(
-                branch, [(s, kek.wrap(random_key(), f"dek/{branch}/{s}")) for s in missing])
-        for subject, result in zip(missing, found, strict=True):
+            offered = [(s, kek.wrap(random_key(), f"dek/{branch}/{s}")) for s in missing]
+            found = self.store.get_or_create_deks(branch, offered)
+        self.keys_fetched += len(missing)
+        loaded: list[tuple[str, Aead]] = []
+        for (subject, mine), result in zip(offered, found, strict=True):
             if result is None:
                 continue
             version, wrapped = result
-            aead = Aead(self._unwrap_dek(branch, wrapped, f"dek/{branch}/{subject}"), version=version)
-            self._remember(branch, subject, aead, now, seen)
+            self.keys_created += wrapped == mine
+            key = self._unwrap_dek(branch, wrapped, f"dek/{branch}/{subject}")
+            loaded.append((subject, Aead(key, version=version)))
+        self._remember_many(branch, loaded, now, seen)
 
     def _remember(self, branch: str, subject: str, aead: Aead, now: float, seen: int) -> None:
         with self._lock:
-            if self._invalidations != seen:
-                # An invalidation arrived while the key was fetched: it may name this very key, and the
-                # listener has already forgotten it. Caching it now would keep a destroyed key for a TTL.
+            if subject in self._invalidated_since(seen, branch):
                 return
-            # Jitter spreads expiries, so keys fetched together (a snapshot, a burst) don't all expire
-            # in the same second and stall the stream with a wave of key-store round trips.
-            self._deks[(branch, subject)] = (aead, now + self._ttl * (0.75 + 0.25 * random.random()))
-            self._deks.move_to_end((branch, subject))
-            while len(self._deks) > self._cache_size:
-                self._deks.popitem(last=False)
+            self._cache(branch, subject, aead, now)
+
+    def _remember_many(self, branch: str, keys: list[tuple[str, Aead]], now: float, seen: int) -> None:
+        with self._lock:
+            spoiled = self._invalidated_since(seen, branch)
+            for subject, aead in keys:
+                if subject not in spoiled:
+                    self._cache(branch, subject, aead, now)
+
+    def _invalidated_since(self, seen: int, branch: str) -> _Spoiled:
+        """Subjects of `branch` that invalidations applied since `seen` name (call with the lock held).
+
+        An invalidation that arrives while keys are fetched may name one of them, and the listener has
+        already forgotten it: caching that key now would keep a destroyed key for a TTL. Only the named
+        subjects are refused; a dropped cache (reconnect, unreadable message) or more invalidations than
+        remembered refuse every key. (Refusing every key on any invalidation made each shred during a
+        batch's prefetch cost the rest of the batch a key-store round trip per record.)
+        """
+        since = self._invalidations - seen
+        if since == 0:
+            return _NOTHING
+        if since > len(self._invalidated):
+            return _EVERYTHING
+        named: set[str] = set()
+        for entry in list(self._invalidated)[-since:]:
+            if entry is None:
+                return _EVERYTHING
+            if entry[0] == branch:
+                named.add(entry[1])
+        return _Spoiled(named)
+
+    def _cache(self, branch: str, subject: str, aead: Aead, now: float) -> None:
+        # Jitter spreads expiries, so keys fetched together (a snapshot, a burst) don't all expire
+        # in the same second and stall the stream with a wave of key-store round trips.
+        self._deks[(branch, subject)] = (aead, now + self._ttl * (0.75 + 0.25 * random.random()))
+        self._deks.move_to_end((branch, subject))
+        while len(self._deks) > self._cache_size:
+            self._deks.popitem(last=False)
+
+    def counters(self) -> dict[str, int]:
+        """What this manager's data-key cache and key store did so far (the benchmark reports them).
+
+        `key_lookups`/`key_hits`: per-event lookups of a subject's current key and those the cache answered
+        (on the native path a miss is looked up again once the batch's keys are loaded); `keys_fetched`:
+        subjects whose key came from the key store, `keys_created` of them minted by this worker;
+        `store_round_trips`: requests to the key store (a pipeline counts once), from every thread;
+        `invalidations`: shreds and rotations applied from the invalidation channel.
+        """
+        return {"key_lookups": self.key_lookups, "key_hits": self.key_hits, "keys_fetched": self.keys_fetched,
+                "keys_created": self.keys_created, "store_round_trips": self.store.round_trips,
+                "invalidations": self._invalidations, "cached_keys": len(self._deks)}
 
     def subject_aead_for(self, branch: str, subject: str, sealed: bytes) -> Aead:
         """The key version that sealed `sealed`, for reading (the reveal path). Never creates a key.

@@ -27,24 +27,29 @@ REPO = Path(__file__).resolve().parents[2]
 def test_bench_measures_both_modes(stack: dict[str, str], tmp_path: Path) -> None:
     json_out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "guard.cli", "bench", "--records", "20000", "--partitions", "2", "--workers", "1",
-         "--warmup-seconds", "1", "--json-out", str(json_out)],
+        [sys.executable, "-m", "guard.cli", "bench", "--records", "20000", "--customers", "20000", "--partitions", "2",
+         "--workers", "1", "--warmup-seconds", "1", "--json-out", str(json_out)],
         cwd=REPO, env={**os.environ, **stack}, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.rstrip("\n").splitlines()
 
     assert re.fullmatch(r"ratio \d+\.\d{3}", lines[-1]), lines[-1]
-    assert any(re.match(r"mode\s+workers\s+events/s\s+p50 ms\s+p99 ms\s+peak RSS MiB", line) for line in lines)
-    assert any(line.startswith("plain ") for line in lines) and any(line.startswith("guard ") for line in lines)
+    assert any(re.match(r"mode\s+workers\s+events/s\s+us/event\s+p50 ms\s+p99 ms\s+peak RSS MiB\s+key hits"
+                        r"\s+store trips/ev\s+new keys/ev", line) for line in lines)
+    for mode in ("plain ", "guard ", "guard first sight "):
+        assert any(line.startswith(mode) for line in lines), mode
 
     printed = json.loads(proc.stdout.split("\nJSON:\n", 1)[1].rsplit("\nratio ", 1)[0])
     written = json.loads(json_out.read_text())
     assert printed == written
-    for mode in ("plain", "guard"):
+    for mode in ("plain", "guard", "guard_first_sight"):
         result = written["modes"][mode]
         assert result["events_per_s"] > 0
         assert result["events"] >= 20000
+        assert result["us_per_event"] == pytest.approx(1e6 / result["events_per_s"], rel=1e-2)
+    for mode in ("plain", "guard"):
+        result = written["modes"][mode]
         assert result["latency"]["samples"] > 0
         assert 0 <= result["latency"]["probe_ready_s"] < 10, "the probe was fetching before the pacer started"
         assert result["peak_rss_mib"] > 0
@@ -57,10 +62,13 @@ def test_bench_measures_both_modes(stack: dict[str, str], tmp_path: Path) -> Non
     # Three alternating trials per mode by default; each mode's figure is its median trial.
     trials = written["trials"]
     assert written["trials_per_mode"] == len(trials["plain_events_per_s"]) == len(trials["guard_events_per_s"]) == 3
-    for mode in ("plain", "guard"):
+    assert len(trials["guard_first_sight_events_per_s"]) == 3
+    for mode in ("plain", "guard", "guard_first_sight"):
         assert written["modes"][mode]["events_per_s"] == sorted(trials[f"{mode}_events_per_s"])[1]
     medians = written["modes"]["guard"]["events_per_s"] / written["modes"]["plain"]["events_per_s"]
     assert written["ratio"] == pytest.approx(medians, rel=1e-3)
+    first = written["modes"]["guard_first_sight"]["events_per_s"] / written["modes"]["plain"]["events_per_s"]
+    assert written["ratio_first_sight"] == pytest.approx(first, rel=1e-3)
     assert {t["status"] for t in written["targets"]} <= {"pass", "fail", "n/a", "not run"}
     assert written["machine"]["cores"] >= 1
     # Against the local stack the bench knows its broker: how long it has been up, and its stop-the-world
@@ -71,8 +79,42 @@ def test_bench_measures_both_modes(stack: dict[str, str], tmp_path: Path) -> Non
         assert isinstance(pauses, list) and all(len(p) == 2 and p[1] >= 0 for p in pauses)
     assert any(line.startswith("broker GC pauses in the latency phases (local stack): guard ") for line in lines)
 
-    guard_worker = written["modes"]["guard"]["workers"][0]
-    assert guard_worker["decisions"] == {"protected": guard_worker["events"]}, "bench events must all be protected"
+    # The realistic workload: every table of the demo schema, a population of which the window drew some.
+    workload = written["workload"]
+    assert workload["kind"] == "realistic" and workload["customers"] == 20000
+    assert workload["tables"] == ["public.customers", "public.accounts", "public.transactions", "public.customer_auth"]
+    assert all(sum(ops.values()) > 0 for ops in workload["events"].values())
+    assert sum(sum(ops.values()) for ops in workload["events"].values()) == 20000
+    assert 0 < workload["distinct_customers"] < 20000 + workload["customers_created"]
+    assert workload["customers_leaving"] > 0 and workload["key_cache_ttl_s"] == 10.0
+
+    # First sight: a fresh branch, so each distinct customer's key is created once, with the batch's keys
+    # fetched in one round trip (far fewer round trips than keys); every event protected or a tombstone.
+    first_worker = written["modes"]["guard_first_sight"]["workers"][0]
+    assert set(first_worker["decisions"]) <= {"protected", "tombstone", "attribution"}
+    assert sum(first_worker["decisions"].values()) == first_worker["events"] and first_worker["dlq_reasons"] == {}
+    # Every delete's transaction has its guard.principal message on <prefix>.message, read by the guard
+    # (policy on), each recorded as an attribution.
+    assert first_worker["decisions"]["attribution"] == workload["events"]["message"]["m"] > 0
+    keys = written["modes"]["guard_first_sight"]["keys"]
+    assert keys["keys_created"] == workload["distinct_customers"] <= keys["keys_fetched"]
+    assert keys["store_round_trips"] < keys["keys_fetched"] / 10
+    assert keys["round_trips_per_event"] == pytest.approx(keys["store_round_trips"] / 20000, abs=1e-4)
+    assert keys["cache_hit_rate"] == pytest.approx(1 - keys["keys_fetched"] / keys["key_lookups"], abs=1e-4)
+    # Steady state: the same branch, a new worker: every key exists (none created), none is cached.
+    steady = written["modes"]["guard"]["keys"]
+    assert steady["keys_created"] == 0 and steady["keys_fetched"] >= workload["distinct_customers"]
+
+    # Policy checks: the guard with them off in the same state, every trial; and every write of the run
+    # named its principal (updated_by, or its delete's message), so no guard decided one `unattributed`
+    # (nor denied one: the demo policy allows the bench's teller to write and its manager to delete).
+    policy = written["policy"]
+    assert len(policy["trials_nopolicy_events_per_s"]) == 3 and policy["guard_nopolicy_events_per_s"] > 0
+    assert policy["on_vs_off"] == pytest.approx(written["modes"]["guard"]["events_per_s"]
+                                                / policy["guard_nopolicy_events_per_s"], rel=1e-2)
+    assert policy["write_alerts"] == {"write_unattributed": 0, "write_denied": 0}
+    assert any(line.startswith("write decisions not allowed, whole run: 0 unattributed, 0 denied")
+               for line in lines)
 
 
 def test_bench_leaves_no_topics(stack: dict[str, str], tmp_path: Path) -> None:
@@ -81,11 +123,16 @@ def test_bench_leaves_no_topics(stack: dict[str, str], tmp_path: Path) -> None:
 
     json_out = tmp_path / "bench.json"
     subprocess.run(
-        [sys.executable, "-m", "guard.bench", "--records", "3000", "--partitions", "1", "--latency-seconds", "2",
-         "--json-out", str(json_out)],
+        [sys.executable, "-m", "guard.bench", "--workload", "hot", "--records", "3000", "--partitions", "1",
+         "--latency-seconds", "2", "--json-out", str(json_out)],
         cwd=REPO, env={**os.environ, **stack}, capture_output=True, text=True, timeout=600, check=True,
     )
-    runid = json.loads(json_out.read_text())["runid"]
+    report = json.loads(json_out.read_text())
+    runid = report["runid"]
+    # The hot workload: customers only, 4,000 customers, every event protected.
+    assert report["workload"]["kind"] == "hot" and report["workload"]["tables"] == ["public.customers"]
+    guard_worker = report["modes"]["guard_first_sight"]["workers"][0]
+    assert guard_worker["decisions"] == {"protected": guard_worker["events"]}, "bench events must all be protected"
     admin = AdminClient(kafka_conf(stack["GUARD_KAFKA_BOOTSTRAP"]))
     left: list[str] = []
     for _ in range(20):  # metadata may trail the deletion by a moment
@@ -94,3 +141,42 @@ def test_bench_leaves_no_topics(stack: dict[str, str], tmp_path: Path) -> None:
             break
         time.sleep(0.5)
     assert left == []
+
+
+def test_write_alerts_counts_the_committed_write_anomalies(stack: dict[str, str]) -> None:
+    """The bench's count of writes not allowed (`write_alerts`) reads what the guards committed: a zero
+    in a report means none, not a reader that saw nothing. Two partitions, a committed transaction with
+    each kind, an aborted one, other anomalies and a non-JSON record (the analyzer writes Avro)."""
+    import uuid
+
+    import orjson
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient
+
+    from guard.bench.topics import Names, write_alerts
+    from tests.integration.reliability_helpers import create_topic
+
+    bootstrap = stack["GUARD_KAFKA_BOOTSTRAP"]
+    admin = AdminClient(kafka_conf(bootstrap))
+    names = Names(uuid.uuid4().hex[:8])
+    topic = f"{names.prefix}-guard.anomalies"
+    assert write_alerts(kafka_conf(bootstrap), names) == {"write_unattributed": 0, "write_denied": 0}  # no topic
+    create_topic(bootstrap, topic, 2)
+    try:
+        producer = Producer({**kafka_conf(bootstrap), "transactional.id": f"{names.prefix}-alerts-test"})
+        producer.init_transactions(30)
+
+        def send(rules: list[str], commit: bool) -> None:
+            producer.begin_transaction()
+            for n, rule in enumerate(rules):
+                producer.produce(topic, orjson.dumps({"type": "anomaly", "rule": rule}), partition=n % 2)
+            producer.produce(topic, b"\x00avro", partition=1)
+            producer.flush(30)
+            (producer.commit_transaction if commit else producer.abort_transaction)(30)
+
+        send(["write_unattributed", "write_denied", "write_unattributed", "rows_without_data_subject"], True)
+        send(["write_unattributed", "write_denied"], False)
+        send(["write_denied"], True)
+        assert write_alerts(kafka_conf(bootstrap), names) == {"write_unattributed": 2, "write_denied": 2}
+    finally:
+        admin.delete_topics([topic])[topic].result(timeout=60)

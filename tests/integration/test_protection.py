@@ -476,6 +476,28 @@ def test_batch_prefetch_loads_every_key_in_one_round_trip(branch_settings):
     assert broken.decision == "dlq" and broken.dlq_reason == "invalid_json"
 
 
+def test_a_batch_prefetch_refreshes_keys_about_to_expire(branch_settings):
+    """A key that would expire while its batch is processed is fetched again with the batch, in the same
+    round trip: not one round trip of its own in the middle of the batch."""
+    import time as _time
+
+    from guard.keys.manager import REFRESH_MARGIN
+
+    keys = build_sanitizer(branch_settings).keys
+    branch = branch_settings.branch
+    keys.prefetch(branch, {"refresh-a", "refresh-b"})
+    fetched: list[list[str]] = []
+    real = keys.store.get_or_create_deks
+    keys.store.get_or_create_deks = lambda b, items: fetched.append(sorted(s for s, _ in items)) or real(b, items)
+    keys.prefetch(branch, {"refresh-a", "refresh-b"})
+    assert fetched == [], "fresh keys are not fetched again"
+    aead, _ = keys._deks[(branch, "refresh-a")]
+    keys._deks[(branch, "refresh-a")] = (aead, _time.monotonic() + keys._ttl * REFRESH_MARGIN / 2)
+    keys.prefetch(branch, {"refresh-a", "refresh-b"})
+    assert fetched == [["refresh-a"]]
+    assert keys._deks[(branch, "refresh-a")][1] > _time.monotonic() + keys._ttl * REFRESH_MARGIN
+
+
 def test_caches_keyed_by_plaintext_values_expire_with_the_key_cache(branch_settings):
     """Memoised masks and tokens, sanitized Kafka keys and subject tokens are maps keyed by customers'
     values: a worker must not hold them longer than it may hold a data key (docs/keys.md)."""

@@ -153,6 +153,36 @@ def test_a_key_fetched_across_an_invalidation_is_not_cached():
     assert keys.cached_subject_aead("0101", "s1") is None
 
 
+def test_an_invalidation_during_a_batch_fetch_refuses_only_the_key_it_names():
+    """A shred elsewhere must not cost the rest of the batch a round trip per record: the other keys of
+    the same fetch are cached; a dropped cache (reconnect, garbage) refuses them all."""
+    import time as _time
+
+    keys = _manager()
+    aead = Aead(b"d" * 32, version=1)
+    seen = keys._invalidations
+    keys._on_invalidation(b"0101:s1:3")
+    keys._on_invalidation(b"0202:s2:4")  # another branch's subject s2: not this branch's s2
+    keys._remember_many("0101", [("s1", aead), ("s2", aead), ("s3", aead)], _time.monotonic(), seen)
+    assert keys.cached_subject_aead("0101", "s1") is None
+    assert keys.cached_subject_aead("0101", "s2") is aead and keys.cached_subject_aead("0101", "s3") is aead
+
+    seen = keys._invalidations
+    keys._drop_all()
+    keys._remember_many("0101", [("s4", aead)], _time.monotonic(), seen)
+    keys._remember("0101", "s5", aead, _time.monotonic(), seen)
+    assert keys.cached_subject_aead("0101", "s4") is None and keys.cached_subject_aead("0101", "s5") is None
+
+
+def test_more_invalidations_than_remembered_refuse_every_key():
+    import time as _time
+
+    keys = _manager()
+    seen = keys._invalidations - keys._invalidated.maxlen - 1  # as if that many arrived during the fetch
+    keys._remember_many("0101", [("s1", Aead(b"d" * 32, version=1))], _time.monotonic(), seen)
+    assert keys.cached_subject_aead("0101", "s1") is None
+
+
 def _truncate(table: str) -> bytes:
     return orjson.dumps({"op": "t", "before": None, "after": None, "ts_ms": 1,
                          "source": {"db": "branch_0101", "schema": "public", "table": table, "lsn": 10, "ts_ms": 1}})

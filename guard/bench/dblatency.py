@@ -1,0 +1,218 @@
+"""Latency from the database commit (`--db-latency`): commit → raw record readable (Debezium alone) and
+commit → sanitized record readable (read_committed), on the local stack's branch database.
+
+A writer inserts one `transactions` row per PostgreSQL transaction into the branch database, at a steady
+rate, for customers the stack seeded. The stack's Debezium connector turns each commit into a raw record
+(`<prefix>.public.transactions`); a `guard run` worker of the stack's branch sanitizes it. Two probes read
+the raw and the sanitized topic (read_committed) from their ends and, for every record, take the time it
+became readable minus the **commit time the record carries**: the envelope's `source.ts_ms`, which the
+PostgreSQL connector sets from the commit message of the logical replication stream (the commit record's
+timestamp, written by PostgreSQL at commit), and which the guard copies into the sanitized record as
+`source_ts_ms`. That is the honest start: a column set to `clock_timestamp()` would be read inside the
+transaction, before the commit, and add the commit's own duration to both latencies. Everything runs on
+one machine, so the database's clock and the probes' clock are the same clock (millisecond resolution).
+The difference per record (matched on the source LSN the sanitized record carries as `position`) is
+what the guard adds.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import orjson
+import psycopg
+from confluent_kafka import Consumer, TopicPartition
+
+from guard.bench.common import BenchError, log
+from guard.bench.latency import percentile, topic_partitions
+from guard.bench.workload import BENCH_PRINCIPAL
+from guard.config import Settings
+from guard.kafka.batching import take
+from guard.kafka_security import client_config
+
+
+def sanitized_source(value: bytes) -> tuple[int | None, str]:
+    """(`source_ts_ms`, `position`) of a sanitized record, read straight from its Avro bytes.
+
+    `source_ts_ms` is the 7th field of sanitized_change and `position` the 8th: skip v, op, table, branch,
+    db and the `ts_ms` union, as `latency.sanitized_ts` does. `tests/unit/test_bench_probe.py` checks it
+    against the full decoder.
+    """
+    pos = 10 if value[:2] == b"\xc3\x01" else 5
+
+    def varint() -> int:
+        nonlocal pos
+        shift = result = 0
+        while True:
+            byte = value[pos]
+            pos += 1
+            result |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return (result >> 1) ^ -(result & 1)
+            shift += 7
+
+    varint()  # v
+    for _ in range(4):  # op, table, branch, db
+        length = varint()
+        pos += length
+    if varint() == 1:  # ts_ms
+        varint()
+    source_ts = varint() if varint() == 1 else None
+    length = varint()
+    return source_ts, value[pos:pos + length].decode()
+
+
+class CommitProbe:
+    """A read_committed consumer from the end of `topic`: readable time minus commit time per record."""
+
+    def __init__(self, client: dict[str, Any], topic: str, parse: Any) -> None:
+        self.parse = parse
+        self.samples: dict[str, tuple[float, int]] = {}  # position -> (latency ms, commit ms)
+        self._stop = threading.Event()
+        self.consumer = Consumer({**client, "group.id": f"bench-commit-{uuid.uuid4().hex}",
+                                  "enable.auto.commit": False, "isolation.level": "read_committed",
+                                  "fetch.wait.max.ms": 10, "fetch.min.bytes": 1})
+        count = topic_partitions(self.consumer, topic, timeout=60)
+        self.consumer.assign([TopicPartition(topic, p, self.consumer.get_watermark_offsets(
+            TopicPartition(topic, p), timeout=10)[1]) for p in range(count)])
+        self._thread = threading.Thread(target=self._run, name=f"probe-{topic}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            msgs, _ = take(self.consumer, 1000, 0.05)
+            now_ms = time.time() * 1000
+            for msg in msgs:
+                value = msg.value()
+                if msg.error() is not None or value is None:
+                    continue
+                try:
+                    committed, position = self.parse(value)
+                except (ValueError, IndexError, KeyError, TypeError, orjson.JSONDecodeError):
+                    continue
+                if committed is not None:
+                    self.samples[position] = (now_ms - committed, committed)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.consumer.close()
+
+
+def raw_source(value: bytes) -> tuple[int | None, str]:
+    source = orjson.loads(value)["source"]
+    return source.get("ts_ms"), f"lsn:{source['lsn']}"
+
+
+@dataclass
+class CommitLatency:
+    rate_target: float
+    rate_achieved: float
+    seconds: float
+    written: int
+    matched: int
+    raw_p50_ms: float
+    raw_p95_ms: float
+    raw_p99_ms: float
+    sanitized_p50_ms: float
+    sanitized_p95_ms: float
+    sanitized_p99_ms: float
+    added_p50_ms: float
+    added_p95_ms: float
+    added_p99_ms: float
+    guard_pid: int | None = None
+
+
+def _customers(dsn: str) -> list[tuple[int, str]]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute("SELECT customer_id, account_no FROM accounts ORDER BY account_no LIMIT 500").fetchall()
+    if not rows:
+        raise BenchError("the branch database has no accounts to write transactions for: run `guard stack up`")
+    return [(int(c), str(a)) for c, a in rows]
+
+
+def write_paced(dsn: str, rate: float, seconds: float) -> tuple[int, float]:
+    """Insert one transaction row per commit at `rate` rows/s for `seconds`; returns (rows, achieved rate)."""
+    accounts = _customers(dsn)
+    written = 0
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        # The attribution contract (docs/policy.md): the trigger stamps `updated_by` from guard.principal.
+        # Set once for the session (each autocommit INSERT is its own transaction), so the measured commits
+        # carry no extra statement; the guard decides every row `allow`, none `unattributed`.
+        conn.execute("SELECT set_config('guard.principal', %s, false)", (BENCH_PRINCIPAL,))
+        insert = ("INSERT INTO transactions (account_no, customer_id, amount, direction, counterparty_name, "
+                  "counterparty_account, channel, memo) VALUES (%s, %s, %s, 'D', %s, %s, 'mobile', %s)")
+        start = time.monotonic()
+        while (elapsed := time.monotonic() - start) < seconds:
+            due = int(elapsed * rate)
+            while written < due:
+                customer, account = accounts[written % len(accounts)]
+                conn.execute(insert, (account, customer, Decimal(written % 100_000) / 100, "bench payee",
+                                      "6222020000000000000", "bench"))
+                written += 1
+            time.sleep(0.002)
+        took = time.monotonic() - start
+    return written, written / took
+
+
+def start_guard(settings: Settings, log_path: str) -> subprocess.Popen[bytes]:
+    """A `guard run` worker of the stack's branch (its settings from this environment)."""
+    with open(log_path, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "guard.cli", "run", "--worker-id", "bench-db-latency"],
+                                stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
+
+
+def measure_db_latency(settings: Settings, rate: float, seconds: float, *, warmup_s: float = 10.0,
+                       log_path: str) -> CommitLatency:
+    """Write at `rate` for `warmup_s` + `seconds`; percentiles of the rows written in the last `seconds`."""
+    raw_topic = f"{settings.raw_topic_prefix}.public.transactions"
+    guard = start_guard(settings, log_path)
+    raw = sanitized = None
+    try:
+        # The guard catches up with what the topics hold before the probes start from their ends.
+        raw = CommitProbe(client_config(settings), raw_topic, raw_source)
+        sanitized = CommitProbe(client_config(settings), f"sanitized.{raw_topic}", sanitized_source)
+        time.sleep(5)
+        if guard.poll() is not None:
+            raise BenchError(f"guard run exited with {guard.returncode}; see {log_path}")
+        since_ms = (time.time() + warmup_s) * 1000
+        written, achieved = write_paced(settings.branch_dsn, rate, warmup_s + seconds)
+        # Wait until every row the raw probe saw in the window is sanitized too (or a minute has passed).
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            seen_raw = {p for p, (_, c) in list(raw.samples.items()) if c >= since_ms}
+            if seen_raw and seen_raw <= set(sanitized.samples) and len(seen_raw) >= seconds * achieved * 0.95:
+                break
+            time.sleep(0.5)
+    finally:
+        for probe in (raw, sanitized):
+            if probe is not None:
+                probe.close()
+        guard.terminate()
+        try:
+            guard.wait(30)
+        except subprocess.TimeoutExpired:
+            guard.kill()
+    assert raw is not None and sanitized is not None
+    raws = {p: lat for p, (lat, c) in raw.samples.items() if c >= since_ms}
+    sans = {p: lat for p, (lat, c) in sanitized.samples.items() if c >= since_ms}
+    both = sorted(set(raws) & set(sans))
+    added = [sans[p] - raws[p] for p in both]
+    raw_l, san_l = [raws[p] for p in both], [sans[p] for p in both]
+    log.info("db latency: %d rows written (%.0f/s), %d raw, %d sanitized, %d matched", written, achieved,
+             len(raws), len(sans), len(both))
+
+    def pct(values: list[float], q: float) -> float:
+        return round(percentile(values, q), 1)
+
+    return CommitLatency(rate, round(achieved, 1), seconds, written, len(both),
+                         pct(raw_l, 50), pct(raw_l, 95), pct(raw_l, 99), pct(san_l, 50), pct(san_l, 95),
+                         pct(san_l, 99), pct(added, 50), pct(added, 95), pct(added, 99), guard.pid)
