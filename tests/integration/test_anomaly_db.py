@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import psycopg
 import pytest
 from confluent_kafka.admin import AdminClient
@@ -19,7 +20,7 @@ from confluent_kafka.admin import AdminClient
 from guard.config import load_settings
 from guard.keys.store import RedisKeyStore
 from guard.pipeline.runtime import build_keys
-from tests.integration.kafka_helpers import GuardProcess, admin_redis_env, kafka_conf
+from tests.integration.kafka_helpers import GuardProcess, admin_redis_env, kafka_conf, read_all
 from tests.integration.test_anomaly_stream import Env, _by_rule
 
 pytestmark = pytest.mark.integration
@@ -36,7 +37,7 @@ def pipeline(stack: dict[str, str], tmp_path: Path) -> Iterator[tuple[Env, Guard
     env = Env(stack, tmp_path)
     outputs = {"GUARD_SANITIZED_PREFIX": f"{env.name}.sanitized.", "GUARD_AUDIT_TOPIC": env.topic("audit"),
                "GUARD_ANOMALIES_TOPIC": env.topic("anomalies"), "GUARD_DELETIONS_TOPIC": env.topic("deletions"),
-               "GUARD_DLQ_TOPIC": env.topic("dlq")}
+               "GUARD_DLQ_TOPIC": env.topic("dlq"), "GUARD_FACTS_TOPIC": env.topic("facts")}
     env.create_topics()
     guard = GuardProcess(stack, worker_id=f"{env.name}-g", group_id=f"{env.name}-g", log_dir=tmp_path,
                          extra_env=outputs).start(from_end=True)
@@ -96,3 +97,50 @@ def test_same_mobile_on_several_customers_and_delete_under_legal_hold(
     # no plaintext in any alert: neither the numbers nor the names
     text = str(alerts)
     assert "13912345678" not in text and "测试" not in text
+
+
+def test_contact_change_then_large_transaction_from_the_branch_database(
+        pipeline: tuple[Env, GuardProcess], stack: dict[str, str]) -> None:
+    """A customer's mobile changes, then a large transaction on the customer's account: critical. Beside it,
+    a large transaction of a customer whose contact details did not change, and a small one of a customer
+    whose did, raise nothing. The amount reaches the analyzer as a band on the facts topic, never as a value."""
+    env, guard = pipeline
+    contact_topic = f"{env.name}.sanitized.br0101.public.customers"
+    base = 710_000_000 + uuid.uuid4().int % 10_000_000
+    victim, other, small = base, base + 1, base + 2
+    settings = load_settings(None, redis_url=stack["GUARD_REDIS_URL"],
+                             redis_password_file=stack["GUARD_REDIS_PASSWORD_FILE"])
+    keys = build_keys(settings, listen=False)
+    with psycopg.connect(stack["GUARD_BRANCH_DSN"], autocommit=True) as conn:
+        for cid in (victim, other, small):
+            conn.execute("INSERT INTO customers (customer_id, name, mobile, branch_code) VALUES (%s, '测试', %s, "
+                         "'0101')", (cid, f"1380001{cid % 10_000:04d}"))
+    admin = AdminClient(kafka_conf(env.bootstrap))
+    deadline = time.monotonic() + 180
+    while contact_topic not in admin.list_topics(timeout=10).topics:
+        assert guard.alive() and time.monotonic() < deadline, guard.log()[-3000:]
+        time.sleep(1)
+    env.start_worker("a", {"GUARD_CONTACT_TOPICS": contact_topic})
+    with psycopg.connect(stack["GUARD_BRANCH_DSN"], autocommit=True) as conn:
+        for cid in (victim, small):
+            conn.execute("UPDATE customers SET mobile = %s WHERE customer_id = %s", (f"1370001{cid % 10_000:04d}", cid))
+        for cid, amount in ((victim, "86000.00"), (other, "92000.00"), (small, "120.00")):
+            conn.execute("INSERT INTO transactions (account_no, customer_id, amount, direction, channel) VALUES "
+                         "(%s, %s, %s, 'D', 'counter')", (f"62220{cid}", cid, amount))
+    alerts = env.wait_alerts(lambda a: _by_rule(a, "contact_change_then_large_transaction"), timeout=240)
+    # the analyzer has read every fact the sanitizer wrote: two transaction facts (victim, other), no more
+    facts = [orjson.loads(r.value) for r in read_all(env.bootstrap, env.topic("facts")) if r.value]
+    txn = [f for f in facts if f["kind"] == "transaction"]
+    tokens = {keys.subject_token(settings.branch, str(cid)): cid for cid in (victim, other, small)}
+    assert sorted(tokens[f["subject"]] for f in txn) == [victim, other]
+    assert {f["attrs"]["amount_band"] for f in txn} == {"large"}
+    text = orjson.dumps(facts).decode()
+    assert "86000.00" not in text and "92000.00" not in text, "an amount on the facts topic"
+    env.wait_consumed(env.topic("facts"))
+    env.wait_consumed(contact_topic)
+    alerts = env.alerts()
+    takeover = _by_rule(alerts, "contact_change_then_large_transaction")
+    assert len({a["id"] for a in takeover}) == 1 and takeover[0]["severity"] == "critical"
+    victim_token = keys.subject_token(settings.branch, str(victim))
+    assert {"kind": "subject", "ref": victim_token} in takeover[0]["evidence"]
+    assert "86000.00" not in str(alerts) and "测试" not in str(alerts)
