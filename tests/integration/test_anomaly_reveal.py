@@ -36,6 +36,7 @@ from guard.anomaly.engine import Analyzer, Emit
 from guard.anomaly.facts import Fact, facts_from_record
 from guard.anomaly.rules import RuleConfig, default_rules_path
 from guard.anomaly.state import AnomalyState
+from guard.errors import DecodeError
 from guard.keys.store import RedisKeyStore
 from guard.policy.engine import default_directory
 from guard.policy.sources import staff_entities
@@ -149,9 +150,13 @@ def calls(stack: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> It
             msg = consumer.poll(0.5)
             if msg is None or msg.error() or msg.value() is None:
                 continue
-            doc = decode(msg.value())
-            if doc.get("op") in ("reveal", "search") and doc.get("reason") and \
-                    orjson.loads(doc["reason"]).get("principal") in prefixes:
+            try:
+                doc = decode(msg.value())
+                ours = doc.get("op") in ("reveal", "search") and \
+                    orjson.loads(doc.get("reason") or "{}").get("principal") in prefixes
+            except (DecodeError, orjson.JSONDecodeError, AttributeError):
+                continue  # another writer's record (the topic is shared)
+            if ours:
                 found.append((msg.partition() or 0, msg.offset() or 0, msg.timestamp()[1], msg.value()))
     finally:
         consumer.close()
