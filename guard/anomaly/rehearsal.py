@@ -124,7 +124,7 @@ def plan_day(seed: int, day: date | None = None, *, branch: str = "0101", timezo
     tellers, managers = staff("t", rng.randint(8, 14)), staff("m", rng.randint(2, 4))
     old_staff = staff("old", 2)  # the former owner's staff (bank-old): normal before the cut-off
     normal = tellers + managers + old_staff
-    customers = [f"{tag}-c{i:05d}" for i in range(600)]
+    customers = [f"{tag}-c{i:05d}" for i in range(3000)]
     rng.shuffle(customers)
     pool = iter(customers)
     picks = rng.sample(tellers, 6)
