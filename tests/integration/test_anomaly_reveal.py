@@ -86,13 +86,6 @@ def calls(stack: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> It
     entities = json.loads((policy / "entities.json").read_text())
     staff = staff_entities([(f"{who}-{RUN}", "0101", org, True, ["manager"]) for who, org in PEOPLE.items()])
     (policy / "entities.json").write_text(json.dumps(entities + staff))
-    consumer = Consumer({**kafka_conf(bootstrap), "group.id": "unused"})
-    try:
-        meta = consumer.list_topics("guard.audit", timeout=10).topics["guard.audit"]
-        audit_start = [TopicPartition("guard.audit", p, high_watermark(consumer, "guard.audit", p))
-                       for p in meta.partitions]
-    finally:
-        consumer.close()
     # three customers through Debezium and a real worker: the records the calls reveal
     group = f"anrev-{uuid.uuid4().hex[:8]}"
     worker = GuardProcess(stack, worker_id=f"{group}-w1", group_id=group, log_dir=tmp).start(from_end=True)
@@ -104,6 +97,16 @@ def calls(stack: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> It
     finally:
         worker.stop()
     customers = [r for r in recs if r.key and r.value and orjson.loads(r.key)["customer_id"] in ids][-3:]
+    # where the audit topic is now (after the worker: on a new stack the worker is what creates it); the
+    # calls' records come after this
+    consumer = Consumer({**kafka_conf(bootstrap), "group.id": "unused"})
+    try:
+        meta = consumer.list_topics("guard.audit", timeout=10).topics["guard.audit"]
+        assert meta.error is None and meta.partitions, "guard.audit does not exist"
+        audit_start = [TopicPartition("guard.audit", p, high_watermark(consumer, "guard.audit", p))
+                       for p in meta.partitions]
+    finally:
+        consumer.close()
     token_key_file = tmp / "reveal-token.key"
     env = {**os.environ, **stack, **_reveal_kafka_env(), "GUARD_REVEAL_TOKEN_KEY_FILE": str(token_key_file),
            "GUARD_POLICY_STAFF": "file"}
