@@ -51,6 +51,9 @@ class Settings:
     anomalies_topic: str = "guard.anomalies"
     deletions_topic: str = "guard.deletions"
     dlq_topic: str = "guard.dlq"
+    #: Facts for the anomaly analyzers (docs/anomalies.md): the sanitizer writes `transaction` facts here
+    #: (an amount band of a catalog column with `bands`, never the amount).
+    facts_topic: str = "guard.facts"
     #: Consumer group of the sanitizer workers; scale out by starting more workers in the same group.
     group_id: str = "branchguard-sanitizer"
     #: Stable identity of this worker. It names the transactional id, so a restarted worker fences its

@@ -53,7 +53,8 @@ class Check:
 def output_partitions(admin: AdminClient, settings: Settings) -> list[Partition]:
     """The guard's output partitions that exist (guard.* and sanitized topics) and its group's offsets."""
     topics = admin.list_topics(timeout=10).topics
-    named = {settings.audit_topic, settings.anomalies_topic, settings.deletions_topic, settings.dlq_topic}
+    named = {settings.audit_topic, settings.anomalies_topic, settings.deletions_topic, settings.dlq_topic,
+             settings.facts_topic}
     out = [(name, p) for name, meta in topics.items() if meta.error is None
            and (name in named or name.startswith(settings.sanitized_prefix)) for p in meta.partitions]
     offsets = topics.get("__consumer_offsets")

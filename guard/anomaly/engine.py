@@ -304,8 +304,12 @@ class Analyzer:
         start, end = _window(f.ts_ms, window_s)
         ttl = window_s + 86400
         out = []
-        self.state.mark_time(f"contact:{f.branch}:{f.subject}", f.ts_ms, int(cfg.get("transaction_within_s", 86400))
-                             + 86400)
+        within_s = int(cfg.get("transaction_within_s", 86400))
+        self.state.mark_time(f"contact:{f.branch}:{f.subject}", f.ts_ms, within_s + 86400)
+        # the transaction's fact may be read first (another topic, another partition): the change looks back
+        large = self.state.time_of(f"large-txn:{f.branch}:{f.subject}")
+        if large is not None and 0 <= large - f.ts_ms <= within_s * 1000:
+            out.append(self._takeover(f, f.ts_ms, large, within_s * 1000))
         sev = cfg.get("severity", "high")
         if f.principal:
             limit = int(cfg.get("operator_changes", 5))
@@ -338,17 +342,23 @@ class Analyzer:
             return []
         if str(f.attrs.get("amount_band")) not in set(cfg.get("large_bands") or ["large"]):
             return []
-        changed = self.state.time_of(f"contact:{f.branch}:{f.subject}")
         within = int(cfg.get("transaction_within_s", 86400)) * 1000
+        self.state.mark_time(f"large-txn:{f.branch}:{f.subject}", f.ts_ms, within // 1000 + 86400)
+        changed = self.state.time_of(f"contact:{f.branch}:{f.subject}")
         if changed is None or not (0 <= f.ts_ms - changed <= within):
             return []
-        return [Condition("contact_change_then_large_transaction", "critical", f.branch, f"subject={f.subject}",
-                          1, 1, changed, changed + within, changed, f.ts_ms,
-                          f"a large transaction {round((f.ts_ms - changed) / 3_600_000, 1)} h after the customer's "
-                          "contact details changed",
-                          "Hold the transaction if still possible and call the customer on the number known before "
-                          "the change; report as suspected account takeover.",
-                          principal=f.principal, evidence=[("subject", f.subject), *_ev(f)])]
+        return [self._takeover(f, changed, f.ts_ms, within)]
+
+    def _takeover(self, f: Fact, changed: int, txn_ms: int, within: int) -> Condition:
+        """The alert of a large transaction `txn_ms` on a customer whose contact details changed at `changed`:
+        one per subject and change, whichever of the two facts the analyzer reads first."""
+        return Condition("contact_change_then_large_transaction", "critical", f.branch, f"subject={f.subject}",
+                         1, 1, changed, changed + within, changed, txn_ms,
+                         f"a large transaction {round((txn_ms - changed) / 3_600_000, 1)} h after the customer's "
+                         "contact details changed",
+                         "Hold the transaction if still possible and call the customer on the number known before "
+                         "the change; report as suspected account takeover.",
+                         evidence=[("subject", str(f.subject)), *_ev(f)])
 
     def _delete(self, f: Fact) -> list[Condition]:
         cfg = self.rules.rule(f.branch, "deletion")

@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 
+from guard.classify.catalog import Catalog
 from guard.errors import DecodeError
 from guard.records.codec import decode
 
@@ -96,7 +97,7 @@ class Fact:
 
 # --- adapters: one source record → facts ---------------------------------------------------------------
 def facts_from_record(topic: str, partition: int, offset: int, ts_ms: int, value: bytes | None,
-                      *, topics: Mapping[str, str]) -> list[Fact]:
+                      *, topics: Mapping[str, str], catalog: Catalog | None = None) -> list[Fact]:
     """The facts of one record of a topic the analyzers read (empty: nothing to count).
 
     `topics` maps the roles `audit`, `dlq`, `anomalies`, `deletions`, `facts` to topic names; any other
@@ -111,7 +112,7 @@ def facts_from_record(topic: str, partition: int, offset: int, ts_ms: int, value
         doc = orjson.loads(value)
         return [Fact.from_mapping({**doc, "ref": doc.get("ref") or ref})]
     if topic == topics.get("audit"):
-        return from_audit(decode(value), ref)
+        return from_audit(decode(value), ref, catalog)
     if topic == topics.get("dlq"):
         return from_dlq(orjson.loads(value), ref, ts_ms)
     if topic == topics.get("anomalies"):
@@ -128,11 +129,12 @@ _INTEGRITY_REASONS = ("decrypt", "integrity", "aad", "tamper", "chain")
 
 
 def principal_name(text: Any) -> str | None:
-    """A principal as the policy engine names it: `Staff:<id>` or `Service:<id>` (a bare id is staff)."""
+    """A principal as the analyzers name it: `Staff:<id>` or `Service:<id>` (a bare id is staff; the Cedar
+    form `Staff::<id>` that the reveal service and the policy's entities use is the same principal)."""
     if not isinstance(text, str) or not text.strip():
         return None
     kind, sep, ident = text.strip().partition(":")
-    return f"{kind}:{ident}" if sep else f"Staff:{kind}"
+    return f"{kind}:{ident.lstrip(':')}" if sep else f"Staff:{kind}"
 
 
 #: The policy engine's write decisions on guard.audit (issue 14, docs/policy.md): `reason` holds the
@@ -140,7 +142,7 @@ def principal_name(text: Any) -> str | None:
 WRITE_DECISIONS = ("write_allowed", "write_denied", "unattributed")
 
 
-def from_audit(rec: Mapping[str, Any], ref: str) -> list[Fact]:
+def from_audit(rec: Mapping[str, Any], ref: str, catalog: Catalog | None = None) -> list[Fact]:
     """Facts of an audit record (schemas/audit_record.avsc).
 
     * the sanitizer's per-event decisions: a delete (`op` d) is a `delete` fact; an erasure (`op` erase) an
@@ -150,11 +152,14 @@ def from_audit(rec: Mapping[str, Any], ref: str) -> list[Fact]:
       principal, `write_denied` → `denied`; the decision JSON in `reason` names principal, action and
       policies. (The change's own audit record, at the same source offset, carries the subject and is the
       one the delete counters count, so a delete is counted once.)
-    * reads decided by the policy engine or the reveal service (`reveal`, `search`, `export`, `view`), when
-      written to the audit topic with `principal`, `action`, `count` and `categories` fields.
+    * the reveal service's decisions (`op` reveal or search, decision `reveal_*` / `search_*`,
+      `from_reveal_audit`): `access` facts for what it gave, `denied` facts for what it refused;
+    * reads written to the audit topic with `principal`, `action`, `count` and `categories` fields.
     """
     ts, branch = int(rec["ts_ms"]), str(rec["branch"])
     decision, op, reason = rec.get("decision"), rec.get("op"), rec.get("reason")
+    if op in REVEAL_OPS and str(decision).startswith(f"{op}_"):
+        return from_reveal_audit(rec, ref, catalog)
     common: dict[str, Any] = {"ts_ms": ts, "branch": branch, "principal": principal_name(rec.get("principal")),
                               "table": rec.get("table"), "subject": rec.get("subject"), "ref": ref,
                               "policies": list(rec.get("policies") or [])}
@@ -201,6 +206,71 @@ def from_dlq(doc: Mapping[str, Any], ref: str, ts_ms: int) -> list[Fact]:
     src = f"{source.get('topic')}:{source.get('partition')}:{source.get('offset')}" if source else ref
     return [Fact(kind, ref, int(doc.get("at_ms") or ts_ms), str(doc.get("branch") or ""), reason=reason,
                  ref=src, table=None)]
+
+
+#: The reveal service's audit ops (guard/reveal/service.py): decisions are `<op>_<outcome>`.
+REVEAL_OPS = ("reveal", "search")
+_catalog: Catalog | None = None
+
+
+def default_catalog() -> Catalog:
+    """The catalog the reveal records' fields are categorised with (`GUARD_CATALOG`, else the checkout's)."""
+    global _catalog
+    if _catalog is None:
+        _catalog = Catalog.load()
+    return _catalog
+
+
+def field_categories(catalog: Catalog, table: str | None, fields: list[str]) -> list[str]:
+    """The catalog's data categories of `fields` of `table` (a field it doesn't know: `other`)."""
+    out: list[str] = []
+    for name in fields:
+        column = catalog.column(table, name) if table else None
+        category = column.category if column is not None else "other"
+        if category not in out:
+            out.append(category)
+    return out
+
+
+def from_reveal_audit(rec: Mapping[str, Any], ref: str, catalog: Catalog | None = None) -> list[Fact]:
+    """A reveal service audit record (docs/reveal.md, "Audit") as a fact, by the call's outcome:
+
+    * `reveal_allowed` / `reveal_partial`: an `access` fact, action `reveal`, one record (count 1) of each
+      data category of the fields *given* (the catalog's categories; fields refused are not counted);
+    * `search_allowed`: an `access` fact, action `search`, count = the values searched, in the column's
+      category;
+    * `reveal_denied` / `search_denied` by an authenticated principal: a `denied` fact naming the
+      policies that decided (a denial by the cut-off policy is an access after the transfer's cut-off);
+    * not found, errors, and calls without a principal (no or unknown token): nothing (no principal to count).
+
+    The principal is the token's (`Staff::<id>` → `Staff:<id>`); the subject is the record's keyed token.
+    """
+    op = str(rec["op"])
+    outcome = str(rec["decision"])[len(op) + 1:]
+    try:
+        detail = orjson.loads(rec.get("reason") or "{}")
+    except orjson.JSONDecodeError:
+        raise DecodeError("bad_audit", "a reveal audit record whose reason is not JSON") from None
+    if not isinstance(detail, dict):
+        return []
+    principal = principal_name(detail.get("principal"))
+    if principal is None:
+        return []
+    table = rec.get("table")
+    common: dict[str, Any] = {"ts_ms": int(rec["ts_ms"]), "branch": str(rec["branch"]), "principal": principal,
+                              "table": table, "subject": rec.get("subject"), "ref": ref,
+                              "policies": [str(p) for p in detail.get("policies") or []]}
+    if outcome in ("allowed", "partial"):
+        given = [str(f) for f in detail.get("given") or []]
+        if not given:
+            return []
+        count = max(1, int(detail.get("values") or 1)) if op == "search" else 1
+        cats = field_categories(catalog or default_catalog(), table, given)
+        return [Fact("access", ref, action=op, count=count, categories={c: count for c in cats}, columns=given,
+                     decision="allow", reason=detail.get("purpose"), **common)]
+    if outcome == "denied":
+        return [Fact("denied", ref, action=op, decision="deny", reason=detail.get("why"), **common)]
+    return []
 
 
 def from_legacy_anomaly(doc: Mapping[str, Any], ref: str, ts_ms: int) -> list[Fact]:

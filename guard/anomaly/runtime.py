@@ -41,12 +41,13 @@ class AnalyzerTopics:
 
 
 def analyzer_topics(settings: Settings) -> AnalyzerTopics:
-    """From the settings; `GUARD_FACTS_TOPIC` and `GUARD_CONTACT_TOPICS` (comma-separated) override the
-    facts topic and the sanitized topics (default: the branch's customers and staff tables)."""
+    """From the settings (`GUARD_FACTS_TOPIC` is `facts_topic`, the one the sanitizer writes transaction facts
+    to); `GUARD_CONTACT_TOPICS` (comma-separated) overrides the sanitized topics read (default: the branch's
+    customers and staff tables)."""
     contact = os.environ.get("GUARD_CONTACT_TOPICS")
     return AnalyzerTopics(
         audit=settings.audit_topic, dlq=settings.dlq_topic, anomalies=settings.anomalies_topic,
-        deletions=settings.deletions_topic, facts=os.environ.get("GUARD_FACTS_TOPIC") or FACTS_TOPIC,
+        deletions=settings.deletions_topic, facts=settings.facts_topic or FACTS_TOPIC,
         contact=tuple(t for t in contact.split(",") if t) if contact is not None else
         tuple(settings.sanitized_topic(f"{settings.raw_topic_prefix}.public.{t}") for t in ("customers", "staff")))
 

@@ -16,6 +16,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
@@ -72,6 +73,9 @@ class ColumnPolicy:
     mask: str | None
     index: bool
     detected_by: str | None = None
+    #: Amount bands (name, lower bound), ascending: a new row whose value reaches a band is reported to the
+    #: anomaly analyzers as a fact naming the band, never the value (`bands` in the catalog; docs/anomalies.md).
+    bands: tuple[tuple[str, Decimal], ...] = ()
 
 
 #: The erasure reasons of PIPL Art. 47 a trigger may name (`guard erase --reason`, a table's `on_delete`).
@@ -136,7 +140,7 @@ class CatalogDefaults:
 
 _TABLE_KEYS = frozenset({"subject_column", "subject_root", "retention_days", "columns", "description", "on_delete",
                          "relationship_end_column"})
-_COLUMN_KEYS = frozenset({"class", "category", "sensitive", "action", "mask", "index", "description"})
+_COLUMN_KEYS = frozenset({"class", "category", "sensitive", "action", "mask", "index", "description", "bands"})
 _REQUIRED_COLUMN_KEYS = ("class", "category", "action")
 
 
@@ -208,7 +212,22 @@ def _parse_column(where: str, name: str, data: object) -> ColumnPolicy:
         action=action,
         mask=mask,
         index=index,
+        bands=_bands(where, data.get("bands")),
     )
+
+
+def _bands(where: str, raw: object) -> tuple[tuple[str, Decimal], ...]:
+    """`bands = { large = 50000, very_large = 500000 }`: names → positive lower bounds, sorted ascending."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, Mapping) or not raw:
+        raise _fail(where, "bands must be a table of band name = lower bound, e.g. { large = 50000 }")
+    out: list[tuple[str, Decimal]] = []
+    for band, bound in raw.items():
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or bound <= 0:
+            raise _fail(where, f"band {band!r} needs a positive number as its lower bound")
+        out.append((str(band), Decimal(str(bound))))
+    return tuple(sorted(out, key=lambda b: b[1]))
 
 
 def _retention(where: str, raw: object) -> int | None:

@@ -129,3 +129,115 @@ def publish_entities(ctx: click.Context, path: str) -> None:
         raise click.ClickException(f"not every fact reached {topic}")
     kinds = {k: sum(1 for f in facts if f.kind == k) for k in ("principal", "transfer")}
     click.echo(f"{kinds['principal']} principals and {kinds['transfer']} transfers published to {topic}")
+
+
+@alerts.command("rehearse")
+@click.option("--seed", type=int, default=None, help="The day's seed (default: a random one, printed).")
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds the analyzer may take to count the day.")
+@click.option("--keep", is_flag=True, help="Keep the rehearsal's topics and Redis keys (to look at them).")
+@click.pass_context
+def rehearse(ctx: click.Context, seed: int | None, timeout: float, keep: bool) -> None:
+    """Play a compressed day of synthetic branch traffic with planted abuses through the live stack and check
+    that each abuse raised exactly one alert of its rule and the normal traffic none (docs/anomalies.md).
+
+    The day's facts go to a topic of their own (`<app id>-r<hex>.facts`), an analyzer worker (a process, as
+    the configured Kafka principal, normally `analyzer`) counts them in a Redis tenant of their own (named
+    like the topics: the Redis user must be allowed it, e.g. the stack's admin), and its alerts are read back
+    from `<app id>-r<hex>.anomalies`. Exit status 1 when the check fails.
+    """
+    import random
+    import tempfile
+
+    from confluent_kafka import Consumer, Producer, TopicPartition
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from guard.anomaly.alerts import read_anomaly
+    from guard.anomaly.rehearsal import check, plan_day
+    from guard.errors import DecodeError
+    from guard.keys.store import redis_client
+
+    s = _settings(ctx)
+    seed = seed if seed is not None else random.SystemRandom().randrange(1, 1_000_000_000)
+    began = time.monotonic()
+    day = plan_day(seed, branch=s.branch)
+    name = f"{os.environ.get('GUARD_ANALYZER_APP_ID', 'branchguard-analyzer')}-r{uuid.uuid4().hex[:8]}"
+    facts_topic, alerts_topic = f"{name}.facts", f"{name}.anomalies"
+    click.echo(f"seed {seed}: {len(day.facts)} facts ({day.normal_facts} of normal traffic on the day), "
+               f"{len(day.planted)} planted abuses; topics {name}.*")
+    admin = AdminClient(client_config(s))
+    for fut in admin.create_topics([NewTopic(facts_topic, 1, 1), NewTopic(alerts_topic, 1, 1)]).values():
+        fut.result(30)
+    work = Path(tempfile.mkdtemp(prefix="rehearsal-"))
+    log_path = work / "analyzer.log"
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        producer = Producer(client_config(s, **{"enable.idempotence": True, "linger.ms": 20}))
+        for f in day.facts:  # keyed by the branch: one partition, the day in order
+            producer.produce(facts_topic, f.to_json(), key=f.branch.encode())
+        if producer.flush(60):
+            raise click.ClickException(f"not every fact reached {facts_topic}")
+        env = {**os.environ, "GUARD_TENANT": name, "GUARD_FACTS_TOPIC": facts_topic,
+               "GUARD_ANOMALIES_TOPIC": alerts_topic, "GUARD_AUDIT_TOPIC": f"{name}.audit",
+               "GUARD_DLQ_TOPIC": f"{name}.dlq", "GUARD_DELETIONS_TOPIC": f"{name}.deletions",
+               "GUARD_CONTACT_TOPICS": "", "GUARD_ANALYZER_APP_ID": name, "GUARD_ANALYZER_DATADIR": str(work / "data"),
+               "GUARD_ANALYZER_FLUSH_S": "2"}
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "streams.analyzer", "worker", "--without-web", "-l", "info"],
+                                    env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        started = time.monotonic()
+        consumer = Consumer(client_config(s, **{"group.id": name, "enable.auto.commit": False}))
+        try:
+            end = consumer.get_watermark_offsets(TopicPartition(facts_topic, 0), timeout=10)[1]
+            deadline = time.monotonic() + timeout
+            while True:
+                [done] = consumer.committed([TopicPartition(facts_topic, 0)], timeout=10)
+                if done.offset >= end:
+                    break
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    tail = log_path.read_text(errors="replace")[-3000:]
+                    raise click.ClickException(f"the analyzer did not count the day (committed {done.offset} of "
+                                               f"{end}):\n{tail}")
+                time.sleep(1.0)
+        finally:
+            consumer.close()
+        counted = time.monotonic() - started
+        alerts = []
+        reader = Consumer(client_config(s, **{"group.id": name, "enable.auto.commit": False,
+                                              "isolation.level": "read_committed"}))
+        try:
+            high = reader.get_watermark_offsets(TopicPartition(alerts_topic, 0), timeout=10)[1]
+            reader.assign([TopicPartition(alerts_topic, 0, 0)])
+            position, idle = 0, time.monotonic()
+            while position < high and time.monotonic() - idle < 30:
+                msg = reader.poll(0.5)
+                if msg is None or msg.error():
+                    continue
+                position, idle = (msg.offset() or 0) + 1, time.monotonic()
+                try:
+                    alerts.append(read_anomaly(msg.value() or b""))
+                except (DecodeError, ValueError):
+                    continue
+        finally:
+            reader.close()
+        report = check(alerts, day.planted)
+        for line in report.lines():
+            click.echo(line)
+        click.echo(f"{'PASS' if report.ok else 'FAIL'} seed {seed}: {sum(len(i) for i in report.found.values())} "
+                   f"alert(s) for {len(day.planted)} planted abuses, {len(report.unexpected)} unexpected; the "
+                   f"analyzer counted the day in {counted:.1f} s, the rehearsal took {time.monotonic() - began:.1f} s")
+        if not report.ok:
+            raise SystemExit(1)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if not keep:  # the day's topics, faust's own topics of the worker, the tenant's keys
+            mine = [t for t in admin.list_topics(timeout=10).topics if t.startswith(name)]
+            if mine:
+                admin.delete_topics(mine)
+            client = redis_client(s.redis_url, s.redis_password_file or None)
+            for key in client.scan_iter(match=f"bg:{name}:*", count=500):
+                client.delete(key)

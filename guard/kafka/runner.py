@@ -174,7 +174,7 @@ class SanitizerWorker:
     def prepare_output_topics(self) -> None:
         s = self.settings
         prepare_evidence_topics(self.admin, s, OUTPUT_TOPIC_PARTITIONS)
-        for topic in (s.audit_topic, s.anomalies_topic, s.deletions_topic, s.dlq_topic):
+        for topic in (s.audit_topic, s.anomalies_topic, s.deletions_topic, s.dlq_topic, s.facts_topic):
             self.topics.ensure(topic, OUTPUT_TOPIC_PARTITIONS)
 
     def run(self, *, max_idle_s: float | None = None, until: Callable[[Stats], bool] | None = None) -> Stats:
@@ -243,7 +243,7 @@ class SanitizerWorker:
     def _output_partitions(self) -> list[tuple[str, int]]:
         """What the hanging-transaction watch covers: every output partition, and the group's offsets."""
         s = self.settings
-        out = [tp for topic in (s.audit_topic, s.anomalies_topic, s.deletions_topic, s.dlq_topic)
+        out = [tp for topic in (s.audit_topic, s.anomalies_topic, s.deletions_topic, s.dlq_topic, s.facts_topic)
                for tp in self.topics.known(topic) if tp[0] == topic]
         out += self.topics.known(s.sanitized_prefix)
         offsets_partitions = self.topics.partitions("__consumer_offsets")

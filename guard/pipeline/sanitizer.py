@@ -32,6 +32,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from typing import Any, ClassVar
 
 import orjson
@@ -138,6 +139,14 @@ class Sanitizer:
         self.pending_in_txn: dict[str, str] = {}
         self._activity_recorded: dict[tuple[str, str], float] = {}
         self._value_caches_since = clock()
+        #: schema table → its catalog columns with amount bands: a new row reaching a band is reported to the
+        #: anomaly analyzers as a `transaction` fact (`_band_facts`; such events don't take the native run).
+        self._banded: dict[str, tuple[tuple[str, tuple[tuple[str, Decimal], ...]], ...]] = {}
+        for name in catalog.tables():
+            policy = catalog.table(name)
+            banded = tuple((c, p.bands) for c, p in policy.columns.items() if p.bands) if policy else ()
+            if banded:
+                self._banded[name] = banded
         #: The configuration of a sanitized topic (cleanup.policy, retention.ms, …) or None if unknown; the
         #: runner and `guard erase` set it (`TopicManager.configs`). Compacted topics get erasure tombstones,
         #: and deletion confirmations say until when each topic keeps what remains of a customer.
@@ -221,8 +230,11 @@ class Sanitizer:
         """
         # Records bound for a compacted sanitized topic take the Python path (their keys are recorded for
         # erasure tombstones): the native run stops before the first one.
+        # So do records of tables with amount bands (`_band_facts` adds their facts in `process`).
+        banded, prefix_len = self._banded, self._prefix_len
         stop = next((j for j in range(start, len(records))
-                     if self._is_compacted(self.planner.sanitized_topic(records[j][1]))), len(records))
+                     if self._is_compacted(self.planner.sanitized_topic(records[j][1]))
+                     or records[j][1][prefix_len:] in banded), len(records))
         checker = self.checker
         decided: list[tuple[str, WriteDecision]] = []
         if checker is not None and stop > start:
@@ -457,6 +469,8 @@ class Sanitizer:
             # erasure can write the tombstone that makes compaction remove it.
             self.keys.store.record_compacted_key(self.branch, subject, out_topic, partition, out_key)
         records = [OutRecord(out_topic, out_key, value, partition)]
+        if person is not None:
+            extra.extend(self._band_facts(event, person, where))
         images = (event.before is not None) + (event.after is not None)
         records.append(self.emitter.audit_for_plan(topic, partition, offset, plan, event.op, subject, decision,
                                                    images, aead is not None))
@@ -636,10 +650,32 @@ class Sanitizer:
             return None
         sanitized, audit_value, audit_key, subject, plan_id = done
         plan = self._fast_plans[plan_id]
+        facts: list[OutRecord] = []
+        if plan.schema_table in self._banded:
+            try:
+                event = self.decoder.decode(topic, partition, offset, value)
+            except DecodeError:
+                return None  # the Python path meets the same condition and decides it
+            if event is not None and plan.subject_column and (event.after or {}).get(plan.subject_column) is not None:
+                facts = self._band_facts(event, subject, (topic, partition, offset))
         self.subject_activity[(subject, out_topic)] = plan.retention_s
         return Outcome([OutRecord(out_topic, out_key, sanitized, partition),
-                        OutRecord(self.settings.audit_topic, audit_key, audit_value)],
+                        OutRecord(self.settings.audit_topic, audit_key, audit_value), *facts],
                        "protected", plan.schema_table, plan.class_counts)
+
+    def _band_facts(self, event: ChangeEvent, subject: str, source: tuple[str, int, int]) -> list[OutRecord]:
+        """`transaction` facts of a new row whose banded columns reach a band (catalog `bands`): the band's
+        name goes to the facts topic, never the value (docs/anomalies.md, "Transaction facts")."""
+        bands = self._banded.get(event.schema_table)
+        if not bands or event.op != "c" or event.after is None:
+            return []
+        when = event.source_ts_ms if event.source_ts_ms is not None else int(self._clock() * 1000)
+        out = []
+        for column, limits in bands:
+            band = amount_band(event.after.get(column), limits)
+            if band is not None:
+                out.append(self.emitter.band_fact(source, event.schema_table, column, subject, band, when))
+        return out
 
     def _is_compacted(self, out_topic: str) -> bool:
         """Whether a sanitized topic's cleanup.policy includes compact (memoised; refreshed with the
@@ -780,6 +816,24 @@ class Sanitizer:
         for pair in [p for p in self.subject_activity if p[0] == subject]:
             del self.subject_activity[pair]
             self._activity_recorded.pop(pair, None)
+
+
+def amount_band(value: Any, bands: Sequence[tuple[str, Decimal]]) -> str | None:
+    """The highest band whose lower bound the value's magnitude reaches (None: below every band, or not a
+    number). Debezium sends decimals as strings (`decimal.handling.mode = string`)."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        amount = abs(Decimal(str(value)))
+    except (InvalidOperation, ValueError):
+        return None
+    if not amount.is_finite():
+        return None
+    found = None
+    for name, bound in bands:
+        if amount >= bound:
+            found = name
+    return found
 
 
 def relationship_end_s(value: Any) -> float | None:

@@ -269,6 +269,18 @@ class RecordBuilder:
         }
         return OutRecord(self.settings.anomalies_topic, f"{rule}:{table}:{column}".encode(), orjson.dumps(alert))
 
+    def band_fact(self, source: tuple[str, int, int], table: str, column: str, subject: str, band: str,
+                  ts_ms: int) -> OutRecord:
+        """A `transaction` fact for the anomaly analyzers (guard/anomaly/facts.py `Fact`, JSON): a new row of
+        `table` whose `column` reached `band`. The band's name only, never the value; keyed by the subject
+        (a customer's facts stay in order); its id is the source position, the same on every replay."""
+        topic, partition, offset = source
+        where = f"{topic}:{partition}:{offset}"
+        fact = {"v": 1, "kind": "transaction", "id": f"{where}:band", "ts_ms": ts_ms, "branch": self.branch,
+                "table": table, "subject": subject, "ref": where, "columns": [column],
+                "attrs": {"amount_band": band, "column": column}}
+        return OutRecord(self.settings.facts_topic, subject.encode(), orjson.dumps(fact))
+
     def rows_without_subject(self, plan: TablePlan, topic: str) -> list[OutRecord]:
         """An anomaly (once per table) when rows name no data subject: each is sealed under its own key."""
         if not self._alert_once(f"no_subject:{self.branch}:{plan.schema_table}"):

@@ -16,7 +16,9 @@ Principals (SASL/SCRAM-SHA-512 users on the broker's ``SASL_SSL`` listener; `acl
 * ``reveal``: the reveal service (guard/reveal): read ``sanitized.*`` (assigned partitions, its own group
   ``branchguard-reveal`` named but never joined) and write ``guard.audit`` (idempotent); nothing else.
 * ``oncall``: read ``guard.anomalies``, ``guard.audit``, ``guard.deletions`` and its own groups ``oncall-*``;
-  no write.
+  describe (never read) the sanitizers' groups (``branchguard-sanitizer``, ``branchguard-sanitizer-<branch 2>``),
+  the analyzer's (``branchguard-analyzer``), the raw topics and ``guard.facts``: the status page's group lag.
+  No write.
 * ``analyzer`` (the anomaly analyzer, `streams/analyzer.py`): read the evidence topics (``guard.audit``,
   ``guard.dlq``, ``guard.deletions``), ``guard.facts``, ``guard.anomalies`` (its own alerts: DLQ spikes of
   the alert topic) and the sanitized customers and staff topics; write and create ``guard.anomalies`` and
@@ -73,6 +75,8 @@ ANALYZER_READS = ("guard.audit", "guard.dlq", DELETIONS_TOPIC, "guard.facts", "g
 ANALYZER_WRITES = ("guard.anomalies", "guard.facts")
 ANALYZER_SANITIZED_TABLES = ("customers", "staff")
 ANALYZER_APP = "branchguard-analyzer"
+#: The analyzer's group lag on the status page is counted on its facts topic.
+ANALYZER_FACTS = "guard.facts"
 AUDIT_TOPIC = "guard.audit"
 REVEAL_GROUP = "branchguard-reveal"
 
@@ -204,6 +208,14 @@ def acl_plan(cfg: StackConfig) -> list[tuple[str, str, str, str, str]]:
     for topic in ONCALL_TOPICS:
         grant("oncall", "TOPIC", "LITERAL", topic, "READ", "DESCRIBE")
     grant("oncall", "GROUP", "PREFIXED", ONCALL_GROUPS, "READ", "DESCRIBE")
+    # on-call's status page shows the lag of the sanitizers' and the analyzer's groups (guard/anomaly/status.py):
+    # the groups' committed offsets (OffsetFetch: DESCRIBE on the group and on each topic) against the end of
+    # their topics (ListOffsets: DESCRIBE on the topic). DESCRIBE only: no record of those topics is readable.
+    for group in (GUARD_GROUP, f"{GUARD_GROUP}-{cfg.mariadb_branch}", ANALYZER_APP):
+        grant("oncall", "GROUP", "LITERAL", group, "DESCRIBE")
+    for raw in raws:
+        grant("oncall", "TOPIC", "PREFIXED", raw, "DESCRIBE")
+    grant("oncall", "TOPIC", "LITERAL", ANALYZER_FACTS, "DESCRIBE")
     # analyzer: the evidence, facts and alerts, the sanitized contact and staff topics; writes alerts and facts
     for topic in ANALYZER_READS:
         grant("analyzer", "TOPIC", "LITERAL", topic, "READ", "DESCRIBE")
@@ -350,8 +362,9 @@ def compose_secrets(directory: Path, hosts: list[str], owners: dict[str, int]) -
     belongs = {
         "kafka": [ca.keystore("broker"), ca.keystore("controller"), health],
         "connect": [jaas, cfg.kafka_password_file("connect")],
-        # the reveal service runs from the guard image
-        "guard": [cfg.kafka_password_file("guard"), cfg.kafka_password_file("reveal")],
+        # the reveal service and the anomaly analyzer run from the guard image
+        "guard": [cfg.kafka_password_file("guard"), cfg.kafka_password_file("reveal"),
+                  cfg.kafka_password_file("analyzer")],
     }
     for who, files in belongs.items():
         if who in owners:

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from guard.anomaly.runtime import status_source
 from guard.anomaly.state import AnomalyState
 from guard.anomaly.status import StatusServer
 from guard.config import load_settings
+from guard.kafka_security import client_config
 from guard.keys.store import RedisKeyStore
 from tests.integration.kafka_helpers import REPO, admin_redis_env, kafka_conf
 
@@ -143,3 +145,44 @@ def test_publish_entities_feeds_the_registry(stack: dict[str, str], tmp_path: Pa
         assert docs["transfer"]["attrs"]["to_owner"] == "bank-b"
     finally:
         admin.delete_topics([topic])
+
+
+def test_oncall_reads_the_guard_groups_lag_and_no_raw_record(stack: dict[str, str]) -> None:
+    """The status page run as `oncall` sees the sanitizer's topics and its group's committed offsets (DESCRIBE
+    on the group and the topics, guard/stack/kafka_auth.py); it can't read a raw record nor another group."""
+    from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
+
+    from guard.stack.config import StackConfig
+
+    cfg = StackConfig.from_env()
+    settings = dataclasses.replace(load_settings(), kafka_bootstrap=stack["GUARD_KAFKA_BOOTSTRAP"],
+                                   kafka_username="oncall", kafka_password_file=str(cfg.kafka_password_file("oncall")),
+                                   redis_url=stack["GUARD_REDIS_URL"], tenant=f"lg{uuid.uuid4().hex[:8]}",
+                                   redis_password_file=stack["GUARD_REDIS_PASSWORD_FILE"])
+    rows = {r["stage"]: r for r in status_source(settings).pipeline()}
+    assert rows["sanitizer"]["partitions"] > 0, "on-call must see the raw topics whose lag it shows"
+    conf = client_config(settings)
+    admin = AdminClient(conf)
+    raw = "br0101.public.customers"
+    parts = [TopicPartition(raw, 0)]
+    [fut] = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(settings.group_id, parts)]).values()
+    result = fut.result(timeout=30)  # allowed: no authorization error
+    assert [tp.topic for tp in result.topic_partitions] == [raw]
+    assert all(tp.error is None for tp in result.topic_partitions)
+    [other] = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions("downstream-x", parts)]).values()
+    with pytest.raises(KafkaException) as refused:
+        other.result(timeout=30)
+    assert refused.value.args[0].code() == KafkaError.GROUP_AUTHORIZATION_FAILED
+    consumer = Consumer({**conf, "group.id": f"oncall-test-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False})
+    try:
+        consumer.assign([TopicPartition(raw, 0, 0)])
+        codes = []
+        deadline = time.monotonic() + 60
+        while not codes and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is not None:
+                assert msg.error() is not None, "on-call read a raw record"
+                codes.append(msg.error().code())
+        assert codes == [KafkaError.TOPIC_AUTHORIZATION_FAILED]
+    finally:
+        consumer.close()

@@ -170,6 +170,20 @@ def test_contact_change_then_large_transaction(analyzer: Analyzer) -> None:
     assert emits[0].severity == "critical"
 
 
+def test_large_transaction_read_before_the_contact_change(analyzer: Analyzer) -> None:
+    """The two facts come from different topics: read in either order, the rule raises one alert."""
+    txn = fact("transaction", ts=T0 + 3_600_000, subject="victim-2", attrs={"amount_band": "large"})
+    assert not run(analyzer, [txn]), "no contact change known yet"
+    later = fact("write", ts=T0 + 2 * 86_400_000, principal="teller-2", subject="victim-2", columns=["mobile"],
+                 tokens={"mobile": "tw"})
+    assert not run(analyzer, [later]), "a change after the transaction is no takeover pattern"
+    change = fact("write", ts=T0, principal="teller-2", subject="victim-2", columns=["mobile"], tokens={"mobile": "tv"})
+    emits = run(analyzer, [change])
+    assert [e.record["rule"] for e in emits] == ["contact_change_then_large_transaction"]
+    # the same pair in the usual order (a replay of the transaction) updates the same alert, no second one
+    assert {e.id for e in run(analyzer, [txn])} <= {emits[0].id}
+
+
 def test_deletion_spike_unexplained_and_legal_hold(analyzer: Analyzer, stack: dict[str, str]) -> None:
     assert not run(analyzer, [fact("delete", table="public.accounts", subject=f"d{i}") for i in range(10)])
     spike = run(analyzer, [fact("delete", ts=T0 + i, table="public.transactions", subject=f"e{i}")

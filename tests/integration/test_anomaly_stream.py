@@ -1,7 +1,10 @@
 """The faust-streaming analyzer (streams/analyzer.py) over real Kafka topics and the stack's Redis.
 
 Each test gets its own topics, consumer group (faust app id) and tenant (Redis prefix), so nothing is
-shared with other tests or earlier runs. Workers are real processes; one is killed with SIGKILL.
+shared with other tests or earlier runs. Workers are real processes, run as the `analyzer` Kafka principal
+(its password, its ACLs); one is killed with SIGKILL. The tests' topics are named under the analyzer's app
+id (`branchguard-analyzer-t<hex>`), the one prefix that principal may create and read besides the
+deployment's own topics.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from guard.anomaly.alerts import read_anomaly
 from guard.anomaly.rules import default_rules_path
 from guard.keys.store import redis_client
+from guard.stack.config import StackConfig
+from guard.stack.kafka_auth import ANALYZER_APP
 from tests.integration.kafka_helpers import REPO, admin_redis_env, kafka_conf, read_all
 
 pytestmark = pytest.mark.integration
@@ -56,7 +61,9 @@ class Env:
 
     stack: dict[str, str]
     tmp: Path
-    name: str = field(default_factory=lambda: f"an{uuid.uuid4().hex[:8]}")
+    #: Under the analyzer principal's own prefix (its faust app id, guard/stack/kafka_auth.py): the worker runs
+    #: as `analyzer`, and a test's topics and group must be ones that principal may use.
+    name: str = field(default_factory=lambda: f"{ANALYZER_APP}-t{uuid.uuid4().hex[:8]}")
     webhook_url: str = ""
     workers: list[tuple[subprocess.Popen[bytes], Path]] = field(default_factory=list)
 
@@ -83,7 +90,9 @@ class Env:
         return path
 
     def start_worker(self, tag: str, extra: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        env = {**os.environ, **self.stack, "PYTHONPATH": str(REPO), "GUARD_TENANT": self.name,
+        # the worker is the `analyzer` principal (SCRAM, its ACLs), not the admin the tests produce and read as
+        env = {**os.environ, **self.stack, **StackConfig.from_env().kafka_env("analyzer"), "PYTHONPATH": str(REPO),
+               "GUARD_TENANT": self.name,
                "GUARD_AUDIT_TOPIC": self.topic("audit"), "GUARD_DLQ_TOPIC": self.topic("dlq"),
                "GUARD_ANOMALIES_TOPIC": self.topic("anomalies"), "GUARD_DELETIONS_TOPIC": self.topic("deletions"),
                "GUARD_FACTS_TOPIC": self.topic("facts"), "GUARD_CONTACT_TOPICS": self.topic("contact"),
@@ -121,6 +130,29 @@ class Env:
             time.sleep(1.0)
         logs = "\n".join(log.read_text(errors="replace")[-2000:] for _, log in self.workers)
         raise AssertionError(f"alerts never matched; saw {[(a['rule'], a.get('count')) for a in seen]}\n{logs}")
+
+    def wait_consumed(self, topic: str, timeout: float = 180.0) -> None:
+        """Wait until the analyzers' group (the app id) has committed past the last record of `topic`
+        (at-least-once: faust commits a batch's offsets after the agent finished it, so everything before is
+        counted). The last *record*, not the high watermark: a transactional producer's (the sanitizer's)
+        commit markers take offsets too, and a consumer's position never needs to pass the last one."""
+        from confluent_kafka import Consumer, TopicPartition
+
+        last: dict[int, int] = {}
+        for rec in read_all(self.bootstrap, topic):
+            last[rec.partition] = max(last.get(rec.partition, -1), rec.offset)
+        consumer = Consumer({**kafka_conf(self.bootstrap), "group.id": self.name, "enable.auto.commit": False})
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                done = {tp.partition: tp.offset for tp in consumer.committed(
+                    [TopicPartition(topic, p) for p in last], timeout=10)}
+                if all(done.get(p, -1) > offset for p, offset in last.items()):
+                    return
+                assert time.monotonic() < deadline, f"the analyzer did not consume {topic}: {done}, last {last}"
+                time.sleep(1.0)
+        finally:
+            consumer.close()
 
     def wait_assigned(self, topic: str, workers: int, timeout: float = 180.0) -> None:
         """Wait until `workers` workers each own a partition of `topic` (their latest ASSIGNED line)."""

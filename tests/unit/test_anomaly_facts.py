@@ -121,3 +121,43 @@ def test_render_line_is_one_readable_line_plus_the_action() -> None:
     first, second = render_line(alert).split("\n")
     assert first.startswith("1970-01-01 00:00:00Z  HIGH") and "count=40/25" in first and "principal=Staff:t1" in first
     assert second.strip() == "→ ask the manager"
+
+
+#: A reveal service audit record (guard/reveal/service.py `_reveal_audit`): position of the record revealed.
+REVEAL = {**AUDIT, "worker": "reveal@h", "source_topic": "sanitized.br0101.public.customers", "op": "reveal",
+          "subject": "subj-tok", "classes": {"C2": 2}, "actions": {"asked": 2, "given": 2}, "trace_id": "req-1"}
+
+
+def _reveal(decision: str, **detail: object) -> dict[str, object]:
+    doc = {"action": "reveal", "principal": "Staff::m0101", "purpose": "kyc_review", "image": "after",
+           "asked": ["name", "mobile"], "given": ["name", "mobile"], "refused": {}, "policies": ["p1"],
+           "request": "req-1", **detail}
+    return {**REVEAL, "decision": decision, "reason": orjson.dumps(doc).decode()}
+
+
+def test_principal_names_in_cedar_form_are_the_same_principal() -> None:
+    assert principal_name("Staff::m0101") == "Staff:m0101"
+    assert principal_name("Service::crm") == "Service:crm"
+
+
+def test_reveal_service_audit_records_become_access_facts() -> None:
+    [f] = from_audit(_reveal("reveal_allowed"), "guard.audit:2:40")
+    assert (f.kind, f.action, f.principal, f.count, f.subject, f.id) == (
+        "access", "reveal", "Staff:m0101", 1, "subj-tok", "guard.audit:2:40")
+    # the catalog's categories of the fields given: name is identity, mobile is contact
+    assert f.categories == {"identity": 1, "contact": 1} and f.columns == ["name", "mobile"]
+    [p] = from_audit(_reveal("reveal_partial", given=["mobile"], refused={"name": "policy"}), "a:0:1")
+    assert p.categories == {"contact": 1}, "refused fields are not counted"
+    [d] = from_audit(_reveal("reveal_denied", given=[], policies=["nobody-outside-owner-after-cutoff"],
+                             why=None), "a:0:2")
+    assert (d.kind, d.principal, d.policies) == ("denied", "Staff:m0101", ["nobody-outside-owner-after-cutoff"])
+    assert not from_audit(_reveal("reveal_not_found", given=[]), "a:0:3")
+    assert not from_audit(_reveal("reveal_denied", principal=None, given=[]), "a:0:4"), "no token: no principal"
+    search = {**REVEAL, "op": "search", "subject": None, "decision": "search_allowed", "reason": orjson.dumps({
+        "action": "search", "principal": "Staff::t0101", "purpose": "kyc_review", "asked": ["mobile"],
+        "given": ["mobile"], "values": 7, "policies": [], "request": "r"}).decode()}
+    [s] = from_audit(search, "a:0:5")
+    assert (s.kind, s.action, s.count, s.categories) == ("access", "search", 7, {"contact": 7})
+    rec = AvroCodec("audit_record").encode(_reveal("reveal_allowed"))
+    [via_kafka] = facts_from_record("guard.audit", 1, 3, 0, rec, topics=ROLES)
+    assert via_kafka.kind == "access" and via_kafka.id == "guard.audit:1:3"

@@ -152,7 +152,8 @@ def test_acl_plan_is_least_privilege(cfg: StackConfig) -> None:
     assert ("TOPIC", "PREFIXED", "sanitized.", "READ") in _grants(cfg, "downstream")
     assert {op for r, pt, n, op in _grants(cfg, "downstream") if r == "TOPIC"} == {"READ", "DESCRIBE"}
     oncall = _grants(cfg, "oncall")
-    assert {n for r, pt, n, op in oncall if r == "TOPIC"} == {"guard.anomalies", "guard.audit", "guard.deletions"}
+    assert {n for r, pt, n, op in oncall if r == "TOPIC" and op == "READ"} == {"guard.anomalies", "guard.audit",
+                                                                             "guard.deletions"}
     assert {op for r, pt, n, op in oncall} == {"READ", "DESCRIBE"}
     assert ("TRANSACTIONAL_ID", "PREFIXED", "branchguard-sanitizer", "WRITE") in _grants(cfg, "guard")
     assert not [g for g in _grants(cfg, "guard") if g[2] == "sanitized." and g[3] == "READ"]
@@ -178,6 +179,22 @@ def test_the_analyzer_reads_evidence_and_writes_only_alerts_and_facts(cfg: Stack
     assert {n for r, pt, n, op in analyzer if r == "GROUP"} == {"branchguard-analyzer"}
     # on-call reads alerts and cannot write them; the analyzer is the only other principal that may
     assert not [g for g in _grants(cfg, "oncall") if g[3] in ("WRITE", "ALL", "CREATE")]
+
+
+def test_oncall_may_describe_the_guard_groups_lag_and_read_nothing_more(cfg: StackConfig) -> None:
+    """The status page's lag rows (guard/anomaly/status.py): the sanitizers' and the analyzer's committed offsets
+    and their topics' ends. DESCRIBE on exactly those groups and topics; READ only on the three on-call topics
+    and its own groups."""
+    assert _grants(cfg, "oncall") == {
+        *{("TOPIC", "LITERAL", t, op) for t in ("guard.anomalies", "guard.audit", "guard.deletions")
+          for op in ("READ", "DESCRIBE")},
+        ("GROUP", "PREFIXED", "oncall-", "READ"), ("GROUP", "PREFIXED", "oncall-", "DESCRIBE"),
+        ("GROUP", "LITERAL", "branchguard-sanitizer", "DESCRIBE"),
+        ("GROUP", "LITERAL", f"branchguard-sanitizer-{cfg.mariadb_branch}", "DESCRIBE"),
+        ("GROUP", "LITERAL", "branchguard-analyzer", "DESCRIBE"),
+        ("TOPIC", "PREFIXED", f"{cfg.topic_prefix}.", "DESCRIBE"),
+        ("TOPIC", "PREFIXED", f"{cfg.mariadb_topic_prefix}.", "DESCRIBE"),
+        ("TOPIC", "LITERAL", "guard.facts", "DESCRIBE")}
 
 
 # --- guard doctor's pure parts ------------------------------------------------------------------------------
