@@ -32,7 +32,7 @@ import psycopg
 from confluent_kafka import Consumer, TopicPartition
 
 from guard.bench.common import BenchError, log
-from guard.bench.latency import percentile, topic_partitions
+from guard.bench.latency import percentile, sanitized_head, topic_partitions
 from guard.bench.workload import BENCH_PRINCIPAL
 from guard.config import Settings
 from guard.kafka.batching import take
@@ -40,34 +40,10 @@ from guard.kafka_security import client_config
 
 
 def sanitized_source(value: bytes) -> tuple[int | None, str]:
-    """(`source_ts_ms`, `position`) of a sanitized record, read straight from its Avro bytes.
-
-    `source_ts_ms` is the 7th field of sanitized_change and `position` the 8th: skip v, op, table, branch,
-    db and the `ts_ms` union, as `latency.sanitized_ts` does. `tests/unit/test_bench_probe.py` checks it
-    against the full decoder.
-    """
-    pos = 10 if value[:2] == b"\xc3\x01" else 5
-
-    def varint() -> int:
-        nonlocal pos
-        shift = result = 0
-        while True:
-            byte = value[pos]
-            pos += 1
-            result |= (byte & 0x7F) << shift
-            if byte < 0x80:
-                return (result >> 1) ^ -(result & 1)
-            shift += 7
-
-    varint()  # v
-    for _ in range(4):  # op, table, branch, db
-        length = varint()
-        pos += length
-    if varint() == 1:  # ts_ms
-        varint()
-    source_ts = varint() if varint() == 1 else None
-    length = varint()
-    return source_ts, value[pos:pos + length].decode()
+    """(`source_ts_ms`, `position`) of a sanitized record, read straight from its Avro bytes
+    (`latency.sanitized_head`; `tests/unit/test_bench_probe.py` checks it against the full decoder)."""
+    _, source_ts, position = sanitized_head(value)
+    return source_ts, position
 
 
 class CommitProbe:

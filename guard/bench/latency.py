@@ -31,10 +31,10 @@ def plain_ts(value: bytes) -> int:
     return int(value[-TS_TAIL:-1])
 
 
-def sanitized_ts(value: bytes) -> int:
-    """Envelope ts_ms carried by a sanitized record (`ts_ms`, the 6th field of sanitized_change).
+def sanitized_head(value: bytes) -> tuple[int | None, int | None, str]:
+    """(`ts_ms`, `source_ts_ms`, `position`) of a sanitized record: fields 6 to 8 of sanitized_change.
 
-    Read straight from the Avro bytes (skip v, op, table, branch and db, then the union): a full fastavro
+    Read straight from the Avro bytes (skip v, op, table, branch and db, then the unions): a full fastavro
     decode costs ~50 µs a record, which at thousands of records a second delayed the probe itself and
     inflated the latencies it measured. `tests/unit/test_bench_probe.py` checks it against `decode`.
     """
@@ -55,9 +55,18 @@ def sanitized_ts(value: bytes) -> int:
     for _ in range(4):  # op, table, branch, db
         length = varint()  # read first: `pos += varint()` would add to the position from before the read
         pos += length
-    if varint() != 1:  # union branch of ts_ms: 0 = null
+    ts_ms = varint() if varint() == 1 else None  # union branch: 0 = null
+    source_ts = varint() if varint() == 1 else None
+    length = varint()
+    return ts_ms, source_ts, value[pos:pos + length].decode()
+
+
+def sanitized_ts(value: bytes) -> int:
+    """Envelope ts_ms carried by a sanitized record (`sanitized_head`'s first field)."""
+    ts_ms = sanitized_head(value)[0]
+    if ts_ms is None:
         raise BenchError("sanitized record without ts_ms")
-    return varint()
+    return ts_ms
 
 
 def topic_partitions(consumer: Consumer, topic: str, timeout: float = 30) -> int:
