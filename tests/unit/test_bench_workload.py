@@ -22,6 +22,7 @@ from guard.pipeline.policy import WriteChecker
 from guard.policy.engine import PolicyEngine, default_directory
 from guard.policy.sources import staff_entities
 from guard.workload.synth import DEMO_STAFF
+from tests.unit.test_write_checker import Attributions  # the key store's attribution sets, in memory
 
 
 def test_zipf_ranks_stay_in_the_population_and_favour_low_ranks() -> None:
@@ -100,19 +101,6 @@ def test_hot_is_customers_only_creates_and_updates() -> None:
 
 
 # --- attribution (issue 14's policy checks): every write names its principal -----------------------------
-class Attributions:
-    """The key store's attribution sets (`record_attribution`, `attributions`), in memory."""
-
-    def __init__(self) -> None:
-        self.sets: dict[int, set[str]] = {}
-
-    def record_attribution(self, branch: str, tx_id: int, principal: str) -> None:
-        self.sets.setdefault(tx_id, set()).add(principal)
-
-    def attributions(self, branch: str, tx_ids: list[int]) -> dict[int, set[str]]:
-        return {t: set(self.sets[t]) for t in tx_ids if t in self.sets}
-
-
 def _demo_checker() -> tuple[WriteChecker, Attributions]:
     """The guard's write checker on the demo policy and the demo branch's staff, as a bench guard has it
     (policy branch 0101), with the key store's attribution sets in memory."""
