@@ -12,9 +12,9 @@ import pytest
 from guard.anomaly.facts import Fact
 from guard.classify.catalog import Catalog, CatalogError
 from guard.config import Settings
-from guard.keys.primitives import Aead, BlindIndex, Hmac
 from guard.pipeline.sanitizer import amount_band
 from guard.records.builders import RecordBuilder
+from tests.unit.test_erasure_records import _Keys as RecordKeys  # the attributes the record builder reads
 
 REPO = Path(__file__).resolve().parents[2]
 BANDS = (("large", Decimal(50000)), ("very_large", Decimal(500000)))
@@ -48,15 +48,8 @@ def test_bands_are_validated_at_load() -> None:
                           'bands = 5 }\n')
 
 
-class _Keys:
-    tenant = "t"
-    index = BlindIndex(b"i" * 32)
-    quarantine = Aead(b"q" * 32, version=1)
-    dlq_hash = Hmac(b"h" * 32)
-
-
 def test_the_band_fact_names_the_band_and_the_subject_only() -> None:
-    builder = RecordBuilder(Settings(worker_id="w1", facts_topic="x.facts"), _Keys(),  # type: ignore[arg-type]
+    builder = RecordBuilder(Settings(worker_id="w1", facts_topic="x.facts"), RecordKeys(),  # type: ignore[arg-type]
                             clock=lambda: 1_800_000_000.0)
     rec = builder.band_fact(("br0101.public.transactions", 2, 77), "public.transactions", "amount", "subj-tok",
                             "large", 1_799_999_000_000)
