@@ -78,9 +78,13 @@ impl From<Decline> for Stop {
 /// Audit-record parts fixed per (source topic, partition, plan, op, images): see `AuditTemplate.parts`.
 struct AuditParts {
     topic: String,
+    /// The record's format version `v`, encoded.
+    v: Vec<u8>,
     a: Vec<u8>,
     b: Vec<u8>,
-    c: Vec<u8>,
+    /// The decision; the reason follows it (null, or the change's write decision), then `e`.
+    d: Vec<u8>,
+    e: Vec<u8>,
     key: Py<PyBytes>,
 }
 
@@ -290,7 +294,7 @@ impl FastPath {
 
     /// Sanitize one record value: (sanitized value, audit value, audit key, subject, plan id), or None
     /// when the event must take the Python path.
-    #[pyo3(signature = (value, topic, partition, offset, out_topic, row_key, trace_id, now_ms))]
+    #[pyo3(signature = (value, topic, partition, offset, out_topic, row_key, trace_id, now_ms, reason=None))]
     #[allow(clippy::too_many_arguments)]
     fn process<'py>(
         &mut self,
@@ -303,9 +307,10 @@ impl FastPath {
         row_key: &[u8],
         trace_id: Option<&str>,
         now_ms: i64,
+        reason: Option<&[u8]>,
     ) -> PyResult<Option<Bound<'py, PyTuple>>> {
         match self.process_inner(
-            py, value, topic, partition, offset, out_topic, row_key, trace_id, now_ms,
+            py, value, topic, partition, offset, out_topic, row_key, trace_id, now_ms, reason,
         ) {
             Ok(done) => Ok(Some(PyTuple::new(
                 py,
@@ -341,7 +346,10 @@ impl FastPath {
     /// `hooks` supplies the sanitizer's side: `out_topic(topic)`, `sanitize_key(topic, key)`, `load_keys(topic, partition, offset, value)`, the
     /// exception type `key_not_loaded`, the `activity` dict ((subject, sanitized topic) -> retention s)
     /// and `audit_topic`. `partitions(out_topic, topic)` is the sanitized topic's partition count.
-    #[pyo3(signature = (records, start, *, produce, poll, partitions, hooks, now_ms, max_record_bytes))]
+    /// `reasons` (when the access policy is on): per record from `start`, its write decision as JSON
+    /// (UTF-8), carried in the `reason` of its own audit record, or None (not a write).
+    #[pyo3(signature = (records, start, *, produce, poll, partitions, hooks, now_ms, max_record_bytes,
+                        reasons=None))]
     #[allow(clippy::too_many_arguments)]
     fn run<'py>(
         slf: &Bound<'py, Self>,
@@ -353,6 +361,7 @@ impl FastPath {
         hooks: &Bound<'py, PyAny>,
         now_ms: i64,
         max_record_bytes: usize,
+        reasons: Option<&Bound<'py, PyList>>,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let py = records.py();
         let out_topic_of = hooks.getattr(intern!(py, "out_topic"))?;
@@ -432,6 +441,15 @@ impl FastPath {
             };
             let row_key = out_key.as_ref().map(|k| k.as_bytes()).unwrap_or(b"");
             let out_topic = out_py.to_str()?;
+            let reason_obj = match reasons {
+                Some(list) if i - start < list.len() => Some(list.get_item(i - start)?),
+                Some(_) => break,
+                None => None,
+            };
+            let reason: Option<&[u8]> = match &reason_obj {
+                Some(r) if !r.is_none() => Some(r.downcast::<PyBytes>()?.as_bytes()),
+                _ => None,
+            };
             let attempt = |this: &mut FastPath| {
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     this.process_inner(
@@ -444,6 +462,7 @@ impl FastPath {
                         row_key,
                         None,
                         now_ms,
+                        reason,
                     )
                 }))
             };
@@ -564,6 +583,7 @@ impl FastPath {
         row_key: &[u8],
         trace_id: Option<&str>,
         now_ms: i64,
+        reason: Option<&[u8]>,
     ) -> Step<Done<'py>> {
         if value.len() > self.max_value_bytes {
             return Err(Stop::Decline);
@@ -716,7 +736,9 @@ impl FastPath {
                 PyString::new(py, std::str::from_utf8(&[env.op]).unwrap()),
                 images_count,
             ))?;
-            let (a, b, c, key): (Vec<u8>, Vec<u8>, Vec<u8>, Py<PyBytes>) = parts.extract()?;
+            #[allow(clippy::type_complexity)]
+            let (v, a, b, d, e, key): (Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>, Py<PyBytes>) =
+                parts.extract()?;
             if self.audit.len() > 50_000 {
                 self.audit.clear();
             }
@@ -725,26 +747,42 @@ impl FastPath {
                 audit_key,
                 AuditParts {
                     topic,
+                    v,
                     a,
                     b,
-                    c,
+                    d,
+                    e,
                     key,
                 },
             );
         }
         let parts = &self.audit[&audit_key];
         let mut audit = Vec::with_capacity(
-            self.audit_header.len() + parts.a.len() + parts.b.len() + parts.c.len() + 160,
+            self.audit_header.len()
+                + parts.a.len()
+                + parts.b.len()
+                + parts.d.len()
+                + parts.e.len()
+                + reason.map_or(0, <[u8]>::len)
+                + 160,
         );
         audit.extend_from_slice(&self.audit_header);
-        audit.push(2);
+        audit.extend_from_slice(&parts.v);
         put_long(&mut audit, now_ms);
         audit.extend_from_slice(&parts.a);
         put_long(&mut audit, offset);
         audit.extend_from_slice(&parts.b);
         audit.push(2);
         put_str(&mut audit, subject.as_bytes());
-        audit.extend_from_slice(&parts.c);
+        audit.extend_from_slice(&parts.d);
+        match reason {
+            None => audit.push(0),
+            Some(r) => {
+                audit.push(2);
+                put_str(&mut audit, r);
+            }
+        }
+        audit.extend_from_slice(&parts.e);
         match trace_id {
             None => audit.push(0),
             Some(t) => {

@@ -28,7 +28,7 @@ from guard.pipeline.runtime import build_catalog, build_keys
 from guard.pipeline.sanitizer import Sanitizer
 from guard.protect.fastpath import native_available
 from guard.protect.reveal import open_image
-from guard.records.codec import decode
+from guard.records.codec import decode, write_decision_of
 from guard.telemetry import Telemetry
 from guard.workload import synth
 from tests.integration.kafka_helpers import read_all
@@ -581,9 +581,9 @@ def test_offsets_sent_early_count_only_if_they_are_the_commits_own(stack, pair):
 
 
 def test_write_decisions_are_the_same_on_both_paths(stack, pair):
-    """With the access policy on, every write handled by a native run still gets its decision (audited once,
-    in the same transaction), and writes not allowed take the Python path: both sanitizers produce the same
-    records (decisions, anomalies, `bg-policy` headers), whatever path each event took."""
+    """With the access policy on, every write handled by a native run still gets its decision (in its own
+    audit record, in the same transaction), and writes not allowed take the Python path: both sanitizers
+    produce the same records (decisions, anomalies, `bg-policy` headers), whatever path each event took."""
     from guard.pipeline.policy import WriteChecker
     from guard.policy.engine import PolicyEngine, default_directory
     from guard.policy.sources import staff_entities
@@ -627,12 +627,15 @@ def test_write_decisions_are_the_same_on_both_paths(stack, pair):
         def key(record):
             return repr(record)
         assert sorted(got[0].records, key=key) == sorted(expected[0].records, key=key)
-        decisions = [decode(v) for t, v, *_ in expected[0].records if t == "guard.audit"]
-        decisions = [d for d in decisions if d["decision"] in ("write_allowed", "write_denied", "unattributed")]
-        assert len(decisions) == 36 and {d["source_offset"] for d in decisions} == {m.offset() for m in msgs}
-        by_decision = {}
-        for d in decisions:
-            by_decision[d["decision"]] = by_decision.get(d["decision"], 0) + 1
+        # One audit record per change (audit format 2): the change's own, carrying its write decision.
+        audits = [decode(v) for t, v, *_ in expected[0].records if t == "guard.audit"]
+        assert len(audits) == 36 and {a["source_offset"] for a in audits} == {m.offset() for m in msgs}
+        assert all(a["v"] == 2 and a["decision"] == "protected" and a["subject"] for a in audits)
+        decisions = [write_decision_of(a) for a in audits]
+        by_decision: dict[str, int] = {}
+        for found in decisions:
+            assert found is not None
+            by_decision[found[0]] = by_decision.get(found[0], 0) + 1
         assert by_decision == {"write_allowed": 18, "write_denied": 6, "unattributed": 12}
         flagged = [h for t, _, _, _, _, h in expected[0].records if t.startswith("sanitized.") and h]
         assert len(flagged) == 18 and all(dict(h)["bg-policy"] for h in flagged)
