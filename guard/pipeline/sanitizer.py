@@ -218,7 +218,7 @@ class Sanitizer:
 
     def run_native(self, records: list[tuple[Any, str, int, int, bytes | None]], start: int, *,
                    produce: Callable[..., None], poll: Callable[[float], int],
-                   partitions: Callable[[str, str], int], max_record_bytes: int) -> NativeRun:
+                   partitions: Callable[[str, str], int], max_record_bytes: int, chains: Any = None) -> NativeRun:
         """Sanitize and produce `records[start:]` natively up to the first record that needs `process`.
 
         `records` are the runner's `(message, topic, partition, offset, value)` tuples of one fetched
@@ -227,7 +227,8 @@ class Sanitizer:
         `end` (if any) has produced nothing; the caller hands it to `process`, then calls again from
         `end + 1`. Kafka errors other than a full local queue propagate (the runner aborts). Only for
         records without Kafka headers and without tracing: those go through `process`, which carries
-        the trace context.
+        the trace context. `chains` (the worker's `AuditChains`): the run chains its audit records itself
+        (`guard_native.FastPath.run`); without it `produce` must.
         """
         # Records bound for a compacted sanitized topic take the Python path (their keys are recorded for
         # erasure tombstones): the native run stops before the first one.
@@ -255,7 +256,8 @@ class Sanitizer:
         end, last, counts, stamps = self._fast.run(
             records if stop == len(records) else records[:stop], start, produce=produce, poll=poll,
             partitions=partitions, hooks=self._native_hooks, now_ms=int(self._clock() * 1000),
-            max_record_bytes=max_record_bytes, reasons=self._write_reasons(decided) if decided else None)
+            max_record_bytes=max_record_bytes, reasons=self._write_reasons(decided) if decided else None,
+            chains=chains)
         plans = self._fast_plans
         shapes = [(plans[plan_id].schema_table, plans[plan_id].class_counts, n) for plan_id, n in counts]
         return NativeRun(end, last, shapes, stamps)

@@ -29,6 +29,7 @@ mod json;
 use foldhash::HashMap;
 
 use pyo3::intern;
+use sha2::{Digest, Sha256};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyInt, PyList, PyString, PyTuple};
 
@@ -107,6 +108,81 @@ struct Done<'py> {
 }
 
 /// `produce(*args)`, polling and retrying while the producer's local queue is full.
+/// A partition's audit chain while a run appends to it (docs/audit.md, "Leaves"): the chain's constant
+/// head (layout version, id length, id), the next sequence number, the previous leaf's hash, and the leaf
+/// hashes of the run, which `AuditChains.fold` appends to the chain's Merkle frontier after the run.
+struct RunChain {
+    key: Vec<u8>,
+    head: Vec<u8>,
+    seq: u64,
+    prev: [u8; 32],
+    leaves: Vec<u8>,
+}
+
+impl RunChain {
+    /// The chain of an audit key (`<raw topic>:<partition>`), from `AuditChains.open`.
+    fn open(owner: &Bound<'_, PyAny>, key: &Bound<'_, PyBytes>) -> PyResult<Self> {
+        let (head, seq, prev): (Vec<u8>, u64, Vec<u8>) = owner
+            .call_method1(intern!(owner.py(), "open"), (key,))?
+            .extract()?;
+        let prev: [u8; 32] = prev.try_into().map_err(|_| {
+            pyo3::exceptions::PyValueError::new_err("a chain's previous leaf hash is 32 bytes")
+        })?;
+        Ok(Self {
+            key: key.as_bytes().to_vec(),
+            head,
+            seq,
+            prev,
+            leaves: Vec::new(),
+        })
+    }
+
+    /// The next record's leaf prefix: head, u64 big-endian sequence number, previous leaf hash.
+    fn prefix(&self) -> Vec<u8> {
+        let mut prefix = Vec::with_capacity(self.head.len() + 40);
+        prefix.extend_from_slice(&self.head);
+        prefix.extend_from_slice(&self.seq.to_be_bytes());
+        prefix.extend_from_slice(&self.prev);
+        prefix
+    }
+
+    fn push(&mut self, digest: [u8; 32]) {
+        self.prev = digest;
+        self.seq += 1;
+        self.leaves.extend_from_slice(&digest);
+    }
+}
+
+/// RFC 6962 leaf hash of a chained record: SHA-256(0x00 || prefix || u32 len(key) || key || u32 len(value)
+/// || value), a null key or value as length 0xFFFFFFFF (`guard.audit.chain.leaf_bytes`).
+fn leaf_hash(prefix: &[u8], key: Option<&[u8]>, value: Option<&[u8]>) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update([0u8]);
+    h.update(prefix);
+    for part in [key, value] {
+        match part {
+            None => h.update(u32::MAX.to_be_bytes()),
+            Some(bytes) => {
+                h.update((bytes.len() as u32).to_be_bytes());
+                h.update(bytes);
+            }
+        }
+    }
+    h.finalize().into()
+}
+
+/// `leaf_hash` for Python (the tests hold it to `guard.audit.merkle.leaf_hash(leaf_bytes(...))`).
+#[pyfunction(name = "leaf_hash")]
+#[pyo3(signature = (prefix, key, value))]
+fn py_leaf_hash<'py>(
+    py: Python<'py>,
+    prefix: &[u8],
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+) -> Bound<'py, PyBytes> {
+    PyBytes::new(py, &leaf_hash(prefix, key, value))
+}
+
 fn produce_retrying<'py>(
     produce: &Bound<'py, PyAny>,
     poll: &Bound<'py, PyAny>,
@@ -348,8 +424,12 @@ impl FastPath {
     /// and `audit_topic`. `partitions(out_topic, topic)` is the sanitized topic's partition count.
     /// `reasons` (when the access policy is on): per record from `start`, its write decision as JSON
     /// (UTF-8), carried in the `reason` of its own audit record, or None (not a write).
+    /// `chains` (a worker's `AuditChains`): each audit record joins its partition's chain here, its
+    /// `bg-leaf` header and leaf hash computed in Rust (`RunChain`); `chains.open(key)` gives a chain's
+    /// state, `chains.fold(key, leaf hashes)` takes the run's leaves back. Without it the records are
+    /// produced unchained (a `produce` that chains them itself, or a test's).
     #[pyo3(signature = (records, start, *, produce, poll, partitions, hooks, now_ms, max_record_bytes,
-                        reasons=None))]
+                        reasons=None, chains=None))]
     #[allow(clippy::too_many_arguments)]
     fn run<'py>(
         slf: &Bound<'py, Self>,
@@ -362,6 +442,71 @@ impl FastPath {
         now_ms: i64,
         max_record_bytes: usize,
         reasons: Option<&Bound<'py, PyList>>,
+        chains: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let mut run_chains: Vec<RunChain> = Vec::new();
+        let out = Self::run_inner(
+            slf,
+            records,
+            start,
+            produce,
+            poll,
+            partitions,
+            hooks,
+            now_ms,
+            max_record_bytes,
+            reasons,
+            chains.map(|c| (c, &mut run_chains)),
+        );
+        // The leaves produced are folded into their chains whatever happened after them: they are in the
+        // open transaction (an error aborts it, and the chains' snapshots are restored with it).
+        if let Some(chains) = chains {
+            for c in &run_chains {
+                if !c.leaves.is_empty() {
+                    chains.call_method1(
+                        intern!(slf.py(), "fold"),
+                        (PyBytes::new(slf.py(), &c.key), PyBytes::new(slf.py(), &c.leaves)),
+                    )?;
+                }
+            }
+        }
+        out
+    }
+
+    /// Forget memoised masks, tokens and Kafka keys: they are keyed by plaintext values
+    /// (`Sanitizer.expire_value_caches`).
+    fn clear_memos(&mut self) {
+        for plans in self.plans.values_mut() {
+            plans.iter_mut().for_each(Plan::clear_memo);
+        }
+        self.topics.values_mut().for_each(|t| t.keys.clear());
+    }
+
+    #[getter]
+    fn memo_size(&self) -> usize {
+        self.plans
+            .values()
+            .flatten()
+            .map(|p| p.memo_entries)
+            .sum::<usize>()
+            + self.topics.values().map(|t| t.keys.len()).sum::<usize>()
+    }
+}
+
+impl FastPath {
+    #[allow(clippy::too_many_arguments)]
+    fn run_inner<'py>(
+        slf: &Bound<'py, Self>,
+        records: &Bound<'py, PyList>,
+        start: usize,
+        produce: &Bound<'py, PyAny>,
+        poll: &Bound<'py, PyAny>,
+        partitions: &Bound<'py, PyAny>,
+        hooks: &Bound<'py, PyAny>,
+        now_ms: i64,
+        max_record_bytes: usize,
+        reasons: Option<&Bound<'py, PyList>>,
+        mut chains: Option<(&Bound<'py, PyAny>, &mut Vec<RunChain>)>,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let py = records.py();
         let out_topic_of = hooks.getattr(intern!(py, "out_topic"))?;
@@ -510,20 +655,60 @@ impl FastPath {
                 )
                     .into_pyobject(py)?,
             )?;
-            produce_retrying(
-                produce,
-                poll,
-                (
-                    &audit_topic,
-                    PyBytes::new(py, &done.audit),
-                    &done.audit_key,
-                    -1,
-                    &none,
-                    &none,
-                    ts,
-                )
-                    .into_pyobject(py)?,
-            )?;
+            match chains.as_mut() {
+                None => produce_retrying(
+                    produce,
+                    poll,
+                    (
+                        &audit_topic,
+                        PyBytes::new(py, &done.audit),
+                        &done.audit_key,
+                        -1,
+                        &none,
+                        &none,
+                        ts,
+                    )
+                        .into_pyobject(py)?,
+                )?,
+                Some((owner, run_chains)) => {
+                    // The record joins its partition's audit chain here, where its bytes were built:
+                    // the leaf hash is computed once, in Rust, and Python only folds the frontier.
+                    let key = done.audit_key.as_bytes();
+                    let at = match run_chains.iter().position(|c| c.key == key) {
+                        Some(at) => at,
+                        None => {
+                            run_chains.push(RunChain::open(owner, &done.audit_key)?);
+                            run_chains.len() - 1
+                        }
+                    };
+                    let chain = &mut run_chains[at];
+                    let prefix = chain.prefix();
+                    let digest = leaf_hash(&prefix, Some(key), Some(&done.audit));
+                    let header = PyTuple::new(
+                        py,
+                        [
+                            intern!(py, "bg-leaf").clone().into_any(),
+                            PyBytes::new(py, &prefix).into_any(),
+                        ],
+                    )?;
+                    produce_retrying(
+                        produce,
+                        poll,
+                        (
+                            &audit_topic,
+                            PyBytes::new(py, &done.audit),
+                            &done.audit_key,
+                            -1,
+                            &none,
+                            &none,
+                            ts,
+                            PyList::new(py, [header])?,
+                        )
+                            .into_pyobject(py)?,
+                    )?;
+                    chain.push(digest);
+                }
+            }
             activity.set_item((&done.subject, &out_py), done.retention_s)?;
             match last
                 .iter_mut()
@@ -550,27 +735,6 @@ impl FastPath {
         )
     }
 
-    /// Forget memoised masks, tokens and Kafka keys: they are keyed by plaintext values
-    /// (`Sanitizer.expire_value_caches`).
-    fn clear_memos(&mut self) {
-        for plans in self.plans.values_mut() {
-            plans.iter_mut().for_each(Plan::clear_memo);
-        }
-        self.topics.values_mut().for_each(|t| t.keys.clear());
-    }
-
-    #[getter]
-    fn memo_size(&self) -> usize {
-        self.plans
-            .values()
-            .flatten()
-            .map(|p| p.memo_entries)
-            .sum::<usize>()
-            + self.topics.values().map(|t| t.keys.len()).sum::<usize>()
-    }
-}
-
-impl FastPath {
     #[allow(clippy::too_many_arguments)]
     fn process_inner<'py>(
         &mut self,
@@ -804,6 +968,7 @@ impl FastPath {
 #[pymodule]
 fn guard_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<FastPath>()?;
+    m.add_function(wrap_pyfunction!(py_leaf_hash, m)?)?;
     m.add("ABI", 1)?;
     Ok(())
 }

@@ -642,3 +642,21 @@ def test_write_decisions_are_the_same_on_both_paths(stack, pair):
     finally:
         for san in pair:
             san.checker = None
+
+
+@pytest.mark.parametrize(("key", "value"), [(b"k", b"v"), (None, b"v"), (b"k", None), (None, None), (b"", b""),
+                                            (b"br0101.public.customers:3", bytes(range(256)) * 40)])
+def test_the_compiled_leaf_hash_is_the_documented_leaf(key: bytes | None, value: bytes | None) -> None:
+    """Native runs hash their audit records where they build them (RustCrypto's SHA-256): byte for byte the
+    RFC 6962 leaf hash of docs/audit.md's leaf, as `Chain.stamp` computes it."""
+    import guard_native
+
+    from guard.audit import merkle
+    from guard.audit.chain import Chain, leaf_bytes
+
+    chain = Chain("audit/br0101.public.customers:3/x")
+    chain.stamp(b"first", b"record")
+    prefix = chain.head + chain.size.to_bytes(8, "big") + chain.prev
+    digest = guard_native.leaf_hash(prefix, key, value)
+    assert digest == merkle.leaf_hash(leaf_bytes(prefix, key, value))
+    assert chain.stamp(key, value) == prefix and chain.prev == digest
