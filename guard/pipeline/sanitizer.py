@@ -75,6 +75,8 @@ class NativeRun:
     shapes: list[tuple[str, Mapping[str, int], int]]
     #: The inputs' timestamps (ms), for the latency metrics.
     timestamps: list[int]
+    #: Transaction facts produced besides (creates of tables with amount bands reaching a band).
+    facts: int = 0
     #: Records produced per event: sanitized and audit.
     RECORDS_PER_EVENT: ClassVar[int] = 2
 
@@ -231,12 +233,10 @@ class Sanitizer:
         (`guard_native.FastPath.run`); without it `produce` must.
         """
         # Records bound for a compacted sanitized topic take the Python path (their keys are recorded for
-        # erasure tombstones): the native run stops before the first one.
-        # So do records of tables with amount bands (`_band_facts` adds their facts in `process`).
-        banded, prefix_len = self._banded, self._prefix_len
+        # erasure tombstones): the native run stops before the first one. Records of tables with amount
+        # bands stay on it: it hands back the banded values of creates (`_run_band_facts`).
         stop = next((j for j in range(start, len(records))
-                     if self._is_compacted(self.planner.sanitized_topic(records[j][1]))
-                     or records[j][1][prefix_len:] in banded), len(records))
+                     if self._is_compacted(self.planner.sanitized_topic(records[j][1]))), len(records))
         checker = self.checker
         decided: list[tuple[str, WriteDecision]] = []
         if checker is not None and stop > start:
@@ -253,14 +253,39 @@ class Sanitizer:
                 decided.append(found)
         if stop == start:
             return NativeRun(start, [], [], [])
-        end, last, counts, stamps = self._fast.run(
+        end, last, counts, stamps, banded = self._fast.run(
             records if stop == len(records) else records[:stop], start, produce=produce, poll=poll,
             partitions=partitions, hooks=self._native_hooks, now_ms=int(self._clock() * 1000),
             max_record_bytes=max_record_bytes, reasons=self._write_reasons(decided) if decided else None,
             chains=chains)
+        facts = self._run_band_facts(banded, produce, poll) if banded else 0
         plans = self._fast_plans
         shapes = [(plans[plan_id].schema_table, plans[plan_id].class_counts, n) for plan_id, n in counts]
-        return NativeRun(end, last, shapes, stamps)
+        return NativeRun(end, last, shapes, stamps, facts)
+
+    def _run_band_facts(self, banded: list[tuple[str, int, int, str, int | None, int, list[tuple[str, Any]]]],
+                        produce: Callable[..., None], poll: Callable[[float], int]) -> int:
+        """The `transaction` facts of a native run's creates of tables with amount bands (issue 15): the
+        same rule and records as `_band_facts` on the Python path (with the input's timestamp), produced
+        in the run's transaction after its changes. Returns how many."""
+        produced = 0
+        for topic, partition, offset, subject, source_ts_ms, ts, values in banded:
+            table = topic[self._prefix_len:]
+            limits = dict(self._banded.get(table, ()))
+            when = source_ts_ms if source_ts_ms is not None else int(self._clock() * 1000)
+            for column, value in values:
+                band = amount_band(value, limits.get(column, ()))
+                if band is None:
+                    continue
+                rec = self.emitter.band_fact((topic, partition, offset), table, column, subject, band, when)
+                while True:
+                    try:
+                        produce(rec.topic, rec.value, rec.key, -1, None, None, ts)
+                        break
+                    except BufferError:
+                        poll(0.2)
+                produced += 1
+        return produced
 
     @staticmethod
     def _write_reasons(decided: list[tuple[str, WriteDecision]]) -> list[bytes | None]:
@@ -697,7 +722,8 @@ class Sanitizer:
             usable=not plan.unclassified and plan.relationship_end_column is None,
             subject_root=plan.subject_root, clear=list(plan.clear),
             masks=list(plan.masks), index=list(plan.index), hashed=list(plan.hashed), dropped=list(plan.dropped),
-            sealed=list(plan.sealed), retention_s=plan.retention_s)
+            sealed=list(plan.sealed), retention_s=plan.retention_s,
+            banded=[column for column, _ in self._banded.get(plan.schema_table, ())])
 
     # ------------------------------------------------------------------------------------------
     def _dlq(

@@ -105,9 +105,10 @@ struct Done<'py> {
     subject: Bound<'py, PyAny>,
     plan_id: u64,
     retention_s: i64,
+    /// A create of a table with amount bands: (source ts_ms, [(column, value)]) of its banded columns.
+    banded: Option<(Option<i64>, Bound<'py, PyList>)>,
 }
 
-/// `produce(*args)`, polling and retrying while the producer's local queue is full.
 /// A partition's audit chain while a run appends to it (docs/audit.md, "Leaves"): the chain's constant
 /// head (layout version, id length, id), the next sequence number, the previous leaf's hash, and the leaf
 /// hashes of the run, which `AuditChains.fold` appends to the chain's Merkle frontier after the run.
@@ -183,6 +184,7 @@ fn py_leaf_hash<'py>(
     PyBytes::new(py, &leaf_hash(prefix, key, value))
 }
 
+/// `produce(*args)`, polling and retrying while the producer's local queue is full.
 fn produce_retrying<'py>(
     produce: &Bound<'py, PyAny>,
     poll: &Bound<'py, PyAny>,
@@ -268,7 +270,7 @@ impl FastPath {
 
     /// Make a table plan known (called by the Python path the first time it meets the plan).
     #[pyo3(signature = (plan_id, schema_table, columns, *, subject_column, usable, subject_root, clear, masks,
-                        index, hashed, dropped, sealed, retention_s))]
+                        index, hashed, dropped, sealed, retention_s, banded=Vec::new()))]
     #[allow(clippy::too_many_arguments)]
     fn register(
         &mut self,
@@ -286,6 +288,7 @@ impl FastPath {
         dropped: Vec<String>,
         sealed: Vec<String>,
         retention_s: i64,
+        banded: Vec<String>,
     ) -> PyResult<()> {
         let entry = self.plans.entry(schema_table.to_owned()).or_default();
         if entry
@@ -303,6 +306,7 @@ impl FastPath {
         let index_cols = index.iter().map(col).collect::<PyResult<Vec<_>>>()?;
         let hashed_cols = hashed.iter().map(col).collect::<PyResult<Vec<_>>>()?;
         let sealed_cols = sealed.iter().map(col).collect::<PyResult<Vec<_>>>()?;
+        let banded_cols = banded.iter().map(col).collect::<PyResult<Vec<_>>>()?;
         // The field-list part of the associated data (`guard.protect.aad.field_list_part`).
         let mut fields_blob = (sealed.len() as u32).to_be_bytes().to_vec();
         for f in &sealed {
@@ -333,6 +337,7 @@ impl FastPath {
             subject_ints: HashMap::default(),
             subject_strs: HashMap::default(),
             retention_s,
+            banded: banded_cols,
         });
         Ok(())
     }
@@ -404,8 +409,10 @@ impl FastPath {
     }
 
     /// Sanitize and produce a run of ordinary records of a fetched batch, from `start` until the first
-    /// record that needs the Python path; returns `(end, last offsets, events per plan, timestamps)`,
-    /// where `end` is that record's index (`len(records)` when the run reached the end).
+    /// record that needs the Python path; returns `(end, last offsets, events per plan, timestamps,
+    /// banded)`, where `end` is that record's index (`len(records)` when the run reached the end) and
+    /// `banded` lists the creates of tables with amount bands, `(topic, partition, offset, subject, source
+    /// ts_ms, input timestamp, [(column, value)])`, whose facts the sanitizer adds (same transaction).
     ///
     /// Why: with the transform native, most of a worker's time went to the per-record glue around it in
     /// the runner (loop, outcome objects, two keyword `produce` calls, counters). Here a record costs a
@@ -519,6 +526,7 @@ impl FastPath {
         let mut last: Vec<(Bound<'py, PyString>, i64, i64)> = Vec::new();
         let mut counts: Vec<(u64, usize)> = Vec::new();
         let mut stamps: Vec<i64> = Vec::with_capacity(records.len().saturating_sub(start));
+        let mut banded: Vec<Bound<'py, PyTuple>> = Vec::new();
         let mut i = start;
         while i < records.len() {
             let item = records.get_item(i)?;
@@ -710,6 +718,20 @@ impl FastPath {
                 }
             }
             activity.set_item((&done.subject, &out_py), done.retention_s)?;
+            if let Some((source_ts_ms, values)) = done.banded {
+                banded.push(PyTuple::new(
+                    py,
+                    [
+                        topic_obj.clone().into_any(),
+                        partition.into_pyobject(py)?.into_any(),
+                        offset.into_pyobject(py)?.into_any(),
+                        done.subject.clone(),
+                        source_ts_ms.into_pyobject(py)?.into_any(),
+                        ts.into_pyobject(py)?.into_any(),
+                        values.into_any(),
+                    ],
+                )?);
+            }
             match last
                 .iter_mut()
                 .find(|(t, p, _)| *p == partition && t.to_str().ok() == Some(topic))
@@ -731,6 +753,7 @@ impl FastPath {
                 PyList::new(py, last)?.into_any(),
                 PyList::new(py, counts)?.into_any(),
                 PyList::new(py, stamps)?.into_any(),
+                PyList::new(py, banded)?.into_any(),
             ],
         )
     }
@@ -769,6 +792,29 @@ impl FastPath {
                 plan.schema_table_py.clone_ref(py),
                 plan.values(row, &loads)?,
             )
+        };
+        // A new row of a table with amount bands: its banded values go back to the sanitizer, which
+        // decides the band (`guard.pipeline.sanitizer.amount_band`, the one rule for both paths).
+        let banded = {
+            let plan = &candidates[row_idx];
+            if env.op == b'c' && env.after.is_some() && !plan.banded.is_empty() {
+                let pairs = plan
+                    .banded
+                    .iter()
+                    .map(|c| {
+                        Ok(PyTuple::new(
+                            py,
+                            [
+                                c.name.bind(py).clone().into_any(),
+                                row_values[c.idx].to_py(py)?,
+                            ],
+                        )?)
+                    })
+                    .collect::<PyResult<Vec<_>>>()?;
+                Some((env.source_ts_ms, PyList::new(py, pairs)?))
+            } else {
+                None
+            }
         };
         let subject_of = self.subject_of.bind(py);
         let subject_obj =
@@ -961,6 +1007,7 @@ impl FastPath {
             subject: subject_obj,
             plan_id,
             retention_s,
+            banded,
         })
     }
 }

@@ -660,3 +660,49 @@ def test_the_compiled_leaf_hash_is_the_documented_leaf(key: bytes | None, value:
     digest = guard_native.leaf_hash(prefix, key, value)
     assert digest == merkle.leaf_hash(leaf_bytes(prefix, key, value))
     assert chain.stamp(key, value) == prefix and chain.prev == digest
+
+
+def test_transactions_stay_on_native_runs_with_the_python_paths_facts(stack, pair):
+    """Issue 15's amount bands: creates of `transactions` are sanitized by native runs, which hand their
+    amounts back for the band; the facts (and every other record) are the Python path's, per topic in the
+    same order (a run produces its facts after its changes, in the same transaction)."""
+    python, native = pair
+    topic = f"{PREFIX}.public.transactions"
+    amounts: list[object] = ["12.50", "50000", "49999.99", "-750000.00", 500000, 1e6, None, "abc", "1E+6", [1], "0"]
+    msgs = []
+    for n, amount in enumerate(amounts * 2):
+        row = base_row("public.transactions", 9_300 + n)
+        row["amount"] = amount
+        op = "c" if n < len(amounts) else "u"
+        source = {"version": "3.6.1.Final", "connector": "postgresql", "name": PREFIX, "db": "branch_0101",
+                  "schema": "public", "table": "transactions", "lsn": 77_000 + n, "xmin": None,
+                  **({"ts_ms": 1_800_000_000_000 + n} if n % 5 else {})}
+        event = {"before": dict(row) if op == "u" else None, "after": row, "source": source, "op": op,
+                 "ts_ms": 1_800_000_000_500, "transaction": None}
+        msgs.append(Message(topic=topic, partition=n % 2, offset=300 + n,
+                            key=json.dumps({"txn_id": row.get("txn_id")}).encode(), value=orjson.dumps(event),
+                            timestamp=(1, 1_700_000_000_000 + n)))
+    run_both(pair, "public.transactions", msgs[0].key(), msgs[0].value(), prefetch=False, trace_id=None)
+    by_runs: list[int] = []
+    real_run = native.run_native
+
+    def run_native(records, start, **kwargs):
+        run = real_run(records, start, **kwargs)
+        by_runs.extend(offset for _, _, _, offset, _ in records[start:run.end])
+        return run
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(native, "run_native", run_native)
+        got = process_batch(stack, native, msgs)
+    expected = process_batch(stack, python, msgs)
+    assert set(by_runs) == {m.offset() for m in msgs}, "every transaction event was taken by a native run"
+
+    def per_topic(producer) -> dict[str, list[tuple]]:
+        out: dict[str, list[tuple]] = {}
+        for record in producer.records:
+            out.setdefault(record[0], []).append(record)
+        return out
+    assert per_topic(got[0]) == per_topic(expected[0])
+    assert got[1:] == expected[1:]
+    facts = [orjson.loads(r[1]) for r in expected[0].records if r[0] == python.settings.facts_topic]
+    assert sorted(f["attrs"]["amount_band"] for f in facts) == ["large", "very_large", "very_large", "very_large",
+                                                                "very_large"]
