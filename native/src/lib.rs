@@ -29,9 +29,9 @@ mod json;
 use foldhash::HashMap;
 
 use pyo3::intern;
-use sha2::{Digest, Sha256};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyInt, PyList, PyString, PyTuple};
+use sha2::{Digest, Sha256};
 
 use crate::avro::{name_array, put_long, put_str, str_enc};
 
@@ -472,7 +472,10 @@ impl FastPath {
                 if !c.leaves.is_empty() {
                     chains.call_method1(
                         intern!(slf.py(), "fold"),
-                        (PyBytes::new(slf.py(), &c.key), PyBytes::new(slf.py(), &c.leaves)),
+                        (
+                            PyBytes::new(slf.py(), &c.key),
+                            PyBytes::new(slf.py(), &c.leaves),
+                        ),
                     )?;
                 }
             }
@@ -947,8 +950,14 @@ impl FastPath {
                 images_count,
             ))?;
             #[allow(clippy::type_complexity)]
-            let (v, a, b, d, e, key): (Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>, Py<PyBytes>) =
-                parts.extract()?;
+            let (v, a, b, d, e, key): (
+                Vec<u8>,
+                Vec<u8>,
+                Vec<u8>,
+                Vec<u8>,
+                Vec<u8>,
+                Py<PyBytes>,
+            ) = parts.extract()?;
             if self.audit.len() > 50_000 {
                 self.audit.clear();
             }
