@@ -671,8 +671,7 @@ def test_transactions_stay_on_native_runs_with_the_python_paths_facts(stack, pai
     amounts: list[object] = ["12.50", "50000", "49999.99", "-750000.00", 500000, 1e6, None, "abc", "1E+6", [1], "0"]
     msgs = []
     for n, amount in enumerate(amounts * 2):
-        row = base_row("public.transactions", 9_300 + n)
-        row["amount"] = amount
+        row = {"txn_id": 9_300 + n, **base_row("public.transactions", 9_300 + n), "amount": amount}
         op = "c" if n < len(amounts) else "u"
         source = {"version": "3.6.1.Final", "connector": "postgresql", "name": PREFIX, "db": "branch_0101",
                   "schema": "public", "table": "transactions", "lsn": 77_000 + n, "xmin": None,
