@@ -805,13 +805,13 @@ impl FastPath {
                     .banded
                     .iter()
                     .map(|c| {
-                        Ok(PyTuple::new(
+                        PyTuple::new(
                             py,
                             [
                                 c.name.bind(py).clone().into_any(),
                                 row_values[c.idx].to_py(py)?,
                             ],
-                        )?)
+                        )
                     })
                     .collect::<PyResult<Vec<_>>>()?;
                 Some((env.source_ts_ms, PyList::new(py, pairs)?))
