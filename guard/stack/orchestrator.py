@@ -428,19 +428,23 @@ def provision_mariadb_external(admin_dsn: str, connect_url: str, bootstrap: str)
     """
     from urllib.parse import urlsplit
 
-    from guard.stack.mariadb import write_connect_cdc_file
-    from guard.stack.provision import mariadb_bootstrap_sql, seed_mariadb
+    from guard.stack.mariadb import ensure_blackhole, write_connect_cdc_file
+    from guard.stack.provision import mariadb_bootstrap_sql, seed_mariadb, sql_statements
     from guard.workload.branch import MariaConnection
 
     cfg = StackConfig.from_env()
     url = urlsplit(admin_dsn)
     host, port = url.hostname or "mariadb", url.port or 3306
-    with MariaConnection(admin_dsn) as conn:
-        for statement in mariadb_bootstrap_sql(cfg, client_host="%").split(";\n"):
-            if statement.strip():
-                conn.execute(statement)
-    write_connect_cdc_file(cfg)
     app_dsn = cfg.mariadb_dsn_at(host, port)
-    seed_mariadb(cfg, app_dsn)
+    with MariaConnection(admin_dsn) as conn:
+        def admin(script: str) -> None:
+            for statement in sql_statements(script):
+                conn.execute(statement)
+
+        ensure_blackhole(lambda sql: "\n".join("\t".join(str(v) for v in row)
+                                                for row in conn.execute(sql).fetchall()), admin)
+        admin(mariadb_bootstrap_sql(cfg, client_host="%"))
+        write_connect_cdc_file(cfg)
+        seed_mariadb(cfg, app_dsn, admin)
     ensure_connector(cfg, connect_url=connect_url, db_host=host, db_port=port, db_dsn=app_dsn, engine="mariadb",
                      bootstrap=bootstrap, auth=rest_auth(cfg))
