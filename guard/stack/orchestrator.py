@@ -42,7 +42,7 @@ from guard.stack.kafka_auth import ensure_security as ensure_kafka_security
 from guard.stack.mariadb import MariaDB, provision_mariadb
 from guard.stack.postgres import SUPERUSER, Postgres
 from guard.stack.procs import progress
-from guard.stack.provision import bootstrap, seed
+from guard.stack.provision import attribution_table_ddl, bootstrap, seed
 from guard.stack.redisd import Redis
 from guard.stack.secrets import REDIS_ADMIN_USER, REDIS_GUARD_USER, StackSecrets, new_password
 from guard.stack.service import Service, ServiceStatus
@@ -233,6 +233,9 @@ def _up(cfg: StackConfig) -> None:
     for engine in ENGINES:
         outcome = ensure_connector(cfg, catalog=catalog, engine=engine)
         purge_raw_written_before_filter(cfg, catalog, outcome, engine)
+        if engine == "mariadb" and outcome == "updated":
+            # a connector registered before it captured the attribution table learns the table's shape
+            stack.mariadb.admin(attribution_table_ddl(replace=True))
     for engine in ENGINES:
         wait_snapshot(cfg, engine=engine)
     progress(f"up in {time.monotonic() - t0:.1f}s")
@@ -446,5 +449,7 @@ def provision_mariadb_external(admin_dsn: str, connect_url: str, bootstrap: str)
         admin(mariadb_bootstrap_sql(cfg, client_host="%"))
         write_connect_cdc_file(cfg)
         seed_mariadb(cfg, app_dsn, admin)
-    ensure_connector(cfg, connect_url=connect_url, db_host=host, db_port=port, db_dsn=app_dsn, engine="mariadb",
-                     bootstrap=bootstrap, auth=rest_auth(cfg))
+        outcome = ensure_connector(cfg, connect_url=connect_url, db_host=host, db_port=port, db_dsn=app_dsn,
+                                   engine="mariadb", bootstrap=bootstrap, auth=rest_auth(cfg))
+        if outcome == "updated":  # see _up: the connector learns the attribution table's shape
+            admin(attribution_table_ddl(replace=True))

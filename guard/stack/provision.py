@@ -217,13 +217,23 @@ def _attribution_store_sql(cfg: StackConfig, cdc: str) -> list[str]:
     db, table = _sql_ident(ATTRIBUTION_DATABASE), _sql_ident(ATTRIBUTION_TABLE)
     return [
         f"CREATE DATABASE IF NOT EXISTS {db} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci;",
-        f"CREATE TABLE IF NOT EXISTS {db}.{table} ({MARIADB_ATTRIBUTION_COLUMNS}) ENGINE={MARIADB_ATTRIBUTION_ENGINE};",
+        attribution_table_ddl(replace=False),
         f"CREATE USER IF NOT EXISTS {_definer()} ACCOUNT LOCK;",
         f"ALTER USER {_definer()} ACCOUNT LOCK;",
         f"GRANT {MARIADB_ATTRIBUTION_DEFINER_GRANTS} ON {db}.{table} TO {_definer()};",
         f"GRANT TRIGGER ON {_sql_ident(cfg.mariadb_db)}.* TO {_definer()};",
         f"GRANT SELECT ON {db}.{table} TO {cdc};",
     ]
+
+
+def attribution_table_ddl(*, replace: bool) -> str:
+    """`CREATE TABLE IF NOT EXISTS` the attribution table, or `CREATE OR REPLACE` it: a connector that captured
+    its database only after the table was made never saw its DDL (its schema history keeps only captured
+    databases' DDL) and fails on the table's first row event; the stack re-creates the table (it holds no row)
+    after such a connector update, so the DDL passes through the binlog into the connector's history."""
+    verb = "CREATE OR REPLACE TABLE" if replace else "CREATE TABLE IF NOT EXISTS"
+    return (f"{verb} {_sql_ident(ATTRIBUTION_DATABASE)}.{_sql_ident(ATTRIBUTION_TABLE)} "
+            f"({MARIADB_ATTRIBUTION_COLUMNS}) ENGINE={MARIADB_ATTRIBUTION_ENGINE};")
 
 
 def mariadb_attribution_sql(cfg: StackConfig) -> str:
