@@ -202,7 +202,9 @@ MARIADB_ATTRIBUTION_COLUMNS = "principal VARCHAR(255) NULL"
 MARIADB_ATTRIBUTION_DEFINER_GRANTS = "INSERT"
 MARIADB_ATTRIBUTION_INSERT = (f"INSERT INTO {_sql_ident(ATTRIBUTION_DATABASE)}.{_sql_ident(ATTRIBUTION_TABLE)} "
                               "(principal) VALUES (LEFT(NULLIF(@guard_principal, ''), 255))")
-#: The tables whose deletes are attributed (the demo schema's; guard/stack/assets/branch_schema_mariadb.sql).
+#: What the BEFORE INSERT/UPDATE triggers do: the row names the session's principal, whatever the statement wrote.
+MARIADB_STAMP = "SET NEW.updated_by = LEFT(NULLIF(@guard_principal, ''), 255)"
+#: The tables whose writes are attributed (the demo schema's; guard/stack/assets/branch_schema_mariadb.sql).
 MARIADB_ATTRIBUTED_TABLES = SEED_TABLES
 
 
@@ -237,18 +239,26 @@ def attribution_table_ddl(*, replace: bool) -> str:
 
 
 def mariadb_attribution_sql(cfg: StackConfig) -> str:
-    """The delete triggers of the branch tables (run as root, after the schema exists): each deleted row inserts
-    the session's `@guard_principal` into the attribution table, in the deleting transaction, as the definer
-    account. Idempotent (CREATE OR REPLACE)."""
+    """The attribution triggers of the branch tables (run as root, after the schema exists; idempotent), all
+    running as the definer account: BEFORE INSERT and BEFORE UPDATE set `updated_by` from the session's
+    `@guard_principal` (the definer may update that one column and no other), AFTER DELETE inserts it into the
+    attribution table, in the deleting transaction. Trigger names are per database: each names its table."""
     db = _sql_ident(cfg.mariadb_db)
-    return "\n".join(
-        f"CREATE OR REPLACE DEFINER = {_definer()} TRIGGER {db}.{_sql_ident(table + '_guard_principal_delete')} "
-        f"AFTER DELETE ON {db}.{_sql_ident(table)} FOR EACH ROW {MARIADB_ATTRIBUTION_INSERT};"
-        for table in MARIADB_ATTRIBUTED_TABLES) + "\n"
+    out = []
+    for table in MARIADB_ATTRIBUTED_TABLES:
+        out.append(f"GRANT UPDATE (updated_by) ON {db}.{_sql_ident(table)} TO {_definer()};")
+        for when in ("insert", "update"):
+            out.append(f"CREATE OR REPLACE DEFINER = {_definer()} TRIGGER {db}."
+                       f"{_sql_ident(f'{table}_guard_principal_{when}')} BEFORE {when.upper()} ON {db}."
+                       f"{_sql_ident(table)} FOR EACH ROW {MARIADB_STAMP};")
+        out.append(f"CREATE OR REPLACE DEFINER = {_definer()} TRIGGER {db}."
+                   f"{_sql_ident(table + '_guard_principal_delete')} AFTER DELETE ON {db}.{_sql_ident(table)} "
+                   f"FOR EACH ROW {MARIADB_ATTRIBUTION_INSERT};")
+    return "\n".join(out) + "\n"
 
 
 def seed_mariadb(cfg: StackConfig, dsn: str, admin: Callable[[str], object]) -> int:
-    """Create the MariaDB branch's tables, have `admin` (root) install their delete triggers
+    """Create the MariaDB branch's tables, have `admin` (root) install their attribution triggers
     (`mariadb_attribution_sql`), and insert its synthetic customers when ``customers`` is empty.
 
     Other customers than branch 0101's (another seed, branch code 0202), each login with a binary device

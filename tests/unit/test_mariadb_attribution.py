@@ -157,12 +157,19 @@ def test_the_attribution_table_is_the_guards_and_the_triggers_run_as_a_locked_ac
     # the application account gets nothing on the attribution database; the CDC account reads the table only
     assert not [line for line in sql.splitlines() if "guard_admin" in line and "branch_app" in line]
     assert "GRANT SELECT ON `guard_admin`.`principal_messages` TO 'cdc'@'127.0.0.1';" in sql
-    triggers = sql_statements(mariadb_attribution_sql(cfg))
-    assert len(triggers) == len(MARIADB_ATTRIBUTED_TABLES) == 4
-    for table, trigger in zip(MARIADB_ATTRIBUTED_TABLES, triggers, strict=True):
-        assert trigger == (f"CREATE OR REPLACE DEFINER = {definer} TRIGGER `branch_0202`.`{table}_guard_principal_"
-                           f"delete` AFTER DELETE ON `branch_0202`.`{table}` FOR EACH ROW INSERT INTO `guard_admin`."
-                           "`principal_messages` (principal) VALUES (LEFT(NULLIF(@guard_principal, ''), 255))")
+    statements = sql_statements(mariadb_attribution_sql(cfg))
+    assert len(statements) == 4 * len(MARIADB_ATTRIBUTED_TABLES) and len(MARIADB_ATTRIBUTED_TABLES) == 4
+    stamp = "FOR EACH ROW SET NEW.updated_by = LEFT(NULLIF(@guard_principal, ''), 255)"
+    for n, table in enumerate(MARIADB_ATTRIBUTED_TABLES):
+        grant, on_insert, on_update, on_delete = statements[4 * n:4 * n + 4]
+        # the definer may set that one column, as the BEFORE triggers do, and no other
+        assert grant == f"GRANT UPDATE (updated_by) ON `branch_0202`.`{table}` TO {definer}"
+        assert on_insert == (f"CREATE OR REPLACE DEFINER = {definer} TRIGGER `branch_0202`.`{table}_guard_principal_"
+                             f"insert` BEFORE INSERT ON `branch_0202`.`{table}` {stamp}")
+        assert on_update == on_insert.replace("insert` BEFORE INSERT", "update` BEFORE UPDATE")
+        assert on_delete == (f"CREATE OR REPLACE DEFINER = {definer} TRIGGER `branch_0202`.`{table}_guard_principal_"
+                             f"delete` AFTER DELETE ON `branch_0202`.`{table}` FOR EACH ROW INSERT INTO `guard_admin`."
+                             "`principal_messages` (principal) VALUES (LEFT(NULLIF(@guard_principal, ''), 255))")
 
 
 def test_sql_statements_splits_at_line_ends_and_drops_comment_lines() -> None:

@@ -55,31 +55,14 @@ CREATE TABLE IF NOT EXISTS customer_auth (
     updated_at     DATETIME(6)
 ) ENGINE=InnoDB;
 
--- Attribution contract (docs/policy.md, "Attribution"): every transaction that writes names its principal
--- first, in the session variable @guard_principal, and clears it when the transaction ends (MariaDB has no
--- transaction-local settings: a pooled connection that skips the reset carries the name into the next
--- transaction), e.g. SET @guard_principal = 'Staff:t0202-01', START TRANSACTION, the writes, COMMIT, then
--- SET @guard_principal = NULL. Inserts and updates carry it in updated_by, set by these triggers whatever the
--- statement wrote (NULL when unset: the guard decides such a change `unattributed`). Trigger names are per
--- database in MariaDB, hence the table in each. Deletes are attributed by the delete triggers that
--- guard/stack/provision.py (mariadb_attribution_sql) installs as a guard account, not as this one.
+-- Attribution contract (docs/policy.md, "The same contract on MariaDB"): every transaction that writes names
+-- its principal first, in the session variable @guard_principal, and clears it when the transaction ends
+-- (MariaDB has no transaction-local settings: a pooled connection that skips the reset carries the name into
+-- the next transaction), e.g. SET @guard_principal = 'Staff:t0202-01', START TRANSACTION, the writes, COMMIT,
+-- then SET @guard_principal = NULL. Inserts and updates carry it in updated_by; the triggers that set it (and
+-- the delete triggers that attribute deletes) are installed by root as a guard account, not by this one
+-- (guard/stack/provision.py, mariadb_attribution_sql): creating a trigger with the binlog on takes SUPER.
 ALTER TABLE customers ADD COLUMN IF NOT EXISTS updated_by VARCHAR(255) NULL;
 ALTER TABLE accounts ADD COLUMN IF NOT EXISTS updated_by VARCHAR(255) NULL;
 ALTER TABLE transactions ADD COLUMN IF NOT EXISTS updated_by VARCHAR(255) NULL;
 ALTER TABLE customer_auth ADD COLUMN IF NOT EXISTS updated_by VARCHAR(255) NULL;
-CREATE OR REPLACE TRIGGER customers_guard_principal_insert BEFORE INSERT ON customers FOR EACH ROW
-    SET NEW.updated_by = LEFT(NULLIF(@guard_principal, ''), 255);
-CREATE OR REPLACE TRIGGER customers_guard_principal_update BEFORE UPDATE ON customers FOR EACH ROW
-    SET NEW.updated_by = LEFT(NULLIF(@guard_principal, ''), 255);
-CREATE OR REPLACE TRIGGER accounts_guard_principal_insert BEFORE INSERT ON accounts FOR EACH ROW
-    SET NEW.updated_by = LEFT(NULLIF(@guard_principal, ''), 255);
-CREATE OR REPLACE TRIGGER accounts_guard_principal_update BEFORE UPDATE ON accounts FOR EACH ROW
-    SET NEW.updated_by = LEFT(NULLIF(@guard_principal, ''), 255);
-CREATE OR REPLACE TRIGGER transactions_guard_principal_insert BEFORE INSERT ON transactions FOR EACH ROW
-    SET NEW.updated_by = LEFT(NULLIF(@guard_principal, ''), 255);
-CREATE OR REPLACE TRIGGER transactions_guard_principal_update BEFORE UPDATE ON transactions FOR EACH ROW
-    SET NEW.updated_by = LEFT(NULLIF(@guard_principal, ''), 255);
-CREATE OR REPLACE TRIGGER customer_auth_guard_principal_insert BEFORE INSERT ON customer_auth FOR EACH ROW
-    SET NEW.updated_by = LEFT(NULLIF(@guard_principal, ''), 255);
-CREATE OR REPLACE TRIGGER customer_auth_guard_principal_update BEFORE UPDATE ON customer_auth FOR EACH ROW
-    SET NEW.updated_by = LEFT(NULLIF(@guard_principal, ''), 255);
