@@ -1,14 +1,15 @@
 """Writes on the MariaDB branch (0202) attributed and checked on the real stack (issue 14, item 2).
 
-The branch application names each transaction's principal in `@guard_principal`; the tables' BEFORE triggers
-stamp it into `updated_by`, the delete triggers (run as a locked guard account) insert it into the BLACKHOLE
-table `guard_admin.principal_messages`, which Debezium's MariaDB connector captures and routes to
-`br0202.message`. A `guard run` worker for branch 0202 (its own audit, anomaly and sanitized topics) decides
-every change with the demo policy: the branch's own tellers write and its manager deletes (allowed), staff of
-another branch are denied, a change without a principal is `unattributed` with an anomaly, a delete is the
-deleter's (joined with its transaction's attribution rows on `source.gtid`), not the row's last writer's. The
-application account can't write the attribution table nor plant a trigger that runs as the guard's account.
-About 20 rows; ~1 minute on the 2-core machine, most of it waiting for Debezium and the worker.
+The branch application names each transaction's principal in `@guard_principal`; the tables' triggers, all
+running as a locked guard account, stamp it into `updated_by` (BEFORE INSERT/UPDATE) or insert it into the
+BLACKHOLE table `guard_admin.principal_messages` (AFTER DELETE), which Debezium's MariaDB connector captures and
+routes to `br0202.message`. A `guard run` worker for branch 0202 (its own audit, anomaly and sanitized topics)
+decides every change with the demo policy: the branch's own tellers write and its manager deletes (allowed),
+staff of another branch are denied, a change without a principal is `unattributed` with an anomaly, a delete is
+the deleter's (joined with its transaction's attribution rows on `source.gtid`), not the row's last writer's.
+The application account can't write the attribution table, plant a trigger that runs as the guard's account,
+nor drop the guard's triggers. About 20 rows; ~35 s on the 2-core machine, most of it waiting for Debezium and
+the worker.
 """
 
 from __future__ import annotations
@@ -210,17 +211,43 @@ def test_a_delete_is_decided_with_its_deleter_not_the_last_writer(run: dict[str,
     assert not read_all(run["bootstrap"], run["sanitized"] + MESSAGES)
 
 
+def test_a_rolled_back_delete_leaves_no_change_and_no_attribution(run: dict[str, Any]) -> None:
+    """The attribution row is part of the deleting transaction: rolled back with it, neither reaches the binlog."""
+    branch = run["branch"]
+    kept, marker = branch.insert(TELLER), branch.insert(TELLER)
+    db = branch.db
+    nobody_else = f"Staff:{unique('rollback-')}"  # named by this transaction only
+    db.conn.begin()
+    attribute(db, nobody_else)
+    db.execute("DELETE FROM customers WHERE customer_id = %s", (kept,))
+    db.conn.rollback()
+    db.forget_principal()
+    branch.delete([marker], MANAGER)  # committed after the rollback: once it is published, so would the rest be
+    (_, _, after_it), = _raw(run, marker, "d")
+    gtid = after_it["source"]["gtid"]
+    assert not [r for r in read_all(run["bootstrap"], RAW) if _doc(r.value).get("op") == "d"
+                and (_doc(r.value).get("before") or {}).get("customer_id") == kept]
+    messages = [_doc(r.value) for r in read_all(run["bootstrap"], MESSAGES)]
+    assert [m["after"] for m in messages if m["source"]["gtid"] == gtid] == [{"principal": MANAGER}]
+    assert not [m for m in messages if m["after"] == {"principal": nobody_else}]
+
+
 def test_the_application_cannot_write_an_attribution(stack: dict[str, str]) -> None:
     cfg = StackConfig.from_env()
     with MariaConnection(stack["GUARD_BRANCH2_DSN"]) as app:
         with pytest.raises(pymysql.err.OperationalError) as denied:
             app.execute("INSERT INTO guard_admin.principal_messages (principal) VALUES ('Staff:m0202-01')")
         assert denied.value.args[0] == 1142  # INSERT command denied
-        # nor plant a trigger that would run as the guard's account (that takes SUPER or SET USER)
+        # nor plant a trigger that would run as the guard's account: that takes SUPER (1419: with the binlog on,
+        # creating any trigger does) or SET USER (1227), which the application account doesn't have
         with pytest.raises(pymysql.err.OperationalError) as planted:
             app.execute("CREATE DEFINER = 'guard_attribution'@'localhost' TRIGGER spoof AFTER INSERT ON customers "
                         "FOR EACH ROW INSERT INTO guard_admin.principal_messages (principal) VALUES ('x')")
-        assert planted.value.args[0] in (1227, 1044)  # access denied
+        assert planted.value.args[0] in (1419, 1227)
+        # nor remove the guard's triggers (with the binlog on, dropping a trigger takes SUPER too)
+        with pytest.raises(pymysql.err.OperationalError) as dropped:
+            app.execute("DROP TRIGGER customers_guard_principal_delete")
+        assert dropped.value.args[0] == 1419
     server = MariaDB(cfg)
     # the table stores nothing (BLACKHOLE) and its definer can't log in
     assert server.admin("SELECT ENGINE FROM information_schema.TABLES WHERE TABLE_SCHEMA = 'guard_admin' "
