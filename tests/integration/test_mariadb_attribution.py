@@ -25,7 +25,7 @@ import pytest
 from guard.records.codec import decode
 from guard.stack.config import StackConfig
 from guard.stack.mariadb import MariaDB
-from guard.workload.branch import MariaConnection, attribute, next_customer_ids
+from guard.workload.branch import BRANCH_STAFF, MariaConnection, attribute, next_customer_ids, run_workload
 from tests.integration.kafka_helpers import GuardProcess, read_all
 from tests.integration.reliability_helpers import unique, wait_until
 
@@ -209,6 +209,36 @@ def test_a_delete_is_decided_with_its_deleter_not_the_last_writer(run: dict[str,
     assert any(a["decision"] == "attribution" and gtid in (a["reason"] or "") and MANAGER in (a["reason"] or "")
                for a in audits)
     assert not read_all(run["bootstrap"], run["sanitized"] + MESSAGES)
+
+
+def test_the_demo_workload_names_branch_0202_staff_and_every_write_is_allowed(run: dict[str, Any],
+                                                                             stack: dict[str, str]) -> None:
+    """`guard demo`'s workload on the MariaDB branch (run_workload with branch code 0202): a teller opens, another
+    updates, the manager deletes; every change of customers, accounts, transactions and logins is allowed."""
+    result = run_workload(stack["GUARD_BRANCH2_DSN"], customers=2, update=1, delete=1, branch_code="0202")
+    opener, updater, deleter = BRANCH_STAFF["0202"]
+    created, deleted = result.customers[0], result.deleted_customers[0]
+    assert [d["detail"]["principal"] for d in _decisions(run, created, "c")] == [opener]
+    assert [d["detail"]["principal"] for d in _decisions(run, created, "u")] == [updater]
+    decisions = _decisions(run, deleted, "d")
+    assert [(d["decision"], d["detail"]["principal"]) for d in decisions] == [("write_allowed", deleter)]
+    # every write decision of the worker on the workload's customers, on every table, is an allow
+    ids = set(result.customers)
+    topics = {f"{PREFIX}.branch_0202.{t}" for t in ("customers", "accounts", "transactions", "customer_auth")}
+
+    def positions() -> set[tuple[str, int, int]]:
+        return {(t, r.partition, r.offset) for t in topics for r in read_all(run["bootstrap"], t)
+                if (row := _doc(r.value).get("after") or _doc(r.value).get("before") or {})
+                and row.get("customer_id") in ids and _doc(r.value).get("op") in ("c", "u", "d")}
+    wanted = wait_until(lambda: len(p := positions()) >= 8 and p, timeout=120, what="the workload's raw changes")
+
+    def decided() -> dict[tuple[str, int, int], str] | None:
+        got = {(a["source_topic"], a["source_partition"], a["source_offset"]): a["decision"]
+               for a in (decode(r.value) for r in read_all(run["bootstrap"], run["audit"]))
+               if a["decision"] in WRITE_DECISIONS}
+        return {w: got[w] for w in wanted} if all(w in got for w in wanted) else None
+    found: dict[tuple[str, int, int], str] = wait_until(decided, timeout=180, what="the workload's decisions")
+    assert set(found.values()) == {"write_allowed"}, found
 
 
 def test_a_rolled_back_delete_leaves_no_change_and_no_attribution(run: dict[str, Any]) -> None:
