@@ -29,6 +29,7 @@ from guard.workload.branch import BRANCH_STAFF, DELETER, OPENER
 from guard.workload.synth import DEMO_STAFF
 
 GTID = "0-202-1234"
+MANAGER = "Staff:m0202-01"
 STAFF = staff_entities([(s, b, o, a, list(r)) for s, _, b, o, a, r in DEMO_STAFF])
 
 
@@ -53,11 +54,11 @@ def checker() -> WriteChecker:
 
 
 def source(db: str = "branch_0202", table: str = "customers", gtid: str | None = GTID) -> dict[str, Any]:
-    """A MariaDB connector 3.5 `source` block, fields in the connector's order."""
+    """A MariaDB connector 3.5.0 `source` block as the stack's connector writes it (fields in its order)."""
     return {"version": "3.5.0.Final", "connector": "mariadb", "name": "br0202", "ts_ms": 1_800_000_000_000,
             "snapshot": "false", "db": db, "sequence": None, "ts_us": 1_800_000_000_000_000,
             "ts_ns": 1_800_000_000_000_000_000, "table": table, "server_id": 202, "gtid": gtid,
-            "file": "binlog.000002", "pos": 4711, "row": 0, "thread": 17, "query": None}
+            "file": "binlog.000002", "pos": 4711, "row": 0, "thread": None, "query": None}
 
 
 def change(op: str, principal: str | None, *, before_principal: str | None = "Staff:t0202-01",
@@ -183,3 +184,43 @@ def test_the_workload_names_each_branchs_own_staff_and_they_exist_in_the_directo
     for branch, (opener, updater, deleter) in BRANCH_STAFF.items():
         for who, role in ((opener, "teller"), (updater, "teller"), (deleter, "manager")):
             assert directory[who.removeprefix("Staff:")] == (branch, (role,)), who
+
+
+class _Store(Attributions):
+    """What the sanitizer asks of the key store here, in memory: tenant keys and the attribution sets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wrapped: dict[str, bytes] = {}
+
+    def tenant_keys(self, wrapped_if_absent: dict[str, bytes]) -> dict[str, bytes]:
+        return {p: self.wrapped.setdefault(p, w) for p, w in wrapped_if_absent.items()}
+
+    def missing_tenant_keys(self, purposes: list[str]) -> list[str]:
+        return [p for p in purposes if p not in self.wrapped]
+
+
+def test_the_message_topic_is_audited_and_never_sanitized() -> None:
+    """On `br0202.message` an attribution row is recorded for its GTID and audited as `attribution`; a tombstone
+    (or anything else) is audited as `message_ignored`; neither writes to a sanitized topic or the DLQ."""
+    from guard.classify.catalog import Catalog
+    from guard.config import Settings
+    from guard.keys.kms import LocalKeyring
+    from guard.keys.manager import KeyManager
+    from guard.pipeline.sanitizer import Sanitizer
+    from guard.records.codec import decode
+
+    store = _Store()
+    settings = Settings(worker_id="w1", hot_path="python", policy_staff="file").for_branch("0202", "br0202")
+    keys = KeyManager(LocalKeyring(b"m" * 32), store, "t", listen=False)  # type: ignore[arg-type]
+    sanitizer = Sanitizer(settings, keys, Catalog.load(), clock=lambda: 1000.0)
+    sanitizer.checker = WriteChecker(settings, PolicyEngine(default_directory(), entity_source=lambda: STAFF),
+                                     store)  # type: ignore[arg-type]
+    assert sanitizer.checker.message_topic == "br0202.message"
+    out = sanitizer.process("br0202.message", 2, 0, None, attribution(MANAGER))
+    assert [r.topic for r in out.records] == ["guard.audit"] and store.sets == {GTID: {MANAGER}}
+    audit = decode(out.records[0].value)
+    assert audit["decision"] == "attribution" and orjson.loads(audit["reason"]) == {
+        "tx_id": GTID, "principal": MANAGER, "prefix": None, "table": "guard_admin.principal_messages"}
+    ignored = sanitizer.process("br0202.message", 2, 1, None, None)
+    assert [(r.topic, decode(r.value)["decision"]) for r in ignored.records] == [("guard.audit", "message_ignored")]
