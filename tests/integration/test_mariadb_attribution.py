@@ -284,3 +284,21 @@ def test_the_application_cannot_write_an_attribution(stack: dict[str, str]) -> N
                         "AND TABLE_NAME = 'principal_messages'").strip() == "BLACKHOLE"
     assert server.admin("SELECT COUNT(*) FROM guard_admin.principal_messages").strip() == "0"
     assert "ACCOUNT LOCK" in server.admin("SHOW CREATE USER 'guard_attribution'@'localhost'")
+
+
+def test_a_stack_seeded_before_branch_0202_had_staff_gets_them(stack: dict[str, str]) -> None:
+    """The staff directory (branch 0101's `public.staff`) of a stack seeded by an older version gains the members
+    of staff the demo added since, at the next provisioning; rows already there are left as they are."""
+    import psycopg
+
+    from guard.stack.provision import SEED_PRINCIPAL, seed
+
+    who = OTHER_TELLER.removeprefix("Staff:")
+    with psycopg.connect(stack["GUARD_BRANCH_DSN"], autocommit=True) as conn:
+        with conn.transaction():
+            conn.execute("SELECT set_config('guard.principal', %s, true)", (SEED_PRINCIPAL,))
+            conn.execute("DELETE FROM public.staff_roles WHERE staff_id = %s", (who,))
+            conn.execute("DELETE FROM public.staff WHERE staff_id = %s", (who,))
+        assert seed(StackConfig.from_env(), stack["GUARD_BRANCH_DSN"]) == 0  # already seeded: no customer rows
+        assert conn.execute("SELECT s.branch_code, s.active, r.role FROM public.staff s JOIN public.staff_roles r "
+                            "USING (staff_id) WHERE staff_id = %s", (who,)).fetchall() == [("0202", True, "teller")]
