@@ -702,8 +702,10 @@ class RedisKeyStore:
         return bool(self._call(self.client.exists, self._k("storage-only", branch, subject)))
 
     # --- attribution of deletes (docs/policy.md) -------------------------------------------------------
-    def record_attribution(self, branch: str, tx_id: int, principal: str) -> None:
+    def record_attribution(self, branch: str, tx_id: int | str, principal: str) -> None:
         """Remember that source transaction `tx_id` named `principal` ("" for none), for ATTRIBUTION_TTL_S.
+
+        `tx_id` is PostgreSQL's xid or MariaDB's GTID ("0-1-42"); keys are per branch, so the two never meet.
 
         Shared by every worker: the message and the deletes of one transaction are on different topics,
         which different workers may own. Idempotent (a set), so a replayed message changes nothing.
@@ -714,7 +716,7 @@ class RedisKeyStore:
         pipe.expire(name, ATTRIBUTION_TTL_S)
         self._call(pipe.execute)
 
-    def attributions(self, branch: str, tx_ids: list[int]) -> dict[int, set[str]]:
+    def attributions(self, branch: str, tx_ids: list[int | str]) -> dict[int | str, set[str]]:
         """The principals recorded for each of `tx_ids` (absent: no message seen yet), in one round trip."""
         if not tx_ids:
             return {}
