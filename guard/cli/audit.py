@@ -93,7 +93,7 @@ def verify_cmd(ctx: click.Context, audit_topic: str | None, deletions_topic: str
                since_ms: int, key: Path | None, strict: bool, as_json: bool) -> None:
     """Recompute every chain, check every checkpoint (topic and second store); exit 1 on any break."""
     from guard.audit.note import load_verifier
-    from guard.audit.verify import verify
+    from guard.audit.verify import one_shot, verify
 
     try:
         verifier = load_verifier(_default_key(ctx, key))
@@ -113,6 +113,12 @@ def verify_cmd(ctx: click.Context, audit_topic: str | None, deletions_topic: str
                    "chain's last checkpoint")
         for brk in report.breaks:
             click.echo(brk.line())
+        loose = [c for c in report.chains if c.unanchored and not one_shot(c.chain)]  # (one-shot: a break)
+        for c in loose[:10]:
+            click.echo(f"unanchored: chain {c.chain}: {c.unanchored} records after its last checkpoint "
+                       f"(size {c.checkpointed}); a break with --strict")
+        if len(loose) > 10:
+            click.echo(f"unanchored: {len(loose) - 10} more chains")
         click.echo("OK: every chain verifies" if report.ok else f"BROKEN: {len(report.breaks)} break(s)")
     sys.exit(0 if report.ok else 1)
 
@@ -159,3 +165,4 @@ def prove_cmd(ctx: click.Context, audit_topic: str | None, deletions_topic: str 
         click.echo(orjson.dumps(prove(leaves, kept, verifier, chain, seq), option=orjson.OPT_INDENT_2).decode())
     except (GuardError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
+
