@@ -41,7 +41,7 @@ from typing import Any
 import cedarpy
 
 from guard.errors import GuardError
-from guard.policy.model import action_uid, cedar_datetime, entity_uid, ref
+from guard.policy.model import NAMESPACE, action_uid, cedar_datetime, entity_uid, ref
 
 log = logging.getLogger("guard.policy")
 
@@ -178,6 +178,11 @@ class PolicyEngine:
     def policy_ids(self) -> tuple[str, ...]:
         """The `@id`s of the running policies, in file order."""
         return tuple(self._loaded.ids.values())
+
+    def knows(self, uid: Uid) -> bool:
+        """Whether the running entities define `uid` (from the directory, the source or `add_entities`)."""
+        kind = uid[0] if "::" in uid[0] else f"{NAMESPACE}::{uid[0]}"
+        return any(d["uid"]["type"] == kind and d["uid"]["id"] == uid[1] for d in self._all_docs(self._loaded))
 
     # --- decisions ---------------------------------------------------------------------------------
     def decide(self, principal: Uid, action: str, resource: Uid, context: Mapping[str, Any] | None = None, *,
