@@ -318,7 +318,8 @@ def copy_cmd(ctx: click.Context, source: str | None, target: str) -> None:
         producer = Producer(client_config(s, **{"enable.idempotence": True, "acks": "all"}))
         n = 0
         for msg in read_to_end(consumer, source):
-            producer.produce(target, msg.value(), msg.key(), partition=msg.partition(), headers=msg.headers(),
+            partition: int = msg.partition()  # type: ignore[assignment]
+            producer.produce(target, msg.value(), msg.key(), partition=partition, headers=msg.headers(),
                              timestamp=msg.timestamp()[1])
             n += 1
             if n % 10_000 == 0:
