@@ -45,7 +45,7 @@ from guard.policy.model import entity, ref
 from guard.protect.reveal import image_subject, open_image
 from guard.records.builders import OutRecord, RecordBuilder
 from guard.records.codec import decode
-from guard.reveal.kafka_io import FetchedRecord, RecordUnavailableError
+from guard.reveal.kafka_io import FetchedRecord, RecordNotAuthorizedError, RecordUnavailableError
 from guard.reveal.ratelimit import RateDecision
 from guard.reveal.tokens import TokenInfo
 
@@ -193,6 +193,8 @@ class RevealService:
             return RevealResult(r, "denied", reason="topic_not_allowed")
         try:
             fetched = self.fetcher.fetch(r.topic, r.partition, r.offset)
+        except RecordNotAuthorizedError:
+            return RevealResult(r, "error", reason="not_authorized")
         except RecordUnavailableError:
             return RevealResult(r, "error", reason="kafka_unavailable")
         if fetched is None or fetched.value is None:
