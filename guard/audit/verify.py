@@ -135,7 +135,10 @@ def checkpoints_by_chain(kept: Iterable[Kept], verifier: Verifier,
         try:
             cp = open_checkpoint(k.note, verifier)
         except ValueError as exc:
-            breaks.append(Break("forged_checkpoint", None, None, k.where, f"checkpoint rejected: {exc}"))
+            claimed = k.note.split("\n", 1)[0]  # unverified: named only to say which chain it pretends to be of
+            chain = claimed[len(ORIGIN_PREFIX):] if claimed.startswith(ORIGIN_PREFIX) else None
+            breaks.append(Break("forged_checkpoint", chain, None, k.where, f"checkpoint rejected: {exc}"
+                                + (" (it claims to be of this chain)" if chain else "")))
             continue
         if not cp.origin.startswith(ORIGIN_PREFIX):
             breaks.append(Break("forged_checkpoint", None, None, k.where, f"foreign origin {cp.origin!r}"))

@@ -79,3 +79,15 @@ def test_a_workers_records_after_its_last_checkpoint_still_pass() -> None:
     report = verify(records, kept, VERIFIER)
     assert report.ok and report.chains[0].unanchored == 3
     assert verify(records, kept, VERIFIER, strict=True).breaks[0].kind == "unanchored"
+
+
+def test_a_forged_checkpoint_names_the_chain_it_claims() -> None:
+    records, kept = _chain("audit/raw:0/w1", 4, key=b"raw:0", checkpoint_at=(4,))
+    other = Signer(Ed25519PrivateKey.generate())
+    chain = Chain("audit/raw:0/w1")
+    for r in records:
+        chain.stamp(r.key, r.value)
+    forged = other.sign_note(Checkpoint(origin(chain.id), 5, chain.root()).text())
+    report = verify(records, [*kept, Kept(forged, "copy[0]@9")], VERIFIER)
+    assert [(b.kind, b.chain, b.where) for b in report.breaks] == [("forged_checkpoint", "audit/raw:0/w1", "copy[0]@9")]
+    assert "claims to be of this chain" in report.breaks[0].detail
