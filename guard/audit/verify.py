@@ -319,9 +319,15 @@ def _verify_chain(name: str, leaves: list[_Leaf], cps: dict[int, list[tuple[Chec
             break
         good = size
     summary = ChainSummary(name, n, kept_max, max(0, highest - kept_max))
-    if summary.unanchored and one_shot(name):
-        first = genuine.get(kept_max)
-        specific.append(Break("inserted", name, kept_max, first.rec.where if first else "after the last checkpoint",
+    if genuine and not cps:
+        start = genuine[min(genuine)]
+        specific.append(Break("inserted", name, start.seq, start.rec.where,
+                              f"a chain of {n} records that no checkpoint (topic or second store) covers at all: "
+                              "every writer checkpoints a chain in the write that starts it, so the guard did "
+                              "not write it"))
+    elif summary.unanchored and one_shot(name):
+        loose = genuine.get(kept_max)
+        specific.append(Break("inserted", name, kept_max, loose.rec.where if loose else "after the last checkpoint",
                               f"{summary.unanchored} records after the last checkpoint ({kept_max}) of a one-shot "
                               "chain, whose writer checkpoints every record it writes in the same write: added "
                               "later"))

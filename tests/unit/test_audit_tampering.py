@@ -1,8 +1,10 @@
 """Tamperings of a copy of the audit topic that the first verifier let through (issue 14's acceptance check).
 
 A record moved to another partition of the copy, records appended after the checkpoint of a one-shot
-chain (a reveal call, `guard erase`), and a whole one-shot chain forged without a checkpoint: each must be
-named by `verify`, while legitimately unanchored worker records (at most T seconds of them) still pass.
+chain (a reveal call, `guard erase`), and a whole chain forged without a checkpoint: each must be named by
+`verify`, while legitimately unanchored worker records (at most T seconds of them) still pass. A chain
+without any checkpoint can only be forged because every writer checkpoints a chain in the transaction
+that starts it (tested here for the worker's chains).
 """
 
 from __future__ import annotations
@@ -91,3 +93,33 @@ def test_a_forged_checkpoint_names_the_chain_it_claims() -> None:
     report = verify(records, [*kept, Kept(forged, "copy[0]@9")], VERIFIER)
     assert [(b.kind, b.chain, b.where) for b in report.breaks] == [("forged_checkpoint", "audit/raw:0/w1", "copy[0]@9")]
     assert "claims to be of this chain" in report.breaks[0].detail
+
+
+def test_a_forged_worker_chain_without_any_checkpoint_is_named() -> None:
+    records, kept = _chain("audit/raw:0/w1", 4, key=b"raw:0", checkpoint_at=(4,))
+    forged, _ = _chain("audit/raw:0/f0rged00", 2, key=b"raw:0")
+    report = verify(_renumber([*records, *forged]), kept, VERIFIER)
+    assert [(b.kind, b.chain, b.seq) for b in report.breaks] == [("inserted", "audit/raw:0/f0rged00", 0)]
+    assert "no checkpoint" in report.breaks[0].detail
+
+
+def test_a_workers_chain_is_checkpointed_in_the_transaction_that_starts_it() -> None:
+    """What the check above relies on, even with a clock that has not yet run T seconds."""
+    from confluent_kafka import TopicPartition
+
+    from guard.config import Settings
+    from guard.kafka.audit_chain import AuditChains
+    from guard.records.builders import OutRecord
+
+    settings = Settings(audit_checkpoint_records=1000, audit_checkpoint_s=30.0)
+
+    def record(chain: str, size: int, note: str) -> OutRecord:
+        return OutRecord(settings.audit_topic, chain.encode(), note.encode())
+
+    chains = AuditChains(settings, SIGNER, record, lambda tps: [TopicPartition(tp.topic, tp.partition, 0)
+                                                                for tp in tps], clock=lambda: 1.0)
+    chains.headers(settings.audit_topic, b"raw:0", b"first", ("raw", 0))
+    assert len(chains.checkpoints()) == 1
+    chains.committed()
+    chains.headers(settings.audit_topic, b"raw:0", b"second", ("raw", 0))
+    assert chains.checkpoints() == []  # later ones at N records or T seconds
