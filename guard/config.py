@@ -63,6 +63,10 @@ class Settings:
     batch_size: int = 2000
     batch_ms: int = 100
     transaction_timeout_ms: int = 30_000
+    #: Seconds past the transaction timeout before a partition whose last stable offset stands still is
+    #: called hanging (an alert, `guard doctor`): Kafka's coordinator aborts timed-out transactions every
+    #: 10 s (`transaction.abort.timed.out.transaction.cleanup.interval.ms`), so keep it well above that.
+    hanging_margin_s: float = 30.0
     #: Path of the classification catalog (default: schemas/catalog.toml of the checkout).
     catalog: str = ""
     #: Optional Confluent-compatible schema registry; without it sanitized records use Avro single-object

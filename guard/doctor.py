@@ -28,7 +28,7 @@ from confluent_kafka.admin import (
 
 from guard.config import Settings
 from guard.errors import ConfigError
-from guard.kafka.hanging import COORDINATOR_MARGIN_S, Partition, StuckTracker, group_offsets_partition, read_ends
+from guard.kafka.hanging import Partition, StuckTracker, group_offsets_partition, read_ends
 from guard.kafka_security import api_versions_answered, ca_file, client_config, describe
 
 _quiet = logging.getLogger("guard.doctor.probe")
@@ -72,7 +72,7 @@ def check_hanging_transactions(admin: AdminClient, settings: Settings, *, settle
     stable offset does not move for that long (plus the coordinator's clean-up margin) is hanging. Most
     runs return at once: nothing is unstable, or the unstable partitions move on the next poll.
     """
-    limit = settle_s if settle_s is not None else settings.transaction_timeout_ms / 1000 + COORDINATOR_MARGIN_S
+    limit = settle_s if settle_s is not None else settings.transaction_timeout_ms / 1000 + settings.hanging_margin_s
     partitions = output_partitions(admin, settings)
     tracker = StuckTracker(limit)
     start = clock()

@@ -41,6 +41,10 @@ analyzer = build_analyzer(settings)
 APP_ID = os.environ.get("GUARD_ANALYZER_APP_ID", "branchguard-analyzer")
 FLUSH_S = float(os.environ.get("GUARD_ANALYZER_FLUSH_S", "30"))
 BATCH = int(os.environ.get("GUARD_ANALYZER_BATCH", "2000"))
+#: A worker that dies without leaving the group (SIGKILL, a lost machine) keeps its facts partitions until
+#: its session expires: faust's default of 60 s held alerts back for a minute. 20 s, with faust's 3-s
+#: heartbeats, as the guard's workers (15 s) do.
+SESSION_TIMEOUT_S = float(os.environ.get("GUARD_ANALYZER_SESSION_TIMEOUT_S", "20"))
 
 _mechanism, _username, _password, _tls = sasl_credentials(settings)  # SASL_SSL only: never plaintext
 app = faust.App(
@@ -56,6 +60,7 @@ app = faust.App(
     consumer_auto_offset_reset="earliest",
     datadir=os.environ.get("GUARD_ANALYZER_DATADIR", os.path.join(os.environ.get("GUARD_STACK_HOME", "."), APP_ID)),
     producer_acks=-1,
+    broker_session_timeout=SESSION_TIMEOUT_S,
 )
 
 def _existing(names: list[str]) -> list[str]:

@@ -135,7 +135,10 @@ def checkpoints_by_chain(kept: Iterable[Kept], verifier: Verifier,
         try:
             cp = open_checkpoint(k.note, verifier)
         except ValueError as exc:
-            breaks.append(Break("forged_checkpoint", None, None, k.where, f"checkpoint rejected: {exc}"))
+            claimed = k.note.split("\n", 1)[0]  # unverified: named only to say which chain it pretends to be of
+            chain = claimed[len(ORIGIN_PREFIX):] if claimed.startswith(ORIGIN_PREFIX) else None
+            breaks.append(Break("forged_checkpoint", chain, None, k.where, f"checkpoint rejected: {exc}"
+                                + (" (it claims to be of this chain)" if chain else "")))
             continue
         if not cp.origin.startswith(ORIGIN_PREFIX):
             breaks.append(Break("forged_checkpoint", None, None, k.where, f"foreign origin {cp.origin!r}"))
@@ -183,17 +186,53 @@ def verify(records: Iterable[Observed], kept: Iterable[Kept], verifier: Verifier
     names = set(chains) | set(cps)
     if chains_filter is not None:
         names &= chains_filter
+    moved = moved_leaves(chains)
     for name in sorted(names):
-        brk, summary = _verify_chain(name, chains.get(name, []), cps.get(name, {}), strict)
+        brk, summary = _verify_chain(name, chains.get(name, []), cps.get(name, {}), strict, moved.get(name, []))
         report.chains.append(summary)
         if brk is not None:
             report.breaks.append(brk)
     return report
 
 
+def moved_leaves(chains: dict[str, list[_Leaf]]) -> dict[str, list[Break]]:
+    """Per chain, the records found in another partition than the other records with their key.
+
+    Every writer leaves the partition of a chained record to the producer's partitioner, which puts all
+    records with one key into one partition; a copy made with any key-based partitioner (or keeping the
+    partitions) keeps that. So a record whose key's other records are all in another partition was moved
+    there. The leaf does not cover the partition (a copy may have other partitions), hence this check.
+    """
+    where: dict[tuple[str, bytes], dict[int, list[tuple[str, _Leaf]]]] = defaultdict(lambda: defaultdict(list))
+    for name, leaves in chains.items():
+        for leaf in leaves:
+            if leaf.rec.key is not None:
+                where[(leaf.rec.topic, leaf.rec.key)][leaf.rec.partition].append((name, leaf))
+    out: dict[str, list[Break]] = defaultdict(list)
+    for parts in where.values():
+        if len(parts) < 2:
+            continue
+        home = max(parts, key=lambda p: (len(parts[p]), -min(leaf.index for _, leaf in parts[p])))
+        for partition, found in parts.items():
+            if partition == home:
+                continue
+            for chain, leaf in found:
+                out[chain].append(Break("moved", chain, leaf.seq, leaf.rec.where,
+                                        f"the other {len(parts[home])} records with its key are in partition "
+                                        f"{home}: records with one key stay in one partition, so it was moved"))
+    return out
+
+
+def one_shot(chain: str) -> bool:
+    """A chain of one short-lived writer (`guard erase`, `retention`, `hold --release`, one reveal call):
+    ``<kind>/cli:<writer>/<random>``, checkpointed in the same write as its records."""
+    parts = chain.split("/")
+    return len(parts) == 3 and parts[1].startswith("cli:")
+
+
 def _verify_chain(name: str, leaves: list[_Leaf], cps: dict[int, list[tuple[Checkpoint, str]]],
-                  strict: bool) -> tuple[Break | None, ChainSummary]:
-    specific: list[Break] = []
+                  strict: bool, moved: Sequence[Break] = ()) -> tuple[Break | None, ChainSummary]:
+    specific: list[Break] = list(moved)
     # 1. forks: two checkpoints of one size with different roots
     for size, same_size in sorted(cps.items()):
         if len({cp.root for cp, _ in same_size}) > 1:
@@ -280,7 +319,19 @@ def _verify_chain(name: str, leaves: list[_Leaf], cps: dict[int, list[tuple[Chec
             break
         good = size
     summary = ChainSummary(name, n, kept_max, max(0, highest - kept_max))
-    if strict and summary.unanchored:
+    if genuine and not cps:
+        start = genuine[min(genuine)]
+        specific.append(Break("inserted", name, start.seq, start.rec.where,
+                              f"a chain of {n} records that no checkpoint (topic or second store) covers at all: "
+                              "every writer checkpoints a chain in the write that starts it, so the guard did "
+                              "not write it"))
+    elif summary.unanchored and one_shot(name):
+        loose = genuine.get(kept_max)
+        specific.append(Break("inserted", name, kept_max, loose.rec.where if loose else "after the last checkpoint",
+                              f"{summary.unanchored} records after the last checkpoint ({kept_max}) of a one-shot "
+                              "chain, whose writer checkpoints every record it writes in the same write: added "
+                              "later"))
+    elif strict and summary.unanchored:
         specific.append(Break("unanchored", name, kept_max, "after the last checkpoint",
                               f"{summary.unanchored} records no checkpoint covers yet"))
     if specific:

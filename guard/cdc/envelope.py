@@ -54,9 +54,11 @@ class ChangeEvent:
     source_ts_ms: int | None
     position: str
     message: Row | None = None
-    #: The source transaction's id (PostgreSQL xid, `source.txId`): what joins a delete with the logical
-    #: decoding message naming its principal (docs/policy.md). None when the connector gives none.
-    tx_id: int | None = None
+    #: The source transaction's id: what joins a delete with the attribution message naming its principal
+    #: (docs/policy.md). PostgreSQL: the xid (`source.txId`, an int); MariaDB: the transaction's GTID
+    #: (`source.gtid`, e.g. "0-1-42", on every row event of the transaction). None when the connector gives none
+    #: (a snapshot read).
+    tx_id: int | str | None = None
 
     @property
     def table(self) -> str:
@@ -141,8 +143,19 @@ def decode_document(doc: Any) -> ChangeEvent | None:
         source_ts_ms=source_ts if isinstance(source_ts, int) else None,
         position=_position(source),
         message=message,
-        tx_id=tx_id if isinstance(tx_id := source.get("txId"), int) and not isinstance(tx_id, bool) else None,
+        tx_id=_tx_id(source),
     )
+
+
+def _tx_id(source: dict[str, Any]) -> int | str | None:
+    """The source transaction's id: PostgreSQL's `txId` (an int), else MariaDB's/MySQL's `gtid` (a string)."""
+    tx_id = source.get("txId")
+    if isinstance(tx_id, int) and not isinstance(tx_id, bool):
+        return tx_id
+    gtid = source.get("gtid")
+    if isinstance(gtid, str) and gtid and len(gtid) <= 200:
+        return gtid
+    return None
 
 
 def _image(doc: dict[str, Any], name: str) -> Row | None:

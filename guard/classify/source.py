@@ -33,7 +33,9 @@ from dataclasses import dataclass
 from guard.classify.catalog import Action, Catalog
 
 __all__ = [
+    "ATTRIBUTION_DATABASE",
     "ATTRIBUTION_MESSAGE_PREFIX",
+    "ATTRIBUTION_TABLE",
     "MESSAGE_PREFIX_OPTION",
     "EXCLUDE_OPTION",
     "HASH_ALGORITHM",
@@ -52,6 +54,11 @@ __all__ = [
 #: and the one prefix the guard needs: the attribution of deletes (docs/policy.md, "Attribution contract").
 MESSAGE_PREFIX_OPTION = "message.prefix.include.list"
 ATTRIBUTION_MESSAGE_PREFIX = "guard.principal"
+#: MariaDB has no logical decoding messages: its delete triggers insert the attribution into this table of a
+#: guard-owned database the application can't write (docs/policy.md), which the MariaDB connector captures and
+#: routes to `<topic.prefix>.message`, where PostgreSQL's messages go.
+ATTRIBUTION_DATABASE = "guard_admin"
+ATTRIBUTION_TABLE = "principal_messages"
 
 #: Debezium's option for columns left out of change events (comma-separated regexes, full match).
 EXCLUDE_OPTION = "column.exclude.list"

@@ -56,13 +56,22 @@ def validate(ctx: click.Context, directory: str | None) -> None:
 @click.option("--dir", "directory", type=click.Path(file_okay=False), help="Policy directory (default: policy_dir).")
 @click.option("--staff", type=click.Choice(["db", "file"]), help="Staff entities from the branch database or "
               "entities.json only (default: the policy_staff setting).")
+@click.option("--consent", multiple=True, help="A purpose the data subject consented to (repeatable; for a "
+              "DataSubject the entities don't define).")
+@click.option("--legal-hold", is_flag=True, help="The data subject is under legal hold (same).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def check(ctx: click.Context, principal: str, action: str, resource: str, when: str | None, purpose: str,
           source: str, volume: int, field_class: str | None, directory: str | None, staff: str | None,
-          as_json: bool) -> None:
-    """Decide one request and explain it: decision, determining policies, errors. Exit 0 allow, 3 deny."""
+          consent: tuple[str, ...], legal_hold: bool, as_json: bool) -> None:
+    """Decide one request and explain it: decision, determining policies, errors. Exit 0 allow, 3 deny.
+
+    A data subject (`DataSubject::"<branch>:<id>"`) or table (`Table::"<branch>:<schema.table>"`) the policy's
+    entities don't define is given to the engine for this request only, as the reveal service and the
+    sanitizer do (the subject in its branch, with `--consent` and `--legal-hold`; the table in its branch).
+    """
     from guard.policy.engine import PolicyEngine, parse_uid
+    from guard.policy.model import entity, ref, subject_entity
     from guard.policy.sources import database_source
 
     settings = _settings(ctx)
@@ -77,7 +86,19 @@ def check(ctx: click.Context, principal: str, action: str, resource: str, when: 
         ctx_values: dict[str, object] = {"time": at, "purpose": purpose, "source": source, "volume": volume}
         if field_class:
             ctx_values["field_class"] = field_class
-        decision = engine.decide(parse_uid(principal), action, parse_uid(resource), ctx_values)
+        who, what = parse_uid(principal), parse_uid(resource)
+        supplied: list[dict[str, object]] = []
+        kind = what[0].rsplit("::", 1)[-1]
+        branch, sep, rest = what[1].partition(":")
+        if kind in ("DataSubject", "Table") and sep and not engine.knows(what):
+            supplied.append(subject_entity(branch, rest, consent=consent, legal_hold=legal_hold)
+                            if kind == "DataSubject" else
+                            entity("Table", what[1], {"branch": ref("Branch", branch), "name": rest,
+                                                      "subject_root": False}, [("Branch", branch)]))
+        unknown = [] if engine.knows(who) else [principal]
+        if not supplied and not engine.knows(what):
+            unknown.append(resource)
+        decision = engine.decide(who, action, what, ctx_values, entities=supplied or None)
     except GuardError as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:  # the branch database for staff entities
@@ -86,6 +107,7 @@ def check(ctx: click.Context, principal: str, action: str, resource: str, when: 
     if as_json:
         click.echo(dumps_json({**decision.as_dict(), "principal": principal, "action": action,
                                "resource": resource, "time": at.isoformat(), "purpose": purpose,
+                               "unknown_entities": unknown, "request_entities": supplied,
                                "policy_digest": engine.digest}).decode())
     else:
         click.echo(f"decision: {decision.decision.upper()}")
@@ -94,6 +116,13 @@ def check(ctx: click.Context, principal: str, action: str, resource: str, when: 
         click.echo(f"  why: {decision.reason}")
         click.echo("  determining policies: " + (", ".join(decision.policies) or "none (default deny)"
                                                  if not decision.allowed else ", ".join(decision.policies)))
+        if supplied:
+            click.echo(f"  {kind} {what[1]} is not among the policy's entities: decided as one of branch {branch}"
+                       + (f", consent {sorted(consent)}, legal hold {legal_hold}" if kind == "DataSubject" else "")
+                       + " (for this request only)")
+        for text in unknown:
+            click.echo(f"  unknown: {text} is not among the policy's entities (staff from "
+                       f"{'the branch database' if use_db else 'entities.json'}): it gets no permit")
         for error in decision.errors:
             click.echo(f"  error: {error}")
         click.echo(f"  policy digest: {engine.digest[:16]}")

@@ -7,6 +7,7 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 import orjson
@@ -55,7 +56,7 @@ def run_demo(settings: Settings, *, customers: int = 20) -> None:
     branches = [
         DemoBranch("PostgreSQL", settings, settings.branch_dsn, "public"),
         DemoBranch("MariaDB", settings.for_branch(env["GUARD_BRANCH2"], env["GUARD_BRANCH2_RAW_TOPIC_PREFIX"]),
-                   maria_dsn, maria_dsn.rsplit("/", 1)[-1]),
+                   maria_dsn, urlsplit(maria_dsn).path.lstrip("/")),  # the database, without the DSN's query
     ]
     done = threading.Event()
     threads = []

@@ -175,8 +175,10 @@ class AuditChains:
             if chain.size == 0:
                 continue
             grown = chain.size - max(chain.checkpointed_size, 0)
-            due = (always and chain.size != chain.checkpointed_size) or grown >= self.every_n or (
-                now - chain.checkpointed_at >= self.every_s)
+            # A chain's first transaction (here) always checkpoints it: verify takes a chain that no checkpoint
+            # covers at all for a forged one.
+            due = chain.checkpointed_size < 0 or (always and chain.size != chain.checkpointed_size) or \
+                grown >= self.every_n or now - chain.checkpointed_at >= self.every_s
             if not due or any(c is chain for c, _, _ in self._notes):
                 continue
             note = note_for(self.signer, chain)

@@ -15,10 +15,11 @@ local stack's separate controller make it rare; this module makes sure it is nev
 How it is detected: the LSO of a partition with an open transaction advances as soon as that
 transaction ends, which for any writer happens within its transaction timeout (the coordinator aborts
 late ones). A partition whose LSO stays behind its high watermark *at the same offset* for longer than
-`limit_s` therefore holds a transaction nobody will end. `StuckTracker` keeps that clock per partition
-(pure logic, unit-tested); `read_ends` reads both offsets with the Admin API (`ListOffsets`, one request
-per isolation level); `HangingWatcher` runs both in a daemon thread of the worker and reports each
-hanging partition once: an alert on the anomalies topic, a metric and an error log line.
+`limit_s` (the transaction timeout plus the setting `hanging_margin_s`, default 30 s: Kafka's coordinator
+looks for timed-out transactions every 10 s) therefore holds a transaction nobody will end. `StuckTracker`
+keeps that clock per partition (pure logic, unit-tested); `read_ends` reads both offsets with the Admin
+API (`ListOffsets`, one request per isolation level); `HangingWatcher` runs both in a daemon thread of the
+worker and reports each hanging partition once: an alert on the anomalies topic, a metric and an error log line.
 
 What to do about one: `guard doctor` names it, and Kafka's transaction tool aborts it
 (`python -m guard.stack transactions --abort` on the local stack; `kafka-transactions.sh abort --topic T
@@ -40,11 +41,6 @@ from confluent_kafka import IsolationLevel, KafkaException, Producer, TopicParti
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 log = logging.getLogger("guard.kafka.hanging")
-
-#: Kafka's own transaction coordinator checks for timed-out transactions every 10 s
-#: (`transaction.abort.timed.out.transaction.cleanup.interval.ms`); a partition is called hanging only
-#: after its LSO stood still for the writer's transaction timeout plus this margin.
-COORDINATOR_MARGIN_S = 30.0
 
 #: Namespace of the alert ids: the same hanging partition at the same LSO always gets the same id, so a
 #: restarted worker re-reporting it updates the alert instead of adding one.

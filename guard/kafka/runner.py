@@ -69,7 +69,6 @@ from guard.kafka.batching import EarlyOffsets, commit_due, take
 from guard.kafka.clients import OUTPUT_TOPIC_PARTITIONS, TopicManager, consumer_config, producer_config
 from guard.kafka.evidence import prepare_evidence_topics
 from guard.kafka.hanging import (
-    COORDINATOR_MARGIN_S,
     Hanging,
     HangingReporter,
     HangingWatcher,
@@ -88,6 +87,18 @@ log = logging.getLogger("guard.runner")
 #: How often a worker looks for deletion confirmations left pending by a crash, due erasures and a due
 #: compaction (`_maintenance`: three key-store round trips).
 PENDING_CHECK_S = 5.0
+
+#: The timeout the offsets sent early to a transaction get (`EarlyOffsets`): librdkafka answers a timed-out
+#: send with a retriable error, and the commit then sends the offsets itself.
+OFFSETS_SEND_TIMEOUT_S = 10.0
+#: How long the commit waits for the early send before it calls the producer stuck and replaces it
+#: (`_recover`): at most two sends are queued on the transactional thread (the batch's and the commit's),
+#: each answers within its timeout, plus a margin. librdkafka can leave a coordinator request unanswered
+#: past its timeout when the coordinator moved or restarted (confluentinc/librdkafka issues 5456 and 5511):
+#: after a broker restart both workers of the reliability test waited out the whole transaction deadline
+#: (45 s) here before.
+EARLY_SEND_STUCK_S = 2 * OFFSETS_SEND_TIMEOUT_S + 5.0
+
 
 def tune_gc(batch_size: int) -> None:
     """Keep the cyclic garbage collector off the hot path; reference counting frees a batch's objects.
@@ -140,7 +151,7 @@ class SanitizerWorker:
         self.producer = Producer(self._producer_config)
         self._abandoned: list[Producer | Consumer] = []
         self._txn_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bg-txn")
-        #: Longest a transactional call may take before the producer is replaced.
+        #: Longest a transactional call may take, its retries included, before the producer is replaced.
         self._txn_deadline_s = settings.transaction_timeout_ms / 1000 + 15
         self._in_txn = False
         self._first: dict[tuple[str, int], int] = {}
@@ -258,7 +269,7 @@ class SanitizerWorker:
             s.anomalies_topic, branch=s.branch, worker=s.worker_id, partitions_of=self.topics.partitions,
             on_count=self._on_hanging)
         return HangingWatcher(self.admin, self._output_partitions, reporter,
-                              limit_s=s.transaction_timeout_ms / 1000 + COORDINATOR_MARGIN_S).start()
+                              limit_s=s.transaction_timeout_ms / 1000 + s.hanging_margin_s).start()
 
     def _on_hanging(self, hanging: list[Hanging]) -> None:
         self.telemetry.on_hanging({f"{h.topic}[{h.partition}]": h.high_watermark - h.last_stable for h in hanging})
@@ -312,7 +323,7 @@ class SanitizerWorker:
         if unloaded:
             self.chains.load(unloaded)
         # The commit then has only EndTxn left to wait for (`EarlyOffsets`).
-        self._early_offsets.send(self._txn_pool, self.producer, self.consumer, ends, 10)
+        self._early_offsets.send(self._txn_pool, self.producer, self.consumer, ends, OFFSETS_SEND_TIMEOUT_S)
         self._held.clear()
         if sanitizer.runs_native and not traced:
             # Ordinary records are sanitized and produced natively; each record a run stops at (declined,
@@ -397,10 +408,10 @@ class SanitizerWorker:
     def _early_offsets_cover_batch(self) -> bool:
         """Whether the offsets sent while the batch ran are exactly the ones this commit needs."""
         try:
-            return self._early_offsets.cover(self._last, self._txn_deadline_s)
+            return self._early_offsets.cover(self._last, EARLY_SEND_STUCK_S)
         except concurrent.futures.TimeoutError:
-            raise ProducerStuckError(f"transactional send offsets did not finish within "
-                                     f"{self._txn_deadline_s:.0f} s") from None
+            raise ProducerStuckError(f"transactional send offsets (timeout {OFFSETS_SEND_TIMEOUT_S:.0f} s) still "
+                                     f"unanswered {EARLY_SEND_STUCK_S:.0f} s into the commit") from None
 
     def _produce_all(self, outcome: Outcome, source_topic: str, ts: int, headers: Any,
                      source: tuple[str, int] | None) -> None:
@@ -478,7 +489,8 @@ class SanitizerWorker:
             # the key store is asked below: the tails commit atomically with the records (docs/audit.md).
             self._produce_checkpoints(self.chains.checkpoints())
             tails = self.chains.metadata(self._last)
-            self._early_offsets.send(self._txn_pool, self.producer, self.consumer, self._last, 10, tails)
+            self._early_offsets.send(self._txn_pool, self.producer, self.consumer, self._last,
+                                     OFFSETS_SEND_TIMEOUT_S, tails)
             sanitizer = self.sanitizer
             store = sanitizer.keys.store
             epoch, watched = store.commit_view(sanitizer.branch)

@@ -100,6 +100,11 @@ class KeyManager:
         self._ttl = cache_ttl
         self._cache_size = cache_size
         self._deks: OrderedDict[tuple[str, str], tuple[Aead, float]] = OrderedDict()
+        #: Subjects the key store answered "erased" for, at most `cache_size`. An erasure is final (the key
+        #: store's erased marker blocks re-creation for good), so the answer can't go stale, and each later
+        #: event of an erased customer costs no round trip (a branch's stream after a shred still carries
+        #: the deletes and late updates of erased customers: 2% of the bench's steady drain).
+        self._erased: OrderedDict[tuple[str, str], None] = OrderedDict()
         #: Older key versions opened by the reveal path, with the same TTL as current keys.
         self._old: dict[tuple[str, str, int], tuple[Aead, float]] = {}
         #: Invalidations this worker has applied (pub/sub messages and reconnects): a key fetch that saw
@@ -360,6 +365,9 @@ class KeyManager:
         if hit is not None and hit[1] > now:
             self.key_hits += 1
             return hit[0]
+        if cache_key in self._erased:
+            self.key_hits += 1
+            raise KeyShreddedError(f"data subject {subject} of branch {branch} was erased; its key is destroyed")
         kek = self._kek(branch)
         name = f"dek/{branch}/{subject}"
         seen = self._invalidations
@@ -374,6 +382,7 @@ class KeyManager:
             found = self.store.get_or_create_dek(branch, subject, offered)
         self.keys_fetched += 1
         if found is None:
+            self._remember_erased(branch, [subject])
             raise KeyShreddedError(f"data subject {subject} of branch {branch} was erased; its key is destroyed")
         version, wrapped = found
         self.keys_created += wrapped == offered
@@ -404,7 +413,8 @@ class KeyManager:
         self.check_tenant_keys()
         now = time.monotonic()
         horizon = now + self._ttl * REFRESH_MARGIN
-        missing = [s for s in subjects if (hit := self._deks.get((branch, s))) is None or hit[1] <= horizon]
+        missing = [s for s in subjects if ((hit := self._deks.get((branch, s))) is None or hit[1] <= horizon)
+                   and (branch, s) not in self._erased]
         if not missing:
             return
         kek = self._kek(branch)
@@ -420,14 +430,25 @@ class KeyManager:
             found = self.store.get_or_create_deks(branch, offered)
         self.keys_fetched += len(missing)
         loaded: list[tuple[str, Aead]] = []
+        erased: list[str] = []
         for (subject, mine), result in zip(offered, found, strict=True):
             if result is None:
+                erased.append(subject)
                 continue
             version, wrapped = result
             self.keys_created += wrapped == mine
             key = self._unwrap_dek(branch, wrapped, f"dek/{branch}/{subject}")
             loaded.append((subject, Aead(key, version=version)))
         self._remember_many(branch, loaded, now, seen)
+        self._remember_erased(branch, erased)
+
+    def _remember_erased(self, branch: str, subjects: list[str]) -> None:
+        with self._lock:
+            for subject in subjects:
+                self._erased[(branch, subject)] = None
+                self._erased.move_to_end((branch, subject))
+            while len(self._erased) > self._cache_size:
+                self._erased.popitem(last=False)
 
     def _remember(self, branch: str, subject: str, aead: Aead, now: float, seen: int) -> None:
         with self._lock:

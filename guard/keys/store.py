@@ -89,6 +89,35 @@ redis.call('HSET', KEYS[1], 'current', 1, 'v1', ARGV[1], 'created', ARGV[2])
 return {1, ARGV[1]}
 """
 
+# `_CREATE_DEK` for a batch of subjects in one script call (a batch's key prefetch): one command to build,
+# send and run instead of one per subject. KEYS[1]: branch key hash; then per subject: dek hash, erased
+# marker. ARGV[1]: now; then per subject: the wrapped key to store if absent. Returns per subject
+# {version, wrapped} as `_CREATE_DEK` does ({-1, false}: erased), or {-2} alone if the wrapping branch-key
+# version is below the floor (nothing created: the caller re-wraps and retries).
+_CREATE_DEKS = _FLOOR_CHECK + """
+local out, create = {}, {}
+for i = 2, #KEYS, 2 do
+  local n = i / 2
+  if redis.call('EXISTS', KEYS[i + 1]) == 1 then
+    out[n] = {-1, false}
+  else
+    local cur = redis.call('HGET', KEYS[i], 'current')
+    if cur then
+      out[n] = {tonumber(cur), redis.call('HGET', KEYS[i], 'v' .. cur)}
+    elseif below_floor(KEYS[1], ARGV[n + 1]) then
+      return {-2}
+    else
+      create[#create + 1] = n
+    end
+  end
+end
+for _, n in ipairs(create) do
+  redis.call('HSET', KEYS[2 * n], 'current', 1, 'v1', ARGV[n + 1], 'created', ARGV[1])
+  out[n] = {1, ARGV[n + 1]}
+end
+return out
+"""
+
 _ROTATE_DEK = _FLOOR_CHECK + """
 if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
 if KEYS[3] and below_floor(KEYS[3], ARGV[1]) then return -2 end
@@ -343,6 +372,7 @@ class RedisKeyStore:
         #: Requests made through `_call` (every method's round trip; a pipeline counts once), for the bench.
         self.round_trips = 0
         self._create_dek = self.client.register_script(_CREATE_DEK)
+        self._create_deks = self.client.register_script(_CREATE_DEKS)
         self._rotate_dek = self.client.register_script(_ROTATE_DEK)
         self._shred = self.client.register_script(_SHRED)
         self._shred_preview = self.client.register_script(_SHRED_PREVIEW)
@@ -500,15 +530,16 @@ class RedisKeyStore:
     def get_or_create_deks(
         self, branch: str, items: list[tuple[str, bytes]]
     ) -> list[tuple[int, bytes] | None]:
-        """`get_or_create_dek` for many subjects in one pipelined round trip (a batch's key prefetch)."""
-        now = int(time.time())
-        pipe = self.client.pipeline(transaction=False)
-        for subject, wrapped in items:
-            self._create_dek(keys=[self._k("dek", branch, subject), self._k("erased", branch, subject),
-                                   self._k("kek", branch)], args=[wrapped, now], client=pipe)
-        results = self._call(pipe.execute)
-        if any(int(version) == -2 for version, _ in results):
-            raise StaleBranchKeyError(branch)  # the keys created meanwhile are the winners': a retry reads them
+        """`get_or_create_dek` for many subjects in one round trip and one script call (a batch's key
+        prefetch); None for an erased subject. Keys must all be wrapped under the same branch-key version."""
+        if not items:
+            return []
+        keys = [self._k("kek", branch)]
+        for subject, _ in items:
+            keys += [self._k("dek", branch, subject), self._k("erased", branch, subject)]
+        results = self._call(self._create_deks, keys=keys, args=[int(time.time()), *(w for _, w in items)])
+        if results and not isinstance(results[0], list):
+            raise StaleBranchKeyError(branch)  # nothing was created: a retry re-wraps under the current key
         return [None if int(version) == -1 else (int(version), bytes(wrapped)) for version, wrapped in results]
 
     def dek_version(self, branch: str, subject: str, version: int) -> bytes | None:
@@ -671,8 +702,10 @@ class RedisKeyStore:
         return bool(self._call(self.client.exists, self._k("storage-only", branch, subject)))
 
     # --- attribution of deletes (docs/policy.md) -------------------------------------------------------
-    def record_attribution(self, branch: str, tx_id: int, principal: str) -> None:
+    def record_attribution(self, branch: str, tx_id: int | str, principal: str) -> None:
         """Remember that source transaction `tx_id` named `principal` ("" for none), for ATTRIBUTION_TTL_S.
+
+        `tx_id` is PostgreSQL's xid or MariaDB's GTID ("0-1-42"); keys are per branch, so the two never meet.
 
         Shared by every worker: the message and the deletes of one transaction are on different topics,
         which different workers may own. Idempotent (a set), so a replayed message changes nothing.
@@ -683,7 +716,7 @@ class RedisKeyStore:
         pipe.expire(name, ATTRIBUTION_TTL_S)
         self._call(pipe.execute)
 
-    def attributions(self, branch: str, tx_ids: list[int]) -> dict[int, set[str]]:
+    def attributions(self, branch: str, tx_ids: list[int | str]) -> dict[int | str, set[str]]:
         """The principals recorded for each of `tx_ids` (absent: no message seen yet), in one round trip."""
         if not tx_ids:
             return {}

@@ -2,11 +2,14 @@
 
 Every change (create, update, delete) of a branch table names its principal (the attribution contract,
 docs/policy.md): a create or update carries it in the row's `updated_by` column (filled by the branch
-database's trigger from the transaction's `guard.principal` setting); a delete carries it in a
-transactional logical decoding message (prefix `guard.principal`) that Debezium publishes on
-`<topic.prefix>.message` with the transaction's id, joined here on `source.txId` through the key store
-(`record_attribution` / `attributions`: the message and the delete may be read by different workers, in
-any order).
+database's trigger from the transaction's principal: PostgreSQL's `guard.principal` setting, MariaDB's
+`@guard_principal` session variable); a delete carries it in an attribution message of its transaction,
+joined here on the transaction's id through the key store (`record_attribution` / `attributions`: the
+message and the delete may be read by different workers, in any order). On PostgreSQL the message is a
+transactional logical decoding message (prefix `guard.principal`, op `m`) joined on `source.txId`; on
+MariaDB it is a row inserted by the delete trigger into the guard-owned BLACKHOLE table
+`guard_admin.principal_messages` (op `c`) joined on `source.gtid`. The connector publishes both on
+`<topic.prefix>.message`.
 
 The decision is one of `allow`, `deny` (the Cedar policy's, naming its policies) or `unattributed` (no
 principal: never allowed silently). A snapshot read (`r`), a truncate and a tombstone are no writes of
@@ -29,6 +32,8 @@ from typing import Any
 import orjson
 
 from guard.cdc.envelope import ChangeEvent
+from guard.classify.source import ATTRIBUTION_DATABASE
+from guard.classify.source import ATTRIBUTION_TABLE as ATTRIBUTION_TABLE_NAME
 from guard.config import Settings
 from guard.keys.store import RedisKeyStore
 from guard.policy.engine import PolicyEngine, PolicyError, default_directory
@@ -37,8 +42,11 @@ from guard.policy.sources import database_source
 
 #: The column a create or update carries its principal in.
 PRINCIPAL_COLUMN = "updated_by"
-#: The prefix of the logical decoding messages that attribute deletes.
+#: The prefix of the logical decoding messages that attribute deletes (PostgreSQL).
 ATTRIBUTION_PREFIX = "guard.principal"
+#: The table whose inserted rows attribute deletes on MariaDB (`<database>.<table>` as in the change event):
+#: a BLACKHOLE table in a database the application can't write, filled by the delete triggers.
+ATTRIBUTION_TABLE = f"{ATTRIBUTION_DATABASE}.{ATTRIBUTION_TABLE_NAME}"
 WRITE_OPS = frozenset({"c", "u", "d"})
 
 
@@ -84,7 +92,17 @@ def principal_uid(text: str) -> tuple[str, str] | None:
 
 
 def message_principal(event: ChangeEvent) -> str | None:
-    """The principal a `guard.principal` message names ("" when it names none), or None if it is not one."""
+    """The principal an attribution message names ("" when it names none), or None if it is not one.
+
+    PostgreSQL: a logical decoding message (op `m`) of prefix `guard.principal`, its content the JSON
+    `{"principal": ...}`. MariaDB: an insert (op `c`) into `guard_admin.principal_messages`, its row
+    `{"principal": ...}`.
+    """
+    if event.op == "c" and event.schema_table == ATTRIBUTION_TABLE:
+        principal = (event.after or {}).get("principal")
+        return principal if isinstance(principal, str) else ""
+    if event.op != "m":
+        return None
     message = event.message or {}
     if message.get("prefix") != ATTRIBUTION_PREFIX:
         return None
@@ -142,7 +160,7 @@ class WriteChecker:
         action = "delete" if op == "d" else "write"
         if principal is None:
             return WriteDecision("unattributed", None, action, (), "the change names no principal "
-                                 "(no guard.principal set in its transaction)")
+                                 "(no guard.principal / @guard_principal set in its transaction)")
         second = (when_ms or int(time.time() * 1000)) // 1000
         key = (principal, action, schema_table, second)
         memo = self._memo
@@ -232,7 +250,7 @@ class WriteChecker:
             if self._clock() - first < self.wait_s:
                 raise AttributionPending(where)
             self._waiting.pop(where, None)
-            return WriteDecision("unattributed", None, "delete", (), f"no guard.principal message of its "
+            return WriteDecision("unattributed", None, "delete", (), f"no attribution message of its "
                                  f"transaction arrived within {self.wait_s:g} s")
         self._waiting.pop(where, None)
         if len(self._waiting) > 10_000:
@@ -252,7 +270,7 @@ class WriteChecker:
         return self.store.attributions(self.branch, [event.tx_id]).get(event.tx_id)
 
     def record_message(self, event: ChangeEvent) -> str | None:
-        """Remember the principal a `guard.principal` message names for its transaction (None: not one)."""
+        """Remember the principal an attribution message names for its transaction (None: not one)."""
         principal = message_principal(event)
         if principal is None or event.tx_id is None or self.store is None:
             return principal

@@ -246,7 +246,8 @@ class Sanitizer:
             prefix = self._prefix_len
             for j in range(start, stop):
                 _, rtopic, _, _, rvalue = records[j]
-                found = None if rvalue is None else checker.scan(rvalue, rtopic[prefix:])
+                found = None if rvalue is None or rtopic == checker.message_topic else \
+                    checker.scan(rvalue, rtopic[prefix:])
                 if found is None or (found[1] is not NOT_A_WRITE and not found[1].allowed):
                     stop = j
                     break
@@ -425,6 +426,10 @@ class Sanitizer:
         out_topic = self.planner.sanitized_topic(topic)
         out_key = self.sanitize_key(schema_table, key)
         event = self.decoder.decode(topic, partition, offset, value)
+        checker = self.checker
+        if checker is not None and topic == checker.message_topic:
+            # Attribution messages (docs/policy.md): recorded and audited, never on a sanitized topic.
+            return self._attribution_message(event, topic, partition, offset)
         if event is None:
             # Tombstone: forward it with the sanitized key so compaction downstream still works.
             return Outcome(
@@ -439,8 +444,6 @@ class Sanitizer:
         self, event: ChangeEvent, topic: str, partition: int, offset: int, out_topic: str, out_key: bytes | None
     ) -> Outcome:
         checker = self.checker
-        if event.op == "m" and checker is not None and topic == checker.message_topic:
-            return self._attribution_message(event, topic, partition, offset)
         row = event.after if event.after is not None else event.before
         if event.op == "m" and event.message is not None:
             row = {"prefix": event.message.get("prefix"), "content": event.message.get("content")}
@@ -530,13 +533,16 @@ class Sanitizer:
         return [self.emitter.write_alert("write_denied" if write.decision == "deny" else "write_unattributed",
                                          table, (topic, partition, offset), detail)]
 
-    def _attribution_message(self, event: ChangeEvent, topic: str, partition: int, offset: int) -> Outcome:
-        """A `guard.principal` message: its principal recorded for its transaction (the join of deletes),
-        and an audit record of it; nothing goes to a sanitized topic (it holds no customer data)."""
+    def _attribution_message(self, event: ChangeEvent | None, topic: str, partition: int, offset: int) -> Outcome:
+        """A record of the attribution topic (`<prefix>.message`): a PostgreSQL `guard.principal` message or a
+        MariaDB `guard_admin.principal_messages` insert has its principal recorded for its transaction (the
+        join of deletes) and an audit record; anything else there (another message, a tombstone) only the
+        audit record `message_ignored`. Nothing goes to a sanitized topic (it holds no customer data)."""
         assert self.checker is not None
-        principal = self.checker.record_message(event)
-        detail = orjson.dumps({"tx_id": event.tx_id, "principal": principal, "prefix": (event.message or {})
-                               .get("prefix")}).decode()
+        principal = None if event is None else self.checker.record_message(event)
+        detail = orjson.dumps({"tx_id": None if event is None else event.tx_id, "principal": principal,
+                               "prefix": None if event is None else (event.message or {}).get("prefix"),
+                               "table": None if event is None or event.op == "m" else event.schema_table}).decode()
         return Outcome([self.emitter.audit(topic, partition, offset, None, "m", None,
                                            "attribution" if principal is not None else "message_ignored", detail,
                                            {}, {})], "attribution", None)

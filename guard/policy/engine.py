@@ -41,7 +41,7 @@ from typing import Any
 import cedarpy
 
 from guard.errors import GuardError
-from guard.policy.model import action_uid, cedar_datetime, entity_uid, ref
+from guard.policy.model import NAMESPACE, action_uid, cedar_datetime, entity_uid, ref
 
 log = logging.getLogger("guard.policy")
 
@@ -131,16 +131,20 @@ class PolicyEngine:
 
     `entity_source`, if given, returns more entity documents (e.g. staff from the branch database,
     `guard.policy.sources`); it is read at load and every `entity_refresh_s` by `maybe_reload`, and a
-    change drops the cache like a policy change does.
+    change drops the cache like a policy change does. A request by a principal the entities don't hold
+    reads the source again at once (at most every `unknown_refresh_s`), so a member of staff added to the
+    branch database counts from their first request, not from the next periodic refresh.
     """
 
     def __init__(self, directory: str | Path, *, entity_source: Callable[[], list[dict[str, Any]]] | None = None,
                  bucket_s: float = 1.0, check_interval_s: float = 1.0, entity_refresh_s: float = 30.0,
-                 cache_size: int = 100_000, clock: Callable[[], float] = time.monotonic) -> None:
+                 unknown_refresh_s: float = 5.0, cache_size: int = 100_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.directory = Path(directory)
         self.bucket_s = float(bucket_s)
         self.check_interval_s = check_interval_s
         self.entity_refresh_s = entity_refresh_s
+        self.unknown_refresh_s = unknown_refresh_s
         self.cache_size = cache_size
         self.stats = CacheStats()
         #: Increases with every change of policies or entities (a cache or a template keyed on it expires).
@@ -156,6 +160,9 @@ class PolicyEngine:
         self._cache: dict[tuple[Any, ...], Decision] = {}
         self._checked = clock()
         self._entities_checked = clock()
+        self._unknown_checked = float("-inf")
+        #: The uids (namespaced type, id) the running entities define: who counts as known.
+        self._known: frozenset[tuple[str, str]] = frozenset()
         self._fingerprint = _fingerprint(self.directory)
         self._refused: str | None = None
         if entity_source is not None:
@@ -166,7 +173,7 @@ class PolicyEngine:
                             "unknown (denied) until a refresh reads them", type(exc).__name__)
             self._source_digest = _digest_docs(self._source_docs)
         self._loaded = load_directory(self.directory)
-        self._entities = self._build_entities(self._loaded)
+        self._entities, self._known = self._build_entities(self._loaded)
 
     # --- what is loaded ----------------------------------------------------------------------------
     @property
@@ -178,6 +185,10 @@ class PolicyEngine:
     def policy_ids(self) -> tuple[str, ...]:
         """The `@id`s of the running policies, in file order."""
         return tuple(self._loaded.ids.values())
+
+    def knows(self, uid: Uid) -> bool:
+        """Whether the running entities define `uid` (from the directory, the source or `add_entities`)."""
+        return (uid[0] if "::" in uid[0] else f"{NAMESPACE}::{uid[0]}", uid[1]) in self._known
 
     # --- decisions ---------------------------------------------------------------------------------
     def decide(self, principal: Uid, action: str, resource: Uid, context: Mapping[str, Any] | None = None, *,
@@ -206,6 +217,12 @@ class PolicyEngine:
                     continue
             stats.misses += 1
             todo.setdefault(key, []).append(i)
+        if todo and self._entity_source is not None and self._unknown_principal(todo):
+            now = self._clock()
+            if now - self._unknown_checked >= self.unknown_refresh_s:
+                self._unknown_checked = now
+                if self._refresh_source():  # a new member of staff: decide with the source's current rows
+                    return self.decide_batch(requests, entities=entities)
         if todo:
             if entities:
                 ents = ents.with_added_json_str(json.dumps(list(entities)), loaded.schema)
@@ -222,6 +239,11 @@ class PolicyEngine:
                 for i in todo[k]:
                     out[i] = made
         return out  # type: ignore[return-value]
+
+    def _unknown_principal(self, todo: Mapping[tuple[Any, ...], list[int]]) -> bool:
+        known = self._known
+        return any(((kind if "::" in kind else f"{NAMESPACE}::{kind}"), ident) not in known
+                   for (kind, ident), *_ in todo)
 
     def _bucket(self, ctx: Mapping[str, Any]) -> tuple[Any, ...]:
         """The context's cache bucket: its time rounded down to `bucket_s`, every other value as is."""
@@ -247,7 +269,7 @@ class PolicyEngine:
             if not fresh:
                 return 0
             self._added.update(fresh)
-            self._entities = self._build_entities(self._loaded)
+            self._entities, self._known = self._build_entities(self._loaded)
             self._invalidate()
         return len(fresh)
 
@@ -284,7 +306,7 @@ class PolicyEngine:
             return False
         try:
             loaded = load_directory(self.directory)
-            entities = self._build_entities(loaded)
+            entities, known = self._build_entities(loaded)
         except PolicyError as exc:
             self._refused = digest
             self.last_error = str(exc)
@@ -292,7 +314,7 @@ class PolicyEngine:
                       self._loaded.digest[:12], exc)
             return False
         with self._lock:
-            self._loaded, self._entities = loaded, entities
+            self._loaded, self._entities, self._known = loaded, entities, known
             self._refused = None
             self.last_error = None
             self._invalidate()
@@ -313,14 +335,14 @@ class PolicyEngine:
         previous = self._source_docs
         self._source_docs = docs
         try:
-            entities = self._build_entities(self._loaded)
+            entities, known = self._build_entities(self._loaded)
         except PolicyError as exc:
             self._source_docs = previous
             log.error("policy entities from the source refused, the loaded ones stay in force: %s", exc)
             return False
         with self._lock:
             self._source_digest = digest
-            self._entities = entities
+            self._entities, self._known = entities, known
             self._invalidate()
         log.info("policy entities refreshed from the source: %d entities", len(docs))
         return True
@@ -341,11 +363,14 @@ class PolicyEngine:
                 out.append(doc)
         return out
 
-    def _build_entities(self, loaded: _Loaded) -> Any:
+    def _build_entities(self, loaded: _Loaded) -> tuple[Any, frozenset[tuple[str, str]]]:
+        """Cedar entities of `loaded` with the source's and added ones, and the uids they define."""
+        docs = self._all_docs(loaded)
         try:
-            return cedarpy.Entities.from_json_str(json.dumps(self._all_docs(loaded)), loaded.schema)
+            built = cedarpy.Entities.from_json_str(json.dumps(docs), loaded.schema)
         except ValueError as exc:
             raise PolicyError(f"entities do not fit the schema: {exc}") from None
+        return built, frozenset((d["uid"]["type"], d["uid"]["id"]) for d in docs)
 
 
 # --- loading -------------------------------------------------------------------------------------------

@@ -41,6 +41,14 @@ class RecordUnavailableError(GuardError):
     """Kafka did not answer in time: the record may exist, the service can't say (the caller retries)."""
 
 
+class RecordNotAuthorizedError(RecordUnavailableError):
+    """The service's Kafka principal may not read the topic: a deployment error, not an outage."""
+
+
+_NOT_AUTHORIZED = (KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED,
+                   KafkaError.CLUSTER_AUTHORIZATION_FAILED)
+
+
 @dataclass(frozen=True, slots=True)
 class FetchedRecord:
     key: bytes | None
@@ -52,6 +60,7 @@ class RecordFetcher:
 
     def __init__(self, settings: Settings, *, timeout_s: float = 10.0) -> None:
         self.prefix = settings.sanitized_prefix
+        self.principal = settings.kafka_username
         self._timeout_s = timeout_s
         self._consumer = Consumer(reveal_consumer_config(settings, f"reveal-{socket.gethostname()}"))
         self._lock = threading.Lock()
@@ -72,16 +81,18 @@ class RecordFetcher:
                 if exc.args and exc.args[0].code() in (KafkaError.UNKNOWN_TOPIC_OR_PART,
                                                        KafkaError._UNKNOWN_PARTITION, KafkaError._UNKNOWN_TOPIC):
                     return None
+                if exc.args and exc.args[0].code() in _NOT_AUTHORIZED:
+                    raise self._not_authorized(topic) from None
                 raise RecordUnavailableError(f"Kafka did not answer for {topic} [{partition}]") from None
             if offset < low or offset >= high:
                 return None
             self._consumer.assign([TopicPartition(topic, partition, offset)])
             try:
-                return self._read(offset)
+                return self._read(offset, topic)
             finally:
                 self._consumer.unassign()
 
-    def _read(self, offset: int) -> FetchedRecord | None:
+    def _read(self, offset: int, topic: str = "?") -> FetchedRecord | None:
         deadline = time.monotonic() + self._timeout_s
         while time.monotonic() < deadline:
             msg = self._consumer.poll(min(0.5, max(0.01, deadline - time.monotonic())))
@@ -93,6 +104,8 @@ class RecordFetcher:
                     return None  # reached the last stable offset: the record is aborted or not yet committed
                 if err.code() in (KafkaError.OFFSET_OUT_OF_RANGE, KafkaError._AUTO_OFFSET_RESET):
                     return None
+                if err.code() in _NOT_AUTHORIZED:
+                    raise self._not_authorized(msg.topic() or topic)
                 continue
             found = msg.offset()
             if found is None or found < offset:
@@ -101,6 +114,13 @@ class RecordFetcher:
                 return None  # skipped: the offset held an aborted record or a transaction marker
             return FetchedRecord(msg.key(), msg.value())
         raise RecordUnavailableError("Kafka did not deliver the record in time")
+
+    def _not_authorized(self, topic: str) -> RecordNotAuthorizedError:
+        logging.getLogger("guard.reveal").error(
+            "the reveal service's Kafka principal %r may not read %s: run it as the `reveal` principal "
+            "(GUARD_KAFKA_USERNAME=reveal, GUARD_KAFKA_PASSWORD_FILE=<stack home>/secrets/kafka-reveal.password; "
+            "docs/reveal.md)", self.principal, topic)
+        return RecordNotAuthorizedError(f"{self.principal} may not read {topic}")
 
     def close(self) -> None:
         with self._lock:

@@ -45,7 +45,7 @@ from guard.policy.model import entity, ref
 from guard.protect.reveal import image_subject, open_image
 from guard.records.builders import OutRecord, RecordBuilder
 from guard.records.codec import decode
-from guard.reveal.kafka_io import FetchedRecord, RecordUnavailableError
+from guard.reveal.kafka_io import FetchedRecord, RecordNotAuthorizedError, RecordUnavailableError
 from guard.reveal.ratelimit import RateDecision
 from guard.reveal.tokens import TokenInfo
 
@@ -113,6 +113,10 @@ class RevealResult:
     subject: str | None = None
     branch: str | None = None
     classes: dict[str, int] = field(default_factory=dict)
+    #: field class → the policy's decision on it (`allow`/`deny`), the policies that made it, and why
+    decisions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: evaluation errors of those decisions (an unknown principal, say), by policy id; never a value
+    errors: list[str] = field(default_factory=list)
 
     @property
     def given(self) -> list[str]:
@@ -189,6 +193,8 @@ class RevealService:
             return RevealResult(r, "denied", reason="topic_not_allowed")
         try:
             fetched = self.fetcher.fetch(r.topic, r.partition, r.offset)
+        except RecordNotAuthorizedError:
+            return RevealResult(r, "error", reason="not_authorized")
         except RecordUnavailableError:
             return RevealResult(r, "error", reason="kafka_unavailable")
         if fetched is None or fetched.value is None:
@@ -274,6 +280,9 @@ class RevealService:
         policies: list[str] = []
         for c, d in zip(classes, decisions, strict=True):
             policies += [p for p in d.policies if p not in policies]
+            if res is not None:
+                res.decisions[c] = {"decision": d.decision, "policies": list(d.policies), "reason": d.reason}
+                res.errors += [e for e in d.errors if e not in res.errors]
             if d.allowed:
                 allowed += by_class[c]
             elif res is not None:
@@ -314,6 +323,9 @@ class RevealService:
             allowed = self._decide(principal, "search", purpose, {policy.data_class: [column]}, branch, None,
                                    len(values), now, probe)
             result.policies = probe.policies
+            detail["decisions"] = probe.decisions
+            if probe.errors:
+                detail["errors"] = probe.errors
             if allowed:
                 result.tokens = [self.keys.search_token(column, _value_bytes(v)) for v in values]
                 result.decision = "allowed"
@@ -333,6 +345,10 @@ class RevealService:
         detail: dict[str, Any] = {"principal": principal, "purpose": purpose, "image": res.ref.image,
                                   "asked": list(res.ref.fields), "given": res.given, "refused": res.refused,
                                   "policies": res.policies, "request": request_id}
+        if res.decisions:
+            detail["decisions"] = res.decisions
+        if res.errors:
+            detail["errors"] = res.errors
         if res.reason:
             detail["why"] = res.reason
         return self._audit(res.branch or self.settings.branch, res.ref.topic, res.ref.partition, res.ref.offset,

@@ -21,7 +21,14 @@ from typing import Any
 import httpx
 
 from guard.classify.catalog import Catalog
-from guard.classify.source import ATTRIBUTION_MESSAGE_PREFIX, MESSAGE_PREFIX_OPTION, source_options, source_rules
+from guard.classify.source import (
+    ATTRIBUTION_DATABASE,
+    ATTRIBUTION_MESSAGE_PREFIX,
+    ATTRIBUTION_TABLE,
+    MESSAGE_PREFIX_OPTION,
+    source_options,
+    source_rules,
+)
 from guard.secretfile import create_private, read_private_text
 from guard.stack.config import StackConfig
 from guard.stack.errors import StackError
@@ -310,7 +317,35 @@ def render_connector(catalog: Catalog, template: Path | None = None, namespace: 
         # Deletes are attributed by a logical decoding message (guard.principal) the connector must publish;
         # any other message stays out of Kafka (docs/policy.md). PostgreSQL only: MariaDB has no such messages.
         config[MESSAGE_PREFIX_OPTION] = ATTRIBUTION_MESSAGE_PREFIX
+    elif config.get("connector.class", "").endswith("MariaDbConnector"):
+        config.update(mariadb_attribution_options(config))
     return {"name": doc["name"], "config": config}
+
+
+#: The Kafka Connect transform that routes the MariaDB attribution table's events to `<topic.prefix>.message`.
+ATTRIBUTION_TRANSFORM = "attribution"
+
+
+def mariadb_attribution_options(config: dict[str, str]) -> dict[str, str]:
+    """What the MariaDB connector needs to publish the attribution of deletes (docs/policy.md): the guard-owned
+    database holding the attribution table among the captured databases, and the table's events routed
+    (Kafka Connect's `RegexRouter`, a full match of the one topic) to `<topic.prefix>.message`, where the
+    PostgreSQL branch's logical decoding messages go. Rendered by the stack, not taken from the template.
+    """
+    databases = [d for d in config.get("database.include.list", "").split(",") if d]
+    transforms = [t for t in config.get("transforms", "").split(",") if t]
+    if ATTRIBUTION_TRANSFORM in transforms:
+        raise StackError(f"the connector template already has a transform named {ATTRIBUTION_TRANSFORM!r}: "
+                         "it is rendered by the stack (guard/stack/connector.py); remove it from the template")
+    prefix = "${TOPIC_PREFIX}"
+    route = f"transforms.{ATTRIBUTION_TRANSFORM}"
+    return {
+        "database.include.list": ",".join([*databases, ATTRIBUTION_DATABASE]),
+        "transforms": ",".join([*transforms, ATTRIBUTION_TRANSFORM]),
+        f"{route}.type": "org.apache.kafka.connect.transforms.RegexRouter",
+        f"{route}.regex": f"{prefix}\\.{ATTRIBUTION_DATABASE}\\.{ATTRIBUTION_TABLE}",
+        f"{route}.replacement": f"{prefix}.message",
+    }
 
 
 def resolve_connector(doc: dict[str, Any], values: dict[str, str]) -> tuple[str, dict[str, str]]:

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from guard.kafka_security import sasl_ssl_config
-from guard.secretfile import write_private
+from guard.secretfile import read_private_text, write_private
 from guard.stack.config import StackConfig
 from guard.stack.errors import StackError
 from guard.stack.procs import progress
@@ -100,14 +100,16 @@ def ensure_tls(cfg: StackConfig) -> LocalCA:
 
 
 def ensure_passwords(cfg: StackConfig) -> dict[str, str]:
-    """Every user's password, made once (0600); returns them (never printed)."""
+    """Every user's password, made once (0600); returns them (never printed).
+
+    An existing password file that others can read is refused, as every secret file is
+    (`guard.secretfile.refuse_loose`): quietly tightening it would hide that the password may be known."""
     out: dict[str, str] = {}
     for user in USERS:
         path = cfg.kafka_password_file(user)
         if not path.exists() or not path.read_text(encoding="utf-8").strip():
             write_private(path, secrets.token_hex(24).encode())
-        os.chmod(path, 0o600)
-        out[user] = path.read_text(encoding="utf-8").strip()
+        out[user] = read_private_text(path, f"the Kafka password file of {user}", StackError)
     return out
 
 

@@ -21,6 +21,7 @@ import os
 import secrets
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from guard.secretfile import create_private, read_private_text, write_private
@@ -222,7 +223,19 @@ def provision_mariadb(cfg: StackConfig, server: MariaDB) -> None:
     files, schema and seed rows."""
     from guard.stack.provision import mariadb_bootstrap_sql, seed_mariadb
 
+    ensure_blackhole(server.admin, server.admin)
     server.admin(mariadb_bootstrap_sql(cfg))
     write_connect_cdc_file(cfg)
     write_truststore(cfg)
-    seed_mariadb(cfg, cfg.mariadb_dsn)
+    seed_mariadb(cfg, cfg.mariadb_dsn, server.admin)
+
+
+def ensure_blackhole(query: Callable[[str], str], run: Callable[[str], object]) -> None:
+    """The BLACKHOLE storage engine, which the attribution table uses (binlogged, never stored: docs/policy.md):
+    Debian's MariaDB ships it as a plugin that is not installed by default. `INSTALL SONAME` records it in
+    `mysql.plugin`, so it loads at every later start; asked only when the engine is missing."""
+    if query("SELECT SUPPORT FROM information_schema.ENGINES WHERE ENGINE = 'BLACKHOLE'").strip() in ("YES",
+                                                                                                     "DEFAULT"):
+        return
+    progress("mariadb: installing the BLACKHOLE storage engine (INSTALL SONAME 'ha_blackhole')")
+    run("INSTALL SONAME 'ha_blackhole'")

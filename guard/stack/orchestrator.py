@@ -42,7 +42,7 @@ from guard.stack.kafka_auth import ensure_security as ensure_kafka_security
 from guard.stack.mariadb import MariaDB, provision_mariadb
 from guard.stack.postgres import SUPERUSER, Postgres
 from guard.stack.procs import progress
-from guard.stack.provision import bootstrap, seed
+from guard.stack.provision import attribution_table_ddl, bootstrap, seed
 from guard.stack.redisd import Redis
 from guard.stack.secrets import REDIS_ADMIN_USER, REDIS_GUARD_USER, StackSecrets, new_password
 from guard.stack.service import Service, ServiceStatus
@@ -233,6 +233,9 @@ def _up(cfg: StackConfig) -> None:
     for engine in ENGINES:
         outcome = ensure_connector(cfg, catalog=catalog, engine=engine)
         purge_raw_written_before_filter(cfg, catalog, outcome, engine)
+        if engine == "mariadb" and outcome == "updated":
+            # a connector registered before it captured the attribution table learns the table's shape
+            stack.mariadb.admin(attribution_table_ddl(replace=True))
     for engine in ENGINES:
         wait_snapshot(cfg, engine=engine)
     progress(f"up in {time.monotonic() - t0:.1f}s")
@@ -428,19 +431,25 @@ def provision_mariadb_external(admin_dsn: str, connect_url: str, bootstrap: str)
     """
     from urllib.parse import urlsplit
 
-    from guard.stack.mariadb import write_connect_cdc_file
-    from guard.stack.provision import mariadb_bootstrap_sql, seed_mariadb
+    from guard.stack.mariadb import ensure_blackhole, write_connect_cdc_file
+    from guard.stack.provision import mariadb_bootstrap_sql, seed_mariadb, sql_statements
     from guard.workload.branch import MariaConnection
 
     cfg = StackConfig.from_env()
     url = urlsplit(admin_dsn)
     host, port = url.hostname or "mariadb", url.port or 3306
-    with MariaConnection(admin_dsn) as conn:
-        for statement in mariadb_bootstrap_sql(cfg, client_host="%").split(";\n"):
-            if statement.strip():
-                conn.execute(statement)
-    write_connect_cdc_file(cfg)
     app_dsn = cfg.mariadb_dsn_at(host, port)
-    seed_mariadb(cfg, app_dsn)
-    ensure_connector(cfg, connect_url=connect_url, db_host=host, db_port=port, db_dsn=app_dsn, engine="mariadb",
-                     bootstrap=bootstrap, auth=rest_auth(cfg))
+    with MariaConnection(admin_dsn) as conn:
+        def admin(script: str) -> None:
+            for statement in sql_statements(script):
+                conn.execute(statement)
+
+        ensure_blackhole(lambda sql: "\n".join("\t".join(str(v) for v in row)
+                                                for row in conn.execute(sql).fetchall()), admin)
+        admin(mariadb_bootstrap_sql(cfg, client_host="%"))
+        write_connect_cdc_file(cfg)
+        seed_mariadb(cfg, app_dsn, admin)
+        outcome = ensure_connector(cfg, connect_url=connect_url, db_host=host, db_port=port, db_dsn=app_dsn,
+                                   engine="mariadb", bootstrap=bootstrap, auth=rest_auth(cfg))
+        if outcome == "updated":  # see _up: the connector learns the attribution table's shape
+            admin(attribution_table_ddl(replace=True))

@@ -54,13 +54,21 @@ class MariaConnection:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
+        """One transaction; afterwards the session's principal (`@guard_principal`, set by `attribute`) is
+        cleared, as the attribution contract asks of every connection that outlives a transaction."""
         self.conn.begin()
         try:
             yield
         except BaseException:
             self.conn.rollback()
+            self.forget_principal()
             raise
         self.conn.commit()
+        self.forget_principal()
+
+    def forget_principal(self) -> None:
+        """Clear `@guard_principal`: the next transaction on this connection names nobody until it says so."""
+        self.conn.cursor().execute("SET @guard_principal = NULL")
 
     def close(self) -> None:
         self.conn.close()
@@ -93,19 +101,30 @@ def device_fingerprint(rng: random.Random) -> bytes:
     return rng.randbytes(32)
 
 
-#: Who the workload's transactions are attributed to (`guard.principal`, docs/policy.md): a teller opens
-#: customers, another teller updates contact details, the manager deletes (policy/branch.cedar).
+#: Who the workload's transactions are attributed to (the attribution contract, docs/policy.md): a teller opens
+#: customers, another teller updates contact details, the manager deletes (policy/branch.cedar). Branch 0101's
+#: staff; each branch's own are in BRANCH_STAFF (a member of staff writes only their own branch).
 OPENER = "Staff:t0101-01"
 UPDATER = "Staff:t0101-02"
 DELETER = "Staff:m0101-01"
+#: (opener, updater, deleter) of each demo branch (guard/workload/synth.py DEMO_STAFF).
+BRANCH_STAFF: dict[str, tuple[str, str, str]] = {
+    "0101": (OPENER, UPDATER, DELETER),
+    "0202": ("Staff:t0202-01", "Staff:t0202-02", "Staff:m0202-01"),
+}
+#: `run_workload`'s default for a principal: the branch's own member of staff (BRANCH_STAFF).
+BRANCH_DEFAULT = "<the branch's staff>"
 
 
 def attribute(conn: Any, principal: str | None) -> None:
     """Name the open transaction's principal (the attribution contract; None: leave it unattributed).
 
-    PostgreSQL only: the MariaDB branch has no attribution contract yet (no `updated_by` trigger, no
-    logical messages), so its writes are decided `unattributed` by the policy checks."""
-    if principal is not None and not isinstance(conn, MariaConnection):
+    PostgreSQL: the transaction-local setting `guard.principal`. MariaDB: the session variable
+    `@guard_principal`, which `MariaConnection.transaction` clears when the transaction ends (MariaDB has no
+    transaction-local settings)."""
+    if isinstance(conn, MariaConnection):
+        conn.execute("SET @guard_principal = %s", (principal,))
+    elif principal is not None:
         conn.execute("SELECT set_config('guard.principal', %s, true)", (principal,))
 
 
@@ -120,13 +139,17 @@ def next_customer_ids(conn: Any, count: int) -> list[int]:
 
 
 def run_workload(dsn: str, *, customers: int = 20, seed: int | None = None, delete: int = 2,
-                 update: int = 5, branch_code: str = "0101", opener: str | None = OPENER,
-                 updater: str | None = UPDATER, deleter: str | None = DELETER) -> WorkloadResult:
+                 update: int = 5, branch_code: str = "0101", opener: str | None = BRANCH_DEFAULT,
+                 updater: str | None = BRANCH_DEFAULT, deleter: str | None = BRANCH_DEFAULT) -> WorkloadResult:
     """Insert `customers` customers (with accounts and transactions), update some, delete some.
 
     `branch_code` is what the rows' `branch_code` columns say (the MariaDB branch's is 0202). Each
-    transaction names its principal (`opener`, `updater`, `deleter`; None: unattributed).
+    transaction names its principal (`opener`, `updater`, `deleter`; None: unattributed; by default the
+    branch's own staff, BRANCH_STAFF, or branch 0101's for another branch code).
     """
+    staff = BRANCH_STAFF.get(branch_code, BRANCH_STAFF["0101"])
+    opener, updater, deleter = (staff[i] if who == BRANCH_DEFAULT else who
+                                for i, who in enumerate((opener, updater, deleter)))
     rng = random.Random(seed)
     result = WorkloadResult()
     mariadb = is_mariadb(dsn)

@@ -491,6 +491,10 @@ DEMO_STAFF: tuple[tuple[str, str, str, str, bool, tuple[str, ...]], ...] = (
     ("x0101-01", "离职庚", "0101", "bank-a", False, ("teller",)),
     ("t0102-01", "柜员辛", "0102", "bank-a", True, ("teller",)),
     ("b0101-01", "收购方主管壬", "0101", "bank-b", True, ("manager",)),
+    # branch 0202 (the MariaDB branch): the bank's staff directory lists every branch's staff
+    ("t0202-01", "柜员癸", "0202", "bank-a", True, ("teller",)),
+    ("t0202-02", "柜员子", "0202", "bank-a", True, ("teller",)),
+    ("m0202-01", "主管丑", "0202", "bank-a", True, ("manager",)),
 )
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +31,14 @@ def stack() -> dict[str, str]:
     admin = StackConfig.from_env().kafka_env("admin")
     os.environ.update({**admin, "GUARD_KAFKA_GUARD_PRINCIPAL": "User:guard"})
     return {**found, **admin}
+
+
+@pytest.fixture(scope="session")
+def catalog_without_grace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The catalog with every erasure's grace period at 0 s instead of 30 s: for tests of an erasure's
+    outcome, not of its grace period (test_erasure.py tests that), which would otherwise wait it out."""
+    text = (REPO / "schemas" / "catalog.toml").read_text(encoding="utf-8")
+    assert "grace_s = 30" in text, "the catalog's grace periods changed: update this fixture"
+    path = tmp_path_factory.mktemp("catalog") / "catalog.toml"
+    path.write_text(text.replace("grace_s = 30", "grace_s = 0"), encoding="utf-8")
+    return path

@@ -234,6 +234,15 @@ def test_the_chain_verifies_proves_and_names_every_tampering(scenario: Scenario)
 
     intact = copy_with(rs)
     assert verify_copy(sc, intact).returncode == 0, verify_copy(sc, intact).stdout
+    # the documented copy (`guard audit copy`) verifies too, and `guard audit show` reads it
+    documented = unique("audit-copy-")
+    copied = guard_cli(sc.env, "audit", "copy", "--from", sc.audit, "--to", documented)
+    assert copied.returncode == 0 and "copied" in copied.stdout, copied.stderr[-2000:]
+    assert verify_copy(sc, documented).returncode == 0, verify_copy(sc, documented).stdout
+    shown = guard_cli(sc.env, "audit", "show", "--audit-topic", documented, "--json")
+    leaves = [r for r in audit if header(r, "bg-checkpoint") is None]  # (since then: idle checkpoints only)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert len(shown.stdout.splitlines()) == len(leaves), shown.stderr[-2000:]
     seq_mid = leaf_info(rs[mid])[1]  # type: ignore[index]
     altered = list(rs)
     value = bytearray(altered[mid].value or b"")
@@ -246,13 +255,17 @@ def test_the_chain_verifies_proves_and_names_every_tampering(scenario: Scenario)
         "ALTERED": altered,
         "TRUNCATED": rs[:idx[len(idx) // 2]],
     }
-    for kind, records in cases.items():
-        copy = copy_with(records)
+    other = (part + 1) % sc.partitions
+    moved = [r for p in sorted(by_part) for r in by_part[p] if r is not rs[mid]]
+    copies = {kind: copy_with(records) for kind, records in cases.items()}
+    copies["MOVED"] = copy_topic(sc.bootstrap, [*moved, dataclasses.replace(rs[mid], partition=other)],
+                                 sc.partitions)
+    for kind, copy in copies.items():
         result = verify_copy(sc, copy)
         assert result.returncode == 1, f"{kind}: verify passed a tampered copy\n{result.stdout}"
         first = next((line for line in result.stdout.splitlines() if f": chain {chain} " in line), "")
         assert first.startswith(f"{kind}: chain {chain}"), f"{kind} expected, got: {result.stdout}"
-        if kind in ("REMOVED", "ALTERED", "REORDERED"):
+        if kind in ("REMOVED", "ALTERED", "REORDERED", "MOVED"):
             assert f"seq {seq_mid} " in first, first
         print(f"{kind}: {first}")
 

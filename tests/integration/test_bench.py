@@ -124,6 +124,7 @@ def test_bench_leaves_no_topics(stack: dict[str, str], tmp_path: Path) -> None:
     json_out = tmp_path / "bench.json"
     subprocess.run(
         [sys.executable, "-m", "guard.bench", "--workload", "hot", "--records", "3000", "--partitions", "1",
+         "--trials", "1", "--warmup-seconds", "0",
          "--latency-seconds", "2", "--json-out", str(json_out)],
         cwd=REPO, env={**os.environ, **stack}, capture_output=True, text=True, timeout=600, check=True,
     )

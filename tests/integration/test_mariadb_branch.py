@@ -32,6 +32,7 @@ import time
 import uuid
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -151,12 +152,14 @@ def keys(stack: dict[str, str]):
 
 
 @pytest.fixture(scope="module")
-def branch_worker(stack: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
-    """One guard worker for branch 0202, in a group of its own, from the current end of the raw topics."""
+def branch_worker(stack: dict[str, str], tmp_path_factory: pytest.TempPathFactory, catalog_without_grace: Path):
+    """One guard worker for branch 0202, in a group of its own, from the current end of the raw topics; an
+    erasure happens at the delete (no grace period), so the erasure test need not wait 30 s for it."""
     group = f"maria-{uuid.uuid4().hex[:8]}"
     worker = GuardProcess(stack, worker_id=f"{group}-w1", group_id=group,
                           log_dir=tmp_path_factory.mktemp("guard-logs"),
-                          extra_env={"GUARD_BRANCH": BRANCH, "GUARD_RAW_TOPIC_PREFIX": PREFIX}).start(from_end=True)
+                          extra_env={"GUARD_BRANCH": BRANCH, "GUARD_RAW_TOPIC_PREFIX": PREFIX,
+                                     "GUARD_CATALOG": str(catalog_without_grace)}).start(from_end=True)
     time.sleep(2)
     assert worker.alive(), worker.log()
     yield worker

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
+from pathlib import Path
 
 import orjson
 import psycopg
@@ -36,11 +37,13 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def guard_env(stack: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
-    """One guard worker for the module, in its own consumer group so it sanitizes everything it sees."""
+def guard_env(stack: dict[str, str], tmp_path_factory: pytest.TempPathFactory, catalog_without_grace: Path):
+    """One guard worker for the module, in its own consumer group so it sanitizes everything it sees; an
+    erasure happens at the delete (no grace period), so the erasure test need not wait 30 s for it."""
     group = f"e2e-{uuid.uuid4().hex[:8]}"
     worker = GuardProcess(stack, worker_id=f"{group}-w1", group_id=group,
-                          log_dir=tmp_path_factory.mktemp("guard-logs")).start(from_end=True)
+                          log_dir=tmp_path_factory.mktemp("guard-logs"),
+                          extra_env={"GUARD_CATALOG": str(catalog_without_grace)}).start(from_end=True)
     time.sleep(2)
     assert worker.alive(), worker.log()
     yield stack

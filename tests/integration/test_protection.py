@@ -498,6 +498,29 @@ def test_a_batch_prefetch_refreshes_keys_about_to_expire(branch_settings):
     assert keys._deks[(branch, "refresh-a")][1] > _time.monotonic() + keys._ttl * REFRESH_MARGIN
 
 
+def test_an_erased_subject_costs_one_key_store_answer_per_worker(branch_settings):
+    """An erasure is final: once the key store answered "erased" for a subject, this worker answers the
+    subject's later events (late updates, deletes of its other rows) from memory, in batches and alone."""
+    branch = branch_settings.branch
+    subject = f"erased-once-{uuid.uuid4().hex[:8]}"
+    eraser = build_keys(branch_settings, listen=False)
+    eraser.subject_aead(branch, subject)
+    eraser.shred(branch, subject, b"{}")
+    keys = build_sanitizer(branch_settings).keys  # another worker, which never held the key
+    calls: list[str] = []
+    batch, single = keys.store.get_or_create_deks, keys.store.get_or_create_dek
+    keys.store.get_or_create_deks = lambda *a, **k: calls.append("batch") or batch(*a, **k)
+    keys.store.get_or_create_dek = lambda *a, **k: calls.append("single") or single(*a, **k)
+    keys.prefetch(branch, {subject, "erased-once-neighbour"})
+    assert calls == ["batch"]
+    for _ in range(3):
+        with pytest.raises(KeyShreddedError):
+            keys.subject_aead(branch, subject)
+        keys.prefetch(branch, {subject})
+    assert calls == ["batch"], "the erased subject went to the key store again"
+    assert keys.subject_aead(branch, "erased-once-neighbour") is not None
+
+
 def test_caches_keyed_by_plaintext_values_expire_with_the_key_cache(branch_settings):
     """Memoised masks and tokens, sanitized Kafka keys and subject tokens are maps keyed by customers'
     values: a worker must not hold them longer than it may hold a data key (docs/keys.md)."""

@@ -313,78 +313,14 @@ def test_second_worker_joins_then_leaves_while_input_flows(scenario: Scenario):
 
 
 # --- 3. service restarts ----------------------------------------------------------------------------
-def test_broker_restart_while_the_guard_runs(scenario: Scenario, restore_stack):
-    sc = scenario
-    w1 = sc.worker(1).start()
-    cdc = sc.cdc_worker(1).start()
-    producer = SteadyProducer(sc.bootstrap, sc.topic, count=900, rate=30, partitions=sc.partitions).start()
-    sc.wait_decided(30, timeout=60)
-    results = [_workload(sc.env)]
-    guard.stack.restart("broker")
-    results.append(_workload(sc.env))
-    producer.join()
-    # Wedge check: a worker that is alive but stopped deciding after the restart fails here, with its log.
-    sc.wait_decided(900, timeout=120)
-    wait_until(lambda: _expected_raw(results) <= _raw_customer_ops(sc.bootstrap, sc.raw_start), timeout=120,
-               what="Debezium to deliver the workload after the broker restart")
-    topics = _workload_topics()
-    sc.wait_decided(_new_raw(sc, topics), timeout=90, topics=topics)
-    assert w1.alive() and cdc.alive(), log_tail(w1, cdc)
-    sc.stop_all()
-    sc.check_own_topic(producer)
-    sc.check_raw_inputs(topics, results)
-
-
-def test_broker_down_longer_than_the_group_session(scenario: Scenario, restore_stack):
-    """The broker crashes and stays away past the consumer's 15 s session: partitions are lost, the
-    coordinator can't answer offset fetches, the producer's transaction can't finish. The worker must ride
-    it out (replace or rebuild its clients) and resume without loss, duplicates or a restart."""
-    w1, producer = _outage_under_steady_load(scenario, "broker", down_s=20, rate=30)
-    scenario.wait_decided(900, timeout=180)
-    assert w1.alive(), log_tail(w1)
-    scenario.stop_all()
-    scenario.check_own_topic(producer)
-
-
-def test_broker_killed_repeatedly_under_load_leaves_no_hanging_transaction(scenario: Scenario, restore_stack):
-    """SIGKILL the broker three times at unplanned moments while transactions flow, with downtimes short
-    and long; afterwards every output partition and the group's offsets partition must be readable to the
-    end by `read_committed` consumers (no hanging transaction), with nothing lost or doubled.
-
-    On the combined broker+controller node this left a transaction open forever on every output partition
-    and on `__consumer_offsets` in the first of three runs (docs/reliability.md, "Hanging transactions"):
-    the restarted broker acted on its dead incarnation's registration and the coordinator skipped the
-    markers of partitions that went leaderless when the controller fenced it.
-    """
-    sc = scenario
-    rng = random.Random()
-    w1 = sc.worker(1).start()
-    count = 4000  # at 40/s, still flowing through the three kills and restarts
-    producer = SteadyProducer(sc.bootstrap, sc.topic, count=count, rate=40, partitions=sc.partitions).start()
-    sc.wait_decided(30, timeout=60)
-    for down_s in rng.sample([0.5, 3.0, 12.0], 3):
-        time.sleep(rng.uniform(0.2, 4.0))  # mid-transaction, mid-commit or between: not chosen
-        guard.stack.kill("broker")
-        time.sleep(down_s)
-        guard.stack.start("broker")
-        # The worker decides again after each restart (unless it had already decided everything).
-        sc.wait_decided(min(sc.decided() + 20, count), timeout=180)
-    producer.join()
-    sc.wait_every_raw_record_decided(timeout=180)
-    assert w1.alive(), log_tail(w1)
-    assert_no_hanging_transactions(sc.bootstrap, [*sc.outputs, sc.sanitized, "__consumer_offsets"])
-    sc.stop_all()
-    assert "hanging transaction" not in w1.log(), log_tail(w1)
-    sc.check_own_topic(producer)
-
-
 def test_a_stuck_output_partition_is_alerted_once_and_named_by_doctor(scenario: Scenario):
     """Another writer holds a transaction open on the test's audit topic past the guard's transaction
     timeout (as a hanging transaction would): the worker raises one critical alert, readable on another
     partition of the anomalies topic; `guard doctor` names the partition and the abort command and exits
     1; once the transaction ends, doctor passes."""
     sc = scenario
-    sc.env = {**sc.env, "GUARD_TRANSACTION_TIMEOUT_MS": "5000"}  # the watch's limit: 5 s + 30 s margin
+    # The watch's limit: 5 s + an 8-s margin (the default 30 s only makes the test wait longer).
+    sc.env = {**sc.env, "GUARD_TRANSACTION_TIMEOUT_MS": "5000", "GUARD_HANGING_MARGIN_S": "8"}
     w1 = sc.worker(1).start()
     producer = SteadyProducer(sc.bootstrap, sc.topic, count=5, rate=50, partitions=sc.partitions).start()
     producer.join()
@@ -405,8 +341,7 @@ def test_a_stuck_output_partition_is_alerted_once_and_named_by_doctor(scenario: 
         [alert] = alerts()
         assert (alert["topic"], alert["partition"], alert["severity"]) == (sc.audit, 0, "critical")
         assert f"--partition 0 --start-offset {alert['last_stable_offset']}" in alert["suggested_action"]
-        env = {**sc.env, **sc.output_env, "GUARD_TRANSACTION_TIMEOUT_MS": "5000",
-               "GUARD_GROUP_ID": sc.group}
+        env = {**sc.env, **sc.output_env, "GUARD_GROUP_ID": sc.group}
         doctor = subprocess.run([*GUARD, "doctor", "--settle", "5"], env={**os.environ, **env},
                                 capture_output=True, text=True, timeout=120)
         assert doctor.returncode == 1, doctor.stdout + doctor.stderr

@@ -307,6 +307,11 @@ def test_fields_outside_the_principals_classes_are_refused(served: Served) -> No
     assert audit["decision"] == "reveal_partial" and why["given"] == ["login_name"]
     assert why["refused"] == {"password_hash": "policy", "query_pin": "policy"}
     assert "c3-never-revealed" in why["policies"] and audit["classes"] == {"C2": 1, "C3": 2}
+    # which policy decided which class: a partial reveal's record says it per class
+    assert why["decisions"] == {
+        "C2": {"decision": "allow", "policies": ["manager-reveals-c2-for-service"],
+               "reason": "permitted by manager-reveals-c2-for-service"},
+        "C3": {"decision": "deny", "policies": ["c3-never-revealed"], "reason": "forbidden by c3-never-revealed"}}
 
 
 def test_other_branches_records_are_refused(served: Served) -> None:

@@ -326,8 +326,10 @@ def test_the_key_handover_refuses_stale_branch_keys_and_keeps_data_keys(stack: d
     settings = dataclasses.replace(load_settings(), tenant=f"trk{RUN}", redis_url=env["GUARD_REDIS_URL"],
                                    redis_password_file=env["GUARD_REDIS_PASSWORD_FILE"])
     stale, operator = build_keys(settings, listen=False), build_keys(settings, listen=False)
+    stale_batch = build_keys(settings, listen=False)  # another writer, which creates keys a batch at a time
     branch = "0909"
     sealed = stale.subject_aead(branch, "s1").seal(b"before the cut-over", b"ad")  # caches branch key v1
+    stale_batch.subject_aead(branch, "s0")  # caches branch key v1 too
     prepared = operator.prepare_transfer_key(branch, "t1")
     assert operator.install_transfer_key(branch, "t1", prepared) == 2
     assert operator.install_transfer_key(branch, "t1", prepared) == 2  # a rerun: the same version
@@ -335,6 +337,8 @@ def test_the_key_handover_refuses_stale_branch_keys_and_keeps_data_keys(stack: d
         operator.install_transfer_key(branch, "t2", operator.prepare_transfer_key(branch, "t2"))
     stale.subject_aead(branch, "s2")  # the floor refuses its cached v1: it re-reads the branch key
     assert {stale.kek_version_of(w) for w in stale.store.dek_fields(branch, "s2").values()} == {2}
+    stale_batch.prefetch(branch, {"s0", "s3", "s4"})  # the floor refuses the whole batch: re-read, re-wrapped
+    assert {stale.kek_version_of(w) for s in ("s3", "s4") for w in stale.store.dek_fields(branch, s).values()} == {2}
     assert operator.rewrap_subject(branch, "s1") == (1, "rewrapped")
     assert operator.rewrap_subject(branch, "s1") == (0, "current")
     assert operator.retire_transfer_keys(branch) == 1

@@ -35,8 +35,14 @@ def test_env_var_overrides_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
 
 def test_demo_schema_fully_catalogued(catalog: Catalog) -> None:
     assert catalog.tables() == ["branch_0202.accounts", "branch_0202.customer_auth", "branch_0202.customers",
-                                "branch_0202.transactions", "public.accounts", "public.customer_auth",
-                                "public.customers", "public.staff", "public.staff_roles", "public.transactions"]
+                                "branch_0202.transactions", "guard_admin.principal_messages", "public.accounts",
+                                "public.customer_auth", "public.customers", "public.staff", "public.staff_roles",
+                                "public.transactions"]
+    # the MariaDB branch's attribution rows (docs/policy.md): one column, who deleted, C1 in clear
+    attribution = catalog.table("guard_admin.principal_messages")
+    assert attribution is not None and list(attribution.columns) == ["principal"]
+    assert (attribution.columns["principal"].data_class, attribution.columns["principal"].action) == ("C1",
+                                                                                                      Action.CLEAR)
     data = synth.demo_dataset(1, 5)
     for table, rows in data.items():
         policy = catalog.table(f"public.{table}")
@@ -53,12 +59,12 @@ def test_demo_schema_fully_catalogued(catalog: Catalog) -> None:
 
 def test_the_mariadb_branch_tables_agree_with_the_postgresql_ones(catalog: Catalog) -> None:
     """Branch 0202 (MariaDB database branch_0202) has the same tables as branch 0101, classified the same way;
-    its one extra column is the binary device fingerprint, sealed. Branch 0101's `updated_by` (the attribution
-    column of docs/policy.md) has no counterpart yet: the MariaDB branch has no attribution contract."""
+    its one extra column is the binary device fingerprint, sealed. Both have the attribution column `updated_by`
+    (docs/policy.md), C1 in clear."""
     for table in ("customers", "accounts", "transactions", "customer_auth"):
         pg, maria = catalog.table(f"public.{table}"), catalog.table(f"branch_0202.{table}")
         assert pg is not None and maria is not None
-        pg = dataclasses.replace(pg, columns={k: v for k, v in pg.columns.items() if k != "updated_by"})
+        assert maria.columns["updated_by"].action is Action.CLEAR and maria.columns["updated_by"].data_class == "C1"
         assert {k: v for k, v in maria.columns.items() if k in pg.columns} == pg.columns, table
         extra = set(maria.columns) - set(pg.columns)
         assert extra == ({"device_fp"} if table == "customer_auth" else set()), table

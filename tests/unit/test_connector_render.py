@@ -27,6 +27,7 @@ from guard.doctor import c3_violations
 from guard.stack.config import StackConfig
 from guard.stack.connector import (
     connector_hash_salt,
+    mariadb_attribution_options,
     redact,
     render_connector,
     resolve_connector,
@@ -77,10 +78,39 @@ def test_each_connector_gets_the_rules_of_its_own_namespace_only(catalog: Catalo
     }
     template = json.loads((REPO / "connectors" / "branch-mariadb.json").read_text())
     doc = render_connector(catalog, REPO / "connectors" / "branch-mariadb.json", "branch_0202")
-    assert {k: v for k, v in doc["config"].items() if k in template["config"]} == template["config"]
-    assert set(doc["config"]) - set(template["config"]) == set(source_options(catalog, "branch_0202"))
+    attribution = mariadb_attribution_options(template["config"])
+    assert {k: v for k, v in doc["config"].items() if k in template["config"] and k not in attribution} == {
+        k: v for k, v in template["config"].items() if k not in attribution}
+    assert set(doc["config"]) - set(template["config"]) == set(source_options(catalog, "branch_0202")) | (
+        set(attribution) - set(template["config"]))
     assert doc["config"]["connector.class"] == "io.debezium.connector.mariadb.MariaDbConnector"
     assert "public" not in json.dumps(doc)
+
+
+def test_the_mariadb_connector_captures_the_attribution_table_and_routes_it_to_the_message_topic(
+        catalog: Catalog) -> None:
+    """MariaDB has no logical decoding messages: the delete triggers' rows in guard_admin.principal_messages
+    are the attribution (docs/policy.md); the connector captures that table too and its events go to
+    `<prefix>.message`, where the PostgreSQL branch's messages go. Nothing else is routed."""
+    doc = render_connector(catalog, REPO / "connectors" / "branch-mariadb.json", "branch_0202")
+    _, config = resolve_connector(doc, {**dict.fromkeys(
+        ("CONNECTOR_NAME", "DB_HOST", "DB_PORT", "CDC_USER", "CDC_PASSWORD", "CONNECTOR_SERVER_ID", "DB_SSL_MODE",
+         "DB_TRUSTSTORE", "DB_TRUSTSTORE_PASSWORD", "KAFKA_BOOTSTRAP", "KAFKA_JAAS", "KAFKA_CA_FILE",
+         "CONNECTOR_HASH_SALT"), "x"), "DB_NAME": "branch_0202", "TOPIC_PREFIX": "br0202"})
+    assert config["database.include.list"] == "branch_0202,guard_admin"
+    assert config["transforms"] == "attribution"
+    assert config["transforms.attribution.type"] == "org.apache.kafka.connect.transforms.RegexRouter"
+    regex = re.compile(config["transforms.attribution.regex"])
+    routed = {t: regex.fullmatch(t) is not None for t in (
+        "br0202.guard_admin.principal_messages", "br0202.branch_0202.customers",
+        "br0202Xguard_admin.principal_messages", "br0202.guard_admin.principal_messages2")}
+    assert routed == {"br0202.guard_admin.principal_messages": True, "br0202.branch_0202.customers": False,
+                      "br0202Xguard_admin.principal_messages": False, "br0202.guard_admin.principal_messages2": False}
+    assert config["transforms.attribution.replacement"] == "br0202.message"
+    # the PostgreSQL connector has its logical messages instead, and no router
+    assert "transforms" not in render_connector(catalog)["config"]
+    with pytest.raises(StackError, match="already has a transform"):
+        mariadb_attribution_options({"transforms": "attribution"})
 
 
 def test_options_exclude_drop_columns_and_hash_hash_columns(catalog: Catalog) -> None:

@@ -18,6 +18,7 @@ from guard.doctor import answers_plaintext, parse_listeners, plaintext_listeners
 from guard.errors import ConfigError
 from guard.kafka_security import client_config, read_password, sasl_ssl_config, settings_env
 from guard.stack.config import StackConfig
+from guard.stack.errors import StackError
 from guard.stack.kafka_auth import USERS, acl_plan, ensure_passwords, scram_format_args
 from guard.stack.kraft import broker_properties, controller_properties, parse_properties
 from guard.stack.tls import LocalCA
@@ -137,6 +138,15 @@ def test_passwords_are_made_once_0600_and_go_to_format(cfg: StackConfig) -> None
     args = scram_format_args(cfg)
     assert args.count("--add-scram") == len(USERS)
     assert f"SCRAM-SHA-512=[name=guard,password={first['guard']}]" in args
+
+
+def test_a_password_file_others_can_read_is_refused_not_repaired(cfg: StackConfig) -> None:
+    ensure_passwords(cfg)
+    loose = cfg.kafka_password_file("guard")
+    loose.chmod(0o644)
+    with pytest.raises(StackError, match=r"readable by other users \(mode 0644\).*chmod 600"):
+        ensure_passwords(cfg)
+    assert loose.stat().st_mode & 0o777 == 0o644, "the mode is the operator's to fix, with the secret rotated"
 
 
 def _grants(cfg: StackConfig, user: str) -> set[tuple[str, str, str, str]]:

@@ -224,7 +224,7 @@ def test_cli_validate_and_check(policy_dir: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     env = {"GUARD_POLICY_STAFF": "file"}
     ok = runner.invoke(main, ["policy", "validate", str(policy_dir)], env=env)
-    assert ok.exit_code == 0 and "15 policies" in ok.output and "@id(c3-never-revealed)" in ok.output
+    assert ok.exit_code == 0 and "17 policies" in ok.output and "@id(c3-never-revealed)" in ok.output
     (tmp_path / "bad").mkdir()
     bad = runner.invoke(main, ["policy", "validate", str(tmp_path / "bad")], env=env)
     assert bad.exit_code == 1 and "INVALID" in bad.output

@@ -73,3 +73,34 @@ def test_request_models_bound_the_work_of_a_call() -> None:
     ref = RevealIn.model_json_schema()["$defs"]["RecordRefIn"]["properties"]["fields"]
     assert ref["maxItems"] == MAX_FIELDS
     assert SearchIn.model_json_schema()["properties"]["values"]["maxItems"] == MAX_VALUES
+
+
+def test_a_principal_that_may_not_read_the_topic_is_named_at_once_not_after_a_timeout() -> None:
+    """Found by issue 14's acceptance scenario: served as the guard's principal (the docs' quick start said
+    `guard reveal serve` with `guard stack env`'s settings), every reveal waited 10 s and answered
+    `kafka_unavailable`, because the fetch loop skipped the broker's authorization error."""
+    import time as _time
+
+    from confluent_kafka import KafkaError
+
+    from guard.reveal.kafka_io import RecordFetcher, RecordNotAuthorizedError
+
+    class Msg:
+        def error(self) -> KafkaError:
+            return KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)
+
+        def topic(self) -> str:
+            return "sanitized.br0101.public.customers"
+
+    class Consumer:
+        def poll(self, _timeout: float) -> Msg:
+            return Msg()
+
+    fetcher = RecordFetcher.__new__(RecordFetcher)
+    fetcher._consumer = Consumer()  # type: ignore[assignment]
+    fetcher._timeout_s = 10.0
+    fetcher.principal = "guard"
+    started = _time.monotonic()
+    with pytest.raises(RecordNotAuthorizedError, match="guard may not read sanitized.br0101.public.customers"):
+        fetcher._read(0)
+    assert _time.monotonic() - started < 1.0

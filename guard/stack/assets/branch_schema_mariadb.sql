@@ -54,3 +54,15 @@ CREATE TABLE IF NOT EXISTS customer_auth (
     device_fp      VARBINARY(32),
     updated_at     DATETIME(6)
 ) ENGINE=InnoDB;
+
+-- Attribution contract (docs/policy.md, "The same contract on MariaDB"): every transaction that writes names
+-- its principal first, in the session variable @guard_principal, and clears it when the transaction ends
+-- (MariaDB has no transaction-local settings: a pooled connection that skips the reset carries the name into
+-- the next transaction), e.g. SET @guard_principal = 'Staff:t0202-01', START TRANSACTION, the writes, COMMIT,
+-- then SET @guard_principal = NULL. Inserts and updates carry it in updated_by; the triggers that set it (and
+-- the delete triggers that attribute deletes) are installed by root as a guard account, not by this one
+-- (guard/stack/provision.py, mariadb_attribution_sql): creating a trigger with the binlog on takes SUPER.
+ALTER TABLE customers ADD COLUMN IF NOT EXISTS updated_by VARCHAR(255) NULL;
+ALTER TABLE accounts ADD COLUMN IF NOT EXISTS updated_by VARCHAR(255) NULL;
+ALTER TABLE transactions ADD COLUMN IF NOT EXISTS updated_by VARCHAR(255) NULL;
+ALTER TABLE customer_auth ADD COLUMN IF NOT EXISTS updated_by VARCHAR(255) NULL;
