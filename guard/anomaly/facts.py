@@ -23,7 +23,7 @@ import orjson
 
 from guard.classify.catalog import Catalog
 from guard.errors import DecodeError
-from guard.records.codec import decode
+from guard.records.codec import decode, write_decision_of
 
 FACT_VERSION = 1
 FACTS_TOPIC = "guard.facts"
@@ -137,46 +137,51 @@ def principal_name(text: Any) -> str | None:
     return f"{kind}:{ident.lstrip(':')}" if sep else f"Staff:{kind}"
 
 
-#: The policy engine's write decisions on guard.audit (issue 14, docs/policy.md): `reason` holds the
-#: decision as JSON ({"decision", "principal", "action", "policies", "reason", "errors"}).
-WRITE_DECISIONS = ("write_allowed", "write_denied", "unattributed")
-
-
 def from_audit(rec: Mapping[str, Any], ref: str, catalog: Catalog | None = None) -> list[Fact]:
     """Facts of an audit record (schemas/audit_record.avsc).
 
     * the sanitizer's per-event decisions: a delete (`op` d) is a `delete` fact; an erasure (`op` erase) an
       `erasure` fact, except `root_delete_unconfigured`: a delete of a customer's root row that nothing
       explains; a DLQ decision whose reason names an integrity failure is an `integrity` fact;
-    * the policy engine's write decisions (issue 14): `write_allowed` → `write` (or `delete`) by its
-      principal, `write_denied` → `denied`; the decision JSON in `reason` names principal, action and
-      policies. (The change's own audit record, at the same source offset, carries the subject and is the
-      one the delete counters count, so a delete is counted once.)
+    * the policy engine's write decisions (issue 14, `write_decision_of`): `write_allowed` → `write` (or
+      `delete`) by its principal, `write_denied` → `denied`; the decision JSON names principal, action and
+      policies. Audit format 2 carries the decision in the change's own record (`reason`), so one record
+      yields both its change's facts and its decision's (id `<ref>:policy`); format 1 wrote it as a record of
+      its own at the same source offset, which yields the decision's facts only, so a delete is counted once
+      either way.
     * the reveal service's decisions (`op` reveal or search, decision `reveal_*` / `search_*`,
       `from_reveal_audit`): `access` facts for what it gave, `denied` facts for what it refused;
     * reads written to the audit topic with `principal`, `action`, `count` and `categories` fields.
     """
     ts, branch = int(rec["ts_ms"]), str(rec["branch"])
-    decision, op, reason = rec.get("decision"), rec.get("op"), rec.get("reason")
+    decision, op = rec.get("decision"), rec.get("op")
     if op in REVEAL_OPS and str(decision).startswith(f"{op}_"):
         return from_reveal_audit(rec, ref, catalog)
     common: dict[str, Any] = {"ts_ms": ts, "branch": branch, "principal": principal_name(rec.get("principal")),
                               "table": rec.get("table"), "subject": rec.get("subject"), "ref": ref,
                               "policies": list(rec.get("policies") or [])}
-    if decision in WRITE_DECISIONS:
-        try:
-            detail = orjson.loads(reason or "{}")
-        except orjson.JSONDecodeError:
-            detail = {}
-        common.update(principal=principal_name(detail.get("principal")), policies=list(detail.get("policies") or []))
-        action = str(detail.get("action") or ("delete" if op == "d" else "write"))
-        if decision == "write_denied":
-            return [Fact("denied", ref + ":policy", action=action, decision="deny", reason=detail.get("reason"),
-                         **common)]
-        if decision == "write_allowed" and common["principal"]:
-            # a decision, not the change: counted by the principal and transfer rules only
-            return [Fact("write", ref + ":policy", action=action, decision="allow", **common)]
-        return []
+    write = write_decision_of(rec)
+    if write is None:
+        return _change_facts(rec, ref, common, rec.get("reason"))
+    name, detail = write
+    policy = {**common, "principal": principal_name(detail.get("principal")),
+              "policies": list(detail.get("policies") or [])}
+    action = str(detail.get("action") or ("delete" if op == "d" else "write"))
+    facts: list[Fact] = []
+    if name == "write_denied":
+        facts.append(Fact("denied", ref + ":policy", action=action, decision="deny", reason=detail.get("reason"),
+                          **policy))
+    elif name == "write_allowed" and policy["principal"]:
+        # a decision, not the change: counted by the principal and transfer rules only
+        facts.append(Fact("write", ref + ":policy", action=action, decision="allow", **policy))
+    if decision == name:
+        return facts  # format 1: the decision's own record
+    return [*_change_facts(rec, ref, common, None), *facts]
+
+
+def _change_facts(rec: Mapping[str, Any], ref: str, common: dict[str, Any], reason: str | None) -> list[Fact]:
+    """The facts of an audit record's own decision; `reason` is None when it holds the write decision."""
+    decision, op = rec.get("decision"), rec.get("op")
     if decision in ("deny", "denied"):
         return [Fact("denied", ref, action=rec.get("action") or op, decision="deny", reason=reason, **common)]
     if op == "d" and decision in ("protected", "erased_delete"):

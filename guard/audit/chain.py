@@ -113,6 +113,21 @@ class Chain:
         self.prev = digest
         return prefix
 
+    def extend(self, leaves: bytes) -> None:
+        """Append leaves already hashed elsewhere (32 bytes each, in order): the compiled path hashes the
+        audit records of a native run where it builds them (`guard_native`, the same bytes as `stamp`, tested)
+        and hands the hashes back here, so only the frontier is folded in Python."""
+        append = self.frontier.append
+        for i in range(0, len(leaves), 32):
+            append(leaves[i:i + 32])
+        if leaves:
+            self.prev = leaves[-32:]
+
+    @property
+    def head(self) -> bytes:
+        """The constant start of the chain's leaf prefixes (layout version, id length, id)."""
+        return self._head
+
     def root(self) -> bytes:
         return self.frontier.root()
 

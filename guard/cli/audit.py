@@ -172,17 +172,25 @@ def audit_line(where: str, doc: dict[str, Any]) -> dict[str, Any]:
     """One audit record as people read it: who did what to which records, the decision and its policies.
 
     The decision's details are the JSON in `reason` (write decisions, reveals, searches; docs/policy.md and
-    docs/reveal.md); other records (per-event protection, erasures) keep their `reason` as text.
+    docs/reveal.md); other records (per-event protection, erasures) keep their `reason` as text. A change's
+    own record that carries its write decision (audit format 2) reads as that decision, the change's own
+    decision (e.g. `protected`) under `change`.
     """
+    from guard.records.codec import write_decision_of
+
     reason = doc.get("reason")
     detail: dict[str, Any] = {}
-    if isinstance(reason, str) and reason.startswith("{"):
+    write = write_decision_of(doc)
+    if write is not None:
+        detail = write[1]
+    elif isinstance(reason, str) and reason.startswith("{"):
         try:
             parsed = orjson.loads(reason)
             detail = parsed if isinstance(parsed, dict) else {}
         except orjson.JSONDecodeError:
             detail = {}
-    line = {"at": where, "ts_ms": doc.get("ts_ms"), "op": doc.get("op"), "decision": doc.get("decision"),
+    line = {"at": where, "ts_ms": doc.get("ts_ms"), "op": doc.get("op"),
+            "decision": doc.get("decision") if write is None else write[0],
             "branch": doc.get("branch"), "table": doc.get("table"), "principal": detail.get("principal"),
             "action": detail.get("action"), "policies": detail.get("policies"),
             "source": f"{doc.get('source_topic')}[{doc.get('source_partition')}]@{doc.get('source_offset')}",
@@ -192,6 +200,8 @@ def audit_line(where: str, doc: dict[str, Any]) -> dict[str, Any]:
             line[name] = detail[name]
     if not detail and reason is not None:
         line["reason"] = reason
+    if write is not None and doc.get("decision") != write[0]:
+        line["change"] = doc.get("decision")
     return line
 
 

@@ -102,35 +102,25 @@ class AuditChains:
         prefix = chain.stamp(key, value)
         return [*(headers or ()), (LEAF_HEADER, prefix)]
 
-    def audit_headers(self, key: bytes, value: bytes) -> Headers:
-        """The native path's audit record, keyed ``<raw topic>:<partition>``: its partition's audit chain."""
+    def _audit_chain(self, key: bytes) -> Chain:
         chain = self._by_key.get(key)
         if chain is None:
             topic, _, partition = key.decode().rpartition(":")
             chain = self.partition_chain((topic, int(partition)), "audit")
             self._by_key[key] = chain
         self._touch(chain)
-        return [(LEAF_HEADER, chain.stamp(key, value))]
+        return chain
 
-    def wrap_produce(self, produce: Callable[..., None]) -> Callable[..., None]:
-        """`produce` for the native path: audit records get their ``bg-leaf`` header, others pass through."""
-        audit_topic, audit_headers = self.audit_topic, self.audit_headers
-        owner = getattr(produce, "__self__", None)
-        poll: Callable[[float], object] = owner.poll if owner is not None else (lambda _t: None)
+    # ---- a native run's side (`guard_native.FastPath.run(chains=...)`) --------------------------------
+    def open(self, key: bytes) -> tuple[bytes, int, bytes]:
+        """(head, next sequence number, previous leaf hash) of the audit chain of `key`, for a native run
+        that stamps and hashes its audit records itself; the chain joins the open transaction."""
+        chain = self._audit_chain(key)
+        return chain.head, chain.size, chain.prev
 
-        def chained(topic: str, value: bytes, key: bytes, partition: int, on_delivery: object = None,
-                    callback: object = None, timestamp: int = 0) -> None:
-            if topic == audit_topic:
-                # Stamping after a BufferError retry would take a second sequence number: stamp once.
-                headers = audit_headers(key, value)
-                while True:
-                    try:
-                        return produce(topic, value, key, partition, timestamp=timestamp, headers=headers)
-                    except BufferError:
-                        poll(0.2)
-            return produce(topic, value, key, partition, on_delivery, callback, timestamp)
-
-        return chained
+    def fold(self, key: bytes, leaves: bytes) -> None:
+        """The leaf hashes a native run appended to the chain of `key` (after `open`), in order."""
+        self._by_key[key].extend(leaves)
 
     def _touch(self, chain: Chain) -> None:
         if id(chain) not in self._touched:

@@ -330,11 +330,12 @@ class SanitizerWorker:
             # headers to carry, too large, a callback error) goes through the full Python path.
             i, n = 0, len(good)
             producer = self.producer
-            produce = self.chains.wrap_produce(producer.produce)
             while i < n and not self._held:
-                run = sanitizer.run_native(good, i, produce=produce, poll=producer.poll,
+                # The run chains its audit records itself (`chains`: leaf hashes computed where the bytes
+                # are built); sanitized records go straight to the producer.
+                run = sanitizer.run_native(good, i, produce=producer.produce, poll=producer.poll,
                                            partitions=self.topics.ensure_like,
-                                           max_record_bytes=self._max_record_bytes)
+                                           max_record_bytes=self._max_record_bytes, chains=self.chains)
                 for topic, partition, offset in run.last:
                     last[(topic, partition)] = offset
                 self.batch.add_run(run)

@@ -68,11 +68,13 @@ class BatchCounters:
         self.timestamps_ms.append(timestamp_ms)
 
     def add_run(self, run: NativeRun) -> None:
-        """Count a native run's events (all protected, each with a sanitized and an audit record)."""
+        """Count a native run's events (all protected, each with a sanitized and an audit record) and the
+        transaction facts it added."""
         for table, classes, n in run.shapes:
             self.events += n
             self.records_out += n * run.RECORDS_PER_EVENT
             self._add_shape(table, "protected", classes, n)
+        self.records_out += run.facts
         self.timestamps_ms.extend(run.timestamps)
 
     def _add_shape(self, table: str, decision: str, classes: Mapping[str, int], events: int) -> None:

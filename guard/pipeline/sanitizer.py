@@ -51,6 +51,7 @@ from guard.pipeline.protect import Protector
 from guard.protect.fastpath import new_fast_path, use_native
 from guard.protect.masking import mask
 from guard.records.builders import OutRecord, RecordBuilder
+from guard.records.codec import write_reason
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ class NativeRun:
     shapes: list[tuple[str, Mapping[str, int], int]]
     #: The inputs' timestamps (ms), for the latency metrics.
     timestamps: list[int]
+    #: Transaction facts produced besides (creates of tables with amount bands reaching a band).
+    facts: int = 0
     #: Records produced per event: sanitized and audit.
     RECORDS_PER_EVENT: ClassVar[int] = 2
 
@@ -217,7 +220,7 @@ class Sanitizer:
 
     def run_native(self, records: list[tuple[Any, str, int, int, bytes | None]], start: int, *,
                    produce: Callable[..., None], poll: Callable[[float], int],
-                   partitions: Callable[[str, str], int], max_record_bytes: int) -> NativeRun:
+                   partitions: Callable[[str, str], int], max_record_bytes: int, chains: Any = None) -> NativeRun:
         """Sanitize and produce `records[start:]` natively up to the first record that needs `process`.
 
         `records` are the runner's `(message, topic, partition, offset, value)` tuples of one fetched
@@ -226,15 +229,14 @@ class Sanitizer:
         `end` (if any) has produced nothing; the caller hands it to `process`, then calls again from
         `end + 1`. Kafka errors other than a full local queue propagate (the runner aborts). Only for
         records without Kafka headers and without tracing: those go through `process`, which carries
-        the trace context.
+        the trace context. `chains` (the worker's `AuditChains`): the run chains its audit records itself
+        (`guard_native.FastPath.run`); without it `produce` must.
         """
         # Records bound for a compacted sanitized topic take the Python path (their keys are recorded for
-        # erasure tombstones): the native run stops before the first one.
-        # So do records of tables with amount bands (`_band_facts` adds their facts in `process`).
-        banded, prefix_len = self._banded, self._prefix_len
+        # erasure tombstones): the native run stops before the first one. Records of tables with amount
+        # bands stay on it: it hands back the banded values of creates (`_run_band_facts`).
         stop = next((j for j in range(start, len(records))
-                     if self._is_compacted(self.planner.sanitized_topic(records[j][1]))
-                     or records[j][1][prefix_len:] in banded), len(records))
+                     if self._is_compacted(self.planner.sanitized_topic(records[j][1]))), len(records))
         checker = self.checker
         decided: list[tuple[str, WriteDecision]] = []
         if checker is not None and stop > start:
@@ -252,39 +254,55 @@ class Sanitizer:
                 decided.append(found)
         if stop == start:
             return NativeRun(start, [], [], [])
-        end, last, counts, stamps = self._fast.run(
+        end, last, counts, stamps, banded = self._fast.run(
             records if stop == len(records) else records[:stop], start, produce=produce, poll=poll,
             partitions=partitions, hooks=self._native_hooks, now_ms=int(self._clock() * 1000),
-            max_record_bytes=max_record_bytes)
-        if decided:
-            self._produce_decisions(records, start, end, decided, produce, poll)
+            max_record_bytes=max_record_bytes, reasons=self._write_reasons(decided) if decided else None,
+            chains=chains)
+        facts = self._run_band_facts(banded, produce, poll) if banded else 0
         plans = self._fast_plans
         shapes = [(plans[plan_id].schema_table, plans[plan_id].class_counts, n) for plan_id, n in counts]
-        return NativeRun(end, last, shapes, stamps)
+        return NativeRun(end, last, shapes, stamps, facts)
 
-    def _produce_decisions(self, records: list[tuple[Any, str, int, int, bytes | None]], start: int, end: int,
-                           decided: list[tuple[str, WriteDecision]], produce: Callable[..., None],
-                           poll: Callable[[float], int]) -> None:
-        """The audit records of the write decisions of `records[start:end]` (handled natively)."""
-        emit = self.emitter.write_decision
-        prefix = self._prefix_len
-        details: dict[int, str] = {}
-        for j in range(start, end):
-            op, write = decided[j - start]
+    def _run_band_facts(self, banded: list[tuple[str, int, int, str, int | None, int, list[tuple[str, Any]]]],
+                        produce: Callable[..., None], poll: Callable[[float], int]) -> int:
+        """The `transaction` facts of a native run's creates of tables with amount bands (issue 15): the
+        same rule and records as `_band_facts` on the Python path (with the input's timestamp), produced
+        in the run's transaction after its changes. Returns how many."""
+        produced = 0
+        for topic, partition, offset, subject, source_ts_ms, ts, values in banded:
+            table = topic[self._prefix_len:]
+            limits = dict(self._banded.get(table, ()))
+            when = source_ts_ms if source_ts_ms is not None else int(self._clock() * 1000)
+            for column, value in values:
+                band = amount_band(value, limits.get(column, ()))
+                if band is None:
+                    continue
+                rec = self.emitter.band_fact((topic, partition, offset), table, column, subject, band, when)
+                while True:
+                    try:
+                        produce(rec.topic, rec.value, rec.key, -1, None, None, ts)
+                        break
+                    except BufferError:
+                        poll(0.2)
+                produced += 1
+        return produced
+
+    @staticmethod
+    def _write_reasons(decided: list[tuple[str, WriteDecision]]) -> list[bytes | None]:
+        """Per record of a native run, its write decision as the `reason` of its own audit record (encoded
+        once per distinct decision: they are memoised, so a batch holds few); None: not a write."""
+        texts: dict[int, bytes] = {}
+        out: list[bytes | None] = []
+        for _, write in decided:
             if write is NOT_A_WRITE:
+                out.append(None)
                 continue
-            msg, topic, partition, offset, _ = records[j]
-            text = details.get(id(write))
+            text = texts.get(id(write))
             if text is None:
-                text = details[id(write)] = orjson.dumps(write.as_dict()).decode()
-            rec = emit(topic, partition, offset, topic[prefix:], op, None, "write_allowed", text)
-            ts_type, ts = msg.timestamp()
-            while True:
-                try:
-                    produce(rec.topic, rec.value, rec.key, partition=-1, timestamp=ts if ts_type else 0)
-                    break
-                except BufferError:
-                    poll(0.2)
+                text = texts[id(write)] = write_reason(write.as_dict()).encode()
+            out.append(text)
+        return out
 
     def prefetch(self, records: Sequence[tuple[str, int, int, bytes | None]]) -> None:
         """Make sure the data keys a batch needs are loaded with one key-store round trip, not one each.
@@ -475,11 +493,13 @@ class Sanitizer:
         if person is not None:
             extra.extend(self._band_facts(event, person, where))
         images = (event.before is not None) + (event.after is not None)
+        detail = None if write is None else write.as_dict()
         records.append(self.emitter.audit_for_plan(topic, partition, offset, plan, event.op, subject, decision,
-                                                   images, aead is not None))
-        if write is not None:
-            records.extend(self._write_records(write, topic, partition, offset, event.schema_table, event.op,
-                                               subject, records[0]))
+                                                   images, aead is not None,
+                                                   None if detail is None else write_reason(detail)))
+        if write is not None and detail is not None and not write.allowed:
+            records.extend(self._write_not_allowed(write, detail, topic, partition, offset, event.schema_table,
+                                                   records[0]))
         records.extend(extra)
         if plan.subject_root:
             self.root_topics.add(out_topic)
@@ -504,22 +524,14 @@ class Sanitizer:
                                                     source=source))
         return Outcome(records, decision, event.schema_table, plan.class_counts)
 
-    def _write_records(self, write: WriteDecision, topic: str, partition: int, offset: int, table: str, op: str,
-                       subject: str | None, sanitized: OutRecord | None) -> list[OutRecord]:
-        """A write's decision in `guard.audit`; for one not allowed, an anomaly and the decision in the
-        sanitized record's `bg-policy` header (the change happened in the branch database all the same)."""
-        detail = write.as_dict()
-        text = orjson.dumps(detail).decode()
-        name = {"allow": "write_allowed", "deny": "write_denied"}.get(write.decision, "unattributed")
-        # No subject here, on either path (the native path doesn't hand it out): the change's own audit
-        # record at the same source position names it.
-        out = [self.emitter.write_decision(topic, partition, offset, table, op, None, name, text)]
-        if not write.allowed:
-            out.append(self.emitter.write_alert("write_denied" if write.decision == "deny" else "write_unattributed",
-                                                table, (topic, partition, offset), detail))
-            if sanitized is not None:
-                sanitized.headers = [*(sanitized.headers or []), (POLICY_HEADER, text.encode())]
-        return out
+    def _write_not_allowed(self, write: WriteDecision, detail: dict[str, Any], topic: str, partition: int,
+                           offset: int, table: str, sanitized: OutRecord) -> list[OutRecord]:
+        """A write the policy did not allow (its decision is in the change's own audit record): an anomaly,
+        and the decision in the sanitized record's `bg-policy` header (the change happened in the branch
+        database all the same)."""
+        sanitized.headers = [*(sanitized.headers or []), (POLICY_HEADER, orjson.dumps(detail))]
+        return [self.emitter.write_alert("write_denied" if write.decision == "deny" else "write_unattributed",
+                                         table, (topic, partition, offset), detail)]
 
     def _attribution_message(self, event: ChangeEvent | None, topic: str, partition: int, offset: int) -> Outcome:
         """A record of the attribution topic (`<prefix>.message`): a PostgreSQL `guard.principal` message or a
@@ -700,8 +712,9 @@ class Sanitizer:
         return aead
 
     def _fast_audit_parts(self, topic: str, partition: int, plan_id: int, op: str,
-                          images: int) -> tuple[bytes, bytes, bytes, bytes]:
-        """The constant parts of the native path's audit records (the same template as the Python path)."""
+                          images: int) -> tuple[bytes, bytes, bytes, bytes, bytes, bytes]:
+        """The constant parts of the native path's audit records (the same template as the Python path):
+        `AuditTemplate.parts` and the record key."""
         template, record_key = self.emitter.audit_template(topic, partition, self._fast_plans[plan_id], op,
                                                            "protected", images, True)
         return (*template.parts, record_key)
@@ -715,7 +728,8 @@ class Sanitizer:
             usable=not plan.unclassified and plan.relationship_end_column is None,
             subject_root=plan.subject_root, clear=list(plan.clear),
             masks=list(plan.masks), index=list(plan.index), hashed=list(plan.hashed), dropped=list(plan.dropped),
-            sealed=list(plan.sealed), retention_s=plan.retention_s)
+            sealed=list(plan.sealed), retention_s=plan.retention_s,
+            banded=[column for column, _ in self._banded.get(plan.schema_table, ())])
 
     # ------------------------------------------------------------------------------------------
     def _dlq(

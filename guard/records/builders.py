@@ -27,7 +27,10 @@ from guard.keys.manager import KeyManager
 from guard.records.codec import AvroCodec
 from guard.records.encoders import AuditTemplate, encode_change
 
-FORMAT_VERSION = 1
+#: The audit record's format (its `v`). 2: a change whose write the access policy decided carries the
+#: decision in its own record's `reason` (`write_reason`; `guard.records.codec.write_decision_of` reads both
+#: formats). 1 (before): the decision was a second record at the same source offset.
+FORMAT_VERSION = 2
 #: Largest input copied (sealed) into a DLQ record; Kafka's default message limit is 1 MB.
 QUARANTINE_MAX_BYTES = 256 * 1024
 
@@ -90,10 +93,12 @@ class RecordBuilder:
             after=after, unclassified=unclassified, before_subject=before_subject)
 
     def audit_for_plan(self, topic: str, partition: int, offset: int, plan: TablePlan, op: str, subject: str,
-                       decision: str, images: int, sealed: bool) -> OutRecord:
-        """The per-event audit record, from a template cached per (partition, plan, op, decision, shape)."""
+                       decision: str, images: int, sealed: bool, write: str | None = None) -> OutRecord:
+        """The per-event audit record, from a template cached per (partition, plan, op, decision, shape);
+        `write` is the change's write decision (`write_reason`), carried in the record's `reason`."""
         template, record_key = self.audit_template(topic, partition, plan, op, decision, images, sealed)
-        value = self.audit_codec.header + template.encode(int(self._clock() * 1000), offset, subject, self.trace_id)
+        value = self.audit_codec.header + template.encode(int(self._clock() * 1000), offset, subject, self.trace_id,
+                                                          write)
         return OutRecord(self.settings.audit_topic, record_key, value)
 
     def audit_template(self, topic: str, partition: int, plan: TablePlan, op: str, decision: str, images: int,
@@ -106,32 +111,11 @@ class RecordBuilder:
                                      source_partition=partition, table=plan.schema_table, op=op,
                                      decision=decision, reason=None, classes=dict(plan.class_counts),
                                      actions=_action_counts(plan, images, sealed),
-                                     unclassified=[p.name for p in plan.unclassified])
+                                     unclassified=[p.name for p in plan.unclassified], version=FORMAT_VERSION)
             if len(self._audit_templates) > 50_000:
                 self._audit_templates.clear()
             cached = self._audit_templates[key] = (template, f"{topic}:{partition}".encode())
         return cached
-
-    def write_decision(self, topic: str, partition: int, offset: int, table: str, op: str, subject: str | None,
-                       decision: str, detail: str) -> OutRecord:
-        """The audit record of a write's policy decision (`write_allowed`, `write_denied`, `unattributed`).
-
-        `detail` is the decision as JSON text (principal, action, policies, reason, errors) in the record's
-        `reason`; encoded from a template cached per (partition, table, op, decision, detail), as the
-        per-event audit records are, so deciding every write costs four encoded values per event.
-        """
-        key = ("write", topic, partition, table, op, decision, detail)
-        cached = self._audit_templates.get(key)
-        if cached is None:
-            template = AuditTemplate(worker=self.settings.worker_id, branch=self.branch, source_topic=topic,
-                                     source_partition=partition, table=table, op=op, decision=decision,
-                                     reason=detail, classes={}, actions={}, unclassified=[])
-            if len(self._audit_templates) > 50_000:
-                self._audit_templates.clear()
-            cached = self._audit_templates[key] = (template, f"{topic}:{partition}".encode())
-        template, record_key = cached
-        value = self.audit_codec.header + template.encode(int(self._clock() * 1000), offset, subject, self.trace_id)
-        return OutRecord(self.settings.audit_topic, record_key, value)
 
     def write_alert(self, rule: str, table: str, source: tuple[str, int, int],
                     decision: Mapping[str, Any]) -> OutRecord:

@@ -15,11 +15,13 @@ import io
 import json
 import os
 import struct
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import fastavro
+import orjson
 from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
 
 from guard.errors import ConfigError, DecodeError
@@ -105,3 +107,41 @@ def decode(data: bytes, *, registry: Any = None) -> dict[str, Any]:
         raise DecodeError("unknown_framing", "not Avro single-object encoding nor Confluent wire format")
     record: Any = fastavro.schemaless_reader(io.BytesIO(body), schema, None)
     return dict(record)
+
+
+#: The access policy's write decisions as audit decisions (docs/policy.md), by the policy's decision.
+WRITE_DECISIONS = {"allow": "write_allowed", "deny": "write_denied", "unattributed": "unattributed"}
+
+
+def write_reason(decision: Mapping[str, Any]) -> str:
+    """The `reason` of a change's audit record that carries its write decision (audit format 2): the
+    decision's JSON ({"decision", "principal", "action", "policies", "reason", "errors"}) with its audit
+    name (`write_allowed`, `write_denied`, `unattributed`) first, under `write`."""
+    name = WRITE_DECISIONS.get(str(decision.get("decision")), "unattributed")
+    return orjson.dumps({"write": name, **decision}).decode()
+
+
+def write_decision_of(record: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """(audit name, decision JSON) of the write decision a decoded audit record carries, else None.
+
+    Both formats: 2 (`v` >= 2), the change's own record carries it in `reason` (`write_reason`); 1, a
+    record of its own at the change's source offset, with the audit name as `decision` and the JSON as
+    `reason` (no subject). An unreadable JSON reads as an empty decision, never as a guess.
+    """
+    decision, reason = record.get("decision"), record.get("reason")
+    if decision in WRITE_DECISIONS.values():
+        return str(decision), _json_object(reason)
+    if int(record.get("v") or 1) >= 2 and isinstance(reason, str) and reason.startswith('{"write":'):
+        detail = _json_object(reason)
+        name = detail.pop("write", None)
+        if name in WRITE_DECISIONS.values():
+            return str(name), detail
+    return None
+
+
+def _json_object(text: Any) -> dict[str, Any]:
+    try:
+        doc = orjson.loads(text or "{}")
+    except orjson.JSONDecodeError:
+        return {}
+    return doc if isinstance(doc, dict) else {}

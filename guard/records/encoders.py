@@ -209,29 +209,39 @@ class AuditTemplate:
     """Pre-encoded constant parts of audit records that differ only in time, offset, subject and trace.
 
     Per event the sanitizer then encodes four values instead of sixteen fields; the bytes are identical
-    to `encode_audit_record` (tested).
+    to `encode_audit_record` (tested). A change whose write the access policy decided carries the
+    decision in its own record's `reason` (`encode(..., reason=)`, audit format 2, docs/policy.md).
     """
 
-    __slots__ = ("_a", "_b", "_c")
+    __slots__ = ("_v", "_a", "_b", "_d", "_r", "_e")
 
     def __init__(self, *, worker: str, branch: str, source_topic: str, source_partition: int, table: str | None,
                  op: str | None, decision: str, reason: str | None, classes: dict[str, int],
-                 actions: dict[str, int], unclassified: list[str]) -> None:
+                 actions: dict[str, int], unclassified: list[str], version: int) -> None:
+        self._v = _long(version)
         self._a = b"".join((_name(worker), _name(branch), _name(source_topic), _long(source_partition)))
         self._b = b"".join((b"\x00" if table is None else b"\x02" + _name(table),
                             b"\x00" if op is None else b"\x02" + _name(op)))
-        self._c = b"".join((_name(decision), _opt_str(reason), _int_map(classes), _int_map(actions),
-                            _name_array(unclassified)))
+        self._d = _name(decision)
+        self._r = _opt_str(reason)
+        self._e = b"".join((_int_map(classes), _int_map(actions), _name_array(unclassified)))
 
     @property
-    def parts(self) -> tuple[bytes, bytes, bytes]:
-        """The three constant runs of the record, for writers that assemble it elsewhere (`guard_native`)."""
-        return self._a, self._b, self._c
+    def parts(self) -> tuple[bytes, bytes, bytes, bytes, bytes]:
+        """The constant runs of the record, for writers that assemble it elsewhere (`guard_native`): the
+        version, the head up to the offset, the table and op, the decision, and what follows the reason
+        (the template's reason must be null there: a writer puts the per-event reason between them)."""
+        if self._r != b"\x00":
+            raise ValueError("a template with a reason has no native parts")
+        return self._v, self._a, self._b, self._d, self._e
 
-    def encode(self, ts_ms: int, offset: int, subject: str | None, trace_id: str | None) -> bytes:
+    def encode(self, ts_ms: int, offset: int, subject: str | None, trace_id: str | None,
+               reason: str | None = None) -> bytes:
+        """The record's body; `reason` (the change's write decision as JSON text) replaces the template's."""
         # Subjects repeat (a customer's every change), so their encoding comes from the shared memo.
-        return b"".join((b"\x02", _ts(ts_ms), self._a, _long(offset), self._b,
-                         b"\x00" if subject is None else b"\x02" + _name(subject), self._c,
+        return b"".join((self._v, _ts(ts_ms), self._a, _long(offset), self._b,
+                         b"\x00" if subject is None else b"\x02" + _name(subject), self._d,
+                         self._r if reason is None else b"\x02" + _str(reason), self._e,
                          b"\x00" if trace_id is None else b"\x02" + _str(trace_id)))
 
 

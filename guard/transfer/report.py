@@ -29,7 +29,7 @@ from guard.config import Settings
 from guard.kafka.audit_chain import read_topic, second_store
 from guard.kafka.reading import READER_SETTINGS, read_to_end
 from guard.kafka_security import client_config
-from guard.records.codec import decode
+from guard.records.codec import decode, write_decision_of
 from guard.transfer.plan import DESTROY, MOVE, RETAIN
 
 #: Records of the window are read from this long before it (producer clocks, transaction timestamps).
@@ -139,13 +139,17 @@ def build(settings: Settings, state: dict[str, Any],
             steps_audited.append({"at_ms": at, "op": doc.get("op"), "decision": doc.get("decision"), "where": where,
                                   "subject": doc.get("subject")})
             continue
-        decision = str(doc.get("decision") or "")
-        if not decision.startswith(("write_", "reveal_", "search_", "unattributed")):
-            continue
-        try:
-            detail = orjson.loads(doc.get("reason") or "{}")
-        except orjson.JSONDecodeError:
-            detail = {}
+        write = write_decision_of(doc)  # audit format 2: in the change's own record; 1: a record of its own
+        if write is not None:
+            decision, detail = write
+        else:
+            decision = str(doc.get("decision") or "")
+            if not decision.startswith(("reveal_", "search_")):
+                continue
+            try:
+                detail = orjson.loads(doc.get("reason") or "{}")
+            except orjson.JSONDecodeError:
+                detail = {}
         principal = _principal(detail.get("principal"))
         policies = list(detail.get("policies") or [])
         if at < cutoff or (end is not None and at > int(end)):

@@ -65,6 +65,9 @@ pub struct Plan {
     pub subject_strs: HashMap<String, Py<PyString>>,
     /// How long the table's data is kept (seconds): the value of its subject-activity entries.
     pub retention_s: i64,
+    /// Columns with amount bands (catalog `bands`): a create hands their values back to the sanitizer,
+    /// which reports the band a new row reaches (`Sanitizer._run_band_facts`).
+    pub banded: Vec<Column>,
 }
 
 impl Plan {

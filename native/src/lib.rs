@@ -31,6 +31,7 @@ use foldhash::HashMap;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyInt, PyList, PyString, PyTuple};
+use sha2::{Digest, Sha256};
 
 use crate::avro::{name_array, put_long, put_str, str_enc};
 
@@ -78,9 +79,13 @@ impl From<Decline> for Stop {
 /// Audit-record parts fixed per (source topic, partition, plan, op, images): see `AuditTemplate.parts`.
 struct AuditParts {
     topic: String,
+    /// The record's format version `v`, encoded.
+    v: Vec<u8>,
     a: Vec<u8>,
     b: Vec<u8>,
-    c: Vec<u8>,
+    /// The decision; the reason follows it (null, or the change's write decision), then `e`.
+    d: Vec<u8>,
+    e: Vec<u8>,
     key: Py<PyBytes>,
 }
 
@@ -100,6 +105,83 @@ struct Done<'py> {
     subject: Bound<'py, PyAny>,
     plan_id: u64,
     retention_s: i64,
+    /// A create of a table with amount bands: (source ts_ms, [(column, value)]) of its banded columns.
+    banded: Option<(Option<i64>, Bound<'py, PyList>)>,
+}
+
+/// A partition's audit chain while a run appends to it (docs/audit.md, "Leaves"): the chain's constant
+/// head (layout version, id length, id), the next sequence number, the previous leaf's hash, and the leaf
+/// hashes of the run, which `AuditChains.fold` appends to the chain's Merkle frontier after the run.
+struct RunChain {
+    key: Vec<u8>,
+    head: Vec<u8>,
+    seq: u64,
+    prev: [u8; 32],
+    leaves: Vec<u8>,
+}
+
+impl RunChain {
+    /// The chain of an audit key (`<raw topic>:<partition>`), from `AuditChains.open`.
+    fn open(owner: &Bound<'_, PyAny>, key: &Bound<'_, PyBytes>) -> PyResult<Self> {
+        let (head, seq, prev): (Vec<u8>, u64, Vec<u8>) = owner
+            .call_method1(intern!(owner.py(), "open"), (key,))?
+            .extract()?;
+        let prev: [u8; 32] = prev.try_into().map_err(|_| {
+            pyo3::exceptions::PyValueError::new_err("a chain's previous leaf hash is 32 bytes")
+        })?;
+        Ok(Self {
+            key: key.as_bytes().to_vec(),
+            head,
+            seq,
+            prev,
+            leaves: Vec::new(),
+        })
+    }
+
+    /// The next record's leaf prefix: head, u64 big-endian sequence number, previous leaf hash.
+    fn prefix(&self) -> Vec<u8> {
+        let mut prefix = Vec::with_capacity(self.head.len() + 40);
+        prefix.extend_from_slice(&self.head);
+        prefix.extend_from_slice(&self.seq.to_be_bytes());
+        prefix.extend_from_slice(&self.prev);
+        prefix
+    }
+
+    fn push(&mut self, digest: [u8; 32]) {
+        self.prev = digest;
+        self.seq += 1;
+        self.leaves.extend_from_slice(&digest);
+    }
+}
+
+/// RFC 6962 leaf hash of a chained record: SHA-256(0x00 || prefix || u32 len(key) || key || u32 len(value)
+/// || value), a null key or value as length 0xFFFFFFFF (`guard.audit.chain.leaf_bytes`).
+fn leaf_hash(prefix: &[u8], key: Option<&[u8]>, value: Option<&[u8]>) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update([0u8]);
+    h.update(prefix);
+    for part in [key, value] {
+        match part {
+            None => h.update(u32::MAX.to_be_bytes()),
+            Some(bytes) => {
+                h.update((bytes.len() as u32).to_be_bytes());
+                h.update(bytes);
+            }
+        }
+    }
+    h.finalize().into()
+}
+
+/// `leaf_hash` for Python (the tests hold it to `guard.audit.merkle.leaf_hash(leaf_bytes(...))`).
+#[pyfunction(name = "leaf_hash")]
+#[pyo3(signature = (prefix, key, value))]
+fn py_leaf_hash<'py>(
+    py: Python<'py>,
+    prefix: &[u8],
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+) -> Bound<'py, PyBytes> {
+    PyBytes::new(py, &leaf_hash(prefix, key, value))
 }
 
 /// `produce(*args)`, polling and retrying while the producer's local queue is full.
@@ -188,7 +270,7 @@ impl FastPath {
 
     /// Make a table plan known (called by the Python path the first time it meets the plan).
     #[pyo3(signature = (plan_id, schema_table, columns, *, subject_column, usable, subject_root, clear, masks,
-                        index, hashed, dropped, sealed, retention_s))]
+                        index, hashed, dropped, sealed, retention_s, banded=Vec::new()))]
     #[allow(clippy::too_many_arguments)]
     fn register(
         &mut self,
@@ -206,6 +288,7 @@ impl FastPath {
         dropped: Vec<String>,
         sealed: Vec<String>,
         retention_s: i64,
+        banded: Vec<String>,
     ) -> PyResult<()> {
         let entry = self.plans.entry(schema_table.to_owned()).or_default();
         if entry
@@ -223,6 +306,7 @@ impl FastPath {
         let index_cols = index.iter().map(col).collect::<PyResult<Vec<_>>>()?;
         let hashed_cols = hashed.iter().map(col).collect::<PyResult<Vec<_>>>()?;
         let sealed_cols = sealed.iter().map(col).collect::<PyResult<Vec<_>>>()?;
+        let banded_cols = banded.iter().map(col).collect::<PyResult<Vec<_>>>()?;
         // The field-list part of the associated data (`guard.protect.aad.field_list_part`).
         let mut fields_blob = (sealed.len() as u32).to_be_bytes().to_vec();
         for f in &sealed {
@@ -253,6 +337,7 @@ impl FastPath {
             subject_ints: HashMap::default(),
             subject_strs: HashMap::default(),
             retention_s,
+            banded: banded_cols,
         });
         Ok(())
     }
@@ -290,7 +375,7 @@ impl FastPath {
 
     /// Sanitize one record value: (sanitized value, audit value, audit key, subject, plan id), or None
     /// when the event must take the Python path.
-    #[pyo3(signature = (value, topic, partition, offset, out_topic, row_key, trace_id, now_ms))]
+    #[pyo3(signature = (value, topic, partition, offset, out_topic, row_key, trace_id, now_ms, reason=None))]
     #[allow(clippy::too_many_arguments)]
     fn process<'py>(
         &mut self,
@@ -303,9 +388,10 @@ impl FastPath {
         row_key: &[u8],
         trace_id: Option<&str>,
         now_ms: i64,
+        reason: Option<&[u8]>,
     ) -> PyResult<Option<Bound<'py, PyTuple>>> {
         match self.process_inner(
-            py, value, topic, partition, offset, out_topic, row_key, trace_id, now_ms,
+            py, value, topic, partition, offset, out_topic, row_key, trace_id, now_ms, reason,
         ) {
             Ok(done) => Ok(Some(PyTuple::new(
                 py,
@@ -323,8 +409,10 @@ impl FastPath {
     }
 
     /// Sanitize and produce a run of ordinary records of a fetched batch, from `start` until the first
-    /// record that needs the Python path; returns `(end, last offsets, events per plan, timestamps)`,
-    /// where `end` is that record's index (`len(records)` when the run reached the end).
+    /// record that needs the Python path; returns `(end, last offsets, events per plan, timestamps,
+    /// banded)`, where `end` is that record's index (`len(records)` when the run reached the end) and
+    /// `banded` lists the creates of tables with amount bands, `(topic, partition, offset, subject, source
+    /// ts_ms, input timestamp, [(column, value)])`, whose facts the sanitizer adds (same transaction).
     ///
     /// Why: with the transform native, most of a worker's time went to the per-record glue around it in
     /// the runner (loop, outcome objects, two keyword `produce` calls, counters). Here a record costs a
@@ -341,7 +429,14 @@ impl FastPath {
     /// `hooks` supplies the sanitizer's side: `out_topic(topic)`, `sanitize_key(topic, key)`, `load_keys(topic, partition, offset, value)`, the
     /// exception type `key_not_loaded`, the `activity` dict ((subject, sanitized topic) -> retention s)
     /// and `audit_topic`. `partitions(out_topic, topic)` is the sanitized topic's partition count.
-    #[pyo3(signature = (records, start, *, produce, poll, partitions, hooks, now_ms, max_record_bytes))]
+    /// `reasons` (when the access policy is on): per record from `start`, its write decision as JSON
+    /// (UTF-8), carried in the `reason` of its own audit record, or None (not a write).
+    /// `chains` (a worker's `AuditChains`): each audit record joins its partition's chain here, its
+    /// `bg-leaf` header and leaf hash computed in Rust (`RunChain`); `chains.open(key)` gives a chain's
+    /// state, `chains.fold(key, leaf hashes)` takes the run's leaves back. Without it the records are
+    /// produced unchained (a `produce` that chains them itself, or a test's).
+    #[pyo3(signature = (records, start, *, produce, poll, partitions, hooks, now_ms, max_record_bytes,
+                        reasons=None, chains=None))]
     #[allow(clippy::too_many_arguments)]
     fn run<'py>(
         slf: &Bound<'py, Self>,
@@ -353,6 +448,75 @@ impl FastPath {
         hooks: &Bound<'py, PyAny>,
         now_ms: i64,
         max_record_bytes: usize,
+        reasons: Option<&Bound<'py, PyList>>,
+        chains: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let mut run_chains: Vec<RunChain> = Vec::new();
+        let out = Self::run_inner(
+            slf,
+            records,
+            start,
+            produce,
+            poll,
+            partitions,
+            hooks,
+            now_ms,
+            max_record_bytes,
+            reasons,
+            chains.map(|c| (c, &mut run_chains)),
+        );
+        // The leaves produced are folded into their chains whatever happened after them: they are in the
+        // open transaction (an error aborts it, and the chains' snapshots are restored with it).
+        if let Some(chains) = chains {
+            for c in &run_chains {
+                if !c.leaves.is_empty() {
+                    chains.call_method1(
+                        intern!(slf.py(), "fold"),
+                        (
+                            PyBytes::new(slf.py(), &c.key),
+                            PyBytes::new(slf.py(), &c.leaves),
+                        ),
+                    )?;
+                }
+            }
+        }
+        out
+    }
+
+    /// Forget memoised masks, tokens and Kafka keys: they are keyed by plaintext values
+    /// (`Sanitizer.expire_value_caches`).
+    fn clear_memos(&mut self) {
+        for plans in self.plans.values_mut() {
+            plans.iter_mut().for_each(Plan::clear_memo);
+        }
+        self.topics.values_mut().for_each(|t| t.keys.clear());
+    }
+
+    #[getter]
+    fn memo_size(&self) -> usize {
+        self.plans
+            .values()
+            .flatten()
+            .map(|p| p.memo_entries)
+            .sum::<usize>()
+            + self.topics.values().map(|t| t.keys.len()).sum::<usize>()
+    }
+}
+
+impl FastPath {
+    #[allow(clippy::too_many_arguments)]
+    fn run_inner<'py>(
+        slf: &Bound<'py, Self>,
+        records: &Bound<'py, PyList>,
+        start: usize,
+        produce: &Bound<'py, PyAny>,
+        poll: &Bound<'py, PyAny>,
+        partitions: &Bound<'py, PyAny>,
+        hooks: &Bound<'py, PyAny>,
+        now_ms: i64,
+        max_record_bytes: usize,
+        reasons: Option<&Bound<'py, PyList>>,
+        mut chains: Option<(&Bound<'py, PyAny>, &mut Vec<RunChain>)>,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let py = records.py();
         let out_topic_of = hooks.getattr(intern!(py, "out_topic"))?;
@@ -365,6 +529,7 @@ impl FastPath {
         let mut last: Vec<(Bound<'py, PyString>, i64, i64)> = Vec::new();
         let mut counts: Vec<(u64, usize)> = Vec::new();
         let mut stamps: Vec<i64> = Vec::with_capacity(records.len().saturating_sub(start));
+        let mut banded: Vec<Bound<'py, PyTuple>> = Vec::new();
         let mut i = start;
         while i < records.len() {
             let item = records.get_item(i)?;
@@ -432,6 +597,15 @@ impl FastPath {
             };
             let row_key = out_key.as_ref().map(|k| k.as_bytes()).unwrap_or(b"");
             let out_topic = out_py.to_str()?;
+            let reason_obj = match reasons {
+                Some(list) if i - start < list.len() => Some(list.get_item(i - start)?),
+                Some(_) => break,
+                None => None,
+            };
+            let reason: Option<&[u8]> = match &reason_obj {
+                Some(r) if !r.is_none() => Some(r.downcast::<PyBytes>()?.as_bytes()),
+                _ => None,
+            };
             let attempt = |this: &mut FastPath| {
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     this.process_inner(
@@ -444,6 +618,7 @@ impl FastPath {
                         row_key,
                         None,
                         now_ms,
+                        reason,
                     )
                 }))
             };
@@ -491,21 +666,75 @@ impl FastPath {
                 )
                     .into_pyobject(py)?,
             )?;
-            produce_retrying(
-                produce,
-                poll,
-                (
-                    &audit_topic,
-                    PyBytes::new(py, &done.audit),
-                    &done.audit_key,
-                    -1,
-                    &none,
-                    &none,
-                    ts,
-                )
-                    .into_pyobject(py)?,
-            )?;
+            match chains.as_mut() {
+                None => produce_retrying(
+                    produce,
+                    poll,
+                    (
+                        &audit_topic,
+                        PyBytes::new(py, &done.audit),
+                        &done.audit_key,
+                        -1,
+                        &none,
+                        &none,
+                        ts,
+                    )
+                        .into_pyobject(py)?,
+                )?,
+                Some((owner, run_chains)) => {
+                    // The record joins its partition's audit chain here, where its bytes were built:
+                    // the leaf hash is computed once, in Rust, and Python only folds the frontier.
+                    let key = done.audit_key.as_bytes();
+                    let at = match run_chains.iter().position(|c| c.key == key) {
+                        Some(at) => at,
+                        None => {
+                            run_chains.push(RunChain::open(owner, &done.audit_key)?);
+                            run_chains.len() - 1
+                        }
+                    };
+                    let chain = &mut run_chains[at];
+                    let prefix = chain.prefix();
+                    let digest = leaf_hash(&prefix, Some(key), Some(&done.audit));
+                    let header = PyTuple::new(
+                        py,
+                        [
+                            intern!(py, "bg-leaf").clone().into_any(),
+                            PyBytes::new(py, &prefix).into_any(),
+                        ],
+                    )?;
+                    produce_retrying(
+                        produce,
+                        poll,
+                        (
+                            &audit_topic,
+                            PyBytes::new(py, &done.audit),
+                            &done.audit_key,
+                            -1,
+                            &none,
+                            &none,
+                            ts,
+                            PyList::new(py, [header])?,
+                        )
+                            .into_pyobject(py)?,
+                    )?;
+                    chain.push(digest);
+                }
+            }
             activity.set_item((&done.subject, &out_py), done.retention_s)?;
+            if let Some((source_ts_ms, values)) = done.banded {
+                banded.push(PyTuple::new(
+                    py,
+                    [
+                        topic_obj.clone().into_any(),
+                        partition.into_pyobject(py)?.into_any(),
+                        offset.into_pyobject(py)?.into_any(),
+                        done.subject.clone(),
+                        source_ts_ms.into_pyobject(py)?.into_any(),
+                        ts.into_pyobject(py)?.into_any(),
+                        values.into_any(),
+                    ],
+                )?);
+            }
             match last
                 .iter_mut()
                 .find(|(t, p, _)| *p == partition && t.to_str().ok() == Some(topic))
@@ -527,31 +756,11 @@ impl FastPath {
                 PyList::new(py, last)?.into_any(),
                 PyList::new(py, counts)?.into_any(),
                 PyList::new(py, stamps)?.into_any(),
+                PyList::new(py, banded)?.into_any(),
             ],
         )
     }
 
-    /// Forget memoised masks, tokens and Kafka keys: they are keyed by plaintext values
-    /// (`Sanitizer.expire_value_caches`).
-    fn clear_memos(&mut self) {
-        for plans in self.plans.values_mut() {
-            plans.iter_mut().for_each(Plan::clear_memo);
-        }
-        self.topics.values_mut().for_each(|t| t.keys.clear());
-    }
-
-    #[getter]
-    fn memo_size(&self) -> usize {
-        self.plans
-            .values()
-            .flatten()
-            .map(|p| p.memo_entries)
-            .sum::<usize>()
-            + self.topics.values().map(|t| t.keys.len()).sum::<usize>()
-    }
-}
-
-impl FastPath {
     #[allow(clippy::too_many_arguments)]
     fn process_inner<'py>(
         &mut self,
@@ -564,6 +773,7 @@ impl FastPath {
         row_key: &[u8],
         trace_id: Option<&str>,
         now_ms: i64,
+        reason: Option<&[u8]>,
     ) -> Step<Done<'py>> {
         if value.len() > self.max_value_bytes {
             return Err(Stop::Decline);
@@ -585,6 +795,29 @@ impl FastPath {
                 plan.schema_table_py.clone_ref(py),
                 plan.values(row, &loads)?,
             )
+        };
+        // A new row of a table with amount bands: its banded values go back to the sanitizer, which
+        // decides the band (`guard.pipeline.sanitizer.amount_band`, the one rule for both paths).
+        let banded = {
+            let plan = &candidates[row_idx];
+            if env.op == b'c' && env.after.is_some() && !plan.banded.is_empty() {
+                let pairs = plan
+                    .banded
+                    .iter()
+                    .map(|c| {
+                        PyTuple::new(
+                            py,
+                            [
+                                c.name.bind(py).clone().into_any(),
+                                row_values[c.idx].to_py(py)?,
+                            ],
+                        )
+                    })
+                    .collect::<PyResult<Vec<_>>>()?;
+                Some((env.source_ts_ms, PyList::new(py, pairs)?))
+            } else {
+                None
+            }
         };
         let subject_of = self.subject_of.bind(py);
         let subject_obj =
@@ -716,7 +949,15 @@ impl FastPath {
                 PyString::new(py, std::str::from_utf8(&[env.op]).unwrap()),
                 images_count,
             ))?;
-            let (a, b, c, key): (Vec<u8>, Vec<u8>, Vec<u8>, Py<PyBytes>) = parts.extract()?;
+            #[allow(clippy::type_complexity)]
+            let (v, a, b, d, e, key): (
+                Vec<u8>,
+                Vec<u8>,
+                Vec<u8>,
+                Vec<u8>,
+                Vec<u8>,
+                Py<PyBytes>,
+            ) = parts.extract()?;
             if self.audit.len() > 50_000 {
                 self.audit.clear();
             }
@@ -725,26 +966,42 @@ impl FastPath {
                 audit_key,
                 AuditParts {
                     topic,
+                    v,
                     a,
                     b,
-                    c,
+                    d,
+                    e,
                     key,
                 },
             );
         }
         let parts = &self.audit[&audit_key];
         let mut audit = Vec::with_capacity(
-            self.audit_header.len() + parts.a.len() + parts.b.len() + parts.c.len() + 160,
+            self.audit_header.len()
+                + parts.a.len()
+                + parts.b.len()
+                + parts.d.len()
+                + parts.e.len()
+                + reason.map_or(0, <[u8]>::len)
+                + 160,
         );
         audit.extend_from_slice(&self.audit_header);
-        audit.push(2);
+        audit.extend_from_slice(&parts.v);
         put_long(&mut audit, now_ms);
         audit.extend_from_slice(&parts.a);
         put_long(&mut audit, offset);
         audit.extend_from_slice(&parts.b);
         audit.push(2);
         put_str(&mut audit, subject.as_bytes());
-        audit.extend_from_slice(&parts.c);
+        audit.extend_from_slice(&parts.d);
+        match reason {
+            None => audit.push(0),
+            Some(r) => {
+                audit.push(2);
+                put_str(&mut audit, r);
+            }
+        }
+        audit.extend_from_slice(&parts.e);
         match trace_id {
             None => audit.push(0),
             Some(t) => {
@@ -759,6 +1016,7 @@ impl FastPath {
             subject: subject_obj,
             plan_id,
             retention_s,
+            banded,
         })
     }
 }
@@ -766,6 +1024,7 @@ impl FastPath {
 #[pymodule]
 fn guard_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<FastPath>()?;
+    m.add_function(wrap_pyfunction!(py_leaf_hash, m)?)?;
     m.add("ABI", 1)?;
     Ok(())
 }

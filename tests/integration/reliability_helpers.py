@@ -30,7 +30,7 @@ import orjson
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from guard.records.codec import decode
+from guard.records.codec import decode, write_decision_of
 from guard.workload import synth
 from tests.integration.kafka_helpers import Rec, high_watermark, kafka_conf
 from tests.leak_scanner import LeakScanner, find_leak, sensitive_of
@@ -333,8 +333,9 @@ def per_input_counts(audit: list[tuple[Rec, dict[str, Any]]]) -> Counter[tuple[s
                    if d["op"] != "erase" and d["decision"] not in WRITE_DECISIONS)
 
 
-#: The access-policy decision a write gets besides its sanitization decision (docs/policy.md): a second
-#: audit record at the same source offset, counted on its own (`assert_exactly_once_audit`).
+#: The access-policy decision a write gets besides its sanitization decision (docs/policy.md): in the
+#: change's own audit record (format 2, `write_decision_of`); format 1 wrote a second record at the same
+#: source offset, which is not a per-input decision. Each is counted on its own (`assert_exactly_once_audit`).
 WRITE_DECISIONS = frozenset({"write_allowed", "write_denied", "unattributed"})
 
 
@@ -346,7 +347,7 @@ def assert_exactly_once_audit(inputs: set[tuple[str, int, int]], audit: list[tup
     assert not duplicated, (f"{len(duplicated)} inputs were decided more than once (DUPLICATED), e.g. "
                             f"{[(k, counts[k]) for k in duplicated[:10]]}")
     writes = Counter((d["source_topic"], d["source_partition"], d["source_offset"]) for _, d in audit
-                     if d["decision"] in WRITE_DECISIONS)
+                     if write_decision_of(d) is not None)
     twice = sorted(k for k, n in writes.items() if n > 1 and k in inputs)
     assert not twice, f"{len(twice)} writes got more than one policy decision, e.g. {twice[:10]}"
 

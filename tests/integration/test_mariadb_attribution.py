@@ -14,7 +14,6 @@ the worker.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,7 +21,7 @@ import orjson
 import pymysql
 import pytest
 
-from guard.records.codec import decode
+from guard.records.codec import decode, write_decision_of
 from guard.stack.config import StackConfig
 from guard.stack.mariadb import MariaDB
 from guard.workload.branch import BRANCH_STAFF, MariaConnection, attribute, next_customer_ids, run_workload
@@ -36,7 +35,6 @@ RAW = f"{PREFIX}.branch_0202.customers"
 MESSAGES = f"{PREFIX}.message"
 TELLER, OTHER_TELLER, MANAGER = "Staff:t0202-01", "Staff:t0202-02", "Staff:m0202-01"
 OUTSIDER = "Staff:t0101-01"  # a teller of branch 0101
-WRITE_DECISIONS = ("write_allowed", "write_denied", "unattributed")
 
 
 class Branch:
@@ -123,10 +121,12 @@ def _decisions(run: dict[str, Any], cid: int, op: str) -> list[dict[str, Any]]:
         got = {}
         for rec in read_all(run["bootstrap"], run["audit"]):
             audit = decode(rec.value)
-            if audit["source_topic"] == RAW and audit["decision"] in WRITE_DECISIONS:
-                got[(audit["source_partition"], audit["source_offset"])] = audit
+            if audit["source_topic"] == RAW and (write := write_decision_of(audit)) is not None:
+                # audit format 2: the change's own record carries its write decision
+                got[(audit["source_partition"], audit["source_offset"])] = {**audit, "decision": write[0],
+                                                                            "detail": write[1]}
         if all(w in got for w in wanted):
-            return [{**got[w], "detail": json.loads(got[w]["reason"])} for w in sorted(wanted)]
+            return [got[w] for w in sorted(wanted)]
         return None
     try:
         found: list[dict[str, Any]] = wait_until(find, timeout=180, what=f"the decisions on {op} of {cid}")
@@ -233,9 +233,9 @@ def test_the_demo_workload_names_branch_0202_staff_and_every_write_is_allowed(ru
     wanted = wait_until(lambda: len(p := positions()) >= 8 and p, timeout=120, what="the workload's raw changes")
 
     def decided() -> dict[tuple[str, int, int], str] | None:
-        got = {(a["source_topic"], a["source_partition"], a["source_offset"]): a["decision"]
+        got = {(a["source_topic"], a["source_partition"], a["source_offset"]): write[0]
                for a in (decode(r.value) for r in read_all(run["bootstrap"], run["audit"]))
-               if a["decision"] in WRITE_DECISIONS}
+               if (write := write_decision_of(a)) is not None}
         return {w: got[w] for w in wanted} if all(w in got for w in wanted) else None
     found: dict[tuple[str, int, int], str] = wait_until(decided, timeout=180, what="the workload's decisions")
     assert set(found.values()) == {"write_allowed"}, found

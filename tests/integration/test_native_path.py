@@ -28,7 +28,7 @@ from guard.pipeline.runtime import build_catalog, build_keys
 from guard.pipeline.sanitizer import Sanitizer
 from guard.protect.fastpath import native_available
 from guard.protect.reveal import open_image
-from guard.records.codec import decode
+from guard.records.codec import decode, write_decision_of
 from guard.telemetry import Telemetry
 from guard.workload import synth
 from tests.integration.kafka_helpers import read_all
@@ -581,9 +581,9 @@ def test_offsets_sent_early_count_only_if_they_are_the_commits_own(stack, pair):
 
 
 def test_write_decisions_are_the_same_on_both_paths(stack, pair):
-    """With the access policy on, every write handled by a native run still gets its decision (audited once,
-    in the same transaction), and writes not allowed take the Python path: both sanitizers produce the same
-    records (decisions, anomalies, `bg-policy` headers), whatever path each event took."""
+    """With the access policy on, every write handled by a native run still gets its decision (in its own
+    audit record, in the same transaction), and writes not allowed take the Python path: both sanitizers
+    produce the same records (decisions, anomalies, `bg-policy` headers), whatever path each event took."""
     from guard.pipeline.policy import WriteChecker
     from guard.policy.engine import PolicyEngine, default_directory
     from guard.policy.sources import staff_entities
@@ -627,15 +627,81 @@ def test_write_decisions_are_the_same_on_both_paths(stack, pair):
         def key(record):
             return repr(record)
         assert sorted(got[0].records, key=key) == sorted(expected[0].records, key=key)
-        decisions = [decode(v) for t, v, *_ in expected[0].records if t == "guard.audit"]
-        decisions = [d for d in decisions if d["decision"] in ("write_allowed", "write_denied", "unattributed")]
-        assert len(decisions) == 36 and {d["source_offset"] for d in decisions} == {m.offset() for m in msgs}
-        by_decision = {}
-        for d in decisions:
-            by_decision[d["decision"]] = by_decision.get(d["decision"], 0) + 1
+        # One audit record per change (audit format 2): the change's own, carrying its write decision.
+        audits = [decode(v) for t, v, *_ in expected[0].records if t == "guard.audit"]
+        assert len(audits) == 36 and {a["source_offset"] for a in audits} == {m.offset() for m in msgs}
+        assert all(a["v"] == 2 and a["decision"] == "protected" and a["subject"] for a in audits)
+        decisions = [write_decision_of(a) for a in audits]
+        by_decision: dict[str, int] = {}
+        for found in decisions:
+            assert found is not None
+            by_decision[found[0]] = by_decision.get(found[0], 0) + 1
         assert by_decision == {"write_allowed": 18, "write_denied": 6, "unattributed": 12}
         flagged = [h for t, _, _, _, _, h in expected[0].records if t.startswith("sanitized.") and h]
         assert len(flagged) == 18 and all(dict(h)["bg-policy"] for h in flagged)
     finally:
         for san in pair:
             san.checker = None
+
+
+@pytest.mark.parametrize(("key", "value"), [(b"k", b"v"), (None, b"v"), (b"k", None), (None, None), (b"", b""),
+                                            (b"br0101.public.customers:3", bytes(range(256)) * 40)])
+def test_the_compiled_leaf_hash_is_the_documented_leaf(key: bytes | None, value: bytes | None) -> None:
+    """Native runs hash their audit records where they build them (RustCrypto's SHA-256): byte for byte the
+    RFC 6962 leaf hash of docs/audit.md's leaf, as `Chain.stamp` computes it."""
+    import guard_native
+
+    from guard.audit import merkle
+    from guard.audit.chain import Chain, leaf_bytes
+
+    chain = Chain("audit/br0101.public.customers:3/x")
+    chain.stamp(b"first", b"record")
+    prefix = chain.head + chain.size.to_bytes(8, "big") + chain.prev
+    digest = guard_native.leaf_hash(prefix, key, value)
+    assert digest == merkle.leaf_hash(leaf_bytes(prefix, key, value))
+    assert chain.stamp(key, value) == prefix and chain.prev == digest
+
+
+def test_transactions_stay_on_native_runs_with_the_python_paths_facts(stack, pair):
+    """Issue 15's amount bands: creates of `transactions` are sanitized by native runs, which hand their
+    amounts back for the band; the facts (and every other record) are the Python path's, per topic in the
+    same order (a run produces its facts after its changes, in the same transaction)."""
+    python, native = pair
+    topic = f"{PREFIX}.public.transactions"
+    amounts: list[object] = ["12.50", "50000", "49999.99", "-750000.00", 500000, 1e6, None, "abc", "1E+6", [1], "0"]
+    msgs = []
+    for n, amount in enumerate(amounts * 2):
+        row = {"txn_id": 9_300 + n, **base_row("public.transactions", 9_300 + n), "amount": amount}
+        op = "c" if n < len(amounts) else "u"
+        source = {"version": "3.6.1.Final", "connector": "postgresql", "name": PREFIX, "db": "branch_0101",
+                  "schema": "public", "table": "transactions", "lsn": 77_000 + n, "xmin": None,
+                  **({"ts_ms": 1_800_000_000_000 + n} if n % 5 else {})}
+        event = {"before": dict(row) if op == "u" else None, "after": row, "source": source, "op": op,
+                 "ts_ms": 1_800_000_000_500, "transaction": None}
+        msgs.append(Message(topic=topic, partition=n % 2, offset=300 + n,
+                            key=json.dumps({"txn_id": row.get("txn_id")}).encode(), value=orjson.dumps(event),
+                            timestamp=(1, 1_700_000_000_000 + n)))
+    run_both(pair, "public.transactions", msgs[0].key(), msgs[0].value(), prefetch=False, trace_id=None)
+    by_runs: list[int] = []
+    real_run = native.run_native
+
+    def run_native(records, start, **kwargs):
+        run = real_run(records, start, **kwargs)
+        by_runs.extend(offset for _, _, _, offset, _ in records[start:run.end])
+        return run
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(native, "run_native", run_native)
+        got = process_batch(stack, native, msgs)
+    expected = process_batch(stack, python, msgs)
+    assert set(by_runs) == {m.offset() for m in msgs}, "every transaction event was taken by a native run"
+
+    def per_topic(producer) -> dict[str, list[tuple]]:
+        out: dict[str, list[tuple]] = {}
+        for record in producer.records:
+            out.setdefault(record[0], []).append(record)
+        return out
+    assert per_topic(got[0]) == per_topic(expected[0])
+    assert got[1:] == expected[1:]
+    facts = [orjson.loads(r[1]) for r in expected[0].records if r[0] == python.settings.facts_topic]
+    assert sorted(f["attrs"]["amount_band"] for f in facts) == ["large", "very_large", "very_large", "very_large",
+                                                                "very_large"]

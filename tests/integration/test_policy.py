@@ -24,7 +24,7 @@ import pytest
 
 from guard.policy.engine import default_directory
 from guard.policy.model import cedar_datetime
-from guard.records.codec import decode
+from guard.records.codec import decode, write_decision_of
 from guard.workload.branch import next_customer_ids
 from tests.integration.kafka_helpers import GuardProcess, kafka_conf, read_all
 from tests.integration.reliability_helpers import unique, wait_until
@@ -131,6 +131,15 @@ def _raw_offset(bootstrap: str, cid: int, op: str) -> tuple[int, int]:
     return found
 
 
+def _as_decision(audit: dict[str, Any]) -> dict[str, Any] | None:
+    """An audit record as its write decision (None: it carries none): `decision` is the write decision's
+    name, `detail` its JSON, `change` the change's own decision (audit format 2: one record per change)."""
+    found = write_decision_of(audit)
+    if found is None:
+        return None
+    return {**audit, "change": audit["decision"], "decision": found[0], "detail": found[1]}
+
+
 def _decision(run: dict[str, Any], cid: int, op: str) -> dict[str, Any]:
     """The write decision audited for the change `op` of customer `cid` (its reason parsed)."""
     bootstrap = run["stack"]["GUARD_KAFKA_BOOTSTRAP"]
@@ -140,9 +149,9 @@ def _decision(run: dict[str, Any], cid: int, op: str) -> dict[str, Any]:
         for rec in read_all(bootstrap, run["audit"]):
             audit = decode(rec.value)
             if (audit["source_topic"] == RAW and audit["source_partition"] == partition
-                    and audit["source_offset"] == offset
-                    and audit["decision"] in ("write_allowed", "write_denied", "unattributed")):
-                return {**audit, "detail": json.loads(audit["reason"])}
+                    and audit["source_offset"] == offset and (found := _as_decision(audit)) is not None):
+                assert audit["v"] == 2 and audit["subject"], "the change's own record carries its decision"
+                return found
         return None
     try:
         found: dict[str, Any] = wait_until(find, timeout=180, what=f"the decision on {op} of {cid}")
@@ -213,10 +222,10 @@ def _all_decisions(run: dict[str, Any], cid: int, op: str) -> list[dict[str, Any
 
     def find() -> list[dict[str, Any]] | None:
         audits = [decode(r.value) for r in read_all(bootstrap, run["audit"])]
-        got = {(a["source_partition"], a["source_offset"]): a for a in audits if a["source_topic"] == RAW
-               and a["decision"] in ("write_allowed", "write_denied", "unattributed")}
+        got = {(a["source_partition"], a["source_offset"]): d for a in audits if a["source_topic"] == RAW
+               and (d := _as_decision(a)) is not None}
         if all(w in got for w in wanted):
-            return [{**got[w], "detail": json.loads(got[w]["reason"])} for w in sorted(wanted)]
+            return [got[w] for w in sorted(wanted)]
         return None
     out: list[dict[str, Any]] = wait_until(find, timeout=180, what="update decisions")
     return out
@@ -346,19 +355,23 @@ def test_a_delete_read_before_its_message_waits_for_it_bounded(stack: dict[str, 
         assert producer.flush(30) == 0
 
         def decisions() -> dict[int, dict[str, Any]] | None:
-            got = {a["source_offset"]: a for r in read_all(bootstrap, audit) if (a := decode(r.value))["source_topic"]
-                   == raw and a["decision"] in ("write_allowed", "write_denied", "unattributed")}
+            got = {a["source_offset"]: d for r in read_all(bootstrap, audit) if (a := decode(r.value))["source_topic"]
+                   == raw and (d := _as_decision(a)) is not None}
             return got if len(got) == 5 else None
         got: dict[int, dict[str, Any]] = wait_until(decisions, timeout=120, what="five decisions")
-        details = {o: json.loads(a["reason"]) for o, a in got.items()}
+        details = {o: a["detail"] for o, a in got.items()}
         assert got[1]["decision"] == "write_allowed" and details[1]["principal"] == "Staff:m0101-01"
         assert details[1]["action"] == "delete"
         assert got[3]["decision"] == "unattributed" and "within 8 s" in details[3]["reason"]
         assert [got[o]["decision"] for o in (0, 2, 4)] == ["write_allowed"] * 3
         # every decision once (exactly once, although the held records were fetched several times)
         counted = [a["source_offset"] for r in read_all(bootstrap, audit) if (a := decode(r.value))["source_topic"]
-                   == raw and a["decision"] in ("write_allowed", "write_denied", "unattributed")]
+                   == raw and _as_decision(a) is not None]
         assert sorted(counted) == [0, 1, 2, 3, 4]
+        # one audit record per change: no second record at a source offset
+        changes = [a["source_offset"] for r in read_all(bootstrap, audit) if (a := decode(r.value))["source_topic"]
+                   == raw and a["op"] in ("c", "u", "d")]
+        assert sorted(changes) == [0, 1, 2, 3, 4]
     finally:
         worker.stop()
     assert '"attribution_waits":' in worker.log() and '"attribution_waits":0' not in worker.log()

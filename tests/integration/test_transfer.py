@@ -38,7 +38,7 @@ from guard.keys.store import RedisKeyStore
 from guard.pipeline.runtime import build_keys
 from guard.policy.engine import default_directory
 from guard.policy.sources import staff_entities
-from guard.records.codec import decode
+from guard.records.codec import decode, write_decision_of
 from guard.reveal.client import Ref, RevealClient
 from guard.reveal.tokens import TokenStore, load_token_key
 from guard.workload.branch import run_workload
@@ -274,7 +274,8 @@ roles = ["manager"]
     # the former staff's two writes are decided (write_denied) by the worker before the transfer closes
     def denied_writes(recs: list[Rec]) -> int:
         docs = [decode(r.value) for r in recs if r.value and not dict(r.headers or []).get("bg-checkpoint")]
-        return sum(1 for d in docs if d.get("decision") == "write_denied" and f"Staff:{OLD}" in (d.get("reason") or ""))
+        return sum(1 for d in docs if (w := write_decision_of(d)) is not None and w[0] == "write_denied"
+                   and w[1].get("principal") == f"Staff:{OLD}")
 
     wait_for(bootstrap, AUDIT, lambda rs: denied_writes(rs) >= 2, timeout=180)
 

@@ -16,7 +16,7 @@ from guard.anomaly.facts import (
     from_sanitized,
     principal_name,
 )
-from guard.records.codec import AvroCodec
+from guard.records.codec import AvroCodec, write_decision_of, write_reason
 
 ROLES = {"audit": "guard.audit", "dlq": "guard.dlq", "anomalies": "guard.anomalies", "deletions": "guard.deletions",
          "facts": "guard.facts"}
@@ -44,6 +44,26 @@ def test_policy_write_decisions_become_principal_facts() -> None:
                      "guard.audit:0:2")
     assert (w.kind, w.action, w.principal) == ("write", "delete", "Staff:t0101-09")
     assert not from_audit({**AUDIT, "decision": "unattributed", "reason": "{}"}, "guard.audit:0:3")
+
+
+def test_a_changes_own_record_carries_its_write_decision() -> None:
+    """Audit format 2: one record per change, its write decision in `reason`; it yields the change's facts
+    and the decision's (a delete counted once, the principal's write by its own id)."""
+    detail = {"decision": "allow", "principal": "Staff:m0101-01", "action": "delete", "policies": ["p1"],
+              "reason": "", "errors": []}
+    rec = {**AUDIT, "v": 2, "op": "d", "subject": "s-7", "reason": write_reason(detail)}
+    assert write_decision_of(rec) == ("write_allowed", detail)
+    delete, write = from_audit(rec, "guard.audit:0:9")
+    assert (delete.kind, delete.id, delete.subject, delete.principal) == ("delete", "guard.audit:0:9", "s-7", None)
+    assert (write.kind, write.id, write.action, write.principal, write.policies) == (
+        "write", "guard.audit:0:9:policy", "delete", "Staff:m0101-01", ["p1"])
+    denied = {**detail, "decision": "deny", "action": "write", "policies": []}
+    [fact] = from_audit({**rec, "op": "u", "reason": write_reason(denied)}, "guard.audit:0:10")
+    assert (fact.kind, fact.decision, fact.subject) == ("denied", "deny", "s-7")
+    unattributed = {**detail, "decision": "unattributed", "principal": None}
+    assert not from_audit({**rec, "op": "u", "reason": write_reason(unattributed)}, "guard.audit:0:11")
+    # a format-1 reader's view: a v1 record's JSON reason is never read as a decision it carries
+    assert write_decision_of({**rec, "v": 1}) is None
 
 
 def test_sanitizer_audit_records() -> None:

@@ -213,6 +213,22 @@ def test_the_hot_path_stamp_hashes_the_documented_leaf(key: bytes | None, value:
     assert chain.prev == merkle.leaf_hash(leaf_bytes(prefix, key, value))
 
 
+def test_leaves_hashed_elsewhere_fold_into_the_same_chain() -> None:
+    """A native run hashes its audit records itself (`Chain.head`, size and `prev` in, leaf hashes out) and
+    the chain folds them: the same tree, link and tail as stamping the records here."""
+    stamped, folded = Chain("audit/t:1/x"), Chain("audit/t:1/x")
+    records = [(b"t:1", b"a" * n) for n in range(7)]
+    leaves = b""
+    for key, value in records:
+        prefix = stamped.stamp(key, value)
+        assert prefix[:len(folded.head)] == folded.head
+        leaves += stamped.prev
+    folded.extend(leaves[:32 * 3])
+    folded.extend(leaves[32 * 3:])
+    folded.extend(b"")
+    assert folded.tail() == stamped.tail() and folded.prev == stamped.prev and folded.root() == stamped.root()
+
+
 def test_keygen_makes_a_private_key_once(tmp_path: Path) -> None:
     from click.testing import CliRunner
 

@@ -31,6 +31,19 @@ def test_a_write_decision_reads_as_who_did_what_and_which_policies() -> None:
     assert "reason=no policy permits it (default deny)" in human
 
 
+def test_a_changes_own_record_reads_as_its_write_decision() -> None:
+    """Audit format 2: the change's own record carries its write decision; it reads (and filters) as it."""
+    from guard.records.codec import write_reason
+
+    detail = orjson.loads(WRITE["reason"])
+    change = {**WRITE, "v": 2, "decision": "protected", "subject": "s-1", "reason": write_reason(detail)}
+    line = audit_line("guard.audit[1]@6", change)
+    assert (line["principal"], line["action"], line["decision"], line["change"]) == (
+        "Staff:k0101-08", "delete", "write_denied", "protected")
+    assert line_matches(line, ("write_*",), (), None, None) and line["subject"] == "s-1"
+    assert "write_denied principal=Staff:k0101-08 policies=none" in human_line(line)
+
+
 def test_filters_match_decisions_by_prefix_and_principals_in_every_spelling() -> None:
     write, reveal = audit_line("a", WRITE), audit_line("b", REVEAL)
     assert line_matches(write, ("write_*",), (), None, None) and not line_matches(reveal, ("write_*",), (), None, None)

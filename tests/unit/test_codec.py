@@ -90,6 +90,10 @@ def test_audit_template_matches_the_full_writer(record):
     template = AuditTemplate(worker=record["worker"], branch=record["branch"], source_topic=record["source_topic"],
                              source_partition=record["source_partition"], table=record["table"], op=record["op"],
                              decision=record["decision"], reason=record["reason"], classes=record["classes"],
-                             actions=record["actions"], unclassified=record["unclassified"])
+                             actions=record["actions"], unclassified=record["unclassified"], version=record["v"])
     encoded = template.encode(record["ts_ms"], record["source_offset"], record["subject"], record["trace_id"])
     assert encoded == encode_audit_record(record)
+    # a change's write decision replaces the template's reason (audit format 2), and nothing else
+    carried = template.encode(record["ts_ms"], record["source_offset"], record["subject"], record["trace_id"],
+                              '{"write":"write_allowed"}')
+    assert carried == encode_audit_record({**record, "reason": '{"write":"write_allowed"}'})

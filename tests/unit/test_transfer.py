@@ -244,6 +244,7 @@ def test_entities_at_start_and_at_cutover_decide_as_docs_transfer_says(tmp_path:
 # --- the report ---------------------------------------------------------------------------------------------
 def test_the_report_is_deterministic_and_names_former_staff_attempts() -> None:
     from guard.records.builders import RecordBuilder
+    from guard.records.codec import write_reason
 
     settings = Settings()
     state = sm.new_state(PLAN, 1_000, "x")
@@ -264,7 +265,12 @@ def test_the_report_is_deterministic_and_names_former_staff_attempts() -> None:
     audit = builder.audit("br0101.public.customers", 0, 5, "public.customers", "u", "s1", "write_denied",
                           orjson.dumps({"principal": "Staff:old-m", "action": "write",
                                         "policies": ["nobody-outside-owner-after-cutoff"]}).decode(), {}, {})
-    records = {settings.audit_topic: [(cutoff + 50, "guard.audit[0]@7", None, audit.value)],
+    # audit format 2: the change's own record carries its write decision
+    change = builder.audit("br0101.public.customers", 0, 6, "public.customers", "u", "s1", "protected",
+                           write_reason({"decision": "deny", "principal": "Staff:old-m", "action": "write",
+                                         "policies": ["nobody-outside-owner-after-cutoff"]}), {}, {})
+    records = {settings.audit_topic: [(cutoff + 50, "guard.audit[0]@7", None, audit.value),
+                                      (cutoff + 55, "guard.audit[0]@8", None, change.value)],
                settings.deletions_topic: [(cutoff + 20, "guard.deletions[0]@1", None, b'{"id": "c-1"}')],
                settings.anomalies_topic: [(cutoff + 60, "guard.anomalies[0]@3", None,
                                            b'{"rule": "write_denied", "branch": "0101", "at_ms": 1}')]}
@@ -272,7 +278,8 @@ def test_the_report_is_deterministic_and_names_former_staff_attempts() -> None:
     assert report["counts"]["destroyed"] == 1 and report["counts"]["confirmations_on_topic"] == 1
     assert report["counts"]["held_storage_only"] == 1 and report["counts"]["moved"] == 1
     attempts = report["access_after_cutoff"]["attempts"]
-    assert [(a["principal"], a["decision"]) for a in attempts] == [("Staff:old-m", "write_denied")]
+    assert [(a["principal"], a["decision"], a["subject"]) for a in attempts] == [
+        ("Staff:old-m", "write_denied", "s1"), ("Staff:old-m", "write_denied", "s1")]
     assert [a["rule"] for a in report["anomalies"]] == ["write_denied"]
     again = build(settings, state, reader=lambda topic, since: records[topic])
     assert to_json(report) == to_json(again) and to_html(report) == to_html(again)
