@@ -159,14 +159,16 @@ class AuditChains:
         return {s: encode_metadata(self.partitions[s].values()) for s in sources}
 
     # ---- checkpoints -------------------------------------------------------------------------------
-    def checkpoints(self, *, idle: bool = False) -> list[OutRecord]:
+    def checkpoints(self, *, idle: bool = False, final: bool = False) -> list[OutRecord]:
         """Checkpoint records due in the open transaction: chains it touched (all loaded chains if `idle`)
-        that grew by N records or whose last checkpoint is T seconds old; side chains at every commit."""
+        that grew by N records or whose last checkpoint is T seconds old; side chains at every commit.
+        `final` (a worker stopping cleanly): every loaded chain that grew since its last checkpoint, so no
+        record this worker wrote stays unanchored until another worker owns its partition."""
         now = self._clock()
         candidates: list[tuple[Chain, bool]] = []
-        if idle:
-            candidates += [(c, False) for chains in self.partitions.values() for c in chains.values()]
-            candidates += [(c, False) for c in self.side.values()]
+        if idle or final:
+            candidates += [(c, final) for chains in self.partitions.values() for c in chains.values()]
+            candidates += [(c, final) for c in self.side.values()]
         else:
             side = {id(c) for c in self.side.values()}
             candidates += [(c, id(c) in side) for c in self._touched.values()]

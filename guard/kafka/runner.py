@@ -241,6 +241,10 @@ class SanitizerWorker:
                     self._commit()
                 except (KafkaException, KeyUnavailableError, ProducerStuckError) as exc:
                     log.warning("final commit failed (%s); the next owner reprocesses the open batch", exc)
+            if not self._in_txn:
+                # A clean stop anchors its last records: without it they would wait, unverifiable by a
+                # checkpoint, until another worker owns their partitions (docs/audit.md).
+                self._idle_checkpoints(final=True)
             if self._watcher is not None:
                 self._watcher.stop()
             self._close_consumer(self.consumer)
@@ -459,13 +463,15 @@ class SanitizerWorker:
             log.warning("%d audit checkpoints not copied to the second store (%s); they are on %s",
                         len(notes), exc, self.settings.audit_topic)
 
-    def _idle_checkpoints(self) -> None:
+    def _idle_checkpoints(self, *, final: bool = False) -> None:
         """Between transactions: checkpoints of the chains whose last one is `audit_checkpoint_s` old, in a
-        transaction of their own, so a quiet chain is still checkpointed every T seconds."""
+        transaction of their own, so a quiet chain is still checkpointed every T seconds. `final`: at a clean
+        stop, every chain that grew since its last checkpoint (`AuditChains.checkpoints`)."""
         self._idle_checked = time.monotonic()
         try:
-            self.chains.load([(tp.topic, tp.partition) for tp in self.consumer.assignment()])
-            records = self.chains.checkpoints(idle=True)
+            if not final:
+                self.chains.load([(tp.topic, tp.partition) for tp in self.consumer.assignment()])
+            records = self.chains.checkpoints(idle=True, final=final)
             if not records:
                 return
             self.producer.begin_transaction()

@@ -127,7 +127,8 @@ class RecordBuilder:
             "policies": decision.get("policies", []), "reason": decision.get("reason"),
             "what": "a change was written in the branch database " + (
                 "by a principal the access policy does not allow to" if rule == "write_denied" else
-                "without naming its principal (no guard.principal in its transaction)"),
+                "without a principal the guard can attribute it to (`reason` says why: none named, a name of "
+                "the wrong form, several in one transaction, or a delete's attribution that never arrived)"),
             "suggested_action": "check who made the change and why; the sanitized record carries the decision "
                                 "in its bg-policy header (docs/policy.md)"})
 

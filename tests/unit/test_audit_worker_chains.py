@@ -100,6 +100,23 @@ def test_checkpoints_every_n_records_or_t_seconds_and_only_once_committed() -> N
     assert [size for _, size, _ in chains.committed()] == [4]
 
 
+def test_a_clean_stop_checkpoints_every_chain_that_grew_and_no_other() -> None:
+    chains, clock, _ = make()
+    for i in range(3):
+        chains.headers(SETTINGS.audit_topic, b"k", b"v%d" % i, ("raw", 0))
+        chains.headers(SETTINGS.audit_topic, b"k", b"w%d" % i, ("raw", 1))
+    chains.checkpoints()
+    chains.committed()  # both chains checkpointed at 3
+    chains.headers(SETTINGS.audit_topic, b"k", b"v3", ("raw", 0))  # partition 0 grows by one ...
+    chains.checkpoints()
+    chains.committed()  # ... below N and T: not checkpointed in its transaction
+    assert chains.checkpoints(idle=True) == []
+    final = chains.checkpoints(final=True)
+    assert len(final) == 1, "the chain that grew, and only it"
+    assert [size for _, size, _ in chains.committed()] == [4]
+    assert chains.checkpoints(final=True) == []
+
+
 def test_reset_after_an_unknown_outcome_starts_a_new_side_chain() -> None:
     chains, _, fetched = make()
     side = seq_of(chains.headers(SETTINGS.audit_topic, b"k", b"v", None))[0]
