@@ -529,8 +529,15 @@ class SanitizerWorker:
         except KafkaException as exc:
             error = exc.args[0]
             if isinstance(error, KafkaError) and error.txn_requires_abort():
-                log.warning("transaction must be aborted (%s); the batch will be processed again", error)
-                self._abort()
+                # Not `abort_transaction()` and the same producer: after a coordinator moved or restarted,
+                # librdkafka may have missed the answer to an AddPartitionsToTxn the broker did apply; it then
+                # aborts locally, without EndTxn, and the broker's transaction, records included, stays open
+                # and is committed by this producer's next transaction (same epoch). Seen once in the
+                # broker-outage test: an input decided twice. A new producer (init_transactions: a new epoch)
+                # makes the coordinator abort whatever that transaction holds.
+                log.warning("transaction must be aborted (%s); replacing the producer so the broker's side of it "
+                            "is aborted too, and processing the batch again", error)
+                self._recover()
                 return
             log.error("commit failed (%s); replacing the producer and rewinding to the committed offsets", error)
             self._recover()
