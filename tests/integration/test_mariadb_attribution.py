@@ -27,6 +27,7 @@ from guard.stack.mariadb import MariaDB
 from guard.workload.branch import BRANCH_STAFF, MariaConnection, attribute, next_customer_ids, run_workload
 from tests.integration.kafka_helpers import GuardProcess, read_all
 from tests.integration.reliability_helpers import unique, wait_until
+from tests.integration.test_policy import _doc
 
 pytestmark = pytest.mark.integration
 
@@ -89,14 +90,6 @@ def run(stack: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iter
     finally:
         worker.stop()
         branch.db.close()
-
-
-def _doc(value: bytes | None) -> dict[str, Any]:
-    try:
-        doc = orjson.loads(value) if value else {}
-    except orjson.JSONDecodeError:
-        return {}
-    return doc if isinstance(doc, dict) else {}
 
 
 def _raw(run: dict[str, Any], cid: int, op: str) -> list[tuple[int, int, dict[str, Any]]]:

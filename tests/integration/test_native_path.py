@@ -611,16 +611,7 @@ def test_write_decisions_are_the_same_on_both_paths(stack, pair):
                                 value=orjson.dumps(event), timestamp=(1, 1_700_000_000_000 + n)))
         run_both(pair, "public.customers", b'{"customer_id": 42}', orjson.dumps(_customer_event()), prefetch=False,
                  trace_id=None)  # the plan is registered with the native path
-        by_runs: list[int] = []
-        real_run = native.run_native
-
-        def run_native(records, start, **kwargs):
-            run = real_run(records, start, **kwargs)
-            by_runs.extend(offset for _, _, _, offset, _ in records[start:run.end])
-            return run
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(native, "run_native", run_native)
-            got = process_batch(stack, native, msgs)
+        got, by_runs = process_batch_natively(stack, native, msgs)
         expected = process_batch(stack, python, msgs)
         assert len(by_runs) >= 12, "allowed writes were sanitized natively"
 
@@ -642,6 +633,21 @@ def test_write_decisions_are_the_same_on_both_paths(stack, pair):
     finally:
         for san in pair:
             san.checker = None
+
+
+def process_batch_natively(stack, native, msgs):
+    """`process_batch` on the native sanitizer, with the source offsets its native runs took (the rest went
+    the Python path)."""
+    by_runs: list[int] = []
+    real_run = native.run_native
+
+    def run_native(records, start, **kwargs):
+        run = real_run(records, start, **kwargs)
+        by_runs.extend(offset for _, _, _, offset, _ in records[start:run.end])
+        return run
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(native, "run_native", run_native)
+        return process_batch(stack, native, msgs), by_runs
 
 
 @pytest.mark.parametrize(("key", "value"), [(b"k", b"v"), (None, b"v"), (b"k", None), (None, None), (b"", b""),
@@ -682,16 +688,7 @@ def test_transactions_stay_on_native_runs_with_the_python_paths_facts(stack, pai
                             key=json.dumps({"txn_id": row.get("txn_id")}).encode(), value=orjson.dumps(event),
                             timestamp=(1, 1_700_000_000_000 + n)))
     run_both(pair, "public.transactions", msgs[0].key(), msgs[0].value(), prefetch=False, trace_id=None)
-    by_runs: list[int] = []
-    real_run = native.run_native
-
-    def run_native(records, start, **kwargs):
-        run = real_run(records, start, **kwargs)
-        by_runs.extend(offset for _, _, _, offset, _ in records[start:run.end])
-        return run
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(native, "run_native", run_native)
-        got = process_batch(stack, native, msgs)
+    got, by_runs = process_batch_natively(stack, native, msgs)
     expected = process_batch(stack, python, msgs)
     assert set(by_runs) == {m.offset() for m in msgs}, "every transaction event was taken by a native run"
 
