@@ -38,6 +38,14 @@ def test_a_short_pin_inside_a_log_position_or_hex_digest_is_not_a_leak():
     assert scanner.find(b"@a272723f00") is None
 
 
+def test_a_short_pin_equal_to_a_binlog_position_is_not_a_leak():
+    scanner = LeakScanner.of({"443806"})
+    source = b'"source":{"file":"mysql-bin.000003","pos":443806,"row":0,"thread":443806,"query":null}'
+    assert scanner.find(source) is None
+    assert scanner.find(b'{"after":{"query_pin":443806}}') is not None
+    assert scanner.find(b'{"memo":"pin 443806"}') is not None
+
+
 def test_a_short_pin_as_a_value_is_a_leak():
     scanner = LeakScanner.of({"272723"})
     assert scanner.find(b'{"query_pin":"272723"}') is not None
