@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from guard.cli.main import _settings, main
@@ -55,19 +57,57 @@ def token() -> None:
 @token.command("create")
 @click.option("--principal", required=True, help="Who the token is for: Staff::<id> or Service::<id> of the policy.")
 @click.option("--ttl-days", type=int, default=None, help="Expire after this many days (default: never).")
+@click.option("--policy", "policy_dir", type=click.Path(file_okay=False), default=None,
+              help="Policy directory the principal must be an entity of (default: policy_dir, `policy/`).")
+@click.option("--staff", type=click.Choice(["db", "file"]), help="Staff entities from the branch database or "
+              "entities.json only (default: the policy_staff setting).")
+@click.option("--allow-unknown-principal", is_flag=True,
+              help="Create the token although the policy doesn't know the principal yet (every call it makes "
+                   "is denied until it does).")
 @click.pass_context
-def token_create(ctx: click.Context, principal: str, ttl_days: int | None) -> None:
-    """Create a token and print it once: only its keyed hash is stored."""
+def token_create(ctx: click.Context, principal: str, ttl_days: int | None, policy_dir: str | None,
+                 staff: str | None, allow_unknown_principal: bool) -> None:
+    """Create a token and print it once: only its keyed hash is stored.
+
+    The principal must be an entity of the running policy (entities.json or the branch's staff tables):
+    a token for a misspelt or departed principal would only ever be denied, and would look like a
+    policy fault when it is used.
+    """
     from guard.errors import GuardError
     from guard.reveal.server import token_store
+    from guard.reveal.tokens import PRINCIPAL_RE
 
+    settings = _settings(ctx)
     try:
-        tok, info = token_store(_settings(ctx), create_key=True).create(
+        if PRINCIPAL_RE.match(principal) and not _principal_known(settings, principal, policy_dir, staff):
+            message = (f"{principal} is not an entity of the policy (entities.json, or the branch database's "
+                       "staff tables with --staff db): check the spelling, or add the principal first")
+            if not allow_unknown_principal:
+                raise click.ClickException(message + "; --allow-unknown-principal creates the token anyway")
+            click.echo(f"warning: {message}; every call with this token is denied until it is added", err=True)
+        tok, info = token_store(settings, create_key=True).create(
             principal, ttl_s=None if ttl_days is None else ttl_days * 86_400)
     except GuardError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"token id {info.id} for {info.principal} (shown once; keep it secret):", err=True)
     click.echo(tok)
+
+
+def _principal_known(settings: Any, principal: str, policy_dir: str | None, staff: str | None) -> bool:
+    """Whether the policy's entities (as the reveal service would load them) define `principal`."""
+    from pathlib import Path
+
+    from guard.policy import PolicyEngine
+    from guard.policy.engine import default_directory, parse_uid
+    from guard.policy.sources import database_source
+
+    use_db = (staff or settings.policy_staff) == "db"
+    try:
+        engine = PolicyEngine(Path(policy_dir or settings.policy_dir or default_directory()),
+                              entity_source=database_source(settings.branch_dsn) if use_db else None)
+    except FileNotFoundError as exc:
+        raise click.ClickException(f"no policy to check the principal against ({exc}); use --policy") from None
+    return engine.knows(parse_uid(principal))
 
 
 @token.command("list")

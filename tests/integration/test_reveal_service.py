@@ -155,7 +155,8 @@ def served(stack: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
     env = {**os.environ, **stack, **_reveal_kafka_env(), "GUARD_REVEAL_TOKEN_KEY_FILE": str(token_key_file),
            "GUARD_REVEAL_RATE_LIMIT": str(RATE_LIMIT), "GUARD_POLICY_STAFF": "file"}
     # One token through the command line (printed once, only its keyed hash stored), the others in-process.
-    out = subprocess.run([*GUARD, "reveal", "token", "create", "--principal", principal("m0101")], cwd=REPO, env=env,
+    out = subprocess.run([*GUARD, "reveal", "token", "create", "--principal", principal("m0101"), "--policy",
+                          str(policy)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120, check=True)
     tokens = {"m0101": out.stdout.strip()}
     store = TokenStore(_store(stack), load_token_key(token_key_file))
