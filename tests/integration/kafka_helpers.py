@@ -205,6 +205,10 @@ class GuardProcess:
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
+                # Said, because a killed worker may leave a transaction open, and read_committed readers of
+                # its output wait for the transaction timeout: a later test's wait would fail for this.
+                print(f"worker {self.worker_id} did not stop within 30 s of SIGTERM: killed; its log ends:\n"
+                      + self.log()[-2000:])
                 self.kill()
 
     def alive(self) -> bool:

@@ -242,7 +242,34 @@ def test_a_calls_audit_records_are_a_checkpointed_chain(served: Served) -> None:
                 notes.append(decode(msg.value())["reason"])
     finally:
         consumer.close()
-    assert notes == [kept[f"{leaf.chain} 1"]], "the topic's checkpoint differs from the second store's"
+    assert notes == [kept[f"{leaf.chain} 1"]], (
+        "the topic's checkpoint differs from the second store's" if notes else
+        f"the call's checkpoint not read in 60 s ({_uncommitted_view(served, leaf.chain)})")
+
+
+def _uncommitted_view(served: Served, chain: str) -> str:
+    """Whether a read_uncommitted reader sees the chain's checkpoint, and each audit partition's last stable
+    offset against its end: tells a record never written from one held back by another producer's open
+    transaction (a failure message, so a rare failure explains itself)."""
+    consumer = Consumer({**kafka_conf(served.env["GUARD_KAFKA_BOOTSTRAP"]), "group.id": "unused",
+                         "enable.auto.commit": False, "isolation.level": "read_uncommitted"})
+    seen, deadline = False, time.monotonic() + 20
+    try:
+        consumer.assign(served.audit_start)
+        while time.monotonic() < deadline and not seen:
+            msg = consumer.poll(0.5)
+            seen = msg is not None and not msg.error() and msg.key() == chain.encode()
+        ends = [high_watermark(consumer, "guard.audit", tp.partition) for tp in served.audit_start]
+    finally:
+        consumer.close()
+    committed = Consumer({**kafka_conf(served.env["GUARD_KAFKA_BOOTSTRAP"]), "group.id": "unused",
+                          "enable.auto.commit": False, "isolation.level": "read_committed"})
+    try:  # a read_committed consumer's latest offset is the last stable offset
+        marks = [f"p{tp.partition}: from {tp.offset}, stable {high_watermark(committed, 'guard.audit', tp.partition)}"
+                 f", end {end}" for tp, end in zip(served.audit_start, ends, strict=True)]
+    finally:
+        committed.close()
+    return f"read_uncommitted sees it: {seen}; {', '.join(marks)}"
 
 
 def test_allowed_reveal_returns_exactly_the_asked_fields_matching_the_source(served: Served) -> None:
