@@ -19,7 +19,9 @@
 //!   `tests/integration/test_native_path.py` check.
 //!
 //! Modules: `avro` (encoding primitives), `json` (reading values), `envelope` (the Debezium envelope),
-//! `image` (table plans and image writing); this file holds `FastPath`, the Python-facing class.
+//! `image` (table plans and image writing), `scan` (what the Python side needs of every record of a batch,
+//! read in one call: the policy pre-scan, the batch's subjects); this file holds `FastPath`, the
+//! Python-facing class.
 
 mod avro;
 mod envelope;
