@@ -1046,6 +1046,7 @@ fn guard_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py_leaf_hash, m)?)?;
     m.add_function(wrap_pyfunction!(scan::py_scan_write, m)?)?;
     m.add_function(wrap_pyfunction!(scan::scan_writes, m)?)?;
+    m.add_function(wrap_pyfunction!(scan::take_messages, m)?)?;
     m.add("ABI", 1)?;
     Ok(())
 }

@@ -570,6 +570,24 @@ def test_a_batch_through_native_runs_produces_what_the_python_path_produces(stac
     assert sorted(by_runs + by_process) == [m.offset() for m in msgs], "each record handled exactly once"
 
 
+def test_messages_with_errors_in_a_batch_are_skipped_alike_on_both_paths(stack, pair):
+    """The native first pass over a fetched batch (`take_messages`) stops at each message with an error, the
+    runner skips it (a partition's end) or logs it, and the pass goes on after it: the same records,
+    offsets and rewind points as the Python loop."""
+    python, native = pair
+    msgs = mixed_batch(6)[0][:14]
+    eof = KafkaError(KafkaError._PARTITION_EOF)
+    other = KafkaError(KafkaError._TRANSPORT)
+    for at, error in ((0, eof), (5, other), (9, eof), (len(msgs), eof)):
+        msgs.insert(at, Message(topic=f"{PREFIX}.public.customers", partition=at % 2, offset=-1, error=error))
+    got = process_batch(stack, native, msgs)
+    expected = process_batch(stack, python, msgs)
+    assert got[0].records == expected[0].records and got[1:] == expected[1:]
+    assert got[1] == {(m.topic(), m.partition()): max(x.offset() for x in msgs if x.error() is None
+                                                       and x.partition() == m.partition())
+                      for m in msgs if m.error() is None}
+
+
 def test_an_output_over_the_size_limit_goes_to_the_dlq_on_both_paths(stack, pair):
     python, native = pair
     msgs = mixed_batch(9)[0][:10]
