@@ -175,7 +175,12 @@ pub fn scan_writes<'py>(
                         topics.len() - 1
                     }
                 };
-                let key = (op, at, principal.map(<[u8]>::to_vec), when.map(|n| n / 1000));
+                let key = (
+                    op,
+                    at,
+                    principal.map(<[u8]>::to_vec),
+                    when.map(|n| n / 1000),
+                );
                 let text = match decided.get(&key) {
                     Some(text) => text.clone(),
                     None => {
@@ -294,7 +299,9 @@ pub fn batch_subjects<'py>(
                 if !distinct.strs.insert(s.clone().into_owned()) {
                     continue;
                 }
-                plan.subject_strs.get(s.as_ref()).map(|t| t.bind(py).clone())
+                plan.subject_strs
+                    .get(s.as_ref())
+                    .map(|t| t.bind(py).clone())
             }
             // An integer beyond a long is an id too (never memoised, as in `Plan::subject_token`).
             Val::Py(o) if o.is_exact_instance_of::<PyInt>() => None,
@@ -363,7 +370,10 @@ pub fn take_messages<'py>(
         }
         ends.set_item(&tp, &offset)?;
         let value = msg.call_method0(intern!(py, "value"))?;
-        good.append(PyTuple::new(py, [&msg, &topic, &partition, &offset, &value])?)?;
+        good.append(PyTuple::new(
+            py,
+            [&msg, &topic, &partition, &offset, &value],
+        )?)?;
         i += 1;
     }
     Ok(i)
