@@ -123,6 +123,9 @@ pub fn py_scan_write<'py>(py: Python<'py>, value: &[u8]) -> PyResult<Option<Boun
     })
 }
 
+/// A distinct write of a run: (op, its topic's index in the run, principal, second of ts_ms).
+type WriteKey = (u8, usize, Option<Vec<u8>>, Option<i64>);
+
 /// The policy pre-scan of `records[start:stop]` (the runner's `(message, topic, partition, offset,
 /// value)` tuples) in one call: `(end, reasons)`, where `records[start:end]` may take the native run and
 /// `reasons[k]` is the write decision's text for the audit record of `records[start + k]` (None: a
@@ -144,9 +147,8 @@ pub fn scan_writes<'py>(
     let py = records.py();
     let stop = stop.min(records.len());
     let reasons = PyList::empty(py);
-    // (op, topic's index in `topics`, principal, second) → the decision's text (None: not allowed).
-    let mut decided: HashMap<(u8, usize, Option<Vec<u8>>, Option<i64>), Option<Bound<'py, PyAny>>> =
-        HashMap::default();
+    // Each distinct write → the decision's text (None: not allowed).
+    let mut decided: HashMap<WriteKey, Option<Bound<'py, PyAny>>> = HashMap::default();
     let mut topics: Vec<Bound<'py, PyString>> = Vec::new();
     let mut end = start;
     while end < stop {
