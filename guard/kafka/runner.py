@@ -79,6 +79,7 @@ from guard.kafka_security import client_config
 from guard.keys.manager import TxnMark
 from guard.pipeline.policy import AttributionPending
 from guard.pipeline.sanitizer import Outcome, Sanitizer, pending_records
+from guard.protect.fastpath import take_messages
 from guard.records.builders import OutRecord
 from guard.telemetry import Telemetry
 
@@ -295,7 +296,16 @@ class SanitizerWorker:
         # must seek back every partition the batch touched, including the ones not reached yet.
         good: list[tuple[Message, str, int, int, bytes | None]] = []
         ends = dict(last)  # where the transaction's offsets will stand once this batch is done
-        for msg in msgs:
+        # With the native path, its `take_messages` does this loop up to each message with an error.
+        native_take = take_messages if sanitizer.runs_native and isinstance(msgs, list) else None
+        i, n = 0, len(msgs)
+        while i < n:
+            if native_take is not None:
+                i = native_take(msgs, i, good, first, ends)
+                if i == n:
+                    break
+            msg = msgs[i]
+            i += 1
             err = msg.error()
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:

@@ -417,27 +417,37 @@ class KeyManager:
                    and (branch, s) not in self._erased]
         if not missing:
             return
+        names = [f"dek/{branch}/{s}" for s in missing]  # each key's name in its wrapping, built once
+        fresh = [random_key() for _ in missing]
         kek = self._kek(branch)
         seen = self._invalidations
-        offered = [(s, kek.wrap(random_key(), f"dek/{branch}/{s}")) for s in missing]
+        offered = [(s, kek.wrap(k, n)) for s, k, n in zip(missing, fresh, names, strict=True)]
         try:
             found = self.store.get_or_create_deks(branch, offered)
         except StaleBranchKeyError:  # a transfer retired the cached branch key: read it again, wrap again
             self.drop_branch_keys(branch)
+            fresh = [random_key() for _ in missing]
             kek = self._kek(branch)
             seen = self._invalidations
-            offered = [(s, kek.wrap(random_key(), f"dek/{branch}/{s}")) for s in missing]
+            offered = [(s, kek.wrap(k, n)) for s, k, n in zip(missing, fresh, names, strict=True)]
             found = self.store.get_or_create_deks(branch, offered)
         self.keys_fetched += len(missing)
         loaded: list[tuple[str, Aead]] = []
         erased: list[str] = []
-        for (subject, mine), result in zip(offered, found, strict=True):
+        keks: dict[int, KeyWrapper] = {}  # branch keys by version, looked up once per prefetch
+        for (subject, mine), key, name, result in zip(offered, fresh, names, found, strict=True):
             if result is None:
                 erased.append(subject)
                 continue
             version, wrapped = result
-            self.keys_created += wrapped == mine
-            key = self._unwrap_dek(branch, wrapped, f"dek/{branch}/{subject}")
+            if wrapped != mine:  # another worker's key (or an older one): unwrap it
+                kek_version = sealed_header(wrapped)[1]
+                wrapper = keks.get(kek_version)
+                if wrapper is None:
+                    wrapper = keks[kek_version] = self._kek(branch, kek_version)
+                key = wrapper.unwrap(wrapped, name)
+            else:  # the store kept the key this call minted: its plaintext is `key`, no need to unwrap it
+                self.keys_created += 1
             loaded.append((subject, Aead(key, version=version)))
         self._remember_many(branch, loaded, now, seen)
         self._remember_erased(branch, erased)

@@ -116,6 +116,59 @@ def message_principal(event: ChangeEvent) -> str | None:
     return principal if isinstance(principal, str) else ""
 
 
+def scan_write(value: bytes) -> tuple[str, bytes | None, int | None] | None:
+    """(op, the principal's raw bytes, source ts_ms) of a raw Debezium JSON value, read without decoding
+    it; None when it can't be read this way. `r` (a snapshot read) comes back as ("r", None, None).
+
+    Reads the last `"op":"`, the `updated_by` of the `after` image (the last `"updated_by":` after the first
+    `"after":{`: a string without escapes, or null) and the first `"ts_ms":` of the source; in Debezium's
+    compact JSON a key can't occur inside a string value (its quotes would be escaped). Anything else (a
+    delete, another op, an escaped or non-string principal) is None. This is the reference of the native
+    path's `guard_native.scan_write` (`native/src/scan.rs`), which the tests hold to the same answers.
+    """
+    i = value.rfind(b'"op":"')
+    if i < 0:
+        return None
+    op = value[i + 6:i + 7]
+    if op == b"r":
+        return "r", None, None
+    if op != b"c" and op != b"u":
+        return None
+    after = value.find(b'"after":{')
+    j = value.rfind(b'"updated_by":')
+    principal: bytes | None = None
+    if after >= 0 and j > after:
+        k = j + 13
+        if value.startswith(b'"', k):
+            end = value.find(b'"', k + 1)
+            if end < 0:
+                return None
+            raw = value[k + 1:end]
+            if b"\\" in raw:
+                return None
+            principal = raw or None
+        elif not value.startswith(b"null", k):
+            return None
+    source = value.find(b'"source":{')
+    t = value.find(b'"ts_ms":', source) if source >= 0 else -1
+    when = None
+    if t > 0:
+        digits = value[t + 8:t + 24]
+        n = 0
+        for ch in digits:
+            if 48 <= ch <= 57:
+                n = n * 10 + ch - 48
+            else:
+                break
+        when = n or None
+    return op.decode(), principal, when
+
+
+def principal_text(raw: bytes | None) -> str | None:
+    """The principal `scan_write` read, as the decision takes it (undecodable bytes replaced; "": None)."""
+    return (raw.decode("utf-8", "replace") or None) if raw is not None else None
+
+
 class WriteChecker:
     """Decides each CDC write with the policy engine; shared by the Python and the native path."""
 
@@ -190,48 +243,18 @@ class WriteChecker:
         return made
 
     def scan(self, value: bytes, schema_table: str) -> tuple[str, WriteDecision] | None:
-        """(op, decision) of a raw Debezium JSON value read without decoding it, for the native path's
-        batch pre-pass; None when it can't be read this way (the record then takes the Python path, which
-        decodes it and decides). Reads the last `"op":"`, the `updated_by` of the `after` image and the
-        source's `ts_ms`; in Debezium's compact JSON a key can't occur inside a string value (its quotes
-        would be escaped). Deletes always return None: they are joined with their message.
+        """(op, decision) of a raw Debezium JSON value read without decoding it (`scan_write`); None when
+        it can't be read this way (the record then takes the Python path, which decodes it and decides).
+        Deletes always return None: they are joined with their message. The native path reads a whole run
+        at once (`guard_native.scan_writes`, the same reading) and calls `decide` once per distinct write.
         """
-        i = value.rfind(b'"op":"')
-        if i < 0:
+        found = scan_write(value)
+        if found is None:
             return None
-        op = value[i + 6:i + 7]
-        if op == b"r":
+        op, principal, when = found
+        if op == "r":
             return "r", NOT_A_WRITE
-        if op != b"c" and op != b"u":
-            return None
-        after = value.find(b'"after":{')
-        j = value.rfind(b'"updated_by":')
-        principal: str | None = None
-        if after >= 0 and j > after:
-            k = j + 13
-            if value.startswith(b'"', k):
-                end = value.find(b'"', k + 1)
-                if end < 0:
-                    return None
-                raw = value[k + 1:end]
-                if b"\\" in raw:
-                    return None
-                principal = raw.decode("utf-8", "replace") or None
-            elif not value.startswith(b"null", k):
-                return None
-        source = value.find(b'"source":{')
-        t = value.find(b'"ts_ms":', source) if source >= 0 else -1
-        when = None
-        if t > 0:
-            digits = value[t + 8:t + 24]
-            n = 0
-            for ch in digits:
-                if 48 <= ch <= 57:
-                    n = n * 10 + ch - 48
-                else:
-                    break
-            when = n or None
-        return op.decode(), self.decide(op.decode(), principal, schema_table, when)
+        return op, self.decide(op, principal_text(principal), schema_table, when)
 
     def decide_event(self, event: ChangeEvent, where: tuple[str, int, int], *,
                      subject_root: bool = False) -> WriteDecision | None:

@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
+from itertools import islice
+from operator import itemgetter
 from typing import Any, ClassVar
 
 import orjson
@@ -45,10 +47,10 @@ from guard.errors import DecodeError, KeyShreddedError, KeyUnavailableError
 from guard.keys.manager import KeyManager
 from guard.keys.primitives import Aead
 from guard.pipeline.decode import Decoder
-from guard.pipeline.plan import Planner, is_subject_id
-from guard.pipeline.policy import NOT_A_WRITE, AttributionPending, WriteChecker, WriteDecision
+from guard.pipeline.plan import Planner
+from guard.pipeline.policy import AttributionPending, WriteChecker, WriteDecision, principal_text
 from guard.pipeline.protect import Protector
-from guard.protect.fastpath import new_fast_path, use_native
+from guard.protect.fastpath import new_fast_path, scan_writes, use_native
 from guard.protect.masking import mask
 from guard.records.builders import OutRecord, RecordBuilder
 from guard.records.codec import write_reason
@@ -58,6 +60,9 @@ log = logging.getLogger(__name__)
 #: The Kafka header of a sanitized record whose write the policy did not allow (JSON: decision, principal,
 #: action, policies, reason, errors). Records without it were allowed (docs/policy.md).
 POLICY_HEADER = "bg-policy"
+
+#: The raw topic of a runner's `(message, topic, partition, offset, value)` record.
+_TOPIC = itemgetter(1)
 
 #: A worker re-records a (subject, topic) pair's activity in the key store at most this often; expiries
 #: are padded by the same amount, so a retention sweep is never early, at most this much late.
@@ -235,29 +240,27 @@ class Sanitizer:
         # Records bound for a compacted sanitized topic take the Python path (their keys are recorded for
         # erasure tombstones): the native run stops before the first one. Records of tables with amount
         # bands stay on it: it hands back the banded values of creates (`_run_band_facts`).
-        stop = next((j for j in range(start, len(records))
-                     if self._is_compacted(self.planner.sanitized_topic(records[j][1]))), len(records))
+        # The batch's topics are checked once each; only a batch with a compacted one looks for its first
+        # record (not two method calls per record in every run).
+        stop = len(records)
+        topics = set(map(_TOPIC, islice(records, start, None)))
+        if any(self._is_compacted(self.planner.sanitized_topic(t)) for t in topics):
+            stop = next((j for j in range(start, len(records))
+                         if self._is_compacted(self.planner.sanitized_topic(records[j][1]))), len(records))
         checker = self.checker
-        decided: list[tuple[str, WriteDecision]] = []
+        reasons: list[bytes | None] | None = None
         if checker is not None and stop > start:
-            # The batch's write decisions first (cached: a dict lookup per event in steady traffic); the run
-            # stops before the first record that needs the Python path to decide it (a write not allowed,
-            # a delete, a message, anything the scan can't read).
-            prefix = self._prefix_len
-            for j in range(start, stop):
-                _, rtopic, _, _, rvalue = records[j]
-                found = None if rvalue is None or rtopic == checker.message_topic else \
-                    checker.scan(rvalue, rtopic[prefix:])
-                if found is None or (found[1] is not NOT_A_WRITE and not found[1].allowed):
-                    stop = j
-                    break
-                decided.append(found)
+            # The run's write decisions first, read natively in one call (`scan_writes`: the bytes as
+            # `policy.scan_write` reads them); `decide` runs once per distinct (op, table, principal,
+            # second), itself memoised. The run stops before the first record that needs the Python path
+            # to decide it (a write not allowed, a delete, a message, anything the scan can't read).
+            stop, reasons = scan_writes(records, start, stop, checker.message_topic, self._scan_decider(checker))
         if stop == start:
             return NativeRun(start, [], [], [])
         end, last, counts, stamps, banded = self._fast.run(
             records if stop == len(records) else records[:stop], start, produce=produce, poll=poll,
             partitions=partitions, hooks=self._native_hooks, now_ms=int(self._clock() * 1000),
-            max_record_bytes=max_record_bytes, reasons=self._write_reasons(decided) if decided else None,
+            max_record_bytes=max_record_bytes, reasons=reasons,
             chains=chains)
         facts = self._run_band_facts(banded, produce, poll) if banded else 0
         plans = self._fast_plans
@@ -288,21 +291,23 @@ class Sanitizer:
                 produced += 1
         return produced
 
-    @staticmethod
-    def _write_reasons(decided: list[tuple[str, WriteDecision]]) -> list[bytes | None]:
-        """Per record of a native run, its write decision as the `reason` of its own audit record (encoded
-        once per distinct decision: they are memoised, so a batch holds few); None: not a write."""
-        texts: dict[int, bytes] = {}
-        out: list[bytes | None] = []
-        for _, write in decided:
-            if write is NOT_A_WRITE:
-                out.append(None)
-                continue
-            text = texts.get(id(write))
-            if text is None:
-                text = texts[id(write)] = write_reason(write.as_dict()).encode()
-            out.append(text)
-        return out
+    def _scan_decider(self, checker: WriteChecker) -> Callable[[str, str, bytes | None, int | None], bytes | None]:
+        """`scan_writes`' `decide` for one run: a distinct write's decision (`WriteChecker.decide`) as the
+        `reason` text of its audit record, None when the write is not allowed (the run stops there and the
+        Python path decides the record again). Each distinct decision is encoded once per run."""
+        prefix = self._prefix_len
+        texts: dict[int, tuple[WriteDecision, bytes]] = {}
+
+        def decide(op: str, topic: str, principal: bytes | None, when: int | None) -> bytes | None:
+            write = checker.decide(op, principal_text(principal), topic[prefix:], when)
+            if not write.allowed:
+                return None
+            known = texts.get(id(write))  # the decision is kept with its text: its id stays its own
+            if known is None:
+                known = texts[id(write)] = (write, write_reason(write.as_dict()).encode())
+            return known[1]
+
+        return decide
 
     def prefetch(self, records: Sequence[tuple[str, int, int, bytes | None]]) -> None:
         """Make sure the data keys a batch needs are loaded with one key-store round trip, not one each.
@@ -324,27 +329,35 @@ class Sanitizer:
         self._decode_and_load(records)
 
     def _load_keys_from(self, topic: str, partition: int, offset: int, value: bytes | None) -> None:
-        """Native path: decode the batch from this record on and load its keys (once per batch)."""
+        """Native path: load the keys of the batch from this record on (once per batch).
+
+        One native call (`FastPath.batch_subjects`) reads the subject of every record from this one on and
+        returns the distinct subjects' tokens, and the records it can't read, which are decoded here as on
+        the Python path; then one key-store round trip loads them all (`KeyManager.prefetch`).
+        """
         batch, self._batch = self._batch, ()
-        for i, (t, p, o, _) in enumerate(batch):
-            if o == offset and p == partition and t == topic:
-                self._decode_and_load(batch[i:])
-                break
-        else:
-            self._decode_and_load([(topic, partition, offset, value)])
+        records = batch if isinstance(batch, list) else list(batch)
+        found = self._fast.batch_subjects(records, topic, partition, offset)
+        if found is None:  # not in the batch: this record alone
+            records = [(topic, partition, offset, value)]
+            found = self._fast.batch_subjects(records, topic, partition, offset)
+        tokens, rest = found
+        subjects = set(tokens)
+        if rest:
+            subjects |= self._decode_subjects([records[i] for i in rest])
+        self.keys.prefetch(self.branch, subjects)
         self.decoder.forget(topic, partition, offset)  # this record is being processed already
 
     def _decode_and_load(self, records: Iterable[tuple[str, int, int, bytes | None]]) -> None:
+        """Python path: decode the batch (kept for `process`) and load its subjects' keys at once."""
+        self.keys.prefetch(self.branch, self._decode_subjects(records))
+
+    def _decode_subjects(self, records: Iterable[tuple[str, int, int, bytes | None]]) -> set[str]:
+        """The people whose rows the records hold, decoding each record (kept for `process`). Rows without
+        a subject load their per-row key on use; records that don't decode are left for `process`."""
         subjects: set[str] = set()
-        fast = self._fast
         for topic, partition, offset, value in records:
             try:
-                if fast is not None and value is not None:
-                    hit = fast.subject_value(value)
-                    if hit is not None:
-                        if is_subject_id(hit[1]):  # rows without a subject load their per-row key on use
-                            subjects.add(self.planner.subject_for(hit[1], self._fast_plans[hit[0]].schema_table))
-                        continue
                 event = decode_value(value)
                 if event is None:
                     continue
@@ -357,7 +370,7 @@ class Sanitizer:
             except Exception:  # noqa: BLE001, S112 - `process` meets the same record and sends it to the DLQ
                 continue
             self.decoder.keep(topic, partition, offset, value, event)
-        self.keys.prefetch(self.branch, subjects)
+        return subjects
 
     def expire_value_caches(self, *, force: bool = False) -> None:
         """Drop the caches keyed by plaintext values at least every `key_cache_ttl` seconds.

@@ -10,6 +10,9 @@ whole runs of a fetched batch, producing each record's sanitized and audit outpu
 producer (`Sanitizer.run_native`). Keys never cross into it: sealing, masks, tokens and keyed hashes are
 calls back into the same Python objects the Python path uses, so both paths produce identical bytes
 (`tests/integration/test_native_path.py` checks this on generated events and through the real runner).
+Per batch, it also reads what the Python side needs of every record, so that Python works per distinct
+value rather than per record: the policy pre-scan of a run (`scan_writes`) and the data subjects whose keys
+a batch needs (`FastPath.batch_subjects`); and the runner's first pass over a fetched batch (`take_messages`).
 
 `hot_path` (setting `GUARD_HOT_PATH`): `auto` uses the native path when it is installed, `native` refuses
 to start without it, `python` never uses it.
@@ -17,6 +20,7 @@ to start without it, `python` never uses it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from guard.errors import ConfigError
@@ -45,6 +49,23 @@ def use_native(hot_path: str) -> bool:
                               "run `make venv` (needs cargo) or `pip install ./native`, or set GUARD_HOT_PATH=auto")
         return False
     return True
+
+
+def scan_writes(records: list[Any], start: int, stop: int, skip_topic: str,
+                decide: Callable[[str, str, bytes | None, int | None], bytes | None]) -> tuple[int, list[bytes | None]]:
+    """The policy pre-scan of a native run in one call (`guard_native.scan_writes`, `native/src/scan.rs`):
+    `(end, reasons)`, `decide` called once per distinct write (only when `use_native` said yes)."""
+    if _native is None:
+        raise ConfigError("the guard_native extension is not installed (check use_native first)")
+    return _native.scan_writes(records, start, stop, skip_topic, decide)
+
+
+def take_messages(msgs: list[Any], start: int, good: list[Any], first: dict[Any, int], ends: dict[Any, int]) -> int:
+    """The runner's first pass over a fetched batch from `msgs[start]` on, up to the first message with an
+    error (`guard_native.take_messages`; only when `use_native` said yes)."""
+    if _native is None:
+        raise ConfigError("the guard_native extension is not installed (check use_native first)")
+    return _native.take_messages(msgs, start, good, first, ends)
 
 
 def new_fast_path(**callbacks: Any) -> Any:

@@ -19,12 +19,15 @@
 //!   `tests/integration/test_native_path.py` check.
 //!
 //! Modules: `avro` (encoding primitives), `json` (reading values), `envelope` (the Debezium envelope),
-//! `image` (table plans and image writing); this file holds `FastPath`, the Python-facing class.
+//! `image` (table plans and image writing), `scan` (what the Python side needs of every record of a batch,
+//! read in one call: the policy pre-scan, the batch's subjects); this file holds `FastPath`, the
+//! Python-facing class.
 
 mod avro;
 mod envelope;
 mod image;
 mod json;
+mod scan;
 
 use foldhash::HashMap;
 
@@ -490,6 +493,22 @@ impl FastPath {
             plans.iter_mut().for_each(Plan::clear_memo);
         }
         self.topics.values_mut().for_each(|t| t.keys.clear());
+    }
+
+    /// The data subjects of `batch[i:]`, where `batch[i]` is the record at (`topic`, `partition`,
+    /// `offset`) of the runner's `(topic, partition, offset, value)` tuples: `(tokens, rest)`, the distinct
+    /// subjects' tokens of the records whose plan is registered (each id's token from the plan's memo, else
+    /// `subject_of`) and the indexes of the records it can't read (the Python path decodes those); None
+    /// when no record is at that position. One call per batch instead of a `subject_value` per record
+    /// (`Sanitizer._load_keys_from`; `scan.rs`).
+    fn batch_subjects<'py>(
+        slf: &Bound<'py, Self>,
+        batch: &Bound<'py, PyList>,
+        topic: &str,
+        partition: i64,
+        offset: i64,
+    ) -> PyResult<Option<(Bound<'py, PyList>, Bound<'py, PyList>)>> {
+        scan::batch_subjects(slf, batch, topic, partition, offset)
     }
 
     #[getter]
@@ -1025,6 +1044,9 @@ impl FastPath {
 fn guard_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<FastPath>()?;
     m.add_function(wrap_pyfunction!(py_leaf_hash, m)?)?;
+    m.add_function(wrap_pyfunction!(scan::py_scan_write, m)?)?;
+    m.add_function(wrap_pyfunction!(scan::scan_writes, m)?)?;
+    m.add_function(wrap_pyfunction!(scan::take_messages, m)?)?;
     m.add("ABI", 1)?;
     Ok(())
 }

@@ -174,6 +174,62 @@ def test_ordinary_events_take_the_native_path_with_identical_output(pair, genera
         assert served == 0, f"the native path served a {expected.decision} event"
 
 
+def per_record_subjects(native, records) -> set[str]:
+    """The subjects a batch's keys were loaded for before `FastPath.batch_subjects`: `subject_value` per
+    record, the Python decoding of the records it couldn't read."""
+    subjects = set()
+    for record in records:
+        value = record[3]
+        try:
+            hit = native._fast.subject_value(value) if value is not None else None
+            if hit is not None:
+                if is_subject_id(hit[1]):
+                    subjects.add(native.planner.subject_for(hit[1], native._fast_plans[hit[0]].schema_table))
+                continue
+        except Exception:  # noqa: BLE001, S112 - as the sanitizer did: `process` meets it again
+            continue
+        subjects |= native._decode_subjects([record])
+    native.decoder.clear()
+    return subjects
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(ordinary_events(), min_size=1, max_size=10), st.integers(0, 12), st.booleans())
+def test_a_batchs_keys_load_in_one_call_for_the_subjects_read_record_by_record(pair, events, start, repeat):
+    """`_load_keys_from` reads the batch's subjects natively in one call (`FastPath.batch_subjects`): the
+    same subjects as reading each record (`subject_value`, else decoding it), from the record that missed
+    its key on, with tombstones, undecodable values and envelopes it doesn't read among them."""
+    python, native = pair
+    for table in ("public.customers", "public.accounts", "public.transactions", "public.customer_auth"):
+        row = base_row(table, 5)
+        source = {"connector": "postgresql", "db": "branch_0101", "schema": "public", "table": table.split(".")[1],
+                  "ts_ms": 5, "lsn": 99}
+        run_both(pair, table, b'{"customer_id": 5}', orjson.dumps({"before": None, "after": row, "source": source,
+                                                                   "op": "c", "ts_ms": 6}),
+                 prefetch=False, trace_id=None)  # the plans are registered with the native path
+    batch = [(f"{PREFIX}.{table}", n % 2, 10 + n, orjson.dumps(event)) for n, (table, _, event) in enumerate(events)]
+    if repeat:
+        batch += [(t, p, o + 100, v) for t, p, o, v in batch[:3]]  # the same subjects again: loaded once
+    batch[len(batch) // 2:len(batch) // 2] = [(f"{PREFIX}.public.customers", 0, 1, None),
+                                               (f"{PREFIX}.public.customers", 0, 2, b"{not json"),
+                                               (f"{PREFIX}.public.customers", 0, 3,
+                                                orjson.dumps(ODD_ENVELOPES["schema wrapper"]))]
+    start = min(start, len(batch) - 1)
+    topic, partition, offset, value = batch[start]
+    want = per_record_subjects(native, batch[start:])
+    loaded = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(native.keys, "prefetch", lambda branch, subjects: loaded.append(subjects))
+        native._batch = batch
+        native._load_keys_from(topic, partition, offset, value)
+        assert native._batch == (), "a batch's keys load once"
+        native._batch = batch
+        native._load_keys_from(topic, partition, 999, value)  # not in the batch: that record alone
+    native.decoder.clear()
+    assert loaded[0] == want
+    assert loaded[1] == per_record_subjects(native, [(topic, partition, 999, value)])
+
+
 def test_the_mariadb_branchs_events_take_the_native_path_with_identical_output(stack, pair):
     """Real events of the MariaDB branch (source `db`/`file`/`pos`/`gtid`, no `schema`/`lsn`; base64 binary,
     DATETIME as epoch microseconds, TIMESTAMP as ISO strings, decimals as strings): same bytes on both paths,
@@ -512,6 +568,24 @@ def test_a_batch_through_native_runs_produces_what_the_python_path_produces(stac
     assert len(loads) == 1, "the batch's new keys are loaded in one round trip"
     assert plain <= set(by_runs), "every plain ordinary record was taken by a native run"
     assert sorted(by_runs + by_process) == [m.offset() for m in msgs], "each record handled exactly once"
+
+
+def test_messages_with_errors_in_a_batch_are_skipped_alike_on_both_paths(stack, pair):
+    """The native first pass over a fetched batch (`take_messages`) stops at each message with an error, the
+    runner skips it (a partition's end) or logs it, and the pass goes on after it: the same records,
+    offsets and rewind points as the Python loop."""
+    python, native = pair
+    msgs = mixed_batch(6)[0][:14]
+    eof = KafkaError(KafkaError._PARTITION_EOF)
+    other = KafkaError(KafkaError._TRANSPORT)
+    for at, error in ((0, eof), (5, other), (9, eof), (len(msgs), eof)):
+        msgs.insert(at, Message(topic=f"{PREFIX}.public.customers", partition=at % 2, offset=-1, error=error))
+    got = process_batch(stack, native, msgs)
+    expected = process_batch(stack, python, msgs)
+    assert got[0].records == expected[0].records and got[1:] == expected[1:]
+    assert got[1] == {(m.topic(), m.partition()): max(x.offset() for x in msgs if x.error() is None
+                                                       and x.partition() == m.partition())
+                      for m in msgs if m.error() is None}
 
 
 def test_an_output_over_the_size_limit_goes_to_the_dlq_on_both_paths(stack, pair):
