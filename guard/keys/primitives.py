@@ -15,6 +15,12 @@ rebuilds it from where the ciphertext sits (topic, table, row key, image, field 
 ciphertext copied anywhere else fails to authenticate.
 
 Wrapped-key layout (`KeyWrapper.wrap`) is the same shape with the wrapping key's version in the header.
+
+The compiled hot path seals in Rust: each `Aead` of a data key also holds `sealing_key`, the key's native
+twin (`guard_native.SealingKey`: OpenSSL's AES-256-GCM, the primitive `cryptography` calls, and OpenSSL's
+CSPRNG for nonces), which writes exactly this layout and never gives its key back (no method returns it,
+its repr hides it, pickling is refused). Without the extension `sealing_key` is None and only the Python
+path runs.
 """
 
 from __future__ import annotations
@@ -29,6 +35,11 @@ from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from guard.errors import IntegrityError
+
+try:  # pragma: no cover - depends on whether the compiled hot path was built (native/, scripts/build-native.sh)
+    from guard_native import SealingKey as _SealingKey
+except ImportError:  # pragma: no cover
+    _SealingKey = None
 
 FORMAT_V1 = 1
 _HEADER = struct.Struct(">BI")
@@ -47,9 +58,13 @@ class Aead:
 
     Random nonces are safe for up to 2^32 messages per key (NIST SP 800-38D); a data key per data subject
     keeps every key far below that.
+
+    `sealing_key`: the same key inside the compiled extension (`guard_native.SealingKey`), which the
+    native run seals with, no Python call per image; None without the extension. Both write the layout
+    above, and each opens what the other sealed.
     """
 
-    __slots__ = ("_aead", "_header", "version")
+    __slots__ = ("_aead", "_header", "sealing_key", "version")
 
     def __init__(self, key: bytes, version: int) -> None:
         if len(key) != KEY_BYTES:
@@ -57,6 +72,7 @@ class Aead:
         self._aead = AESGCM(key)
         self._header = _HEADER.pack(FORMAT_V1, version)  # sealed once per event: packed once per key
         self.version = version
+        self.sealing_key = _SealingKey(key, version) if _SealingKey is not None else None
 
     def __repr__(self) -> str:
         return f"Aead(version={self.version}, key=<hidden>)"

@@ -43,7 +43,6 @@ from guard.classify.plans import TablePlan
 from guard.config import Settings
 from guard.errors import DecodeError, KeyShreddedError, KeyUnavailableError
 from guard.keys.manager import KeyManager
-from guard.keys.primitives import Aead
 from guard.pipeline.decode import Decoder
 from guard.pipeline.plan import Planner, is_subject_id
 from guard.pipeline.policy import NOT_A_WRITE, AttributionPending, WriteChecker, WriteDecision
@@ -704,12 +703,13 @@ class Sanitizer:
             compacted = self._compacted[out_topic] = "compact" in configs.get("cleanup.policy", "")
         return compacted
 
-    def _cached_aead(self, subject: str) -> Aead:
-        """The native path's key lookup: the cached key, or `_KeyNotLoaded` (never a round trip per event)."""
+    def _cached_aead(self, subject: str) -> Any:
+        """The native path's key lookup: the cached key's `guard_native.SealingKey` (the run seals with it in
+        Rust, the key never handed over as bytes), or `_KeyNotLoaded` (never a round trip per event)."""
         aead = self.keys.cached_subject_aead(self.branch, subject)
         if aead is None:
             raise _KeyNotLoaded
-        return aead
+        return aead.sealing_key
 
     def _fast_audit_parts(self, topic: str, partition: int, plan_id: int, op: str,
                           images: int) -> tuple[bytes, bytes, bytes, bytes, bytes, bytes]:

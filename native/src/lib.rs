@@ -5,10 +5,10 @@
 //! cryptography together. This module does that bookkeeping for the common event (a create, read, update
 //! or delete of a row whose table plan is known) and nothing else:
 //!
-//! * it never touches key material: data keys stay inside Python's `cryptography` objects, and sealing is
-//!   a call back into `Aead.seal`; display masks, blind-index tokens and C3 keyed hashes are calls back
-//!   into the Python functions (masks and tokens of string values are memoised per column, as in
-//!   `guard.records.encoders.ImageWriter`);
+//! * it seals images itself (`seal`: AES-256-GCM through OpenSSL under a `SealingKey`, the data key's
+//!   native twin that the key manager's `Aead` holds; the key never leaves it); display masks,
+//!   blind-index tokens and C3 keyed hashes are calls back into the Python functions (masks and tokens of
+//!   string values are memoised per column, as in `guard.records.encoders.ImageWriter`);
 //! * it reads the record's JSON itself (`json`, `envelope`), building no Python object per field;
 //! * it declines whenever an event is anything but well formed and ordinary: a schema wrapper, an unknown
 //!   or special op, an unregistered column layout, a plan with unclassified columns, a delete of a
@@ -19,12 +19,14 @@
 //!   `tests/integration/test_native_path.py` check.
 //!
 //! Modules: `avro` (encoding primitives), `json` (reading values), `envelope` (the Debezium envelope),
-//! `image` (table plans and image writing); this file holds `FastPath`, the Python-facing class.
+//! `image` (table plans and image writing), `seal` (`SealingKey`); this file holds `FastPath`, the
+//! Python-facing class.
 
 mod avro;
 mod envelope;
 mod image;
 mod json;
+mod seal;
 
 use foldhash::HashMap;
 
@@ -40,6 +42,7 @@ use crate::avro::{name_array, put_long, put_str, str_enc};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use crate::image::{find_plan, sealed_plaintext, write_image, Callbacks, Column, Plan};
+use crate::seal::SealingKey;
 
 /// Version byte of sealed images' associated data (`guard.protect.aad.AAD_VERSION`).
 const AAD_VERSION: u8 = 2;
@@ -829,10 +832,11 @@ impl FastPath {
             .map_err(PyErr::from)?
             .to_str()?
             .to_owned();
-        // Raises KeyShreddedError / KeyUnavailableError: the Python path then decides what they mean.
-        let aead = self.aead_for.bind(py).call1((&subject_obj,))?;
-        let version: u32 = aead.getattr(intern!(py, "version"))?.extract()?;
-        let seal = aead.getattr(intern!(py, "seal"))?;
+        // The subject's `SealingKey` (`Aead.sealing_key`); raises KeyShreddedError / KeyUnavailableError /
+        // the key-not-loaded signal: the Python path then decides what they mean.
+        let key = self.aead_for.bind(py).call1((&subject_obj,))?;
+        let key = key.downcast::<SealingKey>().map_err(PyErr::from)?.get();
+        let version: u32 = key.version;
         let cb = Callbacks {
             dumps: self.dumps.bind(py).clone(),
             mask: self.mask.bind(py).clone(),
@@ -896,13 +900,13 @@ impl FastPath {
                 put_part(&mut aad, env.position.as_bytes());
                 aad.extend_from_slice(&plan.sealed_fields_part);
                 put_part(&mut aad, &version.to_be_bytes());
-                Some(
-                    seal.call1((PyBytes::new(py, &plaintext), PyBytes::new(py, &aad)))?
-                        .downcast_into::<PyBytes>()
-                        .map_err(PyErr::from)?,
-                )
+                Some(key.seal(&plaintext, &aad).map_err(|e| {
+                    pyo3::exceptions::PyRuntimeError::new_err(format!(
+                        "AES-256-GCM sealing failed: {e}"
+                    ))
+                })?)
             };
-            let ciphertext = sealed.as_ref().map_or(&[][..], |b| b.as_bytes());
+            let ciphertext = sealed.as_deref().unwrap_or(&[]);
             images[slot] = Some(write_image(plan, values, ciphertext, &cb, self.memo_limit)?);
         }
         // The SanitizedChange record (`avro_fast.encode_change`).
@@ -1024,6 +1028,7 @@ impl FastPath {
 #[pymodule]
 fn guard_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<FastPath>()?;
+    m.add_class::<SealingKey>()?;
     m.add_function(wrap_pyfunction!(py_leaf_hash, m)?)?;
     m.add("ABI", 1)?;
     Ok(())

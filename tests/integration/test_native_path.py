@@ -1,7 +1,10 @@
 """The compiled hot path (`guard_native`) against the Python path: identical bytes, or a clean decline.
 
-Two sanitizers share one key manager (real Redis) and a fixed clock; AES-GCM nonces are made
-deterministic for the test, so a sealed image is the same bytes whichever path sealed it. Every generated
+Two sanitizers share one key manager (real Redis) and a fixed clock. The Python path's AES-GCM nonces are
+made deterministic for the test; the compiled path seals in Rust with OpenSSL's random nonces (no way to
+choose one exists there), so each sealed image is opened (associated data rebuilt from the record, as a
+reader does) and re-sealed under the fixed nonce before comparing (`canonical_sealing`): a sealed image is
+then the same bytes whichever path sealed it, and a native one that doesn't open fails. Every generated
 event goes through both sanitizers twice (the first time registers the table plan with the native path,
 the second takes it when the event is ordinary); each pair of outcomes must be identical, and ordinary
 events must actually have taken the native path.
@@ -26,8 +29,9 @@ from guard.keys import primitives
 from guard.pipeline.plan import is_subject_id
 from guard.pipeline.runtime import build_catalog, build_keys
 from guard.pipeline.sanitizer import Sanitizer
+from guard.protect.aad import image_aad
 from guard.protect.fastpath import native_available
-from guard.protect.reveal import open_image
+from guard.protect.reveal import image_subject, open_image
 from guard.records.codec import decode, write_decision_of
 from guard.telemetry import Telemetry
 from guard.workload import synth
@@ -73,7 +77,12 @@ def pair(stack):
     for san in (python, native):
         san.act_on_deletes = False  # an erasure would destroy keys the other sanitizer still uses
     native._fast = CountingFastPath(native._fast)
+    _PAIR_KEYS[:] = [keys]
     return python, native
+
+
+#: The pair's key manager, for `canonical_sealing`.
+_PAIR_KEYS: list = []
 
 
 @pytest.fixture(autouse=True)
@@ -83,11 +92,39 @@ def fixed_nonces(monkeypatch):
     monkeypatch.setattr(primitives.os, "urandom", lambda n: bytes(12) if n == 12 else real(n))
 
 
+def canonical_sealing(topic: str, key: bytes | None, value):
+    """A sanitized record's value with each sealed image opened and re-sealed by the Python `Aead` under the
+    fixed nonce (see the module documentation); other values unchanged.
+
+    Opening uses the key version named in the ciphertext and the associated data rebuilt from the record
+    (`guard.protect.reveal`'s rule), so a native image sealed under another key, version or associated
+    data raises `IntegrityError` here. Only the nonce, ciphertext and tag are replaced (same length)."""
+    if not isinstance(value, bytes) or not topic.startswith("sanitized."):
+        return value
+    keys = _PAIR_KEYS[0]
+    record = decode(value)
+    for image in ("before", "after"):
+        img = record.get(image)
+        ct = img["sealed"]["ct"] if img and img.get("sealed") else None
+        if not ct:
+            continue
+        subject = image_subject(record, image)
+        _, version = primitives.sealed_header(ct)
+        aead = keys.subject_aead_for(record["branch"], subject, ct)
+        aad = image_aad(topic, record["table"], key or b"", image, subject, str(record["op"]),
+                        str(record["position"]), list(img["sealed"]["fields"]), version)
+        resealed = aead.seal(aead.open(ct, aad), aad)
+        assert len(resealed) == len(ct) and value.count(ct) == 1
+        value = value.replace(ct, resealed)
+    return value
+
+
 def comparable(outcome):
-    """The outcome as comparable data: exact bytes for sanitized/audit/DLQ, anomalies without their uuid."""
+    """The outcome as comparable data: exact bytes for sanitized/audit/DLQ (sealed images canonical), anomalies
+    without their uuid."""
     records = []
     for rec in outcome.records:
-        value = rec.value
+        value = canonical_sealing(rec.topic, rec.key, rec.value)
         if rec.topic == "guard.anomalies" and value is not None:
             value = {k: v for k, v in orjson.loads(value).items() if k != "id"}
         records.append((rec.topic, rec.key, value, rec.partition, rec.headers))
@@ -395,7 +432,7 @@ def test_a_native_panic_falls_back_to_the_python_path(pair, monkeypatch):
 # --- the runner's native runs (`Sanitizer.run_native` inside `SanitizerWorker._process_batch`) ---------------
 class RecordingProducer:
     """Stands in for the transactional producer: records every `produce` as (topic, value, key, partition,
-    timestamp, headers), raises BufferError on every `full_every`-th call (once, then accepts the retry),
+    timestamp, headers), sealed images made canonical (`canonical_sealing`), raises BufferError on every `full_every`-th call (once, then accepts the retry),
     and raises librdkafka's MSG_SIZE_TOO_LARGE for a sanitized record over `max_bytes`, as the real client
     does (with the limit set so low, only sanitized records are meant to meet it)."""
 
@@ -415,6 +452,7 @@ class RecordingProducer:
             raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
         if topic == "guard.anomalies" and value is not None:
             value = {k: v for k, v in orjson.loads(value).items() if k != "id"}
+        value = canonical_sealing(topic, key, value)
         self.records.append((topic, value, key, partition, timestamp, headers))
 
     def poll(self, timeout=0):
