@@ -432,7 +432,8 @@ def test_a_native_panic_falls_back_to_the_python_path(pair, monkeypatch):
 # --- the runner's native runs (`Sanitizer.run_native` inside `SanitizerWorker._process_batch`) ---------------
 class RecordingProducer:
     """Stands in for the transactional producer: records every `produce` as (topic, value, key, partition,
-    timestamp, headers), sealed images made canonical (`canonical_sealing`), raises BufferError on every `full_every`-th call (once, then accepts the retry),
+    timestamp, headers), sealed images made canonical (`canonical_sealing`), raises BufferError on every
+    `full_every`-th call (once, then accepts the retry),
     and raises librdkafka's MSG_SIZE_TOO_LARGE for a sanitized record over `max_bytes`, as the real client
     does (with the limit set so low, only sanitized records are meant to meet it)."""
 
