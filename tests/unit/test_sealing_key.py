@@ -81,6 +81,29 @@ def test_nonces_never_repeat_over_many_seals(native):
     assert bytes(12) not in nonces
 
 
+def test_a_forked_process_never_reuses_the_parents_nonces(native):
+    """Nonces are drawn 64 at a time: a child forked with unused ones in its pool must draw its own."""
+    key = native.SealingKey(random_key(), 1)
+    key.seal(b"x", b"")  # this thread's pool now holds 63 unused nonces
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.write(w, b"".join(key.seal(b"x", b"")[5:HEADER_BYTES] for _ in range(63)))
+        finally:
+            os._exit(0)
+    os.close(w)
+    child = b""
+    while chunk := os.read(r, 4096):
+        child += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    parents = {key.seal(b"x", b"")[5:HEADER_BYTES] for _ in range(63)}
+    childs = {child[i:i + 12] for i in range(0, len(child), 12)}
+    assert len(childs) == 63 and len(parents) == 63
+    assert not parents & childs
+
+
 def test_a_key_must_be_32_bytes(native):
     for size in (0, 16, 31, 33):
         with pytest.raises(ValueError, match="32-byte"):
