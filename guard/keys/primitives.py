@@ -38,8 +38,9 @@ from guard.errors import IntegrityError
 
 try:  # pragma: no cover - depends on whether the compiled hot path was built (native/, scripts/build-native.sh)
     from guard_native import SealingKey as _SealingKey
+    from guard_native import TokenKey as _TokenKey
 except ImportError:  # pragma: no cover
-    _SealingKey = None
+    _SealingKey = _TokenKey = None
 
 FORMAT_V1 = 1
 _HEADER = struct.Struct(">BI")
@@ -122,12 +123,16 @@ class BlindIndex:
     be computed, so low-entropy values (mobiles, 6-digit PINs) can't be found by brute force, unlike a
     plain or statically salted hash (Debezium's column hashing). BLAKE2b's keyed mode (RFC 7693) is a
     PRF like HMAC-SHA256 and a third of its cost here; it runs for every indexed field of every event.
+
+    `token_key`: the same key inside the compiled extension (`guard_native.TokenKey`, RustCrypto's
+    BLAKE2b: the same tokens), with which native runs tokenise Kafka keys; None without the extension.
     """
 
-    __slots__ = ("_key",)
+    __slots__ = ("_key", "token_key")
 
     def __init__(self, key: bytes) -> None:
         self._key = key
+        self.token_key = _TokenKey(key) if _TokenKey is not None else None
 
     def __repr__(self) -> str:
         return "BlindIndex(key=<hidden>)"

@@ -172,6 +172,7 @@ class Sanitizer:
         self._native_hooks = _NativeHooks(
             out_topic=self.planner.sanitized_topic,
             sanitize_key=lambda topic, key: self.sanitize_key(topic[self._prefix_len:], key),
+            key_column=self._key_column,
             load_keys=self._load_keys_from, key_not_loaded=_KeyNotLoaded, activity=self.subject_activity,
             audit_topic=self.settings.audit_topic)
 
@@ -711,6 +712,16 @@ class Sanitizer:
             raise _KeyNotLoaded
         return aead.sealing_key
 
+    def _key_column(self, topic: str, column: str) -> Any:
+        """How native runs carry a Kafka key column of the raw `topic` when they sanitize the key themselves
+        (an object of integers and plain strings, `native/src/token.rs`): None in clear (the catalog allows
+        it; `Protector.sanitize_key`'s rule for such values), else the column's `row_key` blind-index key
+        as a `guard_native.TokenKey`."""
+        policy = self.classifier.key_policy(topic[self._prefix_len:], column)
+        if policy is not None and policy.action.value == "clear":
+            return None
+        return self.keys.index_for(column, "row_key").token_key
+
     def _fast_audit_parts(self, topic: str, partition: int, plan_id: int, op: str,
                           images: int) -> tuple[bytes, bytes, bytes, bytes, bytes, bytes]:
         """The constant parts of the native path's audit records (the same template as the Python path):
@@ -972,6 +983,7 @@ class _NativeHooks:
 
     out_topic: Callable[[str], str]
     sanitize_key: Callable[[str, bytes], bytes | None]
+    key_column: Callable[[str, str], Any]
     load_keys: Callable[[str, int, int, bytes | None], None]
     key_not_loaded: type[Exception]
     activity: dict[tuple[str, str], int]

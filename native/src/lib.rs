@@ -6,7 +6,8 @@
 //! or delete of a row whose table plan is known) and nothing else:
 //!
 //! * it seals images itself (`seal`: AES-256-GCM through OpenSSL under a `SealingKey`, the data key's
-//!   native twin that the key manager's `Aead` holds; the key never leaves it); display masks,
+//!   native twin that the key manager's `Aead` holds; the key never leaves it) and tokenises ordinary
+//!   Kafka keys (`token`: keyed BLAKE2b under a `TokenKey`, `BlindIndex`'s twin); display masks,
 //!   blind-index tokens and C3 keyed hashes are calls back into the Python functions (masks and tokens of
 //!   string values are memoised per column, as in `guard.records.encoders.ImageWriter`);
 //! * it reads the record's JSON itself (`json`, `envelope`), building no Python object per field;
@@ -19,14 +20,15 @@
 //!   `tests/integration/test_native_path.py` check.
 //!
 //! Modules: `avro` (encoding primitives), `json` (reading values), `envelope` (the Debezium envelope),
-//! `image` (table plans and image writing), `seal` (`SealingKey`); this file holds `FastPath`, the
-//! Python-facing class.
+//! `image` (table plans and image writing), `seal` (`SealingKey`), `token` (`TokenKey`, Kafka keys);
+//! this file holds `FastPath`, the Python-facing class.
 
 mod avro;
 mod envelope;
 mod image;
 mod json;
 mod seal;
+mod token;
 
 use foldhash::HashMap;
 
@@ -43,6 +45,7 @@ use crate::avro::{name_array, put_long, put_str, str_enc};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use crate::image::{find_plan, sealed_plaintext, write_image, Callbacks, Column, Plan};
 use crate::seal::SealingKey;
+use crate::token::{KeyColumn, TokenKey};
 
 /// Version byte of sealed images' associated data (`guard.protect.aad.AAD_VERSION`).
 const AAD_VERSION: u8 = 2;
@@ -98,6 +101,8 @@ struct TopicOut {
     out_topic: Py<PyString>,
     partitions: i64,
     keys: HashMap<Vec<u8>, Option<Py<PyBytes>>>,
+    /// Kafka key column → how it is carried (`hooks.key_column`), for keys sanitized here (`token`).
+    key_columns: HashMap<String, Option<Py<TokenKey>>>,
 }
 
 /// What the native transform made of one event.
@@ -492,7 +497,10 @@ impl FastPath {
         for plans in self.plans.values_mut() {
             plans.iter_mut().for_each(Plan::clear_memo);
         }
-        self.topics.values_mut().for_each(|t| t.keys.clear());
+        self.topics.values_mut().for_each(|t| {
+            t.keys.clear();
+            t.key_columns.clear();
+        });
     }
 
     #[getter]
@@ -524,6 +532,7 @@ impl FastPath {
         let py = records.py();
         let out_topic_of = hooks.getattr(intern!(py, "out_topic"))?;
         let sanitize_key = hooks.getattr(intern!(py, "sanitize_key"))?;
+        let key_column = hooks.getattr(intern!(py, "key_column"))?;
         let load_keys = hooks.getattr(intern!(py, "load_keys"))?;
         let key_not_loaded = hooks.getattr(intern!(py, "key_not_loaded"))?;
         let activity = hooks.getattr(intern!(py, "activity"))?;
@@ -561,6 +570,7 @@ impl FastPath {
                         out_topic: out,
                         partitions: count.max(1),
                         keys: HashMap::default(),
+                        key_columns: HashMap::default(),
                     },
                 );
             }
@@ -575,18 +585,50 @@ impl FastPath {
                 match state.keys.get(raw) {
                     Some(k) => k.as_ref().map(|k| k.bind(py).clone()),
                     None => {
-                        // A key the sanitizer can't handle: stop here, so that the Python path
-                        // meets the same error and sends the record to the DLQ.
-                        let Ok(k) = sanitize_key.call1((topic_obj, &key)) else {
-                            break;
-                        };
-                        let k = if k.is_none() {
-                            None
-                        } else {
-                            let Ok(k) = k.downcast_into::<PyBytes>() else {
-                                break;
+                        // The ordinary key (a JSON object of integers and plain strings) is
+                        // sanitized here (`token::sanitize_key`), each column's way asked once per
+                        // topic; any other key is the sanitizer's.
+                        let columns = &mut state.key_columns;
+                        let native = token::sanitize_key(py, raw, |name| {
+                            let how = match columns.get(name) {
+                                Some(how) => how.as_ref().map(|k| k.clone_ref(py)),
+                                None => {
+                                    let how = key_column.call1((topic_obj, name))?;
+                                    let how = if how.is_none() {
+                                        None
+                                    } else {
+                                        Some(how.downcast_into::<TokenKey>()?.unbind())
+                                    };
+                                    columns.insert(
+                                        name.to_owned(),
+                                        how.as_ref().map(|k| k.clone_ref(py)),
+                                    );
+                                    how
+                                }
                             };
-                            Some(k)
+                            Ok(match how {
+                                None => KeyColumn::Clear,
+                                Some(k) => KeyColumn::Token(k),
+                            })
+                        });
+                        let k = match native {
+                            Ok(Some(bytes)) => Some(PyBytes::new(py, &bytes)),
+                            // A key the sanitizer can't handle: stop here, so that the Python path
+                            // meets the same error and sends the record to the DLQ.
+                            Err(_) => break,
+                            Ok(None) => {
+                                let Ok(k) = sanitize_key.call1((topic_obj, &key)) else {
+                                    break;
+                                };
+                                if k.is_none() {
+                                    None
+                                } else {
+                                    let Ok(k) = k.downcast_into::<PyBytes>() else {
+                                        break;
+                                    };
+                                    Some(k)
+                                }
+                            }
                         };
                         if state.keys.len() >= memo_limit {
                             state.keys.clear();
@@ -1029,6 +1071,7 @@ impl FastPath {
 fn guard_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<FastPath>()?;
     m.add_class::<SealingKey>()?;
+    m.add_class::<TokenKey>()?;
     m.add_function(wrap_pyfunction!(py_leaf_hash, m)?)?;
     m.add("ABI", 1)?;
     Ok(())

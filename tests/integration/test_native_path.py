@@ -567,7 +567,11 @@ def test_a_key_the_sanitizer_cannot_handle_goes_to_the_dlq_and_the_batch_goes_on
     policy (DLQ, internal_error) and the records after it are still processed, on both paths alike."""
     python, native = pair
     msgs = mixed_batch(11)[0][:12]
-    poisoned = msgs[5].key()
+    # A key native runs don't sanitize themselves (a float), so both paths ask the sanitizer for it.
+    poisoned = b'{"customer_id": 7001105.5}'
+    m = msgs[5]
+    msgs[5] = Message(topic=m.topic(), partition=m.partition(), offset=m.offset(), key=poisoned, value=m.value(),
+                      timestamp=m.timestamp(), headers=m.headers())
 
     def failing(real):
         def sanitize_key(schema_table, key):
@@ -687,6 +691,51 @@ def process_batch_natively(stack, native, msgs):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(native, "run_native", run_native)
         return process_batch(stack, native, msgs), by_runs
+
+
+KAFKA_KEYS = [
+    b'{"customer_id": 7200001}', b'{"customer_id":7200002,"login_name":"user7200002"}',
+    rb'{"login_name": "\u7528\u62377200003", "customer_id": 7200003}', '{"login_name": "用户7200004"}'.encode(),
+    rb'{"login_name": "a\"b"}', rb'{"login_name": "tab\there"}', rb'{"login_name": "a/b\/c"}',
+    b'{"customer_id": -7200005}', b'{"customer_id": -0}', b'{"customer_id": 9223372036854775808}',
+    b'{"customer_id": 1.5}', b'{"customer_id": 1e3}', b'{"customer_id": true}', b'{"customer_id": null}',
+    b'{"customer_id": [1]}', b'{"customer_id": {"a": 1}}', b'{"customer_id": 1, "customer_id": 2}',
+    b'{"schema": {}, "payload": {"customer_id": 7200006}}', b'{"payload": 1}', b'{}', b'7200007', b'"text"',
+    b'not json', b'{"customer_id": 7200008} trailing', b' {"customer_id" : 7200009 } ', rb'{"\u0063ustomer_id": 1}',
+    rb'{"c\"d": 1}', b'\xff\xfe',
+]
+
+
+def test_kafka_keys_sanitized_by_native_runs_are_the_python_paths(stack, pair):
+    """Native runs tokenise ordinary Kafka keys themselves (`native/src/token.rs`: objects of integers and
+    plain strings) and hand every other key to the sanitizer: whichever did it, the sanitized key is the
+    Python path's, byte for byte (clear columns as the catalog allows them, tokens under each column's
+    `row_key` key)."""
+    python, native = pair
+    topic = f"{PREFIX}.public.customer_auth"
+    msgs = []
+    for n, key in enumerate(KAFKA_KEYS):
+        row = {**base_row("public.customer_auth", 7_200_000 + n), "customer_id": 7_200_000 + n}
+        event = {"before": None, "after": row, "op": "c", "ts_ms": 6,
+                 "source": {"connector": "postgresql", "db": "branch_0101", "schema": "public",
+                            "table": "customer_auth", "ts_ms": 5, "lsn": 500 + n}}
+        msgs.append(Message(topic=topic, partition=n % 2, offset=500 + n, key=key, value=orjson.dumps(event),
+                            timestamp=(1, 1_700_000_000_000 + n)))
+    run_both(pair, "public.customer_auth", msgs[0].key(), msgs[0].value(), prefetch=False, trace_id=None)
+    for san in pair:
+        san.expire_value_caches(force=True)  # no sanitized key memoised by the Python path
+    asked: list[bytes] = []
+    real = native.sanitize_key
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(native, "sanitize_key", lambda table, key: asked.append(key) or real(table, key))
+        got, by_runs = process_batch_natively(stack, native, msgs)
+    expected = process_batch(stack, python, msgs)
+    assert got[0].records == expected[0].records and got[1:] == expected[1:]
+    assert set(by_runs) == {m.offset() for m in msgs}, "native runs took every record"
+    ordinary = {KAFKA_KEYS[i] for i in (0, 1, 3, 7, 24)}
+    assert not ordinary & set(asked), "native runs sanitized the ordinary keys themselves"
+    assert {b'{"customer_id": 1.5}', b"7200007", rb'{"login_name": "a\"b"}'} <= set(asked), \
+        "other keys are the sanitizer's"
 
 
 @pytest.mark.parametrize(("key", "value"), [(b"k", b"v"), (None, b"v"), (b"k", None), (None, None), (b"", b""),

@@ -14,7 +14,7 @@ import pickle
 import pytest
 
 from guard.errors import IntegrityError
-from guard.keys.primitives import HEADER_BYTES, Aead, KeyWrapper, random_key, sealed_header
+from guard.keys.primitives import HEADER_BYTES, Aead, BlindIndex, KeyWrapper, random_key, sealed_header
 from guard.protect.fastpath import native_available
 
 pytestmark = pytest.mark.skipif(os.environ.get("NATIVE") == "0",
@@ -133,6 +133,30 @@ def test_the_key_object_never_shows_or_gives_back_its_key(native):
     with pytest.raises(TypeError):
         pickle.dumps(aead)
     assert key.hex() not in repr(aead) + repr(sealing)
+
+
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_native_tokens_are_the_blind_indexs_tokens(native, size):
+    key = os.urandom(size)
+    index = BlindIndex(key)
+    assert isinstance(index.token_key, native.TokenKey)
+    for value in (b"", b"13800001234", '"用户"'.encode(), bytes(range(256)) * 3):
+        assert index.token_key.token(value) == index.token(value)
+
+
+def test_the_token_key_never_shows_or_gives_back_its_key(native):
+    key = bytes(range(32))
+    token_key = native.TokenKey(key)
+    assert repr(token_key) == str(token_key) == "TokenKey(key=<hidden>)"
+    assert sorted(n for n in dir(token_key) if not n.startswith("__")) == ["token"]
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        with pytest.raises(TypeError, match="cannot be pickled"):
+            pickle.dumps(token_key, protocol=protocol)
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        copy.deepcopy(token_key)
+    for bad in (b"", b"k" * 65):
+        with pytest.raises(ValueError, match="1 to 64 bytes"):
+            native.TokenKey(bad)
 
 
 def test_wrapped_keys_keep_unwrapping_through_the_python_path(native):
