@@ -4,7 +4,9 @@
 # The compiled hot path (native/, see guard/protect/fastpath.py), built as an abi3 wheel in the Rust image; the
 # guard image itself carries no compiler.
 FROM rust:1-slim-bookworm AS native
-RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
+# libssl-dev + pkg-config: the extension seals with OpenSSL (the `openssl` crate links the system's libssl;
+# the guard image's Debian base has libssl3).
+RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv libssl-dev pkg-config \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/maturin && /opt/maturin/bin/pip install --no-cache-dir 'maturin>=1.8,<2'
 WORKDIR /src

@@ -3,9 +3,10 @@
 #
 # Usage: scripts/build-native.sh VENV
 #
-# Needs a Rust toolchain (cargo >= 1.74; https://rustup.rs). Rust crates come from crates.io and maturin
-# from PyPI. Without cargo (or with NATIVE=0) it says so in one line, removes any earlier build so a stale
-# one can't run, and succeeds: the guard then runs its pure-Python path (GUARD_HOT_PATH=auto; same output,
+# Needs a Rust toolchain (cargo >= 1.74; https://rustup.rs), a C compiler, and OpenSSL's headers found by
+# pkg-config (Debian: libssl-dev, pkg-config). Rust crates come from crates.io and maturin from PyPI.
+# Without cargo or OpenSSL's headers (or with NATIVE=0) it says so in one line, removes any earlier build
+# so a stale one can't run, and succeeds: the guard then runs its pure-Python path (GUARD_HOT_PATH=auto; same output,
 # 2-3x slower per event; see docs/benchmark.md).
 set -euo pipefail
 VENV=${1:?usage: scripts/build-native.sh VENV}
@@ -22,6 +23,13 @@ VENV=$(cd "$VENV" && pwd)
 export PATH="$VENV/bin:$HOME/.cargo/bin:$PATH"
 if ! command -v cargo >/dev/null 2>&1; then
   echo "build-native.sh: cargo not found: the guard runs its pure-Python path (same output, slower); install Rust (https://rustup.rs) and run \`bash scripts/build-native.sh $VENV\` for the compiled one"
+  "$VENV/bin/pip" uninstall --quiet -y branchguard-native 2>/dev/null || true
+  exit 0
+fi
+# Sealing in the compiled path uses OpenSSL through the `openssl` crate, which finds the system's libssl with
+# pkg-config (Debian: libssl-dev, pkg-config; scripts/setup.sh installs both).
+if ! command -v pkg-config >/dev/null 2>&1 || ! pkg-config --exists openssl; then
+  echo "build-native.sh: OpenSSL's headers not found (pkg-config openssl): the guard runs its pure-Python path (same output, slower); install libssl-dev and pkg-config (scripts/setup.sh does) and run \`bash scripts/build-native.sh $VENV\` for the compiled one"
   "$VENV/bin/pip" uninstall --quiet -y branchguard-native 2>/dev/null || true
   exit 0
 fi

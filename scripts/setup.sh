@@ -6,7 +6,9 @@
 #            redis-server (durable key store / windows),
 #            OpenJDK 17 (Kafka 4.x broker + Connect need Java >= 17), Maven (fetches Kafka/Debezium jars
 #            from Maven Central), python3-venv (the guard's virtualenv), gcc and libc6-dev (Rust links
-#            the compiled hot path with the C toolchain and builds its allocator, mimalloc, from C).
+#            the compiled hot path with the C toolchain and builds its allocator, mimalloc, from C),
+#            libssl-dev and pkg-config (the compiled hot path seals with OpenSSL's AES-256-GCM through the
+#            `openssl` crate, which finds the system's libssl with pkg-config).
 # It does NOT start any service system-wide: `guard stack up` runs its own private PostgreSQL cluster,
 # MariaDB server and Redis on non-default ports under ${GUARD_STACK_HOME:-~/.local/share/branchguard}; the Debian
 # default services are stopped/disabled where systemd is present so they don't hold ports/memory.
@@ -24,7 +26,7 @@ fi
 # mariadb-server (10.11) + mariadb-client: the second branch database (branch 0202), run privately by the stack
 # chromium: the status page's test renders it headless and saves a screenshot (tests/integration/test_anomaly_oncall.py)
 PKGS=(postgresql-15 postgresql-client-15 redis-server openjdk-17-jdk-headless maven python3-venv ca-certificates curl acl
-      gcc libc6-dev mariadb-server mariadb-client chromium)
+      gcc libc6-dev libssl-dev pkg-config mariadb-server mariadb-client chromium)
 
 missing=()
 for p in "${PKGS[@]}"; do

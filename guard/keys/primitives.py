@@ -15,6 +15,12 @@ rebuilds it from where the ciphertext sits (topic, table, row key, image, field 
 ciphertext copied anywhere else fails to authenticate.
 
 Wrapped-key layout (`KeyWrapper.wrap`) is the same shape with the wrapping key's version in the header.
+
+The compiled hot path seals in Rust: each `Aead` of a data key also holds `sealing_key`, the key's native
+twin (`guard_native.SealingKey`: OpenSSL's AES-256-GCM, the primitive `cryptography` calls, and OpenSSL's
+CSPRNG for nonces), which writes exactly this layout and never gives its key back (no method returns it,
+its repr hides it, pickling is refused). Without the extension `sealing_key` is None and only the Python
+path runs.
 """
 
 from __future__ import annotations
@@ -29,6 +35,12 @@ from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from guard.errors import IntegrityError
+
+try:  # pragma: no cover - depends on whether the compiled hot path was built (native/, scripts/build-native.sh)
+    from guard_native import SealingKey as _SealingKey
+    from guard_native import TokenKey as _TokenKey
+except ImportError:  # pragma: no cover
+    _SealingKey = _TokenKey = None
 
 FORMAT_V1 = 1
 _HEADER = struct.Struct(">BI")
@@ -47,9 +59,13 @@ class Aead:
 
     Random nonces are safe for up to 2^32 messages per key (NIST SP 800-38D); a data key per data subject
     keeps every key far below that.
+
+    `sealing_key`: the same key inside the compiled extension (`guard_native.SealingKey`), which the
+    native run seals with, no Python call per image; None without the extension. Both write the layout
+    above, and each opens what the other sealed.
     """
 
-    __slots__ = ("_aead", "_header", "version")
+    __slots__ = ("_aead", "_header", "sealing_key", "version")
 
     def __init__(self, key: bytes, version: int) -> None:
         if len(key) != KEY_BYTES:
@@ -57,6 +73,7 @@ class Aead:
         self._aead = AESGCM(key)
         self._header = _HEADER.pack(FORMAT_V1, version)  # sealed once per event: packed once per key
         self.version = version
+        self.sealing_key = _SealingKey(key, version) if _SealingKey is not None else None
 
     def __repr__(self) -> str:
         return f"Aead(version={self.version}, key=<hidden>)"
@@ -106,12 +123,16 @@ class BlindIndex:
     be computed, so low-entropy values (mobiles, 6-digit PINs) can't be found by brute force, unlike a
     plain or statically salted hash (Debezium's column hashing). BLAKE2b's keyed mode (RFC 7693) is a
     PRF like HMAC-SHA256 and a third of its cost here; it runs for every indexed field of every event.
+
+    `token_key`: the same key inside the compiled extension (`guard_native.TokenKey`, RustCrypto's
+    BLAKE2b: the same tokens), with which native runs tokenise Kafka keys; None without the extension.
     """
 
-    __slots__ = ("_key",)
+    __slots__ = ("_key", "token_key")
 
     def __init__(self, key: bytes) -> None:
         self._key = key
+        self.token_key = _TokenKey(key) if _TokenKey is not None else None
 
     def __repr__(self) -> str:
         return "BlindIndex(key=<hidden>)"

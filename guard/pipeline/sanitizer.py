@@ -45,7 +45,6 @@ from guard.classify.plans import TablePlan
 from guard.config import Settings
 from guard.errors import DecodeError, KeyShreddedError, KeyUnavailableError
 from guard.keys.manager import KeyManager
-from guard.keys.primitives import Aead
 from guard.pipeline.decode import Decoder
 from guard.pipeline.plan import Planner
 from guard.pipeline.policy import AttributionPending, WriteChecker, WriteDecision, principal_text
@@ -178,6 +177,7 @@ class Sanitizer:
         self._native_hooks = _NativeHooks(
             out_topic=self.planner.sanitized_topic,
             sanitize_key=lambda topic, key: self.sanitize_key(topic[self._prefix_len:], key),
+            key_column=self._key_column,
             load_keys=self._load_keys_from, key_not_loaded=_KeyNotLoaded, activity=self.subject_activity,
             audit_topic=self.settings.audit_topic)
 
@@ -717,12 +717,23 @@ class Sanitizer:
             compacted = self._compacted[out_topic] = "compact" in configs.get("cleanup.policy", "")
         return compacted
 
-    def _cached_aead(self, subject: str) -> Aead:
-        """The native path's key lookup: the cached key, or `_KeyNotLoaded` (never a round trip per event)."""
+    def _cached_aead(self, subject: str) -> Any:
+        """The native path's key lookup: the cached key's `guard_native.SealingKey` (the run seals with it in
+        Rust, the key never handed over as bytes), or `_KeyNotLoaded` (never a round trip per event)."""
         aead = self.keys.cached_subject_aead(self.branch, subject)
         if aead is None:
             raise _KeyNotLoaded
-        return aead
+        return aead.sealing_key
+
+    def _key_column(self, topic: str, column: str) -> Any:
+        """How native runs carry a Kafka key column of the raw `topic` when they sanitize the key themselves
+        (an object of integers and plain strings, `native/src/token.rs`): None in clear (the catalog allows
+        it; `Protector.sanitize_key`'s rule for such values), else the column's `row_key` blind-index key
+        as a `guard_native.TokenKey`."""
+        policy = self.classifier.key_policy(topic[self._prefix_len:], column)
+        if policy is not None and policy.action.value == "clear":
+            return None
+        return self.keys.index_for(column, "row_key").token_key
 
     def _fast_audit_parts(self, topic: str, partition: int, plan_id: int, op: str,
                           images: int) -> tuple[bytes, bytes, bytes, bytes, bytes, bytes]:
@@ -985,6 +996,7 @@ class _NativeHooks:
 
     out_topic: Callable[[str], str]
     sanitize_key: Callable[[str, bytes], bytes | None]
+    key_column: Callable[[str, str], Any]
     load_keys: Callable[[str, int, int, bytes | None], None]
     key_not_loaded: type[Exception]
     activity: dict[tuple[str, str], int]

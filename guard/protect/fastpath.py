@@ -7,9 +7,12 @@ declines everything else, which then takes the Python path unchanged: schema wra
 messages, drift, erased subjects, root-row deletes, anything malformed or read differently than orjson
 would read it. It reads the record's JSON itself (no Python object per field), and `FastPath.run` takes
 whole runs of a fetched batch, producing each record's sanitized and audit outputs through the runner's
-producer (`Sanitizer.run_native`). Keys never cross into it: sealing, masks, tokens and keyed hashes are
-calls back into the same Python objects the Python path uses, so both paths produce identical bytes
-(`tests/integration/test_native_path.py` checks this on generated events and through the real runner).
+producer (`Sanitizer.run_native`). It seals images itself, under the data key's native twin that the key
+manager's cached `Aead` holds (`Aead.sealing_key`, a `guard_native.SealingKey`: OpenSSL's AES-256-GCM, the
+key never handed back), asked for once per event through `Sanitizer._cached_aead`; masks, tokens and keyed
+hashes are calls back into the same Python objects the Python path uses. Both paths produce the same bytes
+up to the random nonces (`tests/integration/test_native_path.py` checks this on generated events and
+through the real runner, opening every natively sealed image).
 Per batch, it also reads what the Python side needs of every record, so that Python works per distinct
 value rather than per record: the policy pre-scan of a run (`scan_writes`) and the data subjects whose keys
 a batch needs (`FastPath.batch_subjects`); and the runner's first pass over a fetched batch (`take_messages`).

@@ -5,10 +5,11 @@
 //! cryptography together. This module does that bookkeeping for the common event (a create, read, update
 //! or delete of a row whose table plan is known) and nothing else:
 //!
-//! * it never touches key material: data keys stay inside Python's `cryptography` objects, and sealing is
-//!   a call back into `Aead.seal`; display masks, blind-index tokens and C3 keyed hashes are calls back
-//!   into the Python functions (masks and tokens of string values are memoised per column, as in
-//!   `guard.records.encoders.ImageWriter`);
+//! * it seals images itself (`seal`: AES-256-GCM through OpenSSL under a `SealingKey`, the data key's
+//!   native twin that the key manager's `Aead` holds; the key never leaves it) and tokenises ordinary
+//!   Kafka keys (`token`: keyed BLAKE2b under a `TokenKey`, `BlindIndex`'s twin); display masks,
+//!   blind-index tokens and C3 keyed hashes are calls back into the Python functions (masks and tokens of
+//!   string values are memoised per column, as in `guard.records.encoders.ImageWriter`);
 //! * it reads the record's JSON itself (`json`, `envelope`), building no Python object per field;
 //! * it declines whenever an event is anything but well formed and ordinary: a schema wrapper, an unknown
 //!   or special op, an unregistered column layout, a plan with unclassified columns, a delete of a
@@ -20,14 +21,16 @@
 //!
 //! Modules: `avro` (encoding primitives), `json` (reading values), `envelope` (the Debezium envelope),
 //! `image` (table plans and image writing), `scan` (what the Python side needs of every record of a batch,
-//! read in one call: the policy pre-scan, the batch's subjects); this file holds `FastPath`, the
-//! Python-facing class.
+//! read in one call: the policy pre-scan, the batch's subjects), `seal` (`SealingKey`), `token`
+//! (`TokenKey`, Kafka keys); this file holds `FastPath`, the Python-facing class.
 
 mod avro;
 mod envelope;
 mod image;
 mod json;
 mod scan;
+mod seal;
+mod token;
 
 use foldhash::HashMap;
 
@@ -43,6 +46,8 @@ use crate::avro::{name_array, put_long, put_str, str_enc};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use crate::image::{find_plan, sealed_plaintext, write_image, Callbacks, Column, Plan};
+use crate::seal::SealingKey;
+use crate::token::{KeyColumn, TokenKey};
 
 /// Version byte of sealed images' associated data (`guard.protect.aad.AAD_VERSION`).
 const AAD_VERSION: u8 = 2;
@@ -98,6 +103,8 @@ struct TopicOut {
     out_topic: Py<PyString>,
     partitions: i64,
     keys: HashMap<Vec<u8>, Option<Py<PyBytes>>>,
+    /// Kafka key column → how it is carried (`hooks.key_column`), for keys sanitized here (`token`).
+    key_columns: HashMap<String, Option<Py<TokenKey>>>,
 }
 
 /// What the native transform made of one event.
@@ -492,7 +499,10 @@ impl FastPath {
         for plans in self.plans.values_mut() {
             plans.iter_mut().for_each(Plan::clear_memo);
         }
-        self.topics.values_mut().for_each(|t| t.keys.clear());
+        self.topics.values_mut().for_each(|t| {
+            t.keys.clear();
+            t.key_columns.clear();
+        });
     }
 
     /// The data subjects of `batch[i:]`, where `batch[i]` is the record at (`topic`, `partition`,
@@ -540,6 +550,7 @@ impl FastPath {
         let py = records.py();
         let out_topic_of = hooks.getattr(intern!(py, "out_topic"))?;
         let sanitize_key = hooks.getattr(intern!(py, "sanitize_key"))?;
+        let key_column = hooks.getattr(intern!(py, "key_column"))?;
         let load_keys = hooks.getattr(intern!(py, "load_keys"))?;
         let key_not_loaded = hooks.getattr(intern!(py, "key_not_loaded"))?;
         let activity = hooks.getattr(intern!(py, "activity"))?;
@@ -577,6 +588,7 @@ impl FastPath {
                         out_topic: out,
                         partitions: count.max(1),
                         keys: HashMap::default(),
+                        key_columns: HashMap::default(),
                     },
                 );
             }
@@ -591,18 +603,50 @@ impl FastPath {
                 match state.keys.get(raw) {
                     Some(k) => k.as_ref().map(|k| k.bind(py).clone()),
                     None => {
-                        // A key the sanitizer can't handle: stop here, so that the Python path
-                        // meets the same error and sends the record to the DLQ.
-                        let Ok(k) = sanitize_key.call1((topic_obj, &key)) else {
-                            break;
-                        };
-                        let k = if k.is_none() {
-                            None
-                        } else {
-                            let Ok(k) = k.downcast_into::<PyBytes>() else {
-                                break;
+                        // The ordinary key (a JSON object of integers and plain strings) is
+                        // sanitized here (`token::sanitize_key`), each column's way asked once per
+                        // topic; any other key is the sanitizer's.
+                        let columns = &mut state.key_columns;
+                        let native = token::sanitize_key(py, raw, |name| {
+                            let how = match columns.get(name) {
+                                Some(how) => how.as_ref().map(|k| k.clone_ref(py)),
+                                None => {
+                                    let how = key_column.call1((topic_obj, name))?;
+                                    let how = if how.is_none() {
+                                        None
+                                    } else {
+                                        Some(how.downcast_into::<TokenKey>()?.unbind())
+                                    };
+                                    columns.insert(
+                                        name.to_owned(),
+                                        how.as_ref().map(|k| k.clone_ref(py)),
+                                    );
+                                    how
+                                }
                             };
-                            Some(k)
+                            Ok(match how {
+                                None => KeyColumn::Clear,
+                                Some(k) => KeyColumn::Token(k),
+                            })
+                        });
+                        let k = match native {
+                            Ok(Some(bytes)) => Some(PyBytes::new(py, &bytes)),
+                            // A key the sanitizer can't handle: stop here, so that the Python path
+                            // meets the same error and sends the record to the DLQ.
+                            Err(_) => break,
+                            Ok(None) => {
+                                let Ok(k) = sanitize_key.call1((topic_obj, &key)) else {
+                                    break;
+                                };
+                                if k.is_none() {
+                                    None
+                                } else {
+                                    let Ok(k) = k.downcast_into::<PyBytes>() else {
+                                        break;
+                                    };
+                                    Some(k)
+                                }
+                            }
                         };
                         if state.keys.len() >= memo_limit {
                             state.keys.clear();
@@ -848,10 +892,11 @@ impl FastPath {
             .map_err(PyErr::from)?
             .to_str()?
             .to_owned();
-        // Raises KeyShreddedError / KeyUnavailableError: the Python path then decides what they mean.
-        let aead = self.aead_for.bind(py).call1((&subject_obj,))?;
-        let version: u32 = aead.getattr(intern!(py, "version"))?.extract()?;
-        let seal = aead.getattr(intern!(py, "seal"))?;
+        // The subject's `SealingKey` (`Aead.sealing_key`); raises KeyShreddedError / KeyUnavailableError /
+        // the key-not-loaded signal: the Python path then decides what they mean.
+        let key = self.aead_for.bind(py).call1((&subject_obj,))?;
+        let key = key.downcast::<SealingKey>().map_err(PyErr::from)?.get();
+        let version: u32 = key.version;
         let cb = Callbacks {
             dumps: self.dumps.bind(py).clone(),
             mask: self.mask.bind(py).clone(),
@@ -915,13 +960,13 @@ impl FastPath {
                 put_part(&mut aad, env.position.as_bytes());
                 aad.extend_from_slice(&plan.sealed_fields_part);
                 put_part(&mut aad, &version.to_be_bytes());
-                Some(
-                    seal.call1((PyBytes::new(py, &plaintext), PyBytes::new(py, &aad)))?
-                        .downcast_into::<PyBytes>()
-                        .map_err(PyErr::from)?,
-                )
+                Some(key.seal(&plaintext, &aad).map_err(|e| {
+                    pyo3::exceptions::PyRuntimeError::new_err(format!(
+                        "AES-256-GCM sealing failed: {e}"
+                    ))
+                })?)
             };
-            let ciphertext = sealed.as_ref().map_or(&[][..], |b| b.as_bytes());
+            let ciphertext = sealed.as_deref().unwrap_or(&[]);
             images[slot] = Some(write_image(plan, values, ciphertext, &cb, self.memo_limit)?);
         }
         // The SanitizedChange record (`avro_fast.encode_change`).
@@ -1043,6 +1088,8 @@ impl FastPath {
 #[pymodule]
 fn guard_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<FastPath>()?;
+    m.add_class::<SealingKey>()?;
+    m.add_class::<TokenKey>()?;
     m.add_function(wrap_pyfunction!(py_leaf_hash, m)?)?;
     m.add_function(wrap_pyfunction!(scan::py_scan_write, m)?)?;
     m.add_function(wrap_pyfunction!(scan::scan_writes, m)?)?;

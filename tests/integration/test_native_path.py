@@ -1,7 +1,10 @@
 """The compiled hot path (`guard_native`) against the Python path: identical bytes, or a clean decline.
 
-Two sanitizers share one key manager (real Redis) and a fixed clock; AES-GCM nonces are made
-deterministic for the test, so a sealed image is the same bytes whichever path sealed it. Every generated
+Two sanitizers share one key manager (real Redis) and a fixed clock. The Python path's AES-GCM nonces are
+made deterministic for the test; the compiled path seals in Rust with OpenSSL's random nonces (no way to
+choose one exists there), so each sealed image is opened (associated data rebuilt from the record, as a
+reader does) and re-sealed under the fixed nonce before comparing (`canonical_sealing`): a sealed image is
+then the same bytes whichever path sealed it, and a native one that doesn't open fails. Every generated
 event goes through both sanitizers twice (the first time registers the table plan with the native path,
 the second takes it when the event is ordinary); each pair of outcomes must be identical, and ordinary
 events must actually have taken the native path.
@@ -26,8 +29,9 @@ from guard.keys import primitives
 from guard.pipeline.plan import is_subject_id
 from guard.pipeline.runtime import build_catalog, build_keys
 from guard.pipeline.sanitizer import Sanitizer
+from guard.protect.aad import image_aad
 from guard.protect.fastpath import native_available
-from guard.protect.reveal import open_image
+from guard.protect.reveal import image_subject, open_image
 from guard.records.codec import decode, write_decision_of
 from guard.telemetry import Telemetry
 from guard.workload import synth
@@ -73,7 +77,12 @@ def pair(stack):
     for san in (python, native):
         san.act_on_deletes = False  # an erasure would destroy keys the other sanitizer still uses
     native._fast = CountingFastPath(native._fast)
+    _PAIR_KEYS[:] = [keys]
     return python, native
+
+
+#: The pair's key manager, for `canonical_sealing`.
+_PAIR_KEYS: list = []
 
 
 @pytest.fixture(autouse=True)
@@ -83,11 +92,39 @@ def fixed_nonces(monkeypatch):
     monkeypatch.setattr(primitives.os, "urandom", lambda n: bytes(12) if n == 12 else real(n))
 
 
+def canonical_sealing(topic: str, key: bytes | None, value):
+    """A sanitized record's value with each sealed image opened and re-sealed by the Python `Aead` under the
+    fixed nonce (see the module documentation); other values unchanged.
+
+    Opening uses the key version named in the ciphertext and the associated data rebuilt from the record
+    (`guard.protect.reveal`'s rule), so a native image sealed under another key, version or associated
+    data raises `IntegrityError` here. Only the nonce, ciphertext and tag are replaced (same length)."""
+    if not isinstance(value, bytes) or not topic.startswith("sanitized."):
+        return value
+    keys = _PAIR_KEYS[0]
+    record = decode(value)
+    for image in ("before", "after"):
+        img = record.get(image)
+        ct = img["sealed"]["ct"] if img and img.get("sealed") else None
+        if not ct:
+            continue
+        subject = image_subject(record, image)
+        _, version = primitives.sealed_header(ct)
+        aead = keys.subject_aead_for(record["branch"], subject, ct)
+        aad = image_aad(topic, record["table"], key or b"", image, subject, str(record["op"]),
+                        str(record["position"]), list(img["sealed"]["fields"]), version)
+        resealed = aead.seal(aead.open(ct, aad), aad)
+        assert len(resealed) == len(ct) and value.count(ct) == 1
+        value = value.replace(ct, resealed)
+    return value
+
+
 def comparable(outcome):
-    """The outcome as comparable data: exact bytes for sanitized/audit/DLQ, anomalies without their uuid."""
+    """The outcome as comparable data: exact bytes for sanitized/audit/DLQ (sealed images canonical), anomalies
+    without their uuid."""
     records = []
     for rec in outcome.records:
-        value = rec.value
+        value = canonical_sealing(rec.topic, rec.key, rec.value)
         if rec.topic == "guard.anomalies" and value is not None:
             value = {k: v for k, v in orjson.loads(value).items() if k != "id"}
         records.append((rec.topic, rec.key, value, rec.partition, rec.headers))
@@ -451,7 +488,8 @@ def test_a_native_panic_falls_back_to_the_python_path(pair, monkeypatch):
 # --- the runner's native runs (`Sanitizer.run_native` inside `SanitizerWorker._process_batch`) ---------------
 class RecordingProducer:
     """Stands in for the transactional producer: records every `produce` as (topic, value, key, partition,
-    timestamp, headers), raises BufferError on every `full_every`-th call (once, then accepts the retry),
+    timestamp, headers), sealed images made canonical (`canonical_sealing`), raises BufferError on every
+    `full_every`-th call (once, then accepts the retry),
     and raises librdkafka's MSG_SIZE_TOO_LARGE for a sanitized record over `max_bytes`, as the real client
     does (with the limit set so low, only sanitized records are meant to meet it)."""
 
@@ -471,6 +509,7 @@ class RecordingProducer:
             raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
         if topic == "guard.anomalies" and value is not None:
             value = {k: v for k, v in orjson.loads(value).items() if k != "id"}
+        value = canonical_sealing(topic, key, value)
         self.records.append((topic, value, key, partition, timestamp, headers))
 
     def poll(self, timeout=0):
@@ -602,7 +641,11 @@ def test_a_key_the_sanitizer_cannot_handle_goes_to_the_dlq_and_the_batch_goes_on
     policy (DLQ, internal_error) and the records after it are still processed, on both paths alike."""
     python, native = pair
     msgs = mixed_batch(11)[0][:12]
-    poisoned = msgs[5].key()
+    # A key native runs don't sanitize themselves (a float), so both paths ask the sanitizer for it.
+    poisoned = b'{"customer_id": 7001105.5}'
+    m = msgs[5]
+    msgs[5] = Message(topic=m.topic(), partition=m.partition(), offset=m.offset(), key=poisoned, value=m.value(),
+                      timestamp=m.timestamp(), headers=m.headers())
 
     def failing(real):
         def sanitize_key(schema_table, key):
@@ -722,6 +765,51 @@ def process_batch_natively(stack, native, msgs):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(native, "run_native", run_native)
         return process_batch(stack, native, msgs), by_runs
+
+
+KAFKA_KEYS = [
+    b'{"customer_id": 7200001}', b'{"customer_id":7200002,"login_name":"user7200002"}',
+    rb'{"login_name": "\u7528\u62377200003", "customer_id": 7200003}', '{"login_name": "用户7200004"}'.encode(),
+    rb'{"login_name": "a\"b"}', rb'{"login_name": "tab\there"}', rb'{"login_name": "a/b\/c"}',
+    b'{"customer_id": -7200005}', b'{"customer_id": -0}', b'{"customer_id": 9223372036854775808}',
+    b'{"customer_id": 1.5}', b'{"customer_id": 1e3}', b'{"customer_id": true}', b'{"customer_id": null}',
+    b'{"customer_id": [1]}', b'{"customer_id": {"a": 1}}', b'{"customer_id": 1, "customer_id": 2}',
+    b'{"schema": {}, "payload": {"customer_id": 7200006}}', b'{"payload": 1}', b'{}', b'7200007', b'"text"',
+    b'not json', b'{"customer_id": 7200008} trailing', b' {"customer_id" : 7200009 } ', rb'{"\u0063ustomer_id": 1}',
+    rb'{"c\"d": 1}', b'\xff\xfe',
+]
+
+
+def test_kafka_keys_sanitized_by_native_runs_are_the_python_paths(stack, pair):
+    """Native runs tokenise ordinary Kafka keys themselves (`native/src/token.rs`: objects of integers and
+    plain strings) and hand every other key to the sanitizer: whichever did it, the sanitized key is the
+    Python path's, byte for byte (clear columns as the catalog allows them, tokens under each column's
+    `row_key` key)."""
+    python, native = pair
+    topic = f"{PREFIX}.public.customer_auth"
+    msgs = []
+    for n, key in enumerate(KAFKA_KEYS):
+        row = {**base_row("public.customer_auth", 7_200_000 + n), "customer_id": 7_200_000 + n}
+        event = {"before": None, "after": row, "op": "c", "ts_ms": 6,
+                 "source": {"connector": "postgresql", "db": "branch_0101", "schema": "public",
+                            "table": "customer_auth", "ts_ms": 5, "lsn": 500 + n}}
+        msgs.append(Message(topic=topic, partition=n % 2, offset=500 + n, key=key, value=orjson.dumps(event),
+                            timestamp=(1, 1_700_000_000_000 + n)))
+    run_both(pair, "public.customer_auth", msgs[0].key(), msgs[0].value(), prefetch=False, trace_id=None)
+    for san in pair:
+        san.expire_value_caches(force=True)  # no sanitized key memoised by the Python path
+    asked: list[bytes] = []
+    real = native.sanitize_key
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(native, "sanitize_key", lambda table, key: asked.append(key) or real(table, key))
+        got, by_runs = process_batch_natively(stack, native, msgs)
+    expected = process_batch(stack, python, msgs)
+    assert got[0].records == expected[0].records and got[1:] == expected[1:]
+    assert set(by_runs) == {m.offset() for m in msgs}, "native runs took every record"
+    ordinary = {KAFKA_KEYS[i] for i in (0, 1, 3, 7, 24)}
+    assert not ordinary & set(asked), "native runs sanitized the ordinary keys themselves"
+    assert {b'{"customer_id": 1.5}', b"7200007", rb'{"login_name": "a\"b"}'} <= set(asked), \
+        "other keys are the sanitizer's"
 
 
 @pytest.mark.parametrize(("key", "value"), [(b"k", b"v"), (None, b"v"), (b"k", None), (None, None), (b"", b""),

@@ -1,0 +1,165 @@
+"""`guard_native.SealingKey`: sealing in the compiled path (native/src/seal.rs) against the Python `Aead`.
+
+The compiled path seals images in Rust (OpenSSL's AES-256-GCM and CSPRNG); what it writes must open with
+the Python path's `Aead.open` (and the other way round), fail under another key or associated data, and
+the key object must never give its key back.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+
+import pytest
+
+from guard.errors import IntegrityError
+from guard.keys.primitives import HEADER_BYTES, Aead, BlindIndex, KeyWrapper, random_key, sealed_header
+from guard.protect.fastpath import native_available
+
+pytestmark = pytest.mark.skipif(os.environ.get("NATIVE") == "0",
+                                reason="NATIVE=0: built without the compiled hot path")
+
+
+@pytest.fixture(scope="module")
+def native():
+    assert native_available(), "guard_native is not installed: run `make venv` (needs cargo), or NATIVE=0"
+    import guard_native
+    return guard_native
+
+
+def test_every_aead_holds_its_native_twin_with_the_same_version(native):
+    aead = Aead(random_key(), version=7)
+    assert isinstance(aead.sealing_key, native.SealingKey)
+    assert aead.sealing_key.version == 7
+
+
+@pytest.mark.parametrize("plaintext", [b"", b"x", b'["\xe5\xbc\xa0\xe4\xb8\x89", 1, null]', bytes(range(256)) * 41])
+def test_rust_sealed_values_open_with_the_python_aead_and_back(native, plaintext):
+    aead = Aead(random_key(), version=3)
+    aad = b"\x02" + b"topic|table|row|after|subject" * 3
+    sealed = aead.sealing_key.seal(plaintext, aad)
+    # The documented layout: format 1, key version, 12-byte nonce, ciphertext, 16-byte tag.
+    assert sealed_header(sealed) == (1, 3)
+    assert sealed[:5] == b"\x01\x00\x00\x00\x03"
+    assert len(sealed) == HEADER_BYTES + len(plaintext) + 16
+    assert aead.open(sealed, aad) == plaintext
+    assert aead.sealing_key.open(aead.seal(plaintext, aad), aad) == plaintext
+    assert aead.sealing_key.open(sealed, aad) == plaintext
+
+
+def test_a_rust_sealed_value_fails_under_another_key_aad_or_version(native):
+    aead = Aead(random_key(), version=1)
+    sealed = aead.sealing_key.seal(b"secret", b"aad")
+    with pytest.raises(IntegrityError, match="failed authentication"):
+        aead.open(sealed, b"aaD")
+    with pytest.raises(IntegrityError, match="failed authentication"):
+        Aead(random_key(), version=1).open(sealed, b"aad")
+    with pytest.raises(IntegrityError, match="key version 1"):
+        Aead(random_key(), version=2).open(sealed, b"aad")
+    tampered = bytearray(sealed)
+    tampered[-1] ^= 1
+    with pytest.raises(IntegrityError):
+        aead.open(bytes(tampered), b"aad")
+    # The native `open` refuses the same.
+    with pytest.raises(ValueError, match="failed authentication"):
+        aead.sealing_key.open(sealed, b"other")
+    with pytest.raises(ValueError, match="failed authentication"):
+        native.SealingKey(random_key(), 1).open(sealed, b"aad")
+    with pytest.raises(ValueError, match="key version 1"):
+        native.SealingKey(random_key(), 2).open(sealed, b"aad")
+    with pytest.raises(ValueError, match="too short"):
+        aead.sealing_key.open(sealed[:20], b"aad")
+    with pytest.raises(ValueError, match="format"):
+        aead.sealing_key.open(b"\x02" + sealed[1:], b"aad")
+
+
+def test_nonces_never_repeat_over_many_seals(native):
+    key = native.SealingKey(random_key(), 1)
+    nonces = {key.seal(b"same plaintext", b"same aad")[5:HEADER_BYTES] for _ in range(50_000)}
+    assert len(nonces) == 50_000
+    assert bytes(12) not in nonces
+
+
+def test_a_forked_process_never_reuses_the_parents_nonces(native):
+    """Nonces are drawn 64 at a time: a child forked with unused ones in its pool must draw its own."""
+    key = native.SealingKey(random_key(), 1)
+    key.seal(b"x", b"")  # this thread's pool now holds 63 unused nonces
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.write(w, b"".join(key.seal(b"x", b"")[5:HEADER_BYTES] for _ in range(63)))
+        finally:
+            os._exit(0)
+    os.close(w)
+    child = b""
+    while chunk := os.read(r, 4096):
+        child += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    parents = {key.seal(b"x", b"")[5:HEADER_BYTES] for _ in range(63)}
+    childs = {child[i:i + 12] for i in range(0, len(child), 12)}
+    assert len(childs) == 63 and len(parents) == 63
+    assert not parents & childs
+
+
+def test_a_key_must_be_32_bytes(native):
+    for size in (0, 16, 31, 33):
+        with pytest.raises(ValueError, match="32-byte"):
+            native.SealingKey(b"k" * size, 1)
+
+
+def test_the_key_object_never_shows_or_gives_back_its_key(native):
+    key = bytes(range(32))
+    sealing = native.SealingKey(key, 4)
+    for text in (repr(sealing), str(sealing), format(sealing)):
+        assert text == "SealingKey(version=4, key=<hidden>)"
+    public = [name for name in dir(sealing) if not name.startswith("__")]
+    assert sorted(public) == ["open", "seal", "version"]
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        with pytest.raises(TypeError, match="cannot be pickled"):
+            pickle.dumps(sealing, protocol=protocol)
+    for clone in (copy.copy, copy.deepcopy):
+        with pytest.raises(TypeError, match="cannot be pickled"):
+            clone(sealing)
+    with pytest.raises(TypeError):
+        memoryview(sealing)  # no buffer protocol
+    with pytest.raises(AttributeError):
+        sealing.key  # noqa: B018
+    # The Python wrapper's repr hides it too, and a pickled Aead would carry its sealing key: refused.
+    aead = Aead(key, 4)
+    assert repr(aead) == "Aead(version=4, key=<hidden>)"
+    with pytest.raises(TypeError):
+        pickle.dumps(aead)
+    assert key.hex() not in repr(aead) + repr(sealing)
+
+
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_native_tokens_are_the_blind_indexs_tokens(native, size):
+    key = os.urandom(size)
+    index = BlindIndex(key)
+    assert isinstance(index.token_key, native.TokenKey)
+    for value in (b"", b"13800001234", '"用户"'.encode(), bytes(range(256)) * 3):
+        assert index.token_key.token(value) == index.token(value)
+
+
+def test_the_token_key_never_shows_or_gives_back_its_key(native):
+    key = bytes(range(32))
+    token_key = native.TokenKey(key)
+    assert repr(token_key) == str(token_key) == "TokenKey(key=<hidden>)"
+    assert sorted(n for n in dir(token_key) if not n.startswith("__")) == ["token"]
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        with pytest.raises(TypeError, match="cannot be pickled"):
+            pickle.dumps(token_key, protocol=protocol)
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        copy.deepcopy(token_key)
+    for bad in (b"", b"k" * 65):
+        with pytest.raises(ValueError, match="1 to 64 bytes"):
+            native.TokenKey(bad)
+
+
+def test_wrapped_keys_keep_unwrapping_through_the_python_path(native):
+    kek = KeyWrapper(random_key(), version=2)
+    dek = random_key()
+    assert kek.unwrap(kek.wrap(dek, "dek/0101/s"), "dek/0101/s") == dek
