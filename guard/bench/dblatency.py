@@ -25,6 +25,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -105,6 +106,9 @@ class CommitLatency:
     added_p95_ms: float
     added_p99_ms: float
     guard_pid: int | None = None
+    #: `--latency-trace`: the guard's activity lined up with the rows it added most to (`trace.attribute`
+    #: over the interval from the raw record's arrival to the sanitized record's).
+    trace: dict[str, Any] | None = None
 
 
 def _customers(dsn: str) -> list[tuple[int, str]]:
@@ -139,18 +143,25 @@ def write_paced(dsn: str, rate: float, seconds: float) -> tuple[int, float]:
     return written, written / took
 
 
-def start_guard(settings: Settings, log_path: str) -> subprocess.Popen[bytes]:
-    """A `guard run` worker of the stack's branch (its settings from this environment)."""
+def start_guard(settings: Settings, log_path: str, trace: Path | None = None) -> subprocess.Popen[bytes]:
+    """A `guard run` worker of the stack's branch (its settings from this environment); with `trace`, the
+    same worker with its activity traced there (`python -m guard.bench.trace`)."""
+    cmd = [sys.executable, "-m", "guard.cli", "run", "--worker-id", "bench-db-latency"]
+    if trace is not None:
+        cmd = [sys.executable, "-m", "guard.bench.trace", "--out", str(trace), "--worker-id", "bench-db-latency"]
     with open(log_path, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "guard.cli", "run", "--worker-id", "bench-db-latency"],
-                                stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
 
 
 def measure_db_latency(settings: Settings, rate: float, seconds: float, *, warmup_s: float = 10.0,
-                       log_path: str) -> CommitLatency:
-    """Write at `rate` for `warmup_s` + `seconds`; percentiles of the rows written in the last `seconds`."""
+                       log_path: str, trace: dict[str, Any] | None = None) -> CommitLatency:
+    """Write at `rate` for `warmup_s` + `seconds`; percentiles of the rows written in the last `seconds`.
+
+    `trace` (`--latency-trace`): the guard's activity is traced and lined up with the time each row spent
+    between its raw and its sanitized record; samples, spans and attribution go to `trace["db"]`."""
     raw_topic = f"{settings.raw_topic_prefix}.public.transactions"
-    guard = start_guard(settings, log_path)
+    trace_path = Path(log_path).with_suffix(".trace.jsonl") if trace is not None else None
+    guard = start_guard(settings, log_path, trace_path)
     raw = sanitized = None
     try:
         # The guard catches up with what the topics hold before the probes start from their ends.
@@ -178,6 +189,7 @@ def measure_db_latency(settings: Settings, rate: float, seconds: float, *, warmu
         except subprocess.TimeoutExpired:
             guard.kill()
     assert raw is not None and sanitized is not None
+    spans_until = time.time() * 1000
     raws = {p: lat for p, (lat, c) in raw.samples.items() if c >= since_ms}
     sans = {p: lat for p, (lat, c) in sanitized.samples.items() if c >= since_ms}
     both = sorted(set(raws) & set(sans))
@@ -189,6 +201,17 @@ def measure_db_latency(settings: Settings, rate: float, seconds: float, *, warmu
     def pct(values: list[float], q: float) -> float:
         return round(percentile(values, q), 1)
 
+    found = None
+    if trace is not None and trace_path is not None and both:
+        from guard.bench.trace import attribute, read_spans
+
+        # What the guard is answerable for: from the raw record's arrival to the sanitized record's.
+        commits = {p: c for p, (_, c) in raw.samples.items()}
+        arrived = [commits[p] + raws[p] for p in both]
+        spans = read_spans([trace_path], min(arrived) - 2000, spans_until)
+        found = attribute(arrived, [max(a, 0.0) for a in added], spans)
+        samples = [[a, round(x, 2), round(r, 2)] for a, x, r in zip(arrived, added, raw_l, strict=True)]
+        trace["db"] = {"samples": samples, "spans": spans, "attribution": found}
     return CommitLatency(rate, round(achieved, 1), seconds, written, len(both),
                          pct(raw_l, 50), pct(raw_l, 95), pct(raw_l, 99), pct(san_l, 50), pct(san_l, 95),
-                         pct(san_l, 99), pct(added, 50), pct(added, 95), pct(added, 99), guard.pid)
+                         pct(san_l, 99), pct(added, 50), pct(added, 95), pct(added, 99), guard.pid, found)

@@ -21,6 +21,7 @@ from guard.bench.common import (
     TARGET_SCALING,
     WARMUP_S,
 )
+from guard.bench.trace import render_attribution
 
 
 # --- report ----------------------------------------------------------------------------------------
@@ -185,6 +186,12 @@ def render(report: dict[str, Any]) -> str:
                 f"{db['sanitized_p95_ms']:.1f}  p99 {db['sanitized_p99_ms']:.1f} ms",
                 f"  added by the guard (per row):                    p50 {db['added_p50_ms']:.1f}  p95 "
                 f"{db['added_p95_ms']:.1f}  p99 {db['added_p99_ms']:.1f} ms"]
+    traced = [(mode, report["modes"][mode]["latency"].get("trace")) for mode in ("guard",)]
+    if db and db.get("trace"):
+        traced.append(("db latency, guard's share", db["trace"]))
+    for mode, found in traced:
+        if found:
+            out += ["", *render_attribution(mode, found)]
     scale = report.get("memory_scale")
     if scale:
         out += ["", "memory and key state at scale (first-sight snapshot, one worker):",

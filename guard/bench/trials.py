@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
@@ -195,6 +196,9 @@ class BenchOptions:
     #: Rows/s written into the branch database in that phase; None: half the guard's measured max rate.
     db_rate: float | None = None
     json_out: Path | None = None
+    #: `--latency-trace FILE`: guard workers trace their activity; each latency phase's (send time, latency)
+    #: pairs, the worker's spans and their attribution (`guard.bench.trace`) are written to FILE as JSON.
+    latency_trace: Path | None = None
 
     @property
     def smoke(self) -> bool:
@@ -437,7 +441,8 @@ def run(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
     sampler = RssSampler(0.5)
     ctx = BenchContext(settings, names, opts.partitions, sampler, Path(tempfile.mkdtemp(prefix=f"{names.prefix}-")),
                        broker_gc_log=broker.gc_log if broker is not None and broker.gc_log.is_file() else None,
-                       tables=workload.tables, key_cache_ttl=opts.cache_ttl(), messages=workload.has_messages)
+                       tables=workload.tables, key_cache_ttl=opts.cache_ttl(), messages=workload.has_messages,
+                       trace={} if opts.latency_trace is not None else None)
     try:
         for table in workload.tables:
             create_topic(admin, names.input(table), opts.partitions)
@@ -483,10 +488,14 @@ def run(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
         db_rate = opts.db_rate if opts.db_rate is not None else report["latency_rate"]
         log.info("latency from the database: %.0f rows/s for %.0fs", db_rate, opts.db_latency_seconds)
         report["db_latency"] = asdict(measure_db_latency(settings, db_rate, opts.db_latency_seconds,
-                                                         log_path=str(ctx.log_dir / "guard-db-latency.log")))
+                                                         log_path=str(ctx.log_dir / "guard-db-latency.log"),
+                                                         trace=ctx.trace))
     if opts.memory_scale:
         from guard.bench.scale import measure_scale
 
         report["memory_scale"] = measure_scale(settings, opts.memory_scale, partitions=opts.partitions)
     report["targets"] = target_checks(report)
+    if opts.latency_trace is not None and ctx.trace is not None:
+        opts.latency_trace.write_bytes(orjson.dumps({"runid": names.runid, "phases": ctx.trace}))
+        report["latency_trace"] = str(opts.latency_trace)
     return report
