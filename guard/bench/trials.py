@@ -354,6 +354,7 @@ def execute(ctx: BenchContext, workload: Workload, opts: BenchOptions) -> dict[s
     try:
         log.info("guard: latency at %.0f events/s for %.0fs", rate, opts.latency_s())
         guard_lat = measure_latency(ctx, guard, workload, rate, opts.latency_s(), opts.latency_warmup_s())
+        write_trace(opts, ctx)  # at once: a run stopped later still leaves the guard phase's trace
     finally:
         trials["guard"][-1].workers = guard.stop()
     plain_group, _ = trial_group(ctx, "plain", opts.trials - 1)
@@ -495,7 +496,14 @@ def run(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
 
         report["memory_scale"] = measure_scale(settings, opts.memory_scale, partitions=opts.partitions)
     report["targets"] = target_checks(report)
-    if opts.latency_trace is not None and ctx.trace is not None:
-        opts.latency_trace.write_bytes(orjson.dumps({"runid": names.runid, "phases": ctx.trace}))
+    if write_trace(opts, ctx):
         report["latency_trace"] = str(opts.latency_trace)
     return report
+
+
+def write_trace(opts: BenchOptions, ctx: BenchContext) -> bool:
+    """`--latency-trace`: write the phases traced so far to the file (again after each phase)."""
+    if opts.latency_trace is None or ctx.trace is None:
+        return False
+    opts.latency_trace.write_bytes(orjson.dumps({"runid": ctx.names.runid, "phases": ctx.trace}))
+    return True
