@@ -29,15 +29,16 @@ import orjson
 
 from guard.bench.latency import percentile
 
-#: Kinds of spans, in the order the report lists them. `batch` is a fetched batch's transform (native runs,
-#: Python path, key loads inside it); `commit` the whole commit, of which `txn_commit` is the EndTxn wait,
-#: `commit_view`, `activity`, `expiry` the key-store writes; `keys_load` one load of a batch's keys
-#: (`count` keys asked for), `keys_rpc` its key-store round trip, `memo_clear` the value caches emptied
-#: every key-cache TTL, `policy_refresh` the policy's reload check (staff from the branch database every
-#: 30 s), `maintenance` and `idle_checkpoints` the jobs between transactions, `gc<N>` a collection of
-#: generation N.
+#: Kinds of spans a worker records (the report orders them by their overlap with the slow events).
+#: `batch`: a fetched batch's transform (native runs, Python path, key loads inside it); `commit`: the whole
+#: commit, of which `offsets_wait` is the wait for the offsets sent with the chains' tails, `txn_commit` the
+#: EndTxn wait, `commit_view`, `activity`, `expiry` key-store calls; `decode_load`: reading a batch's
+#: subjects and loading their keys, of which `keys_load` is the key manager's part (`count` keys asked
+#: for) and `keys_rpc` its key-store round trip; `memo_clear`: the value caches emptied every key-cache
+#: TTL; `policy_refresh`: the policy's reload check (staff from the branch database every 30 s);
+#: `maintenance`, `idle_checkpoints`: the jobs between transactions; `gc<N>`: a collection of generation N.
 KINDS = ("batch", "keys_load", "keys_rpc", "decode_load", "memo_clear", "policy_refresh", "commit", "checkpoints",
-         "commit_view", "activity", "expiry", "txn_send_offsets", "txn_commit", "chains_committed",
+         "commit_view", "activity", "expiry", "offsets_wait", "txn_send_offsets", "txn_commit", "chains_committed",
          "maintenance", "idle_checkpoints", "gc0", "gc1", "gc2")
 
 
@@ -91,6 +92,7 @@ class WorkerTrace:
         self.wrap(worker, "_maintenance", "maintenance")
         self.wrap(worker, "_idle_checkpoints", "idle_checkpoints")
         self.wrap(worker, "_chains_committed", "chains_committed")
+        self.wrap(worker, "_early_offsets_cover_batch", "offsets_wait")
         original_txn = worker._txn  # noqa: SLF001
 
         def txn(what: str, call: Callable[[], object], deadline_s: float | None = None) -> None:
