@@ -478,8 +478,7 @@ def process_batch(stack, sanitizer, msgs, **producer_options):
         worker = batch_worker(stack, sanitizer, producer)
         worker._max_record_bytes = min(worker._max_record_bytes, producer.max_bytes - 64)
         worker._process_batch(msgs)
-    assert producer.sent_offsets[-1] == {tp: offset + 1 for tp, offset in worker._last.items()}
-    assert worker._early_offsets_cover_batch(), "the commit would use the offsets sent while the batch ran"
+    assert not producer.sent_offsets, "offsets go to the transaction once, with their tails, at the commit"
     batch = worker.batch
     counts = (batch.events, batch.records_out, batch.by_table_decision, batch.fields, batch.dlq,
               batch.timestamps_ms)
@@ -550,8 +549,9 @@ def test_a_key_the_sanitizer_cannot_handle_goes_to_the_dlq_and_the_batch_goes_on
 
 
 def test_offsets_sent_early_count_only_if_they_are_the_commits_own(stack, pair):
-    """`_commit` skips its own send_offsets only when the last early send succeeded with exactly the
-    offsets it would send; a failed, stale or missing early send makes it send them itself."""
+    """Batches send no offsets (the commit sends them once, with the chains' tails); `_commit` uses the
+    send it started only if it succeeded with exactly the offsets it needs; a failed, stale or missing send
+    makes it send them itself."""
     import concurrent.futures
 
     _, native = pair
@@ -560,11 +560,10 @@ def test_offsets_sent_early_count_only_if_they_are_the_commits_own(stack, pair):
     worker = batch_worker(stack, native, producer)
     worker._process_batch(msgs[:20])
     worker._process_batch(msgs[20:])
-    assert len(producer.sent_offsets) == 2, "one early send per fetched batch"
-    assert producer.sent_offsets[0] == {(m.topic(), m.partition()): max(x.offset() for x in msgs[:20]
-                                                                         if x.partition() == m.partition()) + 1
-                                        for m in msgs[:20]}
-    assert producer.sent_offsets[1] == {tp: offset + 1 for tp, offset in worker._last.items()}
+    assert producer.sent_offsets == [], "no send per fetched batch: it would be superseded by the commit's"
+    worker._early_offsets.send(worker._txn_pool, producer, worker.consumer, worker._last, 10,
+                               worker.chains.metadata(worker._last))  # what `_commit` sends
+    assert producer.sent_offsets == [{tp: offset + 1 for tp, offset in worker._last.items()}]
     assert worker._early_offsets_cover_batch()
     assert not worker._early_offsets_cover_batch(), "used once"
 
