@@ -314,6 +314,7 @@ class Sanitizer:
         decode are left for `process` to send to the DLQ.
         """
         self.keys.check_tenant_keys()  # a vanished tenant key stops the worker (at most every few seconds)
+        self.keys.purge_expired()  # expired data keys leave memory (docs/keys.md)
         self.expire_value_caches()
         self.decoder.clear()
         if self.checker is not None:
