@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 import psycopg
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from guard.bench.common import BenchError, log
 from guard.bench.latency import percentile, sanitized_head, topic_partitions
@@ -133,7 +133,9 @@ def write_paced(dsn: str, rate: float, seconds: float) -> tuple[int, float]:
         start = time.monotonic()
         while (elapsed := time.monotonic() - start) < seconds:
             due = int(elapsed * rate)
-            while written < due:
+            # Stop at the deadline even when behind: a writer slower than `rate` (one connection, one commit per
+            # row) used to keep writing to catch up after the window, for minutes, into a guard still behind.
+            while written < due and time.monotonic() - start < seconds:
                 customer, account = accounts[written % len(accounts)]
                 conn.execute(insert, (account, customer, Decimal(written % 100_000) / 100, "bench payee",
                                       "6222020000000000000", "bench"))
@@ -153,6 +155,29 @@ def start_guard(settings: Settings, log_path: str, trace: Path | None = None) ->
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
 
 
+def caught_up(settings: Settings, raw_topic: str, guard: subprocess.Popen[bytes], log_path: str,
+              timeout_s: float = 600.0) -> None:
+    """Wait until the guard's group has committed `raw_topic` up to its end (as it was when called)."""
+    consumer = Consumer({**client_config(settings), "group.id": settings.group_id, "enable.auto.commit": False})
+    try:
+        count = topic_partitions(consumer, raw_topic, timeout=60)
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(raw_topic, p), timeout=10)[1] for p in range(count)}
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if guard.poll() is not None:
+                raise BenchError(f"guard run exited with {guard.returncode}; see {log_path}")
+            try:
+                done = consumer.committed([TopicPartition(raw_topic, p) for p in ends], timeout=10)
+            except KafkaException:
+                done = []
+            if done and all(tp.offset >= ends[tp.partition] or ends[tp.partition] == 0 for tp in done):
+                return
+            time.sleep(1.0)
+        raise BenchError(f"the guard did not catch up with {raw_topic} within {timeout_s:.0f} s; see {log_path}")
+    finally:
+        consumer.close()
+
+
 def measure_db_latency(settings: Settings, rate: float, seconds: float, *, warmup_s: float = 10.0,
                        log_path: str, trace: dict[str, Any] | None = None) -> CommitLatency:
     """Write at `rate` for `warmup_s` + `seconds`; percentiles of the rows written in the last `seconds`.
@@ -164,7 +189,9 @@ def measure_db_latency(settings: Settings, rate: float, seconds: float, *, warmu
     guard = start_guard(settings, log_path, trace_path)
     raw = sanitized = None
     try:
-        # The guard catches up with what the topics hold before the probes start from their ends.
+        # The guard catches up with what the topics hold (an earlier run's rows included) before the probes
+        # start from their ends: otherwise the phase measures the backlog, not the guard at this rate.
+        caught_up(settings, raw_topic, guard, log_path)
         raw = CommitProbe(client_config(settings), raw_topic, raw_source)
         sanitized = CommitProbe(client_config(settings), f"sanitized.{raw_topic}", sanitized_source)
         time.sleep(5)
