@@ -199,6 +199,9 @@ class BenchOptions:
     #: `--latency-trace FILE`: guard workers trace their activity; each latency phase's (send time, latency)
     #: pairs, the worker's spans and their attribution (`guard.bench.trace`) are written to FILE as JSON.
     latency_trace: Path | None = None
+    #: Events/s of the latency phases and the soak; None: half the guard's measured steady-state rate. A fixed
+    #: rate lets two builds be compared at the same load on a machine whose speed varies between runs.
+    latency_rate: float | None = None
 
     @property
     def smoke(self) -> bool:
@@ -350,7 +353,7 @@ def execute(ctx: BenchContext, workload: Workload, opts: BenchOptions) -> dict[s
     plain_tp, guard_tp = median_trial(trials["plain"]), median_trial(trials["guard"])
     first_tp = median_trial(trials["guard_first_sight"])
     off_tp = median_trial(trials["guard-nopolicy"])
-    rate = guard_tp.events_per_s / 2
+    rate = opts.latency_rate if opts.latency_rate is not None else guard_tp.events_per_s / 2
     try:
         log.info("guard: latency at %.0f events/s for %.0fs", rate, opts.latency_s())
         guard_lat = measure_latency(ctx, guard, workload, rate, opts.latency_s(), opts.latency_warmup_s())
@@ -379,6 +382,7 @@ def execute(ctx: BenchContext, workload: Workload, opts: BenchOptions) -> dict[s
         "ratio": guard_tp.events_per_s / plain_tp.events_per_s,
         "ratio_first_sight": first_tp.events_per_s / plain_tp.events_per_s,
         "latency_rate": rate,
+        "latency_rate_fixed": opts.latency_rate is not None,
         "warmup": asdict(warmup) if warmup is not None else None,
         "trials": {
             "plain_events_per_s": [round(r.events_per_s, 1) for r in trials["plain"]],
