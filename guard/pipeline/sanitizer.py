@@ -235,10 +235,11 @@ class Sanitizer:
         # Records bound for a compacted sanitized topic take the Python path (their keys are recorded for
         # erasure tombstones): the native run stops before the first one. Records of tables with amount
         # bands stay on it: it hands back the banded values of creates (`_run_band_facts`).
-        # The run also stops before a record with Kafka headers (the Python path carries them), so the pre-scan
-        # below stops there too: scanning past it made every call re-scan the rest of the batch, quadratic in
-        # the batch when most records carry headers, as every record of a live Debezium connector does
-        # (`__debezium.context.*`): 12-32 s per 2,000-record batch in `guard bench --db-latency` (issue 17).
+        # The run also stops before a record with Kafka headers (the Python path reads them: a traceparent is
+        # carried to the outputs), so the pre-scan below stops there too: scanning past it made every call
+        # re-scan the rest of the batch, quadratic in the batch when most records carry headers, as every
+        # record of a live Debezium connector does (`__debezium.context.*`): 12-32 s per 2,000-record batch
+        # in `guard bench --db-latency` (issue 17).
         stop = next((j for j in range(start, len(records)) if records[j][0].headers()
                      or self._is_compacted(self.planner.sanitized_topic(records[j][1]))), len(records))
         checker = self.checker
