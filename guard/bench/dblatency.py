@@ -38,6 +38,9 @@ from guard.bench.workload import BENCH_PRINCIPAL
 from guard.config import Settings
 from guard.kafka.batching import take
 from guard.kafka_security import client_config
+from guard.stack.config import StackConfig
+from guard.stack.kafka_auth import DOWNSTREAM_GROUPS
+from guard.stack.kafka_auth import client_config as stack_client_config
 
 
 def sanitized_source(value: bytes) -> tuple[int | None, str]:
@@ -50,11 +53,12 @@ def sanitized_source(value: bytes) -> tuple[int | None, str]:
 class CommitProbe:
     """A read_committed consumer from the end of `topic`: readable time minus commit time per record."""
 
-    def __init__(self, client: dict[str, Any], topic: str, parse: Any) -> None:
+    def __init__(self, client: dict[str, Any], topic: str, parse: Any, group_prefix: str = "bench-commit-") -> None:
         self.parse = parse
         self.samples: dict[str, tuple[float, int]] = {}  # position -> (latency ms, commit ms)
+        self.errors = 0
         self._stop = threading.Event()
-        self.consumer = Consumer({**client, "group.id": f"bench-commit-{uuid.uuid4().hex}",
+        self.consumer = Consumer({**client, "group.id": f"{group_prefix}{uuid.uuid4().hex}",
                                   "enable.auto.commit": False, "isolation.level": "read_committed",
                                   "fetch.wait.max.ms": 10, "fetch.min.bytes": 1})
         count = topic_partitions(self.consumer, topic, timeout=60)
@@ -69,7 +73,12 @@ class CommitProbe:
             now_ms = time.time() * 1000
             for msg in msgs:
                 value = msg.value()
-                if msg.error() is not None or value is None:
+                if msg.error() is not None:
+                    if not self.errors:  # e.g. not authorised to read the topic: say so once, not silently
+                        log.warning("db latency probe of %s: %s", msg.topic(), msg.error())
+                    self.errors += 1
+                    continue
+                if value is None:
                     continue
                 try:
                     committed, position = self.parse(value)
@@ -155,6 +164,11 @@ def start_guard(settings: Settings, log_path: str, trace: Path | None = None) ->
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
 
 
+def downstream_client(settings: Settings) -> dict[str, Any]:
+    """The local stack's `downstream` principal (reads `sanitized.*`), at the bench's bootstrap address."""
+    return {**stack_client_config(StackConfig.from_env(), "downstream"), "bootstrap.servers": settings.kafka_bootstrap}
+
+
 def caught_up(settings: Settings, raw_topic: str, guard: subprocess.Popen[bytes], log_path: str,
               timeout_s: float = 600.0) -> None:
     """Wait until the guard's group has committed `raw_topic` up to its end (as it was when called)."""
@@ -193,7 +207,11 @@ def measure_db_latency(settings: Settings, rate: float, seconds: float, *, warmu
         # start from their ends: otherwise the phase measures the backlog, not the guard at this rate.
         caught_up(settings, raw_topic, guard, log_path)
         raw = CommitProbe(client_config(settings), raw_topic, raw_source)
-        sanitized = CommitProbe(client_config(settings), f"sanitized.{raw_topic}", sanitized_source)
+        # The sanitized topic is read as a downstream consumer reads it: the guard's principal may read the raw
+        # topics but no sanitized topic but the bench's own (guard/stack/kafka_auth.py), and read as the guard
+        # every fetch was refused and the phase matched 0 rows.
+        sanitized = CommitProbe(downstream_client(settings), f"sanitized.{raw_topic}", sanitized_source,
+                                DOWNSTREAM_GROUPS + "bench-commit-")
         time.sleep(5)
         if guard.poll() is not None:
             raise BenchError(f"guard run exited with {guard.returncode}; see {log_path}")
