@@ -240,7 +240,8 @@ class Sanitizer:
         # re-scan the rest of the batch, quadratic in the batch when most records carry headers, as every
         # record of a live Debezium connector does (`__debezium.context.*`): 12-32 s per 2,000-record batch
         # in `guard bench --db-latency` (issue 17).
-        stop = next((j for j in range(start, len(records)) if records[j][0].headers()
+        stop = next((j for j in range(start, len(records))
+                     if (records[j][0] is not None and records[j][0].headers())
                      or self._is_compacted(self.planner.sanitized_topic(records[j][1]))), len(records))
         checker = self.checker
         decided: list[tuple[str, WriteDecision]] = []
