@@ -25,11 +25,12 @@ import time
 import uuid
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import orjson
 import psycopg
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from guard.bench.common import BenchError, log
 from guard.bench.latency import percentile, sanitized_head, topic_partitions
@@ -37,6 +38,9 @@ from guard.bench.workload import BENCH_PRINCIPAL
 from guard.config import Settings
 from guard.kafka.batching import take
 from guard.kafka_security import client_config
+from guard.stack.config import StackConfig
+from guard.stack.kafka_auth import DOWNSTREAM_GROUPS
+from guard.stack.kafka_auth import client_config as stack_client_config
 
 
 def sanitized_source(value: bytes) -> tuple[int | None, str]:
@@ -49,11 +53,12 @@ def sanitized_source(value: bytes) -> tuple[int | None, str]:
 class CommitProbe:
     """A read_committed consumer from the end of `topic`: readable time minus commit time per record."""
 
-    def __init__(self, client: dict[str, Any], topic: str, parse: Any) -> None:
+    def __init__(self, client: dict[str, Any], topic: str, parse: Any, group_prefix: str = "bench-commit-") -> None:
         self.parse = parse
         self.samples: dict[str, tuple[float, int]] = {}  # position -> (latency ms, commit ms)
+        self.errors = 0
         self._stop = threading.Event()
-        self.consumer = Consumer({**client, "group.id": f"bench-commit-{uuid.uuid4().hex}",
+        self.consumer = Consumer({**client, "group.id": f"{group_prefix}{uuid.uuid4().hex}",
                                   "enable.auto.commit": False, "isolation.level": "read_committed",
                                   "fetch.wait.max.ms": 10, "fetch.min.bytes": 1})
         count = topic_partitions(self.consumer, topic, timeout=60)
@@ -68,7 +73,12 @@ class CommitProbe:
             now_ms = time.time() * 1000
             for msg in msgs:
                 value = msg.value()
-                if msg.error() is not None or value is None:
+                if msg.error() is not None:
+                    if not self.errors:  # e.g. not authorised to read the topic: say so once, not silently
+                        log.warning("db latency probe of %s: %s", msg.topic(), msg.error())
+                    self.errors += 1
+                    continue
+                if value is None:
                     continue
                 try:
                     committed, position = self.parse(value)
@@ -105,6 +115,9 @@ class CommitLatency:
     added_p95_ms: float
     added_p99_ms: float
     guard_pid: int | None = None
+    #: `--latency-trace`: the guard's activity lined up with the rows it added most to (`trace.attribute`
+    #: over the interval from the raw record's arrival to the sanitized record's).
+    trace: dict[str, Any] | None = None
 
 
 def _customers(dsn: str) -> list[tuple[int, str]]:
@@ -129,7 +142,9 @@ def write_paced(dsn: str, rate: float, seconds: float) -> tuple[int, float]:
         start = time.monotonic()
         while (elapsed := time.monotonic() - start) < seconds:
             due = int(elapsed * rate)
-            while written < due:
+            # Stop at the deadline even when behind: a writer slower than `rate` (one connection, one commit per
+            # row) used to keep writing to catch up after the window, for minutes, into a guard still behind.
+            while written < due and time.monotonic() - start < seconds:
                 customer, account = accounts[written % len(accounts)]
                 conn.execute(insert, (account, customer, Decimal(written % 100_000) / 100, "bench payee",
                                       "6222020000000000000", "bench"))
@@ -139,23 +154,64 @@ def write_paced(dsn: str, rate: float, seconds: float) -> tuple[int, float]:
     return written, written / took
 
 
-def start_guard(settings: Settings, log_path: str) -> subprocess.Popen[bytes]:
-    """A `guard run` worker of the stack's branch (its settings from this environment)."""
+def start_guard(settings: Settings, log_path: str, trace: Path | None = None) -> subprocess.Popen[bytes]:
+    """A `guard run` worker of the stack's branch (its settings from this environment); with `trace`, the
+    same worker with its activity traced there (`python -m guard.bench.trace`)."""
+    cmd = [sys.executable, "-m", "guard.cli", "run", "--worker-id", "bench-db-latency"]
+    if trace is not None:
+        cmd = [sys.executable, "-m", "guard.bench.trace", "--out", str(trace), "--worker-id", "bench-db-latency"]
     with open(log_path, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "guard.cli", "run", "--worker-id", "bench-db-latency"],
-                                stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
+
+
+def downstream_client(settings: Settings) -> dict[str, Any]:
+    """The local stack's `downstream` principal (reads `sanitized.*`), at the bench's bootstrap address."""
+    return {**stack_client_config(StackConfig.from_env(), "downstream"), "bootstrap.servers": settings.kafka_bootstrap}
+
+
+def caught_up(settings: Settings, raw_topic: str, guard: subprocess.Popen[bytes], log_path: str,
+              timeout_s: float = 600.0) -> None:
+    """Wait until the guard's group has committed `raw_topic` up to its end (as it was when called)."""
+    consumer = Consumer({**client_config(settings), "group.id": settings.group_id, "enable.auto.commit": False})
+    try:
+        count = topic_partitions(consumer, raw_topic, timeout=60)
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(raw_topic, p), timeout=10)[1] for p in range(count)}
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if guard.poll() is not None:
+                raise BenchError(f"guard run exited with {guard.returncode}; see {log_path}")
+            try:
+                done = consumer.committed([TopicPartition(raw_topic, p) for p in ends], timeout=10)
+            except KafkaException:
+                done = []
+            if done and all(tp.offset >= ends[tp.partition] or ends[tp.partition] == 0 for tp in done):
+                return
+            time.sleep(1.0)
+        raise BenchError(f"the guard did not catch up with {raw_topic} within {timeout_s:.0f} s; see {log_path}")
+    finally:
+        consumer.close()
 
 
 def measure_db_latency(settings: Settings, rate: float, seconds: float, *, warmup_s: float = 10.0,
-                       log_path: str) -> CommitLatency:
-    """Write at `rate` for `warmup_s` + `seconds`; percentiles of the rows written in the last `seconds`."""
+                       log_path: str, trace: dict[str, Any] | None = None) -> CommitLatency:
+    """Write at `rate` for `warmup_s` + `seconds`; percentiles of the rows written in the last `seconds`.
+
+    `trace` (`--latency-trace`): the guard's activity is traced and lined up with the time each row spent
+    between its raw and its sanitized record; samples, spans and attribution go to `trace["db"]`."""
     raw_topic = f"{settings.raw_topic_prefix}.public.transactions"
-    guard = start_guard(settings, log_path)
+    trace_path = Path(log_path).with_suffix(".trace.jsonl") if trace is not None else None
+    guard = start_guard(settings, log_path, trace_path)
     raw = sanitized = None
     try:
-        # The guard catches up with what the topics hold before the probes start from their ends.
+        # The guard catches up with what the topics hold (an earlier run's rows included) before the probes
+        # start from their ends: otherwise the phase measures the backlog, not the guard at this rate.
+        caught_up(settings, raw_topic, guard, log_path)
         raw = CommitProbe(client_config(settings), raw_topic, raw_source)
-        sanitized = CommitProbe(client_config(settings), f"sanitized.{raw_topic}", sanitized_source)
+        # The sanitized topic is read as a downstream consumer reads it: the guard's principal may read the raw
+        # topics but no sanitized topic but the bench's own (guard/stack/kafka_auth.py), and read as the guard
+        # every fetch was refused and the phase matched 0 rows.
+        sanitized = CommitProbe(downstream_client(settings), f"sanitized.{raw_topic}", sanitized_source,
+                                DOWNSTREAM_GROUPS + "bench-commit-")
         time.sleep(5)
         if guard.poll() is not None:
             raise BenchError(f"guard run exited with {guard.returncode}; see {log_path}")
@@ -178,6 +234,7 @@ def measure_db_latency(settings: Settings, rate: float, seconds: float, *, warmu
         except subprocess.TimeoutExpired:
             guard.kill()
     assert raw is not None and sanitized is not None
+    spans_until = time.time() * 1000
     raws = {p: lat for p, (lat, c) in raw.samples.items() if c >= since_ms}
     sans = {p: lat for p, (lat, c) in sanitized.samples.items() if c >= since_ms}
     both = sorted(set(raws) & set(sans))
@@ -189,6 +246,17 @@ def measure_db_latency(settings: Settings, rate: float, seconds: float, *, warmu
     def pct(values: list[float], q: float) -> float:
         return round(percentile(values, q), 1)
 
+    found = None
+    if trace is not None and trace_path is not None and both:
+        from guard.bench.trace import attribute, read_spans
+
+        # What the guard is answerable for: from the raw record's arrival to the sanitized record's.
+        commits = {p: c for p, (_, c) in raw.samples.items()}
+        arrived = [commits[p] + raws[p] for p in both]
+        spans = read_spans([trace_path], min(arrived) - 2000, spans_until)
+        found = attribute(arrived, [max(a, 0.0) for a in added], spans)
+        samples = [[a, round(x, 2), round(r, 2)] for a, x, r in zip(arrived, added, raw_l, strict=True)]
+        trace["db"] = {"samples": samples, "spans": spans, "attribution": found}
     return CommitLatency(rate, round(achieved, 1), seconds, written, len(both),
                          pct(raw_l, 50), pct(raw_l, 95), pct(raw_l, 99), pct(san_l, 50), pct(san_l, 95),
-                         pct(san_l, 99), pct(added, 50), pct(added, 95), pct(added, 99), guard.pid)
+                         pct(san_l, 99), pct(added, 50), pct(added, 95), pct(added, 99), guard.pid, found)

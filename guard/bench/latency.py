@@ -174,6 +174,8 @@ class LatencyResult:
     probe_ready_s: float = 0.0
     #: Paced seconds before the measured window (`seconds`), not counted.
     warmup_s: float = 0.0
+    #: `--latency-trace`: the guard worker's activity lined up with the slowest events (`trace.attribute`).
+    trace: dict[str, Any] | None = None
 
 
 def measure_latency(ctx: BenchContext, workers: WorkerSet, workload: Workload, rate: float, seconds: float,
@@ -200,9 +202,33 @@ def measure_latency(ctx: BenchContext, workers: WorkerSet, workload: Workload, r
     pauses = None
     if ctx.broker_gc_log is not None:
         pauses = broker_gc_pauses(ctx.broker_gc_log, probe.since_ms / 1000, time.time())
+    found = None
+    if ctx.trace is not None:
+        found = trace_phase(ctx.trace, workers.mode, probe.sent_at, values, [p.trace_path for p in workers.procs])
     return LatencyResult(rate, achieved, seconds, sent, len(values), percentile(values, 50), percentile(values, 99),
                          max(values) if values else float("nan"), timeline(probe.sent_at, values, probe.since_ms),
-                         pauses, round(probe.ready_s, 3), warmup_s)
+                         pauses, round(probe.ready_s, 3), warmup_s, found)
+
+
+def trace_phase(out: dict[str, Any], mode: str, sent_ms: list[int], latency_ms: list[float],
+                paths: list[Path | None]) -> dict[str, Any] | None:
+    """A latency phase's samples (and, for guard workers, their activity spans and `trace.attribute`) into
+    `out[mode]`, which `--latency-trace` writes to its file; returns the attribution (None: no spans)."""
+    from guard.bench.trace import attribute, read_spans
+
+    sent = [float(s) for s in sent_ms]
+    entry: dict[str, Any] = {"samples": [[s, round(lat, 2)] for s, lat in zip(sent, latency_ms, strict=True)]}
+    found = None
+    files = [p for p in paths if p is not None]
+    if files and sent:
+        # The workers flush their spans every 0.5 s; they are still running here.
+        time.sleep(1.0)
+        spans = read_spans(files, min(sent) - 2000, max(s + lat for s, lat in zip(sent, latency_ms, strict=True)))
+        found = attribute(sent, latency_ms, spans)
+        entry["spans"] = spans
+        entry["attribution"] = found
+    out[mode] = entry
+    return found
 
 
 #: `-Xlog:gc` with the `time` decorator: `[2026-12-01T17:07:26.112+0000][534.825s] GC(182) Pause Young

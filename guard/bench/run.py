@@ -56,13 +56,15 @@ def run_bench(settings: Settings, *, records: int = 200_000, partitions: int = 2
               soak_seconds: float = 0.0, keep: bool = False, trials: int = 3,
               warmup_seconds: float | None = None, workload: str = "realistic", customers: int | None = None,
               key_cache_ttl: float | None = None, memory_scale: list[int] | None = None,
-              db_latency_seconds: float = 0.0, db_rate: float | None = None) -> dict[str, Any]:
+              db_latency_seconds: float = 0.0, db_rate: float | None = None,
+              latency_trace: Path | None = None, latency_rate: float | None = None) -> dict[str, Any]:
     """Entry point of `guard bench` (and `python -m guard.bench`): run, print, write JSON, return it."""
     opts = BenchOptions(records=records, partitions=partitions, workers=workers, latency_seconds=latency_seconds,
                         warmup_seconds=warmup_seconds, scaling=scaling, soak_seconds=soak_seconds, keep=keep,
                         json_out=json_out, trials=trials, workload=workload, customers=customers,
                         key_cache_ttl=key_cache_ttl, memory_scale=memory_scale or [],
-                        db_latency_seconds=db_latency_seconds, db_rate=db_rate)
+                        db_latency_seconds=db_latency_seconds, db_rate=db_rate, latency_trace=latency_trace,
+                        latency_rate=latency_rate)
     report = run(settings, opts)
     emit_report(report, json_out)
     return report
@@ -112,6 +114,13 @@ def main(argv: list[str] | None = None) -> int:
                              "branch database for SECONDS (after 10 s of warm-up)")
     parser.add_argument("--db-rate", type=float, default=None,
                         help="rows/s written in --db-latency (default: half the guard's measured max rate)")
+    parser.add_argument("--latency-trace", type=Path, default=None, metavar="FILE",
+                        help="trace the guard workers' activity (batches, key loads, cache clears, commits, GC) "
+                             "and write each latency phase's (send ms, latency ms) pairs, the spans and where "
+                             "the slowest 1%% waited to FILE (JSON); the report summarises it")
+    parser.add_argument("--latency-rate", type=float, default=None, metavar="EVENTS_PER_S",
+                        help="events/s of the latency phases and the soak (default: half the guard's measured "
+                             "rate); to compare two builds at the same load")
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument("--profile-local", type=int, default=0, metavar="RECORDS",
                         help="instead: profile the sanitizer over RECORDS bench events in a loop, no Kafka")
@@ -129,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                   json_out=args.json_out, latency_seconds=args.latency_seconds, scaling=args.scaling,
                   soak_seconds=args.soak, keep=args.keep, trials=args.trials, warmup_seconds=args.warmup_seconds,
                   workload=args.workload, customers=args.customers, key_cache_ttl=args.key_cache_ttl,
-                  memory_scale=args.memory_scale, db_latency_seconds=args.db_latency, db_rate=args.db_rate)
+                  memory_scale=args.memory_scale, db_latency_seconds=args.db_latency, db_rate=args.db_rate,
+                  latency_trace=args.latency_trace, latency_rate=args.latency_rate)
     except GuardError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

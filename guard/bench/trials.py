@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
@@ -195,6 +196,12 @@ class BenchOptions:
     #: Rows/s written into the branch database in that phase; None: half the guard's measured max rate.
     db_rate: float | None = None
     json_out: Path | None = None
+    #: `--latency-trace FILE`: guard workers trace their activity; each latency phase's (send time, latency)
+    #: pairs, the worker's spans and their attribution (`guard.bench.trace`) are written to FILE as JSON.
+    latency_trace: Path | None = None
+    #: Events/s of the latency phases and the soak; None: half the guard's measured steady-state rate. A fixed
+    #: rate lets two builds be compared at the same load on a machine whose speed varies between runs.
+    latency_rate: float | None = None
 
     @property
     def smoke(self) -> bool:
@@ -346,10 +353,11 @@ def execute(ctx: BenchContext, workload: Workload, opts: BenchOptions) -> dict[s
     plain_tp, guard_tp = median_trial(trials["plain"]), median_trial(trials["guard"])
     first_tp = median_trial(trials["guard_first_sight"])
     off_tp = median_trial(trials["guard-nopolicy"])
-    rate = guard_tp.events_per_s / 2
+    rate = opts.latency_rate if opts.latency_rate is not None else guard_tp.events_per_s / 2
     try:
         log.info("guard: latency at %.0f events/s for %.0fs", rate, opts.latency_s())
         guard_lat = measure_latency(ctx, guard, workload, rate, opts.latency_s(), opts.latency_warmup_s())
+        write_trace(opts, ctx)  # at once: a run stopped later still leaves the guard phase's trace
     finally:
         trials["guard"][-1].workers = guard.stop()
     plain_group, _ = trial_group(ctx, "plain", opts.trials - 1)
@@ -374,6 +382,7 @@ def execute(ctx: BenchContext, workload: Workload, opts: BenchOptions) -> dict[s
         "ratio": guard_tp.events_per_s / plain_tp.events_per_s,
         "ratio_first_sight": first_tp.events_per_s / plain_tp.events_per_s,
         "latency_rate": rate,
+        "latency_rate_fixed": opts.latency_rate is not None,
         "warmup": asdict(warmup) if warmup is not None else None,
         "trials": {
             "plain_events_per_s": [round(r.events_per_s, 1) for r in trials["plain"]],
@@ -437,7 +446,8 @@ def run(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
     sampler = RssSampler(0.5)
     ctx = BenchContext(settings, names, opts.partitions, sampler, Path(tempfile.mkdtemp(prefix=f"{names.prefix}-")),
                        broker_gc_log=broker.gc_log if broker is not None and broker.gc_log.is_file() else None,
-                       tables=workload.tables, key_cache_ttl=opts.cache_ttl(), messages=workload.has_messages)
+                       tables=workload.tables, key_cache_ttl=opts.cache_ttl(), messages=workload.has_messages,
+                       trace={} if opts.latency_trace is not None else None)
     try:
         for table in workload.tables:
             create_topic(admin, names.input(table), opts.partitions)
@@ -483,10 +493,21 @@ def run(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
         db_rate = opts.db_rate if opts.db_rate is not None else report["latency_rate"]
         log.info("latency from the database: %.0f rows/s for %.0fs", db_rate, opts.db_latency_seconds)
         report["db_latency"] = asdict(measure_db_latency(settings, db_rate, opts.db_latency_seconds,
-                                                         log_path=str(ctx.log_dir / "guard-db-latency.log")))
+                                                         log_path=str(ctx.log_dir / "guard-db-latency.log"),
+                                                         trace=ctx.trace))
     if opts.memory_scale:
         from guard.bench.scale import measure_scale
 
         report["memory_scale"] = measure_scale(settings, opts.memory_scale, partitions=opts.partitions)
     report["targets"] = target_checks(report)
+    if write_trace(opts, ctx):
+        report["latency_trace"] = str(opts.latency_trace)
     return report
+
+
+def write_trace(opts: BenchOptions, ctx: BenchContext) -> bool:
+    """`--latency-trace`: write the phases traced so far to the file (again after each phase)."""
+    if opts.latency_trace is None or ctx.trace is None:
+        return False
+    opts.latency_trace.write_bytes(orjson.dumps({"runid": ctx.names.runid, "phases": ctx.trace}))
+    return True

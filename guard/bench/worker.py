@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -201,8 +202,10 @@ def _mark_first(process: Callable[..., Any], restore: Callable[[Callable[..., An
     return first
 
 
-def run_guard(settings: Settings) -> dict[str, Any]:
-    """Run the real `SanitizerWorker` over the bench's raw topic until SIGTERM and return its counts."""
+def run_guard(settings: Settings, trace: Path | None = None) -> dict[str, Any]:
+    """Run the real `SanitizerWorker` over the bench's raw topic until SIGTERM and return its counts.
+
+    `trace`: record the worker's activity there (`guard.bench.trace.WorkerTrace`, `--latency-trace`)."""
     from guard.kafka.runner import SanitizerWorker
     from guard.kafka.stats import Stats
     from guard.pipeline.runtime import build_sanitizer
@@ -221,8 +224,18 @@ def run_guard(settings: Settings) -> dict[str, Any]:
 
     worker = SanitizerWorker(settings, sanitizer, on_batch=on_batch)
     worker.install_signal_handlers()
+    tracer = None
+    if trace is not None:
+        from guard.bench.trace import WorkerTrace
+
+        tracer = WorkerTrace(trace)
+        tracer.install(worker)
     emit("ready", pid_mode="guard")
-    stats = worker.run()
+    try:
+        stats = worker.run()
+    finally:
+        if tracer is not None:
+            tracer.close()
     return {
         "events": stats.events_in,
         "transactions": stats.transactions,
@@ -279,6 +292,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--key-cache-ttl", type=float, default=None,
                         help="guard mode: the data-key cache TTL in seconds (default: the guard's)")
     parser.add_argument("--output-topic", help="plain mode: where values are copied")
+    parser.add_argument("--trace", type=Path, default=None,
+                        help="guard modes: write the worker's activity spans here (guard.bench.trace)")
     return parser.parse_args(argv)
 
 
@@ -294,9 +309,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit("plain mode needs --input-topic and --output-topic")
         counts = run_plain(settings, args.input_topic.split(","), args.output_topic)
     elif args.mode == "guard-nopolicy":
-        counts = run_guard(replace(settings, policy="off"))
+        counts = run_guard(replace(settings, policy="off"), args.trace)
     else:
-        counts = run_guard(settings)
+        counts = run_guard(settings, args.trace)
     emit("done", **counts)
     return 0
 

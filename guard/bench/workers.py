@@ -38,6 +38,8 @@ class WorkerProc:
     key_counts: list[tuple[float, dict[str, int]]] = field(default_factory=list)
     done: dict[str, Any] | None = None
     ready: threading.Event = field(default_factory=threading.Event)
+    #: Where the worker writes its activity spans (`--latency-trace`), else None.
+    trace_path: Path | None = None
 
     def read(self) -> None:
         """Reader thread: parse the worker's protocol lines (see `guard.bench.worker`)."""
@@ -124,6 +126,9 @@ class BenchContext:
     key_cache_ttl: float | None = None
     #: Whether the workload has logical decoding messages on `<prefix>.message` (the attribution of deletes).
     messages: bool = False
+    #: `--latency-trace`: guard workers record their activity (`guard.bench.trace`) beside their logs, and
+    #: each latency phase's samples and attribution are collected here (mode -> what `measure_latency` found).
+    trace: dict[str, Any] | None = None
 
     @property
     def inputs(self) -> list[str]:
@@ -166,12 +171,16 @@ class WorkerSet:
                "--output-topic", ctx.names.plain_out, "--branch-suffix", self.branch_suffix]
         if ctx.key_cache_ttl is not None:
             cmd += ["--key-cache-ttl", str(ctx.key_cache_ttl)]
+        trace_path = None
+        if ctx.trace is not None and self.mode != "plain":
+            trace_path = ctx.log_dir / f"{worker_id}.trace.jsonl"
+            cmd += ["--trace", str(trace_path)]
         log_path = ctx.log_dir / f"{worker_id}.log"
         with log_path.open("w") as log_file:
             # the workers reach Kafka as this process does (settings from a --config file included)
             env = {**os.environ, **settings_env(ctx.settings)}
             popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True, bufsize=1, env=env)
-        proc = WorkerProc(self.mode, worker_id, popen, log_path)
+        proc = WorkerProc(self.mode, worker_id, popen, log_path, trace_path=trace_path)
         threading.Thread(target=proc.read, name=f"read-{worker_id}", daemon=True).start()
         ctx.sampler.add(self.label, popen.pid)
         return proc

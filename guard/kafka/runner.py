@@ -92,9 +92,9 @@ PENDING_CHECK_S = 5.0
 #: The timeout the offsets sent early to a transaction get (`EarlyOffsets`): librdkafka answers a timed-out
 #: send with a retriable error, and the commit then sends the offsets itself.
 OFFSETS_SEND_TIMEOUT_S = 10.0
-#: How long the commit waits for the early send before it calls the producer stuck and replaces it
-#: (`_recover`): at most two sends are queued on the transactional thread (the batch's and the commit's),
-#: each answers within its timeout, plus a margin. librdkafka can leave a coordinator request unanswered
+#: How long the commit waits for its offsets send before it calls the producer stuck and replaces it
+#: (`_recover`): the send answers within its timeout; twice that plus a margin (the bound from when a
+#: batch's own send could be queued before the commit's). librdkafka can leave a coordinator request unanswered
 #: past its timeout when the coordinator moved or restarted (confluentinc/librdkafka issues 5456 and 5511):
 #: after a broker restart both workers of the reliability test waited out the whole transaction deadline
 #: (45 s) here before.
@@ -333,11 +333,13 @@ class SanitizerWorker:
             self._txn_records = 0
         # The audit chains of partitions new to this worker, read with their committed offsets *before* this
         # transaction sends offsets for them: a read_committed offset fetch waits on pending offsets.
+        # No offsets are sent here: they go to the transaction once, at the commit, with the chains' tails
+        # as their metadata (`_commit`). A send of the batch's offsets here, without tails, was always
+        # superseded by the commit's and made each transaction pay two sends; at half rate the commit's
+        # often queued behind it on the transactional thread (docs/benchmark.md, issue 17's latency trace).
         unloaded = [tp for tp in ends if tp not in self.chains.partitions]
         if unloaded:
             self.chains.load(unloaded)
-        # The commit then has only EndTxn left to wait for (`EarlyOffsets`).
-        self._early_offsets.send(self._txn_pool, self.producer, self.consumer, ends, OFFSETS_SEND_TIMEOUT_S)
         self._held.clear()
         if sanitizer.runs_native and not traced:
             # Ordinary records are sanitized and produced natively; each record a run stops at (declined,
@@ -379,8 +381,8 @@ class SanitizerWorker:
         for (topic, partition), offset in self._held.items():
             if (topic, partition) in assigned:
                 self.consumer.seek(TopicPartition(topic, partition, offset))
-            # Commit exactly up to the delete: an offset sent early for this partition (`EarlyOffsets`,
-            # past the delete) is overwritten by this one at the commit, never left standing.
+            # Commit exactly up to the delete: the commit sends the offsets from `_last` (nothing of the
+            # partition past the delete was sent before).
             self._last[(topic, partition)] = offset - 1
         self.stats.attribution_waits += len(self._held)
         time.sleep(0.05)

@@ -498,10 +498,36 @@ class KeyManager:
     def _cache(self, branch: str, subject: str, aead: Aead, now: float) -> None:
         # Jitter spreads expiries, so keys fetched together (a snapshot, a burst) don't all expire
         # in the same second and stall the stream with a wave of key-store round trips.
-        self._deks[(branch, subject)] = (aead, now + self._ttl * (0.75 + 0.25 * random.random()))
-        self._deks.move_to_end((branch, subject))
-        while len(self._deks) > self._cache_size:
-            self._deks.popitem(last=False)
+        deks = self._deks
+        deks[(branch, subject)] = (aead, now + self._ttl * (0.75 + 0.25 * random.random()))
+        deks.move_to_end((branch, subject))
+        while len(deks) > self._cache_size:
+            deks.popitem(last=False)
+        self._purge(now)
+
+    def _purge(self, now: float) -> int:
+        """Drop expired keys from the front of the cache (call with the lock held); returns how many.
+
+        The cache is in the order keys were (re)cached, so its front holds the earliest expiries (within the
+        jitter, a quarter of the TTL). An expired key can no longer be used, but kept it would stay in memory
+        until 200,000 newer keys pushed it out: with customers seen once in a while that is every key seen,
+        a worker's memory grew for minutes before it levelled off (`guard bench --soak`), and an erased
+        customer's unwrapped key outlived the TTL in memory. Popping the expired front at each insert and
+        each batch (`purge_expired`) keeps about one TTL's keys, at O(1) per key.
+        """
+        deks, dropped = self._deks, 0
+        while deks:
+            first = next(iter(deks.values()))
+            if first[1] > now:
+                break
+            deks.popitem(last=False)
+            dropped += 1
+        return dropped
+
+    def purge_expired(self) -> int:
+        """Forget every expired key at the front of the cache (once per batch: `Sanitizer.prefetch`)."""
+        with self._lock:
+            return self._purge(time.monotonic())
 
     def counters(self) -> dict[str, int]:
         """What this manager's data-key cache and key store did so far (the benchmark reports them).

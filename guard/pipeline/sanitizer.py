@@ -49,7 +49,7 @@ from guard.pipeline.decode import Decoder
 from guard.pipeline.plan import Planner
 from guard.pipeline.policy import AttributionPending, WriteChecker, WriteDecision, principal_text
 from guard.pipeline.protect import Protector
-from guard.protect.fastpath import new_fast_path, scan_writes, use_native
+from guard.protect.fastpath import first_traced, new_fast_path, scan_writes, use_native
 from guard.protect.masking import mask
 from guard.records.builders import OutRecord, RecordBuilder
 from guard.records.codec import write_reason
@@ -232,9 +232,10 @@ class Sanitizer:
         batch (after `prefetch`); `produce`/`poll` are the transactional producer's methods and
         `partitions(sanitized topic, raw topic)` the sanitized topic's partition count. The record at
         `end` (if any) has produced nothing; the caller hands it to `process`, then calls again from
-        `end + 1`. Kafka errors other than a full local queue propagate (the runner aborts). Only for
-        records without Kafka headers and without tracing: those go through `process`, which carries
-        the trace context. `chains` (the worker's `AuditChains`): the run chains its audit records itself
+        `end + 1`. Kafka errors other than a full local queue propagate (the runner aborts). Not for a
+        worker with tracing, nor for a record with a `traceparent` header: those go through `process`, which
+        carries the trace context (other headers, such as Debezium's `__debezium.context.*`, are carried by
+        neither path). `chains` (the worker's `AuditChains`): the run chains its audit records itself
         (`guard_native.FastPath.run`); without it `produce` must.
         """
         # Records bound for a compacted sanitized topic take the Python path (their keys are recorded for
@@ -247,6 +248,11 @@ class Sanitizer:
         if any(self._is_compacted(self.planner.sanitized_topic(t)) for t in topics):
             stop = next((j for j in range(start, len(records))
                          if self._is_compacted(self.planner.sanitized_topic(records[j][1]))), len(records))
+        # The run also stops before a record with a `traceparent` header (the Python path carries it to the
+        # outputs), so the pre-scan below stops there too: scanning past it made every call re-scan the rest
+        # of the batch. Other headers (a live Debezium connector's `__debezium.context.*` on every record)
+        # don't stop it: the Python path, untraced, carries none of them either.
+        stop = first_traced(records, start, stop)
         checker = self.checker
         reasons: list[bytes | None] | None = None
         if checker is not None and stop > start:
@@ -319,6 +325,7 @@ class Sanitizer:
         decode are left for `process` to send to the DLQ.
         """
         self.keys.check_tenant_keys()  # a vanished tenant key stops the worker (at most every few seconds)
+        self.keys.purge_expired()  # expired data keys leave memory (docs/keys.md)
         self.expire_value_caches()
         self.decoder.clear()
         if self.checker is not None:

@@ -63,6 +63,16 @@ def scan_writes(records: list[Any], start: int, stop: int, skip_topic: str,
     return _native.scan_writes(records, start, stop, skip_topic, decide)
 
 
+def first_traced(records: list[Any], start: int, stop: int) -> int:
+    """The index of the first of `records[start:stop]` whose message carries a `traceparent` header, or
+    `stop` (`guard_native.first_traced`): where a native run must stop, the Python path carrying the trace
+    context on. Other headers don't count (a live Debezium connector puts `__debezium.context.*` on every
+    record; the untraced Python path carries none of them either)."""
+    if _native is None:
+        raise ConfigError("the guard_native extension is not installed (check use_native first)")
+    return int(_native.first_traced(records, start, stop))
+
+
 def take_messages(msgs: list[Any], start: int, good: list[Any], first: dict[Any, int], ends: dict[Any, int]) -> int:
     """The runner's first pass over a fetched batch from `msgs[start]` on, up to the first message with an
     error (`guard_native.take_messages`; only when `use_native` said yes)."""

@@ -432,8 +432,8 @@ impl FastPath {
     /// outputs (sanitized, audit) are produced with the input's timestamp only after its transform has
     /// succeeded, so the run always stops *before* a record it can't finish, having produced nothing for
     /// it: declined by the transform, a callback error (an erased subject, a key store problem: the Python
-    /// path meets the same condition and applies its policy), Kafka headers to carry on, an output over
-    /// `max_record_bytes`, a panic. A `produce` error other than a full local queue (BufferError: poll,
+    /// path meets the same condition and applies its policy), a `traceparent` header to carry on (no
+    /// other header: the untraced Python path carries none), an output over `max_record_bytes`, a panic. A `produce` error other than a full local queue (BufferError: poll,
     /// then retry) propagates, and the runner aborts the transaction.
     ///
     /// `hooks` supplies the sanitizer's side: `out_topic(topic)`, `sanitize_key(topic, key)`, `load_keys(topic, partition, offset, value)`, the
@@ -570,7 +570,7 @@ impl FastPath {
             let partition: i64 = item.get_item(2)?.extract()?;
             let offset: i64 = item.get_item(3)?.extract()?;
             let value = item.get_item(4)?;
-            if value.is_none() || !msg.call_method0(intern!(py, "headers"))?.is_none() {
+            if value.is_none() || scan::has_traceparent(&msg)? {
                 break;
             }
             let value_bytes = value.downcast::<PyBytes>()?.as_bytes();
@@ -1094,6 +1094,7 @@ fn guard_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(scan::py_scan_write, m)?)?;
     m.add_function(wrap_pyfunction!(scan::scan_writes, m)?)?;
     m.add_function(wrap_pyfunction!(scan::take_messages, m)?)?;
+    m.add_function(wrap_pyfunction!(scan::first_traced, m)?)?;
     m.add("ABI", 1)?;
     Ok(())
 }

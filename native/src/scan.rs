@@ -380,3 +380,42 @@ pub fn take_messages<'py>(
     }
     Ok(i)
 }
+
+/// Whether a Kafka message (confluent-kafka's `Message`, or None for bare test tuples) carries a
+/// `traceparent` header: the one header the untraced Python path reads (it carries the trace context to
+/// the outputs). A live Debezium connector's `__debezium.context.*` headers, on every record, don't count.
+pub fn has_traceparent(msg: &Bound<'_, PyAny>) -> PyResult<bool> {
+    if msg.is_none() {
+        return Ok(false);
+    }
+    let py = msg.py();
+    let headers = msg.call_method0(intern!(py, "headers"))?;
+    if headers.is_none() {
+        return Ok(false);
+    }
+    for header in headers.try_iter()? {
+        let header = header?;
+        let name = header.get_item(0)?;
+        if let Ok(name) = name.downcast::<PyString>() {
+            if name.to_str()? == "traceparent" {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// The index of the first of `records[start:stop]` (the runner's `(message, topic, partition, offset,
+/// value)` tuples) whose message carries a `traceparent` header, or `stop`: where a native run stops.
+#[pyfunction]
+#[pyo3(signature = (records, start, stop))]
+pub fn first_traced(records: &Bound<'_, PyList>, start: usize, stop: usize) -> PyResult<usize> {
+    let stop = stop.min(records.len());
+    for i in start..stop {
+        let item = records.get_item(i)?;
+        if has_traceparent(&item.get_item(0)?)? {
+            return Ok(i);
+        }
+    }
+    Ok(stop)
+}

@@ -573,8 +573,7 @@ def process_batch(stack, sanitizer, msgs, **producer_options):
         worker = batch_worker(stack, sanitizer, producer)
         worker._max_record_bytes = min(worker._max_record_bytes, producer.max_bytes - 64)
         worker._process_batch(msgs)
-    assert producer.sent_offsets[-1] == {tp: offset + 1 for tp, offset in worker._last.items()}
-    assert worker._early_offsets_cover_batch(), "the commit would use the offsets sent while the batch ran"
+    assert not producer.sent_offsets, "offsets go to the transaction once, with their tails, at the commit"
     batch = worker.batch
     counts = (batch.events, batch.records_out, batch.by_table_decision, batch.fields, batch.dlq,
               batch.timestamps_ms)
@@ -667,8 +666,9 @@ def test_a_key_the_sanitizer_cannot_handle_goes_to_the_dlq_and_the_batch_goes_on
 
 
 def test_offsets_sent_early_count_only_if_they_are_the_commits_own(stack, pair):
-    """`_commit` skips its own send_offsets only when the last early send succeeded with exactly the
-    offsets it would send; a failed, stale or missing early send makes it send them itself."""
+    """Batches send no offsets (the commit sends them once, with the chains' tails); `_commit` uses the
+    send it started only if it succeeded with exactly the offsets it needs; a failed, stale or missing send
+    makes it send them itself."""
     import concurrent.futures
 
     _, native = pair
@@ -677,11 +677,10 @@ def test_offsets_sent_early_count_only_if_they_are_the_commits_own(stack, pair):
     worker = batch_worker(stack, native, producer)
     worker._process_batch(msgs[:20])
     worker._process_batch(msgs[20:])
-    assert len(producer.sent_offsets) == 2, "one early send per fetched batch"
-    assert producer.sent_offsets[0] == {(m.topic(), m.partition()): max(x.offset() for x in msgs[:20]
-                                                                         if x.partition() == m.partition()) + 1
-                                        for m in msgs[:20]}
-    assert producer.sent_offsets[1] == {tp: offset + 1 for tp, offset in worker._last.items()}
+    assert producer.sent_offsets == [], "no send per fetched batch: it would be superseded by the commit's"
+    worker._early_offsets.send(worker._txn_pool, producer, worker.consumer, worker._last, 10,
+                               worker.chains.metadata(worker._last))  # what `_commit` sends
+    assert producer.sent_offsets == [{tp: offset + 1 for tp, offset in worker._last.items()}]
     assert worker._early_offsets_cover_batch()
     assert not worker._early_offsets_cover_batch(), "used once"
 
@@ -747,6 +746,59 @@ def test_write_decisions_are_the_same_on_both_paths(stack, pair):
         assert by_decision == {"write_allowed": 18, "write_denied": 6, "unattributed": 12}
         flagged = [h for t, _, _, _, _, h in expected[0].records if t.startswith("sanitized.") and h]
         assert len(flagged) == 18 and all(dict(h)["bg-policy"] for h in flagged)
+    finally:
+        for san in pair:
+            san.checker = None
+
+
+def test_records_with_headers_take_native_runs_unless_traced(stack, pair):
+    """Every record of a live Debezium connector carries `__debezium.context.*` headers: they take native
+    runs (the untraced Python path carries no header but a `traceparent` either), and only a record with a
+    `traceparent` stops a run and goes the Python path, which carries it to its outputs. The pre-scan reads
+    each record once, not the rest of the batch again at every stop (quadratic: 12-32 s per 2,000-record
+    batch in `guard bench --db-latency` before), and the records are those of the Python path."""
+    import guard.pipeline.sanitizer as sanitizer_module
+    from guard.pipeline.policy import WriteChecker
+    from guard.policy.engine import PolicyEngine, default_directory
+    from guard.policy.sources import staff_entities
+
+    staff = staff_entities([("t0101-01", "0101", "bank-a", True, ["teller"])])
+    python, native = pair
+    for san in pair:
+        san.checker = WriteChecker(san.settings, PolicyEngine(default_directory(), entity_source=lambda: staff), None)
+        san.checker.policy_branch = "0101"
+    context = [("__debezium.context.connectorLogicalName", b"br0101"), ("__debezium.context.taskId", b"0")]
+    traceparent = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    try:
+        topic = f"{PREFIX}.public.customers"
+        msgs = []
+        for n in range(60):
+            cid = 7_600_000 + n
+            event = _customer_event(after__customer_id=cid, after__name=f"客户{cid}", source__ts_ms=1_800_000_000_000)
+            event["after"]["updated_by"] = "Staff:t0101-01"
+            headers = [*context, ("traceparent", traceparent)] if n % 20 == 0 else context
+            msgs.append(Message(topic=topic, partition=n % 2, offset=300 + n, key=f'{{"customer_id": {cid}}}'.encode(),
+                                value=orjson.dumps(event), timestamp=(1, 1_700_000_000_000 + n), headers=headers))
+        run_both(pair, "public.customers", b'{"customer_id": 42}', orjson.dumps(_customer_event()), prefetch=False,
+                 trace_id=None)  # the plan is registered with the native path
+        scanned = [0]
+        real_scan_writes = sanitizer_module.scan_writes
+
+        def counting(records, start, stop, *args):
+            scanned[0] += stop - start
+            return real_scan_writes(records, start, stop, *args)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(sanitizer_module, "scan_writes", counting)
+            got, by_runs = process_batch_natively(stack, native, msgs)
+        expected = process_batch(stack, python, msgs)
+        assert sorted(by_runs) == [300 + n for n in range(60) if n % 20], \
+            "every record took a native run but the three with a traceparent"
+        assert scanned[0] <= len(msgs), f"{scanned[0]} records pre-scanned for {len(msgs)}"
+        assert sorted(got[0].records, key=repr) == sorted(expected[0].records, key=repr)
+        sanitized = [h for t, _, _, _, _, h in got[0].records if t.startswith("sanitized.")]
+        assert len(sanitized) == 60
+        assert sorted(map(repr, filter(None, sanitized))) == [repr([("traceparent", traceparent)])] * 3, \
+            "a traceparent is carried to the sanitized record, never the connector's context headers"
     finally:
         for san in pair:
             san.checker = None
