@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from pathlib import Path
 
 import click
 
 from guard.cli.main import _settings, dumps_json, main
-from guard.config import Settings
+from guard.cli.policy_engine import policy_directory
 from guard.errors import GuardError
-
-
-def _directory(settings: Settings, given: str | None) -> Path:
-    from guard.policy.engine import default_directory
-
-    return Path(given or settings.policy_dir or default_directory())
 
 
 @main.group("policy")
@@ -30,7 +23,7 @@ def validate(ctx: click.Context, directory: str | None) -> None:
     """Parse the schema, validate every policy and entity against it; non-zero exit on any error."""
     from guard.policy.engine import PolicyError, load_directory
 
-    path = _directory(_settings(ctx), directory)
+    path = policy_directory(_settings(ctx), directory)
     try:
         loaded = load_directory(path)
     except PolicyError as exc:
@@ -70,19 +63,20 @@ def check(ctx: click.Context, principal: str, action: str, resource: str, when: 
     entities don't define is given to the engine for this request only, as the reveal service and the
     sanitizer do (the subject in its branch, with `--consent` and `--legal-hold`; the table in its branch).
     """
-    from guard.policy.engine import PolicyEngine, parse_uid
+    from guard.cli.policy_engine import load_engine, staff_unreadable
+    from guard.policy.engine import parse_uid
     from guard.policy.model import entity, ref, subject_entity
-    from guard.policy.sources import database_source
 
     settings = _settings(ctx)
     try:
         at = datetime.fromisoformat(when.replace("Z", "+00:00")) if when else datetime.now(UTC)
     except ValueError:
         raise click.BadParameter(f"{when!r} is not an ISO-8601 time", param_hint="--time") from None
-    use_db = (staff or settings.policy_staff) == "db"
+    loaded = load_engine(settings, directory, staff)
+    engine, use_db = loaded.engine, loaded.staff_from_db
+    if loaded.source_error is not None:
+        click.echo(f"warning: {staff_unreadable(loaded)}; staff are decided as unknown (denied)", err=True)
     try:
-        engine = PolicyEngine(_directory(settings, directory),
-                              entity_source=database_source(settings.branch_dsn) if use_db else None)
         ctx_values: dict[str, object] = {"time": at, "purpose": purpose, "source": source, "volume": volume}
         if field_class:
             ctx_values["field_class"] = field_class
@@ -101,9 +95,6 @@ def check(ctx: click.Context, principal: str, action: str, resource: str, when: 
         decision = engine.decide(who, action, what, ctx_values, entities=supplied or None)
     except GuardError as exc:
         raise click.ClickException(str(exc)) from None
-    except OSError as exc:  # the branch database for staff entities
-        raise click.ClickException(f"staff entities could not be read from the branch database ({exc}); "
-                                   "use --staff file") from None
     if as_json:
         click.echo(dumps_json({**decision.as_dict(), "principal": principal, "action": action,
                                "resource": resource, "time": at.isoformat(), "purpose": purpose,

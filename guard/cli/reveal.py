@@ -25,28 +25,23 @@ def reveal() -> None:
 def serve(ctx: click.Context, host: str | None, port: int | None, policy_dir: str | None, staff: str | None) -> None:
     """Serve the reveal API (HTTP, or HTTPS with reveal_tls_cert/key) until Ctrl-C or SIGTERM."""
     import dataclasses
-    from pathlib import Path
 
+    from guard.cli.policy_engine import load_engine, staff_unreadable
     from guard.errors import GuardError
-    from guard.policy import PolicyEngine
-    from guard.policy.engine import default_directory
-    from guard.policy.sources import database_source
     from guard.reveal.server import serve as run
 
     settings = _settings(ctx)
     settings = dataclasses.replace(settings, reveal_host=host or settings.reveal_host,
                                    reveal_port=port or settings.reveal_port)
-    use_db = (staff or settings.policy_staff) == "db"
+    loaded = load_engine(settings, policy_dir, staff, bucket_s=settings.policy_bucket_s)
+    if loaded.source_error is not None:
+        # It serves anyway (that staff is denied until a refresh reads them, every 30 s): say so.
+        click.echo(f"warning: {staff_unreadable(loaded)}; their calls are denied until a refresh reads them",
+                   err=True)
     try:
-        engine = PolicyEngine(Path(policy_dir or settings.policy_dir or default_directory()),
-                              entity_source=database_source(settings.branch_dsn) if use_db else None,
-                              bucket_s=settings.policy_bucket_s)
-        run(settings, engine)
-    except (GuardError, FileNotFoundError) as exc:
+        run(settings, loaded.engine)
+    except GuardError as exc:
         raise click.ClickException(str(exc)) from None
-    except OSError as exc:  # the branch database for staff entities
-        raise click.ClickException(f"staff entities could not be read from the branch database ({exc}); "
-                                   "use --staff file") from None
 
 
 @reveal.group("token")
@@ -79,12 +74,8 @@ def token_create(ctx: click.Context, principal: str, ttl_days: int | None, polic
 
     settings = _settings(ctx)
     try:
-        if PRINCIPAL_RE.match(principal) and not _principal_known(settings, principal, policy_dir, staff):
-            message = (f"{principal} is not an entity of the policy (entities.json, or the branch database's "
-                       "staff tables with --staff db): check the spelling, or add the principal first")
-            if not allow_unknown_principal:
-                raise click.ClickException(message + "; --allow-unknown-principal creates the token anyway")
-            click.echo(f"warning: {message}; every call with this token is denied until it is added", err=True)
+        if PRINCIPAL_RE.match(principal):
+            _check_principal(settings, principal, policy_dir, staff, allow_unknown_principal)
         tok, info = token_store(settings, create_key=True).create(
             principal, ttl_s=None if ttl_days is None else ttl_days * 86_400)
     except GuardError as exc:
@@ -93,21 +84,24 @@ def token_create(ctx: click.Context, principal: str, ttl_days: int | None, polic
     click.echo(tok)
 
 
-def _principal_known(settings: Any, principal: str, policy_dir: str | None, staff: str | None) -> bool:
-    """Whether the policy's entities (as the reveal service would load them) define `principal`."""
-    from pathlib import Path
+def _check_principal(settings: Any, principal: str, policy_dir: str | None, staff: str | None,
+                     allow_unknown: bool) -> None:
+    """Refuse (or, with `allow_unknown`, warn about) a principal the policy's entities, as the reveal service
+    would load them, don't define; say so when the branch database's staff could not be read instead."""
+    from guard.cli.policy_engine import load_engine, staff_unreadable
+    from guard.policy.engine import parse_uid
 
-    from guard.policy import PolicyEngine
-    from guard.policy.engine import default_directory, parse_uid
-    from guard.policy.sources import database_source
-
-    use_db = (staff or settings.policy_staff) == "db"
-    try:
-        engine = PolicyEngine(Path(policy_dir or settings.policy_dir or default_directory()),
-                              entity_source=database_source(settings.branch_dsn) if use_db else None)
-    except FileNotFoundError as exc:
-        raise click.ClickException(f"no policy to check the principal against ({exc}); use --policy") from None
-    return engine.knows(parse_uid(principal))
+    loaded = load_engine(settings, policy_dir, staff)
+    if loaded.engine.knows(parse_uid(principal)):
+        return
+    if loaded.source_error is not None:
+        message = f"{principal} could not be checked: {staff_unreadable(loaded)}"
+    else:
+        message = (f"{principal} is not an entity of the policy (entities.json, or the branch database's "
+                   "staff tables with --staff db): check the spelling, or add the principal first")
+    if not allow_unknown:
+        raise click.ClickException(message + "; --allow-unknown-principal creates the token anyway")
+    click.echo(f"warning: {message}; every call with this token is denied until the policy knows it", err=True)
 
 
 @token.command("list")
