@@ -61,8 +61,11 @@ class Aead:
     keeps every key far below that.
 
     `sealing_key`: the same key inside the compiled extension (`guard_native.SealingKey`), which the
-    native run seals with, no Python call per image; None without the extension. Both write the layout
-    above, and each opens what the other sealed.
+    native run seals with, no Python call per image; None without the extension. With the extension the
+    key is held there only: `seal` and `open` call it too, and no `cryptography` AESGCM object is built
+    next to it (a data key loaded on a cache miss paid for both, and its key sat in two places). Without
+    the extension `cryptography`'s AESGCM does the job: OpenSSL's AES-256-GCM either way. Both write the
+    layout above, and each opens what the other sealed.
     """
 
     __slots__ = ("_aead", "_header", "sealing_key", "version")
@@ -70,15 +73,17 @@ class Aead:
     def __init__(self, key: bytes, version: int) -> None:
         if len(key) != KEY_BYTES:
             raise ValueError("AES-256-GCM needs a 32-byte key")
-        self._aead = AESGCM(key)
+        self.sealing_key = _SealingKey(key, version) if _SealingKey is not None else None
+        self._aead = AESGCM(key) if self.sealing_key is None else None
         self._header = _HEADER.pack(FORMAT_V1, version)  # sealed once per event: packed once per key
         self.version = version
-        self.sealing_key = _SealingKey(key, version) if _SealingKey is not None else None
 
     def __repr__(self) -> str:
         return f"Aead(version={self.version}, key=<hidden>)"
 
     def seal(self, plaintext: bytes, associated_data: bytes) -> bytes:
+        if self._aead is None:
+            return self.sealing_key.seal(plaintext, associated_data)  # type: ignore[union-attr]
         nonce = os.urandom(NONCE_BYTES)
         return b"".join((self._header, nonce, self._aead.encrypt(nonce, plaintext, associated_data)))
 
@@ -86,6 +91,11 @@ class Aead:
         fmt, version = sealed_header(sealed)
         if version != self.version:
             raise IntegrityError(f"ciphertext is for key version {version}, this key is version {self.version}")
+        if self._aead is None:
+            try:
+                return self.sealing_key.open(sealed, associated_data)  # type: ignore[union-attr]
+            except ValueError as exc:  # the same messages as below, never key material
+                raise IntegrityError(str(exc)) from None
         nonce = sealed[_HEADER.size:HEADER_BYTES]
         try:
             return self._aead.decrypt(nonce, sealed[HEADER_BYTES:], associated_data)

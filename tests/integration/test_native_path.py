@@ -1,10 +1,10 @@
 """The compiled hot path (`guard_native`) against the Python path: identical bytes, or a clean decline.
 
-Two sanitizers share one key manager (real Redis) and a fixed clock. The Python path's AES-GCM nonces are
-made deterministic for the test; the compiled path seals in Rust with OpenSSL's random nonces (no way to
-choose one exists there), so each sealed image is opened (associated data rebuilt from the record, as a
-reader does) and re-sealed under the fixed nonce before comparing (`canonical_sealing`): a sealed image is
-then the same bytes whichever path sealed it, and a native one that doesn't open fails. Every generated
+Two sanitizers share one key manager (real Redis) and a fixed clock. Both paths seal with random nonces
+(OpenSSL's, through `guard_native.SealingKey`: no way to choose one exists there), so each sealed image is
+opened (associated data rebuilt from the record, as a reader does) and replaced by bytes derived from its
+header, plaintext and associated data before comparing (`canonical_sealing`): a sealed image is then the
+same bytes whichever path sealed it, and one that doesn't open fails. Every generated
 event goes through both sanitizers twice (the first time registers the table plan with the native path,
 the second takes it when the event is ordinary); each pair of outcomes must be identical, and ordinary
 events must actually have taken the native path.
@@ -12,6 +12,7 @@ events must actually have taken the native path.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -85,16 +86,10 @@ def pair(stack):
 _PAIR_KEYS: list = []
 
 
-@pytest.fixture(autouse=True)
-def fixed_nonces(monkeypatch):
-    """AES-GCM nonces (12 bytes) become zeros so both paths' ciphertexts compare; other randomness stays."""
-    real = os.urandom
-    monkeypatch.setattr(primitives.os, "urandom", lambda n: bytes(12) if n == 12 else real(n))
-
-
 def canonical_sealing(topic: str, key: bytes | None, value):
-    """A sanitized record's value with each sealed image opened and re-sealed by the Python `Aead` under the
-    fixed nonce (see the module documentation); other values unchanged.
+    """A sanitized record's value with each sealed image opened and replaced by its canonical form: the
+    header (format, key version) and a SHAKE-256 digest of the opened plaintext and the associated data,
+    as long as the nonce, ciphertext and tag (see the module documentation); other values unchanged.
 
     Opening uses the key version named in the ciphertext and the associated data rebuilt from the record
     (`guard.protect.reveal`'s rule), so a native image sealed under another key, version or associated
@@ -113,10 +108,27 @@ def canonical_sealing(topic: str, key: bytes | None, value):
         aead = keys.subject_aead_for(record["branch"], subject, ct)
         aad = image_aad(topic, record["table"], key or b"", image, subject, str(record["op"]),
                         str(record["position"]), list(img["sealed"]["fields"]), version)
-        resealed = aead.seal(aead.open(ct, aad), aad)
+        opened = aead.open(ct, aad)
+        resealed = ct[:5] + hashlib.shake_256(len(aad).to_bytes(4, "big") + aad + opened).digest(len(ct) - 5)
         assert len(resealed) == len(ct) and value.count(ct) == 1
         value = value.replace(ct, resealed)
     return value
+
+
+def canonical_dlq(value):
+    """A DLQ record's value with its quarantined copies (sealed under the tenant's quarantine key, random
+    nonces) opened and replaced by a digest of what they hold and their associated data; fails if one
+    doesn't open."""
+    import base64
+
+    body = orjson.loads(value)
+    quarantine = body.get("quarantine") or {}
+    for part in ("key", "value"):
+        if quarantine.get(part):
+            aad = quarantine["aad"].encode() + b"|" + part.encode()
+            opened = _PAIR_KEYS[0].quarantine.open(base64.b64decode(quarantine[part]), aad)
+            quarantine[part] = hashlib.sha256(aad + b"\0" + opened).hexdigest()
+    return orjson.dumps(body)
 
 
 def comparable(outcome):
@@ -125,6 +137,8 @@ def comparable(outcome):
     records = []
     for rec in outcome.records:
         value = canonical_sealing(rec.topic, rec.key, rec.value)
+        if rec.topic == "guard.dlq" and value is not None:
+            value = canonical_dlq(value)
         if rec.topic == "guard.anomalies" and value is not None:
             value = {k: v for k, v in orjson.loads(value).items() if k != "id"}
         records.append((rec.topic, rec.key, value, rec.partition, rec.headers))
@@ -488,9 +502,9 @@ def test_a_native_panic_falls_back_to_the_python_path(pair, monkeypatch):
 # --- the runner's native runs (`Sanitizer.run_native` inside `SanitizerWorker._process_batch`) ---------------
 class RecordingProducer:
     """Stands in for the transactional producer: records every `produce` as (topic, value, key, partition,
-    timestamp, headers), sealed images made canonical (`canonical_sealing`), raises BufferError on every
-    `full_every`-th call (once, then accepts the retry),
-    and raises librdkafka's MSG_SIZE_TOO_LARGE for a sanitized record over `max_bytes`, as the real client
+    timestamp, headers), sealed images and DLQ copies made canonical (`canonical_sealing`, `canonical_dlq`),
+    raises BufferError on every `full_every`-th call (once, then accepts the retry), and raises librdkafka's
+    MSG_SIZE_TOO_LARGE for a sanitized record over `max_bytes`, as the real client
     does (with the limit set so low, only sanitized records are meant to meet it)."""
 
     def __init__(self, *, full_every: int = 0, max_bytes: int = 1_000_000):
@@ -510,6 +524,8 @@ class RecordingProducer:
         if topic == "guard.anomalies" and value is not None:
             value = {k: v for k, v in orjson.loads(value).items() if k != "id"}
         value = canonical_sealing(topic, key, value)
+        if topic == "guard.dlq" and value is not None:
+            value = canonical_dlq(value)
         self.records.append((topic, value, key, partition, timestamp, headers))
 
     def poll(self, timeout=0):

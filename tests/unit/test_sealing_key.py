@@ -163,3 +163,29 @@ def test_wrapped_keys_keep_unwrapping_through_the_python_path(native):
     kek = KeyWrapper(random_key(), version=2)
     dek = random_key()
     assert kek.unwrap(kek.wrap(dek, "dek/0101/s"), "dek/0101/s") == dek
+
+
+def test_with_the_extension_the_key_is_held_natively_only_and_both_paths_open_each_other(native, monkeypatch):
+    """An `Aead` built with the extension seals and opens through its `SealingKey` and holds no `cryptography`
+    AESGCM (the key in one place); one built without it (NATIVE=0) uses AESGCM. Each opens the other's
+    values, and both refuse the same tampering with the same message."""
+    from guard.keys import primitives
+
+    key, aad = random_key(), b"\x02topic|table|row|after|subject"
+    fast = Aead(key, version=4)
+    assert fast.sealing_key is not None and fast._aead is None
+    monkeypatch.setattr(primitives, "_SealingKey", None)
+    slow, slow_kek = Aead(key, version=4), KeyWrapper(key, version=4)
+    assert slow.sealing_key is None and slow._aead is not None
+    for plaintext in (b"", b"secret", bytes(range(256)) * 9):
+        assert slow.open(fast.seal(plaintext, aad), aad) == plaintext
+        assert fast.open(slow.seal(plaintext, aad), aad) == plaintext
+    monkeypatch.undo()
+    fast_kek = KeyWrapper(key, version=4)
+    assert fast_kek.sealing_key is not None
+    assert fast_kek.unwrap(slow_kek.wrap(b"k" * 32, "dek/0101/s"), "dek/0101/s") == b"k" * 32
+    assert slow_kek.unwrap(fast_kek.wrap(b"k" * 32, "dek/0101/s"), "dek/0101/s") == b"k" * 32
+    for opener, sealer in ((slow, fast), (fast, slow)):
+        with pytest.raises(IntegrityError, match="failed authentication: it was altered") as refused:
+            opener.open(sealer.seal(b"secret", aad), aad + b"x")
+        assert "secret" not in str(refused.value)
