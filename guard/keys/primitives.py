@@ -16,11 +16,11 @@ ciphertext copied anywhere else fails to authenticate.
 
 Wrapped-key layout (`KeyWrapper.wrap`) is the same shape with the wrapping key's version in the header.
 
-The compiled hot path seals in Rust: each `Aead` of a data key also holds `sealing_key`, the key's native
-twin (`guard_native.SealingKey`: OpenSSL's AES-256-GCM, the primitive `cryptography` calls, and OpenSSL's
+The compiled hot path seals in Rust: each `Aead` holds `sealing_key`, the key inside the extension
+(`guard_native.SealingKey`: OpenSSL's AES-256-GCM, the primitive `cryptography` calls, and OpenSSL's
 CSPRNG for nonces), which writes exactly this layout and never gives its key back (no method returns it,
-its repr hides it, pickling is refused). Without the extension `sealing_key` is None and only the Python
-path runs.
+its repr hides it, pickling is refused); `Aead.seal` and `open` use it too. Without the extension
+`sealing_key` is None, `cryptography`'s AESGCM does the work, and only the Python path runs.
 """
 
 from __future__ import annotations
