@@ -1,4 +1,5 @@
-"""What every part of the benchmark shares: its logger, its error, the targets it checks and its durations."""
+"""What every part of the benchmark shares: its logger, its error, the targets it checks, its durations and
+its percentile."""
 
 from __future__ import annotations
 
@@ -38,6 +39,15 @@ WARMUP_S = 45.0
 #: backlog of full 2,000-record batches at 25-46 us per event, a 130-ms offsets send), and with a 1-s
 #: warm-up that transient alone decided the p99 (390 and 299 ms; docs/benchmark.md, round 8).
 LATENCY_WARMUP_S = 5.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100); no interpolation, so p99 is a latency that happened."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(int(round(q / 100 * len(ordered) + 0.5)) - 1, 0)
+    return ordered[min(rank, len(ordered) - 1)]
 
 
 class BenchError(GuardError):

@@ -32,8 +32,8 @@ import orjson
 import psycopg
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from guard.bench.common import BenchError, log
-from guard.bench.latency import percentile, sanitized_head, topic_partitions
+from guard.bench.common import BenchError, log, percentile
+from guard.bench.latency import sanitized_head, topic_partitions
 from guard.bench.workload import BENCH_PRINCIPAL
 from guard.config import Settings
 from guard.kafka.batching import take

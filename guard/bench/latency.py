@@ -15,7 +15,7 @@ from typing import Any
 import psutil
 from confluent_kafka import Consumer, TopicPartition
 
-from guard.bench.common import TS_TAIL, BenchError, log
+from guard.bench.common import TS_TAIL, BenchError, log, percentile
 from guard.bench.topics import pace
 from guard.bench.workers import BenchContext, GroupProgress, WorkerSet
 from guard.bench.workload import Workload
@@ -144,15 +144,6 @@ class LatencyProbe:
         self._stop.set()
         self._thread.join(5)
         self.consumer.close()
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100); no interpolation, so p99 is a latency that happened."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = max(int(round(q / 100 * len(ordered) + 0.5)) - 1, 0)
-    return ordered[min(rank, len(ordered) - 1)]
 
 
 @dataclass

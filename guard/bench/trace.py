@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from guard.bench.latency import percentile
+from guard.bench.common import percentile
 
 #: Kinds of spans a worker records (the report orders them by their overlap with the slow events).
 #: `batch`: a fetched batch's transform (native runs, Python path, key loads inside it); `commit`: the whole
