@@ -393,7 +393,12 @@ def assert_no_leak(records: Iterable[Rec], values: Iterable[Any]) -> int:
     found = find_leak(records, values)
     if found is not None:
         rec = records[found[0]]
-        raise AssertionError(f"plaintext leaked into {rec.topic}[{rec.partition}]@{rec.offset}")
+        # The values are the workload's synthetic data: naming the form and where it sits says whether it
+        # is a leak or a chance match without a rerun.
+        blob = (rec.key or b"") + b"\x00" + (rec.value or b"")
+        at = blob.find(found[1])
+        raise AssertionError(f"plaintext leaked into {rec.topic}[{rec.partition}]@{rec.offset}: {found[1]!r} "
+                             f"at byte {at}, in {blob[max(0, at - 40):at + len(found[1]) + 40]!r}")
     return len(records)
 
 
