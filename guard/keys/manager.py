@@ -434,21 +434,23 @@ class KeyManager:
         self.keys_fetched += len(missing)
         loaded: list[tuple[str, Aead]] = []
         erased: list[str] = []
-        keks: dict[int, KeyWrapper] = {}  # branch keys by version, looked up once per prefetch
+        # Keys another worker (or an earlier run) created, by the branch-key version that wrapped them:
+        # each group is unwrapped in one call (`KeyWrapper.unwrap_aeads`).
+        stored: dict[int, tuple[list[str], list[tuple[bytes, str, int]]]] = {}
         for (subject, mine), key, name, result in zip(offered, fresh, names, found, strict=True):
             if result is None:
                 erased.append(subject)
                 continue
             version, wrapped = result
-            if wrapped != mine:  # another worker's key (or an older one): unwrap it
-                kek_version = sealed_header(wrapped)[1]
-                wrapper = keks.get(kek_version)
-                if wrapper is None:
-                    wrapper = keks[kek_version] = self._kek(branch, kek_version)
-                key = wrapper.unwrap(wrapped, name)
+            if wrapped != mine:
+                group = stored.setdefault(sealed_header(wrapped)[1], ([], []))
+                group[0].append(subject)
+                group[1].append((wrapped, name, version))
             else:  # the store kept the key this call minted: its plaintext is `key`, no need to unwrap it
                 self.keys_created += 1
-            loaded.append((subject, Aead(key, version=version)))
+                loaded.append((subject, Aead(key, version=version)))
+        for kek_version, (subjects_of, items) in stored.items():
+            loaded += zip(subjects_of, self._kek(branch, kek_version).unwrap_aeads(items), strict=True)
         self._remember_many(branch, loaded, now, seen)
         self._remember_erased(branch, erased)
 
@@ -467,11 +469,10 @@ class KeyManager:
             self._cache(branch, subject, aead, now)
 
     def _remember_many(self, branch: str, keys: list[tuple[str, Aead]], now: float, seen: int) -> None:
+        """`_cache` for a batch's keys: the size bound and the expired front are enforced once, at the end."""
         with self._lock:
             spoiled = self._invalidated_since(seen, branch)
-            for subject, aead in keys:
-                if subject not in spoiled:
-                    self._cache(branch, subject, aead, now)
+            self._cache_all(branch, [(subject, aead) for subject, aead in keys if subject not in spoiled], now)
 
     def _invalidated_since(self, seen: int, branch: str) -> _Spoiled:
         """Subjects of `branch` that invalidations applied since `seen` name (call with the lock held).
@@ -496,11 +497,18 @@ class KeyManager:
         return _Spoiled(named)
 
     def _cache(self, branch: str, subject: str, aead: Aead, now: float) -> None:
-        # Jitter spreads expiries, so keys fetched together (a snapshot, a burst) don't all expire
-        # in the same second and stall the stream with a wave of key-store round trips.
-        deks = self._deks
-        deks[(branch, subject)] = (aead, now + self._ttl * (0.75 + 0.25 * random.random()))
-        deks.move_to_end((branch, subject))
+        self._cache_all(branch, [(subject, aead)], now)
+
+    def _cache_all(self, branch: str, keys: list[tuple[str, Aead]], now: float) -> None:
+        """Cache keys (call with the lock held); the size bound and the expired front are enforced once.
+
+        Jitter spreads expiries, so keys fetched together (a snapshot, a burst) don't all expire in the
+        same second and stall the stream with a wave of key-store round trips.
+        """
+        deks, ttl, jitter = self._deks, self._ttl, random.random
+        for subject, aead in keys:
+            deks[(branch, subject)] = (aead, now + ttl * (0.75 + 0.25 * jitter()))
+            deks.move_to_end((branch, subject))
         while len(deks) > self._cache_size:
             deks.popitem(last=False)
         self._purge(now)

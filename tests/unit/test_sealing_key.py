@@ -116,7 +116,7 @@ def test_the_key_object_never_shows_or_gives_back_its_key(native):
     for text in (repr(sealing), str(sealing), format(sealing)):
         assert text == "SealingKey(version=4, key=<hidden>)"
     public = [name for name in dir(sealing) if not name.startswith("__")]
-    assert sorted(public) == ["open", "seal", "version"]
+    assert sorted(public) == ["open", "seal", "unwrap_keys", "version"]  # none returns a key
     for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
         with pytest.raises(TypeError, match="cannot be pickled"):
             pickle.dumps(sealing, protocol=protocol)
@@ -189,3 +189,39 @@ def test_with_the_extension_the_key_is_held_natively_only_and_both_paths_open_ea
         with pytest.raises(IntegrityError, match="failed authentication: it was altered") as refused:
             opener.open(sealer.seal(b"secret", aad), aad + b"x")
         assert "secret" not in str(refused.value)
+
+
+def test_a_batch_of_wrapped_keys_unwraps_natively_into_keys_that_match_the_python_path(native, monkeypatch):
+    """`KeyWrapper.unwrap_aeads` (a prefetch's stored keys): each key is unwrapped in Rust into a `SealingKey`
+    of its version, never a Python bytes object, and seals and opens exactly like the key unwrapped in
+    Python; a wrapping under another name or key fails the whole batch with the position, never a key."""
+    from guard.keys import primitives
+
+    kek = KeyWrapper(random_key(), version=3)
+    deks = [random_key() for _ in range(5)]
+    items = [(kek.wrap(dek, f"dek/0101/s{i}"), f"dek/0101/s{i}", 1 + i % 2) for i, dek in enumerate(deks)]
+    aeads = kek.unwrap_aeads(items)
+    aad = b"\x02topic|table|row|after|subject"
+    for aead, dek, (_, _, version) in zip(aeads, deks, items, strict=True):
+        assert aead.version == aead.sealing_key.version == version and aead._aead is None
+        assert repr(aead) == f"Aead(version={version}, key=<hidden>)"
+        twin = Aead(dek, version=version)
+        assert twin.open(aead.seal(b"secret", aad), aad) == b"secret"
+        assert aead.open(twin.seal(b"secret", aad), aad) == b"secret"
+        assert not any(isinstance(v, bytes) and dek in v for v in (getattr(aead, s) for s in Aead.__slots__))
+    assert kek.unwrap_aeads([]) == []
+    misnamed = [*items[:2], (items[2][0], "dek/0101/other", 1)]
+    with pytest.raises(IntegrityError, match="wrapped key 2: ciphertext failed authentication") as refused:
+        kek.unwrap_aeads(misnamed)
+    assert all(dek.hex() not in str(refused.value) for dek in deks)
+    with pytest.raises(IntegrityError, match="wrapped key 0: ciphertext is for key version 3"):
+        KeyWrapper(random_key(), version=4).unwrap_aeads(items[:1])
+    with pytest.raises(IntegrityError, match="wrapped key 0 does not hold a 32-byte key"):
+        kek.unwrap_aeads([(kek.wrap(b"short", "dek/0101/x"), "dek/0101/x", 1)])
+    with pytest.raises(ValueError, match="as many associated data and versions"):
+        kek.sealing_key.unwrap_keys([items[0][0]], [], [1])
+    # without the extension: the Python path unwraps each, with the same result
+    monkeypatch.setattr(primitives, "_SealingKey", None)
+    slow_kek = KeyWrapper(kek.unwrap(kek.wrap(b"k" * 32, "kek"), "kek"), version=3)  # any 32-byte KEK
+    slow = slow_kek.unwrap_aeads([(slow_kek.wrap(deks[0], "dek/0101/s0"), "dek/0101/s0", 1)])
+    assert slow[0]._aead is not None and slow[0].open(aeads[0].seal(b"x", aad), aad) == b"x"
