@@ -104,7 +104,7 @@ def target_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def render_table(report: dict[str, Any]) -> str:
     rows = [("mode", "workers", "events/s", "us/event", "p50 ms", "p99 ms", "peak RSS MiB", "key hits",
-             "store trips/ev", "new keys/ev")]
+             "store trips/ev", "of them keys", "new keys/ev")]
     names = {"plain": "plain", "guard": "guard", "guard_first_sight": "guard first sight"}
     for mode in ("plain", "guard", "guard_first_sight"):
         m = report["modes"][mode]
@@ -114,6 +114,7 @@ def render_table(report: dict[str, Any]) -> str:
                      f"{lat['p50_ms']:.1f}" if lat else "-", f"{lat['p99_ms']:.1f}" if lat else "-",
                      f"{m['peak_rss_mib']:.1f}", "-" if hit is None else f"{hit:.1%}",
                      f"{keys['round_trips_per_event']:.4f}" if keys else "-",
+                     f"{keys.get('data_key_round_trips_per_event', 0):.4f}" if keys else "-",
                      f"{keys['keys_created_per_event']:.4f}" if keys else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))

@@ -63,6 +63,8 @@ def key_figures(counts: dict[str, int], events: int) -> dict[str, Any]:
     The data-key cache's hit rate is the share of per-event key lookups whose key did not come from the
     key store in the window: 1 - keys fetched / lookups. (`key_hits` alone would count a key the batch's
     prefetch loaded a moment before as a hit.) Compare `keys_fetched` with the workload's distinct customers.
+    Round trips are every request to the key store (commits' activity writes, policy attributions, erasure
+    bookkeeping) and, apart, those that loaded or created data keys: what the cache misses cost.
     """
     if not counts:
         return {}
@@ -71,6 +73,7 @@ def key_figures(counts: dict[str, int], events: int) -> dict[str, Any]:
     return {**counts,
             "cache_hit_rate": round(max(0.0, 1 - counts.get("keys_fetched", 0) / lookups), 4) if lookups else None,
             "round_trips_per_event": round(counts.get("store_round_trips", 0) / per, 4),
+            "data_key_round_trips_per_event": round(counts.get("data_key_round_trips", 0) / per, 4),
             "keys_fetched_per_event": round(counts.get("keys_fetched", 0) / per, 4),
             "keys_created_per_event": round(counts.get("keys_created", 0) / per, 4)}
 
@@ -271,7 +274,8 @@ def run_mode_throughput(ctx: BenchContext, mode: str, workers: int, trial: int |
     log.info("%s%s %s: %d events in %.2fs = %.0f events/s%s (per second: %s)", mode, f" {phase}" if phase else "",
              name, result.events, result.seconds, result.events_per_s,
              f"; key cache hits {keys['cache_hit_rate']}, {keys['round_trips_per_event']} key-store round trips "
-             f"and {keys['keys_created_per_event']} new keys per event" if keys else "",
+             f"({keys['data_key_round_trips_per_event']} for data keys) and {keys['keys_created_per_event']} new keys "
+             "per event" if keys else "",
              " ".join(map(str, result.per_second)))
     return group, result
 

@@ -544,10 +544,12 @@ class KeyManager:
         (on the native path a miss is looked up again once the batch's keys are loaded); `keys_fetched`:
         subjects whose key came from the key store, `keys_created` of them minted by this worker;
         `store_round_trips`: requests to the key store (a pipeline counts once), from every thread;
+        `data_key_round_trips`: those of them that loaded or created data keys (a batch's prefetch is one);
         `invalidations`: shreds and rotations applied from the invalidation channel.
         """
         return {"key_lookups": self.key_lookups, "key_hits": self.key_hits, "keys_fetched": self.keys_fetched,
                 "keys_created": self.keys_created, "store_round_trips": self.store.round_trips,
+                "data_key_round_trips": self.store.data_key_round_trips,
                 "invalidations": self._invalidations, "cached_keys": len(self._deks)}
 
     def subject_aead_for(self, branch: str, subject: str, sealed: bytes) -> Aead:

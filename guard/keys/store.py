@@ -371,6 +371,9 @@ class RedisKeyStore:
         self._tenant_keys = self.client.register_script(_TENANT_KEYS)
         #: Requests made through `_call` (every method's round trip; a pipeline counts once), for the bench.
         self.round_trips = 0
+        #: Of `round_trips`, those that loaded or created data keys (`get_or_create_dek(s)`, `dek_version`):
+        #: what a data-key cache miss costs, apart from commits, policy attributions and erasure bookkeeping.
+        self.data_key_round_trips = 0
         self._create_dek = self.client.register_script(_CREATE_DEK)
         self._create_deks = self.client.register_script(_CREATE_DEKS)
         self._rotate_dek = self.client.register_script(_ROTATE_DEK)
@@ -516,6 +519,7 @@ class RedisKeyStore:
     # --- data-subject keys ------------------------------------------------------------------------
     def get_or_create_dek(self, branch: str, subject: str, wrapped_if_absent: bytes) -> tuple[int, bytes] | None:
         """(version, wrapped key) of the subject's current key; None if the subject was erased."""
+        self.data_key_round_trips += 1
         version, wrapped = self._call(
             self._create_dek,
             keys=[self._k("dek", branch, subject), self._k("erased", branch, subject), self._k("kek", branch)],
@@ -534,6 +538,7 @@ class RedisKeyStore:
         prefetch); None for an erased subject. Keys must all be wrapped under the same branch-key version."""
         if not items:
             return []
+        self.data_key_round_trips += 1
         keys = [self._k("kek", branch)]
         for subject, _ in items:
             keys += [self._k("dek", branch, subject), self._k("erased", branch, subject)]
@@ -543,6 +548,7 @@ class RedisKeyStore:
         return [None if int(version) == -1 else (int(version), bytes(wrapped)) for version, wrapped in results]
 
     def dek_version(self, branch: str, subject: str, version: int) -> bytes | None:
+        self.data_key_round_trips += 1
         value = self._call(self.client.hget, self._k("dek", branch, subject), f"v{version}")
         return None if value is None else bytes(value)
 

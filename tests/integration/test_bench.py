@@ -36,7 +36,7 @@ def test_bench_measures_both_modes(stack: dict[str, str], tmp_path: Path) -> Non
 
     assert re.fullmatch(r"ratio \d+\.\d{3}", lines[-1]), lines[-1]
     assert any(re.match(r"mode\s+workers\s+events/s\s+us/event\s+p50 ms\s+p99 ms\s+peak RSS MiB\s+key hits"
-                        r"\s+store trips/ev\s+new keys/ev", line) for line in lines)
+                        r"\s+store trips/ev\s+of them keys\s+new keys/ev", line) for line in lines)
     for mode in ("plain ", "guard ", "guard first sight "):
         assert any(line.startswith(mode) for line in lines), mode
 
@@ -100,10 +100,15 @@ def test_bench_measures_both_modes(stack: dict[str, str], tmp_path: Path) -> Non
     assert keys["keys_created"] == workload["distinct_customers"] <= keys["keys_fetched"]
     assert keys["store_round_trips"] < keys["keys_fetched"] / 10
     assert keys["round_trips_per_event"] == pytest.approx(keys["store_round_trips"] / 20000, abs=1e-4)
+    # Of them, the data-key loads: about one per batch (each a batch's prefetch), far fewer than the keys.
+    assert 0 < keys["data_key_round_trips"] <= keys["store_round_trips"]
+    assert keys["data_key_round_trips"] < keys["keys_created"] / 10
+    assert keys["data_key_round_trips_per_event"] == pytest.approx(keys["data_key_round_trips"] / 20000, abs=1e-4)
     assert keys["cache_hit_rate"] == pytest.approx(1 - keys["keys_fetched"] / keys["key_lookups"], abs=1e-4)
     # Steady state: the same branch, a new worker: every key exists (none created), none is cached.
     steady = written["modes"]["guard"]["keys"]
     assert steady["keys_created"] == 0 and steady["keys_fetched"] >= workload["distinct_customers"]
+    assert 0 < steady["data_key_round_trips"] < steady["keys_fetched"] / 10
 
     # Policy checks: the guard with them off in the same state, every trial; and every write of the run
     # named its principal (updated_by, or its delete's message), so no guard decided one `unattributed`
