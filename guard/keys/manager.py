@@ -386,7 +386,7 @@ class KeyManager:
             raise KeyShreddedError(f"data subject {subject} of branch {branch} was erased; its key is destroyed")
         version, wrapped = found
         self.keys_created += wrapped == offered
-        aead = Aead(self._unwrap_dek(branch, wrapped, name), version=version)
+        aead = self._unwrap_dek(branch, wrapped, name, version)
         self._remember(branch, subject, aead, now, seen)
         return aead
 
@@ -574,7 +574,7 @@ class KeyManager:
             if self.store.erased_record(branch, subject) is not None:
                 raise KeyShreddedError(f"data subject {subject} of branch {branch} was erased")
             raise KeyUnavailableError(f"key version {version} of subject {subject} is not in the key store")
-        aead = Aead(self._unwrap_dek(branch, wrapped, f"dek/{branch}/{subject}"), version=version)
+        aead = self._unwrap_dek(branch, wrapped, f"dek/{branch}/{subject}", version)
         with self._lock:
             if self._invalidations == seen:
                 if len(self._old) > 10_000:
@@ -582,9 +582,10 @@ class KeyManager:
                 self._old[(branch, subject, version)] = (aead, now + self._ttl)
         return aead
 
-    def _unwrap_dek(self, branch: str, wrapped: bytes, name: str) -> bytes:
-        _, kek_version = sealed_header(wrapped)
-        return self._kek(branch, kek_version).unwrap(wrapped, name)
+    def _unwrap_dek(self, branch: str, wrapped: bytes, name: str, version: int) -> Aead:
+        """One stored data key as an `Aead` of `version`, unwrapped under the branch-key version that wrapped
+        it (inside the extension when there is one: `KeyWrapper.unwrap_aeads`)."""
+        return self._kek(branch, sealed_header(wrapped)[1]).unwrap_aeads([(wrapped, name, version)])[0]
 
     def rotate_subject_key(self, branch: str, subject: str) -> int:
         try:

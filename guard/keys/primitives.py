@@ -47,6 +47,8 @@ _HEADER = struct.Struct(">BI")
 NONCE_BYTES = 12
 KEY_BYTES = 32
 HEADER_BYTES = _HEADER.size + NONCE_BYTES
+#: The associated data of a wrapped key starts with this; the wrapped key's name follows (`KeyWrapper`).
+_WRAP_AAD = b"bg/wrap/v1|"
 
 
 def random_key() -> bytes:
@@ -130,10 +132,10 @@ class KeyWrapper(Aead):
     """AES-256-GCM used to wrap (encrypt) other keys; the associated data names the wrapped key."""
 
     def wrap(self, key: bytes, key_name: str) -> bytes:
-        return self.seal(key, b"bg/wrap/v1|" + key_name.encode())
+        return self.seal(key, _WRAP_AAD + key_name.encode())
 
     def unwrap(self, wrapped: bytes, key_name: str) -> bytes:
-        return self.open(wrapped, b"bg/wrap/v1|" + key_name.encode())
+        return self.open(wrapped, _WRAP_AAD + key_name.encode())
 
     def unwrap_aeads(self, items: list[tuple[bytes, str, int]]) -> list[Aead]:
         """The data keys `items` (wrapped key, its name, its version) wrapped under this key, as `Aead`s.
@@ -143,10 +145,9 @@ class KeyWrapper(Aead):
         one `unwrap` each. IntegrityError if any wrapping does not open under this key."""
         if self.sealing_key is None:
             return [Aead(self.unwrap(wrapped, name), version) for wrapped, name, version in items]
-        prefix = b"bg/wrap/v1|"
         try:
             keys = self.sealing_key.unwrap_keys([wrapped for wrapped, _, _ in items],
-                                                [prefix + name.encode() for _, name, _ in items],
+                                                [_WRAP_AAD + name.encode() for _, name, _ in items],
                                                 [version for _, _, version in items])
         except ValueError as exc:  # the position and what failed, never key material
             raise IntegrityError(str(exc)) from None

@@ -231,12 +231,12 @@ impl SealingKey {
     /// The data keys `wrapped` (each sealed under this key, the wrapping key, with its
     /// `associated_data`, in the layout above) as new `SealingKey`s of `versions`, in order.
     ///
-    /// Why: a batch of key-cache misses unwrapped each key in Python (framing checks, `open`, a bytes
-    /// object holding the plaintext key, then a `SealingKey` built from it): ~10 µs of interpreter work
-    /// per key, and the key's bytes in a Python object until the garbage collector freed them. Here each
-    /// key goes from its wrapping to its `SealingKey` inside Rust; its bytes never reach Python and the
-    /// buffer it was opened into is zeroed. ValueError, naming the position and never a key, if any
-    /// wrapping does not open (then no key is returned).
+    /// Why: unwrapped in Python, each data key loaded from the key store sat in a Python bytes object
+    /// (which nothing zeroes) until the garbage collector freed it. Here each key goes from its wrapping
+    /// to its `SealingKey` inside Rust; its bytes never reach Python and the buffer it was opened into
+    /// is zeroed. (Not a speed change: a prefetch's CPU per key measured the same either way,
+    /// docs/benchmark.md round 14.) ValueError, naming the position and never a key, if any wrapping
+    /// does not open (then no key is returned).
     fn unwrap_keys(
         &self,
         wrapped: Vec<Bound<'_, PyBytes>>,

@@ -476,6 +476,39 @@ def test_batch_prefetch_loads_every_key_in_one_round_trip(branch_settings):
     assert broken.decision == "dlq" and broken.dlq_reason == "invalid_json"
 
 
+def test_stored_data_keys_load_into_the_extension_on_every_path(branch_settings, monkeypatch):
+    """Keys another worker created are unwrapped inside the extension, never into Python bytes
+    (`KeyWrapper.unwrap` is not called), through a batch's prefetch, a single miss and the reveal side's
+    versioned read; each is a natively held key of its version that seals what the creator's key opens."""
+    from guard.keys.primitives import KeyWrapper
+    from guard.protect.fastpath import native_available
+
+    if not native_available():
+        pytest.fail("guard_native is not installed: run `make venv` (needs cargo), or NATIVE=0")
+    branch = branch_settings.branch
+    creator = build_sanitizer(branch_settings).keys
+    subjects = [f"native-load-{uuid.uuid4().hex[:8]}" for _ in range(3)]
+    made = {s: creator.subject_aead(branch, s) for s in subjects}
+    batch, single, reader = (build_sanitizer(branch_settings).keys for _ in range(3))
+    for manager in (batch, single, reader):
+        manager._kek(branch)  # the branch key itself is unwrapped by the KMS, not by a KeyWrapper
+
+    def python_unwrap(self, wrapped, key_name):
+        raise AssertionError(f"{key_name} was unwrapped into Python bytes")
+
+    monkeypatch.setattr(KeyWrapper, "unwrap", python_unwrap)
+    batch.prefetch(branch, set(subjects))
+    loaded = {"prefetch": batch._deks[(branch, subjects[0])][0],
+              "single miss": single.subject_aead(branch, subjects[1])}
+    sealed = made[subjects[2]].seal(b"x", b"aad")
+    loaded["versioned read"] = reader.subject_aead_for(branch, subjects[2], sealed)
+    assert batch.keys_created == single.keys_created == 0
+    for (how, aead), subject in zip(loaded.items(), subjects, strict=True):
+        assert aead._aead is None and aead.sealing_key is not None, how
+        assert aead.version == made[subject].version, how
+        assert made[subject].open(aead.seal(b"secret", b"aad"), b"aad") == b"secret", how
+
+
 def test_a_batch_prefetch_refreshes_keys_about_to_expire(branch_settings):
     """A key that would expire while its batch is processed is fetched again with the batch, in the same
     round trip: not one round trip of its own in the middle of the batch."""
