@@ -10,6 +10,10 @@ The parts that matter for "nothing lost, nothing duplicated":
   consumer's position, which may run ahead of processing.
 - **Abort rewinds**: when a transaction must be aborted, every partition of the batch is sought back to
   the first offset the batch processed, so the records are processed again, not skipped.
+- **Rewinds are checked, not trusted**: `seek()` is asynchronous and, around a broker restart, was seen not
+  to happen (the fetch went on from where it was, and records were skipped). The next record fetched from
+  a rewound partition must be one the rewind went back over; if it is past them, or none comes, the
+  worker rebuilds its clients and resumes from the committed offsets (`guard.kafka.rewinds`).
 - **Rebalance**: partitions can only be revoked inside `consume()`, i.e. between batches; the revoke
   callback commits the open transaction while this worker still owns the partitions. If partitions are
   *lost* (the session expired), their progress is not ours to commit: the producer is replaced, which
@@ -74,6 +78,7 @@ from guard.kafka.hanging import (
     HangingWatcher,
     group_offsets_partition,
 )
+from guard.kafka.rewinds import RewindCheck, RewindLostError
 from guard.kafka.stats import BatchCounters, Stats
 from guard.kafka_security import client_config
 from guard.keys.manager import TxnMark
@@ -160,6 +165,8 @@ class SanitizerWorker:
         #: Partitions of the batch in hand held back at a delete waiting for its attribution message: the
         #: delete and what follows it are sought back and fetched again (`_hold`).
         self._held: dict[tuple[str, int], int] = {}
+        #: Every seek back is checked by the next record fetched (`guard.kafka.rewinds`).
+        self._rewinds = RewindCheck()
         self._early_offsets = EarlyOffsets()
         self._txn_started = 0.0
         self._txn_records = 0
@@ -211,6 +218,8 @@ class SanitizerWorker:
                     if msgs:
                         idle_since = time.monotonic()
                         self._process_batch(msgs)
+                    elif self._rewinds:
+                        self._rewinds.check_overdue()
                     if self._in_txn and commit_due(drained=drained, records=self._txn_records,
                                                    batch_size=self.settings.batch_size,
                                                    age_s=time.monotonic() - self._txn_started, batch_s=window):
@@ -230,6 +239,11 @@ class SanitizerWorker:
                 except (KafkaException, ProducerStuckError) as exc:
                     log.error("Kafka client failure (%s); rebuilding the clients, resuming from the committed "
                               "offsets", exc)
+                    self._rebuild_clients()
+                    continue
+                except RewindLostError as exc:
+                    log.warning("%s; rebuilding the clients, resuming from the committed offsets", exc)
+                    self.stats.lost_rewinds += 1
                     self._rebuild_clients()
                     continue
                 if until is not None and until(self.stats):
@@ -322,6 +336,8 @@ class SanitizerWorker:
                 first[(topic, partition)] = offset
             ends[(topic, partition)] = offset
             good.append((msg, topic, partition, offset, msg.value()))
+        if self._rewinds:
+            self._rewinds.confirm(good)
         if not good:
             return
         sanitizer.prefetch([(topic, partition, offset, value) for _, topic, partition, offset, value in good])
@@ -381,6 +397,7 @@ class SanitizerWorker:
         for (topic, partition), offset in self._held.items():
             if (topic, partition) in assigned:
                 self.consumer.seek(TopicPartition(topic, partition, offset))
+                self._rewinds.expect(topic, partition, offset, offset)
             # Commit exactly up to the delete: the commit sends the offsets from `_last` (nothing of the
             # partition past the delete was sent before).
             self._last[(topic, partition)] = offset - 1
@@ -709,6 +726,7 @@ class SanitizerWorker:
         for (topic, partition), offset in self._first.items():
             if (topic, partition) in assigned:
                 self.consumer.seek(TopicPartition(topic, partition, offset))
+                self._rewinds.expect(topic, partition, offset, offset)
         self._reset_batch()
 
     def _reset_batch(self) -> None:
@@ -759,9 +777,20 @@ class SanitizerWorker:
         touched = [TopicPartition(t, p) for (t, p) in self._first if (t, p) in assigned]
         if touched:
             committed = self.consumer.committed(touched, timeout=30)
+            rewound: dict[str, tuple[int, int]] = {}
             for tp in committed:
-                offset = tp.offset if tp.offset >= 0 else self._first[(tp.topic, tp.partition)]
+                first = self._first[(tp.topic, tp.partition)]
+                last = self._last.get((tp.topic, tp.partition), first - 1)
+                offset = tp.offset if tp.offset >= 0 else first
                 self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+                rewound[f"{tp.topic}[{tp.partition}]"] = (offset, last)
+                # A record the seek goes back over: the transaction's first one there, or, if its commit
+                # went through after all (committed past it), none to check.
+                if offset <= first:
+                    self._rewinds.expect(tp.topic, tp.partition, offset, first)
+            # Where each partition resumes, and the last offset the dropped transaction had taken: the evidence
+            # that nothing between the two is skipped.
+            log.warning("rewound to the group's committed offsets (resume at, last taken): %s", rewound)
         self._reset_batch()
 
     def _replace_producer(self) -> None:
@@ -792,6 +821,7 @@ class SanitizerWorker:
         """
         self.stats.aborts += 1
         self._reset_batch()
+        self._rewinds.forget()
         self.chains.reset(outcome_unknown=True)
         self._close_consumer(self.consumer)
         backoff = 1.0
@@ -834,6 +864,8 @@ class SanitizerWorker:
                 self._abort()
         # The revoked partitions' chains continue with their next owner: reload the tails when needed.
         self.chains.reset()
+        # Whoever owns them next (maybe this worker again) starts from the committed offsets.
+        self._rewinds.forget((tp.topic, tp.partition) for tp in partitions)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.warning("%d partitions lost (session expired, e.g. a broker restart)", len(partitions))
@@ -846,4 +878,5 @@ class SanitizerWorker:
             self.stats.aborts += 1
             self._replace_producer()
             self._reset_batch()
+        self._rewinds.forget((tp.topic, tp.partition) for tp in partitions)
         self.chains.reset(outcome_unknown=True)

@@ -27,6 +27,9 @@ class Stats:
     confirmations_redelivered: int = 0
     #: Times a partition was held back at a delete waiting for its attribution message (docs/policy.md).
     attribution_waits: int = 0
+    #: Rewinds (seeks back) the consumer did not carry out, caught by `RewindCheck` and repaired by rebuilding
+    #: the clients (seen around broker restarts: the fetch went on from where it was).
+    lost_rewinds: int = 0
     decisions: dict[str, int] = field(default_factory=dict)
     fields_by_class: dict[str, int] = field(default_factory=dict)
     dlq_reasons: dict[str, int] = field(default_factory=dict)

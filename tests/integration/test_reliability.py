@@ -115,7 +115,15 @@ class Scenario:
         after a broker kill the producer resends what it never saw acknowledged, and the raw topic holds
         those copies too (each an input of its own), so `wait_decided(count)` can pass with a tail of
         inputs still undecided, and stopping the workers then leaves them LOST."""
-        self.wait_decided(len(raw_inputs(self.bootstrap, self.topic)), timeout=timeout)
+        raw = raw_inputs(self.bootstrap, self.topic)
+        try:
+            self.wait_decided(len(raw), timeout=timeout)
+        except AssertionError as exc:
+            decided = per_input_counts(self.audits({self.topic}))
+            undecided = sorted((p.partition, p.offset) for p in raw
+                               if (self.topic, p.partition, p.offset) not in decided)
+            raise AssertionError(f"undecided inputs (partition, offset): {undecided[:20]}; the group's committed "
+                                 f"offsets {self.committed()}\n{exc}") from None
 
     @property
     def worker_ids(self) -> set[str]:
@@ -594,4 +602,65 @@ def test_key_store_failure_at_commit_time_is_retried_not_fatal(stack, log_dir):
     except KeyUnavailableError as exc:
         pytest.fail(f"the worker died on a key-store error at commit time: {exc!r} (calls={calls})")
     assert calls >= 2 and stats.events_in == 20
+    sc.check_own_topic(producer)
+
+
+class _SeekIgnored:
+    """A consumer whose `seek()` does nothing, once: what librdkafka was seen to do around a broker restart
+    (the fetch went on from where it was). Everything else is the real consumer's."""
+
+    def __init__(self, consumer: Any) -> None:
+        self._consumer = consumer
+        self.ignored: list[tuple[str, int, int]] = []
+
+    def seek(self, tp: Any) -> None:
+        if not self.ignored:
+            self.ignored.append((tp.topic, tp.partition, tp.offset))
+            return
+        self._consumer.seek(tp)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._consumer, name)
+
+
+def test_a_rewind_the_consumer_does_not_carry_out_is_caught_and_nothing_is_lost(stack, log_dir, monkeypatch):
+    """An aborted batch is rewound with `seek()`; if the seek does not happen, the records between its target
+    and the consumer's position would never be processed again while later ones were committed past them.
+    Here the first commit fails (a key-store error: abort and rewind) and the consumer ignores the rewind's
+    seek; the worker must notice (the next record fetched is past the ones it went back over, or none comes)
+    and resume from the group's committed offsets: every input decided exactly once, none lost."""
+    import guard.kafka.rewinds
+    from guard.config import load_settings
+    from guard.errors import KeyUnavailableError
+    from guard.kafka.runner import SanitizerWorker
+    from guard.pipeline.runtime import build_sanitizer
+
+    monkeypatch.setattr(guard.kafka.rewinds, "CONFIRM_S", 5.0)  # the tail case: no record comes at all
+    sc = Scenario(stack, log_dir, partitions=1)
+    settings = load_settings(None, kafka_bootstrap=sc.bootstrap, redis_url=stack["GUARD_REDIS_URL"],
+                             raw_topic_prefix=sc.prefix, group_id=sc.group, worker_id=f"{sc.group}-inproc",
+                             sanitized_prefix=sc.sanitized_prefix, audit_topic=sc.audit, dlq_topic=sc.dlq,
+                             anomalies_topic=sc.anomalies, deletions_topic=sc.deletions)
+    sanitizer = build_sanitizer(settings)
+    store = sanitizer.keys.store
+    real = store.record_subject_activity
+    calls = 0
+
+    def fails_once(branch: str, activity: dict) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise KeyUnavailableError("key store unreachable (simulated, to make the worker abort and rewind)")
+        real(branch, activity)
+
+    store.record_subject_activity = fails_once  # type: ignore[method-assign]
+    producer = SteadyProducer(sc.bootstrap, sc.topic, count=40, rate=20, partitions=1).start()
+    worker = SanitizerWorker(settings, sanitizer)
+    sabotaged = _SeekIgnored(worker.consumer)
+    worker.consumer = sabotaged  # type: ignore[assignment]
+    sc.in_process_ids.add(settings.worker_id)
+    stats = worker.run(until=lambda s: s.events_in >= 40, max_idle_s=60)
+    producer.join()
+    assert sabotaged.ignored, "the rewind's seek was not made"
+    assert stats.lost_rewinds >= 1, "the ignored rewind went unnoticed"
     sc.check_own_topic(producer)
