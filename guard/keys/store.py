@@ -54,7 +54,7 @@ from __future__ import annotations
 import os
 import struct
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -721,6 +721,27 @@ class RedisKeyStore:
         pipe.sadd(name, principal)
         pipe.expire(name, ATTRIBUTION_TTL_S)
         self._call(pipe.execute)
+
+    def exchange_attributions(self, branch: str, recorded: Iterable[tuple[int | str, str]],
+                              wanted: Iterable[int | str]) -> dict[int | str, set[str]]:
+        """A batch's attributions in one round trip: record each (tx_id, principal) of `recorded` (as
+        `record_attribution`), then the principals of each of `wanted` (as `attributions`: absent when no
+        message was seen). The records go first, so a delete whose message is in the same batch finds it."""
+        pipe = self.client.pipeline(transaction=True)
+        skip = 0
+        for tx_id, principal in recorded:
+            name = self._k("attrib", branch, str(tx_id))
+            pipe.sadd(name, principal)
+            pipe.expire(name, ATTRIBUTION_TTL_S)
+            skip += 2
+        wanted = list(wanted)
+        for tx_id in wanted:
+            pipe.smembers(self._k("attrib", branch, str(tx_id)))
+        if not skip and not wanted:
+            return {}
+        found = self._call(pipe.execute)[skip:]
+        return {tx_id: {m.decode() if isinstance(m, bytes) else str(m) for m in members}
+                for tx_id, members in zip(wanted, found, strict=True) if members}
 
     def attributions(self, branch: str, tx_ids: list[int | str]) -> dict[int | str, set[str]]:
         """The principals recorded for each of `tx_ids` (absent: no message seen yet), in one round trip."""

@@ -4,8 +4,9 @@ Every change (create, update, delete) of a branch table names its principal (the
 docs/policy.md): a create or update carries it in the row's `updated_by` column (filled by the branch
 database's trigger from the transaction's principal: PostgreSQL's `guard.principal` setting, MariaDB's
 `@guard_principal` session variable); a delete carries it in an attribution message of its transaction,
-joined here on the transaction's id through the key store (`record_attribution` / `attributions`: the
-message and the delete may be read by different workers, in any order). On PostgreSQL the message is a
+joined here on the transaction's id through the key store (`prepare`: a batch's messages recorded and its
+deletes looked up in one round trip; the message and the delete may be read by different workers, in any
+order). On PostgreSQL the message is a
 transactional logical decoding message (prefix `guard.principal`, op `m`) joined on `source.txId`; on
 MariaDB it is a row inserted by the delete trigger into the guard-owned BLACKHOLE table
 `guard_admin.principal_messages` (op `c`) joined on `source.gtid`. The connector publishes both on
@@ -186,6 +187,10 @@ class WriteChecker:
         self._tables: set[str] = set()
         #: (topic, partition, offset) → when this worker first held the delete back.
         self._waiting: dict[tuple[str, int, int], float] = {}
+        #: The batch's deletes → the principals their transactions' messages named when the batch began
+        #: (None: no message yet), and the (tx_id, principal) pairs the batch's messages recorded (`prepare`).
+        self._prepared: dict[tuple[str, int, int], set[str] | None] = {}
+        self._recorded: set[tuple[int | str, str]] = set()
         self.message_topic = f"{settings.raw_topic_prefix}.message"
 
     @classmethod
@@ -267,7 +272,7 @@ class WriteChecker:
             value = (event.after or {}).get(PRINCIPAL_COLUMN)
             return self.decide(event.op, value if isinstance(value, str) and value else None, event.schema_table,
                                when, subject_root=subject_root)
-        named = self._delete_principals(event)
+        named = self._delete_principals(event, where)
         if named is None:
             first = self._waiting.setdefault(where, self._clock())
             if self._clock() - first < self.wait_s:
@@ -285,11 +290,40 @@ class WriteChecker:
         return self.decide("d", next(iter(principals)) if principals else None, event.schema_table, when,
                            subject_root=subject_root)
 
-    def _delete_principals(self, event: ChangeEvent) -> set[str] | None:
+    def prepare(self, messages: list[ChangeEvent], deletes: list[tuple[tuple[str, int, int], ChangeEvent]]) -> None:
+        """Per batch, before it is processed: record the batch's attribution messages and look up its deletes'
+        transactions, in one key-store round trip (`RedisKeyStore.exchange_attributions`).
+
+        Without it each message and each delete costs a round trip of its own, and a delete read before its
+        message in the same batch waits (`AttributionPending`: its partition is sought back and fetched
+        again). Recording a message before its place in the batch changes nothing: records are idempotent
+        and already happen before the transaction commits; another worker's record could as well have come
+        first. A delete's answer holds for that record of this batch only (`_delete_principals`); one the
+        batch's messages don't settle is looked up again when the delete is fetched again.
+        """
+        self._prepared.clear()
+        self._recorded.clear()
+        if self.store is None:
+            return
+        recorded: set[tuple[int | str, str]] = set()
+        for event in messages:
+            principal = message_principal(event)
+            if principal is not None and event.tx_id is not None:
+                recorded.add((event.tx_id, principal))
+        wanted = {where: event.tx_id for where, event in deletes if event.op == "d" and event.tx_id is not None}
+        if not recorded and not wanted:
+            return
+        found = self.store.exchange_attributions(self.branch, recorded, set(wanted.values()))
+        self._recorded = recorded
+        self._prepared = {where: found.get(tx_id) for where, tx_id in wanted.items()}
+
+    def _delete_principals(self, event: ChangeEvent, where: tuple[str, int, int]) -> set[str] | None:
         if event.tx_id is None:
             return set()  # no transaction id to join on: unattributed at once
         if self.store is None:
             return set()
+        if where in self._prepared:
+            return self._prepared.pop(where)
         return self.store.attributions(self.branch, [event.tx_id]).get(event.tx_id)
 
     def record_message(self, event: ChangeEvent) -> str | None:
@@ -297,5 +331,6 @@ class WriteChecker:
         principal = message_principal(event)
         if principal is None or event.tx_id is None or self.store is None:
             return principal
-        self.store.record_attribution(self.branch, event.tx_id, principal)
+        if (event.tx_id, principal) not in self._recorded:  # else recorded with the batch (`prepare`)
+            self.store.record_attribution(self.branch, event.tx_id, principal)
         return principal

@@ -328,12 +328,46 @@ class Sanitizer:
         self.keys.purge_expired()  # expired data keys leave memory (docs/keys.md)
         self.expire_value_caches()
         self.decoder.clear()
-        if self.checker is not None:
-            self.checker.refresh()
+        checker = self.checker
+        if checker is not None:
+            checker.refresh()
+            self._prepare_attributions(checker, records)
         if self._fast is not None:
             self._batch = records
             return
         self._decode_and_load(records)
+
+    def _prepare_attributions(self, checker: WriteChecker,
+                              records: Sequence[tuple[str, int, int, bytes | None]]) -> None:
+        """The batch's attribution messages and deletes, decoded now (and kept for `process`) so the checker
+        records and looks them up in one round trip (`WriteChecker.prepare`).
+
+        A delete is found by its bytes (the last `"op":"` of a JSON envelope, as `policy.scan_write` reads it);
+        one not found this way (another encoding) is looked up on its own when it is processed.
+        """
+        message_topic = checker.message_topic
+        messages: list[ChangeEvent] = []
+        deletes: list[tuple[tuple[str, int, int], ChangeEvent]] = []
+        for topic, partition, offset, value in records:
+            if value is None:
+                continue
+            is_message = topic == message_topic
+            if not is_message:
+                i = value.rfind(b'"op":"')
+                if i < 0 or value[i + 6:i + 7] != b"d":
+                    continue
+            try:
+                event = decode_value(value)
+            except Exception:  # noqa: BLE001, S112 - `process` meets the same record and sends it to the DLQ
+                continue
+            if event is None:
+                continue
+            self.decoder.keep(topic, partition, offset, value, event)
+            if is_message:
+                messages.append(event)
+            else:
+                deletes.append(((topic, partition, offset), event))
+        checker.prepare(messages, deletes)
 
     def _load_keys_from(self, topic: str, partition: int, offset: int, value: bytes | None) -> None:
         """Native path: load the keys of the batch from this record on (once per batch).

@@ -375,3 +375,22 @@ def test_a_delete_read_before_its_message_waits_for_it_bounded(stack: dict[str, 
     finally:
         worker.stop()
     assert '"attribution_waits":' in worker.log() and '"attribution_waits":0' not in worker.log()
+
+
+def test_the_key_store_records_and_looks_up_a_batchs_attributions_in_one_round_trip(stack: dict[str, str]) -> None:
+    """`exchange_attributions` on the stack's Redis (the guard's ACL user over TLS): the batch's messages are
+    recorded before its deletes are looked up, in one request, with the attribution TTL, and read back by
+    the single lookup other workers use."""
+    from guard.keys.store import ATTRIBUTION_TTL_S, RedisKeyStore
+
+    store = RedisKeyStore(stack["GUARD_REDIS_URL"], "demo-bank", password_file=stack["GUARD_REDIS_PASSWORD_FILE"])
+    branch = unique("pa")
+    mine, other, unknown = 9_001, "0-202-77", 9_002
+    before = store.round_trips
+    found = store.exchange_attributions(branch, [(mine, "Staff:m0101-01"), (other, "")], [mine, unknown, other])
+    assert store.round_trips == before + 1
+    assert found == {mine: {"Staff:m0101-01"}, other: {""}}  # a message naming nobody is still a message
+    assert store.attributions(branch, [mine, unknown]) == {mine: {"Staff:m0101-01"}}
+    assert 0 < store.client.ttl(store._k("attrib", branch, str(mine))) <= ATTRIBUTION_TTL_S
+    assert store.exchange_attributions(branch, [], []) == {}  # nothing to exchange: no request
+    assert store.round_trips == before + 2  # the exchange and the lookup

@@ -7,6 +7,7 @@ attribution; the workload names each branch's own staff. On the real stack: test
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ class Attributions:
     """The key store's attribution sets, in memory (the real ones: the integration tests)."""
 
     def __init__(self) -> None:
+        self.exchanges = 0  # round trips of `exchange_attributions`
         self.sets: dict[int | str, set[str]] = {}
 
     def record_attribution(self, branch: str, tx_id: int | str, principal: str) -> None:
@@ -44,6 +46,13 @@ class Attributions:
 
     def attributions(self, branch: str, tx_ids: list[int | str]) -> dict[int | str, set[str]]:
         return {t: set(self.sets[t]) for t in tx_ids if t in self.sets}
+
+    def exchange_attributions(self, branch: str, recorded: Iterable[tuple[int | str, str]],
+                              wanted: Iterable[int | str]) -> dict[int | str, set[str]]:
+        self.exchanges += 1
+        for tx_id, principal in recorded:
+            self.sets.setdefault(tx_id, set()).add(principal)
+        return {t: set(self.sets[t]) for t in wanted if t in self.sets}
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Iterable
 
 import orjson
 import pytest
@@ -22,13 +23,24 @@ class Attributions:
     """The key store's attribution sets, in memory (the real ones: tests/integration/test_policy.py)."""
 
     def __init__(self) -> None:
+        self.exchanges = 0  # round trips of `exchange_attributions`
+        self.singles = 0  # round trips of `record_attribution` and `attributions`
         self.sets: dict[int, set[str]] = {}
 
     def record_attribution(self, branch: str, tx_id: int, principal: str) -> None:
+        self.singles += 1
         self.sets.setdefault(tx_id, set()).add(principal)
 
     def attributions(self, branch: str, tx_ids: list[int]) -> dict[int, set[str]]:
+        self.singles += 1
         return {t: set(self.sets[t]) for t in tx_ids if t in self.sets}
+
+    def exchange_attributions(self, branch: str, recorded: Iterable[tuple[int, str]],
+                              wanted: Iterable[int]) -> dict[int, set[str]]:
+        self.exchanges += 1
+        for tx_id, principal in recorded:
+            self.sets.setdefault(tx_id, set()).add(principal)
+        return {t: set(self.sets[t]) for t in wanted if t in self.sets}
 
 
 @pytest.fixture
@@ -124,3 +136,47 @@ def test_the_memo_is_dropped_with_the_policy(checker: WriteChecker) -> None:
     assert checker.engine.generation == generation + 1
     checker.refresh()
     assert checker.decide("d", "Staff:t9", "public.customers", 1_800_000_000_000).allowed
+
+
+def message(principal: str, tx_id: int = 77) -> bytes:
+    """A PostgreSQL attribution message of transaction `tx_id`."""
+    content = base64.b64encode(json.dumps({"principal": principal}).encode()).decode()
+    return orjson.dumps({"op": "m", "ts_ms": 1, "message": {"prefix": "guard.principal", "content": content},
+                         "source": {"connector": "postgresql", "db": "b", "txId": tx_id, "lsn": 1}})
+
+
+def test_a_batch_records_its_messages_and_looks_up_its_deletes_in_one_round_trip(checker: WriteChecker) -> None:
+    """`prepare`: the batch's messages are recorded and its deletes' transactions looked up together, the
+    records first, so a delete read before its message in the same batch does not wait for it."""
+    store: Attributions = checker.store  # type: ignore[assignment]
+    delete, note = decode_value(event("d")), decode_value(message("Staff:m1"))
+    assert delete is not None and note is not None
+    checker.prepare([note], [(("t", 0, 9), delete)])
+    assert store.exchanges == 1 and store.sets == {77: {"Staff:m1"}}
+    decided = checker.decide_event(delete, ("t", 0, 9))
+    assert decided is not None and decided.decision == "allow" and decided.principal == "Staff:m1"
+    # the message, processed after the delete, is not recorded a second time
+    assert checker.record_message(note) == "Staff:m1" and store.singles == 0
+    # the answer is that record's, in that batch: the same delete at another place is looked up on its own
+    assert checker.decide_event(delete, ("t", 0, 10)).decision == "allow"  # type: ignore[union-attr]
+    assert store.singles == 1
+    # a new batch forgets what the last one recorded: its message is recorded again (idempotent)
+    checker.prepare([], [])
+    checker.record_message(note)
+    assert store.singles == 2 and store.exchanges == 1  # an empty batch costs no round trip
+
+
+def test_a_prepared_delete_without_its_message_waits_and_the_next_batch_finds_it(checker: WriteChecker) -> None:
+    store: Attributions = checker.store  # type: ignore[assignment]
+    delete = decode_value(event("d"))
+    assert delete is not None
+    checker.prepare([], [(("t", 0, 9), delete)])
+    with pytest.raises(AttributionPending):
+        checker.decide_event(delete, ("t", 0, 9))
+    store.record_attribution("0101", 77, "Staff:t1")  # another worker reads the message meanwhile
+    checker.prepare([], [(("t", 0, 9), delete)])  # the held delete is fetched again
+    decided = checker.decide_event(delete, ("t", 0, 9))
+    assert decided is not None and decided.principal == "Staff:t1" and store.exchanges == 2
+    # two principals named in the batch's messages: the delete is nobody's
+    checker.prepare([decode_value(message("Staff:m1"))], [(("t", 0, 9), delete)])  # type: ignore[list-item]
+    assert checker.decide_event(delete, ("t", 0, 9)).decision == "unattributed"  # type: ignore[union-attr]
