@@ -218,7 +218,7 @@ class SanitizerWorker:
                     if msgs:
                         idle_since = time.monotonic()
                         self._process_batch(msgs)
-                    elif self._rewinds:
+                    if self._rewinds:  # a rewound partition that fetches nothing, busy with others or idle
                         self._rewinds.check_overdue()
                     if self._in_txn and commit_due(drained=drained, records=self._txn_records,
                                                    batch_size=self.settings.batch_size,
