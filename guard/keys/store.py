@@ -716,11 +716,7 @@ class RedisKeyStore:
         Shared by every worker: the message and the deletes of one transaction are on different topics,
         which different workers may own. Idempotent (a set), so a replayed message changes nothing.
         """
-        name = self._k("attrib", branch, str(tx_id))
-        pipe = self.client.pipeline(transaction=True)
-        pipe.sadd(name, principal)
-        pipe.expire(name, ATTRIBUTION_TTL_S)
-        self._call(pipe.execute)
+        self.exchange_attributions(branch, [(tx_id, principal)], ())
 
     def exchange_attributions(self, branch: str, recorded: Iterable[tuple[int | str, str]],
                               wanted: Iterable[int | str]) -> dict[int | str, set[str]]:
@@ -745,14 +741,7 @@ class RedisKeyStore:
 
     def attributions(self, branch: str, tx_ids: list[int | str]) -> dict[int | str, set[str]]:
         """The principals recorded for each of `tx_ids` (absent: no message seen yet), in one round trip."""
-        if not tx_ids:
-            return {}
-        pipe = self.client.pipeline(transaction=False)
-        for tx_id in tx_ids:
-            pipe.smembers(self._k("attrib", branch, str(tx_id)))
-        found = self._call(pipe.execute)
-        return {tx_id: {m.decode() if isinstance(m, bytes) else str(m) for m in members}
-                for tx_id, members in zip(tx_ids, found, strict=True) if members}
+        return self.exchange_attributions(branch, (), tx_ids)
 
     # --- where a subject's ciphertexts went (for deletion confirmations) --------------------------
     def record_subject_activity(self, branch: str, activity: Mapping[tuple[str, str], int | None]) -> None:
