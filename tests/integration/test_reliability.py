@@ -563,6 +563,35 @@ def test_sanitized_records_keep_their_input_partition(stack, log_dir):
         sc.kill_all()
 
 
+class _FirstCommitFails:
+    """An in-process worker's set-up on the real stack whose first commit-time key-store call fails
+    (`record_subject_activity` in `_commit`), so the worker aborts its first transaction and rewinds."""
+
+    def __init__(self, stack: dict[str, str], log_dir: Path) -> None:
+        from guard.config import load_settings
+        from guard.pipeline.runtime import build_sanitizer
+
+        self.sc = sc = Scenario(stack, log_dir, partitions=1)
+        self.settings = load_settings(
+            None, kafka_bootstrap=sc.bootstrap, redis_url=stack["GUARD_REDIS_URL"], raw_topic_prefix=sc.prefix,
+            group_id=sc.group, worker_id=f"{sc.group}-inproc", sanitized_prefix=sc.sanitized_prefix,
+            audit_topic=sc.audit, dlq_topic=sc.dlq, anomalies_topic=sc.anomalies, deletions_topic=sc.deletions)
+        self.sanitizer = build_sanitizer(self.settings)
+        store = self.sanitizer.keys.store
+        self._real = store.record_subject_activity
+        self.calls = 0
+        store.record_subject_activity = self._fails_once  # type: ignore[method-assign]
+        sc.in_process_ids.add(self.settings.worker_id)
+
+    def _fails_once(self, branch: str, activity: dict) -> None:
+        from guard.errors import KeyUnavailableError
+
+        self.calls += 1
+        if self.calls == 1:
+            raise KeyUnavailableError("key store unreachable (simulated: Redis died before the commit)")
+        self._real(branch, activity)
+
+
 def test_key_store_failure_at_commit_time_is_retried_not_fatal(stack, log_dir):
     """Redis can die between processing a batch and committing it (`record_subject_activity` in `_commit`).
 
@@ -570,38 +599,19 @@ def test_key_store_failure_at_commit_time_is_retried_not_fatal(stack, log_dir):
     in an in-process worker on the real stack. Expected: the batch is aborted and retried like any other
     key-store outage; the worker keeps running and every input is decided exactly once.
     """
-    from guard.config import load_settings
     from guard.errors import KeyUnavailableError
     from guard.kafka.runner import SanitizerWorker
-    from guard.pipeline.runtime import build_sanitizer
 
-    sc = Scenario(stack, log_dir, partitions=1)
-    settings = load_settings(None, kafka_bootstrap=sc.bootstrap, redis_url=stack["GUARD_REDIS_URL"],
-                             raw_topic_prefix=sc.prefix, group_id=sc.group, worker_id=f"{sc.group}-inproc",
-                             sanitized_prefix=sc.sanitized_prefix, audit_topic=sc.audit, dlq_topic=sc.dlq,
-                             anomalies_topic=sc.anomalies, deletions_topic=sc.deletions)
-    sanitizer = build_sanitizer(settings)
-    store = sanitizer.keys.store
-    real = store.record_subject_activity
-    calls = 0
-
-    def fails_once(branch: str, activity: dict) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise KeyUnavailableError("key store unreachable (simulated: Redis died before the commit)")
-        real(branch, activity)
-
-    store.record_subject_activity = fails_once  # type: ignore[method-assign]
+    setup = _FirstCommitFails(stack, log_dir)
+    sc = setup.sc
     producer = SteadyProducer(sc.bootstrap, sc.topic, count=20, rate=200, partitions=1).start()
     producer.join()
-    worker = SanitizerWorker(settings, sanitizer)
-    sc.in_process_ids.add(settings.worker_id)
+    worker = SanitizerWorker(setup.settings, setup.sanitizer)
     try:
         stats = worker.run(until=lambda s: s.events_in >= 20, max_idle_s=20)
     except KeyUnavailableError as exc:
-        pytest.fail(f"the worker died on a key-store error at commit time: {exc!r} (calls={calls})")
-    assert calls >= 2 and stats.events_in == 20
+        pytest.fail(f"the worker died on a key-store error at commit time: {exc!r} (calls={setup.calls})")
+    assert setup.calls >= 2 and stats.events_in == 20
     sc.check_own_topic(producer)
 
 
@@ -630,35 +640,15 @@ def test_a_rewind_the_consumer_does_not_carry_out_is_caught_and_nothing_is_lost(
     seek; the worker must notice (the next record fetched is past the ones it went back over, or none comes)
     and resume from the group's committed offsets: every input decided exactly once, none lost."""
     import guard.kafka.rewinds
-    from guard.config import load_settings
-    from guard.errors import KeyUnavailableError
     from guard.kafka.runner import SanitizerWorker
-    from guard.pipeline.runtime import build_sanitizer
 
     monkeypatch.setattr(guard.kafka.rewinds, "CONFIRM_S", 5.0)  # the tail case: no record comes at all
-    sc = Scenario(stack, log_dir, partitions=1)
-    settings = load_settings(None, kafka_bootstrap=sc.bootstrap, redis_url=stack["GUARD_REDIS_URL"],
-                             raw_topic_prefix=sc.prefix, group_id=sc.group, worker_id=f"{sc.group}-inproc",
-                             sanitized_prefix=sc.sanitized_prefix, audit_topic=sc.audit, dlq_topic=sc.dlq,
-                             anomalies_topic=sc.anomalies, deletions_topic=sc.deletions)
-    sanitizer = build_sanitizer(settings)
-    store = sanitizer.keys.store
-    real = store.record_subject_activity
-    calls = 0
-
-    def fails_once(branch: str, activity: dict) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise KeyUnavailableError("key store unreachable (simulated, to make the worker abort and rewind)")
-        real(branch, activity)
-
-    store.record_subject_activity = fails_once  # type: ignore[method-assign]
+    setup = _FirstCommitFails(stack, log_dir)
+    sc = setup.sc
     producer = SteadyProducer(sc.bootstrap, sc.topic, count=40, rate=20, partitions=1).start()
-    worker = SanitizerWorker(settings, sanitizer)
+    worker = SanitizerWorker(setup.settings, setup.sanitizer)
     sabotaged = _SeekIgnored(worker.consumer)
     worker.consumer = sabotaged  # type: ignore[assignment]
-    sc.in_process_ids.add(settings.worker_id)
     stats = worker.run(until=lambda s: s.events_in >= 40, max_idle_s=60)
     producer.join()
     assert sabotaged.ignored, "the rewind's seek was not made"
