@@ -396,8 +396,7 @@ class SanitizerWorker:
         assigned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
         for (topic, partition), offset in self._held.items():
             if (topic, partition) in assigned:
-                self.consumer.seek(TopicPartition(topic, partition, offset))
-                self._rewinds.expect(topic, partition, offset, offset)
+                self._seek_back(topic, partition, offset, offset)
             # Commit exactly up to the delete: the commit sends the offsets from `_last` (nothing of the
             # partition past the delete was sent before).
             self._last[(topic, partition)] = offset - 1
@@ -725,9 +724,15 @@ class SanitizerWorker:
         assigned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
         for (topic, partition), offset in self._first.items():
             if (topic, partition) in assigned:
-                self.consumer.seek(TopicPartition(topic, partition, offset))
-                self._rewinds.expect(topic, partition, offset, offset)
+                self._seek_back(topic, partition, offset, offset)
         self._reset_batch()
+
+    def _seek_back(self, topic: str, partition: int, offset: int, known: int | None) -> None:
+        """Rewind a partition to `offset`, checked by the next record fetched (`RewindCheck`): `known` is a
+        record at or after `offset` the rewind goes back over (None: none is known, nothing to check)."""
+        self.consumer.seek(TopicPartition(topic, partition, offset))
+        if known is not None:
+            self._rewinds.expect(topic, partition, offset, known)
 
     def _reset_batch(self) -> None:
         self._early_offsets.forget()
@@ -782,12 +787,10 @@ class SanitizerWorker:
                 first = self._first[(tp.topic, tp.partition)]
                 last = self._last.get((tp.topic, tp.partition), first - 1)
                 offset = tp.offset if tp.offset >= 0 else first
-                self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
-                rewound[f"{tp.topic}[{tp.partition}]"] = (offset, last)
                 # A record the seek goes back over: the transaction's first one there, or, if its commit
                 # went through after all (committed past it), none to check.
-                if offset <= first:
-                    self._rewinds.expect(tp.topic, tp.partition, offset, first)
+                self._seek_back(tp.topic, tp.partition, offset, first if offset <= first else None)
+                rewound[f"{tp.topic}[{tp.partition}]"] = (offset, last)
             # Where each partition resumes, and the last offset the dropped transaction had taken: the evidence
             # that nothing between the two is skipped.
             log.warning("rewound to the group's committed offsets (resume at, last taken): %s", rewound)
