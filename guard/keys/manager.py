@@ -30,7 +30,13 @@ import redis
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from guard.errors import KeyShreddedError, KeyUnavailableError, SubjectRestrictedError, TenantKeyMissingError
+from guard.errors import (
+    ConfigError,
+    KeyShreddedError,
+    KeyUnavailableError,
+    SubjectRestrictedError,
+    TenantKeyMissingError,
+)
 from guard.keys.kms import Kms
 from guard.keys.primitives import Aead, BlindIndex, Hmac, KeyedHash, KeyWrapper, random_key, sealed_header
 from guard.keys.store import RedisKeyStore, StaleBranchKeyError
@@ -39,6 +45,8 @@ log = logging.getLogger(__name__)
 
 #: Share of the TTL before its expiry in which a batch's prefetch fetches a cached key again (`prefetch`).
 REFRESH_MARGIN = 0.25
+#: The longest `compaction_delay_s` allowed: a destroyed key must not stay on the key store's disk for long.
+MAX_COMPACTION_DELAY_S = 3600.0
 #: How long a commit-time check waits for the listener to apply a shred the key store has counted.
 CATCH_UP_S = 0.2
 _U32 = struct.Struct(">I")
@@ -93,7 +101,12 @@ class KeyManager:
         listen: bool = True,
         indexes: bool = True,
         tenant_check_s: float = 5.0,
+        compaction_delay_s: float = 60.0,
     ) -> None:
+        if not 0 <= compaction_delay_s <= MAX_COMPACTION_DELAY_S:
+            raise ConfigError(f"aof_compaction_delay_s must be between 0 and {MAX_COMPACTION_DELAY_S:.0f} seconds "
+                              f"(it bounds how long a destroyed key stays in the key store's append-only file); "
+                              f"got {compaction_delay_s}")
         self._kms = kms
         self.store = store
         self.tenant = tenant
@@ -134,6 +147,18 @@ class KeyManager:
         self._listener: threading.Thread | None = None
         self._compactor: threading.Thread | None = None
         self._compact_wanted = threading.Event()
+        #: How long the compactor lets shreds gather before it starts a rewrite (`request_compaction`), and
+        #: when the first shred not yet covered by a started rewrite asked for one (monotonic; None: none).
+        self._compaction_delay_s = compaction_delay_s
+        self._compact_asked: float | None = None
+        #: Set to cut the window short (`finish_compaction`).
+        self._compact_now = threading.Event()
+        #: When the last shred asked for a rewrite, and the start of the latest completed rewrite (monotonic):
+        #: every shred is on disk no more once the second is at or after the first.
+        self._compact_last_asked: float | None = None
+        self._compact_covered = float("-inf")
+        #: Rewrites this manager's compactor completed (tests and `counters` read it).
+        self.compactions = 0
         #: Counters for the benchmark (`counters`): integer adds on the hot path, nothing more.
         self.key_lookups = 0
         self.key_hits = 0
@@ -545,12 +570,14 @@ class KeyManager:
         subjects whose key came from the key store, `keys_created` of them minted by this worker;
         `store_round_trips`: requests to the key store (a pipeline counts once), from every thread;
         `data_key_round_trips`: those of them that loaded or created data keys (a batch's prefetch is one);
-        `invalidations`: shreds and rotations applied from the invalidation channel.
+        `invalidations`: shreds and rotations applied from the invalidation channel; `compactions`:
+        append-only-file rewrites this manager's compactor completed (`request_compaction`).
         """
         return {"key_lookups": self.key_lookups, "key_hits": self.key_hits, "keys_fetched": self.keys_fetched,
                 "keys_created": self.keys_created, "store_round_trips": self.store.round_trips,
                 "data_key_round_trips": self.store.data_key_round_trips,
-                "invalidations": self._invalidations, "cached_keys": len(self._deks)}
+                "invalidations": self._invalidations, "cached_keys": len(self._deks),
+                "compactions": self.compactions}
 
     def subject_aead_for(self, branch: str, subject: str, sealed: bytes) -> Aead:
         """The key version that sealed `sealed`, for reading (the reveal path). Never creates a key.
@@ -626,14 +653,47 @@ class KeyManager:
     def request_compaction(self) -> None:
         """Have the append-only file rewritten after the shreds so far, in a background thread.
 
+        The rewrite starts at most `compaction_delay_s` after the first shred it covers; the shreds of that
+        window share it. Why: a rewrite forks Redis and writes its whole dataset again (seconds, a core and
+        the disk, for millions of keys). Started after every shred, a stream that erases customers every
+        second kept one running back to back, and Redis's latency, the broker's CPU and the guard's
+        throughput paid for it (`guard bench`, docs/benchmark.md round 16). The bound on a destroyed key's
+        life on disk becomes the delay plus one rewrite (docs/keys.md); `guard erase` still compacts at once,
+        and a worker that stops cleanly does not leave its window to the next one (`finish_compaction`).
+
         The key store's compaction-due counter survives a crash, so a worker that starts with it above
         zero compacts too (`start_compactor`).
         """
         with self._lock:
+            now = time.monotonic()
+            self._compact_last_asked = now
+            if self._compact_asked is None:
+                self._compact_asked = now
             self._compact_wanted.set()
-            if self._compactor is None or not self._compactor.is_alive():
-                self._compactor = threading.Thread(target=self._compact_loop, name="bg-aof-compaction", daemon=True)
-                self._compactor.start()
+            self._ensure_compactor()
+
+    def finish_compaction(self, timeout_s: float = 120.0) -> bool:
+        """Rewrite now if a shred is still waiting for its window (a worker's clean stop); True when every
+        shred this manager asked a rewrite for is covered by a completed one, False after `timeout_s`."""
+        with self._lock:
+            if self._compact_last_asked is None or self._compact_covered >= self._compact_last_asked:
+                return True
+            self._compact_now.set()
+            self._ensure_compactor()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                last, covered = self._compact_last_asked, self._compact_covered
+            if covered >= last:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def _ensure_compactor(self) -> None:
+        """Start the compactor thread unless it runs (call with the lock held)."""
+        if self._compactor is None or not self._compactor.is_alive():
+            self._compactor = threading.Thread(target=self._compact_loop, name="bg-aof-compaction", daemon=True)
+            self._compactor.start()
 
     def start_compactor(self) -> None:
         """At start-up: finish the compaction a crashed predecessor may have left due."""
@@ -646,16 +706,31 @@ class KeyManager:
     def _compact_loop(self) -> None:
         backoff = 1.0
         while self._compact_wanted.wait(timeout=600):
-            self._compact_wanted.clear()
+            with self._lock:
+                asked = self._compact_asked
+            if asked is not None:
+                # Let the shreds of the window gather: one rewrite covers every shred before it starts.
+                self._compact_now.wait(max(0.0, asked + self._compaction_delay_s - time.monotonic()))
+            with self._lock:
+                self._compact_wanted.clear()
+                self._compact_now.clear()
+                self._compact_asked = None  # a shred from here on asks for the next rewrite
+                started = time.monotonic()
             try:
                 self.store.compact()
+                with self._lock:
+                    self._compact_covered = max(self._compact_covered, started)
+                    self.compactions += 1
                 backoff = 1.0
             except Exception as exc:  # noqa: BLE001 - keep retrying whatever Redis answers; never lose the request
                 log.warning("append-only-file rewrite after a shred not done yet (%s); retrying in %.0f s",
                             type(exc).__name__ if not isinstance(exc, KeyUnavailableError) else exc, backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 60.0)
-                self._compact_wanted.set()
+                with self._lock:
+                    if self._compact_asked is None:
+                        self._compact_asked = time.monotonic() - self._compaction_delay_s  # due already
+                    self._compact_wanted.set()
 
     def is_erased(self, branch: str, subject: str) -> bool:
         return self.store.erased_record(branch, subject) is not None

@@ -37,6 +37,7 @@ def build_keys(settings: Settings, *, listen: bool = True, wait_s: float = 30.0,
         store,
         settings.tenant,
         cache_ttl=settings.key_cache_ttl,
+        compaction_delay_s=settings.aof_compaction_delay_s,
         listen=listen,
         indexes=indexes,
     )

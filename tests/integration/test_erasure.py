@@ -6,6 +6,7 @@ its keys, pending confirmations and records touch no other test's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -363,7 +364,8 @@ def test_a_rewrite_running_at_the_shred_is_followed_by_one_that_drops_the_key(st
                what="no rewrite running", interval=0.1)
     try:
         client.config_set("rdb-key-save-delay", 200)  # µs per key: the rewrite below runs for seconds
-        client.bgrewriteaof()
+        with contextlib.suppress(redis.ResponseError):  # an earlier test's compactor started one: it runs too
+            client.bgrewriteaof()
         wait_until(lambda: int(client.info("persistence")["aof_rewrite_in_progress"]), timeout=10,
                    what="the slow rewrite to start", interval=0.05)
         done = store.shred(branch, subject, b"{}", expected_versions=1, pending=None)
@@ -374,9 +376,37 @@ def test_a_rewrite_running_at_the_shred_is_followed_by_one_that_drops_the_key(st
         client.config_set("rdb-key-save-delay", 0)
         for start in range(0, 20_000, 1000):
             client.delete(*[f"{filler}:{i}" for i in range(start, start + 1000)])
+    assert marker not in _aof_contents(client), "the destroyed key is still in the append-only files"
+
+
+def _aof_contents(client: redis.Redis) -> bytes:
     directory = Path(client.config_get("dir")["dir"]) / client.config_get("appenddirname")["appenddirname"]
-    contents = b"".join(p.read_bytes() for p in directory.iterdir() if p.is_file())
-    assert marker not in contents, "the destroyed key is still in the append-only files"
+    return b"".join(p.read_bytes() for p in directory.iterdir() if p.is_file())
+
+
+def test_shreds_within_the_delay_share_one_rewrite_which_drops_every_destroyed_key(stack):
+    """`aof_compaction_delay_s`: a worker's shreds gather for the delay, then one rewrite started after them
+    removes all their keys from the append-only files (docs/keys.md, "How long a deleted key can linger").
+    A rewrite per shred kept one running all the time on a stream that erases every second."""
+    from guard.stack.config import StackConfig
+    from guard.stack.redisd import Redis
+
+    client = Redis(StackConfig.from_env()).admin_client(socket_timeout=10)
+    settings = _settings(stack, aof_compaction_delay_s=3.0)
+    keys = build_keys(settings, listen=False)
+    markers = {uuid.uuid4().hex: b"WRAPPED-KEY-" + uuid.uuid4().hex.encode() for _ in range(3)}
+    for subject, marker in markers.items():
+        assert keys.store.get_or_create_dek(settings.branch, subject, marker) == (1, marker)
+    first = time.monotonic()
+    for subject in markers:
+        assert keys.shred(settings.branch, subject, b"{}").status == "done"
+        time.sleep(0.5)
+    wait_until(lambda: keys.compactions >= 1, timeout=180, what="the rewrite after the shreds", interval=0.1)
+    assert time.monotonic() - first >= 3.0, "the rewrite did not wait for the shreds of its window"
+    contents = _aof_contents(client)
+    assert not [m for m in markers.values() if m in contents], "a destroyed key is still in the append-only files"
+    time.sleep(4.0)  # a window later: the three shreds asked for no second rewrite
+    assert keys.compactions == 1
 
 
 # --- finding 3: a re-insert within the grace period ----------------------------------------------------
@@ -385,6 +415,10 @@ def test_a_reinsert_within_the_grace_period_cancels_the_erasure_and_a_plain_dele
     run = _Run(stack, tmp_path, grace_s=8)
     rng = random.Random(6)
     kept, gone = customer_row(7_600_001, rng), customer_row(7_600_002, rng)
+    run.keys.subject_aead(run.branch, run.token(gone["customer_id"]))  # `gone`'s key, as the worker will use it
+    found_key = run.store.get_or_create_dek(run.branch, run.token(gone["customer_id"]), b"not stored: it exists")
+    assert found_key is not None
+    wrapped = found_key[1]
     run.produce([(kept["customer_id"], _event(kept, "c")), (gone["customer_id"], _event(gone, "c")),
                  (kept["customer_id"], _event(kept, "d")), (gone["customer_id"], _event(gone, "d")),
                  (kept["customer_id"], _event(kept, "c"))])  # a maintenance delete-and-reinsert of `kept`
@@ -399,6 +433,13 @@ def test_a_reinsert_within_the_grace_period_cancels_the_erasure_and_a_plain_dele
         worker.stop()
     assert [c["subject"] for c in found] == [run.token(gone["customer_id"])]
     assert found[0]["reason_code"] == "art47_1_purpose_achieved" and found[0]["trigger"] == "cdc_delete"
+    # The worker stopped well within its compaction window (60 s): its clean stop rewrote the append-only
+    # file rather than leave `gone`'s destroyed key on disk until the next worker starts.
+    from guard.stack.config import StackConfig
+    from guard.stack.redisd import Redis
+
+    admin = Redis(StackConfig.from_env()).admin_client(socket_timeout=10)
+    assert wrapped not in _aof_contents(admin), "the destroyed key is still in the append-only files"
     assert not run.keys.is_erased(run.branch, run.token(kept["customer_id"]))
     decisions = {(a["subject"], a["decision"]) for a in audit}
     assert (run.token(kept["customer_id"]), "erasure_cancelled") in decisions
