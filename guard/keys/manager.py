@@ -672,19 +672,23 @@ class KeyManager:
             self._compact_wanted.set()
             self._ensure_compactor()
 
+    @property
+    def compaction_pending(self) -> bool:
+        """Whether a shred this manager made is not yet covered by a completed append-only-file rewrite."""
+        with self._lock:
+            return self._compact_last_asked is not None and self._compact_covered < self._compact_last_asked
+
     def finish_compaction(self, timeout_s: float = 120.0) -> bool:
         """Rewrite now if a shred is still waiting for its window (a worker's clean stop); True when every
         shred this manager asked a rewrite for is covered by a completed one, False after `timeout_s`."""
+        if not self.compaction_pending:
+            return True
         with self._lock:
-            if self._compact_last_asked is None or self._compact_covered >= self._compact_last_asked:
-                return True
             self._compact_now.set()
             self._ensure_compactor()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            with self._lock:
-                last, covered = self._compact_last_asked, self._compact_covered
-            if covered >= last:
+            if not self.compaction_pending:
                 return True
             time.sleep(0.05)
         return False
@@ -717,10 +721,14 @@ class KeyManager:
                 self._compact_asked = None  # a shred from here on asks for the next rewrite
                 started = time.monotonic()
             try:
-                self.store.compact()
+                # Nothing due: every shred counted so far is covered by a rewrite that started after it (another
+                # worker's: all of a group's workers see the counter and ask, one rewrite is enough).
+                if self.store.compaction_due() > 0:
+                    self.store.compact()
+                    with self._lock:
+                        self.compactions += 1
                 with self._lock:
                     self._compact_covered = max(self._compact_covered, started)
-                    self.compactions += 1
                 backoff = 1.0
             except Exception as exc:  # noqa: BLE001 - keep retrying whatever Redis answers; never lose the request
                 log.warning("append-only-file rewrite after a shred not done yet (%s); retrying in %.0f s",

@@ -384,7 +384,8 @@ def _remains(s: Settings, topics: list[str], destroyed: int,
          "(guard-only topics)", "until": "the raw topics' retention"},
         {"where": "key store append-only file", "what": "the wrapped key (useless without the branch key)"
          if destroyed else "nothing", "until": "the append-only-file rewrite the shred schedules completes (it "
-         f"starts within {s.aof_compaction_delay_s:.0f} s; if the worker crashed first, when the next one starts)"},
+         f"starts within {s.aof_compaction_delay_s:.0f} s; if the worker crashed first, as long after the next "
+         "worker starts)"},
         {"where": "key store backups and RDB snapshots", "what": "the wrapped key if taken before the shred",
          "until": "the backups' retention"},
         {"where": "running workers' caches", "what": "the unwrapped key and memoised protected forms",

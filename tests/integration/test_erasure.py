@@ -430,12 +430,13 @@ def test_shreds_within_the_delay_share_one_rewrite_which_drops_every_destroyed_k
     for subject in markers:
         assert keys.shred(settings.branch, subject, b"{}").status == "done"
         time.sleep(0.5)
-    wait_until(lambda: keys.compactions >= 1, timeout=180, what="the rewrite after the shreds", interval=0.1)
+    assert keys.compaction_pending
+    wait_until(lambda: not keys.compaction_pending, timeout=180, what="the rewrite after the shreds", interval=0.1)
     assert time.monotonic() - first >= 3.0, "the rewrite did not wait for the shreds of its window"
     contents = _aof_contents(client)
     assert not [m for m in markers.values() if m in contents], "a destroyed key is still in the append-only files"
     time.sleep(4.0)  # a window later: the three shreds asked for no second rewrite
-    assert keys.compactions == 1
+    assert keys.compactions <= 1  # 0: another worker's rewrite, started after the shreds, covered them
 
 
 # --- finding 3: a re-insert within the grace period ----------------------------------------------------
