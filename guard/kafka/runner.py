@@ -68,7 +68,6 @@ from guard.audit.writer import load_audit_signer
 from guard.config import Settings
 from guard.errors import KeyUnavailableError
 from guard.kafka import confirmations
-from guard.kafka.activity import ActivityWriter
 from guard.kafka.audit_chain import AuditChains
 from guard.kafka.batching import EarlyOffsets, commit_due, take
 from guard.kafka.clients import OUTPUT_TOPIC_PARTITIONS, TopicManager, consumer_config, producer_config
@@ -158,10 +157,6 @@ class SanitizerWorker:
         self.producer = Producer(self._producer_config)
         self._abandoned: list[Producer | Consumer] = []
         self._txn_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bg-txn")
-        #: The open transaction's subject activity, written ahead in chunks while its batches run.
-        self._activity = ActivityWriter(
-            sanitizer.keys.store, sanitizer.branch,
-            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bg-activity"))
         #: Longest a transactional call may take, its retries included, before the producer is replaced.
         self._txn_deadline_s = settings.transaction_timeout_ms / 1000 + 15
         self._in_txn = False
@@ -381,7 +376,6 @@ class SanitizerWorker:
                 for topic, partition, offset in run.last:
                     last[(topic, partition)] = offset
                 self.batch.add_run(run)
-                self._activity.maybe_write(sanitizer)
                 i = run.end
                 if i < n:
                     self._process_one(*good[i], traced)
@@ -557,7 +551,9 @@ class SanitizerWorker:
                 self._produce_root_audits(cancelled, resumed)
                 self._produce_checkpoints(self.chains.checkpoints())  # the side chain's, if it grew
             store.set_expiry(sanitizer.branch, sanitizer.take_expiries(roots))
-            self._activity.flush(sanitizer)  # the rest of the activity, and the chunks written ahead
+            activity = sanitizer.pending_activity()
+            store.record_subject_activity(sanitizer.branch, activity)
+            sanitizer.mark_recorded(activity)
             if not self._early_offsets_cover_batch():
                 offsets = [TopicPartition(t, p, o + 1, tails[(t, p)]) for (t, p), o in self._last.items()]
                 metadata = self.consumer.consumer_group_metadata()
@@ -745,7 +741,6 @@ class SanitizerWorker:
 
     def _reset_batch(self) -> None:
         self._early_offsets.forget()
-        self._activity.reset()
         self.batch = BatchCounters()
         self.sanitizer.reset_batch()
         self._in_txn = False

@@ -202,35 +202,6 @@ def test_the_commit_records_no_activity_for_a_subject_erased_in_it(stack):
     assert sweep_retention(settings, now=time.time() + 10**10) == []
 
 
-def test_activity_written_ahead_in_chunks_lists_every_subject_of_the_transaction_in_the_key_store(stack):
-    """`ActivityWriter`: chunks written from its thread while the batch runs, the rest at the commit; once
-    `flush` returns, every subject of the transaction has the sanitized topic in its key-store entry, which
-    an erasure's confirmation lists (`subject_topics`)."""
-    import concurrent.futures
-
-    from guard.kafka.activity import ACTIVITY_CHUNK, ActivityWriter
-
-    settings = _settings(stack, worker_id="test-erasure")
-    san = build_sanitizer(settings)
-    store = san.keys.store
-    rng, count = random.Random(7), ACTIVITY_CHUNK * 2 + 150
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bg-activity") as pool:
-        writer = ActivityWriter(store, settings.branch, pool)
-        rows = [customer_row(7_350_000 + n, rng) for n in range(count)]
-        for n, row in enumerate(rows):
-            key = json.dumps({"customer_id": row["customer_id"]}).encode()
-            assert san.process("br0101.public.customers", 0, n, key, _event(row, "c")).decision == "protected"
-            if n % 100 == 99:
-                writer.maybe_write(san)
-        written_ahead = set(writer._written)
-        writer.flush(san)
-    subjects = [san.keys.subject_token(settings.branch, row["customer_id"]) for row in rows]
-    assert len(written_ahead) >= ACTIVITY_CHUNK * 2, "no chunk was written while the batch ran"
-    topic = "sanitized.br0101.public.customers"
-    missing = [s for s in subjects if topic not in store.subject_topics(settings.branch, s)]
-    assert missing == [], f"{len(missing)} of {count} subjects have no activity in the key store"
-
-
 def test_a_delivery_error_of_a_confirmation_is_reported_and_the_confirmation_stays_pending(stack):
     settings = _settings(stack, worker_id="test-erasure", deletions_topic="guard.deletions." + "x" * 260)
     with pytest.raises(GuardError, match="kept in the key store"):
