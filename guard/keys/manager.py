@@ -736,8 +736,9 @@ class KeyManager:
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 60.0)
                 with self._lock:
-                    if self._compact_asked is None:
-                        self._compact_asked = time.monotonic() - self._compaction_delay_s  # due already
+                    # Retried after the backoff, not after another window: its shreds' window is over (a shred
+                    # that came meanwhile is covered by the retry too).
+                    self._compact_asked = time.monotonic() - self._compaction_delay_s
                     self._compact_wanted.set()
 
     def is_erased(self, branch: str, subject: str) -> bool:
