@@ -209,10 +209,16 @@ def ensure_connector(cfg: StackConfig | None = None, *, connect_url: str | None 
             progress(f"connector {name}: {outcome} ({describe_source_rules(catalog, ns)})")
         restarted = False
         deadline = time.monotonic() + timeout
+        # Connect applies a PUT asynchronously (through its config topic): until the connector reads its new
+        # config back, its state is the old config's, and a second call saw the old config and put it again.
+        applied = outcome == "unchanged"
         while True:
+            if not applied:
+                now = http.get(f"/connectors/{name}/config")
+                applied = now.status_code == 200 and now.json() == config
             state, tasks, trace = connector_state(http, name)
             trace = redact(trace, config)
-            if state == "RUNNING" and tasks and all(t == "RUNNING" for t in tasks):
+            if applied and state == "RUNNING" and tasks and all(t == "RUNNING" for t in tasks):
                 progress(f"connector {name}: RUNNING (tasks {tasks})")
                 return outcome
             if "FAILED" in (state, *tasks) and not restarted:
@@ -224,8 +230,9 @@ def ensure_connector(cfg: StackConfig | None = None, *, connect_url: str | None 
                 raise StackError(f"connector {name} FAILED: {trace}. See {cfg.logs / 'connect.log'}; "
                                  f"after fixing the cause run `guard stack up` again.")
             if time.monotonic() > deadline:
-                raise StackError(f"connector {name} not RUNNING after {timeout:.0f}s (state {state}, "
-                                 f"tasks {tasks}). See {cfg.logs / 'connect.log'}.")
+                what = "its new config not applied" if not applied else f"state {state}, tasks {tasks}"
+                raise StackError(f"connector {name} not RUNNING after {timeout:.0f}s ({what}). "
+                                 f"See {cfg.logs / 'connect.log'}.")
             time.sleep(1.0)
 
 
