@@ -76,7 +76,8 @@ class Settings:
     key_cache_ttl: float = 60.0
     #: Seconds a worker lets erasures gather before it has the key store's append-only file rewritten (the
     #: rewrite removes the destroyed keys from Redis's disk; one covers every shred before it starts). A
-    #: destroyed key stays on that disk at most this long plus one rewrite; 0 rewrites after every shred,
+    #: destroyed key stays on that disk this long plus one rewrite at most (plus a rewrite already running
+    #: then, or a key-store outage); 0 rewrites after every shred,
     #: which on a stream that erases customers every second keeps a rewrite running all the time. At most
     #: 3600. `guard erase` rewrites at once whatever this says.
     aof_compaction_delay_s: float = 60.0

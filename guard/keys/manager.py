@@ -658,7 +658,8 @@ class KeyManager:
         the disk, for millions of keys). Started after every shred, a stream that erases customers every
         second kept one running back to back, and Redis's latency, the broker's CPU and the guard's
         throughput paid for it (`guard bench`, docs/benchmark.md round 16). The bound on a destroyed key's
-        life on disk becomes the delay plus one rewrite (docs/keys.md); `guard erase` still compacts at once,
+        life on disk becomes the delay plus one rewrite, plus a rewrite still running when the window ends
+        (`compact` waits for it) or a key-store outage (docs/keys.md); `guard erase` still compacts at once,
         and a worker that stops cleanly does not leave its window to the next one (`finish_compaction`).
 
         The key store's compaction-due counter survives a crash, so a worker that starts with it above

@@ -383,9 +383,10 @@ def _remains(s: Settings, topics: list[str], destroyed: int,
         {"where": f"{s.raw_topic_prefix}.* (raw CDC topics)", "what": "the branch database's changes in plaintext "
          "(guard-only topics)", "until": "the raw topics' retention"},
         {"where": "key store append-only file", "what": "the wrapped key (useless without the branch key)"
-         if destroyed else "nothing", "until": "the append-only-file rewrite the shred schedules completes (it "
-         f"starts within {s.aof_compaction_delay_s:.0f} s; if the worker crashed first, as long after the next "
-         "worker starts)"},
+         if destroyed else "nothing", "until": "the append-only-file rewrite the shred schedules completes (the "
+         f"worker starts it {s.aof_compaction_delay_s:.0f} s after the shred at most, later only while a rewrite "
+         "already running has to finish first or the key store fails; if the worker crashed first, another "
+         "worker does it, at its start or next maintenance plus that delay)"},
         {"where": "key store backups and RDB snapshots", "what": "the wrapped key if taken before the shred",
          "until": "the backups' retention"},
         {"where": "running workers' caches", "what": "the unwrapped key and memoised protected forms",

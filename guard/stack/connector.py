@@ -214,8 +214,8 @@ def ensure_connector(cfg: StackConfig | None = None, *, connect_url: str | None 
         applied = outcome == "unchanged"
         while True:
             if not applied:
-                now = http.get(f"/connectors/{name}/config")
-                applied = now.status_code == 200 and now.json() == config
+                running = http.get(f"/connectors/{name}/config")
+                applied = running.status_code == 200 and running.json() == config
             state, tasks, trace = connector_state(http, name)
             trace = redact(trace, config)
             if applied and state == "RUNNING" and tasks and all(t == "RUNNING" for t in tasks):

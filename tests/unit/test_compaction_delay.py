@@ -106,8 +106,9 @@ def test_the_confirmation_states_the_delay_as_the_bound_on_the_append_only_file(
     entries = _remains(Settings(aof_compaction_delay_s=45.0), ["sanitized.br0101.public.customers"], 1)
     aof = next(e for e in entries if e["where"] == "key store append-only file")
     assert aof["until"] == (
-        "the append-only-file rewrite the shred schedules completes (it starts within 45 s; if the worker "
-        "crashed first, as long after the next worker starts)")
+        "the append-only-file rewrite the shred schedules completes (the worker starts it 45 s after the shred "
+        "at most, later only while a rewrite already running has to finish first or the key store fails; if "
+        "the worker crashed first, another worker does it, at its start or next maintenance plus that delay)")
 
 
 def test_a_clean_stop_rewrites_at_once_instead_of_leaving_the_window_to_the_next_worker() -> None:
