@@ -103,14 +103,16 @@ def target_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def render_table(report: dict[str, Any]) -> str:
-    rows = [("mode", "workers", "events/s", "us/event", "p50 ms", "p99 ms", "peak RSS MiB", "key hits",
+    rows = [("mode", "workers", "events/s", "us/event", "CPU us/ev", "p50 ms", "p99 ms", "peak RSS MiB", "key hits",
              "store trips/ev", "of them keys", "new keys/ev")]
     names = {"plain": "plain", "guard": "guard", "guard_first_sight": "guard first sight"}
     for mode in ("plain", "guard", "guard_first_sight"):
         m = report["modes"][mode]
         lat, keys = m.get("latency"), m.get("keys") or {}
         hit = keys.get("cache_hit_rate")
+        cpu = m.get("cpu_us_per_event")
         rows.append((names[mode], str(report["workers"]), f"{m['events_per_s']:,.0f}", f"{m['us_per_event']:.1f}",
+                     "-" if cpu is None else f"{cpu:.1f}",
                      f"{lat['p50_ms']:.1f}" if lat else "-", f"{lat['p99_ms']:.1f}" if lat else "-",
                      f"{m['peak_rss_mib']:.1f}", "-" if hit is None else f"{hit:.1%}",
                      f"{keys['round_trips_per_event']:.4f}" if keys else "-",
@@ -121,6 +123,27 @@ def render_table(report: dict[str, Any]) -> str:
              for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def render_cpu(report: dict[str, Any]) -> str | None:
+    """The workers' CPU per event in each trial, and what it makes of the ratio, or None if not measured.
+
+    The rate ratio is what the target is about; the CPU ratio says what an event costs on a core, which
+    moves less with the other processes sharing a small machine (the broker, Redis, Connect): a change to the
+    guard's per-event work shows there even when the rates' spread hides it.
+    """
+    cpu = (report.get("trials") or {}).get("cpu_us_per_event")
+    if not cpu or any(v is None for values in cpu.values() for v in values):
+        return None
+    names = {"plain": "plain", "guard": "guard", "guard_first_sight": "guard first sight",
+             "guard-nopolicy": "guard checks off"}
+    parts = [f"{names.get(mode, mode)} " + ", ".join(f"{v:.1f}" for v in values)
+             for mode, values in cpu.items() if values]
+    line = "CPU per event (us, worker processes, all threads; trials): " + "; ".join(parts)
+    plain, guard = report["modes"]["plain"].get("cpu_us_per_event"), report["modes"]["guard"].get("cpu_us_per_event")
+    if plain and guard:
+        line += f"; plain/guard CPU per event {plain / guard:.3f} (median trials)"
+    return line
 
 
 def render(report: dict[str, Any]) -> str:
@@ -147,6 +170,9 @@ def render(report: dict[str, Any]) -> str:
         + "; guard first sight " + ", ".join(f"{v:,.0f}" for v in report["trials"]["guard_first_sight_events_per_s"])
         + "; ratios " + ", ".join(f"{v:.3f}" for v in report["trials"]["ratios"]),
     ]
+    cpu_line = render_cpu(report)
+    if cpu_line:
+        out.append(cpu_line)
     policy = report.get("policy")
     if policy:
         cost = policy["decision_cost"]

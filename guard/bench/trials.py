@@ -55,6 +55,10 @@ class ThroughputResult:
     #: Guard: the key manager's counters over the window (`KeyManager.counters`) and what they make per
     #: event (`key_figures`); empty for the plain loop.
     keys: dict[str, Any] = field(default_factory=dict)
+    #: The workers' CPU time per event over the window (µs; all threads of the worker processes, so
+    #: librdkafka's compression and I/O too): what an event costs on a core, less sensitive than the rate to
+    #: the other processes sharing the machine. None if a worker did not report it.
+    cpu_us_per_event: float | None = None
 
 
 def key_figures(counts: dict[str, int], events: int) -> dict[str, Any]:
@@ -99,7 +103,9 @@ def drain_fresh(ctx: BenchContext, workers: WorkerSet) -> ThroughputResult:
         end = observed
     seconds = max(end - start, 1e-6)
     keys = key_figures(workers.key_counters(end), count) if workers.mode != "plain" else {}
-    return ThroughputResult(count, seconds, count / seconds, per_second=workers.per_second(start, end), keys=keys)
+    cpu = workers.cpu_seconds(end)
+    return ThroughputResult(count, seconds, count / seconds, per_second=workers.per_second(start, end), keys=keys,
+                            cpu_us_per_event=None if cpu is None else round(cpu / count * 1e6, 2))
 
 
 def catch_up(ctx: BenchContext, workers: WorkerSet) -> None:
@@ -396,6 +402,7 @@ def execute(ctx: BenchContext, workload: Workload, opts: BenchOptions) -> dict[s
                        for p, g in zip(trials["plain"], trials["guard"], strict=True)],
             "ratios_first_sight": [round(g.events_per_s / p.events_per_s, 3)
                                    for p, g in zip(trials["plain"], trials["guard_first_sight"], strict=True)],
+            "cpu_us_per_event": {mode: [r.cpu_us_per_event for r in results] for mode, results in trials.items()},
         },
         # Policy checks on (the `guard` mode) against off (`guard-nopolicy`), same records, same run.
         "policy": {

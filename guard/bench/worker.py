@@ -5,10 +5,11 @@ W workers really run in parallel (no shared GIL). A worker talks to its parent t
 object per line and nothing else on stdout (logs go to stderr):
 
 - `{"ev": "ready", "pid": ...}` once the clients are built (before the group join);
-- `{"ev": "first", "t": <epoch s>}` when the first record reaches the transform: the start of the timed
-  window, so process start-up and the group join are not counted against either mode;
-- `{"ev": "commit", "t": <epoch s>, "events": <processed so far>}` after every committed transaction, from
-  which the parent finds the moment the last input record was committed;
+- `{"ev": "first", "t": <epoch s>, "cpu": <process CPU s>}` when the first record reaches the transform: the
+  start of the timed window, so process start-up and the group join are not counted against either mode;
+- `{"ev": "commit", "t": <epoch s>, "events": <processed so far>, "cpu": <process CPU s>}` after every
+  committed transaction, from which the parent finds the moment the last input record was committed and the
+  CPU time (every thread of the process: librdkafka's too) the window cost;
 - `{"ev": "done", ...counts}` at exit. Counts only: never keys, values or field contents.
 
 Both modes run the same consumer settings, the same batch policy (Settings.batch_size / batch_ms, commit
@@ -106,7 +107,7 @@ class PlainLoop:
     def _process(self, msgs: list[Message]) -> None:
         if not self._seen_first:
             self._seen_first = True
-            emit("first", t=time.time())
+            emit("first", t=time.time(), cpu=time.process_time())
         if not self._in_txn:
             self.producer.begin_transaction()
             self._in_txn = True
@@ -152,7 +153,7 @@ class PlainLoop:
         self.transactions += 1
         self._in_txn = False
         self._last.clear()
-        emit("commit", t=time.time(), events=self.events)
+        emit("commit", t=time.time(), events=self.events, cpu=time.process_time())
 
     def _abort(self) -> None:
         """Abort and rewind to the group's committed offsets, so the batch is processed again (uncounted)."""
@@ -195,7 +196,7 @@ def _mark_first(process: Callable[..., Any], restore: Callable[[Callable[..., An
     """
 
     def first(*args: Any) -> Any:
-        emit("first", t=time.time())
+        emit("first", t=time.time(), cpu=time.process_time())
         restore(process)
         return process(*args)
 
@@ -220,7 +221,7 @@ def run_guard(settings: Settings, trace: Path | None = None) -> dict[str, Any]:
     counters = sanitizer.keys.counters
 
     def on_batch(stats: Stats) -> None:
-        emit("commit", t=time.time(), events=stats.events_in, keys=counters())
+        emit("commit", t=time.time(), events=stats.events_in, keys=counters(), cpu=time.process_time())
 
     worker = SanitizerWorker(settings, sanitizer, on_batch=on_batch)
     worker.install_signal_handlers()

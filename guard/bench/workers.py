@@ -33,7 +33,11 @@ class WorkerProc:
     popen: subprocess.Popen[str]
     log_path: Path
     first_t: float | None = None
+    #: The process's CPU time (all its threads) when the first record reached the transform.
+    first_cpu: float | None = None
     commits: list[tuple[float, int]] = field(default_factory=list)
+    #: (time, process CPU time) at each commit.
+    commit_cpu: list[tuple[float, float]] = field(default_factory=list)
     #: Guard workers: the key manager's counters at each commit (`KeyManager.counters`).
     key_counts: list[tuple[float, dict[str, int]]] = field(default_factory=list)
     done: dict[str, Any] | None = None
@@ -54,8 +58,12 @@ class WorkerProc:
                 self.ready.set()
             elif event == "first" and self.first_t is None:
                 self.first_t = float(msg["t"])
+                if "cpu" in msg:
+                    self.first_cpu = float(msg["cpu"])
             elif event == "commit":
                 self.commits.append((float(msg["t"]), int(msg["events"])))
+                if "cpu" in msg:
+                    self.commit_cpu.append((float(msg["t"]), float(msg["cpu"])))
                 if "keys" in msg:
                     self.key_counts.append((float(msg["t"]), msg["keys"]))
             elif event == "done":
@@ -219,6 +227,17 @@ class WorkerSet:
             if sum(latest) >= count:
                 return min(firsts), t
         return None
+
+    def cpu_seconds(self, end: float) -> float | None:
+        """The CPU time the workers spent from their first record to their last commit at or before `end`
+        (summed; every thread of each process), or None if a worker did not report it."""
+        total = 0.0
+        for proc in self.procs:
+            last = [cpu for t, cpu in proc.commit_cpu if t <= end + 1e-6]
+            if proc.first_cpu is None or not last:
+                return None
+            total += last[-1] - proc.first_cpu
+        return total
 
     def key_counters(self, end: float) -> dict[str, int]:
         """The guard workers' key counters summed, each worker's as of its last commit at or before `end`."""
