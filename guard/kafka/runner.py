@@ -367,19 +367,22 @@ class SanitizerWorker:
             # headers to carry, too large, a callback error) goes through the full Python path.
             i, n = 0, len(good)
             producer = self.producer
-            while i < n and not self._held:
-                # The run chains its audit records itself (`chains`: leaf hashes computed where the bytes
-                # are built); sanitized records go straight to the producer.
-                run = sanitizer.run_native(good, i, produce=producer.produce, poll=producer.poll,
-                                           partitions=self.topics.ensure_like,
-                                           max_record_bytes=self._max_record_bytes, chains=self.chains)
-                for topic, partition, offset in run.last:
-                    last[(topic, partition)] = offset
-                self.batch.add_run(run)
-                i = run.end
-                if i < n:
-                    self._process_one(*good[i], traced)
-                    i += 1
+            try:
+                while i < n and not self._held:
+                    # The run chains its audit records itself (`chains`: leaf hashes computed where the bytes
+                    # are built); sanitized records go straight to the producer.
+                    run = sanitizer.run_native(good, i, produce=producer.produce, poll=producer.poll,
+                                               partitions=self.topics.ensure_like,
+                                               max_record_bytes=self._max_record_bytes, chains=self.chains)
+                    for topic, partition, offset in run.last:
+                        last[(topic, partition)] = offset
+                    self.batch.add_run(run)
+                    i = run.end
+                    if i < n:
+                        self._process_one(*good[i], traced)
+                        i += 1
+            finally:
+                sanitizer.forget_batch()
             # A partition held back: the rest of the batch takes the Python path, which skips its records.
             for record in good[i:]:
                 self._process_one(*record, traced)

@@ -29,6 +29,7 @@ import base64
 import logging
 import time
 import uuid
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -166,6 +167,8 @@ class Sanitizer:
         self._fast: Any = None
         #: Native path: the batch `prefetch` was given, until a key miss loads its keys (`_load_keys_from`).
         self._batch: Sequence[tuple[str, int, int, bytes | None]] = ()
+        #: (batch, first index read, indexes a native run stops before): `_run_stop`'s memo for one batch.
+        self._stops: tuple[list[Any], int, list[int]] | None = None
         if use_native(settings.hot_path):
             self._fast = new_fast_path(
                 branch=self.branch, sanitized_header=self.sanitized_codec.header,
@@ -243,16 +246,7 @@ class Sanitizer:
         # bands stay on it: it hands back the banded values of creates (`_run_band_facts`).
         # The batch's topics are checked once each; only a batch with a compacted one looks for its first
         # record (not two method calls per record in every run).
-        stop = len(records)
-        topics = set(map(_TOPIC, islice(records, start, None)))
-        if any(self._is_compacted(self.planner.sanitized_topic(t)) for t in topics):
-            stop = next((j for j in range(start, len(records))
-                         if self._is_compacted(self.planner.sanitized_topic(records[j][1]))), len(records))
-        # The run also stops before a record with a `traceparent` header (the Python path carries it to the
-        # outputs), so the pre-scan below stops there too: scanning past it made every call re-scan the rest
-        # of the batch. Other headers (a live Debezium connector's `__debezium.context.*` on every record)
-        # don't stop it: the Python path, untraced, carries none of them either.
-        stop = first_traced(records, start, stop)
+        stop = self._run_stop(records, start)
         checker = self.checker
         reasons: list[bytes | None] | None = None
         if checker is not None and stop > start:
@@ -272,6 +266,46 @@ class Sanitizer:
         plans = self._fast_plans
         shapes = [(plans[plan_id].schema_table, plans[plan_id].class_counts, n) for plan_id, n in counts]
         return NativeRun(end, last, shapes, stamps, facts)
+
+    def _run_stop(self, records: list[tuple[Any, str, int, int, bytes | None]], start: int) -> int:
+        """Where a native run from `start` must stop at the latest: the first record from `start` on that
+        is bound for a compacted sanitized topic or carries a `traceparent` header, else the batch's end.
+
+        Records bound for a compacted sanitized topic take the Python path (their keys are recorded for
+        erasure tombstones). A record with a `traceparent` header takes it too (the Python path carries the
+        trace context to the outputs); other headers (a live Debezium connector's `__debezium.context.*` on
+        every record) don't stop a run: the Python path, untraced, carries none of them either.
+        The runner calls `run_native` again after each record a run stops at (a delete, a message, a write
+        not allowed), always with the same batch: the batch is read for these stops once, at the first
+        call, not at every call (which read the rest of the batch again each time: quadratic in a batch's
+        Python-path records). Records of tables with amount bands stay on the native path.
+        """
+        stops = self._stops
+        if stops is None or stops[0] is not records or start < stops[1]:
+            stops = self._stops = (records, start, self._find_stops(records, start))
+        at = stops[2]
+        k = bisect_left(at, start)
+        return at[k] if k < len(at) else len(records)
+
+    def forget_batch(self) -> None:
+        """Drop what native runs remember of the current batch (its records, plaintext values included):
+        the runner calls it when it is done with a batch, so an idle worker holds none of them."""
+        self._stops = None
+
+    def _find_stops(self, records: list[tuple[Any, str, int, int, bytes | None]], start: int) -> list[int]:
+        """The indexes from `start` on of the records a native run must stop before (`_run_stop`), sorted.
+        The batch's topics are checked once each; only a batch with a compacted one is read record by record
+        in Python, and the headers are read natively (`first_traced`)."""
+        n = len(records)
+        topics = set(map(_TOPIC, islice(records, start, None)))
+        compacted = {t for t in topics if self._is_compacted(self.planner.sanitized_topic(t))}
+        found = [j for j in range(start, n) if records[j][1] in compacted] if compacted else []
+        j = first_traced(records, start, n)
+        while j < n:
+            found.append(j)
+            j = first_traced(records, j + 1, n)
+        found.sort()
+        return found
 
     def _run_band_facts(self, banded: list[tuple[str, int, int, str, int | None, int, list[tuple[str, Any]]]],
                         produce: Callable[..., None], poll: Callable[[float], int]) -> int:
@@ -328,6 +362,7 @@ class Sanitizer:
         self.keys.purge_expired()  # expired data keys leave memory (docs/keys.md)
         self.expire_value_caches()
         self.decoder.clear()
+        self._stops = None
         checker = self.checker
         if checker is not None:
             checker.refresh()
