@@ -175,7 +175,7 @@ class Sanitizer:
                 audit_header=self.audit_codec.header, subject_of=self.planner.subject_for,
                 aead_for=self._cached_aead, audit_parts=self._fast_audit_parts, dumps=orjson.dumps,
                 loads=orjson.loads, mask=mask, token=keys.search_token, keyed_hash=keys.keyed_hash.digest,
-                max_value_bytes=MAX_VALUE_BYTES)
+                max_value_bytes=MAX_VALUE_BYTES, subject_key=self._native_token_key("subject", "subject_token"))
             self.protector.on_new_plan = self._register_fast
         self._native_hooks = _NativeHooks(
             out_topic=self.planner.sanitized_topic,
@@ -829,7 +829,23 @@ class Sanitizer:
             subject_root=plan.subject_root, clear=list(plan.clear),
             masks=list(plan.masks), index=list(plan.index), hashed=list(plan.hashed), dropped=list(plan.dropped),
             sealed=list(plan.sealed), retention_s=plan.retention_s,
-            banded=[column for column, _ in self._banded.get(plan.schema_table, ())])
+            banded=[column for column, _ in self._banded.get(plan.schema_table, ())],
+            index_keys=self._native_index_keys(plan))
+
+    def _native_token_key(self, field: str, purpose: str) -> Any:
+        """The native twin of a blind-index key (`BlindIndex.token_key`), with which the native path computes
+        that field's tokens itself (the same keyed BLAKE2b, no call back into Python per distinct value);
+        None if this key manager holds no index keys: the native path then calls back, which raises as the
+        Python path does."""
+        try:
+            return self.keys.index_for(field, purpose).token_key
+        except KeyUnavailableError:
+            return None
+
+    def _native_index_keys(self, plan: TablePlan) -> list[Any]:
+        """Each index column's search key for the native path, or none at all (it then calls back)."""
+        found = [self._native_token_key(column, "search") for column in plan.index]
+        return found if all(key is not None for key in found) else []
 
     # ------------------------------------------------------------------------------------------
     def _dlq(

@@ -8,7 +8,46 @@ use pyo3::types::{PyBytes, PyFloat, PyInt, PyString};
 
 use crate::avro::{put_long, put_str, str_enc};
 use crate::json::{Members, Val};
+use crate::token::TokenKey;
 use crate::{Decline, Step};
+
+/// Data-subject tokens computed here (`KeyManager.subject_token`): keyed BLAKE2b/128 under the tenant's
+/// `subject_token` index key of `b"subject\0"`, the branch and the id's text, each u32-length-prefixed (the
+/// prefix up to the id is kept). Without it (a `FastPath` built without `subject_key`) the sanitizer's
+/// `subject_of` is called, once per distinct id.
+pub struct SubjectTokens {
+    pub key: Py<TokenKey>,
+    /// `b"subject\0"`, the branch's length (u32 big-endian) and its UTF-8.
+    pub prefix: Vec<u8>,
+}
+
+impl SubjectTokens {
+    pub fn new(key: Py<TokenKey>, branch: &str) -> Self {
+        let mut prefix = b"subject\0".to_vec();
+        prefix.extend_from_slice(&(branch.len() as u32).to_be_bytes());
+        prefix.extend_from_slice(branch.as_bytes());
+        SubjectTokens { key, prefix }
+    }
+
+    /// The token of an integer or string id (Python's `str(id)` of either: an integer's decimal digits, a
+    /// string itself); None for any other value, whose token the Python callback computes.
+    pub fn of(&self, py: Python<'_>, id: &Val<'_, '_>) -> Option<String> {
+        let digits;
+        let text: &str = match id {
+            Val::Int(n) => {
+                digits = n.to_string();
+                &digits
+            }
+            Val::Str(s) => s.as_ref(),
+            _ => return None,
+        };
+        let mut data = Vec::with_capacity(self.prefix.len() + 4 + text.len());
+        data.extend_from_slice(&self.prefix);
+        data.extend_from_slice(&(text.len() as u32).to_be_bytes());
+        data.extend_from_slice(text.as_bytes());
+        Some(self.key.bind(py).get().token(&data))
+    }
+}
 
 pub struct Column {
     pub name: Py<PyString>,
@@ -48,6 +87,9 @@ pub struct Plan {
     pub clear: Vec<Column>,
     pub masks: Vec<(Column, Py<PyString>)>,
     pub index: Vec<Column>,
+    /// Each index column's blind-index key (`KeyManager.index_for(column, "search")`), its tokens then
+    /// computed here; empty when the plan was registered without them (the `token` callback then).
+    pub index_keys: Vec<Py<TokenKey>>,
     pub hashed: Vec<Column>,
     pub dropped_enc: Vec<u8>,
     pub sealed: Vec<Column>,
@@ -79,7 +121,8 @@ impl Plan {
         self.memo_entries = 0;
     }
 
-    /// The data subject's token for a row of this plan, from the memo or from `compute(subject id)`.
+    /// The data subject's token for a row of this plan: from the memo, else computed here (`native`), else
+    /// by `compute(subject id)`.
     /// Only integer and non-empty string ids name a person (`guard.pipeline.plan.is_subject_id`); any
     /// other row declines (the Python path seals it under its per-row key).
     pub fn subject_token<'py>(
@@ -87,6 +130,7 @@ impl Plan {
         py: Python<'py>,
         values: &Values<'_, 'py>,
         memo_limit: usize,
+        native: Option<&SubjectTokens>,
         compute: impl FnOnce(Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>>,
     ) -> Step<Bound<'py, PyAny>> {
         let id = match self.subject_idx.map(|i| &values[i]) {
@@ -104,7 +148,10 @@ impl Plan {
         if let Some(token) = hit {
             return Ok(token.bind(py).clone().into_any());
         }
-        let token = compute(id.to_py(py)?)?;
+        let token = match native.and_then(|n| n.of(py, id)) {
+            Some(token) => PyString::new(py, &token).into_any(),
+            None => compute(id.to_py(py)?)?,
+        };
         let memo = token
             .downcast::<PyString>()
             .map_err(PyErr::from)?
@@ -258,6 +305,36 @@ fn put_memoised<'py>(
     Ok(())
 }
 
+/// `put_memoised` for a blind-index token computed here: of a string's UTF-8, or of any other value's
+/// JSON text (`Val::value_bytes`, what the `token` callback is given).
+fn put_token(
+    entries: &mut Vec<u8>,
+    value: &Val<'_, '_>,
+    memo: &mut HashMap<String, Vec<u8>>,
+    memo_entries: &mut usize,
+    key: &TokenKey,
+    dumps: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    if let Val::Str(s) = value {
+        if let Some(enc) = memo.get(s.as_ref()) {
+            entries.extend_from_slice(enc);
+        } else {
+            let enc = str_enc(&key.token(s.as_bytes()));
+            entries.extend_from_slice(&enc);
+            memo.insert(s.clone().into_owned(), enc);
+            *memo_entries += 1;
+        }
+    } else {
+        let bytes = value.value_bytes(dumps.py(), dumps)?;
+        put_str(
+            entries,
+            key.token(bytes.downcast::<PyBytes>()?.as_bytes())
+                .as_bytes(),
+        );
+    }
+    Ok(())
+}
+
 pub fn write_image(
     plan: &mut Plan,
     values: &Values<'_, '_>,
@@ -307,7 +384,18 @@ pub fn write_image(
         plan.index.iter(),
         |c| (c.idx, &c.key[..]),
         |slot, v, e| {
-            // One blind-index key per column (`KeyManager.search_token(column, value)`).
+            // One blind-index key per column (`KeyManager.search_token(column, value)`): its tokens are
+            // computed here when the plan holds the key, else by the callback.
+            if let Some(key) = plan.index_keys.get(slot) {
+                return put_token(
+                    e,
+                    v,
+                    &mut memos[slot],
+                    memo_entries,
+                    key.bind(py).get(),
+                    &cb.dumps,
+                );
+            }
             let column = plan.index[slot].name.bind(py);
             put_memoised(
                 e,

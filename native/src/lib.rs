@@ -45,7 +45,9 @@ use crate::avro::{name_array, put_long, put_str, str_enc};
 /// malloc and free were ~7% of a worker's main thread.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use crate::image::{find_plan, sealed_plaintext, write_image, Callbacks, Column, Plan};
+use crate::image::{
+    find_plan, sealed_plaintext, write_image, Callbacks, Column, Plan, SubjectTokens,
+};
 use crate::seal::SealingKey;
 use crate::token::{KeyColumn, TokenKey};
 
@@ -225,6 +227,8 @@ struct FastPath {
     mask: PyObject,
     token: PyObject,
     keyed_hash: PyObject,
+    /// Data-subject tokens computed here instead of by `subject_of` (when built with `subject_key`).
+    subject_tokens: Option<SubjectTokens>,
     memo_limit: usize,
     /// Values longer than this are the Python path's (it sends them to the DLQ).
     max_value_bytes: usize,
@@ -241,7 +245,7 @@ struct FastPath {
 impl FastPath {
     #[new]
     #[pyo3(signature = (*, branch, sanitized_header, audit_header, subject_of, aead_for, audit_parts, dumps, loads,
-                        mask, token, keyed_hash, max_value_bytes, memo_limit = 100_000))]
+                        mask, token, keyed_hash, max_value_bytes, memo_limit = 100_000, subject_key = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         branch: &str,
@@ -257,8 +261,10 @@ impl FastPath {
         keyed_hash: PyObject,
         max_value_bytes: usize,
         memo_limit: usize,
+        subject_key: Option<Py<TokenKey>>,
     ) -> Self {
         FastPath {
+            subject_tokens: subject_key.map(|key| SubjectTokens::new(key, branch)),
             branch_enc: str_enc(branch),
             sanitized_header,
             audit_header,
@@ -280,7 +286,7 @@ impl FastPath {
 
     /// Make a table plan known (called by the Python path the first time it meets the plan).
     #[pyo3(signature = (plan_id, schema_table, columns, *, subject_column, usable, subject_root, clear, masks,
-                        index, hashed, dropped, sealed, retention_s, banded=Vec::new()))]
+                        index, hashed, dropped, sealed, retention_s, banded=Vec::new(), index_keys=Vec::new()))]
     #[allow(clippy::too_many_arguments)]
     fn register(
         &mut self,
@@ -299,7 +305,13 @@ impl FastPath {
         sealed: Vec<String>,
         retention_s: i64,
         banded: Vec<String>,
+        index_keys: Vec<Py<TokenKey>>,
     ) -> PyResult<()> {
+        if !index_keys.is_empty() && index_keys.len() != index.len() {
+            return Err(pyo3::exceptions::PyValueError::new_err(
+                "index_keys: one blind-index key per index column, or none",
+            ));
+        }
         let entry = self.plans.entry(schema_table.to_owned()).or_default();
         if entry
             .iter()
@@ -338,6 +350,7 @@ impl FastPath {
             masks: mask_cols,
             index_memo: index_cols.iter().map(|_| HashMap::default()).collect(),
             index: index_cols,
+            index_keys,
             hashed: hashed_cols,
             dropped_enc: name_array(&dropped),
             sealed: sealed_cols,
@@ -883,10 +896,13 @@ impl FastPath {
             }
         };
         let subject_of = self.subject_of.bind(py);
-        let subject_obj =
-            candidates[row_idx].subject_token(py, &row_values, self.memo_limit, |v| {
-                subject_of.call1((v, table_py.bind(py)))
-            })?;
+        let subject_obj = candidates[row_idx].subject_token(
+            py,
+            &row_values,
+            self.memo_limit,
+            self.subject_tokens.as_ref(),
+            |v| subject_of.call1((v, table_py.bind(py))),
+        )?;
         let subject = subject_obj
             .downcast::<PyString>()
             .map_err(PyErr::from)?
@@ -920,10 +936,13 @@ impl FastPath {
             if !std::ptr::eq(image, row) {
                 // Each image is sealed under its own subject; a row that moved to another subject (or
                 // whose other image names none) takes the Python path, which seals them apart.
-                let other_subject =
-                    candidates[plan_idx].subject_token(py, values, self.memo_limit, |v| {
-                        subject_of.call1((v, table_py.bind(py)))
-                    })?;
+                let other_subject = candidates[plan_idx].subject_token(
+                    py,
+                    values,
+                    self.memo_limit,
+                    self.subject_tokens.as_ref(),
+                    |v| subject_of.call1((v, table_py.bind(py))),
+                )?;
                 if other_subject
                     .downcast::<PyString>()
                     .map_err(PyErr::from)?

@@ -312,12 +312,19 @@ pub fn batch_subjects<'py>(
         let token = match token {
             Some(token) => token,
             None => {
-                let Ok(obj) = id.to_py(py) else { continue };
-                let Ok(made) = subject_of.call1((obj, plan.schema_table_py.bind(py))) else {
-                    continue; // as `_decode_and_load`: `process` meets the same error
-                };
-                let Ok(made) = made.downcast_into::<PyString>() else {
-                    continue;
+                let made = match this.subject_tokens.as_ref().and_then(|n| n.of(py, &id)) {
+                    Some(token) => PyString::new(py, &token),
+                    None => {
+                        let Ok(obj) = id.to_py(py) else { continue };
+                        let Ok(made) = subject_of.call1((obj, plan.schema_table_py.bind(py)))
+                        else {
+                            continue; // as `_decode_and_load`: `process` meets the same error
+                        };
+                        let Ok(made) = made.downcast_into::<PyString>() else {
+                            continue;
+                        };
+                        made
+                    }
                 };
                 if plan.memo_entries > memo_limit {
                     plan.clear_memo();

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from guard.config import load_settings
 from guard.kafka.runner import SanitizerWorker
 from guard.keys import primitives
-from guard.pipeline.plan import is_subject_id
+from guard.pipeline.plan import Planner, is_subject_id
 from guard.pipeline.runtime import build_catalog, build_keys
 from guard.pipeline.sanitizer import Sanitizer
 from guard.protect.aad import image_aad
@@ -932,3 +932,49 @@ def test_transactions_stay_on_native_runs_with_the_python_paths_facts(stack, pai
     facts = [orjson.loads(r[1]) for r in expected[0].records if r[0] == python.settings.facts_topic]
     assert sorted(f["attrs"]["amount_band"] for f in facts) == ["large", "very_large", "very_large", "very_large",
                                                                 "very_large"]
+
+
+
+def test_native_runs_compute_subject_and_search_tokens_without_calling_back(pair, monkeypatch):
+    """The native path computes data-subject tokens and blind-index (search) tokens itself, under the same
+    keys (`guard_native.TokenKey`): ordinary events call neither `Planner.subject_for` nor
+    `KeyManager.search_token`, and their bytes are the Python path's."""
+    python, native = pair
+    calls: list[str] = []
+    real_subject_for, real_search_token = Planner.subject_for, python.keys.search_token
+
+    def subject_for(self, value, table):
+        calls.append("subject_for")
+        return real_subject_for(self, value, table)
+
+    def search_token(column, value):
+        calls.append("search_token")
+        return real_search_token(column, value)
+
+    # Bound when a sanitizer is built: a fresh native sanitizer gets the counting ones.
+    monkeypatch.setattr(Planner, "subject_for", subject_for)
+    monkeypatch.setattr(python.keys, "search_token", search_token)
+    fresh = Sanitizer(native.settings, python.keys, build_catalog(native.settings), clock=lambda: 1_800_000_000.25)
+    fresh.act_on_deletes = False
+    fresh._fast = CountingFastPath(fresh._fast)
+    topic = f"{PREFIX}.public.customers"
+    run_both((python, fresh), "public.customers", b'{"customer_id": 9001}', orjson.dumps(_customer_event()),
+             prefetch=True, trace_id=None)  # registers the plan with the native path
+    plan = next(iter(fresh._fast_plans.values()))
+    assert plan.index, "the customers table has blind-indexed columns"
+    for n, customer in enumerate((9101, -9102, 2**62, "y-9103", "客户 9104", "")):
+        event = _customer_event()
+        event["after"] = dict(event["after"], customer_id=customer, mobile=f"1380013{n:04d}",
+                              id_number=f"11010519491231{n:03d}X")
+        value, key = orjson.dumps(event), orjson.dumps({"customer_id": customer})
+        expected = python.process(topic, 0, 7, key, value, None)
+        calls.clear()
+        served = fresh._fast.served
+        fresh.prefetch([(topic, 0, 7, value)])
+        outcome = fresh.process(topic, 0, 7, key, value, None)
+        if customer == "":  # not a person's id: the Python path gives the row its own subject
+            assert fresh._fast.served == served
+            continue
+        assert fresh._fast.served == served + 1, f"customer {customer!r} did not take the native path"
+        assert calls == [], f"customer {customer!r}: the native path called back {calls}"
+        assert comparable(outcome) == comparable(expected)
