@@ -34,9 +34,10 @@ from guard.bench.common import percentile
 #: commit, of which `offsets_wait` is the wait for the offsets sent with the chains' tails, `txn_commit` the
 #: EndTxn wait, `commit_view`, `activity`, `expiry` key-store calls; `decode_load`: reading a batch's
 #: subjects and loading their keys, of which `keys_load` is the key manager's part (`count` keys asked
-#: for) and `keys_rpc` its key-store round trip; `memo_clear`: the value caches emptied every key-cache
-#: TTL; `policy_refresh`: the policy's reload check (staff from the branch database every 30 s);
-#: `maintenance`, `idle_checkpoints`: the jobs between transactions; `gc<N>`: a collection of generation N.
+#: for) and `keys_rpc` its key-store round trips (reading keys, offering new ones); `memo_clear`: the value
+#: caches emptied every key-cache TTL; `policy_refresh`: the policy's reload check (staff from the branch
+#: database every 30 s); `maintenance`, `idle_checkpoints`: the jobs between transactions; `gc<N>`: a
+#: collection of generation N.
 KINDS = ("batch", "keys_load", "keys_rpc", "decode_load", "memo_clear", "policy_refresh", "commit", "checkpoints",
          "commit_view", "activity", "expiry", "offsets_wait", "txn_send_offsets", "txn_commit", "chains_committed",
          "maintenance", "idle_checkpoints", "gc0", "gc1", "gc2")
@@ -116,6 +117,7 @@ class WorkerTrace:
         self.wrap(sanitizer, "_decode_and_load", "decode_load")
         self.wrap(keys, "prefetch", "keys_load", count=lambda _branch, subjects: len(subjects))
         self.wrap(store, "get_or_create_deks", "keys_rpc", count=lambda _branch, items: len(items))
+        self.wrap(store, "get_deks", "keys_rpc", count=lambda _branch, subjects: len(subjects))
         self.wrap(store, "commit_view", "commit_view")
         self.wrap(store, "record_subject_activity", "activity", count=lambda _branch, activity: len(activity))
         self.wrap(store, "set_expiry", "expiry", count=lambda _branch, expiries: len(expiries))

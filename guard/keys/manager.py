@@ -164,6 +164,10 @@ class KeyManager:
         self.key_hits = 0
         self.keys_fetched = 0
         self.keys_created = 0
+        #: Whether a prefetch offers every uncached subject a new key in its one round trip (right when most
+        #: are new: a first sight), or reads the keys first and offers keys only to the subjects without one
+        #: (right when most exist: no key minted and wrapped in vain). Each prefetch sets it for the next.
+        self._offer_first = True
         if listen:
             self._start_listener()
 
@@ -425,10 +429,15 @@ class KeyManager:
         return None
 
     def prefetch(self, branch: str, subjects: set[str]) -> None:
-        """Load (or create) every uncached key of `subjects` in one key-store round trip.
+        """Load (or create) every uncached key of `subjects` in one key-store round trip, two at most.
 
         Called once per batch, so a burst of new or long-idle customers costs one round trip instead of
         one per event. Erased subjects are skipped; `subject_aead` reports them when they are used.
+        While most of a prefetch's keys are new (a first sight), each subject is offered a new key and the
+        key store keeps the ones it has (one round trip); while most exist (a steady stream whose keys
+        expired from the cache), the keys are read first and only the subjects without one are offered
+        keys (a second round trip, only if there are any): minting and wrapping a key for every known
+        customer cost a worker ~2% of its time for keys the store then threw away (docs/benchmark.md).
 
         Keys that expire within `REFRESH_MARGIN` of their TTL are fetched again with the batch: a key that
         expired while the batch was being processed would otherwise cost a round trip of its own (with a
@@ -442,42 +451,72 @@ class KeyManager:
                    and (branch, s) not in self._erased]
         if not missing:
             return
-        names = [f"dek/{branch}/{s}" for s in missing]  # each key's name in its wrapping, built once
-        fresh = [random_key() for _ in missing]
+        self._kek(branch)  # loaded (once per branch key) before `seen`: its round trip is no fetch of keys
+        seen = self._invalidations  # invalidations from here on spoil what the store returns
+        if self._offer_first:
+            created, loaded, erased = self._offer_keys(branch, missing)
+            # Most keys existed (a steady stream of known customers): read them first next time.
+            self._offer_first = created * 2 > len(missing)
+        else:
+            # Most keys existed last time: read them first, minting and wrapping keys for none of them; only
+            # the subjects without one are offered new keys, in a second round trip.
+            stored, erased, new = self.store.get_deks(branch, missing)
+            loaded = self._unwrap_stored(branch, [(s, *stored[s]) for s in missing if s in stored])
+            if new:
+                _, made, gone = self._offer_keys(branch, new)
+                loaded += made
+                erased += gone
+            # Most were new (a snapshot, a new branch): offer keys at once next time, one round trip.
+            self._offer_first = len(new) * 2 > len(missing)
+        self.keys_fetched += len(missing)
+        self._remember_many(branch, loaded, now, seen)
+        self._remember_erased(branch, erased)
+
+    def _offer_keys(self, branch: str, subjects: list[str]) -> tuple[int, list[tuple[str, Aead]], list[str]]:
+        """Load or create the keys of `subjects` in one round trip: a new key is minted and wrapped for each,
+        and the key store keeps it where the subject has none (`get_or_create_deks`). Returns (keys created,
+        (subject, key) loaded, erased subjects)."""
+        names = [f"dek/{branch}/{s}" for s in subjects]  # each key's name in its wrapping, built once
+        fresh = [random_key() for _ in subjects]
         kek = self._kek(branch)
-        seen = self._invalidations
-        offered = [(s, kek.wrap(k, n)) for s, k, n in zip(missing, fresh, names, strict=True)]
+        offered = [(s, kek.wrap(k, n)) for s, k, n in zip(subjects, fresh, names, strict=True)]
         try:
             found = self.store.get_or_create_deks(branch, offered)
         except StaleBranchKeyError:  # a transfer retired the cached branch key: read it again, wrap again
             self.drop_branch_keys(branch)
-            fresh = [random_key() for _ in missing]
+            fresh = [random_key() for _ in subjects]
             kek = self._kek(branch)
-            seen = self._invalidations
-            offered = [(s, kek.wrap(k, n)) for s, k, n in zip(missing, fresh, names, strict=True)]
+            offered = [(s, kek.wrap(k, n)) for s, k, n in zip(subjects, fresh, names, strict=True)]
             found = self.store.get_or_create_deks(branch, offered)
-        self.keys_fetched += len(missing)
+        created = 0
         loaded: list[tuple[str, Aead]] = []
         erased: list[str] = []
-        # Keys another worker (or an earlier run) created, by the branch-key version that wrapped them:
-        # each group is unwrapped in one call (`KeyWrapper.unwrap_aeads`).
-        stored: dict[int, tuple[list[str], list[tuple[bytes, str, int]]]] = {}
-        for (subject, mine), key, name, result in zip(offered, fresh, names, found, strict=True):
+        stored: list[tuple[str, int, bytes]] = []
+        for (subject, mine), key, result in zip(offered, fresh, found, strict=True):
             if result is None:
                 erased.append(subject)
                 continue
             version, wrapped = result
             if wrapped != mine:
-                group = stored.setdefault(sealed_header(wrapped)[1], ([], []))
-                group[0].append(subject)
-                group[1].append((wrapped, name, version))
+                stored.append((subject, version, wrapped))
             else:  # the store kept the key this call minted: its plaintext is `key`, no need to unwrap it
-                self.keys_created += 1
+                created += 1
                 loaded.append((subject, Aead(key, version=version)))
-        for kek_version, (subjects_of, items) in stored.items():
+        self.keys_created += created
+        return created, loaded + self._unwrap_stored(branch, stored), erased
+
+    def _unwrap_stored(self, branch: str, stored: list[tuple[str, int, bytes]]) -> list[tuple[str, Aead]]:
+        """Keys another worker (or an earlier run) created: (subject, version, wrapped key) → (subject, key),
+        each group wrapped by one branch-key version unwrapped in one call (`KeyWrapper.unwrap_aeads`)."""
+        groups: dict[int, tuple[list[str], list[tuple[bytes, str, int]]]] = {}
+        for subject, version, wrapped in stored:
+            group = groups.setdefault(sealed_header(wrapped)[1], ([], []))
+            group[0].append(subject)
+            group[1].append((wrapped, f"dek/{branch}/{subject}", version))
+        loaded: list[tuple[str, Aead]] = []
+        for kek_version, (subjects_of, items) in groups.items():
             loaded += zip(subjects_of, self._kek(branch, kek_version).unwrap_aeads(items), strict=True)
-        self._remember_many(branch, loaded, now, seen)
-        self._remember_erased(branch, erased)
+        return loaded
 
     def _remember_erased(self, branch: str, subjects: list[str]) -> None:
         with self._lock:

@@ -118,6 +118,23 @@ end
 return out
 """
 
+# The keys of a batch's subjects, creating none (a prefetch whose subjects' keys mostly exist: no key is minted
+# and wrapped for them). KEYS: per subject: dek hash, erased marker. Returns per subject {version, wrapped},
+# {-1} (erased) or {0} (no key yet).
+_GET_DEKS = """
+local out = {}
+for i = 1, #KEYS, 2 do
+  local n = (i + 1) / 2
+  if redis.call('EXISTS', KEYS[i + 1]) == 1 then
+    out[n] = {-1}
+  else
+    local cur = redis.call('HGET', KEYS[i], 'current')
+    if cur then out[n] = {tonumber(cur), redis.call('HGET', KEYS[i], 'v' .. cur)} else out[n] = {0} end
+  end
+end
+return out
+"""
+
 _ROTATE_DEK = _FLOOR_CHECK + """
 if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
 if KEYS[3] and below_floor(KEYS[3], ARGV[1]) then return -2 end
@@ -376,6 +393,7 @@ class RedisKeyStore:
         self.data_key_round_trips = 0
         self._create_dek = self.client.register_script(_CREATE_DEK)
         self._create_deks = self.client.register_script(_CREATE_DEKS)
+        self._get_deks = self.client.register_script(_GET_DEKS)
         self._rotate_dek = self.client.register_script(_ROTATE_DEK)
         self._shred = self.client.register_script(_SHRED)
         self._shred_preview = self.client.register_script(_SHRED_PREVIEW)
@@ -546,6 +564,29 @@ class RedisKeyStore:
         if results and not isinstance(results[0], list):
             raise StaleBranchKeyError(branch)  # nothing was created: a retry re-wraps under the current key
         return [None if int(version) == -1 else (int(version), bytes(wrapped)) for version, wrapped in results]
+
+    def get_deks(self, branch: str, subjects: list[str]) -> tuple[dict[str, tuple[int, bytes]], list[str], list[str]]:
+        """The current keys of `subjects` in one round trip, creating none: (subject → (version, wrapped key)
+        of those that have one, the erased subjects, the subjects without a key yet)."""
+        if not subjects:
+            return {}, [], []
+        self.data_key_round_trips += 1
+        keys: list[str] = []
+        for subject in subjects:
+            keys += [self._k("dek", branch, subject), self._k("erased", branch, subject)]
+        results = self._call(self._get_deks, keys=keys, args=[])
+        found: dict[str, tuple[int, bytes]] = {}
+        erased: list[str] = []
+        missing: list[str] = []
+        for subject, result in zip(subjects, results, strict=True):
+            version = int(result[0])
+            if version == -1:
+                erased.append(subject)
+            elif version == 0:
+                missing.append(subject)
+            else:
+                found[subject] = (version, bytes(result[1]))
+        return found, erased, missing
 
     def dek_version(self, branch: str, subject: str, version: int) -> bytes | None:
         self.data_key_round_trips += 1

@@ -531,6 +531,62 @@ def test_a_batch_prefetch_refreshes_keys_about_to_expire(branch_settings):
     assert keys._deks[(branch, "refresh-a")][1] > _time.monotonic() + keys._ttl * REFRESH_MARGIN
 
 
+
+def test_a_steady_prefetch_reads_keys_first_and_offers_keys_only_to_new_subjects(branch_settings, monkeypatch):
+    """While most of a prefetch's keys exist, the next one reads them first (`get_deks`): no key is minted
+    and wrapped for a known customer; only the subjects without a key are offered one, in a second round
+    trip; erased subjects are answered as erased. While most are new, keys are offered at once (one round
+    trip). The keys loaded either way are the ones the creator sealed with."""
+    from guard.keys.primitives import KeyWrapper
+
+    branch = branch_settings.branch
+    creator = build_keys(branch_settings, listen=False)
+    known = [f"steady-{uuid.uuid4().hex[:8]}" for _ in range(8)]
+    made = {s: creator.subject_aead(branch, s) for s in known}
+    erased = f"steady-erased-{uuid.uuid4().hex[:8]}"
+    creator.subject_aead(branch, erased)
+    creator.shred(branch, erased, b"{}")
+    keys = build_sanitizer(branch_settings).keys  # another worker: none of these keys is cached
+    deadline = time.monotonic() + 30
+    while keys._invalidations == 0:  # its listener's start drops the cache once: wait for it to be over
+        assert time.monotonic() < deadline, "the key invalidation listener did not start"
+        time.sleep(0.02)
+    calls: list[tuple[str, int]] = []
+    wraps: list[str] = []
+    read, offer = keys.store.get_deks, keys.store.get_or_create_deks
+    monkeypatch.setattr(keys.store, "get_deks", lambda b, subjects: calls.append(("read", len(subjects)))
+                        or read(b, subjects))
+    monkeypatch.setattr(keys.store, "get_or_create_deks", lambda b, items: calls.append(("offer", len(items)))
+                        or offer(b, items))
+    real_wrap = KeyWrapper.wrap
+    monkeypatch.setattr(KeyWrapper, "wrap", lambda self, key, name: wraps.append(name) or real_wrap(self, key, name))
+
+    # A new worker offers at once; the store kept none of its offers (all existed): read first from now on.
+    keys.prefetch(branch, set(known[:4]))
+    assert calls == [("offer", 4)] and len(wraps) == 4 and keys.keys_created == 0
+    calls.clear()
+    wraps.clear()
+    new = f"steady-new-{uuid.uuid4().hex[:8]}"
+    keys.prefetch(branch, {*known[4:], erased, new})
+    assert calls == [("read", 6), ("offer", 1)], calls
+    assert wraps == [f"dek/{branch}/{new}"], "a key was minted and wrapped for a customer who has one"
+    assert keys.keys_created == 1 and keys.keys_fetched == 10
+    for subject in known:
+        cached = keys.cached_subject_aead(branch, subject)
+        assert cached is not None and made[subject].open(cached.seal(b"secret", b"aad"), b"aad") == b"secret"
+    with pytest.raises(KeyShreddedError):
+        keys.subject_aead(branch, erased)
+    assert keys.cached_subject_aead(branch, new) is not None
+
+    # Mostly new subjects in a read-first prefetch: the next prefetch offers at once again.
+    calls.clear()
+    fresh = {f"steady-fresh-{uuid.uuid4().hex[:8]}" for _ in range(5)}
+    keys.prefetch(branch, fresh)
+    assert calls == [("read", 5), ("offer", 5)]
+    calls.clear()
+    keys.prefetch(branch, {f"steady-fresh-{uuid.uuid4().hex[:8]}" for _ in range(5)})
+    assert calls == [("offer", 5)]
+
 def test_an_erased_subject_costs_one_key_store_answer_per_worker(branch_settings):
     """An erasure is final: once the key store answered "erased" for a subject, this worker answers the
     subject's later events (late updates, deletes of its other rows) from memory, in batches and alone."""
