@@ -35,7 +35,7 @@ def test_bench_measures_both_modes(stack: dict[str, str], tmp_path: Path) -> Non
     lines = proc.stdout.rstrip("\n").splitlines()
 
     assert re.fullmatch(r"ratio \d+\.\d{3}", lines[-1]), lines[-1]
-    assert any(re.match(r"mode\s+workers\s+events/s\s+us/event\s+p50 ms\s+p99 ms\s+peak RSS MiB\s+key hits"
+    assert any(re.match(r"mode\s+workers\s+events/s\s+us/event\s+CPU us/ev\s+p50 ms\s+p99 ms\s+peak RSS MiB\s+key hits"
                         r"\s+store trips/ev\s+of them keys\s+new keys/ev", line) for line in lines)
     for mode in ("plain ", "guard ", "guard first sight "):
         assert any(line.startswith(mode) for line in lines), mode
@@ -48,6 +48,9 @@ def test_bench_measures_both_modes(stack: dict[str, str], tmp_path: Path) -> Non
         assert result["events_per_s"] > 0
         assert result["events"] >= 20000
         assert result["us_per_event"] == pytest.approx(1e6 / result["events_per_s"], rel=1e-2)
+        # The workers' own CPU time over the window (all their threads), per event: measured, not derived.
+        assert result["cpu_us_per_event"] > 0
+    assert any(line.startswith("CPU per event (us, worker processes, all threads; trials): plain ") for line in lines)
     for mode in ("plain", "guard"):
         result = written["modes"][mode]
         assert result["latency"]["samples"] > 0
@@ -65,6 +68,8 @@ def test_bench_measures_both_modes(stack: dict[str, str], tmp_path: Path) -> Non
     assert len(trials["guard_first_sight_events_per_s"]) == 3
     for mode in ("plain", "guard", "guard_first_sight"):
         assert written["modes"][mode]["events_per_s"] == sorted(trials[f"{mode}_events_per_s"])[1]
+        assert len(trials["cpu_us_per_event"][mode]) == 3 and all(v > 0 for v in trials["cpu_us_per_event"][mode])
+        assert written["modes"][mode]["cpu_us_per_event"] in trials["cpu_us_per_event"][mode]
     medians = written["modes"]["guard"]["events_per_s"] / written["modes"]["plain"]["events_per_s"]
     assert written["ratio"] == pytest.approx(medians, rel=1e-3)
     first = written["modes"]["guard_first_sight"]["events_per_s"] / written["modes"]["plain"]["events_per_s"]
