@@ -59,6 +59,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+import orjson
 import redis
 
 from guard.config import read_secret_file
@@ -119,17 +120,18 @@ return out
 """
 
 # The keys of a batch's subjects, creating none (a prefetch whose subjects' keys mostly exist: no key is minted
-# and wrapped for them). KEYS: per subject: dek hash, erased marker. Returns per subject {version, wrapped},
-# {-1} (erased) or {0} (no key yet).
+# and wrapped for them). ARGV[1]: the prefix of the subjects' key hashes, ARGV[2]: of their erased markers,
+# ARGV[3]: JSON [subject, ...] (keys named here, as in `_RECORD_ACTIVITY`). Returns per subject
+# {version, wrapped}, {-1} (erased) or {0} (no key yet).
 _GET_DEKS = """
 local out = {}
-for i = 1, #KEYS, 2 do
-  local n = (i + 1) / 2
-  if redis.call('EXISTS', KEYS[i + 1]) == 1 then
+for n, subject in ipairs(cjson.decode(ARGV[3])) do
+  if redis.call('EXISTS', ARGV[2] .. subject) == 1 then
     out[n] = {-1}
   else
-    local cur = redis.call('HGET', KEYS[i], 'current')
-    if cur then out[n] = {tonumber(cur), redis.call('HGET', KEYS[i], 'v' .. cur)} else out[n] = {0} end
+    local dek = ARGV[1] .. subject
+    local cur = redis.call('HGET', dek, 'current')
+    if cur then out[n] = {tonumber(cur), redis.call('HGET', dek, 'v' .. cur)} else out[n] = {0} end
   end
 end
 return out
@@ -222,14 +224,18 @@ return {cancelled, resumed}
 """
 
 _RECORD_ACTIVITY = """
--- KEYS[1]: expiry zset; then per item: topics set, erased marker. ARGV: now, then per item: subject, topic, expiry
+-- KEYS[1]: expiry zset. ARGV[1]: the prefix of the subjects' topics sets, ARGV[2]: of their erased markers,
+-- ARGV[3]: JSON [[subject, topic, expiry (unix s) or null], ...].
 -- An erased subject's activity is not recorded: its expiry would make the retention sweep erase it again.
+-- The per-subject keys are named here (prefix .. subject), not sent one by one: a transaction's ~1,500 pairs
+-- were 7,500 arguments whose packing and parsing cost more than the writes (docs/benchmark.md, round 17).
+-- The user's ACL key pattern applies to every command all the same.
 local n = 0
-for i = 2, #KEYS, 2 do
-  local a = 2 + (i - 2) / 2 * 3
-  if redis.call('EXISTS', KEYS[i + 1]) == 0 then
-    redis.call('SADD', KEYS[i], ARGV[a + 1])
-    if ARGV[a + 2] ~= '' then redis.call('ZADD', KEYS[1], 'GT', ARGV[a + 2], ARGV[a]) end
+for _, item in ipairs(cjson.decode(ARGV[3])) do
+  local subject = item[1]
+  if redis.call('EXISTS', ARGV[2] .. subject) == 0 then
+    redis.call('SADD', ARGV[1] .. subject, item[2])
+    if item[3] ~= cjson.null then redis.call('ZADD', KEYS[1], 'GT', item[3], subject) end
     n = n + 1
   end
 end
@@ -571,10 +577,8 @@ class RedisKeyStore:
         if not subjects:
             return {}, [], []
         self.data_key_round_trips += 1
-        keys: list[str] = []
-        for subject in subjects:
-            keys += [self._k("dek", branch, subject), self._k("erased", branch, subject)]
-        results = self._call(self._get_deks, keys=keys, args=[])
+        results = self._call(self._get_deks, keys=[], args=[self._k("dek", branch, ""), self._k("erased", branch, ""),
+                                                            orjson.dumps(subjects)])
         found: dict[str, tuple[int, bytes]] = {}
         erased: list[str] = []
         missing: list[str] = []
@@ -795,12 +799,10 @@ class RedisKeyStore:
         if not activity:
             return
         now = int(time.time())
-        keys = [self._k("expiry", branch)]
-        args: list[object] = [now]
-        for (subject, topic), retention_s in activity.items():
-            keys += [self._k("topics", branch, subject), self._k("erased", branch, subject)]
-            args += [subject, topic, "" if retention_s is None else now + retention_s]
-        self._call(self._record_activity, keys=keys, args=args)
+        items = [(subject, topic, None if retention_s is None else now + retention_s)
+                 for (subject, topic), retention_s in activity.items()]
+        self._call(self._record_activity, keys=[self._k("expiry", branch)],
+                   args=[self._k("topics", branch, ""), self._k("erased", branch, ""), orjson.dumps(items)])
 
     def commit_view(self, branch: str) -> tuple[int, int]:
         """(erasure epoch, scheduled erasures + retention expiries): what a commit must check, one round trip."""

@@ -587,6 +587,42 @@ def test_a_steady_prefetch_reads_keys_first_and_offers_keys_only_to_new_subjects
     keys.prefetch(branch, {f"steady-fresh-{uuid.uuid4().hex[:8]}" for _ in range(5)})
     assert calls == [("offer", 5)]
 
+
+ODD_SUBJECTS = ["Plain-UPPER-0", "quote\"back\\slash", "客户-九", "nul\x00byte", "tab\tnew\nline", "emoji-\U0001f600",
+                "colon:star*?[brackets]"]
+
+
+def test_scripts_that_name_keys_themselves_name_the_same_keys_as_the_client(branch_settings):
+    """The activity and key-read scripts get each subject inside one JSON argument and name its keys
+    themselves (prefix .. subject): the keys must be exactly the ones the client names (`RedisKeyStore._k`)
+    for every subject, escapes and non-ASCII included; an erased subject's activity is not recorded."""
+    store = build_keys(branch_settings, listen=False).store
+    branch = f"{branch_settings.branch}-odd"
+    subjects = [f"{s}-{uuid.uuid4().hex[:6]}" for s in ODD_SUBJECTS]
+    erased = subjects[-1]
+    client = store.client
+    client.set(store._k("erased", branch, erased), b"{}")
+    try:
+        store.record_subject_activity(branch, {**{(s, f"sanitized.t{i}"): None for i, s in enumerate(subjects)},
+                                               (subjects[0], "sanitized.second"): 3600})
+        for i, subject in enumerate(subjects[:-1]):
+            expected = {f"sanitized.t{i}"} | ({"sanitized.second"} if i == 0 else set())
+            assert store.subject_topics(branch, subject) == expected, subject
+        assert store.subject_topics(branch, erased) == set(), "an erased subject's activity was recorded"
+        scores = dict(client.zrange(store._k("expiry", branch), 0, -1, withscores=True))
+        assert set(scores) == {subjects[0].encode()}
+        assert abs(scores[subjects[0].encode()] - (time.time() + 3600)) < 30
+        for i, subject in enumerate(subjects[:3]):
+            client.hset(store._k("dek", branch, subject), mapping={"current": 1 + i, f"v{1 + i}": f"w{i}".encode()})
+        found, gone, missing = store.get_deks(branch, subjects)
+        assert found == {s: (1 + i, f"w{i}".encode()) for i, s in enumerate(subjects[:3])}
+        assert gone == [erased] and missing == subjects[3:-1]
+    finally:
+        for key in client.scan_iter(match=store._k("*", branch, "*"), count=1000):
+            client.delete(key)
+        for key in client.scan_iter(match=store._k("*", branch), count=1000):
+            client.delete(key)
+
 def test_an_erased_subject_costs_one_key_store_answer_per_worker(branch_settings):
     """An erasure is final: once the key store answered "erased" for a subject, this worker answers the
     subject's later events (late updates, deletes of its other rows) from memory, in batches and alone."""
