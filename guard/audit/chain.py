@@ -116,10 +116,8 @@ class Chain:
     def extend(self, leaves: bytes) -> None:
         """Append leaves already hashed elsewhere (32 bytes each, in order): the compiled path hashes the
         audit records of a native run where it builds them (`guard_native`, the same bytes as `stamp`, tested)
-        and hands the hashes back here, so only the frontier is folded in Python."""
-        append = self.frontier.append
-        for i in range(0, len(leaves), 32):
-            append(leaves[i:i + 32])
+        and hands the hashes back here; the frontier is folded there too (`Frontier.extend`)."""
+        self.frontier.extend(leaves)
         if leaves:
             self.prev = leaves[-32:]
 

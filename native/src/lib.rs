@@ -184,6 +184,63 @@ fn leaf_hash(prefix: &[u8], key: Option<&[u8]>, value: Option<&[u8]>) -> [u8; 32
     h.finalize().into()
 }
 
+/// RFC 6962 interior node: SHA-256(0x01 || left || right) (`guard.audit.merkle.node_hash`).
+fn node_hash(left: &[u8; 32], right: &[u8; 32]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update([1u8]);
+    h.update(left);
+    h.update(right);
+    h.finalize().into()
+}
+
+/// `guard.audit.merkle.Frontier.append` for many leaf hashes at once (a native run's, 32 bytes each, in
+/// order): the frontier of a tree of `size` leaves (its perfect subtrees' roots, largest first) after
+/// appending them, as (new size, nodes). Amortised one node hash per leaf, none of it in the interpreter.
+#[pyfunction(name = "frontier_extend")]
+#[pyo3(signature = (size, nodes, leaves))]
+fn py_frontier_extend<'py>(
+    py: Python<'py>,
+    size: u64,
+    nodes: Vec<Vec<u8>>,
+    leaves: &[u8],
+) -> PyResult<(u64, Vec<Bound<'py, PyBytes>>)> {
+    let invalid = |what: String| pyo3::exceptions::PyValueError::new_err(what);
+    if !leaves.len().is_multiple_of(32) {
+        return Err(invalid(format!(
+            "leaf hashes are 32 bytes each, got {} bytes",
+            leaves.len()
+        )));
+    }
+    if nodes.len() != size.count_ones() as usize {
+        return Err(invalid(format!(
+            "a tree of {size} leaves has {} frontier nodes, not {}",
+            size.count_ones(),
+            nodes.len()
+        )));
+    }
+    let mut frontier: Vec<[u8; 32]> = Vec::with_capacity(65);
+    for node in &nodes {
+        frontier.push(
+            node.as_slice()
+                .try_into()
+                .map_err(|_| invalid("frontier nodes are 32-byte hashes".to_owned()))?,
+        );
+    }
+    let mut n = size;
+    for leaf in leaves.chunks_exact(32) {
+        frontier.push(leaf.try_into().expect("chunks of 32"));
+        let mut m = n;
+        while m & 1 == 1 {
+            let right = frontier.pop().expect("a node per set bit");
+            let left = frontier.last_mut().expect("a node per set bit");
+            *left = node_hash(left, &right);
+            m >>= 1;
+        }
+        n += 1;
+    }
+    Ok((n, frontier.iter().map(|h| PyBytes::new(py, h)).collect()))
+}
+
 /// `leaf_hash` for Python (the tests hold it to `guard.audit.merkle.leaf_hash(leaf_bytes(...))`).
 #[pyfunction(name = "leaf_hash")]
 #[pyo3(signature = (prefix, key, value))]
@@ -1110,6 +1167,7 @@ fn guard_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<SealingKey>()?;
     m.add_class::<TokenKey>()?;
     m.add_function(wrap_pyfunction!(py_leaf_hash, m)?)?;
+    m.add_function(wrap_pyfunction!(py_frontier_extend, m)?)?;
     m.add_function(wrap_pyfunction!(scan::py_scan_write, m)?)?;
     m.add_function(wrap_pyfunction!(scan::scan_writes, m)?)?;
     m.add_function(wrap_pyfunction!(scan::take_messages, m)?)?;

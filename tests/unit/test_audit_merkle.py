@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
-from hypothesis import given
+import pytest
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from guard.audit import merkle
@@ -96,3 +98,55 @@ def test_frontier_matches_the_recursive_root(hashes: list[bytes]) -> None:
         frontier.append(h)
         assert len(frontier.nodes) == (i + 1).bit_count()
     assert frontier.root() == merkle.root(hashes)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 300), st.integers(0, 70), st.integers(0, 2**40))
+def test_extend_folds_many_leaves_as_append_does_one_by_one(start: int, count: int, offset: int) -> None:
+    """`Frontier.extend` (in the compiled extension when built: `guard_native.frontier_extend`) gives the
+    frontier and root that appending each leaf in Python gives, from any tree size (a large one too)."""
+    seed = [merkle.leaf_hash(b"s%d" % i) for i in range(start)]
+    big = offset if offset.bit_count() <= 40 else 0
+    base = merkle.Frontier()
+    for h in seed:
+        base.append(h)
+    if big:  # a frontier of a tree of `big + start` leaves: any nodes do for the fold itself
+        base = merkle.Frontier(big, [merkle.leaf_hash(b"n%d" % i) for i in range(big.bit_count())])
+    leaves = [merkle.leaf_hash(b"x%d" % i) for i in range(count)]
+    one_by_one, at_once = base.copy(), base.copy()
+    for h in leaves:
+        one_by_one.append(h)
+    at_once.extend(b"".join(leaves))
+    assert (at_once.size, at_once.nodes) == (one_by_one.size, one_by_one.nodes)
+    assert at_once.root() == one_by_one.root()
+    if not big:
+        assert at_once.root() == merkle.root(seed + leaves)
+
+
+def test_extend_refuses_a_partial_hash_and_a_frontier_of_the_wrong_shape() -> None:
+    with pytest.raises(ValueError, match="32 bytes each"):
+        merkle.Frontier().extend(b"x" * 33)
+    broken = merkle.Frontier(3, [merkle.leaf_hash(b"a"), merkle.leaf_hash(b"b")])
+    broken.nodes.pop()
+    with pytest.raises(ValueError, match="frontier nodes"):
+        broken.extend(merkle.leaf_hash(b"c"))
+
+
+def test_the_compiled_fold_is_the_one_in_use() -> None:
+    """With the extension built, the fold runs there (not silently in the interpreter)."""
+    if os.environ.get("NATIVE") == "0":
+        assert merkle._frontier_extend is None
+    else:
+        assert merkle._frontier_extend is not None
+
+
+def test_the_interpreters_fold_gives_the_same_frontier(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the extension (`NATIVE=0`), `extend` appends leaf by leaf: the same frontier."""
+    leaves = [merkle.leaf_hash(b"y%d" % i) for i in range(37)]
+    native = merkle.Frontier()
+    native.extend(b"".join(leaves))
+    monkeypatch.setattr(merkle, "_frontier_extend", None)
+    python = merkle.Frontier()
+    python.extend(b"".join(leaves))
+    assert (python.size, python.nodes) == (native.size, native.nodes) == (37, python.nodes)
+    assert python.root() == merkle.root(leaves)
