@@ -241,11 +241,7 @@ class Sanitizer:
         neither path). `chains` (the worker's `AuditChains`): the run chains its audit records itself
         (`guard_native.FastPath.run`); without it `produce` must.
         """
-        # Records bound for a compacted sanitized topic take the Python path (their keys are recorded for
-        # erasure tombstones): the native run stops before the first one. Records of tables with amount
-        # bands stay on it: it hands back the banded values of creates (`_run_band_facts`).
-        # The batch's topics are checked once each; only a batch with a compacted one looks for its first
-        # record (not two method calls per record in every run).
+        # The run stops before a record bound for a compacted topic or carrying a trace context (`_run_stop`).
         stop = self._run_stop(records, start)
         checker = self.checker
         reasons: list[bytes | None] | None = None
