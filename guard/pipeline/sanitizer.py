@@ -254,10 +254,10 @@ class Sanitizer:
         if stop == start:
             return NativeRun(start, [], [], [])
         end, last, counts, stamps, banded = self._fast.run(
-            records if stop == len(records) else records[:stop], start, produce=produce, poll=poll,
+            records, start, produce=produce, poll=poll,
             partitions=partitions, hooks=self._native_hooks, now_ms=int(self._clock() * 1000),
             max_record_bytes=max_record_bytes, reasons=reasons,
-            chains=chains)
+            chains=chains, stop=stop)
         facts = self._run_band_facts(banded, produce, poll) if banded else 0
         plans = self._fast_plans
         shapes = [(plans[plan_id].schema_table, plans[plan_id].class_counts, n) for plan_id, n in counts]

@@ -515,8 +515,12 @@ impl FastPath {
     /// `bg-leaf` header and leaf hash computed in Rust (`RunChain`); `chains.open(key)` gives a chain's
     /// state, `chains.fold(key, leaf hashes)` takes the run's leaves back. Without it the records are
     /// produced unchained (a `produce` that chains them itself, or a test's).
+    /// `stop`: the run ends before `records[stop]` at the latest, where the caller has found a record
+    /// the run must not take (`Sanitizer._run_stop`: bound for a compacted topic, or traced); with it the
+    /// run does not read the records' headers again, nor needs a copy of the batch cut at `stop`.
+    /// Without it the run reads each record's headers for a `traceparent` itself.
     #[pyo3(signature = (records, start, *, produce, poll, partitions, hooks, now_ms, max_record_bytes,
-                        reasons=None, chains=None))]
+                        reasons=None, chains=None, stop=None))]
     #[allow(clippy::too_many_arguments)]
     fn run<'py>(
         slf: &Bound<'py, Self>,
@@ -530,12 +534,14 @@ impl FastPath {
         max_record_bytes: usize,
         reasons: Option<&Bound<'py, PyList>>,
         chains: Option<&Bound<'py, PyAny>>,
+        stop: Option<usize>,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let mut run_chains: Vec<RunChain> = Vec::new();
         let out = Self::run_inner(
             slf,
             records,
             start,
+            stop,
             produce,
             poll,
             partitions,
@@ -608,6 +614,7 @@ impl FastPath {
         slf: &Bound<'py, Self>,
         records: &Bound<'py, PyList>,
         start: usize,
+        stop: Option<usize>,
         produce: &Bound<'py, PyAny>,
         poll: &Bound<'py, PyAny>,
         partitions: &Bound<'py, PyAny>,
@@ -630,8 +637,11 @@ impl FastPath {
         let mut counts: Vec<(u64, usize)> = Vec::new();
         let mut stamps: Vec<i64> = Vec::with_capacity(records.len().saturating_sub(start));
         let mut banded: Vec<Bound<'py, PyTuple>> = Vec::new();
+        // With the caller's `stop`, traced records are already behind it (`run`'s docs).
+        let read_headers = stop.is_none();
+        let end = stop.map_or(records.len(), |s| s.min(records.len()));
         let mut i = start;
-        while i < records.len() {
+        while i < end {
             let item = records.get_item(i)?;
             let item = item.downcast::<PyTuple>()?;
             let msg = item.get_item(0)?;
@@ -640,7 +650,7 @@ impl FastPath {
             let partition: i64 = item.get_item(2)?.extract()?;
             let offset: i64 = item.get_item(3)?.extract()?;
             let value = item.get_item(4)?;
-            if value.is_none() || scan::has_traceparent(&msg)? {
+            if value.is_none() || (read_headers && scan::has_traceparent(&msg)?) {
                 break;
             }
             let value_bytes = value.downcast::<PyBytes>()?.as_bytes();

@@ -803,12 +803,31 @@ def test_records_with_headers_take_native_runs_unless_traced(stack, pair):
         def counting(records, start, stop, *args):
             scanned[0] += stop - start
             return real_scan_writes(records, start, stop, *args)
+        runs: list[tuple[int, int, int, int]] = []  # (id of the records list, start, stop, end)
+
+        class Runs:
+            """The native path, with its `run` calls recorded."""
+
+            def __init__(self, fast):
+                self._fast = fast
+
+            def __getattr__(self, name):
+                return getattr(self._fast, name)
+
+            def run(self, records, start, **kwargs):
+                out = self._fast.run(records, start, **kwargs)
+                runs.append((id(records), start, kwargs["stop"], out[0]))
+                return out
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(sanitizer_module, "scan_writes", counting)
+            patch.setattr(native, "_fast", Runs(native._fast))
             got, by_runs = process_batch_natively(stack, native, msgs)
         expected = process_batch(stack, python, msgs)
         assert sorted(by_runs) == [300 + n for n in range(60) if n % 20], \
             "every record took a native run but the three with a traceparent"
+        assert len({batch for batch, _, _, _ in runs}) == 1, "every run is handed the batch itself, never a copy"
+        assert all(end <= stop for _, _, stop, end in runs), runs
+        assert {stop for _, _, stop, _ in runs} >= {20, 40}, f"runs stop before the traced records: {runs}"
         assert scanned[0] <= len(msgs), f"{scanned[0]} records pre-scanned for {len(msgs)}"
         assert sorted(got[0].records, key=repr) == sorted(expected[0].records, key=repr)
         sanitized = [h for t, _, _, _, _, h in got[0].records if t.startswith("sanitized.")]
