@@ -175,6 +175,8 @@ class SanitizerWorker:
         sanitizer.owner = f"{settings.transactional_id()}#{uuid.uuid4()}"
         self._txn_mark: TxnMark = sanitizer.keys.mark()
         self._pending_checked = 0.0
+        #: The last erasure pass claimed a full batch: more may be due (`_run_due_erasures`).
+        self._erasures_waiting = False
         # The audit chains (docs/audit.md): no signing key, no worker (fail closed).
         signer = load_audit_signer(settings)
         sanitizer.emitter.signer = signer
@@ -226,6 +228,8 @@ class SanitizerWorker:
                         self._commit()
                     if not self._in_txn and time.monotonic() - self._pending_checked > PENDING_CHECK_S:
                         self._maintenance()
+                    elif not self._in_txn and self._erasures_waiting:
+                        self._run_due_erasures()  # the next batch of a backlog, between stream transactions
                     if not self._in_txn and time.monotonic() - self._idle_checked > min(
                             PENDING_CHECK_S, self.settings.audit_checkpoint_s / 2):
                         self._idle_checkpoints()
@@ -620,10 +624,13 @@ class SanitizerWorker:
         self._run_due_erasures()
 
     def _run_due_erasures(self) -> None:
-        """Scheduled erasures (root delete + grace) that are due, in a transaction of their own."""
+        """Scheduled erasures (root delete + grace) that are due, in a transaction of their own: at most
+        `erasures_per_transaction` of them, so the stream waits a bounded time; after a full batch the
+        runner comes back for the next one after the next stream transaction (`_erasures_waiting`)."""
         sanitizer = self.sanitizer
+        self._erasures_waiting = False  # a failure below waits for the next maintenance round
         try:
-            records = sanitizer.run_due_erasures()
+            records, more = sanitizer.run_due_erasures(limit=max(1, self.settings.erasures_per_transaction))
             if not records:
                 return
             self.producer.begin_transaction()
@@ -635,6 +642,7 @@ class SanitizerWorker:
             self._in_txn = False
             self._chains_committed()
             self._confirm_delivered(sanitizer.pending_in_txn)
+            self._erasures_waiting = more
         except (KafkaException, ProducerStuckError) as exc:
             log.warning("scheduled erasures: confirmations not delivered yet (%s); they stay pending", exc)
             self._abort_side_transaction()

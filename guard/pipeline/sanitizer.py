@@ -682,17 +682,19 @@ class Sanitizer:
         return [audit(*source, event.schema_table, "erase", subject, "erasure_scheduled",
                       f"{reason_code}; erased in {od.grace_s} s unless the root row comes back", {}, {})]
 
-    def run_due_erasures(self, now: float | None = None) -> list[OutRecord]:
-        """Carry out the scheduled erasures whose grace period is over (the runner calls this between
-        transactions and writes the records in a transaction of their own)."""
+    def run_due_erasures(self, now: float | None = None, *, limit: int = 100) -> tuple[list[OutRecord], bool]:
+        """Carry out up to `limit` scheduled erasures whose grace period is over (the runner calls this
+        between transactions and writes the records in a transaction of their own): the records, and
+        whether `limit` were claimed (more may be due)."""
         records: list[OutRecord] = []
-        for subject, raw in self.keys.store.due_erasures(self.branch, self._clock() if now is None else now).items():
+        due = self.keys.store.due_erasures(self.branch, self._clock() if now is None else now, limit=limit)
+        for subject, raw in due.items():
             info = orjson.loads(raw)
             records.extend(self.erase(subject, trigger=info.get("trigger", "cdc_delete"),
                                       reason_code=info["reason_code"], reason=info["reason"], by=info["by"],
                                       source=tuple(info["source"]) if info.get("source") else None,
                                       effective_ms=info.get("effective_ms")))
-        return records
+        return records, len(due) >= limit
 
     def _truncate(self, event: ChangeEvent, topic: str, partition: int, offset: int, out_topic: str,
                   out_key: bytes | None) -> Outcome:

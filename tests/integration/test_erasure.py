@@ -445,3 +445,58 @@ def test_a_reinsert_within_the_grace_period_cancels_the_erasure_and_a_plain_dele
     decisions = {(a["subject"], a["decision"]) for a in audit}
     assert (run.token(kept["customer_id"]), "erasure_cancelled") in decisions
     assert (run.token(gone["customer_id"]), "erasure_scheduled") in decisions
+
+
+# --- a backlog of due erasures: bounded batches, between the stream's transactions -----------------------
+def test_a_backlog_of_due_erasures_is_carried_out_in_bounded_batches_without_waiting_for_maintenance(
+        stack, tmp_path):
+    """100 due erasures carried out in one pass held the stream 246 ms (docs/benchmark.md, round 18). A pass
+    now claims at most `erasures_per_transaction`, in a transaction of its own, and a full pass is followed
+    by the next one after the next stream transaction, not the next maintenance round (5 s later): 40 due
+    erasures at 16 per pass are three passes, the later ones outside the maintenance round, and every
+    subject is confirmed exactly once."""
+    from guard.kafka.runner import SanitizerWorker
+
+    run = _Run(stack, tmp_path, grace_s=0)
+    settings = load_settings(
+        None, kafka_bootstrap=run.bootstrap, redis_url=stack["GUARD_REDIS_URL"], branch=run.branch,
+        raw_topic_prefix=run.prefix, catalog=str(run.catalog), sanitized_prefix=f"sanitized.{run.prefix}.",
+        audit_topic=run.audit, dlq_topic=f"guard.dlq.{run.prefix}", anomalies_topic=f"guard.anomalies.{run.prefix}",
+        deletions_topic=run.deletions, group_id=run.group, worker_id="w-backlog", erasures_per_transaction=16)
+    subjects = {run.token(7_700_000 + i) for i in range(40)}
+    run.keys.prefetch(run.branch, subjects)  # each has a key: a shred destroys it
+    info = orjson.dumps({"trigger": "cdc_delete", "reason_code": "art47_1_purpose_achieved",
+                         "reason": "customer row deleted", "by": "test", "source": None})
+    for subject in subjects:
+        assert run.store.schedule_erasure(run.branch, subject, time.time() - 1, info)
+
+    worker = SanitizerWorker(settings, build_sanitizer(settings))
+    store = worker.sanitizer.keys.store
+    claims: list[tuple[int, bool]] = []  # (erasures claimed, inside a maintenance round)
+    in_maintenance = [False]
+    real_due, real_maintenance = store.due_erasures, worker._maintenance
+
+    def due_erasures(*args, **kwargs):
+        found = real_due(*args, **kwargs)
+        if found:
+            claims.append((len(found), in_maintenance[0]))
+        return found
+
+    def maintenance():
+        in_maintenance[0] = True
+        try:
+            real_maintenance()
+        finally:
+            in_maintenance[0] = False
+    store.due_erasures = due_erasures  # type: ignore[method-assign]
+    worker._maintenance = maintenance  # type: ignore[method-assign]
+    worker.run(until=lambda _: sum(n for n, _ in claims) >= 40, max_idle_s=120)
+
+    assert sum(n for n, _ in claims) == 40, claims
+    assert max(n for n, _ in claims) <= 16, f"a pass claimed more than erasures_per_transaction: {claims}"
+    assert any(not inside for _, inside in claims[1:]), \
+        f"the backlog waited for maintenance rounds instead of following the stream's transactions: {claims}"
+    found = _confirmations(run.bootstrap, run.deletions)
+    assert sorted(c["subject"] for c in found) == sorted(subjects), "one confirmation per erased subject"
+    assert all(c["outcome"] == "shredded" for c in found)
+    assert all(run.keys.is_erased(run.branch, s) for s in subjects)
