@@ -667,16 +667,20 @@ class KeyManager:
         return version
 
     def shred(self, branch: str, subject: str, record: bytes,
-              pending: Callable[[int, bool], bytes | None] | None = None) -> ShredResult:
+              pending: Callable[[int, bool], bytes | None] | None = None, *,
+              preview: tuple[int, bool] | None = None) -> ShredResult:
         """Destroy all versions of the subject's key, everywhere, and block its re-creation.
 
         `pending(versions, already_erased)` builds the confirmation entry that the key store writes in
         the same script as the shred (`RedisKeyStore.shred`), so a crash can't separate the two. Once
         the script has run, nothing here raises: the invalidation went out with it, and the append-only
         file rewrite is requested in the background (`request_compaction`), its failures retried there.
+        `preview`: `(versions, already erased)` as the caller just read them (`RedisKeyStore.erasure_view`),
+        used for the first attempt instead of reading them again; a race is caught by the shred all the same.
         """
         for _ in range(10):
-            versions, already = self.store.shred_preview(branch, subject)
+            versions, already = preview if preview is not None else self.store.shred_preview(branch, subject)
+            preview = None
             entry = pending(versions, already) if pending is not None and not (already and versions == 0) else None
             done = self.store.shred(branch, subject, record, expected_versions=versions, pending=entry)
             if done.status != "changed":

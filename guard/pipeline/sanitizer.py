@@ -891,8 +891,10 @@ class Sanitizer:
         """
         now_ms = int(self._clock() * 1000)
         confirmation_id = str(uuid.uuid4())
+        view = self.keys.store.erasure_view(self.branch, subject)  # topics, key versions, compacted keys
         known_topics = sorted(set(topics or []) | {t for s, t in self.subject_activity if s == subject}
-                              | self.keys.store.subject_topics(self.branch, subject))
+                              | view.topics)
+        compacted = [view.compacted]  # for the first attempt; a retried shred (a rotation raced) reads again
         record = orjson.dumps({"id": confirmation_id, "at_ms": now_ms, "reason_code": reason_code, "by": by,
                                "trigger": trigger, "effective_ms": effective_ms or now_ms})
         built: list[OutRecord] = []
@@ -901,8 +903,8 @@ class Sanitizer:
             # Compacted topics keep each key's latest record until a tombstone for the key is compacted in:
             # one for every key whose latest record is the subject's, carried (and re-emitted) with the
             # confirmation, whose `remains` says per topic what stays readable and until when.
-            tombstones = [OutRecord(topic, key, None, partition) for topic, partition, key
-                          in self.keys.store.compacted_keys(self.branch, subject)]
+            found = compacted.pop() if compacted else self.keys.store.compacted_keys(self.branch, subject)
+            tombstones = [OutRecord(topic, key, None, partition) for topic, partition, key in found]
             remains = what_remains(known_topics, self.topic_configs, tombstones, now_ms, sealed=versions > 0)
             built[:] = [*self.emitter.deletion(
                 subject, confirmation_id=confirmation_id, outcome="shredded" if versions else "no_keys",
@@ -911,7 +913,7 @@ class Sanitizer:
                 *tombstones]
             return pending_entry(confirmation_id, now_ms, self.owner, source, built, now_ms)
 
-        result = self.keys.shred(self.branch, subject, record, pending)
+        result = self.keys.shred(self.branch, subject, record, pending, preview=(view.versions, view.already_erased))
         if result.status == "held":
             self.keys.store.set_storage_only(self.branch, subject, orjson.dumps({
                 "id": confirmation_id, "at_ms": now_ms, "trigger": trigger, "reason_code": reason_code,

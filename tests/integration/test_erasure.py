@@ -202,6 +202,36 @@ def test_the_commit_records_no_activity_for_a_subject_erased_in_it(stack):
     assert sweep_retention(settings, now=time.time() + 10**10) == []
 
 
+def test_an_erasure_reads_what_it_needs_in_one_round_trip_before_its_shred(stack):
+    """An erasure used to read the subject's topics, its key versions and its compacted keys one key-store
+    round trip each before the shred script (four in all, with the stream waiting between transactions).
+    Now: one pipelined read and the shred; a subject with records on a compacted topic adds one (their
+    owners). What the confirmation says is unchanged: the topics, the key destroyed, the tombstone."""
+    settings = _settings(stack, worker_id="test-erasure")
+    san = build_sanitizer(settings)
+    store = san.keys.store
+    plain, compacted = san.keys.subject_token(settings.branch, "7300011"), san.keys.subject_token(settings.branch,
+                                                                                                  "7300012")
+    san.keys.prefetch(settings.branch, {plain, compacted})
+    store.record_subject_activity(settings.branch, {(plain, "sanitized.br0101.public.accounts"): 100,
+                                                    (compacted, "sanitized.br0101.public.accounts"): 100})
+    store.record_compacted_key(settings.branch, compacted, "sanitized.br0101.public.profiles", 1, b'{"id": "p1"}')
+    for subject, trips in ((plain, 2), (compacted, 3)):
+        before = store.round_trips
+        records = san.erase(subject, trigger="erase_command", reason_code="subject_request", reason="r", by="t")
+        assert store.round_trips - before == trips, f"{store.round_trips - before} round trips for {subject}"
+        confirmation = next(orjson.loads(r.value) for r in records if r.topic == settings.deletions_topic)
+        assert confirmation["outcome"] == "shredded" and confirmation["keys_destroyed"], confirmation
+        assert "sanitized.br0101.public.accounts" in json.dumps(confirmation)
+        tombstones = [r for r in records if r.value is None]
+        if subject == compacted:
+            assert [(r.topic, r.partition, r.key) for r in tombstones] == [
+                ("sanitized.br0101.public.profiles", 1, b'{"id": "p1"}')]
+        else:
+            assert tombstones == []
+        assert san.keys.is_erased(settings.branch, subject)
+
+
 def test_a_delivery_error_of_a_confirmation_is_reported_and_the_confirmation_stays_pending(stack):
     settings = _settings(stack, worker_id="test-erasure", deletions_topic="guard.deletions." + "x" * 260)
     with pytest.raises(GuardError, match="kept in the key store"):
