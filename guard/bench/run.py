@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="instead: profile the sanitizer over RECORDS bench events in a loop, no Kafka")
     parser.add_argument("--cprofile-out", type=Path, default=None, help="with --profile-local: cProfile dump")
     args = parser.parse_args(argv)
+    # A bench stopped with SIGTERM (`kill`, `pkill`, a CI timeout) cleans up as one stopped with Ctrl-C does:
+    # Python's default for SIGTERM skips every `finally`, which left the run's topics (raw plaintext
+    # included) and its hundreds of thousands of keys in Redis, and a later append-only-file rewrite of those
+    # keys took minutes (docs/benchmark.md, round 18).
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     try:
         if args.profile_local:
@@ -144,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _stop_on_sigterm(signum: int, _frame: Any) -> None:
+    """Raise SystemExit in the main thread: the run's `finally` blocks stop its workers and delete its topics
+    and keys (unless `--keep`)."""
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -154,6 +154,49 @@ def test_bench_leaves_no_topics(stack: dict[str, str], tmp_path: Path) -> None:
     assert left == []
 
 
+def test_a_bench_stopped_with_sigterm_removes_its_topics_and_keys(stack: dict[str, str], tmp_path: Path) -> None:
+    """`kill` / `pkill` / a CI timeout send SIGTERM, whose Python default skips every `finally`: a stopped
+    bench used to leave its raw topics (plaintext) and all its keys in Redis (419,250 after two stopped runs,
+    which made the next append-only-file rewrite take minutes). Stopped after its first guard trial, with keys
+    in Redis, it now exits 143 having removed both."""
+    import signal
+
+    from confluent_kafka.admin import AdminClient
+
+    from guard.config import load_settings
+    from guard.keys.store import redis_client
+    from tests.integration.reliability_helpers import wait_until
+
+    log = tmp_path / "bench.log"
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "guard.bench", "--workload", "hot", "--records", "3000", "--partitions", "1",
+             "--trials", "3", "--warmup-seconds", "0", "--latency-seconds", "2"],
+            cwd=REPO, env={**os.environ, **stack}, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        found = wait_until(lambda: re.search(r"guard trial 1: ", log.read_text())
+                           and re.search(r"filled bench([0-9a-f]+)\.", log.read_text()), timeout=300,
+                           what="the bench's first guard trial", interval=0.2)
+        runid = found.group(1)
+        client = redis_client(load_settings(None, redis_url=stack["GUARD_REDIS_URL"]).redis_url)
+        pattern = f"bg:*:bench{runid}*"
+        assert next(client.scan_iter(match=pattern, count=1000), None) is not None, "the run has keys to remove"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert next(client.scan_iter(match=pattern, count=1000), None) is None, "keys left in Redis"
+    admin = AdminClient(kafka_conf(stack["GUARD_KAFKA_BOOTSTRAP"]))
+    left: list[str] = []
+    for _ in range(20):  # metadata may trail the deletion by a moment
+        left = [t for t in admin.list_topics(timeout=10).topics if f"bench{runid}" in t]
+        if not left:
+            break
+        time.sleep(0.5)
+    assert left == []
+
+
 def test_write_alerts_counts_the_committed_write_anomalies(stack: dict[str, str]) -> None:
     """The bench's count of writes not allowed (`write_alerts`) reads what the guards committed: a zero
     in a report means none, not a reader that saw nothing. Two partitions, a committed transaction with
