@@ -84,8 +84,8 @@ class Settings:
     #: Scheduled erasures (root deletes past their grace period) a worker carries out per transaction of
     #: their own, between the stream's transactions; when more are due, the next ones follow the next
     #: stream transaction instead of the next maintenance round (5 s). Each costs two key-store round
-    #: trips and its records (~1.6 ms on the local stack), so this bounds how long the stream waits for
-    #: them: 100 at once, at four round trips each then, held it 246 ms (docs/benchmark.md, round 18).
+    #: trips and its records (~1.3 ms on the idle local stack, more under load), so this bounds how long the
+    #: stream waits for them: 100 at once held it 246 ms (docs/benchmark.md, round 18).
     erasures_per_transaction: int = 16
     #: OTLP endpoint for traces and metrics (empty: no export).
     otlp_endpoint: str = ""

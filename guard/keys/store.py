@@ -893,8 +893,8 @@ class RedisKeyStore:
     def erasure_view(self, branch: str, subject: str) -> ErasureView:
         """Everything an erasure reads before its shred, in one pipelined round trip (a second one only
         for a subject with records on compacted topics, for their keys' owners): an erasure used to read
-        the topics, the preview and the compacted keys one round trip each, ~0.6 ms apiece, with the stream
-        waiting (docs/benchmark.md, round 18). Not atomic, as the separate reads were not: the shred checks
+        the topics, the preview and the compacted keys one round trip each, with the stream waiting
+        (docs/benchmark.md, round 18). Not atomic, as the separate reads were not: the shred checks
         the key versions again (`expected_versions`) and the caller previews again if they changed."""
         pipe = self.client.pipeline(transaction=False)
         pipe.smembers(self._k("topics", branch, subject))
