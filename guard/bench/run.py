@@ -126,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-local", type=int, default=0, metavar="RECORDS",
                         help="instead: profile the sanitizer over RECORDS bench events in a loop, no Kafka")
     parser.add_argument("--cprofile-out", type=Path, default=None, help="with --profile-local: cProfile dump")
+    parser.add_argument("--cleanup", action="store_true",
+                        help="instead: delete the topics and keys that runs killed with SIGKILL left on this "
+                             "stack (raw topics hold plaintext); only while no bench is running")
     args = parser.parse_args(argv)
     # A bench stopped with SIGTERM (`kill`, `pkill`, a CI timeout) cleans up as one stopped with Ctrl-C does:
     # Python's default for SIGTERM skips every `finally`, which left the run's topics (raw plaintext
@@ -134,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     try:
+        if args.cleanup:
+            print(render_cleanup(clean_leftovers(load_settings(None))))
+            return 0
         if args.profile_local:
             result = profile_local(load_settings(None), args.profile_local, cprofile_out=args.cprofile_out)
             print(render_profile(result))
@@ -150,6 +156,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def clean_leftovers(settings: Settings) -> dict[str, int]:
+    """`--cleanup`: every bench run's topics, groups and keys on this stack (`topics.cleanup_leftovers`)."""
+    from confluent_kafka.admin import AdminClient
+
+    from guard.bench.topics import cleanup_leftovers
+    from guard.kafka_security import client_config
+
+    return cleanup_leftovers(AdminClient(client_config(settings)), settings.redis_url)
+
+
+def render_cleanup(removed: dict[str, int]) -> str:
+    return (f"removed what bench runs left: {removed['topics']} topic(s) of {removed['runs']} run(s), "
+            f"{removed['keys']} key(s)")
 
 
 def _stop_on_sigterm(signum: int, _frame: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -162,6 +163,29 @@ def cleanup_redis(redis_url: str, names: Names, fresh_alert_keys: list[str]) -> 
     except Exception as exc:  # noqa: BLE001 - cleanup must not hide the run's own result or error
         log.warning("could not remove the bench's Redis keys (bg:*:%s*): %s", names.prefix, exc)
         return 0
+
+
+#: A run's name in its topics, groups and keys: `bench` and the eight hex digits of its run id.
+_RUN_NAME = re.compile(r"bench([0-9a-f]{8})(?![0-9a-f])")
+
+
+def cleanup_leftovers(admin: AdminClient, redis_url: str) -> dict[str, int]:
+    """Delete every bench run's topics and Redis keys on this stack (`--cleanup`).
+
+    A run removes its own at the end, also when stopped with Ctrl-C or SIGTERM; a run killed with SIGKILL, or
+    on a machine that died, leaves them: raw topics holding plaintext, and keys by the hundred thousand that
+    every append-only-file rewrite then copies. Only for a stack where no bench is running: a running one's
+    are removed too. Its consumer groups are left: they hold offsets only, the bench's principal may not list
+    groups, and the broker drops them after its offsets retention (7 days by default). Returns how many runs,
+    topics and keys were removed.
+    """
+    topics = [t for t in admin.list_topics(timeout=10).topics if _RUN_NAME.search(t)]
+    runs = sorted({m.group(1) for t in topics if (m := _RUN_NAME.search(t)) is not None})
+    removed = {"runs": len(runs), "topics": 0, "keys": 0}
+    for runid in runs:
+        removed["topics"] += len(cleanup_kafka(admin, Names(runid), []))
+    removed["keys"] = _delete_keys(redis_url, "bg:*:bench" + "[0-9a-f]" * 8 + "*", [])
+    return removed
 
 
 def _delete_keys(redis_url: str, pattern: str, extra: list[str]) -> int:

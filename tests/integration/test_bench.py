@@ -197,6 +197,54 @@ def test_a_bench_stopped_with_sigterm_removes_its_topics_and_keys(stack: dict[st
     assert left == []
 
 
+def test_cleanup_removes_what_a_bench_killed_with_sigkill_left(stack: dict[str, str], tmp_path: Path) -> None:
+    """SIGKILL leaves a run no chance to clean up: its raw topics (plaintext) and keys stay. `--cleanup`
+    removes every run's, here those of a run killed (with its workers) after its first guard trial."""
+    import signal
+
+    from confluent_kafka.admin import AdminClient
+
+    from guard.config import load_settings
+    from guard.keys.store import redis_client
+    from tests.integration.reliability_helpers import wait_until
+
+    log = tmp_path / "bench.log"
+    env = {**os.environ, **stack}
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "guard.bench", "--workload", "hot", "--records", "3000", "--partitions", "1",
+             "--trials", "3", "--warmup-seconds", "0", "--latency-seconds", "2"],
+            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    try:
+        found = wait_until(lambda: re.search(r"guard trial 1: ", log.read_text())
+                           and re.search(r"filled bench([0-9a-f]+)\.", log.read_text()), timeout=300,
+                           what="the bench's first guard trial", interval=0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the bench and its workers, no `finally` anywhere
+        proc.wait(timeout=60)
+    runid = found.group(1)
+    client = redis_client(load_settings(None, redis_url=stack["GUARD_REDIS_URL"]).redis_url)
+    pattern = f"bg:*:bench{runid}*"
+    admin = AdminClient(kafka_conf(stack["GUARD_KAFKA_BOOTSTRAP"]))
+
+    def topics_left() -> list[str]:
+        return [t for t in admin.list_topics(timeout=10).topics if f"bench{runid}" in t]
+    assert next(client.scan_iter(match=pattern, count=1000), None) is not None, "the killed run left keys"
+    assert f"bench{runid}.public.customers" in topics_left(), "the killed run left its raw topic"
+
+    out = subprocess.run([sys.executable, "-m", "guard.bench", "--cleanup"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    assert re.search(r"removed what bench runs left: [1-9]\d* topic\(s\) of [1-9]\d* run\(s\), [1-9]\d* key", out), out
+    assert next(client.scan_iter(match=pattern, count=1000), None) is None, "keys left in Redis"
+    left: list[str] = []
+    for _ in range(20):  # metadata may trail the deletion by a moment
+        left = topics_left()
+        if not left:
+            break
+        time.sleep(0.5)
+    assert left == []
+
+
 def test_write_alerts_counts_the_committed_write_anomalies(stack: dict[str, str]) -> None:
     """The bench's count of writes not allowed (`write_alerts`) reads what the guards committed: a zero
     in a report means none, not a reader that saw nothing. Two partitions, a committed transaction with
