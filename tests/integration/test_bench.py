@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -127,10 +129,52 @@ def test_bench_measures_both_modes(stack: dict[str, str], tmp_path: Path) -> Non
                for line in lines)
 
 
-def test_bench_leaves_no_topics(stack: dict[str, str], tmp_path: Path) -> None:
-    """Without --keep the run's topics are deleted (a left-over raw topic would hold plaintext)."""
+def _topics_of_run(stack: dict[str, str], runid: str) -> list[str]:
+    """The topics naming `bench<runid>` once their deletion has shown in the metadata (it may trail a moment)."""
     from confluent_kafka.admin import AdminClient
 
+    admin = AdminClient(kafka_conf(stack["GUARD_KAFKA_BOOTSTRAP"]))
+    left: list[str] = []
+    for _ in range(20):
+        left = [t for t in admin.list_topics(timeout=10).topics if f"bench{runid}" in t]
+        if not left:
+            break
+        time.sleep(0.5)
+    return left
+
+
+def _start_bench(stack: dict[str, str], log: Path, **popen: Any) -> tuple[subprocess.Popen[bytes], str]:
+    """A small hot bench, and its run id once its first guard trial has run (keys exist in Redis by then)."""
+    from tests.integration.reliability_helpers import wait_until
+
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "guard.bench", "--workload", "hot", "--records", "3000", "--partitions", "1",
+             "--trials", "3", "--warmup-seconds", "0", "--latency-seconds", "2"],
+            cwd=REPO, env={**os.environ, **stack}, stdout=subprocess.DEVNULL, stderr=err, **popen)
+    try:
+        found = wait_until(lambda: re.search(r"guard trial 1: ", log.read_text())
+                           and re.search(r"filled bench([0-9a-f]+)\.", log.read_text()), timeout=300,
+                           what="the bench's first guard trial", interval=0.2)
+    except BaseException:
+        if popen.get("start_new_session"):
+            os.killpg(proc.pid, signal.SIGKILL)  # its workers too
+        else:
+            proc.kill()
+        raise
+    return proc, found.group(1)
+
+
+def _run_keys(stack: dict[str, str], runid: str) -> list[bytes]:
+    from guard.config import load_settings
+    from guard.keys.store import redis_client
+
+    client = redis_client(load_settings(None, redis_url=stack["GUARD_REDIS_URL"]).redis_url)
+    return list(client.scan_iter(match=f"bg:*:bench{runid}*", count=1000))
+
+
+def test_bench_leaves_no_topics(stack: dict[str, str], tmp_path: Path) -> None:
+    """Without --keep the run's topics are deleted (a left-over raw topic would hold plaintext)."""
     json_out = tmp_path / "bench.json"
     subprocess.run(
         [sys.executable, "-m", "guard.bench", "--workload", "hot", "--records", "3000", "--partitions", "1",
@@ -139,19 +183,11 @@ def test_bench_leaves_no_topics(stack: dict[str, str], tmp_path: Path) -> None:
         cwd=REPO, env={**os.environ, **stack}, capture_output=True, text=True, timeout=600, check=True,
     )
     report = json.loads(json_out.read_text())
-    runid = report["runid"]
     # The hot workload: customers only, 4,000 customers, every event protected.
     assert report["workload"]["kind"] == "hot" and report["workload"]["tables"] == ["public.customers"]
     guard_worker = report["modes"]["guard_first_sight"]["workers"][0]
     assert guard_worker["decisions"] == {"protected": guard_worker["events"]}, "bench events must all be protected"
-    admin = AdminClient(kafka_conf(stack["GUARD_KAFKA_BOOTSTRAP"]))
-    left: list[str] = []
-    for _ in range(20):  # metadata may trail the deletion by a moment
-        left = [t for t in admin.list_topics(timeout=10).topics if f"bench{runid}" in t]
-        if not left:
-            break
-        time.sleep(0.5)
-    assert left == []
+    assert _topics_of_run(stack, report["runid"]) == []
 
 
 def test_a_bench_stopped_with_sigterm_removes_its_topics_and_keys(stack: dict[str, str], tmp_path: Path) -> None:
@@ -159,90 +195,36 @@ def test_a_bench_stopped_with_sigterm_removes_its_topics_and_keys(stack: dict[st
     bench used to leave its raw topics (plaintext) and all its keys in Redis (419,250 after two stopped runs,
     which made the next append-only-file rewrite take minutes). Stopped after its first guard trial, with keys
     in Redis, it now exits 143 having removed both."""
-    import signal
-
-    from confluent_kafka.admin import AdminClient
-
-    from guard.config import load_settings
-    from guard.keys.store import redis_client
-    from tests.integration.reliability_helpers import wait_until
-
     log = tmp_path / "bench.log"
-    with log.open("wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "guard.bench", "--workload", "hot", "--records", "3000", "--partitions", "1",
-             "--trials", "3", "--warmup-seconds", "0", "--latency-seconds", "2"],
-            cwd=REPO, env={**os.environ, **stack}, stdout=subprocess.DEVNULL, stderr=err)
+    proc, runid = _start_bench(stack, log)
     try:
-        found = wait_until(lambda: re.search(r"guard trial 1: ", log.read_text())
-                           and re.search(r"filled bench([0-9a-f]+)\.", log.read_text()), timeout=300,
-                           what="the bench's first guard trial", interval=0.2)
-        runid = found.group(1)
-        client = redis_client(load_settings(None, redis_url=stack["GUARD_REDIS_URL"]).redis_url)
-        pattern = f"bg:*:bench{runid}*"
-        assert next(client.scan_iter(match=pattern, count=1000), None) is not None, "the run has keys to remove"
+        assert _run_keys(stack, runid), "the run has keys to remove"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 128 + signal.SIGTERM, log.read_text()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert next(client.scan_iter(match=pattern, count=1000), None) is None, "keys left in Redis"
-    admin = AdminClient(kafka_conf(stack["GUARD_KAFKA_BOOTSTRAP"]))
-    left: list[str] = []
-    for _ in range(20):  # metadata may trail the deletion by a moment
-        left = [t for t in admin.list_topics(timeout=10).topics if f"bench{runid}" in t]
-        if not left:
-            break
-        time.sleep(0.5)
-    assert left == []
+    assert _run_keys(stack, runid) == [], "keys left in Redis"
+    assert _topics_of_run(stack, runid) == []
 
 
 def test_cleanup_removes_what_a_bench_killed_with_sigkill_left(stack: dict[str, str], tmp_path: Path) -> None:
     """SIGKILL leaves a run no chance to clean up: its raw topics (plaintext) and keys stay. `--cleanup`
     removes every run's, here those of a run killed (with its workers) after its first guard trial."""
-    import signal
-
     from confluent_kafka.admin import AdminClient
 
-    from guard.config import load_settings
-    from guard.keys.store import redis_client
-    from tests.integration.reliability_helpers import wait_until
-
-    log = tmp_path / "bench.log"
-    env = {**os.environ, **stack}
-    with log.open("wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "guard.bench", "--workload", "hot", "--records", "3000", "--partitions", "1",
-             "--trials", "3", "--warmup-seconds", "0", "--latency-seconds", "2"],
-            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
-    try:
-        found = wait_until(lambda: re.search(r"guard trial 1: ", log.read_text())
-                           and re.search(r"filled bench([0-9a-f]+)\.", log.read_text()), timeout=300,
-                           what="the bench's first guard trial", interval=0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the bench and its workers, no `finally` anywhere
-        proc.wait(timeout=60)
-    runid = found.group(1)
-    client = redis_client(load_settings(None, redis_url=stack["GUARD_REDIS_URL"]).redis_url)
-    pattern = f"bg:*:bench{runid}*"
+    proc, runid = _start_bench(stack, tmp_path / "bench.log", start_new_session=True)
+    os.killpg(proc.pid, signal.SIGKILL)  # the bench and its workers: no `finally` runs anywhere
+    proc.wait(timeout=60)
+    assert _run_keys(stack, runid), "the killed run left keys"
     admin = AdminClient(kafka_conf(stack["GUARD_KAFKA_BOOTSTRAP"]))
+    assert f"bench{runid}.public.customers" in admin.list_topics(timeout=10).topics, "and its raw topic"
 
-    def topics_left() -> list[str]:
-        return [t for t in admin.list_topics(timeout=10).topics if f"bench{runid}" in t]
-    assert next(client.scan_iter(match=pattern, count=1000), None) is not None, "the killed run left keys"
-    assert f"bench{runid}.public.customers" in topics_left(), "the killed run left its raw topic"
-
-    out = subprocess.run([sys.executable, "-m", "guard.bench", "--cleanup"], cwd=REPO, env=env,
+    out = subprocess.run([sys.executable, "-m", "guard.bench", "--cleanup"], cwd=REPO, env={**os.environ, **stack},
                          capture_output=True, text=True, timeout=300, check=True).stdout
     assert re.search(r"removed what bench runs left: [1-9]\d* topic\(s\) of [1-9]\d* run\(s\), [1-9]\d* key", out), out
-    assert next(client.scan_iter(match=pattern, count=1000), None) is None, "keys left in Redis"
-    left: list[str] = []
-    for _ in range(20):  # metadata may trail the deletion by a moment
-        left = topics_left()
-        if not left:
-            break
-        time.sleep(0.5)
-    assert left == []
+    assert _run_keys(stack, runid) == [], "keys left in Redis"
+    assert _topics_of_run(stack, runid) == []
 
 
 def test_write_alerts_counts_the_committed_write_anomalies(stack: dict[str, str]) -> None:
