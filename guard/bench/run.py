@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def clean_leftovers(settings: Settings) -> dict[str, int]:
-    """`--cleanup`: every bench run's topics, groups and keys on this stack (`topics.cleanup_leftovers`)."""
+    """`--cleanup`: every bench run's topics and keys on this stack (`topics.cleanup_leftovers`)."""
     from confluent_kafka.admin import AdminClient
 
     from guard.bench.topics import cleanup_leftovers

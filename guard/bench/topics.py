@@ -184,7 +184,11 @@ def cleanup_leftovers(admin: AdminClient, redis_url: str) -> dict[str, int]:
     removed = {"runs": len(runs), "topics": 0, "keys": 0}
     for runid in runs:
         removed["topics"] += len(cleanup_kafka(admin, Names(runid), []))
-    removed["keys"] = _delete_keys(redis_url, "bg:*:bench" + "[0-9a-f]" * 8 + "*", [])
+    try:
+        removed["keys"] = _delete_keys(redis_url, "bg:*:bench" + "[0-9a-f]" * 8 + "*", [])
+    except Exception as exc:  # noqa: BLE001 - redis-py's errors and ours alike: say what was left
+        raise BenchError(f"removed {removed['topics']} bench topic(s), but not the keys ({type(exc).__name__}); "
+                         "check that the stack's Redis runs (guard stack status) and run --cleanup again") from None
     return removed
 
 
