@@ -287,6 +287,8 @@ class Sanitizer:
         """Drop what native runs remember of the current batch (its records, plaintext values included):
         the runner calls it when it is done with a batch, so an idle worker holds none of them."""
         self._stops = None
+        if self._fast is not None:
+            self._fast.forget_read_ahead()  # the envelopes `_load_keys_from` read that no run took
 
     def _find_stops(self, records: list[tuple[Any, str, int, int, bytes | None]], start: int) -> list[int]:
         """The indexes from `start` on of the records a native run must stop before (`_run_stop`), sorted.

@@ -21,13 +21,15 @@
 //!
 //! Modules: `avro` (encoding primitives), `json` (reading values), `envelope` (the Debezium envelope),
 //! `image` (table plans and image writing), `scan` (what the Python side needs of every record of a batch,
-//! read in one call: the policy pre-scan, the batch's subjects), `seal` (`SealingKey`), `token`
+//! read in one call: the policy pre-scan, the batch's subjects), `readahead` (the envelopes read for the
+//! batch's subjects, kept for the run), `seal` (`SealingKey`), `token`
 //! (`TokenKey`, Kafka keys); this file holds `FastPath`, the Python-facing class.
 
 mod avro;
 mod envelope;
 mod image;
 mod json;
+mod readahead;
 mod scan;
 mod seal;
 mod token;
@@ -45,9 +47,11 @@ use crate::avro::{name_array, put_long, put_str, str_enc};
 /// malloc and free were ~7% of a worker's main thread.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+use crate::envelope::Envelope;
 use crate::image::{
     find_plan, sealed_plaintext, write_image, Callbacks, Column, Plan, SubjectTokens,
 };
+use crate::readahead::ReadAhead;
 use crate::seal::SealingKey;
 use crate::token::{KeyColumn, TokenKey};
 
@@ -296,6 +300,8 @@ struct FastPath {
     audit: HashMap<(u64, i64, u8, u8), AuditParts>,
     /// Raw topic → where its records go (`run`), with the memo of its sanitized Kafka keys.
     topics: HashMap<String, TopicOut>,
+    /// The envelopes `batch_subjects` read, which the run takes instead of reading them again.
+    read_ahead: ReadAhead,
 }
 
 #[pymethods]
@@ -338,6 +344,7 @@ impl FastPath {
             plans: HashMap::default(),
             audit: HashMap::default(),
             topics: HashMap::default(),
+            read_ahead: ReadAhead::default(),
         }
     }
 
@@ -470,8 +477,14 @@ impl FastPath {
         now_ms: i64,
         reason: Option<&[u8]>,
     ) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        if value.len() > self.max_value_bytes {
+            return Ok(None);
+        }
+        let Ok(env) = envelope::read(value) else {
+            return Ok(None);
+        };
         match self.process_inner(
-            py, value, topic, partition, offset, out_topic, row_key, trace_id, now_ms, reason,
+            py, &env, topic, partition, offset, out_topic, row_key, trace_id, now_ms, reason,
         ) {
             Ok(done) => Ok(Some(PyTuple::new(
                 py,
@@ -571,6 +584,18 @@ impl FastPath {
 
     /// Forget memoised masks, tokens and Kafka keys: they are keyed by plaintext values
     /// (`Sanitizer.expire_value_caches`).
+    /// Drop the envelopes read ahead for the current batch that no run took (`Sanitizer.forget_batch`:
+    /// the runner is done with the batch, and an idle worker keeps none of its records).
+    fn forget_read_ahead(&mut self) {
+        self.read_ahead.clear();
+    }
+
+    /// How many envelopes are held for runs to take (`forget_read_ahead`; tests).
+    #[getter]
+    fn read_ahead_size(&self) -> usize {
+        self.read_ahead.len()
+    }
+
     fn clear_memos(&mut self) {
         for plans in self.plans.values_mut() {
             plans.iter_mut().for_each(Plan::clear_memo);
@@ -653,7 +678,8 @@ impl FastPath {
             if value.is_none() || (read_headers && scan::has_traceparent(&msg)?) {
                 break;
             }
-            let value_bytes = value.downcast::<PyBytes>()?.as_bytes();
+            let value_obj = value.downcast::<PyBytes>()?;
+            let value_bytes = value_obj.as_bytes();
             let topic = topic_obj.to_str()?;
             // The borrow of `self` is released while `load_keys` runs: it calls `subject_value`.
             let mut this = slf.borrow_mut();
@@ -749,19 +775,25 @@ impl FastPath {
                 Some(r) if !r.is_none() => Some(r.downcast::<PyBytes>()?.as_bytes()),
                 _ => None,
             };
+            // The envelope `batch_subjects` read for this record when it loaded the batch's keys, else
+            // read here (values longer than the limit are the Python path's: it sends them to the DLQ).
+            let read_ahead = this.read_ahead.take(value_obj);
+            let read_here;
+            let env = match &read_ahead {
+                Some(record) => record.envelope(),
+                None if value_bytes.len() > this.max_value_bytes => break,
+                None => match envelope::read(value_bytes) {
+                    Ok(env) => {
+                        read_here = env;
+                        &read_here
+                    }
+                    Err(_) => break,
+                },
+            };
             let attempt = |this: &mut FastPath| {
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     this.process_inner(
-                        py,
-                        value_bytes,
-                        topic,
-                        partition,
-                        offset,
-                        out_topic,
-                        row_key,
-                        None,
-                        now_ms,
-                        reason,
+                        py, env, topic, partition, offset, out_topic, row_key, None, now_ms, reason,
                     )
                 }))
             };
@@ -775,7 +807,10 @@ impl FastPath {
                     {
                         break;
                     }
-                    match attempt(&mut slf.borrow_mut()) {
+                    let mut this = slf.borrow_mut();
+                    // The load read this record again with the rest of the batch: this run has it.
+                    drop(this.read_ahead.take(value_obj));
+                    match attempt(&mut this) {
                         Ok(Ok(done)) => done,
                         _ => break,
                     }
@@ -908,7 +943,7 @@ impl FastPath {
     fn process_inner<'py>(
         &mut self,
         py: Python<'py>,
-        value: &[u8],
+        env: &Envelope<'_>,
         topic: &str,
         partition: i64,
         offset: i64,
@@ -918,10 +953,6 @@ impl FastPath {
         now_ms: i64,
         reason: Option<&[u8]>,
     ) -> Step<Done<'py>> {
-        if value.len() > self.max_value_bytes {
-            return Err(Stop::Decline);
-        }
-        let env = envelope::read(value)?;
         let schema_table = format!("{}.{}", env.namespace, env.table);
         let row = env.row();
         let loads = self.loads.bind(py).clone();

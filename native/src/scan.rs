@@ -12,7 +12,8 @@
 //!   principal, second);
 //! * `batch_subjects` reads the subject column of each record from a given one on and returns the
 //!   distinct subjects' tokens (from the plan's memo, else `subject_of`, once per id), plus the records
-//!   it can't read, which Python decodes as before;
+//!   it can't read, which Python decodes as before; the envelopes it reads are kept for the run
+//!   (`readahead`);
 //! * `take_messages` is the runner's first pass over a fetched batch (offsets, rewind points).
 
 use foldhash::{HashMap, HashSet};
@@ -23,7 +24,8 @@ use pyo3::types::{PyBytes, PyDict, PyInt, PyList, PyString, PyTuple};
 
 use crate::image::find_plan;
 use crate::json::Val;
-use crate::{envelope, FastPath, Stop};
+use crate::readahead::ReadRecord;
+use crate::{FastPath, Stop};
 
 /// What the pre-scan read of a record value.
 #[derive(Debug, PartialEq, Eq)]
@@ -248,6 +250,8 @@ pub fn batch_subjects<'py>(
     let subject_of = this.subject_of.bind(py).clone();
     let memo_limit = this.memo_limit;
     let mut seen: HashMap<u64, Distinct> = HashMap::default();
+    // A new load: what an earlier one read ahead and no run took is not needed any more.
+    this.read_ahead.clear();
     for i in first..batch.len() {
         let item = batch.get_item(i)?;
         let item = item.downcast::<PyTuple>()?;
@@ -256,15 +260,17 @@ pub fn batch_subjects<'py>(
             rest.append(i)?;
             continue;
         }
-        let value = value.downcast::<PyBytes>()?.as_bytes();
-        if value.len() > this.max_value_bytes {
+        let value = value.downcast::<PyBytes>()?;
+        if value.as_bytes().len() > this.max_value_bytes {
             rest.append(i)?;
             continue;
         }
-        let Ok(env) = envelope::read(value) else {
+        // Read once: the run that reaches this record takes this envelope (`readahead`).
+        let Ok(record) = ReadRecord::read(value) else {
             rest.append(i)?;
             continue;
         };
+        let env = this.read_ahead.keep(record).envelope();
         let Some(candidates) = this
             .plans
             .get_mut(&format!("{}.{}", env.namespace, env.table))

@@ -624,6 +624,63 @@ def test_a_batch_through_native_runs_produces_what_the_python_path_produces(stac
     assert sorted(by_runs + by_process) == [m.offset() for m in msgs], "each record handled exactly once"
 
 
+def test_native_runs_take_the_envelopes_read_for_the_batchs_keys_and_the_rest_are_dropped(stack, pair):
+    """The envelopes `batch_subjects` reads to load a batch's keys are the ones its runs sanitize (each
+    record's JSON read once, `native/src/readahead.rs`): a run takes each record's envelope out of the map,
+    the ones no run took (records of the Python path) are dropped when the runner is done with the batch,
+    and the output is the Python path's, byte for byte."""
+    python, native = pair
+    topic, traced, plain, msgs = f"{PREFIX}.public.customers", set(), set(), []
+    for n in range(30):  # new customers: the first record's key misses, and the rest of the batch is loaded
+        cid = 7_700_000 + n
+        value = None if n % 10 == 6 else orjson.dumps(_customer_event(after__customer_id=cid,
+                                                                       after__name=f"客户{cid}"))
+        headers = [("traceparent", f"00-{TRACE}-00f067aa0ba902b7-01".encode())] if n % 10 == 3 else None
+        (traced if headers else plain if value else set()).add(200 + n)
+        msgs.append(Message(topic=topic, partition=n % 2, offset=200 + n, key=f'{{"customer_id": {cid}}}'.encode(),
+                            value=value, timestamp=(1, 1_700_000_000_000 + n), headers=headers))
+    run_both(pair, "public.customers", b'{"customer_id": 42}', orjson.dumps(_customer_event()), prefetch=False,
+             trace_id=None)  # the plan is registered with the native path
+    events: list[tuple[str, int]] = []
+
+    class Watched:
+        """The native path, with what it holds read ahead recorded after each call."""
+
+        def __init__(self, fast):
+            self._fast = fast
+
+        def __getattr__(self, name):
+            return getattr(self._fast, name)
+
+        def batch_subjects(self, *args):
+            out = self._fast.batch_subjects(*args)
+            events.append(("loaded", self._fast.read_ahead_size))
+            return out
+
+        def run(self, *args, **kwargs):
+            out = self._fast.run(*args, **kwargs)
+            events.append(("ran", self._fast.read_ahead_size))
+            return out
+
+        def forget_read_ahead(self):
+            events.append(("forgotten", self._fast.read_ahead_size))
+            self._fast.forget_read_ahead()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(native, "_fast", Watched(native._fast))
+        got, by_runs = process_batch_natively(stack, native, msgs)
+    expected = process_batch(stack, python, msgs)
+    assert got[0].records == expected[0].records and got[1:] == expected[1:]
+    assert set(by_runs) == plain, "native runs took every record but the traced ones and the tombstones"
+    assert [what for what, _ in events if what != "ran"] == ["loaded", "forgotten"], events
+    loaded, forgotten = events[0][1], events[-1][1]
+    assert loaded == len(plain) + len(traced), "every record the keys' load read is kept for the runs"
+    after_runs = [n for what, n in events if what == "ran"]
+    assert len(after_runs) >= 4 and after_runs == sorted(after_runs, reverse=True), events
+    assert loaded - forgotten == len(plain), "each record a run took was read once, when the keys were loaded"
+    assert forgotten == len(traced), "the Python path's records are dropped when the batch is done"
+    assert native._fast.read_ahead_size == 0, "nothing of the batch is held after it"
+
+
 def test_messages_with_errors_in_a_batch_are_skipped_alike_on_both_paths(stack, pair):
     """The native first pass over a fetched batch (`take_messages`) stops at each message with an error, the
     runner skips it (a partition's end) or logs it, and the pass goes on after it: the same records,
