@@ -112,6 +112,8 @@ class KeyManager:
         self.tenant = tenant
         self._ttl = cache_ttl
         self._cache_size = cache_size
+        #: (branch, subject) → (key, monotonic expiry). Never rebound (filled, popped and cleared in place):
+        #: the compiled path reads this very dict for each event's key (`native_key_cache`).
         self._deks: OrderedDict[tuple[str, str], tuple[Aead, float]] = OrderedDict()
         #: Subjects the key store answered "erased" for, at most `cache_size`. An erasure is final (the key
         #: store's erased marker blocks re-creation for good), so the answer can't go stale, and each later
@@ -427,6 +429,17 @@ class KeyManager:
             self.key_hits += 1
             return hit[0]
         return None
+
+    def native_key_cache(self) -> OrderedDict[tuple[str, str], tuple[Aead, float]]:
+        """The data-key cache itself, for the compiled path's per-event lookup (`guard_native.FastPath`'s
+        `key_cache`: `cached_subject_aead`'s rule, without a Python call per event). Read-only there; it
+        reports its lookups through `count_lookups`."""
+        return self._deks
+
+    def count_lookups(self, lookups: int, hits: int) -> None:
+        """Add lookups of the cache made elsewhere (the compiled path's) to `key_lookups`/`key_hits`."""
+        self.key_lookups += lookups
+        self.key_hits += hits
 
     def prefetch(self, branch: str, subjects: set[str]) -> None:
         """Load (or create) every uncached key of `subjects` in one key-store round trip, two at most.

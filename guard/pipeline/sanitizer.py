@@ -173,7 +173,8 @@ class Sanitizer:
             self._fast = new_fast_path(
                 branch=self.branch, sanitized_header=self.sanitized_codec.header,
                 audit_header=self.audit_codec.header, subject_of=self.planner.subject_for,
-                aead_for=self._cached_aead, audit_parts=self._fast_audit_parts, dumps=orjson.dumps,
+                key_cache=keys.native_key_cache(), key_not_loaded=_KeyNotLoaded,
+                audit_parts=self._fast_audit_parts, dumps=orjson.dumps,
                 loads=orjson.loads, mask=mask, token=keys.search_token, keyed_hash=keys.keyed_hash.digest,
                 max_value_bytes=MAX_VALUE_BYTES, subject_key=self._native_token_key("subject", "subject_token"))
             self.protector.on_new_plan = self._register_fast
@@ -253,11 +254,14 @@ class Sanitizer:
             stop, reasons = scan_writes(records, start, stop, checker.message_topic, self._scan_decider(checker))
         if stop == start:
             return NativeRun(start, [], [], [])
-        end, last, counts, stamps, banded = self._fast.run(
-            records, start, produce=produce, poll=poll,
-            partitions=partitions, hooks=self._native_hooks, now_ms=int(self._clock() * 1000),
-            max_record_bytes=max_record_bytes, reasons=reasons,
-            chains=chains, stop=stop)
+        try:
+            end, last, counts, stamps, banded = self._fast.run(
+                records, start, produce=produce, poll=poll,
+                partitions=partitions, hooks=self._native_hooks, now_ms=int(self._clock() * 1000),
+                max_record_bytes=max_record_bytes, reasons=reasons,
+                chains=chains, stop=stop)
+        finally:
+            self.keys.count_lookups(*self._fast.take_key_counts())
         facts = self._run_band_facts(banded, produce, poll) if banded else 0
         plans = self._fast_plans
         shapes = [(plans[plan_id].schema_table, plans[plan_id].class_counts, n) for plan_id, n in counts]
@@ -742,10 +746,13 @@ class Sanitizer:
             args = (value, topic, partition, offset, out_topic, out_key or b"", self.emitter.trace_id,
                     int(self._clock() * 1000))
             try:
-                done = self._fast.process(*args)
-            except _KeyNotLoaded:
-                self._load_keys_from(topic, partition, offset, value)
-                done = self._fast.process(*args)
+                try:
+                    done = self._fast.process(*args)
+                except _KeyNotLoaded:
+                    self._load_keys_from(topic, partition, offset, value)
+                    done = self._fast.process(*args)
+            finally:
+                self.keys.count_lookups(*self._fast.take_key_counts())
         except Exception:  # noqa: BLE001 - the Python path decides what the condition means
             done = None
         except BaseException as exc:  # a Rust panic arrives as pyo3's PanicException, a BaseException
@@ -792,14 +799,6 @@ class Sanitizer:
             configs = self.topic_configs(out_topic) or {}
             compacted = self._compacted[out_topic] = "compact" in configs.get("cleanup.policy", "")
         return compacted
-
-    def _cached_aead(self, subject: str) -> Any:
-        """The native path's key lookup: the cached key's `guard_native.SealingKey` (the run seals with it in
-        Rust, the key never handed over as bytes), or `_KeyNotLoaded` (never a round trip per event)."""
-        aead = self.keys.cached_subject_aead(self.branch, subject)
-        if aead is None:
-            raise _KeyNotLoaded
-        return aead.sealing_key
 
     def _key_column(self, topic: str, column: str) -> Any:
         """How native runs carry a Kafka key column of the raw `topic` when they sanitize the key themselves

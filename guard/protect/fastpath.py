@@ -9,7 +9,8 @@ would read it. It reads the record's JSON itself (no Python object per field), a
 whole runs of a fetched batch, producing each record's sanitized and audit outputs through the runner's
 producer (`Sanitizer.run_native`). It seals images itself, under the data key's native twin that the key
 manager's cached `Aead` holds (`Aead.sealing_key`, a `guard_native.SealingKey`: OpenSSL's AES-256-GCM, the
-key never handed back), asked for once per event through `Sanitizer._cached_aead`. Blind-index tokens
+key never handed back), looked up once per event in the key manager's own cache (`KeyManager.native_key_cache`,
+the rule of `cached_subject_aead`, without a Python call). Blind-index tokens
 (search columns, Kafka-key columns) and data-subject tokens are computed there too, under the same keys'
 native twins (`BlindIndex.token_key`, a `guard_native.TokenKey`: keyed BLAKE2b, the key never handed back);
 masks and keyed hashes are calls back into the same Python objects the Python path uses. Both paths produce

@@ -29,6 +29,7 @@ mod avro;
 mod envelope;
 mod image;
 mod json;
+mod keycache;
 mod readahead;
 mod scan;
 mod seal;
@@ -38,7 +39,7 @@ use foldhash::HashMap;
 
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyInt, PyList, PyString, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyInt, PyList, PyString, PyTuple, PyType};
 use sha2::{Digest, Sha256};
 
 use crate::avro::{name_array, put_long, put_str, str_enc};
@@ -51,6 +52,7 @@ use crate::envelope::Envelope;
 use crate::image::{
     find_plan, sealed_plaintext, write_image, Callbacks, Column, Plan, SubjectTokens,
 };
+use crate::keycache::KeyCache;
 use crate::readahead::ReadAhead;
 use crate::seal::SealingKey;
 use crate::token::{KeyColumn, TokenKey};
@@ -281,7 +283,6 @@ struct FastPath {
     sanitized_header: Vec<u8>,
     audit_header: Vec<u8>,
     subject_of: PyObject,
-    aead_for: PyObject,
     audit_parts: PyObject,
     dumps: PyObject,
     loads: PyObject,
@@ -302,20 +303,25 @@ struct FastPath {
     topics: HashMap<String, TopicOut>,
     /// The envelopes `batch_subjects` read, which the run takes instead of reading them again.
     read_ahead: ReadAhead,
+    /// The key manager's data-key cache, read here for each event's sealing key (`keycache`).
+    key_cache: KeyCache,
 }
 
 #[pymethods]
 impl FastPath {
     #[new]
-    #[pyo3(signature = (*, branch, sanitized_header, audit_header, subject_of, aead_for, audit_parts, dumps, loads,
-                        mask, token, keyed_hash, max_value_bytes, memo_limit = 100_000, subject_key = None))]
+    #[pyo3(signature = (*, branch, sanitized_header, audit_header, subject_of, key_cache, key_not_loaded, audit_parts,
+                        dumps, loads, mask, token, keyed_hash, max_value_bytes, memo_limit = 100_000,
+                        subject_key = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
+        py: Python<'_>,
         branch: &str,
         sanitized_header: Vec<u8>,
         audit_header: Vec<u8>,
         subject_of: PyObject,
-        aead_for: PyObject,
+        key_cache: Py<PyDict>,
+        key_not_loaded: Py<PyType>,
         audit_parts: PyObject,
         dumps: PyObject,
         loads: PyObject,
@@ -325,14 +331,19 @@ impl FastPath {
         max_value_bytes: usize,
         memo_limit: usize,
         subject_key: Option<Py<TokenKey>>,
-    ) -> Self {
-        FastPath {
+    ) -> PyResult<Self> {
+        let key_cache = KeyCache::new(
+            key_cache,
+            PyString::new(py, branch).unbind(),
+            py.import("time")?.getattr("monotonic")?.unbind(),
+            key_not_loaded,
+        );
+        Ok(FastPath {
             subject_tokens: subject_key.map(|key| SubjectTokens::new(key, branch)),
             branch_enc: str_enc(branch),
             sanitized_header,
             audit_header,
             subject_of,
-            aead_for,
             audit_parts,
             dumps,
             loads,
@@ -345,7 +356,8 @@ impl FastPath {
             audit: HashMap::default(),
             topics: HashMap::default(),
             read_ahead: ReadAhead::default(),
-        }
+            key_cache,
+        })
     }
 
     /// Make a table plan known (called by the Python path the first time it meets the plan).
@@ -588,6 +600,12 @@ impl FastPath {
     /// the runner is done with the batch, and an idle worker keeps none of its records).
     fn forget_read_ahead(&mut self) {
         self.read_ahead.clear();
+    }
+
+    /// The sealing-key lookups the native path made in the key manager's cache since the last call, and
+    /// how many it answered: `(lookups, hits)`, which the sanitizer adds to the key manager's counters.
+    fn take_key_counts(&mut self) -> (u64, u64) {
+        self.key_cache.take_counts()
     }
 
     /// How many envelopes are held for runs to take (`forget_read_ahead`; tests).
@@ -1006,10 +1024,12 @@ impl FastPath {
             .map_err(PyErr::from)?
             .to_str()?
             .to_owned();
-        // The subject's `SealingKey` (`Aead.sealing_key`); raises KeyShreddedError / KeyUnavailableError /
-        // the key-not-loaded signal: the Python path then decides what they mean.
-        let key = self.aead_for.bind(py).call1((&subject_obj,))?;
-        let key = key.downcast::<SealingKey>().map_err(PyErr::from)?.get();
+        // The subject's `SealingKey` (`Aead.sealing_key`) from the key manager's cache, else the
+        // key-not-loaded signal: the run loads the batch's keys and tries again, and a key still missing
+        // (an erased subject, an unreachable key store) sends the record to the Python path, which decides
+        // what it means.
+        let key = self.key_cache.sealing_key(&subject_obj)?;
+        let key = key.get();
         let version: u32 = key.version;
         let cb = Callbacks {
             dumps: self.dumps.bind(py).clone(),

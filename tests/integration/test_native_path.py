@@ -681,6 +681,50 @@ def test_native_runs_take_the_envelopes_read_for_the_batchs_keys_and_the_rest_ar
     assert native._fast.read_ahead_size == 0, "nothing of the batch is held after it"
 
 
+def test_native_sealing_reads_the_key_managers_cache_by_its_rule(pair):
+    """Each event's key comes from the key manager's own cache (`KeyManager.native_key_cache`, read in
+    Rust): the entry of (branch, subject) while unexpired, else the key-not-loaded signal, never a key
+    that expired or was dropped (an erasure's invalidation pops it); the lookups count in the manager's
+    counters as `cached_subject_aead`'s do."""
+    import time
+
+    from guard.pipeline.sanitizer import _KeyNotLoaded
+
+    python, native = pair
+    run_both(pair, "public.customers", b'{"customer_id": 42}', orjson.dumps(_customer_event()), prefetch=False,
+             trace_id=None)  # the plan is registered with the native path
+    keys, fast, topic = native.keys, native._fast.inner, f"{PREFIX}.public.customers"
+    cid = 7_800_001
+    value = orjson.dumps(_customer_event(after__customer_id=cid))
+    subject = native.planner.subject_for(cid, "public.customers")
+    args = (value, topic, 0, 9, native.planner.sanitized_topic(topic), b"k", None, 1_800_000_000_000)
+    cache = keys.native_key_cache()
+    fast.take_key_counts()
+    keys.prefetch(native.branch, {subject})
+    aead, expiry = cache[(native.branch, subject)]
+    assert expiry > time.monotonic()
+    before = (keys.key_lookups, keys.key_hits)
+    done = fast.process(*args)
+    assert done is not None and done[3] == subject
+    record = decode(done[0])
+    sealed = record["after"]["sealed"]
+    aad = image_aad(args[4], record["table"], b"k", "after", subject, record["op"], record["position"],
+                    list(sealed["fields"]), primitives.sealed_header(sealed["ct"])[1])
+    assert orjson.loads(aead.open(sealed["ct"], aad)), "sealed under the cached key"
+    assert fast.take_key_counts() == (1, 1)
+    cache[(native.branch, subject)] = (aead, time.monotonic() - 0.001)  # expired
+    with pytest.raises(_KeyNotLoaded):
+        fast.process(*args)
+    del cache[(native.branch, subject)]  # dropped (an invalidation)
+    with pytest.raises(_KeyNotLoaded):
+        fast.process(*args)
+    assert fast.take_key_counts() == (2, 0)
+    assert fast.take_key_counts() == (0, 0), "counts are handed over once"
+    # Through the sanitizer, the manager counts them: one miss, the batch's keys loaded, one hit.
+    assert native.process(topic, 0, 9, b'{"customer_id": 7800001}', value, None).decision == "protected"
+    assert (keys.key_lookups - before[0], keys.key_hits - before[1]) == (2, 1)
+
+
 def test_messages_with_errors_in_a_batch_are_skipped_alike_on_both_paths(stack, pair):
     """The native first pass over a fetched batch (`take_messages`) stops at each message with an error, the
     runner skips it (a partition's end) or logs it, and the pass goes on after it: the same records,
