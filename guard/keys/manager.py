@@ -112,9 +112,10 @@ class KeyManager:
         self.tenant = tenant
         self._ttl = cache_ttl
         self._cache_size = cache_size
-        #: (branch, subject) → (key, monotonic expiry). Never rebound (filled, popped and cleared in place):
-        #: the compiled path reads this very dict for each event's key (`native_key_cache`).
-        self._deks: OrderedDict[tuple[str, str], tuple[Aead, float]] = OrderedDict()
+        #: (branch, subject) → (key as `Aead.cache_entry` keeps it, monotonic expiry): with the extension a
+        #: `SealingKey`, which the garbage collector doesn't walk. Never rebound (filled, popped and cleared
+        #: in place): the compiled path reads this very dict for each event's key (`native_key_cache`).
+        self._deks: OrderedDict[tuple[str, str], tuple[object, float]] = OrderedDict()
         #: Subjects the key store answered "erased" for, at most `cache_size`. An erasure is final (the key
         #: store's erased marker blocks re-creation for good), so the answer can't go stale, and each later
         #: event of an erased customer costs no round trip (a branch's stream after a shred still carries
@@ -395,7 +396,7 @@ class KeyManager:
         self.key_lookups += 1
         if hit is not None and hit[1] > now:
             self.key_hits += 1
-            return hit[0]
+            return Aead.of_cache_entry(hit[0])
         if cache_key in self._erased:
             self.key_hits += 1
             raise KeyShreddedError(f"data subject {subject} of branch {branch} was erased; its key is destroyed")
@@ -427,13 +428,13 @@ class KeyManager:
         self.key_lookups += 1
         if hit is not None and hit[1] > time.monotonic():
             self.key_hits += 1
-            return hit[0]
+            return Aead.of_cache_entry(hit[0])
         return None
 
-    def native_key_cache(self) -> OrderedDict[tuple[str, str], tuple[Aead, float]]:
+    def native_key_cache(self) -> OrderedDict[tuple[str, str], tuple[object, float]]:
         """The data-key cache itself, for the compiled path's per-event lookup (`guard_native.FastPath`'s
-        `key_cache`: `cached_subject_aead`'s rule, without a Python call per event). Read-only there; it
-        reports its lookups through `count_lookups`."""
+        `key_cache`: `cached_subject_aead`'s rule, without a Python call per event): (branch, subject) →
+        (`SealingKey`, monotonic expiry). Read-only there; it reports its lookups through `count_lookups`."""
         return self._deks
 
     def count_lookups(self, lookups: int, hits: int) -> None:
@@ -584,7 +585,7 @@ class KeyManager:
         """
         deks, ttl, jitter = self._deks, self._ttl, random.random
         for subject, aead in keys:
-            deks[(branch, subject)] = (aead, now + ttl * (0.75 + 0.25 * jitter()))
+            deks[(branch, subject)] = (aead.cache_entry(), now + ttl * (0.75 + 0.25 * jitter()))
             deks.move_to_end((branch, subject))
         while len(deks) > self._cache_size:
             deks.popitem(last=False)

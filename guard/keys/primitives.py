@@ -90,6 +90,23 @@ class Aead:
         aead._header = _HEADER.pack(FORMAT_V1, aead.version)
         return aead
 
+    def cache_entry(self) -> object:
+        """What a key cache keeps of this key: its `SealingKey` when the extension holds it, else itself
+        (`of_cache_entry` gives the `Aead` back).
+
+        Why: an `Aead` is a Python object the cyclic garbage collector tracks, and so is the (key, expiry)
+        tuple holding it; a worker caching a hundred thousand keys had every full collection walk them all,
+        pauses of 80-120 ms inside a batch (docs/benchmark.md, round 19). A `SealingKey` is an extension
+        object the collector doesn't track, and a tuple of it and a float is untracked at its first
+        collection.
+        """
+        return self.sealing_key if self.sealing_key is not None else self
+
+    @classmethod
+    def of_cache_entry(cls, entry: object) -> Aead:
+        """The `Aead` of what `cache_entry` returned (the same key; a new wrapper around a `SealingKey`)."""
+        return entry if isinstance(entry, Aead) else cls._of_sealing_key(entry)
+
     def __repr__(self) -> str:
         return f"Aead(version={self.version}, key=<hidden>)"
 

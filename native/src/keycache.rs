@@ -7,10 +7,10 @@
 //! clears in place, never rebinds: `KeyManager.native_key_cache`) under the same rule: the entry of
 //! (branch, subject) if its expiry is later than `time.monotonic()` now, else the sanitizer's key-not-loaded
 //! signal, which makes the run load the batch's keys and try again (never a round trip per event). The
-//! key itself stays in its `SealingKey`; only the reference is taken. The lookups and hits are counted
+//! cache holds the keys as `SealingKey`s (`Aead.cache_entry`), so the key stays in it; only the reference
+//! is taken. The lookups and hits are counted
 //! here and handed to the key manager's counters after each call (`take_counts`).
 
-use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString, PyTuple, PyType};
 
@@ -18,7 +18,7 @@ use crate::seal::SealingKey;
 
 /// The key manager's data-key cache, as the native path reads it.
 pub struct KeyCache {
-    /// (branch, subject) → (Aead, monotonic expiry): `KeyManager._deks` itself.
+    /// (branch, subject) → (SealingKey, monotonic expiry): `KeyManager._deks` itself (`Aead.cache_entry`).
     deks: Py<PyDict>,
     branch: Py<PyString>,
     /// `time.monotonic`: the clock the cache's expiries are on.
@@ -60,8 +60,7 @@ impl KeyCache {
             let now: f64 = self.monotonic.bind(py).call0()?.extract()?;
             if expiry > now {
                 self.hits += 1;
-                let key = hit.get_item(0)?.getattr(intern!(py, "sealing_key"))?;
-                return Ok(key.downcast_into::<SealingKey>()?);
+                return Ok(hit.get_item(0)?.downcast_into::<SealingKey>()?);
             }
         }
         Err(PyErr::from_type(self.not_loaded.bind(py).clone(), ()))

@@ -701,8 +701,9 @@ def test_native_sealing_reads_the_key_managers_cache_by_its_rule(pair):
     cache = keys.native_key_cache()
     fast.take_key_counts()
     keys.prefetch(native.branch, {subject})
-    aead, expiry = cache[(native.branch, subject)]
+    entry, expiry = cache[(native.branch, subject)]
     assert expiry > time.monotonic()
+    aead = primitives.Aead.of_cache_entry(entry)
     before = (keys.key_lookups, keys.key_hits)
     done = fast.process(*args)
     assert done is not None and done[3] == subject
@@ -712,7 +713,7 @@ def test_native_sealing_reads_the_key_managers_cache_by_its_rule(pair):
                     list(sealed["fields"]), primitives.sealed_header(sealed["ct"])[1])
     assert orjson.loads(aead.open(sealed["ct"], aad)), "sealed under the cached key"
     assert fast.take_key_counts() == (1, 1)
-    cache[(native.branch, subject)] = (aead, time.monotonic() - 0.001)  # expired
+    cache[(native.branch, subject)] = (entry, time.monotonic() - 0.001)  # expired
     with pytest.raises(_KeyNotLoaded):
         fast.process(*args)
     del cache[(native.branch, subject)]  # dropped (an invalidation)

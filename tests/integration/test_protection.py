@@ -480,7 +480,7 @@ def test_stored_data_keys_load_into_the_extension_on_every_path(branch_settings,
     """Keys another worker created are unwrapped inside the extension, never into Python bytes
     (`KeyWrapper.unwrap` is not called), through a batch's prefetch, a single miss and the reveal side's
     versioned read; each is a natively held key of its version that seals what the creator's key opens."""
-    from guard.keys.primitives import KeyWrapper
+    from guard.keys.primitives import Aead, KeyWrapper
     from guard.protect.fastpath import native_available
 
     if not native_available():
@@ -498,7 +498,7 @@ def test_stored_data_keys_load_into_the_extension_on_every_path(branch_settings,
 
     monkeypatch.setattr(KeyWrapper, "unwrap", python_unwrap)
     batch.prefetch(branch, set(subjects))
-    loaded = {"prefetch": batch._deks[(branch, subjects[0])][0],
+    loaded = {"prefetch": Aead.of_cache_entry(batch._deks[(branch, subjects[0])][0]),
               "single miss": single.subject_aead(branch, subjects[1])}
     sealed = made[subjects[2]].seal(b"x", b"aad")
     loaded["versioned read"] = reader.subject_aead_for(branch, subjects[2], sealed)

@@ -165,7 +165,8 @@ def test_an_invalidation_during_a_batch_fetch_refuses_only_the_key_it_names():
     keys._on_invalidation(b"0202:s2:4")  # another branch's subject s2: not this branch's s2
     keys._remember_many("0101", [("s1", aead), ("s2", aead), ("s3", aead)], _time.monotonic(), seen)
     assert keys.cached_subject_aead("0101", "s1") is None
-    assert keys.cached_subject_aead("0101", "s2") is aead and keys.cached_subject_aead("0101", "s3") is aead
+    assert keys.cached_subject_aead("0101", "s2").cache_entry() is aead.cache_entry()
+    assert keys.cached_subject_aead("0101", "s3").cache_entry() is aead.cache_entry()
 
     seen = keys._invalidations
     keys._drop_all()
