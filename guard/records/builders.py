@@ -63,7 +63,7 @@ class RecordBuilder:
         self.branch = settings.branch
         self.sanitized_codec = AvroCodec("sanitized_change", registry=registry)
         self.audit_codec = AvroCodec("audit_record", registry=registry)
-        self._alert_once = alert_once or LocalOnce()
+        self._alert_once = LocalOnce() if alert_once is None else RememberedOnce(alert_once)
         self._clock = clock
         self._prefix_len = len(settings.raw_topic_prefix) + 1
         #: The trace id of the event in hand (the sanitizer sets it per event; audit records carry it).
@@ -422,3 +422,32 @@ class LocalOnce:
             return False
         self._seen.add(key)
         return True
+
+
+class RememberedOnce:
+    """A shared alert deduplication (`RedisKeyStore.alert_once`: the first caller across workers within its
+    24-hour TTL alerts) asked at most once per `hold_s` per key by this process.
+
+    Why: the rules that alert once per table or column (a schema drift, rows without a data subject, a
+    root delete without a rule) run for every event that meets them, and each asked the key store: a
+    round trip per event for a table whose rows name no customer, three per logical message with the
+    policy checks off (`guard bench`'s `guard-nopolicy` trial). An answer is kept for `hold_s` (an hour),
+    then the key store is asked again, so a repeated alert comes at most that much later than the shared
+    TTL lets it. At most `limit` keys are kept (one per table or column met; forgotten all at once beyond).
+    """
+
+    def __init__(self, shared: Callable[[str], bool], *, hold_s: float = 3_600.0,
+                 clock: Callable[[], float] = time.monotonic, limit: int = 10_000) -> None:
+        self._shared, self._hold_s, self._clock, self._limit = shared, hold_s, clock, limit
+        self._answered: dict[str, float] = {}
+
+    def __call__(self, key: str) -> bool:
+        now = self._clock()
+        until = self._answered.get(key)
+        if until is not None and until > now:
+            return False  # asked within `hold_s`: alerted then, by this worker or another
+        first = self._shared(key)
+        if len(self._answered) >= self._limit:
+            self._answered.clear()
+        self._answered[key] = now + self._hold_s
+        return first
