@@ -96,7 +96,7 @@ class Aead:
 
         Why: an `Aead` is a Python object the cyclic garbage collector tracks, and so is the (key, expiry)
         tuple holding it; a worker caching a hundred thousand keys had every full collection walk them all,
-        pauses of 80-120 ms inside a batch (docs/benchmark.md, round 19). A `SealingKey` is an extension
+        pauses of 40-120 ms inside a batch (docs/benchmark.md, round 19). A `SealingKey` is an extension
         object the collector doesn't track, and a tuple of it and a float is untracked at its first
         collection.
         """

@@ -594,8 +594,6 @@ impl FastPath {
         out
     }
 
-    /// Forget memoised masks, tokens and Kafka keys: they are keyed by plaintext values
-    /// (`Sanitizer.expire_value_caches`).
     /// Drop the envelopes read ahead for the current batch that no run took (`Sanitizer.forget_batch`:
     /// the runner is done with the batch, and an idle worker keeps none of its records).
     fn forget_read_ahead(&mut self) {
@@ -614,6 +612,8 @@ impl FastPath {
         self.read_ahead.len()
     }
 
+    /// Forget memoised masks, tokens and Kafka keys: they are keyed by plaintext values
+    /// (`Sanitizer.expire_value_caches`).
     fn clear_memos(&mut self) {
         for plans in self.plans.values_mut() {
             plans.iter_mut().for_each(Plan::clear_memo);

@@ -62,7 +62,7 @@ def test_purge_expired_runs_on_the_clock_and_never_drops_a_live_key() -> None:
 def test_cached_keys_are_nothing_the_garbage_collector_walks() -> None:
     """With the extension a cached key is its `SealingKey` next to a float (`Aead.cache_entry`): nothing the
     cyclic collector tracks once it has seen them, so a full collection doesn't walk a hundred thousand
-    cached keys (80-120-ms pauses inside a batch before; docs/benchmark.md, round 19). What comes back out is
+    cached keys (40-120-ms pauses inside a batch before; docs/benchmark.md, round 19). What comes back out is
     the same key."""
     keys = _manager()
     made = [Aead(random_key(), version=1 + n % 3) for n in range(50)]
