@@ -73,7 +73,7 @@ def _instrument(sanitizer: Any, timer: StageTimer) -> Callable[[], None]:
     sanitizer.sanitized_codec.encode = timer.wrap("Avro encode (sanitized)", sanitizer.sanitized_codec.encode)
     sanitizer.audit_codec.encode = timer.wrap("Avro encode (audit)", sanitizer.audit_codec.encode)
     sanitizer.emitter.audit = timer.wrap("audit record (build)", sanitizer.emitter.audit)
-    sanitizer.emitter._alert_once = timer.wrap("drift-alert dedup (Redis SET NX)", sanitizer.emitter._alert_once)
+    sanitizer.emitter._alert_once = timer.wrap("alert dedup (memo, else SET NX)", sanitizer.emitter._alert_once)
     sanitizer.protector.image = timer.wrap("image assembly (clear copy, dicts)", sanitizer.protector.image)
 
     def undo() -> None:
