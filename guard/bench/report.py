@@ -146,6 +146,33 @@ def render_cpu(report: dict[str, Any]) -> str | None:
     return line
 
 
+def render_stack_cpu(report: dict[str, Any]) -> str | None:
+    """Each mode's CPU per event on the whole machine and in the local stack's processes (median trials),
+    or None when the bench ran against another stack.
+
+    On a machine the broker and the key store share with the worker, a mode's rate is about what the busy
+    cores allow for its *total* CPU per event; the worker's own figure (`render_cpu`) leaves out what its
+    records cost the broker and what its scripts cost the key store (docs/benchmark.md, round 20).
+    """
+    names = {"plain": "plain", "guard": "guard", "guard_first_sight": "guard first sight"}
+    parts, machine = [], {}
+    for mode, label in names.items():
+        m = report["modes"][mode]
+        stack, worker = m.get("stack_cpu_us_per_event") or {}, m.get("cpu_us_per_event")
+        if "machine" not in stack:
+            return None
+        machine[mode] = stack["machine"]
+        inner = [f"worker {worker:.1f}"] if worker is not None else []
+        inner += [f"{name} {value:.1f}" for name, value in stack.items()
+                  if name not in ("machine", "machine_busy_share")]
+        parts.append(f"{label} {stack['machine']:.1f} ({', '.join(inner)}; machine {stack['machine_busy_share']:.0%} "
+                     "busy)")
+    line = "CPU per event on the whole machine (us, every process; median trials): " + "; ".join(parts)
+    if machine["plain"] and machine["guard"]:
+        line += f"; plain/guard {machine['plain'] / machine['guard']:.3f}"
+    return line
+
+
 def render(report: dict[str, Any]) -> str:
     """The human report; the caller prints JSON and the `ratio` line after it."""
     w = report["workload"]
@@ -170,9 +197,9 @@ def render(report: dict[str, Any]) -> str:
         + "; guard first sight " + ", ".join(f"{v:,.0f}" for v in report["trials"]["guard_first_sight_events_per_s"])
         + "; ratios " + ", ".join(f"{v:.3f}" for v in report["trials"]["ratios"]),
     ]
-    cpu_line = render_cpu(report)
-    if cpu_line:
-        out.append(cpu_line)
+    for line in (render_cpu(report), render_stack_cpu(report)):
+        if line:
+            out.append(line)
     policy = report.get("policy")
     if policy:
         cost = policy["decision_cost"]

@@ -25,6 +25,7 @@ from guard.bench.common import (
 )
 from guard.bench.latency import broker_uptime_s, local_broker, measure_latency
 from guard.bench.report import machine_facts, target_checks
+from guard.bench.stackcpu import StackCpuSampler, local_stack_processes
 from guard.bench.topics import (
     Names,
     cleanup_kafka,
@@ -59,6 +60,11 @@ class ThroughputResult:
     #: librdkafka's compression and I/O too): what an event costs on a core, less sensitive than the rate to
     #: the other processes sharing the machine. None if a worker did not report it.
     cpu_us_per_event: float | None = None
+    #: µs per event over the same window of each local stack process (broker, controller, connect, key
+    #: store) and of the whole machine (`machine`, all processes), and the machine's busy share
+    #: (`machine_busy_share`, of all cores); empty when the bench runs against another stack
+    #: (`guard.bench.stackcpu`).
+    stack_cpu_us_per_event: dict[str, float] = field(default_factory=dict)
 
 
 def key_figures(counts: dict[str, int], events: int) -> dict[str, Any]:
@@ -104,8 +110,10 @@ def drain_fresh(ctx: BenchContext, workers: WorkerSet) -> ThroughputResult:
     seconds = max(end - start, 1e-6)
     keys = key_figures(workers.key_counters(end), count) if workers.mode != "plain" else {}
     cpu = workers.cpu_seconds(end)
+    stack = ctx.stack_cpu.window(start, end) if ctx.stack_cpu is not None else None
     return ThroughputResult(count, seconds, count / seconds, per_second=workers.per_second(start, end), keys=keys,
-                            cpu_us_per_event=None if cpu is None else round(cpu / count * 1e6, 2))
+                            cpu_us_per_event=None if cpu is None else round(cpu / count * 1e6, 2),
+                            stack_cpu_us_per_event={} if stack is None else stack.per_event(count))
 
 
 def catch_up(ctx: BenchContext, workers: WorkerSet) -> None:
@@ -455,8 +463,11 @@ def run(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
              len(workload.order), workload.facts["distinct_customers"], workload.customers, time.monotonic() - started)
     alert_keys = missing_keys(settings.redis_url, drift_alert_keys(workload, settings.tenant))
     sampler = RssSampler(0.5)
+    stack_processes = local_stack_processes(settings.kafka_bootstrap, settings.redis_url)
+    stack_cpu = StackCpuSampler(stack_processes) if stack_processes else None
     ctx = BenchContext(settings, names, opts.partitions, sampler, Path(tempfile.mkdtemp(prefix=f"{names.prefix}-")),
                        broker_gc_log=broker.gc_log if broker is not None and broker.gc_log.is_file() else None,
+                       stack_cpu=stack_cpu,
                        tables=workload.tables, key_cache_ttl=opts.cache_ttl(), messages=workload.has_messages,
                        trace={} if opts.latency_trace is not None else None)
     try:
@@ -479,6 +490,8 @@ def run(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
         ctx.groups.add(names.group("alerts"))
     finally:
         sampler.close()
+        if stack_cpu is not None:
+            stack_cpu.close()
         if not opts.keep:
             try:
                 cleanup_kafka(admin, names, ctx.groups)

@@ -17,6 +17,7 @@ import psutil
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from guard.bench.common import BenchError, log
+from guard.bench.stackcpu import StackCpuSampler
 from guard.bench.topics import Names
 from guard.bench.workload import MESSAGE_TOPIC
 from guard.config import Settings
@@ -128,6 +129,9 @@ class BenchContext:
     groups: set[str] = field(default_factory=set)
     #: The local broker's GC log, or None when the bench runs against another broker (`local_broker`).
     broker_gc_log: Path | None = None
+    #: CPU of the local stack's processes and of the machine, sampled through the run (`guard.bench.stackcpu`);
+    #: None when the bench runs against another broker.
+    stack_cpu: StackCpuSampler | None = None
     #: The workload's tables (`schema.table`): one raw topic each.
     tables: list[str] = field(default_factory=lambda: ["public.customers"])
     #: The guard workers' data-key cache TTL (s); None: the guard's default (`Settings.key_cache_ttl`).
