@@ -86,7 +86,12 @@ class StackCpuSampler:
 
     def __init__(self, processes: dict[str, int], interval: float = INTERVAL_S) -> None:
         self.samples: list[Sample] = []
-        self._procs = {name: psutil.Process(pid) for name, pid in processes.items()}
+        self._procs: dict[str, psutil.Process] = {}
+        for name, pid in processes.items():
+            try:
+                self._procs[name] = psutil.Process(pid)
+            except psutil.Error:  # stopped since its pid file was read: no figure for it
+                continue
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._interval = interval
@@ -115,7 +120,8 @@ class StackCpuSampler:
             cpu[name] = times.user + times.system
         machine = psutil.cpu_times()
         idle = machine.idle + getattr(machine, "iowait", 0.0)
-        total = sum(machine)
+        # Linux counts a guest's time in `user` and `nice` as well as in `guest` and `guest_nice`.
+        total = sum(machine) - getattr(machine, "guest", 0.0) - getattr(machine, "guest_nice", 0.0)
         return Sample(time.time(), cpu, total - idle, total)
 
     def window(self, start: float, end: float) -> WindowCpu | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 
+import psutil
 import pytest
 
 from guard.bench.report import render_stack_cpu
@@ -60,6 +61,18 @@ def test_the_sampler_reads_a_real_processs_cpu_and_the_machines() -> None:
     assert window is not None
     assert 0.1 < window.processes["this test"] <= window.busy + 0.05
     assert window.busy <= window.total
+
+
+def test_a_process_gone_before_the_sampler_starts_is_left_out() -> None:
+    gone = psutil.Popen(["true"])
+    gone.wait()
+    sampler = StackCpuSampler({"gone": gone.pid, "this test": os.getpid()}, interval=0.02)
+    try:
+        while len(sampler.samples) < 1:
+            time.sleep(0.01)
+    finally:
+        sampler.close()
+    assert set(sampler.samples[0].cpu) == {"this test"}
 
 
 def test_the_report_line_gives_each_modes_machine_total_and_its_parts() -> None:
