@@ -17,6 +17,7 @@ import bisect
 import threading
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import psutil
 
@@ -43,13 +44,19 @@ def local_stack_processes(bootstrap: str, redis_url: str) -> dict[str, int]:
         return {}
     found: dict[str, int] = {}
     services = {"broker": Broker(cfg), "controller": Controller(cfg), "connect": Connect(cfg)}
-    if f":{cfg.redis_port}" in redis_url:
+    if names_stack_redis(redis_url, cfg.host, cfg.redis_port):
         services["key store"] = Redis(cfg)
     for name, service in services.items():
         pid = service.pid()
         if pid is not None:
             found[name] = pid
     return found
+
+
+def names_stack_redis(redis_url: str, host: str, port: int) -> bool:
+    """Whether `redis_url` is the stack's Redis: its host and port, not merely the same port elsewhere."""
+    parsed = urlsplit(redis_url)
+    return parsed.hostname == host and (parsed.port or 6379) == port
 
 
 @dataclass(frozen=True)

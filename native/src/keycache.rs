@@ -8,8 +8,8 @@
 //! (branch, subject) if its expiry is later than `time.monotonic()` now, else the sanitizer's key-not-loaded
 //! signal, which makes the run load the batch's keys and try again (never a round trip per event). The
 //! cache holds the keys as `SealingKey`s (`Aead.cache_entry`), so the key stays in it; only the reference
-//! is taken. The lookups and hits are counted
-//! here and handed to the key manager's counters after each call (`take_counts`).
+//! is taken. The lookups and hits are counted here and handed to the key manager's counters after each
+//! call (`take_counts`).
 
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString, PyTuple, PyType};

@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from guard.bench.report import render_stack_cpu
-from guard.bench.stackcpu import Sample, StackCpuSampler, cpu_in_window
+from guard.bench.stackcpu import Sample, StackCpuSampler, cpu_in_window, names_stack_redis
 
 
 def _samples() -> list[Sample]:
@@ -89,3 +89,10 @@ def test_the_report_line_gives_each_modes_machine_total_and_its_parts() -> None:
     assert line.endswith("plain/guard 0.250")
     report["modes"]["guard"]["stack_cpu_us_per_event"] = {}  # against another stack: no line at all
     assert render_stack_cpu(report) is None
+
+
+def test_only_the_stacks_own_redis_is_charged_to_the_key_store() -> None:
+    stack = "rediss://guard@127.0.0.1:16379/0?ssl_ca_certs=/x/ca.crt&ssl_cert_reqs=required"
+    assert names_stack_redis(stack, "127.0.0.1", 16379)
+    assert not names_stack_redis("rediss://guard@10.0.0.5:16379/0", "127.0.0.1", 16379)  # same port, elsewhere
+    assert not names_stack_redis("redis://127.0.0.1/0", "127.0.0.1", 16379)  # the default port
