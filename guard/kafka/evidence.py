@@ -187,6 +187,7 @@ def prepare_evidence_topics(admin: AdminClient, settings: Settings, partitions: 
                 f"{exc.args[0].str()}. Give the guard's principal AlterConfigs on {topic}, or run "
                 f"`kafka-configs.sh --alter --entity-type topics --entity-name {topic} --add-config {wanted}`"
             ) from None
+        _await_applied(admin, topic, {name: wanted for name, (_, wanted) in low.items()})
         line = f"{topic}: raised {_describe(low)}"
         log.warning("%s (it kept less than the configured evidence retention)", line)
         changes.append(line)
@@ -213,6 +214,28 @@ def _with_retries(call: Callable[[], T], deadline_s: float = 30.0) -> T:
                 raise
             log.info("reading the evidence topics' configs failed (%s); retrying", exc.args[0].str())
             time.sleep(1.0)
+
+
+def _await_applied(admin: AdminClient, topic: str, wanted: Mapping[str, str], deadline_s: float = 30.0) -> None:
+    """Wait until the broker serves `wanted` for `topic`.
+
+    The controller acknowledges an alteration before the broker has applied the metadata record, so a
+    describe right after can still show the old value; a caller (a doctor run, a second worker) must not
+    see a topic half-raised. Past the deadline the change is still committed: logged, not raised.
+    """
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            current = topic_configs(admin, [topic]).get(topic, {})
+            if all(current.get(name) == value for name, value in wanted.items()):
+                return
+        except KafkaException as exc:
+            if exc.args[0].name() in _DENIED:
+                return  # raised but not readable back: the caller's principal lacks DescribeConfigs
+        if time.monotonic() > deadline:
+            log.warning("%s: the broker does not serve the raised configs yet after %.0f s", topic, deadline_s)
+            return
+        time.sleep(0.2)
 
 
 def _describe(low: Mapping[str, tuple[str, str]]) -> str:

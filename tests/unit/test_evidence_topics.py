@@ -3,11 +3,14 @@ comparison the worker and `guard doctor` make (issue 13 item 8). The Kafka side 
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+from types import SimpleNamespace
+
 import pytest
 
 from guard.config import Settings, load_settings
 from guard.errors import ConfigError
-from guard.kafka.evidence import EvidencePolicy, describe_ms, evidence_policies, shortfalls
+from guard.kafka.evidence import EvidencePolicy, describe_ms, evidence_policies, prepare_evidence_topics, shortfalls
 
 YEAR_MS = 365 * 86_400_000
 
@@ -71,3 +74,49 @@ def test_durations_read_as_people_say_them() -> None:
     assert describe_ms(7 * YEAR_MS) == "7.0 years"
     assert describe_ms(604800000) == "7 days"
     assert describe_ms(-1) == "forever"
+
+
+class _LaggingBroker:
+    """An admin client whose broker serves an alteration only after `lag` more describes, as a KRaft broker
+    does while it has not yet applied the controller's metadata record (pure logic: the stack test meets
+    the real lag only now and then)."""
+
+    def __init__(self, configs: dict[str, dict[str, str]], lag: int) -> None:
+        self.served = {t: dict(c) for t, c in configs.items()}
+        self.pending: dict[str, dict[str, str]] = {}
+        self.lag, self.describes_since_alter = lag, 0
+
+    def list_topics(self, timeout: float) -> SimpleNamespace:
+        partition = SimpleNamespace(replicas=[1])
+        return SimpleNamespace(topics={t: SimpleNamespace(error=None, partitions={0: partition})
+                                       for t in self.served})
+
+    def describe_configs(self, resources: list, request_timeout: float) -> dict:
+        self.describes_since_alter += 1
+        if self.pending and self.describes_since_alter > self.lag:
+            for topic, changes in self.pending.items():
+                self.served[topic].update(changes)
+            self.pending = {}
+        return {r: _done({n: SimpleNamespace(value=v) for n, v in self.served[r.name].items()}) for r in resources}
+
+    def incremental_alter_configs(self, resources: list) -> dict:
+        for r in resources:
+            self.pending.setdefault(r.name, {}).update({e.name: e.value for e in r.incremental_configs})
+        self.describes_since_alter = 0
+        return {r: _done(None) for r in resources}
+
+
+def _done(value: object) -> Future:
+    fut: Future = Future()
+    fut.set_result(value)
+    return fut
+
+
+def test_a_raise_returns_only_once_the_broker_serves_it() -> None:
+    week = {"retention.ms": str(7 * 86_400_000), "retention.bytes": "-1", "cleanup.policy": "compact"}
+    admin = _LaggingBroker({"guard.audit": dict(week), "guard.deletions": dict(week)}, lag=3)
+    changes = prepare_evidence_topics(admin, Settings(), 3)  # type: ignore[arg-type]
+    assert len(changes) == 2
+    assert admin.pending == {}  # what the caller reads next is the raised topic, not the old one
+    for config in admin.served.values():
+        assert config["cleanup.policy"] == "delete" and config["retention.bytes"] == "-1"
