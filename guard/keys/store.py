@@ -19,7 +19,9 @@ every key they touch in KEYS, so the ACL's key patterns apply to them too:
     bg:{t}:erased:{branch}:{subject} str   JSON shred record; blocks re-creation of the subject's key
     bg:{t}:hold:{branch}             set   subject tokens under legal hold (storage-only instead of shred)
     bg:{t}:storage-only:{b}:{s}      str   the erasure a legal hold deferred (JSON; PIPL Art. 47 para. 2)
-    bg:{t}:topics:{branch}:{subject} set   sanitized topics holding the subject's ciphertexts
+    bg:{t}:on-topic:{branch}:{topic} set   subjects with ciphertexts on the sanitized topic
+    bg:{t}:activity-topics:{branch}  set   the sanitized topics that have an on-topic set
+    bg:{t}:topics:{branch}:{subject} set   (read only) the subject's topics as workers before round 21 wrote them
     bg:{t}:expiry:{branch}           zset  subject → unix time its retention runs out (relationship end + retention)
     bg:{t}:erasure-due:{branch}      zset  subject → when a scheduled erasure (root delete + grace) is carried out
     bg:{t}:erasure-due-info:{branch} hash  subject → the scheduled erasure (JSON: trigger, reason, source, …)
@@ -224,22 +226,37 @@ return {cancelled, resumed}
 """
 
 _RECORD_ACTIVITY = """
--- KEYS[1]: expiry zset. ARGV[1]: the prefix of the subjects' topics sets, ARGV[2]: of their erased markers,
--- ARGV[3]: JSON [[subject, topic, expiry (unix s) or null], ...].
--- An erased subject's activity is not recorded: its expiry would make the retention sweep erase it again.
--- The per-subject keys are named here (prefix .. subject), not sent one by one: a transaction's ~1,500 pairs
--- were 7,500 arguments whose packing and parsing cost more than the writes (docs/benchmark.md, round 17).
--- The user's ACL key pattern applies to every command all the same.
-local n = 0
-for _, item in ipairs(cjson.decode(ARGV[3])) do
-  local subject = item[1]
-  if redis.call('EXISTS', ARGV[2] .. subject) == 0 then
-    redis.call('SADD', ARGV[1] .. subject, item[2])
-    if item[3] ~= cjson.null then redis.call('ZADD', KEYS[1], 'GT', item[3], subject) end
-    n = n + 1
+-- KEYS[1]: expiry zset, KEYS[2]: the branch's registry of topics with activity.
+-- ARGV[1]: the prefix of the per-topic subject sets, ARGV[2]: of the subjects' erased markers,
+-- ARGV[3]: JSON {topic: [subject, ...]}, ARGV[4]: JSON [[subject, expiry (unix s)], ...].
+-- One SADD of many members per topic: a transaction's ~1,500 pairs each cost an EXISTS and an SADD to the
+-- subject's own set inside this loop before, ~2.6 us of the key store's time per pair against ~0.65 us
+-- (docs/benchmark.md, rounds 20 and 21). An erased subject may still be added to a topic's set (its key is
+-- gone; the erasure read the sets before its shred); it never gets an expiry, which would make the retention
+-- sweep erase it again. Subjects are members, never key names: the per-topic sets' names carry the topic.
+for topic, subjects in pairs(cjson.decode(ARGV[3])) do
+  redis.call('SADD', KEYS[2], topic)
+  for i = 1, #subjects, 500 do
+    redis.call('SADD', ARGV[1] .. topic, unpack(subjects, i, math.min(i + 499, #subjects)))
   end
 end
-return n
+for _, item in ipairs(cjson.decode(ARGV[4])) do
+  if redis.call('EXISTS', ARGV[2] .. item[1]) == 0 then
+    redis.call('ZADD', KEYS[1], 'GT', item[2], item[1])
+  end
+end
+return 0
+"""
+
+# The sanitized topics a subject's ciphertexts went to. KEYS[1]: the branch's registry of topics with activity,
+# KEYS[2]: the subject's own set of topics (the layout before round 21, still read: a key store written by an
+# older worker). ARGV[1]: the prefix of the per-topic subject sets, ARGV[2]: the subject.
+_SUBJECT_TOPICS = """
+local out = redis.call('SMEMBERS', KEYS[2])
+for _, topic in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('SISMEMBER', ARGV[1] .. topic, ARGV[2]) == 1 then out[#out + 1] = topic end
+end
+return out
 """
 
 _INSTALL_HANDOVER_KEK = """
@@ -417,6 +434,7 @@ class RedisKeyStore:
         self._shred_preview = self.client.register_script(_SHRED_PREVIEW)
         self._confirm_delivered = self.client.register_script(_CONFIRM_DELIVERED)
         self._record_activity = self.client.register_script(_RECORD_ACTIVITY)
+        self._subject_topics = self.client.register_script(_SUBJECT_TOPICS)
         self._schedule_erasure = self.client.register_script(_SCHEDULE_ERASURE)
         self._root_changed = self.client.register_script(_ROOT_CHANGED)
         self._claim_due = self.client.register_script(_CLAIM_DUE)
@@ -806,15 +824,21 @@ class RedisKeyStore:
 
         `activity`: (subject, topic) → seconds from now until the subject's retention runs out, or None
         to leave its expiry as it is. One script call per transaction, whatever the number of events in
-        it; subjects erased meanwhile are skipped, so an erasure is never followed by a new expiry.
+        it, with one `SADD` per topic; subjects erased meanwhile get no expiry, so an erasure is never
+        followed by another one from the retention sweep.
         """
         if not activity:
             return
+        by_topic: dict[str, list[str]] = {}
+        expiries: list[tuple[str, int]] = []
         now = int(time.time())
-        items = [(subject, topic, None if retention_s is None else now + retention_s)
-                 for (subject, topic), retention_s in activity.items()]
-        self._call(self._record_activity, keys=[self._k("expiry", branch)],
-                   args=[self._k("topics", branch, ""), self._k("erased", branch, ""), orjson.dumps(items)])
+        for (subject, topic), retention_s in activity.items():
+            by_topic.setdefault(topic, []).append(subject)
+            if retention_s is not None:
+                expiries.append((subject, now + retention_s))
+        self._call(self._record_activity, keys=[self._k("expiry", branch), self._k("activity-topics", branch)],
+                   args=[self._k("on-topic", branch, ""), self._k("erased", branch, ""), orjson.dumps(by_topic),
+                         orjson.dumps(expiries)])
 
     def commit_view(self, branch: str) -> tuple[int, int]:
         """(erasure epoch, scheduled erasures + retention expiries): what a commit must check, one round trip."""
@@ -869,7 +893,13 @@ class RedisKeyStore:
         self._call(self.client.zrem, self._k("expiry", branch), subject)
 
     def subject_topics(self, branch: str, subject: str) -> set[str]:
-        return {m.decode() for m in self._call(self.client.smembers, self._k("topics", branch, subject))}
+        """The sanitized topics that hold the subject's ciphertexts (one script call)."""
+        return {m.decode() for m in self._call(self._read_subject_topics, branch, subject, client=None)}
+
+    def _read_subject_topics(self, branch: str, subject: str, client: Any) -> Any:
+        """The `_SUBJECT_TOPICS` call, on the client or queued on a pipeline (`client`)."""
+        return self._subject_topics(keys=[self._k("activity-topics", branch), self._k("topics", branch, subject)],
+                                    args=[self._k("on-topic", branch, ""), subject], client=client)
 
     # --- a subject's records on compacted sanitized topics (erasure writes tombstones for them) --------
     def record_compacted_key(self, branch: str, subject: str, topic: str, partition: int, key: bytes) -> None:
@@ -897,7 +927,7 @@ class RedisKeyStore:
         (docs/benchmark.md, round 18). Not atomic, as the separate reads were not: the shred checks
         the key versions again (`expected_versions`) and the caller previews again if they changed."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.smembers(self._k("topics", branch, subject))
+        self._read_subject_topics(branch, subject, client=pipe)
         self._shred_preview(keys=[self._k("dek", branch, subject), self._k("erased", branch, subject)], client=pipe)
         pipe.smembers(self._k("ckeys", branch, subject))
         topics, (versions, erased), members = self._call(pipe.execute)

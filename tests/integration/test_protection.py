@@ -593,25 +593,30 @@ ODD_SUBJECTS = ["Plain-UPPER-0", "quote\"back\\slash", "客户-九", "nul\x00byt
 
 
 def test_scripts_that_name_keys_themselves_name_the_same_keys_as_the_client(branch_settings):
-    """The activity and key-read scripts get each subject inside one JSON argument and name its keys
-    themselves (prefix .. subject): the keys must be exactly the ones the client names (`RedisKeyStore._k`)
-    for every subject, escapes and non-ASCII included; an erased subject's activity is not recorded."""
+    """The activity and key-read scripts get the subjects inside JSON arguments and name the keys themselves
+    (prefix .. subject or topic): the keys must be exactly the ones the client names (`RedisKeyStore._k`) for
+    every subject, escapes and non-ASCII included. An erased subject gets no retention expiry (the sweep would
+    erase it again); a subject's own set of topics, as older workers wrote it, is still read."""
     store = build_keys(branch_settings, listen=False).store
     branch = f"{branch_settings.branch}-odd"
     subjects = [f"{s}-{uuid.uuid4().hex[:6]}" for s in ODD_SUBJECTS]
     erased = subjects[-1]
     client = store.client
     client.set(store._k("erased", branch, erased), b"{}")
+    client.sadd(store._k("topics", branch, subjects[1]), "sanitized.written-before")  # the earlier layout
     try:
         store.record_subject_activity(branch, {**{(s, f"sanitized.t{i}"): None for i, s in enumerate(subjects)},
-                                               (subjects[0], "sanitized.second"): 3600})
+                                               (subjects[0], "sanitized.second"): 3600, (erased, "sanitized.x"): 60})
         for i, subject in enumerate(subjects[:-1]):
-            expected = {f"sanitized.t{i}"} | ({"sanitized.second"} if i == 0 else set())
+            expected = ({f"sanitized.t{i}"} | ({"sanitized.second"} if i == 0 else set())
+                        | ({"sanitized.written-before"} if i == 1 else set()))
             assert store.subject_topics(branch, subject) == expected, subject
-        assert store.subject_topics(branch, erased) == set(), "an erased subject's activity was recorded"
+            assert store.erasure_view(branch, subject).topics == expected, subject
         scores = dict(client.zrange(store._k("expiry", branch), 0, -1, withscores=True))
-        assert set(scores) == {subjects[0].encode()}
+        assert set(scores) == {subjects[0].encode()}, "an erased subject was given a retention expiry"
         assert abs(scores[subjects[0].encode()] - (time.time() + 3600)) < 30
+        assert client.smembers(store._k("activity-topics", branch)) == {
+            f"sanitized.t{i}".encode() for i in range(len(subjects))} | {b"sanitized.second", b"sanitized.x"}
         for i, subject in enumerate(subjects[:3]):
             client.hset(store._k("dek", branch, subject), mapping={"current": 1 + i, f"v{1 + i}": f"w{i}".encode()})
         found, gone, missing = store.get_deks(branch, subjects)
