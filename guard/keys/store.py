@@ -21,7 +21,7 @@ every key they touch in KEYS, so the ACL's key patterns apply to them too:
     bg:{t}:storage-only:{b}:{s}      str   the erasure a legal hold deferred (JSON; PIPL Art. 47 para. 2)
     bg:{t}:on-topic:{branch}:{topic} set   subjects with ciphertexts on the sanitized topic
     bg:{t}:activity-topics:{branch}  set   the sanitized topics that have an on-topic set
-    bg:{t}:topics:{branch}:{subject} set   (read only) the subject's topics as workers before round 21 wrote them
+    bg:{t}:topics:{branch}:{subject} set   read only: the subject's topics as workers before f6fcade kept them
     bg:{t}:expiry:{branch}           zset  subject → unix time its retention runs out (relationship end + retention)
     bg:{t}:erasure-due:{branch}      zset  subject → when a scheduled erasure (root delete + grace) is carried out
     bg:{t}:erasure-due-info:{branch} hash  subject → the scheduled erasure (JSON: trigger, reason, source, …)
@@ -92,48 +92,60 @@ redis.call('HSET', KEYS[1], 'current', 1, 'v1', ARGV[1], 'created', ARGV[2])
 return {1, ARGV[1]}
 """
 
+# Why the scripts below look a subject's erased marker up only when it has no key hash: the shred deletes the
+# hash and sets the marker in one script, and no script creates, rotates or re-wraps a key for a subject with a
+# marker (`_CREATE_DEK`, `_ROTATE_DEK`, `_REWRAP_DEK` check it first), so a subject with a key hash is not
+# erased. Reading the key first spares a steady stream's every key read an `EXISTS` (docs/benchmark.md,
+# round 21). Their replies are flat, two entries per subject: a table per subject cost Redis as much again.
+
 # `_CREATE_DEK` for a batch of subjects in one script call (a batch's key prefetch): one command to build,
-# send and run instead of one per subject. KEYS[1]: branch key hash; then per subject: dek hash, erased
-# marker. ARGV[1]: now; then per subject: the wrapped key to store if absent. Returns per subject
-# {version, wrapped} as `_CREATE_DEK` does ({-1, false}: erased), or {-2} alone if the wrapping branch-key
-# version is below the floor (nothing created: the caller re-wraps and retries).
+# send and run instead of one per subject. KEYS[1]: branch key hash. ARGV[1]: now, ARGV[2]: the prefix of
+# the subjects' key hashes, ARGV[3]: of their erased markers, ARGV[4]: JSON [subject, ...] (keys named here,
+# as in `_GET_DEKS`: two key names per subject were most of the command to pack and parse); then per subject
+# the wrapped key to store if absent, all wrapped under one branch-key version. Returns per subject two
+# entries: version, then the stored wrapped key, or false where this call stored the one it was given;
+# -1, false: erased. {-2} alone if the wrapping branch-key version is below the floor (nothing created:
+# the caller re-wraps and retries).
 _CREATE_DEKS = _FLOOR_CHECK + """
 local out, create = {}, {}
-for i = 2, #KEYS, 2 do
-  local n = i / 2
-  if redis.call('EXISTS', KEYS[i + 1]) == 1 then
-    out[n] = {-1, false}
+local subjects = cjson.decode(ARGV[4])
+for n, subject in ipairs(subjects) do
+  local dek = ARGV[2] .. subject
+  local cur = redis.call('HGET', dek, 'current')
+  if cur then
+    out[2 * n - 1] = tonumber(cur)
+    out[2 * n] = redis.call('HGET', dek, 'v' .. cur)
+  elseif redis.call('EXISTS', ARGV[3] .. subject) == 1 then
+    out[2 * n - 1] = -1
+    out[2 * n] = false
   else
-    local cur = redis.call('HGET', KEYS[i], 'current')
-    if cur then
-      out[n] = {tonumber(cur), redis.call('HGET', KEYS[i], 'v' .. cur)}
-    elseif below_floor(KEYS[1], ARGV[n + 1]) then
-      return {-2}
-    else
-      create[#create + 1] = n
-    end
+    create[#create + 1] = n
   end
 end
+if #create > 0 and below_floor(KEYS[1], ARGV[create[1] + 4]) then return {-2} end
 for _, n in ipairs(create) do
-  redis.call('HSET', KEYS[2 * n], 'current', 1, 'v1', ARGV[n + 1], 'created', ARGV[1])
-  out[n] = {1, ARGV[n + 1]}
+  redis.call('HSET', ARGV[2] .. subjects[n], 'current', 1, 'v1', ARGV[n + 4], 'created', ARGV[1])
+  out[2 * n - 1] = 1
+  out[2 * n] = false
 end
 return out
 """
 
 # The keys of a batch's subjects, creating none (a prefetch whose subjects' keys mostly exist: no key is minted
 # and wrapped for them). ARGV[1]: the prefix of the subjects' key hashes, ARGV[2]: of their erased markers,
-# ARGV[3]: JSON [subject, ...] (keys named here, as in `_RECORD_ACTIVITY`). Returns per subject
-# {version, wrapped}, {-1} (erased) or {0} (no key yet).
+# ARGV[3]: JSON [subject, ...] (keys named here, as in `_RECORD_ACTIVITY`). Returns per subject two entries:
+# version, wrapped key; -1, false (erased) or 0, false (no key yet).
 _GET_DEKS = """
 local out = {}
 for n, subject in ipairs(cjson.decode(ARGV[3])) do
-  if redis.call('EXISTS', ARGV[2] .. subject) == 1 then
-    out[n] = {-1}
+  local dek = ARGV[1] .. subject
+  local cur = redis.call('HGET', dek, 'current')
+  if cur then
+    out[2 * n - 1] = tonumber(cur)
+    out[2 * n] = redis.call('HGET', dek, 'v' .. cur)
   else
-    local dek = ARGV[1] .. subject
-    local cur = redis.call('HGET', dek, 'current')
-    if cur then out[n] = {tonumber(cur), redis.call('HGET', dek, 'v' .. cur)} else out[n] = {0} end
+    out[2 * n - 1] = redis.call('EXISTS', ARGV[2] .. subject) == 1 and -1 or 0
+    out[2 * n] = false
   end
 end
 return out
@@ -249,8 +261,8 @@ return 0
 """
 
 # The sanitized topics a subject's ciphertexts went to. KEYS[1]: the branch's registry of topics with activity,
-# KEYS[2]: the subject's own set of topics (the layout before round 21, still read: a key store written by an
-# older worker). ARGV[1]: the prefix of the per-topic subject sets, ARGV[2]: the subject.
+# KEYS[2]: the subject's own set of topics (the layout workers before f6fcade wrote, still read: a key store
+# written by an older worker). ARGV[1]: the prefix of the per-topic subject sets, ARGV[2]: the subject.
 _SUBJECT_TOPICS = """
 local out = redis.call('SMEMBERS', KEYS[2])
 for _, topic in ipairs(redis.call('SMEMBERS', KEYS[1])) do
@@ -593,13 +605,18 @@ class RedisKeyStore:
         if not items:
             return []
         self.data_key_round_trips += 1
-        keys = [self._k("kek", branch)]
-        for subject, _ in items:
-            keys += [self._k("dek", branch, subject), self._k("erased", branch, subject)]
-        results = self._call(self._create_deks, keys=keys, args=[int(time.time()), *(w for _, w in items)])
-        if results and not isinstance(results[0], list):
+        flat = self._call(self._create_deks, keys=[self._k("kek", branch)],
+                          args=[int(time.time()), self._k("dek", branch, ""), self._k("erased", branch, ""),
+                                orjson.dumps([subject for subject, _ in items]), *(w for _, w in items)])
+        if len(flat) == 1:
             raise StaleBranchKeyError(branch)  # nothing was created: a retry re-wraps under the current key
-        return [None if int(version) == -1 else (int(version), bytes(wrapped)) for version, wrapped in results]
+        out: list[tuple[int, bytes] | None] = []
+        for (_, offered), version, stored in zip(items, flat[0::2], flat[1::2], strict=True):
+            if version == -1:
+                out.append(None)
+            else:  # `stored` is None where this call stored the key it was given
+                out.append((int(version), offered if stored is None else bytes(stored)))
+        return out
 
     def get_deks(self, branch: str, subjects: list[str]) -> tuple[dict[str, tuple[int, bytes]], list[str], list[str]]:
         """The current keys of `subjects` in one round trip, creating none: (subject → (version, wrapped key)
@@ -607,19 +624,18 @@ class RedisKeyStore:
         if not subjects:
             return {}, [], []
         self.data_key_round_trips += 1
-        results = self._call(self._get_deks, keys=[], args=[self._k("dek", branch, ""), self._k("erased", branch, ""),
-                                                            orjson.dumps(subjects)])
+        flat = self._call(self._get_deks, keys=[], args=[self._k("dek", branch, ""), self._k("erased", branch, ""),
+                                                         orjson.dumps(subjects)])
         found: dict[str, tuple[int, bytes]] = {}
         erased: list[str] = []
         missing: list[str] = []
-        for subject, result in zip(subjects, results, strict=True):
-            version = int(result[0])
-            if version == -1:
+        for subject, version, wrapped in zip(subjects, flat[0::2], flat[1::2], strict=True):
+            if version > 0:
+                found[subject] = (version, bytes(wrapped))
+            elif version == -1:
                 erased.append(subject)
-            elif version == 0:
-                missing.append(subject)
             else:
-                found[subject] = (version, bytes(result[1]))
+                missing.append(subject)
         return found, erased, missing
 
     def dek_version(self, branch: str, subject: str, version: int) -> bytes | None:

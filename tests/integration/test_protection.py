@@ -593,10 +593,11 @@ ODD_SUBJECTS = ["Plain-UPPER-0", "quote\"back\\slash", "客户-九", "nul\x00byt
 
 
 def test_scripts_that_name_keys_themselves_name_the_same_keys_as_the_client(branch_settings):
-    """The activity and key-read scripts get the subjects inside JSON arguments and name the keys themselves
-    (prefix .. subject or topic): the keys must be exactly the ones the client names (`RedisKeyStore._k`) for
-    every subject, escapes and non-ASCII included. An erased subject gets no retention expiry (the sweep would
-    erase it again); a subject's own set of topics, as older workers wrote it, is still read."""
+    """The activity, key-read and key-creation scripts get the subjects inside JSON arguments and name the keys
+    themselves (prefix .. subject or topic): the keys must be exactly the ones the client names
+    (`RedisKeyStore._k`) for every subject, escapes and non-ASCII included. An erased subject gets no retention
+    expiry (the sweep would erase it again) and no key; a subject's own set of topics, as older workers wrote
+    it, is still read."""
     store = build_keys(branch_settings, listen=False).store
     branch = f"{branch_settings.branch}-odd"
     subjects = [f"{s}-{uuid.uuid4().hex[:6]}" for s in ODD_SUBJECTS]
@@ -622,6 +623,12 @@ def test_scripts_that_name_keys_themselves_name_the_same_keys_as_the_client(bran
         found, gone, missing = store.get_deks(branch, subjects)
         assert found == {s: (1 + i, f"w{i}".encode()) for i, s in enumerate(subjects[:3])}
         assert gone == [erased] and missing == subjects[3:-1]
+        offered = [(s, f"new-{i}".encode()) for i, s in enumerate(subjects)]
+        kept = store.get_or_create_deks(branch, offered)  # keeps the three, creates the rest, none for the erased
+        assert kept == [(1, b"w0"), (2, b"w1"), (3, b"w2"), *((1, w) for _, w in offered[3:-1]), None]
+        for subject, wrapped in offered[3:-1]:
+            assert client.hget(store._k("dek", branch, subject), "v1") == wrapped, subject
+        assert not client.exists(store._k("dek", branch, erased))
     finally:
         for key in client.scan_iter(match=store._k("*", branch, "*"), count=1000):
             client.delete(key)
