@@ -203,13 +203,19 @@ end
 return removed
 """
 
-_SCHEDULE_ERASURE = """
--- KEYS: due zset, info hash, erased marker. ARGV: subject, due time, info. Keeps an earlier schedule.
-if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
-return 1
+_SCHEDULE_ERASURES = """
+-- KEYS: due zset, info hash. ARGV[1]: the prefix of the subjects' erased markers; then per subject: subject,
+-- due time, info. Schedules each subject neither erased nor scheduled already (an earlier schedule stands);
+-- returns how many it scheduled. One call per transaction for all its root deletes.
+local n = 0
+for i = 2, #ARGV, 3 do
+  if redis.call('EXISTS', ARGV[1] .. ARGV[i]) == 0 and not redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i])
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 2])
+    n = n + 1
+  end
+end
+return n
 """
 
 _CLAIM_DUE = """
@@ -447,7 +453,7 @@ class RedisKeyStore:
         self._confirm_delivered = self.client.register_script(_CONFIRM_DELIVERED)
         self._record_activity = self.client.register_script(_RECORD_ACTIVITY)
         self._subject_topics = self.client.register_script(_SUBJECT_TOPICS)
-        self._schedule_erasure = self.client.register_script(_SCHEDULE_ERASURE)
+        self._schedule_erasures = self.client.register_script(_SCHEDULE_ERASURES)
         self._root_changed = self.client.register_script(_ROOT_CHANGED)
         self._claim_due = self.client.register_script(_CLAIM_DUE)
         self._add_version = self.client.register_script(_ADD_VERSION)
@@ -877,11 +883,16 @@ class RedisKeyStore:
                 pipe.zadd(self._k("expiry", branch), {subject: at})
         self._call(pipe.execute)
 
-    def schedule_erasure(self, branch: str, subject: str, due: float, info: bytes) -> bool:
-        """Schedule a subject's erasure at `due` (an earlier schedule stands); False if erased or scheduled."""
-        return bool(self._call(self._schedule_erasure, keys=[
-            self._k("erasure-due", branch), self._k("erasure-due-info", branch), self._k("erased", branch, subject)],
-            args=[subject, due, info]))
+    def schedule_erasures(self, branch: str, schedules: Mapping[str, tuple[float, bytes]]) -> int:
+        """Schedule subjects' erasures: subject → (due, info), in one script call. A subject erased or already
+        scheduled keeps what it has (an earlier schedule stands). Returns how many were scheduled."""
+        if not schedules:
+            return 0
+        args: list[Any] = [self._k("erased", branch, "")]
+        for subject, (due, info) in schedules.items():
+            args += [subject, due, info]
+        return int(self._call(self._schedule_erasures,
+                              keys=[self._k("erasure-due", branch), self._k("erasure-due-info", branch)], args=args))
 
     def due_erasures(self, branch: str, now: float, *, lease_s: float = 120.0, limit: int = 100) -> dict[str, bytes]:
         """Claim the erasures due by `now`: subject → schedule info. A claimed erasure is not handed to

@@ -137,6 +137,9 @@ class Sanitizer:
         self.root_topics: set[str] = set()
         #: subject → retention expiry (unix s) a relationship-end delete of the open batch started.
         self.delete_expiries: dict[str, float] = {}
+        #: subject → (due, info) of the erasures the open batch's root deletes schedule: written to the key
+        #: store in one call before the commit (`take_erasure_schedules`), not one round trip per delete.
+        self.erasure_schedules: dict[str, tuple[float, bytes]] = {}
         #: subject → retention expiry from a root row's relationship-end column (None: not ended).
         self.column_expiries: dict[str, float | None] = {}
         #: Whether a delete of a subject's root row erases the subject (False for offline runs).
@@ -487,6 +490,17 @@ class Sanitizer:
         self.pending_in_txn.clear()
         self.delete_expiries.clear()
         self.column_expiries.clear()
+        self.erasure_schedules.clear()
+
+    def take_erasure_schedules(self) -> dict[str, tuple[float, bytes]]:
+        """The erasures the open batch's root deletes schedule (subject → (due, info)), and forget them.
+
+        The runner writes them before the commit and before `root_changes` is applied, so a root row back
+        later in the same batch cancels its erasure as it did when each delete wrote its schedule at once.
+        A subject deleted twice in the batch keeps its first schedule (an earlier schedule stands)."""
+        out = self.erasure_schedules
+        self.erasure_schedules = {}
+        return out
 
     def root_changes(self) -> list[str]:
         """Subjects whose root row was created or changed in the open batch after any delete of it in the
@@ -684,7 +698,7 @@ class Sanitizer:
         info = orjson.dumps({"trigger": "cdc_delete", "reason_code": reason_code, "reason": reason, "by": by,
                              "source": list(source), "effective_ms": event.source_ts_ms,
                              "scheduled_ms": int(now * 1000), "table": event.schema_table})
-        self.keys.store.schedule_erasure(self.branch, subject, now + od.grace_s, info)
+        self.erasure_schedules.setdefault(subject, (now + od.grace_s, info))
         return [audit(*source, event.schema_table, "erase", subject, "erasure_scheduled",
                       f"{reason_code}; erased in {od.grace_s} s unless the root row comes back", {}, {})]
 

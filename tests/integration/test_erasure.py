@@ -497,8 +497,9 @@ def test_a_backlog_of_due_erasures_is_carried_out_in_bounded_batches_without_wai
     run.keys.prefetch(run.branch, subjects)  # each has a key: a shred destroys it
     info = orjson.dumps({"trigger": "cdc_delete", "reason_code": "art47_1_purpose_achieved",
                          "reason": "customer row deleted", "by": "test", "source": None})
-    for subject in subjects:
-        assert run.store.schedule_erasure(run.branch, subject, time.time() - 1, info)
+    due = {subject: (time.time() - 1, info) for subject in subjects}
+    assert run.store.schedule_erasures(run.branch, due) == len(subjects)
+    assert run.store.schedule_erasures(run.branch, due) == 0  # an earlier schedule stands
 
     worker = SanitizerWorker(settings, build_sanitizer(settings))
     store = worker.sanitizer.keys.store

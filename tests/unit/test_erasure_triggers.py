@@ -72,7 +72,6 @@ class _Store:
     """The key store calls a root delete makes without shredding (pure logic: no Redis)."""
 
     def __init__(self) -> None:
-        self.scheduled: dict[str, tuple[float, dict]] = {}
         self.wrapped: dict[str, bytes] = {}
 
     def tenant_keys(self, wrapped_if_absent: dict[str, bytes]) -> dict[str, bytes]:
@@ -80,10 +79,6 @@ class _Store:
 
     def missing_tenant_keys(self, purposes: list[str]) -> list[str]:
         return [p for p in purposes if p not in self.wrapped]
-
-    def schedule_erasure(self, branch: str, subject: str, due: float, info: bytes) -> bool:
-        self.scheduled[subject] = (due, orjson.loads(info))
-        return True
 
 
 def _sanitizer(extra: str) -> tuple[Sanitizer, _Store]:
@@ -115,7 +110,7 @@ def test_an_unconfigured_root_delete_is_audited_and_erases_nobody() -> None:
     sanitizer, store = _sanitizer("")
     out = sanitizer.process("br0101.public.customers", 0, 1, b'{"customer_id": 7}', _event("d"))
     assert "root_delete_unconfigured" in _decisions(out)
-    assert not [r for r in out.records if r.topic == "guard.deletions"] and not store.scheduled
+    assert not [r for r in out.records if r.topic == "guard.deletions"] and not sanitizer.take_erasure_schedules()
     assert [orjson.loads(r.value or b"")["rule"] for r in out.records if r.topic == "guard.anomalies"] == [
         "root_delete_unconfigured"]
 
@@ -123,19 +118,25 @@ def test_an_unconfigured_root_delete_is_audited_and_erases_nobody() -> None:
 def test_a_delete_meaning_none_does_nothing_to_the_subject() -> None:
     sanitizer, store = _sanitizer('on_delete = { meaning = "none" }')
     out = sanitizer.process("br0101.public.customers", 0, 1, b'{"customer_id": 7}', _event("d"))
-    assert _decisions(out) == ["protected"] and not store.scheduled
+    assert _decisions(out) == ["protected"] and not sanitizer.take_erasure_schedules()
 
 
 def test_an_erasure_with_a_grace_period_is_scheduled_with_the_configured_reason() -> None:
-    sanitizer, store = _sanitizer('on_delete = { meaning = "erasure", reason_code = "subject_request", grace_s = 60 }')
+    sanitizer, _ = _sanitizer('on_delete = { meaning = "erasure", reason_code = "subject_request", grace_s = 60 }')
     out = sanitizer.process("br0101.public.customers", 0, 1, b'{"customer_id": 7}', _event("d"))
     assert "erasure_scheduled" in _decisions(out)
     assert not [r for r in out.records if r.topic == "guard.deletions"]
-    (due, info), = store.scheduled.values()
-    assert due == 1060.0 and info["reason_code"] == "subject_request" and info["source"][2] == 1
-    # a re-insert of the row in the same batch reads as the root row being back
-    sanitizer.process("br0101.public.customers", 0, 2, b'{"customer_id": 7}', _event("c"))
-    assert sanitizer.root_changes() == list(store.scheduled)
+    # a second delete in the batch keeps the first schedule (an earlier schedule stands)
+    sanitizer._clock = lambda: 1005.0  # type: ignore[method-assign]
+    sanitizer.process("br0101.public.customers", 0, 2, b'{"customer_id": 7}', _event("d"))
+    (subject, (due, info)), = sanitizer.erasure_schedules.items()
+    scheduled = orjson.loads(info)
+    assert due == 1060.0 and scheduled["reason_code"] == "subject_request" and scheduled["source"][2] == 1
+    # a re-insert of the row in the same batch reads as the root row being back (the runner writes the
+    # schedules before it applies `root_changes`, which cancels this one)
+    sanitizer.process("br0101.public.customers", 0, 3, b'{"customer_id": 7}', _event("c"))
+    assert sanitizer.root_changes() == [subject]
+    assert sanitizer.take_erasure_schedules() == {subject: (due, info)} and sanitizer.erasure_schedules == {}
 
 
 def test_a_relationship_end_delete_starts_the_retention_and_a_reinsert_stops_it() -> None:
