@@ -162,12 +162,17 @@ def test_a_key_store_error_after_the_shred_does_not_send_the_delete_to_the_dlq(s
     def broken_compaction(**_: object) -> bool:
         raise redis.ConnectionError("Connection reset by peer")
 
-    san.keys.store.compact = broken_compaction  # type: ignore[method-assign]
+    store = san.keys.store
+    rewrites = int(store.client.info("persistence")["aof_rewrites"])
+    store.compact = broken_compaction  # type: ignore[method-assign]
     out = san.process("br0101.public.customers", 0, 2, key, _event(row, "d"))
     assert out.decision == "protected" and out.dlq_reason is None
     assert [orjson.loads(r.value or b"")["outcome"] for r in out.records if r.topic == settings.deletions_topic] == [
         "shredded"]
-    assert san.keys.store.compaction_due() > 0, "the rewrite stays due until one completes"
+    # Due until a rewrite completes; another test's worker (the suite's order is random) may complete one
+    # meanwhile, which then covers this shred too.
+    completed = int(store.client.info("persistence")["aof_rewrites"]) > rewrites
+    assert store.compaction_due() > 0 or completed, "the rewrite stays due until one completes"
 
 
 # --- finding 8: outcomes, no second confirmation, no activity after the erasure ----------------------------
