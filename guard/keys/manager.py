@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 #: Share of the TTL before its expiry in which a batch's prefetch fetches a cached key again (`prefetch`).
 REFRESH_MARGIN = 0.25
+#: The version of a subject's first data key: the one `get_or_create_deks` keeps when the subject has none.
+FIRST_KEY_VERSION = 1
 #: The longest `compaction_delay_s` allowed: a destroyed key must not stay on the key store's disk for long.
 MAX_COMPACTION_DELAY_S = 3600.0
 #: How long a commit-time check waits for the listener to apply a shred the key store has counted.
@@ -403,22 +405,25 @@ class KeyManager:
         kek = self._kek(branch)
         name = f"dek/{branch}/{subject}"
         seen = self._invalidations
-        offered = kek.wrap(random_key(), name)
+        (offered, mine), = kek.mint_aeads([name], FIRST_KEY_VERSION)
         try:
             found = self.store.get_or_create_dek(branch, subject, offered)
         except StaleBranchKeyError:  # a transfer retired the cached branch key: read it again, wrap again
             self.drop_branch_keys(branch)
             kek = self._kek(branch)
             seen = self._invalidations
-            offered = kek.wrap(random_key(), name)
+            (offered, mine), = kek.mint_aeads([name], FIRST_KEY_VERSION)
             found = self.store.get_or_create_dek(branch, subject, offered)
         self.keys_fetched += 1
         if found is None:
             self._remember_erased(branch, [subject])
             raise KeyShreddedError(f"data subject {subject} of branch {branch} was erased; its key is destroyed")
         version, wrapped = found
-        self.keys_created += wrapped == offered
-        aead = self._unwrap_dek(branch, wrapped, name, version)
+        if wrapped == offered and version == FIRST_KEY_VERSION:  # the store kept the key minted here
+            self.keys_created += 1
+            aead = mine
+        else:
+            aead = self._unwrap_dek(branch, wrapped, name, version)
         self._remember(branch, subject, aead, now, seen)
         return aead
 
@@ -491,31 +496,31 @@ class KeyManager:
         and the key store keeps it where the subject has none (`get_or_create_deks`). Returns (keys created,
         (subject, key) loaded, erased subjects)."""
         names = [f"dek/{branch}/{s}" for s in subjects]  # each key's name in its wrapping, built once
-        fresh = [random_key() for _ in subjects]
-        kek = self._kek(branch)
-        offered = [(s, kek.wrap(k, n)) for s, k, n in zip(subjects, fresh, names, strict=True)]
+        # A key the store keeps is its subject's first version (`_CREATE_DEKS`); minted inside the extension
+        # where there is one, so a new key's bytes never become a Python object (`KeyWrapper.mint_aeads`).
+        minted = self._kek(branch).mint_aeads(names, FIRST_KEY_VERSION)
+        offered = [(s, wrapped) for s, (wrapped, _) in zip(subjects, minted, strict=True)]
         try:
             found = self.store.get_or_create_deks(branch, offered)
         except StaleBranchKeyError:  # a transfer retired the cached branch key: read it again, wrap again
             self.drop_branch_keys(branch)
-            fresh = [random_key() for _ in subjects]
-            kek = self._kek(branch)
-            offered = [(s, kek.wrap(k, n)) for s, k, n in zip(subjects, fresh, names, strict=True)]
+            minted = self._kek(branch).mint_aeads(names, FIRST_KEY_VERSION)
+            offered = [(s, wrapped) for s, (wrapped, _) in zip(subjects, minted, strict=True)]
             found = self.store.get_or_create_deks(branch, offered)
         created = 0
         loaded: list[tuple[str, Aead]] = []
         erased: list[str] = []
         stored: list[tuple[str, int, bytes]] = []
-        for (subject, mine), key, result in zip(offered, fresh, found, strict=True):
+        for (subject, mine), (_, key), result in zip(offered, minted, found, strict=True):
             if result is None:
                 erased.append(subject)
                 continue
             version, wrapped = result
-            if wrapped != mine:
+            if wrapped != mine or version != FIRST_KEY_VERSION:
                 stored.append((subject, version, wrapped))
-            else:  # the store kept the key this call minted: its plaintext is `key`, no need to unwrap it
+            else:  # the store kept the key this call minted: it is `key`, no need to unwrap it
                 created += 1
-                loaded.append((subject, Aead(key, version=version)))
+                loaded.append((subject, key))
         self.keys_created += created
         return created, loaded + self._unwrap_stored(branch, stored), erased
 
@@ -670,11 +675,11 @@ class KeyManager:
     def rotate_subject_key(self, branch: str, subject: str) -> int:
         try:
             version = self.store.rotate_dek(branch, subject,
-                                            self._kek(branch).wrap(random_key(), f"dek/{branch}/{subject}"))
+                                            self._kek(branch).mint_wrapped(f"dek/{branch}/{subject}"))
         except StaleBranchKeyError:
             self.drop_branch_keys(branch)
             version = self.store.rotate_dek(branch, subject,
-                                            self._kek(branch).wrap(random_key(), f"dek/{branch}/{subject}"))
+                                            self._kek(branch).mint_wrapped(f"dek/{branch}/{subject}"))
         if version is None:
             raise KeyShreddedError(f"data subject {subject} of branch {branch} was erased")
         self.forget(branch, subject)

@@ -171,6 +171,24 @@ class KeyWrapper(Aead):
         return [Aead._of_sealing_key(key) for key in keys]
 
 
+    def mint_aeads(self, key_names: list[str], version: int) -> list[tuple[bytes, Aead]]:
+        """New data keys of `version`, one per name: (the key wrapped under this key, the key as an `Aead`).
+
+        With the extension each key is drawn, wrapped and held inside it (`SealingKey.mint_keys`) and its
+        bytes never become a Python object, as `unwrap_aeads` does for loaded keys; without it, `random_key`
+        and `wrap` per key."""
+        if self.sealing_key is None:
+            fresh = [random_key() for _ in key_names]
+            return [(self.wrap(key, name), Aead(key, version)) for key, name in zip(fresh, key_names, strict=True)]
+        wrapped, keys = self.sealing_key.mint_keys([_WRAP_AAD + name.encode() for name in key_names], version)
+        return [(w, Aead._of_sealing_key(k)) for w, k in zip(wrapped, keys, strict=True)]
+
+    def mint_wrapped(self, key_name: str) -> bytes:
+        """A new data key wrapped under this key, the key itself kept by nobody (a rotation stores the
+        wrapping; the next use loads and unwraps it), minted as `mint_aeads` mints."""
+        return self.mint_aeads([key_name], 0)[0][0]
+
+
 class BlindIndex:
     """Deterministic keyed token (keyed BLAKE2b, 128 bits, 32 hex digits) for joins and equality search.
 

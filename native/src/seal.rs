@@ -271,6 +271,34 @@ impl SealingKey {
         Ok(keys)
     }
 
+    /// New data keys of `version`, one per entry of `associated_data`, each drawn from OpenSSL's CSPRNG
+    /// (`RAND_bytes`) and wrapped under this key (the wrapping key) with its associated data: returns
+    /// (the wrapped keys, in the layout above, and the keys as `SealingKey`s), in order.
+    ///
+    /// Why: minted in Python, each new data key sat in a Python bytes object (`os.urandom`) that nothing
+    /// zeroes, as loaded keys did before `unwrap_keys`. Here a new key goes from the CSPRNG to its wrapping
+    /// and its `SealingKey` inside Rust, and the buffer it was drawn into is zeroed.
+    fn mint_keys<'py>(
+        &self,
+        py: Python<'py>,
+        associated_data: Vec<Bound<'py, PyBytes>>,
+        version: u32,
+    ) -> PyResult<(Vec<Bound<'py, PyBytes>>, Vec<SealingKey>)> {
+        let mut wrapped = Vec::with_capacity(associated_data.len());
+        let mut keys = Vec::with_capacity(associated_data.len());
+        for aad in &associated_data {
+            let mut key = Zeroizing::new([0u8; KEY_BYTES]);
+            openssl::rand::rand_bytes(&mut key[..])
+                .map_err(|e| PyRuntimeError::new_err(format!("drawing a data key failed: {e}")))?;
+            let sealed = self
+                .seal(&key[..], aad.as_bytes())
+                .map_err(|e| PyRuntimeError::new_err(format!("wrapping a data key failed: {e}")))?;
+            wrapped.push(PyBytes::new(py, &sealed));
+            keys.push(SealingKey { key, version });
+        }
+        Ok((wrapped, keys))
+    }
+
     fn __repr__(&self) -> String {
         format!("SealingKey(version={}, key=<hidden>)", self.version)
     }

@@ -558,8 +558,9 @@ def test_a_steady_prefetch_reads_keys_first_and_offers_keys_only_to_new_subjects
                         or read(b, subjects))
     monkeypatch.setattr(keys.store, "get_or_create_deks", lambda b, items: calls.append(("offer", len(items)))
                         or offer(b, items))
-    real_wrap = KeyWrapper.wrap
-    monkeypatch.setattr(KeyWrapper, "wrap", lambda self, key, name: wraps.append(name) or real_wrap(self, key, name))
+    real_mint = KeyWrapper.mint_aeads
+    monkeypatch.setattr(KeyWrapper, "mint_aeads",
+                        lambda self, names, version: wraps.extend(names) or real_mint(self, names, version))
 
     # A new worker offers at once; the store kept none of its offers (all existed): read first from now on.
     keys.prefetch(branch, set(known[:4]))

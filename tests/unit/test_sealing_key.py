@@ -116,7 +116,7 @@ def test_the_key_object_never_shows_or_gives_back_its_key(native):
     for text in (repr(sealing), str(sealing), format(sealing)):
         assert text == "SealingKey(version=4, key=<hidden>)"
     public = [name for name in dir(sealing) if not name.startswith("__")]
-    assert sorted(public) == ["open", "seal", "unwrap_keys", "version"]  # none returns a key
+    assert sorted(public) == ["mint_keys", "open", "seal", "unwrap_keys", "version"]  # none returns a key
     for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
         with pytest.raises(TypeError, match="cannot be pickled"):
             pickle.dumps(sealing, protocol=protocol)
@@ -225,3 +225,36 @@ def test_a_batch_of_wrapped_keys_unwraps_natively_into_keys_that_match_the_pytho
     slow_kek = KeyWrapper(kek.unwrap(kek.wrap(b"k" * 32, "kek"), "kek"), version=3)  # any 32-byte KEK
     slow = slow_kek.unwrap_aeads([(slow_kek.wrap(deks[0], "dek/0101/s0"), "dek/0101/s0", 1)])
     assert slow[0]._aead is not None and slow[0].open(aeads[0].seal(b"x", aad), aad) == b"x"
+
+
+def test_new_data_keys_are_minted_wrapped_and_held_inside_the_extension(native, monkeypatch):
+    """`KeyWrapper.mint_aeads` (a prefetch's new keys, `subject_aead`'s): each key is drawn, wrapped and held
+    in Rust; the wrapping unwraps (in Python, as another worker would) to a key that opens what the minted
+    key sealed and the other way round; keys differ; the `Aead` holds no bytes of its key."""
+    from guard.keys import primitives
+
+    kek = KeyWrapper(random_key(), version=2)
+    names = [f"dek/0101/s{i}" for i in range(4)]
+    minted = kek.mint_aeads(names, 1)
+    aad = b"\x02topic|table|row|after|subject"
+    plain = []
+    for (wrapped, aead), name in zip(minted, names, strict=True):
+        assert wrapped[:5] == b"\x01\x00\x00\x00\x02" and aead.version == aead.sealing_key.version == 1
+        assert aead._aead is None and repr(aead) == "Aead(version=1, key=<hidden>)"
+        key = kek.unwrap(wrapped, name)
+        plain.append(key)
+        twin = Aead(key, version=1)
+        assert twin.open(aead.seal(b"secret", aad), aad) == b"secret"
+        assert aead.open(twin.seal(b"secret", aad), aad) == b"secret"
+        assert not any(isinstance(v, bytes) and key in v for v in (getattr(aead, s) for s in Aead.__slots__))
+        with pytest.raises(IntegrityError):
+            kek.unwrap(wrapped, "dek/0101/another")  # the name is bound into the wrapping
+    assert len(set(plain)) == len(plain) and kek.mint_aeads([], 1) == []
+    rotated = kek.mint_wrapped("dek/0101/s0")
+    assert len(kek.unwrap(rotated, "dek/0101/s0")) == 32 and kek.unwrap(rotated, "dek/0101/s0") not in plain
+    # without the extension: drawn and wrapped in Python, the same layout
+    monkeypatch.setattr(primitives, "_SealingKey", None)
+    slow_kek = KeyWrapper(random_key(), version=2)
+    (wrapped, aead), = slow_kek.mint_aeads(["dek/0101/s9"], 1)
+    twin = Aead(slow_kek.unwrap(wrapped, "dek/0101/s9"), 1)
+    assert aead._aead is not None and twin.open(aead.seal(b"x", aad), aad) == b"x"
