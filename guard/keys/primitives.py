@@ -170,7 +170,6 @@ class KeyWrapper(Aead):
             raise IntegrityError(str(exc)) from None
         return [Aead._of_sealing_key(key) for key in keys]
 
-
     def mint_aeads(self, key_names: list[str], version: int) -> list[tuple[bytes, Aead]]:
         """New data keys of `version`, one per name: (the key wrapped under this key, the key as an `Aead`).
 

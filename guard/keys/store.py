@@ -5,8 +5,10 @@ Every worker of a deployment talks to the same Redis, so they share keys: the fi
 data subject's key creates it atomically (a Lua script), the others read the winner's key.
 
 Redis layout: every name starts with `bg:{tenant}:` (the tenant's prefix), so one Redis ACL user per
-tenant can be limited to its own keys (`~bg:{tenant}:*`) and channel (`&bg:{tenant}:*`); Lua scripts name
-every key they touch in KEYS, so the ACL's key patterns apply to them too:
+tenant can be limited to its own keys (`~bg:{tenant}:*`) and channel (`&bg:{tenant}:*`). Single-subject Lua
+scripts name every key they touch in KEYS; the scripts that take a batch's or a transaction's subjects at
+once build those keys' names inside from a prefix the client sends; Redis checks every command inside a
+script against the user's key patterns either way, so the ACL applies to them too:
 
     bg:{t}:tenant                    hash  purpose → unix s: which tenant keys were ever minted (the registry)
     bg:{t}:branches                  set   branches that have a branch key (data exists for the tenant)
