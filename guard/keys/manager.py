@@ -23,7 +23,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import redis
@@ -39,7 +39,7 @@ from guard.errors import (
 )
 from guard.keys.kms import Kms
 from guard.keys.primitives import Aead, BlindIndex, Hmac, KeyedHash, KeyWrapper, random_key, sealed_header
-from guard.keys.store import RedisKeyStore, StaleBranchKeyError
+from guard.keys.store import PendingReply, RedisKeyStore, StaleBranchKeyError
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,27 @@ class TxnMark:
     """Where a worker's view of erasures stood when a transaction began (`KeyManager.mark`)."""
 
     invalidations: int
+
+
+#: New data keys as `KeyWrapper.mint_aeads` returns them: (wrapped, key) per subject.
+_Minted = list[tuple[bytes, Aead]]
+
+
+@dataclass(slots=True)
+class KeyFetch:
+    """A prefetch sent to the key store and not read yet (`KeyManager.send_prefetch`)."""
+
+    branch: str
+    #: the subjects asked for, in the order asked
+    missing: list[str]
+    #: when the request was sent (monotonic): cached keys' TTL counts from here
+    started: float
+    #: the invalidation count before it was sent: invalidations after it spoil what it brings
+    seen: int
+    #: an offer's new keys (wrapped, key) and what was offered (subject, wrapped); None for a plain read
+    minted: _Minted | None
+    offered: list[tuple[str, bytes]] | None
+    reply: PendingReply
 
 
 class KeyManager:
@@ -463,23 +484,44 @@ class KeyManager:
         10-s TTL and batches of a second, a hundred per batch: `guard bench`, docs/benchmark.md round 10).
         The refreshed key comes from the key store, so the TTL still bounds how long a shredded key lingers.
         """
+        fetch = self.send_prefetch(branch, subjects)
+        if fetch is not None:
+            self.finish_prefetch(fetch)
+
+    def send_prefetch(self, branch: str, subjects: Iterable[str]) -> KeyFetch | None:
+        """`prefetch`'s request, sent now; `finish_prefetch` reads its reply and caches the keys.
+
+        In between the caller does other work (a native run seals the records of the chunk before), while
+        the key store answers. None if every key is cached already. Call `finish_prefetch` (or `drop_prefetch`)
+        before the next `send_prefetch`: the offer-or-read choice of the next one follows from its reply.
+        """
         self.check_tenant_keys()
         now = time.monotonic()
         horizon = now + self._ttl * REFRESH_MARGIN
         missing = [s for s in subjects if ((hit := self._deks.get((branch, s))) is None or hit[1] <= horizon)
                    and (branch, s) not in self._erased]
         if not missing:
-            return
+            return None
         self._kek(branch)  # loaded (once per branch key) before `seen`: its round trip is no fetch of keys
         seen = self._invalidations  # invalidations from here on spoil what the store returns
         if self._offer_first:
-            created, loaded, erased = self._offer_keys(branch, missing)
+            minted, offered = self._mint_offers(branch, missing)
+            return KeyFetch(branch, missing, now, seen, minted, offered,
+                            self.store.send_get_or_create_deks(branch, offered))
+        # Most keys existed last time: read them first, minting and wrapping keys for none of them; only the
+        # subjects without one are offered new keys, in a second round trip (`finish_prefetch`).
+        return KeyFetch(branch, missing, now, seen, None, None, self.store.send_get_deks(branch, missing))
+
+    def finish_prefetch(self, fetch: KeyFetch) -> None:
+        """Read the reply of `send_prefetch`'s request and cache the keys it brought (raises what `prefetch`
+        raises: `KeyUnavailableError` when the key store can't be reached)."""
+        branch, missing = fetch.branch, fetch.missing
+        if fetch.minted is not None and fetch.offered is not None:
+            created, loaded, erased = self._take_offers(branch, missing, fetch.minted, fetch.offered, fetch.reply)
             # Most keys existed (a steady stream of known customers): read them first next time.
             self._offer_first = created * 2 > len(missing)
         else:
-            # Most keys existed last time: read them first, minting and wrapping keys for none of them; only
-            # the subjects without one are offered new keys, in a second round trip.
-            stored, erased, new = self.store.get_deks(branch, missing)
+            stored, erased, new = fetch.reply.result()
             loaded = self._unwrap_stored(branch, [(s, *stored[s]) for s in missing if s in stored])
             if new:
                 _, made, gone = self._offer_keys(branch, new)
@@ -488,24 +530,39 @@ class KeyManager:
             # Most were new (a snapshot, a new branch): offer keys at once next time, one round trip.
             self._offer_first = len(new) * 2 > len(missing)
         self.keys_fetched += len(missing)
-        self._remember_many(branch, loaded, now, seen)
+        self._remember_many(branch, loaded, fetch.started, fetch.seen)
         self._remember_erased(branch, erased)
+
+    @staticmethod
+    def drop_prefetch(fetch: KeyFetch) -> None:
+        """Forget a request whose keys nobody will use (a batch given up): nothing of its reply is cached."""
+        fetch.reply.drop()
 
     def _offer_keys(self, branch: str, subjects: list[str]) -> tuple[int, list[tuple[str, Aead]], list[str]]:
         """Load or create the keys of `subjects` in one round trip: a new key is minted and wrapped for each,
         and the key store keeps it where the subject has none (`get_or_create_deks`). Returns (keys created,
         (subject, key) loaded, erased subjects)."""
+        minted, offered = self._mint_offers(branch, subjects)
+        return self._take_offers(branch, subjects, minted, offered,
+                                 self.store.send_get_or_create_deks(branch, offered))
+
+    def _mint_offers(self, branch: str, subjects: list[str]) -> tuple[_Minted, list[tuple[str, bytes]]]:
+        """A new key for each subject, wrapped under the branch key: (minted (wrapped, key), offered
+        (subject, wrapped))."""
         names = [f"dek/{branch}/{s}" for s in subjects]  # each key's name in its wrapping, built once
         # A key the store keeps is its subject's first version (`_CREATE_DEKS`); minted inside the extension
         # where there is one, so a new key's bytes never become a Python object (`KeyWrapper.mint_aeads`).
         minted = self._kek(branch).mint_aeads(names, FIRST_KEY_VERSION)
-        offered = [(s, wrapped) for s, (wrapped, _) in zip(subjects, minted, strict=True)]
+        return minted, [(s, wrapped) for s, (wrapped, _) in zip(subjects, minted, strict=True)]
+
+    def _take_offers(self, branch: str, subjects: list[str], minted: _Minted, offered: list[tuple[str, bytes]],
+                     reply: PendingReply) -> tuple[int, list[tuple[str, Aead]], list[str]]:
+        """What the key store did with offered keys: (keys created, (subject, key) loaded, erased subjects)."""
         try:
-            found = self.store.get_or_create_deks(branch, offered)
+            found = reply.result()
         except StaleBranchKeyError:  # a transfer retired the cached branch key: read it again, wrap again
             self.drop_branch_keys(branch)
-            minted = self._kek(branch).mint_aeads(names, FIRST_KEY_VERSION)
-            offered = [(s, wrapped) for s, (wrapped, _) in zip(subjects, minted, strict=True)]
+            minted, offered = self._mint_offers(branch, subjects)
             found = self.store.get_or_create_deks(branch, offered)
         created = 0
         loaded: list[tuple[str, Aead]] = []

@@ -429,6 +429,98 @@ class StaleBranchKeyError(KeyUnavailableError):
         self.branch = branch
 
 
+def _unavailable(exc: redis.RedisError) -> KeyUnavailableError:
+    """The key store's failure as the worker reports it: fail closed, and say what to check."""
+    if isinstance(exc, redis.exceptions.NoPermissionError):
+        return KeyUnavailableError(
+            f"the key store refused a command to this Redis user ({exc}); check the user's ACL (the local "
+            "stack's: guard/stack/redisd.py)")
+    return KeyUnavailableError(
+        f"key store unreachable ({type(exc).__name__}); check GUARD_REDIS_URL, "
+        "GUARD_REDIS_PASSWORD_FILE and that Redis runs")
+
+
+class PendingReply:
+    """A script call already sent to the key store, whose reply is read when it is needed (`result`).
+
+    Why: a batch's data keys are loaded in chunks (`KeyManager.send_prefetch`). The next chunk's request is
+    sent before the worker seals the records of the current one, and its reply read when the run reaches
+    the next chunk, so the key store's work (the script, its append-only-file write, the wire) overlaps the
+    worker's instead of stalling it: waiting on key creation was 9% of a first-sight worker's time and key
+    loading's round trip about 5% of a steady one's (docs/benchmark.md, round 22).
+
+    The request holds a connection of its own from the client's pool until its reply is read (or the call
+    is dropped), so nothing else is ever sent on it in between. A request that could not be sent, a
+    connection lost before the reply, or a script the server no longer has (a restart) is made again the
+    ordinary way at `result` (the client's retries, the script loaded again); what still fails raises
+    `KeyUnavailableError`, as every other call does. `result` returns what the same synchronous method
+    returns (each `send_*` method has one), so nothing is decided twice.
+    """
+
+    __slots__ = ("_store", "_script", "_keys", "_args", "_parse", "_conn", "_value", "_error", "_done")
+
+    def __init__(self, store: RedisKeyStore | None, script: Any, keys: list[str], args: list[Any], parse: Any,
+                 conn: Any) -> None:
+        self._store, self._script, self._keys, self._args, self._parse = store, script, keys, args, parse
+        self._conn = conn
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._done = False
+
+    @classmethod
+    def ready(cls, value: Any) -> PendingReply:
+        """A call with nothing to ask (no subjects): its result, no round trip."""
+        reply = cls(None, None, [], [], None, None)
+        reply._value, reply._done = value, True
+        return reply
+
+    def result(self) -> Any:
+        """The reply, parsed as the synchronous method parses it (read once; later calls return it again)."""
+        if self._done:
+            if self._error is not None:
+                raise self._error
+            return self._value
+        store = self._store
+        assert store is not None  # only `ready` replies have no store, and they are done
+        raw: Any = None
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            pool = store.client.connection_pool
+            try:
+                raw = conn.read_response()
+            except redis.exceptions.NoScriptError:
+                pool.release(conn)  # an ordinary error reply: the connection is in step
+                conn = None
+            except redis.exceptions.ResponseError as exc:
+                pool.release(conn)
+                self._error, self._done, self._args = _unavailable(exc), True, []
+                raise self._error from None
+            except redis.RedisError:  # lost before the reply: read_response disconnected it
+                pool.release(conn)
+                conn = None
+            else:
+                pool.release(conn)
+        try:
+            if conn is None:
+                raw = store._call(self._script, keys=self._keys, args=self._args)
+            self._value = self._parse(raw)
+        except BaseException as exc:
+            self._error = exc
+            raise
+        finally:
+            self._done = True
+            self._args = []  # the wrapped keys offered are not kept past the reply
+        return self._value
+
+    def drop(self) -> None:
+        """Forget a reply nobody will read: the connection is closed (its reply is still on the way)."""
+        conn, self._conn = self._conn, None
+        self._done, self._args = True, []
+        if conn is not None and self._store is not None:
+            conn.disconnect()
+            self._store.client.connection_pool.release(conn)
+
+
 class RedisKeyStore:
     """Wrapped-key persistence; every method is one round trip (or one script) to Redis."""
 
@@ -470,15 +562,23 @@ class RedisKeyStore:
         self.round_trips += 1
         try:
             return fn(*args, **kwargs)
-        except redis.exceptions.NoPermissionError as exc:
-            raise KeyUnavailableError(
-                f"the key store refused a command to this Redis user ({exc}); check the user's ACL (the local "
-                "stack's: guard/stack/redisd.py)") from None
         except redis.RedisError as exc:
-            raise KeyUnavailableError(
-                f"key store unreachable ({type(exc).__name__}); check GUARD_REDIS_URL, "
-                "GUARD_REDIS_PASSWORD_FILE and that Redis runs"
-            ) from None
+            raise _unavailable(exc) from None
+
+    def _send(self, script: Any, keys: list[str], args: list[Any], parse: Any) -> PendingReply:
+        """Send a script call now and read its reply later (`PendingReply`); one round trip either way."""
+        self.round_trips += 1
+        pool = self.client.connection_pool
+        conn = None
+        try:
+            conn = pool.get_connection()
+            conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        except redis.RedisError:
+            if conn is not None:  # nothing reads this connection's reply: it must not go back half-used
+                conn.disconnect()
+                pool.release(conn)
+            conn = None  # `result` makes the call the ordinary way (the client's retries, the script loaded)
+        return PendingReply(self, script, keys, args, parse, conn)
 
     def _k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -610,41 +710,56 @@ class RedisKeyStore:
     ) -> list[tuple[int, bytes] | None]:
         """`get_or_create_dek` for many subjects in one round trip and one script call (a batch's key
         prefetch); None for an erased subject. Keys must all be wrapped under the same branch-key version."""
+        return self.send_get_or_create_deks(branch, items).result()
+
+    def send_get_or_create_deks(self, branch: str, items: list[tuple[str, bytes]]) -> PendingReply:
+        """`get_or_create_deks`, its reply read later (`PendingReply.result`, which raises
+        `StaleBranchKeyError` where `get_or_create_deks` does)."""
         if not items:
-            return []
+            return PendingReply.ready([])
         self.data_key_round_trips += 1
-        flat = self._call(self._create_deks, keys=[self._k("kek", branch)],
-                          args=[int(time.time()), self._k("dek", branch, ""), self._k("erased", branch, ""),
-                                orjson.dumps([subject for subject, _ in items]), *(w for _, w in items)])
-        if len(flat) == 1:
-            raise StaleBranchKeyError(branch)  # nothing was created: a retry re-wraps under the current key
-        out: list[tuple[int, bytes] | None] = []
-        for (_, offered), version, stored in zip(items, flat[0::2], flat[1::2], strict=True):
-            if version == -1:
-                out.append(None)
-            else:  # `stored` is None where this call stored the key it was given
-                out.append((int(version), offered if stored is None else bytes(stored)))
-        return out
+
+        def parse(flat: list[Any]) -> list[tuple[int, bytes] | None]:
+            if len(flat) == 1:
+                raise StaleBranchKeyError(branch)  # nothing was created: a retry re-wraps under the current key
+            out: list[tuple[int, bytes] | None] = []
+            for (_, offered), version, stored in zip(items, flat[0::2], flat[1::2], strict=True):
+                if version == -1:
+                    out.append(None)
+                else:  # `stored` is None where this call stored the key it was given
+                    out.append((int(version), offered if stored is None else bytes(stored)))
+            return out
+
+        return self._send(self._create_deks, [self._k("kek", branch)],
+                          [int(time.time()), self._k("dek", branch, ""), self._k("erased", branch, ""),
+                           orjson.dumps([subject for subject, _ in items]), *(w for _, w in items)], parse)
 
     def get_deks(self, branch: str, subjects: list[str]) -> tuple[dict[str, tuple[int, bytes]], list[str], list[str]]:
         """The current keys of `subjects` in one round trip, creating none: (subject → (version, wrapped key)
         of those that have one, the erased subjects, the subjects without a key yet)."""
+        return self.send_get_deks(branch, subjects).result()
+
+    def send_get_deks(self, branch: str, subjects: list[str]) -> PendingReply:
+        """`get_deks`, its reply read later (`PendingReply.result`)."""
         if not subjects:
-            return {}, [], []
+            return PendingReply.ready(({}, [], []))
         self.data_key_round_trips += 1
-        flat = self._call(self._get_deks, keys=[], args=[self._k("dek", branch, ""), self._k("erased", branch, ""),
-                                                         orjson.dumps(subjects)])
-        found: dict[str, tuple[int, bytes]] = {}
-        erased: list[str] = []
-        missing: list[str] = []
-        for subject, version, wrapped in zip(subjects, flat[0::2], flat[1::2], strict=True):
-            if version > 0:
-                found[subject] = (version, bytes(wrapped))
-            elif version == -1:
-                erased.append(subject)
-            else:
-                missing.append(subject)
-        return found, erased, missing
+
+        def parse(flat: list[Any]) -> tuple[dict[str, tuple[int, bytes]], list[str], list[str]]:
+            found: dict[str, tuple[int, bytes]] = {}
+            erased: list[str] = []
+            missing: list[str] = []
+            for subject, version, wrapped in zip(subjects, flat[0::2], flat[1::2], strict=True):
+                if version > 0:
+                    found[subject] = (version, bytes(wrapped))
+                elif version == -1:
+                    erased.append(subject)
+                else:
+                    missing.append(subject)
+            return found, erased, missing
+
+        return self._send(self._get_deks, [], [self._k("dek", branch, ""), self._k("erased", branch, ""),
+                                               orjson.dumps(subjects)], parse)
 
     def dek_version(self, branch: str, subject: str, version: int) -> bytes | None:
         self.data_key_round_trips += 1

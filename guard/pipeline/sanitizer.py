@@ -47,6 +47,7 @@ from guard.config import Settings
 from guard.errors import DecodeError, KeyShreddedError, KeyUnavailableError
 from guard.keys.manager import KeyManager
 from guard.pipeline.decode import Decoder
+from guard.pipeline.keyload import ChunkedKeyLoad, plan_chunks
 from guard.pipeline.plan import Planner
 from guard.pipeline.policy import AttributionPending, WriteChecker, WriteDecision, principal_text
 from guard.pipeline.protect import Protector
@@ -170,6 +171,8 @@ class Sanitizer:
         self._fast: Any = None
         #: Native path: the batch `prefetch` was given, until a key miss loads its keys (`_load_keys_from`).
         self._batch: Sequence[tuple[str, int, int, bytes | None]] = ()
+        #: Native path: the chunks of the batch's key load still to come (`guard.pipeline.keyload`).
+        self._key_load = ChunkedKeyLoad(keys, self.branch)
         #: (batch, first index read, indexes a native run stops before): `_run_stop`'s memo for one batch.
         self._stops: tuple[list[Any], int, list[int]] | None = None
         if use_native(settings.hot_path):
@@ -294,6 +297,7 @@ class Sanitizer:
         """Drop what native runs remember of the current batch (its records, plaintext values included):
         the runner calls it when it is done with a batch, so an idle worker holds none of them."""
         self._stops = None
+        self._key_load.drop()  # a chunk's request still in flight: nobody will read it
         if self._fast is not None:
             self._fast.forget_read_ahead()  # the envelopes `_load_keys_from` read that no run took
 
@@ -409,24 +413,30 @@ class Sanitizer:
                 deletes.append(((topic, partition, offset), event))
         checker.prepare(messages, deletes)
 
-    def _load_keys_from(self, topic: str, partition: int, offset: int, value: bytes | None) -> None:
-        """Native path: load the keys of the batch from this record on (once per batch).
+    def _load_keys_from(self, topic: str, partition: int, offset: int, value: bytes | None,
+                        index: int | None = None) -> None:
+        """Native path: load the keys of the batch from this record on (`index` in the batch, if known).
 
-        One native call (`FastPath.batch_subjects`) reads the subject of every record from this one on and
-        returns the distinct subjects' tokens, and the records it can't read, which are decoded here as on
-        the Python path; then one key-store round trip loads them all (`KeyManager.prefetch`).
+        The first miss of a batch reads the subject of every record from this one on in one native call
+        (`FastPath.batch_subjects`), which returns the distinct subjects' tokens in the order of the records
+        that first name them, and the records it can't read (decoded here as on the Python path); the keys
+        then load in chunks, each chunk's request in flight while the run seals the records of the chunk
+        before it (`guard.pipeline.keyload`). Later misses read the replies of the chunks they reach.
         """
+        if self._key_load.pending and self._key_load.reach(index):
+            return
         batch, self._batch = self._batch, ()
         records = batch if isinstance(batch, list) else list(batch)
         found = self._fast.batch_subjects(records, topic, partition, offset)
-        if found is None:  # not in the batch: this record alone
+        if found is None:  # not in the batch (or the batch's subjects were read already): this record alone
             records = [(topic, partition, offset, value)]
-            found = self._fast.batch_subjects(records, topic, partition, offset)
-        tokens, rest = found
-        subjects = set(tokens)
-        if rest:
-            subjects |= self._decode_subjects([records[i] for i in rest])
-        self.keys.prefetch(self.branch, subjects)
+            tokens, rest, _ = self._fast.batch_subjects(records, topic, partition, offset)
+            self.keys.prefetch(self.branch, set(tokens) | (self._decode_subjects(records) if rest else set()))
+        else:
+            tokens, rest, at = found
+            extra = self._decode_subjects([records[i] for i in rest]) if rest else set()
+            first = index if index is not None else (at[0] if at else 0)
+            self._key_load.start(plan_chunks(first, tokens, at, extra))
         self.decoder.forget(topic, partition, offset)  # this record is being processed already
 
     def _decode_and_load(self, records: Iterable[tuple[str, int, int, bytes | None]]) -> None:
@@ -572,7 +582,7 @@ class Sanitizer:
                 self.classifier.plan(event.schema_table, event.before)
             before_subject = self.planner.subject(before_plan, event.before, event.schema_table, out_key, where)
         row_key = out_key or b""
-        if self._batch and self.keys.cached_subject_aead(self.branch, subject) is None:
+        if (self._batch or self._key_load.pending) and self.keys.cached_subject_aead(self.branch, subject) is None:
             self._load_keys_from(topic, partition, offset, None)  # native mode: the batch's keys load lazily
         protect = self.protector
         aead, decision = protect.subject_aead(subject, event)
@@ -1104,7 +1114,7 @@ class _NativeHooks:
     out_topic: Callable[[str], str]
     sanitize_key: Callable[[str, bytes], bytes | None]
     key_column: Callable[[str, str], Any]
-    load_keys: Callable[[str, int, int, bytes | None], None]
+    load_keys: Callable[[str, int, int, bytes | None, int | None], None]
     key_not_loaded: type[Exception]
     activity: dict[tuple[str, str], int]
     audit_topic: str

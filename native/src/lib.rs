@@ -531,7 +531,7 @@ impl FastPath {
     /// other header: the untraced Python path carries none), an output over `max_record_bytes`, a panic. A `produce` error other than a full local queue (BufferError: poll,
     /// then retry) propagates, and the runner aborts the transaction.
     ///
-    /// `hooks` supplies the sanitizer's side: `out_topic(topic)`, `sanitize_key(topic, key)`, `load_keys(topic, partition, offset, value)`, the
+    /// `hooks` supplies the sanitizer's side: `out_topic(topic)`, `sanitize_key(topic, key)`, `load_keys(topic, partition, offset, value, index)`, the
     /// exception type `key_not_loaded`, the `activity` dict ((subject, sanitized topic) -> retention s)
     /// and `audit_topic`. `partitions(out_topic, topic)` is the sanitized topic's partition count.
     /// `reasons` (when the access policy is on): per record from `start`, its write decision as JSON
@@ -625,18 +625,20 @@ impl FastPath {
     }
 
     /// The data subjects of `batch[i:]`, where `batch[i]` is the record at (`topic`, `partition`,
-    /// `offset`) of the runner's `(topic, partition, offset, value)` tuples: `(tokens, rest)`, the distinct
-    /// subjects' tokens of the records whose plan is registered (each id's token from the plan's memo, else
-    /// `subject_of`) and the indexes of the records it can't read (the Python path decodes those); None
-    /// when no record is at that position. One call per batch instead of a `subject_value` per record
-    /// (`Sanitizer._load_keys_from`; `scan.rs`).
+    /// `offset`) of the runner's `(topic, partition, offset, value)` tuples: `(tokens, rest, at)`, the
+    /// distinct subjects' tokens of the records whose plan is registered (each id's token from the plan's
+    /// memo, else `subject_of`), in the order of the records that first name them, the indexes of the
+    /// records it can't read (the Python path decodes those), and the index of each token's first record
+    /// (`guard.pipeline.keyload` cuts the key load into chunks by them); None when no record is at that
+    /// position. One call per batch instead of a `subject_value` per record (`Sanitizer._load_keys_from`;
+    /// `scan.rs`).
     fn batch_subjects<'py>(
         slf: &Bound<'py, Self>,
         batch: &Bound<'py, PyList>,
         topic: &str,
         partition: i64,
         offset: i64,
-    ) -> PyResult<Option<(Bound<'py, PyList>, Bound<'py, PyList>)>> {
+    ) -> PyResult<Option<scan::BatchSubjects<'py>>> {
         scan::batch_subjects(slf, batch, topic, partition, offset)
     }
 
@@ -819,8 +821,9 @@ impl FastPath {
                 Ok(Ok(done)) => done,
                 Ok(Err(Stop::Py(e))) if e.is_instance(py, &key_not_loaded) => {
                     drop(this);
+                    // `i`: where the miss is in the batch (the key load reads the chunks up to it).
                     if load_keys
-                        .call1((topic_obj, partition, offset, &value))
+                        .call1((topic_obj, partition, offset, &value, i))
                         .is_err()
                     {
                         break;

@@ -219,6 +219,9 @@ struct Distinct {
     strs: HashSet<String>,
 }
 
+/// What `batch_subjects` finds: (tokens, records it can't read, each token's first record).
+pub type BatchSubjects<'py> = (Bound<'py, PyList>, Bound<'py, PyList>, Bound<'py, PyList>);
+
 /// `FastPath.batch_subjects`: see its documentation in `lib.rs`.
 pub fn batch_subjects<'py>(
     slf: &Bound<'py, FastPath>,
@@ -226,7 +229,7 @@ pub fn batch_subjects<'py>(
     topic: &str,
     partition: i64,
     offset: i64,
-) -> PyResult<Option<(Bound<'py, PyList>, Bound<'py, PyList>)>> {
+) -> PyResult<Option<BatchSubjects<'py>>> {
     let py = batch.py();
     let mut first = None;
     for (i, item) in batch.iter().enumerate() {
@@ -244,6 +247,7 @@ pub fn batch_subjects<'py>(
     };
     let tokens = PyList::empty(py);
     let rest = PyList::empty(py);
+    let firsts = PyList::empty(py);
     let mut this = slf.borrow_mut();
     let this = &mut *this;
     let loads = this.loads.bind(py).clone();
@@ -351,8 +355,9 @@ pub fn batch_subjects<'py>(
             }
         };
         tokens.append(token)?;
+        firsts.append(i)?;
     }
-    Ok(Some((tokens, rest)))
+    Ok(Some((tokens, rest, firsts)))
 }
 
 /// `SanitizerWorker._process_batch`'s first pass over fetched messages, from `msgs[start]` on: each

@@ -12,6 +12,7 @@ events must actually have taken the native path.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -268,17 +269,21 @@ def test_a_batchs_keys_load_in_one_call_for_the_subjects_read_record_by_record(p
     start = min(start, len(batch) - 1)
     topic, partition, offset, value = batch[start]
     want = per_record_subjects(native, batch[start:])
-    loaded = []
+    loaded: list[set[str]] = []
     with pytest.MonkeyPatch.context() as patch:
+        # a batch's subjects go in chunks (`send_prefetch`; these batches fit in the first; none without
+        # subjects), a record alone in one `prefetch`
+        patch.setattr(native.keys, "send_prefetch", lambda branch, subjects: loaded.append(set(subjects)))
         patch.setattr(native.keys, "prefetch", lambda branch, subjects: loaded.append(subjects))
         native._batch = batch
         native._load_keys_from(topic, partition, offset, value)
         assert native._batch == (), "a batch's keys load once"
+        assert len(loaded) <= 1 and set().union(*loaded) == want
+        loaded.clear()
         native._batch = batch
         native._load_keys_from(topic, partition, 999, value)  # not in the batch: that record alone
     native.decoder.clear()
-    assert loaded[0] == want
-    assert loaded[1] == per_record_subjects(native, [(topic, partition, 999, value)])
+    assert loaded == [per_record_subjects(native, [(topic, partition, 999, value)])]
 
 
 def test_the_mariadb_branchs_events_take_the_native_path_with_identical_output(stack, pair):
@@ -603,7 +608,7 @@ def test_a_batch_through_native_runs_produces_what_the_python_path_produces(stac
     run_both(pair, "public.customers", b'{"customer_id": 42}', orjson.dumps(_customer_event()), prefetch=False,
              trace_id=None)  # the plan is registered with the native path
     by_runs, by_process, loads = [], [], []
-    real_run, real_process, real_load = native.run_native, native.process, native.keys.store.get_or_create_deks
+    real_run, real_process, real_load = native.run_native, native.process, native.keys.store.send_get_or_create_deks
 
     def run_native(records, start, **kwargs):
         run = real_run(records, start, **kwargs)
@@ -613,7 +618,7 @@ def test_a_batch_through_native_runs_produces_what_the_python_path_produces(stac
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(native, "run_native", run_native)
         patch.setattr(native, "process", lambda t, p, o, *a: by_process.append(o) or real_process(t, p, o, *a))
-        patch.setattr(native.keys.store, "get_or_create_deks", lambda *a: loads.append(a) or real_load(*a))
+        patch.setattr(native.keys.store, "send_get_or_create_deks", lambda *a: loads.append(a) or real_load(*a))
         got = process_batch(stack, native, msgs, full_every=7)
     expected = process_batch(stack, python, msgs, full_every=7)
     assert got[0].records == expected[0].records
@@ -622,6 +627,54 @@ def test_a_batch_through_native_runs_produces_what_the_python_path_produces(stac
     assert len(loads) == 1, "the batch's new keys are loaded in one round trip"
     assert plain <= set(by_runs), "every plain ordinary record was taken by a native run"
     assert sorted(by_runs + by_process) == [m.offset() for m in msgs], "each record handled exactly once"
+
+
+def test_a_large_batchs_keys_load_in_chunks_each_requested_before_the_run_needs_it(stack, pair):
+    """A batch of new customers loads its keys in chunks of growing size (guard.pipeline.keyload): the first
+    chunk's keys are waited for, every later chunk's request is sent before the run reaches that chunk (while
+    the run seals the chunk before it), and the output is the Python path's, byte for byte."""
+    from guard.pipeline.keyload import CHUNK_GROWTH, FIRST_CHUNK_RECORDS
+
+    python, native = pair
+    topic, n = f"{PREFIX}.public.customers", FIRST_CHUNK_RECORDS * (1 + CHUNK_GROWTH) + 60
+    msgs = []
+    for i in range(n):
+        cid = 7_900_000 + i
+        msgs.append(Message(topic=topic, partition=i % 2, offset=1000 + i, key=f'{{"customer_id": {cid}}}'.encode(),
+                            value=orjson.dumps(_customer_event(after__customer_id=cid, after__name=f"客户{cid}")),
+                            timestamp=(1, 1_700_000_000_000 + i)))
+    run_both(pair, "public.customers", b'{"customer_id": 42}', orjson.dumps(_customer_event()), prefetch=False,
+             trace_id=None)  # the plan is registered with the native path
+    log: list[tuple[str, int]] = []
+    reached: list[int] = []
+    real_send, real_finish, real_load = native.keys.send_prefetch, native.keys.finish_prefetch, native._load_keys_from
+
+    def send(branch, subjects):
+        fetch = real_send(branch, subjects)
+        log.append(("send", len(subjects)))
+        return fetch
+
+    def load(topic, partition, offset, value, index=None):
+        reached.append(index)
+        return real_load(topic, partition, offset, value, index)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(native.keys, "send_prefetch", send)
+        patch.setattr(native.keys, "finish_prefetch", lambda fetch: log.append(("read", len(fetch.missing)))
+                      or real_finish(fetch))
+        patch.setattr(native, "_load_keys_from", load)
+        patch.setattr(native, "_native_hooks", dataclasses.replace(native._native_hooks, load_keys=load))
+        got = process_batch(stack, native, msgs)
+    expected = process_batch(stack, python, msgs)
+    assert got[0].records == expected[0].records
+    assert got[1:] == expected[1:]
+    sizes = [FIRST_CHUNK_RECORDS, FIRST_CHUNK_RECORDS * CHUNK_GROWTH, 60]
+    assert log == [("send", sizes[0]), ("send", sizes[1]), ("read", sizes[0]),
+                   ("send", sizes[2]), ("read", sizes[1]), ("read", sizes[2])], log
+    assert reached == [0, sizes[0], sizes[0] + sizes[1]], "each chunk was read where the run first needed it"
+    assert all(native.keys.cached_subject_aead(native.branch, native.planner.subject_for(7_900_000 + i,
+                                                                                        "public.customers"))
+               for i in range(0, n, 97))
 
 
 def test_native_runs_take_the_envelopes_read_for_the_batchs_keys_and_the_rest_are_dropped(stack, pair):

@@ -463,8 +463,8 @@ def test_batch_prefetch_loads_every_key_in_one_round_trip(branch_settings):
     topic = "br0101.public.customers"
     batch = [(topic, 0, i, v) for i, v in enumerate(values)] + [(topic, 0, 99, b"{broken")]
     calls = []
-    real = san.keys.store.get_or_create_deks
-    san.keys.store.get_or_create_deks = lambda *a, **k: calls.append(1) or real(*a, **k)
+    real = san.keys.store.send_get_or_create_deks
+    san.keys.store.send_get_or_create_deks = lambda *a, **k: calls.append(1) or real(*a, **k)
     real_single = san.keys.store.get_or_create_dek
     san.keys.store.get_or_create_dek = lambda *a, **k: calls.append("single") or real_single(*a, **k)
     san.prefetch(batch)
@@ -520,8 +520,8 @@ def test_a_batch_prefetch_refreshes_keys_about_to_expire(branch_settings):
     branch = branch_settings.branch
     keys.prefetch(branch, {"refresh-a", "refresh-b"})
     fetched: list[list[str]] = []
-    real = keys.store.get_or_create_deks
-    keys.store.get_or_create_deks = lambda b, items: fetched.append(sorted(s for s, _ in items)) or real(b, items)
+    real = keys.store.send_get_or_create_deks
+    keys.store.send_get_or_create_deks = lambda b, items: fetched.append(sorted(s for s, _ in items)) or real(b, items)
     keys.prefetch(branch, {"refresh-a", "refresh-b"})
     assert fetched == [], "fresh keys are not fetched again"
     aead, _ = keys._deks[(branch, "refresh-a")]
@@ -553,11 +553,11 @@ def test_a_steady_prefetch_reads_keys_first_and_offers_keys_only_to_new_subjects
         time.sleep(0.02)
     calls: list[tuple[str, int]] = []
     wraps: list[str] = []
-    read, offer = keys.store.get_deks, keys.store.get_or_create_deks
-    monkeypatch.setattr(keys.store, "get_deks", lambda b, subjects: calls.append(("read", len(subjects)))
+    read, offer = keys.store.send_get_deks, keys.store.send_get_or_create_deks
+    monkeypatch.setattr(keys.store, "send_get_deks", lambda b, subjects: calls.append(("read", len(subjects)))
                         or read(b, subjects))
-    monkeypatch.setattr(keys.store, "get_or_create_deks", lambda b, items: calls.append(("offer", len(items)))
-                        or offer(b, items))
+    monkeypatch.setattr(keys.store, "send_get_or_create_deks",
+                        lambda b, items: calls.append(("offer", len(items))) or offer(b, items))
     real_mint = KeyWrapper.mint_aeads
     monkeypatch.setattr(KeyWrapper, "mint_aeads",
                         lambda self, names, version: wraps.extend(names) or real_mint(self, names, version))
@@ -646,8 +646,8 @@ def test_an_erased_subject_costs_one_key_store_answer_per_worker(branch_settings
     eraser.shred(branch, subject, b"{}")
     keys = build_sanitizer(branch_settings).keys  # another worker, which never held the key
     calls: list[str] = []
-    batch, single = keys.store.get_or_create_deks, keys.store.get_or_create_dek
-    keys.store.get_or_create_deks = lambda *a, **k: calls.append("batch") or batch(*a, **k)
+    batch, single = keys.store.send_get_or_create_deks, keys.store.get_or_create_dek
+    keys.store.send_get_or_create_deks = lambda *a, **k: calls.append("batch") or batch(*a, **k)
     keys.store.get_or_create_dek = lambda *a, **k: calls.append("single") or single(*a, **k)
     keys.prefetch(branch, {subject, "erased-once-neighbour"})
     assert calls == ["batch"]
@@ -683,3 +683,88 @@ def test_caches_keyed_by_plaintext_values_expire_with_the_key_cache(branch_setti
 
     again = san.process(topic, 0, 2, key, event("customers", row))
     assert decode(again.records[0].value)["after"]["masked"] == decode(first.records[0].value)["after"]["masked"]
+
+
+# --- replies read later (`PendingReply`): a batch's key chunks (guard.pipeline.keyload) ---------------------
+
+
+def _known_erased_new(keys, branch: str, tag: str) -> tuple[list[str], str, str]:
+    known = [f"{tag}-{uuid.uuid4().hex[:8]}" for _ in range(3)]
+    for subject in known:
+        keys.subject_aead(branch, subject)
+    erased = f"{tag}-erased-{uuid.uuid4().hex[:8]}"
+    keys.subject_aead(branch, erased)
+    keys.shred(branch, erased, b"{}")
+    return known, erased, f"{tag}-new-{uuid.uuid4().hex[:8]}"
+
+
+def test_a_reply_read_later_is_the_synchronous_calls_with_other_calls_in_between(branch_settings):
+    """A key read sent now and read later answers what the synchronous read answers, though other calls
+    were made meanwhile: its connection is its own until the reply is read (no reply goes to the wrong
+    caller), and is back in the pool after."""
+    branch = branch_settings.branch
+    keys = build_keys(branch_settings, listen=False)
+    known, erased, new = _known_erased_new(keys, branch, "later")
+    store = keys.store
+    subjects = [*known, erased, new]
+    pending = store.send_get_deks(branch, subjects)
+    view = store.commit_view(branch)  # another request and reply while this one waits
+    assert store.get_deks(branch, subjects[:1])[0].keys() == {known[0]}
+    got = pending.result()
+    assert got == store.get_deks(branch, subjects) and pending.result() is got
+    assert set(got[0]) == set(known) and got[1] == [erased] and got[2] == [new]
+    assert store.commit_view(branch) == view
+    pool = store.client.connection_pool
+    assert len(pool._in_use_connections) == 0, "a read reply's connection goes back to the pool"
+
+
+def test_a_reply_whose_script_or_connection_was_lost_is_asked_again(branch_settings, stack):
+    """A script the server no longer has (a restart or `SCRIPT FLUSH`) and a connection lost before the reply
+    are answered by the ordinary call at `result`: the same answer, one more round trip, never a wrong one."""
+    from guard.keys.store import redis_client
+    from tests.integration.kafka_helpers import admin_redis_env
+
+    branch = branch_settings.branch
+    keys = build_keys(branch_settings, listen=False)
+    known, erased, new = _known_erased_new(keys, branch, "lost")
+    store = keys.store
+    subjects = [*known, erased, new]
+    want = store.get_deks(branch, subjects)
+    admin_env = admin_redis_env(stack)
+    admin = redis_client(admin_env["GUARD_REDIS_URL"], admin_env["GUARD_REDIS_PASSWORD_FILE"])
+    admin.script_flush()
+    trips = store.round_trips
+    assert store.send_get_deks(branch, subjects).result() == want
+    assert store.round_trips == trips + 2  # the reply said NOSCRIPT; the ordinary call loaded it again
+    pending = store.send_get_deks(branch, subjects)
+    pending._conn.disconnect()  # lost before the reply
+    assert pending.result() == want
+    # offers too: the creation is asked again; the key a lost first attempt stored is the one answered
+    made = keys._kek(branch).mint_aeads([f"dek/{branch}/{new}"], 1)
+    pending = store.send_get_or_create_deks(branch, [(new, made[0][0])])
+    pending._conn.disconnect()
+    assert pending.result() == [(1, made[0][0])]
+
+
+def test_a_reply_nobody_reads_is_dropped_with_its_connection(branch_settings):
+    """A batch given up drops its chunk in flight: its connection is closed, not returned half-read, the next
+    calls get their own replies, and nothing of the dropped prefetch is cached."""
+    branch = branch_settings.branch
+    keys = build_keys(branch_settings, listen=False)
+    store = keys.store
+    subject = f"dropped-{uuid.uuid4().hex[:8]}"
+    made = keys._kek(branch).mint_aeads([f"dek/{branch}/{subject}"], 1)
+    pending = store.send_get_or_create_deks(branch, [(subject, made[0][0])])
+    pending.drop()
+    assert len(store.client.connection_pool._in_use_connections) == 0
+    assert store.commit_view(branch)[0] >= 0  # the pool's next connection is in step
+    fetch = keys.send_prefetch(branch, {subject})
+    assert fetch is not None
+    keys.drop_prefetch(fetch)
+    assert keys.cached_subject_aead(branch, subject) is None, "a dropped prefetch caches nothing"
+    keys.prefetch(branch, {subject})
+    cached = keys.cached_subject_aead(branch, subject)
+    # whichever request stored the subject's key first, every later call finds that one
+    found, _, _ = store.get_deks(branch, [subject])
+    assert found[subject][0] == 1
+    assert cached is not None and keys.subject_aead(branch, subject).open(cached.seal(b"x", b"aad"), b"aad") == b"x"

@@ -1,0 +1,90 @@
+"""A batch's key load in chunks (`guard.pipeline.keyload`): where the chunks are cut, and that the next
+chunk's request is always sent before the worker waits on a reply. The key manager here is a recorder
+(pure logic); tests/integration/test_native_path.py runs the chunks against the real key store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from guard.pipeline.keyload import CHUNK_GROWTH, FIRST_CHUNK_RECORDS, ChunkedKeyLoad, plan_chunks
+
+
+def test_chunks_grow_from_the_first_miss_and_leave_out_ranges_without_a_subject():
+    first = 10
+    a, b = first + FIRST_CHUNK_RECORDS, first + FIRST_CHUNK_RECORDS * (1 + CHUNK_GROWTH)
+    tokens = ["s0", "s1", "s2", "s3", "s4"]
+    at = [first, first + 5, a, b + 7, b + 9]
+    assert plan_chunks(first, tokens, at, ["decoded"]) == [
+        (first, ["decoded", "s0", "s1"]), (a, ["s2"]), (b, ["s3", "s4"])]
+    # nothing in the second range: the third chunk still starts where its range does
+    assert plan_chunks(first, ["s0", "s3"], [first, b], []) == [(first, ["s0"]), (b, ["s3"])]
+    assert plan_chunks(0, [], [], []) == []
+    assert plan_chunks(0, [], [], ["decoded"]) == [(0, ["decoded"])]
+    with pytest.raises(ValueError):
+        plan_chunks(0, ["s0"], [], [])
+
+
+class Recorder:
+    """The key manager's side of a chunked load, as a log of what was sent, read and dropped."""
+
+    def __init__(self, cached: set[str] = frozenset()) -> None:
+        self.log: list[tuple[str, Any]] = []
+        self.cached = cached
+
+    def send_prefetch(self, branch: str, subjects: list[str]) -> Any:
+        if all(s in self.cached for s in subjects):
+            return None
+        self.log.append(("send", subjects[0]))
+        return subjects[0]
+
+    def finish_prefetch(self, fetch: Any) -> None:
+        self.log.append(("read", fetch))
+
+    def drop_prefetch(self, fetch: Any) -> None:
+        self.log.append(("drop", fetch))
+
+
+def chunks() -> list[tuple[int, list[str]]]:
+    return [(0, ["c0"]), (128, ["c1"]), (640, ["c2"]), (2688, ["c3"])]
+
+
+def test_the_next_request_is_sent_before_each_wait_and_misses_read_up_to_their_chunk():
+    keys = Recorder()
+    load = ChunkedKeyLoad(keys, "b")  # type: ignore[arg-type]
+    load.start(chunks())
+    assert keys.log == [("send", "c0"), ("send", "c1"), ("read", "c0")]
+    assert load.pending
+    keys.log.clear()
+    assert not load.reach(100), "a miss before the chunk in flight reads nothing (its record loads alone)"
+    assert keys.log == []
+    assert load.reach(128)
+    assert keys.log == [("send", "c2"), ("read", "c1")]
+    keys.log.clear()
+    assert load.reach(3000), "a miss past several chunks reads each, in order"
+    assert keys.log == [("send", "c3"), ("read", "c2"), ("read", "c3")]
+    assert not load.pending and not load.reach(None)
+
+
+def test_the_python_path_reads_every_chunk_and_a_batch_given_up_drops_the_one_in_flight():
+    keys = Recorder()
+    load = ChunkedKeyLoad(keys, "b")  # type: ignore[arg-type]
+    load.start(chunks())
+    keys.log.clear()
+    assert load.reach(None)
+    assert keys.log == [("send", "c2"), ("read", "c1"), ("send", "c3"), ("read", "c2"), ("read", "c3")]
+    load.start(chunks())
+    keys.log.clear()
+    load.drop()
+    assert keys.log == [("drop", "c1")] and not load.pending
+
+
+def test_chunks_whose_keys_are_all_cached_send_nothing():
+    keys = Recorder(cached={"c0", "c2"})
+    load = ChunkedKeyLoad(keys, "b")  # type: ignore[arg-type]
+    load.start(chunks())
+    assert keys.log == [("send", "c1")]
+    keys.log.clear()
+    assert load.reach(128)
+    assert keys.log == [("send", "c3"), ("read", "c1")]
