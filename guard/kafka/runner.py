@@ -82,6 +82,7 @@ from guard.kafka.rewinds import RewindCheck, RewindLostError
 from guard.kafka.stats import BatchCounters, Stats
 from guard.kafka_security import client_config
 from guard.keys.manager import TxnMark
+from guard.keys.store import PendingReply
 from guard.pipeline.policy import AttributionPending
 from guard.pipeline.sanitizer import Outcome, Sanitizer, pending_records
 from guard.protect.fastpath import take_messages
@@ -171,6 +172,8 @@ class SanitizerWorker:
         self._txn_started = 0.0
         self._txn_records = 0
         self._watcher: HangingWatcher | None = None
+        #: (number of checkpoints, reply) of the last copy to the second store not read yet (`_chains_committed`)
+        self._checkpoint_copy: tuple[int, PendingReply] | None = None
         #: This incarnation's name in pending confirmations (transactional id + a fresh uuid).
         sanitizer.owner = f"{settings.transactional_id()}#{uuid.uuid4()}"
         self._txn_mark: TxnMark = sanitizer.keys.mark()
@@ -264,6 +267,7 @@ class SanitizerWorker:
                 # A clean stop anchors its last records: without it they would wait, unverifiable by a
                 # checkpoint, until another worker owns their partitions (docs/audit.md).
                 self._idle_checkpoints(final=True)
+            self._checkpoint_copy_done()
             if self._watcher is not None:
                 self._watcher.stop()
             # A rewrite still waiting for its window (`aof_compaction_delay_s`) is done now rather than left
@@ -493,15 +497,28 @@ class SanitizerWorker:
 
     def _chains_committed(self) -> None:
         """After a commit: the checkpoints it carried go to the second store too (best effort: the topic
-        has them; a checkpoint missing from the second store weakens only what a later cut can hide)."""
+        has them; a checkpoint missing from the second store weakens only what a later cut can hide).
+
+        The copy is sent now and its reply read at the next commit's copy (or when the worker stops): nothing
+        waits on it, and waiting for it right away was ~3% of a first-sight worker's time (docs/benchmark.md,
+        round 22)."""
+        self._checkpoint_copy_done()
         notes = self.chains.committed()
-        if not notes:
+        if notes:
+            self._checkpoint_copy = (len(notes), self.sanitizer.keys.store.send_audit_checkpoints(
+                self.settings.audit_topic, notes))
+
+    def _checkpoint_copy_done(self) -> None:
+        """Read the reply of the last copy of checkpoints to the second store; a failure is logged."""
+        pending, self._checkpoint_copy = self._checkpoint_copy, None
+        if pending is None:
             return
+        count, reply = pending
         try:
-            self.sanitizer.keys.store.put_audit_checkpoints(self.settings.audit_topic, notes)
+            reply.result()
         except KeyUnavailableError as exc:
             log.warning("%d audit checkpoints not copied to the second store (%s); they are on %s",
-                        len(notes), exc, self.settings.audit_topic)
+                        count, exc, self.settings.audit_topic)
 
     def _idle_checkpoints(self, *, final: bool = False) -> None:
         """Between transactions: checkpoints of the chains whose last one is `audit_checkpoint_s` old, in a

@@ -58,7 +58,7 @@ from __future__ import annotations
 import os
 import struct
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -429,6 +429,10 @@ class StaleBranchKeyError(KeyUnavailableError):
         self.branch = branch
 
 
+def _same(reply: Any) -> Any:
+    return reply
+
+
 def _unavailable(exc: redis.RedisError) -> KeyUnavailableError:
     """The key store's failure as the worker reports it: fail closed, and say what to check."""
     if isinstance(exc, redis.exceptions.NoPermissionError):
@@ -441,13 +445,17 @@ def _unavailable(exc: redis.RedisError) -> KeyUnavailableError:
 
 
 class PendingReply:
-    """A script call already sent to the key store, whose reply is read when it is needed (`result`).
+    """A call already sent to the key store (a script, or a command), whose reply is read when it is needed
+    (`result`).
 
     Why: a batch's data keys are loaded in chunks (`KeyManager.send_prefetch`). The next chunk's request is
     sent before the worker seals the records of the current one, and its reply read when the run reaches
     the next chunk, so the key store's work (the script, its append-only-file write, the wire) overlaps the
     worker's instead of stalling it: waiting on key creation was 9% of a first-sight worker's time and key
     loading's round trip about 5% of a steady one's (docs/benchmark.md, round 22).
+
+    The same serves the copy of committed audit checkpoints to the second store, which nothing waits on
+    (`send_audit_checkpoints`; the runner reads its reply at the next copy).
 
     The request holds a connection of its own from the client's pool until its reply is read (or the call
     is dropped), so nothing else is ever sent on it in between. A request that could not be sent, a
@@ -457,12 +465,12 @@ class PendingReply:
     returns (each `send_*` method has one), so nothing is decided twice.
     """
 
-    __slots__ = ("_store", "_script", "_keys", "_args", "_parse", "_conn", "_value", "_error", "_done")
+    __slots__ = ("_store", "_again", "_parse", "_conn", "_value", "_error", "_done")
 
-    def __init__(self, store: RedisKeyStore | None, script: Any, keys: list[str], args: list[Any], parse: Any,
+    def __init__(self, store: RedisKeyStore | None, again: Callable[[], Any] | None, parse: Callable[[Any], Any],
                  conn: Any) -> None:
-        self._store, self._script, self._keys, self._args, self._parse = store, script, keys, args, parse
-        self._conn = conn
+        #: `again`: the same call made the ordinary way (`RedisKeyStore._call`), for when the reply is lost
+        self._store, self._again, self._parse, self._conn = store, again, parse, conn
         self._value: Any = None
         self._error: BaseException | None = None
         self._done = False
@@ -470,7 +478,7 @@ class PendingReply:
     @classmethod
     def ready(cls, value: Any) -> PendingReply:
         """A call with nothing to ask (no subjects): its result, no round trip."""
-        reply = cls(None, None, [], [], None, None)
+        reply = cls(None, None, _same, None)
         reply._value, reply._done = value, True
         return reply
 
@@ -480,8 +488,8 @@ class PendingReply:
             if self._error is not None:
                 raise self._error
             return self._value
-        store = self._store
-        assert store is not None  # only `ready` replies have no store, and they are done
+        store, again = self._store, self._again
+        assert store is not None and again is not None  # only `ready` replies have none, and they are done
         raw: Any = None
         conn, self._conn = self._conn, None
         if conn is not None:
@@ -493,7 +501,7 @@ class PendingReply:
                 conn = None
             except redis.exceptions.ResponseError as exc:
                 pool.release(conn)
-                self._error, self._done, self._args = _unavailable(exc), True, []
+                self._error, self._done, self._again = _unavailable(exc), True, None
                 raise self._error from None
             except redis.RedisError:  # lost before the reply: read_response disconnected it
                 pool.release(conn)
@@ -502,20 +510,20 @@ class PendingReply:
                 pool.release(conn)
         try:
             if conn is None:
-                raw = store._call(self._script, keys=self._keys, args=self._args)
+                raw = again()
             self._value = self._parse(raw)
         except BaseException as exc:
             self._error = exc
             raise
         finally:
             self._done = True
-            self._args = []  # the wrapped keys offered are not kept past the reply
+            self._again = None  # what was sent (wrapped keys offered) is not kept past the reply
         return self._value
 
     def drop(self) -> None:
         """Forget a reply nobody will read: the connection is closed (its reply is still on the way)."""
         conn, self._conn = self._conn, None
-        self._done, self._args = True, []
+        self._done, self._again = True, None
         if conn is not None and self._store is not None:
             conn.disconnect()
             self._store.client.connection_pool.release(conn)
@@ -565,20 +573,26 @@ class RedisKeyStore:
         except redis.RedisError as exc:
             raise _unavailable(exc) from None
 
-    def _send(self, script: Any, keys: list[str], args: list[Any], parse: Any) -> PendingReply:
+    def _send(self, script: Any, keys: list[str], args: list[Any], parse: Callable[[Any], Any]) -> PendingReply:
         """Send a script call now and read its reply later (`PendingReply`); one round trip either way."""
+        return self._send_command(("EVALSHA", script.sha, len(keys), *keys, *args),
+                                  lambda: self._call(script, keys=keys, args=args), parse)
+
+    def _send_command(self, command: tuple[Any, ...], again: Callable[[], Any],
+                      parse: Callable[[Any], Any]) -> PendingReply:
+        """Send `command` now and read its reply later; `again` makes the same call the ordinary way."""
         self.round_trips += 1
         pool = self.client.connection_pool
         conn = None
         try:
             conn = pool.get_connection()
-            conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            conn.send_command(*command)
         except redis.RedisError:
             if conn is not None:  # nothing reads this connection's reply: it must not go back half-used
                 conn.disconnect()
                 pool.release(conn)
             conn = None  # `result` makes the call the ordinary way (the client's retries, the script loaded)
-        return PendingReply(self, script, keys, args, parse, conn)
+        return PendingReply(self, again, parse, conn)
 
     def _k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -590,9 +604,16 @@ class RedisKeyStore:
 
     def put_audit_checkpoints(self, audit_topic: str, notes: list[tuple[str, int, str]]) -> None:
         """Keep signed checkpoints (chain, tree size, note) outside Kafka; one field per chain and size."""
-        if notes:
-            self._call(self.client.hset, self.audit_checkpoints_key(audit_topic),
-                       mapping={f"{chain} {size}": note for chain, size, note in notes})
+        self.send_audit_checkpoints(audit_topic, notes).result()
+
+    def send_audit_checkpoints(self, audit_topic: str, notes: list[tuple[str, int, str]]) -> PendingReply:
+        """`put_audit_checkpoints`, its reply read later (`PendingReply.result`)."""
+        if not notes:
+            return PendingReply.ready(0)
+        key = self.audit_checkpoints_key(audit_topic)
+        fields = {f"{chain} {size}": note for chain, size, note in notes}
+        return self._send_command(("HSET", key, *(x for pair in fields.items() for x in pair)),
+                                  lambda: self._call(self.client.hset, key, mapping=fields), _same)
 
     def audit_checkpoints(self, audit_topic: str) -> dict[str, str]:
         """Every kept checkpoint of the chains writing `audit_topic`: "{chain} {size}" → signed note."""
