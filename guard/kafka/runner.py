@@ -577,9 +577,10 @@ class SanitizerWorker:
                 self._produce_root_audits(cancelled, resumed)
                 self._produce_checkpoints(self.chains.checkpoints())  # the side chain's, if it grew
             store.set_expiry(sanitizer.branch, sanitizer.take_expiries(roots))
-            activity = sanitizer.pending_activity()
+            activity = sanitizer.pending_activity()  # what was not sent during the batch (`send_activity`)
             store.record_subject_activity(sanitizer.branch, activity)
             sanitizer.mark_recorded(activity)
+            sanitizer.activity_written()
             if not self._early_offsets_cover_batch():
                 offsets = [TopicPartition(t, p, o + 1, tails[(t, p)]) for (t, p), o in self._last.items()]
                 metadata = self.consumer.consumer_group_metadata()

@@ -987,8 +987,12 @@ class RedisKeyStore:
         it, with one `SADD` per topic; subjects erased meanwhile get no expiry, so an erasure is never
         followed by another one from the retention sweep.
         """
+        self.send_subject_activity(branch, activity).result()
+
+    def send_subject_activity(self, branch: str, activity: Mapping[tuple[str, str], int | None]) -> PendingReply:
+        """`record_subject_activity`, its reply read later (`PendingReply.result`)."""
         if not activity:
-            return
+            return PendingReply.ready(0)
         by_topic: dict[str, list[str]] = {}
         expiries: list[tuple[str, int]] = []
         now = int(time.time())
@@ -996,9 +1000,9 @@ class RedisKeyStore:
             by_topic.setdefault(topic, []).append(subject)
             if retention_s is not None:
                 expiries.append((subject, now + retention_s))
-        self._call(self._record_activity, keys=[self._k("expiry", branch), self._k("activity-topics", branch)],
-                   args=[self._k("on-topic", branch, ""), self._k("erased", branch, ""), orjson.dumps(by_topic),
-                         orjson.dumps(expiries)])
+        return self._send(self._record_activity, [self._k("expiry", branch), self._k("activity-topics", branch)],
+                          [self._k("on-topic", branch, ""), self._k("erased", branch, ""), orjson.dumps(by_topic),
+                           orjson.dumps(expiries)], _same)
 
     def commit_view(self, branch: str) -> tuple[int, int]:
         """(erasure epoch, scheduled erasures + retention expiries): what a commit must check, one round trip."""

@@ -46,6 +46,7 @@ from guard.classify.plans import TablePlan
 from guard.config import Settings
 from guard.errors import DecodeError, KeyShreddedError, KeyUnavailableError
 from guard.keys.manager import KeyManager
+from guard.pipeline.activity import SEND_EVERY_RECORDS, EarlyActivity
 from guard.pipeline.decode import Decoder
 from guard.pipeline.keyload import ChunkedKeyLoad, plan_chunks
 from guard.pipeline.plan import Planner
@@ -173,6 +174,10 @@ class Sanitizer:
         self._batch: Sequence[tuple[str, int, int, bytes | None]] = ()
         #: Native path: the chunks of the batch's key load still to come (`guard.pipeline.keyload`).
         self._key_load = ChunkedKeyLoad(keys, self.branch)
+        #: The open batch's activity sent before its commit (`send_activity`), and how many entries of
+        #: `subject_activity` the last send looked at.
+        self._early_activity = EarlyActivity(keys.store, self.branch)
+        self._activity_seen = 0
         #: (batch, first index read, indexes a native run stops before): `_run_stop`'s memo for one batch.
         self._stops: tuple[list[Any], int, list[int]] | None = None
         if use_native(settings.hot_path):
@@ -260,12 +265,27 @@ class Sanitizer:
             stop, reasons = scan_writes(records, start, stop, checker.message_topic, self._scan_decider(checker))
         if stop == start:
             return NativeRun(start, [], [], [])
+        end, last, counts, stamps, banded = start, [], [], [], []
+        now_ms = int(self._clock() * 1000)
         try:
-            end, last, counts, stamps, banded = self._fast.run(
-                records, start, produce=produce, poll=poll,
-                partitions=partitions, hooks=self._native_hooks, now_ms=int(self._clock() * 1000),
-                max_record_bytes=max_record_bytes, reasons=reasons,
-                chains=chains, stop=stop)
+            # In pieces of `SEND_EVERY_RECORDS`: between two, the activity of the records sealed so far goes to
+            # the key store, which writes it while the run goes on (`guard.pipeline.activity`).
+            while True:
+                piece = min(stop, end + SEND_EVERY_RECORDS)
+                done, *more = self._fast.run(
+                    records, end, produce=produce, poll=poll,
+                    partitions=partitions, hooks=self._native_hooks, now_ms=now_ms,
+                    max_record_bytes=max_record_bytes,
+                    reasons=None if reasons is None else reasons[end - start:piece - start],
+                    chains=chains, stop=piece)
+                last += more[0]
+                counts += more[1]
+                stamps += more[2]
+                banded += more[3]
+                end = done
+                if end < piece or piece == stop:
+                    break
+                self.send_activity()
         finally:
             self.keys.count_lookups(*self._fast.take_key_counts())
         facts = self._run_band_facts(banded, produce, poll) if banded else 0
@@ -491,12 +511,37 @@ class Sanitizer:
         """
         now = self._clock()
         recorded = self._activity_recorded
+        sent = self._early_activity.sent
         return {pair: None for pair in self.subject_activity
-                if (last := recorded.get(pair)) is None or now - last > ACTIVITY_REFRESH_S}
+                if ((last := recorded.get(pair)) is None or now - last > ACTIVITY_REFRESH_S) and pair not in sent}
+
+    def send_activity(self) -> None:
+        """Send the activity the open batch added since the last send (pairs not recorded in the last hour),
+        its reply read at the commit (`activity_written`): the key store writes it meanwhile.
+
+        Only the entries added since the last send are looked at; one the Python path's pop of an erased
+        subject's pair moved past is written by the commit (`pending_activity` looks at every entry).
+        """
+        activity = self.subject_activity
+        seen = self._activity_seen if self._activity_seen <= len(activity) else 0
+        self._activity_seen = len(activity)
+        now = self._clock()
+        recorded = self._activity_recorded
+        sent = self._early_activity.sent
+        self._early_activity.send([
+            pair for pair in islice(activity, seen, None)
+            if ((last := recorded.get(pair)) is None or now - last > ACTIVITY_REFRESH_S) and pair not in sent])
+
+    def activity_written(self) -> None:
+        """Wait for the activity sent during the open batch to be written (raises `KeyUnavailableError` if
+        it was not: the batch must not commit) and note it as recorded."""
+        self.mark_recorded(self._early_activity.written())
 
     def reset_batch(self) -> None:
         """Forget what the open batch collected (its transaction committed or was aborted)."""
         self.subject_activity.clear()
+        self._early_activity.drop()
+        self._activity_seen = 0
         self.pending_in_txn.clear()
         self.delete_expiries.clear()
         self.column_expiries.clear()

@@ -677,6 +677,46 @@ def test_a_large_batchs_keys_load_in_chunks_each_requested_before_the_run_needs_
                for i in range(0, n, 97))
 
 
+def test_a_batchs_activity_is_written_while_it_is_sealed_and_the_commit_writes_the_rest(stack, pair):
+    """Native runs stop every `SEND_EVERY_RECORDS` records and send the activity of the records sealed so far
+    (guard.pipeline.activity); the commit writes only the pairs not sent, waits for the early writes, and
+    then the key store names the topic for every subject of the batch, early or late. The output is the
+    Python path's, byte for byte (the pieces are invisible downstream)."""
+    from guard.pipeline.activity import SEND_EVERY_RECORDS
+
+    python, native = pair
+    topic, n = f"{PREFIX}.public.customers", SEND_EVERY_RECORDS * 2 + 40
+    out_topic = native.planner.sanitized_topic(topic)
+    cids = [7_950_000 + i + uuid.uuid4().int % 1000 * 10_000 for i in range(n)]
+    msgs = [Message(topic=topic, partition=i % 2, offset=3000 + i, key=f'{{"customer_id": {cid}}}'.encode(),
+                    value=orjson.dumps(_customer_event(after__customer_id=cid, after__name=f"客户{cid}")),
+                    timestamp=(1, 1_700_000_000_000 + i)) for i, cid in enumerate(cids)]
+    run_both(pair, "public.customers", b'{"customer_id": 42}', orjson.dumps(_customer_event()), prefetch=False,
+             trace_id=None)  # the plan is registered with the native path
+    store = native.keys.store
+    sent: list[int] = []
+    real_send = store.send_subject_activity
+    native.reset_batch()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(store, "send_subject_activity", lambda b, activity: sent.append(len(activity))
+                      or real_send(b, activity))
+        got = process_batch(stack, native, msgs)
+        assert sent == [SEND_EVERY_RECORDS, SEND_EVERY_RECORDS], "the activity went out while the batch was sealed"
+        rest = native.pending_activity()
+        assert len(rest) == 40, "the commit writes only what was not sent"
+        store.record_subject_activity(native.branch, rest)
+        native.mark_recorded(rest)
+        native.activity_written()
+    assert native.pending_activity() == {}, "every pair is recorded"
+    subjects = [native.planner.subject_for(cid, "public.customers") for cid in cids]
+    for i in (0, SEND_EVERY_RECORDS - 1, SEND_EVERY_RECORDS, n - 1):
+        assert out_topic in store.subject_topics(native.branch, subjects[i]), i
+    native.reset_batch()
+    expected = process_batch(stack, python, msgs)
+    assert got[0].records == expected[0].records
+    assert got[1:3] == expected[1:3]
+
+
 def test_native_runs_take_the_envelopes_read_for_the_batchs_keys_and_the_rest_are_dropped(stack, pair):
     """The envelopes `batch_subjects` reads to load a batch's keys are the ones its runs sanitize (each
     record's JSON read once, `native/src/readahead.rs`): a run takes each record's envelope out of the map,
