@@ -577,9 +577,9 @@ class SanitizerWorker:
                 self._produce_root_audits(cancelled, resumed)
                 self._produce_checkpoints(self.chains.checkpoints())  # the side chain's, if it grew
             store.set_expiry(sanitizer.branch, sanitizer.take_expiries(roots))
-            activity = sanitizer.pending_activity()  # what was not sent during the batch (`send_activity`)
-            store.record_subject_activity(sanitizer.branch, activity)
-            sanitizer.mark_recorded(activity)
+            # where the batch's ciphertexts went: the rest of it sent now, then every write of the batch
+            # waited for (native runs sent the rest while they ran: `Sanitizer.send_activity`)
+            sanitizer.send_activity()
             sanitizer.activity_written()
             if not self._early_offsets_cover_batch():
                 offsets = [TopicPartition(t, p, o + 1, tails[(t, p)]) for (t, p), o in self._last.items()]

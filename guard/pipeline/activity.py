@@ -6,12 +6,14 @@ in its deletion confirmation. It used to be written in one script call at the co
 waited for it: ~6% of a first-sight worker's time (a transaction's ~1,500 new pairs), ~2% of a steady
 one's (docs/benchmark.md, round 22). Native runs now stop every `SEND_EVERY_RECORDS` records and the pairs
 they added are sent then (`Sanitizer.send_activity`), their replies read at the commit, so the key store
-writes them while the worker seals the rest of the batch; the commit writes only what came after.
+writes them while the worker seals the rest of the batch; the commit sends only what came after, then
+waits for every write of the batch (`Sanitizer.activity_written`) before it goes on.
 
 A pair written for a transaction that then aborts says a subject's ciphertexts went to a topic where
 none of them committed yet: the replay commits them, and the confirmation's list of topics errs on the
 side of naming one too many, as a commit that failed after the write always could. A pair never written
-is the error that matters, and the commit still writes every pair not sent before (`pending_activity`).
+is the error that matters: the commit sends every pair added after the last send (every pair, after a pop
+of an erased subject's pair moved the entries) and commits nothing until all of them are written.
 """
 
 from __future__ import annotations

@@ -517,10 +517,11 @@ class Sanitizer:
 
     def send_activity(self) -> None:
         """Send the activity the open batch added since the last send (pairs not recorded in the last hour),
-        its reply read at the commit (`activity_written`): the key store writes it meanwhile.
+        its reply read by `activity_written`: the key store writes it meanwhile. Native runs call it every
+        `SEND_EVERY_RECORDS` records, and the commit once more for the rest, before `activity_written`.
 
-        Only the entries added since the last send are looked at; one the Python path's pop of an erased
-        subject's pair moved past is written by the commit (`pending_activity` looks at every entry).
+        Only the entries added since the last send are looked at (entries are only added, in order, while a
+        batch runs; a pop, for an erased subject, makes the next send look at every entry again).
         """
         activity = self.subject_activity
         seen = self._activity_seen if self._activity_seen <= len(activity) else 0
@@ -722,6 +723,7 @@ class Sanitizer:
                                         if od else "unconfigured", source=source)
         # A change of the root row after this delete (same batch) reads as a re-insert at the commit.
         self.subject_activity.pop((subject, out_topic), None)
+        self._activity_seen = 0  # entries moved: the next `send_activity` looks at all of them again
         self.delete_expiries.pop(subject, None)
         self.column_expiries.pop(subject, None)
         now = self._clock()
@@ -1022,6 +1024,7 @@ class Sanitizer:
         for pair in [p for p in self.subject_activity if p[0] == subject]:
             del self.subject_activity[pair]
             self._activity_recorded.pop(pair, None)
+            self._activity_seen = 0  # entries moved: the next `send_activity` looks at all of them again
 
 
 def amount_band(value: Any, bands: Sequence[tuple[str, Decimal]]) -> str | None:

@@ -4,10 +4,13 @@ sent. The store here records calls (pure logic); tests/integration/test_native_p
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from guard.errors import KeyUnavailableError
 from guard.pipeline.activity import EarlyActivity
+from guard.pipeline.sanitizer import Sanitizer
 
 
 class Reply:
@@ -62,3 +65,44 @@ def test_a_failed_write_stops_the_commit_and_a_batch_given_up_drops_what_is_unre
     assert store.log[3:] == ["read 0", "read 1"]
     early.drop()  # the runner aborts the batch
     assert store.log[5:] == ["drop 1", "drop 2"] and early.sent == set()
+
+
+class Sent:
+    def __init__(self) -> None:
+        self.sent: set = set()
+        self.calls: list[list] = []
+
+    def send(self, pairs: list) -> None:
+        self.calls.append(pairs)
+        self.sent.update(pairs)
+
+
+def fake_sanitizer(recorded: dict | None = None) -> SimpleNamespace:
+    return SimpleNamespace(subject_activity={}, _activity_seen=0, _clock=lambda: 10_000.0,
+                           _activity_recorded=recorded or {}, _early_activity=Sent())
+
+
+def test_each_send_looks_at_the_pairs_added_since_the_last_and_skips_recorded_ones():
+    san = fake_sanitizer(recorded={("old", "t"): 9_000.0, ("stale", "t"): 1.0})
+    for pair in [("a", "t"), ("old", "t"), ("stale", "t")]:
+        san.subject_activity[pair] = 30
+    Sanitizer.send_activity(san)  # type: ignore[arg-type]
+    assert san._early_activity.calls == [[("a", "t"), ("stale", "t")]], "recorded within the hour: not again"
+    san.subject_activity[("a", "t")] = 30  # seen again: not a new entry
+    san.subject_activity[("b", "t")] = 30
+    Sanitizer.send_activity(san)  # type: ignore[arg-type]
+    assert san._early_activity.calls[1:] == [[("b", "t")]]
+    Sanitizer.send_activity(san)  # type: ignore[arg-type]
+    assert san._early_activity.calls[2:] == [[]]
+
+
+def test_after_a_pop_the_next_send_looks_at_every_pair_and_sends_only_the_unsent():
+    san = fake_sanitizer()
+    for pair in [("a", "t"), ("b", "t"), ("c", "t")]:
+        san.subject_activity[pair] = 30
+    Sanitizer.send_activity(san)  # type: ignore[arg-type]
+    san.subject_activity[("d", "t")] = 30
+    san.subject_activity.pop(("a", "t"))  # an erased subject's pair: entries move
+    san._activity_seen = 0  # what the sanitizer's pops do
+    Sanitizer.send_activity(san)  # type: ignore[arg-type]
+    assert san._early_activity.calls[1:] == [[("d", "t")]], "the pair after the pop is not missed"
