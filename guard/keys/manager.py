@@ -498,7 +498,9 @@ class KeyManager:
         self.check_tenant_keys()
         now = time.monotonic()
         horizon = now + self._ttl * REFRESH_MARGIN
-        missing = [s for s in subjects if ((hit := self._deks.get((branch, s))) is None or hit[1] <= horizon)
+        # each subject once: a key-creation call offered one subject two keys would keep the second
+        missing = [s for s in dict.fromkeys(subjects)
+                   if ((hit := self._deks.get((branch, s))) is None or hit[1] <= horizon)
                    and (branch, s) not in self._erased]
         if not missing:
             return None

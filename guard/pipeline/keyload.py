@@ -39,12 +39,15 @@ def plan_chunks(first: int, tokens: Sequence[str], at: Sequence[int],
     """Cut a batch's subjects into chunks: (index of the chunk's first record, its subjects), in order.
 
     `tokens[n]` is first named by the record at index `at[n]` (ascending, all `>= first`); `extra` subjects
-    (records the native path can't read, decoded in Python) join the first chunk. Chunks without a subject
-    are left out.
+    (records the native path can't read, decoded in Python) join the first chunk. Each subject is in one
+    chunk only, the one of its first record: `batch_subjects` reads each table's ids apart, so a customer
+    whose account follows its own row comes twice (and one request must never offer a subject two keys).
+    Chunks without a subject are left out.
     """
     chunks: list[tuple[int, list[str]]] = []
     start, size = first, FIRST_CHUNK_RECORDS
-    current: list[str] = list(extra)
+    current: list[str] = list(dict.fromkeys(extra))
+    placed = set(current)
     for token, position in zip(tokens, at, strict=True):
         while position >= start + size:
             if current:
@@ -52,7 +55,9 @@ def plan_chunks(first: int, tokens: Sequence[str], at: Sequence[int],
                 current = []
             start += size
             size *= CHUNK_GROWTH
-        current.append(token)
+        if token not in placed:
+            placed.add(token)
+            current.append(token)
     if current:
         chunks.append((start, current))
     return chunks
@@ -99,6 +104,20 @@ class ChunkedKeyLoad:
             self._keys.finish_prefetch(fetch)
             loaded = True
         return loaded
+
+    def settle(self) -> None:
+        """The batch is done: the reply of a request still in flight is read and its keys cached (the key
+        store did the work, and created keys are counted where they were created), or dropped if it can't
+        be read; chunks not sent are forgotten. A request is left in flight when the run never reached its
+        chunk: a partition held at a delete (its records come again in a later batch), a batch given up."""
+        self._waiting.clear()
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is None:
+            return
+        try:
+            self._keys.finish_prefetch(in_flight[1])
+        except Exception:  # noqa: BLE001 - the batch is over either way; its keys load again when needed
+            self._keys.drop_prefetch(in_flight[1])
 
     def drop(self) -> None:
         """Forget the batch's chunks: the request in flight is dropped unread, nothing of it cached."""

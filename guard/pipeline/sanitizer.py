@@ -317,7 +317,7 @@ class Sanitizer:
         """Drop what native runs remember of the current batch (its records, plaintext values included):
         the runner calls it when it is done with a batch, so an idle worker holds none of them."""
         self._stops = None
-        self._key_load.drop()  # a chunk's request still in flight: nobody will read it
+        self._key_load.settle()  # a chunk's request the runs never reached: its keys cached, or dropped
         if self._fast is not None:
             self._fast.forget_read_ahead()  # the envelopes `_load_keys_from` read that no run took
 

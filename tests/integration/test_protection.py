@@ -768,3 +768,18 @@ def test_a_reply_nobody_reads_is_dropped_with_its_connection(branch_settings):
     found, _, _ = store.get_deks(branch, [subject])
     assert found[subject][0] == 1
     assert cached is not None and keys.subject_aead(branch, subject).open(cached.seal(b"x", b"aad"), b"aad") == b"x"
+
+
+def test_a_prefetch_offers_each_subject_one_key_however_often_it_is_named(branch_settings):
+    """A subject named twice in one prefetch (two tables' rows of one customer) is offered one key: the creation
+    script would otherwise store both, the second replacing the first, and a worker could seal with the first."""
+    branch = branch_settings.branch
+    keys = build_keys(branch_settings, listen=False)
+    subject = f"twice-{uuid.uuid4().hex[:8]}"
+    fetch = keys.send_prefetch(branch, [subject, "twice-other-" + subject, subject])
+    assert fetch is not None and fetch.missing == [subject, "twice-other-" + subject]
+    keys.finish_prefetch(fetch)
+    assert keys.keys_created == 2
+    cached = keys.cached_subject_aead(branch, subject)
+    other = build_keys(branch_settings, listen=False).subject_aead(branch, subject)  # what the store holds
+    assert cached is not None and other.open(cached.seal(b"x", b"aad"), b"aad") == b"x"

@@ -563,9 +563,22 @@ def test_sanitized_records_keep_their_input_partition(stack, log_dir):
         sc.kill_all()
 
 
+class _LostReply:
+    """The reply of a key-store write that never comes: Redis died after the request was sent."""
+
+    def result(self) -> None:
+        from guard.errors import KeyUnavailableError
+
+        raise KeyUnavailableError("key store unreachable (simulated: Redis died before the commit)")
+
+    def drop(self) -> None:
+        pass
+
+
 class _FirstCommitFails:
-    """An in-process worker's set-up on the real stack whose first commit-time key-store call fails
-    (`record_subject_activity` in `_commit`), so the worker aborts its first transaction and rewinds."""
+    """An in-process worker's set-up on the real stack whose first commit-time key-store write fails (the
+    activity write `_commit` waits for: `send_subject_activity`'s reply), so the worker aborts its first
+    transaction and rewinds."""
 
     def __init__(self, stack: dict[str, str], log_dir: Path) -> None:
         from guard.config import load_settings
@@ -578,22 +591,20 @@ class _FirstCommitFails:
             audit_topic=sc.audit, dlq_topic=sc.dlq, anomalies_topic=sc.anomalies, deletions_topic=sc.deletions)
         self.sanitizer = build_sanitizer(self.settings)
         store = self.sanitizer.keys.store
-        self._real = store.record_subject_activity
+        self._real = store.send_subject_activity
         self.calls = 0
-        store.record_subject_activity = self._fails_once  # type: ignore[method-assign]
+        store.send_subject_activity = self._fails_once  # type: ignore[method-assign]
         sc.in_process_ids.add(self.settings.worker_id)
 
-    def _fails_once(self, branch: str, activity: dict) -> None:
-        from guard.errors import KeyUnavailableError
-
+    def _fails_once(self, branch: str, activity: dict) -> Any:
         self.calls += 1
         if self.calls == 1:
-            raise KeyUnavailableError("key store unreachable (simulated: Redis died before the commit)")
-        self._real(branch, activity)
+            return _LostReply()
+        return self._real(branch, activity)
 
 
 def test_key_store_failure_at_commit_time_is_retried_not_fatal(stack, log_dir):
-    """Redis can die between processing a batch and committing it (`record_subject_activity` in `_commit`).
+    """Redis can die between processing a batch and committing it (the activity write `_commit` waits for).
 
     A real outage hits that window by chance; here the first commit-time call fails, deterministically,
     in an in-process worker on the real stack. Expected: the batch is aborted and retried like any other

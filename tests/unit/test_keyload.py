@@ -88,3 +88,33 @@ def test_chunks_whose_keys_are_all_cached_send_nothing():
     keys.log.clear()
     assert load.reach(128)
     assert keys.log == [("send", "c3"), ("read", "c1")]
+
+
+def test_a_batch_done_reads_the_request_its_runs_never_reached_and_drops_it_if_it_fails():
+    keys = Recorder()
+    load = ChunkedKeyLoad(keys, "b")  # type: ignore[arg-type]
+    load.start(chunks())
+    keys.log.clear()
+    load.settle()  # a partition held at a delete: the runs never reached the chunk in flight
+    assert keys.log == [("read", "c1")] and not load.pending, "its keys are cached, chunks not sent forgotten"
+
+    class Failing(Recorder):
+        def finish_prefetch(self, fetch: Any) -> None:
+            raise RuntimeError("key store unreachable")
+
+    keys = Failing()
+    load = ChunkedKeyLoad(keys, "b")  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError):
+        load.start(chunks())
+    keys.log.clear()
+    load.settle()
+    assert keys.log == [("drop", "c1")] and not load.pending
+
+
+def test_a_subject_named_by_several_tables_is_in_the_chunk_of_its_first_record_only():
+    """`batch_subjects` reads each table's ids apart: a customer whose account row follows comes twice. One
+    key-creation request must never offer a subject two keys (the second would replace the first)."""
+    far = FIRST_CHUNK_RECORDS + 5
+    assert plan_chunks(0, ["cust", "acct", "cust", "cust"], [0, 1, 2, far], ["acct", "dec"]) == [
+        (0, ["acct", "dec", "cust"])]
+    assert plan_chunks(0, ["a", "b", "a"], [0, far, far + 1]) == [(0, ["a"]), (FIRST_CHUNK_RECORDS, ["b"])]

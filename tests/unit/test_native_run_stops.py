@@ -34,7 +34,7 @@ class Msg:
 def fake_sanitizer() -> Any:
     fake = SimpleNamespace(_stops=None, _fast=None, _is_compacted=lambda topic: topic == "s." + COMPACTED,
                            planner=SimpleNamespace(sanitized_topic=lambda topic: "s." + topic),
-                           _key_load=SimpleNamespace(drop=lambda: None))
+                           _key_load=SimpleNamespace(settle=lambda: None))
     fake._find_stops = lambda records, start: Sanitizer._find_stops(fake, records, start)  # type: ignore[arg-type]
     return fake
 
