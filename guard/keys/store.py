@@ -503,7 +503,8 @@ class PendingReply:
                 pool.release(conn)
                 self._error, self._done, self._again = _unavailable(exc), True, None
                 raise self._error from None
-            except redis.RedisError:  # lost before the reply: read_response disconnected it
+            except redis.RedisError:  # lost before the reply (or unreadable): never reuse this connection
+                conn.disconnect()
                 pool.release(conn)
                 conn = None
             else:

@@ -503,7 +503,8 @@ class Sanitizer:
             self._fast.clear_memos()
 
     def pending_activity(self) -> dict[tuple[str, str], int | None]:
-        """The open batch's (subject, topic) pairs not recorded in the last hour → None (no expiry change).
+        """The open batch's (subject, topic) pairs not recorded in the last hour and not sent yet (`send_activity`)
+        → None (no expiry change): what the batch still has to write.
 
         Activity only says where a subject's ciphertexts went; it never moves a retention expiry: retention
         runs from the end of the relationship as the data says it (`take_expiries`). Steady traffic of
