@@ -13,9 +13,10 @@ give it, not only as its UTF-8 bytes:
   (``"教师"``), an Avro string (its zig-zag length prefix followed by exactly its bytes), or for digits a run
   that no letter, digit or mask ``*`` touches (a mask's visible digits are part of a longer value);
 * integers (a birth date as days, an amount) of 4 digits or more: as a JSON number under any key other
-  than the guard's own metadata (offsets, timestamps, sizes), and as an Avro ``long`` in a map entry (the
-  sanitized record's ``clear`` map: key string, union branch 2, zig-zag varint) whose key looks like a
-  column name (lower-case snake case, 6+ characters; see `_AVRO_LONG_IN_MAP` for why).
+  than the guard's own metadata (offsets, timestamps, sizes) or a row's identifier (`id`, `*_id`), and as
+  an Avro ``long`` in a map entry (the sanitized record's ``clear`` map: key string, union branch 2,
+  zig-zag varint) whose key looks like a column name (lower-case snake case, 6+ characters; see
+  `_AVRO_LONG_IN_MAP` for why) and is not an identifier.
 
 Values of one character and integers below 1000 are not looked for: they are everywhere.
 """
@@ -42,6 +43,10 @@ METADATA_KEYS = frozenset({
     "pos", "row", "thread", "server_id", "lsn", "txId", "xmin", "ts_us", "ts_ns", "total_order",
     "data_collection_order",
 })
+#: JSON keys that name a row's identifier (`id`, `txn_id`, `customer_id`): no sensitive column is one, and the
+#: guard passes them in clear. Their numbers grow with every row a long run writes: past 100,000 a transaction
+#: id equals one of a workload's 6-digit PINs by chance (CI: `{"txn_id":125837}` in a sanitized record's key).
+_IDENTIFIER_KEY = re.compile(r"(?:^|_)id$")
 #: What a mask puts in place of the characters it hides (guard.protect.masking).
 MASK_CHAR = b"*"
 #: `"key":` just before a number (looked for backwards from the number's first digit).
@@ -168,18 +173,20 @@ class LeakScanner:
                         return form
         if self._numbers:
             for m in _JSON_NUMBER.finditer(blob):
-                if m.group(1).decode() not in METADATA_KEYS and int(m.group(2)) in self._numbers:
+                if _a_column(m.group(1).decode()) and int(m.group(2)) in self._numbers:
                     return m.group(2)
             for m in _AVRO_LONG_IN_MAP.finditer(blob):
-                if m.group(1)[0] == 2 * len(m.group(2)) and _unvarint(m.group(3)) in self._numbers:
+                if (m.group(1)[0] == 2 * len(m.group(2)) and _a_column(m.group(2).decode())
+                        and _unvarint(m.group(3)) in self._numbers):
                     return m.group(0)
         return None
 
 
 def _a_value(blob: bytes, start: int, length: int) -> bool:
     """Whether the digits at `start` stand alone (no letter, digit or mask character touches them) and are
-    not a JSON number under a metadata key: a 6-digit PIN equals a MariaDB binlog position
-    (`"pos":443806`) by chance in about one raw-topic scan in thirty. Digits a mask's `*` touches are the
+    not a JSON number under a metadata or identifier key: a 6-digit PIN equals a MariaDB binlog position
+    (`"pos":443806`) by chance in about one raw-topic scan in thirty, and a transaction id once the
+    database's sequence passes 100,000. Digits a mask's `*` touches are the
     visible part of a longer masked value (a card's BIN, an account number's first six: `010112******8200`),
     whose length the mask chose: a PIN equals one of them by chance in about one crash-test scan in twenty
     (250 customers; branch 0101's account numbers show only 100 distinct first sixes)."""
@@ -188,7 +195,12 @@ def _a_value(blob: bytes, start: int, length: int) -> bool:
     if before.isalnum() or after.isalnum() or MASK_CHAR in (before, after):
         return False
     key = _KEY_BEFORE.search(blob, max(0, start - 70), start)
-    return key is None or key.group(1).decode() not in METADATA_KEYS
+    return key is None or _a_column(key.group(1).decode())
+
+
+def _a_column(key: str) -> bool:
+    """Whether a JSON key could hold a sensitive column's value: not the guard's metadata, not a row id."""
+    return key not in METADATA_KEYS and _IDENTIFIER_KEY.search(key) is None
 
 
 def _forms(text: str) -> list[tuple[bytes, str]]:

@@ -47,6 +47,17 @@ def test_a_short_pin_equal_to_a_binlog_position_is_not_a_leak():
     assert scanner.find(b'{"memo":"pin 443806"}') is not None
 
 
+def test_a_short_pin_equal_to_a_row_id_is_not_a_leak():
+    scanner = LeakScanner.of({"125837", 125838})
+    assert scanner.find(b'{"txn_id":125837}\x00' + _avro_string("public.transactions")) is None
+    assert scanner.find(b'{"after":{"id":125837,"account_id":125838,"customer_id": 125838}}') is None
+    assert scanner.find(b'{"after":{"txn_id":1,"memo":125837}}') is not None
+    assert scanner.find(b'{"after":{"txn_id":1,"amount":125838}}') is not None
+    assert scanner.find(b'{"after":{"idle":125837}}') is not None
+    assert scanner.find(b"\x00" + _avro_clear_map({"txn_id": 125838})) is None
+    assert scanner.find(b"\x00" + _avro_clear_map({"amount": 125838})) is not None
+
+
 def test_a_short_pin_as_a_value_is_a_leak():
     scanner = LeakScanner.of({"272723"})
     assert scanner.find(b'{"query_pin":"272723"}') is not None
