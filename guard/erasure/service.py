@@ -140,7 +140,7 @@ def _compact(sanitizer: Sanitizer) -> None:
         sanitizer.keys.store.compact()
     except GuardError as exc:
         log.warning("the append-only-file rewrite after the shred did not complete (%s); the key store keeps "
-                    "it due (bg:{t}:compact-due) and running workers finish it", exc)
+                    "it due (bg:{t}:compact-shreds above compact-covered) and running workers finish it", exc)
 
 
 def erasure_sanitizer(settings: Settings) -> Sanitizer:

@@ -32,7 +32,10 @@ script against the user's key patterns either way, so the ACL applies to them to
     bg:{t}:ckeys:{branch}:{subject}  set   (topic, partition, key) of the subject's records on compacted topics
     bg:{t}:ckey-owner:{branch}       hash  (topic, partition, key) → the subject whose record it is
     bg:{t}:erasure-epoch             str   counter: +1 per shred (workers check it before committing)
-    bg:{t}:compact-due               str   counter: shreds not yet covered by a completed AOF rewrite
+    bg:{t}:compact-shreds            str   counter: +1 per shred that destroyed a key (never lowered)
+    bg:{t}:compact-covered           str   the compact-shreds count the latest completed AOF rewrite covers
+    bg:{t}:compact-due               str   legacy: what was due as workers before compact-shreds counted it
+                                           (still due; lowered by compactions, no longer incremented)
     bg:{t}:alerted:{key}             str   alert deduplication across workers (expires)
     bg:{t}:attrib:{branch}:{txid}    set   principals the transaction's guard.principal messages named (expires
                                            after ATTRIBUTION_TTL_S; docs/policy.md, "Attribution contract")
@@ -163,7 +166,7 @@ return nxt
 """
 
 _SHRED = """
--- KEYS: dek hash, erased marker, pending confirmations hash, erasure epoch, compaction-due counter, expiry zset,
+-- KEYS: dek hash, erased marker, pending confirmations hash, erasure epoch, compaction shreds counter, expiry zset,
 --       hold set, scheduled erasures zset, scheduled erasures hash
 -- ARGV: shred record, subject, expected number of key versions, pending entry (JSON, '' for none), channel,
 --       invalidation message (the epoch is appended)
@@ -184,6 +187,19 @@ local epoch = redis.call('INCR', KEYS[4])
 if versions > 0 then redis.call('INCR', KEYS[5]) end
 redis.call('PUBLISH', ARGV[5], ARGV[6] .. ':' .. epoch)
 return {versions, already, epoch}
+"""
+
+_COMPACTED = """
+-- KEYS: compact-covered, legacy compact-due. ARGV: the compact-shreds count read before the rewrite started,
+-- the legacy counter read then. Raises compact-covered to the count (never lowers it) and lowers the legacy
+-- counter by what was read of it (never below 0).
+if tonumber(ARGV[1]) > tonumber(redis.call('GET', KEYS[1]) or '0') then redis.call('SET', KEYS[1], ARGV[1]) end
+local legacy = tonumber(ARGV[2])
+if legacy > 0 then
+  local left = tonumber(redis.call('GET', KEYS[2]) or '0') - legacy
+  if left > 0 then redis.call('SET', KEYS[2], left) else redis.call('DEL', KEYS[2]) end
+end
+return 1
 """
 
 _SHRED_PREVIEW = """
@@ -327,10 +343,17 @@ return nxt
 """
 
 #: Incremented by every shred (in the same script): workers compare it before committing (docs/keys.md).
-#: (Names below the tenant's prefix: `RedisKeyStore.epoch_key`, `compact_due_key`, `invalidate_channel`.)
+#: (Names below the tenant's prefix: `RedisKeyStore.epoch_key`, `compact_shreds_key`, `invalidate_channel`.)
 EPOCH_KEY = "erasure-epoch"
-#: Shreds not yet covered by a completed append-only-file rewrite.
-COMPACT_DUE_KEY = "compact-due"
+#: Shreds that destroyed a key, counted in the shred's own script; only ever incremented.
+COMPACT_SHREDS_KEY = "compact-shreds"
+#: The `compact-shreds` count that the latest completed append-only-file rewrite covers; only ever raised.
+#: What is due is the difference: two compactors that read the same count both raise this to it, where
+#: a counter of what is due, lowered by each, went below zero and then hid the next shred.
+COMPACT_COVERED_KEY = "compact-covered"
+#: The counter of what is due that workers before the two keys above kept (incremented by their shreds,
+#: lowered by their compactions): still counted as due, lowered by a compaction that read it, never below 0.
+LEGACY_COMPACT_DUE_KEY = "compact-due"
 INVALIDATE_CHANNEL = "invalidate"
 
 # KEYS: registry, branches, tkey<purpose>...; ARGV: now, then (purpose, wrapped) pairs in KEYS order.
@@ -539,7 +562,9 @@ class RedisKeyStore:
         self.prefix = tenant_prefix(tenant)
         self.invalidate_channel = self.prefix + INVALIDATE_CHANNEL
         self.epoch_key = self.prefix + EPOCH_KEY
-        self.compact_due_key = self.prefix + COMPACT_DUE_KEY
+        self.compact_shreds_key = self.prefix + COMPACT_SHREDS_KEY
+        self.compact_covered_key = self.prefix + COMPACT_COVERED_KEY
+        self.legacy_compact_due_key = self.prefix + LEGACY_COMPACT_DUE_KEY
         self.client = redis_client(url, password_file, socket_timeout=5, socket_connect_timeout=5)
         self._tenant_keys = self.client.register_script(_TENANT_KEYS)
         #: Requests made through `_call` (every method's round trip; a pipeline counts once), for the bench.
@@ -553,6 +578,7 @@ class RedisKeyStore:
         self._rotate_dek = self.client.register_script(_ROTATE_DEK)
         self._shred = self.client.register_script(_SHRED)
         self._shred_preview = self.client.register_script(_SHRED_PREVIEW)
+        self._compacted = self.client.register_script(_COMPACTED)
         self._confirm_delivered = self.client.register_script(_CONFIRM_DELIVERED)
         self._record_activity = self.client.register_script(_RECORD_ACTIVITY)
         self._subject_topics = self.client.register_script(_SUBJECT_TOPICS)
@@ -815,13 +841,13 @@ class RedisKeyStore:
         longer `expected_versions` (`changed`: a rotation raced; preview again), else deletes the key,
         writes the erased marker (blocks re-creation), stores `pending` (the confirmation to deliver,
         `pending_confirmations`), drops the subject's retention expiry, counts the shred in the erasure
-        epoch and the compaction-due counter, and publishes the invalidation. A subject already erased
-        with no key left is not touched (`already`).
+        epoch and (when a key was destroyed) in the compaction's shred count, and publishes the
+        invalidation. A subject already erased with no key left is not touched (`already`).
         """
         versions, already, epoch = self._call(
             self._shred,
             keys=[self._k("dek", branch, subject), self._k("erased", branch, subject), self._k("pending", branch),
-                  self.epoch_key, self.compact_due_key, self._k("expiry", branch), self._k("hold", branch),
+                  self.epoch_key, self.compact_shreds_key, self._k("expiry", branch), self._k("hold", branch),
                   self._k("erasure-due", branch), self._k("erasure-due-info", branch)],
             args=[record, subject, expected_versions, pending or b"", self.invalidate_channel, f"{branch}:{subject}"],
         )
@@ -872,7 +898,16 @@ class RedisKeyStore:
     # --- append-only file compaction ---------------------------------------------------------------
     def compaction_due(self) -> int:
         """Shreds since the last completed append-only-file rewrite (0: the files hold no destroyed key)."""
-        return int(self._call(self.client.get, self.compact_due_key) or 0)
+        shreds, covered, legacy = self.compaction_counts()
+        return max(shreds - covered, 0) + legacy
+
+    def compaction_counts(self) -> tuple[int, int, int]:
+        """(shreds counted, shreds a completed rewrite covers, legacy counter not below 0), in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        for key in (self.compact_shreds_key, self.compact_covered_key, self.legacy_compact_due_key):
+            pipe.get(key)
+        shreds, covered, legacy = self._call(pipe.execute)
+        return int(shreds or 0), int(covered or 0), max(int(legacy or 0), 0)
 
     def compact(self, *, timeout_s: float = 300.0, poll_s: float = 0.05) -> bool:
         """Make sure an append-only-file rewrite that *started after this call* completes.
@@ -881,12 +916,13 @@ class RedisKeyStore:
         still holds the wrapped key, and Redis refuses BGREWRITEAOF while one runs. So: wait until no
         rewrite runs, start one (or have Redis schedule it behind a running RDB save), and wait until the
         rewrite counter has moved past it with status `ok`; a failed rewrite is started again. Returns
-        True when done (and lowers the compaction-due counter by the shreds it covered), False when
+        True when done (and records the shreds counted before it started as covered), False when
         append-only persistence is off (nothing to compact). Raises `KeyUnavailableError` on a Redis
         error or after `timeout_s`.
         """
         deadline = time.monotonic() + timeout_s
-        due = self.compaction_due()
+        # Read before the rewrite is started, so every shred counted here precedes its fork.
+        shreds, _covered, legacy = self.compaction_counts()
         while True:
             info = self._call(self.client.info, "persistence")
             if not int(info.get("aof_enabled", 0)):
@@ -909,8 +945,8 @@ class RedisKeyStore:
                     break
                 self._wait(deadline, poll_s, "the append-only-file rewrite to complete")
             if info.get("aof_last_bgrewrite_status") == "ok":
-                if due:
-                    self._call(self.client.decrby, self.compact_due_key, due)
+                self._call(self._compacted, keys=[self.compact_covered_key, self.legacy_compact_due_key],
+                           args=[shreds, legacy])
                 return True
 
     @staticmethod

@@ -16,6 +16,8 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import orjson
@@ -390,6 +392,18 @@ def test_a_rewrite_running_at_the_shred_is_followed_by_one_that_drops_the_key(st
     branch, subject = f"e{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     marker = b"WRAPPED-KEY-" + uuid.uuid4().hex.encode()
     assert store.get_or_create_dek(branch, subject, marker) == (1, marker)
+    with _a_slow_rewrite_running(client):
+        done = store.shred(branch, subject, b"{}", expected_versions=1, pending=None)
+        assert done.status == "done" and done.versions_destroyed == 1
+        client.config_set("rdb-key-save-delay", 0)
+        assert store.compact(timeout_s=120)
+    assert marker not in _aof_contents(client), "the destroyed key is still in the append-only files"
+
+
+@contextlib.contextmanager
+def _a_slow_rewrite_running(client: redis.Redis) -> Iterator[None]:
+    """An append-only-file rewrite that runs for seconds (20,000 filler keys, 200 µs each) while the block
+    runs; the delay is reset and the fillers deleted at its end."""
     filler = f"bg:test-filler:{uuid.uuid4().hex}"
     pipe = client.pipeline(transaction=False)
     for i in range(20_000):
@@ -403,15 +417,46 @@ def test_a_rewrite_running_at_the_shred_is_followed_by_one_that_drops_the_key(st
             client.bgrewriteaof()
         wait_until(lambda: int(client.info("persistence")["aof_rewrite_in_progress"]), timeout=10,
                    what="the slow rewrite to start", interval=0.05)
-        done = store.shred(branch, subject, b"{}", expected_versions=1, pending=None)
-        assert done.status == "done" and done.versions_destroyed == 1
-        client.config_set("rdb-key-save-delay", 0)
-        assert store.compact(timeout_s=120)
+        yield
     finally:
         client.config_set("rdb-key-save-delay", 0)
         for start in range(0, 20_000, 1000):
             client.delete(*[f"{filler}:{i}" for i in range(start, start + 1000)])
-    assert marker not in _aof_contents(client), "the destroyed key is still in the append-only files"
+
+
+def test_two_compactors_that_read_the_same_count_leave_the_next_shred_due(stack):
+    """Every worker that shreds compacts; two that read what was due before the same rewrite used to both
+    subtract it from one counter: it went to -1 (seen after test_bench) and the next shred left it at 0, so no
+    rewrite was asked for while the destroyed key stayed in the append-only file."""
+    from guard.stack.config import StackConfig
+    from guard.stack.redisd import Redis
+
+    client = Redis(StackConfig.from_env()).admin_client(socket_timeout=10)
+    first, second = (RedisKeyStore(stack["GUARD_REDIS_URL"], "demo-bank") for _ in range(2))
+    branch = f"e{uuid.uuid4().hex[:8]}"
+
+    def shred_one() -> int:
+        subject = uuid.uuid4().hex
+        first.get_or_create_dek(branch, subject, b"WRAPPED-KEY-" + uuid.uuid4().hex.encode())
+        assert first.shred(branch, subject, b"{}", expected_versions=1, pending=None).status == "done"
+        return first.compaction_counts()[0]
+
+    first.client.set(first.legacy_compact_due_key, 2)  # what a worker before compact-shreds left due
+    shreds = shred_one()
+    assert first.compaction_due() >= 3
+    with _a_slow_rewrite_running(client), ThreadPoolExecutor(2) as pool:
+        # both read the counts now, wait for the slow rewrite, then each has one of its own complete
+        results = [pool.submit(store.compact, timeout_s=120) for store in (first, second)]
+        time.sleep(1.0)
+        assert int(client.info("persistence")["aof_rewrite_in_progress"]), "the slow rewrite ended too soon"
+        client.config_set("rdb-key-save-delay", 0)
+        assert [r.result() for r in results] == [True, True]
+    counted, covered, legacy = first.compaction_counts()
+    assert covered >= shreds and legacy == 0 and first.client.get(first.legacy_compact_due_key) is None
+    assert first.compaction_due() == counted - covered >= 0  # 0 unless a stray worker shredded meanwhile
+    before = first.compaction_due()
+    shred_one()
+    assert first.compaction_due() >= before + 1, "a shred after the compactions is due"
 
 
 def _aof_contents(client: redis.Redis) -> bytes:
