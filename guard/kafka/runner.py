@@ -274,7 +274,8 @@ class SanitizerWorker:
             # to the next worker's start: the confirmations say it starts within the window.
             if not self.sanitizer.keys.finish_compaction(timeout_s=30):
                 log.warning("the append-only-file rewrite after this worker's shreds did not complete before it "
-                            "stopped; the key store keeps it due (bg:{t}:compact-shreds above compact-covered) and the next worker does it")
+                            "stopped; the key store keeps it due (bg:{t}:compact-shreds above compact-covered) "
+                            "and the next worker does it")
             self._close_consumer(self.consumer)
             try:
                 self.producer.flush(10)
