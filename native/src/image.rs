@@ -8,6 +8,7 @@ use pyo3::types::{PyBytes, PyFloat, PyInt, PyString};
 
 use crate::avro::{put_long, put_str, str_enc};
 use crate::json::{Members, Val};
+use crate::mask::{fast_mask, MaskKind};
 use crate::token::TokenKey;
 use crate::{Decline, Step};
 
@@ -85,7 +86,8 @@ pub struct Plan {
     pub usable: bool,
     pub subject_root: bool,
     pub clear: Vec<Column>,
-    pub masks: Vec<(Column, Py<PyString>)>,
+    /// Each masked column, its kind as the Python callback takes it, and as `mask::fast_mask` takes it.
+    pub masks: Vec<(Column, Py<PyString>, MaskKind)>,
     pub index: Vec<Column>,
     /// Each index column's blind-index key (`KeyManager.index_for(column, "search")`), its tokens then
     /// computed here; empty when the plan was registered without them (the `token` callback then).
@@ -287,14 +289,14 @@ fn put_memoised<'py>(
     value: &Val<'_, 'py>,
     memo: &mut HashMap<String, Vec<u8>>,
     memo_entries: &mut usize,
-    of_str: impl FnOnce(&str) -> PyResult<Bound<'py, PyAny>>,
+    of_str: impl FnOnce(&str) -> PyResult<Vec<u8>>,
     of_other: impl FnOnce() -> PyResult<Bound<'py, PyAny>>,
 ) -> PyResult<()> {
     if let Val::Str(s) = value {
         if let Some(enc) = memo.get(s.as_ref()) {
             entries.extend_from_slice(enc);
         } else {
-            let enc = str_enc(text_of(&of_str(s)?)?);
+            let enc = of_str(s)?;
             entries.extend_from_slice(&enc);
             memo.insert(s.clone().into_owned(), enc);
             *memo_entries += 1;
@@ -363,15 +365,19 @@ pub fn write_image(
         &mut entries,
         values,
         plan.masks.iter(),
-        |(c, _)| (c.idx, &c.key[..]),
+        |(c, _, _)| (c.idx, &c.key[..]),
         |slot, v, e| {
-            let kind = plan.masks[slot].1.bind(py);
+            let (_, kind, fast) = &plan.masks[slot];
+            let kind = kind.bind(py);
             put_memoised(
                 e,
                 v,
                 &mut memos[slot],
                 memo_entries,
-                |s| cb.mask.call1((kind, s)),
+                |s| match fast_mask(*fast, s) {
+                    Some(masked) => Ok(str_enc(&masked)),
+                    None => Ok(str_enc(text_of(&cb.mask.call1((kind, s))?)?)),
+                },
                 || cb.mask.call1((kind, v.py_str(py)?)),
             )
         },
@@ -402,7 +408,11 @@ pub fn write_image(
                 v,
                 &mut memos[slot],
                 memo_entries,
-                |s| cb.token.call1((column, PyBytes::new(py, s.as_bytes()))),
+                |s| {
+                    Ok(str_enc(text_of(
+                        &cb.token.call1((column, PyBytes::new(py, s.as_bytes())))?,
+                    )?))
+                },
                 || cb.token.call1((column, v.value_bytes(py, &cb.dumps)?)),
             )
         },

@@ -30,6 +30,7 @@ mod envelope;
 mod image;
 mod json;
 mod keycache;
+mod mask;
 mod readahead;
 mod scan;
 mod seal;
@@ -53,6 +54,7 @@ use crate::image::{
     find_plan, sealed_plaintext, write_image, Callbacks, Column, Plan, SubjectTokens,
 };
 use crate::keycache::KeyCache;
+use crate::mask::MaskKind;
 use crate::readahead::ReadAhead;
 use crate::seal::SealingKey;
 use crate::token::{KeyColumn, TokenKey};
@@ -399,7 +401,7 @@ impl FastPath {
         let clear_cols = clear.iter().map(col).collect::<PyResult<Vec<_>>>()?;
         let mask_cols = masks
             .iter()
-            .map(|(c, k)| Ok((col(c)?, PyString::intern(py, k).unbind())))
+            .map(|(c, k)| Ok((col(c)?, PyString::intern(py, k).unbind(), MaskKind::of(k))))
             .collect::<PyResult<Vec<_>>>()?;
         let index_cols = index.iter().map(col).collect::<PyResult<Vec<_>>>()?;
         let hashed_cols = hashed.iter().map(col).collect::<PyResult<Vec<_>>>()?;
@@ -1231,6 +1233,7 @@ fn guard_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<SealingKey>()?;
     m.add_class::<TokenKey>()?;
     m.add_function(wrap_pyfunction!(py_leaf_hash, m)?)?;
+    m.add_function(wrap_pyfunction!(mask::py_fast_mask, m)?)?;
     m.add_function(wrap_pyfunction!(py_frontier_extend, m)?)?;
     m.add_function(wrap_pyfunction!(scan::py_scan_write, m)?)?;
     m.add_function(wrap_pyfunction!(scan::scan_writes, m)?)?;
