@@ -13,7 +13,9 @@ key never handed back), looked up once per event in the key manager's own cache 
 the rule of `cached_subject_aead`, without a Python call). Blind-index tokens
 (search columns, Kafka-key columns) and data-subject tokens are computed there too, under the same keys'
 native twins (`BlindIndex.token_key`, a `guard_native.TokenKey`: keyed BLAKE2b, the key never handed back);
-masks and keyed hashes are calls back into the same Python objects the Python path uses. Both paths produce
+display masks of common shapes are computed there (`native/src/mask.rs`, property-tested against
+`guard.protect.masking.mask`), other masks and keyed hashes by calls back into the same Python objects the
+Python path uses. Both paths produce
 the same bytes up to the random nonces (`tests/integration/test_native_path.py` checks this on generated events and
 through the real runner, opening every natively sealed image).
 Per batch, it also reads what the Python side needs of every record, so that Python works per distinct

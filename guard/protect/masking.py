@@ -31,6 +31,11 @@ This runs per field per event, so the common shapes take a slicing fast path and
 compiled once at import.  Every rule runs in time linear in its input, and inputs longer than
 :data:`MAX_MASK_CHARS` are not inspected at all: they get the generic mask (``******``), so no value
 can stall a worker or push a long stretch of itself into a display form.
+
+The compiled path (``native/src/mask.rs``) computes the masks of the common shapes itself (a mobile of 11
+ASCII digits, ASCII card/account numbers and resident IDs, names and e-mail addresses without surrounding
+whitespace, ``generic``) and calls this module for everything else; this module stays the definition.
+A change to one of those rules must be made there too: ``tests/unit/test_native_masks.py`` compares both.
 """
 
 from __future__ import annotations

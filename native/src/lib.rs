@@ -7,9 +7,10 @@
 //!
 //! * it seals images itself (`seal`: AES-256-GCM through OpenSSL under a `SealingKey`, the data key's
 //!   native twin that the key manager's `Aead` holds; the key never leaves it) and tokenises ordinary
-//!   Kafka keys (`token`: keyed BLAKE2b under a `TokenKey`, `BlindIndex`'s twin); display masks,
-//!   blind-index tokens and C3 keyed hashes are calls back into the Python functions (masks and tokens of
-//!   string values are memoised per column, as in `guard.records.encoders.ImageWriter`);
+//!   Kafka keys (`token`: keyed BLAKE2b under a `TokenKey`, `BlindIndex`'s twin); display masks of the
+//!   common shapes are computed here (`mask`, the rest by the Python function), blind-index tokens under
+//!   the plan's `TokenKey`s, C3 keyed hashes by calls back into Python (masks and tokens of string values
+//!   are memoised per column, as in `guard.records.encoders.ImageWriter`);
 //! * it reads the record's JSON itself (`json`, `envelope`), building no Python object per field;
 //! * it declines whenever an event is anything but well formed and ordinary: a schema wrapper, an unknown
 //!   or special op, an unregistered column layout, a plan with unclassified columns, a delete of a
