@@ -18,6 +18,8 @@ of an erased subject's pair moved the entries) and commits nothing until all of 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 from guard.keys.store import PendingReply, RedisKeyStore
 
 #: Records a native run seals between two early writes of the batch's activity.
@@ -59,3 +61,60 @@ class EarlyActivity:
             reply.drop()
         self._in_flight.clear()
         self.sent.clear()
+
+
+class RecentPairs:
+    """The pairs a worker wrote to the key store lately, so a pair is written again at most once per
+    `refresh_s` (the expiries are padded by as much: `guard.pipeline.sanitizer.ACTIVITY_REFRESH_S`).
+
+    Two generations of half that span, each a set: a pair written goes into the current one; a pair in
+    either counts as recorded; every half span the current one becomes the previous one and the previous
+    one is forgotten. A pair written at `t` is therefore recorded until some time between `t + refresh_s/2`
+    and `t + refresh_s`, never longer. Why sets and not a time per pair: the filter of a batch's pairs
+    (thousands at first sight) is then two set differences in C, where a Python loop that read and
+    compared each pair's time was ~4% of a first-sight worker's main thread (docs/benchmark.md, round 23).
+    """
+
+    #: Pairs kept per generation at most (a worker's memory bound); past it the generation is forgotten,
+    #: which costs only writes (those pairs are written again).
+    MAX_PAIRS = 250_000
+
+    def __init__(self, clock: Callable[[], float], refresh_s: float) -> None:
+        self._clock = clock
+        self._half = refresh_s / 2
+        self._current: set[Pair] = set()
+        self._previous: set[Pair] = set()
+        self._turn = clock() + self._half
+
+    def unrecorded(self, pairs: Iterable[Pair]) -> set[Pair]:
+        """Those of `pairs` not written within the span."""
+        self._age()
+        out = set(pairs)
+        out -= self._current
+        out -= self._previous
+        return out
+
+    def add(self, pairs: Iterable[Pair]) -> None:
+        """Note pairs the key store now has (after the write succeeded)."""
+        self._age()
+        if len(self._current) > self.MAX_PAIRS:
+            self._current.clear()
+        self._current.update(pairs)
+
+    def discard(self, pair: Pair) -> None:
+        """Forget a pair (an erased subject's: it must be written again if the subject comes back)."""
+        self._current.discard(pair)
+        self._previous.discard(pair)
+
+    def __len__(self) -> int:
+        return len(self._current) + len(self._previous)
+
+    def _age(self) -> None:
+        now = self._clock()
+        if now < self._turn:
+            return
+        if now < self._turn + self._half:  # on schedule: a pair's generation ends a span after it began
+            self._previous, self._turn = self._current, self._turn + self._half
+        else:  # idle for a span or more: both generations are over
+            self._previous, self._turn = set(), now + self._half
+        self._current = set()

@@ -46,7 +46,7 @@ from guard.classify.plans import TablePlan
 from guard.config import Settings
 from guard.errors import DecodeError, KeyShreddedError, KeyUnavailableError
 from guard.keys.manager import KeyManager
-from guard.pipeline.activity import SEND_EVERY_RECORDS, EarlyActivity
+from guard.pipeline.activity import SEND_EVERY_RECORDS, EarlyActivity, RecentPairs
 from guard.pipeline.decode import Decoder
 from guard.pipeline.keyload import ChunkedKeyLoad, plan_chunks
 from guard.pipeline.plan import Planner
@@ -66,8 +66,9 @@ POLICY_HEADER = "bg-policy"
 #: The raw topic of a runner's `(message, topic, partition, offset, value)` record.
 _TOPIC = itemgetter(1)
 
-#: A worker re-records a (subject, topic) pair's activity in the key store at most this often; expiries
-#: are padded by the same amount, so a retention sweep is never early, at most this much late.
+#: A worker writes a (subject, topic) pair's activity to the key store again at most this long after it last
+#: wrote it, and not before half of it (`RecentPairs`): the key store's record of a pair is renewed at least
+#: this often, and known customers' steady traffic costs the key store nothing in between.
 ACTIVITY_REFRESH_S = 3600
 
 
@@ -150,7 +151,7 @@ class Sanitizer:
         self.owner = f"worker:{settings.worker_id}#{uuid.uuid4()}"
         #: subject → confirmation id of the pending confirmations the open transaction carries.
         self.pending_in_txn: dict[str, str] = {}
-        self._activity_recorded: dict[tuple[str, str], float] = {}
+        self._activity_recorded = RecentPairs(clock, ACTIVITY_REFRESH_S)
         self._value_caches_since = clock()
         #: schema table → its catalog columns with amount bands: a new row reaching a band is reported to the
         #: anomaly analyzers as a `transaction` fact (`_band_facts`; such events don't take the native run).
@@ -503,21 +504,17 @@ class Sanitizer:
             self._fast.clear_memos()
 
     def pending_activity(self) -> dict[tuple[str, str], int | None]:
-        """The open batch's (subject, topic) pairs not recorded in the last hour and not sent yet (`send_activity`)
-        → None (no expiry change): what the batch still has to write.
+        """The open batch's (subject, topic) pairs not recorded lately (`RecentPairs`) and not sent yet
+        (`send_activity`) → None (no expiry change): what the batch still has to write.
 
         Activity only says where a subject's ciphertexts went; it never moves a retention expiry: retention
         runs from the end of the relationship as the data says it (`take_expiries`). Steady traffic of
         known customers then costs the key store nothing at commit time.
         """
-        now = self._clock()
-        recorded = self._activity_recorded
-        sent = self._early_activity.sent
-        return {pair: None for pair in self.subject_activity
-                if ((last := recorded.get(pair)) is None or now - last > ACTIVITY_REFRESH_S) and pair not in sent}
+        return dict.fromkeys(self._activity_recorded.unrecorded(self.subject_activity) - self._early_activity.sent)
 
     def send_activity(self) -> None:
-        """Send the activity the open batch added since the last send (pairs not recorded in the last hour),
+        """Send the activity the open batch added since the last send (pairs not recorded lately: `RecentPairs`),
         its reply read by `activity_written`: the key store writes it meanwhile. Native runs call it every
         `SEND_EVERY_RECORDS` records, and the commit once more for the rest, before `activity_written`.
 
@@ -527,12 +524,8 @@ class Sanitizer:
         activity = self.subject_activity
         seen = self._activity_seen if self._activity_seen <= len(activity) else 0
         self._activity_seen = len(activity)
-        now = self._clock()
-        recorded = self._activity_recorded
-        sent = self._early_activity.sent
-        self._early_activity.send([
-            pair for pair in islice(activity, seen, None)
-            if ((last := recorded.get(pair)) is None or now - last > ACTIVITY_REFRESH_S) and pair not in sent])
+        added = islice(activity, seen, None) if seen else activity
+        self._early_activity.send(list(self._activity_recorded.unrecorded(added) - self._early_activity.sent))
 
     def activity_written(self) -> None:
         """Wait for the activity sent during the open batch to be written (raises `KeyUnavailableError` if
@@ -577,11 +570,7 @@ class Sanitizer:
 
     def mark_recorded(self, pairs: Iterable[tuple[str, str]]) -> None:
         """Note that the key store now has these pairs' activity (call after the write succeeded)."""
-        now = self._clock()
-        if len(self._activity_recorded) > 500_000:
-            self._activity_recorded.clear()
-        for pair in pairs:
-            self._activity_recorded[pair] = now
+        self._activity_recorded.add(pairs)
 
     def _process(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None) -> Outcome:
         schema_table = topic[self._prefix_len:]
@@ -1024,7 +1013,7 @@ class Sanitizer:
         """An erased subject's activity must not be recorded at the commit (it would set a new expiry)."""
         for pair in [p for p in self.subject_activity if p[0] == subject]:
             del self.subject_activity[pair]
-            self._activity_recorded.pop(pair, None)
+            self._activity_recorded.discard(pair)
             self._activity_seen = 0  # entries moved: the next `send_activity` looks at all of them again
 
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from guard.errors import KeyUnavailableError
-from guard.pipeline.activity import EarlyActivity
+from guard.pipeline.activity import EarlyActivity, RecentPairs
 from guard.pipeline.sanitizer import Sanitizer
 
 
@@ -77,17 +77,23 @@ class Sent:
         self.sent.update(pairs)
 
 
-def fake_sanitizer(recorded: dict | None = None) -> SimpleNamespace:
-    return SimpleNamespace(subject_activity={}, _activity_seen=0, _clock=lambda: 10_000.0,
-                           _activity_recorded=recorded or {}, _early_activity=Sent())
+def fake_sanitizer(recorded: RecentPairs | None = None) -> SimpleNamespace:
+    return SimpleNamespace(subject_activity={}, _activity_seen=0,
+                           _activity_recorded=recorded or RecentPairs(lambda: 0.0, 3600), _early_activity=Sent())
 
 
 def test_each_send_looks_at_the_pairs_added_since_the_last_and_skips_recorded_ones():
-    san = fake_sanitizer(recorded={("old", "t"): 9_000.0, ("stale", "t"): 1.0})
+    now = [0.0]
+    recorded = RecentPairs(lambda: now[0], 3600)
+    recorded.add([("stale", "t")])
+    now[0] = 2000.0
+    recorded.add([("old", "t")])
+    now[0] = 3700.0  # "old" written 1,700 s ago, "stale" 3,700 s ago
+    san = fake_sanitizer(recorded)
     for pair in [("a", "t"), ("old", "t"), ("stale", "t")]:
         san.subject_activity[pair] = 30
     Sanitizer.send_activity(san)  # type: ignore[arg-type]
-    assert san._early_activity.calls == [[("a", "t"), ("stale", "t")]], "recorded within the hour: not again"
+    assert sorted(san._early_activity.calls[0]) == [("a", "t"), ("stale", "t")], "recorded lately: not again"
     san.subject_activity[("a", "t")] = 30  # seen again: not a new entry
     san.subject_activity[("b", "t")] = 30
     Sanitizer.send_activity(san)  # type: ignore[arg-type]
@@ -106,3 +112,33 @@ def test_after_a_pop_the_next_send_looks_at_every_pair_and_sends_only_the_unsent
     san._activity_seen = 0  # what the sanitizer's pops do
     Sanitizer.send_activity(san)  # type: ignore[arg-type]
     assert san._early_activity.calls[1:] == [[("d", "t")]], "the pair after the pop is not missed"
+
+
+def test_a_pair_is_recorded_for_between_half_the_span_and_the_span_and_an_erased_one_is_forgotten():
+    for at in (0.0, 10.0, 49.0, 50.0, 99.0, 170.0):
+        for step in (50.0, 7.0):  # no call until half a span later, or one every 7 s
+            now = [0.0]
+            recent = RecentPairs(lambda: now[0], 100)  # noqa: B023 - called within this iteration only
+            now[0] = at
+            recent.add([("s", "t")])
+            while now[0] < at + 50:
+                now[0] = min(now[0] + step, at + 50)
+                assert recent.unrecorded([("s", "t")]) == set(), "recorded for at least half the span"
+            while now[0] < at + 100:
+                now[0] = min(now[0] + step, at + 100)
+                recent.unrecorded([])
+
+            assert recent.unrecorded([("s", "t")]) == {("s", "t")}, "a span later it is written again"
+    recent = RecentPairs(lambda: now[0], 100)
+    recent.add([("gone", "t"), ("kept", "t")])
+    recent.discard(("gone", "t"))
+    assert recent.unrecorded([("gone", "t"), ("kept", "t")]) == {("gone", "t")}
+    now[0] += 10_000  # idle for long: both generations forgotten at once
+    assert recent.unrecorded([("kept", "t")]) == {("kept", "t")} and len(recent) == 0
+
+
+def test_recent_pairs_stay_bounded():
+    recent = RecentPairs(lambda: 0.0, 3600)
+    recent.add((str(i), "t") for i in range(RecentPairs.MAX_PAIRS + 1))
+    recent.add([("next", "t")])
+    assert len(recent) == 1, "past the bound the generation is forgotten (its pairs are written again)"
