@@ -557,9 +557,9 @@ class SanitizerWorker:
                                      OFFSETS_SEND_TIMEOUT_S, tails)
             sanitizer = self.sanitizer
             store = sanitizer.keys.store
-            # before the view: a re-insert later in the batch must find its erasure scheduled to cancel it
-            store.schedule_erasures(sanitizer.branch, sanitizer.take_erasure_schedules())
-            epoch, watched = store.commit_view(sanitizer.branch)
+            # scheduled before the view is read (one round trip): a re-insert later in the batch must find its
+            # erasure scheduled to cancel it
+            epoch, watched = store.commit_view(sanitizer.branch, sanitizer.take_erasure_schedules())
             stale = sanitizer.keys.erased_since(self._txn_mark, sanitizer.branch,
                                                 {subject for subject, _ in sanitizer.subject_activity}, epoch)
             if stale:

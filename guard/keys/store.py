@@ -1041,13 +1041,25 @@ class RedisKeyStore:
                           [self._k("on-topic", branch, ""), self._k("erased", branch, ""), orjson.dumps(by_topic),
                            orjson.dumps(expiries)], _same)
 
-    def commit_view(self, branch: str) -> tuple[int, int]:
-        """(erasure epoch, scheduled erasures + retention expiries): what a commit must check, one round trip."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.get(self.epoch_key)
-        pipe.zcard(self._k("erasure-due", branch))
-        pipe.zcard(self._k("expiry", branch))
-        epoch, due, expiring = self._call(pipe.execute)
+    def commit_view(self, branch: str, schedules: Mapping[str, tuple[float, bytes]] | None = None) -> tuple[int, int]:
+        """(erasure epoch, scheduled erasures + retention expiries): what a commit must check, one round trip.
+
+        With `schedules`, the transaction's erasures are scheduled first, in the same round trip
+        (`schedule_erasures`), so the view counts them: a re-insert later in the batch must find its erasure
+        scheduled to cancel it (a commit used to make these two round trips one after the other).
+        """
+        def view(pipe: Any) -> None:
+            pipe.get(self.epoch_key)
+            pipe.zcard(self._k("erasure-due", branch))
+            pipe.zcard(self._k("expiry", branch))
+
+        if schedules:
+            _, (epoch, due, expiring) = self._script_then(self._schedule_erasures,
+                                                          *self._schedule_call(branch, schedules), view)
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            view(pipe)
+            epoch, due, expiring = self._call(pipe.execute)
         return int(epoch or 0), int(due) + int(expiring)
 
     def set_expiry(self, branch: str, expiries: Mapping[str, float | None]) -> None:
@@ -1067,11 +1079,34 @@ class RedisKeyStore:
         scheduled keeps what it has (an earlier schedule stands). Returns how many were scheduled."""
         if not schedules:
             return 0
+        keys, args = self._schedule_call(branch, schedules)
+        return int(self._call(self._schedule_erasures, keys=keys, args=args))
+
+    def _schedule_call(self, branch: str, schedules: Mapping[str, tuple[float, bytes]]) -> tuple[list[str], list[Any]]:
         args: list[Any] = [self._k("erased", branch, "")]
         for subject, (due, info) in schedules.items():
             args += [subject, due, info]
-        return int(self._call(self._schedule_erasures,
-                              keys=[self._k("erasure-due", branch), self._k("erasure-due-info", branch)], args=args))
+        return [self._k("erasure-due", branch), self._k("erasure-due-info", branch)], args
+
+    def _script_then(self, script: Any, keys: list[str], args: list[Any],
+                     then: Callable[[Any], None]) -> tuple[Any, list[Any]]:
+        """A script call and the read-only commands `then` adds, in one pipelined round trip, executed in that
+        order: (the script's reply, the commands' replies). Sent as EVALSHA: on a server that lost the script
+        (a restart) the commands ran without it, so the script is called the ordinary way (loaded again) and
+        the commands are sent again after it. Only for reads: a write in `then` would have gone first."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        then(pipe)
+        replies = self._call(pipe.execute, raise_on_error=False)
+        if isinstance(replies[0], redis.exceptions.NoScriptError):
+            first = self._call(script, keys=keys, args=args)
+            pipe = self.client.pipeline(transaction=False)
+            then(pipe)
+            return first, self._call(pipe.execute)
+        failed = next((r for r in replies if isinstance(r, redis.RedisError)), None)
+        if failed is not None:
+            raise _unavailable(failed)
+        return replies[0], replies[1:]
 
     def due_erasures(self, branch: str, now: float, *, lease_s: float = 120.0, limit: int = 100) -> dict[str, bytes]:
         """Claim the erasures due by `now`: subject → schedule info. A claimed erasure is not handed to

@@ -459,6 +459,27 @@ def test_two_compactors_that_read_the_same_count_leave_the_next_shred_due(stack)
     assert first.compaction_due() >= before + 1, "a shred after the compactions is due"
 
 
+def test_the_commit_view_counts_the_erasures_it_schedules_also_after_the_server_lost_the_script(stack):
+    """A commit schedules its erasures and reads what it must check in one round trip; the view must count
+    them (a re-insert later in the batch must find its erasure scheduled), and a key store restarted without
+    its scripts must still get both, in order."""
+    from guard.stack.config import StackConfig
+    from guard.stack.redisd import Redis
+
+    store = RedisKeyStore(stack["GUARD_REDIS_URL"], "demo-bank")
+    branch = f"e{uuid.uuid4().hex[:8]}"
+    info = orjson.dumps({"trigger": "cdc_delete", "by": "test"})
+    first, second = ({uuid.uuid4().hex: (time.time() + 600, info) for _ in range(n)} for n in (3, 2))
+    assert store.commit_view(branch) == (store.erasure_epoch(), 0)
+    trips = store.round_trips
+    assert store.commit_view(branch, first)[1] == 3 and store.round_trips == trips + 1
+    assert store.commit_view(branch, first)[1] == 3, "an earlier schedule stands"
+    Redis(StackConfig.from_env()).admin_client(socket_timeout=10).script_flush()
+    assert store.commit_view(branch, second)[1] == 5
+    assert set(store.client.zrange(f"{store.prefix}erasure-due:{branch}", 0, -1)) == {
+        s.encode() for s in (*first, *second)}
+
+
 def _aof_contents(client: redis.Redis) -> bytes:
     directory = Path(client.config_get("dir")["dir"]) / client.config_get("appenddirname")["appenddirname"]
     return b"".join(p.read_bytes() for p in directory.iterdir() if p.is_file())
