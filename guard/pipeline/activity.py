@@ -64,8 +64,9 @@ class EarlyActivity:
 
 
 class RecentPairs:
-    """The pairs a worker wrote to the key store lately, so a pair is written again at most once per
-    `refresh_s` (the expiries are padded by as much: `guard.pipeline.sanitizer.ACTIVITY_REFRESH_S`).
+    """The pairs a worker wrote to the key store lately: a pair seen again is written again no sooner than
+    half of `refresh_s` and no later than `refresh_s` after its last write
+    (`guard.pipeline.sanitizer.ACTIVITY_REFRESH_S`).
 
     Two generations of half that span, each a set: a pair written goes into the current one; a pair in
     either counts as recorded; every half span the current one becomes the previous one and the previous
