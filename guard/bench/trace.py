@@ -119,7 +119,8 @@ class WorkerTrace:
         self.wrap(store, "get_or_create_deks", "keys_rpc", count=lambda _branch, items: len(items))
         self.wrap(store, "get_deks", "keys_rpc", count=lambda _branch, subjects: len(subjects))
         self.wrap(store, "commit_view", "commit_view")
-        self.wrap(store, "record_subject_activity", "activity", count=lambda _branch, activity: len(activity))
+        # the commit's wait for the batch's activity writes (sent while the batch ran: `Sanitizer.send_activity`)
+        self.wrap(sanitizer, "activity_written", "activity")
         self.wrap(store, "set_expiry", "expiry", count=lambda _branch, expiries: len(expiries))
         if sanitizer.checker is not None:
             self.wrap(sanitizer.checker, "refresh", "policy_refresh", keep=lambda _o, took: took > 0.001)
