@@ -32,7 +32,8 @@ from guard.bench.common import percentile
 #: Kinds of spans a worker records (the report orders them by their overlap with the slow events).
 #: `batch`: a fetched batch's transform (native runs, Python path, key loads inside it); `commit`: the whole
 #: commit, of which `offsets_wait` is the wait for the offsets sent with the chains' tails, `txn_commit` the
-#: EndTxn wait, `commit_view`, `activity`, `expiry` key-store calls; `decode_load`: reading a batch's
+#: EndTxn wait, `commit_view`, `activity` (the wait for the batch's activity writes), `expiry` (root changes
+#: and expiries) key-store calls; `decode_load`: reading a batch's
 #: subjects and loading their keys, of which `keys_load` is the key manager's part (`count` keys asked
 #: for) and `keys_rpc` its key-store round trips (reading keys, offering new ones); `memo_clear`: the value
 #: caches emptied every key-cache TTL; `policy_refresh`: the policy's reload check (staff from the branch
@@ -121,7 +122,9 @@ class WorkerTrace:
         self.wrap(store, "commit_view", "commit_view")
         # the commit's wait for the batch's activity writes (sent while the batch ran: `Sanitizer.send_activity`)
         self.wrap(sanitizer, "activity_written", "activity")
-        self.wrap(store, "set_expiry", "expiry", count=lambda _branch, expiries: len(expiries))
+        # the commit's root changes and retention expiries (one call; `set_expiry` inside it when no root came back)
+        self.wrap(store, "root_changed", "expiry",
+                  count=lambda _branch, _roots, expiries=None: len(expiries or ()))
         if sanitizer.checker is not None:
             self.wrap(sanitizer.checker, "refresh", "policy_refresh", keep=lambda _o, took: took > 0.001)
         gc.callbacks.append(self._on_gc)

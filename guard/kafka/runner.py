@@ -571,13 +571,14 @@ class SanitizerWorker:
                 self._abort()
                 return
             roots = sanitizer.root_changes()
+            # Root rows that exist again: cancel their scheduled erasures and stopped relationships, before
+            # the commit (a crash after it must not leave a re-inserted customer to be shredded); then the
+            # batch's retention expiries, in the same script call.
+            cancelled, resumed = store.root_changed(sanitizer.branch, roots if watched else [],
+                                                    sanitizer.take_expiries(roots))
             if roots and watched:
-                # Root rows that exist again: cancel their scheduled erasures and stopped relationships,
-                # before the commit (a crash after it must not leave a re-inserted customer to be shredded).
-                cancelled, resumed = store.root_changed(sanitizer.branch, roots)
                 self._produce_root_audits(cancelled, resumed)
                 self._produce_checkpoints(self.chains.checkpoints())  # the side chain's, if it grew
-            store.set_expiry(sanitizer.branch, sanitizer.take_expiries(roots))
             # where the batch's ciphertexts went: the rest of it sent now, then every write of the batch
             # waited for (native runs sent the rest while they ran: `Sanitizer.send_activity`)
             sanitizer.send_activity()

@@ -251,12 +251,20 @@ return out
 """
 
 _ROOT_CHANGED = """
--- KEYS: due zset, info hash, expiry zset. ARGV: subjects whose root row exists again (re-inserted/updated).
--- Cancels their scheduled erasures and the retention that a relationship_end delete started.
+-- KEYS: due zset, info hash, expiry zset. ARGV[1]: n; ARGV[2..n+1]: subjects whose root row exists again
+-- (re-inserted/updated); then pairs (subject, expiry in unix s, or '' to remove it).
+-- Cancels the subjects' scheduled erasures and the retention that a relationship_end delete started, then
+-- sets the transaction's retention expiries (`set_expiry`), in that order, in one call.
 local cancelled, resumed = {}, {}
-for _, s in ipairs(ARGV) do
+local n = tonumber(ARGV[1])
+for i = 2, n + 1 do
+  local s = ARGV[i]
   if redis.call('ZREM', KEYS[1], s) == 1 then redis.call('HDEL', KEYS[2], s); table.insert(cancelled, s) end
   if redis.call('ZREM', KEYS[3], s) == 1 then table.insert(resumed, s) end
+end
+for i = n + 2, #ARGV, 2 do
+  if ARGV[i + 1] == '' then redis.call('ZREM', KEYS[3], ARGV[i])
+  else redis.call('ZADD', KEYS[3], ARGV[i + 1], ARGV[i]) end
 end
 return {cancelled, resumed}
 """
@@ -1116,13 +1124,22 @@ class RedisKeyStore:
                           args=[now, now + lease_s, limit])
         return {flat[i].decode(): bytes(flat[i + 1]) for i in range(0, len(flat), 2)}
 
-    def root_changed(self, branch: str, subjects: list[str]) -> tuple[list[str], list[str]]:
-        """Root rows back for `subjects`: (scheduled erasures cancelled, relationship retentions stopped)."""
+    def root_changed(self, branch: str, subjects: list[str],
+                     expiries: Mapping[str, float | None] | None = None) -> tuple[list[str], list[str]]:
+        """Root rows back for `subjects`: (scheduled erasures cancelled, relationship retentions stopped).
+
+        With `expiries`, they are set after it in the same script call (what `set_expiry` does): a commit
+        used to make the two calls one after the other.
+        """
         if not subjects:
+            self.set_expiry(branch, expiries or {})
             return [], []
+        args: list[Any] = [len(subjects), *subjects]
+        for subject, at in (expiries or {}).items():
+            args += [subject, "" if at is None else repr(float(at))]
         cancelled, resumed = self._call(self._root_changed, keys=[
             self._k("erasure-due", branch), self._k("erasure-due-info", branch), self._k("expiry", branch)],
-            args=subjects)
+            args=args)
         return [c.decode() for c in cancelled], [r.decode() for r in resumed]
 
     def expired_subjects(self, branch: str, now: float, limit: int = 1000) -> list[str]:

@@ -480,6 +480,30 @@ def test_the_commit_view_counts_the_erasures_it_schedules_also_after_the_server_
         s.encode() for s in (*first, *second)}
 
 
+def test_root_changes_and_the_batchs_expiries_are_one_call_in_that_order(stack):
+    """A commit's root changes (cancel scheduled erasures, stop relationship retentions) and its retention
+    expiries go in one script call, the expiries after: an expiry the batch sets for a root that came back
+    stands, and the retention it replaces is reported as stopped."""
+    from guard.stack.config import StackConfig
+    from guard.stack.redisd import Redis
+
+    store = RedisKeyStore(stack["GUARD_REDIS_URL"], "demo-bank")
+    branch = f"e{uuid.uuid4().hex[:8]}"
+    back, ended, cleared, other = (uuid.uuid4().hex for _ in range(4))
+    store.schedule_erasures(branch, {back: (time.time() + 600, b"{}")})
+    store.set_expiry(branch, {back: 1000.0, ended: 2000.0, cleared: 3000.0})
+    Redis(StackConfig.from_env()).admin_client(socket_timeout=10).script_flush()  # loaded again on the way
+    trips = store.round_trips
+    cancelled, resumed = store.root_changed(branch, [back, ended], {ended: 5000.5, cleared: None, other: 7000.0})
+    assert store.round_trips == trips + 1
+    assert cancelled == [back] and sorted(resumed) == sorted([back, ended])
+    expiry = f"{store.prefix}expiry:{branch}"
+    assert dict(store.client.zrange(expiry, 0, -1, withscores=True)) == {ended.encode(): 5000.5,
+                                                                         other.encode(): 7000.0}
+    assert store.root_changed(branch, [], {other: None}) == ([], [])
+    assert store.client.zcard(expiry) == 1
+
+
 def _aof_contents(client: redis.Redis) -> bytes:
     directory = Path(client.config_get("dir")["dir"]) / client.config_get("appenddirname")["appenddirname"]
     return b"".join(p.read_bytes() for p in directory.iterdir() if p.is_file())
