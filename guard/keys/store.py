@@ -222,9 +222,11 @@ return removed
 """
 
 _SCHEDULE_ERASURES = """
--- KEYS: due zset, info hash. ARGV[1]: the prefix of the subjects' erased markers; then per subject: subject,
--- due time, info. Schedules each subject neither erased nor scheduled already (an earlier schedule stands);
--- returns how many it scheduled. One call per transaction for all its root deletes.
+-- KEYS: due zset, info hash, erasure epoch, expiry zset. ARGV[1]: the prefix of the subjects' erased markers;
+-- then per subject: subject, due time, info. Schedules each subject neither erased nor scheduled already (an
+-- earlier schedule stands). Returns {how many it scheduled, the erasure epoch, scheduled erasures, retention
+-- expiries}: the last three are what a commit checks (`commit_view`), read after its schedules in the same
+-- call, so a re-insert later in the batch finds its erasure scheduled. One call per transaction.
 local n = 0
 for i = 2, #ARGV, 3 do
   if redis.call('EXISTS', ARGV[1] .. ARGV[i]) == 0 and not redis.call('ZSCORE', KEYS[1], ARGV[i]) then
@@ -233,7 +235,7 @@ for i = 2, #ARGV, 3 do
     n = n + 1
   end
 end
-return n
+return {n, tonumber(redis.call('GET', KEYS[3]) or '0'), redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[4])}
 """
 
 _CLAIM_DUE = """
@@ -1050,25 +1052,12 @@ class RedisKeyStore:
                            orjson.dumps(expiries)], _same)
 
     def commit_view(self, branch: str, schedules: Mapping[str, tuple[float, bytes]] | None = None) -> tuple[int, int]:
-        """(erasure epoch, scheduled erasures + retention expiries): what a commit must check, one round trip.
-
-        With `schedules`, the transaction's erasures are scheduled first, in the same round trip
-        (`schedule_erasures`), so the view counts them: a re-insert later in the batch must find its erasure
-        scheduled to cancel it (a commit used to make these two round trips one after the other).
-        """
-        def view(pipe: Any) -> None:
-            pipe.get(self.epoch_key)
-            pipe.zcard(self._k("erasure-due", branch))
-            pipe.zcard(self._k("expiry", branch))
-
-        if schedules:
-            _, (epoch, due, expiring) = self._script_then(self._schedule_erasures,
-                                                          *self._schedule_call(branch, schedules), view)
-        else:
-            pipe = self.client.pipeline(transaction=False)
-            view(pipe)
-            epoch, due, expiring = self._call(pipe.execute)
-        return int(epoch or 0), int(due) + int(expiring)
+        """(erasure epoch, scheduled erasures + retention expiries): what a commit must check, in one script call
+        that first schedules the transaction's erasures (`schedules`, as `schedule_erasures` does), so the view
+        counts them: a re-insert later in the batch must find its erasure scheduled to cancel it (a commit used
+        to make these two round trips one after the other)."""
+        _, epoch, due, expiring = self._schedule(branch, schedules or {})
+        return int(epoch), int(due) + int(expiring)
 
     def set_expiry(self, branch: str, expiries: Mapping[str, float | None]) -> None:
         """Set (or, for None, remove) subjects' retention expiry: when the relationship end says so."""
@@ -1087,34 +1076,15 @@ class RedisKeyStore:
         scheduled keeps what it has (an earlier schedule stands). Returns how many were scheduled."""
         if not schedules:
             return 0
-        keys, args = self._schedule_call(branch, schedules)
-        return int(self._call(self._schedule_erasures, keys=keys, args=args))
+        return int(self._schedule(branch, schedules)[0])
 
-    def _schedule_call(self, branch: str, schedules: Mapping[str, tuple[float, bytes]]) -> tuple[list[str], list[Any]]:
+    def _schedule(self, branch: str, schedules: Mapping[str, tuple[float, bytes]]) -> list[Any]:
         args: list[Any] = [self._k("erased", branch, "")]
         for subject, (due, info) in schedules.items():
             args += [subject, due, info]
-        return [self._k("erasure-due", branch), self._k("erasure-due-info", branch)], args
-
-    def _script_then(self, script: Any, keys: list[str], args: list[Any],
-                     then: Callable[[Any], None]) -> tuple[Any, list[Any]]:
-        """A script call and the read-only commands `then` adds, in one pipelined round trip, executed in that
-        order: (the script's reply, the commands' replies). Sent as EVALSHA: on a server that lost the script
-        (a restart) the commands ran without it, so the script is called the ordinary way (loaded again) and
-        the commands are sent again after it. Only for reads: a write in `then` would have gone first."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-        then(pipe)
-        replies = self._call(pipe.execute, raise_on_error=False)
-        if isinstance(replies[0], redis.exceptions.NoScriptError):
-            first = self._call(script, keys=keys, args=args)
-            pipe = self.client.pipeline(transaction=False)
-            then(pipe)
-            return first, self._call(pipe.execute)
-        failed = next((r for r in replies if isinstance(r, redis.RedisError)), None)
-        if failed is not None:
-            raise _unavailable(failed)
-        return replies[0], replies[1:]
+        keys = [self._k("erasure-due", branch), self._k("erasure-due-info", branch), self.epoch_key,
+                self._k("expiry", branch)]
+        return list(self._call(self._schedule_erasures, keys=keys, args=args))
 
     def due_erasures(self, branch: str, now: float, *, lease_s: float = 120.0, limit: int = 100) -> dict[str, bytes]:
         """Claim the erasures due by `now`: subject → schedule info. A claimed erasure is not handed to
