@@ -549,13 +549,17 @@ class SanitizerWorker:
             self._abort()
             return
         try:
+            sanitizer = self.sanitizer
+            # Where the batch's ciphertexts went: the rest of it sent first (native runs sent the earlier part
+            # while they ran: `Sanitizer.send_activity`), so the key store writes it while this commit does
+            # the work below; every write of the batch is waited for before the commit (`activity_written`).
+            sanitizer.send_activity()
             # The chains' checkpoints, and the offsets with the chains' tails as their metadata, sent while
             # the key store is asked below: the tails commit atomically with the records (docs/audit.md).
             self._produce_checkpoints(self.chains.checkpoints())
             tails = self.chains.metadata(self._last)
             self._early_offsets.send(self._txn_pool, self.producer, self.consumer, self._last,
                                      OFFSETS_SEND_TIMEOUT_S, tails)
-            sanitizer = self.sanitizer
             store = sanitizer.keys.store
             # scheduled before the view is read (one round trip): a re-insert later in the batch must find its
             # erasure scheduled to cancel it
@@ -579,8 +583,8 @@ class SanitizerWorker:
             if roots and watched:
                 self._produce_root_audits(cancelled, resumed)
                 self._produce_checkpoints(self.chains.checkpoints())  # the side chain's, if it grew
-            # where the batch's ciphertexts went: the rest of it sent now, then every write of the batch
-            # waited for (native runs sent the rest while they ran: `Sanitizer.send_activity`)
+            # every activity write of the batch waited for (a send here finds nothing new unless the Python
+            # work above added pairs)
             sanitizer.send_activity()
             sanitizer.activity_written()
             if not self._early_offsets_cover_batch():
