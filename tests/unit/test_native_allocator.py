@@ -2,8 +2,8 @@
 
 mimalloc (the extension's global allocator, native/src/lib.rs) advises its arena `MADV_HUGEPAGE` unless built
 with its `no_thp` feature (native/Cargo.toml). A worker's heap grows in bursts and is purged in small pieces:
-with huge pages each first touch zeroed 2 MiB and each purge split one, ~9% of a first-sight worker's main
-thread in page faults against ~2% without (docs/benchmark.md, round 24). The kernel marks an advised
+with huge pages each first touch zeroed 2 MiB and each purge split one: page faults were 11% of a first-sight
+worker's main thread, 2% without (docs/benchmark.md, round 24). The kernel marks an advised
 mapping with `hg` in /proc/<pid>/smaps, so a build that lost the feature fails here.
 """
 
