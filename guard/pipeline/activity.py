@@ -6,8 +6,9 @@ in its deletion confirmation. It used to be written in one script call at the co
 waited for it: ~6% of a first-sight worker's time (a transaction's ~1,500 new pairs), ~2% of a steady
 one's (docs/benchmark.md, round 22). Native runs now stop every `SEND_EVERY_RECORDS` records and the pairs
 they added are sent then (`Sanitizer.send_activity`), their replies read at the commit, so the key store
-writes them while the worker seals the rest of the batch; the commit sends only what came after, then
-waits for every write of the batch (`Sanitizer.activity_written`) before it goes on.
+writes them while the worker seals the rest of the batch; the commit sends what came after as its first
+step, so the key store writes it during the commit's other work, and waits for every write of the batch
+(`Sanitizer.activity_written`) just before it sends the offsets and commits (`SanitizerWorker._commit`).
 
 A pair written for a transaction that then aborts says a subject's ciphertexts went to a topic where
 none of them committed yet: the replay commits them, and the confirmation's list of topics errs on the
