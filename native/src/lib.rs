@@ -214,7 +214,7 @@ fn py_frontier_extend<'py>(
     leaves: &[u8],
 ) -> PyResult<(u64, Vec<Bound<'py, PyBytes>>)> {
     let invalid = |what: String| pyo3::exceptions::PyValueError::new_err(what);
-    if !leaves.len().is_multiple_of(32) {
+    if leaves.len() % 32 != 0 {
         return Err(invalid(format!(
             "leaf hashes are 32 bytes each, got {} bytes",
             leaves.len()

@@ -105,7 +105,7 @@ fn ascii_edges(s: &str, head: usize, tail: usize, min_hidden: usize) -> String {
     }
     let mut out = String::with_capacity(n);
     out.push_str(&s[..head]);
-    out.extend(std::iter::repeat('*').take(n - head - tail));
+    out.extend(std::iter::repeat_n('*', n - head - tail));
     out.push_str(&s[n - tail..]);
     out
 }
@@ -164,7 +164,7 @@ fn name(value: &str) -> Option<String> {
         .map_or(value.len(), |(i, _)| i);
     let mut out = String::with_capacity(cut + n - keep);
     out.push_str(&value[..cut]);
-    out.extend(std::iter::repeat('*').take(n - keep));
+    out.extend(std::iter::repeat_n('*', n - keep));
     Some(out)
 }
 
