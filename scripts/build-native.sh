@@ -3,8 +3,9 @@
 #
 # Usage: scripts/build-native.sh VENV
 #
-# Needs a Rust toolchain (cargo >= 1.85, the oldest the locked crates build with; https://rustup.rs), a C compiler, and OpenSSL's headers found by
-# pkg-config (Debian: libssl-dev, pkg-config). Rust crates come from crates.io and maturin from PyPI.
+# Needs a Rust toolchain (cargo >= 1.85, the oldest the locked crates build with; https://rustup.rs), a C
+# compiler, and OpenSSL's headers found by pkg-config (Debian: libssl-dev, pkg-config). Rust crates come from
+# crates.io and maturin from PyPI.
 # Without cargo or OpenSSL's headers (or with NATIVE=0) it says so in one line, removes any earlier build
 # so a stale one can't run, and succeeds: the guard then runs its pure-Python path (GUARD_HOT_PATH=auto; same output,
 # 2-3x slower per event; see docs/benchmark.md).

@@ -1060,16 +1060,10 @@ class RedisKeyStore:
         return int(epoch), int(due) + int(expiring)
 
     def set_expiry(self, branch: str, expiries: Mapping[str, float | None]) -> None:
-        """Set (or, for None, remove) subjects' retention expiry: when the relationship end says so."""
-        if not expiries:
-            return
-        pipe = self.client.pipeline(transaction=False)
-        for subject, at in expiries.items():
-            if at is None:
-                pipe.zrem(self._k("expiry", branch), subject)
-            else:
-                pipe.zadd(self._k("expiry", branch), {subject: at})
-        self._call(pipe.execute)
+        """Set (or, for None, remove) subjects' retention expiry: when the relationship end says so (the
+        expiry half of `root_changed`, one script call)."""
+        if expiries:
+            self.root_changed(branch, [], expiries)
 
     def schedule_erasures(self, branch: str, schedules: Mapping[str, tuple[float, bytes]]) -> int:
         """Schedule subjects' erasures: subject → (due, info), in one script call. A subject erased or already
@@ -1098,11 +1092,10 @@ class RedisKeyStore:
                      expiries: Mapping[str, float | None] | None = None) -> tuple[list[str], list[str]]:
         """Root rows back for `subjects`: (scheduled erasures cancelled, relationship retentions stopped).
 
-        With `expiries`, they are set after it in the same script call (what `set_expiry` does): a commit
+        With `expiries`, they are set (or, for None, removed) after it in the same script call: a commit
         used to make the two calls one after the other.
         """
-        if not subjects:
-            self.set_expiry(branch, expiries or {})
+        if not subjects and not expiries:
             return [], []
         args: list[Any] = [len(subjects), *subjects]
         for subject, at in (expiries or {}).items():
