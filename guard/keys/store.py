@@ -71,6 +71,7 @@ import redis
 
 from guard.config import read_secret_file
 from guard.errors import KeyUnavailableError, TenantKeyMissingError
+from guard.keys.redis_tls import PinnedSSLConnection
 
 #: How long a transaction's attribution is kept: far longer than a delete waits for it
 #: (`attribution_wait_s`) and than a worker's replay after a crash reaches back.
@@ -405,10 +406,13 @@ def redis_client(url: str, password_file: str | None = None, **kwargs: Any) -> r
 
     `password_file` defaults to GUARD_REDIS_PASSWORD_FILE, then to the setting's default (the local stack's
     file). A password inside the URL is used as is (not recommended: URLs end up in process listings and logs).
+    TLS (`rediss://`) trusts the URL's `ssl_ca_certs` only, with one context per process (`redis_tls`).
     """
     from guard.config import Settings
 
     parts = urlsplit(url)
+    if parts.scheme == "rediss":
+        kwargs.setdefault("connection_class", PinnedSSLConnection)
     password_file = password_file or os.environ.get("GUARD_REDIS_PASSWORD_FILE") or Settings().redis_password_file
     if parts.password is not None or not parts.username or not password_file:
         return redis.Redis.from_url(url, **kwargs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ from guard.keys.store import redis_client, tenant_prefix
 from guard.stack.config import StackConfig
 from guard.stack.redisd import Redis
 from guard.stack.secrets import StackSecrets
+from guard.stack.tls import ensure_ca
 from tests.integration.kafka_helpers import GUARD, REPO, GuardProcess, kafka_conf, produce_raw, wait_for
 
 pytestmark = pytest.mark.integration
@@ -99,6 +101,29 @@ def test_redis_refuses_anonymous_plaintext_and_wrong_password(stack: dict[str, s
     plain = redis.Redis(host=cfg.host, port=cfg.redis_port, socket_timeout=3, socket_connect_timeout=3)
     with pytest.raises(redis.ConnectionError):
         plain.ping()
+
+
+def test_redis_client_trusts_only_the_stack_ca_with_one_context(stack: dict[str, str], tmp_path: Path) -> None:
+    """Every connection of the guard's pool verifies the key store against the configured CA alone (not the
+    system's trust store beside it) with one context per process; another CA's file is refused."""
+    guard = _guard_client(stack)
+    pool = guard.connection_pool
+    connections = [pool.get_connection() for _ in range(3)]
+    try:
+        sockets = [c._sock for c in connections]  # noqa: SLF001 - the TLS socket is what is checked
+        assert all(isinstance(s, ssl.SSLSocket) for s in sockets)
+        contexts = {id(s.context) for s in sockets}  # type: ignore[union-attr]
+        assert len(contexts) == 1
+        assert len(sockets[0].context.get_ca_certs()) == 1  # type: ignore[union-attr]
+    finally:
+        for c in connections:
+            pool.release(c)
+        guard.close()
+    other_ca, _ = ensure_ca(tmp_path)
+    url = stack["GUARD_REDIS_URL"].split("?")[0] + f"?ssl_ca_certs={other_ca}&ssl_cert_reqs=required"
+    stranger = redis_client(url, stack["GUARD_REDIS_PASSWORD_FILE"], socket_timeout=5, socket_connect_timeout=5)
+    with pytest.raises(redis.ConnectionError, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+        stranger.ping()
 
 
 # --- PostgreSQL -------------------------------------------------------------------------------------------
