@@ -492,8 +492,9 @@ class KeyManager:
         """`prefetch`'s request, sent now; `finish_prefetch` reads its reply and caches the keys.
 
         In between the caller does other work (a native run seals the records of the chunk before), while
-        the key store answers. None if every key is cached already. Call `finish_prefetch` (or `drop_prefetch`)
-        before the next `send_prefetch`: the offer-or-read choice of the next one follows from its reply.
+        the key store answers. None if every key is cached already. Several may be in flight (a batch's
+        chunks); each chooses between offering new keys and reading first from the last reply read before it.
+        Every request must end in `finish_prefetch` or `drop_prefetch` (it holds a connection until then).
         """
         self.check_tenant_keys()
         now = time.monotonic()

@@ -1,5 +1,5 @@
-"""A batch's key load in chunks (`guard.pipeline.keyload`): where the chunks are cut, and that the next
-chunk's request is always sent before the worker waits on a reply. The key manager here is a recorder
+"""A batch's key load in chunks (`guard.pipeline.keyload`): where the chunks are cut, and that every
+chunk's request is sent before the worker waits on a reply. The key manager here is a recorder
 (pure logic); tests/integration/test_native_path.py runs the chunks against the real key store."""
 
 from __future__ import annotations
@@ -50,53 +50,54 @@ def chunks() -> list[tuple[int, list[str]]]:
     return [(0, ["c0"]), (128, ["c1"]), (640, ["c2"]), (2688, ["c3"])]
 
 
-def test_the_next_request_is_sent_before_each_wait_and_misses_read_up_to_their_chunk():
+def test_every_request_is_sent_before_the_first_wait_and_misses_read_up_to_their_chunk():
     keys = Recorder()
     load = ChunkedKeyLoad(keys, "b")  # type: ignore[arg-type]
     load.start(chunks())
-    assert keys.log == [("send", "c0"), ("send", "c1"), ("read", "c0")]
+    assert keys.log == [("send", "c0"), ("send", "c1"), ("send", "c2"), ("send", "c3"), ("read", "c0")]
     assert load.pending
     keys.log.clear()
-    assert not load.reach(100), "a miss before the chunk in flight reads nothing (its record loads alone)"
+    assert not load.reach(100), "a miss before the next chunk in flight reads nothing (its record loads alone)"
     assert keys.log == []
     assert load.reach(128)
-    assert keys.log == [("send", "c2"), ("read", "c1")]
+    assert keys.log == [("read", "c1")]
     keys.log.clear()
     assert load.reach(3000), "a miss past several chunks reads each, in order"
-    assert keys.log == [("send", "c3"), ("read", "c2"), ("read", "c3")]
+    assert keys.log == [("read", "c2"), ("read", "c3")]
     assert not load.pending and not load.reach(None)
 
 
-def test_the_python_path_reads_every_chunk_and_a_batch_given_up_drops_the_one_in_flight():
+def test_the_python_path_reads_every_chunk_and_a_batch_given_up_drops_those_in_flight():
     keys = Recorder()
     load = ChunkedKeyLoad(keys, "b")  # type: ignore[arg-type]
     load.start(chunks())
     keys.log.clear()
     assert load.reach(None)
-    assert keys.log == [("send", "c2"), ("read", "c1"), ("send", "c3"), ("read", "c2"), ("read", "c3")]
+    assert keys.log == [("read", "c1"), ("read", "c2"), ("read", "c3")]
     load.start(chunks())
     keys.log.clear()
     load.drop()
-    assert keys.log == [("drop", "c1")] and not load.pending
+    assert keys.log == [("drop", "c1"), ("drop", "c2"), ("drop", "c3")] and not load.pending
 
 
 def test_chunks_whose_keys_are_all_cached_send_nothing():
     keys = Recorder(cached={"c0", "c2"})
     load = ChunkedKeyLoad(keys, "b")  # type: ignore[arg-type]
     load.start(chunks())
-    assert keys.log == [("send", "c1")]
+    assert keys.log == [("send", "c1"), ("send", "c3"), ("read", "c1")], "the first chunk sent is waited for"
     keys.log.clear()
-    assert load.reach(128)
-    assert keys.log == [("send", "c3"), ("read", "c1")]
+    assert not load.reach(640), "the chunk at 640 sent nothing; the next in flight starts at 2688"
+    assert load.reach(2688)
+    assert keys.log == [("read", "c3")]
 
 
-def test_a_batch_done_reads_the_request_its_runs_never_reached_and_drops_it_if_it_fails():
+def test_a_batch_done_reads_the_requests_its_runs_never_reached_and_drops_them_if_one_fails():
     keys = Recorder()
     load = ChunkedKeyLoad(keys, "b")  # type: ignore[arg-type]
     load.start(chunks())
     keys.log.clear()
-    load.settle()  # a partition held at a delete: the runs never reached the chunk in flight
-    assert keys.log == [("read", "c1")] and not load.pending, "its keys are cached, chunks not sent forgotten"
+    load.settle()  # a partition held at a delete: the runs never reached the chunks in flight
+    assert keys.log == [("read", "c1"), ("read", "c2"), ("read", "c3")] and not load.pending
 
     class Failing(Recorder):
         def finish_prefetch(self, fetch: Any) -> None:
@@ -108,7 +109,7 @@ def test_a_batch_done_reads_the_request_its_runs_never_reached_and_drops_it_if_i
         load.start(chunks())
     keys.log.clear()
     load.settle()
-    assert keys.log == [("drop", "c1")] and not load.pending
+    assert keys.log == [("drop", "c1"), ("drop", "c2"), ("drop", "c3")] and not load.pending
 
 
 def test_a_subject_named_by_several_tables_is_in_the_chunk_of_its_first_record_only():
