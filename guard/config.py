@@ -62,6 +62,11 @@ class Settings:
     #: Records per transaction at most, and the longest a transaction stays open (ms).
     batch_size: int = 2000
     batch_ms: int = 100
+    #: Kilobytes of records a worker's consumer fetches ahead of it at most (librdkafka's
+    #: `queued.max.messages.kbytes`, whose own default is 65536). A worker that falls behind (a stall, a
+    #: backlog) would otherwise hold 64 MiB of prefetched records plus their per-record overhead that it can't
+    #: use yet; 16 MiB is still several full batches ahead. Between 1024 and 2097151.
+    prefetch_kb: int = 16384
     transaction_timeout_ms: int = 30_000
     #: Seconds past the transaction timeout before a partition whose last stable offset stands still is
     #: called hanging (an alert, `guard doctor`): Kafka's coordinator aborts timed-out transactions every
