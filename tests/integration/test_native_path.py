@@ -630,9 +630,10 @@ def test_a_batch_through_native_runs_produces_what_the_python_path_produces(stac
 
 
 def test_a_large_batchs_keys_load_in_chunks_each_requested_before_the_run_needs_it(stack, pair):
-    """A batch of new customers loads its keys in chunks of growing size (guard.pipeline.keyload): the first
-    chunk's keys are waited for, every later chunk's request is sent before the run reaches that chunk (while
-    the run seals the chunk before it), and the output is the Python path's, byte for byte."""
+    """A batch of new customers loads its keys in chunks of growing size (guard.pipeline.keyload): every
+    chunk's request is sent at the first miss, the first chunk's keys are waited for there, each later chunk's
+    reply is read where the run reaches that chunk (the key store works on it while the run seals the chunks
+    before), and the output is the Python path's, byte for byte."""
     from guard.pipeline.keyload import CHUNK_GROWTH, FIRST_CHUNK_RECORDS
 
     python, native = pair
@@ -669,8 +670,8 @@ def test_a_large_batchs_keys_load_in_chunks_each_requested_before_the_run_needs_
     assert got[0].records == expected[0].records
     assert got[1:] == expected[1:]
     sizes = [FIRST_CHUNK_RECORDS, FIRST_CHUNK_RECORDS * CHUNK_GROWTH, 60]
-    assert log == [("send", sizes[0]), ("send", sizes[1]), ("read", sizes[0]),
-                   ("send", sizes[2]), ("read", sizes[1]), ("read", sizes[2])], log
+    assert log == [("send", sizes[0]), ("send", sizes[1]), ("send", sizes[2]),
+                   ("read", sizes[0]), ("read", sizes[1]), ("read", sizes[2])], log
     assert reached == [0, sizes[0], sizes[0] + sizes[1]], "each chunk was read where the run first needed it"
     assert all(native.keys.cached_subject_aead(native.branch, native.planner.subject_for(7_900_000 + i,
                                                                                         "public.customers"))
