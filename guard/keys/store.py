@@ -485,10 +485,9 @@ class PendingReply:
     """A call already sent to the key store (a script, or a command), whose reply is read when it is needed
     (`result`).
 
-    Why: a batch's data keys are loaded in chunks (`KeyManager.send_prefetch`). The next chunk's request is
-    sent before the worker seals the records of the current one, and its reply read when the run reaches
-    the next chunk, so the key store's work (the script, its append-only-file write, the wire) overlaps the
-    worker's instead of stalling it: waiting on key creation was 9% of a first-sight worker's time and key
+    Why: a batch's data keys are loaded in chunks (`KeyManager.send_prefetch`). Every chunk's request is
+    sent at the batch's first miss and each reply read when the run reaches its chunk, so the key store's
+    work (the script, its append-only-file write, the wire) overlaps the worker's instead of stalling it: waiting on key creation was 9% of a first-sight worker's time and key
     loading's round trip about 5% of a steady one's (docs/benchmark.md, round 22).
 
     The same serves the copy of committed audit checkpoints to the second store, which nothing waits on

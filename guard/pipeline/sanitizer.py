@@ -318,7 +318,7 @@ class Sanitizer:
         """Drop what native runs remember of the current batch (its records, plaintext values included):
         the runner calls it when it is done with a batch, so an idle worker holds none of them."""
         self._stops = None
-        self._key_load.settle()  # a chunk's request the runs never reached: its keys cached, or dropped
+        self._key_load.settle()  # chunks' requests the runs never reached: their keys cached, or dropped
         if self._fast is not None:
             self._fast.forget_read_ahead()  # the envelopes `_load_keys_from` read that no run took
 
@@ -441,8 +441,9 @@ class Sanitizer:
         The first miss of a batch reads the subject of every record from this one on in one native call
         (`FastPath.batch_subjects`), which returns the distinct subjects' tokens in the order of the records
         that first name them, and the records it can't read (decoded here as on the Python path); the keys
-        then load in chunks, each chunk's request in flight while the run seals the records of the chunk
-        before it (`guard.pipeline.keyload`). Later misses read the replies of the chunks they reach.
+        then load in chunks, every chunk's request sent here and each read while the run seals the records
+        of the chunks before it (`guard.pipeline.keyload`). Later misses read the replies of the chunks they
+        reach.
         """
         if self._key_load.pending and self._key_load.reach(index):
             return
