@@ -487,8 +487,9 @@ class PendingReply:
 
     Why: a batch's data keys are loaded in chunks (`KeyManager.send_prefetch`). Every chunk's request is
     sent at the batch's first miss and each reply read when the run reaches its chunk, so the key store's
-    work (the script, its append-only-file write, the wire) overlaps the worker's instead of stalling it: waiting on key creation was 9% of a first-sight worker's time and key
-    loading's round trip about 5% of a steady one's (docs/benchmark.md, round 22).
+    work (the script, its append-only-file write, the wire) overlaps the worker's instead of stalling it:
+    waiting on key creation was 9% of a first-sight worker's time and key loading's round trip about 5% of
+    a steady one's (docs/benchmark.md, round 22).
 
     The same serves the copy of committed audit checkpoints to the second store, which nothing waits on
     (`send_audit_checkpoints`; the runner reads its reply at the next copy).
