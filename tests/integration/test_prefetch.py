@@ -61,8 +61,8 @@ def test_the_consumer_fetches_ahead_no_more_than_its_bound(stack: dict[str, str]
             taken = seen = since_peak = best = 0
             deadline = time.monotonic() + 90
             # A worker far behind its input: one record now and then (the statistics are served meanwhile),
-            # until ten statistics in a row found no more fetched ahead than before.
-            while time.monotonic() < deadline and since_peak < 10:
+            # until half the bound is ahead and ten statistics in a row found no more than before.
+            while time.monotonic() < deadline and (since_peak < 10 or best < BOUND_KB * 1024 // 2):
                 taken += len(consumer.consume(1, 0.2))
                 time.sleep(0.1)
                 for size in stats[seen:]:
