@@ -71,9 +71,12 @@ def target_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
     if db is None:
         checks.append(check(name, "not run", None, "use --db-latency 60"))
     else:
+        # Below the rate the target names the guard is less loaded: a p99 under the bound there is no pass.
         short = db["rate_achieved"] < 0.9 * db["rate_target"]
-        checks.append(check(name, "pass" if db["added_p99_ms"] < TARGET_ADDED_P99_MS else "fail", db["added_p99_ms"],
-                            f"p99 added {db['added_p99_ms']:.1f} ms at {db['rate_achieved']:.0f} rows/s"
+        met = db["added_p99_ms"] < TARGET_ADDED_P99_MS
+        checks.append(check(name, "fail" if not met else "n/a" if short else "pass", db["added_p99_ms"],
+                            f"p99 added {db['added_p99_ms']:.1f} ms at {db['rate_achieved']:.0f} rows/s (Debezium "
+                            f"alone p99 {db['raw_p99_ms']:.1f} ms)"
                             + (f" (the writer reached only {db['rate_achieved']:.0f} of {db['rate_target']:.0f} "
                                "rows/s)" if short else "")))
     soak_result = report.get("soak")
@@ -236,7 +239,8 @@ def render(report: dict[str, Any]) -> str:
     db = report.get("db_latency")
     if db:
         out += ["", f"latency from the database commit (source.ts_ms), {db['matched']:,} rows at "
-                f"{db['rate_achieved']:.0f} rows/s (target {db['rate_target']:.0f}), one row per transaction:",
+                f"{db['rate_achieved']:.0f} rows/s (target {db['rate_target']:.0f}), {db.get('commits', 0):,} commits "
+                f"(up to {db.get('max_rows_per_commit', 0):,} rows each):",
                 f"  commit -> raw record readable (Debezium):         p50 {db['raw_p50_ms']:.1f}  p95 "
                 f"{db['raw_p95_ms']:.1f}  p99 {db['raw_p99_ms']:.1f} ms",
                 f"  commit -> sanitized record readable (guard):     p50 {db['sanitized_p50_ms']:.1f}  p95 "

@@ -264,3 +264,30 @@ def test_write_alerts_counts_the_committed_write_anomalies(stack: dict[str, str]
         assert write_alerts(kafka_conf(bootstrap), names) == {"write_unattributed": 2, "write_denied": 2}
     finally:
         admin.delete_topics([topic])[topic].result(timeout=60)
+
+
+def test_db_writer_keeps_its_rate_committing_each_ticks_rows_together(stack: dict[str, str]) -> None:
+    """The `--db-latency` writer reaches the rate it is asked for (a commit per row was bounded by the WAL
+    flush at ~2,300 rows/s, a tenth of the rate the target names): every tick's due rows are one transaction,
+    and every row written is in the database, attributed like the branch's own writes."""
+    import psycopg
+
+    from guard.bench.dblatency import write_paced
+    from guard.bench.workload import BENCH_PRINCIPAL
+
+    dsn = stack["GUARD_BRANCH_DSN"]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        before = conn.execute("SELECT coalesce(max(txn_id), 0) FROM transactions").fetchone()[0]  # type: ignore[index]
+    rate, seconds = 1000.0, 2.0
+    wrote = write_paced(dsn, rate, seconds)
+
+    # The rows due are written at every tick, however slow each commit, and the window's last ones at its end.
+    assert wrote.rows == int(rate * seconds), wrote
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows, commits, attributed = conn.execute(
+            "SELECT count(*), count(DISTINCT xmin::text), count(*) FILTER (WHERE updated_by = %s) "
+            "FROM transactions WHERE txn_id > %s", (BENCH_PRINCIPAL, before)).fetchone()  # type: ignore[misc]
+    assert rows == wrote.rows
+    assert commits == wrote.commits < wrote.rows
+    assert wrote.max_rows_per_commit >= 2
+    assert attributed == rows
