@@ -71,14 +71,16 @@ def target_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
     if db is None:
         checks.append(check(name, "not run", None, "use --db-latency 60"))
     else:
-        # Below the rate the target names the guard is less loaded: a p99 under the bound there is no pass.
-        short = db["rate_achieved"] < 0.9 * db["rate_target"]
+        # The target names half the guard's maximum rate, whatever rate was asked (`--db-rate`) or reached: on a
+        # lighter load the guard waits less, so a p99 under the bound there is no pass.
+        named = report["modes"]["guard"]["events_per_s"] / 2
+        short = db["rate_achieved"] < 0.9 * named
         met = db["added_p99_ms"] < TARGET_ADDED_P99_MS
         checks.append(check(name, "fail" if not met else "n/a" if short else "pass", db["added_p99_ms"],
                             f"p99 added {db['added_p99_ms']:.1f} ms at {db['rate_achieved']:.0f} rows/s (Debezium "
                             f"alone p99 {db['raw_p99_ms']:.1f} ms)"
-                            + (f" (the writer reached only {db['rate_achieved']:.0f} of {db['rate_target']:.0f} "
-                               "rows/s)" if short else "")))
+                            + (f"; written at {db['rate_achieved']:.0f} rows/s, under the target's rate (half the "
+                               f"guard's, {named:.0f})" if short else "")))
     soak_result = report.get("soak")
     if soak_result is None:
         checks.append(check("RSS flat within 10% over a 10-minute run", "not run", None,
