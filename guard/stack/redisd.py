@@ -133,12 +133,19 @@ class Redis(Service):
         return [exe, str(self.conf)]
 
     def admin_client(self, **kwargs: Any) -> Any:
-        """The `admin` ACL user over TLS (stack operations only: migration, rotation, tests' negative checks)."""
+        """The `admin` ACL user over TLS (stack operations only: migration, rotation, tests' negative checks).
+
+        The key store is verified against the stack's CA alone, as the guard's own client does
+        (`guard.keys.redis_tls`): redis-py's TLS connection would trust the system's public CAs beside it."""
         import redis
 
-        return redis.Redis(host=self.cfg.host, port=self.cfg.redis_port, ssl=True, ssl_ca_certs=str(self.cfg.ca_file),
-                           ssl_cert_reqs="required", username=REDIS_ADMIN_USER,
-                           password=StackSecrets(self.cfg).password("redis-admin"), **kwargs)
+        from guard.keys.redis_tls import PinnedSSLConnection
+
+        pool = redis.ConnectionPool(connection_class=PinnedSSLConnection, host=self.cfg.host,
+                                    port=self.cfg.redis_port, ssl_ca_certs=str(self.cfg.ca_file),
+                                    ssl_cert_reqs="required", username=REDIS_ADMIN_USER,
+                                    password=StackSecrets(self.cfg).password("redis-admin"), **kwargs)
+        return redis.Redis(connection_pool=pool)
 
     def ready(self) -> bool:
         client = self.admin_client(socket_timeout=2)

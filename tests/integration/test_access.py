@@ -126,6 +126,23 @@ def test_redis_client_trusts_only_the_stack_ca_with_one_context(stack: dict[str,
         stranger.ping()
 
 
+def test_stack_admin_client_trusts_only_the_stack_ca(cfg: StackConfig) -> None:
+    """The stack's admin connection to the key store (migration, rotation) is pinned to the stack's CA like the
+    guard's: redis-py's own TLS connection trusted the system's public CAs beside it."""
+    admin = Redis(cfg).admin_client(socket_timeout=10)
+    pool = admin.connection_pool
+    connection = pool.get_connection()
+    try:
+        sock = connection._sock  # noqa: SLF001 - the TLS socket is what is checked
+        assert isinstance(sock, ssl.SSLSocket)
+        assert len(sock.context.get_ca_certs()) == 1
+        assert sock.context.verify_mode == ssl.CERT_REQUIRED and sock.context.check_hostname
+        assert admin.acl_whoami() in ("admin", b"admin")
+    finally:
+        pool.release(connection)
+        admin.close()
+
+
 # --- PostgreSQL -------------------------------------------------------------------------------------------
 def _refused(dsn: str) -> str:
     with pytest.raises(psycopg.OperationalError) as exc, psycopg.connect(dsn, connect_timeout=5):
