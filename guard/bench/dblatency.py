@@ -157,8 +157,9 @@ def write_paced(dsn: str, rate: float, seconds: float) -> WriteResult:
     and eight ~4,200, a tenth of half the guard's rate, so the phase measured the guard nearly idle while
     the target names half its maximum rate (docs/benchmark.md, round 26). Several rows per transaction is
     how a busy branch database commits anyway (a posting is a row and its balance update; concurrent
-    sessions share WAL flushes), and each row still carries its own commit time (`source.ts_ms`) and LSN.
-    At low rates a commit holds one or a few rows."""
+    sessions share WAL flushes), and each row still carries its own LSN and the commit time of the transaction
+    it is in (`source.ts_ms`). At low rates a commit holds one or a few rows; after a stall of the database,
+    the rows due meanwhile (rate x stall: 16,343 at most in round 26's default run)."""
     accounts = _customers(dsn)
     written = commits = largest = 0
     with psycopg.connect(dsn, autocommit=True) as conn:
