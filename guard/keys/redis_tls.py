@@ -13,9 +13,10 @@ per connection), then adds the CA file of the URL (`ssl_ca_certs`) to it. Two th
 `PinnedSSLConnection` wraps each socket with a context made once per process for the connection's TLS
 settings: `ssl.create_default_context(cafile=...)` when the URL names a CA file (only that CA is trusted),
 the system's trust store only when it names none. Hostname checking and the verify mode are redis-py's
-(`ssl_check_hostname`, `ssl_cert_reqs`: required by default). A CA file that changes (rotation) is read
-again: the file's size and modification time are part of the context's key, checked at every connect.
-OCSP checks (not used by the guard) fall back to redis-py's own path.
+(`ssl_check_hostname`, `ssl_cert_reqs`: required by default). A CA, certificate or key file that changes
+(rotation) is read again: the files' sizes and modification times are checked at every connect, and a
+change replaces the context of those settings (one context is kept per set of settings, however often the
+files rotate). OCSP checks (not used by the guard) fall back to redis-py's own path.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from typing import Any
 
 from redis.connection import SSLConnection
 
-_contexts: dict[tuple[Any, ...], ssl.SSLContext] = {}
+#: TLS settings -> (the stamps of the files they name, the context made from them).
+_contexts: dict[tuple[Any, ...], tuple[tuple[Any, ...], ssl.SSLContext]] = {}
 _lock = threading.Lock()
 
 
@@ -49,27 +51,26 @@ def pinned_context(*, ca_certs: str | None, ca_path: str | None = None, ca_data:
     With a CA (`ca_certs`, `ca_path` or `ca_data`) the context trusts that CA only; with none, the system's
     trust store. Client certificates with a password are not cached (the password may be a callable).
     """
-    key = (ca_certs, _file_stamp(ca_certs), ca_path, ca_data, cert_reqs, check_hostname, certfile,
-           _file_stamp(certfile), keyfile, _file_stamp(keyfile), min_version, ciphers)
+    settings = (ca_certs, ca_path, ca_data, cert_reqs, check_hostname, certfile, keyfile, min_version, ciphers)
+    stamps = (_file_stamp(ca_certs), _file_stamp(certfile), _file_stamp(keyfile))
     with _lock:
-        context = _contexts.get(key)
-        if context is None:
-            if ca_certs is None and ca_path is None and ca_data is None:
-                context = ssl.create_default_context()
-            else:
-                context = ssl.create_default_context(cafile=ca_certs, capath=ca_path, cadata=ca_data)
-            context.check_hostname = check_hostname
-            context.verify_mode = cert_reqs
-            if certfile or keyfile:
-                context.load_cert_chain(certfile=certfile or "", keyfile=keyfile)
-            if min_version is not None:
-                context.minimum_version = min_version
-            if ciphers:
-                context.set_ciphers(ciphers)
-            # Entries of a replaced CA file are never reused; drop them so a rotating file doesn't pile up.
-            for stale in [k for k in _contexts if k[0] == ca_certs and k[1] != key[1]]:
-                del _contexts[stale]
-            _contexts[key] = context
+        cached = _contexts.get(settings)
+        if cached is not None and cached[0] == stamps:
+            return cached[1]
+        if ca_certs is None and ca_path is None and ca_data is None:
+            context = ssl.create_default_context()
+        else:
+            context = ssl.create_default_context(cafile=ca_certs, capath=ca_path, cadata=ca_data)
+        context.check_hostname = check_hostname
+        context.verify_mode = cert_reqs
+        if certfile or keyfile:
+            context.load_cert_chain(certfile=certfile or "", keyfile=keyfile)
+        if min_version is not None:
+            context.minimum_version = min_version
+        if ciphers:
+            context.set_ciphers(ciphers)
+        # A rotated file's context replaces the one before it: connections already open keep theirs.
+        _contexts[settings] = (stamps, context)
     return context
 
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 from redis.connection import Connection
 
+from guard.keys import redis_tls
 from guard.keys.redis_tls import PinnedSSLConnection, pinned_context
 from guard.keys.store import redis_client
-from guard.stack.tls import ensure_ca
+from guard.stack.tls import ensure_ca, ensure_server_cert
 
 
 def _subjects(context: ssl.SSLContext) -> list[str]:
@@ -57,3 +58,28 @@ def test_redis_client_uses_the_pinned_connection_for_tls_only(tmp_path: Path) ->
     assert tls.connection_pool.connection_class is PinnedSSLConnection
     plain = redis_client("redis://guard@127.0.0.1:1/0", str(password))
     assert plain.connection_pool.connection_class is Connection
+
+
+def _touch_later(path: Path) -> None:
+    stat = os.stat(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+
+
+def test_rotated_files_replace_their_context_instead_of_piling_up(tmp_path: Path) -> None:
+    """A long-lived worker whose CA and client certificate rotate keeps one context per set of settings."""
+    ca, _ = ensure_ca(tmp_path / "ca")
+    cert, key = ensure_server_cert(tmp_path / "ca", "guard-client")
+    settings = {"ca_certs": str(ca), "certfile": str(cert), "keyfile": str(key)}
+    first = pinned_context(**settings)
+    before = len(redis_tls._contexts)
+    seen = {id(first)}
+    contexts = [first]
+    for rotated in (ca, cert, cert, key, ca, cert):
+        _touch_later(rotated)
+        contexts.append(pinned_context(**settings))
+        seen.add(id(contexts[-1]))
+        assert pinned_context(**settings) is contexts[-1]
+    # every rotation was read again (a new context each time) ...
+    assert len(seen) == 7
+    # ... and replaced the one before it: the cache did not grow
+    assert len(redis_tls._contexts) == before
