@@ -181,7 +181,7 @@ def measure_latency(ctx: BenchContext, workers: WorkerSet, workload: Workload, r
     try:
         sent, achieved = pace(client, names, workload, rate, warmup_s + seconds, workers.check_alive)
         expected = max(int(sent - warmup_s * achieved) - 5, 1)
-        progress = GroupProgress(client, workers.group, ctx.inputs_of(workers.mode), ctx.partitions)
+        progress = GroupProgress.of(ctx, workers)
         try:
             progress.wait(progress.ends(), workers, timeout=60)
         finally:

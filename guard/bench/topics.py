@@ -218,10 +218,11 @@ def missing_keys(redis_url: str, keys: list[str]) -> list[str]:
 
 
 # --- filling and pacing -----------------------------------------------------------------------------
-def _fill_producer(client: dict[str, Any], linger_ms: int) -> Producer:
+def _fill_producer(client: dict[str, Any], linger_ms: int, transactional_id: str | None = None) -> Producer:
     """A plain producer like Kafka Connect's (acks=all, Java's murmur2 partitioner, no compression)."""
     return Producer({
         **client,
+        **({} if transactional_id is None else {"transactional.id": transactional_id}),
         "acks": "all",
         "enable.idempotence": True,
         "linger.ms": linger_ms,
@@ -240,10 +241,17 @@ def _produce(producer: Producer, topic: str, key: bytes, value: bytes | None) ->
             producer.poll(0.05)
 
 
-def fill(client: dict[str, Any], names: Names, workload: Workload) -> float:
+def fill(client: dict[str, Any], names: Names, workload: Workload, *, transactional_id: str | None = None) -> float:
     """Produce every record of the workload once, each to its table's raw topic (a logical decoding
-    message to `<prefix>.message`); returns records/s (not timed against either mode)."""
-    producer = _fill_producer(client, 20)
+    message to `<prefix>.message`); returns records/s (not timed against either mode).
+
+    With `transactional_id`, every record is written in one Kafka transaction: read_committed consumers
+    (both modes' workers) see none of them until the commit, then all of them at once
+    (`guard.bench.gate`)."""
+    producer = _fill_producer(client, 20, transactional_id)
+    if transactional_id is not None:
+        producer.init_transactions(30)
+        producer.begin_transaction()
     topics = {table: names.input(table) for table in workload.topics}
     templates = workload.templates
     start = time.monotonic()
@@ -253,7 +261,9 @@ def fill(client: dict[str, Any], names: Names, workload: Workload) -> float:
         _produce(producer, topics[table], key, workload.value(template, ts_ms))
         if n % 10_000 == 0:
             producer.poll(0)
-    if producer.flush(120) != 0:
+    if transactional_id is not None:
+        producer.commit_transaction(120)  # flushes first; raises if any record was not written
+    elif producer.flush(120) != 0:
         raise BenchError(f"could not write the workload to {names.prefix}'s raw topics")
     return len(workload.order) / (time.monotonic() - start)
 

@@ -23,6 +23,7 @@ from guard.bench.common import (
     BenchError,
     log,
 )
+from guard.bench.gate import DrainInput, start_for_drain
 from guard.bench.latency import broker_uptime_s, local_broker, measure_latency
 from guard.bench.report import machine_facts, target_checks
 from guard.bench.stackcpu import StackCpuSampler, local_stack_processes
@@ -88,13 +89,16 @@ def key_figures(counts: dict[str, int], events: int) -> dict[str, Any]:
             "keys_created_per_event": round(counts.get("keys_created", 0) / per, 4)}
 
 
-def drain_fresh(ctx: BenchContext, workers: WorkerSet) -> ThroughputResult:
-    """Let a fresh group consume the whole input topic; time it with the workers' own timestamps."""
-    progress = GroupProgress(client_config(ctx.settings), workers.group, ctx.inputs_of(workers.mode),
-                             ctx.partitions)
+def drain_fresh(ctx: BenchContext, workers: WorkerSet, given: DrainInput | None = None) -> ThroughputResult:
+    """Let a fresh group consume the whole input topic (or what `given` names: `gate.start_for_drain`);
+    time it with the workers' own timestamps."""
+    progress = GroupProgress.of(ctx, workers)
     try:
-        targets = progress.ends()
-        count = sum(targets.values())
+        if given is None:
+            targets = progress.ends()
+            count = sum(targets.values())
+        else:
+            targets, count = given.targets, given.records
         observed = progress.wait(targets, workers, timeout=120 + count / 500)
     finally:
         progress.close()
@@ -118,8 +122,7 @@ def drain_fresh(ctx: BenchContext, workers: WorkerSet) -> ThroughputResult:
 
 def catch_up(ctx: BenchContext, workers: WorkerSet) -> None:
     """Wait until a (re)started group has committed everything currently in the input topic."""
-    progress = GroupProgress(client_config(ctx.settings), workers.group, ctx.inputs_of(workers.mode),
-                             ctx.partitions)
+    progress = GroupProgress.of(ctx, workers)
     try:
         targets = progress.ends()
         progress.wait(targets, workers, timeout=120 + sum(targets.values()) / 500)
@@ -171,12 +174,13 @@ def soak(ctx: BenchContext, workload: Workload, workers: int, rate: float, secon
 
 
 def scaling(ctx: BenchContext) -> dict[str, Any]:
-    """Guard throughput with 1 then 2 workers, each a fresh group over every record now in the topic."""
+    """Guard throughput with 1 then 2 workers, each a fresh group draining the workload written again once
+    the group is formed (`gate.start_for_drain`: the same records for both, and no join inside the window)."""
     results: dict[str, Any] = {}
     for count in (1, 2):
-        workers = WorkerSet(ctx, "guard", count, ctx.names.group(f"scale{count}"), f"scale{count}").start()
+        workers = WorkerSet(ctx, "guard", count, ctx.names.group(f"scale{count}"), f"scale{count}")
         try:
-            result = drain_fresh(ctx, workers)
+            result = drain_fresh(ctx, workers, start_for_drain(ctx, workers, written_again=True))
         finally:
             result_workers = workers.stop()
         result.workers = result_workers
@@ -277,9 +281,9 @@ def run_mode_throughput(ctx: BenchContext, mode: str, workers: int, trial: int |
         group_id = f"{group_id}-{phase}"
     # Warm-up workers are sampled under their own label: their RSS is not the mode's measured peak.
     label = (mode if not phase else f"{mode}-{phase}") if isinstance(trial, int) else f"warmup-{mode}"
-    group = WorkerSet(ctx, mode, workers, group_id, label, suffix).start()
+    group = WorkerSet(ctx, mode, workers, group_id, label, suffix)
     try:
-        result = drain_fresh(ctx, group)
+        result = drain_fresh(ctx, group, start_for_drain(ctx, group))
     except BaseException:
         group.stop()
         raise
@@ -469,7 +473,7 @@ def run(settings: Settings, opts: BenchOptions) -> dict[str, Any]:
                        broker_gc_log=broker.gc_log if broker is not None and broker.gc_log.is_file() else None,
                        stack_cpu=stack_cpu,
                        tables=workload.tables, key_cache_ttl=opts.cache_ttl(), messages=workload.has_messages,
-                       trace={} if opts.latency_trace is not None else None)
+                       trace={} if opts.latency_trace is not None else None, workload=workload)
     try:
         for table in workload.tables:
             create_topic(admin, names.input(table), opts.partitions)

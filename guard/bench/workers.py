@@ -19,9 +19,9 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from guard.bench.common import BenchError, log
 from guard.bench.stackcpu import StackCpuSampler
 from guard.bench.topics import Names
-from guard.bench.workload import MESSAGE_TOPIC
+from guard.bench.workload import MESSAGE_TOPIC, Workload
 from guard.config import Settings
-from guard.kafka_security import settings_env
+from guard.kafka_security import client_config, settings_env
 
 
 # --- worker processes ------------------------------------------------------------------------------
@@ -141,6 +141,12 @@ class BenchContext:
     #: `--latency-trace`: guard workers record their activity (`guard.bench.trace`) beside their logs, and
     #: each latency phase's samples and attribution are collected here (mode -> what `measure_latency` found).
     trace: dict[str, Any] | None = None
+    #: The workload the input topics were filled with: a drain by several workers writes it again once
+    #: their group is formed (`guard.bench.gate`); None: only one-worker drains.
+    workload: Workload | None = None
+    #: The offsets of the commit markers those transactional writes left, per input partition: the last
+    #: offset of a partition may be one, and no consumer's committed position covers it (`GroupProgress`).
+    markers: dict[tuple[str, int], int] = field(default_factory=dict)
 
     @property
     def inputs(self) -> list[str]:
@@ -270,17 +276,31 @@ class WorkerSet:
 class GroupProgress:
     """Reads a group's committed offsets on the input topics without joining the group."""
 
-    def __init__(self, client: dict[str, Any], group: str, topics: list[str], partitions: int) -> None:
+    def __init__(self, client: dict[str, Any], group: str, topics: list[str], partitions: int,
+                 markers: dict[tuple[str, int], int] | None = None) -> None:
         self.topics, self.partitions = topics, partitions
+        self.markers = markers or {}
         self.consumer = Consumer({**client, "group.id": group, "enable.auto.commit": False})
+
+    @classmethod
+    def of(cls, ctx: BenchContext, workers: WorkerSet) -> GroupProgress:
+        """The progress of `workers`' group on the inputs its mode reads."""
+        return cls(client_config(ctx.settings), workers.group, ctx.inputs_of(workers.mode), ctx.partitions,
+                   ctx.markers)
 
     def committed(self) -> dict[tuple[str, int], int]:
         tps = [TopicPartition(t, p) for t in self.topics for p in range(self.partitions)]
         return {(tp.topic, tp.partition): max(tp.offset, 0) for tp in self.consumer.committed(tps, timeout=10)}
 
     def ends(self) -> dict[tuple[str, int], int]:
-        return {(t, p): self.consumer.get_watermark_offsets(TopicPartition(t, p), timeout=10)[1]
-                for t in self.topics for p in range(self.partitions)}
+        """Per input partition, the offset a group that read everything has committed: the end, or the
+        offset of the commit marker the bench's last transactional write left there (`guard.bench.gate`)."""
+        ends = {}
+        for t in self.topics:
+            for p in range(self.partitions):
+                end = self.consumer.get_watermark_offsets(TopicPartition(t, p), timeout=10)[1]
+                ends[(t, p)] = end - 1 if self.markers.get((t, p)) == end - 1 else end
+        return ends
 
     def wait(self, targets: dict[tuple[str, int], int], workers: WorkerSet, timeout: float) -> float:
         """Block until every partition's committed offset reaches its target; returns when (epoch s)."""
