@@ -279,7 +279,7 @@ class GroupProgress:
     def __init__(self, client: dict[str, Any], group: str, topics: list[str], partitions: int,
                  markers: dict[tuple[str, int], int] | None = None) -> None:
         self.topics, self.partitions = topics, partitions
-        self.markers = markers or {}
+        self.markers = markers if markers is not None else {}
         self.consumer = Consumer({**client, "group.id": group, "enable.auto.commit": False})
 
     @classmethod
