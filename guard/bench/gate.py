@@ -27,14 +27,16 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 
 from confluent_kafka import Consumer, ConsumerGroupState, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from guard.bench.common import BenchError, log
-from guard.bench.topics import fill
+from guard.bench.topics import Names, fill
 from guard.bench.workers import BenchContext, WorkerSet
+from guard.bench.workload import Workload
 from guard.kafka_security import client_config
 
 #: An offset per input (topic, partition).
@@ -59,6 +61,33 @@ def _commit_ends(consumer: Consumer, topics: list[str], partitions: int) -> Offs
     ends = _ends(consumer, topics, partitions)
     consumer.commit(offsets=[TopicPartition(t, p, end) for (t, p), end in ends.items()], asynchronous=False)
     return ends
+
+
+def _records_per_topic(names: Names, workload: Workload, topics: list[str]) -> dict[str, int]:
+    """How many of the workload's records a fill writes to each of `topics`."""
+    per_table = Counter(workload.templates[template][0] for template in workload.order)
+    per_topic = {names.input(table): n for table, n in per_table.items()}
+    return {topic: per_topic.get(topic, 0) for topic in topics}
+
+
+def _committed_ends(consumer: Consumer, topics: list[str], partitions: int, starts: Offsets,
+                    written: dict[str, int], timeout: float = 30.0) -> Offsets:
+    """The topics' ends once the fill's transaction is readable, commit markers included.
+
+    The ends a read_committed client is told are the last stable offsets, and the producer's commit returns
+    before the transaction's markers are written to the partitions: read at once, the ends were still the
+    starts (a drain of 0 records). So read until every topic's new offsets are its records plus a marker
+    per partition it wrote to."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ends = _ends(consumer, topics, partitions)
+        if all(sum(ends[(t, p)] - starts[(t, p)] - (ends[(t, p)] > starts[(t, p)]) for p in range(partitions))
+               == written[t] for t in topics):
+            return ends
+        if time.monotonic() > deadline:
+            raise BenchError(f"the workload written again was not readable within {timeout:.0f}s "
+                             f"(from {starts} to {ends}, records per topic {written})")
+        time.sleep(0.05)
 
 
 def _wait_formed(ctx: BenchContext, workers: WorkerSet, topics: list[str], timeout: float = 60.0) -> float:
@@ -106,7 +135,8 @@ def start_for_drain(ctx: BenchContext, workers: WorkerSet, *, written_again: boo
         formed_s = _wait_formed(ctx, workers, topics)
         rate = fill(client_config(ctx.settings), ctx.names, ctx.workload,
                     transactional_id=f"{ctx.names.prefix}-fill-{uuid.uuid4().hex[:8]}")
-        ends = _ends(consumer, topics, ctx.partitions)
+        written = _records_per_topic(ctx.names, ctx.workload, topics)
+        ends = _committed_ends(consumer, topics, ctx.partitions, starts, written)
     finally:
         consumer.close()
     # A partition the transaction wrote to ends with its commit marker, which a committed position need not
