@@ -30,12 +30,12 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 
-from confluent_kafka import Consumer, ConsumerGroupState, KafkaException, TopicPartition
+from confluent_kafka import ConsumerGroupState, KafkaException
 from confluent_kafka.admin import AdminClient
 
 from guard.bench.common import BenchError, log
 from guard.bench.topics import Names, fill
-from guard.bench.workers import BenchContext, WorkerSet
+from guard.bench.workers import BenchContext, GroupProgress, WorkerSet
 from guard.bench.workload import Workload
 from guard.kafka_security import client_config
 
@@ -51,18 +51,6 @@ class DrainInput:
     records: int
 
 
-def _ends(consumer: Consumer, topics: list[str], partitions: int) -> Offsets:
-    return {(t, p): consumer.get_watermark_offsets(TopicPartition(t, p), timeout=10)[1]
-            for t in topics for p in range(partitions)}
-
-
-def _commit_ends(consumer: Consumer, topics: list[str], partitions: int) -> Offsets:
-    """Commit the topics' current end offsets for the consumer's group, which has no member yet; returns them."""
-    ends = _ends(consumer, topics, partitions)
-    consumer.commit(offsets=[TopicPartition(t, p, end) for (t, p), end in ends.items()], asynchronous=False)
-    return ends
-
-
 def _records_per_topic(names: Names, workload: Workload, topics: list[str]) -> dict[str, int]:
     """How many of the workload's records a fill writes to each of `topics`."""
     per_table = Counter(workload.templates[template][0] for template in workload.order)
@@ -70,8 +58,8 @@ def _records_per_topic(names: Names, workload: Workload, topics: list[str]) -> d
     return {topic: per_topic.get(topic, 0) for topic in topics}
 
 
-def _committed_ends(consumer: Consumer, topics: list[str], partitions: int, starts: Offsets,
-                    written: dict[str, int], timeout: float = 30.0) -> Offsets:
+def _committed_ends(progress: GroupProgress, starts: Offsets, written: dict[str, int],
+                    timeout: float = 30.0) -> Offsets:
     """The topics' ends once the fill's transaction is readable, commit markers included.
 
     The ends a read_committed client is told are the last stable offsets, and the producer's commit returns
@@ -80,9 +68,12 @@ def _committed_ends(consumer: Consumer, topics: list[str], partitions: int, star
     per partition it wrote to."""
     deadline = time.monotonic() + timeout
     while True:
-        ends = _ends(consumer, topics, partitions)
-        if all(sum(ends[(t, p)] - starts[(t, p)] - (ends[(t, p)] > starts[(t, p)]) for p in range(partitions))
-               == written[t] for t in topics):
+        ends = progress.stable_ends()
+        added = Counter[str]()
+        for (t, p), end in ends.items():
+            if end > starts[(t, p)]:
+                added[t] += end - starts[(t, p)] - 1  # less the partition's commit marker
+        if all(added[t] == written[t] for t in progress.topics):
             return ends
         if time.monotonic() > deadline:
             raise BenchError(f"the workload written again was not readable within {timeout:.0f}s "
@@ -128,17 +119,17 @@ def start_for_drain(ctx: BenchContext, workers: WorkerSet, *, written_again: boo
         raise BenchError("a drain by several workers writes the workload again: the bench context has none")
     # One client for the group's offsets and the topics' ends, open until both are read: a client closed
     # while it still authenticates to the group's coordinator logs a SASL failure.
-    consumer = Consumer(client_config(ctx.settings, **{"group.id": workers.group, "enable.auto.commit": False}))
+    progress = GroupProgress.of(ctx, workers)
     try:
-        starts = _commit_ends(consumer, topics, ctx.partitions)
+        starts = progress.stable_ends()
+        progress.commit(starts)
         workers.start()
         formed_s = _wait_formed(ctx, workers, topics)
         rate = fill(client_config(ctx.settings), ctx.names, ctx.workload,
                     transactional_id=f"{ctx.names.prefix}-fill-{uuid.uuid4().hex[:8]}")
-        written = _records_per_topic(ctx.names, ctx.workload, topics)
-        ends = _committed_ends(consumer, topics, ctx.partitions, starts, written)
+        ends = _committed_ends(progress, starts, _records_per_topic(ctx.names, ctx.workload, topics))
     finally:
-        consumer.close()
+        progress.close()
     # A partition the transaction wrote to ends with its commit marker, which a committed position need not
     # cover; later waits on the group's progress know it (`GroupProgress.ends`).
     ctx.markers.update({tp: end - 1 for tp, end in ends.items() if end > starts[tp]})

@@ -256,14 +256,22 @@ def fill(client: dict[str, Any], names: Names, workload: Workload, *, transactio
     templates = workload.templates
     start = time.monotonic()
     ts_ms = int(time.time() * 1000)
-    for n, template in enumerate(workload.order):
-        table, key, _ = templates[template]
-        _produce(producer, topics[table], key, workload.value(template, ts_ms))
-        if n % 10_000 == 0:
-            producer.poll(0)
-    if transactional_id is not None:
-        producer.commit_transaction(120)  # flushes first; raises if any record was not written
-    elif producer.flush(120) != 0:
+    try:
+        for n, template in enumerate(workload.order):
+            table, key, _ = templates[template]
+            _produce(producer, topics[table], key, workload.value(template, ts_ms))
+            if n % 10_000 == 0:
+                producer.poll(0)
+        if transactional_id is not None:
+            producer.commit_transaction(120)  # flushes first; raises if any record was not written
+    except BaseException:
+        if transactional_id is not None:  # no open transaction left to hold back every reader of the topics
+            try:
+                producer.abort_transaction(30)
+            except KafkaException as exc:
+                log.warning("could not abort the fill's transaction (%s); the broker aborts it at its timeout", exc)
+        raise
+    if transactional_id is None and producer.flush(120) != 0:
         raise BenchError(f"could not write the workload to {names.prefix}'s raw topics")
     return len(workload.order) / (time.monotonic() - start)
 

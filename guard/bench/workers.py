@@ -292,15 +292,20 @@ class GroupProgress:
         tps = [TopicPartition(t, p) for t in self.topics for p in range(self.partitions)]
         return {(tp.topic, tp.partition): max(tp.offset, 0) for tp in self.consumer.committed(tps, timeout=10)}
 
+    def stable_ends(self) -> dict[tuple[str, int], int]:
+        """Per input partition, the end a read_committed client is told: the last stable offset."""
+        return {(t, p): self.consumer.get_watermark_offsets(TopicPartition(t, p), timeout=10)[1]
+                for t in self.topics for p in range(self.partitions)}
+
     def ends(self) -> dict[tuple[str, int], int]:
         """Per input partition, the offset a group that read everything has committed: the end, or the
         offset of the commit marker the bench's last transactional write left there (`guard.bench.gate`)."""
-        ends = {}
-        for t in self.topics:
-            for p in range(self.partitions):
-                end = self.consumer.get_watermark_offsets(TopicPartition(t, p), timeout=10)[1]
-                ends[(t, p)] = end - 1 if self.markers.get((t, p)) == end - 1 else end
-        return ends
+        return {tp: end - 1 if self.markers.get(tp) == end - 1 else end for tp, end in self.stable_ends().items()}
+
+    def commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        """Commit `offsets` for the group, which must have no member (a plain offset commit)."""
+        self.consumer.commit(offsets=[TopicPartition(t, p, at) for (t, p), at in offsets.items()],
+                             asynchronous=False)
 
     def wait(self, targets: dict[tuple[str, int], int], workers: WorkerSet, timeout: float) -> float:
         """Block until every partition's committed offset reaches its target; returns when (epoch s)."""
