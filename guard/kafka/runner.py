@@ -27,6 +27,8 @@ The parts that matter for "nothing lost, nothing duplicated":
   consumer leaves the group, the new producer fences the old one) and resumes from the committed offsets,
   retrying with a back-off while the cluster is unreachable. The worker never exits on a Kafka failure,
   only on a stop request.
+- **Out of the group**: a consumer with no member id for several session timeouts (stuck rejoining after
+  a broker restart, seen once) is rebuilt with the producer, like a wedged client (`guard.kafka.membership`).
 - **Fencing**: the transactional id is `<group>-<worker id>`. A restarted worker with the same id fences
   its crashed predecessor at `init_transactions()` and aborts its open transaction at once. Group
   metadata in `send_offsets_to_transaction` (KIP-447) fences zombies across rebalances too.
@@ -78,6 +80,7 @@ from guard.kafka.hanging import (
     HangingWatcher,
     group_offsets_partition,
 )
+from guard.kafka.membership import MembershipWatch
 from guard.kafka.rewinds import RewindCheck, RewindLostError
 from guard.kafka.stats import BatchCounters, Stats
 from guard.kafka_security import client_config
@@ -151,6 +154,8 @@ class SanitizerWorker:
             "stats_cb": self.telemetry.on_stats,
         }
         self.consumer = Consumer(self._consumer_config)
+        #: A consumer out of its group for several session timeouts is rebuilt (`guard.kafka.membership`).
+        self._membership = MembershipWatch.for_session_timeout(int(self._consumer_config["session.timeout.ms"]))
         self._producer_config = producer_config(settings, client_id)
         #: Outputs larger than this take the Python path, which turns librdkafka's MSG_SIZE_TOO_LARGE into a
         #: DLQ record (the margin covers librdkafka's per-record overhead in its size check).
@@ -236,6 +241,9 @@ class SanitizerWorker:
                     if not self._in_txn and time.monotonic() - self._idle_checked > min(
                             PENDING_CHECK_S, self.settings.audit_checkpoint_s / 2):
                         self._idle_checkpoints()
+                    if self._membership.due() and self._out_of_group():
+                        self._rebuild_clients()
+                        continue
                     backoff = 0.5
                 except KeyUnavailableError as exc:
                     log.warning("key store unavailable, retrying the batch in %.1fs: %s", backoff, exc)
@@ -313,6 +321,19 @@ class SanitizerWorker:
             # The logical decoding messages that attribute deletes (docs/policy.md, "Attribution contract").
             topics.append(self.sanitizer.checker.message_topic)
         self.consumer.subscribe(topics, on_revoke=self._on_revoke, on_lost=self._on_lost)
+        self._membership.restart()
+
+    def _out_of_group(self) -> bool:
+        """Whether the consumer has had no member id for too long (`guard.kafka.membership`): it is rebuilt."""
+        out_for = self._membership.stuck(self.consumer.memberid())
+        if out_for is None:
+            return False
+        log.error("the consumer has not been a member of group %s for %.0f s (%d session timeouts): the cluster "
+                  "is unreachable, or the client is stuck rejoining (librdkafka issues 2944, 3396); rebuilding "
+                  "the clients, resuming from the committed offsets", self.settings.group_id, out_for,
+                  round(out_for * 1000 / int(self._consumer_config["session.timeout.ms"])))
+        self.stats.membership_rebuilds += 1
+        return True
 
     # --- one batch --------------------------------------------------------------------------------
     def _process_batch(self, msgs: list[Message]) -> None:

@@ -30,6 +30,9 @@ class Stats:
     #: Rewinds (seeks back) the consumer did not carry out, caught by `RewindCheck` and repaired by rebuilding
     #: the clients (seen around broker restarts: the fetch went on from where it was).
     lost_rewinds: int = 0
+    #: Times the consumer had no member id for several session timeouts and the clients were rebuilt
+    #: (`guard.kafka.membership`; seen once after a broker restart: a consumer that never rejoined).
+    membership_rebuilds: int = 0
     decisions: dict[str, int] = field(default_factory=dict)
     fields_by_class: dict[str, int] = field(default_factory=dict)
     dlq_reasons: dict[str, int] = field(default_factory=dict)

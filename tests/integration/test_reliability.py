@@ -575,26 +575,31 @@ class _LostReply:
         pass
 
 
+def _in_process(sc: Scenario, stack: dict[str, str]) -> tuple[Any, Any]:
+    """Settings and a sanitizer for a worker run in the test's own process, on the scenario's topics."""
+    from guard.config import load_settings
+    from guard.pipeline.runtime import build_sanitizer
+
+    settings = load_settings(
+        None, kafka_bootstrap=sc.bootstrap, redis_url=stack["GUARD_REDIS_URL"], raw_topic_prefix=sc.prefix,
+        group_id=sc.group, worker_id=f"{sc.group}-inproc", sanitized_prefix=sc.sanitized_prefix,
+        audit_topic=sc.audit, dlq_topic=sc.dlq, anomalies_topic=sc.anomalies, deletions_topic=sc.deletions)
+    sc.in_process_ids.add(settings.worker_id)
+    return settings, build_sanitizer(settings)
+
+
 class _FirstCommitFails:
     """An in-process worker's set-up on the real stack whose first commit-time key-store write fails (the
     activity write `_commit` waits for: `send_subject_activity`'s reply), so the worker aborts its first
     transaction and rewinds."""
 
     def __init__(self, stack: dict[str, str], log_dir: Path) -> None:
-        from guard.config import load_settings
-        from guard.pipeline.runtime import build_sanitizer
-
         self.sc = sc = Scenario(stack, log_dir, partitions=1)
-        self.settings = load_settings(
-            None, kafka_bootstrap=sc.bootstrap, redis_url=stack["GUARD_REDIS_URL"], raw_topic_prefix=sc.prefix,
-            group_id=sc.group, worker_id=f"{sc.group}-inproc", sanitized_prefix=sc.sanitized_prefix,
-            audit_topic=sc.audit, dlq_topic=sc.dlq, anomalies_topic=sc.anomalies, deletions_topic=sc.deletions)
-        self.sanitizer = build_sanitizer(self.settings)
+        self.settings, self.sanitizer = _in_process(sc, stack)
         store = self.sanitizer.keys.store
         self._real = store.send_subject_activity
         self.calls = 0
         store.send_subject_activity = self._fails_once  # type: ignore[method-assign]
-        sc.in_process_ids.add(self.settings.worker_id)
 
     def _fails_once(self, branch: str, activity: dict) -> Any:
         self.calls += 1
@@ -664,4 +669,71 @@ def test_a_rewind_the_consumer_does_not_carry_out_is_caught_and_nothing_is_lost(
     producer.join()
     assert sabotaged.ignored, "the rewind's seek was not made"
     assert stats.lost_rewinds >= 1, "the ignored rewind went unnoticed"
+    sc.check_own_topic(producer)
+
+
+class _LeavesItsGroup:
+    """A consumer that leaves its group for good once it has handed out `after` records as a member of it,
+    and never comes back: what a consumer stuck rejoining after a broker restart looks like from the worker
+    (no member id, nothing fetched, no error; docs/reliability.md). The leaving is the real consumer's own
+    (`unsubscribe()`, which revokes its partitions at the next poll); everything else is the real consumer's
+    too."""
+
+    def __init__(self, consumer: Any, after: int) -> None:
+        self._consumer = consumer
+        self._after = after
+        self.taken = 0
+        self.left = False
+        #: (whether it had left, the member id it said) at each of the worker's checks
+        self.member_ids: list[tuple[bool, str | None]] = []
+
+    def _count(self, n: int) -> None:
+        self.taken += n
+        # Only once it is a member: the leaving is what is under test, not the joining.
+        if not self.left and self.taken >= self._after and self._consumer.memberid():
+            self._consumer.unsubscribe()
+            self.left = True
+
+    def poll(self, timeout: float) -> Any:
+        msg = self._consumer.poll(timeout)
+        self._count(msg is not None)
+        return msg
+
+    def consume(self, num_messages: int, timeout: float) -> list[Any]:
+        msgs = self._consumer.consume(num_messages, timeout)
+        self._count(len(msgs))
+        return msgs
+
+    def memberid(self) -> str | None:
+        member_id = self._consumer.memberid()
+        self.member_ids.append((self.left, member_id))
+        return member_id
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._consumer, name)
+
+
+def test_a_consumer_that_stays_out_of_its_group_is_rebuilt_and_nothing_is_lost(stack, log_dir, monkeypatch):
+    """A worker whose consumer is no longer a member of its group, and does not rejoin, fetches nothing and
+    reports no error: its partitions' stream would wait as long as the process lives (seen once after a
+    broker restart). The worker must notice (no member id for `SESSIONS_WITHOUT_MEMBER_ID` session timeouts,
+    here shortened to 7.5 s), rebuild its clients and resume from the committed offsets: every input decided
+    exactly once, none lost, none leaked."""
+    import guard.kafka.membership
+    from guard.kafka.runner import SanitizerWorker
+
+    monkeypatch.setattr(guard.kafka.membership, "SESSIONS_WITHOUT_MEMBER_ID", 0.5)
+    sc = Scenario(stack, log_dir, partitions=1)
+    settings, sanitizer = _in_process(sc, stack)
+    producer = SteadyProducer(sc.bootstrap, sc.topic, count=60, rate=4, partitions=1).start()
+    worker = SanitizerWorker(settings, sanitizer)
+    stuck = _LeavesItsGroup(worker.consumer, after=10)
+    worker.consumer = stuck  # type: ignore[assignment]
+    stats = worker.run(until=lambda s: s.events_in >= 60, max_idle_s=60)
+    producer.join()
+    assert stuck.left, "the consumer never left its group"
+    assert stats.events_in == 60, f"the worker decided {stats.events_in} of 60: it stopped when its consumer left"
+    assert stuck.member_ids[-1] == (True, None), f"the consumer's member id after leaving: {stuck.member_ids}"
+    assert stats.membership_rebuilds == 1, f"rebuilt {stats.membership_rebuilds} times"
+    assert worker.consumer is not stuck
     sc.check_own_topic(producer)
