@@ -70,6 +70,7 @@ from guard.audit.writer import load_audit_signer
 from guard.config import Settings
 from guard.errors import KeyUnavailableError
 from guard.kafka import confirmations
+from guard.kafka.abandoned import SetAside
 from guard.kafka.audit_chain import AuditChains
 from guard.kafka.batching import EarlyOffsets, commit_due, take
 from guard.kafka.clients import OUTPUT_TOPIC_PARTITIONS, TopicManager, consumer_config, producer_config
@@ -161,7 +162,8 @@ class SanitizerWorker:
         #: DLQ record (the margin covers librdkafka's per-record overhead in its size check).
         self._max_record_bytes = int(self._producer_config.get("message.max.bytes", 1_000_000)) - 1024
         self.producer = Producer(self._producer_config)
-        self._abandoned: list[Producer | Consumer] = []
+        #: Clients given up on: not destroyed on this thread, at most a few kept (`guard.kafka.abandoned`).
+        self._abandoned = SetAside()
         self._txn_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bg-txn")
         #: Longest a transactional call may take, its retries included, before the producer is replaced.
         self._txn_deadline_s = settings.transaction_timeout_ms / 1000 + 15
@@ -860,7 +862,7 @@ class SanitizerWorker:
         self._reset_batch()
 
     def _replace_producer(self) -> None:
-        """Purge the producer, set it aside (destroying a stuck client can block), initialise a new one.
+        """Purge the producer, set it aside (destroying a stuck client can block: `SetAside`), initialise a new one.
 
         The purge matters: an abandoned producer that kept its queued and in-flight messages would retry
         them once the broker answers again, after the new producer has fenced it and the coordinator has
@@ -871,7 +873,7 @@ class SanitizerWorker:
             self.producer.purge(in_queue=True, in_flight=True, blocking=False)
         except (KafkaException, RuntimeError) as exc:
             log.warning("purging the abandoned producer reported %s", exc)
-        self._abandoned.append(self.producer)
+        self._abandoned.add(self.producer)
         self._txn_pool.shutdown(wait=False)
         self._txn_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bg-txn")
         self.producer = Producer(self._producer_config)
@@ -912,7 +914,7 @@ class SanitizerWorker:
             future.result(timeout=deadline_s)
         except concurrent.futures.TimeoutError:
             log.warning("the consumer did not close within %.0f s; set aside", deadline_s)
-            self._abandoned.append(consumer)
+            self._abandoned.add(consumer)
         except BaseException as exc:  # noqa: BLE001 - best effort; close() re-raises a rebalance callback's error
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise

@@ -737,3 +737,39 @@ def test_a_consumer_that_stays_out_of_its_group_is_rebuilt_and_nothing_is_lost(s
     assert stats.membership_rebuilds == 1, f"rebuilt {stats.membership_rebuilds} times"
     assert worker.consumer is not stuck
     sc.check_own_topic(producer)
+
+
+def _native_threads() -> int:
+    """Threads of this process, librdkafka's included (Python's `threading` sees only its own)."""
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_producers_replaced_again_and_again_do_not_pile_up(stack, log_dir):
+    """While the cluster is unreachable a worker replaces its producer every 30-75 s; each one given up on
+    kept its librdkafka threads and connections for as long as the worker lived. Now a few are kept set aside
+    and older ones are destroyed in the background: after twelve replacements on the real stack the process
+    holds the threads of at most `KEEP` abandoned producers."""
+    from guard.kafka.abandoned import KEEP
+    from guard.kafka.runner import SanitizerWorker
+    from tests.integration.reliability_helpers import wait_until
+
+    sc = Scenario(stack, log_dir, partitions=1)
+    settings, sanitizer = _in_process(sc, stack)
+    worker = SanitizerWorker(settings, sanitizer)
+    worker._txn("init", lambda: worker.producer.init_transactions(10))
+    before = _native_threads()
+    worker._replace_producer()
+    per_producer = _native_threads() - before  # the new producer's threads; the old one is set aside
+    worker._replace_producer()
+    per_producer = max(per_producer, (_native_threads() - before) // 2)
+    assert per_producer >= 2, f"a producer added {per_producer} threads: the count can't tell them apart"
+    for _ in range(10):
+        worker._replace_producer()
+    assert len(worker._abandoned) == KEEP and worker._abandoned.released == 12 - KEEP
+    # the threads of the working producer, of the KEEP set aside, and a margin of one producer's
+    bound = before + (KEEP + 1) * per_producer
+    wait_until(lambda: _native_threads() <= bound, timeout=60, interval=0.5,
+               what=f"the released producers' threads to end ({_native_threads()} threads, bound {bound}, "
+                    f"{per_producer} per producer, {before} before)")
+    worker.producer.flush(5)
+    worker.consumer.close()
