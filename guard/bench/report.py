@@ -57,6 +57,27 @@ def ratio_status(ratio: float, cold: str) -> str:
     return "pass" if ratio >= TARGET_RATIO else "fail"
 
 
+def window_misses_expiry(report: dict[str, Any]) -> bool:
+    """Whether the guard's latency window is shorter than the run's data-key cache TTL (when the run set one).
+
+    Issue 17 asks for key-cache expiry inside the measured windows: each expiry sends the next batches to the key
+    store, and at half rate those waves are where the slow events are (docs/benchmark.md, round 26 item 8). A
+    1-s window between two waves passed at 148.6 ms where the same hour's 20-s window measured 1,705.5 ms.
+    """
+    ttl = report.get("workload", {}).get("key_cache_ttl_s")
+    return ttl is not None and report["modes"]["guard"]["latency"].get("seconds", ttl) < ttl
+
+
+def p99_status(report: dict[str, Any]) -> str:
+    """The p99 target's status: over the bound fails anywhere; under it passes only at the named rate, over a
+    window that holds a key-cache expiry."""
+    if report.get("latency_rate_fixed"):
+        return "n/a"
+    if report["modes"]["guard"]["latency"]["p99_ms"] >= TARGET_P99_MS:
+        return "fail"
+    return "n/a" if window_misses_expiry(report) else "pass"
+
+
 def target_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's four targets; a target that can't be meaningful here says so instead of passing."""
     ratio, first = report["ratio"], report["ratio_first_sight"]
@@ -75,9 +96,11 @@ def target_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
         check("guard throughput >= 30% of plain (exactly-once both), first sight",
               ratio_status(first, cold), round(first, 3), f"ratio {first:.3f} ({kind} workload){cold}"),
         check(f"guard p99 end-to-end < {TARGET_P99_MS:.0f} ms at 50% of its max rate",
-              "n/a" if report.get("latency_rate_fixed") else "pass" if guard_lat["p99_ms"] < TARGET_P99_MS else "fail",
-              round(guard_lat["p99_ms"], 1), f"at {guard_lat['rate_achieved']:.0f} events/s"
-              + (" (set by --latency-rate, not 50% of the guard's rate)" if report.get("latency_rate_fixed") else "")),
+              p99_status(report), round(guard_lat["p99_ms"], 1), f"at {guard_lat['rate_achieved']:.0f} events/s"
+              + (" (set by --latency-rate, not 50% of the guard's rate)" if report.get("latency_rate_fixed") else "")
+              + (f"; measured over {guard_lat['seconds']:g} s, shorter than the data-key cache TTL "
+                 f"({report['workload']['key_cache_ttl_s']:g} s): the window may miss the expiry waves"
+                 if window_misses_expiry(report) else "")),
     ]
     db = report.get("db_latency")
     name = f"guard adds < {TARGET_ADDED_P99_MS:.0f} ms p99 to Debezium's commit-to-topic latency at 50% of its max rate"
