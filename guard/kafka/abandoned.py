@@ -39,15 +39,11 @@ class SetAside:
     def add(self, client: Any) -> None:
         self._held.append(client)
         while len(self._held) > self.keep:
-            self._release(self._held.popleft())
-
-    def _release(self, client: Any) -> None:
-        # The thread takes the only reference out of the box: the last reference, and with it librdkafka's
-        # destroy, is dropped on that thread, never on the worker's.
-        box = [client]
-        del client
-        threading.Thread(target=_drop, args=(box,), name="bg-release", daemon=True).start()
-        self.released += 1
+            # The box holds the only reference (no argument or local of this thread does), and the thread takes
+            # it out: the last reference, and with it librdkafka's destroy, is dropped there, never here.
+            box = [self._held.popleft()]
+            threading.Thread(target=_drop, args=(box,), name="bg-release", daemon=True).start()
+            self.released += 1
 
 
 def _drop(box: list[Any]) -> None:
