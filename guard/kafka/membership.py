@@ -15,12 +15,18 @@ or as long as the coordinator is unreachable. So a worker whose consumer has had
 consumer joins from the group's committed offsets, the new producer fences the old one. During a real
 outage longer than that the rebuild waits for the cluster like any other rebuild; a false alarm costs a
 rebuild, never a record (nothing is committed without the group's offsets).
+
+A consumer whose subscription matches no existing topic does not join at all (checked on the stack: no member
+id for as long as it ran), and that is no fault: a worker deployed before Debezium has created the branch's
+topics waits for them. So before a rebuild the worker asks for the cluster's topics (`subscription_matches`);
+with nothing to read it starts counting again instead.
 """
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 #: How many session timeouts without a member id make a consumer stuck (`MembershipWatch`).
 SESSIONS_WITHOUT_MEMBER_ID = 4
@@ -63,3 +69,17 @@ class MembershipWatch:
             self._without_since = now
         out_for = now - self._without_since
         return out_for if out_for >= self.limit_s else None
+
+
+def subscription_matches(subscription: Iterable[str], topics: Iterable[str]) -> bool:
+    """Whether a subscription names at least one of `topics` (as librdkafka reads it: an entry starting with `^`
+    is a regular expression, any other a topic's name)."""
+    names = set(topics)
+    for entry in subscription:
+        if entry.startswith("^"):
+            pattern = re.compile(entry)
+            if any(pattern.match(name) for name in names):
+                return True
+        elif entry in names:
+            return True
+    return False

@@ -81,7 +81,7 @@ from guard.kafka.hanging import (
     HangingWatcher,
     group_offsets_partition,
 )
-from guard.kafka.membership import MembershipWatch
+from guard.kafka.membership import MembershipWatch, subscription_matches
 from guard.kafka.rewinds import RewindCheck, RewindLostError
 from guard.kafka.stats import BatchCounters, Stats
 from guard.kafka_security import client_config
@@ -157,6 +157,7 @@ class SanitizerWorker:
         self.consumer = Consumer(self._consumer_config)
         #: A consumer out of its group for several session timeouts is rebuilt (`guard.kafka.membership`).
         self._membership = MembershipWatch.for_session_timeout(int(self._consumer_config["session.timeout.ms"]))
+        self._subscription: list[str] = []
         self._producer_config = producer_config(settings, client_id)
         #: Outputs larger than this take the Python path, which turns librdkafka's MSG_SIZE_TOO_LARGE into a
         #: DLQ record (the margin covers librdkafka's per-record overhead in its size check).
@@ -323,6 +324,7 @@ class SanitizerWorker:
             # The logical decoding messages that attribute deletes (docs/policy.md, "Attribution contract").
             topics.append(self.sanitizer.checker.message_topic)
         self.consumer.subscribe(topics, on_revoke=self._on_revoke, on_lost=self._on_lost)
+        self._subscription = topics
         self._membership.restart()
 
     def _out_of_group(self) -> bool:
@@ -330,10 +332,15 @@ class SanitizerWorker:
         out_for = self._membership.stuck(self.consumer.memberid())
         if out_for is None:
             return False
-        log.error("the consumer has not been a member of group %s for %.0f s (%d session timeouts): the cluster "
-                  "is unreachable, or the client is stuck rejoining (librdkafka issues 2944, 3396); rebuilding "
-                  "the clients, resuming from the committed offsets", self.settings.group_id, out_for,
-                  round(out_for * 1000 / int(self._consumer_config["session.timeout.ms"])))
+        # No topic to read yet (e.g. before Debezium creates the branch's): such a consumer never joins. An
+        # unreachable cluster raises here, and `run()` rebuilds the clients as for any Kafka failure.
+        if not subscription_matches(self._subscription, self.consumer.list_topics(timeout=10).topics):
+            self._membership.restart()
+            return False
+        log.error("the consumer has not been a member of group %s for %.0f s (limit %.0f s): the cluster is "
+                  "unreachable, or the client is stuck rejoining (librdkafka issues 2944, 3396); rebuilding the "
+                  "clients, resuming from the committed offsets", self.settings.group_id, out_for,
+                  self._membership.limit_s)
         self.stats.membership_rebuilds += 1
         return True
 

@@ -739,6 +739,31 @@ def test_a_consumer_that_stays_out_of_its_group_is_rebuilt_and_nothing_is_lost(s
     sc.check_own_topic(producer)
 
 
+def test_a_worker_with_no_topic_to_read_yet_is_not_rebuilt(stack, log_dir, monkeypatch):
+    """A consumer whose subscription matches no topic never joins its group (no member id), as a worker deployed
+    before Debezium has created its branch's topics: that is waiting, not being stuck. Over twice the shortened
+    limit (7.5 s) the worker must not rebuild its clients."""
+    import dataclasses
+
+    import guard.kafka.membership
+    from guard.kafka.runner import SanitizerWorker
+
+    monkeypatch.setattr(guard.kafka.membership, "SESSIONS_WITHOUT_MEMBER_ID", 0.5)
+    sc = Scenario(stack, log_dir, partitions=1)
+    settings, sanitizer = _in_process(sc, stack)
+    settings = dataclasses.replace(settings, raw_topic_prefix=unique("none"))  # no topic matches it
+    worker = SanitizerWorker(settings, sanitizer)
+    watched = _LeavesItsGroup(worker.consumer, after=1 << 30)  # records what the worker asks; never leaves
+    worker.consumer = watched  # type: ignore[assignment]
+    # not `max_idle_s`: the consumer's "subscribed topic not available" errors are records to the idle count
+    deadline = time.monotonic() + 17
+    stats = worker.run(until=lambda _: time.monotonic() > deadline)
+    assert worker.consumer is watched and stats.membership_rebuilds == 0 and stats.aborts == 0, \
+        f"rebuilt with nothing to read: {stats}"
+    assert len(watched.member_ids) >= 10 and not any(member_id for _, member_id in watched.member_ids), \
+        f"the consumer was a member, or was not asked: {watched.member_ids}"
+
+
 def _native_threads() -> int:
     """Threads of this process, librdkafka's included (Python's `threading` sees only its own)."""
     return len(os.listdir("/proc/self/task"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from guard.kafka.membership import CHECK_EVERY_S, SESSIONS_WITHOUT_MEMBER_ID, MembershipWatch
+from guard.kafka.membership import CHECK_EVERY_S, SESSIONS_WITHOUT_MEMBER_ID, MembershipWatch, subscription_matches
 
 
 class Clock:
@@ -62,3 +62,12 @@ def test_the_limit_is_several_session_timeouts():
     assert SESSIONS_WITHOUT_MEMBER_ID >= 3  # one expired session is a lost partition, not a stuck client
     with pytest.raises(ValueError):
         MembershipWatch(0)
+
+
+def test_a_subscription_matches_by_pattern_or_by_name():
+    pattern = r"^br0101\.[^.]+\.[^.]+$"
+    assert subscription_matches([pattern], ["br0101.public.customers", "guard.audit"])
+    assert not subscription_matches([pattern], ["br0202.public.customers", "sanitized.br0101.public.customers"])
+    assert subscription_matches([pattern, "br0101.message"], ["br0101.message"])
+    assert not subscription_matches(["br0101.message"], ["br0101.messages"])
+    assert not subscription_matches([pattern], [])
