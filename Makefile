@@ -50,6 +50,7 @@ lint: venv
 	$(VENV)/bin/ruff check guard streams tests
 	$(VENV)/bin/mypy
 	cd native && PATH="$(HOME)/.cargo/bin:$$PATH" cargo fmt --check && PATH="$(HOME)/.cargo/bin:$$PATH" cargo clippy --release -- -D warnings
+	cd native && PATH="$(HOME)/.cargo/bin:$$PATH" cargo test --release --lib
 
 bench: stack
 	$(GUARD) bench

@@ -171,6 +171,8 @@ class Sanitizer:
         #: Plans registered with the native path, by id (it reports which one it used).
         self._fast_plans: dict[int, TablePlan] = {}
         self._fast: Any = None
+        #: The compiled path's memo lookups and hits taken so far (`memo_counters`).
+        self._memo_counts = [0, 0]
         #: Native path: the batch `prefetch` was given, until a key miss loads its keys (`_load_keys_from`).
         self._batch: Sequence[tuple[str, int, int, bytes | None]] = ()
         #: Native path: the chunks of the batch's key load still to come (`guard.pipeline.keyload`).
@@ -503,6 +505,16 @@ class Sanitizer:
             writer.clear_memo()
         if self._fast is not None:
             self._fast.clear_memos()
+
+    def memo_counters(self) -> dict[str, int]:
+        """The compiled path's memo lookups and hits so far: masks, blind indexes, data-subject tokens and
+        sanitized Kafka keys looked up by value (the benchmark reports their hit rate). The Python path's
+        writers don't count theirs: zeros without the compiled path."""
+        if self._fast is not None:
+            lookups, hits = self._fast.take_memo_counts()
+            self._memo_counts[0] += lookups
+            self._memo_counts[1] += hits
+        return {"memo_lookups": self._memo_counts[0], "memo_hits": self._memo_counts[1]}
 
     def pending_activity(self) -> dict[tuple[str, str], int | None]:
         """The open batch's (subject, topic) pairs not recorded lately (`RecentPairs`) and not sent yet

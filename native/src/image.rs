@@ -1,14 +1,13 @@
 //! One image writer per table plan: a row's values in, the image's Avro bytes out
 //! (`guard.records.encoders.ImageWriter`, whose output these bytes must equal).
 
-use foldhash::HashMap;
-
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyFloat, PyInt, PyString};
 
 use crate::avro::{put_long, put_str, str_enc};
 use crate::json::{Members, Val};
 use crate::mask::{fast_mask, MaskKind};
+use crate::memo::{Memo, MemoBook};
 use crate::token::TokenKey;
 use crate::{Decline, Step};
 
@@ -99,14 +98,16 @@ pub struct Plan {
     pub sealed_head: Vec<u8>,
     /// The field-list part of the associated data, length-prefixed (`guard.protect.aad.field_list_part`).
     pub sealed_fields_part: Vec<u8>,
-    pub mask_memo: Vec<HashMap<String, Vec<u8>>>,
-    pub index_memo: Vec<HashMap<String, Vec<u8>>>,
-    pub memo_entries: usize,
+    /// Each masked column's and index column's memo of encoded results by string value (`memo.rs`).
+    pub mask_memo: Vec<Memo<String, Vec<u8>>>,
+    pub index_memo: Vec<Memo<String, Vec<u8>>>,
+    /// The young entries of all of this plan's memos, and their lookups and hits.
+    pub memo_book: MemoBook,
     /// Data-subject tokens by subject id: `Sanitizer._subject_for` is called once per id, not per event.
     /// Rows without a usable id (null, empty, another type, no subject column) decline: the Python path
     /// gives them their per-row subject.
-    pub subject_ints: HashMap<i64, Py<PyString>>,
-    pub subject_strs: HashMap<String, Py<PyString>>,
+    pub subject_ints: Memo<i64, Py<PyString>>,
+    pub subject_strs: Memo<String, Py<PyString>>,
     /// How long the table's data is kept (seconds): the value of its subject-activity entries.
     pub retention_s: i64,
     /// Columns with amount bands (catalog `bands`): a create hands their values back to the sanitizer,
@@ -115,12 +116,33 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Forget every memoised value (both generations): they are keyed by plaintext.
     pub fn clear_memo(&mut self) {
-        self.mask_memo.iter_mut().for_each(HashMap::clear);
-        self.index_memo.iter_mut().for_each(HashMap::clear);
+        self.mask_memo.iter_mut().for_each(Memo::clear);
+        self.index_memo.iter_mut().for_each(Memo::clear);
         self.subject_ints.clear();
         self.subject_strs.clear();
-        self.memo_entries = 0;
+        self.memo_book.young = 0;
+    }
+
+    /// Age this plan's memos when their young generations hold half of `memo_limit` (`memo.rs`): called
+    /// before the inserts of an event or a record, so that the entries held stay within the limit.
+    pub fn age_memo_if_full(&mut self, memo_limit: usize) {
+        if self.memo_book.full(memo_limit) {
+            self.mask_memo.iter_mut().for_each(Memo::age);
+            self.index_memo.iter_mut().for_each(Memo::age);
+            self.subject_ints.age();
+            self.subject_strs.age();
+            self.memo_book.young = 0;
+        }
+    }
+
+    /// Entries held in this plan's memos (both generations).
+    pub fn memo_len(&self) -> usize {
+        self.mask_memo.iter().map(Memo::len).sum::<usize>()
+            + self.index_memo.iter().map(Memo::len).sum::<usize>()
+            + self.subject_ints.len()
+            + self.subject_strs.len()
     }
 
     /// The data subject's token for a row of this plan: from the memo, else computed here (`native`), else
@@ -142,9 +164,10 @@ impl Plan {
             Some(v @ Val::Py(o)) if o.is_exact_instance_of::<PyInt>() => v,
             _ => return Err(Decline.into()),
         };
+        let book = &mut self.memo_book;
         let hit = match id {
-            Val::Int(n) => self.subject_ints.get(n),
-            Val::Str(s) => self.subject_strs.get(s.as_ref()),
+            Val::Int(n) => self.subject_ints.get(n, book),
+            Val::Str(s) => self.subject_strs.get(s.as_ref(), book),
             _ => None,
         };
         if let Some(token) = hit {
@@ -159,19 +182,13 @@ impl Plan {
             .map_err(PyErr::from)?
             .clone()
             .unbind();
-        if self.memo_entries > memo_limit {
-            self.clear_memo();
-        }
+        self.age_memo_if_full(memo_limit);
+        let book = &mut self.memo_book;
         match id {
-            Val::Int(n) => {
-                self.subject_ints.insert(*n, memo);
-            }
-            Val::Str(s) => {
-                self.subject_strs.insert(s.clone().into_owned(), memo);
-            }
-            _ => return Ok(token),
+            Val::Int(n) => self.subject_ints.insert(*n, memo, book),
+            Val::Str(s) => self.subject_strs.insert(s.clone().into_owned(), memo, book),
+            _ => {}
         }
-        self.memo_entries += 1;
         Ok(token)
     }
 
@@ -287,19 +304,18 @@ fn put_map<'a, 'py, C>(
 fn put_memoised<'py>(
     entries: &mut Vec<u8>,
     value: &Val<'_, 'py>,
-    memo: &mut HashMap<String, Vec<u8>>,
-    memo_entries: &mut usize,
+    memo: &mut Memo<String, Vec<u8>>,
+    book: &mut MemoBook,
     of_str: impl FnOnce(&str) -> PyResult<Vec<u8>>,
     of_other: impl FnOnce() -> PyResult<Bound<'py, PyAny>>,
 ) -> PyResult<()> {
     if let Val::Str(s) = value {
-        if let Some(enc) = memo.get(s.as_ref()) {
+        if let Some(enc) = memo.get(s.as_ref(), book) {
             entries.extend_from_slice(enc);
         } else {
             let enc = of_str(s)?;
             entries.extend_from_slice(&enc);
-            memo.insert(s.clone().into_owned(), enc);
-            *memo_entries += 1;
+            memo.insert(s.clone().into_owned(), enc, book);
         }
     } else {
         put_str(entries, text_of(&of_other()?)?.as_bytes());
@@ -312,19 +328,18 @@ fn put_memoised<'py>(
 fn put_token(
     entries: &mut Vec<u8>,
     value: &Val<'_, '_>,
-    memo: &mut HashMap<String, Vec<u8>>,
-    memo_entries: &mut usize,
+    memo: &mut Memo<String, Vec<u8>>,
+    book: &mut MemoBook,
     key: &TokenKey,
     dumps: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
     if let Val::Str(s) = value {
-        if let Some(enc) = memo.get(s.as_ref()) {
+        if let Some(enc) = memo.get(s.as_ref(), book) {
             entries.extend_from_slice(enc);
         } else {
             let enc = str_enc(&key.token(s.as_bytes()));
             entries.extend_from_slice(&enc);
-            memo.insert(s.clone().into_owned(), enc);
-            *memo_entries += 1;
+            memo.insert(s.clone().into_owned(), enc, book);
         }
     } else {
         let bytes = value.value_bytes(dumps.py(), dumps)?;
@@ -355,11 +370,9 @@ pub fn write_image(
         }
     }
     out.push(0);
-    if plan.memo_entries > memo_limit {
-        plan.clear_memo();
-    }
+    plan.age_memo_if_full(memo_limit);
     let mut entries = Vec::with_capacity(256);
-    let (memos, memo_entries) = (&mut plan.mask_memo, &mut plan.memo_entries);
+    let (memos, book) = (&mut plan.mask_memo, &mut plan.memo_book);
     put_map(
         &mut out,
         &mut entries,
@@ -373,7 +386,7 @@ pub fn write_image(
                 e,
                 v,
                 &mut memos[slot],
-                memo_entries,
+                book,
                 |s| match fast_mask(*fast, s) {
                     Some(masked) => Ok(str_enc(&masked)),
                     None => Ok(str_enc(text_of(&cb.mask.call1((kind, s))?)?)),
@@ -382,7 +395,7 @@ pub fn write_image(
             )
         },
     )?;
-    let (memos, memo_entries) = (&mut plan.index_memo, &mut plan.memo_entries);
+    let (memos, book) = (&mut plan.index_memo, &mut plan.memo_book);
     put_map(
         &mut out,
         &mut entries,
@@ -393,21 +406,14 @@ pub fn write_image(
             // One blind-index key per column (`KeyManager.search_token(column, value)`): its tokens are
             // computed here when the plan holds the key, else by the callback.
             if let Some(key) = plan.index_keys.get(slot) {
-                return put_token(
-                    e,
-                    v,
-                    &mut memos[slot],
-                    memo_entries,
-                    key.bind(py).get(),
-                    &cb.dumps,
-                );
+                return put_token(e, v, &mut memos[slot], book, key.bind(py).get(), &cb.dumps);
             }
             let column = plan.index[slot].name.bind(py);
             put_memoised(
                 e,
                 v,
                 &mut memos[slot],
-                memo_entries,
+                book,
                 |s| {
                     Ok(str_enc(text_of(
                         &cb.token.call1((column, PyBytes::new(py, s.as_bytes())))?,

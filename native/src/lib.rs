@@ -32,6 +32,7 @@ mod image;
 mod json;
 mod keycache;
 mod mask;
+mod memo;
 mod readahead;
 mod scan;
 mod seal;
@@ -56,6 +57,7 @@ use crate::image::{
 };
 use crate::keycache::KeyCache;
 use crate::mask::MaskKind;
+use crate::memo::{Memo, MemoBook};
 use crate::readahead::ReadAhead;
 use crate::seal::SealingKey;
 use crate::token::{KeyColumn, TokenKey};
@@ -113,7 +115,9 @@ struct AuditParts {
 struct TopicOut {
     out_topic: Py<PyString>,
     partitions: i64,
-    keys: HashMap<Vec<u8>, Option<Py<PyBytes>>>,
+    keys: Memo<Vec<u8>, Option<Py<PyBytes>>>,
+    /// The young entries of `keys`, and its lookups and hits.
+    keys_book: MemoBook,
     /// Kafka key column → how it is carried (`hooks.key_column`), for keys sanitized here (`token`).
     key_columns: HashMap<String, Option<Py<TokenKey>>>,
 }
@@ -425,9 +429,9 @@ impl FastPath {
             usable,
             subject_root,
             clear: clear_cols,
-            mask_memo: mask_cols.iter().map(|_| HashMap::default()).collect(),
+            mask_memo: mask_cols.iter().map(|_| Memo::default()).collect(),
             masks: mask_cols,
-            index_memo: index_cols.iter().map(|_| HashMap::default()).collect(),
+            index_memo: index_cols.iter().map(|_| Memo::default()).collect(),
             index: index_cols,
             index_keys,
             hashed: hashed_cols,
@@ -435,9 +439,9 @@ impl FastPath {
             sealed: sealed_cols,
             sealed_head,
             sealed_fields_part,
-            memo_entries: 0,
-            subject_ints: HashMap::default(),
-            subject_strs: HashMap::default(),
+            memo_book: MemoBook::default(),
+            subject_ints: Memo::default(),
+            subject_strs: Memo::default(),
             retention_s,
             banded: banded_cols,
         });
@@ -623,8 +627,20 @@ impl FastPath {
         }
         self.topics.values_mut().for_each(|t| {
             t.keys.clear();
+            t.keys_book.young = 0;
             t.key_columns.clear();
         });
+    }
+
+    /// The lookups of the memos (masks, blind indexes, subject tokens, Kafka keys) since the last call, and
+    /// how many they answered: `(lookups, hits)` (the benchmark reports the hit rate).
+    fn take_memo_counts(&mut self) -> (u64, u64) {
+        let plans = self.plans.values_mut().flatten().map(|p| &mut p.memo_book);
+        let topics = self.topics.values_mut().map(|t| &mut t.keys_book);
+        plans
+            .chain(topics)
+            .map(MemoBook::take_counts)
+            .fold((0, 0), |(l, h), (dl, dh)| (l + dl, h + dh))
     }
 
     /// The data subjects of `batch[i:]`, where `batch[i]` is the record at (`topic`, `partition`,
@@ -650,7 +666,7 @@ impl FastPath {
         self.plans
             .values()
             .flatten()
-            .map(|p| p.memo_entries)
+            .map(Plan::memo_len)
             .sum::<usize>()
             + self.topics.values().map(|t| t.keys.len()).sum::<usize>()
     }
@@ -716,7 +732,8 @@ impl FastPath {
                     TopicOut {
                         out_topic: out,
                         partitions: count.max(1),
-                        keys: HashMap::default(),
+                        keys: Memo::default(),
+                        keys_book: MemoBook::default(),
                         key_columns: HashMap::default(),
                     },
                 );
@@ -729,7 +746,7 @@ impl FastPath {
                 None
             } else {
                 let raw = key.downcast::<PyBytes>()?.as_bytes();
-                match state.keys.get(raw) {
+                match state.keys.get(raw, &mut state.keys_book) {
                     Some(k) => k.as_ref().map(|k| k.bind(py).clone()),
                     None => {
                         // The ordinary key (a JSON object of integers and plain strings) is
@@ -777,12 +794,15 @@ impl FastPath {
                                 }
                             }
                         };
-                        if state.keys.len() >= memo_limit {
-                            state.keys.clear();
+                        if state.keys_book.full(memo_limit) {
+                            state.keys.age();
+                            state.keys_book.young = 0;
                         }
-                        state
-                            .keys
-                            .insert(raw.to_vec(), k.as_ref().map(|k| k.clone().unbind()));
+                        state.keys.insert(
+                            raw.to_vec(),
+                            k.as_ref().map(|k| k.clone().unbind()),
+                            &mut state.keys_book,
+                        );
                         k
                     }
                 }

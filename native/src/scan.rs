@@ -305,14 +305,16 @@ pub fn batch_subjects<'py>(
                 if !distinct.ints.insert(*n) {
                     continue;
                 }
-                plan.subject_ints.get(n).map(|t| t.bind(py).clone())
+                plan.subject_ints
+                    .get(n, &mut plan.memo_book)
+                    .map(|t| t.bind(py).clone())
             }
             Val::Str(s) if !s.is_empty() => {
                 if !distinct.strs.insert(s.clone().into_owned()) {
                     continue;
                 }
                 plan.subject_strs
-                    .get(s.as_ref())
+                    .get(s.as_ref(), &mut plan.memo_book)
                     .map(|t| t.bind(py).clone())
             }
             // An integer beyond a long is an id too (never memoised, as in `Plan::subject_token`).
@@ -336,19 +338,15 @@ pub fn batch_subjects<'py>(
                         made
                     }
                 };
-                if plan.memo_entries > memo_limit {
-                    plan.clear_memo();
-                }
+                plan.age_memo_if_full(memo_limit);
+                let book = &mut plan.memo_book;
                 match &id {
-                    Val::Int(n) => {
-                        plan.subject_ints.insert(*n, made.clone().unbind());
-                        plan.memo_entries += 1;
-                    }
-                    Val::Str(s) => {
-                        plan.subject_strs
-                            .insert(s.clone().into_owned(), made.clone().unbind());
-                        plan.memo_entries += 1;
-                    }
+                    Val::Int(n) => plan.subject_ints.insert(*n, made.clone().unbind(), book),
+                    Val::Str(s) => plan.subject_strs.insert(
+                        s.clone().into_owned(),
+                        made.clone().unbind(),
+                        book,
+                    ),
                     _ => {}
                 }
                 made

@@ -28,9 +28,11 @@ from hypothesis import strategies as st
 from guard.config import load_settings
 from guard.kafka.runner import SanitizerWorker
 from guard.keys import primitives
+from guard.pipeline import sanitizer as sanitizer_module
 from guard.pipeline.plan import Planner, is_subject_id
 from guard.pipeline.runtime import build_catalog, build_keys
 from guard.pipeline.sanitizer import Sanitizer
+from guard.protect import fastpath
 from guard.protect.aad import image_aad
 from guard.protect.fastpath import native_available
 from guard.protect.reveal import image_subject, open_image
@@ -464,6 +466,48 @@ def test_memos_are_emptied_with_the_value_caches(pair):
     assert native._fast.memo_size > 0
     native.expire_value_caches(force=True)
     assert native._fast.memo_size == 0
+
+
+def test_a_customer_seen_again_and_again_keeps_its_memoised_values_while_others_come_and_go(pair, monkeypatch):
+    """The compiled path's memos age in two generations (`native/src/memo.rs`): a customer whose events keep
+    coming keeps its memoised masks, blind indexes and subject token while customers seen once fill the memos
+    past their limit again and again; the memos stay within the limit, and the output is the Python path's.
+    (Before, every memo was dropped whole at its limit, the busy customer's entries with the rest.)"""
+    python, native = pair
+    limit = 40
+    monkeypatch.setattr(sanitizer_module, "new_fast_path",
+                        lambda **callbacks: fastpath.new_fast_path(**callbacks, memo_limit=limit))
+    small = Sanitizer(native.settings, native.keys, build_catalog(native.settings), clock=lambda: 1_800_000_000.25)
+    small.act_on_deletes = False
+    topic = f"{PREFIX}.public.customers"
+
+    def event(customer: int) -> tuple[bytes, bytes]:
+        row = base_row("public.customers", customer)
+        return (orjson.dumps({"customer_id": customer}),
+                orjson.dumps({**_customer_event(), "after": row}))
+
+    def process(customer: int, offset: int) -> tuple[int, int]:
+        key, value = event(customer)
+        small._fast.take_memo_counts()
+        outcome = small.process(topic, 0, offset, key, value, None)
+        counts = small._fast.take_memo_counts()
+        assert comparable(outcome) == comparable(python.process(topic, 0, offset, key, value, None))
+        assert small._fast.memo_size <= limit + 2 * entries_per_event, "the memos outgrew their limit"
+        return counts
+
+    entries_per_event = 0
+    process(7, 1)  # registers the plan: the Python path takes it
+    process(7, 2)
+    entries_per_event = small._fast.memo_size
+    assert entries_per_event >= 3, "a customer's event memoises its masks, blind indexes and token"
+    hot_misses = 0
+    for n in range(40):
+        process(10_000 + n, 10 + 2 * n)  # a customer seen once: all misses, memos fill
+        lookups, hits = process(7, 11 + 2 * n)
+        assert lookups >= entries_per_event
+        hot_misses += lookups - hits
+    assert 40 * entries_per_event > 4 * limit, "the cold customers must fill the memos several times over"
+    assert hot_misses == 0, "the busy customer's memoised values were dropped with the others"
 
 
 def test_a_decoded_value_is_never_used_for_another_record(pair):
