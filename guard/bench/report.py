@@ -145,12 +145,12 @@ def target_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def render_table(report: dict[str, Any]) -> str:
     rows = [("mode", "workers", "events/s", "us/event", "CPU us/ev", "p50 ms", "p99 ms", "peak RSS MiB", "key hits",
-             "store trips/ev", "of them keys", "new keys/ev")]
+             "store trips/ev", "of them keys", "new keys/ev", "memo hits")]
     names = {"plain": "plain", "guard": "guard", "guard_first_sight": "guard first sight"}
     for mode in ("plain", "guard", "guard_first_sight"):
         m = report["modes"][mode]
         lat, keys = m.get("latency"), m.get("keys") or {}
-        hit = keys.get("cache_hit_rate")
+        hit, memo = keys.get("cache_hit_rate"), keys.get("memo_hit_rate")
         cpu = m.get("cpu_us_per_event")
         rows.append((names[mode], str(report["workers"]), f"{m['events_per_s']:,.0f}", f"{m['us_per_event']:.1f}",
                      "-" if cpu is None else f"{cpu:.1f}",
@@ -158,7 +158,8 @@ def render_table(report: dict[str, Any]) -> str:
                      f"{m['peak_rss_mib']:.1f}", "-" if hit is None else f"{hit:.1%}",
                      f"{keys['round_trips_per_event']:.4f}" if keys else "-",
                      f"{keys.get('data_key_round_trips_per_event', 0):.4f}" if keys else "-",
-                     f"{keys['keys_created_per_event']:.4f}" if keys else "-"))
+                     f"{keys['keys_created_per_event']:.4f}" if keys else "-",
+                     "-" if memo is None else f"{memo:.1%}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
              for r in rows]

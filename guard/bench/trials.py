@@ -76,13 +76,17 @@ def key_figures(counts: dict[str, int], events: int) -> dict[str, Any]:
     prefetch loaded a moment before as a hit.) Compare `keys_fetched` with the workload's distinct customers.
     Round trips are every request to the key store (commits' activity writes, policy attributions, erasure
     bookkeeping) and, apart, those that loaded or created data keys: what the cache misses cost.
+    The memo hit rate is the share of the compiled path's lookups of values it computed before (masks, blind
+    indexes, data-subject tokens, sanitized Kafka keys) that its memos answered (`native/src/memo.rs`).
     """
     if not counts:
         return {}
     lookups = counts.get("key_lookups", 0)
+    memo_lookups, memo_hits = counts.get("memo_lookups", 0), counts.get("memo_hits", 0)
     per = max(events, 1)
     return {**counts,
             "cache_hit_rate": round(max(0.0, 1 - counts.get("keys_fetched", 0) / lookups), 4) if lookups else None,
+            "memo_hit_rate": round(memo_hits / memo_lookups, 4) if memo_lookups else None,
             "round_trips_per_event": round(counts.get("store_round_trips", 0) / per, 4),
             "data_key_round_trips_per_event": round(counts.get("data_key_round_trips", 0) / per, 4),
             "keys_fetched_per_event": round(counts.get("keys_fetched", 0) / per, 4),
@@ -296,7 +300,7 @@ def run_mode_throughput(ctx: BenchContext, mode: str, workers: int, trial: int |
              name, result.events, result.seconds, result.events_per_s,
              f"; key cache hits {keys['cache_hit_rate']}, {keys['round_trips_per_event']} key-store round trips "
              f"({keys['data_key_round_trips_per_event']} for data keys) and {keys['keys_created_per_event']} new keys "
-             "per event" if keys else "",
+             f"per event; memo hits {keys.get('memo_hit_rate')}" if keys else "",
              " ".join(map(str, result.per_second)))
     return group, result
 

@@ -218,7 +218,8 @@ def run_guard(settings: Settings, trace: Path | None = None) -> dict[str, Any]:
 
     sanitizer.prefetch = _mark_first(sanitizer.prefetch, restore)  # type: ignore[method-assign]
 
-    counters = sanitizer.keys.counters
+    def counters() -> dict[str, int]:
+        return {**sanitizer.keys.counters(), **sanitizer.memo_counters()}
 
     def on_batch(stats: Stats) -> None:
         emit("commit", t=time.time(), events=stats.events_in, keys=counters(), cpu=time.process_time())
