@@ -98,7 +98,8 @@ pub struct Plan {
     pub sealed_head: Vec<u8>,
     /// The field-list part of the associated data, length-prefixed (`guard.protect.aad.field_list_part`).
     pub sealed_fields_part: Vec<u8>,
-    /// Each masked column's and index column's memo of encoded results by string value (`memo.rs`).
+    /// Each masked column's and index column's memo of encoded results by string value (`memo.rs`), for
+    /// the values whose result comes from a call back into Python (`write_image`).
     pub mask_memo: Vec<Memo<String, Vec<u8>>>,
     pub index_memo: Vec<Memo<String, Vec<u8>>>,
     /// The young entries of all of this plan's memos, and their lookups and hits.
@@ -323,24 +324,16 @@ fn put_memoised<'py>(
     Ok(())
 }
 
-/// `put_memoised` for a blind-index token computed here: of a string's UTF-8, or of any other value's
-/// JSON text (`Val::value_bytes`, what the `token` callback is given).
+/// A blind-index token computed here, each time: of a string's UTF-8, or of any other value's JSON text
+/// (`Val::value_bytes`, what the `token` callback is given). Not memoised: see `write_image`.
 fn put_token(
     entries: &mut Vec<u8>,
     value: &Val<'_, '_>,
-    memo: &mut Memo<String, Vec<u8>>,
-    book: &mut MemoBook,
     key: &TokenKey,
     dumps: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
     if let Val::Str(s) = value {
-        if let Some(enc) = memo.get(s.as_ref(), book) {
-            entries.extend_from_slice(enc);
-        } else {
-            let enc = str_enc(&key.token(s.as_bytes()));
-            entries.extend_from_slice(&enc);
-            memo.insert(s.clone().into_owned(), enc, book);
-        }
+        put_str(entries, key.token(s.as_bytes()).as_bytes());
     } else {
         let bytes = value.value_bytes(dumps.py(), dumps)?;
         put_str(
@@ -352,6 +345,14 @@ fn put_token(
     Ok(())
 }
 
+/// The sanitized image of one row (Avro, the `guard.records` schema's layout), appended to a fresh buffer.
+///
+/// What the row's masks and blind indexes need of Python (a mask of a kind or shape `mask::fast_mask` does
+/// not answer, a token whose key the plan does not hold) is memoised by string value; what is computed here
+/// is not. Measured on the bench's realistic workload (docs/benchmark.md round 29): the memo lookups cost
+/// about what they saved (fast masks and BLAKE2b tokens are a few hundred nanoseconds; ~50% of lookups hit),
+/// while the memos kept up to `memo_limit` plaintext values per plan in the worker's memory, ~30 MiB of its
+/// peak RSS. A value is held no longer than its event where the memo gains nothing.
 pub fn write_image(
     plan: &mut Plan,
     values: &Values<'_, '_>,
@@ -381,16 +382,19 @@ pub fn write_image(
         |(c, _, _)| (c.idx, &c.key[..]),
         |slot, v, e| {
             let (_, kind, fast) = &plan.masks[slot];
+            if let Val::Str(s) = v {
+                if let Some(masked) = fast_mask(*fast, s) {
+                    put_str(e, masked.as_bytes());
+                    return Ok(());
+                }
+            }
             let kind = kind.bind(py);
             put_memoised(
                 e,
                 v,
                 &mut memos[slot],
                 book,
-                |s| match fast_mask(*fast, s) {
-                    Some(masked) => Ok(str_enc(&masked)),
-                    None => Ok(str_enc(text_of(&cb.mask.call1((kind, s))?)?)),
-                },
+                |s| Ok(str_enc(text_of(&cb.mask.call1((kind, s))?)?)),
                 || cb.mask.call1((kind, v.py_str(py)?)),
             )
         },
@@ -406,7 +410,7 @@ pub fn write_image(
             // One blind-index key per column (`KeyManager.search_token(column, value)`): its tokens are
             // computed here when the plan holds the key, else by the callback.
             if let Some(key) = plan.index_keys.get(slot) {
-                return put_token(e, v, &mut memos[slot], book, key.bind(py).get(), &cb.dumps);
+                return put_token(e, v, key.bind(py).get(), &cb.dumps);
             }
             let column = plan.index[slot].name.bind(py);
             put_memoised(

@@ -9,8 +9,9 @@
 //!   native twin that the key manager's `Aead` holds; the key never leaves it) and tokenises ordinary
 //!   Kafka keys (`token`: keyed BLAKE2b under a `TokenKey`, `BlindIndex`'s twin); display masks of the
 //!   common shapes are computed here (`mask`, the rest by the Python function), blind-index tokens under
-//!   the plan's `TokenKey`s, C3 keyed hashes by calls back into Python (masks and tokens of string values
-//!   are memoised per column, as in `guard.records.encoders.ImageWriter`);
+//!   the plan's `TokenKey`s, C3 keyed hashes by calls back into Python (what a call back into Python
+//!   computes for a string value is memoised per column, as in `guard.records.encoders.ImageWriter`; what
+//!   is computed here is not: `image::write_image`);
 //! * it reads the record's JSON itself (`json`, `envelope`), building no Python object per field;
 //! * it declines whenever an event is anything but well formed and ordinary: a schema wrapper, an unknown
 //!   or special op, an unregistered column layout, a plan with unclassified columns, a delete of a
@@ -23,7 +24,7 @@
 //! Modules: `avro` (encoding primitives), `json` (reading values), `envelope` (the Debezium envelope),
 //! `image` (table plans and image writing), `scan` (what the Python side needs of every record of a batch,
 //! read in one call: the policy pre-scan, the batch's subjects), `readahead` (the envelopes read for the
-//! batch's subjects, kept for the run), `seal` (`SealingKey`), `token`
+//! batch's subjects, kept for the run), `memo` (memos aged in two generations), `seal` (`SealingKey`), `token`
 //! (`TokenKey`, Kafka keys); this file holds `FastPath`, the Python-facing class.
 
 mod avro;
