@@ -76,8 +76,8 @@ def key_figures(counts: dict[str, int], events: int) -> dict[str, Any]:
     prefetch loaded a moment before as a hit.) Compare `keys_fetched` with the workload's distinct customers.
     Round trips are every request to the key store (commits' activity writes, policy attributions, erasure
     bookkeeping) and, apart, those that loaded or created data keys: what the cache misses cost.
-    The memo hit rate is the share of the compiled path's lookups of values it computed before (masks, blind
-    indexes, data-subject tokens, sanitized Kafka keys) that its memos answered (`native/src/memo.rs`).
+    The memo hit rate is the share of the compiled path's memo lookups (data-subject tokens, sanitized Kafka
+    keys, and the masks and blind indexes it asks Python for) that its memos answered (`native/src/memo.rs`).
     """
     if not counts:
         return {}

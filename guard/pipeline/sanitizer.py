@@ -507,9 +507,9 @@ class Sanitizer:
             self._fast.clear_memos()
 
     def memo_counters(self) -> dict[str, int]:
-        """The compiled path's memo lookups and hits so far: masks, blind indexes, data-subject tokens and
-        sanitized Kafka keys looked up by value (the benchmark reports their hit rate). The Python path's
-        writers don't count theirs: zeros without the compiled path."""
+        """The compiled path's memo lookups and hits so far: data-subject tokens, sanitized Kafka keys, and the
+        masks and blind indexes it asks Python for, looked up by value (the benchmark reports their hit rate).
+        The Python path's writers don't count theirs: zeros without the compiled path."""
         if self._fast is not None:
             lookups, hits = self._fast.take_memo_counts()
             self._memo_counts[0] += lookups

@@ -123,19 +123,18 @@ impl Plan {
         self.index_memo.iter_mut().for_each(Memo::clear);
         self.subject_ints.clear();
         self.subject_strs.clear();
-        self.memo_book.young = 0;
+        self.memo_book.cleared();
     }
 
     /// Age this plan's memos when their young generations hold half of `memo_limit` (`memo.rs`): called
     /// before the inserts of an event or a record, so that the entries held stay within the limit.
     pub fn age_memo_if_full(&mut self, memo_limit: usize) {
-        if self.memo_book.full(memo_limit) {
+        self.memo_book.age_if_full(memo_limit, || {
             self.mask_memo.iter_mut().for_each(Memo::age);
             self.index_memo.iter_mut().for_each(Memo::age);
             self.subject_ints.age();
             self.subject_strs.age();
-            self.memo_book.young = 0;
-        }
+        });
     }
 
     /// Entries held in this plan's memos (both generations).

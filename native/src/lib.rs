@@ -628,13 +628,13 @@ impl FastPath {
         }
         self.topics.values_mut().for_each(|t| {
             t.keys.clear();
-            t.keys_book.young = 0;
+            t.keys_book.cleared();
             t.key_columns.clear();
         });
     }
 
-    /// The lookups of the memos (masks, blind indexes, subject tokens, Kafka keys) since the last call, and
-    /// how many they answered: `(lookups, hits)` (the benchmark reports the hit rate).
+    /// The lookups of the memos (subject tokens, sanitized Kafka keys, masks and blind indexes computed by
+    /// Python) since the last call, and how many they answered: `(lookups, hits)` (the benchmark reports the hit rate).
     fn take_memo_counts(&mut self) -> (u64, u64) {
         let plans = self.plans.values_mut().flatten().map(|p| &mut p.memo_book);
         let topics = self.topics.values_mut().map(|t| &mut t.keys_book);
@@ -795,10 +795,8 @@ impl FastPath {
                                 }
                             }
                         };
-                        if state.keys_book.full(memo_limit) {
-                            state.keys.age();
-                            state.keys_book.young = 0;
-                        }
+                        let keys = &mut state.keys;
+                        state.keys_book.age_if_full(memo_limit, || keys.age());
                         state.keys.insert(
                             raw.to_vec(),
                             k.as_ref().map(|k| k.clone().unbind()),

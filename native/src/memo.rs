@@ -27,9 +27,9 @@ use foldhash::HashMap;
 #[derive(Default)]
 pub struct MemoBook {
     /// Entries in the young generations of the owner's memos (inserted or moved back since the last aging).
-    pub young: usize,
-    pub lookups: u64,
-    pub hits: u64,
+    young: usize,
+    lookups: u64,
+    hits: u64,
 }
 
 impl MemoBook {
@@ -37,6 +37,20 @@ impl MemoBook {
     /// `limit` (at least one entry).
     pub fn full(&self, limit: usize) -> bool {
         self.young >= (limit / 2).max(1)
+    }
+
+    /// Age the owner's memos when they are `full`: `age` ages every one of them (`Memo::age`), and the
+    /// entries counted young start again from none.
+    pub fn age_if_full(&mut self, limit: usize, age: impl FnOnce()) {
+        if self.full(limit) {
+            age();
+            self.young = 0;
+        }
+    }
+
+    /// The owner has cleared all its memos (`Memo::clear`): no young entries left.
+    pub fn cleared(&mut self) {
+        self.young = 0;
     }
 
     /// The lookups and hits since the last call.
@@ -89,7 +103,7 @@ impl<K: Eq + Hash, V> Memo<K, V> {
     }
 
     /// The young generation becomes the old one; the old one is dropped (its maps' capacity is kept).
-    /// The owner resets its book's `young` after aging all of its memos.
+    /// Called by the owner for each of its memos, through `MemoBook::age_if_full`.
     pub fn age(&mut self) {
         std::mem::swap(&mut self.young, &mut self.old);
         self.young.clear();
