@@ -28,7 +28,8 @@ from confluent_kafka.admin import (
 
 from guard.config import Settings
 from guard.errors import ConfigError
-from guard.kafka.hanging import Partition, StuckTracker, group_offsets_partition, read_ends
+from guard.kafka.hanging import Partition, StuckTracker, read_ends
+from guard.kafka.partitioning import group_offsets_partition
 from guard.kafka_security import api_versions_answered, ca_file, client_config, describe
 
 _quiet = logging.getLogger("guard.doctor.probe")

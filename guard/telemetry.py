@@ -15,7 +15,6 @@ attributes are table names, classes, decisions and reason codes.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -61,6 +60,8 @@ class Telemetry:
         #: Output partitions whose last stable offset is stuck (hanging transactions), with the records
         #: read_committed consumers can't reach (`on_hanging`, from the worker's hanging-transaction watch).
         self.hanging: dict[str, int] = {}
+        #: Assigned partitions not fetched for longer than the limit -> seconds (`on_not_fetching`).
+        self.not_fetching: dict[str, float] = {}
         if settings.otlp_endpoint:
             self._setup_otlp(settings)
         if settings.metrics_port:
@@ -108,6 +109,9 @@ class Telemetry:
         meter.create_observable_gauge("guard.hanging.transactions", callbacks=[self._observe_hanging],
                                       description="Records stuck behind a hanging transaction, per output "
                                                   "partition (0 once resolved)")
+        meter.create_observable_gauge("guard.partitions.not_fetching", callbacks=[self._observe_not_fetching],
+                                      unit="s", description="Seconds an assigned partition has gone without "
+                                                            "fetching, once past the limit")
         del otel_metrics
 
     def _observe_lag(self, _options: Any) -> Any:
@@ -121,6 +125,12 @@ class Telemetry:
 
         with self._lag_lock:
             return [Observation(v, {"partition": k}) for k, v in self.hanging.items()]
+
+    def _observe_not_fetching(self, _options: Any) -> Any:
+        from opentelemetry.metrics import Observation
+
+        with self._lag_lock:
+            return [Observation(v, {"partition": k}) for k, v in self.not_fetching.items()]
 
     def start_event(self, headers: Any, topic: str, partition: int,
                     offset: int) -> tuple[Any, Headers | None, str | None]:
@@ -169,6 +179,9 @@ class Telemetry:
             "hanging": Gauge("guard_hanging_transaction_records",
                              "Records stuck behind a hanging transaction, per output partition (0: resolved)",
                              ["partition"], registry=registry),
+            "not_fetching": Gauge("guard_partition_not_fetching_seconds",
+                                  "Seconds an assigned partition has gone without fetching, once past the limit "
+                                  "(0: fetched again)", ["partition"], registry=registry),
         }
         start_http_server(port, addr="127.0.0.1", registry=registry)
 
@@ -204,12 +217,8 @@ class Telemetry:
             for latency in latencies:
                 p["latency"].observe(latency)
 
-    def on_stats(self, stats_json: str) -> None:
-        """librdkafka statistics callback: keep each assigned partition's consumer lag."""
-        try:
-            stats = json.loads(stats_json)
-        except ValueError:
-            return
+    def on_stats(self, stats: Mapping[str, Any]) -> None:
+        """The consumer's parsed librdkafka statistics: keep each assigned partition's consumer lag."""
         lag: dict[str, int] = {}
         for topic, tstats in (stats.get("topics") or {}).items():
             for pid, pstats in (tstats.get("partitions") or {}).items():
@@ -232,6 +241,18 @@ class Telemetry:
         if self._prom:
             for key, value in current.items():
                 self._prom["hanging"].labels(key).set(value)
+
+    def on_not_fetching(self, overdue: Mapping[str, float]) -> None:
+        """The fetch watch's latest finding: assigned partition -> seconds it has gone without fetching (only
+        partitions past the limit; 0 once fetched again)."""
+        with self._lag_lock:
+            if not overdue and not self.not_fetching:
+                return
+            current = {**{key: 0.0 for key in self.not_fetching if key not in overdue}, **overdue}
+            self.not_fetching = dict(overdue)
+        if self._prom:
+            for key, value in current.items():
+                self._prom["not_fetching"].labels(key).set(value)
 
     def shutdown(self) -> None:
         for name in ("_tracer_provider", "_meter_provider"):

@@ -34,11 +34,11 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
-import orjson
-from confluent_kafka import IsolationLevel, KafkaException, Producer, TopicPartition
+from confluent_kafka import IsolationLevel, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
+
+from guard.kafka.side_alerts import SideAlerts, critical_alert
 
 log = logging.getLogger("guard.kafka.hanging")
 
@@ -119,21 +119,6 @@ class StuckTracker:
         return {tp: lso for tp, (lso, _) in self._since.items()}
 
 
-def java_string_hash(text: str) -> int:
-    """Java's `String.hashCode()` (over UTF-16 code units), as a signed 32-bit int."""
-    h = 0
-    data = text.encode("utf-16-be")
-    for i in range(0, len(data), 2):
-        h = (31 * h + ((data[i] << 8) | data[i + 1])) & 0xFFFFFFFF
-    return h - (1 << 32) if h >= 1 << 31 else h
-
-
-def group_offsets_partition(group_id: str, partitions: int) -> int:
-    """The `__consumer_offsets` partition that holds `group_id`'s offsets (Kafka's `partitionFor`)."""
-    h = java_string_hash(group_id)
-    return (0 if h == -(1 << 31) else abs(h)) % partitions
-
-
 def read_ends(admin: AdminClient, partitions: Iterable[Partition], timeout_s: float = 10.0
               ) -> dict[Partition, PartitionEnds]:
     """High watermark and LSO of each partition (ListOffsets, latest, under both isolation levels)."""
@@ -151,28 +136,19 @@ def read_ends(admin: AdminClient, partitions: Iterable[Partition], timeout_s: fl
 def alert_record(hanging: Hanging, *, branch: str, worker: str, now: float) -> tuple[bytes, bytes]:
     """Key and value of the anomaly alert for one hanging partition (same shape as the guard's alerts)."""
     scope = f"hanging_transaction:{hanging.topic}:{hanging.partition}:{hanging.last_stable}"
-    alert = {
-        "type": "anomaly",
-        "id": str(uuid.uuid5(_ALERT_NAMESPACE, scope)),
-        "rule": "hanging_transaction",
-        "severity": "critical",
-        "branch": branch,
-        "table": None,
-        "column": None,
-        "at_ms": int(now * 1000),
-        "worker": worker,
-        "topic": hanging.topic,
-        "partition": hanging.partition,
-        "last_stable_offset": hanging.last_stable,
-        "high_watermark": hanging.high_watermark,
-        "stuck_for_s": round(hanging.stuck_s),
-        "impact": "read_committed consumers of this partition (downstream, on-call, auditors) are stuck at "
-                  "the last stable offset; if the partition is in __consumer_offsets, the consumer groups "
-                  "stored there can't fetch their committed offsets",
-        "suggested_action": f"abort the transaction: {hanging.abort_command} (local stack: "
-                            f"`python -m guard.stack transactions --abort`); then check `guard doctor`",
-    }
-    return scope.encode(), orjson.dumps(alert)
+    return critical_alert(
+        "hanging_transaction", scope, _ALERT_NAMESPACE, branch=branch, worker=worker, now=now,
+        topic=hanging.topic,
+        partition=hanging.partition,
+        last_stable_offset=hanging.last_stable,
+        high_watermark=hanging.high_watermark,
+        stuck_for_s=round(hanging.stuck_s),
+        impact="read_committed consumers of this partition (downstream, on-call, auditors) are stuck at the last "
+               "stable offset; if the partition is in __consumer_offsets, the consumer groups stored there can't "
+               "fetch their committed offsets",
+        suggested_action=f"abort the transaction: {hanging.abort_command} (local stack: "
+                         f"`python -m guard.stack transactions --abort`); then check `guard doctor`",
+    )
 
 
 class HangingWatcher:
@@ -220,19 +196,16 @@ class HangingWatcher:
 class HangingReporter:
     """Logs, counts and alerts each hanging partition once (per LSO), on a partition readers can reach.
 
-    The alert goes out through its own idempotent, non-transactional producer: the worker's transactions
-    may be the very thing that is stuck. It is sent to a partition of the anomalies topic that is not
-    itself hanging (a record behind a hanging transaction would be as unreadable as the rest).
+    The alert goes out through the worker's `SideAlerts` (`guard.kafka.side_alerts`): its own idempotent,
+    non-transactional producer, since the worker's transactions may be the very thing that is stuck, and a
+    partition of the anomalies topic that is not itself hanging.
     """
 
-    def __init__(self, producer_config: Mapping[str, Any], anomalies_topic: str, *, branch: str, worker: str,
-                 partitions_of: Callable[[str], int | None], on_count: Callable[[list[Hanging]], None]) -> None:
-        self._producer_config = dict(producer_config)
-        self._producer: Producer | None = None
-        self._topic = anomalies_topic
+    def __init__(self, alerts: SideAlerts, *, branch: str, worker: str,
+                 on_count: Callable[[list[Hanging]], None]) -> None:
+        self._alerts = alerts
         self._branch = branch
         self._worker = worker
-        self._partitions_of = partitions_of
         self._on_count = on_count
         self._reported: set[tuple[str, int, int]] = set()
 
@@ -240,23 +213,12 @@ class HangingReporter:
         self._on_count(hanging)
         current = {(h.topic, h.partition, h.last_stable) for h in hanging}
         self._reported &= current  # a resolved partition is reported again if it ever hangs anew
-        bad = {h.partition for h in hanging if h.topic == self._topic}
+        self._alerts.hanging({h.partition for h in hanging if h.topic == self._alerts.topic})
         for h in hanging:
             if (h.topic, h.partition, h.last_stable) in self._reported:
                 continue
             log.error("hanging transaction on an output partition: %s; abort it with: %s", h.describe(),
                       h.abort_command)
-            self._send(h, bad)
+            key, value = alert_record(h, branch=self._branch, worker=self._worker, now=time.time())
+            self._alerts.send(key, value)
             self._reported.add((h.topic, h.partition, h.last_stable))
-
-    def _send(self, hanging: Hanging, bad_partitions: set[int]) -> None:
-        count = self._partitions_of(self._topic) or 1
-        good = [p for p in range(count) if p not in bad_partitions]
-        if not good:
-            log.error("every partition of %s is hanging: the alert can't be made readable", self._topic)
-            return
-        if self._producer is None:
-            self._producer = Producer(self._producer_config)
-        key, value = alert_record(hanging, branch=self._branch, worker=self._worker, now=time.time())
-        self._producer.produce(self._topic, value, key, partition=good[java_string_hash(key.decode()) % len(good)])
-        self._producer.flush(10)

@@ -75,14 +75,13 @@ from guard.kafka.audit_chain import AuditChains
 from guard.kafka.batching import EarlyOffsets, commit_due, take
 from guard.kafka.clients import OUTPUT_TOPIC_PARTITIONS, TopicManager, consumer_config, producer_config
 from guard.kafka.evidence import prepare_evidence_topics
-from guard.kafka.hanging import (
-    Hanging,
-    HangingReporter,
-    HangingWatcher,
-    group_offsets_partition,
-)
+from guard.kafka.fetching import ACTIVE, NotFetchingWatch, fetch_states
+from guard.kafka.fetching import alert_record as not_fetching_alert
+from guard.kafka.hanging import Hanging, HangingReporter, HangingWatcher
 from guard.kafka.membership import MembershipWatch, subscription_matches
+from guard.kafka.partitioning import group_offsets_partition
 from guard.kafka.rewinds import RewindCheck, RewindLostError
+from guard.kafka.side_alerts import SideAlerts
 from guard.kafka.stats import BatchCounters, Stats
 from guard.kafka_security import client_config
 from guard.keys.manager import TxnMark
@@ -94,6 +93,9 @@ from guard.records.builders import OutRecord
 from guard.telemetry import Telemetry
 
 log = logging.getLogger("guard.runner")
+
+#: How often librdkafka hands the worker its consumer's statistics (each partition's fetch state, the lag).
+STATISTICS_INTERVAL_MS = 5000
 
 #: How often a worker looks for deletion confirmations left pending by a crash, due erasures and a due
 #: compaction (`_maintenance`: three key-store round trips).
@@ -151,12 +153,22 @@ class SanitizerWorker:
             **consumer_config(settings, client_id),
             # A pattern subscription: new raw topics (tables created later) are noticed within 3 s.
             "topic.metadata.refresh.interval.ms": 3000,
-            "statistics.interval.ms": 5000 if settings.metrics_port or settings.otlp_endpoint else 0,
-            "stats_cb": self.telemetry.on_stats,
+            # Always on: the fetch states are how a partition held but never fetched is found (`_watch_fetching`).
+            "statistics.interval.ms": STATISTICS_INTERVAL_MS,
+            "stats_cb": self._on_consumer_stats,
         }
         self.consumer = Consumer(self._consumer_config)
         #: A consumer out of its group for several session timeouts is rebuilt (`guard.kafka.membership`).
         self._membership = MembershipWatch.for_session_timeout(int(self._consumer_config["session.timeout.ms"]))
+        #: Assigned partitions that never start fetching are alerted (`guard.kafka.fetching`), with the
+        #: hanging-transaction watch's limit: no working producer's transaction stays open longer.
+        self._fetching = NotFetchingWatch(settings.transaction_timeout_ms / 1000 + settings.hanging_margin_s)
+        #: Each partition's fetch state in the consumer's latest statistics (None: none since the subscribe).
+        self._fetch_states: dict[tuple[str, int], str] | None = None
+        #: The watches' alerts, sent outside the worker's transactions (`guard.kafka.side_alerts`).
+        self._side_alerts = SideAlerts(
+            client_config(settings, **{"enable.idempotence": True, "client.id": f"guard-{settings.worker_id}-alerts"}),
+            settings.anomalies_topic, partitions_of=self.topics.partitions)
         self._subscription: list[str] = []
         self._producer_config = producer_config(settings, client_id)
         #: Outputs larger than this take the Python path, which turns librdkafka's MSG_SIZE_TOO_LARGE into a
@@ -244,9 +256,11 @@ class SanitizerWorker:
                     if not self._in_txn and time.monotonic() - self._idle_checked > min(
                             PENDING_CHECK_S, self.settings.audit_checkpoint_s / 2):
                         self._idle_checkpoints()
-                    if self._membership.due() and self._out_of_group():
-                        self._rebuild_clients()
-                        continue
+                    if self._membership.due():
+                        if self._out_of_group():
+                            self._rebuild_clients()
+                            continue
+                        self._watch_fetching()
                     backoff = 0.5
                 except KeyUnavailableError as exc:
                     log.warning("key store unavailable, retrying the batch in %.1fs: %s", backoff, exc)
@@ -308,10 +322,7 @@ class SanitizerWorker:
 
     def _start_hanging_watch(self) -> HangingWatcher:
         s = self.settings
-        reporter = HangingReporter(
-            client_config(s, **{"enable.idempotence": True, "client.id": f"guard-{s.worker_id}-alerts"}),
-            s.anomalies_topic, branch=s.branch, worker=s.worker_id, partitions_of=self.topics.partitions,
-            on_count=self._on_hanging)
+        reporter = HangingReporter(self._side_alerts, branch=s.branch, worker=s.worker_id, on_count=self._on_hanging)
         return HangingWatcher(self.admin, self._output_partitions, reporter,
                               limit_s=s.transaction_timeout_ms / 1000 + s.hanging_margin_s).start()
 
@@ -326,6 +337,8 @@ class SanitizerWorker:
         self.consumer.subscribe(topics, on_revoke=self._on_revoke, on_lost=self._on_lost)
         self._subscription = topics
         self._membership.restart()
+        self._fetching.restart()
+        self._fetch_states = None
 
     def _out_of_group(self) -> bool:
         """Whether the consumer has had no member id for too long (`guard.kafka.membership`): it is rebuilt."""
@@ -343,6 +356,43 @@ class SanitizerWorker:
                   self._membership.limit_s)
         self.stats.membership_rebuilds += 1
         return True
+
+    def _on_consumer_stats(self, text: str) -> None:
+        """librdkafka's statistics (on the loop's thread, inside `consume`): fetch states, and the metrics."""
+        try:
+            stats = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return
+        self._fetch_states = fetch_states(stats)
+        self.telemetry.on_stats(stats)
+
+    def _fetching_partitions(self) -> list[tuple[str, int]]:
+        """Assigned partitions the consumer fetches, per its latest statistics. The others wait for their
+        committed offsets: reading their audit tails (the same offset fetch) would block for its timeout."""
+        states = self._fetch_states or {}
+        assigned = ((tp.topic, tp.partition) for tp in self.consumer.assignment())
+        return [tp for tp in assigned if states.get(tp) == ACTIVE]
+
+    def _watch_fetching(self) -> None:
+        """Partitions held but not fetched for longer than the limit are reported once (`guard.kafka.fetching`)."""
+        assigned = [(tp.topic, tp.partition) for tp in self.consumer.assignment()]
+        finding = self._fetching.observe(assigned, self._fetch_states)
+        for (topic, partition), without_s in self._fetching.take_resolved():
+            log.warning("%s[%d] is fetched again, after %.0f s without", topic, partition, without_s)
+        self.telemetry.on_not_fetching(self._fetching.overdue())
+        if finding is None:
+            return
+        s = self.settings
+        count = self.topics.partitions("__consumer_offsets")
+        offsets = f"__consumer_offsets[{group_offsets_partition(s.group_id, count)}]" if count else None
+        log.error("the consumer of group %s holds partitions it does not fetch (%s; limit %.0f s): the group's "
+                  "committed offsets can't be read (pending in a transaction, %s) or the partitions' leaders "
+                  "are unreachable; alerting on %s", s.group_id, finding.describe(), self._fetching.limit_s,
+                  offsets, s.anomalies_topic)
+        key, value = not_fetching_alert(finding, group=s.group_id, offsets_partition=offsets,
+                                        member_id=self.consumer.memberid() or "", branch=s.branch,
+                                        worker=s.worker_id, now=time.time())
+        self._side_alerts.send(key, value)
 
     # --- one batch --------------------------------------------------------------------------------
     def _process_batch(self, msgs: list[Message]) -> None:
@@ -558,7 +608,7 @@ class SanitizerWorker:
         self._idle_checked = time.monotonic()
         try:
             if not final:
-                self.chains.load([(tp.topic, tp.partition) for tp in self.consumer.assignment()])
+                self.chains.load(self._fetching_partitions())
             records = self.chains.checkpoints(idle=True, final=final)
             if not records:
                 return

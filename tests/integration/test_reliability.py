@@ -24,9 +24,11 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 import guard.stack
+from guard.kafka.partitioning import group_offsets_partition
 from guard.records.codec import decode
 from guard.workload.branch import WorkloadResult, run_workload
 from tests.integration.kafka_helpers import GUARD, GuardProcess, kafka_conf, sanitizer_anomalies
@@ -150,7 +152,6 @@ class Scenario:
         return dlq_records(self.bootstrap, self.out_start, topics, dlq_topic=self.dlq)
 
     def committed(self) -> dict[int, int]:
-        from confluent_kafka import Consumer, TopicPartition
 
         c = Consumer({**kafka_conf(self.bootstrap), "group.id": self.group})
         try:
@@ -361,6 +362,54 @@ def test_a_stuck_output_partition_is_alerted_once_and_named_by_doctor(scenario: 
                             capture_output=True, text=True, timeout=120)
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     assert w1.alive(), log_tail(w1)
+
+
+def test_a_worker_that_cannot_read_its_groups_committed_offsets_says_so_once_then_reads_everything_once(
+        scenario: Scenario):
+    """Another producer holds offsets for the worker's group in a transaction it leaves open, so the group
+    coordinator answers the worker's offset fetch with UNSTABLE_OFFSET_COMMIT (as when it keeps a committed
+    transaction's offsets pending, docs/reliability.md): the worker joins, holds its partitions and can't
+    start fetching them. Past the limit it raises one critical `partitions_not_fetching` alert naming them
+    and the group's `__consumer_offsets` partition, readable while the stall lasts; once the transaction
+    ends it reads every input, exactly once, and logs that its partitions are fetched again."""
+    sc = scenario
+    # The watch's limit: 5 s + an 8-s margin (the default 30 s + 30 s only makes the test wait longer).
+    sc.env = {**sc.env, "GUARD_TRANSACTION_TIMEOUT_MS": "5000", "GUARD_HANGING_MARGIN_S": "8"}
+    producer = SteadyProducer(sc.bootstrap, sc.topic, count=30, rate=100, partitions=sc.partitions).start()
+    producer.join()
+    conf = kafka_conf(sc.bootstrap)
+    member = Consumer({**conf, "group.id": sc.group})  # only for the group's metadata: never joins
+    blocker = Producer({**conf, "transactional.id": unique("blocker-"), "transaction.timeout.ms": 600_000})
+    blocker.init_transactions(30)
+    blocker.begin_transaction()
+    blocker.send_offsets_to_transaction([TopicPartition(sc.topic, p, 0) for p in range(sc.partitions)],
+                                        member.consumer_group_metadata(), 30)
+    member.close()
+    offsets_partitions = len(AdminClient(conf).list_topics(timeout=30).topics["__consumer_offsets"].partitions)
+    try:
+        w1 = sc.worker(1).start()
+
+        def alerts() -> list[dict[str, Any]]:
+            return [d for d in sanitizer_anomalies(read_from(sc.bootstrap, sc.anomalies))
+                    if d.get("rule") == "partitions_not_fetching"]
+
+        wait_until(alerts, timeout=150, interval=3, what="the partitions_not_fetching alert")
+        time.sleep(8)  # more rounds of the watch: the same stall is not alerted again
+        [alert] = alerts()
+        assert alert["severity"] == "critical" and alert["group"] == sc.group, alert
+        assert sorted(alert["partitions"]) == [f"{sc.topic}[{p}]" for p in range(sc.partitions)], alert
+        expected = f"__consumer_offsets[{group_offsets_partition(sc.group, offsets_partitions)}]"
+        assert alert["offsets_partition"] == expected and expected in alert["suggested_action"], alert
+        assert 13 <= alert["not_fetching_for_s"] < 13 + 10, alert  # seen within a statistics interval and a round
+        assert sc.decided() == 0, "a partition was read while its committed offset could not be"
+        assert "holds partitions it does not fetch" in w1.log(), log_tail(w1)
+    finally:
+        blocker.abort_transaction(30)
+    sc.wait_decided(30, timeout=120)
+    wait_until(lambda: "is fetched again, after" in w1.log(), timeout=30, what="the worker to log the fetch resumed")
+    assert w1.alive(), log_tail(w1)
+    sc.stop_all()
+    sc.check_own_topic(producer)
 
 
 def _outage_under_steady_load(sc: Scenario, service: str, *, down_s: float,

@@ -12,9 +12,8 @@ from guard.kafka.hanging import (
     PartitionEnds,
     StuckTracker,
     alert_record,
-    group_offsets_partition,
-    java_string_hash,
 )
+from guard.kafka.partitioning import group_offsets_partition, java_string_hash
 
 A = ("guard.audit", 1)
 B = ("sanitized.br0101.public.customers", 0)
