@@ -71,6 +71,7 @@ class Settings:
     #: Seconds past the transaction timeout before a partition whose last stable offset stands still is
     #: called hanging (an alert, `guard doctor`): Kafka's coordinator aborts timed-out transactions every
     #: 10 s (`transaction.abort.timed.out.transaction.cleanup.interval.ms`), so keep it well above that.
+    #: The same limit applies to an assigned partition the consumer does not fetch (`guard.kafka.fetching`).
     hanging_margin_s: float = 30.0
     #: Path of the classification catalog (default: schemas/catalog.toml of the checkout).
     catalog: str = ""
