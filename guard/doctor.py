@@ -89,6 +89,52 @@ def check_hanging_transactions(admin: AdminClient, settings: Settings, *, settle
                                                  "offsets reach the high watermarks or move)")]
 
 
+def check_group_offsets(admin: AdminClient, settings: Settings, *, settle_s: float | None = None) -> list[Check]:
+    """The group's committed offsets of the raw partitions must be readable the way its workers read them.
+
+    A worker's consumer is `read_committed`, so it fetches them with `require_stable`, which the group
+    coordinator answers with `UNSTABLE_OFFSET_COMMIT` while it holds offsets of the group pending in a
+    transaction; librdkafka asks again until the call's timeout. A live worker's transaction holds them for
+    milliseconds; for longer than the transaction timeout (plus the margin) they are stuck, and the group's
+    workers hold their partitions and read nothing (`guard.kafka.fetching`, docs/reliability.md).
+    """
+    import re
+
+    from confluent_kafka import Consumer, TopicPartition
+
+    from guard.kafka.clients import consumer_config
+
+    limit = settle_s if settle_s is not None else settings.transaction_timeout_ms / 1000 + settings.hanging_margin_s
+    pattern = re.compile(settings.raw_topic_pattern)
+    topics = admin.list_topics(timeout=10).topics
+    partitions = [TopicPartition(t, p) for t, meta in sorted(topics.items()) if pattern.match(t) and meta.error is None
+                  for p in sorted(meta.partitions)]
+    name = f"committed offsets of group {settings.group_id}"
+    if not partitions:
+        return [Check(name, True, f"no raw topic matches {settings.raw_topic_pattern} yet")]
+    offsets = topics.get("__consumer_offsets")
+    where = (f"__consumer_offsets[{group_offsets_partition(settings.group_id, len(offsets.partitions))}]"
+             if offsets is not None and offsets.partitions else "the group's __consumer_offsets partition")
+    consumer = Consumer({**consumer_config(settings, "guard-doctor"), "logger": _quiet})  # never joins the group
+    try:
+        start = time.monotonic()
+        consumer.committed(partitions, timeout=limit)
+    except KafkaException as exc:
+        error = exc.args[0]
+        if isinstance(error, KafkaError) and error.code() == KafkaError._TIMED_OUT:
+            return [Check(name, False, f"not readable by read_committed consumers within {limit:.0f} s "
+                                       f"({len(partitions)} raw partitions): held as pending in a transaction, so "
+                                       f"the group's workers hold their partitions and read nothing",
+                          f"if a hanging transaction on {where} is named above, abort it; otherwise restart the "
+                          f"broker that leads {where} (or move its leadership): see docs/reliability.md")]
+        return [Check(name, False, f"reading them failed: {error}",
+                      "check that the guard's principal may describe and read its group and raw topics (the local "
+                      "stack grants it: guard/stack/kafka_auth.py), and that the cluster answers")]
+    finally:
+        consumer.close()
+    return [Check(name, True, f"readable ({len(partitions)} raw partitions, {time.monotonic() - start:.1f} s)")]
+
+
 def run_checks(settings: Settings, *, settle_s: float | None = None) -> Iterator[Check]:
     yield from access_checks(settings)  # Redis, PostgreSQL, Connect REST (issue 20)
     yield check_audit_signing_key(settings)
@@ -114,6 +160,7 @@ def run_checks(settings: Settings, *, settle_s: float | None = None) -> Iterator
     if settings.branch2_dsn:
         yield from check_mariadb(settings)
     yield from check_hanging_transactions(admin, settings, settle_s=settle_s)
+    yield from check_group_offsets(admin, settings, settle_s=settle_s)
 
 
 # ---- the MariaDB branch (issue 19) -------------------------------------------------------------------------

@@ -403,13 +403,25 @@ def test_a_worker_that_cannot_read_its_groups_committed_offsets_says_so_once_the
         assert 13 <= alert["not_fetching_for_s"] < 13 + 10, alert  # seen within a statistics interval and a round
         assert sc.decided() == 0, "a partition was read while its committed offset could not be"
         assert "holds partitions it does not fetch" in w1.log(), log_tail(w1)
+        doctor = _doctor({**sc.env, **sc.output_env, "GUARD_GROUP_ID": sc.group, "GUARD_RAW_TOPIC_PREFIX": sc.prefix})
+        assert doctor.returncode == 1, doctor.stdout + doctor.stderr
+        assert f"FAIL  committed offsets of group {sc.group}: not readable" in doctor.stdout, doctor.stdout
+        assert f"restart the broker that leads {expected}" in doctor.stdout, doctor.stdout
     finally:
         blocker.abort_transaction(30)
     sc.wait_decided(30, timeout=120)
     wait_until(lambda: "is fetched again, after" in w1.log(), timeout=30, what="the worker to log the fetch resumed")
+    doctor = _doctor({**sc.env, **sc.output_env, "GUARD_GROUP_ID": sc.group, "GUARD_RAW_TOPIC_PREFIX": sc.prefix})
+    assert f"ok    committed offsets of group {sc.group}: readable ({sc.partitions} raw partitions" in doctor.stdout, \
+        doctor.stdout + doctor.stderr
     assert w1.alive(), log_tail(w1)
     sc.stop_all()
     sc.check_own_topic(producer)
+
+
+def _doctor(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*GUARD, "doctor", "--settle", "5"], env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=120)
 
 
 def _outage_under_steady_load(sc: Scenario, service: str, *, down_s: float,
