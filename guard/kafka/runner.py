@@ -383,7 +383,10 @@ class SanitizerWorker:
         if finding is None:
             return
         s = self.settings
-        count = self.topics.partitions("__consumer_offsets")
+        try:
+            count = self.topics.partitions("__consumer_offsets")
+        except KafkaException:  # the cluster does not answer: the alert says "the group's partition"
+            count = None
         offsets = f"__consumer_offsets[{group_offsets_partition(s.group_id, count)}]" if count else None
         log.error("the consumer of group %s holds partitions it does not fetch (%s; limit %.0f s): the group's "
                   "committed offsets can't be read (pending in a transaction, %s) or the partitions' leaders "
@@ -392,7 +395,10 @@ class SanitizerWorker:
         key, value = not_fetching_alert(finding, group=s.group_id, offsets_partition=offsets,
                                         member_id=self.consumer.memberid() or "", branch=s.branch,
                                         worker=s.worker_id, now=time.time())
-        self._side_alerts.send(key, value)
+        try:
+            self._side_alerts.send(key, value)
+        except (KafkaException, BufferError) as exc:  # the error line above stays; the loop goes on
+            log.error("the partitions_not_fetching alert could not be sent to %s: %s", s.anomalies_topic, exc)
 
     # --- one batch --------------------------------------------------------------------------------
     def _process_batch(self, msgs: list[Message]) -> None:
