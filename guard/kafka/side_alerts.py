@@ -31,10 +31,12 @@ class SideAlerts:
     """Sends alert records to the anomalies topic from any thread, avoiding partitions known to hang."""
 
     def __init__(self, producer_config: Mapping[str, Any], topic: str, *,
-                 partitions_of: Callable[[str], int | None]) -> None:
+                 partitions_of: Callable[[str], int | None],
+                 new_producer: Callable[[dict[str, Any]], Producer] = Producer) -> None:
         self.topic = topic
         self._producer_config = dict(producer_config)
         self._partitions_of = partitions_of
+        self._new_producer = new_producer
         self._producer: Producer | None = None
         self._lock = threading.Lock()
         #: Partitions of `topic` the hanging-transaction watch last found hanging.
@@ -54,7 +56,7 @@ class SideAlerts:
             return False
         with self._lock:
             if self._producer is None:
-                self._producer = Producer(self._producer_config)
+                self._producer = self._new_producer(self._producer_config)
             producer = self._producer
         producer.produce(self.topic, value, key, partition=good[java_string_hash(key.decode()) % len(good)])
         if producer.flush(FLUSH_S):
