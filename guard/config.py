@@ -184,6 +184,13 @@ class Settings:
     # --- end access (issue 20) ------------------------------------------------------------------------
 
     @property
+    def stuck_after_s(self) -> float:
+        """How long a partition may stand still before the watches and `guard doctor` call it stuck (a hanging
+        transaction, a partition never fetched): no working producer's transaction stays open longer than its
+        timeout, and the coordinator's clean-up of late ones runs within the margin."""
+        return self.transaction_timeout_ms / 1000 + self.hanging_margin_s
+
+    @property
     def raw_topic_pattern(self) -> str:
         return "^" + self.raw_topic_prefix.replace(".", r"\.") + r"\.[^.]+\.[^.]+$"
 

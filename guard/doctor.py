@@ -10,7 +10,7 @@ import logging
 import stat
 import struct
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,7 +73,7 @@ def check_hanging_transactions(admin: AdminClient, settings: Settings, *, settle
     stable offset does not move for that long (plus the coordinator's clean-up margin) is hanging. Most
     runs return at once: nothing is unstable, or the unstable partitions move on the next poll.
     """
-    limit = settle_s if settle_s is not None else settings.transaction_timeout_ms / 1000 + settings.hanging_margin_s
+    limit = settle_s if settle_s is not None else settings.stuck_after_s
     partitions = output_partitions(admin, settings)
     tracker = StuckTracker(limit)
     start = clock()
@@ -89,6 +89,14 @@ def check_hanging_transactions(admin: AdminClient, settings: Settings, *, settle
                                                  "offsets reach the high watermarks or move)")]
 
 
+def raw_topics(topics: Mapping[str, Any], settings: Settings) -> list[str]:
+    """The raw topics the guard's workers subscribe to, sorted, of a cluster's topic metadata."""
+    import re
+
+    pattern = re.compile(settings.raw_topic_pattern)
+    return sorted(t for t, meta in topics.items() if pattern.match(t) and meta.error is None)
+
+
 def check_group_offsets(admin: AdminClient, settings: Settings, *, settle_s: float | None = None) -> list[Check]:
     """The group's committed offsets of the raw partitions must be readable the way its workers read them.
 
@@ -98,17 +106,14 @@ def check_group_offsets(admin: AdminClient, settings: Settings, *, settle_s: flo
     milliseconds; for longer than the transaction timeout (plus the margin) they are stuck, and the group's
     workers hold their partitions and read nothing (`guard.kafka.fetching`, docs/reliability.md).
     """
-    import re
 
     from confluent_kafka import Consumer, TopicPartition
 
     from guard.kafka.clients import consumer_config
 
-    limit = settle_s if settle_s is not None else settings.transaction_timeout_ms / 1000 + settings.hanging_margin_s
-    pattern = re.compile(settings.raw_topic_pattern)
+    limit = settle_s if settle_s is not None else settings.stuck_after_s
     topics = admin.list_topics(timeout=10).topics
-    partitions = [TopicPartition(t, p) for t, meta in sorted(topics.items()) if pattern.match(t) and meta.error is None
-                  for p in sorted(meta.partitions)]
+    partitions = [TopicPartition(t, p) for t in raw_topics(topics, settings) for p in sorted(topics[t].partitions)]
     name = f"committed offsets of group {settings.group_id}"
     if not partitions:
         return [Check(name, True, f"no raw topic matches {settings.raw_topic_pattern} yet")]
@@ -123,8 +128,9 @@ def check_group_offsets(admin: AdminClient, settings: Settings, *, settle_s: flo
         error = exc.args[0]
         if isinstance(error, KafkaError) and error.code() == KafkaError._TIMED_OUT:
             return [Check(name, False, f"not readable by read_committed consumers within {limit:.0f} s "
-                                       f"({len(partitions)} raw partitions): held as pending in a transaction, so "
-                                       f"the group's workers hold their partitions and read nothing",
+                                       f"({len(partitions)} raw partitions): held as pending in a transaction (or "
+                                       f"the group coordinator does not answer), so the group's workers hold their "
+                                       f"partitions and read nothing",
                           f"if a hanging transaction on {where} is named above, abort it; otherwise restart the "
                           f"broker that leads {where} (or move its leadership): see docs/reliability.md")]
         return [Check(name, False, f"reading them failed: {error}",
@@ -416,7 +422,6 @@ def latest_records(settings: Settings, topic: str, partitions: list[int], sample
 def check_c3_absent(admin: AdminClient, settings: Settings, *, sample: int = C3_SAMPLE) -> list[Check]:
     """No C3 column of the catalog is in the latest records of a raw topic: `drop` columns are not keys of
     `before`/`after`, `hash` columns hold only Debezium's 64-hex digest."""
-    import re
 
     import orjson
 
@@ -427,9 +432,8 @@ def check_c3_absent(admin: AdminClient, settings: Settings, *, sample: int = C3_
         catalog = Catalog.load(settings.catalog or None)
     except ConfigError as exc:
         return [Check("C3 in raw topics", False, str(exc), "fix the catalog (GUARD_CATALOG)")]
-    pattern = re.compile(settings.raw_topic_pattern)
     topics = admin.list_topics(timeout=10).topics
-    raw = sorted(t for t, meta in topics.items() if pattern.match(t) and meta.error is None)
+    raw = raw_topics(topics, settings)
     out: list[Check] = []
     scanned = checked = 0
     for topic in raw:

@@ -12,13 +12,14 @@ read nothing after a graceful broker restart"). The membership watch saw a membe
 the hanging-transaction watch no last stable offset behind (`guard.kafka.hanging`): nobody said anything.
 
 How it is detected: librdkafka's statistics give each partition's `fetch_state`, and a partition whose
-fetcher runs is `active`, also when it is empty and after a seek; one still waiting for its committed
-offset is not (`none` for a new consumer, `stopped` for one given the partition again: checked on the
-stack). `NotFetchingWatch` times each assigned partition that is not `active`; when one has stayed so for
-longer than `limit_s` (the transaction timeout plus `hanging_margin_s`, as for hanging transactions: no
-transaction of a working producer stays open longer), the worker logs an error, sends one critical alert
-(`alert_record`) and publishes the metric. Cached watermarks would not tell: librdkafka keeps them when the
-same consumer is given a partition again (checked on the stack).
+fetcher runs is `active`, also when it is empty (a seek or a leader change may make it wait for a moment,
+far below the limit); one still waiting for its committed offset is not (`none` for a new consumer,
+`stopped` for one given the partition again: checked on the stack). `NotFetchingWatch` times each
+assigned partition that is not `active`; when one has stayed so for longer than `limit_s`
+(`Settings.stuck_after_s`, as for hanging transactions: no transaction of a working producer stays open
+longer), the worker logs an error, sends one critical alert (`alert_record`) and publishes the metric.
+Cached watermarks would not tell: librdkafka keeps them when the same consumer is given a partition again
+(checked on the stack).
 
 The watch sees, it does not repair: in the case seen, rebuilding the clients did not help, and reading the
 committed offsets without `require_stable` would give older ones and decide records twice. The alert's

@@ -162,7 +162,7 @@ class SanitizerWorker:
         self._membership = MembershipWatch.for_session_timeout(int(self._consumer_config["session.timeout.ms"]))
         #: Assigned partitions that never start fetching are alerted (`guard.kafka.fetching`), with the
         #: hanging-transaction watch's limit: no working producer's transaction stays open longer.
-        self._fetching = NotFetchingWatch(settings.transaction_timeout_ms / 1000 + settings.hanging_margin_s)
+        self._fetching = NotFetchingWatch(settings.stuck_after_s)
         #: Each partition's fetch state in the consumer's latest statistics (None: none since the subscribe).
         self._fetch_states: dict[tuple[str, int], str] | None = None
         #: The watches' alerts, sent outside the worker's transactions (`guard.kafka.side_alerts`).
@@ -324,7 +324,7 @@ class SanitizerWorker:
         s = self.settings
         reporter = HangingReporter(self._side_alerts, branch=s.branch, worker=s.worker_id, on_count=self._on_hanging)
         return HangingWatcher(self.admin, self._output_partitions, reporter,
-                              limit_s=s.transaction_timeout_ms / 1000 + s.hanging_margin_s).start()
+                              limit_s=s.stuck_after_s).start()
 
     def _on_hanging(self, hanging: list[Hanging]) -> None:
         self.telemetry.on_hanging({f"{h.topic}[{h.partition}]": h.high_watermark - h.last_stable for h in hanging})
