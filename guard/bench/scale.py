@@ -22,8 +22,8 @@ import orjson
 from confluent_kafka.admin import AdminClient
 
 from guard.bench.common import BenchError, log
+from guard.bench.drain import drain_fresh
 from guard.bench.topics import Names, _fill_producer, _produce, cleanup_kafka, cleanup_redis, create_topic
-from guard.bench.trials import drain_fresh
 from guard.bench.workers import BenchContext, RssSampler, WorkerSet
 from guard.bench.workload import _envelope, customer_rows
 from guard.config import Settings

@@ -15,7 +15,6 @@ leader, transaction coordinator sending markers) until the controller fenced it;
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from guard.stack.kraft import (
     is_combined_layout,
     meta_node_id,
 )
-from guard.stack.procs import ensure_port_free, pid_alive, progress, read_pid
+from guard.stack.procs import ensure_port_free, pid_alive, progress, quiet_probe_logger, read_pid
 from guard.stack.service import Service
 
 #: Kafka's own default (`kafka-server-start.sh`). At 512m the broker's young generation filled about once a
@@ -65,11 +64,6 @@ def gc_log_opts(path: Path) -> list[str]:
     return [f"-Xlog:gc,gc+phases:file={path}:time,uptime:filecount=3,filesize=10M"]
 
 
-_quiet = logging.getLogger("guard.stack.kafka-probe")
-_quiet.addHandler(logging.NullHandler())
-_quiet.propagate = False
-
-
 def broker_answers(client: dict[str, Any], timeout: float = 3.0) -> bool:
     """True when the broker serves metadata (a TCP connect alone says nothing about KRaft readiness).
 
@@ -78,7 +72,7 @@ def broker_answers(client: dict[str, Any], timeout: float = 3.0) -> bool:
     """
     from confluent_kafka.admin import AdminClient
 
-    conf: dict[str, Any] = {**client, "logger": _quiet, "socket.timeout.ms": 3000}
+    conf: dict[str, Any] = {**client, "logger": quiet_probe_logger, "socket.timeout.ms": 3000}
     admin = AdminClient(conf)
     md = admin.list_topics(timeout=timeout)
     return bool(md.brokers)

@@ -33,7 +33,7 @@ from guard.secretfile import create_private, read_private_text
 from guard.stack.config import StackConfig
 from guard.stack.errors import StackError
 from guard.stack.kafka_auth import client_config as kafka_client_config
-from guard.stack.procs import progress
+from guard.stack.procs import progress, quiet_probe_logger
 
 CONFIG_FILE = "branch-postgres.json"
 MARIADB_CONFIG_FILE = "branch-mariadb.json"
@@ -244,9 +244,7 @@ def topic_message_count(client: dict[str, Any], topic: str) -> int:
     from confluent_kafka import Consumer, TopicPartition
     from confluent_kafka.admin import AdminClient
 
-    from guard.stack.broker import _quiet
-
-    common: dict[str, Any] = {**client, "logger": _quiet}
+    common: dict[str, Any] = {**client, "logger": quiet_probe_logger}
     # List *all* topics: a metadata request naming the topic would auto-create it (producer-type
     # librdkafka handles allow auto-creation) with 1 partition, before Debezium creates it with 3.
     md = AdminClient(common).list_topics(timeout=5)
@@ -473,9 +471,8 @@ def _partition_end(cfg: StackConfig, topic: str, partition: int) -> int:
     """High watermark of one partition (read as the stack's admin)."""
     from confluent_kafka import Consumer, TopicPartition
 
-    from guard.stack.broker import _quiet
-
-    consumer = Consumer({**kafka_client_config(cfg), "group.id": "branchguard-stack-probe", "logger": _quiet})
+    consumer = Consumer({**kafka_client_config(cfg), "group.id": "branchguard-stack-probe",
+                         "logger": quiet_probe_logger})
     try:
         return int(consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=15)[1])
     finally:

@@ -49,7 +49,7 @@ from guard.kafka_security import sasl_ssl_config
 from guard.secretfile import read_private_text, write_private
 from guard.stack.config import StackConfig
 from guard.stack.errors import StackError
-from guard.stack.procs import progress
+from guard.stack.procs import progress, quiet_probe_logger
 from guard.stack.tls import LocalCA
 
 USERS = ("admin", "guard", "connect", "downstream", "reveal", "oncall", "analyzer")
@@ -281,9 +281,7 @@ def ensure_security(cfg: StackConfig, timeout: float = 30.0) -> None:
         UserScramCredentialUpsertion,
     )
 
-    from guard.stack.broker import _quiet
-
-    conf: dict[str, Any] = {**mtls_admin_config(cfg), "logger": _quiet}
+    conf: dict[str, Any] = {**mtls_admin_config(cfg), "logger": quiet_probe_logger}
     admin = AdminClient(conf)
     passwords = ensure_passwords(cfg)
     stamp = _password_stamp(cfg)

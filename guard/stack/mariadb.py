@@ -18,18 +18,18 @@ the truststore's password through its FileConfigProvider, so neither is in the c
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from guard.secretfile import create_private, read_private_text, write_private
+from guard.secretfile import write_private
 from guard.stack.assets import render_asset, write_if_changed
 from guard.stack.config import StackConfig
 from guard.stack.errors import StackError
 from guard.stack.osuser import OsUserService
 from guard.stack.procs import pid_alive, progress, read_pid, tail
+from guard.stack.secrets import read_secret
 from guard.stack.tls import ensure_server_cert
 
 OS_USER = "mysql"
@@ -43,22 +43,6 @@ def _tool(name: str) -> str:
     if found is None:
         raise StackError(f"{name} is missing; run scripts/setup.sh (apt-get install mariadb-server).")
     return found
-
-
-def read_secret(path: Path, *, create: bool = False) -> str:
-    """A password from a file readable by its owner only; made (32 random hex bytes) when asked and missing.
-
-    A file readable by group or others is refused, not used.
-    """
-    if not path.exists():
-        if not create:
-            raise StackError(f"{path} is missing; run `guard stack up` to create it")
-        if create_private(path, secrets.token_hex(24) + "\n"):
-            progress(f"mariadb: created the password file {path} (mode 0600)")
-    value = read_private_text(path, "the password file", StackError)
-    if len(value) < 16:
-        raise StackError(f"{path} holds no usable password (16 characters at least); remove it to have one made")
-    return value
 
 
 class MariaDB(OsUserService):

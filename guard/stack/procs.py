@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import signal
 import socket
@@ -21,6 +22,12 @@ from pathlib import Path
 import psutil
 
 from guard.stack.errors import StackError
+
+#: The logger given to the stack's Kafka clients that probe a service (is the broker up, is an anonymous login
+#: refused): their connection errors while a service starts or refuses are the answer, not news.
+quiet_probe_logger = logging.getLogger("guard.stack.kafka-probe")
+quiet_probe_logger.addHandler(logging.NullHandler())
+quiet_probe_logger.propagate = False
 
 
 def progress(msg: str) -> None:

@@ -17,6 +17,7 @@ from guard.stack.assets import read_asset
 from guard.stack.config import StackConfig
 from guard.stack.errors import StackError
 from guard.stack.procs import progress
+from guard.stack.secrets import read_secret
 
 # insertion order respects the foreign key accounts.customer_id -> customers
 SEED_TABLES = ("customers", "accounts", "transactions", "customer_auth")
@@ -161,14 +162,12 @@ def _sql_ident(value: str) -> str:
 
 def mariadb_bootstrap_sql(cfg: StackConfig, client_host: str = "127.0.0.1") -> str:
     """The idempotent SQL that makes the branch database, its two accounts and their grants; the accounts'
-    passwords are read from (or made in) their 0600 files (``guard.stack.mariadb.read_secret``).
+    passwords are read from (or made in) their 0600 files (``guard.stack.secrets.read_secret``).
 
     ``client_host`` is where the accounts may log in from: 127.0.0.1 on the local stack (the server listens
     there only), '%' in docker-compose (Connect and the guard are other containers). Anonymous accounts are
     removed: every login names a user and proves a password (or, for root, is the OS root on the socket).
     """
-    from guard.stack.mariadb import read_secret
-
     app_password = read_secret(cfg.mariadb_app_password_file, create=True)
     cdc_password = read_secret(cfg.mariadb_cdc_password_file, create=True)
     db = _sql_ident(cfg.mariadb_db)

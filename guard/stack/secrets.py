@@ -24,13 +24,31 @@ import os
 import secrets as _random
 from pathlib import Path
 
-from guard.secretfile import write_private
+from guard.secretfile import create_private, read_private_text, write_private
 from guard.stack.config import StackConfig
+from guard.stack.errors import StackError
+from guard.stack.procs import progress
 
 REDIS_GUARD_USER = "guard"
 REDIS_ADMIN_USER = "admin"
 CONNECT_REST_USER = "guard-admin"
 PG_SUPERUSER = "postgres"
+
+
+def read_secret(path: Path, *, create: bool = False) -> str:
+    """A password from a file readable by its owner only; made (32 random hex bytes) when asked and missing.
+
+    A file readable by group or others is refused, not used.
+    """
+    if not path.exists():
+        if not create:
+            raise StackError(f"{path} is missing; run `guard stack up` to create it")
+        if create_private(path, _random.token_hex(24) + "\n"):
+            progress(f"created the password file {path} (mode 0600)")
+    value = read_private_text(path, "the password file", StackError)
+    if len(value) < 16:
+        raise StackError(f"{path} holds no usable password (16 characters at least); remove it to have one made")
+    return value
 
 
 def new_password() -> str:

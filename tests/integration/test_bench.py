@@ -309,9 +309,9 @@ def test_a_drain_by_two_workers_starts_with_their_group_formed(stack: dict[str, 
     from confluent_kafka import Consumer, TopicPartition
     from confluent_kafka.admin import AdminClient
 
+    from guard.bench.drain import drain_fresh
     from guard.bench.gate import start_for_drain
     from guard.bench.topics import Names, cleanup_kafka, cleanup_redis, create_topic, fill
-    from guard.bench.trials import drain_fresh
     from guard.bench.workers import BenchContext, GroupProgress, RssSampler, WorkerSet
     from guard.bench.workload import build_workload
     from guard.config import load_settings

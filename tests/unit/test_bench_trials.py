@@ -5,8 +5,9 @@ from types import SimpleNamespace
 import pytest
 
 from guard.bench.common import WARMUP_S, BenchError
+from guard.bench.drain import ThroughputResult
 from guard.bench.topics import Names
-from guard.bench.trials import BenchOptions, ThroughputResult, median_trial, run, trial_group
+from guard.bench.trials import BenchOptions, median_trial, run, trial_group
 
 
 def result(rate: float) -> ThroughputResult:

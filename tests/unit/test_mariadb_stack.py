@@ -14,8 +14,8 @@ from guard.stack.artifacts import Artifacts
 from guard.stack.assets import render_asset
 from guard.stack.config import StackConfig
 from guard.stack.errors import StackError
-from guard.stack.mariadb import read_secret
 from guard.stack.provision import MARIADB_CDC_GLOBAL_GRANTS, mariadb_bootstrap_sql
+from guard.stack.secrets import read_secret
 from guard.workload.branch import is_mariadb, mariadb_value
 
 
