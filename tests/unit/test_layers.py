@@ -96,3 +96,74 @@ def test_imports_point_down(path: Path) -> None:
         if RANK[there] >= RANK[here]:
             upward.append(f"{path.name}:{line} imports {name} (layer {LABEL[there]}; {here} is layer {LABEL[here]})")
     assert not upward, "imports against the layer order of docs/architecture.md:\n" + "\n".join(upward)
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Module → the guard modules it imports (lazy imports too); `from pkg import name` counts as importing
+    `pkg.name` when that is a module, else `pkg`."""
+    modules = {module_name(p): p for p in sources()}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = set()
+        for _, imp in imported(ast.parse(path.read_text(), str(path))):
+            target = imp if imp in modules else ".".join(imp.split(".")[:-1])
+            if target in modules and target != name:
+                targets.add(target)
+        graph[name] = targets
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm, iteratively)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, edges = work[-1]
+            child = next(edges, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_cycles_finds_a_circle_and_nothing_else() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
+    assert cycles(graph) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_module_imports_itself_through_others() -> None:
+    """Within a layer too, imports run one way: a module that needs something of a module importing it
+    takes it from a third, lower module (as `guard.bench.drain`, `guard.stack.secrets` and `procs` are)."""
+    found = cycles(module_graph())
+    assert not found, "import cycles (move what both sides need into a module below them):\n" + "\n".join(
+        " <-> ".join(c) for c in found)
