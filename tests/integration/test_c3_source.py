@@ -25,7 +25,7 @@ import pytest
 from guard.classify.catalog import Catalog
 from guard.classify.source import is_source_hash
 from guard.config import Settings
-from guard.doctor import check_c3_absent
+from guard.doctor.c3 import check_c3_absent
 from guard.records.codec import decode
 from guard.stack.config import StackConfig
 from guard.stack.connector import (

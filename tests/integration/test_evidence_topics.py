@@ -17,7 +17,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from guard.config import Settings
-from guard.doctor import check_evidence_topics
+from guard.doctor.evidence import check_evidence_topics
 from guard.kafka.evidence import prepare_evidence_topics, topic_configs
 from tests.integration.kafka_helpers import GUARD, REPO, GuardProcess, admin_kafka_settings, kafka_conf
 

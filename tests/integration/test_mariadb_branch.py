@@ -457,7 +457,8 @@ def test_doctor_checks_the_mariadb_branch_and_names_what_is_wrong(stack: dict[st
     from confluent_kafka.admin import AdminClient
 
     from guard.config import Settings
-    from guard.doctor import check_c3_absent, check_mariadb
+    from guard.doctor.c3 import check_c3_absent
+    from guard.doctor.mariadb import check_mariadb
 
     cfg = StackConfig.from_env()
     settings = Settings(**admin_kafka_settings(), kafka_bootstrap=stack["GUARD_KAFKA_BOOTSTRAP"], branch2=BRANCH,

@@ -247,7 +247,7 @@ def test_keygen_makes_a_private_key_once(tmp_path: Path) -> None:
 def test_doctor_checks_the_signing_key_exists_with_mode_0600(tmp_path: Path) -> None:
     from guard.audit.note import generate_key_files
     from guard.config import Settings
-    from guard.doctor import check_audit_signing_key
+    from guard.doctor.evidence import check_audit_signing_key
 
     key = tmp_path / "secrets" / "audit-signing.key"
     settings = Settings(audit_signing_key=str(key))

@@ -23,7 +23,7 @@ from guard.classify.source import (
     source_options,
     source_rules,
 )
-from guard.doctor import c3_violations
+from guard.doctor.c3 import c3_violations
 from guard.stack.config import StackConfig
 from guard.stack.connector import (
     connector_hash_salt,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-import guard.doctor as doctor
+import guard.doctor.transactions as doctor
 from guard.config import Settings
 from guard.kafka.hanging import (
     Hanging,

@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from guard.config import load_settings
-from guard.doctor import answers_plaintext, parse_listeners, plaintext_listeners, raw_topic_readers
+from guard.doctor.kafka_security import answers_plaintext, parse_listeners, plaintext_listeners, raw_topic_readers
 from guard.errors import ConfigError
 from guard.kafka_security import client_config, read_password, sasl_ssl_config, settings_env
 from guard.stack.config import StackConfig
