@@ -55,7 +55,7 @@ def fill_stream(client: dict[str, Any], topic: str, events: Iterator[tuple[bytes
 
 def redis_used_memory(settings: Settings) -> int:
     """Redis's `used_memory`, asked as the guard's (authenticated, TLS) Redis user."""
-    from guard.keys.store import redis_client
+    from guard.keys.redis_client import redis_client
 
     return int(redis_client(settings.redis_url, settings.redis_password_file).info("memory")["used_memory"])
 

@@ -193,7 +193,7 @@ def cleanup_leftovers(admin: AdminClient, redis_url: str) -> dict[str, int]:
 
 
 def _delete_keys(redis_url: str, pattern: str, extra: list[str]) -> int:
-    from guard.keys.store import redis_client
+    from guard.keys.redis_client import redis_client
 
     client = redis_client(redis_url)
     deleted = 0
@@ -211,7 +211,7 @@ def _delete_keys(redis_url: str, pattern: str, extra: list[str]) -> int:
 
 
 def missing_keys(redis_url: str, keys: list[str]) -> list[str]:
-    from guard.keys.store import redis_client
+    from guard.keys.redis_client import redis_client
 
     client = redis_client(redis_url)
     return [k for k in keys if not client.exists(k)]

@@ -154,7 +154,7 @@ def rehearse(ctx: click.Context, seed: int | None, timeout: float, keep: bool) -
     from guard.anomaly.alerts import read_anomaly
     from guard.anomaly.rehearsal import check, plan_day
     from guard.errors import DecodeError
-    from guard.keys.store import redis_client
+    from guard.keys.redis_client import redis_client
 
     s = _settings(ctx)
     seed = seed if seed is not None else random.SystemRandom().randrange(1, 1_000_000_000)

@@ -22,7 +22,8 @@ def check_redis_access(settings: Settings) -> Iterator[Check]:
     """TLS and the guard's own ACL user; anonymous and plaintext clients refused; no FLUSHALL, no other keys."""
     import redis
 
-    from guard.keys.store import redis_client, tenant_prefix
+    from guard.keys.redis_client import redis_client
+    from guard.keys.store import tenant_prefix
 
     url = settings.redis_url
     if not url.startswith("rediss://"):

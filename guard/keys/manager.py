@@ -553,7 +553,7 @@ class KeyManager:
         """A new key for each subject, wrapped under the branch key: (minted (wrapped, key), offered
         (subject, wrapped))."""
         names = [f"dek/{branch}/{s}" for s in subjects]  # each key's name in its wrapping, built once
-        # A key the store keeps is its subject's first version (`_CREATE_DEKS`); minted inside the extension
+        # A key the store keeps is its subject's first version (`scripts.CREATE_DEKS`); minted inside the extension
         # where there is one, so a new key's bytes never become a Python object (`KeyWrapper.mint_aeads`).
         minted = self._kek(branch).mint_aeads(names, FIRST_KEY_VERSION)
         return minted, [(s, wrapped) for s, (wrapped, _) in zip(subjects, minted, strict=True)]

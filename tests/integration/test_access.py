@@ -24,7 +24,8 @@ import pytest
 import redis
 from psycopg.conninfo import make_conninfo
 
-from guard.keys.store import redis_client, tenant_prefix
+from guard.keys.redis_client import redis_client
+from guard.keys.store import tenant_prefix
 from guard.stack.config import StackConfig
 from guard.stack.redisd import Redis
 from guard.stack.secrets import StackSecrets

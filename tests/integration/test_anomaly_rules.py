@@ -24,7 +24,8 @@ from guard.anomaly.engine import Analyzer, Emit
 from guard.anomaly.facts import Fact, from_audit, from_dlq, from_legacy_anomaly, from_sanitized
 from guard.anomaly.rules import RuleConfig, default_rules_path
 from guard.anomaly.state import AnomalyState
-from guard.keys.store import RedisKeyStore, redis_client
+from guard.keys.redis_client import redis_client
+from guard.keys.store import RedisKeyStore
 from tests.integration.kafka_helpers import admin_redis_env
 
 pytestmark = pytest.mark.integration

@@ -31,7 +31,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from guard.anomaly.alerts import read_anomaly
 from guard.anomaly.rules import default_rules_path
-from guard.keys.store import redis_client
+from guard.keys.redis_client import redis_client
 from guard.stack.config import StackConfig
 from guard.stack.kafka_auth import ANALYZER_APP
 from tests.integration.kafka_helpers import REPO, admin_redis_env, kafka_conf, read_all

@@ -171,7 +171,7 @@ def _start_bench(stack: dict[str, str], log: Path, **popen: Any) -> tuple[subpro
 
 def _run_keys(stack: dict[str, str], runid: str) -> list[bytes]:
     from guard.config import load_settings
-    from guard.keys.store import redis_client
+    from guard.keys.redis_client import redis_client
 
     client = redis_client(load_settings(None, redis_url=stack["GUARD_REDIS_URL"]).redis_url)
     return list(client.scan_iter(match=f"bg:*:bench{runid}*", count=1000))

@@ -721,7 +721,7 @@ def test_a_reply_read_later_is_the_synchronous_calls_with_other_calls_in_between
 def test_a_reply_whose_script_or_connection_was_lost_is_asked_again(branch_settings, stack):
     """A script the server no longer has (a restart or `SCRIPT FLUSH`) and a connection lost before the reply
     are answered by the ordinary call at `result`: the same answer, one more round trip, never a wrong one."""
-    from guard.keys.store import redis_client
+    from guard.keys.redis_client import redis_client
     from tests.integration.kafka_helpers import admin_redis_env
 
     branch = branch_settings.branch

@@ -20,7 +20,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource
 
-from guard.keys.store import redis_client
+from guard.keys.redis_client import redis_client
 from guard.stack import ServiceStatus, env, status, up
 from tests.integration.kafka_helpers import high_watermark, kafka_conf
 

@@ -11,7 +11,8 @@ from cryptography import x509
 
 from guard.config import connect_credentials, read_secret_file
 from guard.errors import ConfigError
-from guard.keys.store import redis_client, tenant_prefix
+from guard.keys.redis_client import redis_client
+from guard.keys.store import tenant_prefix
 from guard.stack.config import StackConfig
 from guard.stack.procs import child_env
 from guard.stack.redisd import acl_text

@@ -9,8 +9,8 @@ from pathlib import Path
 from redis.connection import Connection
 
 from guard.keys import redis_tls
+from guard.keys.redis_client import redis_client
 from guard.keys.redis_tls import PinnedSSLConnection, pinned_context
-from guard.keys.store import redis_client
 from guard.stack.tls import ensure_ca, ensure_server_cert
 
 
