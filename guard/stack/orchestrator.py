@@ -44,7 +44,7 @@ from guard.stack.postgres import SUPERUSER, Postgres
 from guard.stack.procs import progress
 from guard.stack.provision import attribution_table_ddl, bootstrap, seed
 from guard.stack.redisd import Redis
-from guard.stack.secrets import REDIS_ADMIN_USER, REDIS_GUARD_USER, StackSecrets, new_password
+from guard.stack.secrets import REDIS_ADMIN_USER, REDIS_GUARD_USER, StackSecrets, new_password, sha256_hex
 from guard.stack.service import Service, ServiceStatus
 from guard.stack.tls import ensure_ca
 
@@ -300,9 +300,12 @@ ROTATABLE = ("redis", "postgres")
 def rotate(what: str) -> None:
     """New passwords for Redis (users guard and admin) or PostgreSQL (branch_app and cdc), applied live.
 
-    Redis: the ACL file first accepts old and new passwords (ACL LOAD), then the password files are
-    replaced, then only the new ones are accepted; connections keep working, new connections read the
-    new file (the guard's client reads its password file at every connection). PostgreSQL: ALTER ROLE,
+    Redis: each user first accepts its old and new passwords (the ACL file says so, and `ACL SETUSER` adds
+    the new hash live), then the password files are replaced, then only the new ones are accepted (the
+    file, and `ACL SETUSER` removes the old hash). Established connections stay connected: `ACL SETUSER`
+    disconnects only a deleted user's clients, where `ACL LOAD` on Redis 7.0 (Debian's) closes every client's
+    connection, the one that sent it included. New connections read the new file (the guard's client reads
+    its password file at every connection). PostgreSQL: ALTER ROLE,
     the pgpass / Connect secret files are replaced, and the connector's task restarts to read its new
     password. Nothing is printed but the outcome.
     """
@@ -320,15 +323,19 @@ def _rotate_redis(stack: Stack) -> None:
     redis_svc, sec = stack.redis, StackSecrets(stack.cfg)
     if redis_svc.pid() is None:
         raise StackError("redis is not running; start it (`guard stack up`) before rotating its passwords")
-    new = {REDIS_GUARD_USER: new_password(), REDIS_ADMIN_USER: new_password()}
+    files = {REDIS_GUARD_USER: "redis-guard", REDIS_ADMIN_USER: "redis-admin"}
+    old = {user: sec.password(name) for user, name in files.items()}
+    new = {user: new_password() for user in files}
     admin = redis_svc.admin_client(socket_timeout=10)
     try:
-        redis_svc.write_acl(also=new)  # old and new both valid
-        admin.execute_command("ACL", "LOAD")
-        sec.set_password("redis-guard", new[REDIS_GUARD_USER])
-        sec.set_password("redis-admin", new[REDIS_ADMIN_USER])
+        redis_svc.write_acl(also=new)  # old and new both valid, in the file a restart would load
+        for user, password in new.items():
+            admin.execute_command("ACL", "SETUSER", user, f"#{sha256_hex(password)}")  # adds a hash
+        for user, name in files.items():
+            sec.set_password(name, new[user])
         redis_svc.write_acl()  # new only
-        admin.execute_command("ACL", "LOAD")
+        for user, password in old.items():
+            admin.execute_command("ACL", "SETUSER", user, f"!{sha256_hex(password)}")  # removes a hash
     finally:
         admin.close()
     progress(f"redis: passwords of users {REDIS_GUARD_USER} and {REDIS_ADMIN_USER} rotated "

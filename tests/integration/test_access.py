@@ -296,11 +296,26 @@ def test_missing_tenant_key_stops_workers_and_is_not_minted(stack: dict[str, str
 
 
 # --- rotation -------------------------------------------------------------------------------------------
+def _server_side_id(cfg: StackConfig, client: redis.Redis) -> int:
+    """Redis's id of `client`'s one pooled connection (CLIENT LIST, read by the admin, matched by the client's
+    port): the same id after a rotation means the same connection, never closed and opened again."""
+    [conn] = client.connection_pool._available_connections  # noqa: SLF001 (the test's own single connection)
+    port = conn._sock.getsockname()[1]  # noqa: SLF001
+    admin = Redis(cfg).admin_client(socket_timeout=10)  # the current password file's
+    try:
+        mine = [c for c in admin.client_list() if c["addr"].rsplit(":", 1)[1] == str(port)]
+    finally:
+        admin.close()
+    assert len(mine) == 1, mine
+    return int(mine[0]["id"])
+
+
 def test_password_rotation_on_the_running_stack(stack: dict[str, str], cfg: StackConfig) -> None:
     sec = StackSecrets(cfg)
     old = {n: sec.password(n) for n in ("redis-guard", "redis-admin", "pg-app", "pg-cdc")}
     long_lived = _guard_client(stack)
     assert long_lived.ping()
+    connection = _server_side_id(cfg, long_lived)
     for what in ("redis", "postgres"):
         done = subprocess.run([*GUARD, "stack", "rotate", what], cwd=REPO, env={**os.environ, **stack},
                               capture_output=True, text=True, timeout=300)
@@ -316,6 +331,7 @@ def test_password_rotation_on_the_running_stack(stack: dict[str, str], cfg: Stac
     with pytest.raises(redis.AuthenticationError):
         redis.Redis(host=cfg.host, port=cfg.redis_port, username="guard", password=old["redis-guard"], **tls).ping()
     assert long_lived.ping()  # an established connection survives; reconnects read the new file
+    assert _server_side_id(cfg, long_lived) == connection, "the rotation closed an established connection"
     long_lived.connection_pool.disconnect()
     assert long_lived.ping()
     with psycopg.connect(stack["GUARD_BRANCH_DSN"]) as conn:
