@@ -86,8 +86,9 @@ from guard.kafka.stats import BatchCounters, Stats
 from guard.kafka_security import client_config
 from guard.keys.manager import TxnMark
 from guard.keys.store import PendingReply
+from guard.pipeline.erasure_records import pending_records
 from guard.pipeline.policy import AttributionPending
-from guard.pipeline.sanitizer import Outcome, Sanitizer, pending_records
+from guard.pipeline.sanitizer import Outcome, Sanitizer
 from guard.protect.fastpath import take_messages
 from guard.records.builders import OutRecord
 from guard.telemetry import Telemetry

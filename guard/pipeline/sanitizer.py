@@ -25,15 +25,13 @@ transaction and retries the batch once the store is back, instead of flooding th
 
 from __future__ import annotations
 
-import base64
 import logging
 import time
 import uuid
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from itertools import islice
 from operator import itemgetter
 from typing import Any, ClassVar
@@ -48,10 +46,12 @@ from guard.errors import DecodeError, KeyShreddedError, KeyUnavailableError
 from guard.keys.manager import KeyManager
 from guard.pipeline.activity import SEND_EVERY_RECORDS, EarlyActivity, RecentPairs
 from guard.pipeline.decode import Decoder
+from guard.pipeline.erasure_records import pending_entry, pending_records, what_remains
 from guard.pipeline.keyload import ChunkedKeyLoad, plan_chunks
 from guard.pipeline.plan import Planner
 from guard.pipeline.policy import AttributionPending, WriteChecker, WriteDecision, principal_text
 from guard.pipeline.protect import Protector
+from guard.pipeline.values import amount_band, relationship_end_s
 from guard.protect.fastpath import first_traced, new_fast_path, scan_writes, use_native
 from guard.protect.masking import mask
 from guard.records.builders import OutRecord, RecordBuilder
@@ -1028,134 +1028,6 @@ class Sanitizer:
             del self.subject_activity[pair]
             self._activity_recorded.discard(pair)
             self._activity_seen = 0  # entries moved: the next `send_activity` looks at all of them again
-
-
-def amount_band(value: Any, bands: Sequence[tuple[str, Decimal]]) -> str | None:
-    """The highest band whose lower bound the value's magnitude reaches (None: below every band, or not a
-    number). Debezium sends decimals as strings (`decimal.handling.mode = string`)."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        amount = abs(Decimal(str(value)))
-    except (InvalidOperation, ValueError):
-        return None
-    if not amount.is_finite():
-        return None
-    found = None
-    for name, bound in bands:
-        if amount >= bound:
-            found = name
-    return found
-
-
-def relationship_end_s(value: Any) -> float | None:
-    """When a relationship-end column's value says the relationship ended (unix s), or None (not ended,
-    or unreadable: then the data is kept, never erased on a guess).
-
-    Debezium's forms: ISO-8601 text (timestamptz, or any column read as text), days since the epoch (date),
-    milliseconds or microseconds since the epoch (timestamp).
-    """
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        v = float(value)
-        if abs(v) < 1e6:
-            return v * 86_400
-        if abs(v) < 1e14:
-            return v / 1000
-        return v / 1_000_000
-    if isinstance(value, str) and len(value) <= 64:
-        try:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            return None
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=UTC)
-        return parsed.timestamp()
-    return None
-
-
-def pending_entry(confirmation_id: str, at_ms: int, owner: str, source: tuple[str, int, int] | None,
-                  records: Sequence[OutRecord], claimed_ms: int) -> bytes:
-    """The key store's copy of a confirmation and its audit record, until a committed write carries them."""
-    return orjson.dumps({
-        "id": confirmation_id, "at_ms": at_ms, "owner": owner, "claimed_ms": claimed_ms,
-        "source": None if source is None else list(source),
-        "records": [[r.topic, None if r.key is None else base64.b64encode(r.key).decode(),
-                     None if r.value is None else base64.b64encode(r.value).decode(), r.partition]
-                    for r in records]})
-
-
-def pending_records(entry: Mapping[str, Any]) -> list[OutRecord]:
-    """The records of a pending entry, with the confirmation's time as their timestamp (so a reader can
-    find them from `at_ms` on)."""
-    return [OutRecord(topic, None if key is None else base64.b64decode(key),
-                      None if value is None else base64.b64decode(value),
-                      partition=rest[0] if rest else None, timestamp=int(entry["at_ms"]))
-            for topic, key, value, *rest in entry["records"]]
-
-
-#: What a sanitized record keeps readable of a customer once the data key is destroyed.
-REMAINING_FORMS = [
-    "display masks of masked columns (e.g. 138****1234, first 6 + last 4 of a card, surname only, district)",
-    "blind indexes of indexed columns (keyed tokens: their keys never leave the guard)",
-    "the subject token and the tokenised Kafka keys",
-    "columns the catalog allows in clear (C1: surrogate ids, dates, status codes)",
-]
-
-
-def what_remains(topics: Iterable[str], topic_configs: Callable[[str], Mapping[str, str] | None],
-                 tombstones: Sequence[OutRecord], now_ms: int, *, sealed: bool = True) -> list[dict[str, Any]]:
-    """Per topic: what stays readable of an erased customer, and until when (from the topic's configuration).
-
-    Each entry has the confirmation's common `where` / `what` / `until` (`RecordBuilder.deletion` adds the
-    places outside the sanitized topics) and, per topic, `sealed_fields`, `readable`, `cleanup_policy`,
-    `until_ms` and, for a compacted topic, `tombstones_written`. `sealed=False`: no key was ever destroyed
-    (outcome `no_keys`), so no sealed field is claimed unreadable.
-
-    Sealed fields are unreadable everywhere once the key is gone; masks and tokens remain until the records
-    that carry them leave the topic: by retention (a `delete` topic: at the latest `retention.ms` after the
-    newest record of a segment, and a segment closes `segment.ms` after it opened) or by compaction (a
-    `compact` topic: the erasure's tombstones make the cleaner drop the customer's records, within
-    `max.compaction.lag.ms` when that is set).
-    """
-    tombstoned: dict[str, int] = {}
-    for record in tombstones:
-        tombstoned[record.topic] = tombstoned.get(record.topic, 0) + 1
-    out = []
-    for topic in sorted(topics):
-        configs = topic_configs(topic)
-        entry: dict[str, Any] = {
-            "where": topic, "topic": topic,
-            "what": ("sealed fields unreadable (key destroyed); " if sealed else "")
-            + "display masks, blind indexes and the subject token remain (pseudonymised, PIPL Art. 73)",
-            "sealed_fields": "unreadable: key destroyed" if sealed else "none: no key was held for the subject",
-            "readable": REMAINING_FORMS}
-        if configs is None:
-            entry["until"] = "unknown: the topic's configuration could not be read; ask the Kafka operator"
-            out.append(entry)
-            continue
-        policy = configs.get("cleanup.policy", "delete")
-        entry["cleanup_policy"] = policy
-        if "compact" in policy:
-            entry["tombstones_written"] = tombstoned.get(topic, 0)
-            lag = int(configs.get("max.compaction.lag.ms", "9223372036854775807"))
-            if lag < 2**62:
-                entry["until_ms"] = now_ms + lag
-                entry["until"] = "compaction removes them within max.compaction.lag.ms"
-            else:
-                entry["until"] = ("when the log cleaner next compacts the topic (no max.compaction.lag.ms set: "
-                                  "no upper bound; set one to bound it)")
-        if "delete" in policy:
-            retention = int(configs.get("retention.ms", "604800000"))
-            if retention < 0:
-                entry.setdefault("until", "indefinitely: retention.ms = -1 (the topic keeps records forever)")
-            else:
-                segment = int(configs.get("segment.ms", "604800000"))
-                entry["until_ms"] = min(entry.get("until_ms", 2**62), now_ms + segment + retention)
-                entry["until"] = "deleted by retention at the latest by until_ms (retention.ms + segment.ms)"
-        out.append(entry)
-    return out
 
 
 @dataclass(slots=True, frozen=True)

@@ -29,7 +29,8 @@ from guard.erasure.service import REASONS, erasure_sanitizer
 from guard.errors import GuardError
 from guard.kafka import confirmations
 from guard.kafka_security import client_config
-from guard.pipeline.sanitizer import Sanitizer, pending_records
+from guard.pipeline.erasure_records import pending_records
+from guard.pipeline.sanitizer import Sanitizer
 from guard.policy.engine import default_directory
 from guard.records.builders import OutRecord
 from guard.transfer import entities

@@ -9,7 +9,7 @@ import orjson
 from guard.config import Settings
 from guard.kafka.confirmations import TAKEOVER_MARGIN_MS, due
 from guard.keys.primitives import Aead, BlindIndex, Hmac
-from guard.pipeline.sanitizer import pending_entry, pending_records
+from guard.pipeline.erasure_records import pending_entry, pending_records
 from guard.records.builders import OutRecord, RecordBuilder
 
 

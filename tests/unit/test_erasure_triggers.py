@@ -10,7 +10,8 @@ import pytest
 
 from guard.classify.catalog import Catalog, CatalogError
 from guard.config import Settings
-from guard.pipeline.sanitizer import Sanitizer, relationship_end_s
+from guard.pipeline.sanitizer import Sanitizer
+from guard.pipeline.values import relationship_end_s
 
 _BASE = """
 version = 1

@@ -12,7 +12,7 @@ import pytest
 from guard.anomaly.facts import Fact
 from guard.classify.catalog import Catalog, CatalogError
 from guard.config import Settings
-from guard.pipeline.sanitizer import amount_band
+from guard.pipeline.values import amount_band
 from guard.records.builders import RecordBuilder
 from tests.unit.test_erasure_records import _Keys as RecordKeys  # the attributes the record builder reads
 

@@ -3,7 +3,7 @@ masks and tokens stay in the published records until retention or compaction rem
 
 from __future__ import annotations
 
-from guard.pipeline.sanitizer import REMAINING_FORMS, what_remains
+from guard.pipeline.erasure_records import REMAINING_FORMS, what_remains
 from guard.records.builders import OutRecord
 
 NOW = 1_800_000_000_000
@@ -73,7 +73,7 @@ def test_a_pending_entry_keeps_the_tombstones_partition():
     records they remove, or compaction never removes them."""
     import orjson
 
-    from guard.pipeline.sanitizer import pending_entry, pending_records
+    from guard.pipeline.erasure_records import pending_entry, pending_records
 
     records = [OutRecord("guard.deletions", b"s", b'{"id": "c1"}'), OutRecord("sanitized.c", b"k", None, 3)]
     back = pending_records(orjson.loads(pending_entry("c1", 99, "txn#1", None, records, 100)))
