@@ -212,9 +212,12 @@ class SteadyProducer:
     Each record's key is a unique customer id; partitions are used round-robin. Delivery reports give
     each input's partition, offset and timestamp. `count` is a most: `finish()` ends the stream early
     (a test that needs input flowing until its faults are over, not for a fixed time), and `join()` then
-    expects every record sent so far to be delivered. Survives a broker restart: a record whose delivery
-    times out is sent again by a fresh producer (librdkafka's idempotent producer has been seen to stall
-    for minutes after a broker restart while new clients worked at once). A timed-out record may still
+    expects every record sent so far to be delivered. Survives a broker restart: librdkafka's idempotent
+    producer has been seen to stall for minutes after one while new clients worked at once (once with
+    "new leader-1 not found in cache" as the broker shut down: nothing written after it, so a test waiting
+    for inputs to be decided saw none for 3 minutes). So the first failed delivery (`message.timeout.ms`)
+    retires the producer there and then: its queue is purged, and what failed or was purged is sent again,
+    with the rest of the stream, by a fresh one (a line on stdout says so). A timed-out record may still
     have been written, so the checks take the raw topic itself as the list of inputs, not this list.
     """
 
@@ -263,6 +266,22 @@ class SteadyProducer:
                              partition=index % self.partitions, on_delivery=report(index))
             producer.poll(0)
 
+        def replaced(stuck: Producer) -> Producer:
+            """A fresh producer that has sent again what `stuck` failed to deliver or still held."""
+            stuck.purge(in_queue=True, in_flight=True, blocking=False)
+            stuck.flush(10)  # every purged record's report (a failure) into `failed`; nothing is left waiting
+            retired.append(stuck)  # never destroyed here: destroying a stuck client can block
+            retry, failed[:] = sorted({i for i, _ in failed}), []
+            print(f"steady producer: {len(retry)} records not delivered ({sorted(reasons)[:2]}); "
+                  f"sent again by a fresh producer", flush=True)
+            self.resent += len(retry)
+            fresh = self._producer()
+            for i in retry:
+                send(fresh, i)
+            return fresh
+
+        reasons: set[str] = set()
+        retired: list[Producer] = []
         producer = self._producer()
         t0 = time.monotonic()
         for i in range(self.count):
@@ -270,6 +289,9 @@ class SteadyProducer:
                 self.planned = i
                 break
             send(producer, i)
+            if failed:
+                reasons.update(err for _, err in failed)
+                producer = replaced(producer)
             delay = t0 + (i + 1) / self.rate - time.monotonic()
             if delay > 0:
                 self._finish.wait(delay)
