@@ -3,8 +3,9 @@
 Each check returns a `Check` (`guard.doctor.check`); the command prints them and exits non-zero when any
 failed. Checks talk to the real components with the guard's own settings, so a pass means the guard itself
 would get through. One module per concern: `access` (Redis, PostgreSQL, the Connect REST API),
-`kafka_security`, `evidence`, `c3`, `mariadb`, `transactions` (hanging transactions, the group's offsets);
-`run_checks` runs them all in that order.
+`kafka_security`, `evidence` (the audit signing key, the evidence topics' retention), `c3`, `mariadb`,
+`transactions` (hanging transactions, the group's offsets); `run_checks` runs them all, the checks that need
+no Kafka first, and stops at a cluster that does not answer.
 """
 
 from __future__ import annotations
