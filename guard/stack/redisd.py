@@ -101,15 +101,39 @@ class Redis(Service):
         admin += [sha256_hex(also[REDIS_ADMIN_USER])] if REDIS_ADMIN_USER in also else []
         write_if_changed(self.aclfile, acl_text(guard, admin, stack_tenants()), 0o600)
 
+    @property
+    def acl_loaded(self) -> Path:
+        """What the running Redis held after the stack last set its ACL (`remember_acl`)."""
+        return self.dir / "users.acl.loaded"
+
     def reload_acl(self) -> None:
         """Write the ACL file and have the running Redis load it (a Redis started with an older file, e.g.
-        before the guard's user got a command it now needs, gets the current rules without a restart)."""
+        before the guard's user got a command it now needs, gets the current rules without a restart).
+
+        Only when the file or the live rules differ from what the stack last set (`acl_loaded`): on Redis 7.0
+        (Debian's) `ACL LOAD` closes every client's connection, the guard's workers' included, so an `up` of a
+        running stack whose rules already hold (the usual case) leaves them connected. Rules changed by hand
+        (`ACL SETUSER`) differ from what was set, and are replaced by the file's.
+        """
         self.write_acl()
         client = self.admin_client(socket_timeout=10)
         try:
+            if self.acl_loaded.exists() and self.acl_loaded.read_text(encoding="utf-8") == self._acl_state(client):
+                return
             client.execute_command("ACL", "LOAD")
+            write_if_changed(self.acl_loaded, self._acl_state(client), 0o600)
         finally:
             client.close()
+
+    def remember_acl(self, client: Any) -> None:
+        """Note the live rules as the stack's own (after it changed them with `ACL SETUSER`: a rotation)."""
+        write_if_changed(self.acl_loaded, self._acl_state(client), 0o600)
+
+    def _acl_state(self, client: Any) -> str:
+        """The ACL file's digest and the live rules (`ACL LIST`, sorted: Redis lists users in hash order)."""
+        live = sorted(line.decode() if isinstance(line, bytes) else str(line)
+                      for line in client.execute_command("ACL", "LIST"))
+        return "\n".join([sha256_hex(self.aclfile.read_text(encoding="utf-8")), *live]) + "\n"
 
     def secured(self) -> bool:
         """False for a Redis rendered before issue 20 (plaintext port, default user): `up` restarts it."""

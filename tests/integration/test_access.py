@@ -310,6 +310,34 @@ def _server_side_id(cfg: StackConfig, client: redis.Redis) -> int:
     return int(mine[0]["id"])
 
 
+def test_up_reloads_the_acl_only_when_it_changed(stack: dict[str, str], cfg: StackConfig) -> None:
+    """`up` on a running stack whose ACL already holds loads nothing (on Redis 7.0 a load closes every connection,
+    workers' included); a rule changed by hand is replaced by the file's."""
+    redis_svc = Redis(cfg)
+    redis_svc.reload_acl()  # whatever happened before, the file's rules are now the live ones
+    long_lived = _guard_client(stack)
+    assert long_lived.ping()
+    connection = _server_side_id(cfg, long_lived)
+    redis_svc.reload_acl()
+    assert long_lived.ping()
+    assert _server_side_id(cfg, long_lived) == connection, "an unchanged ACL was loaded again"
+    admin = redis_svc.admin_client(socket_timeout=10)  # made after the first reload, which may close connections
+    try:
+        admin.execute_command("ACL", "SETUSER", "default", "on", "nopass")
+    finally:
+        admin.close()
+    try:
+        redis_svc.reload_acl()
+        fresh = Redis(cfg).admin_client(socket_timeout=10)
+        try:
+            flags = fresh.acl_getuser("default")["flags"]
+        finally:
+            fresh.close()
+        assert "off" in flags and "nopass" not in flags, flags
+    finally:
+        Redis(cfg).reload_acl()
+
+
 def test_password_rotation_on_the_running_stack(stack: dict[str, str], cfg: StackConfig) -> None:
     sec = StackSecrets(cfg)
     old = {n: sec.password(n) for n in ("redis-guard", "redis-admin", "pg-app", "pg-cdc")}
