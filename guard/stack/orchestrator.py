@@ -336,7 +336,7 @@ def _rotate_redis(stack: Stack) -> None:
         redis_svc.write_acl()  # new only
         for user, password in old.items():
             admin.execute_command("ACL", "SETUSER", user, f"!{sha256_hex(password)}")  # removes a hash
-        redis_svc.remember_acl(admin)  # the file and the live rules agree: the next `up` loads nothing
+        redis_svc.remember_acl()  # the file and the live rules agree: the next `up` loads nothing
     finally:
         admin.close()
     progress(f"redis: passwords of users {REDIS_GUARD_USER} and {REDIS_ADMIN_USER} rotated "

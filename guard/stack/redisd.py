@@ -115,24 +115,38 @@ class Redis(Service):
         running stack whose rules already hold (the usual case) leaves them connected. Rules changed by hand
         (`ACL SETUSER`) differ from what was set, and are replaced by the file's.
         """
+        import redis
+
         self.write_acl()
+        if self.acl_loaded.exists() and self.acl_loaded.read_text(encoding="utf-8") == self._acl_state():
+            return
+        for attempt in (1, 2):
+            client = self.admin_client(socket_timeout=10)
+            try:
+                client.execute_command("ACL", "LOAD")
+                break
+            except redis.ConnectionError:
+                # Redis 7.0 closes every connection on a load, this one included, at times before its reply
+                # is written: the load most likely happened; a second one on a new connection makes sure.
+                if attempt == 2:
+                    break
+            finally:
+                client.close()
+        write_if_changed(self.acl_loaded, self._acl_state(), 0o600)
+
+    def remember_acl(self) -> None:
+        """Note the live rules as the stack's own (after it changed them with `ACL SETUSER`: a rotation)."""
+        write_if_changed(self.acl_loaded, self._acl_state(), 0o600)
+
+    def _acl_state(self) -> str:
+        """The ACL file's digest and the live rules (`ACL LIST`, sorted: Redis lists users in hash order), read
+        on a connection of its own (a load closes the ones open before it)."""
         client = self.admin_client(socket_timeout=10)
         try:
-            if self.acl_loaded.exists() and self.acl_loaded.read_text(encoding="utf-8") == self._acl_state(client):
-                return
-            client.execute_command("ACL", "LOAD")
-            write_if_changed(self.acl_loaded, self._acl_state(client), 0o600)
+            live = sorted(line.decode() if isinstance(line, bytes) else str(line)
+                          for line in client.execute_command("ACL", "LIST"))
         finally:
             client.close()
-
-    def remember_acl(self, client: Any) -> None:
-        """Note the live rules as the stack's own (after it changed them with `ACL SETUSER`: a rotation)."""
-        write_if_changed(self.acl_loaded, self._acl_state(client), 0o600)
-
-    def _acl_state(self, client: Any) -> str:
-        """The ACL file's digest and the live rules (`ACL LIST`, sorted: Redis lists users in hash order)."""
-        live = sorted(line.decode() if isinstance(line, bytes) else str(line)
-                      for line in client.execute_command("ACL", "LIST"))
         return "\n".join([sha256_hex(self.aclfile.read_text(encoding="utf-8")), *live]) + "\n"
 
     def secured(self) -> bool:
