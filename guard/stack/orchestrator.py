@@ -302,8 +302,8 @@ def rotate(what: str) -> None:
 
     Redis: each user first accepts its old and new passwords (the ACL file says so, and `ACL SETUSER` adds
     the new hash live), then the password files are replaced, then only the new ones are accepted (the
-    file, and `ACL SETUSER` removes the old hash). Established connections stay connected: `ACL SETUSER`
-    disconnects only a deleted user's clients, where `ACL LOAD` on Redis 7.0 (Debian's) closes every client's
+    file, and `ACL SETUSER` removes the old hash). Established connections stay connected: a password change
+    with `ACL SETUSER` disconnects no one, where `ACL LOAD` on Redis 7.0 (Debian's) closes every client's
     connection, the one that sent it included. New connections read the new file (the guard's client reads
     its password file at every connection). PostgreSQL: ALTER ROLE,
     the pgpass / Connect secret files are replaced, and the connector's task restarts to read its new

@@ -105,10 +105,15 @@ def module_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         targets = set()
-        for _, imp in imported(ast.parse(path.read_text(), str(path))):
-            target = imp if imp in modules else ".".join(imp.split(".")[:-1])
-            if target in modules and target != name:
-                targets.add(target)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules else node.module
+                         for alias in node.names]
+            else:
+                continue
+            targets |= {t for t in found if t in modules and t != name}
         graph[name] = targets
     return graph
 
@@ -153,6 +158,10 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
                 if len(component) > 1:
                     found.append(sorted(component))
     return found
+
+
+def test_the_graph_sees_a_submodule_imported_from_its_package() -> None:
+    assert "guard.keys.scripts" in module_graph()["guard.keys.store"]  # `from guard.keys import scripts`
 
 
 def test_cycles_finds_a_circle_and_nothing_else() -> None:
