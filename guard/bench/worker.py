@@ -21,7 +21,6 @@ not a difference in Kafka plumbing.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import logging
 import signal
 import sys
@@ -37,6 +36,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from guard.config import Settings, load_settings
 from guard.kafka.batching import EarlyOffsets, commit_due, take
 from guard.kafka.clients import consumer_config, producer_config
+from guard.kafka.daemon_calls import DaemonExecutor
 
 log = logging.getLogger("guard.bench_worker")
 
@@ -73,7 +73,7 @@ class PlainLoop:
         self._txn_records = 0
         self._last: dict[tuple[str, int], int] = {}
         self._early = EarlyOffsets()
-        self._txn_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bg-txn")
+        self._txn_pool = DaemonExecutor("bg-txn")
         self._seen_first = False
         self.consumer = Consumer(consumer_config(settings, f"bench-{settings.worker_id}"))
         self.producer = Producer(producer_config(settings, f"bench-{settings.worker_id}"))

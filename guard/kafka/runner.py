@@ -74,6 +74,7 @@ from guard.kafka.abandoned import SetAside
 from guard.kafka.audit_chain import AuditChains
 from guard.kafka.batching import EarlyOffsets, commit_due, take
 from guard.kafka.clients import OUTPUT_TOPIC_PARTITIONS, TopicManager, consumer_config, producer_config
+from guard.kafka.daemon_calls import DaemonExecutor
 from guard.kafka.evidence import prepare_evidence_topics
 from guard.kafka.fetching import ACTIVE, NotFetchingWatch, fetch_states
 from guard.kafka.fetching import alert_record as not_fetching_alert
@@ -178,7 +179,7 @@ class SanitizerWorker:
         self.producer = Producer(self._producer_config)
         #: Clients given up on: not destroyed on this thread, at most a few kept (`guard.kafka.abandoned`).
         self._abandoned = SetAside()
-        self._txn_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bg-txn")
+        self._txn_pool = DaemonExecutor("bg-txn")
         #: Longest a transactional call may take, its retries included, before the producer is replaced.
         self._txn_deadline_s = settings.transaction_timeout_ms / 1000 + 15
         self._in_txn = False
@@ -939,7 +940,7 @@ class SanitizerWorker:
             log.warning("purging the abandoned producer reported %s", exc)
         self._abandoned.add(self.producer)
         self._txn_pool.shutdown(wait=False)
-        self._txn_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bg-txn")
+        self._txn_pool = DaemonExecutor("bg-txn")
         self.producer = Producer(self._producer_config)
         self._txn("init", lambda: self.producer.init_transactions(10))
 
@@ -972,7 +973,7 @@ class SanitizerWorker:
 
     def _close_consumer(self, consumer: Consumer, deadline_s: float = 30.0) -> None:
         """Leave the group within a deadline; a consumer that can't close in time is set aside."""
-        closer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bg-close")
+        closer = DaemonExecutor("bg-close")
         future = closer.submit(consumer.close)
         try:
             future.result(timeout=deadline_s)

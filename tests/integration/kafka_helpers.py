@@ -199,17 +199,21 @@ class GuardProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> bool:
+        """SIGTERM; SIGKILL if the worker is still running `timeout` seconds later. True if it exited by itself
+        (or had already exited)."""
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(30)
+                self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 # Said, because a killed worker may leave a transaction open, and read_committed readers of
                 # its output wait for the transaction timeout: a later test's wait would fail for this.
-                print(f"worker {self.worker_id} did not stop within 30 s of SIGTERM: killed; its log ends:\n"
-                      + self.log()[-2000:])
+                print(f"worker {self.worker_id} did not stop within {timeout:.0f} s of SIGTERM: killed; its log "
+                      "ends:\n" + self.log()[-2000:])
                 self.kill()
+                return False
+        return True
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
