@@ -40,17 +40,16 @@ demo: stack
 run: stack
 	$(GUARD) run
 
-test: stack
+# The static checks first: a lint failure stops the run before the stack starts.
+test: lint stack
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 unit: venv
 	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
 
+# Static checks (ruff, mypy; rustfmt, clippy and the crate's tests when cargo is there): scripts/lint.sh.
 lint: venv
-	$(VENV)/bin/ruff check guard streams tests
-	$(VENV)/bin/mypy
-	cd native && PATH="$(HOME)/.cargo/bin:$$PATH" cargo fmt --check && PATH="$(HOME)/.cargo/bin:$$PATH" cargo clippy --release -- -D warnings
-	cd native && PATH="$(HOME)/.cargo/bin:$$PATH" cargo test --release --lib
+	bash scripts/lint.sh $(VENV)
 
 bench: stack
 	$(GUARD) bench
