@@ -39,8 +39,10 @@ The parts that matter for "nothing lost, nothing duplicated":
   was erased, the transaction is aborted and the replay meets the erasure. Root rows that came back
   cancel scheduled erasures before the commit.
 - **Deletion confirmations**: written into the key store with each shred; a committed transaction that
-  carries one removes it; between transactions (`_maintenance`) the worker re-emits those a crash left
-  behind (`guard.kafka.confirmations`), carries out due erasures and finishes a due compaction.
+  carries one removes it; between transactions (`guard.kafka.maintenance`, in transactions of their own) the
+  worker re-emits those a crash left behind, carries out due erasures and finishes a due compaction.
+- **Helper threads**: transactional calls and the consumer's close run on daemon threads
+  (`guard.kafka.daemon_calls`), so a call librdkafka never returns from holds neither the loop nor the exit.
 """
 
 from __future__ import annotations
@@ -69,7 +71,6 @@ from confluent_kafka.admin import AdminClient
 from guard.audit.writer import load_audit_signer
 from guard.config import Settings
 from guard.errors import KeyUnavailableError
-from guard.kafka import confirmations
 from guard.kafka.abandoned import SetAside
 from guard.kafka.audit_chain import AuditChains
 from guard.kafka.batching import EarlyOffsets, commit_due, take
@@ -79,6 +80,7 @@ from guard.kafka.evidence import prepare_evidence_topics
 from guard.kafka.fetching import ACTIVE, NotFetchingWatch, fetch_states
 from guard.kafka.fetching import alert_record as not_fetching_alert
 from guard.kafka.hanging import Hanging, HangingReporter, HangingWatcher
+from guard.kafka.maintenance import Maintenance
 from guard.kafka.membership import MembershipWatch, subscription_matches
 from guard.kafka.partitioning import group_offsets_partition
 from guard.kafka.rewinds import RewindCheck, RewindLostError
@@ -87,7 +89,6 @@ from guard.kafka.stats import BatchCounters, Stats
 from guard.kafka_security import client_config
 from guard.keys.manager import TxnMark
 from guard.keys.store import PendingReply
-from guard.pipeline.erasure_records import pending_records
 from guard.pipeline.policy import AttributionPending
 from guard.pipeline.sanitizer import Outcome, Sanitizer
 from guard.protect.fastpath import take_messages
@@ -200,8 +201,9 @@ class SanitizerWorker:
         sanitizer.owner = f"{settings.transactional_id()}#{uuid.uuid4()}"
         self._txn_mark: TxnMark = sanitizer.keys.mark()
         self._pending_checked = 0.0
-        #: The last erasure pass claimed a full batch: more may be due (`_run_due_erasures`).
-        self._erasures_waiting = False
+        #: Scheduled erasures and pending confirmations, between the stream's transactions.
+        self._upkeep = Maintenance(settings, sanitizer, self.stats, write=self._side_transaction,
+                                   abort=self._abort_side_transaction, failures=(KafkaException, ProducerStuckError))
         # The audit chains (docs/audit.md): no signing key, no worker (fail closed).
         signer = load_audit_signer(settings)
         sanitizer.emitter.signer = signer
@@ -253,7 +255,7 @@ class SanitizerWorker:
                         self._commit()
                     if not self._in_txn and time.monotonic() - self._pending_checked > PENDING_CHECK_S:
                         self._maintenance()
-                    elif not self._in_txn and self._erasures_waiting:
+                    elif not self._in_txn and self._upkeep.erasures_waiting:
                         self._run_due_erasures()  # the next batch of a backlog, between stream transactions
                     if not self._in_txn and time.monotonic() - self._idle_checked > min(
                             PENDING_CHECK_S, self.settings.audit_checkpoint_s / 2):
@@ -729,100 +731,29 @@ class SanitizerWorker:
 
     def _maintenance(self) -> None:
         """Between transactions, every `PENDING_CHECK_S`: finish a compaction left due, deliver pending
-        confirmations, carry out the erasures whose grace period is over."""
+        confirmations, carry out the erasures whose grace period is over (`guard.kafka.maintenance`)."""
         self._pending_checked = time.monotonic()
         if self._in_txn:
             return
-        self.sanitizer.keys.start_compactor()
-        self._redeliver_pending()
-        self._run_due_erasures()
+        self._upkeep.run()
 
     def _run_due_erasures(self) -> None:
-        """Scheduled erasures (root delete + grace) that are due, in a transaction of their own: at most
-        `erasures_per_transaction` of them, so the stream waits a bounded time; after a full batch the
-        runner comes back for the next one after the next stream transaction (`_erasures_waiting`)."""
-        sanitizer = self.sanitizer
-        self._erasures_waiting = False  # a failure below waits for the next maintenance round
-        try:
-            records, more = sanitizer.run_due_erasures(limit=max(1, self.settings.erasures_per_transaction))
-            if not records:
-                return
-            self.producer.begin_transaction()
-            self._in_txn = True
-            for rec in records:
-                self._produce_own(rec)
-            self._produce_checkpoints(self.chains.checkpoints())
-            self._txn("commit", lambda: self.producer.commit_transaction(10))
-            self._in_txn = False
-            self._chains_committed()
-            self._confirm_delivered(sanitizer.pending_in_txn)
-            self._erasures_waiting = more
-        except (KafkaException, ProducerStuckError) as exc:
-            log.warning("scheduled erasures: confirmations not delivered yet (%s); they stay pending", exc)
-            self._abort_side_transaction()
-        except KeyUnavailableError as exc:
-            log.warning("scheduled erasures not carried out yet (%s); retrying later", exc)
-        finally:
-            sanitizer.pending_in_txn.clear()
+        self._upkeep.run_due_erasures()
 
     def _confirm_delivered(self, carried: dict[str, str]) -> None:
-        """After a commit: the confirmations it carried are delivered; forget their pending entries.
+        self._upkeep.confirm_delivered(carried)
 
-        Best effort: if the key store can't be reached, the entries stay and `_redeliver_pending` finds
-        the confirmations on the deletions topic later and removes them then, without a second copy.
-        """
-        if not carried:
-            return
-        try:
-            self.sanitizer.keys.store.confirm_delivered(self.sanitizer.branch, dict(carried))
-        except KeyUnavailableError as exc:
-            log.warning("%d delivered confirmations stay pending in the key store (%s); they are checked "
-                        "against %s later", len(carried), exc, self.settings.deletions_topic)
-
-    def _redeliver_pending(self) -> None:
-        """Deliver, once, the confirmations a crash or an error left pending (`guard.kafka.confirmations`).
-
-        Runs between transactions, at start-up and every `PENDING_CHECK_S`. Entries already on the
-        deletions topic are forgotten; the others are re-emitted with their id in a transaction of their
-        own, then forgotten. A failure leaves them for the next check.
-        """
-        s, store = self.settings, self.sanitizer.keys.store
-        try:
-            entries = confirmations.due(store.pending_confirmations(s.branch), owner=self.sanitizer.owner,
-                                        carried=self.sanitizer.pending_in_txn, now_ms=int(time.time() * 1000),
-                                        transaction_timeout_ms=s.transaction_timeout_ms)
-            if not entries:
-                return
-            there: set[str] = set()
-            # Each entry names the topic its confirmation goes to (the shredder's setting, maybe not ours).
-            for topic, group in confirmations.by_topic(entries).items():
-                there |= confirmations.delivered(client_config(s), topic, {e["id"] for e in group},
-                                                 min(int(e["at_ms"]) for e in group))
-            store.confirm_delivered(s.branch, {subj: e["id"] for subj, e in entries.items() if e["id"] in there})
-            missing = {subj: e for subj, e in entries.items() if e["id"] not in there}
-            if not missing:
-                return
-            for subject, entry in missing.items():
-                entry["owner"], entry["claimed_ms"] = self.sanitizer.owner, int(time.time() * 1000)
-                store.update_pending(s.branch, subject, orjson.dumps(entry))
-            self.producer.begin_transaction()
-            self._in_txn = True
-            for entry in missing.values():
-                for rec in pending_records(entry):
-                    self._produce_own(rec)
-            self._produce_checkpoints(self.chains.checkpoints())
-            self._txn("commit", lambda: self.producer.commit_transaction(10))
-            self._in_txn = False
-            self._chains_committed()
-            self.stats.confirmations_redelivered += len(missing)
-            log.warning("re-emitted %d deletion confirmations that a crash or an error had left undelivered",
-                        len(missing))
-            self._confirm_delivered({subj: e["id"] for subj, e in missing.items()})
-        except (KafkaException, ProducerStuckError) as exc:
-            log.warning("pending deletion confirmations not delivered yet (%s); retrying later", exc)
-            self._abort_side_transaction()
-        except KeyUnavailableError as exc:
-            log.warning("pending deletion confirmations not checked (%s); retrying later", exc)
+    def _side_transaction(self, records: list[OutRecord]) -> None:
+        """The guard's own records (an erasure's, re-emitted confirmations) in a transaction of their own, with
+        the chains' checkpoints; committed when this returns. A failure raises: `_abort_side_transaction`."""
+        self.producer.begin_transaction()
+        self._in_txn = True
+        for rec in records:
+            self._produce_own(rec)
+        self._produce_checkpoints(self.chains.checkpoints())
+        self._txn("commit", lambda: self.producer.commit_transaction(10))
+        self._in_txn = False
+        self._chains_committed()
 
     def _abort_side_transaction(self) -> None:
         """End a maintenance transaction (scheduled erasures, re-emitted confirmations) that failed.
