@@ -31,12 +31,12 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from guard.errors import (
-    ConfigError,
     KeyShreddedError,
     KeyUnavailableError,
     SubjectRestrictedError,
     TenantKeyMissingError,
 )
+from guard.keys.compaction import Compactor
 from guard.keys.kms import Kms
 from guard.keys.primitives import Aead, BlindIndex, Hmac, KeyedHash, KeyWrapper, random_key, sealed_header
 from guard.keys.store import PendingReply, RedisKeyStore, StaleBranchKeyError
@@ -47,8 +47,6 @@ log = logging.getLogger(__name__)
 REFRESH_MARGIN = 0.25
 #: The version of a subject's first data key: the one `get_or_create_deks` keeps when the subject has none.
 FIRST_KEY_VERSION = 1
-#: The longest `compaction_delay_s` allowed: a destroyed key must not stay on the key store's disk for long.
-MAX_COMPACTION_DELAY_S = 3600.0
 #: How long a commit-time check waits for the listener to apply a shred the key store has counted.
 CATCH_UP_S = 0.2
 _U32 = struct.Struct(">I")
@@ -126,10 +124,6 @@ class KeyManager:
         tenant_check_s: float = 5.0,
         compaction_delay_s: float = 60.0,
     ) -> None:
-        if not 0 <= compaction_delay_s <= MAX_COMPACTION_DELAY_S:
-            raise ConfigError(f"aof_compaction_delay_s must be between 0 and {MAX_COMPACTION_DELAY_S:.0f} seconds "
-                              f"(it bounds how long a destroyed key stays in the key store's append-only file); "
-                              f"got {compaction_delay_s}")
         self._kms = kms
         self.store = store
         self.tenant = tenant
@@ -171,20 +165,8 @@ class KeyManager:
         self._tenant_check_s = tenant_check_s
         self._tenant_checked = time.monotonic()
         self._listener: threading.Thread | None = None
-        self._compactor: threading.Thread | None = None
-        self._compact_wanted = threading.Event()
-        #: How long the compactor lets shreds gather before it starts a rewrite (`request_compaction`), and
-        #: when the first shred not yet covered by a started rewrite asked for one (monotonic; None: none).
-        self._compaction_delay_s = compaction_delay_s
-        self._compact_asked: float | None = None
-        #: Set to cut the window short (`finish_compaction`).
-        self._compact_now = threading.Event()
-        #: When the last shred asked for a rewrite, and the start of the latest completed rewrite (monotonic):
-        #: every shred is on disk no more once the second is at or after the first.
-        self._compact_last_asked: float | None = None
-        self._compact_covered = float("-inf")
-        #: Rewrites this manager's compactor completed (tests and `counters` read it).
-        self.compactions = 0
+        #: Append-only-file rewrites after this manager's shreds (`guard.keys.compaction`).
+        self.compactor = Compactor(store, compaction_delay_s)
         #: Counters for the benchmark (`counters`): integer adds on the hot path, nothing more.
         self.key_lookups = 0
         self.key_hits = 0
@@ -773,96 +755,27 @@ class KeyManager:
         return ShredResult(branch, subject, done.versions_destroyed, done.already_erased, done.status)
 
     def request_compaction(self) -> None:
-        """Have the append-only file rewritten after the shreds so far, in a background thread.
-
-        The rewrite starts at most `compaction_delay_s` after the first shred it covers; the shreds of that
-        window share it. Why: a rewrite forks Redis and writes its whole dataset again (seconds, a core and
-        the disk, for millions of keys). Started after every shred, a stream that erases customers every
-        second kept one running back to back, and Redis's latency, the broker's CPU and the guard's
-        throughput paid for it (`guard bench`, docs/benchmark.md round 16). The bound on a destroyed key's
-        life on disk becomes the delay plus one rewrite, plus a rewrite still running when the window ends
-        (`compact` waits for it) or a key-store outage (docs/keys.md); `guard erase` still compacts at once,
-        and a worker that stops cleanly does not leave its window to the next one (`finish_compaction`).
-
-        The key store's compaction-due counter survives a crash, so a worker that starts with it above
-        zero compacts too (`start_compactor`).
-        """
-        with self._lock:
-            now = time.monotonic()
-            self._compact_last_asked = now
-            if self._compact_asked is None:
-                self._compact_asked = now
-            self._compact_wanted.set()
-            self._ensure_compactor()
+        """Have the append-only file rewritten after the shreds so far, within the window (`guard.keys.compaction`)."""
+        self.compactor.request()
 
     @property
     def compaction_pending(self) -> bool:
         """Whether a shred this manager made is not yet covered by a completed append-only-file rewrite."""
-        with self._lock:
-            return self._compact_last_asked is not None and self._compact_covered < self._compact_last_asked
+        return self.compactor.pending
 
     def finish_compaction(self, timeout_s: float = 120.0) -> bool:
         """Rewrite now if a shred is still waiting for its window (a worker's clean stop); True when every
         shred this manager asked a rewrite for is covered by a completed one, False after `timeout_s`."""
-        if not self.compaction_pending:
-            return True
-        with self._lock:
-            self._compact_now.set()
-            self._ensure_compactor()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not self.compaction_pending:
-                return True
-            time.sleep(0.05)
-        return False
-
-    def _ensure_compactor(self) -> None:
-        """Start the compactor thread unless it runs (call with the lock held)."""
-        if self._compactor is None or not self._compactor.is_alive():
-            self._compactor = threading.Thread(target=self._compact_loop, name="bg-aof-compaction", daemon=True)
-            self._compactor.start()
+        return self.compactor.finish(timeout_s)
 
     def start_compactor(self) -> None:
         """At start-up: finish the compaction a crashed predecessor may have left due."""
-        try:
-            if self.store.compaction_due():
-                self.request_compaction()
-        except KeyUnavailableError as exc:
-            log.warning("could not check whether an append-only-file rewrite is due (%s)", exc)
+        self.compactor.start()
 
-    def _compact_loop(self) -> None:
-        backoff = 1.0
-        while self._compact_wanted.wait(timeout=600):
-            with self._lock:
-                asked = self._compact_asked
-            if asked is not None:
-                # Let the shreds of the window gather: one rewrite covers every shred before it starts.
-                self._compact_now.wait(max(0.0, asked + self._compaction_delay_s - time.monotonic()))
-            with self._lock:
-                self._compact_wanted.clear()
-                self._compact_now.clear()
-                self._compact_asked = None  # a shred from here on asks for the next rewrite
-                started = time.monotonic()
-            try:
-                # Nothing due: every shred counted so far is covered by a rewrite that started after it (another
-                # worker's: all of a group's workers see the counter and ask, one rewrite is enough).
-                if self.store.compaction_due() > 0:
-                    self.store.compact()
-                    with self._lock:
-                        self.compactions += 1
-                with self._lock:
-                    self._compact_covered = max(self._compact_covered, started)
-                backoff = 1.0
-            except Exception as exc:  # noqa: BLE001 - keep retrying whatever Redis answers; never lose the request
-                log.warning("append-only-file rewrite after a shred not done yet (%s); retrying in %.0f s",
-                            type(exc).__name__ if not isinstance(exc, KeyUnavailableError) else exc, backoff)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 60.0)
-                with self._lock:
-                    # Retried after the backoff, not after another window: its shreds' window is over (a shred
-                    # that came meanwhile is covered by the retry too).
-                    self._compact_asked = time.monotonic() - self._compaction_delay_s
-                    self._compact_wanted.set()
+    @property
+    def compactions(self) -> int:
+        """Append-only-file rewrites this manager's compactor completed."""
+        return self.compactor.completed
 
     def is_erased(self, branch: str, subject: str) -> bool:
         return self.store.erased_record(branch, subject) is not None

@@ -10,8 +10,9 @@ import pytest
 
 from guard.config import Settings
 from guard.errors import ConfigError, KeyUnavailableError
+from guard.keys.compaction import MAX_COMPACTION_DELAY_S
 from guard.keys.kms import LocalKeyring
-from guard.keys.manager import MAX_COMPACTION_DELAY_S, KeyManager
+from guard.keys.manager import KeyManager
 from guard.keys.primitives import random_key
 from guard.records.builders import _remains
 from tests.unit.test_index_keys import _TenantKeys
@@ -87,7 +88,7 @@ def test_without_a_delay_the_rewrite_starts_at_once() -> None:
 def test_a_failed_rewrite_is_retried_after_its_backoff_without_waiting_another_window() -> None:
     store = _CompactingStore(failures=1)
     keys = _manager(store, delay=60.0)
-    keys._compact_asked = time.monotonic() - 60.0  # the window of the first shred is over
+    keys.compactor._asked = time.monotonic() - 60.0  # the window of the first shred is over
     keys.request_compaction()
     store.wait_for(1)
     keys.request_compaction()  # a shred during the failed rewrite's backoff: the retry covers it, at once
