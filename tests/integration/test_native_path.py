@@ -937,9 +937,12 @@ def test_offsets_sent_early_count_only_if_they_are_the_commits_own(stack, pair):
     worker = batch_worker(stack, native, producer)
     worker._process_batch(msgs[:20])
     worker._process_batch(msgs[20:])
+    worker._txn_pool.submit(lambda: None).result(timeout=30)  # calls run in order: a send the batches queued is done
     assert producer.sent_offsets == [], "no send per fetched batch: it would be superseded by the commit's"
     worker._early_offsets.send(worker._txn_pool, producer, worker.consumer, worker._last, 10,
                                worker.chains.metadata(worker._last))  # what `_commit` sends
+    assert worker._early_offsets.pending is not None
+    concurrent.futures.wait([worker._early_offsets.pending[1]])  # it runs on the helper thread
     assert producer.sent_offsets == [{tp: offset + 1 for tp, offset in worker._last.items()}]
     assert worker._early_offsets_cover_batch()
     assert not worker._early_offsets_cover_batch(), "used once"
