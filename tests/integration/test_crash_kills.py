@@ -291,9 +291,10 @@ def test_broker_restarted_and_killed_while_the_guard_and_debezium_run(scenario: 
     assert w1.alive() and cdc.alive(), log_tail(w1, cdc)
     # A stop request is honoured after the outages too: a worker that had given up on a stuck transactional
     # call used to checkpoint, print its stats and then hang at exit until killed (guard.kafka.daemon_calls).
+    # The bound catches a hang, it measures nothing: a clean stop may wait out a final commit's deadlines.
     for w in (w1, cdc):
         stopping = time.monotonic()
-        assert w.stop(timeout=120), f"{w.worker_id} did not exit on SIGTERM\n{log_tail(w)}"
+        assert w.stop(timeout=300), f"{w.worker_id} did not exit on SIGTERM\n{log_tail(w)}"
         phase(f"{w.worker_id} stopped on SIGTERM in {time.monotonic() - stopping:.1f}s")
         assert w.proc is not None and w.proc.returncode == 0, log_tail(w)
     assert_no_hanging_transactions(sc.bootstrap, [*sc.outputs, sc.sanitized, "__consumer_offsets"])
