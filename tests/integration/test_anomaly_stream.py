@@ -48,9 +48,13 @@ SH = ZoneInfo("Asia/Shanghai")
 
 
 def _now_in_hours() -> int:
-    """A fact time inside the branch's business hours (today 10:00 Shanghai, or a recent weekday)."""
+    """A fact time inside the branch's business hours: 10:00 Shanghai today, or on the last Wednesday to Friday.
+
+    The tests stamp baseline facts up to two days before it, and those must fall in business hours too: with any
+    weekday, a Monday's or Tuesday's baseline fell on the weekend and "normal traffic" raised
+    `outside_business_hours` (the test failed on Mondays and Tuesdays in Shanghai, e.g. 2026-12-07)."""
     day = datetime.now(SH).replace(hour=10, minute=0, second=0, microsecond=0)
-    while day.isoweekday() > 5:
+    while day.isoweekday() not in (3, 4, 5):
         day -= timedelta(days=1)
     return int(day.timestamp() * 1000)
 
