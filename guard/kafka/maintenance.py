@@ -2,8 +2,9 @@
 
 Both write the guard's own records (an erasure's tombstones, audit records and confirmation; a confirmation
 that a crash left undelivered) in a transaction of their own, which carries no consumed offsets: the runner
-writes it (`SanitizerWorker._side_transaction`) and ends one that failed (`_abort_side_transaction`). This
-module decides what goes into those transactions and what the key store is told afterwards.
+writes it (`SanitizerWorker._side_transaction`), and ends one that Kafka failed before it raises
+`SideTransactionFailed`. This module decides what goes into those transactions and what the key store is
+told afterwards.
 
 - **Scheduled erasures** (a root row's delete plus the catalog's grace period): at most
   `erasures_per_transaction` per transaction, so the stream waits a bounded time for them; after a full batch
@@ -35,23 +36,25 @@ from guard.records.builders import OutRecord
 
 log = logging.getLogger("guard.runner")
 
-#: Writes records in a transaction of their own, committed before it returns; raises `KafkaException` or the
-#: runner's `ProducerStuckError` when it can't.
+
+class SideTransactionFailed(Exception):
+    """A side transaction Kafka failed (an error or a stuck call); the writer has already ended it, so
+    nothing it carried is visible and what was pending stays pending."""
+
+
+#: Writes records in a transaction of their own, committed before it returns; raises `SideTransactionFailed`,
+#: with the transaction ended, when Kafka fails it.
 SideWrite = Callable[[list[OutRecord]], None]
 
 
 class Maintenance:
-    """The between-transactions work of one worker; `write` and `abort` are its runner's side transactions."""
+    """The between-transactions work of one worker; `write` is its runner's side transaction."""
 
-    def __init__(self, settings: Settings, sanitizer: Sanitizer, stats: Stats, *, write: SideWrite,
-                 abort: Callable[[], None], failures: tuple[type[Exception], ...]) -> None:
+    def __init__(self, settings: Settings, sanitizer: Sanitizer, stats: Stats, *, write: SideWrite) -> None:
         self.settings = settings
         self.sanitizer = sanitizer
         self.stats = stats
         self._write = write
-        self._abort = abort
-        #: What a side transaction raises when Kafka fails it (`KafkaException` and the runner's stuck error).
-        self._failures = failures
         #: The last erasure pass claimed a full batch: more may be due (`run_due_erasures`).
         self.erasures_waiting = False
 
@@ -72,9 +75,8 @@ class Maintenance:
             self._write(records)
             self.confirm_delivered(sanitizer.pending_in_txn)
             self.erasures_waiting = more
-        except self._failures as exc:
+        except SideTransactionFailed as exc:
             log.warning("scheduled erasures: confirmations not delivered yet (%s); they stay pending", exc)
-            self._abort()
         except KeyUnavailableError as exc:
             log.warning("scheduled erasures not carried out yet (%s); retrying later", exc)
         finally:
@@ -125,9 +127,8 @@ class Maintenance:
             log.warning("re-emitted %d deletion confirmations that a crash or an error had left undelivered",
                         len(missing))
             self.confirm_delivered({subj: e["id"] for subj, e in missing.items()})
-        except self._failures as exc:
+        except SideTransactionFailed as exc:
             log.warning("pending deletion confirmations not delivered yet (%s); retrying later", exc)
-            self._abort()
         except KeyUnavailableError as exc:
             log.warning("pending deletion confirmations not checked (%s); retrying later", exc)
 

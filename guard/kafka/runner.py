@@ -80,7 +80,7 @@ from guard.kafka.evidence import prepare_evidence_topics
 from guard.kafka.fetching import ACTIVE, NotFetchingWatch, fetch_states
 from guard.kafka.fetching import alert_record as not_fetching_alert
 from guard.kafka.hanging import Hanging, HangingReporter, HangingWatcher
-from guard.kafka.maintenance import Maintenance
+from guard.kafka.maintenance import Maintenance, SideTransactionFailed
 from guard.kafka.membership import MembershipWatch, subscription_matches
 from guard.kafka.partitioning import group_offsets_partition
 from guard.kafka.rewinds import RewindCheck, RewindLostError
@@ -204,8 +204,7 @@ class SanitizerWorker:
         self._txn_mark: TxnMark = sanitizer.keys.mark()
         self._pending_checked = 0.0
         #: Scheduled erasures and pending confirmations, between the stream's transactions.
-        self._upkeep = Maintenance(settings, sanitizer, self.stats, write=self._side_transaction,
-                                   abort=self._abort_side_transaction, failures=(KafkaException, ProducerStuckError))
+        self._upkeep = Maintenance(settings, sanitizer, self.stats, write=self._side_transaction)
         # The audit chains (docs/audit.md): no signing key, no worker (fail closed).
         signer = load_audit_signer(settings)
         sanitizer.emitter.signer = signer
@@ -747,13 +746,18 @@ class SanitizerWorker:
 
     def _side_transaction(self, records: list[OutRecord]) -> None:
         """The guard's own records (an erasure's, re-emitted confirmations) in a transaction of their own, with
-        the chains' checkpoints; committed when this returns. A failure raises: `_abort_side_transaction`."""
-        self.producer.begin_transaction()
-        self._in_txn = True
-        for rec in records:
-            self._produce_own(rec)
-        self._produce_checkpoints(self.chains.checkpoints())
-        self._txn("commit", lambda: self.producer.commit_transaction(10))
+        the chains' checkpoints; committed when this returns. When Kafka fails it (an error, a stuck call) it
+        is ended here (`_abort_side_transaction`) and `SideTransactionFailed` raised."""
+        try:
+            self.producer.begin_transaction()
+            self._in_txn = True
+            for rec in records:
+                self._produce_own(rec)
+            self._produce_checkpoints(self.chains.checkpoints())
+            self._txn("commit", lambda: self.producer.commit_transaction(10))
+        except (KafkaException, ProducerStuckError) as exc:
+            self._abort_side_transaction()
+            raise SideTransactionFailed(str(exc)) from exc
         self._in_txn = False
         self._chains_committed()
 
