@@ -295,8 +295,11 @@ def test_a_worker_killed_mid_transaction_continues_its_chains(scenario: Scenario
         assert witnessed, "the kill never met an open transaction"
     finally:
         probe.close()
+    # The successor decides inputs of its own before the stream ends (sized to flow through three attempts).
+    sc.wait_decided(min(sc.decided() + 40, producer.sent), timeout=120)
+    sent = producer.finish()
     producer.join()
-    sc.wait_decided(count, timeout=240)
+    sc.wait_decided(sent, timeout=240)
     sc.stop_all()
     # --strict: a record no checkpoint covers is a break. A clean stop checkpoints every chain that grew.
     result = verify(sc, "--strict")
