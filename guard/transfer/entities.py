@@ -2,7 +2,7 @@
 
 * `start`: the branch becomes `transferring` with the plan's `cutoff` and `freeze_from` (= the cut-off);
   its owner stays the outgoing organisation. From then until the cut-over's policy step, the policy's
-  freeze (`freeze-between-cutoff-and-cutover`) denies everybody but compliance: neither owner's staff act
+  freeze (`freeze-between-cutoff-and-cutover`) denies everybody, compliance included: neither owner's staff act
   on the branch in between, whenever the cut-over actually runs. (A branch made `transferring` by hand,
   without `freeze_from`, is not frozen: its owner keeps working after the cut-off.)
 * the cut-over's `policy` step: `owner` → the incoming organisation, `previous_owner` → the outgoing one,

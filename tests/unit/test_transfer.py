@@ -214,7 +214,8 @@ def test_entities_at_start_and_at_cutover_decide_as_docs_transfer_says(tmp_path:
     shutil.copytree(default_directory(), policy)
     docs = entities.read(policy)
     staff = staff_entities([("old-m", "0101", "bank-a", True, ["manager"]),
-                            ("old-c", "0101", "bank-a", True, ["compliance"])])
+                            ("old-c", "0101", "bank-a", True, ["compliance"]),
+                            ("hq-c", "0202", "bank-a", True, ["compliance"])])
     cutoff_ms = 1796317200000
     with pytest.raises(Exception, match="owned by bank-a, not by"):
         entities.at_start(docs, "0101", "bank-x", cutoff_ms)
@@ -229,6 +230,14 @@ def test_entities_at_start_and_at_cutover_decide_as_docs_transfer_says(tmp_path:
     assert engine.decide(("Staff", "old-m"), "reveal", subject, {**reveal, "time": before}, entities=sub).allowed
     frozen = engine.decide(("Staff", "old-m"), "reveal", subject, {**reveal, "time": after}, entities=sub)
     assert not frozen.allowed and frozen.policies == ("freeze-between-cutoff-and-cutover",)
+    # Compliance too: the outgoing owner's, at the branch or at head office, reads nothing from the cut-off on,
+    # whenever the cut-over runs (an investigation waits for it).
+    investigation = {**reveal, "purpose": "aml_investigation"}
+    for officer in ("old-c", "hq-c"):
+        assert engine.decide(("Staff", officer), "reveal", subject, {**investigation, "time": before},
+                             entities=sub).allowed, officer
+        frozen = engine.decide(("Staff", officer), "reveal", subject, {**investigation, "time": after}, entities=sub)
+        assert not frozen.allowed and frozen.policies == ("freeze-between-cutoff-and-cutover",), (officer, frozen)
     # the cut-over's policy step, twice: the same list
     once = entities.at_cutover(entities.read(policy), "0101", "bank-a", "bank-b", cutoff_ms, [("new-m", ["manager"])])
     assert entities.at_cutover(once, "0101", "bank-a", "bank-b", cutoff_ms, [("new-m", ["manager"])]) == once
@@ -236,6 +245,9 @@ def test_entities_at_start_and_at_cutover_decide_as_docs_transfer_says(tmp_path:
     engine.maybe_reload(force=True)
     old = engine.decide(("Staff", "old-m"), "reveal", subject, {**reveal, "time": after}, entities=sub)
     assert not old.allowed and old.policies == ("nobody-outside-owner-after-cutoff",)
+    for officer in ("old-c", "hq-c"):
+        old = engine.decide(("Staff", officer), "reveal", subject, {**investigation, "time": after}, entities=sub)
+        assert not old.allowed and old.policies == ("nobody-outside-owner-after-cutoff",), (officer, old)
     new = engine.decide(("Staff", "new-m"), "reveal", subject, {**reveal, "time": after}, entities=sub)
     assert new.allowed, new
     assert entities.owner_of(entities.read(policy), "0101") == "bank-b"
