@@ -729,7 +729,8 @@ class KeyManager:
 
     def shred(self, branch: str, subject: str, record: bytes,
               pending: Callable[[int, bool], bytes | None] | None = None, *,
-              preview: tuple[int, bool] | None = None) -> ShredResult:
+              preview: tuple[int, bool] | None = None,
+              held: Callable[[], tuple[bytes, bytes]] | None = None) -> ShredResult:
         """Destroy all versions of the subject's key, everywhere, and block its re-creation.
 
         `pending(versions, already_erased)` builds the confirmation entry that the key store writes in
@@ -738,12 +739,15 @@ class KeyManager:
         file rewrite is requested in the background (`request_compaction`), its failures retried there.
         `preview`: `(versions, already erased)` as the caller just read them (`RedisKeyStore.erasure_view`),
         used for the first attempt instead of reading them again; a race is caught by the shred all the same.
+        `held()`: (the deferred erasure, the held confirmation's pending entry), written by the same script if
+        the subject turns out to be under legal hold (`RedisKeyStore.shred`).
         """
         for _ in range(10):
             versions, already = preview if preview is not None else self.store.shred_preview(branch, subject)
             preview = None
             entry = pending(versions, already) if pending is not None and not (already and versions == 0) else None
-            done = self.store.shred(branch, subject, record, expected_versions=versions, pending=entry)
+            done = self.store.shred(branch, subject, record, expected_versions=versions, pending=entry,
+                                    held=None if held is None else held())
             if done.status != "changed":
                 break
         else:

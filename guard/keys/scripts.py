@@ -98,15 +98,27 @@ return nxt
 
 SHRED = """
 -- KEYS: dek hash, erased marker, pending confirmations hash, erasure epoch, compaction shreds counter, expiry zset,
---       hold set, scheduled erasures zset, scheduled erasures hash
+--       hold set, scheduled erasures zset, scheduled erasures hash, storage-only marker
 -- ARGV: shred record, subject, expected number of key versions, pending entry (JSON, '' for none), channel,
---       invalidation message (the epoch is appended)
+--       invalidation message (the epoch is appended), the deferred erasure if the subject is held (JSON, '' for
+--       none), the held confirmation's pending entry (JSON, '' for none)
+-- A held subject is not shredded: its erasure is recorded as deferred (carried out when the hold is released),
+-- its schedule removed (a schedule left in place was claimed again after every lease and confirmed again), and
+-- its held confirmation kept pending until a committed transaction carries it, all in this call.
 local versions = 0
 local fields = redis.call('HKEYS', KEYS[1])
 for _, f in ipairs(fields) do if string.sub(f, 1, 1) == 'v' then versions = versions + 1 end end
 local already = redis.call('EXISTS', KEYS[2])
 if versions == 0 and already == 1 then return {0, 1, 0} end
-if redis.call('SISMEMBER', KEYS[7], ARGV[2]) == 1 then return {-2, already, 0} end
+if redis.call('SISMEMBER', KEYS[7], ARGV[2]) == 1 then
+  if ARGV[7] and ARGV[7] ~= '' then
+    redis.call('SET', KEYS[10], ARGV[7])
+    redis.call('ZREM', KEYS[8], ARGV[2])
+    redis.call('HDEL', KEYS[9], ARGV[2])
+    if ARGV[8] ~= '' then redis.call('HSET', KEYS[3], ARGV[2], ARGV[8]) end
+  end
+  return {-2, already, 0}
+end
 if versions ~= tonumber(ARGV[3]) then return {-1, already, 0} end
 redis.call('DEL', KEYS[1])
 redis.call('SET', KEYS[2], ARGV[1])

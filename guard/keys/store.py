@@ -511,7 +511,7 @@ class RedisKeyStore:
         return int(versions), bool(erased)
 
     def shred(self, branch: str, subject: str, record: bytes, *, expected_versions: int,
-              pending: bytes | None) -> ShredOutcome:
+              pending: bytes | None, held: tuple[bytes, bytes] | None = None) -> ShredOutcome:
         """Destroy every version of the subject's key, atomically with what must survive it.
 
         One Lua script: refuses a held subject (`held`) and a subject whose number of key versions is no
@@ -520,13 +520,20 @@ class RedisKeyStore:
         `pending_confirmations`), drops the subject's retention expiry, counts the shred in the erasure
         epoch and (when a key was destroyed) in the compaction's shred count, and publishes the
         invalidation. A subject already erased with no key left is not touched (`already`).
+
+        `held`: (the deferred erasure, the held confirmation's pending entry) for a subject under legal hold:
+        the script records the erasure as deferred (`storage_only`, carried out at the hold's release), removes
+        the subject's scheduled erasure and keeps the confirmation pending, in the same call as the hold check.
+        Without it a held subject's schedule stays (it is claimed again after its lease).
         """
         versions, already, epoch = self._call(
             self._shred,
             keys=[self._k("dek", branch, subject), self._k("erased", branch, subject), self._k("pending", branch),
                   self.epoch_key, self.compact_shreds_key, self._k("expiry", branch), self._k("hold", branch),
-                  self._k("erasure-due", branch), self._k("erasure-due-info", branch)],
-            args=[record, subject, expected_versions, pending or b"", self.invalidate_channel, f"{branch}:{subject}"],
+                  self._k("erasure-due", branch), self._k("erasure-due-info", branch),
+                  self._k("storage-only", branch, subject)],
+            args=[record, subject, expected_versions, pending or b"", self.invalidate_channel, f"{branch}:{subject}",
+                  *(held or (b"", b""))],
         )
         versions = int(versions)
         status = {-2: "held", -1: "changed"}.get(versions)

@@ -988,15 +988,26 @@ class Sanitizer:
                 *tombstones]
             return pending_entry(confirmation_id, now_ms, self.owner, source, built, now_ms)
 
-        result = self.keys.shred(self.branch, subject, record, pending, preview=(view.versions, view.already_erased))
-        if result.status == "held":
-            self.keys.store.set_storage_only(self.branch, subject, orjson.dumps({
-                "id": confirmation_id, "at_ms": now_ms, "trigger": trigger, "reason_code": reason_code,
-                "reason": reason, "by": by}))
-            return self.emitter.deletion(
+        held_built: list[OutRecord] = []
+
+        def held() -> tuple[bytes, bytes]:
+            # Under legal hold: the erasure deferred until the hold's release, and the held confirmation
+            # pending like a shred's (delivered once, re-emitted after a crash), both written by the shred's
+            # script with the hold check; the subject's schedule goes with it (it was confirmed again and
+            # again, every lease, until the release).
+            held_built[:] = self.emitter.deletion(
                 subject, confirmation_id=confirmation_id, outcome="held_storage_only", held=True, destroyed=0,
                 known_topics=known_topics, trigger=trigger, reason_code=reason_code, reason=reason, by=by,
                 source=source, now_ms=now_ms)
+            deferred = orjson.dumps({"id": confirmation_id, "at_ms": now_ms, "trigger": trigger,
+                                     "reason_code": reason_code, "reason": reason, "by": by})
+            return deferred, pending_entry(confirmation_id, now_ms, self.owner, source, held_built, now_ms)
+
+        result = self.keys.shred(self.branch, subject, record, pending, preview=(view.versions, view.already_erased),
+                                 held=held)
+        if result.status == "held":
+            self.pending_in_txn[subject] = confirmation_id
+            return held_built
         self._drop_activity(subject)
         if result.status == "done":
             self.expire_value_caches(force=True)

@@ -377,6 +377,33 @@ def test_a_held_customer_flows_sealed_is_not_revealable_and_is_erased_after_rele
     assert san.keys.store.expired_subjects(settings.branch, time.time()) == []
 
 
+def test_a_held_customers_scheduled_erasure_is_confirmed_once_and_deferred_until_the_release(stack):
+    """A root delete schedules an erasure; the customer is under legal hold when it falls due. It is confirmed
+    `held_storage_only` once (pending until a transaction carries it), deferred, and off the schedule: it
+    used to stay scheduled and was claimed and confirmed again after every 120-s lease until the release."""
+    settings = _settings(stack, worker_id="test-erasure")
+    san = build_sanitizer(settings)
+    store = san.keys.store
+    row = customer_row(7_500_002, random.Random(6))
+    subject = san.keys.subject_token(settings.branch, row["customer_id"])
+    store.set_hold(settings.branch, subject, True)
+    info = orjson.dumps({"trigger": "cdc_delete", "reason_code": "art47_1_purpose_achieved",
+                         "reason": "the relationship ended", "by": "worker:test", "source": ["raw", 0, 7]})
+    store.commit_view(settings.branch, {subject: (time.time() - 1, info)})
+    now = time.time()
+    confirmations: list[dict] = []
+    for later in (0, 121, 242):  # past the claim's lease each time
+        records, _more = san.run_due_erasures(now + later)
+        confirmations += [orjson.loads(r.value) for r in records if r.topic == settings.deletions_topic and r.value]
+    assert [(c["outcome"], c["subject"]) for c in confirmations] == [("held_storage_only", subject)], confirmations
+    assert san.pending_in_txn == {subject: confirmations[0]["id"]}, "pending until a committed write carries it"
+    pending = orjson.loads(store.pending_confirmations(settings.branch)[subject])
+    assert pending["id"] == confirmations[0]["id"]
+    assert orjson.loads(store.storage_only(settings.branch, subject) or b"{}")["id"] == confirmations[0]["id"]
+    assert store.due_erasures(settings.branch, now + 10_000) == {}, "the schedule is gone"
+    assert not san.keys.is_erased(settings.branch, subject)
+
+
 # --- finding 5: the append-only file after a shred ---------------------------------------------------
 def test_a_rewrite_running_at_the_shred_is_followed_by_one_that_drops_the_key(stack):
     """BGREWRITEAOF is refused while a rewrite runs, and a rewrite forked before the delete writes the
