@@ -1008,8 +1008,11 @@ class Sanitizer:
         if result.status == "held":
             self.pending_in_txn[subject] = confirmation_id
             return held_built
-        self._drop_activity(subject)
         if result.status == "done":
+            # Not for `already`: a subject another process erased keeps what this transaction sealed for it
+            # in view, so the commit's check (`KeyManager.erased_since`) aborts and replays the transaction
+            # instead of committing what a stale cached key sealed after the erasure.
+            self._drop_activity(subject)
             self.expire_value_caches(force=True)
             self.pending_in_txn[subject] = confirmation_id
             return built

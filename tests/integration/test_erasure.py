@@ -209,6 +209,26 @@ def test_the_commit_records_no_activity_for_a_subject_erased_in_it(stack):
     assert sweep_retention(settings, now=time.time() + 10**10) == []
 
 
+def test_a_subject_another_process_erased_stays_in_view_for_the_commit_check(stack):
+    """A worker sealed a change of a customer with its cached key; meanwhile `guard erase` (another process)
+    shredded the customer, and the worker's own erasure of it finds it `already` erased. The customer's
+    activity must stay, so the commit's check sees the erasure and the transaction is replayed instead of
+    committed: the worker used to drop it, and the change sealed after the erasure (its masks and blind
+    indexes readable) was committed after the confirmation."""
+    settings = _settings(stack, worker_id="test-erasure")
+    san = build_sanitizer(settings)
+    mark = san.keys.mark()
+    row = customer_row(7_300_003, random.Random(8))
+    key = json.dumps({"customer_id": row["customer_id"]}).encode()
+    assert san.process("br0101.public.customers", 0, 1, key, _event(row, "u")).decision == "protected"
+    subject = san.keys.subject_token(settings.branch, row["customer_id"])
+    assert build_keys(settings, listen=False).shred(settings.branch, subject, b"{}").status == "done"
+    out = san.erase(subject, trigger="cdc_delete", reason_code="subject_request", reason="r", by="t")
+    assert [decode(r.value)["decision"] for r in out if r.value] == ["already_erased"]
+    assert any(s == subject for s, _topic in san.subject_activity), "the commit check must see the subject"
+    assert san.keys.erased_since(mark, settings.branch, {s for s, _ in san.subject_activity}) == [subject]
+
+
 def test_an_erasure_reads_what_it_needs_in_one_round_trip_before_its_shred(stack):
     """An erasure used to read the subject's topics, its key versions and its compacted keys one key-store
     round trip each before the shred script (four in all, with the stream waiting between transactions).
