@@ -328,7 +328,8 @@ class RecordBuilder:
             method = "none: subject under legal hold; processing limited to storage (docs/keys.md, Legal hold)"
         elif destroyed:
             method = ("crypto-shredding: every version of the data subject's AES-256 key destroyed in the shared "
-                      "key store; the sealed fields in every topic, replica and backup become unreadable")
+                      "key store; the sealed fields become unreadable in every sanitized topic and every copy of one "
+                      "(key-store backups taken before the shred keep the wrapped key: see remains)")
         else:
             method = ("none needed: the guard never held a key for this data subject, so nothing was sealed "
                       "under one; the subject is marked erased so no key is ever created for it")

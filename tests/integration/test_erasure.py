@@ -393,6 +393,9 @@ def test_a_held_customer_flows_sealed_is_not_revealable_and_is_erased_after_rele
     done = release_hold(settings, str(row["customer_id"]), "dpo@bank")
     assert done is not None and done["outcome"] == "shredded" and done["trigger"] == "hold_released"
     assert done["reason_code"] == "art47_3_consent_withdrawn"
+    # It claims no more than shredding achieves: key-store backups taken before it keep the wrapped key.
+    assert "backups taken before the shred keep the wrapped key" in done["method"], done["method"]
+    assert any(r["where"] == "key store backups and RDB snapshots" for r in done["remains"]), done["remains"]
     assert san.keys.is_erased(settings.branch, subject)
     assert san.keys.store.expired_subjects(settings.branch, time.time()) == []
 
