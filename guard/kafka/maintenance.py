@@ -99,13 +99,15 @@ class Maintenance:
     def redeliver_pending(self) -> None:
         """Deliver, once, the confirmations a crash or an error left pending (`guard.kafka.confirmations`).
 
-        Entries already on the deletions topic are forgotten; the others are re-emitted with their id in a
-        transaction of their own, then forgotten. A failure leaves them for the next round.
+        Entries already on the deletions topic are forgotten; the others are claimed (only if unchanged since
+        they were read: `RedisKeyStore.claim_pending`), re-emitted with their id in a transaction of their own,
+        then forgotten. A failure leaves them for the next round.
         """
         s, sanitizer = self.settings, self.sanitizer
         store = sanitizer.keys.store
         try:
-            entries = confirmations.due(store.pending_confirmations(s.branch), owner=sanitizer.owner,
+            read = store.pending_confirmations(s.branch)
+            entries = confirmations.due(read, owner=sanitizer.owner,
                                         carried=sanitizer.pending_in_txn, now_ms=int(time.time() * 1000),
                                         transaction_timeout_ms=s.transaction_timeout_ms)
             if not entries:
@@ -119,9 +121,14 @@ class Maintenance:
             missing = {subj: e for subj, e in entries.items() if e["id"] not in there}
             if not missing:
                 return
-            for subject, entry in missing.items():
-                entry["owner"], entry["claimed_ms"] = sanitizer.owner, int(time.time() * 1000)
-                store.update_pending(s.branch, subject, orjson.dumps(entry))
+            # Claimed only if still as read: another worker that read the same entry re-emits it, not both.
+            claimed_ms = int(time.time() * 1000)
+            won = store.claim_pending(s.branch, {
+                subj: (read[subj], orjson.dumps({**e, "owner": sanitizer.owner, "claimed_ms": claimed_ms}))
+                for subj, e in missing.items()})
+            missing = {subj: e for subj, e in missing.items() if subj in won}
+            if not missing:
+                return
             self._write([rec for entry in missing.values() for rec in pending_records(entry)])
             self.stats.confirmations_redelivered += len(missing)
             log.warning("re-emitted %d deletion confirmations that a crash or an error had left undelivered",

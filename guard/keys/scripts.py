@@ -164,6 +164,20 @@ end
 return removed
 """
 
+CLAIM_PENDING = """
+-- KEYS[1]: pending hash; ARGV: subject, entry as read, entry with the claimer as owner, for each subject.
+-- Claims an entry to re-emit it only if it is still exactly what the claimer read: of two workers that read
+-- the same stale entry, one re-emits it (a plain HSET let both, two copies of one confirmation). Returns the
+-- subjects claimed.
+local won = {}
+for i = 1, #ARGV, 3 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2]); table.insert(won, ARGV[i])
+  end
+end
+return won
+"""
+
 SCHEDULE_ERASURES = """
 -- KEYS: due zset, info hash, erasure epoch, expiry zset. ARGV[1]: the prefix of the subjects' erased markers;
 -- then per subject: subject, due time, info. Schedules each subject neither erased nor scheduled already (an

@@ -257,6 +257,7 @@ class RedisKeyStore:
         self._shred_preview = self.client.register_script(scripts.SHRED_PREVIEW)
         self._compacted = self.client.register_script(scripts.COMPACTED)
         self._confirm_delivered = self.client.register_script(scripts.CONFIRM_DELIVERED)
+        self._claim_pending = self.client.register_script(scripts.CLAIM_PENDING)
         self._record_activity = self.client.register_script(scripts.RECORD_ACTIVITY)
         self._subject_topics = self.client.register_script(scripts.SUBJECT_TOPICS)
         self._schedule_erasures = self.client.register_script(scripts.SCHEDULE_ERASURES)
@@ -569,8 +570,16 @@ class RedisKeyStore:
         value = self._call(self.client.hget, self._k("pending", branch), subject)
         return None if value is None else bytes(value)
 
-    def update_pending(self, branch: str, subject: str, entry: bytes) -> None:
-        self._call(self.client.hset, self._k("pending", branch), subject, entry)
+    def claim_pending(self, branch: str, claims: Mapping[str, tuple[bytes, bytes]]) -> set[str]:
+        """Take over pending entries to re-emit them: `subject → (entry as read, entry naming the claimer)`.
+
+        Each is replaced only if it is still what was read (one script call), so of several workers that
+        read the same entry one re-emits it. Returns the subjects claimed."""
+        if not claims:
+            return set()
+        args = [x for subject, (read, claimed) in claims.items() for x in (subject, read, claimed)]
+        won = self._call(self._claim_pending, keys=[self._k("pending", branch)], args=args)
+        return {w.decode() if isinstance(w, bytes) else str(w) for w in won}
 
     def confirm_delivered(self, branch: str, delivered: dict[str, str]) -> int:
         """Forget the pending entries `subject → confirmation id` that a committed write now carries."""

@@ -1024,11 +1024,12 @@ class Sanitizer:
         the change that wrote it, else no new confirmation, only an audit record naming the first one."""
         raw = self.keys.store.pending_confirmation(self.branch, subject)
         entry = orjson.loads(raw) if raw else None
-        if entry is not None and source is not None and entry.get("source") == list(source):
-            entry["owner"], entry["claimed_ms"] = self.owner, int(self._clock() * 1000)
-            self.keys.store.update_pending(self.branch, subject, orjson.dumps(entry))
-            self.pending_in_txn[subject] = entry["id"]
-            return pending_records(entry)
+        if entry is not None and source is not None and entry.get("source") == list(source) and raw is not None:
+            # Claimed only if unchanged since read: a worker re-emitting it meanwhile (`Maintenance`) keeps it.
+            claimed = orjson.dumps({**entry, "owner": self.owner, "claimed_ms": int(self._clock() * 1000)})
+            if subject in self.keys.store.claim_pending(self.branch, {subject: (raw, claimed)}):
+                self.pending_in_txn[subject] = entry["id"]
+                return pending_records(entry)
         first = self.keys.store.erased_record(self.branch, subject)
         first_id = orjson.loads(first).get("id") if first else None
         where = source or ("erase", 0, 0)

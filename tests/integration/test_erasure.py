@@ -229,6 +229,21 @@ def test_a_subject_another_process_erased_stays_in_view_for_the_commit_check(sta
     assert san.keys.erased_since(mark, settings.branch, {s for s, _ in san.subject_activity}) == [subject]
 
 
+def test_of_two_workers_that_read_the_same_stale_confirmation_one_claims_it(stack):
+    """Re-emitting a pending confirmation claims it first, only if it is still as read: two workers whose
+    maintenance rounds read the same stale entry used to both re-emit it (two copies of one confirmation)."""
+    store = RedisKeyStore(stack["GUARD_REDIS_URL"], "demo-bank")
+    branch = f"e{uuid.uuid4().hex[:8]}"
+    read = orjson.dumps({"id": "c-1", "owner": "cli:dpo#1", "claimed_ms": 1})
+    store.client.hset(f"{store.prefix}pending:{branch}", "s1", read)
+    first = orjson.dumps({"id": "c-1", "owner": "worker-a#1", "claimed_ms": 2})
+    second = orjson.dumps({"id": "c-1", "owner": "worker-b#1", "claimed_ms": 2})
+    assert store.claim_pending(branch, {"s1": (read, first)}) == {"s1"}
+    assert store.claim_pending(branch, {"s1": (read, second)}) == set(), "the entry changed since it was read"
+    assert store.pending_confirmation(branch, "s1") == first
+    assert store.claim_pending(branch, {"gone": (read, second)}) == set()
+
+
 def test_an_erasure_reads_what_it_needs_in_one_round_trip_before_its_shred(stack):
     """An erasure used to read the subject's topics, its key versions and its compacted keys one key-store
     round trip each before the shred script (four in all, with the stream waiting between transactions).

@@ -9,6 +9,7 @@ import logging
 from types import SimpleNamespace
 from typing import Any
 
+import orjson
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
@@ -107,3 +108,30 @@ def test_erasures_whose_transaction_failed_stay_pending_and_the_round_goes_on(ca
     assert upkeep.erasures_waiting is False, "a failure waits for the next maintenance round"
     assert upkeep.sanitizer.pending_in_txn == {}, "the next transaction must not carry them as its own"
     assert "confirmations not delivered yet" in caplog.text and "they stay pending" in caplog.text
+
+
+def test_a_pending_confirmation_another_worker_claimed_first_is_not_re_emitted(monkeypatch):
+    from guard.kafka import maintenance
+
+    log: list[str] = []
+    entry = {"id": "c-1", "at_ms": 1, "owner": "cli:dpo#1", "claimed_ms": 1,
+             "records": [["guard.deletions", None, "", None]]}
+    raw = orjson.dumps(entry)
+    monkeypatch.setattr(maintenance, "client_config", lambda _settings: {})
+    monkeypatch.setattr(maintenance.confirmations, "delivered", lambda *_args: set())  # not on the topic yet
+    claims: list[dict[str, tuple[bytes, bytes]]] = []
+
+    def claim_pending(branch: str, wanted: dict[str, tuple[bytes, bytes]]) -> set[str]:
+        claims.append(wanted)
+        return set()  # another worker's claim came first: the entry is no longer as read
+
+    store = SimpleNamespace(pending_confirmations=lambda branch: {"s1": raw}, claim_pending=claim_pending,
+                            confirm_delivered=lambda branch, entries: log.append(f"delivered {sorted(entries)}"))
+    sanitizer = SimpleNamespace(pending_in_txn={}, owner="worker-b#2", keys=SimpleNamespace(store=store))
+    settings = SimpleNamespace(branch="0101", transaction_timeout_ms=60_000)
+    upkeep = Maintenance(settings, sanitizer, SimpleNamespace(confirmations_redelivered=0),  # type: ignore[arg-type]
+                         write=lambda records: log.append(f"write {len(records)}"))
+    upkeep.redeliver_pending()
+    [wanted] = claims
+    assert wanted["s1"][0] == raw and orjson.loads(wanted["s1"][1])["owner"] == "worker-b#2"
+    assert log == ["delivered []"], "only the worker that claimed it re-emits it"
