@@ -15,7 +15,8 @@ def reveal() -> None:
 
 
 @reveal.command("serve")
-@click.option("--host", default=None, help="Address to listen on (default: reveal_host, 127.0.0.1).")
+@click.option("--host", default=None, help="Address to listen on (default: reveal_host, 127.0.0.1); without "
+              "reveal_tls_cert/key only a loopback address is accepted.")
 @click.option("--port", type=int, default=None, help="Port (default: reveal_port, 8443).")
 @click.option("--policy", "policy_dir", type=click.Path(file_okay=False), default=None,
               help="Policy directory (default: policy_dir, `policy/` of the checkout).")
@@ -23,7 +24,7 @@ def reveal() -> None:
               "entities.json only (default: the policy_staff setting).")
 @click.pass_context
 def serve(ctx: click.Context, host: str | None, port: int | None, policy_dir: str | None, staff: str | None) -> None:
-    """Serve the reveal API (HTTP, or HTTPS with reveal_tls_cert/key) until Ctrl-C or SIGTERM."""
+    """Serve the reveal API (HTTPS with reveal_tls_cert/key, else HTTP on loopback) until Ctrl-C or SIGTERM."""
     import dataclasses
 
     from guard.cli.policy_engine import load_engine, staff_unreadable
@@ -107,16 +108,27 @@ def _check_principal(settings: Any, principal: str, policy_dir: str | None, staf
 @token.command("list")
 @click.pass_context
 def token_list(ctx: click.Context) -> None:
-    """Token ids, principals and dates (never a token or a hash)."""
+    """Token ids, principals and dates (never a token or a hash).
+
+    An entry whose MAC doesn't verify (written before entries had one, or altered in Redis) is listed as
+    not authenticated: it is refused on every call, and is revoked and re-created, not repaired.
+    """
     import time
 
     from guard.reveal.server import token_store
 
+    stale = 0
     for info in token_store(_settings(ctx)).list():
         expires = "never" if info.expires_ms is None else time.strftime(
             "%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.expires_ms / 1000))
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.created_ms / 1000))
-        click.echo(f"{info.id}  {info.principal}  created {created}  expires {expires}")
+        flag = "" if info.authentic else "  NOT AUTHENTICATED (refused)"
+        stale += not info.authentic
+        click.echo(f"{info.id}  {info.principal}  created {created}  expires {expires}{flag}")
+    if stale:
+        click.echo(f"warning: {stale} token(s) without a valid MAC are refused on every call: create new ones with "
+                   "`guard reveal token create --principal ...`, then `guard reveal token revoke --id ...` the old",
+                   err=True)
 
 
 @token.command("revoke")

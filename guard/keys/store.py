@@ -39,7 +39,8 @@ script against the user's key patterns either way, so the ACL applies to them to
     bg:{t}:alerted:{key}             str   alert deduplication across workers (expires)
     bg:{t}:attrib:{branch}:{txid}    set   principals the transaction's guard.principal messages named (expires
                                            after ATTRIBUTION_TTL_S; docs/policy.md, "Attribution contract")
-    bg:{t}:reveal:tokens             hash  keyed hash of a reveal token → JSON (principal, id, created, expires)
+    bg:{t}:reveal:tokens             hash  keyed hash of a reveal token → `hmac-sha256:<MAC>:` + JSON (principal, id,
+                                           created, expires; the MAC binds the entry to its field, docs/reveal.md)
     bg:{t}:reveal:rate:{principal}:{window}  str  records revealed or searched by a principal in one window (expires)
     bg:{t}:audit-ckpt:{audit topic}  hash  "{chain} {size}" → signed checkpoint note (the audit chain's second store)
     bg:{t}:invalidate                pub/sub channel: "{branch}:{subject}" after a rotation,
