@@ -159,11 +159,12 @@ class Settings:
     evidence_min_insync_replicas: int = 0
 
     # ---- the reveal service (guard/reveal/, docs/reveal.md)
-    #: Address and port `guard reveal serve` listens on (loopback by default: put TLS in front, or set the
-    #: certificate below, before exposing it).
+    #: Address and port `guard reveal serve` listens on (loopback by default). Without the certificate below
+    #: it refuses any address but loopback (`localhost`, 127.0.0.0/8, ::1): set it, or stay on loopback
+    #: behind a TLS proxy.
     reveal_host: str = "127.0.0.1"
     reveal_port: int = 8443
-    #: Server certificate and key (PEM) for HTTPS; empty: plain HTTP (loopback only).
+    #: Server certificate and key (PEM) for HTTPS; empty: plain HTTP, on a loopback `reveal_host` only.
     reveal_tls_cert: str = ""
     reveal_tls_key: str = ""
     #: The 0600 file with the server key of token hashes (HMAC-SHA256); default

@@ -8,11 +8,13 @@ the running policy), the catalog, the token key file, and talks to Kafka (saniti
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from guard.config import Settings
+from guard.errors import ConfigError
 from guard.keys.store import RedisKeyStore
 from guard.reveal.kafka_io import AuditSink, RecordFetcher
 from guard.reveal.ratelimit import RateLimiter
@@ -59,20 +61,46 @@ def build_service(settings: Settings, policy: Policy) -> Built:
     return Built(service, fetcher, sink)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` is only reachable from this machine: `localhost` or a loopback address (127.0.0.0/8,
+    ::1). Any other name, and the wildcards 0.0.0.0 and ::, are not: a name can resolve to anything."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_transport(settings: Settings) -> dict[str, str]:
+    """uvicorn's TLS arguments, or none for plain HTTP, which is refused anywhere but on loopback.
+
+    Bearer tokens and revealed plaintext travel in the requests and answers: served without TLS on an address
+    other machines reach, both cross the network in the clear. Checked before the service is built, so a
+    refused configuration touches neither Kafka nor Redis nor the token key file.
+    """
+    if settings.reveal_tls_cert or settings.reveal_tls_key:
+        for what in (settings.reveal_tls_cert, settings.reveal_tls_key):
+            if not what or not Path(what).is_file():
+                raise ConfigError("reveal_tls_cert and reveal_tls_key must both name PEM files (the server "
+                                  "certificate and its key)")
+        return {"ssl_certfile": settings.reveal_tls_cert, "ssl_keyfile": settings.reveal_tls_key}
+    if not is_loopback(settings.reveal_host):
+        raise ConfigError(f"the reveal service would serve plain HTTP on {settings.reveal_host}, which is not a "
+                          "loopback address: set reveal_tls_cert and reveal_tls_key (GUARD_REVEAL_TLS_CERT/_KEY, "
+                          "PEM files) to serve HTTPS, or listen on 127.0.0.1 (--host) behind a TLS proxy")
+    return {}
+
+
 def serve(settings: Settings, policy: Policy) -> None:
     """Run the API until SIGINT/SIGTERM (uvicorn's graceful shutdown), then close the Kafka clients."""
     import uvicorn
 
     from guard.reveal.app import create_app
 
+    tls = check_transport(settings)
     built = build_service(settings, policy)
     app = create_app(built.service, max_body_bytes=settings.reveal_max_body_bytes)
-    tls = {}
-    if settings.reveal_tls_cert or settings.reveal_tls_key:
-        for what in (settings.reveal_tls_cert, settings.reveal_tls_key):
-            if not what or not Path(what).is_file():
-                raise FileNotFoundError("reveal_tls_cert and reveal_tls_key must both name PEM files")
-        tls = {"ssl_certfile": settings.reveal_tls_cert, "ssl_keyfile": settings.reveal_tls_key}
     scheme = "https" if tls else "http"
     log.info("reveal service on %s://%s:%d (OpenAPI at /openapi.json)", scheme, settings.reveal_host,
              settings.reveal_port)
