@@ -7,8 +7,10 @@ Routes (the OpenAPI document is served at `/openapi.json`):
 * `GET /healthz`: liveness, no authentication, no data.
 
 Every call to `/v1/*` needs `Authorization: Bearer <token>`; a missing or unknown token is refused (401)
-and audited. Request bounds: at most `MAX_RECORDS` records per reveal, `MAX_FIELDS` fields per record,
-`MAX_VALUES` values per search, and a body of at most `reveal_max_body_bytes` (413 before it is parsed).
+and audited, whatever the body (the token is checked before the body is parsed). Every answer carries
+`X-Request-Id`, the audit records' `trace_id`. Request bounds: at most `MAX_RECORDS` records per reveal,
+`MAX_FIELDS` fields per record, `MAX_VALUES` values per search (integers of at most 64 bits), and a body of
+at most `reveal_max_body_bytes` (413 before it is parsed).
 Errors say what was wrong (which part of the request, which code) and never repeat what was sent: the
 validation handler keeps only the location (known field names and list positions) and the error type.
 """
@@ -17,13 +19,16 @@ validation handler keeps only the location (known field names and list positions
 # dependency `principal` is local to `create_app`.
 import logging
 import uuid
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -44,6 +49,12 @@ _TABLE = r"^[A-Za-z_][A-Za-z0-9_$]{0,62}\.[A-Za-z_][A-Za-z0-9_$]{0,62}$"
 FieldName = Annotated[str, Field(pattern=_NAME, description="A column of the record's table.")]
 Purpose = Annotated[str, Field(pattern=_PURPOSE, description="Why the fields are needed (e.g. `kyc_review`); "
                                                              "the policy decides which purposes allow what.")]
+
+
+#: An integer search value: a database column's integer is at most 64 bits, signed or unsigned, and the blind
+#: index is computed over its JSON, which can't encode more: a larger one is refused here (422), not after
+#: it counted against the rate limit.
+SearchInt = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
 
 
 class _Strict(BaseModel):
@@ -88,7 +99,7 @@ class SearchIn(_Strict):
     purpose: Purpose
     table: str = Field(pattern=_TABLE, description="`schema.table` of the catalog, e.g. `public.customers`.")
     column: FieldName
-    values: list[Annotated[str, Field(max_length=1024)] | int] = Field(min_length=1, max_length=MAX_VALUES)
+    values: list[Annotated[str, Field(max_length=1024)] | SearchInt] = Field(min_length=1, max_length=MAX_VALUES)
 
 
 class SearchOut(BaseModel):
@@ -122,11 +133,13 @@ def create_app(service: RevealService, *, max_body_bytes: int = 65_536) -> FastA
         request.state.request_id = rid
         return rid
 
-    def principal(request: Request,
-                  creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> TokenInfo:
+    def authenticate(request: Request) -> TokenInfo:
+        """The principal of the request's bearer token; a missing or unknown token is audited and refused."""
         rid = request_id(request)
+        scheme, token = get_authorization_scheme_param(request.headers.get("Authorization"))
+        token = token if scheme.lower() == "bearer" else ""  # as HTTPBearer reads it
         try:
-            info = service.authenticate(creds.credentials if creds else None)
+            info = service.authenticate(token or None)
         except KeyUnavailableError:
             raise _Problem(503, "key_store_unavailable", "tokens can't be checked: the key store does not answer",
                            rid, headers={"Retry-After": "5"}) from None
@@ -134,13 +147,19 @@ def create_app(service: RevealService, *, max_body_bytes: int = 65_536) -> FastA
             action = "search" if request.url.path.endswith("/search") else "reveal"
             client = request.client.host if request.client else None
             try:
-                service.audit_unauthenticated(action, "no_token" if creds is None else "unknown_token", rid, client)
+                service.audit_unauthenticated(action, "unknown_token" if token else "no_token", rid, client)
             except AuditUnavailableError:
                 raise _Problem(503, "audit_unavailable", "the audit trail can't be written", rid,
                                headers={"Retry-After": "5"}) from None
             raise _Problem(401, "unauthenticated", "a valid bearer token is required", rid,
                            headers={"WWW-Authenticate": "Bearer"})
         return info
+
+    def principal(request: Request,
+                  creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> TokenInfo:
+        """The principal `Authenticate` found before the body was read (`_bearer` states the scheme in OpenAPI)."""
+        info = getattr(request.state, "principal", None)
+        return info if isinstance(info, TokenInfo) else authenticate(request)
 
     @app.post("/v1/reveal", response_model=RevealOut, responses={
         401: {"model": ErrorOut}, 403: {"model": RevealOut}, 404: {"model": RevealOut}, 413: {"model": ErrorOut},
@@ -184,11 +203,7 @@ def create_app(service: RevealService, *, max_body_bytes: int = 65_536) -> FastA
 
     @app.exception_handler(_Problem)
     def problem(request: Request, exc: _Problem) -> JSONResponse:
-        body = ErrorOut(error=exc.code, detail=exc.detail, request_id=exc.request_id, policies=exc.policies)
-        headers = dict(exc.headers)
-        if exc.request_id:
-            headers["X-Request-Id"] = exc.request_id
-        return JSONResponse(body.model_dump(exclude_none=True), status_code=exc.status, headers=headers)
+        return exc.answer()
 
     @app.exception_handler(RequestValidationError)
     def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -196,8 +211,8 @@ def create_app(service: RevealService, *, max_body_bytes: int = 65_536) -> FastA
         for err in exc.errors()[:20]:
             loc = [p for p in err.get("loc", ()) if isinstance(p, int) or p in _KNOWN_LOC]
             problems.append(".".join(str(p) for p in loc) + f": {err.get('type', 'invalid')}")
-        return JSONResponse({"error": "invalid_request", "detail": "; ".join(problems) or "invalid request"},
-                            status_code=422)
+        return JSONResponse({"error": "invalid_request", "detail": "; ".join(problems) or "invalid request",
+                             "request_id": request_id(request)}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -207,9 +222,16 @@ def create_app(service: RevealService, *, max_body_bytes: int = 65_536) -> FastA
     @app.exception_handler(Exception)
     def internal(request: Request, exc: Exception) -> JSONResponse:
         log.error("reveal request failed: %s", type(exc).__name__)  # never the message: it could hold a value
-        return JSONResponse({"error": "internal", "detail": "internal error (logged by type)"}, status_code=500)
+        # Answered outside the middleware that stamps request ids (Starlette's outermost layer): stamp it here.
+        rid = request_id(request)
+        return JSONResponse({"error": "internal", "detail": "internal error (logged by type)", "request_id": rid},
+                            status_code=500, headers={"X-Request-Id": rid})
 
+    # Outermost last: a request id first (every answer carries it), then the body limit (413 before anything
+    # else), then the token, checked before the body is parsed.
+    app.add_middleware(Authenticate, check=authenticate)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(RequestIds)
     return app
 
 
@@ -220,6 +242,11 @@ class _Problem(Exception):  # noqa: N818 - an HTTP answer, raised to leave a dep
         self.status, self.code, self.detail, self.request_id = status, code, detail, request_id
         self.headers = headers or {}
         self.policies = policies
+
+    def answer(self) -> JSONResponse:
+        body = ErrorOut(error=self.code, detail=self.detail, request_id=self.request_id, policies=self.policies)
+        headers = {**self.headers, **({"X-Request-Id": self.request_id} if self.request_id else {})}
+        return JSONResponse(body.model_dump(exclude_none=True), status_code=self.status, headers=headers)
 
 
 def _call(fn: Any, rid: str, *args: Any) -> Any:
@@ -235,6 +262,53 @@ def _call(fn: Any, rid: str, *args: Any) -> Any:
     except KeyUnavailableError:
         raise _Problem(503, "key_store_unavailable", "the key store does not answer", rid,
                        headers={"Retry-After": "5"}) from None
+
+
+class RequestIds:
+    """Gives every request its id (the audit records' `trace_id`) and every answer an `X-Request-Id` with it,
+    those no route wrote (the body limit's 413, validation's 422, 404, 405) included."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = scope.setdefault("state", {}).setdefault("request_id", uuid.uuid4().hex)
+
+        async def stamped(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers") or [])
+                if not any(name.lower() == b"x-request-id" for name, _ in headers):
+                    message = {**message, "headers": [*headers, (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        await self.app(scope, receive, stamped)
+
+
+class Authenticate:
+    """Checks the bearer token of a `/v1/` call before the application reads its body.
+
+    FastAPI parses a route's JSON body before it runs the route's dependencies, so with the token checked in
+    a dependency a call without a valid token but with malformed JSON was answered 422 and never audited.
+    Here a missing or unknown token is audited and answered 401 whatever the body; the principal found is
+    handed to the route on `request.state`. The check talks to Redis and Kafka: it runs in a worker thread.
+    """
+
+    def __init__(self, app: ASGIApp, check: Callable[[Request], TokenInfo]) -> None:
+        self.app = app
+        self.check = check
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            request = Request(scope)
+            try:
+                request.state.principal = await run_in_threadpool(self.check, request)
+            except _Problem as exc:
+                await exc.answer()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:

@@ -15,10 +15,11 @@
 Every call, allowed or not, writes audit records (one per record reference or searched column) to
 `guard.audit` through `RecordBuilder.audit` and waits for the broker's acknowledgement before anything is
 returned: `op` is `reveal` or `search`, `decision` is `reveal_allowed`, `reveal_partial`,
-`reveal_denied`, `reveal_not_found`, `reveal_error`, `search_allowed` or `search_denied` (named like the
-write decisions, `write_allowed`, …), and `reason` is a JSON object naming the action, principal,
-purpose, fields asked and given, why each other field was refused, the policies that decided, and the
-request id. Never a value, never a token.
+`reveal_denied`, `reveal_not_found`, `reveal_error`, `search_allowed`, `search_denied` or `search_error`
+(named like the write decisions, `write_allowed`, …; an unexpected failure after the rate limit is audited
+too, as `reveal_error` of each record or `search_error` with `why` `internal`, before the error answer),
+and `reason` is a JSON object naming the action, principal, purpose, fields asked and given, why each
+other field was refused, the policies that decided, and the request id. Never a value, never a token.
 
 Rate limits are counted per principal in records (reveal) or values (search) before anything is read.
 """
@@ -181,7 +182,15 @@ class RevealService:
             self.sink.write(records)
             raise Refused(429, "rate_limited", f"rate limit of {rate.limit} records per {self._window()} s "
                           "reached", rate.retry_after_s)
-        results = [self._reveal_one(principal, purpose, r, len(refs), now) for r in refs]
+        try:
+            results = [self._reveal_one(principal, purpose, r, len(refs), now) for r in refs]
+        except Exception as exc:
+            # Every call is audited, a failed one too: each record as an `error` of which nothing was given
+            # (the answer is an error without any value), then the failure goes on to the API's handler.
+            log.error("a reveal failed (%s): audited as an error of each record", type(exc).__name__)
+            self.sink.write([self._reveal_audit(RevealResult(r, "error", reason="internal"), principal, purpose,
+                                                request_id) for r in refs])
+            raise
         self.sink.write([self._reveal_audit(res, principal, purpose, request_id) for res in results])
         return results
 
@@ -312,26 +321,34 @@ class RevealService:
                                          {}, {"asked": len(values)}, request_id)])
             raise Refused(429, "rate_limited", f"rate limit of {rate.limit} records per {self._window()} s "
                           "reached", rate.retry_after_s)
-        policy = self.catalog.column(table, column)
         result = SearchResult("denied", [None] * len(values), [])
         classes: dict[str, int] = {}
-        if policy is None or not policy.index:
-            result.reason = "not_searchable"
-        else:
-            classes[policy.data_class] = 1
-            probe = RevealResult(RecordRef("", 0, 0, (column,)), "denied")
-            allowed = self._decide(principal, "search", purpose, {policy.data_class: [column]}, branch, None,
-                                   len(values), now, probe)
-            result.policies = probe.policies
-            detail["decisions"] = probe.decisions
-            if probe.errors:
-                detail["errors"] = probe.errors
-            if allowed:
-                result.tokens = [self.keys.search_token(column, _value_bytes(v)) for v in values]
-                result.decision = "allowed"
-                detail["given"] = [column]
+        try:
+            policy = self.catalog.column(table, column)
+            if policy is None or not policy.index:
+                result.reason = "not_searchable"
             else:
-                result.reason = "policy"
+                classes[policy.data_class] = 1
+                probe = RevealResult(RecordRef("", 0, 0, (column,)), "denied")
+                allowed = self._decide(principal, "search", purpose, {policy.data_class: [column]}, branch, None,
+                                       len(values), now, probe)
+                result.policies = probe.policies
+                detail["decisions"] = probe.decisions
+                if probe.errors:
+                    detail["errors"] = probe.errors
+                if allowed:
+                    result.tokens = [self.keys.search_token(column, _value_bytes(v)) for v in values]
+                    result.decision = "allowed"
+                    detail["given"] = [column]
+                else:
+                    result.reason = "policy"
+        except Exception as exc:
+            # As for a reveal: the failed call is audited (`search_error`, nothing given, no value, no token).
+            log.error("a search failed (%s): audited as an error", type(exc).__name__)
+            detail.update(given=[], policies=result.policies, why="internal")
+            self.sink.write([self._audit(branch, "reveal-api", 0, 0, table, "search", None, "error", detail,
+                                         classes, {"asked": len(values), "given": 0}, request_id)])
+            raise
         detail["policies"] = result.policies
         if result.reason:
             detail["why"] = result.reason

@@ -444,6 +444,26 @@ def test_errors_never_echo_values(served: Served) -> None:
     assert resp.status_code == 413 and mobile not in resp.text
 
 
+def test_the_token_is_checked_before_the_body_and_every_answer_has_a_request_id(served: Served) -> None:
+    """An unauthenticated call with malformed JSON is answered 401 and audited (it was 422 and unaudited: the
+    body was parsed before the token was checked); a 422 and a 413 carry `X-Request-Id`; an integer search
+    value beyond 64 bits is refused with 422 (it was a 500 without an audit record)."""
+    malformed = b'{"purpose": "kyc_review", "records": ['
+    json_type = {"Content-Type": "application/json"}
+    resp = httpx.post(served.url + "/v1/reveal", content=malformed, headers=json_type, timeout=30)
+    assert resp.status_code == 401 and resp.json()["error"] == "unauthenticated"
+    [audit] = served.audit(resp.headers["X-Request-Id"])
+    assert audit["decision"] == "reveal_denied" and _reason(audit)["reason"] == "no_token"
+    auth = {"Authorization": f"Bearer {served.tokens['t0101']}"}
+    invalid = httpx.post(served.url + "/v1/reveal", content=malformed, headers={**auth, **json_type}, timeout=30)
+    assert invalid.status_code == 422 and invalid.headers["X-Request-Id"] == invalid.json()["request_id"]
+    too_large = httpx.post(served.url + "/v1/reveal", content=b"x" * 70_000, headers=auth, timeout=30)
+    assert too_large.status_code == 413 and too_large.headers["X-Request-Id"]
+    beyond = httpx.post(served.url + "/v1/search", headers=auth, timeout=30, json={
+        "purpose": "customer_service", "table": "public.customers", "column": "mobile", "values": [10**30]})
+    assert beyond.status_code == 422 and beyond.headers["X-Request-Id"] and str(10**30) not in beyond.text
+
+
 def test_tokens_are_stored_only_as_keyed_hashes(served: Served) -> None:
     store = _store(served.env)
     raw = store.client.hgetall(store.name("reveal", "tokens"))
