@@ -7,7 +7,7 @@
 - **Tenant keys** (per organisation): the index root key, from which one blind-index key per (field,
   purpose) is derived with HKDF (`index_for`; tokens of one field join across the tenant's branches), the
   keyed hash for C3 data, and the quarantine of DLQ records. Only the sanitizer derives index keys: a
-  manager built with `indexes=False` (the reveal side) never loads the root.
+  manager built with `indexes=False` (an image-only reader) never loads the root.
 - The **master key** stays in the KMS and only wraps branch and tenant keys.
 
 Hot-path cost: DEKs are cached unwrapped in this process for at most `cache_ttl` seconds (default 60),
@@ -152,7 +152,8 @@ class KeyManager:
         self._lock = threading.Lock()
         # The tenant's keys are read (or, for a tenant without data, minted) together: fail closed on a
         # missing one (TenantKeyMissingError).
-        #: Whether this manager may derive blind-index keys (the sanitizer's); the reveal side may not: it
+        #: Whether this manager may derive blind-index keys (the sanitizer's, the reveal service's for search);
+        #: an image-only reader may not: it
         #: never unwraps the index root (the store hands over all wrapped tenant keys, to fail closed).
         self.indexes = indexes
         tenant_keys = self._tenant_keys(self.TENANT_PURPOSES if indexes else ("hash", "quarantine"))
@@ -328,7 +329,7 @@ class KeyManager:
 
         One key per (tenant, field, purpose): a token of one field (a mobile) says nothing about another
         (an ID number, a subject), and a key, were one ever exposed, opens one field only. Raises for a
-        manager built with `indexes=False` (the reveal side never holds an index key).
+        manager built with `indexes=False` (an image-only reader never holds an index key).
         """
         index = self._indexes.get((field, purpose))
         if index is not None:
@@ -343,7 +344,7 @@ class KeyManager:
         if self._index_root is None:
             raise KeyUnavailableError(
                 "blind-index keys stay inside the sanitizer: this key manager was built without them "
-                "(indexes=False, the reveal side); search goes through the guard")
+                "(indexes=False, an image-only reader); search goes through the reveal service")
         info = b"bg/index/v1" + b"".join(_U32.pack(len(p)) + p for p in (
             self.tenant.encode(), field.encode(), purpose.encode()))
         return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(self._index_root)

@@ -18,7 +18,7 @@ from guard.pipeline.sanitizer import Sanitizer
 def build_keys(settings: Settings, *, listen: bool = True, wait_s: float = 30.0, indexes: bool = True) -> KeyManager:
     """The key manager; waits up to `wait_s` for the key store (a worker may start during a Redis restart).
 
-    `indexes=False` for anything that only opens images (the reveal side): it never holds a blind-index key.
+    `indexes=False` for anything that only opens images (an image-only reader): it never holds a blind-index key.
     """
     store = RedisKeyStore(settings.redis_url, settings.tenant,
                           password_file=settings.redis_password_file or None)

@@ -12,9 +12,9 @@ with an `IntegrityError` that says so: their images could have been replayed, so
 Re-sanitize them from the raw topic if they must be read.
 
 Only data keys are used here: build the key manager with `indexes=False`
-(`guard.pipeline.runtime.build_keys(settings, indexes=False)`), so the reveal side never holds a blind-index
+(`guard.pipeline.runtime.build_keys(settings, indexes=False)`), so an image-only reader never holds a blind-index
 key. Search by identifier goes through the guard (a rate-limited, audited reveal service), never through an
-index key held outside the sanitizer.
+index key held outside the guard's processes.
 """
 
 from __future__ import annotations
