@@ -186,9 +186,13 @@ def report_cmd(ctx: click.Context, plan_file: Path, json_out: Path, html_out: Pa
         raise click.ClickException(str(exc)) from None
     json_out.write_bytes(to_json(report))
     html_out.write_text(to_html(report), encoding="utf-8")
-    c = report["counts"]
-    click.echo(f"transfer {report['transfer']} ({report['phase']}): moved {c['moved']}, destroyed {c['destroyed']} "
-               f"({c['confirmations_on_topic']} confirmations on the topic), held {c['held_storage_only']}, "
-               f"{len(report['access_after_cutoff']['attempts'])} access attempts after the cut-off by former staff, "
-               f"{len(report['anomalies'])} anomalies; audit chains "
+    c, access = report["counts"], report["access_after_cutoff"]
+    # a state recorded by an older guard does not say which ids the database lacked: only the scope's size
+    moved = c["moved"] if c["moved"] is not None else f"{c['move_scope']} (named by the plan or the database)"
+    others = "".join(f", {o} {n}" for o, n in sorted(c["destroy_outcomes"].items()) if o != "shredded")
+    click.echo(f"transfer {report['transfer']} ({report['phase']}): moved {moved}, destroyed (shredded) "
+               f"{c['destroyed']} of {c['out_of_scope']} out of scope{others} ({c['confirmations_on_topic']} "
+               f"confirmations on the topic), held storage-only {c['held_storage_only']} ({c['held_by_legal_hold']} "
+               f"by a legal hold), {len(access['attempts'])} access attempts after the cut-off by former staff "
+               f"({access['allowed']} allowed), {len(report['anomalies'])} anomalies; audit chains "
                f"{'verified' if (report.get('verification') or {}).get('ok') else 'NOT verified'}")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from guard.errors import GuardError
+from guard.policy.engine import validate_directory
 from guard.policy.model import cedar_datetime, entity, ref
 
 NS = "BranchGuard::"
@@ -77,6 +78,37 @@ def at_cutover(docs: list[dict[str, Any]], branch: str, from_org: str, to_org: s
         out.append(entity("Staff", sid, {"branch": ref("Branch", branch), "organisation": ref("Organisation", to_org),
                                          "active": True}, [("Role", r) for r in roles] + [("Branch", branch)]))
     return out
+
+
+def not_frozen(docs: list[dict[str, Any]], branch: str, from_org: str, to_org: str, cutoff_ms: int, *,
+               handed_over_ok: bool) -> str | None:
+    """Why the branch is not as `start` left it (`transferring`, `freeze_from` = the cut-off), or None.
+
+    Without that freeze the former owner's staff keep working after the cut-off (the forbid needs both), so
+    the cut-over must not run on such a branch. `handed_over_ok`: the entities the policy step writes are
+    fine too (a crash after its write, before it was recorded: only the policy step is left).
+    """
+    attrs = branch_entity(docs, branch).get("attrs") or {}
+    state, freeze = attrs.get("transfer_state"), attrs.get("freeze_from")
+    if state == "transferring" and freeze == cedar_datetime(cutoff_ms / 1000):
+        return None
+    owner = (attrs.get("owner") or {}).get("__entity", {}).get("id")
+    previous = (attrs.get("previous_owner") or {}).get("__entity", {}).get("id")
+    if handed_over_ok and state == "transferred" and (owner, previous) == (to_org, from_org):
+        return None
+    found = (freeze.get("__extn") or {}).get("arg") if isinstance(freeze, dict) else freeze
+    return f"transfer_state {state!r}, freeze_from {found!r}, owner {owner!r}"
+
+
+def check_loads(directory: Path, after: str) -> None:
+    """Raise unless the policy directory loads as the engines will load it. An engine that can't load a
+    changed directory keeps its last good policy, so a change that breaks it is silently not in force
+    (at the policy step: the former owner would still own the branch)."""
+    errors = validate_directory(directory)
+    if errors:
+        raise GuardError(f"the policy directory {directory} does not load after {after} ({errors[0]}); the "
+                         "guard's engines keep their last good policy, so the change is not in force: fix the "
+                         f"directory (`guard policy validate {directory}`), then run the command again")
 
 
 def read(directory: Path) -> list[dict[str, Any]]:

@@ -112,6 +112,19 @@ class Plan:
                 "incoming_staff": [{"id": s.id, "roles": list(s.roles)} for s in self.incoming_staff]}
 
 
+    def as_record(self) -> dict[str, Any]:
+        """The plan as the state, the audit records and the report keep it: every field but the customer
+        ids, each list counted instead. The key store and the audit topic (immutable) never hold customer
+        ids; the ids stay in the operator's plan file, which every later command re-reads and checks against
+        `digest`, so nothing after `start` needs them from the state."""
+        out = self.as_dict()
+        out["scope"] = {"default": self.default, "classes": list(self.classes), "destroy_reason": self.destroy_reason,
+                        "move_named": len(self.move), "destroy_named": len(self.destroy),
+                        "retain": [{"customers_named": len(r.customers), "legal_basis": r.legal_basis,
+                                    "until": iso(r.until) if r.until else None} for r in self.retain]}
+        return out
+
+
 def compact(ids: Iterable[int]) -> list[int | str]:
     """Sorted ids with runs of three or more written as "a-b" ranges (the plan file's own form)."""
     out: list[int | str] = []

@@ -1,7 +1,9 @@
 """The transfer report, as JSON and as an HTML document a compliance officer can file.
 
-Sections: the plan; timings (from the transfer's state); counts moved, destroyed (with the deletion
-confirmations' ids, checked against `guard.deletions`) and held storage-only (with their legal basis);
+Sections: the plan; timings (from the transfer's state); counts moved (customers of the branch database;
+ids the plan names that the database lacks are counted apart), destroyed (shredded by the transfer only,
+with the deletion confirmations' ids, checked against `guard.deletions`; every other out-of-scope outcome
+under its own name) and held storage-only (the plan's retentions and the legal holds, with their basis);
 the key handover (versions installed and retired, data keys re-wrapped); every access attempt after the
 cut-off by the former owner's staff, with its decision (from `guard.audit`); the anomalies raised during the
 transfer (`guard.anomalies`); and the verification of the audit chains over the transfer's span (computed
@@ -36,6 +38,13 @@ from guard.transfer.plan import DESTROY, MOVE, RETAIN
 SKEW_MS = 60_000
 #: The policies whose denial means "the cut-off": named in the access section.
 CUTOFF_POLICIES = ("nobody-outside-owner-after-cutoff", "freeze-between-cutoff-and-cutover")
+#: The decision of an access that returned only part of what was asked (plaintext all the same): counted
+#: as allowed, like every `*_allowed` decision, and also on its own (`allowed_in_part`).
+PARTLY_ALLOWED = ("reveal_partial",)
+#: The out-of-scope outcome of a customer whose keys the transfer destroyed: the only one under `destroyed`.
+#: The others keep their own names: `held_storage_only` (a legal hold: kept, counted as held),
+#: `erased_before_transfer`, `no_keys` (nothing was sealed under a key), `not_erased`.
+SHREDDED, HELD_BY_LEGAL_HOLD = "shredded", "held_storage_only"
 
 
 def reader_group(settings: Settings) -> str:
@@ -114,6 +123,18 @@ def build(settings: Settings, state: dict[str, Any],
 
     scope = state.get("scope") or {MOVE: [], DESTROY: [], RETAIN: []}
     destroyed = state.get("destroyed") or {}
+    # The scope step records which subjects of the scope the branch database did not have (named by the plan
+    # only); a state recorded before it did says nothing, and then `moved` is None (`move_scope` counts all).
+    absent: set[str] | None = set(scope["not_in_database"]) if "not_in_database" in scope else None
+    in_scope = {MOVE: list(scope.get(MOVE) or []), DESTROY: list(scope.get(DESTROY) or []),
+                RETAIN: [r["subject"] for r in scope.get(RETAIN) or []]}
+    moved = sorted(in_scope[MOVE] if absent is None else set(in_scope[MOVE]) - absent)
+    held = [{"subject": s, "held_by": "retention", "confirmation": None, **r}
+            for s, r in (state.get("retained") or {}).items()]
+    held += [{"subject": s, "held_by": "legal_hold", "confirmation": d.get("id"), "until_ms": None,
+              "legal_basis": "a legal hold: the erasure waits for its release"}
+             for s, d in destroyed.items() if d.get("outcome") == HELD_BY_LEGAL_HOLD]
+    held.sort(key=lambda h: h["subject"])
     ids = {d["id"] for d in destroyed.values() if d.get("id")}
     # confirmations as the deletions topic has them
     seen: dict[str, int] = {}
@@ -190,25 +211,38 @@ def build(settings: Settings, state: dict[str, Any],
         "timings": {"started_ms": started, "cutoff_ms": cutoff, "cutover_started_ms": state.get("cutover_started_ms"),
                     "cutover_done_ms": state.get("cutover_done_ms"), "completed_ms": end,
                     "steps": {s: {"done_ms": v.get("done_ms"), "took_ms": v.get("took_ms")} for s, v in steps.items()}},
-        "counts": {"moved": len(scope.get(MOVE) or []), "destroyed": len(destroyed),
-                   "out_of_scope": len(scope.get(DESTROY) or []), "held_storage_only": len(state.get("retained") or {}),
+        "counts": {"moved": None if absent is None else len(moved), "move_scope": len(in_scope[MOVE]),
+                   "named_by_plan_not_in_database": None if absent is None else {
+                       d: len(set(subjects) & absent) for d, subjects in in_scope.items()},
+                   "destroyed": outcomes.get(SHREDDED, 0), "out_of_scope": len(in_scope[DESTROY]),
+                   "destroy_outcomes": outcomes, "held_storage_only": len(held),
+                   "held_by_retention": sum(1 for h in held if h["held_by"] == "retention"),
+                   "held_by_legal_hold": sum(1 for h in held if h["held_by"] == "legal_hold"),
                    "customers_in_database": (steps.get("scope") or {}).get("customers_in_database"),
                    "confirmations": len(ids), "confirmations_on_topic": len(seen),
-                   "confirmations_written_twice": sorted(c for c, n in seen.items() if n > 1),
-                   "destroy_outcomes": outcomes},
-        "moved": sorted(scope.get(MOVE) or []),
+                   "confirmations_written_twice": sorted(c for c, n in seen.items() if n > 1)},
+        "moved": moved,
+        "not_in_database": sorted(absent or []),
         "destroyed": [{"subject": s, "confirmation": d.get("id"), "outcome": d.get("outcome")}
-                      for s, d in sorted(destroyed.items())],
-        "held": [{"subject": s, **r} for s, r in sorted((state.get("retained") or {}).items())],
+                      for s, d in sorted(destroyed.items()) if d.get("outcome") == SHREDDED],
+        "out_of_scope_not_destroyed": [{"subject": s, "confirmation": d.get("id"), "outcome": d.get("outcome")}
+                                       for s, d in sorted(destroyed.items()) if d.get("outcome") != SHREDDED],
+        "held": held,
         "keys": {"handover": state.get("kek"), "rewrap": steps.get("rewrap"), "retire": steps.get("retire"),
                  "tenant_keys": "unchanged: subject tokens and blind indexes stay stable (docs/transfer.md)"},
         "policy": steps.get("policy"),
         "access_after_cutoff": {"former_staff": sorted(former), "attempts": attempts, "by_decision": by_decision,
-                                "allowed": sum(1 for a in attempts if a["decision"].endswith("_allowed"))},
+                                "allowed": sum(1 for a in attempts if _allowed(a["decision"])),
+                                "allowed_in_part": sum(1 for a in attempts if a["decision"] in PARTLY_ALLOWED)},
         "anomalies": anomalies,
         "audit_records_of_the_transfer": sorted(steps_audited, key=lambda a: (a["at_ms"], a["where"])),
         "verification": state.get("verification"),
     }
+
+
+def _allowed(decision: str) -> bool:
+    """Whether an access got through, at least in part (a partial reveal returned plaintext too)."""
+    return decision.endswith("_allowed") or decision in PARTLY_ALLOWED
 
 
 def _cutoff_ms(text: str) -> int:
@@ -268,17 +302,24 @@ Plan digest (SHA-256 of the plan file): <code>{esc(p.get('digest') or '')}</code
 {_rows(steps, ["step", "done_ms", "took_ms"])}
 <h2>Counts</h2>
 {_rows([{"what": k, "count": val} for k, val in sorted(c.items())], ["what", "count"])}
-<h2>Destroyed (crypto-shredded, signed confirmations on guard.deletions)</h2>
+<h2>Destroyed (crypto-shredded by the transfer, signed confirmations on guard.deletions)</h2>
 {_rows(r['destroyed'], ["subject", "confirmation", "outcome"])}
+<h2>Out of scope, not destroyed by the transfer</h2>
+<p>Held by a legal hold, erased before the transfer, never keyed (no_keys) or not erased.</p>
+{_rows(r['out_of_scope_not_destroyed'], ["subject", "confirmation", "outcome"])}
 <h2>Held storage-only</h2>
-{_rows(r['held'], ["subject", "legal_basis", "until_ms"])}
-<h2>Moved</h2><p>{len(r['moved'])} customers (subject tokens):</p><pre>{esc(' '.join(r['moved']))}</pre>
+{_rows(r['held'], ["subject", "held_by", "legal_basis", "until_ms", "confirmation"])}
+<h2>Moved</h2><p>{len(r['moved'])} customers of the branch database (subject tokens):</p>
+<pre>{esc(' '.join(r['moved']))}</pre>
+<p>Named by the plan, not in the branch database (nothing of theirs moved or was destroyed):
+{len(r['not_in_database'])}</p><pre>{esc(' '.join(r['not_in_database']))}</pre>
 <h2>Keys</h2><pre>{esc(orjson.dumps(r['keys'], option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2).decode())}</pre>
 <h2>Policy</h2><pre>{esc(orjson.dumps(r['policy'], option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2).decode())}</pre>
 <h2>Access attempts after the cut-off by the former owner's staff</h2>
 <p>{len(access['attempts'])} attempts; by decision: {esc(orjson.dumps(access['by_decision'],
                                                                        option=orjson.OPT_SORT_KEYS).decode())};
-<span class="{'bad' if access['allowed'] else 'ok'}">{access['allowed']} allowed</span>.</p>
+<span class="{'bad' if access['allowed'] else 'ok'}">{access['allowed']} allowed ({
+    access['allowed_in_part']} of them in part)</span>.</p>
 {_rows(access['attempts'], ["at_ms", "principal", "action", "decision", "policies", "table", "subject", "where"])}
 <h2>Anomalies raised during the transfer</h2>
 {_rows(r['anomalies'], ["at_ms", "rule", "severity", "principal", "summary", "where"])}

@@ -160,7 +160,7 @@ class TransferService:
             if fresh:
                 entities.at_start(docs, branch, self.plan.from_org, self.plan.cutoff_ms)  # checks the owner
                 prepared = self.keys.prepare_transfer_key(branch, self.plan.id)
-                state = sm.new_state(self.plan.as_dict(), self._now_ms(), base64.b64encode(prepared).decode())
+                state = sm.new_state(self.plan.as_record(), self._now_ms(), base64.b64encode(prepared).decode())
                 self.states.save(state)
                 self.states.set_active(branch, self.plan.id)
             else:
@@ -170,9 +170,10 @@ class TransferService:
             changed = entities.write(self.policy_dir, entities.at_start(
                 docs, branch, self.plan.from_org, self.plan.cutoff_ms)) if entities.owner_of(
                 docs, branch) == self.plan.from_org else False
+            entities.check_loads(self.policy_dir, "start's entities change (the branch transferring)")
             if fresh or changed:
                 self.publisher.publish([self._audit("started", {
-                    "plan": self.plan.as_dict(), "policy_entities_changed": changed,
+                    "plan": self.plan.as_record(), "policy_entities_changed": changed,
                     "incoming_key": "prepared (wrapped by the master key; installed at the cut-over)"})])
             return state
         finally:
@@ -189,9 +190,11 @@ class TransferService:
             if not remaining:
                 return state
             sm.may_cut_over(state, self._now_ms())
+            self._check_frozen(state, remaining)
             state = sm.begin_cutover(state, self._now_ms())
             self.states.save(state)
             for step in remaining:
+                self.states.renew(branch)  # one TTL per step; raises if another run took the lock meanwhile
                 began = self._now_ms()
                 detail = getattr(self, f"_step_{step}")(state)
                 state = self.states.load(self.plan.id) or state  # steps save progress of their own
@@ -204,11 +207,33 @@ class TransferService:
         finally:
             self.states.unlock(branch)
 
+    def _check_frozen(self, state: dict[str, Any], remaining: list[str]) -> None:
+        """Refuse to cut over a branch `start` did not freeze from the cut-off (docs/transfer.md: a crash
+        between start's state save and its entities write leaves it active; start's rerun re-applies it).
+        Once only the policy step is left, its own entities (handed over) are fine too."""
+        if "policy" not in remaining:
+            return
+        problem = entities.not_frozen(entities.read(self.policy_dir), self.plan.branch, self.plan.from_org,
+                                      self.plan.to_org, self.plan.cutoff_ms, handed_over_ok=remaining == ["policy"])
+        if problem is None:
+            return
+        where = self.policy_dir / "entities.json"
+        if state["phase"] == sm.STARTED:
+            todo = ("start's entities change is missing (a crash between its state save and its entities write, "
+                    "or an edit since): run `guard transfer start` with this plan again (it re-applies it), then "
+                    "cutover")
+        else:
+            todo = (f"restore the branch's transfer_state \"transferring\" and freeze_from = the cut-off "
+                    f"{self.plan.as_dict()['cutoff']} in {where} (as start wrote them), then run cutover again")
+        raise sm.TransferStateError(f"branch {self.plan.branch} is not frozen from the cut-off in {where} "
+                                    f"({problem}): {todo}")
+
     def _step_policy(self, state: dict[str, Any]) -> dict[str, Any]:
         docs = entities.read(self.policy_dir)
         staff = [(s.id, list(s.roles)) for s in self.plan.incoming_staff]
         changed = entities.write(self.policy_dir, entities.at_cutover(
             docs, self.plan.branch, self.plan.from_org, self.plan.to_org, self.plan.cutoff_ms, staff))
+        entities.check_loads(self.policy_dir, "the cut-over's policy step (the branch handed over)")
         former = self.former_staff(entities.read(self.policy_dir))
         return {"owner": self.plan.to_org, "previous_owner": self.plan.from_org, "transfer_state": "transferred",
                 "incoming_staff": [s for s, _ in staff], "former_staff": former, "entities_changed": changed}
@@ -235,11 +260,17 @@ class TransferService:
         return sorted(out)
 
     def _step_scope(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Each customer's disposition as subject tokens (never ids). The ids the plan names that the branch
+        database does not have are kept apart too (`not_in_database`), so the report counts as moved only
+        customers the branch has, not every id the plan names."""
         ids = list(self.customer_ids()) if self.customer_ids is not None else []
+        in_database = set(ids)
         resolved = resolve(self.plan, ids)
-        scope: dict[str, Any] = {MOVE: [], DESTROY: [], RETAIN: []}
+        scope: dict[str, Any] = {MOVE: [], DESTROY: [], RETAIN: [], "not_in_database": []}
         for cid, disposition in resolved.items():
             token = self.keys.subject_token(self.plan.branch, cid)
+            if cid not in in_database:
+                scope["not_in_database"].append(token)
             if disposition == RETAIN:
                 _, r = self.plan.disposition(cid)
                 assert r is not None
@@ -250,10 +281,12 @@ class TransferService:
         scope[MOVE].sort()
         scope[DESTROY].sort()
         scope[RETAIN].sort(key=lambda r: r["subject"])
+        scope["not_in_database"].sort()
         state["scope"] = scope
         self.states.save(state)
-        return {"customers_in_database": len(set(ids)), "customers": len(resolved), "move": len(scope[MOVE]),
-                "destroy": len(scope[DESTROY]), "retain": len(scope[RETAIN])}
+        return {"customers_in_database": len(in_database), "customers": len(resolved), "move": len(scope[MOVE]),
+                "destroy": len(scope[DESTROY]), "retain": len(scope[RETAIN]),
+                "named_by_plan_not_in_database": len(scope["not_in_database"])}
 
     def _step_key(self, state: dict[str, Any]) -> dict[str, Any]:
         _, before = self.store.kek_versions(self.plan.branch)
@@ -273,6 +306,7 @@ class TransferService:
         todo = [s for s in subjects if s not in state["destroyed"]]
         size = max(1, int(self.settings.transfer_destroy_batch))
         for start in range(0, len(todo), size):
+            self.states.renew(branch)
             batch = todo[start:start + size]
             records: list[OutRecord] = []
             for subject in batch:
@@ -352,6 +386,7 @@ class TransferService:
         passes = 0
         while True:
             passes += 1
+            self.states.renew(branch)
             rewrapped = sum(self.keys.rewrap_subject(branch, subject)[1] == "rewrapped"
                             for subject in self.store.dek_subjects(branch))
             if not rewrapped and not self.outgoing_wrapped(branch):
@@ -405,6 +440,20 @@ class TransferService:
                 raise GuardError("data keys are wrapped under the outgoing branch key; run cutover again")
             self.publisher.publish([self._audit("verifying", {"since_ms": state["started_ms"]})])
             verification = verify(state)
+            self.states.renew(branch)  # reading the topics can take long
+            if not verification.get("ok"):
+                # Not closed: a completed transfer is never checked again (a rerun returns at once), and
+                # ending the handover would lose the marker of the key it installed. The failed result
+                # stays in the state (status and the provisional report show it) and on the audit topic.
+                state["verification"] = verification
+                self.states.save(state)
+                breaks = list(verification.get("breaks") or [])
+                self.publisher.publish([self._audit("verification_failed", {
+                    "breaks": len(breaks), "chains_verified": verification.get("chains_verified")})])
+                raise GuardError(
+                    f"the audit chains over transfer {self.plan.id}'s span did not verify ({len(breaks)} breaks"
+                    + (f"; first: {breaks[0]}" if breaks else "") + "); the transfer stays cut_over, its "
+                    "handover open: find the cause with `guard audit verify`, then run complete again")
             self.store.end_kek_handover(branch, self.plan.id)
             state = sm.complete(state, self._now_ms(), verification)
             self.states.save(state)
@@ -422,5 +471,5 @@ def status(state: dict[str, Any]) -> dict[str, Any]:
     return {"id": state["id"], "branch": state["branch"], "phase": state["phase"],
             "from": state["plan"]["from"], "to": state["plan"]["to"], "cutoff": state["plan"]["cutoff"],
             "steps_done": [s for s, v in steps.items() if v], "steps_left": [s for s, v in steps.items() if not v],
-            "scope": {k: len(v) for k, v in scope.items()},
+            "scope": {k: len(v) for k, v in scope.items()},  # not_in_database: named by the plan only
             "destroyed": len(state.get("destroyed") or {}), "retained": len(state.get("retained") or {})}

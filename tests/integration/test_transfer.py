@@ -235,6 +235,11 @@ roles = ["manager"]
     assert rerun.returncode == 0, rerun.stderr
     done = state()
     assert done["phase"] == "cut_over" and len(done["destroyed"]) == 8
+    # installed, so no copy of the incoming key stays in the state; the key store keeps no customer ids
+    assert "prepared_kek" not in done
+    kept = done["plan"]["scope"]
+    assert (kept["move_named"], kept["destroy_named"], [r["customers_named"] for r in kept["retain"]]) == (6, 8, [2])
+    assert not {"move", "destroy"} & set(kept) and not any("customers" in r for r in kept["retain"])
     assert _guard(env, "transfer", "cutover", str(plan)).returncode == 0  # a third run has nothing to do
     time.sleep(1.5)  # the entities' reload (within a second)
 
@@ -293,6 +298,8 @@ roles = ["manager"]
     report = json.loads(out[0].with_suffix(".json").read_text())
     counts = report["counts"]
     assert (counts["moved"] >= 6, counts["destroyed"], counts["held_storage_only"]) == (True, 8, 2)
+    assert counts["destroy_outcomes"] == {"shredded": 8} and counts["held_by_legal_hold"] == 0
+    assert counts["named_by_plan_not_in_database"] == {"destroy": 0, "move": 0, "retain": 0}
     assert counts["confirmations_on_topic"] == 8 and counts["confirmations_written_twice"] == []
     # the deletions topic itself: one confirmation per out-of-scope customer, none twice, none missed
     confirmations = [orjson.loads(r.value) for r in read_all(bootstrap, DELETIONS, timeout=30) if r.value]

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -168,27 +169,62 @@ def test_steps_run_in_order_and_resume_where_they_stopped() -> None:
         sm.step_done(rerun, "nap", 1, 1, {})
 
 
+def _bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
 class FakeRedis:
+    """The Redis calls of the transfer's state store, in memory. `after_get[name]` runs once right after a
+    GET of `name` has read its value: another process acting between that read and what the reader does
+    next. The state store's scripts run whole, as Redis runs a Lua script: nothing comes in between."""
+
     def __init__(self) -> None:
         self.data: dict[str, bytes] = {}
+        self.ttl: dict[str, int] = {}
+        self.renewals = 0
+        self.after_get: dict[str, Callable[[], object]] = {}
 
     def get(self, name: str) -> bytes | None:
-        return self.data.get(name)
+        value = self.data.get(name)
+        hook = self.after_get.pop(name, None)
+        if hook is not None:
+            hook()
+        return value
 
     def set(self, name: str, value: Any, ex: int | None = None, nx: bool = False) -> bool:
         if nx and name in self.data:
             return False
-        self.data[name] = value if isinstance(value, bytes) else str(value).encode()
+        self.data[name] = _bytes(value)
+        if ex is not None:
+            self.ttl[name] = ex
         return True
 
     def delete(self, *names: str) -> int:
         return sum(1 for n in names if self.data.pop(n, None) is not None)
 
+    def register_script(self, script: str) -> Callable[..., int]:
+        def run(keys: list[str], args: list[Any]) -> int:
+            if self.data.get(keys[0]) != _bytes(args[0]):  # every script: only while ARGV[1] holds KEYS[1]
+                return 0
+            if script == sm.RELEASE_LOCK:
+                del self.data[keys[0]]
+            elif script == sm.RENEW_LOCK:
+                self.renewals += 1
+                self.ttl[keys[0]] = int(args[1])
+            elif script == sm.SAVE_IF_HOLDER:
+                self.data[keys[1]] = _bytes(args[1])
+            else:
+                raise AssertionError(f"a script the fake does not know: {script}")
+            return 1
+        return run
+
 
 def test_state_store_keeps_the_state_and_a_crashed_runs_lock_is_taken_over() -> None:
     fake = FakeRedis()
     store = sm.StateStore(fake, lambda *parts: "bg:t:" + ":".join(parts))
+    store.lock("0101", wait_s=0)
     store.save(started())
+    store.unlock("0101")
     assert store.load("t-0101") == started() and store.load("nope") is None
     store.set_active("0101", "t-0101")
     assert store.active("0101") == "t-0101"
@@ -206,6 +242,52 @@ def test_state_store_keeps_the_state_and_a_crashed_runs_lock_is_taken_over() -> 
     fake.data["bg:t:transfer-lock:0101"] = store.owner.encode()
     store.unlock("0101")
     assert "bg:t:transfer-lock:0101" not in fake.data
+
+
+LOCK = "bg:t:transfer-lock:0101"
+
+
+def _dead_pid() -> int:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    return dead.pid
+
+
+def _two_processes() -> tuple[FakeRedis, sm.StateStore, sm.StateStore]:
+    """Two runs on this host, both alive (the test process and its parent), sharing one Redis."""
+    fake = FakeRedis()
+    first, second = (sm.StateStore(fake, lambda *parts: "bg:t:" + ":".join(parts)) for _ in range(2))
+    first.owner, second.owner = f"{socket.gethostname()} {os.getpid()}", f"{socket.gethostname()} {os.getppid()}"
+    return fake, first, second
+
+
+def test_two_reruns_taking_over_a_dead_holder_leave_exactly_one_holder() -> None:
+    fake, first, second = _two_processes()
+    fake.data[LOCK] = f"{socket.gethostname()} {_dead_pid()}".encode()
+    # the second reads the dead holder; before it takes the lock over, the first does
+    fake.after_get[LOCK] = lambda: first.lock("0101", wait_s=0)
+    with pytest.raises(sm.TransferStateError, match="another process"):
+        second.lock("0101", wait_s=0)
+    assert fake.data[LOCK] == first.owner.encode()
+    second.unlock("0101")  # not its lock: kept
+    assert fake.data[LOCK] == first.owner.encode()
+    first.unlock("0101")
+    assert LOCK not in fake.data
+
+
+def test_a_run_that_lost_its_lock_neither_saves_nor_renews() -> None:
+    fake, first, second = _two_processes()
+    first.lock("0101", wait_s=0)
+    first.save(started())
+    del fake.data[LOCK]  # expired (the first run hung for longer than its TTL), and the second took it
+    second.lock("0101", wait_s=0, ttl_s=600)
+    with pytest.raises(sm.TransferStateError, match="no longer holds"):
+        first.save({**started(), "phase": sm.CUTTING_OVER})
+    assert second.load("t-0101") == started()
+    with pytest.raises(sm.TransferStateError, match="no longer holds"):
+        first.renew("0101")
+    second.renew("0101")  # the holder's renewal: its TTL again
+    assert (fake.data[LOCK], fake.ttl[LOCK], fake.renewals) == (second.owner.encode(), 600, 1)
 
 
 # --- the policy entities ------------------------------------------------------------------------------------
@@ -261,7 +343,7 @@ def test_the_report_is_deterministic_and_names_former_staff_attempts() -> None:
     settings = Settings()
     state = sm.new_state(PLAN, 1_000, "x")
     state["scope"] = {"move": ["s1"], "destroy": ["s2"], "retain": [{"subject": "s3", "legal_basis": "AML",
-                                                                     "until_ms": None}]}
+                                                                     "until_ms": None}], "not_in_database": []}
     state["destroyed"] = {"s2": {"id": "c-1", "outcome": "shredded"}}
     state["retained"] = {"s3": {"legal_basis": "AML", "until_ms": None}}
     cutoff = sm.cutoff_of(state)
@@ -303,3 +385,50 @@ def test_the_report_reads_under_the_principals_own_group() -> None:
 
     assert reader_group(Settings()) == "guard-transfer-report"
     assert reader_group(dataclasses.replace(Settings(), kafka_username="oncall")) == "oncall-transfer-report"
+
+
+def test_the_reports_counts_say_what_they_count() -> None:
+    """A shred, a customer kept by a legal hold (`held_storage_only`: not destroyed), a retention of the
+    plan, a reveal that returned part of a record, and a moving customer the plan names that the branch
+    database does not have: each is counted under its own name, none under another's."""
+    from guard.records.builders import RecordBuilder
+
+    settings = Settings()
+    state = sm.new_state(PLAN, 1_000, "x")
+    state["scope"] = {"move": ["s1", "s9"], "destroy": ["s2", "s4"],
+                      "retain": [{"subject": "s3", "legal_basis": "AML", "until_ms": None}],
+                      "not_in_database": ["s9"]}
+    state["destroyed"] = {"s2": {"id": "c-2", "outcome": "shredded"},
+                          "s4": {"id": "c-4", "outcome": "held_storage_only"}}
+    state["retained"] = {"s3": {"legal_basis": "AML", "until_ms": None}}
+    cutoff = sm.cutoff_of(state)
+    for step in sm.CUTOVER_STEPS:
+        state = sm.step_done(state, step, cutoff + 10, 1, {"former_staff": ["Staff:old-m"]} if step == "policy"
+                             else {})
+    state = sm.complete(state, cutoff + 100_000, {"ok": True})
+
+    class NoKeys:
+        pass
+
+    builder = RecordBuilder(settings, NoKeys(), clock=lambda: (cutoff + 50) / 1000)  # type: ignore[arg-type]
+    partial = builder.audit("reveal-api", 0, 1, None, "reveal", "s1", "reveal_partial",
+                            orjson.dumps({"principal": "Staff:old-m", "action": "reveal",
+                                          "policies": ["some-permit"]}).decode(), {}, {})
+    records = {settings.audit_topic: [(cutoff + 50, "guard.audit[0]@9", None, partial.value)],
+               settings.deletions_topic: [(cutoff + 20, "guard.deletions[0]@1", None, b'{"id": "c-2"}'),
+                                          (cutoff + 21, "guard.deletions[0]@2", None, b'{"id": "c-4"}')],
+               settings.anomalies_topic: []}
+    report = build(settings, state, reader=lambda topic, since: records[topic])
+    counts = report["counts"]
+    assert counts["destroyed"] == 1 and [d["subject"] for d in report["destroyed"]] == ["s2"]
+    assert counts["destroy_outcomes"] == {"held_storage_only": 1, "shredded": 1}
+    assert [(d["subject"], d["outcome"]) for d in report["out_of_scope_not_destroyed"]] == [("s4", "held_storage_only")]
+    assert (counts["held_storage_only"], counts["held_by_retention"], counts["held_by_legal_hold"]) == (2, 1, 1)
+    assert [(h["subject"], h["held_by"]) for h in report["held"]] == [("s3", "retention"), ("s4", "legal_hold")]
+    assert (counts["moved"], counts["named_by_plan_not_in_database"]) == (1, {"destroy": 0, "move": 1, "retain": 0})
+    assert report["moved"] == ["s1"]
+    access = report["access_after_cutoff"]
+    assert [a["decision"] for a in access["attempts"]] == ["reveal_partial"]
+    assert (access["allowed"], access["allowed_in_part"]) == (1, 1)
+    assert "1 allowed (1 of them in part)" in to_html(report)
+    assert counts["confirmations"] == 2 and counts["confirmations_on_topic"] == 2
