@@ -752,12 +752,14 @@ class Sanitizer:
         reason_code = od.reason_code or ""
         reason = f"{ERASURE_REASONS[reason_code]} (the root row was deleted in the branch database)"
         by = f"worker:{self.settings.worker_id}"
+        # The root table's sanitized topic holds this delete (and maybe the row's insert of this transaction,
+        # whose activity was just dropped and never reached the key store): the confirmation names it.
         if od.grace_s == 0:
             return self.erase(subject, trigger="cdc_delete", reason_code=reason_code, reason=reason, by=by,
-                              source=source, effective_ms=event.source_ts_ms)
+                              source=source, topics=[out_topic], effective_ms=event.source_ts_ms)
         info = orjson.dumps({"trigger": "cdc_delete", "reason_code": reason_code, "reason": reason, "by": by,
                              "source": list(source), "effective_ms": event.source_ts_ms,
-                             "scheduled_ms": int(now * 1000), "table": event.schema_table})
+                             "scheduled_ms": int(now * 1000), "table": event.schema_table, "topics": [out_topic]})
         self.erasure_schedules.setdefault(subject, (now + od.grace_s, info))
         return [audit(*source, event.schema_table, "erase", subject, "erasure_scheduled",
                       f"{reason_code}; erased in {od.grace_s} s unless the root row comes back", {}, {})]
@@ -773,6 +775,7 @@ class Sanitizer:
             records.extend(self.erase(subject, trigger=info.get("trigger", "cdc_delete"),
                                       reason_code=info["reason_code"], reason=info["reason"], by=info["by"],
                                       source=tuple(info["source"]) if info.get("source") else None,
+                                      topics=[str(t) for t in info.get("topics") or []],
                                       effective_ms=info.get("effective_ms")))
         return records, len(due) >= limit
 

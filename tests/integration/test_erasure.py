@@ -177,6 +177,28 @@ def test_a_key_store_error_after_the_shred_does_not_send_the_delete_to_the_dlq(s
     assert store.compaction_due() > 0 or completed, "the rewrite stays due until one completes"
 
 
+@pytest.mark.parametrize("grace_s", [0, 5])
+def test_a_customer_inserted_and_deleted_in_one_transaction_is_confirmed_with_the_root_topic(stack, tmp_path,
+                                                                                             grace_s):
+    """The delete drops the root row's activity of its transaction (a later change would read as a re-insert),
+    and that activity never reached the key store: the confirmation, at once or after the grace period, used to
+    leave out the customers topic that holds the insert and the delete."""
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text((REPO / "schemas" / "catalog.toml").read_text().replace("grace_s = 30", f"grace_s = {grace_s}"))
+    settings = _settings(stack, worker_id="test-erasure", catalog=str(catalog))
+    san = build_sanitizer(settings)
+    row = customer_row(7_200_002, random.Random(9))
+    key = json.dumps({"customer_id": row["customer_id"]}).encode()
+    records = san.process("br0101.public.customers", 0, 1, key, _event(row, "c")).records
+    records += san.process("br0101.public.customers", 0, 2, key, _event(row, "d")).records
+    if grace_s:
+        san.keys.store.commit_view(settings.branch, san.take_erasure_schedules())  # what the commit writes
+        records += san.run_due_erasures(time.time() + grace_s + 1)[0]
+    [confirmation] = [orjson.loads(r.value) for r in records if r.topic == settings.deletions_topic and r.value]
+    topic = f"{settings.sanitized_prefix}br0101.public.customers"
+    assert confirmation["outcome"] == "shredded" and topic in confirmation["unreadable_topics"], confirmation
+
+
 # --- finding 8: outcomes, no second confirmation, no activity after the erasure ----------------------------
 def test_outcomes_say_what_happened_and_an_erased_subject_gets_no_second_confirmation(stack):
     deletions = f"guard.deletions.{uuid.uuid4().hex[:8]}"
