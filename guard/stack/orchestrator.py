@@ -41,7 +41,7 @@ from guard.stack.errors import StackError
 from guard.stack.kafka_auth import ensure_security as ensure_kafka_security
 from guard.stack.mariadb import MariaDB, provision_mariadb
 from guard.stack.postgres import SUPERUSER, Postgres
-from guard.stack.procs import progress
+from guard.stack.procs import private_dirs, progress
 from guard.stack.provision import attribution_table_ddl, bootstrap, seed
 from guard.stack.redisd import Redis
 from guard.stack.secrets import REDIS_ADMIN_USER, REDIS_GUARD_USER, StackSecrets, new_password, sha256_hex
@@ -210,6 +210,10 @@ def _up(cfg: StackConfig) -> None:
     progress(f"home {cfg.home}, cache {cfg.cache}")
     for d in (cfg.home, cfg.logs, cfg.run):
         d.mkdir(parents=True, exist_ok=True)
+    # Kafka's segments (raw CDC records in clear), Redis's append-only file, Connect's and the pid files: root's
+    # alone; the logs and the home only traversable by the database servers' OS users (`private_dirs`).
+    private_dirs(cfg.home, traverse=(cfg.logs,),
+                 private=(cfg.home / "kafka", cfg.home / "redis", cfg.home / "connect", cfg.run))
     ensure_audit_key(cfg)
     stack = Stack(cfg).with_artifacts()
     stack.migrate_combined_kafka()

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -71,6 +72,31 @@ def read_pid(pidfile: Path) -> int | None:
 INHERITED_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "JAVA_HOME")
 
 
+#: The umask services start with: no access for group and others to anything they create.
+SERVICE_UMASK = 0o077
+
+
+def private_dirs(home: Path, *, traverse: tuple[Path, ...] = (), private: tuple[Path, ...] = ()) -> None:
+    """Close the stack home to other OS users: `private` directories 0700 (their files are root's alone),
+    `traverse` ones and the home 0711 (the database servers' OS users reach their own folders and files
+    through them, by name, without listing them), and the root-owned files directly in `traverse` 0600.
+
+    The PostgreSQL and MariaDB servers run as their own OS users and are granted search access up to the
+    home; with 0755 folders and 0644 files they (and every other local user) could read Kafka's segments,
+    which hold the raw CDC records in clear, and Redis's append-only file."""
+    for d in (home, *traverse):
+        d.mkdir(parents=True, exist_ok=True)
+        os.chmod(d, 0o711)  # noqa: S103 - search only: the servers' users reach their own files by name
+    for d in private:
+        d.mkdir(parents=True, exist_ok=True)
+        os.chmod(d, 0o700)
+    for d in traverse:
+        for f in d.iterdir():
+            st = f.lstat()
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_mode & 0o077:
+                os.chmod(f, 0o600)
+
+
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of a service: INHERITED_ENV from ours plus ``extra``, nothing else."""
     env = {k: v for k, v in os.environ.items() if k in INHERITED_ENV}
@@ -86,10 +112,14 @@ def spawn(
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
 ) -> int:
-    """Start ``argv`` detached (own session), stdout+stderr appended to ``log_path``; return its pid."""
+    """Start ``argv`` detached (own session), stdout+stderr appended to ``log_path``; return its pid.
+
+    The service runs with umask 077 (`SERVICE_UMASK`): what it writes (Kafka's segments with raw CDC
+    records, Redis's append-only file with wrapped keys, its logs) is its owner's alone, whatever the
+    caller's umask. The log file is opened here with the same mode."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     full_env = child_env(env)
-    with open(log_path, "ab") as log:
+    with open(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
         log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {argv[0]} =====\n".encode())
         log.flush()
         try:
@@ -102,6 +132,7 @@ def spawn(
                 cwd=str(cwd) if cwd else None,
                 start_new_session=True,
                 close_fds=True,
+                umask=SERVICE_UMASK,
             )
         except FileNotFoundError as exc:
             raise StackError(f"cannot run {argv[0]!r}: {exc}. Run scripts/setup.sh to install it.") from exc
