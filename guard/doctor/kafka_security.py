@@ -110,7 +110,7 @@ def raw_topic_readers(bindings: Iterable[AclBinding], raw_prefix: str) -> dict[s
 def check_kafka_security(admin: AdminClient, settings: Settings, brokers: list[int]) -> Iterator[Check]:
     yield check_connection(settings)
     yield check_anonymous_refused(settings)
-    yield check_raw_readers(admin, settings)
+    yield from raw_reader_checks(admin, settings)
     yield check_plaintext_listeners(admin, settings, brokers)
 
 
@@ -152,8 +152,16 @@ def check_anonymous_refused(settings: Settings) -> Check:
     return Check(name, True, f"a client without credentials gets nothing ({', '.join(tries)})")
 
 
+def raw_reader_checks(admin: AdminClient, settings: Settings) -> Iterator[Check]:
+    """`check_raw_readers` for every branch the settings name: the second branch's raw topics (MariaDB's, for
+    instance) hold plaintext as much as the first's, and were not checked."""
+    yield check_raw_readers(admin, settings)
+    if settings.branch2 and settings.branch2_raw_topic_prefix:
+        yield check_raw_readers(admin, settings.for_branch(settings.branch2, settings.branch2_raw_topic_prefix))
+
+
 def check_raw_readers(admin: AdminClient, settings: Settings) -> Check:
-    name = "kafka: raw topics readable by the guard only"
+    name = f"kafka: raw topics readable by the guard only ({settings.raw_topic_prefix}.*)"
     expected = settings.kafka_guard_principal or f"User:{settings.kafka_username}"
     pattern = AclBindingFilter(ResourceType.TOPIC, None, ResourcePatternType.ANY, None, None,  # type: ignore[arg-type]
                                AclOperation.ANY, AclPermissionType.ANY)

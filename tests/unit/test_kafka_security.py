@@ -295,3 +295,22 @@ def test_an_up_to_date_kafka_is_left_alone(cfg: StackConfig, monkeypatch: pytest
     _fake_running(stack, monkeypatch, {"controller", "broker"}, stopped)
     assert restart_stale_jvm_services(stack) == []
     assert stopped == []
+
+
+def test_the_second_branchs_raw_topics_are_checked_too() -> None:
+    """Doctor checked only the first branch's prefix: a READ grant on br0202. (MariaDB's raw topics, plaintext
+    as much as br0101's) passed as "only User:guard"."""
+    from types import SimpleNamespace
+
+    from guard.config import Settings
+    from guard.doctor.kafka_security import raw_reader_checks
+
+    bindings = [_binding("User:guard", "br0101.", ResourcePatternType.PREFIXED),
+                _binding("User:guard", "br0202.", ResourcePatternType.PREFIXED),
+                _binding("User:downstream", "br0202.", ResourcePatternType.PREFIXED)]
+    admin = SimpleNamespace(describe_acls=lambda *_a, **_k: SimpleNamespace(result=lambda: bindings))
+    settings = Settings(raw_topic_prefix="br0101", branch2="0202", branch2_raw_topic_prefix="br0202",
+                        kafka_username="guard")
+    first, second = raw_reader_checks(admin, settings)  # type: ignore[arg-type]
+    assert first.ok and first.name.endswith("(br0101.*)"), first
+    assert not second.ok and "User:downstream" in second.detail and second.name.endswith("(br0202.*)"), second
