@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import stat
 
-from guard.config import Settings
+from guard.classify.source import ATTRIBUTION_DATABASE, ATTRIBUTION_TABLE
+from guard.config import Settings, mariadb_connect_args
 from guard.doctor.check import Check
 
 #: What the CDC account may hold and what it must: Debezium's MariaDB connector's needs (guard/stack/provision.py).
@@ -18,8 +20,6 @@ def check_mariadb(settings: Settings) -> list[Check]:
     logins refused, the binlog as Debezium needs it, and the CDC account (when its password file is set) with
     exactly its least privileges."""
     import pymysql
-
-    from guard.config import mariadb_connect_args
 
     try:
         args = mariadb_connect_args(settings.branch2_dsn)
@@ -83,7 +83,6 @@ def check_mariadb(settings: Settings) -> list[Check]:
 
 
 def _check_mariadb_cdc(settings: Settings, common: dict[str, object]) -> Check:
-    import re
     from pathlib import Path
 
     import pymysql
@@ -105,26 +104,51 @@ def _check_mariadb_cdc(settings: Settings, common: dict[str, object]) -> Check:
     with conn, conn.cursor() as cur:
         cur.execute("SHOW GRANTS FOR CURRENT_USER()")
         grants = [str(r[0]) for r in cur.fetchall()]
+    database = mariadb_connect_args(settings.branch2_dsn).get("database") or ""
+    problems, global_privs, objects = cdc_grant_problems(grants, database)
+    if problems:
+        return Check("mariadb cdc account", False, "; ".join(problems),
+                     f"grant exactly RELOAD, REPLICATION SLAVE, BINLOG MONITOR ON *.*, SELECT on `{database}`.* and "
+                     f"on {ATTRIBUTION_OBJECT}, no role and no grant option (guard/stack/provision.py)")
+    return Check("mariadb cdc account", True, f"password file 0600, least privilege: {', '.join(sorted(global_privs))}"
+                                              f" on *.*, SELECT on {', '.join(sorted(objects))}")
+
+
+#: The one object outside the branch database the CDC account reads: the guard's attribution table.
+ATTRIBUTION_OBJECT = f"`{ATTRIBUTION_DATABASE}`.`{ATTRIBUTION_TABLE}`"
+
+
+def cdc_grant_problems(grants: list[str], database: str) -> tuple[list[str], set[str], set[str]]:
+    """What is wrong with the CDC account's `SHOW GRANTS` lines against its least privilege, and (global
+    privileges, objects it may SELECT). Least privilege: RELOAD, REPLICATION SLAVE and BINLOG MONITOR on
+    `*.*`, SELECT on the branch database and on the attribution table, nothing else: no other database
+    (`mysql.*` holds every account's password hash), no grant option, no role (a role's privileges are not
+    in these lines), no proxy grant."""
+    allowed = {f"`{database}`.*", ATTRIBUTION_OBJECT}
     global_privs: set[str] = set()
-    databases: dict[str, str] = {}
+    objects: dict[str, str] = {}
+    problems: list[str] = []
     for grant in grants:
+        if "WITH GRANT OPTION" in grant.upper():
+            problems.append(f"may grant its privileges on: {grant.split(' TO ', 1)[0]}")
         m = re.match(r"GRANT (.+?) ON (\S+) TO", grant)
-        if not m:
-            continue
-        if m.group(2) == "*.*":
+        if m is None:
+            problems.append(f"a grant that is not a privilege on an object (a role or a proxy): "
+                            f"{grant.split(' TO ', 1)[0]}")
+        elif m.group(2) == "*.*":
             global_privs |= {p.strip() for p in m.group(1).split(",")}
+        elif m.group(2).upper().startswith("PROXY"):
+            problems.append(f"a proxy grant: {m.group(2)}")
         else:
-            databases[m.group(2)] = m.group(1)
+            objects[m.group(2)] = m.group(1)
     extra = global_privs - MARIADB_CDC_GLOBAL - {"USAGE"}
     missing = MARIADB_CDC_GLOBAL - global_privs
-    wide = {db: privs for db, privs in databases.items() if privs != "SELECT"}
-    if extra or missing or wide or not databases:
-        detail = "; ".join(filter(None, [f"extra global privileges {sorted(extra)}" if extra else "",
-                                         f"missing {sorted(missing)}" if missing else "",
-                                         f"more than SELECT on {sorted(wide)}" if wide else "",
-                                         "no SELECT on a database" if not databases else ""]))
-        return Check("mariadb cdc account", False, detail,
-                     "grant exactly RELOAD, REPLICATION SLAVE, BINLOG MONITOR ON *.* and SELECT on the branch "
-                     "database (guard/stack/provision.py)")
-    return Check("mariadb cdc account", True, f"password file 0600, least privilege: {', '.join(sorted(global_privs))}"
-                                              f" on *.*, SELECT on {', '.join(sorted(databases))}")
+    wide = sorted(o for o, privs in objects.items() if privs.strip() != "SELECT")
+    elsewhere = sorted(set(objects) - allowed)
+    problems += [p for p in (f"extra global privileges {sorted(extra)}" if extra else "",
+                             f"missing {sorted(missing)}" if missing else "",
+                             f"more than SELECT on {wide}" if wide else "",
+                             f"SELECT outside the branch database and the attribution table: {elsewhere}"
+                             if elsewhere else "",
+                             f"no SELECT on `{database}`.*" if f"`{database}`.*" not in objects else "") if p]
+    return problems, global_privs, set(objects)

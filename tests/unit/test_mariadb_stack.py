@@ -120,3 +120,24 @@ def test_a_dsn_names_the_password_file_and_the_ca_never_the_password(tmp_path: P
     assert (args["user"], args["password"], args["database"], args["port"]) == ("app", "s3cret-value", "db", 24306)
     assert (args["ssl_ca"], args["ssl_verify_cert"], args["ssl_verify_identity"]) == ("/tls/ca.crt", True, True)
     assert "ssl_ca" not in mariadb_connect_args("mysql://app:pw@h:1/db")
+
+
+def test_the_cdc_accounts_grants_are_exactly_its_least_privilege() -> None:
+    """Doctor's least-privilege check accepted SELECT on any database (`mysql.*` holds the accounts' password
+    hashes), a grant option and a granted role (whose privileges SHOW GRANTS does not list)."""
+    from guard.doctor.mariadb import cdc_grant_problems
+
+    exact = ["GRANT RELOAD, REPLICATION SLAVE, BINLOG MONITOR ON *.* TO `cdc`@`127.0.0.1` IDENTIFIED BY PASSWORD "
+             "'*92' REQUIRE SSL", "GRANT SELECT ON `branch_0202`.* TO `cdc`@`127.0.0.1`",
+             "GRANT SELECT ON `guard_admin`.`principal_messages` TO `cdc`@`127.0.0.1`"]
+    problems, global_privs, objects = cdc_grant_problems(exact, "branch_0202")
+    assert problems == [] and global_privs == {"RELOAD", "REPLICATION SLAVE", "BINLOG MONITOR"}
+    assert objects == {"`branch_0202`.*", "`guard_admin`.`principal_messages`"}
+    for wider, named in (("GRANT SELECT ON `mysql`.* TO `cdc`@`127.0.0.1`", "`mysql`.*"),
+                         ("GRANT SELECT ON `branch_0202`.* TO `cdc`@`127.0.0.1` WITH GRANT OPTION", "grant"),
+                         ("GRANT `dba` TO `cdc`@`127.0.0.1`", "a role"),
+                         ("GRANT SELECT, INSERT ON `branch_0202`.* TO `cdc`@`127.0.0.1`", "more than SELECT"),
+                         ("GRANT SUPER ON *.* TO `cdc`@`127.0.0.1`", "SUPER")):
+        problems, _, _ = cdc_grant_problems([*exact, wider], "branch_0202")
+        assert problems and any(named in p for p in problems), (wider, problems)
+    assert cdc_grant_problems(exact[:1], "branch_0202")[0] == ["no SELECT on `branch_0202`.*"]
