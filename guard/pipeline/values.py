@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 
@@ -16,8 +16,10 @@ def amount_band(value: Any, bands: Sequence[tuple[str, Decimal]]) -> str | None:
     if value is None or isinstance(value, bool):
         return None
     try:
-        amount = abs(Decimal(str(value)))
-    except (InvalidOperation, ValueError):
+        # copy_abs, not abs(): abs() rounds in the context and raises Overflow for "1e1000000", which the
+        # native path's band facts did not catch (the worker died on the record, and met it again at restart).
+        amount = Decimal(str(value)).copy_abs()
+    except (ArithmeticError, ValueError):  # InvalidOperation is an ArithmeticError
         return None
     if not amount.is_finite():
         return None
