@@ -239,6 +239,7 @@ class SanitizerWorker:
         backoff = 0.5
         idle_since = time.monotonic()
         window = self.settings.batch_ms / 1000
+        stopped = False  # the loop ended as asked (a stop, `until`, idle), not by an unexpected error
         try:
             while self._running:
                 msgs: list[Message] = []
@@ -287,12 +288,9 @@ class SanitizerWorker:
                     break
                 if max_idle_s is not None and not msgs and time.monotonic() - idle_since > max_idle_s:
                     break
+            stopped = True
         finally:
-            if self._in_txn:
-                try:
-                    self._commit()
-                except (KafkaException, KeyUnavailableError, ProducerStuckError) as exc:
-                    log.warning("final commit failed (%s); the next owner reprocesses the open batch", exc)
+            self._end_open_transaction(stopped)
             if not self._in_txn:
                 # A clean stop anchors its last records: without it they would wait, unverifiable by a
                 # checkpoint, until another worker owns their partitions (docs/audit.md).
@@ -313,6 +311,25 @@ class SanitizerWorker:
                 log.warning("producer flush at exit failed (%s)", exc)
             self.telemetry.shutdown()
         return self.stats
+
+    def _end_open_transaction(self, stopped: bool) -> None:
+        """At exit: commit the open transaction after a stop, abort it after an unexpected error.
+
+        An error can leave a batch half done: a native run that produced records and raised before it
+        returned them. Committing then wrote outputs without their input offsets, and the restarted worker
+        met the same record again (and wrote the outputs again). Aborted, the next owner reprocesses the
+        batch from the committed offsets; an abort that can't finish leaves it to the transaction timeout."""
+        if not self._in_txn:
+            return
+        if not stopped:
+            log.error("stopping on an unexpected error with a transaction open: aborting it; the next owner "
+                      "reprocesses its records from the committed offsets")
+            self._abort_side_transaction()
+            return
+        try:
+            self._commit()
+        except (KafkaException, KeyUnavailableError, ProducerStuckError) as exc:
+            log.warning("final commit failed (%s); the next owner reprocesses the open batch", exc)
 
     def _output_partitions(self) -> list[tuple[str, int]]:
         """What the hanging-transaction watch covers: every output partition, and the group's offsets."""
