@@ -15,6 +15,7 @@ from guard.classify.plans import Classifier, TablePlan
 from guard.config import Settings
 from guard.errors import DecodeError
 from guard.keys.manager import KeyManager
+from guard.records.encoders import MEMO_MAX_CHARS
 
 
 class Planner:
@@ -71,9 +72,10 @@ class Planner:
         subject = self.subject_tokens.get(subject_value)
         if subject is None:
             subject = self.keys.subject_token(self.settings.branch, subject_value)
-            if len(self.subject_tokens) > 200_000:
-                self.subject_tokens.clear()
-            self.subject_tokens[subject_value] = subject
+            if type(subject_value) is int or len(subject_value) <= MEMO_MAX_CHARS:  # long ids: not kept whole
+                if len(self.subject_tokens) > 200_000:
+                    self.subject_tokens.clear()
+                self.subject_tokens[subject_value] = subject
         return subject
 
     def sanitized_topic(self, topic: str) -> str:

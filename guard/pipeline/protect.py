@@ -23,6 +23,9 @@ from guard.protect.masking import mask
 from guard.records.encoders import ImageWriter
 
 _SCALARS = (str, int, float, bool, type(None))
+#: The longest raw Kafka key the memo of sanitized keys keeps (native path: `KEY_MEMO_MAX_BYTES`): the memo is
+#: bounded by entries, and long distinct keys would make it hold their whole bytes.
+KEY_MEMO_MAX_BYTES = 1024
 
 
 class Protector:
@@ -139,7 +142,8 @@ class Protector:
             result = orjson.dumps(out)
         else:
             result = orjson.dumps({"_key": self.keys.key_token("_key", key)})
-        if len(self.key_cache) > 100_000:
-            self.key_cache.clear()
-        self.key_cache[(schema_table, key)] = result
+        if len(key) <= KEY_MEMO_MAX_BYTES:
+            if len(self.key_cache) > 100_000:
+                self.key_cache.clear()
+            self.key_cache[(schema_table, key)] = result
         return result

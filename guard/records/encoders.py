@@ -25,6 +25,10 @@ from guard.protect.aad import RECORD_VERSION
 _DOUBLE = struct.Struct("<d")
 _memo: dict[str, bytes] = {}
 _MEMO_LIMIT = 200_000
+#: The longest string value the mask and index memos keep (native path: `MEMO_MAX_BYTES`, in bytes there):
+#: the memos are bounded by entries, and long distinct values (200-KB addresses) kept whole as keys grew a
+#: worker by hundreds of MB a minute. Longer values are computed each time.
+MEMO_MAX_CHARS = 256
 
 
 def _varint(n: int) -> bytes:
@@ -353,7 +357,9 @@ class ImageWriter:
             if type(v) is str:  # only strings are memoised: 1, 1.0 and True are equal as dict keys
                 entry = memo.get((slot, v))
                 if entry is None:
-                    entry = memo[(slot, v)] = key + _str(mask(kind, v))
+                    entry = key + _str(mask(kind, v))
+                    if len(v) <= MEMO_MAX_CHARS:
+                        memo[(slot, v)] = entry
             else:
                 entry = key + _str(mask(kind, str(v)))
             out.append(entry)
@@ -368,7 +374,9 @@ class ImageWriter:
             if type(v) is str:
                 entry = memo.get((slot, v))
                 if entry is None:
-                    entry = memo[(slot, v)] = key + _str(token(column, v.encode()))
+                    entry = key + _str(token(column, v.encode()))
+                    if len(v) <= MEMO_MAX_CHARS:
+                        memo[(slot, v)] = entry
             else:
                 entry = key + _str(token(column, _value_bytes(v)))
             out.append(entry)

@@ -7,7 +7,7 @@ use pyo3::types::{PyBytes, PyFloat, PyInt, PyString};
 use crate::avro::{put_long, put_str, str_enc};
 use crate::json::{Members, Val};
 use crate::mask::{fast_mask, MaskKind};
-use crate::memo::{Memo, MemoBook};
+use crate::memo::{Memo, MemoBook, MEMO_MAX_BYTES};
 use crate::token::TokenKey;
 use crate::{Decline, Step};
 
@@ -186,7 +186,9 @@ impl Plan {
         let book = &mut self.memo_book;
         match id {
             Val::Int(n) => self.subject_ints.insert(*n, memo, book),
-            Val::Str(s) => self.subject_strs.insert(s.clone().into_owned(), memo, book),
+            Val::Str(s) if s.len() <= MEMO_MAX_BYTES => {
+                self.subject_strs.insert(s.clone().into_owned(), memo, book)
+            }
             _ => {}
         }
         Ok(token)
@@ -315,7 +317,9 @@ fn put_memoised<'py>(
         } else {
             let enc = of_str(s)?;
             entries.extend_from_slice(&enc);
-            memo.insert(s.clone().into_owned(), enc, book);
+            if s.len() <= MEMO_MAX_BYTES {
+                memo.insert(s.clone().into_owned(), enc, book);
+            }
         }
     } else {
         put_str(entries, text_of(&of_other()?)?.as_bytes());

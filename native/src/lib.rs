@@ -58,7 +58,7 @@ use crate::image::{
 };
 use crate::keycache::KeyCache;
 use crate::mask::MaskKind;
-use crate::memo::{Memo, MemoBook};
+use crate::memo::{Memo, MemoBook, KEY_MEMO_MAX_BYTES};
 use crate::readahead::ReadAhead;
 use crate::seal::SealingKey;
 use crate::token::{KeyColumn, TokenKey};
@@ -795,13 +795,15 @@ impl FastPath {
                                 }
                             }
                         };
-                        let keys = &mut state.keys;
-                        state.keys_book.age_if_full(memo_limit, || keys.age());
-                        state.keys.insert(
-                            raw.to_vec(),
-                            k.as_ref().map(|k| k.clone().unbind()),
-                            &mut state.keys_book,
-                        );
+                        if raw.len() <= KEY_MEMO_MAX_BYTES {
+                            let keys = &mut state.keys;
+                            state.keys_book.age_if_full(memo_limit, || keys.age());
+                            state.keys.insert(
+                                raw.to_vec(),
+                                k.as_ref().map(|k| k.clone().unbind()),
+                                &mut state.keys_book,
+                            );
+                        }
                         k
                     }
                 }

@@ -23,6 +23,15 @@ use std::hash::Hash;
 
 use foldhash::HashMap;
 
+/// The longest string value (bytes) a memo keeps: the memos are bounded by entries, and a workload of long
+/// distinct values (200-KB addresses) grew a worker by hundreds of MB a minute with whole values as keys.
+/// Longer values are computed each time; they don't repeat often enough to be worth their memory. The same
+/// bound as the Python path's (`guard.records.encoders.MEMO_MAX_CHARS`, counted there in characters).
+pub const MEMO_MAX_BYTES: usize = 256;
+/// The longest raw Kafka key a topic's memo of sanitized keys keeps (a schema-wrapped key is a few hundred
+/// bytes); `guard.pipeline.protect.KEY_MEMO_MAX_BYTES` on the Python path.
+pub const KEY_MEMO_MAX_BYTES: usize = 1024;
+
 /// The young entries of one owner's memos, and the lookups they answered since the counts were last taken.
 #[derive(Default)]
 pub struct MemoBook {

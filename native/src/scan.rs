@@ -24,6 +24,7 @@ use pyo3::types::{PyBytes, PyDict, PyInt, PyList, PyString, PyTuple};
 
 use crate::image::find_plan;
 use crate::json::Val;
+use crate::memo::MEMO_MAX_BYTES;
 use crate::readahead::ReadRecord;
 use crate::{FastPath, Stop};
 
@@ -342,7 +343,7 @@ pub fn batch_subjects<'py>(
                 let book = &mut plan.memo_book;
                 match &id {
                     Val::Int(n) => plan.subject_ints.insert(*n, made.clone().unbind(), book),
-                    Val::Str(s) => plan.subject_strs.insert(
+                    Val::Str(s) if s.len() <= MEMO_MAX_BYTES => plan.subject_strs.insert(
                         s.clone().into_owned(),
                         made.clone().unbind(),
                         book,

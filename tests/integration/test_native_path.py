@@ -468,6 +468,24 @@ def test_memos_are_emptied_with_the_value_caches(pair):
     assert native._fast.memo_size == 0
 
 
+def test_long_values_are_not_memoised_on_either_path(pair):
+    """The memos are bounded by entries, not bytes: customers with distinct 200-KB addresses grew a worker by
+    hundreds of MB a minute, each whole value kept as a memo key. Values longer than `MEMO_MAX_CHARS` are
+    computed each time, on both paths; the output stays the same."""
+    from guard.records.encoders import MEMO_MAX_CHARS
+
+    python, native = pair
+    for san in pair:
+        san.expire_value_caches(force=True)
+    for n in range(3):
+        row = {**base_row("public.customers", 20_000 + n), "address": "长" * 5_000 + str(n)}
+        run_both(pair, "public.customers", orjson.dumps({"customer_id": 20_000 + n}),
+                 orjson.dumps({**_customer_event(), "after": row}), prefetch=False, trace_id=None)
+    assert native._fast.memo_size == 3, "only the subjects' tokens (integer ids), not the addresses' masks"
+    kept = [v for w in python._writers.values() for memo in (w._mask_memo, w._index_memo) for _, v in memo]
+    assert kept and max(len(v) for v in kept) <= MEMO_MAX_CHARS, "a long value was kept as a memo key"
+
+
 def test_a_customer_seen_again_and_again_keeps_its_memoised_values_while_others_come_and_go(pair, monkeypatch):
     """The compiled path's memos age in two generations (`native/src/memo.rs`): a customer whose events keep
     coming keeps its memoised values while customers seen once fill the memos past their limit again and
