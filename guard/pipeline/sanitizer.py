@@ -626,10 +626,15 @@ class Sanitizer:
         # Each image is sealed under its own subject: an update that moves a row from customer A to B seals
         # the before image under A's key (erasing A makes it unreadable), the after image under B's.
         before_subject = subject
+        only_before: tuple[str, ...] = ()  # columns outside the catalog that only the before image has
         if event.before is not None and event.after is not None:
             before_plan = plan if tuple(event.before) == plan.columns else \
                 self.classifier.plan(event.schema_table, event.before)
             before_subject = self.planner.subject(before_plan, event.before, event.schema_table, out_key, where)
+            if before_plan is not plan and before_plan.unclassified:
+                known = {p.name for p in plan.unclassified}
+                only_before = tuple(p.name for p in before_plan.unclassified if p.name not in known)
+                extra.extend(self.emitter.drift_alerts(before_plan, topic))  # sealed, and said, as the after's
         row_key = out_key or b""
         if (self._batch or self._key_load.pending) and self.keys.cached_subject_aead(self.branch, subject) is None:
             self._load_keys_from(topic, partition, offset, None)  # native mode: the batch's keys load lazily
@@ -640,7 +645,7 @@ class Sanitizer:
                                before_subject, event.op, event.position)
         after = protect.image(plan, event.after, aead, out_topic, event.schema_table, row_key, "after", subject,
                               event.op, event.position)
-        value = self.emitter.change(event, subject, before, after, [p.name for p in plan.unclassified],
+        value = self.emitter.change(event, subject, before, after, [*(p.name for p in plan.unclassified), *only_before],
                                     before_subject=None if before_subject == subject else before_subject)
         # Where each subject's ciphertexts went; none went anywhere without a key.
         if aead is not None:
@@ -660,7 +665,7 @@ class Sanitizer:
         detail = None if write is None else write.as_dict()
         records.append(self.emitter.audit_for_plan(topic, partition, offset, plan, event.op, subject, decision,
                                                    images, aead is not None,
-                                                   None if detail is None else write_reason(detail)))
+                                                   None if detail is None else write_reason(detail), only_before))
         if write is not None and detail is not None and not write.allowed:
             records.extend(self._write_not_allowed(write, detail, topic, partition, offset, event.schema_table,
                                                    records[0]))

@@ -93,25 +93,29 @@ class RecordBuilder:
             after=after, unclassified=unclassified, before_subject=before_subject)
 
     def audit_for_plan(self, topic: str, partition: int, offset: int, plan: TablePlan, op: str, subject: str,
-                       decision: str, images: int, sealed: bool, write: str | None = None) -> OutRecord:
+                       decision: str, images: int, sealed: bool, write: str | None = None,
+                       also_unclassified: tuple[str, ...] = ()) -> OutRecord:
         """The per-event audit record, from a template cached per (partition, plan, op, decision, shape);
-        `write` is the change's write decision (`write_reason`), carried in the record's `reason`."""
-        template, record_key = self.audit_template(topic, partition, plan, op, decision, images, sealed)
+        `write` is the change's write decision (`write_reason`), carried in the record's `reason`;
+        `also_unclassified`: columns outside the catalog that only the other image has (an update's before)."""
+        template, record_key = self.audit_template(topic, partition, plan, op, decision, images, sealed,
+                                                   also_unclassified)
         value = self.audit_codec.header + template.encode(int(self._clock() * 1000), offset, subject, self.trace_id,
                                                           write)
         return OutRecord(self.settings.audit_topic, record_key, value)
 
     def audit_template(self, topic: str, partition: int, plan: TablePlan, op: str, decision: str, images: int,
-                       sealed: bool) -> tuple[AuditTemplate, bytes]:
+                       sealed: bool, also_unclassified: tuple[str, ...] = ()) -> tuple[AuditTemplate, bytes]:
         """(template, record key) of the audit records of one (partition, plan, op, decision, shape)."""
-        key = (topic, partition, id(plan), op, decision, images, sealed)
+        key = (topic, partition, id(plan), op, decision, images, sealed, also_unclassified)
         cached = self._audit_templates.get(key)
         if cached is None:
             template = AuditTemplate(worker=self.settings.worker_id, branch=self.branch, source_topic=topic,
                                      source_partition=partition, table=plan.schema_table, op=op,
                                      decision=decision, reason=None, classes=dict(plan.class_counts),
                                      actions=_action_counts(plan, images, sealed),
-                                     unclassified=[p.name for p in plan.unclassified], version=FORMAT_VERSION)
+                                     unclassified=[*(p.name for p in plan.unclassified), *also_unclassified],
+                                     version=FORMAT_VERSION)
             if len(self._audit_templates) > 50_000:
                 self._audit_templates.clear()
             cached = self._audit_templates[key] = (template, f"{topic}:{partition}".encode())

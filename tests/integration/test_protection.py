@@ -159,6 +159,25 @@ def test_an_older_image_of_the_same_row_cannot_be_replayed_into_a_newer_record(s
         open_image(sanitizer.keys, {**doc_new, "op": "c"}, "after", topic=topic, row_key=rec_new.key)
 
 
+def test_a_column_only_the_before_image_has_is_named_and_alerted_like_the_afters(stack):
+    """An update whose before image has a column the catalog doesn't know (dropped since, or renamed): it was
+    sealed, but neither alerted nor named in the record's and the audit's `unclassified`, which only read the
+    after image's plan."""
+    san = build_sanitizer(_settings(stack, branch=f"t{uuid.uuid4().hex[:8]}", worker_id="t-drift-before"))
+    san.act_on_deletes = False
+    row = customer(random.Random(12), 880_001)
+    gone = f"ssn_old_{uuid.uuid4().hex[:8]}"  # alerted once per tenant, table and column: a name of its own
+    _, doc, out = sanitize(san, "customers", {"customer_id": 880_001},
+                           event("customers", row, before={**row, gone: "650102200202209319"}, op="u"))
+    assert gone in doc["unclassified"], doc["unclassified"]
+    [audit] = [decode(r.value) for r in out.records if r.topic == san.settings.audit_topic]
+    assert gone in audit["unclassified"], audit
+    alerts = [a for r in out.records if r.topic == san.settings.anomalies_topic
+              if (a := orjson.loads(r.value))["rule"] == "schema_drift_unclassified_column"]
+    assert [a["column"] for a in alerts] == [gone], alerts
+    assert b"650102200202209319" not in b"".join(r.value or b"" for r in out.records)
+
+
 def test_the_same_customer_id_in_two_branches_names_two_people(stack):
     """Finding 10: customer ids are per-branch surrogates, so the subject token is of (branch, id): the same
     id in two branches gives two tokens (two keys), and one person keeps one token across a branch's tables."""
