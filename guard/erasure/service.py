@@ -1,7 +1,15 @@
-"""Erasure on request: `guard erase` crypto-shreds one data subject and publishes the confirmation."""
+"""Erasure on request: `guard erase` crypto-shreds one data subject and publishes the confirmation.
+
+An erasure's records (the deletion confirmation, its audit record, the tombstones for compacted topics and the
+run's audit checkpoints) are written in one Kafka transaction (`ErasureWriter`), committed before the pending
+entry the shred stored is forgotten. All of them or none: a worker that finds the confirmation's id on
+`guard.deletions` (`guard.kafka.maintenance.Maintenance.redeliver_pending`) can forget the entry, because the
+tombstones and the audit record were committed with it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -33,11 +41,13 @@ def erase_subject(settings: Settings, subject_id: str, reason_code: str, by: str
     before gets no second confirmation: the answer names the first one.
     """
     sanitizer = erasure_sanitizer(settings)
-    sanitizer.owner = f"cli:{by}#{uuid.uuid4()}"
+    run = uuid.uuid4()
+    sanitizer.owner = f"cli:{by}#{run}"
+    writer = ErasureWriter(settings, run)  # before the shred: a producer Kafka refuses stops the erasure here
     subject = sanitizer.keys.subject_token(settings.branch, subject_id)
     records = sanitizer.erase(subject, trigger="erase_command", reason_code=reason_code,
                               reason=REASONS[reason_code], by=by)
-    _publish(settings, records, sanitizer, by)
+    writer.publish(records, sanitizer, by)
     if not any(r.topic == settings.deletions_topic for r in records):
         first = sanitizer.keys.store.erased_record(settings.branch, subject)
         return {"type": "already_erased", "subject": subject, "branch": settings.branch, "outcome": "already_erased",
@@ -62,7 +72,9 @@ def sweep_retention(
     after the hold is released; a subject erased before is only removed from the expiry set.
     """
     sanitizer = erasure_sanitizer(settings)
-    sanitizer.owner = f"cli:{by}#{uuid.uuid4()}"
+    run = uuid.uuid4()
+    sanitizer.owner = f"cli:{by}#{run}"
+    writer = ErasureWriter(settings, run)
     store = sanitizer.keys.store
     now = time.time() if now is None else now
     confirmations: list[dict[str, Any]] = []
@@ -80,7 +92,7 @@ def sweep_retention(
                 records = sanitizer.erase(subject, trigger="retention_expiry",
                                           reason_code="art47_2_retention_expired",
                                           reason=REASONS["art47_2_retention_expired"], by=by)
-                _publish(settings, records, sanitizer, by)
+                writer.publish(records, sanitizer, by)
                 _forget_pending(sanitizer)
                 for rec in records:
                     if rec.topic == settings.deletions_topic and rec.value:
@@ -103,7 +115,9 @@ def release_hold(settings: Settings, subject_id: str, by: str) -> dict[str, Any]
     the error says to run `guard erase` with the right reason.
     """
     sanitizer = erasure_sanitizer(settings)
-    sanitizer.owner = f"cli:{by}#{uuid.uuid4()}"
+    run = uuid.uuid4()
+    sanitizer.owner = f"cli:{by}#{run}"
+    writer = ErasureWriter(settings, run)
     store, subject = sanitizer.keys.store, sanitizer.keys.subject_token(settings.branch, subject_id)
     store.set_hold(settings.branch, subject, False)
     raw = store.storage_only(settings.branch, subject)
@@ -117,7 +131,7 @@ def release_hold(settings: Settings, subject_id: str, by: str) -> dict[str, Any]
                          "`guard erase --subject ID --reason ... --by WHO` to erase the customer") from None
     records = sanitizer.erase(subject, trigger="hold_released", reason_code=reason_code,
                               reason=f"{reason} (deferred by a legal hold until its release)", by=by)
-    _publish(settings, records, sanitizer, by)
+    writer.publish(records, sanitizer, by)
     _forget_pending(sanitizer)
     store.clear_storage_only(settings.branch, subject)
     _compact(sanitizer)
@@ -125,7 +139,8 @@ def release_hold(settings: Settings, subject_id: str, by: str) -> dict[str, Any]
 
 
 def _forget_pending(sanitizer: Sanitizer) -> None:
-    """The confirmations just published are delivered: their pending entries can go."""
+    """The confirmations just committed are delivered (with their audit records and tombstones): their
+    pending entries can go."""
     carried, sanitizer.pending_in_txn = dict(sanitizer.pending_in_txn), {}
     try:
         sanitizer.keys.store.confirm_delivered(sanitizer.branch, carried)
@@ -163,44 +178,134 @@ def erasure_sanitizer(settings: Settings) -> Sanitizer:
     return sanitizer
 
 
-def _publish(settings: Settings, records: list[OutRecord], sanitizer: Sanitizer, by: str) -> None:
-    """Write the records and wait for each delivery report; any failure raises (none is ignored).
+class ErasureWriter:
+    """The Kafka writes of one run of `guard erase`, `guard retention` or `guard hold --release`: each
+    `publish` is one transaction, committed or aborted before it returns.
 
-    The audit and deletion records form chains of this run (`OneShotChains`), checkpointed in the same
-    write; once Kafka has them, the checkpoints are copied to the second store (docs/audit.md).
+    Why a transaction: with a plain (idempotent) producer the confirmation could land while a tombstone
+    did not (its partition's leader away longer than the flush). The command failed, but a worker's
+    maintenance then found the confirmation's id on the deletions topic and forgot the pending entry, so the
+    tombstone and the audit record were never written while the confirmation said they were, and compaction
+    kept the customer. Committed together, a confirmation on the topic means every record of its erasure is.
+
+    The transactional id is the run's own, `<group_id>-erase-<run>` (under the workers' prefix, so the
+    principal that may use the workers' transactional ids may use it: the local stack's `guard`). Its
+    `transaction.timeout.ms` is `transaction_timeout_ms`, the time after which a worker takes a pending
+    entry over (plus a margin, `guard.kafka.confirmations.due`): by then this run's transaction, if the
+    process died with it open, has been aborted by Kafka, so a worker never writes a second copy beside it.
     """
-    if not records:
-        return
-    signer = sanitizer.emitter.signer
-    chains = OneShotChains(settings, signer, by) if signer is not None else None
-    stamped = [(rec, chains.headers(rec.topic, rec.key, rec.value, rec.headers) if chains else rec.headers)
-               for rec in records]
-    notes: list[tuple[str, int, str]] = []
-    if chains is not None:
-        checkpoints, notes = chains.checkpoints(sanitizer.emitter.checkpoint)
-        stamped += [(rec, rec.headers) for rec in checkpoints if isinstance(rec, OutRecord)]
-    producer = Producer(client_config(settings, **{"enable.idempotence": True}))
-    failures: list[str] = []
 
-    def on_delivery(err: KafkaError | None, msg: Message) -> None:
-        if err is not None:
-            failures.append(f"{msg.topic()}: {err.str()}")
-
-    for rec, headers in stamped:
+    def __init__(self, settings: Settings, run: uuid.UUID | str) -> None:
+        self.settings = settings
+        self.transactional_id = f"{settings.group_id}-erase-{run}"
+        self.wait_s = max(1.0, settings.transaction_timeout_ms / 1000)
+        self.producer = Producer(client_config(settings, **{
+            "enable.idempotence": True, "transactional.id": self.transactional_id,
+            "transaction.timeout.ms": settings.transaction_timeout_ms}))
         try:
-            # Tombstones go to the partition of the record they remove (the raw record's partition).
-            producer.produce(rec.topic, rec.value, rec.key, partition=-1 if rec.partition is None else rec.partition,
-                             timestamp=rec.timestamp or 0, on_delivery=on_delivery, headers=headers)
+            self.producer.init_transactions(60)
+        except KafkaException as exc:
+            raise GuardError(self._start_failed(exc)) from None
+
+    def _start_failed(self, exc: KafkaException) -> str:
+        """What to do when the transactional producer can't start; nothing is erased yet."""
+        err = exc.args[0] if exc.args else None
+        code = err.code() if isinstance(err, KafkaError) else None
+        s = self.settings
+        principal = (f"User:{s.kafka_username}" if s.kafka_security_protocol.upper().startswith("SASL")
+                     else "the erase command's Kafka principal")
+        if code == KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED:
+            return (f"Kafka refused the transactional id {self.transactional_id} to {principal}: the erasure's "
+                    "records are written in one transaction, which needs the ACL ALLOW "
+                    f"{principal} WRITE and DESCRIBE on TRANSACTIONAL_ID, pattern PREFIXED, name "
+                    f"'{s.group_id}-erase-' (a shorter prefix such as '{s.group_id}' covers it, as the workers' "
+                    "grant on the local stack does). Nothing was erased: add the ACL (kafka-acls --add "
+                    f"--allow-principal {principal} --operation Write --operation Describe --transactional-id "
+                    f"'{s.group_id}-erase-' --resource-pattern-type prefixed) and run the command again")
+        if code == KafkaError.CLUSTER_AUTHORIZATION_FAILED:
+            return (f"Kafka refused {principal} the idempotent writes a transactional producer makes: grant it "
+                    f"WRITE and DESCRIBE on TRANSACTIONAL_ID, pattern PREFIXED, name '{s.group_id}-erase-' (older "
+                    "brokers also want IDEMPOTENT_WRITE on the CLUSTER). Nothing was erased: run the command "
+                    "again once it is granted")
+        return (f"the erasure's transactional Kafka producer could not start ({exc}); nothing was erased: check "
+                "that Kafka is reachable (`guard doctor`) and run the command again")
+
+    def publish(self, records: list[OutRecord], sanitizer: Sanitizer, by: str) -> None:
+        """Write the records, and the checkpoints of their audit chains, in one transaction and commit it.
+
+        Any failure (a delivery report with an error, records left after the wait, the commit) aborts the
+        transaction and raises, so none of them is committed and the pending entries stay for the workers.
+        The chains are this write's own (`OneShotChains`); once committed, their checkpoints are copied to
+        the second store (docs/audit.md).
+        """
+        if not records:
+            return
+        settings = self.settings
+        signer = sanitizer.emitter.signer
+        chains = OneShotChains(settings, signer, by) if signer is not None else None
+        stamped = [(rec, chains.headers(rec.topic, rec.key, rec.value, rec.headers) if chains else rec.headers)
+                   for rec in records]
+        notes: list[tuple[str, int, str]] = []
+        if chains is not None:
+            checkpoints, notes = chains.checkpoints(sanitizer.emitter.checkpoint)
+            stamped += [(rec, rec.headers) for rec in checkpoints if isinstance(rec, OutRecord)]
+        failures: list[str] = []
+
+        def on_delivery(err: KafkaError | None, msg: Message) -> None:
+            if err is not None:
+                failures.append(f"{msg.topic()} [{msg.partition()}]: {err.str()}")
+
+        problem = ""
+        producer = self.producer
+        try:
+            producer.begin_transaction()
+            for rec, headers in stamped:
+                # Tombstones go to the partition of the record they remove (the raw record's partition).
+                producer.produce(rec.topic, rec.value, rec.key,
+                                 partition=-1 if rec.partition is None else rec.partition,
+                                 timestamp=rec.timestamp or 0, on_delivery=on_delivery, headers=headers)
+            left = producer.flush(self.wait_s)
+            if left or failures:
+                problem = "; ".join(failures) or f"{left} records undelivered after {self.wait_s:g} s"
+            else:
+                self._commit()
         except (KafkaException, BufferError) as exc:
-            failures.append(f"{rec.topic}: {exc}")
-    left = producer.flush(30)
-    if left or failures:
-        raise GuardError(
-            f"the deletion confirmation was not written to Kafka ({'; '.join(failures) or f'{left} undelivered'}); "
-            "the key is already destroyed and the confirmation is kept in the key store: a running worker "
-            "delivers it once (within the transaction timeout + 60 s), or re-run `guard erase` to see its state")
-    try:
-        sanitizer.keys.store.put_audit_checkpoints(settings.audit_topic, notes)
-    except GuardError as exc:
-        log.warning("the audit checkpoints of this run are on %s but not in the second store (%s)",
-                    settings.audit_topic, exc)
+            problem = problem or str(exc)
+        if problem:
+            with contextlib.suppress(KafkaException):
+                producer.abort_transaction(self.wait_s)
+            raise GuardError(self._not_committed(problem, records))
+        try:
+            sanitizer.keys.store.put_audit_checkpoints(settings.audit_topic, notes)
+        except GuardError as exc:
+            log.warning("the audit checkpoints of this run are on %s but not in the second store (%s)",
+                        settings.audit_topic, exc)
+
+    def _commit(self) -> None:
+        """Commit the open transaction. A retriable failure (a timeout: the commit may still be under way) is
+        retried, as librdkafka asks, before the caller gives up and aborts."""
+        for attempt in range(3):
+            try:
+                self.producer.commit_transaction(self.wait_s)
+                return
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                if attempt == 2 or not (isinstance(err, KafkaError) and err.retriable()):
+                    raise
+
+    def _not_committed(self, problem: str, records: list[OutRecord]) -> str:
+        """The error of a failed write: what happened, what is kept, and what the operator should do."""
+        s = self.settings
+        tombstones = sum(1 for r in records if r.value is None)
+        what = "the deletion confirmation, its audit record" + (
+            f" and {tombstones} tombstone{'s' if tombstones > 1 else ''}" if tombstones else "")
+        return (f"{what} were not committed to Kafka ({problem}); the transaction ({self.transactional_id}) "
+                "was aborted. They are one transaction: all of them are committed or none, never a confirmation "
+                "without its tombstones. The key is already destroyed and the confirmation, with its audit "
+                f"record and tombstones, is kept in the key store: a running worker of branch {s.branch} "
+                f"(`guard run`) looks for it on {s.deletions_topic} and, if it is not there, writes them all "
+                f"once, in a transaction of its own, about {s.transaction_timeout_ms // 1000 + 30} s after the "
+                "erasure (transaction_timeout_ms + 30 s). What to do: check that every partition of those "
+                "topics has a leader (`guard doctor`) and that a worker of the branch runs; `guard erase` of "
+                "the same subject then answers `already_erased` with `confirmation_pending: true` until the "
+                "worker has written them")

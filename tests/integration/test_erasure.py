@@ -713,3 +713,76 @@ def test_a_backlog_of_due_erasures_is_carried_out_in_bounded_batches_without_wai
     assert sorted(c["subject"] for c in found) == sorted(subjects), "one confirmation per erased subject"
     assert all(c["outcome"] == "shredded" for c in found)
     assert all(run.keys.is_erased(run.branch, s) for s in subjects)
+
+
+# --- `guard erase` writes its records in one transaction (found by review) ---------------------------------
+def test_guard_erase_commits_confirmation_audit_record_and_tombstone_in_one_transaction(stack, monkeypatch):
+    """`guard erase` wrote the confirmation, its audit record and the tombstones with a plain producer: a
+    tombstone whose partition had no leader was lost while the confirmation landed, and a worker that then
+    found the confirmation forgot the pending entry. Now they are one transaction, run as the principal
+    `guard erase` uses (`guard`: its transactional-id ACL is the workers' prefix): just before the commit,
+    every record is in the topics (high watermarks) and none is visible to a read_committed reader (last
+    stable offsets at 0); after it, a read_committed reader sees them all."""
+    from confluent_kafka import IsolationLevel, TopicPartition
+    from confluent_kafka.admin import AdminClient, OffsetSpec
+
+    from guard.erasure import service as erasure
+    from guard.stack.config import StackConfig
+
+    tag = uuid.uuid4().hex[:8]
+    deletions, audit, compacted = f"guard.deletions.{tag}", f"guard.audit.{tag}", f"sanitized.etx{tag}.public.profiles"
+    bootstrap = stack["GUARD_KAFKA_BOOTSTRAP"]
+    for topic, partitions in ((deletions, 1), (audit, 1), (compacted, 2)):
+        create_topic(bootstrap, topic, partitions)
+    settings = _settings(stack, worker_id="test-erasure", deletions_topic=deletions, audit_topic=audit,
+                         kafka_username="guard",
+                         kafka_password_file=str(StackConfig.from_env().kafka_password_file("guard")),
+                         transaction_timeout_ms=120_000)  # the checks below run inside the open transaction
+    keys = build_keys(settings, listen=False)
+    subject = keys.subject_token(settings.branch, "7400001")
+    keys.prefetch(settings.branch, {subject})  # a key: the erasure destroys it
+    keys.store.record_compacted_key(settings.branch, subject, compacted, 1, b'{"id": "p1"}')
+    partitions = [TopicPartition(deletions, 0), TopicPartition(audit, 0), TopicPartition(compacted, 0),
+                  TopicPartition(compacted, 1)]
+    admin = AdminClient(kafka_conf(bootstrap))
+
+    def ends(level) -> dict[tuple[str, int], int]:
+        futures = admin.list_offsets({tp: OffsetSpec.latest() for tp in partitions}, isolation_level=level,
+                                     request_timeout=30)
+        return {(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()}
+
+    before_commit: list[tuple[dict, dict, list]] = []
+    real_producer = erasure.Producer
+
+    class Watched:
+        """The command's producer; its commit first records what readers see of the open transaction."""
+
+        def __init__(self, conf):
+            self._producer = real_producer(conf)
+
+        def __getattr__(self, name):
+            return getattr(self._producer, name)
+
+        def commit_transaction(self, *args):
+            before_commit.append((ends(IsolationLevel.READ_UNCOMMITTED), ends(IsolationLevel.READ_COMMITTED),
+                                  read_all(bootstrap, deletions, timeout=2)))
+            return self._producer.commit_transaction(*args)
+
+    monkeypatch.setattr(erasure, "Producer", Watched)
+    confirmation = erase_subject(settings, "7400001", "subject_request", "dpo@bank")
+    assert confirmation["outcome"] == "shredded", confirmation
+
+    assert len(before_commit) == 1, "the erasure's records were not written in a transaction"
+    [(written, stable, seen)] = before_commit
+    assert written[(deletions, 0)] >= 1 and written[(audit, 0)] >= 1 and written[(compacted, 1)] == 1, written
+    assert stable == {(t, p): 0 for t, p in stable}, f"records visible before the commit: {stable}"
+    assert seen == [], "a read_committed reader saw the confirmation before the commit"
+
+    assert ends(IsolationLevel.READ_COMMITTED) == ends(IsolationLevel.READ_UNCOMMITTED)
+    assert [c["id"] for c in _confirmations(bootstrap, deletions)] == [confirmation["id"]]
+    audited = [decode(r.value) for r in read_all(bootstrap, audit) if r.value]
+    assert any(a.get("decision") == "shredded" and confirmation["id"] in a.get("reason", "") for a in audited), \
+        [a.get("decision") for a in audited]
+    [tombstone] = read_all(bootstrap, compacted)
+    assert (tombstone.partition, tombstone.key, tombstone.value) == (1, b'{"id": "p1"}', None)
+    assert keys.store.pending_confirmations(settings.branch) == {}
