@@ -173,6 +173,12 @@ class Settings:
     #: Records (reveal) or values (search) a principal may ask for per sliding window of `reveal_rate_window_s`.
     reveal_rate_limit: int = 600
     reveal_rate_window_s: int = 60
+    #: Values a principal may search per sliding window of `reveal_search_rate_window_s`, counted apart and on
+    #: top of the budget above. A sanitized record shows a masked value (`138****1234`) beside its blind index,
+    #: so search confirms guesses: a mobile's 4 hidden digits are 10^4 candidates, 17 minutes under the shared
+    #: budget, 100 hours under this one at its default. A counter's day is a few dozen searches.
+    reveal_search_rate_limit: int = 100
+    reveal_search_rate_window_s: int = 3600
     #: Largest request body accepted (bytes); larger ones are refused with 413 before they are parsed.
     reveal_max_body_bytes: int = 65_536
     # --- access (issue 20): where credentials are, never the credentials themselves -----------------

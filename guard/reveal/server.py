@@ -18,7 +18,7 @@ from guard.errors import ConfigError
 from guard.keys.store import RedisKeyStore
 from guard.reveal.kafka_io import AuditSink, RecordFetcher
 from guard.reveal.ratelimit import RateLimiter
-from guard.reveal.service import Policy, RevealService
+from guard.reveal.service import SEARCH_BUDGET, Policy, RevealService
 from guard.reveal.tokens import TokenStore, load_token_key
 
 log = logging.getLogger("guard.reveal")
@@ -48,7 +48,7 @@ def build_service(settings: Settings, policy: Policy) -> Built:
 
     keys = build_keys(settings, listen=True, indexes=True)
     tokens = token_store(settings, create_key=True)
-    limiter = RateLimiter(keys.store, limit=settings.reveal_rate_limit, window_s=settings.reveal_rate_window_s)
+    limiter, search_limiter = rate_limiters(settings, keys.store)
     fetcher = RecordFetcher(settings)
     # Every call's audit records are chained and checkpointed (docs/audit.md): no signing key, no service,
     # as for the worker and `guard erase`.
@@ -57,8 +57,23 @@ def build_service(settings: Settings, policy: Policy) -> Built:
 
     sink = AuditSink(settings, signer=load_audit_signer(settings), checkpoint=RecordBuilder(settings, keys).checkpoint,
                      store=keys.store.put_audit_checkpoints)
-    service = RevealService(settings, keys, build_catalog(settings), policy, fetcher, sink, tokens, limiter)
+    service = RevealService(settings, keys, build_catalog(settings), policy, fetcher, sink, tokens, limiter,
+                            search_limiter=search_limiter)
     return Built(service, fetcher, sink)
+
+
+def rate_limiters(settings: Settings, store: RedisKeyStore) -> tuple[RateLimiter, RateLimiter]:
+    """(the reveals' budget, the searches' budget): a search counts against both, in counters of its own for
+    the second, so that brute-forcing a masked value through its blind index is slow (docs/reveal.md)."""
+    for name in ("reveal_rate_limit", "reveal_rate_window_s", "reveal_search_rate_limit",
+                 "reveal_search_rate_window_s"):
+        if getattr(settings, name) < 1:
+            raise ConfigError(f"{name} is {getattr(settings, name)}: rate limits and their windows must be "
+                              f"positive (set GUARD_{name.upper()} to 1 or more; defaults 600 per 60 s for "
+                              "reveals, 100 per 3600 s for searches)")
+    limiter = RateLimiter(store, limit=settings.reveal_rate_limit, window_s=settings.reveal_rate_window_s)
+    return limiter, RateLimiter(store, limit=settings.reveal_search_rate_limit,
+                                window_s=settings.reveal_search_rate_window_s, budget=SEARCH_BUDGET, within=limiter)
 
 
 def is_loopback(host: str) -> bool:

@@ -21,7 +21,9 @@ too, as `reveal_error` of each record or `search_error` with `why` `internal`, b
 and `reason` is a JSON object naming the action, principal, purpose, fields asked and given, why each
 other field was refused, the policies that decided, and the request id. Never a value, never a token.
 
-Rate limits are counted per principal in records (reveal) or values (search) before anything is read.
+Rate limits are counted per principal in records (reveal) or values (search) before anything is read or
+computed: a reveal within `reveal_rate_limit`; a search within that budget and, in a counter of its own, within
+`reveal_search_rate_limit` (much smaller: a masked value and its blind index let search confirm guesses).
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ from guard.reveal.tokens import TokenInfo
 log = logging.getLogger("guard.reveal")
 
 SOURCE = "reveal-api"
+#: The rate budget searches have of their own (`RateLimiter.budget`, the counters' key part).
+SEARCH_BUDGET = "search-rate"
 #: Why a field was not given (the audit's and the response's codes; never a value).
 UNCLASSIFIED = "unclassified"  # the catalog doesn't know the column: fail closed
 NOT_CARRIED = "not_carried"  # allowed, but the record doesn't carry it (absent, hashed or dropped)
@@ -147,7 +151,8 @@ class RevealService:
     """Decides, opens and audits; one instance per process, shared by the API's worker threads."""
 
     def __init__(self, settings: Settings, keys: KeyManager, catalog: Catalog, policy: Policy, fetcher: Fetcher,
-                 sink: Sink, tokens: Tokens, limiter: Limiter, *, clock: Callable[[], float] = time.time) -> None:
+                 sink: Sink, tokens: Tokens, limiter: Limiter, *, search_limiter: Limiter,
+                 clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.keys = keys
         self.catalog = catalog
@@ -155,7 +160,9 @@ class RevealService:
         self.fetcher = fetcher
         self.sink = sink
         self.tokens = tokens
+        #: Reveals' budget; `search_limiter`: searches' own, counted with (within) the reveals' one.
         self.limiter = limiter
+        self.search_limiter = search_limiter
         self._clock = clock
         self.worker = f"reveal@{socket.gethostname()}"
         self._builders: dict[str, RecordBuilder] = {}
@@ -180,7 +187,7 @@ class RevealService:
             records = [self._reveal_audit(RevealResult(r, "denied", reason="rate_limited"), principal, purpose,
                                           request_id) for r in refs]
             self.sink.write(records)
-            raise Refused(429, "rate_limited", f"rate limit of {rate.limit} records per {self._window()} s "
+            raise Refused(429, "rate_limited", f"rate limit of {rate.limit} records per {rate.window_s} s "
                           "reached", rate.retry_after_s)
         try:
             results = [self._reveal_one(principal, purpose, r, len(refs), now) for r in refs]
@@ -193,9 +200,6 @@ class RevealService:
             raise
         self.sink.write([self._reveal_audit(res, principal, purpose, request_id) for res in results])
         return results
-
-    def _window(self) -> int:
-        return int(getattr(self.limiter, "window_s", 60))
 
     def _reveal_one(self, principal: str, purpose: str, r: RecordRef, volume: int, now: float) -> RevealResult:
         if not self.fetcher.allowed_topic(r.topic):
@@ -308,19 +312,25 @@ class RevealService:
 
         A token is the tenant's, not a branch's, so the request names no branch: the policy sees the
         service's branch (`settings.branch`), never one the caller chose.
+
+        The values count against the search budget (`search_limiter`) before anything else is computed: a
+        sanitized record shows a masked value beside its blind index, so each searched value is a guess
+        checked, and the reveals' budget alone let 10^4 candidates through in 17 minutes.
         """
         self.policy.maybe_reload()
         now = self._clock()
         branch = self.settings.branch
         detail: dict[str, Any] = {"principal": principal, "purpose": purpose, "asked": [column], "given": [],
                                   "values": len(values), "request": request_id}
-        rate = self.limiter.hit(principal, len(values))
+        rate = self.search_limiter.hit(principal, len(values))
         if not rate.allowed:
             detail["why"] = "rate_limited"
+            detail["budget"] = rate.budget
             self.sink.write([self._audit(branch, "reveal-api", 0, 0, table, "search", None, "denied", detail,
                                          {}, {"asked": len(values)}, request_id)])
-            raise Refused(429, "rate_limited", f"rate limit of {rate.limit} records per {self._window()} s "
-                          "reached", rate.retry_after_s)
+            what = (f"search rate limit of {rate.limit} values" if rate.budget == SEARCH_BUDGET
+                    else f"rate limit of {rate.limit} records and searched values")
+            raise Refused(429, "rate_limited", f"{what} per {rate.window_s} s reached", rate.retry_after_s)
         result = SearchResult("denied", [None] * len(values), [])
         classes: dict[str, int] = {}
         try:

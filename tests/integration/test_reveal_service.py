@@ -3,7 +3,8 @@ files, records sanitized by a real `guard run` worker from the branch database t
 
 Principals (Staff entities of a test copy of the demo policy directory: the real schema and policies, the
 real entities plus these staff members): `m0101` manager of branch 0101, `t0101` teller of 0101, `m0102`
-manager of branch 0102, `r0101` a manager used only by the rate-limit test. Every call's audit record is
+manager of branch 0102, `r0101` a manager used only by the rate-limit test, `s0101` one used only by the
+search budget's test. Every call's audit record is
 read back from `guard.audit` (by request id) and checked: decision, fields asked and given, principal,
 purpose, policies. No test output carries a value: mismatches name fields.
 """
@@ -44,11 +45,13 @@ pytestmark = pytest.mark.integration
 CUSTOMERS = "sanitized.br0101.public.customers"
 AUTH = "sanitized.br0101.public.customer_auth"
 RATE_LIMIT = 30
+#: Searched values per principal per hour (`reveal_search_rate_limit`; the default is 100).
+SEARCH_RATE_LIMIT = 10
 #: Per run: rate windows and tokens of earlier runs (same Redis) don't count against this one.
 RUN = uuid.uuid4().hex[:6]
 ROLES = {"m0101": ("0101", "manager"), "t0101": ("0101", "teller"), "m0102": ("0102", "manager"),
          "r0101": ("0101", "manager"), "b0101": ("0101", "manager"), "c0101": ("0101", "compliance"),
-         "p0101": ("0101", "manager")}
+         "p0101": ("0101", "manager"), "s0101": ("0101", "manager")}
 
 
 def principal(who: str) -> str:
@@ -153,7 +156,8 @@ def served(stack: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
         worker.stop()
     port = int(os.environ.get("GUARD_REVEAL_PORT") or _free_port())
     env = {**os.environ, **stack, **_reveal_kafka_env(), "GUARD_REVEAL_TOKEN_KEY_FILE": str(token_key_file),
-           "GUARD_REVEAL_RATE_LIMIT": str(RATE_LIMIT), "GUARD_POLICY_STAFF": "file"}
+           "GUARD_REVEAL_RATE_LIMIT": str(RATE_LIMIT), "GUARD_REVEAL_SEARCH_RATE_LIMIT": str(SEARCH_RATE_LIMIT),
+           "GUARD_POLICY_STAFF": "file"}
     # One token through the command line (printed once, only its keyed hash stored), the others in-process.
     out = subprocess.run([*GUARD, "reveal", "token", "create", "--principal", principal("m0101"), "--policy",
                           str(policy)], cwd=REPO, env=env,
@@ -400,6 +404,27 @@ def test_rate_limit_counts_records_and_refuses_the_excess(served: Served) -> Non
     assert {_reason(a)["why"] for a in audits} == {"rate_limited"}
     assert {_reason(a)["principal"] for a in audits} == {principal("r0101")}
     assert len(served.audit(first.request_id, count=20)) == 20
+
+
+def test_search_has_a_budget_of_its_own_and_reveals_still_pass(served: Served) -> None:
+    """A masked mobile (`138****1234`) and its blind index let a searcher confirm the 10^4 candidates of the
+    hidden digits; the budget shared with reveal let them through in 17 minutes. Search now has its own,
+    much smaller budget (here 10 values an hour), counted apart by the real script: the value past it is
+    refused and audited, while the same principal's reveals, within the shared budget, still pass."""
+    rec = next(iter(served.customers.values()))
+    with served.client("s0101") as client:
+        tokens = client.search("customer_service", "public.customers", "mobile",
+                               [f"138{n:04d}1234" for n in range(SEARCH_RATE_LIMIT)])
+        assert len(tokens) == SEARCH_RATE_LIMIT
+        with pytest.raises(RevealError) as err:
+            client.search("customer_service", "public.customers", "mobile", [f"138{SEARCH_RATE_LIMIT:04d}1234"])
+        assert err.value.status == 429 and err.value.code == "rate_limited" and err.value.retry_after_s
+        assert "search rate limit" in err.value.detail
+        assert client.reveal("kyc_review", [_ref(rec, ["gender"])]).status == 200
+    [audit] = served.audit(err.value.request_id)
+    assert audit["op"] == "search" and audit["decision"] == "search_denied"
+    why = _reason(audit)
+    assert (why["why"], why["budget"], why["principal"]) == ("rate_limited", "search-rate", principal("s0101"))
 
 
 def test_search_returns_the_blind_index_token(served: Served) -> None:

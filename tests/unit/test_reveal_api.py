@@ -166,7 +166,7 @@ class Unlimited:
 
 def _service(sink: Sink) -> RevealService:
     return RevealService(Settings(), Keys(), Catalog.load(None), AllowAll(), Broken(), sink,  # type: ignore[arg-type]
-                         None, Unlimited())  # type: ignore[arg-type]
+                         None, Unlimited(), search_limiter=Unlimited())  # type: ignore[arg-type]
 
 
 def test_a_search_that_fails_unexpectedly_is_audited_as_an_error_first() -> None:
