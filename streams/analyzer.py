@@ -7,7 +7,8 @@ topics, `guard.facts` and the sanitized customers topic, turns each record into 
 writes alerts to `guard.anomalies`, keyed by the alert id. An alert is marked written only after Kafka
 acknowledged it, and the source offset is committed only after the agent finished the record, so a crash
 anywhere re-sends the same alert id, never a second alert. Critical alerts also go to the webhook of the
-branch's `[delivery] webhook_url` (guard/anomaly/delivery.py).
+branch's `[delivery] webhook_url` (guard/anomaly/delivery.py): queued in Redis before the alert counts as
+written, retried by the timer with back-off until the webhook accepted them.
 
 Scale: more workers with the same app id share the source partitions (faust's consumer group); all
 counters are in Redis, so they agree whatever partition a fact arrives on.
@@ -25,7 +26,7 @@ import faust
 import redis
 from aiokafka.errors import KafkaError
 
-from guard.anomaly.delivery import WebhookError, deliver
+from guard.anomaly.delivery import Pager
 from guard.anomaly.engine import Emit
 from guard.anomaly.facts import Fact, facts_from_record
 from guard.anomaly.runtime import analyzer_topics, build_analyzer
@@ -38,6 +39,7 @@ log = logging.getLogger("branchguard.analyzer")
 settings = load_settings()
 topics = analyzer_topics(settings)
 analyzer = build_analyzer(settings)
+pager = Pager(analyzer.state, analyzer.rules)
 APP_ID = os.environ.get("GUARD_ANALYZER_APP_ID", "branchguard-analyzer")
 FLUSH_S = float(os.environ.get("GUARD_ANALYZER_FLUSH_S", "30"))
 BATCH = int(os.environ.get("GUARD_ANALYZER_BATCH", "2000"))
@@ -89,21 +91,22 @@ _stats: dict[str, float] = {"facts": 0, "records": 0, "alerts": 0, "undecodable"
 
 
 async def _write(emits: list[Emit]) -> None:
+    """Write alerts to Kafka, each recorded as written only after the broker's acknowledgement; critical ones
+    are queued for the webhook and tried once here (`Pager`: retried by the timer until delivered)."""
+    page_now: list[str] = []
     for emit in emits:
         fut = await alerts_out.send(key=emit.id.encode(), value=emit.value)
         await fut  # the broker's acknowledgement (acks=all), before the state says "written"
+        # queued for the webhook before the version counts as written: a crash in between re-queues it on replay
+        paged = pager.queue(emit.record)
         analyzer.emitted(emit)
         _stats["alerts"] += 1
         print(f"ALERT {emit.record['rule']} {emit.id} v{emit.version} {emit.record['state']} count={emit.count}",
               flush=True)
-        if emit.severity == "critical":
-            url = str(analyzer.rules.rule(emit.record["branch"], "delivery").get("webhook_url") or "")
-            if url:
-                try:
-                    tries = await asyncio.to_thread(deliver, url, emit.record)
-                    print(f"WEBHOOK {emit.id} v{emit.version} delivered after {tries} attempt(s)", flush=True)
-                except WebhookError as exc:
-                    log.error("%s", exc)
+        if paged:
+            page_now.append(emit.id)
+    if page_now:  # the first attempt at once; a failure leaves the page queued for the timer's retries
+        await asyncio.to_thread(pager.deliver_due, page_now)
 
 
 @app.agent(sources, concurrency=1)
@@ -160,11 +163,16 @@ async def on_assigned(sender: faust.App, assigned: set[object], **kwargs: object
 
 @app.timer(interval=FLUSH_S)
 async def flush() -> None:
-    """Write held-back updates and resolve alerts whose window ended; log the throughput."""
+    """Write held-back updates, resolve alerts whose window ended, retry critical alerts the webhook has not
+    accepted yet (a page is never given up: `Pager`); log the throughput."""
     try:
         await _write(analyzer.flush())
     except (redis.RedisError, KafkaError) as exc:  # the next tick tries again
         log.error("flush skipped: %s", type(exc).__name__)
+    try:
+        await asyncio.to_thread(pager.deliver_due)
+    except redis.RedisError as exc:  # the pages stay queued; the next tick tries again
+        log.error("page retries skipped: %s", type(exc).__name__)
     busy = max(_stats["last"] - _stats["since"], 1e-9)  # first record read → last record finished
     print(f"STATS facts={_stats['facts']:.0f} records={_stats['records']:.0f} alerts={_stats['alerts']:.0f} "
           f"undecodable={_stats['undecodable']:.0f} busy_s={busy:.2f} records_per_s={_stats['records'] / busy:.0f} "

@@ -305,11 +305,12 @@ class Analyzer:
         ttl = window_s + 86400
         out = []
         within_s = int(cfg.get("transaction_within_s", 86400))
-        self.state.mark_time(f"contact:{f.branch}:{f.subject}", f.ts_ms, within_s + 86400)
-        # the transaction's fact may be read first (another topic, another partition): the change looks back
-        large = self.state.time_of(f"large-txn:{f.branch}:{f.subject}")
-        if large is not None and 0 <= large - f.ts_ms <= within_s * 1000:
-            out.append(self._takeover(f, f.ts_ms, large, within_s * 1000))
+        self.state.add_time(f"contact:{f.branch}:{f.subject}", f.id, f.ts_ms, within_s + 86400)
+        # the transaction's fact may be read first (another topic, another partition, a backlog): the change
+        # looks forward for every large transaction it precedes within the window
+        txns = self.state.times_between(f"large-txn:{f.branch}:{f.subject}", f.ts_ms, f.ts_ms + within_s * 1000)
+        if txns:
+            out.append(self._takeover(f, f.ts_ms, txns, within_s * 1000))
         sev = cfg.get("severity", "high")
         if f.principal:
             limit = int(cfg.get("operator_changes", 5))
@@ -343,18 +344,22 @@ class Analyzer:
         if str(f.attrs.get("amount_band")) not in set(cfg.get("large_bands") or ["large"]):
             return []
         within = int(cfg.get("transaction_within_s", 86400)) * 1000
-        self.state.mark_time(f"large-txn:{f.branch}:{f.subject}", f.ts_ms, within // 1000 + 86400)
-        changed = self.state.time_of(f"contact:{f.branch}:{f.subject}")
-        if changed is None or not (0 <= f.ts_ms - changed <= within):
-            return []
-        return [self._takeover(f, changed, f.ts_ms, within)]
+        self.state.add_time(f"large-txn:{f.branch}:{f.subject}", f.id, f.ts_ms, within // 1000 + 86400)
+        # every change of the customer's contact details in the window before it, not only the latest one read:
+        # a change, a transaction and a revert read out of order (a backlog, a restart) must still pair up
+        out = []
+        for changed in self.state.times_between(f"contact:{f.branch}:{f.subject}", f.ts_ms - within, f.ts_ms):
+            txns = self.state.times_between(f"large-txn:{f.branch}:{f.subject}", changed, changed + within)
+            out.append(self._takeover(f, changed, txns, within))
+        return out
 
-    def _takeover(self, f: Fact, changed: int, txn_ms: int, within: int) -> Condition:
-        """The alert of a large transaction `txn_ms` on a customer whose contact details changed at `changed`:
-        one per subject and change, whichever of the two facts the analyzer reads first."""
+    def _takeover(self, f: Fact, changed: int, txns: list[int], within: int) -> Condition:
+        """The alert of the large transactions `txns` (times, oldest first) on a customer whose contact details
+        changed at `changed`: one per subject and change, counting the transactions in the window, whichever of
+        the facts the analyzer reads first (the same alerts in any order)."""
         return Condition("contact_change_then_large_transaction", "critical", f.branch, f"subject={f.subject}",
-                         1, 1, changed, changed + within, changed, txn_ms,
-                         f"a large transaction {round((txn_ms - changed) / 3_600_000, 1)} h after the customer's "
+                         len(txns), 1, changed, changed + within, changed, txns[-1],
+                         f"a large transaction {round((txns[0] - changed) / 3_600_000, 1)} h after the customer's "
                          "contact details changed",
                          "Hold the transaction if still possible and call the customer on the number known before "
                          "the change; report as suspected account takeover.",

@@ -54,7 +54,9 @@ else
     end
   end
 end
-redis.call('EXPIRE', k, ARGV[8])
+-- alerts without a window end keep their id for good (first access, transfer, drift): their state, and so
+-- their version, must outlive any expiry, or a repeat restarts at version 1 (docs/anomalies.md, "Keys")
+if tonumber(ARGV[8]) > 0 then redis.call('EXPIRE', k, ARGV[8]) else redis.call('PERSIST', k) end
 local v = tonumber(redis.call('HGET', k, 'version'))
 local e = tonumber(redis.call('HGET', k, 'emitted'))
 local ec = tonumber(redis.call('HGET', k, 'emitted_count'))
@@ -75,7 +77,54 @@ end
 return 1
 """
 
+# Queue a written critical version for the webhook (monotonic: an older version never replaces a newer one,
+# and a version already delivered is not queued again). KEYS: page, due zset, alert; ARGV: id, version,
+# record JSON, due time, now.
+_QUEUE_PAGE = """
+local d = tonumber(redis.call('HGET', KEYS[3], 'delivered') or '0')
+local q = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
+if tonumber(ARGV[2]) <= d or tonumber(ARGV[2]) <= q then return 0 end
+if q == 0 then redis.call('HSET', KEYS[1], 'since', ARGV[5], 'tries', 0) end
+redis.call('HSET', KEYS[1], 'version', ARGV[2], 'record', ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+return 1
+"""
+
+# Claim due pages for one attempt: each claimed id's next attempt moves `lease` seconds on, so another worker
+# (or this one's next tick) does not send it while the attempt runs. ARGV: now, lease, limit, ids (optional:
+# only these). Returns the claimed ids.
+_CLAIM_PAGES = """
+local now, lease, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local ids = {}
+if #ARGV > 3 then
+  for i = 4, #ARGV do
+    local s = redis.call('ZSCORE', KEYS[1], ARGV[i])
+    if s and tonumber(s) <= now then ids[#ids + 1] = ARGV[i] end
+  end
+else
+  ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
+end
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], now + lease, id) end
+return ids
+"""
+
+# The webhook accepted `version`: the alert's delivered version (monotonic); the page is done unless a newer
+# version was queued meanwhile. KEYS: page, due zset, alert; ARGV: id, version.
+_DELIVERED = """
+local v = tonumber(ARGV[2])
+if redis.call('EXISTS', KEYS[3]) == 1 and v > tonumber(redis.call('HGET', KEYS[3], 'delivered') or '0') then
+  redis.call('HSET', KEYS[3], 'delivered', v)
+end
+if tonumber(redis.call('HGET', KEYS[1], 'version') or '0') <= v then
+  redis.call('DEL', KEYS[1]); redis.call('ZREM', KEYS[2], ARGV[1])
+end
+return 1
+"""
+
 ALERT_TTL_S = 30 * 86_400
+#: Change and large-transaction times kept per customer for the takeover rule (the newest ones by fact time):
+#: a customer with more contact changes than this within the key's life is an alert of its own.
+PAIR_TIMES_KEPT = 100
 
 
 def anomaly_prefix(tenant: str) -> str:
@@ -96,6 +145,9 @@ class AnomalyState:
         self._add = client.register_script(_ADD)
         self._upsert = client.register_script(_UPSERT)
         self._emitted = client.register_script(_EMITTED)
+        self._queue_page = client.register_script(_QUEUE_PAGE)
+        self._claim_pages = client.register_script(_CLAIM_PAGES)
+        self._delivered = client.register_script(_DELIVERED)
         #: Reads that may be up to `cache_s` old (entities, learning starts): a principal disabled in the
         #: registry is seen as disabled within that time. First-seen claims owned by another fact are cached
         #: for good (a claim never changes owner). Both keep a fact at about one Redis write.
@@ -170,16 +222,22 @@ class AnomalyState:
         self._cache[("first_time", name)] = (time.monotonic() + self.cache_s, value)
         return value
 
-    def mark_time(self, name: str, ts_ms: int, ttl_s: int) -> None:
-        """Remember the latest time of something (monotonic across replays)."""
-        k = self.key("time", name)
-        self.client.eval("local c = tonumber(redis.call('GET', KEYS[1]) or '0') "
-                         "if tonumber(ARGV[1]) > c then redis.call('SET', KEYS[1], ARGV[1]) end "
-                         "redis.call('EXPIRE', KEYS[1], ARGV[2]) return 1", 1, k, ts_ms, ttl_s)
+    def add_time(self, name: str, member: str, ts_ms: int, ttl_s: int) -> None:
+        """Remember that `member` (a fact id) happened at `ts_ms`, among the newest `PAIR_TIMES_KEPT` times.
 
-    def time_of(self, name: str) -> int | None:
-        raw = self.client.get(self.key("time", name))
-        return None if raw is None else int(raw)
+        A sorted set, not the latest time alone: facts read out of order (a backlog, a restart, two topics)
+        must still find every earlier or later partner within a rule's window. Idempotent per member."""
+        k = self.key("times", name)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.zadd(k, {member: ts_ms})
+        pipe.zremrangebyrank(k, 0, -PAIR_TIMES_KEPT - 1)
+        pipe.expire(k, ttl_s)
+        pipe.execute()
+
+    def times_between(self, name: str, low_ms: int, high_ms: int) -> list[int]:
+        """The times remembered under `name` in [low_ms, high_ms], oldest first."""
+        return [int(score) for _, score in self.client.zrangebyscore(self.key("times", name), low_ms, high_ms,
+                                                                      withscores=True)]
 
     # --- entities: principals and transfers ----------------------------------------------------------
     def set_entity(self, kind: str, name: str, doc: dict[str, Any], ts_ms: int) -> None:
@@ -212,6 +270,11 @@ class AnomalyState:
         """Merge a condition's latest figures into its alert; (version, write now?, count, first, last, state)."""
         now = time.time() if now is None else now
         k = self.key("alert", alert_id)
+        # An alert without a window end has an id that can recur at any time (first access, transfer cut-off,
+        # drift): its state never expires, so a repeat after a quiet month gets a higher version, not a
+        # version 1 the webhook's receiver already saw. These ids are bounded by the principals, cut-offs and
+        # columns whose first-seen claims never expire either; windowed ids carry their window start and expire.
+        ttl = ALERT_TTL_S if int(static.get("window_end_ms") or 0) else 0
         if evidence:
             ek = self.key("evidence", alert_id)
             pipe = self.client.pipeline(transaction=False)
@@ -219,11 +282,14 @@ class AnomalyState:
             size = pipe.execute()[0]
             if size < 20:
                 pipe.rpush(ek, *[f"{kind}={ref}" for kind, ref in evidence[:20 - size]])
-                pipe.expire(ek, ALERT_TTL_S)
+                if ttl:
+                    pipe.expire(ek, ttl)
+                else:
+                    pipe.persist(ek)
                 pipe.execute()
         r = self._upsert(keys=[k, self.key("open")],
                          args=[count, first_ms, last_ms, int(now), min_interval_s, orjson.dumps(static), alert_id,
-                               ALERT_TTL_S])
+                               ttl])
         return int(r[0]), bool(int(r[1])), int(r[2]), int(r[3]), int(r[4]), r[5].decode()
 
     def evidence(self, alert_id: str) -> list[tuple[str, str]]:
@@ -247,7 +313,7 @@ class AnomalyState:
         doc = {k.decode(): v.decode() for k, v in raw.items()}
         return {**orjson.loads(doc["static"]), **{k: int(doc[k]) for k in ("count", "first", "last", "version",
                                                                            "emitted", "emitted_count")},
-                "state": doc["state"]}
+                "delivered": int(doc.get("delivered", 0)), "state": doc["state"]}
 
     def open_alert_ids(self) -> list[str]:
         return [m.decode() for m in self.client.zrange(self.key("open"), 0, -1)]
@@ -265,3 +331,57 @@ class AnomalyState:
         pipe.hset(k, "state", "resolved")
         pipe.hincrby(k, "version", 1)
         return int(pipe.execute()[1])
+
+    # --- pages: written critical versions the webhook has not accepted yet ------------------------------
+    # `page:<id>` (hash: version, record, since, tries, error) and `pages` (zset: id → next attempt) never
+    # expire: a page stays until the webhook accepted it, however long the receiver is away. Only undelivered
+    # critical alerts are in them, so they stay small.
+    def queue_page(self, alert_id: str, version: int, record: dict[str, Any], now: float) -> bool:
+        """Queue a written critical version for the webhook, due at once; False when it (or a newer one) is
+        already queued or delivered."""
+        return bool(self._queue_page(keys=[self.key("page", alert_id), self.key("pages"), self.key("alert", alert_id)],
+                                     args=[alert_id, version, orjson.dumps(record), now, int(now)]))
+
+    def claim_pages(self, now: float, lease_s: float, *, ids: list[str] | None = None,
+                    limit: int = 100) -> list[tuple[str, int, dict[str, Any], int]]:
+        """Due pages, each claimed for `lease_s` (another worker skips it meanwhile): (id, version, record,
+        tries so far)."""
+        if ids is not None and not ids:
+            return []
+        claimed = self._claim_pages(keys=[self.key("pages")], args=[now, lease_s, limit, *(ids or [])])
+        out = []
+        for raw in claimed:
+            aid = raw.decode()
+            page = self.client.hmget(self.key("page", aid), "version", "record", "tries")
+            if page[0] is None:  # delivered by another worker meanwhile
+                self.client.zrem(self.key("pages"), aid)
+                continue
+            out.append((aid, int(page[0]), dict(orjson.loads(page[1])), int(page[2] or 0)))
+        return out
+
+    def page_delivered(self, alert_id: str, version: int) -> None:
+        self._delivered(keys=[self.key("page", alert_id), self.key("pages"), self.key("alert", alert_id)],
+                        args=[alert_id, version])
+
+    def page_failed(self, alert_id: str, tries: int, error: str, next_at: float) -> None:
+        """Record a failed attempt and when the next one is due."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(self.key("page", alert_id), mapping={"tries": tries, "error": error[:300]})
+        pipe.zadd(self.key("pages"), {alert_id: next_at}, xx=True)
+        pipe.execute()
+
+    def pages(self) -> list[dict[str, Any]]:
+        """Every undelivered page (the status page): id, version, since, tries, the last error, next attempt,
+        and the alert's rule, branch and summary."""
+        out = []
+        for raw, due in self.client.zrange(self.key("pages"), 0, -1, withscores=True):
+            aid = raw.decode()
+            page = {k.decode(): v for k, v in self.client.hgetall(self.key("page", aid)).items()}
+            if not page:
+                continue
+            record = dict(orjson.loads(page["record"]))
+            out.append({"id": aid, "version": int(page["version"]), "since": int(page.get("since", b"0")),
+                        "tries": int(page.get("tries", b"0")), "error": page.get("error", b"").decode(),
+                        "next_at": float(due), "rule": record.get("rule"), "branch": record.get("branch"),
+                        "severity": record.get("severity"), "summary": record.get("summary")})
+        return out

@@ -1,5 +1,6 @@
-"""The on-call status page: open alerts by severity, each branch's pipeline health and lag, transfer state,
-recent erasures. `guard alerts serve` runs it; `/` is HTML (refreshes itself), `/api/status` the same as JSON.
+"""The on-call status page: open alerts by severity, critical alerts the webhook has not accepted yet, each
+branch's pipeline health and lag, transfer state, recent erasures. `guard alerts serve` runs it; `/` is HTML
+(refreshes itself), `/api/status` the same as JSON.
 
 Served by the standard library's `ThreadingHTTPServer`, not an ASGI server: the page is read-only, a few
 on-call engineers look at it, and every request is a handful of Redis and Kafka admin calls (cached for a
@@ -45,6 +46,11 @@ class StatusSource:
                   if a is not None and a["state"] != "resolved"]
         rank = {s: n for n, s in enumerate(SEVERITIES)}
         return sorted(alerts, key=lambda a: (rank.get(a["severity"], 9), -int(a["last"])))
+
+    def undelivered(self) -> list[dict[str, Any]]:
+        """Critical alerts written to Kafka that the webhook has not accepted yet (the pager may be silent:
+        whoever looks at the page must see them, oldest first)."""
+        return sorted(self.state.pages(), key=lambda p: int(p["since"]))
 
     def pipeline(self) -> list[dict[str, Any]]:
         """Per group: committed offsets against the end of its topics (lag), and a health word."""
@@ -113,8 +119,8 @@ class StatusSource:
         alerts = self.open_alerts()
         by_severity = {s: sum(1 for a in alerts if a["severity"] == s) for s in SEVERITIES}
         return {"generated_ms": int(time.time() * 1000), "open_by_severity": by_severity, "alerts": alerts,
-                "pipeline": self.pipeline(), "transfers": self.state.entities("transfer"),
-                "erasures": self.erasures()}
+                "undelivered": self.undelivered(), "pipeline": self.pipeline(),
+                "transfers": self.state.entities("transfer"), "erasures": self.erasures()}
 
 
 def _committed(admin: AdminClient, group: str, parts: list[TopicPartition]) -> dict[tuple[str, int], int]:
@@ -146,6 +152,16 @@ def render_html(snap: dict[str, Any]) -> str:
         f'<td>{e(a["summary"])}</td><td>{e(a["suggested_action"])}</td><td>{_fmt_ms(a["last"])}</td>'
         f'<td><code>{e(a["id"][:12])}</code></td></tr>' for a in snap["alerts"]) or \
         '<tr><td colspan="9">no open alerts</td></tr>'
+    undelivered = snap.get("undelivered") or []
+    page_rows = "".join(
+        f'<tr class="critical"><td>{e(str(p["severity"]))}</td><td>{e(str(p["rule"]))}</td><td>{e(str(p["branch"]))}'
+        f'</td><td>{e(str(p["summary"]))}</td><td>{p["version"]}</td><td>{_fmt_ms(int(p["since"]) * 1000)}</td>'
+        f'<td>{p["tries"]}</td><td>{e(str(p["error"]) or "-")}</td><td>{_fmt_ms(int(p["next_at"] * 1000))}</td>'
+        f'<td><code>{e(p["id"][:12])}</code></td></tr>' for p in undelivered)
+    page_section = "" if not undelivered else f"""<h2 class="undelivered">Critical alerts NOT delivered to the pager
+ ({len(undelivered)}): call on-call yourself</h2>
+<table id="undelivered"><tr><th>severity</th><th>rule</th><th>branch</th><th>what</th><th>version</th><th>since</th>
+<th>failed tries</th><th>last error</th><th>next try</th><th>id</th></tr>{page_rows}</table>"""
     pipe_rows = "".join(
         f'<tr><td>{e(p["branch"])}</td><td>{e(p["stage"])}</td><td>{e(p["group"])}</td><td>{p["partitions"]}</td>'
         f'<td>{"-" if p["lag"] is None else p["lag"]}</td><td class="h-{e(p["health"].split()[0])}">'
@@ -170,10 +186,12 @@ th {{ background: #eee; }}
 .pill.critical, tr.critical td:first-child {{ background: #c62828; color: white; }}
 .pill.high, tr.high td:first-child {{ background: #ef6c00; color: white; }}
 .pill.medium, tr.medium td:first-child {{ background: #f9a825; }}
+h2.undelivered {{ color: #c62828; }}
 .h-ok {{ color: #2e7d32; }} .h-lagging {{ color: #c62828; font-weight: bold; }}
 </style></head><body>
 <h1>BranchGuard on-call status</h1>
 <p>Generated {_fmt_ms(snap["generated_ms"])}. Open alerts: {counts}</p>
+{page_section}
 <h2>Open alerts</h2>
 <table id="alerts"><tr><th>severity</th><th>rule</th><th>branch</th><th>principal</th><th>count/threshold</th>
 <th>what</th><th>what to do</th><th>last seen</th><th>id</th></tr>{alert_rows}</table>

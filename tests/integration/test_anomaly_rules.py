@@ -336,3 +336,47 @@ def test_a_denial_by_the_cutoff_policy_is_a_transfer_alert(analyzer: Analyzer) -
     emits = run(analyzer, from_audit(rec, "guard.audit:0:50") + from_audit(other, "guard.audit:0:51"))
     transfer = [e for e in emits if e.record["rule"] == "access_after_transfer_cutoff"]
     assert len(transfer) == 1 and transfer[0].record["principal"] == "Staff:x-9"
+
+
+def test_takeover_pairs_a_change_and_a_transaction_read_out_of_order(analyzer: Analyzer) -> None:
+    """A change at 10:00, a large transaction at 11:00, a revert at 12:00: read in order, or the transaction
+    after both changes (a backlog, a restart), one takeover alert, for the 10:00 change."""
+    def day(subject: str) -> tuple[Fact, Fact, Fact]:
+        change = fact("write", ts=T0, principal="teller-2", subject=subject, columns=["mobile"],
+                      tokens={"mobile": f"{subject}-new"})
+        txn = fact("transaction", ts=T0 + 3_600_000, subject=subject, attrs={"amount_band": "large"})
+        revert = fact("write", ts=T0 + 7_200_000, principal="teller-2", subject=subject, columns=["mobile"],
+                      tokens={"mobile": f"{subject}-old"})
+        return change, txn, revert
+
+    for subject, order in (("late-txn", (0, 2, 1)), ("in-order", (0, 1, 2))):
+        facts = day(subject)
+        emits = [e for e in run(analyzer, [facts[i] for i in order])
+                 if e.record["rule"] == "contact_change_then_large_transaction"]
+        assert len(emits) == 1, subject
+        assert emits[0].record["window_start_ms"] == T0 and emits[0].record["last_seen_ms"] == T0 + 3_600_000
+        assert not run(analyzer, list(facts)), "a replay raises nothing new"
+
+
+def test_an_alert_without_window_end_keeps_its_version_for_good(analyzer: Analyzer) -> None:
+    """A transfer alert's id never changes: its state must not expire (a repeat after 30 quiet days would
+    restart at version 1, a key the webhook's receiver already saw); windowed alerts still expire."""
+    cutoff = T0 + 3_600_000
+    analyzer.process(Fact("principal", "reg:old", T0, "0101", principal="old-teller",
+                          attrs={"state": "active", "owner": "bank-old"}))
+    analyzer.process(Fact("transfer", "transfer:0101", T0, "0101",
+                          attrs={"from_owner": "bank-old", "to_owner": "bank-a", "cutoff_ms": cutoff}))
+    def transfer_alerts(ts: int) -> list[Emit]:
+        return [e for e in run(analyzer, [fact("access", ts=ts, principal="old-teller", action="reveal",
+                                               categories={"contact": 1})])
+                if e.record["rule"] == "access_after_transfer_cutoff"]
+
+    [first] = transfer_alerts(cutoff + 1)
+    client = analyzer.state.client
+    assert client.ttl(analyzer.state.key("alert", first.id)) == -1, "the alert's state must not expire"
+    assert client.ttl(analyzer.state.key("evidence", first.id)) == -1
+    later = transfer_alerts(cutoff + 31 * 86_400_000)
+    assert [e.id for e in later] == [first.id] and later[0].version > first.version
+    bulk = run(analyzer, [fact("access", ts=T0, principal="teller-1", action="export", count=30,
+                               categories={"account": 30})])
+    assert 0 < client.ttl(analyzer.state.key("alert", bulk[0].id)) <= 30 * 86_400, "windowed alerts expire"
