@@ -18,14 +18,21 @@ store). Per chain the verifier:
    did not explain is reported as ``altered`` somewhere in the interval since the last matching checkpoint.
 
 Per chain the first break (lowest sequence number) is reported. Leaves after a chain's last checkpoint
-are *unanchored*: counted, not a break (a writer checkpoints every N records or T seconds), unless
-`strict` is set.
+are *unanchored*: counted, not a break (a worker checkpoints its partition chains every N records or T
+seconds), unless `strict` is set, or the chain is one whose writer checkpoints every record in the write
+that adds it (`checkpointed_with_records`: one-shot and side chains), where such a leaf was added later.
+
+Besides the chains: a record with a ``bg-checkpoint`` header that is not exactly the checkpoint record the
+writer builds (`checkpoint_record_problem`) is reported as ``inserted``, since only its note is signed and
+the rest could say anything; and, given the topic each kind of chain is written to (`verify(topics=...)`),
+a record found in another topic is ``moved``.
 """
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +50,46 @@ def origin(chain: str) -> str:
     return ORIGIN_PREFIX + chain
 
 
+def checkpoint_record_problem(doc: Mapping[str, Any] | None, key: bytes | None, marks: Sequence[object],
+                              leaf: bool) -> str | None:
+    """Why a record with a ``bg-checkpoint`` header is not the checkpoint record its writer builds (None: it is).
+
+    Only the note in `reason` is signed; the rest of the record is not covered by anything. Taken on the
+    header alone, a note copied into a forged record (op ``delete``, decision ``transfer``, ...) passed
+    verify while readers of the topic take the record's fields as facts. So a checkpoint is accepted only
+    as `RecordBuilder.checkpoint` writes it: one ``bg-checkpoint`` header, the Kafka key and
+    `source_topic` both the chain id that header names, no ``bg-leaf`` header (it is not a leaf), op and
+    decision ``checkpoint``, the note (of that chain) as `reason`, the note's tree size as `source_offset`,
+    `source_partition` -1 and nothing else (no table, subject, classes, actions or unclassified fields).
+    Not compared: `v`, `ts_ms`, `worker`, `branch` and `trace_id`, which say who wrote it and when (the
+    writer fills them from its settings, its clock and the event in hand) and differ between genuine
+    checkpoints. `doc`: the record decoded with the audit schema (None: it does not decode).
+    """
+    if len(marks) != 1 or not isinstance(marks[0], bytes):
+        return f"{len(marks)} bg-checkpoint headers, the writer's is one naming the chain"
+    try:
+        chain = marks[0].decode()
+    except UnicodeDecodeError:
+        return "its bg-checkpoint header is not a chain id"
+    if doc is None:
+        return f"it does not decode as an audit record (chain {chain})"
+    if leaf:
+        return f"it carries a bg-leaf header too; a checkpoint of chain {chain} is not a leaf"
+    if key != marks[0]:
+        return f"its key is not its chain's ({chain})"
+    note = doc.get("reason")
+    lines = note.split("\n") if isinstance(note, str) else []
+    if len(lines) < 2 or lines[0] != origin(chain) or not lines[1].isdigit():
+        return f"its reason is not a checkpoint note of chain {chain}"
+    want: dict[str, Any] = {"op": "checkpoint", "decision": "checkpoint", "source_topic": chain,
+                            "source_partition": -1, "source_offset": int(lines[1]), "table": None, "subject": None,
+                            "classes": {}, "actions": {}, "unclassified": []}
+    for name, value in want.items():
+        if doc.get(name) != value:
+            return f"its {name} is {doc.get(name)!r}, a checkpoint of chain {chain} has {value!r}"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Observed:
     """One record as read: where it is, its ``bg-leaf`` header (None: absent), key and value."""
@@ -55,6 +102,9 @@ class Observed:
     value: bytes | None
     #: A deletion confirmation: its Ed25519 signature is checked too.
     confirmation: bool = False
+    #: Why a record that poses as a checkpoint (``bg-checkpoint`` header) is not one its writer built
+    #: (`checkpoint_record_problem`): it is then neither a checkpoint nor a leaf but a finding.
+    problem: str | None = None
 
     @property
     def where(self) -> str:
@@ -148,11 +198,12 @@ def checkpoints_by_chain(kept: Iterable[Kept], verifier: Verifier,
 
 
 def chain_leaves(records: Iterable[Observed]) -> tuple[dict[str, list[_Leaf]], list[Observed]]:
-    """The leaves of each chain in read order, and the records that carry no valid leaf header."""
+    """The leaves of each chain in read order, and the records that carry no valid leaf header (or pose as
+    a checkpoint they are not: `Observed.problem`)."""
     chains: dict[str, list[_Leaf]] = defaultdict(list)
     unchained: list[Observed] = []
     for i, rec in enumerate(records):
-        got = _leaf(rec, i)
+        got = None if rec.problem is not None else _leaf(rec, i)
         if got is None:
             unchained.append(rec)
         else:
@@ -161,8 +212,16 @@ def chain_leaves(records: Iterable[Observed]) -> tuple[dict[str, list[_Leaf]], l
 
 
 def verify(records: Iterable[Observed], kept: Iterable[Kept], verifier: Verifier, *,
-           strict: bool = False, chains_filter: set[str] | None = None) -> Report:
-    """Verify every chain found in `records` or named by a checkpoint (optionally only `chains_filter`)."""
+           strict: bool = False, chains_filter: set[str] | None = None,
+           topics: Mapping[str, str] | None = None) -> Report:
+    """Verify every chain found in `records` or named by a checkpoint (optionally only `chains_filter`).
+
+    `topics`: the topic read for each kind of chain (``{"audit": ..., "deletions": ...}``; a kind left out
+    was not read). A writer puts a chain's records into its kind's topic only, and the leaf does not cover
+    the topic, so a record found elsewhere is ``moved`` (not a leaf of its chain here); a chain named only
+    by checkpoints is verified only if its kind's topic was read (the audit topic holds the checkpoints of
+    the deletions chains too, so verifying it alone must not call those chains removed).
+    """
     report = Report()
     records = list(records)
     report.records = len(records)
@@ -171,8 +230,16 @@ def verify(records: Iterable[Observed], kept: Iterable[Kept], verifier: Verifier
     cps = checkpoints_by_chain(kept, verifier, report.breaks)
     chains, unchained = chain_leaves(records)
     for rec in unchained:
-        report.breaks.append(Break("inserted", None, None, rec.where, "a record without a valid bg-leaf header"))
-        break
+        if rec.problem is not None:
+            report.breaks.append(Break("inserted", None, None, rec.where,
+                                       f"a record with a bg-checkpoint header that is not the checkpoint record "
+                                       f"its writer builds: {rec.problem} (a signed note copied into a forged "
+                                       "record passes for a checkpoint only by its header)"))
+    for rec in unchained:
+        if rec.problem is None:
+            report.breaks.append(Break("inserted", None, None, rec.where,
+                                       "a record without a valid bg-leaf header"))
+            break
     for rec in records:
         if rec.confirmation and rec.value is not None:
             try:
@@ -184,6 +251,20 @@ def verify(records: Iterable[Observed], kept: Iterable[Kept], verifier: Verifier
                                            "a deletion confirmation whose signature does not verify"))
                 break
     names = set(chains) | set(cps)
+    if topics is not None:
+        for name in list(chains):
+            home = topics.get(_kind(name))
+            stray = [leaf for leaf in chains[name] if leaf.rec.topic != home]
+            if stray:
+                first = min(stray, key=lambda leaf: leaf.seq)
+                more = f" (and {len(stray) - 1} more)" if len(stray) > 1 else ""
+                report.breaks.append(Break(
+                    "moved", name, first.seq, first.rec.where,
+                    f"a record of a {_kind(name)} chain in topic {first.rec.topic}{more}: its writer writes the "
+                    "chain's records to " + (f"topic {home}" if home else f"the {_kind(name)} topic (not read here)")
+                    + " only"))
+                chains[name] = [leaf for leaf in chains[name] if leaf.rec.topic == home]
+        names = {name for name, leaves in chains.items() if leaves} | {name for name in cps if _kind(name) in topics}
     if chains_filter is not None:
         names &= chains_filter
     moved = moved_leaves(chains)
@@ -223,11 +304,31 @@ def moved_leaves(chains: dict[str, list[_Leaf]]) -> dict[str, list[Break]]:
     return out
 
 
+def _kind(chain: str) -> str:
+    return chain.split("/", 1)[0]
+
+
 def one_shot(chain: str) -> bool:
     """A chain of one short-lived writer (`guard erase`, `retention`, `hold --release`, one reveal call):
     ``<kind>/cli:<writer>/<random>``, checkpointed in the same write as its records."""
     parts = chain.split("/")
     return len(parts) == 3 and parts[1].startswith("cli:")
+
+
+#: The middle of a worker's partition chain id: ``<raw topic>:<partition>`` (Kafka topic names use only
+#: these characters, so no transactional id of a side chain containing another character is taken for one).
+_PARTITION_CHAIN = re.compile(r"[A-Za-z0-9._-]+:[0-9]+")
+
+
+def checkpointed_with_records(chain: str) -> bool:
+    """A chain whose writer checkpoints, in the same write, every record it adds: one-shot chains and a
+    worker's side chains (``<kind>/<transactional id>/<random>``, checkpointed in every transaction that
+    writes to them: `guard.kafka.audit_chain.AuditChains.checkpoints`). A record of one after its last
+    checkpoint was added later. Only a worker's partition chains (``<kind>/<topic>:<partition>/<random>``)
+    are checkpointed every N records or T seconds and may legitimately end in unanchored records; an id of
+    another shape (none is written) is given that benefit of the doubt too."""
+    parts = chain.split("/")
+    return len(parts) == 3 and (parts[1].startswith("cli:") or not _PARTITION_CHAIN.fullmatch(parts[1]))
 
 
 def _verify_chain(name: str, leaves: list[_Leaf], cps: dict[int, list[tuple[Checkpoint, str]]],
@@ -325,10 +426,11 @@ def _verify_chain(name: str, leaves: list[_Leaf], cps: dict[int, list[tuple[Chec
                               f"a chain of {n} records that no checkpoint (topic or second store) covers at all: "
                               "every writer checkpoints a chain in the write that starts it, so the guard did "
                               "not write it"))
-    elif summary.unanchored and one_shot(name):
+    elif summary.unanchored and checkpointed_with_records(name):
         loose = genuine.get(kept_max)
+        what = "one-shot" if one_shot(name) else "worker's side"
         specific.append(Break("inserted", name, kept_max, loose.rec.where if loose else "after the last checkpoint",
-                              f"{summary.unanchored} records after the last checkpoint ({kept_max}) of a one-shot "
+                              f"{summary.unanchored} records after the last checkpoint ({kept_max}) of a {what} "
                               "chain, whose writer checkpoints every record it writes in the same write: added "
                               "later"))
     elif strict and summary.unanchored:

@@ -14,7 +14,6 @@ from guard.cli.main import _settings, main
 from guard.errors import GuardError
 
 if TYPE_CHECKING:
-    from guard.audit.note import Verifier
     from guard.audit.verify import Kept, Observed
 
 
@@ -93,18 +92,21 @@ def verify_cmd(ctx: click.Context, audit_topic: str | None, deletions_topic: str
                since_ms: int, key: Path | None, strict: bool, as_json: bool) -> None:
     """Recompute every chain, check every checkpoint (topic and second store); exit 1 on any break."""
     from guard.audit.note import load_verifier
-    from guard.audit.verify import one_shot, verify
+    from guard.audit.verify import checkpointed_with_records, verify
 
     try:
         verifier = load_verifier(_default_key(ctx, key))
         leaves, kept = _read(ctx, audit_topic, deletions_topic, store_topic, since_ms)
     except GuardError as exc:
         raise click.ClickException(str(exc)) from None
-    chains = None
-    if deletions_topic == "":
-        found = _chain_names(leaves) | _kept_chains(kept, verifier)
-        chains = {name for name in found if name.startswith("audit/")}
-    report = verify(leaves, kept, verifier, strict=strict, chains_filter=chains)
+    # Chains are chosen by the topic their records were found in, never by their names: a chain's name is
+    # the writer's (or a forger's) claim, and a record of a deletions chain in the audit topic is a finding.
+    s = _settings(ctx)
+    topics = {"audit": audit_topic or s.audit_topic}
+    deletions = s.deletions_topic if deletions_topic is None else deletions_topic
+    if deletions:
+        topics["deletions"] = deletions
+    report = verify(leaves, kept, verifier, strict=strict, topics=topics)
     if as_json:
         click.echo(orjson.dumps(report.as_dict()).decode())
     else:
@@ -113,7 +115,8 @@ def verify_cmd(ctx: click.Context, audit_topic: str | None, deletions_topic: str
                    "chain's last checkpoint")
         for brk in report.breaks:
             click.echo(brk.line())
-        loose = [c for c in report.chains if c.unanchored and not one_shot(c.chain)]  # (one-shot: a break)
+        # (one-shot and side chains: a break)
+        loose = [c for c in report.chains if c.unanchored and not checkpointed_with_records(c.chain)]
         for c in loose[:10]:
             click.echo(f"unanchored: chain {c.chain}: {c.unanchored} records after its last checkpoint "
                        f"(size {c.checkpointed}); a break with --strict")
@@ -121,19 +124,6 @@ def verify_cmd(ctx: click.Context, audit_topic: str | None, deletions_topic: str
             click.echo(f"unanchored: {len(loose) - 10} more chains")
         click.echo("OK: every chain verifies" if report.ok else f"BROKEN: {len(report.breaks)} break(s)")
     sys.exit(0 if report.ok else 1)
-
-
-def _chain_names(leaves: list[Observed]) -> set[str]:
-    from guard.audit.verify import chain_leaves
-
-    return set(chain_leaves(leaves)[0])
-
-
-def _kept_chains(kept: list[Kept], verifier: Verifier) -> set[str]:
-    from guard.audit.verify import Break, checkpoints_by_chain
-
-    breaks: list[Break] = []
-    return set(checkpoints_by_chain(kept, verifier, breaks))
 
 
 @audit.command("prove")

@@ -26,13 +26,14 @@ or its last checkpoint is `audit_checkpoint_s` old, and between transactions for
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
 
 from guard.audit.chain import CHECKPOINT_HEADER, LEAF_HEADER, Chain
 from guard.audit.note import Signer
-from guard.audit.verify import Kept, Observed
+from guard.audit.verify import Kept, Observed, checkpoint_record_problem
 from guard.audit.writer import new_chain_id, note_for
 from guard.config import Settings
 from guard.errors import GuardError
@@ -242,8 +243,8 @@ def read_topic(settings: Settings, topic: str, *, since_ms: int = 0, confirmatio
                stall_s: float = 120.0) -> tuple[list[Observed], list[Kept]]:
     """Every committed record of `topic` (read_committed, from `since_ms` on): leaves and checkpoints.
 
-    A record with a ``bg-checkpoint`` header is a checkpoint (an audit record whose reason is the
-    signed note); every other record is a leaf candidate (`Observed`, its ``bg-leaf`` header if any).
+    Each record is sorted by `observe`: a checkpoint record (as its writer builds it) gives a `Kept`, every
+    other record is a leaf candidate (`Observed`).
     """
     # Security settings from kafka_security (the settings' principal); one fixed group id (verify_group).
     consumer = Consumer(client_config(settings, **{"group.id": verify_group(settings), **READER_SETTINGS}))
@@ -253,23 +254,45 @@ def read_topic(settings: Settings, topic: str, *, since_ms: int = 0, confirmatio
         for msg in read_to_end(consumer, topic, since_ms=since_ms, stall_s=stall_s):
             partition: int = msg.partition()  # type: ignore[assignment]
             offset: int = msg.offset()  # type: ignore[assignment]
-            headers = dict(msg.headers() or [])
-            where = f"{topic}[{partition}]@{offset}"
-            if CHECKPOINT_HEADER in headers:
-                try:
-                    kept.append(Kept(str(decode(msg.value() or b"")["reason"]), where))
-                except Exception:  # noqa: BLE001 - an undecodable checkpoint is a forged one
-                    kept.append(Kept("", where))
+            raw = msg.headers() or []
+            headers = list(raw.items()) if isinstance(raw, dict) else raw
+            got = observe(topic, partition, offset, msg.key(), msg.value(), headers, confirmations)
+            if isinstance(got, Kept):
+                kept.append(got)
             else:
-                header = headers.get(LEAF_HEADER)
-                leaves.append(Observed(topic, partition, offset, header if isinstance(header, bytes) else None,
-                                       msg.key(), msg.value(), confirmations))
+                leaves.append(got)
         return leaves, kept
     except TopicMissingError:
         raise GuardError(f"topic {topic} does not exist or {settings.kafka_username} may not describe it "
                          "(verify as oncall reads the audit and deletions topics only: docs/audit.md)") from None
     finally:
         consumer.close()
+
+
+def observe(topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
+            headers: Sequence[tuple[str, object]], confirmations: bool = False) -> Observed | Kept:
+    """One record as verify reads it: a checkpoint (`Kept`, its signed note) or a leaf candidate (`Observed`,
+    its ``bg-leaf`` header if any).
+
+    A record with a ``bg-checkpoint`` header is a checkpoint only if it is exactly the record its writer
+    builds (`guard.audit.verify.checkpoint_record_problem`): only the note is signed, so on the header alone
+    a real note copied into a forged delete or transfer record passed verify and was hidden by `audit show`.
+    Any other record with the header is a leaf candidate carrying the problem, which verify reports.
+    """
+    where = f"{topic}[{partition}]@{offset}"
+    marks = [v for k, v in headers if k == CHECKPOINT_HEADER]
+    leaf = [v for k, v in headers if k == LEAF_HEADER]
+    header = leaf[-1] if leaf and isinstance(leaf[-1], bytes) else None
+    if not marks:
+        return Observed(topic, partition, offset, header, key, value, confirmations)
+    try:
+        doc: dict[str, Any] | None = decode(value or b"")
+    except Exception:  # noqa: BLE001 - an undecodable checkpoint record is not one its writer built
+        doc = None
+    problem = checkpoint_record_problem(doc, key, marks, bool(leaf))
+    if problem is None and doc is not None:
+        return Kept(str(doc["reason"]), where)
+    return Observed(topic, partition, offset, header, key, value, confirmations, problem or "undecodable")
 
 
 def second_store(notes: dict[str, str]) -> list[Kept]:
