@@ -782,9 +782,12 @@ class SanitizerWorker:
         """End a maintenance transaction (scheduled erasures, re-emitted confirmations) that failed.
 
         It carries no consumed records, so nothing is rewound; a producer that can't abort is replaced,
-        which fences it and has the coordinator abort the transaction.
+        which fences it and has the coordinator abort the transaction. Its commit may have gone through
+        (a commit call that got stuck): the side chains are not rolled back to reuse sequence numbers the log
+        may already hold, new ones begin (`AuditChains.reset(outcome_unknown=True)`), and the partition
+        chains are read again from the committed tails.
         """
-        self.chains.aborted()
+        self.chains.reset(outcome_unknown=True)
         if not self._in_txn:
             return
         self._in_txn = False
