@@ -301,7 +301,8 @@ class ErasureWriter:
             f" and {tombstones} tombstone{'s' if tombstones > 1 else ''}" if tombstones else "")
         return (f"{what} were not committed to Kafka ({problem}); the transaction ({self.transactional_id}) "
                 "was aborted. They are one transaction: all of them are committed or none, never a confirmation "
-                "without its tombstones. The key is already destroyed and the confirmation, with its audit "
+                "without its tombstones. The erasure itself is done in the key store (the key destroyed, or, "
+                "for a customer under legal hold, the erasure deferred), and the confirmation, with its audit "
                 f"record and tombstones, is kept in the key store: a running worker of branch {s.branch} "
                 f"(`guard run`) looks for it on {s.deletions_topic} and, if it is not there, writes them all "
                 f"once, in a transaction of its own, about {s.transaction_timeout_ms // 1000 + 30} s after the "
